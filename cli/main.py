@@ -1,0 +1,96 @@
+"""The `dpdm` command: a thin click layer over accounting/, dpdm/ and audits/.
+
+Every subcommand lives in its own module and imports torch only inside its body, so that
+`import cli` (and `dpdm plan`) starts fast.
+
+Exit codes (DESIGN.md section 6): 0 success / audit PASS; 1 audit FAIL; 2 bad input or usage (one
+line naming the option and the value, no traceback); 3 audit INCONCLUSIVE; other non-zero for
+runtime failures.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cli.errors import EXIT_BAD_INPUT, BadInput
+
+_COMMANDS = {
+    # name: (module, attribute)
+    "plan": ("cli.plan", "plan"),
+    "account": ("cli.plan", "account"),
+    "train": ("cli.train", "train"),
+    "sample": ("cli.sample", "sample"),
+    "eval": ("cli.eval", "eval_cmd"),
+    "baseline": ("cli.baseline", "baseline"),
+    "audit": ("cli.audit", "audit"),
+    "demo": ("cli.demo", "demo"),
+}
+
+
+class _LazyGroup(click.Group):
+    """Imports a subcommand's module only when that subcommand runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _COMMANDS:
+            return None
+        import importlib
+
+        module_name, attr = _COMMANDS[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                return None  # not built yet
+            raise
+        return getattr(module, attr)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dpdm")
+def cli() -> None:
+    """dpdm: differentially private diffusion models.
+
+    \b
+    dpdm plan --eps 10 --delta 1e-5      calibrate the noise, write a locked plan
+    dpdm train --plan plan.json --out RUN
+    dpdm sample --run RUN --n 1000 --out samples.npz
+    dpdm eval --samples samples.npz --dataset mnist5k
+    dpdm audit --run RUN --out report
+    """
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: runs the group and turns every user mistake into one line, exit 2."""
+    prog = "dpdm"
+    try:
+        rv = cli.main(args=argv, prog_name=prog, standalone_mode=False)
+    except click.exceptions.Exit as e:  # --help, --version
+        return int(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo(f"{prog}: aborted", err=True)
+        return 130
+    except click.UsageError as e:  # bad option, bad value, missing option
+        click.echo(f"{prog}: error: {_one_line(e.format_message())}", err=True)
+        return EXIT_BAD_INPUT
+    except BadInput as e:
+        click.echo(f"{prog}: error: {_one_line(str(e))}", err=True)
+        return EXIT_BAD_INPUT
+    except click.ClickException as e:
+        click.echo(f"{prog}: error: {_one_line(e.format_message())}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo(f"{prog}: interrupted", err=True)
+        return 130
+    return int(rv or 0)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""`dpdm sample`: synthetic images from a trained run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli._common import emit_json, info, resolve_device
+from cli.errors import BadInput
+
+
+@click.command()
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), default=None, help="A run folder from `dpdm train`.")
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False), default=None, help="A checkpoint file instead of --run.")
+@click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of images.")
+@click.option("--sampler", type=click.Choice(["euler", "heun", "churn"]), default="euler", show_default=True,
+              help="euler: the paper's 'DDIM' (PF-ODE); heun: EDM; churn: stochastic Heun.")
+@click.option("--sampler-steps", type=click.IntRange(min=2), default=50, show_default=True)
+@click.option("--guidance", type=float, default=0.0, show_default=True, help="Classifier-free guidance weight w.")
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Image i uses seed + i.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid, a row per class.")
+@click.option("--json", "as_json", is_flag=True)
+def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, weights, seed, batch_size, device,
+           out_path, grid_path, as_json):
+    """Draw synthetic images from a trained (EMA) model."""
+    if (run_dir is None) == (checkpoint_path is None):
+        raise BadInput("give exactly one of --run and --checkpoint")
+    path = Path(checkpoint_path) if checkpoint_path else Path(run_dir) / "checkpoint.pt"
+    if not str(out_path).endswith(".npz"):
+        raise BadInput(f"--out={out_path!r} must end in .npz")
+    from dpdm.sample import SampleError, sample_checkpoint
+
+    try:
+        result = sample_checkpoint(path, n=n, sampler=sampler, sampler_steps=sampler_steps, guidance=guidance,
+                                   weights=weights, seed=seed, batch_size=batch_size,
+                                   device=resolve_device(device), out_path=out_path, grid_path=grid_path)
+    except SampleError as e:
+        raise BadInput(str(e)) from None
+    if as_json:
+        emit_json(result)
+    else:
+        mark = "" if result["private"] else "  [NON-PRIVATE]"
+        info(f"wrote {n} samples to {out_path}{mark}" + (f", grid {grid_path}" if grid_path else ""))

@@ -1,0 +1,66 @@
+"""`dpdm train`: DP-SGD training that cannot leave its plan."""
+from __future__ import annotations
+
+import click
+
+from cli._common import emit_json, info, resolve_device, warn
+from cli.errors import BadInput
+
+
+@click.command()
+# The contract.
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="A locked plan from `dpdm plan --out`.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoint, ledger, metrics).")
+# Data.
+@click.option("--dataset", default=None, help="Dataset name (default: the plan's). mnist5k, digits, mnist, fashion-mnist, cifar10, celeba, folder:PATH, npz:PATH.")
+@click.option("--data-root", default=None, type=click.Path(file_okay=False), help="Where torchvision datasets live.")
+@click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
+# Model and performance (privacy-neutral).
+@click.option("--model", type=click.Choice(["small", "mnist"]), default="small", show_default=True, help="Network preset.")
+@click.option("--precond", type=click.Choice(["edm", "v"]), default="edm", show_default=True, help="EDM or v-prediction (the paper's choice at eps 0.2).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--physical-batch", type=click.IntRange(min=1), default=None, help="Examples per chunk (memory knob; noise is still added once per step).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(plan_path, out_dir, dataset, data_root, download, model, precond, device, physical_batch, lr,
+          checkpoint_every, log_every, seed, resume, no_dp, as_json, quiet):
+    """Train a diffusion model with DP-SGD under a locked plan."""
+    import accounting
+    from dpdm import checkpoint as ckpt
+    from dpdm.datasets import DataError, load_dataset
+    from dpdm.train import TrainConfig, TrainError
+    from dpdm.train import train as run_training
+
+    try:
+        doc = accounting.load_plan(plan_path)
+    except (ValueError, OSError) as e:
+        raise BadInput(f"--plan={plan_path!r}: {e}") from None
+    name = dataset or doc.plan.dataset_name
+    if not name:
+        raise BadInput("--dataset is required: the plan names no dataset")
+    try:
+        data = load_dataset(name, "train", data_root=data_root, download=download)
+    except (DataError, ValueError, OSError) as e:
+        raise BadInput(f"--dataset={name!r}: {e}") from None
+    if no_dp:
+        warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
+    try:
+        config = TrainConfig(model=model, precond=precond, lr=lr, physical_batch=physical_batch,
+                             checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
+                             device=resolve_device(device), private=not no_dp)
+        summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
+                               dataset_name=name, resume=resume, progress=not quiet)
+    except (TrainError, ckpt.CheckpointError) as e:
+        raise BadInput(str(e)) from None
+    if as_json:
+        emit_json(summary)
+    else:
+        eps = summary["epsilon_spent"]
+        privacy = f"epsilon spent {eps:.4g} at delta {summary['delta']:g}" if summary["private"] else "NON-PRIVATE (--no-dp)"
+        info(f"run {summary['run']}: {summary['steps_done']}/{summary['plan_steps']} steps, {privacy}")

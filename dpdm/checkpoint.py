@@ -1,0 +1,94 @@
+"""Checkpoints: written atomically, read only with `torch.load(weights_only=True)`.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (nothing that needs
+pickle's GLOBAL opcode), so `weights_only=True` loads it and refuses anything else. It holds the
+model, its EMA, the optimizer, every RNG state and the privacy ledger (plan digest, steps done,
+epsilon spent so far).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "dpdm.checkpoint/1"
+REQUIRED_KEYS = ("format", "model", "ema", "optimizer", "rng", "ledger", "config")
+LEDGER_KEYS = ("plan_digest", "plan_steps", "steps_done", "epsilon_spent", "delta", "private")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, truncated, not a dpdm checkpoint, or that would need
+    arbitrary code (pickle globals) to load."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Writes `state` to `path` atomically: a temp file in the same folder, fsync, then rename.
+
+    A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
+    """
+    path = Path(path)
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {missing}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Loads a checkpoint with `weights_only=True` and checks its layout.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, asks for pickle globals (it
+            would run code: refused without running it), or is not a dpdm checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} refused: it cannot be loaded with weights_only=True "
+            f"(it is corrupt or would run code when loaded): {first}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
+            AttributeError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated: {first}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a dpdm checkpoint (format {FORMAT!r} expected)")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    ledger = state.get("ledger")
+    if missing or not isinstance(ledger, dict) or any(k not in ledger for k in LEDGER_KEYS):
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (missing {missing or 'ledger fields'})")
+    return state
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

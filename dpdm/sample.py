@@ -1,0 +1,71 @@
+"""Sampling from a checkpoint into samples.npz (the library side of `dpdm sample`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpdm import checkpoint as ckpt
+
+
+class SampleError(ValueError):
+    """A checkpoint that cannot be sampled from, or bad sampling options."""
+
+
+def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str = "cpu"):
+    """Rebuilds the preconditioned network of a checkpoint. Returns (D, checkpoint_state)."""
+    from dpdm.train import build_denoiser
+
+    try:
+        state = ckpt.load_checkpoint(path)
+    except ckpt.CheckpointError as e:
+        raise SampleError(str(e)) from None
+    try:
+        D = build_denoiser(state["config"])
+        D.load_state_dict(state["ema" if weights == "ema" else "model"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise SampleError(f"checkpoint {str(path)!r} does not match its own config: {str(e).splitlines()[0]}") from None
+    return D.to(device).eval(), state
+
+
+def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: int = 50, guidance: float = 0.0,
+                      weights: str = "ema", seed: int = 0, batch_size: int = 256, device: str = "cpu",
+                      out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Draws `n` images (balanced labels i % num_classes) and writes them to `out_path` atomically."""
+    from dpdm.sampling import generate
+
+    D, state = load_denoiser(path, weights=weights, device=device)
+    cfg, ledger = state["config"], state["ledger"]
+    num_classes = int(cfg["num_classes"])
+    labels = torch.arange(n) % num_classes if num_classes > 0 else None
+    with torch.no_grad():
+        x, y = generate(D, n=n, labels=labels, seed=seed, sampler=sampler, sampler_steps=sampler_steps,
+                        guidance=guidance, batch_size=batch_size, device=device)
+    x = np.asarray(x.cpu().numpy() if torch.is_tensor(x) else x, dtype=np.uint8)
+    y_np = np.asarray(y.cpu().numpy() if torch.is_tensor(y) else (y if y is not None else np.full(n, -1)), dtype=np.int64)
+    private = bool(ledger["private"])
+    meta = {
+        "private": private,
+        "epsilon": float(ledger["epsilon_spent"]) if private else None,
+        "delta": float(ledger["delta"]),
+        "plan_digest": str(ledger["plan_digest"]),
+        "steps_done": int(ledger["steps_done"]),
+        "plan_steps": int(ledger["plan_steps"]),
+        "dataset": str(cfg.get("dataset")),
+        "sampler": sampler, "sampler_steps": sampler_steps, "guidance": guidance, "seed": seed,
+    }
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp.npz")
+    np.savez(tmp, x=x, y=y_np, **{f"meta_{k}": np.asarray(np.nan if v is None else v) for k, v in meta.items()})
+    os.replace(tmp, out_path)
+    if grid_path:
+        from dpdm.report_utils import save_grid
+
+        title = (f"dpdm samples, DP (eps={meta['epsilon']:.3g}, delta={meta['delta']:g})" if private
+                 else "dpdm samples, NON-PRIVATE (--no-dp)")
+        save_grid(x, y_np if num_classes > 0 else None, grid_path, title=title)
+    return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta}

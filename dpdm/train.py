@@ -1,0 +1,440 @@
+"""Private training under a locked plan (DESIGN.md section 3).
+
+The loop consumes a verified `accounting.PlanDocument` and has no accounting logic of its own: the
+plan fixes the sample rate, the noise multiplier, the clip norm, K and the number of steps; the
+ledger asks `accounting.epsilon_spent` what the steps done so far cost.
+
+Randomness is derived per step from (seed, step, stream), so that a resumed run draws exactly the
+batches, diffusion noise and DP noise an uninterrupted run would have drawn, and so that every rank
+of a distributed run derives the same Poisson batch without communicating.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import accounting
+from dpdm import checkpoint as ckpt
+from dpdm.data import PoissonSampler
+from dpdm.engine import add_noise, clipped_grad_sum, validate_model
+from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
+from dpdm.networks import build_network
+from dpdm.precond import EDMPrecond, VPrecond
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+# Streams of per-step randomness (never reuse a number for two purposes).
+_STREAM_DIFFUSION = 1
+_STREAM_DP_NOISE = 2
+
+
+class TrainError(ValueError):
+    """A run that must not start or continue: wrong plan, wrong data, finished run, bad resume."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Privacy-neutral knobs: none of them changes what the accountant measured."""
+
+    model: str = "small"                 # network preset: "small" or "mnist"
+    precond: str = "edm"                 # "edm" or "v" (v-prediction, the paper's choice at eps 0.2)
+    lr: float = 3e-4                     # Adam learning rate
+    ema_decay: float = 0.999             # EMA of weights, with warmup min(decay, (1+n)/(10+n))
+    label_dropout: float = 0.1           # labels dropped for classifier-free guidance
+    physical_batch: int | None = None    # examples per vmap chunk (memory knob)
+    checkpoint_every: int = 100          # steps between checkpoints (and at the end)
+    log_every: int = 10                  # steps between metrics rows
+    seed: int = 0                        # batches, diffusion noise and DP noise derive from it
+    device: str = "cpu"
+    private: bool = True                 # False: --no-dp baseline, marked non-private everywhere
+
+    def __post_init__(self) -> None:
+        if self.precond not in ("edm", "v"):
+            raise ValueError(f"precond={self.precond!r} must be 'edm' or 'v'")
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.physical_batch is not None and self.physical_batch < 1:
+            raise ValueError(f"physical_batch={self.physical_batch!r} must be >= 1")
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, step, stream)."""
+    state = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def build_denoiser(config: dict[str, Any]) -> torch.nn.Module:
+    """The preconditioned network described by a checkpoint's or run's `config` dict."""
+    net = build_network(
+        config["model"],
+        img_resolution=config["img_resolution"],
+        img_channels=config["img_channels"],
+        num_classes=config["num_classes"],
+    )
+    if config["precond"] == "v":
+        return VPrecond(net)
+    return EDMPrecond(net, sigma_data=config["sigma_data"])
+
+
+class EMA:
+    """Exponential moving average of the weights, with DPDM's warmup."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, num_updates: int) -> None:
+        decay = min(self.decay, (1 + num_updates) / (10 + num_updates))
+        for p_ema, p in zip(self.model.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - decay)
+
+
+@dataclass
+class Ledger:
+    """What the run has spent. `epsilon_spent` is the accountant's bound after `steps_done`."""
+
+    plan_digest: str
+    plan_steps: int
+    steps_done: int
+    epsilon_spent: float
+    delta: float
+    private: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Dist:
+    """The process group seen by the loop (world of one unless torch.distributed is initialized)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> "_Dist":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
+        return cls()
+
+    def shard(self, indices: torch.Tensor) -> torch.Tensor:
+        return indices[self.rank :: self.world_size]
+
+    def all_reduce_(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for t in tensors.values():
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+
+    def all_reduce_scalars(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def check_same_params(self, model: torch.nn.Module) -> None:
+        """Raises if parameters differ across ranks (a checksum compared at each checkpoint)."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        local = torch.tensor(
+            [float(sum(p.detach().double().sum() for p in model.parameters()))], dtype=torch.float64
+        )
+        gathered = [torch.zeros_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        values = [g.item() for g in gathered]
+        if max(values) != min(values):
+            raise RuntimeError(f"parameters diverged across ranks: checksums {values}")
+
+
+def train(
+    plan_doc: "accounting.PlanDocument",
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    num_classes: int,
+    out_dir: str | os.PathLike,
+    config: TrainConfig,
+    *,
+    dataset_name: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Trains under `plan_doc` until the run has done exactly `plan.steps` steps.
+
+    Args:
+        plan_doc: a verified plan (from `accounting.load_plan`).
+        x: the private images, float in [-1, 1], [N, C, H, W]; N must equal the plan's size.
+        y: int64 labels [N] in [0, num_classes), or None for unconditional data.
+        num_classes: 0 for unconditional data.
+        out_dir: the run folder (checkpoint, plan.json, config.json, metrics.csv).
+        config: privacy-neutral training knobs.
+        resume: continue from `out_dir/checkpoint.pt`.
+        progress: show a progress bar on stderr (rank 0 only).
+        on_step: called with the number of steps done after each step (tests use it).
+
+    Returns:
+        The run summary: run, steps_done, epsilon_spent, plan_digest, private, ...
+
+    Raises:
+        TrainError: data of another size, an existing run without --resume, a resume against
+            another plan, a run that already finished.
+    """
+    plan = plan_doc.plan
+    dist = _Dist.current()
+    out = Path(out_dir)
+    n = int(x.shape[0])
+    if config.private and n != plan.dataset_size:
+        raise TrainError(
+            f"the data has {n} examples but the plan was made for dataset_size={plan.dataset_size}; "
+            "a plan is valid only for data of its size"
+        )
+    if y is not None and y.shape[0] != n:
+        raise TrainError(f"labels ({y.shape[0]}) and images ({n}) differ in number")
+    ckpt_path = out / CHECKPOINT_NAME
+    state = None
+    if ckpt_path.exists():
+        if not resume:
+            raise TrainError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
+        state = ckpt.load_checkpoint(ckpt_path)
+        ledger = state["ledger"]
+        if ledger["plan_digest"] != plan_doc.digest:
+            raise TrainError(
+                f"the run in {str(out)!r} was trained under plan {ledger['plan_digest']}, not {plan_doc.digest}"
+            )
+        if bool(ledger["private"]) != config.private:
+            raise TrainError("cannot resume a --no-dp run as private, or a private run with --no-dp")
+        if ledger["steps_done"] >= plan.steps:
+            raise TrainError(
+                f"the run in {str(out)!r} is finished: {ledger['steps_done']} of {plan.steps} steps done; "
+                "the plan allows no more"
+            )
+    elif resume:
+        raise TrainError(f"nothing to resume: {str(ckpt_path)!r} does not exist")
+
+    device = torch.device(config.device)
+    run_config = {
+        "model": config.model,
+        "precond": config.precond,
+        "sigma_data": 3 ** -0.5,
+        "img_resolution": int(x.shape[-1]),
+        "img_channels": int(x.shape[1]),
+        "num_classes": int(num_classes),
+        "dataset": dataset_name,
+        "train": asdict(config),
+    }
+    if state is not None:
+        saved = state["config"]
+        for key in ("model", "precond", "img_resolution", "img_channels", "num_classes"):
+            if saved[key] != run_config[key]:
+                raise TrainError(f"cannot resume: the run used {key}={saved[key]!r}, now {run_config[key]!r}")
+        run_config["sigma_data"] = saved["sigma_data"]
+
+    torch.manual_seed(config.seed)
+    D = build_denoiser(run_config).to(device)
+    validate_model(D)
+    ema = EMA(D, config.ema_decay)
+    optimizer = torch.optim.Adam(D.parameters(), lr=config.lr)
+    steps_done = 0
+    if state is not None:
+        D.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        steps_done = int(state["ledger"]["steps_done"])
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "plan.json", plan_doc.to_dict())
+        _write_json(out / "config.json", {**run_config, "private": config.private})
+
+    loss_obj = VLoss() if config.precond == "v" else EDMLoss(sigma_data=run_config["sigma_data"])
+    conditional = num_classes > 0 and y is not None
+    loss_fn = engine_loss_fn(loss_obj, conditional=conditional)
+    sampler = PoissonSampler(plan.dataset_size if config.private else n, plan.sample_rate, seed=config.seed)
+    K = plan.noise_multiplicity
+    x_dev = x.to(device)
+    y_dev = y.to(device) if conditional else None
+    params = dict(D.named_parameters())
+
+    def ledger_at(steps: int) -> Ledger:
+        eps = accounting.epsilon_spent(plan, steps) if config.private else math.inf
+        return Ledger(plan_doc.digest, plan.steps, steps, eps, plan.delta, config.private)
+
+    def save(steps: int) -> Ledger:
+        ledger = ledger_at(steps)
+        dist.check_same_params(D)
+        if dist.is_main:
+            ckpt.save_checkpoint(
+                {
+                    "format": ckpt.FORMAT,
+                    "model": D.state_dict(),
+                    "ema": ema.model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "scheme": "per-step SeedSequence(seed, step, stream)"},
+                    "ledger": ledger.to_dict(),
+                    "config": {**run_config, "private": config.private},
+                },
+                ckpt_path,
+            )
+        return ledger
+
+    metrics_path = out / "metrics.csv"
+    metrics_file = None
+    writer = None
+    if dist.is_main:
+        new_file = not metrics_path.exists() or steps_done == 0
+        metrics_file = open(metrics_path, "w" if new_file else "a", newline="")
+        writer = csv.writer(metrics_file)
+        if new_file:
+            writer.writerow(["step", "batch_size", "loss", "clipped_fraction", "epsilon_spent", "steps_per_s", "private"])
+
+    bar = None
+    if progress and dist.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.steps, initial=steps_done, file=sys.stderr, unit="step",
+                   desc="train" if config.private else "train (NON-PRIVATE)", dynamic_ncols=True)
+
+    eps_now = ledger_at(steps_done).epsilon_spent
+    t_last, steps_last = time.perf_counter(), steps_done
+    ledger = None
+    try:
+        while steps_done < plan.steps:
+            step = steps_done
+            idx = sampler.batch(step).to(device)
+            local = dist.shard(idx)
+            g_diff = _generator(step_seed(config.seed, step, _STREAM_DIFFUSION), device)
+            # Every rank draws the diffusion randomness of the whole logical batch, then takes its
+            # shard, so the result does not depend on the number of ranks.
+            y_b = None
+            if conditional:
+                y_b = drop_labels(y_dev[idx], config.label_dropout, num_classes, generator=g_diff)
+            sigma, noise = loss_obj.draw(len(idx), K, tuple(x.shape[1:]), generator=g_diff, device=device)
+            pos = torch.arange(len(idx), device=device)[dist.rank :: dist.world_size]
+            batch = [x_dev[local]]
+            if conditional:
+                batch.append(y_b[pos])
+            batch += [sigma[pos], noise[pos]]
+            stats: dict[str, Any] = {}
+            if config.private:
+                grad_sum = clipped_grad_sum(D, loss_fn, *batch, clip_norm=plan.clip_norm,
+                                            chunk_size=config.physical_batch, stats=stats)
+                if dist.is_main:  # noise drawn exactly once per logical step
+                    g_noise = _generator(step_seed(config.seed, step, _STREAM_DP_NOISE), device)
+                    grad_sum = add_noise(grad_sum, noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
+                                         expected_batch_size=1.0, generator=g_noise)
+                dist.all_reduce_(grad_sum)
+                grads = {k: v / plan.batch_size for k, v in grad_sum.items()}
+                loss_sum, count = dist.all_reduce_scalars(
+                    [float(stats.get("loss_mean", 0.0)) * len(local) if len(local) else 0.0, float(len(local))])
+                clipped = dist.all_reduce_scalars([float(stats.get("clipped_fraction", 0.0)) * len(local)])[0]
+            else:
+                grads, loss_sum = _nonprivate_grad_sum(D, loss_obj, batch, conditional, params)
+                loss_sum, count = dist.all_reduce_scalars([loss_sum, float(len(local))])
+                dist.all_reduce_(grads)
+                grads = {k: v / max(count, 1.0) for k, v in grads.items()}
+                clipped = 0.0
+            if config.private or count > 0:
+                for name, p in params.items():
+                    p.grad = grads[name].to(p.dtype)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                ema.update(D, step)
+            steps_done = step + 1
+            if on_step is not None:
+                on_step(steps_done)
+
+            if steps_done % config.log_every == 0 or steps_done == plan.steps:
+                eps_now = ledger_at(steps_done).epsilon_spent
+                now = time.perf_counter()
+                rate = (steps_done - steps_last) / max(now - t_last, 1e-9)
+                t_last, steps_last = now, steps_done
+                loss_mean = loss_sum / count if count else float("nan")
+                if writer is not None:
+                    writer.writerow([steps_done, int(count), f"{loss_mean:.6g}",
+                                     f"{clipped / count if count else 0.0:.4f}",
+                                     f"{eps_now:.6g}", f"{rate:.4g}", int(config.private)])
+                    metrics_file.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_mean:.4f}", eps=f"{eps_now:.3f}" if config.private else "inf (no-dp)")
+            if bar is not None:
+                bar.update(1)
+            if steps_done % config.checkpoint_every == 0 or steps_done == plan.steps:
+                ledger = save(steps_done)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    if ledger is None:
+        ledger = ledger_at(steps_done)
+    return {
+        "run": str(out),
+        "steps_done": ledger.steps_done,
+        "plan_steps": plan.steps,
+        "epsilon_spent": ledger.epsilon_spent if config.private else None,
+        "delta": plan.delta,
+        "plan_digest": plan_doc.digest,
+        "private": config.private,
+        "checkpoint": str(ckpt_path),
+    }
+
+
+def _nonprivate_grad_sum(D, loss_obj, batch, conditional, params) -> tuple[dict[str, torch.Tensor], float]:
+    """Unclipped, noiseless sum of per-example loss gradients (the --no-dp baseline)."""
+    x = batch[0]
+    if x.shape[0] == 0:
+        return {name: torch.zeros_like(p) for name, p in params.items()}, 0.0
+    if conditional:
+        _, y, sigma, noise = batch
+    else:
+        y = None
+        _, sigma, noise = batch
+    losses = loss_obj(D, x, y, sigma, noise)
+    grads = torch.autograd.grad(losses.sum(), list(params.values()))
+    return {name: g for name, g in zip(params, grads)}, float(losses.detach().sum())
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)

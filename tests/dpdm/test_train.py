@@ -1,0 +1,162 @@
+"""Training under a locked plan: ledger, resume, refusal, checkpoint safety."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import accounting
+from dpdm import checkpoint as ckpt
+from dpdm.train import CHECKPOINT_NAME, TrainConfig, TrainError, train
+
+
+def tiny_data(n=24, classes=3, res=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, res, res, generator=g) * 2 - 1
+    y = torch.arange(n) % classes
+    return x, y, classes
+
+
+def tiny_plan(n=24, steps=6, batch=6, sigma=1.0, K=2):
+    plan = accounting.PrivacyPlan(dataset_size=n, batch_size=batch, steps=steps, noise_multiplier=sigma,
+                                  clip_norm=1.0, noise_multiplicity=K, delta=1e-5, dataset_name="tiny")
+    return accounting.make_plan_document(plan)
+
+
+CFG = dict(model="small", checkpoint_every=2, log_every=1, seed=3)
+
+
+def params_of(run: Path, key="model"):
+    return ckpt.load_checkpoint(run / CHECKPOINT_NAME)[key]
+
+
+def test_run_ends_at_plan_steps_with_ledger(tmp_path):
+    x, y, c = tiny_data()
+    doc = tiny_plan()
+    out = tmp_path / "run"
+    summary = train(doc, x, y, c, out, TrainConfig(**CFG), progress=False)
+    assert summary["steps_done"] == doc.plan.steps
+    ledger = ckpt.load_checkpoint(out / CHECKPOINT_NAME)["ledger"]
+    assert ledger["steps_done"] == doc.plan.steps
+    assert ledger["plan_digest"] == doc.digest
+    assert ledger["epsilon_spent"] == pytest.approx(accounting.epsilon_spent(doc.plan, doc.plan.steps), rel=1e-9)
+    assert ledger["epsilon_spent"] <= doc.epsilon * (1 + 1e-9)
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + doc.plan.steps
+    # A finished run refuses to go further.
+    with pytest.raises(TrainError, match="finished"):
+        train(doc, x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
+    # And an existing run is never overwritten without --resume.
+    with pytest.raises(TrainError, match="already holds a run"):
+        train(doc, x, y, c, out, TrainConfig(**CFG), progress=False)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=7)
+    full = tmp_path / "full"
+    train(doc, x, y, c, full, TrainConfig(**CFG), progress=False)
+
+    part = tmp_path / "part"
+
+    class Killed(Exception):
+        pass
+
+    def die_at_5(steps_done):
+        if steps_done == 5:  # after the checkpoint at 4, before the one at 6
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(doc, x, y, c, part, TrainConfig(**CFG), progress=False, on_step=die_at_5)
+    assert ckpt.load_checkpoint(part / CHECKPOINT_NAME)["ledger"]["steps_done"] == 4
+    summary = train(doc, x, y, c, part, TrainConfig(**CFG), resume=True, progress=False)
+    assert summary["steps_done"] == 7
+    a, b = params_of(full), params_of(part)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    ea, eb = params_of(full, "ema"), params_of(part, "ema")
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=0)
+
+
+def test_wrong_size_data_refused_and_nothing_written(tmp_path):
+    x, y, c = tiny_data(n=25)
+    doc = tiny_plan(n=24)
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match="dataset_size=24"):
+        train(doc, x, y, c, out, TrainConfig(**CFG), progress=False)
+    assert not out.exists()
+
+
+def test_resume_against_another_plan_refused(tmp_path):
+    x, y, c = tiny_data()
+    out = tmp_path / "run"
+    train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
+    with pytest.raises(TrainError, match="trained under plan"):
+        train(tiny_plan(steps=4), x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
+
+
+def test_no_dp_run_is_marked(tmp_path):
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    summary = train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, private=False), progress=False)
+    assert summary["private"] is False and summary["epsilon_spent"] is None
+    assert ckpt.load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["ledger"]["private"] is False
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_running_pickle_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": ckpt.FORMAT, "model": _Evil(marker)}, bad)
+    with pytest.raises(ckpt.CheckpointError, match="weights_only"):
+        ckpt.load_checkpoint(bad)
+    assert not marker.exists()
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_refused(tmp_path):
+    x, y, c = tiny_data()
+    out = tmp_path / "run"
+    train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
+    data = (out / CHECKPOINT_NAME).read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="corrupt or truncated"):
+        ckpt.load_checkpoint(cut)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load_checkpoint(junk)
+
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    x, y, c = tiny_data()
+    out = tmp_path / "run"
+    train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
+    before = (out / CHECKPOINT_NAME).read_bytes()
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(state, out / CHECKPOINT_NAME)
+    assert (out / CHECKPOINT_NAME).read_bytes() == before
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
