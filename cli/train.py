@@ -1,6 +1,8 @@
 """`dpdm train`: DP-SGD training that cannot leave its plan."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from cli._common import emit_json, info, resolve_device, warn
@@ -50,14 +52,23 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, devi
         raise BadInput(f"--dataset={name!r}: {e}") from None
     if no_dp:
         warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
+    from dpdm import distributed
+
+    device = resolve_device(device)
+    if distributed.launched_by_torchrun():
+        device = distributed.init_from_env(device)
     try:
         config = TrainConfig(model=model, precond=precond, lr=lr, physical_batch=physical_batch,
                              checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
-                             device=resolve_device(device), private=not no_dp)
+                             device=device, private=not no_dp)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
                                dataset_name=name, resume=resume, progress=not quiet)
     except (TrainError, ckpt.CheckpointError) as e:
         raise BadInput(str(e)) from None
+    finally:
+        distributed.shutdown()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 alone reports
     if as_json:
         emit_json(summary)
     else:

@@ -1,0 +1,77 @@
+"""The demo's report: one Markdown file and one HTML file that a person opens first."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def privacy_curve(plan, path: str | Path, *, points: int = 24, steps_done: int | None = None) -> Path:
+    """Plots epsilon spent against steps for a plan (the ledger's accountant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import accounting
+
+    steps = np.unique(np.linspace(1, plan.steps, points).round().astype(int))
+    eps = [accounting.epsilon_spent(plan, int(s)) for s in steps]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(steps, eps, marker=".", label="epsilon spent (certified)")
+    if plan.target_epsilon is not None:
+        ax.axhline(plan.target_epsilon, color="gray", ls="--", lw=1, label=f"target {plan.target_epsilon:g}")
+    if steps_done is not None:
+        ax.axvline(steps_done, color="tab:red", lw=1, label=f"steps done {steps_done}")
+    ax.set_xlabel("steps")
+    ax.set_ylabel(f"epsilon at delta={plan.delta:g}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    out = ["| | |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(out)
+
+
+def write_report(out_dir: str | Path, sections: list[dict[str, Any]], *, title: str) -> tuple[Path, Path]:
+    """Writes report.md and report.html. Each section: {"title", "rows"?, "image"?, "text"?, "json"?}."""
+    out_dir = Path(out_dir)
+    md = [f"# {title}", ""]
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for s in sections:
+        md += [f"## {s['title']}", ""]
+        body.append(f"<h2>{html.escape(s['title'])}</h2>")
+        if s.get("text"):
+            md += [s["text"], ""]
+            body.append(f"<p>{html.escape(s['text'])}</p>")
+        if s.get("rows"):
+            md += [_table(s["rows"]), ""]
+            body.append("<table>" + "".join(
+                f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in s["rows"]) + "</table>")
+        if s.get("image"):
+            rel = Path(s["image"]).name
+            md += [f"![{s['title']}]({rel})", ""]
+            body.append(f'<img src="{html.escape(rel)}" alt="{html.escape(s["title"])}" style="max-width:720px">')
+        if s.get("json") is not None:
+            text = json.dumps(s["json"], indent=2, default=str)
+            md += ["```json", text, "```", ""]
+            body.append(f"<pre>{html.escape(text)}</pre>")
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md) + "\n")
+    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+             "pre{background:#f6f6f6;padding:8px;overflow-x:auto}")
+    html_path = out_dir / "report.html"
+    html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return md_path, html_path

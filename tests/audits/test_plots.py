@@ -1,0 +1,62 @@
+"""Tests for audits.plots: each function writes a readable PNG and rejects bad input."""
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from audits.auditor import Auditor
+from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture()
+def scores():
+    rng = np.random.default_rng(0xBAD5EED)
+    return rng.normal(1.0, 1, 400), rng.normal(0, 1, 500)
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert img[..., :3].std() > 0.01  # something was drawn
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_plot_roc_writes_png_with_ceiling(tmp_path, scores, log):
+    ins, outs = scores
+    with_ceiling = plot_roc(ins, outs, tmp_path / "sub" / "roc.png", epsilon=1.0, delta=1e-5, log=log)
+    without = plot_roc(ins, outs, tmp_path / "roc_plain.png", log=log)
+    _assert_png(with_ceiling)
+    _assert_png(without)
+    # the ceiling curve changes the picture
+    assert not np.array_equal(mpimg.imread(with_ceiling), mpimg.imread(without))
+
+
+def test_plot_score_histogram_and_epsilon_curve(tmp_path, scores):
+    ins, outs = scores
+    _assert_png(plot_score_histogram(ins, outs, tmp_path / "hist.png", bins=30))
+    _assert_png(plot_score_histogram(np.zeros(5), np.zeros(5), tmp_path / "flat.png"))
+    res = Auditor(ins, outs).one_run(1e-5)
+    k = [row[0] for row in res.grid]
+    e = [row[2] for row in res.grid]
+    _assert_png(plot_epsilon_vs_guesses(k, e, tmp_path / "eps.png", claimed_epsilon=1.0))
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda p: plot_roc([], [1.0], p / "a.png"), "in_scores"),
+        (lambda p: plot_roc([1.0], [0.0], p / "a.jpg"), "path"),
+        (lambda p: plot_roc([1.0], [0.0], p / "a.png", epsilon=-1.0), "epsilon"),
+        (lambda p: plot_score_histogram([1.0], [np.nan], p / "a.png"), "out_scores"),
+        (lambda p: plot_score_histogram([1.0], [0.0], p / "a.png", bins=0), "bins"),
+        (lambda p: plot_epsilon_vs_guesses([], [], p / "a.png"), "num_guesses"),
+        (lambda p: plot_epsilon_vs_guesses([1, 2], [0.1], p / "a.png"), "epsilons"),
+    ],
+)
+def test_plots_reject_bad_input(tmp_path, call, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        call(tmp_path)
