@@ -17,3 +17,14 @@ class BadInput(Exception):
 
 def bad_input(message: str) -> BadInput:
     return BadInput(message)
+
+EXIT_RUNTIME = 4
+
+
+def runtime_failure(message: str):
+    """A failure that is nobody's input mistake (accountants disagree, ...): exit 4."""
+    import click
+
+    e = click.ClickException(message)
+    e.exit_code = EXIT_RUNTIME
+    return e

@@ -1,0 +1,228 @@
+"""Calibration: the smallest noise multiplier for a target epsilon, epsilon for a given noise
+multiplier, the most steps for a given epsilon and noise multiplier.
+
+Every trial builds a fresh accountant (never a mutated one, as `opacus.get_noise_multiplier` does) and
+the search finishes on the private side of the target: "guaranteeing the returned parameter gives no
+less privacy than was requested" (dp-accounting's `calibrate_dp_mechanism`).
+
+The search is driven by the PLD pessimistic estimate at a fine discretization (about 1e-4 of epsilon),
+which is the certificate itself; PRV only cross-checks the result (plan.make_plan_document).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+from scipy import optimize, stats
+
+from accounting.accountants import PldAccountant, RdpAccountant, dpsgd_event
+
+__all__ = [
+    "MAX_NOISE_MULTIPLIER",
+    "MIN_NOISE_MULTIPLIER",
+    "PLD_RELATIVE_DISCRETIZATION",
+    "calibrate_noise_multiplier",
+    "compute_epsilon",
+    "max_steps",
+    "pld_discretization",
+]
+
+PLD_RELATIVE_DISCRETIZATION = 1e-4  # PLD interval / epsilon: certified is within ~1e-4 of exact
+_MIN_DISCRETIZATION, _MAX_DISCRETIZATION = 1e-6, 1e-2
+MAX_NOISE_MULTIPLIER = 1000.0  # the search space; beyond it a plan trains on noise
+MIN_NOISE_MULTIPLIER = 0.3  # below it epsilon is in the hundreds and PLD grids get huge
+DEFAULT_RTOL = 2.5e-4  # relative width of the final bracket on the noise multiplier (< 1e-3)
+
+
+def pld_discretization(epsilon_scale: float) -> float:
+    """The PLD value-discretization interval used to certify an epsilon of about `epsilon_scale`."""
+    if not math.isfinite(epsilon_scale):
+        return _MAX_DISCRETIZATION
+    return min(max(PLD_RELATIVE_DISCRETIZATION * epsilon_scale, _MIN_DISCRETIZATION), _MAX_DISCRETIZATION)
+
+
+@functools.lru_cache(maxsize=256)
+def certification_discretization(
+    sample_rate: float, noise_multiplier: float, steps: int, delta: float, target_epsilon: float | None
+) -> float:
+    """The interval that certifies a plan: relative to its target epsilon, or (when the plan was made
+    from a given noise multiplier) to its RDP epsilon, a cheap upper bound. Deterministic, so that
+    loading a plan re-computes the same number."""
+    if target_epsilon is not None:
+        return pld_discretization(target_epsilon)
+    rdp = RdpAccountant().epsilon(dpsgd_event(sample_rate, noise_multiplier, steps), delta).upper
+    return pld_discretization(rdp)
+
+
+def _check(name: str, value, lo: float, hi: float, *, lo_open=True, hi_open=True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{name}={value!r} must be in {interval}")
+
+
+def _check_steps(name: str, steps) -> None:
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise ValueError(f"{name}={steps!r} must be an integer >= 1")
+
+
+def compute_epsilon(
+    *,
+    sample_rate: float,
+    noise_multiplier: float,
+    steps: int,
+    delta: float,
+    discretization: float | None = None,
+) -> float:
+    """Certified epsilon (PLD, pessimistic) of DP-SGD with these parameters at `delta`."""
+    _check("sample_rate", sample_rate, 0, 1, hi_open=False)
+    _check("noise_multiplier", noise_multiplier, 0, math.inf)
+    _check_steps("steps", steps)
+    _check("delta", delta, 0, 1)
+    if discretization is None:
+        discretization = certification_discretization(sample_rate, noise_multiplier, steps, delta, None)
+    event = dpsgd_event(sample_rate, noise_multiplier, steps)
+    return PldAccountant(discretization).epsilon(event, delta).upper
+
+
+def _gdp_mu(epsilon: float, delta: float) -> float:
+    """mu such that mu-GDP is exactly (epsilon, delta)-DP."""
+
+    def excess(mu):
+        return stats.norm.cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * stats.norm.cdf(-epsilon / mu - mu / 2) - delta
+
+    return optimize.brentq(excess, 1e-8, 200.0, xtol=1e-12)
+
+
+def _initial_guess(sample_rate: float, steps: int, epsilon: float, delta: float) -> float:
+    """CLT guess: T subsampled Gaussian steps are about mu-GDP, mu = q sqrt(T (e^(1/s^2) - 1))."""
+    try:
+        mu = _gdp_mu(epsilon, delta)
+    except ValueError:
+        return 1.0
+    if sample_rate == 1.0:
+        return math.sqrt(steps) / mu
+    ratio = mu**2 / (sample_rate**2 * steps)
+    return 1.0 / math.sqrt(math.log1p(ratio))
+
+
+def calibrate_noise_multiplier(
+    *,
+    sample_rate: float,
+    steps: int,
+    target_epsilon: float,
+    delta: float,
+    rtol: float = DEFAULT_RTOL,
+    max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
+    min_noise_multiplier: float = MIN_NOISE_MULTIPLIER,
+    discretization: float | None = None,
+) -> float:
+    """The smallest noise multiplier (to relative precision `rtol`, rounded up) whose certified
+    epsilon is <= target_epsilon. Raises ValueError when no multiplier in
+    [min_noise_multiplier, max_noise_multiplier] is the answer. `discretization` (PLD interval)
+    defaults to pld_discretization(target_epsilon), the one plans are certified at."""
+    _check("sample_rate", sample_rate, 0, 1, hi_open=False)
+    _check_steps("steps", steps)
+    _check("eps", target_epsilon, 0, math.inf)
+    _check("delta", delta, 0, 1)
+    _check("rtol", rtol, 0, 1e-3, hi_open=False)
+    if discretization is None:
+        discretization = pld_discretization(target_epsilon)
+
+    def epsilon(sigma: float) -> float:
+        # A fresh accountant per trial, always at the same discretization.
+        accountant = PldAccountant(discretization)
+        return accountant.epsilon(dpsgd_event(sample_rate, sigma, steps), delta).upper
+
+    lo = hi = None  # epsilon(lo) > target >= epsilon(hi)
+    e_lo = e_hi = None
+    sigma = min(max(_initial_guess(sample_rate, steps, target_epsilon, delta), min_noise_multiplier),
+                max_noise_multiplier)
+    factor = 1.05
+    while lo is None or hi is None:
+        e = epsilon(sigma)
+        if e <= target_epsilon:
+            hi, e_hi = sigma, e
+            if lo is None:
+                if sigma <= min_noise_multiplier:
+                    raise ValueError(
+                        f"eps={target_epsilon!r} is met even at noise_multiplier={min_noise_multiplier:g} "
+                        f"(epsilon {e:.4g}); plan from a given noise multiplier instead")
+                sigma = max(sigma / factor, min_noise_multiplier)
+        else:
+            lo, e_lo = sigma, e
+            if hi is None:
+                if sigma >= max_noise_multiplier:
+                    raise ValueError(
+                        f"eps={target_epsilon!r} needs noise_multiplier above {max_noise_multiplier:g} "
+                        f"(sample_rate={sample_rate:.4g}, steps={steps}, delta={delta:g}): "
+                        "raise eps or delta, or lower the batch size or steps")
+                sigma = min(sigma * factor, max_noise_multiplier)
+        factor = factor**2
+
+    # Safeguarded secant on (log sigma, log epsilon), pinning the guess from both sides.
+    bisect_next = False
+    for _ in range(100):
+        if hi / lo <= 1 + rtol:
+            return hi
+        width = math.log(hi / lo)
+        if bisect_next or not (e_lo > 0 and e_hi > 0):
+            guesses = [math.sqrt(lo * hi)]
+        else:
+            t = math.log(e_lo / target_epsilon) / math.log(e_lo / e_hi) if e_lo != e_hi else 0.5
+            t = min(max(t, 0.01), 0.99)
+            g = lo * math.exp(t * width)
+            step = math.log1p(rtol) / 2.2
+            guesses = [g * math.exp(-step), g * math.exp(step)]
+        for g in guesses:
+            if not lo < g < hi:
+                continue
+            e = epsilon(g)
+            if e <= target_epsilon:
+                hi, e_hi = g, e
+            else:
+                lo, e_lo = g, e
+        bisect_next = math.log(hi / lo) > width / 2
+    raise RuntimeError("noise multiplier search did not converge")  # pragma: no cover
+
+
+def max_steps(
+    *,
+    sample_rate: float,
+    noise_multiplier: float,
+    target_epsilon: float,
+    delta: float,
+    limit: int = 10**7,
+) -> int:
+    """The largest number of steps whose certified epsilon is <= target_epsilon (0 if even one step
+    exceeds it; `limit` if `limit` steps still fit)."""
+    _check("sample_rate", sample_rate, 0, 1, hi_open=False)
+    _check("noise_multiplier", noise_multiplier, 0, math.inf)
+    _check("eps", target_epsilon, 0, math.inf)
+    _check("delta", delta, 0, 1)
+    _check_steps("limit", limit)
+    discretization = pld_discretization(target_epsilon)
+
+    def fits(steps: int) -> bool:
+        accountant = PldAccountant(discretization)
+        return accountant.epsilon(dpsgd_event(sample_rate, noise_multiplier, steps), delta).upper <= target_epsilon
+
+    if not fits(1):
+        return 0
+    good, bad = 1, None
+    while bad is None:
+        trial = min(good * 2, limit)
+        if fits(trial):
+            good = trial
+            if good == limit:
+                return limit
+        else:
+            bad = trial
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good

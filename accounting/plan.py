@@ -1,0 +1,397 @@
+"""The privacy contract: a frozen, validated PrivacyPlan, its checked document (plan.json), and the
+ledger helper that training calls at every checkpoint.
+
+A plan document is *checked* (DESIGN.md section 2) when its certified epsilon (PLD pessimistic at a
+fine discretization, or PRV's upper bound where tighter) is <= the target, PRV lower <= certified <=
+RDP, and certified lies within PRV's bounds. A document is *locked* when its digest verifies and its
+epsilon re-computes; `load_plan` refuses anything else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+from importlib import metadata
+from typing import Any
+
+from accounting.accountants import (
+    EpsilonReport,
+    PldAccountant,
+    PrvAccountant,
+    RdpAccountant,
+    dpsgd_event,
+)
+from accounting.calibrate import calibrate_noise_multiplier, certification_discretization
+
+__all__ = [
+    "FORMAT",
+    "AccountingError",
+    "NotCalibratedError",
+    "PlanDocument",
+    "PlanError",
+    "PrivacyPlan",
+    "epsilon_spent",
+    "load_plan",
+    "make_plan_document",
+    "write_plan",
+]
+
+FORMAT = "dpdm.plan/1"
+# PRV cross-check error in epsilon: 2% of the certified epsilon, but at least 0.01. PRV's cost grows
+# as its error shrinks, and below eps ~ 1 its grid is dominated by a fixed-size domain (+-3 around
+# the RDP tail bound), so a purely relative error makes small epsilons slow: over a minute at eps 0.2
+# for 1e-4, ~2 s for 2%, ~0.8 s for 0.01 (5%), measured on 2 shared cores. The bounds are rigorous at
+# any error; PRV checks the certificate, it never drives it (`dpdm account --eps-error` for tighter).
+PRV_RELATIVE_EPS_ERROR = 0.02
+PRV_MIN_EPS_ERROR = 0.01
+# Slack for "certified <= RDP": the PLD certificate is within about one discretization interval
+# (1e-4 of epsilon) of exact, and RDP is >= exact, so anything beyond 1e-3 is a disagreement.
+RDP_RTOL = 1e-3
+# A loaded plan's epsilon must re-compute to the stored value: never above it, and not more than
+# this far below it (a different dp-accounting version may shift the last digits).
+RECOMPUTE_RTOL = 1e-3
+_FLOAT_RTOL = 1e-9
+
+
+class PlanError(ValueError):
+    """A plan file that is not a locked plan: bad JSON, missing keys, a digest that does not verify,
+    an epsilon that does not re-compute."""
+
+
+class NotCalibratedError(ValueError):
+    """A plan whose noise multiplier does not meet its target epsilon."""
+
+
+class AccountingError(RuntimeError):
+    """The accountants disagree beyond numerical error (a bug here or in a library): never a warning."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyPlan:
+    """What DP-SGD releases, in terms an accountant can interpret (DESIGN.md section 2)."""
+
+    dataset_size: int
+    batch_size: int  # expected batch size: sample_rate = batch_size / dataset_size
+    sampling: str = "poisson"
+    steps: int
+    noise_multiplier: float
+    clip_norm: float = 1.0
+    noise_multiplicity: int = 32  # privacy-neutral: diffusion-noise draws averaged per example
+    delta: float
+    target_epsilon: float | None = None
+    dataset_name: str | None = None
+
+    def __post_init__(self):
+        if not (_is_int(self.dataset_size) and self.dataset_size >= 1):
+            raise ValueError(f"dataset_size={self.dataset_size!r} must be an integer >= 1")
+        if not (_is_int(self.batch_size) and self.batch_size >= 1):
+            raise ValueError(f"batch_size={self.batch_size!r} must be an integer >= 1")
+        if self.batch_size > self.dataset_size:
+            raise ValueError(
+                f"batch_size={self.batch_size!r} must be <= dataset_size={self.dataset_size!r}")
+        if self.sampling != "poisson":
+            raise ValueError(f"sampling={self.sampling!r} must be 'poisson'")
+        if not (_is_int(self.steps) and self.steps >= 1):
+            raise ValueError(f"steps={self.steps!r} must be an integer >= 1")
+        if not (_is_real(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ValueError(f"noise_multiplier={self.noise_multiplier!r} must be a finite number > 0")
+        if not (_is_real(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"clip_norm={self.clip_norm!r} must be a finite number > 0")
+        if not (_is_int(self.noise_multiplicity) and self.noise_multiplicity >= 1):
+            raise ValueError(f"noise_multiplicity={self.noise_multiplicity!r} must be an integer >= 1")
+        if not (_is_real(self.delta) and 0 < self.delta < 1):
+            raise ValueError(f"delta={self.delta!r} must be in (0, 1)")
+        if self.target_epsilon is not None and not (_is_real(self.target_epsilon) and self.target_epsilon > 0):
+            raise ValueError(f"target_epsilon={self.target_epsilon!r} must be a finite number > 0 or None")
+        if self.dataset_name is not None and not (isinstance(self.dataset_name, str) and self.dataset_name):
+            raise ValueError(f"dataset_name={self.dataset_name!r} must be a non-empty string or None")
+        # Normalise numbers to float so that equal plans hash and serialise identically.
+        for name in ("noise_multiplier", "clip_norm", "delta", "target_epsilon"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, float(value))
+
+    @property
+    def sample_rate(self) -> float:
+        return self.batch_size / self.dataset_size
+
+    @property
+    def noise_std(self) -> float:
+        """Absolute std of the noise added to the sum of clipped per-example gradients."""
+        return self.noise_multiplier * self.clip_norm
+
+    def to_event(self, steps: int | None = None):
+        """DP-SGD as a dp-accounting event: `steps` (default: all) Poisson-sampled Gaussian steps."""
+        return dpsgd_event(self.sample_rate, self.noise_multiplier, self.steps if steps is None else steps)
+
+    def calibrate(self, *, epsilon: float) -> "PrivacyPlan":
+        """This plan with the smallest noise multiplier that certifies `epsilon` (its new target)."""
+        sigma = calibrate_noise_multiplier(
+            sample_rate=self.sample_rate, steps=self.steps, target_epsilon=epsilon, delta=self.delta)
+        return dataclasses.replace(self, noise_multiplier=sigma, target_epsilon=float(epsilon))
+
+    def warnings(self) -> list[str]:
+        """Legal but unwise choices, for the CLI to print on stderr."""
+        out = []
+        if self.delta >= 1 / self.dataset_size:
+            out.append(
+                f"delta={self.delta:g} is >= 1/dataset_size={1 / self.dataset_size:.3g}: a mechanism that "
+                "releases one random example outright meets it; prefer delta << 1/N")
+        return out
+
+    def mechanism_fields(self) -> dict[str, Any]:
+        """The fields the digest covers: everything that determines the privacy guarantee."""
+        return {
+            "dataset": {"name": self.dataset_name, "size": self.dataset_size},
+            "sampling": self.sampling,
+            "sample_rate": self.sample_rate,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "noise_multiplier": self.noise_multiplier,
+            "clip_norm": self.clip_norm,
+            "noise_multiplicity": self.noise_multiplicity,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+        }
+
+    def digest(self) -> str:
+        canonical = json.dumps(self.mechanism_fields(), sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=True, allow_nan=False)
+        return "sha256:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("dpdm", "dp-accounting", "prv-accountant"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlanDocument:
+    """A checked plan and its epsilon reports: what plan.json holds."""
+
+    plan: PrivacyPlan
+    epsilon: float  # certified: the promise
+    certified_by: str  # "pld" or "prv"
+    rdp: EpsilonReport
+    pld: EpsilonReport
+    prv: EpsilonReport
+    pld_discretization: float
+    prv_eps_error: float
+    versions: dict[str, str] = dataclasses.field(default_factory=_versions)
+
+    @property
+    def digest(self) -> str:
+        return self.plan.digest()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.plan.mechanism_fields()
+        d = {"format": FORMAT, **d}
+        d["epsilon"] = {
+            "certified": self.epsilon,
+            "certified_by": self.certified_by,
+            "rdp": self.rdp.upper,
+            "pld": self.pld.upper,
+            "prv": {"lower": self.prv.lower, "estimate": self.prv.estimate, "upper": self.prv.upper},
+            "pld_discretization": self.pld_discretization,
+            "prv_eps_error": self.prv_eps_error,
+        }
+        d["versions"] = dict(self.versions)
+        d["digest"] = self.digest
+        return d
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def certified_epsilon(plan: PrivacyPlan, certified_by: str = "pld", prv_eps_error: float | None = None) -> float:
+    """Re-computes a plan's certified epsilon the way make_plan_document does."""
+    disc = _discretization(plan)
+    pld = PldAccountant(disc).epsilon(plan.to_event(), plan.delta).upper
+    if certified_by == "pld":
+        return pld
+    if certified_by == "prv":
+        eps_error = prv_eps_error if prv_eps_error is not None else max(
+            PRV_RELATIVE_EPS_ERROR * pld, PRV_MIN_EPS_ERROR)
+        return min(pld, PrvAccountant(eps_error=eps_error).epsilon(plan.to_event(), plan.delta).upper)
+    raise ValueError(f"certified_by={certified_by!r} must be 'pld' or 'prv'")
+
+
+def _discretization(plan: PrivacyPlan) -> float:
+    return certification_discretization(
+        plan.sample_rate, plan.noise_multiplier, plan.steps, plan.delta, plan.target_epsilon)
+
+
+def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV_RELATIVE_EPS_ERROR) -> PlanDocument:
+    """Runs the three accountants on `plan`, certifies its epsilon and checks them against each other.
+
+    Raises NotCalibratedError if the certified epsilon exceeds plan.target_epsilon, and
+    AccountingError if the accountants disagree beyond numerical error."""
+    event, delta = plan.to_event(), plan.delta
+    disc = _discretization(plan)
+    rdp = RdpAccountant().epsilon(event, delta)
+    pld = PldAccountant(disc).epsilon(event, delta)
+    if not math.isfinite(pld.upper):
+        raise ValueError(f"noise_multiplier={plan.noise_multiplier!r} gives no finite epsilon")
+    prv_eps_error = max(prv_relative_eps_error * pld.upper, PRV_MIN_EPS_ERROR)
+    try:
+        prv = PrvAccountant(eps_error=prv_eps_error).epsilon(event, delta)
+    except (ValueError, RuntimeError, OverflowError, FloatingPointError) as e:
+        raise AccountingError(f"the PRV cross-check failed for {plan}: {e}") from e
+    certified, certified_by = (pld.upper, "pld") if pld.upper <= prv.upper else (prv.upper, "prv")
+    _check_agreement(plan, certified=certified, rdp=rdp, pld=pld, prv=prv)
+    if plan.target_epsilon is not None and certified > plan.target_epsilon:
+        raise NotCalibratedError(
+            f"noise_multiplier={plan.noise_multiplier!r} certifies eps={certified:.6g}, above "
+            f"target_epsilon={plan.target_epsilon!r}; calibrate the plan")
+    return PlanDocument(plan=plan, epsilon=certified, certified_by=certified_by, rdp=rdp, pld=pld,
+                        prv=prv, pld_discretization=disc, prv_eps_error=prv_eps_error)
+
+
+def _check_agreement(plan, *, certified: float, rdp: EpsilonReport, pld: EpsilonReport, prv: EpsilonReport) -> None:
+    problems = []
+    if prv.lower is not None and prv.lower > certified * (1 + _FLOAT_RTOL):
+        problems.append(f"PRV lower bound {prv.lower:.6g} > certified {certified:.6g}")
+    if certified > prv.upper * (1 + _FLOAT_RTOL):
+        problems.append(f"certified {certified:.6g} > PRV upper bound {prv.upper:.6g}")
+    if certified > rdp.upper * (1 + RDP_RTOL):
+        problems.append(f"certified {certified:.6g} > RDP {rdp.upper:.6g}")
+    if prv.lower is not None and prv.lower > rdp.upper * (1 + _FLOAT_RTOL):
+        problems.append(f"PRV lower bound {prv.lower:.6g} > RDP {rdp.upper:.6g}")
+    if problems:
+        raise AccountingError(
+            f"accountants disagree for sample_rate={plan.sample_rate:.6g}, noise_multiplier="
+            f"{plan.noise_multiplier!r}, steps={plan.steps}, delta={plan.delta!r}: " + "; ".join(problems))
+
+
+def write_plan(doc: PlanDocument, path: str | os.PathLike) -> None:
+    """Writes plan.json atomically (temp file in the same folder, then os.replace)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(doc.to_json())
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _get(d: dict, key: str, path: str, kind=None):
+    if not isinstance(d, dict) or key not in d:
+        raise PlanError(f"{path}: missing key {key!r}; not a {FORMAT} plan")
+    value = d[key]
+    if kind is not None and not isinstance(value, kind):
+        raise PlanError(f"{path}: {key}={value!r} has the wrong type")
+    return value
+
+
+def plan_from_dict(d: dict, path: str = "plan") -> PrivacyPlan:
+    """The PrivacyPlan of a plan.json dict (no digest or epsilon checks)."""
+    if not isinstance(d, dict):
+        raise PlanError(f"{path}: expected a JSON object, found {type(d).__name__}")
+    fmt = d.get("format")
+    if fmt != FORMAT:
+        raise PlanError(f"{path}: format={fmt!r} must be {FORMAT!r}")
+    dataset = _get(d, "dataset", path, dict)
+    try:
+        plan = PrivacyPlan(
+            dataset_size=_get(dataset, "size", path),
+            dataset_name=_get(dataset, "name", path),
+            batch_size=_get(d, "batch_size", path),
+            sampling=_get(d, "sampling", path),
+            steps=_get(d, "steps", path),
+            noise_multiplier=_get(d, "noise_multiplier", path),
+            clip_norm=_get(d, "clip_norm", path),
+            noise_multiplicity=_get(d, "noise_multiplicity", path),
+            delta=_get(d, "delta", path),
+            target_epsilon=_get(d, "target_epsilon", path),
+        )
+    except PlanError:
+        raise
+    except ValueError as e:
+        raise PlanError(f"{path}: {e}") from e
+    sample_rate = _get(d, "sample_rate", path)
+    if not (_is_real(sample_rate) and math.isclose(sample_rate, plan.sample_rate, rel_tol=1e-12)):
+        raise PlanError(f"{path}: sample_rate={sample_rate!r} is not batch_size/dataset.size="
+                        f"{plan.sample_rate!r}")
+    return plan
+
+
+def load_plan(path: str | os.PathLike) -> PlanDocument:
+    """Reads plan.json and returns it only if it is locked: the digest verifies and the certified
+    epsilon re-computes (never above the stored promise). Raises PlanError otherwise."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise PlanError(f"{path}: cannot read the plan ({e.strerror or e})") from e
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    plan = plan_from_dict(d, path)
+    stored_digest = _get(d, "digest", path, str)
+    if stored_digest != plan.digest():
+        raise PlanError(f"{path}: digest mismatch: the mechanism fields were changed after planning "
+                        f"(stored {stored_digest[:19]}..., computed {plan.digest()[:19]}...); "
+                        "make a new plan with `dpdm plan`")
+    eps = _get(d, "epsilon", path, dict)
+    stored = _get(eps, "certified", path)
+    certified_by = _get(eps, "certified_by", path, str)
+    if not (_is_real(stored) and stored >= 0) or certified_by not in ("pld", "prv"):
+        raise PlanError(f"{path}: epsilon.certified={stored!r} by {certified_by!r} is not a certificate")
+    if plan.target_epsilon is not None and stored > plan.target_epsilon:
+        raise PlanError(f"{path}: epsilon.certified={stored!r} exceeds target_epsilon={plan.target_epsilon!r}")
+    prv_eps_error = eps.get("prv_eps_error")
+    recomputed = certified_epsilon(plan, certified_by, prv_eps_error if _is_real(prv_eps_error) else None)
+    if recomputed > stored * (1 + _FLOAT_RTOL) or recomputed < stored * (1 - RECOMPUTE_RTOL):
+        raise PlanError(f"{path}: epsilon.certified={stored!r} does not re-compute (got {recomputed!r}); "
+                        "the epsilon block was edited or the accountants changed; make a new plan")
+
+    def report(key: str, method: str) -> EpsilonReport:
+        value = eps.get(key)
+        if isinstance(value, dict):
+            return EpsilonReport(value.get("lower"), value.get("estimate"), value.get("upper"), method)
+        return EpsilonReport(None, value if method == "pld" else None, value, method)
+
+    return PlanDocument(
+        plan=plan, epsilon=float(stored), certified_by=certified_by,
+        rdp=report("rdp", "rdp"), pld=report("pld", "pld"), prv=report("prv", "prv"),
+        pld_discretization=_discretization(plan),
+        prv_eps_error=float(prv_eps_error) if _is_real(prv_eps_error) else float("nan"),
+        versions=dict(d.get("versions") or {}),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def epsilon_spent(plan: PrivacyPlan, steps_done: int) -> float:
+    """A rigorous upper bound on epsilon (at plan.delta) after `steps_done` of the plan's steps:
+    the PLD certificate of the prefix, at the plan's own discretization (so that
+    epsilon_spent(plan, plan.steps) is the PLD-certified epsilon). Cached and fast."""
+    if not (_is_int(steps_done) and 0 <= steps_done <= plan.steps):
+        raise ValueError(f"steps_done={steps_done!r} must be an integer in [0, {plan.steps}]")
+    if steps_done == 0:
+        return 0.0
+    return PldAccountant(_discretization(plan)).epsilon(plan.to_event(steps_done), plan.delta).upper

@@ -1,0 +1,94 @@
+"""Whole-process time of `dpdm plan --preset mnist-paper --eps E --delta 1e-5` against opacus's
+`get_noise_multiplier(accountant="prv")` on the same inputs, in the same run.
+
+Prints, per epsilon: the noise multiplier each returns, the tightest value (PLD pessimistic at 10x
+finer discretization, bisected to 1e-5), both times and their ratio; then medians. Targets: median
+<= 3 s per plan, <= 1/3 of opacus's time, noise multiplier within 0.1% of the tightest.
+
+    .venv/bin/python benchmarks/plan.py [--repeats 3] [--opacus-repeats 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EPSILONS = (0.2, 1.0, 10.0)
+DELTA = 1e-5
+N, B, EPOCHS = 60000, 4096, 300
+DPDM = Path(sys.executable).with_name("dpdm")
+
+OPACUS = """
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+t0 = time.perf_counter()
+from opacus.accountants.utils import get_noise_multiplier
+t1 = time.perf_counter()
+sigma = get_noise_multiplier(target_epsilon={eps}, target_delta={delta}, sample_rate={q}, steps={steps},
+                             accountant="prv")
+t2 = time.perf_counter()
+print(json.dumps({{"sigma": sigma, "import_s": t1 - t0, "call_s": t2 - t1}}))
+"""
+
+
+def time_dpdm(eps: float) -> tuple[float, float]:
+    cmd = [str(DPDM), "plan", "--preset", "mnist-paper", "--eps", repr(eps), "--delta", repr(DELTA), "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return time.perf_counter() - t0, json.loads(proc.stdout)["noise_multiplier"]
+
+
+def time_opacus(eps: float, q: float, steps: int) -> tuple[float, float, float]:
+    code = OPACUS.format(eps=eps, delta=DELTA, q=q, steps=steps)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    whole = time.perf_counter() - t0
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return whole, r["call_s"], r["sigma"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--opacus-repeats", type=int, default=1)
+    args = ap.parse_args()
+
+    import accounting
+
+    q, steps = B / N, math.ceil(EPOCHS * N / B)
+    rows = []
+    print(f"mnist-paper: N={N} B={B} sample_rate={q:.6g} steps={steps} delta={DELTA:g}; "
+          f"dpdm: {args.repeats} runs (median), opacus: {args.opacus_repeats} run(s) (median)")
+    header = (f"{'eps':>5} {'sigma dpdm':>11} {'sigma opacus':>12} {'sigma tight':>11} {'dpdm +%':>8} "
+              f"{'opacus +%':>9} {'eps(opacus)':>11} {'dpdm s':>7} {'opacus s':>9} {'(call s)':>8} {'ratio':>6}")
+    print(header)
+    for eps in EPSILONS:
+        dpdm_runs = [time_dpdm(eps) for _ in range(args.repeats)]
+        dpdm_s = statistics.median(t for t, _ in dpdm_runs)
+        sigma = dpdm_runs[0][1]
+        op_runs = [time_opacus(eps, q, steps) for _ in range(args.opacus_repeats)]
+        op_whole = statistics.median(r[0] for r in op_runs)
+        op_call = statistics.median(r[1] for r in op_runs)
+        op_sigma = op_runs[0][2]
+        tight = accounting.calibrate_noise_multiplier(
+            sample_rate=q, steps=steps, target_epsilon=eps, delta=DELTA, rtol=1e-5,
+            discretization=accounting.pld_discretization(eps) / 10)
+        op_eps = accounting.compute_epsilon(sample_rate=q, noise_multiplier=op_sigma, steps=steps, delta=DELTA,
+                                            discretization=accounting.pld_discretization(eps))
+        ratio = dpdm_s / op_whole
+        rows.append((dpdm_s, ratio, sigma / tight - 1))
+        print(f"{eps:>5g} {sigma:>11.5f} {op_sigma:>12.5f} {tight:>11.5f} {100 * (sigma / tight - 1):>8.3f} "
+              f"{100 * (op_sigma / tight - 1):>9.3f} {op_eps:>11.5f} {dpdm_s:>7.2f} {op_whole:>9.2f} "
+              f"{op_call:>8.2f} {ratio:>6.3f}")
+    print(f"median dpdm plan time: {statistics.median(r[0] for r in rows):.2f} s (target <= 3 s); "
+          f"median dpdm/opacus time ratio: {statistics.median(r[1] for r in rows):.3f} (target <= 0.333); "
+          f"max sigma excess over tight: {100 * max(r[2] for r in rows):.3f}% (target <= 0.1%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""`dpdm plan` (calibrate a locked privacy plan) and `dpdm account` (epsilon side by side).
+
+Never imports torch: planning starts fast. matplotlib is imported only for --curve.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+from cli.errors import BadInput, runtime_failure
+
+# Dataset sizes (training split); dpdm.datasets.DATASET_SIZES must agree.
+DATASET_SIZES = {
+    "mnist5k": 4000,
+    "digits": 1797,
+    "mnist": 60000,
+    "fashion-mnist": 60000,
+    "cifar10": 50000,
+    "celeba": 162770,
+}
+
+# Defaults of a plain `dpdm plan --eps E --delta D`: mnist5k on a CPU. An expected batch of 256
+# keeps the sample rate (0.064) near the paper's 1/15, so the noise multiplier behaves as in the
+# paper's MNIST runs, while one step (256 examples x K noise draws) stays at CPU scale; 30 epochs
+# (469 steps) is the fewest that gave recognisable digits in small DP diffusion runs and keeps a
+# CPU run to hours, not days. At eps 10 this gives noise_multiplier ~1.0. Change them here.
+DEFAULT_DATASET = "mnist5k"
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_EPOCHS = 30.0
+DEFAULT_CLIP_NORM = 1.0
+DEFAULT_MULTIPLICITY = 32  # K, as in the paper (privacy-neutral; costs compute)
+
+# The paper's settings (research/dpdm.md section 2). Epsilon is chosen per run.
+PRESETS = {
+    "mnist-paper": dict(dataset="mnist", batch_size=4096, epochs=300.0, multiplicity=32, clip_norm=1.0, delta=1e-5),
+    "fashion-mnist-paper": dict(dataset="fashion-mnist", batch_size=4096, epochs=300.0, multiplicity=32,
+                                clip_norm=1.0, delta=1e-5),
+    "cifar10-paper": dict(dataset="cifar10", batch_size=2048, epochs=500.0, multiplicity=8, clip_norm=1.0,
+                          delta=1e-5),
+    "celeba-paper": dict(dataset="celeba", batch_size=2048, epochs=300.0, multiplicity=32, clip_norm=1.0,
+                         delta=1e-6),
+}
+
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+_UNIT_OPEN = click.FloatRange(min=0, max=1, min_open=True, max_open=True)
+
+
+@click.command("plan")
+# Budget
+@click.option("--eps", "epsilon", type=_POSITIVE, help="Target epsilon: calibrate the noise multiplier.")
+@click.option("--noise-multiplier", type=_POSITIVE, help="Given noise multiplier: compute epsilon instead.")
+@click.option("--delta", type=_UNIT_OPEN, help="Target delta (a preset supplies one).")
+# Data
+@click.option("--dataset", help=f"Dataset name: {', '.join(DATASET_SIZES)}  [default: {DEFAULT_DATASET}]")
+@click.option("--dataset-size", type=click.IntRange(min=1), help="Number of private examples N.")
+# Mechanism
+@click.option("--batch-size", type=click.IntRange(min=1), help=f"Expected batch size B (sample rate B/N)  [default: {DEFAULT_BATCH_SIZE}]")
+@click.option("--epochs", type=_POSITIVE, help=f"Epochs X: steps = ceil(X*N/B)  [default: {DEFAULT_EPOCHS:g}]")
+@click.option("--steps", type=click.IntRange(min=1), help="Number of noisy steps T.")
+@click.option("--clip-norm", type=_POSITIVE, help=f"Per-example clipping norm C  [default: {DEFAULT_CLIP_NORM:g}]")
+@click.option("--multiplicity", type=click.IntRange(min=1), help=f"Noise draws per example K  [default: {DEFAULT_MULTIPLICITY}]")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="The paper's settings for a dataset.")
+# Output
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), help="Write the locked plan here.")
+@click.option("--curve", type=click.Path(dir_okay=False, writable=True), help="Plot epsilon against steps (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan document (JSON) and nothing else on stdout.")
+def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, epochs, steps, clip_norm,
+         multiplicity, preset, out, curve, as_json):
+    """Calibrate the smallest noise that meets (eps, delta), certified by RDP, PLD and PRV."""
+    import accounting
+
+    if (epsilon is None) == (noise_multiplier is None):
+        raise click.UsageError("give exactly one of --eps (calibrate) or --noise-multiplier (compute epsilon)"
+                               if epsilon is None else "--eps and --noise-multiplier are mutually exclusive")
+    for option, value in (("--eps", epsilon), ("--noise-multiplier", noise_multiplier), ("--epochs", epochs),
+                          ("--clip-norm", clip_norm)):
+        if value is not None and not math.isfinite(value):
+            raise BadInput(f"{option}={value!r} must be a finite number > 0")
+    if epochs is not None and steps is not None:
+        raise click.UsageError("--epochs and --steps are mutually exclusive")
+    p = dict(PRESETS[preset]) if preset else {}
+    delta = delta if delta is not None else p.get("delta")
+    if delta is None:
+        raise click.UsageError("--delta is required (for example --delta 1e-5)")
+    name, size = _resolve_dataset(dataset or (None if dataset_size else p.get("dataset", DEFAULT_DATASET)), dataset_size)
+    batch_size = batch_size or p.get("batch_size", DEFAULT_BATCH_SIZE)
+    if batch_size > size:
+        raise BadInput(f"--batch-size={batch_size} must be <= the dataset size {size}")
+    if steps is None:
+        epochs = epochs or p.get("epochs", DEFAULT_EPOCHS)
+        steps = max(1, math.ceil(round(epochs * size / batch_size, 9)))
+    try:
+        privacy_plan = accounting.PrivacyPlan(
+            dataset_size=size, dataset_name=name, batch_size=batch_size, steps=steps,
+            noise_multiplier=noise_multiplier or 1.0, target_epsilon=epsilon, delta=delta,
+            clip_norm=clip_norm or p.get("clip_norm", DEFAULT_CLIP_NORM),
+            noise_multiplicity=multiplicity or p.get("multiplicity", DEFAULT_MULTIPLICITY))
+        for warning in privacy_plan.warnings():
+            click.echo(f"dpdm: warning: {warning}", err=True)
+        if epsilon is not None:
+            privacy_plan = privacy_plan.calibrate(epsilon=epsilon)
+        doc = accounting.make_plan_document(privacy_plan)
+    except accounting.AccountingError as e:
+        raise runtime_failure(str(e)) from e
+    except ValueError as e:
+        raise BadInput(str(e)) from e
+    if out:
+        accounting.write_plan(doc, out)
+    if curve:
+        _plot_curve(doc, curve)
+    if as_json:
+        click.echo(doc.to_json())
+    else:
+        click.echo(_table(doc))
+        if out:
+            click.echo(f"wrote {out} ({doc.digest[:19]}...)")
+        if curve:
+            click.echo(f"wrote {curve}")
+
+
+def _resolve_dataset(name: str | None, size: int | None) -> tuple[str | None, int]:
+    if name is None:
+        return None, size
+    if name in DATASET_SIZES:
+        if size is not None and size != DATASET_SIZES[name]:
+            raise BadInput(f"--dataset-size={size} disagrees with --dataset={name!r} ({DATASET_SIZES[name]} examples)")
+        return name, DATASET_SIZES[name]
+    if name.startswith(("folder:", "npz:")) and len(name.split(":", 1)[1]) > 0:
+        if size is None:
+            raise BadInput(f"--dataset={name!r} needs --dataset-size N (its size is not known in advance)")
+        return name, size
+    raise BadInput(f"--dataset={name!r} must be one of {', '.join(DATASET_SIZES)} "
+                   "(or folder:PATH / npz:PATH with --dataset-size)")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.6g}"
+
+
+def _table(doc) -> str:
+    p = doc.plan
+    epochs = p.steps * p.batch_size / p.dataset_size
+    target = "none (computed from the noise multiplier)" if p.target_epsilon is None else f"{p.target_epsilon:g}"
+    lines = [
+        f"dataset           {p.dataset_name or '-'} (N={p.dataset_size})",
+        f"sampling          {p.sampling}, sample_rate={p.sample_rate:.6g} (expected batch {p.batch_size})",
+        f"steps             {p.steps} ({epochs:.4g} epochs)",
+        f"noise_multiplier  {p.noise_multiplier:.6g}  (noise std {p.noise_std:.6g} on the clipped-gradient sum)",
+        f"clip_norm         {p.clip_norm:g}    noise_multiplicity {p.noise_multiplicity}",
+        f"delta             {p.delta:g}",
+        f"target epsilon    {target}",
+        "",
+        f"{'accountant':<12}{'lower':>12}{'estimate':>12}{'upper':>12}",
+    ]
+    for label, r in (("RDP", doc.rdp), ("PLD", doc.pld), ("PRV", doc.prv)):
+        lines.append(f"{label:<12}{_fmt(r.lower):>12}{_fmt(r.estimate):>12}{_fmt(r.upper):>12}")
+    lines += ["", f"certified epsilon {doc.epsilon:.6g} (by {doc.certified_by}; PLD pessimistic at interval "
+                  f"{doc.pld_discretization:.2g}, PRV error {doc.prv_eps_error:.2g})"]
+    return "\n".join(lines)
+
+
+def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
+    """Epsilon against steps for RDP, PLD (certified) and PRV (band between its bounds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    import accounting
+
+    p = doc.plan
+    steps = sorted({int(round(s)) for s in np.geomspace(1, p.steps, points)} | {p.steps})
+    rdp = [accounting.RdpAccountant().epsilon(p.to_event(s), p.delta).upper for s in steps]
+    pld = [accounting.epsilon_spent(p, s) for s in steps]
+    prv_steps = sorted({int(round(s)) for s in np.linspace(p.steps / prv_points, p.steps, prv_points)})
+    prv = accounting.PrvAccountant(eps_error=doc.prv_eps_error if math.isfinite(doc.prv_eps_error) else 0.05).curve(
+        p.to_event(), p.delta, prv_steps)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, rdp, label="RDP (upper)")
+    ax.plot(steps, pld, label="PLD pessimistic (certified)")
+    ax.fill_between(prv_steps, [r.lower for r in prv], [r.upper for r in prv], alpha=0.3, color="C2",
+                    label="PRV bounds")
+    ax.plot(prv_steps, [r.estimate for r in prv], "o", color="C2", label="PRV estimate")
+    if p.target_epsilon is not None:
+        ax.axhline(p.target_epsilon, color="k", lw=0.8, ls="--", label="target")
+    ax.set_xlabel("steps")
+    ax.set_ylabel(f"epsilon at delta={p.delta:g}")
+    ax.set_title(f"noise_multiplier={p.noise_multiplier:.4g}, sample_rate={p.sample_rate:.4g}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@click.command("account")
+@click.option("-s", "--noise-multiplier", type=_POSITIVE, required=True, help="Noise multiplier.")
+@click.option("-p", "--sample-rate", type=click.FloatRange(min=0, max=1, min_open=True), required=True,
+              help="Poisson sample rate.")
+@click.option("-i", "--steps", type=click.IntRange(min=1), required=True, help="Number of steps.")
+@click.option("--delta", type=_UNIT_OPEN, required=True, help="Target delta.")
+@click.option("--eps-error", type=_POSITIVE, default=0.01, show_default=True, help="PRV error in epsilon.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
+def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
+    """Epsilon of DP-SGD from RDP, PLD and PRV, side by side."""
+    import accounting
+
+    event = accounting.dpsgd_event(sample_rate, noise_multiplier, steps)
+    try:
+        disc = accounting.pld_discretization(accounting.RdpAccountant().epsilon(event, delta).upper)
+        reports = [accounting.RdpAccountant().epsilon(event, delta),
+                   accounting.PldAccountant(disc).epsilon(event, delta),
+                   accounting.PrvAccountant(eps_error=eps_error).epsilon(event, delta)]
+    except (RuntimeError, OverflowError) as e:
+        raise runtime_failure(f"accounting failed: {e}") from e
+    except ValueError as e:
+        raise BadInput(str(e)) from e
+    if as_json:
+        click.echo(json.dumps({r.method: r.to_dict() for r in reports}, indent=1))
+        return
+    click.echo(f"{'accountant':<12}{'lower':>12}{'estimate':>12}{'upper':>12}")
+    for r in reports:
+        click.echo(f"{r.method.upper():<12}{_fmt(r.lower):>12}{_fmt(r.estimate):>12}{_fmt(r.upper):>12}")
