@@ -1,0 +1,105 @@
+"""`dpdm eval`: quality of synthetic images, as the paper measures it (dpdm/evaluate.py)."""
+from __future__ import annotations
+
+import click
+
+from cli._common import emit_json, info, resolve_device
+from cli.errors import BadInput
+
+_KINDS = ("logreg", "mlp", "cnn")
+
+
+@click.command("eval")
+# Inputs.
+@click.option("--samples", "samples_path", required=True, type=click.Path(dir_okay=False),
+              help="samples.npz from `dpdm sample` (x uint8 N x C x H x W, y).")
+@click.option("--dataset", required=True,
+              help="The real dataset: its train split feeds the reference CNN and FD, its test split the accuracies.")
+@click.option("--test-dataset", default=None,
+              help="Held-out real images (npz:PATH or folder:PATH); required for path datasets and digits.")
+@click.option("--data-root", default=None, type=click.Path(file_okay=False), help="Where torchvision datasets live.")
+@click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
+# Metrics.
+@click.option("--classifiers", default="logreg,mlp,cnn", show_default=True,
+              help="Comma-separated downstream classifiers (logreg, mlp, cnn); empty for none.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs for every classifier [default: logreg 30, mlp 30, cnn 15; the paper: 50].")
+@click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
+              help="Local torchvision inception_v3 state dict: adds Inception FID (never downloaded).")
+@click.option("--reference-epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs of the reference CNN behind the classifier FD [default: 20]; part of its cache key.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the reference CNN is cached [default: ~/.cache/dpdm].")
+# Performance.
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifiers, epochs,
+             inception_weights, reference_epochs, cache_dir, device, seed, as_json):
+    """Downstream accuracy (train on synthetic, test on real), classifier FD, optional Inception FID."""
+    from dpdm.datasets import DataError, is_path_dataset, load_dataset, load_npz
+    from dpdm.evaluate import REFERENCE_EPOCHS, evaluate_samples
+
+    kinds = tuple(k.strip() for k in classifiers.split(",") if k.strip())
+    for k in kinds:
+        if k not in _KINDS:
+            raise BadInput(f"--classifiers={classifiers!r} must list names from {_KINDS}")
+    if inception_weights is not None:
+        import os
+
+        if not os.path.isfile(inception_weights):
+            raise BadInput(f"--inception-weights={inception_weights!r} must be an existing file")
+    try:
+        samples = load_npz(samples_path, name=samples_path)
+    except DataError as e:
+        raise BadInput(f"--samples={samples_path!r}: {e}") from None
+    try:
+        real_train = load_dataset(dataset, "train", data_root=data_root, download=download)
+    except ValueError as e:
+        raise BadInput(f"--dataset={dataset!r}: {e}") from None
+    if test_dataset is None and (is_path_dataset(dataset) or dataset == "digits"):
+        raise BadInput(f"--dataset={dataset!r} has no held-out split; give the real held-out images "
+                       f"with --test-dataset npz:PATH or folder:PATH")
+    try:
+        real_test = (load_dataset(test_dataset, "test", data_root=data_root, download=download)
+                     if test_dataset else load_dataset(dataset, "test", data_root=data_root, download=download))
+    except ValueError as e:
+        raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
+    if samples.y is None and kinds:
+        kinds = ()
+        info("samples have no labels 'y': downstream accuracies skipped")
+    try:
+        report = evaluate_samples(samples, real_train, real_test, classifiers=kinds, epochs=epochs,
+                                  cache_dir=cache_dir, reference_epochs=reference_epochs or REFERENCE_EPOCHS,
+                                  inception_weights=inception_weights, seed=seed,
+                                  device=resolve_device(device),
+                                  progress=None if as_json else info)
+    except ValueError as e:  # DataError (shape / label mismatch), unusable inception weights
+        raise BadInput(f"--samples={samples_path!r}: {e}" if isinstance(e, DataError) else str(e)) from None
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(format_report(report))
+
+
+def format_report(report: dict) -> str:
+    """The human-readable table."""
+    lines = [f"samples {report['samples']}: {report['n_samples']} images "
+             f"{'x'.join(map(str, report['image_shape']))}, real data {report['dataset']} "
+             f"(train {report['real_train_size']}, test {report['real_test_size']})", ""]
+    if report["classifiers"]:
+        lines.append(f"{'classifier':<12}{'real test acc':>14}{'synth val acc':>15}{'best epoch':>12}")
+        for kind, r in report["classifiers"].items():
+            lines.append(f"{kind:<12}{r['test_accuracy']:>14.4f}{r['synthetic_val_accuracy']:>15.4f}"
+                         f"{str(r['best_epoch']) + '/' + str(r['epochs']):>12}")
+        lines.append("")
+    fd = report["classifier_fd"]
+    ref = fd["reference"]
+    lines.append(f"classifier FD (not FID): {fd['value']:.4f}")
+    if "real_test_value" in fd:
+        lines.append(f"  real test vs real train (floor): {fd['real_test_value']:.4f}")
+    acc = ref.get("real_test_accuracy")
+    lines.append(f"  reference CNN: real test acc {acc:.4f}" if acc is not None else "  reference CNN")
+    if report["inception_fid"] is not None:
+        lines.append(f"Inception FID (torchvision weights): {report['inception_fid']:.4f}")
+    return "\n".join(lines)

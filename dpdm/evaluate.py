@@ -1,0 +1,367 @@
+"""Quality of synthetic images, measured as the paper does (research/dpdm.md section 4).
+
+- **Downstream accuracy**: a classifier (`LogReg`, `MLP`, `CNN`) is trained on the synthetic images
+  only, with a 90/10 split of the synthetic set for model selection: after every epoch the accuracy on
+  the synthetic validation part is measured, and the weights of the best epoch are kept. The number
+  reported is that model's accuracy on the real held-out test split, which never influences
+  training or selection. Adam (lr 3e-4), batch 128, as the paper; the paper trains 50 epochs, our
+  defaults (`DEFAULT_EPOCHS`) are smaller so that a 10,000-image evaluation fits in a few CPU
+  minutes. Unlike the paper's script, the synthetic training set is shuffled every epoch.
+- **Classifier FD**: the Frechet distance between Gaussian fits of the synthetic and the real
+  *training* images in the 128-d penultimate features of a reference CNN trained on the real training
+  split (the paper computes FID against training-split statistics). It is not FID and is labelled
+  "classifier FD". The reference network is cached under ``~/.cache/dpdm/reference`` (or
+  ``cache_dir``), keyed by dataset name and a digest of the training data. The FD between the real
+  test split and the real training split is reported beside it as a floor.
+- **Inception FID**: only with a local torchvision ``inception_v3`` state-dict file (never
+  downloaded), loaded with ``torch.load(weights_only=True)``; 2048-d pool features of images resized
+  to 299x299 (grayscale repeated to 3 channels). torchvision's Inception differs from the TF-Inception
+  of standard FID, so values are comparable with each other, not with published FIDs.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pickle
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpdm.classifiers import CNN, build_classifier
+from dpdm.datasets import DataError, ImageData
+
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "REFERENCE_EPOCHS",
+    "accuracy",
+    "classifier_fd",
+    "default_cache_dir",
+    "downstream_accuracy",
+    "evaluate_samples",
+    "feature_stats",
+    "fit_classifier",
+    "frechet_distance",
+    "inception_fid",
+    "load_inception",
+    "reference_classifier",
+]
+
+DEFAULT_EPOCHS = {"logreg": 30, "mlp": 30, "cnn": 15}  # paper: 50 each
+REFERENCE_EPOCHS = 20
+_REFERENCE_VERSION = 1  # bump when the reference training recipe changes
+
+Progress = Callable[[str], None]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DPDM_CACHE", "~/.cache/dpdm")).expanduser()
+
+
+# --- training ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000,
+             device: str | torch.device = "cpu") -> float:
+    """Fraction of correctly classified examples (model put in eval mode)."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i:i + batch_size].to(device))
+        correct += int((logits.argmax(1).cpu() == y[i:i + batch_size]).sum())
+    return correct / max(len(x), 1)
+
+
+def fit_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
+                   val_x: torch.Tensor, val_y: torch.Tensor, *, epochs: int, lr: float = 3e-4,
+                   batch_size: int = 128, seed: int = 0, device: str | torch.device = "cpu",
+                   ) -> tuple[int, float]:
+    """Trains with Adam and cross-entropy; leaves `model` at the epoch of best validation accuracy.
+
+    Returns:
+      (best_epoch (1-based), best validation accuracy).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs={epochs!r} must be >= 1")
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    best_epoch, best_acc, best_state = 0, -1.0, None
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for idx in torch.randperm(len(train_x), generator=gen).split(batch_size):
+            loss = nn.functional.cross_entropy(model(train_x[idx].to(device)), train_y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        acc = accuracy(model, val_x, val_y, device=device)
+        if acc > best_acc:
+            best_epoch, best_acc, best_state = epoch, acc, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    model.eval()
+    return best_epoch, best_acc
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(n * val_fraction))
+    return perm[n_val:], perm[:n_val]
+
+
+def downstream_accuracy(samples: ImageData, real_test: ImageData, *, kind: str, epochs: int | None = None,
+                        val_fraction: float = 0.1, seed: int = 0, device: str | torch.device = "cpu",
+                        ) -> dict:
+    """The paper's protocol: train on synthetic (90%), select on synthetic (10%), test on real.
+
+    Returns:
+      {"test_accuracy", "synthetic_val_accuracy", "best_epoch", "epochs", "train_size", "seconds"}.
+    """
+    _check_compatible(samples, real_test)
+    if samples.y is None:
+        raise DataError(f"{samples.name}: samples have no labels 'y'; downstream accuracy needs them")
+    if len(samples) < 2:
+        raise DataError(f"{samples.name}: need at least 2 samples, got {len(samples)}")
+    epochs = DEFAULT_EPOCHS[kind] if epochs is None else epochs
+    t0 = time.perf_counter()
+    train, val = _split(len(samples), val_fraction, seed)
+    c, h, w = samples.image_shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_classifier(kind, img_channels=c, img_resolution=(h, w),
+                                 num_classes=real_test.num_classes)
+        best_epoch, val_acc = fit_classifier(
+            model, samples.x[train], samples.y[train], samples.x[val], samples.y[val],
+            epochs=epochs, seed=seed, device=device)
+    return {"test_accuracy": accuracy(model, real_test.x, real_test.y, device=device),
+            "synthetic_val_accuracy": val_acc, "best_epoch": best_epoch, "epochs": epochs,
+            "train_size": len(train), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _check_compatible(samples: ImageData, real: ImageData) -> None:
+    if samples.image_shape != real.image_shape:
+        s, r = ("x".join(map(str, d.image_shape)) for d in (samples, real))
+        raise DataError(f"{samples.name}: samples are {s} (CxHxW) but {real.name} images are {r}")
+    if samples.y is not None and real.y is not None and len(samples.y) and \
+            int(samples.y.max()) >= real.num_classes:
+        raise DataError(f"{samples.name}: sample labels reach {int(samples.y.max())} but "
+                        f"{real.name} has {real.num_classes} classes")
+
+
+# --- classifier FD -------------------------------------------------------------------------------
+
+def _digest(data: ImageData) -> str:
+    h = hashlib.sha256()
+    h.update(str((data.name, data.image_shape, data.num_classes)).encode())
+    h.update(data.x.numpy().tobytes())
+    if data.y is not None:
+        h.update(data.y.numpy().tobytes())
+    return h.hexdigest()
+
+
+def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike | None = None,
+                         epochs: int = REFERENCE_EPOCHS, seed: int = 0,
+                         device: str | torch.device = "cpu", progress: Progress | None = None,
+                         ) -> tuple[CNN, dict]:
+    """The paper's CNN trained on the real training split (90/10 selection), cached on disk.
+
+    Returns:
+      (model in eval mode, info dict with "cache", "real_val_accuracy", "best_epoch", "epochs").
+    """
+    if real_train.y is None:
+        raise DataError(f"{real_train.name}: the reference classifier needs labelled training data")
+    c, h, w = real_train.image_shape
+    key = f"{_safe(real_train.name)}-{_digest(real_train)[:16]}-e{epochs}-s{seed}-v{_REFERENCE_VERSION}"
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = folder / "reference" / f"{key}.pt"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CNN(c, (h, w), real_train.num_classes)
+    if path.is_file() and path.with_suffix(".json").is_file():
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            info = json.loads(path.with_suffix(".json").read_text())
+            model.to(device).eval()
+            return model, {**info, "cache": str(path), "cached": True}
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError):
+            pass  # a damaged cache entry is rebuilt
+    if progress:
+        progress(f"training the reference CNN on {real_train.name} ({len(real_train)} images, "
+                 f"{epochs} epochs); cached at {path}")
+    train, val = _split(len(real_train), 0.1, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        best_epoch, val_acc = fit_classifier(
+            model, real_train.x[train], real_train.y[train], real_train.x[val], real_train.y[val],
+            epochs=epochs, seed=seed, device=device)
+    info = {"real_val_accuracy": val_acc, "best_epoch": best_epoch, "epochs": epochs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda f: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, f))
+    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(info).encode()))
+    return model, {**info, "cache": str(path), "cached": False}
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:40]
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _features(extract: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
+              batch_size: int = 500, device: str | torch.device = "cpu") -> np.ndarray:
+    out = [extract(x[i:i + batch_size].to(device)).double().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (rowvar=False) of [N, D] features."""
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features.shape={features.shape} must be [N >= 2, D]")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
+                     sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Dowson and Landau 1982; Heusel et al. 2017)."""
+    diff = mu1 - mu2
+    # Tr((S1 S2)^(1/2)) = Tr((S1^(1/2) S2 S1^(1/2))^(1/2)): a symmetric PSD form, computed with eigh,
+    # which stays exact for the singular covariances that ReLU features produce.
+    w1, v1 = np.linalg.eigh(sigma1)
+    s1_half = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
+    m = s1_half @ sigma2 @ s1_half
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean, 0.0))
+
+
+def classifier_fd(samples: ImageData, real: ImageData, reference: CNN, *,
+                  device: str | torch.device = "cpu") -> float:
+    """Frechet distance between `samples` and `real` in the reference CNN's penultimate features."""
+    _check_compatible(samples, real)
+    reference.eval()
+    f1 = _features(reference.features, samples.x, device=device)
+    f2 = _features(reference.features, real.x, device=device)
+    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+
+
+# --- Inception FID -------------------------------------------------------------------------------
+
+def load_inception(weights: str | os.PathLike) -> nn.Module:
+    """torchvision inception_v3 from a local state-dict file, fc removed (2048-d pool features).
+
+    Raises:
+      ValueError: missing file or not an inception_v3 state dict.
+    """
+    from torchvision.models import inception_v3
+
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--inception-weights={str(weights)!r} must be an existing file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError,
+            TypeError, zipfile.BadZipFile) as e:  # all of them mean "refused"
+        raise ValueError(f"--inception-weights={str(weights)!r} cannot be loaded with "
+                         f"weights_only=True ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--inception-weights={str(weights)!r} must hold a state dict of tensors")
+    aux = any(k.startswith("AuxLogits.") for k in state)
+    net = inception_v3(weights=None, aux_logits=aux, init_weights=False, transform_input=False)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"--inception-weights={str(weights)!r} is not a torchvision inception_v3 "
+                         f"state dict ({' '.join(str(e).split())[:200]})") from None
+    net.fc = nn.Identity()
+    return net.eval()
+
+
+def _inception_input(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> [B, 3, 299, 299] in [-1, 1] (what transform_input produces internally)."""
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+
+
+def inception_fid(samples: ImageData, real: ImageData, inception: nn.Module, *,
+                  batch_size: int = 100, device: str | torch.device = "cpu") -> float:
+    """FID in the pool features of a (torchvision) Inception-v3."""
+    _check_compatible(samples, real)
+    inception.to(device).eval()
+
+    def extract(x: torch.Tensor) -> torch.Tensor:
+        return inception(_inception_input(x))
+
+    f1 = _features(extract, samples.x, batch_size=batch_size, device=device)
+    f2 = _features(extract, real.x, batch_size=batch_size, device=device)
+    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+
+
+# --- everything at once --------------------------------------------------------------------------
+
+def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: ImageData | None, *,
+                     classifiers: tuple[str, ...] = ("logreg", "mlp", "cnn"),
+                     epochs: dict[str, int] | int | None = None,
+                     cache_dir: str | os.PathLike | None = None,
+                     reference_epochs: int = REFERENCE_EPOCHS,
+                     inception_weights: str | os.PathLike | None = None, seed: int = 0,
+                     device: str | torch.device = "cpu", progress: Progress | None = None) -> dict:
+    """Downstream accuracies, classifier FD and (optionally) Inception FID of `samples`.
+
+    Args:
+      samples: the synthetic images (labels needed for the accuracies).
+      real_train: the real training split (reference CNN and FD statistics).
+      real_test: the real held-out split (accuracies); None skips the accuracies.
+      epochs: per-classifier epochs (dict), one number for all, or None for `DEFAULT_EPOCHS`.
+
+    Returns:
+      A JSON-serializable dict (see `cli/eval.py` for the printed form).
+
+    Raises:
+      DataError: samples whose image shape or labels do not fit the dataset.
+    """
+    _check_compatible(samples, real_train)
+    if real_test is not None:
+        _check_compatible(samples, real_test)
+    inception = load_inception(inception_weights) if inception_weights is not None else None
+    if isinstance(epochs, int):
+        epochs = {k: epochs for k in classifiers}
+    epochs = {**DEFAULT_EPOCHS, **(epochs or {})}
+    t0 = time.perf_counter()
+    report: dict = {"samples": samples.name, "n_samples": len(samples), "dataset": real_train.name,
+                    "image_shape": list(samples.image_shape), "real_train_size": len(real_train),
+                    "real_test_size": None if real_test is None else len(real_test),
+                    "classifiers": {}}
+    if real_test is not None and real_test.y is not None and samples.y is not None:
+        for kind in classifiers:
+            if progress:
+                progress(f"training {kind} on {len(samples)} synthetic images ({epochs[kind]} epochs)")
+            report["classifiers"][kind] = downstream_accuracy(
+                samples, real_test, kind=kind, epochs=epochs[kind], seed=seed, device=device)
+    reference, info = reference_classifier(real_train, cache_dir=cache_dir, epochs=reference_epochs,
+                                           seed=seed, device=device, progress=progress)
+    fd = {"value": classifier_fd(samples, real_train, reference, device=device),
+          "features": "penultimate (128-d) of a CNN trained on the real training split",
+          "reference": info}
+    if real_test is not None:
+        fd["real_test_value"] = classifier_fd(real_test, real_train, reference, device=device)
+    if real_test is not None and real_test.y is not None:
+        info["real_test_accuracy"] = accuracy(reference, real_test.x, real_test.y, device=device)
+    report["classifier_fd"] = fd
+    report["inception_fid"] = None
+    if inception is not None:
+        if progress:
+            progress("computing Inception features (299x299)")
+        report["inception_fid"] = inception_fid(samples, real_train, inception, device=device)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report

@@ -1,0 +1,154 @@
+"""`dpdm eval` and `dpdm baseline dp-classifier`: outputs and bad inputs (exit 2, one line)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import accounting
+from cli.main import main
+
+
+@pytest.fixture(scope="module")
+def digit_files(tmp_path_factory):
+    """Real 8x8 digits as uint8 npz files: 'train' (600), 'test' (300), 'samples' (400)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.clip(np.round(d.images * 255 / 16), 0, 255).astype(np.uint8)[:, None]  # [N, 1, 8, 8]
+    y = d.target.astype(np.int64)
+    root = tmp_path_factory.mktemp("digits")
+    parts = {"train": slice(0, 600), "test": slice(600, 900), "samples": slice(900, 1300)}
+    paths = {}
+    for name, sl in parts.items():
+        paths[name] = root / f"{name}.npz"
+        np.savez(paths[name], x=x[sl], y=y[sl])
+    return paths
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpdm: error:"), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+# --- dpdm eval -----------------------------------------------------------------------------------
+
+def test_eval_json_on_tiny_data(digit_files, tmp_path, capsys):
+    code, out, err = _run(capsys, "eval", "--samples", str(digit_files["samples"]),
+                          "--dataset", f"npz:{digit_files['train']}",
+                          "--test-dataset", f"npz:{digit_files['test']}",
+                          "--classifiers", "logreg,mlp", "--epochs", "2", "--reference-epochs", "2",
+                          "--cache-dir", str(tmp_path), "--device", "cpu", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert set(report["classifiers"]) == {"logreg", "mlp"}
+    for r in report["classifiers"].values():
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["epochs"] == 2
+    assert report["n_samples"] == 400 and report["real_test_size"] == 300
+    assert np.isfinite(report["classifier_fd"]["value"])
+    # The table form reuses the cached reference CNN.
+    code, out, err = _run(capsys, "eval", "--samples", str(digit_files["samples"]),
+                          "--dataset", f"npz:{digit_files['train']}",
+                          "--test-dataset", f"npz:{digit_files['test']}",
+                          "--classifiers", "", "--reference-epochs", "2", "--cache-dir", str(tmp_path),
+                          "--device", "cpu")
+    assert code == 0, err
+    assert "classifier FD (not FID)" in out
+
+
+def test_eval_shape_mismatch(tmp_path, capsys):
+    samples = tmp_path / "s.npz"
+    np.savez(samples, x=np.zeros((10, 1, 8, 8), np.uint8), y=np.zeros(10, np.int64))
+    code, _, err = _run(capsys, "eval", "--samples", str(samples), "--dataset", "mnist5k",
+                        "--cache-dir", str(tmp_path))
+    _assert_one_line_error(code, err, "1x8x8", "1x28x28")
+
+
+@pytest.mark.parametrize("bad", ["float", "missing", "junk"])
+def test_eval_bad_samples_file(tmp_path, capsys, bad):
+    samples = tmp_path / "s.npz"
+    if bad == "float":
+        np.savez(samples, x=np.zeros((3, 1, 28, 28), np.float32))
+    elif bad == "junk":
+        samples.write_text("junk")
+    code, _, err = _run(capsys, "eval", "--samples", str(samples), "--dataset", "mnist5k")
+    _assert_one_line_error(code, err, "--samples")
+
+
+def test_eval_bad_options(digit_files, tmp_path, capsys):
+    s = str(digit_files["samples"])
+    code, _, err = _run(capsys, "eval", "--samples", s, "--dataset", "digits")
+    _assert_one_line_error(code, err, "--test-dataset")
+    code, _, err = _run(capsys, "eval", "--samples", s, "--dataset", "nope")
+    _assert_one_line_error(code, err, "--dataset='nope'")
+    code, _, err = _run(capsys, "eval", "--samples", s, "--dataset", "digits", "--classifiers", "svm")
+    _assert_one_line_error(code, err, "--classifiers")
+    code, _, err = _run(capsys, "eval", "--samples", s, "--dataset", "mnist5k",
+                        "--inception-weights", str(tmp_path / "absent.pt"))
+    _assert_one_line_error(code, err, "--inception-weights")
+    code, _, err = _run(capsys, "eval", "--samples", s, "--dataset", "mnist", "--data-root", str(tmp_path))
+    _assert_one_line_error(code, err, "--download", str(tmp_path))
+
+
+def test_eval_unusable_inception_weights(digit_files, tmp_path, capsys):
+    junk = tmp_path / "inception.pt"
+    junk.write_bytes(b"not a checkpoint")
+    code, _, err = _run(capsys, "eval", "--samples", str(digit_files["samples"]),
+                        "--dataset", f"npz:{digit_files['train']}",
+                        "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "",
+                        "--inception-weights", str(junk), "--cache-dir", str(tmp_path))
+    _assert_one_line_error(code, err, "--inception-weights", "weights_only")
+
+
+# --- dpdm baseline dp-classifier -----------------------------------------------------------------
+
+def _plan(tmp_path, dataset_size, dataset_name, steps=3, batch_size=64):
+    plan = accounting.PrivacyPlan(dataset_size=dataset_size, batch_size=batch_size, steps=steps,
+                                  noise_multiplier=1.0, delta=1e-5, dataset_name=dataset_name)
+    path = tmp_path / "plan.json"
+    accounting.write_plan(accounting.make_plan_document(plan), path)
+    return path
+
+
+def test_baseline_refuses_wrong_size(digit_files, tmp_path, capsys):
+    path = _plan(tmp_path, 599, f"npz:{digit_files['train']}")
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path),
+                        "--test-dataset", f"npz:{digit_files['test']}")
+    _assert_one_line_error(code, err, "600", "dataset_size=599")
+
+
+def test_baseline_bad_inputs(digit_files, tmp_path, capsys):
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(tmp_path / "absent.json"))
+    _assert_one_line_error(code, err, "--plan")
+    path = _plan(tmp_path, 600, f"npz:{digit_files['train']}")
+    tampered = json.loads(path.read_text())
+    tampered["steps"] += 1
+    bad = tmp_path / "tampered.json"
+    bad.write_text(json.dumps(tampered))
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(bad),
+                        "--test-dataset", f"npz:{digit_files['test']}")
+    _assert_one_line_error(code, err, "--plan")
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path))
+    _assert_one_line_error(code, err, "--test-dataset")
+
+
+def test_baseline_runs_exactly_plan_steps(digit_files, tmp_path, capsys):
+    path = _plan(tmp_path, 600, f"npz:{digit_files['train']}", steps=4)
+    code, out, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path),
+                          "--test-dataset", f"npz:{digit_files['test']}", "--device", "cpu", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["steps"] == 4 and r["expected_batch_size"] == 64
+    assert 0.0 <= r["test_accuracy"] <= 1.0
+    assert r["plan_digest"].startswith("sha256:") and r["epsilon"] > 0
+    assert 0.0 <= r["clipped_fraction"] <= 1.0 and r["mean_batch_size"] > 0

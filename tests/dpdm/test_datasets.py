@@ -1,0 +1,204 @@
+"""Datasets: the fixed mnist5k split, npz and folder loaders, and their errors."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dpdm.datasets import (
+    DATASET_SIZES,
+    DataError,
+    ImageData,
+    load_dataset,
+    load_npz,
+    mnist5k_split_indices,
+    to_uint8,
+)
+
+
+# --- mnist5k -------------------------------------------------------------------------------------
+
+def test_mnist5k_split_sizes_stratified_disjoint():
+    train, test = load_dataset("mnist5k", "train"), load_dataset("mnist5k", "test")
+    assert train.x.shape == (4000, 1, 28, 28) and test.x.shape == (1000, 1, 28, 28)
+    assert train.x.dtype == torch.float32 and train.y.dtype == torch.int64
+    assert train.num_classes == test.num_classes == 10
+    assert float(train.x.min()) == -1.0 and float(train.x.max()) == 1.0
+    assert torch.bincount(train.y).tolist() == [400] * 10
+    assert torch.bincount(test.y).tolist() == [100] * 10
+    i_train, i_test = mnist5k_split_indices()
+    assert len(set(i_train.tolist()) | set(i_test.tolist())) == 5000
+    assert not set(i_train.tolist()) & set(i_test.tolist())
+    # No test image is pixel-identical to a training image of the split either.
+    train_rows = {row.tobytes() for row in to_uint8(train.x).reshape(4000, -1)}
+    assert not any(row.tobytes() in train_rows for row in to_uint8(test.x).reshape(1000, -1))
+    assert len(train) == DATASET_SIZES["mnist5k"]
+
+
+def test_mnist5k_split_is_pinned():
+    """The split is a function of the indices only (sha256 order); pinned so it never drifts."""
+    i_train, i_test = mnist5k_split_indices()
+    digest = hashlib.sha256(i_test.astype("<i8").tobytes()).hexdigest()[:16]
+    assert digest == PINNED_TEST_DIGEST, digest
+    assert i_test[:5].tolist() == PINNED_TEST_HEAD
+
+
+PINNED_TEST_DIGEST = "b3d3295f269744cd"
+PINNED_TEST_HEAD = [21, 24, 29, 33, 34]
+
+
+def test_digits_train_only():
+    d = load_dataset("digits")
+    assert d.x.shape == (1797, 1, 8, 8) and len(d) == DATASET_SIZES["digits"]
+    assert float(d.x.min()) == -1.0 and float(d.x.max()) == 1.0
+    with pytest.raises(DataError, match="no held-out test split"):
+        load_dataset("digits", "test")
+
+
+def test_sizes_agree_with_plan_table():
+    from cli.plan import DATASET_SIZES as plan_sizes
+
+    assert plan_sizes == DATASET_SIZES
+
+
+def test_unknown_name_and_split():
+    with pytest.raises(ValueError, match="dataset='nope'"):
+        load_dataset("nope")
+    with pytest.raises(ValueError, match="split='val'"):
+        load_dataset("mnist5k", "val")
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10", "celeba"])
+def test_torchvision_missing_names_path_and_download(tmp_path, name):
+    with pytest.raises(DataError) as e:
+        load_dataset(name, data_root=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "--download" in msg and "\n" not in msg
+
+
+# --- npz -----------------------------------------------------------------------------------------
+
+def _save(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nhw"])
+def test_npz_round_trip(tmp_path, layout):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(7, 1, 6, 5), dtype=np.uint8)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0, 255
+    y = rng.integers(0, 3, size=7)
+    stored = {"nchw": x, "nhwc": x.transpose(0, 2, 3, 1), "nhw": x[:, 0]}[layout]
+    d = load_dataset(f"npz:{_save(tmp_path / 'd.npz', x=stored, y=y)}")
+    assert d.x.shape == (7, 1, 6, 5) and d.x.dtype == torch.float32
+    assert float(d.x[0, 0, 0, 0]) == -1.0 and float(d.x[0, 0, 0, 1]) == 1.0
+    np.testing.assert_array_equal(to_uint8(d.x), x)
+    assert d.y.tolist() == y.tolist() and d.num_classes == int(y.max()) + 1
+
+
+def test_npz_rgb_nhwc_and_unlabelled(tmp_path):
+    x = np.zeros((3, 4, 4, 3), np.uint8)
+    x[..., 2] = 255
+    d = load_npz(_save(tmp_path / "d.npz", x=x))
+    assert d.x.shape == (3, 3, 4, 4) and d.y is None
+    assert float(d.x[:, 2].min()) == 1.0 and float(d.x[:, :2].max()) == -1.0
+
+
+def test_npz_num_classes_key(tmp_path):
+    d = load_npz(_save(tmp_path / "d.npz", x=np.zeros((2, 1, 4, 4), np.uint8), y=np.array([0, 1]),
+                       num_classes=np.array(10)))
+    assert d.num_classes == 10
+
+
+@pytest.mark.parametrize("arrays, match", [
+    (dict(x=np.zeros((2, 1, 4, 4), np.float32)), "uint8"),
+    (dict(x=np.zeros((2, 2, 4, 4), np.uint8)), r"shape \(2, 2, 4, 4\)"),
+    (dict(x=np.zeros((2, 4), np.uint8)), "shape"),
+    (dict(x=np.zeros((0, 1, 4, 4), np.uint8)), "no images"),
+    (dict(x=np.zeros((2, 1, 4, 4), np.uint8), y=np.array([0, 1, 2])), "y must be integers of shape"),
+    (dict(x=np.zeros((2, 1, 4, 4), np.uint8), y=np.array([0.0, 1.0])), "y must be integers"),
+    (dict(x=np.zeros((2, 1, 4, 4), np.uint8), y=np.array([0, -1])), ">= 0"),
+    (dict(images=np.zeros((2, 1, 4, 4), np.uint8)), "no array 'x'"),
+])
+def test_npz_bad_contents(tmp_path, arrays, match):
+    path = _save(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=match) as e:
+        load_dataset(f"npz:{path}")
+    assert "\n" not in str(e.value)
+
+
+def test_npz_unreadable_or_missing(tmp_path):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip file at all")
+    with pytest.raises(DataError, match="cannot read"):
+        load_npz(junk)
+    with pytest.raises(DataError, match="does not exist"):
+        load_npz(tmp_path / "absent.npz")
+
+
+def test_npz_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "obj.npz"
+    np.savez(path, x=np.array([object()], dtype=object))
+    with pytest.raises(DataError):
+        load_npz(path)
+
+
+def test_image_data_validates():
+    with pytest.raises(DataError, match="labels must lie"):
+        ImageData(torch.zeros(2, 1, 4, 4), torch.tensor([0, 5]), 3, "t")
+    with pytest.raises(DataError, match="float32"):
+        ImageData(torch.zeros(2, 4, 4), None, 0, "t")
+
+
+# --- folder --------------------------------------------------------------------------------------
+
+def _write_png(path, array, mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def test_folder_image_folder_layout(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for cls in ("cat", "ant"):  # sorted: ant=0, cat=1
+        for i in range(3):
+            a = rng.integers(0, 256, size=(5, 6), dtype=np.uint8)
+            arrays[(cls, i)] = a
+            _write_png(tmp_path / cls / f"{i}.png", a)
+    (tmp_path / "ant" / "notes.txt").write_text("not an image")
+    d = load_dataset(f"folder:{tmp_path}")
+    assert d.x.shape == (6, 1, 5, 6) and d.num_classes == 2
+    assert d.y.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(to_uint8(d.x)[0, 0], arrays[("ant", 0)])
+    np.testing.assert_array_equal(to_uint8(d.x)[5, 0], arrays[("cat", 2)])
+
+
+def test_folder_rgb_and_flat(tmp_path):
+    _write_png(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint8), mode="RGB")
+    _write_png(tmp_path / "b.png", np.full((4, 4), 255, np.uint8))
+    d = load_dataset(f"folder:{tmp_path}")
+    assert d.x.shape == (2, 3, 4, 4) and d.y is None and d.num_classes == 0
+    assert float(d.x[1].min()) == 1.0
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="not a folder"):
+        load_dataset(f"folder:{tmp_path / 'absent'}")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        load_dataset(f"folder:{tmp_path / 'empty'}")
+    mixed = tmp_path / "mixed"
+    _write_png(mixed / "c0" / "a.png", np.zeros((4, 4), np.uint8))
+    _write_png(mixed / "c1" / "b.png", np.zeros((5, 4), np.uint8))
+    with pytest.raises(DataError, match=r"b\.png.*all images must share one size"):
+        load_dataset(f"folder:{mixed}")
+    broken = tmp_path / "broken"
+    _write_png(broken / "c0" / "a.png", np.zeros((4, 4), np.uint8))
+    (broken / "c0" / "z.png").write_bytes(b"\x89PNG but truncated")
+    with pytest.raises(DataError, match=r"cannot read image .*z\.png") as e:
+        load_dataset(f"folder:{broken}")
+    assert "\n" not in str(e.value)

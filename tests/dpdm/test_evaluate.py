@@ -1,0 +1,175 @@
+"""Evaluation: classifiers, the train-on-synthetic protocol, Frechet distances."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from dpdm.classifiers import CNN, MLP, LogReg, build_classifier
+from dpdm.datasets import DataError, ImageData, load_dataset
+from dpdm.evaluate import (
+    accuracy,
+    classifier_fd,
+    downstream_accuracy,
+    evaluate_samples,
+    feature_stats,
+    fit_classifier,
+    frechet_distance,
+    inception_fid,
+    load_inception,
+    reference_classifier,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Real 8x8 digits cut into disjoint 'train' (1200) and 'test' (597) parts for these tests."""
+    d = load_dataset("digits")
+    perm = torch.randperm(len(d), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1200], perm[1200:]
+    return (ImageData(d.x[tr], d.y[tr], 10, "digits-train"),
+            ImageData(d.x[te], d.y[te], 10, "digits-test"))
+
+
+# --- classifiers ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 8), (3, 32, 32), (3, 20, 30)])
+def test_classifier_shapes(shape):
+    c, h, w = shape
+    x = torch.zeros(4, c, h, w)
+    for kind in ("logreg", "mlp", "cnn"):
+        assert build_classifier(kind, img_channels=c, img_resolution=(h, w), num_classes=7)(x).shape == (4, 7)
+    assert CNN(c, (h, w), 7).features(x).shape == (4, 128)
+
+
+def test_paper_architectures_on_mnist():
+    """research/dpdm.md section 4: Linear(784, 10); 784-100-10; CNN with FC(1152 -> 128)."""
+    assert sum(p.numel() for p in LogReg(1, 28, 10).parameters()) == 784 * 10 + 10
+    assert sum(p.numel() for p in MLP(1, 28, 10).parameters()) == 784 * 100 + 100 + 100 * 10 + 10
+    cnn = CNN(1, 28, 10)
+    assert cnn.fc1.in_features == 1152
+    dp = CNN(1, 28, 10, dropout=0.0, group_norm=True)
+    kinds = {type(m).__name__ for m in dp.modules()}
+    assert "GroupNorm" in kinds and "Dropout" not in kinds and not any("BatchNorm" in k for k in kinds)
+    with pytest.raises(ValueError, match="classifier='svm'"):
+        build_classifier("svm", img_channels=1, img_resolution=28, num_classes=10)
+
+
+# --- protocol ------------------------------------------------------------------------------------
+
+def test_fit_classifier_restores_best_epoch(digits):
+    train, _ = digits
+    model = LogReg(1, 8, 10)
+    best_epoch, best_acc = fit_classifier(model, train.x[:1000], train.y[:1000], train.x[1000:],
+                                          train.y[1000:], epochs=4, lr=1e-2)
+    assert 1 <= best_epoch <= 4
+    assert accuracy(model, train.x[1000:], train.y[1000:]) == best_acc
+
+
+def test_downstream_accuracy_learns_from_good_samples(digits):
+    """'Synthetic' = real digits: a logistic regression must then do well on the real test part."""
+    train, test = digits
+    r = downstream_accuracy(train, test, kind="logreg", epochs=40)
+    assert r["train_size"] == 1080 and r["epochs"] == 40
+    assert r["test_accuracy"] > 0.75 and r["synthetic_val_accuracy"] > 0.75
+
+
+def test_downstream_accuracy_of_label_noise_is_chance(digits):
+    train, test = digits
+    shuffled = ImageData(train.x, train.y[torch.randperm(len(train), generator=torch.Generator().manual_seed(3))],
+                         10, "shuffled")
+    r = downstream_accuracy(shuffled, test, kind="logreg", epochs=3)
+    assert r["test_accuracy"] < 0.3
+
+
+def test_downstream_accuracy_errors(digits):
+    train, test = digits
+    with pytest.raises(DataError, match="1x4x4.*1x8x8"):
+        downstream_accuracy(ImageData(torch.zeros(10, 1, 4, 4), torch.zeros(10, dtype=torch.int64), 10, "s"),
+                            test, kind="mlp", epochs=1)
+    with pytest.raises(DataError, match="no labels"):
+        downstream_accuracy(ImageData(train.x, None, 0, "s"), test, kind="mlp", epochs=1)
+    with pytest.raises(DataError, match="labels reach 11"):
+        downstream_accuracy(ImageData(train.x[:12], torch.arange(12), 12, "s"), test, kind="mlp", epochs=1)
+
+
+# --- Frechet distance ----------------------------------------------------------------------------
+
+def test_frechet_distance_against_scipy_sqrtm():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 12))
+    b = rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12)) + 0.5
+    (m1, s1), (m2, s2) = feature_stats(a), feature_stats(b)
+    expected = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(m1, s1, m1 + 2.0, s1) == pytest.approx(4.0 * 12, rel=1e-9)
+
+
+def test_frechet_distance_singular_covariances_and_self():
+    rng = np.random.default_rng(1)
+    f = np.maximum(rng.normal(size=(300, 40)), 0)
+    f[:, :10] = 0  # dead ReLU units: singular covariance
+    m, s = feature_stats(f)
+    assert frechet_distance(m, s, m, s) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_reference_classifier_cached_and_fd(digits, tmp_path):
+    train, test = digits
+    train = ImageData(train.x[:600], train.y[:600], 10, "digits-600")
+    ref, info = reference_classifier(train, cache_dir=tmp_path, epochs=4)
+    assert info["cached"] is False and 0.0 <= info["real_val_accuracy"] <= 1.0
+    ref2, info2 = reference_classifier(train, cache_dir=tmp_path, epochs=4)
+    assert info2["cached"] is True and info2["cache"] == info["cache"]
+    for p, q in zip(ref.parameters(), ref2.parameters()):
+        torch.testing.assert_close(p, q)
+    assert classifier_fd(train, train, ref) == pytest.approx(0.0, abs=1e-6)
+    real_fd = classifier_fd(test, train, ref)
+    noise = ImageData(torch.rand(500, 1, 8, 8) * 2 - 1, None, 0, "noise")
+    noise_fd = classifier_fd(noise, train, ref)
+    assert math.isfinite(real_fd) and noise_fd > 5 * real_fd
+
+
+def test_evaluate_samples_tiny(digits, tmp_path):
+    train, test = digits
+    samples = ImageData(train.x[:600], train.y[:600], 10, "samples")
+    report = evaluate_samples(samples, train, test, epochs={"logreg": 2, "mlp": 2, "cnn": 1},
+                              reference_epochs=2, cache_dir=tmp_path)
+    assert set(report["classifiers"]) == {"logreg", "mlp", "cnn"}
+    for r in report["classifiers"].values():
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["synthetic_val_accuracy"] <= 1.0
+    fd = report["classifier_fd"]
+    assert math.isfinite(fd["value"]) and math.isfinite(fd["real_test_value"])
+    assert 0.0 <= fd["reference"]["real_test_accuracy"] <= 1.0
+    assert report["inception_fid"] is None
+    with pytest.raises(DataError, match="samples are 1x4x4"):
+        evaluate_samples(ImageData(torch.zeros(4, 1, 4, 4), None, 0, "s"), train, test, cache_dir=tmp_path)
+
+
+# --- Inception FID (no real weights here) --------------------------------------------------------
+
+def test_load_inception_refuses_bad_files(tmp_path):
+    with pytest.raises(ValueError, match="existing file"):
+        load_inception(tmp_path / "absent.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="weights_only"):
+        load_inception(junk)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(ValueError, match="not a torchvision inception_v3"):
+        load_inception(wrong)
+
+
+@pytest.mark.slow
+def test_inception_fid_with_random_weights(tmp_path):
+    """The full path with a randomly initialized inception_v3 state dict (about 100 MB)."""
+    from torchvision.models import inception_v3
+
+    path = tmp_path / "inception.pt"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), path)
+    net = load_inception(path)
+    a = ImageData(torch.rand(6, 1, 8, 8) * 2 - 1, None, 0, "a")
+    assert inception_fid(a, a, net) == pytest.approx(0.0, abs=1e-3)
