@@ -356,14 +356,11 @@ def train(
             batch += [sigma[pos], noise[pos]]
             stats: dict[str, Any] = {}
             if config.private:
-                grad_sum = clipped_grad_sum(D, loss_fn, *batch, clip_norm=plan.clip_norm,
-                                            chunk_size=config.physical_batch, stats=stats)
-                if dist.is_main:  # noise drawn exactly once per logical step
-                    g_noise = _generator(step_seed(config.seed, step, _STREAM_DP_NOISE), device)
-                    grad_sum = add_noise(grad_sum, noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
-                                         expected_batch_size=1.0, generator=g_noise)
-                dist.all_reduce_(grad_sum)
-                grads = {k: v / plan.batch_size for k, v in grad_sum.items()}
+                grads = distributed_private_grad(
+                    D, loss_fn, *batch, clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
+                    expected_batch_size=plan.batch_size,
+                    noise_seed=step_seed(config.seed, step, _STREAM_DP_NOISE),
+                    chunk_size=config.physical_batch, stats=stats, dist=dist)
                 loss_sum, count = dist.all_reduce_scalars(
                     [float(stats.get("loss_mean", 0.0)) * len(local) if len(local) else 0.0, float(len(local))])
                 clipped = dist.all_reduce_scalars([float(stats.get("clipped_fraction", 0.0)) * len(local)])[0]
@@ -380,6 +377,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 ema.update(D, step)
             steps_done = step + 1
+            _maybe_inject_fault(dist.rank, steps_done)
             if on_step is not None:
                 on_step(steps_done)
 
@@ -417,6 +415,45 @@ def train(
         "private": config.private,
         "checkpoint": str(ckpt_path),
     }
+
+
+def distributed_private_grad(
+    D: torch.nn.Module,
+    loss_fn: Callable,
+    *local_batch: torch.Tensor,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    noise_seed: int,
+    chunk_size: int | None = None,
+    stats: dict | None = None,
+    dist: _Dist | None = None,
+) -> dict[str, torch.Tensor]:
+    """One logical DP-SGD step's gradient over the ranks of `dist` (a world of one by default).
+
+    Each rank clips and sums the per-example gradients of its shard; rank 0 alone adds
+    N(0, (noise_multiplier * clip_norm)^2) to its sum, exactly once per logical step; the sums are
+    all-reduced and divided by the expected (public) batch size of the whole logical batch. With one
+    rank this is `dpdm.engine.private_grad`.
+    """
+    dist = dist or _Dist.current()
+    grad_sum = clipped_grad_sum(D, loss_fn, *local_batch, clip_norm=clip_norm, chunk_size=chunk_size, stats=stats)
+    if dist.is_main:
+        device = next(iter(grad_sum.values())).device
+        grad_sum = add_noise(grad_sum, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                             expected_batch_size=1.0, generator=_generator(noise_seed, device))
+    dist.all_reduce_(grad_sum)
+    return {k: v / expected_batch_size for k, v in grad_sum.items()}
+
+
+def _maybe_inject_fault(rank: int, steps_done: int) -> None:
+    """Fault injection for the distributed tests: DPDM_FAULT_INJECT="RANK:STEP" makes that rank die
+    (os._exit, like a SIGKILL: no clean-up) right after finishing step STEP."""
+    spec = os.environ.get("DPDM_FAULT_INJECT")
+    if spec:
+        r, s = (int(v) for v in spec.split(":"))
+        if r == rank and s == steps_done:
+            os._exit(17)
 
 
 def _nonprivate_grad_sum(D, loss_obj, batch, conditional, params) -> tuple[dict[str, torch.Tensor], float]:

@@ -1,0 +1,138 @@
+"""`dpdm demo` (and `make demo`): the whole path on the embedded mnist5k data.
+
+plan (eps 10) -> train -> sample -> eval -> audit -> report.md / report.html, sized to finish within
+15 minutes on 2 CPU cores. The demo plan is smaller than a quality run (see benchmarks/quality.py):
+it shows the path and the guarantees, not the best images dpdm can make.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from cli._common import info, resolve_device
+
+# The demo's plan: mnist5k (N = 4000), expected batch 256 (sample rate 0.064), eps 10 at delta 1e-5.
+DEMO = dict(epsilon=10.0, delta=1e-5, batch_size=256, steps=120, noise_multiplicity=4, clip_norm=1.0)
+DEMO_MODEL = "small"
+DEMO_SAMPLES = 2000
+DEMO_SAMPLER_STEPS = 30
+DEMO_EVAL_EPOCHS = {"logreg": 10, "mlp": 10, "cnn": 8}
+
+
+@click.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo_out", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=DEMO["steps"], show_default=True, help="DP-SGD steps of the demo plan.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--skip-audit", is_flag=True, help="Stop after eval (the audit is the slowest part).")
+def demo(out_dir, steps, device, skip_audit):
+    """Plan, train, sample, evaluate and audit on mnist5k; writes a report and prints its path."""
+    path = run_demo(Path(out_dir), steps=steps, device=resolve_device(device), audit=not skip_audit)
+    click.echo(str(path))
+
+
+def run_demo(out: Path, *, steps: int, device: str, audit: bool = True) -> Path:
+    import accounting
+    from dpdm.datasets import load_dataset, load_npz
+    from dpdm.evaluate import evaluate_samples
+    from dpdm.report import privacy_curve, write_report
+    from dpdm.sample import sample_checkpoint
+    from dpdm.train import TrainConfig, train
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: list[tuple[str, str]] = []
+
+    def lap(name: str, t0: float) -> None:
+        timings.append((name, f"{time.perf_counter() - t0:.1f} s"))
+
+    # 1. Plan.
+    t0 = time.perf_counter()
+    info(f"[1/5] plan: eps={DEMO['epsilon']} delta={DEMO['delta']} on mnist5k")
+    base = accounting.PrivacyPlan(dataset_size=4000, batch_size=DEMO["batch_size"], steps=steps, noise_multiplier=1.0,
+                                  clip_norm=DEMO["clip_norm"], noise_multiplicity=DEMO["noise_multiplicity"],
+                                  delta=DEMO["delta"], dataset_name="mnist5k")
+    doc = accounting.make_plan_document(base.calibrate(epsilon=DEMO["epsilon"]))
+    plan_path = out / "plan.json"
+    accounting.write_plan(doc, plan_path)
+    doc = accounting.load_plan(plan_path)  # train from the locked file, as `dpdm train` does
+    plan = doc.plan
+    lap("plan", t0)
+
+    # 2. Train.
+    t0 = time.perf_counter()
+    info(f"[2/5] train: {plan.steps} DP-SGD steps, expected batch {plan.batch_size}, K={plan.noise_multiplicity}, "
+         f"noise multiplier {plan.noise_multiplier:.4f}")
+    data = load_dataset("mnist5k", "train")
+    run_dir = out / "run"
+    if run_dir.exists():  # the demo starts afresh each time
+        shutil.rmtree(run_dir)
+    summary = train(doc, data.x, data.y, data.num_classes, run_dir,
+                    TrainConfig(model=DEMO_MODEL, device=device, checkpoint_every=50, log_every=5),
+                    dataset_name="mnist5k", progress=True)
+    lap("train", t0)
+
+    # 3. Sample.
+    t0 = time.perf_counter()
+    info(f"[3/5] sample: {DEMO_SAMPLES} images, Euler {DEMO_SAMPLER_STEPS} steps")
+    samples_path = out / "samples.npz"
+    grid_path = out / "grid.png"
+    sample_checkpoint(run_dir / "checkpoint.pt", n=DEMO_SAMPLES, sampler="euler", sampler_steps=DEMO_SAMPLER_STEPS,
+                      device=device, out_path=samples_path, grid_path=grid_path)
+    lap("sample", t0)
+
+    # 4. Evaluate.
+    t0 = time.perf_counter()
+    info("[4/5] eval: logreg / MLP / CNN trained on synthetic, tested on 1,000 real held-out digits")
+    metrics = evaluate_samples(load_npz(samples_path, name="samples"), data, load_dataset("mnist5k", "test"),
+                               epochs=DEMO_EVAL_EPOCHS, device=device, progress=lambda m: info(f"      {m}"))
+    lap("eval", t0)
+
+    # 5. Audit.
+    audit_section = None
+    if audit:
+        t0 = time.perf_counter()
+        info("[5/5] audit: quick suite")
+        from audits.suite import run_audit
+
+        audit_report = run_audit(run_dir, out / "audit", plan_path=plan_path, suite="quick", device=device)
+        audit_section = audit_report
+        lap("audit", t0)
+
+    curve_path = privacy_curve(plan, out / "privacy_curve.png", steps_done=summary["steps_done"])
+    acc = metrics.get("classifiers", {})
+    rows_metrics = [(f"{k} accuracy (synthetic -> real test)", f"{v['test_accuracy']:.3f}") for k, v in acc.items()
+                    if isinstance(v, dict) and "test_accuracy" in v]
+    rows_metrics.append(("classifier FD (not FID)", f"{metrics['classifier_fd']['value']:.3f}"))
+    if "real_test_value" in metrics["classifier_fd"]:
+        rows_metrics.append(("classifier FD, real test vs real train (floor)", f"{metrics['classifier_fd']['real_test_value']:.3f}"))
+    sections = [
+        {"title": "Privacy", "rows": [
+            ("guarantee", f"(epsilon={doc.epsilon:.4g}, delta={plan.delta:g})-DP for each of the {plan.dataset_size} training images"),
+            ("epsilon spent", f"{summary['epsilon_spent']:.4g} after {summary['steps_done']} of {plan.steps} steps"),
+            ("noise multiplier / clip norm", f"{plan.noise_multiplier:.4f} / {plan.clip_norm:g}"),
+            ("sample rate / expected batch", f"{plan.sample_rate:.4g} / {plan.batch_size}"),
+            ("noise multiplicity K", plan.noise_multiplicity),
+            ("plan digest", doc.digest)]},
+        {"title": "Samples", "image": str(grid_path), "text": "One row per class, EMA weights, Euler (PF-ODE) sampler."},
+        {"title": "Quality", "rows": rows_metrics},
+        {"title": "Privacy curve", "image": str(curve_path)},
+    ]
+    if audit_section is not None:
+        sections.append({"title": "Audit", "rows": [("verdict", audit_section.get("verdict")),
+                                                    ("report", str(out / "audit"))]})
+    timings.append(("total", f"{time.perf_counter() - t_start:.1f} s"))
+    sections.append({"title": "Timings", "rows": timings})
+    sections.append({"title": "Plan (plan.json)", "json": doc.to_dict()})
+    md, html_path = write_report(out, sections, title="dpdm demo: DP diffusion on mnist5k")
+    info(f"report: {html_path} (also {md})")
+    return html_path
+
+
+if __name__ == "__main__":
+    from cli.main import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

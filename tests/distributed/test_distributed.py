@@ -1,0 +1,184 @@
+"""torch.distributed (gloo, two processes on CPU): the mechanism stays the plan's.
+
+The tests spawn real processes: two ranks each computing clipped sums on a disjoint shard, and
+`torchrun --standalone --nproc_per_node=2 -m cli.main train ...` end to end.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.multiprocessing as mp
+
+import accounting
+from dpdm import checkpoint as ckpt
+
+pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- helpers run inside spawned ranks ------------------------------------------------------------
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.SiLU(), torch.nn.Linear(5, 3)).double()
+
+
+def _loss_fn(model, x, y):
+    # K = 2 draws inside one example, averaged (as the diffusion loss does).
+    out = model(x.repeat(2, 1))
+    return ((out - y.repeat(2, 1)) ** 2).mean()
+
+
+def _zero_loss_fn(model, x, y):
+    return sum((p * 0).sum() for p in model.parameters()) + 0 * x.sum()
+
+
+def _batch(n=20):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64) * 3, torch.randn(n, 3, generator=g, dtype=torch.float64)
+
+
+def _rank_main(rank, world, init_file, out_dir, task):
+    import torch.distributed as dist
+
+    from dpdm.train import _Dist, distributed_private_grad
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        d = _Dist.current()
+        model = _tiny_model()
+        x, y = _batch()
+        idx = torch.arange(len(x))
+        local = d.shard(idx)
+        if task == "sum":
+            g = distributed_private_grad(model, _loss_fn, x[local], y[local], clip_norm=1.0, noise_multiplier=0.0,
+                                         expected_batch_size=1.0, noise_seed=0, dist=d)
+            if rank == 0:
+                torch.save({k: v.detach() for k, v in g.items()}, Path(out_dir) / "sum.pt")
+        elif task == "noise":
+            samples = []
+            for step in range(200):
+                g = distributed_private_grad(model, _zero_loss_fn, x[local], y[local], clip_norm=0.5,
+                                             noise_multiplier=2.0, expected_batch_size=10.0,
+                                             noise_seed=1000 + step, dist=d)
+                samples.append(torch.cat([v.reshape(-1) for v in g.values()]))
+            torch.save(torch.stack(samples), Path(out_dir) / f"noise{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, task, world=2):
+    init_file = tmp_path / "pg_init"
+    mp.start_processes(_rank_main, args=(world, str(init_file), str(tmp_path), task), nprocs=world,
+                       join=True, start_method="spawn")
+
+
+def test_allreduced_clipped_sum_equals_single_process(tmp_path):
+    from dpdm.engine import clipped_grad_sum
+
+    _spawn(tmp_path, "sum")
+    two = torch.load(tmp_path / "sum.pt", weights_only=True)
+    model = _tiny_model()
+    x, y = _batch()
+    one = clipped_grad_sum(model, _loss_fn, x, y, clip_norm=1.0)
+    assert set(one) == set(two)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k].detach(), rtol=1e-6, atol=1e-9)
+
+
+def test_two_rank_noise_is_drawn_once_with_the_plans_variance(tmp_path):
+    _spawn(tmp_path, "noise")
+    n0 = torch.load(tmp_path / "noise0.pt", weights_only=True)
+    n1 = torch.load(tmp_path / "noise1.pt", weights_only=True)
+    torch.testing.assert_close(n0, n1, rtol=0, atol=0)  # every rank applies the same update
+    expected_std = 2.0 * 0.5 / 10.0
+    z = (n0.numpy().ravel() / expected_std)
+    stat = float((z ** 2).sum())
+    dof = z.size
+    p = 2 * min(scipy.stats.chi2.cdf(stat, dof), scipy.stats.chi2.sf(stat, dof))
+    assert p > 1e-6, f"noise variance off: chi2={stat:.1f} dof={dof} p={p:.2e}"
+    # Noise added on both ranks would double the variance: the test sees that.
+    stat2 = float(((z * np.sqrt(2)) ** 2).sum())
+    assert 2 * scipy.stats.chi2.sf(stat2, dof) < 1e-6
+
+
+# --- torchrun end to end ----------------------------------------------------------------------------
+
+def _write_tiny_dataset(path: Path, n=24, res=8):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(n, 1, res, res), dtype=np.uint8)
+    y = (np.arange(n) % 3).astype(np.int64)
+    np.savez(path, x=x, y=y)
+
+
+def _write_plan(path: Path, n=24, steps=6):
+    plan = accounting.PrivacyPlan(dataset_size=n, batch_size=8, steps=steps, noise_multiplier=1.5, clip_norm=1.0,
+                                  noise_multiplicity=2, delta=1e-5, dataset_name="tiny")
+    accounting.write_plan(accounting.make_plan_document(plan), path)
+    return plan
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DPDM_DIST_TIMEOUT="60", **extra)
+    return env
+
+
+def _train_cmd(nproc, plan, data, out, *extra):
+    args = ["train", "--plan", str(plan), "--dataset", f"npz:{data}", "--out", str(out), "--device", "cpu",
+            "--checkpoint-every", "2", "--seed", "5", "--quiet", *extra]
+    if nproc == 1:
+        return [sys.executable, "-m", "cli.main", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "cli.main", *args]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    _write_tiny_dataset(d / "data.npz")
+    plan = _write_plan(d / "plan.json")
+    return d, plan
+
+
+def test_two_rank_run_matches_plan_and_single_rank(tiny):
+    d, plan = tiny
+    r2 = subprocess.run(_train_cmd(2, d / "plan.json", d / "data.npz", d / "two", "--json"),
+                        env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    import json
+
+    summary = json.loads(r2.stdout)  # rank 0 alone prints, one document
+    assert summary["steps_done"] == plan.steps and summary["private"] is True
+    state = ckpt.load_checkpoint(d / "two" / "checkpoint.pt")
+    assert state["ledger"]["steps_done"] == plan.steps
+    assert state["ledger"]["epsilon_spent"] == pytest.approx(accounting.epsilon_spent(plan, plan.steps))
+    r1 = subprocess.run(_train_cmd(1, d / "plan.json", d / "data.npz", d / "one"),
+                        env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    one = ckpt.load_checkpoint(d / "one" / "checkpoint.pt")["model"]
+    for k, v in state["model"].items():
+        torch.testing.assert_close(v, one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_dead_rank_stops_run_checkpoint_valid_and_resumes_on_one_rank(tiny):
+    d, plan = tiny
+    out = d / "dies"
+    r = subprocess.run(_train_cmd(2, d / "plan.json", d / "data.npz", out),
+                       env=_env(DPDM_FAULT_INJECT="1:3"), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode != 0
+    state = ckpt.load_checkpoint(out / "checkpoint.pt")  # the last checkpoint is valid
+    assert state["ledger"]["steps_done"] == 2
+    r = subprocess.run(_train_cmd(1, d / "plan.json", d / "data.npz", out, "--resume", "--json"),
+                       env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = ckpt.load_checkpoint(out / "checkpoint.pt")
+    assert state["ledger"]["steps_done"] == plan.steps
