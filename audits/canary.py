@@ -1,0 +1,409 @@
+"""The canary audit: train once with m canaries, each included with probability 1/2, then guess.
+
+What is audited (shared/research/audits.md section 1.5, Steinke, Nasr and Jagielski 2023): a model
+is trained from scratch with DP-SGD under the plan's **sample rate, noise multiplier and clip norm**
+(Poisson sampling over background data plus the included canaries, per-example clipping, Gaussian
+noise once per step, the engine's ``clipped_grad_sum`` + ``add_noise``). Each canary's inclusion bit is
+an independent fair coin drawn from a dedicated seed and never shown to the scorers. The canaries
+are scored by the calibrated loss attack and PIA (reference: the same network at initialization,
+which does not depend on the coins), and the one-run bound turns the guesses into an epsilon lower
+bound. A positive control repeats the training with the noise off; if even the control shows no
+leakage, the audit has no power and the verdict is INCONCLUSIVE.
+
+A cheaper audit (a subsample of the data, fewer steps, fewer noise draws K, another network) keeps
+the per-step mechanism of the plan but is a shorter run: it composes fewer of the plan's steps, so
+its true epsilon is at most the plan's. A lower bound above the plan's epsilon therefore still
+proves a violation; a bound below it says nothing about the steps not run. The report states
+exactly what was trained.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from audits.auditor import Auditor, max_one_run_epsilon
+from audits.scores import PIA, LossAttack, loss_scores, pia_scores
+
+__all__ = [
+    "CanaryConfig",
+    "MLPNet",
+    "TrainedCanaryModel",
+    "make_canaries",
+    "draw_inclusion",
+    "train_with_canaries",
+    "score_canaries",
+    "canary_audit",
+]
+
+CANARY_KINDS = ("ood", "mislabelled")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CanaryConfig:
+    """How the canary audit trains. Only privacy-neutral knobs: q, sigma and C come from the plan.
+
+    ``steps``/``noise_multiplicity`` None mean the plan's own; ``background_size`` None means all of
+    the data given; ``model`` is a ``dpdm.networks`` preset ("small", "mnist") or "mlp" (``MLPNet``).
+    """
+
+    num_canaries: int = 200
+    canary_kind: str = "ood"
+    background_size: int | None = 500
+    steps: int | None = None
+    noise_multiplicity: int | None = 4
+    model: str = "small"
+    precond: str = "edm"
+    lr: float = 1e-3
+    label_dropout: float = 0.0
+    chunk_size: int | None = None
+    seed: int = 0
+    attacks: tuple[str, ...] = ("loss", "pia")
+    loss_attack: LossAttack = field(default_factory=LossAttack)
+    pia: PIA = field(default_factory=PIA)
+
+    def __post_init__(self):
+        if isinstance(self.num_canaries, bool) or not isinstance(self.num_canaries, int) or self.num_canaries < 2:
+            raise ValueError(f"num_canaries={self.num_canaries!r} must be an int >= 2")
+        if self.canary_kind not in CANARY_KINDS:
+            raise ValueError(f"canary_kind={self.canary_kind!r} must be one of {CANARY_KINDS}")
+        for name in ("background_size", "steps", "noise_multiplicity", "chunk_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}={v!r} must be None or an int >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr!r} must be a positive number")
+        if not (0.0 <= self.label_dropout <= 1.0):
+            raise ValueError(f"label_dropout={self.label_dropout!r} must be in [0, 1]")
+        if not self.attacks or any(a not in ("loss", "pia") for a in self.attacks):
+            raise ValueError(f"attacks={self.attacks!r} must be a non-empty subset of ('loss', 'pia')")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["attacks"] = list(self.attacks)
+        return d
+
+
+@dataclass
+class TrainedCanaryModel:
+    """A model trained with canaries, its initialization (the reference) and what was done."""
+
+    model: torch.nn.Module
+    reference: torch.nn.Module
+    info: dict[str, Any]
+
+
+def draw_inclusion(num_canaries: int, seed: int) -> np.ndarray:
+    """Independent fair coins (True = canary included), from their own seed stream."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC0135]))
+    return rng.random(int(num_canaries)) < 0.5
+
+
+def make_canaries(
+    num_canaries: int,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    kind: str = "ood",
+    seed: int = 0,
+    pool_x: torch.Tensor | None = None,
+    pool_y: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Canary images in [-1, 1] and labels (None when ``num_classes == 0``).
+
+    ``ood``: random +-1 block patterns (blocks of about a quarter of the side), mutually far apart
+    and unlike natural images; random labels. ``mislabelled``: images from ``pool_x`` (held-out data,
+    never in the background) with a label shifted by a random non-zero offset.
+    """
+    m = int(num_canaries)
+    C, H, W = (int(s) for s in image_shape)
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), 0xCA7]).generate_state(1)[0]))
+    if kind == "ood":
+        bh, bw = max(1, H // 4), max(1, W // 4)
+        coarse = torch.randint(0, 2, (m, C, -(-H // bh), -(-W // bw)), generator=g).float() * 2 - 1
+        x = coarse.repeat_interleave(bh, 2).repeat_interleave(bw, 3)[:, :, :H, :W].contiguous()
+        y = torch.randint(0, num_classes, (m,), generator=g) if num_classes > 0 else None
+        return x, y
+    if kind == "mislabelled":
+        if pool_x is None or pool_x.shape[0] < m:
+            have = 0 if pool_x is None else pool_x.shape[0]
+            raise ValueError(f"canary_kind='mislabelled' needs a pool of >= {m} held-out images, got {have}")
+        if num_classes < 2 or pool_y is None:
+            raise ValueError("canary_kind='mislabelled' needs labelled data with >= 2 classes")
+        idx = torch.randperm(pool_x.shape[0], generator=g)[:m]
+        shift = torch.randint(1, num_classes, (m,), generator=g)
+        return pool_x[idx].clone(), (pool_y[idx] + shift) % num_classes
+    raise ValueError(f"kind={kind!r} must be one of {CANARY_KINDS}")
+
+
+def _seed_for(seed: int, step: int, stream: int) -> int:
+    s = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(2, dtype=np.uint32)
+    return int((int(s[0]) << 31) ^ int(s[1])) & ((1 << 63) - 1)
+
+
+class MLPNet(torch.nn.Module):
+    """A fast fully-connected denoiser network F(x, c_noise, class_labels) for CPU audits.
+
+    Built only from ``nn.Linear``, ``nn.Embedding`` and ``nn.SiLU`` (modules the engine has fast
+    per-example rules for). Which network is trained does not change the DP guarantee being audited;
+    an MLP of this size memorizes canaries faster per step than the small U-Net, so it gives the
+    audit more power per CPU second.
+    """
+
+    def __init__(self, *, img_resolution: int, img_channels: int, num_classes: int, hidden: int = 512):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.num_classes = img_resolution, img_channels, num_classes
+        d = img_channels * img_resolution**2
+        self.inp = torch.nn.Linear(d, hidden)
+        self.emb = torch.nn.Linear(32, hidden)
+        self.label = torch.nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
+        self.mid = torch.nn.Linear(hidden, hidden)
+        self.out = torch.nn.Linear(hidden, d)
+        self.act = torch.nn.SiLU()
+        torch.nn.init.zeros_(self.out.weight)
+        torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self, x, c_noise, class_labels=None):
+        freqs = torch.exp(torch.arange(16, device=x.device, dtype=x.dtype) * (-math.log(1000.0) / 16))
+        ang = c_noise.reshape(-1, 1).to(x.dtype) * 100.0 * freqs
+        h = self.inp(x.reshape(x.shape[0], -1)) + self.emb(torch.cat([ang.cos(), ang.sin()], dim=1))
+        if self.label is not None and class_labels is not None:
+            h = h + self.label(class_labels)
+        h = self.act(self.mid(self.act(h)))
+        return self.out(h).reshape(x.shape)
+
+
+def _build(cfg: CanaryConfig, image_shape, num_classes, denoiser_factory):
+    if denoiser_factory is not None:
+        return denoiser_factory()
+    if cfg.model == "mlp":
+        from dpdm.precond import EDMPrecond, VPrecond
+
+        net = MLPNet(img_resolution=int(image_shape[-1]), img_channels=int(image_shape[0]), num_classes=int(num_classes))
+        return VPrecond(net) if cfg.precond == "v" else EDMPrecond(net, sigma_data=3 ** -0.5)
+    from dpdm.train import build_denoiser
+
+    return build_denoiser({
+        "model": cfg.model, "precond": cfg.precond, "sigma_data": 3 ** -0.5,
+        "img_resolution": int(image_shape[-1]), "img_channels": int(image_shape[0]),
+        "num_classes": int(num_classes),
+    })
+
+
+def train_with_canaries(
+    plan,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    num_classes: int,
+    config: CanaryConfig,
+    *,
+    noise: bool = True,
+    denoiser_factory: Callable[[], torch.nn.Module] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainedCanaryModel:
+    """DP-SGD on ``x`` (background + included canaries) under ``plan``'s q, sigma and C.
+
+    ``noise=False`` trains the positive control: the same clipped steps without the Gaussian noise.
+    The network starts from ``torch.manual_seed(config.seed)``; batches, diffusion draws and DP noise
+    come from per-step seeds, so two calls with the same arguments train the same model.
+    """
+    from dpdm.data import PoissonSampler
+    from dpdm.engine import add_noise, clipped_grad_sum
+    from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
+
+    n = int(x.shape[0])
+    q = float(plan.sample_rate)
+    steps = int(config.steps or plan.steps)
+    K = int(config.noise_multiplicity or plan.noise_multiplicity)
+    conditional = num_classes > 0 and y is not None
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(config.seed)
+    try:
+        D = _build(config, tuple(x.shape[1:]), num_classes if conditional else 0, denoiser_factory)
+    finally:
+        torch.random.set_rng_state(torch_state)
+    reference = _copy_frozen(D)
+    sigma_data = float(getattr(D, "sigma_data", 3 ** -0.5))
+    loss_obj = VLoss() if config.precond == "v" and denoiser_factory is None else EDMLoss(sigma_data=sigma_data)
+    loss_fn = engine_loss_fn(loss_obj, conditional=conditional)
+    sampler = PoissonSampler(n, q, seed=_seed_for(config.seed, 0, 7) % (2**31))
+    optimizer = torch.optim.Adam(D.parameters(), lr=config.lr)
+    params = dict(D.named_parameters())
+    expected = q * n
+    t0 = time.perf_counter()
+    batch_sizes = []
+    for step in range(steps):
+        idx = sampler.batch(step)
+        batch_sizes.append(int(len(idx)))
+        g = torch.Generator().manual_seed(_seed_for(config.seed, step, 1))
+        sigma, nz = loss_obj.draw(len(idx), K, tuple(x.shape[1:]), generator=g)
+        batch = [x[idx]]
+        if conditional:
+            batch.append(drop_labels(y[idx], config.label_dropout, num_classes, generator=g))
+        batch += [sigma, nz]
+        grad_sum = clipped_grad_sum(D, loss_fn, *batch, clip_norm=plan.clip_norm, chunk_size=config.chunk_size)
+        if noise:
+            g_noise = torch.Generator().manual_seed(_seed_for(config.seed, step, 2))
+            grad_sum = add_noise(grad_sum, noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
+                                 expected_batch_size=1.0, generator=g_noise)
+        for name, p in params.items():
+            p.grad = (grad_sum[name] / expected).to(p.dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(step + 1, steps)
+    D.eval()
+    info = {
+        "noise": bool(noise),
+        "dataset_size": n,
+        "sample_rate": q,
+        "expected_batch_size": expected,
+        "mean_batch_size": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
+        "noise_multiplier": float(plan.noise_multiplier) if noise else 0.0,
+        "clip_norm": float(plan.clip_norm),
+        "steps": steps,
+        "plan_steps": int(plan.steps),
+        "noise_multiplicity": K,
+        "seconds": time.perf_counter() - t0,
+    }
+    return TrainedCanaryModel(D, reference, info)
+
+
+def _copy_frozen(D: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    ref = copy.deepcopy(D).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def score_canaries(trained: TrainedCanaryModel, x_can, y_can, config: CanaryConfig) -> dict[str, np.ndarray]:
+    """Scores of every canary under each attack of ``config`` (higher = member); never sees the coins."""
+    out = {}
+    if "loss" in config.attacks:
+        out["loss"] = loss_scores(trained.model, x_can, y_can, reference=trained.reference, attack=config.loss_attack)
+    if "pia" in config.attacks:
+        out["pia"] = pia_scores(trained.model, x_can, y_can, reference=trained.reference, pia=config.pia)
+    return out
+
+
+def canary_audit(
+    plan,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    num_classes: int,
+    config: CanaryConfig = CanaryConfig(),
+    *,
+    claimed_epsilon: float,
+    significance: float = 0.04,
+    private: bool = True,
+    pool_x: torch.Tensor | None = None,
+    pool_y: torch.Tensor | None = None,
+    denoiser_factory: Callable[[], torch.nn.Module] | None = None,
+    control: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Runs the canary audit of ``plan`` and returns a JSON-able result with the raw scores.
+
+    ``x``/``y``: natural data for the background (a subsample of ``config.background_size`` is used).
+    ``private=False`` audits a mechanism without noise (what a ``--no-dp`` run did): then the target
+    is itself the control. ``significance`` is the error budget for the epsilon bounds, split evenly
+    over the attacks (Bonferroni); the control's bounds use the same per-attack level.
+
+    Keys: ``verdict`` ("PASS"/"FAIL"/"INCONCLUSIVE"), ``reasons``, ``attacks`` (per attack: target and
+    control reports from ``Auditor.report``), ``max_epsilon_lower_bound``, ``control_max_epsilon``,
+    ``training`` (what was trained), ``canaries`` (kind, count, included), ``scores`` (arrays).
+    """
+    if not (isinstance(claimed_epsilon, (int, float)) and claimed_epsilon >= 0 and math.isfinite(claimed_epsilon)):
+        raise ValueError(f"claimed_epsilon={claimed_epsilon!r} must be a finite number >= 0")
+    if not (0 < significance < 1):
+        raise ValueError(f"significance={significance!r} must be in (0, 1)")
+    if not torch.is_tensor(x) or x.ndim != 4 or x.shape[0] == 0:
+        raise ValueError(f"x={getattr(x, 'shape', x)!r} must be a non-empty image tensor [N, C, H, W]")
+    conditional = num_classes > 0 and y is not None
+    m = config.num_canaries
+    delta = float(plan.delta)
+    x_can, y_can = make_canaries(m, tuple(x.shape[1:]), num_classes if conditional else 0,
+                                 kind=config.canary_kind, seed=config.seed, pool_x=pool_x, pool_y=pool_y)
+    included = draw_inclusion(m, config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    nb = x.shape[0] if config.background_size is None else min(config.background_size, x.shape[0])
+    bg = torch.randperm(x.shape[0], generator=gen)[:nb]
+    inc_idx = torch.from_numpy(np.flatnonzero(included))
+    x_train = torch.cat([x[bg], x_can[inc_idx]])
+    y_train = torch.cat([y[bg], y_can[inc_idx]]) if conditional else None
+
+    def prog(tag):
+        return None if progress is None else (lambda i, n: progress(tag, i, n))
+
+    runs = {}
+    target = train_with_canaries(plan, x_train, y_train, num_classes, config, noise=private,
+                                 denoiser_factory=denoiser_factory, progress=prog("target"))
+    runs["target"] = target
+    if control:
+        runs["control"] = target if not private else train_with_canaries(
+            plan, x_train, y_train, num_classes, config, noise=False,
+            denoiser_factory=denoiser_factory, progress=prog("control"))
+
+    level = significance / len(config.attacks)
+    scores = {name: score_canaries(run, x_can, y_can if conditional else None, config) for name, run in runs.items()}
+    attacks: dict[str, Any] = {}
+    for attack in config.attacks:
+        entry = {}
+        for name in runs:
+            s = scores[name][attack]
+            rep = Auditor(s[included], s[~included]).report(
+                delta=delta, significance=level, claimed_epsilon=float(claimed_epsilon))
+            # The Clopper-Pearson bound assumes one independent training run per score; here all
+            # canaries share one run, so only the one-run bound is a valid epsilon lower bound.
+            rep["clopper_pearson"]["valid_here"] = False
+            rep["epsilon_lower_bound"] = rep["one_run"]["epsilon"]
+            rep["violation"] = bool(rep["one_run"]["epsilon"] > claimed_epsilon)
+            entry[name] = rep
+        attacks[attack] = entry
+
+    target_max = max(attacks[a]["target"]["epsilon_lower_bound"] for a in config.attacks)
+    control_max = max(attacks[a]["control"]["epsilon_lower_bound"] for a in config.attacks) if control else None
+    ceiling = max_one_run_epsilon(m, delta=delta, significance=level, num_included=int(included.sum()))
+    reasons = []
+    if target_max > claimed_epsilon:
+        worst = max(config.attacks, key=lambda a: attacks[a]["target"]["epsilon_lower_bound"])
+        reasons.append(f"{worst} attack: one-run epsilon lower bound {target_max:.3f} > claimed epsilon "
+                       f"{claimed_epsilon:.3f}")
+        verdict = "FAIL"
+    elif control and control_max <= 0.0:
+        reasons.append("the positive control (noise off) shows no leakage: the attacks have no power here")
+        verdict = "INCONCLUSIVE"
+    else:
+        verdict = "PASS"
+        reasons.append(f"largest epsilon lower bound {target_max:.3f} <= claimed {claimed_epsilon:.3f}"
+                       + (f"; control (noise off) reached {control_max:.3f}" if control else ""))
+        if ceiling <= claimed_epsilon:
+            reasons.append(f"with {m} canaries no attack could certify more than epsilon {ceiling:.2f}: "
+                           f"a violation of the claim {claimed_epsilon:g} could not be detected")
+    return {
+        "verdict": verdict,
+        "reasons": reasons,
+        "claimed_epsilon": float(claimed_epsilon),
+        "delta": delta,
+        "significance": float(significance),
+        "significance_per_attack": level,
+        "max_epsilon_lower_bound": float(target_max),
+        "control_max_epsilon": None if control_max is None else float(control_max),
+        "max_certifiable_epsilon": float(ceiling),
+        "threat_model": "black-box access to the final model's denoiser (raw weights, not EMA); "
+                        "one training run with canaries included by fair coins",
+        "config": config.to_dict(),
+        "training": {name: run.info for name, run in runs.items()},
+        "canaries": {"kind": config.canary_kind, "count": m, "included": int(included.sum()),
+                     "background": int(nb), "seed": config.seed},
+        "attacks": attacks,
+        "scores": {name: {a: s.tolist() for a, s in sc.items()} for name, sc in scores.items()},
+        "included": included.tolist(),
+    }

@@ -1,0 +1,553 @@
+"""Mechanism checks: is the mechanism that ran the one the accountant measured? (DESIGN.md section 5)
+
+Three groups, each returning a list of ``CheckResult``:
+
+* ``check_engine(private_grad_fn)``: black-box tests of any function with the signature of
+  ``dpdm.engine.private_grad``. They run it on a tiny model of our own (float64, two ``nn.Linear``)
+  with a loss whose examples carry a K axis of noise draws, batches of 48 examples, and examples whose
+  gradients exceed the clip norm. Most checks *replay* randomness: two calls with generators seeded
+  alike draw the same noise, so the difference of their outputs is exactly the difference of the
+  clipped sums; no access to the engine's internals is needed.
+* ``check_sampler(make_sampler)``: Poisson batch sizes and per-example inclusion counts against their
+  binomial laws (fixed-size shuffled batches fail both), and determinism in (seed, step).
+* ``check_run(run_dir, plan_doc)``: the run's plan.json, checkpoint ledger and metrics.csv against a
+  claimed plan (sample rate, noise multiplier, clip norm, steps, delta).
+
+Statistical checks fail when their p-value is below ``alpha`` (default 1e-3 each; a suite of N such
+checks then raises a false alarm with probability at most N * alpha); exact checks compare with a
+floating-point tolerance and report ``p_value=None``. Seeds are fixed: the same engine always gets
+the same results.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "CheckResult",
+    "ENGINE_CHECKS",
+    "SAMPLER_CHECKS",
+    "RUN_CHECKS",
+    "check_engine",
+    "check_sampler",
+    "check_run",
+    "tiny_problem",
+]
+
+ENGINE_CHECKS = (
+    "per_sample_gradients",
+    "noise_multiplicity_averaged",
+    "clipping_bound",
+    "sensitivity_replay",
+    "noise_variance",
+    "noise_once_per_step",
+)
+SAMPLER_CHECKS = ("poisson_batch_sizes", "poisson_inclusion_counts", "sampler_deterministic")
+RUN_CHECKS = ("run_plan_matches", "run_ledger_matches", "run_logged_batches")
+
+_REL_TOL = 1e-6  # float64 replays agree to ~1e-12; anything above 1e-6 is a real difference
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check: ``passed``, its ``statistic``, a ``p_value`` (None for exact checks), a one-line ``detail``."""
+
+    name: str
+    passed: bool
+    statistic: float
+    p_value: float | None
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = bool(self.passed)
+        d["statistic"] = _finite_or_none(self.statistic)
+        d["p_value"] = None if self.p_value is None else _finite_or_none(self.p_value)
+        return d
+
+
+def _finite_or_none(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise ValueError(f"alpha={alpha!r} must be a number in (0, 1)")
+    return float(alpha)
+
+
+def _guarded(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
+    """A check that crashes fails (with the error as its detail) instead of aborting the suite."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - any crash of the code under test is a failed check
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return CheckResult(name, False, float("nan"), None, f"raised {type(e).__name__}: {first}"[:300])
+
+
+# ----------------------------------------------------------------------------------------------
+# Engine checks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Problem:
+    model: Any
+    loss_fn: Callable
+    x: Any  # [B, d] float64
+    noise: Any  # [B, K, d] float64
+    clip_norm: float
+
+
+def tiny_problem(num_examples: int = 48, K: int = 4, dim: int = 6, hidden: int = 12, seed: int = 0) -> _Problem:
+    """The model, loss and data the engine checks use (exposed so tests can reuse them).
+
+    loss_fn(model, x [1, d], noise [1, K, d]) = mean over the K draws and the d outputs of
+    (model(x + noise_k) - x / 2)^2: one example carries K draws that must be averaged inside its loss.
+    Example scales vary over a factor of 30, so that gradient norms straddle the clip norm, which is
+    set to the 40th percentile of the per-example gradient norms.
+    """
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim)).double()
+    torch.random.set_rng_state(torch_state)
+    scale = torch.exp(torch.linspace(math.log(0.2), math.log(6.0), num_examples, dtype=torch.float64))
+    perm = torch.randperm(num_examples, generator=g)
+    x = torch.randn(num_examples, dim, generator=g, dtype=torch.float64) * scale[perm, None]
+    noise = 0.5 * torch.randn(num_examples, K, dim, generator=g, dtype=torch.float64)
+
+    def loss_fn(model, x, noise):
+        pred = model(x.unsqueeze(1) + noise)  # [1, K, d]
+        return ((pred - 0.5 * x.unsqueeze(1)) ** 2).mean()
+
+    problem = _Problem(model, loss_fn, x, noise, 1.0)
+    norms = np.array([np.linalg.norm(v) for v in _loop_grads(problem)])
+    problem.clip_norm = float(np.quantile(norms, 0.4))
+    return problem
+
+
+def _flat(grads: dict, model) -> np.ndarray:
+    names = [n for n, _ in model.named_parameters()]
+    missing = [n for n in names if n not in grads]
+    if missing:
+        raise ValueError(f"the engine returned no gradient for {missing}")
+    return np.concatenate([grads[n].detach().double().reshape(-1).cpu().numpy() for n in names])
+
+
+def _loop_grads(p: _Problem, x=None, noise=None) -> list[np.ndarray]:
+    """Per-example gradients by a plain Python loop over examples (the reference)."""
+    import torch
+
+    x = p.x if x is None else x
+    noise = p.noise if noise is None else noise
+    params = list(p.model.parameters())
+    out = []
+    for i in range(x.shape[0]):
+        loss = p.loss_fn(p.model, x[i : i + 1], noise[i : i + 1])
+        gs = torch.autograd.grad(loss, params)
+        out.append(np.concatenate([g.detach().reshape(-1).numpy() for g in gs]))
+    return out
+
+
+class _Caller:
+    """Calls the engine on subsets of the problem with a seeded generator."""
+
+    def __init__(self, fn, p: _Problem, noise_multiplier: float, expected_batch_size: float):
+        self.fn, self.p = fn, p
+        self.noise_multiplier = noise_multiplier
+        self.expected = expected_batch_size
+
+    def __call__(self, idx, seed: int, *, clip_norm=None, chunk_size=None, x=None, noise=None) -> np.ndarray:
+        import torch
+
+        x = self.p.x if x is None else x
+        noise = self.p.noise if noise is None else noise
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        gen = torch.Generator().manual_seed(int(seed))
+        out = self.fn(
+            self.p.model,
+            self.p.loss_fn,
+            x[idx],
+            noise[idx],
+            clip_norm=self.p.clip_norm if clip_norm is None else clip_norm,
+            noise_multiplier=self.noise_multiplier,
+            expected_batch_size=self.expected,
+            generator=gen,
+            chunk_size=chunk_size,
+        )
+        return _flat(out, self.p.model)
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def _check_per_sample(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> CheckResult:
+    big = _no_clip(p, loop)
+    E = call.expected
+    base = call([], 11, clip_norm=big)
+    errs = [_rel_err(E * (call([i], 11, clip_norm=big) - base), loop[i]) for i in range(len(loop))]
+    total = E * (call(list(range(len(loop))), 11, clip_norm=big) - base)
+    errs.append(_rel_err(total, np.sum(loop, axis=0)))
+    worst = max(errs)
+    return CheckResult(
+        "per_sample_gradients",
+        worst <= _REL_TOL,
+        worst,
+        None,
+        f"max relative error of {len(loop)} per-example gradients and their sum vs a loop, clipping "
+        f"disabled: {worst:.2e} (tolerance {_REL_TOL:g})",
+    )
+
+
+def _no_clip(p: _Problem, loop: list[np.ndarray]) -> float:
+    """A clip norm far above every gradient (noise scales with it, so not absurdly large)."""
+    return 10.0 * (p.clip_norm + max(np.linalg.norm(v) for v in loop))
+
+
+def _check_k_averaged(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> CheckResult:
+    big = _no_clip(p, loop)
+    K = p.noise.shape[1]
+    single = p.noise[:, :1]  # one draw
+    same = single.expand(-1, K, -1).contiguous()  # the same draw K times
+    E = call.expected
+    base1 = call([], 12, clip_norm=big, noise=single)
+    baseK = call([], 12, clip_norm=big, noise=same)
+    errs, ratios = [], []
+    for i in range(min(8, p.x.shape[0])):
+        g1 = E * (call([i], 12, clip_norm=big, noise=single) - base1)
+        gK = E * (call([i], 12, clip_norm=big, noise=same) - baseK)
+        errs.append(_rel_err(gK, g1))
+        ratios.append(np.linalg.norm(gK) / max(np.linalg.norm(g1), 1e-300))
+    worst = max(errs)
+    return CheckResult(
+        "noise_multiplicity_averaged",
+        worst <= _REL_TOL,
+        worst,
+        None,
+        f"an example whose K={K} draws are identical must have the gradient of one draw (K averaged, "
+        f"not summed): max relative difference {worst:.2e}, median norm ratio {np.median(ratios):.3f}",
+    )
+
+
+def _check_clipping(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> CheckResult:
+    C, E = p.clip_norm, call.expected
+    base = call([], 21)
+    norms = np.array([np.linalg.norm(E * (call([i], 21) - base)) for i in range(len(loop))])
+    raw = np.array([np.linalg.norm(v) for v in loop])
+    over = int(np.sum(raw > C))
+    worst = float(norms.max() / C)
+    # Examples under the bound must be left alone, those over it scaled down to (at most) C.
+    under_err = max((_rel_err(E * (call([i], 21) - base), loop[i]) for i in np.flatnonzero(raw < 0.99 * C)), default=0.0)
+    ok = worst <= 1 + _REL_TOL and over > 0 and under_err <= _REL_TOL
+    return CheckResult(
+        "clipping_bound",
+        ok,
+        worst,
+        None,
+        f"{over} of {len(loop)} examples have gradient norm above clip_norm={C:.4g} (up to "
+        f"{raw.max() / C:.1f}x); largest clipped contribution / C = {worst:.6f} (must be <= 1); "
+        f"relative change of unclipped examples {under_err:.1e}",
+    )
+
+
+def _check_sensitivity(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> CheckResult:
+    C, E = p.clip_norm, call.expected
+    n = p.x.shape[0]
+    raw = np.array([np.linalg.norm(v) for v in loop])
+    extras = [int(i) for i in np.argsort(-raw)[:6]]  # the largest gradients are the hardest case
+    worst = 0.0
+    cases = 0
+    for chunk in (None, 16):
+        for j, e in enumerate(extras):
+            rest = [i for i in range(n) if i != e]
+            base = [i for i in rest[: 32 + j]]  # |D| from 32 to 37: chunk boundaries move
+            d1 = call(base, 100 + j, chunk_size=chunk)
+            d2 = call(base + [e], 100 + j, chunk_size=chunk)
+            worst = max(worst, float(np.linalg.norm(E * (d2 - d1)) / C))
+            cases += 1
+    return CheckResult(
+        "sensitivity_replay",
+        worst <= 1 + _REL_TOL,
+        worst,
+        None,
+        f"one step on D and on D plus one example with the same randomness ({cases} cases, |D| = "
+        f"32..37, chunk_size None and 16): largest ||sum difference|| / C = {worst:.6f} (must be <= 1)",
+    )
+
+
+def _noise_test(name: str, call: _Caller, p: _Problem, alpha: float, *, chunk_size, pairs: int, what: str) -> CheckResult:
+    C, E, sigma = p.clip_norm, call.expected, call.noise_multiplier
+    idx = list(range(p.x.shape[0]))
+    z = []
+    for j in range(pairs):
+        a = call(idx, 1000 + 2 * j, chunk_size=chunk_size)
+        b = call(idx, 1001 + 2 * j, chunk_size=chunk_size)
+        z.append(E * (a - b) / (math.sqrt(2) * sigma * C))  # N(0, I) under the claim
+    z = np.concatenate(z)
+    dof = z.size
+    ss = float(np.sum(z**2))
+    ratio = ss / dof  # estimated variance / claimed variance
+    cdf = stats.chi2.cdf(ss, dof)
+    p_var = float(min(1.0, 2 * min(cdf, 1 - cdf)))
+    p_ks = float(stats.kstest(z, "norm").pvalue)
+    p_val = min(1.0, 2 * min(p_var, p_ks))  # Bonferroni over the two tests
+    return CheckResult(
+        name,
+        p_val >= alpha,
+        ratio,
+        p_val,
+        f"{what}: noise variance / (noise_multiplier * clip_norm)^2 = {ratio:.4f} over {pairs} seed "
+        f"pairs x {z.size // pairs} coordinates (chi-square p={p_var:.2g}, normality KS p={p_ks:.2g})",
+    )
+
+
+def check_engine(
+    private_grad_fn: Callable,
+    *,
+    noise_multiplier: float = 1.0,
+    alpha: float = 1e-3,
+    seed: int = 0,
+    pairs: int = 60,
+) -> list[CheckResult]:
+    """Runs the engine checks against ``private_grad_fn`` (signature of ``dpdm.engine.private_grad``).
+
+    The function must return ``(sum of per-example gradients clipped to clip_norm + N(0,
+    (noise_multiplier * clip_norm)^2 I)) / expected_batch_size`` as a dict keyed like
+    ``model.named_parameters()``, draw its noise from ``generator`` only, once per call whatever
+    ``chunk_size`` is, and average (not sum) the K noise draws inside an example's loss. The
+    expected batch size (40) differs from the batch sizes used (0 to 49), so dividing by the real
+    batch size is caught too.
+    """
+    alpha = _alpha(alpha)
+    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a number > 0")
+    p = tiny_problem(seed=seed)
+    loop = _loop_grads(p)
+    call = _Caller(private_grad_fn, p, float(noise_multiplier), 40.0)
+    return [
+        _guarded("per_sample_gradients", lambda: _check_per_sample(call, p, loop)),
+        _guarded("noise_multiplicity_averaged", lambda: _check_k_averaged(call, p, loop)),
+        _guarded("clipping_bound", lambda: _check_clipping(call, p, loop)),
+        _guarded("sensitivity_replay", lambda: _check_sensitivity(call, p, loop)),
+        _guarded("noise_variance", lambda: _noise_test(
+            "noise_variance", call, p, alpha, chunk_size=None, pairs=pairs, what="one call, no chunks")),
+        _guarded("noise_once_per_step", lambda: _noise_test(
+            "noise_once_per_step", call, p, alpha, chunk_size=8, pairs=pairs,
+            what="chunk_size=8 (6 chunks), noise must still be added once")),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _binomial_gof(observed: np.ndarray, n: int, q: float) -> tuple[float, float, int]:
+    """Chi-square goodness of fit of integer observations to Binomial(n, q); bins with expected < 5 merged."""
+    observed = np.asarray(observed, dtype=np.int64)
+    N = observed.size
+    support = np.arange(n + 1)
+    pmf = stats.binom.pmf(support, n, q)
+    lo = int(stats.binom.ppf(1e-9, n, q))
+    hi = int(stats.binom.isf(1e-9, n, q))
+    edges, exp_bins, acc, start = [], [], 0.0, lo
+    # Build bins over [lo, hi] each with expected count >= 5; tails go into the end bins.
+    for k in range(lo, hi + 1):
+        acc += pmf[k]
+        if acc * N >= 5:
+            edges.append((start, k))
+            exp_bins.append(acc)
+            acc, start = 0.0, k + 1
+    if not edges:
+        return float("inf"), 0.0, 0
+    if acc > 0:  # remainder joins the last bin
+        edges[-1] = (edges[-1][0], hi)
+        exp_bins[-1] += acc
+    edges[0] = (0, edges[0][1])
+    edges[-1] = (edges[-1][0], n)
+    exp_bins = np.array(exp_bins)
+    exp_bins[0] = stats.binom.cdf(edges[0][1], n, q)
+    exp_bins[-1] = stats.binom.sf(edges[-1][0] - 1, n, q)
+    obs = np.array([np.sum((observed >= a) & (observed <= b)) for a, b in edges])
+    expected = exp_bins / exp_bins.sum() * N
+    dof = len(edges) - 1
+    if dof < 1:
+        return float("inf"), 0.0, 0
+    chi = float(np.sum((obs - expected) ** 2 / expected))
+    return chi, float(stats.chi2.sf(chi, dof)), dof
+
+
+def check_sampler(
+    make_sampler: Callable[..., Any],
+    *,
+    dataset_size: int = 1000,
+    sample_rate: float = 0.05,
+    steps: int = 1000,
+    seed: int = 0,
+    alpha: float = 1e-3,
+) -> list[CheckResult]:
+    """Checks a sampler class/factory called as ``make_sampler(dataset_size, sample_rate, seed)``.
+
+    Its ``.batch(step)`` must return the indices of step ``step``: each index included independently
+    with probability ``sample_rate`` (Poisson sampling), as a pure function of (seed, step).
+    """
+    alpha = _alpha(alpha)
+    n, q, T = int(dataset_size), float(sample_rate), int(steps)
+    state: dict[str, Any] = {}
+
+    def draw():
+        if "batches" not in state:
+            s = make_sampler(n, q, seed)
+            batches = []
+            for t in range(T):
+                b = np.asarray(s.batch(t)).astype(np.int64).reshape(-1)
+                if b.size and (b.min() < 0 or b.max() >= n or np.unique(b).size != b.size):
+                    raise ValueError(f"step {t}: indices must be distinct and in [0, {n})")
+                batches.append(b)
+            state["batches"] = batches
+        return state["batches"]
+
+    def sizes_check():
+        sizes = np.array([b.size for b in draw()])
+        chi, pv, dof = _binomial_gof(sizes, n, q)
+        return CheckResult(
+            "poisson_batch_sizes", pv >= alpha, chi, pv,
+            f"{T} batch sizes vs Binomial({n}, {q:g}): mean {sizes.mean():.2f} (expected {n * q:.2f}), "
+            f"variance {sizes.var():.2f} (expected {n * q * (1 - q):.2f}); chi-square {chi:.1f} on {dof} dof")
+
+    def counts_check():
+        counts = np.bincount(np.concatenate(draw()), minlength=n)
+        chi, pv, dof = _binomial_gof(counts, T, q)
+        return CheckResult(
+            "poisson_inclusion_counts", pv >= alpha, chi, pv,
+            f"times each of {n} examples was drawn in {T} steps vs Binomial({T}, {q:g}): variance "
+            f"{counts.var():.2f} (expected {T * q * (1 - q):.2f}); chi-square {chi:.1f} on {dof} dof")
+
+    def determinism_check():
+        a = make_sampler(n, q, seed)
+        b = make_sampler(n, q, seed)
+        c = make_sampler(n, q, seed + 1)
+        steps_ = [0, 1, 7, T // 2, 5 * T]
+        same = all(np.array_equal(np.asarray(a.batch(t)), np.asarray(b.batch(t))) for t in reversed(steps_))
+        again = all(np.array_equal(np.asarray(a.batch(t)), np.asarray(a.batch(t))) for t in steps_)
+        differ = any(not np.array_equal(np.asarray(a.batch(t)), np.asarray(c.batch(t))) for t in steps_)
+        ok = same and again and differ
+        return CheckResult(
+            "sampler_deterministic", ok, float(ok), None,
+            f"batch(step) a pure function of (seed, step): same seed, any call order {same}; "
+            f"repeat calls {again}; another seed differs {differ}")
+
+    return [
+        _guarded("poisson_batch_sizes", sizes_check),
+        _guarded("poisson_inclusion_counts", counts_check),
+        _guarded("sampler_deterministic", determinism_check),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run vs plan
+# ----------------------------------------------------------------------------------------------
+
+
+def _close(a, b) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    except (TypeError, ValueError):
+        return False
+
+
+def check_run(run_dir, plan_doc, *, alpha: float = 1e-3) -> list[CheckResult]:
+    """Checks a run folder against a claimed ``accounting.PlanDocument``.
+
+    * ``run_plan_matches``: the run's plan.json verifies (digest, epsilon) and its sample rate, noise
+      multiplier, clip norm, steps, delta and dataset size equal the claimed plan's.
+    * ``run_ledger_matches``: the checkpoint's ledger was trained privately under that plan (digest),
+      with delta equal to the claim's, no more steps than the claim, and epsilon spent within the
+      claimed epsilon.
+    * ``run_logged_batches``: metrics.csv marks every row private, and its logged batch sizes fit
+      Binomial(dataset_size, sample_rate) (with >= 10 rows; fewer rows are only reported).
+    """
+    alpha = _alpha(alpha)
+    run = Path(run_dir)
+    claim = plan_doc.plan
+    fields = ("sample_rate", "noise_multiplier", "clip_norm", "steps", "delta", "dataset_size")
+
+    def plan_check():
+        import accounting
+
+        run_doc = accounting.load_plan(run / "plan.json")
+        diff = [f"{f}: run {getattr(run_doc.plan, f)!r} vs claimed {getattr(claim, f)!r}"
+                for f in fields if not _close(getattr(run_doc.plan, f), getattr(claim, f))]
+        state["run_digest"] = run_doc.digest
+        return CheckResult(
+            "run_plan_matches", not diff, float(len(diff)), None,
+            ("run plan.json equals the claimed plan in " + ", ".join(fields)) if not diff
+            else "mismatch: " + "; ".join(diff))
+
+    def ledger_check():
+        from dpdm.checkpoint import load_checkpoint
+
+        ledger = load_checkpoint(run / "checkpoint.pt")["ledger"]
+        problems = []
+        if not bool(ledger["private"]):
+            problems.append("the run was trained without DP (private=False)")
+        if ledger["plan_digest"] != plan_doc.digest:
+            problems.append(f"trained under plan {str(ledger['plan_digest'])[:19]}..., claimed {plan_doc.digest[:19]}...")
+        if not _close(ledger["delta"], claim.delta):
+            problems.append(f"delta {ledger['delta']!r} vs claimed {claim.delta!r}")
+        if int(ledger["steps_done"]) > claim.steps or int(ledger["plan_steps"]) != claim.steps:
+            problems.append(f"steps {ledger['steps_done']}/{ledger['plan_steps']} vs claimed {claim.steps}")
+        spent = float(ledger["epsilon_spent"])
+        if not (spent <= plan_doc.epsilon * (1 + 1e-9)):
+            problems.append(f"epsilon_spent {spent!r} above the claimed {plan_doc.epsilon!r}")
+        return CheckResult(
+            "run_ledger_matches", not problems, float(len(problems)), None,
+            (f"ledger: private, plan digest matches, {ledger['steps_done']}/{ledger['plan_steps']} steps, "
+             f"epsilon_spent {spent:.4g} <= {plan_doc.epsilon:.4g}, delta {ledger['delta']:g}")
+            if not problems else "; ".join(problems))
+
+    def logged_check():
+        path = run / "metrics.csv"
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            raise ValueError(f"{path} has no rows")
+        private = all(str(r.get("private", "")).strip() == "1" for r in rows)
+        sizes = np.array([int(float(r["batch_size"])) for r in rows])
+        n, q = claim.dataset_size, claim.sample_rate
+        if sizes.size >= 10:
+            chi, pv, dof = _binomial_gof(sizes, n, q)
+            if dof == 0:  # too few rows for >= 5 per bin: a dispersion test instead
+                chi = float(np.sum((sizes - n * q) ** 2) / (n * q * (1 - q)))
+                dof = sizes.size
+                cdf = stats.chi2.cdf(chi, dof)
+                pv = float(min(1.0, 2 * min(cdf, 1 - cdf)))
+            ok = private and pv >= alpha
+            detail = (f"{sizes.size} logged batch sizes: mean {sizes.mean():.1f} (plan {n * q:.1f}), "
+                      f"variance {sizes.var():.1f} (plan {n * q * (1 - q):.1f}); p={pv:.2g}")
+        else:
+            chi, pv, ok = float("nan"), None, private
+            detail = f"only {sizes.size} logged rows (mean batch {sizes.mean():.1f}, plan {n * q:.1f}): too few to test"
+        if not private:
+            detail = "metrics.csv has rows marked non-private; " + detail
+        return CheckResult("run_logged_batches", ok, chi, pv, detail)
+
+    state: dict[str, Any] = {}
+    return [
+        _guarded("run_plan_matches", plan_check),
+        _guarded("run_ledger_matches", ledger_check),
+        _guarded("run_logged_batches", logged_check),
+    ]

@@ -1,0 +1,353 @@
+"""The audit suite behind `dpdm audit`: mechanism checks + canary audit -> verdict and report.
+
+Error budget (family-wise, Bonferroni): ``significance`` (default 0.05) is split as
+
+* 1/5 (0.01) over the statistical mechanism checks (noise variance, noise once per step, Poisson
+  batch sizes, inclusion counts, logged batch sizes): each is run at 0.01 / 5 = 0.002;
+* 4/5 (0.04) over the epsilon lower bounds of the canary audit, evenly over its attacks (loss and
+  PIA: 0.02 each); each one-run bound further splits its share over its grid of guess counts.
+
+So the probability that a correct implementation of a correct plan gets FAIL is at most 0.05.
+The positive control's bounds are computed at the same per-attack level; they only decide between
+PASS and INCONCLUSIVE, never FAIL.
+
+Verdict: FAIL if a mechanism check fails or an epsilon lower bound exceeds the claimed epsilon;
+otherwise INCONCLUSIVE if the positive control shows no leakage; otherwise PASS ("no violation
+detected at the stated power", never "privacy verified").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from audits.canary import CanaryConfig, canary_audit
+from audits.mechanism import check_engine, check_run, check_sampler
+from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
+
+__all__ = ["SUITES", "suite_config", "run_audit", "write_report", "EXIT_CODES"]
+
+EXIT_CODES = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
+
+# What each suite trains. "quick": minutes on 2 CPU cores; "full": the plan's own steps and K, the
+# run's own network and all of its data.
+SUITES: dict[str, dict[str, Any]] = {
+    "quick": {"num_canaries": 200, "background_size": 500, "max_steps": 300, "noise_multiplicity": 4,
+              "model": "mlp", "noise_pairs": 40},
+    "full": {"num_canaries": 1000, "background_size": None, "max_steps": None, "noise_multiplicity": None,
+             "model": None, "noise_pairs": 100},
+}
+
+MECHANISM_SHARE = 0.2  # of the significance budget; the rest goes to the epsilon bounds
+STATISTICAL_CHECKS = 5
+
+
+def suite_config(suite: str, plan, run_config: dict, *, seed: int = 0, **overrides) -> CanaryConfig:
+    """The canary-audit configuration of a suite for a run (``overrides``: any CanaryConfig field)."""
+    if suite not in SUITES:
+        raise ValueError(f"suite={suite!r} must be one of {sorted(SUITES)}")
+    s = SUITES[suite]
+    steps = plan.steps if s["max_steps"] is None else min(plan.steps, s["max_steps"])
+    train_cfg = run_config.get("train", {}) or {}
+    cfg = CanaryConfig(
+        num_canaries=s["num_canaries"],
+        background_size=s["background_size"],
+        steps=steps,
+        noise_multiplicity=s["noise_multiplicity"],
+        model=s["model"] or run_config.get("model", "small"),
+        precond=run_config.get("precond", "edm"),
+        label_dropout=float(train_cfg.get("label_dropout", 0.0)),
+        seed=seed,
+    )
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("steps") is not None and overrides["steps"] > plan.steps:
+        raise ValueError(f"steps={overrides['steps']!r} must be <= the plan's steps={plan.steps} (auditing more "
+                         "steps than the plan allows would not test the plan)")
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def _load_run(run_dir: Path):
+    from dpdm.checkpoint import load_checkpoint
+
+    if not run_dir.is_dir():
+        raise ValueError(f"run={str(run_dir)!r} must be a run folder (from `dpdm train`)")
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    return state["config"], state["ledger"]
+
+
+def run_audit(
+    run_dir,
+    out_dir,
+    *,
+    plan_path=None,
+    suite: str = "quick",
+    dataset: str | None = None,
+    data_root=None,
+    seed: int = 0,
+    significance: float = 0.05,
+    canary_overrides: dict[str, Any] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Audits the run in ``run_dir`` against ``plan_path`` (default: the run's own plan.json).
+
+    Writes the report into ``out_dir`` and returns its JSON document. Raises ValueError for bad
+    input (missing/corrupt run, tampered plan, unknown dataset, data that does not fit the run).
+    """
+    import torch
+
+    import accounting
+    from dpdm.data import PoissonSampler
+    from dpdm.datasets import load_dataset
+    from dpdm.engine import private_grad
+
+    if not (0 < significance < 1):
+        raise ValueError(f"significance={significance!r} must be in (0, 1)")
+    t_start = time.perf_counter()
+    run = Path(run_dir)
+    run_config, ledger = _load_run(run)
+    claimed_path = Path(plan_path) if plan_path is not None else run / "plan.json"
+    doc = accounting.load_plan(claimed_path)
+    plan = doc.plan
+    cfg = suite_config(suite, plan, run_config, seed=seed, **(canary_overrides or {}))
+
+    alpha_check = significance * MECHANISM_SHARE / STATISTICAL_CHECKS
+    alpha_bounds = significance * (1 - MECHANISM_SHARE)
+
+    def stage(name):
+        if progress is not None:
+            progress(name, 0, 1)
+
+    name = dataset or run_config.get("dataset")
+    if not name:
+        raise ValueError("the run does not name its dataset; pass --dataset")
+    data = load_dataset(name, "train", data_root=data_root)
+    want = (int(run_config["img_channels"]), int(run_config["img_resolution"]), int(run_config["img_resolution"]))
+    if tuple(data.x.shape[1:]) != want:
+        raise ValueError(f"dataset={name!r} has images of shape {tuple(data.x.shape[1:])}, the run was trained on {want}")
+    num_classes = int(run_config.get("num_classes", 0))
+    pool_x = pool_y = None
+    if cfg.canary_kind == "mislabelled":
+        held = load_dataset(name, "test", data_root=data_root)
+        pool_x, pool_y = held.x, held.y
+    stage("mechanism checks")
+    t0 = time.perf_counter()
+    checks = check_engine(private_grad, alpha=alpha_check, seed=seed, pairs=SUITES[suite]["noise_pairs"])
+    checks += check_sampler(PoissonSampler, alpha=alpha_check, seed=seed)
+    checks += check_run(run, doc, alpha=alpha_check)
+    t_checks = time.perf_counter() - t0
+
+    private = bool(ledger["private"])
+    torch_threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    canary = canary_audit(
+        plan, data.x, data.y if num_classes > 0 else None, num_classes, cfg,
+        claimed_epsilon=doc.epsilon, significance=alpha_bounds, private=private,
+        pool_x=pool_x, pool_y=pool_y, progress=progress,
+    )
+    t_canary = time.perf_counter() - t0
+
+    failed = [c for c in checks if not c.passed]
+    reasons = [f"mechanism check {c.name} failed: {c.detail}" for c in failed]
+    if canary["verdict"] == "FAIL":
+        verdict = "FAIL"
+        reasons += canary["reasons"]
+    elif failed:
+        verdict = "FAIL"
+    elif canary["verdict"] == "INCONCLUSIVE":
+        verdict = "INCONCLUSIVE"
+        reasons += canary["reasons"]
+    else:
+        verdict = "PASS"
+        reasons += canary["reasons"]
+    audited = _what_was_audited(plan, canary, cfg, private)
+    doc_out = {
+        "format": "dpdm.audit/1",
+        "verdict": verdict,
+        "exit_code": EXIT_CODES[verdict],
+        "reasons": reasons,
+        "run": str(run),
+        "claimed_plan": {"path": str(claimed_path), "digest": doc.digest, "epsilon": doc.epsilon,
+                         "certified_by": doc.certified_by, **plan.mechanism_fields()},
+        "run_ledger": {k: ledger[k] for k in ("plan_digest", "plan_steps", "steps_done", "epsilon_spent", "delta", "private")},
+        "run_config": {k: run_config.get(k) for k in ("model", "precond", "img_resolution", "img_channels", "num_classes", "dataset")},
+        "suite": suite,
+        "dataset": name,
+        "what_was_audited": audited,
+        "error_budget": {
+            "significance": significance,
+            "mechanism_checks": {"share": significance * MECHANISM_SHARE, "per_check": alpha_check,
+                                 "statistical_checks": STATISTICAL_CHECKS},
+            "epsilon_bounds": {"share": alpha_bounds, "per_attack": canary["significance_per_attack"],
+                               "attacks": list(cfg.attacks),
+                               "note": "each one-run bound splits its share over its grid of guess counts"},
+        },
+        "mechanism_checks": [c.to_dict() for c in checks],
+        "canary_audit": {k: v for k, v in canary.items() if k not in ("scores", "included")},
+        "timing_s": {"mechanism_checks": t_checks, "canary_audit": t_canary,
+                     "total": time.perf_counter() - t_start},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "torch_threads": torch_threads},
+    }
+    write_report(doc_out, canary, out_dir)
+    return doc_out
+
+
+def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool) -> list[str]:
+    t = canary["training"]["target"]
+    lines = [
+        f"Per-step mechanism of the plan: Poisson sampling at q={plan.sample_rate:.6g}, clip norm "
+        f"C={plan.clip_norm:g}, Gaussian noise multiplier sigma={plan.noise_multiplier:.6g}"
+        + ("" if private else " -- but the run was trained WITHOUT DP, so the audited training adds no noise")
+        + ".",
+        f"Canary training: {t['steps']} of the plan's {plan.steps} steps on {t['dataset_size']} examples "
+        f"({canary['canaries']['background']} background + {canary['canaries']['included']} included "
+        f"canaries; the plan's dataset has {plan.dataset_size}), expected batch {t['expected_batch_size']:.1f}, "
+        f"K={t['noise_multiplicity']} noise draws (plan: {plan.noise_multiplicity}; privacy-neutral), "
+        f"network '{cfg.model}'.",
+    ]
+    if t["dataset_size"] != plan.dataset_size:
+        lines.append(
+            f"The canary run trains on {t['dataset_size']} examples instead of the plan's {plan.dataset_size} at the "
+            "same sample rate: the per-example guarantee depends only on q, sigma, C and the number of steps."
+        )
+    if t["steps"] < plan.steps:
+        lines.append(
+            "This is a shorter run under the same per-step mechanism: it composes fewer of the plan's "
+            f"steps ({t['steps']} on {t['dataset_size']} examples), so its true epsilon is at most the plan's. "
+            "An epsilon lower bound above the plan's epsilon therefore still proves a violation; a bound "
+            "below it certifies nothing about the steps that were not run."
+        )
+    lines.append(f"Threat model: {canary['threat_model']}.")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(x, nd=4) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return f"{x:.{nd}g}"
+    return str(x)
+
+
+def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
+    """Writes report.md, report.json, scores.npz and the PNG plots into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    included = np.asarray(canary["included"], dtype=bool)
+    eps, delta = doc["claimed_plan"]["epsilon"], doc["claimed_plan"]["delta"]
+    plots: dict[str, list[str]] = {}
+    arrays = {"included": included}
+    for run_name, per_attack in canary["scores"].items():
+        for attack, s in per_attack.items():
+            s = np.asarray(s, dtype=np.float64)
+            arrays[f"{run_name}_{attack}"] = s
+            ins, outs = s[included], s[~included]
+            tag = f"{run_name}_{attack}"
+            files = [
+                plot_roc(ins, outs, out / f"roc_{tag}.png", epsilon=eps, delta=delta,
+                         title=f"ROC: {attack} attack, {run_name}"),
+                plot_roc(ins, outs, out / f"roc_log_{tag}.png", epsilon=eps, delta=delta, log=True,
+                         title=f"ROC (log-log): {attack} attack, {run_name}"),
+                plot_score_histogram(ins, outs, out / f"hist_{tag}.png", bins=30,
+                                     title=f"scores: {attack} attack, {run_name}"),
+            ]
+            grid = canary["attacks"][attack][run_name]["one_run"]["grid"]
+            files.append(plot_epsilon_vs_guesses([g[0] for g in grid], [g[2] for g in grid],
+                                                 out / f"guesses_{tag}.png", claimed_epsilon=eps,
+                                                 title=f"one-run bound vs guesses: {attack}, {run_name}"))
+            plots[tag] = [f.name for f in files]
+    doc["plots"] = plots
+    doc["files"] = {"markdown": "report.md", "json": "report.json", "scores": "scores.npz"}
+    np.savez(out / "scores.npz", **arrays)
+    _atomic_write(out / "report.json", json.dumps(doc, indent=2, default=_json_default) + "\n")
+    _atomic_write(out / "report.md", _markdown(doc))
+    return out
+
+
+def _json_default(v):
+    if hasattr(v, "item"):
+        return v.item()
+    return str(v)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    plan = doc["claimed_plan"]
+    can = doc["canary_audit"]
+    L = [f"# dpdm privacy audit: **{doc['verdict']}**", ""]
+    L += [f"- {r}" for r in doc["reasons"]] + [""]
+    L += ["PASS means *no violation detected at the stated power*; it does not verify privacy.", ""]
+    L += ["## Claim under test", "",
+          "| field | value |", "|---|---|"]
+    for k in ("epsilon", "delta", "sample_rate", "noise_multiplier", "clip_norm", "steps", "batch_size",
+              "noise_multiplicity", "certified_by", "digest", "path"):
+        L.append(f"| {k} | {_fmt(plan.get(k), 8)} |")
+    L.append(f"| dataset | {plan['dataset']['name']} ({plan['dataset']['size']} examples) |")
+    led = doc["run_ledger"]
+    L += ["", f"Run `{doc['run']}`: {led['steps_done']}/{led['plan_steps']} steps, private={led['private']}, "
+          f"epsilon spent {_fmt(led['epsilon_spent'])}, delta {_fmt(led['delta'])}.", ""]
+    L += ["## What was audited", ""] + [f"- {s}" for s in doc["what_was_audited"]] + [""]
+    L += ["## Mechanism checks", "", "| check | passed | statistic | p-value | detail |", "|---|---|---|---|---|"]
+    for c in doc["mechanism_checks"]:
+        L.append(f"| {c['name']} | {'PASS' if c['passed'] else '**FAIL**'} | {_fmt(c['statistic'])} | "
+                 f"{_fmt(c['p_value'], 3)} | {c['detail'].replace('|', chr(92) + '|')} |")
+    b = doc["error_budget"]
+    L += ["", "## Error budget", "",
+          f"Total significance {b['significance']:g} (Bonferroni): {b['mechanism_checks']['share']:g} over "
+          f"{b['mechanism_checks']['statistical_checks']} statistical mechanism checks "
+          f"({b['mechanism_checks']['per_check']:g} each); {b['epsilon_bounds']['share']:g} over the epsilon "
+          f"bounds of {len(b['epsilon_bounds']['attacks'])} attacks ({b['epsilon_bounds']['per_attack']:g} each, "
+          f"{b['epsilon_bounds']['note']}).", ""]
+    L += ["## Epsilon lower bounds (canary audit, one-run bound of Steinke, Nasr & Jagielski 2023)", "",
+          f"{can['canaries']['count']} {can['canaries']['kind']} canaries, {can['canaries']['included']} included "
+          f"(fair coins, seed {can['canaries']['seed']}); claimed epsilon upper bound {_fmt(plan['epsilon'])}; "
+          f"largest certifiable with this setup {_fmt(can['max_certifiable_epsilon'])}.", "",
+          "| attack | model | epsilon lower bound | alpha spent | guesses | correct | AUC [CI] | TPR@1%FPR | claimed epsilon | violation |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for attack, per in can["attacks"].items():
+        for run_name, rep in per.items():
+            o = rep["one_run"]
+            t1 = rep["tpr_at_fpr"][0]
+            L.append(f"| {attack} | {run_name}{' (noise off)' if run_name == 'control' else ''} | "
+                     f"{_fmt(o['epsilon'])} | {_fmt(o['significance'])} | {o['num_guesses']} | {o['num_correct']} | "
+                     f"{_fmt(rep['auc'], 3)} [{_fmt(rep['auc_interval'][0], 3)}, {_fmt(rep['auc_interval'][1], 3)}] | "
+                     f"{_fmt(t1['tpr'], 3)} | {_fmt(plan['epsilon'])} | "
+                     f"{'n/a (control)' if run_name == 'control' else ('**yes**' if rep['violation'] else 'no')} |")
+    L += ["", "The Clopper-Pearson bound needs one independent training run per score; with one run and "
+          "many canaries only the one-run bound is valid, so it is the only epsilon bound used for the verdict.",
+          "AUC intervals are DeLong (asymptotic, descriptive).", ""]
+    L += ["## Plots", ""]
+    for tag, files in doc["plots"].items():
+        L.append(f"### {tag.replace('_', ' ')}")
+        L += [f"![{f}]({f})" for f in files] + [""]
+    L += ["## Training", "", "| model | noise | steps | dataset size | expected batch | K | seconds |",
+          "|---|---|---|---|---|---|---|"]
+    for run_name, t in can["training"].items():
+        L.append(f"| {run_name} | {t['noise_multiplier']:.4g} | {t['steps']} | {t['dataset_size']} | "
+                 f"{t['expected_batch_size']:.1f} | {t['noise_multiplicity']} | {t['seconds']:.0f} |")
+    tm = doc["timing_s"]
+    L += ["", f"Timing: mechanism checks {tm['mechanism_checks']:.0f} s, canary audit {tm['canary_audit']:.0f} s, "
+          f"total {tm['total']:.0f} s. Raw scores and inclusion bits: `scores.npz`; everything above: `report.json`.", ""]
+    return "\n".join(L)

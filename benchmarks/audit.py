@@ -1,0 +1,91 @@
+"""Benchmark: wall time of `dpdm audit --suite quick` on mnist5k (target: <= 20 minutes on 2 cores).
+
+    .venv/bin/python benchmarks/audit.py [--workdir DIR] [--threads 2] [--suite quick]
+
+Makes a plan for mnist5k (4,000 images, expected batch 256, 500 steps, epsilon 10, delta 1e-5,
+K = 4), trains the first step of it with the `small` network (the quick suite trains its own canary
+models, so the run's weights do not affect the audit's cost), then times the audit itself through
+the CLI and prints one JSON line with the verdict and the seconds spent per stage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class _Stop(Exception):
+    pass
+
+
+def make_run(workdir: Path) -> Path:
+    import accounting
+    from dpdm.datasets import load_dataset
+    from dpdm.train import TrainConfig, train
+
+    data = load_dataset("mnist5k")
+    plan = accounting.PrivacyPlan(dataset_size=len(data), batch_size=256, steps=500, noise_multiplier=1.0,
+                                  noise_multiplicity=4, delta=1e-5, dataset_name="mnist5k").calibrate(epsilon=10.0)
+    doc = accounting.make_plan_document(plan)
+    run = workdir / "run"
+
+    def stop_after_first(step: int) -> None:
+        if step >= 2:
+            raise _Stop  # the checkpoint of step 1 is on disk
+
+    try:
+        train(doc, data.x, data.y, data.num_classes, run,
+              TrainConfig(model="small", log_every=1, checkpoint_every=1), dataset_name="mnist5k",
+              progress=False, on_step=stop_after_first)
+    except _Stop:
+        pass
+    return run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--suite", default="quick", choices=["quick", "full"])
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dpdm_audit_bench_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    run = make_run(workdir)
+    t_run = time.perf_counter() - t0
+
+    from cli.main import main as dpdm
+
+    t0 = time.perf_counter()
+    rc = dpdm(["audit", "--run", str(run), "--suite", args.suite, "--out", str(workdir / "report")])
+    wall = time.perf_counter() - t0
+    report = json.loads((workdir / "report" / "report.json").read_text())
+    print(json.dumps({
+        "benchmark": f"dpdm audit --suite {args.suite} (mnist5k)",
+        "threads": args.threads,
+        "exit_code": rc,
+        "verdict": report["verdict"],
+        "audit_wall_s": round(wall, 1),
+        "stages_s": {k: round(v, 1) for k, v in report["timing_s"].items()},
+        "training_s": {k: round(v["seconds"], 1) for k, v in report["canary_audit"]["training"].items()},
+        "max_epsilon_lower_bound": report["canary_audit"]["max_epsilon_lower_bound"],
+        "control_max_epsilon": report["canary_audit"]["control_max_epsilon"],
+        "claimed_epsilon": report["claimed_plan"]["epsilon"],
+        "make_run_s": round(t_run, 1),
+        "report": str(workdir / "report" / "report.md"),
+        "target_s": 1200,
+        "within_target": wall <= 1200,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

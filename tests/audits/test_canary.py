@@ -1,0 +1,138 @@
+"""Canary audit: canaries, coins, reproducible training, and audit power.
+
+Audit power (Must show): trained with the noise off and audited against a plan claiming epsilon 1,
+the canary audit says FAIL; trained correctly under that plan it never says FAIL (several seeds in
+the slow variant). Tiny setting: 8x8 `digits`, 128 canaries, a small MLP denoiser, 150 steps.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from accounting import PrivacyPlan
+from audits.canary import CanaryConfig, MLPNet, canary_audit, draw_inclusion, make_canaries, train_with_canaries
+from dpdm.datasets import load_dataset
+from dpdm.precond import EDMPrecond
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def plan_eps1():
+    # q = 0.25, 150 steps, noise calibrated to epsilon = 1 at delta = 1e-5
+    return PrivacyPlan(dataset_size=256, batch_size=64, steps=150, noise_multiplier=1.0, delta=1e-5).calibrate(epsilon=1.0)
+
+
+def tiny_mlp():
+    return EDMPrecond(MLPNet(img_resolution=8, img_channels=1, num_classes=10, hidden=128))
+
+
+POWER = CanaryConfig(num_canaries=128, background_size=128, noise_multiplicity=1, lr=5e-3, attacks=("loss", "pia"))
+
+
+def test_make_canaries_ood_and_mislabelled(digits):
+    x, y = make_canaries(50, (1, 8, 8), 10, kind="ood", seed=3)
+    assert x.shape == (50, 1, 8, 8) and y.shape == (50,)
+    assert set(x.unique().tolist()) == {-1.0, 1.0}
+    flat = x.reshape(50, -1)
+    assert torch.cdist(flat, flat).fill_diagonal_(99).min() > 0  # mutually distinct
+    x2, _ = make_canaries(50, (1, 8, 8), 10, kind="ood", seed=3)
+    assert torch.equal(x, x2)
+    xm, ym = make_canaries(20, (1, 8, 8), 10, kind="mislabelled", seed=0, pool_x=digits.x[:100], pool_y=digits.y[:100])
+    # every canary is a pool image with a wrong label
+    for img, lab in zip(xm, ym):
+        j = int(torch.nonzero((digits.x[:100] == img).all(dim=(1, 2, 3)))[0])
+        assert lab != digits.y[j]
+    with pytest.raises(ValueError, match="pool"):
+        make_canaries(20, (1, 8, 8), 10, kind="mislabelled", pool_x=digits.x[:5], pool_y=digits.y[:5])
+    _, none = make_canaries(4, (3, 4, 4), 0)
+    assert none is None
+
+
+def test_draw_inclusion_is_seeded_and_fair():
+    a, b, c = draw_inclusion(2000, 0), draw_inclusion(2000, 0), draw_inclusion(2000, 1)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert 900 < a.sum() < 1100
+
+
+def test_training_is_reproducible_and_noise_matters(digits, plan_eps1):
+    cfg = CanaryConfig(num_canaries=8, steps=3, noise_multiplicity=1, seed=4)
+    x, y = digits.x[:64], digits.y[:64]
+    a = train_with_canaries(plan_eps1, x, y, 10, cfg, denoiser_factory=tiny_mlp)
+    b = train_with_canaries(plan_eps1, x, y, 10, cfg, denoiser_factory=tiny_mlp)
+    c = train_with_canaries(plan_eps1, x, y, 10, cfg, noise=False, denoiser_factory=tiny_mlp)
+    for (n, p), q, r in zip(a.model.named_parameters(), b.model.parameters(), c.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert any(not torch.equal(p, r) for p, r in zip(a.model.parameters(), c.model.parameters()))
+    # the reference is the untouched initialization
+    assert any(not torch.equal(p, r) for p, r in zip(a.model.parameters(), a.reference.parameters()))
+    assert a.info["steps"] == 3 and a.info["noise_multiplier"] == plan_eps1.noise_multiplier
+    assert c.info["noise_multiplier"] == 0.0 and a.info["sample_rate"] == plan_eps1.sample_rate
+
+
+def _audit(digits, plan, *, private, seed, control=False, config=POWER):
+    from dataclasses import replace
+
+    return canary_audit(plan, digits.x, digits.y, 10, replace(config, seed=seed), claimed_epsilon=1.0,
+                        private=private, control=control, denoiser_factory=tiny_mlp)
+
+
+def test_audit_power_noise_off_fails_and_private_does_not(digits, plan_eps1):
+    broken = _audit(digits, plan_eps1, private=False, seed=0, control=True)
+    assert broken["verdict"] == "FAIL", broken["reasons"]
+    assert broken["max_epsilon_lower_bound"] > 1.0
+    # with private=False the target is itself the control
+    assert broken["control_max_epsilon"] == broken["max_epsilon_lower_bound"]
+    good = _audit(digits, plan_eps1, private=True, seed=0)
+    assert good["verdict"] != "FAIL", good["reasons"]
+    assert good["max_epsilon_lower_bound"] <= 1.0
+    assert good["training"]["target"]["noise_multiplier"] == plan_eps1.noise_multiplier
+    # bookkeeping of the report
+    assert good["canaries"]["count"] == 128 and len(good["included"]) == 128
+    assert good["significance_per_attack"] == pytest.approx(0.02)
+    for attack in ("loss", "pia"):
+        rep = good["attacks"][attack]["target"]
+        assert rep["one_run"]["significance"] == pytest.approx(0.02)
+        assert rep["clopper_pearson"]["valid_here"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+def test_audit_power_over_seeds(digits, plan_eps1, seed):
+    full = _audit(digits, plan_eps1, private=True, seed=seed, control=True)
+    assert full["verdict"] == "PASS", full["reasons"]  # never FAIL, and the control has power
+    assert full["control_max_epsilon"] > 1.0
+    broken = _audit(digits, plan_eps1, private=False, seed=seed)
+    assert broken["verdict"] == "FAIL", broken["reasons"]
+
+
+def test_control_without_power_is_inconclusive(digits, plan_eps1):
+    weak = CanaryConfig(num_canaries=32, background_size=32, noise_multiplicity=1, steps=2, lr=1e-9)
+    r = _audit(digits, plan_eps1, private=True, seed=0, control=True, config=weak)
+    assert r["verdict"] == "INCONCLUSIVE", r["reasons"]
+    assert r["control_max_epsilon"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_canaries": 1}, "num_canaries"),
+        ({"canary_kind": "weird"}, "canary_kind"),
+        ({"steps": 0}, "steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"attacks": ("lira",)}, "attacks"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CanaryConfig(**kwargs)
+
+
+def test_audit_argument_validation(digits, plan_eps1):
+    with pytest.raises(ValueError, match="claimed_epsilon"):
+        canary_audit(plan_eps1, digits.x, digits.y, 10, POWER, claimed_epsilon=-1)
+    with pytest.raises(ValueError, match="x="):
+        canary_audit(plan_eps1, digits.x[0], digits.y, 10, POWER, claimed_epsilon=1)

@@ -1,0 +1,157 @@
+"""Mechanism checks: all pass on the real engine and sampler, and each deliberately broken engine
+(noise halved, clipping off, K summed instead of averaged, noise added per chunk, fixed-size shuffled
+batches instead of Poisson) fails the checks meant to catch it. Fixed seeds throughout."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from audits.mechanism import (
+    ENGINE_CHECKS,
+    SAMPLER_CHECKS,
+    CheckResult,
+    check_engine,
+    check_run,
+    check_sampler,
+    tiny_problem,
+)
+from dpdm.data import PoissonSampler
+from dpdm.engine import private_grad
+
+# ---------------------------------------------------------------------------------------------
+# Mutants: wrappers around (or re-implementations of) the real engine and sampler.
+# ---------------------------------------------------------------------------------------------
+
+
+def noise_halved(model, loss_fn, *batch, noise_multiplier, **kw):
+    return private_grad(model, loss_fn, *batch, noise_multiplier=noise_multiplier / 2, **kw)
+
+
+def clipping_off(model, loss_fn, *batch, clip_norm, noise_multiplier, **kw):
+    big = 1e9 * clip_norm  # nothing is clipped; the noise keeps its claimed scale
+    return private_grad(model, loss_fn, *batch, clip_norm=big,
+                        noise_multiplier=noise_multiplier * clip_norm / big, **kw)
+
+
+def k_summed(model, loss_fn, x, noise, **kw):
+    """Treats each of the K draws as its own example: clipped per draw, then summed over K."""
+    B, K = noise.shape[:2]
+    return private_grad(model, loss_fn, x.repeat_interleave(K, 0), noise.reshape(B * K, 1, -1), **kw)
+
+
+def noise_per_chunk(model, loss_fn, *batch, chunk_size=None, **kw):
+    """Splits the batch into chunks and privatizes each one separately: noise once per chunk."""
+    B = batch[0].shape[0]
+    if chunk_size is None or B <= chunk_size:
+        return private_grad(model, loss_fn, *batch, chunk_size=chunk_size, **kw)
+    total = None
+    for lo in range(0, B, chunk_size):
+        part = private_grad(model, loss_fn, *[b[lo:lo + chunk_size] for b in batch], **kw)
+        total = part if total is None else {k: total[k] + v for k, v in part.items()}
+    return total
+
+
+class FixedSizeShuffled:
+    """Epoch-shuffled batches of exactly round(n * q) examples (what Poisson accounting forbids)."""
+
+    def __init__(self, n, q, seed):
+        self.n, self.size, self.seed = n, max(1, round(n * q)), seed
+
+    def batch(self, step):
+        per_epoch = self.n // self.size
+        epoch, pos = divmod(step, per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        return perm[pos * self.size:(pos + 1) * self.size]
+
+
+def _failed(results):
+    return {r.name for r in results if not r.passed}
+
+
+@pytest.fixture(scope="module")
+def real_results():
+    return check_engine(private_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_real_engine_passes_every_check(real_results):
+    assert [r.name for r in real_results] == list(ENGINE_CHECKS)
+    for r in real_results:
+        assert isinstance(r, CheckResult)
+        assert r.passed, r
+    byname = {r.name: r for r in real_results}
+    assert byname["noise_variance"].p_value > 1e-3
+    assert 0.9 < byname["noise_variance"].statistic < 1.1
+    assert byname["clipping_bound"].statistic <= 1 + 1e-6
+    json.dumps([r.to_dict() for r in real_results])  # JSON-able
+
+
+@pytest.mark.parametrize(
+    "mutant, must_fail",
+    [
+        (noise_halved, {"noise_variance", "noise_once_per_step"}),
+        (clipping_off, {"clipping_bound", "sensitivity_replay"}),
+        (k_summed, {"per_sample_gradients", "noise_multiplicity_averaged", "sensitivity_replay"}),
+        (noise_per_chunk, {"noise_once_per_step", "sensitivity_replay"}),
+    ],
+    ids=["noise_halved", "clipping_off", "k_summed", "noise_per_chunk"],
+)
+def test_broken_engines_fail(mutant, must_fail):
+    results = check_engine(mutant, pairs=20)
+    failed = _failed(results)
+    assert must_fail <= failed, (mutant.__name__, failed, [r.detail for r in results])
+    for r in results:
+        if r.name in must_fail and r.p_value is not None:
+            assert r.p_value < 1e-6  # not a borderline call
+
+
+def test_noise_checks_pass_with_twenty_pairs_on_real_engine():
+    # the mutants above run with pairs=20; the real engine must pass at that size too
+    results = {r.name: r for r in check_engine(private_grad, pairs=20)}
+    assert results["noise_variance"].passed and results["noise_once_per_step"].passed
+
+
+def test_crashing_engine_fails_instead_of_raising():
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    results = check_engine(broken, pairs=2)
+    assert not any(r.passed for r in results)
+    assert all("RuntimeError: boom" in r.detail for r in results)
+
+
+def test_tiny_problem_has_examples_above_the_clip_norm():
+    p = tiny_problem()
+    assert p.x.shape[0] >= 32 and p.noise.shape[1] > 1
+    from audits.mechanism import _loop_grads
+
+    norms = np.array([np.linalg.norm(g) for g in _loop_grads(p)])
+    assert (norms > p.clip_norm).sum() >= 10 and (norms < p.clip_norm).sum() >= 10
+
+
+def test_real_sampler_passes():
+    results = check_sampler(PoissonSampler)
+    assert [r.name for r in results] == list(SAMPLER_CHECKS)
+    assert all(r.passed for r in results), results
+
+
+def test_fixed_size_shuffled_batches_fail():
+    failed = _failed(check_sampler(FixedSizeShuffled))
+    assert {"poisson_batch_sizes", "poisson_inclusion_counts"} <= failed
+
+
+def test_sampler_with_bad_rate_fails():
+    # Poisson, but at twice the claimed rate
+    failed = _failed(check_sampler(lambda n, q, s: PoissonSampler(n, 2 * q, s)))
+    assert {"poisson_batch_sizes", "poisson_inclusion_counts"} <= failed
+
+
+def test_check_arguments_are_validated():
+    with pytest.raises(ValueError, match="alpha"):
+        check_engine(private_grad, alpha=0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        check_engine(private_grad, noise_multiplier=-1)
