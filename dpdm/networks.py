@@ -233,7 +233,9 @@ class Preset:
 # Attention sits at the lowest resolution of every preset (7x7 for 28x28 MNIST with "mnist", as DPDM).
 PRESETS: dict[str, Preset] = {
     "mnist": Preset(nf=32, ch_mult=(1, 2, 2), num_blocks=2),   # DPDM's MNIST network (1,753,345 params)
-    "small": Preset(nf=16, ch_mult=(1, 2), num_blocks=1),      # for CPU work and tests (188,945 params)
+    # For CPU work and tests (223,937 params at 28x28x1): three levels so that attention sits at 7x7
+    # (at 14x14 it cost 30% of the step); 1.8x faster per step than (1, 2) with attention at 14x14.
+    "small": Preset(nf=16, ch_mult=(1, 1, 2), num_blocks=1),
 }
 
 
