@@ -6,15 +6,17 @@ On mnist5k at epsilon 10, delta 1e-5, under ONE locked plan:
   2. `evaluate_synthetic`: the paper's protocol on synthetic images (logreg / MLP / CNN trained on
      the samples, 90/10 synthetic split for model selection, tested on the same 1,000 real images)
      and the classifier FD.
-The generator part (train a DP diffusion model under the same plan, sample 10,000 images) is added
-by the lead through `run(..., samples=...)`; this script runs the baseline alone when no samples
-are given.
+  0. `train_generator` + `sample`: a DP diffusion model trained with dpdm's engine under the SAME plan
+     (same sample rate, steps, noise multiplier, clip norm; K = 2 draws per example, which is
+     privacy-neutral and ignored by the classifier), then 10,000 images drawn from its EMA weights.
 
 Usage:
-    .venv/bin/python benchmarks/quality.py [--plan plan.json] [--samples samples.npz] [--json out.json]
+    .venv/bin/python benchmarks/quality.py [--workdir DIR] [--plan plan.json] [--samples samples.npz]
+                                           [--model small] [--n 10000] [--json out.json]
 
-Slow (not a test): the baseline takes minutes on 2 CPU cores, the evaluation of 10,000 samples
-about as long again. Figures print on stdout; --json writes them to a file.
+Slow (not a test; `make bench` does not run it): about 45-60 minutes on 2 CPU cores: generator
+training 15-20 min, sampling about 6 min, evaluation of 10,000 samples (50 epochs per classifier)
+about 10 min, the DP-SGD baseline about 10-15 min. Figures print on stdout; --json writes them.
 """
 from __future__ import annotations
 
@@ -37,15 +39,22 @@ EPOCHS = 30.0      # steps = ceil(EPOCHS * N / BATCH_SIZE) = 469
 PAPER_EPOCHS = 50  # downstream classifiers here train as long as the paper's (dpdm eval defaults are shorter)
 
 
+NOISE_MULTIPLICITY = 2  # K: CPU-sized (the paper uses 32 on 8 GPUs); privacy-neutral
+GENERATOR_MODEL = "small"
+N_SAMPLES = 10_000
+SAMPLER_STEPS = 30
+
+
 def default_plan(*, epsilon: float = EPSILON, delta: float = DELTA, batch_size: int = BATCH_SIZE,
-                 epochs: float = EPOCHS) -> accounting.PlanDocument:
+                 epochs: float = EPOCHS, noise_multiplicity: int = NOISE_MULTIPLICITY) -> accounting.PlanDocument:
     """A calibrated mnist5k plan (what `dpdm plan --eps 10 --delta 1e-5` makes by default)."""
     from dpdm.datasets import DATASET_SIZES
 
     size = DATASET_SIZES[DATASET]
     steps = max(1, math.ceil(round(epochs * size / batch_size, 9)))
     plan = accounting.PrivacyPlan(dataset_size=size, batch_size=batch_size, steps=steps,
-                                  noise_multiplier=1.0, delta=delta, dataset_name=DATASET)
+                                  noise_multiplier=1.0, noise_multiplicity=noise_multiplicity,
+                                  delta=delta, dataset_name=DATASET)
     return accounting.make_plan_document(plan.calibrate(epsilon=epsilon))
 
 
@@ -74,15 +83,59 @@ def evaluate_synthetic(samples_path: str | Path, *, dataset: str = DATASET, epoc
                             progress=lambda m: print(m, file=sys.stderr))
 
 
-def run(*, plan_path: str | None = None, samples: str | None = None, device: str = "cpu") -> dict:
+def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model: str = GENERATOR_MODEL,
+                    device: str = "cpu", seed: int = 0) -> dict:
+    """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run)."""
+    from dpdm.datasets import load_dataset
+    from dpdm.train import TrainConfig, train
+
+    data = load_dataset(doc.plan.dataset_name or DATASET, "train")
+    run_dir = Path(run_dir)
+    ck = run_dir / "checkpoint.pt"
+    if ck.exists():
+        from dpdm.checkpoint import load_checkpoint
+
+        ledger = load_checkpoint(ck)["ledger"]
+        if ledger["steps_done"] >= doc.plan.steps and ledger["plan_digest"] == doc.digest:
+            return {"run": str(run_dir), "steps_done": ledger["steps_done"], "epsilon_spent": ledger["epsilon_spent"],
+                    "seconds": 0.0, "reused": True}
+    t0 = time.perf_counter()
+    summary = train(doc, data.x, data.y, data.num_classes, run_dir,
+                    TrainConfig(model=model, device=device, seed=seed, checkpoint_every=50, log_every=10),
+                    dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
+    return {**summary, "model": model, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sampler_steps: int = SAMPLER_STEPS,
+           device: str = "cpu") -> dict:
+    """`dpdm sample` in Python: n images (balanced classes) from the run's EMA weights."""
+    from dpdm.sample import sample_checkpoint
+
+    t0 = time.perf_counter()
+    result = sample_checkpoint(Path(run_dir) / "checkpoint.pt", n=n, sampler="euler", sampler_steps=sampler_steps,
+                               device=device, out_path=out_path, grid_path=Path(out_path).with_suffix(".png"))
+    return {**result, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run(*, plan_path: str | None = None, samples: str | None = None, device: str = "cpu",
+        workdir: str | Path = "bench_quality", model: str = GENERATOR_MODEL, n: int = N_SAMPLES) -> dict:
     doc = accounting.load_plan(plan_path) if plan_path else default_plan()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    accounting.write_plan(doc, workdir / "plan.json")
     out: dict = {"dataset": doc.plan.dataset_name, "plan": doc.to_dict()}
     t0 = time.perf_counter()
+    if samples is None:
+        out["generator"] = train_generator(doc, workdir / "run", model=model, device=device)
+        print(f"generator: {out['generator']}", file=sys.stderr)
+        out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, device=device)
+        samples = str(workdir / "samples.npz")
     out["dp_classifier"] = dp_classifier_baseline(doc, device=device)
     if samples is not None:
         out["synthetic"] = evaluate_synthetic(samples, dataset=doc.plan.dataset_name or DATASET,
                                               device=device)
     out["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"total {out['seconds']:.0f} s", file=sys.stderr)
     return out
 
 
@@ -91,9 +144,13 @@ def main() -> None:
     ap.add_argument("--plan", help="a locked plan (default: mnist5k, eps 10, delta 1e-5, batch 256, 469 steps)")
     ap.add_argument("--samples", help="samples.npz made under the same plan")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workdir", default="bench_quality", help="run folder, samples and plan land here")
+    ap.add_argument("--model", default=GENERATOR_MODEL)
+    ap.add_argument("--n", type=int, default=N_SAMPLES, help="synthetic images to draw")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
-    out = run(plan_path=args.plan, samples=args.samples, device=args.device)
+    out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
+              model=args.model, n=args.n)
     plan = out["plan"]
     b = out["dp_classifier"]
     print(f"plan: {plan['dataset']['name']} N={plan['dataset']['size']} batch={plan['batch_size']} "
@@ -101,8 +158,16 @@ def main() -> None:
           f"delta={b['delta']:g}")
     print(f"DP-SGD CNN (GroupNorm, Adam lr {b['lr']:g}): real test accuracy {b['test_accuracy']:.4f} "
           f"({b['seconds']:.0f} s)")
+    if "generator" in out:
+        g, smp = out["generator"], out["sampling"]
+        print(f"generator ({g.get('model', GENERATOR_MODEL)}, K={plan['noise_multiplicity']}): {g['steps_done']} steps, "
+              f"epsilon spent {g['epsilon_spent']:.4g}, {g['seconds']:.0f} s; {smp['n']} samples in {smp['seconds']:.0f} s")
     if "synthetic" in out:
         from cli.eval import format_report
+
+        acc = {k: v["test_accuracy"] for k, v in out["synthetic"]["classifiers"].items()}
+        print(f"synthetic CNN {acc.get('cnn', float('nan')):.4f} vs DP-SGD CNN {b['test_accuracy']:.4f} "
+              f"(goal: synthetic >= DP-SGD): {'MET' if acc.get('cnn', 0) >= b['test_accuracy'] else 'NOT MET'}")
 
         print(format_report(out["synthetic"]))
     if args.json:
