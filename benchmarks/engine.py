@@ -1,0 +1,242 @@
+"""One DP-SGD step of dpdm's engine against the non-private step and Opacus, same model and examples.
+
+Variants (each in its own subprocess, so peak memory is the process's own high-water mark):
+
+  nonprivate  the EDM loss over the B*K rows, one loss.backward()                  (baseline)
+  dpdm        dpdm.engine.private_grad: per-example grads of the K-averaged loss, clip, sum, noise
+  opacus      opacus GradSampleModule (hooks) over the B*K rows (each example repeated K times, as
+              DPDM's code does), grad_sample.mean over K, flat clipping, sum, noise
+  vmap        (reference, not run by default) the engine with plain vmap(grad), no per-layer rules
+
+Reports ms/step (min and median over repeats; wall clock and process CPU time, the latter being
+less sensitive to other load on a shared machine), examples/s, the peak-memory increase over the
+process's state after building model and data (ru_maxrss delta), and the ratios to `nonprivate`
+and `opacus`. Rounds interleave the variants, so slow phases of a shared machine hit all of them.
+Every variant runs with OMP_WAIT_POLICY=PASSIVE (--omp-wait-policy): with OpenMP's default
+spinning, 2-thread timings on a machine shared with other jobs vary by 5x from run to run.
+
+Targets (mnist preset, B=64, K=4, 2 threads): dpdm <= 1.3x nonprivate, <= 0.75x opacus, peak
+memory <= 2x nonprivate.
+
+    .venv/bin/python benchmarks/engine.py [--batch 64] [--K 4] [--preset mnist] [--threads 2]
+        [--repeats 3] [--rounds 2] [--variants nonprivate,dpdm,opacus] [--chunk-size N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("nonprivate", "dpdm", "opacus", "vmap")
+IMG = (1, 28, 28)
+NUM_CLASSES = 10
+
+
+def _setup(preset: str, batch: int, K: int, seed: int = 0):
+    import torch
+
+    from dpdm.loss import EDMLoss
+    from dpdm.networks import build_network, count_parameters
+    from dpdm.precond import EDMPrecond
+
+    torch.manual_seed(seed)
+    net = build_network(preset, img_resolution=IMG[1], img_channels=IMG[0], num_classes=NUM_CLASSES)
+    D = EDMPrecond(net)
+    loss = EDMLoss()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.rand((batch, *IMG), generator=g) * 2 - 1
+    y = torch.randint(0, NUM_CLASSES + 1, (batch,), generator=g)
+    sigma, noise = loss.draw(batch, K, IMG, generator=g)
+    return D, loss, (x, y, sigma, noise), count_parameters(D)
+
+
+def _step_fn(variant: str, D, loss, batch, K: int, chunk_size):
+    import torch
+
+    from dpdm import engine
+    from dpdm.loss import engine_loss_fn
+
+    x, y, sigma, noise = batch
+    B = x.shape[0]
+    clip_norm, noise_multiplier = 1.0, 1.0
+    gen = torch.Generator().manual_seed(123)
+
+    if variant == "nonprivate":
+        def step():
+            D.zero_grad(set_to_none=True)
+            loss(D, x, y, sigma, noise).mean().backward()      # B*K rows inside the loss
+            return {n: p.grad for n, p in D.named_parameters()}
+        return step
+
+    if variant in ("dpdm", "vmap"):
+        loss_fn = engine_loss_fn(loss)
+        if variant == "dpdm":
+            def step():
+                return engine.private_grad(D, loss_fn, x, y, sigma, noise, clip_norm=clip_norm,
+                                           noise_multiplier=noise_multiplier, expected_batch_size=B,
+                                           generator=gen, chunk_size=chunk_size)
+            return step
+
+        def step():   # the same mechanism on plain vmap(grad) (no per-layer rules)
+            total = {n: torch.zeros_like(p) for n, p in D.named_parameters()}
+            grads, _ = engine._per_example(D, loss_fn, (x, y, sigma, noise), None, rules=False)
+            engine._clip_and_sum(grads, clip_norm, total)
+            return engine.add_noise(total, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                    expected_batch_size=B, generator=gen)
+        return step
+
+    if variant == "opacus":
+        import warnings
+
+        from opacus import GradSampleModule
+
+        warnings.simplefilter("ignore")
+        gsm = GradSampleModule(D, batch_first=True, loss_reduction="sum")
+        params = [p for p in gsm.parameters() if p.requires_grad]
+        # DPDM's data path: every example repeated K times, one (sigma, noise) draw per row.
+        x_rows = x.repeat_interleave(K, dim=0)                       # [B*K, C, H, W]
+        y_rows = y.repeat_interleave(K, dim=0)                       # [B*K]
+        sigma_rows = sigma.reshape(B * K, 1)                         # [B*K, 1]
+        noise_rows = noise.reshape(B * K, 1, *IMG)                   # [B*K, 1, C, H, W]
+
+        def step():
+            for p in params:
+                p.grad = None
+                p.grad_sample = None
+            loss(gsm, x_rows, y_rows, sigma_rows, noise_rows).sum().backward()
+            # DPDM's optimizer: mean over the K rows of each example, then flat clipping per example.
+            per_ex = [p.grad_sample.reshape(B, K, *p.shape).mean(dim=1) for p in params]
+            norms = torch.stack([g.reshape(B, -1).norm(2, dim=1) for g in per_ex], dim=1).norm(2, dim=1)
+            factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+            out = []
+            for p, g in zip(params, per_ex):
+                s = torch.einsum("i,i...->...", factor, g)
+                s = s + noise_multiplier * clip_norm * torch.randn(s.shape, generator=gen)
+                out.append(s / B)
+            return out
+        return step
+
+    raise ValueError(f"variant={variant!r} must be one of {VARIANTS}")
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    D, loss, batch, n_params = _setup(args.preset, args.batch, args.K)
+    step = _step_fn(args.worker, D, loss, batch, args.K, args.chunk_size)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    wall, cpu = [], []
+    for i in range(args.warmup + args.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = step()
+        t1, c1 = time.perf_counter(), time.process_time()
+        del out
+        if i >= args.warmup:
+            wall.append(t1 - t0)
+            cpu.append(c1 - c0)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"variant": args.worker, "wall": wall, "cpu": cpu, "peak_mib": (rss1 - rss0) / 1024,
+                      "n_params": n_params}))
+
+
+def _run_variant(args, variant: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--batch", str(args.batch),
+           "--K", str(args.K), "--preset", args.preset, "--threads", str(args.threads),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    env = dict(os.environ)
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=64, help="examples per step (B)")
+    ap.add_argument("--K", type=int, default=4, help="noise draws per example (noise multiplicity)")
+    ap.add_argument("--preset", default="mnist", help="network preset (mnist, small)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per subprocess")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
+    ap.add_argument("--rounds", type=int, default=2, help="subprocesses per variant, interleaved")
+    ap.add_argument("--variants", default="nonprivate,dpdm,opacus", help=f"comma-separated subset of {VARIANTS}")
+    ap.add_argument("--chunk-size", type=int, default=None, help="dpdm physical chunk (examples)")
+    ap.add_argument("--max-opacus-gib", type=float, default=8.0,
+                    help="skip opacus when its B*K per-row gradients alone would exceed this")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                    help="OMP_WAIT_POLICY for every variant ('' keeps the environment's): on a shared, "
+                         "oversubscribed machine the default spinning makes 2-thread timings erratic")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"--variants: {v!r} must be one of {VARIANTS}")
+    n_params = None
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    skipped = {}
+    for r in range(args.rounds):
+        for v in variants:
+            if v == "opacus" and n_params is not None:
+                gib = args.batch * args.K * n_params * 4 / 2**30
+                if gib > args.max_opacus_gib:
+                    skipped[v] = f"B*K*P*4 bytes = {gib:.1f} GiB of grad_sample > --max-opacus-gib {args.max_opacus_gib}"
+                    continue
+            res = _run_variant(args, v)
+            n_params = res["n_params"]
+            results[v].append(res)
+            print(f"  round {r + 1}/{args.rounds} {v:>10}: wall {min(res['wall']) * 1e3:8.0f} ms  "
+                  f"cpu {min(res['cpu']) * 1e3:8.0f} ms  peak +{res['peak_mib']:.0f} MiB", file=sys.stderr)
+
+    summary = {}
+    for v, runs in results.items():
+        if not runs:
+            continue
+        wall = [t for r in runs for t in r["wall"]]
+        cpu = [t for r in runs for t in r["cpu"]]
+        summary[v] = {"wall_min_ms": min(wall) * 1e3, "wall_median_ms": statistics.median(wall) * 1e3,
+                      "cpu_min_ms": min(cpu) * 1e3, "examples_per_s": args.batch / min(wall),
+                      "peak_mib": statistics.median(r["peak_mib"] for r in runs)}
+    print(f"engine benchmark: preset={args.preset} ({n_params:,} params), B={args.batch}, K={args.K} "
+          f"({args.batch * args.K} rows), threads={args.threads}, OMP_WAIT_POLICY={args.omp_wait_policy or 'env'}, "
+          f"{args.rounds} rounds x {args.repeats} steps per variant")
+    print(f"{'variant':>11} | {'ms/step min':>11} | {'median':>8} | {'cpu ms':>8} | {'examples/s':>10} | "
+          f"{'peak MiB':>8} | {'x nonpriv':>9} | {'cpu x np':>8} | {'mem x np':>8}")
+    base = summary.get("nonprivate")
+    for v, s in summary.items():
+        rt = f"{s['wall_min_ms'] / base['wall_min_ms']:.2f}" if base else "-"
+        rc = f"{s['cpu_min_ms'] / base['cpu_min_ms']:.2f}" if base else "-"
+        rm = f"{s['peak_mib'] / base['peak_mib']:.2f}" if base else "-"
+        print(f"{v:>11} | {s['wall_min_ms']:11.0f} | {s['wall_median_ms']:8.0f} | {s['cpu_min_ms']:8.0f} | "
+              f"{s['examples_per_s']:10.1f} | {s['peak_mib']:8.0f} | {rt:>9} | {rc:>8} | {rm:>8}")
+    for v, why in skipped.items():
+        print(f"{v:>11} | skipped: {why}")
+    if "dpdm" in summary and "opacus" in summary:
+        d, o = summary["dpdm"], summary["opacus"]
+        print(f"dpdm / opacus: wall {d['wall_min_ms'] / o['wall_min_ms']:.2f}x, cpu {d['cpu_min_ms'] / o['cpu_min_ms']:.2f}x, "
+              f"memory {d['peak_mib'] / o['peak_mib']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
+                                               "n_params": n_params, "summary": summary, "skipped": skipped,
+                                               "runs": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

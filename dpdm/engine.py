@@ -1,0 +1,463 @@
+"""The DP-SGD engine: per-example gradients -> flat clipping -> sum -> Gaussian noise, one entry point.
+
+Mechanism (Abadi et al. 2016, Algorithm 1, with DPDM's noise multiplicity): for every example i of
+a (Poisson-sampled) logical batch B, with its loss l_i already averaged over its own K noise draws,
+
+    g_i  = grad_theta l_i                                   (per_sample_grads)
+    g'_i = g_i * min(1, clip_norm / (||g_i||_2 + 1e-6))     (flat clipping, as opacus)
+    G    = sum_i g'_i                                       (clipped_grad_sum)
+    out  = (G + N(0, (noise_multiplier * clip_norm)^2 I)) / expected_batch_size    (add_noise)
+
+Adding or removing one example changes G by at most clip_norm in L2 (each ||g'_i|| <= clip_norm),
+which is the sensitivity the accountant assumes for add/remove neighbours (2 * clip_norm for
+replace-one). The K draws of an example are averaged *inside* l_i, so the example contributes one
+clipped vector whatever K is; clipping each draw and summing over the K draws would let one
+example move G by K * clip_norm. The division uses the public *expected* batch size, never the
+realised one (which is private under Poisson sampling). Non-finite per-example gradients are
+zeroed (they contribute nothing) and counted.
+
+Implementation: `torch.func.functional_call` + `vmap(grad_and_value(loss_one))` over the examples.
+torch.func's grad differentiates with create_graph=True, under which the backward of group_norm
+and silu is not the fused kernel but a chain of elementwise ops (their double-differentiable
+formulas), each then batched by vmap: most of plain vmap(grad)'s overhead on this U-Net. So while
+the engine runs, a TorchFunctionMode routes F.group_norm and F.silu through autograd.Functions
+whose backward uses the fused kernels; group_norm's backward is itself a Function with a
+hand-written vmap rule that sees the physical [B, K, C, ...] tensors and computes the input
+gradient with ONE fused kernel over all B*K rows and the per-example affine gradients with two
+reductions. Convolutions, linear layers, embeddings, attention and the loss use vmap's own
+batching rules (the conv weight gradient becomes one grouped convolution; per-example loops of
+small conv kernels were faster single-threaded but slower with 2 threads, see
+benchmarks/engine.py). No state is attached to modules or tensors: the mode exists only for the
+duration of the call, and the engine's results equal plain vmap(grad) (tested to 1e-10).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "per_sample_grads",
+    "clipped_grad_sum",
+    "add_noise",
+    "private_grad",
+    "validate_model",
+]
+
+_aten = torch.ops.aten
+_CLIP_EPS = 1e-6   # opacus: min(1, C / (norm + 1e-6))
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate_model(model: nn.Module) -> None:
+    """Rejects modules that mix the examples of a batch (they break per-example gradients and DP).
+
+    Raises:
+        ValueError: naming the first offending module (BatchNorm*, SyncBatchNorm, InstanceNorm with
+            running statistics) and the fix.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={type(model).__name__} must be a torch.nn.Module")
+    for name, m in model.named_modules():
+        label = f"{name or '<root>'} ({type(m).__name__})"
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"model contains {label}, which normalizes with statistics of the whole batch and so "
+                "mixes examples: per-example gradients (and the DP guarantee) need layers that treat each "
+                "example on its own; replace it with nn.GroupNorm")
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            raise ValueError(
+                f"model contains {label} with track_running_stats=True, whose running statistics mix "
+                "examples; use nn.GroupNorm (or track_running_stats=False)")
+
+
+def _check_batch(batch: Sequence[Any]) -> int:
+    if not batch:
+        raise ValueError("batch=() must hold at least one tensor (the examples)")
+    for i, t in enumerate(batch):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"batch[{i}]={type(t).__name__} must be a torch.Tensor")
+        if t.dim() == 0:
+            raise ValueError(f"batch[{i}] has shape () but must have a leading batch dimension")
+    sizes = [t.shape[0] for t in batch]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"batch tensors have leading sizes {sizes}; they must all equal the number of examples")
+    return int(sizes[0])
+
+
+def _check_positive(**kw: float) -> None:
+    for name, v in kw.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name}={v!r} must be a finite number > 0")
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be None or an integer >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer rules
+#
+# Pattern: a differentiable Function (`_GroupNorm`, `_Silu`) whose forward is the usual op (its
+# vmap rule folds the example dimension into the rows) and whose backward uses fused kernels;
+# `_GroupNorm`'s backward calls `_GroupNormGrad`, which carries its own `vmap` staticmethod: under
+# vmap(grad(...)) it receives the physical tensors with the example dimension and computes the
+# input gradient over all rows at once and the affine gradients per example. The gradient
+# Function is never differentiated (no double backward through the engine).
+
+
+def _batch_first(t: torch.Tensor, bdim: int | None, size: int) -> torch.Tensor:
+    """Physical tensor with the vmapped dimension first (expanded if the tensor is not batched)."""
+    if bdim is None:
+        return t.unsqueeze(0).expand(size, *t.shape)
+    return t.movedim(bdim, 0)
+
+
+def _loop_rule(fn: Callable, info, in_dims, args) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+    """Generic (slow) vmap rule: one call per vmapped element, results stacked."""
+    outs = []
+    for i in range(info.batch_size):
+        outs.append(fn(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]))
+    stacked = tuple(torch.stack(o) for o in zip(*outs))
+    return stacked, (0,) * len(stacked)
+
+
+class _GroupNormGrad(torch.autograd.Function):
+    """Selected (grad_input, grad_weight, grad_bias) of native_group_norm, as a tuple."""
+
+    @staticmethod
+    def forward(go, x, mean, rstd, w, conf):
+        G, mask = conf
+        N, C = x.shape[:2]
+        out = _aten.native_group_norm_backward(go, x, mean, rstd, w, N, C, x[0, 0].numel(), G, list(mask))
+        return tuple(o for o, m in zip(out, mask) if m)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("dpdm.engine's per-layer rules do not support double backward")
+
+    @staticmethod
+    def vmap(info, in_dims, go, x, mean, rstd, w, conf):
+        if w is not None and in_dims[4] is not None:
+            return _loop_rule(lambda *a: _GroupNormGrad.apply(*a, conf), info, in_dims[:5], (go, x, mean, rstd, w))
+        G, mask = conf
+        B = info.batch_size
+        go, x = _batch_first(go, in_dims[0], B).contiguous(), _batch_first(x, in_dims[1], B).contiguous()
+        mean, rstd = _batch_first(mean, in_dims[2], B), _batch_first(rstd, in_dims[3], B)   # [B, K, G]
+        n, C = x.shape[1:3]
+        hw = x[0, 0, 0].numel()
+        outs = []
+        if mask[0]:   # input gradient over all B*K rows
+            gx = _aten.native_group_norm_backward(go.flatten(0, 1), x.flatten(0, 1), mean.flatten(0, 1),
+                                                  rstd.flatten(0, 1), w, B * n, C, hw, G, [True, False, False])[0]
+            outs.append(gx.unflatten(0, (B, n)))
+        if mask[1] or mask[2]:   # affine gradients per example: reductions over its K rows and positions
+            gs = go.reshape(B, n, C, -1)                                    # [B, K, C, HW]
+            db = gs.sum(-1)                                                 # [B, K, C]  sum_hw go
+            if mask[1]:
+                ds = torch.linalg.vecdot(gs, x.reshape(B, n, C, -1))        # [B, K, C]  sum_hw go * x
+                m = mean.repeat_interleave(C // G, dim=-1)                  # [B, K, C]
+                r = rstd.repeat_interleave(C // G, dim=-1)
+                outs.append(((ds - db * m) * r).sum(1))                     # [B, C]  d/d weight
+            if mask[2]:
+                outs.append(db.sum(1))                                      # [B, C]  d/d bias
+        return tuple(outs), (0,) * len(outs)
+
+
+class _GroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(x, w, b, G, eps):
+        N, C = x.shape[:2]
+        return _aten.native_group_norm(x, w, b, N, C, x[0, 0].numel(), G, eps)
+
+    @staticmethod
+    def vmap(info, in_dims, x, w, b, G, eps):
+        if in_dims[1] is not None or in_dims[2] is not None:
+            return _loop_rule(lambda *a: _GroupNorm.apply(*a, G, eps), info, in_dims[:3], (x, w, b))
+        x = _batch_first(x, in_dims[0], info.batch_size).contiguous()   # [B, K, C, ...]
+        B, n, C = x.shape[:3]
+        y, mean, rstd = _aten.native_group_norm(x.flatten(0, 1), w, b, B * n, C, x[0, 0, 0].numel(), G, eps)
+        return (y.unflatten(0, (B, n)), mean.unflatten(0, (B, n)), rstd.unflatten(0, (B, n))), (0, 0, 0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, G, eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, mean, rstd, w)
+        ctx.G = G
+        ctx.has_weight, ctx.has_bias = w is not None, b is not None
+
+    @staticmethod
+    def backward(ctx, go, _gmean, _grstd):
+        x, mean, rstd, w = ctx.saved_tensors
+        mask = (ctx.needs_input_grad[0], ctx.has_weight and ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2])
+        grads = iter(_GroupNormGrad.apply(go, x, mean, rstd, w, (ctx.G, mask)) if any(mask) else ())
+        out = [next(grads) if m else None for m in mask]
+        return out[0], out[1], out[2], None, None
+
+
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    if input.dim() < 2 or input.shape[0] == 0:
+        return F.group_norm(input, num_groups, weight, bias, eps)
+    return _GroupNorm.apply(input.contiguous(), weight, bias, int(num_groups), float(eps))[0]
+
+
+class _Silu(torch.autograd.Function):
+    """SiLU whose backward is the fused kernel (torch.func's create_graph backward decomposes it)."""
+
+    @staticmethod
+    def forward(x):
+        return F.silu(x)
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return _Silu.apply(x), in_dims[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, go):
+        (x,) = ctx.saved_tensors
+        return _aten.silu_backward(go, x)
+
+
+def _silu(input, inplace=False):
+    if inplace:
+        return F.silu(input, inplace=True)
+    return _Silu.apply(input)
+
+
+class _PerLayerRules(TorchFunctionMode):
+    """Routes group_norm / silu through the engine's Functions while the engine runs."""
+
+    _RULES = {F.group_norm: _group_norm, F.silu: _silu}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        rule = self._RULES.get(func)
+        if rule is not None:
+            return rule(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-example gradients
+
+
+class _BoundLoss(nn.Module):
+    """loss_fn(model, *example) as a module, so functional_call can swap in the parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *example):
+        return self.loss_fn(self.model, *example)
+
+
+def _per_example(
+    model: nn.Module,
+    loss_fn: Callable,
+    batch: Sequence[torch.Tensor],
+    chunk_size: int | None,
+    *,
+    rules: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(name -> per-example gradients [n, *shape], per-example losses [n]) for a non-empty batch.
+
+    rules=False runs plain vmap(grad) (the reference the per-layer rules are tested against).
+    """
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    bound = _BoundLoss(model, loss_fn)
+
+    def loss_one(params: dict[str, torch.Tensor], *example: torch.Tensor) -> torch.Tensor:
+        example = tuple(t.unsqueeze(0) for t in example)   # ONE example, leading dim 1
+        loss = functional_call(bound, {f"model.{k}": v for k, v in params.items()}, example)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn returned {shape}; it must return a scalar (0-dim) tensor for one example")
+        return loss
+
+    fn = vmap(grad_and_value(loss_one), in_dims=(None,) + (0,) * len(batch), chunk_size=chunk_size,
+              randomness="different")
+    if rules:
+        with _PerLayerRules():
+            grads, losses = fn(params, *batch)
+    else:
+        grads, losses = fn(params, *batch)
+    return grads, losses.detach()
+
+
+def per_sample_grads(
+    model: nn.Module,
+    loss_fn: Callable,
+    *batch: torch.Tensor,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Gradient of each example's loss with respect to every trainable parameter.
+
+    Args:
+        model: an nn.Module without cross-example layers (see `validate_model`).
+        loss_fn: `loss_fn(model, *example)` -> scalar loss of ONE example; gets the module (callable
+            as usual) and that example's tensors, each with a leading dim of 1. Randomness (noise
+            draws, label drops) should be drawn outside and passed in as batch tensors.
+        *batch: tensors with the examples along dim 0 (any dtypes; integer labels allowed).
+        chunk_size: examples computed at once by vmap (memory knob; same result).
+
+    Returns:
+        {parameter name: tensor [n, *parameter.shape]} for the parameters with requires_grad.
+    """
+    validate_model(model)
+    _check_chunk_size(chunk_size)
+    n = _check_batch(batch)
+    if n == 0:
+        return {name: p.detach().new_zeros((0, *p.shape)) for name, p in model.named_parameters() if p.requires_grad}
+    grads, _ = _per_example(model, loss_fn, batch, chunk_size)
+    return grads
+
+
+# ----------------------------------------------------------------------------------------------
+# Clipping, summing, noising
+
+
+def _clip_and_sum(
+    grads: dict[str, torch.Tensor], clip_norm: float, total: dict[str, torch.Tensor]
+) -> tuple[int, int]:
+    """Adds sum_i g_i * min(1, C / (||g_i|| + 1e-6)) to `total`, zeroing non-finite g_i.
+
+    Returns (number of clipped examples, number of non-finite examples).
+    """
+    first = next(iter(grads.values()))
+    n = first.shape[0]
+    sq = torch.zeros(n, dtype=torch.float64, device=first.device)
+    for g in grads.values():
+        sq += torch.linalg.vector_norm(g.reshape(n, -1), dim=1).double() ** 2
+    norms = sq.sqrt()                                                      # [n] flat L2 norms
+    finite = torch.isfinite(norms)
+    factor = torch.where(finite, (clip_norm / (norms + _CLIP_EPS)).clamp(max=1.0), torch.zeros_like(norms))
+    nonfinite = int((~finite).sum())
+    clipped = int((finite & (norms > clip_norm)).sum())
+    for name, g in grads.items():
+        if nonfinite:   # 0 * nan = nan: drop those rows explicitly (jax_privacy's _maybe_zero)
+            g = torch.where(finite.reshape(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        total[name] += torch.tensordot(factor.to(g.dtype), g, dims=1)    # sum_i factor_i g_i
+    return clipped, nonfinite
+
+
+def clipped_grad_sum(
+    model: nn.Module,
+    loss_fn: Callable,
+    *batch: torch.Tensor,
+    clip_norm: float,
+    chunk_size: int | None = None,
+    stats: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sum over the examples of the flat-clipped per-example gradients (no noise, not divided).
+
+    The batch is processed in physical chunks of `chunk_size` examples whose clipped sums
+    accumulate (memory ~ chunk_size per-example gradients); the result does not depend on it.
+
+    Args:
+        clip_norm: C > 0; each example's whole gradient is scaled by min(1, C / (||g_i|| + 1e-6)).
+        stats: if a dict, filled with batch_size, nonfinite (examples zeroed), clipped_fraction and
+            loss_mean (mean per-example loss; nan for an empty batch). These are NOT private.
+
+    Returns:
+        {parameter name: tensor of the parameter's shape}. An empty batch gives zeros.
+    """
+    validate_model(model)
+    _check_positive(clip_norm=clip_norm)
+    _check_chunk_size(chunk_size)
+    n = _check_batch(batch)
+    total = {name: torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
+             for name, p in model.named_parameters() if p.requires_grad}
+    clipped = nonfinite = 0
+    loss_sum = 0.0
+    step = n if chunk_size is None else chunk_size
+    for start in range(0, n, max(step, 1)):
+        part = [t[start:start + step] for t in batch]
+        grads, losses = _per_example(model, loss_fn, part, None)
+        c, nf = _clip_and_sum(grads, clip_norm, total)
+        del grads
+        clipped += c
+        nonfinite += nf
+        loss_sum += float(losses.double().sum())
+    if stats is not None:
+        stats.update(
+            batch_size=n,
+            nonfinite=nonfinite,
+            clipped_fraction=clipped / n if n else 0.0,
+            loss_mean=loss_sum / n if n else float("nan"),
+        )
+    return total
+
+
+def add_noise(
+    grad_sum: dict[str, torch.Tensor],
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    expected_batch_size: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """(grad_sum + N(0, (noise_multiplier * clip_norm)^2 I)) / expected_batch_size.
+
+    The Gaussian mechanism on a sum of sensitivity clip_norm (add/remove one example). Noise is
+    drawn once per parameter tensor, in the dict's order, from `generator` (the global generator if
+    None). Divide by the public expected batch size, never by the realised one.
+    """
+    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) \
+            or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
+    _check_positive(clip_norm=clip_norm, expected_batch_size=expected_batch_size)
+    noise_std = noise_multiplier * clip_norm
+    out = {}
+    for name, g in grad_sum.items():
+        if noise_std > 0:
+            device = generator.device if generator is not None else g.device
+            noise = torch.randn(g.shape, generator=generator, dtype=g.dtype, device=device).to(g.device)
+            g = g + noise_std * noise
+        out[name] = g / expected_batch_size
+    return out
+
+
+def private_grad(
+    model: nn.Module,
+    loss_fn: Callable,
+    *batch: torch.Tensor,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    stats: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """One DP-SGD gradient: clip each example's flat gradient to clip_norm, sum, add
+    N(0, (noise_multiplier * clip_norm)^2) once, divide by expected_batch_size.
+
+    An empty batch yields pure noise / expected_batch_size. Equals
+    `add_noise(clipped_grad_sum(...), ...)`; see those for the arguments.
+    """
+    # Check the noise arguments before spending the compute.
+    _check_positive(clip_norm=clip_norm, expected_batch_size=expected_batch_size)
+    grad_sum = clipped_grad_sum(model, loss_fn, *batch, clip_norm=clip_norm, chunk_size=chunk_size, stats=stats)
+    return add_noise(grad_sum, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                     expected_batch_size=expected_batch_size, generator=generator)

@@ -1,0 +1,339 @@
+"""The DP-SGD engine: per-example gradients against a loop (the oracle), clipping, sensitivity, noise."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats as st
+from torch import nn
+
+from dpdm import engine
+from dpdm.engine import add_noise, clipped_grad_sum, per_sample_grads, private_grad, validate_model
+from dpdm.loss import EDMLoss, engine_loss_fn
+from dpdm.networks import build_network
+from dpdm.precond import EDMPrecond
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and data
+
+
+def small_unet_case(B=3, K=2, res=8, dtype=F64, seed=0):
+    """The `small` U-Net (attention at the lowest resolution, class embedding) with EDM's loss."""
+    torch.manual_seed(seed)
+    net = build_network("small", img_resolution=res, img_channels=1, num_classes=10, init_scale=1.0)
+    D = EDMPrecond(net).to(dtype)
+    loss = EDMLoss()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.rand((B, 1, res, res), generator=g, dtype=dtype) * 2 - 1
+    y = torch.randint(0, 11, (B,), generator=g)
+    sigma, noise = loss.draw(B, K, (1, res, res), generator=g, dtype=dtype)
+    return D, engine_loss_fn(loss), (x, y, sigma, noise)
+
+
+class TokenNet(nn.Module):
+    """Conv stem (strided, grouped, bias-free, 1x1) + GroupNorm + SiLU + token and label embeddings +
+    single-head attention + linear head: every kind of layer the engine has rules for, and more."""
+
+    def __init__(self, vocab=7, classes=5, ch=8):
+        super().__init__()
+        self.conv = nn.Conv2d(2, ch, 3, padding=1)
+        self.down = nn.Conv2d(ch, ch, 3, stride=2, padding=1, groups=2, bias=False)
+        self.mix = nn.Conv2d(ch, ch, 1)
+        self.norm = nn.GroupNorm(2, ch)
+        self.norm_plain = nn.GroupNorm(4, ch, affine=False)
+        self.tok = nn.Embedding(vocab, ch)
+        self.label = nn.Embedding(classes, ch)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.head = nn.Linear(ch, classes)
+
+    def forward(self, img, tokens, labels):
+        h = F.silu(self.norm(self.conv(img)))                       # [N, ch, H, W]
+        h = self.mix(self.norm_plain(self.down(h)))                 # [N, ch, H/2, W/2]
+        seq = torch.cat([h.flatten(2).transpose(1, 2), self.tok(tokens)], dim=1)   # [N, T, ch]
+        seq = seq + self.label(labels)[:, None, :]
+        q, k, v = self.qkv(seq).chunk(3, dim=-1)
+        a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+        return self.head(F.silu(a).mean(dim=1))                     # [N, classes]
+
+
+def token_case(B=4, dtype=F64, seed=0):
+    torch.manual_seed(seed)
+    model = TokenNet().to(dtype)
+    img = torch.randn(B, 3, 2, 6, 6, dtype=dtype)      # 3 rows (views) per example
+    tokens = torch.randint(0, 7, (B, 3, 4))
+    labels = torch.randint(0, 5, (B,))
+    weight = torch.rand(B, dtype=dtype) + 0.5            # a per-example float input
+
+    def loss_fn(model, img, tokens, labels, weight):
+        # one example: img [1, 3, 2, 6, 6], tokens [1, 3, 4], labels [1], weight [1]
+        logits = model(img[0], tokens[0], labels.expand(3))                  # rows of this example
+        return weight[0] * F.cross_entropy(logits, labels.expand(3))
+
+    return model, loss_fn, (img, tokens, labels, weight)
+
+
+def loop_grads(model, loss_fn, batch):
+    """The oracle: one autograd.grad per example (opacus's microbatch check)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    out = {n: [] for n in params}
+    B = batch[0].shape[0]
+    for i in range(B):
+        loss = loss_fn(model, *[t[i:i + 1] for t in batch])
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            out[n].append(g)
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+def assert_grads_close(got, want, rtol=1e-6, atol=1e-12):
+    assert got.keys() == want.keys()
+    bad = []
+    for n in want:
+        if got[n].shape != want[n].shape:
+            bad.append(f"{n}: shape {tuple(got[n].shape)} != {tuple(want[n].shape)}")
+        elif not torch.allclose(got[n], want[n], rtol=rtol, atol=atol):
+            err = ((got[n] - want[n]).abs().max() / want[n].abs().max()).item()
+            bad.append(f"{n}: max relative error {err:.3g}")
+    assert not bad, "per-example gradients differ from the loop:\n" + "\n".join(bad)
+
+
+def by_hand(model, loss_fn, batch, clip_norm):
+    """sum_i g_i * min(1, C / (||g_i|| + 1e-6)), written out from the loop gradients."""
+    g = loop_grads(model, loss_fn, batch)
+    B = batch[0].shape[0]
+    norms = torch.sqrt(sum(v.reshape(B, -1).pow(2).sum(1) for v in g.values()))
+    factor = torch.clamp(clip_norm / (norms + 1e-6), max=1.0)
+    return {n: (v * factor.reshape(-1, *[1] * (v.dim() - 1))).sum(0) for n, v in g.items()}, norms
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-example gradients
+
+
+def test_per_sample_grads_match_loop_small_unet():
+    D, loss_fn, batch = small_unet_case()
+    got = per_sample_grads(D, loss_fn, *batch)
+    assert_grads_close(got, loop_grads(D, loss_fn, batch))
+
+
+def test_per_sample_grads_match_loop_attention_embeddings_several_inputs():
+    model, loss_fn, batch = token_case()
+    got = per_sample_grads(model, loss_fn, *batch)
+    assert_grads_close(got, loop_grads(model, loss_fn, batch))
+
+
+def test_per_layer_rules_agree_with_plain_vmap():
+    """The engine's rules change how, not what: same numbers as vmap(grad) without them."""
+    model, loss_fn, batch = token_case(B=3)
+    fast, loss_fast = engine._per_example(model, loss_fn, batch, None, rules=True)
+    plain, loss_plain = engine._per_example(model, loss_fn, batch, None, rules=False)
+    assert_grads_close(fast, plain, rtol=1e-10)
+    torch.testing.assert_close(loss_fast, loss_plain)
+
+
+def test_per_sample_grads_float32_and_frozen_parameters():
+    model, loss_fn, batch = token_case(B=3, dtype=torch.float32)
+    model.tok.weight.requires_grad_(False)
+    got = per_sample_grads(model, loss_fn, *batch)
+    assert "tok.weight" not in got and got["conv.weight"].dtype == torch.float32
+    want = loop_grads(model, loss_fn, batch)
+    assert_grads_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_per_sample_grads_chunked_equals_unchunked():
+    model, loss_fn, batch = token_case(B=5)
+    assert_grads_close(per_sample_grads(model, loss_fn, *batch, chunk_size=2),
+                       per_sample_grads(model, loss_fn, *batch), rtol=1e-12)
+
+
+def test_loss_fn_gets_the_module_and_one_example():
+    seen = {}
+
+    def loss_fn(model, x, y):
+        seen["model"], seen["shapes"] = model, (tuple(x.shape), tuple(y.shape))
+        return (model(x) * y).sum()
+
+    lin = nn.Linear(3, 1).double()
+    per_sample_grads(lin, loss_fn, torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64))
+    assert seen["model"] is lin and seen["shapes"] == ((1, 3), (1, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Clipping, sums, noise
+
+
+def test_private_grad_without_noise_is_clip_sum_divide():
+    D, loss_fn, batch = small_unet_case(B=4)
+    _, norms = by_hand(D, loss_fn, batch, clip_norm=1.0)
+    C = float(norms.median())                                       # some examples clipped, some not
+    want, norms = by_hand(D, loss_fn, batch, clip_norm=C)
+    assert (norms > C).any() and (norms < C).any()
+    stats = {}
+    got = private_grad(D, loss_fn, *batch, clip_norm=C, noise_multiplier=0.0, expected_batch_size=10.0, stats=stats)
+    assert_grads_close(got, {n: v / 10.0 for n, v in want.items()}, rtol=1e-8)
+    assert stats["batch_size"] == 4 and stats["nonfinite"] == 0
+    assert stats["clipped_fraction"] == pytest.approx(float((norms > C).double().mean()))
+    with torch.no_grad():
+        losses = [float(loss_fn(D, *[t[i:i + 1] for t in batch])) for i in range(4)]
+    assert stats["loss_mean"] == pytest.approx(sum(losses) / 4, rel=1e-10)
+
+
+def test_clipped_norms_at_most_clip_norm():
+    model, loss_fn, batch = token_case(B=4)
+    big = lambda m, *ex: 1e4 * loss_fn(m, *ex)     # noqa: E731  gradients far above the bound
+    C = 0.3
+    for i in range(4):
+        one = [t[i:i + 1] for t in batch]
+        g = clipped_grad_sum(model, big, *one, clip_norm=C)
+        norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
+        assert norm <= C * (1 + 1e-6), f"example {i}: clipped norm {float(norm)} > {C}"
+        assert norm >= C * (1 - 1e-4)   # and clipping does not shrink more than it must
+
+
+def _sum_diff_norm(a, b):
+    return float(torch.sqrt(sum((a[n] - b[n]).pow(2).sum() for n in a)))
+
+
+def _per_draw_clipped_sum(model, loss_fn, batch, clip_norm):
+    """A WRONG engine: treats each of an example's K draws as its own example, clips each and sums
+    over K (what feeding DPDM's B*K repeated rows to a per-row clipper does)."""
+    x, y, sigma, noise = batch
+    B, K = sigma.shape
+    rows = (x.repeat_interleave(K, 0), y.repeat_interleave(K, 0), sigma.reshape(B * K, 1),
+            noise.reshape(B * K, 1, *noise.shape[2:]))
+    return clipped_grad_sum(model, loss_fn, *rows, clip_norm=clip_norm)
+
+
+def test_sensitivity_replay_add_one_example():
+    """One step on D and on D plus one example, same randomness, no noise: the sums differ by <= C.
+    A per-draw clipping engine (sum over K of clipped draws) fails the same replay."""
+    D, loss_fn, batch = small_unet_case(B=4, K=4, seed=3)
+    big = lambda m, *ex: 1e3 * loss_fn(m, *ex)    # noqa: E731  every example hits the bound
+    C = 1.0
+    base = [t[:3] for t in batch]      # D: examples 0..2; D': plus example 3 (same draws throughout)
+    d = _sum_diff_norm(clipped_grad_sum(D, big, *batch, clip_norm=C), clipped_grad_sum(D, big, *base, clip_norm=C))
+    assert d <= C * (1 + 1e-6)
+    assert d >= 0.5 * C                 # the replay is sensitive: the added example is visible
+    wrong = _sum_diff_norm(_per_draw_clipped_sum(D, big, batch, C), _per_draw_clipped_sum(D, big, base, C))
+    assert wrong > C * (1 + 1e-6), f"per-draw engine moved the sum by only {wrong}"
+
+
+def test_noise_variance_with_zero_gradients_chi_square():
+    """Zero gradients: private_grad is pure noise, per coordinate N(0, (noise_multiplier*C/B)^2)."""
+    model = nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 50)).double()   # 15,150 coordinates
+    zero_loss = lambda m, x: 0.0 * m(x).sum()     # noqa: E731
+    nm, C, B = 1.3, 0.7, 17.0
+    x = torch.randn(5, 100, dtype=F64)
+    out = private_grad(model, zero_loss, x, clip_norm=C, noise_multiplier=nm, expected_batch_size=B,
+                       generator=torch.Generator().manual_seed(11))
+    z = torch.cat([v.flatten() for v in out.values()]) / (nm * C / B)
+    n = z.numel()
+    q = float(z.pow(2).sum())
+    p = 2 * min(st.chi2.cdf(q, n), st.chi2.sf(q, n))      # two-sided chi-square test of the variance
+    assert p > 1e-6, f"noise variance off: sum z^2 = {q:.1f} for {n} coordinates (p = {p:.2g})"
+    assert abs(float(z.mean())) * math.sqrt(n) < 5.0       # centred
+
+
+def test_private_grad_is_add_noise_of_clipped_sum():
+    model, loss_fn, batch = token_case(B=3)
+    kw = dict(clip_norm=0.2, noise_multiplier=0.8, expected_batch_size=4.0)
+    got = private_grad(model, loss_fn, *batch, generator=torch.Generator().manual_seed(5), **kw)
+    s = clipped_grad_sum(model, loss_fn, *batch, clip_norm=kw["clip_norm"])
+    want = add_noise(s, generator=torch.Generator().manual_seed(5), **kw)
+    assert_grads_close(got, want, rtol=1e-12)
+    # and the noise is really there
+    assert _sum_diff_norm(got, {n: v / 4.0 for n, v in s.items()}) > 0.1
+
+
+def test_empty_batch_is_pure_noise_over_expected_batch_size():
+    model, loss_fn, batch = token_case(B=3)
+    empty = [t[:0] for t in batch]
+    stats = {}
+    kw = dict(clip_norm=0.5, noise_multiplier=1.1, expected_batch_size=8.0)
+    got = private_grad(model, loss_fn, *empty, generator=torch.Generator().manual_seed(2), stats=stats, **kw)
+    zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    want = add_noise(zeros, generator=torch.Generator().manual_seed(2), **kw)
+    assert_grads_close(got, want, rtol=1e-12)
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in got.values())
+    assert stats["batch_size"] == 0 and stats["nonfinite"] == 0 and math.isnan(stats["loss_mean"])
+    g = per_sample_grads(model, loss_fn, *empty)
+    assert all(v.shape[0] == 0 for v in g.values())
+
+
+def test_chunked_equals_unchunked():
+    D, loss_fn, batch = small_unet_case(B=5)
+    C = 0.5
+    whole = clipped_grad_sum(D, loss_fn, *batch, clip_norm=C)
+    for chunk in (1, 2, 5, 64):
+        stats = {}
+        part = clipped_grad_sum(D, loss_fn, *batch, clip_norm=C, chunk_size=chunk, stats=stats)
+        assert_grads_close(part, whole, rtol=1e-10)
+        assert stats["batch_size"] == 5
+
+
+def test_nonfinite_examples_are_zeroed_and_counted():
+    model, loss_fn, batch = token_case(B=4)
+    img = batch[0].clone()
+    img[1, 0, 0, 0, 0] = float("nan")
+    img[3, 1, 1, 2, 2] = float("inf")
+    bad = (img, *batch[1:])
+    stats = {}
+    got = clipped_grad_sum(model, loss_fn, *bad, clip_norm=1.0, stats=stats)
+    assert stats["nonfinite"] == 2
+    keep = [t[[0, 2]] for t in batch]
+    assert_grads_close(got, clipped_grad_sum(model, loss_fn, *keep, clip_norm=1.0), rtol=1e-10)
+    noisy = private_grad(model, loss_fn, *bad, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4.0)
+    assert all(torch.isfinite(v).all() for v in noisy.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize("layer, name", [
+    (nn.BatchNorm2d(4), "BatchNorm2d"),
+    (nn.SyncBatchNorm(4), "SyncBatchNorm"),
+    (nn.InstanceNorm2d(4, track_running_stats=True), "InstanceNorm2d"),
+])
+def test_cross_example_layers_rejected_by_name(layer, name):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), layer)
+    with pytest.raises(ValueError, match=name) as info:
+        validate_model(model)
+    assert "GroupNorm" in str(info.value) and "1" in str(info.value)   # module path "1" and the fix
+    x = torch.randn(2, 1, 5, 5)
+    with pytest.raises(ValueError, match=name):
+        private_grad(model, lambda m, x: m(x).sum(), x, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=2)
+
+
+def test_per_example_layers_accepted():
+    validate_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4), nn.LayerNorm(3)))
+
+
+def test_bad_inputs_raise_value_error():
+    model, loss_fn, batch = token_case(B=3)
+    with pytest.raises(ValueError, match="leading sizes"):
+        per_sample_grads(model, loss_fn, batch[0], batch[1][:2], *batch[2:])
+    with pytest.raises(ValueError, match="scalar"):
+        per_sample_grads(model, lambda m, *ex: m(ex[0][0], ex[1][0], ex[2].expand(3)), *batch[:3])
+    with pytest.raises(ValueError, match="clip_norm"):
+        clipped_grad_sum(model, loss_fn, *batch, clip_norm=0.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        private_grad(model, loss_fn, *batch, clip_norm=1.0, noise_multiplier=-1.0, expected_batch_size=3)
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        private_grad(model, loss_fn, *batch, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        clipped_grad_sum(model, loss_fn, *batch, clip_norm=1.0, chunk_size=0)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        per_sample_grads(model, loss_fn)

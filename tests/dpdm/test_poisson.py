@@ -1,0 +1,89 @@
+"""Poisson batch selection: Binomial batch sizes, per-index rate, determinism in (seed, step)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as st
+
+from dpdm.data import PoissonSampler
+
+
+def _gof_pvalue(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Chi-square goodness of fit, merging tail bins until every expected count is >= 5."""
+    obs, exp = [], []
+    o_acc = e_acc = 0.0
+    for o, e in zip(observed, expected):
+        o_acc += o
+        e_acc += e
+        if e_acc >= 5:
+            obs.append(o_acc)
+            exp.append(e_acc)
+            o_acc = e_acc = 0.0
+    obs[-1] += o_acc
+    exp[-1] += e_acc
+    return float(st.chisquare(obs, exp).pvalue)
+
+
+def test_batch_sizes_are_binomial():
+    N, q, steps = 300, 0.04, 4000
+    s = PoissonSampler(N, q, seed=7)
+    sizes = np.array([len(s.batch(t)) for t in range(steps)])
+    observed = np.bincount(sizes, minlength=N + 1)[: N + 1]
+    expected = steps * st.binom.pmf(np.arange(N + 1), N, q)
+    p = _gof_pvalue(observed, expected)
+    assert p > 1e-6, f"batch sizes do not look Binomial({N}, {q}): p = {p:.2g}"
+    assert s.expected_batch_size == pytest.approx(N * q)
+
+
+def test_each_index_included_at_the_sample_rate():
+    N, q, steps = 50, 0.1, 3000
+    s = PoissonSampler(N, q, seed=1)
+    counts = np.zeros(N)
+    for t in range(steps):
+        counts[s.batch(t).numpy()] += 1
+    p = float(st.chisquare(counts, np.full(N, counts.mean())).pvalue)   # uniform across indices
+    assert p > 1e-6
+    assert abs(counts.sum() / (N * steps) - q) < 5 * np.sqrt(q * (1 - q) / (N * steps))
+
+
+def test_batch_is_a_pure_function_of_seed_and_step():
+    a, b = PoissonSampler(1000, 0.05, seed=3), PoissonSampler(1000, 0.05, seed=3)
+    later = a.batch(9)
+    torch.manual_seed(123)                      # the global torch RNG plays no part
+    np.random.seed(5)
+    assert torch.equal(b.batch(9), later)       # any order of calls, any instance
+    assert torch.equal(a.batch(9), later)
+    assert not torch.equal(a.batch(8), later)
+    assert not torch.equal(PoissonSampler(1000, 0.05, seed=4).batch(9), later)
+
+
+def test_indices_sorted_unique_int64_in_range():
+    idx = PoissonSampler(500, 0.3, seed=0).batch(2)
+    assert idx.dtype == torch.int64 and idx.dim() == 1
+    assert torch.equal(idx, torch.unique(idx)) and idx.min() >= 0 and idx.max() < 500
+
+
+def test_empty_batches_happen_and_are_empty_tensors():
+    s = PoissonSampler(10, 0.02, seed=0)
+    sizes = [len(s.batch(t)) for t in range(200)]
+    assert sizes.count(0) > 100            # P(empty) = 0.98^10 ~ 0.82
+    empty = next(s.batch(t) for t in range(200) if len(s.batch(t)) == 0)
+    assert empty.shape == (0,) and empty.dtype == torch.int64
+    assert len(PoissonSampler(7, 1.0, seed=0).batch(0)) == 7   # q = 1: the full dataset
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(dataset_size=0, sample_rate=0.1, seed=0), "dataset_size"),
+    (dict(dataset_size=10, sample_rate=0.0, seed=0), "sample_rate"),
+    (dict(dataset_size=10, sample_rate=1.5, seed=0), "sample_rate"),
+    (dict(dataset_size=10, sample_rate=float("nan"), seed=0), "sample_rate"),
+    (dict(dataset_size=10, sample_rate=0.1, seed=-1), "seed"),
+])
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        PoissonSampler(**kwargs)
+
+
+def test_bad_step():
+    with pytest.raises(ValueError, match="step"):
+        PoissonSampler(10, 0.1, seed=0).batch(-1)
