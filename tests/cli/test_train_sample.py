@@ -1,0 +1,168 @@
+"""`dpdm train` / `dpdm sample` / `dpdm eval` end to end on tiny data, through the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import accounting
+from cli.main import main
+from dpdm import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
+    y = (np.arange(24) % 3).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    np.savez(tmp_path / "test.npz", x=x[:12], y=y[:12])
+    np.savez(tmp_path / "other.npz", x=np.concatenate([x, x[:1]]), y=np.concatenate([y, y[:1]]))
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=4, noise_multiplier=2.0,
+                                  noise_multiplicity=2, delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
+    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
+    return tmp_path
+
+
+def _train_args(d, out, *extra):
+    return ["train", "--plan", d / "plan.json", "--out", out, "--device", "cpu", "--quiet",
+            "--checkpoint-every", "2", *extra]
+
+
+def test_train_sample_eval_end_to_end(tiny, capsys):
+    d = tiny
+    code, out, err = run_cli(_train_args(d, d / "run", "--json"), capsys)
+    assert code == 0, err
+    doc = json.loads(out)  # one JSON document on stdout, nothing else
+    assert doc["steps_done"] == 4 and doc["private"] is True
+    assert doc["plan_digest"] == accounting.load_plan(d / "plan.json").digest
+    assert doc["epsilon_spent"] == pytest.approx(accounting.epsilon_spent(accounting.load_plan(d / "plan.json").plan, 4))
+    assert (d / "run" / "metrics.csv").exists() and (d / "run" / "plan.json").exists()
+
+    code, out, err = run_cli(["sample", "--run", d / "run", "--n", 7, "--sampler-steps", 4, "--out", d / "s.npz",
+                              "--grid", d / "grid.png", "--batch-size", 3, "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    with np.load(d / "s.npz") as z:
+        assert z["x"].dtype == np.uint8 and z["x"].shape == (7, 1, 8, 8)
+        assert z["y"].tolist() == [i % 3 for i in range(7)]
+        assert bool(z["meta_private"]) is True
+    assert (d / "grid.png").stat().st_size > 0
+    assert json.loads(out)["epsilon"] == pytest.approx(doc["epsilon_spent"])
+
+    code, out, err = run_cli(["eval", "--samples", d / "s.npz", "--dataset", f"npz:{d / 'data.npz'}",
+                              "--test-dataset", f"npz:{d / 'test.npz'}", "--epochs", 1, "--reference-epochs", 1,
+                              "--cache-dir", d / "cache", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    for kind in ("logreg", "mlp", "cnn"):
+        assert 0.0 <= report["classifiers"][kind]["test_accuracy"] <= 1.0
+    assert np.isfinite(report["classifier_fd"]["value"])
+
+    # The run is finished: no command takes it further.
+    code, out, err = run_cli(_train_args(d, d / "run", "--resume"), capsys)
+    assert code == 2 and "finished" in err and len(err.strip().splitlines()) == 1
+
+
+def _one_error_line(code, err):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpdm: error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_tampered_plan_refused_and_nothing_written(tiny, capsys):
+    d = tiny
+    doc = json.loads((d / "plan.json").read_text())
+    doc["noise_multiplier"] = doc["noise_multiplier"] / 2
+    (d / "bad.json").write_text(json.dumps(doc))
+    code, _, err = run_cli(["train", "--plan", d / "bad.json", "--out", d / "run", "--quiet"], capsys)
+    line = _one_error_line(code, err)
+    assert "--plan" in line
+    assert not (d / "run").exists()
+
+
+def test_wrong_size_data_refused(tiny, capsys):
+    d = tiny
+    code, _, err = run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'other.npz'}"), capsys)
+    line = _one_error_line(code, err)
+    assert "25" in line and "24" in line
+    assert not (d / "run").exists()
+
+
+def test_wrong_image_shape_refused(tiny, capsys):
+    d = tiny
+    np.savez(d / "flat.npz", x=np.zeros((24, 64), dtype=np.uint8), y=np.zeros(24, dtype=np.int64))
+    code, _, err = run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'flat.npz'}"), capsys)
+    _one_error_line(code, err)
+
+
+def test_corrupt_checkpoint_refused_by_sample(tiny, capsys):
+    d = tiny
+    (d / "bad.pt").write_bytes(b"\x80\x04garbage")
+    code, _, err = run_cli(["sample", "--checkpoint", d / "bad.pt", "--n", 2, "--out", d / "s.npz"], capsys)
+    _one_error_line(code, err)
+    assert not (d / "s.npz").exists()
+
+
+def test_existing_run_not_overwritten(tiny, capsys):
+    d = tiny
+    assert run_cli(_train_args(d, d / "run"), capsys)[0] == 0
+    before = (d / "run" / "checkpoint.pt").read_bytes()
+    code, _, err = run_cli(_train_args(d, d / "run"), capsys)
+    assert "--resume" in _one_error_line(code, err)
+    assert (d / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    """A real SIGKILL mid-run: the resumed run ends at plan.steps with the same parameters."""
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "data.npz", x=rng.integers(0, 256, size=(32, 1, 8, 8), dtype=np.uint8),
+             y=(np.arange(32) % 4).astype(np.int64))
+    plan = accounting.PrivacyPlan(dataset_size=32, batch_size=8, steps=40, noise_multiplier=3.0,
+                                  noise_multiplicity=2, delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
+    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "cli.main", "train", "--plan", str(tmp_path / "plan.json"), "--out", str(out),
+                "--device", "cpu", "--quiet", "--checkpoint-every", "3", "--seed", "7", *extra]
+
+    subprocess.run(cmd(tmp_path / "full"), env=env, check=True, timeout=300, cwd=ROOT)
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, cwd=ROOT)
+    ck = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if ck.exists() and proc.poll() is None:
+            try:
+                if ckpt.load_checkpoint(ck)["ledger"]["steps_done"] >= 6:
+                    break
+            except ckpt.CheckpointError:
+                pass  # never happens with atomic writes; tolerated while polling
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_at_kill = ckpt.load_checkpoint(ck)["ledger"]["steps_done"]
+    assert 0 < steps_at_kill < 40, "the run finished before it could be killed; make it longer"
+    subprocess.run(cmd(tmp_path / "killed", "--resume"), env=env, check=True, timeout=300, cwd=ROOT)
+    a = ckpt.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = ckpt.load_checkpoint(ck)
+    assert a["ledger"] == b["ledger"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
