@@ -147,9 +147,13 @@ def run_audit(
     private = bool(ledger["private"])
     torch_threads = torch.get_num_threads()
     t0 = time.perf_counter()
+    # A canary run of fewer steps than the plan is held to the epsilon of THAT run (the plan's
+    # per-step mechanism composed over cfg.steps), which is smaller and gives the audit more power.
+    canary_steps = int(cfg.steps or plan.steps)
+    canary_claim = min(doc.epsilon, accounting.epsilon_spent(plan, canary_steps))
     canary = canary_audit(
         plan, data.x, data.y if num_classes > 0 else None, num_classes, cfg,
-        claimed_epsilon=doc.epsilon, significance=alpha_bounds, private=private,
+        claimed_epsilon=canary_claim, significance=alpha_bounds, private=private,
         pool_x=pool_x, pool_y=pool_y, progress=progress,
     )
     t_canary = time.perf_counter() - t0

@@ -37,7 +37,7 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
 
     try:
         doc = accounting.load_plan(plan_path)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, accounting.AccountingError) as e:
         raise BadInput(f"--plan={plan_path!r}: {e}") from None
     name = dataset or doc.plan.dataset_name
     if not name:
@@ -47,14 +47,14 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
                        f"with --test-dataset npz:PATH or folder:PATH")
     try:
         train = load_dataset(name, "train", data_root=data_root, download=download)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise BadInput(f"--dataset={name!r}: {e}") from None
     if len(train) != doc.plan.dataset_size:
         raise BadInput(f"--dataset={name!r} has {len(train)} training images but the plan was made "
                        f"for dataset_size={doc.plan.dataset_size}")
     try:
         test = load_dataset(test_dataset or name, "test", data_root=data_root, download=download)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise BadInput(f"--test-dataset={test_dataset or name!r}: {e}") from None
     try:
         result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,

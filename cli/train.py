@@ -25,7 +25,8 @@ from cli.errors import BadInput
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None,
+              help="Fix the batches and noise (tests, reproduction). Default: a secret random seed, kept in the checkpoint.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
@@ -41,7 +42,7 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, devi
 
     try:
         doc = accounting.load_plan(plan_path)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, accounting.AccountingError) as e:
         raise BadInput(f"--plan={plan_path!r}: {e}") from None
     name = dataset or doc.plan.dataset_name
     if not name:

@@ -297,7 +297,7 @@ def _per_example(
         return loss
 
     fn = vmap(grad_and_value(loss_one), in_dims=(None,) + (0,) * len(batch), chunk_size=chunk_size,
-              randomness="different")
+              randomness="error")
     if rules:
         with _PerLayerRules():
             grads, losses = fn(params, *batch)

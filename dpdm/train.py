@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,7 +57,8 @@ class TrainConfig:
     physical_batch: int | None = None    # examples per vmap chunk (memory knob)
     checkpoint_every: int = 100          # steps between checkpoints (and at the end)
     log_every: int = 10                  # steps between metrics rows
-    seed: int = 0                        # batches, diffusion noise and DP noise derive from it
+    seed: int | None = None              # batches, diffusion and DP noise derive from it; None: a secret
+                                         # random seed (kept in the checkpoint only, reused on resume)
     device: str = "cpu"
     private: bool = True                 # False: --no-dp baseline, marked non-private everywhere
 
@@ -65,6 +68,8 @@ class TrainConfig:
         for name in ("checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ValueError(f"seed={self.seed!r} must be in [0, 2**63)")
         if self.physical_batch is not None and self.physical_batch < 1:
             raise ValueError(f"physical_batch={self.physical_batch!r} must be >= 1")
 
@@ -73,6 +78,15 @@ def step_seed(seed: int, step: int, stream: int) -> int:
     """A 63-bit seed that is a pure function of (seed, step, stream)."""
     state = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def data_fingerprint(x: torch.Tensor, y: torch.Tensor | None) -> str:
+    """sha256 of the training images and labels: a resumed run must see the same data."""
+    h = hashlib.sha256()
+    h.update(x.detach().cpu().contiguous().numpy().tobytes())
+    if y is not None:
+        h.update(y.detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -131,18 +145,20 @@ class _Dist:
 
     rank: int = 0
     world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @classmethod
-    def current(cls) -> "_Dist":
+    def current(cls, device: str | torch.device = "cpu") -> "_Dist":
+        """The default process group; `device` is where collectives' tensors live (cuda for NCCL)."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
-        return cls()
+            return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), device=torch.device(device))
+        return cls(device=torch.device(device))
 
     def shard(self, indices: torch.Tensor) -> torch.Tensor:
         return indices[self.rank :: self.world_size]
@@ -165,9 +181,19 @@ class _Dist:
             return values
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
+        return t.cpu().tolist()
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's `value` on every rank."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
 
     def check_same_params(self, model: torch.nn.Module) -> None:
         """Raises if parameters differ across ranks (a checksum compared at each checkpoint)."""
@@ -176,7 +202,8 @@ class _Dist:
         import torch.distributed as dist
 
         local = torch.tensor(
-            [float(sum(p.detach().double().sum() for p in model.parameters()))], dtype=torch.float64
+            [float(sum(p.detach().double().sum() for p in model.parameters()))], dtype=torch.float64,
+            device=self.device,
         )
         gathered = [torch.zeros_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local)
@@ -219,7 +246,7 @@ def train(
             another plan, a run that already finished.
     """
     plan = plan_doc.plan
-    dist = _Dist.current()
+    dist = _Dist.current(config.device)
     out = Path(out_dir)
     n = int(x.shape[0])
     if config.private and n != plan.dataset_size:
@@ -251,6 +278,19 @@ def train(
         raise TrainError(f"nothing to resume: {str(ckpt_path)!r} does not exist")
 
     device = torch.device(config.device)
+    data_digest = data_fingerprint(x, y)
+    if state is not None:
+        saved_seed = int(state["config"]["train"]["seed"])
+        if config.seed is not None and config.seed != saved_seed:
+            raise TrainError("cannot resume with another --seed: the run's batches and noise derive from its own seed")
+        if state["config"].get("data_digest") not in (None, data_digest):
+            raise TrainError("cannot resume on other data: the images differ from those the run was trained on")
+        seed = saved_seed
+    elif config.seed is not None:
+        seed = config.seed
+    else:
+        # A public seed would let anyone replay the Poisson batches and the noise: draw a secret one.
+        seed = dist.broadcast_int(secrets.randbits(62))
     run_config = {
         "model": config.model,
         "precond": config.precond,
@@ -259,7 +299,8 @@ def train(
         "img_channels": int(x.shape[1]),
         "num_classes": int(num_classes),
         "dataset": dataset_name,
-        "train": asdict(config),
+        "data_digest": data_digest,
+        "train": {**asdict(config), "seed": seed},
     }
     if state is not None:
         saved = state["config"]
@@ -268,7 +309,7 @@ def train(
                 raise TrainError(f"cannot resume: the run used {key}={saved[key]!r}, now {run_config[key]!r}")
         run_config["sigma_data"] = saved["sigma_data"]
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     D = build_denoiser(run_config).to(device)
     validate_model(D)
     ema = EMA(D, config.ema_decay)
@@ -284,19 +325,23 @@ def train(
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "plan.json", plan_doc.to_dict())
-        _write_json(out / "config.json", {**run_config, "private": config.private})
+        public = {**run_config, "train": {**run_config["train"], "seed": "(secret: in checkpoint.pt only)"},
+                  "private": config.private}
+        _write_json(out / "config.json", public)
 
     loss_obj = VLoss() if config.precond == "v" else EDMLoss(sigma_data=run_config["sigma_data"])
     conditional = num_classes > 0 and y is not None
     loss_fn = engine_loss_fn(loss_obj, conditional=conditional)
-    sampler = PoissonSampler(plan.dataset_size if config.private else n, plan.sample_rate, seed=config.seed)
+    sampler = PoissonSampler(plan.dataset_size if config.private else n, plan.sample_rate, seed=seed)
     K = plan.noise_multiplicity
     x_dev = x.to(device)
     y_dev = y.to(device) if conditional else None
     params = dict(D.named_parameters())
 
     def ledger_at(steps: int) -> Ledger:
-        eps = accounting.epsilon_spent(plan, steps) if config.private else math.inf
+        # epsilon after a prefix of the steps is at most the epsilon of all of them, so the plan's
+        # certificate (PLD, or PRV's upper bound where tighter) also bounds every prefix.
+        eps = min(accounting.epsilon_spent(plan, steps), plan_doc.epsilon) if config.private else math.inf
         return Ledger(plan_doc.digest, plan.steps, steps, eps, plan.delta, config.private)
 
     def save(steps: int) -> Ledger:
@@ -322,6 +367,8 @@ def train(
     writer = None
     if dist.is_main:
         new_file = not metrics_path.exists() or steps_done == 0
+        if not new_file:
+            _truncate_metrics(metrics_path, steps_done)  # rows logged after the checkpoint are redone
         metrics_file = open(metrics_path, "w" if new_file else "a", newline="")
         writer = csv.writer(metrics_file)
         if new_file:
@@ -342,7 +389,7 @@ def train(
             step = steps_done
             idx = sampler.batch(step).to(device)
             local = dist.shard(idx)
-            g_diff = _generator(step_seed(config.seed, step, _STREAM_DIFFUSION), device)
+            g_diff = _generator(step_seed(seed, step, _STREAM_DIFFUSION), device)
             # Every rank draws the diffusion randomness of the whole logical batch, then takes its
             # shard, so the result does not depend on the number of ranks.
             y_b = None
@@ -359,7 +406,7 @@ def train(
                 grads = distributed_private_grad(
                     D, loss_fn, *batch, clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
                     expected_batch_size=plan.batch_size,
-                    noise_seed=step_seed(config.seed, step, _STREAM_DP_NOISE),
+                    noise_seed=step_seed(seed, step, _STREAM_DP_NOISE),
                     chunk_size=config.physical_batch, stats=stats, dist=dist)
                 loss_sum, count = dist.all_reduce_scalars(
                     [float(stats.get("loss_mean", 0.0)) * len(local) if len(local) else 0.0, float(len(local))])
@@ -444,6 +491,14 @@ def distributed_private_grad(
                              expected_batch_size=1.0, generator=_generator(noise_seed, device))
     dist.all_reduce_(grad_sum)
     return {k: v / expected_batch_size for k, v in grad_sum.items()}
+
+
+def _truncate_metrics(path: Path, steps_done: int) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= steps_done]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _maybe_inject_fault(rank: int, steps_done: int) -> None:

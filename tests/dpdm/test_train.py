@@ -43,7 +43,8 @@ def test_run_ends_at_plan_steps_with_ledger(tmp_path):
     ledger = ckpt.load_checkpoint(out / CHECKPOINT_NAME)["ledger"]
     assert ledger["steps_done"] == doc.plan.steps
     assert ledger["plan_digest"] == doc.digest
-    assert ledger["epsilon_spent"] == pytest.approx(accounting.epsilon_spent(doc.plan, doc.plan.steps), rel=1e-9)
+    expected = min(accounting.epsilon_spent(doc.plan, doc.plan.steps), doc.epsilon)
+    assert ledger["epsilon_spent"] == pytest.approx(expected, rel=1e-9)
     assert ledger["epsilon_spent"] <= doc.epsilon * (1 + 1e-9)
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + doc.plan.steps
@@ -78,6 +79,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     a, b = params_of(full), params_of(part)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    steps_logged = [int(r.split(",")[0]) for r in (part / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps_logged == list(range(1, 8))  # rows after the checkpoint were redone, not duplicated
     ea, eb = params_of(full, "ema"), params_of(part, "ema")
     for k in ea:
         torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=0)
@@ -160,3 +163,25 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
         ckpt.save_checkpoint(state, out / CHECKPOINT_NAME)
     assert (out / CHECKPOINT_NAME).read_bytes() == before
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_seed_is_secret_by_default_and_fixed_on_resume(tmp_path):
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=4)
+    out = tmp_path / "run"
+    cfg = {**CFG, "seed": None}
+
+    def die_at_3(steps_done):
+        if steps_done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(doc, x, y, c, out, TrainConfig(**cfg), progress=False, on_step=die_at_3)
+    seed = ckpt.load_checkpoint(out / CHECKPOINT_NAME)["config"]["train"]["seed"]
+    assert isinstance(seed, int) and seed != 0
+    assert str(seed) not in (out / "config.json").read_text()  # not in the human-readable files
+    with pytest.raises(TrainError, match="another --seed"):
+        train(doc, x, y, c, out, TrainConfig(**{**CFG, "seed": seed + 1}), resume=True, progress=False)
+    with pytest.raises(TrainError, match="other data"):
+        train(doc, x.flip(0), y, c, out, TrainConfig(**cfg), resume=True, progress=False)
+    assert train(doc, x, y, c, out, TrainConfig(**cfg), resume=True, progress=False)["steps_done"] == 4
