@@ -16,8 +16,8 @@ import click
 from cli._common import info, resolve_device
 
 # The demo's plan: mnist5k (N = 4000), expected batch 128 (sample rate 0.032), K = 2, eps 10 at delta 1e-5:
-# about 4 minutes of training on 2 cores. benchmarks/quality.py trains longer for quality.
-DEMO = dict(epsilon=10.0, delta=1e-5, batch_size=128, steps=150, noise_multiplicity=2, clip_norm=1.0)
+# about 5-8 minutes of training on 2 cores. benchmarks/quality.py trains longer for quality.
+DEMO = dict(epsilon=10.0, delta=1e-5, batch_size=128, steps=300, noise_multiplicity=2, clip_norm=1.0)
 DEMO_MODEL = "small"
 DEMO_SAMPLES = 1000
 DEMO_SAMPLER_STEPS = 30
