@@ -11,15 +11,7 @@ import click
 
 from cli.errors import BadInput, runtime_failure
 
-# Dataset sizes (training split); dpdm.datasets.DATASET_SIZES must agree.
-DATASET_SIZES = {
-    "mnist5k": 4000,
-    "digits": 1797,
-    "mnist": 60000,
-    "fashion-mnist": 60000,
-    "cifar10": 50000,
-    "celeba": 162770,
-}
+from dpdm.dataset_sizes import DATASET_SIZES  # noqa: E402  (one table, torch-free)
 
 # Defaults of a plain `dpdm plan --eps E --delta D`: mnist5k on a CPU. An expected batch of 256
 # keeps the sample rate (0.064) near the paper's 1/15, so the noise multiplier behaves as in the

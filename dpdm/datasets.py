@@ -48,15 +48,7 @@ __all__ = [
     "to_uint8",
 ]
 
-# Training-split sizes; the plan's dataset_size must equal these (accounting keeps the same table).
-DATASET_SIZES: dict[str, int] = {
-    "mnist5k": 4000,
-    "digits": 1797,
-    "mnist": 60000,
-    "fashion-mnist": 60000,
-    "cifar10": 50000,
-    "celeba": 162770,
-}
+from dpdm.dataset_sizes import DATASET_SIZES  # noqa: E402  (one table, torch-free)
 TEST_SIZES: dict[str, int] = {
     "mnist5k": 1000,
     "mnist": 10000,

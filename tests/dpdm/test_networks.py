@@ -10,13 +10,6 @@ from dpdm.precond import EDMPrecond
 ALLOWED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.Embedding, nn.SiLU)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_mnist_preset_matches_paper_count():

@@ -20,13 +20,6 @@ from dpdm.sampling import (
 SAMPLERS = [sample_euler, sample_heun, sample_churn]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class PointD:
