@@ -44,3 +44,35 @@ def warn(message: str) -> None:
 
 def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+def load_locked_plan(plan_path: str):
+    """`accounting.load_plan` with every failure turned into one `--plan=...` error line."""
+    import accounting
+    from cli.errors import BadInput
+
+    try:
+        return accounting.load_plan(plan_path)
+    except (ValueError, OSError, accounting.AccountingError) as e:
+        raise BadInput(f"--plan={plan_path!r}: {e}") from None
+
+
+def plan_dataset_name(doc, dataset: str | None) -> str:
+    """--dataset, or the dataset the plan names."""
+    from cli.errors import BadInput
+
+    name = dataset or doc.plan.dataset_name
+    if not name:
+        raise BadInput("--dataset is required: the plan names no dataset")
+    return name
+
+
+def load_training_data(name: str, *, data_root, download: bool):
+    """The training split of `name`, or one `--dataset=...` error line."""
+    from cli.errors import BadInput
+    from dpdm.datasets import load_dataset
+
+    try:
+        return load_dataset(name, "train", data_root=data_root, download=download)
+    except (ValueError, OSError) as e:  # DataError is a ValueError
+        raise BadInput(f"--dataset={name!r}: {e}") from None

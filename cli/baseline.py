@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli._common import emit_json, resolve_device
+from cli._common import emit_json, load_locked_plan, load_training_data, plan_dataset_name, resolve_device
 from cli.errors import BadInput
 
 
@@ -31,24 +31,15 @@ def baseline() -> None:
 def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, physical_batch, device,
                   seed, as_json, quiet):
     """A CNN (GroupNorm) trained directly with DP-SGD under the plan; prints its real test accuracy."""
-    import accounting
     from dpdm.baseline import DEFAULT_LR, train_dp_classifier
     from dpdm.datasets import is_path_dataset, load_dataset
 
-    try:
-        doc = accounting.load_plan(plan_path)
-    except (ValueError, OSError, accounting.AccountingError) as e:
-        raise BadInput(f"--plan={plan_path!r}: {e}") from None
-    name = dataset or doc.plan.dataset_name
-    if not name:
-        raise BadInput("--dataset is required: the plan names no dataset")
+    doc = load_locked_plan(plan_path)
+    name = plan_dataset_name(doc, dataset)
     if test_dataset is None and (is_path_dataset(name) or name == "digits"):
         raise BadInput(f"--dataset={name!r} has no held-out split; give the real held-out images "
                        f"with --test-dataset npz:PATH or folder:PATH")
-    try:
-        train = load_dataset(name, "train", data_root=data_root, download=download)
-    except (ValueError, OSError) as e:
-        raise BadInput(f"--dataset={name!r}: {e}") from None
+    train = load_training_data(name, data_root=data_root, download=download)
     if len(train) != doc.plan.dataset_size:
         raise BadInput(f"--dataset={name!r} has {len(train)} training images but the plan was made "
                        f"for dataset_size={doc.plan.dataset_size}")

@@ -5,7 +5,8 @@ import os
 
 import click
 
-from cli._common import emit_json, info, resolve_device, warn
+from cli._common import (emit_json, info, load_locked_plan, load_training_data, plan_dataset_name,
+                         resolve_device, warn)
 from cli.errors import BadInput
 
 
@@ -34,23 +35,13 @@ from cli.errors import BadInput
 def train(plan_path, out_dir, dataset, data_root, download, model, precond, device, physical_batch, lr,
           checkpoint_every, log_every, seed, resume, no_dp, as_json, quiet):
     """Train a diffusion model with DP-SGD under a locked plan."""
-    import accounting
     from dpdm import checkpoint as ckpt
-    from dpdm.datasets import DataError, load_dataset
     from dpdm.train import TrainConfig, TrainError
     from dpdm.train import train as run_training
 
-    try:
-        doc = accounting.load_plan(plan_path)
-    except (ValueError, OSError, accounting.AccountingError) as e:
-        raise BadInput(f"--plan={plan_path!r}: {e}") from None
-    name = dataset or doc.plan.dataset_name
-    if not name:
-        raise BadInput("--dataset is required: the plan names no dataset")
-    try:
-        data = load_dataset(name, "train", data_root=data_root, download=download)
-    except (DataError, ValueError, OSError) as e:
-        raise BadInput(f"--dataset={name!r}: {e}") from None
+    doc = load_locked_plan(plan_path)
+    name = plan_dataset_name(doc, dataset)
+    data = load_training_data(name, data_root=data_root, download=download)
     if no_dp:
         warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
     from dpdm import distributed
