@@ -1,6 +1,6 @@
 """Examples per second of the private step with 1 and 2 ranks on CPU (gloo, one thread each).
 
-    python benchmarks/distributed.py [--batch 32] [--K 4] [--preset small] [--iters 5]
+    python benchmarks/distributed.py [--batch 128] [--K 4] [--preset small] [--iters 5]
 
 Each rank computes the clipped per-example sum of its shard of the same logical batch
 (`dpdm.train.distributed_private_grad`: shard, clip, sum, noise once on rank 0, all-reduce), exactly
@@ -70,7 +70,7 @@ def measure(world: int, args) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=128)
     p.add_argument("--K", type=int, default=4)
     p.add_argument("--preset", default="small")
     p.add_argument("--iters", type=int, default=5)
