@@ -10,6 +10,7 @@ traversal that flattens it into (sample_rate, noise_multiplier, steps) is writte
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import logging
@@ -94,7 +95,7 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta={delta!r} must be in (0, 1)")
 
 
-class _Accountant:
+class _Accountant(abc.ABC):
     """Shared contract: `supports(event)`, `epsilon(event, delta) -> EpsilonReport`.
 
     No-op events give 0; a zero noise multiplier (non-private) gives inf."""
@@ -117,8 +118,9 @@ class _Accountant:
             return EpsilonReport(math.inf, math.inf, math.inf, self.method)
         return self._epsilon(terms, delta)
 
-    def _epsilon(self, terms, delta) -> EpsilonReport:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _epsilon(self, terms, delta) -> EpsilonReport:
+        """The accountant's EpsilonReport for DP-SGD terms [(sample_rate, noise_multiplier, steps)]."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ sensitivity stays `clip_norm` whatever K is.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable
 
@@ -26,14 +27,16 @@ def _check_draw_args(batch: int, K: int, image_shape) -> tuple[int, ...]:
     return image_shape
 
 
-class _KLoss:
+class _KLoss(abc.ABC):
     """Per-example loss averaged over K draws: mean_k mean_pixels w(sigma_k) (D(x + sigma_k n_k) - x)^2."""
 
+    @abc.abstractmethod
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The loss weight lambda(sigma)."""
 
+    @abc.abstractmethod
     def draw_sigma(self, shape, *, generator, device, dtype) -> torch.Tensor:
-        raise NotImplementedError
+        """Training noise levels of the given shape, from the parameterization's p(sigma)."""
 
     def draw(
         self,

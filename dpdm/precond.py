@@ -10,6 +10,7 @@ data-dependent Python control flow), so they run under `torch.func.vmap`.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -22,7 +23,7 @@ def _as_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)  # [B, 1, 1, 1]
 
 
-class _Precond(nn.Module):
+class _Precond(nn.Module, abc.ABC):
     """Shared plumbing: holds the raw network and forwards its shape attributes."""
 
     def __init__(self, net: nn.Module) -> None:
@@ -41,8 +42,9 @@ class _Precond(nn.Module):
     def img_channels(self) -> int:
         return int(self.net.img_channels)
 
+    @abc.abstractmethod
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(c_skip, c_out, c_in, c_noise) of the parameterization at noise level sigma."""
 
     def forward(
         self,
