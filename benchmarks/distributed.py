@@ -57,6 +57,7 @@ def _rank(rank, world, init_file, args, out_dir):
     elapsed = time.perf_counter() - t0
     if rank == 0:
         (Path(out_dir) / f"w{world}.json").write_text(json.dumps({"seconds": elapsed}))
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -49,16 +49,18 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, devi
     device = resolve_device(device)
     if distributed.launched_by_torchrun():
         device = distributed.init_from_env(device)
+    ok = False
     try:
         config = TrainConfig(model=model, precond=precond, lr=lr, physical_batch=physical_batch,
                              checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
                              device=device, private=not no_dp)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
                                dataset_name=name, resume=resume, progress=not quiet)
+        ok = True
     except (TrainError, ckpt.CheckpointError) as e:
         raise BadInput(str(e)) from None
     finally:
-        distributed.shutdown()
+        distributed.shutdown(ok=ok)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 alone reports
     if as_json:

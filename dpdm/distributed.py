@@ -40,8 +40,13 @@ def init_from_env(device: str) -> str:
     return device
 
 
-def shutdown() -> None:
+def shutdown(*, ok: bool = True) -> None:
+    """Tears the process group down. After a successful run every rank first meets at a barrier:
+    a rank that destroys gloo's group while its peer is still closing the last collective makes the
+    peer abort ("terminate called without an active exception")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()

@@ -71,6 +71,7 @@ def _rank_main(rank, world, init_file, out_dir, task):
                                              noise_seed=1000 + step, dist=d)
                 samples.append(torch.cat([v.reshape(-1) for v in g.values()]))
             torch.save(torch.stack(samples), Path(out_dir) / f"noise{rank}.pt")
+        dist.barrier()  # let the peer finish before tearing gloo down
     finally:
         dist.destroy_process_group()
 
