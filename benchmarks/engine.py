@@ -13,13 +13,17 @@ less sensitive to other load on a shared machine), examples/s, the peak-memory i
 process's state after building model and data (ru_maxrss delta), and the ratios to `nonprivate`
 and `opacus`. Rounds interleave the variants, so slow phases of a shared machine hit all of them.
 Every variant runs with OMP_WAIT_POLICY=PASSIVE (--omp-wait-policy): with OpenMP's default
-spinning, 2-thread timings on a machine shared with other jobs vary by 5x from run to run.
+spinning, 2-thread timings on a machine shared with other jobs vary by 5x from run to run. And
+every variant runs with the same allocator setting (--malloc): `keep` (the default, what
+`dpdm train` does on the CPU) keeps freed memory in glibc's heap; `default` is glibc's own, under
+which each step page-faults gigabytes anew (sys time), more so for the variants that allocate more.
 
 Targets (mnist preset, B=64, K=4, 2 threads): dpdm <= 1.3x nonprivate, <= 0.75x opacus, peak
 memory <= 2x nonprivate.
 
     .venv/bin/python benchmarks/engine.py [--batch 64] [--K 4] [--preset mnist] [--threads 2]
         [--repeats 3] [--rounds 2] [--variants nonprivate,dpdm,opacus] [--chunk-size N] [--json PATH]
+        [--malloc keep|default]
 """
 
 from __future__ import annotations
@@ -130,6 +134,11 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        from dpdm.cpu import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("--malloc keep: glibc mallopt is not available here; use --malloc default")
     D, loss, batch, n_params = _setup(args.preset, args.batch, args.K)
     step = _step_fn(args.worker, D, loss, batch, args.K, args.chunk_size)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -150,7 +159,7 @@ def worker(args) -> None:
 def _run_variant(args, variant: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--batch", str(args.batch),
            "--K", str(args.K), "--preset", args.preset, "--threads", str(args.threads),
-           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--malloc", args.malloc]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
     env = dict(os.environ)
@@ -169,7 +178,11 @@ def main() -> None:
     ap.add_argument("--preset", default="mnist", help="network preset (mnist, small)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per subprocess")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per subprocess")
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                    help="keep: glibc keeps freed memory for reuse (dpdm.cpu.keep_freed_memory, what `dpdm train` "
+                         "does on the CPU), for every variant; default: glibc's own (mmap and unmap blocks "
+                         "over 32 MiB, so each step page-faults its memory anew)")
     ap.add_argument("--rounds", type=int, default=2, help="subprocesses per variant, interleaved")
     ap.add_argument("--variants", default="nonprivate,dpdm,opacus", help=f"comma-separated subset of {VARIANTS}")
     ap.add_argument("--chunk-size", type=int, default=None, help="dpdm physical chunk (examples)")
@@ -216,6 +229,7 @@ def main() -> None:
                       "peak_mib": statistics.median(r["peak_mib"] for r in runs)}
     print(f"engine benchmark: preset={args.preset} ({n_params:,} params), B={args.batch}, K={args.K} "
           f"({args.batch * args.K} rows), threads={args.threads}, OMP_WAIT_POLICY={args.omp_wait_policy or 'env'}, "
+          f"malloc={args.malloc}, "
           f"{args.rounds} rounds x {args.repeats} steps per variant")
     print(f"{'variant':>11} | {'ms/step min':>11} | {'median':>8} | {'cpu ms':>8} | {'examples/s':>10} | "
           f"{'peak MiB':>8} | {'x nonpriv':>9} | {'cpu x np':>8} | {'mem x np':>8}")

@@ -28,6 +28,7 @@ import torch
 
 import accounting
 from dpdm import checkpoint as ckpt
+from dpdm.cpu import keep_freed_memory
 from dpdm.data import PoissonSampler
 from dpdm.engine import add_noise, clipped_grad_sum, validate_model
 from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
@@ -278,6 +279,8 @@ def train(
         raise TrainError(f"nothing to resume: {str(ckpt_path)!r} does not exist")
 
     device = torch.device(config.device)
+    if device.type == "cpu":
+        keep_freed_memory()   # no page faults on every step's gigabytes (dpdm/cpu.py; DPDM_MALLOC=default: off)
     data_digest = data_fingerprint(x, y)
     if state is not None:
         saved_seed = int(state["config"]["train"]["seed"])

@@ -1,0 +1,53 @@
+"""CPU runtime settings for training: keep freed memory in glibc's heap instead of the kernel's.
+
+A DP-SGD step on the CPU allocates and frees the same few gigabytes every step (activations of
+B*K rows, B per-example gradients). glibc serves blocks over its mmap threshold (at most 32 MiB)
+with fresh mmap()s and unmaps them on free, so every step touches its memory anew: hundreds of
+thousands of page faults a step, zeroed by the kernel, 20-40% of a step's time on a 2-core machine
+(measured with `benchmarks/engine.py --malloc default|keep`). PyTorch's CPU performance guide
+reaches for jemalloc or tcmalloc for the same reason; this does the same with glibc alone:
+allocations come from the heap and freed memory stays there for the next step. Peak memory is
+unchanged (it is the high-water mark either way); the memory is returned when the process ends.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+__all__ = ["keep_freed_memory"]
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_MAX = -4
+
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc malloc to serve large blocks from its heap and keep freed memory for reuse.
+
+    Idempotent; returns True where applied (Linux with glibc), False elsewhere or when the
+    environment sets DPDM_MALLOC=default. Changes only where memory comes from, never a result.
+    """
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if os.environ.get("DPDM_MALLOC", "keep") == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = (mallopt(_M_MMAP_MAX, 0) == 1                       # no mmap()ed blocks: all from the heap
+          and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1     # never give the heap's top back
+          and mallopt(_M_TOP_PAD, 256 * 2**20) == 1)         # grow the heap in 256 MiB steps
+    _applied = bool(ok)
+    return _applied
