@@ -317,9 +317,9 @@ def _conv_param_grads(go: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conf, 
     wd = w.new_empty((G * O, *w.shape[1:]))
     _, gw, gb = _aten.convolution_backward(gg, xg, wd, [G * O] if bias else None, stride, padding, dilation, False,
                                            zeros, groups * G, [False, True, bias])
-    gw = gw.view(B, G // B, *w.shape).sum(1)
-    gb = gb.view(B, G // B, O).sum(1) if bias else None
-    return gw, gb
+    if G == B:   # one group per example already
+        return gw.view(B, *w.shape), (gb.view(B, O) if bias else None)
+    return gw.view(B, G // B, *w.shape).sum(1), (gb.view(B, G // B, O).sum(1) if bias else None)
 
 
 class _ConvGrad(torch.autograd.Function):
