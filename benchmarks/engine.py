@@ -14,9 +14,9 @@ process's state after building model and data (ru_maxrss delta), and the ratios 
 and `opacus`. Rounds interleave the variants, so slow phases of a shared machine hit all of them.
 Every variant runs with OMP_WAIT_POLICY=PASSIVE (--omp-wait-policy): with OpenMP's default
 spinning, 2-thread timings on a machine shared with other jobs vary by 5x from run to run. And
-every variant runs with the same allocator setting (--malloc): `keep` (the default, what
-`dpdm train` does on the CPU) keeps freed memory in glibc's heap; `default` is glibc's own, under
-which each step page-faults gigabytes anew (sys time), more so for the variants that allocate more.
+every variant runs with the same allocator setting (--malloc): `default` is glibc's own, under
+which each step page-faults gigabytes anew (sys time), more so for the variants that allocate more;
+`keep` keeps freed memory in glibc's heap (what `DPDM_MALLOC=keep dpdm train` does).
 
 Targets (mnist preset, B=64, K=4, 2 threads): dpdm <= 1.3x nonprivate, <= 0.75x opacus, peak
 memory <= 2x nonprivate.
@@ -179,10 +179,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per subprocess")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per subprocess")
-    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                    help="keep: glibc keeps freed memory for reuse (dpdm.cpu.keep_freed_memory, what `dpdm train` "
-                         "does on the CPU), for every variant; default: glibc's own (mmap and unmap blocks "
-                         "over 32 MiB, so each step page-faults its memory anew)")
+    ap.add_argument("--malloc", choices=("keep", "default"), default="default",
+                    help="default: glibc's own (maps and unmaps blocks over 32 MiB, so each step page-faults "
+                         "its memory anew); keep: glibc keeps freed memory for reuse (dpdm.cpu.keep_freed_memory, "
+                         "`DPDM_MALLOC=keep dpdm train`), for every variant")
     ap.add_argument("--rounds", type=int, default=2, help="subprocesses per variant, interleaved")
     ap.add_argument("--variants", default="nonprivate,dpdm,opacus", help=f"comma-separated subset of {VARIANTS}")
     ap.add_argument("--chunk-size", type=int, default=None, help="dpdm physical chunk (examples)")

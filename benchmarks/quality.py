@@ -107,19 +107,20 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
 
 
 def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sampler_steps: int = SAMPLER_STEPS,
-           device: str = "cpu") -> dict:
+           guidance: float = 0.0, device: str = "cpu") -> dict:
     """`dpdm sample` in Python: n images (balanced classes) from the run's EMA weights."""
     from dpdm.sample import sample_checkpoint
 
     t0 = time.perf_counter()
     result = sample_checkpoint(Path(run_dir) / "checkpoint.pt", n=n, sampler="euler", sampler_steps=sampler_steps,
-                               device=device, out_path=out_path, grid_path=Path(out_path).with_suffix(".png"))
+                               guidance=guidance, device=device, out_path=out_path, grid_path=Path(out_path).with_suffix(".png"))
     return {**result, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def run(*, plan_path: str | None = None, samples: str | None = None, device: str = "cpu",
-        workdir: str | Path = "bench_quality", model: str = GENERATOR_MODEL, n: int = N_SAMPLES) -> dict:
-    doc = accounting.load_plan(plan_path) if plan_path else default_plan()
+        workdir: str | Path = "bench_quality", model: str = GENERATOR_MODEL, n: int = N_SAMPLES,
+        epochs: float = EPOCHS, guidance: float = 0.0) -> dict:
+    doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     accounting.write_plan(doc, workdir / "plan.json")
@@ -128,7 +129,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     if samples is None:
         out["generator"] = train_generator(doc, workdir / "run", model=model, device=device)
         print(f"generator: {out['generator']}", file=sys.stderr)
-        out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, device=device)
+        out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, guidance=guidance, device=device)
         samples = str(workdir / "samples.npz")
     out["dp_classifier"] = dp_classifier_baseline(doc, device=device)
     if samples is not None:
@@ -147,10 +148,12 @@ def main() -> None:
     ap.add_argument("--workdir", default="bench_quality", help="run folder, samples and plan land here")
     ap.add_argument("--model", default=GENERATOR_MODEL)
     ap.add_argument("--n", type=int, default=N_SAMPLES, help="synthetic images to draw")
+    ap.add_argument("--epochs", type=float, default=EPOCHS, help="epochs of the default plan (steps = epochs * N / batch)")
+    ap.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight when sampling")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
-              model=args.model, n=args.n)
+              model=args.model, n=args.n, epochs=args.epochs, guidance=args.guidance)
     plan = out["plan"]
     b = out["dp_classifier"]
     print(f"plan: {plan['dataset']['name']} N={plan['dataset']['size']} batch={plan['batch_size']} "
@@ -161,7 +164,8 @@ def main() -> None:
     if "generator" in out:
         g, smp = out["generator"], out["sampling"]
         print(f"generator ({g.get('model', GENERATOR_MODEL)}, K={plan['noise_multiplicity']}): {g['steps_done']} steps, "
-              f"epsilon spent {g['epsilon_spent']:.4g}, {g['seconds']:.0f} s; {smp['n']} samples in {smp['seconds']:.0f} s")
+              f"epsilon spent {g['epsilon_spent']:.4g}, {g['seconds']:.0f} s; {smp['n']} samples (guidance "
+              f"{smp['guidance']:g}) in {smp['seconds']:.0f} s")
     if "synthetic" in out:
         from cli.eval import format_report
 

@@ -1,23 +1,25 @@
-"""CPU runtime settings for training: keep freed memory in glibc's heap instead of the kernel's.
+"""Opt-in CPU runtime setting for training: keep freed memory in glibc's heap, not the kernel's.
 
 A DP-SGD step on the CPU allocates and frees the same few gigabytes every step (activations of
 B*K rows, B per-example gradients). glibc serves blocks over its mmap threshold (at most 32 MiB)
 with fresh mmap()s and unmaps them on free, so every step touches its memory anew: hundreds of
 thousands of page faults a step, zeroed by the kernel, 20-40% of a step's time on a 2-core machine
 (measured with `benchmarks/engine.py --malloc default|keep`). PyTorch's CPU performance guide
-reaches for jemalloc or tcmalloc for the same reason; this does the same with glibc alone:
-allocations come from the heap and freed memory stays there for the next step. Peak memory is
-unchanged (it is the high-water mark either way); the memory is returned when the process ends.
+reaches for jemalloc or tcmalloc for the same reason; this does the same with glibc alone: every
+block comes from the heap and freed memory stays there for the next step.
+
+Opt-in (`DPDM_MALLOC=keep dpdm train ...`), because the heap never shrinks and can fragment: at
+B = 64, K = 32 on the mnist U-Net (about 20 GB a step with glibc's default) the non-private step ran
+out of a 24 GB machine with this setting.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "keep_freed_memory_if_asked"]
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -30,14 +32,14 @@ _applied: bool | None = None
 def keep_freed_memory() -> bool:
     """Tell glibc malloc to serve large blocks from its heap and keep freed memory for reuse.
 
-    Idempotent; returns True where applied (Linux with glibc), False elsewhere or when the
-    environment sets DPDM_MALLOC=default. Changes only where memory comes from, never a result.
+    Idempotent; returns True where applied (Linux with glibc), False elsewhere. Changes only where
+    memory comes from, never a result.
     """
     global _applied
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("DPDM_MALLOC", "keep") == "default" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -51,3 +53,10 @@ def keep_freed_memory() -> bool:
           and mallopt(_M_TOP_PAD, 256 * 2**20) == 1)         # grow the heap in 256 MiB steps
     _applied = bool(ok)
     return _applied
+
+
+def keep_freed_memory_if_asked() -> bool:
+    """`keep_freed_memory()` where the environment says DPDM_MALLOC=keep; else nothing (False)."""
+    import os
+
+    return os.environ.get("DPDM_MALLOC", "default") == "keep" and keep_freed_memory()

@@ -17,18 +17,28 @@ realised one (which is private under Poisson sampling). Non-finite per-example g
 zeroed (they contribute nothing) and counted.
 
 Implementation: `torch.func.functional_call` + `vmap(grad_and_value(loss_one))` over the examples.
-torch.func's grad differentiates with create_graph=True, under which the backward of group_norm
-and silu is not the fused kernel but a chain of elementwise ops (their double-differentiable
-formulas), each then batched by vmap: most of plain vmap(grad)'s overhead on this U-Net. So while
-the engine runs, a TorchFunctionMode routes F.group_norm and F.silu through autograd.Functions
-whose backward uses the fused kernels; group_norm's backward is itself a Function with a
-hand-written vmap rule that sees the physical [B, K, C, ...] tensors and computes the input
-gradient with ONE fused kernel over all B*K rows and the per-example affine gradients with two
-reductions. Convolutions, linear layers, embeddings, attention and the loss use vmap's own
-batching rules (the conv weight gradient becomes one grouped convolution; per-example loops of
-small conv kernels were faster single-threaded but slower with 2 threads, see
-benchmarks/engine.py). No state is attached to modules or tensors: the mode exists only for the
-duration of the call, and the engine's results equal plain vmap(grad) (tested to 1e-10).
+While the engine runs, a TorchFunctionMode routes F.conv2d, F.group_norm and F.silu through
+autograd.Functions with hand-written vmap rules; everything else (linear layers, embeddings,
+attention, the loss) uses vmap's own batching rules. The rules see the physical [B, K, ...]
+tensors (B examples, K rows each) and:
+
+  conv2d      forward and input gradient as ONE convolution over all B*K rows; per-example weight
+              and bias gradients from ONE grouped convolution_backward with the examples as groups
+              (rows folded into the groups where that avoids copying the activations, transposed
+              next to the channels where fewer, larger groups win), or, for layers with one to four
+              input or output channels (a U-Net's first and last convs), one batched matmul per
+              kernel tap on zero-padded flat views (no im2col, no copies of the activations).
+  group_norm  forward over all rows; backward as ONE fused kernel that treats the B*K rows as a
+              single row of B*K*C channels in B*K*G groups (the same groups), so that its affine
+              gradients are per row; they are summed over each example's K rows.
+  silu        the fused backward kernel (torch.func's grad differentiates with create_graph=True,
+              under which silu's backward is a chain of elementwise ops, each batched by vmap).
+
+Plain vmap(grad) computes the same numbers (tested to 1e-10) but copies every activation and
+output gradient into a [K, B*C] layout for its grouped weight-gradient convolutions and runs the
+decomposed backward formulas. Static arguments reach the Functions as one opaque leaf (`_Static`):
+torch.func flattens a Function's arguments with pytree on every call. No state is attached to
+modules or tensors: the mode exists only for the duration of the call.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import torch
 
 import accounting
 from dpdm import checkpoint as ckpt
-from dpdm.cpu import keep_freed_memory
+from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.data import PoissonSampler
 from dpdm.engine import add_noise, clipped_grad_sum, validate_model
 from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
@@ -280,7 +280,7 @@ def train(
 
     device = torch.device(config.device)
     if device.type == "cpu":
-        keep_freed_memory()   # no page faults on every step's gigabytes (dpdm/cpu.py; DPDM_MALLOC=default: off)
+        keep_freed_memory_if_asked()   # DPDM_MALLOC=keep: no page faults on every step's gigabytes (dpdm/cpu.py)
     data_digest = data_fingerprint(x, y)
     if state is not None:
         saved_seed = int(state["config"]["train"]["seed"])
