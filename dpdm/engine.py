@@ -156,15 +156,8 @@ def _loop_rule(fn: Callable, info, in_dims, args) -> tuple[tuple[torch.Tensor, .
     return stacked, (0,) * len(stacked)
 
 
-class _GroupNormGrad(torch.autograd.Function):
-    """Selected (grad_input, grad_weight, grad_bias) of native_group_norm, as a tuple."""
-
-    @staticmethod
-    def forward(go, x, mean, rstd, w, conf):
-        G, mask = conf.v
-        N, C = x.shape[:2]
-        out = _aten.native_group_norm_backward(go, x, mean, rstd, w, N, C, x[0, 0].numel(), G, list(mask))
-        return tuple(o for o, m in zip(out, mask) if m)
+class _GradRule(torch.autograd.Function):
+    """Base of the gradient Functions: computed under the engine's vmap, never differentiated."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -173,6 +166,17 @@ class _GroupNormGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError("dpdm.engine's per-layer rules do not support double backward")
+
+
+class _GroupNormGrad(_GradRule):
+    """Selected (grad_input, grad_weight, grad_bias) of native_group_norm, as a tuple."""
+
+    @staticmethod
+    def forward(go, x, mean, rstd, w, conf):
+        G, mask = conf.v
+        N, C = x.shape[:2]
+        out = _aten.native_group_norm_backward(go, x, mean, rstd, w, N, C, x[0, 0].numel(), G, list(mask))
+        return tuple(o for o, m in zip(out, mask) if m)
 
     @staticmethod
     def vmap(info, in_dims, go, x, mean, rstd, w, conf):
@@ -332,7 +336,7 @@ def _conv_param_grads(go: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conf, 
     return gw.view(B, G // B, *w.shape).sum(1), (gb.view(B, G // B, O).sum(1) if bias else None)
 
 
-class _ConvGrad(torch.autograd.Function):
+class _ConvGrad(_GradRule):
     """Selected (grad_input, grad_weight, grad_bias) of a convolution, as a tuple."""
 
     @staticmethod
@@ -341,14 +345,6 @@ class _ConvGrad(torch.autograd.Function):
         out = _aten.convolution_backward(go, x, w, [w.shape[0]] if mask[2] else None, stride, padding, dilation,
                                          False, [0] * len(stride), groups, list(mask))
         return tuple(o for o, m in zip(out, mask) if m)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("dpdm.engine's per-layer rules do not support double backward")
 
     @staticmethod
     def vmap(info, in_dims, go, x, w, conf):
