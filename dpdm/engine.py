@@ -392,7 +392,7 @@ class _Conv(torch.autograd.Function):
     def backward(ctx, go):
         x, w = ctx.saved_tensors
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        grads = iter(_ConvGrad.apply(go.contiguous(), x, w, _Static(*ctx.conf.v, mask)) if any(mask) else ())
+        grads = iter(_ConvGrad.apply(go, x, w, _Static(*ctx.conf.v, mask)) if any(mask) else ())
         out = [next(grads) if m else None for m in mask]
         return out[0], out[1], out[2], None
 
@@ -405,7 +405,7 @@ def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
     if isinstance(padding, str) or input.dim() != 4 or input.shape[0] == 0:
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     conf = _Static(_tuple(stride, 2), _tuple(padding, 2), _tuple(dilation, 2), int(groups))
-    return _Conv.apply(input.contiguous(), weight, bias, conf)
+    return _Conv.apply(input, weight, bias, conf)   # the vmap rule makes the physical tensor contiguous
 
 
 class _PerLayerRules(TorchFunctionMode):
