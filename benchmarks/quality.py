@@ -119,8 +119,8 @@ def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sam
 
 def run(*, plan_path: str | None = None, samples: str | None = None, device: str = "cpu",
         workdir: str | Path = "bench_quality", model: str = GENERATOR_MODEL, n: int = N_SAMPLES,
-        epochs: float = EPOCHS, guidance: float = 0.0) -> dict:
-    doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs)
+        epochs: float = EPOCHS, batch_size: int = BATCH_SIZE, guidance: float = 0.0) -> dict:
+    doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     accounting.write_plan(doc, workdir / "plan.json")
@@ -149,11 +149,13 @@ def main() -> None:
     ap.add_argument("--model", default=GENERATOR_MODEL)
     ap.add_argument("--n", type=int, default=N_SAMPLES, help="synthetic images to draw")
     ap.add_argument("--epochs", type=float, default=EPOCHS, help="epochs of the default plan (steps = epochs * N / batch)")
+    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="expected batch of the default plan")
     ap.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight when sampling")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
-              model=args.model, n=args.n, epochs=args.epochs, guidance=args.guidance)
+              model=args.model, n=args.n, epochs=args.epochs, batch_size=args.batch_size,
+              guidance=args.guidance)
     plan = out["plan"]
     b = out["dp_classifier"]
     print(f"plan: {plan['dataset']['name']} N={plan['dataset']['size']} batch={plan['batch_size']} "
