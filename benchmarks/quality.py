@@ -12,11 +12,13 @@ On mnist5k at epsilon 10, delta 1e-5, under ONE locked plan:
 
 Usage:
     .venv/bin/python benchmarks/quality.py [--workdir DIR] [--plan plan.json] [--samples samples.npz]
-                                           [--model small] [--n 10000] [--json out.json]
+                                           [--model small] [--n 10000] [--epochs 90] [--batch-size 256]
+                                           [--K 2] [--precond v] [--lr 1e-3] [--guidance 1] [--json out.json]
 
-Slow (not a test; `make bench` does not run it): about 45-60 minutes on 2 CPU cores: generator
-training 15-20 min, sampling about 6 min, evaluation of 10,000 samples (50 epochs per classifier)
-about 10 min, the DP-SGD baseline about 10-15 min. Figures print on stdout; --json writes them.
+Slow (not a test; `make bench` does not run it): about 54 minutes on 2 CPU cores with the defaults
+(measured: generator training 2371 s for 1407 steps, sampling 10,000 images with guidance 486 s, the
+DP-SGD baseline 200 s, evaluation about 3 min). Run it alone with `DPDM_MALLOC=keep
+OMP_WAIT_POLICY=PASSIVE` (about 20% faster steps, see README). Figures print on stdout; --json writes them.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ DATASET = "mnist5k"
 EPSILON = 10.0
 DELTA = 1e-5
 BATCH_SIZE = 256   # expected batch, as `dpdm plan`'s default for mnist5k
-EPOCHS = 30.0      # steps = ceil(EPOCHS * N / BATCH_SIZE) = 469
+EPOCHS = 90.0      # steps = ceil(EPOCHS * N / BATCH_SIZE) = 1407 (about 41 min of training on 2 cores)
 PAPER_EPOCHS = 50  # downstream classifiers here train as long as the paper's (dpdm eval defaults are shorter)
 
 
@@ -43,6 +45,14 @@ NOISE_MULTIPLICITY = 2  # K: CPU-sized (the paper uses 32 on 8 GPUs); privacy-ne
 GENERATOR_MODEL = "small"
 N_SAMPLES = 10_000
 SAMPLER_STEPS = 30
+# Chosen by short runs on the quick protocol (issue 4 note): at N = 4000 the DP noise per step is far
+# above the paper's, and the EDM noise-level distribution (ln sigma ~ N(-1.2, 1.2)) left the digits
+# without global shape; v-prediction (the paper's choice at eps 0.2: more weight on high noise levels)
+# drew whole digits. lr 1e-3 beat 3e-4 at a few hundred steps; guidance 1 beat 0.
+PRECOND = "v"
+LR = 1e-3
+EMA_DECAY = 0.999
+GUIDANCE = 1.0
 
 
 def default_plan(*, epsilon: float = EPSILON, delta: float = DELTA, batch_size: int = BATCH_SIZE,
@@ -84,6 +94,7 @@ def evaluate_synthetic(samples_path: str | Path, *, dataset: str = DATASET, epoc
 
 
 def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model: str = GENERATOR_MODEL,
+                    precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY,
                     device: str = "cpu", seed: int = 0) -> dict:
     """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run)."""
     from dpdm.datasets import load_dataset
@@ -101,9 +112,10 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                     "seconds": 0.0, "reused": True}
     t0 = time.perf_counter()
     summary = train(doc, data.x, data.y, data.num_classes, run_dir,
-                    TrainConfig(model=model, device=device, seed=seed, checkpoint_every=50, log_every=10),
+                    TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, device=device,
+                                seed=seed, checkpoint_every=50, log_every=10),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
-    return {**summary, "model": model, "seconds": round(time.perf_counter() - t0, 1)}
+    return {**summary, "model": model, "precond": precond, "lr": lr, "ema_decay": ema_decay, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sampler_steps: int = SAMPLER_STEPS,
@@ -119,15 +131,18 @@ def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sam
 
 def run(*, plan_path: str | None = None, samples: str | None = None, device: str = "cpu",
         workdir: str | Path = "bench_quality", model: str = GENERATOR_MODEL, n: int = N_SAMPLES,
-        epochs: float = EPOCHS, batch_size: int = BATCH_SIZE, guidance: float = 0.0) -> dict:
-    doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size)
+        epochs: float = EPOCHS, batch_size: int = BATCH_SIZE, noise_multiplicity: int = NOISE_MULTIPLICITY,
+        precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY, guidance: float = GUIDANCE) -> dict:
+    doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
+                                                                           noise_multiplicity=noise_multiplicity)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     accounting.write_plan(doc, workdir / "plan.json")
     out: dict = {"dataset": doc.plan.dataset_name, "plan": doc.to_dict()}
     t0 = time.perf_counter()
     if samples is None:
-        out["generator"] = train_generator(doc, workdir / "run", model=model, device=device)
+        out["generator"] = train_generator(doc, workdir / "run", model=model, precond=precond, lr=lr,
+                                           ema_decay=ema_decay, device=device)
         print(f"generator: {out['generator']}", file=sys.stderr)
         out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, guidance=guidance, device=device)
         samples = str(workdir / "samples.npz")
@@ -142,7 +157,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--plan", help="a locked plan (default: mnist5k, eps 10, delta 1e-5, batch 256, 469 steps)")
+    ap.add_argument("--plan", help="a locked plan (default: mnist5k, eps 10, delta 1e-5, batch 256, 1407 steps, K 2)")
     ap.add_argument("--samples", help="samples.npz made under the same plan")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default="bench_quality", help="run folder, samples and plan land here")
@@ -150,11 +165,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=N_SAMPLES, help="synthetic images to draw")
     ap.add_argument("--epochs", type=float, default=EPOCHS, help="epochs of the default plan (steps = epochs * N / batch)")
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="expected batch of the default plan")
-    ap.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight when sampling")
+    ap.add_argument("--K", type=int, default=NOISE_MULTIPLICITY, help="noise multiplicity of the default plan")
+    ap.add_argument("--precond", default=PRECOND, choices=("edm", "v"), help="generator parameterization")
+    ap.add_argument("--lr", type=float, default=LR, help="generator Adam learning rate")
+    ap.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="generator EMA decay")
+    ap.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance weight when sampling")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
               model=args.model, n=args.n, epochs=args.epochs, batch_size=args.batch_size,
+              noise_multiplicity=args.K, precond=args.precond, lr=args.lr, ema_decay=args.ema_decay,
               guidance=args.guidance)
     plan = out["plan"]
     b = out["dp_classifier"]

@@ -1,0 +1,81 @@
+"""Quick protocol for choosing generator knobs (issue 4): a short DP run, then a cheap evaluation.
+
+Trains a DP generator on mnist5k under an eps-10 plan of `--epochs` epochs (calibrated anew, so a
+shorter run gets less noise per step than a full one), draws `--n` images (Euler, 20 steps) at each
+`--guidance` weight and reports the synthetic -> real CNN accuracy (20 epochs) and the classifier
+FD. Cheaper and noisier than benchmarks/quality.py (about +-2 points of CNN accuracy at n = 2000):
+use it to rank knobs, and quality.py for the figures.
+
+    .venv/bin/python benchmarks/quality_sweep.py --out DIR [--epochs 20] [--K 1] [--precond v] [--lr 1e-3]
+                                                 [--guidance 0,1] [--threads 1] [--eval-only]
+
+`--eval-only` evaluates DIR/run/checkpoint.pt as it is (another guidance on a finished run).
+Several sweeps can share a 2-core machine with `--threads 1` and OMP_WAIT_POLICY=PASSIVE.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--epochs", type=float, default=20)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--K", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--precond", default="edm", choices=("edm", "v"))
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--guidance", default="0,1", help="comma-separated guidance weights to sample with")
+    ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default=None, help="reference-CNN cache folder (default: OUT/../cache)")
+    a = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import quality
+    from dpdm.datasets import load_dataset, load_npz
+    from dpdm.evaluate import evaluate_samples
+    from dpdm.sample import sample_checkpoint
+    from dpdm.train import TrainConfig, train
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = a.cache or str(out.resolve().parent / "cache")
+    doc = quality.default_plan(epochs=a.epochs, batch_size=a.batch, noise_multiplicity=a.K)
+    res: dict = {"args": vars(a), "steps": doc.plan.steps, "sigma": doc.plan.noise_multiplier}
+    t0 = time.time()
+    data = load_dataset("mnist5k", "train")
+    if not a.eval_only:
+        train(doc, data.x, data.y, data.num_classes, out / "run",
+              TrainConfig(model=a.model, precond=a.precond, lr=a.lr, ema_decay=a.ema, seed=0,
+                          checkpoint_every=10**6, log_every=10),
+              dataset_name="mnist5k", progress=False)
+    res["train_s"] = round(time.time() - t0)
+    test = load_dataset("mnist5k", "test")
+    for g in [float(v) for v in a.guidance.split(",")]:
+        t1 = time.time()
+        p = out / f"s_g{g:g}.npz"
+        sample_checkpoint(out / "run" / "checkpoint.pt", n=a.n, sampler_steps=20, guidance=g, out_path=p,
+                          grid_path=p.with_suffix(".png"))
+        ev = evaluate_samples(load_npz(p), data, test, classifiers=("cnn",), epochs=20, cache_dir=cache)
+        res[f"g{g:g}"] = {"cnn": ev["classifiers"]["cnn"]["test_accuracy"], "fd": ev["classifier_fd"]["value"],
+                          "seconds": round(time.time() - t1)}
+        print(f"{a.out} guidance {g:g}: {res[f'g{g:g}']}", flush=True)
+    (out / "res.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
