@@ -82,6 +82,7 @@ def dp_classifier_baseline(doc: accounting.PlanDocument, *, lr: float | None = N
 
 
 def evaluate_synthetic(samples_path: str | Path, *, dataset: str = DATASET, epochs=PAPER_EPOCHS,
+                       classifiers: tuple[str, ...] = ("logreg", "mlp", "cnn"),
                        cache_dir=None, seed: int = 0, device: str = "cpu") -> dict:
     """`dpdm eval` in Python: downstream accuracies and classifier FD of a samples.npz."""
     from dpdm.datasets import load_dataset, load_npz
@@ -89,7 +90,7 @@ def evaluate_synthetic(samples_path: str | Path, *, dataset: str = DATASET, epoc
 
     samples = load_npz(samples_path)
     return evaluate_samples(samples, load_dataset(dataset, "train"), load_dataset(dataset, "test"),
-                            epochs=epochs, cache_dir=cache_dir, seed=seed, device=device,
+                            classifiers=classifiers, epochs=epochs, cache_dir=cache_dir, seed=seed, device=device,
                             progress=lambda m: print(m, file=sys.stderr))
 
 

@@ -45,10 +45,6 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     import quality
-    from dpdm.datasets import load_dataset, load_npz
-    from dpdm.evaluate import evaluate_samples
-    from dpdm.sample import sample_checkpoint
-    from dpdm.train import TrainConfig, train
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,20 +52,14 @@ def main() -> None:
     doc = quality.default_plan(epochs=a.epochs, batch_size=a.batch, noise_multiplicity=a.K)
     res: dict = {"args": vars(a), "steps": doc.plan.steps, "sigma": doc.plan.noise_multiplier}
     t0 = time.time()
-    data = load_dataset("mnist5k", "train")
     if not a.eval_only:
-        train(doc, data.x, data.y, data.num_classes, out / "run",
-              TrainConfig(model=a.model, precond=a.precond, lr=a.lr, ema_decay=a.ema, seed=0,
-                          checkpoint_every=10**6, log_every=10),
-              dataset_name="mnist5k", progress=False)
+        quality.train_generator(doc, out / "run", model=a.model, precond=a.precond, lr=a.lr, ema_decay=a.ema)
     res["train_s"] = round(time.time() - t0)
-    test = load_dataset("mnist5k", "test")
     for g in [float(v) for v in a.guidance.split(",")]:
         t1 = time.time()
         p = out / f"s_g{g:g}.npz"
-        sample_checkpoint(out / "run" / "checkpoint.pt", n=a.n, sampler_steps=20, guidance=g, out_path=p,
-                          grid_path=p.with_suffix(".png"))
-        ev = evaluate_samples(load_npz(p), data, test, classifiers=("cnn",), epochs=20, cache_dir=cache)
+        quality.sample(out / "run", p, n=a.n, sampler_steps=20, guidance=g)
+        ev = quality.evaluate_synthetic(p, classifiers=("cnn",), epochs=20, cache_dir=cache)
         res[f"g{g:g}"] = {"cnn": ev["classifiers"]["cnn"]["test_accuracy"], "fd": ev["classifier_fd"]["value"],
                           "seconds": round(time.time() - t1)}
         print(f"{a.out} guidance {g:g}: {res[f'g{g:g}']}", flush=True)
