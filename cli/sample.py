@@ -17,6 +17,11 @@ from cli.errors import BadInput
               help="euler: the paper's 'DDIM' (PF-ODE); heun: EDM; churn: stochastic Heun.")
 @click.option("--sampler-steps", type=click.IntRange(min=2), default=50, show_default=True)
 @click.option("--guidance", type=float, default=0.0, show_default=True, help="Classifier-free guidance weight w.")
+@click.option("--sigma-min", type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True,
+              help="Lowest noise level of the Karras schedule; the last step returns D(x; sigma_min).")
+@click.option("--sigma-max", type=click.FloatRange(min=0, min_open=True), default=80.0, show_default=True)
+@click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True,
+              help="Karras schedule exponent (higher: more steps at low noise).")
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Image i uses seed + i.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
@@ -24,19 +29,21 @@ from cli.errors import BadInput
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid, a row per class.")
 @click.option("--json", "as_json", is_flag=True)
-def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, weights, seed, batch_size, device,
+def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, sigma_min, sigma_max, rho, weights, seed, batch_size, device,
            out_path, grid_path, as_json):
     """Draw synthetic images from a trained (EMA) model."""
     if (run_dir is None) == (checkpoint_path is None):
         raise BadInput("give exactly one of --run and --checkpoint")
     path = Path(checkpoint_path) if checkpoint_path else Path(run_dir) / "checkpoint.pt"
+    if not sigma_min < sigma_max:
+        raise BadInput(f"--sigma-min={sigma_min:g} must be below --sigma-max={sigma_max:g}")
     if not str(out_path).endswith(".npz"):
         raise BadInput(f"--out={out_path!r} must end in .npz")
     from dpdm.sample import SampleError, sample_checkpoint
 
     try:
         result = sample_checkpoint(path, n=n, sampler=sampler, sampler_steps=sampler_steps, guidance=guidance,
-                                   weights=weights, seed=seed, batch_size=batch_size,
+                                   sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, weights=weights, seed=seed, batch_size=batch_size,
                                    device=resolve_device(device), out_path=out_path, grid_path=grid_path)
     except SampleError as e:
         raise BadInput(str(e)) from None

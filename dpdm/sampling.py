@@ -187,6 +187,9 @@ def generate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     sampler_kwargs: dict | None = None,       # extra keywords for the sampler (e.g. S_churn for "churn")
+    sigma_min: float = 0.002,                 # Karras schedule (EDM's defaults); the last step returns
+    sigma_max: float = 80.0,                  # D(x; sigma_min), so a larger sigma_min ends on a
+    rho: float = 7.0,                         # posterior mean instead of the lowest noise levels
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw n images; image i uses seed `seed + i`, so results do not depend on batch_size.
 
@@ -206,7 +209,8 @@ def generate(
     C, R = int(D.img_channels), int(D.img_resolution)
     params = list(D.parameters()) if isinstance(D, torch.nn.Module) else []
     dtype = params[0].dtype if params else torch.float32
-    sigmas = get_sigmas_karras(sampler_steps, device=device).to(dtype)
+    sigmas = get_sigmas_karras(sampler_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                               device=device).to(dtype)
     sample = SAMPLERS[sampler]
     out = torch.empty((int(n), C, R, R), dtype=torch.uint8)
     for start in range(0, int(n), int(batch_size)):

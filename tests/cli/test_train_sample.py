@@ -64,6 +64,15 @@ def test_train_sample_eval_end_to_end(tiny, capsys):
         assert bool(z["meta_private"]) is True
     assert (d / "grid.png").stat().st_size > 0
     assert json.loads(out)["epsilon"] == pytest.approx(doc["epsilon_spent"])
+    # The Karras schedule is a flag; it is recorded in the npz, and an inverted one is refused.
+    code, out, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--sampler-steps", 3, "--sigma-min", 0.1,
+                              "--out", d / "s2.npz", "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["sigma_min"] == 0.1
+    with np.load(d / "s2.npz") as z:
+        assert float(z["meta_sigma_min"]) == 0.1 and float(z["meta_rho"]) == 7.0
+    code, _, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--sigma-min", 90, "--out", d / "s3.npz"], capsys)
+    assert "--sigma-min" in _one_error_line(code, err) and not (d / "s3.npz").exists()
 
     code, out, err = run_cli(["eval", "--samples", d / "s.npz", "--dataset", f"npz:{d / 'data.npz'}",
                               "--test-dataset", f"npz:{d / 'test.npz'}", "--epochs", 1, "--reference-epochs", 1,

@@ -187,3 +187,13 @@ def test_generate_unconditional_and_errors(tiny_denoisers):
         generate(D_c, n=3, labels=[0, 1])
     with pytest.raises(ValueError, match="guidance"):
         generate(D_c, n=2, guidance=-1.0)
+
+
+def test_generate_schedule_options(tiny_denoisers):
+    D, _ = tiny_denoisers
+    kw = dict(n=3, seed=5, sampler="euler", sampler_steps=4)
+    base = generate(D, **kw)[0]
+    assert torch.equal(generate(D, sigma_min=0.002, sigma_max=80.0, rho=7.0, **kw)[0], base)
+    assert not torch.equal(generate(D, sigma_min=0.3, **kw)[0], base)
+    with pytest.raises(ValueError, match="sigma_min"):
+        generate(D, sigma_min=100.0, **kw)
