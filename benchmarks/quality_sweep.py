@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--precond", default="edm", choices=("edm", "v"))
     ap.add_argument("--model", default="small")
     ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--guidance", default="0,1", help="comma-separated guidance weights to sample with")
     ap.add_argument("--eval-only", action="store_true")
@@ -53,7 +54,8 @@ def main() -> None:
     res: dict = {"args": vars(a), "steps": doc.plan.steps, "sigma": doc.plan.noise_multiplier}
     t0 = time.time()
     if not a.eval_only:
-        quality.train_generator(doc, out / "run", model=a.model, precond=a.precond, lr=a.lr, ema_decay=a.ema)
+        quality.train_generator(doc, out / "run", model=a.model, precond=a.precond, lr=a.lr, ema_decay=a.ema,
+                                lr_schedule=a.lr_schedule)
     res["train_s"] = round(time.time() - t0)
     for g in [float(v) for v in a.guidance.split(",")]:
         t1 = time.time()

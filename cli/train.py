@@ -24,6 +24,10 @@ from cli.errors import BadInput
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--physical-batch", type=click.IntRange(min=1), default=None, help="Examples per chunk (memory knob; noise is still added once per step).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="cosine: lr decays to 0 at the plan's last step.")
+@click.option("--ema-decay", type=click.FloatRange(min=0, max=1, max_open=True), default=0.999, show_default=True,
+              help="EMA of the weights (what `dpdm sample` draws from), with warmup.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None,
@@ -33,7 +37,7 @@ from cli.errors import BadInput
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(plan_path, out_dir, dataset, data_root, download, model, precond, device, physical_batch, lr,
-          checkpoint_every, log_every, seed, resume, no_dp, as_json, quiet):
+          lr_schedule, ema_decay, checkpoint_every, log_every, seed, resume, no_dp, as_json, quiet):
     """Train a diffusion model with DP-SGD under a locked plan."""
     from dpdm import checkpoint as ckpt
     from dpdm.train import TrainConfig, TrainError
@@ -51,7 +55,8 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, devi
         device = distributed.init_from_env(device)
     ok = False
     try:
-        config = TrainConfig(model=model, precond=precond, lr=lr, physical_batch=physical_batch,
+        config = TrainConfig(model=model, precond=precond, lr=lr, lr_schedule=lr_schedule, ema_decay=ema_decay,
+                             physical_batch=physical_batch,
                              checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
                              device=device, private=not no_dp)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,

@@ -36,6 +36,7 @@ from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
 
 CHECKPOINT_NAME = "checkpoint.pt"
+LR_SCHEDULES = ("constant", "cosine")
 
 # Streams of per-step randomness (never reuse a number for two purposes).
 _STREAM_DIFFUSION = 1
@@ -53,6 +54,7 @@ class TrainConfig:
     model: str = "small"                 # network preset: "small" or "mnist"
     precond: str = "edm"                 # "edm" or "v" (v-prediction, the paper's choice at eps 0.2)
     lr: float = 3e-4                     # Adam learning rate
+    lr_schedule: str = "constant"        # "constant", or "cosine": lr * (1 + cos(pi * step / steps)) / 2
     ema_decay: float = 0.999             # EMA of weights, with warmup min(decay, (1+n)/(10+n))
     label_dropout: float = 0.1           # labels dropped for classifier-free guidance
     physical_batch: int | None = None    # examples per vmap chunk (memory knob)
@@ -66,6 +68,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precond not in ("edm", "v"):
             raise ValueError(f"precond={self.precond!r} must be 'edm' or 'v'")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}")
         for name in ("checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
@@ -73,6 +77,14 @@ class TrainConfig:
             raise ValueError(f"seed={self.seed!r} must be in [0, 2**63)")
         if self.physical_batch is not None and self.physical_batch < 1:
             raise ValueError(f"physical_batch={self.physical_batch!r} must be >= 1")
+
+
+def lr_at(config: "TrainConfig", step: int, steps: int) -> float:
+    """The learning rate of step `step` (0-based) of a `steps`-step run: a pure function, so resuming
+    continues the schedule exactly."""
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
+    return config.lr
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -423,6 +435,8 @@ def train(
             if config.private or count > 0:
                 for name, p in params.items():
                     p.grad = grads[name].to(p.dtype)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(config, step, plan.steps)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 ema.update(D, step)
