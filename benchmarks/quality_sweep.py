@@ -7,7 +7,12 @@ FD. Cheaper and noisier than benchmarks/quality.py (about +-2 points of CNN accu
 use it to rank knobs, and quality.py for the figures.
 
     .venv/bin/python benchmarks/quality_sweep.py --out DIR [--epochs 20] [--K 1] [--precond v] [--lr 1e-3]
-                                                 [--guidance 0,1] [--threads 1] [--eval-only]
+                                                 [--lr-schedule constant] [--model small] [--guidance 0,1]
+                                                 [--threads 1] [--eval-only]
+
+`--model` takes a preset of dpdm/networks.py or a U-Net shape "NF/CH_MULT/BLOCKS" such as
+"8/1,2,2/1" (nf 8, channel multipliers (1, 2, 2), one block per level; attention at the lowest
+resolution), registered for this process only.
 
 `--eval-only` evaluates DIR/run/checkpoint.pt as it is (another guidance on a finished run).
 Several sweeps can share a 2-core machine with `--threads 1` and OMP_WAIT_POLICY=PASSIVE.
@@ -22,6 +27,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def register_model(spec: str) -> str:
+    """A preset name as it is, or "NF/CH_MULT/BLOCKS" registered as a preset of that name."""
+    from dpdm import networks
+
+    if spec in networks.PRESETS:
+        return spec
+    try:
+        nf, mult, blocks = spec.split("/")
+        preset = networks.Preset(int(nf), tuple(int(m) for m in mult.split(",")), int(blocks))
+    except ValueError:
+        raise ValueError(f"--model={spec!r} is neither a preset ({sorted(networks.PRESETS)}) nor NF/CH_MULT/BLOCKS") from None
+    networks.PRESETS[spec] = preset
+    return spec
 
 
 def main() -> None:
@@ -46,6 +66,11 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     import quality
+
+    try:
+        register_model(a.model)
+    except ValueError as e:
+        ap.error(str(e))
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,3 +36,21 @@ def test_quality_defaults_make_a_calibrated_plan():
     doc = q.default_plan()
     assert doc.plan.steps == 1407 and doc.plan.batch_size == 256 and doc.plan.noise_multiplicity == 2
     assert doc.epsilon <= q.EPSILON
+
+
+def test_quality_sweep_registers_unet_shapes():
+    spec = importlib.util.spec_from_file_location("quality_sweep_bench", ROOT / "benchmarks" / "quality_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    from dpdm import networks
+
+    assert sweep.register_model("small") == "small"
+    name = sweep.register_model("8/1,2,2/1")
+    try:
+        assert networks.PRESETS[name] == networks.Preset(8, (1, 2, 2), 1)
+        net = networks.build_network(name, img_resolution=28, img_channels=1, num_classes=10)
+        assert networks.count_parameters(net) == 80_505   # the size measured in issue 4's sweep
+    finally:
+        networks.PRESETS.pop(name, None)
+    with pytest.raises(ValueError, match="NF/CH_MULT/BLOCKS"):
+        sweep.register_model("tiny")
