@@ -29,8 +29,8 @@ from cli.errors import BadInput
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid, a row per class.")
 @click.option("--json", "as_json", is_flag=True)
-def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, sigma_min, sigma_max, rho, weights, seed, batch_size, device,
-           out_path, grid_path, as_json):
+def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, sigma_min, sigma_max, rho, weights, seed,
+           batch_size, device, out_path, grid_path, as_json):
     """Draw synthetic images from a trained (EMA) model."""
     if (run_dir is None) == (checkpoint_path is None):
         raise BadInput("give exactly one of --run and --checkpoint")
@@ -43,8 +43,8 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, sigma_
 
     try:
         result = sample_checkpoint(path, n=n, sampler=sampler, sampler_steps=sampler_steps, guidance=guidance,
-                                   sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, weights=weights, seed=seed, batch_size=batch_size,
-                                   device=resolve_device(device), out_path=out_path, grid_path=grid_path)
+                                   sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, weights=weights, seed=seed,
+                                   batch_size=batch_size, device=resolve_device(device), out_path=out_path, grid_path=grid_path)
     except SampleError as e:
         raise BadInput(str(e)) from None
     if as_json:
