@@ -13,7 +13,8 @@ On mnist5k at epsilon 10, delta 1e-5, under ONE locked plan:
 Usage:
     .venv/bin/python benchmarks/quality.py [--workdir DIR] [--plan plan.json] [--samples samples.npz]
                                            [--model small] [--n 10000] [--epochs 90] [--batch-size 256]
-                                           [--K 2] [--precond v] [--lr 1e-3] [--guidance 1] [--json out.json]
+                                           [--K 2] [--precond v] [--lr 1e-3] [--lr-schedule constant]
+                                           [--ema-decay 0.999] [--guidance 1] [--sigma-min 0.002] [--json out.json]
 
 Slow (not a test; `make bench` does not run it): about 54 minutes on 2 CPU cores with the defaults
 (measured: generator training 2371 s for 1407 steps, sampling 10,000 images with guidance 486 s, the
