@@ -19,8 +19,9 @@ Usage:
 Slow (not a test; `make bench` does not run it): about 54 minutes on 2 CPU cores with the defaults
 (measured: generator training 2371 s for 1407 steps, sampling 10,000 images with guidance 486 s, the
 DP-SGD baseline 200 s, evaluation about 3 min). Longer does not help: `--epochs 130` (2032 steps,
-sigma 1.62, 76 min) gave a synthetic CNN of 84.2% against 83.3%, and a classifier FD of 12.1 against 10.5. Run it alone with `DPDM_MALLOC=keep
-OMP_WAIT_POLICY=PASSIVE` (about 20% faster steps, see README). Figures print on stdout; --json writes them.
+sigma 1.62, 76 min) gave a synthetic CNN of 84.2% against 83.3%, and a classifier FD of 12.1 against
+10.5. Run it alone with `DPDM_MALLOC=keep OMP_WAIT_POLICY=PASSIVE` (about 20% faster steps, see
+README). Figures print on stdout; --json writes them.
 """
 from __future__ import annotations
 
@@ -117,10 +118,11 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                     "seconds": 0.0, "reused": True}
     t0 = time.perf_counter()
     summary = train(doc, data.x, data.y, data.num_classes, run_dir,
-                    TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, lr_schedule=lr_schedule, device=device,
-                                seed=seed, checkpoint_every=50, log_every=10),
+                    TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, lr_schedule=lr_schedule,
+                                device=device, seed=seed, checkpoint_every=50, log_every=10),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
-    return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule, "ema_decay": ema_decay, "seconds": round(time.perf_counter() - t0, 1)}
+    return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
+            "ema_decay": ema_decay, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sampler_steps: int = SAMPLER_STEPS,
@@ -130,7 +132,8 @@ def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sam
 
     t0 = time.perf_counter()
     result = sample_checkpoint(Path(run_dir) / "checkpoint.pt", n=n, sampler="euler", sampler_steps=sampler_steps,
-                               guidance=guidance, sigma_min=sigma_min, device=device, out_path=out_path, grid_path=Path(out_path).with_suffix(".png"))
+                               guidance=guidance, sigma_min=sigma_min, device=device, out_path=out_path,
+                               grid_path=Path(out_path).with_suffix(".png"))
     return {**result, "seconds": round(time.perf_counter() - t0, 1)}
 
 

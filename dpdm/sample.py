@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from dpdm import checkpoint as ckpt
+from dpdm.sampling import RHO, SIGMA_MAX, SIGMA_MIN
 
 
 class SampleError(ValueError):
@@ -33,7 +34,7 @@ def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str 
 
 def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: int = 50, guidance: float = 0.0,
                       weights: str = "ema", seed: int = 0, batch_size: int = 256, device: str = "cpu",
-                      sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                      sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
                       out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Draws `n` images (balanced labels i % num_classes) and writes them to `out_path` atomically."""
     from dpdm.sampling import generate

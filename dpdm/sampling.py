@@ -16,11 +16,15 @@ from typing import Callable, Sequence
 import torch
 
 
+# EDM's schedule defaults (Karras et al. 2022, Table 1).
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
 def get_sigmas_karras(
     n: int,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Karras et al. 2022, Eq. 5: n noise levels from sigma_max down to sigma_min, then a final 0.
@@ -187,9 +191,9 @@ def generate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     sampler_kwargs: dict | None = None,       # extra keywords for the sampler (e.g. S_churn for "churn")
-    sigma_min: float = 0.002,                 # Karras schedule (EDM's defaults); the last step returns
-    sigma_max: float = 80.0,                  # D(x; sigma_min), so a larger sigma_min ends on a
-    rho: float = 7.0,                         # posterior mean instead of the lowest noise levels
+    sigma_min: float = SIGMA_MIN,             # Karras schedule (EDM's defaults); the last step returns
+    sigma_max: float = SIGMA_MAX,             # D(x; sigma_min), so a larger sigma_min ends on a
+    rho: float = RHO,                         # posterior mean instead of the lowest noise levels
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw n images; image i uses seed `seed + i`, so results do not depend on batch_size.
 
