@@ -1,0 +1,72 @@
+"""benchmarks/grad_signal.py: the signal estimator and a measurement on a tiny trained run."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import accounting
+from dpdm.datasets import ImageData
+from dpdm.train import CHECKPOINT_NAME, TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _grad_signal():
+    spec = importlib.util.spec_from_file_location("grad_signal_bench", ROOT / "benchmarks" / "grad_signal.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_unit_signal_is_exact_for_identical_rows_and_clips():
+    gs = _grad_signal()
+    rows = torch.tensor([[3.0, 4.0]]).repeat(10, 1)            # norm 5, clipped to 1
+    sq, med = gs.unit_signal(rows, clip_norm=1.0)
+    assert sq == pytest.approx(1.0) and med == pytest.approx(5.0)
+    sq, _ = gs.unit_signal(rows, clip_norm=10.0)               # below the clip norm: unchanged
+    assert sq == pytest.approx(25.0)
+    sq, _ = gs.unit_signal(rows * 1e-3, clip_norm=None)        # unit directions
+    assert sq == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        gs.unit_signal(rows[:1], clip_norm=1.0)
+
+
+def test_unit_signal_is_unbiased_where_the_plain_norm_is_not():
+    gs = _grad_signal()
+    g = torch.Generator().manual_seed(0)
+    B, trials = 8, 4000
+    est, plain = [], []
+    for _ in range(trials):
+        signs = torch.where(torch.rand(B, generator=g) < 0.75, 1.0, -1.0)   # E[row] = 0.5 e1
+        rows = torch.stack([signs, torch.zeros(B)], 1)
+        est.append(gs.unit_signal(rows, clip_norm=1.0)[0])
+        plain.append(float(rows.mean(0).norm() ** 2))
+    mean_est = sum(est) / trials
+    assert abs(mean_est - 0.25) < 0.02                          # ||E u||^2 = 0.25
+    assert sum(plain) / trials > 0.25 + 0.05                    # ||mean||^2 is biased up by (1 - 0.25) / B
+
+
+@pytest.mark.slow
+def test_measure_on_a_tiny_run(tmp_path):
+    gs = _grad_signal()
+    g = torch.Generator().manual_seed(0)
+    n, classes = 24, 3
+    x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    y = torch.arange(n) % classes
+    plan = accounting.PrivacyPlan(dataset_size=n, batch_size=6, steps=3, noise_multiplier=1.0, clip_norm=1.0,
+                                  noise_multiplicity=2, delta=1e-5, dataset_name="tiny")
+    doc = accounting.make_plan_document(plan)
+    run = tmp_path / "run"
+    train(doc, x, y, classes, run, TrainConfig(model="small", precond="v", seed=1), progress=False)
+    res = gs.measure(run / CHECKPOINT_NAME, Ks=(1, 2), batch=6, reps=2, by_sigma=True,
+                     data=ImageData(x, y, classes, "tiny"))
+    assert set(res["by_K"]) == {"1", "2"}
+    assert res["noise_norm"] == pytest.approx(1.0 * 1.0 * math.sqrt(res["params"]) / 6)
+    for row in res["by_K"].values():
+        assert -1.0 <= row["signal"] <= 1.0 + 1e-9 and row["median_grad_norm"] > 0
+        assert row["snr_per_step"] == pytest.approx(row["signal"] / res["noise_norm"])
+    shares = [row["training_share"] for row in res["by_sigma"]]
+    assert len(shares) == len(gs.SIGMA_EDGES) - 1 and 0.9 < sum(shares) <= 1.0 + 1e-9
+    assert res["private_figures"] is True
