@@ -117,6 +117,10 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True) -> Path:
     rows_metrics.append(("classifier FD (not FID)", f"{metrics['classifier_fd']['value']:.3f}"))
     if "real_test_value" in metrics["classifier_fd"]:
         rows_metrics.append(("classifier FD, real test vs real train (floor)", f"{metrics['classifier_fd']['real_test_value']:.3f}"))
+    pr = metrics.get("classifier_precision_recall")
+    if pr is not None:
+        rows_metrics.append(("classifier precision / recall (fidelity / coverage, k=3)",
+                             f"{pr['precision']:.3f} / {pr['recall']:.3f}"))
     sections = [
         {"title": "Privacy", "rows": [
             ("guarantee", f"(epsilon={doc.epsilon:.4g}, delta={plan.delta:g})-DP for each of the {plan.dataset_size} training images"),

@@ -100,6 +100,10 @@ def format_report(report: dict) -> str:
         lines.append(f"  real test vs real train (floor): {fd['real_test_value']:.4f}")
     acc = ref.get("real_test_accuracy")
     lines.append(f"  reference CNN: real test acc {acc:.4f}" if acc is not None else "  reference CNN")
+    pr = report.get("classifier_precision_recall")
+    if pr is not None:
+        lines.append(f"classifier precision {pr['precision']:.4f} (fidelity), recall {pr['recall']:.4f} (coverage), "
+                     f"k={pr['k']}, {pr['n']} images per set")
     if report["inception_fid"] is not None:
         lines.append(f"Inception FID (torchvision weights): {report['inception_fid']:.4f}")
     return "\n".join(lines)

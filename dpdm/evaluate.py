@@ -13,6 +13,11 @@
   "classifier FD". The reference network is cached under ``~/.cache/dpdm/reference`` (or
   ``cache_dir``), keyed by dataset name and a digest of the training data. The FD between the real
   test split and the real training split is reported beside it as a floor.
+- **Classifier precision / recall** (Kynkaenniemi et al. 2019, k = 3) in the same features: the
+  share of synthetic images inside the real images' k-NN balls (fidelity) and the share of real
+  training images inside the synthetic images' balls (coverage). Both sets are subsampled to the
+  same size first, as the k-NN radii depend on it. A synthetic set that trains a classifier to
+  near-perfect accuracy on itself but not on real data shows up here as low recall.
 - **Inception FID**: only with a local torchvision ``inception_v3`` state-dict file (never
   downloaded), loaded with ``torch.load(weights_only=True)``; 2048-d pool features of images resized
   to 299x299 (grayscale repeated to 3 channels). torchvision's Inception differs from the TF-Inception
@@ -42,6 +47,7 @@ __all__ = [
     "REFERENCE_EPOCHS",
     "accuracy",
     "classifier_fd",
+    "classifier_precision_recall",
     "default_cache_dir",
     "downstream_accuracy",
     "evaluate_samples",
@@ -50,6 +56,7 @@ __all__ = [
     "frechet_distance",
     "inception_fid",
     "load_inception",
+    "precision_recall",
     "reference_classifier",
 ]
 
@@ -254,6 +261,54 @@ def classifier_fd(samples: ImageData, real: ImageData, reference: CNN, *,
     return frechet_distance(*feature_stats(f1), *feature_stats(f2))
 
 
+def _kth_nn_radius(x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Distance from each row of x to its k-th nearest other row."""
+    out = []
+    for i in range(0, len(x), chunk):
+        d = torch.cdist(x[i:i + chunk], x)
+        out.append(d.kthvalue(k + 1, dim=1).values)       # the 0 to itself comes first
+    return torch.cat(out)
+
+
+def _inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
+                     chunk: int = 1024) -> torch.Tensor:
+    out = []
+    for i in range(0, len(points), chunk):
+        out.append((torch.cdist(points[i:i + chunk], centres) <= radii[None, :]).any(dim=1))
+    return torch.cat(out)
+
+
+def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, *, k: int = 3,
+                     seed: int = 0) -> dict:
+    """Improved precision and recall (Kynkaenniemi et al. 2019) of [N, D] feature sets.
+
+    Both sets are first subsampled (without replacement, seeded) to the smaller one's size.
+    Returns {"precision", "recall", "k", "n"}.
+    """
+    n = min(len(real_features), len(fake_features))
+    if n < k + 2:
+        raise ValueError(f"need more than k + 1 = {k + 1} features in each set, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    real = torch.as_tensor(real_features, dtype=torch.float64)
+    fake = torch.as_tensor(fake_features, dtype=torch.float64)
+    real = real[torch.randperm(len(real), generator=g)[:n]]
+    fake = fake[torch.randperm(len(fake), generator=g)[:n]]
+    precision = _inside_any_ball(fake, real, _kth_nn_radius(real, k)).double().mean()
+    recall = _inside_any_ball(real, fake, _kth_nn_radius(fake, k)).double().mean()
+    return {"precision": float(precision), "recall": float(recall), "k": k, "n": n}
+
+
+def classifier_precision_recall(samples: ImageData, real: ImageData, reference: CNN, *, k: int = 3,
+                                seed: int = 0, device: str | torch.device = "cpu") -> dict:
+    """`precision_recall` of `samples` against `real` in the reference CNN's penultimate features."""
+    _check_compatible(samples, real)
+    reference.eval()
+    f1 = _features(reference.features, samples.x, device=device)
+    f2 = _features(reference.features, real.x, device=device)
+    return {**precision_recall(f2, f1, k=k, seed=seed),
+            "features": "penultimate (128-d) of a CNN trained on the real training split"}
+
+
 # --- Inception FID -------------------------------------------------------------------------------
 
 def load_inception(weights: str | os.PathLike) -> nn.Module:
@@ -358,6 +413,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     if real_test is not None and real_test.y is not None:
         info["real_test_accuracy"] = accuracy(reference, real_test.x, real_test.y, device=device)
     report["classifier_fd"] = fd
+    report["classifier_precision_recall"] = classifier_precision_recall(samples, real_train, reference, seed=seed,
+                                                                        device=device)
     report["inception_fid"] = None
     if inception is not None:
         if progress:

@@ -20,6 +20,7 @@ from dpdm.evaluate import (
     frechet_distance,
     inception_fid,
     load_inception,
+    precision_recall,
     reference_classifier,
 )
 
@@ -144,8 +145,30 @@ def test_evaluate_samples_tiny(digits, tmp_path):
     assert math.isfinite(fd["value"]) and math.isfinite(fd["real_test_value"])
     assert 0.0 <= fd["reference"]["real_test_accuracy"] <= 1.0
     assert report["inception_fid"] is None
+    pr = report["classifier_precision_recall"]
+    assert 0.0 <= pr["precision"] <= 1.0 and 0.0 <= pr["recall"] <= 1.0 and pr["n"] == 600
     with pytest.raises(DataError, match="samples are 1x4x4"):
         evaluate_samples(ImageData(torch.zeros(4, 1, 4, 4), None, 0, "s"), train, test, cache_dir=tmp_path)
+
+
+def test_precision_recall_separates_fidelity_from_coverage():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(600, 4, generator=g, dtype=torch.float64).numpy()
+    same = torch.randn(600, 4, generator=g, dtype=torch.float64).numpy()
+    pr = precision_recall(real, same)
+    assert pr["precision"] > 0.9 and pr["recall"] > 0.9 and pr["k"] == 3 and pr["n"] == 600
+    assert precision_recall(real, real)["precision"] == 1.0      # every point lies in its own ball
+    # Collapsed onto one mode of the real data: faithful but covering little.
+    collapsed = (0.1 * torch.randn(600, 4, generator=g, dtype=torch.float64)).numpy()
+    pr = precision_recall(real, collapsed)
+    assert pr["precision"] > 0.9 and pr["recall"] < 0.2
+    # Far away: neither.
+    pr = precision_recall(real, same + 100.0)
+    assert pr["precision"] == 0.0 and pr["recall"] == 0.0
+    # Unequal sizes are subsampled to the smaller.
+    assert precision_recall(real, same[:100])["n"] == 100
+    with pytest.raises(ValueError, match="more than k"):
+        precision_recall(real[:4], same[:4])
 
 
 # --- Inception FID (no real weights here) --------------------------------------------------------
