@@ -75,7 +75,10 @@ def _signed_sqrt(v: float) -> float:
 def _loss_for(config: dict):
     from dpdm.loss import EDMLoss, VLoss
 
-    return VLoss() if config["precond"] == "v" else EDMLoss(sigma_data=config["sigma_data"])
+    if config["precond"] != "v":
+        return EDMLoss(sigma_data=config["sigma_data"])
+    trained = config.get("train", {}).get("train_sigma")
+    return VLoss() if trained is None else VLoss.from_sigma_range(*trained)
 
 
 def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: int = 6, by_sigma: bool = False,

@@ -14,7 +14,8 @@ Usage:
     .venv/bin/python benchmarks/quality.py [--workdir DIR] [--plan plan.json] [--samples samples.npz]
                                            [--model small] [--n 10000] [--epochs 90] [--batch-size 256]
                                            [--K 2] [--precond v] [--lr 1e-3] [--lr-schedule constant]
-                                           [--ema-decay 0.999] [--guidance 1] [--sigma-min 0.002] [--json out.json]
+                                           [--ema-decay 0.999] [--guidance 1] [--sigma-min S] [--train-sigma MIN MAX]
+                                           [--json out.json]
 
 Slow (not a test; `make bench` does not run it): about 54 minutes on 2 CPU cores with the defaults
 (measured: generator training 2371 s for 1407 steps, sampling 10,000 images with guidance 486 s, the
@@ -57,7 +58,8 @@ LR = 1e-3
 EMA_DECAY = 0.999
 LR_SCHEDULE = "constant"
 GUIDANCE = 1.0
-SIGMA_MIN = 0.002  # EDM's; 0.05 and 0.2 scored the same within noise on the quick protocol
+SIGMA_MIN = None   # the sampler's default: EDM's 0.002, or the lowest trained level if higher
+TRAIN_SIGMA = None  # VLoss's default range (sigma 0.0015 to 90)
 
 
 def default_plan(*, epsilon: float = EPSILON, delta: float = DELTA, batch_size: int = BATCH_SIZE,
@@ -101,7 +103,8 @@ def evaluate_synthetic(samples_path: str | Path, *, dataset: str = DATASET, epoc
 
 def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model: str = GENERATOR_MODEL,
                     precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY,
-                    lr_schedule: str = LR_SCHEDULE, device: str = "cpu", seed: int = 0) -> dict:
+                    lr_schedule: str = LR_SCHEDULE, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
+                    device: str = "cpu", seed: int = 0) -> dict:
     """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run)."""
     from dpdm.datasets import load_dataset
     from dpdm.train import TrainConfig, train
@@ -119,14 +122,14 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
     t0 = time.perf_counter()
     summary = train(doc, data.x, data.y, data.num_classes, run_dir,
                     TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, lr_schedule=lr_schedule,
-                                device=device, seed=seed, checkpoint_every=50, log_every=10),
+                                train_sigma=train_sigma, device=device, seed=seed, checkpoint_every=50, log_every=10),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
     return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
-            "ema_decay": ema_decay, "seconds": round(time.perf_counter() - t0, 1)}
+            "ema_decay": ema_decay, "train_sigma": train_sigma, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sampler_steps: int = SAMPLER_STEPS,
-           guidance: float = 0.0, sigma_min: float = SIGMA_MIN, device: str = "cpu") -> dict:
+           guidance: float = 0.0, sigma_min: float | None = SIGMA_MIN, device: str = "cpu") -> dict:
     """`dpdm sample` in Python: n images (balanced classes) from the run's EMA weights."""
     from dpdm.sample import sample_checkpoint
 
@@ -141,7 +144,8 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         workdir: str | Path = "bench_quality", model: str = GENERATOR_MODEL, n: int = N_SAMPLES,
         epochs: float = EPOCHS, batch_size: int = BATCH_SIZE, noise_multiplicity: int = NOISE_MULTIPLICITY,
         precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY, lr_schedule: str = LR_SCHEDULE,
-        guidance: float = GUIDANCE, sigma_min: float = SIGMA_MIN) -> dict:
+        guidance: float = GUIDANCE, sigma_min: float | None = SIGMA_MIN,
+        train_sigma: tuple[float, float] | None = TRAIN_SIGMA) -> dict:
     doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
                                                                            noise_multiplicity=noise_multiplicity)
     workdir = Path(workdir)
@@ -151,7 +155,8 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     t0 = time.perf_counter()
     if samples is None:
         out["generator"] = train_generator(doc, workdir / "run", model=model, precond=precond, lr=lr,
-                                           ema_decay=ema_decay, lr_schedule=lr_schedule, device=device)
+                                           ema_decay=ema_decay, lr_schedule=lr_schedule, train_sigma=train_sigma,
+                                           device=device)
         print(f"generator: {out['generator']}", file=sys.stderr)
         out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, guidance=guidance,
                                  sigma_min=sigma_min, device=device)
@@ -181,13 +186,17 @@ def main() -> None:
     ap.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="generator EMA decay")
     ap.add_argument("--lr-schedule", default=LR_SCHEDULE, choices=("constant", "cosine"), help="generator lr schedule")
     ap.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance weight when sampling")
-    ap.add_argument("--sigma-min", type=float, default=SIGMA_MIN, help="lowest noise level of the sampling schedule")
+    ap.add_argument("--sigma-min", type=float, default=SIGMA_MIN,
+                    help="lowest noise level of the sampling schedule (default: 0.002 or the lowest trained level)")
+    ap.add_argument("--train-sigma", type=float, nargs=2, default=TRAIN_SIGMA, metavar=("MIN", "MAX"),
+                    help="noise levels the generator trains on (v only; default: sigma 0.0015 to 90)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
               model=args.model, n=args.n, epochs=args.epochs, batch_size=args.batch_size,
               noise_multiplicity=args.K, precond=args.precond, lr=args.lr, ema_decay=args.ema_decay,
-              lr_schedule=args.lr_schedule, guidance=args.guidance, sigma_min=args.sigma_min)
+              lr_schedule=args.lr_schedule, guidance=args.guidance, sigma_min=args.sigma_min,
+              train_sigma=None if args.train_sigma is None else tuple(args.train_sigma))
     plan = out["plan"]
     b = out["dp_classifier"]
     print(f"plan: {plan['dataset']['name']} N={plan['dataset']['size']} batch={plan['batch_size']} "

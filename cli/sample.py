@@ -17,9 +17,11 @@ from cli.errors import BadInput
               help="euler: the paper's 'DDIM' (PF-ODE); heun: EDM; churn: stochastic Heun.")
 @click.option("--sampler-steps", type=click.IntRange(min=2), default=50, show_default=True)
 @click.option("--guidance", type=float, default=0.0, show_default=True, help="Classifier-free guidance weight w.")
-@click.option("--sigma-min", type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True,
-              help="Lowest noise level of the Karras schedule; the last step returns D(x; sigma_min).")
-@click.option("--sigma-max", type=click.FloatRange(min=0, min_open=True), default=80.0, show_default=True)
+@click.option("--sigma-min", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Lowest noise level of the Karras schedule; the last step returns D(x; sigma_min). "
+                   "[default: 0.002, or the lowest level the run trained on if higher]")
+@click.option("--sigma-max", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="[default: 80, or the highest level the run trained on if lower]")
 @click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True,
               help="Karras schedule exponent (higher: more steps at low noise).")
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
@@ -35,7 +37,7 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, sigma_
     if (run_dir is None) == (checkpoint_path is None):
         raise BadInput("give exactly one of --run and --checkpoint")
     path = Path(checkpoint_path) if checkpoint_path else Path(run_dir) / "checkpoint.pt"
-    if not sigma_min < sigma_max:
+    if sigma_min is not None and sigma_max is not None and not sigma_min < sigma_max:
         raise BadInput(f"--sigma-min={sigma_min:g} must be below --sigma-max={sigma_max:g}")
     if not str(out_path).endswith(".npz"):
         raise BadInput(f"--out={out_path!r} must end in .npz")

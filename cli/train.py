@@ -21,6 +21,10 @@ from cli.errors import BadInput
 # Model and performance (privacy-neutral).
 @click.option("--model", type=click.Choice(["small", "mnist"]), default="small", show_default=True, help="Network preset.")
 @click.option("--precond", type=click.Choice(["edm", "v"]), default="edm", show_default=True, help="EDM or v-prediction (the paper's choice at eps 0.2).")
+@click.option("--train-sigma", type=(click.FloatRange(min=0, min_open=True), click.FloatRange(min=0, min_open=True)),
+              default=None, metavar="MIN MAX",
+              help="v only: the noise levels trained on [default: sigma 0.0015 to 90, log-SNR 13 to -9]. "
+                   "dpdm sample then keeps to them.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--physical-batch", type=click.IntRange(min=1), default=None, help="Examples per chunk (memory knob; noise is still added once per step).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True)
@@ -36,13 +40,18 @@ from cli.errors import BadInput
 @click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(plan_path, out_dir, dataset, data_root, download, model, precond, device, physical_batch, lr,
+def train(plan_path, out_dir, dataset, data_root, download, model, precond, train_sigma, device, physical_batch, lr,
           lr_schedule, ema_decay, checkpoint_every, log_every, seed, resume, no_dp, as_json, quiet):
     """Train a diffusion model with DP-SGD under a locked plan."""
     from dpdm import checkpoint as ckpt
     from dpdm.train import TrainConfig, TrainError
     from dpdm.train import train as run_training
 
+    if train_sigma is not None:
+        if precond != "v":
+            raise BadInput("--train-sigma applies to --precond v only")
+        if not train_sigma[0] < train_sigma[1]:
+            raise BadInput(f"--train-sigma {train_sigma[0]:g} {train_sigma[1]:g}: MIN must be below MAX")
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
     data = load_training_data(name, data_root=data_root, download=download)
@@ -56,6 +65,7 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, devi
     ok = False
     try:
         config = TrainConfig(model=model, precond=precond, lr=lr, lr_schedule=lr_schedule, ema_decay=ema_decay,
+                             train_sigma=None if train_sigma is None else tuple(train_sigma),
                              physical_batch=physical_batch,
                              checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
                              device=device, private=not no_dp)

@@ -120,6 +120,13 @@ class VLoss(_KLoss):
         self.t_min = self.t_of_logsnr(self.logsnr_max)
         self.t_max = self.t_of_logsnr(self.logsnr_min)
 
+    @classmethod
+    def from_sigma_range(cls, sigma_min: float, sigma_max: float) -> "VLoss":
+        """Training noise levels in [sigma_min, sigma_max] (log-SNR = -2 ln sigma)."""
+        if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and 0 < sigma_min < sigma_max):
+            raise ValueError(f"sigma range ({sigma_min!r}, {sigma_max!r}) must satisfy 0 < sigma_min < sigma_max")
+        return cls(logsnr_min=-2 * math.log(sigma_max), logsnr_max=-2 * math.log(sigma_min))
+
     @staticmethod
     def t_of_logsnr(logsnr: float) -> float:
         return 2 / math.pi * math.acos(1 / math.sqrt(1 + math.exp(-logsnr)))

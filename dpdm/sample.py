@@ -34,13 +34,25 @@ def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str 
 
 def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: int = 50, guidance: float = 0.0,
                       weights: str = "ema", seed: int = 0, batch_size: int = 256, device: str = "cpu",
-                      sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
+                      sigma_min: float | None = None, sigma_max: float | None = None, rho: float = RHO,
                       out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Draws `n` images (balanced labels i % num_classes) and writes them to `out_path` atomically."""
+    """Draws `n` images (balanced labels i % num_classes) and writes them to `out_path` atomically.
+
+    sigma_min / sigma_max None: Karras's 0.002 / 80, narrowed to the noise levels the run trained on
+    (`dpdm train --train-sigma`), so that the sampler does not ask the network about levels it never saw.
+    """
     from dpdm.sampling import generate
 
     D, state = load_denoiser(path, weights=weights, device=device)
     cfg, ledger = state["config"], state["ledger"]
+    trained = cfg.get("train", {}).get("train_sigma")
+    if sigma_min is None:
+        sigma_min = SIGMA_MIN if trained is None else max(SIGMA_MIN, float(trained[0]))
+    if sigma_max is None:
+        sigma_max = SIGMA_MAX if trained is None else min(SIGMA_MAX, float(trained[1]))
+    if not 0 < sigma_min < sigma_max:
+        raise SampleError(f"sigma_min={sigma_min:g} (--sigma-min) must be positive and below "
+                          f"sigma_max={sigma_max:g} (--sigma-max)")
     num_classes = int(cfg["num_classes"])
     labels = torch.arange(n) % num_classes if num_classes > 0 else None
     with torch.no_grad():

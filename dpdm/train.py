@@ -57,6 +57,8 @@ class TrainConfig:
     lr_schedule: str = "constant"        # "constant", or "cosine": lr * (1 + cos(pi * step / steps)) / 2
     ema_decay: float = 0.999             # EMA of weights, with warmup min(decay, (1+n)/(10+n))
     label_dropout: float = 0.1           # labels dropped for classifier-free guidance
+    train_sigma: tuple[float, float] | None = None  # v only: noise levels trained on, (min, max); None:
+                                         # VLoss's log-SNR range [-9, 13] (sigma 0.0015 to 90)
     physical_batch: int | None = None    # examples per vmap chunk (memory knob)
     checkpoint_every: int = 100          # steps between checkpoints (and at the end)
     log_every: int = 10                  # steps between metrics rows
@@ -75,6 +77,12 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise ValueError(f"seed={self.seed!r} must be in [0, 2**63)")
+        if self.train_sigma is not None:
+            if self.precond != "v":
+                raise ValueError("train_sigma applies to precond='v' only")
+            lo, hi = self.train_sigma
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+                raise ValueError(f"train_sigma={self.train_sigma!r} must be (min, max) with 0 < min < max")
         if self.physical_batch is not None and self.physical_batch < 1:
             raise ValueError(f"physical_batch={self.physical_batch!r} must be >= 1")
 
@@ -344,7 +352,10 @@ def train(
                   "private": config.private}
         _write_json(out / "config.json", public)
 
-    loss_obj = VLoss() if config.precond == "v" else EDMLoss(sigma_data=run_config["sigma_data"])
+    if config.precond == "v":
+        loss_obj = VLoss() if config.train_sigma is None else VLoss.from_sigma_range(*config.train_sigma)
+    else:
+        loss_obj = EDMLoss(sigma_data=run_config["sigma_data"])
     conditional = num_classes > 0 and y is not None
     loss_fn = engine_loss_fn(loss_obj, conditional=conditional)
     sampler = PoissonSampler(plan.dataset_size if config.private else n, plan.sample_rate, seed=seed)

@@ -122,6 +122,15 @@ def test_wrong_image_shape_refused(tiny, capsys):
     _one_error_line(code, err)
 
 
+@pytest.mark.parametrize("extra, needle", [(["--train-sigma", "0.05", "20"], "--precond v only"),
+                                           (["--precond", "v", "--train-sigma", "20", "0.05"], "below MAX")])
+def test_bad_train_sigma_refused(tiny, capsys, extra, needle):
+    d = tiny
+    code, _, err = run_cli(_train_args(d, d / "run", *extra), capsys)
+    assert needle in _one_error_line(code, err)
+    assert not (d / "run").exists()
+
+
 def test_corrupt_checkpoint_refused_by_sample(tiny, capsys):
     d = tiny
     (d / "bad.pt").write_bytes(b"\x80\x04garbage")

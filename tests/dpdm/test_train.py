@@ -207,3 +207,30 @@ def test_lr_schedules(tmp_path):
     assert any(not torch.equal(runs["constant"][k], runs["cosine"][k]) for k in runs["constant"])
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="step")
+
+
+def test_train_sigma_narrows_the_noise_levels_and_the_sampler_follows(tmp_path):
+    from dpdm.loss import VLoss
+    from dpdm.sample import sample_checkpoint
+
+    v = VLoss.from_sigma_range(0.05, 20.0)
+    s = v.draw_sigma((20000,), generator=torch.Generator().manual_seed(0), device="cpu", dtype=torch.float64)
+    assert 0.05 * (1 - 1e-9) <= float(s.min()) and float(s.max()) <= 20.0 * (1 + 1e-9)
+    assert float(s.min()) < 0.06 and float(s.max()) > 15.0
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        VLoss.from_sigma_range(1.0, 1.0)
+    with pytest.raises(ValueError, match="precond='v' only"):
+        TrainConfig(precond="edm", train_sigma=(0.05, 20.0))
+    with pytest.raises(ValueError, match="0 < min < max"):
+        TrainConfig(precond="v", train_sigma=(0.0, 20.0))
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    out = tmp_path / "run"
+    train(doc, x, y, c, out, TrainConfig(**{**CFG, "precond": "v", "train_sigma": (0.05, 20.0)}), progress=False)
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
+    assert tuple(state["config"]["train"]["train_sigma"]) == (0.05, 20.0)
+    meta = sample_checkpoint(out / CHECKPOINT_NAME, n=3, sampler_steps=2, out_path=tmp_path / "s.npz")
+    assert meta["sigma_min"] == 0.05 and meta["sigma_max"] == 20.0
+    meta = sample_checkpoint(out / CHECKPOINT_NAME, n=3, sampler_steps=2, sigma_min=0.01, out_path=tmp_path / "s.npz")
+    assert meta["sigma_min"] == 0.01   # an explicit value is honoured
