@@ -7,7 +7,8 @@ FD. Cheaper and noisier than benchmarks/quality.py (about +-2 points of CNN accu
 use it to rank knobs, and quality.py for the figures.
 
     .venv/bin/python benchmarks/quality_sweep.py --out DIR [--epochs 20] [--K 1] [--precond v] [--lr 1e-3]
-                                                 [--lr-schedule constant] [--model small] [--guidance 0,1]
+                                                 [--lr-schedule constant] [--train-sigma MIN MAX]
+                                                 [--model small] [--guidance 0,1]
                                                  [--threads 1] [--eval-only]
 
 `--model` takes a preset of dpdm/networks.py or a U-Net shape "NF/CH_MULT/BLOCKS" such as
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--model", default="small")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
+    ap.add_argument("--train-sigma", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                    help="noise levels trained on (v only); sampling keeps to them")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--guidance", default="0,1", help="comma-separated guidance weights to sample with")
     ap.add_argument("--eval-only", action="store_true")
@@ -80,7 +83,8 @@ def main() -> None:
     t0 = time.time()
     if not a.eval_only:
         quality.train_generator(doc, out / "run", model=a.model, precond=a.precond, lr=a.lr, ema_decay=a.ema,
-                                lr_schedule=a.lr_schedule)
+                                lr_schedule=a.lr_schedule,
+                                train_sigma=None if a.train_sigma is None else tuple(a.train_sigma))
     res["train_s"] = round(time.time() - t0)
     for g in [float(v) for v in a.guidance.split(",")]:
         t1 = time.time()
