@@ -63,6 +63,7 @@ __all__ = [
 DEFAULT_EPOCHS = {"logreg": 30, "mlp": 30, "cnn": 15}  # paper: 50 each
 REFERENCE_EPOCHS = 20
 _REFERENCE_VERSION = 1  # bump when the reference training recipe changes
+_FEATURES = "penultimate (128-d) of a CNN trained on the real training split"
 
 Progress = Callable[[str], None]
 
@@ -305,8 +306,7 @@ def classifier_precision_recall(samples: ImageData, real: ImageData, reference: 
     reference.eval()
     f1 = _features(reference.features, samples.x, device=device)
     f2 = _features(reference.features, real.x, device=device)
-    return {**precision_recall(f2, f1, k=k, seed=seed),
-            "features": "penultimate (128-d) of a CNN trained on the real training split"}
+    return {**precision_recall(f2, f1, k=k, seed=seed), "features": _FEATURES}
 
 
 # --- Inception FID -------------------------------------------------------------------------------
@@ -405,16 +405,18 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                 samples, real_test, kind=kind, epochs=epochs[kind], seed=seed, device=device)
     reference, info = reference_classifier(real_train, cache_dir=cache_dir, epochs=reference_epochs,
                                            seed=seed, device=device, progress=progress)
-    fd = {"value": classifier_fd(samples, real_train, reference, device=device),
-          "features": "penultimate (128-d) of a CNN trained on the real training split",
+    reference.eval()
+    f_samples = _features(reference.features, samples.x, device=device)     # once, for the FD and P/R
+    f_train = _features(reference.features, real_train.x, device=device)
+    fd = {"value": frechet_distance(*feature_stats(f_samples), *feature_stats(f_train)),
+          "features": _FEATURES,
           "reference": info}
     if real_test is not None:
         fd["real_test_value"] = classifier_fd(real_test, real_train, reference, device=device)
     if real_test is not None and real_test.y is not None:
         info["real_test_accuracy"] = accuracy(reference, real_test.x, real_test.y, device=device)
     report["classifier_fd"] = fd
-    report["classifier_precision_recall"] = classifier_precision_recall(samples, real_train, reference, seed=seed,
-                                                                        device=device)
+    report["classifier_precision_recall"] = {**precision_recall(f_train, f_samples, seed=seed), "features": _FEATURES}
     report["inception_fid"] = None
     if inception is not None:
         if progress:
