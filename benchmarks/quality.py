@@ -18,8 +18,9 @@ Usage:
                                            [--json out.json]
 
 Slow (not a test; `make bench` does not run it): about 50 minutes on 2 CPU cores with the defaults
-(measured: generator training 2371 s for 1407 steps, sampling 10,000 images about 4 min (486 s with
-guidance, which calls the network twice a step), the DP-SGD baseline 200 s, evaluation about 3 min).
+(measured: generator training 2371 s for 1407 steps; sampling 10,000 images 486 s with guidance, which
+calls the network twice a step, so about half that without (estimated, not timed alone); the DP-SGD
+baseline 200 s; evaluation about 3 min).
 Measured with the defaults: synthetic CNN 85.5%, MLP 80.6%, logreg 80.2%, classifier FD 26.3, against
 a DP-SGD CNN of 95.7%. The same checkpoint sampled with `--guidance 1`: CNN 83.3%, FD 10.5 (the
 classifiers then score 98% on the synthetic validation split: too uniform digits). Longer does not
