@@ -1,7 +1,5 @@
 """benchmarks/grad_signal.py: the signal estimator and a measurement on a tiny trained run."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,18 +8,9 @@ import accounting
 from dpdm.datasets import ImageData
 from dpdm.train import CHECKPOINT_NAME, TrainConfig, train
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _grad_signal():
-    spec = importlib.util.spec_from_file_location("grad_signal_bench", ROOT / "benchmarks" / "grad_signal.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_unit_signal_is_exact_for_identical_rows_and_clips():
-    gs = _grad_signal()
+def test_unit_signal_is_exact_for_identical_rows_and_clips(load_benchmark):
+    gs = load_benchmark("grad_signal")
     rows = torch.tensor([[3.0, 4.0]]).repeat(10, 1)            # norm 5, clipped to 1
     sq, med = gs.unit_signal(rows, clip_norm=1.0)
     assert sq == pytest.approx(1.0) and med == pytest.approx(5.0)
@@ -33,8 +22,8 @@ def test_unit_signal_is_exact_for_identical_rows_and_clips():
         gs.unit_signal(rows[:1], clip_norm=1.0)
 
 
-def test_unit_signal_is_unbiased_where_the_plain_norm_is_not():
-    gs = _grad_signal()
+def test_unit_signal_is_unbiased_where_the_plain_norm_is_not(load_benchmark):
+    gs = load_benchmark("grad_signal")
     g = torch.Generator().manual_seed(0)
     B, trials = 8, 4000
     est, plain = [], []
@@ -49,8 +38,8 @@ def test_unit_signal_is_unbiased_where_the_plain_norm_is_not():
 
 
 @pytest.mark.slow
-def test_measure_on_a_tiny_run(tmp_path):
-    gs = _grad_signal()
+def test_measure_on_a_tiny_run(tmp_path, load_benchmark):
+    gs = load_benchmark("grad_signal")
     g = torch.Generator().manual_seed(0)
     n, classes = 24, 3
     x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1

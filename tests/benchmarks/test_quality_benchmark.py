@@ -1,25 +1,14 @@
 """benchmarks/quality.py end to end at toy size (slow): one plan for the generator and the baseline."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 import accounting
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.mark.slow
-def test_quality_benchmark_runs_generator_and_baseline_under_one_plan(tmp_path):
-    q = _quality()
+def test_quality_benchmark_runs_generator_and_baseline_under_one_plan(tmp_path, load_benchmark):
+    q = load_benchmark("quality")
     out = q.run(workdir=tmp_path, epochs=0.2, n=40, precond="v", lr=1e-3, guidance=1.0)
     doc = accounting.load_plan(tmp_path / "plan.json")
     assert doc.plan.steps == 4 and doc.plan.noise_multiplicity == q.NOISE_MULTIPLICITY
@@ -31,17 +20,15 @@ def test_quality_benchmark_runs_generator_and_baseline_under_one_plan(tmp_path):
     json.dumps(out)  # the --json document
 
 
-def test_quality_defaults_make_a_calibrated_plan():
-    q = _quality()
+def test_quality_defaults_make_a_calibrated_plan(load_benchmark):
+    q = load_benchmark("quality")
     doc = q.default_plan()
     assert doc.plan.steps == 1407 and doc.plan.batch_size == 256 and doc.plan.noise_multiplicity == 2
     assert doc.epsilon <= q.EPSILON
 
 
-def test_quality_sweep_registers_unet_shapes():
-    spec = importlib.util.spec_from_file_location("quality_sweep_bench", ROOT / "benchmarks" / "quality_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+def test_quality_sweep_registers_unet_shapes(load_benchmark):
+    sweep = load_benchmark("quality_sweep")
     from dpdm import networks
 
     assert sweep.register_model("small") == "small"
