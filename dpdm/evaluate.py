@@ -232,6 +232,12 @@ def _features(extract: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     return torch.cat(out).numpy()
 
 
+def _reference_features(reference: CNN, *datasets: ImageData, device: str | torch.device = "cpu") -> list[np.ndarray]:
+    """The reference CNN's penultimate features of each dataset."""
+    reference.eval()
+    return [_features(reference.features, d.x, device=device) for d in datasets]
+
+
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (rowvar=False) of [N, D] features."""
     if features.ndim != 2 or len(features) < 2:
@@ -256,9 +262,7 @@ def classifier_fd(samples: ImageData, real: ImageData, reference: CNN, *,
                   device: str | torch.device = "cpu") -> float:
     """Frechet distance between `samples` and `real` in the reference CNN's penultimate features."""
     _check_compatible(samples, real)
-    reference.eval()
-    f1 = _features(reference.features, samples.x, device=device)
-    f2 = _features(reference.features, real.x, device=device)
+    f1, f2 = _reference_features(reference, samples, real, device=device)
     return frechet_distance(*feature_stats(f1), *feature_stats(f2))
 
 
@@ -303,9 +307,7 @@ def classifier_precision_recall(samples: ImageData, real: ImageData, reference: 
                                 seed: int = 0, device: str | torch.device = "cpu") -> dict:
     """`precision_recall` of `samples` against `real` in the reference CNN's penultimate features."""
     _check_compatible(samples, real)
-    reference.eval()
-    f1 = _features(reference.features, samples.x, device=device)
-    f2 = _features(reference.features, real.x, device=device)
+    f1, f2 = _reference_features(reference, samples, real, device=device)
     return {**precision_recall(f2, f1, k=k, seed=seed), "features": _FEATURES}
 
 
@@ -405,9 +407,7 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                 samples, real_test, kind=kind, epochs=epochs[kind], seed=seed, device=device)
     reference, info = reference_classifier(real_train, cache_dir=cache_dir, epochs=reference_epochs,
                                            seed=seed, device=device, progress=progress)
-    reference.eval()
-    f_samples = _features(reference.features, samples.x, device=device)     # once, for the FD and P/R
-    f_train = _features(reference.features, real_train.x, device=device)
+    f_samples, f_train = _reference_features(reference, samples, real_train, device=device)  # for FD and P/R
     fd = {"value": frechet_distance(*feature_stats(f_samples), *feature_stats(f_train)),
           "features": _FEATURES,
           "reference": info}
