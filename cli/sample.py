@@ -17,6 +17,9 @@ from cli.errors import BadInput
               help="euler: the paper's 'DDIM' (PF-ODE); heun: EDM; churn: stochastic Heun.")
 @click.option("--sampler-steps", type=click.IntRange(min=2), default=50, show_default=True)
 @click.option("--guidance", type=float, default=0.0, show_default=True, help="Classifier-free guidance weight w.")
+@click.option("--guidance-interval", type=float, nargs=2, default=None, metavar="LO HI",
+              help="Guide only the steps with LO < sigma <= HI (Kynkaanniemi et al. 2024); the others are "
+                   "unguided and call the network once.  [default: every step]")
 @click.option("--sigma-min", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Lowest noise level of the Karras schedule; the last step returns D(x; sigma_min). "
                    "[default: 0.002, or the lowest level the run trained on if higher]")
@@ -31,7 +34,7 @@ from cli.errors import BadInput
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid, a row per class.")
 @click.option("--json", "as_json", is_flag=True)
-def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, sigma_min, sigma_max, rho, weights, seed,
+def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, guidance_interval, sigma_min, sigma_max, rho, weights, seed,
            batch_size, device, out_path, grid_path, as_json):
     """Draw synthetic images from a trained (EMA) model."""
     if (run_dir is None) == (checkpoint_path is None):
@@ -39,12 +42,15 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, sigma_
     path = Path(checkpoint_path) if checkpoint_path else Path(run_dir) / "checkpoint.pt"
     if sigma_min is not None and sigma_max is not None and not sigma_min < sigma_max:
         raise BadInput(f"--sigma-min={sigma_min:g} must be below --sigma-max={sigma_max:g}")
+    if guidance_interval is not None and not 0 <= guidance_interval[0] < guidance_interval[1]:
+        raise BadInput(f"--guidance-interval {guidance_interval[0]:g} {guidance_interval[1]:g} must satisfy 0 <= LO < HI")
     if not str(out_path).endswith(".npz"):
         raise BadInput(f"--out={out_path!r} must end in .npz")
     from dpdm.sample import SampleError, sample_checkpoint
 
     try:
         result = sample_checkpoint(path, n=n, sampler=sampler, sampler_steps=sampler_steps, guidance=guidance,
+                                   guidance_interval=guidance_interval,
                                    sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, weights=weights, seed=seed,
                                    batch_size=batch_size, device=resolve_device(device), out_path=out_path, grid_path=grid_path)
     except SampleError as e:

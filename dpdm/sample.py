@@ -33,6 +33,7 @@ def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str 
 
 
 def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: int = 50, guidance: float = 0.0,
+                      guidance_interval: tuple[float, float] | None = None,
                       weights: str = "ema", seed: int = 0, batch_size: int = 256, device: str = "cpu",
                       sigma_min: float | None = None, sigma_max: float | None = None, rho: float = RHO,
                       out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     labels = torch.arange(n) % num_classes if num_classes > 0 else None
     with torch.no_grad():
         x, y = generate(D, n=n, labels=labels, seed=seed, sampler=sampler, sampler_steps=sampler_steps,
-                        guidance=guidance, batch_size=batch_size, device=device,
+                        guidance=guidance, guidance_interval=guidance_interval, batch_size=batch_size, device=device,
                         sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     x = np.asarray(x.cpu().numpy() if torch.is_tensor(x) else x, dtype=np.uint8)
     y_np = np.asarray(y.cpu().numpy() if torch.is_tensor(y) else (y if y is not None else np.full(n, -1)), dtype=np.int64)
@@ -70,7 +71,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         "steps_done": int(ledger["steps_done"]),
         "plan_steps": int(ledger["plan_steps"]),
         "dataset": str(cfg.get("dataset")),
-        "sampler": sampler, "sampler_steps": sampler_steps, "guidance": guidance, "seed": seed,
+        "sampler": sampler, "sampler_steps": sampler_steps, "guidance": guidance,
+        "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval], "seed": seed,
         "sigma_min": float(sigma_min), "sigma_max": float(sigma_max), "rho": float(rho),
     }
     out_path = Path(out_path)

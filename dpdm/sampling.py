@@ -50,9 +50,15 @@ def guided_denoise(
     sigma: torch.Tensor | float,              # scalar noise level of the whole batch
     class_labels: torch.Tensor | None = None, # [B] or None
     guidance: float = 0.0,
+    interval: tuple[float, float] | None = None,  # guide only where lo < sigma <= hi
 ) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022; DPDM `guidance_wrapper`):
-    (1 + w) D(x, y) - w D(x, null), with null = D.num_classes. w = 0 is the conditional D."""
+    (1 + w) D(x, y) - w D(x, null), with null = D.num_classes. w = 0 is the conditional D.
+
+    `interval` (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"): outside
+    (lo, hi] the step is unguided, one network call instead of two."""
+    if interval is not None and not interval[0] < float(torch.as_tensor(sigma).max()) <= interval[1]:
+        guidance = 0.0
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])  # [B]
     if guidance == 0 or class_labels is None:
         return D(x, sigma, class_labels)
@@ -70,7 +76,8 @@ def _check_sigmas(sigmas: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def sample_euler(D, x, sigmas, *, class_labels=None, guidance=0.0, randn_like=torch.randn_like, callback=None):
+def sample_euler(D, x, sigmas, *, class_labels=None, guidance=0.0, randn_like=torch.randn_like, callback=None,
+                 guidance_interval=None):
     """Euler on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma.
 
     This is DPDM's deterministic "DDIM" sampler: with sigmas ending in 0 the last step returns
@@ -79,7 +86,7 @@ def sample_euler(D, x, sigmas, *, class_labels=None, guidance=0.0, randn_like=to
     _check_sigmas(sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = guided_denoise(D, x, sigma, class_labels, guidance)
+        denoised = guided_denoise(D, x, sigma, class_labels, guidance, guidance_interval)
         d = (x - denoised) / sigma
         x = x + d * (sigma_next - sigma).to(x.dtype)
         if callback is not None:
@@ -88,10 +95,11 @@ def sample_euler(D, x, sigmas, *, class_labels=None, guidance=0.0, randn_like=to
 
 
 @torch.no_grad()
-def sample_heun(D, x, sigmas, *, class_labels=None, guidance=0.0, randn_like=torch.randn_like, callback=None):
+def sample_heun(D, x, sigmas, *, class_labels=None, guidance=0.0, randn_like=torch.randn_like, callback=None,
+                guidance_interval=None):
     """Deterministic 2nd-order Heun sampler, Algorithm 1 of Karras et al. 2022."""
     return sample_churn(D, x, sigmas, class_labels=class_labels, guidance=guidance, randn_like=randn_like,
-                        callback=callback, S_churn=0.0)
+                        callback=callback, S_churn=0.0, guidance_interval=guidance_interval)
 
 
 @torch.no_grad()
@@ -109,6 +117,7 @@ def sample_churn(
     S_max: float = 50.0,
     S_noise: float = 1.0,                     # Scale of the fresh noise.
     churn_limit: float = 1.0,                 # DPDM's cap on gamma_i (EDM uses sqrt(2) - 1).
+    guidance_interval: tuple[float, float] | None = None,  # see guided_denoise
 ):
     """Stochastic Heun sampler, Algorithm 2 of Karras et al. 2022 (DPDM `edm_sampler`).
 
@@ -126,14 +135,14 @@ def sample_churn(
         if gamma > 0:
             eps = randn_like(x) * S_noise
             x = x + eps * (sigma_hat**2 - sigma**2).sqrt().to(x.dtype)
-        denoised = guided_denoise(D, x, sigma_hat, class_labels, guidance)
+        denoised = guided_denoise(D, x, sigma_hat, class_labels, guidance, guidance_interval)
         d = (x - denoised) / sigma_hat
         dt = (sigma_next - sigma_hat).to(x.dtype)
         if float(sigma_next) == 0:
             x = x + d * dt                                      # Euler step to sigma = 0
         else:
             x_euler = x + d * dt
-            denoised_2 = guided_denoise(D, x_euler, sigma_next, class_labels, guidance)
+            denoised_2 = guided_denoise(D, x_euler, sigma_next, class_labels, guidance, guidance_interval)
             d_2 = (x_euler - denoised_2) / sigma_next
             x = x + (d + d_2) / 2 * dt                          # Heun correction
         if callback is not None:
@@ -188,6 +197,7 @@ def generate(
     sampler: str = "euler",
     sampler_steps: int = 50,
     guidance: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,  # guide only for sigma in (lo, hi]
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     sampler_kwargs: dict | None = None,       # extra keywords for the sampler (e.g. S_churn for "churn")
@@ -208,6 +218,11 @@ def generate(
         raise ValueError(f"sampler={sampler!r} must be one of {sorted(SAMPLERS)}")
     if not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"guidance={guidance!r} must be a non-negative float")
+    if guidance_interval is not None:
+        lo, hi = (float(v) for v in guidance_interval)
+        if not 0 <= lo < hi:
+            raise ValueError(f"guidance_interval={guidance_interval!r} must be (lo, hi) with 0 <= lo < hi")
+        guidance_interval = (lo, hi)
     num_classes = int(D.num_classes)
     y = _labels_for(int(n), labels, num_classes)
     C, R = int(D.img_channels), int(D.img_resolution)
@@ -222,7 +237,8 @@ def generate(
         rnd = StackedRandomGenerator(device, range(seed + start, seed + stop))
         x = rnd.randn((stop - start, C, R, R), device=device, dtype=dtype) * sigmas[0]
         y_b = None if y is None else y[start:stop].to(device)
-        x = sample(D, x, sigmas, class_labels=y_b, guidance=guidance, randn_like=rnd.randn_like,
+        x = sample(D, x, sigmas, class_labels=y_b, guidance=guidance, guidance_interval=guidance_interval,
+                   randn_like=rnd.randn_like,
                    **(sampler_kwargs or {}))
         out[start:stop] = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
     return out, y

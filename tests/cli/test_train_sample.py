@@ -73,6 +73,16 @@ def test_train_sample_eval_end_to_end(tiny, capsys):
         assert float(z["meta_sigma_min"]) == 0.1 and float(z["meta_rho"]) == 7.0
     code, _, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--sigma-min", 90, "--out", d / "s3.npz"], capsys)
     assert "--sigma-min" in _one_error_line(code, err) and not (d / "s3.npz").exists()
+    # Guidance in a limited interval: recorded, and an empty interval is refused.
+    code, out, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--sampler-steps", 3, "--guidance", 1,
+                              "--guidance-interval", 0.3, 5, "--out", d / "s4.npz", "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["guidance_interval"] == [0.3, 5.0]
+    with np.load(d / "s4.npz") as z:
+        assert z["meta_guidance_interval"].tolist() == [0.3, 5.0]
+    code, _, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--guidance", 1, "--guidance-interval", 5, 0.3,
+                            "--out", d / "s5.npz"], capsys)
+    assert "--guidance-interval" in _one_error_line(code, err) and not (d / "s5.npz").exists()
 
     code, out, err = run_cli(["eval", "--samples", d / "s.npz", "--dataset", f"npz:{d / 'data.npz'}",
                               "--test-dataset", f"npz:{d / 'test.npz'}", "--epochs", 1, "--reference-epochs", 1,

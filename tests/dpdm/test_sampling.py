@@ -141,6 +141,38 @@ def test_guidance_formula_and_zero_guidance_is_conditional():
     assert not torch.allclose(sample_euler(Dn, xT, sig, class_labels=y, guidance=2.0), plain)
 
 
+def test_guidance_interval_guides_only_inside_it():
+    points = torch.randn(3, 1, 2, 2)
+    D = PointD(points)
+    x, y = torch.randn(2, 1, 2, 2), torch.tensor([0, 1])
+    guided = 3 * points[y] - 2 * points[2]
+    for sigma, inside in ((0.5, False), (1.0, True), (4.0, True), (4.5, False)):   # (lo, hi] = (0.5, 4]
+        D.calls.clear()
+        out = guided_denoise(D, x, sigma, y, 2.0, (0.5, 4.0))
+        torch.testing.assert_close(out, guided if inside else points[y])
+        assert len(D.calls) == 1 and (D.calls[0].tolist() == [0, 1, 2, 2]) == inside  # one call outside
+    # Through every sampler: an interval that holds no step of the schedule is unguided, and one
+    # that holds them all is the plain guided sampler.
+    net = build_network("small", img_resolution=8, img_channels=1, num_classes=2, init_scale=1.0)
+    Dn = EDMPrecond(net)
+    xT = torch.randn(2, 1, 8, 8) * 80
+    sig = get_sigmas_karras(4).float()
+    for sampler in (sample_euler, sample_heun, sample_churn):
+        kw = {"randn_like": lambda a: torch.ones_like(a)}
+        plain = sampler(Dn, xT, sig, class_labels=y, **kw)
+        full = sampler(Dn, xT, sig, class_labels=y, guidance=1.0, **kw)
+        assert not torch.allclose(full, plain)
+        torch.testing.assert_close(sampler(Dn, xT, sig, class_labels=y, guidance=1.0, guidance_interval=(100, 200), **kw),
+                                   plain, rtol=0, atol=0)
+        torch.testing.assert_close(sampler(Dn, xT, sig, class_labels=y, guidance=1.0, guidance_interval=(0, 1e4), **kw),
+                                   full, rtol=0, atol=0)
+        part = sampler(Dn, xT, sig, class_labels=y, guidance=1.0, guidance_interval=(0.01, 10), **kw)
+        assert not torch.allclose(part, plain) and not torch.allclose(part, full)
+    for bad in ((2.0, 1.0), (-1.0, 1.0), (1.0, 1.0)):
+        with pytest.raises(ValueError, match="guidance_interval"):
+            generate(Dn, n=1, guidance=1.0, guidance_interval=bad)
+
+
 def test_stacked_random_generator_one_seed_per_image():
     rnd = StackedRandomGenerator("cpu", [7, 8, 9])
     z = rnd.randn((3, 2, 2))
