@@ -14,7 +14,7 @@ Usage:
     .venv/bin/python benchmarks/quality.py [--workdir DIR] [--plan plan.json] [--samples samples.npz]
                                            [--model small] [--n 10000] [--epochs 90] [--batch-size 256]
                                            [--K 2] [--precond v] [--lr 1e-3] [--lr-schedule constant]
-                                           [--ema-decay 0.999] [--guidance 0] [--sigma-min S] [--train-sigma MIN MAX]
+                                           [--ema-decay 0.999] [--guidance 0] [--guidance-interval LO HI] [--sigma-min S] [--train-sigma MIN MAX]
                                            [--json out.json]
 
 Slow (not a test; `make bench` does not run it): about 50 minutes on 2 CPU cores with the defaults
@@ -64,6 +64,8 @@ LR_SCHEDULE = "constant"
 GUIDANCE = 0.0
 SIGMA_MIN = None   # the sampler's default: EDM's 0.002, or the lowest trained level if higher
 TRAIN_SIGMA = None  # VLoss's default range (sigma 0.0015 to 90)
+EMA_POWERS: tuple[float, ...] = ()  # extra power-function EMAs kept while training (privacy-free)
+WEIGHTS = "ema"     # what is sampled: the run's EMA (DPDM's warmup, close to power EMA gamma 8 here)
 
 
 def default_plan(*, epsilon: float = EPSILON, delta: float = DELTA, batch_size: int = BATCH_SIZE,
@@ -108,7 +110,7 @@ def evaluate_synthetic(samples_path: str | Path, *, dataset: str = DATASET, epoc
 def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model: str = GENERATOR_MODEL,
                     precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY,
                     lr_schedule: str = LR_SCHEDULE, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
-                    device: str = "cpu", seed: int = 0) -> dict:
+                    ema_powers: tuple[float, ...] = EMA_POWERS, device: str = "cpu", seed: int = 0) -> dict:
     """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run)."""
     from dpdm.datasets import load_dataset
     from dpdm.train import TrainConfig, train
@@ -126,20 +128,22 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
     t0 = time.perf_counter()
     summary = train(doc, data.x, data.y, data.num_classes, run_dir,
                     TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, lr_schedule=lr_schedule,
-                                train_sigma=train_sigma, device=device, seed=seed, checkpoint_every=50, log_every=10),
+                                train_sigma=train_sigma, ema_powers=tuple(ema_powers), device=device, seed=seed, checkpoint_every=50, log_every=10),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
     return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
-            "ema_decay": ema_decay, "train_sigma": train_sigma, "seconds": round(time.perf_counter() - t0, 1)}
+            "ema_decay": ema_decay, "ema_powers": list(ema_powers), "train_sigma": train_sigma, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sampler_steps: int = SAMPLER_STEPS,
-           guidance: float = 0.0, sigma_min: float | None = SIGMA_MIN, device: str = "cpu") -> dict:
+           guidance: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+           sigma_min: float | None = SIGMA_MIN, weights: str = WEIGHTS, device: str = "cpu") -> dict:
     """`dpdm sample` in Python: n images (balanced classes) from the run's EMA weights."""
     from dpdm.sample import sample_checkpoint
 
     t0 = time.perf_counter()
     result = sample_checkpoint(Path(run_dir) / "checkpoint.pt", n=n, sampler="euler", sampler_steps=sampler_steps,
-                               guidance=guidance, sigma_min=sigma_min, device=device, out_path=out_path,
+                               guidance=guidance, guidance_interval=guidance_interval, sigma_min=sigma_min,
+                               weights=weights, device=device, out_path=out_path,
                                grid_path=Path(out_path).with_suffix(".png"))
     return {**result, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -148,8 +152,9 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         workdir: str | Path = "bench_quality", model: str = GENERATOR_MODEL, n: int = N_SAMPLES,
         epochs: float = EPOCHS, batch_size: int = BATCH_SIZE, noise_multiplicity: int = NOISE_MULTIPLICITY,
         precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY, lr_schedule: str = LR_SCHEDULE,
-        guidance: float = GUIDANCE, sigma_min: float | None = SIGMA_MIN,
-        train_sigma: tuple[float, float] | None = TRAIN_SIGMA) -> dict:
+        guidance: float = GUIDANCE, guidance_interval: tuple[float, float] | None = None,
+        sigma_min: float | None = SIGMA_MIN, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
+        ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS) -> dict:
     doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
                                                                            noise_multiplicity=noise_multiplicity)
     workdir = Path(workdir)
@@ -160,10 +165,11 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     if samples is None:
         out["generator"] = train_generator(doc, workdir / "run", model=model, precond=precond, lr=lr,
                                            ema_decay=ema_decay, lr_schedule=lr_schedule, train_sigma=train_sigma,
-                                           device=device)
+                                           ema_powers=ema_powers, device=device)
         print(f"generator: {out['generator']}", file=sys.stderr)
         out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, guidance=guidance,
-                                 sigma_min=sigma_min, device=device)
+                                 guidance_interval=guidance_interval, sigma_min=sigma_min, weights=weights,
+                                 device=device)
         samples = str(workdir / "samples.npz")
     out["dp_classifier"] = dp_classifier_baseline(doc, device=device)
     if samples is not None:
@@ -190,16 +196,24 @@ def main() -> None:
     ap.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="generator EMA decay")
     ap.add_argument("--lr-schedule", default=LR_SCHEDULE, choices=("constant", "cosine"), help="generator lr schedule")
     ap.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance weight when sampling")
+    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="guide only the sampling steps with LO < sigma <= HI (default: all)")
     ap.add_argument("--sigma-min", type=float, default=SIGMA_MIN,
                     help="lowest noise level of the sampling schedule (default: 0.002 or the lowest trained level)")
     ap.add_argument("--train-sigma", type=float, nargs=2, default=TRAIN_SIGMA, metavar=("MIN", "MAX"),
                     help="noise levels the generator trains on (v only; default: sigma 0.0015 to 90)")
+    ap.add_argument("--ema-power", type=float, action="append", default=None, metavar="GAMMA",
+                    help="keep a power-function EMA with this exponent (repeatable; default: %s)" % (EMA_POWERS,))
+    ap.add_argument("--weights", default=WEIGHTS, help="weights to sample: ema, raw or power:GAMMA")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
               model=args.model, n=args.n, epochs=args.epochs, batch_size=args.batch_size,
               noise_multiplicity=args.K, precond=args.precond, lr=args.lr, ema_decay=args.ema_decay,
-              lr_schedule=args.lr_schedule, guidance=args.guidance, sigma_min=args.sigma_min,
+              lr_schedule=args.lr_schedule, guidance=args.guidance,
+              guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
+              sigma_min=args.sigma_min, weights=args.weights,
+              ema_powers=EMA_POWERS if args.ema_power is None else tuple(args.ema_power),
               train_sigma=None if args.train_sigma is None else tuple(args.train_sigma))
     plan = out["plan"]
     b = out["dp_classifier"]

@@ -27,7 +27,8 @@ from cli.errors import BadInput
               help="[default: 80, or the highest level the run trained on if lower]")
 @click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True,
               help="Karras schedule exponent (higher: more steps at low noise).")
-@click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True)
+@click.option("--weights", default="ema", show_default=True,
+              help="ema (the run's EMA), raw (the last iterate), or power:GAMMA (kept by `dpdm train --ema-power`).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Image i uses seed + i.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)

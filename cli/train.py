@@ -32,6 +32,9 @@ from cli.errors import BadInput
               help="cosine: lr decays to 0 at the plan's last step.")
 @click.option("--ema-decay", type=click.FloatRange(min=0, max=1, max_open=True), default=0.999, show_default=True,
               help="EMA of the weights (what `dpdm sample` draws from), with warmup.")
+@click.option("--ema-power", "ema_powers", type=click.FloatRange(min=0, min_open=True), multiple=True,
+              help="Also keep a power-function EMA with exponent GAMMA (EDM2; repeatable; privacy-free). "
+                   "Smaller GAMMA averages more of the run. `dpdm sample --weights power:GAMMA` draws from it.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None,
@@ -41,7 +44,7 @@ from cli.errors import BadInput
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(plan_path, out_dir, dataset, data_root, download, model, precond, train_sigma, device, physical_batch, lr,
-          lr_schedule, ema_decay, checkpoint_every, log_every, seed, resume, no_dp, as_json, quiet):
+          lr_schedule, ema_decay, ema_powers, checkpoint_every, log_every, seed, resume, no_dp, as_json, quiet):
     """Train a diffusion model with DP-SGD under a locked plan."""
     from dpdm import checkpoint as ckpt
     from dpdm.train import TrainConfig, TrainError
@@ -52,6 +55,8 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
             raise BadInput("--train-sigma applies to --precond v only")
         if not train_sigma[0] < train_sigma[1]:
             raise BadInput(f"--train-sigma {train_sigma[0]:g} {train_sigma[1]:g}: MIN must be below MAX")
+    if len(set(ema_powers)) != len(ema_powers):
+        raise BadInput(f"--ema-power {' '.join(f'{g:g}' for g in ema_powers)}: give each exponent once")
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
     data = load_training_data(name, data_root=data_root, download=download)
@@ -65,6 +70,7 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
     ok = False
     try:
         config = TrainConfig(model=model, precond=precond, lr=lr, lr_schedule=lr_schedule, ema_decay=ema_decay,
+                             ema_powers=tuple(ema_powers),
                              train_sigma=None if train_sigma is None else tuple(train_sigma),
                              physical_batch=physical_batch,
                              checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,

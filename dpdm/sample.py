@@ -16,17 +16,38 @@ class SampleError(ValueError):
     """A checkpoint that cannot be sampled from, or bad sampling options."""
 
 
+def _weights_of(state: dict, weights: str, path) -> dict:
+    """The state dict `weights` names: "ema", "raw", or "power:GAMMA" (a power EMA kept by `--ema-power`)."""
+    from dpdm.train import ema_power_key
+
+    if weights in ("ema", "raw"):
+        return state["ema" if weights == "ema" else "model"]
+    kept = state.get("ema_power", {})
+    gamma = weights.removeprefix("power:")
+    try:
+        key = ema_power_key(float(gamma)) if weights.startswith("power:") else None
+    except ValueError:
+        key = None
+    if key is None or key not in kept:
+        have = ", ".join(f"power:{k}" for k in sorted(kept, key=float)) or "no power EMAs"
+        raise SampleError(f"weights={weights!r}: checkpoint {str(path)!r} has ema, raw and {have}")
+    return kept[key]
+
+
 def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str = "cpu"):
-    """Rebuilds the preconditioned network of a checkpoint. Returns (D, checkpoint_state)."""
+    """Rebuilds the preconditioned network of a checkpoint. Returns (D, checkpoint_state).
+
+    weights: "ema" (the run's EMA), "raw" (the last iterate) or "power:GAMMA" (a power EMA the run kept)."""
     from dpdm.train import build_denoiser
 
     try:
         state = ckpt.load_checkpoint(path)
     except ckpt.CheckpointError as e:
         raise SampleError(str(e)) from None
+    chosen = _weights_of(state, weights, path)
     try:
         D = build_denoiser(state["config"])
-        D.load_state_dict(state["ema" if weights == "ema" else "model"])
+        D.load_state_dict(chosen)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise SampleError(f"checkpoint {str(path)!r} does not match its own config: {str(e).splitlines()[0]}") from None
     return D.to(device).eval(), state
@@ -71,7 +92,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         "steps_done": int(ledger["steps_done"]),
         "plan_steps": int(ledger["plan_steps"]),
         "dataset": str(cfg.get("dataset")),
-        "sampler": sampler, "sampler_steps": sampler_steps, "guidance": guidance,
+        "sampler": sampler, "sampler_steps": sampler_steps, "guidance": guidance, "weights": weights,
         "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval], "seed": seed,
         "sigma_min": float(sigma_min), "sigma_max": float(sigma_max), "rho": float(rho),
     }

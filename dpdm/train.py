@@ -56,6 +56,8 @@ class TrainConfig:
     lr: float = 3e-4                     # Adam learning rate
     lr_schedule: str = "constant"        # "constant", or "cosine": lr * (1 + cos(pi * step / steps)) / 2
     ema_decay: float = 0.999             # EMA of weights, with warmup min(decay, (1+n)/(10+n))
+    ema_powers: tuple[float, ...] = ()   # extra power-function EMAs (Karras et al. 2024, EDM2), one per
+                                         # exponent gamma: beta_t = (1 - 1/t)^(gamma + 1); privacy-free
     label_dropout: float = 0.1           # labels dropped for classifier-free guidance
     train_sigma: tuple[float, float] | None = None  # v only: noise levels trained on, (min, max); None:
                                          # VLoss's log-SNR range [-9, 13] (sigma 0.0015 to 90)
@@ -83,6 +85,9 @@ class TrainConfig:
             lo, hi = self.train_sigma
             if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
                 raise ValueError(f"train_sigma={self.train_sigma!r} must be (min, max) with 0 < min < max")
+        if len(set(self.ema_powers)) != len(self.ema_powers) or not all(
+                math.isfinite(g) and g > 0 for g in self.ema_powers):
+            raise ValueError(f"ema_powers={self.ema_powers!r} must be distinct positive exponents")
         if self.physical_batch is not None and self.physical_batch < 1:
             raise ValueError(f"physical_batch={self.physical_batch!r} must be >= 1")
 
@@ -143,6 +148,36 @@ class EMA:
         decay = min(self.decay, (1 + num_updates) / (10 + num_updates))
         for p_ema, p in zip(self.model.parameters(), model.parameters()):
             p_ema.lerp_(p.detach(), 1.0 - decay)
+
+
+class PowerEMA(EMA):
+    """Power-function EMA (Karras et al. 2024, "Analyzing and improving the training dynamics of
+    diffusion models", Eq. 2): beta_t = (1 - 1/t)^(gamma + 1) after t updates, so the average spans a
+    fixed fraction of the run whatever its length (relative width sigma_rel, `power_ema_sigma_rel`).
+
+    DPDM's warmup min(decay, (1+n)/(10+n)) is close to gamma = 8 until n nears 9 / (1 - decay), so
+    with decay 0.999 any run under about 9,000 steps averages its last ~11%. Smaller gamma averages
+    more of the run, and with it more of the DP noise in the iterates."""
+
+    def __init__(self, model: torch.nn.Module, gamma: float):
+        super().__init__(model, decay=float("nan"))
+        self.gamma = float(gamma)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, num_updates: int) -> None:
+        t = num_updates + 1                          # updates so far, this one included
+        beta = (1.0 - 1.0 / t) ** (self.gamma + 1.0)
+        for p_ema, p in zip(self.model.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - beta)
+
+
+def power_ema_sigma_rel(gamma: float) -> float:
+    """EDM2's relative width of a power-function EMA's averaging profile (its Eq. 3)."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def ema_power_key(gamma: float) -> str:
+    return f"{float(gamma):g}"
 
 
 @dataclass
@@ -336,11 +371,18 @@ def train(
     D = build_denoiser(run_config).to(device)
     validate_model(D)
     ema = EMA(D, config.ema_decay)
+    power_emas = {ema_power_key(g): PowerEMA(D, g) for g in config.ema_powers}
     optimizer = torch.optim.Adam(D.parameters(), lr=config.lr)
     steps_done = 0
     if state is not None:
         D.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
+        saved_powers = state.get("ema_power", {})
+        if sorted(saved_powers) != sorted(power_emas):
+            raise TrainError(f"cannot resume: the run kept power EMAs {sorted(saved_powers) or 'none'}, "
+                             f"now {sorted(power_emas) or 'none'} (--ema-power)")
+        for key, pe in power_emas.items():
+            pe.model.load_state_dict(saved_powers[key])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         steps_done = int(state["ledger"]["steps_done"])
@@ -379,6 +421,7 @@ def train(
                     "format": ckpt.FORMAT,
                     "model": D.state_dict(),
                     "ema": ema.model.state_dict(),
+                    "ema_power": {k: pe.model.state_dict() for k, pe in power_emas.items()},
                     "optimizer": optimizer.state_dict(),
                     "rng": {"torch": torch.get_rng_state(), "scheme": "per-step SeedSequence(seed, step, stream)"},
                     "ledger": ledger.to_dict(),
@@ -451,6 +494,8 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 ema.update(D, step)
+                for pe in power_emas.values():
+                    pe.update(D, step)
             steps_done = step + 1
             _maybe_inject_fault(dist.rank, steps_done)
             if on_step is not None:

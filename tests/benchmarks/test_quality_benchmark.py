@@ -9,11 +9,14 @@ import accounting
 @pytest.mark.slow
 def test_quality_benchmark_runs_generator_and_baseline_under_one_plan(tmp_path, load_benchmark):
     q = load_benchmark("quality")
-    out = q.run(workdir=tmp_path, epochs=0.2, n=40, precond="v", lr=1e-3, guidance=1.0)
+    out = q.run(workdir=tmp_path, epochs=0.2, n=40, precond="v", lr=1e-3, guidance=1.0, guidance_interval=(0.5, 10),
+                ema_powers=(2.0,), weights="power:2")
     doc = accounting.load_plan(tmp_path / "plan.json")
     assert doc.plan.steps == 4 and doc.plan.noise_multiplicity == q.NOISE_MULTIPLICITY
     assert out["generator"]["steps_done"] == doc.plan.steps
     assert out["generator"]["precond"] == "v" and out["sampling"]["guidance"] == 1.0
+    assert out["sampling"]["guidance_interval"] == [0.5, 10.0] and out["sampling"]["weights"] == "power:2"
+    assert out["generator"]["ema_powers"] == [2.0]
     assert out["dp_classifier"]["plan_digest"] == doc.digest
     assert set(out["synthetic"]["classifiers"]) == {"logreg", "mlp", "cnn"}
     assert out["synthetic"]["n_samples"] == 40

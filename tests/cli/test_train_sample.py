@@ -106,6 +106,23 @@ def _one_error_line(code, err):
     return lines[0]
 
 
+def test_power_ema_flags(tiny, capsys):
+    d = tiny
+    code, _, err = run_cli(_train_args(d, d / "dup", "--ema-power", 2, "--ema-power", 2), capsys)
+    assert "--ema-power" in _one_error_line(code, err) and not (d / "dup").exists()
+    code, _, err = run_cli(_train_args(d, d / "run", "--ema-power", 2, "--ema-power", 0.5), capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--sampler-steps", 2, "--weights", "power:0.5",
+                              "--out", d / "s.npz", "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["weights"] == "power:0.5"
+    with np.load(d / "s.npz") as z:
+        assert str(z["meta_weights"]) == "power:0.5"
+    for bad in ("power:3", "power:x", "best"):
+        code, _, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--weights", bad, "--out", d / "t.npz"], capsys)
+        assert "power:0.5, power:2" in _one_error_line(code, err) and not (d / "t.npz").exists()
+
+
 def test_tampered_plan_refused_and_nothing_written(tiny, capsys):
     d = tiny
     doc = json.loads((d / "plan.json").read_text())

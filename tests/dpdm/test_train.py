@@ -234,3 +234,62 @@ def test_train_sigma_narrows_the_noise_levels_and_the_sampler_follows(tmp_path):
     assert meta["sigma_min"] == 0.05 and meta["sigma_max"] == 20.0
     meta = sample_checkpoint(out / CHECKPOINT_NAME, n=3, sampler_steps=2, sigma_min=0.01, out_path=tmp_path / "s.npz")
     assert meta["sigma_min"] == 0.01   # an explicit value is honoured
+
+
+def test_power_ema_is_edm2s_average_and_survives_resume(tmp_path):
+    from dpdm.train import PowerEMA, power_ema_sigma_rel
+
+    # beta_t = (1 - 1/t)^(gamma + 1): after T updates the average weighs iterate t by
+    # prod_{s>t} beta_s * (1 - beta_t); with gamma = 0 that is the uniform mean of the iterates.
+    net = torch.nn.Linear(1, 1, bias=False)
+    ema0, ema2 = PowerEMA(net, 1e-12), PowerEMA(net, 2.0)
+    values = [3.0, -1.0, 4.0, 1.0, 5.0]
+    for t, v in enumerate(values):
+        with torch.no_grad():
+            net.weight.fill_(v)
+        ema0.update(net, t)
+        ema2.update(net, t)
+    assert float(ema0.model.weight) == pytest.approx(np.mean(values), rel=1e-6)
+    w = np.zeros(len(values))
+    for t in range(1, len(values) + 1):
+        beta = (1 - 1 / t) ** 3
+        w *= beta
+        w[t - 1] = 1 - beta
+    assert float(ema2.model.weight) == pytest.approx(float(np.dot(w, values)), rel=1e-6)
+    assert power_ema_sigma_rel(6.94) == pytest.approx(0.10, abs=1e-3)   # EDM2's pairing of gamma and sigma_rel
+
+    # In a run: kept per exponent in the checkpoint, exact across a kill and resume, and sampled from.
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=5)
+    cfg = TrainConfig(**CFG, ema_powers=(1.0, 4.0))
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(doc, x, y, c, full, cfg, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_3(steps_done):
+        if steps_done == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(doc, x, y, c, part, cfg, progress=False, on_step=die_at_3)
+    with pytest.raises(TrainError, match="power EMAs"):
+        train(doc, x, y, c, part, TrainConfig(**CFG, ema_powers=(2.0,)), resume=True, progress=False)
+    train(doc, x, y, c, part, cfg, resume=True, progress=False)
+    a, b = params_of(full, "ema_power"), params_of(part, "ema_power")
+    assert sorted(a) == ["1", "4"]
+    for key in a:
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], rtol=0, atol=0)
+    ema = params_of(full, "ema")
+    assert any(not torch.equal(a["1"][k], ema[k]) for k in ema)   # a different average from the main EMA
+
+    from dpdm.sample import SampleError, sample_checkpoint
+
+    r = sample_checkpoint(full / CHECKPOINT_NAME, n=3, sampler_steps=2, weights="power:4", out_path=tmp_path / "s.npz")
+    assert r["weights"] == "power:4"
+    with pytest.raises(SampleError, match="power:1, power:4"):
+        sample_checkpoint(full / CHECKPOINT_NAME, n=3, sampler_steps=2, weights="power:3", out_path=tmp_path / "t.npz")
+    with pytest.raises(ValueError, match="ema_powers"):
+        TrainConfig(ema_powers=(0.0,))
