@@ -107,10 +107,19 @@ def evaluate_synthetic(samples_path: str | Path, *, dataset: str = DATASET, epoc
                             progress=lambda m: print(m, file=sys.stderr))
 
 
+def samples_private(path: str | Path) -> bool | None:
+    """What a samples.npz says of itself: True (DP), False (--no-dp), None (it does not say)."""
+    import numpy as np
+
+    with np.load(path) as z:
+        return bool(z["meta_private"]) if "meta_private" in z.files else None
+
+
 def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model: str = GENERATOR_MODEL,
                     precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY,
                     lr_schedule: str = LR_SCHEDULE, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
-                    ema_powers: tuple[float, ...] = EMA_POWERS, device: str = "cpu", seed: int = 0) -> dict:
+                    ema_powers: tuple[float, ...] = EMA_POWERS, private: bool = True, device: str = "cpu",
+                    seed: int = 0) -> dict:
     """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run)."""
     from dpdm.datasets import load_dataset
     from dpdm.train import TrainConfig, train
@@ -122,13 +131,16 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
         from dpdm.checkpoint import load_checkpoint
 
         ledger = load_checkpoint(ck)["ledger"]
+        if bool(ledger["private"]) != private:
+            raise SystemExit(f"{ck} holds a {'private' if ledger['private'] else 'NON-PRIVATE'} run; "
+                             f"use another --workdir")
         if ledger["steps_done"] >= doc.plan.steps and ledger["plan_digest"] == doc.digest:
             return {"run": str(run_dir), "steps_done": ledger["steps_done"], "epsilon_spent": ledger["epsilon_spent"],
-                    "seconds": 0.0, "reused": True}
+                    "private": private, "seconds": 0.0, "reused": True}
     t0 = time.perf_counter()
     summary = train(doc, data.x, data.y, data.num_classes, run_dir,
                     TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, lr_schedule=lr_schedule,
-                                train_sigma=train_sigma, ema_powers=tuple(ema_powers), device=device, seed=seed, checkpoint_every=50, log_every=10),
+                                train_sigma=train_sigma, ema_powers=tuple(ema_powers), private=private, device=device, seed=seed, checkpoint_every=50, log_every=10),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
     return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
             "ema_decay": ema_decay, "ema_powers": list(ema_powers), "train_sigma": train_sigma, "seconds": round(time.perf_counter() - t0, 1)}
@@ -154,7 +166,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY, lr_schedule: str = LR_SCHEDULE,
         guidance: float = GUIDANCE, guidance_interval: tuple[float, float] | None = None,
         sigma_min: float | None = SIGMA_MIN, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
-        ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS) -> dict:
+        ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS, private: bool = True) -> dict:
     doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
                                                                            noise_multiplicity=noise_multiplicity)
     workdir = Path(workdir)
@@ -165,7 +177,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     if samples is None:
         out["generator"] = train_generator(doc, workdir / "run", model=model, precond=precond, lr=lr,
                                            ema_decay=ema_decay, lr_schedule=lr_schedule, train_sigma=train_sigma,
-                                           ema_powers=ema_powers, device=device)
+                                           ema_powers=ema_powers, private=private, device=device)
         print(f"generator: {out['generator']}", file=sys.stderr)
         out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, guidance=guidance,
                                  guidance_interval=guidance_interval, sigma_min=sigma_min, weights=weights,
@@ -175,6 +187,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     if samples is not None:
         out["synthetic"] = evaluate_synthetic(samples, dataset=doc.plan.dataset_name or DATASET,
                                               device=device)
+        out["synthetic"]["samples_private"] = samples_private(samples)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"total {out['seconds']:.0f} s", file=sys.stderr)
     return out
@@ -205,6 +218,8 @@ def main() -> None:
     ap.add_argument("--ema-power", type=float, action="append", default=None, metavar="GAMMA",
                     help="keep a power-function EMA with this exponent (repeatable; default: %s)" % (EMA_POWERS,))
     ap.add_argument("--weights", default=WEIGHTS, help="weights to sample: ema, raw or power:GAMMA")
+    ap.add_argument("--no-dp", action="store_true",
+                    help="train the generator WITHOUT privacy (the pipeline's ceiling; marked NON-PRIVATE)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
@@ -213,7 +228,7 @@ def main() -> None:
               lr_schedule=args.lr_schedule, guidance=args.guidance,
               guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
               sigma_min=args.sigma_min, weights=args.weights,
-              ema_powers=EMA_POWERS if args.ema_power is None else tuple(args.ema_power),
+              ema_powers=EMA_POWERS if args.ema_power is None else tuple(args.ema_power), private=not args.no_dp,
               train_sigma=None if args.train_sigma is None else tuple(args.train_sigma))
     plan = out["plan"]
     b = out["dp_classifier"]
@@ -224,15 +239,21 @@ def main() -> None:
           f"({b['seconds']:.0f} s)")
     if "generator" in out:
         g, smp = out["generator"], out["sampling"]
+        spent = (f"epsilon spent {g['epsilon_spent']:.4g}" if g["private"]
+                 else "NON-PRIVATE (--no-dp: the pipeline's ceiling, not a DP result)")
         print(f"generator ({g.get('model', GENERATOR_MODEL)}, K={plan['noise_multiplicity']}): {g['steps_done']} steps, "
-              f"epsilon spent {g['epsilon_spent']:.4g}, {g['seconds']:.0f} s; {smp['n']} samples (guidance "
-              f"{smp['guidance']:g}) in {smp['seconds']:.0f} s")
+              f"{spent}, {g['seconds']:.0f} s; {smp['n']} samples (guidance {smp['guidance']:g}, weights "
+              f"{smp['weights']}) in {smp['seconds']:.0f} s")
     if "synthetic" in out:
         from cli.eval import format_report
 
         acc = {k: v["test_accuracy"] for k, v in out["synthetic"]["classifiers"].items()}
+        if out["synthetic"]["samples_private"] is not True:
+            verdict = "NOT APPLICABLE: the samples are NON-PRIVATE (or do not say)"
+        else:
+            verdict = "MET" if acc.get("cnn", 0) >= b["test_accuracy"] else "NOT MET"
         print(f"synthetic CNN {acc.get('cnn', float('nan')):.4f} vs DP-SGD CNN {b['test_accuracy']:.4f} "
-              f"(goal: synthetic >= DP-SGD): {'MET' if acc.get('cnn', 0) >= b['test_accuracy'] else 'NOT MET'}")
+              f"(goal: synthetic >= DP-SGD): {verdict}")
 
         print(format_report(out["synthetic"]))
     if args.json:

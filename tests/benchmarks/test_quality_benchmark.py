@@ -20,7 +20,29 @@ def test_quality_benchmark_runs_generator_and_baseline_under_one_plan(tmp_path, 
     assert out["dp_classifier"]["plan_digest"] == doc.digest
     assert set(out["synthetic"]["classifiers"]) == {"logreg", "mlp", "cnn"}
     assert out["synthetic"]["n_samples"] == 40
+    assert out["synthetic"]["samples_private"] is True
     json.dumps(out)  # the --json document
+
+
+@pytest.mark.slow
+def test_quality_benchmark_no_dp_is_marked_and_never_reused_as_private(tmp_path, load_benchmark):
+    q = load_benchmark("quality")
+    out = q.run(workdir=tmp_path, epochs=0.2, n=20, precond="v", lr=1e-3, private=False)
+    assert out["generator"]["private"] is False and out["synthetic"]["samples_private"] is False
+    with pytest.raises(SystemExit, match="NON-PRIVATE"):
+        q.run(workdir=tmp_path, epochs=0.2, n=20, precond="v", lr=1e-3)
+
+
+def test_samples_private_reads_the_npz(tmp_path, load_benchmark):
+    import numpy as np
+
+    q = load_benchmark("quality")
+    x, y = np.zeros((2, 1, 4, 4), np.uint8), np.zeros(2, np.int64)
+    for flag in (True, False):
+        np.savez(tmp_path / f"{flag}.npz", x=x, y=y, meta_private=np.asarray(flag))
+        assert q.samples_private(tmp_path / f"{flag}.npz") is flag
+    np.savez(tmp_path / "bare.npz", x=x, y=y)
+    assert q.samples_private(tmp_path / "bare.npz") is None
 
 
 def test_quality_defaults_make_a_calibrated_plan(load_benchmark):
