@@ -31,7 +31,8 @@ from cli.errors import BadInput
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
               help="cosine: lr decays to 0 at the plan's last step.")
 @click.option("--ema-decay", type=click.FloatRange(min=0, max=1, max_open=True), default=0.999, show_default=True,
-              help="EMA of the weights (what `dpdm sample` draws from), with warmup.")
+              help="EMA of the weights (what `dpdm sample` draws from), with DPDM's warmup "
+                   "min(decay, (1+n)/(10+n)), which decides for the first 9/(1-decay) steps (9,000 at 0.999).")
 @click.option("--ema-power", "ema_powers", type=click.FloatRange(min=0, min_open=True), multiple=True,
               help="Also keep a power-function EMA with exponent GAMMA (EDM2; repeatable; privacy-free). "
                    "Smaller GAMMA averages more of the run. `dpdm sample --weights power:GAMMA` draws from it.")
