@@ -143,9 +143,13 @@ class EMA:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def beta(self, num_updates: int) -> float:
+        """The decay of update number `num_updates` (0-based)."""
+        return min(self.decay, (1 + num_updates) / (10 + num_updates))
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module, num_updates: int) -> None:
-        decay = min(self.decay, (1 + num_updates) / (10 + num_updates))
+        decay = self.beta(num_updates)
         for p_ema, p in zip(self.model.parameters(), model.parameters()):
             p_ema.lerp_(p.detach(), 1.0 - decay)
 
@@ -160,15 +164,12 @@ class PowerEMA(EMA):
     more of the run, and with it more of the DP noise in the iterates."""
 
     def __init__(self, model: torch.nn.Module, gamma: float):
-        super().__init__(model, decay=float("nan"))
+        super().__init__(model, decay=1.0)
         self.gamma = float(gamma)
 
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, num_updates: int) -> None:
+    def beta(self, num_updates: int) -> float:
         t = num_updates + 1                          # updates so far, this one included
-        beta = (1.0 - 1.0 / t) ** (self.gamma + 1.0)
-        for p_ema, p in zip(self.model.parameters(), model.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - beta)
+        return (1.0 - 1.0 / t) ** (self.gamma + 1.0)
 
 
 def power_ema_sigma_rel(gamma: float) -> float:
