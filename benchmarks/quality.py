@@ -14,8 +14,9 @@ Usage:
     .venv/bin/python benchmarks/quality.py [--workdir DIR] [--plan plan.json] [--samples samples.npz]
                                            [--model small] [--n 10000] [--epochs 90] [--batch-size 256]
                                            [--K 2] [--precond v] [--lr 1e-3] [--lr-schedule constant]
-                                           [--ema-decay 0.999] [--guidance 0] [--guidance-interval LO HI] [--sigma-min S] [--train-sigma MIN MAX]
-                                           [--json out.json]
+                                           [--ema-decay 0.999] [--ema-power GAMMA ...] [--weights ema]
+                                           [--guidance 0] [--guidance-interval LO HI] [--sigma-min S]
+                                           [--train-sigma MIN MAX] [--no-dp] [--json out.json]
 
 Slow (not a test; `make bench` does not run it): about 50 minutes on 2 CPU cores with the defaults
 (measured: generator training 2371 s for 1407 steps; sampling 10,000 images 486 s with guidance, which
@@ -144,10 +145,12 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
     t0 = time.perf_counter()
     summary = train(doc, data.x, data.y, data.num_classes, run_dir,
                     TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, lr_schedule=lr_schedule,
-                                train_sigma=train_sigma, ema_powers=tuple(ema_powers), private=private, device=device, seed=seed, checkpoint_every=50, log_every=10),
+                                train_sigma=train_sigma, ema_powers=tuple(ema_powers), private=private,
+                                device=device, seed=seed, checkpoint_every=50, log_every=10),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
     return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
-            "ema_decay": ema_decay, "ema_powers": list(ema_powers), "train_sigma": train_sigma, "seconds": round(time.perf_counter() - t0, 1)}
+            "ema_decay": ema_decay, "ema_powers": list(ema_powers), "train_sigma": train_sigma,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sampler_steps: int = SAMPLER_STEPS,
