@@ -57,7 +57,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         real_train = load_dataset(dataset, "train", data_root=data_root, download=download)
     except ValueError as e:
         raise BadInput(f"--dataset={dataset!r}: {e}") from None
-    if test_dataset is None and (is_path_dataset(dataset) or dataset == "digits"):
+    if test_dataset is None and (is_path_dataset(dataset) or dataset in ("digits", "digits28")):
         raise BadInput(f"--dataset={dataset!r} has no held-out split; give the real held-out images "
                        f"with --test-dataset npz:PATH or folder:PATH")
     try:

@@ -14,6 +14,11 @@ Names
 - ``digits``: scikit-learn's 8x8 digits (values 0..16), all 1,797 images, for fast tests. It is one
   split only: ``split="test"`` raises `DataError` (there is no held-out digits data; pass held-out
   images as ``npz:PATH`` or ``folder:PATH`` instead).
+- ``digits28``: the same 1,797 images in MNIST's framing, as *public* data for warm starts
+  (``dpdm train --init-from``): each 8x8 digit is resized (bicubic) to 20x20 and placed in a 28x28
+  frame with its centre of mass at the centre, as MNIST's digits are. Scikit-learn's digits come
+  from 43 writers of the UCI optdigits set, none of them MNIST's, so a model pretrained on them
+  holds nothing of an MNIST user's private images. One split only, as ``digits``.
 - ``mnist``, ``fashion-mnist``, ``cifar10``, ``celeba``: torchvision datasets under ``data_root``
   (default ``~/.cache/dpdm/data``); ``download=True`` fetches them where a network exists. CelebA is
   unlabelled, centre-cropped to 140x140 and resized to 32x32 (the paper's CelebA 32x32).
@@ -126,6 +131,8 @@ def load_dataset(name: str, split: str = "train", *, data_root: str | os.PathLik
         return _load_mnist5k(split)
     if name == "digits":
         return _load_digits(split)
+    if name == "digits28":
+        return _load_digits28(split)
     if name in _TORCHVISION:
         root = Path(data_root).expanduser() if data_root is not None else default_data_root()
         return _TORCHVISION[name](root, split, download)
@@ -192,6 +199,27 @@ def _load_digits(split: str) -> ImageData:
     images = np.asarray(bunch.images, dtype=np.float32).reshape(-1, 1, 8, 8)  # values 0..16
     return ImageData(torch.from_numpy(images / 8.0 - 1.0),
                      torch.from_numpy(np.asarray(bunch.target, dtype=np.int64)), 10, "digits")
+
+
+def _load_digits28(split: str) -> ImageData:
+    if split == "test":
+        raise DataError("dataset 'digits28' has no held-out test split (all 1797 images are its "
+                        "training split)")
+    small = _load_digits("train")
+    x01 = (small.x + 1.0) / 2.0                                          # [N, 1, 8, 8] in [0, 1]
+    big = torch.nn.functional.interpolate(x01, size=(20, 20), mode="bicubic", align_corners=False)
+    big = big.clamp_(0.0, 1.0)
+    out = torch.zeros((big.shape[0], 1, 28, 28), dtype=torch.float32)
+    coords = torch.arange(20, dtype=torch.float32)
+    mass = big.sum(dim=(1, 2, 3)).clamp_min(1e-6)
+    cy = (big.sum(dim=3).squeeze(1) * coords).sum(dim=1) / mass          # centre of mass in the 20x20 box
+    cx = (big.sum(dim=2).squeeze(1) * coords).sum(dim=1) / mass
+    for i in range(big.shape[0]):
+        # MNIST centres the centre of mass at (14, 14); keep the 20x20 box inside the frame.
+        top = int(min(max(round(13.5 - float(cy[i])), 0), 8))
+        left = int(min(max(round(13.5 - float(cx[i])), 0), 8))
+        out[i, :, top:top + 20, left:left + 20] = big[i]
+    return ImageData(out * 2.0 - 1.0, small.y, 10, "digits28")
 
 
 # --- torchvision datasets -------------------------------------------------------------------------

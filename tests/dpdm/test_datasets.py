@@ -58,6 +58,26 @@ def test_digits_train_only():
         load_dataset("digits", "test")
 
 
+def test_digits28_is_digits_in_mnist_framing():
+    small, d = load_dataset("digits"), load_dataset("digits28")
+    assert d.x.shape == (1797, 1, 28, 28) and len(d) == DATASET_SIZES["digits28"]
+    assert torch.equal(d.y, small.y) and d.num_classes == 10
+    assert float(d.x.min()) == -1.0 and float(d.x.max()) <= 1.0
+    ink = (d.x + 1) / 2
+    # MNIST's 4-pixel border stays empty (the 20x20 box may shift by the centre of mass, not leave the frame)
+    assert float(ink[..., :, :1].abs().max()) == 0 and float(ink[..., :1, :].abs().max()) == 0
+    coords = torch.arange(28, dtype=torch.float32)
+    mass = ink.sum(dim=(1, 2, 3))
+    cy = (ink.sum(dim=3).squeeze(1) * coords).sum(1) / mass
+    cx = (ink.sum(dim=2).squeeze(1) * coords).sum(1) / mass
+    assert float((cy - 13.5).abs().max()) <= 0.5 + 1e-4 and float((cx - 13.5).abs().max()) <= 0.5 + 1e-4
+    # The ink is the 8x8 digit's, resized: 20x20 / 8x8 = 6.25 times its total.
+    ratio = mass / ((small.x + 1) / 2).sum(dim=(1, 2, 3))
+    assert float((ratio - 6.25).abs().max()) < 0.6
+    with pytest.raises(DataError, match="no held-out test split"):
+        load_dataset("digits28", "test")
+
+
 def test_sizes_agree_with_plan_table():
     from cli.plan import DATASET_SIZES as plan_sizes
 
