@@ -40,12 +40,16 @@ from cli.errors import BadInput
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None,
               help="Fix the batches and noise (tests, reproduction). Default: a secret random seed, kept in the checkpoint.")
+@click.option("--init-from", "init_from", type=click.Path(dir_okay=False), default=None,
+              help="Start from the EMA weights of a checkpoint trained on PUBLIC data (e.g. a --no-dp run on "
+                   "digits28 for MNIST-like data). Privacy-free only if that data holds none of the private "
+                   "examples; a checkpoint trained on the same data is refused.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(plan_path, out_dir, dataset, data_root, download, model, precond, train_sigma, device, physical_batch, lr,
-          lr_schedule, ema_decay, ema_powers, checkpoint_every, log_every, seed, resume, no_dp, as_json, quiet):
+          lr_schedule, ema_decay, ema_powers, checkpoint_every, log_every, seed, init_from, resume, no_dp, as_json, quiet):
     """Train a diffusion model with DP-SGD under a locked plan."""
     from dpdm import checkpoint as ckpt
     from dpdm.train import TrainConfig, TrainError
@@ -61,6 +65,8 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
     data = load_training_data(name, data_root=data_root, download=download)
+    if init_from is not None and not resume and not os.path.isfile(init_from):
+        raise BadInput(f"--init-from {init_from!r}: no such file")
     if no_dp:
         warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
     from dpdm import distributed
@@ -75,7 +81,7 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
                              train_sigma=None if train_sigma is None else tuple(train_sigma),
                              physical_batch=physical_batch,
                              checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
-                             device=device, private=not no_dp)
+                             device=device, private=not no_dp, init_from=init_from)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
                                dataset_name=name, resume=resume, progress=not quiet)
         ok = True

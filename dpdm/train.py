@@ -68,6 +68,8 @@ class TrainConfig:
                                          # random seed (kept in the checkpoint only, reused on resume)
     device: str = "cpu"
     private: bool = True                 # False: --no-dp baseline, marked non-private everywhere
+    init_from: str | None = None         # checkpoint trained on PUBLIC data whose EMA weights start the
+                                         # run (a warm start; see `load_warm_start`)
 
     def __post_init__(self) -> None:
         if self.precond not in ("edm", "v"):
@@ -132,6 +134,42 @@ def build_denoiser(config: dict[str, Any]) -> torch.nn.Module:
     if config["precond"] == "v":
         return VPrecond(net)
     return EDMPrecond(net, sigma_data=config["sigma_data"])
+
+
+def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any]) -> tuple[dict, dict[str, Any]]:
+    """The EMA weights of a checkpoint trained on public data, and the record the run keeps of it.
+
+    A warm start is privacy-free only if the checkpoint's training data is public and holds none of
+    the private examples: dpdm cannot check that in general, but it refuses a checkpoint trained on
+    these very images (same data digest), or on the same named dataset, since a `--no-dp` run on
+    the private data would carry it all into the "private" model.
+    """
+    state = ckpt.load_checkpoint(path)                    # weights_only=True; corrupt files refused
+    cfg = state["config"]
+    for key in ("model", "precond", "img_resolution", "img_channels", "num_classes"):
+        if cfg.get(key) != run_config[key]:
+            raise TrainError(f"--init-from {str(path)!r}: it has {key}={cfg.get(key)!r}, this run "
+                             f"{run_config[key]!r}")
+    same_digest = cfg.get("data_digest") is not None and cfg.get("data_digest") == run_config["data_digest"]
+    same_name = cfg.get("dataset") is not None and cfg.get("dataset") == run_config["dataset"]
+    if same_digest or same_name:
+        raise TrainError(f"--init-from {str(path)!r} was trained on the same data "
+                         f"({cfg.get('dataset')!r}); a warm start must come from public data, not "
+                         "from the private images")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    record = {
+        "checkpoint": str(path),
+        "sha256": h.hexdigest(),
+        "dataset": cfg.get("dataset"),
+        "data_digest": cfg.get("data_digest"),
+        "steps_done": int(state["ledger"]["steps_done"]),
+        "private": bool(state["ledger"]["private"]),
+        "weights": "ema",
+    }
+    return state["ema"], record
 
 
 class EMA:
@@ -361,16 +399,27 @@ def train(
         "data_digest": data_digest,
         "train": {**asdict(config), "seed": seed},
     }
+    init_weights = None
     if state is not None:
         saved = state["config"]
         for key in ("model", "precond", "img_resolution", "img_channels", "num_classes"):
             if saved[key] != run_config[key]:
                 raise TrainError(f"cannot resume: the run used {key}={saved[key]!r}, now {run_config[key]!r}")
         run_config["sigma_data"] = saved["sigma_data"]
+        saved_init = saved.get("train", {}).get("init_from")
+        if config.init_from is not None and config.init_from != saved_init:
+            raise TrainError(f"cannot resume with --init-from {config.init_from!r}: the run started from "
+                             f"{saved_init!r}; resume without --init-from")
+        run_config["train"]["init_from"] = saved_init
+        run_config["init"] = saved.get("init")
+    elif config.init_from is not None:
+        init_weights, run_config["init"] = load_warm_start(config.init_from, run_config)
 
     torch.manual_seed(seed)
     D = build_denoiser(run_config).to(device)
     validate_model(D)
+    if init_weights is not None:
+        D.load_state_dict(init_weights)
     ema = EMA(D, config.ema_decay)
     power_emas = {ema_power_key(g): PowerEMA(D, g) for g in config.ema_powers}
     optimizer = torch.optim.Adam(D.parameters(), lr=config.lr)

@@ -123,6 +123,28 @@ def test_power_ema_flags(tiny, capsys):
         assert "power:0.5, power:2" in _one_error_line(code, err) and not (d / "t.npz").exists()
 
 
+def test_init_from_flag(tiny, capsys):
+    d = tiny
+    code, _, err = run_cli(_train_args(d, d / "run", "--init-from", d / "absent.pt"), capsys)
+    assert "--init-from" in _one_error_line(code, err) and not (d / "run").exists()
+    # A --no-dp run on the private images is not a public warm start.
+    assert run_cli(_train_args(d, d / "leak", "--no-dp"), capsys)[0] == 0
+    code, _, err = run_cli(_train_args(d, d / "run", "--init-from", d / "leak" / "checkpoint.pt"), capsys)
+    assert "same data" in _one_error_line(code, err) and not (d / "run").exists()
+    (d / "bad.pt").write_bytes(b"\x80\x04garbage")
+    code, _, err = run_cli(_train_args(d, d / "run", "--init-from", d / "bad.pt"), capsys)
+    _one_error_line(code, err)
+    # Other images (public), same shape: accepted and recorded in config.json.
+    rng = np.random.default_rng(1)
+    np.savez(d / "public.npz", x=rng.integers(0, 256, size=(30, 1, 8, 8), dtype=np.uint8),
+             y=(np.arange(30) % 3).astype(np.int64))
+    assert run_cli(_train_args(d, d / "pub", "--no-dp", "--dataset", f"npz:{d / 'public.npz'}"), capsys)[0] == 0
+    code, _, err = run_cli(_train_args(d, d / "run", "--init-from", d / "pub" / "checkpoint.pt"), capsys)
+    assert code == 0, err
+    init = json.loads((d / "run" / "config.json").read_text())["init"]
+    assert init["dataset"] == f"npz:{d / 'public.npz'}" and init["private"] is False
+
+
 def test_tampered_plan_refused_and_nothing_written(tiny, capsys):
     d = tiny
     doc = json.loads((d / "plan.json").read_text())

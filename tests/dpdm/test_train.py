@@ -293,3 +293,94 @@ def test_power_ema_is_edm2s_average_and_survives_resume(tmp_path):
         sample_checkpoint(full / CHECKPOINT_NAME, n=3, sampler_steps=2, weights="power:3", out_path=tmp_path / "t.npz")
     with pytest.raises(ValueError, match="ema_powers"):
         TrainConfig(ema_powers=(0.0,))
+
+
+def _public_run(tmp_path, classes=3, steps=3):
+    """A --no-dp run on other (public) images: the warm start of the tests below."""
+    x_pub, y_pub, c = tiny_data(n=30, classes=classes, seed=7)
+    out = tmp_path / "public"
+    train(tiny_plan(n=30, steps=steps), x_pub, y_pub, c, out, TrainConfig(**{**CFG, "seed": 11}, private=False),
+          dataset_name="public-tiny", progress=False)
+    return out / CHECKPOINT_NAME
+
+
+def test_warm_start_begins_at_the_public_ema_and_is_recorded(tmp_path):
+    init = _public_run(tmp_path)
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    out = tmp_path / "run"
+    # lr 1e-12: the run cannot move, so its weights show where it started.
+    cfg = TrainConfig(**CFG, lr=1e-12, init_from=str(init))
+    train(doc, x, y, c, out, cfg, dataset_name="tiny", progress=False)
+    start = ckpt.load_checkpoint(init)["ema"]
+    got = params_of(out)
+    for k, v in start.items():
+        torch.testing.assert_close(got[k], v, atol=1e-9, rtol=0)
+    cold = tmp_path / "cold"
+    train(doc, x, y, c, cold, TrainConfig(**CFG, lr=1e-12), dataset_name="tiny", progress=False)
+    assert any(not torch.allclose(params_of(cold)[k], v) for k, v in start.items())
+    record = ckpt.load_checkpoint(out / CHECKPOINT_NAME)["config"]["init"]
+    assert record["dataset"] == "public-tiny" and record["private"] is False and record["weights"] == "ema"
+    import hashlib
+    assert record["sha256"] == hashlib.sha256(init.read_bytes()).hexdigest()
+    import json
+    assert json.loads((out / "config.json").read_text())["init"]["sha256"] == record["sha256"]
+
+
+def test_warm_start_from_the_private_data_is_refused(tmp_path):
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    leaked = tmp_path / "leak"
+    train(doc, x, y, c, leaked, TrainConfig(**CFG, private=False), dataset_name="other-name", progress=False)
+    with pytest.raises(TrainError, match="same data"):   # same images, whatever the name
+        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(leaked / CHECKPOINT_NAME)),
+              dataset_name="tiny", progress=False)
+    assert not (tmp_path / "run").exists()
+    init = _public_run(tmp_path)
+    with pytest.raises(TrainError, match="same data"):   # same dataset name, other images
+        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(init)),
+              dataset_name="public-tiny", progress=False)
+
+
+def test_warm_start_of_another_shape_or_corrupt_is_refused(tmp_path):
+    init = _public_run(tmp_path, classes=4)
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    with pytest.raises(TrainError, match="num_classes=4"):
+        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(init)), dataset_name="tiny",
+              progress=False)
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(init.read_bytes()[:1000])
+    with pytest.raises(ckpt.CheckpointError):
+        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(bad)), dataset_name="tiny",
+              progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_warm_started_run_resumes_with_its_record(tmp_path):
+    init = _public_run(tmp_path)
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=4)
+    full, part = tmp_path / "full", tmp_path / "part"
+    cfg = TrainConfig(**CFG, init_from=str(init))
+    train(doc, x, y, c, full, cfg, dataset_name="tiny", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(n):     # killed after step 3: the checkpoint of step 2 survives
+        if n == 3:
+            raise Stop
+    with pytest.raises(Stop):
+        train(doc, x, y, c, part, cfg, dataset_name="tiny", progress=False, on_step=stop_at_3)
+    other = _public_run(tmp_path / "b", steps=2)
+    with pytest.raises(TrainError, match="started from"):
+        train(doc, x, y, c, part, TrainConfig(**CFG, init_from=str(other)), dataset_name="tiny", resume=True,
+              progress=False)
+    # Resuming without --init-from continues from the checkpoint and keeps the record.
+    train(doc, x, y, c, part, TrainConfig(**CFG), dataset_name="tiny", resume=True, progress=False)
+    for k, v in params_of(full).items():
+        torch.testing.assert_close(params_of(part)[k], v, atol=0, rtol=0)
+    saved = ckpt.load_checkpoint(part / CHECKPOINT_NAME)["config"]
+    assert saved["init"] == ckpt.load_checkpoint(full / CHECKPOINT_NAME)["config"]["init"]
+    assert saved["train"]["init_from"] == str(init)
