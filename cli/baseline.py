@@ -24,19 +24,24 @@ def baseline() -> None:
               help="Adam learning rate (privacy-neutral) [default: dpdm.baseline.DEFAULT_LR].")
 @click.option("--physical-batch", type=click.IntRange(min=1), default=None,
               help="Examples per chunk (memory knob; privacy-neutral).")
+@click.option("--public-pretrain", "public_name", default=None,
+              help="First train the CNN without privacy on this PUBLIC dataset (e.g. digits28), then "
+                   "fine-tune it with DP-SGD: the comparison for a generator started with `dpdm train "
+                   "--init-from` on the same public data.")
+@click.option("--public-epochs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, physical_batch, device,
-                  seed, as_json, quiet):
+def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, physical_batch, public_name,
+                  public_epochs, device, seed, as_json, quiet):
     """A CNN (GroupNorm) trained directly with DP-SGD under the plan; prints its real test accuracy."""
     from dpdm.baseline import DEFAULT_LR, train_dp_classifier
     from dpdm.datasets import is_path_dataset, load_dataset
 
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
-    if test_dataset is None and (is_path_dataset(name) or name == "digits"):
+    if test_dataset is None and (is_path_dataset(name) or name in ("digits", "digits28")):
         raise BadInput(f"--dataset={name!r} has no held-out split; give the real held-out images "
                        f"with --test-dataset npz:PATH or folder:PATH")
     train = load_training_data(name, data_root=data_root, download=download)
@@ -47,10 +52,16 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         test = load_dataset(test_dataset or name, "test", data_root=data_root, download=download)
     except (ValueError, OSError) as e:
         raise BadInput(f"--test-dataset={test_dataset or name!r}: {e}") from None
+    public = None
+    if public_name is not None:
+        if public_name == name:
+            raise BadInput(f"--public-pretrain={public_name!r} is the private dataset; pretraining must use "
+                           "public data")
+        public = load_training_data(public_name, data_root=data_root, download=download)
     try:
         result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                      device=resolve_device(device), chunk_size=physical_batch,
-                                     progress=not quiet)
+                                     progress=not quiet, public=public, public_epochs=public_epochs)
     except ValueError as e:  # DataError and engine argument checks
         raise BadInput(str(e)) from None
     result = {"baseline": "dp-classifier", "dataset": name, "plan_digest": doc.digest,
@@ -61,3 +72,7 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         click.echo(f"DP-SGD CNN on {name}: real test accuracy {result['test_accuracy']:.4f} at epsilon "
              f"{doc.epsilon:.4g}, delta {doc.plan.delta:g} ({result['steps']} steps, expected batch "
              f"{result['expected_batch_size']}, {result['seconds']:.0f} s)")
+        if "public_pretrain" in result:
+            pre = result["public_pretrain"]
+            click.echo(f"  started from {pre['epochs']} non-private epochs on public {pre['dataset']}: "
+                       f"{pre['test_accuracy']:.4f} before the private steps")

@@ -152,3 +152,24 @@ def test_baseline_runs_exactly_plan_steps(digit_files, tmp_path, capsys):
     assert 0.0 <= r["test_accuracy"] <= 1.0
     assert r["plan_digest"].startswith("sha256:") and r["epsilon"] > 0
     assert 0.0 <= r["clipped_fraction"] <= 1.0 and r["mean_batch_size"] > 0
+
+
+def test_baseline_public_pretrain_then_dp_steps(digit_files, tmp_path, capsys):
+    private = f"npz:{digit_files['train']}"
+    path = _plan(tmp_path, 600, private, steps=2)
+    code, out, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path),
+                          "--test-dataset", f"npz:{digit_files['test']}", "--device", "cpu", "--json",
+                          "--public-pretrain", f"npz:{digit_files['samples']}", "--public-epochs", "15")
+    assert code == 0, err
+    r = json.loads(out)
+    pre = r["public_pretrain"]
+    assert pre["dataset"] == f"npz:{digit_files['samples']}" and pre["epochs"] == 15
+    # 400 public digits are enough for a CNN far above chance (0.1) before any private step.
+    assert pre["test_accuracy"] > 0.5, pre
+    assert r["steps"] == 2 and 0.0 <= r["test_accuracy"] <= 1.0
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--test-dataset",
+                        f"npz:{digit_files['test']}", "--public-pretrain", private)
+    _assert_one_line_error(code, err, "--public-pretrain", "private dataset")
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--test-dataset",
+                        f"npz:{digit_files['test']}", "--public-pretrain", "digits28")   # 28x28, private 8x8
+    _assert_one_line_error(code, err, "public data", "digits28")
