@@ -97,3 +97,7 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
         eps = summary["epsilon_spent"]
         privacy = f"epsilon spent {eps:.4g} at delta {summary['delta']:g}" if summary["private"] else "NON-PRIVATE (--no-dp)"
         info(f"run {summary['run']}: {summary['steps_done']}/{summary['plan_steps']} steps, {privacy}")
+    if summary.get("init"):
+        init = summary["init"]
+        info(f"warm start: {init['checkpoint']} (trained on {init['dataset']!r}); the guarantee holds only "
+             "if that data is public and holds none of the private examples")

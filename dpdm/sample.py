@@ -1,6 +1,7 @@
 """Sampling from a checkpoint into samples.npz (the library side of `dpdm sample`)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                       guidance_interval: tuple[float, float] | None = None,
                       weights: str = "ema", seed: int = 0, batch_size: int = 256, device: str = "cpu",
                       sigma_min: float | None = None, sigma_max: float | None = None, rho: float = RHO,
+                      sampler_kwargs: dict | None = None,
                       out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Draws `n` images (balanced labels i % num_classes) and writes them to `out_path` atomically.
 
@@ -80,7 +82,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     with torch.no_grad():
         x, y = generate(D, n=n, labels=labels, seed=seed, sampler=sampler, sampler_steps=sampler_steps,
                         guidance=guidance, guidance_interval=guidance_interval, batch_size=batch_size, device=device,
-                        sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+                        sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sampler_kwargs=sampler_kwargs)
     x = np.asarray(x.cpu().numpy() if torch.is_tensor(x) else x, dtype=np.uint8)
     y_np = np.asarray(y.cpu().numpy() if torch.is_tensor(y) else (y if y is not None else np.full(n, -1)), dtype=np.int64)
     private = bool(ledger["private"])
@@ -95,6 +97,9 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         "sampler": sampler, "sampler_steps": sampler_steps, "guidance": guidance, "weights": weights,
         "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval], "seed": seed,
         "sigma_min": float(sigma_min), "sigma_max": float(sigma_max), "rho": float(rho),
+        "sampler_kwargs": json.dumps(sampler_kwargs or {}, sort_keys=True),
+        # A generator warm-started on public data (`dpdm train --init-from`) says so in its samples.
+        "init_dataset": (cfg.get("init") or {}).get("dataset"),
     }
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -584,6 +584,7 @@ def train(
         "plan_digest": plan_doc.digest,
         "private": config.private,
         "checkpoint": str(ckpt_path),
+        "init": run_config.get("init"),
     }
 
 

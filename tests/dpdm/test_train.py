@@ -1,6 +1,7 @@
 """Training under a locked plan: ledger, resume, refusal, checkpoint safety."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -323,8 +324,33 @@ def test_warm_start_begins_at_the_public_ema_and_is_recorded(tmp_path):
     assert record["dataset"] == "public-tiny" and record["private"] is False and record["weights"] == "ema"
     import hashlib
     assert record["sha256"] == hashlib.sha256(init.read_bytes()).hexdigest()
-    import json
     assert json.loads((out / "config.json").read_text())["init"]["sha256"] == record["sha256"]
+    # Its samples say where it started; a cold run's say nothing.
+    from dpdm.sample import sample_checkpoint
+    assert sample_checkpoint(out / CHECKPOINT_NAME, n=2, sampler_steps=2, out_path=tmp_path / "w.npz")[
+        "init_dataset"] == "public-tiny"
+    with np.load(tmp_path / "w.npz") as z:
+        assert str(z["meta_init_dataset"]) == "public-tiny"
+    assert sample_checkpoint(cold / CHECKPOINT_NAME, n=2, sampler_steps=2, out_path=tmp_path / "c.npz")[
+        "init_dataset"] is None
+
+
+def test_sampler_keywords_reach_the_sampler_and_the_npz(tmp_path):
+    from dpdm.sample import sample_checkpoint
+    x, y, c = tiny_data()
+    out = tmp_path / "run"
+    train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
+    path = out / CHECKPOINT_NAME
+    heun = sample_checkpoint(path, n=3, sampler="heun", sampler_steps=3, out_path=tmp_path / "h.npz")
+    churn0 = sample_checkpoint(path, n=3, sampler="churn", sampler_steps=3, sampler_kwargs={"S_churn": 0.0},
+                               out_path=tmp_path / "c0.npz")
+    churn = sample_checkpoint(path, n=3, sampler="churn", sampler_steps=3, sampler_kwargs={"S_churn": 5.0},
+                              out_path=tmp_path / "c5.npz")
+    with np.load(tmp_path / "h.npz") as h, np.load(tmp_path / "c0.npz") as c0, np.load(tmp_path / "c5.npz") as c5:
+        assert np.array_equal(h["x"], c0["x"])          # churn 0 is Heun
+        assert not np.array_equal(h["x"], c5["x"])
+        assert json.loads(str(c5["meta_sampler_kwargs"])) == {"S_churn": 5.0}
+    assert heun["sampler_kwargs"] == "{}" and churn["sampler"] == "churn"
 
 
 def test_warm_start_from_the_private_data_is_refused(tmp_path):
