@@ -17,6 +17,7 @@ Usage:
                                            [--ema-decay 0.999] [--ema-power GAMMA ...] [--weights ema]
                                            [--guidance 0] [--guidance-interval LO HI] [--sigma-min S]
                                            [--train-sigma MIN MAX] [--no-dp] [--json out.json]
+                                           [--public-pretrain digits28] [--public-steps 1000]
 
 Slow (not a test; `make bench` does not run it): about 50 minutes on 2 CPU cores with the defaults
 (measured: generator training 2371 s for 1407 steps; sampling 10,000 images 486 s with guidance, which
@@ -71,6 +72,11 @@ SIGMA_MIN = None   # the sampler's default: EDM's 0.002, or the lowest trained l
 TRAIN_SIGMA = None  # VLoss's default range (sigma 0.0015 to 90)
 EMA_POWERS: tuple[float, ...] = ()  # extra power-function EMAs kept while training (privacy-free)
 WEIGHTS = "ema"     # what is sampled: the run's EMA (DPDM's warmup, close to power EMA gamma 8 here)
+# --public-pretrain NAME: the generator first trains WITHOUT privacy on public data (then `dpdm train
+# --init-from`), and the DP-SGD CNN first trains on the same public data (`--public-pretrain`).
+PUBLIC_STEPS = 1000
+PUBLIC_BATCH = 128
+PUBLIC_EPOCHS = 20  # the DP-SGD CNN's non-private epochs on the public data
 
 
 def default_plan(*, epsilon: float = EPSILON, delta: float = DELTA, batch_size: int = BATCH_SIZE,
@@ -86,16 +92,31 @@ def default_plan(*, epsilon: float = EPSILON, delta: float = DELTA, batch_size: 
     return accounting.make_plan_document(plan.calibrate(epsilon=epsilon))
 
 
+def public_plan(name: str, *, steps: int = PUBLIC_STEPS, batch_size: int = PUBLIC_BATCH,
+                noise_multiplicity: int = NOISE_MULTIPLICITY) -> accounting.PlanDocument:
+    """The schedule of a --no-dp pretraining run on public data (its noise is never added)."""
+    from dpdm.datasets import DATASET_SIZES
+
+    plan = accounting.PrivacyPlan(dataset_size=DATASET_SIZES[name], batch_size=batch_size, steps=steps,
+                                  noise_multiplier=1.0, noise_multiplicity=noise_multiplicity, delta=DELTA,
+                                  dataset_name=name)
+    return accounting.make_plan_document(plan)
+
+
 def dp_classifier_baseline(doc: accounting.PlanDocument, *, lr: float | None = None, seed: int = 0,
-                           device: str = "cpu") -> dict:
-    """`dpdm baseline dp-classifier` in Python: real test accuracy of a DP-SGD CNN under `doc`."""
+                           device: str = "cpu", public: str | None = None,
+                           public_epochs: int = PUBLIC_EPOCHS) -> dict:
+    """`dpdm baseline dp-classifier [--public-pretrain NAME]` in Python: real test accuracy of a
+    DP-SGD CNN under `doc`."""
     from dpdm.baseline import DEFAULT_LR, train_dp_classifier
     from dpdm.datasets import load_dataset
 
     name = doc.plan.dataset_name or DATASET
     train, test = load_dataset(name, "train"), load_dataset(name, "test")
     result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
-                                 device=device, progress=True)
+                                 device=device, progress=True,
+                                 public=None if public is None else load_dataset(public, "train"),
+                                 public_epochs=public_epochs)
     return {"epsilon": doc.epsilon, "delta": doc.plan.delta, "plan_digest": doc.digest, **result}
 
 
@@ -124,7 +145,7 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                     precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY,
                     lr_schedule: str = LR_SCHEDULE, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
                     ema_powers: tuple[float, ...] = EMA_POWERS, private: bool = True, device: str = "cpu",
-                    seed: int = 0) -> dict:
+                    seed: int = 0, init_from: str | Path | None = None) -> dict:
     """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run)."""
     from dpdm.datasets import load_dataset
     from dpdm.train import TrainConfig, train
@@ -146,7 +167,8 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
     summary = train(doc, data.x, data.y, data.num_classes, run_dir,
                     TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, lr_schedule=lr_schedule,
                                 train_sigma=train_sigma, ema_powers=tuple(ema_powers), private=private,
-                                device=device, seed=seed, checkpoint_every=50, log_every=10),
+                                device=device, seed=seed, checkpoint_every=50, log_every=10,
+                                init_from=None if init_from is None or ck.exists() else str(init_from)),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
     return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
             "ema_decay": ema_decay, "ema_powers": list(ema_powers), "train_sigma": train_sigma,
@@ -173,7 +195,8 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY, lr_schedule: str = LR_SCHEDULE,
         guidance: float = GUIDANCE, guidance_interval: tuple[float, float] | None = None,
         sigma_min: float | None = SIGMA_MIN, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
-        ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS, private: bool = True) -> dict:
+        ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS, private: bool = True,
+        public: str | None = None, public_steps: int = PUBLIC_STEPS) -> dict:
     doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
                                                                            noise_multiplicity=noise_multiplicity)
     workdir = Path(workdir)
@@ -181,16 +204,26 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     accounting.write_plan(doc, workdir / "plan.json")
     out: dict = {"dataset": doc.plan.dataset_name, "plan": doc.to_dict()}
     t0 = time.perf_counter()
+    init_from = None
+    if samples is None and public is not None:
+        if public == doc.plan.dataset_name:
+            raise SystemExit(f"--public-pretrain {public!r} is the private dataset")
+        pub_doc = public_plan(public, steps=public_steps, noise_multiplicity=doc.plan.noise_multiplicity)
+        out["public_generator"] = train_generator(pub_doc, workdir / "public", model=model, precond=precond, lr=lr,
+                                                  ema_decay=ema_decay, private=False, device=device)
+        print(f"public generator (NON-PRIVATE, {public}): {out['public_generator']}", file=sys.stderr)
+        init_from = workdir / "public" / "checkpoint.pt"
     if samples is None:
         out["generator"] = train_generator(doc, workdir / "run", model=model, precond=precond, lr=lr,
                                            ema_decay=ema_decay, lr_schedule=lr_schedule, train_sigma=train_sigma,
-                                           ema_powers=ema_powers, private=private, device=device)
+                                           ema_powers=ema_powers, private=private, device=device,
+                                           init_from=init_from)
         print(f"generator: {out['generator']}", file=sys.stderr)
         out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, guidance=guidance,
                                  guidance_interval=guidance_interval, sigma_min=sigma_min, weights=weights,
                                  device=device)
         samples = str(workdir / "samples.npz")
-    out["dp_classifier"] = dp_classifier_baseline(doc, device=device)
+    out["dp_classifier"] = dp_classifier_baseline(doc, device=device, public=public)
     if samples is not None:
         out["synthetic"] = evaluate_synthetic(samples, dataset=doc.plan.dataset_name or DATASET,
                                               device=device)
@@ -227,6 +260,10 @@ def main() -> None:
     ap.add_argument("--weights", default=WEIGHTS, help="weights to sample: ema, raw or power:GAMMA")
     ap.add_argument("--no-dp", action="store_true",
                     help="train the generator WITHOUT privacy (the pipeline's ceiling; marked NON-PRIVATE)")
+    ap.add_argument("--public-pretrain", metavar="NAME", default=None,
+                    help="warm-start both the generator and the DP-SGD CNN on this PUBLIC dataset (e.g. digits28), "
+                         "without privacy; the goal then compares the two warm-started models")
+    ap.add_argument("--public-steps", type=int, default=PUBLIC_STEPS, help="generator steps on the public data")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
@@ -236,7 +273,8 @@ def main() -> None:
               guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
               sigma_min=args.sigma_min, weights=args.weights,
               ema_powers=EMA_POWERS if args.ema_power is None else tuple(args.ema_power), private=not args.no_dp,
-              train_sigma=None if args.train_sigma is None else tuple(args.train_sigma))
+              train_sigma=None if args.train_sigma is None else tuple(args.train_sigma),
+              public=args.public_pretrain, public_steps=args.public_steps)
     plan = out["plan"]
     b = out["dp_classifier"]
     print(f"plan: {plan['dataset']['name']} N={plan['dataset']['size']} batch={plan['batch_size']} "
@@ -244,6 +282,14 @@ def main() -> None:
           f"delta={b['delta']:g}")
     print(f"DP-SGD CNN (GroupNorm, Adam lr {b['lr']:g}): real test accuracy {b['test_accuracy']:.4f} "
           f"({b['seconds']:.0f} s)")
+    if "public_pretrain" in b:
+        pre = b["public_pretrain"]
+        print(f"  warm start: {pre['epochs']} non-private epochs on public {pre['dataset']} "
+              f"({pre['test_accuracy']:.4f} on the real test images before the private steps)")
+    if "public_generator" in out:
+        pg = out["public_generator"]
+        print(f"public generator (NON-PRIVATE, on {args.public_pretrain}): {pg['steps_done']} steps, "
+              f"{pg['seconds']:.0f} s; the private run starts from its EMA")
     if "generator" in out:
         g, smp = out["generator"], out["sampling"]
         spent = (f"epsilon spent {g['epsilon_spent']:.4g}" if g["private"]

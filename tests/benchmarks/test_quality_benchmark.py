@@ -66,3 +66,16 @@ def test_quality_sweep_registers_unet_shapes(load_benchmark):
         networks.PRESETS.pop(name, None)
     with pytest.raises(ValueError, match="NF/CH_MULT/BLOCKS"):
         sweep.register_model("tiny")
+
+
+@pytest.mark.slow
+def test_quality_benchmark_public_pretrain_warm_starts_both_sides(tmp_path, load_benchmark):
+    q = load_benchmark("quality")
+    out = q.run(workdir=tmp_path, epochs=0.2, n=20, precond="v", lr=1e-3, public="digits28", public_steps=3)
+    assert out["public_generator"]["private"] is False and out["public_generator"]["steps_done"] == 3
+    init = out["generator"]
+    assert init["private"] is True and init["init"]["dataset"] == "digits28"
+    assert out["dp_classifier"]["public_pretrain"]["dataset"] == "digits28"
+    assert out["synthetic"]["samples_private"] is True
+    with pytest.raises(SystemExit, match="private dataset"):
+        q.run(workdir=tmp_path / "b", epochs=0.2, n=20, public="mnist5k")
