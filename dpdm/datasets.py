@@ -16,8 +16,8 @@ Names
   images as ``npz:PATH`` or ``folder:PATH`` instead).
 - ``digits28``: the same 1,797 images in MNIST's framing, as *public* data for warm starts
   (``dpdm train --init-from``): each 8x8 digit is resized (bicubic) to 20x20 and placed in a 28x28
-  frame with its centre of mass at the centre, as MNIST's digits are. Scikit-learn's digits come
-  from 43 writers of the UCI optdigits set, none of them MNIST's, so a model pretrained on them
+  frame with its centre of mass at the centre, as MNIST's digits are. Scikit-learn's digits are the
+  UCI optdigits test set (13 writers, a collection separate from MNIST), so a model pretrained on them
   holds nothing of an MNIST user's private images. One split only, as ``digits``.
 - ``mnist``, ``fashion-mnist``, ``cifar10``, ``celeba``: torchvision datasets under ``data_root``
   (default ``~/.cache/dpdm/data``); ``download=True`` fetches them where a network exists. CelebA is
