@@ -150,12 +150,16 @@ def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any]) -> tupl
         if cfg.get(key) != run_config[key]:
             raise TrainError(f"--init-from {str(path)!r}: it has {key}={cfg.get(key)!r}, this run "
                              f"{run_config[key]!r}")
-    same_digest = cfg.get("data_digest") is not None and cfg.get("data_digest") == run_config["data_digest"]
-    same_name = cfg.get("dataset") is not None and cfg.get("dataset") == run_config["dataset"]
-    if same_digest or same_name:
-        raise TrainError(f"--init-from {str(path)!r} was trained on the same data "
-                         f"({cfg.get('dataset')!r}); a warm start must come from public data, not "
-                         "from the private images")
+    # The checkpoint's own data, then the data of every warm start it descends from.
+    lineage = [{"dataset": cfg.get("dataset"), "data_digest": cfg.get("data_digest")},
+               *((cfg.get("init") or {}).get("lineage") or [])]
+    for entry in lineage:
+        same_digest = entry.get("data_digest") is not None and entry["data_digest"] == run_config["data_digest"]
+        same_name = entry.get("dataset") is not None and entry["dataset"] == run_config["dataset"]
+        if same_digest or same_name:
+            raise TrainError(f"--init-from {str(path)!r} was trained on the same data "
+                             f"({entry.get('dataset')!r}), itself or through its own warm start; a warm "
+                             "start must come from public data, not from the private images")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -168,6 +172,7 @@ def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any]) -> tupl
         "steps_done": int(state["ledger"]["steps_done"]),
         "private": bool(state["ledger"]["private"]),
         "weights": "ema",
+        "lineage": lineage,
     }
     return state["ema"], record
 

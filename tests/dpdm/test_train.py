@@ -366,6 +366,15 @@ def test_warm_start_from_the_private_data_is_refused(tmp_path):
     with pytest.raises(TrainError, match="same data"):   # same dataset name, other images
         train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(init)),
               dataset_name="public-tiny", progress=False)
+    # Laundered through a public run that itself started from the private data: still refused.
+    x_pub, y_pub, _ = tiny_data(n=30, seed=7)
+    train(tiny_plan(n=30, steps=2), x_pub, y_pub, c, tmp_path / "laundered",
+          TrainConfig(**CFG, private=False, init_from=str(leaked / CHECKPOINT_NAME)), dataset_name="public-2",
+          progress=False)
+    with pytest.raises(TrainError, match="through its own warm start"):
+        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(tmp_path / "laundered" / CHECKPOINT_NAME)),
+              dataset_name="tiny", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_warm_start_of_another_shape_or_corrupt_is_refused(tmp_path):
