@@ -83,7 +83,6 @@ WEIGHTS = "ema"     # what is sampled: the run's EMA (DPDM's warmup, close to po
 # --init-from`), and the DP-SGD CNN first trains on the same public data (`--public-pretrain`).
 PUBLIC_STEPS = 1000
 PUBLIC_BATCH = 128
-PUBLIC_EPOCHS = 20  # the DP-SGD CNN's non-private epochs on the public data
 
 
 def default_plan(*, epsilon: float = EPSILON, delta: float = DELTA, batch_size: int = BATCH_SIZE,
@@ -112,10 +111,10 @@ def public_plan(name: str, *, steps: int = PUBLIC_STEPS, batch_size: int = PUBLI
 
 def dp_classifier_baseline(doc: accounting.PlanDocument, *, lr: float | None = None, seed: int = 0,
                            device: str = "cpu", public: str | None = None,
-                           public_epochs: int = PUBLIC_EPOCHS) -> dict:
+                           public_epochs: int | None = None) -> dict:
     """`dpdm baseline dp-classifier [--public-pretrain NAME]` in Python: real test accuracy of a
     DP-SGD CNN under `doc`."""
-    from dpdm.baseline import DEFAULT_LR, train_dp_classifier
+    from dpdm.baseline import DEFAULT_LR, DEFAULT_PUBLIC_EPOCHS, train_dp_classifier
     from dpdm.datasets import load_dataset
 
     name = doc.plan.dataset_name or DATASET
@@ -123,7 +122,7 @@ def dp_classifier_baseline(doc: accounting.PlanDocument, *, lr: float | None = N
     result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                  device=device, progress=True,
                                  public=None if public is None else load_dataset(public, "train"),
-                                 public_epochs=public_epochs)
+                                 public_epochs=public_epochs or DEFAULT_PUBLIC_EPOCHS)
     return {"epsilon": doc.epsilon, "delta": doc.plan.delta, "plan_digest": doc.digest, **result}
 
 

@@ -28,7 +28,9 @@ def baseline() -> None:
               help="First train the CNN without privacy on this PUBLIC dataset (e.g. digits28), then "
                    "fine-tune it with DP-SGD: the comparison for a generator started with `dpdm train "
                    "--init-from` on the same public data.")
-@click.option("--public-epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--public-epochs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Non-private epochs on --public-pretrain (dpdm.baseline.DEFAULT_PUBLIC_EPOCHS; repeated "
+                   "here so that --help does not import torch).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")

@@ -25,9 +25,10 @@ from dpdm.classifiers import CNN
 from dpdm.datasets import DataError, ImageData
 from dpdm.evaluate import accuracy
 
-__all__ = ["DEFAULT_LR", "train_dp_classifier"]
+__all__ = ["DEFAULT_LR", "DEFAULT_PUBLIC_EPOCHS", "train_dp_classifier"]
 
 DEFAULT_LR = 2e-3
+DEFAULT_PUBLIC_EPOCHS = 20  # non-private epochs on public data before the DP-SGD steps (`public=`)
 
 
 def _loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ def _loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = DEFAULT_LR,
                         seed: int = 0, device: str | torch.device = "cpu",
                         chunk_size: int | None = None, progress: bool = False,
-                        public: ImageData | None = None, public_epochs: int = 20) -> dict:
+                        public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS) -> dict:
     """Trains a GroupNorm CNN with DP-SGD under `plan` and measures its real test accuracy.
 
     Args:
