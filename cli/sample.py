@@ -16,6 +16,13 @@ from cli.errors import BadInput
 @click.option("--sampler", type=click.Choice(["euler", "heun", "churn"]), default="euler", show_default=True,
               help="euler: the paper's 'DDIM' (PF-ODE); heun: EDM; churn: stochastic Heun.")
 @click.option("--sampler-steps", type=click.IntRange(min=2), default=50, show_default=True)
+@click.option("--s-churn", type=click.FloatRange(min=0), default=None,
+              help="churn only: total churn; each step in [--s-min, --s-max] adds noise up to "
+                   "sigma * (1 + min(S_churn / steps, 1)).  [default: 100, DPDM's best-FID setting]")
+@click.option("--s-min", type=click.FloatRange(min=0), default=None, help="churn only  [default: 0.05]")
+@click.option("--s-max", type=click.FloatRange(min=0), default=None, help="churn only  [default: 50]")
+@click.option("--s-noise", type=click.FloatRange(min=0), default=None,
+              help="churn only: scale of the fresh noise  [default: 1]")
 @click.option("--guidance", type=float, default=0.0, show_default=True, help="Classifier-free guidance weight w.")
 @click.option("--guidance-interval", type=float, nargs=2, default=None, metavar="LO HI",
               help="Guide only the steps with LO < sigma <= HI (Kynkaanniemi et al. 2024); the others are "
@@ -35,7 +42,7 @@ from cli.errors import BadInput
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid, a row per class.")
 @click.option("--json", "as_json", is_flag=True)
-def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, guidance_interval, sigma_min, sigma_max, rho, weights, seed,
+def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, s_max, s_noise, guidance, guidance_interval, sigma_min, sigma_max, rho, weights, seed,
            batch_size, device, out_path, grid_path, as_json):
     """Draw synthetic images from a trained (EMA) model."""
     if (run_dir is None) == (checkpoint_path is None):
@@ -45,13 +52,19 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, guidance, guidan
         raise BadInput(f"--sigma-min={sigma_min:g} must be below --sigma-max={sigma_max:g}")
     if guidance_interval is not None and not 0 <= guidance_interval[0] < guidance_interval[1]:
         raise BadInput(f"--guidance-interval {guidance_interval[0]:g} {guidance_interval[1]:g} must satisfy 0 <= LO < HI")
+    churn = {k: v for k, v in (("S_churn", s_churn), ("S_min", s_min), ("S_max", s_max), ("S_noise", s_noise))
+             if v is not None}
+    if churn and sampler != "churn":
+        raise BadInput(f"--s-churn/--s-min/--s-max/--s-noise apply to --sampler churn only (got --sampler {sampler})")
+    if s_min is not None and s_max is not None and not s_min < s_max:
+        raise BadInput(f"--s-min={s_min:g} must be below --s-max={s_max:g}")
     if not str(out_path).endswith(".npz"):
         raise BadInput(f"--out={out_path!r} must end in .npz")
     from dpdm.sample import SampleError, sample_checkpoint
 
     try:
         result = sample_checkpoint(path, n=n, sampler=sampler, sampler_steps=sampler_steps, guidance=guidance,
-                                   guidance_interval=guidance_interval,
+                                   guidance_interval=guidance_interval, sampler_kwargs=churn or None,
                                    sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, weights=weights, seed=seed,
                                    batch_size=batch_size, device=resolve_device(device), out_path=out_path, grid_path=grid_path)
     except SampleError as e:

@@ -83,6 +83,14 @@ def test_train_sample_eval_end_to_end(tiny, capsys):
     code, _, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--guidance", 1, "--guidance-interval", 5, 0.3,
                             "--out", d / "s5.npz"], capsys)
     assert "--guidance-interval" in _one_error_line(code, err) and not (d / "s5.npz").exists()
+    # Churn settings: recorded in the npz; refused for a deterministic sampler.
+    code, out, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--sampler", "churn", "--sampler-steps", 3,
+                              "--s-churn", 5, "--s-max", 10, "--out", d / "s6.npz", "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    with np.load(d / "s6.npz") as z:
+        assert json.loads(str(z["meta_sampler_kwargs"])) == {"S_churn": 5.0, "S_max": 10.0}
+    code, _, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--s-churn", 5, "--out", d / "s7.npz"], capsys)
+    assert "--sampler churn" in _one_error_line(code, err) and not (d / "s7.npz").exists()
 
     code, out, err = run_cli(["eval", "--samples", d / "s.npz", "--dataset", f"npz:{d / 'data.npz'}",
                               "--test-dataset", f"npz:{d / 'test.npz'}", "--epochs", 1, "--reference-epochs", 1,
