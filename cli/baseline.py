@@ -39,11 +39,11 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
                   public_epochs, device, seed, as_json, quiet):
     """A CNN (GroupNorm) trained directly with DP-SGD under the plan; prints its real test accuracy."""
     from dpdm.baseline import DEFAULT_LR, train_dp_classifier
-    from dpdm.datasets import is_path_dataset, load_dataset
+    from dpdm.datasets import has_test_split, load_dataset
 
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
-    if test_dataset is None and (is_path_dataset(name) or name in ("digits", "digits28")):
+    if test_dataset is None and not has_test_split(name):
         raise BadInput(f"--dataset={name!r} has no held-out split; give the real held-out images "
                        f"with --test-dataset npz:PATH or folder:PATH")
     train = load_training_data(name, data_root=data_root, download=download)

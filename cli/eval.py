@@ -37,7 +37,7 @@ _KINDS = ("logreg", "mlp", "cnn")
 def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifiers, epochs,
              inception_weights, reference_epochs, cache_dir, device, seed, as_json):
     """Downstream accuracy (train on synthetic, test on real), classifier FD, optional Inception FID."""
-    from dpdm.datasets import DataError, is_path_dataset, load_dataset, load_npz
+    from dpdm.datasets import DataError, has_test_split, load_dataset, load_npz
     from dpdm.evaluate import REFERENCE_EPOCHS, evaluate_samples
 
     kinds = tuple(k.strip() for k in classifiers.split(",") if k.strip())
@@ -57,7 +57,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         real_train = load_dataset(dataset, "train", data_root=data_root, download=download)
     except ValueError as e:
         raise BadInput(f"--dataset={dataset!r}: {e}") from None
-    if test_dataset is None and (is_path_dataset(dataset) or dataset in ("digits", "digits28")):
+    if test_dataset is None and not has_test_split(dataset):
         raise BadInput(f"--dataset={dataset!r} has no held-out split; give the real held-out images "
                        f"with --test-dataset npz:PATH or folder:PATH")
     try:

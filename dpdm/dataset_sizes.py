@@ -5,6 +5,7 @@ DATASET_SIZES: dict[str, int] = {
     "mnist5k": 4000,
     "digits": 1797,
     "digits28": 1797,
+    "digits28-aug": 17970,
     "mnist": 60000,
     "fashion-mnist": 60000,
     "cifar10": 50000,

@@ -78,6 +78,58 @@ def test_digits28_is_digits_in_mnist_framing():
         load_dataset("digits28", "test")
 
 
+def test_digits28_aug_is_ten_distorted_copies():
+    from dpdm.datasets import has_test_split
+
+    base, d = load_dataset("digits28"), load_dataset("digits28-aug")
+    assert d.x.shape == (17970, 1, 28, 28) and len(d) == DATASET_SIZES["digits28-aug"] == 10 * len(base)
+    assert torch.equal(d.y, base.y.repeat(10)) and d.num_classes == 10
+    assert torch.equal(d.x, load_dataset("digits28-aug").x)                # fixed seed
+    u8 = (d.x + 1) * 127.5
+    assert float((u8 - u8.round()).abs().max()) < 1e-4                      # on the uint8 grid, like a file
+    copies = d.x.view(10, 1797, 1, 28, 28)
+    assert not torch.equal(copies[0], copies[1])
+    # Every copy is distorted (no image equals its source), but stays a digit near the centre.
+    diff = (copies - base.x[None]).abs().amax(dim=(2, 3, 4))
+    assert float(diff.min()) > 0.2
+    ink = (d.x + 1) / 2
+    mass = ink.sum(dim=(1, 2, 3))
+    coords = torch.arange(28, dtype=torch.float32)
+    cy = (ink.sum(dim=3).squeeze(1) * coords).sum(1) / mass
+    cx = (ink.sum(dim=2).squeeze(1) * coords).sum(1) / mass
+    assert float((cy - 13.5).abs().max()) < 3.5 and float((cx - 13.5).abs().max()) < 3.5
+    border = ink.clone()
+    border[..., 2:26, 2:26] = 0
+    near_edge = border.sum(dim=(1, 2, 3)) / mass                            # widened digits may touch it
+    assert float(near_edge.mean()) < 0.01 and float(near_edge.max()) < 0.2
+    # Ink within a factor of three of the source image's (contrast stretch, thickening; none vanishes).
+    ratio = mass.view(10, 1797) / ((base.x + 1) / 2).sum(dim=(1, 2, 3))[None]
+    assert 0.33 < float(ratio.min()) and float(ratio.max()) < 3.0
+    with pytest.raises(DataError, match="no held-out test split"):
+        load_dataset("digits28-aug", "test")
+    assert not has_test_split("digits28-aug") and not has_test_split("npz:x.npz") and has_test_split("mnist5k")
+
+
+def test_digits28_aug_distortion_is_bounded():
+    from dpdm.datasets import _distort
+
+    bar = torch.zeros(400, 1, 28, 28)
+    bar[..., 6:22, 13:15] = 1.0                                             # a vertical stroke
+    out = _distort(bar, torch.Generator().manual_seed(0))
+    coords = torch.arange(28, dtype=torch.float32)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    w = out[:, 0]
+    m = w.sum(dim=(1, 2))
+    my, mx = (w * yy).sum((1, 2)) / m, (w * xx).sum((1, 2)) / m
+    vyy = (w * (yy - my[:, None, None]) ** 2).sum((1, 2)) / m
+    vxx = (w * (xx - mx[:, None, None]) ** 2).sum((1, 2)) / m
+    vxy = (w * (yy - my[:, None, None]) * (xx - mx[:, None, None])).sum((1, 2)) / m
+    tilt = torch.rad2deg(0.5 * torch.atan2(2 * vxy, vyy - vxx))             # principal axis against vertical
+    assert float(tilt.abs().max()) < 35.0                                   # rotation 15 deg + shear 0.3
+    assert float(tilt.std()) > 5.0                                          # but really slanted, both ways
+    assert float(tilt.min()) < -10.0 < 10.0 < float(tilt.max())
+
+
 def test_sizes_agree_with_plan_table():
     from cli.plan import DATASET_SIZES as plan_sizes
 
