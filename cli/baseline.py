@@ -25,7 +25,7 @@ def baseline() -> None:
 @click.option("--physical-batch", type=click.IntRange(min=1), default=None,
               help="Examples per chunk (memory knob; privacy-neutral).")
 @click.option("--public-pretrain", "public_name", default=None,
-              help="First train the CNN without privacy on this PUBLIC dataset (e.g. digits28), then "
+              help="First train the CNN without privacy on this PUBLIC dataset (e.g. digits28-aug), then "
                    "fine-tune it with DP-SGD: the comparison for a generator started with `dpdm train "
                    "--init-from` on the same public data.")
 @click.option("--public-epochs", type=click.IntRange(min=1), default=20, show_default=True,

@@ -15,7 +15,7 @@ from cli.errors import BadInput
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="A locked plan from `dpdm plan --out`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoint, ledger, metrics).")
 # Data.
-@click.option("--dataset", default=None, help="Dataset name (default: the plan's). mnist5k, digits, mnist, fashion-mnist, cifar10, celeba, folder:PATH, npz:PATH.")
+@click.option("--dataset", default=None, help="Dataset name (default: the plan's). mnist5k, digits, digits28, digits28-aug, mnist, fashion-mnist, cifar10, celeba, folder:PATH, npz:PATH.")
 @click.option("--data-root", default=None, type=click.Path(file_okay=False), help="Where torchvision datasets live.")
 @click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
 # Model and performance (privacy-neutral).
@@ -42,7 +42,7 @@ from cli.errors import BadInput
               help="Fix the batches and noise (tests, reproduction). Default: a secret random seed, kept in the checkpoint.")
 @click.option("--init-from", "init_from", type=click.Path(dir_okay=False), default=None,
               help="Start from the EMA weights of a checkpoint trained on PUBLIC data (e.g. a --no-dp run on "
-                   "digits28 for MNIST-like data). Privacy-free only if that data holds none of the private "
+                   "digits28-aug for MNIST-like data). Privacy-free only if that data holds none of the private "
                    "examples; a checkpoint trained on the same data is refused.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")

@@ -125,7 +125,7 @@ def load_dataset(name: str, split: str = "train", *, data_root: str | os.PathLik
     """Loads a dataset by name (see the module docstring) as float32 images in [-1, 1].
 
     Args:
-      name: mnist5k, digits, mnist, fashion-mnist, cifar10, celeba, folder:PATH or npz:PATH.
+      name: mnist5k, digits, digits28, digits28-aug, mnist, fashion-mnist, cifar10, celeba, folder:PATH or npz:PATH.
       split: "train" (the private data) or "test" (held-out real data). Ignored for path datasets.
       data_root: where torchvision datasets live (default ``~/.cache/dpdm/data`` or $DPDM_DATA).
       download: let torchvision fetch a missing dataset (needs a network).
