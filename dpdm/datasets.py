@@ -21,10 +21,10 @@ Names
   holds nothing of an MNIST user's private images. One split only, as ``digits``.
 - ``digits28-aug``: ``digits28`` ten times over (17,970 images), each copy randomly distorted
   (rotation within 15 degrees, shear, wider or taller by up to 30% / 15%, a shift of up to a pixel,
-  one stroke in seven thickened, a random contrast stretch that sharpens the bicubic blur), with a
-  fixed seed (torch.Generator), so loading it twice gives the same images. MNIST's writers slant, stretch and thicken
-  their digits far more than the 13 optdigits writers; as a warm start it beats ``digits28``
-  (issue 4 notes). Public data, one split only.
+  the strokes of one image in seven thickened, a contrast stretch that sharpens the bicubic blur). The
+  seed is fixed (torch.Generator), so loading it twice gives the same images. MNIST's writers
+  slant, stretch and thicken their digits far more than the 13 optdigits writers; as a warm start
+  it beats ``digits28`` (issue 4 notes). Public data, one split only.
 - ``mnist``, ``fashion-mnist``, ``cifar10``, ``celeba``: torchvision datasets under ``data_root``
   (default ``~/.cache/dpdm/data``); ``download=True`` fetches them where a network exists. CelebA is
   unlabelled, centre-cropped to 140x140 and resized to 32x32 (the paper's CelebA 32x32).
