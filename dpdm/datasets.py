@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -256,8 +257,6 @@ def _load_digits28_aug(split: str) -> ImageData:
 def _distort(x01: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """One random distortion per image of x01 ([N, 1, H, W] in [0, 1]); the order of the draws is
     part of the dataset's definition (`digits28-aug`)."""
-    import math
-
     import torch.nn.functional as F
 
     n = x01.shape[0]
