@@ -38,7 +38,7 @@ CNN of 96.1% (62.5% on the public digits alone). It takes about 14 minutes longe
 With `--epochs 30` (469 private steps, sigma 0.978) the warm start gives 91.6% against 96.6% warm and 95.6%
 cold DP-SGD CNNs, in about half the time.
 `--public-pretrain digits28-aug` (the same digits ten times over, randomly slanted, stretched,
-thickened and sharpened; 1000 public steps, 17 min) with `--epochs 30`: synthetic CNN 94.5%, MLP 87.7%,
+thickened and sharpened; 1000 public steps, about 14 min alone) with `--epochs 30`: synthetic CNN 94.5%, MLP 87.7%,
 logreg 86.4%, classifier FD 9.0, against a DP-SGD CNN pretrained on the same data of 98.1% (86.9% on the
 public data alone). With `--batch-size 1024 --epochs 30 --physical-batch 256` (118 private steps,
 sigma 1.593, the same CPU time): synthetic CNN 96.1%, MLP 87.7%, logreg 85.6%, FD 10.8, against 98.1%
