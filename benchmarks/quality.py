@@ -222,8 +222,10 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     t0 = time.perf_counter()
     init_from = None
     if samples is None and public is not None:
-        if public == doc.plan.dataset_name:
-            raise SystemExit(f"--public-pretrain {public!r} is the private dataset")
+        from dpdm.dataset_sizes import same_images
+
+        if same_images(public, doc.plan.dataset_name):
+            raise SystemExit(f"--public-pretrain {public!r} is the private dataset or made from its images")
         pub_doc = public_plan(public, steps=public_steps, noise_multiplicity=doc.plan.noise_multiplicity)
         out["public_generator"] = train_generator(pub_doc, workdir / "public", model=model, precond=precond, lr=lr,
                                                   ema_decay=ema_decay, private=False, device=device)

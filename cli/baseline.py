@@ -56,9 +56,11 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         raise BadInput(f"--test-dataset={test_dataset or name!r}: {e}") from None
     public = None
     if public_name is not None:
-        if public_name == name:
-            raise BadInput(f"--public-pretrain={public_name!r} is the private dataset; pretraining must use "
-                           "public data")
+        from dpdm.dataset_sizes import same_images
+
+        if same_images(public_name, name):
+            raise BadInput(f"--public-pretrain={public_name!r} holds the private dataset's images ({name!r}); "
+                           "pretraining must use public data")
         public = load_training_data(public_name, data_root=data_root, download=download)
     try:
         result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,

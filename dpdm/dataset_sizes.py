@@ -11,3 +11,17 @@ DATASET_SIZES: dict[str, int] = {
     "cifar10": 50000,
     "celeba": 162770,
 }
+
+# Named datasets whose images are derived from another one's: a warm start or a public pretraining on
+# one of them must not be used with the other as the private data (they hold the same images).
+DATASET_SOURCES: dict[str, str] = {
+    "digits28": "digits",
+    "digits28-aug": "digits",
+}
+
+
+def same_images(a: str | None, b: str | None) -> bool:
+    """Whether datasets named `a` and `b` hold the same images (equal names, or derived from one)."""
+    if a is None or b is None:
+        return False
+    return DATASET_SOURCES.get(a, a) == DATASET_SOURCES.get(b, b)

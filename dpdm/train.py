@@ -29,6 +29,7 @@ import torch
 import accounting
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
+from dpdm.dataset_sizes import same_images
 from dpdm.data import PoissonSampler
 from dpdm.engine import add_noise, clipped_grad_sum, validate_model
 from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
@@ -155,7 +156,7 @@ def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any]) -> tupl
                *((cfg.get("init") or {}).get("lineage") or [])]
     for entry in lineage:
         same_digest = entry.get("data_digest") is not None and entry["data_digest"] == run_config["data_digest"]
-        same_name = entry.get("dataset") is not None and entry["dataset"] == run_config["dataset"]
+        same_name = same_images(entry.get("dataset"), run_config["dataset"])
         if same_digest or same_name:
             raise TrainError(f"--init-from {str(path)!r} was trained on the same data "
                              f"({entry.get('dataset')!r}), itself or through its own warm start; a warm "

@@ -130,6 +130,15 @@ def test_digits28_aug_distortion_is_bounded():
     assert float(tilt.min()) < -10.0 < 10.0 < float(tilt.max())
 
 
+def test_same_images_knows_the_derived_datasets():
+    from dpdm.dataset_sizes import same_images
+
+    assert same_images("digits28-aug", "digits28") and same_images("digits", "digits28-aug")
+    assert same_images("mnist5k", "mnist5k") and same_images("npz:a.npz", "npz:a.npz")
+    assert not same_images("mnist5k", "digits28-aug") and not same_images("npz:a.npz", "npz:b.npz")
+    assert not same_images(None, "digits28") and not same_images(None, None)
+
+
 def test_sizes_agree_with_plan_table():
     from cli.plan import DATASET_SIZES as plan_sizes
 

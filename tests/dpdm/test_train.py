@@ -305,6 +305,19 @@ def _public_run(tmp_path, classes=3, steps=3):
     return out / CHECKPOINT_NAME
 
 
+def test_warm_start_from_images_derived_from_the_private_ones_is_refused(tmp_path):
+    # digits28-aug is made from digits28's images: other name, other pixels, same digits.
+    x_pub, y_pub, c = tiny_data(n=30, seed=7)
+    train(tiny_plan(n=30, steps=2), x_pub, y_pub, c, tmp_path / "aug", TrainConfig(**CFG, private=False),
+          dataset_name="digits28-aug", progress=False)
+    x, y, c = tiny_data()
+    with pytest.raises(TrainError, match="same data"):
+        train(tiny_plan(steps=2), x, y, c, tmp_path / "run",
+              TrainConfig(**CFG, init_from=str(tmp_path / "aug" / CHECKPOINT_NAME)), dataset_name="digits28",
+              progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_warm_start_begins_at_the_public_ema_and_is_recorded(tmp_path):
     init = _public_run(tmp_path)
     x, y, c = tiny_data()
