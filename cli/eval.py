@@ -24,6 +24,12 @@ _KINDS = ("logreg", "mlp", "cnn")
               help="Comma-separated downstream classifiers (logreg, mlp, cnn); empty for none.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs for every classifier [default: logreg 30, mlp 30, cnn 15; the paper: 50].")
+@click.option("--public-pretrain", "public_name", default=None,
+              help="First train every classifier without privacy on this PUBLIC dataset (e.g. digits28-aug), "
+                   "then on the samples: the like-for-like comparison with `dpdm baseline dp-classifier "
+                   "--public-pretrain` (not the paper's protocol, which has no public data).")
+@click.option("--public-epochs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Non-private epochs on --public-pretrain (dpdm.evaluate.DEFAULT_PUBLIC_EPOCHS).")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               help="Local torchvision inception_v3 state dict: adds Inception FID (never downloaded).")
 @click.option("--reference-epochs", type=click.IntRange(min=1), default=None,
@@ -35,7 +41,7 @@ _KINDS = ("logreg", "mlp", "cnn")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifiers, epochs,
-             inception_weights, reference_epochs, cache_dir, device, seed, as_json):
+             public_name, public_epochs, inception_weights, reference_epochs, cache_dir, device, seed, as_json):
     """Downstream accuracy (train on synthetic, test on real), classifier FD, optional Inception FID."""
     from dpdm.datasets import DataError, has_test_split, load_dataset, load_npz
     from dpdm.evaluate import REFERENCE_EPOCHS, evaluate_samples
@@ -65,6 +71,23 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                      if test_dataset else load_dataset(dataset, "test", data_root=data_root, download=download))
     except ValueError as e:
         raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
+    public = None
+    if public_name is not None:
+        from dpdm.dataset_sizes import same_images
+
+        for real in (dataset, test_dataset):
+            if same_images(public_name, real):
+                raise BadInput(f"--public-pretrain={public_name!r} holds the real data's images ({real!r}); "
+                               "pretraining must use other, public data")
+        try:
+            public = load_dataset(public_name, "train", data_root=data_root, download=download)
+        except ValueError as e:
+            raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
+        if public.y is None or public.image_shape != real_train.image_shape or \
+                public.num_classes != real_train.num_classes:
+            raise BadInput(f"--public-pretrain={public_name!r} must be labelled, of shape "
+                           f"{'x'.join(map(str, real_train.image_shape))} and {real_train.num_classes} classes, "
+                           f"like --dataset={dataset!r}")
     if samples.y is None and kinds:
         kinds = ()
         info("samples have no labels 'y': downstream accuracies skipped")
@@ -73,7 +96,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                                   cache_dir=cache_dir, reference_epochs=reference_epochs or REFERENCE_EPOCHS,
                                   inception_weights=inception_weights, seed=seed,
                                   device=resolve_device(device),
-                                  progress=None if as_json else info)
+                                  progress=None if as_json else info, public=public,
+                                  public_epochs=public_epochs)
     except ValueError as e:  # DataError (shape / label mismatch), unusable inception weights
         raise BadInput(f"--samples={samples_path!r}: {e}" if isinstance(e, DataError) else str(e)) from None
     if as_json:
@@ -87,11 +111,17 @@ def format_report(report: dict) -> str:
     lines = [f"samples {report['samples']}: {report['n_samples']} images "
              f"{'x'.join(map(str, report['image_shape']))}, real data {report['dataset']} "
              f"(train {report['real_train_size']}, test {report['real_test_size']})", ""]
+    pub = report.get("public_pretrain")
     if report["classifiers"]:
-        lines.append(f"{'classifier':<12}{'real test acc':>14}{'synth val acc':>15}{'best epoch':>12}")
+        if pub is not None:
+            lines.append(f"classifiers first trained {pub['epochs']} epochs on public {pub['dataset']} "
+                         f"(without privacy), then on the samples")
+        lines.append(f"{'classifier':<12}{'real test acc':>14}{'synth val acc':>15}{'best epoch':>12}"
+                     + (f"{'public only':>13}" if pub is not None else ""))
         for kind, r in report["classifiers"].items():
             lines.append(f"{kind:<12}{r['test_accuracy']:>14.4f}{r['synthetic_val_accuracy']:>15.4f}"
-                         f"{str(r['best_epoch']) + '/' + str(r['epochs']):>12}")
+                         f"{str(r['best_epoch']) + '/' + str(r['epochs']):>12}"
+                         + (f"{r['public_pretrain']['test_accuracy']:>13.4f}" if "public_pretrain" in r else ""))
         lines.append("")
     fd = report["classifier_fd"]
     ref = fd["reference"]

@@ -23,12 +23,11 @@ from torch import nn
 
 from dpdm.classifiers import CNN
 from dpdm.datasets import DataError, ImageData
-from dpdm.evaluate import accuracy
+from dpdm.evaluate import DEFAULT_PUBLIC_EPOCHS, accuracy, pretrain_on_public
 
 __all__ = ["DEFAULT_LR", "DEFAULT_PUBLIC_EPOCHS", "train_dp_classifier"]
 
 DEFAULT_LR = 2e-3
-DEFAULT_PUBLIC_EPOCHS = 20  # non-private epochs on public data before the DP-SGD steps (`public=`)
 
 
 def _loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -87,7 +86,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     params = dict(model.named_parameters())
     pretrain = None
     if public is not None:
-        pretrain = _pretrain_public(model, public, epochs=int(public_epochs), seed=seed, device=device)
+        pretrain = pretrain_on_public(model, public, epochs=int(public_epochs), seed=seed, device=device)
         pretrain["test_accuracy"] = accuracy(model, test.x, test.y, device=device)
         model.train()
     opt = torch.optim.Adam(params.values(), lr=lr)
@@ -123,19 +122,3 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
             "model": "CNN (paper's, GroupNorm, no dropout), Adam",
             **({"public_pretrain": pretrain} if pretrain is not None else {}),
             "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _pretrain_public(model: nn.Module, public: ImageData, *, epochs: int, seed: int, device) -> dict:
-    """Plain (non-private) training on public data: Adam 1e-3, batch 128, shuffled each epoch."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed + 2)
-    x, y = public.x.to(device), public.y.to(device)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(public), generator=gen).to(device)
-        for start in range(0, len(public), 128):
-            idx = order[start:start + 128]
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return {"dataset": public.name, "epochs": epochs}

@@ -7,6 +7,11 @@
   training or selection. Adam (lr 3e-4), batch 128, as the paper; the paper trains 50 epochs, our
   defaults (`DEFAULT_EPOCHS`) are smaller so that a 10,000-image evaluation fits in a few CPU
   minutes. Unlike the paper's script, the synthetic training set is shuffled every epoch.
+- **Public initialization** (``public=``, optional): each classifier is first trained without
+  privacy on labelled public data (Adam 1e-3, batch 128, `DEFAULT_PUBLIC_EPOCHS` epochs, as the
+  DP-SGD baseline's ``public=``), then on the synthetic images as above. This is the like-for-like
+  comparison with a DP-SGD classifier pretrained on the same public data; the public data alone is
+  reported beside it. The paper's protocol has no public data.
 - **Classifier FD**: the Frechet distance between Gaussian fits of the synthetic and the real
   *training* images in the 128-d penultimate features of a reference CNN trained on the real training
   split (the paper computes FID against training-split statistics). It is not FID and is labelled
@@ -44,6 +49,7 @@ from dpdm.datasets import DataError, ImageData
 
 __all__ = [
     "DEFAULT_EPOCHS",
+    "DEFAULT_PUBLIC_EPOCHS",
     "REFERENCE_EPOCHS",
     "accuracy",
     "classifier_fd",
@@ -56,12 +62,14 @@ __all__ = [
     "frechet_distance",
     "inception_fid",
     "load_inception",
+    "pretrain_on_public",
     "precision_recall",
     "reference_classifier",
 ]
 
 DEFAULT_EPOCHS = {"logreg": 30, "mlp": 30, "cnn": 15}  # paper: 50 each
 REFERENCE_EPOCHS = 20
+DEFAULT_PUBLIC_EPOCHS = 20  # non-private epochs on public data before the synthetic (or DP-SGD) ones
 _REFERENCE_VERSION = 1  # bump when the reference training recipe changes
 _FEATURES = "penultimate (128-d) of a CNN trained on the real training split"
 
@@ -116,6 +124,38 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tenso
     return best_epoch, best_acc
 
 
+def pretrain_on_public(model: nn.Module, public: ImageData, *, epochs: int = DEFAULT_PUBLIC_EPOCHS,
+                       seed: int = 0, device: str | torch.device = "cpu") -> dict:
+    """Plain (non-private) training on labelled public data: Adam 1e-3, batch 128, shuffled each epoch.
+
+    Returns:
+      {"dataset", "epochs"}.
+    """
+    if public.y is None:
+        raise DataError(f"public data {public.name!r} has no labels")
+    if int(epochs) != epochs or epochs < 1:
+        raise ValueError(f"public_epochs={epochs!r} must be a positive integer")
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed + 2)
+    x, y = public.x.to(device), public.y.to(device)
+    model.train()
+    for _ in range(int(epochs)):
+        order = torch.randperm(len(public), generator=gen).to(device)
+        for start in range(0, len(public), 128):
+            idx = order[start:start + 128]
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return {"dataset": public.name, "epochs": int(epochs)}
+
+
+def _check_public(public: ImageData, real: ImageData) -> None:
+    if public.y is None or public.image_shape != real.image_shape or public.num_classes != real.num_classes:
+        raise DataError(f"public data {public.name!r} must be labelled, of shape {real.image_shape} and "
+                        f"{real.num_classes} classes, like {real.name!r}")
+
+
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(n * val_fraction))
@@ -124,31 +164,44 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.
 
 def downstream_accuracy(samples: ImageData, real_test: ImageData, *, kind: str, epochs: int | None = None,
                         val_fraction: float = 0.1, seed: int = 0, device: str | torch.device = "cpu",
+                        public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
                         ) -> dict:
     """The paper's protocol: train on synthetic (90%), select on synthetic (10%), test on real.
 
+    With `public`, the classifier first trains `public_epochs` epochs on that labelled public data
+    (`pretrain_on_public`); selection still picks one of the synthetic epochs.
+
     Returns:
-      {"test_accuracy", "synthetic_val_accuracy", "best_epoch", "epochs", "train_size", "seconds"}.
+      {"test_accuracy", "synthetic_val_accuracy", "best_epoch", "epochs", "train_size", "seconds"},
+      and "public_pretrain" ({"dataset", "epochs", "test_accuracy"}: the real test accuracy after the
+      public epochs, before any synthetic one) when `public` is given.
     """
     _check_compatible(samples, real_test)
     if samples.y is None:
         raise DataError(f"{samples.name}: samples have no labels 'y'; downstream accuracy needs them")
     if len(samples) < 2:
         raise DataError(f"{samples.name}: need at least 2 samples, got {len(samples)}")
+    if public is not None:
+        _check_public(public, real_test)
     epochs = DEFAULT_EPOCHS[kind] if epochs is None else epochs
     t0 = time.perf_counter()
     train, val = _split(len(samples), val_fraction, seed)
     c, h, w = samples.image_shape
+    pretrain = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_classifier(kind, img_channels=c, img_resolution=(h, w),
                                  num_classes=real_test.num_classes)
+        if public is not None:
+            pretrain = pretrain_on_public(model, public, epochs=public_epochs, seed=seed, device=device)
+            pretrain["test_accuracy"] = accuracy(model, real_test.x, real_test.y, device=device)
         best_epoch, val_acc = fit_classifier(
             model, samples.x[train], samples.y[train], samples.x[val], samples.y[val],
             epochs=epochs, seed=seed, device=device)
     return {"test_accuracy": accuracy(model, real_test.x, real_test.y, device=device),
             "synthetic_val_accuracy": val_acc, "best_epoch": best_epoch, "epochs": epochs,
-            "train_size": len(train), "seconds": round(time.perf_counter() - t0, 2)}
+            "train_size": len(train), **({"public_pretrain": pretrain} if pretrain is not None else {}),
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _check_compatible(samples: ImageData, real: ImageData) -> None:
@@ -372,7 +425,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                      cache_dir: str | os.PathLike | None = None,
                      reference_epochs: int = REFERENCE_EPOCHS,
                      inception_weights: str | os.PathLike | None = None, seed: int = 0,
-                     device: str | torch.device = "cpu", progress: Progress | None = None) -> dict:
+                     device: str | torch.device = "cpu", progress: Progress | None = None,
+                     public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS) -> dict:
     """Downstream accuracies, classifier FD and (optionally) Inception FID of `samples`.
 
     Args:
@@ -380,6 +434,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
       real_train: the real training split (reference CNN and FD statistics).
       real_test: the real held-out split (accuracies); None skips the accuracies.
       epochs: per-classifier epochs (dict), one number for all, or None for `DEFAULT_EPOCHS`.
+      public: labelled PUBLIC data every downstream classifier first trains on (`pretrain_on_public`);
+        the caller makes sure it holds none of the private images. None: the paper's protocol.
 
     Returns:
       A JSON-serializable dict (see `cli/eval.py` for the printed form).
@@ -390,6 +446,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     _check_compatible(samples, real_train)
     if real_test is not None:
         _check_compatible(samples, real_test)
+    if public is not None:
+        _check_public(public, real_train)
     inception = load_inception(inception_weights) if inception_weights is not None else None
     if isinstance(epochs, int):
         epochs = {k: epochs for k in classifiers}
@@ -398,13 +456,17 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     report: dict = {"samples": samples.name, "n_samples": len(samples), "dataset": real_train.name,
                     "image_shape": list(samples.image_shape), "real_train_size": len(real_train),
                     "real_test_size": None if real_test is None else len(real_test),
-                    "classifiers": {}}
+                    "classifiers": {},
+                    "public_pretrain": None if public is None else {"dataset": public.name,
+                                                                    "epochs": int(public_epochs)}}
     if real_test is not None and real_test.y is not None and samples.y is not None:
         for kind in classifiers:
             if progress:
-                progress(f"training {kind} on {len(samples)} synthetic images ({epochs[kind]} epochs)")
+                first = "" if public is None else f"{public_epochs} epochs on public {public.name}, then "
+                progress(f"training {kind}: {first}{len(samples)} synthetic images ({epochs[kind]} epochs)")
             report["classifiers"][kind] = downstream_accuracy(
-                samples, real_test, kind=kind, epochs=epochs[kind], seed=seed, device=device)
+                samples, real_test, kind=kind, epochs=epochs[kind], seed=seed, device=device,
+                public=public, public_epochs=public_epochs)
     reference, info = reference_classifier(real_train, cache_dir=cache_dir, epochs=reference_epochs,
                                            seed=seed, device=device, progress=progress)
     f_samples, f_train = _reference_features(reference, samples, real_train, device=device)  # for FD and P/R

@@ -80,5 +80,8 @@ def test_quality_benchmark_public_pretrain_warm_starts_both_sides(tmp_path, load
     assert init["private"] is True and init["init"]["dataset"] == "digits28"
     assert out["dp_classifier"]["public_pretrain"]["dataset"] == "digits28"
     assert out["synthetic"]["samples_private"] is True
+    like = out["synthetic_public_init"]    # the synthetic CNN, first trained on the same public digits
+    assert like["public_pretrain"]["dataset"] == "digits28" and like["epochs"] == q.PAPER_EPOCHS
+    assert 0.0 <= like["test_accuracy"] <= 1.0 and like["train_size"] == 18
     with pytest.raises(SystemExit, match="private dataset"):
         q.run(workdir=tmp_path / "b", epochs=0.2, n=20, public="mnist5k")

@@ -66,6 +66,29 @@ def test_eval_json_on_tiny_data(digit_files, tmp_path, capsys):
     assert "classifier FD (not FID)" in out
 
 
+def test_eval_public_pretrain(digit_files, tmp_path, capsys):
+    common = ("eval", "--samples", str(digit_files["samples"]), "--dataset", f"npz:{digit_files['train']}",
+              "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "logreg", "--epochs", "1",
+              "--reference-epochs", "2", "--cache-dir", str(tmp_path), "--device", "cpu")
+    # digits28-aug is made from digits' images: refused as public data when digits is the real data.
+    code, out, err = _run(capsys, "eval", "--samples", str(digit_files["samples"]), "--dataset", "digits",
+                          "--test-dataset", f"npz:{digit_files['test']}", "--cache-dir", str(tmp_path),
+                          "--public-pretrain", "digits28-aug")
+    _assert_one_line_error(code, err, "--public-pretrain='digits28-aug'", "real data's images", "'digits'")
+    assert not list(tmp_path.iterdir())  # nothing trained or cached
+    public = tmp_path / "public.npz"
+    with np.load(digit_files["samples"]) as z:
+        np.savez(public, x=z["x"][:200], y=z["y"][:200])
+    code, out, err = _run(capsys, *common, "--public-pretrain", f"npz:{public}", "--public-epochs", "3")
+    assert code == 0, err
+    assert f"first trained 3 epochs on public npz:{public}" in out and "public only" in out
+    code, out, err = _run(capsys, *common, "--public-pretrain", f"npz:{public}", "--json")
+    r = json.loads(out)["classifiers"]["logreg"]
+    assert r["public_pretrain"]["epochs"] == 20 and 0.0 <= r["public_pretrain"]["test_accuracy"] <= 1.0
+    code, _, err = _run(capsys, *common, "--public-pretrain", "digits28")   # 28x28, real data 8x8
+    _assert_one_line_error(code, err, "--public-pretrain='digits28'", "1x8x8")
+
+
 def test_eval_shape_mismatch(tmp_path, capsys):
     samples = tmp_path / "s.npz"
     np.savez(samples, x=np.zeros((10, 1, 8, 8), np.uint8), y=np.zeros(10, np.int64))
