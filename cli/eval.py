@@ -44,7 +44,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
              public_name, public_epochs, inception_weights, reference_epochs, cache_dir, device, seed, as_json):
     """Downstream accuracy (train on synthetic, test on real), classifier FD, optional Inception FID."""
     from dpdm.datasets import DataError, has_test_split, load_dataset, load_npz
-    from dpdm.evaluate import REFERENCE_EPOCHS, evaluate_samples
+    from dpdm.evaluate import REFERENCE_EPOCHS, check_public_data, evaluate_samples
 
     kinds = tuple(k.strip() for k in classifiers.split(",") if k.strip())
     for k in kinds:
@@ -83,11 +83,10 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
             public = load_dataset(public_name, "train", data_root=data_root, download=download)
         except ValueError as e:
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
-        if public.y is None or public.image_shape != real_train.image_shape or \
-                public.num_classes != real_train.num_classes:
-            raise BadInput(f"--public-pretrain={public_name!r} must be labelled, of shape "
-                           f"{'x'.join(map(str, real_train.image_shape))} and {real_train.num_classes} classes, "
-                           f"like --dataset={dataset!r}")
+        try:
+            check_public_data(public, real_train)
+        except DataError as e:
+            raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
     if samples.y is None and kinds:
         kinds = ()
         info("samples have no labels 'y': downstream accuracies skipped")

@@ -23,7 +23,7 @@ from torch import nn
 
 from dpdm.classifiers import CNN
 from dpdm.datasets import DataError, ImageData
-from dpdm.evaluate import DEFAULT_PUBLIC_EPOCHS, accuracy, pretrain_on_public
+from dpdm.evaluate import DEFAULT_PUBLIC_EPOCHS, accuracy, check_public_data, pretrain_on_public
 
 __all__ = ["DEFAULT_LR", "DEFAULT_PUBLIC_EPOCHS", "train_dp_classifier"]
 
@@ -73,11 +73,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     if not lr > 0:
         raise ValueError(f"lr={lr!r} must be > 0")
     if public is not None:
-        if public.y is None or public.image_shape != train.image_shape or public.num_classes != train.num_classes:
-            raise DataError(f"public data {public.name!r} must be labelled, of shape {train.image_shape} and "
-                            f"{train.num_classes} classes, like the private data")
-        if int(public_epochs) != public_epochs or public_epochs < 1:
-            raise ValueError(f"public_epochs={public_epochs!r} must be a positive integer")
+        check_public_data(public, train)   # public_epochs is checked by pretrain_on_public
     t0 = time.perf_counter()
     c, h, w = train.image_shape
     with torch.random.fork_rng(devices=[]):
@@ -86,7 +82,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     params = dict(model.named_parameters())
     pretrain = None
     if public is not None:
-        pretrain = pretrain_on_public(model, public, epochs=int(public_epochs), seed=seed, device=device)
+        pretrain = pretrain_on_public(model, public, epochs=public_epochs, seed=seed, device=device)
         pretrain["test_accuracy"] = accuracy(model, test.x, test.y, device=device)
         model.train()
     opt = torch.optim.Adam(params.values(), lr=lr)

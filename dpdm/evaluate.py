@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_PUBLIC_EPOCHS",
     "REFERENCE_EPOCHS",
     "accuracy",
+    "check_public_data",
     "classifier_fd",
     "classifier_precision_recall",
     "default_cache_dir",
@@ -150,10 +151,11 @@ def pretrain_on_public(model: nn.Module, public: ImageData, *, epochs: int = DEF
     return {"dataset": public.name, "epochs": int(epochs)}
 
 
-def _check_public(public: ImageData, real: ImageData) -> None:
+def check_public_data(public: ImageData, real: ImageData) -> None:
+    """Raises DataError unless `public` is labelled and has `real`'s image shape and classes."""
     if public.y is None or public.image_shape != real.image_shape or public.num_classes != real.num_classes:
-        raise DataError(f"public data {public.name!r} must be labelled, of shape {real.image_shape} and "
-                        f"{real.num_classes} classes, like {real.name!r}")
+        raise DataError(f"public data {public.name!r} must be labelled, of shape "
+                        f"{'x'.join(map(str, real.image_shape))} and {real.num_classes} classes, like {real.name!r}")
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +184,7 @@ def downstream_accuracy(samples: ImageData, real_test: ImageData, *, kind: str, 
     if len(samples) < 2:
         raise DataError(f"{samples.name}: need at least 2 samples, got {len(samples)}")
     if public is not None:
-        _check_public(public, real_test)
+        check_public_data(public, real_test)
     epochs = DEFAULT_EPOCHS[kind] if epochs is None else epochs
     t0 = time.perf_counter()
     train, val = _split(len(samples), val_fraction, seed)
@@ -447,7 +449,7 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     if real_test is not None:
         _check_compatible(samples, real_test)
     if public is not None:
-        _check_public(public, real_train)
+        check_public_data(public, real_train)
     inception = load_inception(inception_weights) if inception_weights is not None else None
     if isinstance(epochs, int):
         epochs = {k: epochs for k in classifiers}
