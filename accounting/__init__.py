@@ -12,6 +12,7 @@ from accounting.accountants import (
     UnsupportedEventError,
     dpsgd_event,
 )
+from accounting.fft_pld import FftPldAccountant
 from accounting.calibrate import (
     MAX_NOISE_MULTIPLIER,
     MIN_NOISE_MULTIPLIER,
@@ -41,6 +42,7 @@ __all__ = [
     "MIN_NOISE_MULTIPLIER",
     "AccountingError",
     "EpsilonReport",
+    "FftPldAccountant",
     "NotCalibratedError",
     "PlanDocument",
     "PlanError",

@@ -3,7 +3,10 @@ ledger helper that training calls at every checkpoint.
 
 A plan document is *checked* (DESIGN.md section 2) when its certified epsilon (PLD pessimistic at a
 fine discretization, or PRV's upper bound where tighter) is <= the target, PRV lower <= certified <=
-RDP, and certified lies within PRV's bounds. A document is *locked* when its digest verifies and its
+RDP, and certified lies within PRV's bounds. One departure from DESIGN.md: when PRV alone disagrees,
+dpdm's own PLD (accounting/fft_pld.py, no code shared with either library) decides. If its rigorous
+bracket holds the PLD certificate and excludes PRV's bounds, PRV is overruled, and the document
+records the bracket and why; otherwise the disagreement stays an error. A document is *locked* when its digest verifies and its
 epsilon re-computes; `load_plan` refuses anything else.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from accounting.accountants import (
     dpsgd_event,
 )
 from accounting.calibrate import calibrate_noise_multiplier, certification_discretization
+from accounting.fft_pld import FftPldAccountant
 
 __all__ = [
     "FORMAT",
@@ -195,6 +199,10 @@ class PlanDocument:
     pld_discretization: float
     prv_eps_error: float
     versions: dict[str, str] = dataclasses.field(default_factory=_versions)
+    # Set only when PRV disagreed with the certificate and dpdm's own PLD (accounting/fft_pld.py)
+    # settled it against PRV: that bracket, and the reason PRV was overruled.
+    independent: EpsilonReport | None = None
+    prv_overruled: str | None = None
 
     @property
     def digest(self) -> str:
@@ -212,6 +220,11 @@ class PlanDocument:
             "pld_discretization": self.pld_discretization,
             "prv_eps_error": self.prv_eps_error,
         }
+        if self.independent is not None:
+            d["epsilon"]["independent"] = {"lower": self.independent.lower, "upper": self.independent.upper,
+                                           "method": self.independent.method}
+        if self.prv_overruled is not None:
+            d["epsilon"]["prv_overruled"] = self.prv_overruled
         d["versions"] = dict(self.versions)
         d["digest"] = self.digest
         return d
@@ -255,29 +268,76 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
     except (ValueError, RuntimeError, OverflowError, FloatingPointError) as e:
         raise AccountingError(f"the PRV cross-check failed for {plan}: {e}") from e
     certified, certified_by = (pld.upper, "pld") if pld.upper <= prv.upper else (prv.upper, "prv")
-    _check_agreement(plan, certified=certified, rdp=rdp, pld=pld, prv=prv)
+    independent = overruled = None
+    problems = _disagreements(certified=certified, rdp=rdp, prv=prv)
+    if certified_by == "prv":
+        # PRV may only lower the certificate where a rigorous lower bound of its own does not refute it.
+        independent = FftPldAccountant().epsilon(event, delta)
+        if prv.upper < independent.lower * (1 - _FLOAT_RTOL):
+            problems.append(("prv", f"PRV upper bound {prv.upper:.6g} < dpdm's own PLD lower bound "
+                                    f"{independent.lower:.6g}"))
+    if problems and all(kind == "prv" for kind, _ in problems):
+        # PRV against the certificate: a third accountant, sharing no code with either library, decides.
+        certified, certified_by = pld.upper, "pld"
+        independent = independent or FftPldAccountant().epsilon(event, delta)
+        problems = _disagreements(certified=certified, rdp=rdp, prv=prv)
+        overruled = _prv_overruled(certified, prv, independent)
+        if overruled is not None:
+            problems = [p for p in problems if p[0] != "prv"]
+        else:
+            problems.append(("fft", f"dpdm's own PLD bracket [{independent.lower:.6g}, {independent.upper:.6g}] "
+                                    "does not settle it"))
+    if problems:
+        raise AccountingError(
+            f"accountants disagree for sample_rate={plan.sample_rate:.6g}, noise_multiplier="
+            f"{plan.noise_multiplier!r}, steps={plan.steps}, delta={plan.delta!r}: "
+            + "; ".join(message for _, message in problems))
     if plan.target_epsilon is not None and certified > plan.target_epsilon:
         raise NotCalibratedError(
             f"noise_multiplier={plan.noise_multiplier!r} certifies eps={certified:.6g}, above "
             f"target_epsilon={plan.target_epsilon!r}; calibrate the plan")
     return PlanDocument(plan=plan, epsilon=certified, certified_by=certified_by, rdp=rdp, pld=pld,
-                        prv=prv, pld_discretization=disc, prv_eps_error=prv_eps_error)
+                        prv=prv, pld_discretization=disc, prv_eps_error=prv_eps_error,
+                        independent=independent, prv_overruled=overruled)
 
 
-def _check_agreement(plan, *, certified: float, rdp: EpsilonReport, pld: EpsilonReport, prv: EpsilonReport) -> None:
+def _disagreements(*, certified: float, rdp: EpsilonReport, prv: EpsilonReport) -> list[tuple[str, str]]:
+    """(kind, message) for every check the certificate fails; kind 'prv' when PRV is a party to it."""
     problems = []
     if prv.lower is not None and prv.lower > certified * (1 + _FLOAT_RTOL):
-        problems.append(f"PRV lower bound {prv.lower:.6g} > certified {certified:.6g}")
+        problems.append(("prv", f"PRV lower bound {prv.lower:.6g} > certified {certified:.6g}"))
     if certified > prv.upper * (1 + _FLOAT_RTOL):
-        problems.append(f"certified {certified:.6g} > PRV upper bound {prv.upper:.6g}")
+        problems.append(("prv", f"certified {certified:.6g} > PRV upper bound {prv.upper:.6g}"))
     if certified > rdp.upper * (1 + RDP_RTOL):
-        problems.append(f"certified {certified:.6g} > RDP {rdp.upper:.6g}")
+        problems.append(("rdp", f"certified {certified:.6g} > RDP {rdp.upper:.6g}"))
     if prv.lower is not None and prv.lower > rdp.upper * (1 + _FLOAT_RTOL):
-        problems.append(f"PRV lower bound {prv.lower:.6g} > RDP {rdp.upper:.6g}")
-    if problems:
-        raise AccountingError(
-            f"accountants disagree for sample_rate={plan.sample_rate:.6g}, noise_multiplier="
-            f"{plan.noise_multiplier!r}, steps={plan.steps}, delta={plan.delta!r}: " + "; ".join(problems))
+        problems.append(("prv", f"PRV lower bound {prv.lower:.6g} > RDP {rdp.upper:.6g}"))
+    return problems
+
+
+def _prv_overruled(certified: float, prv: EpsilonReport, independent: EpsilonReport) -> str | None:
+    """Why PRV is wrong for this plan, or None when that is not proven.
+
+    PRV is overruled only when the independent bracket [lower, upper] (a) holds the certificate's
+    side: lower <= certified, so the certificate is not below a rigorous lower bound on the true
+    epsilon; and (b) is disjoint from PRV's own bounds, so PRV contradicts a second, independent
+    pair of rigorous bounds as well as the PLD certificate."""
+    if not independent.lower <= certified * (1 + _FLOAT_RTOL):
+        return None
+    if prv.lower is not None and prv.lower > independent.upper * (1 + _FLOAT_RTOL):
+        side = f"PRV lower bound {prv.lower:.6g} > dpdm's own PLD upper bound {independent.upper:.6g}"
+    elif prv.upper < independent.lower * (1 - _FLOAT_RTOL):
+        side = f"PRV upper bound {prv.upper:.6g} < dpdm's own PLD lower bound {independent.lower:.6g}"
+    else:
+        return None
+    return (f"{side}: PRV's bounds [{_g(prv.lower)}, {prv.upper:.6g}] exclude the true epsilon, which "
+            f"dpdm's own PLD puts in [{independent.lower:.6g}, {independent.upper:.6g}] and PLD certifies "
+            f"as <= {certified:.6g} (prv-accountant's discretisation is known to fail at some sample "
+            "rates: microsoft/prv_accountant#36)")
+
+
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:.6g}"
 
 
 def write_plan(doc: PlanDocument, path: str | os.PathLike) -> None:
@@ -376,12 +436,17 @@ def load_plan(path: str | os.PathLike) -> PlanDocument:
             return EpsilonReport(value.get("lower"), value.get("estimate"), value.get("upper"), method)
         return EpsilonReport(None, value if method == "pld" else None, value, method)
 
+    independent = eps.get("independent")
+    overruled = eps.get("prv_overruled")
     return PlanDocument(
         plan=plan, epsilon=float(stored), certified_by=certified_by,
         rdp=report("rdp", "rdp"), pld=report("pld", "pld"), prv=report("prv", "prv"),
         pld_discretization=_discretization(plan),
         prv_eps_error=float(prv_eps_error) if _is_real(prv_eps_error) else float("nan"),
         versions=dict(d.get("versions") or {}),
+        independent=EpsilonReport(independent.get("lower"), None, independent.get("upper"), "fft")
+        if isinstance(independent, dict) else None,
+        prv_overruled=overruled if isinstance(overruled, str) else None,
     )
 
 

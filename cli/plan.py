@@ -98,6 +98,8 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
         raise runtime_failure(str(e)) from e
     except ValueError as e:
         raise BadInput(str(e)) from e
+    if doc.prv_overruled:
+        click.echo(f"dpdm: warning: PRV overruled: {doc.prv_overruled}", err=True)
     if out:
         accounting.write_plan(doc, out)
     if curve:
@@ -146,10 +148,15 @@ def _table(doc) -> str:
         "",
         f"{'accountant':<12}{'lower':>12}{'estimate':>12}{'upper':>12}",
     ]
-    for label, r in (("RDP", doc.rdp), ("PLD", doc.pld), ("PRV", doc.prv)):
+    reports = [("RDP", doc.rdp), ("PLD", doc.pld), ("PRV", doc.prv)]
+    if doc.independent is not None:
+        reports.append(("dpdm PLD", doc.independent))
+    for label, r in reports:
         lines.append(f"{label:<12}{_fmt(r.lower):>12}{_fmt(r.estimate):>12}{_fmt(r.upper):>12}")
     lines += ["", f"certified epsilon {doc.epsilon:.6g} (by {doc.certified_by}; PLD pessimistic at interval "
                   f"{doc.pld_discretization:.2g}, PRV error {doc.prv_eps_error:.2g})"]
+    if doc.prv_overruled:
+        lines.append("PRV overruled by dpdm's own PLD (see the warning; recorded in the plan)")
     return "\n".join(lines)
 
 

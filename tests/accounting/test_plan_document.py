@@ -107,16 +107,64 @@ def test_plan_that_misses_its_target_is_not_calibrated():
         accounting.make_plan_document(plan)
 
 
-def test_disagreeing_accountants_raise(monkeypatch):
-    """A PRV that brackets a different epsilon is an error, not a warning."""
-    real = accounting.PrvAccountant._epsilon
+def _scaled(monkeypatch, cls, factor, lower_only=None):
+    """Make `cls` report its epsilon times `factor` (a faulty accountant)."""
+    real = cls._epsilon
 
-    def shifted(self, terms, delta):
+    def scaled(self, terms, delta):
         r = real(self, terms, delta)
-        return dataclasses.replace(r, lower=r.lower * 1.5, estimate=r.estimate * 1.5, upper=r.upper * 1.5)
+        lower = None if r.lower is None else r.lower * factor
+        estimate = None if r.estimate is None else r.estimate * factor
+        if lower_only is not None:
+            return dataclasses.replace(r, lower=lower_only(r))
+        return dataclasses.replace(r, lower=lower, estimate=estimate, upper=r.upper * factor)
 
-    monkeypatch.setattr(accounting.PrvAccountant, "_epsilon", shifted)
-    with pytest.raises(accounting.AccountingError, match="PRV lower bound"):
+    monkeypatch.setattr(cls, "_epsilon", scaled)
+
+
+def test_prv_alone_against_the_certificate_is_overruled_and_recorded(monkeypatch, tmp_path):
+    """A PRV that brackets a higher epsilon, refuted by dpdm's own PLD, no longer stops the plan (the
+    real case: prv-accountant 0.2.0 at sample rate 0.128); the plan records why."""
+    _scaled(monkeypatch, accounting.PrvAccountant, 1.5)
+    doc = accounting.make_plan_document(PrivacyPlan(**BASE))
+    assert doc.certified_by == "pld" and doc.epsilon == doc.pld.upper
+    assert doc.independent.lower <= doc.epsilon <= doc.independent.upper < doc.prv.lower
+    assert doc.prv_overruled.startswith("PRV lower bound")
+    path = tmp_path / "plan.json"
+    accounting.write_plan(doc, path)
+    loaded = accounting.load_plan(path)
+    assert loaded.prv_overruled == doc.prv_overruled and loaded.independent == doc.independent
+    assert json.loads(path.read_text())["epsilon"]["independent"]["method"] == "fft"
+
+
+def test_prv_erring_low_cannot_lower_the_certificate(monkeypatch):
+    """PRV's upper bound replaces PLD's only where dpdm's own lower bound does not refute it."""
+    _scaled(monkeypatch, accounting.PrvAccountant, 0.8)
+    doc = accounting.make_plan_document(PrivacyPlan(**BASE))
+    assert doc.certified_by == "pld" and doc.epsilon == doc.pld.upper
+    assert doc.prv.upper < doc.independent.lower
+    assert doc.prv_overruled.startswith("PRV upper bound")
+
+
+def test_a_low_pld_certificate_is_still_an_error(monkeypatch):
+    """When it is the certificate that is wrong, the third accountant sides with PRV: an error."""
+    _scaled(monkeypatch, accounting.PldAccountant, 0.9)
+    with pytest.raises(accounting.AccountingError, match="PRV lower bound .* does not settle it"):
+        accounting.make_plan_document(PrivacyPlan(**BASE))
+
+
+def test_an_undecided_disagreement_is_still_an_error(monkeypatch):
+    """PRV's lower bound just above the certificate but inside dpdm's own bracket: nothing proves
+    either side wrong, so the plan is refused."""
+    pld = accounting.PldAccountant(1e-3).epsilon(PrivacyPlan(**BASE).to_event(), BASE["delta"]).upper
+    _scaled(monkeypatch, accounting.PrvAccountant, 1.0, lower_only=lambda r: pld * 1.0005)
+    with pytest.raises(accounting.AccountingError, match="does not settle it"):
+        accounting.make_plan_document(PrivacyPlan(**BASE))
+
+
+def test_rdp_disagreement_is_an_error(monkeypatch):
+    _scaled(monkeypatch, accounting.RdpAccountant, 0.5)
+    with pytest.raises(accounting.AccountingError, match="> RDP"):
         accounting.make_plan_document(PrivacyPlan(**BASE))
 
 

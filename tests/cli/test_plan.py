@@ -145,3 +145,18 @@ def test_console_script_bad_input_has_no_traceback():
     proc = subprocess.run([str(script), "plan", "--eps", "-3", "--delta", "1e-5"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("dpdm: error:") and "Traceback" not in proc.stderr
+
+
+def test_plan_that_prv_gets_wrong_is_made_with_a_warning(capsys, tmp_path):
+    """prv-accountant 0.2.0 puts its *lower* bound above the true epsilon near sample rate 0.128
+    (10.028 against PLD's 9.9999 here); this valid plan used to be refused. dpdm's own PLD settles
+    it: the plan is written, certified by PLD, and the warning and the plan both say why."""
+    path = tmp_path / "plan.json"
+    rc, out, err = run(capsys, "--eps", "10", "--delta", "1e-5", "--batch-size", "512", "--epochs", "30",
+                       "--multiplicity", "2", "--out", str(path))
+    assert rc == 0, err
+    assert err.count("\n") == 1 and err.startswith("dpdm: warning: PRV overruled: PRV lower bound")
+    assert "dpdm PLD" in out and "PRV overruled" in out
+    doc = accounting.load_plan(path)
+    assert doc.certified_by == "pld" and doc.epsilon <= 10.0
+    assert doc.independent.lower <= doc.epsilon < doc.independent.upper < doc.prv.lower

@@ -1,0 +1,82 @@
+"""dpdm's own PLD (accounting/fft_pld.py), the tie-breaker between PLD and PRV: it must bracket the
+true epsilon, which is known exactly for the Gaussian mechanism and to within dp-accounting's
+rigorous bounds for the subsampled one."""
+import math
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from accounting.accountants import PldAccountant, dpsgd_event
+from accounting.fft_pld import FftPldAccountant, _Pmf, epsilon_for_delta, step_pmf
+
+
+def exact_gaussian_epsilon(mu: float, delta: float) -> float:
+    """Balle and Wang (2018): mu-GDP is (eps, delta)-DP exactly when this delta is met."""
+    def excess(eps):
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2) - delta
+
+    return optimize.brentq(excess, 0.0, 100.0, xtol=1e-12)
+
+
+@pytest.mark.parametrize("sigma,steps", [(5.0, 10), (2.0, 1), (20.0, 300)])
+def test_gaussian_bracket_holds_the_exact_epsilon(sigma, steps):
+    h = 1e-4
+    r = FftPldAccountant(discretization=h).epsilon(dpsgd_event(1.0, sigma, steps), 1e-5)
+    exact = exact_gaussian_epsilon(math.sqrt(steps) / sigma, 1e-5)
+    assert r.lower <= exact <= r.upper
+    assert r.upper - r.lower <= steps * h * 1.01 + 1e-9
+
+
+@pytest.mark.parametrize("q,sigma,steps,delta", [(0.064, 1.0, 300, 1e-5), (0.128, 1.227, 235, 1e-5),
+                                                 (0.01, 0.8, 500, 1e-6)])
+def test_subsampled_bracket_agrees_with_dp_accounting(q, sigma, steps, delta):
+    """dp-accounting's pessimistic PLD is >= the truth >= our lower bound, and the other way round."""
+    event = dpsgd_event(q, sigma, steps)
+    r = FftPldAccountant(discretization=2e-4).epsilon(event, delta)
+    pessimistic = PldAccountant(1e-4).epsilon(event, delta).upper
+    assert r.lower <= pessimistic <= r.upper  # PLD's pessimistic bound is tight: within ours
+    assert r.upper - r.lower <= steps * 2e-4 * 1.01
+
+
+def test_finer_grid_narrows_the_bracket():
+    event = dpsgd_event(0.064, 1.0, 300)
+    coarse = FftPldAccountant(discretization=1e-3).epsilon(event, 1e-5)
+    fine = FftPldAccountant(discretization=1e-4).epsilon(event, 1e-5)
+    assert coarse.lower <= fine.lower <= fine.upper <= coarse.upper
+    assert fine.upper - fine.lower < (coarse.upper - coarse.lower) / 5
+
+
+@pytest.mark.parametrize("direction", ["remove", "add"])
+@pytest.mark.parametrize("q,sigma", [(0.064, 1.0), (0.5, 0.7), (1.0, 2.0)])
+def test_one_step_distribution_is_a_privacy_loss(direction, q, sigma):
+    """Total mass 1, and E_P[exp(-L)] = 1 (the other distribution integrates to 1): rounding the
+    loss up can only lower that mean, rounding down only raise it."""
+    h = 1e-3
+    up, down = step_pmf(q, sigma, direction, h, True), step_pmf(q, sigma, direction, h, False)
+    assert up.p.sum() + up.inf == pytest.approx(1.0, abs=1e-12)
+    assert down.p.sum() == pytest.approx(1.0, abs=1e-12)
+    t_up = (up.offset + np.arange(len(up.p))) * h
+    t_down = (down.offset + np.arange(len(down.p))) * h
+    mean_up, mean_down = np.sum(up.p * np.exp(-t_up)), np.sum(down.p * np.exp(-t_down))
+    assert mean_up <= 1.0 + 1e-12 <= mean_down + 2e-12
+    assert mean_down - mean_up < 2 * h
+
+
+def test_epsilon_for_delta_on_a_point_mass():
+    h = 0.01
+    point = _Pmf(np.array([1.0]), 100, 0.0)  # all mass at loss 1.0
+    assert epsilon_for_delta(point, h, 0.1) == pytest.approx(1.0 + math.log(0.9), rel=1e-12)
+    assert epsilon_for_delta(_Pmf(np.array([1.0]), 100, 0.2), h, 0.1) == math.inf  # inf mass > delta
+    assert epsilon_for_delta(_Pmf(np.array([1.0]), -5, 0.0), h, 0.1) == 0.0        # no positive loss
+    two = _Pmf(np.array([0.5, 0.0, 0.5]), 100, 0.0)                               # losses 1.00 and 1.02
+    eps = epsilon_for_delta(two, h, 0.05)
+    d = 0.5 * (1 - math.exp(eps - 1.0)) + 0.5 * (1 - math.exp(eps - 1.02))
+    assert d == pytest.approx(0.05, rel=1e-9)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="discretization"):
+        FftPldAccountant(discretization=0.0)
+    with pytest.raises(ValueError, match="direction"):
+        step_pmf(0.1, 1.0, "swap", 1e-3, True)
