@@ -18,6 +18,7 @@ Usage:
                                            [--guidance 0] [--guidance-interval LO HI] [--sigma-min S]
                                            [--train-sigma MIN MAX] [--no-dp] [--json out.json]
                                            [--public-pretrain digits28-aug] [--public-steps 1000]
+                                           [--trainable PATTERNS]
 
 Slow (not a test; `make bench` does not run it): about 50 minutes on 2 CPU cores with the defaults
 (measured: generator training 2371 s for 1407 steps; sampling 10,000 images 486 s with guidance, which
@@ -179,7 +180,7 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                     lr_schedule: str = LR_SCHEDULE, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
                     ema_powers: tuple[float, ...] = EMA_POWERS, private: bool = True, device: str = "cpu",
                     seed: int = 0, init_from: str | Path | None = None,
-                    physical_batch: int | None = None) -> dict:
+                    physical_batch: int | None = None, trainable: tuple[str, ...] | None = None) -> dict:
     """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run)."""
     from dpdm.datasets import load_dataset
     from dpdm.train import TrainConfig, train
@@ -202,11 +203,12 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                     TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, lr_schedule=lr_schedule,
                                 train_sigma=train_sigma, ema_powers=tuple(ema_powers), private=private,
                                 device=device, seed=seed, checkpoint_every=50, log_every=10,
-                                physical_batch=physical_batch,
+                                physical_batch=physical_batch, trainable=trainable,
                                 init_from=None if init_from is None or ck.exists() else str(init_from)),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
     return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
             "ema_decay": ema_decay, "ema_powers": list(ema_powers), "train_sigma": train_sigma,
+            "trainable": None if trainable is None else list(trainable),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -231,7 +233,8 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         guidance: float = GUIDANCE, guidance_interval: tuple[float, float] | None = None,
         sigma_min: float | None = SIGMA_MIN, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
         ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS, private: bool = True,
-        public: str | None = None, public_steps: int = PUBLIC_STEPS, physical_batch: int | None = None) -> dict:
+        public: str | None = None, public_steps: int = PUBLIC_STEPS, physical_batch: int | None = None,
+        trainable: tuple[str, ...] | None = None) -> dict:
     doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
                                                                            noise_multiplicity=noise_multiplicity)
     workdir = Path(workdir)
@@ -254,7 +257,8 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         out["generator"] = train_generator(doc, workdir / "run", model=model, precond=precond, lr=lr,
                                            ema_decay=ema_decay, lr_schedule=lr_schedule, train_sigma=train_sigma,
                                            ema_powers=ema_powers, private=private, device=device,
-                                           init_from=init_from, physical_batch=physical_batch)
+                                           init_from=init_from, physical_batch=physical_batch,
+                                           trainable=trainable)
         print(f"generator: {out['generator']}", file=sys.stderr)
         out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, guidance=guidance,
                                  guidance_interval=guidance_interval, sigma_min=sigma_min, weights=weights,
@@ -306,6 +310,8 @@ def main() -> None:
     ap.add_argument("--public-steps", type=int, default=PUBLIC_STEPS, help="generator steps on the public data")
     ap.add_argument("--physical-batch", type=int, default=None,
                     help="generator examples per chunk (memory knob; noise is still added once per step)")
+    ap.add_argument("--trainable", default=None, metavar="PATTERNS",
+                    help="fine-tune only these parameters (comma-separated fnmatch patterns; see dpdm train --help)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
@@ -316,7 +322,9 @@ def main() -> None:
               sigma_min=args.sigma_min, weights=args.weights,
               ema_powers=EMA_POWERS if args.ema_power is None else tuple(args.ema_power), private=not args.no_dp,
               train_sigma=None if args.train_sigma is None else tuple(args.train_sigma),
-              public=args.public_pretrain, public_steps=args.public_steps, physical_batch=args.physical_batch)
+              public=args.public_pretrain, public_steps=args.public_steps, physical_batch=args.physical_batch,
+              trainable=None if args.trainable is None else tuple(p.strip() for p in args.trainable.split(",")
+                                                                  if p.strip()))
     plan = out["plan"]
     b = out["dp_classifier"]
     print(f"plan: {plan['dataset']['name']} N={plan['dataset']['size']} batch={plan['batch_size']} "

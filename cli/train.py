@@ -44,12 +44,17 @@ from cli.errors import BadInput
               help="Start from the EMA weights of a checkpoint trained on PUBLIC data (e.g. a --no-dp run on "
                    "digits28-aug for MNIST-like data). Privacy-free only if that data holds none of the private "
                    "examples; a checkpoint trained on the same data is refused.")
+@click.option("--trainable", default=None, metavar="PATTERNS",
+              help="Train only the parameters whose names match these comma-separated fnmatch patterns "
+                   "(e.g. 'net.enc.5.*,net.mid.*,net.label_embed.*'); the rest keep their starting (public) "
+                   "values and get no noise. Meant for warm starts (--init-from). Default: all.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(plan_path, out_dir, dataset, data_root, download, model, precond, train_sigma, device, physical_batch, lr,
-          lr_schedule, ema_decay, ema_powers, checkpoint_every, log_every, seed, init_from, resume, no_dp, as_json, quiet):
+          lr_schedule, ema_decay, ema_powers, checkpoint_every, log_every, seed, init_from, trainable, resume, no_dp,
+          as_json, quiet):
     """Train a diffusion model with DP-SGD under a locked plan."""
     from dpdm import checkpoint as ckpt
     from dpdm.train import TrainConfig, TrainError
@@ -62,6 +67,10 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
             raise BadInput(f"--train-sigma {train_sigma[0]:g} {train_sigma[1]:g}: MIN must be below MAX")
     if len(set(ema_powers)) != len(ema_powers):
         raise BadInput(f"--ema-power {' '.join(f'{g:g}' for g in ema_powers)}: give each exponent once")
+    if trainable is not None:
+        trainable = tuple(p.strip() for p in trainable.split(",") if p.strip())
+        if not trainable:
+            raise BadInput("--trainable '': give at least one parameter-name pattern")
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
     data = load_training_data(name, data_root=data_root, download=download)
@@ -81,7 +90,7 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
                              train_sigma=None if train_sigma is None else tuple(train_sigma),
                              physical_batch=physical_batch,
                              checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
-                             device=device, private=not no_dp, init_from=init_from)
+                             device=device, private=not no_dp, init_from=init_from, trainable=trainable)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
                                dataset_name=name, resume=resume, progress=not quiet)
         ok = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import fnmatch
 import hashlib
 import json
 import math
@@ -71,6 +72,10 @@ class TrainConfig:
     private: bool = True                 # False: --no-dp baseline, marked non-private everywhere
     init_from: str | None = None         # checkpoint trained on PUBLIC data whose EMA weights start the
                                          # run (a warm start; see `load_warm_start`)
+    trainable: tuple[str, ...] | None = None  # fnmatch patterns of the parameters that train (names as
+                                         # in the denoiser's state dict); the rest stay at their start
+                                         # (public: the warm start or the seeded init) and get neither
+                                         # per-example gradients nor noise. None: all train
 
     def __post_init__(self) -> None:
         if self.precond not in ("edm", "v"):
@@ -93,6 +98,29 @@ class TrainConfig:
             raise ValueError(f"ema_powers={self.ema_powers!r} must be distinct positive exponents")
         if self.physical_batch is not None and self.physical_batch < 1:
             raise ValueError(f"physical_batch={self.physical_batch!r} must be >= 1")
+        if self.trainable is not None and (not self.trainable or not all(
+                isinstance(p, str) and p.strip() for p in self.trainable)):
+            raise ValueError(f"trainable={self.trainable!r} must be None or non-empty patterns")
+
+
+def select_trainable(model: torch.nn.Module, patterns: tuple[str, ...] | None) -> list[str]:
+    """Freezes every parameter whose name matches none of `patterns` (fnmatch) and returns the names
+    that still train. Raises TrainError when a pattern matches nothing (a typo would otherwise freeze
+    silently) or nothing trains."""
+    names = [name for name, _ in model.named_parameters()]
+    if patterns is None:
+        return names
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise TrainError(f"trainable pattern(s) {', '.join(map(repr, unmatched))} match no parameter; "
+                         f"the names look like {names[0]!r}, {names[len(names) // 2]!r}")
+    chosen = []
+    for name, p in model.named_parameters():
+        train_it = any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        p.requires_grad_(train_it)
+        if train_it:
+            chosen.append(name)
+    return chosen
 
 
 def lr_at(config: "TrainConfig", step: int, steps: int) -> float:
@@ -417,6 +445,11 @@ def train(
             raise TrainError(f"cannot resume with --init-from {config.init_from!r}: the run started from "
                              f"{saved_init!r}; resume without --init-from")
         run_config["train"]["init_from"] = saved_init
+        saved_trainable = saved.get("train", {}).get("trainable")
+        saved_trainable = None if saved_trainable is None else tuple(saved_trainable)
+        if saved_trainable != config.trainable:
+            raise TrainError(f"cannot resume: the run trained {_patterns(saved_trainable)}, now "
+                             f"{_patterns(config.trainable)} (--trainable)")
         run_config["init"] = saved.get("init")
     elif config.init_from is not None:
         init_weights, run_config["init"] = load_warm_start(config.init_from, run_config)
@@ -426,9 +459,11 @@ def train(
     validate_model(D)
     if init_weights is not None:
         D.load_state_dict(init_weights)
+    trained = select_trainable(D, config.trainable)
+    run_config["trained_parameters"] = sum(p.numel() for p in D.parameters() if p.requires_grad)
     ema = EMA(D, config.ema_decay)
     power_emas = {ema_power_key(g): PowerEMA(D, g) for g in config.ema_powers}
-    optimizer = torch.optim.Adam(D.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], lr=config.lr)
     steps_done = 0
     if state is not None:
         D.load_state_dict(state["model"])
@@ -460,7 +495,7 @@ def train(
     K = plan.noise_multiplicity
     x_dev = x.to(device)
     y_dev = y.to(device) if conditional else None
-    params = dict(D.named_parameters())
+    params = {name: p for name, p in D.named_parameters() if name in set(trained)}
 
     def ledger_at(steps: int) -> Ledger:
         # epsilon after a prefix of the steps is at most the epsilon of all of them, so the plan's
@@ -654,6 +689,10 @@ def _nonprivate_grad_sum(D, loss_obj, batch, conditional, params) -> tuple[dict[
     losses = loss_obj(D, x, y, sigma, noise)
     grads = torch.autograd.grad(losses.sum(), list(params.values()))
     return {name: g for name, g in zip(params, grads)}, float(losses.detach().sum())
+
+
+def _patterns(patterns: tuple[str, ...] | None) -> str:
+    return "all parameters" if patterns is None else "only " + ",".join(patterns)
 
 
 def _write_json(path: Path, obj: dict) -> None:

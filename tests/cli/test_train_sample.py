@@ -153,6 +153,16 @@ def test_init_from_flag(tiny, capsys):
     assert init["dataset"] == f"npz:{d / 'public.npz'}" and init["private"] is False
 
 
+def test_trainable_flag(tiny, capsys):
+    d = tiny
+    for bad, needle in ((",", "--trainable"), ("nothing.*", "match no parameter")):
+        code, _, err = run_cli(_train_args(d, d / "run", "--trainable", bad), capsys)
+        assert needle in _one_error_line(code, err) and not (d / "run").exists()
+    code, _, err = run_cli(_train_args(d, d / "run", "--trainable", "net.mid.*, net.dec.*"), capsys)
+    assert code == 0, err
+    assert json.loads((d / "run" / "config.json").read_text())["train"]["trainable"] == ["net.mid.*", "net.dec.*"]
+
+
 def test_tampered_plan_refused_and_nothing_written(tiny, capsys):
     d = tiny
     doc = json.loads((d / "plan.json").read_text())

@@ -432,3 +432,62 @@ def test_warm_started_run_resumes_with_its_record(tmp_path):
     saved = ckpt.load_checkpoint(part / CHECKPOINT_NAME)["config"]
     assert saved["init"] == ckpt.load_checkpoint(full / CHECKPOINT_NAME)["config"]["init"]
     assert saved["train"]["init_from"] == str(init)
+
+
+def test_trainable_subset_trains_alone_and_the_rest_keeps_its_public_start(tmp_path):
+    init = _public_run(tmp_path)
+    start = ckpt.load_checkpoint(init)["ema"]
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=3)
+    out = tmp_path / "run"
+    cfg = TrainConfig(**CFG, init_from=str(init), trainable=("net.mid.*", "net.label_embed.*"))
+    train(doc, x, y, c, out, cfg, dataset_name="tiny", progress=False)
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
+    trained = [k for k in start if k.startswith(("net.mid.", "net.label_embed."))]
+    assert trained and len(trained) < len(start)
+    for k, v in start.items():
+        moved = not torch.equal(state["model"][k], v)
+        if k in trained:
+            assert moved or not v.is_floating_point(), k
+        else:
+            assert not moved, k            # no gradient, no noise: bitwise the public start
+            assert torch.equal(state["ema"][k], v), k
+    # The optimizer holds state for the trained parameters only.
+    assert len(state["optimizer"]["state"]) == len(trained)
+    public = json.loads((out / "config.json").read_text())
+    assert public["train"]["trainable"] == ["net.mid.*", "net.label_embed.*"]
+    assert public["trained_parameters"] == sum(v.numel() for k, v in start.items() if k in trained)
+
+
+def test_trainable_resume_is_exact_and_refuses_another_subset(tmp_path):
+    init = _public_run(tmp_path)
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=4)
+    cfg = TrainConfig(**CFG, init_from=str(init), trainable=("net.dec.*",))
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(doc, x, y, c, full, cfg, dataset_name="tiny", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(n):
+        if n == 3:
+            raise Stop
+    with pytest.raises(Stop):
+        train(doc, x, y, c, part, cfg, dataset_name="tiny", progress=False, on_step=stop_at_3)
+    with pytest.raises(TrainError, match="only net.dec.*, now all parameters"):
+        train(doc, x, y, c, part, TrainConfig(**CFG), dataset_name="tiny", resume=True, progress=False)
+    train(doc, x, y, c, part, TrainConfig(**CFG, trainable=("net.dec.*",)), dataset_name="tiny", resume=True,
+          progress=False)
+    for k, v in params_of(full).items():
+        torch.testing.assert_close(params_of(part)[k], v, atol=0, rtol=0)
+
+
+def test_trainable_pattern_that_matches_nothing_is_refused_before_writing(tmp_path):
+    x, y, c = tiny_data()
+    with pytest.raises(TrainError, match="'mid.*' match no parameter"):
+        train(tiny_plan(steps=2), x, y, c, tmp_path / "run", TrainConfig(**CFG, trainable=("mid.*",)),
+              progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="trainable"):
+        TrainConfig(trainable=())
