@@ -52,6 +52,9 @@ Measured with `--public-steps 2000` (28 min instead of 14): synthetic CNN 96.3% 
 the downstream CNN's own seed spread (96.3, 96.7, 96.6% for seeds 0-2 on the same samples), so 1000 stays
 the default; 96.7, 97.2, 96.9% so started, against 98.1%. `--lr 3e-4` is worse (95.3%, FD 28.9). The same
 warm-started run with `--no-dp` (NON-PRIVATE) gives 97.2%, and 97.9% so started (FD 2.9): at best level with 98.0%.
+`--trainable` with the 28x28 layers only (net.enc.0-3, net.dec.5-8, conv_in, conv_out, norm_out; twice the
+signal-to-noise ratio per step) gives 94.0% (FD 34.5) against 96.1% (FD 13.5) for all parameters, both from
+one public checkpoint on one (AMD, 2.5x slower) machine: public 41 min, private 30 / 37 min, sampling 13 min.
 Run it alone with `DPDM_MALLOC=keep OMP_WAIT_POLICY=PASSIVE` (about 20% faster steps, see README).
 Figures print on stdout; --json writes them.
 """
