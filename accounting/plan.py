@@ -6,8 +6,9 @@ fine discretization, or PRV's upper bound where tighter) is <= the target, PRV l
 RDP, and certified lies within PRV's bounds. One departure from DESIGN.md: when PRV alone disagrees,
 dpdm's own PLD (accounting/fft_pld.py, no code shared with either library) decides. If its rigorous
 bracket holds the PLD certificate and excludes PRV's bounds, PRV is overruled, and the document
-records the bracket and why; otherwise the disagreement stays an error. A document is *locked* when its digest verifies and its
-epsilon re-computes; `load_plan` refuses anything else.
+records the bracket and why; otherwise the disagreement stays an error. The same bracket must not
+refute PRV's upper bound before that bound may replace PLD's as the certificate. A document is
+*locked* when its digest verifies and its epsilon re-computes; `load_plan` refuses anything else.
 """
 from __future__ import annotations
 
@@ -199,8 +200,8 @@ class PlanDocument:
     pld_discretization: float
     prv_eps_error: float
     versions: dict[str, str] = dataclasses.field(default_factory=_versions)
-    # Set only when PRV disagreed with the certificate and dpdm's own PLD (accounting/fft_pld.py)
-    # settled it against PRV: that bracket, and the reason PRV was overruled.
+    # dpdm's own PLD bracket (accounting/fft_pld.py), computed only when PRV disagreed with PLD or
+    # would have lowered the certificate; and why PRV was overruled, when that bracket refuted it.
     independent: EpsilonReport | None = None
     prv_overruled: str | None = None
 
@@ -255,7 +256,8 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
     """Runs the three accountants on `plan`, certifies its epsilon and checks them against each other.
 
     Raises NotCalibratedError if the certified epsilon exceeds plan.target_epsilon, and
-    AccountingError if the accountants disagree beyond numerical error."""
+    AccountingError if the accountants disagree beyond numerical error, unless the disagreement is
+    PRV's alone and dpdm's own PLD refutes PRV (then the document records it: `prv_overruled`)."""
     event, delta = plan.to_event(), plan.delta
     disc = _discretization(plan)
     rdp = RdpAccountant().epsilon(event, delta)
