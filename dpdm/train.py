@@ -106,7 +106,7 @@ class TrainConfig:
 def select_trainable(model: torch.nn.Module, patterns: tuple[str, ...] | None) -> list[str]:
     """Freezes every parameter whose name matches none of `patterns` (fnmatch) and returns the names
     that still train. Raises TrainError when a pattern matches nothing (a typo would otherwise freeze
-    silently) or nothing trains."""
+    silently)."""
     names = [name for name, _ in model.named_parameters()]
     if patterns is None:
         return names
@@ -459,7 +459,7 @@ def train(
     validate_model(D)
     if init_weights is not None:
         D.load_state_dict(init_weights)
-    trained = select_trainable(D, config.trainable)
+    select_trainable(D, config.trainable)
     run_config["trained_parameters"] = sum(p.numel() for p in D.parameters() if p.requires_grad)
     ema = EMA(D, config.ema_decay)
     power_emas = {ema_power_key(g): PowerEMA(D, g) for g in config.ema_powers}
@@ -495,7 +495,7 @@ def train(
     K = plan.noise_multiplicity
     x_dev = x.to(device)
     y_dev = y.to(device) if conditional else None
-    params = {name: p for name, p in D.named_parameters() if name in set(trained)}
+    params = {name: p for name, p in D.named_parameters() if p.requires_grad}  # what --trainable left
 
     def ledger_at(steps: int) -> Ledger:
         # epsilon after a prefix of the steps is at most the epsilon of all of them, so the plan's
