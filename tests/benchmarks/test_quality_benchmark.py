@@ -9,8 +9,12 @@ import accounting
 @pytest.mark.slow
 def test_quality_benchmark_runs_generator_and_baseline_under_one_plan(tmp_path, load_benchmark):
     q = load_benchmark("quality")
+    q.N_SAMPLES = 20  # the protocol size, here the first 20 of the 40 drawn
+    parts = []
     out = q.run(workdir=tmp_path, epochs=0.2, n=40, precond="v", lr=1e-3, guidance=1.0, guidance_interval=(0.5, 10),
-                ema_powers=(2.0,), weights="power:2")
+                ema_powers=(2.0,), weights="power:2", on_part=lambda o: parts.append(set(o)))
+    added = [later - earlier for later, earlier in zip(parts[1:], parts)]
+    assert added == [{"sampling"}, {"dp_classifier"}, {"synthetic"}, {"synthetic_all"}]
     doc = accounting.load_plan(tmp_path / "plan.json")
     assert doc.plan.steps == 4 and doc.plan.noise_multiplicity == q.NOISE_MULTIPLICITY
     assert out["generator"]["steps_done"] == doc.plan.steps
@@ -19,8 +23,9 @@ def test_quality_benchmark_runs_generator_and_baseline_under_one_plan(tmp_path, 
     assert out["generator"]["ema_powers"] == [2.0]
     assert out["dp_classifier"]["plan_digest"] == doc.digest
     assert set(out["synthetic"]["classifiers"]) == {"logreg", "mlp", "cnn"}
-    assert out["synthetic"]["n_samples"] == 40
-    assert out["synthetic"]["samples_private"] is True
+    assert out["synthetic"]["n_samples"] == 20 and out["synthetic_all"]["n_samples"] == 40
+    assert out["synthetic"]["samples_private"] is True and out["synthetic_all"]["samples_private"] is True
+    assert out["synthetic_all"]["classifiers"]["cnn"]["train_size"] == 36  # 90% of all 40
     json.dumps(out)  # the --json document
 
 
@@ -43,6 +48,30 @@ def test_samples_private_reads_the_npz(tmp_path, load_benchmark):
         assert q.samples_private(tmp_path / f"{flag}.npz") is flag
     np.savez(tmp_path / "bare.npz", x=x, y=y)
     assert q.samples_private(tmp_path / "bare.npz") is None
+
+
+def test_load_samples_takes_the_first_images_only_when_class_balanced(tmp_path, load_benchmark):
+    import numpy as np
+
+    q = load_benchmark("quality")
+    x = np.arange(30, dtype=np.uint8)[:, None, None, None].repeat(4, 2).repeat(4, 3)
+    np.savez(tmp_path / "s.npz", x=x, y=np.arange(30) % 10)  # dpdm sample's order: labels i % 10
+    head = q.load_samples(tmp_path / "s.npz", 20)
+    assert len(head) == 20 and head.y.tolist() == [i % 10 for i in range(20)]
+    assert head.x[:, 0, 0, 0].tolist() == q.load_samples(tmp_path / "s.npz").x[:20, 0, 0, 0].tolist()
+    assert len(q.load_samples(tmp_path / "s.npz", 50)) == 30 and len(q.load_samples(tmp_path / "s.npz")) == 30
+    np.savez(tmp_path / "sorted.npz", x=x, y=np.sort(np.arange(30) % 10))  # class by class
+    with pytest.raises(SystemExit, match="not class-balanced"):
+        q.load_samples(tmp_path / "sorted.npz", 20)
+    assert len(q.load_samples(tmp_path / "sorted.npz")) == 30  # whole files are taken as they are
+
+
+def test_write_json_replaces_the_file_whole(tmp_path, load_benchmark):
+    q = load_benchmark("quality")
+    q.write_json(tmp_path / "out.json", {"a": 1})
+    q.write_json(tmp_path / "out.json", {"a": 1, "b": [2]})
+    assert json.loads((tmp_path / "out.json").read_text()) == {"a": 1, "b": [2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
 def test_quality_defaults_make_a_calibrated_plan(load_benchmark):
