@@ -208,8 +208,10 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                     lr_schedule: str = LR_SCHEDULE, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
                     ema_powers: tuple[float, ...] = EMA_POWERS, private: bool = True, device: str = "cpu",
                     seed: int = 0, init_from: str | Path | None = None,
-                    physical_batch: int | None = None, trainable: tuple[str, ...] | None = None) -> dict:
-    """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run)."""
+                    physical_batch: int | None = None, trainable: tuple[str, ...] | None = None,
+                    precision: str = "fp32") -> dict:
+    """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run).
+    precision "bf16" applies to --no-dp runs (private=False) only, as `dpdm train --precision`."""
     from dpdm.datasets import load_dataset
     from dpdm.train import TrainConfig, train
 
@@ -231,25 +233,26 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                     TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, lr_schedule=lr_schedule,
                                 train_sigma=train_sigma, ema_powers=tuple(ema_powers), private=private,
                                 device=device, seed=seed, checkpoint_every=50, log_every=10,
-                                physical_batch=physical_batch, trainable=trainable,
+                                physical_batch=physical_batch, trainable=trainable, precision=precision,
                                 init_from=None if init_from is None or ck.exists() else str(init_from)),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
     return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
             "ema_decay": ema_decay, "ema_powers": list(ema_powers), "train_sigma": train_sigma,
-            "trainable": None if trainable is None else list(trainable),
+            "trainable": None if trainable is None else list(trainable), "precision": precision,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sampler_steps: int = SAMPLER_STEPS,
            guidance: float = 0.0, guidance_interval: tuple[float, float] | None = None,
-           sigma_min: float | None = SIGMA_MIN, weights: str = WEIGHTS, device: str = "cpu") -> dict:
+           sigma_min: float | None = SIGMA_MIN, weights: str = WEIGHTS, device: str = "cpu",
+           precision: str = "fp32") -> dict:
     """`dpdm sample` in Python: n images (balanced classes) from the run's EMA weights."""
     from dpdm.sample import sample_checkpoint
 
     t0 = time.perf_counter()
     result = sample_checkpoint(Path(run_dir) / "checkpoint.pt", n=n, sampler="euler", sampler_steps=sampler_steps,
                                guidance=guidance, guidance_interval=guidance_interval, sigma_min=sigma_min,
-                               weights=weights, device=device, out_path=out_path,
+                               weights=weights, device=device, precision=precision, out_path=out_path,
                                grid_path=Path(out_path).with_suffix(".png"))
     return {**result, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -262,9 +265,11 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         sigma_min: float | None = SIGMA_MIN, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
         ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS, private: bool = True,
         public: str | None = None, public_steps: int = PUBLIC_STEPS, physical_batch: int | None = None,
-        trainable: tuple[str, ...] | None = None, on_part=None) -> dict:
+        trainable: tuple[str, ...] | None = None, precision: str = "fp32", on_part=None) -> dict:
     """The whole benchmark; `on_part(out)`, when given, is called with the figures so far after each
-    part (main() rewrites --json then, so an hour-long run that is stopped keeps what it measured)."""
+    part (main() rewrites --json then, so an hour-long run that is stopped keeps what it measured).
+    precision "bf16" runs the public pretraining and the sampling under bfloat16 autocast; the private
+    run and every classifier stay in fp32."""
     report = on_part or (lambda _out: None)
     doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
                                                                            noise_multiplicity=noise_multiplicity)
@@ -281,7 +286,8 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
             raise SystemExit(f"--public-pretrain {public!r} is the private dataset or made from its images")
         pub_doc = public_plan(public, steps=public_steps, noise_multiplicity=doc.plan.noise_multiplicity)
         out["public_generator"] = train_generator(pub_doc, workdir / "public", model=model, precond=precond, lr=lr,
-                                                  ema_decay=ema_decay, private=False, device=device)
+                                                  ema_decay=ema_decay, private=False, device=device,
+                                                  precision=precision)
         print(f"public generator (NON-PRIVATE, {public}): {out['public_generator']}", file=sys.stderr)
         report(out)
         init_from = workdir / "public" / "checkpoint.pt"
@@ -295,7 +301,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         report(out)
         out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, guidance=guidance,
                                  guidance_interval=guidance_interval, sigma_min=sigma_min, weights=weights,
-                                 device=device)
+                                 device=device, precision=precision)
         samples = str(workdir / "samples.npz")
         report(out)
     out["dp_classifier"] = dp_classifier_baseline(doc, device=device, public=public)
@@ -363,6 +369,9 @@ def main() -> None:
                     help="generator examples per chunk (memory knob; noise is still added once per step)")
     ap.add_argument("--trainable", default=None, metavar="PATTERNS",
                     help="fine-tune only these parameters (comma-separated fnmatch patterns; see dpdm train --help)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="bf16: public pretraining and sampling under bfloat16 autocast (about 1.7x faster on a "
+                         "CPU with AMX); the private run and the classifiers stay fp32")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
@@ -376,7 +385,7 @@ def main() -> None:
               public=args.public_pretrain, public_steps=args.public_steps, physical_batch=args.physical_batch,
               trainable=None if args.trainable is None else tuple(p.strip() for p in args.trainable.split(",")
                                                                   if p.strip()),
-              on_part=None if args.json is None else lambda part: write_json(args.json, part))
+              precision=args.precision, on_part=None if args.json is None else lambda part: write_json(args.json, part))
     plan = out["plan"]
     b = out["dp_classifier"]
     print(f"plan: {plan['dataset']['name']} N={plan['dataset']['size']} batch={plan['batch_size']} "

@@ -36,14 +36,17 @@ from cli.errors import BadInput
               help="Karras schedule exponent (higher: more steps at low noise).")
 @click.option("--weights", default="ema", show_default=True,
               help="ema (the run's EMA), raw (the last iterate), or power:GAMMA (kept by `dpdm train --ema-power`).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: the network under bfloat16 autocast, about 1.7x faster on a CPU with AMX (and on "
+                   "GPUs), slower on one without; the images differ from fp32's by a grey level or so.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Image i uses seed + i.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid, a row per class.")
 @click.option("--json", "as_json", is_flag=True)
-def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, s_max, s_noise, guidance, guidance_interval, sigma_min, sigma_max, rho, weights, seed,
-           batch_size, device, out_path, grid_path, as_json):
+def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, s_max, s_noise, guidance, guidance_interval, sigma_min, sigma_max, rho, weights, precision,
+           seed, batch_size, device, out_path, grid_path, as_json):
     """Draw synthetic images from a trained (EMA) model."""
     if (run_dir is None) == (checkpoint_path is None):
         raise BadInput("give exactly one of --run and --checkpoint")
@@ -66,7 +69,7 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         result = sample_checkpoint(path, n=n, sampler=sampler, sampler_steps=sampler_steps, guidance=guidance,
                                    guidance_interval=guidance_interval, sampler_kwargs=churn or None,
                                    sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, weights=weights, seed=seed,
-                                   batch_size=batch_size, device=resolve_device(device), out_path=out_path, grid_path=grid_path)
+                                   precision=precision, batch_size=batch_size, device=resolve_device(device), out_path=out_path, grid_path=grid_path)
     except SampleError as e:
         raise BadInput(str(e)) from None
     if as_json:

@@ -48,13 +48,16 @@ from cli.errors import BadInput
               help="Train only the parameters whose names match these comma-separated fnmatch patterns "
                    "(e.g. 'net.enc.5.*,net.mid.*,net.label_embed.*'); the rest keep their starting (public) "
                    "values and get no noise. Meant for warm starts (--init-from). Default: all.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="--no-dp runs only (public pretraining): bf16 runs the forward and backward under bfloat16 "
+                   "autocast, about 1.7x faster on a CPU with AMX and on GPUs. Private runs train in fp32.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(plan_path, out_dir, dataset, data_root, download, model, precond, train_sigma, device, physical_batch, lr,
-          lr_schedule, ema_decay, ema_powers, checkpoint_every, log_every, seed, init_from, trainable, resume, no_dp,
-          as_json, quiet):
+          lr_schedule, ema_decay, ema_powers, checkpoint_every, log_every, seed, init_from, trainable, precision,
+          resume, no_dp, as_json, quiet):
     """Train a diffusion model with DP-SGD under a locked plan."""
     from dpdm import checkpoint as ckpt
     from dpdm.train import TrainConfig, TrainError
@@ -65,6 +68,8 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
             raise BadInput("--train-sigma applies to --precond v only")
         if not train_sigma[0] < train_sigma[1]:
             raise BadInput(f"--train-sigma {train_sigma[0]:g} {train_sigma[1]:g}: MIN must be below MAX")
+    if precision != "fp32" and not no_dp:
+        raise BadInput(f"--precision {precision} is for --no-dp runs only; private runs train in fp32")
     if len(set(ema_powers)) != len(ema_powers):
         raise BadInput(f"--ema-power {' '.join(f'{g:g}' for g in ema_powers)}: give each exponent once")
     if trainable is not None:
@@ -90,7 +95,8 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
                              train_sigma=None if train_sigma is None else tuple(train_sigma),
                              physical_batch=physical_batch,
                              checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
-                             device=device, private=not no_dp, init_from=init_from, trainable=trainable)
+                             device=device, private=not no_dp, init_from=init_from, trainable=trainable,
+                             precision=precision)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
                                dataset_name=name, resume=resume, progress=not quiet)
         ok = True

@@ -58,14 +58,18 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                       guidance_interval: tuple[float, float] | None = None,
                       weights: str = "ema", seed: int = 0, batch_size: int = 256, device: str = "cpu",
                       sigma_min: float | None = None, sigma_max: float | None = None, rho: float = RHO,
-                      sampler_kwargs: dict | None = None,
+                      sampler_kwargs: dict | None = None, precision: str = "fp32",
                       out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Draws `n` images (balanced labels i % num_classes) and writes them to `out_path` atomically.
 
     sigma_min / sigma_max None: Karras's 0.002 / 80, narrowed to the noise levels the run trained on
     (`dpdm train --train-sigma`), so that the sampler does not ask the network about levels it never saw.
+    precision: "fp32", or "bf16" (the network under bfloat16 autocast; `dpdm.sampling.PRECISIONS`).
     """
-    from dpdm.sampling import generate
+    from dpdm.sampling import PRECISIONS, generate
+
+    if precision not in PRECISIONS:
+        raise SampleError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
 
     D, state = load_denoiser(path, weights=weights, device=device)
     cfg, ledger = state["config"], state["ledger"]
@@ -82,7 +86,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     with torch.no_grad():
         x, y = generate(D, n=n, labels=labels, seed=seed, sampler=sampler, sampler_steps=sampler_steps,
                         guidance=guidance, guidance_interval=guidance_interval, batch_size=batch_size, device=device,
-                        sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sampler_kwargs=sampler_kwargs)
+                        sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sampler_kwargs=sampler_kwargs,
+                        precision=precision)
     x = np.asarray(x.cpu().numpy() if torch.is_tensor(x) else x, dtype=np.uint8)
     y_np = np.asarray(y.cpu().numpy() if torch.is_tensor(y) else (y if y is not None else np.full(n, -1)), dtype=np.int64)
     private = bool(ledger["private"])
@@ -97,7 +102,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         "sampler": sampler, "sampler_steps": sampler_steps, "guidance": guidance, "weights": weights,
         "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval], "seed": seed,
         "sigma_min": float(sigma_min), "sigma_max": float(sigma_max), "rho": float(rho),
-        "sampler_kwargs": json.dumps(sampler_kwargs or {}, sort_keys=True),
+        "sampler_kwargs": json.dumps(sampler_kwargs or {}, sort_keys=True), "precision": precision,
         # A generator warm-started on public data (`dpdm train --init-from`) says so in its samples.
         "init_dataset": (cfg.get("init") or {}).get("dataset"),
     }

@@ -36,6 +36,7 @@ from dpdm.engine import add_noise, clipped_grad_sum, validate_model
 from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
 from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
+from dpdm.sampling import PRECISIONS, autocast_for
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LR_SCHEDULES = ("constant", "cosine")
@@ -72,6 +73,8 @@ class TrainConfig:
     private: bool = True                 # False: --no-dp baseline, marked non-private everywhere
     init_from: str | None = None         # checkpoint trained on PUBLIC data whose EMA weights start the
                                          # run (a warm start; see `load_warm_start`)
+    precision: str = "fp32"              # "bf16": --no-dp runs only, the forward and backward under
+                                         # bfloat16 autocast (weights, Adam and EMA stay fp32)
     trainable: tuple[str, ...] | None = None  # fnmatch patterns of the parameters that train (names as
                                          # in the denoiser's state dict); the rest stay at their start
                                          # (public: the warm start or the seeded init) and get neither
@@ -98,6 +101,12 @@ class TrainConfig:
             raise ValueError(f"ema_powers={self.ema_powers!r} must be distinct positive exponents")
         if self.physical_batch is not None and self.physical_batch < 1:
             raise ValueError(f"physical_batch={self.physical_batch!r} must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
+        if self.private and self.precision != "fp32":
+            # The DP step's per-example weight gradients are grouped convolutions, which oneDNN's
+            # bf16 kernels do not speed up here (a bf16 engine measured slower, issue 4's notes).
+            raise ValueError(f"precision={self.precision!r} is for --no-dp runs only; private runs train in fp32")
         if self.trainable is not None and (not self.trainable or not all(
                 isinstance(p, str) and p.strip() for p in self.trainable)):
             raise ValueError(f"trainable={self.trainable!r} must be None or non-empty patterns")
@@ -572,7 +581,8 @@ def train(
                     [float(stats.get("loss_mean", 0.0)) * len(local) if len(local) else 0.0, float(len(local))])
                 clipped = dist.all_reduce_scalars([float(stats.get("clipped_fraction", 0.0)) * len(local)])[0]
             else:
-                grads, loss_sum = _nonprivate_grad_sum(D, loss_obj, batch, conditional, params)
+                with autocast_for(config.precision, device):
+                    grads, loss_sum = _nonprivate_grad_sum(D, loss_obj, batch, conditional, params)
                 loss_sum, count = dist.all_reduce_scalars([loss_sum, float(len(local))])
                 dist.all_reduce_(grads)
                 grads = {k: v / max(count, 1.0) for k, v in grads.items()}

@@ -101,9 +101,12 @@ def test_quality_sweep_registers_unet_shapes(load_benchmark):
 def test_quality_benchmark_public_pretrain_warm_starts_both_sides(tmp_path, load_benchmark):
     q = load_benchmark("quality")
     out = q.run(workdir=tmp_path, epochs=0.2, n=20, precond="v", lr=1e-3, public="digits28", public_steps=3,
-                physical_batch=16)
+                physical_batch=16, precision="bf16")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["physical_batch"] == 16                 # the private run's chunks, as asked
+    # bf16 reaches the public pretraining and the sampling; the private run stays fp32.
+    assert json.loads((tmp_path / "public" / "config.json").read_text())["train"]["precision"] == "bf16"
+    assert config["train"]["precision"] == "fp32" and out["sampling"]["precision"] == "bf16"
     assert out["public_generator"]["private"] is False and out["public_generator"]["steps_done"] == 3
     init = out["generator"]
     assert init["private"] is True and init["init"]["dataset"] == "digits28"

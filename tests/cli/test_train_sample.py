@@ -163,6 +163,24 @@ def test_trainable_flag(tiny, capsys):
     assert json.loads((d / "run" / "config.json").read_text())["train"]["trainable"] == ["net.mid.*", "net.dec.*"]
 
 
+def test_precision_flags(tiny, capsys):
+    d = tiny
+    code, _, err = run_cli(_train_args(d, d / "run", "--precision", "bf16"), capsys)
+    assert "--no-dp runs only" in _one_error_line(code, err) and not (d / "run").exists()
+    code, out, err = run_cli(_train_args(d, d / "run", "--precision", "bf16", "--no-dp", "--json"), capsys)
+    assert code == 0, err
+    assert json.loads(out)["private"] is False
+    assert json.loads((d / "run" / "config.json").read_text())["train"]["precision"] == "bf16"
+    code, out, err = run_cli(["sample", "--run", d / "run", "--n", 3, "--sampler-steps", 3, "--precision", "bf16",
+                              "--out", d / "s.npz", "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["precision"] == "bf16"
+    with np.load(d / "s.npz") as z:
+        assert str(z["meta_precision"]) == "bf16" and z["x"].shape == (3, 1, 8, 8)
+    code, _, err = run_cli(["sample", "--run", d / "run", "--n", 3, "--precision", "fp16", "--out", d / "t.npz"], capsys)
+    assert code == 2 and not (d / "t.npz").exists()
+
+
 def test_tampered_plan_refused_and_nothing_written(tiny, capsys):
     d = tiny
     doc = json.loads((d / "plan.json").read_text())

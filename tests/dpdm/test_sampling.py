@@ -229,3 +229,17 @@ def test_generate_schedule_options(tiny_denoisers):
     assert not torch.equal(generate(D, sigma_min=0.3, **kw)[0], base)
     with pytest.raises(ValueError, match="sigma_min"):
         generate(D, sigma_min=100.0, **kw)
+
+
+def test_generate_bf16_close_to_fp32_and_batch_independent(tiny_denoisers):
+    D, _ = tiny_denoisers
+    kw = dict(n=6, seed=3, sampler="heun", sampler_steps=4, guidance=0.5)
+    x32 = generate(D, **kw)[0]
+    x16 = generate(D, precision="bf16", batch_size=4, **kw)[0]
+    assert x16.dtype == torch.uint8 and x16.shape == x32.shape
+    diff = (x16.int() - x32.int()).abs()
+    assert 0 < diff.sum() and diff.float().mean() < 4     # bf16 arithmetic, the same images (1.6 here)
+    assert torch.equal(generate(D, precision="bf16", batch_size=6, **kw)[0], x16)
+    assert torch.equal(generate(D, precision="fp32", **kw)[0], x32)
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        generate(D, precision="fp16", **kw)

@@ -114,6 +114,37 @@ def test_no_dp_run_is_marked(tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["ledger"]["private"] is False
 
 
+def test_bf16_is_for_no_dp_runs_and_computes_fp32s_gradient(tmp_path):
+    from dpdm.loss import VLoss
+    from dpdm.networks import build_network
+    from dpdm.precond import VPrecond
+    from dpdm.sampling import autocast_for
+    from dpdm.train import _nonprivate_grad_sum
+
+    with pytest.raises(ValueError, match="--no-dp runs only"):
+        TrainConfig(**CFG, precision="bf16")
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        TrainConfig(**CFG, private=False, precision="fp16")
+    x, y, c = tiny_data()
+    torch.manual_seed(0)
+    D = VPrecond(build_network("small", img_resolution=8, img_channels=1, num_classes=c, init_scale=1.0))
+    params = dict(D.named_parameters())
+    loss = VLoss()
+    sigma, noise = loss.draw(len(x), 2, (1, 8, 8), generator=torch.Generator().manual_seed(0), device="cpu")
+    grads = {}
+    for prec in ("fp32", "bf16"):
+        with autocast_for(prec, "cpu"):
+            grads[prec], _ = _nonprivate_grad_sum(D, loss, [x, y, sigma, noise], True, params)
+    apart = sum(float((grads["bf16"][k] - grads["fp32"][k]).square().sum()) for k in params) ** 0.5
+    size = sum(float(grads["fp32"][k].square().sum()) for k in params) ** 0.5
+    assert all(grads["bf16"][k].dtype == torch.float32 for k in params)
+    assert 0 < apart < 0.03 * size          # bf16 arithmetic, the same gradient (1.1% here)
+    summary = train(tiny_plan(steps=2), x, y, c, tmp_path / "run",
+                    TrainConfig(**CFG, private=False, precision="bf16"), progress=False)
+    assert summary["steps_done"] == 2 and summary["private"] is False
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["precision"] == "bf16"
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker
