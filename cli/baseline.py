@@ -32,7 +32,9 @@ def baseline() -> None:
               help="Non-private epochs on --public-pretrain (dpdm.baseline.DEFAULT_PUBLIC_EPOCHS; repeated "
                    "here so that --help does not import torch).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None,
+              help="Fix the initialization, batches and noise (tests, reproduction). Default: a secret random "
+                   "seed, never shown (a known one would let anyone replay the batches and the noise).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, physical_batch, public_name,

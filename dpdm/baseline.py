@@ -15,6 +15,7 @@ private examples; its own test accuracy is reported too (what the public data gi
 """
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 
@@ -36,7 +37,7 @@ def _loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = DEFAULT_LR,
-                        seed: int = 0, device: str | torch.device = "cpu",
+                        seed: int | None = None, device: str | torch.device = "cpu",
                         chunk_size: int | None = None, progress: bool = False,
                         public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS) -> dict:
     """Trains a GroupNorm CNN with DP-SGD under `plan` and measures its real test accuracy.
@@ -46,15 +47,17 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
       train: the private training split; its size must equal ``plan.dataset_size``.
       test: the real held-out split.
       lr: Adam learning rate (privacy-neutral).
-      seed: seeds the initialization, the Poisson batches and the DP noise.
+      seed: seeds the initialization, the Poisson batches and the DP noise (tests, reproduction).
+        None (the default): a secret random seed, never returned, as `dpdm train` draws one: a known
+        seed would let anyone replay the batches and the noise.
       chunk_size: examples per vmap chunk (memory knob, privacy-neutral).
       progress: show a progress bar on stderr.
       public: labelled public data of the same image shape and classes: trained on without
         privacy (Adam, batch 128, `public_epochs` epochs) before the DP-SGD steps.
 
     Returns:
-      {"test_accuracy", "steps", "expected_batch_size", "mean_batch_size", "clipped_fraction",
-       "lr", "model", "seconds"}, and "public_pretrain" ({"dataset", "epochs", "test_accuracy"},
+      {"test_accuracy", "steps", "expected_batch_size", "lr", "model", "seed", "seconds"} ("seed" is
+      the given one, or "secret"), and "public_pretrain" ({"dataset", "epochs", "test_accuracy"},
        the accuracy before any private step) when `public` is given.
 
     Raises:
@@ -75,6 +78,9 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     if public is not None:
         check_public_data(public, train)   # public_epochs is checked by pretrain_on_public
     t0 = time.perf_counter()
+    given_seed = seed
+    if seed is None:
+        seed = secrets.randbits(62)
     c, h, w = train.image_shape
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -89,7 +95,6 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     x, y = train.x.to(device), train.y.to(device)
-    total, clipped = 0, 0.0
 
     from tqdm import tqdm
 
@@ -106,15 +111,12 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         for name, p in params.items():
             p.grad = grads[name].to(p.dtype)
         opt.step()
-        total += len(idx)
-        clipped += float(stats.get("clipped_fraction", float("nan"))) * len(idx)
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f"{stats.get('loss_mean', float('nan')):.3f}")
     bar.close()
     return {"test_accuracy": accuracy(model, test.x, test.y, device=device),
-            "steps": plan.steps, "expected_batch_size": plan.batch_size,
-            "mean_batch_size": total / max(plan.steps, 1),
-            "clipped_fraction": clipped / max(total, 1), "lr": lr,
+            "steps": plan.steps, "expected_batch_size": plan.batch_size, "lr": lr,
+            "seed": "secret" if given_seed is None else given_seed,
             "model": "CNN (paper's, GroupNorm, no dropout), Adam",
             **({"public_pretrain": pretrain} if pretrain is not None else {}),
             "seconds": round(time.perf_counter() - t0, 2)}

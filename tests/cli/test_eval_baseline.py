@@ -174,7 +174,24 @@ def test_baseline_runs_exactly_plan_steps(digit_files, tmp_path, capsys):
     assert r["steps"] == 4 and r["expected_batch_size"] == 64
     assert 0.0 <= r["test_accuracy"] <= 1.0
     assert r["plan_digest"].startswith("sha256:") and r["epsilon"] > 0
-    assert 0.0 <= r["clipped_fraction"] <= 1.0 and r["mean_batch_size"] > 0
+    # Nothing computed from the private data without noise is released (realised batch sizes,
+    # clipped fractions), and the seed that drives the batches and the noise is secret.
+    assert not {"clipped_fraction", "mean_batch_size"} & set(r) and r["seed"] == "secret"
+
+
+def test_baseline_default_seed_is_secret_and_drives_the_run(digit_files, monkeypatch):
+    """No --seed: a seed from `secrets`, not 0, decides the init, batches and noise, and is not shown."""
+    import dpdm.baseline as baseline
+    from dpdm.datasets import load_npz
+
+    plan = accounting.PrivacyPlan(dataset_size=600, batch_size=64, steps=2, noise_multiplier=1.0, delta=1e-5)
+    train, test = load_npz(digit_files["train"]), load_npz(digit_files["test"])
+    drawn = []
+    monkeypatch.setattr(baseline.secrets, "randbits", lambda k: drawn.append(k) or 12345)
+    secret = baseline.train_dp_classifier(plan, train, test)
+    assert drawn == [62] and secret["seed"] == "secret"
+    fixed = baseline.train_dp_classifier(plan, train, test, seed=12345)
+    assert fixed["seed"] == 12345 and fixed["test_accuracy"] == secret["test_accuracy"]
 
 
 def test_baseline_public_pretrain_then_dp_steps(digit_files, tmp_path, capsys):
