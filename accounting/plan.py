@@ -431,6 +431,13 @@ def load_plan(path: str | os.PathLike) -> PlanDocument:
     if recomputed > stored * (1 + _FLOAT_RTOL) or recomputed < stored * (1 - RECOMPUTE_RTOL):
         raise PlanError(f"{path}: epsilon.certified={stored!r} does not re-compute (got {recomputed!r}); "
                         "the epsilon block was edited or the accountants changed; make a new plan")
+    if certified_by == "prv":
+        # As make_plan_document: PRV may certify only where dpdm's own rigorous lower bound does not
+        # refute it (prv_eps_error comes from the file, outside the digest).
+        floor = FftPldAccountant().epsilon(plan.to_event(), plan.delta).lower
+        if stored < floor * (1 - _FLOAT_RTOL):
+            raise PlanError(f"{path}: epsilon.certified={stored!r} by PRV is below dpdm's own PLD lower bound "
+                            f"{floor:.6g}; make a new plan")
 
     def report(key: str, method: str) -> EpsilonReport:
         value = eps.get(key)

@@ -183,3 +183,26 @@ def test_epsilon_spent_is_a_monotone_ledger(doc):
 def test_accounting_never_imports_torch():
     code = "import sys, accounting; accounting.compute_epsilon(sample_rate=0.1, noise_multiplier=1.0, steps=10, delta=1e-5); assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_prv_certificate_is_checked_against_dpdms_own_pld_when_loaded(monkeypatch, tmp_path):
+    """load_plan repeats make_plan_document's guard: PRV certifies only above dpdm's rigorous lower
+    bound, whatever prv_eps_error the (undigested) epsilon block names."""
+    pld = accounting.PldAccountant(1e-3).epsilon(PrivacyPlan(**BASE).to_event(), BASE["delta"]).upper
+    real_prv = accounting.PrvAccountant._epsilon
+    monkeypatch.setattr(accounting.PrvAccountant, "_epsilon", lambda self, terms, delta: dataclasses.replace(
+        real_prv(self, terms, delta), upper=pld * 0.9999))     # a PRV certificate just below PLD's
+    doc = accounting.make_plan_document(PrivacyPlan(**BASE))
+    assert doc.certified_by == "prv" and doc.epsilon < doc.pld.upper
+    path = tmp_path / "plan.json"
+    accounting.write_plan(doc, path)
+    assert accounting.load_plan(path).epsilon == doc.epsilon
+    real = accounting.FftPldAccountant.epsilon
+
+    def refuting(self, event, delta):   # dpdm's own PLD now proves the certificate too low
+        r = real(self, event, delta)
+        return dataclasses.replace(r, lower=doc.epsilon * 1.01, upper=max(r.upper, doc.epsilon * 1.02))
+
+    monkeypatch.setattr(accounting.FftPldAccountant, "epsilon", refuting)
+    with pytest.raises(PlanError, match="below dpdm's own PLD lower bound"):
+        accounting.load_plan(path)
