@@ -33,6 +33,7 @@ from accounting.plan import (
     load_plan,
     make_plan_document,
     plan_from_dict,
+    verify_document,
     write_plan,
 )
 
@@ -61,5 +62,6 @@ __all__ = [
     "max_steps",
     "plan_from_dict",
     "pld_discretization",
+    "verify_document",
     "write_plan",
 ]

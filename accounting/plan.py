@@ -427,17 +427,7 @@ def load_plan(path: str | os.PathLike) -> PlanDocument:
     if plan.target_epsilon is not None and stored > plan.target_epsilon:
         raise PlanError(f"{path}: epsilon.certified={stored!r} exceeds target_epsilon={plan.target_epsilon!r}")
     prv_eps_error = eps.get("prv_eps_error")
-    recomputed = certified_epsilon(plan, certified_by, prv_eps_error if _is_real(prv_eps_error) else None)
-    if recomputed > stored * (1 + _FLOAT_RTOL) or recomputed < stored * (1 - RECOMPUTE_RTOL):
-        raise PlanError(f"{path}: epsilon.certified={stored!r} does not re-compute (got {recomputed!r}); "
-                        "the epsilon block was edited or the accountants changed; make a new plan")
-    if certified_by == "prv":
-        # As make_plan_document: PRV may certify only where dpdm's own rigorous lower bound does not
-        # refute it (prv_eps_error comes from the file, outside the digest).
-        floor = FftPldAccountant().epsilon(plan.to_event(), plan.delta).lower
-        if stored < floor * (1 - _FLOAT_RTOL):
-            raise PlanError(f"{path}: epsilon.certified={stored!r} by PRV is below dpdm's own PLD lower bound "
-                            f"{floor:.6g}; make a new plan")
+    _check_certificate(plan, stored, certified_by, prv_eps_error if _is_real(prv_eps_error) else None, path)
 
     def report(key: str, method: str) -> EpsilonReport:
         value = eps.get(key)
@@ -457,6 +447,33 @@ def load_plan(path: str | os.PathLike) -> PlanDocument:
         if isinstance(independent, dict) else None,
         prv_overruled=overruled if isinstance(overruled, str) else None,
     )
+
+
+def verify_document(doc: PlanDocument) -> None:
+    """Raises PlanError unless `doc.epsilon` is a certificate the accountants re-compute, as
+    `load_plan` checks a file (for documents built in Python rather than read from plan.json)."""
+    _check_certificate(doc.plan, doc.epsilon, doc.certified_by,
+                       doc.prv_eps_error if math.isfinite(doc.prv_eps_error) else None, "plan document")
+
+
+def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_eps_error: float | None,
+                       where: str) -> None:
+    if certified_by not in ("pld", "prv"):
+        raise PlanError(f"{where}: certified_by={certified_by!r} must be 'pld' or 'prv'")
+    if certified_by == "pld":
+        recomputed = epsilon_spent(plan, plan.steps)   # the same PLD computation, cached for the ledger
+    else:
+        recomputed = certified_epsilon(plan, certified_by, prv_eps_error)
+    if recomputed > stored * (1 + _FLOAT_RTOL) or recomputed < stored * (1 - RECOMPUTE_RTOL):
+        raise PlanError(f"{where}: epsilon.certified={stored!r} does not re-compute (got {recomputed!r}); "
+                        "the epsilon block was edited or the accountants changed; make a new plan")
+    if certified_by == "prv":
+        # As make_plan_document: PRV may certify only where dpdm's own rigorous lower bound does not
+        # refute it (prv_eps_error comes from the file, outside the digest).
+        floor = FftPldAccountant().epsilon(plan.to_event(), plan.delta).lower
+        if stored < floor * (1 - _FLOAT_RTOL):
+            raise PlanError(f"{where}: epsilon.certified={stored!r} by PRV is below dpdm's own PLD lower bound "
+                            f"{floor:.6g}; make a new plan")
 
 
 @functools.lru_cache(maxsize=1024)

@@ -380,13 +380,18 @@ def train(
         The run summary: run, steps_done, epsilon_spent, plan_digest, private, ...
 
     Raises:
-        TrainError: data of another size, an existing run without --resume, a resume against
-            another plan, a run that already finished.
+        TrainError: a plan document whose epsilon does not re-compute, data of another size, an
+            existing run without --resume, a resume against another plan, a run that already finished.
     """
     plan = plan_doc.plan
     dist = _Dist.current(config.device)
     out = Path(out_dir)
     n = int(x.shape[0])
+    if config.private:
+        try:
+            accounting.verify_document(plan_doc)   # the ledger records its epsilon: never an unchecked one
+        except accounting.PlanError as e:
+            raise TrainError(str(e)) from None
     if config.private and n != plan.dataset_size:
         raise TrainError(
             f"the data has {n} examples but the plan was made for dataset_size={plan.dataset_size}; "

@@ -521,3 +521,19 @@ def test_trainable_pattern_that_matches_nothing_is_refused_before_writing(tmp_pa
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="trainable"):
         TrainConfig(trainable=())
+
+
+def test_a_plan_document_whose_epsilon_does_not_recompute_is_refused(tmp_path):
+    """The library re-checks a document built in Python, as load_plan checks a file: the ledger
+    must never record a smaller epsilon than the accountant's."""
+    import dataclasses
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    forged = dataclasses.replace(doc, epsilon=doc.epsilon / 2)
+    with pytest.raises(TrainError, match="does not re-compute"):
+        train(forged, x, y, c, tmp_path / "run", TrainConfig(**CFG), progress=False)
+    assert not (tmp_path / "run").exists()
+    # --no-dp runs keep no budget: their plan only schedules the steps.
+    assert train(forged, x, y, c, tmp_path / "nodp", TrainConfig(**CFG, private=False),
+                 progress=False)["steps_done"] == 2
