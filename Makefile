@@ -27,6 +27,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/plan.py
 	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/precision.py
+	$(BIN)/python benchmarks/precision.py --preset mnist --batch 64 --n 128
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -370,8 +370,8 @@ def main() -> None:
     ap.add_argument("--trainable", default=None, metavar="PATTERNS",
                     help="fine-tune only these parameters (comma-separated fnmatch patterns; see dpdm train --help)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                    help="bf16: public pretraining and sampling under bfloat16 autocast (about 1.7x faster on a "
-                         "CPU with AMX); the private run and the classifiers stay fp32")
+                    help="bf16: public pretraining and sampling under bfloat16 autocast (1.2-1.6x faster for the "
+                         "small U-Net on a CPU with AMX); the private run and the classifiers stay fp32")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,

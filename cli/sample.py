@@ -37,8 +37,9 @@ from cli.errors import BadInput
 @click.option("--weights", default="ema", show_default=True,
               help="ema (the run's EMA), raw (the last iterate), or power:GAMMA (kept by `dpdm train --ema-power`).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16: the network under bfloat16 autocast, about 1.7x faster on a CPU with AMX (and on "
-                   "GPUs), slower on one without; the images differ from fp32's by a grey level or so.")
+              help="bf16: the network under bfloat16 autocast, 1.3-1.9x faster on a CPU with AMX (small to mnist "
+                   "U-Net; benchmarks/precision.py), slower on one without; the images differ from fp32's by "
+                   "a fraction of a grey level on average.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Image i uses seed + i.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
