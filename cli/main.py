@@ -21,6 +21,7 @@ _COMMANDS = {
     "account": ("cli.plan", "account"),
     "train": ("cli.train", "train"),
     "sample": ("cli.sample", "sample"),
+    "export": ("cli.export", "export"),
     "eval": ("cli.eval", "eval_cmd"),
     "baseline": ("cli.baseline", "baseline"),
     "audit": ("cli.audit", "audit"),
@@ -60,6 +61,7 @@ def cli() -> None:
     dpdm sample --run RUN --n 1000 --out samples.npz
     dpdm eval --samples samples.npz --dataset mnist5k
     dpdm audit --run RUN --out report
+    dpdm export --run RUN --out model.pt  the model file to release (no secrets)
     """
 
 

@@ -20,6 +20,10 @@ import torch
 FORMAT = "dpdm.checkpoint/1"
 REQUIRED_KEYS = ("format", "model", "ema", "optimizer", "rng", "ledger", "config")
 LEDGER_KEYS = ("plan_digest", "plan_steps", "steps_done", "epsilon_spent", "delta", "private")
+# A release file (`dpdm export`): one set of weights, the network's description and the ledger; none of
+# the run's secrets (seed, RNG state), optimizer state, or fingerprint of the private data.
+MODEL_FORMAT = "dpdm.model/1"
+MODEL_KEYS = ("format", "weights", "state_dict", "config", "ledger")
 
 
 class CheckpointError(ValueError):
@@ -32,15 +36,20 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
     A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
     """
-    path = Path(path)
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
+    return atomic_torch_save(state, path)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save(obj)` to `path` through a temp file in the same folder, fsync and rename."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -58,6 +67,30 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         CheckpointError: the file is missing, truncated or corrupt, asks for pickle globals (it
             would run code: refused without running it), or is not a dpdm checkpoint.
     """
+    state = _load_weights_only(path)
+    if state.get("format") == MODEL_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is a release file from `dpdm export` (weights only), not a "
+                              "training checkpoint")
+    return _checked_checkpoint(state, path)
+
+
+def load_model_or_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint or a release file (`dpdm export`), loaded with `weights_only=True` and checked.
+
+    Raises:
+        CheckpointError: as `load_checkpoint`, or a release file that lacks a part.
+    """
+    state = _load_weights_only(path)
+    if state.get("format") != MODEL_FORMAT:
+        return _checked_checkpoint(state, path)
+    ledger = state.get("ledger")
+    missing = [k for k in MODEL_KEYS if k not in state]
+    if missing or not isinstance(ledger, dict) or any(k not in ledger for k in LEDGER_KEYS):
+        raise CheckpointError(f"model file {str(path)!r} is incomplete (missing {missing or 'ledger fields'})")
+    return state
+
+
+def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
@@ -75,7 +108,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             AttributeError, TypeError, IndexError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated: {first}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} is not a dpdm checkpoint (format {FORMAT!r} expected)")
+    return state
+
+
+def _checked_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    if state.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a dpdm checkpoint (format {FORMAT!r} expected)")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     ledger = state.get("ledger")

@@ -36,16 +36,23 @@ def _weights_of(state: dict, weights: str, path) -> dict:
 
 
 def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str = "cpu"):
-    """Rebuilds the preconditioned network of a checkpoint. Returns (D, checkpoint_state).
+    """Rebuilds the preconditioned network of a checkpoint or release file (`dpdm export`).
+    Returns (D, state).
 
     weights: "ema" (the run's EMA), "raw" (the last iterate) or "power:GAMMA" (a power EMA the run kept)."""
     from dpdm.train import build_denoiser
 
     try:
-        state = ckpt.load_checkpoint(path)
+        state = ckpt.load_model_or_checkpoint(path)
     except ckpt.CheckpointError as e:
         raise SampleError(str(e)) from None
-    chosen = _weights_of(state, weights, path)
+    if state["format"] == ckpt.MODEL_FORMAT:   # a release file (`dpdm export`) holds one set of weights
+        if weights != state["weights"]:
+            raise SampleError(f"weights={weights!r}: model file {str(path)!r} holds only its "
+                              f"{state['weights']!r} weights")
+        chosen = state["state_dict"]
+    else:
+        chosen = _weights_of(state, weights, path)
     try:
         D = build_denoiser(state["config"])
         D.load_state_dict(chosen)

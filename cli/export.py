@@ -1,0 +1,48 @@
+"""`dpdm export`: the release file of a run, without the run's secrets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli._common import emit_json, info
+from cli.errors import BadInput
+
+
+@click.command()
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), default=None, help="A run folder from `dpdm train`.")
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False), default=None,
+              help="A checkpoint file instead of --run.")
+@click.option("--weights", default="ema", show_default=True,
+              help="The one set of weights to release: ema, raw (the last iterate), or power:GAMMA.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The release file (model.pt); `dpdm sample --checkpoint` reads it.")
+@click.option("--json", "as_json", is_flag=True)
+def export(run_dir, checkpoint_path, weights, out_path, as_json):
+    """Write a model file that is safe to release.
+
+    \b
+    The run folder is not: checkpoint.pt holds the secret seed and RNG state from
+    which the batches and the DP noise derive, and a fingerprint of the private
+    images. The release file holds one set of weights, the network's description
+    and the privacy ledger (epsilon spent, delta, plan digest), nothing else.
+    """
+    if (run_dir is None) == (checkpoint_path is None):
+        raise BadInput("give exactly one of --run and --checkpoint")
+    path = Path(checkpoint_path) if checkpoint_path else Path(run_dir) / "checkpoint.pt"
+    from dpdm.export import ExportError, export_model
+
+    try:
+        result = export_model(path, out_path, weights=weights)
+    except ExportError as e:
+        raise BadInput(str(e)) from None
+    if as_json:
+        emit_json(result)
+        return
+    if result["private"]:
+        what = (f"DP: epsilon {result['epsilon_spent']:.4g}, delta {result['delta']:g} after "
+                f"{result['steps_done']} of {result['plan_steps']} steps")
+    else:
+        what = "NON-PRIVATE (--no-dp)"
+    info(f"wrote {out_path}: {result['weights']} weights, {result['parameters']:,} parameters, {what}; "
+         f"sha256 {result['sha256'][:16]}...")

@@ -1,0 +1,70 @@
+"""Release files (`dpdm export`): the part of a run that may leave the run folder.
+
+A training checkpoint is for resuming, not for release: it holds the run's secret seed and RNG state
+(from which the Poisson batches and every step's DP noise derive, so anyone holding them could
+subtract the noise), and a fingerprint of the private images (`data_digest`, which lets whoever
+can guess the dataset test the guess). A release file holds one set of weights, the description of
+the network the sampler needs, the public dataset a warm start came from, and the privacy ledger;
+the weights are DP-SGD's output and the rest is public (the plan is), so releasing it costs no budget.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from dpdm import checkpoint as ckpt
+
+# The keys of a run's config that describe the network or were public before training.
+RELEASED_CONFIG_KEYS = ("model", "precond", "sigma_data", "img_resolution", "img_channels", "num_classes",
+                        "dataset", "private")
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported, or an output path that would overwrite it."""
+
+
+def release_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What a release file keeps of a run's config: no seed, no data digest, no local paths but the dataset name."""
+    out = {k: config[k] for k in RELEASED_CONFIG_KEYS if k in config}
+    # The noise levels the network was trained on (`dpdm train --train-sigma`): the sampler stays inside them.
+    out["train"] = {"train_sigma": (config.get("train") or {}).get("train_sigma")}
+    init = config.get("init")
+    out["init"] = None if init is None else {"dataset": init.get("dataset"), "sha256": init.get("sha256")}
+    return out
+
+
+def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, *,
+                 weights: str = "ema") -> dict[str, Any]:
+    """Writes the release file of a checkpoint to `out_path` atomically. Returns a summary.
+
+    weights: "ema", "raw" or "power:GAMMA" (`dpdm.sample`'s names): the one set the file holds.
+
+    Raises:
+        ExportError: the checkpoint is missing, corrupt or not a training checkpoint; `weights` is not
+            in it; or `out_path` is the checkpoint itself.
+    """
+    from dpdm.sample import SampleError, _weights_of
+
+    src, out = Path(checkpoint_path), Path(out_path)
+    try:
+        state = ckpt.load_checkpoint(src)
+    except ckpt.CheckpointError as e:
+        raise ExportError(str(e)) from None
+    if out.exists() and out.resolve() == src.resolve():
+        raise ExportError(f"--out={str(out)!r} is the checkpoint itself; write the release file elsewhere")
+    try:
+        chosen = _weights_of(state, weights, src)
+    except SampleError as e:
+        raise ExportError(str(e)) from None
+    ledger = {k: state["ledger"][k] for k in ckpt.LEDGER_KEYS}
+    ckpt.atomic_torch_save({"format": ckpt.MODEL_FORMAT, "weights": weights, "state_dict": chosen,
+                            "config": release_config(state["config"]), "ledger": ledger}, out)
+    h = hashlib.sha256()
+    with open(out, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"model": str(out), "sha256": h.hexdigest(), "checkpoint": str(src), "weights": weights,
+            "parameters": int(sum(t.numel() for t in chosen.values() if t.is_floating_point())),
+            **ledger, "epsilon_spent": float(ledger["epsilon_spent"]) if ledger["private"] else None}

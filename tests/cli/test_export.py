@@ -1,0 +1,141 @@
+"""`dpdm export`: a release file holds one set of weights, the network's description and the ledger,
+and none of the run's secrets; `dpdm sample` reads it as it reads the checkpoint."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import accounting
+from cli.main import main
+from dpdm import checkpoint as ckpt
+
+SEED = 987654321987
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code, err):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpdm: error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+def walk(obj, path=()):
+    """Every (key path, leaf) of nested dicts and lists."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield (*path, k), k
+            yield from walk(v, (*path, k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from walk(v, (*path, i))
+    else:
+        yield path, obj
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    rng = np.random.default_rng(0)
+    np.savez(d / "data.npz", x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8), y=(np.arange(24) % 3))
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=3, noise_multiplier=2.0,
+                                  noise_multiplicity=2, delta=1e-5, dataset_name=f"npz:{d / 'data.npz'}")
+    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")
+    code = main(["train", "--plan", str(d / "plan.json"), "--out", str(d / "run"), "--device", "cpu", "--quiet",
+                 "--seed", str(SEED), "--ema-power", "0.1"])
+    assert code == 0
+    return d
+
+
+def test_release_file_holds_no_secret(run, capsys):
+    d = run
+    code, out, err = run_cli(["export", "--run", d / "run", "--out", d / "model.pt", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    state = ckpt.load_checkpoint(d / "run" / "checkpoint.pt")
+    assert doc["private"] is True and doc["steps_done"] == 3 and doc["weights"] == "ema"
+    assert doc["epsilon_spent"] == pytest.approx(state["ledger"]["epsilon_spent"])
+    assert doc["plan_digest"] == accounting.load_plan(d / "plan.json").digest
+    model = torch.load(d / "model.pt", weights_only=True)
+    assert sorted(model) == sorted(ckpt.MODEL_KEYS) and model["format"] == ckpt.MODEL_FORMAT
+    # The checkpoint holds the secret seed and the data's fingerprint; the release file neither.
+    assert state["config"]["train"]["seed"] == SEED and state["config"]["data_digest"]
+    leaves = list(walk({k: v for k, v in model.items() if k != "state_dict"}))
+    keys = {p[-1] for p, _ in leaves if p}
+    assert not keys & {"seed", "data_digest", "rng", "optimizer", "lineage", "checkpoint", "ema_power"}, keys
+    values = [v for _, v in leaves]
+    assert SEED not in values and state["config"]["data_digest"] not in values
+    for name, t in model["state_dict"].items():
+        assert torch.equal(t, state["ema"][name])
+    assert model["ledger"] == state["ledger"]
+
+
+def test_sample_from_release_file_equals_sample_from_run(run, capsys):
+    d = run
+    assert run_cli(["export", "--run", d / "run", "--out", d / "m.pt"], capsys)[0] == 0
+    args = ["--n", 4, "--sampler-steps", 3, "--device", "cpu", "--seed", 5]
+    assert run_cli(["sample", "--run", d / "run", "--out", d / "a.npz", *args], capsys)[0] == 0
+    code, out, err = run_cli(["sample", "--checkpoint", d / "m.pt", "--out", d / "b.npz", "--json", *args], capsys)
+    assert code == 0, err
+    with np.load(d / "a.npz") as a, np.load(d / "b.npz") as b:
+        assert np.array_equal(a["x"], b["x"]) and np.array_equal(a["y"], b["y"])
+        assert bool(b["meta_private"]) and float(b["meta_epsilon"]) == pytest.approx(float(a["meta_epsilon"]))
+
+
+def test_one_set_of_weights(run, capsys):
+    d = run
+    code, _, err = run_cli(["export", "--run", d / "run", "--weights", "power:0.1", "--out", d / "p.pt"], capsys)
+    assert code == 0, err
+    assert "power:0.1 weights" in err
+    code, _, err = run_cli(["sample", "--checkpoint", d / "p.pt", "--n", 2, "--out", d / "p.npz"], capsys)
+    assert "holds only its 'power:0.1' weights" in one_error_line(code, err)
+    assert not (d / "p.npz").exists()
+    code, _, err = run_cli(["sample", "--checkpoint", d / "p.pt", "--n", 2, "--sampler-steps", 2,
+                            "--weights", "power:0.1", "--out", d / "p.npz", "--device", "cpu"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["export", "--run", d / "run", "--weights", "power:0.5", "--out", d / "q.pt"], capsys)
+    assert "power:0.5" in one_error_line(code, err) and not (d / "q.pt").exists()
+
+
+def test_bad_input_loses_nothing(run, capsys):
+    d = run
+    ck = d / "run" / "checkpoint.pt"
+    before = ck.read_bytes()
+    code, _, err = run_cli(["export", "--checkpoint", ck, "--out", ck], capsys)
+    assert "checkpoint itself" in one_error_line(code, err)
+    assert ck.read_bytes() == before
+    (d / "bad.pt").write_bytes(before[: len(before) // 2])
+    code, _, err = run_cli(["export", "--checkpoint", d / "bad.pt", "--out", d / "x.pt"], capsys)
+    one_error_line(code, err)
+    assert not (d / "x.pt").exists()
+    code, _, err = run_cli(["export", "--out", d / "x.pt"], capsys)
+    assert "--run" in one_error_line(code, err)
+    # A release file cannot be resumed or warm-started from: it is not a training checkpoint.
+    assert run_cli(["export", "--run", d / "run", "--out", d / "m2.pt"], capsys)[0] == 0
+    with pytest.raises(ckpt.CheckpointError, match="release file"):
+        ckpt.load_checkpoint(d / "m2.pt")
+    # Nor is a release file missing its ledger sampled from.
+    broken = torch.load(d / "m2.pt", weights_only=True)
+    del broken["ledger"]
+    torch.save(broken, d / "m3.pt")
+    code, _, err = run_cli(["sample", "--checkpoint", d / "m3.pt", "--n", 2, "--out", d / "m3.npz"], capsys)
+    assert "incomplete" in one_error_line(code, err) and not (d / "m3.npz").exists()
+
+
+def test_non_private_run_is_marked(tmp_path, run, capsys):
+    d = run
+    code = main(["train", "--plan", str(d / "plan.json"), "--out", str(tmp_path / "np"), "--device", "cpu",
+                 "--quiet", "--no-dp"])
+    assert code == 0
+    capsys.readouterr()
+    code, _, err = run_cli(["export", "--run", tmp_path / "np", "--out", tmp_path / "np.pt"], capsys)
+    assert code == 0 and "NON-PRIVATE" in err
+    assert torch.load(tmp_path / "np.pt", weights_only=True)["ledger"]["private"] is False
