@@ -82,6 +82,10 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True) -> Path:
                     TrainConfig(model=DEMO_MODEL, precond=DEMO_PRECOND, lr=DEMO_LR, device=device,
                                 checkpoint_every=50, log_every=5),
                     dataset_name="mnist5k", progress=True)
+    # The file to release: the EMA weights and the ledger, without the run folder's secrets.
+    from dpdm.export import export_model
+
+    released = export_model(run_dir / "checkpoint.pt", out / "model.pt")
     lap("train", t0)
 
     # 3. Sample.
@@ -133,6 +137,11 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True) -> Path:
             ("plan digest", doc.digest)]},
         {"title": "Samples", "image": str(grid_path), "text": f"One row per class, EMA weights, Euler (PF-ODE) sampler, "
                                                               f"classifier-free guidance {DEMO_GUIDANCE:g}."},
+        {"title": "Release", "rows": [
+            ("model to release", f"{released['model']} (EMA weights and the ledger; sha256 {released['sha256']})"),
+            ("synthetic data to release", str(samples_path)),
+            ("keep private", f"{run_dir} (its checkpoint holds the secret seed of the batches and the noise) "
+                             f"and {out / 'audit'}")]},
         {"title": "Quality", "rows": rows_metrics},
         {"title": "Privacy curve", "image": str(curve_path)},
     ]

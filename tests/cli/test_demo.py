@@ -1,0 +1,23 @@
+"""`dpdm demo` end to end at a few steps: the report, the samples and the file to release."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cli.main import main
+from dpdm import checkpoint as ckpt
+
+
+@pytest.mark.slow
+def test_demo_writes_report_and_release_file(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3", "--device", "cpu", "--skip-audit"]) == 0
+    report = capsys.readouterr().out.strip()
+    assert report.endswith("report.html") and (out / "report.html").exists()
+    md = (out / "report.md").read_text()
+    assert "model.pt" in md and "keep private" in md
+    model = torch.load(out / "model.pt", weights_only=True)
+    state = ckpt.load_checkpoint(out / "run" / "checkpoint.pt")
+    assert model["format"] == ckpt.MODEL_FORMAT and model["ledger"] == state["ledger"]
+    assert model["ledger"]["steps_done"] == 3 and "seed" not in model["config"].get("train", {})
+    assert (out / "samples.npz").exists() and (out / "grid.png").exists()
