@@ -20,6 +20,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def checkpoint_of(run_dir: str | None, checkpoint_path: str | None):
+    """The checkpoint that `--run RUN` or `--checkpoint FILE` names (exactly one of them)."""
+    from pathlib import Path
+
+    from cli.errors import BadInput
+
+    if (run_dir is None) == (checkpoint_path is None):
+        raise BadInput("give exactly one of --run and --checkpoint")
+    return Path(checkpoint_path) if checkpoint_path else Path(run_dir) / "checkpoint.pt"
+
+
 def emit_json(doc: dict[str, Any]) -> None:
     """The one JSON document that `--json` prints on stdout."""
     click.echo(json.dumps(doc, indent=2, default=_jsonable))

@@ -1,11 +1,9 @@
 """`dpdm export`: the release file of a run, without the run's secrets."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from cli._common import emit_json, info
+from cli._common import checkpoint_of, emit_json, info
 from cli.errors import BadInput
 
 
@@ -27,9 +25,7 @@ def export(run_dir, checkpoint_path, weights, out_path, as_json):
     images. The release file holds one set of weights, the network's description
     and the privacy ledger (epsilon spent, delta, plan digest), nothing else.
     """
-    if (run_dir is None) == (checkpoint_path is None):
-        raise BadInput("give exactly one of --run and --checkpoint")
-    path = Path(checkpoint_path) if checkpoint_path else Path(run_dir) / "checkpoint.pt"
+    path = checkpoint_of(run_dir, checkpoint_path)
     from dpdm.export import ExportError, export_model
 
     try:

@@ -1,11 +1,9 @@
 """`dpdm sample`: synthetic images from a trained run."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from cli._common import emit_json, info, resolve_device
+from cli._common import checkpoint_of, emit_json, info, resolve_device
 from cli.errors import BadInput
 
 
@@ -49,9 +47,7 @@ from cli.errors import BadInput
 def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, s_max, s_noise, guidance, guidance_interval, sigma_min, sigma_max, rho, weights, precision,
            seed, batch_size, device, out_path, grid_path, as_json):
     """Draw synthetic images from a trained (EMA) model."""
-    if (run_dir is None) == (checkpoint_path is None):
-        raise BadInput("give exactly one of --run and --checkpoint")
-    path = Path(checkpoint_path) if checkpoint_path else Path(run_dir) / "checkpoint.pt"
+    path = checkpoint_of(run_dir, checkpoint_path)
     if sigma_min is not None and sigma_max is not None and not sigma_min < sigma_max:
         raise BadInput(f"--sigma-min={sigma_min:g} must be below --sigma-max={sigma_max:g}")
     if guidance_interval is not None and not 0 <= guidance_interval[0] < guidance_interval[1]:

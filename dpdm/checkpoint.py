@@ -7,6 +7,7 @@ epsilon spent so far).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -83,11 +84,7 @@ def load_model_or_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     state = _load_weights_only(path)
     if state.get("format") != MODEL_FORMAT:
         return _checked_checkpoint(state, path)
-    ledger = state.get("ledger")
-    missing = [k for k in MODEL_KEYS if k not in state]
-    if missing or not isinstance(ledger, dict) or any(k not in ledger for k in LEDGER_KEYS):
-        raise CheckpointError(f"model file {str(path)!r} is incomplete (missing {missing or 'ledger fields'})")
-    return state
+    return _check_parts(state, MODEL_KEYS, f"model file {str(path)!r}")
 
 
 def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
@@ -116,11 +113,25 @@ def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
 def _checked_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a dpdm checkpoint (format {FORMAT!r} expected)")
-    missing = [k for k in REQUIRED_KEYS if k not in state]
+    return _check_parts(state, REQUIRED_KEYS, f"checkpoint {str(path)!r}")
+
+
+def _check_parts(state: dict[str, Any], keys: tuple[str, ...], what: str) -> dict[str, Any]:
+    """`state` itself, if it has every key of `keys` and a complete ledger; else CheckpointError."""
+    missing = [k for k in keys if k not in state]
     ledger = state.get("ledger")
     if missing or not isinstance(ledger, dict) or any(k not in ledger for k in LEDGER_KEYS):
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (missing {missing or 'ledger fields'})")
+        raise CheckpointError(f"{what} is incomplete (missing {missing or 'ledger fields'})")
     return state
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -9,7 +9,6 @@ the weights are DP-SGD's output and the rest is public (the plan is), so releasi
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -61,10 +60,6 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     ledger = {k: state["ledger"][k] for k in ckpt.LEDGER_KEYS}
     ckpt.atomic_torch_save({"format": ckpt.MODEL_FORMAT, "weights": weights, "state_dict": chosen,
                             "config": release_config(state["config"]), "ledger": ledger}, out)
-    h = hashlib.sha256()
-    with open(out, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"model": str(out), "sha256": h.hexdigest(), "checkpoint": str(src), "weights": weights,
+    return {"model": str(out), "sha256": ckpt.file_sha256(out), "checkpoint": str(src), "weights": weights,
             "parameters": int(sum(t.numel() for t in chosen.values() if t.is_floating_point())),
             **ledger, "epsilon_spent": float(ledger["epsilon_spent"]) if ledger["private"] else None}

@@ -198,13 +198,9 @@ def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any]) -> tupl
             raise TrainError(f"--init-from {str(path)!r} was trained on the same data "
                              f"({entry.get('dataset')!r}), itself or through its own warm start; a warm "
                              "start must come from public data, not from the private images")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     record = {
         "checkpoint": str(path),
-        "sha256": h.hexdigest(),
+        "sha256": ckpt.file_sha256(path),
         "dataset": cfg.get("dataset"),
         "data_digest": cfg.get("data_digest"),
         "steps_done": int(state["ledger"]["steps_done"]),
