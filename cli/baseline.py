@@ -31,6 +31,13 @@ def baseline() -> None:
 @click.option("--public-epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Non-private epochs on --public-pretrain (dpdm.baseline.DEFAULT_PUBLIC_EPOCHS; repeated "
                    "here so that --help does not import torch).")
+@click.option("--public-subspace", "subspace_dim", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Add the DP noise in the top-K subspace of the clipped gradients of --public-pretrain's "
+                   "examples, as `dpdm train --public-subspace` does (same plan and epsilon).")
+@click.option("--subspace-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Steps between recomputations of the public subspace.")
+@click.option("--subspace-examples", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Public examples per recomputation (at least K).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None,
               help="Fix the initialization, batches and noise (tests, reproduction). Default: a secret random "
@@ -38,11 +45,15 @@ def baseline() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, physical_batch, public_name,
-                  public_epochs, device, seed, as_json, quiet):
+                  public_epochs, subspace_dim, subspace_every, subspace_examples, device, seed, as_json, quiet):
     """A CNN (GroupNorm) trained directly with DP-SGD under the plan; prints its real test accuracy."""
     from dpdm.baseline import DEFAULT_LR, train_dp_classifier
     from dpdm.datasets import has_test_split, load_dataset
 
+    if subspace_dim is not None and public_name is None:
+        raise BadInput("--public-subspace needs --public-pretrain, the public data to estimate it from")
+    if subspace_dim is not None and subspace_examples < subspace_dim:
+        raise BadInput(f"--subspace-examples {subspace_examples} must be at least --public-subspace {subspace_dim}")
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
     if test_dataset is None and not has_test_split(name):
@@ -67,7 +78,9 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
     try:
         result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                      device=resolve_device(device), chunk_size=physical_batch,
-                                     progress=not quiet, public=public, public_epochs=public_epochs)
+                                     progress=not quiet, public=public, public_epochs=public_epochs,
+                                     subspace_dim=subspace_dim, subspace_every=subspace_every,
+                                     subspace_examples=subspace_examples)
     except ValueError as e:  # DataError and engine argument checks
         raise BadInput(str(e)) from None
     result = {"baseline": "dp-classifier", "dataset": name, "plan_digest": doc.digest,

@@ -39,7 +39,9 @@ def _loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = DEFAULT_LR,
                         seed: int | None = None, device: str | torch.device = "cpu",
                         chunk_size: int | None = None, progress: bool = False,
-                        public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS) -> dict:
+                        public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
+                        subspace_dim: int | None = None, subspace_every: int = 10,
+                        subspace_examples: int = 512) -> dict:
     """Trains a GroupNorm CNN with DP-SGD under `plan` and measures its real test accuracy.
 
     Args:
@@ -54,6 +56,9 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
       progress: show a progress bar on stderr.
       public: labelled public data of the same image shape and classes: trained on without
         privacy (Adam, batch 128, `public_epochs` epochs) before the DP-SGD steps.
+      subspace_dim: add the noise in the top-k subspace of the public examples' clipped gradients,
+        recomputed every `subspace_every` steps from `subspace_examples` of them (as `dpdm train
+        --public-subspace`; needs `public`). Same plan, same epsilon.
 
     Returns:
       {"test_accuracy", "steps", "expected_batch_size", "lr", "model", "seed", "seconds"} ("seed" is
@@ -64,7 +69,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
       DataError: training data whose size differs from the plan's, or unlabelled data.
     """
     from dpdm.data import PoissonSampler
-    from dpdm.engine import private_grad
+    from dpdm.engine import add_noise_in_subspace, clipped_grad_sum, private_grad, public_subspace
 
     if len(train) != plan.dataset_size:
         raise DataError(f"dataset {train.name!r} has {len(train)} training images but the plan was "
@@ -77,6 +82,12 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         raise ValueError(f"lr={lr!r} must be > 0")
     if public is not None:
         check_public_data(public, train)   # public_epochs is checked by pretrain_on_public
+    if subspace_dim is not None:
+        if public is None:
+            raise ValueError("subspace_dim needs public data to estimate the subspace from")
+        if not (1 <= subspace_dim <= subspace_examples <= len(public)) or subspace_every < 1:
+            raise ValueError(f"need 1 <= subspace_dim ({subspace_dim}) <= subspace_examples ({subspace_examples}) "
+                             f"<= public images ({len(public)}) and subspace_every >= 1")
     t0 = time.perf_counter()
     given_seed = seed
     if seed is None:
@@ -94,6 +105,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     opt = torch.optim.Adam(params.values(), lr=lr)
     sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    public_gen = torch.Generator().manual_seed(seed + 2)    # which public examples estimate the subspace
     x, y = train.x.to(device), train.y.to(device)
 
     from tqdm import tqdm
@@ -104,10 +116,21 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     for step in bar:
         idx = sampler.batch(step).to(device)
         stats: dict = {}
-        grads = private_grad(model, _loss_fn, x[idx], y[idx], clip_norm=plan.clip_norm,
-                             noise_multiplier=plan.noise_multiplier,
-                             expected_batch_size=plan.batch_size, generator=noise_gen,
-                             chunk_size=chunk_size, stats=stats)
+        if subspace_dim is None:
+            grads = private_grad(model, _loss_fn, x[idx], y[idx], clip_norm=plan.clip_norm,
+                                 noise_multiplier=plan.noise_multiplier,
+                                 expected_batch_size=plan.batch_size, generator=noise_gen,
+                                 chunk_size=chunk_size, stats=stats)
+        else:
+            if step % subspace_every == 0:
+                pick = torch.randperm(len(public), generator=public_gen)[:subspace_examples]
+                basis = public_subspace(model, _loss_fn, public.x[pick].to(device), public.y[pick].to(device),
+                                        dim=subspace_dim, clip_norm=plan.clip_norm, chunk_size=chunk_size)
+            grads = add_noise_in_subspace(
+                clipped_grad_sum(model, _loss_fn, x[idx], y[idx], clip_norm=plan.clip_norm, chunk_size=chunk_size,
+                                 stats=stats),
+                basis, noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
+                expected_batch_size=plan.batch_size, generator=noise_gen)
         for name, p in params.items():
             p.grad = grads[name].to(p.dtype)
         opt.step()
@@ -119,4 +142,6 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
             "seed": "secret" if given_seed is None else given_seed,
             "model": "CNN (paper's, GroupNorm, no dropout), Adam",
             **({"public_pretrain": pretrain} if pretrain is not None else {}),
+            **({"public_subspace": {"dim": subspace_dim, "every": subspace_every, "examples": subspace_examples}}
+               if subspace_dim is not None else {}),
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -59,6 +59,8 @@ __all__ = [
     "add_noise",
     "private_grad",
     "validate_model",
+    "public_subspace",
+    "add_noise_in_subspace",
 ]
 
 _aten = torch.ops.aten
@@ -624,3 +626,112 @@ def private_grad(
     grad_sum = clipped_grad_sum(model, loss_fn, *batch, clip_norm=clip_norm, chunk_size=chunk_size, stats=stats)
     return add_noise(grad_sum, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                      expected_batch_size=expected_batch_size, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise in a public gradient subspace (Zhou et al. 2021, "Bypassing the ambient dimension"; Yu et
+# al. 2021, GEP; Kairouz et al. 2021): the clipped sum is projected onto k orthonormal directions
+# estimated from PUBLIC examples, the noise is added there, and the result is mapped back. The
+# projection has spectral norm <= 1, so the projected sum still moves by at most clip_norm when one
+# example is added or removed: the same Gaussian mechanism, with noise of norm ~ sqrt(k) instead of
+# sqrt(d). Every example is still clipped as a whole (its K-averaged gradient) before the projection.
+
+
+def flatten_grads(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensors of a {name: tensor} dict, flattened and concatenated in the dict's order."""
+    return torch.cat([g.reshape(-1) for g in grads.values()])
+
+
+def _unflatten_like(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, at = {}, 0
+    for name, g in like.items():
+        out[name] = flat[at:at + g.numel()].reshape(g.shape).to(g.dtype)
+        at += g.numel()
+    return out
+
+
+def public_subspace(
+    model: nn.Module,
+    loss_fn: Callable,
+    *public_batch: torch.Tensor,
+    dim: int,
+    clip_norm: float,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """An orthonormal basis [d, dim] of the top-`dim` principal directions (uncentred) of the
+    clipped per-example gradients of PUBLIC examples at the model's current weights.
+
+    d counts the trainable parameters, flattened in `named_parameters` order (as `flatten_grads`
+    orders a gradient dict). Computed from the n x n Gram matrix in float64 (n = number of public
+    examples >= dim), then re-orthonormalised. The examples must not be private: the basis is used
+    without noise.
+    """
+    validate_model(model)
+    _check_positive(clip_norm=clip_norm)
+    n = _check_batch(public_batch)
+    if not isinstance(dim, int) or dim < 1 or dim > n:
+        raise ValueError(f"dim={dim!r} must be an integer in [1, {n}] (the number of public examples)")
+    step = n if chunk_size is None else chunk_size
+    rows = []
+    for start in range(0, n, max(step, 1)):
+        part = [t[start:start + step] for t in public_batch]
+        grads, _ = _per_example(model, loss_fn, part, None)
+        flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1)
+        del grads
+        norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+        flat = torch.where(torch.isfinite(norms), flat * (clip_norm / (norms + _CLIP_EPS)).clamp(max=1.0),
+                           torch.zeros((), dtype=flat.dtype, device=flat.device))
+        rows.append(flat)
+    G = torch.cat(rows)                                          # [n, d]
+    del rows
+    gram = (G.double() @ G.double().T)
+    evals, U = torch.linalg.eigh(gram)                           # ascending
+    top = torch.argsort(evals, descending=True)[:dim]
+    if not bool((evals[top] > 0).all()):
+        raise ValueError(f"the public gradients span fewer than {dim} directions; lower the dimension")
+    V = (G.T.double() @ U[:, top]) / evals[top].sqrt()           # [d, dim], orthonormal up to rounding
+    V, _ = torch.linalg.qr(V)
+    return V.to(G.dtype).contiguous()
+
+
+def _spectral_norm(basis: torch.Tensor) -> float:
+    """||basis||_2 computed in float64 from the stored (e.g. float32) entries."""
+    gram = basis.double().T @ basis.double()
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt())
+
+
+def add_noise_in_subspace(
+    grad_sum: dict[str, torch.Tensor],
+    basis: torch.Tensor,
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    expected_batch_size: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """basis @ (basis^T G + N(0, (noise_multiplier * clip_norm)^2 I_k)) / expected_batch_size.
+
+    G is the clipped sum of `clipped_grad_sum` over the trainable parameters (in the order of
+    `basis`' rows); `basis` [d, k] must be public (e.g. `public_subspace`). Its spectral norm is
+    checked to be <= 1 (an orthonormal basis, up to float rounding, is rescaled by its norm), so
+    basis^T G has sensitivity clip_norm, as G does.
+    """
+    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) \
+            or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
+    _check_positive(clip_norm=clip_norm, expected_batch_size=expected_batch_size)
+    flat = flatten_grads(grad_sum)
+    if basis.dim() != 2 or basis.shape[0] != flat.numel():
+        raise ValueError(f"basis has shape {tuple(basis.shape)}; it needs {flat.numel()} rows (the trainable "
+                         "parameters) and one column per direction")
+    if not bool(torch.isfinite(basis).all()):
+        raise ValueError("basis has non-finite entries")
+    norm = _spectral_norm(basis)
+    if norm > 1.0:
+        basis = basis / (norm * (1 + 1e-6))
+    proj = basis.T.to(flat.dtype) @ flat                         # [k]
+    if noise_multiplier > 0:
+        device = generator.device if generator is not None else proj.device
+        noise = torch.randn(proj.shape, generator=generator, dtype=proj.dtype, device=device).to(proj.device)
+        proj = proj + noise_multiplier * clip_norm * noise
+    return _unflatten_like((basis.to(flat.dtype) @ proj) / expected_batch_size, grad_sum)

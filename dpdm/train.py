@@ -32,7 +32,7 @@ from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
 from dpdm.data import PoissonSampler
-from dpdm.engine import add_noise, clipped_grad_sum, validate_model
+from dpdm.engine import add_noise, add_noise_in_subspace, clipped_grad_sum, public_subspace, validate_model
 from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
 from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
@@ -44,6 +44,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # Streams of per-step randomness (never reuse a number for two purposes).
 _STREAM_DIFFUSION = 1
 _STREAM_DP_NOISE = 2
+_STREAM_PUBLIC = 3      # public examples and their diffusion draws for the gradient subspace
 
 
 class TrainError(ValueError):
@@ -79,6 +80,11 @@ class TrainConfig:
                                          # in the denoiser's state dict); the rest stay at their start
                                          # (public: the warm start or the seeded init) and get neither
                                          # per-example gradients nor noise. None: all train
+    subspace_dim: int | None = None      # private runs: add the DP noise in the top-k subspace of PUBLIC
+                                         # per-example gradients (`engine.add_noise_in_subspace`); None: off
+    subspace_data: str | None = None     # name of the public dataset the subspace comes from
+    subspace_every: int = 10             # steps between recomputations of the subspace (at the current weights)
+    subspace_examples: int = 512         # public examples per recomputation (>= subspace_dim)
 
     def __post_init__(self) -> None:
         if self.precond not in ("edm", "v"):
@@ -107,6 +113,18 @@ class TrainConfig:
             # The DP step's per-example weight gradients are grouped convolutions, which oneDNN's
             # bf16 kernels do not speed up here (a bf16 engine measured slower, issue 4's notes).
             raise ValueError(f"precision={self.precision!r} is for --no-dp runs only; private runs train in fp32")
+        if self.subspace_dim is not None:
+            if not self.private:
+                raise ValueError("subspace_dim applies to private runs only")
+            if not (isinstance(self.subspace_dim, int) and self.subspace_dim >= 1):
+                raise ValueError(f"subspace_dim={self.subspace_dim!r} must be a positive integer")
+            if not self.subspace_data:
+                raise ValueError("subspace_dim needs subspace_data, the public dataset's name")
+            if self.subspace_every < 1:
+                raise ValueError(f"subspace_every={self.subspace_every!r} must be >= 1")
+            if self.subspace_examples < self.subspace_dim:
+                raise ValueError(f"subspace_examples={self.subspace_examples!r} must be >= subspace_dim="
+                                 f"{self.subspace_dim}")
         if self.trainable is not None and (not self.trainable or not all(
                 isinstance(p, str) and p.strip() for p in self.trainable)):
             raise ValueError(f"trainable={self.trainable!r} must be None or non-empty patterns")
@@ -358,6 +376,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    public_data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> dict[str, Any]:
     """Trains under `plan_doc` until the run has done exactly `plan.steps` steps.
 
@@ -371,6 +390,8 @@ def train(
         resume: continue from `out_dir/checkpoint.pt`.
         progress: show a progress bar on stderr (rank 0 only).
         on_step: called with the number of steps done after each step (tests use it).
+        public_data: (images, labels) of `config.subspace_data`, PUBLIC data from which the gradient
+            subspace is estimated (with config.subspace_dim only). Refused if it is the private data.
 
     Returns:
         The run summary: run, steps_done, epsilon_spent, plan_digest, private, ...
@@ -395,6 +416,10 @@ def train(
         )
     if y is not None and y.shape[0] != n:
         raise TrainError(f"labels ({y.shape[0]}) and images ({n}) differ in number")
+    if config.subspace_dim is not None:
+        _check_public_data(public_data, x, y, config, dataset_name)
+    elif public_data is not None:
+        raise TrainError("public_data is used only with a gradient subspace (subspace_dim)")
     ckpt_path = out / CHECKPOINT_NAME
     state = None
     if ckpt_path.exists():
@@ -461,6 +486,11 @@ def train(
             raise TrainError(f"cannot resume: the run trained {_patterns(saved_trainable)}, now "
                              f"{_patterns(config.trainable)} (--trainable)")
         run_config["init"] = saved.get("init")
+        saved_train = saved.get("train", {})
+        for key in ("subspace_dim", "subspace_data", "subspace_every", "subspace_examples"):
+            if saved_train.get(key, getattr(TrainConfig, key)) != getattr(config, key):
+                raise TrainError(f"cannot resume: the run used {key}={saved_train.get(key)!r}, now "
+                                 f"{getattr(config, key)!r}")
     elif config.init_from is not None:
         init_weights, run_config["init"] = load_warm_start(config.init_from, run_config)
 
@@ -487,6 +517,12 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         steps_done = int(state["ledger"]["steps_done"])
+    subspace = None   # {"basis": [d, k] public basis, "step": the step it was computed at}
+    if state is not None and config.subspace_dim is not None:
+        subspace = state.get("subspace")
+        if subspace is None:
+            raise TrainError("cannot resume: the checkpoint holds no gradient subspace")
+        subspace = {"basis": subspace["basis"].to(device), "step": int(subspace["step"])}
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -527,6 +563,8 @@ def train(
                     "rng": {"torch": torch.get_rng_state(), "scheme": "per-step SeedSequence(seed, step, stream)"},
                     "ledger": ledger.to_dict(),
                     "config": {**run_config, "private": config.private},
+                    **({"subspace": {"basis": subspace["basis"].cpu(), "step": subspace["step"]}}
+                       if subspace is not None else {}),
                 },
                 ckpt_path,
             )
@@ -572,12 +610,18 @@ def train(
                 batch.append(y_b[pos])
             batch += [sigma[pos], noise[pos]]
             stats: dict[str, Any] = {}
+            if config.subspace_dim is not None and (subspace is None or step % config.subspace_every == 0):
+                subspace = {"basis": _public_basis(D, loss_obj, loss_fn, public_data, config, conditional,
+                                                   num_classes, K, plan.clip_norm,
+                                                   step_seed(seed, step, _STREAM_PUBLIC), device),
+                            "step": step}
             if config.private:
                 grads = distributed_private_grad(
                     D, loss_fn, *batch, clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
                     expected_batch_size=plan.batch_size,
                     noise_seed=step_seed(seed, step, _STREAM_DP_NOISE),
-                    chunk_size=config.physical_batch, stats=stats, dist=dist)
+                    chunk_size=config.physical_batch, stats=stats, dist=dist,
+                    basis=None if subspace is None else subspace["basis"])
                 loss_sum, count = dist.all_reduce_scalars(
                     [float(stats.get("loss_mean", 0.0)) * len(local) if len(local) else 0.0, float(len(local))])
                 clipped = dist.all_reduce_scalars([float(stats.get("clipped_fraction", 0.0)) * len(local)])[0]
@@ -651,22 +695,67 @@ def distributed_private_grad(
     chunk_size: int | None = None,
     stats: dict | None = None,
     dist: _Dist | None = None,
+    basis: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One logical DP-SGD step's gradient over the ranks of `dist` (a world of one by default).
 
     Each rank clips and sums the per-example gradients of its shard; rank 0 alone adds
     N(0, (noise_multiplier * clip_norm)^2) to its sum, exactly once per logical step; the sums are
     all-reduced and divided by the expected (public) batch size of the whole logical batch. With one
-    rank this is `dpdm.engine.private_grad`.
+    rank this is `dpdm.engine.private_grad`. With a public `basis` [d, k], each rank's sum is
+    projected onto it and rank 0's noise lies in it (`dpdm.engine.add_noise_in_subspace`); the
+    projection is linear, so the all-reduced result is the projected sum plus one noise draw.
     """
     dist = dist or _Dist.current()
     grad_sum = clipped_grad_sum(D, loss_fn, *local_batch, clip_norm=clip_norm, chunk_size=chunk_size, stats=stats)
-    if dist.is_main:
+    if basis is not None:
+        device = next(iter(grad_sum.values())).device
+        grad_sum = add_noise_in_subspace(grad_sum, basis, noise_multiplier=noise_multiplier if dist.is_main else 0.0,
+                                         clip_norm=clip_norm, expected_batch_size=1.0,
+                                         generator=_generator(noise_seed, device))
+    elif dist.is_main:
         device = next(iter(grad_sum.values())).device
         grad_sum = add_noise(grad_sum, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                              expected_batch_size=1.0, generator=_generator(noise_seed, device))
     dist.all_reduce_(grad_sum)
     return {k: v / expected_batch_size for k, v in grad_sum.items()}
+
+
+def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str | None) -> None:
+    """The subspace's data must be given, public (not the private images or their source) and shaped alike."""
+    if public_data is None:
+        raise TrainError(f"a gradient subspace needs the public data ({config.subspace_data!r})")
+    px, py = public_data
+    if same_images(config.subspace_data, dataset_name):
+        raise TrainError(f"the subspace data {config.subspace_data!r} is the private dataset {dataset_name!r} "
+                         "(or its source); the subspace must come from public data")
+    if tuple(px.shape[1:]) != tuple(x.shape[1:]):
+        raise TrainError(f"the subspace data {config.subspace_data!r} has images of shape {tuple(px.shape[1:])}, "
+                         f"the private data {tuple(x.shape[1:])}")
+    if data_fingerprint(px, py) == data_fingerprint(x, y):
+        raise TrainError(f"the subspace data {config.subspace_data!r} holds the private images themselves")
+    if len(px) < config.subspace_examples:
+        raise TrainError(f"the subspace data {config.subspace_data!r} has {len(px)} images, fewer than "
+                         f"subspace_examples={config.subspace_examples}")
+    if (y is None) != (py is None):
+        raise TrainError(f"the subspace data {config.subspace_data!r} and the private data must both have "
+                         "labels or both have none")
+
+
+def _public_basis(D, loss_obj, loss_fn, public_data, config: TrainConfig, conditional: bool, num_classes: int,
+                  K: int, clip_norm: float, seed: int, device) -> torch.Tensor:
+    """`engine.public_subspace` at the current weights, from `config.subspace_examples` public examples
+    (drawn, with their diffusion noise and label drops, from the public stream of this step)."""
+    px, py = public_data
+    g = _generator(seed, torch.device("cpu"))
+    idx = torch.randperm(len(px), generator=g)[:config.subspace_examples]
+    batch = [px[idx].to(device)]
+    if conditional:
+        batch.append(drop_labels(py[idx], config.label_dropout, num_classes, generator=g).to(device))
+    sigma, noise = loss_obj.draw(len(idx), K, tuple(px.shape[1:]), generator=g)
+    batch += [sigma.to(device), noise.to(device)]
+    return public_subspace(D, loss_fn, *batch, dim=config.subspace_dim, clip_norm=clip_norm,
+                           chunk_size=config.physical_batch)
 
 
 def _truncate_metrics(path: Path, steps_done: int) -> None:

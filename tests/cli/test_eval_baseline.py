@@ -213,3 +213,24 @@ def test_baseline_public_pretrain_then_dp_steps(digit_files, tmp_path, capsys):
     code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--test-dataset",
                         f"npz:{digit_files['test']}", "--public-pretrain", "digits28")   # 28x28, private 8x8
     _assert_one_line_error(code, err, "public data", "digits28")
+
+
+def test_baseline_public_subspace(digit_files, tmp_path, capsys):
+    private = f"npz:{digit_files['train']}"
+    path = _plan(tmp_path, 600, private, steps=3)
+    common = ("baseline", "dp-classifier", "--plan", str(path), "--test-dataset", f"npz:{digit_files['test']}",
+              "--device", "cpu", "--seed", "0")
+    code, _, err = _run(capsys, *common, "--public-subspace", "8")
+    _assert_one_line_error(code, err, "--public-subspace", "--public-pretrain")
+    code, _, err = _run(capsys, *common, "--public-pretrain", f"npz:{digit_files['samples']}",
+                        "--public-subspace", "16", "--subspace-examples", "8")
+    _assert_one_line_error(code, err, "--subspace-examples")
+    runs = []
+    for extra in ((), ("--public-subspace", "8", "--subspace-examples", "32", "--subspace-every", "2")):
+        code, out, err = _run(capsys, *common, "--json", "--public-pretrain", f"npz:{digit_files['samples']}",
+                              "--public-epochs", "2", *extra)
+        assert code == 0, err
+        runs.append(json.loads(out))
+    assert "public_subspace" not in runs[0]
+    assert runs[1]["public_subspace"] == {"dim": 8, "every": 2, "examples": 32} and runs[1]["steps"] == 3
+    assert 0.0 <= runs[1]["test_accuracy"] <= 1.0

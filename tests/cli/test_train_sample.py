@@ -163,6 +163,27 @@ def test_trainable_flag(tiny, capsys):
     assert json.loads((d / "run" / "config.json").read_text())["train"]["trainable"] == ["net.mid.*", "net.dec.*"]
 
 
+def test_public_subspace_flags(tiny, capsys):
+    d = tiny
+    rng = np.random.default_rng(2)
+    np.savez(d / "public.npz", x=rng.integers(0, 256, size=(30, 1, 8, 8), dtype=np.uint8),
+             y=(np.arange(30) % 3).astype(np.int64))
+    public = f"npz:{d / 'public.npz'}"
+    for extra, needle in ((["--public-subspace", 4], "--subspace-data"),
+                          (["--subspace-data", public], "--public-subspace"),
+                          (["--public-subspace", 4, "--subspace-data", public, "--no-dp"], "private runs"),
+                          (["--public-subspace", 8, "--subspace-data", public, "--subspace-examples", 4], "at least"),
+                          (["--public-subspace", 4, "--subspace-data", f"npz:{d / 'data.npz'}"], "public data")):
+        code, _, err = run_cli(_train_args(d, d / "run", *extra), capsys)
+        assert needle in _one_error_line(code, err) and not (d / "run").exists()
+    code, _, err = run_cli(_train_args(d, d / "run", "--public-subspace", 3, "--subspace-data", public,
+                                       "--subspace-examples", 8, "--subspace-every", 2), capsys)
+    assert code == 0, err
+    train = json.loads((d / "run" / "config.json").read_text())["train"]
+    assert (train["subspace_dim"], train["subspace_data"], train["subspace_every"]) == (3, public, 2)
+    assert ckpt.load_checkpoint(d / "run" / "checkpoint.pt")["subspace"]["basis"].shape[1] == 3
+
+
 def test_precision_flags(tiny, capsys):
     d = tiny
     code, _, err = run_cli(_train_args(d, d / "run", "--precision", "bf16"), capsys)
