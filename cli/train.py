@@ -56,7 +56,8 @@ from cli.errors import BadInput
 @click.option("--subspace-data", default=None, metavar="NAME",
               help="The public dataset of --public-subspace (e.g. digits28-aug for mnist5k); never the private data.")
 @click.option("--subspace-every", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Steps between recomputations of the public subspace (at the current weights).")
+              help="Steps between recomputations of the public subspace (at the current weights); must divide "
+                   "--checkpoint-every, so that a resume recomputes it where the run left off.")
 @click.option("--subspace-examples", type=click.IntRange(min=1), default=512, show_default=True,
               help="Public examples per recomputation (at least K).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
@@ -94,6 +95,9 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
             raise BadInput("--public-subspace needs --subspace-data, the public dataset to estimate it from")
         if subspace_examples < subspace_dim:
             raise BadInput(f"--subspace-examples {subspace_examples} must be at least --public-subspace {subspace_dim}")
+        if checkpoint_every % subspace_every:
+            raise BadInput(f"--subspace-every {subspace_every} must divide --checkpoint-every {checkpoint_every} "
+                           "(a resume recomputes the subspace at the checkpoint)")
     elif subspace_data is not None:
         raise BadInput("--subspace-data is used only with --public-subspace K")
     doc = load_locked_plan(plan_path)

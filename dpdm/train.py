@@ -122,6 +122,11 @@ class TrainConfig:
                 raise ValueError("subspace_dim needs subspace_data, the public dataset's name")
             if self.subspace_every < 1:
                 raise ValueError(f"subspace_every={self.subspace_every!r} must be >= 1")
+            if self.checkpoint_every % self.subspace_every:
+                # A resumed run recomputes the subspace at its checkpoint's step from the saved weights,
+                # as the uninterrupted run did there; so checkpoints need not hold the d x k basis.
+                raise ValueError(f"subspace_every={self.subspace_every} must divide checkpoint_every="
+                                 f"{self.checkpoint_every} (a resume recomputes the subspace at the checkpoint)")
             if self.subspace_examples < self.subspace_dim:
                 raise ValueError(f"subspace_examples={self.subspace_examples!r} must be >= subspace_dim="
                                  f"{self.subspace_dim}")
@@ -517,12 +522,9 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         steps_done = int(state["ledger"]["steps_done"])
-    subspace = None   # {"basis": [d, k] public basis, "step": the step it was computed at}
-    if state is not None and config.subspace_dim is not None:
-        subspace = state.get("subspace")
-        if subspace is None:
-            raise TrainError("cannot resume: the checkpoint holds no gradient subspace")
-        subspace = {"basis": subspace["basis"].to(device), "step": int(subspace["step"])}
+    # {"basis": [d, k] public basis, "step": the step it was computed at}. Checkpoints fall on steps
+    # where it is recomputed (subspace_every divides checkpoint_every), so a resume computes it afresh.
+    subspace = None
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -563,8 +565,6 @@ def train(
                     "rng": {"torch": torch.get_rng_state(), "scheme": "per-step SeedSequence(seed, step, stream)"},
                     "ledger": ledger.to_dict(),
                     "config": {**run_config, "private": config.private},
-                    **({"subspace": {"basis": subspace["basis"].cpu(), "step": subspace["step"]}}
-                       if subspace is not None else {}),
                 },
                 ckpt_path,
             )

@@ -173,7 +173,8 @@ def test_public_subspace_flags(tiny, capsys):
                           (["--subspace-data", public], "--public-subspace"),
                           (["--public-subspace", 4, "--subspace-data", public, "--no-dp"], "private runs"),
                           (["--public-subspace", 8, "--subspace-data", public, "--subspace-examples", 4], "at least"),
-                          (["--public-subspace", 4, "--subspace-data", f"npz:{d / 'data.npz'}"], "public data")):
+                          (["--public-subspace", 4, "--subspace-data", f"npz:{d / 'data.npz'}", "--subspace-every", 2],
+                           "public data")):
         code, _, err = run_cli(_train_args(d, d / "run", *extra), capsys)
         assert needle in _one_error_line(code, err) and not (d / "run").exists()
     code, _, err = run_cli(_train_args(d, d / "run", "--public-subspace", 3, "--subspace-data", public,
@@ -181,7 +182,9 @@ def test_public_subspace_flags(tiny, capsys):
     assert code == 0, err
     train = json.loads((d / "run" / "config.json").read_text())["train"]
     assert (train["subspace_dim"], train["subspace_data"], train["subspace_every"]) == (3, public, 2)
-    assert ckpt.load_checkpoint(d / "run" / "checkpoint.pt")["subspace"]["basis"].shape[1] == 3
+    code, _, err = run_cli(_train_args(d, d / "odd", "--public-subspace", 3, "--subspace-data", public,
+                                       "--subspace-examples", 8, "--subspace-every", 3), capsys)
+    assert "must divide --checkpoint-every" in _one_error_line(code, err) and not (d / "odd").exists()
 
 
 def test_precision_flags(tiny, capsys):
