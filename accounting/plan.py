@@ -409,10 +409,17 @@ def load_plan(path: str | os.PathLike) -> PlanDocument:
             text = f.read()
     except OSError as e:
         raise PlanError(f"{path}: cannot read the plan ({e.strerror or e})") from e
+    return parse_plan(text, path)
+
+
+def parse_plan(text: str, path: str = "plan") -> PlanDocument:
+    """`load_plan` of a plan.json's text (e.g. one embedded in a release file); `path` names it in errors."""
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise PlanError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    if not isinstance(d, dict):
+        raise PlanError(f"{path}: not a plan (a JSON object expected)")
     plan = plan_from_dict(d, path)
     stored_digest = _get(d, "digest", path, str)
     if stored_digest != plan.digest():

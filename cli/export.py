@@ -23,7 +23,8 @@ def export(run_dir, checkpoint_path, weights, out_path, as_json):
     The run folder is not: checkpoint.pt holds the secret seed and RNG state from
     which the batches and the DP noise derive, and a fingerprint of the private
     images. The release file holds one set of weights, the network's description
-    and the privacy ledger (epsilon spent, delta, plan digest), nothing else.
+    and the privacy ledger (epsilon spent, delta, plan digest) with the run's plan
+    (public), against which a reader re-accounts the ledger; nothing else.
     """
     path = checkpoint_of(run_dir, checkpoint_path)
     from dpdm.export import ExportError, export_model

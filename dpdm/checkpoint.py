@@ -22,9 +22,11 @@ FORMAT = "dpdm.checkpoint/1"
 REQUIRED_KEYS = ("format", "model", "ema", "optimizer", "rng", "ledger", "config")
 LEDGER_KEYS = ("plan_digest", "plan_steps", "steps_done", "epsilon_spent", "delta", "private")
 # A release file (`dpdm export`): one set of weights, the network's description and the ledger; none of
-# the run's secrets (seed, RNG state), optimizer state, or fingerprint of the private data.
+# the run's secrets (seed, RNG state), optimizer state, or fingerprint of the private data. It carries
+# its plan (the text of the run's plan.json), against which its ledger is re-accounted when loaded.
 MODEL_FORMAT = "dpdm.model/1"
-MODEL_KEYS = ("format", "weights", "state_dict", "config", "ledger")
+MODEL_KEYS = ("format", "weights", "state_dict", "config", "ledger", "plan")
+LEDGER_RTOL = 1e-6   # a release file's epsilon against the accountant's at its steps
 
 
 class CheckpointError(ValueError):
@@ -79,12 +81,47 @@ def load_model_or_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A training checkpoint or a release file (`dpdm export`), loaded with `weights_only=True` and checked.
 
     Raises:
-        CheckpointError: as `load_checkpoint`, or a release file that lacks a part.
+        CheckpointError: as `load_checkpoint`, or a release file that lacks a part or whose ledger
+            does not re-account against its plan (`verify_release_ledger`).
     """
     state = _load_weights_only(path)
     if state.get("format") != MODEL_FORMAT:
         return _checked_checkpoint(state, path)
-    return _check_parts(state, MODEL_KEYS, f"model file {str(path)!r}")
+    state = _check_parts(state, MODEL_KEYS, f"model file {str(path)!r}")
+    verify_release_ledger(state, f"model file {str(path)!r}")
+    return state
+
+
+def verify_release_ledger(state: dict[str, Any], what: str) -> None:
+    """Raises CheckpointError unless the release file's plan is a locked plan (digest, certificate)
+    and its ledger is that plan's: same digest, steps and delta, steps done within the plan, and
+    (private runs) epsilon spent equal to the accountant's at the steps done. An edited ledger, or
+    a plan swapped in, is refused; a file rewritten consistently from scratch cannot be detected,
+    so publish the file's sha256 (`dpdm export` prints it)."""
+    import math
+
+    import accounting
+
+    text = state.get("plan")
+    if not isinstance(text, str):
+        raise CheckpointError(f"{what} is incomplete (its plan is not the text of a plan.json)")
+    try:
+        doc = accounting.parse_plan(text, f"{what}: its plan")
+    except accounting.PlanError as e:
+        raise CheckpointError(str(e)) from None
+    ledger, plan = state["ledger"], doc.plan
+    steps = ledger["steps_done"]
+    if (ledger["plan_digest"] != doc.digest or ledger["plan_steps"] != plan.steps or ledger["delta"] != plan.delta
+            or isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= plan.steps):
+        raise CheckpointError(f"{what}: its ledger (plan {str(ledger['plan_digest'])[:19]}..., {steps!r} of "
+                              f"{ledger['plan_steps']!r} steps, delta {ledger['delta']!r}) is not its plan's "
+                              f"({doc.digest[:19]}..., {plan.steps} steps, delta {plan.delta!r}); the file was edited")
+    if ledger["private"]:
+        expected = min(accounting.epsilon_spent(plan, steps), doc.epsilon)
+        got = ledger["epsilon_spent"]
+        if not isinstance(got, (int, float)) or not math.isclose(float(got), expected, rel_tol=LEDGER_RTOL):
+            raise CheckpointError(f"{what}: its ledger says epsilon {got!r} after {steps} steps, the accountant "
+                                  f"{expected:.6g}; the file was edited")
 
 
 def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:

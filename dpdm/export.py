@@ -4,7 +4,8 @@ A training checkpoint is for resuming, not for release: it holds the run's secre
 (from which the Poisson batches and every step's DP noise derive, so anyone holding them could
 subtract the noise), and a fingerprint of the private images (`data_digest`, which lets whoever
 can guess the dataset test the guess). A release file holds one set of weights, the description of
-the network the sampler needs, the public dataset a warm start came from, and the privacy ledger;
+the network the sampler needs, the public dataset a warm start came from, and the privacy ledger
+with the run's plan.json text (re-accounted by `checkpoint.verify_release_ledger` whenever it is loaded);
 the weights are DP-SGD's output and the rest is public (the plan is), so releasing it costs no budget.
 """
 from __future__ import annotations
@@ -34,6 +35,25 @@ def release_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _plan_text(checkpoint: Path, ledger: dict[str, Any]) -> str:
+    """The text of the run's plan.json (beside the checkpoint, as `dpdm train` writes it), if it is the
+    locked plan the ledger names."""
+    import accounting
+
+    path = checkpoint.parent / "plan.json"
+    if not path.is_file():
+        raise ExportError(f"no plan.json beside {str(checkpoint)!r}: export from the run folder, which holds the "
+                          "plan the ledger is certified against")
+    try:
+        doc = accounting.load_plan(path)
+    except accounting.PlanError as e:
+        raise ExportError(str(e)) from None
+    if doc.digest != ledger["plan_digest"]:
+        raise ExportError(f"{str(path)!r} is plan {doc.digest[:19]}..., but the checkpoint was trained under "
+                          f"{str(ledger['plan_digest'])[:19]}...")
+    return path.read_text(encoding="utf-8")
+
+
 def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, *,
                  weights: str = "ema") -> dict[str, Any]:
     """Writes the release file of a checkpoint to `out_path` atomically. Returns a summary.
@@ -42,7 +62,7 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
 
     Raises:
         ExportError: the checkpoint is missing, corrupt or not a training checkpoint; `weights` is not
-            in it; or `out_path` is the checkpoint itself.
+            in it; no locked plan.json of its plan lies beside it; or `out_path` is the checkpoint itself.
     """
     from dpdm.sample import SampleError, _weights_of
 
@@ -58,8 +78,13 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     except SampleError as e:
         raise ExportError(str(e)) from None
     ledger = {k: state["ledger"][k] for k in ckpt.LEDGER_KEYS}
-    ckpt.atomic_torch_save({"format": ckpt.MODEL_FORMAT, "weights": weights, "state_dict": chosen,
-                            "config": release_config(state["config"]), "ledger": ledger}, out)
+    release = {"format": ckpt.MODEL_FORMAT, "weights": weights, "state_dict": chosen,
+               "config": release_config(state["config"]), "ledger": ledger, "plan": _plan_text(src, ledger)}
+    try:
+        ckpt.verify_release_ledger(release, f"the release file of {str(src)!r}")   # what `dpdm sample` checks
+    except ckpt.CheckpointError as e:
+        raise ExportError(str(e)) from None
+    ckpt.atomic_torch_save(release, out)
     return {"model": str(out), "sha256": ckpt.file_sha256(out), "checkpoint": str(src), "weights": weights,
             "parameters": int(sum(t.numel() for t in chosen.values() if t.is_floating_point())),
             **ledger, "epsilon_spent": float(ledger["epsilon_spent"]) if ledger["private"] else None}

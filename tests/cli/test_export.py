@@ -2,7 +2,9 @@
 and none of the run's secrets; `dpdm sample` reads it as it reads the checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -139,3 +141,39 @@ def test_non_private_run_is_marked(tmp_path, run, capsys):
     code, _, err = run_cli(["export", "--run", tmp_path / "np", "--out", tmp_path / "np.pt"], capsys)
     assert code == 0 and "NON-PRIVATE" in err
     assert torch.load(tmp_path / "np.pt", weights_only=True)["ledger"]["private"] is False
+
+
+def test_release_ledger_is_reaccounted_against_its_plan(run, tmp_path, capsys):
+    """The release file carries its plan; an edited ledger or a swapped plan is refused by `dpdm sample`."""
+    d = run
+    assert run_cli(["export", "--run", d / "run", "--out", tmp_path / "m.pt"], capsys)[0] == 0
+    model = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert accounting.parse_plan(model["plan"]).digest == model["ledger"]["plan_digest"]
+    other = accounting.make_plan_document(dataclasses.replace(accounting.load_plan(d / "plan.json").plan,
+                                                              noise_multiplier=3.0))
+    accounting.write_plan(other, tmp_path / "other.json")
+    edits = {
+        "epsilon": lambda m: m["ledger"].update(epsilon_spent=m["ledger"]["epsilon_spent"] / 2),
+        "steps": lambda m: m["ledger"].update(steps_done=1),
+        "plan": lambda m: m.update(plan=(tmp_path / "other.json").read_text()),
+        "tampered plan": lambda m: m.update(plan=m["plan"].replace('"steps": 3', '"steps": 2')),
+        "no plan": lambda m: m.update(plan=None),
+    }
+    for name, edit in edits.items():
+        bad = torch.load(tmp_path / "m.pt", weights_only=True)
+        edit(bad)
+        torch.save(bad, tmp_path / "bad.pt")
+        code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "bad.pt", "--n", 2, "--out",
+                                tmp_path / "bad.npz"], capsys)
+        line = one_error_line(code, err)
+        assert ("edited" in line or "digest" in line or "incomplete" in line), (name, line)
+        assert not (tmp_path / "bad.npz").exists()
+    # Export needs the run's plan.json beside the checkpoint (the plan its ledger is certified against).
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(d / "run" / "checkpoint.pt", lone / "checkpoint.pt")
+    code, _, err = run_cli(["export", "--checkpoint", lone / "checkpoint.pt", "--out", tmp_path / "x.pt"], capsys)
+    assert "plan.json" in one_error_line(code, err) and not (tmp_path / "x.pt").exists()
+    shutil.copy(tmp_path / "other.json", lone / "plan.json")
+    code, _, err = run_cli(["export", "--checkpoint", lone / "checkpoint.pt", "--out", tmp_path / "x.pt"], capsys)
+    assert "trained under" in one_error_line(code, err) and not (tmp_path / "x.pt").exists()
