@@ -78,6 +78,18 @@ def plan_dataset_name(doc, dataset: str | None) -> str:
     return name
 
 
+def load_public_data(option: str, public_name: str, private_name: str, *, data_root, download: bool, use: str):
+    """The training split of the PUBLIC dataset `option` names, or one error line when it holds the
+    private dataset's images (the same images or their source, `dataset_sizes.same_images`)."""
+    from cli.errors import BadInput
+    from dpdm.dataset_sizes import same_images
+
+    if same_images(public_name, private_name):
+        raise BadInput(f"{option}={public_name!r} holds the private dataset's images ({private_name!r}); "
+                       f"{use} must use public data")
+    return load_training_data(public_name, data_root=data_root, download=download)
+
+
 def load_training_data(name: str, *, data_root, download: bool):
     """The training split of `name`, or one `--dataset=...` error line."""
     from cli.errors import BadInput

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from cli._common import emit_json, load_locked_plan, load_training_data, plan_dataset_name, resolve_device
+from cli._common import (emit_json, load_locked_plan, load_public_data, load_training_data, plan_dataset_name,
+                         resolve_device)
 from cli.errors import BadInput
 
 
@@ -69,12 +70,8 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         raise BadInput(f"--test-dataset={test_dataset or name!r}: {e}") from None
     public = None
     if public_name is not None:
-        from dpdm.dataset_sizes import same_images
-
-        if same_images(public_name, name):
-            raise BadInput(f"--public-pretrain={public_name!r} holds the private dataset's images ({name!r}); "
-                           "pretraining must use public data")
-        public = load_training_data(public_name, data_root=data_root, download=download)
+        public = load_public_data("--public-pretrain", public_name, name, data_root=data_root, download=download,
+                                  use="pretraining")
     try:
         result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                      device=resolve_device(device), chunk_size=physical_batch,

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from cli._common import (emit_json, info, load_locked_plan, load_training_data, plan_dataset_name,
+from cli._common import (emit_json, info, load_locked_plan, load_public_data, load_training_data, plan_dataset_name,
                          resolve_device, warn)
 from cli.errors import BadInput
 
@@ -105,12 +105,8 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
     data = load_training_data(name, data_root=data_root, download=download)
     public_data = None
     if subspace_dim is not None:
-        from dpdm.dataset_sizes import same_images
-
-        if same_images(subspace_data, name):
-            raise BadInput(f"--subspace-data={subspace_data!r} is the private dataset {name!r} (or its source); "
-                           "the subspace must come from public data")
-        pub = load_training_data(subspace_data, data_root=data_root, download=download)
+        pub = load_public_data("--subspace-data", subspace_data, name, data_root=data_root, download=download,
+                               use="the subspace")
         public_data = (pub.x, pub.y)
     if init_from is not None and not resume and not os.path.isfile(init_from):
         raise BadInput(f"--init-from {init_from!r}: no such file")

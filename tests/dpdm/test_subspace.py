@@ -14,7 +14,7 @@ from dpdm.engine import (add_noise_in_subspace, clipped_grad_sum, flatten_grads,
 from dpdm.train import CHECKPOINT_NAME, TrainConfig, TrainError, train
 
 from tests.dpdm.test_engine import small_unet_case
-from tests.dpdm.test_train import CFG, params_of, tiny_data, tiny_plan
+from tests.dpdm.test_train import CFG, Stop, params_of, stop_at, tiny_data, tiny_plan
 
 F64 = torch.float64
 
@@ -120,16 +120,9 @@ def test_subspace_run_updates_only_inside_the_basis_and_resumes_exactly(tmp_path
     state = ckpt.load_checkpoint(full / CHECKPOINT_NAME)
     assert state["config"]["train"]["subspace_dim"] == 3
     assert "subspace" not in state     # recomputed on resume (checkpoints fall on recomputation steps)
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_3(n):
-        if n == 3:
-            raise Stop
     with pytest.raises(Stop):
         train(doc, x, y, c, part, cfg, dataset_name="tiny", progress=False, public_data=public_tiny(),
-              on_step=stop_at_3)
+              on_step=stop_at(3))
     with pytest.raises(TrainError, match="subspace_dim"):
         train(doc, x, y, c, part, TrainConfig(**CFG), dataset_name="tiny", resume=True, progress=False)
     train(doc, x, y, c, part, cfg, dataset_name="tiny", resume=True, progress=False, public_data=public_tiny())

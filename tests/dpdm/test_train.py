@@ -31,6 +31,17 @@ def tiny_plan(n=24, steps=6, batch=6, sigma=1.0, K=2):
 CFG = dict(model="small", checkpoint_every=2, log_every=1, seed=3)
 
 
+class Stop(Exception):
+    """Raised by the callback of `stop_at(n)`: a run killed after its n-th step."""
+
+
+def stop_at(n):
+    def callback(steps_done):
+        if steps_done == n:
+            raise Stop
+    return callback
+
+
 def params_of(run: Path, key="model"):
     return ckpt.load_checkpoint(run / CHECKPOINT_NAME)[key]
 
