@@ -418,8 +418,6 @@ def parse_plan(text: str, path: str = "plan") -> PlanDocument:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise PlanError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
-    if not isinstance(d, dict):
-        raise PlanError(f"{path}: not a plan (a JSON object expected)")
     plan = plan_from_dict(d, path)
     stored_digest = _get(d, "digest", path, str)
     if stored_digest != plan.digest():
