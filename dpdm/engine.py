@@ -684,12 +684,13 @@ def public_subspace(
         rows.append(flat)
     G = torch.cat(rows)                                          # [n, d]
     del rows
-    gram = (G.double() @ G.double().T)
-    evals, U = torch.linalg.eigh(gram)                           # ascending
+    Gd = G.double()
+    evals, U = torch.linalg.eigh(Gd @ Gd.T)                      # the n x n Gram matrix; ascending
     top = torch.argsort(evals, descending=True)[:dim]
     if not bool((evals[top] > 0).all()):
         raise ValueError(f"the public gradients span fewer than {dim} directions; lower the dimension")
-    V = (G.T.double() @ U[:, top]) / evals[top].sqrt()           # [d, dim], orthonormal up to rounding
+    V = (Gd.T @ U[:, top]) / evals[top].sqrt()                   # [d, dim], orthonormal up to rounding
+    del Gd
     V, _ = torch.linalg.qr(V)
     return V.to(G.dtype).contiguous()
 
@@ -716,9 +717,6 @@ def add_noise_in_subspace(
     checked to be <= 1 (an orthonormal basis, up to float rounding, is rescaled by its norm), so
     basis^T G has sensitivity clip_norm, as G does.
     """
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) \
-            or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
     _check_positive(clip_norm=clip_norm, expected_batch_size=expected_batch_size)
     flat = flatten_grads(grad_sum)
     if basis.dim() != 2 or basis.shape[0] != flat.numel():
@@ -729,9 +727,7 @@ def add_noise_in_subspace(
     norm = _spectral_norm(basis)
     if norm > 1.0:
         basis = basis / (norm * (1 + 1e-6))
-    proj = basis.T.to(flat.dtype) @ flat                         # [k]
-    if noise_multiplier > 0:
-        device = generator.device if generator is not None else proj.device
-        noise = torch.randn(proj.shape, generator=generator, dtype=proj.dtype, device=device).to(proj.device)
-        proj = proj + noise_multiplier * clip_norm * noise
+    # The Gaussian mechanism of `add_noise` on the k projected coordinates (divided by B below).
+    proj = add_noise({"proj": basis.T.to(flat.dtype) @ flat}, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                     expected_batch_size=1.0, generator=generator)["proj"]
     return _unflatten_like((basis.to(flat.dtype) @ proj) / expected_batch_size, grad_sum)
