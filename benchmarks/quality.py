@@ -134,7 +134,8 @@ def public_plan(name: str, *, steps: int = PUBLIC_STEPS, batch_size: int = PUBLI
 
 def dp_classifier_baseline(doc: accounting.PlanDocument, *, lr: float | None = None, seed: int = 0,
                            device: str = "cpu", public: str | None = None,
-                           public_epochs: int | None = None) -> dict:
+                           public_epochs: int | None = None, augment_shift: int = 0,
+                           augment_multiplicity: int = 1) -> dict:
     """`dpdm baseline dp-classifier [--public-pretrain NAME]` in Python: real test accuracy of a
     DP-SGD CNN under `doc`."""
     from dpdm.baseline import DEFAULT_LR, DEFAULT_PUBLIC_EPOCHS, train_dp_classifier
@@ -145,7 +146,8 @@ def dp_classifier_baseline(doc: accounting.PlanDocument, *, lr: float | None = N
     result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                  device=device, progress=True,
                                  public=None if public is None else load_dataset(public, "train"),
-                                 public_epochs=public_epochs or DEFAULT_PUBLIC_EPOCHS)
+                                 public_epochs=public_epochs or DEFAULT_PUBLIC_EPOCHS,
+                                 augment_shift=augment_shift, augment_multiplicity=augment_multiplicity)
     return {"epsilon": doc.epsilon, "delta": doc.plan.delta, "plan_digest": doc.digest, **result}
 
 
@@ -171,7 +173,8 @@ def load_samples(samples_path: str | Path, first: int | None = None):
 
 def evaluate_synthetic(samples_path: str | Path, *, dataset: str = DATASET, epochs=PAPER_EPOCHS,
                        classifiers: tuple[str, ...] = ("logreg", "mlp", "cnn"),
-                       cache_dir=None, seed: int = 0, device: str = "cpu", first: int | None = None) -> dict:
+                       cache_dir=None, seed: int = 0, device: str = "cpu", first: int | None = None,
+                       shift: int = 0) -> dict:
     """`dpdm eval` in Python: downstream accuracies and classifier FD of a samples.npz (of its
     `first` images only, when given)."""
     from dpdm.datasets import load_dataset
@@ -180,12 +183,12 @@ def evaluate_synthetic(samples_path: str | Path, *, dataset: str = DATASET, epoc
     samples = load_samples(samples_path, first)
     return evaluate_samples(samples, load_dataset(dataset, "train"), load_dataset(dataset, "test"),
                             classifiers=classifiers, epochs=epochs, cache_dir=cache_dir, seed=seed, device=device,
-                            progress=lambda m: print(m, file=sys.stderr))
+                            progress=lambda m: print(m, file=sys.stderr), shift=shift)
 
 
 def synthetic_cnn_public_init(samples_path: str | Path, public: str, *, dataset: str = DATASET,
                               epochs: int = PAPER_EPOCHS, seed: int = 0, device: str = "cpu",
-                              first: int | None = None) -> dict:
+                              first: int | None = None, shift: int = 0) -> dict:
     """The like-for-like partner of the warm-started DP-SGD CNN: the same downstream CNN as
     `evaluate_synthetic`, first trained without privacy on the public data (as the DP-SGD CNN is),
     then on the synthetic images under the paper's protocol."""
@@ -195,7 +198,7 @@ def synthetic_cnn_public_init(samples_path: str | Path, public: str, *, dataset:
     samples = load_samples(samples_path, first)
     print(f"training cnn: public {public}, then {len(samples)} synthetic images ({epochs} epochs)", file=sys.stderr)
     return downstream_accuracy(samples, load_dataset(dataset, "test"), kind="cnn", epochs=epochs,
-                               seed=seed, device=device, public=load_dataset(public, "train"))
+                               seed=seed, device=device, public=load_dataset(public, "train"), shift=shift)
 
 
 def samples_private(path: str | Path) -> bool | None:
@@ -268,11 +271,14 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         sigma_min: float | None = SIGMA_MIN, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
         ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS, private: bool = True,
         public: str | None = None, public_steps: int = PUBLIC_STEPS, physical_batch: int | None = None,
-        trainable: tuple[str, ...] | None = None, precision: str = "fp32", on_part=None) -> dict:
+        trainable: tuple[str, ...] | None = None, precision: str = "fp32", augment_shift: int = 0,
+        augment_multiplicity: int = 1, on_part=None) -> dict:
     """The whole benchmark; `on_part(out)`, when given, is called with the figures so far after each
     part (main() rewrites --json then, so an hour-long run that is stopped keeps what it measured).
     precision "bf16" runs the public pretraining and the sampling under bfloat16 autocast; the private
-    run and every classifier stay in fp32."""
+    run and every classifier stay in fp32. augment_shift > 0 trains BOTH sides' CNNs on randomly shifted
+    images: the DP-SGD CNN with augment_multiplicity copies per example (clipped as a whole), the
+    classifiers on synthetic images with a new shift per image and epoch."""
     report = on_part or (lambda _out: None)
     doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
                                                                            noise_multiplicity=noise_multiplicity)
@@ -307,7 +313,8 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
                                  device=device, precision=precision)
         samples = str(workdir / "samples.npz")
         report(out)
-    out["dp_classifier"] = dp_classifier_baseline(doc, device=device, public=public)
+    out["dp_classifier"] = dp_classifier_baseline(doc, device=device, public=public, augment_shift=augment_shift,
+                                                  augment_multiplicity=augment_multiplicity)
     report(out)
     if samples is not None:
         # The issue's protocol trains on the first N_SAMPLES images; a larger draw (the paper's 60,000)
@@ -315,12 +322,13 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         drawn = len(load_samples(samples))
         for key, first in [("synthetic", N_SAMPLES)] + ([("synthetic_all", None)] if drawn > N_SAMPLES else []):
             out[key] = evaluate_synthetic(samples, dataset=doc.plan.dataset_name or DATASET, device=device,
-                                          first=first)
+                                          first=first, shift=augment_shift)
             out[key]["samples_private"] = samples_private(samples)
             report(out)
             if public is not None:
                 out[f"{key}_public_init"] = synthetic_cnn_public_init(
-                    samples, public, dataset=doc.plan.dataset_name or DATASET, device=device, first=first)
+                    samples, public, dataset=doc.plan.dataset_name or DATASET, device=device, first=first,
+                    shift=augment_shift)
                 report(out)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"total {out['seconds']:.0f} s", file=sys.stderr)
@@ -375,6 +383,11 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                     help="bf16: public pretraining and sampling under bfloat16 autocast (1.2-1.6x faster for the "
                          "small U-Net on a CPU with AMX); the private run and the classifiers stay fp32")
+    ap.add_argument("--augment-shift", type=int, default=0, metavar="PIXELS",
+                    help="train both sides' classifiers on images randomly shifted by up to PIXELS (the DP-SGD CNN "
+                         "with --augment-mult copies per example; not the paper's protocol)")
+    ap.add_argument("--augment-mult", type=int, default=1, metavar="A",
+                    help="augmented copies per example and step of the DP-SGD CNN (with --augment-shift)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
@@ -388,7 +401,8 @@ def main() -> None:
               public=args.public_pretrain, public_steps=args.public_steps, physical_batch=args.physical_batch,
               trainable=None if args.trainable is None else tuple(p.strip() for p in args.trainable.split(",")
                                                                   if p.strip()),
-              precision=args.precision, on_part=None if args.json is None else lambda part: write_json(args.json, part))
+              precision=args.precision, augment_shift=args.augment_shift, augment_multiplicity=args.augment_mult,
+              on_part=None if args.json is None else lambda part: write_json(args.json, part))
     plan = out["plan"]
     b = out["dp_classifier"]
     print(f"plan: {plan['dataset']['name']} N={plan['dataset']['size']} batch={plan['batch_size']} "

@@ -39,6 +39,11 @@ def baseline() -> None:
               help="Steps between recomputations of the public subspace.")
 @click.option("--subspace-examples", type=click.IntRange(min=1), default=512, show_default=True,
               help="Public examples per recomputation (at least K).")
+@click.option("--augment-shift", type=click.IntRange(min=0), default=0, show_default=True, metavar="PIXELS",
+              help="Translate each private example by random offsets of up to PIXELS, as --augment-mult copies "
+                   "whose averaged loss is clipped as a whole (augmentation multiplicity; same plan and epsilon).")
+@click.option("--augment-mult", type=click.IntRange(min=1), default=1, show_default=True, metavar="A",
+              help="Augmented copies per example and step (with --augment-shift).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None,
               help="Fix the initialization, batches and noise (tests, reproduction). Default: a secret random "
@@ -46,7 +51,8 @@ def baseline() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, physical_batch, public_name,
-                  public_epochs, subspace_dim, subspace_every, subspace_examples, device, seed, as_json, quiet):
+                  public_epochs, subspace_dim, subspace_every, subspace_examples, augment_shift, augment_mult, device,
+                  seed, as_json, quiet):
     """A CNN (GroupNorm) trained directly with DP-SGD under the plan; prints its real test accuracy."""
     from dpdm.baseline import DEFAULT_LR, train_dp_classifier
     from dpdm.datasets import has_test_split, load_dataset
@@ -55,6 +61,10 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         raise BadInput("--public-subspace needs --public-pretrain, the public data to estimate it from")
     if subspace_dim is not None and subspace_examples < subspace_dim:
         raise BadInput(f"--subspace-examples {subspace_examples} must be at least --public-subspace {subspace_dim}")
+    if augment_mult > 1 and augment_shift == 0:
+        raise BadInput(f"--augment-mult {augment_mult} needs --augment-shift > 0 (the copies would be equal)")
+    if augment_shift and subspace_dim is not None:
+        raise BadInput("--augment-shift and --public-subspace cannot be combined")
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
     if test_dataset is None and not has_test_split(name):
@@ -77,7 +87,8 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
                                      device=resolve_device(device), chunk_size=physical_batch,
                                      progress=not quiet, public=public, public_epochs=public_epochs,
                                      subspace_dim=subspace_dim, subspace_every=subspace_every,
-                                     subspace_examples=subspace_examples)
+                                     subspace_examples=subspace_examples, augment_shift=augment_shift,
+                                     augment_multiplicity=augment_mult)
     except ValueError as e:  # DataError and engine argument checks
         raise BadInput(str(e)) from None
     result = {"baseline": "dp-classifier", "dataset": name, "plan_digest": doc.digest,
@@ -92,3 +103,7 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
             pre = result["public_pretrain"]
             click.echo(f"  started from {pre['epochs']} non-private epochs on public {pre['dataset']}: "
                        f"{pre['test_accuracy']:.4f} before the private steps")
+        if "augment" in result:
+            aug = result["augment"]
+            click.echo(f"  each example as {aug['multiplicity']} copies shifted by up to {aug['shift']} px, "
+                       f"their averaged loss clipped as a whole")

@@ -30,6 +30,9 @@ _KINDS = ("logreg", "mlp", "cnn")
                    "--public-pretrain` (not the paper's protocol, which has no public data).")
 @click.option("--public-epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Non-private epochs on --public-pretrain (dpdm.evaluate.DEFAULT_PUBLIC_EPOCHS).")
+@click.option("--augment-shift", type=click.IntRange(min=0), default=0, show_default=True, metavar="PIXELS",
+              help="Train the classifiers on samples randomly translated by up to PIXELS (each image, each epoch); "
+                   "0 is the paper's protocol. Compare with `dpdm baseline dp-classifier --augment-shift`.")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               help="Local torchvision inception_v3 state dict: adds Inception FID (never downloaded).")
 @click.option("--reference-epochs", type=click.IntRange(min=1), default=None,
@@ -41,7 +44,7 @@ _KINDS = ("logreg", "mlp", "cnn")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifiers, epochs,
-             public_name, public_epochs, inception_weights, reference_epochs, cache_dir, device, seed, as_json):
+             public_name, public_epochs, augment_shift, inception_weights, reference_epochs, cache_dir, device, seed, as_json):
     """Downstream accuracy (train on synthetic, test on real), classifier FD, optional Inception FID."""
     from dpdm.datasets import DataError, has_test_split, load_dataset, load_npz
     from dpdm.evaluate import REFERENCE_EPOCHS, check_public_data, evaluate_samples
@@ -96,7 +99,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                                   inception_weights=inception_weights, seed=seed,
                                   device=resolve_device(device),
                                   progress=None if as_json else info, public=public,
-                                  public_epochs=public_epochs)
+                                  public_epochs=public_epochs, shift=augment_shift)
     except ValueError as e:  # DataError (shape / label mismatch), unusable inception weights
         raise BadInput(f"--samples={samples_path!r}: {e}" if isinstance(e, DataError) else str(e)) from None
     if as_json:
@@ -115,6 +118,8 @@ def format_report(report: dict) -> str:
         if pub is not None:
             lines.append(f"classifiers first trained {pub['epochs']} epochs on public {pub['dataset']} "
                          f"(without privacy), then on the samples")
+        if report.get("augment_shift"):
+            lines.append(f"training images randomly shifted by up to {report['augment_shift']} px (not the paper's protocol)")
         lines.append(f"{'classifier':<12}{'real test acc':>14}{'synth val acc':>15}{'best epoch':>12}"
                      + (f"{'public only':>13}" if pub is not None else ""))
         for kind, r in report["classifiers"].items():

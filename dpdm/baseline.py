@@ -8,6 +8,13 @@ the plan's epsilon. Only privacy-neutral choices are its own: the network (the p
 GroupNorm and without dropout) and the optimizer (Adam; DP-SGD with Adam is much stronger than with
 plain SGD at the same epsilon, see issue 4's Opacus figures).
 
+With ``augment_shift=S`` each example of a batch is seen as ``augment_multiplicity`` copies, each
+translated by its own random offset of up to S pixels; its gradient is that of the loss averaged over
+its copies, clipped as a whole (augmentation multiplicity, De et al. 2022, like the diffusion model's
+K noise draws): one example still moves the clipped sum by at most the clip norm, so the plan and its
+epsilon are unchanged. `dpdm eval --augment-shift` gives the classifiers trained on synthetic images the
+same augmentation, so that the comparison stays fair.
+
 With ``public=`` the CNN is first trained without privacy on public data (e.g. ``digits28``), then
 fine-tuned with DP-SGD: the fair comparison for a generator warm-started from the same public data
 (`dpdm train --init-from`). The public phase costs no privacy only if that data holds none of the
@@ -24,7 +31,7 @@ from torch import nn
 
 from dpdm.classifiers import CNN
 from dpdm.datasets import DataError, ImageData
-from dpdm.evaluate import DEFAULT_PUBLIC_EPOCHS, accuracy, check_public_data, pretrain_on_public
+from dpdm.evaluate import DEFAULT_PUBLIC_EPOCHS, accuracy, check_public_data, pretrain_on_public, random_shift
 
 __all__ = ["DEFAULT_LR", "DEFAULT_PUBLIC_EPOCHS", "train_dp_classifier"]
 
@@ -36,12 +43,24 @@ def _loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return nn.functional.cross_entropy(model(x), y)
 
 
+def _augmented_loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ONE example averaged over its A augmented copies (x: [1, A, C, H, W])."""
+    return nn.functional.cross_entropy(model(x[0]), y.expand(x.shape[1]))
+
+
+def augmented_copies(x: torch.Tensor, shift: int, multiplicity: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, C, H, W] -> [B, A, C, H, W]: A randomly shifted copies of each image (`random_shift`)."""
+    b = x.shape[0]
+    return random_shift(x.repeat_interleave(multiplicity, 0), shift, generator).view(b, multiplicity, *x.shape[1:])
+
+
 def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = DEFAULT_LR,
                         seed: int | None = None, device: str | torch.device = "cpu",
                         chunk_size: int | None = None, progress: bool = False,
                         public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
                         subspace_dim: int | None = None, subspace_every: int = 10,
-                        subspace_examples: int = 512) -> dict:
+                        subspace_examples: int = 512, augment_shift: int = 0,
+                        augment_multiplicity: int = 1) -> dict:
     """Trains a GroupNorm CNN with DP-SGD under `plan` and measures its real test accuracy.
 
     Args:
@@ -59,6 +78,8 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
       subspace_dim: add the noise in the top-k subspace of the public examples' clipped gradients,
         recomputed every `subspace_every` steps from `subspace_examples` of them (as `dpdm train
         --public-subspace`; needs `public`). Same plan, same epsilon.
+      augment_shift: translate each private example by random offsets of up to this many pixels, as
+        `augment_multiplicity` copies whose averaged loss is clipped as a whole (0: no augmentation).
 
     Returns:
       {"test_accuracy", "steps", "expected_batch_size", "lr", "model", "seed", "seconds"} ("seed" is
@@ -80,6 +101,14 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         raise DataError(f"train images are {train.image_shape} but test images are {test.image_shape}")
     if not lr > 0:
         raise ValueError(f"lr={lr!r} must be > 0")
+    if int(augment_shift) != augment_shift or augment_shift < 0:
+        raise ValueError(f"augment_shift={augment_shift!r} must be a non-negative integer")
+    if int(augment_multiplicity) != augment_multiplicity or augment_multiplicity < 1:
+        raise ValueError(f"augment_multiplicity={augment_multiplicity!r} must be a positive integer")
+    if augment_multiplicity > 1 and augment_shift == 0:
+        raise ValueError(f"augment_multiplicity={augment_multiplicity} needs augment_shift > 0 (the copies would be equal)")
+    if augment_shift and subspace_dim is not None:
+        raise ValueError("augment_shift and subspace_dim cannot be combined")
     if public is not None:
         check_public_data(public, train)   # public_epochs is checked by pretrain_on_public
     if subspace_dim is not None:
@@ -106,6 +135,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     public_gen = torch.Generator().manual_seed(seed + 2)    # which public examples estimate the subspace
+    augment_gen = torch.Generator().manual_seed(seed + 3)   # the copies' offsets
     x, y = train.x.to(device), train.y.to(device)
 
     from tqdm import tqdm
@@ -116,7 +146,13 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     for step in bar:
         idx = sampler.batch(step).to(device)
         stats: dict = {}
-        if subspace_dim is None:
+        if augment_shift:
+            copies = augmented_copies(x[idx], augment_shift, augment_multiplicity, augment_gen)
+            grads = private_grad(model, _augmented_loss_fn, copies, y[idx], clip_norm=plan.clip_norm,
+                                 noise_multiplier=plan.noise_multiplier,
+                                 expected_batch_size=plan.batch_size, generator=noise_gen,
+                                 chunk_size=chunk_size, stats=stats)
+        elif subspace_dim is None:
             grads = private_grad(model, _loss_fn, x[idx], y[idx], clip_norm=plan.clip_norm,
                                  noise_multiplier=plan.noise_multiplier,
                                  expected_batch_size=plan.batch_size, generator=noise_gen,
@@ -144,4 +180,5 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
             **({"public_pretrain": pretrain} if pretrain is not None else {}),
             **({"public_subspace": {"dim": subspace_dim, "every": subspace_every, "examples": subspace_examples}}
                if subspace_dim is not None else {}),
+            **({"augment": {"shift": augment_shift, "multiplicity": augment_multiplicity}} if augment_shift else {}),
             "seconds": round(time.perf_counter() - t0, 2)}

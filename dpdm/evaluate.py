@@ -64,6 +64,7 @@ __all__ = [
     "inception_fid",
     "load_inception",
     "pretrain_on_public",
+    "random_shift",
     "precision_recall",
     "reference_classifier",
 ]
@@ -95,11 +96,33 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     return correct / max(len(x), 1)
 
 
+def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image of `x` [B, C, H, W] translated by its own random (dy, dx) in [-shift, shift]^2.
+
+    The border is replicated into the uncovered pixels (MNIST's background, whatever its value).
+    Offsets come from `generator` (CPU), so a seeded run is reproducible.
+    """
+    if shift < 0 or int(shift) != shift:
+        raise ValueError(f"shift={shift!r} must be a non-negative integer")
+    if shift == 0:
+        return x
+    b, _, h, w = x.shape
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, b), generator=generator).to(x.device)
+    padded = nn.functional.pad(x, (shift, shift, shift, shift), mode="replicate")
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]   # [B, H, 1]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]   # [B, 1, W]
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()  # [B, H, W, C] -> [B, C, H, W]
+
+
 def fit_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
                    val_x: torch.Tensor, val_y: torch.Tensor, *, epochs: int, lr: float = 3e-4,
                    batch_size: int = 128, seed: int = 0, device: str | torch.device = "cpu",
-                   ) -> tuple[int, float]:
+                   shift: int = 0) -> tuple[int, float]:
     """Trains with Adam and cross-entropy; leaves `model` at the epoch of best validation accuracy.
+
+    `shift` > 0 translates each training image by a random offset of up to that many pixels, anew
+    each epoch (`random_shift`); validation images are not augmented.
 
     Returns:
       (best_epoch (1-based), best validation accuracy).
@@ -113,7 +136,8 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tenso
     for epoch in range(1, epochs + 1):
         model.train()
         for idx in torch.randperm(len(train_x), generator=gen).split(batch_size):
-            loss = nn.functional.cross_entropy(model(train_x[idx].to(device)), train_y[idx].to(device))
+            x = random_shift(train_x[idx].to(device), shift, gen)
+            loss = nn.functional.cross_entropy(model(x), train_y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -167,7 +191,7 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.
 def downstream_accuracy(samples: ImageData, real_test: ImageData, *, kind: str, epochs: int | None = None,
                         val_fraction: float = 0.1, seed: int = 0, device: str | torch.device = "cpu",
                         public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
-                        ) -> dict:
+                        shift: int = 0) -> dict:
     """The paper's protocol: train on synthetic (90%), select on synthetic (10%), test on real.
 
     With `public`, the classifier first trains `public_epochs` epochs on that labelled public data
@@ -199,7 +223,7 @@ def downstream_accuracy(samples: ImageData, real_test: ImageData, *, kind: str, 
             pretrain["test_accuracy"] = accuracy(model, real_test.x, real_test.y, device=device)
         best_epoch, val_acc = fit_classifier(
             model, samples.x[train], samples.y[train], samples.x[val], samples.y[val],
-            epochs=epochs, seed=seed, device=device)
+            epochs=epochs, seed=seed, device=device, shift=shift)
     return {"test_accuracy": accuracy(model, real_test.x, real_test.y, device=device),
             "synthetic_val_accuracy": val_acc, "best_epoch": best_epoch, "epochs": epochs,
             "train_size": len(train), **({"public_pretrain": pretrain} if pretrain is not None else {}),
@@ -428,7 +452,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                      reference_epochs: int = REFERENCE_EPOCHS,
                      inception_weights: str | os.PathLike | None = None, seed: int = 0,
                      device: str | torch.device = "cpu", progress: Progress | None = None,
-                     public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS) -> dict:
+                     public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
+                     shift: int = 0) -> dict:
     """Downstream accuracies, classifier FD and (optionally) Inception FID of `samples`.
 
     Args:
@@ -438,6 +463,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
       epochs: per-classifier epochs (dict), one number for all, or None for `DEFAULT_EPOCHS`.
       public: labelled PUBLIC data every downstream classifier first trains on (`pretrain_on_public`);
         the caller makes sure it holds none of the private images. None: the paper's protocol.
+      shift: train the downstream classifiers on randomly translated samples (up to `shift` pixels,
+        `random_shift`); 0: the paper's protocol.
 
     Returns:
       A JSON-serializable dict (see `cli/eval.py` for the printed form).
@@ -460,15 +487,17 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                     "real_test_size": None if real_test is None else len(real_test),
                     "classifiers": {},
                     "public_pretrain": None if public is None else {"dataset": public.name,
-                                                                    "epochs": int(public_epochs)}}
+                                                                    "epochs": int(public_epochs)},
+                    "augment_shift": int(shift)}
     if real_test is not None and real_test.y is not None and samples.y is not None:
         for kind in classifiers:
             if progress:
                 first = "" if public is None else f"{public_epochs} epochs on public {public.name}, then "
-                progress(f"training {kind}: {first}{len(samples)} synthetic images ({epochs[kind]} epochs)")
+                aug = f", shifted up to {shift} px" if shift else ""
+                progress(f"training {kind}: {first}{len(samples)} synthetic images ({epochs[kind]} epochs{aug})")
             report["classifiers"][kind] = downstream_accuracy(
                 samples, real_test, kind=kind, epochs=epochs[kind], seed=seed, device=device,
-                public=public, public_epochs=public_epochs)
+                public=public, public_epochs=public_epochs, shift=shift)
     reference, info = reference_classifier(real_train, cache_dir=cache_dir, epochs=reference_epochs,
                                            seed=seed, device=device, progress=progress)
     f_samples, f_train = _reference_features(reference, samples, real_train, device=device)  # for FD and P/R

@@ -101,7 +101,7 @@ def test_quality_sweep_registers_unet_shapes(load_benchmark):
 def test_quality_benchmark_public_pretrain_warm_starts_both_sides(tmp_path, load_benchmark):
     q = load_benchmark("quality")
     out = q.run(workdir=tmp_path, epochs=0.2, n=20, precond="v", lr=1e-3, public="digits28", public_steps=3,
-                physical_batch=16, precision="bf16")
+                physical_batch=16, precision="bf16", augment_shift=1, augment_multiplicity=2)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["physical_batch"] == 16                 # the private run's chunks, as asked
     # bf16 reaches the public pretraining and the sampling; the private run stays fp32.
@@ -115,5 +115,8 @@ def test_quality_benchmark_public_pretrain_warm_starts_both_sides(tmp_path, load
     like = out["synthetic_public_init"]    # the synthetic CNN, first trained on the same public digits
     assert like["public_pretrain"]["dataset"] == "digits28" and like["epochs"] == q.PAPER_EPOCHS
     assert 0.0 <= like["test_accuracy"] <= 1.0 and like["train_size"] == 18
+    # --augment-shift reaches both sides: the DP-SGD CNN's copies and every synthetic-data classifier.
+    assert out["dp_classifier"]["augment"] == {"shift": 1, "multiplicity": 2}
+    assert out["synthetic"]["augment_shift"] == 1
     with pytest.raises(SystemExit, match="private dataset"):
         q.run(workdir=tmp_path / "b", epochs=0.2, n=20, public="mnist5k")

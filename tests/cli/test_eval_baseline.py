@@ -89,6 +89,20 @@ def test_eval_public_pretrain(digit_files, tmp_path, capsys):
     _assert_one_line_error(code, err, "--public-pretrain='digits28'", "1x8x8")
 
 
+def test_eval_augment_shift(digit_files, tmp_path, capsys):
+    common = ("eval", "--samples", str(digit_files["samples"]), "--dataset", f"npz:{digit_files['train']}",
+              "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "logreg", "--epochs", "1",
+              "--reference-epochs", "2", "--cache-dir", str(tmp_path), "--device", "cpu")
+    code, out, err = _run(capsys, *common, "--json")
+    assert code == 0, err
+    assert json.loads(out)["augment_shift"] == 0
+    code, out, err = _run(capsys, *common, "--augment-shift", "1")
+    assert code == 0, err
+    assert "randomly shifted by up to 1 px (not the paper's protocol)" in out
+    code, _, err = _run(capsys, *common, "--augment-shift", "-1")
+    _assert_one_line_error(code, err, "--augment-shift")
+
+
 def test_eval_shape_mismatch(tmp_path, capsys):
     samples = tmp_path / "s.npz"
     np.savez(samples, x=np.zeros((10, 1, 8, 8), np.uint8), y=np.zeros(10, np.int64))
@@ -234,3 +248,48 @@ def test_baseline_public_subspace(digit_files, tmp_path, capsys):
     assert "public_subspace" not in runs[0]
     assert runs[1]["public_subspace"] == {"dim": 8, "every": 2, "examples": 32} and runs[1]["steps"] == 3
     assert 0.0 <= runs[1]["test_accuracy"] <= 1.0
+
+
+def test_baseline_augmented_loss_is_the_mean_over_copies():
+    """Augmentation multiplicity: each example's gradient is that of its copies' mean loss (clipped as a whole)."""
+    import torch
+
+    from dpdm.baseline import _augmented_loss_fn, _loss_fn, augmented_copies
+    from dpdm.classifiers import CNN
+    from dpdm.engine import per_sample_grads
+
+    torch.manual_seed(0)
+    model = CNN(1, 8, 10, dropout=0.0, group_norm=True)
+    x, y = torch.randn(5, 1, 8, 8), torch.arange(5)
+    copies = augmented_copies(x, 1, 3, torch.Generator().manual_seed(0))
+    assert copies.shape == (5, 3, 1, 8, 8)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    for i in range(5):
+        for a in range(3):   # every copy is its own example translated by at most one pixel
+            assert any(torch.equal(copies[i, a], padded[i, :, dy:dy + 8, dx:dx + 8]) for dy in range(3) for dx in range(3))
+    grads = per_sample_grads(model, _augmented_loss_fn, copies, y)
+    per_copy = [per_sample_grads(model, _loss_fn, copies[:, a], y) for a in range(3)]
+    for name, g in grads.items():
+        torch.testing.assert_close(g, sum(pc[name] for pc in per_copy) / 3, rtol=1e-4, atol=1e-6)
+
+
+def test_baseline_augment_shift(digit_files, tmp_path, capsys):
+    path = _plan(tmp_path, 600, f"npz:{digit_files['train']}", steps=3)
+    common = ("baseline", "dp-classifier", "--plan", str(path), "--test-dataset", f"npz:{digit_files['test']}",
+              "--device", "cpu", "--seed", "0")
+    code, _, err = _run(capsys, *common, "--augment-mult", "4")
+    _assert_one_line_error(code, err, "--augment-mult 4", "--augment-shift")
+    code, _, err = _run(capsys, *common, "--augment-shift", "1", "--public-pretrain", f"npz:{digit_files['samples']}",
+                        "--public-subspace", "8")
+    _assert_one_line_error(code, err, "--augment-shift", "--public-subspace")
+    runs = []
+    for extra in ((), ("--augment-shift", "1", "--augment-mult", "2")):
+        code, out, err = _run(capsys, *common, "--json", *extra)
+        assert code == 0, err
+        runs.append(json.loads(out))
+    assert "augment" not in runs[0]
+    assert runs[1]["augment"] == {"shift": 1, "multiplicity": 2} and runs[1]["steps"] == 3
+    assert runs[1]["epsilon"] == runs[0]["epsilon"] and 0.0 <= runs[1]["test_accuracy"] <= 1.0
+    code, out, err = _run(capsys, *common, "--quiet", "--augment-shift", "1", "--augment-mult", "2")
+    assert code == 0, err
+    assert "each example as 2 copies shifted by up to 1 px" in out

@@ -21,6 +21,7 @@ from dpdm.evaluate import (
     inception_fid,
     load_inception,
     precision_recall,
+    random_shift,
     reference_classifier,
 )
 
@@ -117,6 +118,48 @@ def test_downstream_accuracy_public_pretrain_starts_from_public_data(digits):
                             public=ImageData(torch.zeros(5, 1, 4, 4), torch.zeros(5, dtype=torch.int64), 10, "p"))
     with pytest.raises(DataError, match="public data 'p' must be labelled"):
         downstream_accuracy(few, test, kind="logreg", epochs=1, public=ImageData(train.x[:5], None, 0, "p"))
+
+
+def test_random_shift_translates_each_image_within_range():
+    x = torch.randn(64, 2, 7, 9)
+    out = random_shift(x, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    offsets = []
+    for i in range(len(x)):
+        found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[i, :, dy:dy + 7, dx:dx + 9])]
+        assert len(found) == 1, i   # every image is its own translate by at most 2 pixels
+        offsets.append(found[0])
+    assert len(set(offsets)) > 10   # an offset per image, not one per batch
+    assert torch.equal(random_shift(x, 2, torch.Generator().manual_seed(0)), out)   # seeded
+    assert not torch.equal(random_shift(x, 2, torch.Generator().manual_seed(1)), out)
+    assert random_shift(x, 0, torch.Generator()) is x
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="shift"):
+            random_shift(x, bad, torch.Generator())
+
+
+def test_fit_classifier_shift_augments_training_images_only(digits):
+    """The classifier sees translated training images (new ones each epoch) and untouched validation ones."""
+    train, _ = digits
+    originals = {bytes(row.numpy()) for row in train.x[:200]}
+    for shift in (0, 1):
+        seen = {True: [], False: []}
+        model = LogReg(1, 8, 10)
+        model.register_forward_pre_hook(lambda m, args: seen[m.training].extend(args[0]))
+        fit_classifier(model, train.x[:200], train.y[:200], train.x[:200], train.y[:200], epochs=2, shift=shift)
+        known = [bytes(row.numpy()) in originals for row in seen[True]]
+        assert len(known) == 400 and all(bytes(row.numpy()) in originals for row in seen[False])
+        if shift == 0:
+            assert all(known)
+        else:   # (1 + 2 * 1) ** 2 = 9 offsets, one of them (0, 0)
+            assert sum(known) < 0.3 * len(known), sum(known)
+
+
+def test_downstream_accuracy_with_shift(digits):
+    train, test = digits
+    a = downstream_accuracy(train, test, kind="logreg", epochs=20, shift=1)
+    b = downstream_accuracy(train, test, kind="logreg", epochs=20, shift=1)
+    assert a["test_accuracy"] == b["test_accuracy"] > 0.3   # seeded, and far above chance (0.1) on 8x8 digits
 
 
 # --- Frechet distance ----------------------------------------------------------------------------
