@@ -44,7 +44,8 @@ _KINDS = ("logreg", "mlp", "cnn")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifiers, epochs,
-             public_name, public_epochs, augment_shift, inception_weights, reference_epochs, cache_dir, device, seed, as_json):
+             public_name, public_epochs, augment_shift, inception_weights, reference_epochs, cache_dir, device, seed,
+             as_json):
     """Downstream accuracy (train on synthetic, test on real), classifier FD, optional Inception FID."""
     from dpdm.datasets import DataError, has_test_split, load_dataset, load_npz
     from dpdm.evaluate import REFERENCE_EPOCHS, check_public_data, evaluate_samples
@@ -119,7 +120,8 @@ def format_report(report: dict) -> str:
             lines.append(f"classifiers first trained {pub['epochs']} epochs on public {pub['dataset']} "
                          f"(without privacy), then on the samples")
         if report.get("augment_shift"):
-            lines.append(f"training images randomly shifted by up to {report['augment_shift']} px (not the paper's protocol)")
+            lines.append(f"training images randomly shifted by up to {report['augment_shift']} px "
+                         "(not the paper's protocol)")
         lines.append(f"{'classifier':<12}{'real test acc':>14}{'synth val acc':>15}{'best epoch':>12}"
                      + (f"{'public only':>13}" if pub is not None else ""))
         for kind, r in report["classifiers"].items():

@@ -106,7 +106,8 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     if int(augment_multiplicity) != augment_multiplicity or augment_multiplicity < 1:
         raise ValueError(f"augment_multiplicity={augment_multiplicity!r} must be a positive integer")
     if augment_multiplicity > 1 and augment_shift == 0:
-        raise ValueError(f"augment_multiplicity={augment_multiplicity} needs augment_shift > 0 (the copies would be equal)")
+        raise ValueError(f"augment_multiplicity={augment_multiplicity} needs augment_shift > 0 "
+                         "(the copies would be equal)")
     if augment_shift and subspace_dim is not None:
         raise ValueError("augment_shift and subspace_dim cannot be combined")
     if public is not None:

@@ -63,9 +63,9 @@ __all__ = [
     "frechet_distance",
     "inception_fid",
     "load_inception",
+    "precision_recall",
     "pretrain_on_public",
     "random_shift",
-    "precision_recall",
     "reference_classifier",
 ]
 

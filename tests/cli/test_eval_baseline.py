@@ -266,7 +266,8 @@ def test_baseline_augmented_loss_is_the_mean_over_copies():
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
     for i in range(5):
         for a in range(3):   # every copy is its own example translated by at most one pixel
-            assert any(torch.equal(copies[i, a], padded[i, :, dy:dy + 8, dx:dx + 8]) for dy in range(3) for dx in range(3))
+            assert any(torch.equal(copies[i, a], padded[i, :, dy:dy + 8, dx:dx + 8])
+                       for dy in range(3) for dx in range(3))
     grads = per_sample_grads(model, _augmented_loss_fn, copies, y)
     per_copy = [per_sample_grads(model, _loss_fn, copies[:, a], y) for a in range(3)]
     for name, g in grads.items():

@@ -126,7 +126,8 @@ def test_random_shift_translates_each_image_within_range():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
     offsets = []
     for i in range(len(x)):
-        found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[i, :, dy:dy + 7, dx:dx + 9])]
+        found = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 7, dx:dx + 9])]
         assert len(found) == 1, i   # every image is its own translate by at most 2 pixels
         offsets.append(found[0])
     assert len(set(offsets)) > 10   # an offset per image, not one per batch
