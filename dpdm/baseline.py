@@ -147,14 +147,10 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     for step in bar:
         idx = sampler.batch(step).to(device)
         stats: dict = {}
-        if augment_shift:
-            copies = augmented_copies(x[idx], augment_shift, augment_multiplicity, augment_gen)
-            grads = private_grad(model, _augmented_loss_fn, copies, y[idx], clip_norm=plan.clip_norm,
-                                 noise_multiplier=plan.noise_multiplier,
-                                 expected_batch_size=plan.batch_size, generator=noise_gen,
-                                 chunk_size=chunk_size, stats=stats)
-        elif subspace_dim is None:
-            grads = private_grad(model, _loss_fn, x[idx], y[idx], clip_norm=plan.clip_norm,
+        if subspace_dim is None:
+            batch, loss_fn = ((augmented_copies(x[idx], augment_shift, augment_multiplicity, augment_gen),
+                               _augmented_loss_fn) if augment_shift else (x[idx], _loss_fn))
+            grads = private_grad(model, loss_fn, batch, y[idx], clip_norm=plan.clip_norm,
                                  noise_multiplier=plan.noise_multiplier,
                                  expected_batch_size=plan.batch_size, generator=noise_gen,
                                  chunk_size=chunk_size, stats=stats)
