@@ -31,6 +31,18 @@ benchmarks/grad_signal.py --checkpoint RUN/checkpoint.pt --K 1,2,4,8 --by-sigma 
 The signal grows about as K^0.25 while the cost grows linearly or worse, so at a fixed CPU budget
 more K does not pay there. The few draws below sigma 0.2 carry large, coherent gradients that
 dominate the clipped direction of the examples holding them.
+
+`--clip-norms C1,C2,...` clips the same per-example gradients at other norms too and prints each one's
+signal over the noise that a plan with that clip norm (same epsilon) would add: choosing C without
+training once per value. Measured at the end of issue 4's warm-started run (digits28-aug start, B1024,
+235 steps, sigma 2.116, C 1, K 2): `benchmarks/grad_signal.py --checkpoint RUN/checkpoint.pt --K 2
+--clip-norms 0.03,0.1,0.3,1,3 --reps 4 --threads 1`:
+
+    median |g| 1.00;  C 0.03, 0.1, 0.3: all clipped, signal/noise 0.0438
+                      C 1 (the plan's): 48.7% clipped, 0.0380;  C 3: 3.1% clipped, 0.0218
+
+A clip norm that clips every example carries 15% more signal per step than C 1 here (with Adam the
+step's scale does not depend on C). Below the smallest per-example norm all C are alike.
 """
 from __future__ import annotations
 
@@ -82,8 +94,16 @@ def _loss_for(config: dict):
 
 
 def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: int = 6, by_sigma: bool = False,
-            seed: int = 0, data=None) -> dict:
-    """The figures described in the module docstring, as a dict."""
+            seed: int = 0, data=None, clip_norms=()) -> dict:
+    """The figures described in the module docstring, as a dict.
+
+    `clip_norms`: for each K, also the signal of the same per-example gradients clipped at each of these
+    norms, the fraction clipped, and (with a plan) the signal over that clip norm's noise norm
+    (`by_K[K]["by_clip"]`): how a plan with another clip norm (same epsilon) would fare.
+    """
+    clip_norms = tuple(float(c) for c in clip_norms)
+    if not all(math.isfinite(c) and c > 0 for c in clip_norms):
+        raise ValueError(f"clip_norms={clip_norms!r} must be positive")
     import accounting
     from dpdm.checkpoint import load_checkpoint
     from dpdm.datasets import load_dataset
@@ -124,6 +144,7 @@ def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: 
     shape = tuple(data.x.shape[1:])
     for K in Ks:
         sq, med, secs = [], [], 0.0
+        by_clip = {c: ([], []) for c in clip_norms}     # C -> (signal^2 per rep, clipped fraction per rep)
         for _ in range(reps):
             idx = torch.randperm(len(data), generator=g)[:batch]
             sigma, noise = loss_obj.draw(batch, K, shape, generator=g)
@@ -133,11 +154,24 @@ def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: 
             s, m = unit_signal(flat, clip_norm)
             sq.append(s)
             med.append(m)
+            if clip_norms:
+                norms = flat.double().norm(dim=1)
+                for c, (csq, frac) in by_clip.items():
+                    csq.append(unit_signal(flat, c)[0])
+                    frac.append(float((norms > c).double().mean()))
         mean_sq = sum(sq) / reps
         row = {"signal": _signed_sqrt(mean_sq), "signal_reps": [_signed_sqrt(v) for v in sq],
                "median_grad_norm": sorted(med)[reps // 2], "seconds_per_batch": secs / reps}
         if "noise_norm" in out:
             row["snr_per_step"] = row["signal"] / out["noise_norm"]
+        if clip_norms:
+            row["by_clip"] = {}
+            for c, (csq, frac) in by_clip.items():
+                entry = {"signal": _signed_sqrt(sum(csq) / reps), "clipped_fraction": sum(frac) / reps}
+                if plan is not None:   # the noise of the same plan with clip norm c: sigma * c * sqrt(d) / B
+                    noise = plan.noise_multiplier * c * math.sqrt(d) / plan.batch_size
+                    entry["snr_per_step"] = entry["signal"] / noise
+                row["by_clip"][f"{c:g}"] = entry
         out["by_K"][str(K)] = row
     if by_sigma:
         out["by_sigma"] = []
@@ -168,11 +202,13 @@ def main() -> None:
     ap.add_argument("--by-sigma", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clip-norms", default="", metavar="C1,C2,...",
+                    help="also the signal and signal/noise of the same gradients clipped at these norms")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     res = measure(a.checkpoint, Ks=[int(k) for k in a.K.split(",")], batch=a.batch, reps=a.reps,
-                  by_sigma=a.by_sigma, seed=a.seed)
+                  by_sigma=a.by_sigma, seed=a.seed, clip_norms=[float(c) for c in a.clip_norms.split(",") if c])
     print(f"grad signal at {a.checkpoint} ({res['params']:,} params, B={res['batch']}, {res['reps']} reps; "
           "PRIVATE figures)")
     if "noise_norm" in res:
@@ -182,7 +218,12 @@ def main() -> None:
     print("   K |  signal | median |g| | s/batch | signal/noise")
     for K, row in res["by_K"].items():
         snr = f"{row['snr_per_step']:.4f}" if "snr_per_step" in row else "-"
-        print(f"{K:>4} | {row['signal']:7.4f} | {row['median_grad_norm']:10.3f} | {row['seconds_per_batch']:7.2f} | {snr}")
+        print(f"{K:>4} | {row['signal']:7.4f} | {row['median_grad_norm']:10.3f} | "
+              f"{row['seconds_per_batch']:7.2f} | {snr}")
+        for c, entry in row.get("by_clip", {}).items():
+            csnr = f"{entry['snr_per_step']:.4f}" if "snr_per_step" in entry else "-"
+            print(f"       clip {c:>6}: signal {entry['signal']:.4f}, "
+                  f"clipped {100 * entry['clipped_fraction']:5.1f}%, signal/noise {csnr}")
     for row in res.get("by_sigma", []):
         lo, hi = row["sigma"]
         print(f"sigma [{lo:g}, {hi:g}): {100 * row['training_share']:4.1f}% of training draws, "

@@ -50,12 +50,24 @@ def test_measure_on_a_tiny_run(tmp_path, load_benchmark):
     run = tmp_path / "run"
     train(doc, x, y, classes, run, TrainConfig(model="small", precond="v", seed=1), progress=False)
     res = gs.measure(run / CHECKPOINT_NAME, Ks=(1, 2), batch=6, reps=2, by_sigma=True,
-                     data=ImageData(x, y, classes, "tiny"))
+                     data=ImageData(x, y, classes, "tiny"), clip_norms=(1e-6, 1.0, 1e6))
     assert set(res["by_K"]) == {"1", "2"}
     assert res["noise_norm"] == pytest.approx(1.0 * 1.0 * math.sqrt(res["params"]) / 6)
     for row in res["by_K"].values():
         assert -1.0 <= row["signal"] <= 1.0 + 1e-9 and row["median_grad_norm"] > 0
         assert row["snr_per_step"] == pytest.approx(row["signal"] / res["noise_norm"])
+        clip = row["by_clip"]
+        assert set(clip) == {"1e-06", "1", "1e+06"}
+        assert clip["1"]["signal"] == pytest.approx(row["signal"])           # the plan's own clip norm
+        assert clip["1"]["snr_per_step"] == pytest.approx(row["snr_per_step"])
+        assert clip["1e-06"]["clipped_fraction"] == 1.0 and clip["1e+06"]["clipped_fraction"] == 0.0
+        for c, entry in clip.items():                                        # noise of that clip norm
+            noise = 1.0 * float(c) * math.sqrt(res["params"]) / 6
+            assert entry["snr_per_step"] == pytest.approx(entry["signal"] / noise)
+        assert abs(clip["1e-06"]["signal"]) <= 1e-6 * (1 + 1e-9)            # at most C
     shares = [row["training_share"] for row in res["by_sigma"]]
     assert len(shares) == len(gs.SIGMA_EDGES) - 1 and 0.9 < sum(shares) <= 1.0 + 1e-9
     assert res["private_figures"] is True
+    with pytest.raises(ValueError, match="positive"):
+        gs.measure(run / CHECKPOINT_NAME, Ks=(1,), batch=6, reps=2, clip_norms=(0.0,),
+                   data=ImageData(x, y, classes, "tiny"))
