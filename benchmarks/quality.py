@@ -13,7 +13,7 @@ On mnist5k at epsilon 10, delta 1e-5, under ONE locked plan:
 Usage:
     .venv/bin/python benchmarks/quality.py [--workdir DIR] [--plan plan.json] [--samples samples.npz]
                                            [--model small] [--n 10000] [--epochs 90] [--batch-size 256]
-                                           [--K 2] [--precond v] [--lr 1e-3] [--lr-schedule constant]
+                                           [--K 2] [--clip-norm 1] [--precond v] [--lr 1e-3] [--lr-schedule constant]
                                            [--ema-decay 0.999] [--ema-power GAMMA ...] [--weights ema]
                                            [--guidance 0] [--guidance-interval LO HI] [--sigma-min S]
                                            [--train-sigma MIN MAX] [--no-dp] [--json out.json]
@@ -89,6 +89,7 @@ PAPER_EPOCHS = 50  # downstream classifiers here train as long as the paper's (d
 
 
 NOISE_MULTIPLICITY = 2  # K: CPU-sized (the paper uses 32 on 8 GPUs); privacy-neutral
+CLIP_NORM = 1.0    # C, as `dpdm plan`'s default; privacy-neutral (the noise std scales with it)
 GENERATOR_MODEL = "small"
 N_SAMPLES = 10_000
 SAMPLER_STEPS = 30
@@ -113,7 +114,8 @@ PUBLIC_BATCH = 128
 
 
 def default_plan(*, epsilon: float = EPSILON, delta: float = DELTA, batch_size: int = BATCH_SIZE,
-                 epochs: float = EPOCHS, noise_multiplicity: int = NOISE_MULTIPLICITY) -> accounting.PlanDocument:
+                 epochs: float = EPOCHS, noise_multiplicity: int = NOISE_MULTIPLICITY,
+                 clip_norm: float = CLIP_NORM) -> accounting.PlanDocument:
     """A calibrated mnist5k plan (what `dpdm plan --eps 10 --delta 1e-5` makes by default)."""
     from dpdm.datasets import DATASET_SIZES
 
@@ -121,7 +123,7 @@ def default_plan(*, epsilon: float = EPSILON, delta: float = DELTA, batch_size: 
     steps = max(1, math.ceil(round(epochs * size / batch_size, 9)))
     plan = accounting.PrivacyPlan(dataset_size=size, batch_size=batch_size, steps=steps,
                                   noise_multiplier=1.0, noise_multiplicity=noise_multiplicity,
-                                  delta=delta, dataset_name=DATASET)
+                                  clip_norm=clip_norm, delta=delta, dataset_name=DATASET)
     return accounting.make_plan_document(plan.calibrate(epsilon=epsilon))
 
 
@@ -270,7 +272,8 @@ def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sam
 def run(*, plan_path: str | None = None, samples: str | None = None, device: str = "cpu",
         workdir: str | Path = "bench_quality", model: str = GENERATOR_MODEL, n: int = N_SAMPLES,
         epochs: float = EPOCHS, batch_size: int = BATCH_SIZE, noise_multiplicity: int = NOISE_MULTIPLICITY,
-        precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY, lr_schedule: str = LR_SCHEDULE,
+        clip_norm: float = CLIP_NORM, precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY,
+        lr_schedule: str = LR_SCHEDULE,
         guidance: float = GUIDANCE, guidance_interval: tuple[float, float] | None = None,
         sigma_min: float | None = SIGMA_MIN, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
         ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS, private: bool = True,
@@ -285,7 +288,8 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     classifiers on synthetic images with a new shift per image and epoch."""
     report = on_part or (lambda _out: None)
     doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
-                                                                           noise_multiplicity=noise_multiplicity)
+                                                                           noise_multiplicity=noise_multiplicity,
+                                                                           clip_norm=clip_norm)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     accounting.write_plan(doc, workdir / "plan.json")
@@ -360,6 +364,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=EPOCHS, help="epochs of the default plan (steps = epochs * N / batch)")
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="expected batch of the default plan")
     ap.add_argument("--K", type=int, default=NOISE_MULTIPLICITY, help="noise multiplicity of the default plan")
+    ap.add_argument("--clip-norm", type=float, default=CLIP_NORM,
+                    help="clip norm of the default plan (both sides clip at it)")
     ap.add_argument("--precond", default=PRECOND, choices=("edm", "v"), help="generator parameterization")
     ap.add_argument("--lr", type=float, default=LR, help="generator Adam learning rate")
     ap.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="generator EMA decay")
@@ -396,8 +402,8 @@ def main() -> None:
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
               model=args.model, n=args.n, epochs=args.epochs, batch_size=args.batch_size,
-              noise_multiplicity=args.K, precond=args.precond, lr=args.lr, ema_decay=args.ema_decay,
-              lr_schedule=args.lr_schedule, guidance=args.guidance,
+              noise_multiplicity=args.K, clip_norm=args.clip_norm, precond=args.precond, lr=args.lr,
+              ema_decay=args.ema_decay, lr_schedule=args.lr_schedule, guidance=args.guidance,
               guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
               sigma_min=args.sigma_min, weights=args.weights,
               ema_powers=EMA_POWERS if args.ema_power is None else tuple(args.ema_power), private=not args.no_dp,

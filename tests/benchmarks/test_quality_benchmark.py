@@ -78,7 +78,11 @@ def test_quality_defaults_make_a_calibrated_plan(load_benchmark):
     q = load_benchmark("quality")
     doc = q.default_plan()
     assert doc.plan.steps == 1407 and doc.plan.batch_size == 256 and doc.plan.noise_multiplicity == 2
+    assert doc.plan.clip_norm == 1.0
     assert doc.epsilon <= q.EPSILON
+    small = q.default_plan(clip_norm=0.1)   # C does not enter the accounting: the same noise multiplier
+    assert small.plan.clip_norm == 0.1 and small.plan.noise_multiplier == doc.plan.noise_multiplier
+    assert small.plan.noise_std == pytest.approx(0.1 * doc.plan.noise_std)
 
 
 def test_quality_sweep_registers_unet_shapes(load_benchmark):
