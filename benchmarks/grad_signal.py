@@ -80,6 +80,11 @@ def unit_signal(flat: torch.Tensor, clip_norm: float | None) -> tuple[float, flo
     return float(sq), float(norms.median())
 
 
+def _noise_norm(plan, clip_norm: float, d: int) -> float:
+    """Norm of one step's noise on the mean gradient: sigma * C * sqrt(d) / B."""
+    return plan.noise_multiplier * clip_norm * math.sqrt(d) / plan.batch_size
+
+
 def _signed_sqrt(v: float) -> float:
     return math.copysign(math.sqrt(abs(v)), v)
 
@@ -140,7 +145,7 @@ def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: 
     if plan is not None:
         out["plan"] = {"noise_multiplier": plan.noise_multiplier, "batch_size": plan.batch_size,
                        "noise_multiplicity": plan.noise_multiplicity, "steps": plan.steps}
-        out["noise_norm"] = plan.noise_multiplier * clip_norm * math.sqrt(d) / plan.batch_size
+        out["noise_norm"] = _noise_norm(plan, clip_norm, d)
     shape = tuple(data.x.shape[1:])
     for K in Ks:
         sq, med, secs = [], [], 0.0
@@ -151,11 +156,12 @@ def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: 
             t0 = time.perf_counter()
             flat = grads(idx, sigma, noise)
             secs += time.perf_counter() - t0
+            flat = flat.double()          # once: unit_signal works in float64 and then skips the copy
             s, m = unit_signal(flat, clip_norm)
             sq.append(s)
             med.append(m)
             if clip_norms:
-                norms = flat.double().norm(dim=1)
+                norms = flat.norm(dim=1)
                 for c, (csq, frac) in by_clip.items():
                     csq.append(unit_signal(flat, c)[0])
                     frac.append(float((norms > c).double().mean()))
@@ -168,9 +174,8 @@ def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: 
             row["by_clip"] = {}
             for c, (csq, frac) in by_clip.items():
                 entry = {"signal": _signed_sqrt(sum(csq) / reps), "clipped_fraction": sum(frac) / reps}
-                if plan is not None:   # the noise of the same plan with clip norm c: sigma * c * sqrt(d) / B
-                    noise = plan.noise_multiplier * c * math.sqrt(d) / plan.batch_size
-                    entry["snr_per_step"] = entry["signal"] / noise
+                if plan is not None:   # against the noise of the same plan with clip norm c
+                    entry["snr_per_step"] = entry["signal"] / _noise_norm(plan, c, d)
                 row["by_clip"][f"{c:g}"] = entry
         out["by_K"][str(K)] = row
     if by_sigma:
