@@ -15,7 +15,7 @@ from cli.errors import BadInput
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="A locked plan from `dpdm plan --out`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoint, ledger, metrics).")
 # Data.
-@click.option("--dataset", default=None, help="Dataset name (default: the plan's). mnist5k, digits, digits28, digits28-aug, mnist, fashion-mnist, cifar10, celeba, folder:PATH, npz:PATH.")
+@click.option("--dataset", default=None, help="Dataset name (default: the plan's). mnist5k, digits, digits28, digits28-aug, fonts28, fonts28-aug, digits-fonts28-aug, mnist, fashion-mnist, cifar10, celeba, folder:PATH, npz:PATH.")
 @click.option("--data-root", default=None, type=click.Path(file_okay=False), help="Where torchvision datasets live.")
 @click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
 # Model and performance (privacy-neutral).

@@ -130,6 +130,84 @@ def test_digits28_aug_distortion_is_bounded():
     assert float(tilt.min()) < -10.0 < 10.0 < float(tilt.max())
 
 
+def _centre_of_mass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ink = (x + 1) / 2
+    mass = ink.sum(dim=(1, 2, 3))
+    coords = torch.arange(x.shape[-1], dtype=torch.float32)
+    cy = (ink.sum(dim=3).squeeze(1) * coords).sum(1) / mass
+    cx = (ink.sum(dim=2).squeeze(1) * coords).sum(1) / mass
+    return cy, cx, mass
+
+
+def test_fonts28_renders_ten_digits_per_font_in_mnist_framing():
+    from dpdm.datasets import FONTS28_FILES, has_test_split
+
+    f = load_dataset("fonts28")
+    assert f.x.shape == (210, 1, 28, 28) and len(f) == DATASET_SIZES["fonts28"] == 10 * len(FONTS28_FILES)
+    assert torch.equal(f.y, torch.arange(10).repeat(len(FONTS28_FILES))) and f.num_classes == 10
+    assert float(f.x.min()) == -1.0 and float(f.x.max()) == 1.0
+    cy, cx, mass = _centre_of_mass(f.x)
+    assert float((cy - 13.5).abs().max()) < 1.0 and float((cx - 13.5).abs().max()) < 1.0
+    ink = f.x[:, 0] > -1
+    rows, cols = ink.any(dim=2), ink.any(dim=1)
+    height = 28 - rows.flip(1).int().argmax(1) - rows.int().argmax(1)
+    width = 28 - cols.flip(1).int().argmax(1) - cols.int().argmax(1)
+    assert int(torch.maximum(height, width).min()) >= 20 and int(torch.maximum(height, width).max()) <= 21
+    assert float(mass.min()) > 15.0                                         # no empty glyph
+    # The glyphs differ: no two digits of one font, and no digit in two fonts, render the same.
+    flat = f.x.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(210) * 1e9).min() > 1.0
+    # A nearest-centroid rule over the other fonts names most digits: they are digits, not noise.
+    fonts = f.x.view(len(FONTS28_FILES), 10, -1)
+    right = 0
+    for i in range(len(FONTS28_FILES)):
+        centroids = torch.cat([fonts[:i], fonts[i + 1:]]).mean(0)           # [10, 784]
+        right += int((torch.cdist(fonts[i], centroids).argmin(1) == torch.arange(10)).sum())
+    assert right / 210 > 0.8
+    with pytest.raises(DataError, match="no held-out test split"):
+        load_dataset("fonts28", "test")
+    assert not has_test_split("fonts28")
+
+
+def test_fonts28_aug_and_the_mixture():
+    base, d = load_dataset("fonts28"), load_dataset("fonts28-aug")
+    assert d.x.shape == (16800, 1, 28, 28) and len(d) == DATASET_SIZES["fonts28-aug"] == 80 * len(base)
+    assert torch.equal(d.y, base.y.repeat(80))
+    assert torch.equal(d.x[:500], load_dataset("fonts28-aug").x[:500])        # fixed seed
+    u8 = (d.x + 1) * 127.5
+    assert float((u8 - u8.round()).abs().max()) < 1e-4
+    copies = d.x.view(80, 210, 1, 28, 28)
+    assert float((copies - base.x[None]).abs().amax(dim=(2, 3, 4)).min()) > 0.2   # every copy distorted
+    cy, cx, mass = _centre_of_mass(d.x)
+    off = torch.maximum((cy - 13.5).abs(), (cx - 13.5).abs())
+    # The bend moves a digit as well (its field has a mean): a few go near the edge, most stay central.
+    assert float(off.max()) < 6.0 and float((off > 3.0).float().mean()) < 0.05
+    ratio = mass.view(80, 210) / ((base.x + 1) / 2).sum(dim=(1, 2, 3))[None]
+    assert 0.2 < float(ratio.min()) and float(ratio.max()) < 4.5            # thin strokes fade, or thicken
+    with pytest.raises(DataError, match="no held-out test split"):
+        load_dataset("fonts28-aug", "test")
+    mix = load_dataset("digits-fonts28-aug")
+    assert len(mix) == DATASET_SIZES["digits-fonts28-aug"] == 17970 + 16800 and mix.name == "digits-fonts28-aug"
+    assert torch.equal(mix.x[17970:], d.x) and torch.equal(mix.x[:17970], load_dataset("digits28-aug").x)
+    assert torch.equal(mix.y[17970:], d.y)
+
+
+def test_elastic_bend_is_smooth_and_about_alpha_pixels():
+    from dpdm.datasets import _elastic
+
+    bar = torch.zeros(200, 1, 28, 28)
+    bar[..., 4:24, 13:15] = 1.0
+    small = _elastic(bar, torch.Generator().manual_seed(0), alpha=0.5)
+    large = _elastic(bar, torch.Generator().manual_seed(0), alpha=1.5)
+    moved_small = (small - bar).abs().sum(dim=(1, 2, 3)).mean()
+    moved_large = (large - bar).abs().sum(dim=(1, 2, 3)).mean()
+    assert 0 < float(moved_small) < float(moved_large)
+    cy, cx, _ = _centre_of_mass(large * 2 - 1)
+    assert float((cx - 13.5).abs().max()) < 3 * 1.5                         # bent by ~alpha pixels, not thrown away
+    ink = large.sum(dim=(1, 2, 3)) / 40                                     # stretched or squeezed locally
+    assert 0.5 < float(ink.min()) and float(ink.max()) < 2.5 and abs(float(ink.median()) - 1) < 0.2
+
+
 def test_same_images_knows_the_derived_datasets():
     from dpdm.dataset_sizes import same_images
 
@@ -137,6 +215,10 @@ def test_same_images_knows_the_derived_datasets():
     assert same_images("mnist5k", "mnist5k") and same_images("npz:a.npz", "npz:a.npz")
     assert not same_images("mnist5k", "digits28-aug") and not same_images("npz:a.npz", "npz:b.npz")
     assert not same_images(None, "digits28") and not same_images(None, None)
+    # A mixture shares images with each of its parts.
+    assert same_images("digits-fonts28-aug", "digits") and same_images("fonts28", "digits-fonts28-aug")
+    assert same_images("fonts28-aug", "fonts28") and not same_images("fonts28-aug", "digits28")
+    assert not same_images("digits-fonts28-aug", "mnist5k")
     # mnist5k's images are MNIST training images: a "public" run on mnist would hold them all.
     assert same_images("mnist", "mnist5k") and same_images("mnist5k", "mnist")
     assert not same_images("mnist5k", "fashion-mnist")
