@@ -243,16 +243,7 @@ def _load_digits28(split: str) -> ImageData:
     x01 = (small.x + 1.0) / 2.0                                          # [N, 1, 8, 8] in [0, 1]
     big = torch.nn.functional.interpolate(x01, size=(20, 20), mode="bicubic", align_corners=False)
     big = big.clamp_(0.0, 1.0)
-    out = torch.zeros((big.shape[0], 1, 28, 28), dtype=torch.float32)
-    coords = torch.arange(20, dtype=torch.float32)
-    mass = big.sum(dim=(1, 2, 3)).clamp_min(1e-6)
-    cy = (big.sum(dim=3).squeeze(1) * coords).sum(dim=1) / mass          # centre of mass in the 20x20 box
-    cx = (big.sum(dim=2).squeeze(1) * coords).sum(dim=1) / mass
-    for i in range(big.shape[0]):
-        # MNIST centres the centre of mass at (14, 14); keep the 20x20 box inside the frame.
-        top = int(min(max(round(13.5 - float(cy[i])), 0), 8))
-        left = int(min(max(round(13.5 - float(cx[i])), 0), 8))
-        out[i, :, top:top + 20, left:left + 20] = big[i]
+    out = torch.stack([_frame28(box) for box in big[:, 0]])[:, None]
     return ImageData(out * 2.0 - 1.0, small.y, 10, "digits28")
 
 
@@ -317,7 +308,6 @@ FONTS28_AUG_SEED = 1
 _GLYPH_SIZE = 96  # rendering size in pixels, before the reduction to a 20-pixel box
 
 
-@functools.lru_cache(maxsize=1)
 def _fonts28_tensor() -> tuple[torch.Tensor, torch.Tensor]:
     import matplotlib
     from PIL import Image, ImageDraw, ImageFont
@@ -333,21 +323,24 @@ def _fonts28_tensor() -> tuple[torch.Tensor, torch.Tensor]:
         for digit in range(10):
             canvas = Image.new("L", (2 * _GLYPH_SIZE, 2 * _GLYPH_SIZE), 0)
             ImageDraw.Draw(canvas).text((_GLYPH_SIZE, _GLYPH_SIZE), str(digit), fill=255, font=font, anchor="mm")
-            glyph = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
-            rows = torch.nonzero(glyph.amax(dim=1) > 0).flatten()
-            cols = torch.nonzero(glyph.amax(dim=0) > 0).flatten()
-            glyph = glyph[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-            images.append(_frame28(glyph))
+            glyph = np.asarray(canvas.crop(canvas.getbbox()), dtype=np.float32) / 255.0    # the ink's bounding box
+            images.append(_frame28(_fit20(torch.from_numpy(glyph))))
             labels.append(digit)
     return torch.stack(images)[:, None], torch.tensor(labels, dtype=torch.int64)
 
 
-def _frame28(glyph: torch.Tensor) -> torch.Tensor:
-    """A [h, w] glyph in [0, 1] -> [28, 28]: longest side 20 (area-averaged), centre of mass at the centre."""
+def _fit20(glyph: torch.Tensor) -> torch.Tensor:
+    """A [h, w] glyph in [0, 1], area-averaged to a longest side of 20 pixels."""
     h, w = glyph.shape
     scale = 20.0 / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    small = torch.nn.functional.interpolate(glyph[None, None], size=(nh, nw), mode="area")[0, 0].clamp_(0.0, 1.0)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return torch.nn.functional.interpolate(glyph[None, None], size=size, mode="area")[0, 0].clamp_(0.0, 1.0)
+
+
+def _frame28(small: torch.Tensor) -> torch.Tensor:
+    """A [h, w] box (h, w <= 20) in a [28, 28] frame with its centre of mass at the centre, as MNIST's
+    digits are (at (14, 14)), the box kept inside the frame."""
+    nh, nw = small.shape
     mass = small.sum().clamp_min(1e-6)
     cy = (small.sum(dim=1) * torch.arange(nh, dtype=torch.float32)).sum() / mass
     cx = (small.sum(dim=0) * torch.arange(nw, dtype=torch.float32)).sum() / mass
@@ -360,7 +353,7 @@ def _frame28(glyph: torch.Tensor) -> torch.Tensor:
 
 def _load_fonts28() -> ImageData:
     x01, y = _fonts28_tensor()
-    return ImageData(x01 * 2.0 - 1.0, y.clone(), 10, "fonts28")
+    return ImageData(x01 * 2.0 - 1.0, y, 10, "fonts28")
 
 
 def _load_fonts28_aug() -> ImageData:

@@ -66,10 +66,7 @@ def test_digits28_is_digits_in_mnist_framing():
     ink = (d.x + 1) / 2
     # MNIST's 4-pixel border stays empty (the 20x20 box may shift by the centre of mass, not leave the frame)
     assert float(ink[..., :, :1].abs().max()) == 0 and float(ink[..., :1, :].abs().max()) == 0
-    coords = torch.arange(28, dtype=torch.float32)
-    mass = ink.sum(dim=(1, 2, 3))
-    cy = (ink.sum(dim=3).squeeze(1) * coords).sum(1) / mass
-    cx = (ink.sum(dim=2).squeeze(1) * coords).sum(1) / mass
+    cy, cx, mass = _centre_of_mass(d.x)
     assert float((cy - 13.5).abs().max()) <= 0.5 + 1e-4 and float((cx - 13.5).abs().max()) <= 0.5 + 1e-4
     # The ink is the 8x8 digit's, resized: 20x20 / 8x8 = 6.25 times its total.
     ratio = mass / ((small.x + 1) / 2).sum(dim=(1, 2, 3))
@@ -92,13 +89,9 @@ def test_digits28_aug_is_ten_distorted_copies():
     # Every copy is distorted (no image equals its source), but stays a digit near the centre.
     diff = (copies - base.x[None]).abs().amax(dim=(2, 3, 4))
     assert float(diff.min()) > 0.2
-    ink = (d.x + 1) / 2
-    mass = ink.sum(dim=(1, 2, 3))
-    coords = torch.arange(28, dtype=torch.float32)
-    cy = (ink.sum(dim=3).squeeze(1) * coords).sum(1) / mass
-    cx = (ink.sum(dim=2).squeeze(1) * coords).sum(1) / mass
+    cy, cx, mass = _centre_of_mass(d.x)
     assert float((cy - 13.5).abs().max()) < 3.5 and float((cx - 13.5).abs().max()) < 3.5
-    border = ink.clone()
+    border = (d.x + 1) / 2
     border[..., 2:26, 2:26] = 0
     near_edge = border.sum(dim=(1, 2, 3)) / mass                            # widened digits may touch it
     assert float(near_edge.mean()) < 0.01 and float(near_edge.max()) < 0.2
