@@ -133,10 +133,9 @@ def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {str(path)!r} refused: it cannot be loaded with weights_only=True "
-            f"(it is corrupt or would run code when loaded): {first}"
+            f"(it is corrupt or would run code when loaded): {_unpickling_reason(e)}"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, TypeError, IndexError) as e:
@@ -145,6 +144,23 @@ def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} is not a dpdm checkpoint (format {FORMAT!r} expected)")
     return state
+
+
+# torch's weights_only refusal wraps its reason in advice this tool must not pass on (re-run with
+# weights_only=False) and in a request to file a torch issue; only the reason is kept.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation of torch.load", "Please file an issue")
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The line of a torch.load(weights_only=True) error that says what was refused, e.g. "Trying to load
+    unsupported GLOBAL posix.system whose module posix is blocked." or "Unsupported operand 103"."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        if line and not line.startswith(_TORCH_BOILERPLATE):
+            return line
+    return type(e).__name__
 
 
 def _checked_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:

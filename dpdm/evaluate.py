@@ -275,8 +275,8 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
             info = json.loads(path.with_suffix(".json").read_text())
             model.to(device).eval()
             return model, {**info, "cache": str(path), "cached": True}
-        except (OSError, RuntimeError, ValueError, KeyError, EOFError):
-            pass  # a damaged cache entry is rebuilt
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile):
+            pass  # a damaged (or foreign, refused by weights_only) cache entry is rebuilt
     if progress:
         progress(f"training the reference CNN on {real_train.name} ({len(real_train)} images, "
                  f"{epochs} epochs); cached at {path}")

@@ -244,7 +244,8 @@ def test_corrupt_checkpoint_refused_by_sample(tiny, capsys):
     d = tiny
     (d / "bad.pt").write_bytes(b"\x80\x04garbage")
     code, _, err = run_cli(["sample", "--checkpoint", d / "bad.pt", "--n", 2, "--out", d / "s.npz"], capsys)
-    _one_error_line(code, err)
+    line = _one_error_line(code, err)
+    assert "bad.pt" in line and "weights_only` set to `False`" not in line
     assert not (d / "s.npz").exists()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,6 +193,15 @@ def test_reference_classifier_cached_and_fd(digits, tmp_path):
     assert info2["cached"] is True and info2["cache"] == info["cache"]
     for p, q in zip(ref.parameters(), ref2.parameters()):
         torch.testing.assert_close(p, q)
+    # A damaged cache entry (garbage, cut short) is trained again, not a crash.
+    cache = Path(info["cache"])
+    whole = cache.read_bytes()
+    for damaged in (b"\x80\x04garbage", b"not a pickle", whole[: len(whole) // 2]):
+        cache.write_bytes(damaged)
+        ref3, info3 = reference_classifier(train, cache_dir=tmp_path, epochs=4)
+        assert info3["cached"] is False and cache.read_bytes() != damaged
+        for p, q in zip(ref.parameters(), ref3.parameters()):
+            torch.testing.assert_close(p, q)
     assert classifier_fd(train, train, ref) == pytest.approx(0.0, abs=1e-6)
     real_fd = classifier_fd(test, train, ref)
     noise = ImageData(torch.rand(500, 1, 8, 8) * 2 - 1, None, 0, "noise")

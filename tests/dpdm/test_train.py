@@ -168,9 +168,12 @@ def test_code_running_pickle_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
     bad = tmp_path / "evil.pt"
     torch.save({"format": ckpt.FORMAT, "model": _Evil(marker)}, bad)
-    with pytest.raises(ckpt.CheckpointError, match="weights_only"):
+    with pytest.raises(ckpt.CheckpointError, match="weights_only") as refused:
         ckpt.load_checkpoint(bad)
     assert not marker.exists()
+    # The line names what was refused and does not pass on torch's advice to load with weights_only=False.
+    msg = str(refused.value)
+    assert "system" in msg and "False" not in msg and "\n" not in msg
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps(_Evil(marker)))
     with pytest.raises(ckpt.CheckpointError):
