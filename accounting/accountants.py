@@ -44,7 +44,8 @@ class UnsupportedEventError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class EpsilonReport:
     """Bounds on epsilon at one delta. `upper` is the guarantee; RDP fills only `upper`, PLD
-    (pessimistic) fills `estimate` and `upper`, PRV fills all three."""
+    (pessimistic) fills `estimate` and `upper`, PRV fills all three (a plan document's PRV report is
+    empty, all None, where prv-accountant failed: PlanDocument.prv_failed)."""
 
     lower: float | None
     estimate: float | None

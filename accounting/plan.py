@@ -200,10 +200,13 @@ class PlanDocument:
     pld_discretization: float
     prv_eps_error: float
     versions: dict[str, str] = dataclasses.field(default_factory=_versions)
-    # dpdm's own PLD bracket (accounting/fft_pld.py), computed only when PRV disagreed with PLD or
-    # would have lowered the certificate; and why PRV was overruled, when that bracket refuted it.
+    # dpdm's own PLD bracket (accounting/fft_pld.py), computed only when PRV disagreed with PLD, would
+    # have lowered the certificate, or failed; and why PRV was overruled, when that bracket refuted it.
     independent: EpsilonReport | None = None
     prv_overruled: str | None = None
+    # Why prv-accountant gave no epsilon for this plan (its discretisation fails for small noise at large
+    # sample rates, microsoft/prv_accountant#42); `prv` is then empty and `independent` cross-checks PLD.
+    prv_failed: str | None = None
 
     @property
     def digest(self) -> str:
@@ -226,6 +229,8 @@ class PlanDocument:
                                            "method": self.independent.method}
         if self.prv_overruled is not None:
             d["epsilon"]["prv_overruled"] = self.prv_overruled
+        if self.prv_failed is not None:
+            d["epsilon"]["prv_failed"] = self.prv_failed
         d["versions"] = dict(self.versions)
         d["digest"] = self.digest
         return d
@@ -257,7 +262,9 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
 
     Raises NotCalibratedError if the certified epsilon exceeds plan.target_epsilon, and
     AccountingError if the accountants disagree beyond numerical error, unless the disagreement is
-    PRV's alone and dpdm's own PLD refutes PRV (then the document records it: `prv_overruled`)."""
+    PRV's alone and dpdm's own PLD refutes PRV (then the document records it: `prv_overruled`).
+    Where prv-accountant cannot compute at all (`prv_failed`), dpdm's own PLD takes its place as the
+    cross-check: PLD certifies, and neither RDP nor that rigorous lower bound may contradict it."""
     event, delta = plan.to_event(), plan.delta
     disc = _discretization(plan)
     rdp = RdpAccountant().epsilon(event, delta)
@@ -268,7 +275,8 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
     try:
         prv = PrvAccountant(eps_error=prv_eps_error).epsilon(event, delta)
     except (ValueError, RuntimeError, OverflowError, FloatingPointError) as e:
-        raise AccountingError(f"the PRV cross-check failed for {plan}: {e}") from e
+        return _document_without_prv(plan, rdp=rdp, pld=pld, disc=disc, prv_eps_error=prv_eps_error,
+                                     failure=f"{type(e).__name__}: {e}")
     certified, certified_by = (pld.upper, "pld") if pld.upper <= prv.upper else (prv.upper, "prv")
     independent = overruled = None
     problems = _disagreements(certified=certified, rdp=rdp, prv=prv)
@@ -303,9 +311,40 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
                         independent=independent, prv_overruled=overruled)
 
 
-def _disagreements(*, certified: float, rdp: EpsilonReport, prv: EpsilonReport) -> list[tuple[str, str]]:
-    """(kind, message) for every check the certificate fails; kind 'prv' when PRV is a party to it."""
+def _document_without_prv(plan: PrivacyPlan, *, rdp: EpsilonReport, pld: EpsilonReport, disc: float,
+                          prv_eps_error: float, failure: str) -> PlanDocument:
+    """make_plan_document's path when prv-accountant raises (e.g. "Discrete mean differs from continuous
+    mean significantly" at sample rate 0.128 and noise multiplier 0.84: its discretisation, not the
+    plan, is at fault). PLD certifies; dpdm's own PLD, which shares no code with either library, brackets
+    the true epsilon in PRV's place, and RDP bounds it from above, as for any plan."""
+    event, delta = plan.to_event(), plan.delta
+    certified = pld.upper
+    independent = FftPldAccountant().epsilon(event, delta)
+    problems = [message for _, message in _disagreements(certified=certified, rdp=rdp, prv=None)]
+    if independent.lower > certified * (1 + _FLOAT_RTOL):
+        problems.append(f"dpdm's own PLD lower bound {independent.lower:.6g} > certified {certified:.6g}")
+    if problems:
+        raise AccountingError(
+            f"accountants disagree for sample_rate={plan.sample_rate:.6g}, noise_multiplier="
+            f"{plan.noise_multiplier!r}, steps={plan.steps}, delta={plan.delta!r} (prv-accountant failed: "
+            f"{failure}): " + "; ".join(problems))
+    if plan.target_epsilon is not None and certified > plan.target_epsilon:
+        raise NotCalibratedError(
+            f"noise_multiplier={plan.noise_multiplier!r} certifies eps={certified:.6g}, above "
+            f"target_epsilon={plan.target_epsilon!r}; calibrate the plan")
+    return PlanDocument(plan=plan, epsilon=certified, certified_by="pld", rdp=rdp, pld=pld,
+                        prv=EpsilonReport(None, None, None, "prv"), pld_discretization=disc,
+                        prv_eps_error=prv_eps_error, independent=independent, prv_failed=failure)
+
+
+def _disagreements(*, certified: float, rdp: EpsilonReport, prv: EpsilonReport | None) -> list[tuple[str, str]]:
+    """(kind, message) for every check the certificate fails; kind 'prv' when PRV is a party to it
+    (prv None: PRV gave no figures, only RDP is checked)."""
     problems = []
+    if prv is None:
+        if certified > rdp.upper * (1 + RDP_RTOL):
+            problems.append(("rdp", f"certified {certified:.6g} > RDP {rdp.upper:.6g}"))
+        return problems
     if prv.lower is not None and prv.lower > certified * (1 + _FLOAT_RTOL):
         problems.append(("prv", f"PRV lower bound {prv.lower:.6g} > certified {certified:.6g}"))
     if certified > prv.upper * (1 + _FLOAT_RTOL):
@@ -442,6 +481,7 @@ def parse_plan(text: str, path: str = "plan") -> PlanDocument:
 
     independent = eps.get("independent")
     overruled = eps.get("prv_overruled")
+    failed = eps.get("prv_failed")
     return PlanDocument(
         plan=plan, epsilon=float(stored), certified_by=certified_by,
         rdp=report("rdp", "rdp"), pld=report("pld", "pld"), prv=report("prv", "prv"),
@@ -451,6 +491,7 @@ def parse_plan(text: str, path: str = "plan") -> PlanDocument:
         independent=EpsilonReport(independent.get("lower"), None, independent.get("upper"), "fft")
         if isinstance(independent, dict) else None,
         prv_overruled=overruled if isinstance(overruled, str) else None,
+        prv_failed=failed if isinstance(failed, str) else None,
     )
 
 

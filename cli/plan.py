@@ -100,6 +100,9 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
         raise BadInput(str(e)) from e
     if doc.prv_overruled:
         click.echo(f"dpdm: warning: PRV overruled: {doc.prv_overruled}", err=True)
+    if doc.prv_failed:
+        click.echo(f"dpdm: warning: prv-accountant gave no epsilon for this plan ({doc.prv_failed}); dpdm's own "
+                   "PLD cross-checked the certificate in its place", err=True)
     if out:
         accounting.write_plan(doc, out)
     if curve:
@@ -157,6 +160,8 @@ def _table(doc) -> str:
                   f"{doc.pld_discretization:.2g}, PRV error {doc.prv_eps_error:.2g})"]
     if doc.prv_overruled:
         lines.append("PRV overruled by dpdm's own PLD (see the warning; recorded in the plan)")
+    if doc.prv_failed:
+        lines.append("PRV failed; dpdm's own PLD cross-checked instead (see the warning; recorded in the plan)")
     return "\n".join(lines)
 
 
@@ -175,14 +180,20 @@ def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
     rdp = [accounting.RdpAccountant().epsilon(p.to_event(s), p.delta).upper for s in steps]
     pld = [accounting.epsilon_spent(p, s) for s in steps]
     prv_steps = sorted({int(round(s)) for s in np.linspace(p.steps / prv_points, p.steps, prv_points)})
-    prv = accounting.PrvAccountant(eps_error=doc.prv_eps_error if math.isfinite(doc.prv_eps_error) else 0.05).curve(
-        p.to_event(), p.delta, prv_steps)
+    prv = None
+    if not doc.prv_failed:
+        try:
+            prv = accounting.PrvAccountant(eps_error=doc.prv_eps_error if math.isfinite(doc.prv_eps_error)
+                                           else 0.05).curve(p.to_event(), p.delta, prv_steps)
+        except (ValueError, RuntimeError, OverflowError, FloatingPointError):
+            prv = None  # prv-accountant's discretisation failed (see make_plan_document): no PRV band
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, rdp, label="RDP (upper)")
     ax.plot(steps, pld, label="PLD pessimistic (certified)")
-    ax.fill_between(prv_steps, [r.lower for r in prv], [r.upper for r in prv], alpha=0.3, color="C2",
-                    label="PRV bounds")
-    ax.plot(prv_steps, [r.estimate for r in prv], "o", color="C2", label="PRV estimate")
+    if prv is not None:
+        ax.fill_between(prv_steps, [r.lower for r in prv], [r.upper for r in prv], alpha=0.3, color="C2",
+                        label="PRV bounds")
+        ax.plot(prv_steps, [r.estimate for r in prv], "o", color="C2", label="PRV estimate")
     if p.target_epsilon is not None:
         ax.axhline(p.target_epsilon, color="k", lw=0.8, ls="--", label="target")
     ax.set_xlabel("steps")
@@ -210,14 +221,24 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
     try:
         disc = accounting.pld_discretization(accounting.RdpAccountant().epsilon(event, delta).upper)
         reports = [accounting.RdpAccountant().epsilon(event, delta),
-                   accounting.PldAccountant(disc).epsilon(event, delta),
-                   accounting.PrvAccountant(eps_error=eps_error).epsilon(event, delta)]
+                   accounting.PldAccountant(disc).epsilon(event, delta)]
     except (RuntimeError, OverflowError) as e:
         raise runtime_failure(f"accounting failed: {e}") from e
     except ValueError as e:
         raise BadInput(str(e)) from e
+    prv_failed = None
+    try:
+        reports.append(accounting.PrvAccountant(eps_error=eps_error).epsilon(event, delta))
+    except (RuntimeError, OverflowError, FloatingPointError, ValueError) as e:
+        # prv-accountant's discretisation fails for small noise at large sample rates
+        # (microsoft/prv_accountant#42): say so and show the other two.
+        prv_failed = f"{type(e).__name__}: {e}"
+        click.echo(f"dpdm: warning: prv-accountant gave no epsilon ({prv_failed})", err=True)
     if as_json:
-        click.echo(json.dumps({r.method: r.to_dict() for r in reports}, indent=1))
+        doc = {r.method: r.to_dict() for r in reports}
+        if prv_failed is not None:
+            doc["prv_failed"] = prv_failed
+        click.echo(json.dumps(doc, indent=1))
         return
     click.echo(f"{'accountant':<12}{'lower':>12}{'estimate':>12}{'upper':>12}")
     for r in reports:

@@ -162,6 +162,41 @@ def test_an_undecided_disagreement_is_still_an_error(monkeypatch):
         accounting.make_plan_document(PrivacyPlan(**BASE))
 
 
+# prv-accountant 0.2.0 raises "Discrete mean differs from continuous mean significantly" for this plan
+# (mnist5k, expected batch 512, 60 steps, eps 10: sample rate 0.128, noise multiplier 0.836;
+# microsoft/prv_accountant#42); PLD, RDP and dpdm's own PLD all compute it.
+PRV_FAILS = dict(dataset_size=4000, batch_size=512, steps=60, noise_multiplier=1.0, noise_multiplicity=2,
+                 delta=1e-5, dataset_name="mnist5k")
+
+
+def test_a_plan_prv_cannot_compute_is_cross_checked_by_dpdms_own_pld(tmp_path):
+    """The real case: before, `dpdm plan --batch-size 512 --steps 60` stopped with "the PRV cross-check
+    failed". Now PLD certifies, dpdm's own PLD brackets it, and the plan records PRV's failure."""
+    plan = PrivacyPlan(**PRV_FAILS).calibrate(epsilon=10.0)
+    with pytest.raises(RuntimeError, match="Discrete mean"):
+        accounting.PrvAccountant(eps_error=0.2).epsilon(plan.to_event(), plan.delta)
+    doc = accounting.make_plan_document(plan)
+    assert doc.certified_by == "pld" and doc.epsilon == doc.pld.upper <= 10.0
+    assert doc.prv_failed.startswith("RuntimeError: Discrete mean differs")
+    assert doc.prv.upper is None and doc.prv.lower is None
+    assert doc.independent.lower <= doc.epsilon <= doc.independent.upper <= doc.rdp.upper
+    path = tmp_path / "plan.json"
+    accounting.write_plan(doc, path)
+    loaded = accounting.load_plan(path)   # what `dpdm train` does: re-computes the certificate
+    assert loaded.prv_failed == doc.prv_failed and loaded.independent == doc.independent
+    assert loaded.epsilon == doc.epsilon and loaded.digest == doc.digest
+    eps = json.loads(path.read_text())["epsilon"]
+    assert eps["prv"] == {"lower": None, "estimate": None, "upper": None} and eps["certified_by"] == "pld"
+
+
+def test_without_prv_a_certificate_below_dpdms_lower_bound_is_an_error(monkeypatch):
+    """PRV's failure is not a free pass: a PLD certificate that dpdm's own PLD refutes still stops the plan."""
+    plan = PrivacyPlan(**PRV_FAILS).calibrate(epsilon=10.0)
+    _scaled(monkeypatch, accounting.PldAccountant, 0.99)
+    with pytest.raises(accounting.AccountingError, match=r"prv-accountant failed: .*own PLD lower bound"):
+        accounting.make_plan_document(plan)
+
+
 def test_rdp_disagreement_is_an_error(monkeypatch):
     _scaled(monkeypatch, accounting.RdpAccountant, 0.5)
     with pytest.raises(accounting.AccountingError, match="> RDP"):

@@ -160,3 +160,26 @@ def test_plan_that_prv_gets_wrong_is_made_with_a_warning(capsys, tmp_path):
     doc = accounting.load_plan(path)
     assert doc.certified_by == "pld" and doc.epsilon <= 10.0
     assert doc.independent.lower <= doc.epsilon < doc.independent.upper < doc.prv.lower
+
+
+def test_plan_that_prv_cannot_compute_is_made_with_a_warning(capsys, tmp_path):
+    """At sample rate 0.128 and 60 steps (noise multiplier 0.836) prv-accountant 0.2.0 raises instead
+    ("Discrete mean differs from continuous mean significantly"); this valid plan used to stop with
+    exit 4. dpdm's own PLD takes PRV's place: the plan, its table and its curve are written."""
+    path, curve = tmp_path / "plan.json", tmp_path / "curve.png"
+    rc, out, err = run(capsys, "--eps", "10", "--delta", "1e-5", "--batch-size", "512", "--steps", "60",
+                       "--multiplicity", "2", "--out", str(path), "--curve", str(curve))
+    assert rc == 0, err
+    assert err.count("\n") == 1 and err.startswith("dpdm: warning: prv-accountant gave no epsilon")
+    assert "PRV failed" in out and "dpdm PLD" in out and curve.stat().st_size > 0
+    doc = accounting.load_plan(path)
+    assert doc.certified_by == "pld" and doc.epsilon <= 10.0 and doc.prv_failed
+
+
+def test_account_shows_rdp_and_pld_where_prv_cannot_compute(capsys):
+    rc = main(["account", "-s", "0.8363", "-p", "0.128", "-i", "60", "--delta", "1e-5", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and err.startswith("dpdm: warning: prv-accountant gave no epsilon") and err.count("\n") == 1
+    d = json.loads(out)
+    assert "prv" not in d and d["prv_failed"].startswith("RuntimeError")
+    assert d["pld"]["upper"] <= d["rdp"]["upper"]
