@@ -11,7 +11,8 @@ from dpdm import checkpoint as ckpt
 @pytest.mark.slow
 def test_demo_writes_report_and_release_file(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "3", "--device", "cpu", "--skip-audit"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "3", "--public-steps", "2", "--device", "cpu",
+                 "--skip-audit"]) == 0
     report = capsys.readouterr().out.strip()
     assert report.endswith("report.html") and (out / "report.html").exists()
     md = (out / "report.md").read_text()
@@ -21,3 +22,9 @@ def test_demo_writes_report_and_release_file(tmp_path, capsys):
     assert model["format"] == ckpt.MODEL_FORMAT and model["ledger"] == state["ledger"]
     assert model["ledger"]["steps_done"] == 3 and "seed" not in model["config"].get("train", {})
     assert (out / "samples.npz").exists() and (out / "grid.png").exists()
+    # The private run starts from the public warm start, and the report says so and what real data reaches.
+    public = ckpt.load_checkpoint(out / "public" / "checkpoint.pt")
+    assert public["ledger"]["private"] is False and public["ledger"]["steps_done"] == 2
+    assert state["config"]["train"]["init_from"] == str(out / "public" / "checkpoint.pt")
+    assert "public warm start | 2 non-private steps on the public digits28-aug" in md
+    assert "real training images instead" in md
