@@ -36,6 +36,7 @@ import json
 import os
 import pickle
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -271,7 +272,9 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
         model = CNN(c, (h, w), real_train.num_classes)
     if path.is_file() and path.with_suffix(".json").is_file():
         try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            with warnings.catch_warnings():  # a damaged file can make torch warn before it refuses
+                warnings.simplefilter("ignore")
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             info = json.loads(path.with_suffix(".json").read_text())
             model.to(device).eval()
             return model, {**info, "cache": str(path), "cached": True}
