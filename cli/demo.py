@@ -33,7 +33,7 @@ DEMO_PUBLIC_BATCH = 128
 # v-prediction and lr 1e-3: what the quality runs found best at mnist5k's scale (with the paper's EDM
 # settings the demo's digits had no global shape; benchmarks/quality.py, issue 4 note). Guidance 1: from
 # the warm start (500 public steps, 30-epoch evaluation) it draws the cleaner grid and FD 19 against 33,
-# at CNN 75% against 78% for 0, and 90% of its samples are read as their label by the reference CNN
+# at CNN 75% against 78% for 0, and 93% of its samples are read as their label by the reference CNN
 # (77% for 0); the old cold demo's 300-step run also preferred 1 (CNN 66.9% against 54.8%, FD 46 against
 # 85). After 1407 steps (benchmarks/quality.py) 0 is better.
 DEMO_PRECOND = "v"
