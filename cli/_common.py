@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
 import click
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and +-inf: FloatRange's bounds let nan through (every
+    comparison with it is false), and an open upper bound lets inf through."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
 
 
 def resolve_device(device: str) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli._common import emit_json, info
+from cli._common import FiniteFloatRange, emit_json, info
 from cli.errors import BadInput
 
 
@@ -22,7 +22,7 @@ from cli.errors import BadInput
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the suite's canary-run steps.")
 @click.option("--background", type=click.IntRange(min=1), default=None, help="Override the suite's background examples.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--significance", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.05,
+@click.option("--significance", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="Family-wise error budget of the verdict.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report's JSON on stdout.")
 def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, steps, background, seed, significance,

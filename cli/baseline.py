@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from cli._common import (emit_json, load_locked_plan, load_public_data, load_training_data, plan_dataset_name,
-                         resolve_device)
+from cli._common import (FiniteFloatRange, emit_json, load_locked_plan, load_public_data, load_training_data,
+                         plan_dataset_name, resolve_device)
 from cli.errors import BadInput
 
 
@@ -21,7 +21,7 @@ def baseline() -> None:
               help="Held-out real images (npz:PATH or folder:PATH); required for path datasets and digits.")
 @click.option("--data-root", default=None, type=click.Path(file_okay=False), help="Where torchvision datasets live.")
 @click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Adam learning rate (privacy-neutral) [default: dpdm.baseline.DEFAULT_LR].")
 @click.option("--physical-batch", type=click.IntRange(min=1), default=None,
               help="Examples per chunk (memory knob; privacy-neutral).")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli._common import checkpoint_of, emit_json, info, resolve_device
+from cli._common import FiniteFloatRange, checkpoint_of, emit_json, info, resolve_device
 from cli.errors import BadInput
 
 
@@ -14,23 +14,24 @@ from cli.errors import BadInput
 @click.option("--sampler", type=click.Choice(["euler", "heun", "churn"]), default="euler", show_default=True,
               help="euler: the paper's 'DDIM' (PF-ODE); heun: EDM; churn: stochastic Heun.")
 @click.option("--sampler-steps", type=click.IntRange(min=2), default=50, show_default=True)
-@click.option("--s-churn", type=click.FloatRange(min=0), default=None,
+@click.option("--s-churn", type=FiniteFloatRange(min=0), default=None,
               help="churn only: total churn; each step in [--s-min, --s-max] adds noise up to "
                    "sigma * (1 + min(S_churn / steps, 1)).  [default: 100, DPDM's best-FID setting]")
-@click.option("--s-min", type=click.FloatRange(min=0), default=None, help="churn only  [default: 0.05]")
-@click.option("--s-max", type=click.FloatRange(min=0), default=None, help="churn only  [default: 50]")
-@click.option("--s-noise", type=click.FloatRange(min=0), default=None,
+@click.option("--s-min", type=FiniteFloatRange(min=0), default=None, help="churn only  [default: 0.05]")
+@click.option("--s-max", type=FiniteFloatRange(min=0), default=None, help="churn only  [default: 50]")
+@click.option("--s-noise", type=FiniteFloatRange(min=0), default=None,
               help="churn only: scale of the fresh noise  [default: 1]")
-@click.option("--guidance", type=float, default=0.0, show_default=True, help="Classifier-free guidance weight w.")
+@click.option("--guidance", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
+              help="Classifier-free guidance weight w (0: none).")
 @click.option("--guidance-interval", type=float, nargs=2, default=None, metavar="LO HI",
               help="Guide only the steps with LO < sigma <= HI (Kynkaanniemi et al. 2024); the others are "
                    "unguided and call the network once.  [default: every step]")
-@click.option("--sigma-min", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--sigma-min", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Lowest noise level of the Karras schedule; the last step returns D(x; sigma_min). "
                    "[default: 0.002, or the lowest level the run trained on if higher]")
-@click.option("--sigma-max", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--sigma-max", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="[default: 80, or the highest level the run trained on if lower]")
-@click.option("--rho", type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True,
+@click.option("--rho", type=FiniteFloatRange(min=0, min_open=True), default=7.0, show_default=True,
               help="Karras schedule exponent (higher: more steps at low noise).")
 @click.option("--weights", default="ema", show_default=True,
               help="ema (the run's EMA), raw (the last iterate), or power:GAMMA (kept by `dpdm train --ema-power`).")

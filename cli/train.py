@@ -5,8 +5,8 @@ import os
 
 import click
 
-from cli._common import (emit_json, info, load_locked_plan, load_public_data, load_training_data, plan_dataset_name,
-                         resolve_device, warn)
+from cli._common import (FiniteFloatRange, emit_json, info, load_locked_plan, load_public_data, load_training_data,
+                         plan_dataset_name, resolve_device, warn)
 from cli.errors import BadInput
 
 
@@ -21,19 +21,19 @@ from cli.errors import BadInput
 # Model and performance (privacy-neutral).
 @click.option("--model", type=click.Choice(["small", "mnist"]), default="small", show_default=True, help="Network preset.")
 @click.option("--precond", type=click.Choice(["edm", "v"]), default="edm", show_default=True, help="EDM or v-prediction (the paper's choice at eps 0.2).")
-@click.option("--train-sigma", type=(click.FloatRange(min=0, min_open=True), click.FloatRange(min=0, min_open=True)),
+@click.option("--train-sigma", type=(FiniteFloatRange(min=0, min_open=True), FiniteFloatRange(min=0, min_open=True)),
               default=None, metavar="MIN MAX",
               help="v only: the noise levels trained on [default: sigma 0.0015 to 90, log-SNR 13 to -9]. "
                    "dpdm sample then keeps to them.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--physical-batch", type=click.IntRange(min=1), default=None, help="Examples per chunk (memory knob; noise is still added once per step).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True)
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=3e-4, show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
               help="cosine: lr decays to 0 at the plan's last step.")
-@click.option("--ema-decay", type=click.FloatRange(min=0, max=1, max_open=True), default=0.999, show_default=True,
+@click.option("--ema-decay", type=FiniteFloatRange(min=0, max=1, max_open=True), default=0.999, show_default=True,
               help="EMA of the weights (what `dpdm sample` draws from), with DPDM's warmup "
                    "min(decay, (1+n)/(10+n)), which decides for the first 9/(1-decay) steps (9,000 at 0.999).")
-@click.option("--ema-power", "ema_powers", type=click.FloatRange(min=0, min_open=True), multiple=True,
+@click.option("--ema-power", "ema_powers", type=FiniteFloatRange(min=0, min_open=True), multiple=True,
               help="Also keep a power-function EMA with exponent GAMMA (EDM2; repeatable; privacy-free). "
                    "Smaller GAMMA averages more of the run. `dpdm sample --weights power:GAMMA` draws from it.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)

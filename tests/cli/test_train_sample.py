@@ -294,3 +294,22 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert a["ledger"] == b["ledger"]
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("sample", "--guidance", "nan"), ("sample", "--guidance", "inf"), ("sample", "--guidance", "-1"),
+    ("sample", "--rho", "nan"), ("sample", "--s-churn", "inf"),
+    ("train", "--lr", "nan"), ("train", "--lr", "inf"), ("train", "--ema-power", "nan"),
+    ("baseline", "--lr", "inf"), ("audit", "--significance", "nan"),
+])
+def test_non_finite_floats_are_one_error_line(tiny, capsys, command, option, value):
+    """click's FloatRange lets nan through every bound (and inf through an open one): `--lr inf` used to
+    train a DP-SGD CNN to NaN and report 10%, `--guidance nan` and `--lr nan` ended in a traceback."""
+    d = tiny
+    argv = {"sample": ["sample", "--run", d / "run", "--n", 2, "--out", d / "s.npz", "--sampler", "churn"],
+            "train": _train_args(d, d / "run"),
+            "baseline": ["baseline", "dp-classifier", "--plan", d / "plan.json", "--device", "cpu"],
+            "audit": ["audit", "--run", d / "run", "--out", d / "audit"]}[command]
+    code, _, err = run_cli([*argv, option, value], capsys)
+    assert option in _one_error_line(code, err)
+    assert not (d / "run").exists() and not (d / "s.npz").exists() and not (d / "audit").exists()
