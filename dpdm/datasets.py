@@ -477,7 +477,11 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{name}: cannot read {str(path)!r} as .npz ({_one_line(e)})") from None
+        # numpy takes any file that is neither a zip nor .npy for a pickle and advises loading it
+        # "unsafely"; dpdm never does, so that advice is not passed on.
+        why = ("it is not an .npz archive; dpdm never loads pickles" if "allow_pickle" in str(e)
+               else _one_line(e))
+        raise DataError(f"{name}: cannot read {str(path)!r} as .npz ({why})") from None
     if "x" not in arrays:
         raise DataError(f"{name}: {str(path)!r} has no array 'x' (found {sorted(arrays)})")
     x = arrays["x"]

@@ -120,6 +120,8 @@ def test_eval_bad_samples_file(tmp_path, capsys, bad):
         samples.write_text("junk")
     code, _, err = _run(capsys, "eval", "--samples", str(samples), "--dataset", "mnist5k")
     _assert_one_line_error(code, err, "--samples")
+    if bad == "junk":  # numpy's advice to load the file "unsafely" (allow_pickle) is not passed on
+        assert "not an .npz archive" in err and "allow_pickle" not in err
 
 
 def test_eval_bad_options(digit_files, tmp_path, capsys):
