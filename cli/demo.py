@@ -24,9 +24,9 @@ DEMO_PHYSICAL_BATCH = 256   # examples per vmap chunk: memory only, the noise is
 # The public warm start: the generator first trains WITHOUT privacy on digits28-aug (scikit-learn's
 # digits, re-framed like MNIST and distorted; no mnist5k image, so no privacy budget), and the private
 # run starts from its EMA. Measured with these settings: whole digits in the grid where the cold start
-# (300 steps of batch 128, the same minutes) drew blobs; classifier FD 20.9 against 46.8, precision /
-# recall 0.87 / 0.68 against 0.79 / 0.50; but no better downstream classifiers at this size (CNN 68.0%
-# against 72.7%, one seed each; README, issue 4 note).
+# (300 steps of batch 128, 332 s of training against 482 s) drew blobs; classifier FD 20.9 against
+# 46.8, precision / recall 0.87 / 0.68 against 0.79 / 0.50; but no better downstream classifiers at
+# this size (CNN 68.0% against 72.7%, one seed each; README, issue 4 note).
 DEMO_PUBLIC = "digits28-aug"
 DEMO_PUBLIC_STEPS = 400
 DEMO_PUBLIC_BATCH = 128
