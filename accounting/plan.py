@@ -273,85 +273,68 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
         raise ValueError(f"noise_multiplier={plan.noise_multiplier!r} gives no finite epsilon")
     prv_eps_error = max(prv_relative_eps_error * pld.upper, PRV_MIN_EPS_ERROR)
     try:
-        prv = PrvAccountant(eps_error=prv_eps_error).epsilon(event, delta)
+        prv, failed = PrvAccountant(eps_error=prv_eps_error).epsilon(event, delta), None
     except (ValueError, RuntimeError, OverflowError, FloatingPointError) as e:
-        return _document_without_prv(plan, rdp=rdp, pld=pld, disc=disc, prv_eps_error=prv_eps_error,
-                                     failure=f"{type(e).__name__}: {e}")
-    certified, certified_by = (pld.upper, "pld") if pld.upper <= prv.upper else (prv.upper, "prv")
+        # E.g. "Discrete mean differs from continuous mean significantly" at sample rate 0.128 and noise
+        # multiplier 0.84: prv-accountant's discretisation, not the plan, is at fault.
+        prv, failed = None, f"{type(e).__name__}: {e}"
     independent = overruled = None
-    problems = _disagreements(certified=certified, rdp=rdp, prv=prv)
-    if certified_by == "prv":
-        # PRV may only lower the certificate where a rigorous lower bound of its own does not refute it.
-        independent = FftPldAccountant().epsilon(event, delta)
-        if prv.upper < independent.lower * (1 - _FLOAT_RTOL):
-            problems.append(("prv", f"PRV upper bound {prv.upper:.6g} < dpdm's own PLD lower bound "
-                                    f"{independent.lower:.6g}"))
-    if problems and all(kind == "prv" for kind, _ in problems):
-        # PRV against the certificate: a third accountant, sharing no code with either library, decides.
+    if prv is None:
+        # PLD certifies; dpdm's own PLD, which shares no code with either library, brackets the true
+        # epsilon in PRV's place, and RDP bounds it from above, as for any plan.
         certified, certified_by = pld.upper, "pld"
-        independent = independent or FftPldAccountant().epsilon(event, delta)
+        independent = FftPldAccountant().epsilon(event, delta)
+        problems = _disagreements(certified=certified, rdp=rdp, prv=None)
+        if independent.lower > certified * (1 + _FLOAT_RTOL):
+            problems.append(("fft", f"dpdm's own PLD lower bound {independent.lower:.6g} > certified "
+                                    f"{certified:.6g}"))
+    else:
+        certified, certified_by = (pld.upper, "pld") if pld.upper <= prv.upper else (prv.upper, "prv")
         problems = _disagreements(certified=certified, rdp=rdp, prv=prv)
-        overruled = _prv_overruled(certified, prv, independent)
-        if overruled is not None:
-            problems = [p for p in problems if p[0] != "prv"]
-        else:
-            problems.append(("fft", f"dpdm's own PLD bracket [{independent.lower:.6g}, {independent.upper:.6g}] "
-                                    "does not settle it"))
+        if certified_by == "prv":
+            # PRV may only lower the certificate where a rigorous lower bound of its own does not refute it.
+            independent = FftPldAccountant().epsilon(event, delta)
+            if prv.upper < independent.lower * (1 - _FLOAT_RTOL):
+                problems.append(("prv", f"PRV upper bound {prv.upper:.6g} < dpdm's own PLD lower bound "
+                                        f"{independent.lower:.6g}"))
+        if problems and all(kind == "prv" for kind, _ in problems):
+            # PRV against the certificate: a third accountant, sharing no code with either library, decides.
+            certified, certified_by = pld.upper, "pld"
+            independent = independent or FftPldAccountant().epsilon(event, delta)
+            problems = _disagreements(certified=certified, rdp=rdp, prv=prv)
+            overruled = _prv_overruled(certified, prv, independent)
+            if overruled is not None:
+                problems = [p for p in problems if p[0] != "prv"]
+            else:
+                problems.append(("fft", f"dpdm's own PLD bracket [{independent.lower:.6g}, "
+                                        f"{independent.upper:.6g}] does not settle it"))
     if problems:
         raise AccountingError(
             f"accountants disagree for sample_rate={plan.sample_rate:.6g}, noise_multiplier="
-            f"{plan.noise_multiplier!r}, steps={plan.steps}, delta={plan.delta!r}: "
+            f"{plan.noise_multiplier!r}, steps={plan.steps}, delta={plan.delta!r}"
+            + ("" if failed is None else f" (prv-accountant failed: {failed})") + ": "
             + "; ".join(message for _, message in problems))
     if plan.target_epsilon is not None and certified > plan.target_epsilon:
         raise NotCalibratedError(
             f"noise_multiplier={plan.noise_multiplier!r} certifies eps={certified:.6g}, above "
             f"target_epsilon={plan.target_epsilon!r}; calibrate the plan")
     return PlanDocument(plan=plan, epsilon=certified, certified_by=certified_by, rdp=rdp, pld=pld,
-                        prv=prv, pld_discretization=disc, prv_eps_error=prv_eps_error,
-                        independent=independent, prv_overruled=overruled)
-
-
-def _document_without_prv(plan: PrivacyPlan, *, rdp: EpsilonReport, pld: EpsilonReport, disc: float,
-                          prv_eps_error: float, failure: str) -> PlanDocument:
-    """make_plan_document's path when prv-accountant raises (e.g. "Discrete mean differs from continuous
-    mean significantly" at sample rate 0.128 and noise multiplier 0.84: its discretisation, not the
-    plan, is at fault). PLD certifies; dpdm's own PLD, which shares no code with either library, brackets
-    the true epsilon in PRV's place, and RDP bounds it from above, as for any plan."""
-    event, delta = plan.to_event(), plan.delta
-    certified = pld.upper
-    independent = FftPldAccountant().epsilon(event, delta)
-    problems = [message for _, message in _disagreements(certified=certified, rdp=rdp, prv=None)]
-    if independent.lower > certified * (1 + _FLOAT_RTOL):
-        problems.append(f"dpdm's own PLD lower bound {independent.lower:.6g} > certified {certified:.6g}")
-    if problems:
-        raise AccountingError(
-            f"accountants disagree for sample_rate={plan.sample_rate:.6g}, noise_multiplier="
-            f"{plan.noise_multiplier!r}, steps={plan.steps}, delta={plan.delta!r} (prv-accountant failed: "
-            f"{failure}): " + "; ".join(problems))
-    if plan.target_epsilon is not None and certified > plan.target_epsilon:
-        raise NotCalibratedError(
-            f"noise_multiplier={plan.noise_multiplier!r} certifies eps={certified:.6g}, above "
-            f"target_epsilon={plan.target_epsilon!r}; calibrate the plan")
-    return PlanDocument(plan=plan, epsilon=certified, certified_by="pld", rdp=rdp, pld=pld,
-                        prv=EpsilonReport(None, None, None, "prv"), pld_discretization=disc,
-                        prv_eps_error=prv_eps_error, independent=independent, prv_failed=failure)
+                        prv=prv or EpsilonReport(None, None, None, "prv"), pld_discretization=disc,
+                        prv_eps_error=prv_eps_error, independent=independent, prv_overruled=overruled,
+                        prv_failed=failed)
 
 
 def _disagreements(*, certified: float, rdp: EpsilonReport, prv: EpsilonReport | None) -> list[tuple[str, str]]:
     """(kind, message) for every check the certificate fails; kind 'prv' when PRV is a party to it
     (prv None: PRV gave no figures, only RDP is checked)."""
     problems = []
-    if prv is None:
-        if certified > rdp.upper * (1 + RDP_RTOL):
-            problems.append(("rdp", f"certified {certified:.6g} > RDP {rdp.upper:.6g}"))
-        return problems
-    if prv.lower is not None and prv.lower > certified * (1 + _FLOAT_RTOL):
+    if prv is not None and prv.lower is not None and prv.lower > certified * (1 + _FLOAT_RTOL):
         problems.append(("prv", f"PRV lower bound {prv.lower:.6g} > certified {certified:.6g}"))
-    if certified > prv.upper * (1 + _FLOAT_RTOL):
+    if prv is not None and certified > prv.upper * (1 + _FLOAT_RTOL):
         problems.append(("prv", f"certified {certified:.6g} > PRV upper bound {prv.upper:.6g}"))
     if certified > rdp.upper * (1 + RDP_RTOL):
         problems.append(("rdp", f"certified {certified:.6g} > RDP {rdp.upper:.6g}"))
-    if prv.lower is not None and prv.lower > rdp.upper * (1 + _FLOAT_RTOL):
+    if prv is not None and prv.lower is not None and prv.lower > rdp.upper * (1 + _FLOAT_RTOL):
         problems.append(("prv", f"PRV lower bound {prv.lower:.6g} > RDP {rdp.upper:.6g}"))
     return problems
 
