@@ -5,6 +5,7 @@
     write_plan(make_plan_document(plan), "plan.json")
 """
 from accounting.accountants import (
+    PRV_ERRORS,
     EpsilonReport,
     PldAccountant,
     PrvAccountant,
@@ -42,6 +43,7 @@ __all__ = [
     "FORMAT",
     "MAX_NOISE_MULTIPLIER",
     "MIN_NOISE_MULTIPLIER",
+    "PRV_ERRORS",
     "AccountingError",
     "EpsilonReport",
     "FftPldAccountant",

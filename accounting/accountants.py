@@ -190,6 +190,11 @@ def one_step_pld(q: float, sigma: float, discretization: float):
     )
 
 
+# What prv-accountant raises where its discretisation fails rather than the input (e.g. "Discrete mean
+# differs from continuous mean significantly" for small noise at large sample rates, microsoft/prv_accountant#42).
+PRV_ERRORS = (ValueError, RuntimeError, OverflowError, FloatingPointError)
+
+
 @dataclasses.dataclass(frozen=True)
 class PrvAccountant(_Accountant):
     """Privacy random variables (prv-accountant): (lower, estimate, upper), with

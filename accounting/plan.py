@@ -23,6 +23,7 @@ from importlib import metadata
 from typing import Any
 
 from accounting.accountants import (
+    PRV_ERRORS,
     EpsilonReport,
     PldAccountant,
     PrvAccountant,
@@ -274,7 +275,7 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
     prv_eps_error = max(prv_relative_eps_error * pld.upper, PRV_MIN_EPS_ERROR)
     try:
         prv, failed = PrvAccountant(eps_error=prv_eps_error).epsilon(event, delta), None
-    except (ValueError, RuntimeError, OverflowError, FloatingPointError) as e:
+    except PRV_ERRORS as e:
         # E.g. "Discrete mean differs from continuous mean significantly" at sample rate 0.128 and noise
         # multiplier 0.84: prv-accountant's discretisation, not the plan, is at fault.
         prv, failed = None, f"{type(e).__name__}: {e}"

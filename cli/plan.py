@@ -185,7 +185,7 @@ def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
         try:
             prv = accounting.PrvAccountant(eps_error=doc.prv_eps_error if math.isfinite(doc.prv_eps_error)
                                            else 0.05).curve(p.to_event(), p.delta, prv_steps)
-        except (ValueError, RuntimeError, OverflowError, FloatingPointError):
+        except accounting.PRV_ERRORS:
             prv = None  # prv-accountant's discretisation failed (see make_plan_document): no PRV band
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, rdp, label="RDP (upper)")
@@ -229,9 +229,7 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
     prv_failed = None
     try:
         reports.append(accounting.PrvAccountant(eps_error=eps_error).epsilon(event, delta))
-    except (RuntimeError, OverflowError, FloatingPointError, ValueError) as e:
-        # prv-accountant's discretisation fails for small noise at large sample rates
-        # (microsoft/prv_accountant#42): say so and show the other two.
+    except accounting.PRV_ERRORS as e:  # say so, and show the other two
         prv_failed = f"{type(e).__name__}: {e}"
         click.echo(f"dpdm: warning: prv-accountant gave no epsilon ({prv_failed})", err=True)
     if as_json:
