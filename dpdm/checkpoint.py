@@ -135,7 +135,7 @@ def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"checkpoint {str(path)!r} refused: it cannot be loaded with weights_only=True "
-            f"(it is corrupt or would run code when loaded): {_unpickling_reason(e)}"
+            f"(it is corrupt or would run code when loaded): {unpickling_reason(e)}"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, TypeError, IndexError) as e:
@@ -151,7 +151,7 @@ def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
 _TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation of torch.load", "Please file an issue")
 
 
-def _unpickling_reason(e: Exception) -> str:
+def unpickling_reason(e: Exception) -> str:
     """The line of a torch.load(weights_only=True) error that says what was refused, e.g. "Trying to load
     unsupported GLOBAL posix.system whose module posix is blocked." or "Unsupported operand 103"."""
     for line in str(e).splitlines():

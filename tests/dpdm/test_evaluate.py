@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,26 @@ def test_load_inception_refuses_bad_files(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(ValueError, match="not a torchvision inception_v3"):
         load_inception(wrong)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_load_inception_refuses_code_running_pickle_naming_why(tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _RunsCode(marker)}, evil)
+    with pytest.raises(ValueError, match="weights_only=True") as refused:
+        load_inception(evil)
+    assert not marker.exists()
+    # One line naming what torch refused (the system call), without torch's advice to load with weights_only=False.
+    msg = str(refused.value)
+    assert "system" in msg and "False" not in msg and "\n" not in msg
 
 
 @pytest.mark.slow
