@@ -65,6 +65,17 @@ def warn(message: str) -> None:
     click.echo(f"dpdm: warning: {message}", err=True)
 
 
+def warn_if_slow_bf16(precision: str, device: str) -> None:
+    """bf16 autocast on a CPU without bf16 units is slower than fp32: say so rather than let it run slow."""
+    if precision != "bf16" or not str(device).startswith("cpu"):
+        return
+    from dpdm.cpu import cpu_has_bf16_units
+
+    if cpu_has_bf16_units() is False:
+        warn("--precision bf16: this CPU has no bfloat16 units (AVX512-BF16 or AMX), so bf16 runs slower "
+             "than fp32 here (7x as long for a --no-dp step and 14x for sampling, small U-Net, on one such machine)")
+
+
 def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli._common import FiniteFloatRange, checkpoint_of, emit_json, info, resolve_device
+from cli._common import FiniteFloatRange, checkpoint_of, emit_json, info, resolve_device, warn_if_slow_bf16
 from cli.errors import BadInput
 
 
@@ -61,13 +61,15 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         raise BadInput(f"--s-min={s_min:g} must be below --s-max={s_max:g}")
     if not str(out_path).endswith(".npz"):
         raise BadInput(f"--out={out_path!r} must end in .npz")
+    device = resolve_device(device)
+    warn_if_slow_bf16(precision, device)
     from dpdm.sample import SampleError, sample_checkpoint
 
     try:
         result = sample_checkpoint(path, n=n, sampler=sampler, sampler_steps=sampler_steps, guidance=guidance,
                                    guidance_interval=guidance_interval, sampler_kwargs=churn or None,
                                    sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, weights=weights, seed=seed,
-                                   precision=precision, batch_size=batch_size, device=resolve_device(device), out_path=out_path, grid_path=grid_path)
+                                   precision=precision, batch_size=batch_size, device=device, out_path=out_path, grid_path=grid_path)
     except SampleError as e:
         raise BadInput(str(e)) from None
     if as_json:

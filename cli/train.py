@@ -6,7 +6,7 @@ import os
 import click
 
 from cli._common import (FiniteFloatRange, emit_json, info, load_locked_plan, load_public_data, load_training_data,
-                         plan_dataset_name, resolve_device, warn)
+                         plan_dataset_name, resolve_device, warn, warn_if_slow_bf16)
 from cli.errors import BadInput
 
 
@@ -117,6 +117,7 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
     device = resolve_device(device)
     if distributed.launched_by_torchrun():
         device = distributed.init_from_env(device)
+    warn_if_slow_bf16(precision, device)
     ok = False
     try:
         config = TrainConfig(model=model, precond=precond, lr=lr, lr_schedule=lr_schedule, ema_decay=ema_decay,

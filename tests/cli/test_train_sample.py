@@ -205,6 +205,24 @@ def test_precision_flags(tiny, capsys):
     assert code == 2 and not (d / "t.npz").exists()
 
 
+@pytest.mark.parametrize("has_units", [False, True, None])
+def test_bf16_on_a_cpu_without_bf16_units_warns(tiny, capsys, monkeypatch, has_units):
+    import dpdm.cpu
+
+    monkeypatch.setattr(dpdm.cpu, "cpu_has_bf16_units", lambda: has_units)
+    d = tiny
+    code, _, err = run_cli(_train_args(d, d / "run", "--precision", "bf16", "--no-dp"), capsys)
+    assert code == 0, err
+    assert ("no bfloat16 units" in err) == (has_units is False)
+    code, _, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--sampler-steps", 2, "--precision", "bf16",
+                            "--out", d / "s.npz", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert ("no bfloat16 units" in err) == (has_units is False)
+    code, _, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--sampler-steps", 2,
+                            "--out", d / "t.npz", "--device", "cpu"], capsys)   # fp32: nothing to say
+    assert code == 0 and "bfloat16" not in err
+
+
 def test_tampered_plan_refused_and_nothing_written(tiny, capsys):
     d = tiny
     doc = json.loads((d / "plan.json").read_text())
