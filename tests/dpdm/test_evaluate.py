@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from dpdm.evaluate import (
     random_shift,
     reference_classifier,
 )
+from tests.dpdm.test_train import RunsCodeWhenUnpickled
 
 
 @pytest.fixture(scope="module")
@@ -269,18 +269,10 @@ def test_load_inception_refuses_bad_files(tmp_path):
         load_inception(wrong)
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_load_inception_refuses_code_running_pickle_naming_why(tmp_path):
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.pt"
-    torch.save({"Conv2d_1a_3x3.conv.weight": _RunsCode(marker)}, evil)
+    torch.save({"Conv2d_1a_3x3.conv.weight": RunsCodeWhenUnpickled(marker)}, evil)
     with pytest.raises(ValueError, match="weights_only=True") as refused:
         load_inception(evil)
     assert not marker.exists()

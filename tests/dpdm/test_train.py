@@ -156,7 +156,9 @@ def test_bf16_is_for_no_dp_runs_and_computes_fp32s_gradient(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["precision"] == "bf16"
 
 
-class _Evil:
+class RunsCodeWhenUnpickled:
+    """A pickle payload that runs `touch marker` when loaded without weights_only."""
+
     def __init__(self, marker):
         self.marker = marker
 
@@ -167,7 +169,7 @@ class _Evil:
 def test_code_running_pickle_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
     bad = tmp_path / "evil.pt"
-    torch.save({"format": ckpt.FORMAT, "model": _Evil(marker)}, bad)
+    torch.save({"format": ckpt.FORMAT, "model": RunsCodeWhenUnpickled(marker)}, bad)
     with pytest.raises(ckpt.CheckpointError, match="weights_only") as refused:
         ckpt.load_checkpoint(bad)
     assert not marker.exists()
@@ -175,7 +177,7 @@ def test_code_running_pickle_refused_without_running(tmp_path):
     msg = str(refused.value)
     assert "system" in msg and "False" not in msg and "\n" not in msg
     raw = tmp_path / "raw.pt"
-    raw.write_bytes(pickle.dumps(_Evil(marker)))
+    raw.write_bytes(pickle.dumps(RunsCodeWhenUnpickled(marker)))
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load_checkpoint(raw)
     assert not marker.exists()
