@@ -30,8 +30,8 @@ DEMO_PHYSICAL_BATCH = 256   # examples per vmap chunk: memory only, the noise is
 # 46.8, precision / recall 0.87 / 0.68 against 0.79 / 0.50; but no better downstream classifiers at
 # this size (CNN 68.0% against 72.7%, one seed each; README, issue 4 note). 300 steps since: on a
 # 2-core AMD EPYC the 400-step demo took 815 s of the 15 minutes it must fit (922 s before the demo kept
-# freed memory); 300 take 755 s there, with FD 28.8 against 24.6 and CNN 70.3% against 77.0% (one run
-# each, secret seeds) and a grid of digits still.
+# freed memory); 300 take 755 s there, with FD 28.8 against 24.6 and CNN 70.3% against 77.0% and 71.0%
+# (secret seeds: one run says little) and a grid of digits still.
 DEMO_PUBLIC = "digits28-aug"
 DEMO_PUBLIC_STEPS = 300
 DEMO_PUBLIC_BATCH = 128
