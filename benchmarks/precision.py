@@ -35,11 +35,9 @@ def cpu_features() -> dict:
     """What torch reports of this CPU's bf16 support (private helpers; absent ones read None)."""
     import torch
 
-    out = {"capability": torch.backends.cpu.get_cpu_capability()}
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(torch.cpu, name, None)
-        out[name.strip("_")] = None if fn is None else bool(fn())
-    return out
+    from dpdm.cpu import bf16_unit_probes
+
+    return {"capability": torch.backends.cpu.get_cpu_capability(), **bf16_unit_probes()}
 
 
 def measure(preset: str, n: int, sampler_steps: int, batch: int, K: int, rounds: int) -> dict:

@@ -139,8 +139,7 @@ def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, TypeError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated: {first}") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated: {load_error_reason(e)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} is not a dpdm checkpoint (format {FORMAT!r} expected)")
     return state
@@ -149,6 +148,14 @@ def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
 # torch's weights_only refusal wraps its reason in advice this tool must not pass on (re-run with
 # weights_only=False) and in a request to file a torch issue; only the reason is kept.
 _TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation of torch.load", "Please file an issue")
+
+
+def load_error_reason(e: Exception) -> str:
+    """One line saying why torch.load(weights_only=True) failed: torch's reason for a refused pickle
+    (`unpickling_reason`), else the error's first line, else its type."""
+    if isinstance(e, pickle.UnpicklingError):
+        return unpickling_reason(e)
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def unpickling_reason(e: Exception) -> str:

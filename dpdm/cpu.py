@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["cpu_has_bf16_units", "keep_freed_memory", "keep_freed_memory_if_asked"]
+__all__ = ["bf16_unit_probes", "cpu_has_bf16_units", "keep_freed_memory", "keep_freed_memory_if_asked"]
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -62,20 +62,26 @@ def keep_freed_memory_if_asked() -> bool:
     return os.environ.get("DPDM_MALLOC", "default") == "keep" and keep_freed_memory()
 
 
+def bf16_unit_probes() -> dict[str, bool | None]:
+    """What torch reports of this CPU's bfloat16 matrix units, by probe (torch's private helpers; a probe this
+    torch lacks, or one that fails, reads None)."""
+    import torch
+
+    out: dict[str, bool | None] = {}
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, name, None)
+        try:
+            out[name.strip("_")] = None if fn is None else bool(fn())
+        except (RuntimeError, AttributeError):
+            out[name.strip("_")] = None
+    return out
+
+
 def cpu_has_bf16_units() -> bool | None:
     """Whether this CPU has bfloat16 matrix units (AVX512-BF16 or Intel AMX), as torch reports them.
 
     Without them bf16 autocast runs slower than fp32 (`benchmarks/precision.py --preset small` on a 2-core AMD
     EPYC with AVX2 only: a --no-dp step 7.2x as long, sampling 14x). None where this torch cannot tell.
     """
-    import torch
-
-    answers = []
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(torch.cpu, name, None)
-        if fn is not None:
-            try:
-                answers.append(bool(fn()))
-            except (RuntimeError, AttributeError):
-                pass
+    answers = [v for v in bf16_unit_probes().values() if v is not None]
     return any(answers) if answers else None

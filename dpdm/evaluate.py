@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpdm.checkpoint import unpickling_reason
+from dpdm.checkpoint import load_error_reason
 from dpdm.classifiers import CNN, build_classifier
 from dpdm.datasets import DataError, ImageData
 
@@ -413,10 +413,8 @@ def load_inception(weights: str | os.PathLike) -> nn.Module:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError,
             TypeError, zipfile.BadZipFile) as e:  # all of them mean "refused"
-        reason = unpickling_reason(e) if isinstance(e, pickle.UnpicklingError) else (
-            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         raise ValueError(f"--inception-weights={str(weights)!r} cannot be loaded with "
-                         f"weights_only=True: {reason}") from None
+                         f"weights_only=True: {load_error_reason(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"--inception-weights={str(weights)!r} must hold a state dict of tensors")
     aux = any(k.startswith("AuxLogits.") for k in state)
