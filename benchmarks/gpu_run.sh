@@ -72,6 +72,13 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "numpy", num
       "scipy", scipy.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PY
+    public_k=${PUBLIC_K:-$K}   # K of the public pretraining (the probe may raise K for the private run only)
+    PUBLIC_BATCH=${PUBLIC_BATCH:-128}
+    if [ "${PROBE:-1}" = 0 ]; then   # no probe: the plan as the variables say
+        "$PYTHON" -c "import sys; sys.path.insert(0, 'benchmarks'); import accounting, quality
+accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, noise_multiplicity=$K, clip_norm=$CLIP), '$WORK/plan.json')"
+        choice=":"
+    else
     # 1. Time the steps on public data and size the run to the seconds left (writes the plan).
     choice=$("$PYTHON" benchmarks/gpu_probe.py --device "$DEVICE" --model "$MODEL" --public "$PUBLIC" \
         --batch-size "$BATCH" --physical-batch "$PHYSICAL" --K "$K" --clip-norm "$CLIP" --precision "$PRECISION" \
@@ -79,8 +86,8 @@ PY
         --max-public-steps "$PUBLIC_STEPS" --min-public-steps "$MIN_PUBLIC_STEPS" --max-epochs "$EPOCHS" \
         --min-epochs "$MIN_EPOCHS" --plan-out "$WORK/plan.json" --json "$OUT/probe.json" 2>>"$OUT/probe.log" | tail -n 1) \
         || { tail -n 30 "$OUT/probe.log"; exit 3; }
+    fi
     echo "probe: $choice after ${SECONDS} s" | tee -a "$OUT/probe.log"
-    public_k=$K
     eval "$choice"   # PUBLIC_STEPS=... EPOCHS=... K=...
     left=$((BUDGET_S - SECONDS))
     # 2. The DP-SGD CNN under the same plan, and the FD's reference classifier, in a second process.
@@ -92,7 +99,7 @@ PY
     rc=0
     timeout --signal=TERM --kill-after=10 "$left" "$PYTHON" benchmarks/quality.py --skip-baseline \
         --plan "$WORK/plan.json" --device "$DEVICE" --model "$MODEL" --workdir "$WORK" --json "$OUT/quality.json" \
-        --public-pretrain "$PUBLIC" --public-steps "$PUBLIC_STEPS" --public-K "$public_k" --n "$N" \
+        --public-pretrain "$PUBLIC" --public-steps "$PUBLIC_STEPS" --public-batch "$PUBLIC_BATCH" --public-K "$public_k" --n "$N" \
         --physical-batch "$PHYSICAL" --precision "$PRECISION" > "$OUT/quality.log" 2>&1 || rc=$?
     side_rc=0
     wait "$side" || side_rc=$?

@@ -282,7 +282,8 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         guidance: float = GUIDANCE, guidance_interval: tuple[float, float] | None = None,
         sigma_min: float | None = SIGMA_MIN, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
         ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS, private: bool = True,
-        public: str | None = None, public_steps: int = PUBLIC_STEPS, physical_batch: int | None = None,
+        public: str | None = None, public_steps: int = PUBLIC_STEPS, public_batch: int = PUBLIC_BATCH,
+        physical_batch: int | None = None,
         trainable: tuple[str, ...] | None = None, precision: str = "fp32", augment_shift: int = 0,
         augment_multiplicity: int = 1, public_noise_multiplicity: int | None = None, baseline: bool = True,
         baseline_only: bool = False, on_part=None) -> dict:
@@ -322,7 +323,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
 
         if same_images(public, doc.plan.dataset_name):
             raise SystemExit(f"--public-pretrain {public!r} is the private dataset or made from its images")
-        pub_doc = public_plan(public, steps=public_steps,
+        pub_doc = public_plan(public, steps=public_steps, batch_size=public_batch,
                               noise_multiplicity=public_noise_multiplicity or doc.plan.noise_multiplicity)
         out["public_generator"] = train_generator(pub_doc, workdir / "public", model=model, precond=precond, lr=lr,
                                                   ema_decay=ema_decay, private=False, device=device,
@@ -422,6 +423,7 @@ def main() -> None:
                          "with --augment-mult copies per example; not the paper's protocol)")
     ap.add_argument("--augment-mult", type=int, default=1, metavar="A",
                     help="augmented copies per example and step of the DP-SGD CNN (with --augment-shift)")
+    ap.add_argument("--public-batch", type=int, default=PUBLIC_BATCH, help="batch of the public pretraining")
     ap.add_argument("--public-K", type=int, default=None, help="K of the public pretraining (default: the plan's)")
     ap.add_argument("--skip-baseline", action="store_true", help="no DP-SGD CNN (another process trains it)")
     ap.add_argument("--baseline-only", action="store_true",
@@ -436,7 +438,8 @@ def main() -> None:
               sigma_min=args.sigma_min, weights=args.weights,
               ema_powers=EMA_POWERS if args.ema_power is None else tuple(args.ema_power), private=not args.no_dp,
               train_sigma=None if args.train_sigma is None else tuple(args.train_sigma),
-              public=args.public_pretrain, public_steps=args.public_steps, physical_batch=args.physical_batch,
+              public=args.public_pretrain, public_steps=args.public_steps,
+              public_batch=args.public_batch, physical_batch=args.physical_batch,
               trainable=None if args.trainable is None else tuple(p.strip() for p in args.trainable.split(",")
                                                                   if p.strip()),
               precision=args.precision, augment_shift=args.augment_shift, augment_multiplicity=args.augment_mult,
