@@ -170,6 +170,9 @@ class _GradRule(torch.autograd.Function):
         raise RuntimeError("dpdm.engine's per-layer rules do not support double backward")
 
 
+_GROUP_NORM_MAX_GROUPS = 65_535   # CUDA's limit on a grid's y dimension (native_group_norm_backward's groups)
+
+
 class _GroupNormGrad(_GradRule):
     """Selected (grad_input, grad_weight, grad_bias) of native_group_norm, as a tuple."""
 
@@ -190,22 +193,28 @@ class _GroupNormGrad(_GradRule):
         mean, rstd = _batch_first(mean, in_dims[2], B), _batch_first(rstd, in_dims[3], B)   # [B, K, G]
         n, C = x.shape[1:3]
         hw = x[0, 0, 0].numel()
-        # All B*n rows as ONE row of B*n*C channels in B*n*G groups (the same groups, in order):
-        # one fused kernel gives the input gradient and, with the weight repeated per row, the
-        # affine gradients of every row, which are then summed over each example's n rows.
-        w_rows = None if w is None else w.repeat(B * n)
+        # All b*n rows of b examples as ONE row of b*n*C channels in b*n*G groups (the same groups,
+        # in order): one fused kernel gives the input gradient and, with the weight repeated per row,
+        # the affine gradients of every row, which are then summed over each example's n rows.
+        # CUDA launches that kernel with the group count as a grid dimension (at most 65,535), so the
+        # examples go in slices of at most that many groups.
         mask_rows = [mask[0], mask[1] and w is not None, mask[2]]
-        gx, gw, gb = _aten.native_group_norm_backward(
-            go.reshape(1, B * n * C, hw), x.reshape(1, B * n * C, hw), mean.reshape(1, -1), rstd.reshape(1, -1),
-            w_rows, 1, B * n * C, hw, B * n * G, mask_rows)
-        outs = []
-        if mask[0]:
-            outs.append(gx.view(x.shape))
-        if mask[1]:
-            outs.append(gw.view(B, n, C).sum(1))
-        if mask[2]:
-            outs.append(gb.view(B, n, C).sum(1))
-        return tuple(outs), (0,) * len(outs)
+        step = max(1, _GROUP_NORM_MAX_GROUPS // (n * G))
+        gxs, gws, gbs = [], [], []
+        for s in range(0, B, step):
+            b = min(step, B - s)
+            gx, gw, gb = _aten.native_group_norm_backward(
+                go[s:s + b].reshape(1, b * n * C, hw), x[s:s + b].reshape(1, b * n * C, hw),
+                mean[s:s + b].reshape(1, -1), rstd[s:s + b].reshape(1, -1),
+                None if w is None else w.repeat(b * n), 1, b * n * C, hw, b * n * G, mask_rows)
+            if mask[0]:
+                gxs.append(gx.view(b, *x.shape[1:]))
+            if mask[1]:
+                gws.append(gw.view(b, n, C).sum(1))
+            if mask[2]:
+                gbs.append(gb.view(b, n, C).sum(1))
+        outs = tuple(parts[0] if len(parts) == 1 else torch.cat(parts) for parts in (gxs, gws, gbs) if parts)
+        return outs, (0,) * len(outs)
 
 
 class _GroupNorm(torch.autograd.Function):

@@ -1,0 +1,72 @@
+"""Seconds per private step against the vmap chunk (--physical-batch) and K, on public data.
+
+What a GPU run needs to know before it is sized: on the H200 (stop 26) the `mnist` preset's private
+step at expected batch 1024 took 2.2 s at K 2 and 2.4 s at K 4 in chunks of 256 examples, so the step
+is bound by something other than arithmetic. This times each MODEL:PHYSICAL:K given (a few steps each,
+the first logged interval left out as warm-up) and writes the figures to --json after each one, so a
+run stopped by its time limit keeps what it measured. A configuration that fails (out of memory, say)
+is recorded with its error and the next one runs.
+
+    python benchmarks/gpu_step_times.py --device cuda --json times.json mnist:256:2 mnist:512:8 small:1024:8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import accounting  # noqa: E402
+import quality  # noqa: E402
+from gpu_probe import time_steps  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("configs", nargs="+", metavar="MODEL:PHYSICAL:K")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--public", default="digits28-aug")
+    ap.add_argument("--batch-size", type=int, default=1024, help="expected batch of the private steps")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    from dpdm.datasets import load_dataset
+
+    data = load_dataset(args.public, "train")
+    results = []
+    for config in args.configs:
+        model, physical, k = config.split(":")
+        row = {"model": model, "physical_batch": int(physical), "K": int(k), "expected_batch": args.batch_size}
+        plan = accounting.PrivacyPlan(dataset_size=len(data), batch_size=args.batch_size, steps=args.steps,
+                                      noise_multiplier=1.0, noise_multiplicity=int(k), clip_norm=0.1,
+                                      delta=quality.DELTA, dataset_name=args.public)
+        t0 = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                row["step_s"] = round(time_steps(accounting.make_plan_document(plan), data, Path(tmp) / "run",
+                                                 model=model, private=True, device=args.device, precision="fp32",
+                                                 physical_batch=int(physical), log_every=2), 4)
+                if torch.cuda.is_available():
+                    row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        except Exception as e:   # one failing configuration must not cost the others
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
