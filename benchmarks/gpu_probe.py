@@ -3,11 +3,12 @@
 A device machine is lent for minutes, once, and nobody has timed dpdm's `mnist` preset on one, so the
 run cannot be sized in advance. This script times, on the device and on PUBLIC data only (the private
 images are not touched):
-  - the non-private public pretraining step (batch 128, --precision as given);
+  - the non-private public pretraining step (--public-batch, --precision as given);
   - the private step (per-example gradients of the K-averaged loss, clipped, noised) at the plan's
     expected batch, for K = --K and 2K (time grows about linearly in K);
   - sampling (30 Euler steps), in images per second;
-then chooses, in this order: the private steps at K (epochs down to --min-epochs if they do not fit),
+then chooses, in this order: the private steps at K (as many as fit beside --min-public-steps, between
+--min-epochs and --max-epochs),
 the public steps (down to --min-public-steps), and last a larger K (2K, 4K) when time is left over,
 since more diffusion draws per example cost no privacy and lower the gradient's variance. It writes
 the chosen plan (calibrated to epsilon 10, delta 1e-5, as quality.py's default_plan) and prints one
@@ -15,13 +16,17 @@ line of shell assignments (PUBLIC_STEPS=... EPOCHS=... K=...) on stdout; the tim
 --json.
 
 Usage (gpu_run.sh calls it):
-    python benchmarks/gpu_probe.py --device cuda --model mnist --public digits28-aug --batch-size 1024 \
-        --physical-batch 1024 --K 2 --clip-norm 0.1 --precision bf16 --seconds 480 --plan-out plan.json
+    python benchmarks/gpu_probe.py --device cuda --model mnist --public digits28-aug --public-batch 512 \
+        --batch-size 1024 --physical-batch 1024 --K 2 --clip-norm 0.1 --precision bf16 --seconds 480 \
+        --plan-out plan.json
+
+On the H200 (stop 26) it took 56 s and chose well but cautiously: its 150 s kept for evaluation were
+used 41 s, and it timed the private step in chunks of 256 examples (2.2 s), where chunks of 1024
+take 1.1 s (benchmarks/gpu_step_times.py). gpu_run.sh's defaults now follow those figures.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -37,23 +42,19 @@ import accounting  # noqa: E402
 import quality  # noqa: E402
 
 
-def _rates(metrics_csv: Path) -> list[float]:
-    with open(metrics_csv, newline="") as f:
-        return [float(row["steps_per_s"]) for row in csv.DictReader(f)]
-
-
 def time_steps(doc: accounting.PlanDocument, data, run_dir: Path, *, model: str, private: bool, device: str,
-               precision: str, physical_batch: int | None, log_every: int) -> float:
-    """Seconds per step after the first logged interval (which holds the warm-up)."""
+               precision: str, physical_batch: int | None) -> float:
+    """Median seconds per step, from the end of the first step on (the first holds the warm-up). No
+    metrics rows are logged in between: each computes epsilon, which took 0.1-0.3 s on a CPU here."""
     from dpdm.train import TrainConfig, train
 
+    stamps: list[float] = []
     train(doc, data.x, data.y, data.num_classes, run_dir,
           TrainConfig(model=model, precond=quality.PRECOND, lr=quality.LR, private=private, device=device,
-                      seed=0, log_every=log_every, checkpoint_every=10**6, physical_batch=physical_batch,
+                      seed=0, log_every=10**6, checkpoint_every=10**6, physical_batch=physical_batch,
                       precision=precision if not private else "fp32"),
-          dataset_name=doc.plan.dataset_name, progress=False)
-    rates = _rates(run_dir / "metrics.csv")[1:]
-    return 1.0 / statistics.median(rates)
+          dataset_name=doc.plan.dataset_name, progress=False, on_step=lambda _: stamps.append(time.perf_counter()))
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
 def choose(*, seconds: float, eval_reserve: float, public_s: float, private_s: dict[int, float],
@@ -68,18 +69,19 @@ def choose(*, seconds: float, eval_reserve: float, public_s: float, private_s: d
         return max(t0, t0 + (t1 - t0) * (k - k0) / (k1 - k0))
 
     avail = seconds - eval_reserve - n * sample_s
-    epochs = max_epochs
-    while epochs > min_epochs and margin * (steps_for(epochs) * per_k(K) + min_public * public_s) > avail:
-        epochs = max(min_epochs, epochs - 5)
-    left = avail / margin - steps_for(epochs) * per_k(K)
+    # As many private steps as fit beside the fewest public ones, between min_epochs and max_epochs.
+    fit = math.floor((avail / margin - min_public * public_s) / per_k(K))
+    steps = min(steps_for(max_epochs), max(steps_for(min_epochs), fit))
+    epochs = steps * batch / size
+    left = avail / margin - steps * per_k(K)
     public = int(min(max_public, max(min_public, left // public_s)))
     left -= public * public_s
     k = K
     for bigger in (2 * K, 4 * K):
-        if steps_for(epochs) * (per_k(bigger) - per_k(K)) <= left:
+        if steps * (per_k(bigger) - per_k(K)) <= left:
             k = bigger
-    est = margin * (steps_for(epochs) * per_k(k) + public * public_s) + n * sample_s + eval_reserve
-    return {"epochs": epochs, "private_steps": steps_for(epochs), "public_steps": public, "K": k,
+    est = margin * (steps * per_k(k) + public * public_s) + n * sample_s + eval_reserve
+    return {"epochs": epochs, "private_steps": steps, "public_steps": public, "K": k,
             "estimated_seconds": round(est, 1)}
 
 
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--physical-batch", type=int, default=None)
     ap.add_argument("--K", type=int, default=2)
+    ap.add_argument("--public-batch", type=int, default=quality.PUBLIC_BATCH, help="batch of the public steps")
     ap.add_argument("--clip-norm", type=float, default=0.1)
     ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     ap.add_argument("--n", type=int, default=quality.N_SAMPLES)
@@ -114,11 +117,10 @@ def main() -> None:
     timings: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        pub_doc = quality.public_plan(args.public, steps=40, noise_multiplicity=args.K)
+        pub_doc = quality.public_plan(args.public, steps=40, batch_size=args.public_batch, noise_multiplicity=args.K)
         timings["public_step_s"] = time_steps(pub_doc, public, tmp / "public", model=args.model, private=False,
-                                              device=args.device, precision=args.precision, physical_batch=None,
-                                              log_every=5)
-        print(f"public step (batch {quality.PUBLIC_BATCH}, {args.precision}): {timings['public_step_s']:.4f} s",
+                                              device=args.device, precision=args.precision, physical_batch=None)
+        print(f"public step (batch {args.public_batch}, {args.precision}): {timings['public_step_s']:.4f} s",
               file=sys.stderr)
         t0 = time.perf_counter()
         m = 1000
@@ -135,7 +137,7 @@ def main() -> None:
                                           delta=quality.DELTA, dataset_name=args.public)
             private_s[k] = time_steps(accounting.make_plan_document(plan), public, tmp / f"private{k}",
                                       model=args.model, private=True, device=args.device, precision="fp32",
-                                      physical_batch=args.physical_batch, log_every=2)
+                                      physical_batch=args.physical_batch)
             print(f"private step (expected batch {args.batch_size}, K {k}): {private_s[k]:.3f} s", file=sys.stderr)
         timings["private_step_s"] = {str(k): v for k, v in private_s.items()}
     timings["probe_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -152,7 +154,7 @@ def main() -> None:
           file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"timings": timings, "choice": choice}, indent=2))
-    print(f"PUBLIC_STEPS={choice['public_steps']} EPOCHS={choice['epochs']:g} K={choice['K']}")
+    print(f"PUBLIC_STEPS={choice['public_steps']} EPOCHS={choice['epochs']:.12g} K={choice['K']}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 What a GPU run needs to know before it is sized: on the H200 (stop 26) the `mnist` preset's private
 step at expected batch 1024 took 2.2 s at K 2 and 2.4 s at K 4 in chunks of 256 examples, so the step
-is bound by something other than arithmetic. This times each MODEL:PHYSICAL:K given (a few steps each,
-the first logged interval left out as warm-up) and writes the figures to --json after each one, so a
+is bound by something other than arithmetic. This times each MODEL:PHYSICAL:K given (the median step
+of a few, the first left out as warm-up; stop 26's figures came from an earlier version that also
+counted one epsilon computation per two steps, 0.1-0.3 s on a CPU) and writes the figures to --json after each one, so a
 run stopped by its time limit keeps what it measured. A configuration that fails (out of memory, say)
 is recorded with its error and the next one runs.
 
@@ -55,7 +56,7 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
                 row["step_s"] = round(time_steps(accounting.make_plan_document(plan), data, Path(tmp) / "run",
                                                  model=model, private=True, device=args.device, precision="fp32",
-                                                 physical_batch=int(physical), log_every=2), 4)
+                                                 physical_batch=int(physical)), 4)
                 if torch.cuda.is_available():
                     row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         except Exception as e:   # one failing configuration must not cost the others

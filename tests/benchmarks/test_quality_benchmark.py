@@ -124,3 +124,24 @@ def test_quality_benchmark_public_pretrain_warm_starts_both_sides(tmp_path, load
     assert out["synthetic"]["augment_shift"] == 1
     with pytest.raises(SystemExit, match="private dataset"):
         q.run(workdir=tmp_path / "b", epochs=0.2, n=20, public="mnist5k")
+
+
+@pytest.mark.slow
+def test_quality_benchmark_splits_into_baseline_and_generator_processes(tmp_path, load_benchmark, monkeypatch):
+    """gpu_run.sh's two processes: --baseline-only (reference network, then the DP-SGD CNN) and
+    --skip-baseline (everything else), under one plan file."""
+    monkeypatch.setenv("DPDM_CACHE", str(tmp_path / "cache"))
+    q = load_benchmark("quality")
+    q.N_SAMPLES = 20
+    parts = []
+    side = q.run(workdir=tmp_path / "side", epochs=0.2, baseline_only=True, on_part=lambda o: parts.append(set(o)))
+    assert [later - earlier for later, earlier in zip(parts[1:], parts)] == [{"dp_classifier", "seconds"}]
+    assert "reference_classifier" in parts[0] and "generator" not in side
+    parts.clear()
+    main = q.run(plan_path=str(tmp_path / "side" / "plan.json"), workdir=tmp_path / "main", n=20, precond="v",
+                 lr=1e-3, baseline=False, on_part=lambda o: parts.append(set(o)))
+    assert all("dp_classifier" not in p for p in parts) and "synthetic" in main
+    assert main["generator"]["plan_digest"] == side["dp_classifier"]["plan_digest"]
+    # the reference network the generator's FD needs was trained once, by the baseline process
+    assert side["reference_classifier"]["cached"] is False
+    assert main["synthetic"]["classifier_fd"]["reference"]["cached"] is True

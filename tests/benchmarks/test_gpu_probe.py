@@ -1,0 +1,34 @@
+"""benchmarks/gpu_probe.py's sizing rule: private steps first, then public steps, then a larger K."""
+import pytest
+
+SIZES = dict(size=4000, batch=1024, max_public=500, min_public=150, max_epochs=60.0, min_epochs=20.0, margin=1.2,
+             n=10_000, K=2)
+
+
+def test_fast_device_gets_the_whole_recipe_and_a_larger_k(load_benchmark):
+    p = load_benchmark("gpu_probe")
+    # H200 figures (stop 26): public 0.13 s, private 1.08 s at K 2 and 2.22 s at K 8 (1.46 s at K 4, interpolated)
+    c = p.choose(seconds=700, eval_reserve=90, public_s=0.13, private_s={2: 1.08, 4: 1.46}, sample_s=0.002, **SIZES)
+    assert c["private_steps"] == 235 and c["public_steps"] == 500   # 60 epochs: ceil(60 * 4000 / 1024) steps
+    assert c["K"] == 4 and c["estimated_seconds"] <= 700
+    c = p.choose(seconds=1000, eval_reserve=90, public_s=0.13, private_s={2: 1.08, 4: 1.46}, sample_s=0.002, **SIZES)
+    assert c["K"] == 8 and c["estimated_seconds"] <= 1000
+
+
+@pytest.mark.parametrize("seconds", [450, 550, 700])
+def test_private_steps_come_before_public_steps_and_fit(load_benchmark, seconds):
+    p = load_benchmark("gpu_probe")
+    c = p.choose(seconds=seconds, eval_reserve=90, public_s=0.13, private_s={2: 2.2, 4: 2.4}, sample_s=0.002,
+                 **SIZES)
+    assert c["K"] == 2 and SIZES["min_epochs"] <= c["epochs"] <= SIZES["max_epochs"]
+    assert c["estimated_seconds"] <= seconds
+    assert c["private_steps"] == round(c["epochs"] * SIZES["size"] / SIZES["batch"])
+    if c["private_steps"] < 235:   # public steps grow past the minimum only once no private step fits
+        assert 1.2 * ((c["private_steps"] + 1) * 2.2 + 150 * 0.13) + 20 + 90 > seconds
+
+
+def test_too_slow_a_device_gets_the_minimum(load_benchmark):
+    p = load_benchmark("gpu_probe")
+    c = p.choose(seconds=300, eval_reserve=90, public_s=0.2, private_s={2: 4.2, 4: 4.4}, sample_s=0.002, **SIZES)
+    assert (c["private_steps"], c["public_steps"], c["K"]) == (79, 150, 2)
+    assert c["estimated_seconds"] > 300   # it says so: the caller's timeout then keeps what finished
