@@ -32,3 +32,14 @@ def test_too_slow_a_device_gets_the_minimum(load_benchmark):
     c = p.choose(seconds=300, eval_reserve=90, public_s=0.2, private_s={2: 4.2, 4: 4.4}, sample_s=0.002, **SIZES)
     assert (c["private_steps"], c["public_steps"], c["K"]) == (79, 150, 2)
     assert c["estimated_seconds"] > 300   # it says so: the caller's timeout then keeps what finished
+
+
+def test_step_times_chunk_rows_and_failures(load_benchmark):
+    """gpu_step_times.py's engine-only rows: a time per chunk for rules and plain vmap, and an error row
+    (not an exception) for a configuration that fails, so one bad entry does not cost the others."""
+    t = load_benchmark("gpu_step_times")
+    for mode in ("rules", "plain"):
+        row = t.time_chunk("small", 2, 1, mode, device="cpu", repeats=1)
+        assert row["chunk_s"] > 0 and "error" not in row and row["engine"] == mode
+    assert "ValueError" in t.time_chunk("small", 2, 1, "fast", device="cpu")["error"]
+    assert "preset" in t.time_chunk("huge", 2, 1, "rules", device="cpu")["error"]
