@@ -30,7 +30,9 @@
 #
 # Stop 26 ran it once on an H200 (issue 4's note): the probe then timed chunks of 256 and chose 500 public
 # steps of 128 and 20 epochs (79 private steps, 166 s); synthetic CNN 95.3%, public-initialised 96.0%,
-# against a DP-SGD CNN of 98.1%, 366 s in all.
+# against a DP-SGD CNN of 98.1%, 366 s in all. The other candidate it measured: the small preset costs
+# 0.75 s a private step at K 8 against 0.70 s at K 2 there, and grad_signal.py found the signal per step
+# growing about as K^0.25 (K 8: 1.33x K 2), which on the CPU cost 4x. `MODEL=small K=8 ... run` tries it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
