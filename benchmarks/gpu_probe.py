@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--physical-batch", type=int, default=None)
     ap.add_argument("--K", type=int, default=2)
     ap.add_argument("--public-batch", type=int, default=quality.PUBLIC_BATCH, help="batch of the public steps")
+    ap.add_argument("--public-K", type=int, default=None, help="K of the public steps (default: --K)")
     ap.add_argument("--clip-norm", type=float, default=0.1)
     ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     ap.add_argument("--n", type=int, default=quality.N_SAMPLES)
@@ -117,7 +118,8 @@ def main() -> None:
     timings: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        pub_doc = quality.public_plan(args.public, steps=40, batch_size=args.public_batch, noise_multiplicity=args.K)
+        pub_doc = quality.public_plan(args.public, steps=40, batch_size=args.public_batch,
+                                      noise_multiplicity=args.public_K or args.K)
         timings["public_step_s"] = time_steps(pub_doc, public, tmp / "public", model=args.model, private=False,
                                               device=args.device, precision=args.precision, physical_batch=None)
         print(f"public step (batch {args.public_batch}, {args.precision}): {timings['public_step_s']:.4f} s",

@@ -91,7 +91,7 @@ accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, no
     else
     # 1. Time the steps on public data and size the run to the seconds left (writes the plan).
     choice=$("$PYTHON" benchmarks/gpu_probe.py --device "$DEVICE" --model "$MODEL" --public "$PUBLIC" \
-        --public-batch "$PUBLIC_BATCH" --batch-size "$BATCH" --physical-batch "$PHYSICAL" --K "$K" --clip-norm "$CLIP" --precision "$PRECISION" \
+        --public-batch "$PUBLIC_BATCH" --public-K "$public_k" --batch-size "$BATCH" --physical-batch "$PHYSICAL" --K "$K" --clip-norm "$CLIP" --precision "$PRECISION" \
         --n "$N" --seconds $((BUDGET_S - SECONDS - 15)) --eval-reserve "$EVAL_RESERVE" \
         --max-public-steps "$PUBLIC_STEPS" --min-public-steps "$MIN_PUBLIC_STEPS" --max-epochs "$EPOCHS" \
         --min-epochs "$MIN_EPOCHS" --plan-out "$WORK/plan.json" --json "$OUT/probe.json" 2>>"$OUT/probe.log" | tail -n 1) \
