@@ -5,11 +5,11 @@ run cannot be sized in advance. This script times, on the device and on PUBLIC d
 images are not touched):
   - the non-private public pretraining step (--public-batch, --precision as given);
   - the private step (per-example gradients of the K-averaged loss, clipped, noised) at the plan's
-    expected batch, for K = --K and 2K (time grows about linearly in K);
+    expected batch, for K = --K and 2K (other K are extrapolated linearly from these two);
   - sampling (30 Euler steps), in images per second;
 then chooses, in this order: the private steps at K (as many as fit beside --min-public-steps, between
---min-epochs and --max-epochs),
-the public steps (down to --min-public-steps), and last a larger K (2K, 4K) when time is left over,
+--min-epochs and --max-epochs), the public steps with the time left (at least --min-public-steps, at
+most --max-public-steps), and last a larger K (2K, 4K) when time is still left over,
 since more diffusion draws per example cost no privacy and lower the gradient's variance. It writes
 the chosen plan (calibrated to epsilon 10, delta 1e-5, as quality.py's default_plan) and prints one
 line of shell assignments (PUBLIC_STEPS=... EPOCHS=... K=...) on stdout; the timings go to stderr and
@@ -55,6 +55,15 @@ def time_steps(doc: accounting.PlanDocument, data, run_dir: Path, *, model: str,
                       precision=precision if not private else "fp32"),
           dataset_name=doc.plan.dataset_name, progress=False, on_step=lambda _: stamps.append(time.perf_counter()))
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def public_private_plan(public: str, size: int, *, batch_size: int, steps: int, noise_multiplicity: int,
+                        clip_norm: float) -> accounting.PlanDocument:
+    """A throwaway private plan on the PUBLIC data, for timing private steps without the private images."""
+    plan = accounting.PrivacyPlan(dataset_size=size, batch_size=batch_size, steps=steps, noise_multiplier=1.0,
+                                  noise_multiplicity=noise_multiplicity, clip_norm=clip_norm, delta=quality.DELTA,
+                                  dataset_name=public)
+    return accounting.make_plan_document(plan)
 
 
 def choose(*, seconds: float, eval_reserve: float, public_s: float, private_s: dict[int, float],
@@ -134,10 +143,9 @@ def main() -> None:
               file=sys.stderr)
         private_s = {}
         for k in (args.K, 2 * args.K):
-            plan = accounting.PrivacyPlan(dataset_size=len(public), batch_size=args.batch_size, steps=8,
-                                          noise_multiplier=1.0, noise_multiplicity=k, clip_norm=args.clip_norm,
-                                          delta=quality.DELTA, dataset_name=args.public)
-            private_s[k] = time_steps(accounting.make_plan_document(plan), public, tmp / f"private{k}",
+            doc = public_private_plan(args.public, len(public), batch_size=args.batch_size, steps=8,
+                                      noise_multiplicity=k, clip_norm=args.clip_norm)
+            private_s[k] = time_steps(doc, public, tmp / f"private{k}",
                                       model=args.model, private=True, device=args.device, precision="fp32",
                                       physical_batch=args.physical_batch)
             print(f"private step (expected batch {args.batch_size}, K {k}): {private_s[k]:.3f} s", file=sys.stderr)

@@ -118,13 +118,14 @@ accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, no
     [ "$rc" = 124 ] && echo "quality.py stopped after ${left} s; $OUT/quality.json holds the parts it finished"
     echo "quality.py rc=$rc, baseline rc=$side_rc, ${SECONDS} s in all"
     # Progress bars redraw with \r: keep only the lines that are not bars.
-    tr '\r' '\n' < "$OUT/baseline.log" | grep -v '^\s*$' | awk '!/it\/s|step\/s|s\/step|s\/it/' | tail -n 8 || true
-    tr '\r' '\n' < "$OUT/quality.log" | grep -v '^\s*$' | awk '!/it\/s|step\/s|s\/step|s\/it/' | tail -n 30 || true
+    without_bars() { tr '\r' '\n' < "$1" | grep -v '^\s*$' | awk '!/it\/s|step\/s|s\/step|s\/it/' | tail -n "$2" || true; }
+    without_bars "$OUT/baseline.log" 8
+    without_bars "$OUT/quality.log" 30
     [ "$rc" = 0 ] && exit "$side_rc"
     exit "$rc"
     ;;
 *)
-    sed -n '2,19p' "$0" >&2
+    sed -n '2,/^set -euo/p' "$0" | grep '^#' >&2   # the header
     exit 2
     ;;
 esac

@@ -4,9 +4,9 @@ What a GPU run needs to know before it is sized: on the H200 (stop 26) the `mnis
 step at expected batch 1024 took 2.2 s at K 2 and 2.4 s at K 4 in chunks of 256 examples, so the step
 is bound by something other than arithmetic. This times each MODEL:PHYSICAL:K given (the median step
 of a few, the first left out as warm-up; stop 26's figures came from an earlier version that also
-counted one epsilon computation per two steps, 0.1-0.3 s on a CPU) and writes the figures to --json after each one, so a
-run stopped by its time limit keeps what it measured. A configuration that fails (out of memory, say)
-is recorded with its error and the next one runs.
+counted one epsilon computation per two steps, 0.1-0.3 s on a CPU) and writes the figures to --json
+after each one, so a run stopped by its time limit keeps what it measured. A configuration that fails
+(out of memory, say) is recorded with its error and the next one runs.
 
 MODEL:PHYSICAL:K:rules and MODEL:PHYSICAL:K:plain time one chunk of per-example gradients alone
 (`dpdm.engine._per_example`, 28x28 images), with the engine's per-layer rules or with plain
@@ -30,9 +30,41 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import accounting  # noqa: E402
-import quality  # noqa: E402
-from gpu_probe import time_steps  # noqa: E402
+from gpu_probe import public_private_plan, time_steps  # noqa: E402
+
+
+def _failed(row: dict, e: Exception) -> dict:
+    """The row of a configuration that failed (out of memory, say): its error, and the GPU's cache freed
+    for the next one."""
+    import torch
+
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def time_step(data, name: str, model: str, physical: int, k: int, *, expected_batch: int, steps: int,
+              device: str) -> dict:
+    """Median seconds per private step (and peak GPU memory) of one configuration, on public data."""
+    import torch
+
+    row = {"model": model, "physical_batch": physical, "K": k, "expected_batch": expected_batch}
+    t0 = time.perf_counter()
+    try:
+        doc = public_private_plan(name, len(data), batch_size=expected_batch, steps=steps, noise_multiplicity=k,
+                                  clip_norm=0.1)
+        with tempfile.TemporaryDirectory() as tmp:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            row["step_s"] = round(time_steps(doc, data, Path(tmp) / "run", model=model, private=True, device=device,
+                                             precision="fp32", physical_batch=physical), 4)
+            if torch.cuda.is_available():
+                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    except Exception as e:   # one failing configuration must not cost the others
+        _failed(row, e)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
 
 
 def time_chunk(model: str, n: int, k: int, mode: str, *, device: str, repeats: int = 3) -> dict:
@@ -69,9 +101,7 @@ def time_chunk(model: str, n: int, k: int, mode: str, *, device: str, repeats: i
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["chunk_s"] = round((time.perf_counter() - t0) / repeats, 4)
     except Exception as e:   # one failing configuration must not cost the others
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _failed(row, e)
     return row
 
 
@@ -85,8 +115,6 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
-    import torch
-
     from dpdm.datasets import load_dataset
 
     data = load_dataset(args.public, "train")
@@ -95,33 +123,12 @@ def main() -> None:
         model, physical, k, *engine_only = config.split(":")
         if engine_only:
             row = time_chunk(model, int(physical), int(k), engine_only[0], device=args.device)
-            results.append(row)
-            print(json.dumps(row), flush=True)
-            Path(args.json).write_text(json.dumps(results, indent=2))
-            continue
-        row = {"model": model, "physical_batch": int(physical), "K": int(k), "expected_batch": args.batch_size}
-        plan = accounting.PrivacyPlan(dataset_size=len(data), batch_size=args.batch_size, steps=args.steps,
-                                      noise_multiplier=1.0, noise_multiplicity=int(k), clip_norm=0.1,
-                                      delta=quality.DELTA, dataset_name=args.public)
-        t0 = time.perf_counter()
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                if torch.cuda.is_available():
-                    torch.cuda.reset_peak_memory_stats()
-                row["step_s"] = round(time_steps(accounting.make_plan_document(plan), data, Path(tmp) / "run",
-                                                 model=model, private=True, device=args.device, precision="fp32",
-                                                 physical_batch=int(physical)), 4)
-                if torch.cuda.is_available():
-                    row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        except Exception as e:   # one failing configuration must not cost the others
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        row["seconds"] = round(time.perf_counter() - t0, 1)
+        else:
+            row = time_step(data, args.public, model, int(physical), int(k), expected_batch=args.batch_size,
+                            steps=args.steps, device=args.device)
         results.append(row)
         print(json.dumps(row), flush=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
-
 
 if __name__ == "__main__":
     main()

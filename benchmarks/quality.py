@@ -313,6 +313,11 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     accounting.write_plan(doc, workdir / "plan.json")
     out: dict = {"dataset": doc.plan.dataset_name, "plan": doc.to_dict()}
     t0 = time.perf_counter()
+
+    def baseline_part() -> dict:
+        return dp_classifier_baseline(doc, device=device, public=public, augment_shift=augment_shift,
+                                      augment_multiplicity=augment_multiplicity)
+
     if baseline_only:
         from dpdm.datasets import load_dataset
         from dpdm.evaluate import reference_classifier
@@ -320,8 +325,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         real_train = load_dataset(doc.plan.dataset_name or DATASET, "train")
         _, out["reference_classifier"] = reference_classifier(real_train, device=device)
         report(out)
-        out["dp_classifier"] = dp_classifier_baseline(doc, device=device, public=public, augment_shift=augment_shift,
-                                                      augment_multiplicity=augment_multiplicity)
+        out["dp_classifier"] = baseline_part()
         out["seconds"] = round(time.perf_counter() - t0, 1)
         report(out)
         return out
@@ -353,9 +357,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         samples = str(workdir / "samples.npz")
         report(out)
     if baseline:
-        out["dp_classifier"] = dp_classifier_baseline(doc, device=device, public=public,
-                                                      augment_shift=augment_shift,
-                                                      augment_multiplicity=augment_multiplicity)
+        out["dp_classifier"] = baseline_part()
         report(out)
     if samples is not None:
         # The protocol trains on the first N_SAMPLES images; a larger draw (the paper's 60,000)

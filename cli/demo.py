@@ -6,7 +6,6 @@ benchmarks/quality.py): it shows the path and the guarantees, not the best image
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import click
 
 from cli._common import info, resolve_device
-from dpdm.cpu import keep_freed_memory
+from dpdm.cpu import keep_freed_memory_if_asked
 
 # The demo's plan: mnist5k (N = 4000), expected batch 1024 (sample rate 0.256), 30 steps, K = 2, eps 10 at
 # delta 1e-5 (noise multiplier 1.0): about 4 minutes of private training on 2 cores, after a public warm
@@ -79,8 +78,7 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
     # The demo's sizes are fixed (3.3 GB peak with either allocator setting), so it keeps freed memory in
     # glibc's heap (dpdm/cpu.py) unless DPDM_MALLOC=default says otherwise: the same results, 1.3x faster
     # private steps and 1.2x faster public ones on a 2-core AMD EPYC, where the demo took 922 s without it.
-    if os.environ.get("DPDM_MALLOC", "keep") == "keep":
-        keep_freed_memory()
+    keep_freed_memory_if_asked(default="keep")
     out.mkdir(parents=True, exist_ok=True)
     timings: list[tuple[str, str]] = []
 

@@ -55,11 +55,12 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-def keep_freed_memory_if_asked() -> bool:
-    """`keep_freed_memory()` where the environment says DPDM_MALLOC=keep; else nothing (False)."""
+def keep_freed_memory_if_asked(default: str = "default") -> bool:
+    """`keep_freed_memory()` where the environment says DPDM_MALLOC=keep (unset: `default`, which the
+    demo sets to "keep"); else nothing (False)."""
     import os
 
-    return os.environ.get("DPDM_MALLOC", "default") == "keep" and keep_freed_memory()
+    return os.environ.get("DPDM_MALLOC", default) == "keep" and keep_freed_memory()
 
 
 def bf16_unit_probes() -> dict[str, bool | None]:

@@ -199,14 +199,15 @@ class _GroupNormGrad(_GradRule):
         # CUDA launches that kernel with the group count as a grid dimension (at most 65,535), so the
         # examples go in slices of at most that many groups.
         mask_rows = [mask[0], mask[1] and w is not None, mask[2]]
-        step = max(1, _GROUP_NORM_MAX_GROUPS // (n * G))
+        step = min(B, max(1, _GROUP_NORM_MAX_GROUPS // (n * G)))
+        w_rows = None if w is None else w.repeat(step * n)   # the last slice takes its first b*n*C
         gxs, gws, gbs = [], [], []
         for s in range(0, B, step):
             b = min(step, B - s)
             gx, gw, gb = _aten.native_group_norm_backward(
                 go[s:s + b].reshape(1, b * n * C, hw), x[s:s + b].reshape(1, b * n * C, hw),
                 mean[s:s + b].reshape(1, -1), rstd[s:s + b].reshape(1, -1),
-                None if w is None else w.repeat(b * n), 1, b * n * C, hw, b * n * G, mask_rows)
+                None if w_rows is None else w_rows[:b * n * C], 1, b * n * C, hw, b * n * G, mask_rows)
             if mask[0]:
                 gxs.append(gx.view(b, *x.shape[1:]))
             if mask[1]:
