@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import click
 
@@ -55,11 +56,13 @@ _UNIT_OPEN = click.FloatRange(min=0, max=1, min_open=True, max_open=True)
 @click.option("--multiplicity", type=click.IntRange(min=1), help=f"Noise draws per example K  [default: {DEFAULT_MULTIPLICITY}]")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="The paper's settings for a dataset.")
 # Output
-@click.option("--out", type=click.Path(dir_okay=False, writable=True), help="Write the locked plan here.")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True),
+              help="Write the locked plan here (an existing file holding another plan is kept; see --force).")
+@click.option("--force", is_flag=True, help="Let --out replace a file that holds a different plan (or no plan).")
 @click.option("--curve", type=click.Path(dir_okay=False, writable=True), help="Plot epsilon against steps (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan document (JSON) and nothing else on stdout.")
 def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, epochs, steps, clip_norm,
-         multiplicity, preset, out, curve, as_json):
+         multiplicity, preset, out, force, curve, as_json):
     """Calibrate the smallest noise that meets (eps, delta), certified by RDP, PLD and PRV."""
     import accounting
 
@@ -103,6 +106,8 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     if doc.prv_failed:
         click.echo(f"dpdm: warning: prv-accountant gave no epsilon for this plan ({doc.prv_failed}); dpdm's own "
                    "PLD cross-checked the certificate in its place", err=True)
+    if out and not force:
+        _refuse_to_replace(out, doc.digest)
     if out:
         accounting.write_plan(doc, out)
     if curve:
@@ -115,6 +120,27 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
             click.echo(f"wrote {out} ({doc.digest[:19]}...)")
         if curve:
             click.echo(f"wrote {curve}")
+
+
+def _refuse_to_replace(path: str, digest: str) -> None:
+    """BadInput if `path` exists and does not hold the plan `digest` names.
+
+    A run is locked to its plan's digest, and `dpdm train --resume` and `dpdm audit --plan` check the
+    file against it: a new plan written over the old one would silently unlock nothing but lose the
+    record. The same plan again (same mechanism fields, same digest) is rewritten.
+    """
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f).get("digest")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        old = None
+    if old == digest:
+        return
+    what = f"a different plan ({old[:19]}...)" if isinstance(old, str) else "something that is not a dpdm plan"
+    raise BadInput(f"--out {path} already exists and holds {what}; it is kept (runs are locked to their plan). "
+                   "Choose another --out, or pass --force to replace it")
 
 
 def _resolve_dataset(name: str | None, size: int | None) -> tuple[str | None, int]:

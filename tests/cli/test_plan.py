@@ -183,3 +183,32 @@ def test_account_shows_rdp_and_pld_where_prv_cannot_compute(capsys):
     d = json.loads(out)
     assert "prv" not in d and d["prv_failed"].startswith("RuntimeError")
     assert d["pld"]["upper"] <= d["rdp"]["upper"]
+
+
+def test_out_keeps_an_existing_different_plan_unless_forced(capsys, tmp_path):
+    path = tmp_path / "plan.json"
+    args = ("--delta", "1e-5", "--dataset", "digits", "--batch-size", "128", "--steps", "50", "--out", str(path))
+    rc, _, err = run(capsys, "--eps", "4", *args)
+    assert rc == 0, err
+    first = path.read_bytes()
+    # The same plan again is fine (same digest: nothing a run is locked to changes).
+    rc, _, err = run(capsys, "--eps", "4", *args)
+    assert rc == 0, err
+    assert path.read_bytes() == first
+    # Another plan over it: one line, exit 2, the file untouched, no curve written.
+    curve = tmp_path / "curve.png"
+    rc, out, err = run(capsys, "--eps", "8", *args, "--curve", str(curve), "--json")
+    assert rc == 2 and out == ""
+    assert err.startswith("dpdm: error: --out ") and err.count("\n") == 1, err
+    assert "different plan (sha256:" in err and "--force" in err
+    assert path.read_bytes() == first and not curve.exists()
+    # A file that is not a plan is kept too.
+    other = tmp_path / "notes.txt"
+    other.write_text("my notes\n")
+    rc, _, err = run(capsys, "--eps", "8", *args[:-1], str(other))
+    assert rc == 2 and "not a dpdm plan" in err
+    assert other.read_text() == "my notes\n"
+    # --force replaces it.
+    rc, out, err = run(capsys, "--eps", "8", *args, "--force", "--json")
+    assert rc == 0, err
+    assert accounting.load_plan(path).to_dict()["digest"] == json.loads(out)["digest"] != json.loads(first)["digest"]
