@@ -43,7 +43,7 @@ import quality  # noqa: E402
 
 
 def time_steps(doc: accounting.PlanDocument, data, run_dir: Path, *, model: str, private: bool, device: str,
-               precision: str, physical_batch: int | None) -> float:
+               precision: str, physical_batch: int | None, grad_engine: str = "rules") -> float:
     """Median seconds per step, from the end of the first step on (the first holds the warm-up). No
     metrics rows are logged in between: each computes epsilon, which took 0.1-0.3 s on a CPU here."""
     from dpdm.train import TrainConfig, train
@@ -52,6 +52,7 @@ def time_steps(doc: accounting.PlanDocument, data, run_dir: Path, *, model: str,
     train(doc, data.x, data.y, data.num_classes, run_dir,
           TrainConfig(model=model, precond=quality.PRECOND, lr=quality.LR, private=private, device=device,
                       seed=0, log_every=10**6, checkpoint_every=10**6, physical_batch=physical_batch,
+                      per_layer_rules=grad_engine == "rules",
                       precision=precision if not private else "fp32"),
           dataset_name=doc.plan.dataset_name, progress=False, on_step=lambda _: stamps.append(time.perf_counter()))
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--physical-batch", type=int, default=None)
     ap.add_argument("--K", type=int, default=2)
+    ap.add_argument("--grad-engine", default="rules", choices=("rules", "vmap"), help="as `dpdm train --grad-engine`")
     ap.add_argument("--public-batch", type=int, default=quality.PUBLIC_BATCH, help="batch of the public steps")
     ap.add_argument("--public-K", type=int, default=None, help="K of the public steps (default: --K)")
     ap.add_argument("--clip-norm", type=float, default=0.1)
@@ -147,8 +149,9 @@ def main() -> None:
                                       noise_multiplicity=k, clip_norm=args.clip_norm)
             private_s[k] = time_steps(doc, public, tmp / f"private{k}",
                                       model=args.model, private=True, device=args.device, precision="fp32",
-                                      physical_batch=args.physical_batch)
-            print(f"private step (expected batch {args.batch_size}, K {k}): {private_s[k]:.3f} s", file=sys.stderr)
+                                      physical_batch=args.physical_batch, grad_engine=args.grad_engine)
+            print(f"private step (expected batch {args.batch_size}, K {k}, {args.grad_engine}): {private_s[k]:.3f} s",
+                  file=sys.stderr)
         timings["private_step_s"] = {str(k): v for k, v in private_s.items()}
     timings["probe_seconds"] = round(time.perf_counter() - t_start, 1)
     choice = choose(seconds=args.seconds - timings["probe_seconds"], eval_reserve=args.eval_reserve,

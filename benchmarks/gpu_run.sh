@@ -33,6 +33,8 @@
 # against a DP-SGD CNN of 98.1%, 366 s in all. The other candidate it measured: the small preset costs
 # 0.75 s a private step at K 8 against 0.70 s at K 2 there, and grad_signal.py found the signal per step
 # growing about as K^0.25 (K 8: 1.33x K 2), which on the CPU cost 4x. `MODEL=small K=8 ... run` tries it.
+# GRAD_ENGINE=vmap trains with plain vmap(grad) (`dpdm train --grad-engine vmap`): less Python per chunk,
+# more memory; time it first with gpu_step_times.py (MODEL:CHUNK:K:rules|plain).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,6 +70,8 @@ run)
                                        # a step in chunks of 128, 2.0 s of 256, 1.1 s of 1024 (K 2, 19 GiB);
                                        # K 8 2.2 s (76 GiB); K 16 out of memory
     PRECISION=${PRECISION:-bf16}
+    GRAD_ENGINE=${GRAD_ENGINE:-rules}  # vmap: plain vmap(grad), less Python per chunk (untimed on a GPU so far;
+                                       # gpu_step_times.py MODEL:CHUNK:K:rules|plain compares them)
     WORK=${WORK:-/tmp/dpdm_gpu_run}
     if [ -z "${SKIP_INSTALL:-}" ]; then
         ls .whl/*.whl >/dev/null || { echo "no .whl/*.whl: run 'bash benchmarks/gpu_run.sh fetch' here first" >&2; exit 2; }
@@ -92,7 +96,7 @@ accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, no
     # 1. Time the steps on public data and size the run to the seconds left (writes the plan).
     choice=$("$PYTHON" benchmarks/gpu_probe.py --device "$DEVICE" --model "$MODEL" --public "$PUBLIC" \
         --public-batch "$PUBLIC_BATCH" --public-K "$public_k" --batch-size "$BATCH" --physical-batch "$PHYSICAL" --K "$K" --clip-norm "$CLIP" --precision "$PRECISION" \
-        --n "$N" --seconds $((BUDGET_S - SECONDS - 15)) --eval-reserve "$EVAL_RESERVE" \
+        --grad-engine "$GRAD_ENGINE" --n "$N" --seconds $((BUDGET_S - SECONDS - 15)) --eval-reserve "$EVAL_RESERVE" \
         --max-public-steps "$PUBLIC_STEPS" --min-public-steps "$MIN_PUBLIC_STEPS" --max-epochs "$EPOCHS" \
         --min-epochs "$MIN_EPOCHS" --plan-out "$WORK/plan.json" --json "$OUT/probe.json" 2>>"$OUT/probe.log" | tail -n 1) \
         || { tail -n 30 "$OUT/probe.log"; exit 3; }
@@ -110,7 +114,7 @@ accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, no
     timeout --signal=TERM --kill-after=10 "$left" "$PYTHON" benchmarks/quality.py --skip-baseline \
         --plan "$WORK/plan.json" --device "$DEVICE" --model "$MODEL" --workdir "$WORK" --json "$OUT/quality.json" \
         --public-pretrain "$PUBLIC" --public-steps "$PUBLIC_STEPS" --public-batch "$PUBLIC_BATCH" --public-K "$public_k" --n "$N" \
-        --physical-batch "$PHYSICAL" --precision "$PRECISION" > "$OUT/quality.log" 2>&1 || rc=$?
+        --physical-batch "$PHYSICAL" --grad-engine "$GRAD_ENGINE" --precision "$PRECISION" > "$OUT/quality.log" 2>&1 || rc=$?
     side_rc=0
     wait "$side" || side_rc=$?
     [ -f "$WORK/samples.png" ] && cp "$WORK/samples.png" "$OUT/grid.png"

@@ -234,7 +234,7 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                     ema_powers: tuple[float, ...] = EMA_POWERS, private: bool = True, device: str = "cpu",
                     seed: int = 0, init_from: str | Path | None = None,
                     physical_batch: int | None = None, trainable: tuple[str, ...] | None = None,
-                    precision: str = "fp32") -> dict:
+                    precision: str = "fp32", grad_engine: str = "rules") -> dict:
     """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run).
     precision "bf16" applies to --no-dp runs (private=False) only, as `dpdm train --precision`."""
     from dpdm.datasets import load_dataset
@@ -259,12 +259,13 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                                 train_sigma=train_sigma, ema_powers=tuple(ema_powers), private=private,
                                 device=device, seed=seed, checkpoint_every=50, log_every=10,
                                 physical_batch=physical_batch, trainable=trainable, precision=precision,
+                                per_layer_rules=grad_engine == "rules",
                                 init_from=None if init_from is None or ck.exists() else str(init_from)),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
     return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
             "ema_decay": ema_decay, "ema_powers": list(ema_powers), "train_sigma": train_sigma,
             "trainable": None if trainable is None else list(trainable), "precision": precision,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "grad_engine": grad_engine, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sampler_steps: int = SAMPLER_STEPS,
@@ -291,7 +292,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         sigma_min: float | None = SIGMA_MIN, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
         ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS, private: bool = True,
         public: str | None = None, public_steps: int = PUBLIC_STEPS, public_batch: int = PUBLIC_BATCH,
-        physical_batch: int | None = None,
+        physical_batch: int | None = None, grad_engine: str = "rules",
         trainable: tuple[str, ...] | None = None, precision: str = "fp32", augment_shift: int = 0,
         augment_multiplicity: int = 1, public_noise_multiplicity: int | None = None, baseline: bool = True,
         baseline_only: bool = False, on_part=None) -> dict:
@@ -348,7 +349,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
                                            ema_decay=ema_decay, lr_schedule=lr_schedule, train_sigma=train_sigma,
                                            ema_powers=ema_powers, private=private, device=device,
                                            init_from=init_from, physical_batch=physical_batch,
-                                           trainable=trainable)
+                                           trainable=trainable, grad_engine=grad_engine)
         print(f"generator: {out['generator']}", file=sys.stderr)
         report(out)
         out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, guidance=guidance,
@@ -423,6 +424,8 @@ def main() -> None:
     ap.add_argument("--public-steps", type=int, default=PUBLIC_STEPS, help="generator steps on the public data")
     ap.add_argument("--physical-batch", type=int, default=None,
                     help="generator examples per chunk (memory knob; noise is still added once per step)")
+    ap.add_argument("--grad-engine", default="rules", choices=("rules", "vmap"),
+                    help="per-example gradients of the private run, as `dpdm train --grad-engine`")
     ap.add_argument("--trainable", default=None, metavar="PATTERNS",
                     help="fine-tune only these parameters (comma-separated fnmatch patterns; see dpdm train --help)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
@@ -451,7 +454,7 @@ def main() -> None:
               ema_powers=EMA_POWERS if args.ema_power is None else tuple(args.ema_power), private=not args.no_dp,
               train_sigma=None if args.train_sigma is None else tuple(args.train_sigma),
               public=args.public_pretrain, public_steps=args.public_steps,
-              public_batch=args.public_batch, physical_batch=args.physical_batch,
+              public_batch=args.public_batch, physical_batch=args.physical_batch, grad_engine=args.grad_engine,
               trainable=None if args.trainable is None else tuple(p.strip() for p in args.trainable.split(",")
                                                                   if p.strip()),
               precision=args.precision, augment_shift=args.augment_shift, augment_multiplicity=args.augment_mult,

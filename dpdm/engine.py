@@ -486,6 +486,7 @@ def per_sample_grads(
     loss_fn: Callable,
     *batch: torch.Tensor,
     chunk_size: int | None = None,
+    per_layer_rules: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Gradient of each example's loss with respect to every trainable parameter.
 
@@ -496,6 +497,9 @@ def per_sample_grads(
             draws, label drops) should be drawn outside and passed in as batch tensors.
         *batch: tensors with the examples along dim 0 (any dtypes; integer labels allowed).
         chunk_size: examples computed at once by vmap (memory knob; same result).
+        per_layer_rules: True (default): conv2d, group_norm and silu go through the engine's
+            hand-written vmap rules; False: plain vmap(grad). The same numbers (to rounding); the rules
+            use less memory and time at CPU sizes, but cost Python time per chunk (speed knob).
 
     Returns:
         {parameter name: tensor [n, *parameter.shape]} for the parameters with requires_grad.
@@ -505,7 +509,7 @@ def per_sample_grads(
     n = _check_batch(batch)
     if n == 0:
         return {name: p.detach().new_zeros((0, *p.shape)) for name, p in model.named_parameters() if p.requires_grad}
-    grads, _ = _per_example(model, loss_fn, batch, chunk_size)
+    grads, _ = _per_example(model, loss_fn, batch, chunk_size, rules=per_layer_rules)
     return grads
 
 
@@ -544,6 +548,7 @@ def clipped_grad_sum(
     clip_norm: float,
     chunk_size: int | None = None,
     stats: dict | None = None,
+    per_layer_rules: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Sum over the examples of the flat-clipped per-example gradients (no noise, not divided).
 
@@ -554,6 +559,7 @@ def clipped_grad_sum(
         clip_norm: C > 0; each example's whole gradient is scaled by min(1, C / (||g_i|| + 1e-6)).
         stats: if a dict, filled with batch_size, nonfinite (examples zeroed), clipped_fraction and
             loss_mean (mean per-example loss; nan for an empty batch). These are NOT private.
+        per_layer_rules: as in `per_sample_grads` (privacy-neutral speed knob).
 
     Returns:
         {parameter name: tensor of the parameter's shape}. An empty batch gives zeros.
@@ -569,7 +575,7 @@ def clipped_grad_sum(
     step = n if chunk_size is None else chunk_size
     for start in range(0, n, max(step, 1)):
         part = [t[start:start + step] for t in batch]
-        grads, losses = _per_example(model, loss_fn, part, None)
+        grads, losses = _per_example(model, loss_fn, part, None, rules=per_layer_rules)
         c, nf = _clip_and_sum(grads, clip_norm, total)
         del grads
         clipped += c
@@ -624,6 +630,7 @@ def private_grad(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     stats: dict | None = None,
+    per_layer_rules: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One DP-SGD gradient: clip each example's flat gradient to clip_norm, sum, add
     N(0, (noise_multiplier * clip_norm)^2) once, divide by expected_batch_size.
@@ -633,7 +640,8 @@ def private_grad(
     """
     # Check the noise arguments before spending the compute.
     _check_positive(clip_norm=clip_norm, expected_batch_size=expected_batch_size)
-    grad_sum = clipped_grad_sum(model, loss_fn, *batch, clip_norm=clip_norm, chunk_size=chunk_size, stats=stats)
+    grad_sum = clipped_grad_sum(model, loss_fn, *batch, clip_norm=clip_norm, chunk_size=chunk_size, stats=stats,
+                                per_layer_rules=per_layer_rules)
     return add_noise(grad_sum, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                      expected_batch_size=expected_batch_size, generator=generator)
 
@@ -667,6 +675,7 @@ def public_subspace(
     dim: int,
     clip_norm: float,
     chunk_size: int | None = None,
+    per_layer_rules: bool = True,
 ) -> torch.Tensor:
     """An orthonormal basis [d, dim] of the top-`dim` principal directions (uncentred) of the
     clipped per-example gradients of PUBLIC examples at the model's current weights.
@@ -685,7 +694,7 @@ def public_subspace(
     rows = []
     for start in range(0, n, max(step, 1)):
         part = [t[start:start + step] for t in public_batch]
-        grads, _ = _per_example(model, loss_fn, part, None)
+        grads, _ = _per_example(model, loss_fn, part, None, rules=per_layer_rules)
         flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1)
         del grads
         norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True)

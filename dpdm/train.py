@@ -66,6 +66,8 @@ class TrainConfig:
     train_sigma: tuple[float, float] | None = None  # v only: noise levels trained on, (min, max); None:
                                          # VLoss's log-SNR range [-9, 13] (sigma 0.0015 to 90)
     physical_batch: int | None = None    # examples per vmap chunk (memory knob)
+    per_layer_rules: bool = True         # the engine's hand-written vmap rules for conv2d, group_norm and
+                                         # silu (False: plain vmap(grad); same numbers; speed knob)
     checkpoint_every: int = 100          # steps between checkpoints (and at the end)
     log_every: int = 10                  # steps between metrics rows
     seed: int | None = None              # batches, diffusion and DP noise derive from it; None: a secret
@@ -621,7 +623,7 @@ def train(
                     expected_batch_size=plan.batch_size,
                     noise_seed=step_seed(seed, step, _STREAM_DP_NOISE),
                     chunk_size=config.physical_batch, stats=stats, dist=dist,
-                    basis=None if subspace is None else subspace["basis"])
+                    basis=None if subspace is None else subspace["basis"], per_layer_rules=config.per_layer_rules)
                 loss_sum, count = dist.all_reduce_scalars(
                     [float(stats.get("loss_mean", 0.0)) * len(local) if len(local) else 0.0, float(len(local))])
                 clipped = dist.all_reduce_scalars([float(stats.get("clipped_fraction", 0.0)) * len(local)])[0]
@@ -696,6 +698,7 @@ def distributed_private_grad(
     stats: dict | None = None,
     dist: _Dist | None = None,
     basis: torch.Tensor | None = None,
+    per_layer_rules: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One logical DP-SGD step's gradient over the ranks of `dist` (a world of one by default).
 
@@ -707,7 +710,8 @@ def distributed_private_grad(
     projection is linear, so the all-reduced result is the projected sum plus one noise draw.
     """
     dist = dist or _Dist.current()
-    grad_sum = clipped_grad_sum(D, loss_fn, *local_batch, clip_norm=clip_norm, chunk_size=chunk_size, stats=stats)
+    grad_sum = clipped_grad_sum(D, loss_fn, *local_batch, clip_norm=clip_norm, chunk_size=chunk_size, stats=stats,
+                                per_layer_rules=per_layer_rules)
     if basis is not None:
         device = next(iter(grad_sum.values())).device
         grad_sum = add_noise_in_subspace(grad_sum, basis, noise_multiplier=noise_multiplier if dist.is_main else 0.0,
@@ -755,7 +759,7 @@ def _public_basis(D, loss_obj, loss_fn, public_data, config: TrainConfig, condit
     sigma, noise = loss_obj.draw(len(idx), K, tuple(px.shape[1:]), generator=g)
     batch += [sigma.to(device), noise.to(device)]
     return public_subspace(D, loss_fn, *batch, dim=config.subspace_dim, clip_norm=clip_norm,
-                           chunk_size=config.physical_batch)
+                           chunk_size=config.physical_batch, per_layer_rules=config.per_layer_rules)
 
 
 def _truncate_metrics(path: Path, steps_done: int) -> None:

@@ -187,6 +187,21 @@ def test_public_subspace_flags(tiny, capsys):
     assert "must divide --checkpoint-every" in _one_error_line(code, err) and not (d / "odd").exists()
 
 
+def test_grad_engine_flag_trains_the_same_model(tiny, capsys):
+    d = tiny
+    for engine in ("rules", "vmap"):
+        code, _, err = run_cli(_train_args(d, d / engine, "--grad-engine", engine, "--seed", 3), capsys)
+        assert code == 0, err
+        assert json.loads((d / engine / "config.json").read_text())["train"]["per_layer_rules"] is (engine == "rules")
+    a = ckpt.load_checkpoint(d / "rules" / "checkpoint.pt")["model"]
+    b = ckpt.load_checkpoint(d / "vmap" / "checkpoint.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:   # float32, 4 Adam steps: rounding differences only
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    code, _, err = run_cli(_train_args(d, d / "x", "--grad-engine", "plain"), capsys)
+    assert code == 2 and "--grad-engine" in err
+
+
 def test_precision_flags(tiny, capsys):
     d = tiny
     code, _, err = run_cli(_train_args(d, d / "run", "--precision", "bf16"), capsys)

@@ -352,6 +352,36 @@ def test_chunked_equals_unchunked():
         assert stats["batch_size"] == 5
 
 
+def test_per_layer_rules_flag_of_the_public_api(monkeypatch):
+    """per_layer_rules=False (`dpdm train --grad-engine vmap`) runs plain vmap(grad) in every entry point
+    that computes per-example gradients, with the same numbers."""
+    entered = []
+
+    class Counting(engine._PerLayerRules):
+        def __enter__(self):
+            entered.append(1)
+            return super().__enter__()
+
+    monkeypatch.setattr(engine, "_PerLayerRules", Counting)
+    D, loss_fn, batch = small_unet_case(B=3)
+    runs = {}
+    for rules in (True, False):
+        entered.clear()
+        runs[rules] = (
+            per_sample_grads(D, loss_fn, *batch, per_layer_rules=rules),
+            clipped_grad_sum(D, loss_fn, *batch, clip_norm=0.5, chunk_size=2, per_layer_rules=rules),
+            private_grad(D, loss_fn, *batch, clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=3.0,
+                         generator=torch.Generator().manual_seed(0), per_layer_rules=rules),
+            engine.public_subspace(D, loss_fn, *batch, dim=2, clip_norm=0.5, per_layer_rules=rules),
+        )
+        assert len(entered) == (5 if rules else 0)   # 1 + 2 chunks + 1 + 1
+    for fast, plain in zip(runs[True][:3], runs[False][:3]):
+        assert_grads_close(fast, plain, rtol=1e-10)
+    # The same subspace (the basis is unique up to the sign of each column).
+    torch.testing.assert_close((runs[True][3].T @ runs[False][3]).abs(), torch.eye(2, dtype=runs[True][3].dtype),
+                               rtol=0, atol=1e-8)
+
+
 def test_nonfinite_examples_are_zeroed_and_counted():
     model, loss_fn, batch = token_case(B=4)
     img = batch[0].clone()
