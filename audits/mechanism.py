@@ -8,6 +8,12 @@ Three groups, each returning a list of ``CheckResult``:
   gradients exceed the clip norm. Most checks *replay* randomness: two calls with generators seeded
   alike draw the same noise, so the difference of their outputs is exactly the difference of the
   clipped sums; no access to the engine's internals is needed.
+* ``check_subspace(make_private_grad)``: the same kind of replays for noise added in a public subspace
+  (``dpdm train --public-subspace``): ``make_private_grad(basis)`` returns a function like the above that
+  projects the clipped sum onto ``basis`` [d, k] and adds its noise there. The change one example makes
+  must lie inside the noise's span (where it does not, no noise covers it) and have norm <= the clip
+  norm even for a basis handed in with spectral norm 1.5; the noise in the span must have the plan's
+  variance.
 * ``check_sampler(make_sampler)``: Poisson batch sizes and per-example inclusion counts against their
   binomial laws (fixed-size shuffled batches fail both), and determinism in (seed, step).
 * ``check_run(run_dir, plan_doc)``: the run's plan.json, checkpoint ledger and metrics.csv against a
@@ -36,6 +42,8 @@ __all__ = [
     "SAMPLER_CHECKS",
     "RUN_CHECKS",
     "check_engine",
+    "check_subspace",
+    "SUBSPACE_CHECKS",
     "check_sampler",
     "check_run",
     "tiny_problem",
@@ -49,6 +57,7 @@ ENGINE_CHECKS = (
     "noise_variance",
     "noise_once_per_step",
 )
+SUBSPACE_CHECKS = ("subspace_signal_in_noise_span", "subspace_sensitivity_replay", "subspace_noise_variance")
 SAMPLER_CHECKS = ("poisson_batch_sizes", "poisson_inclusion_counts", "sampler_deterministic")
 RUN_CHECKS = ("run_plan_matches", "run_ledger_matches", "run_logged_batches")
 
@@ -288,14 +297,16 @@ def _check_sensitivity(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> Ch
     )
 
 
-def _noise_test(name: str, call: _Caller, p: _Problem, alpha: float, *, chunk_size, pairs: int, what: str) -> CheckResult:
+def _noise_test(name: str, call: _Caller, p: _Problem, alpha: float, *, chunk_size, pairs: int, what: str,
+                project: Callable[[np.ndarray], np.ndarray] | None = None) -> CheckResult:
     C, E, sigma = p.clip_norm, call.expected, call.noise_multiplier
     idx = list(range(p.x.shape[0]))
     z = []
     for j in range(pairs):
         a = call(idx, 1000 + 2 * j, chunk_size=chunk_size)
         b = call(idx, 1001 + 2 * j, chunk_size=chunk_size)
-        z.append(E * (a - b) / (math.sqrt(2) * sigma * C))  # N(0, I) under the claim
+        d = E * (a - b) / (math.sqrt(2) * sigma * C)  # N(0, I) under the claim
+        z.append(d if project is None else project(d))
     z = np.concatenate(z)
     dof = z.size
     ss = float(np.sum(z**2))
@@ -347,6 +358,102 @@ def check_engine(
         _guarded("noise_once_per_step", lambda: _noise_test(
             "noise_once_per_step", call, p, alpha, chunk_size=8, pairs=pairs,
             what="chunk_size=8 (6 chunks), noise must still be added once")),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Subspace checks (noise in a public subspace)
+# ----------------------------------------------------------------------------------------------
+
+
+def _top_directions(p: _Problem, loop: list[np.ndarray], dim: int) -> np.ndarray:
+    """[d, dim] orthonormal: the top right singular vectors of the problem's clipped per-example
+    gradients (computed here with numpy, not by the code under test). The tiny problem plays the
+    public data; spanning the gradients' main directions makes the projected changes large."""
+    G = np.stack([v * min(1.0, p.clip_norm / (np.linalg.norm(v) + 1e-12)) for v in loop])
+    _, _, vt = np.linalg.svd(G, full_matrices=False)
+    return np.ascontiguousarray(vt[:dim].T)
+
+
+def _check_subspace_replays(calls: dict[float, _Caller], p: _Problem, loop: list[np.ndarray],
+                            Q: np.ndarray) -> tuple[CheckResult, CheckResult]:
+    C = p.clip_norm
+    n = p.x.shape[0]
+    raw = np.array([np.linalg.norm(v) for v in loop])
+    extras = [int(i) for i in np.argsort(-raw)[:6]]
+    worst_out = worst_sens = 0.0
+    smallest_in = math.inf
+    cases = 0
+    for scale, call in calls.items():
+        for chunk in (None, 16):
+            for j, e in enumerate(extras):
+                rest = [i for i in range(n) if i != e]
+                base = rest[: 32 + j]
+                diff = call.expected * (call(base + [e], 200 + j, chunk_size=chunk) - call(base, 200 + j, chunk_size=chunk))
+                inside = Q @ (Q.T @ diff)
+                norm = float(np.linalg.norm(diff))
+                worst_out = max(worst_out, float(np.linalg.norm(diff - inside)) / max(norm, 1e-300))
+                smallest_in = min(smallest_in, float(np.linalg.norm(inside)) / C)
+                worst_sens = max(worst_sens, norm / C)
+                cases += 1
+    span = CheckResult(
+        "subspace_signal_in_noise_span",
+        worst_out <= _REL_TOL and smallest_in > 1e-3,
+        worst_out,
+        None,
+        f"one step on D and on D plus one example with the same randomness ({cases} cases, basis of "
+        f"spectral norm 1 and 1.5, chunk_size None and 16): largest share of the change outside the "
+        f"basis' span {worst_out:.2e} (must be <= {_REL_TOL:g}: no noise covers it there); smallest change "
+        f"inside / C = {smallest_in:.3f} (must be > 0)",
+    )
+    sens = CheckResult(
+        "subspace_sensitivity_replay",
+        worst_sens <= 1 + _REL_TOL,
+        worst_sens,
+        None,
+        f"the same {cases} cases: largest ||sum difference|| / C = {worst_sens:.6f} (must be <= 1; a basis "
+        "of spectral norm 1.5 must be scaled down, not used as given)",
+    )
+    return span, sens
+
+
+def check_subspace(
+    make_private_grad: Callable[[Any], Callable],
+    *,
+    noise_multiplier: float = 1.0,
+    alpha: float = 1e-3,
+    seed: int = 0,
+    pairs: int = 60,
+    dim: int = 8,
+) -> list[CheckResult]:
+    """Runs the subspace checks against ``make_private_grad(basis)``.
+
+    ``basis`` is a float64 tensor [d, dim] (d: the tiny model's parameters, in ``named_parameters``
+    order) holding ``dim`` orthonormal directions, once as given and once multiplied by 1.5. The
+    function returned must have the signature of ``dpdm.engine.private_grad`` and compute
+    ``basis' @ (basis'^T sum_i clip(g_i) + N(0, (noise_multiplier * clip_norm)^2 I_dim)) / expected_batch_size``
+    with basis' = basis scaled to spectral norm <= 1 (as ``dpdm.engine.add_noise_in_subspace`` does).
+    The noise check runs ``4 * pairs`` seed pairs (``dim`` coordinates each) on the basis of norm 1.5.
+    """
+    import torch
+
+    alpha = _alpha(alpha)
+    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a number > 0")
+    p = tiny_problem(seed=seed)
+    loop = _loop_grads(p)
+    Q = _top_directions(p, loop, dim)
+    calls = {scale: _Caller(make_private_grad(torch.from_numpy(scale * Q)), p, float(noise_multiplier), 40.0)
+             for scale in (1.0, 1.5)}
+    replays = _guarded("subspace replays", lambda: _check_subspace_replays(calls, p, loop, Q))
+    if isinstance(replays, CheckResult):   # it crashed: both replay checks fail with the error
+        replays = tuple(CheckResult(name, False, replays.statistic, None, replays.detail) for name in SUBSPACE_CHECKS[:2])
+    return [
+        *replays,
+        _guarded("subspace_noise_variance", lambda: _noise_test(
+            "subspace_noise_variance", calls[1.5], p, alpha, chunk_size=8, pairs=4 * pairs,
+            what=f"coordinates in the {dim} basis directions, basis of spectral norm 1.5, chunk_size=8",
+            project=lambda z: Q.T @ z)),
     ]
 
 

@@ -3,7 +3,8 @@
 Error budget (family-wise, Bonferroni): ``significance`` (default 0.05) is split as
 
 * 1/5 (0.01) over the statistical mechanism checks (noise variance, noise once per step, Poisson
-  batch sizes, inclusion counts, logged batch sizes): each is run at 0.01 / 5 = 0.002;
+  batch sizes, inclusion counts, logged batch sizes, and for a `--public-subspace` run the noise in
+  the subspace): each is run at 0.01 / 5 = 0.002 (0.01 / 6 for a subspace run);
 * 4/5 (0.04) over the epsilon lower bounds of the canary audit, evenly over its attacks (loss and
   PIA: 0.02 each); each one-run bound further splits its share over its grid of guess counts.
 
@@ -30,10 +31,10 @@ from typing import Any, Callable
 import numpy as np
 
 from audits.canary import CanaryConfig, canary_audit
-from audits.mechanism import check_engine, check_run, check_sampler
+from audits.mechanism import check_engine, check_run, check_sampler, check_subspace
 from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
 
-__all__ = ["SUITES", "suite_config", "run_audit", "write_report", "EXIT_CODES"]
+__all__ = ["SUITES", "suite_config", "run_audit", "write_report", "EXIT_CODES", "training_private_grad"]
 
 EXIT_CODES = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
 
@@ -47,7 +48,26 @@ SUITES: dict[str, dict[str, Any]] = {
 }
 
 MECHANISM_SHARE = 0.2  # of the significance budget; the rest goes to the epsilon bounds
-STATISTICAL_CHECKS = 5
+STATISTICAL_CHECKS = 5  # 6 for a run with --public-subspace (subspace_noise_variance)
+
+
+def training_private_grad(basis=None, *, per_layer_rules: bool = True) -> Callable:
+    """What `dpdm train` computes each step (`dpdm.train.distributed_private_grad`, one process; with
+    `basis`, the noise in that subspace), with the signature of `dpdm.engine.private_grad` that the
+    mechanism checks call. The step's noise seed is drawn from the generator handed in, so two calls
+    with generators seeded alike replay the same noise."""
+    import torch
+
+    from dpdm.train import distributed_private_grad
+
+    def step(model, loss_fn, *batch, clip_norm, noise_multiplier, expected_batch_size, generator=None,
+             chunk_size=None, stats=None):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return distributed_private_grad(model, loss_fn, *batch, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                                        expected_batch_size=expected_batch_size, noise_seed=seed,
+                                        chunk_size=chunk_size, stats=stats, basis=basis,
+                                        per_layer_rules=per_layer_rules)
+    return step
 
 
 def suite_config(suite: str, plan, run_config: dict, *, seed: int = 0, **overrides) -> CanaryConfig:
@@ -106,8 +126,6 @@ def run_audit(
     import accounting
     from dpdm.data import PoissonSampler
     from dpdm.datasets import load_dataset
-    from dpdm.engine import private_grad
-
     if not (0 < significance < 1):
         raise ValueError(f"significance={significance!r} must be in (0, 1)")
     t_start = time.perf_counter()
@@ -118,7 +136,11 @@ def run_audit(
     plan = doc.plan
     cfg = suite_config(suite, plan, run_config, seed=seed, **(canary_overrides or {}))
 
-    alpha_check = significance * MECHANISM_SHARE / STATISTICAL_CHECKS
+    train_config = run_config.get("train") or {}
+    subspace_dim = train_config.get("subspace_dim")
+    per_layer_rules = bool(train_config.get("per_layer_rules", True))
+    statistical_checks = STATISTICAL_CHECKS + (1 if subspace_dim else 0)
+    alpha_check = significance * MECHANISM_SHARE / statistical_checks
     alpha_bounds = significance * (1 - MECHANISM_SHARE)
 
     def stage(name):
@@ -139,7 +161,11 @@ def run_audit(
         pool_x, pool_y = held.x, held.y
     stage("mechanism checks")
     t0 = time.perf_counter()
-    checks = check_engine(private_grad, alpha=alpha_check, seed=seed, pairs=SUITES[suite]["noise_pairs"])
+    checks = check_engine(training_private_grad(per_layer_rules=per_layer_rules), alpha=alpha_check, seed=seed,
+                          pairs=SUITES[suite]["noise_pairs"])
+    if subspace_dim:
+        checks += check_subspace(lambda basis: training_private_grad(basis, per_layer_rules=per_layer_rules),
+                                 alpha=alpha_check, seed=seed, pairs=SUITES[suite]["noise_pairs"])
     checks += check_sampler(PoissonSampler, alpha=alpha_check, seed=seed)
     checks += check_run(run, doc, alpha=alpha_check)
     t_checks = time.perf_counter() - t0
@@ -171,7 +197,7 @@ def run_audit(
     else:
         verdict = "PASS"
         reasons += canary["reasons"]
-    audited = _what_was_audited(plan, canary, cfg, private)
+    audited = _what_was_audited(plan, canary, cfg, private, train_config)
     doc_out = {
         "format": "dpdm.audit/1",
         "verdict": verdict,
@@ -188,7 +214,7 @@ def run_audit(
         "error_budget": {
             "significance": significance,
             "mechanism_checks": {"share": significance * MECHANISM_SHARE, "per_check": alpha_check,
-                                 "statistical_checks": STATISTICAL_CHECKS},
+                                 "statistical_checks": statistical_checks},
             "epsilon_bounds": {"share": alpha_bounds, "per_attack": canary["significance_per_attack"],
                                "attacks": list(cfg.attacks),
                                "note": "each one-run bound splits its share over its grid of guess counts"},
@@ -204,8 +230,9 @@ def run_audit(
     return doc_out
 
 
-def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool) -> list[str]:
+def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_config: dict | None = None) -> list[str]:
     t = canary["training"]["target"]
+    train_config = train_config or {}
     lines = [
         f"Per-step mechanism of the plan: Poisson sampling at q={plan.sample_rate:.6g}, clip norm "
         f"C={plan.clip_norm:g}, Gaussian noise multiplier sigma={plan.noise_multiplier:.6g}"
@@ -229,6 +256,12 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool) -> list[st
             "An epsilon lower bound above the plan's epsilon therefore still proves a violation; a bound "
             "below it certifies nothing about the steps that were not run."
         )
+    if train_config.get("subspace_dim"):
+        lines.append(
+            f"The run added its noise in a {train_config['subspace_dim']}-dimensional subspace of public gradients "
+            f"({train_config.get('subspace_data')!r}, --public-subspace). The mechanism checks test that step "
+            "(subspace_* checks, on the audit's own tiny model and basis); the canary training adds its noise "
+            "in all parameters, so the epsilon lower bounds do not exercise the subspace.")
     lines.append(f"Threat model: {canary['threat_model']}.")
     return lines
 

@@ -11,10 +11,12 @@ import torch
 from audits.mechanism import (
     ENGINE_CHECKS,
     SAMPLER_CHECKS,
+    SUBSPACE_CHECKS,
     CheckResult,
     check_engine,
     check_run,
     check_sampler,
+    check_subspace,
     tiny_problem,
 )
 from dpdm.data import PoissonSampler
@@ -155,3 +157,78 @@ def test_check_arguments_are_validated():
         check_engine(private_grad, alpha=0)
     with pytest.raises(ValueError, match="noise_multiplier"):
         check_engine(private_grad, noise_multiplier=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise in a public subspace (`dpdm train --public-subspace`)
+# ---------------------------------------------------------------------------------------------
+
+
+def _subspace_mutant(kind):
+    """`make_private_grad(basis)` for a broken subspace step, built from the engine's own pieces."""
+    from dpdm.engine import add_noise_in_subspace, clipped_grad_sum, flatten_grads
+
+    def make(basis):
+        def step(model, loss_fn, *batch, clip_norm, noise_multiplier, expected_batch_size, generator=None,
+                 chunk_size=None, stats=None):
+            G = clipped_grad_sum(model, loss_fn, *batch, clip_norm=clip_norm, chunk_size=chunk_size)
+            if kind == "unscaled_basis":   # the basis used as given, its spectral norm unchecked
+                flat = flatten_grads(G)
+                z = torch.randn(basis.shape[1], generator=generator, dtype=flat.dtype)
+                out = basis @ (basis.T @ flat + noise_multiplier * clip_norm * z) / expected_batch_size
+                at, res = 0, {}
+                for k, v in G.items():
+                    res[k] = out[at:at + v.numel()].reshape(v.shape)
+                    at += v.numel()
+                return res
+            noisy = add_noise_in_subspace(G, basis, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                          expected_batch_size=expected_batch_size, generator=generator)
+            if kind == "leak":             # the part of the sum outside the subspace passes unnoised
+                proj = add_noise_in_subspace(G, basis, noise_multiplier=0.0, clip_norm=clip_norm,
+                                             expected_batch_size=expected_batch_size)
+                return {k: noisy[k] + G[k] / expected_batch_size - proj[k] for k in G}
+            if kind == "noise_halved":
+                return add_noise_in_subspace(G, basis, noise_multiplier=noise_multiplier / 2, clip_norm=clip_norm,
+                                             expected_batch_size=expected_batch_size, generator=generator)
+            raise AssertionError(kind)
+        return step
+    return make
+
+
+@pytest.fixture(scope="module")
+def real_subspace_results():
+    from audits.suite import training_private_grad
+
+    return check_subspace(lambda basis: training_private_grad(basis), pairs=20)
+
+
+def test_training_step_passes_the_subspace_checks(real_subspace_results):
+    assert [r.name for r in real_subspace_results] == list(SUBSPACE_CHECKS)
+    for r in real_subspace_results:
+        assert r.passed, r
+    byname = {r.name: r for r in real_subspace_results}
+    assert byname["subspace_signal_in_noise_span"].statistic < 1e-10
+    assert 0.3 < byname["subspace_sensitivity_replay"].statistic <= 1 + 1e-6
+    assert 0.85 < byname["subspace_noise_variance"].statistic < 1.15
+
+
+@pytest.mark.parametrize("kind, must_fail", [
+    ("leak", {"subspace_signal_in_noise_span"}),
+    ("unscaled_basis", {"subspace_sensitivity_replay", "subspace_noise_variance"}),
+    ("noise_halved", {"subspace_noise_variance"}),
+])
+def test_broken_subspace_steps_fail(kind, must_fail):
+    results = check_subspace(_subspace_mutant(kind), pairs=20)
+    failed = _failed(results)
+    assert failed == must_fail, (kind, [r.detail for r in results])
+    for r in results:
+        if r.name in must_fail and r.p_value is not None:
+            assert r.p_value < 1e-6
+
+
+def test_training_step_passes_the_engine_checks_with_either_grad_engine():
+    from audits.suite import training_private_grad
+
+    for rules in (True, False):
+        results = check_engine(training_private_grad(per_layer_rules=rules), pairs=20)
+        assert all(r.passed for r in results), [r.detail for r in results if not r.passed]

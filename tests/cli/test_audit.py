@@ -49,8 +49,10 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys):
     assert all(c["passed"] for c in report["mechanism_checks"]), report["mechanism_checks"]
     names = {c["name"] for c in report["mechanism_checks"]}
     assert {"noise_variance", "poisson_batch_sizes", "run_plan_matches", "run_ledger_matches"} <= names
+    assert not any(n.startswith("subspace") for n in names)   # the run added its noise in all parameters
     assert report["claimed_plan"]["digest"] == doc.digest
     budget = report["error_budget"]
+    assert budget["mechanism_checks"]["statistical_checks"] == 5
     assert budget["mechanism_checks"]["share"] + budget["epsilon_bounds"]["share"] == pytest.approx(0.05)
     for f in ("report.md", "report.json", "scores.npz", "roc_target_loss.png", "roc_log_target_loss.png",
               "hist_target_pia.png", "roc_control_loss.png"):
@@ -97,3 +99,30 @@ def test_bad_input_exits_2(run_dir, tmp_path, capsys):
     assert rc == 2 and "does not exist" in err
     rc, _, err = _audit(["--run", str(run), "--out", str(tmp_path / "r"), "--steps", "4"], capsys)
     assert rc == 2 and "steps=4" in err  # never more steps than the plan
+
+
+def test_audit_of_a_subspace_run_checks_the_subspace_step(run_dir, tmp_path, capsys):
+    """A `--public-subspace` run: the audit adds the subspace checks (and their share of the error
+    budget) and says that the canary training does not exercise the subspace."""
+    from dpdm.datasets import load_dataset, to_uint8
+    from dpdm.train import TrainConfig, train
+
+    _, npz, doc = run_dir
+    digits = load_dataset("digits")
+    public = tmp_path / "public.npz"
+    np.savez(public, x=to_uint8(digits.x[64:128]), y=digits.y[64:128].numpy(), num_classes=10)
+    pub = load_dataset(f"npz:{public}")
+    data = load_dataset(f"npz:{npz}")
+    run = tmp_path / "run"
+    train(doc, data.x, data.y, 10, run,
+          TrainConfig(model="small", log_every=1, checkpoint_every=10, subspace_dim=3, subspace_data=f"npz:{public}",
+                      subspace_every=1, subspace_examples=16),
+          dataset_name=f"npz:{npz}", progress=False, public_data=(pub.x, pub.y))
+    rc, out, err = _audit(["--run", str(run), "--out", str(tmp_path / "report"), *SMALL, "--json"], capsys)
+    report = json.loads(out)
+    assert report["verdict"] in ("PASS", "INCONCLUSIVE"), report["reasons"]
+    checks = {c["name"]: c for c in report["mechanism_checks"]}
+    for name in ("subspace_signal_in_noise_span", "subspace_sensitivity_replay", "subspace_noise_variance"):
+        assert checks[name]["passed"], checks[name]
+    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 6
+    assert any("3-dimensional subspace" in line for line in report["what_was_audited"])
