@@ -69,8 +69,14 @@ def public_private_plan(public: str, size: int, *, batch_size: int, steps: int, 
 
 def choose(*, seconds: float, eval_reserve: float, public_s: float, private_s: dict[int, float],
            sample_s: float, n: int, K: int, max_public: int, min_public: int, max_epochs: float,
-           min_epochs: float, size: int, batch: int, margin: float) -> dict:
-    """The largest run that fits: private steps first, then public steps, then a larger K."""
+           min_epochs: float, size: int, batch: int, margin: float, private_gib: dict[int, float] | None = None,
+           memory_gib: float | None = None, memory_share: float = 0.85) -> dict:
+    """The largest run that fits: private steps first, then public steps, then a larger K.
+
+    With the peak memory of the private probes (`private_gib`, GiB at each probed K) and the device's
+    (`memory_gib`), a larger K is taken only if its peak, extrapolated linearly in K, stays within
+    `memory_share` of the device (on the H200, chunks of 1024: 19.3 GiB at K 2, 76.5 at K 8, K 16 out of
+    memory), so that the run does not stop at its first private step after the public ones."""
     def steps_for(epochs: float) -> int:
         return max(1, math.ceil(round(epochs * size / batch, 9)))
 
@@ -86,9 +92,15 @@ def choose(*, seconds: float, eval_reserve: float, public_s: float, private_s: d
     left = avail / margin - steps * per_k(K)
     public = int(min(max_public, max(min_public, left // public_s)))
     left -= public * public_s
+    def fits_memory(k: int) -> bool:
+        if not private_gib or not memory_gib:
+            return True
+        (k0, m0), (k1, m1) = sorted(private_gib.items())[:2]
+        return m0 + (m1 - m0) * (k - k0) / (k1 - k0) <= memory_share * memory_gib
+
     k = K
     for bigger in (2 * K, 4 * K):
-        if steps * (per_k(bigger) - per_k(K)) <= left:
+        if steps * (per_k(bigger) - per_k(K)) <= left and fits_memory(bigger):
             k = bigger
     est = margin * (steps * per_k(k) + public * public_s) + n * sample_s + eval_reserve
     return {"epochs": epochs, "private_steps": steps, "public_steps": public, "K": k,
@@ -121,6 +133,8 @@ def main() -> None:
     ap.add_argument("--json", help="timings and choices")
     args = ap.parse_args()
 
+    import torch
+
     from dpdm.datasets import DATASET_SIZES, load_dataset
     from dpdm.sample import sample_checkpoint
 
@@ -143,23 +157,30 @@ def main() -> None:
         timings["sample_s_per_image"] = (time.perf_counter() - t0) / m
         print(f"sampling: {1 / timings['sample_s_per_image']:.0f} images/s (first batch's warm-up included)",
               file=sys.stderr)
-        private_s = {}
+        private_s, private_gib = {}, {}
+        cuda = args.device.startswith("cuda")
         for k in (args.K, 2 * args.K):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             doc = public_private_plan(args.public, len(public), batch_size=args.batch_size, steps=8,
                                       noise_multiplicity=k, clip_norm=args.clip_norm)
             private_s[k] = time_steps(doc, public, tmp / f"private{k}",
                                       model=args.model, private=True, device=args.device, precision="fp32",
                                       physical_batch=args.physical_batch, grad_engine=args.grad_engine)
-            print(f"private step (expected batch {args.batch_size}, K {k}, {args.grad_engine}): {private_s[k]:.3f} s",
-                  file=sys.stderr)
+            if cuda:
+                private_gib[k] = torch.cuda.max_memory_allocated() / 2**30
+            print(f"private step (expected batch {args.batch_size}, K {k}, {args.grad_engine}): {private_s[k]:.3f} s"
+                  + (f", peak {private_gib[k]:.1f} GiB" if cuda else ""), file=sys.stderr)
         timings["private_step_s"] = {str(k): v for k, v in private_s.items()}
+        timings["private_peak_gib"] = {str(k): round(v, 2) for k, v in private_gib.items()}
+        memory_gib = torch.cuda.get_device_properties(args.device).total_memory / 2**30 if cuda else None
     timings["probe_seconds"] = round(time.perf_counter() - t_start, 1)
     choice = choose(seconds=args.seconds - timings["probe_seconds"], eval_reserve=args.eval_reserve,
                     public_s=timings["public_step_s"], private_s=private_s,
                     sample_s=timings["sample_s_per_image"], n=args.n, K=args.K,
                     max_public=args.max_public_steps, min_public=args.min_public_steps,
                     max_epochs=args.max_epochs, min_epochs=args.min_epochs, size=DATASET_SIZES[quality.DATASET],
-                    batch=args.batch_size, margin=args.margin)
+                    batch=args.batch_size, margin=args.margin, private_gib=private_gib, memory_gib=memory_gib)
     doc = quality.default_plan(epochs=choice["epochs"], batch_size=args.batch_size, noise_multiplicity=choice["K"],
                                clip_norm=args.clip_norm)
     accounting.write_plan(doc, args.plan_out)

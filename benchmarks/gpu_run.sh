@@ -12,7 +12,8 @@
 #     1. benchmarks/gpu_probe.py times the public step, the private step (at K and 2K) and sampling on
 #        PUBLIC data, and sizes the run to the seconds left: the private epochs first (EPOCHS, down to
 #        MIN_EPOCHS), then the public steps (PUBLIC_STEPS, down to MIN_PUBLIC_STEPS), then a larger K
-#        (2K or 4K; privacy-neutral). It writes the plan (eps 10, delta 1e-5).
+#        (2K or 4K, where its peak memory, extrapolated from the probes, fits; privacy-neutral). It
+#        writes the plan (eps 10, delta 1e-5).
 #     2. quality.py --baseline-only, in a second process on the same GPU: the FD's reference network
 #        (its cache is then warm for step 3) and the DP-SGD CNN under that plan.
 #     3. quality.py --skip-baseline: public pretraining, private training under the plan, sampling and

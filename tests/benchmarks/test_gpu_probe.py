@@ -43,3 +43,18 @@ def test_step_times_chunk_rows_and_failures(load_benchmark):
         assert row["chunk_s"] > 0 and "error" not in row and row["engine"] == mode
     assert "ValueError" in t.time_chunk("small", 2, 1, "fast", device="cpu")["error"]
     assert "preset" in t.time_chunk("huge", 2, 1, "rules", device="cpu")["error"]
+
+
+def test_larger_k_only_where_its_memory_fits(load_benchmark):
+    """H200 figures (stop 26, chunks of 1024): 19.3 GiB at K 2, 76.5 GiB at K 8, K 16 out of memory."""
+    p = load_benchmark("gpu_probe")
+    times = dict(seconds=1500, eval_reserve=90, public_s=0.13, sample_s=0.002)   # time allows 4K
+    sizes = {**SIZES, "K": 4}
+    # Memory (9.6 GiB per draw, extrapolated from K 4 and 8) does not: 153 GiB > 0.85 * 139.
+    c = p.choose(private_s={4: 1.46, 8: 2.22}, private_gib={4: 38.4, 8: 76.5}, memory_gib=139.8, **times, **sizes)
+    assert c["K"] == 8
+    assert p.choose(private_s={4: 1.46, 8: 2.22}, **times, **sizes)["K"] == 16   # no memory figures: time alone
+    c = p.choose(private_s={2: 1.08, 4: 1.46}, private_gib={2: 19.3, 4: 38.4}, memory_gib=139.8, **times, **SIZES)
+    assert c["K"] == 8   # 76.6 GiB extrapolated: fits
+    c = p.choose(private_s={2: 1.08, 4: 1.46}, private_gib={2: 19.3, 4: 38.4}, memory_gib=80.0, **times, **SIZES)
+    assert c["K"] == 4   # on an 80 GiB card K 8 would not
