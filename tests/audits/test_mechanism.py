@@ -232,3 +232,12 @@ def test_training_step_passes_the_engine_checks_with_either_grad_engine():
     for rules in (True, False):
         results = check_engine(training_private_grad(per_layer_rules=rules), pairs=20)
         assert all(r.passed for r in results), [r.detail for r in results if not r.passed]
+
+
+def test_crashing_subspace_step_fails_every_check_instead_of_raising():
+    def make(basis):
+        raise RuntimeError("no basis for you")
+
+    results = check_subspace(make, pairs=2)
+    assert [r.name for r in results] == list(SUBSPACE_CHECKS)
+    assert not any(r.passed for r in results) and all("no basis for you" in r.detail for r in results)
