@@ -34,8 +34,9 @@
 # against a DP-SGD CNN of 98.1%, 366 s in all. The other candidate it measured: the small preset costs
 # 0.75 s a private step at K 8 against 0.70 s at K 2 there, and grad_signal.py found the signal per step
 # growing about as K^0.25 (K 8: 1.33x K 2), which on the CPU cost 4x. `MODEL=small K=8 ... run` tries it.
-# GRAD_ENGINE=vmap trains with plain vmap(grad) (`dpdm train --grad-engine vmap`): less Python per chunk,
-# more memory; time it first with gpu_step_times.py (MODEL:CHUNK:K:rules|plain).
+# 0. (GRAD_ENGINE=auto, the default) times one chunk of PHYSICAL x K with the engine's rules and with plain
+# vmap(grad) (`dpdm train --grad-engine vmap`: less Python per chunk, more memory) and trains with the faster,
+# rules unless plain is 5% faster; GRAD_ENGINE=rules or vmap skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,8 +72,8 @@ run)
                                        # a step in chunks of 128, 2.0 s of 256, 1.1 s of 1024 (K 2, 19 GiB);
                                        # K 8 2.2 s (76 GiB); K 16 out of memory
     PRECISION=${PRECISION:-bf16}
-    GRAD_ENGINE=${GRAD_ENGINE:-rules}  # vmap: plain vmap(grad), less Python per chunk (untimed on a GPU so far;
-                                       # gpu_step_times.py MODEL:CHUNK:K:rules|plain compares them)
+    GRAD_ENGINE=${GRAD_ENGINE:-auto}   # rules | vmap (plain vmap(grad): less Python per chunk, more memory) |
+                                       # auto: time one chunk of PHYSICAL x K both ways first and take the faster
     WORK=${WORK:-/tmp/dpdm_gpu_run}
     if [ -z "${SKIP_INSTALL:-}" ]; then
         ls .whl/*.whl >/dev/null || { echo "no .whl/*.whl: run 'bash benchmarks/gpu_run.sh fetch' here first" >&2; exit 2; }
@@ -89,6 +90,15 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "numpy", num
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PY
     public_k=${PUBLIC_K:-$K}   # K of the public pretraining (the probe may raise K for the private run only)
+    if [ "$GRAD_ENGINE" = auto ]; then   # 0. rules or plain vmap: one chunk each (a warm-up and 3 timed)
+        "$PYTHON" benchmarks/gpu_step_times.py --device "$DEVICE" --json "$WORK/engines.json" \
+            "$MODEL:$PHYSICAL:$K:rules" "$MODEL:$PHYSICAL:$K:plain" 2>&1 | grep '^{' | tee -a "$OUT/probe.log" || true
+        GRAD_ENGINE=$("$PYTHON" -c "import json, sys
+rows = {r['engine']: r.get('chunk_s') for r in json.load(open(sys.argv[1]))}
+print('vmap' if rows.get('plain') and rows.get('rules') and rows['plain'] < 0.95 * rows['rules'] else 'rules')" \
+            "$WORK/engines.json" 2>/dev/null || echo rules)
+        echo "grad engine: $GRAD_ENGINE (after ${SECONDS} s)" | tee -a "$OUT/probe.log"
+    fi
     if [ "${PROBE:-1}" = 0 ]; then   # no probe: the plan as the variables say
         "$PYTHON" -c "import sys; sys.path.insert(0, 'benchmarks'); import accounting, quality
 accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, noise_multiplicity=$K, clip_norm=$CLIP), '$WORK/plan.json')"
