@@ -389,7 +389,8 @@ def _check_subspace_replays(calls: dict[float, _Caller], p: _Problem, loop: list
             for j, e in enumerate(extras):
                 rest = [i for i in range(n) if i != e]
                 base = rest[: 32 + j]
-                diff = call.expected * (call(base + [e], 200 + j, chunk_size=chunk) - call(base, 200 + j, chunk_size=chunk))
+                with_e = call(base + [e], 200 + j, chunk_size=chunk)
+                diff = call.expected * (with_e - call(base, 200 + j, chunk_size=chunk))
                 inside = Q @ (Q.T @ diff)
                 norm = float(np.linalg.norm(diff))
                 worst_out = max(worst_out, float(np.linalg.norm(diff - inside)) / max(norm, 1e-300))

@@ -71,7 +71,8 @@ from cli.errors import BadInput
 @click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(plan_path, out_dir, dataset, data_root, download, model, precond, train_sigma, device, physical_batch, grad_engine, lr,
+def train(plan_path, out_dir, dataset, data_root, download, model, precond, train_sigma, device, physical_batch,
+          grad_engine, lr,
           lr_schedule, ema_decay, ema_powers, checkpoint_every, log_every, seed, init_from, trainable, subspace_dim,
           subspace_data, subspace_every, subspace_examples, precision, resume, no_dp, as_json, quiet):
     """Train a diffusion model with DP-SGD under a locked plan."""
