@@ -265,7 +265,7 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
     return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
             "ema_decay": ema_decay, "ema_powers": list(ema_powers), "train_sigma": train_sigma,
             "trainable": None if trainable is None else list(trainable), "precision": precision,
-            "grad_engine": grad_engine, "seconds": round(time.perf_counter() - t0, 1)}
+            "grad_engine": grad_engine if private else None, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sampler_steps: int = SAMPLER_STEPS,
