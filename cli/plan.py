@@ -126,8 +126,8 @@ def _refuse_to_replace(path: str, digest: str) -> None:
     """BadInput if `path` exists and does not hold the plan `digest` names.
 
     A run is locked to its plan's digest, and `dpdm train --resume` and `dpdm audit --plan` check the
-    file against it: a new plan written over the old one would silently unlock nothing but lose the
-    record. The same plan again (same mechanism fields, same digest) is rewritten.
+    file against it: writing a new plan over the old one would lose the record that a run in progress
+    is locked to. The same plan again (same mechanism fields, same digest) is rewritten.
     """
     if not os.path.lexists(path):
         return

@@ -683,7 +683,7 @@ def public_subspace(
     d counts the trainable parameters, flattened in `named_parameters` order (as `flatten_grads`
     orders a gradient dict). Computed from the n x n Gram matrix in float64 (n = number of public
     examples >= dim), then re-orthonormalised. The examples must not be private: the basis is used
-    without noise.
+    without noise. `per_layer_rules` as in `per_sample_grads`.
     """
     validate_model(model)
     _check_positive(clip_norm=clip_norm)
