@@ -57,6 +57,7 @@ run)
     MODEL=${MODEL:-mnist}
     BUDGET_S=${BUDGET_S:-550}          # everything after the install ends within this many seconds
     EVAL_RESERVE=${EVAL_RESERVE:-90}   # seconds the probe keeps for the synthetic classifiers and FD (41 s on the H200)
+    MARGIN=${MARGIN:-1.2}              # the probe budgets training time at this multiple of its estimate
     PUBLIC=${PUBLIC:-digits28-aug}
     PUBLIC_STEPS=${PUBLIC_STEPS:-500}  # upper bounds: the probe lowers them to fit (or raises K)
     PUBLIC_BATCH=${PUBLIC_BATCH:-512}  # 500 x 512: the CPU recipe's 2000 x 128 public images, in a quarter of
@@ -107,7 +108,7 @@ accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, no
     # 1. Time the steps on public data and size the run to the seconds left (writes the plan).
     choice=$("$PYTHON" benchmarks/gpu_probe.py --device "$DEVICE" --model "$MODEL" --public "$PUBLIC" \
         --public-batch "$PUBLIC_BATCH" --public-K "$public_k" --batch-size "$BATCH" --physical-batch "$PHYSICAL" --K "$K" --clip-norm "$CLIP" --precision "$PRECISION" \
-        --grad-engine "$GRAD_ENGINE" --n "$N" --seconds $((BUDGET_S - SECONDS - 15)) --eval-reserve "$EVAL_RESERVE" \
+        --grad-engine "$GRAD_ENGINE" --n "$N" --seconds $((BUDGET_S - SECONDS - 15)) --eval-reserve "$EVAL_RESERVE" --margin "$MARGIN" \
         --max-public-steps "$PUBLIC_STEPS" --min-public-steps "$MIN_PUBLIC_STEPS" --max-epochs "$EPOCHS" \
         --min-epochs "$MIN_EPOCHS" --plan-out "$WORK/plan.json" --json "$OUT/probe.json" 2>>"$OUT/probe.log" | tail -n 1) \
         || { tail -n 30 "$OUT/probe.log"; exit 3; }
