@@ -276,6 +276,31 @@ def test_baseline_augmented_loss_is_the_mean_over_copies():
         torch.testing.assert_close(g, sum(pc[name] for pc in per_copy) / 3, rtol=1e-4, atol=1e-6)
 
 
+def test_baseline_augmented_example_moves_the_noisy_step_by_at_most_c():
+    """Sensitivity replay of the augmented DP-SGD step: one example with its A = 4 copies changes the
+    noisy gradient by at most C / expected batch, not A * C (the copies are one example, clipped once)."""
+    import torch
+
+    from dpdm.baseline import _augmented_loss_fn, augmented_copies
+    from dpdm.classifiers import CNN
+    from dpdm.engine import private_grad
+
+    torch.manual_seed(0)
+    model = CNN(1, 8, 10, dropout=0.0, group_norm=True).double()
+    x, y = torch.randn(9, 1, 8, 8, dtype=torch.float64) * 5, torch.arange(9) % 10
+    copies = augmented_copies(x, 1, 4, torch.Generator().manual_seed(0))
+    C, E = 1e-3, 6.0   # a clip norm far below every example's gradient: each one is clipped to exactly C
+
+    def step(idx):
+        g = private_grad(model, _augmented_loss_fn, copies[idx], y[idx], clip_norm=C, noise_multiplier=1.0,
+                         expected_batch_size=E, generator=torch.Generator().manual_seed(7))
+        return torch.cat([v.reshape(-1) for v in g.values()])
+
+    base = step(list(range(8)))
+    moved = float(torch.linalg.vector_norm(E * (step(list(range(9))) - base)))
+    assert moved == pytest.approx(C, rel=1e-6)
+
+
 def test_baseline_augment_shift(digit_files, tmp_path, capsys):
     path = _plan(tmp_path, 600, f"npz:{digit_files['train']}", steps=3)
     common = ("baseline", "dp-classifier", "--plan", str(path), "--test-dataset", f"npz:{digit_files['test']}",
