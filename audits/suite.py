@@ -126,6 +126,7 @@ def run_audit(
     import accounting
     from dpdm.data import PoissonSampler
     from dpdm.datasets import load_dataset
+
     if not (0 < significance < 1):
         raise ValueError(f"significance={significance!r} must be in (0, 1)")
     t_start = time.perf_counter()
