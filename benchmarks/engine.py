@@ -7,6 +7,7 @@ Variants (each in its own subprocess, so peak memory is the process's own high-w
   opacus      opacus GradSampleModule (hooks) over the B*K rows (each example repeated K times, as
               DPDM's code does), grad_sample.mean over K, flat clipping, sum, noise
   vmap        (reference, not run by default) the engine with plain vmap(grad), no per-layer rules
+              (`dpdm train --grad-engine vmap`)
 
 Reports ms/step (min and median over repeats; wall clock and process CPU time, the latter being
 less sensitive to other load on a shared machine), examples/s, the peak-memory increase over the
@@ -81,19 +82,10 @@ def _step_fn(variant: str, D, loss, batch, K: int, chunk_size):
 
     if variant in ("dpdm", "vmap"):
         loss_fn = engine_loss_fn(loss)
-        if variant == "dpdm":
-            def step():
-                return engine.private_grad(D, loss_fn, x, y, sigma, noise, clip_norm=clip_norm,
-                                           noise_multiplier=noise_multiplier, expected_batch_size=B,
-                                           generator=gen, chunk_size=chunk_size)
-            return step
-
-        def step():   # the same mechanism on plain vmap(grad) (no per-layer rules)
-            total = {n: torch.zeros_like(p) for n, p in D.named_parameters()}
-            grads, _ = engine._per_example(D, loss_fn, (x, y, sigma, noise), None, rules=False)
-            engine._clip_and_sum(grads, clip_norm, total)
-            return engine.add_noise(total, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
-                                    expected_batch_size=B, generator=gen)
+        def step():   # vmap: the same mechanism on plain vmap(grad) (`dpdm train --grad-engine vmap`)
+            return engine.private_grad(D, loss_fn, x, y, sigma, noise, clip_norm=clip_norm,
+                                       noise_multiplier=noise_multiplier, expected_batch_size=B,
+                                       generator=gen, chunk_size=chunk_size, per_layer_rules=variant == "dpdm")
         return step
 
     if variant == "opacus":
