@@ -272,21 +272,27 @@ def _check_clipping(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> Check
     )
 
 
-def _check_sensitivity(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> CheckResult:
-    C, E = p.clip_norm, call.expected
+def _neighbour_changes(call: _Caller, p: _Problem, loop: list[np.ndarray], seed: int):
+    """E * (step(D + e) - step(D)) with the same randomness, for the 6 examples e with the largest
+    gradients (the hardest cases), |D| from 32 to 37 (chunk boundaries move), chunk_size None and 16."""
     n = p.x.shape[0]
     raw = np.array([np.linalg.norm(v) for v in loop])
-    extras = [int(i) for i in np.argsort(-raw)[:6]]  # the largest gradients are the hardest case
-    worst = 0.0
-    cases = 0
+    extras = [int(i) for i in np.argsort(-raw)[:6]]
     for chunk in (None, 16):
         for j, e in enumerate(extras):
-            rest = [i for i in range(n) if i != e]
-            base = [i for i in rest[: 32 + j]]  # |D| from 32 to 37: chunk boundaries move
-            d1 = call(base, 100 + j, chunk_size=chunk)
-            d2 = call(base + [e], 100 + j, chunk_size=chunk)
-            worst = max(worst, float(np.linalg.norm(E * (d2 - d1)) / C))
-            cases += 1
+            base = [i for i in range(n) if i != e][: 32 + j]
+            d1 = call(base, seed + j, chunk_size=chunk)
+            d2 = call(base + [e], seed + j, chunk_size=chunk)
+            yield call.expected * (d2 - d1)
+
+
+def _check_sensitivity(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> CheckResult:
+    C = p.clip_norm
+    worst = 0.0
+    cases = 0
+    for diff in _neighbour_changes(call, p, loop, 100):
+        worst = max(worst, float(np.linalg.norm(diff) / C))
+        cases += 1
     return CheckResult(
         "sensitivity_replay",
         worst <= 1 + _REL_TOL,
@@ -378,25 +384,17 @@ def _top_directions(p: _Problem, loop: list[np.ndarray], dim: int) -> np.ndarray
 def _check_subspace_replays(calls: dict[float, _Caller], p: _Problem, loop: list[np.ndarray],
                             Q: np.ndarray) -> tuple[CheckResult, CheckResult]:
     C = p.clip_norm
-    n = p.x.shape[0]
-    raw = np.array([np.linalg.norm(v) for v in loop])
-    extras = [int(i) for i in np.argsort(-raw)[:6]]
     worst_out = worst_sens = 0.0
     smallest_in = math.inf
     cases = 0
-    for scale, call in calls.items():
-        for chunk in (None, 16):
-            for j, e in enumerate(extras):
-                rest = [i for i in range(n) if i != e]
-                base = rest[: 32 + j]
-                with_e = call(base + [e], 200 + j, chunk_size=chunk)
-                diff = call.expected * (with_e - call(base, 200 + j, chunk_size=chunk))
-                inside = Q @ (Q.T @ diff)
-                norm = float(np.linalg.norm(diff))
-                worst_out = max(worst_out, float(np.linalg.norm(diff - inside)) / max(norm, 1e-300))
-                smallest_in = min(smallest_in, float(np.linalg.norm(inside)) / C)
-                worst_sens = max(worst_sens, norm / C)
-                cases += 1
+    for call in calls.values():
+        for diff in _neighbour_changes(call, p, loop, 200):
+            inside = Q @ (Q.T @ diff)
+            norm = float(np.linalg.norm(diff))
+            worst_out = max(worst_out, float(np.linalg.norm(diff - inside)) / max(norm, 1e-300))
+            smallest_in = min(smallest_in, float(np.linalg.norm(inside)) / C)
+            worst_sens = max(worst_sens, norm / C)
+            cases += 1
     span = CheckResult(
         "subspace_signal_in_noise_span",
         worst_out <= _REL_TOL and smallest_in > 1e-3,

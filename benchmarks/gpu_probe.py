@@ -58,6 +58,23 @@ def time_steps(doc: accounting.PlanDocument, data, run_dir: Path, *, model: str,
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
+def with_peak_gib(device: str, fn):
+    """(fn(), the peak GPU memory in GiB allocated while it ran; None off cuda)."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    return out, (torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+
+
+def _linear(points: dict[int, float], k: int) -> float:
+    """The line through the two smallest-K points, at k."""
+    (k0, v0), (k1, v1) = sorted(points.items())[:2]
+    return v0 + (v1 - v0) * (k - k0) / (k1 - k0)
+
+
 def public_private_plan(public: str, size: int, *, batch_size: int, steps: int, noise_multiplicity: int,
                         clip_norm: float) -> accounting.PlanDocument:
     """A throwaway private plan on the PUBLIC data, for timing private steps without the private images."""
@@ -81,8 +98,7 @@ def choose(*, seconds: float, eval_reserve: float, public_s: float, private_s: d
         return max(1, math.ceil(round(epochs * size / batch, 9)))
 
     def per_k(k: int) -> float:   # seconds per private step at k draws (linear between/beyond the probes)
-        (k0, t0), (k1, t1) = sorted(private_s.items())[:2]
-        return max(t0, t0 + (t1 - t0) * (k - k0) / (k1 - k0))
+        return max(private_s[min(private_s)], _linear(private_s, k))
 
     avail = seconds - eval_reserve - n * sample_s
     # As many private steps as fit beside the fewest public ones, between min_epochs and max_epochs.
@@ -93,10 +109,7 @@ def choose(*, seconds: float, eval_reserve: float, public_s: float, private_s: d
     public = int(min(max_public, max(min_public, left // public_s)))
     left -= public * public_s
     def fits_memory(k: int) -> bool:
-        if not private_gib or not memory_gib:
-            return True
-        (k0, m0), (k1, m1) = sorted(private_gib.items())[:2]
-        return m0 + (m1 - m0) * (k - k0) / (k1 - k0) <= memory_share * memory_gib
+        return not private_gib or not memory_gib or _linear(private_gib, k) <= memory_share * memory_gib
 
     k = K
     for bigger in (2 * K, 4 * K):
@@ -158,22 +171,20 @@ def main() -> None:
         print(f"sampling: {1 / timings['sample_s_per_image']:.0f} images/s (first batch's warm-up included)",
               file=sys.stderr)
         private_s, private_gib = {}, {}
-        cuda = args.device.startswith("cuda")
         for k in (args.K, 2 * args.K):
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
             doc = public_private_plan(args.public, len(public), batch_size=args.batch_size, steps=8,
                                       noise_multiplicity=k, clip_norm=args.clip_norm)
-            private_s[k] = time_steps(doc, public, tmp / f"private{k}",
-                                      model=args.model, private=True, device=args.device, precision="fp32",
-                                      physical_batch=args.physical_batch, grad_engine=args.grad_engine)
-            if cuda:
-                private_gib[k] = torch.cuda.max_memory_allocated() / 2**30
+            private_s[k], peak = with_peak_gib(args.device, lambda: time_steps(
+                doc, public, tmp / f"private{k}", model=args.model, private=True, device=args.device,
+                precision="fp32", physical_batch=args.physical_batch, grad_engine=args.grad_engine))
+            if peak is not None:
+                private_gib[k] = peak
             print(f"private step (expected batch {args.batch_size}, K {k}, {args.grad_engine}): {private_s[k]:.3f} s"
-                  + (f", peak {private_gib[k]:.1f} GiB" if cuda else ""), file=sys.stderr)
+                  + (f", peak {peak:.1f} GiB" if peak is not None else ""), file=sys.stderr)
         timings["private_step_s"] = {str(k): v for k, v in private_s.items()}
         timings["private_peak_gib"] = {str(k): round(v, 2) for k, v in private_gib.items()}
-        memory_gib = torch.cuda.get_device_properties(args.device).total_memory / 2**30 if cuda else None
+        memory_gib = (torch.cuda.get_device_properties(args.device).total_memory / 2**30 if private_gib
+                      else None)
     timings["probe_seconds"] = round(time.perf_counter() - t_start, 1)
     choice = choose(seconds=args.seconds - timings["probe_seconds"], eval_reserve=args.eval_reserve,
                     public_s=timings["public_step_s"], private_s=private_s,

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_probe import public_private_plan, time_steps  # noqa: E402
+from gpu_probe import public_private_plan, time_steps, with_peak_gib  # noqa: E402
 
 
 def _failed(row: dict, e: Exception) -> dict:
@@ -47,20 +47,18 @@ def _failed(row: dict, e: Exception) -> dict:
 def time_step(data, name: str, model: str, physical: int, k: int, *, expected_batch: int, steps: int,
               device: str) -> dict:
     """Median seconds per private step (and peak GPU memory) of one configuration, on public data."""
-    import torch
-
     row = {"model": model, "physical_batch": physical, "K": k, "expected_batch": expected_batch}
     t0 = time.perf_counter()
     try:
         doc = public_private_plan(name, len(data), batch_size=expected_batch, steps=steps, noise_multiplicity=k,
                                   clip_norm=0.1)
         with tempfile.TemporaryDirectory() as tmp:
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            row["step_s"] = round(time_steps(doc, data, Path(tmp) / "run", model=model, private=True, device=device,
-                                             precision="fp32", physical_batch=physical), 4)
-            if torch.cuda.is_available():
-                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            step_s, peak = with_peak_gib(device, lambda: time_steps(
+                doc, data, Path(tmp) / "run", model=model, private=True, device=device, precision="fp32",
+                physical_batch=physical))
+        row["step_s"] = round(step_s, 4)
+        if peak is not None:
+            row["peak_gib"] = round(peak, 2)
     except Exception as e:   # one failing configuration must not cost the others
         _failed(row, e)
     row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -88,18 +86,22 @@ def time_chunk(model: str, n: int, k: int, mode: str, *, device: str, repeats: i
         sigma, noise = loss.draw(n, k, (1, 28, 28), generator=g, device=device)
         batch, fn = (x, y, sigma, noise), engine_loss_fn(loss)
         cuda = torch.device(device).type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        engine._per_example(D, fn, batch, None, rules=mode == "rules")
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            engine._per_example(D, fn, batch, None, rules=mode == "rules")
-        if cuda:
-            torch.cuda.synchronize()
-            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        row["chunk_s"] = round((time.perf_counter() - t0) / repeats, 4)
+
+        def timed() -> float:   # one warm-up, then the mean of `repeats`
+            engine.per_sample_grads(D, fn, *batch, per_layer_rules=mode == "rules")
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                engine.per_sample_grads(D, fn, *batch, per_layer_rules=mode == "rules")
+            if cuda:
+                torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / repeats
+
+        chunk_s, peak = with_peak_gib(device, timed)
+        row["chunk_s"] = round(chunk_s, 4)
+        if peak is not None:
+            row["peak_gib"] = round(peak, 2)
     except Exception as e:   # one failing configuration must not cost the others
         _failed(row, e)
     return row

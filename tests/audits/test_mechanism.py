@@ -166,7 +166,7 @@ def test_check_arguments_are_validated():
 
 def _subspace_mutant(kind):
     """`make_private_grad(basis)` for a broken subspace step, built from the engine's own pieces."""
-    from dpdm.engine import add_noise_in_subspace, clipped_grad_sum, flatten_grads
+    from dpdm.engine import _unflatten_like, add_noise_in_subspace, clipped_grad_sum, flatten_grads
 
     def make(basis):
         def step(model, loss_fn, *batch, clip_norm, noise_multiplier, expected_batch_size, generator=None,
@@ -176,11 +176,7 @@ def _subspace_mutant(kind):
                 flat = flatten_grads(G)
                 z = torch.randn(basis.shape[1], generator=generator, dtype=flat.dtype)
                 out = basis @ (basis.T @ flat + noise_multiplier * clip_norm * z) / expected_batch_size
-                at, res = 0, {}
-                for k, v in G.items():
-                    res[k] = out[at:at + v.numel()].reshape(v.shape)
-                    at += v.numel()
-                return res
+                return _unflatten_like(out, G)
             noisy = add_noise_in_subspace(G, basis, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                                           expected_batch_size=expected_batch_size, generator=generator)
             if kind == "leak":             # the part of the sum outside the subspace passes unnoised
