@@ -21,7 +21,11 @@
 #
 # Each quality.py rewrites its JSON ($OUT/quality.json, $OUT/baseline.json) after each part, so a run cut
 # short by the budget still brings back what it measured; the logs, the probe's figures, the private
-# run's metrics.csv and the sample grid come back too (8 files, the device tool's limit). Everything is a
+# run's metrics.csv, the sample grid and the generator's release file (model.pt, `dpdm export`: its EMA
+# weights and ledger, 7 MB, so that samplers and guidance can be compared later on a CPU) come back too
+# (8 files, the device tool's limit; the probe's JSON stays in WORK, its figures are in probe.log). Each run
+# works in a fresh WORK folder: a machine kept warm between calls still holds the last call's runs, and a
+# run folder locked to another plan is refused. Everything is a
 # variable, for the time left and for a CPU dry run (DEVICE=cpu MODEL=small PUBLIC_STEPS=4 PUBLIC_BATCH=16
 # EPOCHS=0.5 BATCH=64 PHYSICAL=64 N=20 PRECISION=fp32 BUDGET_S=900 SKIP_INSTALL=1 PYTHON=.venv/bin/python
 # OUT=/tmp/out bash benchmarks/gpu_run.sh run). The defaults are stop 21's best CPU recipe (digits28-aug
@@ -75,13 +79,13 @@ run)
     PRECISION=${PRECISION:-bf16}
     GRAD_ENGINE=${GRAD_ENGINE:-auto}   # rules | vmap (plain vmap(grad): less Python per chunk, more memory) |
                                        # auto: time one chunk of PHYSICAL x K both ways first and take the faster
-    WORK=${WORK:-/tmp/dpdm_gpu_run}
+    WORK=${WORK:-$(mktemp -d /tmp/dpdm_gpu_run.XXXXXX)}   # fresh for each call (see the header)
     if [ -z "${SKIP_INSTALL:-}" ]; then
         ls .whl/*.whl >/dev/null || { echo "no .whl/*.whl: run 'bash benchmarks/gpu_run.sh fetch' here first" >&2; exit 2; }
         "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
-    export PYTHONUNBUFFERED=1 DPDM_CACHE=${DPDM_CACHE:-$WORK/cache}
+    export PYTHONUNBUFFERED=1 DPDM_CACHE=${DPDM_CACHE:-/tmp/dpdm_gpu_cache}   # the FD's reference network: kept between calls
     mkdir -p "$OUT" "$WORK"
     SECONDS=0
     "$PYTHON" - <<'PY' 2>&1 | tee "$OUT/probe.log"
@@ -110,7 +114,7 @@ accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, no
         --public-batch "$PUBLIC_BATCH" --public-K "$public_k" --batch-size "$BATCH" --physical-batch "$PHYSICAL" --K "$K" --clip-norm "$CLIP" --precision "$PRECISION" \
         --grad-engine "$GRAD_ENGINE" --n "$N" --seconds $((BUDGET_S - SECONDS - 15)) --eval-reserve "$EVAL_RESERVE" --margin "$MARGIN" \
         --max-public-steps "$PUBLIC_STEPS" --min-public-steps "$MIN_PUBLIC_STEPS" --max-epochs "$EPOCHS" \
-        --min-epochs "$MIN_EPOCHS" --plan-out "$WORK/plan.json" --json "$OUT/probe.json" 2>>"$OUT/probe.log" | tail -n 1) \
+        --min-epochs "$MIN_EPOCHS" --plan-out "$WORK/plan.json" --json "$WORK/probe.json" 2>>"$OUT/probe.log" | tail -n 1) \
         || { tail -n 30 "$OUT/probe.log"; exit 3; }
     fi
     echo "probe: $choice after ${SECONDS} s" | tee -a "$OUT/probe.log"
@@ -131,6 +135,11 @@ accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, no
     wait "$side" || side_rc=$?
     [ -f "$WORK/samples.png" ] && cp "$WORK/samples.png" "$OUT/grid.png"
     [ -f "$WORK/run/metrics.csv" ] && cp "$WORK/run/metrics.csv" "$OUT/metrics.csv"
+    if [ -f "$WORK/run/checkpoint.pt" ]; then
+        "$PYTHON" -c "import sys; from dpdm.export import export_model
+r = export_model(sys.argv[1], sys.argv[2]); print('model.pt:', r['weights'], 'weights,', r['steps_done'], 'steps, sha256', r['sha256'])" \
+            "$WORK/run/checkpoint.pt" "$OUT/model.pt" || echo "could not export $WORK/run/checkpoint.pt"
+    fi
     [ "$rc" = 124 ] && echo "quality.py stopped after ${left} s; $OUT/quality.json holds the parts it finished"
     echo "quality.py rc=$rc, baseline rc=$side_rc, ${SECONDS} s in all"
     # Progress bars redraw with \r: keep only the lines that are not bars.
