@@ -234,7 +234,7 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                     ema_powers: tuple[float, ...] = EMA_POWERS, private: bool = True, device: str = "cpu",
                     seed: int = 0, init_from: str | Path | None = None,
                     physical_batch: int | None = None, trainable: tuple[str, ...] | None = None,
-                    precision: str = "fp32", grad_engine: str = "rules") -> dict:
+                    precision: str = "fp32", grad_engine: str = "auto") -> dict:
     """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run).
     precision "bf16" applies to --no-dp runs (private=False) only, as `dpdm train --precision`."""
     from dpdm.datasets import load_dataset
@@ -259,13 +259,13 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                                 train_sigma=train_sigma, ema_powers=tuple(ema_powers), private=private,
                                 device=device, seed=seed, checkpoint_every=50, log_every=10,
                                 physical_batch=physical_batch, trainable=trainable, precision=precision,
-                                per_layer_rules=grad_engine == "rules",
+                                per_layer_rules={"auto": None, "rules": True, "vmap": False}[grad_engine],
                                 init_from=None if init_from is None or ck.exists() else str(init_from)),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
     return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
             "ema_decay": ema_decay, "ema_powers": list(ema_powers), "train_sigma": train_sigma,
             "trainable": None if trainable is None else list(trainable), "precision": precision,
-            "grad_engine": grad_engine if private else None, "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sampler_steps: int = SAMPLER_STEPS,
@@ -292,7 +292,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         sigma_min: float | None = SIGMA_MIN, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
         ema_powers: tuple[float, ...] = EMA_POWERS, weights: str = WEIGHTS, private: bool = True,
         public: str | None = None, public_steps: int = PUBLIC_STEPS, public_batch: int = PUBLIC_BATCH,
-        physical_batch: int | None = None, grad_engine: str = "rules",
+        physical_batch: int | None = None, grad_engine: str = "auto",
         trainable: tuple[str, ...] | None = None, precision: str = "fp32", augment_shift: int = 0,
         augment_multiplicity: int = 1, public_noise_multiplicity: int | None = None, baseline: bool = True,
         baseline_only: bool = False, on_part=None) -> dict:
@@ -424,7 +424,7 @@ def main() -> None:
     ap.add_argument("--public-steps", type=int, default=PUBLIC_STEPS, help="generator steps on the public data")
     ap.add_argument("--physical-batch", type=int, default=None,
                     help="generator examples per chunk (memory knob; noise is still added once per step)")
-    ap.add_argument("--grad-engine", default="rules", choices=("rules", "vmap"),
+    ap.add_argument("--grad-engine", default="auto", choices=("auto", "rules", "vmap"),
                     help="per-example gradients of the private run, as `dpdm train --grad-engine`")
     ap.add_argument("--trainable", default=None, metavar="PATTERNS",
                     help="fine-tune only these parameters (comma-separated fnmatch patterns; see dpdm train --help)")

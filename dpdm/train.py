@@ -20,7 +20,7 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,8 +66,10 @@ class TrainConfig:
     train_sigma: tuple[float, float] | None = None  # v only: noise levels trained on, (min, max); None:
                                          # VLoss's log-SNR range [-9, 13] (sigma 0.0015 to 90)
     physical_batch: int | None = None    # examples per vmap chunk (memory knob)
-    per_layer_rules: bool = True         # the engine's hand-written vmap rules for conv2d, group_norm and
-                                         # silu (False: plain vmap(grad); same numbers; speed knob)
+    per_layer_rules: bool | None = True  # the engine's hand-written vmap rules for conv2d, group_norm and
+                                         # silu (False: plain vmap(grad); same numbers; speed knob). None
+                                         # (--grad-engine auto): the rules on a CPU; on a GPU, the faster of
+                                         # the two on one chunk of random inputs (`choose_grad_engine`)
     checkpoint_every: int = 100          # steps between checkpoints (and at the end)
     log_every: int = 10                  # steps between metrics rows
     seed: int | None = None              # batches, diffusion and DP noise derive from it; None: a secret
@@ -528,6 +530,22 @@ def train(
     # where it is recomputed (subspace_every divides checkpoint_every), so a resume computes it afresh.
     subspace = None
 
+    if config.precond == "v":
+        loss_obj = VLoss() if config.train_sigma is None else VLoss.from_sigma_range(*config.train_sigma)
+    else:
+        loss_obj = EDMLoss(sigma_data=run_config["sigma_data"])
+    conditional = num_classes > 0 and y is not None
+    loss_fn = engine_loss_fn(loss_obj, conditional=conditional)
+    K = plan.noise_multiplicity
+    if config.per_layer_rules is None:   # --grad-engine auto: decided afresh on each start (a speed knob)
+        run_config["grad_engine"] = choose_grad_engine(
+            D, loss_fn, loss_obj, shape=tuple(x.shape[1:]), num_classes=num_classes if conditional else 0, K=K,
+            chunk=min(config.physical_batch or plan.batch_size, plan.batch_size), device=device,
+            private=config.private, dist=dist)
+        config = replace(config, per_layer_rules=run_config["grad_engine"]["engine"] == "rules")
+    else:
+        run_config["grad_engine"] = {"engine": "rules" if config.per_layer_rules else "vmap", "auto": False}
+
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "plan.json", plan_doc.to_dict())
@@ -535,14 +553,7 @@ def train(
                   "private": config.private}
         _write_json(out / "config.json", public)
 
-    if config.precond == "v":
-        loss_obj = VLoss() if config.train_sigma is None else VLoss.from_sigma_range(*config.train_sigma)
-    else:
-        loss_obj = EDMLoss(sigma_data=run_config["sigma_data"])
-    conditional = num_classes > 0 and y is not None
-    loss_fn = engine_loss_fn(loss_obj, conditional=conditional)
     sampler = PoissonSampler(plan.dataset_size if config.private else n, plan.sample_rate, seed=seed)
-    K = plan.noise_multiplicity
     x_dev = x.to(device)
     y_dev = y.to(device) if conditional else None
     params = {name: p for name, p in D.named_parameters() if p.requires_grad}  # what --trainable left
@@ -683,7 +694,90 @@ def train(
         "private": config.private,
         "checkpoint": str(ckpt_path),
         "init": run_config.get("init"),
+        "grad_engine": run_config["grad_engine"]["engine"] if config.private else None,
     }
+
+
+# --grad-engine auto: plain vmap is taken only where it is this much faster than the rules on the timed
+# chunk, and its peak memory stays within this share of the GPU's (a Poisson batch, when not chunked,
+# can exceed the expected size by a few standard deviations).
+AUTO_MIN_GAIN = 0.05
+AUTO_MEMORY_SHARE = 0.8
+
+
+def pick_grad_engine(seconds: dict[str, float | None], peak_gib: dict[str, float | None],
+                     memory_gib: float | None) -> str:
+    """"rules" or "vmap" from one chunk timed each way (None: that engine failed, e.g. out of memory).
+
+    Plain vmap only where it ran, is at least AUTO_MIN_GAIN faster than the rules (or the rules failed),
+    and its peak stays within AUTO_MEMORY_SHARE of the device's memory. On an H200 (mnist preset, chunks
+    of 1024, K 2): rules 0.70 s and 19.2 GiB, plain vmap 0.42 s and 62.8 GiB: vmap."""
+    plain, rules = seconds.get("vmap"), seconds.get("rules")
+    if plain is None:
+        return "rules"
+    if rules is not None and plain >= (1 - AUTO_MIN_GAIN) * rules:
+        return "rules"
+    peak = peak_gib.get("vmap")
+    if memory_gib is not None and peak is not None and peak > AUTO_MEMORY_SHARE * memory_gib:
+        return "rules"
+    return "vmap"
+
+
+def time_grad_engines(D, loss_fn, loss_obj, *, shape: tuple[int, ...], num_classes: int, K: int, chunk: int,
+                      device: torch.device, repeats: int = 2) -> dict[str, Any]:
+    """Seconds (best of `repeats`, after a warm-up) and peak GPU memory of one chunk of `chunk` examples'
+    clipped gradient sum with the engine's rules and with plain vmap. The inputs are random images of the
+    data's shape (and random labels): no private data is touched, so the choice costs no privacy.
+    An engine that runs out of memory gets None."""
+    g = _generator(0, device)
+    batch = [torch.rand((chunk, *shape), generator=g, device=device) * 2 - 1]
+    if num_classes:
+        batch.append(torch.randint(0, num_classes, (chunk,), generator=g, device=device))
+    sigma, noise = loss_obj.draw(chunk, K, shape, generator=g, device=device)
+    batch += [sigma, noise]
+    cuda = device.type == "cuda"
+    seconds: dict[str, float | None] = {}
+    peak_gib: dict[str, float | None] = {}
+    for name in ("rules", "vmap"):
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        try:
+            for _ in range(1 + repeats):
+                t0 = time.perf_counter()
+                out = clipped_grad_sum(D, loss_fn, *batch, clip_norm=1.0, chunk_size=chunk,
+                                       per_layer_rules=name == "rules")
+                if cuda:
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+                del out
+            seconds[name] = round(min(times[1:]), 4)
+        except torch.cuda.OutOfMemoryError:
+            seconds[name] = None
+        peak_gib[name] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"chunk": chunk, "K": K, "seconds": seconds, "peak_gib": peak_gib}
+
+
+def choose_grad_engine(D, loss_fn, loss_obj, *, shape: tuple[int, ...], num_classes: int, K: int, chunk: int,
+                       device: torch.device, private: bool, dist: "_Dist") -> dict[str, Any]:
+    """--grad-engine auto. On a CPU (and for --no-dp runs, which use no per-example engine) the rules,
+    untimed: they were faster there at the sizes dpdm trains at (benchmarks/engine.py, README). On a GPU,
+    `time_grad_engines` then `pick_grad_engine`; rank 0's choice holds on every rank."""
+    if not private or device.type != "cuda":
+        return {"engine": "rules", "auto": True, "timed": None}
+    timed = time_grad_engines(D, loss_fn, loss_obj, shape=shape, num_classes=num_classes, K=K, chunk=chunk,
+                              device=device)
+    memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    engine = pick_grad_engine(timed["seconds"], timed["peak_gib"], memory_gib)
+    engine = ("rules", "vmap")[dist.broadcast_int(("rules", "vmap").index(engine))]
+    info = (f"grad engine (auto): {engine}; one chunk of {chunk} x K {K}: rules {timed['seconds']['rules']} s, "
+            f"plain vmap {timed['seconds']['vmap']} s (peak {timed['peak_gib']['vmap']} GiB of {memory_gib:.0f})")
+    if dist.is_main:
+        print(f"dpdm: {info}", file=sys.stderr)
+    return {"engine": engine, "auto": True, "timed": timed}
 
 
 def distributed_private_grad(

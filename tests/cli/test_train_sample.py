@@ -189,15 +189,19 @@ def test_public_subspace_flags(tiny, capsys):
 
 def test_grad_engine_flag_trains_the_same_model(tiny, capsys):
     d = tiny
-    for engine in ("rules", "vmap"):
+    for engine, flag in (("rules", True), ("vmap", False), ("auto", None)):
         code, _, err = run_cli(_train_args(d, d / engine, "--grad-engine", engine, "--seed", 3), capsys)
         assert code == 0, err
-        assert json.loads((d / engine / "config.json").read_text())["train"]["per_layer_rules"] is (engine == "rules")
+        config = json.loads((d / engine / "config.json").read_text())
+        assert config["train"]["per_layer_rules"] is flag
+        assert config["grad_engine"]["engine"] == ("vmap" if engine == "vmap" else "rules")   # auto: rules on a CPU
+    auto = ckpt.load_checkpoint(d / "auto" / "checkpoint.pt")["model"]
     a = ckpt.load_checkpoint(d / "rules" / "checkpoint.pt")["model"]
     b = ckpt.load_checkpoint(d / "vmap" / "checkpoint.pt")["model"]
     assert a.keys() == b.keys()
     for k in a:   # float32, 4 Adam steps: rounding differences only
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(auto[k], a[k], rtol=0, atol=0)
     code, _, err = run_cli(_train_args(d, d / "x", "--grad-engine", "plain"), capsys)
     assert code == 2 and "--grad-engine" in err
 

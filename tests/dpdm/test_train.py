@@ -553,3 +553,81 @@ def test_a_plan_document_whose_epsilon_does_not_recompute_is_refused(tmp_path):
     # --no-dp runs keep no budget: their plan only schedules the steps.
     assert train(forged, x, y, c, tmp_path / "nodp", TrainConfig(**CFG, private=False),
                  progress=False)["steps_done"] == 2
+
+
+def test_pick_grad_engine_takes_plain_vmap_only_where_it_is_faster_and_fits():
+    from dpdm.train import pick_grad_engine
+
+    h200 = 139.8   # GiB; the H200 figures of stop 27 (mnist preset, chunks of 1024, K 2)
+    assert pick_grad_engine({"rules": 0.7049, "vmap": 0.4162}, {"rules": 19.21, "vmap": 62.77}, h200) == "vmap"
+    assert pick_grad_engine({"rules": 1.0, "vmap": 0.97}, {"vmap": 1.0}, h200) == "rules"     # under 5% faster
+    assert pick_grad_engine({"rules": 1.0, "vmap": None}, {"vmap": 139.0}, h200) == "rules"   # out of memory
+    assert pick_grad_engine({"rules": 1.0, "vmap": 0.5}, {"vmap": 118.9}, h200) == "rules"    # over 80% of memory
+    assert pick_grad_engine({"rules": None, "vmap": 0.5}, {"vmap": 60.0}, h200) == "vmap"     # the rules failed
+    assert pick_grad_engine({"rules": 1.0, "vmap": 0.5}, {"vmap": None}, None) == "vmap"      # memory unknown
+
+
+def test_grad_engine_auto_is_the_rules_on_a_cpu_untimed(tmp_path, monkeypatch):
+    """--grad-engine auto on a CPU trains exactly as the rules do, without timing either engine, and
+    records what it chose; the run's config keeps the user's choice (auto: per_layer_rules None)."""
+    import dpdm.train as train_mod
+
+    def no_timing(*a, **k):
+        raise AssertionError("timed on a CPU")
+
+    monkeypatch.setattr(train_mod, "time_grad_engines", no_timing)
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    auto = train(doc, x, y, c, tmp_path / "auto", TrainConfig(**CFG, per_layer_rules=None), progress=False)
+    rules = train(doc, x, y, c, tmp_path / "rules", TrainConfig(**CFG), progress=False)
+    assert auto["grad_engine"] == rules["grad_engine"] == "rules"
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert config["train"]["per_layer_rules"] is None
+    assert config["grad_engine"] == {"engine": "rules", "auto": True, "timed": None}
+    assert json.loads((tmp_path / "rules" / "config.json").read_text())["grad_engine"] == {"engine": "rules",
+                                                                                         "auto": False}
+    for k, v in params_of(tmp_path / "rules").items():
+        torch.testing.assert_close(params_of(tmp_path / "auto")[k], v, atol=0, rtol=0)
+    nodp = train(doc, x, y, c, tmp_path / "nodp", TrainConfig(**CFG, per_layer_rules=None, private=False),
+                 progress=False)
+    assert nodp["grad_engine"] is None
+
+
+def test_grad_engine_auto_on_a_gpu_follows_the_timing(monkeypatch, capsys):
+    """On cuda, `choose_grad_engine` times both engines (on random inputs, no data passed in) and
+    takes pick_grad_engine's answer, with one line on stderr saying why."""
+    import dpdm.train as train_mod
+
+    rows = {"vmap": {"rules": 0.7049, "vmap": 0.4162}, "rules": {"rules": 0.7049, "vmap": None}}
+    for want, seconds in rows.items():
+        calls = []
+
+        def fake_timing(D, loss_fn, loss_obj, **kw):
+            calls.append(kw)
+            return {"chunk": kw["chunk"], "K": kw["K"], "seconds": seconds,
+                    "peak_gib": {"rules": 19.21, "vmap": 62.77 if seconds["vmap"] else 139.0}}
+
+        class Props:
+            total_memory = 139.8 * 2**30
+
+        monkeypatch.setattr(train_mod, "time_grad_engines", fake_timing)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+        got = train_mod.choose_grad_engine(None, None, None, shape=(1, 28, 28), num_classes=10, K=2, chunk=1024,
+                                           device=torch.device("cuda"), private=True, dist=train_mod._Dist())
+        assert got["engine"] == want and got["timed"]["seconds"] == seconds and len(calls) == 1
+        assert calls[0]["chunk"] == 1024 and calls[0]["K"] == 2
+        assert f"grad engine (auto): {want}" in capsys.readouterr().err
+
+
+def test_time_grad_engines_runs_both_engines_on_random_inputs():
+    from dpdm.loss import VLoss, engine_loss_fn
+    from dpdm.train import build_denoiser, time_grad_engines
+
+    D = build_denoiser({"model": "small", "precond": "v", "sigma_data": 0.5, "img_resolution": 8,
+                        "img_channels": 1, "num_classes": 3})
+    loss_obj = VLoss()
+    got = time_grad_engines(D, engine_loss_fn(loss_obj, conditional=True), loss_obj, shape=(1, 8, 8),
+                            num_classes=3, K=2, chunk=4, device=torch.device("cpu"), repeats=1)
+    assert got["chunk"] == 4 and got["K"] == 2
+    assert all(s is not None and s > 0 for s in got["seconds"].values()) and set(got["seconds"]) == {"rules", "vmap"}
+    assert got["peak_gib"] == {"rules": None, "vmap": None}
