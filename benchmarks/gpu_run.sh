@@ -38,6 +38,13 @@
 # against a DP-SGD CNN of 98.1%, 366 s in all. The other candidate it measured: the small preset costs
 # 0.75 s a private step at K 8 against 0.70 s at K 2 there, and grad_signal.py found the signal per step
 # growing about as K^0.25 (K 8: 1.33x K 2), which on the CPU cost 4x. `MODEL=small K=8 ... run` tries it.
+# Stop 27 ran the whole 60-epoch plan twice (issue 4's note; the plan's 235 private steps, eps 9.998):
+# `MARGIN=1.1 ... run` chose plain vmap (0.42 s a chunk of 1024 x K 2 against 0.70 s with the rules), 500
+# public steps and K 2: synthetic CNN 96.1%, public-initialised 97.4%, DP-SGD CNN 98.1%, 361 s of the 550;
+# with PUBLIC_STEPS=900 (PROBE=0) 96.3%, 97.5% and 98.2%. The probe then over-estimated the steps (it
+# now takes the median of the later steps), and refused K 4, which fits neither its time estimate nor,
+# at 118.9 GiB measured, 85% of the memory. The next candidate: PROBE=0 K=4 GRAD_ENGINE=vmap
+# PUBLIC_STEPS=900 (K 4: 1.03 s a private step there, so about 450 s in all).
 # 0. (GRAD_ENGINE=auto, the default) times one chunk of PHYSICAL x K with the engine's rules and with plain
 # vmap(grad) (`dpdm train --grad-engine vmap`: less Python per chunk, more memory) and trains with the faster,
 # rules unless plain is 5% faster; GRAD_ENGINE=rules or vmap skips it.
