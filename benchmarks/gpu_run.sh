@@ -106,9 +106,9 @@ PY
     if [ "$GRAD_ENGINE" = auto ]; then   # 0. rules or plain vmap: one chunk each (a warm-up and 3 timed)
         "$PYTHON" benchmarks/gpu_step_times.py --device "$DEVICE" --json "$WORK/engines.json" \
             "$MODEL:$PHYSICAL:$K:rules" "$MODEL:$PHYSICAL:$K:plain" 2>&1 | grep '^{' | tee -a "$OUT/probe.log" || true
-        GRAD_ENGINE=$("$PYTHON" -c "import json, sys
-rows = {r['engine']: r.get('chunk_s') for r in json.load(open(sys.argv[1]))}
-print('vmap' if rows.get('plain') and rows.get('rules') and rows['plain'] < 0.95 * rows['rules'] else 'rules')" \
+        GRAD_ENGINE=$("$PYTHON" -c "import json, sys; from dpdm.train import pick_grad_engine
+rows = {r['engine']: r.get('chunk_s') for r in json.load(open(sys.argv[1]))}   # dpdm train --grad-engine auto's rule
+print(pick_grad_engine({'rules': rows.get('rules'), 'vmap': rows.get('plain') if rows.get('rules') else None}, {}, None))" \
             "$WORK/engines.json" 2>/dev/null || echo rules)
         echo "grad engine: $GRAD_ENGINE (after ${SECONDS} s)" | tee -a "$OUT/probe.log"
     fi
