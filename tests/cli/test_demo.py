@@ -28,5 +28,5 @@ def test_demo_writes_report_and_release_file(tmp_path, capsys, monkeypatch):
     public = ckpt.load_checkpoint(out / "public" / "checkpoint.pt")
     assert public["ledger"]["private"] is False and public["ledger"]["steps_done"] == 2
     assert state["config"]["train"]["init_from"] == str(out / "public" / "checkpoint.pt")
-    assert "public warm start | 2 non-private steps on the public digits28-aug" in md
+    assert "public warm start | 2 non-private steps (batch 128, K 1) on the public digits28-aug" in md
     assert "real training images instead" in md
