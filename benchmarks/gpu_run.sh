@@ -45,7 +45,10 @@
 # now takes the median of the later steps), and refused K 4, which fits neither its time estimate nor,
 # at 118.9 GiB measured, 85% of the memory. The next candidate: PROBE=0 K=4 PUBLIC_K=2 GRAD_ENGINE=vmap
 # PUBLIC_STEPS=900 (K 4: 1.03 s a private step there, so about 450 s in all; PUBLIC_K=2 keeps the public
-# steps as measured, since the public run otherwise takes K too).
+# steps as measured, since the public run otherwise takes K too). On the CPU (2026-12-04, issue 4's note) a
+# non-private public run gained nothing from K 2 over K 1 at the same steps (held-out v-loss 0.1880 against
+# 0.1870 after 300 steps of batch 128) for twice the time: PUBLIC_K=1 with twice the PUBLIC_STEPS may give a
+# better start for the same device time (unmeasured there).
 # 0. (GRAD_ENGINE=auto, the default) times one chunk of PHYSICAL x K with the engine's rules and with plain
 # vmap(grad) (`dpdm train --grad-engine vmap`: less Python per chunk, more memory) and trains with the faster,
 # rules unless plain is 5% faster; GRAD_ENGINE=rules or vmap skips it.
