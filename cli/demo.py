@@ -20,7 +20,7 @@ from dpdm.cpu import keep_freed_memory_if_asked
 # delta 1e-5 (noise multiplier 1.0): about 4 minutes of private training on 2 cores, after a public warm
 # start (below) of about 5. benchmarks/quality.py trains longer, with K > 1, for quality.
 # K = 1 because the demo must fit 15 minutes on 2 cores, and at its size K = 2 bought less than it cost:
-# on a slow 2-core AMD EPYC the K = 2 demo took 955 s (private phase 387 s). From the same warm start
+# on a slow 2-core AMD EPYC this demo with a K = 2 plan took 955 s (private phase 387 s). From the same warm start
 # (400 public steps), the held-out v-loss of the EMA on the 1,000 mnist5k test images (4 draws each) was
 # 0.1486 with K = 2 (387 s), 0.1505 with K = 1 (243 s) and 0.1498 with K = 2 at expected batch 768
 # (327 s); the public warm start's length mattered more: 300 steps then batch 768 at K = 2 gave 0.1539
