@@ -19,12 +19,12 @@ from dpdm.cpu import keep_freed_memory_if_asked
 # The demo's plan: mnist5k (N = 4000), expected batch 1024 (sample rate 0.256), 30 steps, K = 1, eps 10 at
 # delta 1e-5 (noise multiplier 1.0): about 4 minutes of private training on 2 cores, after a public warm
 # start (below) of about 5. benchmarks/quality.py trains longer, with K > 1, for quality.
-# K = 1 because the demo must fit 15 minutes on 2 cores, and at its size K = 2 bought less than it cost:
-# on a slow 2-core AMD EPYC this demo with a K = 2 plan took 955 s (private phase 387 s). From the same warm start
-# (400 public steps), the held-out v-loss of the EMA on the 1,000 mnist5k test images (4 draws each) was
-# 0.1486 with K = 2 (387 s), 0.1505 with K = 1 (243 s) and 0.1498 with K = 2 at expected batch 768
-# (327 s); the public warm start's length mattered more: 300 steps then batch 768 at K = 2 gave 0.1539
-# (a 804 s demo, CNN 64.3%, classifier FD 35.3 against 70.6% and 27.8 for the 955 s one).
+# K = 1 because the demo must fit 15 minutes on 2 cores, and at its size K = 2 bought less than it cost: on
+# a slow 2-core AMD EPYC this demo with a K = 2 plan took 955 s (private phase 387 s). From the same warm
+# start (400 public steps), the held-out v-loss of the EMA on the 1,000 mnist5k test images (4 draws each)
+# was 0.1486 with K = 2 (387 s), 0.1505 with K = 1 (243 s) and 0.1498 with K = 2 at expected batch 768
+# (327 s); the public warm start's length mattered more: 300 steps then batch 768 at K = 2 gave 0.1539 (an
+# 804 s demo, CNN 64.3%, classifier FD 35.3 against 70.6% and 27.8 for the 955 s one).
 DEMO = dict(epsilon=10.0, delta=1e-5, batch_size=1024, steps=30, noise_multiplicity=1, clip_norm=1.0)
 DEMO_MODEL = "small"
 DEMO_PHYSICAL_BATCH = 256   # examples per vmap chunk: memory only, the noise is still added once per step
@@ -33,7 +33,7 @@ DEMO_PHYSICAL_BATCH = 256   # examples per vmap chunk: memory only, the noise is
 # run starts from its EMA. Measured with 400 public steps: whole digits in the grid where the cold start
 # (300 steps of batch 128, 332 s of training against 482 s) drew blobs; classifier FD 20.9 against
 # 46.8, precision / recall 0.87 / 0.68 against 0.79 / 0.50; but no better downstream classifiers at
-# this size (CNN 68.0% against 72.7%, one seed each; README, issue 4 note). 300 steps since: on a
+# this size (CNN 68.0% against 72.7%, one seed each; README, issue 4 note). 300 steps at K 2 since: on a
 # 2-core AMD EPYC the 400-step demo took 815 s of the 15 minutes it must fit (922 s before the demo kept
 # freed memory); 300 take 755 s there, with FD 28.8 against 24.6 and CNN 70.3% against 77.0% and 71.0%
 # (secret seeds: one run says little) and a grid of digits still.
