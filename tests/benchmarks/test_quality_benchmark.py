@@ -112,6 +112,9 @@ def test_quality_benchmark_public_pretrain_warm_starts_both_sides(tmp_path, load
     assert json.loads((tmp_path / "public" / "config.json").read_text())["train"]["precision"] == "bf16"
     assert config["train"]["precision"] == "fp32" and out["sampling"]["precision"] == "bf16"
     assert out["public_generator"]["private"] is False and out["public_generator"]["steps_done"] == 3
+    # The public pretraining runs at PUBLIC_K (1: nothing is clipped there); the private run at the plan's K.
+    assert accounting.load_plan(tmp_path / "public" / "plan.json").plan.noise_multiplicity == q.PUBLIC_K == 1
+    assert accounting.load_plan(tmp_path / "run" / "plan.json").plan.noise_multiplicity == q.NOISE_MULTIPLICITY
     init = out["generator"]
     assert init["private"] is True and init["init"]["dataset"] == "digits28"
     assert out["dp_classifier"]["public_pretrain"]["dataset"] == "digits28"
