@@ -129,9 +129,8 @@ WEIGHTS = "ema"     # what is sampled: the run's EMA (DPDM's warmup, close to po
 # --init-from`), and the DP-SGD CNN first trains on the same public data (`--public-pretrain`).
 PUBLIC_STEPS = 1000
 PUBLIC_BATCH = 128
-# K of the public pretraining. A --no-dp run clips nothing, so K only averages its loss: on the CPU, 300
-# steps at K 1 reached the held-out v-loss of 300 at K 2 (0.1870 against 0.1880) in half the time
-# (210 s against 411 s; stop 28). The private run keeps the plan's K.
+# K of the public pretraining: a --no-dp run clips nothing, so K 2 bought nothing over K 1 there for twice
+# the time (figures in the README's "Public warm starts"). The private run keeps the plan's K.
 PUBLIC_K = 1
 
 
