@@ -77,7 +77,7 @@ network does not close the gap at that length. There the private step is bound b
 not arithmetic: 1.1 s at --physical-batch 1024 against 2.0 s at 256, and K 8 costs 2.2 s
 (`benchmarks/gpu_step_times.py`). `--skip-baseline` and `--baseline-only` split the run into two
 processes that share a GPU; `--public-batch` and `--public-K` set the public pretraining's batch and K.
-`--public-K` defaults to 1 (stop 30): a --no-dp run clips nothing for K to help, and K 1 halves the public phase.
+`--public-K` defaults to 1 (`PUBLIC_K`, which says why); K 1 halves the public phase.
 The figures above were measured with the plan's K 2 there. With K 1, `--public-pretrain digits28-aug
 --batch-size 1024 --epochs 30 --physical-batch 256 --clip-norm 0.1` ran 3394 s on a slow 2-core AMD EPYC
 (public 715 s, private 1244 s for 118 steps at sigma 1.593, sampling 470 s, then the CNNs about 280 s each):
