@@ -6,6 +6,8 @@ On mnist5k at epsilon 10, delta 1e-5, under ONE locked plan:
   2. `evaluate_synthetic`: the paper's protocol on synthetic images (logreg / MLP / CNN trained on
      the samples, 90/10 synthetic split for model selection, tested on the same 1,000 real images)
      and the classifier FD.
+  3. `real_data_cnn` (`--real-reference`, NON-PRIVATE): the same downstream CNN trained on the private
+     images themselves under the same protocol, the ceiling the synthetic route is read against.
   0. `train_generator` + `sample`: a DP diffusion model trained with dpdm's engine under the SAME plan
      (same sample rate, steps, noise multiplier, clip norm; K = 2 draws per example, which is
      privacy-neutral and ignored by the classifier), then 10,000 images drawn from its EMA weights.
@@ -18,7 +20,7 @@ Usage:
                                            [--guidance 0] [--guidance-interval LO HI] [--sigma-min S]
                                            [--train-sigma MIN MAX] [--no-dp] [--json out.json]
                                            [--public-pretrain digits28-aug] [--public-steps 1000]
-                                           [--trainable PATTERNS]
+                                           [--trainable PATTERNS] [--real-reference]
 
 Slow (not a test; `make bench` does not run it): about 50 minutes on 2 CPU cores with the defaults
 (measured: generator training 2371 s for 1407 steps; sampling 10,000 images 486 s with guidance, which
@@ -228,6 +230,24 @@ def synthetic_cnn_public_init(samples_path: str | Path, public: str, *, dataset:
                                seed=seed, device=device, public=load_dataset(public, "train"), shift=shift)
 
 
+def real_data_cnn(dataset: str = DATASET, *, public: str | None = None, epochs: int = PAPER_EPOCHS,
+                  public_epochs: int | None = None, seed: int = 0, device: str = "cpu", shift: int = 0) -> dict:
+    """The synthetic route's ceiling: the downstream CNN trained without privacy on the private images
+    themselves under the same protocol (90/10 split, selection on the 10%, tested on the held-out
+    images), first on `public` when given. A generator may not reproduce its private images, so its
+    samples are not expected to teach the CNN more than they do; the DP-SGD CNN is read against it."""
+    from dpdm.datasets import load_dataset
+    from dpdm.evaluate import DEFAULT_PUBLIC_EPOCHS, downstream_accuracy
+
+    train = load_dataset(dataset, "train")
+    print(f"training cnn (NON-PRIVATE reference): {'public ' + public + ', then ' if public else ''}"
+          f"the {len(train)} private {dataset} images ({epochs} epochs)", file=sys.stderr)
+    return downstream_accuracy(train, load_dataset(dataset, "test"), kind="cnn", epochs=epochs, seed=seed,
+                               device=device, shift=shift,
+                               public=None if public is None else load_dataset(public, "train"),
+                               public_epochs=public_epochs or DEFAULT_PUBLIC_EPOCHS)
+
+
 def samples_private(path: str | Path) -> bool | None:
     """What a samples.npz says of itself: True (DP), False (--no-dp), None (it does not say)."""
     import numpy as np
@@ -303,7 +323,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         physical_batch: int | None = None, grad_engine: str = "auto",
         trainable: tuple[str, ...] | None = None, precision: str = "fp32", augment_shift: int = 0,
         augment_multiplicity: int = 1, public_noise_multiplicity: int = PUBLIC_K, baseline: bool = True,
-        baseline_only: bool = False, on_part=None) -> dict:
+        baseline_only: bool = False, real_reference: bool = False, on_part=None) -> dict:
     """The whole benchmark; `on_part(out)`, when given, is called with the figures so far after each
     part (main() rewrites --json then, so an hour-long run that is stopped keeps what it measured).
     precision "bf16" runs the public pretraining and the sampling under bfloat16 autocast; the private
@@ -312,7 +332,9 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     classifiers on synthetic images with a new shift per image and epoch. public_noise_multiplicity: K of
     the public pretraining (PUBLIC_K, 1, by default; the private run keeps the plan's K). baseline False
     skips the DP-SGD CNN; baseline_only runs nothing else but the reference classifier of the FD (so that
-    its cache is warm): two processes can then share a GPU, one with each (benchmarks/gpu_run.sh)."""
+    its cache is warm): two processes can then share a GPU, one with each (benchmarks/gpu_run.sh).
+    real_reference adds the same downstream CNN trained without privacy on the private images themselves
+    (`real_data_cnn`; public-initialised too when `public` is given): the ceiling of the synthetic route."""
     report = on_part or (lambda _out: None)
     doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
                                                                            noise_multiplicity=noise_multiplicity,
@@ -368,6 +390,13 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     if baseline:
         out["dp_classifier"] = baseline_part()
         report(out)
+    if real_reference:
+        name = doc.plan.dataset_name or DATASET
+        out["real_data_cnn"] = real_data_cnn(name, device=device, shift=augment_shift)
+        report(out)
+        if public is not None:
+            out["real_data_cnn_public_init"] = real_data_cnn(name, public=public, device=device, shift=augment_shift)
+            report(out)
     if samples is not None:
         # The issue's protocol trains on the first N_SAMPLES images; a larger draw (the paper's 60,000)
         # is evaluated whole as well, under "<key>_all".
@@ -450,6 +479,10 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true", help="no DP-SGD CNN (another process trains it)")
     ap.add_argument("--baseline-only", action="store_true",
                     help="only the DP-SGD CNN and the FD's reference classifier (warms its cache)")
+    ap.add_argument("--real-reference", action="store_true",
+                    help="also train the downstream CNN without privacy on the private images themselves "
+                         "(public-initialised too with --public-pretrain): the synthetic route's ceiling, "
+                         "NON-PRIVATE, about 90 s (+250 s public) on 2 cores")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     if args.skip_baseline and args.baseline_only:
@@ -468,7 +501,7 @@ def main() -> None:
                                                                   if p.strip()),
               precision=args.precision, augment_shift=args.augment_shift, augment_multiplicity=args.augment_mult,
               public_noise_multiplicity=args.public_K, baseline=not args.skip_baseline,
-              baseline_only=args.baseline_only,
+              baseline_only=args.baseline_only, real_reference=args.real_reference,
               on_part=None if args.json is None else lambda part: write_json(args.json, part))
     plan = out["plan"]
     b = out.get("dp_classifier")
@@ -495,6 +528,10 @@ def main() -> None:
         print(f"generator ({g.get('model', GENERATOR_MODEL)}, K={plan['noise_multiplicity']}): {g['steps_done']} steps, "
               f"{spent}, {g['seconds']:.0f} s; {smp['n']} samples (guidance {smp['guidance']:g}, weights "
               f"{smp['weights']}) in {smp['seconds']:.0f} s")
+    for key, how in (("real_data_cnn", ""), ("real_data_cnn_public_init", f", first on public {args.public_pretrain}")):
+        if key in out:
+            print(f"ceiling (NON-PRIVATE): the same CNN trained on {out[key]['train_size']} of the private images "
+                  f"themselves (the rest select its epoch){how}: real test accuracy {out[key]['test_accuracy']:.4f}")
     from cli.eval import format_report
 
     for key in ("synthetic", "synthetic_all"):

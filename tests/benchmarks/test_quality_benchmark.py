@@ -148,3 +148,13 @@ def test_quality_benchmark_splits_into_baseline_and_generator_processes(tmp_path
     # the reference network the generator's FD needs was trained once, by the baseline process
     assert side["reference_classifier"]["cached"] is False
     assert main["synthetic"]["classifier_fd"]["reference"]["cached"] is True
+
+
+def test_real_data_cnn_is_the_protocol_on_the_private_images(load_benchmark):
+    q = load_benchmark("quality")
+    out = q.real_data_cnn("mnist5k", epochs=1)
+    assert out["train_size"] == 3600 and out["epochs"] == 1   # 90% of the 4,000 private images, 10% select
+    assert 0.5 < out["test_accuracy"] <= 1.0                   # one epoch on real digits already learns
+    warm = q.real_data_cnn("mnist5k", public="digits28", epochs=1, public_epochs=1)
+    assert warm["public_pretrain"]["dataset"] == "digits28" and warm["public_pretrain"]["epochs"] == 1
+    assert warm["train_size"] == 3600
