@@ -14,8 +14,9 @@
 #        MIN_EPOCHS), then the public steps (PUBLIC_STEPS, down to MIN_PUBLIC_STEPS), then a larger K
 #        (2K or 4K, where its peak memory, extrapolated from the probes, fits; privacy-neutral). It
 #        writes the plan (eps 10, delta 1e-5).
-#     2. quality.py --baseline-only, in a second process on the same GPU: the FD's reference network
-#        (its cache is then warm for step 3) and the DP-SGD CNN under that plan.
+#     2. quality.py --baseline-only --real-reference, in a second process on the same GPU: the FD's
+#        reference network (its cache is then warm for step 3), the DP-SGD CNN under that plan, and the
+#        downstream CNN on the private images themselves (NON-PRIVATE: the synthetic route's ceiling).
 #     3. quality.py --skip-baseline: public pretraining, private training under the plan, sampling and
 #        the synthetic classifiers.
 #
@@ -132,7 +133,7 @@ accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, no
     eval "$choice"   # PUBLIC_STEPS=... EPOCHS=... K=...
     left=$((BUDGET_S - SECONDS))
     # 2. The DP-SGD CNN under the same plan, and the FD's reference classifier, in a second process.
-    timeout --signal=TERM --kill-after=10 "$left" "$PYTHON" benchmarks/quality.py --baseline-only \
+    timeout --signal=TERM --kill-after=10 "$left" "$PYTHON" benchmarks/quality.py --baseline-only --real-reference \
         --plan "$WORK/plan.json" --device "$DEVICE" --workdir "$WORK/baseline" --public-pretrain "$PUBLIC" \
         --json "$OUT/baseline.json" > "$OUT/baseline.log" 2>&1 &
     side=$!

@@ -349,6 +349,14 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         return dp_classifier_baseline(doc, device=device, public=public, augment_shift=augment_shift,
                                       augment_multiplicity=augment_multiplicity)
 
+    def real_reference_part() -> None:
+        name = doc.plan.dataset_name or DATASET
+        out["real_data_cnn"] = real_data_cnn(name, device=device, shift=augment_shift)
+        report(out)
+        if public is not None:
+            out["real_data_cnn_public_init"] = real_data_cnn(name, public=public, device=device, shift=augment_shift)
+            report(out)
+
     if baseline_only:
         from dpdm.datasets import load_dataset
         from dpdm.evaluate import reference_classifier
@@ -357,6 +365,8 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         _, out["reference_classifier"] = reference_classifier(real_train, device=device)
         report(out)
         out["dp_classifier"] = baseline_part()
+        if real_reference:
+            real_reference_part()
         out["seconds"] = round(time.perf_counter() - t0, 1)
         report(out)
         return out
@@ -391,12 +401,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         out["dp_classifier"] = baseline_part()
         report(out)
     if real_reference:
-        name = doc.plan.dataset_name or DATASET
-        out["real_data_cnn"] = real_data_cnn(name, device=device, shift=augment_shift)
-        report(out)
-        if public is not None:
-            out["real_data_cnn_public_init"] = real_data_cnn(name, public=public, device=device, shift=augment_shift)
-            report(out)
+        real_reference_part()
     if samples is not None:
         # The protocol trains on the first N_SAMPLES images; a larger draw (the paper's 60,000)
         # is evaluated whole as well, under "<key>_all".

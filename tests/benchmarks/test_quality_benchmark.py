@@ -158,3 +158,20 @@ def test_real_data_cnn_is_the_protocol_on_the_private_images(load_benchmark):
     warm = q.real_data_cnn("mnist5k", public="digits28", epochs=1, public_epochs=1)
     assert warm["public_pretrain"]["dataset"] == "digits28" and warm["public_pretrain"]["epochs"] == 1
     assert warm["train_size"] == 3600
+
+
+def test_real_reference_adds_the_ceiling_only_when_asked(tmp_path, load_benchmark, monkeypatch):
+    import dpdm.evaluate
+
+    q = load_benchmark("quality")
+    calls = []
+    monkeypatch.setattr(q, "real_data_cnn", lambda name, public=None, **kw: calls.append((name, public))
+                        or {"test_accuracy": 0.9, "train_size": 3600})
+    monkeypatch.setattr(q, "dp_classifier_baseline", lambda doc, **kw: {"test_accuracy": 0.8})
+    monkeypatch.setattr(dpdm.evaluate, "reference_classifier", lambda train, device: (None, {"cached": True}))
+    out = q.run(workdir=tmp_path, epochs=0.2, baseline_only=True, real_reference=True, public="digits28")
+    assert calls == [("mnist5k", None), ("mnist5k", "digits28")]   # cold, then public-initialised
+    assert out["real_data_cnn"]["test_accuracy"] == 0.9 and "real_data_cnn_public_init" in out
+    calls.clear()
+    out = q.run(workdir=tmp_path, epochs=0.2, baseline_only=True)
+    assert calls == [] and "real_data_cnn" not in out
