@@ -132,7 +132,7 @@ accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, no
     echo "probe: $choice after ${SECONDS} s" | tee -a "$OUT/probe.log"
     eval "$choice"   # PUBLIC_STEPS=... EPOCHS=... K=...
     left=$((BUDGET_S - SECONDS))
-    # 2. The DP-SGD CNN under the same plan, and the FD's reference classifier, in a second process.
+    # 2. The DP-SGD CNN under the same plan, the FD's reference classifier and the ceiling, in a second process.
     timeout --signal=TERM --kill-after=10 "$left" "$PYTHON" benchmarks/quality.py --baseline-only --real-reference \
         --plan "$WORK/plan.json" --device "$DEVICE" --workdir "$WORK/baseline" --public-pretrain "$PUBLIC" \
         --json "$OUT/baseline.json" > "$OUT/baseline.log" 2>&1 &

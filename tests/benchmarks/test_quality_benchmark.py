@@ -161,6 +161,8 @@ def test_real_data_cnn_is_the_protocol_on_the_private_images(load_benchmark):
 
 
 def test_real_reference_adds_the_ceiling_only_when_asked(tmp_path, load_benchmark, monkeypatch):
+    import numpy as np
+
     import dpdm.evaluate
 
     q = load_benchmark("quality")
@@ -175,3 +177,8 @@ def test_real_reference_adds_the_ceiling_only_when_asked(tmp_path, load_benchmar
     calls.clear()
     out = q.run(workdir=tmp_path, epochs=0.2, baseline_only=True)
     assert calls == [] and "real_data_cnn" not in out
+    # the generator's process, on samples already drawn: the ceiling beside the synthetic figures
+    monkeypatch.setattr(q, "evaluate_synthetic", lambda *a, **kw: {"classifiers": {}})
+    np.savez(tmp_path / "s.npz", x=np.zeros((20, 1, 28, 28), np.uint8), y=np.arange(20) % 10)
+    out = q.run(workdir=tmp_path, epochs=0.2, samples=str(tmp_path / "s.npz"), baseline=False, real_reference=True)
+    assert calls == [("mnist5k", None)] and "real_data_cnn" in out and "synthetic" in out
