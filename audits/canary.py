@@ -213,7 +213,7 @@ def train_with_canaries(
     come from per-step seeds, so two calls with the same arguments train the same model.
     """
     from dpdm.data import PoissonSampler
-    from dpdm.engine import add_noise, clipped_grad_sum
+    from dpdm.engine import add_noise, clipped_grad_sum, noise_generator
     from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
 
     n = int(x.shape[0])
@@ -248,7 +248,7 @@ def train_with_canaries(
         batch += [sigma, nz]
         grad_sum = clipped_grad_sum(D, loss_fn, *batch, clip_norm=plan.clip_norm, chunk_size=config.chunk_size)
         if noise:
-            g_noise = torch.Generator().manual_seed(_seed_for(config.seed, step, 2))
+            g_noise = noise_generator(_seed_for(config.seed, step, 2))
             grad_sum = add_noise(grad_sum, noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
                                  expected_batch_size=1.0, generator=g_noise)
         for name, p in params.items():

@@ -23,12 +23,20 @@ class FiniteFloatRange(click.FloatRange):
 def resolve_device(device: str) -> str:
     import torch
 
+    from cli.errors import BadInput
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from cli.errors import BadInput
-
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device={device!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"--device={device!r}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BadInput(f"--device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

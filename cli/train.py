@@ -119,6 +119,9 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
         raise BadInput(f"--init-from {init_from!r}: no such file")
     if no_dp:
         warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
+    elif seed is not None and not resume:
+        warn(f"--seed {seed}: anyone who knows this seed can replay the batches and the DP noise, which voids "
+             "the guarantee; use it for tests and reproduction only, and keep it secret otherwise")
     from dpdm import distributed
 
     device = resolve_device(device)

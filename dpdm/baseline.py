@@ -90,7 +90,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
       DataError: training data whose size differs from the plan's, or unlabelled data.
     """
     from dpdm.data import PoissonSampler
-    from dpdm.engine import add_noise_in_subspace, clipped_grad_sum, private_grad, public_subspace
+    from dpdm.engine import add_noise_in_subspace, clipped_grad_sum, noise_generator, private_grad, public_subspace
 
     if len(train) != plan.dataset_size:
         raise DataError(f"dataset {train.name!r} has {len(train)} training images but the plan was "
@@ -134,7 +134,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         model.train()
     opt = torch.optim.Adam(params.values(), lr=lr)
     sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, seed)
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    noise_gen = noise_generator(seed + 1, device)           # all of the seed's bits (not mt19937's 32)
     public_gen = torch.Generator().manual_seed(seed + 2)    # which public examples estimate the subspace
     augment_gen = torch.Generator().manual_seed(seed + 3)   # the copies' offsets
     x, y = train.x.to(device), train.y.to(device)

@@ -63,6 +63,23 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` to `path` through a temp file in the same folder, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")      # open(), not mkstemp: the file keeps the umask's mode
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Loads a checkpoint with `weights_only=True` and checks its layout.
 

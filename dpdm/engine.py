@@ -47,6 +47,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +58,7 @@ __all__ = [
     "per_sample_grads",
     "clipped_grad_sum",
     "add_noise",
+    "noise_generator",
     "private_grad",
     "validate_model",
     "public_subspace",
@@ -90,6 +92,25 @@ def validate_model(model: nn.Module) -> None:
             raise ValueError(
                 f"model contains {label} with track_running_stats=True, whose running statistics mix "
                 "examples; use nn.GroupNorm (or track_running_stats=False)")
+
+
+_CLIP_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_trainable(model: nn.Module, *, clipping: bool) -> None:
+    """Raises ValueError if `model` has no trainable parameter or, with `clipping`, one that is not
+    float32/float64: in bfloat16 or float16 the norm, the clip factor and the sum round so coarsely
+    that a clipped gradient can exceed clip_norm (by ~0.5% in bfloat16), breaking the sensitivity
+    bound the accountant assumes, and float16 norms overflow past 65504."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("model has no parameter with requires_grad=True: there is nothing to differentiate")
+    if clipping:
+        for name, p in trainable:
+            if p.dtype not in _CLIP_DTYPES:
+                raise ValueError(
+                    f"parameter {name!r} is {p.dtype}: DP clipping needs float32 or float64 trainable parameters "
+                    "(in lower precision a clipped gradient can exceed clip_norm); cast the model with .float()")
 
 
 def _check_batch(batch: Sequence[Any]) -> int:
@@ -505,6 +526,7 @@ def per_sample_grads(
         {parameter name: tensor [n, *parameter.shape]} for the parameters with requires_grad.
     """
     validate_model(model)
+    _check_trainable(model, clipping=False)
     _check_chunk_size(chunk_size)
     n = _check_batch(batch)
     if n == 0:
@@ -557,20 +579,22 @@ def clipped_grad_sum(
 
     Args:
         clip_norm: C > 0; each example's whole gradient is scaled by min(1, C / (||g_i|| + 1e-6)).
-        stats: if a dict, filled with batch_size, nonfinite (examples zeroed), clipped_fraction and
-            loss_mean (mean per-example loss; nan for an empty batch). These are NOT private.
+        stats: if a dict, filled with batch_size, nonfinite (examples zeroed), clipped_fraction,
+            loss_mean (mean of the finite per-example losses; nan if there are none) and loss_count
+            (how many were finite). These are NOT private.
         per_layer_rules: as in `per_sample_grads` (privacy-neutral speed knob).
 
     Returns:
         {parameter name: tensor of the parameter's shape}. An empty batch gives zeros.
     """
     validate_model(model)
+    _check_trainable(model, clipping=True)
     _check_positive(clip_norm=clip_norm)
     _check_chunk_size(chunk_size)
     n = _check_batch(batch)
     total = {name: torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
              for name, p in model.named_parameters() if p.requires_grad}
-    clipped = nonfinite = 0
+    clipped = nonfinite = loss_count = 0
     loss_sum = 0.0
     step = n if chunk_size is None else chunk_size
     for start in range(0, n, max(step, 1)):
@@ -580,15 +604,47 @@ def clipped_grad_sum(
         del grads
         clipped += c
         nonfinite += nf
-        loss_sum += float(losses.double().sum())
+        losses = losses.double()
+        losses = losses[torch.isfinite(losses)]
+        loss_sum += float(losses.sum())
+        loss_count += int(losses.numel())
     if stats is not None:
         stats.update(
             batch_size=n,
             nonfinite=nonfinite,
             clipped_fraction=clipped / n if n else 0.0,
-            loss_mean=loss_sum / n if n else float("nan"),
+            loss_mean=loss_sum / loss_count if loss_count else float("nan"),
+            loss_count=loss_count,
         )
     return total
+
+
+NoiseGenerator = torch.Generator | np.random.Generator
+
+
+def noise_generator(seed: int, device: str | torch.device = "cpu") -> NoiseGenerator:
+    """A generator for DP noise that keeps all 64 bits of `seed` (an integer in [0, 2**64)).
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of its seed: one step's noise would
+    then be one of 2**32 vectors, few enough to search for an adversary who sees a noisy update and
+    knows the other examples. On the CPU this is therefore numpy's PCG64 seeded through a
+    SeedSequence; on CUDA, torch's Philox generator, whose seed is a full 64-bit integer.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**64)")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.Generator(device=device).manual_seed(seed)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+
+
+def _standard_normal(like: torch.Tensor, generator: NoiseGenerator | None) -> torch.Tensor:
+    if isinstance(generator, np.random.Generator):
+        dtype = np.float64 if like.dtype == torch.float64 else np.float32
+        z = torch.from_numpy(generator.standard_normal(like.numel(), dtype=dtype)).reshape(like.shape)
+        return z.to(device=like.device, dtype=like.dtype)
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
 
 
 def add_noise(
@@ -597,13 +653,15 @@ def add_noise(
     noise_multiplier: float,
     clip_norm: float,
     expected_batch_size: float,
-    generator: torch.Generator | None = None,
+    generator: NoiseGenerator | None = None,
 ) -> dict[str, torch.Tensor]:
     """(grad_sum + N(0, (noise_multiplier * clip_norm)^2 I)) / expected_batch_size.
 
     The Gaussian mechanism on a sum of sensitivity clip_norm (add/remove one example). Noise is
-    drawn once per parameter tensor, in the dict's order, from `generator` (the global generator if
-    None). Divide by the public expected batch size, never by the realised one.
+    drawn once per parameter tensor, in the dict's order, from `generator`: a torch or numpy
+    generator (see `noise_generator`: seed a torch CPU generator and only 32 bits of its seed
+    count), or the global torch generator if None. Divide by the public expected batch size, never
+    by the realised one.
     """
     if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) \
             or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
@@ -613,9 +671,7 @@ def add_noise(
     out = {}
     for name, g in grad_sum.items():
         if noise_std > 0:
-            device = generator.device if generator is not None else g.device
-            noise = torch.randn(g.shape, generator=generator, dtype=g.dtype, device=device).to(g.device)
-            g = g + noise_std * noise
+            g = g + noise_std * _standard_normal(g, generator)
         out[name] = g / expected_batch_size
     return out
 
@@ -627,7 +683,7 @@ def private_grad(
     clip_norm: float,
     noise_multiplier: float,
     expected_batch_size: float,
-    generator: torch.Generator | None = None,
+    generator: NoiseGenerator | None = None,
     chunk_size: int | None = None,
     stats: dict | None = None,
     per_layer_rules: bool = True,
@@ -686,6 +742,7 @@ def public_subspace(
     without noise. `per_layer_rules` as in `per_sample_grads`.
     """
     validate_model(model)
+    _check_trainable(model, clipping=False)
     _check_positive(clip_norm=clip_norm)
     n = _check_batch(public_batch)
     if not isinstance(dim, int) or dim < 1 or dim > n:
@@ -727,7 +784,7 @@ def add_noise_in_subspace(
     noise_multiplier: float,
     clip_norm: float,
     expected_batch_size: float,
-    generator: torch.Generator | None = None,
+    generator: NoiseGenerator | None = None,
 ) -> dict[str, torch.Tensor]:
     """basis @ (basis^T G + N(0, (noise_multiplier * clip_norm)^2 I_k)) / expected_batch_size.
 

@@ -32,7 +32,8 @@ from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
 from dpdm.data import PoissonSampler
-from dpdm.engine import add_noise, add_noise_in_subspace, clipped_grad_sum, public_subspace, validate_model
+from dpdm.engine import (add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator, public_subspace,
+                          validate_model)
 from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
 from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
@@ -45,6 +46,16 @@ LR_SCHEDULES = ("constant", "cosine")
 _STREAM_DIFFUSION = 1
 _STREAM_DP_NOISE = 2
 _STREAM_PUBLIC = 3      # public examples and their diffusion draws for the gradient subspace
+_STREAM_INIT = 4        # the network's initial weights (public: frozen ones are released)
+# How a checkpoint's randomness is derived (recorded in it). v2: the DP noise comes from
+# `engine.noise_generator` (numpy PCG64 on the CPU: torch's CPU generator keeps 32 bits of a seed)
+# and the initial weights from their own stream, so no released weight depends on the secret seed's
+# low bits.
+RNG_SCHEME = "per-step SeedSequence(seed, step, stream); noise_generator (v2)"
+# Knobs a resumed run must keep: changing them midway would train another model than the one the
+# checkpoint describes (and `dpdm sample` reads train_sigma and precond from it). Flag names for the message.
+_RESUME_FIXED = {"lr": "--lr", "lr_schedule": "--lr-schedule", "ema_decay": "--ema-decay",
+                 "train_sigma": "--train-sigma", "label_dropout": "label_dropout", "precision": "--precision"}
 
 
 class TrainError(ValueError):
@@ -425,6 +436,9 @@ def train(
         )
     if y is not None and y.shape[0] != n:
         raise TrainError(f"labels ({y.shape[0]}) and images ({n}) differ in number")
+    if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
+        raise TrainError(f"the images are {'x'.join(map(str, x.shape[1:]))} (CxHxW); the network needs square "
+                         "images (N x C x H x H)")
     if config.subspace_dim is not None:
         _check_public_data(public_data, x, y, config, dataset_name)
     elif public_data is not None:
@@ -500,11 +514,24 @@ def train(
             if saved_train.get(key, getattr(TrainConfig, key)) != getattr(config, key):
                 raise TrainError(f"cannot resume: the run used {key}={saved_train.get(key)!r}, now "
                                  f"{getattr(config, key)!r}")
+        for key, flag in _RESUME_FIXED.items():
+            was, now = saved_train.get(key, getattr(TrainConfig, key)), getattr(config, key)
+            if isinstance(was, list):
+                was = tuple(was)
+            if was != now:
+                raise TrainError(f"cannot resume with {flag} {now!r}: the run was trained with {was!r}; "
+                                 "resume with the same value")
     elif config.init_from is not None:
         init_weights, run_config["init"] = load_warm_start(config.init_from, run_config)
 
-    torch.manual_seed(seed)
-    D = build_denoiser(run_config).to(device)
+    # The initial weights are public (frozen ones are exported as they are): seed them from their own
+    # stream, never from the secret seed itself (torch's CPU generator would expose its low 32 bits).
+    torch.manual_seed(step_seed(seed, 0, _STREAM_INIT))
+    try:
+        D = build_denoiser(run_config).to(device)
+    except ValueError as e:
+        raise TrainError(f"the {config.model!r} network cannot take "
+                         f"{x.shape[-1]}x{x.shape[-1]} images: {e}") from None
     validate_model(D)
     if init_weights is not None:
         D.load_state_dict(init_weights)
@@ -575,7 +602,7 @@ def train(
                     "ema": ema.model.state_dict(),
                     "ema_power": {k: pe.model.state_dict() for k, pe in power_emas.items()},
                     "optimizer": optimizer.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "scheme": "per-step SeedSequence(seed, step, stream)"},
+                    "rng": {"torch": torch.get_rng_state(), "scheme": RNG_SCHEME},
                     "ledger": ledger.to_dict(),
                     "config": {**run_config, "private": config.private},
                 },
@@ -635,13 +662,15 @@ def train(
                     noise_seed=step_seed(seed, step, _STREAM_DP_NOISE),
                     chunk_size=config.physical_batch, stats=stats, dist=dist,
                     basis=None if subspace is None else subspace["basis"], per_layer_rules=config.per_layer_rules)
-                loss_sum, count = dist.all_reduce_scalars(
-                    [float(stats.get("loss_mean", 0.0)) * len(local) if len(local) else 0.0, float(len(local))])
+                loss_n = float(stats.get("loss_count", 0))     # finite losses (a NaN image is zeroed, not averaged)
+                loss_sum, loss_n, count = dist.all_reduce_scalars(
+                    [float(stats["loss_mean"]) * loss_n if loss_n else 0.0, loss_n, float(len(local))])
                 clipped = dist.all_reduce_scalars([float(stats.get("clipped_fraction", 0.0)) * len(local)])[0]
             else:
                 with autocast_for(config.precision, device):
                     grads, loss_sum = _nonprivate_grad_sum(D, loss_obj, batch, conditional, params)
                 loss_sum, count = dist.all_reduce_scalars([loss_sum, float(len(local))])
+                loss_n = count
                 dist.all_reduce_(grads)
                 grads = {k: v / max(count, 1.0) for k, v in grads.items()}
                 clipped = 0.0
@@ -665,7 +694,7 @@ def train(
                 now = time.perf_counter()
                 rate = (steps_done - steps_last) / max(now - t_last, 1e-9)
                 t_last, steps_last = now, steps_done
-                loss_mean = loss_sum / count if count else float("nan")
+                loss_mean = loss_sum / loss_n if loss_n else float("nan")
                 if writer is not None:
                     writer.writerow([steps_done, int(count), f"{loss_mean:.6g}",
                                      f"{clipped / count if count else 0.0:.4f}",
@@ -810,11 +839,11 @@ def distributed_private_grad(
         device = next(iter(grad_sum.values())).device
         grad_sum = add_noise_in_subspace(grad_sum, basis, noise_multiplier=noise_multiplier if dist.is_main else 0.0,
                                          clip_norm=clip_norm, expected_batch_size=1.0,
-                                         generator=_generator(noise_seed, device))
+                                         generator=noise_generator(noise_seed, device))
     elif dist.is_main:
         device = next(iter(grad_sum.values())).device
         grad_sum = add_noise(grad_sum, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
-                             expected_batch_size=1.0, generator=_generator(noise_seed, device))
+                             expected_batch_size=1.0, generator=noise_generator(noise_seed, device))
     dist.all_reduce_(grad_sum)
     return {k: v / expected_batch_size for k, v in grad_sum.items()}
 
@@ -859,9 +888,7 @@ def _public_basis(D, loss_obj, loss_fn, public_data, config: TrainConfig, condit
 def _truncate_metrics(path: Path, steps_done: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= steps_done]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    ckpt.atomic_write_text(path, "".join(kept))
 
 
 def _maybe_inject_fault(rank: int, steps_done: int) -> None:
@@ -894,6 +921,4 @@ def _patterns(patterns: tuple[str, ...] | None) -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    ckpt.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -261,11 +261,30 @@ def test_wrong_size_data_refused(tiny, capsys):
     assert not (d / "run").exists()
 
 
-def test_wrong_image_shape_refused(tiny, capsys):
+@pytest.mark.parametrize("shape, needle", [((24, 64), ""), ((24, 1, 8, 12), "square"),
+                                           ((24, 1, 10, 10), "multiple of 4")])
+def test_wrong_image_shape_refused(tiny, capsys, shape, needle):
     d = tiny
-    np.savez(d / "flat.npz", x=np.zeros((24, 64), dtype=np.uint8), y=np.zeros(24, dtype=np.int64))
-    code, _, err = run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'flat.npz'}"), capsys)
-    _one_error_line(code, err)
+    np.savez(d / "bad.npz", x=np.zeros(shape, dtype=np.uint8), y=np.zeros(24, dtype=np.int64))
+    code, _, err = run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'bad.npz'}"), capsys)
+    assert needle in _one_error_line(code, err)
+    assert not (d / "run").exists()
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:x", "cuda:99"])
+def test_bad_device_is_one_error_line(tiny, capsys, device):
+    d = tiny
+    args = [a if a != "cpu" else device for a in _train_args(d, d / "run")]
+    assert "--device" in _one_error_line(*run_cli(args, capsys)[::2])
+    assert not (d / "run").exists()
+
+
+def test_a_fixed_seed_on_a_private_run_warns(tiny, capsys):
+    d = tiny
+    code, _, err = run_cli(_train_args(d, d / "run", "--seed", "5"), capsys)
+    assert code == 0 and "--seed 5: anyone who knows this seed can replay" in err
+    code, _, err = run_cli(_train_args(d, d / "nodp", "--seed", "5", "--no-dp"), capsys)
+    assert code == 0 and "anyone who knows" not in err
 
 
 @pytest.mark.parametrize("extra, needle", [(["--train-sigma", "0.05", "20"], "--precond v only"),

@@ -395,6 +395,65 @@ def test_nonfinite_examples_are_zeroed_and_counted():
     assert_grads_close(got, clipped_grad_sum(model, loss_fn, *keep, clip_norm=1.0), rtol=1e-10)
     noisy = private_grad(model, loss_fn, *bad, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4.0)
     assert all(torch.isfinite(v).all() for v in noisy.values())
+    # The logged loss averages the finite losses only (one NaN image must not turn it into nan).
+    clean = {}
+    clipped_grad_sum(model, loss_fn, *keep, clip_norm=1.0, stats=clean)
+    assert stats["loss_count"] == 2 and clean["loss_count"] == 2
+    assert stats["loss_mean"] == pytest.approx(clean["loss_mean"], rel=1e-12)
+
+
+def test_noise_generator_keeps_every_bit_of_the_seed():
+    """torch's CPU generator keeps a seed's low 32 bits only; the DP noise's generator keeps them all."""
+    a = torch.randn(4, generator=torch.Generator().manual_seed(12345))
+    assert torch.equal(a, torch.randn(4, generator=torch.Generator().manual_seed(12345 + (7 << 32))))  # the flaw
+    zeros = {"w": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.float64)}
+
+    def noise(seed):
+        return add_noise(zeros, noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=1.0,
+                         generator=engine.noise_generator(seed))
+    base = noise(12345)
+    assert base["w"].dtype == torch.float32 and base["b"].dtype == torch.float64
+    assert_grads_close(noise(12345), base, rtol=0)                                   # a pure function of the seed
+    assert not torch.equal(noise(12345 + (7 << 32))["w"], base["w"])
+    assert not torch.equal(noise((1 << 64) - 1)["w"], noise((1 << 63) - 1)["w"])
+    for bad in (-1, 1 << 64, 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            engine.noise_generator(bad)
+    # Its draws are standard normal: N(0, (sigma C)^2) / B with sigma C = 2 and B = 4 has variance 0.25.
+    big = add_noise({"w": torch.zeros(200_000)}, noise_multiplier=2.0, clip_norm=1.0, expected_batch_size=4.0,
+                    generator=engine.noise_generator(7))["w"].double()
+    assert abs(float(big.mean())) < 5 * 0.5 / 200_000 ** 0.5
+    assert float(big.var()) == pytest.approx(0.25, rel=5 * (2 / 200_000) ** 0.5)
+
+
+def test_half_precision_parameters_refused_for_clipping():
+    """In bfloat16 the norm, the clip factor and the sum round so coarsely that a clipped gradient
+    exceeds C (measured 1.005 C), and float16 norms overflow: the clipping paths refuse them."""
+    for dtype in (torch.bfloat16, torch.float16):
+        model = nn.Linear(6, 3).to(dtype)
+        x = torch.randn(4, 6, dtype=dtype)
+        loss_fn = lambda m, x: m(x).square().sum()                         # noqa: E731
+        assert per_sample_grads(model, loss_fn, x)["weight"].dtype == dtype   # no clipping: allowed
+        for call in (lambda: clipped_grad_sum(model, loss_fn, x, clip_norm=1.0),
+                     lambda: private_grad(model, loss_fn, x, clip_norm=1.0, noise_multiplier=1.0,
+                                          expected_batch_size=4.0)):
+            with pytest.raises(ValueError, match=rf"'weight' is {dtype}.*float32"):
+                call()
+    frozen_half = nn.Sequential(nn.Linear(6, 3).to(torch.bfloat16).requires_grad_(False), nn.Linear(3, 1))
+    got = clipped_grad_sum(frozen_half, lambda m, x: m[1](m[0](x.bfloat16()).float()).sum(), torch.randn(2, 6),
+                           clip_norm=1.0)                                     # only trainable ones count
+    assert set(got) == {"1.weight", "1.bias"}
+
+
+def test_model_without_trainable_parameters_refused():
+    model = nn.Linear(4, 2).requires_grad_(False)
+    x = torch.randn(3, 4)
+    for call in (lambda b: per_sample_grads(model, lambda m, x: m(x).sum(), b),
+                 lambda b: private_grad(model, lambda m, x: m(x).sum(), b, clip_norm=1.0, noise_multiplier=1.0,
+                                        expected_batch_size=3.0)):
+        for b in (x, x[:0]):                                                  # also an empty batch
+            with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+                call(b)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -635,3 +635,35 @@ def test_time_grad_engines_runs_both_engines_on_random_inputs():
     assert got["chunk"] == 4 and got["K"] == 2
     assert all(s is not None and s > 0 for s in got["seconds"].values()) and set(got["seconds"]) == {"rules", "vmap"}
     assert got["peak_gib"] == {"rules": None, "vmap": None}
+
+
+def test_resume_refuses_other_training_knobs_before_writing(tmp_path):
+    """lr, its schedule, the EMA decay, train_sigma, label dropout and precision stay those of the run."""
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=4)
+    out = tmp_path / "run"
+    knobs = dict(precond="v", train_sigma=(0.05, 20.0), lr=1e-3, lr_schedule="cosine", ema_decay=0.9)
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, TrainConfig(**CFG, **knobs), progress=False, on_step=stop_at(3))
+    before = {f: (out / f).read_bytes() for f in ("checkpoint.pt", "metrics.csv", "config.json")}
+    for key, value, flag in [("lr", 3e-4, "--lr"), ("lr_schedule", "constant", "--lr-schedule"),
+                             ("ema_decay", 0.999, "--ema-decay"), ("train_sigma", None, "--train-sigma"),
+                             ("label_dropout", 0.2, "label_dropout")]:
+        with pytest.raises(TrainError, match=f"cannot resume with {flag} "):
+            train(doc, x, y, c, out, TrainConfig(**CFG, **{**knobs, key: value}), resume=True, progress=False)
+        assert {f: (out / f).read_bytes() for f in before} == before
+    assert train(doc, x, y, c, out, TrainConfig(**CFG, **knobs), resume=True, progress=False)["steps_done"] == 4
+
+
+def test_initial_weights_do_not_reveal_the_seeds_low_bits(tmp_path):
+    """Frozen parameters keep their seeded initial values and are released: they must not be those of
+    torch.manual_seed(seed), which depends on the seed's low 32 bits only."""
+    x, y, c = tiny_data()
+    models = []
+    for seed in (3, 3 + (5 << 32)):
+        out = tmp_path / str(seed)
+        train(tiny_plan(steps=1), x, y, c, out, TrainConfig(**{**CFG, "seed": seed}, trainable=("net.dec.*",)),
+              progress=False)
+        models.append(params_of(out))
+    frozen = [k for k in models[0] if not k.startswith("net.dec.") and models[0][k].is_floating_point()]
+    assert frozen and any(not torch.equal(models[0][k], models[1][k]) for k in frozen)
