@@ -41,11 +41,15 @@ Names
 - ``mnist``, ``fashion-mnist``, ``cifar10``, ``celeba``: torchvision datasets under ``data_root``
   (default ``~/.cache/dpdm/data``); ``download=True`` fetches them where a network exists. CelebA is
   unlabelled, centre-cropped to 140x140 and resized to 32x32 (the paper's CelebA 32x32).
-- ``folder:PATH``: ImageFolder layout (``PATH/<class>/<image>``; classes sorted by name), or a flat
-  folder of images (unlabelled). All images must share one size. Any grayscale-only folder loads as
-  one channel, otherwise every image is converted to RGB.
+- ``folder:PATH``: ImageFolder layout (``PATH/<class>/<image>``; classes sorted by name; a class folder
+  without images is refused, as torchvision's ImageFolder does), or a flat folder of images
+  (unlabelled). All images must share one size and be 8-bit (modes 1, L, LA, P, PA, RGB, RGBA, ...;
+  16-bit and float images are refused rather than clipped). Any grayscale-only folder loads as one
+  channel, otherwise every image is converted to RGB.
 - ``npz:PATH``: arrays ``x`` (uint8, [N, H, W], [N, C, H, W] or [N, H, W, C] with C in {1, 3}) and
-  optionally ``y`` (integers in [0, num_classes)); an optional scalar ``num_classes``.
+  optionally ``y`` (integers in [0, num_classes), shape [N]); an optional integer scalar ``num_classes``
+  (>= 1; without it, the label count is inferred as ``max(y) + 1``). A file without ``y`` is unlabelled:
+  that is what ``dpdm sample`` writes for an unconditional model.
 
 A path dataset (``folder:``/``npz:``) is a single split: ``split`` is ignored for it.
 """
@@ -54,9 +58,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import lzma
 import math
 import os
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +90,9 @@ TEST_SIZES: dict[str, int] = {
     "celeba": 19962,
 }
 _SPLITS = ("train", "test")
+# Pillow's 8-bit modes, which convert("L") / convert("RGB") map without loss of range.
+_8BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                         "LAB", "HSV"})
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -463,11 +473,24 @@ _TORCHVISION = {
 
 # --- path datasets --------------------------------------------------------------------------------
 
+# What reading a damaged .npz can raise: numpy's own errors, a zip that is not one, a member that does not
+# decompress (deflate: zlib.error; bzip2: OSError; lzma: LZMAError; an unknown method: NotImplementedError),
+# an encrypted member (RuntimeError), a header that does not unpack (struct.error).
+_NPZ_READ_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError,
+                    NotImplementedError, RuntimeError, struct.error)
+
+
 def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     """Loads ``x`` (uint8; [N,H,W], [N,C,H,W] or [N,H,W,C], C in {1,3}) and optional ``y``.
 
+    Labels: ``y``, when present, must be integers >= 0 of shape (N,). A file without ``y`` is
+    unlabelled (`ImageData.y` None, `num_classes` 0): `dpdm sample` writes no ``y`` for an
+    unconditional model. ``num_classes``, when present, must be an integer scalar >= 1 above every
+    label; without it the label count is ``max(y) + 1``.
+
     Raises:
-      DataError: missing/unreadable file, no ``x``, wrong dtype or shape, bad labels.
+      DataError: missing/unreadable/corrupt file, no ``x``, wrong dtype or shape, bad labels or
+        ``num_classes``.
     """
     path = Path(path)
     name = name or f"npz:{path}"
@@ -476,7 +499,7 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except _NPZ_READ_ERRORS as e:
         # numpy takes any file that is neither a zip nor .npy for a pickle and advises loading it
         # "unsafely"; dpdm never does, so that advice is not passed on.
         why = ("it is not an .npz archive; dpdm never loads pickles" if "allow_pickle" in str(e)
@@ -499,16 +522,21 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     if x.shape[0] == 0:
         raise DataError(f"{name}: x holds no images")
     y, num_classes = None, 0
-    if "y" in arrays and arrays["y"].size and arrays["y"].ndim != 0:
+    given = None
+    if "num_classes" in arrays:
+        nc = arrays["num_classes"]
+        if nc.ndim != 0 or not np.issubdtype(nc.dtype, np.integer) or int(nc) < 1:
+            shown = nc.tolist() if nc.size <= 4 and nc.dtype != object else f"{nc.dtype} {nc.shape}"
+            raise DataError(f"{name}: num_classes must be an integer scalar >= 1, got {shown!r}")
+        given = int(nc)
+    if "y" in arrays:
         y = arrays["y"]
         if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
             raise DataError(f"{name}: y must be integers of shape ({x.shape[0]},), got {y.dtype} "
-                            f"{y.shape}")
+                            f"{y.shape} (unlabelled data has no y)")
         if y.min() < 0:
-            raise DataError(f"{name}: y must be >= 0, found {int(y.min())}")
-        num_classes = int(y.max()) + 1
-        if "num_classes" in arrays:
-            num_classes = int(arrays["num_classes"])
+            raise DataError(f"{name}: y must be >= 0, found {int(y.min())} (unlabelled data has no y)")
+        num_classes = int(y.max()) + 1 if given is None else given
         y = torch.from_numpy(y.astype(np.int64))
     return ImageData(_from_uint8(x), y, num_classes, name)
 
@@ -518,14 +546,23 @@ def _load_folder(root: Path, name: str) -> ImageData:
 
     if not root.is_dir():
         raise DataError(f"{name}: {str(root)!r} is not a folder")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if class_dirs:
-        files = [(f, label) for label, d in enumerate(class_dirs) for f in _images_in(d)]
-    else:
-        files = [(f, -1) for f in _images_in(root)]
+    suffixes = ", ".join(sorted(_IMAGE_SUFFIXES))
+    try:
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if class_dirs:
+            files = []
+            for label, d in enumerate(class_dirs):
+                found = _images_in(d)
+                if not found:   # it would still take a label index (torchvision's ImageFolder refuses it too)
+                    raise DataError(f"{name}: class folder {str(d)!r} has no images ({suffixes}); remove it "
+                                    f"or add its images")
+                files.extend((f, label) for f in found)
+        else:
+            files = [(f, -1) for f in _images_in(root)]
+    except OSError as e:
+        raise DataError(f"{name}: cannot list {str(root)!r} ({_one_line(e)})") from None
     if not files:
-        raise DataError(f"{name}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in "
-                        f"{str(root)!r}")
+        raise DataError(f"{name}: no images ({suffixes}) in {str(root)!r}")
     images, size = [], None
     for f, _ in files:
         try:
@@ -534,12 +571,18 @@ def _load_folder(root: Path, name: str) -> ImageData:
                 images.append(img.copy())
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise DataError(f"{name}: cannot read image {str(f)!r} ({_one_line(e)})") from None
+        if img.mode not in _8BIT_MODES:
+            # convert("L") would clip 16-bit values to 0..255 and float ones (NaN included) to 0 or 255.
+            what = ("16-bit/float images are not supported; convert to 8-bit"
+                    if img.mode.startswith(("I", "F")) else
+                    f"image mode {img.mode!r} is not supported; convert to 8-bit grayscale or RGB")
+            raise DataError(f"{name}: image {str(f)!r} has mode {img.mode!r}: {what}")
         if size is None:
             size, first = img.size, f
         elif img.size != size:
             raise DataError(f"{name}: image {str(f)!r} is {img.size[0]}x{img.size[1]} but "
                             f"{str(first)!r} is {size[0]}x{size[1]}; all images must share one size")
-    gray = all(img.mode in ("1", "L", "LA", "I", "I;16", "F") for img in images)
+    gray = all(img.mode in ("1", "L", "LA") for img in images)
     arrays = [np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8) for img in images]
     x = np.stack(arrays)
     x = x[:, None] if gray else x.transpose(0, 3, 1, 2)

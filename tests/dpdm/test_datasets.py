@@ -361,3 +361,69 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match=r"cannot read image .*z\.png") as e:
         load_dataset(f"folder:{broken}")
     assert "\n" not in str(e.value)
+
+
+# --- review mends: npz and folder loaders refuse what they used to misread ----------------------
+
+def test_npz_corrupt_compressed_member_is_a_data_error(tmp_path):
+    """Flipped bytes inside a deflated member raised zlib.error (a traceback, exit 1), not a DataError."""
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, x=rng.integers(0, 256, size=(20, 1, 8, 8), dtype=np.uint8), y=np.arange(20) % 3)
+    data = bytearray(good.read_bytes())
+    for i in range(60, 110):   # inside the first member's compressed data, after its local header
+        data[i] ^= 0xFF
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="cannot read") as e:
+        load_npz(bad)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("num_classes", [np.array([2, 3]), np.array("ten"), np.array(2.7), np.array(0),
+                                         np.array(True)])
+def test_npz_num_classes_must_be_an_integer_scalar(tmp_path, num_classes):
+    """[2, 3] raised TypeError, 'ten' a ValueError outside DataError, and 2.7 was truncated to 2."""
+    path = _save(tmp_path / "d.npz", x=np.zeros((4, 1, 4, 4), np.uint8), y=np.array([0, 1, 0, 1]),
+                 num_classes=num_classes)
+    with pytest.raises(DataError, match="num_classes must be an integer scalar >= 1"):
+        load_npz(path)
+
+
+@pytest.mark.parametrize("y", [np.array([], np.int64), np.array(3), np.zeros((3, 1), np.int64)])
+def test_npz_y_of_another_shape_is_refused_not_dropped(tmp_path, y):
+    """An empty or 0-d y used to load silently as unlabelled data; only a file without y is unlabelled."""
+    path = _save(tmp_path / "d.npz", x=np.zeros((3, 1, 4, 4), np.uint8), y=y)
+    with pytest.raises(DataError, match=r"y must be integers of shape \(3,\)"):
+        load_npz(path)
+    assert load_npz(_save(tmp_path / "u.npz", x=np.zeros((3, 1, 4, 4), np.uint8))).y is None
+
+
+@pytest.mark.parametrize("array, mode", [(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000, "I;16"),
+                                         (np.full((8, 8), 0.5, np.float32), "F"),
+                                         (np.full((8, 8), np.nan, np.float32), "F"),
+                                         (np.arange(64, dtype=np.int32).reshape(8, 8) * 1000, "I")])
+def test_folder_refuses_16_bit_and_float_images(tmp_path, array, mode):
+    """convert("L") clipped them: 0..63000 loaded as almost all +1, 0.5 and NaN as -1."""
+    path = tmp_path / "c0" / "a.tif"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(array).save(path)
+    with Image.open(path) as img:
+        assert img.mode == mode
+    with pytest.raises(DataError, match="16-bit/float images are not supported; convert to 8-bit"):
+        load_dataset(f"folder:{tmp_path}")
+
+
+def test_folder_refuses_an_empty_class_folder(tmp_path):
+    """An empty class folder took a label index: a/, b/ (empty), c/ loaded as labels [0, 2] of 3 classes."""
+    _write_png(tmp_path / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "b").mkdir()
+    _write_png(tmp_path / "c" / "0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"class folder '.*/b' has no images"):
+        load_dataset(f"folder:{tmp_path}")
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"class folder '.*/b' has no images"):
+        load_dataset(f"folder:{tmp_path}")
+    _write_png(tmp_path / "b" / "0.png", np.zeros((4, 4), np.uint8))
+    d = load_dataset(f"folder:{tmp_path}")
+    assert d.y.tolist() == [0, 1, 2] and d.num_classes == 3
