@@ -7,6 +7,7 @@ from cli._common import emit_json, info, resolve_device
 from cli.errors import BadInput
 
 _KINDS = ("logreg", "mlp", "cnn")
+_MAX_SEED = 2**63 - 3   # seeds up to seed + 2 feed torch generators (public pretraining uses seed + 2)
 
 
 @click.command("eval")
@@ -38,17 +39,28 @@ _KINDS = ("logreg", "mlp", "cnn")
 @click.option("--reference-epochs", type=click.IntRange(min=1), default=None,
               help="Epochs of the reference CNN behind the classifier FD [default: 20]; part of its cache key.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the reference CNN is cached [default: ~/.cache/dpdm].")
+              help="Where the reference CNN is cached [default: ~/.cache/dpdm]. Keep it private: the CNN is "
+                   "trained without privacy on the real training data, and its file name fingerprints that data.")
 # Performance.
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True,
+              help="Seeds the classifiers, splits and subsampling (0 <= seed <= 2**63 - 3).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifiers, epochs,
              public_name, public_epochs, augment_shift, inception_weights, reference_epochs, cache_dir, device, seed,
              as_json):
-    """Downstream accuracy (train on synthetic, test on real), classifier FD, optional Inception FID."""
+    """Downstream accuracy (train on synthetic, test on real), classifier FD, optional Inception FID.
+
+    \b
+    What needs labels is skipped (with a line saying so) when they are missing:
+    unlabelled samples (an npz without y, as `dpdm sample` writes for an
+    unconditional model) get no accuracies; unlabelled real training data no
+    classifier FD or precision/recall. Inception FID needs no labels.
+    The classifier FD, precision/recall, reference accuracies and Inception FID
+    are computed WITHOUT privacy from the real training data: keep them private.
+    """
     from dpdm.datasets import DataError, has_test_split, load_dataset, load_npz
-    from dpdm.evaluate import REFERENCE_EPOCHS, check_public_data, evaluate_samples
+    from dpdm.evaluate import MIN_SAMPLES, REFERENCE_EPOCHS, check_public_data, evaluate_samples, skipped_metrics
 
     kinds = tuple(k.strip() for k in classifiers.split(",") if k.strip())
     for k in kinds:
@@ -63,18 +75,30 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         samples = load_npz(samples_path, name=samples_path)
     except DataError as e:
         raise BadInput(f"--samples={samples_path!r}: {e}") from None
+    if len(samples) < MIN_SAMPLES:   # checked before any training, not after it
+        raise BadInput(f"--samples={samples_path!r} holds {len(samples)} images; dpdm eval needs at least "
+                       f"{MIN_SAMPLES} (precision/recall with k = 3)")
     try:
         real_train = load_dataset(dataset, "train", data_root=data_root, download=download)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # DataError is a ValueError
         raise BadInput(f"--dataset={dataset!r}: {e}") from None
+    if len(real_train) < MIN_SAMPLES:
+        raise BadInput(f"--dataset={dataset!r} holds {len(real_train)} images; dpdm eval needs at least {MIN_SAMPLES}")
+    real_test = None
     if test_dataset is None and not has_test_split(dataset):
-        raise BadInput(f"--dataset={dataset!r} has no held-out split; give the real held-out images "
-                       f"with --test-dataset npz:PATH or folder:PATH")
-    try:
-        real_test = (load_dataset(test_dataset, "test", data_root=data_root, download=download)
-                     if test_dataset else load_dataset(dataset, "test", data_root=data_root, download=download))
-    except ValueError as e:
-        raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
+        if real_train.y is not None:
+            raise BadInput(f"--dataset={dataset!r} has no held-out split; give the real held-out images "
+                           f"with --test-dataset npz:PATH or folder:PATH")
+        # Unlabelled real data: no reference CNN, so held-out images would serve only the accuracies.
+    else:
+        try:
+            real_test = (load_dataset(test_dataset, "test", data_root=data_root, download=download)
+                         if test_dataset else load_dataset(dataset, "test", data_root=data_root, download=download))
+        except (ValueError, OSError) as e:
+            raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
+        if len(real_test) < 2:
+            raise BadInput(f"--test-dataset={test_dataset or dataset!r} holds {len(real_test)} image; "
+                           f"dpdm eval needs at least 2")
     public = None
     if public_name is not None:
         from dpdm.dataset_sizes import same_images
@@ -85,15 +109,21 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                                "pretraining must use other, public data")
         try:
             public = load_dataset(public_name, "train", data_root=data_root, download=download)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
         try:
             check_public_data(public, real_train)
         except DataError as e:
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
-    if samples.y is None and kinds:
-        kinds = ()
-        info("samples have no labels 'y': downstream accuracies skipped")
+    skipped = skipped_metrics(samples, real_train, real_test, kinds)
+    if "classifier_fd" in skipped and inception_weights is None and (not kinds or "classifiers" in skipped):
+        why = ("" if not kinds else f"; the accuracies need labelled samples and labelled test data "
+               f"({skipped['classifiers']})")
+        raise BadInput(f"--dataset={dataset!r} has no labels, so there is nothing to compute: the classifier FD "
+                       f"and precision/recall need a labelled training split{why}; give --inception-weights FILE "
+                       f"for the Inception FID, which needs no labels")
+    for metric, reason in _skip_lines(skipped):
+        info(f"{metric} skipped: {reason}")
     try:
         report = evaluate_samples(samples, real_train, real_test, classifiers=kinds, epochs=epochs,
                                   cache_dir=cache_dir, reference_epochs=reference_epochs or REFERENCE_EPOCHS,
@@ -107,6 +137,35 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         emit_json(report)
     else:
         click.echo(format_report(report))
+
+
+def _skip_lines(skipped: dict[str, str]) -> list[tuple[str, str]]:
+    """One (metric, reason) per reason: the FD and precision/recall share theirs."""
+    names = {"classifiers": "downstream accuracies", "classifier_fd": "classifier FD",
+             "classifier_precision_recall": "classifier precision/recall"}
+    by_reason: dict[str, list[str]] = {}
+    for metric, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(names.get(metric, metric))
+    return [(" and ".join(metrics), reason) for reason, metrics in by_reason.items()]
+
+
+_NON_PRIVATE_NAMES = {"classifier_fd": "the classifier FD", "classifier_precision_recall": "precision/recall",
+                      "reference": "the reference CNN's accuracies", "inception_fid": "the Inception FID"}
+
+
+def non_private_line(report: dict) -> str | None:
+    """The line that says which numbers are computed without privacy from the private training split."""
+    keys = report.get("non_private_statistics_of_the_training_data") or []
+    names = []
+    for key in keys:
+        name = _NON_PRIVATE_NAMES["reference" if ".reference." in key else key.split(".")[0]]
+        if name not in names:
+            names.append(name)
+    if not names:
+        return None
+    listed = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
+    return (f"note: {listed} are computed WITHOUT privacy from the private training split of {report['dataset']}: "
+            f"they are outside the DP guarantee; share them only as you would that data")
 
 
 def format_report(report: dict) -> str:
@@ -130,16 +189,22 @@ def format_report(report: dict) -> str:
                          + (f"{r['public_pretrain']['test_accuracy']:>13.4f}" if "public_pretrain" in r else ""))
         lines.append("")
     fd = report["classifier_fd"]
-    ref = fd["reference"]
-    lines.append(f"classifier FD (not FID): {fd['value']:.4f}")
-    if "real_test_value" in fd:
-        lines.append(f"  real test vs real train (floor): {fd['real_test_value']:.4f}")
-    acc = ref.get("real_test_accuracy")
-    lines.append(f"  reference CNN: real test acc {acc:.4f}" if acc is not None else "  reference CNN")
+    if fd is not None:
+        ref = fd["reference"]
+        lines.append(f"classifier FD (not FID): {fd['value']:.4f}")
+        if "real_test_value" in fd:
+            lines.append(f"  real test vs real train (floor): {fd['real_test_value']:.4f}")
+        acc = ref.get("real_test_accuracy")
+        lines.append(f"  reference CNN: real test acc {acc:.4f}" if acc is not None else "  reference CNN")
     pr = report.get("classifier_precision_recall")
     if pr is not None:
         lines.append(f"classifier precision {pr['precision']:.4f} (fidelity), recall {pr['recall']:.4f} (coverage), "
                      f"k={pr['k']}, {pr['n']} images per set")
     if report["inception_fid"] is not None:
         lines.append(f"Inception FID (torchvision weights): {report['inception_fid']:.4f}")
+    for metric, reason in _skip_lines(report.get("skipped") or {}):
+        lines.append(f"{metric}: skipped ({reason})")
+    note = non_private_line(report)
+    if note:
+        lines += ["", note]
     return "\n".join(lines)

@@ -16,8 +16,10 @@
   *training* images in the 128-d penultimate features of a reference CNN trained on the real training
   split (the paper computes FID against training-split statistics). It is not FID and is labelled
   "classifier FD". The reference network is cached under ``~/.cache/dpdm/reference`` (or
-  ``cache_dir``), keyed by dataset name and a digest of the training data. The FD between the real
-  test split and the real training split is reported beside it as a floor.
+  ``cache_dir``), keyed by dataset name and a digest of the training data. That cache is as private as
+  the data (a network trained without privacy on it, and a fingerprint of it in the file name): the
+  report says only whether the network came from the cache (``"cached"``), never its path. The FD
+  between the real test split and the real training split is reported beside it as a floor.
 - **Classifier precision / recall** (Kynkaenniemi et al. 2019, k = 3) in the same features: the
   share of synthetic images inside the real images' k-NN balls (fidelity) and the share of real
   training images inside the synthetic images' balls (coverage). Both sets are subsampled to the
@@ -27,6 +29,16 @@
   downloaded), loaded with ``torch.load(weights_only=True)``; 2048-d pool features of images resized
   to 299x299 (grayscale repeated to 3 channels). torchvision's Inception differs from the TF-Inception
   of standard FID, so values are comparable with each other, not with published FIDs.
+
+The classifier FD, precision / recall, the reference CNN's accuracies and the Inception FID are
+computed **without privacy** from the private training split: they are outside the DP guarantee,
+and the report lists them under ``"non_private_statistics_of_the_training_data"``. The downstream
+accuracies use only the (DP) samples and the held-out real test split.
+
+What needs labels is skipped, with its reason under ``"skipped"``, when they are missing: the
+accuracies need labelled samples and a labelled test split; the reference CNN (classifier FD,
+precision / recall) needs a labelled training split. Inception FID needs no labels. Unlabelled
+samples are an npz without ``y`` (what `dpdm sample` writes for an unconditional model).
 """
 from __future__ import annotations
 
@@ -52,6 +64,8 @@ from dpdm.datasets import DataError, ImageData
 __all__ = [
     "DEFAULT_EPOCHS",
     "DEFAULT_PUBLIC_EPOCHS",
+    "MIN_SAMPLES",
+    "NON_PRIVATE_KEY",
     "REFERENCE_EPOCHS",
     "accuracy",
     "check_public_data",
@@ -61,6 +75,7 @@ __all__ = [
     "downstream_accuracy",
     "evaluate_samples",
     "feature_stats",
+    "skipped_metrics",
     "fit_classifier",
     "frechet_distance",
     "inception_fid",
@@ -76,6 +91,10 @@ REFERENCE_EPOCHS = 20
 DEFAULT_PUBLIC_EPOCHS = 20  # non-private epochs on public data before the synthetic (or DP-SGD) ones
 _REFERENCE_VERSION = 1  # bump when the reference training recipe changes
 _FEATURES = "penultimate (128-d) of a CNN trained on the real training split"
+# Precision / recall's k-NN balls (k = 3) need k + 2 images in each set; the Frechet distance needs 2.
+MIN_SAMPLES = 5
+# The report's list of the values computed without privacy from the private training split.
+NON_PRIVATE_KEY = "non_private_statistics_of_the_training_data"
 
 Progress = Callable[[str], None]
 
@@ -260,7 +279,8 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
     """The paper's CNN trained on the real training split (90/10 selection), cached on disk.
 
     Returns:
-      (model in eval mode, info dict with "cache", "real_val_accuracy", "best_epoch", "epochs").
+      (model in eval mode, info dict with "cache" (the file's path, whose name holds a digest of the
+      private data: keep it local), "cached", "real_val_accuracy", "best_epoch", "epochs").
     """
     if real_train.y is None:
         raise DataError(f"{real_train.name}: the reference classifier needs labelled training data")
@@ -281,9 +301,9 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
             return model, {**info, "cache": str(path), "cached": True}
         except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile):
             pass  # a damaged (or foreign, refused by weights_only) cache entry is rebuilt
-    if progress:
+    if progress:   # the folder only: the file name holds a fingerprint of the private data
         progress(f"training the reference CNN on {real_train.name} ({len(real_train)} images, "
-                 f"{epochs} epochs); cached at {path}")
+                 f"{epochs} epochs, without privacy); cached under {str(path.parent)!r}")
     train, val = _split(len(real_train), 0.1, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -451,6 +471,23 @@ def inception_fid(samples: ImageData, real: ImageData, inception: nn.Module, *,
 
 # --- everything at once --------------------------------------------------------------------------
 
+def skipped_metrics(samples: ImageData, real_train: ImageData, real_test: ImageData | None,
+                    classifiers: tuple[str, ...]) -> dict[str, str]:
+    """What `evaluate_samples` leaves out for want of labels or held-out data: {metric: reason}."""
+    skipped = {}
+    if classifiers:
+        if samples.y is None:
+            skipped["classifiers"] = f"the samples {samples.name} have no labels 'y'"
+        elif real_test is None:
+            skipped["classifiers"] = "there is no real held-out test data"
+        elif real_test.y is None:
+            skipped["classifiers"] = f"the real test data {real_test.name} has no labels"
+    if real_train.y is None:
+        why = f"the real training data {real_train.name} has no labels, which the reference CNN needs"
+        skipped["classifier_fd"] = skipped["classifier_precision_recall"] = why
+    return skipped
+
+
 def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: ImageData | None, *,
                      classifiers: tuple[str, ...] = ("logreg", "mlp", "cnn"),
                      epochs: dict[str, int] | int | None = None,
@@ -463,8 +500,9 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     """Downstream accuracies, classifier FD and (optionally) Inception FID of `samples`.
 
     Args:
-      samples: the synthetic images (labels needed for the accuracies).
-      real_train: the real training split (reference CNN and FD statistics).
+      samples: the synthetic images (labels needed for the accuracies), at least `MIN_SAMPLES`.
+      real_train: the real training split (reference CNN and FD statistics; labels needed for the
+        reference CNN, hence the classifier FD and precision / recall).
       real_test: the real held-out split (accuracies); None skips the accuracies.
       epochs: per-classifier epochs (dict), one number for all, or None for `DEFAULT_EPOCHS`.
       public: labelled PUBLIC data every downstream classifier first trains on (`pretrain_on_public`);
@@ -473,14 +511,21 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
         `random_shift`); 0: the paper's protocol.
 
     Returns:
-      A JSON-serializable dict (see `cli/eval.py` for the printed form).
+      A JSON-serializable dict (see `cli/eval.py` for the printed form). What could not be computed
+      is None (the accuracies: an empty "classifiers") with its reason under "skipped"
+      (`skipped_metrics`); `NON_PRIVATE_KEY` lists the values computed without privacy from
+      `real_train`. The reference CNN's cache path is not in it (its name fingerprints the data).
 
     Raises:
-      DataError: samples whose image shape or labels do not fit the dataset.
+      DataError: samples whose image shape or labels do not fit the dataset, or fewer than
+        `MIN_SAMPLES` of them.
     """
     _check_compatible(samples, real_train)
     if real_test is not None:
         _check_compatible(samples, real_test)
+    if len(samples) < MIN_SAMPLES:
+        raise DataError(f"{samples.name}: holds {len(samples)} images; the evaluation needs at least "
+                        f"{MIN_SAMPLES} (precision / recall with k = 3)")
     if public is not None:
         check_public_data(public, real_train)
     inception = load_inception(inception_weights) if inception_weights is not None else None
@@ -488,14 +533,16 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
         epochs = {k: epochs for k in classifiers}
     epochs = {**DEFAULT_EPOCHS, **(epochs or {})}
     t0 = time.perf_counter()
+    skipped = skipped_metrics(samples, real_train, real_test, classifiers)
     report: dict = {"samples": samples.name, "n_samples": len(samples), "dataset": real_train.name,
                     "image_shape": list(samples.image_shape), "real_train_size": len(real_train),
                     "real_test_size": None if real_test is None else len(real_test),
                     "classifiers": {},
                     "public_pretrain": None if public is None else {"dataset": public.name,
                                                                     "epochs": int(public_epochs)},
-                    "augment_shift": int(shift)}
-    if real_test is not None and real_test.y is not None and samples.y is not None:
+                    "augment_shift": int(shift), "skipped": skipped}
+    non_private = []
+    if "classifiers" not in skipped:
         for kind in classifiers:
             if progress:
                 first = "" if public is None else f"{public_epochs} epochs on public {public.name}, then "
@@ -504,22 +551,32 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
             report["classifiers"][kind] = downstream_accuracy(
                 samples, real_test, kind=kind, epochs=epochs[kind], seed=seed, device=device,
                 public=public, public_epochs=public_epochs, shift=shift)
-    reference, info = reference_classifier(real_train, cache_dir=cache_dir, epochs=reference_epochs,
-                                           seed=seed, device=device, progress=progress)
-    f_samples, f_train = _reference_features(reference, samples, real_train, device=device)  # for FD and P/R
-    fd = {"value": frechet_distance(*feature_stats(f_samples), *feature_stats(f_train)),
-          "features": _FEATURES,
-          "reference": info}
-    if real_test is not None:
-        fd["real_test_value"] = classifier_fd(real_test, real_train, reference, device=device)
-    if real_test is not None and real_test.y is not None:
-        info["real_test_accuracy"] = accuracy(reference, real_test.x, real_test.y, device=device)
-    report["classifier_fd"] = fd
-    report["classifier_precision_recall"] = {**precision_recall(f_train, f_samples, seed=seed), "features": _FEATURES}
+    report["classifier_fd"] = report["classifier_precision_recall"] = None
+    if "classifier_fd" not in skipped:
+        reference, info = reference_classifier(real_train, cache_dir=cache_dir, epochs=reference_epochs,
+                                               seed=seed, device=device, progress=progress)
+        info = {k: v for k, v in info.items() if k != "cache"}   # its file name is a digest of the data
+        f_samples, f_train = _reference_features(reference, samples, real_train, device=device)  # FD and P/R
+        fd = {"value": frechet_distance(*feature_stats(f_samples), *feature_stats(f_train)),
+              "features": _FEATURES,
+              "reference": info}
+        non_private += ["classifier_fd.value", "classifier_fd.reference.real_val_accuracy"]
+        if real_test is not None:
+            fd["real_test_value"] = classifier_fd(real_test, real_train, reference, device=device)
+            non_private.append("classifier_fd.real_test_value")
+        if real_test is not None and real_test.y is not None:
+            info["real_test_accuracy"] = accuracy(reference, real_test.x, real_test.y, device=device)
+            non_private.append("classifier_fd.reference.real_test_accuracy")
+        report["classifier_fd"] = fd
+        report["classifier_precision_recall"] = {**precision_recall(f_train, f_samples, seed=seed),
+                                                 "features": _FEATURES}
+        non_private.append("classifier_precision_recall")
     report["inception_fid"] = None
     if inception is not None:
         if progress:
             progress("computing Inception features (299x299)")
         report["inception_fid"] = inception_fid(samples, real_train, inception, device=device)
+        non_private.append("inception_fid")
+    report[NON_PRIVATE_KEY] = non_private
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report

@@ -321,3 +321,106 @@ def test_baseline_augment_shift(digit_files, tmp_path, capsys):
     code, out, err = _run(capsys, *common, "--quiet", "--augment-shift", "1", "--augment-mult", "2")
     assert code == 0, err
     assert "each example as 2 copies shifted by up to 1 px" in out
+
+
+# --- review mends (dpdm eval) ----------------------------------------------------------------------
+
+def test_eval_output_holds_no_digest_of_the_private_data(digit_files, tmp_path, capsys):
+    """`dpdm eval --json` printed the reference cache path, named by sha256(private x, y)[:16]."""
+    from dpdm.datasets import load_dataset
+    from dpdm.evaluate import _digest
+
+    name = f"npz:{digit_files['train']}"
+    fingerprint = _digest(load_dataset(name))[:16]
+    common = ("eval", "--samples", str(digit_files["samples"]), "--dataset", name,
+              "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "", "--reference-epochs", "1",
+              "--cache-dir", str(tmp_path), "--device", "cpu")
+    code, out, err = _run(capsys, *common)   # trains the reference CNN: its progress line is on stderr
+    assert code == 0, err
+    assert fingerprint not in out + err and "cached under" in err
+    # The human table says which numbers are computed without privacy from the private training split.
+    assert "computed WITHOUT privacy from the private training split" in out
+    code, out, err = _run(capsys, *common, "--json")
+    assert code == 0, err
+    assert fingerprint not in out + err
+    report = json.loads(out)
+    assert report["classifier_fd"]["reference"]["cached"] is True and "cache" not in report["classifier_fd"]["reference"]
+    assert "classifier_precision_recall" in report["non_private_statistics_of_the_training_data"]
+    assert list((tmp_path / "reference").glob(f"*{fingerprint}*"))   # the local cache file keeps its name
+
+
+def test_eval_unlabelled_samples_and_real_data(digit_files, tmp_path, capsys, monkeypatch):
+    """Unconditional samples (an npz without y) and unlabelled real data: what needs labels is skipped with
+    a line saying so, the rest computed; unconditional samples used to carry y = -1, which eval refused."""
+    import torch
+
+    import dpdm.evaluate as ev
+
+    with np.load(digit_files["samples"]) as z:
+        x = z["x"]
+    unlabelled = tmp_path / "uncond.npz"
+    np.savez(unlabelled, x=x[:40])
+    real = tmp_path / "real.npz"
+    np.savez(real, x=x[40:200])
+    code, out, err = _run(capsys, "eval", "--samples", str(unlabelled), "--dataset", f"npz:{digit_files['train']}",
+                          "--test-dataset", f"npz:{digit_files['test']}", "--reference-epochs", "1",
+                          "--cache-dir", str(tmp_path / "c1"), "--device", "cpu", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["classifiers"] == {} and np.isfinite(report["classifier_fd"]["value"])
+    assert "downstream accuracies skipped: the samples" in err and "no labels" in err
+    # Unlabelled real data and no Inception weights: nothing to compute, one line naming --dataset (not --samples).
+    code, _, err = _run(capsys, "eval", "--samples", str(unlabelled), "--dataset", f"npz:{real}",
+                        "--cache-dir", str(tmp_path / "c2"), "--device", "cpu")
+    _assert_one_line_error(code, err, f"--dataset='npz:{real}'", "no labels", "--inception-weights")
+    assert "--samples" not in err and not (tmp_path / "c2").exists()
+    # With (stand-in) Inception weights: the Inception FID, and the reference metrics skipped with their reason.
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten())
+    monkeypatch.setattr(ev, "load_inception", lambda weights: net)
+    weights = tmp_path / "inception.pt"
+    weights.write_bytes(b"stand-in")
+    code, out, err = _run(capsys, "eval", "--samples", str(unlabelled), "--dataset", f"npz:{real}",
+                          "--inception-weights", str(weights), "--cache-dir", str(tmp_path / "c2"),
+                          "--device", "cpu", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert np.isfinite(report["inception_fid"]) and report["classifier_fd"] is None
+    assert "no labels" in report["skipped"]["classifier_fd"]
+    assert report["non_private_statistics_of_the_training_data"] == ["inception_fid"]
+    assert "classifier FD and classifier precision/recall skipped" in err
+    code, out, err = _run(capsys, "eval", "--samples", str(unlabelled), "--dataset", f"npz:{real}",
+                          "--inception-weights", str(weights), "--device", "cpu")
+    assert code == 0, err
+    assert "Inception FID" in out and "skipped" in out and "WITHOUT privacy" in out
+    # An old unconditional sample file (y = -1) is refused with the hint.
+    old = tmp_path / "old.npz"
+    np.savez(old, x=x[:40], y=np.full(40, -1))
+    code, _, err = _run(capsys, "eval", "--samples", str(old), "--dataset", f"npz:{digit_files['train']}",
+                        "--test-dataset", f"npz:{digit_files['test']}")
+    _assert_one_line_error(code, err, "--samples", "unlabelled data has no y")
+
+
+def test_eval_bad_seed_too_few_samples_and_unreadable_data(digit_files, tmp_path, capsys, monkeypatch):
+    common = ("eval", "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+              "--cache-dir", str(tmp_path / "cache"), "--device", "cpu")
+    # "dpdm: error: Overflow when unpacking long long", after the classifiers had trained.
+    code, _, err = _run(capsys, *common, "--samples", str(digit_files["samples"]), "--seed", "99999999999999999999999")
+    _assert_one_line_error(code, err, "--seed")
+    code, _, err = _run(capsys, *common, "--samples", str(digit_files["samples"]), "--seed", "-1")
+    _assert_one_line_error(code, err, "--seed")
+    # Too few samples: refused up front, naming --samples, before anything trains.
+    four = tmp_path / "four.npz"
+    with np.load(digit_files["samples"]) as z:
+        np.savez(four, x=z["x"][:4], y=z["y"][:4])
+    code, _, err = _run(capsys, *common, "--samples", str(four))
+    _assert_one_line_error(code, err, f"--samples='{four}'", "holds 4 images", "at least 5")
+    assert not (tmp_path / "cache").exists()
+    # An OSError while loading the real data (an unreadable folder, say) is one line naming the option.
+    import dpdm.datasets
+
+    def unreadable(name, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", name)
+
+    monkeypatch.setattr(dpdm.datasets, "load_dataset", unreadable)
+    code, _, err = _run(capsys, *common, "--samples", str(digit_files["samples"]))
+    _assert_one_line_error(code, err, "--dataset=", "Permission denied")

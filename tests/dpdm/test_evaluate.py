@@ -291,3 +291,69 @@ def test_inception_fid_with_random_weights(tmp_path):
     net = load_inception(path)
     a = ImageData(torch.rand(6, 1, 8, 8) * 2 - 1, None, 0, "a")
     assert inception_fid(a, a, net) == pytest.approx(0.0, abs=1e-3)
+
+
+# --- review mends: no fingerprint of the private data, unlabelled data, non-private statistics ----
+
+def _tiny_inception(monkeypatch):
+    """Replaces load_inception with a 48-d pooling 'network' (no 100 MB of real weights)."""
+    import dpdm.evaluate as ev
+
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten())
+    monkeypatch.setattr(ev, "load_inception", lambda weights: net)
+
+
+def test_evaluate_report_holds_no_fingerprint_and_names_non_private_statistics(digits, tmp_path):
+    """The report held the cache path, whose name is sha256(private x, y)[:16]."""
+    import json
+
+    from dpdm.evaluate import NON_PRIVATE_KEY, _digest
+
+    train, test = digits
+    train = ImageData(train.x[:300], train.y[:300], 10, "digits-300")
+    samples = ImageData(test.x[:50], test.y[:50], 10, "samples")
+    seen = []
+    for attempt in range(2):   # trained, then from the cache
+        report = evaluate_samples(samples, train, test, classifiers=(), reference_epochs=1, cache_dir=tmp_path,
+                                  progress=seen.append)
+        ref = report["classifier_fd"]["reference"]
+        assert "cache" not in ref and ref["cached"] is (attempt == 1)
+        assert _digest(train)[:16] not in json.dumps(report)
+    assert _digest(train)[:16] not in " ".join(seen)   # nor in the progress line, which names the folder only
+    assert list((tmp_path / "reference").glob(f"*{_digest(train)[:16]}*.pt"))   # the local cache keeps its name
+    assert report[NON_PRIVATE_KEY] == ["classifier_fd.value", "classifier_fd.reference.real_val_accuracy",
+                                       "classifier_fd.real_test_value", "classifier_fd.reference.real_test_accuracy",
+                                       "classifier_precision_recall"]
+    assert report["skipped"] == {}
+
+
+def test_evaluate_unlabelled_data_skips_what_needs_labels(digits, tmp_path, monkeypatch):
+    """Unlabelled real data raised 'the reference classifier needs labelled training data'; now the
+    reference metrics are skipped with their reason and the Inception FID is still computed."""
+    from dpdm.evaluate import NON_PRIVATE_KEY
+
+    _tiny_inception(monkeypatch)
+    train, test = digits
+    real = ImageData(train.x[:200], None, 0, "unlabelled-real")
+    samples = ImageData(test.x[:60], None, 0, "unlabelled-samples")
+    report = evaluate_samples(samples, real, None, reference_epochs=1, cache_dir=tmp_path,
+                              inception_weights="unused.pt")
+    assert report["classifier_fd"] is None and report["classifier_precision_recall"] is None
+    assert report["classifiers"] == {} and math.isfinite(report["inception_fid"]) and report["inception_fid"] > 0
+    assert "no labels" in report["skipped"]["classifier_fd"] and "no labels" in report["skipped"]["classifiers"]
+    assert report[NON_PRIVATE_KEY] == ["inception_fid"]
+    assert not tmp_path.exists() or not list(tmp_path.iterdir())   # no reference CNN trained
+    # Labelled real data, unlabelled samples: the FD is there, the accuracies skipped with their reason.
+    labelled = ImageData(train.x[:200], train.y[:200], 10, "labelled-real")
+    report = evaluate_samples(samples, labelled, test, reference_epochs=1, cache_dir=tmp_path)
+    assert report["classifiers"] == {} and report["skipped"] == {"classifiers": "the samples unlabelled-samples "
+                                                                                "have no labels 'y'"}
+    assert math.isfinite(report["classifier_fd"]["value"])
+
+
+def test_evaluate_refuses_too_few_samples_before_training(digits, tmp_path):
+    """4 samples failed only after every classifier and the reference CNN had trained."""
+    train, test = digits
+    with pytest.raises(DataError, match="holds 4 images; the evaluation needs at least 5"):
+        evaluate_samples(ImageData(test.x[:4], test.y[:4], 10, "four"), train, test, cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
