@@ -344,7 +344,8 @@ def test_eval_output_holds_no_digest_of_the_private_data(digit_files, tmp_path, 
     assert code == 0, err
     assert fingerprint not in out + err
     report = json.loads(out)
-    assert report["classifier_fd"]["reference"]["cached"] is True and "cache" not in report["classifier_fd"]["reference"]
+    reference = report["classifier_fd"]["reference"]
+    assert reference["cached"] is True and "cache" not in reference
     assert "classifier_precision_recall" in report["non_private_statistics_of_the_training_data"]
     assert list((tmp_path / "reference").glob(f"*{fingerprint}*"))   # the local cache file keeps its name
 
