@@ -4,7 +4,9 @@ from __future__ import annotations
 import click
 
 from cli._common import FiniteFloatRange, checkpoint_of, emit_json, info, resolve_device, warn_if_slow_bf16
-from cli.errors import BadInput
+from cli.errors import BadInput, runtime_failure
+
+_MAX_SEED = 2**63 - 1   # dpdm.sampling.MAX_SEED (not imported here: torch loads only when needed)
 
 
 @click.command()
@@ -39,11 +41,13 @@ from cli.errors import BadInput
               help="bf16: the network under bfloat16 autocast, 1.3-1.9x faster on a CPU with AMX (small to mnist "
                    "U-Net; benchmarks/precision.py), slower on one without; the images differ from fp32's by "
                    "a fraction of a grey level on average.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Image i uses seed + i.")
+@click.option("--seed", type=click.IntRange(min=0, max=_MAX_SEED), default=0, show_default=True,
+              help="Image i uses seed + i; 0 <= seed <= 2**63 - n (n: --n), so that every image's seed is below 2**63.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
-@click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None, help="Also write a PNG grid, a row per class.")
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a grid of samples, a row per class (.png, .pdf, .svg, .jpg or .jpeg).")
 @click.option("--json", "as_json", is_flag=True)
 def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, s_max, s_noise, guidance, guidance_interval, sigma_min, sigma_max, rho, weights, precision,
            seed, batch_size, device, out_path, grid_path, as_json):
@@ -61,9 +65,20 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         raise BadInput(f"--s-min={s_min:g} must be below --s-max={s_max:g}")
     if not str(out_path).endswith(".npz"):
         raise BadInput(f"--out={out_path!r} must end in .npz")
+    if seed > _MAX_SEED - (n - 1):
+        raise BadInput(f"--seed={seed} is too large for --n {n}: image i uses seed + i, which must stay below "
+                       f"2**63, so --seed must be at most 2**63 - n = {_MAX_SEED - (n - 1)}")
+    from dpdm.report_utils import grid_suffix_problem, output_parent_problem
+
+    if grid_path is not None and grid_suffix_problem(grid_path):
+        raise BadInput(f"--grid={grid_path!r} {grid_suffix_problem(grid_path)}")
+    for option, value in (("--out", out_path), ("--grid", grid_path)):   # before any sampling work
+        problem = value is not None and output_parent_problem(value)
+        if problem:
+            raise BadInput(f"{option}={value!r}: {problem}")
     device = resolve_device(device)
     warn_if_slow_bf16(precision, device)
-    from dpdm.sample import SampleError, sample_checkpoint
+    from dpdm.sample import SampleError, SampleFailure, sample_checkpoint
 
     try:
         result = sample_checkpoint(path, n=n, sampler=sampler, sampler_steps=sampler_steps, guidance=guidance,
@@ -72,6 +87,8 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
                                    precision=precision, batch_size=batch_size, device=device, out_path=out_path, grid_path=grid_path)
     except SampleError as e:
         raise BadInput(str(e)) from None
+    except SampleFailure as e:   # NaN/inf weights: nobody's input mistake, exit 4 (nothing written)
+        raise runtime_failure(str(e)) from None
     if as_json:
         emit_json(result)
     else:

@@ -17,6 +17,11 @@ class SampleError(ValueError):
     """A checkpoint that cannot be sampled from, or bad sampling options."""
 
 
+class SampleFailure(RuntimeError):
+    """Sampling ran but failed through nobody's input mistake: the network's output is not finite
+    (NaN or inf weights). Nothing is written. `dpdm sample` exits 4 (a runtime failure)."""
+
+
 def _weights_of(state: dict, weights: str, path) -> dict:
     """The state dict `weights` names: "ema", "raw", or "power:GAMMA" (a power EMA kept by `--ema-power`)."""
     from dpdm.train import ema_power_key
@@ -69,14 +74,30 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                       out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Draws `n` images (balanced labels i % num_classes) and writes them to `out_path` atomically.
 
+    The npz holds ``x`` (uint8 [n, C, H, W]), ``y`` (int64 [n]) for a conditional model and no ``y`` for
+    an unconditional one (`dpdm.datasets.load_npz` reads a file without ``y`` as unlabelled), and
+    ``meta_*`` scalars (never an object array). `grid_path` (a suffix of `report_utils.GRID_SUFFIXES`)
+    is written atomically too; a failure leaves no temporary file.
+
+    seed: image i uses seed + i; 0 <= seed <= 2**63 - n (`dpdm.sampling.MAX_SEED`).
     sigma_min / sigma_max None: Karras's 0.002 / 80, narrowed to the noise levels the run trained on
     (`dpdm train --train-sigma`), so that the sampler does not ask the network about levels it never saw.
     precision: "fp32", or "bf16" (the network under bfloat16 autocast; `dpdm.sampling.PRECISIONS`).
+
+    Raises:
+      SampleError: bad options or a checkpoint that cannot be sampled from (nothing written).
+      SampleFailure: the network produced NaN or inf (nothing written).
     """
-    from dpdm.sampling import PRECISIONS, generate
+    from dpdm.report_utils import grid_suffix_problem
+    from dpdm.sampling import MAX_SEED, PRECISIONS, NonFiniteSamplesError, generate
 
     if precision not in PRECISIONS:
         raise SampleError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+    if isinstance(seed, bool) or int(seed) != seed or not 0 <= int(seed) <= MAX_SEED - max(int(n) - 1, 0):
+        raise SampleError(f"seed={seed!r} must be in [0, 2**63 - n] = [0, {MAX_SEED - max(int(n) - 1, 0)}] "
+                          f"(image i uses seed + i)")
+    if grid_path and grid_suffix_problem(grid_path):
+        raise SampleError(f"grid path {str(grid_path)!r} {grid_suffix_problem(grid_path)}")
 
     D, state = load_denoiser(path, weights=weights, device=device)
     cfg, ledger = state["config"], state["ledger"]
@@ -90,13 +111,18 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                           f"sigma_max={sigma_max:g} (--sigma-max)")
     num_classes = int(cfg["num_classes"])
     labels = torch.arange(n) % num_classes if num_classes > 0 else None
-    with torch.no_grad():
-        x, y = generate(D, n=n, labels=labels, seed=seed, sampler=sampler, sampler_steps=sampler_steps,
-                        guidance=guidance, guidance_interval=guidance_interval, batch_size=batch_size, device=device,
-                        sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sampler_kwargs=sampler_kwargs,
-                        precision=precision)
+    try:
+        with torch.no_grad():
+            x, y = generate(D, n=n, labels=labels, seed=seed, sampler=sampler, sampler_steps=sampler_steps,
+                            guidance=guidance, guidance_interval=guidance_interval, batch_size=batch_size,
+                            device=device, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                            sampler_kwargs=sampler_kwargs, precision=precision)
+    except NonFiniteSamplesError as e:
+        raise SampleFailure(f"checkpoint {str(path)!r} ({weights} weights): {e}; its weights are unusable, "
+                            f"nothing written") from None
     x = np.asarray(x.cpu().numpy() if torch.is_tensor(x) else x, dtype=np.uint8)
-    y_np = np.asarray(y.cpu().numpy() if torch.is_tensor(y) else (y if y is not None else np.full(n, -1)), dtype=np.int64)
+    # No y for an unconditional model: load_npz reads that as unlabelled (a y of -1 would be refused).
+    y_np = None if y is None else np.asarray(y.cpu().numpy() if torch.is_tensor(y) else y, dtype=np.int64)
     private = bool(ledger["private"])
     meta = {
         "private": private,
@@ -114,14 +140,25 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         "init_dataset": (cfg.get("init") or {}).get("dataset"),
     }
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.npz")
-    np.savez(tmp, x=x, y=y_np, **{f"meta_{k}": np.asarray(np.nan if v is None else v) for k, v in meta.items()})
-    os.replace(tmp, out_path)
-    if grid_path:
-        from dpdm.report_utils import save_grid
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp.npz")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        labels_part = {} if y_np is None else {"y": y_np}
+        np.savez(tmp, x=x, **labels_part, **{f"meta_{k}": _meta_array(v) for k, v in meta.items()})
+        if grid_path:   # written (atomically) before the npz is renamed into place: a failure writes neither
+            from dpdm.report_utils import save_grid
 
-        title = (f"dpdm samples, DP (eps={meta['epsilon']:.3g}, delta={meta['delta']:g})" if private
-                 else "dpdm samples, NON-PRIVATE (--no-dp)")
-        save_grid(x, y_np if num_classes > 0 else None, grid_path, title=title)
+            title = (f"dpdm samples, DP (eps={meta['epsilon']:.3g}, delta={meta['delta']:g})" if private
+                     else "dpdm samples, NON-PRIVATE (--no-dp)")
+            save_grid(x, y_np, grid_path, title=title)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta}
+
+
+def _meta_array(value) -> np.ndarray:
+    """A meta value as a plain numpy scalar/array: None as NaN, and anything numpy would store as an
+    object array (which np.savez pickles and load_npz refuses) as its text."""
+    a = np.asarray(np.nan if value is None else value)
+    return np.asarray(str(value)) if a.dtype == object else a

@@ -24,6 +24,15 @@ SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 # parameters' dtype). Fast on GPUs and on CPUs with AMX or AVX512-BF16; slow elsewhere.
 PRECISIONS = ("fp32", "bf16")
 
+# Image i of `generate` draws from seed + i; every such seed must be below 2**63 (torch.Generator's seeds
+# are taken modulo 2**63 here, so a larger one would repeat seed - 2**63's images).
+MAX_SEED = 2**63 - 1
+
+
+class NonFiniteSamplesError(RuntimeError):
+    """The network produced NaN or inf: its weights (or the sampler's settings) are unusable. Not bad
+    input; the uint8 conversion would otherwise turn NaN into black images without a word."""
+
 
 def autocast_for(precision: str, device: torch.device | str):
     """The context in which a network runs at `precision` ("fp32": none; "bf16": autocast)."""
@@ -220,12 +229,20 @@ def generate(
     precision: str = "fp32",                  # "bf16": the network under bfloat16 autocast (PRECISIONS)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw n images; image i uses seed `seed + i`, so results do not depend on batch_size.
+    0 <= seed and seed + n - 1 <= MAX_SEED (2**63 - 1).
 
     Returns:
         x uint8 [n, C, H, W] (data in [-1, 1] mapped to [0, 255]) and y int64 [n] (None if unconditional).
+
+    Raises:
+        NonFiniteSamplesError: the network's output (hence a batch of images) is not finite.
     """
     if int(n) != n or n < 0:
         raise ValueError(f"n={n!r} must be a non-negative integer")
+    if isinstance(seed, bool) or int(seed) != seed or not 0 <= int(seed) <= MAX_SEED - max(int(n) - 1, 0):
+        raise ValueError(f"seed={seed!r} must be an integer with 0 <= seed and seed + n - 1 <= 2**63 - 1 "
+                         f"(image i uses seed + i)")
+    seed = int(seed)
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     if sampler not in SAMPLERS:
@@ -256,5 +273,8 @@ def generate(
             x = sample(D, x, sigmas, class_labels=y_b, guidance=guidance, guidance_interval=guidance_interval,
                        randn_like=rnd.randn_like,
                        **(sampler_kwargs or {}))
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteSamplesError(f"the network produced non-finite values (NaN or inf) for images "
+                                        f"{start}..{stop - 1}")
         out[start:stop] = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
     return out, y

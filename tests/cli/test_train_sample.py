@@ -369,3 +369,133 @@ def test_non_finite_floats_are_one_error_line(tiny, capsys, command, option, val
     code, _, err = run_cli([*argv, option, value], capsys)
     assert option in _one_error_line(code, err)
     assert not (d / "run").exists() and not (d / "s.npz").exists() and not (d / "audit").exists()
+
+
+# --- review mends (dpdm sample) --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A conditional run (3 classes) and an unconditional one (an npz without y), 2 steps each."""
+    d = tmp_path_factory.mktemp("sample_runs")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
+    np.savez(d / "data.npz", x=x, y=(np.arange(24) % 3).astype(np.int64))
+    np.savez(d / "udata.npz", x=x)
+    for data, run in (("data.npz", "run"), ("udata.npz", "urun")):
+        plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=2.0, delta=1e-5,
+                                      dataset_name=f"npz:{d / data}")
+        accounting.write_plan(accounting.make_plan_document(plan), d / f"{run}.json")
+        assert main(["train", "--plan", str(d / f"{run}.json"), "--out", str(d / run), "--device", "cpu",
+                     "--quiet"]) == 0
+    return d
+
+
+def _sample_args(run, out, *extra):
+    return ["sample", "--run", run, "--n", 6, "--sampler-steps", 2, "--device", "cpu", "--out", out, *extra]
+
+
+def _no_leftovers(folder):
+    return not [p.name for p in folder.iterdir() if ".tmp" in p.name]
+
+
+def test_unconditional_samples_have_no_y_and_eval_takes_them(runs, tmp_path, capsys):
+    """Unconditional samples carried y = -1, which `dpdm eval` refused ("y must be >= 0")."""
+    code, _, err = run_cli(_sample_args(runs / "urun", tmp_path / "u.npz", "--grid", tmp_path / "u.png"), capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "u.npz") as z:
+        assert "y" not in z.files and z["x"].shape == (6, 1, 8, 8)
+        assert all(z[k].dtype != object for k in z.files)
+    code, out, err = run_cli(["eval", "--samples", tmp_path / "u.npz", "--dataset", f"npz:{runs / 'data.npz'}",
+                              "--test-dataset", f"npz:{runs / 'data.npz'}", "--reference-epochs", 1,
+                              "--cache-dir", tmp_path / "cache", "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["classifiers"] == {} and "no labels" in report["skipped"]["classifiers"]
+    assert np.isfinite(report["classifier_fd"]["value"])
+
+
+def test_bad_grid_or_output_folder_refused_before_sampling(runs, tmp_path, capsys, monkeypatch):
+    """--grid g.txt failed in matplotlib after all the sampling (the npz already written); --out afile/s.npz
+    raised FileExistsError after it. Now each is one line naming its option, and nothing is sampled."""
+    import dpdm.sample
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before checking the options")
+
+    monkeypatch.setattr(dpdm.sample, "sample_checkpoint", no_sampling)
+    (tmp_path / "afile").write_text("a file")
+    for extra, option in (((tmp_path / "s.npz", "--grid", tmp_path / "g.txt"), "--grid"),
+                          ((tmp_path / "s.npz", "--grid", tmp_path / "g"), "--grid"),
+                          ((tmp_path / "afile" / "s.npz",), "--out"),
+                          ((tmp_path / "afile" / "sub" / "s.npz",), "--out"),
+                          ((tmp_path / "s.npz", "--grid", tmp_path / "afile" / "g.png"), "--grid")):
+        code, _, err = run_cli(_sample_args(runs / "run", *extra), capsys)
+        assert _one_error_line(code, err).startswith(f"dpdm: error: {option}=")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg", ".jpg", ".jpeg"])
+def test_grid_formats_written_atomically(runs, tmp_path, capsys, suffix):
+    code, _, err = run_cli(_sample_args(runs / "run", tmp_path / "new" / "s.npz", "--grid",
+                                        tmp_path / "g" / f"grid{suffix}"), capsys)
+    assert code == 0, err
+    assert (tmp_path / "g" / f"grid{suffix}").stat().st_size > 0 and (tmp_path / "new" / "s.npz").exists()
+    assert _no_leftovers(tmp_path / "g") and _no_leftovers(tmp_path / "new")
+
+
+def test_a_failing_grid_leaves_nothing_behind(runs, tmp_path, monkeypatch):
+    """The grid was written in place after the npz; a failure left the npz and a partial grid behind."""
+    import matplotlib.figure
+
+    from dpdm.sample import sample_checkpoint
+
+    def disk_full(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        sample_checkpoint(runs / "run" / "checkpoint.pt", n=4, sampler_steps=2, out_path=tmp_path / "s.npz",
+                          grid_path=tmp_path / "grid.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_non_finite_weights_are_a_runtime_failure(runs, tmp_path, capsys):
+    """NaN EMA weights gave all-black samples and exit 0; now exit 4, naming the checkpoint, nothing written."""
+    state = torch.load(runs / "run" / "checkpoint.pt", weights_only=True)
+    for t in state["ema"].values():
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    code, out, err = run_cli(["sample", "--checkpoint", tmp_path / "nan.pt", "--n", 2, "--sampler-steps", 2,
+                              "--device", "cpu", "--out", tmp_path / "s.npz", "--grid", tmp_path / "g.png"], capsys)
+    assert code == 4, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "nan.pt" in lines[0] and "ema weights" in lines[0] and "NaN" in lines[0] and "nothing written" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]
+    # The raw weights are finite: sampling them works.
+    code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "nan.pt", "--weights", "raw", "--n", 2,
+                            "--sampler-steps", 2, "--device", "cpu", "--out", tmp_path / "s.npz"], capsys)
+    assert code == 0, err
+
+
+def test_seed_range_keeps_every_image_seed_below_2_to_the_63(runs, tmp_path, capsys):
+    """--seed 2**64 wrote an object array (pickled) that `dpdm eval` refused; seeds wrapped modulo 2**63."""
+    from dpdm.sample import SampleError, sample_checkpoint
+
+    for seed, n in ((2**64, 1), (2**63, 1), (2**63 - 1, 2), (-1, 1)):
+        code, _, err = run_cli(["sample", "--run", runs / "run", "--n", n, "--seed", seed, "--out",
+                                tmp_path / "s.npz"], capsys)
+        assert "--seed" in _one_error_line(code, err)
+    assert not list(tmp_path.iterdir())
+    top = 2**63 - 2   # the largest seed for --n 2
+    code, _, err = run_cli(["sample", "--run", runs / "run", "--n", 2, "--seed", top, "--sampler-steps", 2,
+                            "--device", "cpu", "--out", tmp_path / "s.npz"], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
+        assert int(z["meta_seed"]) == top and z["meta_seed"].dtype == np.int64
+    with pytest.raises(SampleError, match="seed"):
+        sample_checkpoint(runs / "run" / "checkpoint.pt", n=2, seed=2**63 - 1, out_path=tmp_path / "t.npz")
+    assert not (tmp_path / "t.npz").exists()

@@ -243,3 +243,53 @@ def test_generate_bf16_close_to_fp32_and_batch_independent(tiny_denoisers):
     assert torch.equal(generate(D, precision="fp32", **kw)[0], x32)
     with pytest.raises(ValueError, match="precision='fp16'"):
         generate(D, precision="fp16", **kw)
+
+
+# --- review mends: non-finite output and the seed range ------------------------------------------
+
+class ConstD:
+    """An unconditional 1x4x4 'network' whose every output is `value` (NaN, inf or a number)."""
+
+    num_classes, img_channels, img_resolution = 0, 1, 4
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, x, sigma, class_labels=None):
+        return torch.full_like(x, self.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_generate_refuses_non_finite_output(value):
+    """(x * 127.5 + 128).clip(0, 255).to(uint8) turned NaN into 0: all-black images and no error."""
+    from dpdm.sampling import NonFiniteSamplesError
+
+    with pytest.raises(NonFiniteSamplesError, match=r"non-finite values \(NaN or inf\) for images 0\.\.1"):
+        generate(ConstD(value), n=4, batch_size=2, sampler_steps=2)
+    # The first batch is fine, the second is not (Euler with 2 steps calls the network twice a batch).
+    with pytest.raises(NonFiniteSamplesError, match=r"for images 2\.\.3"):
+        generate(_FiniteThenNot(value), n=4, batch_size=2, sampler_steps=2)
+    x, _ = generate(ConstD(0.5), n=2, sampler_steps=2)
+    assert x.dtype == torch.uint8 and int(x.min()) > 0
+
+
+class _FiniteThenNot(ConstD):
+    """Finite for the first batch of 2 images, then `value`."""
+
+    def __init__(self, value):
+        super().__init__(value)
+        self.seen = 0
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.seen += 1
+        return torch.zeros_like(x) if self.seen <= 2 else torch.full_like(x, self.value)
+
+
+def test_generate_refuses_seeds_past_2_to_the_63():
+    """Per-image seeds were taken modulo 2**63: seed 2**63 reproduced seed 0's images."""
+    D = ConstD(0.0)
+    top = 2**63 - 1
+    assert generate(D, n=2, seed=top - 1, sampler_steps=2)[0].shape == (2, 1, 4, 4)
+    for seed, n in ((top, 2), (2**63, 1), (-1, 1), (1.5, 1)):
+        with pytest.raises(ValueError, match="seed"):
+            generate(D, n=n, seed=seed, sampler_steps=2)
