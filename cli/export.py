@@ -14,7 +14,7 @@ from cli.errors import BadInput
 @click.option("--weights", default="ema", show_default=True,
               help="The one set of weights to release: ema, raw (the last iterate), or power:GAMMA.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="The release file (model.pt); `dpdm sample --checkpoint` reads it.")
+              help="The release file (model.pt), outside the run folder; `dpdm sample --checkpoint` reads it.")
 @click.option("--json", "as_json", is_flag=True)
 def export(run_dir, checkpoint_path, weights, out_path, as_json):
     """Write a model file that is safe to release.
@@ -28,6 +28,11 @@ def export(run_dir, checkpoint_path, weights, out_path, as_json):
     """
     path = checkpoint_of(run_dir, checkpoint_path)
     from dpdm.export import ExportError, export_model
+    from dpdm.report_utils import output_parent_problem
+
+    problem = output_parent_problem(out_path)
+    if problem:
+        raise BadInput(f"--out={out_path!r}: {problem}")
 
     try:
         result = export_model(path, out_path, weights=weights)

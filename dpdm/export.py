@@ -62,7 +62,9 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
 
     Raises:
         ExportError: the checkpoint is missing, corrupt or not a training checkpoint; `weights` is not
-            in it; no locked plan.json of its plan lies beside it; or `out_path` is the checkpoint itself.
+            in it; no locked plan.json of its plan lies beside it; or `out_path` is the checkpoint itself
+            or lies anywhere inside the run folder (the checkpoint's folder, whose plan.json, config.json,
+            metrics.csv and checkpoints it would overwrite, and which is not for release).
     """
     from dpdm.sample import SampleError, _weights_of
 
@@ -73,6 +75,11 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
         raise ExportError(str(e)) from None
     if out.exists() and out.resolve() == src.resolve():
         raise ExportError(f"--out={str(out)!r} is the checkpoint itself; write the release file elsewhere")
+    run_dir = src.resolve().parent
+    target = out.resolve()   # links resolved, so a link into the run folder is inside it too
+    if target == run_dir or run_dir in target.parents:
+        raise ExportError(f"--out={str(out)!r} lies inside the run folder {str(run_dir)!r}; write the release "
+                          "file outside it (the run folder holds the run's secrets and its locked files)")
     try:
         chosen = _weights_of(state, weights, src)
     except SampleError as e:

@@ -177,3 +177,34 @@ def test_release_ledger_is_reaccounted_against_its_plan(run, tmp_path, capsys):
     shutil.copy(tmp_path / "other.json", lone / "plan.json")
     code, _, err = run_cli(["export", "--checkpoint", lone / "checkpoint.pt", "--out", tmp_path / "x.pt"], capsys)
     assert "trained under" in one_error_line(code, err) and not (tmp_path / "x.pt").exists()
+
+
+def test_out_inside_the_run_folder_is_refused(run, tmp_path, capsys):
+    """`dpdm export --out RUN/plan.json` replaced the locked plan with a torch zip (and config.json,
+    metrics.csv the same way); every later export of the run then failed."""
+    copy = tmp_path / "runcp"
+    shutil.copytree(run / "run", copy)
+    before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert {"plan.json", "config.json", "metrics.csv", "checkpoint.pt"} <= {str(p) for p in before}
+    link = tmp_path / "link"
+    link.symlink_to(copy, target_is_directory=True)
+    for out in ("plan.json", "config.json", "metrics.csv", "new.pt", "sub/model.pt"):
+        for source in (["--run", copy], ["--checkpoint", copy / "checkpoint.pt"]):
+            code, _, err = run_cli(["export", *source, "--out", copy / out], capsys)
+            line = one_error_line(code, err)
+            assert f"--out='{copy / out}'" in line and "inside the run folder" in line, line
+    code, _, err = run_cli(["export", "--run", copy, "--out", link / "m.pt"], capsys)   # through a link
+    assert "inside the run folder" in one_error_line(code, err)
+    after = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert after == before and not (copy / "sub").exists()
+    assert run_cli(["export", "--run", copy, "--out", tmp_path / "m.pt"], capsys)[0] == 0   # outside: fine
+
+
+def test_out_under_a_file_is_one_error_line(run, tmp_path, capsys):
+    """`--out afile/m.pt` raised FileExistsError (a traceback) after loading the checkpoint."""
+    (tmp_path / "afile").write_text("a file, not a folder")
+    for out in (tmp_path / "afile" / "m.pt", tmp_path / "afile" / "deeper" / "m.pt"):
+        code, _, err = run_cli(["export", "--run", run / "run", "--out", out], capsys)
+        line = one_error_line(code, err)
+        assert f"--out='{out}'" in line and "not a folder" in line
+    assert (tmp_path / "afile").read_text() == "a file, not a folder"
