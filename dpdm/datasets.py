@@ -102,12 +102,18 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageData:
-    """Images in [-1, 1] as float32 [N, C, H, W]; labels int64 [N] in [0, num_classes) or None."""
+    """Images in [-1, 1] as float32 [N, C, H, W]; labels int64 [N] in [0, num_classes) or None.
+
+    num_classes_inferred: the label count was read off the labels themselves (``max(y) + 1``: an
+    ``npz:`` file without ``num_classes``). For private training data that count depends on the private
+    labels (drop the only example of the last class and it shrinks), so a training command may warn.
+    """
 
     x: torch.Tensor
     y: torch.Tensor | None
     num_classes: int
     name: str
+    num_classes_inferred: bool = False
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.ndim != 4:
@@ -538,7 +544,7 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
             raise DataError(f"{name}: y must be >= 0, found {int(y.min())} (unlabelled data has no y)")
         num_classes = int(y.max()) + 1 if given is None else given
         y = torch.from_numpy(y.astype(np.int64))
-    return ImageData(_from_uint8(x), y, num_classes, name)
+    return ImageData(_from_uint8(x), y, num_classes, name, num_classes_inferred=y is not None and given is None)
 
 
 def _load_folder(root: Path, name: str) -> ImageData:

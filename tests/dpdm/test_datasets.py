@@ -427,3 +427,15 @@ def test_folder_refuses_an_empty_class_folder(tmp_path):
     _write_png(tmp_path / "b" / "0.png", np.zeros((4, 4), np.uint8))
     d = load_dataset(f"folder:{tmp_path}")
     assert d.y.tolist() == [0, 1, 2] and d.num_classes == 3
+
+
+def test_npz_says_when_its_label_count_is_inferred(tmp_path):
+    """Without num_classes the count is max(y) + 1, a function of the (private) labels: the data says so,
+    for a training command to warn about."""
+    x, y = np.zeros((3, 1, 4, 4), np.uint8), np.array([0, 2, 1])
+    inferred = load_npz(_save(tmp_path / "a.npz", x=x, y=y))
+    assert inferred.num_classes == 3 and inferred.num_classes_inferred is True
+    given = load_npz(_save(tmp_path / "b.npz", x=x, y=y, num_classes=np.array(10)))
+    assert given.num_classes == 10 and given.num_classes_inferred is False
+    assert load_npz(_save(tmp_path / "c.npz", x=x)).num_classes_inferred is False
+    assert load_dataset("digits").num_classes_inferred is False
