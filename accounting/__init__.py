@@ -13,9 +13,10 @@ from accounting.accountants import (
     UnsupportedEventError,
     dpsgd_event,
 )
-from accounting.fft_pld import FftPldAccountant
+from accounting.fft_pld import FftPldAccountant, FftPrecisionError
 from accounting.calibrate import (
     MAX_NOISE_MULTIPLIER,
+    MAX_STEPS,
     MIN_NOISE_MULTIPLIER,
     calibrate_noise_multiplier,
     compute_epsilon,
@@ -24,6 +25,8 @@ from accounting.calibrate import (
 )
 from accounting.plan import (
     FORMAT,
+    MAX_DATASET_SIZE,
+    MIN_DELTA,
     AccountingError,
     NotCalibratedError,
     PlanDocument,
@@ -41,12 +44,16 @@ from accounting.plan import (
 
 __all__ = [
     "FORMAT",
+    "MAX_DATASET_SIZE",
     "MAX_NOISE_MULTIPLIER",
+    "MAX_STEPS",
+    "MIN_DELTA",
     "MIN_NOISE_MULTIPLIER",
     "PRV_ERRORS",
     "AccountingError",
     "EpsilonReport",
     "FftPldAccountant",
+    "FftPrecisionError",
     "NotCalibratedError",
     "PlanDocument",
     "PlanError",

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 from typing import Literal
 
 import dp_accounting
@@ -58,11 +59,28 @@ class EpsilonReport:
 
 def dpsgd_event(sample_rate: float, noise_multiplier: float, steps: int) -> dp_event.DpEvent:
     """DP-SGD as a dp-accounting event: `steps` Poisson-sampled Gaussian steps (plain Gaussian steps
-    when every example is in every batch)."""
-    step: dp_event.DpEvent = dp_event.GaussianDpEvent(noise_multiplier)
+    when every example is in every batch). Raises ValueError unless sample_rate is a finite number in
+    (0, 1], noise_multiplier a finite number >= 0 and steps an integer >= 0 (a NaN sample rate used to
+    pass `sample_rate < 1.0` as False and be accounted as full-batch training)."""
+    if not (_is_finite_real(sample_rate) and 0.0 < sample_rate <= 1.0):
+        raise ValueError(f"sample_rate={sample_rate!r} must be a finite number in (0, 1]")
+    if not (_is_finite_real(noise_multiplier) and noise_multiplier >= 0.0):
+        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
+    if not (isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and steps >= 0):
+        raise ValueError(f"steps={steps!r} must be an integer >= 0")
+    step: dp_event.DpEvent = dp_event.GaussianDpEvent(float(noise_multiplier))
     if sample_rate < 1.0:
-        step = dp_event.PoissonSampledDpEvent(sample_rate, step)
-    return dp_event.SelfComposedDpEvent(step, steps)
+        step = dp_event.PoissonSampledDpEvent(float(sample_rate), step)
+    return dp_event.SelfComposedDpEvent(step, int(steps))
+
+
+def _is_finite_real(value) -> bool:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _dpsgd_terms(event: dp_event.DpEvent, count: int = 1) -> list[tuple[float, float, int]]:
@@ -195,6 +213,13 @@ def one_step_pld(q: float, sigma: float, discretization: float):
 PRV_ERRORS = (ValueError, RuntimeError, OverflowError, FloatingPointError)
 
 
+def _quiet_numpy():
+    """numpy's floating-point warnings off around prv-accountant: its densities overflow in exp at small
+    noise multipliers (0.2 printed six RuntimeWarnings on the user's stderr) on the way to bounds it
+    checks itself; a failure still raises (PRV_ERRORS)."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrvAccountant(_Accountant):
     """Privacy random variables (prv-accountant): (lower, estimate, upper), with
@@ -209,9 +234,10 @@ class PrvAccountant(_Accountant):
             raise ValueError(f"eps_error={self.eps_error!r} must be > 0")
 
     def _epsilon(self, terms, delta) -> EpsilonReport:
-        lower, estimate, upper = self._accountant(terms, delta).compute_epsilon(
-            delta, [count for _, _, count in terms]
-        )
+        with _quiet_numpy():
+            lower, estimate, upper = self._accountant(terms, delta).compute_epsilon(
+                delta, [count for _, _, count in terms]
+            )
         return EpsilonReport(float(max(lower, 0.0)), float(estimate), float(upper), self.method)
 
     def _accountant(self, terms, delta):
@@ -226,12 +252,13 @@ class PrvAccountant(_Accountant):
             for q, sigma, _ in terms
         ]
         delta_error = self.delta_error if self.delta_error is not None else delta / 1000
-        return prv_accountant.PRVAccountant(
-            prvs=prvs,
-            eps_error=self.eps_error,
-            delta_error=delta_error,
-            max_self_compositions=[count for _, _, count in terms],
-        )
+        with _quiet_numpy():
+            return prv_accountant.PRVAccountant(
+                prvs=prvs,
+                eps_error=self.eps_error,
+                delta_error=delta_error,
+                max_self_compositions=[count for _, _, count in terms],
+            )
 
     def curve(self, event: dp_event.DpEvent, delta: float, steps: list[int]) -> list[EpsilonReport]:
         """Reports after each of `steps` (one composition prefix of a single-term event)."""
@@ -244,7 +271,8 @@ class PrvAccountant(_Accountant):
             if n == 0:
                 out.append(EpsilonReport(0.0, 0.0, 0.0, self.method))
                 continue
-            lo, est, up = acc.compute_epsilon(delta, [n])
+            with _quiet_numpy():
+                lo, est, up = acc.compute_epsilon(delta, [n])
             out.append(EpsilonReport(float(max(lo, 0.0)), float(est), float(up), self.method))
         return out
 

@@ -19,6 +19,7 @@ from accounting.accountants import PldAccountant, RdpAccountant, dpsgd_event
 
 __all__ = [
     "MAX_NOISE_MULTIPLIER",
+    "MAX_STEPS",
     "MIN_NOISE_MULTIPLIER",
     "PLD_RELATIVE_DISCRETIZATION",
     "calibrate_noise_multiplier",
@@ -32,6 +33,10 @@ _MIN_DISCRETIZATION, _MAX_DISCRETIZATION = 1e-6, 1e-2
 MAX_NOISE_MULTIPLIER = 1000.0  # the search space; beyond it a plan trains on noise
 MIN_NOISE_MULTIPLIER = 0.3  # below it epsilon is in the hundreds and PLD grids get huge
 DEFAULT_RTOL = 2.5e-4  # relative width of the final bracket on the noise multiplier (< 1e-3)
+# The most noisy steps a plan may have (and max_steps' default limit): 10**7 steps is over 2000 epochs
+# of MNIST at the paper's batch of 4096. Far more (`--epochs 1e12`) left the PLD composition running
+# with no end in sight, and PRV's grid grows with the square root of the steps.
+MAX_STEPS = 10**7
 
 
 def pld_discretization(epsilon_scale: float) -> float:
@@ -55,16 +60,21 @@ def certification_discretization(
 
 
 def _check(name: str, value, lo: float, hi: float, *, lo_open=True, hi_open=True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        ok = False
     ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         raise ValueError(f"{name}={value!r} must be in {interval}")
 
 
-def _check_steps(name: str, steps) -> None:
+def _check_steps(name: str, steps, maximum: int | None = MAX_STEPS) -> None:
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"{name}={steps!r} must be an integer >= 1")
+    if maximum is not None and steps > maximum:
+        raise ValueError(f"{name}={steps!r} must be <= {maximum} (MAX_STEPS)")
 
 
 def compute_epsilon(
@@ -193,7 +203,7 @@ def max_steps(
     noise_multiplier: float,
     target_epsilon: float,
     delta: float,
-    limit: int = 10**7,
+    limit: int = MAX_STEPS,
 ) -> int:
     """The largest number of steps whose certified epsilon is <= target_epsilon (0 if even one step
     exceeds it; `limit` if `limit` steps still fit)."""
@@ -201,7 +211,7 @@ def max_steps(
     _check("noise_multiplier", noise_multiplier, 0, math.inf)
     _check("eps", target_epsilon, 0, math.inf)
     _check("delta", delta, 0, 1)
-    _check_steps("limit", limit)
+    _check_steps("limit", limit, maximum=None)
     discretization = pld_discretization(target_epsilon)
 
     def fits(steps: int) -> bool:

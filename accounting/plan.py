@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import tempfile
 from importlib import metadata
 from typing import Any
@@ -30,11 +31,13 @@ from accounting.accountants import (
     RdpAccountant,
     dpsgd_event,
 )
-from accounting.calibrate import calibrate_noise_multiplier, certification_discretization
+from accounting.calibrate import MAX_STEPS, calibrate_noise_multiplier, certification_discretization
 from accounting.fft_pld import FftPldAccountant
 
 __all__ = [
     "FORMAT",
+    "MAX_DATASET_SIZE",
+    "MIN_DELTA",
     "AccountingError",
     "NotCalibratedError",
     "PlanDocument",
@@ -61,6 +64,16 @@ RDP_RTOL = 1e-3
 # this far below it (a different dp-accounting version may shift the last digits).
 RECOMPUTE_RTOL = 1e-3
 _FLOAT_RTOL = 1e-9
+# The smallest delta a plan may have. Below it the accountants lose double precision: at q 0.064,
+# sigma 1, 100 steps, delta 1e-13 gave dpdm's own PLD a "rigorous" lower bound (9.89) above
+# dp-accounting's pessimistic epsilon (9.73) and PRV's upper bound (9.77); at 3e-15 dp-accounting's
+# answer moved with its truncation settings (10.4 to 14.4); at 1e-16 PLD gave no finite epsilon. At
+# 1e-12 PLD and PRV still agree. (dpdm's own PLD gives no bracket where its round-off is not small
+# against delta, at 1e-12 for most plans: see accounting/fft_pld.py.)
+MIN_DELTA = 1e-12
+# The largest dataset a plan may name (sample_rate = B/N stays a meaningful float; a 401-digit N used
+# to end in OverflowError).
+MAX_DATASET_SIZE = 10**12
 
 
 class PlanError(ValueError):
@@ -81,7 +94,12 @@ def _is_int(value) -> bool:
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (a 401-digit number in plan.json)
+        return False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,8 +118,8 @@ class PrivacyPlan:
     dataset_name: str | None = None
 
     def __post_init__(self):
-        if not (_is_int(self.dataset_size) and self.dataset_size >= 1):
-            raise ValueError(f"dataset_size={self.dataset_size!r} must be an integer >= 1")
+        if not (_is_int(self.dataset_size) and 1 <= self.dataset_size <= MAX_DATASET_SIZE):
+            raise ValueError(f"dataset_size={self.dataset_size!r} must be an integer in [1, {MAX_DATASET_SIZE}]")
         if not (_is_int(self.batch_size) and self.batch_size >= 1):
             raise ValueError(f"batch_size={self.batch_size!r} must be an integer >= 1")
         if self.batch_size > self.dataset_size:
@@ -109,8 +127,8 @@ class PrivacyPlan:
                 f"batch_size={self.batch_size!r} must be <= dataset_size={self.dataset_size!r}")
         if self.sampling != "poisson":
             raise ValueError(f"sampling={self.sampling!r} must be 'poisson'")
-        if not (_is_int(self.steps) and self.steps >= 1):
-            raise ValueError(f"steps={self.steps!r} must be an integer >= 1")
+        if not (_is_int(self.steps) and 1 <= self.steps <= MAX_STEPS):
+            raise ValueError(f"steps={self.steps!r} must be an integer in [1, {MAX_STEPS}]")
         if not (_is_real(self.noise_multiplier) and self.noise_multiplier > 0):
             raise ValueError(f"noise_multiplier={self.noise_multiplier!r} must be a finite number > 0")
         if not (_is_real(self.clip_norm) and self.clip_norm > 0):
@@ -119,6 +137,9 @@ class PrivacyPlan:
             raise ValueError(f"noise_multiplicity={self.noise_multiplicity!r} must be an integer >= 1")
         if not (_is_real(self.delta) and 0 < self.delta < 1):
             raise ValueError(f"delta={self.delta!r} must be in (0, 1)")
+        if self.delta < MIN_DELTA:
+            raise ValueError(f"delta={self.delta!r} is below {MIN_DELTA:g}, where the accountants lose double "
+                             "precision")
         if self.target_epsilon is not None and not (_is_real(self.target_epsilon) and self.target_epsilon > 0):
             raise ValueError(f"target_epsilon={self.target_epsilon!r} must be a finite number > 0 or None")
         if self.dataset_name is not None and not (isinstance(self.dataset_name, str) and self.dataset_name):
@@ -265,7 +286,9 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
     AccountingError if the accountants disagree beyond numerical error, unless the disagreement is
     PRV's alone and dpdm's own PLD refutes PRV (then the document records it: `prv_overruled`).
     Where prv-accountant cannot compute at all (`prv_failed`), dpdm's own PLD takes its place as the
-    cross-check: PLD certifies, and neither RDP nor that rigorous lower bound may contradict it."""
+    cross-check: PLD certifies, and neither RDP nor that rigorous lower bound may contradict it.
+    Where dpdm's own PLD is needed but delta is too small for its precision, FftPrecisionError (a
+    ValueError) says so: the plan is neither certified by PRV nor cross-checked without it."""
     event, delta = plan.to_event(), plan.delta
     disc = _discretization(plan)
     rdp = RdpAccountant().epsilon(event, delta)
@@ -366,20 +389,47 @@ def _g(x: float | None) -> str:
 
 
 def write_plan(doc: PlanDocument, path: str | os.PathLike) -> None:
-    """Writes plan.json atomically (temp file in the same folder, then os.replace)."""
+    """Writes plan.json atomically and durably: a temp file in the same folder, fsync, os.replace, then
+    fsync of the folder. The file gets the mode a plain open() would (0o666 less the umask, e.g. 0644),
+    not mkstemp's 0600: `dpdm train` or an audit running as another user must be able to read it."""
     path = os.fspath(path)
+    text = doc.to_json() + "\n"
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(doc.to_json())
-            f.write("\n")
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _umask() -> int:
+    """The process umask (os.umask can only be read by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes a rename in `folder` durable (where the platform lets a folder be opened and fsynced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _get(d: dict, key: str, path: str, kind=None):
@@ -432,11 +482,26 @@ def load_plan(path: str | os.PathLike) -> PlanDocument:
             text = f.read()
     except OSError as e:
         raise PlanError(f"{path}: cannot read the plan ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{path}: not a {FORMAT} plan (not UTF-8 text: {e.reason})") from e
     return parse_plan(text, path)
 
 
 def parse_plan(text: str, path: str = "plan") -> PlanDocument:
-    """`load_plan` of a plan.json's text (e.g. one embedded in a release file); `path` names it in errors."""
+    """`load_plan` of a plan.json's text (e.g. one embedded in a release file); `path` names it in errors.
+
+    Raises PlanError, and nothing else, for any text that is not a locked plan: a malformed file (a
+    401-digit number, a list where an object belongs) or a certificate that cannot be re-computed
+    (prv-accountant failing, a delta too small for dpdm's own PLD) is refused, never a traceback."""
+    try:
+        return _parse_plan(text, path)
+    except PlanError:
+        raise
+    except (ValueError, TypeError, ArithmeticError, *PRV_ERRORS) as e:  # RecursionError is a RuntimeError
+        raise PlanError(f"{path}: not a locked {FORMAT} plan ({type(e).__name__}: {e})") from e
+
+
+def _parse_plan(text: str, path: str) -> PlanDocument:
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
@@ -451,29 +516,48 @@ def parse_plan(text: str, path: str = "plan") -> PlanDocument:
     stored = _get(eps, "certified", path)
     certified_by = _get(eps, "certified_by", path, str)
     if not (_is_real(stored) and stored >= 0) or certified_by not in ("pld", "prv"):
-        raise PlanError(f"{path}: epsilon.certified={stored!r} by {certified_by!r} is not a certificate")
+        raise PlanError(f"{path}: epsilon.certified={reprlib.repr(stored)} by {certified_by!r} is not a certificate")
     if plan.target_epsilon is not None and stored > plan.target_epsilon:
         raise PlanError(f"{path}: epsilon.certified={stored!r} exceeds target_epsilon={plan.target_epsilon!r}")
     prv_eps_error = eps.get("prv_eps_error")
-    _check_certificate(plan, stored, certified_by, prv_eps_error if _is_real(prv_eps_error) else None, path)
+    if not (prv_eps_error is None or (_is_real(prv_eps_error) and prv_eps_error > 0)):
+        raise PlanError(f"{path}: epsilon.prv_eps_error={reprlib.repr(prv_eps_error)} must be a number > 0")
+    versions = d.get("versions")
+    if versions is None:
+        versions = {}
+    if not (isinstance(versions, dict) and all(isinstance(v, str) for v in versions.values())):
+        raise PlanError(f"{path}: versions={reprlib.repr(versions)} must be an object of version strings")
+
+    def numbers(key: str, value, names: tuple[str, ...]) -> list[float | None]:
+        """The numbers (or nulls) of an informational report in the epsilon block."""
+        parts = [value.get(name) for name in names] if isinstance(value, dict) else [value]
+        if not all(x is None or (_is_real(x) and x >= 0) for x in parts):
+            raise PlanError(f"{path}: epsilon.{key}={reprlib.repr(value)} is not an epsilon (numbers >= 0 or null)")
+        return [None if x is None else float(x) for x in parts]
 
     def report(key: str, method: str) -> EpsilonReport:
         value = eps.get(key)
         if isinstance(value, dict):
-            return EpsilonReport(value.get("lower"), value.get("estimate"), value.get("upper"), method)
-        return EpsilonReport(None, value if method == "pld" else None, value, method)
+            return EpsilonReport(*numbers(key, value, ("lower", "estimate", "upper")), method)
+        (upper,) = numbers(key, value, ())
+        return EpsilonReport(None, upper if method == "pld" else None, upper, method)
 
+    rdp, pld, prv = report("rdp", "rdp"), report("pld", "pld"), report("prv", "prv")
     independent = eps.get("independent")
+    if isinstance(independent, dict):
+        lower, upper = numbers("independent", independent, ("lower", "upper"))
+        independent = EpsilonReport(lower, None, upper, "fft")
+    elif independent is not None:
+        raise PlanError(f"{path}: epsilon.independent={reprlib.repr(independent)} must be an object or null")
+    _check_certificate(plan, stored, certified_by, prv_eps_error if _is_real(prv_eps_error) else None, path)
     overruled = eps.get("prv_overruled")
     failed = eps.get("prv_failed")
     return PlanDocument(
-        plan=plan, epsilon=float(stored), certified_by=certified_by,
-        rdp=report("rdp", "rdp"), pld=report("pld", "pld"), prv=report("prv", "prv"),
+        plan=plan, epsilon=float(stored), certified_by=certified_by, rdp=rdp, pld=pld, prv=prv,
         pld_discretization=_discretization(plan),
         prv_eps_error=float(prv_eps_error) if _is_real(prv_eps_error) else float("nan"),
-        versions=dict(d.get("versions") or {}),
-        independent=EpsilonReport(independent.get("lower"), None, independent.get("upper"), "fft")
-        if isinstance(independent, dict) else None,
+        versions=dict(versions),
+        independent=independent,
         prv_overruled=overruled if isinstance(overruled, str) else None,
         prv_failed=failed if isinstance(failed, str) else None,
     )

@@ -11,13 +11,22 @@ import click
 
 class FiniteFloatRange(click.FloatRange):
     """click.FloatRange that also refuses nan and +-inf: FloatRange's bounds let nan through (every
-    comparison with it is false), and an open upper bound lets inf through."""
+    comparison with it is false), and an open upper bound lets inf through. The error reads
+    "--delta=nan is not a finite number": the option and the value, as DESIGN.md section 6 asks."""
 
     def convert(self, value, param, ctx):
         rv = super().convert(value, param, ctx)
         if not math.isfinite(rv):
-            self.fail(f"{rv} is not a finite number.", param, ctx)
+            names = sorted(getattr(param, "opts", None) or ["value"], key=len)
+            raise _NamedBadParameter(f"{names[-1]}={rv} is not a finite number", ctx=ctx, param=param)
         return rv
+
+
+class _NamedBadParameter(click.BadParameter):
+    """A BadParameter whose message already names the option (no "Invalid value for ..." prefix)."""
+
+    def format_message(self) -> str:
+        return self.message
 
 
 def resolve_device(device: str) -> str:

@@ -10,6 +10,7 @@ import os
 
 import click
 
+from cli._common import FiniteFloatRange
 from cli.errors import BadInput, runtime_failure
 
 from dpdm.dataset_sizes import DATASET_SIZES  # noqa: E402  (one table, torch-free)
@@ -36,30 +37,36 @@ PRESETS = {
                          delta=1e-6),
 }
 
-_POSITIVE = click.FloatRange(min=0, min_open=True)
-_UNIT_OPEN = click.FloatRange(min=0, max=1, min_open=True, max_open=True)
+_POSITIVE = FiniteFloatRange(min=0, min_open=True)
+_UNIT_OPEN = FiniteFloatRange(min=0, max=1, min_open=True, max_open=True)
+# The limits the accounting package sets (MIN_DELTA 1e-12, MAX_STEPS 10**7, MAX_DATASET_SIZE 10**12)
+# are checked in the command bodies: importing accounting here would slow `dpdm --help`.
+_DELTA_HELP = "(at least 1e-12: below it the accountants lose double precision)"
 
 
 @click.command("plan")
 # Budget
 @click.option("--eps", "epsilon", type=_POSITIVE, help="Target epsilon: calibrate the noise multiplier.")
 @click.option("--noise-multiplier", type=_POSITIVE, help="Given noise multiplier: compute epsilon instead.")
-@click.option("--delta", type=_UNIT_OPEN, help="Target delta (a preset supplies one).")
+@click.option("--delta", type=_UNIT_OPEN, help=f"Target delta {_DELTA_HELP}; a preset supplies one.")
 # Data
 @click.option("--dataset", help=f"Dataset name: {', '.join(DATASET_SIZES)}  [default: {DEFAULT_DATASET}]")
-@click.option("--dataset-size", type=click.IntRange(min=1), help="Number of private examples N.")
+@click.option("--dataset-size", type=click.IntRange(min=1), help="Number of private examples N (at most 10**12).")
 # Mechanism
-@click.option("--batch-size", type=click.IntRange(min=1), help=f"Expected batch size B (sample rate B/N)  [default: {DEFAULT_BATCH_SIZE}]")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help=f"Expected batch size B (sample rate B/N)  [default: {DEFAULT_BATCH_SIZE}]")
 @click.option("--epochs", type=_POSITIVE, help=f"Epochs X: steps = ceil(X*N/B)  [default: {DEFAULT_EPOCHS:g}]")
-@click.option("--steps", type=click.IntRange(min=1), help="Number of noisy steps T.")
+@click.option("--steps", type=click.IntRange(min=1), help="Number of noisy steps T (at most 10**7).")
 @click.option("--clip-norm", type=_POSITIVE, help=f"Per-example clipping norm C  [default: {DEFAULT_CLIP_NORM:g}]")
-@click.option("--multiplicity", type=click.IntRange(min=1), help=f"Noise draws per example K  [default: {DEFAULT_MULTIPLICITY}]")
+@click.option("--multiplicity", type=click.IntRange(min=1),
+              help=f"Noise draws per example K  [default: {DEFAULT_MULTIPLICITY}]")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="The paper's settings for a dataset.")
 # Output
 @click.option("--out", type=click.Path(dir_okay=False, writable=True),
               help="Write the locked plan here (an existing file holding another plan is kept; see --force).")
 @click.option("--force", is_flag=True, help="Let --out replace a file that holds a different plan (or no plan).")
-@click.option("--curve", type=click.Path(dir_okay=False, writable=True), help="Plot epsilon against steps (PNG).")
+@click.option("--curve", type=click.Path(dir_okay=False, writable=True),
+              help="Plot epsilon against steps (PNG; .pdf, .svg and other matplotlib formats by extension).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan document (JSON) and nothing else on stdout.")
 def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, epochs, steps, clip_norm,
          multiplicity, preset, out, force, curve, as_json):
@@ -69,23 +76,44 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     if (epsilon is None) == (noise_multiplier is None):
         raise click.UsageError("give exactly one of --eps (calibrate) or --noise-multiplier (compute epsilon)"
                                if epsilon is None else "--eps and --noise-multiplier are mutually exclusive")
-    for option, value in (("--eps", epsilon), ("--noise-multiplier", noise_multiplier), ("--epochs", epochs),
-                          ("--clip-norm", clip_norm)):
-        if value is not None and not math.isfinite(value):
-            raise BadInput(f"{option}={value!r} must be a finite number > 0")
     if epochs is not None and steps is not None:
         raise click.UsageError("--epochs and --steps are mutually exclusive")
     p = dict(PRESETS[preset]) if preset else {}
     delta = delta if delta is not None else p.get("delta")
     if delta is None:
         raise click.UsageError("--delta is required (for example --delta 1e-5)")
-    name, size = _resolve_dataset(dataset or (None if dataset_size else p.get("dataset", DEFAULT_DATASET)), dataset_size)
+    _check_delta(delta)
+    for option, value in (("--dataset-size", dataset_size), ("--batch-size", batch_size)):
+        if value is not None and value > accounting.MAX_DATASET_SIZE:
+            raise BadInput(f"{option}={_brief(value)} must be <= {accounting.MAX_DATASET_SIZE} (10**12)")
+    _check_steps(steps)
+    unnamed = None  # why the plan names no dataset although the preset does
+    if dataset is None and dataset_size is not None and p.get("dataset"):
+        if dataset_size == DATASET_SIZES[p["dataset"]]:
+            dataset = p["dataset"]  # the preset's own dataset: keep its name in the plan
+        else:
+            unnamed = (f"--preset {preset} with --dataset-size {dataset_size} (not the {DATASET_SIZES[p['dataset']]} "
+                       f"examples of {p['dataset']!r}): the plan names no dataset, so give `dpdm train` --dataset")
+    name, size = _resolve_dataset(dataset or (None if dataset_size else p.get("dataset", DEFAULT_DATASET)),
+                                  dataset_size)
+    batch_source = _source(batch_size, "batch_size", p, preset)
     batch_size = batch_size or p.get("batch_size", DEFAULT_BATCH_SIZE)
     if batch_size > size:
-        raise BadInput(f"--batch-size={batch_size} must be <= the dataset size {size}")
+        raise BadInput(f"--batch-size={batch_size}{batch_source} must be <= the dataset size {size}")
     if steps is None:
+        epochs_source = _source(epochs, "epochs", p, preset)
         epochs = epochs or p.get("epochs", DEFAULT_EPOCHS)
-        steps = max(1, math.ceil(round(epochs * size / batch_size, 9)))
+        exact = epochs * size / batch_size
+        if not exact <= accounting.MAX_STEPS:
+            raise BadInput(f"--epochs={epochs:g}{epochs_source} gives {exact:.3g} steps (epochs * N / B), above the "
+                           f"limit of {accounting.MAX_STEPS} steps")
+        steps = max(1, math.ceil(round(exact, 9)))
+    if out:
+        _check_output("--out", out)
+    if curve:
+        curve = _curve_path(curve)
+    if unnamed:
+        click.echo(f"dpdm: warning: {unnamed}", err=True)
     try:
         privacy_plan = accounting.PrivacyPlan(
             dataset_size=size, dataset_name=name, batch_size=batch_size, steps=steps,
@@ -99,6 +127,8 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
         doc = accounting.make_plan_document(privacy_plan)
     except accounting.AccountingError as e:
         raise runtime_failure(str(e)) from e
+    except accounting.FftPrecisionError as e:
+        raise BadInput(f"--delta={delta:g} is too small to cross-check this plan ({e}); raise --delta") from e
     except ValueError as e:
         raise BadInput(str(e)) from e
     if doc.prv_overruled:
@@ -109,9 +139,16 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     if out and not force:
         _refuse_to_replace(out, doc.digest)
     if out:
-        accounting.write_plan(doc, out)
+        try:
+            accounting.write_plan(doc, out)
+        except (OSError, ValueError) as e:
+            raise BadInput(f"--out={out!r}: cannot write the plan ({_reason(e)})") from e
     if curve:
-        _plot_curve(doc, curve)
+        try:
+            _plot_curve(doc, curve)
+        except (OSError, ValueError, RuntimeError) as e:
+            written = f"; the plan was written to {out}" if out else ""
+            raise BadInput(f"--curve={curve!r}: cannot write the plot ({_reason(e)}){written}") from e
     if as_json:
         click.echo(doc.to_json())
     else:
@@ -120,6 +157,65 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
             click.echo(f"wrote {out} ({doc.digest[:19]}...)")
         if curve:
             click.echo(f"wrote {curve}")
+
+
+def _check_delta(delta: float) -> None:
+    """BadInput unless delta is at least accounting.MIN_DELTA (click already kept it finite, in (0, 1))."""
+    import accounting
+
+    if delta < accounting.MIN_DELTA:
+        raise BadInput(f"--delta={delta:g} is below {accounting.MIN_DELTA:g}, where the accountants lose double "
+                       "precision")
+
+
+def _check_steps(steps: int | None) -> None:
+    import accounting
+
+    if steps is not None and steps > accounting.MAX_STEPS:
+        raise BadInput(f"--steps={_brief(steps)} must be <= {accounting.MAX_STEPS}")
+
+
+def _brief(value: int) -> str:
+    """An integer for an error line: a 401-digit one shortened."""
+    digits = str(value)
+    return digits if len(digits) <= 20 else f"{digits[:8]}...({len(digits)} digits)"
+
+
+def _source(value, key: str, preset_values: dict, preset: str | None) -> str:
+    """Where an option's value comes from, for an error message: the user, the preset or the default."""
+    if value is not None:
+        return ""
+    return f" (from --preset {preset})" if key in preset_values else " (default)"
+
+
+def _reason(e: Exception) -> str:
+    return (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+
+
+def _check_output(option: str, path: str) -> None:
+    """BadInput unless `path`'s folder exists and can be written: checked before the (slow) calibration,
+    so that a plan is never calibrated, or written, only to fail at the end."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise BadInput(f"{option}={path!r}: the folder {folder} {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"{option}={path!r}: the folder {folder} is not writable")
+
+
+def _curve_path(path: str) -> str:
+    """The file --curve writes: checked like --out, with an extension matplotlib can write (none: .png,
+    as matplotlib itself would add)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    ext = os.path.splitext(path)[1][1:]
+    if not ext:
+        path = path.rstrip(".") + ".png"
+    elif ext.lower() not in FigureCanvasBase.get_supported_filetypes():
+        formats = ", ".join(sorted(FigureCanvasBase.get_supported_filetypes()))
+        raise BadInput(f"--curve={path!r}: matplotlib cannot write .{ext} files (use one of {formats})")
+    _check_output("--curve", path)
+    return path
 
 
 def _refuse_to_replace(path: str, digest: str) -> None:
@@ -233,18 +329,20 @@ def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
 
 @click.command("account")
 @click.option("-s", "--noise-multiplier", type=_POSITIVE, required=True, help="Noise multiplier.")
-@click.option("-p", "--sample-rate", type=click.FloatRange(min=0, max=1, min_open=True), required=True,
+@click.option("-p", "--sample-rate", type=FiniteFloatRange(min=0, max=1, min_open=True), required=True,
               help="Poisson sample rate.")
-@click.option("-i", "--steps", type=click.IntRange(min=1), required=True, help="Number of steps.")
-@click.option("--delta", type=_UNIT_OPEN, required=True, help="Target delta.")
+@click.option("-i", "--steps", type=click.IntRange(min=1), required=True, help="Number of steps (at most 10**7).")
+@click.option("--delta", type=_UNIT_OPEN, required=True, help=f"Target delta {_DELTA_HELP}.")
 @click.option("--eps-error", type=_POSITIVE, default=0.01, show_default=True, help="PRV error in epsilon.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
     """Epsilon of DP-SGD from RDP, PLD and PRV, side by side."""
     import accounting
 
-    event = accounting.dpsgd_event(sample_rate, noise_multiplier, steps)
+    _check_delta(delta)
+    _check_steps(steps)
     try:
+        event = accounting.dpsgd_event(sample_rate, noise_multiplier, steps)
         disc = accounting.pld_discretization(accounting.RdpAccountant().epsilon(event, delta).upper)
         reports = [accounting.RdpAccountant().epsilon(event, delta),
                    accounting.PldAccountant(disc).epsilon(event, delta)]

@@ -101,3 +101,42 @@ def test_rdp_golden_value_from_opacus():
     contains opacus's orders and dp-accounting's RDP terms agree with opacus's to about 1e-4."""
     eps = RdpAccountant().epsilon(dpsgd_event(0.04, 1.5, 2250), 1e-5).upper
     assert eps == pytest.approx(7.329, abs=1e-3)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((float("nan"), 1.0, 10), "sample_rate=nan"),   # used to pass `< 1.0` as False: full-batch numbers
+    ((float("inf"), 1.0, 10), "sample_rate=inf"),
+    ((1.5, 1.0, 10), "sample_rate=1.5"),
+    ((0.0, 1.0, 10), "sample_rate=0.0"),
+    ((True, 1.0, 10), "sample_rate=True"),
+    ((0.1, float("nan"), 10), "noise_multiplier=nan"),
+    ((0.1, float("inf"), 10), "noise_multiplier=inf"),
+    ((0.1, -1.0, 10), "noise_multiplier=-1.0"),
+    ((0.1, 10**400, 10), "noise_multiplier=1000"),  # an int too large for a float
+    ((0.1, 1.0, -1), "steps=-1"),
+    ((0.1, 1.0, 2.5), "steps=2.5"),
+    ((0.1, 1.0, True), "steps=True"),
+])
+def test_dpsgd_event_refuses_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        dpsgd_event(*args)
+
+
+def test_dpsgd_event_takes_numpy_numbers():
+    import numpy as np
+
+    event = dpsgd_event(np.float64(0.25), np.float64(1.5), np.int64(7))
+    assert event == dpsgd_event(0.25, 1.5, 7)
+    assert event.count == 7 and type(event.count) is int
+
+
+def test_prv_keeps_numpy_warnings_off_stderr():
+    """At noise multiplier 0.2 prv-accountant's densities overflow in exp on the way to its bounds:
+    `dpdm plan --noise-multiplier 0.2` printed numpy RuntimeWarnings on the user's stderr."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = PrvAccountant(eps_error=5.0).epsilon(dpsgd_event(0.064, 0.2, 469), DELTA)
+    assert 0 < report.lower <= report.estimate <= report.upper
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []

@@ -1,6 +1,8 @@
 """PrivacyPlan validation, plan.json round-trip and tamper refusal, the ledger helper."""
 import dataclasses
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -23,11 +25,23 @@ def doc():
     ("sampling", "shuffle"), ("steps", 0), ("steps", True), ("noise_multiplier", 0.0),
     ("noise_multiplier", float("nan")), ("clip_norm", -1.0), ("noise_multiplicity", 0),
     ("delta", 0.0), ("delta", 1.0), ("target_epsilon", 0.0), ("target_epsilon", float("inf")),
-    ("dataset_name", ""),
+    ("dataset_name", ""), ("delta", 3e-15), ("delta", 1e-13), ("steps", 10**7 + 1),
+    ("dataset_size", 10**12 + 1), ("noise_multiplier", 10**400), ("target_epsilon", 10**400),
 ])
 def test_validation_names_field_and_value(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r}"):
         PrivacyPlan(**(BASE | {field: value}))
+
+
+def test_delta_floor_and_step_cap_say_why():
+    """Below delta 1e-12 the accountants lose double precision (dpdm's own PLD contradicted
+    dp-accounting at 1e-13, and dp-accounting's answer at 3e-15 moved with its truncation settings);
+    beyond 10**7 steps `--epochs 1e12` ran with no end in sight."""
+    with pytest.raises(ValueError, match=r"delta=3e-15 is below 1e-12, where the accountants lose double precision"):
+        PrivacyPlan(**(BASE | {"delta": 3e-15}))
+    with pytest.raises(ValueError, match=r"steps=10000001 must be an integer in \[1, 10000000\]"):
+        PrivacyPlan(**(BASE | {"steps": 10**7 + 1}))
+    assert PrivacyPlan(**(BASE | {"delta": 1e-12, "steps": accounting.MAX_STEPS})).delta == accounting.MIN_DELTA
 
 
 def test_plan_is_frozen_and_hashable():
@@ -87,6 +101,109 @@ def _tampered(doc, tmp_path, edit):
 def test_tampered_plan_is_refused(doc, tmp_path, edit, match):
     with pytest.raises(PlanError, match=match):
         accounting.load_plan(_tampered(doc, tmp_path, edit))
+
+
+HUGE = 10**400  # a 401-digit integer: valid JSON, too large for a float
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update(noise_multiplier=HUGE), "noise_multiplier=1000"),
+    (lambda d: d.update(delta=HUGE), "delta=1000"),
+    (lambda d: d.update(target_epsilon=HUGE), "target_epsilon=1000"),
+    (lambda d: d.update(sample_rate=HUGE), "sample_rate=1000"),
+    (lambda d: d["dataset"].update(size=HUGE), "dataset_size=1000"),
+    (lambda d: d.update(steps=HUGE), "steps=1000"),
+    (lambda d: d["epsilon"].update(certified=HUGE), "epsilon.certified=1000"),
+    (lambda d: d["epsilon"].update(prv_eps_error=HUGE), "epsilon.prv_eps_error=1000"),
+    (lambda d: d["epsilon"].update(prv_eps_error="0.1"), "epsilon.prv_eps_error='0.1'"),
+    (lambda d: d["epsilon"].update(rdp=HUGE), "epsilon.rdp=1000"),
+    (lambda d: d["epsilon"].update(rdp="9.9"), "epsilon.rdp='9.9'"),
+    (lambda d: d["epsilon"].update(prv=[1, 2]), r"epsilon.prv=\[1, 2\]"),
+    (lambda d: d["epsilon"]["prv"].update(lower="x"), "epsilon.prv="),
+    (lambda d: d["epsilon"].update(independent={"lower": [], "upper": 1.0}), "epsilon.independent="),
+    (lambda d: d["epsilon"].update(independent="fft"), "epsilon.independent='fft'"),
+    (lambda d: d.update(versions=5), "versions=5"),        # outside the digest: any hand edit reaches it
+    (lambda d: d.update(versions=[1, 2]), r"versions=\[1, 2\]"),
+    (lambda d: d.update(versions={"dpdm": 1}), "versions="),
+])
+def test_malformed_plan_is_a_plan_error(doc, tmp_path, edit, match):
+    """Huge integers and wrong types used to escape as OverflowError or TypeError: a traceback from
+    `dpdm train --plan` instead of one error line."""
+    with pytest.raises(PlanError, match=match):
+        accounting.load_plan(_tampered(doc, tmp_path, edit))
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"\xff\xfe{}", "not UTF-8"),
+    (b"[" * 100_000, "not a locked dpdm.plan/1 plan"),             # RecursionError in json
+    (b'{"format": ' + b"9" * 5000 + b"}", "not a locked dpdm.plan/1 plan"),  # beyond int()'s digit limit
+])
+def test_undecodable_plan_files_are_plan_errors(tmp_path, content, match):
+    path = tmp_path / "plan.json"
+    path.write_bytes(content)
+    with pytest.raises(PlanError, match=match):
+        accounting.load_plan(path)
+
+
+def test_a_prv_certificate_that_cannot_be_recomputed_is_a_plan_error(monkeypatch, tmp_path):
+    """Loading a PRV-certified plan re-runs prv-accountant; where that raises (RuntimeError, as it does
+    for some plans), the plan is refused with a PlanError, not a traceback."""
+    pld = accounting.PldAccountant(1e-3).epsilon(PrivacyPlan(**BASE).to_event(), BASE["delta"]).upper
+    real_prv = accounting.PrvAccountant._epsilon
+    monkeypatch.setattr(accounting.PrvAccountant, "_epsilon", lambda self, terms, delta: dataclasses.replace(
+        real_prv(self, terms, delta), upper=pld * 0.9999))
+    doc = accounting.make_plan_document(PrivacyPlan(**BASE))
+    assert doc.certified_by == "prv"
+    path = tmp_path / "plan.json"
+    accounting.write_plan(doc, path)
+
+    def failing(self, terms, delta):
+        raise RuntimeError("Discrete mean differs from continuous mean significantly")
+
+    monkeypatch.setattr(accounting.PrvAccountant, "_epsilon", failing)
+    with pytest.raises(PlanError, match="RuntimeError: Discrete mean"):
+        accounting.load_plan(path)
+
+
+def test_without_prv_a_delta_too_small_for_dpdms_own_pld_is_refused(monkeypatch):
+    """At delta 1e-12 (the floor) dpdm's own PLD cannot bracket this plan. Where PRV fails and that
+    PLD must cross-check, its round-off used to put its 'rigorous' lower bound above the certificate,
+    and the plan stopped with "accountants disagree"; now it says that delta is too small."""
+    def failing(self, terms, delta):
+        raise RuntimeError("Discrete mean differs from continuous mean significantly")
+
+    monkeypatch.setattr(accounting.PrvAccountant, "_epsilon", failing)
+    plan = PrivacyPlan(**(BASE | {"steps": 100, "delta": 1e-12}))
+    with pytest.raises(accounting.FftPrecisionError, match="no bracket at delta=1e-12"):
+        accounting.make_plan_document(plan)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_plan_file_gets_the_umask_mode_not_0600(doc, tmp_path, umask, mode):
+    """mkstemp's 0600 kept `dpdm train` or an audit running as another user from reading the plan."""
+    path = tmp_path / "plan.json"
+    path.write_text("{}")
+    os.chmod(path, 0o600)
+    old = os.umask(umask)
+    try:
+        accounting.write_plan(doc, path)  # a rewrite too
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == mode
+    assert accounting.load_plan(path).digest == doc.digest
+
+
+def test_plan_file_is_fsynced_with_its_folder(doc, tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    accounting.write_plan(doc, tmp_path / "plan.json")
+    assert synced == [False, True]  # the file's data, then the rename in its folder
 
 
 def test_unreadable_plans_are_refused(tmp_path):

@@ -112,6 +112,25 @@ BAD = [
     (["--delta", "1e-5"], "exactly one of --eps"),
     (["--noise-multiplier", "0", "--delta", "1e-5"], "--noise-multiplier"),
     (["--eps", "1", "--delta", "1e-5", "--bogus"], "--bogus"),
+    # Huge integers used to end in an OverflowError traceback (exit 1).
+    (["--eps", "10", "--delta", "1e-5", "--dataset-size", "1" + "0" * 400], "--dataset-size=10000000...(401 digits)"),
+    (["--eps", "10", "--delta", "1e-5", "--dataset-size", str(10**12 + 1)], "--dataset-size=1000000000001"),
+    (["--eps", "10", "--delta", "1e-5", "--dataset-size", "10", "--batch-size", "1" + "0" * 400],
+     "--batch-size=10000000...(401 digits)"),
+    # NaN and inf name their option (--delta nan said only "delta=nan must be in (0, 1)").
+    (["--eps", "1", "--delta", "nan"], "--delta=nan is not a finite number"),
+    (["--noise-multiplier", "inf", "--delta", "1e-5"], "--noise-multiplier=inf is not a finite number"),
+    (["--eps", "1", "--delta", "1e-5", "--clip-norm", "nan"], "--clip-norm=nan"),
+    (["--eps", "1", "--delta", "1e-5", "--epochs", "inf"], "--epochs=inf"),
+    # Below 1e-12 the accountants lose double precision (3e-15 exited 4, blaming the libraries).
+    (["--noise-multiplier", "1", "--delta", "3e-15", "--dataset-size", "4000", "--batch-size", "256", "--steps", "100"],
+     "--delta=3e-15 is below 1e-12, where the accountants lose double precision"),
+    (["--eps", "10", "--delta", "1e-16"], "--delta=1e-16 is below 1e-12"),
+    (["--eps", "10", "--delta", "1e-5", "--steps", "10000001"], "--steps=10000001 must be <= 10000000"),
+    # The batch size the user never typed: say where it came from.
+    (["--eps", "1", "--delta", "1e-5", "--dataset-size", "100"], "--batch-size=256 (default) must be <= the dataset"),
+    (["--eps", "1", "--preset", "mnist-paper", "--dataset", "digits"],
+     "--batch-size=4096 (from --preset mnist-paper) must be <="),
 ]
 
 
@@ -212,3 +231,149 @@ def test_out_keeps_an_existing_different_plan_unless_forced(capsys, tmp_path):
     rc, out, err = run(capsys, "--eps", "8", *args, "--force", "--json")
     assert rc == 0, err
     assert accounting.load_plan(path).to_dict()["digest"] == json.loads(out)["digest"] != json.loads(first)["digest"]
+
+
+BAD_ACCOUNT = [
+    # -p nan used to print full-batch (q=1) epsilons and exit 0.
+    (["-s", "1", "-p", "nan", "-i", "10", "--delta", "1e-5"], "--sample-rate=nan is not a finite number"),
+    (["-s", "nan", "-p", "0.1", "-i", "10", "--delta", "1e-5"], "--noise-multiplier=nan is not a finite number"),
+    (["-s", "inf", "-p", "0.1", "-i", "10", "--delta", "1e-5"], "--noise-multiplier=inf is not a finite number"),
+    (["-s", "1", "-p", "0.1", "-i", "10", "--delta", "nan"], "--delta=nan is not a finite number"),
+    (["-s", "1", "-p", "0.1", "-i", "10", "--delta", "1e-5", "--eps-error", "inf"], "--eps-error=inf"),
+    (["-s", "1", "-p", "0.1", "-i", "10", "--delta", "1e-13"], "--delta=1e-13 is below 1e-12"),
+    (["-s", "1", "-p", "0.1", "-i", "10000001", "--delta", "1e-5"], "--steps=10000001 must be <= 10000000"),
+    (["-s", "1", "-p", "2", "-i", "10", "--delta", "1e-5"], "--sample-rate"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", BAD_ACCOUNT, ids=[" ".join(a) for a, _ in BAD_ACCOUNT])
+def test_account_bad_input_is_one_line_exit_2(capsys, argv, expected):
+    rc = main(["account", *argv])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.startswith("dpdm: error: ") and err.count("\n") == 1, err
+    assert expected in err
+
+
+def _no_calibration(monkeypatch):
+    """Make any calibration or accounting fail loudly: checks must come before it."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the slow work started before the options were checked")
+
+    monkeypatch.setattr(accounting.PrivacyPlan, "calibrate", boom)
+    monkeypatch.setattr(accounting, "make_plan_document", boom)
+
+
+def test_huge_epochs_are_refused_before_accounting(capsys, monkeypatch):
+    """`--epochs 1e12` (1.6e13 steps) ran silently inside dp-accounting with no end in sight."""
+    _no_calibration(monkeypatch)
+    for epochs in ("1e12", "1e300"):
+        rc, out, err = run(capsys, "--eps", "10", "--delta", "1e-5", "--epochs", epochs)
+        assert rc == 2 and out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"dpdm: error: --epochs={float(epochs):g} gives ")
+        assert "above the limit of 10000000" in err
+    rc, out, err = run(capsys, "--eps", "10", "--delta", "1e-5", "--dataset-size", str(10**9), "--batch-size", "1")
+    assert rc == 2 and "--epochs=30 (default) gives 3e+10 steps" in err
+
+
+def test_unusable_out_and_curve_are_refused_before_calibration(capsys, monkeypatch, tmp_path):
+    """A missing folder, a file where the folder should be, or a --curve format matplotlib cannot write
+    ended in a traceback (exit 1), after the plan had been written."""
+    _no_calibration(monkeypatch)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    plan = tmp_path / "plan.json"
+    cases = [
+        (["--out", str(tmp_path / "no" / "p.json")],
+         f"--out={str(tmp_path / 'no' / 'p.json')!r}: the folder {tmp_path / 'no'} does not exist"),
+        (["--out", str(a_file / "p.json")], f"--out={str(a_file / 'p.json')!r}: the folder {a_file} is not a folder"),
+        (["--curve", str(tmp_path / "no" / "c.png")],
+         f"--curve={str(tmp_path / 'no' / 'c.png')!r}: the folder {tmp_path / 'no'} does not exist"),
+        (["--out", str(plan), "--curve", str(tmp_path / "no" / "c.png")], "--curve="),
+        (["--out", str(plan), "--curve", str(tmp_path / "c.json")], "matplotlib cannot write .json files"),
+        (["--out", str(plan), "--curve", str(tmp_path / "c.xyz")], "matplotlib cannot write .xyz files"),
+    ]
+    for extra, expected in cases:
+        rc, out, err = run(capsys, "--eps", "1", "--delta", "1e-5", *extra)
+        assert rc == 2 and out == "" and err.count("\n") == 1, err
+        assert expected in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing written
+
+
+def test_failed_writes_are_one_error_line(capsys, monkeypatch, tmp_path):
+    """OSError or ValueError from writing the plan or the plot: one line naming the option, exit 2."""
+    args = ("--noise-multiplier", "2", "--delta", "1e-5", "--dataset-size", "1000", "--batch-size", "100",
+            "--steps", "10")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(accounting, "write_plan", disk_full)
+    rc, out, err = run(capsys, *args, "--out", str(tmp_path / "p.json"))
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("dpdm: error: --out=") and "No space left on device" in err
+    monkeypatch.undo()
+    monkeypatch.setattr("cli.plan._plot_curve", disk_full)
+    rc, out, err = run(capsys, *args, "--out", str(tmp_path / "p.json"), "--curve", str(tmp_path / "c.png"))
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("dpdm: error: --curve=") and "No space left" in err and "the plan was written to" in err
+    assert accounting.load_plan(tmp_path / "p.json").plan.steps == 10
+
+
+def test_curve_without_extension_gets_png(capsys, tmp_path):
+    rc, out, err = run(capsys, "--noise-multiplier", "2", "--delta", "1e-5", "--dataset-size", "1000",
+                       "--batch-size", "100", "--steps", "10", "--curve", str(tmp_path / "curve"))
+    assert rc == 0, err
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {tmp_path / 'curve.png'}" in out
+
+
+def test_preset_with_another_dataset_size_warns_that_the_plan_names_no_dataset(capsys):
+    """--preset mnist-paper --dataset-size N silently dropped the preset's dataset name; `dpdm train`
+    then asked for --dataset. The preset's own size keeps the name; another size warns."""
+    rc, out, err = run(capsys, "--preset", "mnist-paper", "--noise-multiplier", "3", "--dataset-size", "60000",
+                       "--steps", "20", "--json")
+    assert rc == 0 and err == "", err
+    assert json.loads(out)["dataset"] == {"name": "mnist", "size": 60000}
+    rc, out, err = run(capsys, "--preset", "mnist-paper", "--noise-multiplier", "3", "--dataset-size", "50000",
+                       "--steps", "20", "--json")
+    assert rc == 0
+    assert json.loads(out)["dataset"] == {"name": None, "size": 50000}
+    assert err.count("\n") == 1 and err.startswith("dpdm: warning: --preset mnist-paper with --dataset-size 50000")
+    assert "the plan names no dataset" in err and "--dataset" in err
+
+
+def test_plan_written_by_the_cli_is_readable_by_others(capsys, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        rc, _, err = run(capsys, "--noise-multiplier", "2", "--delta", "1e-5", "--dataset-size", "1000",
+                         "--batch-size", "100", "--steps", "10", "--out", str(tmp_path / "p.json"))
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    assert stat.S_IMODE(os.stat(tmp_path / "p.json").st_mode) == 0o644
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d.update(noise_multiplier=10**400),
+    lambda d: d.update(versions=[1, 2]),
+    lambda d: d["epsilon"].update(certified=10**400),
+])
+def test_a_malformed_plan_file_is_one_plan_error_line(tmp_path, edit):
+    """What `dpdm train --plan` and every other command that loads a plan go through: a huge integer or
+    a wrong type was an OverflowError or TypeError traceback."""
+    from cli._common import load_locked_plan
+    from cli.errors import BadInput
+
+    rc = main(["plan", "--noise-multiplier", "2", "--delta", "1e-5", "--dataset-size", "1000", "--batch-size", "100",
+               "--steps", "10", "--out", str(tmp_path / "p.json")])
+    assert rc == 0
+    d = json.loads((tmp_path / "p.json").read_text())
+    edit(d)
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(BadInput, match=r"^--plan=.*bad\.json") as e:
+        load_locked_plan(str(tmp_path / "bad.json"))
+    assert "\n" not in str(e.value)
