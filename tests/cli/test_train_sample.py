@@ -279,6 +279,16 @@ def test_bad_device_is_one_error_line(tiny, capsys, device):
     assert not (d / "run").exists()
 
 
+def test_a_class_count_read_from_the_private_labels_warns(tiny, capsys):
+    d = tiny
+    code, _, err = run_cli(_train_args(d, d / "run"), capsys)
+    assert code == 0 and "the number of classes (3) was read from the private labels" in err
+    with np.load(d / "data.npz") as f:
+        np.savez(d / "data.npz", x=f["x"], y=f["y"], num_classes=3)
+    code, _, err = run_cli(_train_args(d, d / "run2"), capsys)
+    assert code == 0 and "read from the private labels" not in err
+
+
 def test_a_fixed_seed_on_a_private_run_warns(tiny, capsys):
     d = tiny
     code, _, err = run_cli(_train_args(d, d / "run", "--seed", "5"), capsys)
