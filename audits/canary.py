@@ -8,7 +8,8 @@ an independent fair coin drawn from a dedicated seed and never shown to the scor
 are scored by the calibrated loss attack and PIA (reference: the same network at initialization,
 which does not depend on the coins), and the one-run bound turns the guesses into an epsilon lower
 bound. A positive control repeats the training with the noise off; if even the control shows no
-leakage, the audit has no power and the verdict is INCONCLUSIVE.
+leakage of the claimed size, or if no attack could certify the claimed epsilon with this many canaries,
+the audit has no power against the claim and the verdict is INCONCLUSIVE (``canary_verdict``).
 
 A cheaper audit (a subsample of the data, fewer steps, fewer noise draws K, another network) keeps
 the per-step mechanism of the plan but is a shorter run: it composes fewer of the plan's steps, so
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from audits.auditor import Auditor, max_one_run_epsilon
+from audits.auditor import Auditor, _jsonable, max_one_run_epsilon, one_run_audit
 from audits.scores import PIA, LossAttack, loss_scores, pia_scores
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "train_with_canaries",
     "score_canaries",
     "canary_audit",
+    "canary_verdict",
 ]
 
 CANARY_KINDS = ("ood", "mislabelled")
@@ -205,12 +207,18 @@ def train_with_canaries(
     noise: bool = True,
     denoiser_factory: Callable[[], torch.nn.Module] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    expected_batch_size: float | None = None,
 ) -> TrainedCanaryModel:
     """DP-SGD on ``x`` (background + included canaries) under ``plan``'s q, sigma and C.
 
     ``noise=False`` trains the positive control: the same clipped steps without the Gaussian noise.
     The network starts from ``torch.manual_seed(config.seed)``; batches, diffusion draws and DP noise
     come from per-step seeds, so two calls with the same arguments train the same model.
+
+    ``expected_batch_size``: the public constant the noisy gradient sum is divided by, as `dpdm train`
+    divides by the plan's batch size. It must not depend on which canaries are in ``x`` (the number of
+    included canaries is a function of the secret coins): ``canary_audit`` passes
+    ``q * (background + num_canaries)``. None means ``q * len(x)``, for data of a public size only.
     """
     from dpdm.data import PoissonSampler
     from dpdm.engine import add_noise, clipped_grad_sum, noise_generator
@@ -234,7 +242,9 @@ def train_with_canaries(
     sampler = PoissonSampler(n, q, seed=_seed_for(config.seed, 0, 7) % (2**31))
     optimizer = torch.optim.Adam(D.parameters(), lr=config.lr)
     params = dict(D.named_parameters())
-    expected = q * n
+    expected = q * n if expected_batch_size is None else float(expected_batch_size)
+    if not (math.isfinite(expected) and expected > 0):
+        raise ValueError(f"expected_batch_size={expected_batch_size!r} must be a positive number")
     t0 = time.perf_counter()
     batch_sizes = []
     for step in range(steps):
@@ -269,6 +279,7 @@ def train_with_canaries(
         "steps": steps,
         "plan_steps": int(plan.steps),
         "noise_multiplicity": K,
+        "normalizer": "q * dataset size" if expected_batch_size is None else "given (public, fixed in advance)",
         "seconds": time.perf_counter() - t0,
     }
     return TrainedCanaryModel(D, reference, info)
@@ -291,6 +302,69 @@ def score_canaries(trained: TrainedCanaryModel, x_can, y_can, config: CanaryConf
     if "pia" in config.attacks:
         out["pia"] = pia_scores(trained.model, x_can, y_can, reference=trained.reference, pia=config.pia)
     return out
+
+
+def canary_verdict(
+    target_max: float,
+    control_max: float | None,
+    ceiling: float,
+    claimed_epsilon: float,
+    *,
+    num_canaries: int,
+    worst_attack: str = "an",
+) -> tuple[str, list[str]]:
+    """The canary audit's verdict and its reasons (shared/research/audits.md section 5.4).
+
+    FAIL if an epsilon lower bound exceeds the claim. Otherwise INCONCLUSIVE if the audit could not
+    have failed: the certifiable ceiling (a perfect attack with these canaries) is at or below the claim,
+    or the positive control (noise off) did not reach the claim either, so the attacks have not shown
+    they can detect leakage of the claimed size. Otherwise PASS: no violation detected at the stated
+    power (never "privacy verified"). ``control_max`` None: no control was trained.
+    """
+    claim = float(claimed_epsilon)
+    if target_max > claim:
+        return "FAIL", [f"{worst_attack} attack: one-run epsilon lower bound {target_max:.3f} > claimed epsilon "
+                        f"{claim:.3f}"]
+    if ceiling <= claim:
+        return "INCONCLUSIVE", [
+            f"with {num_canaries} canaries this audit cannot certify more than epsilon {ceiling:.3f}, so it cannot "
+            f"detect a violation of the claim {claim:.3f}; use more canaries (--canaries) or a shorter canary run "
+            f"(--steps), whose epsilon is smaller"]
+    if control_max is not None and control_max <= claim:
+        return "INCONCLUSIVE", [
+            f"the positive control (noise off) reached an epsilon lower bound of only {control_max:.3f} <= the "
+            f"claim {claim:.3f}: the attacks could not show leakage of the claimed size, so a violation could "
+            f"have gone undetected"]
+    reason = (f"no violation detected at the stated power: largest epsilon lower bound {target_max:.3f} <= claimed "
+              f"{claim:.3f}; a perfect attack could certify up to {ceiling:.3f}")
+    if control_max is not None:
+        reason += f", and the positive control (noise off) reached {control_max:.3f}"
+    else:
+        reason += " (no positive control was trained)"
+    return "PASS", [reason]
+
+
+def _one_class_report(s, included, *, delta, significance, claimed_epsilon, ceiling) -> dict[str, Any]:
+    """``Auditor.report``'s keys when the coins left no included or no excluded canary: the one-run
+    bound (which needs no second class) and None for the two-class statistics."""
+    inc = np.asarray(included, dtype=bool)
+    ordered = np.concatenate([s[inc], s[~inc]])  # the order Auditor.one_run uses
+    bits = np.concatenate([np.ones(int(inc.sum()), bool), np.zeros(int((~inc).sum()), bool)])
+    res = one_run_audit(ordered, bits, delta=delta, significance=significance)
+    return {
+        "num_in": int(inc.sum()),
+        "num_out": int((~inc).sum()),
+        "significance": float(significance),
+        "delta": float(delta),
+        "two_class_statistics": False,
+        "auc": None,
+        "auc_interval": [None, None],
+        "tpr_at_fpr": [],
+        "clopper_pearson": None,
+        "one_run": _jsonable(res.to_dict()),
+        "max_certifiable_epsilon": {"clopper_pearson": None, "one_run": float(ceiling)},
+        "claimed_epsilon": float(claimed_epsilon),
+    }
 
 
 def canary_audit(
@@ -316,8 +390,10 @@ def canary_audit(
     is itself the control. ``significance`` is the error budget for the epsilon bounds, split evenly
     over the attacks (Bonferroni); the control's bounds use the same per-attack level.
 
-    Keys: ``verdict`` ("PASS"/"FAIL"/"INCONCLUSIVE"), ``reasons``, ``attacks`` (per attack: target and
-    control reports from ``Auditor.report``), ``max_epsilon_lower_bound``, ``control_max_epsilon``,
+    Keys: ``verdict`` ("PASS"/"FAIL"/"INCONCLUSIVE", see ``canary_verdict``), ``reasons``, ``attacks`` (per
+    attack: target and control reports from ``Auditor.report``; when the coins left no included or no
+    excluded canary, only the one-run bound, with ``two_class_statistics`` False and None for AUC, ROC and
+    Clopper-Pearson), ``max_epsilon_lower_bound``, ``control_max_epsilon``, ``max_certifiable_epsilon``,
     ``training`` (what was trained), ``canaries`` (kind, count, included), ``scores`` (arrays).
     """
     if not (isinstance(claimed_epsilon, (int, float)) and claimed_epsilon >= 0 and math.isfinite(claimed_epsilon)):
@@ -342,51 +418,55 @@ def canary_audit(
     def prog(tag):
         return None if progress is None else (lambda i, n: progress(tag, i, n))
 
+    # The divisor of the noisy gradient sum: public and fixed before the coins are drawn, as `dpdm train`
+    # divides by the plan's batch size. q * (background + included) would depend on the secret coins.
+    expected = float(plan.sample_rate) * (int(nb) + m)
     runs = {}
     target = train_with_canaries(plan, x_train, y_train, num_classes, config, noise=private,
-                                 denoiser_factory=denoiser_factory, progress=prog("target"))
+                                 denoiser_factory=denoiser_factory, progress=prog("target"),
+                                 expected_batch_size=expected)
     runs["target"] = target
     if control:
         runs["control"] = target if not private else train_with_canaries(
             plan, x_train, y_train, num_classes, config, noise=False,
-            denoiser_factory=denoiser_factory, progress=prog("control"))
+            denoiser_factory=denoiser_factory, progress=prog("control"), expected_batch_size=expected)
+    for run in runs.values():
+        run.info["normalizer"] = f"q * (background + canaries) = {float(plan.sample_rate):.6g} * ({int(nb)} + {m})"
 
     level = significance / len(config.attacks)
+    n_in = int(included.sum())
+    ceiling = max_one_run_epsilon(m, delta=delta, significance=level, num_included=n_in)
     scores = {name: score_canaries(run, x_can, y_can if conditional else None, config) for name, run in runs.items()}
     attacks: dict[str, Any] = {}
     for attack in config.attacks:
         entry = {}
         for name in runs:
             s = scores[name][attack]
-            rep = Auditor(s[included], s[~included]).report(
-                delta=delta, significance=level, claimed_epsilon=float(claimed_epsilon))
-            # The Clopper-Pearson bound assumes one independent training run per score; here all
-            # canaries share one run, so only the one-run bound is a valid epsilon lower bound.
-            rep["clopper_pearson"]["valid_here"] = False
+            if 0 < n_in < m:
+                rep = Auditor(s[included], s[~included]).report(
+                    delta=delta, significance=level, claimed_epsilon=float(claimed_epsilon))
+                # The Clopper-Pearson bound assumes one independent training run per score; here all
+                # canaries share one run, so only the one-run bound is a valid epsilon lower bound.
+                rep["clopper_pearson"]["valid_here"] = False
+                rep["two_class_statistics"] = True
+            else:
+                rep = _one_class_report(s, included, delta=delta, significance=level,
+                                        claimed_epsilon=float(claimed_epsilon), ceiling=ceiling)
             rep["epsilon_lower_bound"] = rep["one_run"]["epsilon"]
             rep["violation"] = bool(rep["one_run"]["epsilon"] > claimed_epsilon)
+            # Only the one-run ceiling is valid here (the Clopper-Pearson one is not, see above).
+            rep["can_detect_violation"] = bool(rep["max_certifiable_epsilon"]["one_run"] > claimed_epsilon)
             entry[name] = rep
         attacks[attack] = entry
 
     target_max = max(attacks[a]["target"]["epsilon_lower_bound"] for a in config.attacks)
     control_max = max(attacks[a]["control"]["epsilon_lower_bound"] for a in config.attacks) if control else None
-    ceiling = max_one_run_epsilon(m, delta=delta, significance=level, num_included=int(included.sum()))
-    reasons = []
-    if target_max > claimed_epsilon:
-        worst = max(config.attacks, key=lambda a: attacks[a]["target"]["epsilon_lower_bound"])
-        reasons.append(f"{worst} attack: one-run epsilon lower bound {target_max:.3f} > claimed epsilon "
-                       f"{claimed_epsilon:.3f}")
-        verdict = "FAIL"
-    elif control and control_max <= 0.0:
-        reasons.append("the positive control (noise off) shows no leakage: the attacks have no power here")
-        verdict = "INCONCLUSIVE"
-    else:
-        verdict = "PASS"
-        reasons.append(f"largest epsilon lower bound {target_max:.3f} <= claimed {claimed_epsilon:.3f}"
-                       + (f"; control (noise off) reached {control_max:.3f}" if control else ""))
-        if ceiling <= claimed_epsilon:
-            reasons.append(f"with {m} canaries no attack could certify more than epsilon {ceiling:.2f}: "
-                           f"a violation of the claim {claimed_epsilon:g} could not be detected")
+    worst = max(config.attacks, key=lambda a: attacks[a]["target"]["epsilon_lower_bound"])
+    verdict, reasons = canary_verdict(target_max, control_max, ceiling, float(claimed_epsilon), num_canaries=m,
+                                      worst_attack=worst)
+    if not 0 < n_in < m:
+        reasons.append(f"the coins included {n_in} of {m} canaries: AUC, ROC and TPR need both included and "
+                       "excluded canaries and are not reported (the coins are never redrawn)")
     return {
         "verdict": verdict,
         "reasons": reasons,
@@ -397,6 +477,7 @@ def canary_audit(
         "max_epsilon_lower_bound": float(target_max),
         "control_max_epsilon": None if control_max is None else float(control_max),
         "max_certifiable_epsilon": float(ceiling),
+        "can_detect_violation": bool(ceiling > claimed_epsilon),
         "threat_model": "black-box access to the final model's denoiser (raw weights, not EMA); "
                         "one training run with canaries included by fair coins",
         "config": config.to_dict(),

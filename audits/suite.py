@@ -12,9 +12,17 @@ So the probability that a correct implementation of a correct plan gets FAIL is 
 The positive control's bounds are computed at the same per-attack level; they only decide between
 PASS and INCONCLUSIVE, never FAIL.
 
+The claimed epsilon of the canary audit is that of the canary run: the plan's per-step mechanism
+composed over the canary run's steps (at most the plan's epsilon; the report shows both).
+
 Verdict: FAIL if a mechanism check fails or an epsilon lower bound exceeds the claimed epsilon;
-otherwise INCONCLUSIVE if the positive control shows no leakage; otherwise PASS ("no violation
-detected at the stated power", never "privacy verified").
+otherwise INCONCLUSIVE if the audit could not have failed (the certifiable ceiling with these
+canaries is at or below the claim, or the positive control does not reach the claim either;
+``audits.canary.canary_verdict``); otherwise PASS ("no violation detected at the stated power",
+never "privacy verified").
+
+Bad input (run, plan, dataset, suite settings, report folder) raises ``AuditInputError`` (a
+ValueError) before any training; any other exception is a runtime failure.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,11 +41,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from audits.auditor import _jsonable
 from audits.canary import CanaryConfig, canary_audit
 from audits.mechanism import check_engine, check_run, check_sampler, check_subspace
 from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
 
-__all__ = ["SUITES", "suite_config", "run_audit", "write_report", "EXIT_CODES", "training_private_grad"]
+__all__ = ["SUITES", "suite_config", "run_audit", "write_report", "EXIT_CODES", "training_private_grad",
+           "AuditInputError", "check_out_dir"]
 
 EXIT_CODES = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
 
@@ -46,6 +59,29 @@ SUITES: dict[str, dict[str, Any]] = {
     "full": {"num_canaries": 1000, "background_size": None, "max_steps": None, "noise_multiplicity": None,
              "model": None, "noise_pairs": 100},
 }
+
+
+
+class AuditInputError(ValueError):
+    """Bad input to ``run_audit`` (run, plan, dataset, suite settings, report folder), found before any
+    training. Other exceptions from ``run_audit`` (ValueError included) are not the user's mistake."""
+
+
+def check_out_dir(out_dir) -> Path:
+    """Creates the report folder if needed and checks that files can be written in it (AuditInputError
+    otherwise), so that a bad folder is found before minutes of training rather than after."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise AuditInputError("exists and is not a folder") from None
+    except OSError as e:
+        raise AuditInputError(f"cannot create or write the report folder ({e.strerror or e})") from None
+    return out
+
 
 MECHANISM_SHARE = 0.2  # of the significance budget; the rest goes to the epsilon bounds
 STATISTICAL_CHECKS = 5  # 6 for a run with --public-subspace (subspace_noise_variance)
@@ -127,15 +163,40 @@ def run_audit(
     from dpdm.data import PoissonSampler
     from dpdm.datasets import load_dataset
 
-    if not (0 < significance < 1):
-        raise ValueError(f"significance={significance!r} must be in (0, 1)")
     t_start = time.perf_counter()
-    run = Path(run_dir)
-    run_config, ledger = _load_run(run)
-    claimed_path = Path(plan_path) if plan_path is not None else run / "plan.json"
-    doc = accounting.load_plan(claimed_path)
-    plan = doc.plan
-    cfg = suite_config(suite, plan, run_config, seed=seed, **(canary_overrides or {}))
+    try:
+        check_out_dir(out_dir)
+    except AuditInputError as e:
+        raise AuditInputError(f"out={str(out_dir)!r}: {e}") from None
+    # Everything up to the first training is input validation: a ValueError here is the user's (a missing
+    # or corrupt run, a tampered plan, an unknown dataset, data that does not fit the run, bad settings).
+    try:
+        if not (0 < significance < 1):
+            raise ValueError(f"significance={significance!r} must be in (0, 1)")
+        run = Path(run_dir)
+        run_config, ledger = _load_run(run)
+        claimed_path = Path(plan_path) if plan_path is not None else run / "plan.json"
+        doc = accounting.load_plan(claimed_path)
+        plan = doc.plan
+        cfg = suite_config(suite, plan, run_config, seed=seed, **(canary_overrides or {}))
+        name = dataset or run_config.get("dataset")
+        if not name:
+            raise ValueError("the run does not name its dataset; pass --dataset")
+        data = load_dataset(name, "train", data_root=data_root)
+        want = (int(run_config["img_channels"]), int(run_config["img_resolution"]),
+                int(run_config["img_resolution"]))
+        if tuple(data.x.shape[1:]) != want:
+            raise ValueError(f"dataset={name!r} has images of shape {tuple(data.x.shape[1:])}, the run was "
+                             f"trained on {want}")
+        num_classes = int(run_config.get("num_classes", 0))
+        pool_x = pool_y = None
+        if cfg.canary_kind == "mislabelled":
+            held = load_dataset(name, "test", data_root=data_root)
+            pool_x, pool_y = held.x, held.y
+    except AuditInputError:
+        raise
+    except ValueError as e:
+        raise AuditInputError(str(e)) from e
 
     train_config = run_config.get("train") or {}
     subspace_dim = train_config.get("subspace_dim")
@@ -148,18 +209,6 @@ def run_audit(
         if progress is not None:
             progress(name, 0, 1)
 
-    name = dataset or run_config.get("dataset")
-    if not name:
-        raise ValueError("the run does not name its dataset; pass --dataset")
-    data = load_dataset(name, "train", data_root=data_root)
-    want = (int(run_config["img_channels"]), int(run_config["img_resolution"]), int(run_config["img_resolution"]))
-    if tuple(data.x.shape[1:]) != want:
-        raise ValueError(f"dataset={name!r} has images of shape {tuple(data.x.shape[1:])}, the run was trained on {want}")
-    num_classes = int(run_config.get("num_classes", 0))
-    pool_x = pool_y = None
-    if cfg.canary_kind == "mislabelled":
-        held = load_dataset(name, "test", data_root=data_root)
-        pool_x, pool_y = held.x, held.y
     stage("mechanism checks")
     t0 = time.perf_counter()
     checks = check_engine(training_private_grad(per_layer_rules=per_layer_rules), alpha=alpha_check, seed=seed,
@@ -198,7 +247,7 @@ def run_audit(
     else:
         verdict = "PASS"
         reasons += canary["reasons"]
-    audited = _what_was_audited(plan, canary, cfg, private, train_config)
+    audited = _what_was_audited(plan, canary, cfg, private, train_config, plan_epsilon=doc.epsilon)
     doc_out = {
         "format": "dpdm.audit/1",
         "verdict": verdict,
@@ -227,13 +276,18 @@ def run_audit(
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "torch_threads": torch_threads},
     }
+    # Finite numbers only (a --no-dp run's ledger spends epsilon inf): report.json and --json must be
+    # RFC 8259 JSON, which has no Infinity or NaN. Non-finite values become null (None).
+    doc_out = _jsonable(doc_out)
     write_report(doc_out, canary, out_dir)
     return doc_out
 
 
-def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_config: dict | None = None) -> list[str]:
+def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_config: dict | None = None, *,
+                      plan_epsilon: float | None = None) -> list[str]:
     t = canary["training"]["target"]
     train_config = train_config or {}
+    claim = canary["claimed_epsilon"]
     lines = [
         f"Per-step mechanism of the plan: Poisson sampling at q={plan.sample_rate:.6g}, clip norm "
         f"C={plan.clip_norm:g}, Gaussian noise multiplier sigma={plan.noise_multiplier:.6g}"
@@ -241,9 +295,14 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
         + ".",
         f"Canary training: {t['steps']} of the plan's {plan.steps} steps on {t['dataset_size']} examples "
         f"({canary['canaries']['background']} background + {canary['canaries']['included']} included "
-        f"canaries; the plan's dataset has {plan.dataset_size}), expected batch {t['expected_batch_size']:.1f}, "
+        f"canaries; the plan's dataset has {plan.dataset_size}), expected batch {t['expected_batch_size']:.1f} "
+        f"(the update's divisor: {t.get('normalizer', 'q * dataset size')}, fixed before the coins are drawn), "
         f"K={t['noise_multiplicity']} noise draws (plan: {plan.noise_multiplicity}; privacy-neutral), "
         f"network '{cfg.model}'.",
+        f"Claimed epsilon of the audit: {claim:.4g}, the epsilon of the {t['steps']}-step canary run (the plan's "
+        f"per-step mechanism composed over {t['steps']} steps, by the plan's accountant)"
+        + ("" if plan_epsilon is None else f"; the plan's epsilon over its {plan.steps} steps is {plan_epsilon:.4g}")
+        + ". The verdict compares the epsilon lower bounds with the canary run's epsilon.",
     ]
     if t["dataset_size"] != plan.dataset_size:
         lines.append(
@@ -253,9 +312,9 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
     if t["steps"] < plan.steps:
         lines.append(
             "This is a shorter run under the same per-step mechanism: it composes fewer of the plan's "
-            f"steps ({t['steps']} on {t['dataset_size']} examples), so its true epsilon is at most the plan's. "
-            "An epsilon lower bound above the plan's epsilon therefore still proves a violation; a bound "
-            "below it certifies nothing about the steps that were not run."
+            f"steps ({t['steps']} on {t['dataset_size']} examples), so its true epsilon is at most {claim:.4g}, "
+            "at most the plan's. An epsilon lower bound above that shorter run's epsilon therefore proves a "
+            "violation; a bound below it certifies nothing about the steps that were not run."
         )
     if train_config.get("subspace_dim"):
         lines.append(
@@ -284,38 +343,75 @@ def _fmt(x, nd=4) -> str:
     return str(x)
 
 
+# Plot files this module writes; plots of an earlier run in the same folder that this run did not
+# write are removed, so that the folder holds one run's report.
+_PLOT_NAME = re.compile(r"^(roc|roc_log|hist|guesses)_(target|control)_[A-Za-z0-9]+\.png$")
+
+
 def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
-    """Writes report.md, report.json, scores.npz and the PNG plots into ``out_dir``."""
+    """Writes report.md, report.json, scores.npz and the PNG plots into ``out_dir``.
+
+    All or nothing, with report.json as the commit marker: every file is first written and fsynced in
+    a staging folder inside ``out_dir`` (an interruption there leaves an earlier report as it was); then
+    the earlier report.json is removed, the new files replace the old ones (``os.replace``), plots of an
+    earlier run that this run did not write are removed, and report.json is written last. So a
+    report.json always belongs to the files beside it. The ROC curves and the plots' ceilings are drawn
+    at the epsilon the verdict uses (the canary run's).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     included = np.asarray(canary["included"], dtype=bool)
-    eps, delta = doc["claimed_plan"]["epsilon"], doc["claimed_plan"]["delta"]
-    plots: dict[str, list[str]] = {}
-    arrays = {"included": included}
-    for run_name, per_attack in canary["scores"].items():
-        for attack, s in per_attack.items():
-            s = np.asarray(s, dtype=np.float64)
-            arrays[f"{run_name}_{attack}"] = s
-            ins, outs = s[included], s[~included]
-            tag = f"{run_name}_{attack}"
-            files = [
-                plot_roc(ins, outs, out / f"roc_{tag}.png", epsilon=eps, delta=delta,
-                         title=f"ROC: {attack} attack, {run_name}"),
-                plot_roc(ins, outs, out / f"roc_log_{tag}.png", epsilon=eps, delta=delta, log=True,
-                         title=f"ROC (log-log): {attack} attack, {run_name}"),
-                plot_score_histogram(ins, outs, out / f"hist_{tag}.png", bins=30,
-                                     title=f"scores: {attack} attack, {run_name}"),
-            ]
-            grid = canary["attacks"][attack][run_name]["one_run"]["grid"]
-            files.append(plot_epsilon_vs_guesses([g[0] for g in grid], [g[2] for g in grid],
-                                                 out / f"guesses_{tag}.png", claimed_epsilon=eps,
-                                                 title=f"one-run bound vs guesses: {attack}, {run_name}"))
-            plots[tag] = [f.name for f in files]
-    doc["plots"] = plots
-    doc["files"] = {"markdown": "report.md", "json": "report.json", "scores": "scores.npz"}
-    np.savez(out / "scores.npz", **arrays)
-    _atomic_write(out / "report.json", json.dumps(doc, indent=2, default=_json_default) + "\n")
-    _atomic_write(out / "report.md", _markdown(doc))
+    claim = float(canary["claimed_epsilon"])
+    delta = doc["claimed_plan"]["delta"]
+    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        plots: dict[str, list[str]] = {}
+        arrays = {"included": included}
+        for run_name, per_attack in canary["scores"].items():
+            for attack, s in per_attack.items():
+                s = np.asarray(s, dtype=np.float64)
+                arrays[f"{run_name}_{attack}"] = s
+                ins, outs = s[included], s[~included]
+                tag = f"{run_name}_{attack}"
+                files = []
+                if ins.size and outs.size:  # ROC and histograms need both classes
+                    files += [
+                        plot_roc(ins, outs, stage / f"roc_{tag}.png", epsilon=claim, delta=delta,
+                                 title=f"ROC: {attack} attack, {run_name}"),
+                        plot_roc(ins, outs, stage / f"roc_log_{tag}.png", epsilon=claim, delta=delta, log=True,
+                                 title=f"ROC (log-log): {attack} attack, {run_name}"),
+                        plot_score_histogram(ins, outs, stage / f"hist_{tag}.png", bins=30,
+                                             title=f"scores: {attack} attack, {run_name}"),
+                    ]
+                grid = canary["attacks"][attack][run_name]["one_run"]["grid"]
+                files.append(plot_epsilon_vs_guesses([g[0] for g in grid], [g[2] for g in grid],
+                                                     stage / f"guesses_{tag}.png", claimed_epsilon=claim,
+                                                     title=f"one-run bound vs guesses: {attack}, {run_name}"))
+                plots[tag] = [f.name for f in files]
+        doc["plots"] = plots
+        doc["files"] = {"markdown": "report.md", "json": "report.json", "scores": "scores.npz"}
+        with open(stage / "scores.npz", "wb") as f:
+            np.savez(f, **arrays)
+        _write_text(stage / "report.md", _markdown(doc))
+        text = json.dumps(_jsonable(doc), indent=2, allow_nan=False, default=_json_default) + "\n"
+        _write_text(stage / "report.json", text)
+        for f in stage.iterdir():
+            _fsync_file(f)
+
+        # Commit: no report.json while the files change, then report.json last.
+        (out / "report.json").unlink(missing_ok=True)
+        _fsync_dir(out)
+        written = {f for names in plots.values() for f in names} | {"scores.npz", "report.md"}
+        for name in sorted(written):
+            os.replace(stage / name, out / name)
+        for f in out.iterdir():
+            if _PLOT_NAME.match(f.name) and f.name not in written and f.is_file():
+                f.unlink()
+        _fsync_dir(out)
+        os.replace(stage / "report.json", out / "report.json")
+        _fsync_dir(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return out
 
 
@@ -325,10 +421,36 @@ def _json_default(v):
     return str(v)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. a platform that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tpr_cell(t: dict | None, num_out: int) -> str:
+    """TPR at a target FPR, or n/a when n_out * FPR < 10 (research/audits.md section 5.5)."""
+    if t is None:
+        return "n/a"
+    if not t.get("enough_negatives"):
+        return f"n/a ({num_out} out)"
+    return _fmt(t["tpr"], 3)
 
 
 def _markdown(doc: dict[str, Any]) -> str:
@@ -339,13 +461,21 @@ def _markdown(doc: dict[str, Any]) -> str:
     L += ["PASS means *no violation detected at the stated power*; it does not verify privacy.", ""]
     L += ["## Claim under test", "",
           "| field | value |", "|---|---|"]
+    canary_steps = can["training"]["target"]["steps"]
+    claim_label = f"epsilon of the {canary_steps}-step canary run"
     for k in ("epsilon", "delta", "sample_rate", "noise_multiplier", "clip_norm", "steps", "batch_size",
               "noise_multiplicity", "certified_by", "digest", "path"):
-        L.append(f"| {k} | {_fmt(plan.get(k), 8)} |")
+        label = f"epsilon (the plan's, over its {plan.get('steps')} steps)" if k == "epsilon" else k
+        L.append(f"| {label} | {_fmt(plan.get(k), 8)} |")
+        if k == "epsilon":
+            L.append(f"| **{claim_label}** (what the verdict compares against) | "
+                     f"**{_fmt(can['claimed_epsilon'], 8)}** |")
     L.append(f"| dataset | {plan['dataset']['name']} ({plan['dataset']['size']} examples) |")
     led = doc["run_ledger"]
+    spent = led["epsilon_spent"]
+    spent = "infinite (trained without DP)" if spent is None and not led["private"] else _fmt(spent)
     L += ["", f"Run `{doc['run']}`: {led['steps_done']}/{led['plan_steps']} steps, private={led['private']}, "
-          f"epsilon spent {_fmt(led['epsilon_spent'])}, delta {_fmt(led['delta'])}.", ""]
+          f"epsilon spent {spent}, delta {_fmt(led['delta'])}.", ""]
     L += ["## What was audited", ""] + [f"- {s}" for s in doc["what_was_audited"]] + [""]
     L += ["## Mechanism checks", "", "| check | passed | statistic | p-value | detail |", "|---|---|---|---|---|"]
     for c in doc["mechanism_checks"]:
@@ -360,22 +490,30 @@ def _markdown(doc: dict[str, Any]) -> str:
           f"{b['epsilon_bounds']['note']}).", ""]
     L += ["## Epsilon lower bounds (canary audit, one-run bound of Steinke, Nasr & Jagielski 2023)", "",
           f"{can['canaries']['count']} {can['canaries']['kind']} canaries, {can['canaries']['included']} included "
-          f"(fair coins, seed {can['canaries']['seed']}); claimed epsilon upper bound {_fmt(plan['epsilon'])}; "
+          f"(fair coins, seed {can['canaries']['seed']}); claimed epsilon: {_fmt(can['claimed_epsilon'])}, the "
+          f"{claim_label} (the plan's epsilon over its {plan.get('steps')} steps: {_fmt(plan['epsilon'])}); "
           f"largest certifiable with this setup {_fmt(can['max_certifiable_epsilon'])}.", "",
-          "| attack | model | epsilon lower bound | alpha spent | guesses | correct | AUC [CI] | TPR@1%FPR | claimed epsilon | violation |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| attack | model | epsilon lower bound | alpha spent | guesses | correct | AUC [CI] | TPR@1%FPR | "
+          f"TPR@0.1%FPR | claimed ({claim_label}) | violation |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for attack, per in can["attacks"].items():
         for run_name, rep in per.items():
             o = rep["one_run"]
-            t1 = rep["tpr_at_fpr"][0]
+            if rep.get("auc") is None:
+                auc_text = "n/a (one class only)"
+            else:
+                auc_text = (f"{_fmt(rep['auc'], 3)} [{_fmt(rep['auc_interval'][0], 3)}, "
+                            f"{_fmt(rep['auc_interval'][1], 3)}]")
+            tprs = {t["target_fpr"]: t for t in rep.get("tpr_at_fpr") or []}
             L.append(f"| {attack} | {run_name}{' (noise off)' if run_name == 'control' else ''} | "
                      f"{_fmt(o['epsilon'])} | {_fmt(o['significance'])} | {o['num_guesses']} | {o['num_correct']} | "
-                     f"{_fmt(rep['auc'], 3)} [{_fmt(rep['auc_interval'][0], 3)}, {_fmt(rep['auc_interval'][1], 3)}] | "
-                     f"{_fmt(t1['tpr'], 3)} | {_fmt(plan['epsilon'])} | "
+                     f"{auc_text} | {_tpr_cell(tprs.get(0.01), rep['num_out'])} | "
+                     f"{_tpr_cell(tprs.get(0.001), rep['num_out'])} | {_fmt(can['claimed_epsilon'])} | "
                      f"{'n/a (control)' if run_name == 'control' else ('**yes**' if rep['violation'] else 'no')} |")
     L += ["", "The Clopper-Pearson bound needs one independent training run per score; with one run and "
           "many canaries only the one-run bound is valid, so it is the only epsilon bound used for the verdict.",
-          "AUC intervals are DeLong (asymptotic, descriptive).", ""]
+          "AUC intervals are DeLong (asymptotic, descriptive). TPR at an FPR is n/a when there are too few "
+          "excluded canaries for it (fewer than 10 expected false positives).", ""]
     L += ["## Plots", ""]
     for tag, files in doc["plots"].items():
         L.append(f"### {tag.replace('_', ' ')}")

@@ -6,6 +6,11 @@ import click
 from cli._common import FiniteFloatRange, emit_json, info
 from cli.errors import BadInput
 
+# Fewer canaries make no meaningful audit: with 20 (delta 1e-5, the quick suite's error budget) even a
+# perfect attack certifies an epsilon of at most about 0.7, and with a handful the fair coins may include
+# none or all of them.
+MIN_CANARIES = 20
+
 
 @click.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
@@ -18,7 +23,8 @@ from cli.errors import BadInput
               help="Report folder (report.md, report.json, PNGs, scores.npz).")
 @click.option("--dataset", default=None, help="Data for the canary run (default: the run's dataset).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
-@click.option("--canaries", type=click.IntRange(min=2), default=None, help="Override the suite's number of canaries.")
+@click.option("--canaries", type=int, default=None,
+              help=f"Override the suite's number of canaries (at least {MIN_CANARIES}).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the suite's canary-run steps.")
 @click.option("--background", type=click.IntRange(min=1), default=None, help="Override the suite's background examples.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -30,11 +36,20 @@ def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, step
     """Audit a run: PASS (exit 0), FAIL (exit 1) or INCONCLUSIVE (exit 3)."""
     from pathlib import Path
 
+    if canaries is not None and canaries < MIN_CANARIES:
+        raise BadInput(f"--canaries={canaries} is too few for a meaningful audit: give at least {MIN_CANARIES} "
+                       f"(with fewer even a perfect attack certifies almost nothing)")
     if plan_path is not None and not Path(plan_path).is_file():
         raise BadInput(f"--plan={plan_path!r} does not exist")
     if not Path(run_dir).is_dir():
         raise BadInput(f"--run={run_dir!r} is not a folder")
-    from audits.suite import EXIT_CODES, run_audit
+    from audits.suite import EXIT_CODES, AuditInputError, check_out_dir, run_audit
+
+    # Before any training: a folder the report cannot be written to would lose the verdict at the end.
+    try:
+        check_out_dir(out_dir)
+    except AuditInputError as e:
+        raise BadInput(f"--out={out_dir!r}: {e}") from None
 
     overrides = {"num_canaries": canaries, "steps": steps, "background_size": background}
 
@@ -45,15 +60,19 @@ def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, step
     try:
         doc = run_audit(run_dir, out_dir, plan_path=plan_path, suite=suite, dataset=dataset, data_root=data_root,
                         seed=seed, significance=significance, canary_overrides=overrides, progress=progress)
-    except ValueError as e:
+    except AuditInputError as e:  # input validation only, before any training; anything else is exit 4
         raise BadInput(str(e)) from None
     if as_json:
-        emit_json(doc)
+        emit_json(doc)  # finite-only already: run_audit turns inf and nan into null
     else:
-        eps = doc["claimed_plan"]["epsilon"]
-        lb = doc["canary_audit"]["max_epsilon_lower_bound"]
-        info(f"audit verdict: {doc['verdict']}  (empirical epsilon lower bound {lb:.3f} vs claimed upper bound "
-             f"{eps:.3f}; report in {out_dir}/report.md)")
+        can = doc["canary_audit"]
+        claim = can["claimed_epsilon"]
+        canary_steps = can["training"]["target"]["steps"]
+        plan = doc["claimed_plan"]
+        lb = can["max_epsilon_lower_bound"]
+        info(f"audit verdict: {doc['verdict']}  (empirical epsilon lower bound {lb:.3f} vs {claim:.3f}, the epsilon "
+             f"of the {canary_steps}-step canary run; the plan's epsilon over its {plan['steps']} steps: "
+             f"{plan['epsilon']:.3f}; report in {out_dir}/report.md)")
         for r in doc["reasons"]:
             info(f"  - {r}")
     return EXIT_CODES[doc["verdict"]]

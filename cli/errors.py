@@ -5,6 +5,7 @@ EXIT_OK = 0
 EXIT_AUDIT_FAIL = 1
 EXIT_BAD_INPUT = 2
 EXIT_AUDIT_INCONCLUSIVE = 3
+EXIT_RUNTIME = 4  # any failure that is nobody's input mistake (cli.main turns uncaught exceptions into it)
 
 
 class BadInput(Exception):
@@ -17,8 +18,6 @@ class BadInput(Exception):
 
 def bad_input(message: str) -> BadInput:
     return BadInput(message)
-
-EXIT_RUNTIME = 4
 
 
 def runtime_failure(message: str):

@@ -4,8 +4,8 @@ Every subcommand lives in its own module and imports torch only inside its body,
 `import cli` (and `dpdm plan`) starts fast.
 
 Exit codes (DESIGN.md section 6): 0 success / audit PASS; 1 audit FAIL; 2 bad input or usage (one
-line naming the option and the value, no traceback); 3 audit INCONCLUSIVE; other non-zero for
-runtime failures.
+line naming the option and the value, no traceback); 3 audit INCONCLUSIVE; 4 runtime failure (any
+other exception: its traceback, then one `dpdm: runtime failure: ...` line); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from cli.errors import EXIT_BAD_INPUT, BadInput
+from cli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, BadInput
 
 _COMMANDS = {
     # name: (module, attribute)
@@ -83,10 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except click.ClickException as e:
         click.echo(f"{prog}: error: {_one_line(e.format_message())}", err=True)
-        return e.exit_code
+        return EXIT_RUNTIME if e.exit_code in (0, 1) else e.exit_code  # 1 is "audit FAIL" only
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
+    except Exception as e:  # a bug or an environment failure: never exit 1, which means "audit FAIL"
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)  # for a bug report
+        click.echo(f"{prog}: runtime failure: {_one_line(f'{type(e).__name__}: {e}')}", err=True)
+        return EXIT_RUNTIME
     return int(rv or 0)
 
 

@@ -136,3 +136,85 @@ def test_audit_argument_validation(digits, plan_eps1):
         canary_audit(plan_eps1, digits.x, digits.y, 10, POWER, claimed_epsilon=-1)
     with pytest.raises(ValueError, match="x="):
         canary_audit(plan_eps1, digits.x[0], digits.y, 10, POWER, claimed_epsilon=1)
+
+
+def test_verdict_rule():
+    """FAIL above the claim; INCONCLUSIVE when the audit could not have failed (ceiling at or below the claim) or
+    the positive control does not reach the claim (not merely > 0); PASS otherwise, never "privacy verified"."""
+    from audits.canary import canary_verdict
+
+    assert canary_verdict(3.1, 5.0, 4.0, 3.0, num_canaries=200, worst_attack="pia")[0] == "FAIL"
+    verdict, reasons = canary_verdict(1.0, 3.0, 3.28, 9.997, num_canaries=200)  # the demo: eps 10, 200 canaries
+    assert verdict == "INCONCLUSIVE"
+    assert "with 200 canaries this audit cannot certify more than epsilon 3.280" in reasons[0]
+    assert "claim 9.997" in reasons[0] and "--canaries" in reasons[0]
+    assert canary_verdict(0.5, 2.0, 2.0, 2.0, num_canaries=200)[0] == "INCONCLUSIVE"  # ceiling == claim
+    verdict, reasons = canary_verdict(0.2, 0.8, 2.7, 1.0, num_canaries=128)  # control > 0 but below the claim
+    assert verdict == "INCONCLUSIVE" and "positive control" in reasons[0] and "0.800" in reasons[0]
+    assert canary_verdict(0.2, 1.0, 2.7, 1.0, num_canaries=128)[0] == "INCONCLUSIVE"  # control == claim
+    verdict, reasons = canary_verdict(0.2, 1.5, 2.7, 1.0, num_canaries=128)
+    assert verdict == "PASS" and reasons[0].startswith("no violation detected at the stated power")
+    assert "verified" not in " ".join(reasons)
+
+
+def test_audit_that_cannot_fail_is_inconclusive_even_with_a_leaking_control(digits, plan_eps1):
+    """32 canaries certify at most about 1.15: a claim of 2 cannot be refuted, whatever the attack finds."""
+    from dataclasses import replace
+
+    cfg = replace(POWER, num_canaries=32, background_size=64, steps=60, seed=0)
+    r = canary_audit(plan_eps1, digits.x, digits.y, 10, cfg, claimed_epsilon=2.0, private=False, control=True,
+                     denoiser_factory=tiny_mlp)
+    assert r["control_max_epsilon"] > 0.0  # the control leaks, yet (below the claim) that shows no power
+    assert r["max_certifiable_epsilon"] <= 2.0
+    assert r["verdict"] == "INCONCLUSIVE", r["reasons"]
+    assert "cannot certify more than" in r["reasons"][0] and r["can_detect_violation"] is False
+
+
+CHEAP = CanaryConfig(num_canaries=8, background_size=16, noise_multiplicity=1, steps=1, attacks=("loss", "pia"))
+
+
+@pytest.mark.parametrize("m, seed, n_in", [(2, 0, 0), (3, 8, 3)])
+def test_audit_with_one_class_of_canaries_skips_two_class_statistics(digits, plan_eps1, m, seed, n_in):
+    """Coins that include no canary or all of them: the one-run bound stands, AUC/ROC/CP are skipped, the coins
+    are not redrawn."""
+    from dataclasses import replace
+
+    assert int(draw_inclusion(m, seed).sum()) == n_in
+    r = canary_audit(plan_eps1, digits.x, digits.y, 10, replace(CHEAP, num_canaries=m, seed=seed),
+                     claimed_epsilon=1.0, denoiser_factory=tiny_mlp)
+    assert r["included"] == draw_inclusion(m, seed).tolist() and r["canaries"]["included"] == n_in
+    assert r["verdict"] == "INCONCLUSIVE"  # so few canaries certify nothing
+    assert any(f"included {n_in} of {m} canaries" in reason for reason in r["reasons"])
+    for attack in ("loss", "pia"):
+        for run in ("target", "control"):
+            rep = r["attacks"][attack][run]
+            assert rep["two_class_statistics"] is False and rep["auc"] is None and rep["clopper_pearson"] is None
+            assert rep["one_run"]["num_canaries"] == m and rep["epsilon_lower_bound"] == 0.0
+
+
+def test_canary_run_divides_by_a_constant_independent_of_the_coins(digits, plan_eps1):
+    """As `dpdm train` divides by the public batch size: q * (background + all canaries), not the included ones."""
+    from dataclasses import replace
+
+    for seed in (0, 1):
+        cfg = replace(CHEAP, seed=seed)
+        r = canary_audit(plan_eps1, digits.x, digits.y, 10, cfg, claimed_epsilon=1.0, denoiser_factory=tiny_mlp)
+        assert r["canaries"]["included"] < 8  # so the coin-dependent q * (16 + included) would differ
+        for run in ("target", "control"):
+            info = r["training"][run]
+            assert info["expected_batch_size"] == pytest.approx(plan_eps1.sample_rate * (16 + 8))
+            assert "16 + 8" in info["normalizer"]
+
+
+def test_can_detect_violation_uses_only_the_one_run_ceiling(digits, plan_eps1):
+    """The Clopper-Pearson ceiling is not valid for one training run: it must not say a violation is detectable."""
+    from dataclasses import replace
+
+    plan = replace(plan_eps1, delta=1e-3)  # 2 m delta kills the one-run ceiling, not the Clopper-Pearson one
+    r = canary_audit(plan, digits.x, digits.y, 10, replace(CHEAP, num_canaries=32), claimed_epsilon=0.3,
+                     denoiser_factory=tiny_mlp)
+    for attack in ("loss", "pia"):
+        rep = r["attacks"][attack]["target"]
+        assert rep["max_certifiable_epsilon"]["clopper_pearson"] > 0.3 >= rep["max_certifiable_epsilon"]["one_run"]
+        assert rep["can_detect_violation"] is False
+    assert r["can_detect_violation"] is False and r["verdict"] == "INCONCLUSIVE"

@@ -46,6 +46,11 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys):
     report = json.loads(out)
     assert rc == {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}[report["verdict"]]
     assert report["verdict"] in ("PASS", "INCONCLUSIVE")  # a correct run is never FAIL
+    can = report["canary_audit"]
+    # 24 canaries cannot certify the 2-step run's epsilon: the audit could not have failed, so it is no PASS.
+    assert can["max_certifiable_epsilon"] <= can["claimed_epsilon"]
+    assert report["verdict"] == "INCONCLUSIVE" and rc == 3, report["reasons"]
+    assert any("cannot certify more than" in r and "--canaries" in r for r in report["reasons"])
     assert all(c["passed"] for c in report["mechanism_checks"]), report["mechanism_checks"]
     names = {c["name"] for c in report["mechanism_checks"]}
     assert {"noise_variance", "poisson_batch_sizes", "run_plan_matches", "run_ledger_matches"} <= names
@@ -62,6 +67,14 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys):
                     "## Epsilon lower bounds", "## Error budget", "![roc_log_target_loss.png]"):
         assert section in md
     assert "shorter run under the same per-step mechanism" in md
+    # The claim shown is the one the verdict uses (the 2-step canary run's epsilon), with the plan's beside it.
+    claim_row = (f"| **epsilon of the 2-step canary run** (what the verdict compares against) | "
+                 f"**{can['claimed_epsilon']:.8g}** |")
+    assert claim_row in md
+    assert "claimed (epsilon of the 2-step canary run)" in md
+    # 24 canaries leave about 12 excluded ones: too few for a TPR at 1% or 0.1% FPR, which reads n/a.
+    rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| loss | target")]
+    assert len(rows) == 1 and rows[0][7].startswith("n/a (") and rows[0][8].startswith("n/a ("), rows
     assert json.loads((out_dir / "report.json").read_text())["verdict"] == report["verdict"]
     scores = np.load(out_dir / "scores.npz")
     assert scores["included"].shape == (24,) and scores["target_loss"].shape == (24,)
@@ -73,10 +86,15 @@ def test_audit_against_another_plan_fails(run_dir, tmp_path, capsys):
     claimed = tmp_path / "claimed.json"
     accounting.write_plan(accounting.make_plan_document(other), claimed)
     rc, out, err = _audit(["--run", str(run), "--plan", str(claimed), "--out", str(tmp_path / "r"),
-                           "--canaries", "8", "--steps", "1", "--background", "8"], capsys)
+                           "--canaries", "20", "--steps", "1", "--background", "8"], capsys)
     assert rc == 1
     assert "audit verdict: FAIL" in err and "run_plan_matches" in err
+    # The summary line shows the epsilon the verdict compares against (the 1-step canary run's), beside the plan's.
     report = json.loads((tmp_path / "r" / "report.json").read_text())
+    claim = report["canary_audit"]["claimed_epsilon"]
+    assert claim < report["claimed_plan"]["epsilon"]
+    assert f"vs {claim:.3f}, the epsilon of the 1-step canary run" in err
+    assert f"the plan's epsilon over its 3 steps: {report['claimed_plan']['epsilon']:.3f}" in err
     failed = {c["name"] for c in report["mechanism_checks"] if not c["passed"]}
     assert {"run_plan_matches", "run_ledger_matches"} <= failed
 
@@ -126,3 +144,197 @@ def test_audit_of_a_subspace_run_checks_the_subspace_step(run_dir, tmp_path, cap
         assert checks[name]["passed"], checks[name]
     assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 6
     assert any("3-dimensional subspace" in line for line in report["what_was_audited"])
+
+
+def _strict_json(text):
+    """json.loads that refuses Infinity, -Infinity and NaN, as RFC 8259 parsers (JSON.parse, serde) do."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _no_run_audit(monkeypatch):
+    import audits.suite
+
+    def never(*args, **kwargs):
+        pytest.fail("run_audit must not start: the input should have been refused first")
+    monkeypatch.setattr(audits.suite, "run_audit", never)
+
+
+def test_bad_out_and_too_few_canaries_exit_2_before_any_training(run_dir, tmp_path, capsys, monkeypatch):
+    run, _, _ = run_dir
+    _no_run_audit(monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    rc, _, err = _audit(["--run", str(run), "--out", str(a_file / "report")], capsys)
+    assert rc == 2 and err.startswith("dpdm: error: --out=") and len(err.strip().splitlines()) == 1, err
+    for n in ("2", "3", "19", "0"):
+        rc, _, err = _audit(["--run", str(run), "--out", str(tmp_path / "r"), "--canaries", n], capsys)
+        assert rc == 2 and err.startswith(f"dpdm: error: --canaries={n} ") and len(err.strip().splitlines()) == 1
+
+
+def test_runtime_failures_exit_4_not_1_or_2(run_dir, tmp_path, capsys, monkeypatch):
+    """A failure that is nobody's input mistake: its traceback, one `dpdm: runtime failure` line, exit 4 (never
+    1, the audit-FAIL code, nor 2: a ValueError raised after the input was validated is not bad input)."""
+    import audits.suite
+
+    run, _, _ = run_dir
+
+    def internal_error(*args, **kwargs):
+        raise ValueError("an internal statistic went wrong")
+    monkeypatch.setattr(audits.suite, "check_engine", internal_error)
+    rc, out, err = _audit(["--run", str(run), "--out", str(tmp_path / "r"), *SMALL], capsys)
+    assert rc == 4, err
+    assert "Traceback" in err
+    assert err.strip().splitlines()[-1] == "dpdm: runtime failure: ValueError: an internal statistic went wrong"
+
+    def disk_error(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(audits.suite, "run_audit", disk_error)
+    rc, out, err = _audit(["--run", str(run), "--out", str(tmp_path / "r"), *SMALL], capsys)
+    assert rc == 4 and err.strip().splitlines()[-1].startswith("dpdm: runtime failure: PermissionError"), err
+
+    def click_error(*args, **kwargs):  # click's own default exit status is 1, the audit-FAIL code
+        import click
+        raise click.ClickException("something click reports")
+    monkeypatch.setattr(audits.suite, "run_audit", click_error)
+    rc, out, err = _audit(["--run", str(run), "--out", str(tmp_path / "r"), *SMALL], capsys)
+    assert rc == 4 and err.strip() == "dpdm: error: something click reports", err
+
+
+def test_audit_of_a_no_dp_run_writes_strict_json(run_dir, tmp_path, capsys):
+    """A --no-dp run's ledger spends epsilon inf: report.json and --json must still be JSON (null, not Infinity)."""
+    from dpdm.datasets import load_dataset
+    from dpdm.train import TrainConfig, train
+
+    _, npz, doc = run_dir
+    data = load_dataset(f"npz:{npz}")
+    run = tmp_path / "nodp"
+    train(doc, data.x, data.y, 10, run, TrainConfig(model="small", log_every=1, checkpoint_every=10, private=False),
+          dataset_name=f"npz:{npz}", progress=False)
+    out_dir = tmp_path / "report"
+    rc, out, err = _audit(["--run", str(run), "--out", str(out_dir), *SMALL, "--json"], capsys)
+    report = _strict_json(out)
+    on_disk = _strict_json((out_dir / "report.json").read_text())
+    assert report["run_ledger"]["private"] is False and report["run_ledger"]["epsilon_spent"] is None
+    assert on_disk["run_ledger"]["epsilon_spent"] is None and on_disk["verdict"] == report["verdict"]
+    assert rc == {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}[report["verdict"]]
+    assert "epsilon spent infinite (trained without DP)" in (out_dir / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def report_inputs(run_dir, tmp_path_factory):
+    """What run_audit hands write_report for the SMALL audit of the run (doc, canary)."""
+    import copy
+
+    import audits.suite as suite
+
+    run, _, _ = run_dir
+    captured = {}
+    real = suite.write_report
+
+    def spy(doc, canary, out_dir):
+        captured["args"] = copy.deepcopy(doc), copy.deepcopy(canary)
+        return real(doc, canary, out_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(suite, "write_report", spy)
+        suite.run_audit(run, tmp_path_factory.mktemp("report_inputs"),
+                        canary_overrides={"num_canaries": 24, "steps": 2, "background_size": 32})
+    return captured["args"]
+
+
+def _write(report_inputs, out_dir, *, flip=False):
+    import copy
+
+    from audits.suite import write_report
+
+    doc, canary = copy.deepcopy(report_inputs[0]), copy.deepcopy(report_inputs[1])
+    if flip:  # another run's report: other scores and verdict
+        canary["scores"] = {r: {a: [-v for v in s] for a, s in per.items()} for r, per in canary["scores"].items()}
+        doc["verdict"] = "FAIL"
+    write_report(doc, canary, out_dir)
+    return doc
+
+
+def test_report_holds_only_this_runs_plots(report_inputs, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    for stale in ("roc_control_lira.png", "guesses_target_old.png", "hist_target_pia.png"):
+        (out / stale).write_bytes(b"an earlier run's plot")
+    (out / "notes.txt").write_text("the user's own file")
+    doc = _write(report_inputs, out)
+    listed = {f for files in doc["plots"].values() for f in files}
+    assert {p.name for p in out.glob("*.png")} == listed
+    assert (out / "hist_target_pia.png").read_bytes() != b"an earlier run's plot"
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == [
+        "notes.txt", "report.json", "report.md", "scores.npz"]  # no staging folder or temp file left
+    assert _strict_json((out / "report.json").read_text())["plots"] == doc["plots"]
+
+
+def test_interrupted_report_leaves_the_earlier_one_or_no_report_json(report_inputs, tmp_path, monkeypatch):
+    import os
+
+    import audits.suite as suite
+
+    out = tmp_path / "report"
+    _write(report_inputs, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    # Interrupted while the files are made: the earlier report stays as it was, every file of it.
+    def boom(*args, **kwargs):
+        raise RuntimeError("interrupted")
+    monkeypatch.setattr(suite, "plot_score_histogram", boom)
+    with pytest.raises(RuntimeError):
+        _write(report_inputs, out, flip=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+
+    # Interrupted while the new files replace the old: no report.json (the commit marker) is left to vouch
+    # for a mix of old and new files.
+    real_replace, calls = os.replace, []
+
+    def replace_then_fail(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace_then_fail)
+    with pytest.raises(OSError):
+        _write(report_inputs, out, flip=True)
+    monkeypatch.undo()
+    assert not (out / "report.json").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # and a complete write afterwards commits the new report
+    _write(report_inputs, out, flip=True)
+    assert _strict_json((out / "report.json").read_text())["verdict"] == "FAIL"
+
+
+def test_plots_draw_the_ceiling_at_the_canary_runs_epsilon(report_inputs, tmp_path, monkeypatch):
+    import audits.suite as suite
+
+    doc, canary = report_inputs
+    claim = canary["claimed_epsilon"]
+    assert claim < doc["claimed_plan"]["epsilon"]
+    seen = []
+    real_roc, real_guesses = suite.plot_roc, suite.plot_epsilon_vs_guesses
+    monkeypatch.setattr(suite, "plot_roc", lambda *a, **k: (seen.append(k["epsilon"]), real_roc(*a, **k))[1])
+    monkeypatch.setattr(suite, "plot_epsilon_vs_guesses",
+                        lambda *a, **k: (seen.append(k["claimed_epsilon"]), real_guesses(*a, **k))[1])
+    _write(report_inputs, tmp_path / "report")
+    assert seen and all(e == claim for e in seen), seen
+
+
+def test_library_audit_whose_coins_include_no_canary_still_reports(run_dir, tmp_path):
+    """run_audit with 2 canaries and seed 0 (coins: both out): no two-class statistics or ROC plots, but a report
+    (the CLI refuses so few canaries; the library skips what needs both classes and never redraws the coins)."""
+    from audits.suite import run_audit
+
+    run, _, _ = run_dir
+    out = tmp_path / "r"
+    doc = run_audit(run, out, canary_overrides={"num_canaries": 2, "steps": 1, "background_size": 8})
+    assert doc["verdict"] == "INCONCLUSIVE" and doc["canary_audit"]["canaries"]["included"] == 0
+    names = {p.name for p in out.iterdir()}
+    assert "guesses_target_loss.png" in names and not [n for n in names if n.startswith(("roc_", "hist_"))]
+    assert "| n/a (one class only) |" in (out / "report.md").read_text()
+    assert _strict_json((out / "report.json").read_text())["canary_audit"]["attacks"]["loss"]["target"]["auc"] is None

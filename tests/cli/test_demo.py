@@ -30,3 +30,23 @@ def test_demo_writes_report_and_release_file(tmp_path, capsys, monkeypatch):
     assert state["config"]["train"]["init_from"] == str(out / "public" / "checkpoint.pt")
     assert "public warm start | 2 non-private steps (batch 128, K 1) on the public digits28-aug" in md
     assert "real training images instead" in md
+
+
+def test_demo_report_shows_the_audit_verdict_with_its_reason():
+    """The demo's eps-10 plan is beyond what the quick suite can certify: its report says INCONCLUSIVE and why,
+    and which epsilon the verdict compared against (the demo itself exits 0: the verdict is not its exit code)."""
+    from pathlib import Path
+
+    from cli.demo import audit_rows
+
+    reason = ("with 200 canaries this audit cannot certify more than epsilon 3.125, so it cannot detect a "
+              "violation of the claim 9.997; use more canaries (--canaries) or a shorter canary run (--steps)")
+    report = {"verdict": "INCONCLUSIVE", "reasons": [reason],
+              "canary_audit": {"claimed_epsilon": 9.997, "max_epsilon_lower_bound": 0.0,
+                               "max_certifiable_epsilon": 3.125, "training": {"target": {"steps": 30}}}}
+    rows = audit_rows(report, Path("demo_out/audit"))
+    assert rows[0] == ("verdict", "INCONCLUSIVE")
+    assert ("reason", reason) in rows
+    label, value = next(r for r in rows if r[0].startswith("epsilon of the 30-step canary run"))
+    assert value.startswith("9.997;") and "3.125" in value
+    assert rows[-1] == ("report", str(Path("demo_out/audit")))
