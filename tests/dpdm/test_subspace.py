@@ -134,7 +134,8 @@ def test_subspace_run_updates_only_inside_the_basis_and_resumes_exactly(tmp_path
 def test_the_training_step_adds_its_noise_in_the_basis(tmp_path):
     """The train loop's gradient (`distributed_private_grad` with a basis) is the engine's projected
     mechanism, lies in span(V), and a run with a subspace trains differently from one without."""
-    from dpdm.train import _generator, distributed_private_grad
+    from dpdm.engine import noise_generator
+    from dpdm.train import distributed_private_grad
 
     D, loss_fn, batch = small_unet_case(B=4, K=2, seed=6, dtype=torch.float32)
     V = public_subspace(D, loss_fn, *small_unet_case(B=6, K=2, seed=8, dtype=torch.float32)[2], dim=3,
@@ -143,7 +144,7 @@ def test_the_training_step_adds_its_noise_in_the_basis(tmp_path):
                                    noise_seed=123, basis=V)
     s = clipped_grad_sum(D, loss_fn, *batch, clip_norm=1.0)
     want = add_noise_in_subspace(s, V, noise_multiplier=2.0, clip_norm=1.0, expected_batch_size=1.0,
-                                 generator=_generator(123, torch.device("cpu")))
+                                 generator=noise_generator(123, torch.device("cpu")))
     torch.testing.assert_close(flatten_grads(got), flatten_grads(want) / 5.0, rtol=1e-5, atol=1e-7)
     flat = flatten_grads(got).double()
     Vd = V.double()
