@@ -78,7 +78,8 @@ def main(argv=None) -> int:
         "training_s": {k: round(v["seconds"], 1) for k, v in report["canary_audit"]["training"].items()},
         "max_epsilon_lower_bound": report["canary_audit"]["max_epsilon_lower_bound"],
         "control_max_epsilon": report["canary_audit"]["control_max_epsilon"],
-        "claimed_epsilon": report["claimed_plan"]["epsilon"],
+        "claimed_epsilon": report["canary_audit"]["claimed_epsilon"],   # the canary run's: what the verdict uses
+        "plan_epsilon": report["claimed_plan"]["epsilon"],
         "make_run_s": round(t_run, 1),
         "report": str(workdir / "report" / "report.md"),
         "target_s": 1200,

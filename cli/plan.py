@@ -128,7 +128,8 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     except accounting.AccountingError as e:
         raise runtime_failure(str(e)) from e
     except accounting.FftPrecisionError as e:
-        raise BadInput(f"--delta={delta:g} is too small to cross-check this plan ({e}); raise --delta") from e
+        raise BadInput(f"--delta={delta:g} is too small to cross-check this plan ({e}); raise --delta or take "
+                       "fewer steps") from e
     except ValueError as e:
         raise BadInput(str(e)) from e
     if doc.prv_overruled:
@@ -193,14 +194,18 @@ def _reason(e: Exception) -> str:
 
 
 def _check_output(option: str, path: str) -> None:
-    """BadInput unless `path`'s folder exists and can be written: checked before the (slow) calibration,
-    so that a plan is never calibrated, or written, only to fail at the end."""
+    """BadInput unless `path`'s folder exists and can be written, or can be created (its nearest
+    existing ancestor is a writable folder; it is created when the file is written, as `dpdm sample`
+    and `dpdm export` do): checked before the (slow) calibration, so that a plan is never calibrated,
+    or written, only to fail at the end."""
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        what = "is not a folder" if os.path.exists(folder) else "does not exist"
-        raise BadInput(f"{option}={path!r}: the folder {folder} {what}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInput(f"{option}={path!r}: the folder {folder} is not writable")
+    existing = folder
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise BadInput(f"{option}={path!r}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"{option}={path!r}: the folder {existing} is not writable")
 
 
 def _curve_path(path: str) -> str:
@@ -323,6 +328,7 @@ def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
     ax.set_title(f"noise_multiplier={p.noise_multiplier:.4g}, sample_rate={p.sample_rate:.4g}")
     ax.legend()
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -284,12 +284,11 @@ def test_unusable_out_and_curve_are_refused_before_calibration(capsys, monkeypat
     a_file.write_text("x")
     plan = tmp_path / "plan.json"
     cases = [
-        (["--out", str(tmp_path / "no" / "p.json")],
-         f"--out={str(tmp_path / 'no' / 'p.json')!r}: the folder {tmp_path / 'no'} does not exist"),
-        (["--out", str(a_file / "p.json")], f"--out={str(a_file / 'p.json')!r}: the folder {a_file} is not a folder"),
-        (["--curve", str(tmp_path / "no" / "c.png")],
-         f"--curve={str(tmp_path / 'no' / 'c.png')!r}: the folder {tmp_path / 'no'} does not exist"),
-        (["--out", str(plan), "--curve", str(tmp_path / "no" / "c.png")], "--curve="),
+        (["--out", str(a_file / "p.json")], f"--out={str(a_file / 'p.json')!r}: {a_file} is not a folder"),
+        (["--out", str(a_file / "sub" / "p.json")],
+         f"--out={str(a_file / 'sub' / 'p.json')!r}: {a_file} is not a folder"),
+        (["--curve", str(a_file / "c.png")], f"--curve={str(a_file / 'c.png')!r}: {a_file} is not a folder"),
+        (["--out", str(plan), "--curve", str(a_file / "no" / "c.png")], "--curve="),
         (["--out", str(plan), "--curve", str(tmp_path / "c.json")], "matplotlib cannot write .json files"),
         (["--out", str(plan), "--curve", str(tmp_path / "c.xyz")], "matplotlib cannot write .xyz files"),
     ]
@@ -326,6 +325,16 @@ def test_curve_without_extension_gets_png(capsys, tmp_path):
     assert rc == 0, err
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {tmp_path / 'curve.png'}" in out
+
+
+def test_out_and_curve_into_new_folders_create_them(capsys, tmp_path):
+    """As `dpdm sample`, `dpdm export` and `write_plan` do."""
+    rc, out, err = run(capsys, "--noise-multiplier", "2", "--delta", "1e-5", "--dataset-size", "1000",
+                       "--batch-size", "100", "--steps", "10", "--out", str(tmp_path / "a" / "b" / "plan.json"),
+                       "--curve", str(tmp_path / "c" / "curve.png"))
+    assert rc == 0, err
+    assert accounting.load_plan(tmp_path / "a" / "b" / "plan.json").plan.steps == 10
+    assert (tmp_path / "c" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_preset_with_another_dataset_size_warns_that_the_plan_names_no_dataset(capsys):
