@@ -408,7 +408,7 @@ def write_plan(doc: PlanDocument, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 def _umask() -> int:
@@ -418,8 +418,9 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_folder(folder: str) -> None:
-    """Makes a rename in `folder` durable (where the platform lets a folder be opened and fsynced)."""
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Makes a rename in `folder` durable (where the platform lets a folder be opened and fsynced).
+    The one implementation: dpdm.checkpoint and audits.suite use it too."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

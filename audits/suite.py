@@ -432,16 +432,9 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. a platform that cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    from accounting.plan import fsync_folder
+
+    fsync_folder(path)
 
 
 def _tpr_cell(t: dict | None, num_out: int) -> str:
