@@ -50,3 +50,19 @@ def test_demo_report_shows_the_audit_verdict_with_its_reason():
     label, value = next(r for r in rows if r[0].startswith("epsilon of the 30-step canary run"))
     assert value.startswith("9.997;") and "3.125" in value
     assert rows[-1] == ("report", str(Path("demo_out/audit")))
+
+
+def test_demo_report_marks_the_statistics_of_the_private_images():
+    """The classifier FD, precision / recall and the CNN trained on real images are computed without
+    privacy from the private training images: the report marks them and says to share it without them."""
+    from cli.demo import NON_PRIVATE, QUALITY_TEXT, quality_rows
+
+    metrics = {"classifiers": {"cnn": {"test_accuracy": 0.7}, "mlp": {"test_accuracy": 0.6}},
+               "classifier_fd": {"value": 27.5, "real_test_value": 1.8},
+               "classifier_precision_recall": {"precision": 0.8, "recall": 0.6}}
+    rows = dict(quality_rows(metrics, 0.9))
+    marked = {k for k in rows if k.endswith(NON_PRIVATE)}
+    assert {k for k in rows if "synthetic -> real test" in k} == set(rows) - marked   # the DP-derived ones
+    assert len(marked) == 4 and any("classifier FD (not FID)" in k for k in marked)
+    assert "without privacy" in QUALITY_TEXT and NON_PRIVATE in QUALITY_TEXT
+    assert len(quality_rows({"classifiers": {}, "classifier_fd": None}, 0.9)) == 1   # skipped metrics: no row
