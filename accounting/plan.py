@@ -389,14 +389,19 @@ def _g(x: float | None) -> str:
 
 
 def write_plan(doc: PlanDocument, path: str | os.PathLike) -> None:
-    """Writes plan.json atomically and durably: a temp file in the same folder, fsync, os.replace, then
+    """Writes plan.json atomically and durably (`atomic_write_text`), readable by other users: `dpdm
+    train` or an audit running as another user must be able to read it."""
+    atomic_write_text(path, doc.to_json() + "\n")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` atomically and durably: a temp file in the same folder, fsync, os.replace, then
     fsync of the folder. The file gets the mode a plain open() would (0o666 less the umask, e.g. 0644),
-    not mkstemp's 0600: `dpdm train` or an audit running as another user must be able to read it."""
+    not mkstemp's 0600. The one implementation: dpdm.checkpoint uses it for the run's text files."""
     path = os.fspath(path)
-    text = doc.to_json() + "\n"
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())

@@ -48,36 +48,30 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save(obj)` to `path` through a temp file in the same folder, fsync and rename. The file
     is readable by its owner only (mkstemp's 0600): checkpoints hold the run's secret seed."""
-    return _atomic_write(path, lambda f: torch.save(obj, f), binary=True, private=True)
+    from accounting.plan import fsync_folder   # lazily: accounting imports the accountants
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Writes `text` to `path` through a temp file in the same folder, fsync and rename (the umask's mode)."""
-    return _atomic_write(path, lambda f: f.write(text), binary=False, private=False)
-
-
-def _atomic_write(path: str | os.PathLike, write: Any, *, binary: bool, private: bool) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if private:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        f = os.fdopen(fd, "wb" if binary else "w")
-    else:   # open(), not mkstemp: the file keeps the umask's mode
-        tmp = str(path.with_name(f".{path.name}.tmp"))
-        f = open(tmp, "wb" if binary else "w")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with f:
-            write(f)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        from accounting.plan import fsync_folder   # lazily: accounting imports the accountants
-
         fsync_folder(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` to `path` atomically and durably, with the umask's mode (`accounting.plan.atomic_write_text`)."""
+    from accounting.plan import atomic_write_text
+
+    atomic_write_text(path, text)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
