@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from cli._common import (FiniteFloatRange, emit_json, load_locked_plan, load_public_data, load_training_data,
-                         plan_dataset_name, resolve_device)
+                         plan_dataset_name, resolve_device, warn)
 from cli.errors import BadInput
 
 
@@ -55,7 +55,7 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
                   seed, as_json, quiet):
     """A CNN (GroupNorm) trained directly with DP-SGD under the plan; prints its real test accuracy."""
     from dpdm.baseline import DEFAULT_LR, train_dp_classifier
-    from dpdm.datasets import has_test_split, load_dataset
+    from dpdm.datasets import DataError, has_test_split, load_dataset
 
     if subspace_dim is not None and public_name is None:
         raise BadInput("--public-subspace needs --public-pretrain, the public data to estimate it from")
@@ -82,6 +82,15 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
     if public_name is not None:
         public = load_public_data("--public-pretrain", public_name, name, data_root=data_root, download=download,
                                   use="pretraining")
+        from dpdm.evaluate import check_public_data
+
+        try:
+            check_public_data(public, train, test)
+        except DataError as e:
+            raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
+    if seed is not None:
+        warn(f"--seed {seed}: anyone who knows this seed can replay the batches and the DP noise, which voids "
+             "the guarantee; use it for tests and reproduction only, and keep it secret otherwise")
     try:
         result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                      device=resolve_device(device), chunk_size=physical_batch,
@@ -91,6 +100,9 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
                                      augment_multiplicity=augment_mult)
     except ValueError as e:  # DataError and engine argument checks
         raise BadInput(str(e)) from None
+    if result["test_images_in_train"]:
+        warn(f"{result['test_images_in_train']} of the {len(test)} test images of {test.name!r} are also training "
+             "images; their accuracy is not held-out")
     result = {"baseline": "dp-classifier", "dataset": name, "plan_digest": doc.digest,
               "epsilon": doc.epsilon, "delta": doc.plan.delta, **result}
     if as_json:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dpdm.classifiers import CNN
-from dpdm.datasets import DataError, ImageData
+from dpdm.datasets import DataError, ImageData, shared_images
 from dpdm.evaluate import DEFAULT_PUBLIC_EPOCHS, accuracy, check_public_data, pretrain_on_public, random_shift
 
 __all__ = ["DEFAULT_LR", "DEFAULT_PUBLIC_EPOCHS", "train_dp_classifier"]
@@ -82,12 +82,15 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         `augment_multiplicity` copies whose averaged loss is clipped as a whole (0: no augmentation).
 
     Returns:
-      {"test_accuracy", "steps", "expected_batch_size", "lr", "model", "seed", "seconds"} ("seed" is
-      the given one, or "secret"), and "public_pretrain" ({"dataset", "epochs", "test_accuracy"},
-       the accuracy before any private step) when `public` is given.
+      {"test_accuracy", "steps", "expected_batch_size", "lr", "model", "seed", "test_images_in_train",
+      "seconds"} ("seed" is the given one, or "secret"; "test_images_in_train" counts the test images that
+      are also training images, `datasets.shared_images`: fewer than half, or this refuses), and
+      "public_pretrain" ({"dataset", "epochs", "test_accuracy"}, the accuracy before any private step)
+      when `public` is given.
 
     Raises:
-      DataError: training data whose size differs from the plan's, or unlabelled data.
+      DataError: training data whose size differs from the plan's, unlabelled data, a test set that is
+        half or more training images, or public data that shares an image with the train or test data.
     """
     from dpdm.data import PoissonSampler
     from dpdm.engine import add_noise_in_subspace, clipped_grad_sum, noise_generator, private_grad, public_subspace
@@ -110,8 +113,12 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
                          "(the copies would be equal)")
     if augment_shift and subspace_dim is not None:
         raise ValueError("augment_shift and subspace_dim cannot be combined")
+    shared = shared_images(test.x, train.x)
+    if 2 * shared >= len(test):
+        raise DataError(f"{shared} of the {len(test)} test images of {test.name!r} are training images of "
+                        f"{train.name!r}; the test accuracy must come from held-out images")
     if public is not None:
-        check_public_data(public, train)   # public_epochs is checked by pretrain_on_public
+        check_public_data(public, train, test)   # public_epochs is checked by pretrain_on_public
     if subspace_dim is not None:
         if public is None:
             raise ValueError("subspace_dim needs public data to estimate the subspace from")
@@ -172,7 +179,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     bar.close()
     return {"test_accuracy": accuracy(model, test.x, test.y, device=device),
             "steps": plan.steps, "expected_batch_size": plan.batch_size, "lr": lr,
-            "seed": "secret" if given_seed is None else given_seed,
+            "seed": "secret" if given_seed is None else given_seed, "test_images_in_train": shared,
             "model": "CNN (paper's, GroupNorm, no dropout), Adam",
             **({"public_pretrain": pretrain} if pretrain is not None else {}),
             **({"public_subspace": {"dim": subspace_dim, "every": subspace_every, "examples": subspace_examples}}

@@ -195,6 +195,27 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
+def shared_images(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many images of `a` ([N, C, H, W] in [-1, 1]) also occur in `b`, compared on the uint8 grid.
+
+    Public data given beside private data (pretraining, a gradient subspace) must share none of its
+    images, whatever the dataset's name or file: an image trained on without noise is not protected.
+    Images of another shape share nothing. Labels are not compared: the image alone identifies a person.
+    """
+    if tuple(a.shape[1:]) != tuple(b.shape[1:]) or len(a) == 0 or len(b) == 0:
+        return 0
+
+    def digests(x: torch.Tensor) -> list[bytes]:
+        out = []
+        for start in range(0, len(x), 4096):           # bounded memory for large datasets
+            block = to_uint8(x[start:start + 4096]).reshape(min(4096, len(x) - start), -1)
+            out.extend(hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in block)
+        return out
+
+    in_b = set(digests(b))
+    return sum(d in in_b for d in digests(a))
+
+
 def _from_uint8(x: np.ndarray) -> torch.Tensor:
     """uint8 [N, C, H, W] -> float32 in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).div_(127.5).sub_(1.0)

@@ -59,7 +59,7 @@ from torch import nn
 
 from dpdm.checkpoint import load_error_reason
 from dpdm.classifiers import CNN, build_classifier
-from dpdm.datasets import DataError, ImageData
+from dpdm.datasets import DataError, ImageData, shared_images
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -196,11 +196,18 @@ def pretrain_on_public(model: nn.Module, public: ImageData, *, epochs: int = DEF
     return {"dataset": public.name, "epochs": int(epochs)}
 
 
-def check_public_data(public: ImageData, real: ImageData) -> None:
-    """Raises DataError unless `public` is labelled and has `real`'s image shape and classes."""
+def check_public_data(public: ImageData, real: ImageData, *others: ImageData) -> None:
+    """Raises DataError unless `public` is labelled, has `real`'s image shape and classes, and shares
+    no image with `real` or `others` (`datasets.shared_images`: whatever its name, a copy of the real
+    images is not public, and pretraining on held-out images would inflate their test accuracy)."""
     if public.y is None or public.image_shape != real.image_shape or public.num_classes != real.num_classes:
         raise DataError(f"public data {public.name!r} must be labelled, of shape "
                         f"{'x'.join(map(str, real.image_shape))} and {real.num_classes} classes, like {real.name!r}")
+    for other in (real, *others):
+        shared = shared_images(public.x, other.x)
+        if shared:
+            raise DataError(f"public data {public.name!r} holds {shared} of the {len(other)} images of "
+                            f"{other.name!r}; pretraining must use other, public data")
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -527,7 +534,7 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
         raise DataError(f"{samples.name}: holds {len(samples)} images; the evaluation needs at least "
                         f"{MIN_SAMPLES} (precision / recall with k = 3)")
     if public is not None:
-        check_public_data(public, real_train)
+        check_public_data(public, real_train, *([real_test] if real_test is not None else []))
     inception = load_inception(inception_weights) if inception_weights is not None else None
     if isinstance(epochs, int):
         epochs = {k: epochs for k in classifiers}

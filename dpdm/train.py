@@ -31,6 +31,7 @@ import accounting
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
+from dpdm.datasets import shared_images
 from dpdm.data import PoissonSampler
 from dpdm.engine import (add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator, public_subspace,
                           validate_model)
@@ -859,8 +860,10 @@ def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str
     if tuple(px.shape[1:]) != tuple(x.shape[1:]):
         raise TrainError(f"the subspace data {config.subspace_data!r} has images of shape {tuple(px.shape[1:])}, "
                          f"the private data {tuple(x.shape[1:])}")
-    if data_fingerprint(px, py) == data_fingerprint(x, y):
-        raise TrainError(f"the subspace data {config.subspace_data!r} holds the private images themselves")
+    shared = shared_images(px, x)
+    if shared:
+        raise TrainError(f"the subspace data {config.subspace_data!r} holds {shared} of the {len(x)} private "
+                         "images; the subspace must come from public data")
     if len(px) < config.subspace_examples:
         raise TrainError(f"the subspace data {config.subspace_data!r} has {len(px)} images, fewer than "
                          f"subspace_examples={config.subspace_examples}")

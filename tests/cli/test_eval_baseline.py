@@ -87,6 +87,13 @@ def test_eval_public_pretrain(digit_files, tmp_path, capsys):
     assert r["public_pretrain"]["epochs"] == 20 and 0.0 <= r["public_pretrain"]["test_accuracy"] <= 1.0
     code, _, err = _run(capsys, *common, "--public-pretrain", "digits28")   # 28x28, real data 8x8
     _assert_one_line_error(code, err, "--public-pretrain='digits28'", "1x8x8")
+    # Public data holding real images under another name: the training or the held-out split.
+    for split, n in (("train", 600), ("test", 300)):
+        with np.load(digit_files[split]) as z, np.load(digit_files["samples"]) as s:
+            np.savez(tmp_path / "mixed.npz", x=np.concatenate([s["x"][:50], z["x"][:2]]),
+                     y=np.concatenate([s["y"][:50], z["y"][:2]]))
+        code, _, err = _run(capsys, *common, "--public-pretrain", f"npz:{tmp_path / 'mixed.npz'}")
+        _assert_one_line_error(code, err, "--public-pretrain=", f"holds 2 of the {n} images")
 
 
 def test_eval_augment_shift(digit_files, tmp_path, capsys):
@@ -210,6 +217,22 @@ def test_baseline_default_seed_is_secret_and_drives_the_run(digit_files, monkeyp
     assert fixed["seed"] == 12345 and fixed["test_accuracy"] == secret["test_accuracy"]
 
 
+def test_library_refuses_public_data_sharing_real_images(digit_files):
+    import dpdm.baseline as baseline
+    from dpdm.datasets import DataError, load_npz
+    from dpdm.evaluate import downstream_accuracy
+
+    plan = accounting.PrivacyPlan(dataset_size=600, batch_size=64, steps=1, noise_multiplier=1.0, delta=1e-5)
+    train, test, samples = (load_npz(digit_files[k]) for k in ("train", "test", "samples"))
+    for public in (train, test):
+        with pytest.raises(DataError, match=f"holds {len(public)} of the"):
+            baseline.train_dp_classifier(plan, train, test, public=public, seed=0)
+    with pytest.raises(DataError, match="300 of the 300 test images"):
+        baseline.train_dp_classifier(plan, train, train.__class__(train.x[:300], train.y[:300], 10, "t"), seed=0)
+    with pytest.raises(DataError, match="holds 300 of the 300 images"):
+        downstream_accuracy(samples, test, kind="logreg", epochs=1, public=test)
+
+
 def test_baseline_public_pretrain_then_dp_steps(digit_files, tmp_path, capsys):
     private = f"npz:{digit_files['train']}"
     path = _plan(tmp_path, 600, private, steps=2)
@@ -229,6 +252,40 @@ def test_baseline_public_pretrain_then_dp_steps(digit_files, tmp_path, capsys):
     code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--test-dataset",
                         f"npz:{digit_files['test']}", "--public-pretrain", "digits28")   # 28x28, private 8x8
     _assert_one_line_error(code, err, "public data", "digits28")
+
+
+def test_baseline_refuses_public_or_test_data_holding_the_private_images(digit_files, tmp_path, capsys):
+    """Whatever the file is called: a copy of the private images, or one of them among public ones, is not
+    public; a test set made of training images is not held out. Refused before any training."""
+    private = f"npz:{digit_files['train']}"
+    path = _plan(tmp_path, 600, private, steps=2)
+    with np.load(digit_files["train"]) as z:
+        x, y = z["x"], z["y"]
+    with np.load(digit_files["samples"]) as z:
+        sx, sy = z["x"], z["y"]
+    np.savez(tmp_path / "copy.npz", x=x, y=y)
+    np.savez(tmp_path / "one.npz", x=np.concatenate([sx, x[17:18]]), y=np.concatenate([sy, y[17:18]]))
+    common = ("baseline", "dp-classifier", "--plan", str(path), "--device", "cpu", "--quiet")
+    test = f"npz:{digit_files['test']}"
+    for public, n in (("copy.npz", 600), ("one.npz", 1)):
+        code, _, err = _run(capsys, *common, "--test-dataset", test, "--public-pretrain", f"npz:{tmp_path / public}")
+        _assert_one_line_error(code, err, "--public-pretrain=", f"holds {n} of the 600")
+    code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{tmp_path / 'copy.npz'}")
+    _assert_one_line_error(code, err, "600 of the 600 test images", "held-out")
+    # A few duplicates across splits (public benchmarks have some) are reported, not refused.
+    np.savez(tmp_path / "test3.npz", x=np.concatenate([x[:3], sx[:100]]), y=np.concatenate([y[:3], sy[:100]]))
+    code, out, err = _run(capsys, *common, "--json", "--test-dataset", f"npz:{tmp_path / 'test3.npz'}")
+    assert code == 0, err
+    assert json.loads(out)["test_images_in_train"] == 3
+    assert "dpdm: warning: 3 of the 103 test images" in err
+
+
+def test_baseline_seed_warns(digit_files, tmp_path, capsys):
+    path = _plan(tmp_path, 600, f"npz:{digit_files['train']}", steps=1)
+    code, out, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--device", "cpu", "--quiet",
+                          "--test-dataset", f"npz:{digit_files['test']}", "--seed", "3", "--json")
+    assert code == 0, err
+    assert "dpdm: warning: --seed 3: anyone who knows this seed" in err and json.loads(out)["seed"] == 3
 
 
 def test_baseline_public_subspace(digit_files, tmp_path, capsys):

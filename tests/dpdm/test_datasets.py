@@ -15,6 +15,7 @@ from dpdm.datasets import (
     load_dataset,
     load_npz,
     mnist5k_split_indices,
+    shared_images,
     to_uint8,
 )
 
@@ -215,6 +216,34 @@ def test_same_images_knows_the_derived_datasets():
     # mnist5k's images are MNIST training images: a "public" run on mnist would hold them all.
     assert same_images("mnist", "mnist5k") and same_images("mnist5k", "mnist")
     assert not same_images("mnist5k", "fashion-mnist")
+
+
+def test_shared_images_counts_images_of_a_found_in_b_on_the_uint8_grid():
+    g = torch.Generator().manual_seed(0)
+    private = torch.randint(0, 256, (50, 1, 6, 6), generator=g).float() / 127.5 - 1
+    public = torch.randint(0, 256, (40, 1, 6, 6), generator=g).float() / 127.5 - 1
+    assert shared_images(public, private) == 0
+    assert shared_images(private, private) == 50
+    # A copy, however it was named or loaded, is found; so is one private image among public ones,
+    # even after a float round trip that moves it by less than half a grey level.
+    mixed = torch.cat([public, private[7:8] + 0.3 / 127.5])
+    assert shared_images(mixed, private) == 1 and shared_images(private, mixed) == 1
+    # One grey level on one pixel is another image.
+    other = private[7:8].clone()
+    other[0, 0, 0, 0] += 1 / 127.5 if other[0, 0, 0, 0] < 1 else -1 / 127.5
+    assert shared_images(other, private) == 0
+    # Another shape or no images: nothing shared.
+    assert shared_images(private[:, :, :5, :5], private) == 0 and shared_images(private[:0], private) == 0
+    # Blocks of 4096 rows: a long `a` is counted whole.
+    assert shared_images(private.repeat(100, 1, 1, 1), private) == 5000
+
+
+def test_shipped_public_datasets_share_no_image_with_mnist5k():
+    train, test = load_dataset("mnist5k", "train"), load_dataset("mnist5k", "test")
+    assert shared_images(test.x, train.x) == 0
+    for name in ("digits28-aug", "digits-fonts28-aug"):
+        public = load_dataset(name, "train")
+        assert shared_images(public.x, train.x) == 0 and shared_images(public.x, test.x) == 0, name
 
 
 def test_sizes_agree_with_plan_table():

@@ -161,15 +161,18 @@ def test_the_training_step_adds_its_noise_in_the_basis(tmp_path):
 
 @pytest.mark.parametrize("bad, match", [
     (dict(subspace_data="tiny"), "is the private dataset"),
-    (dict(public="private"), "holds the private images"),
+    (dict(public="private"), "holds 24 of the 24 private images"),
+    (dict(public="one-private"), "holds 1 of the 24 private images"),
     (dict(public=None), "needs the public data"),
     (dict(public="shape"), "shape"),
 ])
 def test_subspace_from_private_or_missing_data_is_refused_before_writing(tmp_path, bad, match):
     x, y, c = tiny_data()
     doc = tiny_plan(steps=2)
-    public = {"private": (x, y), None: None, "shape": (torch.zeros(30, 1, 4, 4), y[:1].repeat(30))}.get(
-        bad.get("public", "ok"), public_tiny())
+    px, py = public_tiny()
+    one_private = (torch.cat([px, x[5:6]]), torch.cat([py, y[5:6]]))
+    public = {"private": (x, y), "one-private": one_private, None: None,
+              "shape": (torch.zeros(30, 1, 4, 4), y[:1].repeat(30))}.get(bad.get("public", "ok"), (px, py))
     sub = {**SUB, **{k: v for k, v in bad.items() if k != "public"}}
     out = tmp_path / "run"
     with pytest.raises(TrainError, match=match):
