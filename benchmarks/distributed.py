@@ -48,7 +48,7 @@ def _rank(rank, world, init_file, args, out_dir):
         distributed_private_grad(D, fn, *batch, clip_norm=1.0, noise_multiplier=1.0,
                                  expected_batch_size=args.batch, noise_seed=i, dist=d)
 
-    step(-1)  # warm-up
+    step(args.iters)  # warm-up (noise seeds are non-negative; this one is not reused below)
     dist.barrier()
     t0 = time.perf_counter()
     for i in range(args.iters):

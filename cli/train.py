@@ -107,6 +107,11 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
                            "(a resume recomputes the subspace at the checkpoint)")
     elif subspace_data is not None:
         raise BadInput("--subspace-data is used only with --public-subspace K")
+    from dpdm.report_utils import output_parent_problem
+
+    problem = output_parent_problem(os.path.join(out_dir, "checkpoint.pt"))   # before any work, on every rank
+    if problem:
+        raise BadInput(f"--out {out_dir!r}: {problem}")
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
     data = load_training_data(name, data_root=data_root, download=download)

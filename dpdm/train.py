@@ -615,13 +615,11 @@ def train(
     metrics_file = None
     writer = None
     if dist.is_main:
-        new_file = not metrics_path.exists() or steps_done == 0
-        if not new_file:
-            _truncate_metrics(metrics_path, steps_done)  # rows logged after the checkpoint are redone
-        metrics_file = open(metrics_path, "w" if new_file else "a", newline="")
+        # The header and the rows up to the checkpoint, written atomically before any step: a run killed
+        # before its first row still has the header, and rows logged after the checkpoint are redone.
+        _truncate_metrics(metrics_path, steps_done)
+        metrics_file = open(metrics_path, "a", newline="")
         writer = csv.writer(metrics_file)
-        if new_file:
-            writer.writerow(["step", "batch_size", "loss", "clipped_fraction", "epsilon_spent", "steps_per_s", "private"])
 
     bar = None
     if progress and dist.is_main:
@@ -888,10 +886,22 @@ def _public_basis(D, loss_obj, loss_fn, public_data, config: TrainConfig, condit
                            chunk_size=config.physical_batch, per_layer_rules=config.per_layer_rules)
 
 
+METRICS_HEADER = ("step", "batch_size", "loss", "clipped_fraction", "epsilon_spent", "steps_per_s", "private")
+
+
 def _truncate_metrics(path: Path, steps_done: int) -> None:
-    lines = path.read_text().splitlines(keepends=True)
-    kept = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= steps_done]
-    ckpt.atomic_write_text(path, "".join(kept))
+    """Rewrites metrics.csv as the header and its complete rows of steps <= steps_done (none for a new run).
+
+    A file that is missing, empty, headerless, or ends in a half-written row (a crash) is repaired, so that
+    the audit's check of the logged batches reads every row a resumed run logged."""
+    lines = []
+    if steps_done and path.exists():
+        with open(path, newline="") as f:   # keep csv's \r\n
+            lines = f.read().splitlines(keepends=True)
+    width = len(METRICS_HEADER)
+    kept = [ln for ln in lines if ln.endswith("\n") and ln.count(",") == width - 1
+            and ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= steps_done]
+    ckpt.atomic_write_text(path, ",".join(METRICS_HEADER) + "\r\n" + "".join(kept))
 
 
 def _maybe_inject_fault(rank: int, steps_done: int) -> None:

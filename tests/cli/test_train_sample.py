@@ -324,6 +324,19 @@ def test_existing_run_not_overwritten(tiny, capsys):
     assert (d / "run" / "checkpoint.pt").read_bytes() == before
 
 
+def test_unusable_out_folder_is_one_error_line_before_any_work(tiny, capsys):
+    d = tiny
+    (d / "file").write_text("x")
+    for out in (d / "file" / "run", d / "file" / "a" / "run"):
+        code, _, err = run_cli(_train_args(d, out), capsys)
+        line = _one_error_line(code, err)
+        assert "--out" in line and "is not a folder" in line, line
+    if os.geteuid() != 0:   # root may write anywhere
+        (d / "ro").mkdir(mode=0o500)
+        code, _, err = run_cli(_train_args(d, d / "ro" / "run"), capsys)
+        assert "not writable" in _one_error_line(code, err)
+
+
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     """A real SIGKILL mid-run: the resumed run ends at plan.steps with the same parameters."""
     rng = np.random.default_rng(1)

@@ -100,6 +100,35 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, schedule):
         torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("left_behind", ["as_written", "empty", "headerless_half_row"])
+def test_metrics_header_survives_a_kill_before_the_first_row(tmp_path, left_behind):
+    """A run killed after a checkpoint but before its first metrics row (SIGKILL: nothing flushed) had left
+    metrics.csv empty, the resumed run appended rows without a header, and the audit's logged-batch check
+    then failed a correct private run. The header is now written with the run, and resume repairs a file
+    that is empty, headerless or ends in a half-written row."""
+    from audits.mechanism import check_run
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    cfg = TrainConfig(**{**CFG, "log_every": 4})
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, cfg, progress=False, on_step=stop_at(3))   # checkpoint at 2, no row yet
+    metrics = out / "metrics.csv"
+    header = "step,batch_size,loss,clipped_fraction,epsilon_spent,steps_per_s,private"
+    assert metrics.read_text().splitlines() == [header]
+    if left_behind == "empty":
+        metrics.write_text("")
+    elif left_behind == "headerless_half_row":
+        metrics.write_text("4,7,1.0,0.5,2.0,1.0,1\n5,6,1.0")   # a row of a step after the checkpoint, cut short
+    train(doc, x, y, c, out, cfg, resume=True, progress=False)
+    rows = metrics.read_text().splitlines()
+    assert rows[0] == header and [int(r.split(",")[0]) for r in rows[1:]] == [4, 6]   # every 4th, and the last
+    assert all(r.count(",") == 6 for r in rows)
+    checks = {r.name: r for r in check_run(out, doc)}
+    assert checks["run_logged_batches"].passed, checks["run_logged_batches"]
+
+
 def test_wrong_size_data_refused_and_nothing_written(tmp_path):
     x, y, c = tiny_data(n=25)
     doc = tiny_plan(n=24)
