@@ -27,7 +27,7 @@ MIN_CANARIES = 20
               help=f"Override the suite's number of canaries (at least {MIN_CANARIES}).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the suite's canary-run steps.")
 @click.option("--background", type=click.IntRange(min=1), default=None, help="Override the suite's background examples.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--significance", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="Family-wise error budget of the verdict.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report's JSON on stdout.")

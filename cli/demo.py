@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from cli._common import info, resolve_device
+from cli.errors import EXIT_AUDIT_FAIL
 from dpdm.cpu import keep_freed_memory_if_asked
 
 # The demo's plan: mnist5k (N = 4000), expected batch 1024 (sample rate 0.256), 30 steps, K = 1, eps 10 at
@@ -70,14 +71,21 @@ DEMO_EVAL_EPOCHS = {"logreg": 50, "mlp": 50, "cnn": 50}
 @click.option("--device", default="auto", show_default=True)
 @click.option("--skip-audit", is_flag=True, help="Stop after eval.")
 def demo(out_dir, steps, public_steps, device, skip_audit):
-    """Plan, train, sample, evaluate and audit on mnist5k; writes a report and prints its path."""
-    path = run_demo(Path(out_dir), steps=steps, public_steps=public_steps, device=resolve_device(device),
-                    audit=not skip_audit)
+    """Plan, train, sample, evaluate and audit on mnist5k; writes a report and prints its path.
+
+    Exits 1 when the audit says FAIL (a failed mechanism check is a privacy bug), 0 otherwise: at the
+    demo's epsilon 10 the quick suite's 200 canaries can only give INCONCLUSIVE, which the report explains."""
+    path, verdict = run_demo(Path(out_dir), steps=steps, public_steps=public_steps, device=resolve_device(device),
+                             audit=not skip_audit)
     click.echo(str(path))
+    if verdict == "FAIL":
+        return EXIT_AUDIT_FAIL
+    return 0
 
 
 def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
-             public_steps: int = DEMO_PUBLIC_STEPS) -> Path:
+             public_steps: int = DEMO_PUBLIC_STEPS) -> tuple[Path, str | None]:
+    """Runs the demo into `out`; returns the report's path and the audit's verdict (None without audit)."""
     import accounting
     from dpdm.datasets import load_dataset, load_npz
     from dpdm.evaluate import evaluate_samples
@@ -185,6 +193,7 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
                                  progress=lambda msg, i, n: info(f"      {msg}"))
         audit_section = audit_report
         lap("audit", t0)
+        info(f"dpdm: audit verdict: {audit_verdict_line(audit_report)}")
 
     curve_path = privacy_curve(plan, out / "privacy_curve.png", steps_done=summary["steps_done"])
     rows_metrics = quality_rows(metrics, real_cnn)
@@ -216,7 +225,13 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
     sections.append({"title": "Plan (plan.json)", "json": doc.to_dict()})
     md, html_path = write_report(out, sections, title="dpdm demo: DP diffusion on mnist5k")
     info(f"report: {html_path} (also {md})")
-    return html_path
+    return html_path, (audit_section or {}).get("verdict")
+
+
+def audit_verdict_line(report: dict) -> str:
+    """'VERDICT (first reason)' for stderr: the demo's exit code says FAIL, this line says why."""
+    reasons = report.get("reasons") or []
+    return f"{report.get('verdict')}" + (f" ({reasons[0]})" if reasons else "")
 
 
 NON_PRIVATE = "(non-private)"

@@ -47,4 +47,4 @@ def export(run_dir, checkpoint_path, weights, out_path, as_json):
     else:
         what = "NON-PRIVATE (--no-dp)"
     info(f"wrote {out_path}: {result['weights']} weights, {result['parameters']:,} parameters, {what}; "
-         f"sha256 {result['sha256'][:16]}...")
+         f"sha256 {result['sha256']}")

@@ -56,13 +56,16 @@ def cli() -> None:
     """dpdm: differentially private diffusion models.
 
     \b
-    dpdm plan --eps 10 --delta 1e-5      calibrate the noise, write a locked plan
+    dpdm plan --eps 10 --delta 1e-5 --out plan.json   calibrate the noise, write a locked plan
     dpdm train --plan plan.json --out RUN
     dpdm sample --run RUN --n 1000 --out samples.npz
     dpdm eval --samples samples.npz --dataset mnist5k
     dpdm audit --run RUN --out report
-    dpdm export --run RUN --out model.pt  the model file to release (no secrets)
+    dpdm export --run RUN --out model.pt              the model file to release (no secrets)
     """
+
+
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())   # click 8.1 prints the help itself
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo(f"{prog}: aborted", err=True)
         return 130
+    except _NO_ARGS_IS_HELP as e:  # bare `dpdm` or `dpdm baseline` (click >= 8.2): the help, as it is
+        click.echo(e.ctx.get_help(), err=True)
+        return EXIT_BAD_INPUT
     except click.UsageError as e:  # bad option, bad value, missing option
         click.echo(f"{prog}: error: {_one_line(e.format_message())}", err=True)
         return EXIT_BAD_INPUT
@@ -82,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"{prog}: error: {_one_line(str(e))}", err=True)
         return EXIT_BAD_INPUT
     except click.ClickException as e:
-        click.echo(f"{prog}: error: {_one_line(e.format_message())}", err=True)
-        return EXIT_RUNTIME if e.exit_code in (0, 1) else e.exit_code  # 1 is "audit FAIL" only
+        code = EXIT_RUNTIME if e.exit_code in (0, 1) else e.exit_code  # 1 is "audit FAIL" only
+        kind = "runtime failure" if code == EXIT_RUNTIME else "error"   # exit 4 reads alike on every path
+        click.echo(f"{prog}: {kind}: {_one_line(e.format_message())}", err=True)
+        return code
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         return 130

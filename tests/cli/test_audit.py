@@ -199,7 +199,16 @@ def test_runtime_failures_exit_4_not_1_or_2(run_dir, tmp_path, capsys, monkeypat
         raise click.ClickException("something click reports")
     monkeypatch.setattr(audits.suite, "run_audit", click_error)
     rc, out, err = _audit(["--run", str(run), "--out", str(tmp_path / "r"), *SMALL], capsys)
-    assert rc == 4 and err.strip() == "dpdm: error: something click reports", err
+    assert rc == 4 and err.strip() == "dpdm: runtime failure: something click reports", err
+
+
+def test_audit_seed_beyond_63_bits_is_one_error_line(run_dir, tmp_path, capsys):
+    run, _, _ = run_dir
+    rc, _, err = _audit(["--run", str(run), "--out", str(tmp_path / "r"), "--seed", str(2**64)], capsys)
+    assert rc == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpdm: error:") and "--seed" in lines[0], err
+    assert not (tmp_path / "r").exists()
 
 
 def test_audit_of_a_no_dp_run_writes_strict_json(run_dir, tmp_path, capsys):

@@ -66,3 +66,17 @@ def test_demo_report_marks_the_statistics_of_the_private_images():
     assert len(marked) == 4 and any("classifier FD (not FID)" in k for k in marked)
     assert "without privacy" in QUALITY_TEXT and NON_PRIVATE in QUALITY_TEXT
     assert len(quality_rows({"classifiers": {}, "classifier_fd": None}, 0.9)) == 1   # skipped metrics: no row
+
+
+def test_demo_exits_1_when_its_audit_fails_and_prints_the_verdict(tmp_path, capsys, monkeypatch):
+    """A FAIL (a failed mechanism check: a privacy bug) must not hide in the report behind exit 0;
+    INCONCLUSIVE, the demo's expected verdict at epsilon 10, exits 0. The stages are replaced by stubs."""
+    import cli.demo as demo
+
+    for verdict, code in (("FAIL", 1), ("INCONCLUSIVE", 0), (None, 0)):
+        monkeypatch.setattr(demo, "run_demo", lambda out, **kw: (out / "report.html", verdict))
+        assert main(["demo", "--out", str(tmp_path / "d"), "--device", "cpu"]) == code
+        assert capsys.readouterr().out.strip().endswith("report.html")
+    line = demo.audit_verdict_line({"verdict": "FAIL", "reasons": ["engine_noise_std: p=1e-9", "other"]})
+    assert line == "FAIL (engine_noise_std: p=1e-9)"
+    assert demo.audit_verdict_line({"verdict": "PASS", "reasons": []}) == "PASS"

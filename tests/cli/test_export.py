@@ -78,6 +78,9 @@ def test_release_file_holds_no_secret(run, capsys):
     for name, t in model["state_dict"].items():
         assert torch.equal(t, state["ema"][name])
     assert model["ledger"] == state["ledger"]
+    # The text form prints the whole sha256, the one the README says to publish.
+    code, out, err = run_cli(["export", "--run", d / "run", "--out", d / "model2.pt"], capsys)
+    assert code == 0 and f"sha256 {doc['sha256']}" in err and len(doc["sha256"]) == 64, err
 
 
 def test_sample_from_release_file_equals_sample_from_run(run, capsys):

@@ -16,6 +16,18 @@ def run(capsys, *argv):
     return rc, out, err
 
 
+def test_bare_dpdm_prints_its_help_and_the_recipe_writes_the_plan(capsys):
+    """`dpdm` alone shows the help as it is (not squeezed into one error line); its recipe's first line
+    writes the plan file that the second line reads."""
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "Commands:" in lines and not err.startswith("dpdm: error:"), err
+    recipe = [ln.strip() for ln in lines if ln.strip().startswith("dpdm plan ")]
+    assert recipe and "--out plan.json" in recipe[0]
+    assert main(["baseline"]) == 2 and "dp-classifier" in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_plain_plan_uses_mnist5k_defaults(capsys):
     rc, out, err = run(capsys, "--eps", "10", "--delta", "1e-5")
     assert rc == 0, err
