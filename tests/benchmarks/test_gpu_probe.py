@@ -1,4 +1,12 @@
-"""benchmarks/gpu_probe.py's sizing rule: private steps first, then public steps, then a larger K."""
+"""benchmarks/gpu_probe.py's sizing rule: private steps first, then public steps, then a larger K; its
+out-of-memory handling; gpu_step_times.py's chunk check; and gpu_run.sh's engine choice, chunk check and
+time guard (run with a stub PYTHON)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 SIZES = dict(size=4000, batch=1024, max_public=500, min_public=150, max_epochs=60.0, min_epochs=20.0, margin=1.2,
@@ -58,3 +66,187 @@ def test_larger_k_only_where_its_memory_fits(load_benchmark):
     assert c["K"] == 8   # 76.6 GiB extrapolated: fits
     c = p.choose(private_s={2: 1.08, 4: 1.46}, private_gib={2: 19.3, 4: 38.4}, memory_gib=80.0, **times, **SIZES)
     assert c["K"] == 4   # on an 80 GiB card K 8 would not
+
+
+def _probe_main(p, monkeypatch, tmp_path, *, n: int, oom_k: int | None) -> tuple[dict, list[int]]:
+    """gpu_probe.main on the CPU with the timing, the data and the sampling stubbed: (its JSON, the sample
+    counts it asked for). A private step at K = oom_k raises torch.OutOfMemoryError."""
+    import torch
+
+    sampled = []
+    monkeypatch.setattr("dpdm.datasets.load_dataset", lambda name, split: list(range(20_000)))
+    monkeypatch.setattr("dpdm.sample.sample_checkpoint", lambda path, *, n, **kw: sampled.append(n))
+
+    def time_steps(doc, data, run_dir, *, private, **kw):
+        if private and doc.plan.noise_multiplicity == oom_k:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+        return 1.0 if private else 0.1
+
+    monkeypatch.setattr(p, "time_steps", time_steps)
+    plan, out = tmp_path / "plan.json", tmp_path / "probe.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_probe.py", "--device", "cpu", "--model", "small", "--K", "2",
+                                      "--n", str(n), "--seconds", "5000", "--eval-reserve", "10",
+                                      "--min-public-steps", "10", "--max-public-steps", "20",
+                                      "--plan-out", str(plan), "--json", str(out)])
+    p.main()
+    return json.loads(out.read_text()), sampled
+
+
+def test_probe_goes_on_at_k_when_2k_runs_out_of_memory(load_benchmark, monkeypatch, tmp_path, capsys):
+    """On an 80 GB H100, plain vmap at 2K (K 4, chunks of 1024: 118.9 GiB on the H200) runs out of memory:
+    the probe records it and sizes the run at K, instead of failing (and gpu_run.sh with it, exit 3)."""
+    p = load_benchmark("gpu_probe")
+    probe, _ = _probe_main(p, monkeypatch, tmp_path, n=20, oom_k=4)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("PUBLIC_STEPS=") and last.endswith(" K=2")
+    assert probe["choice"]["K"] == 2 and probe["timings"]["out_of_memory_K"] == 4
+    assert probe["timings"]["private_step_s"] == {"2": 1.0}
+    assert json.loads((tmp_path / "plan.json").read_text())["noise_multiplicity"] == 2
+
+
+def test_probe_samples_as_many_images_as_the_run_at_most(load_benchmark, monkeypatch, tmp_path, capsys):
+    """The sampling rate is measured on min(1000, max(100, n)) images: a CPU dry run's --n 20 samples 100,
+    not 1000 (about 140 s on this CPU)."""
+    p = load_benchmark("gpu_probe")
+    assert _probe_main(p, monkeypatch, tmp_path, n=20, oom_k=None)[1] == [100]
+    assert _probe_main(p, monkeypatch, tmp_path, n=10_000, oom_k=None)[1] == [1000]
+
+
+def test_choose_with_k_alone(load_benchmark):
+    """Where 2K ran out of memory only K was timed: K stays, whatever time is left."""
+    p = load_benchmark("gpu_probe")
+    c = p.choose(seconds=1500, eval_reserve=90, public_s=0.13, private_s={2: 1.08}, sample_s=0.002,
+                 private_gib={2: 62.8}, memory_gib=79.1, **SIZES)
+    assert c["K"] == 2 and c["private_steps"] == 235 and c["public_steps"] == 500
+
+
+def _chunk_table(monkeypatch, t, table: dict, memory_gib: float) -> list[str]:
+    """gpu_step_times.time_chunk answering from `table` ("plain:1024" -> row figures; absent: out of memory)."""
+    timed = []
+
+    def time_chunk(model, n, k, mode, *, device, repeats=3, clipped=False):
+        timed.append(f"{mode}:{n}")
+        row = {"model": model, "chunk": n, "K": k, "engine": mode, "clipped": clipped, "memory_gib": memory_gib}
+        return {**row, **table.get(f"{mode}:{n}", {"error": "OutOfMemoryError: CUDA out of memory"})}
+
+    monkeypatch.setattr(t, "time_chunk", time_chunk)
+    return timed
+
+
+def test_fit_chunk_halves_the_chunk_then_tries_the_rules(load_benchmark, monkeypatch):
+    t = load_benchmark("gpu_step_times")
+    fit = dict(device="cuda", log=lambda _: None)
+    # H200 (139.8 GiB): stop 27's K 4 in chunks of 1024, 118.9 GiB (85%), is kept at FIT_SHARE 0.9.
+    timed = _chunk_table(monkeypatch, t, {"plain:1024": {"chunk_s": 1.0, "peak_gib": 118.9}}, 139.8)
+    assert t.fit_chunk("mnist", 1024, 4, "plain", share=0.9, **fit)["physical"] == 1024 and timed == ["plain:1024"]
+    # H100 (79.1 GiB): 1024 runs out of memory, 512 fits.
+    timed = _chunk_table(monkeypatch, t, {"plain:512": {"chunk_s": 0.6, "peak_gib": 60.0}}, 79.1)
+    r = t.fit_chunk("mnist", 1024, 4, "plain", share=0.9, **fit)
+    assert (r["physical"], r["engine"], timed) == (512, "plain", ["plain:1024", "plain:512"])
+    # A peak over the share counts as not fitting; below a quarter of PHYSICAL, the rules.
+    timed = _chunk_table(monkeypatch, t, {"plain:256": {"chunk_s": 0.3, "peak_gib": 75.0},
+                                          "rules:1024": {"chunk_s": 1.5, "peak_gib": 38.0}}, 79.1)
+    r = t.fit_chunk("mnist", 1024, 4, "plain", share=0.9, **fit)
+    assert (r["physical"], r["engine"]) == (1024, "rules")
+    assert timed == ["plain:1024", "plain:512", "plain:256", "rules:1024"]
+    # Nothing fits: None. A failure that is not memory stops at once.
+    _chunk_table(monkeypatch, t, {}, 79.1)
+    assert t.fit_chunk("mnist", 1024, 4, "plain", share=0.9, **fit) is None
+    timed = _chunk_table(monkeypatch, t, {"rules:64": {"error": "ValueError: no such preset"}}, 79.1)
+    assert t.fit_chunk("huge", 64, 2, "rules", share=0.9, **fit) is None and timed == ["rules:64"]
+    # Rows timed before (gpu_run.sh's engine choice, clipped) are not timed again.
+    timed = _chunk_table(monkeypatch, t, {}, 79.1)
+    known = [{"model": "mnist", "chunk": 1024, "K": 4, "engine": "rules", "clipped": True, "chunk_s": 1.5,
+              "peak_gib": 38.0, "memory_gib": 79.1}]
+    assert t.fit_chunk("mnist", 1024, 4, "rules", share=0.9, known=known, **fit)["physical"] == 1024
+    assert timed == []
+
+
+FAKE_STEP_TIMES = '''
+import json, os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+import gpu_step_times as t
+TABLE = json.loads(os.environ["STUB_CHUNKS"])
+
+def time_chunk(model, n, k, mode, *, device, repeats=3, clipped=False):
+    with open(os.environ["STUB_LOG"], "a") as f:
+        f.write(f"chunk {mode}:{n}:{k}\\n")
+    row = {"model": model, "chunk": n, "K": k, "engine": mode, "memory_gib": float(os.environ["STUB_MEMORY_GIB"])}
+    if clipped:
+        row["clipped"] = True
+    return {**row, **TABLE.get(f"{mode}:{n}", {"error": "OutOfMemoryError: CUDA out of memory"})}
+
+t.time_chunk = time_chunk
+t.main()
+'''
+
+STUB_PYTHON = '''#!/usr/bin/env bash
+case "$1" in
+-) cat >/dev/null; echo "python (stub)" ;;
+benchmarks/gpu_step_times.py) shift; exec "$REAL_PYTHON" "$FAKE_STEP_TIMES" "$@" ;;
+benchmarks/quality.py) echo "quality.py $*" >> "$STUB_LOG" ;;
+*) exec "$REAL_PYTHON" "$@" ;;
+esac
+'''
+
+
+def _gpu_run(tmp_path, chunks: dict, memory_gib: float, **env):
+    """benchmarks/gpu_run.sh run with a stub PYTHON: the chunk timings come from `chunks` (as in _chunk_table),
+    quality.py only logs its arguments, the rest (the engine choice, the plan) runs for real.
+    Returns (the completed process, the stub's log lines, probe.log)."""
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "fake_step_times.py").write_text(FAKE_STEP_TIMES)
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    log = tmp_path / "stub.log"
+    log.write_text("")
+    run_env = {**os.environ, "PYTHON": str(stub), "REAL_PYTHON": sys.executable,
+               "FAKE_STEP_TIMES": str(tmp_path / "fake_step_times.py"), "STUB_LOG": str(log),
+               "STUB_CHUNKS": json.dumps(chunks), "STUB_MEMORY_GIB": str(memory_gib), "SKIP_INSTALL": "1",
+               "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "DPDM_CACHE": str(tmp_path / "cache"),
+               "OMP_WAIT_POLICY": "PASSIVE", "PROBE": "0", "K": "4", "PHYSICAL": "1024", **env}
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_run.sh"), "run"], env=run_env,
+                          capture_output=True, text=True, timeout=300)
+    probe_log = (tmp_path / "out" / "probe.log")
+    return proc, log.read_text().splitlines(), probe_log.read_text() if probe_log.exists() else ""
+
+
+def _quality_args(lines: list[str]) -> list[str]:
+    calls = [line for line in lines if line.startswith("quality.py ")]
+    assert len(calls) == 2, lines   # the baseline process and the generator's
+    return next(c for c in calls if "--skip-baseline" in c).split()
+
+
+def test_gpu_run_engine_choice_applies_the_memory_rule(tmp_path):
+    """On an 80 GB H100, plain vmap at K 4 in chunks of 1024 (0.6 s, 118.9 GiB) is faster than the rules
+    (1.0 s, 38 GiB) but over 80% of the memory: `dpdm train --grad-engine auto`'s rule takes the rules, and
+    gpu_run.sh must too (it had dropped the peaks). The PROBE=0 chunk check reuses the rows it timed."""
+    chunks = {"rules:1024": {"chunk_s": 1.0, "peak_gib": 38.0}, "plain:1024": {"chunk_s": 0.6, "peak_gib": 118.9}}
+    proc, lines, probe_log = _gpu_run(tmp_path, chunks, 79.1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "grad engine: rules" in probe_log
+    args = _quality_args(lines)
+    assert args[args.index("--grad-engine") + 1] == "rules" and args[args.index("--physical-batch") + 1] == "1024"
+    assert [line for line in lines if line.startswith("chunk ")] == ["chunk rules:1024:4", "chunk plain:1024:4"]
+
+
+def test_gpu_run_without_probe_halves_a_chunk_that_does_not_fit(tmp_path):
+    """The recommended run (PROBE=0 K=4 GRAD_ENGINE=vmap, chunks of 1024) on an H100: one chunk is checked
+    before training, and the run trains in chunks of 512, saying so, instead of failing at its first
+    private step after the public ones."""
+    chunks = {"plain:512": {"chunk_s": 0.6, "peak_gib": 60.0}}
+    proc, lines, probe_log = _gpu_run(tmp_path, chunks, 79.1, GRAD_ENGINE="vmap")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = _quality_args(lines)
+    assert args[args.index("--grad-engine") + 1] == "vmap" and args[args.index("--physical-batch") + 1] == "512"
+    assert "fit: PHYSICAL=512 GRAD_ENGINE=vmap" in probe_log and "chunks of 512" in probe_log
+
+
+def test_gpu_run_stops_when_no_time_is_left(tmp_path):
+    """Fewer than 30 s left before quality.py: exit 3 with a line, not `timeout 0` (no limit at all) or a
+    negative timeout (nothing runs, rc 125)."""
+    chunks = {"rules:1024": {"chunk_s": 1.0, "peak_gib": 38.0}}
+    proc, lines, probe_log = _gpu_run(tmp_path, chunks, 79.1, GRAD_ENGINE="rules", BUDGET_S="20")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "no time left" in proc.stdout and not [line for line in lines if line.startswith("quality.py")]
