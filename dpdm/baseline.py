@@ -32,10 +32,14 @@ from torch import nn
 from dpdm.classifiers import CNN
 from dpdm.datasets import DataError, ImageData, shared_images
 from dpdm.evaluate import DEFAULT_PUBLIC_EPOCHS, accuracy, check_public_data, pretrain_on_public, random_shift
+from dpdm.train import step_seed
 
 __all__ = ["DEFAULT_LR", "DEFAULT_PUBLIC_EPOCHS", "train_dp_classifier"]
 
 DEFAULT_LR = 2e-3
+
+
+_STREAM_NOISE, _STREAM_SUBSPACE, _STREAM_AUGMENT, _STREAM_INIT, _STREAM_PRETRAIN = 1, 2, 3, 4, 5
 
 
 def _loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -130,20 +134,23 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     if seed is None:
         seed = secrets.randbits(62)
     c, h, w = train.image_shape
+    # One stream per purpose, each a hash of the whole seed (`dpdm.train.step_seed`), as dpdm train
+    # draws them: torch's CPU generator keeps only 32 bits of a seed, and two purposes never share one.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(step_seed(seed, 0, _STREAM_INIT))
         model = CNN(c, (h, w), train.num_classes, dropout=0.0, group_norm=True).to(device)
     params = dict(model.named_parameters())
     pretrain = None
     if public is not None:
-        pretrain = pretrain_on_public(model, public, epochs=public_epochs, seed=seed, device=device)
+        pretrain = pretrain_on_public(model, public, epochs=public_epochs, device=device,
+                                      seed=step_seed(seed, 0, _STREAM_PRETRAIN))
         pretrain["test_accuracy"] = accuracy(model, test.x, test.y, device=device)
         model.train()
     opt = torch.optim.Adam(params.values(), lr=lr)
     sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, seed)
-    noise_gen = noise_generator(seed + 1, device)           # all of the seed's bits (not mt19937's 32)
-    public_gen = torch.Generator().manual_seed(seed + 2)    # which public examples estimate the subspace
-    augment_gen = torch.Generator().manual_seed(seed + 3)   # the copies' offsets
+    noise_gen = noise_generator(step_seed(seed, 0, _STREAM_NOISE), device)   # PCG64 / Philox: 63 bits
+    public_gen = torch.Generator().manual_seed(step_seed(seed, 0, _STREAM_SUBSPACE))   # public examples
+    augment_gen = torch.Generator().manual_seed(step_seed(seed, 0, _STREAM_AUGMENT))   # the copies' offsets
     x, y = train.x.to(device), train.y.to(device)
 
     from tqdm import tqdm

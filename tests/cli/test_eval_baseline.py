@@ -217,6 +217,29 @@ def test_baseline_default_seed_is_secret_and_drives_the_run(digit_files, monkeyp
     assert fixed["seed"] == 12345 and fixed["test_accuracy"] == secret["test_accuracy"]
 
 
+def test_baseline_initial_weights_use_the_whole_seed(digit_files, monkeypatch):
+    """Seeds equal in their low 32 bits gave the same initial CNN (torch's CPU generator keeps 32 bits of a
+    seed), so the initial weights exposed those bits of the secret seed; every stream now hashes all of it."""
+    import torch
+
+    import dpdm.baseline as baseline
+    from dpdm.datasets import load_npz
+
+    plan = accounting.PrivacyPlan(dataset_size=600, batch_size=64, steps=1, noise_multiplier=1.0, delta=1e-5)
+    train, test = load_npz(digit_files["train"]), load_npz(digit_files["test"])
+    initial = []
+
+    class Recorded(baseline.CNN):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            initial.append(torch.cat([p.detach().flatten().clone() for p in self.parameters()]))
+
+    monkeypatch.setattr(baseline, "CNN", Recorded)
+    for seed in (12345, 12345 + (7 << 32), 12345):
+        baseline.train_dp_classifier(plan, train, test, seed=seed)
+    assert not torch.equal(initial[0], initial[1]) and torch.equal(initial[0], initial[2])
+
+
 def test_library_refuses_public_data_sharing_real_images(digit_files):
     import dpdm.baseline as baseline
     from dpdm.datasets import DataError, load_npz
