@@ -137,8 +137,8 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     if doc.prv_failed:
         click.echo(f"dpdm: warning: prv-accountant gave no epsilon for this plan ({doc.prv_failed}); dpdm's own "
                    "PLD cross-checked the certificate in its place", err=True)
-    if out and not force:
-        _refuse_to_replace(out, doc.digest)
+    if out:
+        _refuse_to_replace(out, doc.digest, force=force)
     if out:
         try:
             accounting.write_plan(doc, out)
@@ -223,12 +223,14 @@ def _curve_path(path: str) -> str:
     return path
 
 
-def _refuse_to_replace(path: str, digest: str) -> None:
-    """BadInput if `path` exists and does not hold the plan `digest` names.
+def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
+    """BadInput if `path` exists and does not hold the plan `digest` names (unless `force`), and always
+    when it is a run's own plan.json (beside its checkpoint.pt).
 
     A run is locked to its plan's digest, and `dpdm train --resume` and `dpdm audit --plan` check the
     file against it: writing a new plan over the old one would lose the record that a run in progress
-    is locked to. The same plan again (same mechanism fields, same digest) is rewritten.
+    is locked to (`dpdm export` then refuses the run and `dpdm audit` says FAIL). The same plan again
+    (same mechanism fields, same digest) is rewritten.
     """
     if not os.path.lexists(path):
         return
@@ -240,6 +242,12 @@ def _refuse_to_replace(path: str, digest: str) -> None:
     if old == digest:
         return
     what = f"a different plan ({old[:19]}...)" if isinstance(old, str) else "something that is not a dpdm plan"
+    run = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) == "plan.json" and os.path.exists(os.path.join(run, "checkpoint.pt")):
+        raise BadInput(f"--out {path} is the locked plan of the run in {run} and holds {what}; even --force "
+                       "does not replace it: write the new plan elsewhere and train a new run")
+    if force:
+        return
     raise BadInput(f"--out {path} already exists and holds {what}; it is kept (runs are locked to their plan). "
                    "Choose another --out, or pass --force to replace it")
 

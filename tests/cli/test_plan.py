@@ -243,6 +243,14 @@ def test_out_keeps_an_existing_different_plan_unless_forced(capsys, tmp_path):
     rc, out, err = run(capsys, "--eps", "8", *args, "--force", "--json")
     assert rc == 0, err
     assert accounting.load_plan(path).to_dict()["digest"] == json.loads(out)["digest"] != json.loads(first)["digest"]
+    # Beside a checkpoint.pt, plan.json is a run's locked plan: not even --force replaces it with another.
+    (tmp_path / "checkpoint.pt").write_bytes(b"a run's checkpoint")
+    locked = path.read_bytes()
+    rc, _, err = run(capsys, "--eps", "4", *args, "--force")
+    assert rc == 2 and err.startswith("dpdm: error: --out ") and err.count("\n") == 1, err
+    assert "locked plan of the run" in err and path.read_bytes() == locked
+    rc, _, err = run(capsys, "--eps", "8", *args, "--force")   # the same plan again is still rewritten
+    assert rc == 0, err
 
 
 BAD_ACCOUNT = [
