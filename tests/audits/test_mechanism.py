@@ -237,3 +237,40 @@ def test_crashing_subspace_step_fails_every_check_instead_of_raising():
     results = check_subspace(make, pairs=2)
     assert [r.name for r in results] == list(SUBSPACE_CHECKS)
     assert not any(r.passed for r in results) and all("no basis for you" in r.detail for r in results)
+
+
+def test_run_logged_batches_passes_a_real_run_and_fails_other_batch_sizes(tmp_path):
+    """The audit's run-level sampling check (>= 10 logged rows run the Binomial test): a real 40-step run
+    passes; its batch sizes redrawn at twice the plan's rate, or a row marked non-private, fail."""
+    import csv
+
+    import accounting
+    from audits.mechanism import check_run
+    from dpdm.train import TrainConfig, train
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(24, 1, 8, 8, generator=g) * 2 - 1
+    y = torch.arange(24) % 3
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=40, noise_multiplier=1.0,
+                                  noise_multiplicity=1, delta=1e-5)
+    doc = accounting.make_plan_document(plan)
+    out = tmp_path / "run"
+    train(doc, x, y, 3, out, TrainConfig(model="small", log_every=1, checkpoint_every=40, seed=3), progress=False)
+
+    def logged(rows=None):
+        if rows is not None:
+            with open(out / "metrics.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        return {c.name: c for c in check_run(out, doc)}["run_logged_batches"]
+
+    assert logged().passed, logged().detail
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 40
+    rng = np.random.default_rng(0)
+    doubled = [{**r, "batch_size": str(rng.binomial(24, 2 * plan.sample_rate))} for r in rows]
+    assert not logged(doubled).passed
+    assert not logged([{**rows[0], "private": "0"}, *rows[1:]]).passed
+    assert logged(rows).passed

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import accounting
 from cli.main import main
@@ -238,6 +239,34 @@ def test_baseline_initial_weights_use_the_whole_seed(digit_files, monkeypatch):
     for seed in (12345, 12345 + (7 << 32), 12345):
         baseline.train_dp_classifier(plan, train, test, seed=seed)
     assert not torch.equal(initial[0], initial[1]) and torch.equal(initial[0], initial[2])
+
+
+def test_baseline_loop_runs_the_plans_mechanism(digit_files, monkeypatch):
+    """Every step hands the engine the plan's Poisson batch, noise multiplier, clip norm and expected batch
+    size, with one noise generator drawn across steps (halving the noise passed every other baseline test)."""
+    import dpdm.baseline as baseline
+    import dpdm.engine as engine
+    from dpdm.data import PoissonSampler
+    from dpdm.datasets import load_npz
+
+    plan = accounting.PrivacyPlan(dataset_size=600, batch_size=64, steps=3, noise_multiplier=1.3, clip_norm=0.5,
+                                  delta=1e-5)
+    train, test = load_npz(digit_files["train"]), load_npz(digit_files["test"])
+    calls = []
+    real = engine.private_grad
+
+    def spy(model, loss_fn, *batch, **kw):
+        calls.append((batch[0].clone(), kw))
+        return real(model, loss_fn, *batch, **kw)
+
+    monkeypatch.setattr(engine, "private_grad", spy)
+    baseline.train_dp_classifier(plan, train, test, seed=77)
+    sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, 77)
+    assert len(calls) == plan.steps
+    for step, (x, kw) in enumerate(calls):
+        assert torch.equal(x, train.x[sampler.batch(step)]), step
+        assert kw["noise_multiplier"] == 1.3 and kw["clip_norm"] == 0.5 and kw["expected_batch_size"] == 64
+    assert len({id(kw["generator"]) for _, kw in calls}) == 1   # one stream, drawn on: no step reuses a draw
 
 
 def test_library_refuses_public_data_sharing_real_images(digit_files):

@@ -249,8 +249,41 @@ def test_tampered_plan_refused_and_nothing_written(tiny, capsys):
     (d / "bad.json").write_text(json.dumps(doc))
     code, _, err = run_cli(["train", "--plan", d / "bad.json", "--out", d / "run", "--quiet"], capsys)
     line = _one_error_line(code, err)
-    assert "--plan" in line
+    assert "--plan" in line and "digest mismatch" in line, line
     assert not (d / "run").exists()
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unsafe_or_truncated_checkpoints_are_refused_through_the_cli(tiny, capsys):
+    """`train --resume`, `train --init-from` and `sample --checkpoint` on a code-running pickle or a
+    truncated checkpoint: one line, exit 2, the code never runs and the run folder is unchanged."""
+    d = tiny
+    assert run_cli(_train_args(d, d / "run"), capsys)[0] == 0
+    marker = d / "pwned"
+    torch.save({"format": ckpt.FORMAT, "model": _RunsCodeWhenUnpickled(marker)}, d / "evil.pt")
+    data = (d / "run" / "checkpoint.pt").read_bytes()
+    (d / "cut.pt").write_bytes(data[: len(data) // 2])
+    for bad, needle in ((d / "evil.pt", "refused"), (d / "cut.pt", "corrupt or truncated")):
+        code, _, err = run_cli(["sample", "--checkpoint", bad, "--n", 2, "--out", d / "s.npz", "--device", "cpu"],
+                               capsys)
+        assert needle in _one_error_line(code, err) and not (d / "s.npz").exists()
+        code, _, err = run_cli(_train_args(d, d / "warm", "--init-from", bad), capsys)
+        assert needle in _one_error_line(code, err) and not (d / "warm").exists()
+    # A resume whose checkpoint was truncated (or swapped for the pickle) changes nothing in the run folder.
+    for bad, needle in ((d / "evil.pt", "refused"), (d / "cut.pt", "corrupt or truncated")):
+        (d / "run" / "checkpoint.pt").write_bytes(bad.read_bytes())
+        before = {p.name: p.read_bytes() for p in (d / "run").iterdir()}
+        code, _, err = run_cli(_train_args(d, d / "run", "--resume"), capsys)
+        assert needle in _one_error_line(code, err)
+        assert {p.name: p.read_bytes() for p in (d / "run").iterdir()} == before
+    assert not marker.exists()
 
 
 def test_wrong_size_data_refused(tiny, capsys):

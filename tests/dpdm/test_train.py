@@ -696,3 +696,93 @@ def test_initial_weights_do_not_reveal_the_seeds_low_bits(tmp_path):
         models.append(params_of(out))
     frozen = [k for k in models[0] if not k.startswith("net.dec.") and models[0][k].is_floating_point()]
     assert frozen and any(not torch.equal(models[0][k], models[1][k]) for k in frozen)
+
+
+# --- the loop feeds the plan to the mechanism (the engine's own tests cannot see the loop) -------------
+
+def test_the_train_loop_runs_the_plans_mechanism(tmp_path, monkeypatch):
+    """Each step gets the plan's Poisson batch (K draws per example, clipped as one), the plan's noise
+    multiplier and clip norm, the public expected batch size and a fresh noise seed; the ledger and
+    metrics.csv hold the accountant's epsilon at every step done. Halving the noise, doubling the rate,
+    dividing by the realised batch, reusing a noise seed or clipping each draw alone each passed every
+    other train test (the tests review of stop 34)."""
+    import csv
+
+    import dpdm.train as T
+    from dpdm.data import PoissonSampler
+
+    x, y, c = tiny_data(n=24)
+    doc = tiny_plan(n=24, steps=5, batch=6, K=2)
+    plan = doc.plan
+    calls, ledgers = [], {}
+    real = T.distributed_private_grad
+
+    def spy(D, loss_fn, *batch, **kw):
+        calls.append(([t.detach().clone() for t in batch], kw))
+        return real(D, loss_fn, *batch, **kw)
+
+    out = tmp_path / "run"
+
+    def on_step(n):   # the checkpoint of step n - 1 (checkpoint_every=1) is on disk
+        if n > 1:
+            ledgers[n - 1] = ckpt.load_checkpoint(out / CHECKPOINT_NAME)["ledger"]
+
+    monkeypatch.setattr(T, "distributed_private_grad", spy)
+    train(doc, x, y, c, out, TrainConfig(**{**CFG, "checkpoint_every": 1}), progress=False, on_step=on_step)
+    sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, seed=CFG["seed"])
+    assert len(calls) == plan.steps
+    for step, (batch, kw) in enumerate(calls):
+        idx = sampler.batch(step)
+        assert torch.equal(batch[0], x[idx]), f"step {step}: not the plan's Poisson batch"
+        assert tuple(batch[-2].shape) == (len(idx), plan.noise_multiplicity)   # sigma: [B, K], one row per example
+        assert kw["noise_multiplier"] == plan.noise_multiplier and kw["clip_norm"] == plan.clip_norm
+        assert kw["expected_batch_size"] == pytest.approx(plan.sample_rate * plan.dataset_size, rel=1e-12)
+    assert len({kw["noise_seed"] for _, kw in calls}) == plan.steps
+    assert sorted(ledgers) == list(range(1, plan.steps))
+    for s, ledger in ledgers.items():
+        assert ledger["steps_done"] == s
+        assert ledger["epsilon_spent"] == pytest.approx(accounting.epsilon_spent(plan, s), rel=1e-9)
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, plan.steps + 1))
+    for row in rows:
+        s = int(row["step"])
+        assert float(row["epsilon_spent"]) == pytest.approx(accounting.epsilon_spent(plan, s), rel=1e-5)
+
+
+def test_a_torn_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    """torch.save that writes part of the file and then fails (a full disk, a kill mid-write)."""
+    x, y, c = tiny_data()
+    out = tmp_path / "run"
+    train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
+    before = (out / CHECKPOINT_NAME).read_bytes()
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
+
+    def torn(obj, f, *a, **k):
+        if isinstance(f, (str, bytes)) or hasattr(f, "__fspath__"):
+            f = open(f, "wb")
+        f.write(b"PK\x03\x04partial")
+        f.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(state, out / CHECKPOINT_NAME)
+    monkeypatch.undo()
+    assert (out / CHECKPOINT_NAME).read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.csv", "plan.json"]
+
+
+def test_checkpoints_are_owner_only(tmp_path):
+    """They hold the secret seed: 0600 whatever the umask, while the run's text files follow it."""
+    import stat
+
+    x, y, c = tiny_data()
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out / CHECKPOINT_NAME).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(out / "plan.json").st_mode) == 0o644
