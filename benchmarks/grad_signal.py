@@ -14,8 +14,9 @@ dominate the clipped gradient.
                                                [--batch 256] [--reps 6] [--by-sigma] [--threads 2]
                                                [--json OUT.json]
 
-The figures are computed from the private training data and are not differentially private:
-treat the output like the run folder (private).
+The figures are NON-PRIVATE statistics of the private data (computed from the private training images
+without noise; the JSON says "non_private_statistics_of_the_private_data": true): treat the output like the
+run folder (keep it private).
 
 Measured on issue 4's benchmark checkpoint (1407 steps, small U-Net, v-prediction, K 2; sharing
 the machine with one other process): `OMP_WAIT_POLICY=PASSIVE .venv/bin/python
@@ -141,7 +142,7 @@ def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: 
         return torch.cat([v.reshape(len(idx), -1) for v in per.values()], 1)
 
     out: dict = {"checkpoint": str(checkpoint), "params": d, "batch": batch, "reps": reps, "clip_norm": clip_norm,
-                 "private_figures": True, "by_K": {}}
+                 "non_private_statistics_of_the_private_data": True, "by_K": {}}
     if plan is not None:
         out["plan"] = {"noise_multiplier": plan.noise_multiplier, "batch_size": plan.batch_size,
                        "noise_multiplicity": plan.noise_multiplicity, "steps": plan.steps}
@@ -215,7 +216,7 @@ def main() -> None:
     res = measure(a.checkpoint, Ks=[int(k) for k in a.K.split(",")], batch=a.batch, reps=a.reps,
                   by_sigma=a.by_sigma, seed=a.seed, clip_norms=[float(c) for c in a.clip_norms.split(",") if c])
     print(f"grad signal at {a.checkpoint} ({res['params']:,} params, B={res['batch']}, {res['reps']} reps; "
-          "PRIVATE figures)")
+          "NON-PRIVATE statistics of the private data)")
     if "noise_norm" in res:
         p = res["plan"]
         print(f"noise norm per step: {res['noise_norm']:.3f} (sigma {p['noise_multiplier']:.4f}, "

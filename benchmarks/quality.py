@@ -20,7 +20,7 @@ Usage:
                                            [--guidance 0] [--guidance-interval LO HI] [--sigma-min S]
                                            [--train-sigma MIN MAX] [--no-dp] [--json out.json]
                                            [--public-pretrain digits28-aug] [--public-steps 1000]
-                                           [--trainable PATTERNS] [--real-reference]
+                                           [--trainable PATTERNS] [--real-reference] [--seed N]
 
 Slow (not a test; `make bench` does not run it): about 50 minutes on 2 CPU cores with the defaults
 (measured: generator training 2371 s for 1407 steps; sampling 10,000 images 486 s with guidance, which
@@ -86,6 +86,14 @@ The figures above were measured with the plan's K 2 there. With K 1, `--public-p
 synthetic CNN 95.4%, public-initialised 96.4%, MLP 89.2%, logreg 85.0%, FD 14.2, against a DP-SGD CNN of 97.5%.
 Run it alone with `DPDM_MALLOC=keep OMP_WAIT_POLICY=PASSIVE` (about 20% faster steps, see README).
 Figures print on stdout; --json writes them.
+
+Privacy: the generator's private run and the DP-SGD CNN draw secret seeds, as `dpdm train` and `dpdm baseline
+dp-classifier` do. `--seed N` fixes both (reproduction only): whoever knows N can replay the batches and the DP
+noise, so the DP guarantee does not hold; the run warns and the JSON says "seeded": true. --public-pretrain
+refuses the private dataset, data made from its images, and data sharing any image with its train or test
+split. Figures computed without privacy from the private images (the FD's reference CNN, --real-reference)
+are listed under "non_private_statistics_of_the_training_data". The goal is judged only on samples of a
+finished run of this very plan (their meta_plan_digest and steps); others are NOT JUDGED.
 """
 from __future__ import annotations
 
@@ -161,12 +169,33 @@ def public_plan(name: str, *, steps: int = PUBLIC_STEPS, batch_size: int = PUBLI
     return accounting.make_plan_document(plan)
 
 
-def dp_classifier_baseline(doc: accounting.PlanDocument, *, lr: float | None = None, seed: int = 0,
+def load_public(public: str, dataset: str = DATASET):
+    """The training split of the PUBLIC dataset `public`, or SystemExit (one line) when it is the private
+    dataset `dataset` or made from its images (`dataset_sizes.same_images`, as `dpdm baseline dp-classifier`
+    refuses), or shares any image with its train or test split, or does not fit their shape and classes
+    (`dpdm.evaluate.check_public_data`: whatever its name, e.g. an npz: copy of the private images)."""
+    from dpdm.dataset_sizes import same_images
+    from dpdm.datasets import load_dataset
+    from dpdm.evaluate import check_public_data
+
+    if same_images(public, dataset):
+        raise SystemExit(f"--public-pretrain {public!r} is the private dataset or made from its images "
+                         f"({dataset!r}); pretraining must use public data")
+    try:
+        data = load_dataset(public, "train")
+        check_public_data(data, load_dataset(dataset, "train"), load_dataset(dataset, "test"))
+    except (ValueError, OSError) as e:   # DataError is a ValueError
+        raise SystemExit(f"--public-pretrain {public!r}: {e}") from None
+    return data
+
+
+def dp_classifier_baseline(doc: accounting.PlanDocument, *, lr: float | None = None, seed: int | None = None,
                            device: str = "cpu", public: str | None = None,
                            public_epochs: int | None = None, augment_shift: int = 0,
                            augment_multiplicity: int = 1) -> dict:
     """`dpdm baseline dp-classifier [--public-pretrain NAME]` in Python: real test accuracy of a
-    DP-SGD CNN under `doc`."""
+    DP-SGD CNN under `doc`. seed None (the default): a secret one, as the command draws; a given seed
+    voids the DP guarantee (reproduction only) and is returned under "seed" ("secret" otherwise)."""
     from dpdm.baseline import DEFAULT_LR, DEFAULT_PUBLIC_EPOCHS, train_dp_classifier
     from dpdm.datasets import load_dataset
 
@@ -174,7 +203,7 @@ def dp_classifier_baseline(doc: accounting.PlanDocument, *, lr: float | None = N
     train, test = load_dataset(name, "train"), load_dataset(name, "test")
     result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                  device=device, progress=True,
-                                 public=None if public is None else load_dataset(public, "train"),
+                                 public=None if public is None else load_public(public, name),
                                  public_epochs=public_epochs or DEFAULT_PUBLIC_EPOCHS,
                                  augment_shift=augment_shift, augment_multiplicity=augment_multiplicity)
     return {"epsilon": doc.epsilon, "delta": doc.plan.delta, "plan_digest": doc.digest, **result}
@@ -224,10 +253,11 @@ def synthetic_cnn_public_init(samples_path: str | Path, public: str, *, dataset:
     from dpdm.datasets import load_dataset
     from dpdm.evaluate import downstream_accuracy
 
+    public_data = load_public(public, dataset)
     samples = load_samples(samples_path, first)
     print(f"training cnn: public {public}, then {len(samples)} synthetic images ({epochs} epochs)", file=sys.stderr)
     return downstream_accuracy(samples, load_dataset(dataset, "test"), kind="cnn", epochs=epochs,
-                               seed=seed, device=device, public=load_dataset(public, "train"), shift=shift)
+                               seed=seed, device=device, public=public_data, shift=shift)
 
 
 def real_data_cnn(dataset: str = DATASET, *, public: str | None = None, epochs: int = PAPER_EPOCHS,
@@ -235,17 +265,21 @@ def real_data_cnn(dataset: str = DATASET, *, public: str | None = None, epochs: 
     """The synthetic route's ceiling: the downstream CNN trained without privacy on the private images
     themselves under the same protocol (90/10 split, selection on the 10%, tested on the held-out
     images), first on `public` when given. A generator may not reproduce its private images, so its
-    samples are not expected to teach the CNN more than they do; the DP-SGD CNN is read against it."""
+    samples are not expected to teach the CNN more than they do; the DP-SGD CNN is read against it.
+    NON-PRIVATE: the result says "private": false, and its validation accuracy (on 10% of the private
+    images) is "real_val_accuracy"."""
     from dpdm.datasets import load_dataset
     from dpdm.evaluate import DEFAULT_PUBLIC_EPOCHS, downstream_accuracy
 
+    public_data = None if public is None else load_public(public, dataset)
     train = load_dataset(dataset, "train")
     print(f"training cnn (NON-PRIVATE reference): {'public ' + public + ', then ' if public else ''}"
           f"the {len(train)} private {dataset} images ({epochs} epochs)", file=sys.stderr)
-    return downstream_accuracy(train, load_dataset(dataset, "test"), kind="cnn", epochs=epochs, seed=seed,
-                               device=device, shift=shift,
-                               public=None if public is None else load_dataset(public, "train"),
-                               public_epochs=public_epochs or DEFAULT_PUBLIC_EPOCHS)
+    result = downstream_accuracy(train, load_dataset(dataset, "test"), kind="cnn", epochs=epochs, seed=seed,
+                                 device=device, shift=shift, public=public_data,
+                                 public_epochs=public_epochs or DEFAULT_PUBLIC_EPOCHS)
+    result["real_val_accuracy"] = result.pop("synthetic_val_accuracy")   # the private images' 10%, not samples
+    return {"private": False, **result}
 
 
 def samples_private(path: str | Path) -> bool | None:
@@ -256,14 +290,51 @@ def samples_private(path: str | Path) -> bool | None:
         return bool(z["meta_private"]) if "meta_private" in z.files else None
 
 
+def plan_mismatch(path: str | Path, doc: accounting.PlanDocument) -> str | None:
+    """Why the goal cannot be judged on a samples.npz under `doc`: its meta_plan_digest is not `doc`'s (or
+    missing), or it comes from a run stopped before the plan's last step. None: a finished run of `doc`."""
+    import numpy as np
+
+    with np.load(path) as z:
+        meta = {k: z[f"meta_{k}"].item() for k in ("plan_digest", "steps_done", "plan_steps") if f"meta_{k}" in z.files}
+    if "plan_digest" not in meta:
+        return "the samples do not say which plan they come from (no meta_plan_digest)"
+    if str(meta["plan_digest"]) != doc.digest:
+        return f"the samples come from another plan ({meta['plan_digest']}, not {doc.digest})"
+    if "steps_done" not in meta or "plan_steps" not in meta or int(meta["steps_done"]) != int(meta["plan_steps"]):
+        return (f"the samples come from a run stopped at {meta.get('steps_done', '?')} of "
+                f"{meta.get('plan_steps', '?')} steps")
+    return None
+
+
+# Written into a private run's folder when its seed was given (`--seed`): a later call without the seed must
+# not reuse or resume that run as if its seed were secret. (Runs of quality.py before --seed used seed 0.)
+SEEDED_MARK = "seeded.txt"
+
+
+def _run_settings(config: dict) -> dict:
+    """The knobs a run was trained with, from its checkpoint's config, as `train_generator` returns them."""
+    train = config.get("train", {})
+
+    def plain(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    return {"model": config.get("model"), "precond": config.get("precond"),
+            **{k: plain(train.get(k)) for k in ("lr", "lr_schedule", "ema_decay", "ema_powers", "train_sigma",
+                                                "trainable", "precision", "init_from")}}
+
+
 def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model: str = GENERATOR_MODEL,
                     precond: str = PRECOND, lr: float = LR, ema_decay: float = EMA_DECAY,
                     lr_schedule: str = LR_SCHEDULE, train_sigma: tuple[float, float] | None = TRAIN_SIGMA,
                     ema_powers: tuple[float, ...] = EMA_POWERS, private: bool = True, device: str = "cpu",
-                    seed: int = 0, init_from: str | Path | None = None,
+                    seed: int | None = None, init_from: str | Path | None = None,
                     physical_batch: int | None = None, trainable: tuple[str, ...] | None = None,
                     precision: str = "fp32", grad_engine: str = "auto") -> dict:
-    """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run).
+    """`dpdm train` in Python: a DP diffusion model under `doc` (resumes an unfinished run, reuses a
+    finished one: either must have been trained with the settings asked for, or this refuses).
+    seed None (the default): a secret one, as `dpdm train` draws; a given seed voids the DP guarantee
+    (reproduction only; the result says "seeded": true).
     precision "bf16" applies to --no-dp runs (private=False) only, as `dpdm train --precision`."""
     from dpdm.datasets import load_dataset
     from dpdm.train import TrainConfig, train
@@ -271,16 +342,46 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
     data = load_dataset(doc.plan.dataset_name or DATASET, "train")
     run_dir = Path(run_dir)
     ck = run_dir / "checkpoint.pt"
+    mark = run_dir / SEEDED_MARK
+    asked = {"model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule, "ema_decay": ema_decay,
+             "ema_powers": list(ema_powers), "train_sigma": None if train_sigma is None else list(train_sigma),
+             "trainable": None if trainable is None else list(trainable), "precision": precision,
+             "init_from": None if init_from is None else str(init_from)}
     if ck.exists():
         from dpdm.checkpoint import load_checkpoint
 
-        ledger = load_checkpoint(ck)["ledger"]
+        state = load_checkpoint(ck)
+        ledger, config = state["ledger"], state["config"]
         if bool(ledger["private"]) != private:
             raise SystemExit(f"{ck} holds a {'private' if ledger['private'] else 'NON-PRIVATE'} run; "
                              f"use another --workdir")
-        if ledger["steps_done"] >= doc.plan.steps and ledger["plan_digest"] == doc.digest:
-            return {"run": str(run_dir), "steps_done": ledger["steps_done"], "epsilon_spent": ledger["epsilon_spent"],
-                    "private": private, "seconds": 0.0, "reused": True}
+        had = _run_settings(config)
+        if None not in (had["init_from"], asked["init_from"]) and \
+                Path(had["init_from"]).resolve() == Path(asked["init_from"]).resolve():
+            had["init_from"] = asked["init_from"]   # the same file, named from another folder
+        differ = [f"{k} {had[k]!r} (asked: {asked[k]!r})" for k in asked if had[k] != asked[k]]
+        if ledger["plan_digest"] != doc.digest:
+            differ.insert(0, f"plan {ledger['plan_digest']} (asked: {doc.digest})")
+        if differ:
+            raise SystemExit(f"{ck} holds a run with other settings: {'; '.join(differ)}; use another --workdir")
+        run_seed = int(config["train"]["seed"])
+        known = mark.exists() or run_seed == 0
+        if private and seed is None and known:
+            raise SystemExit(f"{ck} holds a run trained with a known --seed (no DP guarantee); pass the same "
+                             f"--seed or use another --workdir")
+        if private and seed is not None and seed != run_seed:
+            raise SystemExit(f"{ck} holds a run trained with another seed; use another --workdir")
+        if ledger["steps_done"] >= doc.plan.steps:
+            return {"run": str(run_dir), "steps_done": ledger["steps_done"], "plan_steps": ledger["plan_steps"],
+                    "epsilon_spent": ledger["epsilon_spent"] if private else None, "delta": ledger["delta"],
+                    "plan_digest": ledger["plan_digest"], "private": private, "checkpoint": str(ck),
+                    "init": config.get("init"), **had, "seeded": seed is not None,
+                    "seconds": 0.0, "reused": True}
+    elif private and seed is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mark.write_text(f"trained with the known seed {seed} (quality.py --seed): the DP guarantee does not hold\n")
+    elif private:
+        mark.unlink(missing_ok=True)   # a run stopped before its first checkpoint
     t0 = time.perf_counter()
     summary = train(doc, data.x, data.y, data.num_classes, run_dir,
                     TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, lr_schedule=lr_schedule,
@@ -290,9 +391,7 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                                 per_layer_rules={"auto": None, "rules": True, "vmap": False}[grad_engine],
                                 init_from=None if init_from is None or ck.exists() else str(init_from)),
                     dataset_name=doc.plan.dataset_name, resume=ck.exists(), progress=True)
-    return {**summary, "model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule,
-            "ema_decay": ema_decay, "ema_powers": list(ema_powers), "train_sigma": train_sigma,
-            "trainable": None if trainable is None else list(trainable), "precision": precision,
+    return {**summary, **asked, "seeded": seed is not None,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -323,7 +422,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         physical_batch: int | None = None, grad_engine: str = "auto",
         trainable: tuple[str, ...] | None = None, precision: str = "fp32", augment_shift: int = 0,
         augment_multiplicity: int = 1, public_noise_multiplicity: int = PUBLIC_K, baseline: bool = True,
-        baseline_only: bool = False, real_reference: bool = False, on_part=None) -> dict:
+        baseline_only: bool = False, real_reference: bool = False, seed: int | None = None, on_part=None) -> dict:
     """The whole benchmark; `on_part(out)`, when given, is called with the figures so far after each
     part (main() rewrites --json then, so an hour-long run that is stopped keeps what it measured).
     precision "bf16" runs the public pretraining and the sampling under bfloat16 autocast; the private
@@ -334,35 +433,53 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     skips the DP-SGD CNN; baseline_only runs nothing else but the reference classifier of the FD (so that
     its cache is warm): two processes can then share a GPU, one with each (benchmarks/gpu_run.sh).
     real_reference adds the same downstream CNN trained without privacy on the private images themselves
-    (`real_data_cnn`; public-initialised too when `public` is given): the ceiling of the synthetic route."""
+    (`real_data_cnn`; public-initialised too when `public` is given): the ceiling of the synthetic route.
+    seed None (the default): the private generator run and the DP-SGD CNN draw secret seeds; a given seed
+    seeds both and voids their DP guarantee (a warning, and "seeded": true). Figures computed without
+    privacy from the private images are listed under `dpdm.evaluate.NON_PRIVATE_KEY`."""
+    from dpdm.evaluate import NON_PRIVATE_KEY
+
     report = on_part or (lambda _out: None)
     doc = accounting.load_plan(plan_path) if plan_path else default_plan(epochs=epochs, batch_size=batch_size,
                                                                            noise_multiplicity=noise_multiplicity,
                                                                            clip_norm=clip_norm)
+    name = doc.plan.dataset_name or DATASET
+    if public is not None:   # before any part: public data must hold none of the private images
+        load_public(public, name)
+    if seed is not None:
+        print(f"quality.py: warning: --seed {seed}: anyone who knows this seed can replay the batches and the DP "
+              "noise, so the DP guarantee does not hold; the results are marked \"seeded\"", file=sys.stderr)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     accounting.write_plan(doc, workdir / "plan.json")
-    out: dict = {"dataset": doc.plan.dataset_name, "plan": doc.to_dict()}
+    out: dict = {"dataset": doc.plan.dataset_name, "plan": doc.to_dict(), "seeded": seed is not None,
+                 NON_PRIVATE_KEY: []}
     t0 = time.perf_counter()
 
     def baseline_part() -> dict:
         return dp_classifier_baseline(doc, device=device, public=public, augment_shift=augment_shift,
-                                      augment_multiplicity=augment_multiplicity)
+                                      augment_multiplicity=augment_multiplicity, seed=seed)
 
     def real_reference_part() -> None:
-        name = doc.plan.dataset_name or DATASET
         out["real_data_cnn"] = real_data_cnn(name, device=device, shift=augment_shift)
+        out[NON_PRIVATE_KEY].append("real_data_cnn")
         report(out)
         if public is not None:
             out["real_data_cnn_public_init"] = real_data_cnn(name, public=public, device=device, shift=augment_shift)
+            out[NON_PRIVATE_KEY].append("real_data_cnn_public_init")
             report(out)
 
     if baseline_only:
         from dpdm.datasets import load_dataset
         from dpdm.evaluate import reference_classifier
 
-        real_train = load_dataset(doc.plan.dataset_name or DATASET, "train")
-        _, out["reference_classifier"] = reference_classifier(real_train, device=device)
+        real_train = load_dataset(name, "train")
+        _, info = reference_classifier(real_train, device=device)
+        # Its cache path is left out (the file name is a digest of the private data), as `dpdm eval` does.
+        out["reference_classifier"] = {"cached": info["cached"]}
+        out["reference_classifier_non_private"] = {k: info[k] for k in ("real_val_accuracy", "best_epoch", "epochs")
+                                                   if k in info}
+        out[NON_PRIVATE_KEY].append("reference_classifier_non_private")
         report(out)
         out["dp_classifier"] = baseline_part()
         if real_reference:
@@ -372,15 +489,11 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         return out
     init_from = None
     if samples is None and public is not None:
-        from dpdm.dataset_sizes import same_images
-
-        if same_images(public, doc.plan.dataset_name):
-            raise SystemExit(f"--public-pretrain {public!r} is the private dataset or made from its images")
         pub_doc = public_plan(public, steps=public_steps, batch_size=public_batch,
                               noise_multiplicity=public_noise_multiplicity)
         out["public_generator"] = train_generator(pub_doc, workdir / "public", model=model, precond=precond, lr=lr,
                                                   ema_decay=ema_decay, private=False, device=device,
-                                                  precision=precision)
+                                                  precision=precision, seed=seed)
         print(f"public generator (NON-PRIVATE, {public}): {out['public_generator']}", file=sys.stderr)
         report(out)
         init_from = workdir / "public" / "checkpoint.pt"
@@ -389,7 +502,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
                                            ema_decay=ema_decay, lr_schedule=lr_schedule, train_sigma=train_sigma,
                                            ema_powers=ema_powers, private=private, device=device,
                                            init_from=init_from, physical_batch=physical_batch,
-                                           trainable=trainable, grad_engine=grad_engine)
+                                           trainable=trainable, grad_engine=grad_engine, seed=seed)
         print(f"generator: {out['generator']}", file=sys.stderr)
         report(out)
         out["sampling"] = sample(workdir / "run", workdir / "samples.npz", n=n, guidance=guidance,
@@ -407,14 +520,13 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         # is evaluated whole as well, under "<key>_all".
         drawn = len(load_samples(samples))
         for key, first in [("synthetic", N_SAMPLES)] + ([("synthetic_all", None)] if drawn > N_SAMPLES else []):
-            out[key] = evaluate_synthetic(samples, dataset=doc.plan.dataset_name or DATASET, device=device,
-                                          first=first, shift=augment_shift)
+            out[key] = evaluate_synthetic(samples, dataset=name, device=device, first=first, shift=augment_shift)
             out[key]["samples_private"] = samples_private(samples)
+            out[key]["plan_mismatch"] = plan_mismatch(samples, doc)   # the goal is judged only when None
             report(out)
             if public is not None:
-                out[f"{key}_public_init"] = synthetic_cnn_public_init(
-                    samples, public, dataset=doc.plan.dataset_name or DATASET, device=device, first=first,
-                    shift=augment_shift)
+                out[f"{key}_public_init"] = synthetic_cnn_public_init(samples, public, dataset=name, device=device,
+                                                                      first=first, shift=augment_shift)
                 report(out)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"total {out['seconds']:.0f} s", file=sys.stderr)
@@ -431,19 +543,25 @@ def write_json(path: str | Path, out: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--plan", help="a locked plan (default: mnist5k, eps 10, delta 1e-5, batch 256, 1407 steps, K 2)")
-    ap.add_argument("--samples", help="samples.npz made under the same plan")
+    ap.add_argument("--plan", help="a locked plan (default: mnist5k, eps 10, delta 1e-5, batch 256, 1407 steps, K 2); "
+                                   "excludes --epochs, --batch-size, --K and --clip-norm")
+    ap.add_argument("--samples", help="samples.npz made under the same plan (the goal is judged only on samples of a "
+                                      "finished run of this plan)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default="bench_quality", help="run folder, samples and plan land here")
     ap.add_argument("--model", default=GENERATOR_MODEL)
     ap.add_argument("--n", type=int, default=N_SAMPLES,
                     help="synthetic images to draw; above 10,000 (the paper draws 60,000) the first 10,000 and all "
                          "are evaluated")
-    ap.add_argument("--epochs", type=float, default=EPOCHS, help="epochs of the default plan (steps = epochs * N / batch)")
-    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="expected batch of the default plan")
-    ap.add_argument("--K", type=int, default=NOISE_MULTIPLICITY, help="noise multiplicity of the default plan")
-    ap.add_argument("--clip-norm", type=float, default=CLIP_NORM,
-                    help="clip norm of the default plan (both sides clip at it)")
+    # None: not given (the default plan's value); --plan refuses them, since they would be ignored.
+    ap.add_argument("--epochs", type=float, default=None,
+                    help=f"epochs of the default plan (steps = epochs * N / batch; default {EPOCHS:g})")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help=f"expected batch of the default plan (default {BATCH_SIZE})")
+    ap.add_argument("--K", type=int, default=None,
+                    help=f"noise multiplicity of the default plan (default {NOISE_MULTIPLICITY})")
+    ap.add_argument("--clip-norm", type=float, default=None,
+                    help=f"clip norm of the default plan (both sides clip at it; default {CLIP_NORM:g})")
     ap.add_argument("--precond", default=PRECOND, choices=("edm", "v"), help="generator parameterization")
     ap.add_argument("--lr", type=float, default=LR, help="generator Adam learning rate")
     ap.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="generator EMA decay")
@@ -488,13 +606,26 @@ def main() -> None:
                     help="also train the downstream CNN without privacy on the private images themselves "
                          "(public-initialised too with --public-pretrain): the synthetic route's ceiling, "
                          "NON-PRIVATE, about 90 s (+250 s public) on 2 cores")
+    ap.add_argument("--seed", type=int, default=None, metavar="N",
+                    help="seed the private generator run and the DP-SGD CNN (reproduction only: whoever knows N can "
+                         "replay the batches and the DP noise, so the DP guarantee does not hold; the JSON says "
+                         "\"seeded\": true). Default: secret seeds, as dpdm train and dpdm baseline draw")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     if args.skip_baseline and args.baseline_only:
         ap.error("--skip-baseline and --baseline-only exclude each other")
+    shaping = [flag for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
+                                        ("--K", args.K), ("--clip-norm", args.clip_norm)) if value is not None]
+    if args.plan and shaping:
+        ap.exit(2, f"{ap.prog}: error: --plan {args.plan} fixes the plan; {', '.join(shaping)} shape only the "
+                   "default plan: leave them out or drop --plan\n")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        ap.exit(2, f"{ap.prog}: error: --seed {args.seed} must be in [0, 2**63)\n")
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
-              model=args.model, n=args.n, epochs=args.epochs, batch_size=args.batch_size,
-              noise_multiplicity=args.K, clip_norm=args.clip_norm, precond=args.precond, lr=args.lr,
+              model=args.model, n=args.n, epochs=EPOCHS if args.epochs is None else args.epochs,
+              batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size,
+              noise_multiplicity=NOISE_MULTIPLICITY if args.K is None else args.K,
+              clip_norm=CLIP_NORM if args.clip_norm is None else args.clip_norm, precond=args.precond, lr=args.lr,
               ema_decay=args.ema_decay, lr_schedule=args.lr_schedule, guidance=args.guidance,
               guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
               sigma_min=args.sigma_min, weights=args.weights,
@@ -506,7 +637,7 @@ def main() -> None:
                                                                   if p.strip()),
               precision=args.precision, augment_shift=args.augment_shift, augment_multiplicity=args.augment_mult,
               public_noise_multiplicity=args.public_K, baseline=not args.skip_baseline,
-              baseline_only=args.baseline_only, real_reference=args.real_reference,
+              baseline_only=args.baseline_only, real_reference=args.real_reference, seed=args.seed,
               on_part=None if args.json is None else lambda part: write_json(args.json, part))
     plan = out["plan"]
     b = out.get("dp_classifier")
@@ -516,8 +647,9 @@ def main() -> None:
     if b is None:
         print("DP-SGD CNN: not trained in this process (--skip-baseline); the goal is judged against it there")
     else:
+        seeded = "" if b.get("seed", "secret") == "secret" else f"; SEEDED ({b['seed']}): no DP guarantee"
         print(f"DP-SGD CNN (GroupNorm, Adam lr {b['lr']:g}): real test accuracy {b['test_accuracy']:.4f} "
-              f"({b['seconds']:.0f} s)")
+              f"({b['seconds']:.0f} s{seeded})")
     if b is not None and "public_pretrain" in b:
         pre = b["public_pretrain"]
         print(f"  warm start: {pre['epochs']} non-private epochs on public {pre['dataset']} "
@@ -530,7 +662,9 @@ def main() -> None:
         g, smp = out["generator"], out["sampling"]
         spent = (f"epsilon spent {g['epsilon_spent']:.4g}" if g["private"]
                  else "NON-PRIVATE (--no-dp: the pipeline's ceiling, not a DP result)")
-        print(f"generator ({g.get('model', GENERATOR_MODEL)}, K={plan['noise_multiplicity']}): {g['steps_done']} steps, "
+        if g["private"] and g.get("seeded"):
+            spent += " (SEEDED: --seed voids the DP guarantee)"
+        print(f"generator ({g['model']}, K={plan['noise_multiplicity']}): {g['steps_done']} steps, "
               f"{spent}, {g['seconds']:.0f} s; {smp['n']} samples (guidance {smp['guidance']:g}, weights "
               f"{smp['weights']}) in {smp['seconds']:.0f} s")
     for key, how in (("real_data_cnn", ""), ("real_data_cnn_public_init", f", first on public {args.public_pretrain}")):
@@ -547,10 +681,14 @@ def main() -> None:
         dp_acc = float("nan") if b is None else b["test_accuracy"]
         if syn["samples_private"] is not True:
             verdict = "NOT APPLICABLE: the samples are NON-PRIVATE (or do not say)"
+        elif syn.get("plan_mismatch"):
+            verdict = f"NOT JUDGED: {syn['plan_mismatch']}"
         elif b is None:
             verdict = "NOT JUDGED HERE (--skip-baseline)"
         else:
             verdict = "MET" if acc.get("cnn", 0) >= dp_acc else "NOT MET"
+            if out.get("seeded"):
+                verdict += " (seeded run: --seed voids the DP guarantee)"
         print(f"synthetic CNN on {syn['n_samples']} images {acc.get('cnn', float('nan')):.4f} vs DP-SGD CNN "
               f"{dp_acc:.4f} (goal: synthetic >= DP-SGD): {verdict}")
         if f"{key}_public_init" in out:

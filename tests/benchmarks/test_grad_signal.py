@@ -67,7 +67,7 @@ def test_measure_on_a_tiny_run(tmp_path, load_benchmark):
         assert abs(clip["1e-06"]["signal"]) <= 1e-6 * (1 + 1e-9)            # at most C
     shares = [row["training_share"] for row in res["by_sigma"]]
     assert len(shares) == len(gs.SIGMA_EDGES) - 1 and 0.9 < sum(shares) <= 1.0 + 1e-9
-    assert res["private_figures"] is True
+    assert res["non_private_statistics_of_the_private_data"] is True and "private_figures" not in res
     with pytest.raises(ValueError, match="positive"):
         gs.measure(run / CHECKPOINT_NAME, Ks=(1,), batch=6, reps=2, clip_norms=(0.0,),
                    data=ImageData(x, y, classes, "tiny"))

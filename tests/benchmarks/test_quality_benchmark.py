@@ -1,9 +1,12 @@
 """benchmarks/quality.py end to end at toy size (slow): one plan for the generator and the baseline."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 import accounting
+from dpdm.evaluate import NON_PRIVATE_KEY
 
 
 @pytest.mark.slow
@@ -146,7 +149,8 @@ def test_quality_benchmark_splits_into_baseline_and_generator_processes(tmp_path
     assert all("dp_classifier" not in p for p in parts) and "synthetic" in main
     assert main["generator"]["plan_digest"] == side["dp_classifier"]["plan_digest"]
     # the reference network the generator's FD needs was trained once, by the baseline process
-    assert side["reference_classifier"]["cached"] is False
+    assert side["reference_classifier"] == {"cached": False}   # no cache path: its name fingerprints the data
+    assert 0.0 <= side["reference_classifier_non_private"]["real_val_accuracy"] <= 1.0
     assert main["synthetic"]["classifier_fd"]["reference"]["cached"] is True
 
 
@@ -174,6 +178,7 @@ def test_real_reference_adds_the_ceiling_only_when_asked(tmp_path, load_benchmar
     out = q.run(workdir=tmp_path, epochs=0.2, baseline_only=True, real_reference=True, public="digits28")
     assert calls == [("mnist5k", None), ("mnist5k", "digits28")]   # cold, then public-initialised
     assert out["real_data_cnn"]["test_accuracy"] == 0.9 and "real_data_cnn_public_init" in out
+    assert out[NON_PRIVATE_KEY] == ["reference_classifier_non_private", "real_data_cnn", "real_data_cnn_public_init"]
     calls.clear()
     out = q.run(workdir=tmp_path, epochs=0.2, baseline_only=True)
     assert calls == [] and "real_data_cnn" not in out
@@ -182,3 +187,240 @@ def test_real_reference_adds_the_ceiling_only_when_asked(tmp_path, load_benchmar
     np.savez(tmp_path / "s.npz", x=np.zeros((20, 1, 28, 28), np.uint8), y=np.arange(20) % 10)
     out = q.run(workdir=tmp_path, epochs=0.2, samples=str(tmp_path / "s.npz"), baseline=False, real_reference=True)
     assert calls == [("mnist5k", None)] and "real_data_cnn" in out and "synthetic" in out
+
+
+# --- review fixes (stop 34): seeds, public data, the plan the goal is judged under, reuse, labels ----------------
+
+def _fake_samples(path, *, digest, steps_done, plan_steps, private=True):
+    """A samples.npz as `dpdm sample` writes it: 20 balanced images and the meta the goal is judged by."""
+    import numpy as np
+
+    np.savez(path, x=np.zeros((20, 1, 28, 28), np.uint8), y=np.arange(20) % 10, meta_private=np.asarray(private),
+             meta_plan_digest=np.asarray(digest), meta_steps_done=np.asarray(steps_done),
+             meta_plan_steps=np.asarray(plan_steps), meta_guidance_interval=np.asarray([0.5, 10.0]))
+
+
+@pytest.fixture()
+def stubbed(load_benchmark, monkeypatch):
+    """quality.py with every part that trains stubbed; calls[part] lists the keyword arguments each got."""
+    import cli.eval
+    import dpdm.evaluate
+
+    q = load_benchmark("quality")
+    calls: dict = {}
+
+    def train_generator(doc, run_dir, **kw):
+        calls.setdefault("generator", []).append(kw)
+        return {"steps_done": doc.plan.steps, "epsilon_spent": doc.epsilon, "private": kw.get("private", True),
+                "model": kw["model"], "seeded": kw.get("seed") is not None, "seconds": 1.0}
+
+    def sample(run_dir, out_path, **kw):   # a finished run of the workdir's plan
+        doc = accounting.load_plan(Path(run_dir).parent / "plan.json")
+        _fake_samples(out_path, digest=doc.digest, steps_done=doc.plan.steps, plan_steps=doc.plan.steps)
+        return {"n": 20, "guidance": 0.0, "weights": "ema", "seconds": 1.0}
+
+    def baseline(doc, **kw):
+        calls.setdefault("baseline", []).append(kw)
+        return {"test_accuracy": 0.95, "lr": 2e-3, "seconds": 1.0,
+                "seed": "secret" if kw.get("seed") is None else kw["seed"]}
+
+    def record(part, result):
+        return lambda *a, **kw: calls.setdefault(part, []).append(kw) or result
+
+    monkeypatch.setattr(q, "train_generator", train_generator)
+    monkeypatch.setattr(q, "sample", sample)
+    monkeypatch.setattr(q, "dp_classifier_baseline", baseline)
+    monkeypatch.setattr(q, "evaluate_synthetic", record("synthetic", {"classifiers": {"cnn": {"test_accuracy": 0.97}},
+                                                                      "n_samples": 20}))
+    monkeypatch.setattr(q, "synthetic_cnn_public_init", record("public_init", {"test_accuracy": 0.97}))
+    monkeypatch.setattr(q, "real_data_cnn", record("real_data_cnn", {"test_accuracy": 0.99, "train_size": 3600}))
+    monkeypatch.setattr(dpdm.evaluate, "reference_classifier", lambda train, device: (None, {"cached": True}))
+    monkeypatch.setattr(cli.eval, "format_report", lambda report: "")
+    return q, calls
+
+
+def _main(q, monkeypatch, capsys, *argv):
+    monkeypatch.setattr(sys, "argv", ["quality.py", *map(str, argv)])
+    q.main()
+    return capsys.readouterr()
+
+
+@pytest.fixture()
+def private_copy(tmp_path):
+    """npz:PATH holding mnist5k's private training images under another name."""
+    import numpy as np
+
+    from dpdm.datasets import load_dataset, to_uint8
+
+    train = load_dataset("mnist5k", "train")
+    np.savez(tmp_path / "copy.npz", x=to_uint8(train.x), y=train.y.numpy())
+    return f"npz:{tmp_path / 'copy.npz'}"
+
+
+def test_generator_and_dp_sgd_cnn_draw_secret_seeds_unless_given(tmp_path, load_benchmark, monkeypatch):
+    import dpdm.baseline
+    import dpdm.train
+
+    q = load_benchmark("quality")
+    seen = []
+
+    def train(doc, x, y, num_classes, out, config, **kw):
+        seen.append(config.seed)
+        return {"steps_done": doc.plan.steps}
+
+    def train_dp_classifier(plan, train, test, *, seed=None, **kw):
+        seen.append(seed)
+        return {"seed": "secret" if seed is None else seed}
+
+    monkeypatch.setattr(dpdm.train, "train", train)
+    monkeypatch.setattr(dpdm.baseline, "train_dp_classifier", train_dp_classifier)
+    doc = q.default_plan(epochs=0.2)
+    assert q.train_generator(doc, tmp_path / "run")["seeded"] is False
+    assert q.dp_classifier_baseline(doc)["seed"] == "secret"
+    assert seen == [None, None]      # dpdm.train / dpdm.baseline then draw secret seeds
+    assert not (tmp_path / "run" / q.SEEDED_MARK).exists()
+    assert q.train_generator(doc, tmp_path / "seeded", seed=3)["seeded"] is True
+    assert seen[-1] == 3 and (tmp_path / "seeded" / q.SEEDED_MARK).exists()
+
+
+def test_seed_option_warns_once_and_marks_the_json(stubbed, tmp_path, monkeypatch, capsys):
+    q, calls = stubbed
+    res = _main(q, monkeypatch, capsys, "--workdir", tmp_path / "w", "--epochs", 0.2, "--seed", 7,
+                "--json", tmp_path / "seeded.json")
+    assert len([line for line in res.err.splitlines() if "DP guarantee does not hold" in line]) == 1
+    out = json.loads((tmp_path / "seeded.json").read_text())
+    assert out["seeded"] is True and out["generator"]["seeded"] is True and out["dp_classifier"]["seed"] == 7
+    assert [kw["seed"] for kw in calls["generator"] + calls["baseline"]] == [7, 7]
+    assert "SEEDED" in res.out and "seeded run" in res.out      # the generator's line and the verdict
+    calls.clear()
+    res = _main(q, monkeypatch, capsys, "--workdir", tmp_path / "w2", "--epochs", 0.2, "--json", tmp_path / "o.json")
+    assert "DP guarantee" not in res.err and "SEEDED" not in res.out and "seeded run" not in res.out
+    assert json.loads((tmp_path / "o.json").read_text())["seeded"] is False
+    assert [kw["seed"] for kw in calls["generator"] + calls["baseline"]] == [None, None]
+
+
+def test_public_data_holding_private_images_is_refused_before_any_part(stubbed, tmp_path, private_copy):
+    q, calls = stubbed
+    _fake_samples(tmp_path / "s.npz", digest="sha256:x", steps_done=1, plan_steps=1)
+    for public, match in (("mnist5k", "private dataset"), ("digits28", None),
+                          (private_copy, "holds 4000 of the 4000 images of 'mnist5k'")):
+        runs = [dict(baseline_only=True), dict(baseline_only=True, real_reference=True),
+                dict(samples=str(tmp_path / "s.npz"), baseline=False),      # synthetic_cnn_public_init
+                dict(samples=str(tmp_path / "s.npz"), real_reference=True)]
+        for i, kw in enumerate(runs):
+            if match is None:        # public digits: every path runs
+                q.run(workdir=tmp_path / f"ok{i}", epochs=0.2, public=public, **kw)
+                continue
+            with pytest.raises(SystemExit, match=match):
+                q.run(workdir=tmp_path / f"w{i}", epochs=0.2, public=public, **kw)
+        if match is not None:
+            assert calls == {}, public   # refused before any part trained
+        calls.clear()
+
+
+def test_public_initialised_cnns_refuse_public_data_holding_private_images(tmp_path, load_benchmark, monkeypatch,
+                                                                           private_copy):
+    import dpdm.evaluate
+
+    q = load_benchmark("quality")
+    monkeypatch.setattr(dpdm.evaluate, "downstream_accuracy", lambda *a, **kw: pytest.fail("trained on it"))
+    _fake_samples(tmp_path / "s.npz", digest="sha256:x", steps_done=1, plan_steps=1)
+    with pytest.raises(SystemExit, match="holds 4000 of the 4000"):
+        q.synthetic_cnn_public_init(tmp_path / "s.npz", private_copy)
+    with pytest.raises(SystemExit, match="holds 4000 of the 4000"):
+        q.real_data_cnn("mnist5k", public=private_copy)
+    with pytest.raises(SystemExit, match="private dataset"):
+        q.synthetic_cnn_public_init(tmp_path / "s.npz", "mnist5k")
+
+
+def test_baseline_json_keeps_no_cache_path_and_marks_non_private_figures(stubbed, tmp_path, monkeypatch):
+    import dpdm.evaluate
+
+    q, _ = stubbed
+    cache = str(tmp_path / "cache/reference/mnist5k-98fc91ac1de1abd5-e20-s0-v1.pt")
+    monkeypatch.setattr(dpdm.evaluate, "reference_classifier", lambda train, device: (
+        None, {"real_val_accuracy": 0.5, "best_epoch": 1, "epochs": 20, "cache": cache, "cached": False}))
+    out = q.run(workdir=tmp_path / "w", epochs=0.2, baseline_only=True,
+                on_part=lambda o: q.write_json(tmp_path / "baseline.json", o))
+    assert out["reference_classifier"] == {"cached": False}
+    assert out["reference_classifier_non_private"] == {"real_val_accuracy": 0.5, "best_epoch": 1, "epochs": 20}
+    assert out[NON_PRIVATE_KEY] == ["reference_classifier_non_private"]
+    assert "98fc91ac" not in (tmp_path / "baseline.json").read_text()
+
+
+def test_real_data_cnn_says_it_is_non_private(load_benchmark, monkeypatch):
+    import dpdm.evaluate
+
+    q = load_benchmark("quality")
+    monkeypatch.setattr(dpdm.evaluate, "downstream_accuracy", lambda *a, **kw: {
+        "test_accuracy": 0.99, "synthetic_val_accuracy": 0.98, "train_size": 3600})
+    out = q.real_data_cnn("mnist5k")
+    assert out["private"] is False and out["real_val_accuracy"] == 0.98 and "synthetic_val_accuracy" not in out
+
+
+def test_goal_is_judged_only_on_samples_of_a_finished_run_of_the_plan(stubbed, tmp_path, monkeypatch, capsys):
+    q, _ = stubbed
+    doc = q.default_plan(epochs=0.2)
+    cases = {"other": ("sha256:0000-another-plan", 3, 1407, "another plan"),
+             "stopped": (doc.digest, 1, doc.plan.steps, f"stopped at 1 of {doc.plan.steps} steps"),
+             "finished": (doc.digest, doc.plan.steps, doc.plan.steps, None)}
+    for name, (digest, done, total, why) in cases.items():
+        _fake_samples(tmp_path / f"{name}.npz", digest=digest, steps_done=done, plan_steps=total)
+        res = _main(q, monkeypatch, capsys, "--samples", tmp_path / f"{name}.npz", "--workdir", tmp_path / name,
+                    "--epochs", 0.2)
+        [verdict] = [line for line in res.out.splitlines() if "goal: synthetic >= DP-SGD" in line]
+        if why is None:
+            assert verdict.endswith(": MET")
+        else:
+            assert "NOT JUDGED" in verdict and why in verdict and not verdict.endswith("MET"), verdict
+
+
+def test_plan_excludes_the_options_that_shape_the_default_plan(stubbed, tmp_path, monkeypatch, capsys):
+    q, calls = stubbed
+    accounting.write_plan(q.default_plan(epochs=0.2), tmp_path / "plan.json")
+    for flag, value in (("--epochs", 3), ("--batch-size", 64), ("--K", 4), ("--clip-norm", 0.1)):
+        with pytest.raises(SystemExit) as e:
+            _main(q, monkeypatch, capsys, "--plan", tmp_path / "plan.json", flag, value, "--workdir", tmp_path / "w")
+        assert e.value.code == 2
+        [line] = capsys.readouterr().err.strip().splitlines()      # one line
+        assert flag in line and "--plan" in line
+    assert calls == {}
+    _main(q, monkeypatch, capsys, "--plan", tmp_path / "plan.json", "--workdir", tmp_path / "w")   # alone: runs
+    assert len(calls["generator"]) == 1
+
+
+def test_a_finished_run_is_reused_only_with_its_own_settings_and_seed(tmp_path, load_benchmark, monkeypatch):
+    import dpdm.checkpoint
+
+    q = load_benchmark("quality")
+    doc = q.default_plan(epochs=0.02, batch_size=16)   # 5 steps of about 16 images: seconds
+    run = tmp_path / "run"
+    first = q.train_generator(doc, run, seed=5)
+    assert first["seeded"] is True and (run / q.SEEDED_MARK).exists()
+    again = q.train_generator(doc, run, seed=5)
+    assert again["reused"] is True and again["seeded"] is True
+    for key in ("model", "precond", "lr", "lr_schedule", "ema_decay", "ema_powers", "train_sigma", "trainable",
+                "precision", "init_from", "steps_done", "plan_digest", "epsilon_spent"):
+        assert again[key] == first[key], key     # the run's own fields
+    for asked in ({"model": "mnist"}, {"precond": "edm"}, {"lr": 0.5}, {"ema_decay": 0.9}, {"lr_schedule": "cosine"},
+                  {"trainable": ("conv_in*",)}, {"init_from": tmp_path / "public.pt"}, {"ema_powers": (2.0,)}):
+        with pytest.raises(SystemExit, match=f"other settings: {next(iter(asked))} .*use another --workdir"):
+            q.train_generator(doc, run, seed=5, **asked)
+    with pytest.raises(SystemExit, match="other settings: plan"):
+        q.train_generator(q.default_plan(epochs=0.02, batch_size=16, clip_norm=0.5), run, seed=5)
+    with pytest.raises(SystemExit, match="another seed"):
+        q.train_generator(doc, run, seed=6)
+    with pytest.raises(SystemExit, match="known --seed"):   # not reused as if its seed were secret
+        q.train_generator(doc, run)
+    (run / q.SEEDED_MARK).unlink()                          # as a run with a secret seed: reused, unseeded
+    assert q.train_generator(doc, run)["seeded"] is False
+    real = dpdm.checkpoint.load_checkpoint                  # quality.py before --seed trained with seed 0
+
+    def seed_zero(path):
+        state = real(path)
+        state["config"]["train"]["seed"] = 0
+        return state
+
+    monkeypatch.setattr(dpdm.checkpoint, "load_checkpoint", seed_zero)
+    with pytest.raises(SystemExit, match="known --seed"):
+        q.train_generator(doc, run)
