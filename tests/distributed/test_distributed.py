@@ -192,3 +192,26 @@ def test_dead_rank_stops_run_checkpoint_valid_and_resumes_on_one_rank(tiny):
     assert r.returncode == 0, r.stderr[-3000:]
     state = ckpt.load_checkpoint(out / "checkpoint.pt")
     assert state["ledger"]["steps_done"] == plan.steps
+
+
+def test_two_ranks_share_the_secret_seed_and_so_the_poisson_batch(tiny):
+    """Without --seed, rank 0 draws the secret seed and broadcasts it: every rank must sample the same
+    Poisson batch and take its shard of it. If each rank kept its own draw, the all-reduced count (the sum
+    of the shards) would not be the size of the batch that the recorded seed derives."""
+    import csv
+
+    from dpdm.data import PoissonSampler
+
+    d, plan = tiny
+    out = d / "secret"
+    cmd = [a for a in _train_cmd(2, d / "plan.json", d / "data.npz", out, "--log-every", "1")]
+    i = cmd.index("--seed")
+    del cmd[i:i + 2]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seed = int(ckpt.load_checkpoint(out / "checkpoint.pt")["config"]["train"]["seed"])
+    sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, seed)
+    with open(out / "metrics.csv", newline="") as f:
+        logged = [int(row["batch_size"]) for row in csv.DictReader(f)]
+    want = [len(sampler.batch(s)) for s in range(plan.steps)]
+    assert logged == want, (logged, want)
