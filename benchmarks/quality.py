@@ -314,14 +314,22 @@ SEEDED_MARK = "seeded.txt"
 
 def _run_settings(config: dict) -> dict:
     """The knobs a run was trained with, from its checkpoint's config, as `train_generator` returns them."""
+    import dataclasses
+
+    from dpdm.train import TrainConfig
+
     train = config.get("train", {})
+    # A setting an older checkpoint does not record had TrainConfig's default, as `dpdm train --resume` reads it.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
 
     def plain(v):
         return list(v) if isinstance(v, (list, tuple)) else v
 
     return {"model": config.get("model"), "precond": config.get("precond"),
-            **{k: plain(train.get(k)) for k in ("lr", "lr_schedule", "ema_decay", "ema_powers", "train_sigma",
-                                                "trainable", "precision", "init_from")}}
+            **{k: plain(train.get(k, defaults.get(k))) for k in ("lr", "lr_schedule", "ema_decay", "ema_powers",
+                                                                 "train_sigma", "trainable", "precision",
+                                                                 "init_from")}}
 
 
 def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model: str = GENERATOR_MODEL,
@@ -365,10 +373,13 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
         if differ:
             raise SystemExit(f"{ck} holds a run with other settings: {'; '.join(differ)}; use another --workdir")
         run_seed = int(config["train"]["seed"])
-        known = mark.exists() or run_seed == 0
-        if private and seed is None and known:
+        if private and seed is None and mark.exists():
             raise SystemExit(f"{ck} holds a run trained with a known --seed (no DP guarantee); pass the same "
                              f"--seed or use another --workdir")
+        if private and seed is None and run_seed == 0:
+            raise SystemExit(f"{ck} holds a run of quality.py from before --seed, trained with the public seed 0 "
+                             f"(no DP guarantee); pass --seed 0 (its results are then marked seeded) or use "
+                             f"another --workdir")
         if private and seed is not None and seed != run_seed:
             raise SystemExit(f"{ck} holds a run trained with another seed; use another --workdir")
         if ledger["steps_done"] >= doc.plan.steps:

@@ -82,6 +82,12 @@ def warn(message: str) -> None:
     click.echo(f"dpdm: warning: {message}", err=True)
 
 
+def warn_known_seed(seed: int) -> None:
+    """A private run or DP baseline given --seed: its guarantee rests on the seed staying secret."""
+    warn(f"--seed {seed}: anyone who knows this seed can replay the batches and the DP noise, which voids "
+         "the guarantee; use it for tests and reproduction only, and keep it secret otherwise")
+
+
 def warn_if_slow_bf16(precision: str, device: str) -> None:
     """bf16 autocast on a CPU without bf16 units is slower than fp32: say so rather than let it run slow."""
     if precision != "bf16" or not str(device).startswith("cpu"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from cli._common import (FiniteFloatRange, emit_json, load_locked_plan, load_public_data, load_training_data,
-                         plan_dataset_name, resolve_device, warn)
+                         plan_dataset_name, resolve_device, warn, warn_known_seed)
 from cli.errors import BadInput
 
 
@@ -89,8 +89,7 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         except DataError as e:
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
     if seed is not None:
-        warn(f"--seed {seed}: anyone who knows this seed can replay the batches and the DP noise, which voids "
-             "the guarantee; use it for tests and reproduction only, and keep it secret otherwise")
+        warn_known_seed(seed)
     try:
         result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                      device=resolve_device(device), chunk_size=physical_batch,

@@ -6,7 +6,7 @@ import os
 import click
 
 from cli._common import (FiniteFloatRange, emit_json, info, load_locked_plan, load_public_data, load_training_data,
-                         plan_dataset_name, resolve_device, warn, warn_if_slow_bf16)
+                         plan_dataset_name, resolve_device, warn, warn_if_slow_bf16, warn_known_seed)
 from cli.errors import BadInput
 
 
@@ -128,8 +128,7 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
     if no_dp:
         warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
     elif seed is not None and not resume:
-        warn(f"--seed {seed}: anyone who knows this seed can replay the batches and the DP noise, which voids "
-             "the guarantee; use it for tests and reproduction only, and keep it secret otherwise")
+        warn_known_seed(seed)
     from dpdm import distributed
 
     device = resolve_device(device)

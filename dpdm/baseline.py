@@ -31,7 +31,8 @@ from torch import nn
 
 from dpdm.classifiers import CNN
 from dpdm.datasets import DataError, ImageData, shared_images
-from dpdm.evaluate import DEFAULT_PUBLIC_EPOCHS, accuracy, check_public_data, pretrain_on_public, random_shift
+from dpdm.evaluate import (DEFAULT_PUBLIC_EPOCHS, NON_PRIVATE_KEY, accuracy, check_public_data, pretrain_on_public,
+                           random_shift)
 from dpdm.train import step_seed
 
 __all__ = ["DEFAULT_LR", "DEFAULT_PUBLIC_EPOCHS", "train_dp_classifier"]
@@ -88,7 +89,8 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     Returns:
       {"test_accuracy", "steps", "expected_batch_size", "lr", "model", "seed", "test_images_in_train",
       "seconds"} ("seed" is the given one, or "secret"; "test_images_in_train" counts the test images that
-      are also training images, `datasets.shared_images`: fewer than half, or this refuses), and
+      are also training images, `datasets.shared_images`: fewer than half, or this refuses; an exact count
+      over the private images, so it is listed under `evaluate.NON_PRIVATE_KEY`), and
       "public_pretrain" ({"dataset", "epochs", "test_accuracy"}, the accuracy before any private step)
       when `public` is given.
 
@@ -187,6 +189,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     return {"test_accuracy": accuracy(model, test.x, test.y, device=device),
             "steps": plan.steps, "expected_batch_size": plan.batch_size, "lr": lr,
             "seed": "secret" if given_seed is None else given_seed, "test_images_in_train": shared,
+            NON_PRIVATE_KEY: ["test_images_in_train"],
             "model": "CNN (paper's, GroupNorm, no dropout), Adam",
             **({"public_pretrain": pretrain} if pretrain is not None else {}),
             **({"public_subspace": {"dim": subspace_dim, "every": subspace_every, "examples": subspace_examples}}

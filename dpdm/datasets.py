@@ -195,6 +195,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
+_SHARED_BLOCK_BYTES = 64 << 20   # float images converted to uint8 at a time by `shared_images`
+
+
 def shared_images(a: torch.Tensor, b: torch.Tensor) -> int:
     """How many images of `a` ([N, C, H, W] in [-1, 1]) also occur in `b`, compared on the uint8 grid.
 
@@ -205,10 +208,12 @@ def shared_images(a: torch.Tensor, b: torch.Tensor) -> int:
     if tuple(a.shape[1:]) != tuple(b.shape[1:]) or len(a) == 0 or len(b) == 0:
         return 0
 
+    rows = max(1, _SHARED_BLOCK_BYTES // (4 * a[0].numel()))   # bounded memory for large images
+
     def digests(x: torch.Tensor) -> list[bytes]:
         out = []
-        for start in range(0, len(x), 4096):           # bounded memory for large datasets
-            block = to_uint8(x[start:start + 4096]).reshape(min(4096, len(x) - start), -1)
+        for start in range(0, len(x), rows):
+            block = to_uint8(x[start:start + rows]).reshape(min(rows, len(x) - start), -1)
             out.extend(hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in block)
         return out
 

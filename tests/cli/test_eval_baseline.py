@@ -328,7 +328,8 @@ def test_baseline_refuses_public_or_test_data_holding_the_private_images(digit_f
     np.savez(tmp_path / "test3.npz", x=np.concatenate([x[:3], sx[:100]]), y=np.concatenate([y[:3], sy[:100]]))
     code, out, err = _run(capsys, *common, "--json", "--test-dataset", f"npz:{tmp_path / 'test3.npz'}")
     assert code == 0, err
-    assert json.loads(out)["test_images_in_train"] == 3
+    r = json.loads(out)
+    assert r["test_images_in_train"] == 3 and r["non_private_statistics_of_the_training_data"] == ["test_images_in_train"]
     assert "dpdm: warning: 3 of the 103 test images" in err
 
 

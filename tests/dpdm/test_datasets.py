@@ -218,7 +218,7 @@ def test_same_images_knows_the_derived_datasets():
     assert not same_images("mnist5k", "fashion-mnist")
 
 
-def test_shared_images_counts_images_of_a_found_in_b_on_the_uint8_grid():
+def test_shared_images_counts_images_of_a_found_in_b_on_the_uint8_grid(monkeypatch):
     g = torch.Generator().manual_seed(0)
     private = torch.randint(0, 256, (50, 1, 6, 6), generator=g).float() / 127.5 - 1
     public = torch.randint(0, 256, (40, 1, 6, 6), generator=g).float() / 127.5 - 1
@@ -234,8 +234,12 @@ def test_shared_images_counts_images_of_a_found_in_b_on_the_uint8_grid():
     assert shared_images(other, private) == 0
     # Another shape or no images: nothing shared.
     assert shared_images(private[:, :, :5, :5], private) == 0 and shared_images(private[:0], private) == 0
-    # Blocks of 4096 rows: a long `a` is counted whole.
+    # In blocks (of 7 images here): a long `a` is counted whole.
+    import dpdm.datasets
+
+    monkeypatch.setattr(dpdm.datasets, "_SHARED_BLOCK_BYTES", 7 * 4 * 36)
     assert shared_images(private.repeat(100, 1, 1, 1), private) == 5000
+    assert shared_images(mixed, private) == 1 and shared_images(private, mixed) == 1
 
 
 def test_shipped_public_datasets_share_no_image_with_mnist5k():

@@ -228,7 +228,11 @@ def test_evaluate_samples_tiny(digits, tmp_path):
     with pytest.raises(DataError, match="samples are 1x4x4"):
         evaluate_samples(ImageData(torch.zeros(4, 1, 4, 4), None, 0, "s"), train, test, cache_dir=tmp_path)
     public = ImageData(train.x[600:], train.y[600:], 10, "public-part")
-    report = evaluate_samples(samples, train, test, classifiers=("logreg",), epochs=1, reference_epochs=2,
+    # Public data holding real training images is refused, whatever it is called.
+    with pytest.raises(DataError, match="holds 600 of the 1200 images of"):
+        evaluate_samples(samples, train, test, classifiers=("logreg",), cache_dir=tmp_path, public=public)
+    real_train = ImageData(train.x[:600], train.y[:600], 10, "digits-train-part")
+    report = evaluate_samples(samples, real_train, test, classifiers=("logreg",), epochs=1, reference_epochs=2,
                               cache_dir=tmp_path, public=public, public_epochs=2)
     assert report["public_pretrain"] == {"dataset": "public-part", "epochs": 2}
     assert report["classifiers"]["logreg"]["public_pretrain"]["epochs"] == 2
