@@ -112,7 +112,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         except (ValueError, OSError) as e:
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
         try:
-            check_public_data(public, real_train, *([real_test] if real_test is not None else []))
+            check_public_data(public, real_train, real_test)
         except DataError as e:
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
     skipped = skipped_metrics(samples, real_train, real_test, kinds)

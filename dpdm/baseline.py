@@ -119,6 +119,8 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
                          "(the copies would be equal)")
     if augment_shift and subspace_dim is not None:
         raise ValueError("augment_shift and subspace_dim cannot be combined")
+    if len(test) == 0:
+        raise DataError(f"test data {test.name!r} holds no images")
     shared = shared_images(test.x, train.x)
     if 2 * shared >= len(test):
         raise DataError(f"{shared} of the {len(test)} test images of {test.name!r} are training images of "

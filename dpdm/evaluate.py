@@ -196,14 +196,14 @@ def pretrain_on_public(model: nn.Module, public: ImageData, *, epochs: int = DEF
     return {"dataset": public.name, "epochs": int(epochs)}
 
 
-def check_public_data(public: ImageData, real: ImageData, *others: ImageData) -> None:
+def check_public_data(public: ImageData, real: ImageData, *others: ImageData | None) -> None:
     """Raises DataError unless `public` is labelled, has `real`'s image shape and classes, and shares
     no image with `real` or `others` (`datasets.shared_images`: whatever its name, a copy of the real
     images is not public, and pretraining on held-out images would inflate their test accuracy)."""
     if public.y is None or public.image_shape != real.image_shape or public.num_classes != real.num_classes:
         raise DataError(f"public data {public.name!r} must be labelled, of shape "
                         f"{'x'.join(map(str, real.image_shape))} and {real.num_classes} classes, like {real.name!r}")
-    for other in (real, *others):
+    for other in (real, *(o for o in others if o is not None)):
         shared = shared_images(public.x, other.x)
         if shared:
             raise DataError(f"public data {public.name!r} holds {shared} of the {len(other)} images of "
@@ -534,7 +534,7 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
         raise DataError(f"{samples.name}: holds {len(samples)} images; the evaluation needs at least "
                         f"{MIN_SAMPLES} (precision / recall with k = 3)")
     if public is not None:
-        check_public_data(public, real_train, *([real_test] if real_test is not None else []))
+        check_public_data(public, real_train, real_test)
     inception = load_inception(inception_weights) if inception_weights is not None else None
     if isinstance(epochs, int):
         epochs = {k: epochs for k in classifiers}

@@ -283,6 +283,8 @@ def test_library_refuses_public_data_sharing_real_images(digit_files):
         baseline.train_dp_classifier(plan, train, train.__class__(train.x[:300], train.y[:300], 10, "t"), seed=0)
     with pytest.raises(DataError, match="holds 300 of the 300 images"):
         downstream_accuracy(samples, test, kind="logreg", epochs=1, public=test)
+    with pytest.raises(DataError, match="holds no images"):
+        baseline.train_dp_classifier(plan, train, train.__class__(test.x[:0], test.y[:0], 10, "empty"), seed=0)
 
 
 def test_baseline_public_pretrain_then_dp_steps(digit_files, tmp_path, capsys):
