@@ -228,6 +228,8 @@ def test_truncated_checkpoint_refused(tmp_path):
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    """torch.save that fails before writing, or after writing part of the file (a full disk, a kill
+    mid-write): the previous checkpoint stays as it was and no temporary file is left."""
     x, y, c = tiny_data()
     out = tmp_path / "run"
     train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
@@ -235,13 +237,22 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
     state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
 
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
-        ckpt.save_checkpoint(state, out / CHECKPOINT_NAME)
-    assert (out / CHECKPOINT_NAME).read_bytes() == before
-    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+    def torn(obj, f, *a, **k):
+        if isinstance(f, (str, bytes)) or hasattr(f, "__fspath__"):
+            f = open(f, "wb")
+        f.write(b"PK\x03\x04partial")
+        f.flush()
+        raise OSError(28, "No space left on device")
+
+    for failing_save in (boom, torn):
+        monkeypatch.setattr(torch, "save", failing_save)
+        with pytest.raises(OSError):
+            ckpt.save_checkpoint(state, out / CHECKPOINT_NAME)
+        monkeypatch.undo()
+        assert (out / CHECKPOINT_NAME).read_bytes() == before
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.csv", "plan.json"]
 
 
 def test_seed_is_secret_by_default_and_fixed_on_resume(tmp_path):
@@ -748,29 +759,6 @@ def test_the_train_loop_runs_the_plans_mechanism(tmp_path, monkeypatch):
     for row in rows:
         s = int(row["step"])
         assert float(row["epsilon_spent"]) == pytest.approx(accounting.epsilon_spent(plan, s), rel=1e-5)
-
-
-def test_a_torn_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
-    """torch.save that writes part of the file and then fails (a full disk, a kill mid-write)."""
-    x, y, c = tiny_data()
-    out = tmp_path / "run"
-    train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
-    before = (out / CHECKPOINT_NAME).read_bytes()
-    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
-
-    def torn(obj, f, *a, **k):
-        if isinstance(f, (str, bytes)) or hasattr(f, "__fspath__"):
-            f = open(f, "wb")
-        f.write(b"PK\x03\x04partial")
-        f.flush()
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", torn)
-    with pytest.raises(OSError):
-        ckpt.save_checkpoint(state, out / CHECKPOINT_NAME)
-    monkeypatch.undo()
-    assert (out / CHECKPOINT_NAME).read_bytes() == before
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.csv", "plan.json"]
 
 
 def test_checkpoints_are_owner_only(tmp_path):
