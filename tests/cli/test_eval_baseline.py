@@ -331,7 +331,8 @@ def test_baseline_refuses_public_or_test_data_holding_the_private_images(digit_f
     code, out, err = _run(capsys, *common, "--json", "--test-dataset", f"npz:{tmp_path / 'test3.npz'}")
     assert code == 0, err
     r = json.loads(out)
-    assert r["test_images_in_train"] == 3 and r["non_private_statistics_of_the_training_data"] == ["test_images_in_train"]
+    assert r["test_images_in_train"] == 3
+    assert r["non_private_statistics_of_the_training_data"] == ["test_images_in_train"]
     assert "dpdm: warning: 3 of the 103 test images" in err
 
 
