@@ -121,7 +121,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         raise ValueError("augment_shift and subspace_dim cannot be combined")
     if len(test) == 0:
         raise DataError(f"test data {test.name!r} holds no images")
-    shared = shared_images(test.x, train.x)
+    shared = shared_images(test, train)
     if 2 * shared >= len(test):
         raise DataError(f"{shared} of the {len(test)} test images of {test.name!r} are training images of "
                         f"{train.name!r}; the test accuracy must come from held-out images")

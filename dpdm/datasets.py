@@ -130,6 +130,11 @@ class ImageData:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    @functools.cached_property
+    def image_digests(self) -> tuple[bytes, ...]:
+        """`image_digests(self.x)`, computed once (the images are not modified after loading)."""
+        return image_digests(self.x)
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W)."""
@@ -198,27 +203,33 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 _SHARED_BLOCK_BYTES = 64 << 20   # float images converted to uint8 at a time by `shared_images`
 
 
-def shared_images(a: torch.Tensor, b: torch.Tensor) -> int:
-    """How many images of `a` ([N, C, H, W] in [-1, 1]) also occur in `b`, compared on the uint8 grid.
+def image_digests(x: torch.Tensor) -> tuple[bytes, ...]:
+    """A 128-bit blake2b digest of each image of `x` ([N, C, H, W] in [-1, 1]) on the uint8 grid, converted
+    in blocks of about `_SHARED_BLOCK_BYTES` (bounded memory for large images)."""
+    if len(x) == 0:
+        return ()
+    rows = max(1, _SHARED_BLOCK_BYTES // (4 * x[0].numel()))
+    out: list[bytes] = []
+    for start in range(0, len(x), rows):
+        block = to_uint8(x[start:start + rows]).reshape(min(rows, len(x) - start), -1)
+        out.extend(hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in block)
+    return tuple(out)
+
+
+def shared_images(a: torch.Tensor | ImageData, b: torch.Tensor | ImageData) -> int:
+    """How many images of `a` also occur in `b` (tensors [N, C, H, W] in [-1, 1], or `ImageData`, whose
+    digests are computed once), compared on the uint8 grid.
 
     Public data given beside private data (pretraining, a gradient subspace) must share none of its
     images, whatever the dataset's name or file: an image trained on without noise is not protected.
     Images of another shape share nothing. Labels are not compared: the image alone identifies a person.
     """
-    if tuple(a.shape[1:]) != tuple(b.shape[1:]) or len(a) == 0 or len(b) == 0:
+    xa, xb = (v.x if isinstance(v, ImageData) else v for v in (a, b))
+    if tuple(xa.shape[1:]) != tuple(xb.shape[1:]) or len(xa) == 0 or len(xb) == 0:
         return 0
-
-    rows = max(1, _SHARED_BLOCK_BYTES // (4 * a[0].numel()))   # bounded memory for large images
-
-    def digests(x: torch.Tensor) -> list[bytes]:
-        out = []
-        for start in range(0, len(x), rows):
-            block = to_uint8(x[start:start + rows]).reshape(min(rows, len(x) - start), -1)
-            out.extend(hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in block)
-        return out
-
-    in_b = set(digests(b))
-    return sum(d in in_b for d in digests(a))
+    da, db = (v.image_digests if isinstance(v, ImageData) else image_digests(v) for v in (a, b))
+    in_b = set(db)
+    return sum(d in in_b for d in da)
 
 
 def _from_uint8(x: np.ndarray) -> torch.Tensor:

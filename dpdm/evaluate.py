@@ -204,7 +204,7 @@ def check_public_data(public: ImageData, real: ImageData, *others: ImageData | N
         raise DataError(f"public data {public.name!r} must be labelled, of shape "
                         f"{'x'.join(map(str, real.image_shape))} and {real.num_classes} classes, like {real.name!r}")
     for other in (real, *(o for o in others if o is not None)):
-        shared = shared_images(public.x, other.x)
+        shared = shared_images(public, other)
         if shared:
             raise DataError(f"public data {public.name!r} holds {shared} of the {len(other)} images of "
                             f"{other.name!r}; pretraining must use other, public data")

@@ -240,6 +240,13 @@ def test_shared_images_counts_images_of_a_found_in_b_on_the_uint8_grid(monkeypat
     monkeypatch.setattr(dpdm.datasets, "_SHARED_BLOCK_BYTES", 7 * 4 * 36)
     assert shared_images(private.repeat(100, 1, 1, 1), private) == 5000
     assert shared_images(mixed, private) == 1 and shared_images(private, mixed) == 1
+    # ImageData: the same counts, from digests computed once per dataset.
+    labels = torch.zeros(len(private), dtype=torch.int64)
+    a, b = ImageData(mixed, None, 1, "mixed"), ImageData(private, labels, 1, "private")
+    assert shared_images(a, b) == 1 and shared_images(b, a) == 1 and shared_images(public, b) == 0
+    calls = []
+    monkeypatch.setattr(dpdm.datasets, "image_digests", lambda x: calls.append(len(x)) or ())
+    assert shared_images(a, b) == 1 and calls == []   # cached on the ImageData
 
 
 def test_shipped_public_datasets_share_no_image_with_mnist5k():
