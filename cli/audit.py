@@ -10,6 +10,7 @@ from cli.errors import BadInput
 # perfect attack certifies an epsilon of at most about 0.7, and with a handful the fair coins may include
 # none or all of them.
 MIN_CANARIES = 20
+MAX_CANARIES = 100_000   # research/audits.md: m = 500-5,000 on MNIST scale; 10^9 was an allocator failure
 
 
 @click.command()
@@ -24,7 +25,7 @@ MIN_CANARIES = 20
 @click.option("--dataset", default=None, help="Data for the canary run (default: the run's dataset).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.option("--canaries", type=int, default=None,
-              help=f"Override the suite's number of canaries (at least {MIN_CANARIES}).")
+              help=f"Override the suite's number of canaries ({MIN_CANARIES} to {MAX_CANARIES:,}).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the suite's canary-run steps.")
 @click.option("--background", type=click.IntRange(min=1), default=None, help="Override the suite's background examples.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
@@ -39,6 +40,9 @@ def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, step
     if canaries is not None and canaries < MIN_CANARIES:
         raise BadInput(f"--canaries={canaries} is too few for a meaningful audit: give at least {MIN_CANARIES} "
                        f"(with fewer even a perfect attack certifies almost nothing)")
+    if canaries is not None and canaries > MAX_CANARIES:
+        raise BadInput(f"--canaries={canaries} is more than this audit trains on a CPU or GPU in reasonable time "
+                       f"and memory: give at most {MAX_CANARIES:,}")
     if plan_path is not None and not Path(plan_path).is_file():
         raise BadInput(f"--plan={plan_path!r} does not exist")
     if not Path(run_dir).is_dir():

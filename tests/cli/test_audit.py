@@ -168,7 +168,7 @@ def test_bad_out_and_too_few_canaries_exit_2_before_any_training(run_dir, tmp_pa
     a_file.write_text("not a folder")
     rc, _, err = _audit(["--run", str(run), "--out", str(a_file / "report")], capsys)
     assert rc == 2 and err.startswith("dpdm: error: --out=") and len(err.strip().splitlines()) == 1, err
-    for n in ("2", "3", "19", "0"):
+    for n in ("2", "3", "19", "0", "100001", "1000000000"):
         rc, _, err = _audit(["--run", str(run), "--out", str(tmp_path / "r"), "--canaries", n], capsys)
         assert rc == 2 and err.startswith(f"dpdm: error: --canaries={n} ") and len(err.strip().splitlines()) == 1
 
