@@ -15,7 +15,7 @@ import math
 
 from scipy import optimize, stats
 
-from accounting.accountants import PldAccountant, RdpAccountant, dpsgd_event
+from accounting.accountants import PldAccountant, RdpAccountant, _is_finite_real, dpsgd_event
 
 __all__ = [
     "MAX_NOISE_MULTIPLIER",
@@ -60,10 +60,7 @@ def certification_discretization(
 
 
 def _check(name: str, value, lo: float, hi: float, *, lo_open=True, hi_open=True) -> None:
-    try:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        ok = False
+    ok = isinstance(value, (int, float)) and _is_finite_real(value)   # not a bool, nor an int too large for a float
     ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"

@@ -26,6 +26,7 @@ from typing import Any
 from accounting.accountants import (
     PRV_ERRORS,
     EpsilonReport,
+    _is_finite_real,
     PldAccountant,
     PrvAccountant,
     RdpAccountant,
@@ -94,12 +95,8 @@ def _is_int(value) -> bool:
 
 
 def _is_real(value) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float (a 401-digit number in plan.json)
-        return False
+    """A finite int or float (not a bool; an int too large for a float, a 401-digit number in plan.json, is not)."""
+    return isinstance(value, (int, float)) and _is_finite_real(value)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -555,13 +552,13 @@ def _parse_plan(text: str, path: str) -> PlanDocument:
         independent = EpsilonReport(lower, None, upper, "fft")
     elif independent is not None:
         raise PlanError(f"{path}: epsilon.independent={reprlib.repr(independent)} must be an object or null")
-    _check_certificate(plan, stored, certified_by, prv_eps_error if _is_real(prv_eps_error) else None, path)
+    _check_certificate(plan, stored, certified_by, prv_eps_error, path)   # prv_eps_error: None or checked above
     overruled = eps.get("prv_overruled")
     failed = eps.get("prv_failed")
     return PlanDocument(
         plan=plan, epsilon=float(stored), certified_by=certified_by, rdp=rdp, pld=pld, prv=prv,
         pld_discretization=_discretization(plan),
-        prv_eps_error=float(prv_eps_error) if _is_real(prv_eps_error) else float("nan"),
+        prv_eps_error=float("nan") if prv_eps_error is None else float(prv_eps_error),
         versions=dict(versions),
         independent=independent,
         prv_overruled=overruled if isinstance(overruled, str) else None,

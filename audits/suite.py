@@ -358,6 +358,8 @@ def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
     report.json always belongs to the files beside it. The ROC curves and the plots' ceilings are drawn
     at the epsilon the verdict uses (the canary run's).
     """
+    from accounting.plan import fsync_folder   # lazily, as before: accounting imports the accountants
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     included = np.asarray(canary["included"], dtype=bool)
@@ -400,16 +402,16 @@ def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
 
         # Commit: no report.json while the files change, then report.json last.
         (out / "report.json").unlink(missing_ok=True)
-        _fsync_dir(out)
+        fsync_folder(out)
         written = {f for names in plots.values() for f in names} | {"scores.npz", "report.md"}
         for name in sorted(written):
             os.replace(stage / name, out / name)
         for f in out.iterdir():
             if _PLOT_NAME.match(f.name) and f.name not in written and f.is_file():
                 f.unlink()
-        _fsync_dir(out)
+        fsync_folder(out)
         os.replace(stage / "report.json", out / "report.json")
-        _fsync_dir(out)
+        fsync_folder(out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
@@ -429,12 +431,6 @@ def _write_text(path: Path, text: str) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    from accounting.plan import fsync_folder
-
-    fsync_folder(path)
 
 
 def _tpr_cell(t: dict | None, num_out: int) -> str:

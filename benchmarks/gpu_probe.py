@@ -179,8 +179,6 @@ def main() -> None:
         print(f"sampling: {1 / timings['sample_s_per_image']:.0f} images/s (first batch's warm-up included)",
               file=sys.stderr)
         private_s, private_gib = {}, {}
-        # torch.OutOfMemoryError (torch >= 2.5) and torch.cuda.OutOfMemoryError: one class, two names
-        out_of_memory = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
         for k in (args.K, 2 * args.K):
             doc = public_private_plan(args.public, len(public), batch_size=args.batch_size, steps=8,
                                       noise_multiplicity=k, clip_norm=args.clip_norm)
@@ -188,7 +186,7 @@ def main() -> None:
                 private_s[k], peak = with_peak_gib(args.device, lambda: time_steps(
                     doc, public, tmp / f"private{k}", model=args.model, private=True, device=args.device,
                     precision="fp32", physical_batch=args.physical_batch, grad_engine=args.grad_engine))
-            except out_of_memory as e:
+            except torch.cuda.OutOfMemoryError as e:   # torch.OutOfMemoryError: one class, two names
                 if k == args.K:   # the run itself would not fit: nothing to size
                     raise
                 timings["out_of_memory_K"] = k

@@ -169,7 +169,7 @@ def fit_chunk(model: str, physical: int, k: int, mode: str, *, device: str, shar
     sizes = [p for p in (physical, physical // 2, physical // 4) if p >= 1]
     tries = [(mode, p) for p in sizes] + ([("rules", p) for p in sizes] if mode == "plain" else [])
     rows = []
-    for m, p in dict.fromkeys(tries):
+    for m, p in tries:   # distinct: the sizes strictly decrease
         row = next((r for r in known if (r.get("model"), r.get("chunk"), r.get("K"), r.get("engine"),
                                          r.get("clipped")) == (model, p, k, m, True)), None)
         if row is None:

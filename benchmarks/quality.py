@@ -98,6 +98,7 @@ finished run of this very plan (their meta_plan_digest and steps); others are NO
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -169,6 +170,7 @@ def public_plan(name: str, *, steps: int = PUBLIC_STEPS, batch_size: int = PUBLI
     return accounting.make_plan_document(plan)
 
 
+@functools.lru_cache(maxsize=4)   # run() and each part ask again; refusals raise, so they are never cached
 def load_public(public: str, dataset: str = DATASET):
     """The training split of the PUBLIC dataset `public`, or SystemExit (one line) when it is the private
     dataset `dataset` or made from its images (`dataset_sizes.same_images`, as `dpdm baseline dp-classifier`
@@ -314,22 +316,18 @@ SEEDED_MARK = "seeded.txt"
 
 def _run_settings(config: dict) -> dict:
     """The knobs a run was trained with, from its checkpoint's config, as `train_generator` returns them."""
-    import dataclasses
-
     from dpdm.train import TrainConfig
 
     train = config.get("train", {})
-    # A setting an older checkpoint does not record had TrainConfig's default, as `dpdm train --resume` reads it.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                if f.default is not dataclasses.MISSING}
 
     def plain(v):
         return list(v) if isinstance(v, (list, tuple)) else v
 
+    # A setting an older checkpoint does not record had TrainConfig's default, as `dpdm train --resume` reads it.
     return {"model": config.get("model"), "precond": config.get("precond"),
-            **{k: plain(train.get(k, defaults.get(k))) for k in ("lr", "lr_schedule", "ema_decay", "ema_powers",
-                                                                 "train_sigma", "trainable", "precision",
-                                                                 "init_from")}}
+            **{k: plain(train.get(k, getattr(TrainConfig, k))) for k in ("lr", "lr_schedule", "ema_decay", "ema_powers",
+                                                                         "train_sigma", "trainable", "precision",
+                                                                         "init_from")}}
 
 
 def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model: str = GENERATOR_MODEL,

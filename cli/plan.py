@@ -10,7 +10,7 @@ import os
 
 import click
 
-from cli._common import FiniteFloatRange
+from cli._common import FiniteFloatRange, warn
 from cli.errors import BadInput, runtime_failure
 
 from dpdm.dataset_sizes import DATASET_SIZES  # noqa: E402  (one table, torch-free)
@@ -113,7 +113,7 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     if curve:
         curve = _curve_path(curve)
     if unnamed:
-        click.echo(f"dpdm: warning: {unnamed}", err=True)
+        warn(unnamed)
     try:
         privacy_plan = accounting.PrivacyPlan(
             dataset_size=size, dataset_name=name, batch_size=batch_size, steps=steps,
@@ -139,7 +139,6 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
                    "PLD cross-checked the certificate in its place", err=True)
     if out:
         _refuse_to_replace(out, doc.digest, force=force)
-    if out:
         try:
             accounting.write_plan(doc, out)
         except (OSError, ValueError) as e:

@@ -70,8 +70,9 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
                        f"2**63, so --seed must be at most 2**63 - n = {_MAX_SEED - (n - 1)}")
     from dpdm.report_utils import grid_suffix_problem, output_parent_problem
 
-    if grid_path is not None and grid_suffix_problem(grid_path):
-        raise BadInput(f"--grid={grid_path!r} {grid_suffix_problem(grid_path)}")
+    grid_problem = grid_path is not None and grid_suffix_problem(grid_path)
+    if grid_problem:
+        raise BadInput(f"--grid={grid_path!r} {grid_problem}")
     for option, value in (("--out", out_path), ("--grid", grid_path)):   # before any sampling work
         problem = value is not None and output_parent_problem(value)
         if problem:

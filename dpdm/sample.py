@@ -89,15 +89,16 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
       SampleFailure: the network produced NaN or inf (nothing written).
     """
     from dpdm.report_utils import grid_suffix_problem
-    from dpdm.sampling import MAX_SEED, PRECISIONS, NonFiniteSamplesError, generate
+    from dpdm.sampling import MAX_SEED, PRECISIONS, NonFiniteSamplesError, first_seed_fits, generate
 
     if precision not in PRECISIONS:
         raise SampleError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
-    if isinstance(seed, bool) or int(seed) != seed or not 0 <= int(seed) <= MAX_SEED - max(int(n) - 1, 0):
+    if not first_seed_fits(seed, n):
         raise SampleError(f"seed={seed!r} must be in [0, 2**63 - n] = [0, {MAX_SEED - max(int(n) - 1, 0)}] "
                           f"(image i uses seed + i)")
-    if grid_path and grid_suffix_problem(grid_path):
-        raise SampleError(f"grid path {str(grid_path)!r} {grid_suffix_problem(grid_path)}")
+    grid_problem = grid_path and grid_suffix_problem(grid_path)
+    if grid_problem:
+        raise SampleError(f"grid path {str(grid_path)!r} {grid_problem}")
 
     D, state = load_denoiser(path, weights=weights, device=device)
     cfg, ledger = state["config"], state["ledger"]

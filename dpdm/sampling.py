@@ -29,6 +29,11 @@ PRECISIONS = ("fp32", "bf16")
 MAX_SEED = 2**63 - 1
 
 
+def first_seed_fits(seed, n: int) -> bool:
+    """Whether `seed` is an integer (not a bool) with 0 <= seed and seed + n - 1 <= MAX_SEED."""
+    return not isinstance(seed, bool) and int(seed) == seed and 0 <= int(seed) <= MAX_SEED - max(int(n) - 1, 0)
+
+
 class NonFiniteSamplesError(RuntimeError):
     """The network produced NaN or inf: its weights (or the sampler's settings) are unusable. Not bad
     input; the uint8 conversion would otherwise turn NaN into black images without a word."""
@@ -239,7 +244,7 @@ def generate(
     """
     if int(n) != n or n < 0:
         raise ValueError(f"n={n!r} must be a non-negative integer")
-    if isinstance(seed, bool) or int(seed) != seed or not 0 <= int(seed) <= MAX_SEED - max(int(n) - 1, 0):
+    if not first_seed_fits(seed, n):
         raise ValueError(f"seed={seed!r} must be an integer with 0 <= seed and seed + n - 1 <= 2**63 - 1 "
                          f"(image i uses seed + i)")
     seed = int(seed)
