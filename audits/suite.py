@@ -160,6 +160,7 @@ def run_audit(
     import torch
 
     import accounting
+    from dpdm.checkpoint import seed_given
     from dpdm.data import PoissonSampler
     from dpdm.datasets import load_dataset
 
@@ -257,7 +258,9 @@ def run_audit(
         "claimed_plan": {"path": str(claimed_path), "digest": doc.digest, "epsilon": doc.epsilon,
                          "certified_by": doc.certified_by, **plan.mechanism_fields()},
         "run_ledger": {k: ledger[k] for k in ("plan_digest", "plan_steps", "steps_done", "epsilon_spent", "delta", "private")},
-        "run_config": {k: run_config.get(k) for k in ("model", "precond", "img_resolution", "img_channels", "num_classes", "dataset")},
+        "run_config": {**{k: run_config.get(k) for k in ("model", "precond", "img_resolution", "img_channels",
+                                                          "num_classes", "dataset")},
+                       "seed_given": seed_given(run_config)},
         "suite": suite,
         "dataset": name,
         "what_was_audited": audited,
@@ -443,6 +446,8 @@ def _tpr_cell(t: dict | None, num_out: int) -> str:
 
 
 def _markdown(doc: dict[str, Any]) -> str:
+    from dpdm.checkpoint import SEED_GIVEN_NOTE
+
     plan = doc["claimed_plan"]
     can = doc["canary_audit"]
     L = [f"# dpdm privacy audit: **{doc['verdict']}**", ""]
@@ -464,7 +469,8 @@ def _markdown(doc: dict[str, Any]) -> str:
     spent = led["epsilon_spent"]
     spent = "infinite (trained without DP)" if spent is None and not led["private"] else _fmt(spent)
     L += ["", f"Run `{doc['run']}`: {led['steps_done']}/{led['plan_steps']} steps, private={led['private']}, "
-          f"epsilon spent {spent}, delta {_fmt(led['delta'])}.", ""]
+          f"epsilon spent {spent}, delta {_fmt(led['delta'])}."
+          + (f" It was {SEED_GIVEN_NOTE}." if led["private"] and doc["run_config"].get("seed_given") else ""), ""]
     L += ["## What was audited", ""] + [f"- {s}" for s in doc["what_was_audited"]] + [""]
     L += ["## Mechanism checks", "", "| check | passed | statistic | p-value | detail |", "|---|---|---|---|---|"]
     for c in doc["mechanism_checks"]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli._common import checkpoint_of, emit_json, info
+from cli._common import checkpoint_of, emit_json, info, warn
 from cli.errors import BadInput
 
 
@@ -27,6 +27,7 @@ def export(run_dir, checkpoint_path, weights, out_path, as_json):
     (public), against which a reader re-accounts the ledger; nothing else.
     """
     path = checkpoint_of(run_dir, checkpoint_path)
+    from dpdm.checkpoint import SEED_GIVEN_NOTE
     from dpdm.export import ExportError, export_model
     from dpdm.report_utils import output_parent_problem
 
@@ -38,6 +39,8 @@ def export(run_dir, checkpoint_path, weights, out_path, as_json):
         result = export_model(path, out_path, weights=weights)
     except ExportError as e:
         raise BadInput(str(e)) from None
+    if result["private"] and result["seed_given"]:
+        warn(f"the run was {SEED_GIVEN_NOTE}; the release file records that (config.train.seed_given)")
     if as_json:
         emit_json(result)
         return

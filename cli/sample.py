@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli._common import FiniteFloatRange, checkpoint_of, emit_json, info, resolve_device, warn_if_slow_bf16
+from cli._common import FiniteFloatRange, checkpoint_of, emit_json, info, resolve_device, warn, warn_if_slow_bf16
 from cli.errors import BadInput, runtime_failure
 
 _MAX_SEED = 2**63 - 1   # dpdm.sampling.MAX_SEED (not imported here: torch loads only when needed)
@@ -79,6 +79,7 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
             raise BadInput(f"{option}={value!r}: {problem}")
     device = resolve_device(device)
     warn_if_slow_bf16(precision, device)
+    from dpdm.checkpoint import SEED_GIVEN_NOTE
     from dpdm.sample import SampleError, SampleFailure, sample_checkpoint
 
     try:
@@ -90,6 +91,8 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         raise BadInput(str(e)) from None
     except SampleFailure as e:   # NaN/inf weights: nobody's input mistake, exit 4 (nothing written)
         raise runtime_failure(str(e)) from None
+    if result["private"] and result["seed_given"]:
+        warn(f"the model was {SEED_GIVEN_NOTE}; the samples record that (meta_seed_given)")
     if as_json:
         emit_json(result)
     else:

@@ -159,6 +159,8 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
     else:
         eps = summary["epsilon_spent"]
         privacy = f"epsilon spent {eps:.4g} at delta {summary['delta']:g}" if summary["private"] else "NON-PRIVATE (--no-dp)"
+        if summary["private"] and summary["seed_given"]:
+            privacy += " (given --seed: no guarantee against whoever knows it)"
         info(f"run {summary['run']}: {summary['steps_done']}/{summary['plan_steps']} steps, {privacy}")
     if summary.get("init"):
         init = summary["init"]

@@ -27,6 +27,15 @@ LEDGER_KEYS = ("plan_digest", "plan_steps", "steps_done", "epsilon_spent", "delt
 MODEL_FORMAT = "dpdm.model/1"
 MODEL_KEYS = ("format", "weights", "state_dict", "config", "ledger", "plan")
 LEDGER_RTOL = 1e-6   # a release file's epsilon against the accountant's at its steps
+# A private run whose training seed its user chose (`dpdm train --seed`) carries no guarantee against whoever
+# knows that seed; its outputs say so.
+SEED_GIVEN_NOTE = ("trained with a given --seed: whoever knows that seed can replay the batches and the DP noise, "
+                   "so the guarantee holds only while it stays secret")
+
+
+def seed_given(config: dict[str, Any]) -> bool:
+    """Whether a run's config (a checkpoint's or a release file's) says its training seed was given by the user."""
+    return bool((config.get("train") or {}).get("seed_given", False))
 
 
 class CheckpointError(ValueError):

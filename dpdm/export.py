@@ -29,7 +29,8 @@ def release_config(config: dict[str, Any]) -> dict[str, Any]:
     """What a release file keeps of a run's config: no seed, no data digest, no local paths but the dataset name."""
     out = {k: config[k] for k in RELEASED_CONFIG_KEYS if k in config}
     # The noise levels the network was trained on (`dpdm train --train-sigma`): the sampler stays inside them.
-    out["train"] = {"train_sigma": (config.get("train") or {}).get("train_sigma")}
+    # seed_given: the user chose the training seed (`dpdm train --seed`), not its value (ckpt.SEED_GIVEN_NOTE).
+    out["train"] = {"train_sigma": (config.get("train") or {}).get("train_sigma"), "seed_given": ckpt.seed_given(config)}
     init = config.get("init")
     out["init"] = None if init is None else {"dataset": init.get("dataset"), "sha256": init.get("sha256")}
     return out
@@ -94,4 +95,5 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     ckpt.atomic_torch_save(release, out)
     return {"model": str(out), "sha256": ckpt.file_sha256(out), "checkpoint": str(src), "weights": weights,
             "parameters": int(sum(t.numel() for t in chosen.values() if t.is_floating_point())),
-            **ledger, "epsilon_spent": float(ledger["epsilon_spent"]) if ledger["private"] else None}
+            **ledger, "epsilon_spent": float(ledger["epsilon_spent"]) if ledger["private"] else None,
+            "seed_given": ckpt.seed_given(state["config"])}

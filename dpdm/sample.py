@@ -127,6 +127,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     private = bool(ledger["private"])
     meta = {
         "private": private,
+        "seed_given": ckpt.seed_given(cfg),   # trained with a given --seed (ckpt.SEED_GIVEN_NOTE)
         "epsilon": float(ledger["epsilon_spent"]) if private else None,
         "delta": float(ledger["delta"]),
         "plan_digest": str(ledger["plan_digest"]),
@@ -151,6 +152,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
 
             title = (f"dpdm samples, DP (eps={meta['epsilon']:.3g}, delta={meta['delta']:g})" if private
                      else "dpdm samples, NON-PRIVATE (--no-dp)")
+            if private and meta["seed_given"]:
+                title += ", GIVEN --seed"
             save_grid(x, y_np, grid_path, title=title)
         os.replace(tmp, out_path)
     finally:

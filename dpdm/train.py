@@ -476,11 +476,13 @@ def train(
         if state["config"].get("data_digest") not in (None, data_digest):
             raise TrainError("cannot resume on other data: the images differ from those the run was trained on")
         seed = saved_seed
+        # A run seeded by its user stays marked so on resume, which takes the seed from the checkpoint.
+        seed_given = bool(state["config"]["train"].get("seed_given", False))
     elif config.seed is not None:
-        seed = config.seed
+        seed, seed_given = config.seed, True
     else:
         # A public seed would let anyone replay the Poisson batches and the noise: draw a secret one.
-        seed = dist.broadcast_int(secrets.randbits(62))
+        seed, seed_given = dist.broadcast_int(secrets.randbits(62)), False
     run_config = {
         "model": config.model,
         "precond": config.precond,
@@ -490,7 +492,9 @@ def train(
         "num_classes": int(num_classes),
         "dataset": dataset_name,
         "data_digest": data_digest,
-        "train": {**asdict(config), "seed": seed},
+        # seed_given: the user chose the seed (--seed), so whoever knows it can replay the batches and the
+        # noise; a private run so trained is marked wherever its outputs appear (summary, export, samples).
+        "train": {**asdict(config), "seed": seed, "seed_given": seed_given},
     }
     init_weights = None
     if state is not None:
@@ -577,7 +581,8 @@ def train(
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "plan.json", plan_doc.to_dict())
-        public = {**run_config, "train": {**run_config["train"], "seed": "(secret: in checkpoint.pt only)"},
+        shown = "(given with --seed: not secret)" if seed_given else "(secret: in checkpoint.pt only)"
+        public = {**run_config, "train": {**run_config["train"], "seed": shown},
                   "private": config.private}
         _write_json(out / "config.json", public)
 
@@ -720,6 +725,7 @@ def train(
         "delta": plan.delta,
         "plan_digest": plan_doc.digest,
         "private": config.private,
+        "seed_given": seed_given,
         "checkpoint": str(ckpt_path),
         "init": run_config.get("init"),
         "grad_engine": run_config["grad_engine"]["engine"] if config.private else None,

@@ -76,6 +76,12 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys):
     rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| loss | target")]
     assert len(rows) == 1 and rows[0][7].startswith("n/a (") and rows[0][8].startswith("n/a ("), rows
     assert json.loads((out_dir / "report.json").read_text())["verdict"] == report["verdict"]
+    # The run drew a secret seed; one trained with a given --seed would be named so in the report.
+    from audits.suite import _markdown
+
+    assert report["run_config"]["seed_given"] is False and "given --seed" not in md
+    seeded = {**report, "run_config": {**report["run_config"], "seed_given": True}}
+    assert "It was trained with a given --seed: whoever knows that seed can replay" in _markdown(seeded)
     scores = np.load(out_dir / "scores.npz")
     assert scores["included"].shape == (24,) and scores["target_loss"].shape == (24,)
 

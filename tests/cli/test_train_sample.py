@@ -330,6 +330,50 @@ def test_a_fixed_seed_on_a_private_run_warns(tiny, capsys):
     assert code == 0 and "anyone who knows" not in err
 
 
+def _seed_given_outputs(d, run, capsys):
+    """What a finished run's export and samples say of its training seed."""
+    code, out, err = run_cli(["export", "--run", run, "--out", d / f"{run.name}.pt", "--json"], capsys)
+    assert code == 0, err
+    exported, export_err = json.loads(out), err
+    release = torch.load(d / f"{run.name}.pt", weights_only=True)
+    code, out, err = run_cli(["sample", "--checkpoint", d / f"{run.name}.pt", "--n", 3, "--sampler-steps", 2,
+                              "--device", "cpu", "--out", d / f"{run.name}.npz", "--json"], capsys)
+    assert code == 0, err
+    with np.load(d / f"{run.name}.npz") as f:
+        meta = bool(f["meta_seed_given"])
+    return exported["seed_given"], release["config"]["train"]["seed_given"], json.loads(out)["seed_given"], meta, \
+        export_err + err
+
+
+def test_a_private_run_trained_with_a_given_seed_says_so_in_its_outputs(tiny, capsys, monkeypatch):
+    """--seed voids the guarantee for whoever knows it: the run, its release file and its samples record it,
+    also after a resume without --seed (which takes the seed from the checkpoint)."""
+    d = tiny
+    real_save = ckpt.save_checkpoint
+
+    def save_then_die(state, path):   # the step-2 checkpoint is written, then the process "dies"
+        real_save(state, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    code, _, err = run_cli(_train_args(d, d / "seeded", "--seed", "5"), capsys)
+    assert code != 0 and "aborted" in err
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    assert ckpt.load_checkpoint(d / "seeded" / "checkpoint.pt")["ledger"]["steps_done"] == 2
+    code, out, _ = run_cli(_train_args(d, d / "seeded", "--resume", "--json"), capsys)
+    assert code == 0 and json.loads(out)["seed_given"] is True and json.loads(out)["steps_done"] == 4
+    assert json.loads((d / "seeded" / "config.json").read_text())["train"]["seed"] == "(given with --seed: not secret)"
+    *flags, err = _seed_given_outputs(d, d / "seeded", capsys)
+    assert flags == [True] * 4
+    assert err.count("trained with a given --seed: whoever knows that seed can replay") == 2
+
+    code, _, err = run_cli(_train_args(d, d / "secret", "--json"), capsys)
+    assert code == 0 and "anyone who knows" not in err
+    *flags, err = _seed_given_outputs(d, d / "secret", capsys)
+    assert flags == [False] * 4 and "given --seed" not in err
+    assert json.loads((d / "secret" / "config.json").read_text())["train"]["seed"] == "(secret: in checkpoint.pt only)"
+
+
 @pytest.mark.parametrize("extra, needle", [(["--train-sigma", "0.05", "20"], "--precond v only"),
                                            (["--precond", "v", "--train-sigma", "20", "0.05"], "below MAX")])
 def test_bad_train_sigma_refused(tiny, capsys, extra, needle):
