@@ -540,14 +540,23 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     if not path.is_file():
         raise DataError(f"{name}: file {str(path)!r} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        loaded = np.load(path, allow_pickle=False)
+        is_npz = isinstance(loaded, np.lib.npyio.NpzFile)   # np.load reads a lone .npy array (np.save) as well
+        if is_npz:
+            with loaded as f:
+                arrays = {k: f[k] for k in f.files}
+    except MemoryError as e:   # an array header that asks for more than this machine has (or a corrupt one)
+        raise DataError(f"{name}: cannot read {str(path)!r}: {_one_line(e)}; the file is corrupt or too large "
+                        "for this machine's memory") from None
     except _NPZ_READ_ERRORS as e:
         # numpy takes any file that is neither a zip nor .npy for a pickle and advises loading it
         # "unsafely"; dpdm never does, so that advice is not passed on.
         why = ("it is not an .npz archive; dpdm never loads pickles" if "allow_pickle" in str(e)
                else _one_line(e))
         raise DataError(f"{name}: cannot read {str(path)!r} as .npz ({why})") from None
+    if not is_npz:
+        raise DataError(f"{name}: {str(path)!r} is a single .npy array, not an .npz archive; write one with "
+                        "numpy.savez(path, x=images, y=labels)")
     if "x" not in arrays:
         raise DataError(f"{name}: {str(path)!r} has no array 'x' (found {sorted(arrays)})")
     x = arrays["x"]

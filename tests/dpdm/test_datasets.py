@@ -339,6 +339,32 @@ def test_npz_unreadable_or_missing(tmp_path):
         load_npz(tmp_path / "absent.npz")
 
 
+def test_a_lone_npy_array_is_a_data_error(tmp_path):
+    """np.load reads an .npy file (np.save) as an array, not an archive: one clear line, not a TypeError."""
+    path = tmp_path / "images.npz"
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"is a single \.npy array, not an \.npz archive; write one with numpy\.savez"):
+        load_npz(path)
+
+
+def test_an_array_header_asking_for_an_exabyte_is_a_data_error(tmp_path):
+    """A member whose header claims 2^60 bytes (the file holds 16; no address space holds that) fails to allocate:
+    bad input, not a crash."""
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (2**54, 8, 8)})
+    member.write(bytes(16))
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", member.getvalue())
+    with pytest.raises(DataError, match="cannot read .*; the file is corrupt or too large for this machine's memory"):
+        load_npz(path)
+
+
 def test_npz_refuses_pickled_objects(tmp_path):
     path = tmp_path / "obj.npz"
     np.savez(path, x=np.array([object()], dtype=object))
