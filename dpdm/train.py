@@ -31,7 +31,7 @@ import accounting
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
-from dpdm.datasets import shared_images
+from dpdm.datasets import image_digests, shared_images
 from dpdm.data import PoissonSampler
 from dpdm.engine import (add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator, public_subspace,
                           validate_model)
@@ -213,13 +213,37 @@ def build_denoiser(config: dict[str, Any]) -> torch.nn.Module:
     return EDMPrecond(net, sigma_data=config["sigma_data"])
 
 
-def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any]) -> tuple[dict, dict[str, Any]]:
-    """The EMA weights of a checkpoint trained on public data, and the record the run keeps of it.
+def digest_table(digests) -> torch.Tensor:
+    """Image digests (`dpdm.datasets.image_digests`, 16 bytes each) as a sorted, duplicate-free uint8 tensor
+    [M, 16], as a checkpoint keeps them (`IMAGE_DIGESTS_KEY`)."""
+    rows = sorted(set(digests))
+    if not rows:
+        return torch.zeros((0, 16), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(b"".join(rows)), dtype=torch.uint8).reshape(len(rows), 16)
+
+
+def digest_set(table: torch.Tensor) -> set[bytes]:
+    """The digests of a `digest_table`."""
+    return {bytes(row) for row in table.numpy()}
+
+
+# A checkpoint's digests of every image it was trained on, its warm start's included (`digest_table`): a
+# later run started from it refuses it if it saw any of that run's private images. The checkpoint stays
+# private (it holds the secret seed too); a release file does not carry them.
+IMAGE_DIGESTS_KEY = "image_digests"
+
+
+def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any],
+                    private_digests: tuple[bytes, ...] = ()) -> tuple[dict, dict[str, Any], torch.Tensor | None]:
+    """The EMA weights of a checkpoint trained on public data, the record the run keeps of it, and the
+    checkpoint's table of image digests (None for a checkpoint written before they were kept).
 
     A warm start is privacy-free only if the checkpoint's training data is public and holds none of
-    the private examples: dpdm cannot check that in general, but it refuses a checkpoint trained on
-    these very images (same data digest), or on the same named dataset, since a `--no-dp` run on
-    the private data would carry it all into the "private" model.
+    the private examples: a `--no-dp` run on them would carry them into the "private" model without
+    noise. dpdm refuses a checkpoint trained on any of the private images (`private_digests`, compared
+    image by image on the uint8 grid, whatever their order or the file's name), itself or through its own
+    warm start, on these very data (same data digest), or on the same named dataset. Transformed copies
+    (shifted, flipped, re-encoded) are not recognised.
     """
     state = ckpt.load_checkpoint(path)                    # weights_only=True; corrupt files refused
     cfg = state["config"]
@@ -237,6 +261,16 @@ def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any]) -> tupl
             raise TrainError(f"--init-from {str(path)!r} was trained on the same data "
                              f"({entry.get('dataset')!r}), itself or through its own warm start; a warm "
                              "start must come from public data, not from the private images")
+    table = state.get(IMAGE_DIGESTS_KEY)
+    if table is not None:
+        if not (torch.is_tensor(table) and table.dtype == torch.uint8 and table.dim() == 2 and table.shape[1] == 16):
+            raise TrainError(f"--init-from {str(path)!r}: its {IMAGE_DIGESTS_KEY!r} are not a uint8 table [M, 16]")
+        seen = digest_set(table)
+        shared = sum(d in seen for d in private_digests)
+        if shared:
+            raise TrainError(f"--init-from {str(path)!r} was trained on {shared} of the {len(private_digests)} "
+                             f"private images (compared image by image), itself or through its own warm start; "
+                             "a warm start must come from public data that holds none of the private images")
     record = {
         "checkpoint": str(path),
         "sha256": ckpt.file_sha256(path),
@@ -247,7 +281,7 @@ def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any]) -> tupl
         "weights": "ema",
         "lineage": lineage,
     }
-    return state["ema"], record
+    return state["ema"], record, table
 
 
 class EMA:
@@ -526,8 +560,13 @@ def train(
             if was != now:
                 raise TrainError(f"cannot resume with {flag} {now!r}: the run was trained with {was!r}; "
                                  "resume with the same value")
-    elif config.init_from is not None:
-        init_weights, run_config["init"] = load_warm_start(config.init_from, run_config)
+        trained_on = state.get(IMAGE_DIGESTS_KEY)
+    else:
+        own = image_digests(x)
+        init_table = None
+        if config.init_from is not None:
+            init_weights, run_config["init"], init_table = load_warm_start(config.init_from, run_config, own)
+        trained_on = digest_table(own if init_table is None else (*own, *digest_set(init_table)))
 
     # The initial weights are public (frozen ones are exported as they are): seed them from their own
     # stream, never from the secret seed itself (torch's CPU generator would expose its low 32 bits).
@@ -611,6 +650,7 @@ def train(
                     "rng": {"torch": torch.get_rng_state(), "scheme": RNG_SCHEME},
                     "ledger": ledger.to_dict(),
                     "config": {**run_config, "private": config.private},
+                    **({} if trained_on is None else {IMAGE_DIGESTS_KEY: trained_on}),
                 },
                 ckpt_path,
             )

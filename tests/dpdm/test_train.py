@@ -478,6 +478,40 @@ def test_warm_start_from_the_private_data_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_warm_start_from_reordered_or_partial_private_images_is_refused(tmp_path):
+    """The whole-data digest changes when the images are reordered or one is left out: the images are
+    compared one by one, also through a warm start's own warm start."""
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    perm = torch.arange(len(x) - 1, 0, -1)               # reversed, the first image left out
+    leaked = tmp_path / "leak"
+    train(tiny_plan(n=len(perm), steps=2), x[perm], y[perm], c, leaked, TrainConfig(**CFG, private=False),
+          dataset_name="npz:public.npz", progress=False)
+    table = ckpt.load_checkpoint(leaked / CHECKPOINT_NAME)["image_digests"]
+    assert table.dtype == torch.uint8 and tuple(table.shape) == (len(perm), 16)
+    with pytest.raises(TrainError, match=f"trained on {len(perm)} of the {len(x)} private images"):
+        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(leaked / CHECKPOINT_NAME)),
+              dataset_name="tiny", progress=False)
+    x_pub, y_pub, _ = tiny_data(n=30, seed=7)
+    train(tiny_plan(n=30, steps=2), x_pub, y_pub, c, tmp_path / "laundered",
+          TrainConfig(**CFG, private=False, init_from=str(leaked / CHECKPOINT_NAME)), dataset_name="public-2",
+          progress=False)
+    with pytest.raises(TrainError, match="through its own warm start"):
+        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(tmp_path / "laundered" / CHECKPOINT_NAME)),
+              dataset_name="tiny", progress=False)
+    assert not (tmp_path / "run").exists()
+    # Public images only: accepted, and the run keeps the digests of its own images and of its warm start's.
+    init = _public_run(tmp_path)
+    train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(init)), dataset_name="tiny",
+          progress=False)
+    kept = ckpt.load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["image_digests"]
+    assert len(kept) == len(x) + 30
+    from dpdm.export import export_model   # a release file does not carry them
+    export_model(tmp_path / "run" / CHECKPOINT_NAME, tmp_path / "model.pt")
+    release = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert "image_digests" not in release and "image_digests" not in str(release["config"])
+
+
 def test_warm_start_of_another_shape_or_corrupt_is_refused(tmp_path):
     init = _public_run(tmp_path, classes=4)
     x, y, c = tiny_data()
