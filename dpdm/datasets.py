@@ -43,13 +43,18 @@ Names
   unlabelled, centre-cropped to 140x140 and resized to 32x32 (the paper's CelebA 32x32).
 - ``folder:PATH``: ImageFolder layout (``PATH/<class>/<image>``; classes sorted by name; a class folder
   without images is refused, as torchvision's ImageFolder does), or a flat folder of images
-  (unlabelled). All images must share one size and be 8-bit (modes 1, L, LA, P, PA, RGB, RGBA, ...;
-  16-bit and float images are refused rather than clipped). Any grayscale-only folder loads as one
-  channel, otherwise every image is converted to RGB.
+  (unlabelled). All images must share one size of at most `MAX_IMAGE_PIXELS` pixels and be 8-bit (modes
+  1, L, LA, P, PA, RGB, RGBA, ...; 16-bit and float images are refused rather than clipped). Any
+  grayscale-only folder loads as one channel, otherwise every image is converted to RGB. Names that start
+  with ``.`` (``.DS_Store``, macOS's ``._0.png``, ``.git/``) and files without an image suffix are
+  skipped; anything else the count would silently leave out is refused, naming it: an image-named entry
+  that is not a readable file (a broken link, a FIFO, a folder ``x.png``), an image in a subfolder of a
+  class folder, or an image beside the class folders.
 - ``npz:PATH``: arrays ``x`` (uint8, [N, H, W], [N, C, H, W] or [N, H, W, C] with C in {1, 3}) and
   optionally ``y`` (integers in [0, num_classes), shape [N]); an optional integer scalar ``num_classes``
-  (>= 1; without it, the label count is inferred as ``max(y) + 1``). A file without ``y`` is unlabelled:
-  that is what ``dpdm sample`` writes for an unconditional model.
+  (>= 1; without it, the label count is inferred as ``max(y) + 1``); either way at most `MAX_NUM_CLASSES`
+  classes. A file without ``y`` is unlabelled: that is what ``dpdm sample`` writes for an unconditional
+  model.
 
 A path dataset (``folder:``/``npz:``) is a single split: ``split`` is ignored for it.
 """
@@ -61,6 +66,7 @@ import hashlib
 import lzma
 import math
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -73,6 +79,8 @@ __all__ = [
     "DATASET_SIZES",
     "DataError",
     "ImageData",
+    "MAX_IMAGE_PIXELS",
+    "MAX_NUM_CLASSES",
     "default_data_root",
     "has_test_split",
     "is_path_dataset",
@@ -94,6 +102,12 @@ _SPLITS = ("train", "test")
 _8BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                          "LAB", "HSV"})
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# The largest folder image read (4096x4096), checked on the header before decoding: a diffusion model trains on
+# images far smaller, and a header claiming more is a mistake or a decompression bomb.
+MAX_IMAGE_PIXELS = 4096 * 4096
+# The most classes a dataset may have: a class-conditional model holds a row per class, and a file that claims
+# 10**9 of them (a stray label) would ask for tens of gigabytes before the first step.
+MAX_NUM_CLASSES = 100_000
 
 
 class DataError(ValueError):
@@ -529,7 +543,7 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     Labels: ``y``, when present, must be integers >= 0 of shape (N,). A file without ``y`` is
     unlabelled (`ImageData.y` None, `num_classes` 0): `dpdm sample` writes no ``y`` for an
     unconditional model. ``num_classes``, when present, must be an integer scalar >= 1 above every
-    label; without it the label count is ``max(y) + 1``.
+    label; without it the label count is ``max(y) + 1``. Either way it is at most `MAX_NUM_CLASSES`.
 
     Raises:
       DataError: missing/unreadable/corrupt file, no ``x``, wrong dtype or shape, bad labels or
@@ -581,6 +595,8 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
             shown = nc.tolist() if nc.size <= 4 and nc.dtype != object else f"{nc.dtype} {nc.shape}"
             raise DataError(f"{name}: num_classes must be an integer scalar >= 1, got {shown!r}")
         given = int(nc)
+        if given > MAX_NUM_CLASSES:
+            raise DataError(f"{name}: num_classes must be at most {MAX_NUM_CLASSES}, got {given}")
     if "y" in arrays:
         y = arrays["y"]
         if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
@@ -588,39 +604,79 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
                             f"{y.shape} (unlabelled data has no y)")
         if y.min() < 0:
             raise DataError(f"{name}: y must be >= 0, found {int(y.min())} (unlabelled data has no y)")
-        num_classes = int(y.max()) + 1 if given is None else given
+        top = int(y.max())   # before the int64 cast: a uint64 label above 2**63 would show as negative
+        if given is not None and top >= given:
+            raise DataError(f"{name}: labels must lie in [0, {given}) (num_classes={given}), got "
+                            f"[{int(y.min())}, {top}]")
+        if top >= MAX_NUM_CLASSES:
+            raise DataError(f"{name}: y must be < {MAX_NUM_CLASSES} (at most {MAX_NUM_CLASSES} classes), "
+                            f"found {top}")
+        num_classes = top + 1 if given is None else given
         y = torch.from_numpy(y.astype(np.int64))
     return ImageData(_from_uint8(x), y, num_classes, name, num_classes_inferred=y is not None and given is None)
 
 
 def _load_folder(root: Path, name: str) -> ImageData:
+    """Loads ``PATH/<class>/<image>`` (labelled) or ``PATH/<image>`` (unlabelled); see the module docstring.
+
+    Names that start with ``.`` and files without an image suffix are skipped. Every other image-named
+    path must be loaded, or the count would differ from what the user sees: an image-named entry that is
+    not a readable file (a broken link, a FIFO, a folder), an image in a subfolder of a class folder and an
+    image beside the class folders are refused (DataError naming the first and how many there are).
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if not root.is_dir():
         raise DataError(f"{name}: {str(root)!r} is not a folder")
     suffixes = ", ".join(sorted(_IMAGE_SUFFIXES))
     try:
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        entries = _visible(root)
+        class_dirs = [p for p in entries if p.is_dir()]
+        empty = None
         if class_dirs:
             files = []
+            stray = [f"image {str(p)!r} lies beside the class folders, where it has no class; move it into a "
+                     f"class folder or remove it" for p in entries if not p.is_dir() and _image_named(p)]
             for label, d in enumerate(class_dirs):
-                found = _images_in(d)
-                if not found:   # it would still take a label index (torchvision's ImageFolder refuses it too)
-                    raise DataError(f"{name}: class folder {str(d)!r} has no images ({suffixes}); remove it "
-                                    f"or add its images")
+                found, lost = _images_in(d)
+                stray += lost
+                if not found and empty is None:
+                    empty = d
                 files.extend((f, label) for f in found)
         else:
-            files = [(f, -1) for f in _images_in(root)]
+            found, stray = _images_in(root)
+            files = [(f, -1) for f in found]
     except OSError as e:
         raise DataError(f"{name}: cannot list {str(root)!r} ({_one_line(e)})") from None
+    if stray:
+        more = f" (the first of {len(stray)} such paths in {str(root)!r})" if len(stray) > 1 else ""
+        raise DataError(f"{name}: {stray[0]}{more}")
+    if empty is not None:   # it would still take a label index (torchvision's ImageFolder refuses it too)
+        raise DataError(f"{name}: class folder {str(empty)!r} has no images ({suffixes}); remove it "
+                        f"or add its images")
     if not files:
         raise DataError(f"{name}: no images ({suffixes}) in {str(root)!r}")
     images, size = [], None
     for f, _ in files:
         try:
-            with Image.open(f) as img:
-                img.load()
-                images.append(img.copy())
+            with warnings.catch_warnings():   # Pillow warns from 89 megapixels and refuses from twice that
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as img:
+                    if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:   # the header's size, before decoding
+                        raise DataError(f"{name}: image {str(f)!r} is {img.size[0]}x{img.size[1]}; images may "
+                                        f"have at most {MAX_IMAGE_PIXELS} pixels (4096x4096)")
+                    img.load()
+                    images.append(img.copy())
+        except DataError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            # Raised by Image.open on the header's size: "Image size (400000000 pixels) exceeds limit ...".
+            pixels = re.search(r"\((\d+) pixels\)", str(e))
+            claim = f"has {pixels[1]} pixels" if pixels else f"is too large to load ({_one_line(e)})"
+            raise DataError(f"{name}: image {str(f)!r} {claim}; images may have at most {MAX_IMAGE_PIXELS} "
+                            f"pixels (4096x4096)") from None
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise DataError(f"{name}: cannot read image {str(f)!r} ({_one_line(e)})") from None
         if img.mode not in _8BIT_MODES:
@@ -644,6 +700,41 @@ def _load_folder(root: Path, name: str) -> ImageData:
     return ImageData(_from_uint8(x), None, 0, name)
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+def _visible(folder: Path) -> list[Path]:
+    """The entries of `folder` whose names do not start with "." (sorted)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _image_named(path: Path) -> bool:
+    return path.suffix.lower() in _IMAGE_SUFFIXES
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why an image-named entry that is not a folder is no readable file (None when it is a file)."""
+    if path.is_file():
+        return None
+    what = "a broken link" if path.is_symlink() else "not a regular file"
+    return f"cannot read image {str(path)!r} (it is {what})"
+
+
+def _images_in(folder: Path) -> tuple[list[Path], list[str]]:
+    """The images directly in `folder` (sorted), and why each image-named path under it would be left out
+    (one line each, naming it): an image-named entry that is no readable file, an image in a subfolder."""
+    images, stray = [], []
+    for p in _visible(folder):
+        if p.is_dir():
+            if _image_named(p):
+                stray.append(f"{str(p)!r} is a folder, not an image; rename it or move its contents")
+                continue
+            for sub, dirs, names in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                stray += [f"image {str(Path(sub) / n)!r} lies in a subfolder of class folder {str(folder)!r}; "
+                          f"images must lie directly in their class folder (PATH/<class>/<image>)"
+                          for n in sorted(names) if not n.startswith(".") and _image_named(Path(n))]
+        elif _image_named(p):
+            why = _unreadable(p)
+            if why is None:
+                images.append(p)
+            else:
+                stray.append(why)
+    return images, stray

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -505,3 +506,110 @@ def test_npz_says_when_its_label_count_is_inferred(tmp_path):
     assert given.num_classes == 10 and given.num_classes_inferred is False
     assert load_npz(_save(tmp_path / "c.npz", x=x)).num_classes_inferred is False
     assert load_dataset("digits").num_classes_inferred is False
+
+
+# --- review mends (walk report): huge images and class counts, paths the folder loader left out ----------
+
+def _png_claiming(path, width, height):
+    """A 4x4 PNG whose header (IHDR) claims width x height: Pillow reads the size without decoding."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8), mode="L").save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)        # IHDR data starts after the 8-byte signature + 8
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("side", [20000, 10000, 5000])
+def test_folder_refuses_an_image_whose_header_claims_a_huge_size(tmp_path, side, recwarn):
+    """20000x20000 raised PIL's DecompressionBombError (a traceback); 10000x10000 printed Pillow's warning and was
+    decoded in full before the size check. Now one DataError naming the file and its size, nothing decoded."""
+    from dpdm.datasets import MAX_IMAGE_PIXELS
+
+    _write_png(tmp_path / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    _png_claiming(tmp_path / "a" / "zz.png", side, side)
+    with pytest.raises(DataError, match=rf"image '.*zz\.png' (is {side}x{side}|has {side * side} pixels); images "
+                                        rf"may have at most {MAX_IMAGE_PIXELS} pixels") as e:
+        load_dataset(f"folder:{tmp_path}")
+    assert "\n" not in str(e.value)
+    assert not [w for w in recwarn if "decompression" in str(w.message).lower()]
+
+
+def test_npz_caps_the_class_count_and_shows_uint64_labels_as_they_are(tmp_path):
+    """num_classes=10**9, or a label 10**9 without it, made the model ask for 64 GB (exit 4); a uint64 label above
+    2**63 wrapped to a negative number in the message."""
+    from dpdm.datasets import MAX_NUM_CLASSES
+
+    x = np.zeros((3, 1, 4, 4), np.uint8)
+    with pytest.raises(DataError, match=rf"num_classes must be at most {MAX_NUM_CLASSES}, got 1000000000"):
+        load_npz(_save(tmp_path / "nc.npz", x=x, y=np.array([0, 1, 0]), num_classes=np.array(10**9)))
+    with pytest.raises(DataError, match=rf"y must be < {MAX_NUM_CLASSES} .*found 1000000000"):
+        load_npz(_save(tmp_path / "y.npz", x=x, y=np.array([0, 1, 10**9])))
+    huge = np.array([0, 1, 2**63 + 5], dtype=np.uint64)
+    with pytest.raises(DataError, match="found 9223372036854775813"):
+        load_npz(_save(tmp_path / "u.npz", x=x, y=huge))
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 10\) \(num_classes=10\), got \[0, 922337203685477581"):
+        load_npz(_save(tmp_path / "u10.npz", x=x, y=huge, num_classes=np.array(10)))
+    edge = load_npz(_save(tmp_path / "edge.npz", x=x, y=np.array([0, 1, MAX_NUM_CLASSES - 1], dtype=np.uint64)))
+    assert edge.num_classes == MAX_NUM_CLASSES and edge.y.dtype == torch.int64
+
+
+def _two_classes(root):
+    for cls in ("a", "b"):
+        for i in range(2):
+            _write_png(root / cls / f"{i}.png", np.full((4, 4), 40 * i, np.uint8))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda r: (r / "a" / "lost.png").symlink_to(r / "nowhere.png"),
+     r"cannot read image '.*a/lost\.png' \(it is a broken link\)"),
+    (lambda r: _write_png(r / "a" / "sub" / "deep.png", np.zeros((4, 4), np.uint8)),
+     r"image '.*a/sub/deep\.png' lies in a subfolder of class folder '.*/a'; images must lie directly in their class"),
+    (lambda r: _write_png(r / "loose.png", np.zeros((4, 4), np.uint8)),
+     r"image '.*/loose\.png' lies beside the class folders"),
+    (lambda r: os.mkfifo(r / "a" / "f.png"), r"cannot read image '.*a/f\.png' \(it is not a regular file\)"),
+    (lambda r: (r / "a" / "x.png").mkdir(), r"'.*a/x\.png' is a folder, not an image"),
+])
+def test_folder_refuses_image_named_paths_it_would_leave_out(tmp_path, make, match):
+    """A broken link, an image in a nested subfolder, a loose image beside the class folders, a FIFO and a folder
+    named x.png were skipped silently: the count then differed from what the user sees."""
+    _two_classes(tmp_path)
+    assert len(load_dataset(f"folder:{tmp_path}")) == 4
+    make(tmp_path)
+    with pytest.raises(DataError, match=match) as e:
+        load_dataset(f"folder:{tmp_path}")
+    assert "\n" not in str(e.value) and "such paths" not in str(e.value)
+
+
+def test_folder_names_the_first_left_out_path_and_how_many(tmp_path):
+    _two_classes(tmp_path)
+    for i in range(3):
+        _write_png(tmp_path / "b" / "sub" / f"{i}.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "a" / "lost.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match=rf"a/lost\.png' \(it is a broken link\) \(the first of 4 such paths in "
+                                        rf"'{tmp_path}'\)"):
+        load_dataset(f"folder:{tmp_path}")
+    flat = tmp_path / "flat"
+    _write_png(flat / "0.png", np.zeros((4, 4), np.uint8))
+    (flat / "1.png").symlink_to(flat / "nowhere.png")
+    with pytest.raises(DataError, match=r"flat/1\.png' \(it is a broken link\)"):
+        load_dataset(f"folder:{flat}")
+
+
+def test_folder_skips_dot_files_and_non_images(tmp_path):
+    """macOS leaves ._0.png (AppleDouble, not a PNG) and .DS_Store beside the images: one stopped the whole load.
+    Names starting with '.' are skipped, as dot-folders are; so are files without an image suffix."""
+    _two_classes(tmp_path)
+    (tmp_path / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "._loose.png").write_bytes(b"\x00\x05\x16\x07")
+    _write_png(tmp_path / "b" / ".thumbs" / "0.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    (tmp_path / "README.txt").write_text("my data")
+    d = load_dataset(f"folder:{tmp_path}")
+    assert len(d) == 4 and d.y.tolist() == [0, 0, 1, 1] and d.num_classes == 2
