@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli._common import emit_json, info, resolve_device
+from cli._common import emit_json, info, resolve_device, warn
 from cli.errors import BadInput
 
 _KINDS = ("logreg", "mlp", "cnn")
@@ -59,8 +59,9 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     The classifier FD, precision/recall, reference accuracies and Inception FID
     are computed WITHOUT privacy from the real training data: keep them private.
     """
-    from dpdm.datasets import DataError, has_test_split, load_dataset, load_npz
-    from dpdm.evaluate import MIN_SAMPLES, REFERENCE_EPOCHS, check_public_data, evaluate_samples, skipped_metrics
+    from dpdm.datasets import DataError, has_test_split, load_dataset, load_npz, shared_images
+    from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, check_public_data, check_test_data, default_cache_dir,
+                               evaluate_samples, skipped_metrics)
 
     kinds = tuple(k.strip() for k in classifiers.split(",") if k.strip())
     for k in kinds:
@@ -115,6 +116,14 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
             check_public_data(public, real_train, real_test)
         except DataError as e:
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
+    if real_test is not None:
+        try:   # the rule of `dpdm baseline dp-classifier`: a few duplicates are reported, half or more refused
+            in_train = check_test_data(real_train, real_test)
+        except DataError as e:
+            raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
+        if in_train:
+            warn(f"{in_train} of the {len(real_test)} test images of {real_test.name!r} are also training "
+                 "images; their accuracy is not held-out")
     skipped = skipped_metrics(samples, real_train, real_test, kinds)
     if "classifier_fd" in skipped and inception_weights is None and (not kinds or "classifiers" in skipped):
         why = ("" if not kinds else f"; the accuracies need labelled samples and labelled test data "
@@ -122,6 +131,21 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         raise BadInput(f"--dataset={dataset!r} has no labels, so there is nothing to compute: the classifier FD "
                        f"and precision/recall need a labelled training split{why}; give --inception-weights FILE "
                        f"for the Inception FID, which needs no labels")
+    if "classifier_fd" not in skipped:   # the reference CNN is cached there: checked before any training
+        from pathlib import Path
+
+        from dpdm.report_utils import output_parent_problem
+
+        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        problem = output_parent_problem(folder / "reference" / "reference.pt")
+        if problem:
+            raise BadInput(f"--cache-dir={str(folder)!r}: {problem}")
+    copies = shared_images(samples, real_train)
+    if copies:   # warned, not refused: real images are a fair reference point, and a copying generator must show
+        what = ("the metrics measure the training data, not a generator" if 2 * copies >= len(samples) else
+                "a generator that reproduces its training images leaks them")
+        warn(f"{copies} of the {len(samples)} samples in {samples_path!r} are training images of {real_train.name!r}: "
+             f"{what}")
     for metric, reason in _skip_lines(skipped):
         info(f"{metric} skipped: {reason}")
     try:
@@ -131,7 +155,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                                   device=resolve_device(device),
                                   progress=None if as_json else info, public=public,
                                   public_epochs=public_epochs, shift=augment_shift)
-    except ValueError as e:  # DataError (shape / label mismatch), unusable inception weights
+    except ValueError as e:  # DataError (shape / label mismatch), unusable inception weights, no cache folder
         raise BadInput(f"--samples={samples_path!r}: {e}" if isinstance(e, DataError) else str(e)) from None
     if as_json:
         emit_json(report)
@@ -150,7 +174,9 @@ def _skip_lines(skipped: dict[str, str]) -> list[tuple[str, str]]:
 
 
 _NON_PRIVATE_NAMES = {"classifier_fd": "the classifier FD", "classifier_precision_recall": "precision/recall",
-                      "reference": "the reference CNN's accuracies", "inception_fid": "the Inception FID"}
+                      "reference": "the reference CNN's accuracies", "inception_fid": "the Inception FID",
+                      "test_images_in_train": "the count of test images that are training images",
+                      "samples_in_train": "the count of samples that are training images"}
 
 
 def non_private_line(report: dict) -> str | None:
@@ -158,6 +184,8 @@ def non_private_line(report: dict) -> str | None:
     keys = report.get("non_private_statistics_of_the_training_data") or []
     names = []
     for key in keys:
+        if key.endswith("_in_train") and not report.get(key):
+            continue   # a zero count is not shown; a nonzero one is, in a warning
         name = _NON_PRIVATE_NAMES["reference" if ".reference." in key else key.split(".")[0]]
         if name not in names:
             names.append(name)

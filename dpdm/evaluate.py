@@ -35,6 +35,12 @@ computed **without privacy** from the private training split: they are outside t
 and the report lists them under ``"non_private_statistics_of_the_training_data"``. The downstream
 accuracies use only the (DP) samples and the held-out real test split.
 
+The test split must be held out: one with another class count, or with half or more of its images in the
+training split, is refused (`check_test_data`, the DP-SGD baseline's rule). The report counts the test
+images and the samples that are training images (``"test_images_in_train"``, ``"samples_in_train"``,
+both computed without privacy): samples that are training images make every metric describe the
+training data, not a generator.
+
 What needs labels is skipped, with its reason under ``"skipped"``, when they are missing: the
 accuracies need labelled samples and a labelled test split; the reference CNN (classifier FD,
 precision / recall) needs a labelled training split. Inception FID needs no labels. Unlabelled
@@ -69,6 +75,7 @@ __all__ = [
     "REFERENCE_EPOCHS",
     "accuracy",
     "check_public_data",
+    "check_test_data",
     "classifier_fd",
     "classifier_precision_recall",
     "default_cache_dir",
@@ -210,6 +217,30 @@ def check_public_data(public: ImageData, real: ImageData, *others: ImageData | N
                             f"{other.name!r}; pretraining must use other, public data")
 
 
+def check_test_data(real_train: ImageData, real_test: ImageData) -> int:
+    """How many images of `real_test` are also images of `real_train` (`datasets.shared_images`).
+
+    The same rule as the DP-SGD baseline's: a few duplicates across splits (public benchmarks have some) are
+    counted, half or more of the test images is no held-out test set. The count is computed without privacy
+    from the training images: a report lists it under `NON_PRIVATE_KEY`.
+
+    Raises:
+      DataError: a test label outside the training split's classes, or half or more of the test images are
+        training images.
+    """
+    # A test split may lack a class (its inferred count is then smaller), but never hold one the training
+    # split has not.
+    if real_train.y is not None and real_test.y is not None and len(real_test) and \
+            (top := int(real_test.y.max())) >= real_train.num_classes:
+        raise DataError(f"test data {real_test.name!r} has labels up to {top} but training data "
+                        f"{real_train.name!r} has {real_train.num_classes} classes; they must share their classes")
+    shared = shared_images(real_test, real_train)
+    if len(real_test) and 2 * shared >= len(real_test):
+        raise DataError(f"{shared} of the {len(real_test)} test images of {real_test.name!r} are training images of "
+                        f"{real_train.name!r}; the test accuracy must come from held-out images")
+    return shared
+
+
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(n * val_fraction))
@@ -293,8 +324,7 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
         raise DataError(f"{real_train.name}: the reference classifier needs labelled training data")
     c, h, w = real_train.image_shape
     key = f"{_safe(real_train.name)}-{_digest(real_train)[:16]}-e{epochs}-s{seed}-v{_REFERENCE_VERSION}"
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = folder / "reference" / f"{key}.pt"
+    path = _reference_folder(cache_dir) / f"{key}.pt"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CNN(c, (h, w), real_train.num_classes)
@@ -318,10 +348,23 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
             model, real_train.x[train], real_train.y[train], real_train.x[val], real_train.y[val],
             epochs=epochs, seed=seed, device=device)
     info = {"real_val_accuracy": val_acc, "best_epoch": best_epoch, "epochs": epochs}
-    path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, lambda f: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, f))
     _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(info).encode()))
     return model, {**info, "cache": str(path), "cached": False}
+
+
+def _reference_folder(cache_dir: str | os.PathLike | None) -> Path:
+    """``cache_dir/reference`` (default: `default_cache_dir`), created if missing.
+
+    Raises:
+      ValueError: the folder cannot be created (a file in its way, a read-only or virtual file system).
+    """
+    folder = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "reference"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the cache folder {str(folder)!r} ({' '.join(str(e).split())})") from None
+    return folder
 
 
 def _safe(name: str) -> str:
@@ -522,10 +565,14 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
       is None (the accuracies: an empty "classifiers") with its reason under "skipped"
       (`skipped_metrics`); `NON_PRIVATE_KEY` lists the values computed without privacy from
       `real_train`. The reference CNN's cache path is not in it (its name fingerprints the data).
+      "test_images_in_train" (`check_test_data`; None without `real_test`) and "samples_in_train" count
+      the test images and the samples that are also training images (`datasets.shared_images`): samples
+      that are training images make the metrics measure the training data, not a generator.
 
     Raises:
       DataError: samples whose image shape or labels do not fit the dataset, or fewer than
-        `MIN_SAMPLES` of them.
+        `MIN_SAMPLES` of them; a test split that is no held-out data (`check_test_data`).
+      ValueError: the reference CNN's cache folder cannot be created (checked before any training).
     """
     _check_compatible(samples, real_train)
     if real_test is not None:
@@ -533,6 +580,7 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     if len(samples) < MIN_SAMPLES:
         raise DataError(f"{samples.name}: holds {len(samples)} images; the evaluation needs at least "
                         f"{MIN_SAMPLES} (precision / recall with k = 3)")
+    test_in_train = None if real_test is None else check_test_data(real_train, real_test)
     if public is not None:
         check_public_data(public, real_train, real_test)
     inception = load_inception(inception_weights) if inception_weights is not None else None
@@ -541,14 +589,17 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     epochs = {**DEFAULT_EPOCHS, **(epochs or {})}
     t0 = time.perf_counter()
     skipped = skipped_metrics(samples, real_train, real_test, classifiers)
+    if "classifier_fd" not in skipped:
+        _reference_folder(cache_dir)   # before any training, not after it
     report: dict = {"samples": samples.name, "n_samples": len(samples), "dataset": real_train.name,
                     "image_shape": list(samples.image_shape), "real_train_size": len(real_train),
                     "real_test_size": None if real_test is None else len(real_test),
                     "classifiers": {},
                     "public_pretrain": None if public is None else {"dataset": public.name,
                                                                     "epochs": int(public_epochs)},
-                    "augment_shift": int(shift), "skipped": skipped}
-    non_private = []
+                    "augment_shift": int(shift), "skipped": skipped,
+                    "test_images_in_train": test_in_train, "samples_in_train": shared_images(samples, real_train)}
+    non_private = ([] if real_test is None else ["test_images_in_train"]) + ["samples_in_train"]
     if "classifiers" not in skipped:
         for kind in classifiers:
             if progress:

@@ -500,7 +500,7 @@ def test_eval_unlabelled_samples_and_real_data(digit_files, tmp_path, capsys, mo
     report = json.loads(out)
     assert np.isfinite(report["inception_fid"]) and report["classifier_fd"] is None
     assert "no labels" in report["skipped"]["classifier_fd"]
-    assert report["non_private_statistics_of_the_training_data"] == ["inception_fid"]
+    assert report["non_private_statistics_of_the_training_data"] == ["samples_in_train", "inception_fid"]
     assert "classifier FD and classifier precision/recall skipped" in err
     code, out, err = _run(capsys, "eval", "--samples", str(unlabelled), "--dataset", f"npz:{real}",
                           "--inception-weights", str(weights), "--device", "cpu")
@@ -538,3 +538,71 @@ def test_eval_bad_seed_too_few_samples_and_unreadable_data(digit_files, tmp_path
     monkeypatch.setattr(dpdm.datasets, "load_dataset", unreadable)
     code, _, err = _run(capsys, *common, "--samples", str(digit_files["samples"]))
     _assert_one_line_error(code, err, "--dataset=", "Permission denied")
+
+
+# --- review mends (walk report): eval checks its test set, its samples and its cache folder -------------
+
+def test_eval_refuses_a_test_set_of_training_images_or_other_classes(digit_files, tmp_path, capsys):
+    """`dpdm eval` took a --test-dataset made of training images (baseline refuses it), or labelled with classes
+    the training set has not, without a word. The baseline's rule: half or more refused, a few reported."""
+    with np.load(digit_files["train"]) as z:
+        x, y = z["x"], z["y"]
+    with np.load(digit_files["test"]) as z:
+        tx, ty = z["x"], z["y"]
+    np.savez(tmp_path / "copy.npz", x=x, y=y)
+    np.savez(tmp_path / "twelve.npz", x=tx, y=np.arange(len(ty)) % 12, num_classes=np.array(12))
+    np.savez(tmp_path / "test3.npz", x=np.concatenate([x[:3], tx[:100]]), y=np.concatenate([y[:3], ty[:100]]))
+    common = ("eval", "--samples", str(digit_files["samples"]), "--dataset", f"npz:{digit_files['train']}",
+              "--classifiers", "", "--reference-epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu")
+    code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{tmp_path / 'copy.npz'}")
+    _assert_one_line_error(code, err, "--test-dataset=", "600 of the 600 test images", "held-out")
+    code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{tmp_path / 'twelve.npz'}")
+    _assert_one_line_error(code, err, "--test-dataset=", "has labels up to 11", "has 10 classes")
+    assert not (tmp_path / "cache").exists()   # refused before any training
+    code, out, err = _run(capsys, *common, "--json", "--test-dataset", f"npz:{tmp_path / 'test3.npz'}")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["test_images_in_train"] == 3 and report["samples_in_train"] == 0
+    assert "test_images_in_train" in report["non_private_statistics_of_the_training_data"]
+    assert "dpdm: warning: 3 of the 103 test images" in err and "not held-out" in err
+
+
+def test_eval_warns_when_the_samples_are_training_images(digit_files, tmp_path, capsys):
+    """`--samples` = the private training set reported FD 0 and precision/recall 1 without a word. Warned, not
+    refused: the real images are a fair reference point, and a generator that copies must be measurable."""
+    code, out, err = _run(capsys, "eval", "--samples", str(digit_files["train"]),
+                          "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+                          "--classifiers", "", "--reference-epochs", "1", "--cache-dir", str(tmp_path), "--device",
+                          "cpu")
+    assert code == 0, err
+    assert (f"dpdm: warning: 600 of the 600 samples in '{digit_files['train']}' are training images of "
+            f"'npz:{digit_files['train']}': the metrics measure the training data, not a generator") in err
+    assert "the count of samples that are training images" in out   # in the WITHOUT-privacy note
+    with np.load(digit_files["train"]) as tr, np.load(digit_files["samples"]) as sa:
+        np.savez(tmp_path / "two.npz", x=np.concatenate([sa["x"], tr["x"][:2]]),
+                 y=np.concatenate([sa["y"], tr["y"][:2]]))
+    code, out, err = _run(capsys, "eval", "--samples", str(tmp_path / "two.npz"),
+                          "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+                          "--classifiers", "", "--reference-epochs", "1", "--cache-dir", str(tmp_path), "--device",
+                          "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(out)["samples_in_train"] == 2
+    assert "2 of the 402 samples" in err and "a generator that reproduces its training images leaks them" in err
+
+
+def test_eval_cache_dir_that_cannot_be_created_is_one_line(digit_files, tmp_path, capsys, monkeypatch):
+    """`dpdm eval --cache-dir /proc/nope` ended in a FileNotFoundError traceback (exit 4) after the training."""
+    (tmp_path / "file").write_text("in the way")
+    common = ("eval", "--samples", str(digit_files["samples"]), "--dataset", f"npz:{digit_files['train']}",
+              "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "logreg", "--epochs", "1",
+              "--reference-epochs", "1", "--device", "cpu")
+    code, _, err = _run(capsys, *common, "--cache-dir", str(tmp_path / "file" / "cache"))
+    _assert_one_line_error(code, err, f"--cache-dir='{tmp_path / 'file' / 'cache'}'", "is not a folder")
+    assert "training" not in err
+    # A folder the up-front check passes but mkdir refuses (/proc as root): one line, still before any training.
+    import dpdm.report_utils
+
+    monkeypatch.setattr(dpdm.report_utils, "output_parent_problem", lambda path: None)
+    code, _, err = _run(capsys, *common, "--cache-dir", str(tmp_path / "file" / "cache"))
+    _assert_one_line_error(code, err, "cannot create the cache folder", "file/cache/reference")
+    assert "training" not in err

@@ -325,7 +325,8 @@ def test_evaluate_report_holds_no_fingerprint_and_names_non_private_statistics(d
         assert _digest(train)[:16] not in json.dumps(report)
     assert _digest(train)[:16] not in " ".join(seen)   # nor in the progress line, which names the folder only
     assert list((tmp_path / "reference").glob(f"*{_digest(train)[:16]}*.pt"))   # the local cache keeps its name
-    assert report[NON_PRIVATE_KEY] == ["classifier_fd.value", "classifier_fd.reference.real_val_accuracy",
+    assert report[NON_PRIVATE_KEY] == ["test_images_in_train", "samples_in_train",
+                                       "classifier_fd.value", "classifier_fd.reference.real_val_accuracy",
                                        "classifier_fd.real_test_value", "classifier_fd.reference.real_test_accuracy",
                                        "classifier_precision_recall"]
     assert report["skipped"] == {}
@@ -345,7 +346,7 @@ def test_evaluate_unlabelled_data_skips_what_needs_labels(digits, tmp_path, monk
     assert report["classifier_fd"] is None and report["classifier_precision_recall"] is None
     assert report["classifiers"] == {} and math.isfinite(report["inception_fid"]) and report["inception_fid"] > 0
     assert "no labels" in report["skipped"]["classifier_fd"] and "no labels" in report["skipped"]["classifiers"]
-    assert report[NON_PRIVATE_KEY] == ["inception_fid"]
+    assert report[NON_PRIVATE_KEY] == ["samples_in_train", "inception_fid"]
     assert not tmp_path.exists() or not list(tmp_path.iterdir())   # no reference CNN trained
     # Labelled real data, unlabelled samples: the FD is there, the accuracies skipped with their reason.
     labelled = ImageData(train.x[:200], train.y[:200], 10, "labelled-real")
@@ -361,3 +362,52 @@ def test_evaluate_refuses_too_few_samples_before_training(digits, tmp_path):
     with pytest.raises(DataError, match="holds 4 images; the evaluation needs at least 5"):
         evaluate_samples(ImageData(test.x[:4], test.y[:4], 10, "four"), train, test, cache_dir=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+# --- review mends (walk report): the test split, samples that are training images, the cache folder ----
+
+def test_check_test_data_refuses_training_images_and_other_classes(digits):
+    """`dpdm eval` took a test set made of training images, or of another class count, without a word."""
+    from dpdm.evaluate import check_test_data
+
+    train, test = digits
+    assert check_test_data(train, test) == 0
+    three = ImageData(torch.cat([train.x[:3], test.x[:100]]), torch.cat([train.y[:3], test.y[:100]]), 10, "three")
+    assert check_test_data(train, three) == 3     # a few duplicates are counted, as the DP-SGD baseline does
+    half = ImageData(torch.cat([train.x[:50], test.x[:50]]), torch.cat([train.y[:50], test.y[:50]]), 10, "half")
+    with pytest.raises(DataError, match="50 of the 100 test images of 'half' are training images of 'digits-train'"):
+        check_test_data(train, half)
+    five = ImageData(test.x[:20], test.y[:20] % 5, 5, "five")     # a test split may lack classes
+    assert check_test_data(train, five) == 0
+    twelve = ImageData(test.x[:20], torch.arange(20) % 12, 12, "twelve")
+    with pytest.raises(DataError, match="test data 'twelve' has labels up to 11 but training data 'digits-train' "
+                                       "has 10 classes"):
+        check_test_data(train, twelve)
+    assert check_test_data(train, ImageData(test.x[:20], None, 0, "unlabelled")) == 0
+
+
+def test_evaluate_counts_test_images_and_samples_that_are_training_images(digits, tmp_path):
+    from dpdm.evaluate import NON_PRIVATE_KEY
+
+    train, test = digits
+    train = ImageData(train.x[:300], train.y[:300], 10, "digits-300")
+    copies = ImageData(train.x[:40], train.y[:40], 10, "copies")
+    seen = []
+    with pytest.raises(DataError, match="300 of the 300 test images"):
+        evaluate_samples(copies, train, train, classifiers=("logreg",), cache_dir=tmp_path, progress=seen.append)
+    assert not seen and not list(tmp_path.iterdir())   # refused before any training
+    test3 = ImageData(torch.cat([train.x[:3], test.x[:60]]), torch.cat([train.y[:3], test.y[:60]]), 10, "test3")
+    report = evaluate_samples(copies, train, test3, classifiers=(), reference_epochs=1, cache_dir=tmp_path)
+    assert report["test_images_in_train"] == 3 and report["samples_in_train"] == 40
+    assert {"test_images_in_train", "samples_in_train"} <= set(report[NON_PRIVATE_KEY])
+
+
+def test_evaluate_refuses_a_cache_folder_it_cannot_create_before_training(digits, tmp_path):
+    """`dpdm eval --cache-dir /proc/nope` trained every classifier, then failed with a FileNotFoundError traceback."""
+    train, test = digits
+    (tmp_path / "file").write_text("in the way")
+    seen = []
+    with pytest.raises(ValueError, match=r"cannot create the cache folder '.*file/cache/reference'"):
+        evaluate_samples(ImageData(test.x[:40], test.y[:40], 10, "samples"), train, test, classifiers=("logreg",),
+                         epochs=1, cache_dir=tmp_path / "file" / "cache", progress=seen.append)
+    assert not seen   # nothing trained
