@@ -17,6 +17,7 @@ from accounting.fft_pld import FftPldAccountant, FftPrecisionError
 from accounting.calibrate import (
     MAX_NOISE_MULTIPLIER,
     MAX_STEPS,
+    MIN_ACCOUNTED_NOISE_MULTIPLIER,
     MIN_NOISE_MULTIPLIER,
     calibrate_noise_multiplier,
     compute_epsilon,
@@ -38,6 +39,7 @@ from accounting.plan import (
     parse_plan,
     make_plan_document,
     plan_from_dict,
+    prv_eps_error_range,
     verify_document,
     write_plan,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "MAX_DATASET_SIZE",
     "MAX_NOISE_MULTIPLIER",
     "MAX_STEPS",
+    "MIN_ACCOUNTED_NOISE_MULTIPLIER",
     "MIN_DELTA",
     "MIN_NOISE_MULTIPLIER",
     "PRV_ERRORS",
@@ -73,6 +76,7 @@ __all__ = [
     "max_steps",
     "plan_from_dict",
     "pld_discretization",
+    "prv_eps_error_range",
     "verify_document",
     "write_plan",
 ]

@@ -11,6 +11,7 @@ traversal that flattens it into (sample_rate, noise_multiplier, steps) is writte
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -156,21 +157,29 @@ class RdpAccountant(_Accountant):
         return rdp
 
     def _epsilon(self, terms, delta) -> EpsilonReport:
-        eps, _ = _rdp.compute_epsilon(self.orders, self.rdp_curve(terms), delta)
+        with _quiet_absl():
+            eps, _ = _rdp.compute_epsilon(self.orders, self.rdp_curve(terms), delta)
         return EpsilonReport(None, None, float(eps), self.method)
 
 
-@functools.lru_cache(maxsize=256)
-def _rdp_one_step(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
-    # dp-accounting logs (through absl) each fractional order whose series does not converge and
-    # drops it (inf); that is expected at small noise multipliers, so keep it off the user's stderr.
+@contextlib.contextmanager
+def _quiet_absl():
+    """dp-accounting's absl warnings off the user's stderr. They are expected, and dp-accounting
+    handles them itself: a fractional order whose series does not converge at a small noise multiplier
+    is dropped (inf); a Renyi divergence a rounding error below 0 at a huge one (1e9) is taken as 0."""
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
     try:
-        return np.asarray(_rdp._compute_rdp_poisson_subsampled_gaussian(q, sigma, orders), dtype=float)
+        yield
     finally:
         absl_logger.setLevel(level)
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_one_step(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
+    with _quiet_absl():
+        return np.asarray(_rdp._compute_rdp_poisson_subsampled_gaussian(q, sigma, orders), dtype=float)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +247,7 @@ class PrvAccountant(_Accountant):
             lower, estimate, upper = self._accountant(terms, delta).compute_epsilon(
                 delta, [count for _, _, count in terms]
             )
-        return EpsilonReport(float(max(lower, 0.0)), float(estimate), float(upper), self.method)
+        return _prv_report(lower, estimate, upper)
 
     def _accountant(self, terms, delta):
         import prv_accountant  # noqa: PLC0415  (imported on first use: not needed to plan)
@@ -273,8 +282,15 @@ class PrvAccountant(_Accountant):
                 continue
             with _quiet_numpy():
                 lo, est, up = acc.compute_epsilon(delta, [n])
-            out.append(EpsilonReport(float(max(lo, 0.0)), float(est), float(up), self.method))
+            out.append(_prv_report(lo, est, up))
         return out
+
+
+def _prv_report(lower: float, estimate: float, upper: float) -> EpsilonReport:
+    """prv-accountant's triple with each value raised to 0, the least epsilon there is: near 0 (noise
+    multiplier 1e9) its estimate came out as -1e-5, which a plan file cannot hold as an epsilon.
+    Raising a value only loosens a lower bound and keeps an upper bound an upper bound."""
+    return EpsilonReport(float(max(lower, 0.0)), float(max(estimate, 0.0)), float(max(upper, 0.0)), "prv")
 
 
 Method = Literal["rdp", "pld", "prv"]

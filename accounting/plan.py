@@ -32,7 +32,12 @@ from accounting.accountants import (
     RdpAccountant,
     dpsgd_event,
 )
-from accounting.calibrate import MAX_STEPS, calibrate_noise_multiplier, certification_discretization
+from accounting.calibrate import (
+    MAX_STEPS,
+    MIN_ACCOUNTED_NOISE_MULTIPLIER,
+    calibrate_noise_multiplier,
+    certification_discretization,
+)
 from accounting.fft_pld import FftPldAccountant
 
 __all__ = [
@@ -47,6 +52,7 @@ __all__ = [
     "epsilon_spent",
     "load_plan",
     "make_plan_document",
+    "prv_eps_error_range",
     "write_plan",
 ]
 
@@ -58,6 +64,10 @@ FORMAT = "dpdm.plan/1"
 # any error; PRV checks the certificate, it never drives it (`dpdm account --eps-error` for tighter).
 PRV_RELATIVE_EPS_ERROR = 0.02
 PRV_MIN_EPS_ERROR = 0.01
+# The largest relative PRV error make_plan_document takes (the PRV bounds are then as wide as epsilon).
+# A plan file's prv_eps_error lies outside the digest and sets how much work verifying a PRV certificate
+# takes (1e-9 asked for a 1.96 TiB grid), so a loaded plan's must lie where make_plan_document puts it.
+PRV_MAX_RELATIVE_EPS_ERROR = 1.0
 # Slack for "certified <= RDP": the PLD certificate is within about one discretization interval
 # (1e-4 of epsilon) of exact, and RDP is >= exact, so anything beyond 1e-3 is a disagreement.
 RDP_RTOL = 1e-3
@@ -128,6 +138,10 @@ class PrivacyPlan:
             raise ValueError(f"steps={self.steps!r} must be an integer in [1, {MAX_STEPS}]")
         if not (_is_real(self.noise_multiplier) and self.noise_multiplier > 0):
             raise ValueError(f"noise_multiplier={self.noise_multiplier!r} must be a finite number > 0")
+        if self.noise_multiplier < MIN_ACCOUNTED_NOISE_MULTIPLIER:
+            raise ValueError(f"noise_multiplier={self.noise_multiplier!r} is too small to account for: it must be "
+                             f">= {MIN_ACCOUNTED_NOISE_MULTIPLIER:g} (below it the accountants' grids grow beyond "
+                             "memory, and epsilon is in the thousands)")
         if not (_is_real(self.clip_norm) and self.clip_norm > 0):
             raise ValueError(f"clip_norm={self.clip_norm!r} must be a finite number > 0")
         if not (_is_int(self.noise_multiplicity) and self.noise_multiplicity >= 1):
@@ -259,16 +273,36 @@ class PlanDocument:
 
 
 def certified_epsilon(plan: PrivacyPlan, certified_by: str = "pld", prv_eps_error: float | None = None) -> float:
-    """Re-computes a plan's certified epsilon the way make_plan_document does."""
-    disc = _discretization(plan)
-    pld = PldAccountant(disc).epsilon(plan.to_event(), plan.delta).upper
+    """Re-computes a plan's certified epsilon the way make_plan_document does. Raises ValueError for a
+    prv_eps_error outside prv_eps_error_range (None: the one make_plan_document takes)."""
+    if certified_by not in ("pld", "prv"):
+        raise ValueError(f"certified_by={certified_by!r} must be 'pld' or 'prv'")
+    pld = epsilon_spent(plan, plan.steps)   # the PLD certificate, cached for the ledger
     if certified_by == "pld":
         return pld
-    if certified_by == "prv":
-        eps_error = prv_eps_error if prv_eps_error is not None else max(
-            PRV_RELATIVE_EPS_ERROR * pld, PRV_MIN_EPS_ERROR)
-        return min(pld, PrvAccountant(eps_error=eps_error).epsilon(plan.to_event(), plan.delta).upper)
-    raise ValueError(f"certified_by={certified_by!r} must be 'pld' or 'prv'")
+    lo, _ = prv_eps_error_range(pld)
+    if prv_eps_error is None:
+        prv_eps_error = lo
+    else:
+        _check_prv_eps_error(prv_eps_error, pld)
+    return min(pld, PrvAccountant(eps_error=prv_eps_error).epsilon(plan.to_event(), plan.delta).upper)
+
+
+def prv_eps_error_range(pld_epsilon: float) -> tuple[float, float]:
+    """The PRV errors in epsilon make_plan_document can take for a plan whose PLD certificate is
+    `pld_epsilon`: its default (the least) to PRV_MAX_RELATIVE_EPS_ERROR of epsilon. PRV's cost grows
+    as its error shrinks, so the least bounds the work of verifying a PRV certificate."""
+    return (max(PRV_RELATIVE_EPS_ERROR * pld_epsilon, PRV_MIN_EPS_ERROR),
+            max(PRV_MAX_RELATIVE_EPS_ERROR * pld_epsilon, PRV_MIN_EPS_ERROR))
+
+
+def _check_prv_eps_error(prv_eps_error: float, pld_epsilon: float) -> None:
+    """ValueError unless prv_eps_error lies in prv_eps_error_range(pld_epsilon), with RECOMPUTE_RTOL of
+    slack (the PLD certificate may shift in its last digits between dp-accounting versions)."""
+    lo, hi = prv_eps_error_range(pld_epsilon)
+    if not lo * (1 - RECOMPUTE_RTOL) <= prv_eps_error <= hi * (1 + RECOMPUTE_RTOL):
+        raise ValueError(f"prv_eps_error={prv_eps_error!r} must be in [{lo:.6g}, {hi:.6g}], the PRV errors "
+                         f"`dpdm plan` can use for this plan (PLD epsilon {pld_epsilon:.6g})")
 
 
 def _discretization(plan: PrivacyPlan) -> float:
@@ -285,7 +319,13 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
     Where prv-accountant cannot compute at all (`prv_failed`), dpdm's own PLD takes its place as the
     cross-check: PLD certifies, and neither RDP nor that rigorous lower bound may contradict it.
     Where dpdm's own PLD is needed but delta is too small for its precision, FftPrecisionError (a
-    ValueError) says so: the plan is neither certified by PRV nor cross-checked without it."""
+    ValueError) says so: the plan is neither certified by PRV nor cross-checked without it.
+    `prv_relative_eps_error` must lie in [PRV_RELATIVE_EPS_ERROR, PRV_MAX_RELATIVE_EPS_ERROR]: a loaded
+    plan's PRV error is checked against that range (prv_eps_error_range)."""
+    if not (_is_real(prv_relative_eps_error)
+            and PRV_RELATIVE_EPS_ERROR <= prv_relative_eps_error <= PRV_MAX_RELATIVE_EPS_ERROR):
+        raise ValueError(f"prv_relative_eps_error={prv_relative_eps_error!r} must be in "
+                         f"[{PRV_RELATIVE_EPS_ERROR:g}, {PRV_MAX_RELATIVE_EPS_ERROR:g}]")
     event, delta = plan.to_event(), plan.delta
     disc = _discretization(plan)
     rdp = RdpAccountant().epsilon(event, delta)
@@ -577,10 +617,14 @@ def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_
                        where: str) -> None:
     if certified_by not in ("pld", "prv"):
         raise PlanError(f"{where}: certified_by={certified_by!r} must be 'pld' or 'prv'")
-    if certified_by == "pld":
-        recomputed = epsilon_spent(plan, plan.steps)   # the same PLD computation, cached for the ledger
-    else:
-        recomputed = certified_epsilon(plan, certified_by, prv_eps_error)
+    pld = epsilon_spent(plan, plan.steps)   # the PLD certificate, cached for the ledger
+    if prv_eps_error is not None:
+        # Outside the digest, and it sets PRV's grid (1e-9 asked for 1.96 TiB): checked before any PRV work.
+        try:
+            _check_prv_eps_error(prv_eps_error, pld)
+        except ValueError as e:
+            raise PlanError(f"{where}: epsilon.{e}; the epsilon block was edited; make a new plan") from e
+    recomputed = pld if certified_by == "pld" else certified_epsilon(plan, certified_by, prv_eps_error)
     if recomputed > stored * (1 + _FLOAT_RTOL) or recomputed < stored * (1 - RECOMPUTE_RTOL):
         raise PlanError(f"{where}: epsilon.certified={stored!r} does not re-compute (got {recomputed!r}); "
                         "the epsilon block was edited or the accountants changed; make a new plan")

@@ -270,6 +270,12 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.6g}"
 
 
+def _row(label: str, *cells: str) -> str:
+    """A row of the accountant table: a space before every cell, so that a 12-character number
+    (-1.00001e-05) no longer runs into the one before it."""
+    return f"{label:<12}" + "".join(f" {cell:>12}" for cell in cells)
+
+
 def _table(doc) -> str:
     p = doc.plan
     epochs = p.steps * p.batch_size / p.dataset_size
@@ -283,13 +289,13 @@ def _table(doc) -> str:
         f"delta             {p.delta:g}",
         f"target epsilon    {target}",
         "",
-        f"{'accountant':<12}{'lower':>12}{'estimate':>12}{'upper':>12}",
+        _row("accountant", "lower", "estimate", "upper"),
     ]
     reports = [("RDP", doc.rdp), ("PLD", doc.pld), ("PRV", doc.prv)]
     if doc.independent is not None:
         reports.append(("dpdm PLD", doc.independent))
     for label, r in reports:
-        lines.append(f"{label:<12}{_fmt(r.lower):>12}{_fmt(r.estimate):>12}{_fmt(r.upper):>12}")
+        lines.append(_row(label, _fmt(r.lower), _fmt(r.estimate), _fmt(r.upper)))
     lines += ["", f"certified epsilon {doc.epsilon:.6g} (by {doc.certified_by}; PLD pessimistic at interval "
                   f"{doc.pld_discretization:.2g}, PRV error {doc.prv_eps_error:.2g})"]
     if doc.prv_overruled:
@@ -354,6 +360,10 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
 
     _check_delta(delta)
     _check_steps(steps)
+    if noise_multiplier < accounting.MIN_ACCOUNTED_NOISE_MULTIPLIER:
+        raise BadInput(f"--noise-multiplier={noise_multiplier:g} is too small to account for: it must be >= "
+                       f"{accounting.MIN_ACCOUNTED_NOISE_MULTIPLIER:g} (below it the accountants' grids grow beyond "
+                       "memory, and epsilon is in the thousands)")
     try:
         event = accounting.dpsgd_event(sample_rate, noise_multiplier, steps)
         disc = accounting.pld_discretization(accounting.RdpAccountant().epsilon(event, delta).upper)
@@ -375,6 +385,6 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
             doc["prv_failed"] = prv_failed
         click.echo(json.dumps(doc, indent=1))
         return
-    click.echo(f"{'accountant':<12}{'lower':>12}{'estimate':>12}{'upper':>12}")
+    click.echo(_row("accountant", "lower", "estimate", "upper"))
     for r in reports:
-        click.echo(f"{r.method.upper():<12}{_fmt(r.lower):>12}{_fmt(r.estimate):>12}{_fmt(r.upper):>12}")
+        click.echo(_row(r.method.upper(), _fmt(r.lower), _fmt(r.estimate), _fmt(r.upper)))

@@ -46,6 +46,13 @@ def test_epsilon_met_below_smallest_multiplier():
         calibrate_noise_multiplier(sample_rate=0.001, steps=1, target_epsilon=50.0, delta=DELTA)
 
 
+@pytest.mark.parametrize("sample_rate,steps", [(0.2, 5), (0.064, 469)])
+def test_an_epsilon_beyond_exp_overflow_is_met_below_smallest_multiplier(sample_rate, steps):
+    """The initial guess's GDP mu took exp(eps): `dpdm plan --eps 1000` ended in OverflowError (exit 4)."""
+    with pytest.raises(ValueError, match="eps=1000.0 is met even at noise_multiplier=0.3"):
+        calibrate_noise_multiplier(sample_rate=sample_rate, steps=steps, target_epsilon=1000.0, delta=DELTA)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(target_epsilon=0.0), "eps=0.0"),
     (dict(target_epsilon=float("inf")), "eps=inf"),

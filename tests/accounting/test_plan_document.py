@@ -133,6 +133,37 @@ def test_malformed_plan_is_a_plan_error(doc, tmp_path, edit, match):
         accounting.load_plan(_tampered(doc, tmp_path, edit))
 
 
+@pytest.mark.parametrize("prv_eps_error", [1e-9, 0.1, 1e6])
+def test_a_prv_error_plan_could_not_have_used_is_refused_before_prv_runs(doc, tmp_path, prv_eps_error):
+    """prv_eps_error is outside the digest and sets PRV's grid: 1e-9 under certified_by 'prv' asked
+    for 1.96 TiB (MemoryError), 1e-5 ran for minutes, from `dpdm train --plan` or a release file."""
+    def edit(d):
+        d["epsilon"].update(certified_by="prv", prv_eps_error=prv_eps_error)
+
+    with pytest.raises(PlanError, match=rf"epsilon.prv_eps_error={prv_eps_error!r} must be in \[0.1"):
+        accounting.load_plan(_tampered(doc, tmp_path, edit))
+    lo, hi = accounting.prv_eps_error_range(doc.pld.upper)
+    assert lo == doc.prv_eps_error < hi
+    with pytest.raises(ValueError, match="prv_relative_eps_error=1e-06"):
+        accounting.make_plan_document(doc.plan, prv_relative_eps_error=1e-6)
+
+
+def test_a_huge_noise_multiplier_writes_a_plan_that_loads(tmp_path):
+    """At noise multiplier 1e9 PRV's estimate came out as -1e-5: `dpdm plan` wrote it and `dpdm train`
+    refused the file ("is not an epsilon")."""
+    doc = accounting.make_plan_document(PrivacyPlan(**(BASE | dict(noise_multiplier=1e9))))
+    assert doc.prv.lower == doc.prv.estimate == 0.0 <= doc.prv.upper
+    accounting.write_plan(doc, tmp_path / "plan.json")
+    assert accounting.load_plan(tmp_path / "plan.json").epsilon == doc.epsilon == 0.0
+
+
+def test_a_noise_multiplier_too_small_to_account_for_names_the_bound():
+    """At 1e-9 the PLD grid went beyond numpy's "Maximum allowed size exceeded"; at 1e-3 it ran for minutes."""
+    with pytest.raises(ValueError, match=r"noise_multiplier=1e-09 is too small to account for: it must be >= 0.05"):
+        PrivacyPlan(**(BASE | dict(noise_multiplier=1e-9)))
+    assert PrivacyPlan(**(BASE | dict(noise_multiplier=0.05))).noise_multiplier == 0.05
+
+
 @pytest.mark.parametrize("content,match", [
     (b"\xff\xfe{}", "not UTF-8"),
     (b"[" * 100_000, "not a locked dpdm.plan/1 plan"),             # RecursionError in json

@@ -406,3 +406,33 @@ def test_a_malformed_plan_file_is_one_plan_error_line(tmp_path, edit):
     with pytest.raises(BadInput, match=r"^--plan=.*bad\.json") as e:
         load_locked_plan(str(tmp_path / "bad.json"))
     assert "\n" not in str(e.value)
+
+
+SMALL = ("--dataset-size", "40", "--batch-size", "8", "--steps", "5", "--multiplicity", "1", "--delta", "1e-5")
+
+
+def test_an_epsilon_beyond_exp_overflow_is_one_error_line(capsys):
+    """`--eps 1000` ended in `OverflowError: math range error` (exit 4); eps 50 to 700 gave this line."""
+    rc, out, err = run(capsys, *SMALL, "--eps", "1000")
+    assert rc == 2 and out == ""
+    assert err.splitlines() == [err.strip()] and "eps=1000.0 is met even at noise_multiplier=0.3" in err, err
+
+
+def test_a_huge_noise_multiplier_prints_a_table_and_a_plan_train_accepts(capsys, tmp_path):
+    """At 1e9 the PRV row read `PRV 0-1.00001e-05 0.00999001`, absl warnings went to stderr, and the plan
+    written was refused by `dpdm train` (a negative PRV estimate "is not an epsilon")."""
+    path = tmp_path / "bigsig.json"
+    rc, out, err = run(capsys, *SMALL, "--dataset", "npz:X", "--noise-multiplier", "1e9", "--out", str(path))
+    assert rc == 0 and err == "", err
+    prv = next(line for line in out.splitlines() if line.startswith("PRV"))
+    assert len(prv.split()) == 4 and float(prv.split()[2]) >= 0, prv
+    assert accounting.load_plan(path).epsilon == 0.0
+
+
+@pytest.mark.parametrize("argv", [("plan", *SMALL), ("account", "-p", "0.2", "-i", "5", "--delta", "1e-5")])
+def test_a_noise_multiplier_too_small_to_account_for_names_the_bound(capsys, argv):
+    """1e-9 gave `dpdm: error: Maximum allowed size exceeded`, which does not say what is wrong."""
+    flag = "--noise-multiplier" if argv[0] == "plan" else "-s"
+    assert main([*argv, flag, "1e-9"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and "=1e-09 is too small to account for: it must be >= 0.05" in err, err
