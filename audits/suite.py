@@ -69,8 +69,21 @@ class AuditInputError(ValueError):
 
 def check_out_dir(out_dir) -> Path:
     """Creates the report folder if needed and checks that files can be written in it (AuditInputError
-    otherwise), so that a bad folder is found before minutes of training rather than after."""
+    otherwise), so that a bad folder is found before minutes of training rather than after. A folder in a
+    run folder (`dpdm train --out`, `report_utils.run_folder_of`), or one holding a report.md, report.json
+    or scores.npz that is not an earlier audit's report (report.json of format dpdm.audit/1 beside them),
+    is refused: the report would replace or add to files that are not an audit's."""
+    from dpdm.report_utils import run_folder_of
+
     out = Path(out_dir)
+    run = run_folder_of(out)
+    if run is not None:
+        raise AuditInputError(f"lies inside the run folder {str(run)!r}; write the report outside it")
+    foreign = [name for name in ("report.md", "report.json", "scores.npz") if os.path.lexists(out / name)]
+    if foreign and not _holds_audit_report(out):
+        raise AuditInputError(f"holds {', '.join(foreign)}, which {'is' if len(foreign) == 1 else 'are'} not an "
+                              "earlier dpdm audit's report (no report.json of format dpdm.audit/1) and is kept: "
+                              "choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
@@ -81,6 +94,24 @@ def check_out_dir(out_dir) -> Path:
     except OSError as e:
         raise AuditInputError(f"cannot create or write the report folder ({e.strerror or e})") from None
     return out
+
+
+_MARKDOWN_TITLE = "# dpdm privacy audit:"   # how report.md begins (`_markdown`)
+
+
+def _holds_audit_report(out: Path) -> bool:
+    """Whether the folder `out` holds a `dpdm audit` report: its report.json (format dpdm.audit/1), or, where
+    an interrupted `write_report` removed that, a report.md that `_markdown` wrote."""
+    try:
+        if not os.path.lexists(out / "report.json"):
+            with open(out / "report.md", encoding="utf-8") as f:
+                return f.readline().startswith(_MARKDOWN_TITLE)
+        if (out / "report.json").stat().st_size > 64 << 20:
+            return False
+        doc = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == "dpdm.audit/1"
 
 
 MECHANISM_SHARE = 0.2  # of the significance budget; the rest goes to the epsilon bounds

@@ -15,8 +15,11 @@ from cli.errors import BadInput
               help="The one set of weights to release: ema, raw (the last iterate), or power:GAMMA.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="The release file (model.pt), outside the run folder; `dpdm sample --checkpoint` reads it.")
+@click.option("--force", is_flag=True,
+              help="Let --out replace the release file of another plan (one of the same plan is replaced anyway; "
+                   "any other file, never).")
 @click.option("--json", "as_json", is_flag=True)
-def export(run_dir, checkpoint_path, weights, out_path, as_json):
+def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
     """Write a model file that is safe to release.
 
     \b
@@ -36,7 +39,7 @@ def export(run_dir, checkpoint_path, weights, out_path, as_json):
         raise BadInput(f"--out={out_path!r}: {problem}")
 
     try:
-        result = export_model(path, out_path, weights=weights)
+        result = export_model(path, out_path, weights=weights, keep_other_plans=not force)
     except ExportError as e:
         raise BadInput(str(e)) from None
     if result["private"] and result["seed_given"]:

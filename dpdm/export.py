@@ -55,18 +55,45 @@ def _plan_text(checkpoint: Path, ledger: dict[str, Any]) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def release_plan_digest(path: str | os.PathLike) -> str | None:
+    """The plan digest in the ledger of the release file at `path`, or None when nothing is there.
+
+    Raises:
+        ExportError: `path` exists and is not a release file of `dpdm export` (read only with
+            `weights_only=True`), so `dpdm export` must not replace it.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        return None
+    try:
+        state = ckpt._load_weights_only(path) if path.is_file() else None
+    except ckpt.CheckpointError:
+        state = None
+    ledger = state.get("ledger") if state is not None and state.get("format") == ckpt.MODEL_FORMAT else None
+    if not isinstance(ledger, dict):
+        raise ExportError(f"--out={str(path)!r} already exists and is not a release file from `dpdm export`; it "
+                          "is kept: choose another --out")
+    return str(ledger.get("plan_digest"))
+
+
 def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, *,
-                 weights: str = "ema") -> dict[str, Any]:
+                 weights: str = "ema", keep_other_plans: bool = False) -> dict[str, Any]:
     """Writes the release file of a checkpoint to `out_path` atomically. Returns a summary.
 
     weights: "ema", "raw" or "power:GAMMA" (`dpdm.sample`'s names): the one set the file holds.
+    keep_other_plans: refuse to replace a release file of another plan (`dpdm export` without --force),
+        as `dpdm plan --out` keeps a different plan; a release file of the same plan is replaced.
 
     Raises:
         ExportError: the checkpoint is missing, corrupt or not a training checkpoint; `weights` is not
-            in it; no locked plan.json of its plan lies beside it; or `out_path` is the checkpoint itself
-            or lies anywhere inside the run folder (the checkpoint's folder, whose plan.json, config.json,
-            metrics.csv and checkpoints it would overwrite, and which is not for release).
+            in it; no locked plan.json of its plan lies beside it; or `out_path` is the checkpoint itself,
+            lies anywhere inside the run folder (the checkpoint's folder, whose plan.json, config.json,
+            metrics.csv and checkpoints it would overwrite, and which is not for release) or inside another
+            run folder (`report_utils.run_folder_of`), names an existing file that is not a release file
+            (a checkpoint, a plan, the data: never replaced), or (keep_other_plans) a release file of
+            another plan.
     """
+    from dpdm.report_utils import run_folder_of
     from dpdm.sample import SampleError, _weights_of
 
     src, out = Path(checkpoint_path), Path(out_path)
@@ -81,6 +108,11 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     if target == run_dir or run_dir in target.parents:
         raise ExportError(f"--out={str(out)!r} lies inside the run folder {str(run_dir)!r}; write the release "
                           "file outside it (the run folder holds the run's secrets and its locked files)")
+    other_run = run_folder_of(target.parent)
+    if other_run is not None:
+        raise ExportError(f"--out={str(out)!r} lies inside the run folder {str(other_run)!r} of another run; "
+                          "write the release file outside it (a run folder holds its run's secrets and locked files)")
+    old_digest = release_plan_digest(out)
     try:
         chosen = _weights_of(state, weights, src)
     except SampleError as e:
@@ -92,6 +124,10 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
         ckpt.verify_release_ledger(release, f"the release file of {str(src)!r}")   # what `dpdm sample` checks
     except ckpt.CheckpointError as e:
         raise ExportError(str(e)) from None
+    if keep_other_plans and old_digest is not None and old_digest != ledger["plan_digest"]:
+        raise ExportError(f"--out={str(out)!r} already exists and holds the release file of another plan "
+                          f"({old_digest[:19]}..., this run's is {str(ledger['plan_digest'])[:19]}...); it is kept. "
+                          "Choose another --out, or pass --force to replace it")
     ckpt.atomic_torch_save(release, out)
     return {"model": str(out), "sha256": ckpt.file_sha256(out), "checkpoint": str(src), "weights": weights,
             "parameters": int(sum(t.numel() for t in chosen.values() if t.is_floating_point())),

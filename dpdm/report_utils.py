@@ -1,13 +1,19 @@
 """Image grids for reports and `dpdm sample --grid` (matplotlib, Agg), and checks of output paths."""
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 # The formats `save_grid` writes (matplotlib's Agg and vector backends, Pillow for JPEG).
 GRID_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+# What `save_grid` writes into every grid (a PNG text chunk, the PDF's and SVG's creator, a JPEG comment), so
+# that `dpdm sample --grid` replaces a grid it wrote and no other file.
+GRID_MARK = "dpdm.grid/1"
+_GRID_MAX_BYTES = 256 << 20
 
 
 def grid_suffix_problem(path: str | os.PathLike) -> str | None:
@@ -19,7 +25,8 @@ def grid_suffix_problem(path: str | os.PathLike) -> str | None:
 
 def output_parent_problem(path: str | os.PathLike) -> str | None:
     """Why the folder of an output file can neither be used nor created (None when it can): the nearest
-    existing ancestor must be a folder this process may write into. Creates nothing."""
+    existing ancestor must be a folder this process may write into (a probe file is made there and
+    removed at once). Creates nothing."""
     parent = Path(os.path.abspath(Path(path).expanduser())).parent
     probe = parent
     while not probe.exists():
@@ -34,14 +41,58 @@ def output_parent_problem(path: str | os.PathLike) -> str | None:
         if probe == parent:
             return f"its folder {str(parent)!r} is not writable"
         return f"its folder {str(parent)!r} cannot be created ({str(probe)!r} is not writable)"
+    # os.access answers yes to root everywhere, and a folder such as /proc refuses new files whatever the
+    # mode bits say: a file made and removed at once finds that out before any work.
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".dpdm-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        if probe == parent:
+            return f"its folder {str(parent)!r} is not writable ({e.strerror or e})"
+        return f"its folder {str(parent)!r} cannot be created ({str(probe)!r} takes no new files: {e.strerror or e})"
     return None
+
+
+# Files `dpdm train` writes into a run folder: checkpoint.pt (the run's secret seed) and config.json (with
+# the fingerprint of the private data). A folder holding either is a run folder, whose files no other
+# command may replace or add to.
+def run_folder_of(folder: str | os.PathLike) -> Path | None:
+    """The run folder (`dpdm train --out`) that `folder` is or lies in, links resolved, or None: the
+    first of `folder` and its ancestors that holds a checkpoint.pt, or the config.json of a run."""
+    folder = Path(os.path.realpath(Path(folder).expanduser()))
+    for d in (folder, *folder.parents):
+        if (d / "checkpoint.pt").is_file() or _is_run_config(d / "config.json"):
+            return d
+    return None
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return False
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(doc, dict) and "data_digest" in doc and "train" in doc
+
+
+def is_dpdm_grid(path: str | os.PathLike) -> bool:
+    """Whether `path` is a grid that `save_grid` wrote (it carries `GRID_MARK`)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > _GRID_MAX_BYTES:
+            return False
+        return GRID_MARK.encode() in path.read_bytes()
+    except OSError:
+        return False
 
 
 def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: str = "", per_row: int = 10) -> Path:
     """Saves uint8 images [N, C, H, W] as a grid with one row per class (or rows of `per_row`).
 
-    The format follows the suffix (`GRID_SUFFIXES`); the file is written atomically (a temporary file in
-    the same folder, renamed), and no temporary file is left behind on failure.
+    The format follows the suffix (`GRID_SUFFIXES`) and the file carries `GRID_MARK`; it is written
+    atomically (a temporary file in the same folder, renamed), and no temporary file is left behind on failure.
 
     Raises:
       ValueError: a suffix that names no format in `GRID_SUFFIXES`.
@@ -75,7 +126,10 @@ def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: s
         if title:
             ax.set_title(title, fontsize=9)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format=path.suffix.lower().lstrip("."))
+        fmt = path.suffix.lower().lstrip(".")
+        mark = ({"pil_kwargs": {"comment": GRID_MARK}} if fmt in ("jpg", "jpeg")
+                else {"metadata": {"Software" if fmt == "png" else "Creator": GRID_MARK}})
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format=fmt, **mark)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

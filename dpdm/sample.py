@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,9 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     precision: "fp32", or "bf16" (the network under bfloat16 autocast; `dpdm.sampling.PRECISIONS`).
 
     Raises:
-      SampleError: bad options or a checkpoint that cannot be sampled from (nothing written).
+      SampleError: bad options, a checkpoint that cannot be sampled from, outputs that would replace a file
+        `dpdm sample` did not write or the run's dataset (`check_outputs`), or more images than fit in the
+        machine's memory (nothing written).
       SampleFailure: the network produced NaN or inf (nothing written).
     """
     from dpdm.report_utils import grid_suffix_problem
@@ -102,6 +105,14 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
 
     D, state = load_denoiser(path, weights=weights, device=device)
     cfg, ledger = state["config"], state["ledger"]
+    check_outputs(out_path, grid_path, dataset=cfg.get("dataset"))   # before any drawing
+    need = memory_needed(n, cfg, batch_size=batch_size)
+    have = physical_memory()
+    if have is not None and need > have:
+        raise SampleError(f"n={n} (--n) images of {cfg['img_channels']}x{cfg['img_resolution']}x"
+                          f"{cfg['img_resolution']} need {need / 2**30:.3g} GiB of memory, more than this machine's "
+                          f"{have / 2**30:.3g} GiB: draw them into several files with a smaller --n each, "
+                          f"advancing --seed by that --n from file to file (image i uses seed + i)")
     trained = cfg.get("train", {}).get("train_sigma")
     if sigma_min is None:
         sigma_min = SIGMA_MIN if trained is None else max(SIGMA_MIN, float(trained[0]))
@@ -159,6 +170,68 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     finally:
         tmp.unlink(missing_ok=True)
     return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta}
+
+
+def is_samples_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a samples file that `sample_checkpoint` wrote: an npz (read without pickle) with
+    ``x`` and its ``meta_*`` arrays."""
+    try:
+        z = np.load(path, mmap_mode="r", allow_pickle=False)   # an .npy file: mapped, not read
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        return False
+    with z:
+        return {"x", "meta_plan_digest", "meta_private"} <= set(z.files)
+
+
+def check_outputs(out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None, *,
+                  dataset: str | None = None) -> None:
+    """SampleError unless `sample_checkpoint` may write `out_path` and `grid_path`: each is new, or a file
+    `dpdm sample` wrote (a samples npz, `is_samples_file`; a grid, `report_utils.is_dpdm_grid`), and
+    neither is, or lies in, the run's dataset (`dataset`: its config's name, "npz:PATH" or "folder:PATH").
+    Reads the files; writes nothing."""
+    from dpdm.report_utils import is_dpdm_grid
+
+    for option, path, ours, what in (("--out", out_path, is_samples_file, "samples file"),
+                                     ("--grid", grid_path, is_dpdm_grid, "grid")):
+        if not path:
+            continue
+        if os.path.lexists(path) and not (os.path.isfile(path) and ours(path)):
+            raise SampleError(f"{option}={str(path)!r} already exists and is not a {what} from `dpdm sample`; it "
+                              f"is kept: choose another {option}")
+        data = _dataset_path(dataset)
+        if data is None:
+            continue
+        target = Path(os.path.realpath(path))
+        if target == data or data in target.parents:
+            raise SampleError(f"{option}={str(path)!r} is {'' if target == data else 'inside '}the run's training "
+                              f"data ({dataset!r}); write the samples elsewhere")
+
+
+def _dataset_path(name: str | None) -> Path | None:
+    """The file or folder of an "npz:PATH" or "folder:PATH" dataset, links resolved (None for others)."""
+    for prefix in ("npz:", "folder:"):
+        if isinstance(name, str) and name.startswith(prefix):
+            return Path(os.path.realpath(Path(name[len(prefix):]).expanduser()))
+    return None
+
+
+def memory_needed(n: int, config: dict, *, batch_size: int) -> int:
+    """Bytes `sample_checkpoint` holds for `n` images of the run `config` describes: the uint8 images, their
+    int64 labels (twice: asked for and returned) and one float32 batch."""
+    pixels = int(config["img_channels"]) * int(config["img_resolution"]) ** 2
+    labels = 16 if int(config.get("num_classes", 0)) > 0 else 0
+    return int(n) * (pixels + labels) + min(int(batch_size), int(n)) * pixels * 4
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where os.sysconf cannot say)."""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return pages * size if pages > 0 and size > 0 else None
 
 
 def _meta_array(value) -> np.ndarray:

@@ -353,3 +353,33 @@ def test_library_audit_whose_coins_include_no_canary_still_reports(run_dir, tmp_
     assert "guesses_target_loss.png" in names and not [n for n in names if n.startswith(("roc_", "hist_"))]
     assert "| n/a (one class only) |" in (out / "report.md").read_text()
     assert _strict_json((out / "report.json").read_text())["canary_audit"]["attacks"]["loss"]["target"]["auc"] is None
+
+
+def test_out_never_replaces_the_users_files_or_writes_into_a_run(run_dir, tmp_path, capsys, monkeypatch):
+    """`dpdm audit --out mydocs` replaced the user's mydocs/report.md, and `--out RUN` wrote 20 files into the
+    run folder. Now both are refused before any training; an earlier audit's folder is still reused."""
+    from audits.suite import check_out_dir
+
+    run, _, _ = run_dir
+    _no_run_audit(monkeypatch)
+    docs = tmp_path / "mydocs"
+    docs.mkdir()
+    (docs / "report.md").write_text("# my important report\n")
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "report.json").write_text('{"format": "mine"}')
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    run_files = sorted(p.name for p in run.iterdir())
+    for out, what in ((docs, "not an earlier dpdm audit's"), (tmp_path / "j", "not an earlier dpdm audit's"),
+                      (run, "inside the run folder"), (run / "audit", "inside the run folder")):
+        rc, _, err = _audit(["--run", str(run), "--out", str(out), *SMALL], capsys)
+        assert rc == 2 and err.startswith(f"dpdm: error: --out={str(out)!r}: ") and what in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in run.iterdir()) == run_files
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "report.json").write_text('{"format": "dpdm.audit/1", "verdict": "PASS"}')
+    (earlier / "report.md").write_text("# dpdm privacy audit: **PASS**\n")
+    assert check_out_dir(earlier) == earlier
+    (earlier / "report.json").unlink()   # a report whose rewrite was interrupted before its report.json
+    assert check_out_dir(earlier) == earlier

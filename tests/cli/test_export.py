@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import numpy as np
@@ -211,3 +212,58 @@ def test_out_under_a_file_is_one_error_line(run, tmp_path, capsys):
         line = one_error_line(code, err)
         assert f"--out='{out}'" in line and "not a folder" in line
     assert (tmp_path / "afile").read_text() == "a file, not a folder"
+
+
+class RunsCodeWhenUnpickled:
+    """A pickle payload that runs `touch marker` when loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_out_never_replaces_another_runs_files_or_a_non_release_file(run, tmp_path, capsys):
+    """`dpdm export --run A --out B/checkpoint.pt` replaced run B's checkpoint (its secret seed: B could no
+    longer resume), `--out plan.json` a locked plan, `--out data.npz` the training data. Now each is kept,
+    even with --force, and no file is written into another run's folder (one whose checkpoint is gone too)."""
+    other = tmp_path / "other_run"
+    shutil.copytree(run / "run", other)
+    gone = tmp_path / "no_checkpoint"
+    shutil.copytree(run / "run", gone)
+    (gone / "checkpoint.pt").unlink()
+    shutil.copy(run / "plan.json", tmp_path / "plan.json")
+    shutil.copy(run / "data.npz", tmp_path / "data.npz")
+    (tmp_path / "notes.pt").write_text("the user's own file")
+    marker = tmp_path / "pwned"
+    torch.save({"format": ckpt.MODEL_FORMAT, "ledger": RunsCodeWhenUnpickled(marker)}, tmp_path / "evil.pt")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    inside = [other / "checkpoint.pt", other / "new.pt", other / "sub" / "m.pt", gone / "m.pt"]
+    kept = [tmp_path / "plan.json", tmp_path / "data.npz", tmp_path / "notes.pt", tmp_path / "evil.pt"]
+    for out in inside + kept:
+        for force in ([], ["--force"]):
+            code, _, err = run_cli(["export", "--run", run / "run", "--out", out, *force], capsys)
+            line = one_error_line(code, err)
+            assert f"--out='{out}'" in line, line
+            assert ("inside the run folder" in line) if out in inside else ("is not a release file" in line), line
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (other / "sub").exists() and not marker.exists()
+
+
+def test_a_release_file_of_another_plan_needs_force(run, tmp_path, capsys):
+    """As `dpdm plan --out` keeps a different plan: a release file of the same plan is replaced (re-export),
+    one of another plan only with --force."""
+    out = tmp_path / "model.pt"
+    for _ in range(2):
+        assert run_cli(["export", "--run", run / "run", "--out", out], capsys)[0] == 0
+    digest = torch.load(out, weights_only=True)["ledger"]["plan_digest"]
+    foreign = torch.load(out, weights_only=True)
+    foreign["ledger"]["plan_digest"] = "sha256:" + "0" * 64
+    torch.save(foreign, out)
+    before = out.read_bytes()
+    code, _, err = run_cli(["export", "--run", run / "run", "--out", out], capsys)
+    line = one_error_line(code, err)
+    assert "another plan" in line and "--force" in line and out.read_bytes() == before
+    assert run_cli(["export", "--run", run / "run", "--out", out, "--force"], capsys)[0] == 0
+    assert torch.load(out, weights_only=True)["ledger"]["plan_digest"] == digest

@@ -1,0 +1,152 @@
+"""`dpdm sample --out/--grid`: they replace only files that `dpdm sample` wrote, never the run's data, and
+an output that cannot be written, or more images than fit in memory, is one error line before any drawing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import accounting
+from cli.main import main
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code, err):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpdm: error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("output_safety")
+    rng = np.random.default_rng(0)
+    np.savez(d / "data.npz", x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8), y=(np.arange(24) % 3),
+             num_classes=3)
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=2.0,
+                                  noise_multiplicity=1, delta=1e-5, dataset_name=f"npz:{d / 'data.npz'}")
+    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")
+    assert main(["train", "--plan", str(d / "plan.json"), "--out", str(d / "run"), "--device", "cpu", "--quiet"]) == 0
+    return d
+
+
+def _sample(run, out, *extra, n=4):
+    return ["sample", "--run", run / "run", "--n", n, "--sampler-steps", 2, "--device", "cpu", "--out", out, *extra]
+
+
+@pytest.fixture()
+def no_drawing(monkeypatch):
+    """Fails the test if `dpdm sample` starts drawing images."""
+    import dpdm.sampling
+
+    def generate(*a, **k):
+        raise AssertionError("drew images before checking the outputs")
+    monkeypatch.setattr(dpdm.sampling, "generate", generate)
+
+
+def test_sample_replaces_only_its_own_files(run, tmp_path, capsys, no_drawing):
+    """`dpdm sample --out data.npz` replaced the run's training set, `--grid good/a/0.png` a training image,
+    `--out other/scores.npz` an audit's scores: now each is kept, and nothing is drawn."""
+    np.savez(tmp_path / "scores.npz", included=np.ones(4, dtype=bool))
+    (tmp_path / "notes.npz").write_text("the user's own file")
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n the user's own image")
+    cases = [("--out", run / "data.npz", ()), ("--out", tmp_path / "scores.npz", ()),
+             ("--out", tmp_path / "notes.npz", ()),
+             ("--grid", tmp_path / "photo.png", ("--grid", tmp_path / "photo.png"))]
+    before = {p: p.read_bytes() for p in (run / "data.npz", *tmp_path.iterdir())}
+    for option, path, extra in cases:
+        out = tmp_path / "s.npz" if option == "--grid" else path
+        code, _, err = run_cli(_sample(run, out, *extra), capsys)
+        line = one_error_line(code, err)
+        assert f"{option}='{path}' already exists" in line and "kept" in line, line
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_sample_rewrites_its_own_samples_and_grid(run, tmp_path, capsys):
+    """What `dpdm sample` wrote it may write again (the README's `--out samples.npz --grid grid.png`)."""
+    for seed in (0, 1):
+        code, _, err = run_cli(_sample(run, tmp_path / "s.npz", "--grid", tmp_path / "grid.png", "--seed", seed),
+                               capsys)
+        assert code == 0, err
+        with np.load(tmp_path / "s.npz") as z:
+            assert int(z["meta_seed"]) == seed
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg", ".jpg", ".jpeg"])
+def test_every_grid_format_is_recognised_as_dpdms(tmp_path, suffix):
+    from dpdm.report_utils import is_dpdm_grid, save_grid
+
+    x = np.zeros((3, 1, 8, 8), dtype=np.uint8)
+    save_grid(x, np.arange(3), tmp_path / f"g{suffix}", title="t")
+    assert is_dpdm_grid(tmp_path / f"g{suffix}")
+    (tmp_path / f"h{suffix}").write_bytes((tmp_path / f"g{suffix}").read_bytes().replace(b"dpdm.grid/1", b"other/1"))
+    assert not is_dpdm_grid(tmp_path / f"h{suffix}") and not is_dpdm_grid(tmp_path / "missing.png")
+
+
+def test_the_runs_own_data_is_never_an_output(run, tmp_path):
+    """A run trained on an npz that `dpdm sample` wrote, or on an image folder: sampling into that npz, or a
+    grid into that folder (a new training image), is refused."""
+    from dpdm.sample import SampleError, check_outputs
+
+    np.savez(tmp_path / "synthetic.npz", x=np.zeros((2, 1, 8, 8), np.uint8), meta_plan_digest=np.asarray("x"),
+             meta_private=np.asarray(True))
+    check_outputs(tmp_path / "synthetic.npz")   # a samples file: replaceable in itself
+    with pytest.raises(SampleError, match="the run's training data"):
+        check_outputs(tmp_path / "synthetic.npz", dataset=f"npz:{tmp_path / 'synthetic.npz'}")
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    with pytest.raises(SampleError, match="inside the run's training data"):
+        check_outputs(tmp_path / "s.npz", tmp_path / "imgs" / "a" / "new.png", dataset=f"folder:{tmp_path / 'imgs'}")
+    check_outputs(tmp_path / "s.npz", tmp_path / "new.png", dataset=f"folder:{tmp_path / 'imgs'}")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_unwritable_output_folders_are_one_error_line(run, tmp_path, capsys, no_drawing):
+    """Under /proc (as for a folder without write permission) the folder cannot be created; os.access says
+    yes to root, so sample and export raised FileNotFoundError (exit 4) after all the work."""
+    for args, option in ((_sample(run, "/proc/nope/s.npz"), "--out"),
+                         (_sample(run, tmp_path / "s.npz", "--grid", "/proc/g.png"), "--grid"),
+                         (["export", "--run", run / "run", "--out", "/proc/nope/m.pt"], "--out")):
+        code, _, err = run_cli(args, capsys)
+        assert one_error_line(code, err).startswith(f"dpdm: error: {option}='/proc/")
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_output_parent_problem_probes_the_folder(tmp_path, monkeypatch):
+    """A folder that refuses new files although os.access says it may be written (root, or a read-only
+    mount) is found by the probe file, which is removed again."""
+    import tempfile
+
+    from dpdm.report_utils import output_parent_problem
+
+    assert output_parent_problem(tmp_path / "new" / "s.npz") is None and list(tmp_path.iterdir()) == []
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert "not writable (Permission denied)" in output_parent_problem(tmp_path / "s.npz")
+    assert "cannot be created" in output_parent_problem(tmp_path / "new" / "s.npz")
+
+
+def test_more_images_than_memory_is_one_error_line(run, tmp_path, capsys, no_drawing):
+    """--n 10**15 tried to allocate the whole output (784 GB at 10**9 of 28x28) and died with a traceback."""
+    code, _, err = run_cli(_sample(run, tmp_path / "s.npz", n=10**15), capsys)
+    line = one_error_line(code, err)
+    assert f"n={10**15} (--n)" in line and "GiB of memory" in line, line
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_memory_needed_counts_images_labels_and_one_batch():
+    from dpdm.sample import memory_needed, physical_memory
+
+    cfg = {"img_channels": 1, "img_resolution": 28, "num_classes": 10}
+    assert memory_needed(10**9, cfg, batch_size=256) == 10**9 * (784 + 16) + 256 * 784 * 4
+    assert memory_needed(10, {**cfg, "num_classes": 0}, batch_size=256) == 10 * 784 + 10 * 784 * 4
+    assert physical_memory() is None or physical_memory() > 2**20
