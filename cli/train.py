@@ -7,7 +7,7 @@ import click
 
 from cli._common import (FiniteFloatRange, emit_json, info, load_locked_plan, load_public_data, load_training_data,
                          plan_dataset_name, resolve_device, warn, warn_if_slow_bf16, warn_known_seed)
-from cli.errors import BadInput
+from cli.errors import BadInput, runtime_failure
 
 
 @click.command()
@@ -79,7 +79,7 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
           subspace_data, subspace_every, subspace_examples, precision, resume, no_dp, as_json, quiet):
     """Train a diffusion model with DP-SGD under a locked plan."""
     from dpdm import checkpoint as ckpt
-    from dpdm.train import TrainConfig, TrainError
+    from dpdm.train import TrainConfig, TrainDiverged, TrainError
     from dpdm.train import train as run_training
 
     if train_sigma is not None:
@@ -150,10 +150,17 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
         ok = True
     except (TrainError, ckpt.CheckpointError) as e:
         raise BadInput(str(e)) from None
+    except TrainDiverged as e:   # the weights went NaN: not an input mistake the checks could have caught
+        raise runtime_failure(str(e)) from None
     finally:
         distributed.shutdown(ok=ok)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 alone reports
+    if dataset and doc.plan.dataset_name and dataset != doc.plan.dataset_name:
+        # The guarantee holds for any data of the plan's size, but the plan (public, in every release file)
+        # names the other dataset. Said after training, so that a refusal stays one error line.
+        warn(f"--dataset={dataset!r}, but the plan was made for {doc.plan.dataset_name!r}; its guarantee holds "
+             "for any data of its size, and the run records the data it trained on")
     if as_json:
         emit_json(summary)
     else:

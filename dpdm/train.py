@@ -63,6 +63,10 @@ class TrainError(ValueError):
     """A run that must not start or continue: wrong plan, wrong data, finished run, bad resume."""
 
 
+class TrainDiverged(RuntimeError):
+    """The weights became non-finite (NaN or inf) during training: nothing after the last checkpoint is saved."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Privacy-neutral knobs: none of them changes what the accountant measured."""
@@ -498,6 +502,8 @@ def train(
             )
     elif resume:
         raise TrainError(f"nothing to resume: {str(ckpt_path)!r} does not exist")
+    else:
+        _check_fresh_run_folder(out, plan_doc, config.checkpoint_every)
 
     device = torch.device(config.device)
     if device.type == "cpu":
@@ -617,66 +623,78 @@ def train(
     else:
         run_config["grad_engine"] = {"engine": "rules" if config.per_layer_rules else "vmap", "auto": False}
 
+    lock = None
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "plan.json", plan_doc.to_dict())
-        shown = "(given with --seed: not secret)" if seed_given else "(secret: in checkpoint.pt only)"
-        public = {**run_config, "train": {**run_config["train"], "seed": shown},
-                  "private": config.private}
-        _write_json(out / "config.json", public)
-
-    sampler = PoissonSampler(plan.dataset_size if config.private else n, plan.sample_rate, seed=seed)
-    x_dev = x.to(device)
-    y_dev = y.to(device) if conditional else None
-    params = {name: p for name, p in D.named_parameters() if p.requires_grad}  # what --trainable left
-
-    def ledger_at(steps: int) -> Ledger:
-        # epsilon after a prefix of the steps is at most the epsilon of all of them, so the plan's
-        # certificate (PLD, or PRV's upper bound where tighter) also bounds every prefix.
-        eps = min(accounting.epsilon_spent(plan, steps), plan_doc.epsilon) if config.private else math.inf
-        return Ledger(plan_doc.digest, plan.steps, steps, eps, plan.delta, config.private)
-
-    def save(steps: int) -> Ledger:
-        ledger = ledger_at(steps)
-        dist.check_same_params(D)
+        try:   # 0700: the folder holds the secret seed, metrics computed without noise and a digest of the data
+            out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainError(f"cannot create the run folder {str(out)!r} ({e.strerror or e})") from None
+        lock = _lock_run_folder(out)
+        if state is None and ckpt_path.exists():   # another process started a run here since it was checked
+            if lock is not None:
+                lock.close()
+            raise TrainError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
+    bar = metrics_file = None
+    try:   # however the run ends: the lock released, the progress bar and the metrics file closed
         if dist.is_main:
-            ckpt.save_checkpoint(
-                {
-                    "format": ckpt.FORMAT,
-                    "model": D.state_dict(),
-                    "ema": ema.model.state_dict(),
-                    "ema_power": {k: pe.model.state_dict() for k, pe in power_emas.items()},
-                    "optimizer": optimizer.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "scheme": RNG_SCHEME},
-                    "ledger": ledger.to_dict(),
-                    "config": {**run_config, "private": config.private},
-                    **({} if trained_on is None else {IMAGE_DIGESTS_KEY: trained_on}),
-                },
-                ckpt_path,
-            )
-        return ledger
+            _write_json(out / "plan.json", plan_doc.to_dict())
+            shown = "(given with --seed: not secret)" if seed_given else "(secret: in checkpoint.pt only)"
+            public = {**run_config, "train": {**run_config["train"], "seed": shown},
+                      "private": config.private}
+            _write_json(out / "config.json", public)
 
-    metrics_path = out / "metrics.csv"
-    metrics_file = None
-    writer = None
-    if dist.is_main:
-        # The header and the rows up to the checkpoint, written atomically before any step: a run killed
-        # before its first row still has the header, and rows logged after the checkpoint are redone.
-        _truncate_metrics(metrics_path, steps_done)
-        metrics_file = open(metrics_path, "a", newline="")
-        writer = csv.writer(metrics_file)
+        sampler = PoissonSampler(plan.dataset_size if config.private else n, plan.sample_rate, seed=seed)
+        x_dev = x.to(device)
+        y_dev = y.to(device) if conditional else None
+        params = {name: p for name, p in D.named_parameters() if p.requires_grad}  # what --trainable left
 
-    bar = None
-    if progress and dist.is_main:
-        from tqdm import tqdm
+        def ledger_at(steps: int) -> Ledger:
+            # epsilon after a prefix of the steps is at most the epsilon of all of them, so the plan's
+            # certificate (PLD, or PRV's upper bound where tighter) also bounds every prefix.
+            eps = min(accounting.epsilon_spent(plan, steps), plan_doc.epsilon) if config.private else math.inf
+            return Ledger(plan_doc.digest, plan.steps, steps, eps, plan.delta, config.private)
 
-        bar = tqdm(total=plan.steps, initial=steps_done, file=sys.stderr, unit="step",
-                   desc="train" if config.private else "train (NON-PRIVATE)", dynamic_ncols=True)
+        def save(steps: int) -> Ledger:
+            ledger = ledger_at(steps)
+            dist.check_same_params(D)
+            if dist.is_main:
+                ckpt.save_checkpoint(
+                    {
+                        "format": ckpt.FORMAT,
+                        "model": D.state_dict(),
+                        "ema": ema.model.state_dict(),
+                        "ema_power": {k: pe.model.state_dict() for k, pe in power_emas.items()},
+                        "optimizer": optimizer.state_dict(),
+                        "rng": {"torch": torch.get_rng_state(), "scheme": RNG_SCHEME},
+                        "ledger": ledger.to_dict(),
+                        "config": {**run_config, "private": config.private},
+                        **({} if trained_on is None else {IMAGE_DIGESTS_KEY: trained_on}),
+                    },
+                    ckpt_path,
+                )
+            return ledger
 
-    eps_now = ledger_at(steps_done).epsilon_spent
-    t_last, steps_last = time.perf_counter(), steps_done
-    ledger = None
-    try:
+        metrics_path = out / "metrics.csv"
+        metrics_file = None
+        writer = None
+        if dist.is_main:
+            # The header and the rows up to the checkpoint, written atomically before any step: a run killed
+            # before its first row still has the header, and rows logged after the checkpoint are redone.
+            _truncate_metrics(metrics_path, steps_done)
+            metrics_file = open(metrics_path, "a", newline="")
+            writer = csv.writer(metrics_file)
+
+        bar = None
+        if progress and dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=plan.steps, initial=steps_done, file=sys.stderr, unit="step",
+                       desc="train" if config.private else "train (NON-PRIVATE)", dynamic_ncols=True)
+
+        eps_now = ledger_at(steps_done).epsilon_spent
+        t_last, steps_last = time.perf_counter(), steps_done
+        ledger = None
+        last_saved = steps_done   # 0: none yet
         while steps_done < plan.steps:
             step = steps_done
             idx = sampler.batch(step).to(device)
@@ -728,6 +746,15 @@ def train(
                 ema.update(D, step)
                 for pe in power_emas.values():
                     pe.update(D, step)
+            # Weights that are NaN or inf, or a batch none of whose losses is finite (DP-SGD zeroes those
+            # examples, so only the noise would move the model from here on): the run has diverged.
+            if (count > 0 and (loss_n == 0 or not math.isfinite(loss_sum))) or \
+                    not bool(torch.stack([torch.isfinite(p).all() for p in params.values()]).all()):
+                raise TrainDiverged(
+                    f"the run diverged: its weights or all its losses became non-finite (NaN or inf) at step "
+                    f"{step + 1} of {plan.steps} (lr {lr_at(config, step, plan.steps):g}); lower --lr. "
+                    + (f"Nothing after the checkpoint of step {last_saved} was saved" if last_saved
+                       else "No checkpoint was saved"))
             steps_done = step + 1
             _maybe_inject_fault(dist.rank, steps_done)
             if on_step is not None:
@@ -750,11 +777,14 @@ def train(
                 bar.update(1)
             if steps_done % config.checkpoint_every == 0 or steps_done == plan.steps:
                 ledger = save(steps_done)
+                last_saved = steps_done
     finally:
         if bar is not None:
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
+        if lock is not None:
+            lock.close()
     if ledger is None:
         ledger = ledger_at(steps_done)
     return {
@@ -948,6 +978,61 @@ def _truncate_metrics(path: Path, steps_done: int) -> None:
     kept = [ln for ln in lines if ln.endswith("\n") and ln.count(",") == width - 1
             and ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= steps_done]
     ckpt.atomic_write_text(path, ",".join(METRICS_HEADER) + "\r\n" + "".join(kept))
+
+
+def _check_fresh_run_folder(out: Path, plan_doc, checkpoint_every: int) -> None:
+    """A new run starts only in a folder that is absent, or holds nothing of another run: its plan.json (if
+    any) is this plan, its config.json (if any) a dpdm run's beside that plan, and its metrics.csv (if any)
+    has no row at or past the first checkpoint (that run wrote a checkpoint since removed, and training again
+    would spend the plan again). A run killed before its first checkpoint may be started afresh."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise TrainError(f"--out {str(out)!r} is not a folder")
+    plan_file, config_file, metrics = out / "plan.json", out / "config.json", out / "metrics.csv"
+    if plan_file.exists():
+        try:
+            digest = accounting.load_plan(plan_file).digest
+        except (accounting.PlanError, OSError):
+            digest = None
+        if digest != plan_doc.digest:
+            raise TrainError(f"{str(out)!r} holds another plan.json ({'plan ' + digest[:19] + '...' if digest else 'not a locked plan'}); "
+                             "a new run there would replace it: choose another --out")
+    if config_file.exists():
+        try:
+            ours = "data_digest" in json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours or not plan_file.exists():
+            raise TrainError(f"{str(out)!r} holds a config.json of something else; a new run there would replace "
+                             "it: choose another --out")
+    if metrics.exists():
+        try:
+            with open(metrics, newline="") as f:
+                steps = [int(ln.split(",", 1)[0]) for ln in f if ln.split(",", 1)[0].isdigit()]
+        except (OSError, ValueError):
+            steps = []
+        first = min(checkpoint_every, plan_doc.plan.steps)
+        if steps and max(steps) >= first:
+            raise TrainError(f"{str(out)!r} holds the metrics of a run that logged step {max(steps)} but no "
+                             f"{CHECKPOINT_NAME}: its checkpoint was removed, and training here again would spend the "
+                             "plan again; choose another --out (and another plan, if that run's outputs were used)")
+
+
+def _lock_run_folder(out: Path):
+    """An exclusive lock on the run folder for as long as this process trains in it (None where the system
+    has no fcntl): a second `dpdm train` into the same folder is refused instead of interleaving."""
+    try:
+        import fcntl
+    except ImportError:   # not POSIX
+        return None
+    f = open(out / ".train.lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise TrainError(f"another dpdm train is running in {str(out)!r}; wait for it, or choose another --out") from None
+    return f
 
 
 def _maybe_inject_fault(rank: int, steps_done: int) -> None:

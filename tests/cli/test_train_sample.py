@@ -32,7 +32,8 @@ def tiny(tmp_path):
     x = rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
     y = (np.arange(24) % 3).astype(np.int64)
     np.savez(tmp_path / "data.npz", x=x, y=y, num_classes=3)
-    np.savez(tmp_path / "test.npz", x=x[:12], y=y[:12], num_classes=3)
+    held_out = np.random.default_rng(1).integers(0, 256, size=(12, 1, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "test.npz", x=held_out, y=y[:12], num_classes=3)   # no training image: eval refuses those
     np.savez(tmp_path / "other.npz", x=np.concatenate([x, x[:1]]), y=np.concatenate([y, y[:1]]), num_classes=3)
     plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=4, noise_multiplier=2.0,
                                   noise_multiplicity=2, delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
@@ -322,12 +323,30 @@ def test_a_class_count_read_from_the_private_labels_warns(tiny, capsys):
     assert code == 0 and "the number of classes (3) was read from the private labels" in err
 
 
+def test_training_on_another_dataset_than_the_plans_warns(tiny, capsys):
+    d = tiny
+    x = np.random.default_rng(2).integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
+    np.savez(d / "same_size.npz", x=x, y=(np.arange(24) % 3).astype(np.int64), num_classes=3)
+    code, _, err = run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'same_size.npz'}"), capsys)
+    assert code == 0 and f"but the plan was made for 'npz:{d / 'data.npz'}'" in err
+    code, _, err = run_cli(_train_args(d, d / "run2", "--dataset", f"npz:{d / 'data.npz'}"), capsys)
+    assert code == 0 and "the plan was made for" not in err
+
+
 def test_a_fixed_seed_on_a_private_run_warns(tiny, capsys):
     d = tiny
     code, _, err = run_cli(_train_args(d, d / "run", "--seed", "5"), capsys)
     assert code == 0 and "--seed 5: anyone who knows this seed can replay" in err
     code, _, err = run_cli(_train_args(d, d / "nodp", "--seed", "5", "--no-dp"), capsys)
     assert code == 0 and "anyone who knows" not in err
+
+
+def test_a_diverging_run_is_a_runtime_failure(tiny, capsys):
+    d = tiny
+    code, _, err = run_cli(_train_args(d, d / "run", "--lr", "1e30"), capsys)
+    lines = err.strip().splitlines()
+    assert code == 4 and lines[-1].startswith("dpdm: runtime failure: the run diverged:"), err
+    assert "lower --lr" in lines[-1] and "Traceback" not in err
 
 
 def _seed_given_outputs(d, run, capsys):
@@ -481,6 +500,8 @@ def runs(tmp_path_factory):
     x = rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
     np.savez(d / "data.npz", x=x, y=(np.arange(24) % 3).astype(np.int64))
     np.savez(d / "udata.npz", x=x)
+    held_out = np.random.default_rng(1).integers(0, 256, size=(12, 1, 8, 8), dtype=np.uint8)
+    np.savez(d / "test.npz", x=held_out, y=(np.arange(12) % 3).astype(np.int64))   # no training image
     for data, run in (("data.npz", "run"), ("udata.npz", "urun")):
         plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=2.0, delta=1e-5,
                                       dataset_name=f"npz:{d / data}")
@@ -506,7 +527,7 @@ def test_unconditional_samples_have_no_y_and_eval_takes_them(runs, tmp_path, cap
         assert "y" not in z.files and z["x"].shape == (6, 1, 8, 8)
         assert all(z[k].dtype != object for k in z.files)
     code, out, err = run_cli(["eval", "--samples", tmp_path / "u.npz", "--dataset", f"npz:{runs / 'data.npz'}",
-                              "--test-dataset", f"npz:{runs / 'data.npz'}", "--reference-epochs", 1,
+                              "--test-dataset", f"npz:{runs / 'test.npz'}", "--reference-epochs", 1,
                               "--cache-dir", tmp_path / "cache", "--device", "cpu", "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)

@@ -12,7 +12,7 @@ import torch
 
 import accounting
 from dpdm import checkpoint as ckpt
-from dpdm.train import CHECKPOINT_NAME, TrainConfig, TrainError, train
+from dpdm.train import CHECKPOINT_NAME, TrainConfig, TrainDiverged, TrainError, train
 
 
 def tiny_data(n=24, classes=3, res=8, seed=0):
@@ -252,7 +252,8 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
             ckpt.save_checkpoint(state, out / CHECKPOINT_NAME)
         monkeypatch.undo()
         assert (out / CHECKPOINT_NAME).read_bytes() == before
-        assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.csv", "plan.json"]
+        assert sorted(p.name for p in out.iterdir()) == [".train.lock", "checkpoint.pt", "config.json", "metrics.csv",
+                                                         "plan.json"]
 
 
 def test_seed_is_secret_by_default_and_fixed_on_resume(tmp_path):
@@ -808,3 +809,70 @@ def test_checkpoints_are_owner_only(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(os.stat(out / CHECKPOINT_NAME).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(out / "plan.json").st_mode) == 0o644
+
+
+# --- the run folder: other runs' files, a second trainer, its mode; a diverging run ------------------------
+
+def test_a_new_run_never_replaces_another_runs_files(tmp_path):
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=4)
+    # Another plan, a config.json of something else, or the metrics of a run whose checkpoint was removed.
+    other = tmp_path / "other"
+    other.mkdir()
+    accounting.write_plan(tiny_plan(steps=5), other / "plan.json")
+    with pytest.raises(TrainError, match="holds another plan.json"):
+        train(doc, x, y, c, other, TrainConfig(**CFG), progress=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "own config"}')
+    with pytest.raises(TrainError, match="holds a config.json of something else"):
+        train(doc, x, y, c, mine, TrainConfig(**CFG), progress=False)
+    assert (mine / "config.json").read_text() == '{"my": "own config"}' and (other / "plan.json").exists()
+    done = tmp_path / "done"
+    train(doc, x, y, c, done, TrainConfig(**CFG), progress=False)
+    (done / CHECKPOINT_NAME).unlink()
+    metrics = (done / "metrics.csv").read_text()
+    with pytest.raises(TrainError, match="logged step 4 but no checkpoint.pt: its checkpoint was removed"):
+        train(doc, x, y, c, done, TrainConfig(**{**CFG, "seed": None}), progress=False)
+    assert (done / "metrics.csv").read_text() == metrics
+    # Its own locked plan beside it (`dpdm plan --out RUN/plan.json`), or a run killed before its first
+    # checkpoint: a new run may start there.
+    own = tmp_path / "own"
+    own.mkdir()
+    accounting.write_plan(doc, own / "plan.json")
+    with pytest.raises(Stop):
+        train(doc, x, y, c, own, TrainConfig(**{**CFG, "checkpoint_every": 3}), progress=False, on_step=stop_at(2))
+    assert not (own / CHECKPOINT_NAME).exists()
+    assert train(doc, x, y, c, own, TrainConfig(**CFG), progress=False)["steps_done"] == 4
+
+
+def test_a_second_trainer_in_the_same_folder_is_refused_and_the_folder_is_private(tmp_path):
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=4)
+    out = tmp_path / "run"
+    verdicts = []
+
+    def second_trainer(steps_done):   # called inside the first run, which holds the folder's lock
+        if steps_done == 3:           # after the checkpoint of step 2
+            with pytest.raises(TrainError, match="another dpdm train is running in"):
+                train(doc, x, y, c, out, TrainConfig(**CFG), progress=False, resume=True)
+            verdicts.append("refused")
+
+    train(doc, x, y, c, out, TrainConfig(**CFG), progress=False, on_step=second_trainer)
+    assert verdicts == ["refused"]
+    assert (out.stat().st_mode & 0o777) == 0o700
+    # The lock is released when the run ends (also when it fails): a finished run says so, not "another train".
+    with pytest.raises(TrainError, match="is finished"):
+        train(doc, x, y, c, out, TrainConfig(**CFG), progress=False, resume=True)
+
+
+def test_a_run_whose_weights_become_non_finite_stops_at_once(tmp_path):
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    steps = []
+    with pytest.raises(TrainDiverged, match=r"the run diverged: .* non-finite \(NaN or inf\) at step \d of 6 .*lower --lr"):
+        train(doc, x, y, c, out, TrainConfig(**{**CFG, "lr": 1e30}), progress=False, on_step=steps.append)
+    assert len(steps) < 6
+    with pytest.raises(TrainError, match="cannot create the run folder"):
+        train(doc, x, y, c, Path("/proc/nope/run"), TrainConfig(**CFG), progress=False)
