@@ -38,7 +38,7 @@ from accounting.calibrate import (
     calibrate_noise_multiplier,
     certification_discretization,
 )
-from accounting.fft_pld import FftPldAccountant
+from accounting.fft_pld import FftPldAccountant, FftPrecisionError
 
 __all__ = [
     "FORMAT",
@@ -74,6 +74,7 @@ RDP_RTOL = 1e-3
 # A loaded plan's epsilon must re-compute to the stored value: never above it, and not more than
 # this far below it (a different dp-accounting version may shift the last digits).
 RECOMPUTE_RTOL = 1e-3
+_QUICK_FLOOR_POINTS = 2**14   # the grid of the quick lower bound that verification starts with
 _FLOAT_RTOL = 1e-9
 # The smallest delta a plan may have. Below it the accountants lose double precision: at q 0.064,
 # sigma 1, 100 steps, delta 1e-13 gave dpdm's own PLD a "rigorous" lower bound (9.89) above
@@ -617,6 +618,19 @@ def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_
                        where: str) -> None:
     if certified_by not in ("pld", "prv"):
         raise PlanError(f"{where}: certified_by={certified_by!r} must be 'pld' or 'prv'")
+    # The certificate's PLD grid is set by target_epsilon (finer for a smaller target), which can be forged
+    # together with the certified epsilon and the digest (a plain sha256): a target of 1e-9 and a certified 0
+    # kept the PLD below busy for minutes and gigabytes. A coarse rigorous lower bound refutes such a target in
+    # a moment first; no real plan is refuted, since its certified epsilon, at most its target, bounds the
+    # true one from above.
+    if plan.target_epsilon is not None:
+        try:
+            floor = FftPldAccountant(grid_points=_QUICK_FLOOR_POINTS).epsilon(plan.to_event(), plan.delta).lower
+        except FftPrecisionError:   # no bracket at this delta: the checks below decide
+            floor = 0.0
+        if floor > plan.target_epsilon * (1 + RECOMPUTE_RTOL):
+            raise PlanError(f"{where}: target_epsilon={plan.target_epsilon!r} is below a lower bound on the "
+                            f"mechanism's epsilon ({floor:.6g}); the plan was edited; make a new plan")
     pld = epsilon_spent(plan, plan.steps)   # the PLD certificate, cached for the ledger
     if prv_eps_error is not None:
         # Outside the digest, and it sets PRV's grid (1e-9 asked for 1.96 TiB): checked before any PRV work.

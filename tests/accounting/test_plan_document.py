@@ -389,3 +389,16 @@ def test_a_prv_certificate_is_checked_against_dpdms_own_pld_when_loaded(monkeypa
     monkeypatch.setattr(accounting.FftPldAccountant, "epsilon", refuting)
     with pytest.raises(PlanError, match="below dpdm's own PLD lower bound"):
         accounting.load_plan(path)
+
+
+def test_a_forged_tiny_target_is_refused_at_once(doc, tmp_path):
+    """target_epsilon sets the certificate's PLD grid; forged to 1e-9 with a certified 0 and the digest
+    recomputed, verification ran the PLD for minutes and gigabytes. A quick lower bound refutes it first."""
+    forged = dataclasses.replace(doc.plan, target_epsilon=1e-9)
+
+    def edit(d):
+        d.update(target_epsilon=1e-9, digest=forged.digest())
+        d["epsilon"].update(certified=0.0)
+
+    with pytest.raises(PlanError, match=r"target_epsilon=1e-09 is below a lower bound on the mechanism's epsilon"):
+        accounting.load_plan(_tampered(doc, tmp_path, edit))
