@@ -83,6 +83,39 @@ def demo(out_dir, steps, public_steps, device, skip_audit):
     return 0
 
 
+# Written into the demo's folder before anything else: a rerun recognises the folder as the demo's own even
+# when the run before it stopped before its report.
+DEMO_MARK = ".dpdm-demo"
+# What a run of the demo writes into its folder, and a rerun replaces (run/ and public/ start afresh).
+DEMO_OUTPUTS = ("plan.json", "run", "public", "model.pt", "samples.npz", "grid.png", "privacy_curve.png", "audit",
+                "report.md", "report.html")
+
+
+def _claim_demo_folder(out: Path) -> None:
+    """Makes `out` the demo's folder: a new or empty folder, or one an earlier demo wrote (its mark, or its
+    report). Anything else is refused before any work (exit 2), since the demo replaces what it writes there
+    (a run/ folder of the user's included). The outputs of an earlier demo are removed: it starts afresh."""
+    from cli.errors import BadInput
+
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {str(out)!r} is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        report = out / "report.md"
+        ours = (out / DEMO_MARK).is_file() or (
+            report.is_file() and report.read_text(encoding="utf-8", errors="replace").startswith("# dpdm demo:"))
+        if not ours:
+            raise BadInput(f"--out {str(out)!r} holds files of something other than an earlier demo; the demo writes "
+                           f"{', '.join(DEMO_OUTPUTS)} there, replacing them: choose a new or empty folder")
+        for name in DEMO_OUTPUTS:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text("written by `dpdm demo`: a rerun replaces this folder's demo outputs\n")
+
+
 def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
              public_steps: int = DEMO_PUBLIC_STEPS) -> tuple[Path, str | None]:
     """Runs the demo into `out`; returns the report's path and the audit's verdict (None without audit)."""
@@ -98,7 +131,7 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
     # glibc's heap (dpdm/cpu.py) unless DPDM_MALLOC=default says otherwise: the same results, 1.3x faster
     # private steps and 1.2x faster public ones on a 2-core AMD EPYC, where the demo took 922 s without it.
     keep_freed_memory_if_asked(default="keep")
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_demo_folder(out)
     timings: list[tuple[str, str]] = []
 
     def lap(name: str, t0: float) -> None:
@@ -135,8 +168,6 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
             dataset_size=len(public), batch_size=DEMO_PUBLIC_BATCH, steps=public_steps, noise_multiplier=1.0,
             noise_multiplicity=DEMO_PUBLIC_K, delta=DEMO["delta"], dataset_name=DEMO_PUBLIC))
         public_dir = out / "public"
-        if public_dir.exists():
-            shutil.rmtree(public_dir)
         train(public_doc, public.x, public.y, public.num_classes, public_dir,
               TrainConfig(model=DEMO_MODEL, precond=DEMO_PRECOND, lr=DEMO_LR, device=device, private=False,
                           checkpoint_every=max(public_steps, 1), log_every=10),
@@ -150,8 +181,6 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
           f"noise multiplier {plan.noise_multiplier:.4f}" + (", from the public warm start" if init_from else ""))
     data = load_dataset("mnist5k", "train")
     run_dir = out / "run"
-    if run_dir.exists():  # the demo starts afresh each time
-        shutil.rmtree(run_dir)
     summary = train(doc, data.x, data.y, data.num_classes, run_dir,
                     TrainConfig(model=DEMO_MODEL, precond=DEMO_PRECOND, lr=DEMO_LR, device=device,
                                 checkpoint_every=10, log_every=2, physical_batch=DEMO_PHYSICAL_BATCH,

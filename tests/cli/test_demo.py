@@ -80,3 +80,27 @@ def test_demo_exits_1_when_its_audit_fails_and_prints_the_verdict(tmp_path, caps
     line = demo.audit_verdict_line({"verdict": "FAIL", "reasons": ["engine_noise_std: p=1e-9", "other"]})
     assert line == "FAIL (engine_noise_std: p=1e-9)"
     assert demo.audit_verdict_line({"verdict": "PASS", "reasons": []}) == "PASS"
+
+
+def test_demo_takes_only_a_new_empty_or_earlier_demo_folder(tmp_path, capsys):
+    """The demo replaces what it writes (a run/ folder included): a folder of something else is refused before
+    any work; an earlier demo's outputs are removed, the rest of its folder kept."""
+    from cli.demo import DEMO_MARK, _claim_demo_folder
+
+    project = tmp_path / "project"
+    (project / "run").mkdir(parents=True)
+    (project / "run" / "notes.txt").write_text("mine")
+    assert main(["demo", "--out", str(project), "--steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds files of something other than an earlier demo" in err[0]
+    assert (project / "run" / "notes.txt").read_text() == "mine" and not (project / DEMO_MARK).exists()
+
+    earlier = tmp_path / "demo"
+    (earlier / "run").mkdir(parents=True)
+    (earlier / "grid.png").write_bytes(b"an earlier demo's grid, unmarked")
+    (earlier / "report.md").write_text("# dpdm demo: DP diffusion on mnist5k\n")
+    (earlier / "keep.txt").write_text("not the demo's")
+    _claim_demo_folder(earlier)
+    assert sorted(p.name for p in earlier.iterdir()) == [DEMO_MARK, "keep.txt"]
+    _claim_demo_folder(tmp_path / "new")
+    assert (tmp_path / "new" / DEMO_MARK).is_file()
