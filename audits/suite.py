@@ -85,7 +85,7 @@ def check_out_dir(out_dir) -> Path:
                               "earlier dpdm audit's report (no report.json of format dpdm.audit/1) and is kept: "
                               "choose another --out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)   # 0700: the report holds a noise-free control run
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
         os.close(fd)
         os.unlink(probe)

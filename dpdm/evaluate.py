@@ -361,7 +361,7 @@ def _reference_folder(cache_dir: str | os.PathLike | None) -> Path:
     """
     folder = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "reference"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)   # 0700: a CNN trained on the private data
     except OSError as e:
         raise ValueError(f"cannot create the cache folder {str(folder)!r} ({' '.join(str(e).split())})") from None
     return folder

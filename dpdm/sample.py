@@ -105,6 +105,9 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
 
     D, state = load_denoiser(path, weights=weights, device=device)
     cfg, ledger = state["config"], state["ledger"]
+    if guidance != 0 and int(cfg.get("num_classes", 0)) == 0:
+        raise SampleError(f"guidance={guidance:g} (--guidance) needs a class-conditional model; {str(path)!r} was "
+                          "trained without labels, so there is nothing to guide towards")
     check_outputs(out_path, grid_path, dataset=cfg.get("dataset"))   # before any drawing
     need = memory_needed(n, cfg, batch_size=batch_size)
     have = physical_memory()

@@ -76,6 +76,7 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys):
     rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| loss | target")]
     assert len(rows) == 1 and rows[0][7].startswith("n/a (") and rows[0][8].startswith("n/a ("), rows
     assert json.loads((out_dir / "report.json").read_text())["verdict"] == report["verdict"]
+    assert (out_dir.stat().st_mode & 0o777) == 0o700   # the report holds a noise-free control run
     # The run drew a secret seed; one trained with a given --seed would be named so in the report.
     from audits.suite import _markdown
 

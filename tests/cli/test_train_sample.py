@@ -526,6 +526,9 @@ def test_unconditional_samples_have_no_y_and_eval_takes_them(runs, tmp_path, cap
     with np.load(tmp_path / "u.npz") as z:
         assert "y" not in z.files and z["x"].shape == (6, 1, 8, 8)
         assert all(z[k].dtype != object for k in z.files)
+    code, _, err = run_cli(_sample_args(runs / "urun", tmp_path / "g.npz", "--guidance", 2), capsys)
+    assert "--guidance" in _one_error_line(code, err) and "trained without labels" in err
+    assert not (tmp_path / "g.npz").exists()
     code, out, err = run_cli(["eval", "--samples", tmp_path / "u.npz", "--dataset", f"npz:{runs / 'data.npz'}",
                               "--test-dataset", f"npz:{runs / 'test.npz'}", "--reference-epochs", 1,
                               "--cache-dir", tmp_path / "cache", "--device", "cpu", "--json"], capsys)

@@ -190,6 +190,7 @@ def test_reference_classifier_cached_and_fd(digits, tmp_path):
     train = ImageData(train.x[:600], train.y[:600], 10, "digits-600")
     ref, info = reference_classifier(train, cache_dir=tmp_path, epochs=4)
     assert info["cached"] is False and 0.0 <= info["real_val_accuracy"] <= 1.0
+    assert ((tmp_path / "reference").stat().st_mode & 0o777) == 0o700   # a CNN trained on the private data
     ref2, info2 = reference_classifier(train, cache_dir=tmp_path, epochs=4)
     assert info2["cached"] is True and info2["cache"] == info["cache"]
     for p, q in zip(ref.parameters(), ref2.parameters()):
