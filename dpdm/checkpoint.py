@@ -147,7 +147,9 @@ def verify_release_ledger(state: dict[str, Any], what: str) -> None:
 def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        what = ("is a folder, not a file" if path.is_dir() else "is a broken link" if path.is_symlink()
+                else "is not a regular file" if path.exists() else "does not exist")
+        raise CheckpointError(f"checkpoint {str(path)!r} {what}")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols; we refuse them anyway
             warnings.simplefilter("ignore")

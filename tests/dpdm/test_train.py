@@ -225,6 +225,12 @@ def test_truncated_checkpoint_refused(tmp_path):
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load_checkpoint(junk)
+    (tmp_path / "folder.pt").mkdir()
+    (tmp_path / "dangling.pt").symlink_to(tmp_path / "gone.pt")
+    for name, what in (("folder.pt", "is a folder, not a file"), ("dangling.pt", "is a broken link"),
+                       ("absent.pt", "does not exist")):
+        with pytest.raises(ckpt.CheckpointError, match=what):
+            ckpt.load_checkpoint(tmp_path / name)
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
