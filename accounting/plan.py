@@ -30,6 +30,7 @@ from accounting.accountants import (
     PldAccountant,
     PrvAccountant,
     RdpAccountant,
+    _quiet_numpy,
     dpsgd_event,
 )
 from accounting.calibrate import (
@@ -74,7 +75,8 @@ RDP_RTOL = 1e-3
 # A loaded plan's epsilon must re-compute to the stored value: never above it, and not more than
 # this far below it (a different dp-accounting version may shift the last digits).
 RECOMPUTE_RTOL = 1e-3
-_QUICK_FLOOR_POINTS = 2**14   # the grid of the quick lower bound that verification starts with
+# The quick lower bound that verification starts with: its grid, and the prefix of the steps it also bounds.
+_QUICK_FLOOR_POINTS, _QUICK_FLOOR_PREFIX = 2**16, 2048
 _FLOAT_RTOL = 1e-9
 # The smallest delta a plan may have. Below it the accountants lose double precision: at q 0.064,
 # sigma 1, 100 steps, delta 1e-13 gave dpdm's own PLD a "rigorous" lower bound (9.89) above
@@ -624,14 +626,24 @@ def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_
     # a moment first; no real plan is refuted, since its certified epsilon, at most its target, bounds the
     # true one from above.
     if plan.target_epsilon is not None:
-        try:
-            floor = FftPldAccountant(grid_points=_QUICK_FLOOR_POINTS).epsilon(plan.to_event(), plan.delta).lower
-        except FftPrecisionError:   # no bracket at this delta: the checks below decide
-            floor = 0.0
+        floor = 0.0
+        # All the steps, and a prefix of them (epsilon grows with the steps, so a prefix's lower bound bounds
+        # the whole; over many steps the coarse grid's bracket is too wide to give one).
+        for steps in sorted({plan.steps, min(plan.steps, _QUICK_FLOOR_PREFIX)}):
+            try:
+                with _quiet_numpy():   # overflow at large epsilon on the way to a bound it checks itself
+                    floor = max(floor, FftPldAccountant(grid_points=_QUICK_FLOOR_POINTS).epsilon(
+                        plan.to_event(steps), plan.delta).lower)
+            except FftPrecisionError:   # no bracket at this delta: the checks below decide
+                pass
         if floor > plan.target_epsilon * (1 + RECOMPUTE_RTOL):
             raise PlanError(f"{where}: target_epsilon={plan.target_epsilon!r} is below a lower bound on the "
                             f"mechanism's epsilon ({floor:.6g}); the plan was edited; make a new plan")
-    pld = epsilon_spent(plan, plan.steps)   # the PLD certificate, cached for the ledger
+    try:
+        pld = epsilon_spent(plan, plan.steps)   # the PLD certificate, cached for the ledger
+    except MemoryError:
+        raise PlanError(f"{where}: re-accounting this plan needs more memory than this machine has "
+                        "(its PLD grid is too fine); make the plan here, or verify it on a larger machine") from None
     if prv_eps_error is not None:
         # Outside the digest, and it sets PRV's grid (1e-9 asked for 1.96 TiB): checked before any PRV work.
         try:

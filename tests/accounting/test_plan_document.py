@@ -402,3 +402,9 @@ def test_a_forged_tiny_target_is_refused_at_once(doc, tmp_path):
 
     with pytest.raises(PlanError, match=r"target_epsilon=1e-09 is below a lower bound on the mechanism's epsilon"):
         accounting.load_plan(_tampered(doc, tmp_path, edit))
+    # Over many steps the coarse grid's bracket of all of them is too wide: a prefix of them gives the bound.
+    long = accounting.make_plan_document(PrivacyPlan(**(BASE | {"batch_size": 4000 // 12, "steps": 12_000}))
+                                         .calibrate(epsilon=10.0))
+    forged = dataclasses.replace(long.plan, target_epsilon=1e-9)
+    with pytest.raises(PlanError, match=r"target_epsilon=1e-09 is below a lower bound on the mechanism's epsilon"):
+        accounting.load_plan(_tampered(long, tmp_path, edit))
