@@ -14,6 +14,7 @@ GRID_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 # that `dpdm sample --grid` replaces a grid it wrote and no other file.
 GRID_MARK = "dpdm.grid/1"
 _GRID_MAX_BYTES = 256 << 20
+_GRID_MARK_SPAN = 64 << 10   # bytes read at each end of an existing grid to find GRID_MARK
 
 
 def grid_suffix_problem(path: str | os.PathLike) -> str | None:
@@ -54,20 +55,23 @@ def output_parent_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-# Files `dpdm train` writes into a run folder: checkpoint.pt (the run's secret seed) and config.json (with
-# the fingerprint of the private data). A folder holding either is a run folder, whose files no other
-# command may replace or add to.
+# Files `dpdm train` writes into a run folder: config.json (with the fingerprint of the private data), then
+# checkpoint.pt (the run's secret seed) beside it and its plan.json. A folder holding a run's config.json, or
+# a checkpoint.pt beside a plan.json, is a run folder, whose files no other command may replace or add to (a
+# stray checkpoint.pt alone does not make one).
 def run_folder_of(folder: str | os.PathLike) -> Path | None:
     """The run folder (`dpdm train --out`) that `folder` is or lies in, links resolved, or None: the
-    first of `folder` and its ancestors that holds a checkpoint.pt, or the config.json of a run."""
+    first of `folder` and its ancestors that holds the config.json of a run, or a checkpoint.pt and a
+    plan.json."""
     folder = Path(os.path.realpath(Path(folder).expanduser()))
     for d in (folder, *folder.parents):
-        if (d / "checkpoint.pt").is_file() or _is_run_config(d / "config.json"):
+        if is_run_config(d / "config.json") or ((d / "checkpoint.pt").is_file() and (d / "plan.json").is_file()):
             return d
     return None
 
 
-def _is_run_config(path: Path) -> bool:
+def is_run_config(path: Path) -> bool:
+    """Whether `path` is the config.json of a `dpdm train` run (an object with "data_digest" and "train")."""
     try:
         if not path.is_file() or path.stat().st_size > 1 << 20:
             return False
@@ -79,11 +83,14 @@ def _is_run_config(path: Path) -> bool:
 
 def is_dpdm_grid(path: str | os.PathLike) -> bool:
     """Whether `path` is a grid that `save_grid` wrote (it carries `GRID_MARK`)."""
-    path = Path(path)
+    path, mark = Path(path), GRID_MARK.encode()
     try:
         if not path.is_file() or path.stat().st_size > _GRID_MAX_BYTES:
             return False
-        return GRID_MARK.encode() in path.read_bytes()
+        with open(path, "rb") as f:   # the mark lies in the header (PNG, SVG, JPEG) or the trailer (PDF's Info)
+            head = f.read(_GRID_MARK_SPAN)
+            f.seek(max(0, path.stat().st_size - _GRID_MARK_SPAN))
+            return mark in head or mark in f.read()
     except OSError:
         return False
 

@@ -487,6 +487,7 @@ def train(
     if ckpt_path.exists():
         if not resume:
             raise TrainError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
+        loaded_stat = _file_identity(ckpt_path)
         state = ckpt.load_checkpoint(ckpt_path)
         ledger = state["ledger"]
         if ledger["plan_digest"] != plan_doc.digest:
@@ -517,7 +518,7 @@ def train(
             raise TrainError("cannot resume on other data: the images differ from those the run was trained on")
         seed = saved_seed
         # A run seeded by its user stays marked so on resume, which takes the seed from the checkpoint.
-        seed_given = bool(state["config"]["train"].get("seed_given", False))
+        seed_given = bool(state["config"]["train"].get("seed_given", False)) or config.seed is not None
     elif config.seed is not None:
         seed, seed_given = config.seed, True
     else:
@@ -630,10 +631,18 @@ def train(
         except OSError as e:
             raise TrainError(f"cannot create the run folder {str(out)!r} ({e.strerror or e})") from None
         lock = _lock_run_folder(out)
-        if state is None and ckpt_path.exists():   # another process started a run here since it was checked
+        # Another process may have trained here between the checks above and the lock.
+        changed = (ckpt_path.exists() if state is None else _file_identity(ckpt_path) != loaded_stat)
+        if changed:
             if lock is not None:
                 lock.close()
-            raise TrainError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
+            raise TrainError(f"the run in {str(out)!r} changed while this one started (another dpdm train?); "
+                             "start again" + ("" if state is None else " with --resume"))
+        if state is None:
+            try:   # a folder made beforehand (`dpdm plan --out RUN/plan.json`) becomes private too
+                os.chmod(out, 0o700)
+            except OSError:
+                pass
     bar = metrics_file = None
     try:   # however the run ends: the lock released, the progress bar and the metrics file closed
         if dist.is_main:
@@ -672,6 +681,7 @@ def train(
                     },
                     ckpt_path,
                 )
+                (out / CHECKPOINTED_MARK).touch()   # this folder's run saved a checkpoint (_check_fresh_run_folder)
             return ledger
 
         metrics_path = out / "metrics.csv"
@@ -695,6 +705,8 @@ def train(
         t_last, steps_last = time.perf_counter(), steps_done
         ledger = None
         last_saved = steps_done   # 0: none yet
+        probe = (torch.zeros(1, *x.shape[1:], device=device), torch.ones(1, device=device),
+                 torch.zeros(1, dtype=torch.long, device=device) if conditional else None)
         while steps_done < plan.steps:
             step = steps_done
             idx = sampler.batch(step).to(device)
@@ -746,12 +758,12 @@ def train(
                 ema.update(D, step)
                 for pe in power_emas.values():
                     pe.update(D, step)
-            # Weights that are NaN or inf, or a batch none of whose losses is finite (DP-SGD zeroes those
-            # examples, so only the noise would move the model from here on): the run has diverged.
-            if (count > 0 and (loss_n == 0 or not math.isfinite(loss_sum))) or \
-                    not bool(torch.stack([torch.isfinite(p).all() for p in params.values()]).all()):
+            # Weights that are NaN or inf, or that give NaN or inf on a fixed input: the run has diverged.
+            # Judged on the (noisy) weights alone, never on the private batch's losses: when a run stops must
+            # not depend on the private data.
+            if not _finite_model(D, params, probe):
                 raise TrainDiverged(
-                    f"the run diverged: its weights or all its losses became non-finite (NaN or inf) at step "
+                    f"the run diverged: its weights, or its output on a fixed input, became NaN or inf at step "
                     f"{step + 1} of {plan.steps} (lr {lr_at(config, step, plan.steps):g}); lower --lr. "
                     + (f"Nothing after the checkpoint of step {last_saved} was saved" if last_saved
                        else "No checkpoint was saved"))
@@ -980,58 +992,106 @@ def _truncate_metrics(path: Path, steps_done: int) -> None:
     ckpt.atomic_write_text(path, ",".join(METRICS_HEADER) + "\r\n" + "".join(kept))
 
 
+def _finite_model(D: torch.nn.Module, params: dict[str, torch.Tensor], probe: tuple) -> bool:
+    """Whether the trained weights and the network's output on the fixed `probe` (x, sigma, labels) are finite."""
+    if not bool(torch.stack([torch.isfinite(p).all() for p in params.values()]).all()):
+        return False
+    with torch.no_grad():
+        return bool(torch.isfinite(D(*probe)).all())
+
+
+def _file_identity(path: Path) -> tuple | None:
+    """What changes when a file is replaced (inode, size, modification time), or None where there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+# Written beside the first checkpoint a run saves: a run folder holding it but no checkpoint lost a checkpoint
+# (removed by hand), and a new run there would spend the plan again.
+CHECKPOINTED_MARK = ".checkpointed"
+
+
 def _check_fresh_run_folder(out: Path, plan_doc, checkpoint_every: int) -> None:
     """A new run starts only in a folder that is absent, or holds nothing of another run: its plan.json (if
-    any) is this plan, its config.json (if any) a dpdm run's beside that plan, and its metrics.csv (if any)
-    has no row at or past the first checkpoint (that run wrote a checkpoint since removed, and training again
-    would spend the plan again). A run killed before its first checkpoint may be started afresh."""
+    any) is this plan, its config.json (if any) a dpdm run's beside that plan, and no checkpoint of it was
+    ever saved (`CHECKPOINTED_MARK`, or a metrics row logged after the first checkpoint): training there again
+    would spend the plan again. A run killed before its first checkpoint was saved may start afresh."""
+    from dpdm.report_utils import is_run_config
+
     if not out.exists():
         return
     if not out.is_dir():
         raise TrainError(f"--out {str(out)!r} is not a folder")
     plan_file, config_file, metrics = out / "plan.json", out / "config.json", out / "metrics.csv"
     if plan_file.exists():
-        try:
-            digest = accounting.load_plan(plan_file).digest
-        except (accounting.PlanError, OSError):
+        try:   # the digest is the plan's identity; this run writes its own verified plan.json anyway
+            digest = json.loads(plan_file.read_text(encoding="utf-8")).get("digest")
+        except (OSError, ValueError, AttributeError):
             digest = None
         if digest != plan_doc.digest:
-            raise TrainError(f"{str(out)!r} holds another plan.json ({'plan ' + digest[:19] + '...' if digest else 'not a locked plan'}); "
-                             "a new run there would replace it: choose another --out")
-    if config_file.exists():
-        try:
-            ours = "data_digest" in json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError):
-            ours = False
-        if not ours or not plan_file.exists():
-            raise TrainError(f"{str(out)!r} holds a config.json of something else; a new run there would replace "
-                             "it: choose another --out")
+            shown = f"plan {digest[:19]}..." if isinstance(digest, str) else "not a locked plan"
+            raise TrainError(f"{str(out)!r} holds another plan.json ({shown}); a new run there would replace it: "
+                             "choose another --out")
+    if config_file.exists() and not (is_run_config(config_file) and plan_file.exists()):
+        raise TrainError(f"{str(out)!r} holds a config.json of something else; a new run there would replace it: "
+                         "choose another --out")
+    steps = []
     if metrics.exists():
         try:
             with open(metrics, newline="") as f:
-                steps = [int(ln.split(",", 1)[0]) for ln in f if ln.split(",", 1)[0].isdigit()]
-        except (OSError, ValueError):
-            steps = []
-        first = min(checkpoint_every, plan_doc.plan.steps)
-        if steps and max(steps) >= first:
-            raise TrainError(f"{str(out)!r} holds the metrics of a run that logged step {max(steps)} but no "
-                             f"{CHECKPOINT_NAME}: its checkpoint was removed, and training here again would spend the "
-                             "plan again; choose another --out (and another plan, if that run's outputs were used)")
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        if not lines or lines[0] != ",".join(METRICS_HEADER):
+            raise TrainError(f"{str(out)!r} holds a metrics.csv that is not a dpdm run's; a new run there would "
+                             "replace it: choose another --out")
+        steps = [int(ln.split(",", 1)[0]) for ln in lines[1:] if ln.split(",", 1)[0].isdigit()]
+    # A run's files, its lock and marks, and the temporary files of its atomic writes; anything else (data, a
+    # release file, the user's own files) is not the run's, and a run folder holds secrets.
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in ("plan.json", "config.json", "metrics.csv", ".train.lock", CHECKPOINTED_MARK)
+                    and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if others:
+        raise TrainError(f"{str(out)!r} holds files that are not this run's ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); a run folder holds the run's secrets: choose a new "
+                         "or empty --out")
+    # A row past the first checkpoint's step was logged after that checkpoint was saved; the row of that step
+    # itself is logged just before it is saved (a run killed while saving may start afresh). The first
+    # checkpoint came at the earlier run's --checkpoint-every (its config.json), or at this one's.
+    try:
+        saved_every = int(json.loads(config_file.read_text(encoding="utf-8"))["train"]["checkpoint_every"])
+    except (OSError, ValueError, KeyError, TypeError):
+        saved_every = checkpoint_every
+    first = min(checkpoint_every, saved_every, plan_doc.plan.steps)
+    if (out / CHECKPOINTED_MARK).exists() or (steps and max(steps) > first):
+        raise TrainError(f"{str(out)!r} holds a run that saved a checkpoint, but no {CHECKPOINT_NAME}: it was "
+                         "removed, and training here again would spend the plan again; choose another --out (and "
+                         "another plan, if that run's outputs were used)")
 
 
 def _lock_run_folder(out: Path):
-    """An exclusive lock on the run folder for as long as this process trains in it (None where the system
-    has no fcntl): a second `dpdm train` into the same folder is refused instead of interleaving."""
+    """An exclusive lock on the run folder for as long as this process trains in it: a second `dpdm train`
+    into the same folder is refused instead of interleaving. None where the system or the file system has no
+    locks (then nothing is locked)."""
     try:
         import fcntl
     except ImportError:   # not POSIX
         return None
-    f = open(out / ".train.lock", "a")
+    try:
+        f = open(out / ".train.lock", "a")
+    except OSError as e:
+        raise TrainError(f"cannot write in the run folder {str(out)!r} ({e.strerror or e})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         f.close()
         raise TrainError(f"another dpdm train is running in {str(out)!r}; wait for it, or choose another --out") from None
+    except OSError:   # no locks on this file system (ENOLCK, EINVAL on some network mounts)
+        f.close()
+        return None
     return f
 
 

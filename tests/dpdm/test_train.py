@@ -258,8 +258,8 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
             ckpt.save_checkpoint(state, out / CHECKPOINT_NAME)
         monkeypatch.undo()
         assert (out / CHECKPOINT_NAME).read_bytes() == before
-        assert sorted(p.name for p in out.iterdir()) == [".train.lock", "checkpoint.pt", "config.json", "metrics.csv",
-                                                         "plan.json"]
+        assert sorted(p.name for p in out.iterdir()) == [".checkpointed", ".train.lock", "checkpoint.pt", "config.json",
+                                                         "metrics.csv", "plan.json"]
 
 
 def test_seed_is_secret_by_default_and_fixed_on_resume(tmp_path):
@@ -838,9 +838,22 @@ def test_a_new_run_never_replaces_another_runs_files(tmp_path):
     train(doc, x, y, c, done, TrainConfig(**CFG), progress=False)
     (done / CHECKPOINT_NAME).unlink()
     metrics = (done / "metrics.csv").read_text()
-    with pytest.raises(TrainError, match="logged step 4 but no checkpoint.pt: its checkpoint was removed"):
+    with pytest.raises(TrainError, match="holds a run that saved a checkpoint, but no checkpoint.pt: it was removed"):
         train(doc, x, y, c, done, TrainConfig(**{**CFG, "seed": None}), progress=False)
     assert (done / "metrics.csv").read_text() == metrics
+    # Without the mark either (a run from before it), under another --checkpoint-every: the rows logged past
+    # the first checkpoint of that run's own --checkpoint-every (its config.json) still tell.
+    (done / ".checkpointed").unlink()
+    with pytest.raises(TrainError, match="holds a run that saved a checkpoint"):
+        train(doc, x, y, c, done, TrainConfig(**{**CFG, "checkpoint_every": 100}), progress=False)
+    # Anything that is not the run's: data, a release file, the user's own metrics.csv.
+    for name, content in (("0.png", b"an image"), ("model.pt", b"a release file"), ("metrics.csv", b"a,b\n")):
+        folder = tmp_path / f"foreign-{name}"
+        folder.mkdir()
+        (folder / name).write_bytes(content)
+        with pytest.raises(TrainError, match="not this run's|not a dpdm run's"):
+            train(doc, x, y, c, folder, TrainConfig(**CFG), progress=False)
+        assert [p.name for p in folder.iterdir()] == [name] and (folder / name).read_bytes() == content
     # Its own locked plan beside it (`dpdm plan --out RUN/plan.json`), or a run killed before its first
     # checkpoint: a new run may start there.
     own = tmp_path / "own"
@@ -850,6 +863,18 @@ def test_a_new_run_never_replaces_another_runs_files(tmp_path):
         train(doc, x, y, c, own, TrainConfig(**{**CFG, "checkpoint_every": 3}), progress=False, on_step=stop_at(2))
     assert not (own / CHECKPOINT_NAME).exists()
     assert train(doc, x, y, c, own, TrainConfig(**CFG), progress=False)["steps_done"] == 4
+    # Killed while saving its first checkpoint: the row of that step is logged, the checkpoint never written.
+    died = tmp_path / "died"
+
+    def killed_mid_save(state, path):
+        raise Stop
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ckpt, "save_checkpoint", killed_mid_save)
+        with pytest.raises(Stop):
+            train(doc, x, y, c, died, TrainConfig(**CFG), progress=False)
+    assert "\n2," in (died / "metrics.csv").read_text() and not (died / CHECKPOINT_NAME).exists()
+    assert train(doc, x, y, c, died, TrainConfig(**CFG), progress=False)["steps_done"] == 4
 
 
 def test_a_second_trainer_in_the_same_folder_is_refused_and_the_folder_is_private(tmp_path):
@@ -867,9 +892,21 @@ def test_a_second_trainer_in_the_same_folder_is_refused_and_the_folder_is_privat
     train(doc, x, y, c, out, TrainConfig(**CFG), progress=False, on_step=second_trainer)
     assert verdicts == ["refused"]
     assert (out.stat().st_mode & 0o777) == 0o700
-    # The lock is released when the run ends (also when it fails): a finished run says so, not "another train".
+    # The lock is released when the run ends: a finished run says so, not "another train".
     with pytest.raises(TrainError, match="is finished"):
         train(doc, x, y, c, out, TrainConfig(**CFG), progress=False, resume=True)
+    # ... and when it fails, while its frame still lives (here in the traceback pytest keeps).
+    failed = tmp_path / "failed"
+    with pytest.raises(Stop) as stopped:
+        train(doc, x, y, c, failed, TrainConfig(**CFG), progress=False, on_step=stop_at(3))
+    assert stopped.tb is not None
+    assert train(doc, x, y, c, failed, TrainConfig(**CFG), progress=False, resume=True)["steps_done"] == 4
+    # A folder made beforehand (`dpdm plan --out RUN/plan.json`) is made private when a run starts there.
+    made = tmp_path / "made"
+    made.mkdir(mode=0o755)
+    os.chmod(made, 0o755)
+    train(tiny_plan(steps=2), x, y, c, made, TrainConfig(**CFG), progress=False)
+    assert (made.stat().st_mode & 0o777) == 0o700
 
 
 def test_a_run_whose_weights_become_non_finite_stops_at_once(tmp_path):
@@ -877,7 +914,7 @@ def test_a_run_whose_weights_become_non_finite_stops_at_once(tmp_path):
     doc = tiny_plan(steps=6)
     out = tmp_path / "run"
     steps = []
-    with pytest.raises(TrainDiverged, match=r"the run diverged: .* non-finite \(NaN or inf\) at step \d of 6 .*lower --lr"):
+    with pytest.raises(TrainDiverged, match=r"the run diverged: .* became NaN or inf at step \d of 6 .*lower --lr"):
         train(doc, x, y, c, out, TrainConfig(**{**CFG, "lr": 1e30}), progress=False, on_step=steps.append)
     assert len(steps) < 6
     with pytest.raises(TrainError, match="cannot create the run folder"):
