@@ -70,9 +70,9 @@ class AuditInputError(ValueError):
 def check_out_dir(out_dir) -> Path:
     """Creates the report folder if needed and checks that files can be written in it (AuditInputError
     otherwise), so that a bad folder is found before minutes of training rather than after. A folder in a
-    run folder (`dpdm train --out`, `report_utils.run_folder_of`), or one holding a report.md, report.json
-    or scores.npz that is not an earlier audit's report (report.json of format dpdm.audit/1 beside them),
-    is refused: the report would replace or add to files that are not an audit's."""
+    run folder (`dpdm train --out`, `report_utils.run_folder_of`), or one holding files but no earlier audit's
+    report (report.json of format dpdm.audit/1), is refused: the report would replace or add to files that are
+    not an audit's."""
     from dpdm.report_utils import run_folder_of
 
     out = Path(out_dir)
@@ -84,6 +84,9 @@ def check_out_dir(out_dir) -> Path:
         raise AuditInputError(f"holds {', '.join(foreign)}, which {'is' if len(foreign) == 1 else 'are'} not an "
                               "earlier dpdm audit's report (no report.json of format dpdm.audit/1) and is kept: "
                               "choose another --out")
+    if out.is_dir() and not foreign and any(out.iterdir()):   # a data folder, a project folder: not the audit's
+        raise AuditInputError("holds files and no earlier dpdm audit's report; the audit writes its report, plots "
+                              "and scores there: choose a new or empty --out")
     try:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)   # 0700: the report holds a noise-free control run
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)

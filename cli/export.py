@@ -34,6 +34,8 @@ def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
     from dpdm.export import ExportError, export_model
     from dpdm.report_utils import output_parent_problem
 
+    if out_path.endswith(("/", "\\")):   # a folder's name: the file would be written as the folder's name
+        raise BadInput(f"--out={out_path!r} names a folder; name the release file (e.g. {out_path}model.pt)")
     problem = output_parent_problem(out_path)
     if problem:
         raise BadInput(f"--out={out_path!r}: {problem}")

@@ -346,13 +346,17 @@ def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
     plt.close(fig)
 
 
+_MIN_EPS_ERROR = 0.01   # dpdm account --eps-error: its default, and the least dpdm plan asks PRV for
+
+
 @click.command("account")
 @click.option("-s", "--noise-multiplier", type=_POSITIVE, required=True, help="Noise multiplier.")
 @click.option("-p", "--sample-rate", type=FiniteFloatRange(min=0, max=1, min_open=True), required=True,
               help="Poisson sample rate.")
 @click.option("-i", "--steps", type=click.IntRange(min=1), required=True, help="Number of steps (at most 10**7).")
 @click.option("--delta", type=_UNIT_OPEN, required=True, help=f"Target delta {_DELTA_HELP}.")
-@click.option("--eps-error", type=_POSITIVE, default=0.01, show_default=True, help="PRV error in epsilon.")
+@click.option("--eps-error", type=_POSITIVE, default=_MIN_EPS_ERROR, show_default=True,
+              help="PRV error in epsilon: from 0.01 to the PLD epsilon.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
     """Epsilon of DP-SGD from RDP, PLD and PRV, side by side."""
@@ -373,6 +377,12 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
         raise runtime_failure(f"accounting failed: {e}") from e
     except ValueError as e:
         raise BadInput(str(e)) from e
+    # PRV's grid grows as its error shrinks (1e-9 asked for 1.28 TiB); an error beyond epsilon says nothing.
+    hi = accounting.prv_eps_error_range(reports[1].upper)[1]
+    if not _MIN_EPS_ERROR <= eps_error <= hi * (1 + 1e-9):
+        raise BadInput(f"--eps-error={eps_error:g} must be in [{_MIN_EPS_ERROR:g}, {hi:.3g}] here (at most the PLD "
+                       f"epsilon {reports[1].upper:.4g}): smaller asks PRV for more memory and time than its answer "
+                       "is worth, larger makes its estimate meaningless")
     prv_failed = None
     try:
         reports.append(accounting.PrvAccountant(eps_error=eps_error).epsilon(event, delta))

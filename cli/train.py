@@ -115,9 +115,6 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
     data = load_training_data(name, data_root=data_root, download=download)
-    if data.num_classes_inferred and not no_dp:
-        warn(f"--dataset={name!r}: the number of classes ({data.num_classes}) was read from the private labels "
-             "(their largest + 1) and the model reveals it; store num_classes in the npz to fix it publicly")
     public_data = None
     if subspace_dim is not None:
         pub = load_public_data("--subspace-data", subspace_data, name, data_root=data_root, download=download,
@@ -156,6 +153,9 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
         distributed.shutdown(ok=ok)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 alone reports
+    if data.num_classes_inferred and not no_dp:   # said after training, so that a refusal stays one error line
+        warn(f"--dataset={name!r}: the number of classes ({data.num_classes}) was read from the private labels "
+             "(their largest + 1) and the model reveals it; store num_classes in the npz to fix it publicly")
     if dataset and doc.plan.dataset_name and dataset != doc.plan.dataset_name:
         # The guarantee holds for any data of the plan's size, but the plan (public, in every release file)
         # names the other dataset. Said after training, so that a refusal stays one error line.

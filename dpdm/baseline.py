@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from dpdm.classifiers import CNN
-from dpdm.datasets import DataError, ImageData, shared_images
-from dpdm.evaluate import (DEFAULT_PUBLIC_EPOCHS, NON_PRIVATE_KEY, accuracy, check_public_data, pretrain_on_public,
-                           random_shift)
+from dpdm.datasets import DataError, ImageData
+from dpdm.evaluate import (DEFAULT_PUBLIC_EPOCHS, NON_PRIVATE_KEY, accuracy, check_public_data, check_test_data,
+                           pretrain_on_public, random_shift)
 from dpdm.train import step_seed
 
 __all__ = ["DEFAULT_LR", "DEFAULT_PUBLIC_EPOCHS", "train_dp_classifier"]
@@ -121,10 +121,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         raise ValueError("augment_shift and subspace_dim cannot be combined")
     if len(test) == 0:
         raise DataError(f"test data {test.name!r} holds no images")
-    shared = shared_images(test, train)
-    if 2 * shared >= len(test):
-        raise DataError(f"{shared} of the {len(test)} test images of {test.name!r} are training images of "
-                        f"{train.name!r}; the test accuracy must come from held-out images")
+    shared = check_test_data(train, test)   # `dpdm eval`'s rule: the classes, and at most a few duplicates
     if public is not None:
         check_public_data(public, train, test)   # public_epochs is checked by pretrain_on_public
     if subspace_dim is not None:

@@ -554,7 +554,7 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     if not path.is_file():
         raise DataError(f"{name}: file {str(path)!r} does not exist")
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r")   # a lone .npy is mapped, not read, to refuse it
         is_npz = isinstance(loaded, np.lib.npyio.NpzFile)   # np.load reads a lone .npy array (np.save) as well
         if is_npz:
             with loaded as f:

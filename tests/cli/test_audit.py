@@ -368,9 +368,12 @@ def test_out_never_replaces_the_users_files_or_writes_into_a_run(run_dir, tmp_pa
     (docs / "report.md").write_text("# my important report\n")
     (tmp_path / "j").mkdir()
     (tmp_path / "j" / "report.json").write_text('{"format": "mine"}')
+    (tmp_path / "data" / "0").mkdir(parents=True)              # a dataset folder: the report would break it
+    (tmp_path / "data" / "0" / "a.png").write_bytes(b"an image")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     run_files = sorted(p.name for p in run.iterdir())
     for out, what in ((docs, "not an earlier dpdm audit's"), (tmp_path / "j", "not an earlier dpdm audit's"),
+                      (tmp_path / "data", "holds files and no earlier dpdm audit's report"),
                       (run, "inside the run folder"), (run / "audit", "inside the run folder")):
         rc, _, err = _audit(["--run", str(run), "--out", str(out), *SMALL], capsys)
         assert rc == 2 and err.startswith(f"dpdm: error: --out={str(out)!r}: ") and what in err, err

@@ -187,6 +187,12 @@ def test_baseline_bad_inputs(digit_files, tmp_path, capsys):
     _assert_one_line_error(code, err, "--plan")
     code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path))
     _assert_one_line_error(code, err, "--test-dataset")
+    # Test labels the training data has not (`dpdm eval`'s rule): its accuracy would be no fair target.
+    with np.load(digit_files["test"]) as z:
+        np.savez(tmp_path / "twelve.npz", x=z["x"], y=np.arange(len(z["y"])) % 12, num_classes=np.array(12))
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path),
+                        "--test-dataset", f"npz:{tmp_path / 'twelve.npz'}")
+    _assert_one_line_error(code, err, "has labels up to 11", "has 10 classes")
 
 
 def test_baseline_runs_exactly_plan_steps(digit_files, tmp_path, capsys):

@@ -267,3 +267,10 @@ def test_a_release_file_of_another_plan_needs_force(run, tmp_path, capsys):
     assert "another plan" in line and "--force" in line and out.read_bytes() == before
     assert run_cli(["export", "--run", run / "run", "--out", out, "--force"], capsys)[0] == 0
     assert torch.load(out, weights_only=True)["ledger"]["plan_digest"] == digest
+
+
+def test_out_that_names_a_folder_is_one_error_line(run, tmp_path, capsys):
+    """`--out newdir/` wrote a file named newdir."""
+    code, _, err = run_cli(["export", "--run", run / "run", "--out", f"{tmp_path / 'newdir'}/"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "names a folder" in lines[0] and not (tmp_path / "newdir").exists()

@@ -436,3 +436,11 @@ def test_a_noise_multiplier_too_small_to_account_for_names_the_bound(capsys, arg
     assert main([*argv, flag, "1e-9"]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [err.strip()] and "=1e-09 is too small to account for: it must be >= 0.05" in err, err
+
+
+@pytest.mark.parametrize("eps_error", ["1e-09", "100"])
+def test_account_eps_error_is_bounded(eps_error, capsys):
+    """--eps-error 1e-9 asked PRV for 1.28 TiB (a traceback, exit 4); 100 printed a meaningless estimate."""
+    code = main(["account", "-s", "1", "-p", "0.1", "-i", "10", "--delta", "1e-5", "--eps-error", eps_error])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"--eps-error={eps_error}" in err[0] and "must be in [0.01, 2.85]" in err[0]
