@@ -9,19 +9,7 @@ import pytest
 
 import accounting
 from cli.main import main
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(code, err):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dpdm: error:") and "Traceback" not in err, err
-    return lines[0]
+from tests.cli.test_export import one_error_line, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -461,6 +461,18 @@ def test_sampler_keywords_reach_the_sampler_and_the_npz(tmp_path):
     assert heun["sampler_kwargs"] == "{}" and churn["sampler"] == "churn"
 
 
+def _assert_laundering_refused(tmp_path, leaked, doc, x, y, c):
+    """A public run started from `leaked` (a run on the private images) is refused as a warm start too."""
+    x_pub, y_pub, _ = tiny_data(n=30, seed=7)
+    train(tiny_plan(n=30, steps=2), x_pub, y_pub, c, tmp_path / "laundered",
+          TrainConfig(**CFG, private=False, init_from=str(leaked / CHECKPOINT_NAME)), dataset_name="public-2",
+          progress=False)
+    with pytest.raises(TrainError, match="through its own warm start"):
+        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(tmp_path / "laundered" / CHECKPOINT_NAME)),
+              dataset_name="tiny", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_warm_start_from_the_private_data_is_refused(tmp_path):
     x, y, c = tiny_data()
     doc = tiny_plan(steps=2)
@@ -475,14 +487,7 @@ def test_warm_start_from_the_private_data_is_refused(tmp_path):
         train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(init)),
               dataset_name="public-tiny", progress=False)
     # Laundered through a public run that itself started from the private data: still refused.
-    x_pub, y_pub, _ = tiny_data(n=30, seed=7)
-    train(tiny_plan(n=30, steps=2), x_pub, y_pub, c, tmp_path / "laundered",
-          TrainConfig(**CFG, private=False, init_from=str(leaked / CHECKPOINT_NAME)), dataset_name="public-2",
-          progress=False)
-    with pytest.raises(TrainError, match="through its own warm start"):
-        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(tmp_path / "laundered" / CHECKPOINT_NAME)),
-              dataset_name="tiny", progress=False)
-    assert not (tmp_path / "run").exists()
+    _assert_laundering_refused(tmp_path, leaked, doc, x, y, c)
 
 
 def test_warm_start_from_reordered_or_partial_private_images_is_refused(tmp_path):
@@ -499,14 +504,7 @@ def test_warm_start_from_reordered_or_partial_private_images_is_refused(tmp_path
     with pytest.raises(TrainError, match=f"trained on {len(perm)} of the {len(x)} private images"):
         train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(leaked / CHECKPOINT_NAME)),
               dataset_name="tiny", progress=False)
-    x_pub, y_pub, _ = tiny_data(n=30, seed=7)
-    train(tiny_plan(n=30, steps=2), x_pub, y_pub, c, tmp_path / "laundered",
-          TrainConfig(**CFG, private=False, init_from=str(leaked / CHECKPOINT_NAME)), dataset_name="public-2",
-          progress=False)
-    with pytest.raises(TrainError, match="through its own warm start"):
-        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(tmp_path / "laundered" / CHECKPOINT_NAME)),
-              dataset_name="tiny", progress=False)
-    assert not (tmp_path / "run").exists()
+    _assert_laundering_refused(tmp_path, leaked, doc, x, y, c)
     # Public images only: accepted, and the run keeps the digests of its own images and of its warm start's.
     init = _public_run(tmp_path)
     train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(init)), dataset_name="tiny",
