@@ -84,7 +84,9 @@ def check_out_dir(out_dir) -> Path:
         raise AuditInputError(f"holds {', '.join(foreign)}, which {'is' if len(foreign) == 1 else 'are'} not an "
                               "earlier dpdm audit's report (no report.json of format dpdm.audit/1) and is kept: "
                               "choose another --out")
-    if out.is_dir() and not foreign and any(out.iterdir()):   # a data folder, a project folder: not the audit's
+    # A data folder, a project folder: not the audit's. Hidden names (an interrupted report's staging folder,
+    # a write test) are the audit's own.
+    if out.is_dir() and not foreign and any(not p.name.startswith(".") for p in out.iterdir()):
         raise AuditInputError("holds files and no earlier dpdm audit's report; the audit writes its report, plots "
                               "and scores there: choose a new or empty --out")
     try:

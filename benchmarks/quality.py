@@ -309,8 +309,9 @@ def plan_mismatch(path: str | Path, doc: accounting.PlanDocument) -> str | None:
     return None
 
 
-# Written into a private run's folder when its seed was given (`--seed`): a later call without the seed must
-# not reuse or resume that run as if its seed were secret. (Runs of quality.py before --seed used seed 0.)
+# Written, before the checkpoint recorded seed_given, into a private run's folder whose seed was given
+# (`--seed`): a later call without the seed must not reuse or resume that run as if its seed were secret. Runs
+# since are told by their checkpoint. (Runs of quality.py before --seed used seed 0.)
 SEEDED_MARK = "seeded.txt"
 
 
@@ -342,12 +343,14 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
     seed None (the default): a secret one, as `dpdm train` draws; a given seed voids the DP guarantee
     (reproduction only; the result says "seeded": true).
     precision "bf16" applies to --no-dp runs (private=False) only, as `dpdm train --precision`."""
+    from dpdm import checkpoint as ckpt
     from dpdm.datasets import load_dataset
     from dpdm.train import TrainConfig, train
 
     data = load_dataset(doc.plan.dataset_name or DATASET, "train")
     run_dir = Path(run_dir)
     ck = run_dir / "checkpoint.pt"
+    # Runs from before the checkpoint recorded seed_given (`dpdm.checkpoint.seed_given`) carry this mark.
     mark = run_dir / SEEDED_MARK
     asked = {"model": model, "precond": precond, "lr": lr, "lr_schedule": lr_schedule, "ema_decay": ema_decay,
              "ema_powers": list(ema_powers), "train_sigma": None if train_sigma is None else list(train_sigma),
@@ -371,7 +374,7 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
         if differ:
             raise SystemExit(f"{ck} holds a run with other settings: {'; '.join(differ)}; use another --workdir")
         run_seed = int(config["train"]["seed"])
-        if private and seed is None and mark.exists():
+        if private and seed is None and (ckpt.seed_given(config) or mark.exists()):
             raise SystemExit(f"{ck} holds a run trained with a known --seed (no DP guarantee); pass the same "
                              f"--seed or use another --workdir")
         if private and seed is None and run_seed == 0:
@@ -386,11 +389,6 @@ def train_generator(doc: accounting.PlanDocument, run_dir: str | Path, *, model:
                     "plan_digest": ledger["plan_digest"], "private": private, "checkpoint": str(ck),
                     "init": config.get("init"), **had, "seeded": seed is not None,
                     "seconds": 0.0, "reused": True}
-    elif private and seed is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        mark.write_text(f"trained with the known seed {seed} (quality.py --seed): the DP guarantee does not hold\n")
-    elif private:
-        mark.unlink(missing_ok=True)   # a run stopped before its first checkpoint
     t0 = time.perf_counter()
     summary = train(doc, data.x, data.y, data.num_classes, run_dir,
                     TrainConfig(model=model, precond=precond, lr=lr, ema_decay=ema_decay, lr_schedule=lr_schedule,

@@ -143,7 +143,8 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
                              precision=precision, subspace_dim=subspace_dim, subspace_data=subspace_data,
                              subspace_every=subspace_every, subspace_examples=subspace_examples)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
-                               dataset_name=name, resume=resume, progress=not quiet, public_data=public_data)
+                               dataset_name=name, resume=resume, progress=not quiet, public_data=public_data,
+                               on_start=lambda: _warn_before_training(data, name, dataset, doc, no_dp))
         ok = True
     except (TrainError, ckpt.CheckpointError) as e:
         raise BadInput(str(e)) from None
@@ -153,14 +154,6 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
         distributed.shutdown(ok=ok)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 alone reports
-    if data.num_classes_inferred and not no_dp:   # said after training, so that a refusal stays one error line
-        warn(f"--dataset={name!r}: the number of classes ({data.num_classes}) was read from the private labels "
-             "(their largest + 1) and the model reveals it; store num_classes in the npz to fix it publicly")
-    if dataset and doc.plan.dataset_name and dataset != doc.plan.dataset_name:
-        # The guarantee holds for any data of the plan's size, but the plan (public, in every release file)
-        # names the other dataset. Said after training, so that a refusal stays one error line.
-        warn(f"--dataset={dataset!r}, but the plan was made for {doc.plan.dataset_name!r}; its guarantee holds "
-             "for any data of its size, and the run records the data it trained on")
     if as_json:
         emit_json(summary)
     else:
@@ -173,3 +166,16 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
         init = summary["init"]
         info(f"warm start: {init['checkpoint']} (trained on {init['dataset']!r}); the guarantee holds only "
              "if that data is public and holds none of the private examples")
+
+
+def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool) -> None:
+    """Said once every check has passed and before the first step: a refused run stays one error line, and the
+    user can still stop before any of the plan's budget is spent."""
+    if data.num_classes_inferred and not no_dp:
+        warn(f"--dataset={name!r}: the number of classes ({data.num_classes}) was read from the private labels "
+             "(their largest + 1) and the model reveals it; store num_classes in the npz to fix it publicly")
+    if dataset and doc.plan.dataset_name and dataset != doc.plan.dataset_name:
+        # The guarantee holds for any data of the plan's size, but the plan (public, in every release file)
+        # names the other dataset.
+        warn(f"--dataset={dataset!r}, but the plan was made for {doc.plan.dataset_name!r}; its guarantee holds "
+             "for any data of its size, and the run records the data it trained on")

@@ -435,6 +435,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    on_start: Callable[[], None] | None = None,
     public_data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> dict[str, Any]:
     """Trains under `plan_doc` until the run has done exactly `plan.steps` steps.
@@ -449,6 +450,7 @@ def train(
         resume: continue from `out_dir/checkpoint.pt`.
         progress: show a progress bar on stderr (rank 0 only).
         on_step: called with the number of steps done after each step (tests use it).
+        on_start: called on rank 0 once every check has passed, before the first step (the CLI's warnings).
         public_data: (images, labels) of `config.subspace_data`, PUBLIC data from which the gradient
             subspace is estimated (with config.subspace_dim only). Refused if it is the private data.
 
@@ -624,25 +626,29 @@ def train(
     else:
         run_config["grad_engine"] = {"engine": "rules" if config.per_layer_rules else "vmap", "auto": False}
 
-    lock = None
+    lock, refusal = None, None
     if dist.is_main:
         try:   # 0700: the folder holds the secret seed, metrics computed without noise and a digest of the data
             out.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock = _lock_run_folder(out)
         except OSError as e:
-            raise TrainError(f"cannot create the run folder {str(out)!r} ({e.strerror or e})") from None
-        lock = _lock_run_folder(out)
+            refusal = f"cannot create the run folder {str(out)!r} ({e.strerror or e})"
+        except TrainError as e:
+            refusal = str(e)
         # Another process may have trained here between the checks above and the lock.
-        changed = (ckpt_path.exists() if state is None else _file_identity(ckpt_path) != loaded_stat)
-        if changed:
-            if lock is not None:
-                lock.close()
-            raise TrainError(f"the run in {str(out)!r} changed while this one started (another dpdm train?); "
-                             "start again" + ("" if state is None else " with --resume"))
-        if state is None:
+        if refusal is None and (ckpt_path.exists() if state is None else _file_identity(ckpt_path) != loaded_stat):
+            refusal = (f"the run in {str(out)!r} changed while this one started (another dpdm train?); start again"
+                       + ("" if state is None else " with --resume"))
+        if refusal is not None and lock is not None:
+            lock.close()
+        if refusal is None and state is None:
             try:   # a folder made beforehand (`dpdm plan --out RUN/plan.json`) becomes private too
                 os.chmod(out, 0o700)
             except OSError:
                 pass
+    # Rank 0 alone takes the folder; the other ranks learn its verdict rather than wait for it.
+    if dist.broadcast_int(int(refusal is not None)):
+        raise TrainError(refusal or f"rank 0 could not take the run folder {str(out)!r}; see its message")
     bar = metrics_file = None
     try:   # however the run ends: the lock released, the progress bar and the metrics file closed
         if dist.is_main:
@@ -694,6 +700,8 @@ def train(
             metrics_file = open(metrics_path, "a", newline="")
             writer = csv.writer(metrics_file)
 
+        if on_start is not None and dist.is_main:
+            on_start()
         bar = None
         if progress and dist.is_main:
             from tqdm import tqdm
@@ -1049,23 +1057,24 @@ def _check_fresh_run_folder(out: Path, plan_doc, checkpoint_every: int) -> None:
             raise TrainError(f"{str(out)!r} holds a metrics.csv that is not a dpdm run's; a new run there would "
                              "replace it: choose another --out")
         steps = [int(ln.split(",", 1)[0]) for ln in lines[1:] if ln.split(",", 1)[0].isdigit()]
-    # A run's files, its lock and marks, and the temporary files of its atomic writes; anything else (data, a
-    # release file, the user's own files) is not the run's, and a run folder holds secrets.
+    # A run's files, and hidden ones (its lock and marks, the temporary files of its atomic writes, a file
+    # system's own); anything else (data, a release file, the user's own files) is not the run's, and a run
+    # folder holds secrets.
     others = sorted(p.name for p in out.iterdir()
-                    if p.name not in ("plan.json", "config.json", "metrics.csv", ".train.lock", CHECKPOINTED_MARK)
-                    and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+                    if p.name not in ("plan.json", "config.json", "metrics.csv", "lost+found")
+                    and not p.name.startswith("."))
     if others:
         raise TrainError(f"{str(out)!r} holds files that are not this run's ({', '.join(others[:3])}"
                          f"{', ...' if len(others) > 3 else ''}); a run folder holds the run's secrets: choose a new "
                          "or empty --out")
     # A row past the first checkpoint's step was logged after that checkpoint was saved; the row of that step
     # itself is logged just before it is saved (a run killed while saving may start afresh). The first
-    # checkpoint came at the earlier run's --checkpoint-every (its config.json), or at this one's.
+    # checkpoint came at the earlier run's --checkpoint-every (its config.json), or else at this one's.
     try:
-        saved_every = int(json.loads(config_file.read_text(encoding="utf-8"))["train"]["checkpoint_every"])
-    except (OSError, ValueError, KeyError, TypeError):
-        saved_every = checkpoint_every
-    first = min(checkpoint_every, saved_every, plan_doc.plan.steps)
+        every = int(json.loads(config_file.read_text(encoding="utf-8"))["train"]["checkpoint_every"])
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        every = checkpoint_every
+    first = min(every, plan_doc.plan.steps)
     if (out / CHECKPOINTED_MARK).exists() or (steps and max(steps) > first):
         raise TrainError(f"{str(out)!r} holds a run that saved a checkpoint, but no {CHECKPOINT_NAME}: it was "
                          "removed, and training here again would spend the plan again; choose another --out (and "

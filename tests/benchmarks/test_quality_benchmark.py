@@ -280,7 +280,7 @@ def test_generator_and_dp_sgd_cnn_draw_secret_seeds_unless_given(tmp_path, load_
     assert seen == [None, None]      # dpdm.train / dpdm.baseline then draw secret seeds
     assert not (tmp_path / "run" / q.SEEDED_MARK).exists()
     assert q.train_generator(doc, tmp_path / "seeded", seed=3)["seeded"] is True
-    assert seen[-1] == 3 and (tmp_path / "seeded" / q.SEEDED_MARK).exists()
+    assert seen[-1] == 3 and not (tmp_path / "seeded").exists()   # nothing beside the run (its checkpoint tells)
 
 
 def test_seed_option_warns_once_and_marks_the_json(stubbed, tmp_path, monkeypatch, capsys):
@@ -396,7 +396,8 @@ def test_a_finished_run_is_reused_only_with_its_own_settings_and_seed(tmp_path, 
     doc = q.default_plan(epochs=0.02, batch_size=16)   # 5 steps of about 16 images: seconds
     run = tmp_path / "run"
     first = q.train_generator(doc, run, seed=5)
-    assert first["seeded"] is True and (run / q.SEEDED_MARK).exists()
+    assert first["seeded"] is True and not (run / q.SEEDED_MARK).exists()
+    assert dpdm.checkpoint.load_checkpoint(run / "checkpoint.pt")["config"]["train"]["seed_given"] is True
     again = q.train_generator(doc, run, seed=5)
     assert again["reused"] is True and again["seeded"] is True
     for key in ("model", "precond", "lr", "lr_schedule", "ema_decay", "ema_powers", "train_sigma", "trainable",
@@ -412,14 +413,25 @@ def test_a_finished_run_is_reused_only_with_its_own_settings_and_seed(tmp_path, 
         q.train_generator(doc, run, seed=6)
     with pytest.raises(SystemExit, match="known --seed"):   # not reused as if its seed were secret
         q.train_generator(doc, run)
-    (run / q.SEEDED_MARK).unlink()                          # as a run with a secret seed: reused, unseeded
-    assert q.train_generator(doc, run)["seeded"] is False
-    real = dpdm.checkpoint.load_checkpoint                  # quality.py before --seed trained with seed 0
+    (run / q.SEEDED_MARK).write_text("a run from before seed_given")   # the old mark alone still tells
+    with pytest.raises(SystemExit, match="known --seed"):
+        q.train_generator(doc, run)
+    (run / q.SEEDED_MARK).unlink()
+    real = dpdm.checkpoint.load_checkpoint
+
+    def secret(path):   # as a run with a secret seed: reused, unseeded
+        state = real(path)
+        state["config"]["train"]["seed_given"] = False
+        return state
+
+    with monkeypatch.context() as m:
+        m.setattr(dpdm.checkpoint, "load_checkpoint", secret)
+        assert q.train_generator(doc, run)["seeded"] is False
 
     def seed_zero(path):   # an old checkpoint: seed 0, and no record of settings added since (their defaults)
         state = real(path)
         state["config"]["train"]["seed"] = 0
-        for key in ("precision", "ema_powers", "trainable"):
+        for key in ("precision", "ema_powers", "trainable", "seed_given"):
             state["config"]["train"].pop(key, None)
         return state
 

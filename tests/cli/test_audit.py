@@ -387,3 +387,6 @@ def test_out_never_replaces_the_users_files_or_writes_into_a_run(run_dir, tmp_pa
     assert check_out_dir(earlier) == earlier
     (earlier / "report.json").unlink()   # a report whose rewrite was interrupted before its report.json
     assert check_out_dir(earlier) == earlier
+    killed = tmp_path / "killed"        # a first audit killed while staging its report
+    (killed / ".report-staging").mkdir(parents=True)
+    assert check_out_dir(killed) == killed

@@ -321,7 +321,7 @@ def test_a_class_count_read_from_the_private_labels_warns(tiny, capsys):
         np.savez(d / "inferred.npz", x=f["x"], y=f["y"])
     code, _, err = run_cli(_train_args(d, d / "run2", "--dataset", f"npz:{d / 'inferred.npz'}"), capsys)
     assert code == 0 and "the number of classes (3) was read from the private labels" in err
-    # Said after training: a refused run stays one error line.
+    # Said once the checks have passed, before the first step: a refused run stays one error line.
     code, _, err = run_cli(_train_args(d, d / "run2", "--dataset", f"npz:{d / 'inferred.npz'}"), capsys)
     assert "already holds a run" in _one_error_line(code, err)
 

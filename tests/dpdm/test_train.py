@@ -852,6 +852,12 @@ def test_a_new_run_never_replaces_another_runs_files(tmp_path):
         with pytest.raises(TrainError, match="not this run's|not a dpdm run's"):
             train(doc, x, y, c, folder, TrainConfig(**CFG), progress=False)
         assert [p.name for p in folder.iterdir()] == [name] and (folder / name).read_bytes() == content
+    # Restarted with a smaller --checkpoint-every after a kill before the first checkpoint (at the earlier
+    # run's 100): not taken for a removed checkpoint.
+    early = tmp_path / "early"
+    with pytest.raises(Stop):
+        train(doc, x, y, c, early, TrainConfig(**{**CFG, "checkpoint_every": 100}), progress=False, on_step=stop_at(3))
+    assert train(doc, x, y, c, early, TrainConfig(**{**CFG, "checkpoint_every": 1}), progress=False)["steps_done"] == 4
     # Its own locked plan beside it (`dpdm plan --out RUN/plan.json`), or a run killed before its first
     # checkpoint: a new run may start there.
     own = tmp_path / "own"
