@@ -30,7 +30,8 @@ def release_config(config: dict[str, Any]) -> dict[str, Any]:
     out = {k: config[k] for k in RELEASED_CONFIG_KEYS if k in config}
     # The noise levels the network was trained on (`dpdm train --train-sigma`): the sampler stays inside them.
     # seed_given: the user chose the training seed (`dpdm train --seed`), not its value (ckpt.SEED_GIVEN_NOTE).
-    out["train"] = {"train_sigma": (config.get("train") or {}).get("train_sigma"), "seed_given": ckpt.seed_given(config)}
+    out["train"] = {"train_sigma": (config.get("train") or {}).get("train_sigma"),
+                    "seed_given": ckpt.seed_given(config)}
     init = config.get("init")
     out["init"] = None if init is None else {"dataset": init.get("dataset"), "sha256": init.get("sha256")}
     return out

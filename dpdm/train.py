@@ -1097,7 +1097,8 @@ def _lock_run_folder(out: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise TrainError(f"another dpdm train is running in {str(out)!r}; wait for it, or choose another --out") from None
+        raise TrainError(f"another dpdm train is running in {str(out)!r}; wait for it, or choose another "
+                         "--out") from None
     except OSError:   # no locks on this file system (ENOLCK, EINVAL on some network mounts)
         f.close()
         return None

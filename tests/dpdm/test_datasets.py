@@ -553,7 +553,8 @@ def test_npz_caps_the_class_count_and_shows_uint64_labels_as_they_are(tmp_path):
     huge = np.array([0, 1, 2**63 + 5], dtype=np.uint64)
     with pytest.raises(DataError, match="found 9223372036854775813"):
         load_npz(_save(tmp_path / "u.npz", x=x, y=huge))
-    with pytest.raises(DataError, match=r"labels must lie in \[0, 10\) \(num_classes=10\), got \[0, 922337203685477581"):
+    with pytest.raises(DataError,
+                       match=r"labels must lie in \[0, 10\) \(num_classes=10\), got \[0, 922337203685477581"):
         load_npz(_save(tmp_path / "u10.npz", x=x, y=huge, num_classes=np.array(10)))
     edge = load_npz(_save(tmp_path / "edge.npz", x=x, y=np.array([0, 1, MAX_NUM_CLASSES - 1], dtype=np.uint64)))
     assert edge.num_classes == MAX_NUM_CLASSES and edge.y.dtype == torch.int64

@@ -468,8 +468,9 @@ def _assert_laundering_refused(tmp_path, leaked, doc, x, y, c):
           TrainConfig(**CFG, private=False, init_from=str(leaked / CHECKPOINT_NAME)), dataset_name="public-2",
           progress=False)
     with pytest.raises(TrainError, match="through its own warm start"):
-        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(tmp_path / "laundered" / CHECKPOINT_NAME)),
-              dataset_name="tiny", progress=False)
+        train(doc, x, y, c, tmp_path / "run",
+              TrainConfig(**CFG, init_from=str(tmp_path / "laundered" / CHECKPOINT_NAME)), dataset_name="tiny",
+              progress=False)
     assert not (tmp_path / "run").exists()
 
 
