@@ -626,16 +626,7 @@ def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_
     # a moment first; no real plan is refuted, since its certified epsilon, at most its target, bounds the
     # true one from above.
     if plan.target_epsilon is not None:
-        floor = 0.0
-        # All the steps, and a prefix of them (epsilon grows with the steps, so a prefix's lower bound bounds
-        # the whole; over many steps the coarse grid's bracket is too wide to give one).
-        for steps in sorted({plan.steps, min(plan.steps, _QUICK_FLOOR_PREFIX)}):
-            try:
-                with _quiet_numpy():   # overflow at large epsilon on the way to a bound it checks itself
-                    floor = max(floor, FftPldAccountant(grid_points=_QUICK_FLOOR_POINTS).epsilon(
-                        plan.to_event(steps), plan.delta).lower)
-            except FftPrecisionError:   # no bracket at this delta: the checks below decide
-                pass
+        floor = _quick_floor(plan)
         if floor > plan.target_epsilon * (1 + RECOMPUTE_RTOL):
             raise PlanError(f"{where}: target_epsilon={plan.target_epsilon!r} is below a lower bound on the "
                             f"mechanism's epsilon ({floor:.6g}); the plan was edited; make a new plan")
@@ -661,6 +652,25 @@ def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_
         if stored < floor * (1 - _FLOAT_RTOL):
             raise PlanError(f"{where}: epsilon.certified={stored!r} by PRV is below dpdm's own PLD lower bound "
                             f"{floor:.6g}; make a new plan")
+
+
+@functools.lru_cache(maxsize=64)
+def _quick_floor(plan: PrivacyPlan) -> float:
+    """A quick rigorous lower bound on the plan's epsilon (0 where none comes out): over all the steps and over a
+    prefix of them (epsilon grows with the steps, so a prefix's lower bound bounds the whole; over many steps the
+    coarse grid's bracket is too wide to give one), stopping once one refutes the target. Cached: a command
+    verifies the same plan more than once (the CLI, then the library)."""
+    floor = 0.0
+    for steps in sorted({min(plan.steps, _QUICK_FLOOR_PREFIX), plan.steps}):
+        try:
+            with _quiet_numpy():   # overflow at large epsilon on the way to a bound it checks itself
+                floor = max(floor, FftPldAccountant(grid_points=_QUICK_FLOOR_POINTS).epsilon(
+                    plan.to_event(steps), plan.delta).lower)
+        except FftPrecisionError:   # no bracket at this delta: the checks after it decide
+            pass
+        if floor > plan.target_epsilon * (1 + RECOMPUTE_RTOL):
+            break
+    return floor
 
 
 @functools.lru_cache(maxsize=1024)

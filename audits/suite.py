@@ -486,7 +486,7 @@ def _markdown(doc: dict[str, Any]) -> str:
 
     plan = doc["claimed_plan"]
     can = doc["canary_audit"]
-    L = [f"# dpdm privacy audit: **{doc['verdict']}**", ""]
+    L = [f"{_MARKDOWN_TITLE} **{doc['verdict']}**", ""]
     L += [f"- {r}" for r in doc["reasons"]] + [""]
     L += ["PASS means *no violation detected at the stated power*; it does not verify privacy.", ""]
     L += ["## Claim under test", "",

@@ -121,7 +121,7 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
             clip_norm=clip_norm or p.get("clip_norm", DEFAULT_CLIP_NORM),
             noise_multiplicity=multiplicity or p.get("multiplicity", DEFAULT_MULTIPLICITY))
         for warning in privacy_plan.warnings():
-            click.echo(f"dpdm: warning: {warning}", err=True)
+            warn(warning)
         if epsilon is not None:
             privacy_plan = privacy_plan.calibrate(epsilon=epsilon)
         doc = accounting.make_plan_document(privacy_plan)
@@ -133,10 +133,10 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     except ValueError as e:
         raise BadInput(str(e)) from e
     if doc.prv_overruled:
-        click.echo(f"dpdm: warning: PRV overruled: {doc.prv_overruled}", err=True)
+        warn(f"PRV overruled: {doc.prv_overruled}")
     if doc.prv_failed:
-        click.echo(f"dpdm: warning: prv-accountant gave no epsilon for this plan ({doc.prv_failed}); dpdm's own "
-                   "PLD cross-checked the certificate in its place", err=True)
+        warn(f"prv-accountant gave no epsilon for this plan ({doc.prv_failed}); dpdm's own PLD cross-checked the "
+             "certificate in its place")
     if out:
         _refuse_to_replace(out, doc.digest, force=force)
         try:
@@ -346,7 +346,9 @@ def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
     plt.close(fig)
 
 
-_MIN_EPS_ERROR = 0.01   # dpdm account --eps-error: its default, and the least dpdm plan asks PRV for
+# dpdm account --eps-error: its default, and the least dpdm plan asks PRV for (accounting.plan.PRV_MIN_EPS_ERROR,
+# not imported here: the CLI loads the accountants only when a command needs them).
+_MIN_EPS_ERROR = 0.01
 
 
 @click.command("account")
@@ -388,7 +390,7 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
         reports.append(accounting.PrvAccountant(eps_error=eps_error).epsilon(event, delta))
     except accounting.PRV_ERRORS as e:  # say so, and show the other two
         prv_failed = f"{type(e).__name__}: {e}"
-        click.echo(f"dpdm: warning: prv-accountant gave no epsilon ({prv_failed})", err=True)
+        warn(f"prv-accountant gave no epsilon ({prv_failed})")
     if as_json:
         doc = {r.method: r.to_dict() for r in reports}
         if prv_failed is not None:

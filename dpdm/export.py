@@ -67,7 +67,7 @@ def release_plan_digest(path: str | os.PathLike) -> str | None:
     if not os.path.lexists(path):
         return None
     try:
-        state = ckpt._load_weights_only(path) if path.is_file() else None
+        state = ckpt._load_weights_only(path)   # a folder or a broken link: CheckpointError
     except ckpt.CheckpointError:
         state = None
     ledger = state.get("ledger") if state is not None and state.get("format") == ckpt.MODEL_FORMAT else None

@@ -238,9 +238,9 @@ IMAGE_DIGESTS_KEY = "image_digests"
 
 
 def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any],
-                    private_digests: tuple[bytes, ...] = ()) -> tuple[dict, dict[str, Any], torch.Tensor | None]:
+                    private_digests: tuple[bytes, ...] = ()) -> tuple[dict, dict[str, Any], set[bytes] | None]:
     """The EMA weights of a checkpoint trained on public data, the record the run keeps of it, and the
-    checkpoint's table of image digests (None for a checkpoint written before they were kept).
+    digests of the images it was trained on (None for a checkpoint written before they were kept).
 
     A warm start is privacy-free only if the checkpoint's training data is public and holds none of
     the private examples: a `--no-dp` run on them would carry them into the "private" model without
@@ -265,7 +265,7 @@ def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any],
             raise TrainError(f"--init-from {str(path)!r} was trained on the same data "
                              f"({entry.get('dataset')!r}), itself or through its own warm start; a warm "
                              "start must come from public data, not from the private images")
-    table = state.get(IMAGE_DIGESTS_KEY)
+    table, seen = state.get(IMAGE_DIGESTS_KEY), None
     if table is not None:
         if not (torch.is_tensor(table) and table.dtype == torch.uint8 and table.dim() == 2 and table.shape[1] == 16):
             raise TrainError(f"--init-from {str(path)!r}: its {IMAGE_DIGESTS_KEY!r} are not a uint8 table [M, 16]")
@@ -285,7 +285,7 @@ def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any],
         "weights": "ema",
         "lineage": lineage,
     }
-    return state["ema"], record, table
+    return state["ema"], record, seen
 
 
 class EMA:
@@ -520,7 +520,7 @@ def train(
             raise TrainError("cannot resume on other data: the images differ from those the run was trained on")
         seed = saved_seed
         # A run seeded by its user stays marked so on resume, which takes the seed from the checkpoint.
-        seed_given = bool(state["config"]["train"].get("seed_given", False)) or config.seed is not None
+        seed_given = ckpt.seed_given(state["config"]) or config.seed is not None
     elif config.seed is not None:
         seed, seed_given = config.seed, True
     else:
@@ -572,10 +572,10 @@ def train(
         trained_on = state.get(IMAGE_DIGESTS_KEY)
     else:
         own = image_digests(x)
-        init_table = None
+        init_seen = None
         if config.init_from is not None:
-            init_weights, run_config["init"], init_table = load_warm_start(config.init_from, run_config, own)
-        trained_on = digest_table(own if init_table is None else (*own, *digest_set(init_table)))
+            init_weights, run_config["init"], init_seen = load_warm_start(config.init_from, run_config, own)
+        trained_on = digest_table(own if init_seen is None else (*own, *init_seen))
 
     # The initial weights are public (frozen ones are exported as they are): seed them from their own
     # stream, never from the secret seed itself (torch's CPU generator would expose its low 32 bits).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import accounting
 from cli.main import main
 from dpdm import checkpoint as ckpt
+from tests.dpdm.test_train import RunsCodeWhenUnpickled
 
 SEED = 987654321987
 
@@ -212,16 +212,6 @@ def test_out_under_a_file_is_one_error_line(run, tmp_path, capsys):
         line = one_error_line(code, err)
         assert f"--out='{out}'" in line and "not a folder" in line
     assert (tmp_path / "afile").read_text() == "a file, not a folder"
-
-
-class RunsCodeWhenUnpickled:
-    """A pickle payload that runs `touch marker` when loaded without weights_only."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_out_never_replaces_another_runs_files_or_a_non_release_file(run, tmp_path, capsys):
