@@ -203,16 +203,18 @@ def epsilon_for_delta(f: _Pmf, h: float, delta: float) -> float:
     t, p = t[keep], f.p[keep]
     if len(t) == 0 or f.inf + float(np.sum(p * -np.expm1(-t))) <= delta:  # D(0)
         return 0.0
-    # suffix sums over k >= j: S1 = sum p_k, S2 = sum p_k exp(-t_k)
+    # suffix sums over k >= j: S1 = sum p_k, and S2 = sum p_k exp(-t_k) kept as its log (exp(t) overflows a
+    # float above t = 709: an epsilon of 1,000 then came out as 709.87 on both sides of the bracket)
     s1 = np.cumsum(p[::-1])[::-1]
-    s2 = np.cumsum((p * np.exp(-t))[::-1])[::-1]
-    # D(t_j) = inf + S1[j+1] - exp(t_j) S2[j+1]
-    s1n, s2n = np.append(s1[1:], 0.0), np.append(s2[1:], 0.0)
-    d_at = f.inf + s1n - np.exp(t) * s2n
+    with np.errstate(divide="ignore"):
+        log_s2 = np.logaddexp.accumulate((np.log(p) - t)[::-1])[::-1]
+    # D(t_j) = inf + S1[j+1] - exp(t_j) S2[j+1], where exp(t_j) S2[j+1] <= S1[j+1] <= 1
+    s1n, log_s2n = np.append(s1[1:], 0.0), np.append(log_s2[1:], -np.inf)
+    d_at = f.inf + s1n - np.exp(t + log_s2n)
     j = int(np.argmax(d_at <= delta))  # exists: D(t_last) = inf <= delta
     # On (t_{j-1}, t_j] (or (0, t_0]) the terms are k >= j: D(eps) = inf + S1[j] - e^eps S2[j]
     left = float(t[j - 1]) if j > 0 else 0.0
-    eps = math.log((f.inf + s1[j] - delta) / s2[j])
+    eps = math.log(f.inf + s1[j] - delta) - float(log_s2[j])
     return min(max(eps, left), float(t[j]))
 
 

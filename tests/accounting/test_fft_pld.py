@@ -76,6 +76,18 @@ def test_epsilon_for_delta_on_a_point_mass():
     assert d == pytest.approx(0.05, rel=1e-9)
 
 
+def test_epsilon_above_709_does_not_overflow():
+    """exp(t) overflows a float above t = 709: an epsilon of 1,500 came out as 709.87 on both sides."""
+    h = 0.01
+    point = _Pmf(np.array([1.0]), 100_000, 0.0)  # all mass at loss 1000.0
+    assert epsilon_for_delta(point, h, 0.1) == pytest.approx(1000.0 + math.log(0.9), rel=1e-12)
+    event = dpsgd_event(0.5, 0.06, 10)
+    r = FftPldAccountant(grid_points=2**16).epsilon(event, 1e-5)
+    pessimistic = PldAccountant().epsilon(event, 1e-5).upper
+    assert 1400 < r.lower <= pessimistic
+    assert r.upper - r.lower < 2.0
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="discretization"):
         FftPldAccountant(discretization=0.0)
