@@ -61,7 +61,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     """
     from dpdm.datasets import DataError, has_test_split, load_dataset, load_npz, shared_images
     from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, check_public_data, check_test_data, default_cache_dir,
-                               evaluate_samples, skipped_metrics)
+                               evaluate_samples, match_test_classes, skipped_metrics)
 
     kinds = tuple(k.strip() for k in classifiers.split(",") if k.strip())
     for k in kinds:
@@ -100,6 +100,10 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         if len(real_test) < 2:
             raise BadInput(f"--test-dataset={test_dataset or dataset!r} holds {len(real_test)} image; "
                            f"dpdm eval needs at least 2")
+        try:
+            real_test = match_test_classes(real_train, real_test)
+        except DataError as e:
+            raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
     public = None
     if public_name is not None:
         from dpdm.dataset_sizes import same_images

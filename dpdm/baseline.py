@@ -32,7 +32,7 @@ from torch import nn
 from dpdm.classifiers import CNN
 from dpdm.datasets import DataError, ImageData
 from dpdm.evaluate import (DEFAULT_PUBLIC_EPOCHS, NON_PRIVATE_KEY, accuracy, check_public_data, check_test_data,
-                           pretrain_on_public, random_shift)
+                           match_test_classes, pretrain_on_public, random_shift)
 from dpdm.train import step_seed
 
 __all__ = ["DEFAULT_LR", "DEFAULT_PUBLIC_EPOCHS", "train_dp_classifier"]
@@ -121,6 +121,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         raise ValueError("augment_shift and subspace_dim cannot be combined")
     if len(test) == 0:
         raise DataError(f"test data {test.name!r} holds no images")
+    test = match_test_classes(train, test)   # a test folder may lack a class: its labels by class name
     shared = check_test_data(train, test)   # `dpdm eval`'s rule: the classes, and at most a few duplicates
     if public is not None:
         check_public_data(public, train, test)   # public_epochs is checked by pretrain_on_public

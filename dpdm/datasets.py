@@ -121,6 +121,7 @@ class ImageData:
     num_classes_inferred: the label count was read off the labels themselves (``max(y) + 1``: an
     ``npz:`` file without ``num_classes``). For private training data that count depends on the private
     labels (drop the only example of the last class and it shrinks), so a training command may warn.
+    class_names: the name of each label, where the data has them (a ``folder:`` dataset's class folders).
     """
 
     x: torch.Tensor
@@ -128,6 +129,7 @@ class ImageData:
     num_classes: int
     name: str
     num_classes_inferred: bool = False
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.ndim != 4:
@@ -696,7 +698,7 @@ def _load_folder(root: Path, name: str) -> ImageData:
     x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
     if class_dirs:
         y = torch.tensor([label for _, label in files], dtype=torch.int64)
-        return ImageData(_from_uint8(x), y, len(class_dirs), name)
+        return ImageData(_from_uint8(x), y, len(class_dirs), name, class_names=tuple(d.name for d in class_dirs))
     return ImageData(_from_uint8(x), None, 0, name)
 
 

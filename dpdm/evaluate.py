@@ -217,6 +217,29 @@ def check_public_data(public: ImageData, real: ImageData, *others: ImageData | N
                             f"{other.name!r}; pretraining must use other, public data")
 
 
+def match_test_classes(real_train: ImageData, real_test: ImageData) -> ImageData:
+    """`real_test` with its labels numbered as `real_train`'s classes, where both name their classes.
+
+    A ``folder:`` dataset numbers its classes in the order of their folder names, so a test folder that lacks
+    one of the training classes would number the others differently: its ``dog`` images would be labelled
+    ``cat``. Data without class names (``npz:``, the built-in datasets) is matched by label number.
+
+    Raises:
+      DataError: the test data has a class the training data has not.
+    """
+    train_names, test_names = real_train.class_names, real_test.class_names
+    if train_names is None or test_names is None or test_names == train_names or real_test.y is None:
+        return real_test
+    unknown = [n for n in test_names if n not in train_names]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise DataError(f"test data {real_test.name!r} has class {unknown[0]!r}{more}, which training data "
+                        f"{real_train.name!r} has not; they must share their classes")
+    index = torch.tensor([train_names.index(n) for n in test_names], dtype=torch.int64)
+    return ImageData(real_test.x, index[real_test.y], real_train.num_classes, real_test.name,
+                     class_names=train_names)
+
+
 def check_test_data(real_train: ImageData, real_test: ImageData) -> int:
     """How many images of `real_test` are also images of `real_train` (`datasets.shared_images`).
 

@@ -612,3 +612,28 @@ def test_eval_cache_dir_that_cannot_be_created_is_one_line(digit_files, tmp_path
     code, _, err = _run(capsys, *common, "--cache-dir", str(tmp_path / "file" / "cache"))
     _assert_one_line_error(code, err, "cannot create the cache folder", "file/cache/reference")
     assert "training" not in err
+
+
+def test_eval_and_baseline_match_folder_classes_by_name(digit_files, tmp_path, capsys):
+    """A test folder is labelled by its class folders' names, not their positions: one with a class the
+    training folder has not is refused by both commands before any training."""
+    from PIL import Image
+
+    def folder(name, part, classes):
+        with np.load(digit_files[part]) as z:
+            x, y = z["x"], z["y"]
+        for i, (img, label) in enumerate(zip(x, y)):
+            (tmp_path / name / classes[label]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[0], mode="L").save(tmp_path / name / classes[label] / f"{i}.png")
+        return f"folder:{tmp_path / name}"
+
+    digits = [f"d{k}" for k in range(10)]
+    train = folder("train", "train", digits)
+    other = folder("test", "test", digits[:9] + ["nine"])
+    code, _, err = _run(capsys, "eval", "--samples", str(digit_files["samples"]), "--dataset", train,
+                        "--test-dataset", other, "--classifiers", "", "--cache-dir", str(tmp_path / "cache"))
+    _assert_one_line_error(code, err, "--test-dataset=", "has class 'nine', which training data")
+    assert not (tmp_path / "cache").exists()
+    path = _plan(tmp_path, 600, train)
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--test-dataset", other)
+    _assert_one_line_error(code, err, "has class 'nine', which training data")

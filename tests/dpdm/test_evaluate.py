@@ -412,3 +412,30 @@ def test_evaluate_refuses_a_cache_folder_it_cannot_create_before_training(digits
         evaluate_samples(ImageData(test.x[:40], test.y[:40], 10, "samples"), train, test, classifiers=("logreg",),
                          epochs=1, cache_dir=tmp_path / "file" / "cache", progress=seen.append)
     assert not seen   # nothing trained
+
+
+def test_test_folder_without_a_class_is_labelled_by_class_name(tmp_path):
+    """A folder dataset numbers its classes by their sorted names: a test folder that lacked `ant` labelled
+    its `bee` images 0, which is `ant` for the training data and the samples."""
+    from PIL import Image
+
+    from dpdm.evaluate import match_test_classes
+
+    def folder(name, classes):
+        for k, cls in enumerate(classes):
+            (tmp_path / name / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((4, 4), 40 * k + i, np.uint8), mode="L").save(tmp_path / name / cls / f"{i}.png")
+        return load_dataset(f"folder:{tmp_path / name}")
+
+    train = folder("train", ["ant", "bee", "cat"])
+    test = folder("test", ["bee", "cat"])
+    assert test.class_names == ("bee", "cat") and test.y.tolist() == [0, 0, 1, 1]
+    matched = match_test_classes(train, test)
+    assert matched.y.tolist() == [1, 1, 2, 2] and matched.num_classes == 3
+    assert matched.class_names == train.class_names and matched.x is test.x
+    assert match_test_classes(train, train) is train
+    unnamed = ImageData(test.x, test.y, 2, "npz")   # no class names: matched by number, as before
+    assert match_test_classes(train, unnamed) is unnamed
+    with pytest.raises(DataError, match="test data .* has class 'dog', which training data .* has not"):
+        match_test_classes(train, folder("other", ["ant", "dog"]))
