@@ -144,7 +144,7 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
                              subspace_every=subspace_every, subspace_examples=subspace_examples)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
                                dataset_name=name, resume=resume, progress=not quiet, public_data=public_data,
-                               on_start=lambda: _warn_before_training(data, name, dataset, doc, no_dp))
+                               on_start=lambda notes: _warn_before_training(data, name, dataset, doc, no_dp, notes))
         ok = True
     except (TrainError, ckpt.CheckpointError) as e:
         raise BadInput(str(e)) from None
@@ -168,9 +168,11 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
              "if that data is public and holds none of the private examples")
 
 
-def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool) -> None:
+def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool, notes: tuple[str, ...]) -> None:
     """Said once every check has passed and before the first step: a refused run stays one error line, and the
-    user can still stop before any of the plan's budget is spent."""
+    user can still stop before any of the plan's budget is spent. `notes`: the training library's warnings."""
+    for note in notes:
+        warn(note)
     if data.num_classes_inferred and not no_dp:
         warn(f"--dataset={name!r}: the number of classes ({data.num_classes}) was read from the private labels "
              "(their largest + 1) and the model reveals it; store num_classes in the npz to fix it publicly")

@@ -435,7 +435,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
-    on_start: Callable[[], None] | None = None,
+    on_start: Callable[[tuple[str, ...]], None] | None = None,
     public_data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> dict[str, Any]:
     """Trains under `plan_doc` until the run has done exactly `plan.steps` steps.
@@ -450,7 +450,8 @@ def train(
         resume: continue from `out_dir/checkpoint.pt`.
         progress: show a progress bar on stderr (rank 0 only).
         on_step: called with the number of steps done after each step (tests use it).
-        on_start: called on rank 0 once every check has passed, before the first step (the CLI's warnings).
+        on_start: called on rank 0 once every check has passed, before the first step, with the run's warnings
+            (the CLI's warnings are said then too).
         public_data: (images, labels) of `config.subspace_data`, PUBLIC data from which the gradient
             subspace is estimated (with config.subspace_dim only). Refused if it is the private data.
 
@@ -626,11 +627,14 @@ def train(
     else:
         run_config["grad_engine"] = {"engine": "rules" if config.per_layer_rules else "vmap", "auto": False}
 
-    lock, refusal = None, None
+    lock, refusal, notes = None, None, []
     if dist.is_main:
         try:   # 0700: the folder holds the secret seed, metrics computed without noise and a digest of the data
             out.mkdir(mode=0o700, parents=True, exist_ok=True)
             lock = _lock_run_folder(out)
+            if lock is None:
+                notes.append(f"{str(out)!r} cannot be locked (its file system takes no locks): nothing stops a "
+                             "second dpdm train from training in this folder at the same time")
         except OSError as e:
             refusal = f"cannot create the run folder {str(out)!r} ({e.strerror or e})"
         except TrainError as e:
@@ -701,7 +705,7 @@ def train(
             writer = csv.writer(metrics_file)
 
         if on_start is not None and dist.is_main:
-            on_start()
+            on_start(tuple(notes))
         bar = None
         if progress and dist.is_main:
             from tqdm import tqdm
@@ -1083,8 +1087,8 @@ def _check_fresh_run_folder(out: Path, plan_doc, checkpoint_every: int) -> None:
 
 def _lock_run_folder(out: Path):
     """An exclusive lock on the run folder for as long as this process trains in it: a second `dpdm train`
-    into the same folder is refused instead of interleaving. None where the system or the file system has no
-    locks (then nothing is locked)."""
+    into the same folder is refused instead of interleaving. None where the file system takes no locks (then
+    nothing is locked, and the run says so); a system without fcntl (not POSIX) locks nothing either."""
     try:
         import fcntl
     except ImportError:   # not POSIX

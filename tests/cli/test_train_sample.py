@@ -626,3 +626,20 @@ def test_seed_range_keeps_every_image_seed_below_2_to_the_63(runs, tmp_path, cap
     with pytest.raises(SampleError, match="seed"):
         sample_checkpoint(runs / "run" / "checkpoint.pt", n=2, seed=2**63 - 1, out_path=tmp_path / "t.npz")
     assert not (tmp_path / "t.npz").exists()
+
+
+def test_a_run_folder_that_cannot_be_locked_warns(tiny, capsys, monkeypatch):
+    """A file system without locks (ENOLCK on some network mounts) trained unlocked without a word."""
+    import errno
+    import fcntl
+
+    d = tiny
+    code, _, err = run_cli(_train_args(d, d / "run"), capsys)
+    assert code == 0 and "cannot be locked" not in err
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    code, _, err = run_cli(_train_args(d, d / "run2"), capsys)
+    assert code == 0 and f"dpdm: warning: {str(d / 'run2')!r} cannot be locked (its file system takes no locks)" in err
