@@ -67,13 +67,14 @@ class AuditInputError(ValueError):
     training. Other exceptions from ``run_audit`` (ValueError included) are not the user's mistake."""
 
 
-def check_out_dir(out_dir) -> Path:
+def check_out_dir(out_dir, *, create: bool = True) -> Path:
     """Creates the report folder if needed and checks that files can be written in it (AuditInputError
     otherwise), so that a bad folder is found before minutes of training rather than after. A folder in a
     run folder (`dpdm train --out`, `report_utils.run_folder_of`), or one holding files but no earlier audit's
     report (report.json of format dpdm.audit/1), is refused: the report would replace or add to files that are
-    not an audit's."""
-    from dpdm.report_utils import run_folder_of
+    not an audit's. With `create` False an absent folder is not made, only checked to be creatable (a refused
+    audit leaves no empty folder behind)."""
+    from dpdm.report_utils import output_parent_problem, run_folder_of
 
     out = Path(out_dir)
     run = run_folder_of(out)
@@ -89,6 +90,11 @@ def check_out_dir(out_dir) -> Path:
     if out.is_dir() and not foreign and any(not p.name.startswith(".") for p in out.iterdir()):
         raise AuditInputError("holds files and no earlier dpdm audit's report; the audit writes its report, plots "
                               "and scores there: choose a new or empty --out")
+    if not create and not os.path.lexists(out):
+        problem = output_parent_problem(out / "report.json")
+        if problem is not None:
+            raise AuditInputError(problem)
+        return out
     try:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)   # 0700: the report holds a noise-free control run
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
@@ -106,9 +112,14 @@ _MARKDOWN_TITLE = "# dpdm privacy audit:"   # how report.md begins (`_markdown`)
 
 def _holds_audit_report(out: Path) -> bool:
     """Whether the folder `out` holds a `dpdm audit` report: its report.json (format dpdm.audit/1), or, where
-    an interrupted `write_report` removed that, a report.md that `_markdown` wrote."""
+    an interrupted `write_report` removed that, a report.md that `_markdown` wrote beside nothing but the
+    audit's own files."""
     try:
         if not os.path.lexists(out / "report.json"):
+            # Only the files an audit writes, then: a copy of a report.md among other files is not an audit's.
+            if any(not (p.name.startswith(".") or p.name in ("report.md", "scores.npz") or _PLOT_NAME.match(p.name))
+                   for p in out.iterdir()):
+                return False
             with open(out / "report.md", encoding="utf-8") as f:
                 return f.readline().startswith(_MARKDOWN_TITLE)
         if (out / "report.json").stat().st_size > 64 << 20:
@@ -120,6 +131,7 @@ def _holds_audit_report(out: Path) -> bool:
 
 
 MECHANISM_SHARE = 0.2  # of the significance budget; the rest goes to the epsilon bounds
+MIN_SIGNIFICANCE = 1e-12  # smaller budgets underflow in the per-check shares (1e-323 became 0)
 STATISTICAL_CHECKS = 5  # 6 for a run with --public-subspace (subspace_noise_variance)
 
 
@@ -202,30 +214,46 @@ def run_audit(
 
     t_start = time.perf_counter()
     try:
-        check_out_dir(out_dir)
+        check_out_dir(out_dir, create=False)
     except AuditInputError as e:
         raise AuditInputError(f"out={str(out_dir)!r}: {e}") from None
     # Everything up to the first training is input validation: a ValueError here is the user's (a missing
     # or corrupt run, a tampered plan, an unknown dataset, data that does not fit the run, bad settings).
     try:
-        if not (0 < significance < 1):
-            raise ValueError(f"significance={significance!r} must be in (0, 1)")
+        # Each statistical check gets a share of the budget; below MIN_SIGNIFICANCE those shares underflow.
+        if not (MIN_SIGNIFICANCE <= significance < 1):
+            raise ValueError(f"significance={significance!r} must be in [{MIN_SIGNIFICANCE:g}, 1)")
         run = Path(run_dir)
-        run_config, ledger = _load_run(run)
+        try:
+            run_config, ledger = _load_run(run)
+        except ValueError as e:   # CheckpointError too
+            raise ValueError(f"run={str(run_dir)!r}: {e}") from None
         claimed_path = Path(plan_path) if plan_path is not None else run / "plan.json"
-        doc = accounting.load_plan(claimed_path)
+        try:
+            doc = accounting.load_plan(claimed_path)
+        except ValueError as e:   # PlanError
+            raise ValueError(f"{'plan' if plan_path is not None else 'run'}="
+                             f"{str(plan_path if plan_path is not None else run_dir)!r}: {e}") from None
         plan = doc.plan
         cfg = suite_config(suite, plan, run_config, seed=seed, **(canary_overrides or {}))
         name = dataset or run_config.get("dataset")
         if not name:
             raise ValueError("the run does not name its dataset; pass --dataset")
-        data = load_dataset(name, "train", data_root=data_root)
-        want = (int(run_config["img_channels"]), int(run_config["img_resolution"]),
-                int(run_config["img_resolution"]))
+        try:
+            data = load_dataset(name, "train", data_root=data_root)
+        except ValueError as e:   # DataError
+            raise ValueError(f"dataset={name!r}: {e}") from None
+        want = (run_config["img_channels"], run_config["img_resolution"], run_config["img_resolution"])
         if tuple(data.x.shape[1:]) != want:
             raise ValueError(f"dataset={name!r} has images of shape {tuple(data.x.shape[1:])}, the run was "
                              f"trained on {want}")
-        num_classes = int(run_config.get("num_classes", 0))
+        num_classes = run_config["num_classes"]
+        if num_classes and data.y is None:
+            raise ValueError(f"dataset={name!r} has no labels, but the run is class-conditional "
+                             f"({num_classes} classes)")
+        if num_classes and len(data.y) and int(data.y.max()) >= num_classes:
+            raise ValueError(f"dataset={name!r} has labels up to {int(data.y.max())}, but the run has "
+                             f"{num_classes} classes")
         pool_x = pool_y = None
         if cfg.canary_kind == "mislabelled":
             held = load_dataset(name, "test", data_root=data_root)
@@ -234,6 +262,10 @@ def run_audit(
         raise
     except ValueError as e:
         raise AuditInputError(str(e)) from e
+    try:   # the inputs are good: now the folder is made (0700)
+        check_out_dir(out_dir)
+    except AuditInputError as e:
+        raise AuditInputError(f"out={str(out_dir)!r}: {e}") from None
 
     train_config = run_config.get("train") or {}
     subspace_dim = train_config.get("subspace_dim")

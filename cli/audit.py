@@ -13,6 +13,17 @@ MIN_CANARIES = 20
 MAX_CANARIES = 100_000   # research/audits.md: m = 500-5,000 on MNIST scale; 10^9 was an allocator failure
 
 
+# run_audit names its parameters ("steps=21 must be ..."); the user gave options.
+_OPTIONS = {"run": "--run", "plan": "--plan", "out": "--out", "dataset": "--dataset", "steps": "--steps",
+            "significance": "--significance", "num_canaries": "--canaries", "background_size": "--background",
+            "suite": "--suite"}
+
+
+def _named_option(message: str) -> str:
+    name = message.split("=", 1)[0]
+    return _OPTIONS[name] + message[len(name):] if name in _OPTIONS else message
+
+
 @click.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
               help="A run folder from `dpdm train`.")
@@ -51,7 +62,7 @@ def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, step
 
     # Before any training: a folder the report cannot be written to would lose the verdict at the end.
     try:
-        check_out_dir(out_dir)
+        check_out_dir(out_dir, create=False)
     except AuditInputError as e:
         raise BadInput(f"--out={out_dir!r}: {e}") from None
 
@@ -65,7 +76,7 @@ def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, step
         doc = run_audit(run_dir, out_dir, plan_path=plan_path, suite=suite, dataset=dataset, data_root=data_root,
                         seed=seed, significance=significance, canary_overrides=overrides, progress=progress)
     except AuditInputError as e:  # input validation only, before any training; anything else is exit 4
-        raise BadInput(str(e)) from None
+        raise BadInput(_named_option(str(e))) from None
     if as_json:
         emit_json(doc)  # finite-only already: run_audit turns inf and nan into null
     else:

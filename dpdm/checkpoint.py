@@ -198,12 +198,39 @@ def _checked_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> dict[
     return _check_parts(state, REQUIRED_KEYS, f"checkpoint {str(path)!r}")
 
 
+# What every command that rebuilds the network reads from a checkpoint's (or release file's) config, and the
+# ledger fields read as numbers: a file that loads but lacks one, or holds another type, is corrupt (a
+# KeyError or AttributeError deep in `dpdm audit` or `dpdm sample` was a traceback, exit 4).
+_CONFIG_TYPES = {"model": str, "precond": str, "sigma_data": float, "img_resolution": int, "img_channels": int,
+                 "num_classes": int}
+_LEDGER_TYPES = {"plan_steps": int, "steps_done": int, "epsilon_spent": float, "delta": float, "private": bool}
+
+
+def _bad_field(mapping: dict[str, Any], types: dict[str, type]) -> str | None:
+    for key, kind in types.items():
+        v = mapping.get(key)
+        ok = (isinstance(v, bool) if kind is bool else
+              isinstance(v, int) and not isinstance(v, bool) and v >= 0 if kind is int else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else isinstance(v, kind))
+        if not ok:
+            return f"{key}={v!r}" if key in mapping else f"no {key}"
+    return None
+
+
 def _check_parts(state: dict[str, Any], keys: tuple[str, ...], what: str) -> dict[str, Any]:
-    """`state` itself, if it has every key of `keys` and a complete ledger; else CheckpointError."""
+    """`state` itself, if it has every key of `keys`, a complete ledger and a config from which the network
+    can be rebuilt, each field of its type; else CheckpointError."""
     missing = [k for k in keys if k not in state]
     ledger = state.get("ledger")
     if missing or not isinstance(ledger, dict) or any(k not in ledger for k in LEDGER_KEYS):
         raise CheckpointError(f"{what} is incomplete (missing {missing or 'ledger fields'})")
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{what} is corrupt: its config is a {type(config).__name__}, not a mapping")
+    for part, mapping, types in (("config", config, _CONFIG_TYPES), ("ledger", ledger, _LEDGER_TYPES)):
+        bad = _bad_field(mapping, types)
+        if bad is not None:
+            raise CheckpointError(f"{what} is corrupt: its {part} has {bad}")
     return state
 
 

@@ -390,3 +390,61 @@ def test_out_never_replaces_the_users_files_or_writes_into_a_run(run_dir, tmp_pa
     killed = tmp_path / "killed"        # a first audit killed while staging its report
     (killed / ".report-staging").mkdir(parents=True)
     assert check_out_dir(killed) == killed
+
+
+def test_refusals_name_the_option_leave_no_folder_and_catch_bad_labels_and_configs(run_dir, tmp_path, capsys):
+    """Walk of stop 36: labels beyond the run's classes, a significance that underflows and a checkpoint whose
+    config is damaged were tracebacks (exit 4); refusals did not name the option and left an empty --out."""
+    import shutil
+
+    import torch
+
+    run, npz, _ = run_dir
+    out = tmp_path / "new" / "report"
+
+    def refused(*argv, needles=()):
+        rc, _, err = _audit(["--out", str(out), *argv], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("dpdm: error: "), err
+        for needle in needles:
+            assert needle in err, err
+        assert not (tmp_path / "new").exists()   # nothing made for a refused audit
+
+    with np.load(npz) as z:
+        x, y = z["x"], z["y"]
+    np.savez(tmp_path / "fifty.npz", x=x, y=(np.arange(len(y)) % 50), num_classes=50)
+    np.savez(tmp_path / "unlabelled.npz", x=x)
+    refused("--run", str(run), "--dataset", f"npz:{tmp_path / 'fifty.npz'}", *SMALL,
+            needles=("--dataset=", "has labels up to 49, but the run has 10 classes"))
+    refused("--run", str(run), "--dataset", f"npz:{tmp_path / 'unlabelled.npz'}", *SMALL,
+            needles=("--dataset=", "has no labels, but the run is class-conditional"))
+    refused("--run", str(run), "--significance", "1e-323", *SMALL, needles=("--significance=1e-323 must be in",))
+    refused("--run", str(run), "--steps", "4", needles=("--steps=4 must be <=",))
+    refused("--run", str(run), "--dataset", "mnist5k", needles=("--dataset='mnist5k' has images of shape",))
+    no_plan = tmp_path / "no_plan"
+    shutil.copytree(run, no_plan)
+    (no_plan / "plan.json").unlink()
+    refused("--run", str(no_plan), *SMALL, needles=(f"--run={str(no_plan)!r}: ",))
+    for name, edit, needle in (("no_res", lambda c: c.pop("img_resolution"), "its config has no img_resolution"),
+                               ("str_classes", lambda c: c.update(num_classes="ten"), "num_classes='ten'")):
+        damaged = tmp_path / name
+        shutil.copytree(run, damaged)
+        state = torch.load(damaged / "checkpoint.pt", weights_only=True)
+        edit(state["config"])
+        torch.save(state, damaged / "checkpoint.pt")
+        refused("--run", str(damaged), *SMALL, needles=(f"--run={str(damaged)!r}: ", "is corrupt", needle))
+
+
+def test_a_copy_of_a_report_among_other_files_is_not_an_audit_folder(run_dir, tmp_path, capsys, monkeypatch):
+    """An --out holding an edited copy of report.md beside the user's files was taken for an earlier audit's
+    folder: the copy was replaced and a plot-named file deleted."""
+    run, _, _ = run_dir
+    _no_run_audit(monkeypatch)
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "report.md").write_text("# dpdm privacy audit: **PASS**\n\nmy notes\n")
+    (paper / "paper.tex").write_text("\\documentclass{article}\n")
+    (paper / "roc_target_xyz.png").write_bytes(b"png")
+    before = {p.name: p.read_bytes() for p in paper.iterdir()}
+    rc, _, err = _audit(["--run", str(run), "--out", str(paper), *SMALL], capsys)
+    assert rc == 2 and "not an earlier dpdm audit's report" in err, err
+    assert {p.name: p.read_bytes() for p in paper.iterdir()} == before
