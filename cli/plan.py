@@ -39,9 +39,9 @@ PRESETS = {
 
 _POSITIVE = FiniteFloatRange(min=0, min_open=True)
 _UNIT_OPEN = FiniteFloatRange(min=0, max=1, min_open=True, max_open=True)
-# The limits the accounting package sets (MIN_DELTA 1e-12, MAX_STEPS 10**7, MAX_DATASET_SIZE 10**12)
+# The limits the accounting package sets (MIN_DELTA 1e-10, MAX_STEPS 10**7, MAX_DATASET_SIZE 10**12)
 # are checked in the command bodies: importing accounting here would slow `dpdm --help`.
-_DELTA_HELP = "(at least 1e-12: below it the accountants lose double precision)"
+_DELTA_HELP = "(at least 1e-10: below it the accountants lose double precision)"
 
 
 @click.command("plan")
