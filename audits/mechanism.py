@@ -36,6 +36,8 @@ from typing import Any, Callable
 import numpy as np
 from scipy import stats
 
+from dpdm.report_utils import epsilon_text
+
 __all__ = [
     "CheckResult",
     "ENGINE_CHECKS",
@@ -627,7 +629,7 @@ def check_run(run_dir, plan_doc, *, alpha: float = 1e-3) -> list[CheckResult]:
         return CheckResult(
             "run_ledger_matches", not problems, float(len(problems)), None,
             (f"ledger: private, plan digest matches, {ledger['steps_done']}/{ledger['plan_steps']} steps, "
-             f"epsilon_spent {spent:.4g} <= {plan_doc.epsilon:.4g}, delta {ledger['delta']:g}")
+             f"epsilon_spent {epsilon_text(spent)} <= {epsilon_text(plan_doc.epsilon)}, delta {ledger['delta']:g}")
             if not problems else "; ".join(problems))
 
     def logged_check():

@@ -45,6 +45,7 @@ from audits.auditor import _jsonable
 from audits.canary import CanaryConfig, canary_audit
 from audits.mechanism import check_engine, check_run, check_sampler, check_subspace
 from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
+from dpdm.report_utils import epsilon_text
 
 __all__ = ["SUITES", "suite_config", "run_audit", "write_report", "EXIT_CODES", "training_private_grad",
            "AuditInputError", "check_out_dir"]
@@ -370,9 +371,10 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
         f"(the update's divisor: {t.get('normalizer', 'q * dataset size')}, fixed before the coins are drawn), "
         f"K={t['noise_multiplicity']} noise draws (plan: {plan.noise_multiplicity}; privacy-neutral), "
         f"network '{cfg.model}'.",
-        f"Claimed epsilon of the audit: {claim:.4g}, the epsilon of the {t['steps']}-step canary run (the plan's "
-        f"per-step mechanism composed over {t['steps']} steps, by the plan's accountant)"
-        + ("" if plan_epsilon is None else f"; the plan's epsilon over its {plan.steps} steps is {plan_epsilon:.4g}")
+        f"Claimed epsilon of the audit: {epsilon_text(claim)}, the epsilon of the {t['steps']}-step canary run "
+        f"(the plan's per-step mechanism composed over {t['steps']} steps, by the plan's accountant)"
+        + ("" if plan_epsilon is None else
+           f"; the plan's epsilon over its {plan.steps} steps is {epsilon_text(plan_epsilon)}")
         + ". The verdict compares the epsilon lower bounds with the canary run's epsilon.",
     ]
     if t["dataset_size"] != plan.dataset_size:
@@ -383,9 +385,9 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
     if t["steps"] < plan.steps:
         lines.append(
             "This is a shorter run under the same per-step mechanism: it composes fewer of the plan's "
-            f"steps ({t['steps']} on {t['dataset_size']} examples), so its true epsilon is at most {claim:.4g}, "
-            "at most the plan's. An epsilon lower bound above that shorter run's epsilon therefore proves a "
-            "violation; a bound below it certifies nothing about the steps that were not run."
+            f"steps ({t['steps']} on {t['dataset_size']} examples), so its true epsilon is at most "
+            f"{epsilon_text(claim)}, at most the plan's. An epsilon lower bound above that shorter run's epsilon "
+            "therefore proves a violation; a bound below it certifies nothing about the steps that were not run."
         )
     if train_config.get("subspace_dim"):
         lines.append(

@@ -5,6 +5,7 @@ import click
 
 from cli._common import FiniteFloatRange, emit_json, info
 from cli.errors import BadInput
+from dpdm.report_utils import epsilon_text
 
 # Fewer canaries make no meaningful audit: with 20 (delta 1e-5, the quick suite's error budget) even a
 # perfect attack certifies an epsilon of at most about 0.7, and with a handful the fair coins may include
@@ -85,9 +86,10 @@ def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, step
         canary_steps = can["training"]["target"]["steps"]
         plan = doc["claimed_plan"]
         lb = can["max_epsilon_lower_bound"]
-        info(f"audit verdict: {doc['verdict']}  (empirical epsilon lower bound {lb:.3f} vs {claim:.3f}, the epsilon "
+        info(f"audit verdict: {doc['verdict']}  (empirical epsilon lower bound {epsilon_text(lb, bound='lower')} vs "
+             f"{epsilon_text(claim)}, the epsilon "
              f"of the {canary_steps}-step canary run; the plan's epsilon over its {plan['steps']} steps: "
-             f"{plan['epsilon']:.3f}; report in {out_dir}/report.md)")
+             f"{epsilon_text(plan['epsilon'])}; report in {out_dir}/report.md)")
         for r in doc["reasons"]:
             info(f"  - {r}")
     return EXIT_CODES[doc["verdict"]]

@@ -6,6 +6,7 @@ import click
 from cli._common import (FiniteFloatRange, emit_json, load_locked_plan, load_public_data, load_training_data,
                          plan_dataset_name, resolve_device, warn, warn_known_seed)
 from cli.errors import BadInput
+from dpdm.report_utils import epsilon_text
 
 
 @click.group()
@@ -103,13 +104,14 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         warn(f"{result['test_images_in_train']} of the {len(test)} test images of {test.name!r} are also training "
              "images; their accuracy is not held-out")
     result = {"baseline": "dp-classifier", "dataset": name, "plan_digest": doc.digest,
-              "epsilon": doc.epsilon, "delta": doc.plan.delta, **result}
+              "epsilon": doc.epsilon, "delta": doc.plan.delta, "seed_given": seed is not None, **result}
     if as_json:
         emit_json(result)
     else:
         click.echo(f"DP-SGD CNN on {name}: real test accuracy {result['test_accuracy']:.4f} at epsilon "
-             f"{doc.epsilon:.4g}, delta {doc.plan.delta:g} ({result['steps']} steps, expected batch "
-             f"{result['expected_batch_size']}, {result['seconds']:.0f} s)")
+             f"{epsilon_text(doc.epsilon)}, delta {doc.plan.delta:g} ({result['steps']} steps, expected batch "
+             f"{result['expected_batch_size']}, {result['seconds']:.0f} s)"
+             + (" (given --seed: no guarantee against whoever knows it)" if seed is not None else ""))
         if "public_pretrain" in result:
             pre = result["public_pretrain"]
             click.echo(f"  started from {pre['epochs']} non-private epochs on public {pre['dataset']}: "

@@ -16,6 +16,7 @@ import click
 from cli._common import info, resolve_device
 from cli.errors import EXIT_AUDIT_FAIL
 from dpdm.cpu import keep_freed_memory_if_asked
+from dpdm.report_utils import epsilon_text
 
 # The demo's plan: mnist5k (N = 4000), expected batch 1024 (sample rate 0.256), 30 steps, K = 1, eps 10 at
 # delta 1e-5 (noise multiplier 1.0): about 4 minutes of private training on 2 cores, after a public warm
@@ -228,8 +229,10 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
     rows_metrics = quality_rows(metrics, real_cnn)
     sections = [
         {"title": "Privacy", "rows": [
-            ("guarantee", f"(epsilon={doc.epsilon:.4g}, delta={plan.delta:g})-DP for each of the {plan.dataset_size} training images"),
-            ("epsilon spent", f"{summary['epsilon_spent']:.4g} after {summary['steps_done']} of {plan.steps} steps"),
+            ("guarantee", f"(epsilon={epsilon_text(doc.epsilon)}, delta={plan.delta:g})-DP for each of the "
+                          f"{plan.dataset_size} training images"),
+            ("epsilon spent", f"{epsilon_text(summary['epsilon_spent'])} after {summary['steps_done']} of "
+                              f"{plan.steps} steps"),
             ("noise multiplier / clip norm", f"{plan.noise_multiplier:.4f} / {plan.clip_norm:g}"),
             ("sample rate / expected batch", f"{plan.sample_rate:.4g} / {plan.batch_size}"),
             ("noise multiplicity K", plan.noise_multiplicity),
@@ -300,9 +303,9 @@ def audit_rows(report: dict, report_dir: Path) -> list[tuple[str, str]]:
     if can.get("claimed_epsilon") is not None:
         steps = (can.get("training") or {}).get("target", {}).get("steps")
         rows.append((f"epsilon of the {steps}-step canary run (compared against)",
-                     f"{can['claimed_epsilon']:.4g}; largest epsilon lower bound "
-                     f"{can.get('max_epsilon_lower_bound', float('nan')):.4g}, largest certifiable with these "
-                     f"canaries {can.get('max_certifiable_epsilon', float('nan')):.4g}"))
+                     f"{epsilon_text(can['claimed_epsilon'])}; largest epsilon lower bound "
+                     f"{epsilon_text(can.get('max_epsilon_lower_bound', float('nan')), bound='lower')}, largest "
+                     f"certifiable with these canaries {can.get('max_certifiable_epsilon', float('nan')):.4g}"))
     rows.append(("report", str(report_dir)))
     return rows
 

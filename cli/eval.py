@@ -5,6 +5,7 @@ import click
 
 from cli._common import emit_json, info, resolve_device, warn
 from cli.errors import BadInput
+from dpdm.report_utils import epsilon_text
 
 _KINDS = ("logreg", "mlp", "cnn")
 _MAX_SEED = 2**63 - 3   # seeds up to seed + 2 feed torch generators (public pretraining uses seed + 2)
@@ -144,6 +145,13 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         problem = output_parent_problem(folder / "reference" / "reference.pt")
         if problem:
             raise BadInput(f"--cache-dir={str(folder)!r}: {problem}")
+    provenance = samples_provenance(samples_path)
+    if provenance["private"] is False:
+        warn(f"{samples_path!r} was drawn from a NON-PRIVATE model (--no-dp): these figures carry no privacy "
+             "guarantee")
+    elif provenance["seed_given"]:
+        warn(f"{samples_path!r} was drawn from a model trained with a given --seed: its guarantee holds only "
+             "against whoever does not know that seed")
     copies = shared_images(samples, real_train)
     if copies:   # warned, not refused: real images are a fair reference point, and a copying generator must show
         what = ("the metrics measure the training data, not a generator" if 2 * copies >= len(samples) else
@@ -161,10 +169,33 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                                   public_epochs=public_epochs, shift=augment_shift)
     except ValueError as e:  # DataError (shape / label mismatch), unusable inception weights, no cache folder
         raise BadInput(f"--samples={samples_path!r}: {e}" if isinstance(e, DataError) else str(e)) from None
+    report["samples_provenance"] = provenance
     if as_json:
         emit_json(report)
     else:
         click.echo(format_report(report))
+
+
+def samples_provenance(path: str) -> dict:
+    """What `dpdm sample` recorded about the model behind the samples (its ``meta_*`` arrays): "private"
+    (False: a `--no-dp` model), "seed_given" (trained with a given `--seed`), "epsilon" and "delta"; each
+    None where the file does not say (samples from elsewhere)."""
+    import math
+
+    import numpy as np
+
+    out = {"private": None, "seed_given": None, "epsilon": None, "delta": None}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for key in out:
+                name = f"meta_{key}"
+                if name in z.files and z[name].shape == () and z[name].dtype.kind in "biuf":
+                    v = z[name].item()
+                    out[key] = bool(v) if key in ("private", "seed_given") else (
+                        float(v) if math.isfinite(v) else None)
+    except (OSError, ValueError):
+        pass   # load_npz read this file a moment ago: then it says nothing
+    return out
 
 
 def _skip_lines(skipped: dict[str, str]) -> list[tuple[str, str]]:
@@ -204,7 +235,15 @@ def format_report(report: dict) -> str:
     """The human-readable table."""
     lines = [f"samples {report['samples']}: {report['n_samples']} images "
              f"{'x'.join(map(str, report['image_shape']))}, real data {report['dataset']} "
-             f"(train {report['real_train_size']}, test {report['real_test_size']})", ""]
+             f"(train {report['real_train_size']}, test {report['real_test_size']})"]
+    made = report.get("samples_provenance") or {}
+    if made.get("private") is False:
+        lines.append("NON-PRIVATE samples: drawn from a --no-dp model")
+    elif made.get("private"):
+        eps = ("DP" if made.get("epsilon") is None else
+               f"epsilon {epsilon_text(made['epsilon'])}, delta {made['delta']:g}")
+        lines.append(f"DP samples ({eps})" + (", model trained with a GIVEN --seed" if made.get("seed_given") else ""))
+    lines.append("")
     pub = report.get("public_pretrain")
     if report["classifiers"]:
         if pub is not None:

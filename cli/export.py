@@ -5,6 +5,7 @@ import click
 
 from cli._common import checkpoint_of, emit_json, info, warn
 from cli.errors import BadInput
+from dpdm.report_utils import epsilon_text
 
 
 @click.command()
@@ -50,7 +51,7 @@ def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
         emit_json(result)
         return
     if result["private"]:
-        what = (f"DP: epsilon {result['epsilon_spent']:.4g}, delta {result['delta']:g} after "
+        what = (f"DP: epsilon {epsilon_text(result['epsilon_spent'])}, delta {result['delta']:g} after "
                 f"{result['steps_done']} of {result['plan_steps']} steps")
     else:
         what = "NON-PRIVATE (--no-dp)"

@@ -14,6 +14,7 @@ from cli._common import FiniteFloatRange, warn
 from cli.errors import BadInput, runtime_failure
 
 from dpdm.dataset_sizes import DATASET_SIZES  # noqa: E402  (one table, torch-free)
+from dpdm.report_utils import epsilon_text
 
 # Defaults of a plain `dpdm plan --eps E --delta D`: mnist5k on a CPU. An expected batch of 256
 # keeps the sample rate (0.064) near the paper's 1/15, so the noise multiplier behaves as in the
@@ -296,8 +297,8 @@ def _table(doc) -> str:
         reports.append(("dpdm PLD", doc.independent))
     for label, r in reports:
         lines.append(_row(label, _fmt(r.lower), _fmt(r.estimate), _fmt(r.upper)))
-    lines += ["", f"certified epsilon {doc.epsilon:.6g} (by {doc.certified_by}; PLD pessimistic at interval "
-                  f"{doc.pld_discretization:.2g}, PRV error {doc.prv_eps_error:.2g})"]
+    lines += ["", f"certified epsilon {epsilon_text(doc.epsilon, 6)} (by {doc.certified_by}; PLD pessimistic at "
+                  f"interval {doc.pld_discretization:.2g}, PRV error {doc.prv_eps_error:.2g})"]
     if doc.prv_overruled:
         lines.append("PRV overruled by dpdm's own PLD (see the warning; recorded in the plan)")
     if doc.prv_failed:

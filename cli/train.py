@@ -8,6 +8,7 @@ import click
 from cli._common import (FiniteFloatRange, emit_json, info, load_locked_plan, load_public_data, load_training_data,
                          plan_dataset_name, resolve_device, warn, warn_if_slow_bf16, warn_known_seed)
 from cli.errors import BadInput, runtime_failure
+from dpdm.report_utils import epsilon_text
 
 
 @click.command()
@@ -158,7 +159,8 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
         emit_json(summary)
     else:
         eps = summary["epsilon_spent"]
-        privacy = f"epsilon spent {eps:.4g} at delta {summary['delta']:g}" if summary["private"] else "NON-PRIVATE (--no-dp)"
+        privacy = (f"epsilon spent {epsilon_text(eps)} at delta {summary['delta']:g}" if summary["private"] else
+                   "NON-PRIVATE (--no-dp)")
         if summary["private"] and summary["seed_given"]:
             privacy += " (given --seed: no guarantee against whoever knows it)"
         info(f"run {summary['run']}: {summary['steps_done']}/{summary['plan_steps']} steps, {privacy}")

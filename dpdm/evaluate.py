@@ -218,26 +218,35 @@ def check_public_data(public: ImageData, real: ImageData, *others: ImageData | N
 
 
 def match_test_classes(real_train: ImageData, real_test: ImageData) -> ImageData:
-    """`real_test` with its labels numbered as `real_train`'s classes, where both name their classes.
+    """`real_test` with its labels numbered, and counted, as `real_train`'s classes.
 
     A ``folder:`` dataset numbers its classes in the order of their folder names, so a test folder that lacks
     one of the training classes would number the others differently: its ``dog`` images would be labelled
-    ``cat``. Data without class names (``npz:``, the built-in datasets) is matched by label number.
+    ``cat``. Where both name their classes, the test labels are renumbered by name. Data without class names
+    (``npz:``, the built-in datasets) is matched by label number, and takes the training data's class count
+    (a test split without the last class infers one class fewer, and the samples' labels reach that class).
+    Labels beyond the training classes are left for `check_test_data` to refuse.
 
     Raises:
-      DataError: the test data has a class the training data has not.
+      DataError: the test data names a class the training data has not.
     """
-    train_names, test_names = real_train.class_names, real_test.class_names
-    if train_names is None or test_names is None or test_names == train_names or real_test.y is None:
+    if real_train.y is None or real_test.y is None:
         return real_test
-    unknown = [n for n in test_names if n not in train_names]
-    if unknown:
-        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise DataError(f"test data {real_test.name!r} has class {unknown[0]!r}{more}, which training data "
-                        f"{real_train.name!r} has not; they must share their classes")
-    index = torch.tensor([train_names.index(n) for n in test_names], dtype=torch.int64)
-    return ImageData(real_test.x, index[real_test.y], real_train.num_classes, real_test.name,
-                     class_names=train_names)
+    train_names, test_names = real_train.class_names, real_test.class_names
+    if train_names is not None and test_names is not None and test_names != train_names:
+        unknown = [n for n in test_names if n not in train_names]
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise DataError(f"test data {real_test.name!r} has class {unknown[0]!r}{more}, which training data "
+                            f"{real_train.name!r} has not; they must share their classes")
+        index = torch.tensor([train_names.index(n) for n in test_names], dtype=torch.int64)
+        return ImageData(real_test.x, index[real_test.y], real_train.num_classes, real_test.name,
+                         class_names=train_names)
+    if real_test.num_classes == real_train.num_classes or \
+            (len(real_test.y) and int(real_test.y.max()) >= real_train.num_classes):
+        return real_test
+    return ImageData(real_test.x, real_test.y, real_train.num_classes, real_test.name,
+                     class_names=real_train.class_names)
 
 
 def check_test_data(real_train: ImageData, real_test: ImageData) -> int:
@@ -348,19 +357,28 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
     c, h, w = real_train.image_shape
     key = f"{_safe(real_train.name)}-{_digest(real_train)[:16]}-e{epochs}-s{seed}-v{_REFERENCE_VERSION}"
     path = _reference_folder(cache_dir) / f"{key}.pt"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CNN(c, (h, w), real_train.num_classes)
+
+    def fresh() -> CNN:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return CNN(c, (h, w), real_train.num_classes)
+
+    model = fresh()
     if path.is_file() and path.with_suffix(".json").is_file():
         try:
             with warnings.catch_warnings():  # a damaged file can make torch warn before it refuses
                 warnings.simplefilter("ignore")
                 model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             info = json.loads(path.with_suffix(".json").read_text())
+            if not isinstance(info, dict):
+                raise ValueError("not a mapping")
             model.to(device).eval()
             return model, {**info, "cache": str(path), "cached": True}
-        except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile):
-            pass  # a damaged (or foreign, refused by weights_only) cache entry is rebuilt
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+                pickle.UnpicklingError, zipfile.BadZipFile):
+            # A damaged (or foreign, refused by weights_only) cache entry is rebuilt, from a fresh network: a
+            # failed load_state_dict may have copied some of its tensors.
+            model = fresh()
     if progress:   # the folder only: the file name holds a fingerprint of the private data
         progress(f"training the reference CNN on {real_train.name} ({len(real_train)} images, "
                  f"{epochs} epochs, without privacy); cached under {str(path.parent)!r}")
@@ -508,7 +526,8 @@ def load_inception(weights: str | os.PathLike) -> nn.Module:
             TypeError, zipfile.BadZipFile) as e:  # all of them mean "refused"
         raise ValueError(f"--inception-weights={str(weights)!r} cannot be loaded with "
                          f"weights_only=True: {load_error_reason(e)}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise ValueError(f"--inception-weights={str(weights)!r} must hold a state dict of tensors")
     aux = any(k.startswith("AuxLogits.") for k in state)
     net = inception_v3(weights=None, aux_logits=aux, init_weights=False, transform_input=False)
@@ -599,6 +618,7 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     """
     _check_compatible(samples, real_train)
     if real_test is not None:
+        real_test = match_test_classes(real_train, real_test)
         _check_compatible(samples, real_test)
     if len(samples) < MIN_SAMPLES:
         raise DataError(f"{samples.name}: holds {len(samples)} images; the evaluation needs at least "

@@ -1,7 +1,10 @@
-"""Image grids for reports and `dpdm sample --grid` (matplotlib, Agg), and checks of output paths."""
+"""Image grids for reports and `dpdm sample --grid` (matplotlib, Agg), checks of output paths, and how an
+epsilon is shown."""
 from __future__ import annotations
 
+import decimal
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +18,20 @@ GRID_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 GRID_MARK = "dpdm.grid/1"
 _GRID_MAX_BYTES = 256 << 20
 _GRID_MARK_SPAN = 64 << 10   # bytes read at each end of an existing grid to find GRID_MARK
+
+
+def epsilon_text(epsilon: float, digits: int = 4, *, bound: str = "upper") -> str:
+    """`epsilon` to `digits` significant digits, rounded away from the side it bounds: up for a guarantee
+    (an upper bound: a certified 10.0045 shows as 10.01, where ".4g" showed 10), down for an audit's lower
+    bound. Infinity and NaN as Python writes them."""
+    if bound not in ("upper", "lower"):
+        raise ValueError(f"bound={bound!r} must be 'upper' or 'lower'")
+    if not math.isfinite(epsilon) or epsilon == 0:
+        return f"{epsilon:g}"
+    d = decimal.Decimal(repr(float(epsilon)))
+    step = decimal.Decimal(1).scaleb(d.adjusted() - digits + 1)
+    rounded = d.quantize(step, rounding=decimal.ROUND_CEILING if bound == "upper" else decimal.ROUND_FLOOR)
+    return f"{float(rounded):.{digits}g}"
 
 
 def grid_suffix_problem(path: str | os.PathLike) -> str | None:

@@ -38,6 +38,7 @@ from dpdm.engine import (add_noise, add_noise_in_subspace, clipped_grad_sum, noi
 from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
 from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
+from dpdm.report_utils import epsilon_text
 from dpdm.sampling import PRECISIONS, autocast_for
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -796,7 +797,8 @@ def train(
                                      f"{eps_now:.6g}", f"{rate:.4g}", int(config.private)])
                     metrics_file.flush()
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_mean:.4f}", eps=f"{eps_now:.3f}" if config.private else "inf (no-dp)")
+                    bar.set_postfix(loss=f"{loss_mean:.4f}",
+                                    eps=epsilon_text(eps_now) if config.private else "inf (no-dp)")
             if bar is not None:
                 bar.update(1)
             if steps_done % config.checkpoint_every == 0 or steps_done == plan.steps:

@@ -409,3 +409,18 @@ def test_a_forged_tiny_target_is_refused_at_once(doc, tmp_path):
     forged = dataclasses.replace(long.plan, target_epsilon=1e-9)
     with pytest.raises(PlanError, match=r"target_epsilon=1e-09 is below a lower bound on the mechanism's epsilon"):
         accounting.load_plan(_tampered(long, tmp_path, edit))
+
+
+def test_an_epsilon_is_shown_rounded_away_from_the_side_it_bounds():
+    """A certified 10.004487 was printed "epsilon spent 10" (".4g" rounds to nearest): a guarantee shown below
+    the one certified. Upper bounds are rounded up, an audit's lower bounds down."""
+    import numpy as np
+
+    from dpdm.report_utils import epsilon_text
+
+    assert epsilon_text(10.004487) == "10.01" and epsilon_text(10.004487, bound="lower") == "10"
+    assert epsilon_text(9.99943) == "10" and epsilon_text(9.99943, bound="lower") == "9.999"
+    assert epsilon_text(10.004487, 6) == "10.0045" and epsilon_text(2.0) == "2"
+    assert epsilon_text(0.000123456) == "0.0001235" and epsilon_text(float("inf")) == "inf"
+    for eps in np.random.default_rng(0).uniform(0.01, 100, 200):
+        assert float(epsilon_text(eps)) >= eps >= float(epsilon_text(eps, bound="lower"))

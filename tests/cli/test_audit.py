@@ -8,6 +8,7 @@ import pytest
 
 import accounting
 from cli.main import main
+from dpdm.report_utils import epsilon_text
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +101,8 @@ def test_audit_against_another_plan_fails(run_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     claim = report["canary_audit"]["claimed_epsilon"]
     assert claim < report["claimed_plan"]["epsilon"]
-    assert f"vs {claim:.3f}, the epsilon of the 1-step canary run" in err
-    assert f"the plan's epsilon over its 3 steps: {report['claimed_plan']['epsilon']:.3f}" in err
+    assert f"vs {epsilon_text(claim)}, the epsilon of the 1-step canary run" in err   # upper bounds rounded up
+    assert f"the plan's epsilon over its 3 steps: {epsilon_text(report['claimed_plan']['epsilon'])}" in err
     failed = {c["name"] for c in report["mechanism_checks"] if not c["passed"]}
     assert {"run_plan_matches", "run_ledger_matches"} <= failed
 

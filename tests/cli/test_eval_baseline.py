@@ -207,6 +207,14 @@ def test_baseline_runs_exactly_plan_steps(digit_files, tmp_path, capsys):
     # Nothing computed from the private data without noise is released (realised batch sizes,
     # clipped fractions), and the seed that drives the batches and the noise is secret.
     assert not {"clipped_fraction", "mean_batch_size"} & set(r) and r["seed"] == "secret"
+    assert r["seed_given"] is False
+    # A run with --seed is marked on its result line and in its JSON, as `dpdm train` marks its own.
+    code, out, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--quiet",
+                          "--test-dataset", f"npz:{digit_files['test']}", "--device", "cpu", "--seed", "3")
+    assert code == 0 and "(given --seed: no guarantee against whoever knows it)" in out, err
+    code, out, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--quiet",
+                          "--test-dataset", f"npz:{digit_files['test']}", "--device", "cpu", "--seed", "3", "--json")
+    assert code == 0 and json.loads(out)["seed_given"] is True
 
 
 def test_baseline_default_seed_is_secret_and_drives_the_run(digit_files, monkeypatch):
@@ -637,3 +645,46 @@ def test_eval_and_baseline_match_folder_classes_by_name(digit_files, tmp_path, c
     path = _plan(tmp_path, 600, train)
     code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--test-dataset", other)
     _assert_one_line_error(code, err, "has class 'nine', which training data")
+
+
+def test_eval_takes_an_npz_test_split_without_the_last_class(digit_files, tmp_path, capsys):
+    """Its class count, inferred from its labels, was one short: eval refused good samples ("sample labels
+    reach 9 but ... has 9 classes") while the baseline took the same split."""
+    with np.load(digit_files["test"]) as z:
+        keep = z["y"] != 9
+        np.savez(tmp_path / "no9.npz", x=z["x"][keep], y=z["y"][keep])
+    code, out, err = _run(capsys, "eval", "--samples", str(digit_files["samples"]), "--dataset",
+                          f"npz:{digit_files['train']}", "--test-dataset", f"npz:{tmp_path / 'no9.npz'}",
+                          "--classifiers", "logreg", "--epochs", "1", "--reference-epochs", "1",
+                          "--cache-dir", str(tmp_path / "cache"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["classifiers"]["logreg"]["test_accuracy"] > 0
+
+
+def test_eval_says_where_the_samples_came_from(digit_files, tmp_path, capsys):
+    """Samples of a --no-dp model, or of a run trained with --seed, were evaluated as if DP: eval read none of
+    the meta_* arrays `dpdm sample` writes."""
+    with np.load(digit_files["samples"]) as z:
+        x, y = z["x"], z["y"]
+    common = ("eval", "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+              "--classifiers", "", "--reference-epochs", "1", "--cache-dir", str(tmp_path / "cache"))
+    def meta(private, seed_given, epsilon):
+        return dict(meta_private=np.array(private), meta_seed_given=np.array(seed_given),
+                    meta_epsilon=np.array(epsilon), meta_delta=np.array(1e-5))
+
+    cases = {"nodp": (meta(False, False, np.nan), "NON-PRIVATE samples: drawn from a --no-dp model", "NON-PRIVATE"),
+             "seeded": (meta(True, True, 2.00001),   # an upper bound shown rounded up
+                        "DP samples (epsilon 2.001, delta 1e-05), model trained with a GIVEN --seed", "given --seed"),
+             "dp": (meta(True, False, 2.0), "DP samples (epsilon 2, delta 1e-05)", None),
+             "foreign": ({}, None, None)}
+    for name, (arrays, line, warning) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, x=x, y=y, **arrays)
+        code, out, err = _run(capsys, *common, "--samples", str(path))
+        assert code == 0, err
+        assert (line in out) if line else ("DP samples" not in out and "NON-PRIVATE" not in out)
+        assert (warning in err) if warning else "dpdm: warning" not in err
+        code, out, err = _run(capsys, *common, "--samples", str(path), "--json")
+        made = json.loads(out)["samples_provenance"]
+        assert made["private"] == (None if name == "foreign" else name != "nodp")
+        assert made["seed_given"] == (None if name == "foreign" else name == "seeded")

@@ -1,6 +1,7 @@
 """Evaluation: classifiers, the train-on-synthetic protocol, Frechet distances."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -204,6 +205,19 @@ def test_reference_classifier_cached_and_fd(digits, tmp_path):
         assert info3["cached"] is False and cache.read_bytes() != damaged
         for p, q in zip(ref.parameters(), ref3.parameters()):
             torch.testing.assert_close(p, q)
+    # Entries that load but are not the cache's (a bare tensor, a JSON list; a TypeError was a traceback), and
+    # one with a single wrong tensor, whose other tensors load_state_dict copied before refusing.
+    state = torch.load(cache, weights_only=True)
+    one_wrong = {**state, next(iter(state)): torch.zeros(1)}
+    for weights, meta in ((torch.zeros(3), None), (None, "[1, 2]"), (one_wrong, None)):
+        torch.save(ref.state_dict(), cache)
+        cache.with_suffix(".json").write_text(meta or json.dumps({"real_val_accuracy": 1.0}))
+        if weights is not None:
+            torch.save(weights, cache)
+        ref3, info3 = reference_classifier(train, cache_dir=tmp_path, epochs=4)
+        assert info3["cached"] is False
+        for p, q in zip(ref.parameters(), ref3.parameters()):
+            torch.testing.assert_close(p, q)
     assert classifier_fd(train, train, ref) == pytest.approx(0.0, abs=1e-6)
     real_fd = classifier_fd(test, train, ref)
     noise = ImageData(torch.rand(500, 1, 8, 8) * 2 - 1, None, 0, "noise")
@@ -272,6 +286,10 @@ def test_load_inception_refuses_bad_files(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(ValueError, match="not a torchvision inception_v3"):
         load_inception(wrong)
+    int_key = tmp_path / "int_key.pt"   # an AttributeError ('int' has no startswith) was a traceback
+    torch.save({1: torch.zeros(2)}, int_key)
+    with pytest.raises(ValueError, match="must hold a state dict of tensors"):
+        load_inception(int_key)
 
 
 def test_load_inception_refuses_code_running_pickle_naming_why(tmp_path):
@@ -425,7 +443,8 @@ def test_test_folder_without_a_class_is_labelled_by_class_name(tmp_path):
         for k, cls in enumerate(classes):
             (tmp_path / name / cls).mkdir(parents=True)
             for i in range(2):
-                Image.fromarray(np.full((4, 4), 40 * k + i, np.uint8), mode="L").save(tmp_path / name / cls / f"{i}.png")
+                image = Image.fromarray(np.full((4, 4), 40 * k + i, np.uint8), mode="L")
+                image.save(tmp_path / name / cls / f"{i}.png")
         return load_dataset(f"folder:{tmp_path / name}")
 
     train = folder("train", ["ant", "bee", "cat"])
@@ -435,7 +454,11 @@ def test_test_folder_without_a_class_is_labelled_by_class_name(tmp_path):
     assert matched.y.tolist() == [1, 1, 2, 2] and matched.num_classes == 3
     assert matched.class_names == train.class_names and matched.x is test.x
     assert match_test_classes(train, train) is train
-    unnamed = ImageData(test.x, test.y, 2, "npz")   # no class names: matched by number, as before
+    unnamed = ImageData(test.x, test.y + 1, 3, "npz")   # no class names: matched by number, as before
     assert match_test_classes(train, unnamed) is unnamed
+    no_last = ImageData(test.x, test.y, 2, "npz")    # an npz split without the last class infers 2 classes
+    assert match_test_classes(train, no_last).num_classes == 3
+    beyond = ImageData(test.x, test.y + 2, 4, "npz")  # left for check_test_data to refuse
+    assert match_test_classes(train, beyond) is beyond
     with pytest.raises(DataError, match="test data .* has class 'dog', which training data .* has not"):
         match_test_classes(train, folder("other", ["ant", "dog"]))
