@@ -61,8 +61,9 @@ def checkpoint_of(run_dir: str | None, checkpoint_path: str | None):
 
 
 def emit_json(doc: dict[str, Any]) -> None:
-    """The one JSON document that `--json` prints on stdout."""
-    click.echo(json.dumps(doc, indent=2, default=_jsonable))
+    """The one JSON document that `--json` prints on stdout. Strict JSON (RFC 8259): a NaN or infinite number
+    is null, since Python's Infinity and NaN tokens make JSON.parse and other strict readers fail."""
+    click.echo(json.dumps(_finite(doc), indent=2, default=lambda v: _finite(_jsonable(v)), allow_nan=False))
 
 
 def _jsonable(v: Any) -> Any:
@@ -71,6 +72,17 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, float):
         return v
     return str(v)
+
+
+def _finite(v: Any) -> Any:
+    """`v` with every non-finite float (numpy's included) in its dicts, lists and tuples replaced by None."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def info(message: str) -> None:

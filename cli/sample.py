@@ -7,6 +7,7 @@ from cli._common import FiniteFloatRange, checkpoint_of, emit_json, info, resolv
 from cli.errors import BadInput, runtime_failure
 
 _MAX_SEED = 2**63 - 1   # dpdm.sampling.MAX_SEED (not imported here: torch loads only when needed)
+_MAX_SAMPLER_STEPS = 10_000   # dpdm.sampling.MAX_SAMPLER_STEPS (10x DPDM's 1,000; 1e13 exhausted memory)
 
 
 @click.command()
@@ -15,24 +16,26 @@ _MAX_SEED = 2**63 - 1   # dpdm.sampling.MAX_SEED (not imported here: torch loads
 @click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of images.")
 @click.option("--sampler", type=click.Choice(["euler", "heun", "churn"]), default="euler", show_default=True,
               help="euler: the paper's 'DDIM' (PF-ODE); heun: EDM; churn: stochastic Heun.")
-@click.option("--sampler-steps", type=click.IntRange(min=2), default=50, show_default=True)
+@click.option("--sampler-steps", type=click.IntRange(min=2, max=_MAX_SAMPLER_STEPS), default=50,
+              show_default=True)
 @click.option("--s-churn", type=FiniteFloatRange(min=0), default=None,
               help="churn only: total churn; each step in [--s-min, --s-max] adds noise up to "
                    "sigma * (1 + min(S_churn / steps, 1)).  [default: 100, DPDM's best-FID setting]")
 @click.option("--s-min", type=FiniteFloatRange(min=0), default=None, help="churn only  [default: 0.05]")
 @click.option("--s-max", type=FiniteFloatRange(min=0), default=None, help="churn only  [default: 50]")
 @click.option("--s-noise", type=FiniteFloatRange(min=0), default=None,
-              help="churn only: scale of the fresh noise  [default: 1]")
+              help="churn only: scale of the fresh noise, at most 10  [default: 1]")
 @click.option("--guidance", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help="Classifier-free guidance weight w (0: none).")
-@click.option("--guidance-interval", type=float, nargs=2, default=None, metavar="LO HI",
-              help="Guide only the steps with LO < sigma <= HI (Kynkaanniemi et al. 2024); the others are "
-                   "unguided and call the network once.  [default: every step]")
+@click.option("--guidance-interval", type=FiniteFloatRange(min=0), nargs=2, default=None, metavar="LO HI",
+              help="Guide only the steps with LO < sigma <= HI (Kynkaanniemi et al. 2024), both finite; the others "
+                   "are unguided and call the network once.  [default: every step]")
 @click.option("--sigma-min", type=FiniteFloatRange(min=0, min_open=True), default=None,
-              help="Lowest noise level of the Karras schedule; the last step returns D(x; sigma_min). "
-                   "[default: 0.002, or the lowest level the run trained on if higher]")
+              help="Lowest noise level of the Karras schedule, at least 1e-10; the last step returns "
+                   "D(x; sigma_min).  [default: 0.002, or the lowest level the run trained on if higher]")
 @click.option("--sigma-max", type=FiniteFloatRange(min=0, min_open=True), default=None,
-              help="[default: 80, or the highest level the run trained on if lower]")
+              help="Highest noise level, at most 1e10.  "
+                   "[default: 80, or the highest level the run trained on if lower]")
 @click.option("--rho", type=FiniteFloatRange(min=0, min_open=True), default=7.0, show_default=True,
               help="Karras schedule exponent (higher: more steps at low noise).")
 @click.option("--weights", default="ema", show_default=True,
@@ -43,7 +46,9 @@ _MAX_SEED = 2**63 - 1   # dpdm.sampling.MAX_SEED (not imported here: torch loads
                    "a fraction of a grey level on average.")
 @click.option("--seed", type=click.IntRange(min=0, max=_MAX_SEED), default=0, show_default=True,
               help="Image i uses seed + i; 0 <= seed <= 2**63 - n (n: --n), so that every image's seed is below 2**63.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per network call; a batch of fewer than 8 is padded with copies of its images, so that "
+                   "the images do not depend on the batch size.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None,
@@ -89,7 +94,7 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
                                    precision=precision, batch_size=batch_size, device=device, out_path=out_path, grid_path=grid_path)
     except SampleError as e:
         raise BadInput(str(e)) from None
-    except SampleFailure as e:   # NaN/inf weights: nobody's input mistake, exit 4 (nothing written)
+    except SampleFailure as e:   # NaN/inf with the default sampler settings too: the weights, exit 4
         raise runtime_failure(str(e)) from None
     if result["private"] and result["seed_given"]:
         warn(f"the model was {SEED_GIVEN_NOTE}; the samples record that (meta_seed_given)")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from dpdm import checkpoint as ckpt
-from dpdm.sampling import RHO, SIGMA_MAX, SIGMA_MIN
+from dpdm.sampling import MIN_ROWS, RHO, SIGMA_MAX, SIGMA_MIN
 
 
 class SampleError(ValueError):
@@ -19,8 +19,15 @@ class SampleError(ValueError):
 
 
 class SampleFailure(RuntimeError):
-    """Sampling ran but failed through nobody's input mistake: the network's output is not finite
-    (NaN or inf weights). Nothing is written. `dpdm sample` exits 4 (a runtime failure)."""
+    """Sampling ran but failed through nobody's input mistake: the network's output is not finite with the
+    default sampler settings (NaN or inf weights). Nothing is written. `dpdm sample` exits 4 (a runtime failure)."""
+
+
+# The `dpdm sample` option behind each sampler argument, for the errors that name one.
+_OPTIONS = {"sampler_steps": "--sampler-steps", "sigma_min": "--sigma-min",
+            "sigma_max": "--sigma-max", "rho": "--rho", "sampler": "--sampler", "guidance": "--guidance",
+            "guidance_interval": "--guidance-interval", "precision": "--precision", "S_churn": "--s-churn",
+            "S_min": "--s-min", "S_max": "--s-max", "S_noise": "--s-noise"}
 
 
 def _weights_of(state: dict, weights: str, path) -> dict:
@@ -89,10 +96,13 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
       SampleError: bad options, a checkpoint that cannot be sampled from, outputs that would replace a file
         `dpdm sample` did not write or the run's dataset (`check_outputs`), or more images than fit in the
         machine's memory (nothing written).
-      SampleFailure: the network produced NaN or inf (nothing written).
+        Also bad options: sampler settings that drive a network whose output is finite with the default settings
+        to NaN or inf (nothing written).
+      SampleFailure: the network produced NaN or inf with the default sampler settings (nothing written).
     """
-    from dpdm.report_utils import grid_suffix_problem
-    from dpdm.sampling import MAX_SEED, PRECISIONS, NonFiniteSamplesError, first_seed_fits, generate
+    from dpdm.report_utils import epsilon_text, grid_suffix_problem
+    from dpdm.sampling import (MAX_S_NOISE, MAX_SEED, PRECISIONS, NonFiniteSamplesError, ScheduleError,
+                               first_seed_fits, generate, get_sigmas_karras)
 
     if precision not in PRECISIONS:
         raise SampleError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
@@ -117,13 +127,27 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                           f"{have / 2**30:.3g} GiB: draw them into several files with a smaller --n each, "
                           f"advancing --seed by that --n from file to file (image i uses seed + i)")
     trained = cfg.get("train", {}).get("train_sigma")
-    if sigma_min is None:
-        sigma_min = SIGMA_MIN if trained is None else max(SIGMA_MIN, float(trained[0]))
-    if sigma_max is None:
-        sigma_max = SIGMA_MAX if trained is None else min(SIGMA_MAX, float(trained[1]))
+    default_min = SIGMA_MIN if trained is None else max(SIGMA_MIN, float(trained[0]))
+    default_max = SIGMA_MAX if trained is None else min(SIGMA_MAX, float(trained[1]))
+    # The options that change the sampler's arithmetic, as given (blamed when its output is not finite).
+    given = {"sampler": None if sampler == "euler" else sampler, "sigma_min": sigma_min, "sigma_max": sigma_max,
+             "rho": None if rho == RHO else rho, "guidance": guidance or None, "guidance_interval": guidance_interval,
+             "precision": None if precision == "fp32" else precision, **(sampler_kwargs or {})}
+    sigma_min = default_min if sigma_min is None else sigma_min
+    sigma_max = default_max if sigma_max is None else sigma_max
     if not 0 < sigma_min < sigma_max:
         raise SampleError(f"sigma_min={sigma_min:g} (--sigma-min) must be positive and below "
                           f"sigma_max={sigma_max:g} (--sigma-max)")
+    dtype = next(D.parameters()).dtype
+    try:   # before any drawing: a rho that overflows, a sigma that float32 cannot sample, too many steps
+        get_sigmas_karras(sampler_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, dtype=dtype)
+    except ScheduleError as e:
+        option = _OPTIONS["sampler_steps" if e.param == "n" else e.param]   # n: get_sigmas_karras's steps
+        raise SampleError(f"{option}={_option_text(e.value)} {e.reason}") from None
+    s_noise = (sampler_kwargs or {}).get("S_noise")
+    if s_noise is not None and not 0 <= s_noise <= MAX_S_NOISE:
+        raise SampleError(f"--s-noise={s_noise:g} must lie in [0, {MAX_S_NOISE:g}]: EDM tunes it in [1, 1.007] "
+                          f"and 1 is the default; a large scale overflows the sampler into NaN")
     num_classes = int(cfg["num_classes"])
     labels = torch.arange(n) % num_classes if num_classes > 0 else None
     try:
@@ -133,7 +157,15 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                             device=device, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                             sampler_kwargs=sampler_kwargs, precision=precision)
     except NonFiniteSamplesError as e:
-        raise SampleFailure(f"checkpoint {str(path)!r} ({weights} weights): {e}; its weights are unusable, "
+        settings = ", ".join(f"{_OPTIONS.get(k, k)}={_option_text(v)}" for k, v in given.items() if v is not None)
+        first = None if labels is None else labels[e.first:e.first + 1]
+        if settings and _finite_by_default(D, first, seed=seed + e.first, sampler_steps=sampler_steps,
+                                           sigma_min=default_min, sigma_max=default_max, device=device):
+            raise SampleError(f"{settings}: {e} with these sampler settings, while image {e.first} comes out "
+                              f"finite with the default ones: the settings, not the weights of checkpoint "
+                              f"{str(path)!r}, are the cause; nothing written") from None
+        also = " with the default sampler settings too" if settings else ""
+        raise SampleFailure(f"checkpoint {str(path)!r} ({weights} weights): {e}{also}; its weights are unusable, "
                             f"nothing written") from None
     x = np.asarray(x.cpu().numpy() if torch.is_tensor(x) else x, dtype=np.uint8)
     # No y for an unconditional model: load_npz reads that as unlabelled (a y of -1 would be refused).
@@ -164,7 +196,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         if grid_path:   # written (atomically) before the npz is renamed into place: a failure writes neither
             from dpdm.report_utils import save_grid
 
-            title = (f"dpdm samples, DP (eps={meta['epsilon']:.3g}, delta={meta['delta']:g})" if private
+            title = (f"dpdm samples, DP (eps={epsilon_text(meta['epsilon'], 3)}, delta={meta['delta']:g})" if private
                      else "dpdm samples, NON-PRIVATE (--no-dp)")
             if private and meta["seed_given"]:
                 title += ", GIVEN --seed"
@@ -173,6 +205,27 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     finally:
         tmp.unlink(missing_ok=True)
     return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta}
+
+
+def _option_text(value) -> str:
+    """An option's value as a user types it: numbers in %g, a pair as "LO HI"."""
+    if isinstance(value, (tuple, list)):
+        return " ".join(_option_text(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _finite_by_default(D, labels, *, seed: int, sampler_steps: int, sigma_min: float, sigma_max: float,
+                       device) -> bool:
+    """Whether one image (`seed`, `labels`: its label [1] or None) comes out finite with the default sampler
+    settings (euler, the default schedule, no guidance, fp32): then the weights are not what broke it."""
+    from dpdm.sampling import NonFiniteSamplesError, generate
+
+    try:
+        generate(D, n=1, labels=labels, seed=seed, sampler_steps=sampler_steps, sigma_min=sigma_min,
+                 sigma_max=sigma_max, device=device)
+    except NonFiniteSamplesError:
+        return False
+    return True
 
 
 def is_samples_file(path: str | os.PathLike) -> bool:
@@ -222,10 +275,10 @@ def _dataset_path(name: str | None) -> Path | None:
 
 def memory_needed(n: int, config: dict, *, batch_size: int) -> int:
     """Bytes `sample_checkpoint` holds for `n` images of the run `config` describes: the uint8 images, their
-    int64 labels (twice: asked for and returned) and one float32 batch."""
+    int64 labels (twice: asked for and returned) and one float32 batch (of at least MIN_ROWS images)."""
     pixels = int(config["img_channels"]) * int(config["img_resolution"]) ** 2
     labels = 16 if int(config.get("num_classes", 0)) > 0 else 0
-    return int(n) * (pixels + labels) + min(int(batch_size), int(n)) * pixels * 4
+    return int(n) * (pixels + labels) + max(min(int(batch_size), int(n)), MIN_ROWS) * pixels * 4
 
 
 def physical_memory() -> int | None:

@@ -28,6 +28,23 @@ PRECISIONS = ("fp32", "bf16")
 # are taken modulo 2**63 here, so a larger one would repeat seed - 2**63's images).
 MAX_SEED = 2**63 - 1
 
+# Bounds of the sampler's options, so that an option value cannot overflow the arithmetic into NaN (which reads
+# as broken weights) or exhaust memory. Steps: 10x DPDM's largest published setting (1,000, its README's churn
+# example); 1e13 steps failed allocating an 80 TB schedule. Noise levels: float32 squares sigma (EDM's c_in,
+# churn's sigma_hat**2), which overflows above 1.8e19 (sigma_max 1e38 gave NaN), and heun divides float32
+# rounding of a guided D by sigma (sigma_min 1e-25 with guidance 100 gave NaN); within [1e-10, 1e10], over 1e7
+# times beyond EDM's [0.002, 80], every sampler stayed finite with guidance 100 and S_noise 10 (the small U-Net).
+# S_noise: EDM tunes it in [1, 1.01] (Table 5), k-diffusion's default is 1; 1e300 overflowed into NaN.
+MAX_SAMPLER_STEPS = 10_000
+SIGMA_LIMITS = (1e-10, 1e10)
+MAX_S_NOISE = 10.0
+
+# The fewest rows a network call of `generate` sees: a smaller batch is padded with copies of its images. On
+# one row MKL runs a Linear layer as a gemv, and on a few rows as another gemm kernel, each rounding unlike a
+# large batch (measured on an AVX512 CPU: 1-5 rows for the mnist preset's 128-wide layers, 1-2 for small's
+# 64-wide ones, equal from 6 rows on); that flipped pixels of --n 1 against the same image in a larger batch.
+MIN_ROWS = 8
+
 
 def first_seed_fits(seed, n: int) -> bool:
     """Whether `seed` is an integer (not a bool) with 0 <= seed and seed + n - 1 <= MAX_SEED."""
@@ -35,8 +52,22 @@ def first_seed_fits(seed, n: int) -> bool:
 
 
 class NonFiniteSamplesError(RuntimeError):
-    """The network produced NaN or inf: its weights (or the sampler's settings) are unusable. Not bad
-    input; the uint8 conversion would otherwise turn NaN into black images without a word."""
+    """The network produced NaN or inf: its weights, or the sampler's settings, are unusable (`first`: the
+    index of the first such image). The uint8 conversion would otherwise turn NaN into black images
+    without a word."""
+
+    def __init__(self, message: str, first: int = 0) -> None:
+        super().__init__(message)
+        self.first = first
+
+
+class ScheduleError(ValueError):
+    """A Karras schedule that cannot be used: `param` ("n", "sigma_min", "sigma_max" or "rho")
+    is the argument at fault and `value` its value, so that a caller can name its own option."""
+
+    def __init__(self, param: str, value, reason: str) -> None:
+        super().__init__(f"{param}={value!r} {reason}")
+        self.param, self.value, self.reason = param, value, reason
 
 
 def autocast_for(precision: str, device: torch.device | str):
@@ -53,22 +84,46 @@ def get_sigmas_karras(
     sigma_max: float = SIGMA_MAX,
     rho: float = RHO,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Karras et al. 2022, Eq. 5: n noise levels from sigma_max down to sigma_min, then a final 0.
 
     Returns:
-        float64 tensor [n + 1].
+        tensor [n + 1] in `dtype` (computed in float64).
+
+    Raises:
+        ScheduleError: n outside [1, MAX_SAMPLER_STEPS], a sigma outside SIGMA_LIMITS, or a schedule that does
+          not run from sigma_max to sigma_min, finite and strictly decreasing, in `dtype`.
     """
-    if int(n) != n or n < 1:
-        raise ValueError(f"n={n!r} must be a positive integer")
-    if not (0 < sigma_min < sigma_max < math.inf):
-        raise ValueError(f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r} must satisfy 0 < sigma_min < sigma_max")
-    if not rho > 0:
-        raise ValueError(f"rho={rho!r} must be positive")
+    if int(n) != n or not 1 <= n <= MAX_SAMPLER_STEPS:
+        raise ScheduleError("n", n, f"must be an integer in [1, {MAX_SAMPLER_STEPS:,}]")
+    lo, hi = SIGMA_LIMITS
+    for param, sigma in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        if not lo <= sigma <= hi:
+            raise ScheduleError(param, sigma, f"must lie in [{lo:g}, {hi:g}]: beyond it the sampler's float32 "
+                                              f"arithmetic overflows into NaN")
+    if not sigma_min < sigma_max:
+        raise ScheduleError("sigma_min", sigma_min, f"must be below sigma_max={sigma_max!r}")
+    if not (math.isfinite(rho) and rho > 0):
+        raise ScheduleError("rho", rho, "must be a positive number")
     ramp = torch.linspace(0, 1, int(n), dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
-    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    try:
+        max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    except OverflowError:
+        max_inv_rho = min_inv_rho = math.inf
     sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)
+    # A small rho overflows sigma ** (1 / rho), or cancels the low end to 0; a huge one rounds every level to 1.
+    ends = (sigma_max, sigma_min) if n > 1 else (sigma_max,)
+    if not (bool(torch.isfinite(sigmas).all())
+            and all(abs(float(s) / e - 1) <= 1e-3 for s, e in zip(sigmas[[0, -1]], ends))):
+        raise ScheduleError("rho", rho, f"gives no usable Karras schedule from sigma_max={sigma_max:g} to "
+                                        f"sigma_min={sigma_min:g} (sigma ** (1 / rho) overflows or loses the range's "
+                                        f"ends in float64); EDM's rho is 7")
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+    if bool((sigmas[1:] >= sigmas[:-1]).any()):
+        raise ScheduleError("n", n, f"noise levels from sigma_max={sigma_max:g} to sigma_min={sigma_min:g} are "
+                                    f"not all distinct in {dtype}: use fewer steps or a wider range")
+    return sigmas.to(device)
 
 
 def guided_denoise(
@@ -154,6 +209,8 @@ def sample_churn(
     _check_sigmas(sigmas)
     if S_churn < 0 or S_noise < 0 or churn_limit < 0:
         raise ValueError(f"S_churn={S_churn!r}, S_noise={S_noise!r}, churn_limit={churn_limit!r} must be >= 0")
+    if not S_noise <= MAX_S_NOISE:
+        raise ValueError(f"S_noise={S_noise!r} must be at most {MAX_S_NOISE:g} (MAX_S_NOISE)")
     N = len(sigmas) - 1
     for i in range(N):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -233,7 +290,9 @@ def generate(
     rho: float = RHO,                         # posterior mean instead of the lowest noise levels
     precision: str = "fp32",                  # "bf16": the network under bfloat16 autocast (PRECISIONS)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Draw n images; image i uses seed `seed + i`, so results do not depend on batch_size.
+    """Draw n images; image i uses seed `seed + i`, so results do not depend on batch_size. (The network's
+    float rounding can still vary with the batch, by about 1e-7, e.g. in elementwise ops split across threads;
+    a batch below MIN_ROWS is padded to avoid the largest such effect, so the uint8 images match in practice.)
     0 <= seed and seed + n - 1 <= MAX_SEED (2**63 - 1).
 
     Returns:
@@ -241,6 +300,7 @@ def generate(
 
     Raises:
         NonFiniteSamplesError: the network's output (hence a batch of images) is not finite.
+        ScheduleError: sampler_steps, sigma_min, sigma_max or rho give no usable schedule (get_sigmas_karras).
     """
     if int(n) != n or n < 0:
         raise ValueError(f"n={n!r} must be a non-negative integer")
@@ -264,22 +324,27 @@ def generate(
     C, R = int(D.img_channels), int(D.img_resolution)
     params = list(D.parameters()) if isinstance(D, torch.nn.Module) else []
     dtype = params[0].dtype if params else torch.float32
-    sigmas = get_sigmas_karras(sampler_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                               device=device).to(dtype)
+    sigmas = get_sigmas_karras(sampler_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, device=device,
+                               dtype=dtype)
     sample = SAMPLERS[sampler]
     autocast = autocast_for(precision, device)
     out = torch.empty((int(n), C, R, R), dtype=torch.uint8)
     for start in range(0, int(n), int(batch_size)):
         stop = min(start + int(batch_size), int(n))
-        rnd = StackedRandomGenerator(device, range(seed + start, seed + stop))
-        x = rnd.randn((stop - start, C, R, R), device=device, dtype=dtype) * sigmas[0]
-        y_b = None if y is None else y[start:stop].to(device)
+        # A batch below MIN_ROWS images (--n 1, a trailing batch) is padded with copies of its images, same
+        # seeds and labels, dropped after sampling, so that its images round as they do in a larger batch.
+        rows = [start + k % (stop - start) for k in range(max(stop - start, MIN_ROWS))]
+        rnd = StackedRandomGenerator(device, [seed + i for i in rows])
+        x = rnd.randn((len(rows), C, R, R), device=device, dtype=dtype) * sigmas[0]
+        y_b = None if y is None else y[rows].to(device)
         with autocast:
             x = sample(D, x, sigmas, class_labels=y_b, guidance=guidance, guidance_interval=guidance_interval,
                        randn_like=rnd.randn_like,
                        **(sampler_kwargs or {}))
-        if not bool(torch.isfinite(x).all()):
+        x = x[:stop - start]
+        finite = torch.isfinite(x).flatten(1).all(1)   # [B]
+        if not bool(finite.all()):
             raise NonFiniteSamplesError(f"the network produced non-finite values (NaN or inf) for images "
-                                        f"{start}..{stop - 1}")
+                                        f"{start}..{stop - 1}", first=start + int((~finite).nonzero()[0]))
         out[start:stop] = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
     return out, y

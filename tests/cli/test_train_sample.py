@@ -643,3 +643,71 @@ def test_a_run_folder_that_cannot_be_locked_warns(tiny, capsys, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_locks)
     code, _, err = run_cli(_train_args(d, d / "run2"), capsys)
     assert code == 0 and f"dpdm: warning: {str(d / 'run2')!r} cannot be locked (its file system takes no locks)" in err
+
+
+# --- review mends (dpdm sample: sampler options, strict JSON) ---------------------------------------
+
+@pytest.mark.parametrize("extra, option", [
+    (("--rho", "0.001"), "--rho"),                                  # OverflowError in sigma_max ** (1 / rho)
+    (("--rho", "1e300"), "--rho"),                                  # every noise level rounds to 1
+    (("--sigma-max", "1e300"), "--sigma-max"),                      # inf in float32: ValueError in the sampler
+    (("--sigma-min", "1e-300"), "--sigma-min"),                     # 0 in float32
+    (("--sigma-max", "1e38"), "--sigma-max"),                       # NaN, blamed on the weights
+    (("--sampler-steps", "10000000000000"), "--sampler-steps"),     # an 80 TB schedule
+    (("--sampler", "churn", "--s-noise", "1e300"), "--s-noise"),    # NaN, blamed on the weights
+    (("--guidance", "1", "--guidance-interval", "0", "inf"), "--guidance-interval"),   # Infinity in --json
+])
+def test_sampler_options_that_cannot_be_sampled_are_one_error_line(runs, tmp_path, capsys, extra, option):
+    """Each of these ended in a traceback (exit 4), in NaN blamed on the checkpoint ("its weights are
+    unusable", exit 4), or in a --json document with Infinity in it (exit 0)."""
+    code, out, err = run_cli([*_sample_args(runs / "run", tmp_path / "s.npz", "--json"), *extra], capsys)
+    line = _one_error_line(code, err)
+    assert option in line and "unusable" not in line and out == ""
+    assert not list(tmp_path.iterdir())
+
+
+def test_settings_that_overflow_a_sound_network_are_blamed_not_its_weights(runs, tmp_path, capsys):
+    """--guidance 1e30 (a finite weight) drives the network to NaN; the message blamed the weights (exit 4),
+    which sample fine with the default settings. Now it names the settings, exit 2."""
+    code, _, err = run_cli(_sample_args(runs / "run", tmp_path / "s.npz", "--guidance", "1e30"), capsys)
+    line = _one_error_line(code, err)
+    assert line.startswith("dpdm: error: --guidance=1e+30: the network produced non-finite values")
+    assert "finite with the default ones" in line and "not the weights" in line and "unusable" not in line
+    assert not list(tmp_path.iterdir())
+    code, _, err = run_cli(_sample_args(runs / "run", tmp_path / "s.npz"), capsys)
+    assert code == 0, err
+
+
+def test_non_finite_weights_with_other_settings_are_still_a_runtime_failure(runs, tmp_path, capsys):
+    """NaN weights fail with the default settings too: still the weights' fault, exit 4."""
+    state = torch.load(runs / "run" / "checkpoint.pt", weights_only=True)
+    for t in state["ema"].values():
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "nan.pt", "--n", 2, "--sampler-steps", 2,
+                            "--device", "cpu", "--out", tmp_path / "s.npz", "--rho", 3, "--guidance", 1], capsys)
+    assert code == 4 and err.startswith("dpdm: runtime failure:") and len(err.strip().splitlines()) == 1, err
+    assert "with the default sampler settings too; its weights are unusable" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]
+
+
+def test_sampler_step_cap_matches_the_library():
+    """cli/sample.py repeats the cap so that `dpdm sample --help` loads no torch."""
+    from cli.sample import _MAX_SAMPLER_STEPS
+    from dpdm.sampling import MAX_SAMPLER_STEPS
+
+    assert _MAX_SAMPLER_STEPS == MAX_SAMPLER_STEPS
+
+
+def test_emit_json_is_strict_json(capsys):
+    """emit_json printed Python's Infinity and NaN, which JSON.parse refuses; now they are null, nested ones too."""
+    from cli._common import emit_json
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    emit_json({"a": float("inf"), "b": [np.float32("nan"), (1.5, float("-inf"))], "c": {"d": np.float64(np.inf)},
+               "e": torch.tensor(float("nan")), "f": np.int64(3), "g": 0.25, "h": "inf"})
+    doc = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert doc == {"a": None, "b": [None, [1.5, None]], "c": {"d": None}, "e": None, "f": 3, "g": 0.25, "h": "inf"}

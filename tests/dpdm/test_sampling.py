@@ -293,3 +293,82 @@ def test_generate_refuses_seeds_past_2_to_the_63():
     for seed, n in ((top, 2), (2**63, 1), (-1, 1), (1.5, 1)):
         with pytest.raises(ValueError, match="seed"):
             generate(D, n=n, seed=seed, sampler_steps=2)
+
+
+# --- review mends: batch-size independence and schedule bounds ------------------------------------
+
+class _BatchSizes:
+    """Wraps a denoiser and records the batch size of every network call."""
+
+    def __init__(self, D):
+        self.D, self.sizes = D, []
+        self.num_classes, self.img_channels, self.img_resolution = D.num_classes, D.img_channels, D.img_resolution
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.sizes.append(x.shape[0])
+        return self.D(x, sigma, class_labels)
+
+
+def test_a_small_batch_is_padded_so_its_images_match_a_larger_batch(tiny_denoisers):
+    """On one row the network's Linear layers ran as a gemv, whose rounding differs from a batch's gemm: image 0
+    of n=1, seed=26 differed from image 0 of n=8, seed=26 by a grey level here, as did a trailing batch of one.
+    The float rounding depends on the CPU's kernels, so the call sizes are checked too."""
+    from dpdm.sampling import MIN_ROWS
+
+    D, _ = tiny_denoisers
+    kw = dict(sampler="euler", sampler_steps=4)
+    eight = generate(D, n=8, seed=26, **kw)[0]
+    assert torch.equal(generate(D, n=1, seed=26, **kw)[0], eight[:1])
+    trailing = generate(D, n=9, seed=18, labels=0, batch_size=8, **kw)[0]   # image 8: seed 26, label 0
+    assert trailing.shape == (9, 1, 8, 8) and torch.equal(trailing[8:], eight[:1])
+    spy = _BatchSizes(D)
+    for sampler in ("euler", "heun", "churn"):   # batches of 4, 4 and 1; guided and unguided steps
+        x, y = generate(spy, n=9, seed=3, sampler=sampler, sampler_steps=3, batch_size=4, guidance=0.5,
+                        guidance_interval=(0.0, 1.0))
+        assert x.shape == (9, 1, 8, 8) and y.tolist() == [i % 3 for i in range(9)]
+    generate(spy, n=1, sampler_steps=2)
+    assert min(spy.sizes) == MIN_ROWS and set(spy.sizes) == {MIN_ROWS, 2 * MIN_ROWS}
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(rho=0.001), "rho"),                              # sigma_max ** (1 / rho): OverflowError
+    (dict(rho=0.05), "rho"),                               # the low end cancels to 0
+    (dict(rho=1e300), "rho"),                              # every level rounds to 1
+    (dict(rho=math.inf), "rho"),
+    (dict(sigma_max=1e300), "sigma_max"),                  # inf in float32
+    (dict(sigma_max=1e38), "sigma_max"),                   # finite in float32, but sigma**2 overflows
+    (dict(sigma_min=1e-300), "sigma_min"),                 # 0 in float32
+    (dict(n=10**13), "n"),                                 # an 80 TB schedule
+    (dict(n=10_001), "n"),
+    (dict(n=50, sigma_min=1.0, sigma_max=1.000001), "n"),  # 50 levels that float32 cannot tell apart
+])
+def test_unusable_schedules_name_their_argument(kwargs, param):
+    """These raised OverflowError, gave inf or 0 in float32 (then 'sigmas must be strictly decreasing' from
+    the sampler), or tried to allocate the schedule; each is now a ScheduleError naming its argument."""
+    from dpdm.sampling import ScheduleError
+
+    kwargs = {"n": 10, **kwargs}
+    with pytest.raises(ScheduleError) as e:
+        get_sigmas_karras(kwargs.pop("n"), dtype=torch.float32, **kwargs)
+    assert e.value.param == param and str(e.value).startswith(f"{param}=")
+
+
+def test_schedule_limits_hold_usable_values(tiny_denoisers):
+    """The limits refuse only what cannot be sampled: their ends sample finitely, and rho from 0.5 to 1e6 works."""
+    from dpdm.sampling import MAX_S_NOISE, MAX_SAMPLER_STEPS, SIGMA_LIMITS, ScheduleError
+
+    lo, hi = SIGMA_LIMITS
+    s = get_sigmas_karras(MAX_SAMPLER_STEPS, sigma_min=lo, sigma_max=hi, dtype=torch.float32)
+    assert s.dtype == torch.float32 and len(s) == MAX_SAMPLER_STEPS + 1 and bool((s[1:] < s[:-1]).all())
+    for rho in (0.5, 1.0, 3.0, 7.0, 100.0, 1e6):
+        s = get_sigmas_karras(20, rho=rho)
+        assert s[0].item() == pytest.approx(80.0, rel=1e-6) and s[-2].item() == pytest.approx(0.002, rel=1e-6)
+    D, _ = tiny_denoisers
+    for sampler in ("euler", "heun", "churn"):
+        kw = {"S_noise": MAX_S_NOISE, "S_min": 0.0, "S_max": 2 * hi} if sampler == "churn" else {}
+        x, _ = generate(D, n=2, sampler=sampler, sampler_steps=4, sigma_min=lo, sigma_max=hi, guidance=10.0,
+                        sampler_kwargs=kw)   # NonFiniteSamplesError if any of it overflowed
+    with pytest.raises(ScheduleError, match="rho=0.001"):
+        generate(D, n=1, sampler_steps=4, rho=0.001)
+    with pytest.raises(ValueError, match="S_noise=1e[+]300"):
+        sample_churn(D, torch.zeros(2, 1, 8, 8), get_sigmas_karras(3).float(), S_noise=1e300)
