@@ -206,14 +206,24 @@ _CONFIG_TYPES = {"model": str, "precond": str, "sigma_data": float, "img_resolut
 _LEDGER_TYPES = {"plan_steps": int, "steps_done": int, "epsilon_spent": float, "delta": float, "private": bool}
 
 
+def _of_kind(v: Any, kind: type) -> bool:
+    """bool for bool only; int: a non-negative int; float: any int or float; others by isinstance."""
+    if kind is bool or isinstance(v, bool):
+        return kind is bool and isinstance(v, bool)
+    if kind is int:
+        return isinstance(v, int) and v >= 0
+    if kind is float:
+        return isinstance(v, (int, float))
+    return isinstance(v, kind)
+
+
 def _bad_field(mapping: dict[str, Any], types: dict[str, type]) -> str | None:
+    """The first field of `mapping` missing or not of its kind in `types`, as text, or None."""
     for key, kind in types.items():
-        v = mapping.get(key)
-        ok = (isinstance(v, bool) if kind is bool else
-              isinstance(v, int) and not isinstance(v, bool) and v >= 0 if kind is int else
-              isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else isinstance(v, kind))
-        if not ok:
-            return f"{key}={v!r}" if key in mapping else f"no {key}"
+        if key not in mapping:
+            return f"no {key}"
+        if not _of_kind(mapping[key], kind):
+            return f"{key}={mapping[key]!r}"
     return None
 
 
