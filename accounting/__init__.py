@@ -25,6 +25,7 @@ from accounting.calibrate import (
     pld_discretization,
 )
 from accounting.plan import (
+    DELTA_PER_STEP,
     FORMAT,
     MAX_DATASET_SIZE,
     MIN_DELTA,
@@ -34,10 +35,12 @@ from accounting.plan import (
     PlanError,
     PrivacyPlan,
     certified_epsilon,
+    delta_floor_problem,
     epsilon_spent,
     load_plan,
     parse_plan,
     make_plan_document,
+    min_delta,
     plan_from_dict,
     prv_eps_error_range,
     verify_document,
@@ -45,6 +48,7 @@ from accounting.plan import (
 )
 
 __all__ = [
+    "DELTA_PER_STEP",
     "FORMAT",
     "MAX_DATASET_SIZE",
     "MAX_NOISE_MULTIPLIER",
@@ -68,12 +72,14 @@ __all__ = [
     "calibrate_noise_multiplier",
     "certified_epsilon",
     "compute_epsilon",
+    "delta_floor_problem",
     "dpsgd_event",
     "epsilon_spent",
     "load_plan",
     "parse_plan",
     "make_plan_document",
     "max_steps",
+    "min_delta",
     "plan_from_dict",
     "pld_discretization",
     "prv_eps_error_range",

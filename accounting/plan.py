@@ -44,15 +44,18 @@ from accounting.fft_pld import FftPldAccountant, FftPrecisionError
 __all__ = [
     "FORMAT",
     "MAX_DATASET_SIZE",
+    "DELTA_PER_STEP",
     "MIN_DELTA",
     "AccountingError",
     "NotCalibratedError",
     "PlanDocument",
     "PlanError",
     "PrivacyPlan",
+    "delta_floor_problem",
     "epsilon_spent",
     "load_plan",
     "make_plan_document",
+    "min_delta",
     "prv_eps_error_range",
     "write_plan",
 ]
@@ -78,15 +81,31 @@ RECOMPUTE_RTOL = 1e-3
 # The quick lower bound that verification starts with: its grid, and the prefix of the steps it also bounds.
 _QUICK_FLOOR_POINTS, _QUICK_FLOOR_PREFIX = 2**16, 2048
 _FLOAT_RTOL = 1e-9
-# The smallest delta a plan may have. dp-accounting's PLD composes by FFT, whose round-off leaves about
-# 5e-15 of probability mass astray (q 0.064, sigma 1, 100 steps: the composed pmf's negative entries sum to
-# 5.1e-15). Against delta 1e-12 that is not negligible: there its "pessimistic" epsilon (9.11315) was below
-# the true one (9.11449: a rigorous lower bound on delta at 9.11315 is 1.0012e-12), and its answer moved up
-# and down with the discretization (9.1137 to 9.1184). At 1e-10 the same error is 5e-5 of delta, inside the
-# pessimistic discretization's slack (the true delta at the certified epsilon was 0.998 to 0.99993 of the
-# target, stop 36's review). Lower still, dpdm's own PLD contradicted dp-accounting (1e-13) and
-# dp-accounting's answer moved with its truncation settings (3e-15).
+# The smallest delta a plan may have: MIN_DELTA, and DELTA_PER_STEP times its steps. dp-accounting's PLD
+# composes by FFT, whose round-off leaves probability mass astray, about 1e-17 of it per step (measured in stop
+# 36's review against an error-tracked composition: 2.6e-15 at 469 steps, 6e-14 to 1.4e-13 at 10,000, 9e-13 at
+# 100,000; at 100 steps the composed pmf's negative entries alone sum to 5e-15). Against a small delta that is
+# not negligible: at delta 1e-12, 100 steps, its "pessimistic" epsilon (9.11315) was below the true one
+# (9.11449: a rigorous lower bound on delta there is 1.005e-12). At 1e-10 and 100,000 steps the round-off is
+# 1% of delta, more than the pessimistic rounding's slack is known to cover (4.5e-4 of delta where measured).
+# The floor keeps the round-off near 1e-5 of delta (an empirical rule, from those measurements). Lower still,
+# dpdm's own PLD contradicted dp-accounting (1e-13) and its answer moved with its truncation settings (3e-15).
 MIN_DELTA = 1e-10
+DELTA_PER_STEP = 1e-12
+
+
+def min_delta(steps: int) -> float:
+    """The smallest delta a plan of `steps` steps may have (MIN_DELTA, or DELTA_PER_STEP per step)."""
+    return max(MIN_DELTA, DELTA_PER_STEP * steps)
+
+
+def delta_floor_problem(delta: float, steps: int | None = None, *, name: str = "delta") -> str | None:
+    """Why `delta` is too small for a plan of `steps` steps (None: the steps are not known yet), or None."""
+    floor = MIN_DELTA if steps is None else min_delta(steps)
+    if delta >= floor:
+        return None
+    per_step = f" for {steps} steps (at least {DELTA_PER_STEP:g} per step)" if floor > MIN_DELTA else ""
+    return f"{name}={delta!r} is below {floor:g}{per_step}, where the accountants lose double precision"
 # The largest dataset a plan may name (sample_rate = B/N stays a meaningful float; a 401-digit N used
 # to end in OverflowError).
 MAX_DATASET_SIZE = 10**12
@@ -153,9 +172,8 @@ class PrivacyPlan:
             raise ValueError(f"noise_multiplicity={self.noise_multiplicity!r} must be an integer >= 1")
         if not (_is_real(self.delta) and 0 < self.delta < 1):
             raise ValueError(f"delta={self.delta!r} must be in (0, 1)")
-        if self.delta < MIN_DELTA:
-            raise ValueError(f"delta={self.delta!r} is below {MIN_DELTA:g}, where the accountants lose double "
-                             "precision")
+        if self.delta < min_delta(self.steps):
+            raise ValueError(delta_floor_problem(self.delta, self.steps))
         if self.target_epsilon is not None and not (_is_real(self.target_epsilon) and self.target_epsilon > 0):
             raise ValueError(f"target_epsilon={self.target_epsilon!r} must be a finite number > 0 or None")
         if self.dataset_name is not None and not (isinstance(self.dataset_name, str) and self.dataset_name):

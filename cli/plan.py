@@ -40,9 +40,9 @@ PRESETS = {
 
 _POSITIVE = FiniteFloatRange(min=0, min_open=True)
 _UNIT_OPEN = FiniteFloatRange(min=0, max=1, min_open=True, max_open=True)
-# The limits the accounting package sets (MIN_DELTA 1e-10, MAX_STEPS 10**7, MAX_DATASET_SIZE 10**12)
+# The limits the accounting package sets (delta >= 1e-10 and 1e-12 per step, MAX_STEPS 10**7, MAX_DATASET_SIZE 10**12)
 # are checked in the command bodies: importing accounting here would slow `dpdm --help`.
-_DELTA_HELP = "(at least 1e-10: below it the accountants lose double precision)"
+_DELTA_HELP = "(at least 1e-10, and 1e-12 per step: below it the accountants lose double precision)"
 
 
 @click.command("plan")
@@ -109,6 +109,7 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
             raise BadInput(f"--epochs={epochs:g}{epochs_source} gives {exact:.3g} steps (epochs * N / B), above the "
                            f"limit of {accounting.MAX_STEPS} steps")
         steps = max(1, math.ceil(round(exact, 9)))
+    _check_delta(delta, steps)
     if out:
         _check_output("--out", out)
     if curve:
@@ -160,13 +161,14 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
             click.echo(f"wrote {curve}")
 
 
-def _check_delta(delta: float) -> None:
-    """BadInput unless delta is at least accounting.MIN_DELTA (click already kept it finite, in (0, 1))."""
+def _check_delta(delta: float, steps: int | None = None) -> None:
+    """BadInput unless delta is at least accounting.min_delta(steps) (MIN_DELTA while the steps are not known;
+    click already kept delta finite, in (0, 1))."""
     import accounting
 
-    if delta < accounting.MIN_DELTA:
-        raise BadInput(f"--delta={delta:g} is below {accounting.MIN_DELTA:g}, where the accountants lose double "
-                       "precision")
+    problem = accounting.delta_floor_problem(delta, steps, name="--delta")
+    if problem:
+        raise BadInput(problem.replace(f"--delta={delta!r}", f"--delta={delta:g}", 1))
 
 
 def _check_steps(steps: int | None) -> None:
@@ -365,8 +367,8 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
     """Epsilon of DP-SGD from RDP, PLD and PRV, side by side."""
     import accounting
 
-    _check_delta(delta)
     _check_steps(steps)
+    _check_delta(delta, steps)
     if noise_multiplier < accounting.MIN_ACCOUNTED_NOISE_MULTIPLIER:
         raise BadInput(f"--noise-multiplier={noise_multiplier:g} is too small to account for: it must be >= "
                        f"{accounting.MIN_ACCOUNTED_NOISE_MULTIPLIER:g} (below it the accountants' grids grow beyond "

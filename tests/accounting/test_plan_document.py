@@ -39,10 +39,22 @@ def test_delta_floor_and_step_cap_say_why():
     with its truncation settings);
     beyond 10**7 steps `--epochs 1e12` ran with no end in sight."""
     with pytest.raises(ValueError, match=r"delta=3e-15 is below 1e-10, where the accountants lose double precision"):
-        PrivacyPlan(**(BASE | {"delta": 3e-15}))
+        PrivacyPlan(**(BASE | {"delta": 3e-15, "steps": 100}))
     with pytest.raises(ValueError, match=r"steps=10000001 must be an integer in \[1, 10000000\]"):
         PrivacyPlan(**(BASE | {"steps": 10**7 + 1}))
-    assert PrivacyPlan(**(BASE | {"delta": 1e-10, "steps": accounting.MAX_STEPS})).delta == accounting.MIN_DELTA
+    assert PrivacyPlan(**(BASE | {"delta": 1e-10, "steps": 100})).delta == accounting.MIN_DELTA
+    assert PrivacyPlan(**(BASE | {"delta": 1e-5, "steps": accounting.MAX_STEPS})).steps == accounting.MAX_STEPS
+
+
+def test_the_delta_floor_grows_with_the_steps():
+    """dp-accounting's FFT round-off grows by about 1e-17 of mass per step: at delta 1e-10 and 100,000 steps it
+    was 1% of delta (stop 36's review), so a plan's delta must also be at least 1e-12 per step."""
+    assert accounting.min_delta(100) == accounting.MIN_DELTA and accounting.min_delta(10**5) == pytest.approx(1e-7)
+    with pytest.raises(ValueError, match=r"delta=1e-08 is below 1e-07 for 100000 steps \(at least 1e-12 per step\)"):
+        PrivacyPlan(**(BASE | {"delta": 1e-8, "steps": 10**5}))
+    assert PrivacyPlan(**(BASE | {"delta": 1e-7, "steps": 10**5})).delta == 1e-7
+    with pytest.raises(ValueError, match=r"delta=1e-06 is below 1e-05 for 10000000 steps"):
+        PrivacyPlan(**(BASE | {"delta": 1e-6, "steps": accounting.MAX_STEPS}))
 
 
 def test_plan_is_frozen_and_hashable():

@@ -138,6 +138,8 @@ BAD = [
     (["--noise-multiplier", "1", "--delta", "3e-15", "--dataset-size", "4000", "--batch-size", "256", "--steps", "100"],
      "--delta=3e-15 is below 1e-10, where the accountants lose double precision"),
     (["--eps", "10", "--delta", "1e-16"], "--delta=1e-16 is below 1e-10"),
+    (["--eps", "10", "--delta", "1e-9", "--dataset-size", "4000", "--batch-size", "40", "--epochs", "30"],
+     "--delta=1e-09 is below 3e-09 for 3000 steps (at least 1e-12 per step)"),
     (["--eps", "10", "--delta", "1e-5", "--steps", "10000001"], "--steps=10000001 must be <= 10000000"),
     # The batch size the user never typed: say where it came from.
     (["--eps", "1", "--delta", "1e-5", "--dataset-size", "100"], "--batch-size=256 (default) must be <= the dataset"),
@@ -261,6 +263,8 @@ BAD_ACCOUNT = [
     (["-s", "1", "-p", "0.1", "-i", "10", "--delta", "nan"], "--delta=nan is not a finite number"),
     (["-s", "1", "-p", "0.1", "-i", "10", "--delta", "1e-5", "--eps-error", "inf"], "--eps-error=inf"),
     (["-s", "1", "-p", "0.1", "-i", "10", "--delta", "1e-13"], "--delta=1e-13 is below 1e-10"),
+    (["-s", "1", "-p", "0.01", "-i", "200000", "--delta", "1e-8"],
+     "--delta=1e-08 is below 2e-07 for 200000 steps (at least 1e-12 per step)"),
     (["-s", "1", "-p", "0.1", "-i", "10000001", "--delta", "1e-5"], "--steps=10000001 must be <= 10000000"),
     (["-s", "1", "-p", "2", "-i", "10", "--delta", "1e-5"], "--sample-rate"),
 ]
