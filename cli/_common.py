@@ -145,15 +145,15 @@ def load_public_data(option: str, public_name: str, private_name: str, *, data_r
     if same_images(public_name, private_name):
         raise BadInput(f"{option}={public_name!r} holds the private dataset's images ({private_name!r}); "
                        f"{use} must use public data")
-    return load_training_data(public_name, data_root=data_root, download=download)
+    return load_training_data(public_name, data_root=data_root, download=download, option=option)
 
 
-def load_training_data(name: str, *, data_root, download: bool):
-    """The training split of `name`, or one `--dataset=...` error line."""
+def load_training_data(name: str, *, data_root, download: bool, option: str = "--dataset"):
+    """The training split of `name`, or one `OPTION=...` error line."""
     from cli.errors import BadInput
     from dpdm.datasets import load_dataset
 
     try:
         return load_dataset(name, "train", data_root=data_root, download=download)
     except (ValueError, OSError) as e:  # DataError is a ValueError
-        raise BadInput(f"--dataset={name!r}: {e}") from None
+        raise BadInput(f"{option}={name!r}: {e}") from None

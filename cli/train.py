@@ -88,9 +88,12 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
             raise BadInput("--train-sigma applies to --precond v only")
         if not train_sigma[0] < train_sigma[1]:
             raise BadInput(f"--train-sigma {train_sigma[0]:g} {train_sigma[1]:g}: MIN must be below MAX")
+        if not (1e-10 <= train_sigma[0] and train_sigma[1] <= 1e10):   # dpdm.sampling.SIGMA_LIMITS
+            raise BadInput(f"--train-sigma {train_sigma[0]:g} {train_sigma[1]:g}: must lie in [1e-10, 1e+10], the "
+                           "noise levels dpdm sample can draw at (1e155 overflowed the v-loss)")
     if precision != "fp32" and not no_dp:
         raise BadInput(f"--precision {precision} is for --no-dp runs only; private runs train in fp32")
-    if len(set(ema_powers)) != len(ema_powers):
+    if len({f"{float(g):g}" for g in ema_powers}) != len(ema_powers):   # the checkpoint's keys (ema_power_key)
         raise BadInput(f"--ema-power {' '.join(f'{g:g}' for g in ema_powers)}: give each exponent once")
     if trainable is not None:
         trainable = tuple(p.strip() for p in trainable.split(",") if p.strip())
@@ -123,10 +126,6 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
         public_data = (pub.x, pub.y)
     if init_from is not None and not resume and not os.path.isfile(init_from):
         raise BadInput(f"--init-from {init_from!r}: no such file")
-    if no_dp:
-        warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
-    elif seed is not None and not resume:
-        warn_known_seed(seed)
     from dpdm import distributed
 
     device = resolve_device(device)
@@ -145,7 +144,8 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
                              subspace_every=subspace_every, subspace_examples=subspace_examples)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
                                dataset_name=name, resume=resume, progress=not quiet, public_data=public_data,
-                               on_start=lambda notes: _warn_before_training(data, name, dataset, doc, no_dp, notes))
+                               on_start=lambda notes: _warn_before_training(data, name, dataset, doc, no_dp, notes,
+                                                                            None if resume else seed))
         ok = True
     except (TrainError, ckpt.CheckpointError) as e:
         raise BadInput(str(e)) from None
@@ -170,9 +170,15 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
              "if that data is public and holds none of the private examples")
 
 
-def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool, notes: tuple[str, ...]) -> None:
+def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool, notes: tuple[str, ...],
+                          seed: int | None) -> None:
     """Said once every check has passed and before the first step: a refused run stays one error line, and the
-    user can still stop before any of the plan's budget is spent. `notes`: the training library's warnings."""
+    user can still stop before any of the plan's budget is spent. `notes`: the training library's warnings;
+    `seed`: a --seed given to a new run."""
+    if no_dp:
+        warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
+    elif seed is not None:
+        warn_known_seed(seed)
     for note in notes:
         warn(note)
     if data.num_classes_inferred and not no_dp:

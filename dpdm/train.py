@@ -39,7 +39,7 @@ from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
 from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
 from dpdm.report_utils import epsilon_text
-from dpdm.sampling import PRECISIONS, autocast_for
+from dpdm.sampling import PRECISIONS, SIGMA_LIMITS, autocast_for
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LR_SCHEDULES = ("constant", "cosine")
@@ -123,9 +123,13 @@ class TrainConfig:
             lo, hi = self.train_sigma
             if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
                 raise ValueError(f"train_sigma={self.train_sigma!r} must be (min, max) with 0 < min < max")
-        if len(set(self.ema_powers)) != len(self.ema_powers) or not all(
-                math.isfinite(g) and g > 0 for g in self.ema_powers):
-            raise ValueError(f"ema_powers={self.ema_powers!r} must be distinct positive exponents")
+            if not (SIGMA_LIMITS[0] <= lo and hi <= SIGMA_LIMITS[1]):   # 1e155 overflowed VLoss's exp(-logsnr)
+                raise ValueError(f"train_sigma={self.train_sigma!r} must lie in [{SIGMA_LIMITS[0]:g}, "
+                                 f"{SIGMA_LIMITS[1]:g}], the noise levels dpdm sample can draw at")
+        if not all(math.isfinite(g) and g > 0 for g in self.ema_powers) or \
+                len({ema_power_key(g) for g in self.ema_powers}) != len(self.ema_powers):
+            # distinct as the checkpoint keys them (7 and 7.0000001 are both "7": one EMA, two names)
+            raise ValueError(f"ema_powers={self.ema_powers!r} must be distinct positive exponents (to 6 digits)")
         if self.physical_batch is not None and self.physical_batch < 1:
             raise ValueError(f"physical_batch={self.physical_batch!r} must be >= 1")
         if self.precision not in PRECISIONS:
@@ -165,7 +169,7 @@ def select_trainable(model: torch.nn.Module, patterns: tuple[str, ...] | None) -
         return names
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
-        raise TrainError(f"trainable pattern(s) {', '.join(map(repr, unmatched))} match no parameter; "
+        raise TrainError(f"--trainable pattern(s) {', '.join(map(repr, unmatched))} match no parameter; "
                          f"the names look like {names[0]!r}, {names[len(names) // 2]!r}")
     chosen = []
     for name, p in model.named_parameters():
@@ -250,7 +254,10 @@ def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any],
     warm start, on these very data (same data digest), or on the same named dataset. Transformed copies
     (shifted, flipped, re-encoded) are not recognised.
     """
-    state = ckpt.load_checkpoint(path)                    # weights_only=True; corrupt files refused
+    try:
+        state = ckpt.load_checkpoint(path)                # weights_only=True; corrupt files refused
+    except ckpt.CheckpointError as e:
+        raise TrainError(f"--init-from {str(path)!r}: {e}") from None
     cfg = state["config"]
     for key in ("model", "precond", "img_resolution", "img_channels", "num_classes"):
         if cfg.get(key) != run_config[key]:
@@ -592,6 +599,9 @@ def train(
         D.load_state_dict(init_weights)
     select_trainable(D, config.trainable)
     run_config["trained_parameters"] = sum(p.numel() for p in D.parameters() if p.requires_grad)
+    if config.subspace_dim is not None and config.subspace_dim > run_config["trained_parameters"]:
+        raise TrainError(f"subspace_dim={config.subspace_dim} (--public-subspace) must be at most the "
+                         f"{run_config['trained_parameters']} parameters that train")
     ema = EMA(D, config.ema_decay)
     power_emas = {ema_power_key(g): PowerEMA(D, g) for g in config.ema_powers}
     optimizer = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], lr=config.lr)
@@ -984,8 +994,13 @@ def _public_basis(D, loss_obj, loss_fn, public_data, config: TrainConfig, condit
         batch.append(drop_labels(py[idx], config.label_dropout, num_classes, generator=g).to(device))
     sigma, noise = loss_obj.draw(len(idx), K, tuple(px.shape[1:]), generator=g)
     batch += [sigma.to(device), noise.to(device)]
-    return public_subspace(D, loss_fn, *batch, dim=config.subspace_dim, clip_norm=clip_norm,
-                           chunk_size=config.physical_batch, per_layer_rules=config.per_layer_rules)
+    try:
+        return public_subspace(D, loss_fn, *batch, dim=config.subspace_dim, clip_norm=clip_norm,
+                               chunk_size=config.physical_batch, per_layer_rules=config.per_layer_rules)
+    except ValueError as e:   # the public data cannot give that many directions: the user's settings
+        if "span fewer than" not in str(e):
+            raise
+        raise TrainError(f"subspace_dim={config.subspace_dim} (--public-subspace): {e}") from None
 
 
 METRICS_HEADER = ("step", "batch_size", "loss", "clipped_fraction", "epsilon_spent", "steps_per_s", "private")
@@ -998,12 +1013,23 @@ def _truncate_metrics(path: Path, steps_done: int) -> None:
     the audit's check of the logged batches reads every row a resumed run logged."""
     lines = []
     if steps_done and path.exists():
-        with open(path, newline="") as f:   # keep csv's \r\n
-            lines = f.read().splitlines(keepends=True)
+        try:   # keep csv's \r\n; bytes that are not UTF-8 spoil their row only
+            with open(path, newline="", encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines(keepends=True)
+        except OSError as e:
+            raise TrainError(f"cannot read the run's {str(path)!r} ({e.strerror or e}); move it away to resume "
+                             "(its rows are rewritten from the checkpoint's step on)") from None
     width = len(METRICS_HEADER)
     kept = [ln for ln in lines if ln.endswith("\n") and ln.count(",") == width - 1
-            and ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= steps_done]
+            and (step := _metrics_step(ln)) is not None and step <= steps_done]
     ckpt.atomic_write_text(path, ",".join(METRICS_HEADER) + "\r\n" + "".join(kept))
+
+
+def _metrics_step(line: str) -> int | None:
+    """The step a metrics.csv row begins with, or None (a header, a damaged row; "²" is a digit to isdigit
+    but not to int)."""
+    first = line.split(",", 1)[0]
+    return int(first) if first.isascii() and first.isdigit() else None
 
 
 def _finite_model(D: torch.nn.Module, params: dict[str, torch.Tensor], probe: tuple) -> bool:
@@ -1062,7 +1088,7 @@ def _check_fresh_run_folder(out: Path, plan_doc, checkpoint_every: int) -> None:
         if not lines or lines[0] != ",".join(METRICS_HEADER):
             raise TrainError(f"{str(out)!r} holds a metrics.csv that is not a dpdm run's; a new run there would "
                              "replace it: choose another --out")
-        steps = [int(ln.split(",", 1)[0]) for ln in lines[1:] if ln.split(",", 1)[0].isdigit()]
+        steps = [step for ln in lines[1:] if (step := _metrics_step(ln)) is not None]
     # A run's files, and hidden ones (its lock and marks, the temporary files of its atomic writes, a file
     # system's own); anything else (data, a release file, the user's own files) is not the run's, and a run
     # folder holds secrets.

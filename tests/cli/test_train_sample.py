@@ -711,3 +711,42 @@ def test_emit_json_is_strict_json(capsys):
                "e": torch.tensor(float("nan")), "f": np.int64(3), "g": 0.25, "h": "inf"})
     doc = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert doc == {"a": None, "b": [None, [1.5, None]], "c": {"d": None}, "e": None, "f": 3, "g": 0.25, "h": "inf"}
+
+
+def test_train_option_walk_refusals_are_one_line(tiny, capsys):
+    """Walk of stop 36: these were tracebacks (exit 4), named the wrong option, or printed a warning before the
+    refusal; each is now one error line naming the option, and leaves no run folder."""
+    d = tiny
+    np.savez(d / "public.npz", x=np.random.default_rng(5).integers(0, 256, size=(80, 1, 8, 8), dtype=np.uint8),
+             y=(np.arange(80) % 3).astype(np.int64), num_classes=3)
+    cases = [
+        (("--public-subspace", "50", "--subspace-data", f"npz:{d / 'public.npz'}", "--subspace-examples", "60",
+          "--subspace-every", "2", "--trainable", "net.conv_in.bias"), "subspace_dim=50 (--public-subspace) must be at most the"),
+        (("--precond", "v", "--train-sigma", "1", "1e155"), "must lie in [1e-10, 1e+10]"),
+        (("--public-subspace", "2", "--subspace-data", "npz:nope.npz", "--subspace-every", "2"),
+         "--subspace-data='npz:nope.npz'"),
+        (("--ema-power", "7", "--ema-power", "7.0000001"), "give each exponent once"),
+        (("--seed", "3", "--trainable", "zzz*"), "--trainable pattern(s) 'zzz*' match no parameter"),
+        (("--no-dp", "--init-from", str(d / "plan.json")), f"--init-from {str(d / 'plan.json')!r}: "),
+    ]
+    for extra, needle in cases:
+        code, _, err = run_cli(_train_args(d, d / "run", *extra), capsys)
+        assert needle in _one_error_line(code, err), (extra, err)   # no warning before it either
+        assert not (d / "run").exists()
+
+
+def test_resume_repairs_a_metrics_file_with_foreign_bytes_and_names_an_unreadable_one(tiny, capsys):
+    from dpdm.train import _metrics_step
+
+    d = tiny
+    code, _, err = run_cli(_train_args(d, d / "run", "--seed", "1"), capsys)
+    assert code == 0, err
+    state = torch.load(d / "run" / "checkpoint.pt", weights_only=True)
+    state["ledger"]["steps_done"] = 2    # as if killed after the checkpoint of step 2 (a test-only edit)
+    torch.save(state, d / "run" / "checkpoint.pt")
+    metrics = d / "run" / "metrics.csv"
+    metrics.write_bytes(metrics.read_bytes() + b"\xff\xfe,1,2\r\n")
+    code, _, err = run_cli(_train_args(d, d / "run", "--resume"), capsys)
+    assert code == 0, err       # a UnicodeDecodeError traceback, exit 4, before
+    assert b"\xff" not in metrics.read_bytes()
+    assert _metrics_step("3,6,0.1\r\n") == 3 and _metrics_step("\u00b2,6\r\n") is None   # isdigit() took "²"

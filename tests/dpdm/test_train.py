@@ -527,7 +527,7 @@ def test_warm_start_of_another_shape_or_corrupt_is_refused(tmp_path):
               progress=False)
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(init.read_bytes()[:1000])
-    with pytest.raises(ckpt.CheckpointError):
+    with pytest.raises(TrainError, match=f"--init-from {str(bad)!r}: checkpoint .* is corrupt or truncated"):
         train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(bad)), dataset_name="tiny",
               progress=False)
     assert not (tmp_path / "run").exists()
