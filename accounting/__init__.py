@@ -26,6 +26,8 @@ from accounting.calibrate import (
 )
 from accounting.plan import (
     DELTA_PER_STEP,
+    MAX_ACCOUNTED_NOISE_MULTIPLIER,
+    MAX_NOISE_MULTIPLICITY,
     FORMAT,
     MAX_DATASET_SIZE,
     MIN_DELTA,
@@ -49,6 +51,8 @@ from accounting.plan import (
 
 __all__ = [
     "DELTA_PER_STEP",
+    "MAX_ACCOUNTED_NOISE_MULTIPLIER",
+    "MAX_NOISE_MULTIPLICITY",
     "FORMAT",
     "MAX_DATASET_SIZE",
     "MAX_NOISE_MULTIPLIER",

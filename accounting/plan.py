@@ -19,6 +19,7 @@ import json
 import math
 import os
 import reprlib
+import stat
 import tempfile
 from importlib import metadata
 from typing import Any
@@ -45,6 +46,8 @@ __all__ = [
     "FORMAT",
     "MAX_DATASET_SIZE",
     "DELTA_PER_STEP",
+    "MAX_ACCOUNTED_NOISE_MULTIPLIER",
+    "MAX_NOISE_MULTIPLICITY",
     "MIN_DELTA",
     "AccountingError",
     "NotCalibratedError",
@@ -92,6 +95,11 @@ _FLOAT_RTOL = 1e-9
 # dpdm's own PLD contradicted dp-accounting (1e-13) and its answer moved with its truncation settings (3e-15).
 MIN_DELTA = 1e-10
 DELTA_PER_STEP = 1e-12
+MAX_ACCOUNTED_NOISE_MULTIPLIER = 1e100
+_MAX_PLAN_BYTES = 16 << 20
+# K, the diffusion-noise draws per example: training holds K noised copies of every image of a batch (10**6
+# crashed `dpdm train`); the paper ablates K up to 32, where its metrics plateau.
+MAX_NOISE_MULTIPLICITY = 4096
 
 
 def min_delta(steps: int) -> float:
@@ -162,14 +170,18 @@ class PrivacyPlan:
             raise ValueError(f"steps={self.steps!r} must be an integer in [1, {MAX_STEPS}]")
         if not (_is_real(self.noise_multiplier) and self.noise_multiplier > 0):
             raise ValueError(f"noise_multiplier={self.noise_multiplier!r} must be a finite number > 0")
+        if self.noise_multiplier > MAX_ACCOUNTED_NOISE_MULTIPLIER:   # 1e155 overflowed sigma**2 (exit 4)
+            raise ValueError(f"noise_multiplier={self.noise_multiplier!r} must be at most "
+                             f"{MAX_ACCOUNTED_NOISE_MULTIPLIER:g}: epsilon is 0 to double precision long before")
         if self.noise_multiplier < MIN_ACCOUNTED_NOISE_MULTIPLIER:
             raise ValueError(f"noise_multiplier={self.noise_multiplier!r} is too small to account for: it must be "
                              f">= {MIN_ACCOUNTED_NOISE_MULTIPLIER:g} (below it the accountants' grids grow beyond "
                              "memory, and epsilon is in the thousands)")
         if not (_is_real(self.clip_norm) and self.clip_norm > 0):
             raise ValueError(f"clip_norm={self.clip_norm!r} must be a finite number > 0")
-        if not (_is_int(self.noise_multiplicity) and self.noise_multiplicity >= 1):
-            raise ValueError(f"noise_multiplicity={self.noise_multiplicity!r} must be an integer >= 1")
+        if not (_is_int(self.noise_multiplicity) and 1 <= self.noise_multiplicity <= MAX_NOISE_MULTIPLICITY):
+            raise ValueError(f"noise_multiplicity={self.noise_multiplicity!r} must be an integer in [1, "
+                             f"{MAX_NOISE_MULTIPLICITY}]")
         if not (_is_real(self.delta) and 0 < self.delta < 1):
             raise ValueError(f"delta={self.delta!r} must be in (0, 1)")
         if self.delta < min_delta(self.steps):
@@ -281,8 +293,11 @@ class PlanDocument:
             "prv_eps_error": self.prv_eps_error,
         }
         if self.independent is not None:
-            d["epsilon"]["independent"] = {"lower": self.independent.lower, "upper": self.independent.upper,
-                                           "method": self.independent.method}
+            # Its upper bound is infinite where its grid's bracket (steps * interval wide) says nothing: JSON
+            # has no infinity, so null (a 10**6-step plan whose PRV failed could not be written).
+            d["epsilon"]["independent"] = {k: (v if v is None or math.isfinite(v) else None) for k, v in
+                                           (("lower", self.independent.lower), ("upper", self.independent.upper))}
+            d["epsilon"]["independent"]["method"] = self.independent.method
         if self.prv_overruled is not None:
             d["epsilon"]["prv_overruled"] = self.prv_overruled
         if self.prv_failed is not None:
@@ -378,7 +393,16 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
         if certified_by == "prv":
             # PRV may only lower the certificate where a rigorous lower bound of its own does not refute it.
             independent = FftPldAccountant().epsilon(event, delta)
-            if prv.upper < independent.lower * (1 - _FLOAT_RTOL):
+            if not math.isfinite(independent.upper):
+                # That bracket (steps * its interval wide) says nothing here, so nothing confirms PRV's lower
+                # figure: PLD certifies (PRV's garbage had certified 0 for a mechanism of epsilon 3,481).
+                certified, certified_by = pld.upper, "pld"
+                overruled = (f"PRV's upper bound {prv.upper:.6g} is below PLD's {pld.upper:.6g}, and dpdm's own "
+                             "PLD gives no bracket to confirm it: PLD certifies")
+                # The higher certificate is the safe side of that disagreement; PRV's lower bound still counts.
+                problems = _disagreements(certified=certified, rdp=rdp,
+                                          prv=EpsilonReport(prv.lower, prv.estimate, math.inf, "prv"))
+            elif prv.upper < independent.lower * (1 - _FLOAT_RTOL):
                 problems.append(("prv", f"PRV upper bound {prv.upper:.6g} < dpdm's own PLD lower bound "
                                         f"{independent.lower:.6g}"))
         if problems and all(kind == "prv" for kind, _ in problems):
@@ -544,6 +568,10 @@ def load_plan(path: str | os.PathLike) -> PlanDocument:
     epsilon re-computes (never above the stored promise). Raises PlanError otherwise."""
     path = os.fspath(path)
     try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_PLAN_BYTES:   # a FIFO blocked the read for good
+            raise PlanError(f"{path}: not a {FORMAT} plan (" + ("not a regular file" if not stat.S_ISREG(info.st_mode)
+                            else f"{info.st_size} bytes; a plan is a few kilobytes") + ")")
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
@@ -668,7 +696,11 @@ def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_
     if certified_by == "prv":
         # As make_plan_document: PRV may certify only where dpdm's own rigorous lower bound does not
         # refute it (prv_eps_error comes from the file, outside the digest).
-        floor = FftPldAccountant().epsilon(plan.to_event(), plan.delta).lower
+        bracket = FftPldAccountant().epsilon(plan.to_event(), plan.delta)
+        if not math.isfinite(bracket.upper):
+            raise PlanError(f"{where}: epsilon.certified={stored!r} by PRV is not confirmed by dpdm's own PLD "
+                            "(no bracket for this plan); make a new plan")
+        floor = bracket.lower
         if stored < floor * (1 - _FLOAT_RTOL):
             raise PlanError(f"{where}: epsilon.certified={stored!r} by PRV is below dpdm's own PLD lower bound "
                             f"{floor:.6g}; make a new plan")

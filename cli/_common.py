@@ -57,7 +57,10 @@ def checkpoint_of(run_dir: str | None, checkpoint_path: str | None):
 
     if (run_dir is None) == (checkpoint_path is None):
         raise BadInput("give exactly one of --run and --checkpoint")
-    return Path(checkpoint_path) if checkpoint_path else Path(run_dir) / "checkpoint.pt"
+    for option, value in (("--run", run_dir), ("--checkpoint", checkpoint_path)):
+        if value is not None and not value.strip():   # '' was taken as not given (a TypeError traceback)
+            raise BadInput(f"{option}={value!r} is empty")
+    return Path(checkpoint_path) if checkpoint_path is not None else Path(run_dir) / "checkpoint.pt"
 
 
 def emit_json(doc: dict[str, Any]) -> None:

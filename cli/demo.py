@@ -64,10 +64,17 @@ DEMO_SAMPLER_STEPS = 30
 DEMO_EVAL_EPOCHS = {"logreg": 50, "mlp": 50, "cnn": 50}
 
 
+# Checked before the folder is claimed (10**30 public steps removed an earlier demo's outputs, then crashed): a
+# demo of more steps than this is no demo (the default is 30 private and 400 public steps).
+MAX_DEMO_STEPS = 100_000
+
+
 @click.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo_out", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=DEMO["steps"], show_default=True, help="DP-SGD steps of the demo plan.")
-@click.option("--public-steps", type=click.IntRange(min=0), default=DEMO_PUBLIC_STEPS, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1, max=MAX_DEMO_STEPS), default=DEMO["steps"], show_default=True,
+              help="DP-SGD steps of the demo plan.")
+@click.option("--public-steps", type=click.IntRange(min=0, max=MAX_DEMO_STEPS), default=DEMO_PUBLIC_STEPS,
+              show_default=True,
               help=f"Non-private warm-start steps on the public {DEMO_PUBLIC} (0: start the private run cold).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--skip-audit", is_flag=True, help="Stop after eval.")
@@ -98,8 +105,13 @@ def _claim_demo_folder(out: Path) -> None:
     (a run/ folder of the user's included). The outputs of an earlier demo are removed: it starts afresh."""
     from cli.errors import BadInput
 
+    from dpdm.report_utils import output_parent_problem
+
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {str(out)!r} is not a folder")
+    problem = None if out.is_dir() else output_parent_problem(out / DEMO_MARK)
+    if problem:   # a file or a broken link in the way, a folder that takes no files (/proc)
+        raise BadInput(f"--out {str(out)!r}: {problem}")
     if out.is_dir() and any(out.iterdir()):
         report = out / "report.md"
         ours = (out / DEMO_MARK).is_file() or (
@@ -113,8 +125,11 @@ def _claim_demo_folder(out: Path) -> None:
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARK).write_text("written by `dpdm demo`: a rerun replaces this folder's demo outputs\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DEMO_MARK).write_text("written by `dpdm demo`: a rerun replaces this folder's demo outputs\n")
+    except OSError as e:
+        raise BadInput(f"--out {str(out)!r}: cannot write there ({e.strerror or e})") from None
 
 
 def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,

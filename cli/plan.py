@@ -114,6 +114,8 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
         _check_output("--out", out)
     if curve:
         curve = _curve_path(curve)
+        if out and os.path.abspath(curve) == os.path.abspath(out):
+            raise BadInput(f"--curve={curve!r} is the --out plan file; give the plot its own file")
     if unnamed:
         warn(unnamed)
     try:
@@ -132,13 +134,15 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     except accounting.FftPrecisionError as e:
         raise BadInput(f"--delta={delta:g} is too small to cross-check this plan ({e}); raise --delta or take "
                        "fewer steps") from e
-    except ValueError as e:
-        raise BadInput(str(e)) from e
+    except ValueError as e:   # PrivacyPlan's checks name its fields: name the options instead
+        raise BadInput(_named_option(str(e))) from e
     if doc.prv_overruled:
         warn(f"PRV overruled: {doc.prv_overruled}")
     if doc.prv_failed:
-        warn(f"prv-accountant gave no epsilon for this plan ({doc.prv_failed}); dpdm's own PLD cross-checked the "
-             "certificate in its place")
+        warn(f"prv-accountant gave no epsilon for this plan ({doc.prv_failed}); " + (
+            "dpdm's own PLD cross-checked the certificate in its place" if _bracketed(doc) else
+            "dpdm's own PLD gives no bracket for it either, so only RDP (an upper bound) cross-checked the PLD "
+            "certificate"))
     if out:
         _refuse_to_replace(out, doc.digest, force=force)
         try:
@@ -159,6 +163,16 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
             click.echo(f"wrote {out} ({doc.digest[:19]}...)")
         if curve:
             click.echo(f"wrote {curve}")
+
+
+_PLAN_OPTIONS = {"noise_multiplier": "--noise-multiplier", "noise_multiplicity": "--multiplicity",
+                 "target_epsilon": "--eps", "clip_norm": "--clip-norm", "batch_size": "--batch-size",
+                 "dataset_size": "--dataset-size", "steps": "--steps", "delta": "--delta"}
+
+
+def _named_option(message: str) -> str:
+    field = message.split("=", 1)[0]
+    return _PLAN_OPTIONS[field] + message[len(field):] if field in _PLAN_OPTIONS else message
 
 
 def _check_delta(delta: float, steps: int | None = None) -> None:
@@ -222,12 +236,20 @@ def _curve_path(path: str) -> str:
         formats = ", ".join(sorted(FigureCanvasBase.get_supported_filetypes()))
         raise BadInput(f"--curve={path!r}: matplotlib cannot write .{ext} files (use one of {formats})")
     _check_output("--curve", path)
+    from dpdm.report_utils import is_dpdm_grid
+
+    # Replaced only if an earlier --curve wrote it (it carries the mark save_grid's grids carry): an image, a
+    # link or anything else of the user's is kept.
+    if os.path.lexists(path) and (os.path.islink(path) or not is_dpdm_grid(path)):
+        raise BadInput(f"--curve={path!r} already exists and is not a curve dpdm wrote; it is kept: choose "
+                       "another --curve")
     return path
 
 
 def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
-    """BadInput if `path` exists and does not hold the plan `digest` names (unless `force`), and always
-    when it is a run's own plan.json (beside its checkpoint.pt).
+    """BadInput if `path` exists and does not hold the plan `digest` names (unless it holds another plan and
+    `force` is given), and always when it is a run's own plan.json (beside its checkpoint.pt), or not a regular
+    file.
 
     A run is locked to its plan's digest, and `dpdm train --resume` and `dpdm audit --plan` check the
     file against it: writing a new plan over the old one would lose the record that a run in progress
@@ -236,11 +258,19 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     """
     if not os.path.lexists(path):
         return
-    try:
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f).get("digest")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        old = None
+    import stat
+
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode):   # a FIFO would block the read, /dev/zero never end it
+        raise BadInput(f"--out {path} exists and is not a regular file (a link, a device, a FIFO); it is kept: "
+                       "choose another --out")
+    old = None
+    if info.st_size <= 16 << 20:   # plans are a few kilobytes
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f).get("digest")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            old = None
     if old == digest:
         return
     what = f"a different plan ({old[:19]}...)" if isinstance(old, str) else "something that is not a dpdm plan"
@@ -248,6 +278,9 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     if os.path.basename(path) == "plan.json" and os.path.exists(os.path.join(run, "checkpoint.pt")):
         raise BadInput(f"--out {path} is the locked plan of the run in {run} and holds {what}; even --force "
                        "does not replace it: write the new plan elsewhere and train a new run")
+    if not isinstance(old, str):   # a checkpoint, a config.json, data: --force replaces plans only
+        raise BadInput(f"--out {path} already exists and holds {what}; it is kept, even with --force (which "
+                       "replaces only another plan): choose another --out")
     if force:
         return
     raise BadInput(f"--out {path} already exists and holds {what}; it is kept (runs are locked to their plan). "
@@ -304,8 +337,15 @@ def _table(doc) -> str:
     if doc.prv_overruled:
         lines.append("PRV overruled by dpdm's own PLD (see the warning; recorded in the plan)")
     if doc.prv_failed:
-        lines.append("PRV failed; dpdm's own PLD cross-checked instead (see the warning; recorded in the plan)")
+        lines.append("PRV failed; " + ("dpdm's own PLD cross-checked instead" if _bracketed(doc) else
+                                       "only RDP cross-checked") + " (see the warning; recorded in the plan)")
     return "\n".join(lines)
+
+
+def _bracketed(doc) -> bool:
+    """Whether dpdm's own PLD gave the plan a bracket (its upper bound is infinite, or null in a file, where its
+    grid is too coarse for the steps)."""
+    return doc.independent is not None and doc.independent.upper is not None and math.isfinite(doc.independent.upper)
 
 
 def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
@@ -345,8 +385,20 @@ def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
     ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from dpdm.report_utils import GRID_MARK
+
+    fmt = os.path.splitext(path)[1][1:].lower()
+    mark = ({"pil_kwargs": {"comment": GRID_MARK}} if fmt in ("jpg", "jpeg") else
+            {"metadata": {"Software" if fmt == "png" else "Creator": GRID_MARK}} if fmt in ("png", "pdf", "svg")
+            else {})   # other formats hold no mark: such a curve is not replaced later
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format=fmt, **mark)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 # dpdm account --eps-error: its default, and the least dpdm plan asks PRV for (accounting.plan.PRV_MIN_EPS_ERROR,
@@ -360,8 +412,9 @@ _MIN_EPS_ERROR = 0.01
               help="Poisson sample rate.")
 @click.option("-i", "--steps", type=click.IntRange(min=1), required=True, help="Number of steps (at most 10**7).")
 @click.option("--delta", type=_UNIT_OPEN, required=True, help=f"Target delta {_DELTA_HELP}.")
-@click.option("--eps-error", type=_POSITIVE, default=_MIN_EPS_ERROR, show_default=True,
-              help="PRV error in epsilon: from 0.01 to the PLD epsilon.")
+@click.option("--eps-error", type=_POSITIVE, default=None,
+              help="PRV error in epsilon: from 0.01 to the PLD epsilon.  [default: what dpdm plan asks for, "
+                   "0.01 or 2% of the PLD epsilon if more]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
     """Epsilon of DP-SGD from RDP, PLD and PRV, side by side."""
@@ -369,6 +422,9 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
 
     _check_steps(steps)
     _check_delta(delta, steps)
+    if noise_multiplier > accounting.MAX_ACCOUNTED_NOISE_MULTIPLIER:
+        raise BadInput(f"--noise-multiplier={noise_multiplier:g} must be at most "
+                       f"{accounting.MAX_ACCOUNTED_NOISE_MULTIPLIER:g}: epsilon is 0 to double precision long before")
     if noise_multiplier < accounting.MIN_ACCOUNTED_NOISE_MULTIPLIER:
         raise BadInput(f"--noise-multiplier={noise_multiplier:g} is too small to account for: it must be >= "
                        f"{accounting.MIN_ACCOUNTED_NOISE_MULTIPLIER:g} (below it the accountants' grids grow beyond "
@@ -383,7 +439,9 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
     except ValueError as e:
         raise BadInput(str(e)) from e
     # PRV's grid grows as its error shrinks (1e-9 asked for 1.28 TiB); an error beyond epsilon says nothing.
-    hi = accounting.prv_eps_error_range(reports[1].upper)[1]
+    lo, hi = accounting.prv_eps_error_range(reports[1].upper)
+    if eps_error is None:   # 0.01 at an epsilon of 1,000 asked for 18 GB
+        eps_error = lo
     if not _MIN_EPS_ERROR <= eps_error <= hi * (1 + 1e-9):
         raise BadInput(f"--eps-error={eps_error:g} must be in [{_MIN_EPS_ERROR:g}, {hi:.3g}] here (at most the PLD "
                        f"epsilon {reports[1].upper:.4g}): smaller asks PRV for more memory and time than its answer "

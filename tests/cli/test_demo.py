@@ -104,3 +104,22 @@ def test_demo_takes_only_a_new_empty_or_earlier_demo_folder(tmp_path, capsys):
     assert sorted(p.name for p in earlier.iterdir()) == [DEMO_MARK, "keep.txt"]
     _claim_demo_folder(tmp_path / "new")
     assert (tmp_path / "new" / DEMO_MARK).is_file()
+
+
+def test_demo_refuses_step_counts_and_out_paths_before_claiming_its_folder(tmp_path, capsys):
+    """--steps or --public-steps of 10**7 and more removed an earlier demo's outputs, then crashed; an --out below
+    a file was a traceback."""
+    from cli.demo import DEMO_MARK
+
+    earlier = tmp_path / "demo"
+    earlier.mkdir()
+    (earlier / DEMO_MARK).write_text("x")
+    (earlier / "report.md").write_text("# dpdm demo: an earlier one\n")
+    for option in ("--steps", "--public-steps"):
+        assert main(["demo", "--out", str(earlier), option, "10000001", "--device", "cpu"]) == 2
+        assert "100000" in capsys.readouterr().err
+        assert (earlier / "report.md").exists()
+    (tmp_path / "a_file").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "a_file" / "sub"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a folder" in err[0], err

@@ -1,5 +1,6 @@
 """`dpdm plan` and `dpdm account` through the real entry point (cli.main.main)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -448,3 +449,69 @@ def test_account_eps_error_is_bounded(eps_error, capsys):
     code = main(["account", "-s", "1", "-p", "0.1", "-i", "10", "--delta", "1e-5", "--eps-error", eps_error])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"--eps-error={eps_error}" in err[0] and "must be in [0.01, 2.85]" in err[0]
+
+
+def _cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_plan_outputs_replace_only_what_dpdm_wrote(capsys, tmp_path):
+    """Walk of stop 36: --curve replaced any file (through a link too, and the --out plan it had just written),
+    --out --force replaced a run's checkpoint.pt, and an --out that is a FIFO or /dev/zero hung or ran out of
+    memory."""
+    photo, notes = tmp_path / "photo.png", tmp_path / "notes.txt"
+    photo.write_bytes(b"\x89PNG not a curve")
+    notes.write_text("mine")
+    (tmp_path / "lnk.png").symlink_to(notes)
+    for curve, needle in ((photo, "is not a curve dpdm wrote"), (tmp_path / "lnk.png", "is not a curve dpdm wrote")):
+        rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1", "--curve", str(curve))
+        assert rc == 2 and needle in err, err
+    assert photo.read_bytes() == b"\x89PNG not a curve" and notes.read_text() == "mine"
+    same = tmp_path / "same.png"
+    rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1", "--out", str(same), "--curve", str(same))
+    assert rc == 2 and "is the --out plan file" in err and not same.exists()
+    curve = tmp_path / "curve.png"
+    for _ in range(2):   # a curve dpdm wrote is replaced
+        rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1", "--curve", str(curve))
+        assert rc == 0, err
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"weights")
+    rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1", "--out", str(checkpoint), "--force")
+    assert rc == 2 and "even with --force (which replaces only another plan)" in err
+    assert checkpoint.read_bytes() == b"weights"
+    os.mkfifo(tmp_path / "fifo")
+    for out in (tmp_path / "fifo", "/dev/zero"):
+        rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1", "--out", str(out))
+        assert rc == 2 and "is not a regular file" in err, err
+    rc, _, err = _cli(capsys, "baseline", "dp-classifier", "--plan", str(tmp_path / "fifo"))
+    assert rc == 2 and "not a regular file" in err
+
+
+def test_plan_and_account_limits_are_one_line(capsys):
+    rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1e155")
+    assert rc == 2 and "--noise-multiplier=1e+155 must be at most 1e+100" in err   # an OverflowError traceback
+    rc, _, err = _cli(capsys, "account", "-s", "1e155", "-p", "0.1", "-i", "10", "--delta", "1e-5")
+    assert rc == 2 and "--noise-multiplier=1e+155 must be at most" in err
+    rc, _, err = run(capsys, *SMALL[:-4], "--delta", "1e-5", "--noise-multiplier", "1", "--multiplicity", str(10**30))
+    assert rc == 2 and f"--multiplicity={10**30} must be an integer in [1, 4096]" in err   # train crashed on it
+
+
+def test_a_garbage_prv_answer_never_certifies(capsys, tmp_path):
+    """At 10**6 steps (q 0.064, sigma 1; PLD 3,481) prv-accountant's grid overflowed and it returned negative
+    bounds, which were raised to 0: the plan certified epsilon 0. Its JSON also held an infinity (exit 4)."""
+    rc, out, err = run(capsys, "--noise-multiplier", "1", "--steps", "1000000", "--delta", "1e-5",
+                       "--multiplicity", "1", "--json", "--out", str(tmp_path / "p.json"))
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["epsilon"]["certified_by"] == "pld" and doc["epsilon"]["certified"] > 3000
+    assert "prv-accountant returned no epsilon" in doc["epsilon"]["prv_failed"]
+    assert doc["epsilon"]["independent"]["upper"] is None and "only RDP (an upper bound) cross-checked" in err
+    assert accounting.load_plan(tmp_path / "p.json").epsilon == doc["epsilon"]["certified"]
+
+
+def test_empty_checkpoint_paths_are_one_line(capsys, tmp_path):
+    for command in (("export", "--out", str(tmp_path / "m.pt")), ("sample", "--n", "2", "--out", str(tmp_path / "s.npz"))):
+        rc, _, err = _cli(capsys, command[0], "--checkpoint", "", *command[1:])
+        assert rc == 2 and "--checkpoint='' is empty" in err, err
