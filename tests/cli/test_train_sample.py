@@ -588,13 +588,18 @@ def test_a_failing_grid_leaves_nothing_behind(runs, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_non_finite_weights_are_a_runtime_failure(runs, tmp_path, capsys):
-    """NaN EMA weights gave all-black samples and exit 0; now exit 4, naming the checkpoint, nothing written."""
+def _nan_checkpoint(runs, path):
+    """The run's checkpoint with NaN EMA weights, saved to `path`."""
     state = torch.load(runs / "run" / "checkpoint.pt", weights_only=True)
     for t in state["ema"].values():
         if t.is_floating_point():
             t.fill_(float("nan"))
-    torch.save(state, tmp_path / "nan.pt")
+    torch.save(state, path)
+
+
+def test_non_finite_weights_are_a_runtime_failure(runs, tmp_path, capsys):
+    """NaN EMA weights gave all-black samples and exit 0; now exit 4, naming the checkpoint, nothing written."""
+    _nan_checkpoint(runs, tmp_path / "nan.pt")
     code, out, err = run_cli(["sample", "--checkpoint", tmp_path / "nan.pt", "--n", 2, "--sampler-steps", 2,
                               "--device", "cpu", "--out", tmp_path / "s.npz", "--grid", tmp_path / "g.png"], capsys)
     assert code == 4, err
@@ -680,11 +685,7 @@ def test_settings_that_overflow_a_sound_network_are_blamed_not_its_weights(runs,
 
 def test_non_finite_weights_with_other_settings_are_still_a_runtime_failure(runs, tmp_path, capsys):
     """NaN weights fail with the default settings too: still the weights' fault, exit 4."""
-    state = torch.load(runs / "run" / "checkpoint.pt", weights_only=True)
-    for t in state["ema"].values():
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-    torch.save(state, tmp_path / "nan.pt")
+    _nan_checkpoint(runs, tmp_path / "nan.pt")
     code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "nan.pt", "--n", 2, "--sampler-steps", 2,
                             "--device", "cpu", "--out", tmp_path / "s.npz", "--rho", 3, "--guidance", 1], capsys)
     assert code == 4 and err.startswith("dpdm: runtime failure:") and len(err.strip().splitlines()) == 1, err
