@@ -227,8 +227,8 @@ def run_audit(
         run = Path(run_dir)
         try:
             run_config, ledger = _load_run(run)
-        except ValueError as e:   # CheckpointError too
-            raise ValueError(f"run={str(run_dir)!r}: {e}") from None
+        except ValueError as e:   # CheckpointError too; _load_run's own message names the run already
+            raise ValueError(str(e) if str(e).startswith("run=") else f"run={str(run_dir)!r}: {e}") from None
         claimed_path = Path(plan_path) if plan_path is not None else run / "plan.json"
         try:
             doc = accounting.load_plan(claimed_path)

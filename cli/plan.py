@@ -10,7 +10,7 @@ import os
 
 import click
 
-from cli._common import FiniteFloatRange, warn
+from cli._common import FiniteFloatRange, emit_json, warn
 from cli.errors import BadInput, runtime_failure
 
 from dpdm.dataset_sizes import DATASET_SIZES  # noqa: E402  (one table, torch-free)
@@ -40,9 +40,9 @@ PRESETS = {
 
 _POSITIVE = FiniteFloatRange(min=0, min_open=True)
 _UNIT_OPEN = FiniteFloatRange(min=0, max=1, min_open=True, max_open=True)
-# The limits the accounting package sets (delta >= 1e-10 and 1e-12 per step, MAX_STEPS 10**7, MAX_DATASET_SIZE 10**12)
+# The limits the accounting package sets (delta >= 1e-10 and 1e-13 per step, MAX_STEPS 10**7, MAX_DATASET_SIZE 10**12)
 # are checked in the command bodies: importing accounting here would slow `dpdm --help`.
-_DELTA_HELP = "(at least 1e-10, and 1e-12 per step: below it the accountants lose double precision)"
+_DELTA_HELP = "(at least 1e-10, and 1e-13 per step: below it the accountants lose double precision)"
 
 
 @click.command("plan")
@@ -278,7 +278,7 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     if os.path.basename(path) == "plan.json" and os.path.exists(os.path.join(run, "checkpoint.pt")):
         raise BadInput(f"--out {path} is the locked plan of the run in {run} and holds {what}; even --force "
                        "does not replace it: write the new plan elsewhere and train a new run")
-    if not isinstance(old, str):   # a checkpoint, a config.json, data: --force replaces plans only
+    if not isinstance(old, str) and info.st_size:   # a checkpoint, a config.json, data: --force replaces plans only
         raise BadInput(f"--out {path} already exists and holds {what}; it is kept, even with --force (which "
                        "replaces only another plan): choose another --out")
     if force:
@@ -335,7 +335,7 @@ def _table(doc) -> str:
     lines += ["", f"certified epsilon {epsilon_text(doc.epsilon, 6)} (by {doc.certified_by}; PLD pessimistic at "
                   f"interval {doc.pld_discretization:.2g}, PRV error {doc.prv_eps_error:.2g})"]
     if doc.prv_overruled:
-        lines.append("PRV overruled by dpdm's own PLD (see the warning; recorded in the plan)")
+        lines.append("PRV overruled: PLD certifies (see the warning; recorded in the plan)")
     if doc.prv_failed:
         lines.append("PRV failed; " + ("dpdm's own PLD cross-checked instead" if _bracketed(doc) else
                                        "only RDP cross-checked") + " (see the warning; recorded in the plan)")
@@ -456,7 +456,7 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
         doc = {r.method: r.to_dict() for r in reports}
         if prv_failed is not None:
             doc["prv_failed"] = prv_failed
-        click.echo(json.dumps(doc, indent=1))
+        emit_json(doc)   # strict JSON: an infinite bound as null
         return
     click.echo(_row("accountant", "lower", "estimate", "upper"))
     for r in reports:

@@ -48,13 +48,13 @@ def test_delta_floor_and_step_cap_say_why():
 
 def test_the_delta_floor_grows_with_the_steps():
     """dp-accounting's FFT round-off grows by about 1e-17 of mass per step: at delta 1e-10 and 100,000 steps it
-    was 1% of delta (stop 36's review), so a plan's delta must also be at least 1e-12 per step."""
-    assert accounting.min_delta(100) == accounting.MIN_DELTA and accounting.min_delta(10**5) == pytest.approx(1e-7)
-    with pytest.raises(ValueError, match=r"delta=1e-08 is below 1e-07 for 100000 steps \(at least 1e-12 per step\)"):
-        PrivacyPlan(**(BASE | {"delta": 1e-8, "steps": 10**5}))
-    assert PrivacyPlan(**(BASE | {"delta": 1e-7, "steps": 10**5})).delta == 1e-7
-    with pytest.raises(ValueError, match=r"delta=1e-06 is below 1e-05 for 10000000 steps"):
-        PrivacyPlan(**(BASE | {"delta": 1e-6, "steps": accounting.MAX_STEPS}))
+    was 1% of delta (stop 36's review), so a plan's delta must also be at least 1e-13 per step."""
+    assert accounting.min_delta(100) == accounting.MIN_DELTA and accounting.min_delta(10**5) == pytest.approx(1e-8)
+    with pytest.raises(ValueError, match=r"delta=1e-09 is below 1e-08 for 100000 steps \(at least 1e-13 per step\)"):
+        PrivacyPlan(**(BASE | {"delta": 1e-9, "steps": 10**5}))
+    assert PrivacyPlan(**(BASE | {"delta": 1e-8, "steps": 10**5})).delta == 1e-8
+    with pytest.raises(ValueError, match=r"delta=1e-07 is below 1e-06 for 10000000 steps"):
+        PrivacyPlan(**(BASE | {"delta": 1e-7, "steps": accounting.MAX_STEPS}))
 
 
 def test_plan_is_frozen_and_hashable():

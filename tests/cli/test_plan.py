@@ -139,8 +139,8 @@ BAD = [
     (["--noise-multiplier", "1", "--delta", "3e-15", "--dataset-size", "4000", "--batch-size", "256", "--steps", "100"],
      "--delta=3e-15 is below 1e-10, where the accountants lose double precision"),
     (["--eps", "10", "--delta", "1e-16"], "--delta=1e-16 is below 1e-10"),
-    (["--eps", "10", "--delta", "1e-9", "--dataset-size", "4000", "--batch-size", "40", "--epochs", "30"],
-     "--delta=1e-09 is below 3e-09 for 3000 steps (at least 1e-12 per step)"),
+    (["--eps", "10", "--delta", "2e-10", "--dataset-size", "4000", "--batch-size", "40", "--epochs", "30"],
+     "--delta=2e-10 is below 3e-10 for 3000 steps (at least 1e-13 per step)"),
     (["--eps", "10", "--delta", "1e-5", "--steps", "10000001"], "--steps=10000001 must be <= 10000000"),
     # The batch size the user never typed: say where it came from.
     (["--eps", "1", "--delta", "1e-5", "--dataset-size", "100"], "--batch-size=256 (default) must be <= the dataset"),
@@ -265,7 +265,7 @@ BAD_ACCOUNT = [
     (["-s", "1", "-p", "0.1", "-i", "10", "--delta", "1e-5", "--eps-error", "inf"], "--eps-error=inf"),
     (["-s", "1", "-p", "0.1", "-i", "10", "--delta", "1e-13"], "--delta=1e-13 is below 1e-10"),
     (["-s", "1", "-p", "0.01", "-i", "200000", "--delta", "1e-8"],
-     "--delta=1e-08 is below 2e-07 for 200000 steps (at least 1e-12 per step)"),
+     "--delta=1e-08 is below 2e-08 for 200000 steps (at least 1e-13 per step)"),
     (["-s", "1", "-p", "0.1", "-i", "10000001", "--delta", "1e-5"], "--steps=10000001 must be <= 10000000"),
     (["-s", "1", "-p", "2", "-i", "10", "--delta", "1e-5"], "--sample-rate"),
 ]
@@ -481,6 +481,10 @@ def test_plan_outputs_replace_only_what_dpdm_wrote(capsys, tmp_path):
     rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1", "--out", str(checkpoint), "--force")
     assert rc == 2 and "even with --force (which replaces only another plan)" in err
     assert checkpoint.read_bytes() == b"weights"
+    empty = tmp_path / "empty.json"   # `mktemp`: nothing to lose
+    empty.write_text("")
+    rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1", "--out", str(empty), "--force")
+    assert rc == 0 and accounting.load_plan(empty).plan.steps == 5, err
     os.mkfifo(tmp_path / "fifo")
     for out in (tmp_path / "fifo", "/dev/zero"):
         rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1", "--out", str(out))
@@ -512,6 +516,7 @@ def test_a_garbage_prv_answer_never_certifies(capsys, tmp_path):
 
 
 def test_empty_checkpoint_paths_are_one_line(capsys, tmp_path):
-    for command in (("export", "--out", str(tmp_path / "m.pt")), ("sample", "--n", "2", "--out", str(tmp_path / "s.npz"))):
+    for command in (("export", "--out", str(tmp_path / "m.pt")),
+                    ("sample", "--n", "2", "--out", str(tmp_path / "s.npz"))):
         rc, _, err = _cli(capsys, command[0], "--checkpoint", "", *command[1:])
         assert rc == 2 and "--checkpoint='' is empty" in err, err
