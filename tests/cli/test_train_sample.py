@@ -722,7 +722,8 @@ def test_train_option_walk_refusals_are_one_line(tiny, capsys):
              y=(np.arange(80) % 3).astype(np.int64), num_classes=3)
     cases = [
         (("--public-subspace", "50", "--subspace-data", f"npz:{d / 'public.npz'}", "--subspace-examples", "60",
-          "--subspace-every", "2", "--trainable", "net.conv_in.bias"), "subspace_dim=50 (--public-subspace) must be at most the"),
+          "--subspace-every", "2", "--trainable", "net.conv_in.bias"),
+         "subspace_dim=50 (--public-subspace) must be at most the"),
         (("--precond", "v", "--train-sigma", "1", "1e155"), "must lie in [1e-10, 1e+10]"),
         (("--public-subspace", "2", "--subspace-data", "npz:nope.npz", "--subspace-every", "2"),
          "--subspace-data='npz:nope.npz'"),
