@@ -48,6 +48,7 @@ __all__ = [
     "DELTA_PER_STEP",
     "MAX_ACCOUNTED_NOISE_MULTIPLIER",
     "MAX_NOISE_MULTIPLICITY",
+    "MAX_PLAN_BYTES",
     "MIN_DELTA",
     "AccountingError",
     "NotCalibratedError",
@@ -96,7 +97,7 @@ _FLOAT_RTOL = 1e-9
 MIN_DELTA = 1e-10
 DELTA_PER_STEP = 1e-13
 MAX_ACCOUNTED_NOISE_MULTIPLIER = 1e100
-_MAX_PLAN_BYTES = 16 << 20
+MAX_PLAN_BYTES = 16 << 20   # plans are a few kilobytes; a larger file is not one
 # K, the diffusion-noise draws per example: training holds K noised copies of every image of a batch (10**6
 # crashed `dpdm train`); the paper ablates K up to 32, where its metrics plateau.
 MAX_NOISE_MULTIPLICITY = 4096
@@ -576,9 +577,10 @@ def load_plan(path: str | os.PathLike) -> PlanDocument:
     path = os.fspath(path)
     try:
         info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_PLAN_BYTES:   # a FIFO blocked the read for good
-            raise PlanError(f"{path}: not a {FORMAT} plan (" + ("not a regular file" if not stat.S_ISREG(info.st_mode)
-                            else f"{info.st_size} bytes; a plan is a few kilobytes") + ")")
+        if not stat.S_ISREG(info.st_mode):   # a FIFO blocked the read for good
+            raise PlanError(f"{path}: not a {FORMAT} plan (not a regular file)")
+        if info.st_size > MAX_PLAN_BYTES:
+            raise PlanError(f"{path}: not a {FORMAT} plan ({info.st_size} bytes; a plan is a few kilobytes)")
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:

@@ -260,12 +260,14 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
         return
     import stat
 
+    import accounting
+
     info = os.lstat(path)
     if not stat.S_ISREG(info.st_mode):   # a FIFO would block the read, /dev/zero never end it
         raise BadInput(f"--out {path} exists and is not a regular file (a link, a device, a FIFO); it is kept: "
                        "choose another --out")
     old = None
-    if info.st_size <= 16 << 20:   # plans are a few kilobytes
+    if info.st_size <= accounting.MAX_PLAN_BYTES:
         try:
             with open(path, encoding="utf-8") as f:
                 old = json.load(f).get("digest")
@@ -385,20 +387,12 @@ def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
     ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    from dpdm.report_utils import GRID_MARK
+    from dpdm.report_utils import save_marked_figure
 
-    fmt = os.path.splitext(path)[1][1:].lower()
-    mark = ({"pil_kwargs": {"comment": GRID_MARK}} if fmt in ("jpg", "jpeg") else
-            {"metadata": {"Software" if fmt == "png" else "Creator": GRID_MARK}} if fmt in ("png", "pdf", "svg")
-            else {})   # other formats hold no mark: such a curve is not replaced later
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=100, format=fmt, **mark)
-        os.replace(tmp, path)
+    try:   # other formats than png, pdf, svg and jpg hold no mark: such a curve is not replaced later
+        save_marked_figure(fig, path, dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # dpdm account --eps-error: its default, and the least dpdm plan asks PRV for (accounting.plan.PRV_MIN_EPS_ERROR,

@@ -62,8 +62,15 @@ __all__ = [
     "private_grad",
     "validate_model",
     "public_subspace",
+    "SubspaceSpanError",
     "add_noise_in_subspace",
 ]
+
+
+
+class SubspaceSpanError(ValueError):
+    """The public gradients span fewer directions than the subspace asked for (the caller's settings)."""
+
 
 _aten = torch.ops.aten
 _CLIP_EPS = 1e-6   # opacus: min(1, C / (norm + 1e-6))
@@ -764,7 +771,7 @@ def public_subspace(
     evals, U = torch.linalg.eigh(Gd @ Gd.T)                      # the n x n Gram matrix; ascending
     top = torch.argsort(evals, descending=True)[:dim]
     if not bool((evals[top] > 0).all()):
-        raise ValueError(f"the public gradients span fewer than {dim} directions; lower the dimension")
+        raise SubspaceSpanError(f"the public gradients span fewer than {dim} directions; lower the dimension")
     V = (Gd.T @ U[:, top]) / evals[top].sqrt()                   # [d, dim], orthonormal up to rounding
     del Gd
     V, _ = torch.linalg.qr(V)

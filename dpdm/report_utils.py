@@ -143,19 +143,30 @@ def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: s
         for j, img in enumerate(r):
             canvas[i * (h + 2) : i * (h + 2) + h, j * (w + 2) : j * (w + 2) + w] = img.transpose(1, 2, 0)
     fig, ax = plt.subplots(figsize=(per_row * 0.6 + 0.5, len(rows) * 0.6 + 0.8))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         ax.imshow(canvas.squeeze(-1) if c == 1 else canvas, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
         ax.axis("off")
         if title:
             ax.set_title(title, fontsize=9)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fmt = path.suffix.lower().lstrip(".")
-        mark = ({"pil_kwargs": {"comment": GRID_MARK}} if fmt in ("jpg", "jpeg")
-                else {"metadata": {"Software" if fmt == "png" else "Creator": GRID_MARK}})
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format=fmt, **mark)
-        os.replace(tmp, path)
+        save_marked_figure(fig, path, dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
+
+
+def save_marked_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """`fig.savefig` into `path` atomically (a temporary file in the same folder, renamed; none left behind on
+    failure), carrying `GRID_MARK` where the format holds one (png, pdf, svg, jpg): the mark by which
+    `dpdm sample --grid` and `dpdm plan --curve` replace only a file they wrote."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    mark = ({"pil_kwargs": {"comment": GRID_MARK}} if fmt in ("jpg", "jpeg") else
+            {"metadata": {"Software" if fmt == "png" else "Creator": GRID_MARK}} if fmt in ("png", "pdf", "svg")
+            else {})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format=fmt, **mark, **savefig_kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -33,8 +33,8 @@ from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
 from dpdm.datasets import image_digests, shared_images
 from dpdm.data import PoissonSampler
-from dpdm.engine import (add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator, public_subspace,
-                          validate_model)
+from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
+                          public_subspace, validate_model)
 from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
 from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
@@ -997,9 +997,7 @@ def _public_basis(D, loss_obj, loss_fn, public_data, config: TrainConfig, condit
     try:
         return public_subspace(D, loss_fn, *batch, dim=config.subspace_dim, clip_norm=clip_norm,
                                chunk_size=config.physical_batch, per_layer_rules=config.per_layer_rules)
-    except ValueError as e:   # the public data cannot give that many directions: the user's settings
-        if "span fewer than" not in str(e):
-            raise
+    except SubspaceSpanError as e:   # the public data cannot give that many directions: the user's settings
         raise TrainError(f"subspace_dim={config.subspace_dim} (--public-subspace): {e}") from None
 
 
