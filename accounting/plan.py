@@ -652,10 +652,10 @@ def _parse_plan(text: str, path: str) -> PlanDocument:
         independent = EpsilonReport(lower, None, upper, "fft")
     elif independent is not None:
         raise PlanError(f"{path}: epsilon.independent={reprlib.repr(independent)} must be an object or null")
-    _check_certificate(plan, stored, certified_by, prv_eps_error, path)   # prv_eps_error: None or checked above
+    bracket = _check_certificate(plan, stored, certified_by, prv_eps_error, path)   # prv_eps_error: checked above
     overruled = eps.get("prv_overruled")
     failed = eps.get("prv_failed")
-    return PlanDocument(
+    doc = PlanDocument(
         plan=plan, epsilon=float(stored), certified_by=certified_by, rdp=rdp, pld=pld, prv=prv,
         pld_discretization=_discretization(plan),
         prv_eps_error=float("nan") if prv_eps_error is None else float(prv_eps_error),
@@ -664,17 +664,66 @@ def _parse_plan(text: str, path: str) -> PlanDocument:
         prv_overruled=overruled if isinstance(overruled, str) else None,
         prv_failed=failed if isinstance(failed, str) else None,
     )
+    _check_reports(doc, path, bracket)
+    return doc
 
 
 def verify_document(doc: PlanDocument) -> None:
-    """Raises PlanError unless `doc.epsilon` is a certificate the accountants re-compute, as
-    `load_plan` checks a file (for documents built in Python rather than read from plan.json)."""
-    _check_certificate(doc.plan, doc.epsilon, doc.certified_by,
-                       doc.prv_eps_error if math.isfinite(doc.prv_eps_error) else None, "plan document")
+    """Raises PlanError unless `doc.epsilon` is a certificate the accountants re-compute, and its other
+    figures re-compute too, as `load_plan` checks a file (for documents built in Python rather than read
+    from plan.json)."""
+    bracket = _check_certificate(doc.plan, doc.epsilon, doc.certified_by,
+                                 doc.prv_eps_error if math.isfinite(doc.prv_eps_error) else None, "plan document")
+    _check_reports(doc, "plan document", bracket)
+
+
+def _check_reports(doc: PlanDocument, where: str, bracket: EpsilonReport | None = None) -> None:
+    """Raises PlanError unless the epsilon block's other figures (rdp, pld, prv, and dpdm's own PLD where
+    present) re-compute within RECOMPUTE_RTOL. They are outside the digest, certify nothing, and travel
+    with the plan into a run's plan.json: an edited RDP or PRV figure would be copied there as if an
+    accountant had given it. PRV's figures are all null where prv-accountant failed, and must fail again.
+    `bracket`: dpdm's own PLD bracket, where `_check_certificate` has computed it."""
+    plan = doc.plan
+
+    def check(name: str, stored: float | None, recomputed: float | None) -> None:
+        if recomputed is None or not math.isfinite(recomputed):
+            same = stored is None or stored == recomputed   # an infinite bound is null in a file
+        else:
+            same = (stored is not None and math.isfinite(stored)
+                    and abs(stored - recomputed) <= RECOMPUTE_RTOL * abs(recomputed) + 1e-12)
+        if not same:
+            raise PlanError(f"{where}: epsilon.{name}={stored!r} does not re-compute (got {recomputed!r}); the "
+                            "epsilon block was edited or the accountants changed; make a new plan")
+
+    check("rdp", doc.rdp.upper, RdpAccountant().epsilon(plan.to_event(), plan.delta).upper)
+    check("pld", doc.pld.upper, epsilon_spent(plan, plan.steps))
+    prv = (doc.prv.lower, doc.prv.estimate, doc.prv.upper)
+    eps_error = doc.prv_eps_error
+    if not math.isfinite(eps_error):   # a file without one: the error make_plan_document takes
+        eps_error = prv_eps_error_range(epsilon_spent(plan, plan.steps))[0]
+    try:
+        figures = PrvAccountant(eps_error=eps_error).epsilon(plan.to_event(), plan.delta)
+    except PRV_ERRORS as e:
+        if any(x is not None for x in prv):
+            raise PlanError(f"{where}: epsilon.prv has figures, but prv-accountant gives none for this plan "
+                            f"({type(e).__name__}: {e}); the epsilon block was edited; make a new plan") from e
+        figures = None   # PRV failed when the plan was made, and fails again
+    if figures is not None and all(x is None for x in prv):
+        raise PlanError(f"{where}: epsilon.prv is empty, but prv-accountant gives figures for this plan "
+                        f"(upper {figures.upper:.6g}); the epsilon block was edited; make a new plan")
+    if figures is not None:
+        for part, stored in zip(("lower", "estimate", "upper"), prv):
+            check(f"prv.{part}", stored, getattr(figures, part))
+    if doc.independent is not None:
+        own = bracket or FftPldAccountant().epsilon(plan.to_event(), plan.delta)
+        check("independent.lower", doc.independent.lower, own.lower)
+        check("independent.upper", doc.independent.upper, own.upper)
 
 
 def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_eps_error: float | None,
-                       where: str) -> None:
+                       where: str) -> EpsilonReport | None:
+    """Raises PlanError unless `stored` re-computes as the plan's certificate; returns dpdm's own PLD bracket
+    where it took one (a PRV certificate), else None."""
     if certified_by not in ("pld", "prv"):
         raise PlanError(f"{where}: certified_by={certified_by!r} must be 'pld' or 'prv'")
     # The certificate's PLD grid is set by target_epsilon (finer for a smaller target), which can be forged
@@ -713,6 +762,8 @@ def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_
         if stored < floor * (1 - _FLOAT_RTOL):
             raise PlanError(f"{where}: epsilon.certified={stored!r} by PRV is below dpdm's own PLD lower bound "
                             f"{floor:.6g}; make a new plan")
+        return bracket
+    return None
 
 
 @functools.lru_cache(maxsize=64)

@@ -116,6 +116,26 @@ def test_tampered_plan_is_refused(doc, tmp_path, edit, match):
         accounting.load_plan(_tampered(doc, tmp_path, edit))
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d["epsilon"].update(rdp=d["epsilon"]["rdp"] * 0.8), "epsilon.rdp=.* does not re-compute"),
+    (lambda d: d["epsilon"].update(rdp=None), "epsilon.rdp=None does not re-compute"),
+    (lambda d: d["epsilon"].update(pld=d["epsilon"]["pld"] * 0.99), "epsilon.pld=.* does not re-compute"),
+    (lambda d: d["epsilon"]["prv"].update(upper=d["epsilon"]["certified"]), "epsilon.prv.upper=.* does not re-compute"),
+    (lambda d: d["epsilon"]["prv"].update(lower=0.0), "epsilon.prv.lower=0.0 does not re-compute"),
+    (lambda d: d["epsilon"].update(prv={"lower": None, "estimate": None, "upper": None}),
+     "epsilon.prv is empty, but prv-accountant gives figures"),
+    (lambda d: d["epsilon"].update(independent={"lower": 1.0, "upper": 9.0, "method": "fft"}),
+     "epsilon.independent.lower=1.0 does not re-compute"),
+])
+def test_an_edited_informational_figure_is_refused(doc, tmp_path, edit, match):
+    """The epsilon block's other figures are outside the digest and certify nothing, but travel with the
+    plan into a run's plan.json: an edited one was copied there as if an accountant had given it."""
+    with pytest.raises(PlanError, match=match):
+        accounting.load_plan(_tampered(doc, tmp_path, edit))
+    loaded = accounting.load_plan(_tampered(doc, tmp_path, lambda d: None))
+    assert (loaded.rdp, loaded.pld, loaded.prv) == (doc.rdp, doc.pld, doc.prv)
+
+
 HUGE = 10**400  # a 401-digit integer: valid JSON, too large for a float
 
 
@@ -348,6 +368,13 @@ def test_a_plan_prv_cannot_compute_is_cross_checked_by_dpdms_own_pld(tmp_path):
     assert loaded.epsilon == doc.epsilon and loaded.digest == doc.digest
     eps = json.loads(path.read_text())["epsilon"]
     assert eps["prv"] == {"lower": None, "estimate": None, "upper": None} and eps["certified_by"] == "pld"
+    # Figures of its own are checked too: PRV still fails, so none may stand in the file.
+    for edit, match in [(lambda d: d["epsilon"].update(prv={"lower": 9.0, "estimate": 9.5, "upper": 9.9}),
+                         "epsilon.prv has figures, but prv-accountant gives none"),
+                        (lambda d: d["epsilon"]["independent"].update(upper=doc.independent.upper * 2),
+                         "epsilon.independent.upper=.* does not re-compute")]:
+        with pytest.raises(PlanError, match=match):
+            accounting.load_plan(_tampered(doc, tmp_path, edit))
 
 
 def test_without_prv_a_certificate_below_dpdms_lower_bound_is_an_error(monkeypatch):
