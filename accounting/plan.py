@@ -708,6 +708,10 @@ def _check_reports(doc: PlanDocument, where: str, bracket: EpsilonReport | None 
             raise PlanError(f"{where}: epsilon.prv has figures, but prv-accountant gives none for this plan "
                             f"({type(e).__name__}: {e}); the epsilon block was edited; make a new plan") from e
         figures = None   # PRV failed when the plan was made, and fails again
+    if (figures is None) != (doc.prv_failed is not None):
+        raise PlanError(f"{where}: epsilon.prv_failed={reprlib.repr(doc.prv_failed)}, but prv-accountant "
+                        + ("fails" if figures is None else "gives figures") + " for this plan; the epsilon block "
+                        "was edited; make a new plan")
     if figures is not None and all(x is None for x in prv):
         raise PlanError(f"{where}: epsilon.prv is empty, but prv-accountant gives figures for this plan "
                         f"(upper {figures.upper:.6g}); the epsilon block was edited; make a new plan")

@@ -124,6 +124,7 @@ def test_tampered_plan_is_refused(doc, tmp_path, edit, match):
     (lambda d: d["epsilon"]["prv"].update(lower=0.0), "epsilon.prv.lower=0.0 does not re-compute"),
     (lambda d: d["epsilon"].update(prv={"lower": None, "estimate": None, "upper": None}),
      "epsilon.prv is empty, but prv-accountant gives figures"),
+    (lambda d: d["epsilon"].update(prv_failed="RuntimeError: x"), "epsilon.prv_failed='RuntimeError: x', but prv-ac"),
     (lambda d: d["epsilon"].update(independent={"lower": 1.0, "upper": 9.0, "method": "fft"}),
      "epsilon.independent.lower=1.0 does not re-compute"),
 ])
@@ -371,6 +372,7 @@ def test_a_plan_prv_cannot_compute_is_cross_checked_by_dpdms_own_pld(tmp_path):
     # Figures of its own are checked too: PRV still fails, so none may stand in the file.
     for edit, match in [(lambda d: d["epsilon"].update(prv={"lower": 9.0, "estimate": 9.5, "upper": 9.9}),
                          "epsilon.prv has figures, but prv-accountant gives none"),
+                        (lambda d: d["epsilon"].pop("prv_failed"), "epsilon.prv_failed=None, but prv-accountant fails"),
                         (lambda d: d["epsilon"]["independent"].update(upper=doc.independent.upper * 2),
                          "epsilon.independent.upper=.* does not re-compute")]:
         with pytest.raises(PlanError, match=match):
