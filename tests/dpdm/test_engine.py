@@ -266,9 +266,26 @@ def test_clipped_norms_at_most_clip_norm():
     for i in range(4):
         one = [t[i:i + 1] for t in batch]
         g = clipped_grad_sum(model, big, *one, clip_norm=C)
-        norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
-        assert norm <= C * (1 + 1e-6), f"example {i}: clipped norm {float(norm)} > {C}"
+        norm = torch.sqrt(sum(v.double().pow(2).sum() for v in g.values()))
+        assert norm <= C, f"example {i}: clipped norm {float(norm)} > {C}"
         assert norm >= C * (1 - 1e-4)   # and clipping does not shrink more than it must
+
+
+@pytest.mark.parametrize("C", [1.0, 0.01, 100 / 3])
+def test_a_float32_clipped_gradient_never_exceeds_clip_norm(C):
+    """The norm is summed in float64 and the factor keeps a margin of a few ulps: with float32 norms and no
+    margin, the rounded product g * factor came out up to 1.4e-7 (relative) above C for these gradients, and
+    a baseline CNN's example at 1.0000012 C (its float32 norm 1.3e-6 low)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 100
+    grads = {"a": torch.randn(n, 1000, generator=gen) * 1e5, "b": torch.rand(n, 300, 300, generator=gen) * 3e3,
+             "c": torch.randn(n, 7, generator=gen)}
+    worst = 0.0
+    for i in range(n):
+        total = {k: torch.zeros_like(v[0]) for k, v in grads.items()}
+        engine._clip_and_sum({k: v[i:i + 1] for k, v in grads.items()}, C, total)
+        worst = max(worst, float(sum(t.double().pow(2).sum() for t in total.values()).sqrt()) / C)
+    assert 1 - 1e-5 < worst <= 1.0
 
 
 def _sum_diff_norm(a, b):
