@@ -103,6 +103,14 @@ def warn_known_seed(seed: int) -> None:
          "the guarantee; use it for tests and reproduction only, and keep it secret otherwise")
 
 
+def warn_inferred_classes(name: str, data) -> None:
+    """Private data whose class count was read off its own labels: the trained model reveals it (whether the
+    largest label occurs at all, one record can decide)."""
+    if data.num_classes_inferred:
+        warn(f"--dataset={name!r}: the number of classes ({data.num_classes}) was read from the private labels "
+             "(their largest + 1) and the model reveals it; store num_classes in the npz to fix it publicly")
+
+
 def warn_if_slow_bf16(precision: str, device: str) -> None:
     """bf16 autocast on a CPU without bf16 units is slower than fp32: say so rather than let it run slow."""
     if precision != "bf16" or not str(device).startswith("cpu"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from cli._common import (FiniteFloatRange, emit_json, load_locked_plan, load_public_data, load_training_data,
-                         plan_dataset_name, resolve_device, warn, warn_known_seed)
+                         plan_dataset_name, resolve_device, warn, warn_inferred_classes, warn_known_seed)
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
@@ -91,6 +91,7 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
     if seed is not None:
         warn_known_seed(seed)
+    warn_inferred_classes(name, train)
     try:
         result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                      device=resolve_device(device), chunk_size=physical_batch,

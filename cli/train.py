@@ -6,7 +6,8 @@ import os
 import click
 
 from cli._common import (FiniteFloatRange, emit_json, info, load_locked_plan, load_public_data, load_training_data,
-                         plan_dataset_name, resolve_device, warn, warn_if_slow_bf16, warn_known_seed)
+                         plan_dataset_name, resolve_device, warn, warn_if_slow_bf16, warn_inferred_classes,
+                         warn_known_seed)
 from cli.errors import BadInput, runtime_failure
 from dpdm.report_utils import epsilon_text
 
@@ -181,9 +182,8 @@ def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool
         warn_known_seed(seed)
     for note in notes:
         warn(note)
-    if data.num_classes_inferred and not no_dp:
-        warn(f"--dataset={name!r}: the number of classes ({data.num_classes}) was read from the private labels "
-             "(their largest + 1) and the model reveals it; store num_classes in the npz to fix it publicly")
+    if not no_dp:
+        warn_inferred_classes(name, data)
     if dataset and doc.plan.dataset_name and dataset != doc.plan.dataset_name:
         # The guarantee holds for any data of the plan's size, but the plan (public, in every release file)
         # names the other dataset.

@@ -208,6 +208,15 @@ def test_baseline_runs_exactly_plan_steps(digit_files, tmp_path, capsys):
     # clipped fractions), and the seed that drives the batches and the noise is secret.
     assert not {"clipped_fraction", "mean_batch_size"} & set(r) and r["seed"] == "secret"
     assert r["seed_given"] is False
+    # The class count came from the private labels (the npz states none): the CNN reveals it, as `dpdm train`
+    # warns (one record can decide whether the largest label occurs).
+    assert "the number of classes (10) was read from the private labels" in err
+    with np.load(digit_files["train"]) as z:
+        np.savez(tmp_path / "stated.npz", x=z["x"], y=z["y"], num_classes=np.array(10))
+    code, out, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--quiet", "--dataset",
+                          f"npz:{tmp_path / 'stated.npz'}", "--test-dataset", f"npz:{digit_files['test']}",
+                          "--device", "cpu")
+    assert code == 0 and "read from the private labels" not in err, err
     # A run with --seed is marked on its result line and in its JSON, as `dpdm train` marks its own.
     code, out, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--quiet",
                           "--test-dataset", f"npz:{digit_files['test']}", "--device", "cpu", "--seed", "3")
