@@ -634,13 +634,21 @@ def check_run(run_dir, plan_doc, *, alpha: float = 1e-3) -> list[CheckResult]:
 
     def logged_check():
         path = run / "metrics.csv"
+        if path.exists() and not path.is_file():   # a FIFO blocked the audit for good
+            raise ValueError(f"{path} is not a regular file")
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
         if not rows:
             raise ValueError(f"{path} has no rows")
         private = all(str(r.get("private", "")).strip() == "1" for r in rows)
-        sizes = np.array([int(float(r["batch_size"])) for r in rows])
         n, q = claim.dataset_size, claim.sample_rate
+        logged = [float(r["batch_size"]) for r in rows]
+        impossible = [v for v in logged if not (0 <= v <= n and v == int(v))]
+        if impossible:   # a Poisson batch of N examples holds 0..N of them, whatever the number of rows
+            return CheckResult("run_logged_batches", False, float("nan"), None,
+                               f"{len(impossible)} of {len(logged)} logged batch sizes are impossible for "
+                               f"{n} examples (e.g. {impossible[0]:g}): metrics.csv is not this run's record")
+        sizes = np.array([int(v) for v in logged])
         if sizes.size >= 10:
             chi, pv, dof = _binomial_gof(sizes, n, q)
             if dof == 0:  # too few rows for >= 5 per bin: a dispersion test instead

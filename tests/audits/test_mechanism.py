@@ -274,3 +274,8 @@ def test_run_logged_batches_passes_a_real_run_and_fails_other_batch_sizes(tmp_pa
     assert not logged(doubled).passed
     assert not logged([{**rows[0], "private": "0"}, *rows[1:]]).passed
     assert logged(rows).passed
+    # A few rows are too few to test, but never hold a batch no Poisson draw of 24 examples gives.
+    for size in ("-5", "1e23", "25", "2.5"):
+        check = logged([{**r, "batch_size": size if i == 0 else r["batch_size"]} for i, r in enumerate(rows[:3])])
+        assert not check.passed and "impossible" in check.detail, (size, check.detail)
+    assert logged(rows[:3]).passed
