@@ -9,6 +9,7 @@ other exception: its traceback, then one `dpdm: runtime failure: ...` line); 130
 """
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -95,13 +96,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
+    except (OSError, MemoryError) as e:
+        # The machine, not dpdm: a full disk or quota, or memory. One line (no traceback); the atomic writes
+        # have left every file written before as it was.
+        if isinstance(e, MemoryError) or e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "out of memory" if isinstance(e, MemoryError) else "no space left on the device"
+            detail = str(e) or type(e).__name__
+            click.echo(f"{prog}: runtime failure: {what} ({_one_line(detail)}); files written before are kept",
+                       err=True)
+            return EXIT_RUNTIME
+        return _internal_error(prog, e)
     except Exception as e:  # a bug or an environment failure: never exit 1, which means "audit FAIL"
-        import traceback
-
-        traceback.print_exc(file=sys.stderr)  # for a bug report
-        click.echo(f"{prog}: runtime failure: {_one_line(f'{type(e).__name__}: {e}')}", err=True)
-        return EXIT_RUNTIME
+        return _internal_error(prog, e)
     return int(rv or 0)
+
+
+def _internal_error(prog: str, e: BaseException) -> int:
+    import traceback
+
+    traceback.print_exception(e, file=sys.stderr)  # for a bug report
+    click.echo(f"{prog}: runtime failure: {_one_line(f'{type(e).__name__}: {e}')}", err=True)
+    return EXIT_RUNTIME
 
 
 def _one_line(message: str) -> str:

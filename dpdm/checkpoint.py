@@ -7,9 +7,11 @@ epsilon spent so far).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -64,7 +66,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:   # torch's writer: "unexpected pos 2043776 vs 2043668" on a full disk
+                free = shutil.disk_usage(path.parent).free
+                raise OSError(errno.ENOSPC if free < (1 << 20) else errno.EIO,
+                              f"cannot write {str(path)!r}: " + ("no space left on device" if free < (1 << 20)
+                                                               else str(e).strip().splitlines()[0])) from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -114,12 +122,9 @@ def load_model_or_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def verify_release_ledger(state: dict[str, Any], what: str) -> None:
     """Raises CheckpointError unless the release file's plan is a locked plan (digest, certificate)
-    and its ledger is that plan's: same digest, steps and delta, steps done within the plan, and
-    (private runs) epsilon spent equal to the accountant's at the steps done. An edited ledger, or
-    a plan swapped in, is refused; a file rewritten consistently from scratch cannot be detected,
-    so publish the file's sha256 (`dpdm export` prints it)."""
-    import math
-
+    and its ledger is that plan's (`verify_ledger`). An edited ledger, or a plan swapped in, is refused;
+    a file rewritten consistently from scratch cannot be detected, so publish the file's sha256 (`dpdm
+    export` prints it)."""
     import accounting
 
     text = state.get("plan")
@@ -129,6 +134,17 @@ def verify_release_ledger(state: dict[str, Any], what: str) -> None:
         doc = accounting.parse_plan(text, f"{what}: its plan")
     except accounting.PlanError as e:
         raise CheckpointError(str(e)) from None
+    verify_ledger(state, doc, what)
+
+
+def verify_ledger(state: dict[str, Any], doc, what: str) -> None:
+    """Raises CheckpointError unless the ledger of `state` (a checkpoint or a release file, already through
+    `_check_parts`) is that of the plan document `doc`: same digest, steps and delta, steps done within the
+    plan, and (private runs) epsilon spent equal to the accountant's at the steps done."""
+    import math
+
+    import accounting
+
     ledger, plan = state["ledger"], doc.plan
     steps = ledger["steps_done"]
     if (ledger["plan_digest"] != doc.digest or ledger["plan_steps"] != plan.steps or ledger["delta"] != plan.delta
@@ -159,6 +175,8 @@ def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {str(path)!r} refused: it cannot be loaded with weights_only=True "
             f"(it is corrupt or would run code when loaded): {unpickling_reason(e)}"
         ) from None
+    except PermissionError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({e.strerror or e})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, TypeError, IndexError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated: {load_error_reason(e)}") from None
@@ -169,7 +187,8 @@ def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
 
 # torch's weights_only refusal wraps its reason in advice this tool must not pass on (re-run with
 # weights_only=False) and in a request to file a torch issue; only the reason is kept.
-_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation of torch.load", "Please file an issue")
+_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation of torch.load", "Please file an issue",
+                      "(1) ", "(2) ")
 
 
 def load_error_reason(e: Exception) -> str:
@@ -183,10 +202,13 @@ def load_error_reason(e: Exception) -> str:
 def unpickling_reason(e: Exception) -> str:
     """The line of a torch.load(weights_only=True) error that says what was refused, e.g. "Trying to load
     unsupported GLOBAL posix.system whose module posix is blocked." or "Unsupported operand 103"."""
-    for line in str(e).splitlines():
-        line = line.strip()
-        if "WeightsUnpickler error:" in line:
-            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+    lines = [line.strip() for line in str(e).splitlines()]
+    tag = "WeightsUnpickler error:"
+    marked = [line.split(tag, 1)[1].strip() for line in lines if tag in line]
+    for line in marked or lines:
+        # "... was not an allowed global by default. Please use `torch.serialization.add_safe_globals(...)` ...":
+        # how to allowlist it is advice this tool must not pass on either.
+        line = line.split(" Please use ", 1)[0].strip()
         if line and not line.startswith(_TORCH_BOILERPLATE):
             return line
     return type(e).__name__
@@ -241,7 +263,80 @@ def _check_parts(state: dict[str, Any], keys: tuple[str, ...], what: str) -> dic
         bad = _bad_field(mapping, types)
         if bad is not None:
             raise CheckpointError(f"{what} is corrupt: its {part} has {bad}")
+    training = state.get("format") == FORMAT
+    problem = _config_problem(config, training) or _ledger_problem(ledger, config)
+    if problem is None and training:
+        problem = _training_state_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"{what} is corrupt or was edited: {problem}")
     return state
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _config_problem(config: dict[str, Any], training: bool) -> str | None:
+    """What is wrong with the config parts that commands read past the network's description, or None."""
+    train = config.get("train")
+    if train is None and not training:
+        pass
+    elif not isinstance(train, dict):
+        return f"its config's train is {type(train).__name__}, not a mapping"
+    else:
+        if training and not (isinstance(train.get("seed"), int) and not isinstance(train.get("seed"), bool)):
+            return f"its config's train.seed is {train.get('seed')!r}, not an integer"
+        sigma = train.get("train_sigma")
+        if sigma is not None and not (isinstance(sigma, (list, tuple)) and len(sigma) == 2
+                                      and all(_is_number(v) for v in sigma)):
+            return f"its config's train.train_sigma is {sigma!r}, not (min, max)"
+    init = config.get("init")
+    if init is not None and not isinstance(init, dict):
+        return f"its config's init is {type(init).__name__}, not a mapping"
+    if "private" in config and not isinstance(config["private"], bool):
+        return f"its config's private is {config['private']!r}"
+    return None
+
+
+def _ledger_problem(ledger: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """A ledger at odds with itself or with the config (a flipped private flag turned a --no-dp run's outputs
+    into "DP" ones), or None."""
+    private, eps = ledger["private"], float(ledger["epsilon_spent"])
+    if "private" in config and config["private"] != private:
+        return f"its ledger says private={private}, its config private={config['private']}"
+    if private and not (eps >= 0 and eps != float("inf")):
+        return f"its ledger is private with epsilon {eps!r}"
+    if not private and eps != float("inf"):
+        return f"its ledger is not private (--no-dp) but records epsilon {eps!r}"
+    if ledger["steps_done"] > ledger["plan_steps"]:
+        return f"its ledger has {ledger['steps_done']} of {ledger['plan_steps']} steps done"
+    return None
+
+
+def _training_state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with a training checkpoint's optimizer and RNG state, or None. A private run steps Adam
+    once per step for every trained parameter, so each parameter's step count is the ledger's steps done (one
+    edited field, or a flipped bit, had a finished run resume and train past its plan); a --no-dp run skips
+    empty batches, so its counts are at most that."""
+    rng = state["rng"]
+    if not (isinstance(rng, dict) and torch.is_tensor(rng.get("torch")) and rng["torch"].dtype == torch.uint8
+            and rng["torch"].shape == torch.get_rng_state().shape):
+        return "its RNG state is not a torch generator state"
+    opt = state["optimizer"]
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        return "its optimizer state is not an optimizer's state_dict"
+    ledger = state["ledger"]
+    done, private = ledger["steps_done"], ledger["private"]
+    if private and done > 0 and not opt["state"]:
+        return f"its optimizer has taken no step, its ledger {done}"
+    for per_param in opt["state"].values():
+        step = per_param.get("step") if isinstance(per_param, dict) else None
+        if step is None or not (torch.is_tensor(step) or _is_number(step)):
+            return "its optimizer state has a parameter without a step count"
+        step = float(step)
+        if step != done if private else not 0 <= step <= done:
+            return f"its optimizer has taken {step:g} steps, its ledger says {done} were done"
+    return None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

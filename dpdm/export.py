@@ -25,9 +25,16 @@ class ExportError(ValueError):
     """A checkpoint that cannot be exported, or an output path that would overwrite it."""
 
 
-def release_config(config: dict[str, Any]) -> dict[str, Any]:
-    """What a release file keeps of a run's config: no seed, no data digest, no local paths but the dataset name."""
+def release_config(config: dict[str, Any], plan_dataset: str | None = None) -> dict[str, Any]:
+    """What a release file keeps of a run's config: no seed, no data digest, no local paths. The dataset is
+    named as the plan (public, in the file) names it, or by a built-in name; a path the plan does not name
+    (`dpdm plan --dataset-size` alone, then `dpdm train --dataset npz:/home/.../patients.npz`) is left out."""
+    from dpdm.datasets import is_path_dataset
+
     out = {k: config[k] for k in RELEASED_CONFIG_KEYS if k in config}
+    name = out.get("dataset")
+    if isinstance(name, str) and is_path_dataset(name) and name != plan_dataset:
+        out["dataset"] = plan_dataset
     # The noise levels the network was trained on (`dpdm train --train-sigma`): the sampler stays inside them.
     # seed_given: the user chose the training seed (`dpdm train --seed`), not its value (ckpt.SEED_GIVEN_NOTE).
     out["train"] = {"train_sigma": (config.get("train") or {}).get("train_sigma"),
@@ -37,9 +44,9 @@ def release_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _plan_text(checkpoint: Path, ledger: dict[str, Any]) -> str:
+def _plan_text(checkpoint: Path, ledger: dict[str, Any]) -> tuple[str, str | None]:
     """The text of the run's plan.json (beside the checkpoint, as `dpdm train` writes it), if it is the
-    locked plan the ledger names."""
+    locked plan the ledger names, and the dataset that plan names."""
     import accounting
 
     path = checkpoint.parent / "plan.json"
@@ -53,7 +60,7 @@ def _plan_text(checkpoint: Path, ledger: dict[str, Any]) -> str:
     if doc.digest != ledger["plan_digest"]:
         raise ExportError(f"{str(path)!r} is plan {doc.digest[:19]}..., but the checkpoint was trained under "
                           f"{str(ledger['plan_digest'])[:19]}...")
-    return path.read_text(encoding="utf-8")
+    return path.read_text(encoding="utf-8"), doc.plan.dataset_name
 
 
 def release_plan_digest(path: str | os.PathLike) -> str | None:
@@ -119,8 +126,16 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     except SampleError as e:
         raise ExportError(str(e)) from None
     ledger = {k: state["ledger"][k] for k in ckpt.LEDGER_KEYS}
+    plan_text, plan_dataset = _plan_text(src, ledger)
     release = {"format": ckpt.MODEL_FORMAT, "weights": weights, "state_dict": chosen,
-               "config": release_config(state["config"]), "ledger": ledger, "plan": _plan_text(src, ledger)}
+               "config": release_config(state["config"], plan_dataset), "ledger": ledger, "plan": plan_text}
+    try:   # the weights must fit the network the file describes, as `dpdm sample` will check
+        from dpdm.train import build_denoiser
+
+        build_denoiser(release["config"]).load_state_dict(chosen)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise ExportError(f"checkpoint {str(src)!r} is corrupt: its {weights} weights do not fit its own config "
+                          f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     try:
         ckpt.verify_release_ledger(release, f"the release file of {str(src)!r}")   # what `dpdm sample` checks
     except ckpt.CheckpointError as e:

@@ -48,6 +48,29 @@ def _weights_of(state: dict, weights: str, path) -> dict:
     return kept[key]
 
 
+def _verify_run_ledger(path: Path, state: dict) -> bool:
+    """A training checkpoint's ledger re-accounted against its run's plan.json, as a release file's is against
+    the plan it carries (an edited epsilon reached the samples and `dpdm eval`'s line). Returns False, having
+    checked nothing more than `checkpoint._check_parts` does, for a checkpoint away from its run's plan.json."""
+    import accounting
+
+    plan_path = path.parent / "plan.json"
+    if not plan_path.exists():
+        return False
+    try:
+        doc = accounting.load_plan(plan_path)
+    except accounting.PlanError as e:
+        raise SampleError(str(e)) from None
+    if doc.digest != state["ledger"]["plan_digest"]:
+        raise SampleError(f"{str(plan_path)!r} is plan {doc.digest[:19]}..., but checkpoint {str(path)!r} was "
+                          f"trained under {str(state['ledger']['plan_digest'])[:19]}...")
+    try:
+        ckpt.verify_ledger(state, doc, f"checkpoint {str(path)!r}")
+    except ckpt.CheckpointError as e:
+        raise SampleError(str(e)) from None
+    return True
+
+
 def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str = "cpu"):
     """Rebuilds the preconditioned network of a checkpoint or release file (`dpdm export`).
     Returns (D, state).
@@ -59,6 +82,8 @@ def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str 
         state = ckpt.load_model_or_checkpoint(path)
     except ckpt.CheckpointError as e:
         raise SampleError(str(e)) from None
+    # A release file's ledger was re-accounted against the plan it carries; a checkpoint's, against its run's.
+    state["ledger_checked"] = state["format"] == ckpt.MODEL_FORMAT or _verify_run_ledger(Path(path), state)
     if state["format"] == ckpt.MODEL_FORMAT:   # a release file (`dpdm export`) holds one set of weights
         if weights != state["weights"]:
             raise SampleError(f"weights={weights!r}: model file {str(path)!r} holds only its "
@@ -204,7 +229,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta}
+    return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta,
+            "ledger_checked": state["ledger_checked"]}
 
 
 def _option_text(value) -> str:

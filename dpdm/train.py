@@ -18,6 +18,7 @@ import json
 import math
 import os
 import secrets
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -507,6 +508,10 @@ def train(
             )
         if bool(ledger["private"]) != config.private:
             raise TrainError("cannot resume a --no-dp run as private, or a private run with --no-dp")
+        try:   # its epsilon the accountant's at its steps (an edited ledger had a finished run train on)
+            ckpt.verify_ledger(state, plan_doc, f"checkpoint {str(ckpt_path)!r}")
+        except ckpt.CheckpointError as e:
+            raise TrainError(str(e)) from None
         if ledger["steps_done"] >= plan.steps:
             raise TrainError(
                 f"the run in {str(out)!r} is finished: {ledger['steps_done']} of {plan.steps} steps done; "
@@ -607,15 +612,20 @@ def train(
     optimizer = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], lr=config.lr)
     steps_done = 0
     if state is not None:
-        D.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
         saved_powers = state.get("ema_power", {})
-        if sorted(saved_powers) != sorted(power_emas):
+        if not isinstance(saved_powers, dict) or sorted(saved_powers) != sorted(power_emas):
             raise TrainError(f"cannot resume: the run kept power EMAs {sorted(saved_powers) or 'none'}, "
                              f"now {sorted(power_emas) or 'none'} (--ema-power)")
-        for key, pe in power_emas.items():
-            pe.model.load_state_dict(saved_powers[key])
-        optimizer.load_state_dict(state["optimizer"])
+        try:   # weights or optimizer state that do not fit the network the run's config describes
+            D.load_state_dict(state["model"])
+            ema.model.load_state_dict(state["ema"])
+            for key, pe in power_emas.items():
+                pe.model.load_state_dict(saved_powers[key])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise TrainError(f"checkpoint {str(ckpt_path)!r} is corrupt: its weights or optimizer state do not "
+                             f"fit its run ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+                             ) from None
         torch.set_rng_state(state["rng"]["torch"])
         steps_done = int(state["ledger"]["steps_done"])
     # {"basis": [d, k] public basis, "step": the step it was computed at}. Checkpoints fall on steps
@@ -1010,6 +1020,7 @@ def _truncate_metrics(path: Path, steps_done: int) -> None:
     A file that is missing, empty, headerless, or ends in a half-written row (a crash) is repaired, so that
     the audit's check of the logged batches reads every row a resumed run logged."""
     lines = []
+    _check_regular(path)
     if steps_done and path.exists():
         try:   # keep csv's \r\n; bytes that are not UTF-8 spoil their row only
             with open(path, newline="", encoding="utf-8", errors="replace") as f:
@@ -1021,6 +1032,14 @@ def _truncate_metrics(path: Path, steps_done: int) -> None:
     kept = [ln for ln in lines if ln.endswith("\n") and ln.count(",") == width - 1
             and (step := _metrics_step(ln)) is not None and step <= steps_done]
     ckpt.atomic_write_text(path, ",".join(METRICS_HEADER) + "\r\n" + "".join(kept))
+
+
+def _check_regular(path: Path) -> None:
+    """TrainError where `path` exists but is not a regular file (or a link to one): reading a FIFO blocked the
+    run for good."""
+    if os.path.lexists(path) and not path.is_file():
+        raise TrainError(f"{str(path)!r} is not a regular file (a folder, FIFO, device or broken link); move it "
+                         "away")
 
 
 def _metrics_step(line: str) -> int | None:
@@ -1077,6 +1096,7 @@ def _check_fresh_run_folder(out: Path, plan_doc, checkpoint_every: int) -> None:
         raise TrainError(f"{str(out)!r} holds a config.json of something else; a new run there would replace it: "
                          "choose another --out")
     steps = []
+    _check_regular(metrics)
     if metrics.exists():
         try:
             with open(metrics, newline="") as f:
@@ -1119,10 +1139,17 @@ def _lock_run_folder(out: Path):
         import fcntl
     except ImportError:   # not POSIX
         return None
-    try:
-        f = open(out / ".train.lock", "a")
+    path = out / ".train.lock"
+    try:   # not through a link (it made its target outside the folder), never blocking on a FIFO
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     except OSError as e:
+        if os.path.lexists(path) and not (path.is_file() and not path.is_symlink()):
+            raise TrainError(f"{str(path)!r} is not a regular file (a link, FIFO or device); remove it") from None
         raise TrainError(f"cannot write in the run folder {str(out)!r} ({e.strerror or e})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TrainError(f"{str(path)!r} is not a regular file (a link, FIFO or device); remove it")
+    f = os.fdopen(fd, "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

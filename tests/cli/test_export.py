@@ -264,3 +264,104 @@ def test_out_that_names_a_folder_is_one_error_line(run, tmp_path, capsys):
     code, _, err = run_cli(["export", "--run", run / "run", "--out", f"{tmp_path / 'newdir'}/"], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "names a folder" in lines[0] and not (tmp_path / "newdir").exists()
+
+
+def _edited_copy(src_run, dst_run, edit):
+    """A copy of the run folder whose checkpoint has been through `edit(state)` (a hand edit, or a flipped bit)."""
+    shutil.copytree(src_run, dst_run)
+    state = torch.load(dst_run / "checkpoint.pt", weights_only=True)
+    edit(state)
+    torch.save(state, dst_run / "checkpoint.pt")
+    return dst_run
+
+
+@pytest.mark.parametrize("name, edit, needle", [
+    # One field of a finished 3-step run: steps_done 1 had it resume and train 2 more noisy steps.
+    ("steps", lambda s: s["ledger"].update(steps_done=1), "optimizer has taken 3 steps, its ledger says 1"),
+    ("epsilon", lambda s: s["ledger"].update(epsilon_spent=s["ledger"]["epsilon_spent"] / 2), "edited"),
+    ("private flag", lambda s: s["ledger"].update(private=False), "private=False, its config private=True"),
+    ("infinite epsilon", lambda s: s["ledger"].update(epsilon_spent=float("inf")), "private with epsilon inf"),
+    ("config.train", lambda s: s["config"].update(train="x"), "train is str"),
+    ("train_sigma", lambda s: s["config"]["train"].update(train_sigma="abc"), "train_sigma is 'abc'"),
+    ("config.init", lambda s: s["config"].update(init="x"), "init is str"),
+    ("optimizer", lambda s: s.update(optimizer="x"), "optimizer state is not"),
+    ("rng", lambda s: s.update(rng={}), "RNG state"),
+])
+def test_an_edited_training_checkpoint_is_refused_by_every_command(run, tmp_path, capsys, name, edit, needle):
+    """A checkpoint's ledger is checked against itself, its config, its optimizer and (where its run's plan lies
+    beside it) the accountant: before, an edited or bit-flipped field re-spent the budget on resume, or reached
+    the samples' epsilon, or was a traceback (exit 4)."""
+    d = run
+    bad = _edited_copy(d / "run", tmp_path / "bad", edit)
+    commands = {"sample": ["sample", "--run", bad, "--n", 2, "--out", tmp_path / "s.npz"],
+                "export": ["export", "--run", bad, "--out", tmp_path / "m.pt"],
+                "resume": ["train", "--plan", d / "plan.json", "--out", bad, "--resume", "--device", "cpu", "--quiet"]}
+    if name == "epsilon":   # a finished run: resume refuses it as finished, whatever its epsilon
+        del commands["resume"]
+    for command, args in commands.items():
+        line = one_error_line(*run_cli(args, capsys)[::2])
+        assert needle in line, (command, line)
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_a_non_private_model_flipped_to_private_is_refused(run, tmp_path, capsys):
+    """ledger.private is checked against config.private (a release file's and a checkpoint's): one flipped bit
+    had a --no-dp run's samples and release marked (epsilon, delta)-DP."""
+    d = run
+    assert main(["train", "--plan", str(d / "plan.json"), "--out", str(tmp_path / "np"), "--device", "cpu",
+                 "--quiet", "--no-dp"]) == 0
+    assert run_cli(["export", "--run", tmp_path / "np", "--out", tmp_path / "np.pt"], capsys)[0] == 0
+    spent = accounting.load_plan(d / "plan.json").epsilon
+    model = torch.load(tmp_path / "np.pt", weights_only=True)
+    model["ledger"].update(private=True, epsilon_spent=spent)
+    torch.save(model, tmp_path / "flipped.pt")
+    code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "flipped.pt", "--n", 2, "--out", tmp_path / "s.npz"],
+                           capsys)
+    assert "private=True, its config private=False" in one_error_line(code, err)
+    bad = _edited_copy(tmp_path / "np", tmp_path / "np2",
+                       lambda s: s["ledger"].update(private=True, epsilon_spent=spent))
+    code, _, err = run_cli(["sample", "--run", bad, "--n", 2, "--out", tmp_path / "s.npz"], capsys)
+    assert "private=True, its config private=False" in one_error_line(code, err)
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_a_training_checkpoint_away_from_its_plan_is_sampled_with_a_warning(run, tmp_path, capsys):
+    """Its ledger can be checked only against its run's plan.json: without it, `dpdm sample` says the epsilon is
+    unchecked and names the release file, which carries its plan; beside its plan, it is checked."""
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(run / "run" / "checkpoint.pt", lone / "checkpoint.pt")
+    args = ["sample", "--checkpoint", lone / "checkpoint.pt", "--n", 2, "--sampler-steps", 2, "--out",
+            tmp_path / "s.npz", "--json"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "unchecked" in err and "dpdm export" in err, err
+    assert json.loads(out)["ledger_checked"] is False
+    shutil.copy(run / "plan.json", lone / "plan.json")
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "unchecked" not in err and json.loads(out)["ledger_checked"] is True, err
+
+
+def test_export_refuses_weights_that_do_not_fit_the_network(run, tmp_path, capsys):
+    """Before, it wrote a release file that `dpdm sample` then refused."""
+    bad = _edited_copy(run / "run", tmp_path / "bad", lambda s: s["ema"].update({next(iter(s["ema"])): torch.zeros(1)}))
+    code, _, err = run_cli(["export", "--run", bad, "--out", tmp_path / "m.pt"], capsys)
+    assert "do not fit its own config" in one_error_line(code, err) and not (tmp_path / "m.pt").exists()
+
+
+def test_a_release_names_the_dataset_only_as_its_plan_does(run, tmp_path, capsys):
+    """A plan made with --dataset-size alone names no dataset; the path `dpdm train --dataset` was given (a local
+    file name, perhaps telling) stays out of the release file and its samples. A path the plan names is kept."""
+    d = run
+    assert run_cli(["export", "--run", d / "run", "--out", tmp_path / "named.pt"], capsys)[0] == 0
+    assert torch.load(tmp_path / "named.pt", weights_only=True)["config"]["dataset"] == f"npz:{d / 'data.npz'}"
+    plan = dataclasses.replace(accounting.load_plan(d / "plan.json").plan, dataset_name=None)
+    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
+    assert main(["train", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "r"), "--dataset",
+                 f"npz:{d / 'data.npz'}", "--device", "cpu", "--quiet"]) == 0
+    assert run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "anon.pt"], capsys)[0] == 0
+    model = torch.load(tmp_path / "anon.pt", weights_only=True)
+    assert model["config"]["dataset"] is None and "data.npz" not in json.dumps(model["config"])
+    code = run_cli(["sample", "--checkpoint", tmp_path / "anon.pt", "--n", 2, "--out", tmp_path / "s.npz"], capsys)[0]
+    assert code == 0
+    with np.load(tmp_path / "s.npz") as z:
+        assert "data.npz" not in str(z["meta_dataset"])

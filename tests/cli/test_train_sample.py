@@ -744,7 +744,12 @@ def test_resume_repairs_a_metrics_file_with_foreign_bytes_and_names_an_unreadabl
     code, _, err = run_cli(_train_args(d, d / "run", "--seed", "1"), capsys)
     assert code == 0, err
     state = torch.load(d / "run" / "checkpoint.pt", weights_only=True)
-    state["ledger"]["steps_done"] = 2    # as if killed after the checkpoint of step 2 (a test-only edit)
+    # As if killed after the checkpoint of step 2 (a test-only edit, consistent: the ledger's epsilon and the
+    # optimizer's step count are those of step 2, which every command checks).
+    state["ledger"].update(steps_done=2, epsilon_spent=accounting.epsilon_spent(
+        accounting.load_plan(d / "plan.json").plan, 2))
+    for per_param in state["optimizer"]["state"].values():
+        per_param["step"] = torch.tensor(2.0)
     torch.save(state, d / "run" / "checkpoint.pt")
     metrics = d / "run" / "metrics.csv"
     metrics.write_bytes(metrics.read_bytes() + b"\xff\xfe,1,2\r\n")
@@ -752,3 +757,28 @@ def test_resume_repairs_a_metrics_file_with_foreign_bytes_and_names_an_unreadabl
     assert code == 0, err       # a UnicodeDecodeError traceback, exit 4, before
     assert b"\xff" not in metrics.read_bytes()
     assert _metrics_step("3,6,0.1\r\n") == 3 and _metrics_step("\u00b2,6\r\n") is None   # isdigit() took "²"
+
+
+@pytest.mark.parametrize("name", ["metrics.csv", ".train.lock", "link:.train.lock"])
+def test_a_fifo_or_link_in_the_run_folder_is_refused_not_waited_on(tiny, capsys, name):
+    """A FIFO named metrics.csv or .train.lock blocked `dpdm train` for good; a .train.lock linked elsewhere
+    made its target outside the run folder."""
+    d = tiny
+    (d / "run").mkdir()
+    if name.startswith("link:"):
+        os.symlink(d / "victim", d / "run" / name[5:])
+    else:
+        os.mkfifo(d / "run" / name)
+
+    def hung(*_):
+        raise TimeoutError(f"dpdm train blocked on {name}")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        code, _, err = run_cli(_train_args(d, d / "run"), capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "is not a regular file" in _one_error_line(code, err)
+    assert not (d / "victim").exists() and not (d / "run" / "checkpoint.pt").exists()
