@@ -91,7 +91,6 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
     if seed is not None:
         warn_known_seed(seed)
-    warn_inferred_classes(name, train)
     try:
         result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                      device=resolve_device(device), chunk_size=physical_batch,
@@ -101,6 +100,7 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
                                      augment_multiplicity=augment_mult)
     except ValueError as e:  # DataError and engine argument checks
         raise BadInput(str(e)) from None
+    warn_inferred_classes(name, train)   # after the library's checks: a refused run stays one error line
     if result["test_images_in_train"]:
         warn(f"{result['test_images_in_train']} of the {len(test)} test images of {test.name!r} are also training "
              "images; their accuracy is not held-out")
