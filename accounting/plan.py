@@ -681,33 +681,51 @@ def _check_reports(doc: PlanDocument, where: str, bracket: EpsilonReport | None 
     """Raises PlanError unless the epsilon block's other figures (rdp, pld, prv, and dpdm's own PLD where
     present) re-compute within RECOMPUTE_RTOL. They are outside the digest, certify nothing, and travel
     with the plan into a run's plan.json: an edited RDP or PRV figure would be copied there as if an
-    accountant had given it. PRV's figures are all null where prv-accountant failed, and must fail again.
-    `bracket`: dpdm's own PLD bracket, where `_check_certificate` has computed it."""
+    accountant had given it. PRV's figures are all null where prv-accountant failed, and must fail again; they
+    are checked within PRV's stated error, and only with the prv-accountant version that made the plan (another
+    may fail where it did not: a published release file must stay loadable). `bracket`: dpdm's own PLD bracket,
+    where `_check_certificate` has computed it."""
     plan = doc.plan
 
-    def check(name: str, stored: float | None, recomputed: float | None) -> None:
+    def check(name: str, stored: float | None, recomputed: float | None, atol: float = 1e-12) -> None:
         if recomputed is None or not math.isfinite(recomputed):
             same = stored is None or stored == recomputed   # an infinite bound is null in a file
         else:
             same = (stored is not None and math.isfinite(stored)
-                    and abs(stored - recomputed) <= RECOMPUTE_RTOL * abs(recomputed) + 1e-12)
+                    and abs(stored - recomputed) <= RECOMPUTE_RTOL * abs(recomputed) + atol)
         if not same:
             raise PlanError(f"{where}: epsilon.{name}={stored!r} does not re-compute (got {recomputed!r}); the "
                             "epsilon block was edited or the accountants changed; make a new plan")
 
     check("rdp", doc.rdp.upper, RdpAccountant().epsilon(plan.to_event(), plan.delta).upper)
     check("pld", doc.pld.upper, epsilon_spent(plan, plan.steps))
+    if doc.independent is not None:
+        own = bracket or FftPldAccountant().epsilon(plan.to_event(), plan.delta)
+        check("independent.lower", doc.independent.lower, own.lower)
+        check("independent.upper", doc.independent.upper, own.upper)
     prv = (doc.prv.lower, doc.prv.estimate, doc.prv.upper)
     eps_error = doc.prv_eps_error
     if not math.isfinite(eps_error):   # a file without one: the error make_plan_document takes
         eps_error = prv_eps_error_range(epsilon_spent(plan, plan.steps))[0]
+    # Another prv-accountant than the plan's may fail where that one did not, or the reverse, and move its
+    # figures within its stated error: a published release file must stay loadable after an upgrade.
+    same_prv = doc.versions.get("prv-accountant", "unknown") == _versions().get("prv-accountant")
     try:
         figures = PrvAccountant(eps_error=eps_error).epsilon(plan.to_event(), plan.delta)
+    except MemoryError:
+        return   # PRV's figures certify nothing: a machine too small to re-compute them does not refuse the plan
     except PRV_ERRORS as e:
+        if not same_prv:
+            return
         if any(x is not None for x in prv):
             raise PlanError(f"{where}: epsilon.prv has figures, but prv-accountant gives none for this plan "
                             f"({type(e).__name__}: {e}); the epsilon block was edited; make a new plan") from e
         figures = None   # PRV failed when the plan was made, and fails again
+    if not same_prv:
+        if all(x is not None for x in prv):
+            for part, stored in zip(("lower", "estimate", "upper"), prv):
+                check(f"prv.{part}", stored, getattr(figures, part), atol=2 * eps_error)
+        return
     if (figures is None) != (doc.prv_failed is not None):
         raise PlanError(f"{where}: epsilon.prv_failed={reprlib.repr(doc.prv_failed)}, but prv-accountant "
                         + ("fails" if figures is None else "gives figures") + " for this plan; the epsilon block "
@@ -715,13 +733,9 @@ def _check_reports(doc: PlanDocument, where: str, bracket: EpsilonReport | None 
     if figures is not None and all(x is None for x in prv):
         raise PlanError(f"{where}: epsilon.prv is empty, but prv-accountant gives figures for this plan "
                         f"(upper {figures.upper:.6g}); the epsilon block was edited; make a new plan")
-    if figures is not None:
+    if figures is not None:   # within PRV's own stated error: another prv-accountant may move them that much
         for part, stored in zip(("lower", "estimate", "upper"), prv):
-            check(f"prv.{part}", stored, getattr(figures, part))
-    if doc.independent is not None:
-        own = bracket or FftPldAccountant().epsilon(plan.to_event(), plan.delta)
-        check("independent.lower", doc.independent.lower, own.lower)
-        check("independent.upper", doc.independent.upper, own.upper)
+            check(f"prv.{part}", stored, getattr(figures, part), atol=eps_error)
 
 
 def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_eps_error: float | None,

@@ -96,14 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
-    except (OSError, MemoryError) as e:
-        # The machine, not dpdm: a full disk or quota, or memory. One line (no traceback); the atomic writes
-        # have left every file written before as it was.
-        if isinstance(e, MemoryError) or e.errno in (errno.ENOSPC, errno.EDQUOT):
-            what = "out of memory" if isinstance(e, MemoryError) else "no space left on the device"
-            detail = str(e) or type(e).__name__
-            click.echo(f"{prog}: runtime failure: {what} ({_one_line(detail)}); files written before are kept",
-                       err=True)
+    except OSError as e:
+        # The machine, not dpdm: a full disk or quota. One line (no traceback); the atomic writes have left every
+        # file written before as it was.
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            click.echo(f"{prog}: runtime failure: no space left on the device ({_one_line(str(e))}); files "
+                       "written before are kept", err=True)
             return EXIT_RUNTIME
         return _internal_error(prog, e)
     except Exception as e:  # a bug or an environment failure: never exit 1, which means "audit FAIL"

@@ -96,9 +96,6 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         raise BadInput(str(e)) from None
     except SampleFailure as e:   # NaN/inf with the default sampler settings too: the weights, exit 4
         raise runtime_failure(str(e)) from None
-    if result["private"] and not result["ledger_checked"]:
-        warn(f"{path} is a training checkpoint away from its run's plan.json: its epsilon {result['epsilon']:g} is as "
-             "the file says, unchecked; sample from the run folder, or from the release file of `dpdm export`")
     if result["private"] and result["seed_given"]:
         warn(f"the model was {SEED_GIVEN_NOTE}; the samples record that (meta_seed_given)")
     if as_json:

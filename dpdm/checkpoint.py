@@ -69,10 +69,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
             try:
                 torch.save(obj, f)
             except RuntimeError as e:   # torch's writer: "unexpected pos 2043776 vs 2043668" on a full disk
-                free = shutil.disk_usage(path.parent).free
-                raise OSError(errno.ENOSPC if free < (1 << 20) else errno.EIO,
-                              f"cannot write {str(path)!r}: " + ("no space left on device" if free < (1 << 20)
-                                                               else str(e).strip().splitlines()[0])) from None
+                if shutil.disk_usage(path.parent).free >= (1 << 20):
+                    raise
+                raise OSError(errno.ENOSPC, f"cannot write {str(path)!r}: no space left on device "
+                                            f"({str(e).strip().splitlines()[0] if str(e).strip() else 'torch.save'})"
+                              ) from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -115,16 +116,21 @@ def load_model_or_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     state = _load_weights_only(path)
     if state.get("format") != MODEL_FORMAT:
         return _checked_checkpoint(state, path)
+    from dpdm.datasets import public_dataset_name
+
     state = _check_parts(state, MODEL_KEYS, f"model file {str(path)!r}")
-    verify_release_ledger(state, f"model file {str(path)!r}")
+    doc = verify_release_ledger(state, f"model file {str(path)!r}")
+    # The dataset as the release's plan names it (a file exported before dpdm left private paths out holds one).
+    state["config"] = {**state["config"], "public_dataset": public_dataset_name(state["config"].get("dataset"),
+                                                                                 doc.plan.dataset_name)}
     return state
 
 
-def verify_release_ledger(state: dict[str, Any], what: str) -> None:
+def verify_release_ledger(state: dict[str, Any], what: str):
     """Raises CheckpointError unless the release file's plan is a locked plan (digest, certificate)
     and its ledger is that plan's (`verify_ledger`). An edited ledger, or a plan swapped in, is refused;
     a file rewritten consistently from scratch cannot be detected, so publish the file's sha256 (`dpdm
-    export` prints it)."""
+    export` prints it). Returns the plan document."""
     import accounting
 
     text = state.get("plan")
@@ -135,6 +141,7 @@ def verify_release_ledger(state: dict[str, Any], what: str) -> None:
     except accounting.PlanError as e:
         raise CheckpointError(str(e)) from None
     verify_ledger(state, doc, what)
+    return doc
 
 
 def verify_ledger(state: dict[str, Any], doc, what: str) -> None:
@@ -284,8 +291,9 @@ def _config_problem(config: dict[str, Any], training: bool) -> str | None:
     elif not isinstance(train, dict):
         return f"its config's train is {type(train).__name__}, not a mapping"
     else:
-        if training and not (isinstance(train.get("seed"), int) and not isinstance(train.get("seed"), bool)):
-            return f"its config's train.seed is {train.get('seed')!r}, not an integer"
+        seed = train.get("seed")
+        if training and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+            return f"its config's train.seed is {seed!r}, not an integer in [0, 2**63)"
         sigma = train.get("train_sigma")
         if sigma is not None and not (isinstance(sigma, (list, tuple)) and len(sigma) == 2
                                       and all(_is_number(v) for v in sigma)):
@@ -318,6 +326,8 @@ def _training_state_problem(state: dict[str, Any]) -> str | None:
     once per step for every trained parameter, so each parameter's step count is the ledger's steps done (one
     edited field, or a flipped bit, had a finished run resume and train past its plan); a --no-dp run skips
     empty batches, so its counts are at most that."""
+    if not isinstance(state.get("ema_power", {}), dict):
+        return "its power EMAs are not a mapping"
     rng = state["rng"]
     if not (isinstance(rng, dict) and torch.is_tensor(rng.get("torch")) and rng["torch"].dtype == torch.uint8
             and rng["torch"].shape == torch.get_rng_state().shape):
@@ -327,14 +337,21 @@ def _training_state_problem(state: dict[str, Any]) -> str | None:
         return "its optimizer state is not an optimizer's state_dict"
     ledger = state["ledger"]
     done, private = ledger["steps_done"], ledger["private"]
-    if private and done > 0 and not opt["state"]:
-        return f"its optimizer has taken no step, its ledger {done}"
+    if done == 0:   # dpdm train saves after a step, never before the first: resuming it would spend again
+        return "its ledger has no step done (dpdm never saves such a checkpoint)"
+    trained = sum(len(g.get("params", ())) if isinstance(g, dict) else 0 for g in opt["param_groups"])
+    if private and len(opt["state"]) != trained:
+        return f"its optimizer has state for {len(opt['state'])} of its {trained} parameters, its ledger {done} steps"
     for per_param in opt["state"].values():
         step = per_param.get("step") if isinstance(per_param, dict) else None
-        if step is None or not (torch.is_tensor(step) or _is_number(step)):
+        if step is None or not ((torch.is_tensor(step) and step.numel() == 1) or _is_number(step)):
             return "its optimizer state has a parameter without a step count"
         step = float(step)
-        if step != done if private else not 0 <= step <= done:
+        if private:
+            consistent = step == done
+        else:
+            consistent = 0 <= step <= done
+        if not consistent:
             return f"its optimizer has taken {step:g} steps, its ledger says {done} were done"
     return None
 

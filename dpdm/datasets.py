@@ -171,6 +171,15 @@ def is_path_dataset(name: str) -> bool:
     return name.startswith(("folder:", "npz:"))
 
 
+def public_dataset_name(name: str | None, plan_dataset: str | None) -> str | None:
+    """The name of a run's dataset as its outputs (release files, samples) may show it: a built-in name, or a
+    path the plan (public) names; a path the plan does not name (`dpdm plan --dataset-size` alone, then `dpdm
+    train --dataset npz:/home/.../patients.npz`) gives the plan's name instead (None where it names none)."""
+    if isinstance(name, str) and is_path_dataset(name) and name != plan_dataset:
+        return plan_dataset
+    return name
+
+
 def load_dataset(name: str, split: str = "train", *, data_root: str | os.PathLike | None = None,
                  download: bool = False) -> ImageData:
     """Loads a dataset by name (see the module docstring) as float32 images in [-1, 1].

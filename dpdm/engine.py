@@ -87,6 +87,13 @@ def _clip_factors(norms: torch.Tensor, clip_norm: float, dtype: torch.dtype) -> 
     return (clip_norm / (norms * margin + _CLIP_EPS)).clamp(max=1.0)
 
 
+def _usable(norms: torch.Tensor, clip_norm: float, dtype: torch.dtype) -> torch.Tensor:
+    """The examples whose gradient can be clipped in `dtype`: a finite norm whose clip factor is a normal number of
+    `dtype` (a float32 gradient of norm 1e44, finite in float64, took a subnormal factor and came out at 1.0002 C).
+    The others are zeroed, as non-finite gradients are."""
+    return torch.isfinite(norms) & (_clip_factors(norms, clip_norm, dtype) >= torch.finfo(dtype).tiny)
+
+
 def _norms64(rows: torch.Tensor, max_elements: int = 2**22) -> torch.Tensor:
     """The L2 norm of each row of `rows` [n, d], summed in float64 (a float32 sum of a large gradient's squares
     came out 1.3e-6 relative low, and the example was clipped to 1.0000012 C), a block of rows at a time."""
@@ -580,7 +587,7 @@ def _clip_and_sum(
     for g in grads.values():
         sq += _norms64(g.reshape(n, -1)) ** 2
     norms = sq.sqrt()                                                      # [n] flat L2 norms
-    finite = torch.isfinite(norms)
+    finite = _usable(norms, clip_norm, first.dtype)
     factor = torch.where(finite, _clip_factors(norms, clip_norm, first.dtype), torch.zeros_like(norms))
     nonfinite = int((~finite).sum())
     clipped = int((finite & (norms > clip_norm)).sum())
@@ -783,7 +790,8 @@ def public_subspace(
         flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1)
         del grads
         norms = _norms64(flat)[:, None]
-        flat = torch.where(torch.isfinite(norms), flat * _clip_factors(norms, clip_norm, flat.dtype).to(flat.dtype),
+        factor = _clip_factors(norms, clip_norm, flat.dtype).to(flat.dtype)
+        flat = torch.where(_usable(norms, clip_norm, flat.dtype), flat * factor,
                            torch.zeros((), dtype=flat.dtype, device=flat.device))
         rows.append(flat)
     G = torch.cat(rows)                                          # [n, d]

@@ -29,12 +29,11 @@ def release_config(config: dict[str, Any], plan_dataset: str | None = None) -> d
     """What a release file keeps of a run's config: no seed, no data digest, no local paths. The dataset is
     named as the plan (public, in the file) names it, or by a built-in name; a path the plan does not name
     (`dpdm plan --dataset-size` alone, then `dpdm train --dataset npz:/home/.../patients.npz`) is left out."""
-    from dpdm.datasets import is_path_dataset
+    from dpdm.datasets import public_dataset_name
 
     out = {k: config[k] for k in RELEASED_CONFIG_KEYS if k in config}
-    name = out.get("dataset")
-    if isinstance(name, str) and is_path_dataset(name) and name != plan_dataset:
-        out["dataset"] = plan_dataset
+    if "dataset" in out:
+        out["dataset"] = public_dataset_name(out["dataset"], plan_dataset)
     # The noise levels the network was trained on (`dpdm train --train-sigma`): the sampler stays inside them.
     # seed_given: the user chose the training seed (`dpdm train --seed`), not its value (ckpt.SEED_GIVEN_NOTE).
     out["train"] = {"train_sigma": (config.get("train") or {}).get("train_sigma"),
@@ -45,7 +44,7 @@ def release_config(config: dict[str, Any], plan_dataset: str | None = None) -> d
 
 
 def _plan_text(checkpoint: Path, ledger: dict[str, Any]) -> tuple[str, str | None]:
-    """The text of the run's plan.json (beside the checkpoint, as `dpdm train` writes it), if it is the
+    """The run's plan.json (beside the checkpoint, as `dpdm train` writes it) as plan.json text, if it is the
     locked plan the ledger names, and the dataset that plan names."""
     import accounting
 
@@ -60,7 +59,8 @@ def _plan_text(checkpoint: Path, ledger: dict[str, Any]) -> tuple[str, str | Non
     if doc.digest != ledger["plan_digest"]:
         raise ExportError(f"{str(path)!r} is plan {doc.digest[:19]}..., but the checkpoint was trained under "
                           f"{str(ledger['plan_digest'])[:19]}...")
-    return path.read_text(encoding="utf-8"), doc.plan.dataset_name
+    # The verified document as dpdm writes it, not the file's text: keys dpdm does not write stay out of the release.
+    return doc.to_json() + "\n", doc.plan.dataset_name
 
 
 def release_plan_digest(path: str | os.PathLike) -> str | None:

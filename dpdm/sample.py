@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from dpdm import checkpoint as ckpt
+from dpdm.datasets import public_dataset_name
 from dpdm.sampling import MIN_ROWS, RHO, SIGMA_MAX, SIGMA_MIN
 
 
@@ -48,15 +49,17 @@ def _weights_of(state: dict, weights: str, path) -> dict:
     return kept[key]
 
 
-def _verify_run_ledger(path: Path, state: dict) -> bool:
+def _verify_run_ledger(path: Path, state: dict):
     """A training checkpoint's ledger re-accounted against its run's plan.json, as a release file's is against
-    the plan it carries (an edited epsilon reached the samples and `dpdm eval`'s line). Returns False, having
-    checked nothing more than `checkpoint._check_parts` does, for a checkpoint away from its run's plan.json."""
+    the plan it carries (an edited epsilon reached the samples and `dpdm eval`'s line): the plan document, or
+    SampleError, also for a checkpoint away from its run's plan.json (nothing to check its epsilon against)."""
     import accounting
 
     plan_path = path.parent / "plan.json"
     if not plan_path.exists():
-        return False
+        raise SampleError(f"checkpoint {str(path)!r} is a training checkpoint without its run's plan.json beside it, "
+                          "against which its epsilon is checked; sample from the run folder, or from the release "
+                          "file of `dpdm export`")
     try:
         doc = accounting.load_plan(plan_path)
     except accounting.PlanError as e:
@@ -68,7 +71,7 @@ def _verify_run_ledger(path: Path, state: dict) -> bool:
         ckpt.verify_ledger(state, doc, f"checkpoint {str(path)!r}")
     except ckpt.CheckpointError as e:
         raise SampleError(str(e)) from None
-    return True
+    return doc
 
 
 def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str = "cpu"):
@@ -82,8 +85,12 @@ def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str 
         state = ckpt.load_model_or_checkpoint(path)
     except ckpt.CheckpointError as e:
         raise SampleError(str(e)) from None
-    # A release file's ledger was re-accounted against the plan it carries; a checkpoint's, against its run's.
-    state["ledger_checked"] = state["format"] == ckpt.MODEL_FORMAT or _verify_run_ledger(Path(path), state)
+    # A release file's ledger was re-accounted against the plan it carries (and its dataset named as that plan
+    # names it); a checkpoint's is re-accounted against its run's plan.json.
+    if state["format"] != ckpt.MODEL_FORMAT:
+        doc = _verify_run_ledger(Path(path), state)
+        state["config"] = {**state["config"], "public_dataset": public_dataset_name(state["config"].get("dataset"),
+                                                                                     doc.plan.dataset_name)}
     if state["format"] == ckpt.MODEL_FORMAT:   # a release file (`dpdm export`) holds one set of weights
         if weights != state["weights"]:
             raise SampleError(f"weights={weights!r}: model file {str(path)!r} holds only its "
@@ -204,7 +211,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         "plan_digest": str(ledger["plan_digest"]),
         "steps_done": int(ledger["steps_done"]),
         "plan_steps": int(ledger["plan_steps"]),
-        "dataset": str(cfg.get("dataset")),
+        "dataset": str(cfg.get("public_dataset", cfg.get("dataset"))),   # no private path (public_dataset_name)
         "sampler": sampler, "sampler_steps": sampler_steps, "guidance": guidance, "weights": weights,
         "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval], "seed": seed,
         "sigma_min": float(sigma_min), "sigma_max": float(sigma_max), "rho": float(rho),
@@ -229,8 +236,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta,
-            "ledger_checked": state["ledger_checked"]}
+    return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta}
 
 
 def _option_text(value) -> str:

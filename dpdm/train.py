@@ -622,6 +622,12 @@ def train(
             for key, pe in power_emas.items():
                 pe.model.load_state_dict(saved_powers[key])
             optimizer.load_state_dict(state["optimizer"])
+            for group in optimizer.param_groups:   # load_state_dict checks the counts, not the shapes
+                for p in group["params"]:
+                    for key, t in optimizer.state.get(p, {}).items():
+                        if torch.is_tensor(t) and key != "step" and t.shape != p.shape:
+                            raise ValueError(f"its optimizer's {key} has shape {tuple(t.shape)} for a parameter "
+                                             f"of shape {tuple(p.shape)}")
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise TrainError(f"checkpoint {str(ckpt_path)!r} is corrupt: its weights or optimizer state do not "
                              f"fit its run ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"

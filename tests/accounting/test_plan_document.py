@@ -120,7 +120,7 @@ def test_tampered_plan_is_refused(doc, tmp_path, edit, match):
     (lambda d: d["epsilon"].update(rdp=d["epsilon"]["rdp"] * 0.8), "epsilon.rdp=.* does not re-compute"),
     (lambda d: d["epsilon"].update(rdp=None), "epsilon.rdp=None does not re-compute"),
     (lambda d: d["epsilon"].update(pld=d["epsilon"]["pld"] * 0.99), "epsilon.pld=.* does not re-compute"),
-    (lambda d: d["epsilon"]["prv"].update(upper=d["epsilon"]["certified"]), "epsilon.prv.upper=.* does not re-compute"),
+    (lambda d: d["epsilon"]["prv"].update(upper=d["epsilon"]["prv"]["upper"] / 2), "epsilon.prv.upper=.* does not re-"),
     (lambda d: d["epsilon"]["prv"].update(lower=0.0), "epsilon.prv.lower=0.0 does not re-compute"),
     (lambda d: d["epsilon"].update(prv={"lower": None, "estimate": None, "upper": None}),
      "epsilon.prv is empty, but prv-accountant gives figures"),
@@ -465,3 +465,24 @@ def test_an_epsilon_is_shown_rounded_away_from_the_side_it_bounds():
     assert epsilon_text(0.000123456) == "0.0001235" and epsilon_text(float("inf")) == "inf"
     for eps in np.random.default_rng(0).uniform(0.01, 100, 200):
         assert float(epsilon_text(eps)) >= eps >= float(epsilon_text(eps, bound="lower"))
+
+
+def test_prv_figures_made_by_another_prv_accountant_are_checked_within_its_error(doc, tmp_path):
+    """An upgraded prv-accountant may fail where the plan's did not (or the reverse) and move its figures within
+    its stated error: a published release file stays loadable; a figure far off is still refused."""
+    def made_by_another(edit):
+        def both(d):
+            d["versions"]["prv-accountant"] = "0.1.0"
+            edit(d["epsilon"])
+        return both
+
+    err = doc.prv_eps_error
+    accounting.load_plan(_tampered(doc, tmp_path, made_by_another(lambda e: e.update(prv_failed="RuntimeError: x"))))
+    accounting.load_plan(_tampered(doc, tmp_path, made_by_another(
+        lambda e: e["prv"].update(upper=e["prv"]["upper"] + 1.5 * err))))
+    with pytest.raises(PlanError, match="epsilon.prv.upper=.* does not re-compute"):
+        accounting.load_plan(_tampered(doc, tmp_path, made_by_another(
+            lambda e: e["prv"].update(upper=e["prv"]["upper"] / 2))))
+    with pytest.raises(PlanError, match="epsilon.prv.upper=.* does not re-compute"):   # the same version: its error
+        accounting.load_plan(_tampered(doc, tmp_path, lambda d: d["epsilon"]["prv"].update(
+            upper=d["epsilon"]["prv"]["upper"] + 1.5 * err)))

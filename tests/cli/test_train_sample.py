@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -589,12 +590,14 @@ def test_a_failing_grid_leaves_nothing_behind(runs, tmp_path, monkeypatch):
 
 
 def _nan_checkpoint(runs, path):
-    """The run's checkpoint with NaN EMA weights, saved to `path`."""
+    """The run's checkpoint with NaN EMA weights, saved to `path`, with the run's plan.json beside it (against
+    which `dpdm sample` checks a training checkpoint's ledger)."""
     state = torch.load(runs / "run" / "checkpoint.pt", weights_only=True)
     for t in state["ema"].values():
         if t.is_floating_point():
             t.fill_(float("nan"))
     torch.save(state, path)
+    shutil.copy(runs / "run" / "plan.json", path.parent / "plan.json")
 
 
 def test_non_finite_weights_are_a_runtime_failure(runs, tmp_path, capsys):
@@ -606,7 +609,7 @@ def test_non_finite_weights_are_a_runtime_failure(runs, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("dpdm: runtime failure:"), err
     assert "nan.pt" in lines[0] and "ema weights" in lines[0] and "NaN" in lines[0] and "nothing written" in lines[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt", "plan.json"]
     # The raw weights are finite: sampling them works.
     code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "nan.pt", "--weights", "raw", "--n", 2,
                             "--sampler-steps", 2, "--device", "cpu", "--out", tmp_path / "s.npz"], capsys)
@@ -690,7 +693,7 @@ def test_non_finite_weights_with_other_settings_are_still_a_runtime_failure(runs
                             "--device", "cpu", "--out", tmp_path / "s.npz", "--rho", 3, "--guidance", 1], capsys)
     assert code == 4 and err.startswith("dpdm: runtime failure:") and len(err.strip().splitlines()) == 1, err
     assert "with the default sampler settings too; its weights are unusable" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt", "plan.json"]
 
 
 def test_sampler_step_cap_matches_the_library():

@@ -304,6 +304,10 @@ def test_a_full_disk_is_named_in_one_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(OSError, match="no space left on device") as e:
         ckpt.atomic_torch_save({"a": 1}, tmp_path / "x.pt")
     assert e.value.errno == 28 and not list(tmp_path.iterdir())
+    with monkeypatch.context() as m:   # with room on the disk, torch's error is not called a full disk
+        m.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(10, 0, 1 << 30))
+        with pytest.raises(RuntimeError, match="unexpected pos"):
+            ckpt.atomic_torch_save({"a": 1}, tmp_path / "x.pt")
     import accounting
 
     plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=2.0, noise_multiplicity=1,
