@@ -681,10 +681,10 @@ def _check_reports(doc: PlanDocument, where: str, bracket: EpsilonReport | None 
     """Raises PlanError unless the epsilon block's other figures (rdp, pld, prv, and dpdm's own PLD where
     present) re-compute within RECOMPUTE_RTOL. They are outside the digest, certify nothing, and travel
     with the plan into a run's plan.json: an edited RDP or PRV figure would be copied there as if an
-    accountant had given it. PRV's figures are all null where prv-accountant failed, and must fail again; they
-    are checked within PRV's stated error, and only with the prv-accountant version that made the plan (another
-    may fail where it did not: a published release file must stay loadable). `bracket`: dpdm's own PLD bracket,
-    where `_check_certificate` has computed it."""
+    accountant had given it. PRV's figures are checked within PRV's stated error; where prv-accountant failed
+    they are all null, and it must fail again. With another prv-accountant version than the plan's, which may
+    fail where that one did not, only figures both give are compared, within twice that error (a published
+    release file must stay loadable). `bracket`: dpdm's own PLD bracket, where `_check_certificate` computed it."""
     plan = doc.plan
 
     def check(name: str, stored: float | None, recomputed: float | None, atol: float = 1e-12) -> None:

@@ -126,7 +126,7 @@ def load_model_or_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def verify_release_ledger(state: dict[str, Any], what: str):
+def verify_release_ledger(state: dict[str, Any], what: str) -> Any:
     """Raises CheckpointError unless the release file's plan is a locked plan (digest, certificate)
     and its ledger is that plan's (`verify_ledger`). An edited ledger, or a plan swapped in, is refused;
     a file rewritten consistently from scratch cannot be detected, so publish the file's sha256 (`dpdm
@@ -286,11 +286,9 @@ def _is_number(v: Any) -> bool:
 def _config_problem(config: dict[str, Any], training: bool) -> str | None:
     """What is wrong with the config parts that commands read past the network's description, or None."""
     train = config.get("train")
-    if train is None and not training:
-        pass
-    elif not isinstance(train, dict):
-        return f"its config's train is {type(train).__name__}, not a mapping"
-    else:
+    if train is not None or training:   # a release file may lack it; a training checkpoint holds its seed there
+        if not isinstance(train, dict):
+            return f"its config's train is {type(train).__name__}, not a mapping"
         seed = train.get("seed")
         if training and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
             return f"its config's train.seed is {seed!r}, not an integer in [0, 2**63)"
