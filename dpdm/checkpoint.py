@@ -144,6 +144,27 @@ def verify_release_ledger(state: dict[str, Any], what: str) -> Any:
     return doc
 
 
+def verify_run_ledger(path: str | os.PathLike, state: dict[str, Any], *, missing: str) -> Any:
+    """The plan document of the training checkpoint `state` read from `path`: the locked plan.json beside it (its
+    run's, as `dpdm train` writes it), of the ledger's digest, against which its ledger re-accounts
+    (`verify_ledger`). CheckpointError otherwise, with `missing` where no plan.json lies beside it."""
+    import accounting
+
+    path = Path(path)
+    plan_path = path.parent / "plan.json"
+    if not plan_path.exists():
+        raise CheckpointError(missing)
+    try:
+        doc = accounting.load_plan(plan_path)
+    except accounting.PlanError as e:
+        raise CheckpointError(str(e)) from None
+    if doc.digest != state["ledger"]["plan_digest"]:
+        raise CheckpointError(f"{str(plan_path)!r} is plan {doc.digest[:19]}..., but checkpoint {str(path)!r} was "
+                              f"trained under {str(state['ledger']['plan_digest'])[:19]}...")
+    verify_ledger(state, doc, f"checkpoint {str(path)!r}")
+    return doc
+
+
 def verify_ledger(state: dict[str, Any], doc, what: str) -> None:
     """Raises CheckpointError unless the ledger of `state` (a checkpoint or a release file, already through
     `_check_parts`) is that of the plan document `doc`: same digest, steps and delta, steps done within the
@@ -199,8 +220,8 @@ _TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation of to
 
 
 def load_error_reason(e: Exception) -> str:
-    """One line saying why torch.load(weights_only=True) failed: torch's reason for a refused pickle
-    (`unpickling_reason`), else the error's first line, else its type."""
+    """One line saying why torch.load(weights_only=True), or loading a checkpoint's state dicts, failed: torch's
+    reason for a refused pickle (`unpickling_reason`), else the error's first line, else its type."""
     if isinstance(e, pickle.UnpicklingError):
         return unpickling_reason(e)
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

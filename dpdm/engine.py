@@ -87,11 +87,11 @@ def _clip_factors(norms: torch.Tensor, clip_norm: float, dtype: torch.dtype) -> 
     return (clip_norm / (norms * margin + _CLIP_EPS)).clamp(max=1.0)
 
 
-def _usable(norms: torch.Tensor, clip_norm: float, dtype: torch.dtype) -> torch.Tensor:
-    """The examples whose gradient can be clipped in `dtype`: a finite norm whose clip factor is a normal number of
-    `dtype` (a float32 gradient of norm 1e44, finite in float64, took a subnormal factor and came out at 1.0002 C).
-    The others are zeroed, as non-finite gradients are."""
-    return torch.isfinite(norms) & (_clip_factors(norms, clip_norm, dtype) >= torch.finfo(dtype).tiny)
+def _usable(norms: torch.Tensor, factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The examples whose gradient can be clipped in `dtype`: a finite norm whose clip factor (`_clip_factors`) is a
+    normal number of `dtype` (a float32 gradient of norm 1e44, finite in float64, took a subnormal factor and came
+    out at 1.0002 C). The others are zeroed, as non-finite gradients are."""
+    return torch.isfinite(norms) & (factors >= torch.finfo(dtype).tiny)
 
 
 def _norms64(rows: torch.Tensor, max_elements: int = 2**22) -> torch.Tensor:
@@ -587,8 +587,9 @@ def _clip_and_sum(
     for g in grads.values():
         sq += _norms64(g.reshape(n, -1)) ** 2
     norms = sq.sqrt()                                                      # [n] flat L2 norms
-    finite = _usable(norms, clip_norm, first.dtype)
-    factor = torch.where(finite, _clip_factors(norms, clip_norm, first.dtype), torch.zeros_like(norms))
+    factor = _clip_factors(norms, clip_norm, first.dtype)
+    finite = _usable(norms, factor, first.dtype)
+    factor = torch.where(finite, factor, torch.zeros_like(norms))
     nonfinite = int((~finite).sum())
     clipped = int((finite & (norms > clip_norm)).sum())
     for name, g in grads.items():
@@ -790,8 +791,8 @@ def public_subspace(
         flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1)
         del grads
         norms = _norms64(flat)[:, None]
-        factor = _clip_factors(norms, clip_norm, flat.dtype).to(flat.dtype)
-        flat = torch.where(_usable(norms, clip_norm, flat.dtype), flat * factor,
+        factor = _clip_factors(norms, clip_norm, flat.dtype)
+        flat = torch.where(_usable(norms, factor, flat.dtype), flat * factor.to(flat.dtype),
                            torch.zeros((), dtype=flat.dtype, device=flat.device))
         rows.append(flat)
     G = torch.cat(rows)                                          # [n, d]

@@ -43,26 +43,6 @@ def release_config(config: dict[str, Any], plan_dataset: str | None = None) -> d
     return out
 
 
-def _plan_text(checkpoint: Path, ledger: dict[str, Any]) -> tuple[str, str | None]:
-    """The run's plan.json (beside the checkpoint, as `dpdm train` writes it) as plan.json text, if it is the
-    locked plan the ledger names, and the dataset that plan names."""
-    import accounting
-
-    path = checkpoint.parent / "plan.json"
-    if not path.is_file():
-        raise ExportError(f"no plan.json beside {str(checkpoint)!r}: export from the run folder, which holds the "
-                          "plan the ledger is certified against")
-    try:
-        doc = accounting.load_plan(path)
-    except accounting.PlanError as e:
-        raise ExportError(str(e)) from None
-    if doc.digest != ledger["plan_digest"]:
-        raise ExportError(f"{str(path)!r} is plan {doc.digest[:19]}..., but the checkpoint was trained under "
-                          f"{str(ledger['plan_digest'])[:19]}...")
-    # The verified document as dpdm writes it, not the file's text: keys dpdm does not write stay out of the release.
-    return doc.to_json() + "\n", doc.plan.dataset_name
-
-
 def release_plan_digest(path: str | os.PathLike) -> str | None:
     """The plan digest in the ledger of the release file at `path`, or None when nothing is there.
 
@@ -125,21 +105,24 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
         chosen = _weights_of(state, weights, src)
     except SampleError as e:
         raise ExportError(str(e)) from None
+    try:   # the run's plan.json, against which the ledger re-accounts (what `dpdm sample` checks of the release)
+        doc = ckpt.verify_run_ledger(src, state, missing=(
+            f"no plan.json beside {str(src)!r}: export from the run folder, which holds the plan the ledger is "
+            "certified against"))
+    except ckpt.CheckpointError as e:
+        raise ExportError(str(e)) from None
     ledger = {k: state["ledger"][k] for k in ckpt.LEDGER_KEYS}
-    plan_text, plan_dataset = _plan_text(src, ledger)
+    # The verified document as dpdm writes it, not the file's text: keys dpdm does not write stay out of the release.
     release = {"format": ckpt.MODEL_FORMAT, "weights": weights, "state_dict": chosen,
-               "config": release_config(state["config"], plan_dataset), "ledger": ledger, "plan": plan_text}
+               "config": release_config(state["config"], doc.plan.dataset_name), "ledger": ledger,
+               "plan": doc.to_json() + "\n"}
     try:   # the weights must fit the network the file describes, as `dpdm sample` will check
         from dpdm.train import build_denoiser
 
         build_denoiser(release["config"]).load_state_dict(chosen)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise ExportError(f"checkpoint {str(src)!r} is corrupt: its {weights} weights do not fit its own config "
-                          f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
-    try:
-        ckpt.verify_release_ledger(release, f"the release file of {str(src)!r}")   # what `dpdm sample` checks
-    except ckpt.CheckpointError as e:
-        raise ExportError(str(e)) from None
+                          f"({ckpt.load_error_reason(e)})") from None
     if keep_other_plans and old_digest is not None and old_digest != ledger["plan_digest"]:
         raise ExportError(f"--out={str(out)!r} already exists and holds the release file of another plan "
                           f"({old_digest[:19]}..., this run's is {str(ledger['plan_digest'])[:19]}...); it is kept. "

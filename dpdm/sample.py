@@ -49,31 +49,6 @@ def _weights_of(state: dict, weights: str, path) -> dict:
     return kept[key]
 
 
-def _verify_run_ledger(path: Path, state: dict):
-    """A training checkpoint's ledger re-accounted against its run's plan.json, as a release file's is against
-    the plan it carries (an edited epsilon reached the samples and `dpdm eval`'s line): the plan document, or
-    SampleError, also for a checkpoint away from its run's plan.json (nothing to check its epsilon against)."""
-    import accounting
-
-    plan_path = path.parent / "plan.json"
-    if not plan_path.exists():
-        raise SampleError(f"checkpoint {str(path)!r} is a training checkpoint without its run's plan.json beside it, "
-                          "against which its epsilon is checked; sample from the run folder, or from the release "
-                          "file of `dpdm export`")
-    try:
-        doc = accounting.load_plan(plan_path)
-    except accounting.PlanError as e:
-        raise SampleError(str(e)) from None
-    if doc.digest != state["ledger"]["plan_digest"]:
-        raise SampleError(f"{str(plan_path)!r} is plan {doc.digest[:19]}..., but checkpoint {str(path)!r} was "
-                          f"trained under {str(state['ledger']['plan_digest'])[:19]}...")
-    try:
-        ckpt.verify_ledger(state, doc, f"checkpoint {str(path)!r}")
-    except ckpt.CheckpointError as e:
-        raise SampleError(str(e)) from None
-    return doc
-
-
 def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str = "cpu"):
     """Rebuilds the preconditioned network of a checkpoint or release file (`dpdm export`).
     Returns (D, state).
@@ -88,7 +63,12 @@ def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str 
     # A release file's ledger was re-accounted against the plan it carries (and its dataset named as that plan
     # names it); a checkpoint's is re-accounted against its run's plan.json.
     if state["format"] != ckpt.MODEL_FORMAT:
-        doc = _verify_run_ledger(Path(path), state)
+        try:   # an edited epsilon reached the samples and `dpdm eval`'s line
+            doc = ckpt.verify_run_ledger(path, state, missing=(
+                f"checkpoint {str(path)!r} is a training checkpoint without its run's plan.json beside it, against "
+                "which its epsilon is checked; sample from the run folder, or from the release file of `dpdm export`"))
+        except ckpt.CheckpointError as e:
+            raise SampleError(str(e)) from None
         state["config"] = {**state["config"], "public_dataset": public_dataset_name(state["config"].get("dataset"),
                                                                                      doc.plan.dataset_name)}
     if state["format"] == ckpt.MODEL_FORMAT:   # a release file (`dpdm export`) holds one set of weights

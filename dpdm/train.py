@@ -613,7 +613,7 @@ def train(
     steps_done = 0
     if state is not None:
         saved_powers = state.get("ema_power", {})
-        if not isinstance(saved_powers, dict) or sorted(saved_powers) != sorted(power_emas):
+        if sorted(saved_powers) != sorted(power_emas):   # a mapping (`checkpoint._check_parts`)
             raise TrainError(f"cannot resume: the run kept power EMAs {sorted(saved_powers) or 'none'}, "
                              f"now {sorted(power_emas) or 'none'} (--ema-power)")
         try:   # weights or optimizer state that do not fit the network the run's config describes
@@ -630,8 +630,7 @@ def train(
                                              f"of shape {tuple(p.shape)}")
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise TrainError(f"checkpoint {str(ckpt_path)!r} is corrupt: its weights or optimizer state do not "
-                             f"fit its run ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
-                             ) from None
+                             f"fit its run ({ckpt.load_error_reason(e)})") from None
         torch.set_rng_state(state["rng"]["torch"])
         steps_done = int(state["ledger"]["steps_done"])
     # {"basis": [d, k] public basis, "step": the step it was computed at}. Checkpoints fall on steps
