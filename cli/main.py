@@ -96,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
-    except OSError as e:
+    except Exception as e:
+        if _out_of_memory(e):
+            click.echo(f"{prog}: runtime failure: {_out_of_memory_line(e, argv)}", err=True)
+            return EXIT_RUNTIME
+        if not isinstance(e, OSError):
+            return _internal_error(prog, e)  # a bug or an environment failure: never exit 1 ("audit FAIL")
         # The machine, not dpdm: a full disk or quota. One line (no traceback); the atomic writes have left every
         # file written before as it was.
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -104,9 +109,38 @@ def main(argv: list[str] | None = None) -> int:
                        "written before are kept", err=True)
             return EXIT_RUNTIME
         return _internal_error(prog, e)
-    except Exception as e:  # a bug or an environment failure: never exit 1, which means "audit FAIL"
-        return _internal_error(prog, e)
     return int(rv or 0)
+
+
+# The option that lowers a command's peak memory, for the out-of-memory line.
+_MEMORY_KNOB = {"train": "--physical-batch", "baseline": "--physical-batch", "sample": "--batch-size"}
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, torch's (CUDA) OutOfMemoryError, or torch's CPU allocator failing (a RuntimeError)."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
+        (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def _out_of_memory_line(e: BaseException, argv: list[str] | None) -> str:
+    """One line for a run that ran out of memory: the size asked for where torch says it, the device, and the
+    option that needs less. Not a bug (no traceback) and not bad input (exit 4): the same command may fit
+    on a larger machine. Checkpoints and outputs are written atomically, so nothing written before is lost."""
+    import re
+
+    text = str(e)
+    asked = re.search(r"[Tt]ried to allocate (\d+) bytes", text)
+    size = f" (tried to allocate {int(asked.group(1)) / 2**30:.1f} GiB)" if asked else ""
+    if not size:
+        asked = re.search(r"[Tt]ried to allocate ([0-9.]+ [KMGT]iB)", text)
+        size = f" (tried to allocate {asked.group(1)})" if asked else ""
+    where = "GPU" if "CUDA" in text or "cuda" in text else "machine"
+    args = sys.argv[1:] if argv is None else argv
+    command = next((a for a in args if not a.startswith("-")), "")
+    knob = _MEMORY_KNOB.get(command)
+    hint = f"; a smaller {knob} needs less" if knob else ""
+    resume = "; a training run continues with --resume" if command == "train" else ""
+    return f"out of memory on the {where}{size}{hint}; files written before are kept{resume}"
 
 
 def _internal_error(prog: str, e: BaseException) -> int:

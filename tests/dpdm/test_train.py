@@ -983,3 +983,74 @@ def test_a_run_whose_weights_become_non_finite_stops_at_once(tmp_path):
     assert len(steps) < 6
     with pytest.raises(TrainError, match="cannot create the run folder"):
         train(doc, x, y, c, Path("/proc/nope/run"), TrainConfig(**CFG), progress=False)
+
+
+
+def _failing_train_cli(tmp_path, monkeypatch, failure, at_call=3):
+    """`dpdm train` argv for a 4-step run on tiny npz data, with the engine raising `failure` at its call
+    `at_call` (step 3: after the checkpoint of step 2)."""
+    import dpdm.train as train_module
+
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=4, noise_multiplier=2.0, noise_multiplicity=1,
+                                  delta=1e-5)
+    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
+    x, y, _ = tiny_data()
+    np.savez(tmp_path / "d.npz", x=((x + 1) * 127.5).round().numpy().astype(np.uint8), y=y.numpy(), num_classes=3)
+    real, calls = train_module.clipped_grad_sum, []
+
+    def fails(*a, **k):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise failure
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_module, "clipped_grad_sum", fails)
+    return ["train", "--plan", str(tmp_path / "plan.json"), "--dataset", f"npz:{tmp_path / 'd.npz'}",
+            "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet", "--model", "small",
+            "--checkpoint-every", "2"]
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 10737418240 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])
+def test_out_of_memory_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys, failure):
+    """Running out of memory mid-run (torch's CPU allocator raises a RuntimeError) is not a bug: one line naming
+    the memory knob, exit 4, no traceback; the checkpoint written before stays, and --resume finishes the run."""
+    from cli.main import main
+
+    argv = _failing_train_cli(tmp_path, monkeypatch, failure)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 4 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    line = err.strip()
+    assert line.startswith("dpdm: runtime failure: out of memory on the machine") and "--physical-batch" in line, line
+    assert "--resume" in line and ("10.0 GiB" in line) == isinstance(failure, RuntimeError), line
+    assert params_of(tmp_path / "run", "ledger")["steps_done"] == 2
+    monkeypatch.undo()
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    assert params_of(tmp_path / "run", "ledger")["steps_done"] == 4
+
+
+def test_other_runtime_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    """Only memory failures lose the traceback: any other RuntimeError is a bug to report."""
+    from cli.main import main
+
+    code = main(_failing_train_cli(tmp_path, monkeypatch, RuntimeError("something else went wrong"), at_call=1))
+    err = capsys.readouterr().err
+    assert code == 4 and "Traceback" in err, err
+    assert err.strip().splitlines()[-1] == "dpdm: runtime failure: RuntimeError: something else went wrong", err
+
+
+def test_out_of_memory_line_names_the_gpu_and_the_commands_knob():
+    from cli.main import _out_of_memory, _out_of_memory_line
+
+    e = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                               "79.19 GiB of which 3.1 GiB is free.")
+    assert _out_of_memory(e) and not _out_of_memory(RuntimeError("CUDA error: an illegal memory access"))
+    assert _out_of_memory_line(e, ["sample", "--run", "r", "--n", "9"]) == (
+        "out of memory on the GPU (tried to allocate 20.00 GiB); a smaller --batch-size needs less; files written "
+        "before are kept")
+    assert _out_of_memory_line(MemoryError(), ["eval", "--samples", "s.npz"]) == (
+        "out of memory on the machine; files written before are kept")
