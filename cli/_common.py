@@ -22,6 +22,31 @@ class FiniteFloatRange(click.FloatRange):
         return rv
 
 
+class PathOption(click.Path):
+    """click.Path that refuses an empty (or blank) value: click takes ``--out ""`` (an unset shell variable) for
+    the current folder, or for no option at all (`dpdm plan` then wrote no plan and exited 0)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            names = sorted(getattr(param, "opts", None) or ["value"], key=len)
+            raise _NamedBadParameter(f"{names[-1]}={value!r} is empty: name a file or folder", ctx=ctx, param=param)
+        return super().convert(value, param, ctx)
+
+
+class DatasetName(click.types.StringParamType):
+    """A dataset option's value (``mnist5k``, ``npz:PATH``, ...) that refuses a blank one: ``--dataset ""`` (an
+    unset shell variable) otherwise meant the default, for `dpdm plan` the mnist5k plan."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not value.strip():
+            names = sorted(getattr(param, "opts", None) or ["value"], key=len)
+            raise _NamedBadParameter(f"{names[-1]}={value!r} is empty: name a dataset", ctx=ctx, param=param)
+        return value
+
+
 class _NamedBadParameter(click.BadParameter):
     """A BadParameter whose message already names the option (no "Invalid value for ..." prefix)."""
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli._common import FiniteFloatRange, emit_json, info
+from cli._common import DatasetName, FiniteFloatRange, PathOption, emit_json, info
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
@@ -26,16 +26,17 @@ def _named_option(message: str) -> str:
 
 
 @click.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--run", "run_dir", required=True, type=PathOption(file_okay=False),
               help="A run folder from `dpdm train`.")
-@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--plan", "plan_path", type=PathOption(dir_okay=False), default=None,
               help="The claimed plan (default: the run's own plan.json).")
 @click.option("--suite", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
               help="quick: minutes on a CPU (shorter canary run, same per-step mechanism); full: the plan's steps.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=PathOption(file_okay=False),
               help="Report folder (report.md, report.json, PNGs, scores.npz).")
-@click.option("--dataset", default=None, help="Data for the canary run (default: the run's dataset).")
-@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--dataset", type=DatasetName(), default=None,
+              help="Data for the canary run (default: the run's dataset).")
+@click.option("--data-root", type=PathOption(file_okay=False), default=None)
 @click.option("--canaries", type=int, default=None,
               help=f"Override the suite's number of canaries ({MIN_CANARIES} to {MAX_CANARIES:,}).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the suite's canary-run steps.")

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import click
 
-from cli._common import (FiniteFloatRange, emit_json, load_locked_plan, load_public_data, load_training_data,
-                         plan_dataset_name, resolve_device, warn, warn_inferred_classes, warn_known_seed)
+from cli._common import (DatasetName, FiniteFloatRange, PathOption, emit_json, load_locked_plan, load_public_data,
+                         load_training_data, plan_dataset_name, resolve_device, warn, warn_inferred_classes,
+                         warn_known_seed)
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
@@ -15,18 +16,18 @@ def baseline() -> None:
 
 
 @baseline.command("dp-classifier")
-@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--plan", "plan_path", required=True, type=PathOption(dir_okay=False),
               help="A locked plan from `dpdm plan --out` (the same one the diffusion model used).")
-@click.option("--dataset", default=None, help="Dataset name (default: the plan's).")
-@click.option("--test-dataset", default=None,
+@click.option("--dataset", type=DatasetName(), default=None, help="Dataset name (default: the plan's).")
+@click.option("--test-dataset", type=DatasetName(), default=None,
               help="Held-out real images (npz:PATH or folder:PATH); required for path datasets and digits.")
-@click.option("--data-root", default=None, type=click.Path(file_okay=False), help="Where torchvision datasets live.")
+@click.option("--data-root", default=None, type=PathOption(file_okay=False), help="Where torchvision datasets live.")
 @click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Adam learning rate (privacy-neutral) [default: dpdm.baseline.DEFAULT_LR].")
 @click.option("--physical-batch", type=click.IntRange(min=1), default=None,
               help="Examples per chunk (memory knob; privacy-neutral).")
-@click.option("--public-pretrain", "public_name", default=None,
+@click.option("--public-pretrain", "public_name", type=DatasetName(), default=None,
               help="First train the CNN without privacy on this PUBLIC dataset (e.g. digits28-aug), then "
                    "fine-tune it with DP-SGD: the comparison for a generator started with `dpdm train "
                    "--init-from` on the same public data.")

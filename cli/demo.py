@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from cli._common import info, resolve_device
+from cli._common import PathOption, info, resolve_device
 from cli.errors import EXIT_AUDIT_FAIL
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.report_utils import epsilon_text
@@ -70,7 +70,7 @@ MAX_DEMO_STEPS = 100_000
 
 
 @click.command()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo_out", show_default=True)
+@click.option("--out", "out_dir", type=PathOption(file_okay=False), default="demo_out", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1, max=MAX_DEMO_STEPS), default=DEMO["steps"], show_default=True,
               help="DP-SGD steps of the demo plan.")
 @click.option("--public-steps", type=click.IntRange(min=0, max=MAX_DEMO_STEPS), default=DEMO_PUBLIC_STEPS,

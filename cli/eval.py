@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli._common import emit_json, info, resolve_device, warn
+from cli._common import DatasetName, PathOption, emit_json, info, resolve_device, warn
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
@@ -13,20 +13,20 @@ _MAX_SEED = 2**63 - 3   # seeds up to seed + 2 feed torch generators (public pre
 
 @click.command("eval")
 # Inputs.
-@click.option("--samples", "samples_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--samples", "samples_path", required=True, type=PathOption(dir_okay=False),
               help="samples.npz from `dpdm sample` (x uint8 N x C x H x W, y).")
-@click.option("--dataset", required=True,
+@click.option("--dataset", type=DatasetName(), required=True,
               help="The real dataset: its train split feeds the reference CNN and FD, its test split the accuracies.")
-@click.option("--test-dataset", default=None,
+@click.option("--test-dataset", type=DatasetName(), default=None,
               help="Held-out real images (npz:PATH or folder:PATH); required for path datasets and digits.")
-@click.option("--data-root", default=None, type=click.Path(file_okay=False), help="Where torchvision datasets live.")
+@click.option("--data-root", default=None, type=PathOption(file_okay=False), help="Where torchvision datasets live.")
 @click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
 # Metrics.
 @click.option("--classifiers", default="logreg,mlp,cnn", show_default=True,
               help="Comma-separated downstream classifiers (logreg, mlp, cnn); empty for none.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs for every classifier [default: logreg 30, mlp 30, cnn 15; the paper: 50].")
-@click.option("--public-pretrain", "public_name", default=None,
+@click.option("--public-pretrain", "public_name", type=DatasetName(), default=None,
               help="First train every classifier without privacy on this PUBLIC dataset (e.g. digits28-aug), "
                    "then on the samples: the like-for-like comparison with `dpdm baseline dp-classifier "
                    "--public-pretrain` (not the paper's protocol, which has no public data).")
@@ -35,11 +35,11 @@ _MAX_SEED = 2**63 - 3   # seeds up to seed + 2 feed torch generators (public pre
 @click.option("--augment-shift", type=click.IntRange(min=0), default=0, show_default=True, metavar="PIXELS",
               help="Train the classifiers on samples randomly translated by up to PIXELS (each image, each epoch); "
                    "0 is the paper's protocol. Compare with `dpdm baseline dp-classifier --augment-shift`.")
-@click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
+@click.option("--inception-weights", type=PathOption(dir_okay=False), default=None,
               help="Local torchvision inception_v3 state dict: adds Inception FID (never downloaded).")
 @click.option("--reference-epochs", type=click.IntRange(min=1), default=None,
               help="Epochs of the reference CNN behind the classifier FD [default: 20]; part of its cache key.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--cache-dir", type=PathOption(file_okay=False), default=None,
               help="Where the reference CNN is cached [default: ~/.cache/dpdm]. Keep it private: the CNN is "
                    "trained without privacy on the real training data, and its file name fingerprints that data.")
 # Performance.

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import click
 
-from cli._common import checkpoint_of, emit_json, info, warn
+from cli._common import PathOption, checkpoint_of, emit_json, info, warn
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
 
 @click.command()
-@click.option("--run", "run_dir", type=click.Path(file_okay=False), default=None, help="A run folder from `dpdm train`.")
-@click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--run", "run_dir", type=PathOption(file_okay=False), default=None, help="A run folder from `dpdm train`.")
+@click.option("--checkpoint", "checkpoint_path", type=PathOption(dir_okay=False), default=None,
               help="A checkpoint file instead of --run.")
 @click.option("--weights", default="ema", show_default=True,
               help="The one set of weights to release: ema, raw (the last iterate), or power:GAMMA.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", "out_path", required=True, type=PathOption(dir_okay=False),
               help="The release file (model.pt), outside the run folder; `dpdm sample --checkpoint` reads it.")
 @click.option("--force", is_flag=True,
               help="Let --out replace the release file of another plan (one of the same plan is replaced anyway; "

@@ -10,7 +10,7 @@ import os
 
 import click
 
-from cli._common import FiniteFloatRange, emit_json, warn
+from cli._common import DatasetName, FiniteFloatRange, PathOption, emit_json, warn
 from cli.errors import BadInput, runtime_failure
 
 from dpdm.dataset_sizes import DATASET_SIZES  # noqa: E402  (one table, torch-free)
@@ -51,7 +51,8 @@ _DELTA_HELP = "(at least 1e-10, and 1e-13 per step: below it the accountants los
 @click.option("--noise-multiplier", type=_POSITIVE, help="Given noise multiplier: compute epsilon instead.")
 @click.option("--delta", type=_UNIT_OPEN, help=f"Target delta {_DELTA_HELP}; a preset supplies one.")
 # Data
-@click.option("--dataset", help=f"Dataset name: {', '.join(DATASET_SIZES)}  [default: {DEFAULT_DATASET}]")
+@click.option("--dataset", type=DatasetName(),
+              help=f"Dataset name: {', '.join(DATASET_SIZES)}  [default: {DEFAULT_DATASET}]")
 @click.option("--dataset-size", type=click.IntRange(min=1), help="Number of private examples N (at most 10**12).")
 # Mechanism
 @click.option("--batch-size", type=click.IntRange(min=1),
@@ -63,10 +64,10 @@ _DELTA_HELP = "(at least 1e-10, and 1e-13 per step: below it the accountants los
               help=f"Noise draws per example K  [default: {DEFAULT_MULTIPLICITY}]")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="The paper's settings for a dataset.")
 # Output
-@click.option("--out", type=click.Path(dir_okay=False, writable=True),
+@click.option("--out", type=PathOption(dir_okay=False, writable=True),
               help="Write the locked plan here (an existing file holding another plan is kept; see --force).")
 @click.option("--force", is_flag=True, help="Let --out replace a file that holds a different plan (or no plan).")
-@click.option("--curve", type=click.Path(dir_okay=False, writable=True),
+@click.option("--curve", type=PathOption(dir_okay=False, writable=True),
               help="Plot epsilon against steps (PNG; .pdf, .svg and other matplotlib formats by extension).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan document (JSON) and nothing else on stdout.")
 def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, epochs, steps, clip_norm,

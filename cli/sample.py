@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from cli._common import FiniteFloatRange, checkpoint_of, emit_json, info, resolve_device, warn, warn_if_slow_bf16
+from cli._common import (FiniteFloatRange, PathOption, checkpoint_of, emit_json, info, resolve_device, warn,
+                         warn_if_slow_bf16)
 from cli.errors import BadInput, runtime_failure
 
 _MAX_SEED = 2**63 - 1   # dpdm.sampling.MAX_SEED (not imported here: torch loads only when needed)
@@ -11,8 +12,8 @@ _MAX_SAMPLER_STEPS = 10_000   # dpdm.sampling.MAX_SAMPLER_STEPS (10x DPDM's 1,00
 
 
 @click.command()
-@click.option("--run", "run_dir", type=click.Path(file_okay=False), default=None, help="A run folder from `dpdm train`.")
-@click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False), default=None, help="A checkpoint file instead of --run.")
+@click.option("--run", "run_dir", type=PathOption(file_okay=False), default=None, help="A run folder from `dpdm train`.")
+@click.option("--checkpoint", "checkpoint_path", type=PathOption(dir_okay=False), default=None, help="A checkpoint file instead of --run.")
 @click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of images.")
 @click.option("--sampler", type=click.Choice(["euler", "heun", "churn"]), default="euler", show_default=True,
               help="euler: the paper's 'DDIM' (PF-ODE); heun: EDM; churn: stochastic Heun.")
@@ -50,8 +51,8 @@ _MAX_SAMPLER_STEPS = 10_000   # dpdm.sampling.MAX_SAMPLER_STEPS (10x DPDM's 1,00
               help="Images per network call; a batch of fewer than 8 is padded with copies of its images, so that "
                    "the images do not depend on the batch size.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
-@click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", "out_path", required=True, type=PathOption(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
+@click.option("--grid", "grid_path", type=PathOption(dir_okay=False), default=None,
               help="Also write a grid of samples, a row per class (.png, .pdf, .svg, .jpg or .jpeg).")
 @click.option("--json", "as_json", is_flag=True)
 def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, s_max, s_noise, guidance, guidance_interval, sigma_min, sigma_max, rho, weights, precision,

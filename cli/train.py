@@ -5,20 +5,21 @@ import os
 
 import click
 
-from cli._common import (FiniteFloatRange, emit_json, info, load_locked_plan, load_public_data, load_training_data,
-                         plan_dataset_name, resolve_device, warn, warn_if_slow_bf16, warn_inferred_classes,
-                         warn_known_seed)
+from cli._common import (DatasetName, FiniteFloatRange, PathOption, emit_json, info, load_locked_plan, load_public_data,
+                         load_training_data, plan_dataset_name, resolve_device, warn, warn_if_slow_bf16,
+                         warn_inferred_classes, warn_known_seed)
 from cli.errors import BadInput, runtime_failure
 from dpdm.report_utils import epsilon_text
 
 
 @click.command()
 # The contract.
-@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="A locked plan from `dpdm plan --out`.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoint, ledger, metrics).")
+@click.option("--plan", "plan_path", required=True, type=PathOption(dir_okay=False), help="A locked plan from `dpdm plan --out`.")
+@click.option("--out", "out_dir", required=True, type=PathOption(file_okay=False), help="Run folder (checkpoint, ledger, metrics).")
 # Data.
-@click.option("--dataset", default=None, help="Dataset name (default: the plan's). mnist5k, digits, digits28, digits28-aug, fonts28, fonts28-aug, digits-fonts28-aug, mnist, fashion-mnist, cifar10, celeba, folder:PATH, npz:PATH.")
-@click.option("--data-root", default=None, type=click.Path(file_okay=False), help="Where torchvision datasets live.")
+@click.option("--dataset", type=DatasetName(), default=None,
+              help="Dataset name (default: the plan's). mnist5k, digits, digits28, digits28-aug, fonts28, fonts28-aug, digits-fonts28-aug, mnist, fashion-mnist, cifar10, celeba, folder:PATH, npz:PATH.")
+@click.option("--data-root", default=None, type=PathOption(file_okay=False), help="Where torchvision datasets live.")
 @click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
 # Model and performance (privacy-neutral).
 @click.option("--model", type=click.Choice(["small", "mnist"]), default="small", show_default=True, help="Network preset.")
@@ -48,7 +49,7 @@ from dpdm.report_utils import epsilon_text
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None,
               help="Fix the batches and noise (tests, reproduction). Default: a secret random seed, kept in the checkpoint.")
-@click.option("--init-from", "init_from", type=click.Path(dir_okay=False), default=None,
+@click.option("--init-from", "init_from", type=PathOption(dir_okay=False), default=None,
               help="Start from the EMA weights of a checkpoint trained on PUBLIC data (e.g. a --no-dp run on "
                    "digits28-aug for MNIST-like data). Privacy-free only if that data holds none of the private "
                    "examples; a checkpoint trained on the same data is refused.")
@@ -61,7 +62,7 @@ from dpdm.report_utils import epsilon_text
                    "examples (--subspace-data) instead of in all d parameters, so its norm scales with sqrt(K), "
                    "not sqrt(d). Same plan and epsilon: one example still moves the projected sum by at most "
                    "the clip norm. The update then lies in that subspace, recomputed every --subspace-every steps.")
-@click.option("--subspace-data", default=None, metavar="NAME",
+@click.option("--subspace-data", type=DatasetName(), default=None, metavar="NAME",
               help="The public dataset of --public-subspace (e.g. digits28-aug for mnist5k); never the private data.")
 @click.option("--subspace-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="Steps between recomputations of the public subspace (at the current weights); must divide "

@@ -195,6 +195,8 @@ def load_dataset(name: str, split: str = "train", *, data_root: str | os.PathLik
       ValueError: unknown name or split.
       DataError: missing, unreadable or malformed data.
     """
+    if name.startswith(("folder:", "npz:")) and not name.split(":", 1)[1].strip():
+        raise DataError(f"dataset={name!r} names no path (an unset variable?): give {name}PATH")
     if name.startswith("folder:"):
         return _load_folder(Path(name[len("folder:"):]).expanduser(), name)
     if name.startswith("npz:"):
@@ -563,21 +565,26 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     path = Path(path)
     name = name or f"npz:{path}"
     if not path.is_file():
-        raise DataError(f"{name}: file {str(path)!r} does not exist")
+        what = ("is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist")
+        raise DataError(f"{name}: file {str(path)!r} {what}")
+    key = None
     try:
         loaded = np.load(path, allow_pickle=False, mmap_mode="r")   # a lone .npy is mapped, not read, to refuse it
         is_npz = isinstance(loaded, np.lib.npyio.NpzFile)   # np.load reads a lone .npy array (np.save) as well
         if is_npz:
             with loaded as f:
-                arrays = {k: f[k] for k in f.files}
+                arrays = {}
+                for key in f.files:
+                    arrays[key] = f[key]
     except MemoryError as e:   # an array header that asks for more than this machine has (or a corrupt one)
         raise DataError(f"{name}: cannot read {str(path)!r}: {_one_line(e)}; the file is corrupt or too large "
                         "for this machine's memory") from None
     except _NPZ_READ_ERRORS as e:
         # numpy takes any file that is neither a zip nor .npy for a pickle and advises loading it
         # "unsafely"; dpdm never does, so that advice is not passed on.
-        why = ("it is not an .npz archive; dpdm never loads pickles" if "allow_pickle" in str(e)
-               else _one_line(e))
+        why = (f"its array {key!r} holds Python objects; dpdm never loads pickles" if key is not None and
+               "allow_pickle" in str(e) else
+               "it is not an .npz archive; dpdm never loads pickles" if "allow_pickle" in str(e) else _one_line(e))
         raise DataError(f"{name}: cannot read {str(path)!r} as .npz ({why})") from None
     if not is_npz:
         raise DataError(f"{name}: {str(path)!r} is a single .npy array, not an .npz archive; write one with "

@@ -138,3 +138,36 @@ def test_memory_needed_counts_images_labels_and_one_batch():
     assert memory_needed(10**9, cfg, batch_size=256) == 10**9 * (784 + 16) + 256 * 784 * 4
     assert memory_needed(10, {**cfg, "num_classes": 0}, batch_size=256) == 10 * 784 + 10 * 784 * 4
     assert physical_memory() is None or physical_memory() > 2**20
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["plan", "--eps", "10", "--delta", "1e-5", "--out", ""], "--out"),        # wrote no plan, exit 0
+    (["plan", "--eps", "10", "--delta", "1e-5", "--dataset", " ", "--out", "p.json"], "--dataset"),  # a mnist5k plan
+    (["train", "--plan", "plan.json", "--out", ""], "--out"),                  # the current folder as the run
+    (["train", "--plan", "plan.json", "--out", "r", "--dataset", ""], "--dataset"),
+    (["sample", "--run", "", "--n", "2", "--out", "s.npz"], "--run"),
+    (["export", "--run", "r", "--out", ""], "--out"),                          # named '.'
+    (["eval", "--samples", "s.npz", "--dataset", "mnist5k", "--test-dataset", ""], "--test-dataset"),
+    (["eval", "--samples", "s.npz", "--dataset", "mnist5k", "--public-pretrain", ""], "--public-pretrain"),
+    (["baseline", "dp-classifier", "--plan", ""], "--plan"),
+    (["audit", "--run", "r", "--out", ""], "--out"),
+    (["demo", "--out", ""], "--out"),
+])
+def test_an_empty_path_or_dataset_is_one_error_line(tmp_path, monkeypatch, capsys, argv, option):
+    """An unset shell variable (`--out "$PLAN"`) gives an empty value: click took it for the current folder, or, in
+    `dpdm plan`, for no option at all. Each is refused before anything is read or written."""
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(main(argv), capsys.readouterr().err)
+    assert line.startswith(f"dpdm: error: {option}=") and "is empty" in line, line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["npz:", "folder:", "folder: "])
+def test_a_path_dataset_without_a_path_is_refused(tmp_path, monkeypatch, name):
+    """`folder:` read the current folder's images (`npz:` named '.')."""
+    from dpdm.datasets import DataError, load_dataset
+
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"dataset={name!r} names no path"):
+        load_dataset(name)

@@ -338,6 +338,11 @@ def test_npz_unreadable_or_missing(tmp_path):
         load_npz(junk)
     with pytest.raises(DataError, match="does not exist"):
         load_npz(tmp_path / "absent.npz")
+    with pytest.raises(DataError, match="'.*folder.npz' is a folder"):
+        load_npz((tmp_path / "folder.npz").mkdir() or tmp_path / "folder.npz")
+    os.mkfifo(tmp_path / "pipe.npz")   # opening it would block for ever
+    with pytest.raises(DataError, match="'.*pipe.npz' is not a regular file"):
+        load_npz(tmp_path / "pipe.npz")
 
 
 def test_a_lone_npy_array_is_a_data_error(tmp_path):
@@ -369,7 +374,8 @@ def test_an_array_header_asking_for_an_exabyte_is_a_data_error(tmp_path):
 def test_npz_refuses_pickled_objects(tmp_path):
     path = tmp_path / "obj.npz"
     np.savez(path, x=np.array([object()], dtype=object))
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"cannot read .* as \.npz \(its array 'x' holds Python objects; dpdm never "
+                                        "loads pickles"):
         load_npz(path)
 
 
