@@ -136,6 +136,14 @@ MIN_SIGNIFICANCE = 1e-12  # smaller budgets underflow in the per-check shares (1
 STATISTICAL_CHECKS = 5  # 6 for a run with --public-subspace (subspace_noise_variance)
 
 
+def run_grad_engines(train_config: dict) -> tuple[str, ...]:
+    """The per-example gradient engines a run's private steps may have used: the one `--grad-engine` named, or,
+    for ``auto`` (``per_layer_rules`` None), both: auto is decided afresh at each start (the rules on a CPU, the
+    faster of the two on a GPU), so a resumed run can have used either."""
+    rules = train_config.get("per_layer_rules", True)
+    return ("rules", "vmap") if rules is None else ("rules",) if rules else ("vmap",)
+
+
 def training_private_grad(basis=None, *, per_layer_rules: bool = True) -> Callable:
     """What `dpdm train` computes each step (`dpdm.train.distributed_private_grad`, one process; with
     `basis`, the noise in that subspace), with the signature of `dpdm.engine.private_grad` that the
@@ -270,8 +278,8 @@ def run_audit(
 
     train_config = run_config.get("train") or {}
     subspace_dim = train_config.get("subspace_dim")
-    per_layer_rules = bool(train_config.get("per_layer_rules", True))
-    statistical_checks = STATISTICAL_CHECKS + (1 if subspace_dim else 0)
+    engines = run_grad_engines(train_config)
+    statistical_checks = (STATISTICAL_CHECKS + (1 if subspace_dim else 0)) * len(engines)
     alpha_check = significance * MECHANISM_SHARE / statistical_checks
     alpha_bounds = significance * (1 - MECHANISM_SHARE)
 
@@ -281,11 +289,15 @@ def run_audit(
 
     stage("mechanism checks")
     t0 = time.perf_counter()
-    checks = check_engine(training_private_grad(per_layer_rules=per_layer_rules), alpha=alpha_check, seed=seed,
-                          pairs=SUITES[suite]["noise_pairs"])
-    if subspace_dim:
-        checks += check_subspace(lambda basis: training_private_grad(basis, per_layer_rules=per_layer_rules),
-                                 alpha=alpha_check, seed=seed, pairs=SUITES[suite]["noise_pairs"])
+    checks = []
+    for engine in engines:
+        rules = engine == "rules"
+        found = check_engine(training_private_grad(per_layer_rules=rules), alpha=alpha_check, seed=seed,
+                             pairs=SUITES[suite]["noise_pairs"])
+        if subspace_dim:
+            found += check_subspace(lambda basis: training_private_grad(basis, per_layer_rules=rules),
+                                    alpha=alpha_check, seed=seed, pairs=SUITES[suite]["noise_pairs"])
+        checks += found if len(engines) == 1 else [replace(c, name=f"{c.name} ({engine})") for c in found]
     checks += check_sampler(PoissonSampler, alpha=alpha_check, seed=seed)
     checks += check_run(run, doc, alpha=alpha_check)
     t_checks = time.perf_counter() - t0
@@ -377,6 +389,12 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
            f"; the plan's epsilon over its {plan.steps} steps is {epsilon_text(plan_epsilon)}")
         + ". The verdict compares the epsilon lower bounds with the canary run's epsilon.",
     ]
+    engines = run_grad_engines(train_config)
+    lines.append(
+        "The mechanism checks ran the run's per-example gradient engine"
+        + (f": {engines[0]}" if len(engines) == 1 else
+           "s: both rules and vmap (--grad-engine auto picks one at each start, so a resumed run can have used either)")
+        + ", on the audit's own tiny model.")
     if t["dataset_size"] != plan.dataset_size:
         lines.append(
             f"The canary run trains on {t['dataset_size']} examples instead of the plan's {plan.dataset_size} at the "

@@ -449,3 +449,33 @@ def test_a_copy_of_a_report_among_other_files_is_not_an_audit_folder(run_dir, tm
     rc, _, err = _audit(["--run", str(run), "--out", str(paper), *SMALL], capsys)
     assert rc == 2 and "not an earlier dpdm audit's report" in err, err
     assert {p.name: p.read_bytes() for p in paper.iterdir()} == before
+
+
+def test_an_auto_engine_run_has_both_engines_checked(run_dir, tmp_path, capsys, monkeypatch):
+    """A run with --grad-engine auto (per_layer_rules None: the rules on a CPU, either on a GPU, chosen at each
+    start) had its mechanism checks run on plain vmap only: a broken per-layer rule passed them. Now both
+    engines are checked (twice the checks, in the error budget too), and a broken rule fails the audit."""
+    from audits.suite import run_audit
+    from dpdm import engine
+    from dpdm.datasets import load_dataset
+    from dpdm.train import TrainConfig, train
+
+    _, npz, doc = run_dir
+    data = load_dataset(f"npz:{npz}")
+    run = tmp_path / "auto_run"
+    train(doc, data.x, data.y, 10, run, TrainConfig(model="small", log_every=1, checkpoint_every=10,
+                                                    per_layer_rules=None), dataset_name=f"npz:{npz}", progress=False)
+    small = {"num_canaries": 24, "steps": 2, "background_size": 32}
+    report = run_audit(run, tmp_path / "ok", suite="quick", canary_overrides=small)
+    names = [c["name"] for c in report["mechanism_checks"]]
+    assert "per_sample_gradients (rules)" in names and "per_sample_gradients (vmap)" in names, names
+    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 10
+    assert all(c["passed"] for c in report["mechanism_checks"]) and report["verdict"] != "FAIL"
+    assert any("both rules and vmap" in line for line in report["what_was_audited"]), report["what_was_audited"]
+
+    silu = engine._Silu.backward
+    monkeypatch.setattr(engine._Silu, "backward", staticmethod(lambda ctx, g: 3.0 * silu(ctx, g)))
+    report = run_audit(run, tmp_path / "broken", suite="quick", canary_overrides=small)
+    failed = {c["name"] for c in report["mechanism_checks"] if not c["passed"]}
+    assert report["verdict"] == "FAIL" and "per_sample_gradients (rules)" in failed, failed
+    assert not any(name.endswith("(vmap)") for name in failed), failed
