@@ -100,8 +100,7 @@ DEMO_OUTPUTS = ("plan.json", "run", "public", "model.pt", "samples.npz", "grid.p
 
 
 def _claim_demo_folder(out: Path) -> None:
-    """Makes `out` the demo's folder: a new or empty folder, or one an earlier demo wrote (its mark, or its
-    report). Anything else is refused before any work (exit 2), since the demo replaces what it writes there
+    """Makes `out` the demo's folder: a new or empty folder, or one an earlier demo marked as its own. Anything else is refused before any work (exit 2), since the demo replaces what it writes there
     (a run/ folder of the user's included). The outputs of an earlier demo are removed: it starts afresh."""
     from cli.errors import BadInput
 
@@ -113,12 +112,17 @@ def _claim_demo_folder(out: Path) -> None:
     if problem:   # a file or a broken link in the way, a folder that takes no files (/proc)
         raise BadInput(f"--out {str(out)!r}: {problem}")
     if out.is_dir() and any(out.iterdir()):
-        report = out / "report.md"
-        ours = (out / DEMO_MARK).is_file() or (
-            report.is_file() and report.read_text(encoding="utf-8", errors="replace").startswith("# dpdm demo:"))
-        if not ours:
-            raise BadInput(f"--out {str(out)!r} holds files of something other than an earlier demo; the demo writes "
-                           f"{', '.join(DEMO_OUTPUTS)} there, replacing them: choose a new or empty folder")
+        if not (out / DEMO_MARK).is_file():
+            report = out / "report.md"
+            copied = report.is_file() and report.read_text(encoding="utf-8", errors="replace").startswith(
+                "# dpdm demo:")
+            # A demo's report without the mark is a copy among a project's files (another plan's run/ and
+            # plan.json), or a demo from before the mark: either way not the demo's to replace.
+            raise BadInput(f"--out {str(out)!r} holds "
+                           + ("a demo's report.md but no .dpdm-demo mark (a copy, or a demo older than the mark)"
+                              if copied else "files of something other than an earlier demo")
+                           + f"; the demo writes {', '.join(DEMO_OUTPUTS)} there, replacing them: choose a new or "
+                           "empty folder")
         for name in DEMO_OUTPUTS:
             path = out / name
             if path.is_dir() and not path.is_symlink():

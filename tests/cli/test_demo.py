@@ -95,10 +95,21 @@ def test_demo_takes_only_a_new_empty_or_earlier_demo_folder(tmp_path, capsys):
     assert len(err) == 1 and "holds files of something other than an earlier demo" in err[0]
     assert (project / "run" / "notes.txt").read_text() == "mine" and not (project / DEMO_MARK).exists()
 
-    earlier = tmp_path / "demo"
+    # A copy of a demo's report among a project's files (another plan's run and plan.json, all of them names the
+    # demo writes) is no demo folder; an unmarked demo (from before the mark) cannot be told from it.
+    from cli.errors import BadInput
+
+    (project / "plan.json").write_text("another plan")
+    (project / "report.md").write_text("# dpdm demo: DP diffusion on mnist5k\n")
+    with pytest.raises(BadInput, match="holds a demo's report.md but no .dpdm-demo mark"):
+        _claim_demo_folder(project)
+    assert (project / "run" / "notes.txt").read_text() == "mine" and (project / "plan.json").read_text() == \
+        "another plan" and not (project / DEMO_MARK).exists()
+
+    earlier = tmp_path / "demo"   # an earlier demo's folder: its outputs replaced, the rest kept
     (earlier / "run").mkdir(parents=True)
-    (earlier / "grid.png").write_bytes(b"an earlier demo's grid, unmarked")
-    (earlier / "report.md").write_text("# dpdm demo: DP diffusion on mnist5k\n")
+    (earlier / "grid.png").write_bytes(b"an earlier demo's grid")
+    (earlier / DEMO_MARK).write_text("written by `dpdm demo`")
     (earlier / "keep.txt").write_text("not the demo's")
     _claim_demo_folder(earlier)
     assert sorted(p.name for p in earlier.iterdir()) == [DEMO_MARK, "keep.txt"]
