@@ -146,6 +146,9 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         if problem:
             raise BadInput(f"--cache-dir={str(folder)!r}: {problem}")
     provenance = samples_provenance(samples_path)
+    if real_test is not None:
+        _check_test_held_out_from_generator(provenance["dataset"], dataset, real_test, test_dataset or dataset,
+                                            data_root)
     if provenance["private"] is False:
         warn(f"{samples_path!r} was drawn from a NON-PRIVATE model (--no-dp): these figures carry no privacy "
              "guarantee")
@@ -176,20 +179,53 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         click.echo(format_report(report))
 
 
+def _check_test_held_out_from_generator(generator_data: str | None, dataset: str, real_test, test_name: str,
+                                        data_root) -> None:
+    """The test accuracies are of held-out images: `check_test_data` compares the test images with --dataset's
+    training split, but the samples' generator may have trained on other data (their ``meta_dataset``), and a
+    test set that is that data measures the generator's own training images. Half or more of the test images
+    among them is refused, as for --dataset; fewer are warned about. Data that cannot be loaded here (a path
+    the plan did not name, a torchvision dataset not on this machine) is not checked, and said so."""
+    from dpdm.datasets import load_dataset, shared_images
+
+    if generator_data is None or generator_data == dataset:
+        return
+    try:
+        trained_on = load_dataset(generator_data, "train", data_root=data_root, download=False)
+    except (ValueError, OSError) as e:   # DataError is a ValueError
+        warn(f"the samples' model trained on {generator_data!r}, which cannot be read here ({e}); the test images "
+             f"of {test_name!r} are not checked against it")
+        return
+    shared = shared_images(real_test, trained_on)
+    if len(real_test) and 2 * shared >= len(real_test):
+        raise BadInput(f"--test-dataset={test_name!r}: {shared} of its {len(real_test)} images are the training "
+                       f"images of the samples' model ({generator_data!r}); the test accuracy must come from "
+                       "held-out images")
+    if shared:
+        warn(f"{shared} of the {len(real_test)} test images of {test_name!r} are training images of the samples' "
+             f"model ({generator_data!r}); their accuracy is not held-out")
+
+
 def samples_provenance(path: str) -> dict:
     """What `dpdm sample` recorded about the model behind the samples (its ``meta_*`` arrays): "private"
-    (False: a `--no-dp` model), "seed_given" (trained with a given `--seed`), "epsilon" and "delta"; each
-    None where the file does not say (samples from elsewhere)."""
+    (False: a `--no-dp` model), "seed_given" (trained with a given `--seed`), "epsilon", "delta" and "dataset"
+    (the model's training data as its plan names it); each None where the file does not say (samples from
+    elsewhere)."""
     import math
 
     import numpy as np
 
-    out = {"private": None, "seed_given": None, "epsilon": None, "delta": None}
+    out = {"private": None, "seed_given": None, "epsilon": None, "delta": None, "dataset": None}
     try:
         with np.load(path, allow_pickle=False) as z:
             for key in out:
                 name = f"meta_{key}"
-                if name in z.files and z[name].shape == () and z[name].dtype.kind in "biuf":
+                if name not in z.files or z[name].shape != ():
+                    continue
+                if key == "dataset":
+                    if z[name].dtype.kind == "U" and z[name].item() not in ("", "None"):
+                        out[key] = z[name].item()
+                elif z[name].dtype.kind in "biuf":
                     v = z[name].item()
                     out[key] = bool(v) if key in ("private", "seed_given") else (
                         float(v) if math.isfinite(v) else None)

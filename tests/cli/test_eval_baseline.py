@@ -697,3 +697,35 @@ def test_eval_says_where_the_samples_came_from(digit_files, tmp_path, capsys):
         made = json.loads(out)["samples_provenance"]
         assert made["private"] == (None if name == "foreign" else name != "nodp")
         assert made["seed_given"] == (None if name == "foreign" else name == "seeded")
+
+
+def test_eval_refuses_a_test_set_that_is_the_generators_training_data(digit_files, tmp_path, capsys):
+    """The samples name their model's training data (meta_dataset); eval checked the test images only against
+    --dataset, so `--dataset other --test-dataset <the generator's data>` reported an accuracy on the generator's
+    own training images as held-out."""
+    with np.load(digit_files["samples"]) as z:
+        x, y = z["x"], z["y"]
+    with np.load(digit_files["test"]) as z:
+        tx, ty = z["x"], z["y"]
+    some = tmp_path / "some_of_test.npz"   # a model trained on 100 of the test images and 200 others
+    np.savez(some, x=np.concatenate([tx[:100], x[:200]]), y=np.concatenate([ty[:100], y[:200]]))
+    common = ("eval", "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+              "--classifiers", "logreg", "--epochs", "1", "--reference-epochs", "1",
+              "--cache-dir", str(tmp_path / "cache"))
+
+    def samples(name, trained_on):
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, x=x, y=y, meta_private=np.array(True), meta_seed_given=np.array(False),
+                 meta_epsilon=np.array(2.0), meta_delta=np.array(1e-5), meta_dataset=np.array(trained_on))
+        return str(path)
+
+    code, out, err = _run(capsys, *common, "--samples", samples("on_test", f"npz:{digit_files['test']}"))
+    _assert_one_line_error(code, err, "--test-dataset=", "300 of its 300 images are the training images of the "
+                           "samples' model", "held-out")
+    code, out, err = _run(capsys, *common, "--samples", samples("on_some", f"npz:{some}"))
+    assert code == 0 and "100 of the 300 test images" in err and "not held-out" in err, err
+    code, out, err = _run(capsys, *common, "--samples", samples("gone", f"npz:{tmp_path / 'deleted.npz'}"))
+    assert code == 0 and "cannot be read here" in err and "are not checked against it" in err, err
+    for trained_on in (f"npz:{digit_files['train']}", "None"):   # --dataset itself (checked already), or unnamed
+        code, out, err = _run(capsys, *common, "--samples", samples("usual", trained_on))
+        assert code == 0 and "dpdm: warning" not in err, err
