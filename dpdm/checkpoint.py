@@ -188,6 +188,12 @@ def verify_ledger(state: dict[str, Any], doc, what: str) -> None:
                                   f"{expected:.6g}; the file was edited")
 
 
+# What torch.load(weights_only=True) raises on a file it refuses: a pickle asking for code, a truncated zip, or
+# a file that is no torch file at all (its legacy reader then fails with a KeyError on the "magic number").
+TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
+                     AttributeError, TypeError, IndexError)
+
+
 def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -205,8 +211,7 @@ def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
     except PermissionError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({e.strerror or e})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
-            AttributeError, TypeError, IndexError) as e:
+    except TORCH_LOAD_ERRORS as e:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated: {load_error_reason(e)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} is not a dpdm checkpoint (format {FORMAT!r} expected)")
@@ -224,7 +229,10 @@ def load_error_reason(e: Exception) -> str:
     reason for a refused pickle (`unpickling_reason`), else the error's first line, else its type."""
     if isinstance(e, pickle.UnpicklingError):
         return unpickling_reason(e)
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (KeyError, IndexError)):   # its text is a bare key ("174812789"): the type says more
+        return f"{type(e).__name__} {first}".strip()
+    return first or type(e).__name__
 
 
 def unpickling_reason(e: Exception) -> str:

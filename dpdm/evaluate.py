@@ -52,18 +52,17 @@ import copy
 import hashlib
 import json
 import os
-import pickle
 import time
 import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from dpdm.checkpoint import load_error_reason
+from dpdm.checkpoint import TORCH_LOAD_ERRORS, load_error_reason
 from dpdm.classifiers import CNN, build_classifier
 from dpdm.datasets import DataError, ImageData, shared_images
 
@@ -370,12 +369,10 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
                 warnings.simplefilter("ignore")
                 model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             info = json.loads(path.with_suffix(".json").read_text())
-            if not isinstance(info, dict):
-                raise ValueError("not a mapping")
+            _check_reference_entry(model, info, epochs)
             model.to(device).eval()
             return model, {**info, "cache": str(path), "cached": True}
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError,
-                pickle.UnpicklingError, zipfile.BadZipFile):
+        except TORCH_LOAD_ERRORS:
             # A damaged (or foreign, refused by weights_only) cache entry is rebuilt, from a fresh network: a
             # failed load_state_dict may have copied some of its tensors.
             model = fresh()
@@ -392,6 +389,20 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
     _atomic_write(path, lambda f: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, f))
     _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(info).encode()))
     return model, {**info, "cache": str(path), "cached": False}
+
+
+def _check_reference_entry(model: nn.Module, info: Any, epochs: int) -> None:
+    """Raises ValueError unless a cached reference CNN is usable: finite weights (NaN ones made every later
+    eval fail with "Eigenvalues did not converge") and the figures `reference_classifier` records, of their
+    types (they are copied into the report)."""
+    if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
+        raise ValueError("weights that are not finite")
+    if not isinstance(info, dict) or set(info) != {"real_val_accuracy", "best_epoch", "epochs"}:
+        raise ValueError("not the reference's record")
+    acc, best = info["real_val_accuracy"], info["best_epoch"]
+    if not (type(acc) in (int, float) and 0 <= acc <= 1 and type(best) is int and 0 <= best <= epochs
+            and info["epochs"] == epochs and type(info["epochs"]) is int):
+        raise ValueError("figures out of range")
 
 
 def _reference_folder(cache_dir: str | os.PathLike | None) -> Path:
@@ -522,8 +533,7 @@ def load_inception(weights: str | os.PathLike) -> nn.Module:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols; they are refused anyway
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError,
-            TypeError, zipfile.BadZipFile) as e:  # all of them mean "refused"
+    except TORCH_LOAD_ERRORS as e:  # all of them mean "refused"
         raise ValueError(f"--inception-weights={str(weights)!r} cannot be loaded with "
                          f"weights_only=True: {load_error_reason(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

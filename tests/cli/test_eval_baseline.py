@@ -155,6 +155,12 @@ def test_eval_unusable_inception_weights(digit_files, tmp_path, capsys):
                         "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "",
                         "--inception-weights", str(junk), "--cache-dir", str(tmp_path))
     _assert_one_line_error(code, err, "--inception-weights", "weights_only")
+    junk.write_bytes(b"junk\n")   # torch's legacy reader fails on its "magic number" with a KeyError: a traceback
+    code, _, err = _run(capsys, "eval", "--samples", str(digit_files["samples"]),
+                        "--dataset", f"npz:{digit_files['train']}",
+                        "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "",
+                        "--inception-weights", str(junk), "--cache-dir", str(tmp_path))
+    _assert_one_line_error(code, err, "--inception-weights", "weights_only", "KeyError")
 
 
 # --- dpdm baseline dp-classifier -----------------------------------------------------------------

@@ -218,6 +218,20 @@ def test_reference_classifier_cached_and_fd(digits, tmp_path):
         assert info3["cached"] is False
         for p, q in zip(ref.parameters(), ref3.parameters()):
             torch.testing.assert_close(p, q)
+    # Entries that load and fit but hold NaN weights (every later eval failed with "Eigenvalues did not converge",
+    # the entry never rebuilt) or a record of other figures (copied into the report as they were).
+    record = json.loads(cache.with_suffix(".json").read_text())
+    nan = {k: v * float("nan") if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    for weights, meta in ((nan, record), (ref.state_dict(), {**record, "real_val_accuracy": "x"}),
+                          (ref.state_dict(), {**record, "best_epoch": None}),
+                          (ref.state_dict(), {**record, "epochs": 99}), (ref.state_dict(), {**record, "extra": 1})):
+        torch.save(weights, cache)
+        cache.with_suffix(".json").write_text(json.dumps(meta))
+        ref3, info3 = reference_classifier(train, cache_dir=tmp_path, epochs=4)
+        assert info3["cached"] is False and json.loads(cache.with_suffix(".json").read_text()) == record
+        for p, q in zip(ref.parameters(), ref3.parameters()):
+            torch.testing.assert_close(p, q)
+    assert reference_classifier(train, cache_dir=tmp_path, epochs=4)[1]["cached"] is True
     assert classifier_fd(train, train, ref) == pytest.approx(0.0, abs=1e-6)
     real_fd = classifier_fd(test, train, ref)
     noise = ImageData(torch.rand(500, 1, 8, 8) * 2 - 1, None, 0, "noise")

@@ -251,6 +251,9 @@ def test_truncated_checkpoint_refused(tmp_path):
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load_checkpoint(junk)
+    junk.write_bytes(b"junk\n")   # torch's legacy reader: KeyError 174812789, once a bare number on the line
+    with pytest.raises(ckpt.CheckpointError, match=r"is corrupt or truncated: KeyError \d+$"):
+        ckpt.load_checkpoint(junk)
     (tmp_path / "folder.pt").mkdir()
     (tmp_path / "dangling.pt").symlink_to(tmp_path / "gone.pt")
     for name, what in (("folder.pt", "is a folder, not a file"), ("dangling.pt", "is a broken link"),
