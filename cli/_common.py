@@ -193,3 +193,14 @@ def load_training_data(name: str, *, data_root, download: bool, option: str = "-
         return load_dataset(name, "train", data_root=data_root, download=download)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         raise BadInput(f"{option}={name!r}: {e}") from None
+
+
+def check_augment_shift(shift: int, data) -> None:
+    """--augment-shift within the images' sides (`dpdm.evaluate.check_shift`), before any training."""
+    from cli.errors import BadInput
+    from dpdm.evaluate import check_shift
+
+    try:
+        check_shift(shift, data.image_shape[1:], "--augment-shift")
+    except ValueError as e:
+        raise BadInput(str(e)) from None

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from cli._common import (DatasetName, FiniteFloatRange, PathOption, emit_json, load_locked_plan, load_public_data,
-                         load_training_data, plan_dataset_name, resolve_device, warn, warn_inferred_classes,
-                         warn_known_seed)
+from cli._common import (DatasetName, FiniteFloatRange, PathOption, check_augment_shift, emit_json, load_locked_plan,
+                         load_public_data, load_training_data, plan_dataset_name, resolve_device, warn,
+                         warn_inferred_classes, warn_known_seed)
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
@@ -73,6 +73,7 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         raise BadInput(f"--dataset={name!r} has no held-out split; give the real held-out images "
                        f"with --test-dataset npz:PATH or folder:PATH")
     train = load_training_data(name, data_root=data_root, download=download)
+    check_augment_shift(augment_shift, train)
     if len(train) != doc.plan.dataset_size:
         raise BadInput(f"--dataset={name!r} has {len(train)} training images but the plan was made "
                        f"for dataset_size={doc.plan.dataset_size}")
@@ -122,3 +123,4 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
             aug = result["augment"]
             click.echo(f"  each example as {aug['multiplicity']} copies shifted by up to {aug['shift']} px, "
                        f"their averaged loss clipped as a whole")
+

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli._common import DatasetName, PathOption, emit_json, info, resolve_device, warn
+from cli._common import DatasetName, PathOption, check_augment_shift, emit_json, info, resolve_device, warn
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
@@ -77,6 +77,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         samples = load_npz(samples_path, name=samples_path)
     except DataError as e:
         raise BadInput(f"--samples={samples_path!r}: {e}") from None
+    check_augment_shift(augment_shift, samples)
     if len(samples) < MIN_SAMPLES:   # checked before any training, not after it
         raise BadInput(f"--samples={samples_path!r} holds {len(samples)} images; dpdm eval needs at least "
                        f"{MIN_SAMPLES} (precision/recall with k = 3)")
@@ -101,6 +102,10 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         if len(real_test) < 2:
             raise BadInput(f"--test-dataset={test_dataset or dataset!r} holds {len(real_test)} image; "
                            f"dpdm eval needs at least 2")
+        if real_test.image_shape != real_train.image_shape:   # else blamed on --samples, which match --dataset
+            raise BadInput(f"--test-dataset={test_dataset or dataset!r} has images of "
+                           f"{'x'.join(map(str, real_test.image_shape))} (CxHxW), --dataset={dataset!r} of "
+                           f"{'x'.join(map(str, real_train.image_shape))}")
         try:
             real_test = match_test_classes(real_train, real_test)
         except DataError as e:

@@ -31,8 +31,8 @@ from torch import nn
 
 from dpdm.classifiers import CNN
 from dpdm.datasets import DataError, ImageData
-from dpdm.evaluate import (DEFAULT_PUBLIC_EPOCHS, NON_PRIVATE_KEY, accuracy, check_public_data, check_test_data,
-                           match_test_classes, pretrain_on_public, random_shift)
+from dpdm.evaluate import (DEFAULT_PUBLIC_EPOCHS, NON_PRIVATE_KEY, accuracy, check_public_data, check_shift,
+                           check_test_data, match_test_classes, pretrain_on_public, random_shift)
 from dpdm.train import step_seed
 
 __all__ = ["DEFAULT_LR", "DEFAULT_PUBLIC_EPOCHS", "train_dp_classifier"]
@@ -110,8 +110,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         raise DataError(f"train images are {train.image_shape} but test images are {test.image_shape}")
     if not lr > 0:
         raise ValueError(f"lr={lr!r} must be > 0")
-    if int(augment_shift) != augment_shift or augment_shift < 0:
-        raise ValueError(f"augment_shift={augment_shift!r} must be a non-negative integer")
+    check_shift(augment_shift, train.image_shape[1:], "augment_shift")
     if int(augment_multiplicity) != augment_multiplicity or augment_multiplicity < 1:
         raise ValueError(f"augment_multiplicity={augment_multiplicity!r} must be a positive integer")
     if augment_multiplicity > 1 and augment_shift == 0:

@@ -74,6 +74,7 @@ __all__ = [
     "REFERENCE_EPOCHS",
     "accuracy",
     "check_public_data",
+    "check_shift",
     "check_test_data",
     "classifier_fd",
     "classifier_precision_recall",
@@ -81,7 +82,6 @@ __all__ = [
     "downstream_accuracy",
     "evaluate_samples",
     "feature_stats",
-    "skipped_metrics",
     "fit_classifier",
     "frechet_distance",
     "inception_fid",
@@ -90,6 +90,7 @@ __all__ = [
     "pretrain_on_public",
     "random_shift",
     "reference_classifier",
+    "skipped_metrics",
 ]
 
 DEFAULT_EPOCHS = {"logreg": 30, "mlp": 30, "cnn": 15}  # paper: 50 each
@@ -123,14 +124,23 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     return correct / max(len(x), 1)
 
 
+def check_shift(shift: int, size: tuple[int, ...], name: str = "shift") -> None:
+    """Raises ValueError unless `shift` is an integer in [0, min(H, W)) for images of `size` (H, W): a larger
+    one translates images out of their frame (replicated borders only), and pads each batch to (H + 2 shift)^2,
+    so a typo (3000 for 30) ran out of memory rather than failing."""
+    if int(shift) != shift or shift < 0:
+        raise ValueError(f"{name}={shift!r} must be a non-negative integer")
+    if shift >= min(size):
+        raise ValueError(f"{name}={shift!r} must be smaller than the images' sides ({'x'.join(map(str, size))})")
+
+
 def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
     """Each image of `x` [B, C, H, W] translated by its own random (dy, dx) in [-shift, shift]^2.
 
     The border is replicated into the uncovered pixels (MNIST's background, whatever its value).
     Offsets come from `generator` (CPU), so a seeded run is reproducible.
     """
-    if shift < 0 or int(shift) != shift:
-        raise ValueError(f"shift={shift!r} must be a non-negative integer")
+    check_shift(shift, x.shape[-2:])
     if shift == 0:
         return x
     b, _, h, w = x.shape
@@ -641,6 +651,7 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
         epochs = {k: epochs for k in classifiers}
     epochs = {**DEFAULT_EPOCHS, **(epochs or {})}
     t0 = time.perf_counter()
+    check_shift(shift, samples.image_shape[1:])
     skipped = skipped_metrics(samples, real_train, real_test, classifiers)
     if "classifier_fd" not in skipped:
         _reference_folder(cache_dir)   # before any training, not after it

@@ -735,3 +735,43 @@ def test_eval_refuses_a_test_set_that_is_the_generators_training_data(digit_file
     for trained_on in (f"npz:{digit_files['train']}", "None"):   # --dataset itself (checked already), or unnamed
         code, out, err = _run(capsys, *common, "--samples", samples("usual", trained_on))
         assert code == 0 and "dpdm: warning" not in err, err
+
+
+def test_eval_names_the_test_set_of_another_shape_and_a_shift_beyond_the_image(digit_files, tmp_path, capsys):
+    """A 28x28 --test-dataset beside 8x8 samples and --dataset was blamed on --samples; --augment-shift 400 on 8x8
+    images trained on blank frames (and a typo of 3000 padded each batch to 18 GB)."""
+    with np.load(digit_files["test"]) as z:
+        np.savez(tmp_path / "t28.npz", x=np.zeros((300, 1, 28, 28), np.uint8), y=z["y"])
+    common = ("eval", "--samples", str(digit_files["samples"]), "--dataset", f"npz:{digit_files['train']}",
+              "--classifiers", "logreg", "--epochs", "1", "--reference-epochs", "1", "--cache-dir", str(tmp_path))
+    code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{tmp_path / 't28.npz'}")
+    _assert_one_line_error(code, err, "--test-dataset=", "has images of 1x28x28 (CxHxW)", "of 1x8x8")
+    for shift in ("8", "3000"):
+        code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{digit_files['test']}", "--augment-shift", shift)
+        _assert_one_line_error(code, err, f"--augment-shift={shift} must be smaller than the images' sides (8x8)")
+    assert not (tmp_path / "reference").exists()   # refused before the reference CNN was trained
+    code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{digit_files['test']}", "--augment-shift", "7")
+    assert code == 0, err
+
+
+def test_baseline_refuses_a_shift_beyond_the_image(digit_files, tmp_path, capsys):
+    import accounting
+
+    plan = accounting.PrivacyPlan(dataset_size=600, batch_size=60, steps=2, noise_multiplier=2.0,
+                                  noise_multiplicity=1, delta=1e-5)
+    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(tmp_path / "plan.json"),
+                        "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+                        "--augment-shift", "9", "--device", "cpu")
+    _assert_one_line_error(code, err, "--augment-shift=9 must be smaller than the images' sides (8x8)")
+
+
+def test_random_shift_refuses_shifts_beyond_the_image():
+    import torch
+
+    from dpdm.evaluate import random_shift
+
+    x = torch.zeros(2, 1, 8, 8)
+    assert random_shift(x, 7, torch.Generator()).shape == x.shape
+    with pytest.raises(ValueError, match=r"shift=8 must be smaller than the images' sides \(8x8\)"):
+        random_shift(x, 8, torch.Generator())
