@@ -20,6 +20,7 @@ exactly what was trained.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ import torch
 
 from audits.auditor import Auditor, _jsonable, max_one_run_epsilon, one_run_audit
 from audits.scores import PIA, LossAttack, loss_scores, pia_scores
+from dpdm.report_utils import epsilon_text
 
 __all__ = [
     "CanaryConfig",
@@ -322,23 +324,27 @@ def canary_verdict(
     power (never "privacy verified"). ``control_max`` None: no control was trained.
     """
     claim = float(claimed_epsilon)
-    if target_max > claim:
-        return "FAIL", [f"{worst_attack} attack: one-run epsilon lower bound {target_max:.3f} > claimed epsilon "
-                        f"{claim:.3f}"]
+    # As every epsilon dpdm prints (README): the claim rounded up, lower bounds (and the most a perfect attack
+    # could certify) down, so the verdict line and its reasons show the claim alike.
+    up, low = epsilon_text, functools.partial(epsilon_text, bound="lower")
+    if target_max > claim:   # as many digits as it takes for the two to read as they compare
+        digits = next(d for d in range(4, 18) if float(low(target_max, d)) > float(up(claim, d)))
+        return "FAIL", [f"{worst_attack} attack: one-run epsilon lower bound {low(target_max, digits)} > claimed "
+                        f"epsilon {up(claim, digits)}"]
     if ceiling <= claim:
         return "INCONCLUSIVE", [
-            f"with {num_canaries} canaries this audit cannot certify more than epsilon {ceiling:.3f}, so it cannot "
-            f"detect a violation of the claim {claim:.3f}; use more canaries (--canaries) or a shorter canary run "
+            f"with {num_canaries} canaries this audit cannot certify more than epsilon {low(ceiling)}, so it cannot "
+            f"detect a violation of the claim {up(claim)}; use more canaries (--canaries) or a shorter canary run "
             f"(--steps), whose epsilon is smaller"]
     if control_max is not None and control_max <= claim:
         return "INCONCLUSIVE", [
-            f"the positive control (noise off) reached an epsilon lower bound of only {control_max:.3f} <= the "
-            f"claim {claim:.3f}: the attacks could not show leakage of the claimed size, so a violation could "
+            f"the positive control (noise off) reached an epsilon lower bound of only {low(control_max)} <= the "
+            f"claim {up(claim)}: the attacks could not show leakage of the claimed size, so a violation could "
             f"have gone undetected"]
-    reason = (f"no violation detected at the stated power: largest epsilon lower bound {target_max:.3f} <= claimed "
-              f"{claim:.3f}; a perfect attack could certify up to {ceiling:.3f}")
+    reason = (f"no violation detected at the stated power: largest epsilon lower bound {low(target_max)} <= claimed "
+              f"{up(claim)}; a perfect attack could certify up to {low(ceiling)}")
     if control_max is not None:
-        reason += f", and the positive control (noise off) reached {control_max:.3f}"
+        reason += f", and the positive control (noise off) reached {low(control_max)}"
     else:
         reason += " (no positive control was trained)"
     return "PASS", [reason]

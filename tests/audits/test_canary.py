@@ -146,15 +146,20 @@ def test_verdict_rule():
     assert canary_verdict(3.1, 5.0, 4.0, 3.0, num_canaries=200, worst_attack="pia")[0] == "FAIL"
     verdict, reasons = canary_verdict(1.0, 3.0, 3.28, 9.997, num_canaries=200)  # the demo: eps 10, 200 canaries
     assert verdict == "INCONCLUSIVE"
-    assert "with 200 canaries this audit cannot certify more than epsilon 3.280" in reasons[0]
+    assert "with 200 canaries this audit cannot certify more than epsilon 3.28," in reasons[0]
     assert "claim 9.997" in reasons[0] and "--canaries" in reasons[0]
     assert canary_verdict(0.5, 2.0, 2.0, 2.0, num_canaries=200)[0] == "INCONCLUSIVE"  # ceiling == claim
     verdict, reasons = canary_verdict(0.2, 0.8, 2.7, 1.0, num_canaries=128)  # control > 0 but below the claim
-    assert verdict == "INCONCLUSIVE" and "positive control" in reasons[0] and "0.800" in reasons[0]
+    assert verdict == "INCONCLUSIVE" and "positive control" in reasons[0] and "only 0.8 <=" in reasons[0]
     assert canary_verdict(0.2, 1.0, 2.7, 1.0, num_canaries=128)[0] == "INCONCLUSIVE"  # control == claim
     verdict, reasons = canary_verdict(0.2, 1.5, 2.7, 1.0, num_canaries=128)
     assert verdict == "PASS" and reasons[0].startswith("no violation detected at the stated power")
     assert "verified" not in " ".join(reasons)
+    # The claim rounded up, as the verdict line shows it (1.049, where ".3f" wrote 1.048), lower bounds down.
+    verdict, reasons = canary_verdict(0.2, 1.0, 0.72149, 1.04851, num_canaries=20)
+    assert "cannot certify more than epsilon 0.7214, so it cannot detect a violation of the claim 1.049" in reasons[0]
+    verdict, reasons = canary_verdict(1.04869, 1.0, 2.7, 1.04851, num_canaries=20, worst_attack="pia")
+    assert verdict == "FAIL" and reasons == ["pia attack: one-run epsilon lower bound 1.04869 > claimed epsilon 1.04851"]
 
 
 def test_audit_that_cannot_fail_is_inconclusive_even_with_a_leaking_control(digits, plan_eps1):
