@@ -99,7 +99,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     ``meta_*`` scalars (never an object array). `grid_path` (a suffix of `report_utils.GRID_SUFFIXES`)
     is written atomically too; a failure leaves no temporary file.
 
-    seed: image i uses seed + i; 0 <= seed <= 2**63 - n (`dpdm.sampling.MAX_SEED`).
+    seed: image i uses seed + i, for its noise and its label ((seed + i) % classes); 0 <= seed <= 2**63 - n
+      (`dpdm.sampling.MAX_SEED`).
     sigma_min / sigma_max None: Karras's 0.002 / 80, narrowed to the noise levels the run trained on
     (`dpdm train --train-sigma`), so that the sampler does not ask the network about levels it never saw.
     precision: "fp32", or "bf16" (the network under bfloat16 autocast; `dpdm.sampling.PRECISIONS`).
@@ -161,7 +162,9 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         raise SampleError(f"--s-noise={s_noise:g} must lie in [0, {MAX_S_NOISE:g}]: EDM tunes it in [1, 1.007] "
                           f"and 1 is the default; a large scale overflows the sampler into NaN")
     num_classes = int(cfg["num_classes"])
-    labels = torch.arange(n) % num_classes if num_classes > 0 else None
+    # Image i is image seed + i of one sequence, label included: a run split into files (advancing --seed by
+    # each file's --n) draws the same images as one file (labels restarting at 0 in each file did not).
+    labels = (seed % num_classes + torch.arange(n)) % num_classes if num_classes > 0 else None
     try:
         with torch.no_grad():
             x, y = generate(D, n=n, labels=labels, seed=seed, sampler=sampler, sampler_steps=sampler_steps,

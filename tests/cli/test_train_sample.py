@@ -66,6 +66,16 @@ def test_train_sample_eval_end_to_end(tiny, capsys):
         assert bool(z["meta_private"]) is True
     assert (d / "grid.png").stat().st_size > 0
     assert json.loads(out)["epsilon"] == pytest.approx(doc["epsilon_spent"])
+    # Split into files by advancing --seed by each file's --n (the out-of-memory line's advice): the same images,
+    # labels included (they restarted at 0 in each file, so --seed 5 was not images 5.. of --seed 0).
+    for seed, n in ((0, 5), (5, 2)):
+        code, _, err = run_cli(["sample", "--run", d / "run", "--n", n, "--sampler-steps", 4, "--seed", seed,
+                                "--out", d / f"part{seed}.npz", "--device", "cpu"], capsys)
+        assert code == 0, err
+    with np.load(d / "s.npz") as whole, np.load(d / "part0.npz") as a, np.load(d / "part5.npz") as b:
+        assert b["y"].tolist() == [2, 0]
+        np.testing.assert_array_equal(np.concatenate([a["y"], b["y"]]), whole["y"])
+        np.testing.assert_array_equal(np.concatenate([a["x"], b["x"]]), whole["x"])
     # The Karras schedule is a flag; it is recorded in the npz, and an inverted one is refused.
     code, out, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--sampler-steps", 3, "--sigma-min", 0.1,
                               "--out", d / "s2.npz", "--device", "cpu", "--json"], capsys)
