@@ -27,6 +27,7 @@ ValueError) before any training; any other exception is a runtime failure.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -193,7 +194,27 @@ def _load_run(run_dir: Path):
     if not run_dir.is_dir():
         raise ValueError(f"run={str(run_dir)!r} must be a run folder (from `dpdm train`)")
     state = load_checkpoint(run_dir / "checkpoint.pt")
+    _check_metrics(run_dir)
     return state["config"], state["ledger"]
+
+
+def _check_metrics(run_dir: Path) -> None:
+    """The run's metrics.csv, whose logged batch sizes a mechanism check tests, is a regular file with a row:
+    refused here, before any training, rather than a FAIL after the canary runs (exit 1 reads as a privacy
+    bug). A FIFO would block the read for good."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        raise ValueError(f"run={str(run_dir)!r}: metrics.csv "
+                         f"{'is not a regular file' if os.path.lexists(path) else 'is missing'}; the audit tests "
+                         "the batch sizes `dpdm train` logs there")
+    try:
+        with open(path, newline="") as f:
+            has_row = next(csv.DictReader(f), None) is not None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"run={str(run_dir)!r}: metrics.csv cannot be read ({e})") from None
+    if not has_row:
+        raise ValueError(f"run={str(run_dir)!r}: metrics.csv has no rows; the audit tests the batch sizes "
+                         "`dpdm train` logs there (audit a run that has logged a step)")
 
 
 def run_audit(

@@ -433,6 +433,19 @@ def test_refusals_name_the_option_leave_no_folder_and_catch_bad_labels_and_confi
         edit(state["config"])
         torch.save(state, damaged / "checkpoint.pt")
         refused("--run", str(damaged), *SMALL, needles=(f"--run={str(damaged)!r}: ", "is corrupt", needle))
+    # A metrics.csv that is missing, has no rows or is a FIFO was a FAIL (exit 1: a privacy bug) after all the
+    # canary training; a FIFO is refused without being opened.
+    import os
+
+    for name, spoil, needle in (("no_metrics", lambda p: p.unlink(), "metrics.csv is missing"),
+                                ("header_only", lambda p: p.write_text(p.read_text().splitlines()[0] + "\n"),
+                                 "metrics.csv has no rows"),
+                                ("fifo_metrics", lambda p: (p.unlink(), os.mkfifo(p)),
+                                 "metrics.csv is not a regular file")):
+        spoilt = tmp_path / name
+        shutil.copytree(run, spoilt)
+        spoil(spoilt / "metrics.csv")
+        refused("--run", str(spoilt), *SMALL, needles=(f"--run={str(spoilt)!r}: ", needle))
 
 
 def test_a_copy_of_a_report_among_other_files_is_not_an_audit_folder(run_dir, tmp_path, capsys, monkeypatch):
