@@ -281,8 +281,9 @@ def format_report(report: dict) -> str:
     if made.get("private") is False:
         lines.append("NON-PRIVATE samples: drawn from a --no-dp model")
     elif made.get("private"):
-        eps = ("DP" if made.get("epsilon") is None else
-               f"epsilon {epsilon_text(made['epsilon'])}, delta {made['delta']:g}")
+        eps = ("epsilon not recorded" if made.get("epsilon") is None else
+               f"epsilon {epsilon_text(made['epsilon'])}"
+               + ("" if made.get("delta") is None else f", delta {made['delta']:g}"))
         lines.append(f"DP samples ({eps})" + (", model trained with a GIVEN --seed" if made.get("seed_given") else ""))
     lines.append("")
     pub = report.get("public_pretrain")

@@ -235,6 +235,16 @@ def load_error_reason(e: Exception) -> str:
     return first or type(e).__name__
 
 
+def state_dict_mismatch_reason(e: Exception, limit: int = 300) -> str:
+    """One line saying why load_state_dict refused weights: torch's first line only says "Error(s) in loading
+    state_dict for EDMPrecond:"; the lines after it name the keys (missing, unexpected, of another shape)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    text = " ".join(lines) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
 def unpickling_reason(e: Exception) -> str:
     """The line of a torch.load(weights_only=True) error that says what was refused, e.g. "Trying to load
     unsupported GLOBAL posix.system whose module posix is blocked." or "Unsupported operand 103"."""
@@ -261,6 +271,7 @@ def _checked_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> dict[
 # KeyError or AttributeError deep in `dpdm audit` or `dpdm sample` was a traceback, exit 4).
 _CONFIG_TYPES = {"model": str, "precond": str, "sigma_data": float, "img_resolution": int, "img_channels": int,
                  "num_classes": int}
+PRECONDS = ("edm", "v")   # `dpdm train --precond`: EDM's preconditioning or v-prediction
 _LEDGER_TYPES = {"plan_steps": int, "steps_done": int, "epsilon_spent": float, "delta": float, "private": bool}
 
 
@@ -314,6 +325,8 @@ def _is_number(v: Any) -> bool:
 
 def _config_problem(config: dict[str, Any], training: bool) -> str | None:
     """What is wrong with the config parts that commands read past the network's description, or None."""
+    if config["precond"] not in PRECONDS:   # build_denoiser took any other name for EDM's
+        return f"its config's precond is {config['precond']!r}, not one of {', '.join(map(repr, PRECONDS))}"
     train = config.get("train")
     if train is not None or training:   # a release file may lack it; a training checkpoint holds its seed there
         if not isinstance(train, dict):

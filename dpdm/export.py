@@ -122,7 +122,7 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
         build_denoiser(release["config"]).load_state_dict(chosen)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise ExportError(f"checkpoint {str(src)!r} is corrupt: its {weights} weights do not fit its own config "
-                          f"({ckpt.load_error_reason(e)})") from None
+                          f"({ckpt.state_dict_mismatch_reason(e)})") from None
     if keep_other_plans and old_digest is not None and old_digest != ledger["plan_digest"]:
         raise ExportError(f"--out={str(out)!r} already exists and holds the release file of another plan "
                           f"({old_digest[:19]}..., this run's is {str(ledger['plan_digest'])[:19]}...); it is kept. "

@@ -82,7 +82,8 @@ def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str 
         D = build_denoiser(state["config"])
         D.load_state_dict(chosen)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise SampleError(f"checkpoint {str(path)!r} does not match its own config: {str(e).splitlines()[0]}") from None
+        raise SampleError(f"checkpoint {str(path)!r} does not match its own config: "
+                          f"{ckpt.state_dict_mismatch_reason(e)}") from None
     return D.to(device).eval(), state
 
 

@@ -691,6 +691,7 @@ def test_eval_says_where_the_samples_came_from(digit_files, tmp_path, capsys):
              "seeded": (meta(True, True, 2.00001),   # an upper bound shown rounded up
                         "DP samples (epsilon 2.001, delta 1e-05), model trained with a GIVEN --seed", "given --seed"),
              "dp": (meta(True, False, 2.0), "DP samples (epsilon 2, delta 1e-05)", None),
+             "no_epsilon": (meta(True, False, np.nan), "DP samples (epsilon not recorded)", None),  # was "(DP)"
              "foreign": ({}, None, None)}
     for name, (arrays, line, warning) in cases.items():
         path = tmp_path / f"{name}.npz"

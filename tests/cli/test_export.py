@@ -351,9 +351,28 @@ def test_a_training_checkpoint_away_from_its_plan_is_not_sampled(run, tmp_path, 
 
 def test_export_refuses_weights_that_do_not_fit_the_network(run, tmp_path, capsys):
     """Before, it wrote a release file that `dpdm sample` then refused."""
-    bad = _edited_copy(run / "run", tmp_path / "bad", lambda s: s["ema"].update({next(iter(s["ema"])): torch.zeros(1)}))
+    key = next(iter(torch.load(run / "run" / "checkpoint.pt", weights_only=True)["ema"]))
+    bad = _edited_copy(run / "run", tmp_path / "bad", lambda s: s["ema"].update({key: torch.zeros(1)}))
     code, _, err = run_cli(["export", "--run", bad, "--out", tmp_path / "m.pt"], capsys)
-    assert "do not fit its own config" in one_error_line(code, err) and not (tmp_path / "m.pt").exists()
+    line = one_error_line(code, err)   # the key, not only torch's "Error(s) in loading state_dict for EDMPrecond:"
+    assert "do not fit its own config" in line and f"size mismatch for {key}: copying a param" in line, line
+    assert not (tmp_path / "m.pt").exists()
+    # A release file edited the same way (an unexpected key): `dpdm sample` names it as well.
+    assert run_cli(["export", "--run", run / "run", "--out", tmp_path / "good.pt"], capsys)[0] == 0
+    release = torch.load(tmp_path / "good.pt", weights_only=True)
+    release["state_dict"]["extra.weight"] = torch.zeros(1)
+    torch.save(release, tmp_path / "edited.pt")
+    code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "edited.pt", "--n", 2, "--out", tmp_path / "s.npz"],
+                           capsys)
+    line = one_error_line(code, err)
+    assert 'does not match its own config: Unexpected key(s) in state_dict: "extra.weight"' in line, line
+    release = torch.load(tmp_path / "good.pt", weights_only=True)   # build_denoiser took "xyz" for EDM
+    release["config"]["precond"] = "xyz"
+    torch.save(release, tmp_path / "edited.pt")
+    code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "edited.pt", "--n", 2, "--out", tmp_path / "s.npz"],
+                           capsys)
+    assert "its config's precond is 'xyz', not one of 'edm', 'v'" in one_error_line(code, err)
+    assert not (tmp_path / "s.npz").exists()
 
 
 def test_a_release_names_the_dataset_only_as_its_plan_does(run, tmp_path, capsys):
