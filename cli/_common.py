@@ -17,8 +17,7 @@ class FiniteFloatRange(click.FloatRange):
     def convert(self, value, param, ctx):
         rv = super().convert(value, param, ctx)
         if not math.isfinite(rv):
-            names = sorted(getattr(param, "opts", None) or ["value"], key=len)
-            raise _NamedBadParameter(f"{names[-1]}={rv} is not a finite number", ctx=ctx, param=param)
+            raise _NamedBadParameter(f"{_option_name(param)}={rv} is not a finite number", ctx=ctx, param=param)
         return rv
 
 
@@ -28,8 +27,8 @@ class PathOption(click.Path):
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
-            names = sorted(getattr(param, "opts", None) or ["value"], key=len)
-            raise _NamedBadParameter(f"{names[-1]}={value!r} is empty: name a file or folder", ctx=ctx, param=param)
+            raise _NamedBadParameter(f"{_option_name(param)}={value!r} is empty: name a file or folder", ctx=ctx,
+                                     param=param)
         return super().convert(value, param, ctx)
 
 
@@ -42,9 +41,13 @@ class DatasetName(click.types.StringParamType):
     def convert(self, value, param, ctx):
         value = super().convert(value, param, ctx)
         if not value.strip():
-            names = sorted(getattr(param, "opts", None) or ["value"], key=len)
-            raise _NamedBadParameter(f"{names[-1]}={value!r} is empty: name a dataset", ctx=ctx, param=param)
+            raise _NamedBadParameter(f"{_option_name(param)}={value!r} is empty: name a dataset", ctx=ctx, param=param)
         return value
+
+
+def _option_name(param) -> str:
+    """An option's longest name (``--delta``), for a line that names it."""
+    return sorted(getattr(param, "opts", None) or ["value"], key=len)[-1]
 
 
 class _NamedBadParameter(click.BadParameter):

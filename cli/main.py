@@ -97,18 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
     except Exception as e:
+        # The machine, not dpdm: out of memory, a full disk or quota. One line (no traceback); the atomic writes
+        # have left every file written before as it was.
         if _out_of_memory(e):
             click.echo(f"{prog}: runtime failure: {_out_of_memory_line(e, argv)}", err=True)
             return EXIT_RUNTIME
-        if not isinstance(e, OSError):
-            return _internal_error(prog, e)  # a bug or an environment failure: never exit 1 ("audit FAIL")
-        # The machine, not dpdm: a full disk or quota. One line (no traceback); the atomic writes have left every
-        # file written before as it was.
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             click.echo(f"{prog}: runtime failure: no space left on the device ({_one_line(str(e))}); files "
                        "written before are kept", err=True)
             return EXIT_RUNTIME
-        return _internal_error(prog, e)
+        return _internal_error(prog, e)  # a bug or an environment failure: never exit 1, which means "audit FAIL"
     return int(rv or 0)
 
 
