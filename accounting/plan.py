@@ -160,38 +160,38 @@ class PrivacyPlan:
 
     def __post_init__(self):
         if not (_is_int(self.dataset_size) and 1 <= self.dataset_size <= MAX_DATASET_SIZE):
-            raise ValueError(f"dataset_size={self.dataset_size!r} must be an integer in [1, {MAX_DATASET_SIZE}]")
+            raise ValueError(f"dataset_size={reprlib.repr(self.dataset_size)} must be an integer in [1, {MAX_DATASET_SIZE}]")
         if not (_is_int(self.batch_size) and self.batch_size >= 1):
-            raise ValueError(f"batch_size={self.batch_size!r} must be an integer >= 1")
+            raise ValueError(f"batch_size={reprlib.repr(self.batch_size)} must be an integer >= 1")
         if self.batch_size > self.dataset_size:
             raise ValueError(
-                f"batch_size={self.batch_size!r} must be <= dataset_size={self.dataset_size!r}")
+                f"batch_size={reprlib.repr(self.batch_size)} must be <= dataset_size={reprlib.repr(self.dataset_size)}")
         if self.sampling != "poisson":
-            raise ValueError(f"sampling={self.sampling!r} must be 'poisson'")
+            raise ValueError(f"sampling={reprlib.repr(self.sampling)} must be 'poisson'")
         if not (_is_int(self.steps) and 1 <= self.steps <= MAX_STEPS):
-            raise ValueError(f"steps={self.steps!r} must be an integer in [1, {MAX_STEPS}]")
+            raise ValueError(f"steps={reprlib.repr(self.steps)} must be an integer in [1, {MAX_STEPS}]")
         if not (_is_real(self.noise_multiplier) and self.noise_multiplier > 0):
-            raise ValueError(f"noise_multiplier={self.noise_multiplier!r} must be a finite number > 0")
+            raise ValueError(f"noise_multiplier={reprlib.repr(self.noise_multiplier)} must be a finite number > 0")
         if self.noise_multiplier > MAX_ACCOUNTED_NOISE_MULTIPLIER:   # 1e155 overflowed sigma**2 (exit 4)
-            raise ValueError(f"noise_multiplier={self.noise_multiplier!r} must be at most "
+            raise ValueError(f"noise_multiplier={reprlib.repr(self.noise_multiplier)} must be at most "
                              f"{MAX_ACCOUNTED_NOISE_MULTIPLIER:g}: epsilon is 0 to double precision long before")
         if self.noise_multiplier < MIN_ACCOUNTED_NOISE_MULTIPLIER:
-            raise ValueError(f"noise_multiplier={self.noise_multiplier!r} is too small to account for: it must be "
+            raise ValueError(f"noise_multiplier={reprlib.repr(self.noise_multiplier)} is too small to account for: it must be "
                              f">= {MIN_ACCOUNTED_NOISE_MULTIPLIER:g} (below it the accountants' grids grow beyond "
                              "memory, and epsilon is in the thousands)")
         if not (_is_real(self.clip_norm) and self.clip_norm > 0):
-            raise ValueError(f"clip_norm={self.clip_norm!r} must be a finite number > 0")
+            raise ValueError(f"clip_norm={reprlib.repr(self.clip_norm)} must be a finite number > 0")
         if not (_is_int(self.noise_multiplicity) and 1 <= self.noise_multiplicity <= MAX_NOISE_MULTIPLICITY):
-            raise ValueError(f"noise_multiplicity={self.noise_multiplicity!r} must be an integer in [1, "
+            raise ValueError(f"noise_multiplicity={reprlib.repr(self.noise_multiplicity)} must be an integer in [1, "
                              f"{MAX_NOISE_MULTIPLICITY}]")
         if not (_is_real(self.delta) and 0 < self.delta < 1):
-            raise ValueError(f"delta={self.delta!r} must be in (0, 1)")
+            raise ValueError(f"delta={reprlib.repr(self.delta)} must be in (0, 1)")
         if self.delta < min_delta(self.steps):
             raise ValueError(delta_floor_problem(self.delta, self.steps))
         if self.target_epsilon is not None and not (_is_real(self.target_epsilon) and self.target_epsilon > 0):
-            raise ValueError(f"target_epsilon={self.target_epsilon!r} must be a finite number > 0 or None")
+            raise ValueError(f"target_epsilon={reprlib.repr(self.target_epsilon)} must be a finite number > 0 or None")
         if self.dataset_name is not None and not (isinstance(self.dataset_name, str) and self.dataset_name):
-            raise ValueError(f"dataset_name={self.dataset_name!r} must be a non-empty string or None")
+            raise ValueError(f"dataset_name={reprlib.repr(self.dataset_name)} must be a non-empty string or None")
         # Normalise numbers to float so that equal plans hash and serialise identically.
         for name in ("noise_multiplier", "clip_norm", "delta", "target_epsilon"):
             value = getattr(self, name)
@@ -605,8 +605,24 @@ def parse_plan(text: str, path: str = "plan") -> PlanDocument:
 
 
 def _parse_plan(text: str, path: str) -> PlanDocument:
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # json keeps the last of repeated keys, other readers the first: {"steps": 1000000, "steps": 6} trained 6
+        # steps from a file that reads as a million elsewhere.
+        keys = [k for k, _ in pairs]
+        repeated = next((k for k in keys if keys.count(k) > 1), None)
+        if repeated is not None:
+            raise PlanError(f"{path}: the key {reprlib.repr(repeated)} appears more than once; a plan names each "
+                            "field once")
+        return dict(pairs)
+
+    def short_int(digits: str) -> int:
+        # Python refuses 4,300 digits with advice for code (sys.set_int_max_str_digits); fewer reach the field's check.
+        if len(digits.lstrip("-")) > 4000:
+            raise PlanError(f"{path}: an integer of {len(digits.lstrip('-'))} digits is no plan's number")
+        return int(digits)
+
     try:
-        d = json.loads(text)
+        d = json.loads(text, object_pairs_hook=unique_keys, parse_int=short_int)
     except json.JSONDecodeError as e:
         raise PlanError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
     plan = plan_from_dict(d, path)

@@ -29,8 +29,13 @@ def doc():
     ("dataset_size", 10**12 + 1), ("noise_multiplier", 10**400), ("target_epsilon", 10**400),
 ])
 def test_validation_names_field_and_value(field, value):
-    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+    """The value as reprlib shortens it: a 401-digit number no longer fills the line."""
+    import re
+    import reprlib
+
+    with pytest.raises(ValueError, match=re.escape(f"{field}={reprlib.repr(value)} ")) as e:
         PrivacyPlan(**(BASE | {field: value}))
+    assert len(str(e.value)) < 400
 
 
 def test_delta_floor_and_step_cap_say_why():
@@ -201,7 +206,7 @@ def test_a_noise_multiplier_too_small_to_account_for_names_the_bound():
 @pytest.mark.parametrize("content,match", [
     (b"\xff\xfe{}", "not UTF-8"),
     (b"[" * 100_000, "not a locked dpdm.plan/1 plan"),             # RecursionError in json
-    (b'{"format": ' + b"9" * 5000 + b"}", "not a locked dpdm.plan/1 plan"),  # beyond int()'s digit limit
+    (b'{"format": ' + b"9" * 5000 + b"}", "an integer of 5000 digits is no plan's number"),  # beyond int()'s limit
 ])
 def test_undecodable_plan_files_are_plan_errors(tmp_path, content, match):
     path = tmp_path / "plan.json"
@@ -281,6 +286,27 @@ def test_unreadable_plans_are_refused(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(PlanError, match="expected a JSON object"):
         accounting.load_plan(bad)
+
+
+def test_repeated_keys_and_endless_integers_are_refused(tmp_path):
+    """json keeps the last of repeated keys, other readers the first: a plan with "steps" twice trained the second
+    value. An integer of thousands of digits was refused with Python's advice to raise its limit."""
+    doc = accounting.make_plan_document(PrivacyPlan(**(BASE | {"noise_multiplier": 1.0})))
+    text = doc.to_json()
+    path = tmp_path / "plan.json"
+    steps = f'"steps": {doc.plan.steps}'
+    assert text.count(steps) == 1
+    for edited, needle in ((text.replace(steps, f'"steps": 1000000, {steps}'), "the key 'steps' appears more than once"),
+                           (text.replace('"epsilon": {', '"epsilon": {"certified_by": "prv", ', 1),
+                            "the key 'certified_by' appears more than once"),
+                           (text.replace(steps, '"steps": ' + "9" * 5000), "an integer of 5000 digits is no plan's"),
+                           (text.replace(steps, '"steps": ' + "9" * 400), r"steps=9+\.\.\.9+ must be")):
+        path.write_text(edited)
+        with pytest.raises(PlanError, match=needle) as e:
+            accounting.load_plan(path)
+        assert len(str(e.value)) < 300 and "set_int_max_str_digits" not in str(e.value)
+    path.write_text(text)
+    assert accounting.load_plan(path).digest == doc.digest
 
 
 def test_plan_that_misses_its_target_is_not_calibrated():
