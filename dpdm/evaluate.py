@@ -64,7 +64,7 @@ from torch import nn
 
 from dpdm.checkpoint import TORCH_LOAD_ERRORS, load_error_reason
 from dpdm.classifiers import CNN, build_classifier
-from dpdm.datasets import DataError, ImageData, shared_images
+from dpdm.datasets import DataError, ImageData, near_copies, near_copy_limit, shared_images
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -213,17 +213,31 @@ def pretrain_on_public(model: nn.Module, public: ImageData, *, epochs: int = DEF
 
 
 def check_public_data(public: ImageData, real: ImageData, *others: ImageData | None) -> None:
-    """Raises DataError unless `public` is labelled, has `real`'s image shape and classes, and shares
-    no image with `real` or `others` (`datasets.shared_images`: whatever its name, a copy of the real
-    images is not public, and pretraining on held-out images would inflate their test accuracy)."""
+    """Raises DataError unless `public` is labelled, has `real`'s image shape and classes, shares no image
+    with `real` or `others` (`datasets.shared_images`) and holds fewer than max(1, 0.1% of its images)
+    near-copies of theirs (`datasets.near_copies`: shifted by a pixel, mirrored, brightened, noised or
+    re-encoded; images under 16 pixels a side are compared exactly only). Whatever its name, a copy of the
+    real images is not public, and pretraining on held-out images would inflate their test accuracy; the
+    allowance (`datasets.near_copy_limit`) absorbs chance matches between distinct images of a large set."""
     if public.y is None or public.image_shape != real.image_shape or public.num_classes != real.num_classes:
         raise DataError(f"public data {public.name!r} must be labelled, of shape "
                         f"{'x'.join(map(str, real.image_shape))} and {real.num_classes} classes, like {real.name!r}")
-    for other in (real, *(o for o in others if o is not None)):
+    reals = (real, *(o for o in others if o is not None))
+    for other in reals:
         shared = shared_images(public, other)
         if shared:
             raise DataError(f"public data {public.name!r} holds {shared} of the {len(other)} images of "
                             f"{other.name!r}; pretraining must use other, public data")
+    limit = near_copy_limit(len(public))
+    for other in reals:   # after the exact check of all: it costs seconds, not milliseconds
+        match = near_copies(public, other)
+        found = int((match >= 0).sum())
+        if found >= limit:
+            i = int((match >= 0).nonzero()[0])
+            raise DataError(f"public data {public.name!r} holds {found} near-copies of images of {other.name!r} "
+                            f"(its image {i} is image {int(match[i])} of {other.name!r}, shifted, mirrored, "
+                            f"brightened, noised or re-encoded; it may hold fewer than max(1, 0.1% of its "
+                            f"{len(public)} images) = {limit}); pretraining must use other, public data")
 
 
 def match_test_classes(real_train: ImageData, real_test: ImageData) -> ImageData:

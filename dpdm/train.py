@@ -32,7 +32,7 @@ import accounting
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
-from dpdm.datasets import image_digests, shared_images
+from dpdm.datasets import image_digests, near_copies, near_copy_limit, shared_images
 from dpdm.data import PoissonSampler
 from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
                           public_subspace, validate_model)
@@ -975,7 +975,10 @@ def distributed_private_grad(
 
 
 def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str | None) -> None:
-    """The subspace's data must be given, public (not the private images or their source) and shaped alike."""
+    """The subspace's data must be given, public and shaped alike. Public: not the private dataset or its
+    source, no private image (`datasets.shared_images`), and fewer than max(1, 0.1% of its images)
+    near-copies of them (`datasets.near_copies`: shifted by a pixel, mirrored, brightened, noised or re-encoded;
+    under 16 pixels a side, exact copies only), since the subspace is computed from it without noise."""
     if public_data is None:
         raise TrainError(f"a gradient subspace needs the public data ({config.subspace_data!r})")
     px, py = public_data
@@ -995,6 +998,14 @@ def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str
     if (y is None) != (py is None):
         raise TrainError(f"the subspace data {config.subspace_data!r} and the private data must both have "
                          "labels or both have none")
+    match = near_copies(px, x)   # last: it costs seconds, the checks above milliseconds
+    found, limit = int((match >= 0).sum()), near_copy_limit(len(px))
+    if found >= limit:
+        i = int((match >= 0).nonzero()[0])
+        raise TrainError(f"the subspace data {config.subspace_data!r} holds {found} near-copies of the private "
+                         f"images (its image {i} is private image {int(match[i])}, shifted, mirrored, brightened, "
+                         f"noised or re-encoded; it may hold fewer than max(1, 0.1% of its {len(px)} images) = "
+                         f"{limit}); the subspace must come from public data")
 
 
 def _public_basis(D, loss_obj, loss_fn, public_data, config: TrainConfig, conditional: bool, num_classes: int,
