@@ -99,7 +99,8 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         half or more training images, or public data that shares an image with the train or test data.
     """
     from dpdm.data import PoissonSampler
-    from dpdm.engine import add_noise_in_subspace, clipped_grad_sum, noise_generator, private_grad, public_subspace
+    from dpdm.engine import (add_noise_in_subspace, clipped_grad_sum, noise_generator, noise_scale_problem,
+                             private_grad, public_subspace)
 
     if len(train) != plan.dataset_size:
         raise DataError(f"dataset {train.name!r} has {len(train)} training images but the plan was "
@@ -110,6 +111,9 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         raise DataError(f"train images are {train.image_shape} but test images are {test.image_shape}")
     if not lr > 0:
         raise ValueError(f"lr={lr!r} must be > 0")
+    problem = noise_scale_problem(plan.noise_multiplier, plan.clip_norm)
+    if problem:
+        raise ValueError(f"the plan cannot be trained: {problem}")
     check_shift(augment_shift, train.image_shape[1:], "augment_shift")
     if int(augment_multiplicity) != augment_multiplicity or augment_multiplicity < 1:
         raise ValueError(f"augment_multiplicity={augment_multiplicity!r} must be a positive integer")

@@ -35,7 +35,7 @@ from dpdm.dataset_sizes import same_images
 from dpdm.datasets import image_digests, near_copies, near_copy_limit, shared_images
 from dpdm.data import PoissonSampler
 from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
-                          public_subspace, validate_model)
+                          noise_scale_problem, public_subspace, validate_model)
 from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
 from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
@@ -480,6 +480,9 @@ def train(
             accounting.verify_document(plan_doc)   # the ledger records its epsilon: never an unchecked one
         except accounting.PlanError as e:
             raise TrainError(str(e)) from None
+        problem = noise_scale_problem(plan.noise_multiplier, plan.clip_norm)
+        if problem:   # it failed at step 1 as "the run diverged ... lower --lr"
+            raise TrainError(f"the plan cannot be trained: {problem}")
     if config.private and n != plan.dataset_size:
         raise TrainError(
             f"the data has {n} examples but the plan was made for dataset_size={plan.dataset_size}; "
@@ -491,7 +494,7 @@ def train(
         raise TrainError(f"the images are {'x'.join(map(str, x.shape[1:]))} (CxHxW); the network needs square "
                          "images (N x C x H x H)")
     if config.subspace_dim is not None:
-        _check_public_data(public_data, x, y, config, dataset_name)
+        _check_public_data(public_data, x, y, config, dataset_name, num_classes=num_classes)
     elif public_data is not None:
         raise TrainError("public_data is used only with a gradient subspace (subspace_dim)")
     ckpt_path = out / CHECKPOINT_NAME
@@ -974,7 +977,8 @@ def distributed_private_grad(
     return {k: v / expected_batch_size for k, v in grad_sum.items()}
 
 
-def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str | None) -> None:
+def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str | None, *,
+                       num_classes: int | None = None) -> None:
     """The subspace's data must be given, public and shaped alike. Public: not the private dataset or its
     source, no private image (`datasets.shared_images`), and fewer than max(1, 0.1% of its images)
     near-copies of them (`datasets.near_copies`: shifted by a pixel, mirrored, brightened, noised or re-encoded;
@@ -998,6 +1002,11 @@ def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str
     if (y is None) != (py is None):
         raise TrainError(f"the subspace data {config.subspace_data!r} and the private data must both have "
                          "labels or both have none")
+    if py is not None and num_classes is not None and len(py) and \
+            not (0 <= int(py.min()) and int(py.max()) < num_classes):
+        # An index error deep in the network (label 9 of 3 classes), or, at num_classes, the dropped-label class.
+        raise TrainError(f"the subspace data {config.subspace_data!r} has labels {int(py.min())}..{int(py.max())}, "
+                         f"the private data {num_classes} classes (0..{num_classes - 1})")
     match = near_copies(px, x)   # last: it costs seconds, the checks above milliseconds
     found, limit = int((match >= 0).sum()), near_copy_limit(len(px))
     if found >= limit:
@@ -1099,9 +1108,11 @@ def _check_fresh_run_folder(out: Path, plan_doc, checkpoint_every: int) -> None:
     if not out.is_dir():
         raise TrainError(f"--out {str(out)!r} is not a folder")
     plan_file, config_file, metrics = out / "plan.json", out / "config.json", out / "metrics.csv"
+    _check_regular(plan_file)   # a FIFO blocked the run, a link to /dev/zero read without end
     if plan_file.exists():
         try:   # the digest is the plan's identity; this run writes its own verified plan.json anyway
-            digest = json.loads(plan_file.read_text(encoding="utf-8")).get("digest")
+            digest = (json.loads(plan_file.read_text(encoding="utf-8")).get("digest")
+                      if plan_file.stat().st_size <= accounting.MAX_PLAN_BYTES else None)
         except (OSError, ValueError, AttributeError):
             digest = None
         if digest != plan_doc.digest:

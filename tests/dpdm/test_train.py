@@ -1,9 +1,11 @@
 """Training under a locked plan: ledger, resume, refusal, checkpoint safety."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -1057,3 +1059,60 @@ def test_out_of_memory_line_names_the_gpu_and_the_commands_knob():
         "before are kept")
     assert _out_of_memory_line(MemoryError(), ["eval", "--samples", "s.npz"]) == (
         "out of memory on the machine; files written before are kept")
+
+
+@pytest.mark.parametrize("sigma, clip, needle", [
+    (1e39, 1.0, "the noise std noise_multiplier x clip_norm = 1e+39 (clip_norm 1) is above 1e+30"),
+    (2.0, 1e39, "the noise std noise_multiplier x clip_norm = 2e+39"),
+    (2.0, 1e-44, "clip_norm=1e-44 is below 1e-30"),
+])
+def test_a_plan_float32_cannot_train_is_refused_before_anything_is_written(tmp_path, sigma, clip, needle):
+    """The accountants take any noise scale; float32 does not: noise of std 1e39 overflowed to inf ("the run
+    diverged ... lower --lr", exit 4), and a clip norm of 1e-44 clipped gradients to 1.575 C in the subnormals."""
+    from dpdm.baseline import train_dp_classifier
+    from dpdm.datasets import ImageData
+
+    x, y, c = tiny_data()
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=sigma, clip_norm=clip,
+                                  noise_multiplicity=1, delta=1e-5)
+    doc = accounting.make_plan_document(plan)
+    with pytest.raises(TrainError, match=re.escape(f"the plan cannot be trained: {needle}")):
+        train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG), progress=False)
+    assert not (tmp_path / "run").exists()
+    data = ImageData(x, y, c, "tiny")
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        train_dp_classifier(plan, data, data)
+    train(accounting.make_plan_document(dataclasses.replace(plan, noise_multiplier=2.0, clip_norm=1.0)), x, y, c,
+          tmp_path / "ok", TrainConfig(**CFG), progress=False)
+
+
+def test_subspace_labels_outside_the_private_classes_are_refused():
+    """Labels 0..9 of public digits beside 3 private classes were an IndexError deep in the network (exit 4);
+    label 3 was taken silently as the dropped-label class."""
+    from dpdm.train import _check_public_data
+
+    x, y, c = tiny_data()
+    config = TrainConfig(model="small", subspace_dim=2, subspace_data="npz:public.npz", subspace_examples=8)
+    px = torch.rand(16, 1, 8, 8) * 2 - 1
+    _check_public_data((px, torch.arange(16) % 3), x, y, config, None, num_classes=c)
+    for labels in (torch.arange(16) % 4, torch.arange(16) % 10, torch.arange(16) % 3 - 1):
+        with pytest.raises(TrainError, match=r"the subspace data 'npz:public.npz' has labels -?\d\.\.\d, the private "
+                                             r"data 3 classes \(0\.\.2\)"):
+            _check_public_data((px, labels), x, y, config, None, num_classes=c)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "huge"])
+def test_a_run_folders_plan_json_that_is_no_file_is_refused_without_reading_it(tmp_path, kind):
+    """A FIFO as RUN/plan.json blocked a new run for good; a link to /dev/zero read without end."""
+    x, y, c = tiny_data()
+    out = tmp_path / "run"
+    out.mkdir()
+    if kind == "fifo":
+        os.mkfifo(out / "plan.json")
+    elif kind == "dev_zero":
+        (out / "plan.json").symlink_to("/dev/zero")
+    else:
+        with open(out / "plan.json", "wb") as f:
+            f.truncate(accounting.MAX_PLAN_BYTES + 1)
+    with pytest.raises(TrainError, match="is not a regular file" if kind != "huge" else "holds another plan.json"):
+        train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
