@@ -167,7 +167,7 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
 
 
 _PLAN_OPTIONS = {"noise_multiplier": "--noise-multiplier", "noise_multiplicity": "--multiplicity",
-                 "target_epsilon": "--eps", "clip_norm": "--clip-norm", "batch_size": "--batch-size",
+                 "target_epsilon": "--eps", "eps": "--eps", "clip_norm": "--clip-norm", "batch_size": "--batch-size",
                  "dataset_size": "--dataset-size", "steps": "--steps", "delta": "--delta"}
 
 

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import warnings
@@ -230,6 +231,8 @@ def load_error_reason(e: Exception) -> str:
     if isinstance(e, pickle.UnpicklingError):
         return unpickling_reason(e)
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    # torch's C++ prefix ("[enforce fail at inline_container.cc:180] . file in archive is not in a subdirectory")
+    first = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first)
     if isinstance(e, (KeyError, IndexError)):   # its text is a bare key ("174812789"): the type says more
         return f"{type(e).__name__} {first}".strip()
     return first or type(e).__name__

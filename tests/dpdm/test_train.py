@@ -253,6 +253,10 @@ def test_truncated_checkpoint_refused(tmp_path):
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load_checkpoint(junk)
+    with open(junk, "wb") as f:   # a zip, not torch's: the reason without torch's "[enforce fail at ...] ." prefix
+        np.savez(f, x=np.zeros(3))
+    with pytest.raises(ckpt.CheckpointError, match=r"is corrupt or truncated: file in archive is not in a subdir"):
+        ckpt.load_checkpoint(junk)
     junk.write_bytes(b"junk\n")   # torch's legacy reader: KeyError 174812789, once a bare number on the line
     with pytest.raises(ckpt.CheckpointError, match=r"is corrupt or truncated: KeyError \d+$"):
         ckpt.load_checkpoint(junk)
