@@ -160,7 +160,8 @@ class PrivacyPlan:
 
     def __post_init__(self):
         if not (_is_int(self.dataset_size) and 1 <= self.dataset_size <= MAX_DATASET_SIZE):
-            raise ValueError(f"dataset_size={reprlib.repr(self.dataset_size)} must be an integer in [1, {MAX_DATASET_SIZE}]")
+            raise ValueError(f"dataset_size={reprlib.repr(self.dataset_size)} must be an integer in "
+                             f"[1, {MAX_DATASET_SIZE}]")
         if not (_is_int(self.batch_size) and self.batch_size >= 1):
             raise ValueError(f"batch_size={reprlib.repr(self.batch_size)} must be an integer >= 1")
         if self.batch_size > self.dataset_size:
@@ -176,9 +177,9 @@ class PrivacyPlan:
             raise ValueError(f"noise_multiplier={reprlib.repr(self.noise_multiplier)} must be at most "
                              f"{MAX_ACCOUNTED_NOISE_MULTIPLIER:g}: epsilon is 0 to double precision long before")
         if self.noise_multiplier < MIN_ACCOUNTED_NOISE_MULTIPLIER:
-            raise ValueError(f"noise_multiplier={reprlib.repr(self.noise_multiplier)} is too small to account for: it must be "
-                             f">= {MIN_ACCOUNTED_NOISE_MULTIPLIER:g} (below it the accountants' grids grow beyond "
-                             "memory, and epsilon is in the thousands)")
+            raise ValueError(f"noise_multiplier={reprlib.repr(self.noise_multiplier)} is too small to account for: "
+                             f"it must be >= {MIN_ACCOUNTED_NOISE_MULTIPLIER:g} (below it the accountants' grids grow "
+                             "beyond memory, and epsilon is in the thousands)")
         if not (_is_real(self.clip_norm) and self.clip_norm > 0):
             raise ValueError(f"clip_norm={reprlib.repr(self.clip_norm)} must be a finite number > 0")
         if not (_is_int(self.noise_multiplicity) and 1 <= self.noise_multiplicity <= MAX_NOISE_MULTIPLICITY):

@@ -100,8 +100,9 @@ DEMO_OUTPUTS = ("plan.json", "run", "public", "model.pt", "samples.npz", "grid.p
 
 
 def _claim_demo_folder(out: Path) -> None:
-    """Makes `out` the demo's folder: a new or empty folder, or one an earlier demo marked as its own. Anything else is refused before any work (exit 2), since the demo replaces what it writes there
-    (a run/ folder of the user's included). The outputs of an earlier demo are removed: it starts afresh."""
+    """Makes `out` the demo's folder: a new or empty folder, or one an earlier demo marked as its own. Anything
+    else is refused before any work (exit 2), since the demo replaces what it writes there (a run/ folder of the
+    user's included). The outputs of an earlier demo are removed: it starts afresh."""
     from cli.errors import BadInput
 
     from dpdm.report_utils import output_parent_problem

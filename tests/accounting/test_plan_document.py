@@ -296,7 +296,8 @@ def test_repeated_keys_and_endless_integers_are_refused(tmp_path):
     path = tmp_path / "plan.json"
     steps = f'"steps": {doc.plan.steps}'
     assert text.count(steps) == 1
-    for edited, needle in ((text.replace(steps, f'"steps": 1000000, {steps}'), "the key 'steps' appears more than once"),
+    for edited, needle in ((text.replace(steps, f'"steps": 1000000, {steps}'),
+                            "the key 'steps' appears more than once"),
                            (text.replace('"epsilon": {', '"epsilon": {"certified_by": "prv", ', 1),
                             "the key 'certified_by' appears more than once"),
                            (text.replace(steps, '"steps": ' + "9" * 5000), "an integer of 5000 digits is no plan's"),

@@ -159,7 +159,8 @@ def test_verdict_rule():
     verdict, reasons = canary_verdict(0.2, 1.0, 0.72149, 1.04851, num_canaries=20)
     assert "cannot certify more than epsilon 0.7214, so it cannot detect a violation of the claim 1.049" in reasons[0]
     verdict, reasons = canary_verdict(1.04869, 1.0, 2.7, 1.04851, num_canaries=20, worst_attack="pia")
-    assert verdict == "FAIL" and reasons == ["pia attack: one-run epsilon lower bound 1.04869 > claimed epsilon 1.04851"]
+    assert verdict == "FAIL"
+    assert reasons == ["pia attack: one-run epsilon lower bound 1.04869 > claimed epsilon 1.04851"]
 
 
 def test_audit_that_cannot_fail_is_inconclusive_even_with_a_leaking_control(digits, plan_eps1):

@@ -420,7 +420,8 @@ def test_an_epsilon_beyond_exp_overflow_is_one_error_line(capsys):
     """`--eps 1000` ended in `OverflowError: math range error` (exit 4); eps 50 to 700 gave this line."""
     rc, out, err = run(capsys, *SMALL, "--eps", "1000")
     assert rc == 2 and out == ""
-    assert err.splitlines() == [err.strip()] and "dpdm: error: --eps=1000.0 is met even at noise_multiplier=0.3" in err, err
+    assert err.splitlines() == [err.strip()], err
+    assert "dpdm: error: --eps=1000.0 is met even at noise_multiplier=0.3" in err, err
 
 
 def test_a_huge_noise_multiplier_prints_a_table_and_a_plan_train_accepts(capsys, tmp_path):
