@@ -88,6 +88,7 @@ __all__ = [
     "load_npz",
     "near_copies",
     "near_copy_limit",
+    "near_copy_problem",
     "to_uint8",
 ]
 
@@ -361,6 +362,22 @@ def near_copies(a: torch.Tensor | ImageData, b: torch.Tensor | ImageData) -> tor
         first[1:] = image[1:] != image[:-1]
         match[i0 + image[first]] = j[first]
     return match
+
+
+def near_copy_problem(public: torch.Tensor | ImageData, private: torch.Tensor | ImageData, *, of: str,
+                      original: str) -> str | None:
+    """Why `public` cannot pass as public data beside `private`: it holds `near_copy_limit` or more near-copies of
+    its images (`near_copies`), as text that begins "holds ..."; or None. `of` names the private images ("the
+    private images"), `original` one of them, its first {} standing for the index ("private image {}")."""
+    match = near_copies(public, private)
+    found, limit = int((match >= 0).sum()), near_copy_limit(len(public))
+    if found < limit:
+        return None
+    i = int((match >= 0).nonzero()[0])
+    copied = original.replace("{}", str(int(match[i])), 1)
+    return (f"holds {found} near-copies of {of} (its image {i} is {copied}, shifted, "
+            f"mirrored, brightened, noised or re-encoded; it may hold fewer than max(1, 0.1% of its {len(public)} "
+            f"images) = {limit})")
 
 
 def near_copy_limit(n_public: int) -> int:

@@ -64,7 +64,7 @@ from torch import nn
 
 from dpdm.checkpoint import TORCH_LOAD_ERRORS, load_error_reason
 from dpdm.classifiers import CNN, build_classifier
-from dpdm.datasets import DataError, ImageData, near_copies, near_copy_limit, shared_images
+from dpdm.datasets import DataError, ImageData, near_copy_problem, shared_images
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -228,16 +228,11 @@ def check_public_data(public: ImageData, real: ImageData, *others: ImageData | N
         if shared:
             raise DataError(f"public data {public.name!r} holds {shared} of the {len(other)} images of "
                             f"{other.name!r}; pretraining must use other, public data")
-    limit = near_copy_limit(len(public))
     for other in reals:   # after the exact check of all: it costs seconds, not milliseconds
-        match = near_copies(public, other)
-        found = int((match >= 0).sum())
-        if found >= limit:
-            i = int((match >= 0).nonzero()[0])
-            raise DataError(f"public data {public.name!r} holds {found} near-copies of images of {other.name!r} "
-                            f"(its image {i} is image {int(match[i])} of {other.name!r}, shifted, mirrored, "
-                            f"brightened, noised or re-encoded; it may hold fewer than max(1, 0.1% of its "
-                            f"{len(public)} images) = {limit}); pretraining must use other, public data")
+        problem = near_copy_problem(public, other, of=f"images of {other.name!r}",
+                                    original=f"image {{}} of {other.name!r}")
+        if problem:
+            raise DataError(f"public data {public.name!r} {problem}; pretraining must use other, public data")
 
 
 def match_test_classes(real_train: ImageData, real_test: ImageData) -> ImageData:

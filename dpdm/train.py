@@ -32,7 +32,7 @@ import accounting
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
-from dpdm.datasets import image_digests, near_copies, near_copy_limit, shared_images
+from dpdm.datasets import image_digests, near_copy_problem, shared_images
 from dpdm.data import PoissonSampler
 from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
                           noise_scale_problem, public_subspace, validate_model)
@@ -1007,14 +1007,10 @@ def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str
         # An index error deep in the network (label 9 of 3 classes), or, at num_classes, the dropped-label class.
         raise TrainError(f"the subspace data {config.subspace_data!r} has labels {int(py.min())}..{int(py.max())}, "
                          f"the private data {num_classes} classes (0..{num_classes - 1})")
-    match = near_copies(px, x)   # last: it costs seconds, the checks above milliseconds
-    found, limit = int((match >= 0).sum()), near_copy_limit(len(px))
-    if found >= limit:
-        i = int((match >= 0).nonzero()[0])
-        raise TrainError(f"the subspace data {config.subspace_data!r} holds {found} near-copies of the private "
-                         f"images (its image {i} is private image {int(match[i])}, shifted, mirrored, brightened, "
-                         f"noised or re-encoded; it may hold fewer than max(1, 0.1% of its {len(px)} images) = "
-                         f"{limit}); the subspace must come from public data")
+    problem = near_copy_problem(px, x, of="the private images", original="private image {}")   # last: seconds
+    if problem:
+        raise TrainError(f"the subspace data {config.subspace_data!r} {problem}; the subspace must come from public "
+                         "data")
 
 
 def _public_basis(D, loss_obj, loss_fn, public_data, config: TrainConfig, conditional: bool, num_classes: int,
