@@ -594,9 +594,9 @@ def _markdown(doc: dict[str, Any]) -> str:
           f"{b['epsilon_bounds']['note']}).", ""]
     L += ["## Epsilon lower bounds (canary audit, one-run bound of Steinke, Nasr & Jagielski 2023)", "",
           f"{can['canaries']['count']} {can['canaries']['kind']} canaries, {can['canaries']['included']} included "
-          f"(fair coins, seed {can['canaries']['seed']}); claimed epsilon: {_fmt(can['claimed_epsilon'])}, the "
-          f"{claim_label} (the plan's epsilon over its {plan.get('steps')} steps: {_fmt(plan['epsilon'])}); "
-          f"largest certifiable with this setup {_fmt(can['max_certifiable_epsilon'])}.", "",
+          f"(fair coins, seed {can['canaries']['seed']}); claimed epsilon: {epsilon_text(can['claimed_epsilon'])}, the "
+          f"{claim_label} (the plan's epsilon over its {plan.get('steps')} steps: {epsilon_text(plan['epsilon'])}); "
+          f"largest certifiable with this setup {epsilon_text(can['max_certifiable_epsilon'], bound='lower')}.", "",
           "| attack | model | epsilon lower bound | alpha spent | guesses | correct | AUC [CI] | TPR@1%FPR | "
           f"TPR@0.1%FPR | claimed ({claim_label}) | violation |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -610,9 +610,10 @@ def _markdown(doc: dict[str, Any]) -> str:
                             f"{_fmt(rep['auc_interval'][1], 3)}]")
             tprs = {t["target_fpr"]: t for t in rep.get("tpr_at_fpr") or []}
             L.append(f"| {attack} | {run_name}{' (noise off)' if run_name == 'control' else ''} | "
-                     f"{_fmt(o['epsilon'])} | {_fmt(o['significance'])} | {o['num_guesses']} | {o['num_correct']} | "
+                     f"{epsilon_text(o['epsilon'], bound='lower')} | {_fmt(o['significance'])} | {o['num_guesses']} | "
+                     f"{o['num_correct']} | "
                      f"{auc_text} | {_tpr_cell(tprs.get(0.01), rep['num_out'])} | "
-                     f"{_tpr_cell(tprs.get(0.001), rep['num_out'])} | {_fmt(can['claimed_epsilon'])} | "
+                     f"{_tpr_cell(tprs.get(0.001), rep['num_out'])} | {epsilon_text(can['claimed_epsilon'])} | "
                      f"{'n/a (control)' if run_name == 'control' else ('**yes**' if rep['violation'] else 'no')} |")
     L += ["", "The Clopper-Pearson bound needs one independent training run per score; with one run and "
           "many canaries only the one-run bound is valid, so it is the only epsilon bound used for the verdict.",

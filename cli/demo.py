@@ -325,7 +325,8 @@ def audit_rows(report: dict, report_dir: Path) -> list[tuple[str, str]]:
         rows.append((f"epsilon of the {steps}-step canary run (compared against)",
                      f"{epsilon_text(can['claimed_epsilon'])}; largest epsilon lower bound "
                      f"{epsilon_text(can.get('max_epsilon_lower_bound', float('nan')), bound='lower')}, largest "
-                     f"certifiable with these canaries {can.get('max_certifiable_epsilon', float('nan')):.4g}"))
+                     f"certifiable with these canaries "
+                     f"{epsilon_text(can.get('max_certifiable_epsilon', float('nan')), bound='lower')}"))
     rows.append(("report", str(report_dir)))
     return rows
 

@@ -73,6 +73,9 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys):
                  f"**{can['claimed_epsilon']:.8g}** |")
     assert claim_row in md
     assert "claimed (epsilon of the 2-step canary run)" in md
+    # Rounded as every epsilon on screen: the claim up, the most these canaries could certify down.
+    assert (f"claimed epsilon: {epsilon_text(can['claimed_epsilon'])}, the epsilon of the 2-step canary run" in md and
+            f"largest certifiable with this setup {epsilon_text(can['max_certifiable_epsilon'], bound='lower')}." in md)
     # 24 canaries leave about 12 excluded ones: too few for a TPR at 1% or 0.1% FPR, which reads n/a.
     rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| loss | target")]
     assert len(rows) == 1 and rows[0][7].startswith("n/a (") and rows[0][8].startswith("n/a ("), rows

@@ -43,12 +43,12 @@ def test_demo_report_shows_the_audit_verdict_with_its_reason():
               "violation of the claim 9.997; use more canaries (--canaries) or a shorter canary run (--steps)")
     report = {"verdict": "INCONCLUSIVE", "reasons": [reason],
               "canary_audit": {"claimed_epsilon": 9.997, "max_epsilon_lower_bound": 0.0,
-                               "max_certifiable_epsilon": 3.125, "training": {"target": {"steps": 30}}}}
+                               "max_certifiable_epsilon": 3.12459, "training": {"target": {"steps": 30}}}}
     rows = audit_rows(report, Path("demo_out/audit"))
     assert rows[0] == ("verdict", "INCONCLUSIVE")
     assert ("reason", reason) in rows
     label, value = next(r for r in rows if r[0].startswith("epsilon of the 30-step canary run"))
-    assert value.startswith("9.997;") and "3.125" in value
+    assert value.startswith("9.997;") and "certifiable with these canaries 3.124" in value   # rounded down
     assert rows[-1] == ("report", str(Path("demo_out/audit")))
 
 
