@@ -239,8 +239,12 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
         stage("audit: quick suite")
         from audits.suite import run_audit
 
-        audit_report = run_audit(run_dir, out / "audit", plan_path=plan_path, suite="quick",
-                                 progress=lambda msg, i, n: info(f"      {msg}"))
+        def progress(msg: str, i: int, n: int) -> None:
+            line = audit_progress_line(msg, i, n)
+            if line:
+                info(line)
+
+        audit_report = run_audit(run_dir, out / "audit", plan_path=plan_path, suite="quick", progress=progress)
         audit_section = audit_report
         lap("audit", t0)
         info(f"dpdm: audit verdict: {audit_verdict_line(audit_report)}")
@@ -310,6 +314,14 @@ def quality_rows(metrics: dict, real_cnn: float) -> list[tuple[str, str]]:
         rows.append((f"classifier precision / recall (fidelity / coverage, k=3) {NON_PRIVATE}",
                      f"{pr['precision']:.3f} / {pr['recall']:.3f}"))
     return rows
+
+
+def audit_progress_line(stage: str, i: int, n: int) -> str | None:
+    """The demo's line for a progress call of the audit (`run_audit`'s `progress(stage, i, n)`): a stage once,
+    when it starts (i = 0) or when its training ends (i = n), not one "target" line per canary-training step."""
+    if i not in (0, n):
+        return None
+    return f"      {stage}" + (f" ({n} steps)" if i and n > 1 else "")
 
 
 def audit_rows(report: dict, report_dir: Path) -> list[tuple[str, str]]:

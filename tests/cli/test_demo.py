@@ -134,3 +134,13 @@ def test_demo_refuses_step_counts_and_out_paths_before_claiming_its_folder(tmp_p
     assert main(["demo", "--out", str(tmp_path / "a_file" / "sub"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a folder" in err[0], err
+
+
+def test_demo_prints_each_audit_stage_once():
+    """The canary training reports each of its steps: the demo printed 30 "target" and 30 "control" lines."""
+    from cli.demo import audit_progress_line
+
+    calls = [("mechanism checks", 0, 1)] + [("target", i, 30) for i in range(1, 31)] + \
+        [("control", i, 30) for i in range(1, 31)]
+    lines = [line for line in (audit_progress_line(*c) for c in calls) if line]
+    assert lines == ["      mechanism checks", "      target (30 steps)", "      control (30 steps)"]
