@@ -609,12 +609,13 @@ def _parse_plan(text: str, path: str) -> PlanDocument:
     def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         # json keeps the last of repeated keys, other readers the first: {"steps": 1000000, "steps": 6} trained 6
         # steps from a file that reads as a million elsewhere.
-        keys = [k for k, _ in pairs]
-        repeated = next((k for k in keys if keys.count(k) > 1), None)
-        if repeated is not None:
+        d = dict(pairs)
+        if len(d) < len(pairs):   # one pass, not a count per key: a 16 MiB object of distinct keys stays fast
+            seen: set[str] = set()
+            repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
             raise PlanError(f"{path}: the key {reprlib.repr(repeated)} appears more than once; a plan names each "
                             "field once")
-        return dict(pairs)
+        return d
 
     def short_int(digits: str) -> int:
         # Python refuses 4,300 digits with advice for code (sys.set_int_max_str_digits); fewer reach the field's check.

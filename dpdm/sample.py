@@ -93,7 +93,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                       sigma_min: float | None = None, sigma_max: float | None = None, rho: float = RHO,
                       sampler_kwargs: dict | None = None, precision: str = "fp32",
                       out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Draws `n` images (balanced labels i % num_classes) and writes them to `out_path` atomically.
+    """Draws `n` images (balanced labels (seed + i) % num_classes) and writes them to `out_path` atomically.
 
     The npz holds ``x`` (uint8 [n, C, H, W]), ``y`` (int64 [n]) for a conditional model and no ``y`` for
     an unconditional one (`dpdm.datasets.load_npz` reads a file without ``y`` as unlabelled), and

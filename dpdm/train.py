@@ -109,7 +109,7 @@ class TrainConfig:
     subspace_examples: int = 512         # public examples per recomputation (>= subspace_dim)
 
     def __post_init__(self) -> None:
-        if self.precond not in ("edm", "v"):
+        if self.precond not in ckpt.PRECONDS:
             raise ValueError(f"precond={self.precond!r} must be 'edm' or 'v'")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}")
