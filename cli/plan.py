@@ -14,6 +14,7 @@ from cli._common import DatasetName, FiniteFloatRange, PathOption, emit_json, wa
 from cli.errors import BadInput, runtime_failure
 
 from dpdm.dataset_sizes import DATASET_SIZES  # noqa: E402  (one table, torch-free)
+from dpdm.noise_scale import noise_scale_problem
 from dpdm.report_utils import epsilon_text
 
 # Defaults of a plain `dpdm plan --eps E --delta D`: mnist5k on a CPU. An expected batch of 256
@@ -144,6 +145,9 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
             "dpdm's own PLD cross-checked the certificate in its place" if _bracketed(doc) else
             "dpdm's own PLD gives no bracket for it either, so only RDP (an upper bound) cross-checked the PLD "
             "certificate"))
+    untrainable = noise_scale_problem(doc.plan.noise_multiplier, doc.plan.clip_norm)
+    if untrainable:   # the accountants take it; float32 training cannot (dpdm.noise_scale)
+        warn(f"dpdm train and dpdm baseline will refuse this plan: {untrainable}")
     if out:
         _refuse_to_replace(out, doc.digest, force=force)
         try:

@@ -196,6 +196,24 @@ def test_plan_that_prv_gets_wrong_is_made_with_a_warning(capsys, tmp_path):
     assert doc.independent.lower <= doc.epsilon < doc.independent.upper < doc.prv.lower
 
 
+def test_plan_that_float32_cannot_train_is_written_with_a_warning(capsys, tmp_path):
+    """The accountants take noise multipliers up to 1e100 and any positive clip norm; float32 training does not
+    (dpdm.noise_scale). `dpdm plan` wrote such plans silently and `dpdm train` refused them only later: the plan
+    is still written (it is a valid mechanism), with one warning naming the reason, and the plain plan none."""
+    base = ["--dataset-size", "100", "--batch-size", "10", "--steps", "3", "--delta", "1e-5"]
+    for extra, reason in ((["--noise-multiplier", "1e39"], "noise std noise_multiplier x clip_norm = 1e+39"),
+                          (["--noise-multiplier", "1", "--clip-norm", "1e-40"], "clip_norm=1e-40 is below 1e-30")):
+        path = tmp_path / f"plan{len(extra)}.json"
+        rc, out, err = run(capsys, *base, *extra, "--out", str(path))
+        assert rc == 0 and path.exists(), err
+        assert err.count("\n") == 1 and err.startswith(
+            "dpdm: warning: dpdm train and dpdm baseline will refuse this plan: "), err
+        assert reason in err
+    rc, out, err = run(capsys, *base, "--noise-multiplier", "1e29", "--clip-norm", "10", "--out",
+                       str(tmp_path / "ok.json"))
+    assert rc == 0 and err == "", err
+
+
 def test_plan_that_prv_cannot_compute_is_made_with_a_warning(capsys, tmp_path):
     """At sample rate 0.128 and 60 steps (noise multiplier 0.836) prv-accountant 0.2.0 raises instead
     ("Discrete mean differs from continuous mean significantly"); this valid plan used to stop with
