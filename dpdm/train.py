@@ -415,6 +415,20 @@ class _Dist:
         dist.broadcast(t, src=0)
         return int(t.item())
 
+    def disagreements(self, parts: dict[str, str]) -> list[str]:
+        """The names of `parts` whose values differ between ranks (every rank passes the same names in the same
+        order): a 64-bit hash of each value is gathered from every rank."""
+        if self.world_size == 1:
+            return []
+        import torch.distributed as dist
+
+        local = torch.tensor([int.from_bytes(hashlib.sha256(v.encode()).digest()[:8], "little", signed=True)
+                              for v in parts.values()], dtype=torch.int64, device=self.device)
+        gathered = [torch.zeros_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        table = torch.stack(gathered).cpu()
+        return [name for i, name in enumerate(parts) if bool((table[:, i] != table[0, i]).any())]
+
     def check_same_params(self, model: torch.nn.Module) -> None:
         """Raises if parameters differ across ranks (a checksum compared at each checkpoint)."""
         if self.world_size == 1:
@@ -529,6 +543,22 @@ def train(
     if device.type == "cpu":
         keep_freed_memory_if_asked()   # DPDM_MALLOC=keep: no page faults on every step's gigabytes (dpdm/cpu.py)
     data_digest = data_fingerprint(x, y)
+    # Each rank reads its own plan, data and options, and clips with its own plan's clip norm, while rank 0's
+    # plan alone sizes the noise and the ledger: a rank with another clip norm broke the guarantee unseen, one
+    # with other data of the same size trained on it. Every rank must start from the same inputs.
+    differ = dist.disagreements({
+        "the plan": plan_doc.digest,
+        "the data": data_digest,
+        "the number of classes": str(num_classes),
+        "the options": json.dumps({k: v for k, v in asdict(config).items() if k != "device"}, sort_keys=True,
+                                  default=str),
+        "the checkpoint resumed": "" if state is None else json.dumps(
+            [state["ledger"], state["config"]["train"].get("seed")], sort_keys=True, default=str),
+        "the public data": "" if public_data is None else data_fingerprint(*public_data),
+    })
+    if differ:
+        raise TrainError(f"the ranks differ in {', '.join(differ)}: every rank must train with the same plan, data "
+                         "and options (nothing was written)")
     if state is not None:
         saved_seed = int(state["config"]["train"]["seed"])
         if config.seed is not None and config.seed != saved_seed:

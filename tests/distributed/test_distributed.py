@@ -215,3 +215,36 @@ def test_two_ranks_share_the_secret_seed_and_so_the_poisson_batch(tiny):
         logged = [int(row["batch_size"]) for row in csv.DictReader(f)]
     want = [len(sampler.batch(s)) for s in range(plan.steps)]
     assert logged == want, (logged, want)
+
+
+def test_ranks_with_another_plan_or_data_are_refused_before_training(tiny):
+    """Each rank reads its own plan and data, and clips with its own plan's clip norm, while rank 0's plan alone
+    sizes the noise and the ledger. A rank 1 given a plan with clip norm 100 trained to the end (exit 0) with the
+    ledger's epsilon false, and one given other images of the same size trained on them. Every rank now compares
+    the plan, the data and the options first, and each refuses in one line, exit 2, before any file is written."""
+    d, plan = tiny
+    other = accounting.PrivacyPlan(dataset_size=plan.dataset_size, batch_size=plan.batch_size, steps=plan.steps,
+                                   noise_multiplier=plan.noise_multiplier, clip_norm=100.0,
+                                   noise_multiplicity=plan.noise_multiplicity, delta=plan.delta, dataset_name="tiny")
+    accounting.write_plan(accounting.make_plan_document(other), d / "plan_clip100.json")
+    with np.load(d / "data.npz") as f:
+        np.savez(d / "data_inverted.npz", x=255 - f["x"], y=f["y"])
+    entry = d / "rank1_other.py"   # rank 1 gets the arguments after '--rank1'
+    entry.write_text("import os, sys\nfrom cli.main import main\nargs = sys.argv[1:]\ni = args.index('--rank1')\n"
+                     "args = args[i + 1:] if os.environ['RANK'] == '1' else args[:i]\nsys.exit(main(args))\n")
+    for name, swap, want in (("clip", ("plan.json", "plan_clip100.json"), "the plan"),
+                             ("data", ("data.npz", "data_inverted.npz"), "the data")):
+        out = d / f"mismatch_{name}"
+        cmd = _train_cmd(2, d / "plan.json", d / "data.npz", out)
+        args = cmd[cmd.index("cli.main") + 1:]
+        rank1 = [a.replace(*swap) if a.endswith(swap[0]) else a for a in args]
+        assert rank1 != args
+        cmd = [*cmd[:cmd.index("-m", 2)], str(entry), *args, "--rank1", *rank1]
+        r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode != 0, r.stderr[-3000:]
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("dpdm: error:")]
+        assert len(lines) == 2 and lines[0] == lines[1], r.stderr[-3000:]   # one line from each rank
+        assert lines[0] == (f"dpdm: error: the ranks differ in {want}: every rank must train with the same plan, "
+                            "data and options (nothing was written)")
+        ranks = r.stderr.split("torch/distributed/elastic")[0]   # torchrun's own report follows, traceback included
+        assert "Traceback" not in ranks and "exitcode: 2" in r.stderr and not out.exists(), r.stderr[-3000:]
