@@ -165,29 +165,25 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     model.train()
     for step in bar:
         idx = sampler.batch(step).to(device)
-        stats: dict = {}
         if subspace_dim is None:
             batch, loss_fn = ((augmented_copies(x[idx], augment_shift, augment_multiplicity, augment_gen),
                                _augmented_loss_fn) if augment_shift else (x[idx], _loss_fn))
             grads = private_grad(model, loss_fn, batch, y[idx], clip_norm=plan.clip_norm,
                                  noise_multiplier=plan.noise_multiplier,
                                  expected_batch_size=plan.batch_size, generator=noise_gen,
-                                 chunk_size=chunk_size, stats=stats)
+                                 chunk_size=chunk_size)
         else:
             if step % subspace_every == 0:
                 pick = torch.randperm(len(public), generator=public_gen)[:subspace_examples]
                 basis = public_subspace(model, _loss_fn, public.x[pick].to(device), public.y[pick].to(device),
                                         dim=subspace_dim, clip_norm=plan.clip_norm, chunk_size=chunk_size)
             grads = add_noise_in_subspace(
-                clipped_grad_sum(model, _loss_fn, x[idx], y[idx], clip_norm=plan.clip_norm, chunk_size=chunk_size,
-                                 stats=stats),
+                clipped_grad_sum(model, _loss_fn, x[idx], y[idx], clip_norm=plan.clip_norm, chunk_size=chunk_size),
                 basis, noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
                 expected_batch_size=plan.batch_size, generator=noise_gen)
         for name, p in params.items():
             p.grad = grads[name].to(p.dtype)
-        opt.step()
-        if progress and step % 10 == 0:
-            bar.set_postfix(loss=f"{stats.get('loss_mean', float('nan')):.3f}")
+        opt.step()   # the bar shows no loss: the private batch's un-noised mean loss is a statistic of the data
     bar.close()
     return {"test_accuracy": accuracy(model, test.x, test.y, device=device),
             "steps": plan.steps, "expected_batch_size": plan.batch_size, "lr": lr,

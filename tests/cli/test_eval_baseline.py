@@ -214,6 +214,8 @@ def test_baseline_runs_exactly_plan_steps(digit_files, tmp_path, capsys):
     # clipped fractions), and the seed that drives the batches and the noise is secret.
     assert not {"clipped_fraction", "mean_batch_size"} & set(r) and r["seed"] == "secret"
     assert r["seed_given"] is False
+    # Nor on the progress bar: it showed the private batch's un-noised mean loss (nan for an empty batch).
+    assert "dp-classifier" in err and "loss=" not in err, err
     # The class count came from the private labels (the npz states none): the CNN reveals it, as `dpdm train`
     # warns (one record can decide whether the largest label occurs).
     assert "the number of classes (10) was read from the private labels" in err
