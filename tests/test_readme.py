@@ -68,6 +68,13 @@ def test_readme_python_block_writes_the_quick_start_plan(snippet_run, tmp_path, 
     with _cwd(tmp_path):
         assert main(args) == 0, capsys.readouterr().err
     assert (tmp_path / "plan.json").read_bytes() == (folder / "plan.json").read_bytes()
+    # The figures the README quotes for it are the ones printed (a re-calibration had left an old digest there).
+    shown = re.search(r"certified epsilon \(([\d.]+) here", README.read_text())
+    assert shown and f"certified epsilon {shown.group(1)} " in capsys.readouterr().out
+    comment = re.search(r"print\(doc\.epsilon, doc\.digest\) +# ([\d.]+)\.\.\. (sha256:[0-9a-f]+)\.\.\.",
+                        README.read_text())
+    printed = snippet_run[1].split()
+    assert comment and printed[0].startswith(comment.group(1)) and printed[1].startswith(comment.group(2)), printed
 
 
 def test_readme_starts_with_the_two_commands():
