@@ -230,18 +230,18 @@ def _check_output(option: str, path: str) -> None:
 
 
 def _curve_path(path: str) -> str:
-    """The file --curve writes: checked like --out, with an extension matplotlib can write (none: .png,
-    as matplotlib itself would add)."""
-    from matplotlib.backend_bases import FigureCanvasBase
+    """The file --curve writes: checked like --out, in a format that carries dpdm's mark (png, pdf, svg, jpg;
+    none: .png, as matplotlib itself would add). A gif or tiff was written unmarked, then refused by the same
+    command as "not a curve dpdm wrote"."""
+    from dpdm.report_utils import grid_suffix_problem, is_dpdm_grid
 
-    ext = os.path.splitext(path)[1][1:]
-    if not ext:
+    if not os.path.splitext(path)[1][1:]:
         path = path.rstrip(".") + ".png"
-    elif ext.lower() not in FigureCanvasBase.get_supported_filetypes():
-        formats = ", ".join(sorted(FigureCanvasBase.get_supported_filetypes()))
-        raise BadInput(f"--curve={path!r}: matplotlib cannot write .{ext} files (use one of {formats})")
+    problem = grid_suffix_problem(path)
+    if problem:
+        raise BadInput(f"--curve={path!r} {problem}: the formats that carry dpdm's mark, by which a later --curve "
+                       "may replace it")
     _check_output("--curve", path)
-    from dpdm.report_utils import is_dpdm_grid
 
     # Replaced only if an earlier --curve wrote it (it carries the mark save_grid's grids carry): an image, a
     # link or anything else of the user's is kept.

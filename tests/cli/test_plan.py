@@ -332,8 +332,11 @@ def test_unusable_out_and_curve_are_refused_before_calibration(capsys, monkeypat
          f"--out={str(a_file / 'sub' / 'p.json')!r}: {a_file} is not a folder"),
         (["--curve", str(a_file / "c.png")], f"--curve={str(a_file / 'c.png')!r}: {a_file} is not a folder"),
         (["--out", str(plan), "--curve", str(a_file / "no" / "c.png")], "--curve="),
-        (["--out", str(plan), "--curve", str(tmp_path / "c.json")], "matplotlib cannot write .json files"),
-        (["--out", str(plan), "--curve", str(tmp_path / "c.xyz")], "matplotlib cannot write .xyz files"),
+        (["--out", str(plan), "--curve", str(tmp_path / "c.json")], "must end in .png, .pdf, .svg, .jpg or .jpeg"),
+        (["--out", str(plan), "--curve", str(tmp_path / "c.xyz")], "must end in .png, .pdf, .svg, .jpg or .jpeg"),
+        # matplotlib writes these, but without dpdm's mark: the same command then refused its own curve
+        (["--out", str(plan), "--curve", str(tmp_path / "c.gif")], "the formats that carry dpdm's mark"),
+        (["--out", str(plan), "--curve", str(tmp_path / "c.tiff")], "the formats that carry dpdm's mark"),
     ]
     for extra, expected in cases:
         rc, out, err = run(capsys, "--eps", "1", "--delta", "1e-5", *extra)
