@@ -54,9 +54,11 @@ _MAX_SAMPLER_STEPS = 10_000   # dpdm.sampling.MAX_SAMPLER_STEPS (10x DPDM's 1,00
 @click.option("--out", "out_path", required=True, type=PathOption(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
 @click.option("--grid", "grid_path", type=PathOption(dir_okay=False), default=None,
               help="Also write a grid of samples, a row per class (.png, .pdf, .svg, .jpg or .jpeg).")
+@click.option("--force", is_flag=True,
+              help="Replace an --out samples file of a model of another plan (never the run's own data).")
 @click.option("--json", "as_json", is_flag=True)
 def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, s_max, s_noise, guidance, guidance_interval, sigma_min, sigma_max, rho, weights, precision,
-           seed, batch_size, device, out_path, grid_path, as_json):
+           seed, batch_size, device, out_path, grid_path, force, as_json):
     """Draw synthetic images from a trained (EMA) model."""
     path = checkpoint_of(run_dir, checkpoint_path)
     if sigma_min is not None and sigma_max is not None and not sigma_min < sigma_max:
@@ -92,7 +94,8 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         result = sample_checkpoint(path, n=n, sampler=sampler, sampler_steps=sampler_steps, guidance=guidance,
                                    guidance_interval=guidance_interval, sampler_kwargs=churn or None,
                                    sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, weights=weights, seed=seed,
-                                   precision=precision, batch_size=batch_size, device=device, out_path=out_path, grid_path=grid_path)
+                                   precision=precision, batch_size=batch_size, device=device, out_path=out_path, grid_path=grid_path,
+                                   force=force)
     except SampleError as e:
         raise BadInput(str(e)) from None
     except SampleFailure as e:   # NaN/inf with the default sampler settings too: the weights, exit 4

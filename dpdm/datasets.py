@@ -174,6 +174,26 @@ def is_path_dataset(name: str) -> bool:
     return name.startswith(("folder:", "npz:"))
 
 
+def absolute_dataset_name(name: str) -> str:
+    """`name` with the path of an "npz:PATH" or "folder:PATH" dataset made absolute (others as they are): what a
+    run's private config records, so that `dpdm sample` (which must not write over the run's data) and `dpdm
+    audit` find the same file from any working directory."""
+    if is_path_dataset(name):
+        prefix, path = name.split(":", 1)
+        return f"{prefix}:{os.path.abspath(os.path.expanduser(path))}"
+    return name
+
+
+def public_init_name(name: str | None) -> str | None:
+    """How release files and samples name the public data a warm start (`dpdm train --init-from`) came from: a
+    built-in name as it is; a path's kind and file name, without its folders (a local path, like the home
+    folder it lies in, is not the public's business)."""
+    if isinstance(name, str) and is_path_dataset(name):
+        prefix, path = name.split(":", 1)
+        return f"{prefix}:{os.path.basename(os.path.normpath(path))}"
+    return name
+
+
 def public_dataset_name(name: str | None, plan_dataset: str | None) -> str | None:
     """The name of a run's dataset as its outputs (release files, samples) may show it: a built-in name, or a
     path the plan (public) names; a path the plan does not name (`dpdm plan --dataset-size` alone, then `dpdm

@@ -29,7 +29,7 @@ def release_config(config: dict[str, Any], plan_dataset: str | None = None) -> d
     """What a release file keeps of a run's config: no seed, no data digest, no local paths. The dataset is
     named as the plan (public, in the file) names it, or by a built-in name; a path the plan does not name
     (`dpdm plan --dataset-size` alone, then `dpdm train --dataset npz:/home/.../patients.npz`) is left out."""
-    from dpdm.datasets import public_dataset_name
+    from dpdm.datasets import public_dataset_name, public_init_name
 
     out = {k: config[k] for k in RELEASED_CONFIG_KEYS if k in config}
     if "dataset" in out:
@@ -39,7 +39,8 @@ def release_config(config: dict[str, Any], plan_dataset: str | None = None) -> d
     out["train"] = {"train_sigma": (config.get("train") or {}).get("train_sigma"),
                     "seed_given": ckpt.seed_given(config)}
     init = config.get("init")
-    out["init"] = None if init is None else {"dataset": init.get("dataset"), "sha256": init.get("sha256")}
+    out["init"] = None if init is None else {"dataset": public_init_name(init.get("dataset")),
+                                             "sha256": init.get("sha256")}
     return out
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from dpdm import checkpoint as ckpt
-from dpdm.datasets import public_dataset_name
+from dpdm.datasets import public_dataset_name, public_init_name
 from dpdm.sampling import MIN_ROWS, RHO, SIGMA_MAX, SIGMA_MIN
 
 
@@ -92,7 +92,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                       weights: str = "ema", seed: int = 0, batch_size: int = 256, device: str = "cpu",
                       sigma_min: float | None = None, sigma_max: float | None = None, rho: float = RHO,
                       sampler_kwargs: dict | None = None, precision: str = "fp32",
-                      out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None) -> dict[str, Any]:
+                      out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None,
+                      force: bool = False) -> dict[str, Any]:
     """Draws `n` images (balanced labels (seed + i) % num_classes) and writes them to `out_path` atomically.
 
     The npz holds ``x`` (uint8 [n, C, H, W]), ``y`` (int64 [n]) for a conditional model and no ``y`` for
@@ -105,6 +106,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     sigma_min / sigma_max None: Karras's 0.002 / 80, narrowed to the noise levels the run trained on
     (`dpdm train --train-sigma`), so that the sampler does not ask the network about levels it never saw.
     precision: "fp32", or "bf16" (the network under bfloat16 autocast; `dpdm.sampling.PRECISIONS`).
+    force: replace a samples file of a model of another plan (`check_outputs`).
 
     Raises:
       SampleError: bad options, a checkpoint that cannot be sampled from, outputs that would replace a file
@@ -132,7 +134,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     if guidance != 0 and int(cfg.get("num_classes", 0)) == 0:
         raise SampleError(f"guidance={guidance:g} (--guidance) needs a class-conditional model; {str(path)!r} was "
                           "trained without labels, so there is nothing to guide towards")
-    check_outputs(out_path, grid_path, dataset=cfg.get("dataset"))   # before any drawing
+    check_outputs(out_path, grid_path, dataset=cfg.get("dataset"), plan_digest=str(ledger["plan_digest"]),
+                  force=force)   # before any drawing
     need = memory_needed(n, cfg, batch_size=batch_size)
     have = physical_memory()
     if have is not None and need > have:
@@ -201,7 +204,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         "sigma_min": float(sigma_min), "sigma_max": float(sigma_max), "rho": float(rho),
         "sampler_kwargs": json.dumps(sampler_kwargs or {}, sort_keys=True), "precision": precision,
         # A generator warm-started on public data (`dpdm train --init-from`) says so in its samples.
-        "init_dataset": (cfg.get("init") or {}).get("dataset"),
+        "init_dataset": public_init_name((cfg.get("init") or {}).get("dataset")),   # no folders (release_config)
     }
     out_path = Path(out_path)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp.npz")
@@ -258,11 +261,13 @@ def is_samples_file(path: str | os.PathLike) -> bool:
 
 
 def check_outputs(out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None, *,
-                  dataset: str | None = None) -> None:
+                  dataset: str | None = None, plan_digest: str | None = None, force: bool = False) -> None:
     """SampleError unless `sample_checkpoint` may write `out_path` and `grid_path`: each is new, or a file
     `dpdm sample` wrote (a samples npz, `is_samples_file`; a grid, `report_utils.is_dpdm_grid`), and
     neither is, or lies in, the run's dataset (`dataset`: its config's name, "npz:PATH" or "folder:PATH").
-    Reads the files; writes nothing."""
+    A samples file of a model of another plan than `plan_digest` is replaced only with `force`: it may be
+    another run's training data (a release file names no local path to protect). Reads the files; writes
+    nothing."""
     from dpdm.report_utils import is_dpdm_grid
 
     for option, path, ours, what in (("--out", out_path, is_samples_file, "samples file"),
@@ -273,12 +278,25 @@ def check_outputs(out_path: str | os.PathLike, grid_path: str | os.PathLike | No
             raise SampleError(f"{option}={str(path)!r} already exists and is not a {what} from `dpdm sample`; it "
                               f"is kept: choose another {option}")
         data = _dataset_path(dataset)
-        if data is None:
-            continue
         target = Path(os.path.realpath(path))
-        if target == data or data in target.parents:
+        if data is not None and (target == data or data in target.parents):
             raise SampleError(f"{option}={str(path)!r} is {'' if target == data else 'inside '}the run's training "
                               f"data ({dataset!r}); write the samples elsewhere")
+        if option == "--out" and plan_digest is not None and not force and os.path.lexists(path):
+            other = _samples_plan_digest(path)
+            if other != plan_digest:
+                raise SampleError(f"--out={str(path)!r} holds samples of a model of another plan "
+                                  f"({other[:19]}...), perhaps another run's training data; it is kept: choose "
+                                  "another --out, or pass --force to replace it")
+
+
+def _samples_plan_digest(path: str | os.PathLike) -> str:
+    """The plan digest a samples file (`is_samples_file`) records ("" where it cannot be read)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["meta_plan_digest"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return ""
 
 
 def _dataset_path(name: str | None) -> Path | None:

@@ -419,3 +419,19 @@ def test_resume_refuses_optimizer_state_of_another_shape(run, tmp_path, capsys):
     line = one_error_line(*run_cli(["train", "--plan", d / "plan.json", "--out", bad, "--resume", "--device", "cpu",
                                     "--quiet", "--ema-power", "0.1"], capsys)[::2])
     assert "optimizer's exp_avg has shape (1,)" in line, line
+
+
+def test_a_warm_starts_local_path_leaves_its_folders_out_of_releases_and_samples():
+    """The release named the run's own data as the plan does, but copied the warm start's data verbatim
+    (`config.init.dataset` 'npz:/home/alice/secret_project/public_faces.npz'), and the samples too
+    (`meta_init_dataset`). Now a path keeps its kind and file name; a built-in name stays as it is."""
+    from dpdm.datasets import public_init_name
+    from dpdm.export import release_config
+
+    config = {"model": "small", "dataset": "npz:/home/alice/secret_project/patients.npz",
+              "init": {"dataset": "npz:/home/alice/secret_project/public_faces.npz", "sha256": "ab" * 32}}
+    out = release_config(config, None)
+    assert out["dataset"] is None and out["init"] == {"dataset": "npz:public_faces.npz", "sha256": "ab" * 32}
+    assert "/home" not in repr(out)
+    assert public_init_name("folder:/data/alice/public/") == "folder:public"
+    assert public_init_name("digits28-aug") == "digits28-aug" and public_init_name(None) is None

@@ -171,3 +171,47 @@ def test_a_path_dataset_without_a_path_is_refused(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=f"dataset={name!r} names no path"):
         load_dataset(name)
+
+
+def test_the_runs_data_named_by_a_relative_path_is_kept_from_any_folder(tmp_path, monkeypatch, capsys):
+    """A second-generation run trained on samples (`--dataset npz:gen1.npz`, relative): its config recorded the
+    path as typed, and `dpdm sample` resolved it against the working directory, so from another folder `--out
+    /abs/gen1.npz` replaced the run's training data (exit 0). The same through the release file, which names no
+    local path by design. Now the run records the absolute path (and `dpdm audit` reads the same file from any
+    folder), and a samples file of a model of another plan is replaced only with --force."""
+    import json
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    rng = np.random.default_rng(1)
+    data = work / "gen1.npz"   # what `dpdm sample` of an earlier model wrote: x, y and its meta arrays
+    np.savez(data, x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8), y=np.arange(24) % 3,
+             num_classes=3, meta_plan_digest=np.asarray("sha256:" + "0" * 64), meta_private=np.asarray(True))
+    original = data.read_bytes()
+    monkeypatch.chdir(work)
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=2.0,
+                                  noise_multiplicity=1, delta=1e-5, dataset_name="npz:gen1.npz")
+    accounting.write_plan(accounting.make_plan_document(plan), work / "plan.json")
+    assert main(["train", "--plan", "plan.json", "--out", str(work / "run"), "--device", "cpu", "--quiet"]) == 0
+    assert json.loads((work / "run" / "config.json").read_text())["dataset"] == f"npz:{data}"
+    code, _, err = run_cli(["export", "--run", str(work / "run"), "--out", str(work / "model.pt")], capsys)
+    assert code == 0, err
+    monkeypatch.chdir(elsewhere)
+    for source in (["--run", str(work / "run")], ["--checkpoint", str(work / "model.pt")]):
+        argv = ["sample", *source, "--n", "4", "--sampler-steps", "2", "--device", "cpu", "--out", str(data)]
+        line = one_error_line(*run_cli(argv, capsys)[::2])
+        assert ("is the run's training data" in line if source[0] == "--run" else
+                "holds samples of a model of another plan (sha256:000000000000...)" in line), line
+        assert data.read_bytes() == original
+    # --force replaces another plan's samples, except where the run's own data is known
+    assert one_error_line(*run_cli([*argv[:1], "--run", str(work / "run"), *argv[3:], "--force"], capsys)[::2])
+    assert data.read_bytes() == original
+    other = elsewhere / "other.npz"
+    other.write_bytes(original)
+    argv = [a if a != str(data) else str(other) for a in argv]
+    assert one_error_line(*run_cli(argv, capsys)[::2]).endswith("or pass --force to replace it")
+    code, _, err = run_cli([*argv, "--force"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(argv, capsys)   # now samples of this model's plan: replaced as before
+    assert code == 0, err

@@ -511,6 +511,22 @@ def test_warm_start_begins_at_the_public_ema_and_is_recorded(tmp_path):
         "init_dataset"] is None
 
 
+def test_samples_name_a_warm_starts_data_without_its_folders(tmp_path):
+    """`meta_init_dataset` copied the warm start's local path ('npz:/home/.../public_faces.npz') into samples,
+    which are released; it keeps the kind and the file name now (`datasets.public_init_name`)."""
+    x_pub, y_pub, c = tiny_data(n=30, seed=7)
+    public = tmp_path / "public"
+    train(tiny_plan(n=30, steps=2), x_pub, y_pub, c, public, TrainConfig(**CFG, private=False),
+          dataset_name=f"npz:{tmp_path / 'alice' / 'public_faces.npz'}", progress=False)
+    x, y, c = tiny_data()
+    train(tiny_plan(steps=2), x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(public / CHECKPOINT_NAME)),
+          dataset_name="tiny", progress=False)
+    from dpdm.sample import sample_checkpoint
+    got = sample_checkpoint(tmp_path / "run" / CHECKPOINT_NAME, n=2, sampler_steps=2, out_path=tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz") as z:
+        assert str(z["meta_init_dataset"]) == got["init_dataset"] == "npz:public_faces.npz"
+
+
 def test_sampler_keywords_reach_the_sampler_and_the_npz(tmp_path):
     from dpdm.sample import sample_checkpoint
     x, y, c = tiny_data()
