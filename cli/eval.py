@@ -191,10 +191,14 @@ def _check_test_held_out_from_generator(generator_data: str | None, dataset: str
     test set that is that data measures the generator's own training images. Half or more of the test images
     among them is refused, as for --dataset; fewer are warned about. Data that cannot be loaded here (a path
     the plan did not name, a torchvision dataset not on this machine) is not checked, and said so."""
-    from dpdm.datasets import load_dataset, shared_images
+    from dpdm.datasets import absolute_dataset_name, is_path_dataset, load_dataset, shared_images
 
     if generator_data is None or generator_data == dataset:
         return
+    if is_path_dataset(generator_data) and absolute_dataset_name(generator_data) != generator_data:
+        # A plan made from a relative path: the same name may be another file here than where the model trained.
+        warn(f"the samples' model trained on {generator_data!r}, a relative path; the test images are checked "
+             f"against {absolute_dataset_name(generator_data).split(':', 1)[1]!r}, as read from this folder")
     try:
         trained_on = load_dataset(generator_data, "train", data_root=data_root, download=False)
     except (ValueError, OSError) as e:   # DataError is a ValueError

@@ -708,7 +708,7 @@ def test_eval_says_where_the_samples_came_from(digit_files, tmp_path, capsys):
         assert made["seed_given"] == (None if name == "foreign" else name == "seeded")
 
 
-def test_eval_refuses_a_test_set_that_is_the_generators_training_data(digit_files, tmp_path, capsys):
+def test_eval_refuses_a_test_set_that_is_the_generators_training_data(digit_files, tmp_path, capsys, monkeypatch):
     """The samples name their model's training data (meta_dataset); eval checked the test images only against
     --dataset, so `--dataset other --test-dataset <the generator's data>` reported an accuracy on the generator's
     own training images as held-out."""
@@ -738,6 +738,12 @@ def test_eval_refuses_a_test_set_that_is_the_generators_training_data(digit_file
     for trained_on in (f"npz:{digit_files['train']}", "None"):   # --dataset itself (checked already), or unnamed
         code, out, err = _run(capsys, *common, "--samples", samples("usual", trained_on))
         assert code == 0 and "dpdm: warning" not in err, err
+    # A plan made from a relative path: checked against the file of that name here, and said so (from another
+    # folder the same name may be another file, which passed without a word).
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, *common, "--samples", samples("relative", "npz:some_of_test.npz"))
+    assert code == 0 and "100 of the 300 test images" in err, err
+    assert f"'npz:some_of_test.npz', a relative path; the test images are checked against '{some}'" in err, err
 
 
 def test_eval_names_the_test_set_of_another_shape_and_a_shift_beyond_the_image(digit_files, tmp_path, capsys):
