@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The option that lowers a command's peak memory, for the out-of-memory line.
-_MEMORY_KNOB = {"train": "--physical-batch", "baseline": "--physical-batch", "sample": "--batch-size"}
+_MEMORY_KNOB = {"train": "a smaller --physical-batch needs", "baseline": "a smaller --physical-batch needs",
+                "sample": "a smaller --batch-size needs",
+                "plan": "fewer steps or more noise need", "account": "fewer steps or more noise need"}
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -136,7 +138,7 @@ def _out_of_memory_line(e: BaseException, argv: list[str] | None) -> str:
     args = sys.argv[1:] if argv is None else argv
     command = next((a for a in args if not a.startswith("-")), "")
     knob = _MEMORY_KNOB.get(command)
-    hint = f"; a smaller {knob} needs less" if knob else ""
+    hint = f"; {knob} less" if knob else ""
     resume = "; a training run continues with --resume" if command == "train" else ""
     return f"out of memory on the {where}{size}{hint}; files written before are kept{resume}"
 
