@@ -114,8 +114,8 @@ def delta_floor_problem(delta: float, steps: int | None = None, *, name: str = "
     if delta >= floor:
         return None
     per_step = f" for {steps} steps (at least {DELTA_PER_STEP:g} per step)" if floor > MIN_DELTA else ""
-    return (f"{name}={delta!r} is below {floor:g}{per_step}, where the accountants lose double precision (dpdm "
-            "before stop 36 allowed less: make a new plan)")
+    return (f"{name}={delta!r} is below {floor:g}{per_step}, where the accountants lose double precision (a plan "
+            "file from an older dpdm that allowed less must be made again)")
 # The largest dataset a plan may name (sample_rate = B/N stays a meaningful float; a 401-digit N used
 # to end in OverflowError).
 MAX_DATASET_SIZE = 10**12

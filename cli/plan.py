@@ -47,6 +47,9 @@ _UNIT_OPEN = FiniteFloatRange(min=0, max=1, min_open=True, max_open=True)
 _DELTA_HELP = "(at least 1e-10, and 1e-13 per step: below it the accountants lose double precision)"
 
 
+# dp-accounting fails on a subnormal sample rate ("a must be greater than b. Got a=inf and b=inf."); 1e-300 works.
+_SMALLEST_NORMAL = 2.2250738585072014e-308
+
 # DPDM_MEMORY_LIMIT: bytes (suffix K, M, G or T) that `dpdm plan` and `dpdm account` may add to their address space;
 # by default 90% of the memory available when they start.
 MEMORY_LIMIT_ENV = "DPDM_MEMORY_LIMIT"
@@ -371,7 +374,9 @@ def _resolve_dataset(name: str | None, size: int | None) -> tuple[str | None, in
         if size is not None and size != DATASET_SIZES[name]:
             raise BadInput(f"--dataset-size={size} disagrees with --dataset={name!r} ({DATASET_SIZES[name]} examples)")
         return name, DATASET_SIZES[name]
-    if name.startswith(("folder:", "npz:")) and len(name.split(":", 1)[1]) > 0:
+    if name.startswith(("folder:", "npz:")) and not name.split(":", 1)[1].strip():   # no later command takes it
+        raise BadInput(f"--dataset={name!r} names no path (an unset variable?): give {name.split(':')[0]}:PATH")
+    if name.startswith(("folder:", "npz:")):
         if size is None:
             raise BadInput(f"--dataset={name!r} needs --dataset-size N (its size is not known in advance)")
         return name, size
@@ -477,7 +482,7 @@ _MIN_EPS_ERROR = 0.01
 
 @click.command("account")
 @click.option("-s", "--noise-multiplier", type=_POSITIVE, required=True, help="Noise multiplier.")
-@click.option("-p", "--sample-rate", type=FiniteFloatRange(min=0, max=1, min_open=True), required=True,
+@click.option("-p", "--sample-rate", type=FiniteFloatRange(min=_SMALLEST_NORMAL, max=1), required=True,
               help="Poisson sample rate.")
 @click.option("-i", "--steps", type=click.IntRange(min=1), required=True, help="Number of steps (at most 10**7).")
 @click.option("--delta", type=_UNIT_OPEN, required=True, help=f"Target delta {_DELTA_HELP}.")

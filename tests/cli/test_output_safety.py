@@ -173,6 +173,18 @@ def test_a_path_dataset_without_a_path_is_refused(tmp_path, monkeypatch, name):
         load_dataset(name)
 
 
+@pytest.mark.parametrize("name", ["npz: ", "folder: "])
+def test_a_plan_is_not_made_for_a_path_dataset_without_a_path(tmp_path, monkeypatch, capsys, name):
+    """`dpdm plan --dataset "npz: "` (an unset variable after the colon) wrote a locked plan that every later
+    command refused ("names no path")."""
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(main(["plan", "--dataset", name, "--dataset-size", "10", "--noise-multiplier", "1",
+                                "--batch-size", "2", "--steps", "2", "--delta", "1e-5", "--out", "p.json"]),
+                          capsys.readouterr().err)
+    assert line == f"dpdm: error: --dataset={name!r} names no path (an unset variable?): give {name.split(':')[0]}:PATH"
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_runs_data_named_by_a_relative_path_is_kept_from_any_folder(tmp_path, monkeypatch, capsys):
     """A second-generation run trained on samples (`--dataset npz:gen1.npz`, relative): its config recorded the
     path as typed, and `dpdm sample` resolved it against the working directory, so from another folder `--out

@@ -572,3 +572,17 @@ def test_the_accountants_memory_is_capped_so_a_huge_grid_is_one_line(capsys, mon
     assert "ZeroDivisionError" in capsys.readouterr().err
     assert resource.getrlimit(resource.RLIMIT_AS) == before
     assert seen and seen[0][0] != resource.RLIM_INFINITY and seen[0][0] <= 2**31 + 64 * 2**30
+
+
+def test_account_names_a_subnormal_sample_rate_and_a_small_delta_without_jargon(capsys):
+    """A subnormal -p reached dp-accounting, whose error named neither option nor value ("a must be greater than b.
+    Got a=inf and b=inf."); the delta floor's line spoke of "dpdm before stop 36" and told `dpdm account` to make
+    a new plan."""
+    rc = main(["account", "-s", "1", "-p", "1e-310", "-i", "10", "--delta", "1e-5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--sample-rate" in err and "1e-310" in err, err
+    assert main(["account", "-s", "1", "-p", "1e-300", "-i", "10", "--delta", "1e-5"]) == 0
+    capsys.readouterr()
+    rc = main(["account", "-s", "1", "-p", "0.1", "-i", "10", "--delta", "1e-300"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--delta=1e-300 is below 1e-10" in err and "stop" not in err, err
