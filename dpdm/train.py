@@ -564,7 +564,8 @@ def train(
         if config.seed is not None and config.seed != saved_seed:
             raise TrainError("cannot resume with another --seed: the run's batches and noise derive from its own seed")
         if state["config"].get("data_digest") not in (None, data_digest):
-            raise TrainError("cannot resume on other data: the images differ from those the run was trained on")
+            raise TrainError("cannot resume on other data: the images or their labels differ from those the run "
+                             "was trained on")
         seed = saved_seed
         # A run seeded by its user stays marked so on resume, which takes the seed from the checkpoint.
         seed_given = ckpt.seed_given(state["config"]) or config.seed is not None

@@ -349,6 +349,8 @@ def test_seed_is_secret_by_default_and_fixed_on_resume(tmp_path):
         train(doc, x, y, c, out, TrainConfig(**{**CFG, "seed": seed + 1}), resume=True, progress=False)
     with pytest.raises(TrainError, match="other data"):
         train(doc, x.flip(0), y, c, out, TrainConfig(**cfg), resume=True, progress=False)
+    with pytest.raises(TrainError, match="the images or their labels differ"):   # it said "the images differ"
+        train(doc, x, (y + 1) % c, c, out, TrainConfig(**cfg), resume=True, progress=False)
     assert train(doc, x, y, c, out, TrainConfig(**cfg), resume=True, progress=False)["steps_done"] == 4
 
 
