@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -339,8 +340,9 @@ def _config_problem(config: dict[str, Any], training: bool) -> str | None:
             return f"its config's train.seed is {seed!r}, not an integer in [0, 2**63)"
         sigma = train.get("train_sigma")
         if sigma is not None and not (isinstance(sigma, (list, tuple)) and len(sigma) == 2
-                                      and all(_is_number(v) for v in sigma)):
-            return f"its config's train.train_sigma is {sigma!r}, not (min, max)"
+                                      and all(_is_number(v) and math.isfinite(v) for v in sigma)
+                                      and 0 < sigma[0] < sigma[1]):   # [nan, 1] was sampled from
+            return f"its config's train.train_sigma is {sigma!r}, not (min, max) with 0 < min < max"
     init = config.get("init")
     if init is not None and not isinstance(init, dict):
         return f"its config's init is {type(init).__name__}, not a mapping"

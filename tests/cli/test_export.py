@@ -283,6 +283,10 @@ def _edited_copy(src_run, dst_run, edit):
     ("infinite epsilon", lambda s: s["ledger"].update(epsilon_spent=float("inf")), "private with epsilon inf"),
     ("config.train", lambda s: s["config"].update(train="x"), "train is str"),
     ("train_sigma", lambda s: s["config"]["train"].update(train_sigma="abc"), "train_sigma is 'abc'"),
+    ("train_sigma nan", lambda s: s["config"]["train"].update(train_sigma=[float("nan"), 1.0]),
+     "train_sigma is [nan, 1.0], not (min, max) with 0 < min < max"),   # sampled with sigma_max 1
+    ("train_sigma reversed", lambda s: s["config"]["train"].update(train_sigma=[5.0, 1.0]),
+     "train_sigma is [5.0, 1.0]"),   # blamed on --sigma-min, which the user had not given
     ("config.init", lambda s: s["config"].update(init="x"), "init is str"),
     ("optimizer", lambda s: s.update(optimizer="x"), "optimizer state is not"),
     ("rng", lambda s: s.update(rng={}), "RNG state"),
