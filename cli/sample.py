@@ -39,8 +39,9 @@ _MAX_SAMPLER_STEPS = 10_000   # dpdm.sampling.MAX_SAMPLER_STEPS (10x DPDM's 1,00
                    "[default: 80, or the highest level the run trained on if lower]")
 @click.option("--rho", type=FiniteFloatRange(min=0, min_open=True), default=7.0, show_default=True,
               help="Karras schedule exponent (higher: more steps at low noise).")
-@click.option("--weights", default="ema", show_default=True,
-              help="ema (the run's EMA), raw (the last iterate), or power:GAMMA (kept by `dpdm train --ema-power`).")
+@click.option("--weights", default=None,
+              help="ema (the run's EMA), raw (the last iterate), or power:GAMMA (kept by `dpdm train --ema-power`).  "
+                   "[default: ema; a release file's own weights]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: the network under bfloat16 autocast, 1.3-1.9x faster on a CPU with AMX (small to mnist "
                    "U-Net; benchmarks/precision.py), slower on one without; the images differ from fp32's by "

@@ -83,7 +83,7 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
             another plan.
     """
     from dpdm.report_utils import run_folder_of
-    from dpdm.sample import SampleError, _weights_of
+    from dpdm.sample import SampleError, _weights_of, weights_name
 
     src, out = Path(checkpoint_path), Path(out_path)
     try:
@@ -114,6 +114,7 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
         raise ExportError(str(e)) from None
     ledger = {k: state["ledger"][k] for k in ckpt.LEDGER_KEYS}
     # The verified document as dpdm writes it, not the file's text: keys dpdm does not write stay out of the release.
+    weights = weights_name(weights)   # "power:0.50" and "power:0.5" are one EMA: one name, one file
     release = {"format": ckpt.MODEL_FORMAT, "weights": weights, "state_dict": chosen,
                "config": release_config(state["config"], doc.plan.dataset_name), "ledger": ledger,
                "plan": doc.to_json() + "\n"}

@@ -31,6 +31,19 @@ _OPTIONS = {"sampler_steps": "--sampler-steps", "sigma_min": "--sigma-min",
             "S_min": "--s-min", "S_max": "--s-max", "S_noise": "--s-noise"}
 
 
+def weights_name(weights: str) -> str:
+    """The canonical spelling of a weights name: "power:0.50" and "power: 0.5" are the EMA "power:0.5" keeps
+    (`train.ema_power_key`); other names as they are. A release file records it, and sampling compares it."""
+    from dpdm.train import ema_power_key
+
+    if isinstance(weights, str) and weights.startswith("power:"):
+        try:
+            return f"power:{ema_power_key(float(weights.removeprefix('power:')))}"
+        except ValueError:
+            pass
+    return weights
+
+
 def _weights_of(state: dict, weights: str, path) -> dict:
     """The state dict `weights` names: "ema", "raw", or "power:GAMMA" (a power EMA kept by `--ema-power`)."""
     from dpdm.train import ema_power_key
@@ -49,11 +62,12 @@ def _weights_of(state: dict, weights: str, path) -> dict:
     return kept[key]
 
 
-def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str = "cpu"):
+def load_denoiser(path: str | os.PathLike, *, weights: str | None = "ema", device: str = "cpu"):
     """Rebuilds the preconditioned network of a checkpoint or release file (`dpdm export`).
-    Returns (D, state).
+    Returns (D, state); state["weights"] names the weights taken (`weights_name`).
 
-    weights: "ema" (the run's EMA), "raw" (the last iterate) or "power:GAMMA" (a power EMA the run kept)."""
+    weights: "ema" (the run's EMA), "raw" (the last iterate) or "power:GAMMA" (a power EMA the run kept); None:
+    a release file's one set, a checkpoint's EMA."""
     from dpdm.train import build_denoiser
 
     try:
@@ -72,12 +86,14 @@ def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str 
         state["config"] = {**state["config"], "public_dataset": public_dataset_name(state["config"].get("dataset"),
                                                                                      doc.plan.dataset_name)}
     if state["format"] == ckpt.MODEL_FORMAT:   # a release file (`dpdm export`) holds one set of weights
-        if weights != state["weights"]:
+        if weights is not None and weights_name(weights) != weights_name(state["weights"]):
             raise SampleError(f"weights={weights!r}: model file {str(path)!r} holds only its "
                               f"{state['weights']!r} weights")
         chosen = state["state_dict"]
+        state["weights"] = weights_name(state["weights"])
     else:
-        chosen = _weights_of(state, weights, path)
+        chosen = _weights_of(state, weights or "ema", path)
+        state["weights"] = weights_name(weights or "ema")
     try:
         D = build_denoiser(state["config"])
         D.load_state_dict(chosen)
@@ -89,7 +105,7 @@ def load_denoiser(path: str | os.PathLike, *, weights: str = "ema", device: str 
 
 def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: int = 50, guidance: float = 0.0,
                       guidance_interval: tuple[float, float] | None = None,
-                      weights: str = "ema", seed: int = 0, batch_size: int = 256, device: str = "cpu",
+                      weights: str | None = "ema", seed: int = 0, batch_size: int = 256, device: str = "cpu",
                       sigma_min: float | None = None, sigma_max: float | None = None, rho: float = RHO,
                       sampler_kwargs: dict | None = None, precision: str = "fp32",
                       out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None,
@@ -130,6 +146,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         raise SampleError(f"grid path {str(grid_path)!r} {grid_problem}")
 
     D, state = load_denoiser(path, weights=weights, device=device)
+    weights = state["weights"]   # None: the release file's own set
     cfg, ledger = state["config"], state["ledger"]
     if guidance != 0 and int(cfg.get("num_classes", 0)) == 0:
         raise SampleError(f"guidance={guidance:g} (--guidance) needs a class-conditional model; {str(path)!r} was "

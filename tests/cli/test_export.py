@@ -439,3 +439,32 @@ def test_a_warm_starts_local_path_leaves_its_folders_out_of_releases_and_samples
     assert "/home" not in repr(out)
     assert public_init_name("folder:/data/alice/public/") == "folder:public"
     assert public_init_name("digits28-aug") == "digits28-aug" and public_init_name(None) is None
+
+
+def test_a_power_ema_has_one_name_and_a_release_samples_its_own_weights_by_default(run, tmp_path, capsys):
+    """`--weights power:0.10` and `power:0.1` exported the same EMA into two files (the name as typed), and
+    `dpdm sample --weights power:0.1` refused the first; `dpdm sample --checkpoint` of a raw or power release
+    refused the default ema although the file holds one set of weights."""
+    d = run
+    names = {}
+    for spelling in ("power:0.10", "power: 0.1", "power:1e-1"):
+        out = tmp_path / f"{len(names)}.pt"
+        code, _, err = run_cli(["export", "--run", d / "run", "--out", out, "--weights", spelling, "--json"], capsys)
+        assert code == 0, err
+        names[spelling] = out.read_bytes()
+    assert len(set(names.values())) == 1
+    release = tmp_path / "0.pt"
+    for weights, want in ((("--weights", "power:0.1"), "power:0.1"), ((), "power:0.1")):
+        code, _, err = run_cli(["sample", "--checkpoint", release, "--n", 2, "--sampler-steps", 2, "--device", "cpu",
+                                "--out", tmp_path / "s.npz", *weights], capsys)
+        assert code == 0, err
+        with np.load(tmp_path / "s.npz") as z:
+            assert str(z["meta_weights"]) == want
+    line = one_error_line(*run_cli(["sample", "--checkpoint", release, "--n", 2, "--device", "cpu", "--out",
+                                    tmp_path / "t.npz", "--weights", "ema"], capsys)[::2])
+    assert "holds only its 'power:0.1' weights" in line, line
+    code, _, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--sampler-steps", 2, "--device", "cpu",
+                            "--out", tmp_path / "u.npz"], capsys)   # a run's default stays its EMA
+    assert code == 0, err
+    with np.load(tmp_path / "u.npz") as z:
+        assert str(z["meta_weights"]) == "ema"
