@@ -270,7 +270,7 @@ def run_audit(
         if not name:
             raise ValueError("the run does not name its dataset; pass --dataset")
         try:
-            data = load_dataset(name, "train", data_root=data_root)
+            data = load_dataset(name, "train", data_root=data_root, download_option=False)
         except ValueError as e:   # DataError
             raise ValueError(f"dataset={name!r}: {e}") from None
         want = (run_config["img_channels"], run_config["img_resolution"], run_config["img_resolution"])
@@ -286,7 +286,7 @@ def run_audit(
                              f"{num_classes} classes")
         pool_x = pool_y = None
         if cfg.canary_kind == "mislabelled":
-            held = load_dataset(name, "test", data_root=data_root)
+            held = load_dataset(name, "test", data_root=data_root, download_option=False)
             pool_x, pool_y = held.x, held.y
     except AuditInputError:
         raise

@@ -134,7 +134,13 @@ def warn_known_seed(seed: int) -> None:
 def warn_inferred_classes(name: str, data) -> None:
     """Private data whose class count was read off its own labels: the trained model reveals it (whether the
     largest label occurs at all, one record can decide)."""
-    if data.num_classes_inferred:
+    if not data.num_classes_inferred:
+        return
+    if data.class_names is not None:   # folder: one class per class folder, each of which must hold an image
+        warn(f"--dataset={name!r}: the number of classes ({data.num_classes}) is that of the class folders, each of "
+             "which must hold a private image, and the model reveals it; to fix it publicly, give the data as an "
+             "npz with num_classes")
+    else:
         warn(f"--dataset={name!r}: the number of classes ({data.num_classes}) was read from the private labels "
              "(their largest + 1) and the model reveals it; store num_classes in the npz to fix it publicly")
 

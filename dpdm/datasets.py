@@ -44,17 +44,19 @@ Names
 - ``folder:PATH``: ImageFolder layout (``PATH/<class>/<image>``; classes sorted by name; a class folder
   without images is refused, as torchvision's ImageFolder does), or a flat folder of images
   (unlabelled). All images must share one size of at most `MAX_IMAGE_PIXELS` pixels and be 8-bit (modes
-  1, L, LA, P, PA, RGB, RGBA, ...; 16-bit and float images are refused rather than clipped). Any
+  1, L, LA, P, PA, RGB, RGBA, ...; 16-bit grayscale images, 16-bit PNGs of any colour type and float images are
+  refused rather than clipped or cut to their high byte); at most `MAX_NUM_CLASSES` class folders. Any
   grayscale-only folder loads as one channel, otherwise every image is converted to RGB. Names that start
   with ``.`` (``.DS_Store``, macOS's ``._0.png``, ``.git/``) and files without an image suffix are
   skipped; anything else the count would silently leave out is refused, naming it: an image-named entry
   that is not a readable file (a broken link, a FIFO, a folder ``x.png``), an image in a subfolder of a
-  class folder, or an image beside the class folders.
+  class folder, or an image beside the class folders (beside image-less subfolders only, such as
+  ``__MACOSX/``, the error names those).
 - ``npz:PATH``: arrays ``x`` (uint8, [N, H, W], [N, C, H, W] or [N, H, W, C] with C in {1, 3}) and
   optionally ``y`` (integers in [0, num_classes), shape [N]); an optional integer scalar ``num_classes``
   (>= 1; without it, the label count is inferred as ``max(y) + 1``); either way at most `MAX_NUM_CLASSES`
-  classes. A file without ``y`` is unlabelled: that is what ``dpdm sample`` writes for an unconditional
-  model.
+  classes. Images have no zero side and at most `MAX_IMAGE_PIXELS` pixels each, as a folder's. A file without
+  ``y`` is unlabelled: that is what ``dpdm sample`` writes for an unconditional model.
 
 A path dataset (``folder:``/``npz:``) is a single split: ``split`` is ignored for it.
 """
@@ -66,6 +68,7 @@ import hashlib
 import lzma
 import math
 import os
+import pickle
 import re
 import struct
 import zipfile
@@ -105,8 +108,8 @@ _SPLITS = ("train", "test")
 _8BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                          "LAB", "HSV"})
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-# The largest folder image read (4096x4096), checked on the header before decoding: a diffusion model trains on
-# images far smaller, and a header claiming more is a mistake or a decompression bomb.
+# The largest image read (4096x4096), checked on the header before decoding (a folder image's, an npz's array): a
+# diffusion model trains on images far smaller, and a header claiming more is a mistake or a decompression bomb.
 MAX_IMAGE_PIXELS = 4096 * 4096
 # The most classes a dataset may have: a class-conditional model holds a row per class, and a file that claims
 # 10**9 of them (a stray label) would ask for tens of gigabytes before the first step.
@@ -121,9 +124,10 @@ class DataError(ValueError):
 class ImageData:
     """Images in [-1, 1] as float32 [N, C, H, W]; labels int64 [N] in [0, num_classes) or None.
 
-    num_classes_inferred: the label count was read off the labels themselves (``max(y) + 1``: an
-    ``npz:`` file without ``num_classes``). For private training data that count depends on the private
-    labels (drop the only example of the last class and it shrinks), so a training command may warn.
+    num_classes_inferred: the label count was read off the data itself (``max(y) + 1``: an ``npz:`` file
+    without ``num_classes``; a ``folder:`` dataset's class folders, each of which must hold an image). For
+    private training data that count depends on the private data (drop the only example of a class and it
+    shrinks), so a training command may warn.
     class_names: the name of each label, where the data has them (a ``folder:`` dataset's class folders).
     """
 
@@ -204,7 +208,7 @@ def public_dataset_name(name: str | None, plan_dataset: str | None) -> str | Non
 
 
 def load_dataset(name: str, split: str = "train", *, data_root: str | os.PathLike | None = None,
-                 download: bool = False) -> ImageData:
+                 download: bool = False, download_option: bool = True) -> ImageData:
     """Loads a dataset by name (see the module docstring) as float32 images in [-1, 1].
 
     Args:
@@ -213,6 +217,8 @@ def load_dataset(name: str, split: str = "train", *, data_root: str | os.PathLik
       split: "train" (the private data) or "test" (held-out real data). Ignored for path datasets.
       data_root: where torchvision datasets live (default ``~/.cache/dpdm/data`` or $DPDM_DATA).
       download: let torchvision fetch a missing dataset (needs a network).
+      download_option: whether the caller has a --download option that a "not found" error may advise
+        (False for a command without one, such as `dpdm audit`).
 
     Raises:
       ValueError: unknown name or split.
@@ -240,7 +246,7 @@ def load_dataset(name: str, split: str = "train", *, data_root: str | os.PathLik
         return _PUBLIC_ONLY[name]()
     if name in _TORCHVISION:
         root = Path(data_root).expanduser() if data_root is not None else default_data_root()
-        return _TORCHVISION[name](root, split, download)
+        return _TORCHVISION[name](root, split, download, download_option)
     known = ", ".join([*DATASET_SIZES, "folder:PATH", "npz:PATH"])
     raise ValueError(f"dataset={name!r} must be one of {known}")
 
@@ -630,9 +636,52 @@ def _elastic(x01: torch.Tensor, g: torch.Generator, *, alpha: float, sigma: floa
 
 # --- torchvision datasets -------------------------------------------------------------------------
 
-def _missing(name: str, root: Path, err: Exception) -> DataError:
-    return DataError(f"dataset {name!r} not found under {str(root)!r} ({_one_line(err)}); put the "
-                     f"files there, point --data-root at them, or pass --download")
+# What torchvision raises on files that are present but not the dataset's (an HTML error page saved by a failed
+# download, a truncated or empty file): its idx reader asserts on the magic number (AssertionError), fails to
+# parse an empty header (ValueError) or to shape a short file (RuntimeError); an unknown type code is a KeyError,
+# a wrong one a TypeError; an image or pickle that does not decode is an OSError, EOFError or UnpicklingError.
+_TORCHVISION_READ_ERRORS = (AssertionError, ValueError, RuntimeError, TypeError, KeyError, IndexError, EOFError,
+                            OSError, pickle.UnpicklingError)
+
+
+def _not_found(err: Exception) -> bool:
+    """Whether `err` is torchvision's "Dataset not found" (its files are missing), not a failure to read them."""
+    return isinstance(err, RuntimeError) and "not found" in str(err).lower()
+
+
+def _missing(name: str, root: Path, err: Exception, download_option: bool = True) -> DataError:
+    how = ", point --data-root at them, or pass --download" if download_option else " or point --data-root at them"
+    return DataError(f"dataset {name!r} not found under {str(root)!r} ({_one_line(err)}); put the files there{how}")
+
+
+def _corrupt(name: str, root: Path, err: Exception) -> DataError:
+    why = _one_line(err) or "not in the dataset's format"
+    return DataError(f"dataset {name!r}: its files under {str(root)!r} are there but unreadable ({why}); they are "
+                     f"corrupt or truncated (a failed or interrupted download?): remove them and download them again")
+
+
+def _download_failed(name: str, root: Path, err: Exception) -> DataError:
+    causes = re.findall(r"got:\n(.+)", str(err))   # MNIST's "Error downloading F: Tried URL, got: ERROR" per mirror
+    why = "; ".join(dict.fromkeys(causes)) if causes else _one_line(err) or type(err).__name__
+    return DataError(f"dataset {name!r} not found under {str(root)!r} and its download failed ({why}); connect "
+                     f"to a network and try again, or put the files there yourself (or point --data-root at them)")
+
+
+def _torchvision_load(name: str, root: Path, download: bool, download_option: bool, make):
+    """`make(download)` (a torchvision dataset, read into what the loader returns) with its failures turned into one
+    DataError line: files not found (and whether --download would help), a failed download, or files that are there
+    but unreadable. It first reads without downloading, so that an error after a download is the download's."""
+    try:
+        return make(False)
+    except _TORCHVISION_READ_ERRORS as e:
+        if not _not_found(e):
+            raise _corrupt(name, root, e) from None
+        if not download:
+            raise _missing(name, root, e, download_option) from None
+    try:
+        return make(True)
+    except _TORCHVISION_READ_ERRORS as e:   # a URLError is an OSError
+        raise _download_failed(name, root, e) from None
 
 
 def _one_line(err: Exception) -> str:
@@ -640,46 +689,45 @@ def _one_line(err: Exception) -> str:
 
 
 def _load_mnist_like(cls_name: str, name: str):
-    def load(root: Path, split: str, download: bool) -> ImageData:
+    def load(root: Path, split: str, download: bool, download_option: bool = True) -> ImageData:
         import torchvision.datasets as tvd
 
-        try:
-            ds = getattr(tvd, cls_name)(str(root), train=(split == "train"), download=download)
-        except RuntimeError as e:
-            raise _missing(name, root, e) from None
-        x = ds.data.numpy()[:, None]  # [N, 1, 28, 28] uint8
-        return ImageData(_from_uint8(x), torch.as_tensor(ds.targets, dtype=torch.int64), 10, name)
+        def make(fetch: bool) -> ImageData:
+            ds = getattr(tvd, cls_name)(str(root), train=(split == "train"), download=fetch)
+            return ImageData(_from_uint8(ds.data.numpy()[:, None]),   # [N, 1, 28, 28] uint8
+                             torch.as_tensor(ds.targets, dtype=torch.int64), 10, name)
+
+        return _torchvision_load(name, root, download, download_option, make)
 
     return load
 
 
-def _load_cifar10(root: Path, split: str, download: bool) -> ImageData:
+def _load_cifar10(root: Path, split: str, download: bool, download_option: bool = True) -> ImageData:
     import torchvision.datasets as tvd
 
-    try:
-        ds = tvd.CIFAR10(str(root), train=(split == "train"), download=download)
-    except RuntimeError as e:
-        raise _missing("cifar10", root, e) from None
-    x = np.asarray(ds.data).transpose(0, 3, 1, 2)  # NHWC -> NCHW
-    return ImageData(_from_uint8(x), torch.as_tensor(ds.targets, dtype=torch.int64), 10, "cifar10")
+    def make(fetch: bool) -> ImageData:
+        ds = tvd.CIFAR10(str(root), train=(split == "train"), download=fetch)
+        x = np.asarray(ds.data).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        return ImageData(_from_uint8(x), torch.as_tensor(ds.targets, dtype=torch.int64), 10, "cifar10")
+
+    return _torchvision_load("cifar10", root, download, download_option, make)
 
 
-def _load_celeba(root: Path, split: str, download: bool) -> ImageData:
+def _load_celeba(root: Path, split: str, download: bool, download_option: bool = True) -> ImageData:
     import torchvision.datasets as tvd
     import torchvision.transforms.functional as TF
 
-    try:
-        ds = tvd.CelebA(str(root), split=split,
-                        target_type=[], download=download)
-    except RuntimeError as e:
-        raise _missing("celeba", root, e) from None
-    out = np.empty((len(ds), 3, 32, 32), dtype=np.uint8)
-    for i in range(len(ds)):
-        img, _ = ds[i]
-        img = TF.resize(TF.center_crop(img, [140, 140]), [32, 32],
-                        interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        out[i] = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
-    return ImageData(_from_uint8(out), None, 0, "celeba")
+    def make(fetch: bool) -> ImageData:
+        ds = tvd.CelebA(str(root), split=split, target_type=[], download=fetch)
+        out = np.empty((len(ds), 3, 32, 32), dtype=np.uint8)
+        for i in range(len(ds)):
+            img, _ = ds[i]
+            img = TF.resize(TF.center_crop(img, [140, 140]), [32, 32],
+                            interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            out[i] = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+        return ImageData(_from_uint8(out), None, 0, "celeba")
+
+    return _torchvision_load("celeba", root, download, download_option, make)
 
 
 _TORCHVISION = {
@@ -724,7 +772,12 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
             with loaded as f:
                 arrays = {}
                 for key in f.files:
+                    sides = _npz_image_sides(_npy_shape(f, key)) if key == "x" else None
+                    if sides is not None and sides[0] * sides[1] > MAX_IMAGE_PIXELS:   # before decompressing it
+                        raise _npz_too_large(name, *sides)
                     arrays[key] = f[key]
+    except DataError:
+        raise
     except MemoryError as e:   # an array header that asks for more than this machine has (or a corrupt one)
         raise DataError(f"{name}: cannot read {str(path)!r}: {_one_line(e)}; the file is corrupt or too large "
                         "for this machine's memory") from None
@@ -740,7 +793,12 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
                         "numpy.savez(path, x=images, y=labels)")
     if "x" not in arrays:
         raise DataError(f"{name}: {str(path)!r} has no array 'x' (found {sorted(arrays)})")
+    for key in ("x", "y", "num_classes"):   # numpy returns the raw bytes of a member written without np.save
+        if key in arrays and not isinstance(arrays[key], np.ndarray):
+            raise DataError(f"{name}: its array {key!r} is not an .npy array; write the file with "
+                            "numpy.savez(path, x=images, y=labels)")
     x = arrays["x"]
+    shape = x.shape
     if x.dtype != np.uint8:
         raise DataError(f"{name}: x must be uint8 images in 0..255, got dtype {x.dtype}")
     if x.ndim == 3:
@@ -754,6 +812,12 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
                         f"[N, H, W, C] with C in (1, 3)")
     if x.shape[0] == 0:
         raise DataError(f"{name}: x holds no images")
+    h, w = x.shape[2:]
+    if h == 0 or w == 0:
+        raise DataError(f"{name}: x has shape {shape}: its images are {w}x{h} and hold no pixels; every image "
+                        f"side must be at least 1")
+    if h * w > MAX_IMAGE_PIXELS:
+        raise _npz_too_large(name, h, w)
     y, num_classes = None, 0
     given = None
     if "num_classes" in arrays:
@@ -783,6 +847,40 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     return ImageData(_from_uint8(x), y, num_classes, name, num_classes_inferred=y is not None and given is None)
 
 
+def _npy_shape(f, key: str) -> tuple[int, ...] | None:
+    """The shape in the .npy header of member `key` of the open NpzFile `f`, read without its data; None where the
+    member is no .npy array (NpzFile returns its raw bytes) or has a header version numpy reads only privately."""
+    member = key + ".npy" if key + ".npy" in f.zip.namelist() else key
+    with f.zip.open(member) as m:
+        try:
+            version = np.lib.format.read_magic(m)
+        except ValueError:
+            return None
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(m)[0]
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(m)[0]
+    return None
+
+
+def _npz_image_sides(shape: tuple[int, ...] | None) -> tuple[int, int] | None:
+    """(H, W) of the images of an npz ``x`` of `shape`, in the layouts `load_npz` takes (None for any other)."""
+    if shape is None:
+        return None
+    if len(shape) == 3:
+        return shape[1], shape[2]
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return shape[2], shape[3]
+    if len(shape) == 4 and shape[3] in (1, 3):
+        return shape[1], shape[2]
+    return None
+
+
+def _npz_too_large(name: str, h: int, w: int) -> DataError:
+    return DataError(f"{name}: x holds images of {w}x{h} pixels; images may have at most {MAX_IMAGE_PIXELS} pixels "
+                     f"(4096x4096)")
+
+
 def _load_folder(root: Path, name: str) -> ImageData:
     """Loads ``PATH/<class>/<image>`` (labelled) or ``PATH/<image>`` (unlabelled); see the module docstring.
 
@@ -802,16 +900,30 @@ def _load_folder(root: Path, name: str) -> ImageData:
         entries = _visible(root)
         class_dirs = [p for p in entries if p.is_dir()]
         empty = None
+        if len(class_dirs) > MAX_NUM_CLASSES:
+            raise DataError(f"{name}: {str(root)!r} has {len(class_dirs)} class folders; a dataset may have at most "
+                            f"{MAX_NUM_CLASSES} classes")
         if class_dirs:
             files = []
+            beside = [p for p in entries if not p.is_dir() and _image_named(p)]
             stray = [f"image {str(p)!r} lies beside the class folders, where it has no class; move it into a "
-                     f"class folder or remove it" for p in entries if not p.is_dir() and _image_named(p)]
+                     f"class folder or remove it" for p in beside]
+            imageless = []   # subfolders with no image-named path at any depth
             for label, d in enumerate(class_dirs):
                 found, lost = _images_in(d)
                 stray += lost
                 if not found and empty is None:
                     empty = d
+                if not found and not lost:
+                    imageless.append(d)
                 files.extend((f, label) for f in found)
+            if beside and len(imageless) == len(class_dirs):   # a flat folder of images, plus stray subfolders
+                shown = ", ".join(repr(str(d)) for d in imageless[:3]) + (
+                    f" and {len(imageless) - 3} more" if len(imageless) > 3 else "")
+                raise DataError(f"{name}: {str(root)!r} holds {len(beside)} images and {len(imageless)} "
+                                f"subfolder(s) without images ({shown}), which make it read as class folders "
+                                f"(PATH/<class>/<image>); remove the subfolder(s) to load the images unlabelled, "
+                                f"or move the images into class folders")
         else:
             found, stray = _images_in(root)
             files = [(f, -1) for f in found]
@@ -834,6 +946,11 @@ def _load_folder(root: Path, name: str) -> ImageData:
                     if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:   # the header's size, before decoding
                         raise DataError(f"{name}: image {str(f)!r} is {img.size[0]}x{img.size[1]}; images may "
                                         f"have at most {MAX_IMAGE_PIXELS} pixels (4096x4096)")
+                    png16 = _png_16_bit_mode(img)
+                    if png16 is not None and img.mode in _8BIT_MODES:
+                        # Pillow opens a 16-bit colour or gray+alpha PNG as RGB/RGBA, keeping each value's high byte.
+                        raise DataError(f"{name}: image {str(f)!r} is a 16-bit {png16} PNG: 16-bit/float images "
+                                        f"are not supported; convert to 8-bit")
                     img.load()
                     images.append(img.copy())
         except DataError:
@@ -863,8 +980,20 @@ def _load_folder(root: Path, name: str) -> ImageData:
     x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
     if class_dirs:
         y = torch.tensor([label for _, label in files], dtype=torch.int64)
-        return ImageData(_from_uint8(x), y, len(class_dirs), name, class_names=tuple(d.name for d in class_dirs))
+        # The class count is that of the class folders, each of which must hold an image: read off the data.
+        return ImageData(_from_uint8(x), y, len(class_dirs), name, num_classes_inferred=True,
+                         class_names=tuple(d.name for d in class_dirs))
     return ImageData(_from_uint8(x), None, 0, name)
+
+
+def _png_16_bit_mode(img) -> str | None:
+    """The PNG's own mode ("RGB", "RGBA", "LA", "I") where `img` (opened, not yet loaded) is a PNG of 16 bits per
+    sample, else None: Pillow's raw mode for its data, set from the IHDR chunk's bit depth, is then "RGB;16B",
+    "RGBA;16B", "LA;16B" or "I;16B" (whatever mode Pillow gives the image)."""
+    if img.format != "PNG" or not img.tile:
+        return None
+    rawmode = img.tile[0][3]
+    return rawmode.split(";")[0] if isinstance(rawmode, str) and ";16" in rawmode else None
 
 
 def _visible(folder: Path) -> list[Path]:

@@ -795,3 +795,21 @@ def test_a_fifo_or_link_in_the_run_folder_is_refused_not_waited_on(tiny, capsys,
         signal.signal(signal.SIGALRM, old)
     assert "is not a regular file" in _one_error_line(code, err)
     assert not (d / "victim").exists() and not (d / "run" / "checkpoint.pt").exists()
+
+
+def test_folder_data_warns_that_its_class_count_comes_from_the_private_class_folders(tmp_path, capsys):
+    """An npz without num_classes was warned about (the model reveals a class count read from the private data);
+    a folder: dataset's count is its class folders, each of which must hold a private image, and said nothing."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        (tmp_path / "data" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "data" / f"c{i % 3}" / f"{i}.png")
+    plan = accounting.PrivacyPlan(dataset_size=12, batch_size=4, steps=1, noise_multiplier=2.0, noise_multiplicity=1,
+                                  delta=1e-5)
+    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
+    code, _, err = run_cli(["train", "--plan", tmp_path / "plan.json", "--dataset", f"folder:{tmp_path / 'data'}",
+                            "--out", tmp_path / "run", "--device", "cpu", "--quiet"], capsys)
+    assert code == 0, err
+    assert "the number of classes (3) is that of the class folders, each of which must hold a private image" in err

@@ -1,0 +1,209 @@
+"""Data ingestion: malformed npz members and images, folder layouts and limits, corrupt torchvision files."""
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+import zlib
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dpdm.datasets as datasets
+from dpdm.datasets import DataError, load_dataset, load_npz
+
+
+def _npy(array) -> bytes:
+    b = io.BytesIO()
+    np.save(b, array)
+    return b.getvalue()
+
+
+# --- npz ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", ["x", "y", "num_classes"])
+def test_npz_member_that_is_no_npy_array_is_refused(tmp_path, raw):
+    """numpy's NpzFile returns the raw bytes of a member written without np.save: refused, not an AttributeError."""
+    arrays = {"x": np.zeros((4, 1, 8, 8), np.uint8), "y": np.arange(4) % 2, "num_classes": np.array(3)}
+    path = tmp_path / "a.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        for key, value in arrays.items():
+            if key == raw:
+                z.writestr(key, value.tobytes() if key == "x" else b"3")
+            else:
+                z.writestr(key + ".npy", _npy(value))
+    with pytest.raises(DataError, match=rf"^npz:.*a\.npz: its array '{raw}' is not an \.npy array; write") as e:
+        load_npz(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("shape", [(24, 1, 0, 0), (3, 0, 5), (3, 5, 0), (3, 3, 4, 0), (3, 0, 4, 1)])
+def test_npz_refuses_images_with_a_zero_side(tmp_path, shape):
+    np.savez(tmp_path / "z.npz", x=np.zeros(shape, np.uint8))
+    with pytest.raises(DataError, match=r"its images are \d+x\d+ and hold no pixels; every image side must be"):
+        load_npz(tmp_path / "z.npz")
+
+
+def test_npz_refuses_images_above_the_pixel_limit_as_a_folder_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "MAX_IMAGE_PIXELS", 64)
+    np.savez(tmp_path / "ok.npz", x=np.zeros((2, 8, 8, 1), np.uint8))
+    assert load_npz(tmp_path / "ok.npz").image_shape == (1, 8, 8)
+    for shape in [(2, 9, 8), (2, 3, 8, 9), (2, 9, 8, 3)]:
+        np.savez(tmp_path / "big.npz", x=np.zeros(shape, np.uint8))
+        with pytest.raises(DataError, match=r"x holds images of (9x8|8x9) pixels; images may have at most 64 pixels"):
+            load_npz(tmp_path / "big.npz")
+
+
+def test_npz_pixel_limit_is_read_off_the_header_before_the_data(tmp_path):
+    """A header claiming one 20000x20000 image (a 0.4 MB compressed file would decompress to 400 MB) is refused on
+    the header: here the data is missing altogether, so reading it would fail otherwise."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (1, 1, 20000, 20000)})
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", header.getvalue())   # the header (magic included), no data
+    with pytest.raises(DataError, match=r"x holds images of 20000x20000 pixels; images may have at most 16777216"):
+        load_npz(path)
+
+
+# --- folder ---------------------------------------------------------------------------------------
+
+def _png(path, array, mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def _classes(root, names=("a", "b", "c")):
+    r = np.random.default_rng(0)
+    for c in names:
+        _png(root / c / "0.png", r.integers(0, 256, (8, 8), dtype=np.uint8))
+
+
+def test_folder_class_count_is_marked_inferred_from_the_data(tmp_path):
+    """A folder's class count is its class folders', each of which must hold a private image: the CLI warns."""
+    _classes(tmp_path / "d")
+    data = load_dataset(f"folder:{tmp_path / 'd'}")
+    assert data.num_classes == 3 and data.num_classes_inferred is True
+    flat = tmp_path / "flat"
+    _png(flat / "0.png", np.zeros((8, 8), np.uint8))
+    assert load_dataset(f"folder:{flat}").num_classes_inferred is False   # unlabelled: no class count
+
+
+def test_folder_caps_the_class_count_as_npz_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "MAX_NUM_CLASSES", 2)
+    _classes(tmp_path / "d")
+    with pytest.raises(DataError, match=r"has 3 class folders; a dataset may have at most 2 classes"):
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    _classes(tmp_path / "e", names=("a", "b"))
+    assert load_dataset(f"folder:{tmp_path / 'e'}").num_classes == 2
+
+
+def _png_bytes(array, color_type, bit_depth) -> bytes:
+    h, w = array.shape[:2]
+    raw = b"".join(b"\x00" + array[i].astype(">u2" if bit_depth == 16 else "u1").tobytes() for i in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("color_type,channels", [(2, 3), (4, 2), (6, 4)])
+def test_folder_refuses_16_bit_colour_and_gray_alpha_pngs(tmp_path, color_type, channels):
+    """Pillow opens them as RGB/RGBA and keeps each value's high byte; the docs say 16-bit images are refused."""
+    a = np.random.default_rng(0).integers(0, 65536, (8, 8, channels), dtype=np.uint16)
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "a" / "0.png").write_bytes(_png_bytes(a, color_type, 16))
+    kind = {2: "RGB", 4: "LA", 6: "RGBA"}[color_type]
+    with pytest.raises(DataError, match=rf"0\.png' is a 16-bit {kind} PNG: 16-bit/float images are not supported"):
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    (tmp_path / "d" / "a" / "0.png").write_bytes(_png_bytes(a >> 8, color_type, 8))   # 8-bit: loads
+    assert len(load_dataset(f"folder:{tmp_path / 'd'}")) == 1
+
+
+def test_flat_folder_with_an_imageless_subfolder_names_the_subfolder(tmp_path):
+    d = tmp_path / "flat"
+    for i in range(3):
+        _png(d / f"{i}.png", np.full((8, 8), i, np.uint8))
+    (d / "__MACOSX").mkdir()
+    (d / "__MACOSX" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{d}")
+    msg = str(e.value)
+    assert "__MACOSX" in msg and "3 images and 1 subfolder(s) without images" in msg and "remove the subfolder" in msg
+    assert "lies beside" not in msg and "\n" not in msg
+    # Class folders with images beside them are still refused naming the image.
+    _classes(tmp_path / "c", names=("a", "b"))
+    _png(tmp_path / "c" / "x.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"image '.*x\.png' lies beside the class folders"):
+        load_dataset(f"folder:{tmp_path / 'c'}")
+
+
+# --- torchvision ----------------------------------------------------------------------------------
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte")
+
+
+def _mnist_root(root, train_images: bytes | None = None, empty: bool = False):
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = struct.pack(">IIII", 0x803, 3, 28, 28) + bytes(3 * 784)
+    labels = struct.pack(">II", 0x801, 3) + bytes(3)
+    for f in _MNIST_FILES:
+        data = b"" if empty else labels if "labels" in f else images
+        (raw / f).write_bytes(data)
+    if train_images is not None:
+        (raw / _MNIST_FILES[0]).write_bytes(train_images)
+    return root
+
+
+def test_mnist_reads_well_formed_raw_files(tmp_path):
+    data = load_dataset("mnist", data_root=_mnist_root(tmp_path / "r"))
+    assert data.x.shape == (3, 1, 28, 28) and data.num_classes == 10
+
+
+@pytest.mark.parametrize("contents", ["html", "truncated", "empty"])
+def test_mnist_corrupt_raw_files_are_said_to_be_there_but_unreadable(tmp_path, contents):
+    html = b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>\n"
+    truncated = struct.pack(">IIII", 0x803, 60000, 28, 28) + bytes(1000 * 784)
+    root = _mnist_root(tmp_path / "r", train_images={"html": html, "truncated": truncated}.get(contents),
+                       empty=contents == "empty")
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", data_root=root)
+    msg = str(e.value)
+    assert msg.startswith(f"dataset 'mnist': its files under {str(root)!r} are there but unreadable (")
+    assert "corrupt or truncated" in msg and "remove them and download them again" in msg
+    assert "not found" not in msg and "\n" not in msg
+
+
+def test_failed_download_says_so_and_names_the_error(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+    import torchvision.datasets.mnist as tv_mnist
+
+    def offline(*args, **kwargs):
+        raise URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    for name in ("mnist", "cifar10"):
+        root = tmp_path / name
+        with pytest.raises(DataError) as e:
+            load_dataset(name, data_root=root, download=True)
+        msg = str(e.value)
+        assert msg.startswith(f"dataset {name!r} not found under {str(root)!r} and its download failed (<urlopen "
+                              "error [Errno -2] Name or service not known>)"), msg
+        assert "pass --download" not in msg and "\n" not in msg
+
+
+def test_not_found_advises_download_only_where_the_caller_has_the_option(tmp_path):
+    with pytest.raises(DataError, match=r"put the files there, point --data-root at them, or pass --download$"):
+        load_dataset("mnist", data_root=tmp_path)
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", data_root=tmp_path, download_option=False)
+    msg = str(e.value)
+    assert msg.endswith("put the files there or point --data-root at them") and "--download" not in msg
