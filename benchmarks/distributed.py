@@ -4,7 +4,8 @@
 
 Each rank computes the clipped per-example sum of its shard of the same logical batch
 (`dpdm.train.distributed_private_grad`: shard, clip, sum, noise once on rank 0, all-reduce), exactly
-as `torchrun ... dpdm train` does. Scaling efficiency = (examples/s with 2 ranks) / (examples/s with 1).
+as `torchrun ... dpdm train` does. It prints scaling = (examples/s with 2 ranks) / (examples/s with 1)
+(the goal: >= 1.8x) and efficiency = scaling / 2, the number of ranks (100%: linear scaling).
 """
 from __future__ import annotations
 
@@ -69,19 +70,36 @@ def measure(world: int, args) -> float:
     return args.batch * args.iters / seconds
 
 
-def main() -> None:
+def int_at_least(minimum: int):
+    """argparse type: an integer >= minimum (argparse then names the option in its one-line error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= {minimum}")
+        return value
+    parse.__name__ = "int"   # argparse's "invalid int value: 'x'" for non-integers
+    return parse
+
+
+def scaling_line(one: float, two: float, ranks: int = 2) -> str:
+    """The summary, as the module's docstring defines it: scaling = two / one, efficiency = scaling / ranks."""
+    scaling = two / one
+    return f"scaling: {scaling:.2f}x (goal >= 1.8x; efficiency {scaling / ranks:.0%})"
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--K", type=int, default=4)
+    p.add_argument("--batch", type=int_at_least(1), default=128, help="logical batch, split over the ranks")
+    p.add_argument("--K", type=int_at_least(1), default=4)
     p.add_argument("--preset", default="small")
-    p.add_argument("--iters", type=int, default=5)
-    args = p.parse_args()
+    p.add_argument("--iters", type=int_at_least(1), default=5)
+    args = p.parse_args(argv)
     one = measure(1, args)
     two = measure(2, args)
     print(f"preset={args.preset} logical batch={args.batch} K={args.K} iters={args.iters} (gloo, 1 thread per rank)")
     print(f"1 rank : {one:8.2f} examples/s")
     print(f"2 ranks: {two:8.2f} examples/s")
-    print(f"scaling: {two / one:.2f}x (goal >= 1.8x; efficiency {two / one / 2:.0%})")
+    print(scaling_line(one, two))
 
 
 if __name__ == "__main__":

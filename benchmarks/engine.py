@@ -11,8 +11,9 @@ Variants (each in its own subprocess, so peak memory is the process's own high-w
 
 Reports ms/step (min and median over repeats; wall clock and process CPU time, the latter being
 less sensitive to other load on a shared machine), examples/s, the peak-memory increase over the
-process's state after building model and data (ru_maxrss delta), and the ratios to `nonprivate`
-and `opacus`. Rounds interleave the variants, so slow phases of a shared machine hit all of them.
+process's state after building model and data (ru_maxrss delta), the ratios to `nonprivate`, and
+a line for each pair that ran, against the peer measured in the same run: dpdm / opacus and vmap / dpdm
+(wall, CPU time and memory). Rounds interleave the variants, so slow phases of a shared machine hit all of them.
 Every variant runs with OMP_WAIT_POLICY=PASSIVE (--omp-wait-policy): with OpenMP's default
 spinning, 2-thread timings on a machine shared with other jobs vary by 5x from run to run. And
 every variant runs with the same allocator setting (--malloc): `default` is glibc's own, under
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -163,29 +165,73 @@ def _run_variant(args, variant: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def int_at_least(minimum: int):
+    """argparse type: an integer >= minimum (argparse then names the option in its one-line error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= {minimum}")
+        return value
+    parse.__name__ = "int"   # argparse's "invalid int value: 'x'" for non-integers
+    return parse
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+non_negative_float.__name__ = "float"
+
+# The summary lines: each variant against the named peer measured in the same run (when both ran).
+PEERS = (("dpdm", "opacus"), ("vmap", "dpdm"))
+
+
+def peer_ratios(summary: dict) -> dict:
+    """{"dpdm / opacus": {"wall": x, "cpu": x, "memory": x}, ...} for each pair of PEERS that both ran
+    (min wall and CPU ms/step, median peak-memory increase); memory only where the peer's was measured (> 0)."""
+    out = {}
+    for v, peer in PEERS:
+        if v in summary and peer in summary:
+            s, p = summary[v], summary[peer]
+            r = {"wall": s["wall_min_ms"] / p["wall_min_ms"], "cpu": s["cpu_min_ms"] / p["cpu_min_ms"]}
+            if p["peak_mib"] > 0:
+                r["memory"] = s["peak_mib"] / p["peak_mib"]
+            out[f"{v} / {peer}"] = r
+    return out
+
+
+def format_ratios(ratios: dict) -> list[str]:
+    """One line per pair: "dpdm / opacus: wall 0.70x, cpu 0.65x, memory 0.50x"."""
+    return [f"{pair}: " + ", ".join(f"{k} {x:.2f}x" for k, x in r.items()) for pair, r in ratios.items()]
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=64, help="examples per step (B)")
-    ap.add_argument("--K", type=int, default=4, help="noise draws per example (noise multiplicity)")
+    ap.add_argument("--batch", type=int_at_least(1), default=64, help="examples per step (B)")
+    ap.add_argument("--K", type=int_at_least(1), default=4, help="noise draws per example (noise multiplicity)")
     ap.add_argument("--preset", default="mnist", help="network preset (mnist, small)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--repeats", type=int, default=3, help="timed steps per subprocess")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per subprocess")
+    ap.add_argument("--threads", type=int_at_least(1), default=2, help="torch.set_num_threads")
+    ap.add_argument("--repeats", type=int_at_least(1), default=3, help="timed steps per subprocess")
+    ap.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed steps per subprocess")
     ap.add_argument("--malloc", choices=("keep", "default"), default="default",
                     help="default: glibc's own (maps and unmaps blocks over 32 MiB, so each step page-faults "
                          "its memory anew); keep: glibc keeps freed memory for reuse (dpdm.cpu.keep_freed_memory, "
                          "`DPDM_MALLOC=keep dpdm train`), for every variant")
-    ap.add_argument("--rounds", type=int, default=2, help="subprocesses per variant, interleaved")
+    ap.add_argument("--rounds", type=int_at_least(1), default=2, help="subprocesses per variant, interleaved")
     ap.add_argument("--variants", default="nonprivate,dpdm,opacus", help=f"comma-separated subset of {VARIANTS}")
-    ap.add_argument("--chunk-size", type=int, default=None, help="dpdm physical chunk (examples)")
-    ap.add_argument("--max-opacus-gib", type=float, default=8.0,
+    ap.add_argument("--chunk-size", type=int_at_least(1), default=None, help="dpdm physical chunk (examples)")
+    ap.add_argument("--max-opacus-gib", type=non_negative_float, default=8.0,
                     help="skip opacus when its B*K per-row gradients alone would exceed this")
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
                     help="OMP_WAIT_POLICY for every variant ('' keeps the environment's): on a shared, "
                          "oversubscribed machine the default spinning makes 2-thread timings erratic")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker:
         worker(args)
         return
@@ -229,19 +275,18 @@ def main() -> None:
     for v, s in summary.items():
         rt = f"{s['wall_min_ms'] / base['wall_min_ms']:.2f}" if base else "-"
         rc = f"{s['cpu_min_ms'] / base['cpu_min_ms']:.2f}" if base else "-"
-        rm = f"{s['peak_mib'] / base['peak_mib']:.2f}" if base else "-"
+        rm = f"{s['peak_mib'] / base['peak_mib']:.2f}" if base and base["peak_mib"] > 0 else "-"
         print(f"{v:>11} | {s['wall_min_ms']:11.0f} | {s['wall_median_ms']:8.0f} | {s['cpu_min_ms']:8.0f} | "
               f"{s['examples_per_s']:10.1f} | {s['peak_mib']:8.0f} | {rt:>9} | {rc:>8} | {rm:>8}")
     for v, why in skipped.items():
         print(f"{v:>11} | skipped: {why}")
-    if "dpdm" in summary and "opacus" in summary:
-        d, o = summary["dpdm"], summary["opacus"]
-        print(f"dpdm / opacus: wall {d['wall_min_ms'] / o['wall_min_ms']:.2f}x, cpu {d['cpu_min_ms'] / o['cpu_min_ms']:.2f}x, "
-              f"memory {d['peak_mib'] / o['peak_mib']:.2f}x")
+    ratios = peer_ratios(summary)
+    for line in format_ratios(ratios):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
                                                "n_params": n_params, "summary": summary, "skipped": skipped,
-                                               "runs": results}, indent=2))
+                                               "ratios": ratios, "runs": results}, indent=2))
 
 
 if __name__ == "__main__":

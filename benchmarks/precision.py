@@ -91,17 +91,28 @@ def measure(preset: str, n: int, sampler_steps: int, batch: int, K: int, rounds:
     return result
 
 
-def main() -> None:
+def int_at_least(minimum: int):
+    """argparse type: an integer >= minimum (argparse then names the option in its one-line error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= {minimum}")
+        return value
+    parse.__name__ = "int"   # argparse's "invalid int value: 'x'" for non-integers
+    return parse
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small", help="network preset (small, mnist)")
-    ap.add_argument("--n", type=int, default=256, help="images per sampling call")
-    ap.add_argument("--sampler-steps", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=128, help="examples per training step")
-    ap.add_argument("--K", type=int, default=2, help="noise draws per example")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--n", type=int_at_least(1), default=256, help="images per sampling call")
+    ap.add_argument("--sampler-steps", type=int_at_least(2), default=10, help="as `dpdm sample --sampler-steps`")
+    ap.add_argument("--batch", type=int_at_least(1), default=128, help="examples per training step")
+    ap.add_argument("--K", type=int_at_least(1), default=2, help="noise draws per example")
+    ap.add_argument("--threads", type=int_at_least(1), default=2)
+    ap.add_argument("--rounds", type=int_at_least(1), default=3)
     ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import torch
 

@@ -145,17 +145,25 @@ PUBLIC_BATCH = 128
 PUBLIC_K = 1
 
 
-def default_plan(*, epsilon: float = EPSILON, delta: float = DELTA, batch_size: int = BATCH_SIZE,
-                 epochs: float = EPOCHS, noise_multiplicity: int = NOISE_MULTIPLICITY,
-                 clip_norm: float = CLIP_NORM) -> accounting.PlanDocument:
-    """A calibrated mnist5k plan (what `dpdm plan --eps 10 --delta 1e-5` makes by default)."""
+def plan_shape(*, delta: float = DELTA, batch_size: int = BATCH_SIZE, epochs: float = EPOCHS,
+               noise_multiplicity: int = NOISE_MULTIPLICITY, clip_norm: float = CLIP_NORM) -> accounting.PrivacyPlan:
+    """The default plan before calibration (noise multiplier 1); ValueError where a value does not make a plan
+    (a batch above the dataset's size, more than MAX_STEPS steps...)."""
     from dpdm.datasets import DATASET_SIZES
 
     size = DATASET_SIZES[DATASET]
     steps = max(1, math.ceil(round(epochs * size / batch_size, 9)))
-    plan = accounting.PrivacyPlan(dataset_size=size, batch_size=batch_size, steps=steps,
+    return accounting.PrivacyPlan(dataset_size=size, batch_size=batch_size, steps=steps,
                                   noise_multiplier=1.0, noise_multiplicity=noise_multiplicity,
                                   clip_norm=clip_norm, delta=delta, dataset_name=DATASET)
+
+
+def default_plan(*, epsilon: float = EPSILON, delta: float = DELTA, batch_size: int = BATCH_SIZE,
+                 epochs: float = EPOCHS, noise_multiplicity: int = NOISE_MULTIPLICITY,
+                 clip_norm: float = CLIP_NORM) -> accounting.PlanDocument:
+    """A calibrated mnist5k plan (what `dpdm plan --eps 10 --delta 1e-5` makes by default)."""
+    plan = plan_shape(delta=delta, batch_size=batch_size, epochs=epochs, noise_multiplicity=noise_multiplicity,
+                      clip_norm=clip_norm)
     return accounting.make_plan_document(plan.calibrate(epsilon=epsilon))
 
 
@@ -548,7 +556,29 @@ def write_json(path: str | Path, out: dict) -> None:
     tmp.replace(path)
 
 
-def main() -> None:
+def _number(kind, minimum, *, above: bool = False, below=None):
+    """argparse type: a finite `kind` (int or float) >= minimum (> minimum when `above`; < `below` when given).
+    argparse names the option in its one-line error, before anything runs."""
+    def parse(text: str):
+        value = kind(text)
+        if not (math.isfinite(value) and (value > minimum if above else value >= minimum)
+                and (below is None or value < below)):
+            what = "an integer" if kind is int else "a finite number"
+            bound = f"in [{minimum:g}, {below:g})" if below is not None else f"{'>' if above else '>='} {minimum:g}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {what} {bound}")
+        return value
+    parse.__name__ = kind.__name__   # argparse's "invalid int value: 'x'"
+    return parse
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+positive_float = _number(float, 0, above=True)
+non_negative_float = _number(float, 0)
+decay = _number(float, 0, below=1)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plan", help="a locked plan (default: mnist5k, eps 10, delta 1e-5, batch 256, 1407 steps, K 2); "
                                    "excludes --epochs, --batch-size, --K and --clip-norm")
@@ -557,30 +587,31 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default="bench_quality", help="run folder, samples and plan land here")
     ap.add_argument("--model", default=GENERATOR_MODEL)
-    ap.add_argument("--n", type=int, default=N_SAMPLES,
+    ap.add_argument("--n", type=positive_int, default=N_SAMPLES,
                     help="synthetic images to draw; above 10,000 (the paper draws 60,000) the first 10,000 and all "
                          "are evaluated")
     # None: not given (the default plan's value); --plan refuses them, since they would be ignored.
-    ap.add_argument("--epochs", type=float, default=None,
+    ap.add_argument("--epochs", type=positive_float, default=None,
                     help=f"epochs of the default plan (steps = epochs * N / batch; default {EPOCHS:g})")
-    ap.add_argument("--batch-size", type=int, default=None,
+    ap.add_argument("--batch-size", type=positive_int, default=None,
                     help=f"expected batch of the default plan (default {BATCH_SIZE})")
-    ap.add_argument("--K", type=int, default=None,
+    ap.add_argument("--K", type=positive_int, default=None,
                     help=f"noise multiplicity of the default plan (default {NOISE_MULTIPLICITY})")
-    ap.add_argument("--clip-norm", type=float, default=None,
+    ap.add_argument("--clip-norm", type=positive_float, default=None,
                     help=f"clip norm of the default plan (both sides clip at it; default {CLIP_NORM:g})")
     ap.add_argument("--precond", default=PRECOND, choices=("edm", "v"), help="generator parameterization")
-    ap.add_argument("--lr", type=float, default=LR, help="generator Adam learning rate")
-    ap.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="generator EMA decay")
+    ap.add_argument("--lr", type=positive_float, default=LR, help="generator Adam learning rate")
+    ap.add_argument("--ema-decay", type=decay, default=EMA_DECAY, help="generator EMA decay")
     ap.add_argument("--lr-schedule", default=LR_SCHEDULE, choices=("constant", "cosine"), help="generator lr schedule")
-    ap.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance weight when sampling")
-    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    ap.add_argument("--guidance", type=non_negative_float, default=GUIDANCE,
+                    help="classifier-free guidance weight when sampling")
+    ap.add_argument("--guidance-interval", type=non_negative_float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="guide only the sampling steps with LO < sigma <= HI (default: all)")
-    ap.add_argument("--sigma-min", type=float, default=SIGMA_MIN,
+    ap.add_argument("--sigma-min", type=positive_float, default=SIGMA_MIN,
                     help="lowest noise level of the sampling schedule (default: 0.002 or the lowest trained level)")
-    ap.add_argument("--train-sigma", type=float, nargs=2, default=TRAIN_SIGMA, metavar=("MIN", "MAX"),
+    ap.add_argument("--train-sigma", type=positive_float, nargs=2, default=TRAIN_SIGMA, metavar=("MIN", "MAX"),
                     help="noise levels the generator trains on (v only; default: sigma 0.0015 to 90)")
-    ap.add_argument("--ema-power", type=float, action="append", default=None, metavar="GAMMA",
+    ap.add_argument("--ema-power", type=positive_float, action="append", default=None, metavar="GAMMA",
                     help="keep a power-function EMA with this exponent (repeatable; default: %s)" % (EMA_POWERS,))
     ap.add_argument("--weights", default=WEIGHTS, help="weights to sample: ema, raw or power:GAMMA")
     ap.add_argument("--no-dp", action="store_true",
@@ -588,8 +619,9 @@ def main() -> None:
     ap.add_argument("--public-pretrain", metavar="NAME", default=None,
                     help="warm-start both the generator and the DP-SGD CNN on this PUBLIC dataset (e.g. digits28), "
                          "without privacy; the goal then compares the two warm-started models")
-    ap.add_argument("--public-steps", type=int, default=PUBLIC_STEPS, help="generator steps on the public data")
-    ap.add_argument("--physical-batch", type=int, default=None,
+    ap.add_argument("--public-steps", type=positive_int, default=PUBLIC_STEPS,
+                    help="generator steps on the public data")
+    ap.add_argument("--physical-batch", type=positive_int, default=None,
                     help="generator examples per chunk (memory knob; noise is still added once per step)")
     ap.add_argument("--grad-engine", default="auto", choices=("auto", "rules", "vmap"),
                     help="per-example gradients of the private run, as `dpdm train --grad-engine`")
@@ -598,13 +630,13 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                     help="bf16: public pretraining and sampling under bfloat16 autocast (1.2-1.6x faster for the "
                          "small U-Net on a CPU with AMX); the private run and the classifiers stay fp32")
-    ap.add_argument("--augment-shift", type=int, default=0, metavar="PIXELS",
+    ap.add_argument("--augment-shift", type=non_negative_int, default=0, metavar="PIXELS",
                     help="train both sides' classifiers on images randomly shifted by up to PIXELS (the DP-SGD CNN "
                          "with --augment-mult copies per example; not the paper's protocol)")
-    ap.add_argument("--augment-mult", type=int, default=1, metavar="A",
+    ap.add_argument("--augment-mult", type=positive_int, default=1, metavar="A",
                     help="augmented copies per example and step of the DP-SGD CNN (with --augment-shift)")
-    ap.add_argument("--public-batch", type=int, default=PUBLIC_BATCH, help="batch of the public pretraining")
-    ap.add_argument("--public-K", type=int, default=PUBLIC_K,
+    ap.add_argument("--public-batch", type=positive_int, default=PUBLIC_BATCH, help="batch of the public pretraining")
+    ap.add_argument("--public-K", type=positive_int, default=PUBLIC_K,
                     help="K of the public pretraining (default 1: a non-private run clips nothing for K to help)")
     ap.add_argument("--skip-baseline", action="store_true", help="no DP-SGD CNN (another process trains it)")
     ap.add_argument("--baseline-only", action="store_true",
@@ -618,7 +650,7 @@ def main() -> None:
                          "replay the batches and the DP noise, so the DP guarantee does not hold; the JSON says "
                          "\"seeded\": true). Default: secret seeds, as dpdm train and dpdm baseline draw")
     ap.add_argument("--json", help="write the figures here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.skip_baseline and args.baseline_only:
         ap.error("--skip-baseline and --baseline-only exclude each other")
     shaping = [flag for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
@@ -628,6 +660,26 @@ def main() -> None:
                    "default plan: leave them out or drop --plan\n")
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:
         ap.exit(2, f"{ap.prog}: error: --seed {args.seed} must be in [0, 2**63)\n")
+    if args.guidance_interval is not None and not args.guidance_interval[0] < args.guidance_interval[1]:
+        ap.exit(2, f"{ap.prog}: error: --guidance-interval {args.guidance_interval[0]:g} "
+                   f"{args.guidance_interval[1]:g} must satisfy 0 <= LO < HI\n")
+    if args.train_sigma is not None and not (1e-10 <= args.train_sigma[0] < args.train_sigma[1] <= 1e10):
+        ap.exit(2, f"{ap.prog}: error: --train-sigma {args.train_sigma[0]:g} {args.train_sigma[1]:g}: MIN must be "
+                   "below MAX, both in [1e-10, 1e+10] (as `dpdm train --train-sigma`)\n")
+    if args.plan:   # refused here in one line, not by a traceback once run() reads it
+        try:
+            accounting.load_plan(args.plan)
+        except accounting.PlanError as e:
+            ap.exit(2, f"{ap.prog}: error: --plan {e}\n")
+    else:
+        try:
+            plan_shape(epochs=EPOCHS if args.epochs is None else args.epochs,
+                       batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size,
+                       noise_multiplicity=NOISE_MULTIPLICITY if args.K is None else args.K,
+                       clip_norm=CLIP_NORM if args.clip_norm is None else args.clip_norm)
+        except ValueError as e:   # e.g. a batch above the dataset's size, or more steps than a plan may have
+            shaping = ", ".join(shaping) or "the default plan"
+            ap.exit(2, f"{ap.prog}: error: {shaping}: {e}\n")
     out = run(plan_path=args.plan, samples=args.samples, device=args.device, workdir=args.workdir,
               model=args.model, n=args.n, epochs=EPOCHS if args.epochs is None else args.epochs,
               batch_size=BATCH_SIZE if args.batch_size is None else args.batch_size,

@@ -17,3 +17,39 @@ def test_distributed_benchmark_measures_both_world_sizes():
     lines = r.stdout.splitlines()
     assert any(ln.startswith("1 rank :") for ln in lines) and any(ln.startswith("2 ranks:") for ln in lines)
     assert "scaling:" in r.stdout
+
+
+def _load():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distributed_bench", ROOT / "benchmarks" / "distributed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_distributed_benchmark_refuses_out_of_range_options(monkeypatch, capsys):
+    # --iters 0 had spawned both world sizes, then died dividing by 0 seconds.
+    import pytest
+
+    b = _load()
+    b.measure = lambda world, args: pytest.fail("measured")
+    for flag, value in (("--iters", "0"), ("--batch", "0"), ("--K", "0")):
+        with pytest.raises(SystemExit) as e:
+            monkeypatch.setattr(sys, "argv", ["distributed.py", flag, value])
+            b.main()
+        assert e.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"error: argument {flag}: " in last and repr(value) in last, last
+
+
+def test_distributed_benchmark_docstring_defines_what_it_prints():
+    # The docstring called the quotient "scaling efficiency"; the output calls it "scaling" and half of it
+    # "efficiency".
+    b = _load()
+    doc = " ".join(b.__doc__.split())
+    assert "Scaling efficiency =" not in doc
+    assert "scaling = (examples/s with 2 ranks) / (examples/s with 1)" in doc
+    assert "efficiency = scaling / 2, the number of ranks" in doc
+    assert b.scaling_line(10.0, 18.0) == "scaling: 1.80x (goal >= 1.8x; efficiency 90%)"
+    assert b.scaling_line(10.0, 5.1) == "scaling: 0.51x (goal >= 1.8x; efficiency 26%)"

@@ -439,3 +439,42 @@ def test_a_finished_run_is_reused_only_with_its_own_settings_and_seed(tmp_path, 
     with pytest.raises(SystemExit, match="public seed 0 .*pass --seed 0"):
         q.train_generator(doc, run)
     assert q.train_generator(doc, run, seed=0)["reused"] is True
+
+
+# --- out-of-range options: argparse's error naming the option, before any part runs -----------------------------
+
+@pytest.mark.parametrize("flag, values", [
+    ("--epochs", ["-1"]), ("--epochs", ["0"]), ("--epochs", ["nan"]), ("--epochs", ["inf"]),
+    ("--batch-size", ["0"]), ("--K", ["0"]), ("--clip-norm", ["0"]), ("--n", ["0"]), ("--lr", ["-0.001"]),
+    ("--ema-decay", ["1"]), ("--ema-decay", ["-0.1"]), ("--guidance", ["-1"]), ("--guidance-interval", ["-1", "2"]),
+    ("--sigma-min", ["0"]), ("--train-sigma", ["0", "80"]), ("--ema-power", ["0"]), ("--public-steps", ["0"]),
+    ("--physical-batch", ["0"]), ("--augment-shift", ["-1"]), ("--augment-mult", ["0"]), ("--public-batch", ["0"]),
+    ("--public-K", ["0"]), ("--n", ["x"])])
+def test_out_of_range_options_are_refused_by_argparse(stubbed, tmp_path, monkeypatch, capsys, flag, values):
+    # --epochs -1 had trained a 1-step plan (max(1, ceil(...))), --K 0 ended in PrivacyPlan's traceback.
+    q, calls = stubbed
+    with pytest.raises(SystemExit) as e:
+        _main(q, monkeypatch, capsys, flag, *values, "--workdir", tmp_path / "w")
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: argument {flag}: " in last and repr(values[0]) in last, last
+    assert calls == {} and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--plan", "nonexist.json"], ["--plan", "nonexist.json", "cannot read"]),
+    (["--batch-size", "5000"], ["--batch-size", "must be <= dataset_size=4000"]),   # above mnist5k's 4,000
+    (["--K", "5000"], ["--K", "noise_multiplicity=5000"]),
+    (["--epochs", "1e9"], ["--epochs", "steps="]),
+    (["--guidance-interval", "2", "1"], ["--guidance-interval 2 1", "LO < HI"]),
+    (["--train-sigma", "80", "0.01"], ["--train-sigma 80 0.01", "MIN must be below MAX"])])
+def test_options_that_make_no_plan_are_refused_in_one_line(stubbed, tmp_path, monkeypatch, capsys, argv, names):
+    # --plan nonexist.json had ended in a PlanError traceback once run() read it.
+    q, calls = stubbed
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        _main(q, monkeypatch, capsys, *argv, "--workdir", tmp_path / "w")
+    assert e.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()      # one line, no traceback
+    assert line.startswith("quality.py: error: ") and all(n in line for n in names), line
+    assert calls == {} and not (tmp_path / "w").exists()
