@@ -213,15 +213,20 @@ def pretrain_on_public(model: nn.Module, public: ImageData, *, epochs: int = DEF
 
 
 def check_public_data(public: ImageData, real: ImageData, *others: ImageData | None) -> None:
-    """Raises DataError unless `public` is labelled, has `real`'s image shape and classes, shares no image
-    with `real` or `others` (`datasets.shared_images`) and holds fewer than max(1, 0.1% of its images)
-    near-copies of theirs (`datasets.near_copies`: shifted by a pixel, mirrored, brightened, noised or
+    """Raises DataError unless `public` is labelled, has `real`'s image shape and classes (by name where both name
+    them), shares no image with `real` or `others` (`datasets.shared_images`) and holds fewer than max(1, 0.1% of
+    its images) near-copies of theirs (`datasets.near_copies`: shifted by a pixel, mirrored, brightened, noised or
     re-encoded; images under 16 pixels a side are compared exactly only). Whatever its name, a copy of the
     real images is not public, and pretraining on held-out images would inflate their test accuracy; the
     allowance (`datasets.near_copy_limit`) absorbs chance matches between distinct images of a large set."""
     if public.y is None or public.image_shape != real.image_shape or public.num_classes != real.num_classes:
         raise DataError(f"public data {public.name!r} must be labelled, of shape "
                         f"{'x'.join(map(str, real.image_shape))} and {real.num_classes} classes, like {real.name!r}")
+    if None not in (public.class_names, real.class_names) and public.class_names != real.class_names:
+        # Two folders number their classes by their sorted names: ('dog', 'wolf') against ('cat', 'dog') had the
+        # public dogs pretrain the CNN as cats.
+        raise DataError(f"public data {public.name!r} has classes {', '.join(public.class_names)}, but "
+                        f"{real.name!r} has {', '.join(real.class_names)}; their class folders must be named alike")
     reals = (real, *(o for o in others if o is not None))
     for other in reals:
         shared = shared_images(public, other)

@@ -476,3 +476,21 @@ def test_test_folder_without_a_class_is_labelled_by_class_name(tmp_path):
     assert match_test_classes(train, beyond) is beyond
     with pytest.raises(DataError, match="test data .* has class 'dog', which training data .* has not"):
         match_test_classes(train, folder("other", ["ant", "dog"]))
+
+
+def test_public_class_folders_must_be_named_as_the_private_ones():
+    """Public data was matched to the private classes by number only: a public folder ('dog', 'wolf') against
+    private ('cat', 'dog') was accepted, and eval and the DP baseline pretrained on dogs labelled cat. Test data
+    is renumbered by name (`match_test_classes`); public data with other names is refused."""
+    from dpdm.evaluate import check_public_data
+
+    def data(name, classes, seed):
+        x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        return ImageData(x, torch.arange(6) % 2, 2, name, class_names=classes)
+
+    private = data("folder:private", ("cat", "dog"), 1)
+    with pytest.raises(DataError, match=r"has classes dog, wolf, but 'folder:private' has cat, dog; their class "
+                                        "folders must be named alike"):
+        check_public_data(data("folder:public", ("dog", "wolf"), 2), private)
+    check_public_data(data("folder:public", ("cat", "dog"), 3), private)
+    check_public_data(data("npz:public", None, 4), private)   # unnamed classes: matched by number, as before
