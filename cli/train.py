@@ -133,6 +133,9 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
 
     device = resolve_device(device)
     if distributed.launched_by_torchrun():
+        problem = distributed.launch_problem()
+        if problem:
+            raise BadInput(problem)
         device = distributed.init_from_env(device)
     warn_if_slow_bf16(precision, device)
     ok = False

@@ -13,7 +13,30 @@ import torch
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether WORLD_SIZE names more than one process (torchrun sets it; `launch_problem` checks the rest)."""
+    size = os.environ.get("WORLD_SIZE", "1").strip()
+    return not (size.isdigit() and int(size) <= 1)
+
+
+# What torchrun sets beside WORLD_SIZE, and init_process_group("env://") reads.
+_TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_problem() -> str | None:
+    """Why this process's environment is not a torchrun launch although WORLD_SIZE says more than one process
+    (a stray WORLD_SIZE in the shell was a traceback from torch's rendezvous, exit 4), or None."""
+    size = os.environ.get("WORLD_SIZE", "1").strip()
+    if not size.isdigit():
+        return f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes"
+    missing = [v for v in _TORCHRUN_VARIABLES if not os.environ.get(v, "").strip()]
+    if missing:
+        return (f"WORLD_SIZE={size} is set, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: run "
+                "under torchrun (torchrun --nproc_per_node=N $(which dpdm) train ...), or unset WORLD_SIZE")
+    if not all(os.environ[v].strip().isdigit() for v in ("RANK", "LOCAL_RANK", "MASTER_PORT")):
+        return "RANK, LOCAL_RANK and MASTER_PORT must be numbers, as torchrun sets them"
+    if int(os.environ["RANK"]) >= int(size):
+        return f"RANK={os.environ['RANK']} is not below WORLD_SIZE={size}"
+    return None
 
 
 def init_from_env(device: str) -> str:

@@ -248,3 +248,27 @@ def test_ranks_with_another_plan_or_data_are_refused_before_training(tiny):
                             "data and options (nothing was written)")
         ranks = r.stderr.split("torch/distributed/elastic")[0]   # torchrun's own report follows, traceback included
         assert "Traceback" not in ranks and "exitcode: 2" in r.stderr and not out.exists(), r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set, but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not: run under "
+                          "torchrun"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a number of processes"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"},
+     "RANK=5 is not below WORLD_SIZE=2"),
+])
+def test_a_stray_world_size_is_one_line(tiny, monkeypatch, capsys, env, said):
+    """WORLD_SIZE left in the shell, outside torchrun: torch's env:// rendezvous raised ("environment variable
+    RANK expected, but not set"), a traceback and exit 4; now one line, exit 2, before the run folder is made."""
+    from cli.main import main
+
+    d, _ = tiny
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    rc = main(["train", "--plan", str(d / "plan.json"), "--dataset", f"npz:{d / 'data.npz'}", "--out",
+               str(d / "stray"), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"dpdm: error: {said}"), err
+    assert not (d / "stray").exists()
