@@ -82,7 +82,6 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
           subspace_data, subspace_every, subspace_examples, precision, resume, no_dp, as_json, quiet):
     """Train a diffusion model with DP-SGD under a locked plan."""
     from dpdm import checkpoint as ckpt
-    from dpdm.datasets import absolute_dataset_name
     from dpdm.train import TrainConfig, TrainDiverged, TrainError
     from dpdm.train import train as run_training
 
@@ -149,7 +148,7 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
                              precision=precision, subspace_dim=subspace_dim, subspace_data=subspace_data,
                              subspace_every=subspace_every, subspace_examples=subspace_examples)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
-                               dataset_name=absolute_dataset_name(name), resume=resume, progress=not quiet, public_data=public_data,
+                               dataset_name=name, resume=resume, progress=not quiet, public_data=public_data,
                                on_start=lambda notes: _warn_before_training(data, name, dataset, doc, no_dp, notes,
                                                                             None if resume else seed))
         ok = True

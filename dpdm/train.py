@@ -32,7 +32,7 @@ import accounting
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
-from dpdm.datasets import image_digests, near_copy_problem, shared_images
+from dpdm.datasets import absolute_dataset_name, image_digests, near_copy_problem, shared_images
 from dpdm.data import PoissonSampler
 from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
                           noise_scale_problem, public_subspace, validate_model)
@@ -425,7 +425,11 @@ class _Dist:
         local = torch.tensor([int.from_bytes(hashlib.sha256(v.encode()).digest()[:8], "little", signed=True)
                               for v in parts.values()], dtype=torch.int64, device=self.device)
         gathered = [torch.zeros_like(local) for _ in range(self.world_size)]
-        dist.all_gather(gathered, local)
+        try:
+            dist.all_gather(gathered, local)
+        except RuntimeError:   # a peer refused its own input first (its line says why): "Connection closed by peer"
+            raise TrainError("another rank stopped before the first step (its own line says why); nothing was "
+                             "written") from None
         table = torch.stack(gathered).cpu()
         return [name for i, name in enumerate(parts) if bool((table[:, i] != table[0, i]).any())]
 
@@ -581,7 +585,8 @@ def train(
         "img_resolution": int(x.shape[-1]),
         "img_channels": int(x.shape[1]),
         "num_classes": int(num_classes),
-        "dataset": dataset_name,
+        # absolute: `dpdm sample` (which must not write over it) and `dpdm audit` find it from any folder
+        "dataset": None if dataset_name is None else absolute_dataset_name(dataset_name),
         "data_digest": data_digest,
         # seed_given: the user chose the seed (--seed), so whoever knows it can replay the batches and the
         # noise; a private run so trained is marked wherever its outputs appear (summary, export, samples).

@@ -248,6 +248,20 @@ def test_ranks_with_another_plan_or_data_are_refused_before_training(tiny):
                             "data and options (nothing was written)")
         ranks = r.stderr.split("torch/distributed/elastic")[0]   # torchrun's own report follows, traceback included
         assert "Traceback" not in ranks and "exitcode: 2" in r.stderr and not out.exists(), r.stderr[-3000:]
+    # A rank that refuses its own input (20 images for a 24-image plan) left its peer a gloo traceback, exit 4.
+    with np.load(d / "data.npz") as f:
+        np.savez(d / "data_short.npz", x=f["x"][:20], y=f["y"][:20])
+    out = d / "mismatch_short"
+    cmd = _train_cmd(2, d / "plan.json", d / "data.npz", out)
+    args = cmd[cmd.index("cli.main") + 1:]
+    rank1 = [a.replace("data.npz", "data_short.npz") for a in args]
+    r = subprocess.run([*cmd[:cmd.index("-m", 2)], str(entry), *args, "--rank1", *rank1], env=_env(),
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = sorted(ln for ln in r.stderr.splitlines() if ln.startswith("dpdm: "))
+    assert lines == ["dpdm: error: another rank stopped before the first step (its own line says why); nothing was "
+                     "written", "dpdm: error: the data has 20 examples but the plan was made for dataset_size=24; a "
+                     "plan is valid only for data of its size"], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr.split("torch/distributed/elastic")[0] and not out.exists()
 
 
 @pytest.mark.parametrize("env, said", [

@@ -513,6 +513,16 @@ def test_warm_start_begins_at_the_public_ema_and_is_recorded(tmp_path):
         "init_dataset"] is None
 
 
+def test_the_run_records_its_path_datas_absolute_path(tmp_path, monkeypatch):
+    """`train(dataset_name="npz:data.npz")` (benchmarks/quality.py passes the plan's name) recorded the relative
+    path: `dpdm audit` run from another folder read another file of that name, or none."""
+    x, y, c = tiny_data()
+    monkeypatch.chdir(tmp_path)
+    train(tiny_plan(steps=1), x, y, c, tmp_path / "run", TrainConfig(**CFG), dataset_name="npz:data.npz",
+          progress=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"] == f"npz:{tmp_path / 'data.npz'}"
+
+
 def test_samples_name_a_warm_starts_data_without_its_folders(tmp_path):
     """`meta_init_dataset` copied the warm start's local path ('npz:/home/.../public_faces.npz') into samples,
     which are released; it keeps the kind and the file name now (`datasets.public_init_name`)."""
