@@ -50,10 +50,12 @@ _DELTA_HELP = "(at least 1e-10, and 1e-13 per step: below it the accountants los
 # dp-accounting fails on a subnormal sample rate ("a must be greater than b. Got a=inf and b=inf."); 1e-300 works.
 _SMALLEST_NORMAL = 2.2250738585072014e-308
 
-# DPDM_MEMORY_LIMIT: bytes (suffix K, M, G or T) that `dpdm plan` and `dpdm account` may add to their address space;
-# by default 90% of the memory available when they start.
+# DPDM_MEMORY_LIMIT: bytes (suffix K, M, G or T; at least _MIN_MEMORY_LIMIT; "off" for none) that `dpdm plan` and
+# `dpdm account` may add to their address space, once the accountants are imported; by default 90% of the memory
+# available when they start.
 MEMORY_LIMIT_ENV = "DPDM_MEMORY_LIMIT"
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_MIN_MEMORY_LIMIT = 256 * 2**20   # matplotlib's import for --curve and a small plan fit well within it
 
 
 def _memory_capped(command):
@@ -69,9 +71,11 @@ def _memory_capped(command):
         except ImportError:   # not on Linux or macOS: no cap
             return command(*args, **kwargs)
         extra = _memory_allowance()
+        import accounting  # noqa: F401  (scipy, dp-accounting, prv-accountant: their imports map memory of their own)
+
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         cap = None if extra is None else _address_space() + extra
-        if cap is None or (soft != resource.RLIM_INFINITY and soft <= cap):
+        if cap is None or cap >= 2**62 or (soft != resource.RLIM_INFINITY and soft <= cap):
             return command(*args, **kwargs)
         if hard != resource.RLIM_INFINITY:
             cap = min(cap, hard)
@@ -86,16 +90,18 @@ def _memory_capped(command):
 def _memory_allowance() -> int | None:
     """Bytes the command may add: $DPDM_MEMORY_LIMIT, else 90% of /proc/meminfo's MemAvailable (None: no cap)."""
     text = os.environ.get(MEMORY_LIMIT_ENV, "").strip().upper().removesuffix("B").removesuffix("I")
+    if text in ("OFF", "NONE", "UNLIMITED"):
+        return None
     if text:
         unit = text[-1] if text[-1] in _UNITS else ""
         try:
-            value = float(text[:len(text) - len(unit)])
+            value = float(text[:len(text) - len(unit)]) * _UNITS[unit]
         except ValueError:
             value = -1.0
-        if not (math.isfinite(value) and value > 0):
-            raise BadInput(f"{MEMORY_LIMIT_ENV}={os.environ[MEMORY_LIMIT_ENV]!r} must be a positive number of bytes, "
-                           "optionally with K, M, G or T")
-        return int(value * _UNITS[unit])
+        if not (math.isfinite(value) and value >= _MIN_MEMORY_LIMIT):
+            raise BadInput(f"{MEMORY_LIMIT_ENV}={os.environ[MEMORY_LIMIT_ENV]!r} must be a number of bytes of at least "
+                           f"256M (optionally with K, M, G or T), or off")
+        return int(min(value, 2**62))
     try:
         with open("/proc/meminfo") as f:
             for line in f:

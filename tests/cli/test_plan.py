@@ -554,11 +554,16 @@ def test_the_accountants_memory_is_capped_so_a_huge_grid_is_one_line(capsys, mon
     assert r.returncode == 4 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("dpdm: runtime failure: out of memory on the machine; fewer steps or more noise need "
                                "less"), r.stderr
-    monkeypatch.setenv("DPDM_MEMORY_LIMIT", "lots")
-    rc, out, err = run(capsys, "--noise-multiplier", "1", "--dataset-size", "100", "--batch-size", "10",
-                       "--steps", "3", "--delta", "1e-5")
-    assert rc == 2 and err == "dpdm: error: DPDM_MEMORY_LIMIT='lots' must be a positive number of bytes, optionally " \
-                              "with K, M, G or T\n", err
+    small = ("--noise-multiplier", "1", "--dataset-size", "100", "--batch-size", "10", "--steps", "3", "--delta", "1e-5")
+    for value in ("lots", "0.5", "50M", "inf", "0"):   # 50M: scipy's import spun at 100% CPU, or failed to map
+        monkeypatch.setenv("DPDM_MEMORY_LIMIT", value)
+        rc, out, err = run(capsys, *small)
+        assert rc == 2 and err == f"dpdm: error: DPDM_MEMORY_LIMIT={value!r} must be a number of bytes of at least " \
+                                  "256M (optionally with K, M, G or T), or off\n", err
+    for value in ("off", "1e30", "20e18"):   # no cap ("1e30" was an OverflowError traceback)
+        monkeypatch.setenv("DPDM_MEMORY_LIMIT", value)
+        rc, out, err = run(capsys, *small)
+        assert rc == 0 and err == "", err
     import resource
 
     before = resource.getrlimit(resource.RLIMIT_AS)
