@@ -21,6 +21,8 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _argtypes import int_at_least  # noqa: E402
 
 
 def _rank(rank, world, init_file, args, out_dir):
@@ -68,17 +70,6 @@ def measure(world: int, args) -> float:
                            join=True, start_method="spawn")
         seconds = json.loads((Path(tmp) / f"w{world}.json").read_text())["seconds"]
     return args.batch * args.iters / seconds
-
-
-def int_at_least(minimum: int):
-    """argparse type: an integer >= minimum (argparse then names the option in its one-line error)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= {minimum}")
-        return value
-    parse.__name__ = "int"   # argparse's "invalid int value: 'x'" for non-integers
-    return parse
 
 
 def scaling_line(one: float, two: float, ranks: int = 2) -> str:

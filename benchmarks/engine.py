@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -40,6 +39,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _argtypes import int_at_least, number  # noqa: E402
 
 VARIANTS = ("nonprivate", "dpdm", "opacus", "vmap")
 IMG = (1, 28, 28)
@@ -165,27 +167,6 @@ def _run_variant(args, variant: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def int_at_least(minimum: int):
-    """argparse type: an integer >= minimum (argparse then names the option in its one-line error)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= {minimum}")
-        return value
-    parse.__name__ = "int"   # argparse's "invalid int value: 'x'" for non-integers
-    return parse
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
-    return value
-
-
-non_negative_float.__name__ = "float"
-
 # The summary lines: each variant against the named peer measured in the same run (when both ran).
 PEERS = (("dpdm", "opacus"), ("vmap", "dpdm"))
 
@@ -224,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int_at_least(1), default=2, help="subprocesses per variant, interleaved")
     ap.add_argument("--variants", default="nonprivate,dpdm,opacus", help=f"comma-separated subset of {VARIANTS}")
     ap.add_argument("--chunk-size", type=int_at_least(1), default=None, help="dpdm physical chunk (examples)")
-    ap.add_argument("--max-opacus-gib", type=non_negative_float, default=8.0,
+    ap.add_argument("--max-opacus-gib", type=number(float, 0), default=8.0,
                     help="skip opacus when its B*K per-row gradients alone would exceed this")
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
                     help="OMP_WAIT_POLICY for every variant ('' keeps the environment's): on a shared, "

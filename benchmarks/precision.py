@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _argtypes import int_at_least  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -89,17 +91,6 @@ def measure(preset: str, n: int, sampler_steps: int, batch: int, K: int, rounds:
     result["sample"]["speedup"] = min(sample_s["fp32"]) / min(sample_s["bf16"])
     result["step"]["speedup"] = min(step_s["fp32"]) / min(step_s["bf16"])
     return result
-
-
-def int_at_least(minimum: int):
-    """argparse type: an integer >= minimum (argparse then names the option in its one-line error)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= {minimum}")
-        return value
-    parse.__name__ = "int"   # argparse's "invalid int value: 'x'" for non-integers
-    return parse
 
 
 def main(argv: list[str] | None = None) -> None:

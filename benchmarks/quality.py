@@ -106,6 +106,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _argtypes import number  # noqa: E402
 
 import accounting  # noqa: E402
 
@@ -556,26 +558,11 @@ def write_json(path: str | Path, out: dict) -> None:
     tmp.replace(path)
 
 
-def _number(kind, minimum, *, above: bool = False, below=None):
-    """argparse type: a finite `kind` (int or float) >= minimum (> minimum when `above`; < `below` when given).
-    argparse names the option in its one-line error, before anything runs."""
-    def parse(text: str):
-        value = kind(text)
-        if not (math.isfinite(value) and (value > minimum if above else value >= minimum)
-                and (below is None or value < below)):
-            what = "an integer" if kind is int else "a finite number"
-            bound = f"in [{minimum:g}, {below:g})" if below is not None else f"{'>' if above else '>='} {minimum:g}"
-            raise argparse.ArgumentTypeError(f"{text!r} must be {what} {bound}")
-        return value
-    parse.__name__ = kind.__name__   # argparse's "invalid int value: 'x'"
-    return parse
-
-
-positive_int = _number(int, 1)
-non_negative_int = _number(int, 0)
-positive_float = _number(float, 0, above=True)
-non_negative_float = _number(float, 0)
-decay = _number(float, 0, below=1)
+positive_int = number(int, 1)
+non_negative_int = number(int, 0)
+positive_float = number(float, 0, above=True)
+non_negative_float = number(float, 0)
+decay = number(float, 0, below=1)
 
 
 def main(argv: list[str] | None = None) -> None:
