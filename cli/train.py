@@ -125,6 +125,11 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
     if subspace_dim is not None:
         pub = load_public_data("--subspace-data", subspace_data, name, data_root=data_root, download=download,
                                use="the subspace")
+        from dpdm.datasets import class_names_problem
+
+        problem = class_names_problem(pub, data)   # the public labels shape the subspace's per-example gradients
+        if problem:
+            raise BadInput(f"--subspace-data={subspace_data!r}: {problem}")
         public_data = (pub.x, pub.y)
     if init_from is not None and not resume and not os.path.isfile(init_from):
         raise BadInput(f"--init-from {init_from!r}: no such file")

@@ -178,6 +178,15 @@ def is_path_dataset(name: str) -> bool:
     return name.startswith(("folder:", "npz:"))
 
 
+def class_names_problem(public: "ImageData", private: "ImageData") -> str | None:
+    """Why `public`'s labels do not mean `private`'s classes, where both name them (two ``folder:`` datasets number
+    their classes by sorted name: ('dog', 'wolf') against ('cat', 'dog') labels the public dogs cat), or None."""
+    if None in (public.class_names, private.class_names) or public.class_names == private.class_names:
+        return None
+    return (f"public data {public.name!r} has classes {', '.join(public.class_names)}, but {private.name!r} has "
+            f"{', '.join(private.class_names)}; their class folders must be named alike")
+
+
 def absolute_dataset_name(name: str) -> str:
     """`name` with the path of an "npz:PATH" or "folder:PATH" dataset made absolute (others as they are): what a
     run's private config records, so that `dpdm sample` (which must not write over the run's data) and `dpdm

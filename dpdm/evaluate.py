@@ -64,7 +64,7 @@ from torch import nn
 
 from dpdm.checkpoint import TORCH_LOAD_ERRORS, load_error_reason
 from dpdm.classifiers import CNN, build_classifier
-from dpdm.datasets import DataError, ImageData, near_copy_problem, shared_images
+from dpdm.datasets import DataError, ImageData, class_names_problem, near_copy_problem, shared_images
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -222,11 +222,9 @@ def check_public_data(public: ImageData, real: ImageData, *others: ImageData | N
     if public.y is None or public.image_shape != real.image_shape or public.num_classes != real.num_classes:
         raise DataError(f"public data {public.name!r} must be labelled, of shape "
                         f"{'x'.join(map(str, real.image_shape))} and {real.num_classes} classes, like {real.name!r}")
-    if None not in (public.class_names, real.class_names) and public.class_names != real.class_names:
-        # Two folders number their classes by their sorted names: ('dog', 'wolf') against ('cat', 'dog') had the
-        # public dogs pretrain the CNN as cats.
-        raise DataError(f"public data {public.name!r} has classes {', '.join(public.class_names)}, but "
-                        f"{real.name!r} has {', '.join(real.class_names)}; their class folders must be named alike")
+    problem = class_names_problem(public, real)
+    if problem:
+        raise DataError(problem)
     reals = (real, *(o for o in others if o is not None))
     for other in reals:
         shared = shared_images(public, other)

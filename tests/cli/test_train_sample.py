@@ -797,7 +797,7 @@ def test_a_fifo_or_link_in_the_run_folder_is_refused_not_waited_on(tiny, capsys,
     assert not (d / "victim").exists() and not (d / "run" / "checkpoint.pt").exists()
 
 
-def test_folder_data_warns_that_its_class_count_comes_from_the_private_class_folders(tmp_path, capsys):
+def test_folder_data_warns_of_its_class_count_and_its_public_class_names_must_match(tmp_path, capsys):
     """An npz without num_classes was warned about (the model reveals a class count read from the private data);
     a folder: dataset's count is its class folders, each of which must hold a private image, and said nothing."""
     from PIL import Image
@@ -813,3 +813,14 @@ def test_folder_data_warns_that_its_class_count_comes_from_the_private_class_fol
                             "--out", tmp_path / "run", "--device", "cpu", "--quiet"], capsys)
     assert code == 0, err
     assert "the number of classes (3) is that of the class folders, each of which must hold a private image" in err
+    # Public class folders named otherwise (c1, c2, c3 against c0, c1, c2) are refused as --subspace-data: their
+    # labels were matched to the private classes by number.
+    for i in range(12):
+        (tmp_path / "pub" / f"c{i % 3 + 1}").mkdir(parents=True, exist_ok=True)
+        folder = tmp_path / "pub" / f"c{i % 3 + 1}"
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+    code, _, err = run_cli(["train", "--plan", tmp_path / "plan.json", "--dataset", f"folder:{tmp_path / 'data'}",
+                            "--out", tmp_path / "run2", "--device", "cpu", "--quiet", "--public-subspace", 2,
+                            "--subspace-data", f"folder:{tmp_path / 'pub'}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "has classes c1, c2, c3, but" in err and "named alike" in err, err
+    assert not (tmp_path / "run2").exists()
