@@ -653,6 +653,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_sigma is not None and not (1e-10 <= args.train_sigma[0] < args.train_sigma[1] <= 1e10):
         ap.exit(2, f"{ap.prog}: error: --train-sigma {args.train_sigma[0]:g} {args.train_sigma[1]:g}: MIN must be "
                    "below MAX, both in [1e-10, 1e+10] (as `dpdm train --train-sigma`)\n")
+    if args.train_sigma is not None and args.precond != "v":
+        ap.exit(2, f"{ap.prog}: error: --train-sigma applies to --precond v only (as `dpdm train`)\n")
+    if args.samples is not None and not Path(args.samples).is_file():   # before hours of baseline training
+        ap.exit(2, f"{ap.prog}: error: --samples {args.samples}: no such file\n")
     if args.plan:   # refused here in one line, not by a traceback once run() reads it
         try:
             accounting.load_plan(args.plan)
