@@ -46,16 +46,11 @@ def weights_name(weights: str) -> str:
 
 def _weights_of(state: dict, weights: str, path) -> dict:
     """The state dict `weights` names: "ema", "raw", or "power:GAMMA" (a power EMA kept by `--ema-power`)."""
-    from dpdm.train import ema_power_key
-
     if weights in ("ema", "raw"):
         return state["ema" if weights == "ema" else "model"]
     kept = state.get("ema_power", {})
-    gamma = weights.removeprefix("power:")
-    try:
-        key = ema_power_key(float(gamma)) if weights.startswith("power:") else None
-    except ValueError:
-        key = None
+    name = weights_name(weights)   # "power:<ema_power_key(GAMMA)>" where GAMMA is a number
+    key = name.removeprefix("power:") if name.startswith("power:") else None
     if key is None or key not in kept:
         have = ", ".join(f"power:{k}" for k in sorted(kept, key=float)) or "no power EMAs"
         raise SampleError(f"weights={weights!r}: checkpoint {str(path)!r} has ema, raw and {have}")

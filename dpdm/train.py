@@ -417,9 +417,7 @@ class _Dist:
 
     def disagreements(self, parts: dict[str, str]) -> list[str]:
         """The names of `parts` whose values differ between ranks (every rank passes the same names in the same
-        order): a 64-bit hash of each value is gathered from every rank."""
-        if self.world_size == 1:
-            return []
+        order): a 64-bit hash of each value is gathered from every rank. Only with more than one rank."""
         import torch.distributed as dist
 
         local = torch.tensor([int.from_bytes(hashlib.sha256(v.encode()).digest()[:8], "little", signed=True)
@@ -550,7 +548,7 @@ def train(
     # Each rank reads its own plan, data and options, and clips with its own plan's clip norm, while rank 0's
     # plan alone sizes the noise and the ledger: a rank with another clip norm broke the guarantee unseen, one
     # with other data of the same size trained on it. Every rank must start from the same inputs.
-    differ = dist.disagreements({
+    differ = [] if dist.world_size == 1 else dist.disagreements({
         "the plan": plan_doc.digest,
         "the data": data_digest,
         "the number of classes": str(num_classes),

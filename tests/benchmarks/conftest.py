@@ -1,5 +1,6 @@
 """Loading benchmarks/*.py (not a package) as modules in tests."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,17 @@ def _load(name: str):
 def load_benchmark():
     """load_benchmark("quality") -> benchmarks/quality.py as a fresh module."""
     return _load
+
+
+@pytest.fixture()
+def option_refused(monkeypatch, capsys):
+    """option_refused(module, "engine.py", "--rounds", "0"): the script's main() with that option ends in argparse's
+    one-line error naming the option and the value, exit 2."""
+    def check(module, script: str, flag: str, value: str) -> None:
+        with pytest.raises(SystemExit) as e:
+            monkeypatch.setattr(sys, "argv", [script, flag, value])
+            module.main()
+        assert e.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"error: argument {flag}: " in last and repr(value) in last, last
+    return check

@@ -19,34 +19,20 @@ def test_distributed_benchmark_measures_both_world_sizes():
     assert "scaling:" in r.stdout
 
 
-def _load():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("distributed_bench", ROOT / "benchmarks" / "distributed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_distributed_benchmark_refuses_out_of_range_options(monkeypatch, capsys):
+def test_distributed_benchmark_refuses_out_of_range_options(load_benchmark, option_refused):
     # --iters 0 had spawned both world sizes, then died dividing by 0 seconds.
     import pytest
 
-    b = _load()
+    b = load_benchmark("distributed")
     b.measure = lambda world, args: pytest.fail("measured")
     for flag, value in (("--iters", "0"), ("--batch", "0"), ("--K", "0")):
-        with pytest.raises(SystemExit) as e:
-            monkeypatch.setattr(sys, "argv", ["distributed.py", flag, value])
-            b.main()
-        assert e.value.code == 2
-        last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert f"error: argument {flag}: " in last and repr(value) in last, last
+        option_refused(b, "distributed.py", flag, value)
 
 
-def test_distributed_benchmark_docstring_defines_what_it_prints():
+def test_distributed_benchmark_docstring_defines_what_it_prints(load_benchmark):
     # The docstring called the quotient "scaling efficiency"; the output calls it "scaling" and half of it
     # "efficiency".
-    b = _load()
+    b = load_benchmark("distributed")
     doc = " ".join(b.__doc__.split())
     assert "Scaling efficiency =" not in doc
     assert "scaling = (examples/s with 2 ranks) / (examples/s with 1)" in doc

@@ -12,15 +12,11 @@ def _main(b, monkeypatch, *argv):
 @pytest.mark.parametrize("flag, value", [("--rounds", "0"), ("--repeats", "0"), ("--warmup", "-1"), ("--batch", "0"),
                                          ("--K", "0"), ("--threads", "0"), ("--chunk-size", "0"),
                                          ("--max-opacus-gib", "nan")])
-def test_engine_benchmark_refuses_out_of_range_options(load_benchmark, monkeypatch, capsys, flag, value):
+def test_engine_benchmark_refuses_out_of_range_options(load_benchmark, option_refused, flag, value):
     # --rounds 0 had run nothing and died formatting n_params None; --repeats 0 on min() of no timings.
     b = load_benchmark("engine")
     b._run_variant = lambda args, v: pytest.fail("ran a variant")
-    with pytest.raises(SystemExit) as e:
-        _main(b, monkeypatch, flag, value)
-    assert e.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"error: argument {flag}: " in last and repr(value) in last, last
+    option_refused(b, "engine.py", flag, value)
 
 
 def _fake_run(ms: dict, mib: dict):

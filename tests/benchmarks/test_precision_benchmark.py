@@ -12,19 +12,12 @@ def test_precision_benchmark_measures_both_paths(load_benchmark):
     assert set(b.cpu_features()) >= {"capability"}
 
 
-def test_precision_benchmark_refuses_out_of_range_options(load_benchmark, monkeypatch, capsys):
+def test_precision_benchmark_refuses_out_of_range_options(load_benchmark, option_refused):
     # --rounds 0 had measured nothing and died on a KeyError ('bf16'); each is now argparse's one-line error.
-    import sys
-
     import pytest
 
     b = load_benchmark("precision")
     b.measure = lambda *a: pytest.fail("measured")
     for flag, value in (("--rounds", "0"), ("--n", "0"), ("--sampler-steps", "1"), ("--batch", "0"), ("--K", "0"),
                         ("--threads", "0"), ("--rounds", "x")):
-        with pytest.raises(SystemExit) as e:
-            monkeypatch.setattr(sys, "argv", ["precision.py", flag, value])
-            b.main()
-        assert e.value.code == 2
-        last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert f"error: argument {flag}: " in last and repr(value) in last, last
+        option_refused(b, "precision.py", flag, value)
