@@ -64,12 +64,30 @@ def init_from_env(device: str) -> str:
 
 
 def shutdown(*, ok: bool = True) -> None:
-    """Tears the process group down. After a successful run every rank first meets at a barrier:
-    a rank that destroys gloo's group while its peer is still closing the last collective makes the
-    peer abort ("terminate called without an active exception")."""
+    """Tears the process group down. After a successful run every rank first meets at a barrier, then
+    waits in the rendezvous store until every rank has left it: a rank that destroys gloo's group while
+    its peer is still completing the last collective makes the peer abort ("terminate called without an
+    active exception"), and the barrier alone is such a last collective (seen once in about 25 runs)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         if ok:
             dist.barrier()
+            _all_left_the_barrier(dist)
         dist.destroy_process_group()
+
+
+def _all_left_the_barrier(dist) -> None:
+    """Waits (up to DPDM_DIST_TIMEOUT) until every rank has counted itself out of the barrier in the store; the
+    store is not gloo, so no gloo message is in flight once the count is full."""
+    import time
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        key, world = "dpdm/left_barrier", dist.get_world_size()
+        store.add(key, 1)
+        deadline = time.monotonic() + float(os.environ.get("DPDM_DIST_TIMEOUT", "600"))
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except Exception:   # a store that cannot be reached (a peer gone): tear down as before
+        return
