@@ -817,7 +817,8 @@ def train(
                 clipped = dist.all_reduce_scalars([float(stats.get("clipped_fraction", 0.0)) * len(local)])[0]
             else:
                 with autocast_for(config.precision, device):
-                    grads, loss_sum = _nonprivate_grad_sum(D, loss_obj, batch, conditional, params)
+                    grads, loss_sum = _nonprivate_grad_sum(D, loss_obj, batch, conditional, params,
+                                                           chunk_size=config.physical_batch)
                 loss_sum, count = dist.all_reduce_scalars([loss_sum, float(len(local))])
                 loss_n = count
                 dist.all_reduce_(grads)
@@ -1229,19 +1230,25 @@ def _maybe_inject_fault(rank: int, steps_done: int) -> None:
             os._exit(17)
 
 
-def _nonprivate_grad_sum(D, loss_obj, batch, conditional, params) -> tuple[dict[str, torch.Tensor], float]:
-    """Unclipped, noiseless sum of per-example loss gradients (the --no-dp baseline)."""
-    x = batch[0]
-    if x.shape[0] == 0:
-        return {name: torch.zeros_like(p) for name, p in params.items()}, 0.0
-    if conditional:
-        _, y, sigma, noise = batch
-    else:
-        y = None
-        _, sigma, noise = batch
-    losses = loss_obj(D, x, y, sigma, noise)
-    grads = torch.autograd.grad(losses.sum(), list(params.values()))
-    return {name: g for name, g in zip(params, grads)}, float(losses.detach().sum())
+def _nonprivate_grad_sum(D, loss_obj, batch, conditional, params,
+                         chunk_size: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """Unclipped, noiseless sum of per-example loss gradients (the --no-dp baseline), `chunk_size`
+    examples per forward and backward pass (--physical-batch, the memory knob; None: the whole batch)."""
+    grads = {name: torch.zeros_like(p) for name, p in params.items()}
+    n = batch[0].shape[0]
+    total = 0.0
+    step = chunk_size or max(n, 1)
+    for start in range(0, n, step):
+        part = [t[start:start + step] for t in batch]
+        if conditional:
+            x, y, sigma, noise = part
+        else:
+            (x, sigma, noise), y = part, None
+        losses = loss_obj(D, x, y, sigma, noise)
+        for g, p_grad in zip(grads.values(), torch.autograd.grad(losses.sum(), list(params.values()))):
+            g.add_(p_grad)
+        total += float(losses.detach().sum())
+    return grads, total
 
 
 def _patterns(patterns: tuple[str, ...] | None) -> str:

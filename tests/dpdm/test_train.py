@@ -187,6 +187,43 @@ def test_bf16_is_for_no_dp_runs_and_computes_fp32s_gradient(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["precision"] == "bf16"
 
 
+def test_no_dp_physical_batch_chunks_the_forward_pass(tmp_path, monkeypatch):
+    """--physical-batch is the memory knob of --no-dp runs too (they ran the whole Poisson batch in one pass,
+    while the out-of-memory advice named --physical-batch); chunking leaves the gradient sum unchanged."""
+    import dpdm.train as train_mod
+    from dpdm.loss import VLoss
+    from dpdm.networks import build_network
+    from dpdm.precond import VPrecond
+
+    x, y, c = tiny_data()
+    torch.manual_seed(0)
+    D = VPrecond(build_network("small", img_resolution=8, img_channels=1, num_classes=c, init_scale=1.0)).double()
+    params = dict(D.named_parameters())
+    loss = VLoss()
+    sigma, noise = loss.draw(len(x), 2, (1, 8, 8), generator=torch.Generator().manual_seed(0), device="cpu")
+    batch = [x.double(), y, sigma.double(), noise.double()]
+    rows = []
+    D.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    whole, whole_loss = train_mod._nonprivate_grad_sum(D, loss, batch, True, params)
+    assert max(rows) == 2 * len(x)                       # K = 2 draws of each of the 24 examples
+    rows.clear()
+    chunked, chunked_loss = train_mod._nonprivate_grad_sum(D, loss, batch, True, params, chunk_size=5)
+    assert max(rows) == 2 * 5 and len(rows) == 5
+    assert chunked_loss == pytest.approx(whole_loss, rel=1e-12)
+    for k in params:
+        torch.testing.assert_close(chunked[k], whole[k], rtol=1e-10, atol=1e-12)
+    empty, empty_loss = train_mod._nonprivate_grad_sum(D, loss, [t[:0] for t in batch], True, params, chunk_size=5)
+    assert empty_loss == 0.0 and all(not bool(v.any()) for v in empty.values())
+
+    seen = []
+    real = train_mod._nonprivate_grad_sum
+    monkeypatch.setattr(train_mod, "_nonprivate_grad_sum",
+                        lambda *a, **kw: seen.append(kw.get("chunk_size")) or real(*a, **kw))
+    train(tiny_plan(steps=2), x, y, c, tmp_path / "run", TrainConfig(**CFG, private=False, physical_batch=3),
+          progress=False)
+    assert seen == [3, 3]
+
+
 class RunsCodeWhenUnpickled:
     """A pickle payload that runs `touch marker` when loaded without weights_only."""
 
