@@ -415,6 +415,14 @@ class _Dist:
         dist.broadcast(t, src=0)
         return int(t.item())
 
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Overwrites `tensor` with rank 0's on every rank, and returns it."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(tensor, src=0)
+        return tensor
+
     def disagreements(self, parts: dict[str, str]) -> list[str]:
         """The names of `parts` whose values differ between ranks (every rank passes the same names in the same
         order): a 64-bit hash of each value is gathered from every rank. Only with more than one rank."""
@@ -802,7 +810,7 @@ def train(
             if config.subspace_dim is not None and (subspace is None or step % config.subspace_every == 0):
                 subspace = {"basis": _public_basis(D, loss_obj, loss_fn, public_data, config, conditional,
                                                    num_classes, K, plan.clip_norm,
-                                                   step_seed(seed, step, _STREAM_PUBLIC), device),
+                                                   step_seed(seed, step, _STREAM_PUBLIC), device, dist),
                             "step": step}
             if config.private:
                 grads = distributed_private_grad(
@@ -1049,9 +1057,13 @@ def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str
 
 
 def _public_basis(D, loss_obj, loss_fn, public_data, config: TrainConfig, conditional: bool, num_classes: int,
-                  K: int, clip_norm: float, seed: int, device) -> torch.Tensor:
+                  K: int, clip_norm: float, seed: int, device, dist: _Dist | None = None) -> torch.Tensor:
     """`engine.public_subspace` at the current weights, from `config.subspace_examples` public examples
-    (drawn, with their diffusion noise and label drops, from the public stream of this step)."""
+    (drawn, with their diffusion noise and label drops, from the public stream of this step).
+
+    Every rank gets rank 0's basis. Each rank projects its own clipped sum and only rank 0 adds noise, so a
+    rank whose basis differed (nondeterministic CUDA kernels, or an ill-conditioned top-k) would put part of
+    its sum outside the noised subspace, with no noise on it."""
     px, py = public_data
     g = _generator(seed, torch.device("cpu"))
     idx = torch.randperm(len(px), generator=g)[:config.subspace_examples]
@@ -1061,10 +1073,11 @@ def _public_basis(D, loss_obj, loss_fn, public_data, config: TrainConfig, condit
     sigma, noise = loss_obj.draw(len(idx), K, tuple(px.shape[1:]), generator=g)
     batch += [sigma.to(device), noise.to(device)]
     try:
-        return public_subspace(D, loss_fn, *batch, dim=config.subspace_dim, clip_norm=clip_norm,
-                               chunk_size=config.physical_batch, per_layer_rules=config.per_layer_rules)
+        basis = public_subspace(D, loss_fn, *batch, dim=config.subspace_dim, clip_norm=clip_norm,
+                                chunk_size=config.physical_batch, per_layer_rules=config.per_layer_rules)
     except SubspaceSpanError as e:   # the public data cannot give that many directions: the user's settings
         raise TrainError(f"subspace_dim={config.subspace_dim} (--public-subspace): {e}") from None
+    return (dist or _Dist()).broadcast_(basis.contiguous())
 
 
 METRICS_HEADER = ("step", "batch_size", "loss", "clipped_fraction", "epsilon_spent", "steps_per_s", "private")

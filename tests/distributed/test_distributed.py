@@ -72,6 +72,8 @@ def _rank_main(rank, world, init_file, out_dir, task):
                                              noise_seed=1000 + step, dist=d)
                 samples.append(torch.cat([v.reshape(-1) for v in g.values()]))
             torch.save(torch.stack(samples), Path(out_dir) / f"noise{rank}.pt")
+        elif task == "basis":
+            _basis_task(rank, d, model, x[local], y[local], out_dir)
         dist.barrier()  # let the peer finish before tearing gloo down
         done = True
     finally:
@@ -83,6 +85,30 @@ def _rank_main(rank, world, init_file, out_dir, task):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _rank_basis(rank, d, k=3):
+    """An orthonormal [d, k] basis that differs between ranks (as nondeterministic GPU kernels could make it)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0]
+
+
+def _basis_task(rank, d, model, x, y, out_dir):
+    import types
+
+    import dpdm.train as train_mod
+
+    n_params = sum(p.numel() for p in model.parameters())
+    train_mod.public_subspace = lambda *a, **kw: _rank_basis(rank, n_params)   # this rank's own estimate
+    loss_obj = types.SimpleNamespace(draw=lambda n, K, shape, generator: (torch.ones(n), torch.zeros(n, K, *shape)))
+    config = types.SimpleNamespace(subspace_examples=4, subspace_dim=3, physical_batch=None, per_layer_rules=None,
+                                   label_dropout=0.1)
+    basis = train_mod._public_basis(model, loss_obj, _loss_fn, (x, y), config, False, 1, 1, 1.0, 0,
+                                    torch.device("cpu"), d)
+    g = train_mod.distributed_private_grad(model, _loss_fn, x, y, clip_norm=1.0, noise_multiplier=0.0,
+                                           expected_batch_size=1.0, noise_seed=0, dist=d, basis=basis)
+    torch.save({"basis": basis, "update": torch.cat([v.reshape(-1) for v in g.values()])},
+               Path(out_dir) / f"basis{rank}.pt")
 
 
 def _spawn(tmp_path, task, world=2):
@@ -102,6 +128,20 @@ def test_allreduced_clipped_sum_equals_single_process(tmp_path):
     assert set(one) == set(two)
     for k in one:
         torch.testing.assert_close(two[k], one[k].detach(), rtol=1e-6, atol=1e-9)
+
+
+def test_ranks_project_with_rank_zeros_public_basis(tmp_path):
+    """Each rank projects its own clipped sum and only rank 0's noise lies in the subspace; a rank projecting
+    onto a basis of its own would add noise-free directions to the update. So every rank takes rank 0's."""
+    _spawn(tmp_path, "basis")
+    r0, r1 = (torch.load(tmp_path / f"basis{r}.pt", weights_only=True) for r in (0, 1))
+    n_params = sum(p.numel() for p in _tiny_model().parameters())
+    torch.testing.assert_close(r1["basis"], _rank_basis(0, n_params), rtol=0, atol=0)
+    torch.testing.assert_close(r0["basis"], _rank_basis(0, n_params), rtol=0, atol=0)
+    torch.testing.assert_close(r0["update"], r1["update"], rtol=0, atol=0)
+    B = r0["basis"]
+    outside = r0["update"] - B @ (B.T @ r0["update"])
+    assert float(outside.norm()) < 1e-12 * float(r0["update"].norm())
 
 
 def test_two_rank_noise_is_drawn_once_with_the_plans_variance(tmp_path):
@@ -177,6 +217,26 @@ def test_two_rank_run_matches_plan_and_single_rank(tiny):
     one = ckpt.load_checkpoint(d / "one" / "checkpoint.pt")["model"]
     for k, v in state["model"].items():
         torch.testing.assert_close(v, one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_two_rank_subspace_run_matches_single_rank(tiny):
+    """--public-subspace under torchrun: the ranks share rank 0's basis, and the run is the single process's."""
+    d, _ = tiny
+    rng = np.random.default_rng(7)
+    np.savez(d / "public.npz", x=rng.integers(0, 256, size=(16, 1, 8, 8), dtype=np.uint8),
+             y=(np.arange(16) % 3).astype(np.int64))
+    extra = ("--public-subspace", "3", "--subspace-data", f"npz:{d / 'public.npz'}", "--subspace-every", "2",
+             "--subspace-examples", "8")
+    runs = {}
+    for nproc in (2, 1):
+        out = d / f"sub{nproc}"
+        r = subprocess.run(_train_cmd(nproc, d / "plan.json", d / "data.npz", out, *extra),
+                           env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[nproc] = ckpt.load_checkpoint(out / "checkpoint.pt")
+    assert runs[2]["config"]["train"]["subspace_dim"] == 3
+    for k, v in runs[2]["model"].items():
+        torch.testing.assert_close(v, runs[1]["model"][k], rtol=1e-4, atol=1e-5)
 
 
 def test_dead_rank_stops_run_checkpoint_valid_and_resumes_on_one_rank(tiny):
