@@ -145,22 +145,30 @@ def run_grad_engines(train_config: dict) -> tuple[str, ...]:
     return ("rules", "vmap") if rules is None else ("rules",) if rules else ("vmap",)
 
 
+_RUN_SEED = 20231  # the run seed of training_private_grad's steps (any fixed value)
+
+
 def training_private_grad(basis=None, *, per_layer_rules: bool = True) -> Callable:
-    """What `dpdm train` computes each step (`dpdm.train.distributed_private_grad`, one process; with
-    `basis`, the noise in that subspace), with the signature of `dpdm.engine.private_grad` that the
-    mechanism checks call. The step's noise seed is drawn from the generator handed in, so two calls
-    with generators seeded alike replay the same noise."""
+    """What `dpdm train` computes each step (`dpdm.train.plan_private_grad`, one process; with `basis`, the
+    noise in that subspace), with the signature of `dpdm.engine.private_grad` that the mechanism checks call.
+
+    The arguments reach it as a plan's fields (clip_norm, noise_multiplier, batch_size: the expected batch
+    size), as the training loop's do. The generator handed in picks the step of one run (seed fixed), so two
+    calls with generators seeded alike replay a step's noise, and calls with other seeds are other steps:
+    a step that drew the same noise as another would show as too little variance between them."""
+    import types
+
     import torch
 
-    from dpdm.train import distributed_private_grad
+    from dpdm.train import plan_private_grad
 
     def step(model, loss_fn, *batch, clip_norm, noise_multiplier, expected_batch_size, generator=None,
              chunk_size=None, stats=None):
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return distributed_private_grad(model, loss_fn, *batch, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                                        expected_batch_size=expected_batch_size, noise_seed=seed,
-                                        chunk_size=chunk_size, stats=stats, basis=basis,
-                                        per_layer_rules=per_layer_rules)
+        plan = types.SimpleNamespace(clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                                     batch_size=expected_batch_size)
+        step_index = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return plan_private_grad(model, loss_fn, batch, plan, seed=_RUN_SEED, step=step_index, chunk_size=chunk_size,
+                                 stats=stats, basis=basis, per_layer_rules=per_layer_rules)
     return step
 
 
@@ -313,11 +321,12 @@ def run_audit(
     checks = []
     for engine in engines:
         rules = engine == "rules"
-        found = check_engine(training_private_grad(per_layer_rules=rules), alpha=alpha_check, seed=seed,
-                             pairs=SUITES[suite]["noise_pairs"])
+        found = check_engine(training_private_grad(per_layer_rules=rules), noise_multiplier=plan.noise_multiplier,
+                             alpha=alpha_check, seed=seed, pairs=SUITES[suite]["noise_pairs"])
         if subspace_dim:
             found += check_subspace(lambda basis: training_private_grad(basis, per_layer_rules=rules),
-                                    alpha=alpha_check, seed=seed, pairs=SUITES[suite]["noise_pairs"])
+                                    noise_multiplier=plan.noise_multiplier, alpha=alpha_check, seed=seed,
+                                    pairs=SUITES[suite]["noise_pairs"])
         checks += found if len(engines) == 1 else [replace(c, name=f"{c.name} ({engine})") for c in found]
     checks += check_sampler(PoissonSampler, alpha=alpha_check, seed=seed)
     checks += check_run(run, doc, alpha=alpha_check)

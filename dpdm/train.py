@@ -813,12 +813,10 @@ def train(
                                                    step_seed(seed, step, _STREAM_PUBLIC), device, dist),
                             "step": step}
             if config.private:
-                grads = distributed_private_grad(
-                    D, loss_fn, *batch, clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
-                    expected_batch_size=plan.batch_size,
-                    noise_seed=step_seed(seed, step, _STREAM_DP_NOISE),
-                    chunk_size=config.physical_batch, stats=stats, dist=dist,
-                    basis=None if subspace is None else subspace["basis"], per_layer_rules=config.per_layer_rules)
+                grads = plan_private_grad(D, loss_fn, batch, plan, seed=seed, step=step,
+                                          chunk_size=config.physical_batch, stats=stats, dist=dist,
+                                          basis=None if subspace is None else subspace["basis"],
+                                          per_layer_rules=config.per_layer_rules)
                 loss_n = float(stats.get("loss_count", 0))     # finite losses (a NaN image is zeroed, not averaged)
                 loss_sum, loss_n, count = dist.all_reduce_scalars(
                     [float(stats["loss_mean"]) * loss_n if loss_n else 0.0, loss_n, float(len(local))])
@@ -979,6 +977,20 @@ def choose_grad_engine(D, loss_fn, loss_obj, *, shape: tuple[int, ...], num_clas
     if dist.is_main:
         print(f"dpdm: {info}", file=sys.stderr)
     return {"engine": engine, "auto": True, "timed": timed}
+
+
+def plan_private_grad(D, loss_fn, batch, plan, *, seed: int, step: int, chunk_size: int | None = None,
+                      stats: dict | None = None, dist: _Dist | None = None, basis: torch.Tensor | None = None,
+                      per_layer_rules: bool = True) -> dict[str, torch.Tensor]:
+    """The private gradient of `dpdm train`'s step `step` of a run seeded `seed`: `distributed_private_grad`
+    with the plan's clip norm, noise multiplier and expected batch size, and the step's own noise seed.
+
+    `dpdm audit`'s mechanism checks call this very function (`audits.suite.training_private_grad`), so what
+    they test is what the training loop passes to the engine, and that each step draws fresh noise."""
+    return distributed_private_grad(D, loss_fn, *batch, clip_norm=plan.clip_norm,
+                                    noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.batch_size,
+                                    noise_seed=step_seed(seed, step, _STREAM_DP_NOISE), chunk_size=chunk_size,
+                                    stats=stats, dist=dist, basis=basis, per_layer_rules=per_layer_rules)
 
 
 def distributed_private_grad(
