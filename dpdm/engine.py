@@ -129,6 +129,10 @@ def validate_model(model: nn.Module) -> None:
             raise ValueError(
                 f"model contains {label} with track_running_stats=True, whose running statistics mix "
                 "examples; use nn.GroupNorm (or track_running_stats=False)")
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ValueError(
+                f"model contains {label} with p={m.p:g} in training mode: the vectorized per-example gradients "
+                "cannot draw its random masks; set p=0 or call .eval() on it")
 
 
 _CLIP_DTYPES = (torch.float32, torch.float64)
@@ -589,8 +593,11 @@ def _clip_and_sum(
     for g in grads.values():
         sq += _norms64(g.reshape(n, -1)) ** 2
     norms = sq.sqrt()                                                      # [n] flat L2 norms
-    factor = _clip_factors(norms, clip_norm, first.dtype)
-    finite = _usable(norms, factor, first.dtype)
+    # The margin and the smallest usable factor of the coarsest dtype among the parameters (float64 ones
+    # first, then float32 ones: float64's margin let the float32 rows round to 5e-8 above C).
+    coarse = max((g.dtype for g in grads.values()), key=lambda d: torch.finfo(d).eps)
+    factor = _clip_factors(norms, clip_norm, coarse)
+    finite = _usable(norms, factor, coarse)
     factor = torch.where(finite, factor, torch.zeros_like(norms))
     nonfinite = int((~finite).sum())
     clipped = int((finite & (norms > clip_norm)).sum())
@@ -705,6 +712,9 @@ def add_noise(
             or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
         raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
     _check_positive(clip_norm=clip_norm, expected_batch_size=expected_batch_size)
+    if generator is not None and not isinstance(generator, (torch.Generator, np.random.Generator)):
+        raise ValueError(f"generator={type(generator).__name__} must be None, a torch.Generator or a "
+                         "numpy.random.Generator (see noise_generator)")
     noise_std = noise_multiplier * clip_norm
     out = {}
     for name, g in grad_sum.items():
@@ -785,6 +795,7 @@ def public_subspace(
     n = _check_batch(public_batch)
     if not isinstance(dim, int) or dim < 1 or dim > n:
         raise ValueError(f"dim={dim!r} must be an integer in [1, {n}] (the number of public examples)")
+    _check_chunk_size(chunk_size)
     step = n if chunk_size is None else chunk_size
     rows = []
     for start in range(0, n, max(step, 1)):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -507,6 +508,44 @@ def test_cross_example_layers_rejected_by_name(layer, name):
 
 def test_per_example_layers_accepted():
     validate_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4), nn.LayerNorm(3)))
+    validate_model(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0), nn.Dropout(0.5).eval()))
+
+
+def test_active_dropout_named_not_a_vmap_error():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"1 \(Dropout\) with p=0.5 in training mode.*\.eval\(\)"):
+        private_grad(model, lambda m, x: m(x).sum(), torch.randn(3, 4), clip_norm=1.0, noise_multiplier=1.0,
+                     expected_batch_size=3)
+
+
+def test_mixed_float64_float32_parameters_clip_to_c_in_the_coarser_dtype():
+    """A float64 parameter first, float32 ones after: float64's 8-ulp margin let float32 rows round to 5e-8
+    above C (engine walk F3, stop 40). The margin is the coarsest dtype's."""
+    torch.manual_seed(0)
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor([0.3], dtype=torch.float64))
+            self.w = nn.Parameter(torch.randn(4096) * 0.1)
+
+        def forward(self, x):
+            return (self.a * x[:, :1].double()).sum(1) + (x.float() @ self.w.view(-1, 1)).squeeze(1).double()
+
+    model = Mixed()
+    x = torch.randn(200, 4096) * torch.logspace(-1, 2, 200)[:, None]
+    worst = 0.0
+    for i in range(200):
+        total = clipped_grad_sum(model, lambda m, x: m(x).square().sum(), x[i:i + 1], clip_norm=1.0)
+        worst = max(worst, float(sum(v.double().square().sum() for v in total.values()).sqrt()))
+    assert worst <= 1.0
+
+
+def test_add_noise_refuses_other_generators():
+    for bad in (3, np.random.RandomState(0)):
+        with pytest.raises(ValueError, match="must be None, a torch.Generator or a numpy.random.Generator"):
+            add_noise({"w": torch.zeros(3)}, noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=1.0,
+                      generator=bad)
 
 
 def test_bad_inputs_raise_value_error():

@@ -40,6 +40,9 @@ def test_basis_is_orthonormal_and_spans_the_top_principal_directions():
     assert (rows @ V).norm() > 2 * (rows @ R).norm()
     with pytest.raises(ValueError, match="dim"):
         public_subspace(D, loss_fn, *batch, dim=11, clip_norm=C)
+    for bad in (0, -1, 2.5):   # a RuntimeError or TypeError from inside the loop before
+        with pytest.raises(ValueError, match=f"chunk_size={bad!r} must be None or an integer >= 1"):
+            public_subspace(D, loss_fn, *batch, dim=k, clip_norm=C, chunk_size=bad)
 
 
 def test_without_noise_it_is_the_projected_clipped_sum():
