@@ -535,6 +535,19 @@ def _check_grid(num_guesses, m):
     return tuple(int(k) for k in grid)
 
 
+FAIR_COIN_P = 1e-6   # one_run_audit refuses inclusion counts less likely than this under fair coins
+
+
+def _check_fair_coins(num_in: int, m: int) -> None:
+    """The one-run bound assumes each canary was included by a fair coin. With 900 of 1000 in, guessing "in"
+    is right 90% of the time by the base rate alone, and ``both_sides=False`` certified epsilon 2.03 from scores
+    without any signal. Counts that fair coins give with two-sided probability below FAIR_COIN_P are refused."""
+    p = float(stats.binomtest(num_in, m, 0.5).pvalue) if m else 1.0
+    if p < FAIR_COIN_P:
+        raise ValueError(f"included has {num_in} of {m} canaries in: the one-run bound needs each canary included by "
+                         f"a fair coin, and fair coins give such a split with probability {p:.2g}")
+
+
 def one_run_audit(
     scores,
     included,
@@ -567,6 +580,7 @@ def one_run_audit(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed={seed!r} must be an int")
     m = s.size
+    _check_fair_coins(int(inc.sum()), m)
     grid = _check_grid(num_guesses, m)
     level = significance / len(grid)
 
@@ -931,7 +945,10 @@ class Auditor:
         Each statistic is computed at ``significance`` on its own; a caller combining several into
         one verdict must split its error budget (e.g. pass significance / number_of_bounds).
         With ``claimed_epsilon`` (the plan's upper bound) the DP ceilings at that epsilon and a
-        ``violation`` flag (a lower bound above the claim) are included.
+        ``violation`` flag (a lower bound above the claim) are included. The flag combines the bounds
+        (Clopper-Pearson, and one-run with ``one_run``), so each is recomputed for it at
+        ``significance / number_of_bounds``: a false alarm has probability at most ``significance``.
+        ``one_run`` needs in/out counts that fair coins could give (``one_run_audit``).
         """
         delta = _probability("delta", delta, allow_zero=True)
         significance = _probability("significance", significance, allow_zero=False)
@@ -965,6 +982,9 @@ class Auditor:
                 "auc": dp_auc_ceiling(eps, delta),
                 "tpr_at_fpr": [[float(f), dp_tpr_ceiling(float(f), eps, delta)] for f in fprs],
             }
+            if len(bounds) > 1:   # each bound at its share of the error budget (the flag is their union)
+                share = significance / len(bounds)
+                bounds = [self.epsilon_bound(share, delta).epsilon, self.one_run(delta, share).epsilon]
             out["violation"] = bool(max(bounds) > eps)
             out["can_detect_violation"] = bool(
                 max(out["max_certifiable_epsilon"].values()) > eps

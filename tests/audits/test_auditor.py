@@ -396,6 +396,40 @@ def test_auditor_methods_agree_with_functions_and_report_is_json():
         a.in_scores[0] = 3.0  # read-only
 
 
+def test_report_violation_splits_the_error_budget_between_its_two_bounds():
+    """The flag is the union of the Clopper-Pearson and one-run bounds; each at the full significance gave a
+    false-alarm rate up to twice it (audit walk F4, stop 40)."""
+    rng = np.random.default_rng(SEED)
+    a = Auditor(rng.normal(1.0, 1, 600), rng.normal(0, 1, 600))
+    full = max(a.epsilon_bound(0.05, 1e-5).epsilon, a.one_run(1e-5, 0.05).epsilon)
+    half = max(a.epsilon_bound(0.025, 1e-5).epsilon, a.one_run(1e-5, 0.025).epsilon)
+    assert half < full
+    claim = (half + full) / 2          # above both bounds at 0.025 each, below one of them at 0.05
+    rep = a.report(delta=1e-5, significance=0.05, claimed_epsilon=claim)
+    assert rep["violation"] is False
+    assert max(rep["clopper_pearson"]["epsilon"], rep["one_run"]["epsilon"]) == pytest.approx(full)   # as computed
+    assert a.report(delta=1e-5, significance=0.05, claimed_epsilon=half * 0.99)["violation"] is True
+    assert a.report(delta=1e-5, significance=0.05, claimed_epsilon=claim, one_run=False)["violation"] is (
+        a.epsilon_bound(0.05, 1e-5).epsilon > claim)
+
+
+def test_one_run_refuses_splits_fair_coins_do_not_give():
+    """900 in and 100 out from one distribution (no signal): guessing "in" is right 90% of the time by the base
+    rate, and both_sides=False certified epsilon 2.03 (audit walk F5, stop 40)."""
+    rng = np.random.default_rng(SEED)
+    scores = rng.normal(size=1000)
+    included = np.arange(1000) < 900
+    for both in (True, False):
+        with pytest.raises(ValueError, match="900 of 1000 canaries in: the one-run bound needs each canary "
+                                             "included by a fair coin"):
+            one_run_audit(scores, included, delta=1e-5, both_sides=both)
+    with pytest.raises(ValueError, match="fair coin"):
+        Auditor(scores[:900], scores[900:]).report(delta=1e-5, claimed_epsilon=1.0)
+    assert Auditor(scores[:900], scores[900:]).report(delta=1e-5, claimed_epsilon=1.0, one_run=False)["violation"] \
+        is False
+    one_run_audit(scores, np.arange(1000) < 540, delta=1e-5)     # 540 of 1000: fair coins do that (p = 0.012)
+
+
 def test_auditor_does_not_import_torch():
     code = "import sys, audits.auditor; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
