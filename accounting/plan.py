@@ -2,13 +2,14 @@
 ledger helper that training calls at every checkpoint.
 
 A plan document is *checked* (DESIGN.md section 2) when its certified epsilon (PLD pessimistic at a
-fine discretization, or PRV's upper bound where tighter) is <= the target, PRV lower <= certified <=
-RDP, and certified lies within PRV's bounds. One departure from DESIGN.md: when PRV alone disagrees,
-dpdm's own PLD (accounting/fft_pld.py, no code shared with either library) decides. If its rigorous
-bracket holds the PLD certificate and excludes PRV's bounds, PRV is overruled, and the document
-records the bracket and why; otherwise the disagreement stays an error. The same bracket must not
-refute PRV's upper bound before that bound may replace PLD's as the certificate. A document is
-*locked* when its digest verifies and its epsilon re-computes; `load_plan` refuses anything else.
+fine discretization) is <= the target, PRV lower <= certified <= RDP. Two departures from DESIGN.md:
+PRV never certifies, even where its upper bound is tighter (prv-accountant 0.2.0's "upper bound" came
+out below the exact epsilon at large sample rates and many steps), so the certificate may lie above
+PRV's upper bound; and when PRV alone disagrees, dpdm's own PLD (accounting/fft_pld.py, no code shared
+with either library) decides. If its rigorous bracket holds the PLD certificate and excludes PRV's
+bounds, PRV is overruled, and the document records the bracket and why; otherwise the disagreement
+stays an error. A document is *locked* when its digest verifies and its epsilon re-computes;
+`load_plan` refuses anything else.
 """
 from __future__ import annotations
 
@@ -264,15 +265,15 @@ class PlanDocument:
 
     plan: PrivacyPlan
     epsilon: float  # certified: the promise
-    certified_by: str  # "pld" or "prv"
+    certified_by: str  # "pld" (files of dpdm before stop 40 may say "prv": load_plan refuses them)
     rdp: EpsilonReport
     pld: EpsilonReport
     prv: EpsilonReport
     pld_discretization: float
     prv_eps_error: float
     versions: dict[str, str] = dataclasses.field(default_factory=_versions)
-    # dpdm's own PLD bracket (accounting/fft_pld.py), computed only when PRV disagreed with PLD, would
-    # have lowered the certificate, or failed; and why PRV was overruled, when that bracket refuted it.
+    # dpdm's own PLD bracket (accounting/fft_pld.py), computed only when PRV disagreed with PLD or failed;
+    # and why PRV was overruled, when that bracket refuted it.
     independent: EpsilonReport | None = None
     prv_overruled: str | None = None
     # Why prv-accountant gave no epsilon for this plan (its discretisation fails for small noise at large
@@ -314,19 +315,19 @@ class PlanDocument:
 
 
 def certified_epsilon(plan: PrivacyPlan, certified_by: str = "pld", prv_eps_error: float | None = None) -> float:
-    """Re-computes a plan's certified epsilon the way make_plan_document does. Raises ValueError for a
-    prv_eps_error outside prv_eps_error_range (None: the one make_plan_document takes)."""
-    if certified_by not in ("pld", "prv"):
-        raise ValueError(f"certified_by={certified_by!r} must be 'pld' or 'prv'")
-    pld = epsilon_spent(plan, plan.steps)   # the PLD certificate, cached for the ledger
-    if certified_by == "pld":
-        return pld
-    lo, _ = prv_eps_error_range(pld)
-    if prv_eps_error is None:
-        prv_eps_error = lo
-    else:
-        _check_prv_eps_error(prv_eps_error, pld)
-    return min(pld, PrvAccountant(eps_error=prv_eps_error).epsilon(plan.to_event(), plan.delta).upper)
+    """Re-computes a plan's certified epsilon the way make_plan_document does: PLD's pessimistic upper bound.
+    ValueError for certified_by 'prv' (PRV no longer certifies: see make_plan_document) or another name.
+    `prv_eps_error` is accepted for compatibility and unused."""
+    if certified_by == "prv":
+        raise ValueError(PRV_CERTIFICATE_REFUSED)
+    if certified_by != "pld":
+        raise ValueError(f"certified_by={certified_by!r} must be 'pld'")
+    return epsilon_spent(plan, plan.steps)   # the PLD certificate, cached for the ledger
+
+
+PRV_CERTIFICATE_REFUSED = ("epsilon certified by PRV: dpdm no longer certifies with prv-accountant's upper bound, "
+                           "which came out below the exact epsilon at large sample rates and many steps; make a new "
+                           "plan with `dpdm plan`")
 
 
 def prv_eps_error_range(pld_epsilon: float) -> tuple[float, float]:
@@ -354,9 +355,11 @@ def _discretization(plan: PrivacyPlan) -> float:
 def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV_RELATIVE_EPS_ERROR) -> PlanDocument:
     """Runs the three accountants on `plan`, certifies its epsilon and checks them against each other.
 
-    Raises NotCalibratedError if the certified epsilon exceeds plan.target_epsilon, and
-    AccountingError if the accountants disagree beyond numerical error, unless the disagreement is
-    PRV's alone and dpdm's own PLD refutes PRV (then the document records it: `prv_overruled`).
+    PLD's pessimistic upper bound certifies; PRV and RDP cross-check it. Raises NotCalibratedError if
+    the certified epsilon exceeds plan.target_epsilon, and AccountingError if the accountants disagree
+    beyond numerical error (a lower bound above the certificate, or the certificate above RDP), unless
+    the disagreement is PRV's alone and dpdm's own PLD refutes PRV (then the document records it:
+    `prv_overruled`).
     Where prv-accountant cannot compute at all (`prv_failed`), dpdm's own PLD takes its place as the
     cross-check: PLD certifies, and neither RDP nor that rigorous lower bound may contradict it.
     Where dpdm's own PLD is needed but delta is too small for its precision, FftPrecisionError (a
@@ -391,28 +394,16 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
             problems.append(("fft", f"dpdm's own PLD lower bound {independent.lower:.6g} > certified "
                                     f"{certified:.6g}"))
     else:
-        certified, certified_by = (pld.upper, "pld") if pld.upper <= prv.upper else (prv.upper, "prv")
+        # PLD certifies, always: prv-accountant 0.2.0's "upper bound" fell below the exact epsilon at large sample
+        # rates and many steps (q = 1, 50,000 steps, sigma 20: 88.85 against an exact 109.34), where dpdm's own
+        # PLD bracket was too wide to refute it. PRV cross-checks: its lower bound must not exceed the
+        # certificate. Its upper bound below the certificate is no disagreement (a pessimistic PLD lies above
+        # the true epsilon, and over very many steps its grid makes it a few percent loose).
+        certified, certified_by = pld.upper, "pld"
         problems = _disagreements(certified=certified, rdp=rdp, prv=prv)
-        if certified_by == "prv":
-            # PRV may only lower the certificate where a rigorous lower bound of its own does not refute it.
-            independent = FftPldAccountant().epsilon(event, delta)
-            if not _informative(independent):
-                # That bracket (steps * its interval wide) says nothing here, so nothing confirms PRV's lower
-                # figure: PLD certifies (PRV's garbage had certified 0 for a mechanism of epsilon 3,481).
-                certified, certified_by = pld.upper, "pld"
-                overruled = (f"PRV's upper bound {prv.upper:.6g} is below PLD's {pld.upper:.6g}, and dpdm's own "
-                             "PLD gives no bracket to confirm it: PLD certifies")
-                # The higher certificate is the safe side of that disagreement; PRV's lower bound still counts.
-                problems = _disagreements(certified=certified, rdp=rdp,
-                                          prv=EpsilonReport(prv.lower, prv.estimate, math.inf, "prv"))
-            elif prv.upper < independent.lower * (1 - _FLOAT_RTOL):
-                problems.append(("prv", f"PRV upper bound {prv.upper:.6g} < dpdm's own PLD lower bound "
-                                        f"{independent.lower:.6g}"))
         if problems and all(kind == "prv" for kind, _ in problems):
             # PRV against the certificate: a third accountant, sharing no code with either library, decides.
-            certified, certified_by = pld.upper, "pld"
-            independent = independent or FftPldAccountant().epsilon(event, delta)
-            problems = _disagreements(certified=certified, rdp=rdp, prv=prv)
+            independent = FftPldAccountant().epsilon(event, delta)
             overruled = _prv_overruled(certified, prv, independent)
             if overruled is not None:
                 problems = [p for p in problems if p[0] != "prv"]
@@ -435,20 +426,12 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
                         prv_failed=failed)
 
 
-def _informative(bracket: EpsilonReport) -> bool:
-    """Whether dpdm's own PLD bracket can refute a PRV certificate: a finite upper bound, and a lower bound
-    above 0 (at 300,000 steps of q 0.004 it was [0, 40.9]; at 600,000, [0, inf])."""
-    return math.isfinite(bracket.upper) and bracket.lower > 0
-
-
 def _disagreements(*, certified: float, rdp: EpsilonReport, prv: EpsilonReport | None) -> list[tuple[str, str]]:
     """(kind, message) for every check the certificate fails; kind 'prv' when PRV is a party to it
     (prv None: PRV gave no figures, only RDP is checked)."""
     problems = []
     if prv is not None and prv.lower is not None and prv.lower > certified * (1 + _FLOAT_RTOL):
         problems.append(("prv", f"PRV lower bound {prv.lower:.6g} > certified {certified:.6g}"))
-    if prv is not None and certified > prv.upper * (1 + _FLOAT_RTOL):
-        problems.append(("prv", f"certified {certified:.6g} > PRV upper bound {prv.upper:.6g}"))
     if certified > rdp.upper * (1 + RDP_RTOL):
         problems.append(("rdp", f"certified {certified:.6g} > RDP {rdp.upper:.6g}"))
     if prv is not None and prv.lower is not None and prv.lower > rdp.upper * (1 + _FLOAT_RTOL):
@@ -670,7 +653,7 @@ def _parse_plan(text: str, path: str) -> PlanDocument:
         independent = EpsilonReport(lower, None, upper, "fft")
     elif independent is not None:
         raise PlanError(f"{path}: epsilon.independent={reprlib.repr(independent)} must be an object or null")
-    bracket = _check_certificate(plan, stored, certified_by, prv_eps_error, path)   # prv_eps_error: checked above
+    _check_certificate(plan, stored, certified_by, prv_eps_error, path)   # prv_eps_error: checked above
     overruled = eps.get("prv_overruled")
     failed = eps.get("prv_failed")
     doc = PlanDocument(
@@ -682,7 +665,7 @@ def _parse_plan(text: str, path: str) -> PlanDocument:
         prv_overruled=overruled if isinstance(overruled, str) else None,
         prv_failed=failed if isinstance(failed, str) else None,
     )
-    _check_reports(doc, path, bracket)
+    _check_reports(doc, path)
     return doc
 
 
@@ -690,19 +673,19 @@ def verify_document(doc: PlanDocument) -> None:
     """Raises PlanError unless `doc.epsilon` is a certificate the accountants re-compute, and its other
     figures re-compute too, as `load_plan` checks a file (for documents built in Python rather than read
     from plan.json)."""
-    bracket = _check_certificate(doc.plan, doc.epsilon, doc.certified_by,
-                                 doc.prv_eps_error if math.isfinite(doc.prv_eps_error) else None, "plan document")
-    _check_reports(doc, "plan document", bracket)
+    _check_certificate(doc.plan, doc.epsilon, doc.certified_by,
+                       doc.prv_eps_error if math.isfinite(doc.prv_eps_error) else None, "plan document")
+    _check_reports(doc, "plan document")
 
 
-def _check_reports(doc: PlanDocument, where: str, bracket: EpsilonReport | None = None) -> None:
+def _check_reports(doc: PlanDocument, where: str) -> None:
     """Raises PlanError unless the epsilon block's other figures (rdp, pld, prv, and dpdm's own PLD where
     present) re-compute within RECOMPUTE_RTOL. They are outside the digest, certify nothing, and travel
     with the plan into a run's plan.json: an edited RDP or PRV figure would be copied there as if an
     accountant had given it. PRV's figures are checked within PRV's stated error; where prv-accountant failed
     they are all null, and it must fail again. With another prv-accountant version than the plan's, which may
     fail where that one did not, only figures both give are compared, within twice that error (a published
-    release file must stay loadable). `bracket`: dpdm's own PLD bracket, where `_check_certificate` computed it."""
+    release file must stay loadable)."""
     plan = doc.plan
 
     def check(name: str, stored: float | None, recomputed: float | None, atol: float = 1e-12) -> None:
@@ -718,7 +701,7 @@ def _check_reports(doc: PlanDocument, where: str, bracket: EpsilonReport | None 
     check("rdp", doc.rdp.upper, RdpAccountant().epsilon(plan.to_event(), plan.delta).upper)
     check("pld", doc.pld.upper, epsilon_spent(plan, plan.steps))
     if doc.independent is not None:
-        own = bracket or FftPldAccountant().epsilon(plan.to_event(), plan.delta)
+        own = FftPldAccountant().epsilon(plan.to_event(), plan.delta)
         check("independent.lower", doc.independent.lower, own.lower)
         check("independent.upper", doc.independent.upper, own.upper)
     prv = (doc.prv.lower, doc.prv.estimate, doc.prv.upper)
@@ -757,11 +740,13 @@ def _check_reports(doc: PlanDocument, where: str, bracket: EpsilonReport | None 
 
 
 def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_eps_error: float | None,
-                       where: str) -> EpsilonReport | None:
-    """Raises PlanError unless `stored` re-computes as the plan's certificate; returns dpdm's own PLD bracket
-    where it took one (a PRV certificate), else None."""
-    if certified_by not in ("pld", "prv"):
-        raise PlanError(f"{where}: certified_by={certified_by!r} must be 'pld' or 'prv'")
+                       where: str) -> None:
+    """Raises PlanError unless `stored` re-computes as the plan's certificate (PLD's; a file certified by PRV, as
+    dpdm before stop 40 could write, is refused)."""
+    if certified_by == "prv":
+        raise PlanError(f"{where}: {PRV_CERTIFICATE_REFUSED}")
+    if certified_by != "pld":
+        raise PlanError(f"{where}: certified_by={certified_by!r} must be 'pld'")
     # The certificate's PLD grid is set by target_epsilon (finer for a smaller target), which can be forged
     # together with the certified epsilon and the digest (a plain sha256): a target of 1e-9 and a certified 0
     # kept the PLD below busy for minutes and gigabytes. A coarse rigorous lower bound refutes such a target in
@@ -783,23 +768,9 @@ def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_
             _check_prv_eps_error(prv_eps_error, pld)
         except ValueError as e:
             raise PlanError(f"{where}: epsilon.{e}; the epsilon block was edited; make a new plan") from e
-    recomputed = pld if certified_by == "pld" else certified_epsilon(plan, certified_by, prv_eps_error)
-    if recomputed > stored * (1 + _FLOAT_RTOL) or recomputed < stored * (1 - RECOMPUTE_RTOL):
-        raise PlanError(f"{where}: epsilon.certified={stored!r} does not re-compute (got {recomputed!r}); "
+    if pld > stored * (1 + _FLOAT_RTOL) or pld < stored * (1 - RECOMPUTE_RTOL):
+        raise PlanError(f"{where}: epsilon.certified={stored!r} does not re-compute (got {pld!r}); "
                         "the epsilon block was edited or the accountants changed; make a new plan")
-    if certified_by == "prv":
-        # As make_plan_document: PRV may certify only where dpdm's own rigorous lower bound does not
-        # refute it (prv_eps_error comes from the file, outside the digest).
-        bracket = FftPldAccountant().epsilon(plan.to_event(), plan.delta)
-        if not _informative(bracket):
-            raise PlanError(f"{where}: epsilon.certified={stored!r} by PRV is not confirmed by dpdm's own PLD "
-                            "(no bracket for this plan); make a new plan")
-        floor = bracket.lower
-        if stored < floor * (1 - _FLOAT_RTOL):
-            raise PlanError(f"{where}: epsilon.certified={stored!r} by PRV is below dpdm's own PLD lower bound "
-                            f"{floor:.6g}; make a new plan")
-        return bracket
-    return None
 
 
 @functools.lru_cache(maxsize=64)
