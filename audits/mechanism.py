@@ -7,13 +7,15 @@ Four groups, each returning a list of ``CheckResult``:
   with a loss whose examples carry a K axis of noise draws, batches of 48 examples, and examples whose
   gradients exceed the clip norm. Most checks *replay* randomness: two calls with generators seeded
   alike draw the same noise, so the difference of their outputs is exactly the difference of the
-  clipped sums; no access to the engine's internals is needed.
+  clipped sums; no access to the engine's internals is needed. The noise is tested per parameter tensor, at
+  the given noise multiplier and at a second one (``second_noise_multiplier``): sigma = 1 alone is a fixed
+  point of the usual bugs (the argument ignored, sigma**2, sqrt(sigma), 1/sigma).
 * ``check_subspace(make_private_grad)``: the same kind of replays for noise added in a public subspace
   (``dpdm train --public-subspace``): ``make_private_grad(basis)`` returns a function like the above that
   projects the clipped sum onto ``basis`` [d, k] and adds its noise there. The change one example makes
   must lie inside the noise's span (where it does not, no noise covers it) and have norm <= the clip
   norm even for a basis handed in with spectral norm 1.5; the noise in the span must have the plan's
-  variance.
+  variance (at the given and the second noise multiplier).
 * ``check_sampler(make_sampler)``: Poisson batch sizes and per-example inclusion counts against their
   binomial laws (fixed-size shuffled batches fail both), and determinism in (seed, step).
 * ``check_run(run_dir, plan_doc)``: the run's plan.json, checkpoint ledger and metrics.csv against a
@@ -48,6 +50,7 @@ __all__ = [
     "SUBSPACE_CHECKS",
     "check_sampler",
     "check_run",
+    "second_noise_multiplier",
     "tiny_problem",
 ]
 
@@ -201,6 +204,16 @@ class _Caller:
         return _flat(out, self.p.model)
 
 
+def _max(values, default: float = 0.0) -> float:
+    """max() that a NaN cannot hide in (Python's max skips a NaN that is not first): NaN counts as +inf."""
+    return max((math.inf if math.isnan(v) else float(v) for v in values), default=default)
+
+
+def _min(values, default: float = math.inf) -> float:
+    """min() where a NaN counts as -inf (the worst case for a quantity that must be large enough)."""
+    return min((-math.inf if math.isnan(v) else float(v) for v in values), default=default)
+
+
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
@@ -212,7 +225,7 @@ def _check_per_sample(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> Che
     errs = [_rel_err(E * (call([i], 11, clip_norm=big) - base), loop[i]) for i in range(len(loop))]
     total = E * (call(list(range(len(loop))), 11, clip_norm=big) - base)
     errs.append(_rel_err(total, np.sum(loop, axis=0)))
-    worst = max(errs)
+    worst = _max(errs)
     return CheckResult(
         "per_sample_gradients",
         worst <= _REL_TOL,
@@ -242,7 +255,7 @@ def _check_k_averaged(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> Che
         gK = E * (call([i], 12, clip_norm=big, noise=same) - baseK)
         errs.append(_rel_err(gK, g1))
         ratios.append(np.linalg.norm(gK) / max(np.linalg.norm(g1), 1e-300))
-    worst = max(errs)
+    worst = _max(errs)
     return CheckResult(
         "noise_multiplicity_averaged",
         worst <= _REL_TOL,
@@ -261,7 +274,7 @@ def _check_clipping(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> Check
     over = int(np.sum(raw > C))
     worst = float(norms.max() / C)
     # Examples under the bound must be left alone, those over it scaled down to (at most) C.
-    under_err = max((_rel_err(E * (call([i], 21) - base), loop[i]) for i in np.flatnonzero(raw < 0.99 * C)), default=0.0)
+    under_err = _max((_rel_err(E * (call([i], 21) - base), loop[i]) for i in np.flatnonzero(raw < 0.99 * C)), default=0.0)
     ok = worst <= 1 + _REL_TOL and over > 0 and under_err <= _REL_TOL
     return CheckResult(
         "clipping_bound",
@@ -293,7 +306,7 @@ def _check_sensitivity(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> Ch
     worst = 0.0
     cases = 0
     for diff in _neighbour_changes(call, p, loop, 100):
-        worst = max(worst, float(np.linalg.norm(diff) / C))
+        worst = _max([worst, float(np.linalg.norm(diff) / C)])
         cases += 1
     return CheckResult(
         "sensitivity_replay",
@@ -305,31 +318,85 @@ def _check_sensitivity(call: _Caller, p: _Problem, loop: list[np.ndarray]) -> Ch
     )
 
 
-def _noise_test(name: str, call: _Caller, p: _Problem, alpha: float, *, chunk_size, pairs: int, what: str,
-                project: Callable[[np.ndarray], np.ndarray] | None = None) -> CheckResult:
-    C, E, sigma = p.clip_norm, call.expected, call.noise_multiplier
+def second_noise_multiplier(noise_multiplier: float) -> float:
+    """The second noise multiplier the noise checks run at: 0.5 or 2.0, whichever is farther (by ratio) from
+    ``noise_multiplier`` (0.5 for 1.0 itself). It differs from the given one by a factor >= 2 and from 1 by a
+    factor of 2, so a noise scale that is right only at the given sigma or only at sigma = 1 (the argument
+    ignored, sigma**2, sqrt(sigma), 1/sigma, a constant) is off by a factor >= sqrt(2) there: a noise variance
+    off by a factor >= 2."""
+    s = float(noise_multiplier)
+    return 0.5 if abs(math.log(s / 0.5)) >= abs(math.log(2.0 / s)) else 2.0
+
+
+def _tensor_slices(model) -> list[tuple[str, slice]]:
+    """(name, slice of the flat vector) per parameter tensor, in ``_flat``'s (``named_parameters``) order."""
+    out, start = [], 0
+    for name, t in model.named_parameters():
+        out.append((name, slice(start, start + t.numel())))
+        start += t.numel()
+    return out
+
+
+def _chi2_two_sided(z: np.ndarray) -> tuple[float, float]:
+    """(sum z^2 / n, two-sided p of sum z^2 against chi-square(n)): is the variance of ``z`` 1?"""
+    ss, dof = float(np.sum(z**2)), z.size
+    if not math.isfinite(ss):   # NaN or inf noise is no Gaussian noise (and NaN would compare as a pass)
+        return ss / dof, 0.0
+    cdf, sf = stats.chi2.cdf(ss, dof), stats.chi2.sf(ss, dof)
+    return ss / dof, float(min(1.0, 2 * min(cdf, sf)))
+
+
+def _noise_test(name: str, calls: list[tuple[_Caller, int]], p: _Problem, alpha: float, *, chunk_size, what: str,
+                seed: int = 0, project: Callable[[np.ndarray], np.ndarray] | None = None) -> CheckResult:
+    """The noise of ``2 * pairs`` calls (all the problem's examples, a fresh seed each) per ``(caller, pairs)``:
+    the difference of two calls is ``sqrt(2) * sigma * C / E`` times N(0, I) under the claim, whatever the
+    clipped sum. One check, the first caller's noise multiplier (the plan's) and a second one
+    (``second_noise_multiplier``, so a noise scale right only at one sigma fails), each tested with
+
+    * a two-sided chi-square of the variance per parameter tensor (a tensor that gets no noise, or too little,
+      is a small share of the coordinates and would pass a pooled test), and one over all coordinates;
+    * a Kolmogorov-Smirnov test of normality over all coordinates.
+
+    With ``project`` (noise in a subspace) the coordinates are the projections, one pooled group. The check's
+    p-value is the smallest of these p-values times their number (Bonferroni); its statistic the pooled
+    variance ratio at the first noise multiplier."""
+    C, E = p.clip_norm, calls[0][0].expected
     idx = list(range(p.x.shape[0]))
-    z = []
-    for j in range(pairs):
-        a = call(idx, 1000 + 2 * j, chunk_size=chunk_size)
-        b = call(idx, 1001 + 2 * j, chunk_size=chunk_size)
-        d = E * (a - b) / (math.sqrt(2) * sigma * C)  # N(0, I) under the claim
-        z.append(d if project is None else project(d))
-    z = np.concatenate(z)
-    dof = z.size
-    ss = float(np.sum(z**2))
-    ratio = ss / dof  # estimated variance / claimed variance
-    cdf = stats.chi2.cdf(ss, dof)
-    p_var = float(min(1.0, 2 * min(cdf, 1 - cdf)))
-    p_ks = float(stats.kstest(z, "norm").pvalue)
-    p_val = min(1.0, 2 * min(p_var, p_ks))  # Bonferroni over the two tests
+    groups = _tensor_slices(p.model) if project is None else [("projection", slice(None))]
+    tests: list[tuple[str, float]] = []  # (what was tested, p-value)
+    parts, pooled = [], []
+    for k, (call, pairs) in enumerate(calls):
+        sigma = call.noise_multiplier
+        z = []
+        for j in range(pairs):
+            s = 1000 + 10**6 * seed + 10**5 * k + 2 * j   # fresh noise per (check seed, caller, pair)
+            a = call(idx, s, chunk_size=chunk_size)
+            b = call(idx, s + 1, chunk_size=chunk_size)
+            d = E * (a - b) / (math.sqrt(2) * sigma * C)  # N(0, I) under the claim
+            z.append(d if project is None else project(d))
+        z = np.stack(z)  # [pairs, coordinates]
+        ratio, p_var = _chi2_two_sided(z)
+        pooled.append(ratio)
+        p_ks = float(stats.kstest(z.reshape(-1), "norm").pvalue) if np.all(np.isfinite(z)) else 0.0
+        tests += [(f"sigma={sigma:g} all coordinates variance", p_var), (f"sigma={sigma:g} normality (KS)", p_ks)]
+        if len(groups) > 1:
+            per = [(g, *_chi2_two_sided(z[:, sl])) for g, sl in groups]
+            tests += [(f"sigma={sigma:g} tensor {g} variance", pv) for g, _, pv in per]
+            lo, hi = min(per, key=lambda t: t[1]), max(per, key=lambda t: t[1])
+            spread = f", per tensor {lo[1]:.4f} ({lo[0]}) to {hi[1]:.4f} ({hi[0]})"
+        else:
+            spread = ""
+        parts.append(f"sigma={sigma:g}{' (given)' if k == 0 else ' (second)'}: {ratio:.4f}{spread} over {pairs} "
+                     f"seed pairs x {z.shape[1]} coordinates (chi-square p={p_var:.2g}, KS p={p_ks:.2g})")
+    worst = min(tests, key=lambda t: t[1])
+    p_val = min(1.0, len(tests) * worst[1])  # Bonferroni over all the tests
     return CheckResult(
         name,
         p_val >= alpha,
-        ratio,
+        pooled[0],
         p_val,
-        f"{what}: noise variance / (noise_multiplier * clip_norm)^2 = {ratio:.4f} over {pairs} seed "
-        f"pairs x {z.size // pairs} coordinates (chi-square p={p_var:.2g}, normality KS p={p_ks:.2g})",
+        f"{what}: noise variance / (noise_multiplier * clip_norm)^2 at " + "; at ".join(parts)
+        + f"; smallest p of {len(tests)} tests: {worst[1]:.2g} ({worst[0]})",
     )
 
 
@@ -349,6 +416,11 @@ def check_engine(
     ``chunk_size`` is, and average (not sum) the K noise draws inside an example's loss. The
     expected batch size (40) differs from the batch sizes used (0 to 49), so dividing by the real
     batch size is caught too.
+
+    The two noise checks each test ``pairs`` seed pairs at ``noise_multiplier`` (pass the plan's) and
+    ``pairs // 2`` at ``second_noise_multiplier(noise_multiplier)`` (0.5 or 2.0), each parameter tensor's
+    noise on its own as well as all coordinates pooled; the smallest p-value, Bonferroni-corrected, is the
+    check's.
     """
     alpha = _alpha(alpha)
     if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
@@ -356,15 +428,17 @@ def check_engine(
     p = tiny_problem(seed=seed)
     loop = _loop_grads(p)
     call = _Caller(private_grad_fn, p, float(noise_multiplier), 40.0)
+    noise_calls = [(call, pairs),
+                   (_Caller(private_grad_fn, p, second_noise_multiplier(noise_multiplier), 40.0), max(1, pairs // 2))]
     return [
         _guarded("per_sample_gradients", lambda: _check_per_sample(call, p, loop)),
         _guarded("noise_multiplicity_averaged", lambda: _check_k_averaged(call, p, loop)),
         _guarded("clipping_bound", lambda: _check_clipping(call, p, loop)),
         _guarded("sensitivity_replay", lambda: _check_sensitivity(call, p, loop)),
         _guarded("noise_variance", lambda: _noise_test(
-            "noise_variance", call, p, alpha, chunk_size=None, pairs=pairs, what="one call, no chunks")),
+            "noise_variance", noise_calls, p, alpha, chunk_size=None, seed=seed, what="one call, no chunks")),
         _guarded("noise_once_per_step", lambda: _noise_test(
-            "noise_once_per_step", call, p, alpha, chunk_size=8, pairs=pairs,
+            "noise_once_per_step", noise_calls, p, alpha, chunk_size=8, seed=seed,
             what="chunk_size=8 (6 chunks), noise must still be added once")),
     ]
 
@@ -393,9 +467,9 @@ def _check_subspace_replays(calls: dict[float, _Caller], p: _Problem, loop: list
         for diff in _neighbour_changes(call, p, loop, 200):
             inside = Q @ (Q.T @ diff)
             norm = float(np.linalg.norm(diff))
-            worst_out = max(worst_out, float(np.linalg.norm(diff - inside)) / max(norm, 1e-300))
-            smallest_in = min(smallest_in, float(np.linalg.norm(inside)) / C)
-            worst_sens = max(worst_sens, norm / C)
+            worst_out = _max([worst_out, float(np.linalg.norm(diff - inside)) / max(norm, 1e-300)])
+            smallest_in = _min([smallest_in, float(np.linalg.norm(inside)) / C])
+            worst_sens = _max([worst_sens, norm / C])
             cases += 1
     span = CheckResult(
         "subspace_signal_in_noise_span",
@@ -434,7 +508,8 @@ def check_subspace(
     function returned must have the signature of ``dpdm.engine.private_grad`` and compute
     ``basis' @ (basis'^T sum_i clip(g_i) + N(0, (noise_multiplier * clip_norm)^2 I_dim)) / expected_batch_size``
     with basis' = basis scaled to spectral norm <= 1 (as ``dpdm.engine.add_noise_in_subspace`` does).
-    The noise check runs ``4 * pairs`` seed pairs (``dim`` coordinates each) on the basis of norm 1.5.
+    The noise check runs ``4 * pairs`` seed pairs (``dim`` coordinates each) on the basis of norm 1.5 at
+    ``noise_multiplier`` and ``2 * pairs`` at ``second_noise_multiplier(noise_multiplier)`` (0.5 or 2.0).
     """
     import torch
 
@@ -457,9 +532,11 @@ def check_subspace(
     return [
         *span_sens,
         _guarded("subspace_noise_variance", lambda: _noise_test(
-            "subspace_noise_variance", calls[1.5], p, alpha, chunk_size=8, pairs=4 * pairs,
-            what=f"coordinates in the {dim} basis directions, basis of spectral norm 1.5, chunk_size=8",
-            project=lambda z: Q.T @ z)),
+            "subspace_noise_variance",
+            [(calls[1.5], 4 * pairs),
+             (_Caller(calls[1.5].fn, p, second_noise_multiplier(noise_multiplier), 40.0), max(1, 2 * pairs))],
+            p, alpha, chunk_size=8, seed=seed, project=lambda z: Q.T @ z,
+            what=f"coordinates in the {dim} basis directions, basis of spectral norm 1.5, chunk_size=8")),
     ]
 
 

@@ -117,6 +117,103 @@ def test_noise_checks_pass_with_twenty_pairs_on_real_engine():
     assert results["noise_variance"].passed and results["noise_once_per_step"].passed
 
 
+def _sigma_mutant(f):
+    """The real engine handed f(noise_multiplier) instead of the noise multiplier it was called with."""
+    def step(model, loss_fn, *batch, noise_multiplier, **kw):
+        return private_grad(model, loss_fn, *batch, noise_multiplier=f(noise_multiplier), **kw)
+    return step
+
+
+@pytest.mark.parametrize("f", [lambda s: 1.0, lambda s: s * s, lambda s: s ** 0.5, lambda s: 1 / s],
+                         ids=["ignored_uses_1", "squared", "sqrt", "inverse"])
+def test_noise_scale_right_only_at_sigma_one_fails_at_the_default_sigma(f):
+    # sigma = 1 (the default) is a fixed point of these bugs: the second noise multiplier catches them
+    results = {r.name: r for r in check_engine(_sigma_mutant(f), pairs=20)}
+    assert _failed(results.values()) == {"noise_variance", "noise_once_per_step"}, [r.detail for r in results.values()]
+    for name in ("noise_variance", "noise_once_per_step"):
+        assert results[name].p_value < 1e-6
+        assert "sigma=1 (given)" in results[name].detail and "sigma=0.5 (second)" in results[name].detail
+
+
+def test_engine_that_ignores_the_plan_sigma_fails_at_that_sigma_too():
+    results = check_engine(_sigma_mutant(lambda s: 1.0), noise_multiplier=0.6, pairs=20)
+    assert _failed(results) == {"noise_variance", "noise_once_per_step"}
+
+
+def test_second_noise_multiplier_is_far_from_the_given_one_and_from_one():
+    from audits.mechanism import second_noise_multiplier
+
+    for s in (0.01, 0.3, 0.5, 0.6, 0.7, 0.99, 1.0, 1.01, 1.5, 2.0, 5.5, 100.0):
+        s2 = second_noise_multiplier(s)
+        assert s2 in (0.5, 2.0)
+        assert max(s2 / s, s / s2) >= 2 - 1e-12, s
+
+
+def _one_tensor_mutant(target, scale):
+    """The real clipped sum; every tensor's noise right except `target`'s, which is multiplied by `scale`."""
+    from dpdm.engine import add_noise, clipped_grad_sum
+
+    def step(model, loss_fn, *batch, clip_norm, noise_multiplier, expected_batch_size, generator=None,
+             chunk_size=None, stats=None):
+        G = clipped_grad_sum(model, loss_fn, *batch, clip_norm=clip_norm, chunk_size=chunk_size)
+        out = {}
+        for k, v in G.items():   # noise drawn tensor by tensor, in order, from the one generator
+            out.update(add_noise({k: v}, noise_multiplier=noise_multiplier * (scale if k == target else 1.0),
+                                 clip_norm=clip_norm, expected_batch_size=expected_batch_size, generator=generator))
+        return out
+    return step
+
+
+@pytest.mark.parametrize("target, scale", [("2.bias", 0.0), ("2.bias", 0.5), ("0.bias", 0.5), ("2.bias", 1.0)],
+                         ids=["last_bias_unnoised", "last_bias_half_noise", "first_bias_half_noise", "control"])
+def test_wrong_noise_on_one_small_tensor_fails(target, scale):
+    # 2.bias is 6 of the tiny model's 162 coordinates: pooled over all of them, its missing noise passed
+    results = {r.name: r for r in check_engine(_one_tensor_mutant(target, scale), pairs=20)}
+    failed = _failed(results.values())
+    if scale == 1.0:   # the same construction with the right noise passes
+        assert not failed, [r.detail for r in results.values()]
+        return
+    assert failed == {"noise_variance", "noise_once_per_step"}, [r.detail for r in results.values()]
+    for name in ("noise_variance", "noise_once_per_step"):
+        assert results[name].p_value < 1e-6
+        assert f"tensor {target} variance" in results[name].detail
+
+
+def test_nan_on_one_tensor_fails_every_check():
+    # Python's max() skips a NaN that does not come first: a NaN must fail, not pass, the replays and noise tests
+    def nan_bias(*a, **kw):
+        out = private_grad(*a, **kw)
+        return {**out, "2.bias": out["2.bias"] * float("nan")}
+
+    results = {r.name: r for r in check_engine(nan_bias, pairs=2)}
+    assert not any(r.passed for r in results.values()), results
+    for name in ("noise_variance", "noise_once_per_step"):
+        assert results[name].p_value == 0.0, results[name]
+
+
+@pytest.mark.parametrize("sigma", [0.6, 1.0, 5.5])
+def test_real_and_training_engines_pass_the_noise_checks_at_several_sigmas(sigma):
+    from audits.suite import training_private_grad
+
+    for fn in (private_grad, training_private_grad()):
+        results = {r.name: r for r in check_engine(fn, noise_multiplier=sigma, pairs=20)}
+        assert not _failed(results.values()), [r.detail for r in results.values() if not r.passed]
+        for name in ("noise_variance", "noise_once_per_step"):
+            assert f"sigma={sigma:g} (given)" in results[name].detail
+            assert 0.85 < results[name].statistic < 1.15
+
+
+def test_noise_checks_have_no_false_alarms_over_seeds():
+    # the 12 tests behind each noise check (per tensor, pooled, KS; two noise multipliers) are
+    # Bonferroni-corrected, so each check keeps its false-alarm rate <= alpha; the seed changes the noise drawn
+    ps = []
+    for seed in range(1, 5):
+        results = check_engine(private_grad, seed=seed, pairs=20)
+        assert not _failed(results), (seed, [r.detail for r in results if not r.passed])
+        ps += [r.p_value for r in results if r.p_value is not None]
+    assert len(set(ps)) >= 4   # other seeds, other noise
+
+
 def test_crashing_engine_fails_instead_of_raising():
     def broken(*a, **k):
         raise RuntimeError("boom")
@@ -183,6 +280,12 @@ def _subspace_mutant(kind):
                 proj = add_noise_in_subspace(G, basis, noise_multiplier=0.0, clip_norm=clip_norm,
                                              expected_batch_size=expected_batch_size)
                 return {k: noisy[k] + G[k] / expected_batch_size - proj[k] for k in G}
+            if kind == "nan":
+                last = list(noisy)[-1]
+                return {**noisy, last: noisy[last] * float("nan")}
+            if kind == "sigma_ignored":
+                return add_noise_in_subspace(G, basis, noise_multiplier=1.0, clip_norm=clip_norm,
+                                             expected_batch_size=expected_batch_size, generator=generator)
             if kind == "noise_halved":
                 return add_noise_in_subspace(G, basis, noise_multiplier=noise_multiplier / 2, clip_norm=clip_norm,
                                              expected_batch_size=expected_batch_size, generator=generator)
@@ -212,6 +315,8 @@ def test_training_step_passes_the_subspace_checks(real_subspace_results):
     ("leak", {"subspace_signal_in_noise_span"}),
     ("unscaled_basis", {"subspace_sensitivity_replay", "subspace_noise_variance"}),
     ("noise_halved", {"subspace_noise_variance"}),
+    ("sigma_ignored", {"subspace_noise_variance"}),   # noise at sigma = 1 whatever the sigma asked for
+    ("nan", set(SUBSPACE_CHECKS)),                     # a NaN in the output's last tensor
 ])
 def test_broken_subspace_steps_fail(kind, must_fail):
     results = check_subspace(_subspace_mutant(kind), pairs=20)
