@@ -29,7 +29,9 @@ __all__ = [
     "pld_discretization",
 ]
 
-PLD_RELATIVE_DISCRETIZATION = 1e-4  # PLD interval / epsilon: certified is within ~1e-4 of exact
+# PLD interval / epsilon. The certificate is within ~1e-4 of exact over few steps; its slack grows with the
+# steps (measured at stop 40: 3% at sample rate 1e-4 over 100,000 steps, 12% at q = 1 over 10^6), always above.
+PLD_RELATIVE_DISCRETIZATION = 1e-4
 _MIN_DISCRETIZATION, _MAX_DISCRETIZATION = 1e-6, 1e-2
 MAX_NOISE_MULTIPLIER = 1000.0  # the search space; beyond it a plan trains on noise
 MIN_NOISE_MULTIPLIER = 0.3  # below it epsilon is in the hundreds and PLD grids get huge

@@ -2,10 +2,10 @@
 ledger helper that training calls at every checkpoint.
 
 A plan document is *checked* (DESIGN.md section 2) when its certified epsilon (PLD pessimistic at a
-fine discretization) is <= the target, PRV lower <= certified <= RDP. Two departures from DESIGN.md:
-PRV never certifies, even where its upper bound is tighter (prv-accountant 0.2.0's "upper bound" came
-out below the exact epsilon at large sample rates and many steps), so the certificate may lie above
-PRV's upper bound; and when PRV alone disagrees, dpdm's own PLD (accounting/fft_pld.py, no code shared
+fine discretization, or RDP's bound where that is smaller) is <= the target, PRV lower <= certified <=
+RDP. Two departures from DESIGN.md: PRV never certifies, even where its upper bound is tighter
+(prv-accountant 0.2.0's "upper bound" came out below the exact epsilon at large sample rates and many
+steps), so the certificate may lie above PRV's upper bound; and when PRV alone disagrees, dpdm's own PLD (accounting/fft_pld.py, no code shared
 with either library) decides. If its rigorous bracket holds the PLD certificate and excludes PRV's
 bounds, PRV is overruled, and the document records the bracket and why; otherwise the disagreement
 stays an error. A document is *locked* when its digest verifies and its epsilon re-computes;
@@ -74,11 +74,12 @@ FORMAT = "dpdm.plan/1"
 PRV_RELATIVE_EPS_ERROR = 0.02
 PRV_MIN_EPS_ERROR = 0.01
 # The largest relative PRV error make_plan_document takes (the PRV bounds are then as wide as epsilon).
-# A plan file's prv_eps_error lies outside the digest and sets how much work verifying a PRV certificate
+# A plan file's prv_eps_error lies outside the digest and sets how much work re-computing its PRV figures
 # takes (1e-9 asked for a 1.96 TiB grid), so a loaded plan's must lie where make_plan_document puts it.
 PRV_MAX_RELATIVE_EPS_ERROR = 1.0
-# Slack for "certified <= RDP": the PLD certificate is within about one discretization interval
-# (1e-4 of epsilon) of exact, and RDP is >= exact, so anything beyond 1e-3 is a disagreement.
+# Slack for "certified <= RDP": the PLD certificate is within about one discretization interval per step
+# of exact (1e-4 of epsilon for one step; a few percent over 10^5-10^6 steps), and RDP is >= exact and looser
+# still there, so anything beyond 1e-3 is a disagreement.
 RDP_RTOL = 1e-3
 # A loaded plan's epsilon must re-compute to the stored value: never above it, and not more than
 # this far below it (a different dp-accounting version may shift the last digits).
@@ -265,7 +266,7 @@ class PlanDocument:
 
     plan: PrivacyPlan
     epsilon: float  # certified: the promise
-    certified_by: str  # "pld" (files of dpdm before stop 40 may say "prv": load_plan refuses them)
+    certified_by: str  # "pld", or "rdp" where smaller (files of dpdm before stop 40 may say "prv": refused)
     rdp: EpsilonReport
     pld: EpsilonReport
     prv: EpsilonReport
@@ -314,15 +315,31 @@ class PlanDocument:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
 
-def certified_epsilon(plan: PrivacyPlan, certified_by: str = "pld", prv_eps_error: float | None = None) -> float:
-    """Re-computes a plan's certified epsilon the way make_plan_document does: PLD's pessimistic upper bound.
-    ValueError for certified_by 'prv' (PRV no longer certifies: see make_plan_document) or another name.
-    `prv_eps_error` is accepted for compatibility and unused."""
+def certified_epsilon(plan: PrivacyPlan, certified_by: str | None = None, prv_eps_error: float | None = None) -> float:
+    """Re-computes a plan's certified epsilon the way make_plan_document does: the smaller of two rigorous upper
+    bounds, PLD's (pessimistic, at the plan's discretization) and RDP's. `certified_by` ('pld' or 'rdp'), where
+    given, must name the one that is smaller; ValueError for 'prv' (PRV no longer certifies: see
+    make_plan_document) or another name. `prv_eps_error` is accepted for compatibility and unused."""
     if certified_by == "prv":
         raise ValueError(PRV_CERTIFICATE_REFUSED)
-    if certified_by != "pld":
-        raise ValueError(f"certified_by={certified_by!r} must be 'pld'")
-    return epsilon_spent(plan, plan.steps)   # the PLD certificate, cached for the ledger
+    if certified_by not in (None, "pld", "rdp"):
+        raise ValueError(f"certified_by={certified_by!r} must be 'pld' or 'rdp'")
+    value, by = _certificate(epsilon_spent(plan, plan.steps), _rdp_upper(plan))
+    if certified_by is not None and certified_by != by:
+        raise ValueError(f"certified_by={certified_by!r}, but {by.upper()}'s bound is the smaller ({value!r})")
+    return value
+
+
+def _certificate(pld: float, rdp: float) -> tuple[float, str]:
+    """The certificate: the smaller rigorous upper bound, and its name. PLD's is the smaller but over very many
+    steps, where its grid makes it a few percent loose (q = 1, 10^6 steps, sigma 100: PLD 102.67, RDP 96.12,
+    exact 91.82)."""
+    return (pld, "pld") if pld <= rdp else (rdp, "rdp")
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_upper(plan: PrivacyPlan) -> float:
+    return RdpAccountant().epsilon(plan.to_event(), plan.delta).upper
 
 
 PRV_CERTIFICATE_REFUSED = ("epsilon certified by PRV: dpdm no longer certifies with prv-accountant's upper bound, "
@@ -355,7 +372,8 @@ def _discretization(plan: PrivacyPlan) -> float:
 def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV_RELATIVE_EPS_ERROR) -> PlanDocument:
     """Runs the three accountants on `plan`, certifies its epsilon and checks them against each other.
 
-    PLD's pessimistic upper bound certifies; PRV and RDP cross-check it. Raises NotCalibratedError if
+    The smaller of two rigorous upper bounds certifies: PLD's (pessimistic), or RDP's where that is smaller
+    (over very many steps); PRV cross-checks, and never certifies. Raises NotCalibratedError if
     the certified epsilon exceeds plan.target_epsilon, and AccountingError if the accountants disagree
     beyond numerical error (a lower bound above the certificate, or the certificate above RDP), unless
     the disagreement is PRV's alone and dpdm's own PLD refutes PRV (then the document records it:
@@ -385,21 +403,22 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
         prv, failed = None, f"{type(e).__name__}: {e}"
     independent = overruled = None
     if prv is None:
-        # PLD certifies; dpdm's own PLD, which shares no code with either library, brackets the true
-        # epsilon in PRV's place, and RDP bounds it from above, as for any plan.
-        certified, certified_by = pld.upper, "pld"
+        # PLD (or RDP, where smaller) certifies; dpdm's own PLD, which shares no code with either library,
+        # brackets the true epsilon in PRV's place, as for any plan.
+        certified, certified_by = _certificate(pld.upper, rdp.upper)
         independent = FftPldAccountant().epsilon(event, delta)
         problems = _disagreements(certified=certified, rdp=rdp, prv=None)
         if independent.lower > certified * (1 + _FLOAT_RTOL):
             problems.append(("fft", f"dpdm's own PLD lower bound {independent.lower:.6g} > certified "
                                     f"{certified:.6g}"))
     else:
-        # PLD certifies, always: prv-accountant 0.2.0's "upper bound" fell below the exact epsilon at large sample
-        # rates and many steps (q = 1, 50,000 steps, sigma 20: 88.85 against an exact 109.34), where dpdm's own
-        # PLD bracket was too wide to refute it. PRV cross-checks: its lower bound must not exceed the
-        # certificate. Its upper bound below the certificate is no disagreement (a pessimistic PLD lies above
-        # the true epsilon, and over very many steps its grid makes it a few percent loose).
-        certified, certified_by = pld.upper, "pld"
+        # PLD certifies (or RDP, where smaller: both are rigorous upper bounds), never PRV: prv-accountant
+        # 0.2.0's "upper bound" fell below the exact epsilon at large sample rates and many steps (q = 1, 50,000
+        # steps, sigma 20: 88.85 against an exact 109.34), where dpdm's own PLD bracket was too wide to refute it.
+        # PRV cross-checks: its lower bound must not exceed the certificate. Its upper bound below the
+        # certificate is no disagreement (a pessimistic PLD lies above the true epsilon, and over very many
+        # steps its grid makes it a few percent loose).
+        certified, certified_by = _certificate(pld.upper, rdp.upper)
         problems = _disagreements(certified=certified, rdp=rdp, prv=prv)
         if problems and all(kind == "prv" for kind, _ in problems):
             # PRV against the certificate: a third accountant, sharing no code with either library, decides.
@@ -619,7 +638,7 @@ def _parse_plan(text: str, path: str) -> PlanDocument:
     eps = _get(d, "epsilon", path, dict)
     stored = _get(eps, "certified", path)
     certified_by = _get(eps, "certified_by", path, str)
-    if not (_is_real(stored) and stored >= 0) or certified_by not in ("pld", "prv"):
+    if not (_is_real(stored) and stored >= 0) or certified_by not in ("pld", "rdp", "prv"):
         raise PlanError(f"{path}: epsilon.certified={reprlib.repr(stored)} by {certified_by!r} is not a certificate")
     if plan.target_epsilon is not None and stored > plan.target_epsilon:
         raise PlanError(f"{path}: epsilon.certified={stored!r} exceeds target_epsilon={plan.target_epsilon!r}")
@@ -741,12 +760,12 @@ def _check_reports(doc: PlanDocument, where: str) -> None:
 
 def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_eps_error: float | None,
                        where: str) -> None:
-    """Raises PlanError unless `stored` re-computes as the plan's certificate (PLD's; a file certified by PRV, as
-    dpdm before stop 40 could write, is refused)."""
+    """Raises PlanError unless `stored` re-computes as the plan's certificate (the smaller of PLD's and RDP's
+    bounds, as `certified_by` names; a file certified by PRV, as dpdm before stop 40 could write, is refused)."""
     if certified_by == "prv":
         raise PlanError(f"{where}: {PRV_CERTIFICATE_REFUSED}")
-    if certified_by != "pld":
-        raise PlanError(f"{where}: certified_by={certified_by!r} must be 'pld'")
+    if certified_by not in ("pld", "rdp"):
+        raise PlanError(f"{where}: certified_by={certified_by!r} must be 'pld' or 'rdp'")
     # The certificate's PLD grid is set by target_epsilon (finer for a smaller target), which can be forged
     # together with the certified epsilon and the digest (a plain sha256): a target of 1e-9 and a certified 0
     # kept the PLD below busy for minutes and gigabytes. A coarse rigorous lower bound refutes such a target in
@@ -768,9 +787,13 @@ def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_
             _check_prv_eps_error(prv_eps_error, pld)
         except ValueError as e:
             raise PlanError(f"{where}: epsilon.{e}; the epsilon block was edited; make a new plan") from e
-    if pld > stored * (1 + _FLOAT_RTOL) or pld < stored * (1 - RECOMPUTE_RTOL):
-        raise PlanError(f"{where}: epsilon.certified={stored!r} does not re-compute (got {pld!r}); "
+    recomputed, by = _certificate(pld, _rdp_upper(plan))
+    if recomputed > stored * (1 + _FLOAT_RTOL) or recomputed < stored * (1 - RECOMPUTE_RTOL):
+        raise PlanError(f"{where}: epsilon.certified={stored!r} does not re-compute (got {recomputed!r}); "
                         "the epsilon block was edited or the accountants changed; make a new plan")
+    if certified_by != by and abs(pld - _rdp_upper(plan)) > RECOMPUTE_RTOL * recomputed:
+        raise PlanError(f"{where}: epsilon.certified_by={certified_by!r}, but {by.upper()}'s bound is the smaller; "
+                        "the epsilon block was edited; make a new plan")
 
 
 @functools.lru_cache(maxsize=64)

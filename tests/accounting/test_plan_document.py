@@ -453,6 +453,28 @@ def test_accounting_never_imports_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_rdp_certifies_where_smaller_than_pld(tmp_path):
+    """Over a million full-batch steps PLD's grid makes its bound loose (102.67 against an exact 91.82) and RDP's is
+    smaller (96.12). PRV's 93.88 certified this plan before; PRV no longer certifies, and PLD above RDP was an
+    'accountants disagree' error. Both are rigorous: the smaller certifies, and the file says which."""
+    plan = PrivacyPlan(dataset_size=1000, batch_size=1000, steps=10**6, noise_multiplier=100.0, delta=1e-5,
+                       dataset_name="npz:x")
+    doc = accounting.make_plan_document(plan)
+    mu = math.sqrt(plan.steps) / plan.noise_multiplier
+    exact = optimize.brentq(lambda e: stats.norm.cdf(-e / mu + mu / 2)
+                            - math.exp(e) * stats.norm.cdf(-e / mu - mu / 2) - 1e-5, 0, 300)
+    assert doc.certified_by == "rdp" and exact <= doc.epsilon == doc.rdp.upper < doc.pld.upper
+    path = tmp_path / "plan.json"
+    accounting.write_plan(doc, path)
+    loaded = accounting.load_plan(path)
+    assert (loaded.epsilon, loaded.certified_by) == (doc.epsilon, "rdp")
+    assert accounting.certified_epsilon(plan) == accounting.certified_epsilon(plan, "rdp") == doc.epsilon
+    with pytest.raises(ValueError, match="certified_by='pld', but RDP's bound is the smaller"):
+        accounting.certified_epsilon(plan, "pld")
+    with pytest.raises(PlanError, match="certified_by='pld', but RDP's bound is the smaller"):
+        accounting.load_plan(_tampered(doc, tmp_path, lambda d: d["epsilon"].update(certified_by="pld")))
+
+
 def test_a_plan_file_certified_by_prv_is_refused(doc, tmp_path):
     """dpdm before stop 40 could write certified_by 'prv' (a PRV figure below PLD's); such a certificate may lie
     below the exact epsilon, so the file is refused in one line, and so is an edit of 'pld' to 'prv'."""
