@@ -740,7 +740,7 @@ def train(
 
         def ledger_at(steps: int) -> Ledger:
             # epsilon after a prefix of the steps is at most the epsilon of all of them, so the plan's
-            # certificate (PLD, or PRV's upper bound where tighter) also bounds every prefix.
+            # certificate (PLD, or RDP where smaller) also bounds every prefix.
             eps = min(accounting.epsilon_spent(plan, steps), plan_doc.epsilon) if config.private else math.inf
             return Ledger(plan_doc.digest, plan.steps, steps, eps, plan.delta, config.private)
 
