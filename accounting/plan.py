@@ -316,18 +316,16 @@ class PlanDocument:
 
 
 def certified_epsilon(plan: PrivacyPlan, certified_by: str | None = None, prv_eps_error: float | None = None) -> float:
-    """Re-computes a plan's certified epsilon the way make_plan_document does: the smaller of two rigorous upper
-    bounds, PLD's (pessimistic, at the plan's discretization) and RDP's. `certified_by` ('pld' or 'rdp'), where
-    given, must name the one that is smaller; ValueError for 'prv' (PRV no longer certifies: see
-    make_plan_document) or another name. `prv_eps_error` is accepted for compatibility and unused."""
+    """Re-computes a plan's certified epsilon: the bound `certified_by` names ('pld': PLD's pessimistic bound at
+    the plan's discretization, 'rdp': RDP's), or by default the smaller, which make_plan_document certifies.
+    Both are rigorous upper bounds. ValueError for 'prv' (PRV no longer certifies: see make_plan_document) or
+    another name. `prv_eps_error` is accepted for compatibility and unused."""
     if certified_by == "prv":
         raise ValueError(PRV_CERTIFICATE_REFUSED)
     if certified_by not in (None, "pld", "rdp"):
         raise ValueError(f"certified_by={certified_by!r} must be 'pld' or 'rdp'")
-    value, by = _certificate(epsilon_spent(plan, plan.steps), _rdp_upper(plan))
-    if certified_by is not None and certified_by != by:
-        raise ValueError(f"certified_by={certified_by!r}, but {by.upper()}'s bound is the smaller ({value!r})")
-    return value
+    bounds = {"pld": epsilon_spent(plan, plan.steps), "rdp": _rdp_upper(plan)}
+    return bounds[certified_by] if certified_by else _certificate(**bounds)[0]
 
 
 def _certificate(pld: float, rdp: float) -> tuple[float, str]:
@@ -760,8 +758,8 @@ def _check_reports(doc: PlanDocument, where: str) -> None:
 
 def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_eps_error: float | None,
                        where: str) -> None:
-    """Raises PlanError unless `stored` re-computes as the plan's certificate (the smaller of PLD's and RDP's
-    bounds, as `certified_by` names; a file certified by PRV, as dpdm before stop 40 could write, is refused)."""
+    """Raises PlanError unless `stored` re-computes as the bound `certified_by` names (PLD's or RDP's; a file
+    certified by PRV, as dpdm before stop 40 could write, is refused)."""
     if certified_by == "prv":
         raise PlanError(f"{where}: {PRV_CERTIFICATE_REFUSED}")
     if certified_by not in ("pld", "rdp"):
@@ -787,13 +785,11 @@ def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_
             _check_prv_eps_error(prv_eps_error, pld)
         except ValueError as e:
             raise PlanError(f"{where}: epsilon.{e}; the epsilon block was edited; make a new plan") from e
-    recomputed, by = _certificate(pld, _rdp_upper(plan))
+    # The bound the file names must re-compute (make_plan_document names the smaller; either is rigorous).
+    recomputed = pld if certified_by == "pld" else _rdp_upper(plan)
     if recomputed > stored * (1 + _FLOAT_RTOL) or recomputed < stored * (1 - RECOMPUTE_RTOL):
-        raise PlanError(f"{where}: epsilon.certified={stored!r} does not re-compute (got {recomputed!r}); "
-                        "the epsilon block was edited or the accountants changed; make a new plan")
-    if certified_by != by and abs(pld - _rdp_upper(plan)) > RECOMPUTE_RTOL * recomputed:
-        raise PlanError(f"{where}: epsilon.certified_by={certified_by!r}, but {by.upper()}'s bound is the smaller; "
-                        "the epsilon block was edited; make a new plan")
+        raise PlanError(f"{where}: epsilon.certified={stored!r} by {certified_by.upper()} does not re-compute (got "
+                        f"{recomputed!r}); the epsilon block was edited or the accountants changed; make a new plan")
 
 
 @functools.lru_cache(maxsize=64)
