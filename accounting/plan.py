@@ -2,14 +2,15 @@
 ledger helper that training calls at every checkpoint.
 
 A plan document is *checked* (DESIGN.md section 2) when its certified epsilon (PLD pessimistic at a
-fine discretization, or RDP's bound where that is smaller) is <= the target, PRV lower <= certified <=
-RDP. Two departures from DESIGN.md: PRV never certifies, even where its upper bound is tighter
+fine discretization, or RDP's bound where that is smaller) is <= the target and PRV's lower bound does
+not exceed it. Departures from DESIGN.md: PRV never certifies, even where its upper bound is tighter
 (prv-accountant 0.2.0's "upper bound" came out below the exact epsilon at large sample rates and many
-steps), so the certificate may lie above PRV's upper bound; and when PRV alone disagrees, dpdm's own PLD (accounting/fft_pld.py, no code shared
-with either library) decides. If its rigorous bracket holds the PLD certificate and excludes PRV's
-bounds, PRV is overruled, and the document records the bracket and why; otherwise the disagreement
-stays an error. A document is *locked* when its digest verifies and its epsilon re-computes;
-`load_plan` refuses anything else.
+steps), so the certificate may lie above PRV's upper bound; RDP certifies where its bound is smaller
+than PLD's; and when PRV alone disagrees, dpdm's own PLD (accounting/fft_pld.py, no code shared with
+either library) decides. If its rigorous bracket holds the certificate and excludes PRV's bounds, PRV
+is overruled, and the document records the bracket and why; otherwise the disagreement stays an error.
+A document is *locked* when its digest verifies and its epsilon re-computes; `load_plan` refuses
+anything else.
 """
 from __future__ import annotations
 
@@ -77,10 +78,6 @@ PRV_MIN_EPS_ERROR = 0.01
 # A plan file's prv_eps_error lies outside the digest and sets how much work re-computing its PRV figures
 # takes (1e-9 asked for a 1.96 TiB grid), so a loaded plan's must lie where make_plan_document puts it.
 PRV_MAX_RELATIVE_EPS_ERROR = 1.0
-# Slack for "certified <= RDP": the PLD certificate is within about one discretization interval per step
-# of exact (1e-4 of epsilon for one step; a few percent over 10^5-10^6 steps), and RDP is >= exact and looser
-# still there, so anything beyond 1e-3 is a disagreement.
-RDP_RTOL = 1e-3
 # A loaded plan's epsilon must re-compute to the stored value: never above it, and not more than
 # this far below it (a different dp-accounting version may shift the last digits).
 RECOMPUTE_RTOL = 1e-3
@@ -266,7 +263,7 @@ class PlanDocument:
 
     plan: PrivacyPlan
     epsilon: float  # certified: the promise
-    certified_by: str  # "pld", or "rdp" where smaller (files of dpdm before stop 40 may say "prv": refused)
+    certified_by: str  # "pld", or "rdp" where smaller (older files may say "prv": load_plan refuses them)
     rdp: EpsilonReport
     pld: EpsilonReport
     prv: EpsilonReport
@@ -341,8 +338,7 @@ def _rdp_upper(plan: PrivacyPlan) -> float:
 
 
 PRV_CERTIFICATE_REFUSED = ("epsilon certified by PRV: dpdm no longer certifies with prv-accountant's upper bound, "
-                           "which came out below the exact epsilon at large sample rates and many steps; make a new "
-                           "plan with `dpdm plan`")
+                           "which came out below the exact epsilon at large sample rates and many steps")
 
 
 def prv_eps_error_range(pld_epsilon: float) -> tuple[float, float]:
@@ -371,13 +367,13 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
     """Runs the three accountants on `plan`, certifies its epsilon and checks them against each other.
 
     The smaller of two rigorous upper bounds certifies: PLD's (pessimistic), or RDP's where that is smaller
-    (over very many steps); PRV cross-checks, and never certifies. Raises NotCalibratedError if
-    the certified epsilon exceeds plan.target_epsilon, and AccountingError if the accountants disagree
-    beyond numerical error (a lower bound above the certificate, or the certificate above RDP), unless
-    the disagreement is PRV's alone and dpdm's own PLD refutes PRV (then the document records it:
+    (over very many steps, where PLD's grid makes it loose); PRV cross-checks, and never certifies. Raises
+    NotCalibratedError if the certified epsilon exceeds plan.target_epsilon, and AccountingError if the
+    accountants disagree beyond numerical error (a lower bound above the certificate), unless the
+    disagreement is PRV's alone and dpdm's own PLD refutes PRV (then the document records it:
     `prv_overruled`).
-    Where prv-accountant cannot compute at all (`prv_failed`), dpdm's own PLD takes its place as the
-    cross-check: PLD certifies, and neither RDP nor that rigorous lower bound may contradict it.
+    Where prv-accountant cannot compute at all (`prv_failed`), or RDP certifies, dpdm's own PLD brackets the
+    true epsilon too (`independent`): its rigorous lower bound may not exceed the certificate.
     Where dpdm's own PLD is needed but delta is too small for its precision, FftPrecisionError (a
     ValueError) says so: the plan is neither certified by PRV nor cross-checked without it.
     `prv_relative_eps_error` must lie in [PRV_RELATIVE_EPS_ERROR, PRV_MAX_RELATIVE_EPS_ERROR]: a loaded
@@ -418,6 +414,16 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
         # steps its grid makes it a few percent loose).
         certified, certified_by = _certificate(pld.upper, rdp.upper)
         problems = _disagreements(certified=certified, rdp=rdp, prv=prv)
+        if certified_by == "rdp" and not problems:
+            # PLD's bound is not the certificate, so it checks nothing here: dpdm's own PLD brackets the true
+            # epsilon as well, where delta leaves it the precision to.
+            try:
+                independent = FftPldAccountant().epsilon(event, delta)
+            except FftPrecisionError:
+                independent = None
+            if independent is not None and independent.lower > certified * (1 + _FLOAT_RTOL):
+                problems.append(("fft", f"dpdm's own PLD lower bound {independent.lower:.6g} > certified "
+                                        f"{certified:.6g}"))
         if problems and all(kind == "prv" for kind, _ in problems):
             # PRV against the certificate: a third accountant, sharing no code with either library, decides.
             independent = FftPldAccountant().epsilon(event, delta)
@@ -449,8 +455,6 @@ def _disagreements(*, certified: float, rdp: EpsilonReport, prv: EpsilonReport |
     problems = []
     if prv is not None and prv.lower is not None and prv.lower > certified * (1 + _FLOAT_RTOL):
         problems.append(("prv", f"PRV lower bound {prv.lower:.6g} > certified {certified:.6g}"))
-    if certified > rdp.upper * (1 + RDP_RTOL):
-        problems.append(("rdp", f"certified {certified:.6g} > RDP {rdp.upper:.6g}"))
     if prv is not None and prv.lower is not None and prv.lower > rdp.upper * (1 + _FLOAT_RTOL):
         problems.append(("prv", f"PRV lower bound {prv.lower:.6g} > RDP {rdp.upper:.6g}"))
     return problems
@@ -472,8 +476,8 @@ def _prv_overruled(certified: float, prv: EpsilonReport, independent: EpsilonRep
     else:
         return None
     return (f"{side}: PRV's bounds [{_g(prv.lower)}, {prv.upper:.6g}] exclude the true epsilon, which "
-            f"dpdm's own PLD puts in [{independent.lower:.6g}, {independent.upper:.6g}] and PLD certifies "
-            f"as <= {certified:.6g} (prv-accountant's discretisation is known to fail at some sample "
+            f"dpdm's own PLD puts in [{independent.lower:.6g}, {independent.upper:.6g}] and the certificate "
+            f"bounds as <= {certified:.6g} (prv-accountant's discretisation is known to fail at some sample "
             "rates: microsoft/prv_accountant#36)")
 
 
@@ -715,7 +719,7 @@ def _check_reports(doc: PlanDocument, where: str) -> None:
             raise PlanError(f"{where}: epsilon.{name}={stored!r} does not re-compute (got {recomputed!r}); the "
                             "epsilon block was edited or the accountants changed; make a new plan")
 
-    check("rdp", doc.rdp.upper, RdpAccountant().epsilon(plan.to_event(), plan.delta).upper)
+    check("rdp", doc.rdp.upper, _rdp_upper(plan))
     check("pld", doc.pld.upper, epsilon_spent(plan, plan.steps))
     if doc.independent is not None:
         own = FftPldAccountant().epsilon(plan.to_event(), plan.delta)
@@ -759,9 +763,11 @@ def _check_reports(doc: PlanDocument, where: str) -> None:
 def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_eps_error: float | None,
                        where: str) -> None:
     """Raises PlanError unless `stored` re-computes as the bound `certified_by` names (PLD's or RDP's; a file
-    certified by PRV, as dpdm before stop 40 could write, is refused)."""
+    certified by PRV, as older dpdm could write, is refused, naming the certificate it has now)."""
     if certified_by == "prv":
-        raise PlanError(f"{where}: {PRV_CERTIFICATE_REFUSED}")
+        raise PlanError(f"{where}: {PRV_CERTIFICATE_REFUSED}. This plan's certificate is epsilon "
+                        f"{certified_epsilon(plan):.6g}, not the file's {stored:.6g}, and a model trained under it has "
+                        "that; make a new plan with `dpdm plan`")
     if certified_by not in ("pld", "rdp"):
         raise PlanError(f"{where}: certified_by={certified_by!r} must be 'pld' or 'rdp'")
     # The certificate's PLD grid is set by target_epsilon (finer for a smaller target), which can be forged

@@ -222,8 +222,8 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     if doc.prv_failed:
         warn(f"prv-accountant gave no epsilon for this plan ({doc.prv_failed}); " + (
             "dpdm's own PLD cross-checked the certificate in its place" if _bracketed(doc) else
-            "dpdm's own PLD gives no bracket for it either, so only RDP (an upper bound) cross-checked the PLD "
-            "certificate"))
+            "dpdm's own PLD gives no bracket for it either, so nothing cross-checked the certificate (PLD's "
+            "and RDP's bounds are both rigorous upper bounds)"))
     untrainable = noise_scale_problem(doc.plan.noise_multiplier, doc.plan.clip_norm)
     if untrainable:   # the accountants take it; float32 training cannot (dpdm.noise_scale)
         warn(f"dpdm train and dpdm baseline will refuse this plan: {untrainable}")
@@ -420,13 +420,14 @@ def _table(doc) -> str:
         reports.append(("dpdm PLD", doc.independent))
     for label, r in reports:
         lines.append(_row(label, _fmt(r.lower), _fmt(r.estimate), _fmt(r.upper)))
-    lines += ["", f"certified epsilon {epsilon_text(doc.epsilon, 6)} (by {doc.certified_by}; PLD pessimistic at "
-                  f"interval {doc.pld_discretization:.2g}, PRV error {doc.prv_eps_error:.2g})"]
+    lines += ["", f"certified epsilon {epsilon_text(doc.epsilon, 6)} (by {doc.certified_by}, the smaller of PLD's "
+                  f"and RDP's bounds; PLD pessimistic at interval {doc.pld_discretization:.2g}, PRV error "
+                  f"{doc.prv_eps_error:.2g})"]
     if doc.prv_overruled:
-        lines.append("PRV overruled: PLD certifies (see the warning; recorded in the plan)")
+        lines.append("PRV overruled (see the warning; recorded in the plan)")
     if doc.prv_failed:
         lines.append("PRV failed; " + ("dpdm's own PLD cross-checked instead" if _bracketed(doc) else
-                                       "only RDP cross-checked") + " (see the warning; recorded in the plan)")
+                                       "nothing cross-checked") + " (see the warning; recorded in the plan)")
     return "\n".join(lines)
 
 
@@ -437,7 +438,7 @@ def _bracketed(doc) -> bool:
 
 
 def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
-    """Epsilon against steps for RDP, PLD (certified) and PRV (band between its bounds)."""
+    """Epsilon against steps for RDP and PLD (the certificate is the smaller) and PRV (band between its bounds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -459,8 +460,8 @@ def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
         except accounting.PRV_ERRORS:
             prv = None  # prv-accountant's discretisation failed (see make_plan_document): no PRV band
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, rdp, label="RDP (upper)")
-    ax.plot(steps, pld, label="PLD pessimistic (certified)")
+    ax.plot(steps, rdp, label="RDP (upper" + (", certified)" if doc.certified_by == "rdp" else ")"))
+    ax.plot(steps, pld, label="PLD pessimistic" + (" (certified)" if doc.certified_by == "pld" else ""))
     if prv is not None:
         ax.fill_between(prv_steps, [r.lower for r in prv], [r.upper for r in prv], alpha=0.3, color="C2",
                         label="PRV bounds")

@@ -51,6 +51,14 @@ def test_small_targets_search_a_coarser_interval_first(monkeypatch):
     assert at <= eps < below
 
 
+def test_calibration_takes_rdp_where_it_certifies_below_pld():
+    """Over a million full-batch steps RDP's bound is below PLD's (at sigma 100: 96.12 against 102.67), and the plan
+    is certified by the smaller; the search looked at PLD alone and returned a sigma above 100 for eps 97."""
+    sigma = calibrate_noise_multiplier(sample_rate=1.0, steps=10**6, target_epsilon=97.0, delta=DELTA)
+    assert 99 < sigma < 100
+    assert max_steps(sample_rate=1.0, noise_multiplier=100.0, target_epsilon=97.0, delta=DELTA) >= 10**6
+
+
 def test_tight_value_at_paper_mnist_eps_0_2():
     """The tight sigma for mnist-paper at eps 0.2 is about 73.9; opacus (PRV) returns 80, DPDM's RDP 85."""
     sigma = calibrate_noise_multiplier(sample_rate=4096 / 60000, steps=4395, target_epsilon=0.2, delta=DELTA)

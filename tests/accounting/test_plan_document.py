@@ -367,7 +367,6 @@ def test_prv_never_certifies_below_the_exact_epsilon(steps, sigma):
         return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
 
     exact = optimize.brentq(lambda e: delta_at(e) - 1e-5, 0, 300)
-    assert doc.prv.upper < exact                  # prv-accountant's figure: not an upper bound here
     assert exact <= doc.epsilon <= exact * 1.01 and doc.certified_by == "pld"
 
 
@@ -464,6 +463,7 @@ def test_rdp_certifies_where_smaller_than_pld(tmp_path):
     exact = optimize.brentq(lambda e: stats.norm.cdf(-e / mu + mu / 2)
                             - math.exp(e) * stats.norm.cdf(-e / mu - mu / 2) - 1e-5, 0, 300)
     assert doc.certified_by == "rdp" and exact <= doc.epsilon == doc.rdp.upper < doc.pld.upper
+    assert doc.independent is not None and doc.independent.lower <= doc.epsilon   # checked by dpdm's own PLD
     path = tmp_path / "plan.json"
     accounting.write_plan(doc, path)
     loaded = accounting.load_plan(path)
@@ -478,7 +478,8 @@ def test_a_plan_file_certified_by_prv_is_refused(doc, tmp_path):
     """dpdm before stop 40 could write certified_by 'prv' (a PRV figure below PLD's); such a certificate may lie
     below the exact epsilon, so the file is refused in one line, and so is an edit of 'pld' to 'prv'."""
     with pytest.raises(PlanError, match="epsilon certified by PRV: dpdm no longer certifies with prv-accountant's "
-                                        "upper bound.*make a new plan"):
+                                        rf"upper bound.*This plan's certificate is epsilon {doc.epsilon:.6g}, "
+                                        ".*make a new plan with `dpdm plan`"):
         accounting.load_plan(_tampered(doc, tmp_path, lambda d: d["epsilon"].update(certified_by="prv")))
     with pytest.raises(ValueError, match="no longer certifies"):
         accounting.certified_epsilon(doc.plan, "prv")

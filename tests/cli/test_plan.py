@@ -533,7 +533,7 @@ def test_a_garbage_prv_answer_never_certifies(capsys, tmp_path):
     doc = json.loads(out)
     assert doc["epsilon"]["certified_by"] == "pld" and doc["epsilon"]["certified"] > 3000
     assert "prv-accountant returned no epsilon" in doc["epsilon"]["prv_failed"]
-    assert doc["epsilon"]["independent"]["upper"] is None and "only RDP (an upper bound) cross-checked" in err
+    assert doc["epsilon"]["independent"]["upper"] is None and "so nothing cross-checked the certificate" in err
     assert accounting.load_plan(tmp_path / "p.json").epsilon == doc["epsilon"]["certified"]
 
 
