@@ -948,7 +948,8 @@ class Auditor:
         ``violation`` flag (a lower bound above the claim) are included. The flag combines the bounds
         (Clopper-Pearson, and one-run with ``one_run``), so each is recomputed for it at
         ``significance / number_of_bounds``: a false alarm has probability at most ``significance``.
-        ``one_run`` needs in/out counts that fair coins could give (``one_run_audit``).
+        ``one_run`` needs in/out counts that fair coins could give (``one_run_audit``); where they are not,
+        the one-run block is left out and ``one_run_left_out`` says why.
         """
         delta = _probability("delta", delta, allow_zero=True)
         significance = _probability("significance", significance, allow_zero=False)
@@ -969,12 +970,15 @@ class Auditor:
                 "clopper_pearson": self.max_certifiable_epsilon(significance, delta),
             },
         }
-        bounds = [cp.epsilon]
         if one_run:
-            res = self.one_run(delta, significance)
-            out["one_run"] = res.to_dict()
+            try:
+                _check_fair_coins(self.num_in, self.num_in + self.num_out)
+            except ValueError as e:   # in/out sets of another kind (e.g. independent runs): no one-run bound
+                one_run = False
+                out["one_run_left_out"] = str(e)
+        if one_run:
+            out["one_run"] = self.one_run(delta, significance).to_dict()
             out["max_certifiable_epsilon"]["one_run"] = self.max_one_run_epsilon(delta, significance)
-            bounds.append(res.epsilon)
         if claimed_epsilon is not None:
             eps = _epsilon_arg("claimed_epsilon", claimed_epsilon)
             out["claimed_epsilon"] = eps
@@ -982,13 +986,14 @@ class Auditor:
                 "auc": dp_auc_ceiling(eps, delta),
                 "tpr_at_fpr": [[float(f), dp_tpr_ceiling(float(f), eps, delta)] for f in fprs],
             }
-            if len(bounds) > 1:   # each bound at its share of the error budget (the flag is their union)
-                share = significance / len(bounds)
+            # The flags are unions over the bounds: each at its share of the error budget.
+            bounds, ceilings = [cp.epsilon], [out["max_certifiable_epsilon"]["clopper_pearson"]]
+            if one_run:
+                share = significance / 2
                 bounds = [self.epsilon_bound(share, delta).epsilon, self.one_run(delta, share).epsilon]
+                ceilings = [self.max_certifiable_epsilon(share, delta), self.max_one_run_epsilon(delta, share)]
             out["violation"] = bool(max(bounds) > eps)
-            out["can_detect_violation"] = bool(
-                max(out["max_certifiable_epsilon"].values()) > eps
-            )
+            out["can_detect_violation"] = bool(max(ceilings) > eps)
         return _jsonable(out)
 
 

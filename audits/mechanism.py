@@ -363,13 +363,16 @@ def _noise_test(name: str, calls: list[tuple[_Caller, int]], p: _Problem, alpha:
     C, E = p.clip_norm, calls[0][0].expected
     idx = list(range(p.x.shape[0]))
     groups = _tensor_slices(p.model) if project is None else [("projection", slice(None))]
+    # Generator seeds below 2**62 whatever the check's seed (dpdm audit --seed takes up to 2**63 - 1; torch's
+    # generators up to 2**64 - 1, and 1000 + 10**6 * seed overflowed them: both noise checks failed).
+    base = [int(x) >> 2 for x in np.random.SeedSequence([int(seed), 4242]).generate_state(len(calls), np.uint64)]
     tests: list[tuple[str, float]] = []  # (what was tested, p-value)
     parts, pooled = [], []
     for k, (call, pairs) in enumerate(calls):
         sigma = call.noise_multiplier
         z = []
         for j in range(pairs):
-            s = 1000 + 10**6 * seed + 10**5 * k + 2 * j   # fresh noise per (check seed, caller, pair)
+            s = base[k] + 2 * j   # fresh noise per (check seed, caller, pair)
             a = call(idx, s, chunk_size=chunk_size)
             b = call(idx, s + 1, chunk_size=chunk_size)
             d = E * (a - b) / (math.sqrt(2) * sigma * C)  # N(0, I) under the claim
@@ -427,8 +430,10 @@ def check_engine(
         raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a number > 0")
     p = tiny_problem(seed=seed)
     loop = _loop_grads(p)
-    call = _Caller(private_grad_fn, p, float(noise_multiplier), 40.0)
-    noise_calls = [(call, pairs),
+    # The replays cancel the noise exactly only where it is not too large against the gradients (in float64, a
+    # noise multiplier of 1e6 failed per_sample_gradients): they run at 1; the noise tests at the given one.
+    call = _Caller(private_grad_fn, p, 1.0, 40.0)
+    noise_calls = [(_Caller(private_grad_fn, p, float(noise_multiplier), 40.0), pairs),
                    (_Caller(private_grad_fn, p, second_noise_multiplier(noise_multiplier), 40.0), max(1, pairs // 2))]
     return [
         _guarded("per_sample_gradients", lambda: _check_per_sample(call, p, loop)),
@@ -521,9 +526,9 @@ def check_subspace(
     Q = _top_directions(p, loop, dim)
     calls: dict[float, _Caller] = {}
 
-    def replays():
+    def replays():   # at noise multiplier 1, as check_engine's
         for scale in (1.0, 1.5):
-            calls[scale] = _Caller(make_private_grad(torch.from_numpy(scale * Q)), p, float(noise_multiplier), 40.0)
+            calls[scale] = _Caller(make_private_grad(torch.from_numpy(scale * Q)), p, 1.0, 40.0)
         return _check_subspace_replays(calls, p, loop, Q)
 
     span_sens = _guarded("subspace replays", replays)
@@ -533,7 +538,7 @@ def check_subspace(
         *span_sens,
         _guarded("subspace_noise_variance", lambda: _noise_test(
             "subspace_noise_variance",
-            [(calls[1.5], 4 * pairs),
+            [(_Caller(calls[1.5].fn, p, float(noise_multiplier), 40.0), 4 * pairs),
              (_Caller(calls[1.5].fn, p, second_noise_multiplier(noise_multiplier), 40.0), max(1, 2 * pairs))],
             p, alpha, chunk_size=8, seed=seed, project=lambda z: Q.T @ z,
             what=f"coordinates in the {dim} basis directions, basis of spectral norm 1.5, chunk_size=8")),

@@ -411,6 +411,12 @@ def test_report_violation_splits_the_error_budget_between_its_two_bounds():
     assert a.report(delta=1e-5, significance=0.05, claimed_epsilon=half * 0.99)["violation"] is True
     assert a.report(delta=1e-5, significance=0.05, claimed_epsilon=claim, one_run=False)["violation"] is (
         a.epsilon_bound(0.05, 1e-5).epsilon > claim)
+    # can_detect_violation takes the same shares as violation
+    ceiling_half = max(a.max_certifiable_epsilon(0.025, 1e-5), a.max_one_run_epsilon(1e-5, 0.025))
+    ceiling_full = max(a.max_certifiable_epsilon(0.05, 1e-5), a.max_one_run_epsilon(1e-5, 0.05))
+    assert ceiling_half < ceiling_full
+    between = (ceiling_half + ceiling_full) / 2
+    assert a.report(delta=1e-5, significance=0.05, claimed_epsilon=between)["can_detect_violation"] is False
 
 
 def test_one_run_refuses_splits_fair_coins_do_not_give():
@@ -423,10 +429,9 @@ def test_one_run_refuses_splits_fair_coins_do_not_give():
         with pytest.raises(ValueError, match="900 of 1000 canaries in: the one-run bound needs each canary "
                                              "included by a fair coin"):
             one_run_audit(scores, included, delta=1e-5, both_sides=both)
-    with pytest.raises(ValueError, match="fair coin"):
-        Auditor(scores[:900], scores[900:]).report(delta=1e-5, claimed_epsilon=1.0)
-    assert Auditor(scores[:900], scores[900:]).report(delta=1e-5, claimed_epsilon=1.0, one_run=False)["violation"] \
-        is False
+    rep = Auditor(scores[:900], scores[900:]).report(delta=1e-5, claimed_epsilon=1.0)   # independent runs, say
+    assert "one_run" not in rep and "fair coin" in rep["one_run_left_out"] and rep["violation"] is False
+    assert set(rep["max_certifiable_epsilon"]) == {"clopper_pearson"}
     one_run_audit(scores, np.arange(1000) < 540, delta=1e-5)     # 540 of 1000: fair coins do that (p = 0.012)
 
 
