@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import fnmatch
+import functools
 import hashlib
 import json
 import math
@@ -986,7 +987,8 @@ def plan_private_grad(D, loss_fn, batch, plan, *, seed: int, step: int, chunk_si
     with the plan's clip norm, noise multiplier and expected batch size, and the step's own noise seed.
 
     `dpdm audit`'s mechanism checks call this very function (`audits.suite.training_private_grad`), so what
-    they test is what the training loop passes to the engine, and that each step draws fresh noise."""
+    they test is what the training loop passes to the engine; their noise tests compare (random) steps of one
+    run seed, so noise repeated across steps fails them."""
     return distributed_private_grad(D, loss_fn, *batch, clip_norm=plan.clip_norm,
                                     noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.batch_size,
                                     noise_seed=step_seed(seed, step, _STREAM_DP_NOISE), chunk_size=chunk_size,
@@ -1073,23 +1075,33 @@ def _public_basis(D, loss_obj, loss_fn, public_data, config: TrainConfig, condit
     """`engine.public_subspace` at the current weights, from `config.subspace_examples` public examples
     (drawn, with their diffusion noise and label drops, from the public stream of this step).
 
-    Every rank gets rank 0's basis. Each rank projects its own clipped sum and only rank 0 adds noise, so a
-    rank whose basis differed (nondeterministic CUDA kernels, or an ill-conditioned top-k) would put part of
-    its sum outside the noised subspace, with no noise on it."""
-    px, py = public_data
-    g = _generator(seed, torch.device("cpu"))
-    idx = torch.randperm(len(px), generator=g)[:config.subspace_examples]
-    batch = [px[idx].to(device)]
-    if conditional:
-        batch.append(drop_labels(py[idx], config.label_dropout, num_classes, generator=g).to(device))
-    sigma, noise = loss_obj.draw(len(idx), K, tuple(px.shape[1:]), generator=g)
-    batch += [sigma.to(device), noise.to(device)]
-    try:
-        basis = public_subspace(D, loss_fn, *batch, dim=config.subspace_dim, clip_norm=clip_norm,
-                                chunk_size=config.physical_batch, per_layer_rules=config.per_layer_rules)
-    except SubspaceSpanError as e:   # the public data cannot give that many directions: the user's settings
-        raise TrainError(f"subspace_dim={config.subspace_dim} (--public-subspace): {e}") from None
-    return (dist or _Dist()).broadcast_(basis.contiguous())
+    Rank 0 computes it and every rank gets rank 0's. Each rank projects its own clipped sum and only rank 0
+    adds noise, so a rank whose basis differed (nondeterministic CUDA kernels, or an ill-conditioned top-k)
+    would put part of its sum outside the noised subspace, with no noise on it."""
+    dist = dist or _Dist()
+    basis = problem = None
+    if dist.is_main:
+        px, py = public_data
+        g = _generator(seed, torch.device("cpu"))
+        idx = torch.randperm(len(px), generator=g)[:config.subspace_examples]
+        batch = [px[idx].to(device)]
+        if conditional:
+            batch.append(drop_labels(py[idx], config.label_dropout, num_classes, generator=g).to(device))
+        sigma, noise = loss_obj.draw(len(idx), K, tuple(px.shape[1:]), generator=g)
+        batch += [sigma.to(device), noise.to(device)]
+        try:
+            basis = public_subspace(D, loss_fn, *batch, dim=config.subspace_dim, clip_norm=clip_norm,
+                                    chunk_size=config.physical_batch, per_layer_rules=config.per_layer_rules)
+        except SubspaceSpanError as e:   # the public data cannot give that many directions: the user's settings
+            problem = str(e)
+    if dist.broadcast_int(int(problem is not None)):   # the other ranks stop with rank 0, not in the broadcast
+        raise TrainError(f"subspace_dim={config.subspace_dim} (--public-subspace): "
+                         + (problem or "rank 0 could not compute the public subspace (its own line says why)"))
+    if basis is None:
+        trainable = [p for p in D.parameters() if p.requires_grad]
+        basis = torch.empty(sum(p.numel() for p in trainable), config.subspace_dim, device=device,
+                            dtype=functools.reduce(torch.promote_types, (p.dtype for p in trainable)))
+    return dist.broadcast_(basis.contiguous())
 
 
 METRICS_HEADER = ("step", "batch_size", "loss", "clipped_fraction", "epsilon_spent", "steps_per_s", "private")

@@ -74,6 +74,8 @@ def _rank_main(rank, world, init_file, out_dir, task):
             torch.save(torch.stack(samples), Path(out_dir) / f"noise{rank}.pt")
         elif task == "basis":
             _basis_task(rank, d, model, x[local], y[local], out_dir)
+        elif task == "basis_fails":
+            _basis_task(rank, d, model, x[local], y[local], out_dir, fails=True)
         dist.barrier()  # let the peer finish before tearing gloo down
         done = True
     finally:
@@ -93,18 +95,32 @@ def _rank_basis(rank, d, k=3):
     return torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0]
 
 
-def _basis_task(rank, d, model, x, y, out_dir):
+def _basis_task(rank, d, model, x, y, out_dir, fails=False):
     import types
 
     import dpdm.train as train_mod
+    from dpdm.engine import SubspaceSpanError
 
     n_params = sum(p.numel() for p in model.parameters())
-    train_mod.public_subspace = lambda *a, **kw: _rank_basis(rank, n_params)   # this rank's own estimate
+    calls = []
+
+    def own_estimate(*a, **kw):   # this rank's own estimate (or, with `fails`, none)
+        calls.append(rank)
+        if fails:
+            raise SubspaceSpanError("the public gradients span fewer than 3 directions; lower the dimension")
+        return _rank_basis(rank, n_params)
+
+    train_mod.public_subspace = own_estimate
     loss_obj = types.SimpleNamespace(draw=lambda n, K, shape, generator: (torch.ones(n), torch.zeros(n, K, *shape)))
     config = types.SimpleNamespace(subspace_examples=4, subspace_dim=3, physical_batch=None, per_layer_rules=None,
                                    label_dropout=0.1)
-    basis = train_mod._public_basis(model, loss_obj, _loss_fn, (x, y), config, False, 1, 1, 1.0, 0,
-                                    torch.device("cpu"), d)
+    try:
+        basis = train_mod._public_basis(model, loss_obj, _loss_fn, (x, y), config, False, 1, 1, 1.0, 0,
+                                        torch.device("cpu"), d)
+    except train_mod.TrainError as e:
+        (Path(out_dir) / f"basis_error{rank}.txt").write_text(f"{calls} {e}")
+        return
+    assert calls == ([0] if rank == 0 else [])    # rank 0 alone computes it
     g = train_mod.distributed_private_grad(model, _loss_fn, x, y, clip_norm=1.0, noise_multiplier=0.0,
                                            expected_batch_size=1.0, noise_seed=0, dist=d, basis=basis)
     torch.save({"basis": basis, "update": torch.cat([v.reshape(-1) for v in g.values()])},
@@ -142,6 +158,15 @@ def test_ranks_project_with_rank_zeros_public_basis(tmp_path):
     B = r0["basis"]
     outside = r0["update"] - B @ (B.T @ r0["update"])
     assert float(outside.norm()) < 1e-12 * float(r0["update"].norm())
+
+
+def test_rank_zeros_subspace_error_stops_every_rank_at_once(tmp_path):
+    _spawn(tmp_path, "basis_fails")
+    errors = [(tmp_path / f"basis_error{r}.txt").read_text() for r in (0, 1)]
+    assert errors[0] == "[0] subspace_dim=3 (--public-subspace): the public gradients span fewer than 3 directions; " \
+                        "lower the dimension"
+    assert errors[1] == "[] subspace_dim=3 (--public-subspace): rank 0 could not compute the public subspace (its " \
+                        "own line says why)"
 
 
 def test_two_rank_noise_is_drawn_once_with_the_plans_variance(tmp_path):
