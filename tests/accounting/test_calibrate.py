@@ -51,6 +51,7 @@ def test_small_targets_search_a_coarser_interval_first(monkeypatch):
     assert at <= eps < below
 
 
+@pytest.mark.slow   # 8 s (a million steps)
 def test_calibration_takes_rdp_where_it_certifies_below_pld():
     """Over a million full-batch steps RDP's bound is below PLD's (at sigma 100: 96.12 against 102.67), and the plan
     is certified by the smaller; the search looked at PLD alone and returned a sigma above 100 for eps 97."""

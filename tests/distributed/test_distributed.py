@@ -244,6 +244,7 @@ def test_two_rank_run_matches_plan_and_single_rank(tiny):
         torch.testing.assert_close(v, one[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow   # 17 s; test_ranks_project_with_rank_zeros_public_basis is the check
 def test_two_rank_subspace_run_matches_single_rank(tiny):
     """--public-subspace under torchrun: the ranks share rank 0's basis, and the run is the single process's."""
     d, _ = tiny
