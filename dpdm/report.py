@@ -9,17 +9,24 @@ from typing import Any
 import numpy as np
 
 
+def privacy_curve_points(plan, points: int = 24) -> tuple[np.ndarray, list[float]]:
+    """(steps, epsilon spent) at `points` steps of a plan, as the ledger counts it: the PLD bound of the steps done,
+    at most the plan's certificate (RDP's bound, where that is the smaller)."""
+    import accounting
+
+    steps = np.unique(np.linspace(1, plan.steps, points).round().astype(int))
+    cap = accounting.certified_epsilon(plan)
+    return steps, [min(accounting.epsilon_spent(plan, int(s)), cap) for s in steps]
+
+
 def privacy_curve(plan, path: str | Path, *, points: int = 24, steps_done: int | None = None) -> Path:
-    """Plots epsilon spent against steps for a plan (the ledger's accountant)."""
+    """Plots epsilon spent against steps for a plan (`privacy_curve_points`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import accounting
-
-    steps = np.unique(np.linspace(1, plan.steps, points).round().astype(int))
-    eps = [accounting.epsilon_spent(plan, int(s)) for s in steps]
+    steps, eps = privacy_curve_points(plan, points)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(steps, eps, marker=".", label="epsilon spent (certified)")
     if plan.target_epsilon is not None:
