@@ -798,7 +798,7 @@ def public_subspace(
     _check_chunk_size(chunk_size)
     step = n if chunk_size is None else chunk_size
     rows = []
-    for start in range(0, n, max(step, 1)):
+    for start in range(0, n, step):
         part = [t[start:start + step] for t in public_batch]
         grads, _ = _per_example(model, loss_fn, part, None, rules=per_layer_rules)
         flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1)

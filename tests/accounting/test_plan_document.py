@@ -353,6 +353,13 @@ def test_prv_erring_low_cannot_lower_the_certificate(monkeypatch):
     assert doc.prv.upper < doc.epsilon and doc.prv_overruled is None
 
 
+def _exact_full_batch_epsilon(steps: int, sigma: float, delta: float) -> float:
+    """Full batches (q = 1): `steps` Gaussian steps are exactly mu-GDP with mu = sqrt(steps) / sigma."""
+    mu = math.sqrt(steps) / sigma
+    return optimize.brentq(lambda e: stats.norm.cdf(-e / mu + mu / 2)
+                           - math.exp(e) * stats.norm.cdf(-e / mu - mu / 2) - delta, 0, 300)
+
+
 @pytest.mark.parametrize("steps, sigma", [(50_000, 20.0), (50_000, 21.251)])
 def test_prv_never_certifies_below_the_exact_epsilon(steps, sigma):
     """Full batches (q = 1): T steps of the Gaussian mechanism are exactly mu-GDP with mu = sqrt(T) / sigma, so
@@ -361,12 +368,7 @@ def test_prv_never_certifies_below_the_exact_epsilon(steps, sigma):
     plan = PrivacyPlan(dataset_size=1000, batch_size=1000, steps=steps, noise_multiplier=sigma, delta=1e-5,
                        dataset_name="npz:x")
     doc = accounting.make_plan_document(plan)
-    mu = math.sqrt(steps) / sigma
-
-    def delta_at(eps):
-        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
-
-    exact = optimize.brentq(lambda e: delta_at(e) - 1e-5, 0, 300)
+    exact = _exact_full_batch_epsilon(steps, sigma, 1e-5)
     assert exact <= doc.epsilon <= exact * 1.01 and doc.certified_by == "pld"
 
 
@@ -459,9 +461,7 @@ def test_rdp_certifies_where_smaller_than_pld(tmp_path):
     plan = PrivacyPlan(dataset_size=1000, batch_size=1000, steps=10**6, noise_multiplier=100.0, delta=1e-5,
                        dataset_name="npz:x")
     doc = accounting.make_plan_document(plan)
-    mu = math.sqrt(plan.steps) / plan.noise_multiplier
-    exact = optimize.brentq(lambda e: stats.norm.cdf(-e / mu + mu / 2)
-                            - math.exp(e) * stats.norm.cdf(-e / mu - mu / 2) - 1e-5, 0, 300)
+    exact = _exact_full_batch_epsilon(plan.steps, plan.noise_multiplier, 1e-5)
     assert doc.certified_by == "rdp" and exact <= doc.epsilon == doc.rdp.upper < doc.pld.upper
     assert doc.independent is not None and doc.independent.lower <= doc.epsilon   # checked by dpdm's own PLD
     path = tmp_path / "plan.json"

@@ -204,7 +204,7 @@ def test_real_and_training_engines_pass_the_noise_checks_at_several_sigmas(sigma
 
 
 @pytest.mark.slow   # 5.5 s (four seeds)
-def test_noise_checks_have_no_false_alarms_over_seeds():
+def test_noise_checks_pass_the_right_engine_at_several_seeds():
     # the 12 tests behind each noise check (per tensor, pooled, KS; two noise multipliers) are
     # Bonferroni-corrected, so each check keeps its false-alarm rate <= alpha; the seed changes the noise drawn
     ratios = []

@@ -246,7 +246,8 @@ def test_two_rank_run_matches_plan_and_single_rank(tiny):
 
 @pytest.mark.slow   # 17 s; test_ranks_project_with_rank_zeros_public_basis is the check
 def test_two_rank_subspace_run_matches_single_rank(tiny):
-    """--public-subspace under torchrun: the ranks share rank 0's basis, and the run is the single process's."""
+    """--public-subspace under torchrun runs end to end and is the single process's run (plumbing: on a CPU every
+    rank's basis is the same anyway; test_ranks_project_with_rank_zeros_public_basis checks that rank 0's is used)."""
     d, _ = tiny
     rng = np.random.default_rng(7)
     np.savez(d / "public.npz", x=rng.integers(0, 256, size=(16, 1, 8, 8), dtype=np.uint8),
