@@ -153,11 +153,8 @@ def calibrate_noise_multiplier(
         discretization = pld_discretization(target_epsilon)
 
     def at(interval: float):
-        def epsilon(sigma: float) -> float:
-            # Fresh accountants per trial, always at the same discretization: the plan's certificate, the
-            # smaller of PLD's and RDP's bounds (RDP's is the smaller only over very many steps).
-            event = dpsgd_event(sample_rate, sigma, steps)
-            return min(PldAccountant(interval).epsilon(event, delta).upper, RdpAccountant().epsilon(event, delta).upper)
+        def epsilon(sigma: float) -> float:   # fresh accountants per trial, always at the same discretization
+            return _certificate_epsilon(dpsgd_event(sample_rate, sigma, steps), delta, interval)
         return epsilon
 
     sigma = min(max(_initial_guess(sample_rate, steps, target_epsilon, delta), min_noise_multiplier),
@@ -174,6 +171,12 @@ def calibrate_noise_multiplier(
             pass
     return _search(at(discretization), sigma, factor, rtol, target_epsilon, min_noise_multiplier,
                    max_noise_multiplier, sample_rate, steps, delta)
+
+
+def _certificate_epsilon(event, delta: float, discretization: float) -> float:
+    """A plan's certificate for `event`: the smaller of PLD's bound at `discretization` and RDP's (RDP's is the
+    smaller only over very many steps), from fresh accountants."""
+    return min(PldAccountant(discretization).epsilon(event, delta).upper, RdpAccountant().epsilon(event, delta).upper)
 
 
 def _search(epsilon, sigma: float, factor: float, rtol: float, target_epsilon: float, min_noise_multiplier: float,
@@ -246,10 +249,9 @@ def max_steps(
     _check_steps("limit", limit, maximum=None)
     discretization = pld_discretization(target_epsilon)
 
-    def fits(steps: int) -> bool:   # the certificate: the smaller of PLD's and RDP's bounds, as a plan's
-        event = dpsgd_event(sample_rate, noise_multiplier, steps)
-        return min(PldAccountant(discretization).epsilon(event, delta).upper,
-                   RdpAccountant().epsilon(event, delta).upper) <= target_epsilon
+    def fits(steps: int) -> bool:
+        return _certificate_epsilon(dpsgd_event(sample_rate, noise_multiplier, steps), delta,
+                                    discretization) <= target_epsilon
 
     if not fits(1):
         return 0

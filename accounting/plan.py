@@ -400,11 +400,8 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
         # PLD (or RDP, where smaller) certifies; dpdm's own PLD, which shares no code with either library,
         # brackets the true epsilon in PRV's place, as for any plan.
         certified, certified_by = _certificate(pld.upper, rdp.upper)
-        independent = FftPldAccountant().epsilon(event, delta)
-        problems = _disagreements(certified=certified, rdp=rdp, prv=None)
-        if independent.lower > certified * (1 + _FLOAT_RTOL):
-            problems.append(("fft", f"dpdm's own PLD lower bound {independent.lower:.6g} > certified "
-                                    f"{certified:.6g}"))
+        independent = _own_pld(plan)
+        problems = _disagreements(certified=certified, rdp=rdp, prv=None) + _below_own_floor(certified, independent)
     else:
         # PLD certifies (or RDP, where smaller: both are rigorous upper bounds), never PRV: prv-accountant
         # 0.2.0's "upper bound" fell below the exact epsilon at large sample rates and many steps (q = 1, 50,000
@@ -418,15 +415,14 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
             # PLD's bound is not the certificate, so it checks nothing here: dpdm's own PLD brackets the true
             # epsilon as well, where delta leaves it the precision to.
             try:
-                independent = FftPldAccountant().epsilon(event, delta)
+                independent = _own_pld(plan)
             except FftPrecisionError:
                 independent = None
-            if independent is not None and independent.lower > certified * (1 + _FLOAT_RTOL):
-                problems.append(("fft", f"dpdm's own PLD lower bound {independent.lower:.6g} > certified "
-                                        f"{certified:.6g}"))
+            else:
+                problems += _below_own_floor(certified, independent)
         if problems and all(kind == "prv" for kind, _ in problems):
             # PRV against the certificate: a third accountant, sharing no code with either library, decides.
-            independent = FftPldAccountant().epsilon(event, delta)
+            independent = _own_pld(plan)
             overruled = _prv_overruled(certified, prv, independent)
             if overruled is not None:
                 problems = [p for p in problems if p[0] != "prv"]
@@ -447,6 +443,20 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
                         prv=prv or EpsilonReport(None, None, None, "prv"), pld_discretization=disc,
                         prv_eps_error=prv_eps_error, independent=independent, prv_overruled=overruled,
                         prv_failed=failed)
+
+
+@functools.lru_cache(maxsize=64)
+def _own_pld(plan: PrivacyPlan) -> EpsilonReport:
+    """dpdm's own PLD bracket of the plan's epsilon (accounting/fft_pld.py). Cached: making a plan and each
+    verification of it (a command verifies the same plan more than once) would otherwise re-run it."""
+    return FftPldAccountant().epsilon(plan.to_event(), plan.delta)
+
+
+def _below_own_floor(certified: float, independent: EpsilonReport) -> list[tuple[str, str]]:
+    """The problem, if any, of a certificate below dpdm's own PLD lower bound (a rigorous lower bound)."""
+    if independent.lower > certified * (1 + _FLOAT_RTOL):
+        return [("fft", f"dpdm's own PLD lower bound {independent.lower:.6g} > certified {certified:.6g}")]
+    return []
 
 
 def _disagreements(*, certified: float, rdp: EpsilonReport, prv: EpsilonReport | None) -> list[tuple[str, str]]:
@@ -722,7 +732,7 @@ def _check_reports(doc: PlanDocument, where: str) -> None:
     check("rdp", doc.rdp.upper, _rdp_upper(plan))
     check("pld", doc.pld.upper, epsilon_spent(plan, plan.steps))
     if doc.independent is not None:
-        own = FftPldAccountant().epsilon(plan.to_event(), plan.delta)
+        own = _own_pld(plan)
         check("independent.lower", doc.independent.lower, own.lower)
         check("independent.upper", doc.independent.upper, own.upper)
     prv = (doc.prv.lower, doc.prv.estimate, doc.prv.upper)
