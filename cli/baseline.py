@@ -74,6 +74,13 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
                        f"with --test-dataset npz:PATH or folder:PATH")
     train = load_training_data(name, data_root=data_root, download=download)
     check_augment_shift(augment_shift, train)
+    from dpdm.classifiers import CNN_MIN_SIDE
+
+    if min(train.image_shape[1:]) < CNN_MIN_SIDE:
+        raise BadInput(f"--dataset={name!r} has images of {'x'.join(map(str, train.image_shape[1:]))} pixels; the "
+                       f"CNN needs at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE}")
+    if train.y is None:
+        raise BadInput(f"--dataset={name!r} has no labels; the DP-SGD classifier needs them")
     if len(train) != doc.plan.dataset_size:
         raise BadInput(f"--dataset={name!r} has {len(train)} training images but the plan was made "
                        f"for dataset_size={doc.plan.dataset_size}")
@@ -81,6 +88,10 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         test = load_dataset(test_dataset or name, "test", data_root=data_root, download=download)
     except (ValueError, OSError) as e:
         raise BadInput(f"--test-dataset={test_dataset or name!r}: {e}") from None
+    if test.y is None or len(test) < 2:   # `dpdm eval`'s least test set: one image scores 0 or 1
+        raise BadInput(f"--test-dataset={test_dataset or name!r} " + (
+            "has no labels; the test accuracy needs them" if test.y is None else
+            f"holds {len(test)} image; dpdm baseline dp-classifier needs at least 2"))
     public = None
     if public_name is not None:
         public = load_public_data("--public-pretrain", public_name, name, data_root=data_root, download=download,
@@ -103,6 +114,9 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
     except ValueError as e:  # DataError and engine argument checks
         raise BadInput(str(e)) from None
     warn_inferred_classes(name, train)   # after the library's checks: a refused run stays one error line
+    if dataset and doc.plan.dataset_name and dataset != doc.plan.dataset_name:   # as `dpdm train` warns
+        warn(f"--dataset={dataset!r}, but the plan was made for {doc.plan.dataset_name!r}; its guarantee holds "
+             "for any data of its size, and the result records the data it trained on")
     if result["test_images_in_train"]:
         warn(f"{result['test_images_in_train']} of the {len(test)} test images of {test.name!r} are also training "
              "images; their accuracy is not held-out")

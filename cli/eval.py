@@ -61,8 +61,9 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     are computed WITHOUT privacy from the real training data: keep them private.
     """
     from dpdm.datasets import DataError, has_test_split, load_dataset, load_npz, shared_images
-    from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, check_public_data, check_test_data, default_cache_dir,
-                               evaluate_samples, match_test_classes, skipped_metrics)
+    from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, check_public_data, check_samples_held_out,
+                               check_test_data, cnn_size_problem, default_cache_dir, evaluate_samples, load_inception,
+                               match_test_classes, skipped_metrics)
 
     kinds = tuple(k.strip() for k in classifiers.split(",") if k.strip())
     for k in kinds:
@@ -110,8 +111,34 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
             real_test = match_test_classes(real_train, real_test)
         except DataError as e:
             raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
+    skipped = skipped_metrics(samples, real_train, real_test, kinds)
+    accuracies = bool(kinds) and "classifiers" not in skipped
+    if "classifier_fd" in skipped and inception_weights is None and not accuracies:
+        why = ("" if not kinds else f"; the accuracies need labelled samples and labelled test data "
+               f"({skipped['classifiers']})")
+        raise BadInput(f"--dataset={dataset!r} has no labels, so there is nothing to compute: the classifier FD "
+                       f"and precision/recall need a labelled training split{why}; give --inception-weights FILE "
+                       f"for the Inception FID, which needs no labels")
+    problem = cnn_size_problem(samples.image_shape, skipped, kinds)
+    if problem:
+        raise BadInput(f"--samples={samples_path!r}: {problem}")
+    if "classifier_fd" not in skipped:   # the reference CNN is cached there: checked before any training
+        from pathlib import Path
+
+        from dpdm.report_utils import output_parent_problem
+
+        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        problem = output_parent_problem(folder / "reference" / "reference.pt")
+        if problem:
+            raise BadInput(f"--cache-dir={str(folder)!r}: {problem}")
+    inception = None
+    if inception_weights is not None:   # before any line or training: a bad file is one error line
+        try:
+            inception = load_inception(inception_weights)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
     public = None
-    if public_name is not None:
+    if public_name is not None and accuracies:   # else nothing trains on it (the skipped line says why)
         from dpdm.dataset_sizes import same_images
 
         for real in (dataset, test_dataset):
@@ -126,30 +153,23 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
             check_public_data(public, real_train, real_test)
         except DataError as e:
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
+    in_train = in_test = 0
     if real_test is not None:
         try:   # the rule of `dpdm baseline dp-classifier`: a few duplicates are reported, half or more refused
             in_train = check_test_data(real_train, real_test)
         except DataError as e:
             raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
-        if in_train:
-            warn(f"{in_train} of the {len(real_test)} test images of {real_test.name!r} are also training "
-                 "images; their accuracy is not held-out")
-    skipped = skipped_metrics(samples, real_train, real_test, kinds)
-    if "classifier_fd" in skipped and inception_weights is None and (not kinds or "classifiers" in skipped):
-        why = ("" if not kinds else f"; the accuracies need labelled samples and labelled test data "
-               f"({skipped['classifiers']})")
-        raise BadInput(f"--dataset={dataset!r} has no labels, so there is nothing to compute: the classifier FD "
-                       f"and precision/recall need a labelled training split{why}; give --inception-weights FILE "
-                       f"for the Inception FID, which needs no labels")
-    if "classifier_fd" not in skipped:   # the reference CNN is cached there: checked before any training
-        from pathlib import Path
-
-        from dpdm.report_utils import output_parent_problem
-
-        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        problem = output_parent_problem(folder / "reference" / "reference.pt")
-        if problem:
-            raise BadInput(f"--cache-dir={str(folder)!r}: {problem}")
+        if accuracies:   # the same rule for test images among the samples, which the classifiers train on
+            try:
+                in_test = check_samples_held_out(samples, real_test)
+            except DataError as e:
+                raise BadInput(f"--samples={samples_path!r}: {e}") from None
+    if in_train:
+        warn(f"{in_train} of the {len(real_test)} test images of {real_test.name!r} are also training "
+             "images; their accuracy is not held-out")
+    if in_test:
+        warn(f"{in_test} of the {len(samples)} samples in {samples_path!r} are test images of {real_test.name!r}; "
+             "the classifiers train on them, so their accuracy is not held-out")
     provenance = samples_provenance(samples_path)
     if real_test is not None:
         _check_test_held_out_from_generator(provenance["dataset"], dataset, real_test, test_dataset or dataset,
@@ -168,14 +188,17 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
              f"{what}")
     for metric, reason in _skip_lines(skipped):
         info(f"{metric} skipped: {reason}")
+    import numpy as np
+
     try:
         report = evaluate_samples(samples, real_train, real_test, classifiers=kinds, epochs=epochs,
                                   cache_dir=cache_dir, reference_epochs=reference_epochs or REFERENCE_EPOCHS,
-                                  inception_weights=inception_weights, seed=seed,
-                                  device=resolve_device(device),
-                                  progress=None if as_json else info, public=public,
+                                  inception=inception, seed=seed, device=resolve_device(device),
+                                  progress=None if as_json else info, public=public, public_checked=True,
                                   public_epochs=public_epochs, shift=augment_shift)
-    except ValueError as e:  # DataError (shape / label mismatch), unusable inception weights, no cache folder
+    except np.linalg.LinAlgError:   # a ValueError, but a numerical failure, not bad input: exit 4
+        raise
+    except ValueError as e:  # DataError (shape / label mismatch), no cache folder
         raise BadInput(f"--samples={samples_path!r}: {e}" if isinstance(e, DataError) else str(e)) from None
     report["samples_provenance"] = provenance
     if as_json:

@@ -8,7 +8,8 @@ channel count:
 - `CNN`: Conv(C->32, 3) -> MaxPool2 -> ReLU -> Drop 0.5 -> Conv(32->64, 3) -> MaxPool2 -> ReLU ->
   Drop 0.5 -> Conv(64->128, 3) -> ReLU -> Flatten -> FC(-> 128) -> ReLU -> Drop 0.5 -> FC(128 ->
   classes). On 28x28 the flattened size is 1152, as in the paper. Images smaller than 28 pixels
-  (e.g. 8x8 digits) use padding 1 so that the feature maps do not vanish.
+  (e.g. 8x8 digits) use padding 1 so that the feature maps do not vanish; the two MaxPool2 layers
+  still need `CNN_MIN_SIDE` (4) pixels a side.
 
 ``CNN(group_norm=True, dropout=0.0)`` is the DP-SGD variant used by the baseline: GroupNorm after
 each convolution (per-example, so DP-SGD's per-example gradients stay independent) and no dropout
@@ -19,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["CNN", "LogReg", "MLP", "build_classifier", "CLASSIFIERS"]
+__all__ = ["CNN", "CNN_MIN_SIDE", "LogReg", "MLP", "build_classifier", "CLASSIFIERS"]
+
+CNN_MIN_SIDE = 4   # the CNN's two MaxPool2 layers leave no pixel of a smaller side
 
 
 class LogReg(nn.Module):
@@ -60,6 +63,8 @@ class CNN(nn.Module):
                  ) -> None:
         super().__init__()
         h, w = _hw(img_resolution)
+        if min(h, w) < CNN_MIN_SIDE:
+            raise ValueError(f"the CNN needs images of at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE} pixels, not {h}x{w}")
         pad = 0 if min(h, w) >= 28 else 1
 
         def drop() -> nn.Module:

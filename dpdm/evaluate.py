@@ -39,7 +39,9 @@ The test split must be held out: one with another class count, or with half or m
 training split, is refused (`check_test_data`, the DP-SGD baseline's rule). The report counts the test
 images and the samples that are training images (``"test_images_in_train"``, ``"samples_in_train"``,
 both computed without privacy): samples that are training images make every metric describe the
-training data, not a generator.
+training data, not a generator. It counts the samples that are test images too (``"samples_in_test"``): the
+classifiers train on them, so half or more of the test images among the samples is refused when the accuracies
+are computed (`check_samples_held_out`).
 
 What needs labels is skipped, with its reason under ``"skipped"``, when they are missing: the
 accuracies need labelled samples and a labelled test split; the reference CNN (classifier FD,
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import time
@@ -63,7 +66,7 @@ import torch
 from torch import nn
 
 from dpdm.checkpoint import TORCH_LOAD_ERRORS, load_error_reason
-from dpdm.classifiers import CNN, build_classifier
+from dpdm.classifiers import CNN, CNN_MIN_SIDE, build_classifier
 from dpdm.datasets import DataError, ImageData, class_names_problem, near_copy_problem, shared_images
 
 __all__ = [
@@ -74,10 +77,12 @@ __all__ = [
     "REFERENCE_EPOCHS",
     "accuracy",
     "check_public_data",
+    "check_samples_held_out",
     "check_shift",
     "check_test_data",
     "classifier_fd",
     "classifier_precision_recall",
+    "cnn_size_problem",
     "default_cache_dir",
     "downstream_accuracy",
     "evaluate_samples",
@@ -294,6 +299,24 @@ def check_test_data(real_train: ImageData, real_test: ImageData) -> int:
     return shared
 
 
+def check_samples_held_out(samples: ImageData, real_test: ImageData) -> int:
+    """How many of the `samples` are images of `real_test` (`datasets.shared_images`).
+
+    The downstream classifiers train on the samples: test images among them make the test accuracy partly a
+    training accuracy (real held-out images given as samples, for a "real data" figure, scored as high as the
+    training split). `check_test_data`'s rule, with the samples as the training data: a few are counted,
+    half or more of the test images is no held-out test set.
+
+    Raises:
+      DataError: half or more of the test images are samples.
+    """
+    seen = shared_images(real_test, samples)
+    if len(real_test) and 2 * seen >= len(real_test):
+        raise DataError(f"{seen} of the {len(real_test)} test images of {real_test.name!r} are among the samples, "
+                        "which the classifiers train on; the test accuracy must come from held-out images")
+    return shared_images(samples, real_test)
+
+
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(n * val_fraction))
@@ -303,11 +326,12 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.
 def downstream_accuracy(samples: ImageData, real_test: ImageData, *, kind: str, epochs: int | None = None,
                         val_fraction: float = 0.1, seed: int = 0, device: str | torch.device = "cpu",
                         public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
-                        shift: int = 0) -> dict:
+                        shift: int = 0, public_checked: bool = False) -> dict:
     """The paper's protocol: train on synthetic (90%), select on synthetic (10%), test on real.
 
     With `public`, the classifier first trains `public_epochs` epochs on that labelled public data
-    (`pretrain_on_public`); selection still picks one of the synthetic epochs.
+    (`pretrain_on_public`); selection still picks one of the synthetic epochs. `public_checked`: the caller
+    has run `check_public_data` on it against `real_test` already (it costs seconds on large sets).
 
     Returns:
       {"test_accuracy", "synthetic_val_accuracy", "best_epoch", "epochs", "train_size", "seconds"},
@@ -319,7 +343,7 @@ def downstream_accuracy(samples: ImageData, real_test: ImageData, *, kind: str, 
         raise DataError(f"{samples.name}: samples have no labels 'y'; downstream accuracy needs them")
     if len(samples) < 2:
         raise DataError(f"{samples.name}: need at least 2 samples, got {len(samples)}")
-    if public is not None:
+    if public is not None and not public_checked:
         check_public_data(public, real_test)
     epochs = DEFAULT_EPOCHS[kind] if epochs is None else epochs
     t0 = time.perf_counter()
@@ -369,6 +393,11 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
                          ) -> tuple[CNN, dict]:
     """The paper's CNN trained on the real training split (90/10 selection), cached on disk.
 
+    An entry is used only if its record holds the sha256 of the full data digest and the weight file's bytes
+    (`_weights_sha256`): weights of another network (another dataset's reference of the same shape, zeroed or
+    otherwise altered ones) are trained again, not measured with. The folder is set to mode 0700 and the
+    entries are written 0600.
+
     Returns:
       (model in eval mode, info dict with "cache" (the file's path, whose name holds a digest of the
       private data: keep it local), "cached", "real_val_accuracy", "best_epoch", "epochs").
@@ -376,7 +405,8 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
     if real_train.y is None:
         raise DataError(f"{real_train.name}: the reference classifier needs labelled training data")
     c, h, w = real_train.image_shape
-    key = f"{_safe(real_train.name)}-{_digest(real_train)[:16]}-e{epochs}-s{seed}-v{_REFERENCE_VERSION}"
+    digest = _digest(real_train)
+    key = f"{_safe(real_train.name)}-{digest[:16]}-e{epochs}-s{seed}-v{_REFERENCE_VERSION}"
     path = _reference_folder(cache_dir) / f"{key}.pt"
 
     def fresh() -> CNN:
@@ -387,12 +417,14 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
     model = fresh()
     if path.is_file() and path.with_suffix(".json").is_file():
         try:
+            weights = path.read_bytes()
             with warnings.catch_warnings():  # a damaged file can make torch warn before it refuses
                 warnings.simplefilter("ignore")
-                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
             info = json.loads(path.with_suffix(".json").read_text())
-            _check_reference_entry(model, info, epochs)
+            _check_reference_entry(model, info, epochs, _weights_sha256(digest, weights))
             model.to(device).eval()
+            info = {k: v for k, v in info.items() if k != "weights_sha256"}   # a fingerprint of the data too
             return model, {**info, "cache": str(path), "cached": True}
         except TORCH_LOAD_ERRORS:
             # A damaged (or foreign, refused by weights_only) cache entry is rebuilt, from a fresh network: a
@@ -408,19 +440,32 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
             model, real_train.x[train], real_train.y[train], real_train.x[val], real_train.y[val],
             epochs=epochs, seed=seed, device=device)
     info = {"real_val_accuracy": val_acc, "best_epoch": best_epoch, "epochs": epochs}
-    _atomic_write(path, lambda f: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, f))
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(info).encode()))
+    buffer = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)
+    weights = buffer.getvalue()
+    record = {**info, "weights_sha256": _weights_sha256(digest, weights)}
+    _atomic_write(path, lambda f: f.write(weights))
+    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
     return model, {**info, "cache": str(path), "cached": False}
 
 
-def _check_reference_entry(model: nn.Module, info: Any, epochs: int) -> None:
-    """Raises ValueError unless a cached reference CNN is usable: finite weights (NaN ones made every later
-    eval fail with "Eigenvalues did not converge") and the figures `reference_classifier` records, of their
-    types (they are copied into the report)."""
+def _weights_sha256(data_digest: str, weights: bytes) -> str:
+    """Ties a cached reference CNN's weight file to the data it was trained on (the file name holds only a
+    prefix of `data_digest`)."""
+    return hashlib.sha256(data_digest.encode() + b"\n" + weights).hexdigest()
+
+
+def _check_reference_entry(model: nn.Module, info: Any, epochs: int, weights_sha256: str) -> None:
+    """Raises ValueError unless a cached reference CNN is usable: the weights it recorded (`weights_sha256`, of
+    this data and the file's bytes; zeroed weights reported FD 0 and precision/recall 1), finite (NaN ones made
+    every later eval fail with "Eigenvalues did not converge"), and the figures `reference_classifier` records,
+    of their types (they are copied into the report)."""
+    if not isinstance(info, dict) or set(info) != {"real_val_accuracy", "best_epoch", "epochs", "weights_sha256"}:
+        raise ValueError("not the reference's record")
+    if info["weights_sha256"] != weights_sha256:
+        raise ValueError("weights other than those recorded")
     if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
         raise ValueError("weights that are not finite")
-    if not isinstance(info, dict) or set(info) != {"real_val_accuracy", "best_epoch", "epochs"}:
-        raise ValueError("not the reference's record")
     acc, best = info["real_val_accuracy"], info["best_epoch"]
     if not (type(acc) in (int, float) and 0 <= acc <= 1 and type(best) is int and 0 <= best <= epochs
             and info["epochs"] == epochs and type(info["epochs"]) is int):
@@ -438,6 +483,10 @@ def _reference_folder(cache_dir: str | os.PathLike | None) -> Path:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)   # 0700: a CNN trained on the private data
     except OSError as e:
         raise ValueError(f"cannot create the cache folder {str(folder)!r} ({' '.join(str(e).split())})") from None
+    try:   # a folder made beforehand (an older dpdm, a shared DPDM_CACHE) becomes private too, as run folders do
+        os.chmod(folder, 0o700)
+    except OSError:
+        pass
     return folder
 
 
@@ -446,8 +495,10 @@ def _safe(name: str) -> str:
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
+    """Writes `path` through a temporary file of mode 0600 (the entries are as private as the data)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    tmp.unlink(missing_ok=True)   # a leftover of a killed run keeps its mode; O_EXCL makes a new one
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
         write(f)
     os.replace(tmp, path)
 
@@ -544,7 +595,8 @@ def load_inception(weights: str | os.PathLike) -> nn.Module:
     """torchvision inception_v3 from a local state-dict file, fc removed (2048-d pool features).
 
     Raises:
-      ValueError: missing file or not an inception_v3 state dict.
+      ValueError: missing file, not an inception_v3 state dict, or non-finite weights (NaN or inf ones made the
+        FID fail at the very end, with "Eigenvalues did not converge").
     """
     from torchvision.models import inception_v3
 
@@ -561,6 +613,10 @@ def load_inception(weights: str | os.PathLike) -> nn.Module:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise ValueError(f"--inception-weights={str(weights)!r} must hold a state dict of tensors")
+    bad = sum(1 for v in state.values() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"--inception-weights={str(weights)!r} holds non-finite weights (NaN or inf, in {bad} "
+                         f"tensor{'s' if bad > 1 else ''})")
     aux = any(k.startswith("AuxLogits.") for k in state)
     net = inception_v3(weights=None, aux_logits=aux, init_weights=False, transform_input=False)
     try:
@@ -612,6 +668,21 @@ def skipped_metrics(samples: ImageData, real_train: ImageData, real_test: ImageD
     return skipped
 
 
+def cnn_size_problem(image_shape: tuple[int, ...], skipped: dict[str, str], classifiers: tuple[str, ...]) -> str | None:
+    """Why images of `image_shape` (C, H, W) are too small for the CNNs `evaluate_samples` would train (the
+    reference CNN unless `skipped` names the classifier FD, the downstream "cnn" unless it names the
+    classifiers), or None."""
+    h, w = image_shape[-2:]
+    if min(h, w) >= CNN_MIN_SIDE:
+        return None
+    uses = (["the reference CNN of the classifier FD and precision/recall"] if "classifier_fd" not in skipped else []) \
+        + (["the downstream classifier 'cnn'"] if "cnn" in classifiers and "classifiers" not in skipped else [])
+    if not uses:
+        return None
+    return (f"the images are {h}x{w} pixels, and {' and '.join(uses)} need{'s' if len(uses) == 1 else ''} at "
+            f"least {CNN_MIN_SIDE}x{CNN_MIN_SIDE}")
+
+
 def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: ImageData | None, *,
                      classifiers: tuple[str, ...] = ("logreg", "mlp", "cnn"),
                      epochs: dict[str, int] | int | None = None,
@@ -620,7 +691,7 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                      inception_weights: str | os.PathLike | None = None, seed: int = 0,
                      device: str | torch.device = "cpu", progress: Progress | None = None,
                      public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
-                     shift: int = 0) -> dict:
+                     shift: int = 0, inception: nn.Module | None = None, public_checked: bool = False) -> dict:
     """Downstream accuracies, classifier FD and (optionally) Inception FID of `samples`.
 
     Args:
@@ -630,9 +701,11 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
       real_test: the real held-out split (accuracies); None skips the accuracies.
       epochs: per-classifier epochs (dict), one number for all, or None for `DEFAULT_EPOCHS`.
       public: labelled PUBLIC data every downstream classifier first trains on (`pretrain_on_public`);
-        the caller makes sure it holds none of the private images. None: the paper's protocol.
+        checked with `check_public_data` unless `public_checked` (the caller did). None: the paper's
+        protocol. Unused (and reported None) when no accuracy is computed.
       shift: train the downstream classifiers on randomly translated samples (up to `shift` pixels,
         `random_shift`); 0: the paper's protocol.
+      inception: an Inception network already loaded with `load_inception`, instead of `inception_weights`.
 
     Returns:
       A JSON-serializable dict (see `cli/eval.py` for the printed form). What could not be computed
@@ -642,11 +715,16 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
       "test_images_in_train" (`check_test_data`; None without `real_test`) and "samples_in_train" count
       the test images and the samples that are also training images (`datasets.shared_images`): samples
       that are training images make the metrics measure the training data, not a generator.
+      "samples_in_test" (None without `real_test`) counts the samples that are test images
+      (`check_samples_held_out`).
 
     Raises:
       DataError: samples whose image shape or labels do not fit the dataset, or fewer than
-        `MIN_SAMPLES` of them; a test split that is no held-out data (`check_test_data`).
-      ValueError: the reference CNN's cache folder cannot be created (checked before any training).
+        `MIN_SAMPLES` of them; a test split that is no held-out data (`check_test_data`), or that is half
+        or more among the samples when the accuracies are computed (`check_samples_held_out`); images too
+        small for a CNN it would train (`cnn_size_problem`).
+      ValueError: the reference CNN's cache folder cannot be created, or unusable Inception weights (checked
+        before any training).
     """
     _check_compatible(samples, real_train)
     if real_test is not None:
@@ -656,15 +734,26 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
         raise DataError(f"{samples.name}: holds {len(samples)} images; the evaluation needs at least "
                         f"{MIN_SAMPLES} (precision / recall with k = 3)")
     test_in_train = None if real_test is None else check_test_data(real_train, real_test)
-    if public is not None:
+    skipped = skipped_metrics(samples, real_train, real_test, classifiers)
+    accuracies = bool(classifiers) and "classifiers" not in skipped
+    samples_in_test = None
+    if real_test is not None:
+        samples_in_test = check_samples_held_out(samples, real_test) if accuracies else \
+            shared_images(samples, real_test)
+    problem = cnn_size_problem(samples.image_shape, skipped, classifiers)
+    if problem:
+        raise DataError(f"{samples.name}: {problem}")
+    if not accuracies:
+        public = None   # nothing trains on it
+    if public is not None and not public_checked:
         check_public_data(public, real_train, real_test)
-    inception = load_inception(inception_weights) if inception_weights is not None else None
+    if inception is None and inception_weights is not None:
+        inception = load_inception(inception_weights)
     if isinstance(epochs, int):
         epochs = {k: epochs for k in classifiers}
     epochs = {**DEFAULT_EPOCHS, **(epochs or {})}
     t0 = time.perf_counter()
     check_shift(shift, samples.image_shape[1:])
-    skipped = skipped_metrics(samples, real_train, real_test, classifiers)
     if "classifier_fd" not in skipped:
         _reference_folder(cache_dir)   # before any training, not after it
     report: dict = {"samples": samples.name, "n_samples": len(samples), "dataset": real_train.name,
@@ -674,9 +763,10 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                     "public_pretrain": None if public is None else {"dataset": public.name,
                                                                     "epochs": int(public_epochs)},
                     "augment_shift": int(shift), "skipped": skipped,
-                    "test_images_in_train": test_in_train, "samples_in_train": shared_images(samples, real_train)}
+                    "test_images_in_train": test_in_train, "samples_in_train": shared_images(samples, real_train),
+                    "samples_in_test": samples_in_test}
     non_private = ([] if real_test is None else ["test_images_in_train"]) + ["samples_in_train"]
-    if "classifiers" not in skipped:
+    if accuracies:
         for kind in classifiers:
             if progress:
                 first = "" if public is None else f"{public_epochs} epochs on public {public.name}, then "
@@ -684,7 +774,7 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                 progress(f"training {kind}: {first}{len(samples)} synthetic images ({epochs[kind]} epochs{aug})")
             report["classifiers"][kind] = downstream_accuracy(
                 samples, real_test, kind=kind, epochs=epochs[kind], seed=seed, device=device,
-                public=public, public_epochs=public_epochs, shift=shift)
+                public=public, public_epochs=public_epochs, shift=shift, public_checked=True)
     report["classifier_fd"] = report["classifier_precision_recall"] = None
     if "classifier_fd" not in skipped:
         reference, info = reference_classifier(real_train, cache_dir=cache_dir, epochs=reference_epochs,

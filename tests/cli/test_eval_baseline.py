@@ -784,3 +784,112 @@ def test_random_shift_refuses_shifts_beyond_the_image():
     assert random_shift(x, 7, torch.Generator()).shape == x.shape
     with pytest.raises(ValueError, match=r"shift=8 must be smaller than the images' sides \(8x8\)"):
         random_shift(x, 8, torch.Generator())
+
+
+# --- review mends (s41) --------------------------------------------------------------------------
+
+def test_eval_refuses_or_warns_samples_that_are_test_images(digit_files, tmp_path, capsys):
+    """F1: `--samples` = the held-out test images scored MLP 0.82 (0.66 for other real images) without a word."""
+    common = ("eval", "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+              "--reference-epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu")
+    code, _, err = _run(capsys, *common, "--samples", str(digit_files["test"]), "--classifiers", "logreg")
+    _assert_one_line_error(code, err, f"--samples='{digit_files['test']}'", "300 of the 300 test images",
+                           "held-out")
+    assert not (tmp_path / "cache").exists()   # refused before any training
+    with np.load(digit_files["test"]) as te, np.load(digit_files["samples"]) as sa:
+        np.savez(tmp_path / "two.npz", x=np.concatenate([sa["x"], te["x"][:2]]),
+                 y=np.concatenate([sa["y"], te["y"][:2]]))
+    code, out, err = _run(capsys, *common, "--samples", str(tmp_path / "two.npz"), "--classifiers", "logreg",
+                          "--epochs", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["samples_in_test"] == 2
+    assert f"dpdm: warning: 2 of the 402 samples in '{tmp_path / 'two.npz'}' are test images" in err
+    assert "not held-out" in err
+    # No accuracies: the test images are a fair "real data" point for the classifier FD.
+    code, out, err = _run(capsys, *common, "--samples", str(digit_files["test"]), "--classifiers", "", "--json")
+    assert code == 0, err
+    assert json.loads(out)["samples_in_test"] == 300 and "test images" not in err
+
+
+def test_eval_bad_inception_weights_is_one_line_before_anything(digit_files, tmp_path, capsys):
+    """F3: NaN Inception weights failed at the very end ("Eigenvalues did not converge"), and any unusable file
+    came after the "skipped" info lines."""
+    with np.load(digit_files["samples"]) as z:
+        np.savez(tmp_path / "uncond.npz", x=z["x"][:40])
+    nan = tmp_path / "nan.pt"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.full((2, 2), float("nan"))}, nan)
+    code, _, err = _run(capsys, "eval", "--samples", str(tmp_path / "uncond.npz"),
+                        "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+                        "--inception-weights", str(nan), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu")
+    _assert_one_line_error(code, err, f"--inception-weights='{nan}'", "non-finite weights")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_eval_and_baseline_refuse_images_under_4x4(digit_files, tmp_path, capsys):
+    """F4: 3x3 images ended eval and the baseline in a traceback (exit 4) from inside the CNN."""
+    for name in ("train", "test", "samples"):
+        with np.load(digit_files[name]) as z:
+            np.savez(tmp_path / f"{name}3.npz", x=z["x"][:, :, :3, :3], y=z["y"])
+    code, _, err = _run(capsys, "eval", "--samples", str(tmp_path / "samples3.npz"),
+                        "--dataset", f"npz:{tmp_path / 'train3.npz'}",
+                        "--test-dataset", f"npz:{tmp_path / 'test3.npz'}", "--classifiers", "logreg", "--epochs", "1", "--cache-dir", str(tmp_path / "cache"),
+                        "--device", "cpu")
+    _assert_one_line_error(code, err, "--samples=", "3x3", "at least 4x4")
+    assert not (tmp_path / "cache").exists()
+    path = _plan(tmp_path, 600, f"npz:{tmp_path / 'train3.npz'}", steps=1)
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path),
+                        "--test-dataset", f"npz:{tmp_path / 'test3.npz'}", "--device", "cpu")
+    _assert_one_line_error(code, err, "--dataset=", "3x3", "at least 4x4")
+
+
+def test_baseline_warns_of_a_dataset_the_plan_does_not_name(digit_files, tmp_path, capsys):
+    """F7: `dpdm train` warns of a --dataset other than the plan's; the baseline was silent."""
+    path = _plan(tmp_path, 600, f"npz:{digit_files['train']}", steps=1)
+    with np.load(digit_files["train"]) as z:
+        np.savez(tmp_path / "other.npz", x=z["x"][::-1], y=z["y"][::-1])
+    common = ("baseline", "dp-classifier", "--plan", str(path), "--test-dataset", f"npz:{digit_files['test']}",
+              "--device", "cpu", "--quiet")
+    code, _, err = _run(capsys, *common, "--dataset", f"npz:{tmp_path / 'other.npz'}")
+    assert code == 0, err
+    assert (f"dpdm: warning: --dataset='npz:{tmp_path / 'other.npz'}', but the plan was made for "
+            f"'npz:{digit_files['train']}'; its guarantee holds for any data of its size") in err
+    code, _, err = _run(capsys, *common, "--dataset", f"npz:{digit_files['train']}")
+    assert code == 0 and "plan was made for" not in err, err
+
+
+def test_baseline_refuses_a_one_image_or_unlabelled_test_set(digit_files, tmp_path, capsys):
+    """F8 (b): a 1-image test set (accuracy 0 or 1) was taken; an unlabelled one was not named."""
+    path = _plan(tmp_path, 600, f"npz:{digit_files['train']}", steps=1)
+    with np.load(digit_files["test"]) as z:
+        np.savez(tmp_path / "one.npz", x=z["x"][:1], y=z["y"][:1])
+        np.savez(tmp_path / "noy.npz", x=z["x"])
+    common = ("baseline", "dp-classifier", "--plan", str(path), "--device", "cpu", "--quiet")
+    code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{tmp_path / 'one.npz'}")
+    _assert_one_line_error(code, err, "--test-dataset=", "holds 1 image", "at least 2")
+    code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{tmp_path / 'noy.npz'}")
+    _assert_one_line_error(code, err, f"--test-dataset='npz:{tmp_path / 'noy.npz'}' has no labels")
+
+
+def test_eval_checks_public_data_once_and_only_when_used(digit_files, tmp_path, capsys, monkeypatch):
+    """F6: the near-copy check of --public-pretrain ran 2 + 2 + once per classifier (7 times, 32 s for the default
+    eval on mnist5k); F8 (a): unlabelled samples reported "public_pretrain" though nothing trained on it."""
+    import dpdm.evaluate as ev
+
+    calls = []
+    real = ev.near_copy_problem
+    monkeypatch.setattr(ev, "near_copy_problem", lambda *a, **k: calls.append(1) or real(*a, **k))
+    public = tmp_path / "public.npz"
+    with np.load(digit_files["samples"]) as z:
+        np.savez(public, x=z["x"][:100], y=z["y"][:100])
+        np.savez(tmp_path / "uncond.npz", x=z["x"][:40])
+    common = ("eval", "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+              "--classifiers", "logreg,mlp", "--epochs", "1", "--public-pretrain", f"npz:{public}",
+              "--public-epochs", "1", "--reference-epochs", "1", "--cache-dir", str(tmp_path / "cache"),
+              "--device", "cpu", "--json")
+    code, out, err = _run(capsys, *common, "--samples", str(digit_files["samples"]))
+    assert code == 0, err
+    assert len(calls) == 2 and json.loads(out)["public_pretrain"]["dataset"] == f"npz:{public}"   # train, test
+    calls.clear()
+    code, out, err = _run(capsys, *common, "--samples", str(tmp_path / "uncond.npz"))
+    assert code == 0, err
+    assert json.loads(out)["public_pretrain"] is None and not calls

@@ -494,3 +494,111 @@ def test_public_class_folders_must_be_named_as_the_private_ones():
         check_public_data(data("folder:public", ("dog", "wolf"), 2), private)
     check_public_data(data("folder:public", ("cat", "dog"), 3), private)
     check_public_data(data("npz:public", None, 4), private)   # unnamed classes: matched by number, as before
+
+
+# --- review mends (s41): test images among the samples, the cache tied to its weights, tiny images -------------
+
+def test_evaluate_counts_and_refuses_samples_that_are_test_images(digits, tmp_path):
+    """F1: the held-out test images given as samples scored a training-set accuracy without a word."""
+    from dpdm.evaluate import NON_PRIVATE_KEY
+
+    train, test = digits
+    train = ImageData(train.x[:300], train.y[:300], 10, "digits-300")
+    test = ImageData(test.x[:100], test.y[:100], 10, "test-100")
+    seen = []
+    with pytest.raises(DataError, match="50 of the 100 test images of 'test-100' are among the samples"):
+        evaluate_samples(ImageData(test.x[:50], test.y[:50], 10, "half"), train, test, classifiers=("logreg",),
+                         epochs=1, cache_dir=tmp_path, progress=seen.append)
+    assert not seen and not list(tmp_path.iterdir())   # refused before any training
+    # A few are counted (samples that are test images), as check_test_data counts test images in training data.
+    few = ImageData(torch.cat([train.x[:40], test.x[:3]]), torch.cat([train.y[:40], test.y[:3]]), 10, "few")
+    report = evaluate_samples(few, train, test, classifiers=("logreg",), epochs=1, reference_epochs=1,
+                              cache_dir=tmp_path)
+    assert report["samples_in_test"] == 3 and "samples_in_test" not in report[NON_PRIVATE_KEY]
+    from dpdm.evaluate import check_samples_held_out
+
+    assert check_samples_held_out(few, test) == 3
+    # Without accuracies the test images are a fair "real data" point for the FD: counted, not refused.
+    report = evaluate_samples(test, train, test, classifiers=(), reference_epochs=1, cache_dir=tmp_path)
+    assert report["samples_in_test"] == 100
+    assert evaluate_samples(few, train, None, classifiers=(), reference_epochs=1,
+                            cache_dir=tmp_path)["samples_in_test"] is None
+
+
+def test_reference_cache_entry_is_tied_to_its_weights_and_data(digits, tmp_path):
+    """F2: zeroed weights under an intact record (or another dataset's entry copied under the key) were used:
+    classifier FD 0, precision and recall 1."""
+    train, test = digits
+    a = ImageData(train.x[:200], train.y[:200], 10, "digits")
+    b = ImageData(train.x[200:400], train.y[200:400], 10, "digits")   # same name and shape, other images
+    ref, info = reference_classifier(a, cache_dir=tmp_path, epochs=1)
+    cache = Path(info["cache"])
+    torch.save({k: torch.zeros_like(v) for k, v in ref.state_dict().items()}, cache)
+    ref2, info2 = reference_classifier(a, cache_dir=tmp_path, epochs=1)
+    assert info2["cached"] is False
+    for p, q in zip(ref.parameters(), ref2.parameters()):
+        torch.testing.assert_close(p, q)
+    assert reference_classifier(a, cache_dir=tmp_path, epochs=1)[1]["cached"] is True
+    # b's entry, record and all, copied under a's key.
+    info_b = reference_classifier(b, cache_dir=tmp_path, epochs=1)[1]
+    for suffix in (".pt", ".json"):
+        cache.with_suffix(suffix).write_bytes(Path(info_b["cache"]).with_suffix(suffix).read_bytes())
+    ref3, info3 = reference_classifier(a, cache_dir=tmp_path, epochs=1)
+    assert info3["cached"] is False
+    for p, q in zip(ref.parameters(), ref3.parameters()):
+        torch.testing.assert_close(p, q)
+    assert "weights_sha256" not in info3   # a fingerprint of the data: never in a report
+    assert "weights_sha256" in json.loads(cache.with_suffix(".json").read_text())
+
+
+def test_reference_cache_folder_and_entries_are_private(digits, tmp_path):
+    """F5: an existing reference/ folder kept its mode (0755), and entries were written 0644."""
+    import os
+
+    train, _ = digits
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    os.chmod(folder, 0o755)
+    reference_classifier(ImageData(train.x[:100], train.y[:100], 10, "d100"), cache_dir=tmp_path, epochs=1)
+    assert folder.stat().st_mode & 0o777 == 0o700
+    entries = list(folder.iterdir())
+    assert len(entries) == 2 and all(p.stat().st_mode & 0o777 == 0o600 for p in entries)
+
+
+def test_cnn_refuses_images_under_4x4(digits, tmp_path):
+    """F4: 3x3 images crashed eval and the baseline deep inside the CNN ("Calculated output size: (64x0x0)")."""
+    with pytest.raises(ValueError, match="the CNN needs images of at least 4x4 pixels, not 3x8"):
+        CNN(1, (3, 8), 10)
+    assert CNN(1, 4, 10, dropout=0.0, group_norm=True)(torch.zeros(2, 1, 4, 4)).shape == (2, 10)
+    train, test = digits
+    small = [ImageData(d.x[:60, :, :3, :3], d.y[:60], 10, n) for d, n in ((train, "tr3"), (test, "te3"))]
+    seen = []
+    with pytest.raises(DataError, match="tr3: the images are 3x3 pixels, and the reference CNN"):
+        evaluate_samples(small[0], small[0], small[1], classifiers=("logreg",), epochs=1, cache_dir=tmp_path,
+                         progress=seen.append)
+    assert not seen and not list(tmp_path.iterdir())   # before any training
+    from dpdm.evaluate import cnn_size_problem
+
+    assert cnn_size_problem((1, 3, 3), {"classifier_fd": "no labels"}, ("logreg", "mlp")) is None
+    assert "the downstream classifier 'cnn' needs at least 4x4" in \
+        cnn_size_problem((1, 3, 3), {"classifier_fd": "no labels"}, ("cnn",))
+
+
+def test_load_inception_refuses_non_finite_weights(tmp_path):
+    """F3: NaN or inf Inception weights failed only at the end of eval with "Eigenvalues did not converge"."""
+    nan = tmp_path / "nan.pt"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.tensor([1.0, float("nan")]),
+                "Conv2d_1a_3x3.bn.bias": torch.tensor([float("inf")]), "steps": torch.tensor(3)}, nan)
+    with pytest.raises(ValueError, match=r"--inception-weights='.*nan.pt' holds non-finite weights \(NaN or inf, "
+                                         r"in 2 tensors\)"):
+        load_inception(nan)
+
+
+def test_public_data_is_unused_and_unreported_without_accuracies(digits, tmp_path):
+    """F8 (a): unlabelled samples reported "public_pretrain" although no classifier trained on it."""
+    full, test = digits
+    train = ImageData(full.x[:200], full.y[:200], 10, "digits-200")
+    public = ImageData(full.x[200:300], full.y[200:300], 10, "public")
+    report = evaluate_samples(ImageData(test.x[:40], None, 0, "unlabelled"), train, test, classifiers=("logreg",),
+                              reference_epochs=1, cache_dir=tmp_path, public=public)
+    assert report["public_pretrain"] is None and report["classifiers"] == {}
