@@ -172,6 +172,12 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
              "the classifiers train on them, so their accuracy is not held-out")
     provenance = samples_provenance(samples_path)
     if real_test is not None:
+        if provenance["dataset"] is None and provenance["private"] is not None:
+            # dpdm samples whose model's data has no public name (a path its plan does not name): they cannot say
+            # what their model trained on, so the test images cannot be checked against it
+            warn(f"{samples_path!r} does not name its model's training data (its plan names none, or another); "
+                 f"the test images of {(test_dataset or dataset)!r} are not checked against it: they must not be "
+                 "that data")
         _check_test_held_out_from_generator(provenance["dataset"], dataset, real_test, test_dataset or dataset,
                                             data_root)
     if provenance["private"] is False:
@@ -213,7 +219,8 @@ def _check_test_held_out_from_generator(generator_data: str | None, dataset: str
     training split, but the samples' generator may have trained on other data (their ``meta_dataset``), and a
     test set that is that data measures the generator's own training images. Half or more of the test images
     among them is refused, as for --dataset; fewer are warned about. Data that cannot be loaded here (a path
-    the plan did not name, a torchvision dataset not on this machine) is not checked, and said so."""
+    the plan did not name, a torchvision dataset not on this machine) is not checked, and said so; so is a
+    samples file of dpdm's that names no training data (`eval_cmd`)."""
     from dpdm.datasets import absolute_dataset_name, is_path_dataset, load_dataset, shared_images
 
     if generator_data is None or generator_data == dataset:

@@ -735,9 +735,14 @@ def test_eval_refuses_a_test_set_that_is_the_generators_training_data(digit_file
     assert code == 0 and "100 of the 300 test images" in err and "not held-out" in err, err
     code, out, err = _run(capsys, *common, "--samples", samples("gone", f"npz:{tmp_path / 'deleted.npz'}"))
     assert code == 0 and "cannot be read here" in err and "are not checked against it" in err, err
-    for trained_on in (f"npz:{digit_files['train']}", "None"):   # --dataset itself (checked already), or unnamed
-        code, out, err = _run(capsys, *common, "--samples", samples("usual", trained_on))
-        assert code == 0 and "dpdm: warning" not in err, err
+    code, out, err = _run(capsys, *common, "--samples", samples("usual", f"npz:{digit_files['train']}"))
+    assert code == 0 and "dpdm: warning" not in err, err   # --dataset itself, checked already
+    # dpdm samples that name no training data (their plan named none, or another dataset than the run's path):
+    # not checked, and now said so (a run on a path its plan does not name recorded the plan's dataset, so eval
+    # passed the generator's own training images as held-out without a word)
+    for trained_on in ("None", np.nan):
+        code, out, err = _run(capsys, *common, "--samples", samples("unnamed", trained_on))
+        assert code == 0 and "does not name its model's training data" in err and "not checked" in err, err
     # A plan made from a relative path: checked against the file of that name here, and said so (from another
     # folder the same name may be another file, which passed without a word).
     monkeypatch.chdir(tmp_path)
