@@ -117,9 +117,10 @@ _MEMORY_KNOB = {"train": "a smaller --physical-batch needs", "baseline": "a smal
 
 
 def _out_of_memory(e: BaseException) -> bool:
-    """Python's MemoryError, torch's (CUDA) OutOfMemoryError, or torch's CPU allocator failing (a RuntimeError)."""
+    """Python's MemoryError, torch's (CUDA) OutOfMemoryError, or torch's CPU allocator failing (a RuntimeError:
+    "can't allocate memory", or C++'s "std::bad_alloc", which `ulimit -v` on a shared host gives)."""
     return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
-        (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+        (isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "std::bad_alloc" in str(e)))
 
 
 def _out_of_memory_line(e: BaseException, argv: list[str] | None) -> str:

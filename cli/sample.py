@@ -70,8 +70,13 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
              if v is not None}
     if churn and sampler != "churn":
         raise BadInput(f"--s-churn/--s-min/--s-max/--s-noise apply to --sampler churn only (got --sampler {sampler})")
-    if s_min is not None and s_max is not None and not s_min < s_max:
-        raise BadInput(f"--s-min={s_min:g} must be below --s-max={s_max:g}")
+    if churn and not _churn_value(s_min, "S_min") < _churn_value(s_max, "S_max"):
+        # against the default where one is left out: a lone --s-min 60 (above the default --s-max 50) would
+        # otherwise turn the churn off without a word, and the samples would be Heun's, recorded as churn
+        given = " ".join(f"--{k} {v:g}" for k, v in (("s-min", s_min), ("s-max", s_max)) if v is not None)
+        raise BadInput(f"--s-min must be below --s-max (got {given}; defaults --s-min "
+                       f"{_churn_value(None, 'S_min'):g}, --s-max {_churn_value(None, 'S_max'):g}): with S_min >= "
+                       "S_max no step would churn")
     if not str(out_path).endswith(".npz"):
         raise BadInput(f"--out={out_path!r} must end in .npz")
     if seed > _MAX_SEED - (n - 1):
@@ -108,3 +113,12 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
     else:
         mark = "" if result["private"] else "  [NON-PRIVATE]"
         info(f"wrote {n} samples to {out_path}{mark}" + (f", grid {grid_path}" if grid_path else ""))
+
+
+def _churn_value(value, name: str) -> float:
+    """`value`, or `sampling.sample_churn`'s default for the keyword `name` where it is None."""
+    import inspect
+
+    from dpdm.sampling import sample_churn
+
+    return float(inspect.signature(sample_churn).parameters[name].default if value is None else value)

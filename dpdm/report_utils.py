@@ -112,8 +112,14 @@ def is_dpdm_grid(path: str | os.PathLike) -> bool:
         return False
 
 
+# At most this many rows (classes) in a grid: about 46 px a row, so every format can hold it (JPEG stops at
+# 65,500 px, about 1,410 rows).
+MAX_GRID_ROWS = 100
+
+
 def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: str = "", per_row: int = 10) -> Path:
-    """Saves uint8 images [N, C, H, W] as a grid with one row per class (or rows of `per_row`).
+    """Saves uint8 images [N, C, H, W] as a grid with one row per class (or rows of `per_row`); with more than
+    `MAX_GRID_ROWS` classes, the first `MAX_GRID_ROWS` classes, and the title says so.
 
     The format follows the suffix (`GRID_SUFFIXES`) and the file carries `GRID_MARK`; it is written
     atomically (a temporary file in the same folder, renamed), and no temporary file is left behind on failure.
@@ -133,6 +139,10 @@ def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: s
     x = np.asarray(x)
     if y is not None and len(y):
         classes = np.unique(y)
+        if len(classes) > MAX_GRID_ROWS:
+            note = f"(the first {MAX_GRID_ROWS} of {len(classes)} classes)"
+            title = f"{title}\n{note}" if title else note
+            classes = classes[:MAX_GRID_ROWS]
         rows = [x[y == c][:per_row] for c in classes]
     else:
         rows = [x[i : i + per_row] for i in range(0, min(len(x), per_row * per_row), per_row)]

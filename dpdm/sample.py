@@ -210,7 +210,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         "plan_digest": str(ledger["plan_digest"]),
         "steps_done": int(ledger["steps_done"]),
         "plan_steps": int(ledger["plan_steps"]),
-        "dataset": str(cfg.get("public_dataset", cfg.get("dataset"))),   # no private path (public_dataset_name)
+        # no private path (public_dataset_name); None (NaN in the npz, null in --json) where no name is public
+        "dataset": None if (name := cfg.get("public_dataset", cfg.get("dataset"))) is None else str(name),
         "sampler": sampler, "sampler_steps": sampler_steps, "guidance": guidance, "weights": weights,
         "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval], "seed": seed,
         "sigma_min": float(sigma_min), "sigma_max": float(sigma_max), "rho": float(rho),

@@ -211,6 +211,8 @@ def sample_churn(
         raise ValueError(f"S_churn={S_churn!r}, S_noise={S_noise!r}, churn_limit={churn_limit!r} must be >= 0")
     if not S_noise <= MAX_S_NOISE:
         raise ValueError(f"S_noise={S_noise!r} must be at most {MAX_S_NOISE:g} (MAX_S_NOISE)")
+    if S_churn > 0 and not S_min < S_max:
+        raise ValueError(f"S_min={S_min!r} must be below S_max={S_max!r} (else no step churns)")
     N = len(sigmas) - 1
     for i in range(N):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -227,3 +227,60 @@ def test_the_runs_data_named_by_a_relative_path_is_kept_from_any_folder(tmp_path
     assert code == 0, err
     code, _, err = run_cli(argv, capsys)   # now samples of this model's plan: replaced as before
     assert code == 0, err
+
+
+@pytest.mark.parametrize("extra", [("--s-min", 60), ("--s-max", 0.01), ("--s-min", 60, "--s-max", 50)])
+def test_a_churn_range_that_churns_nowhere_is_refused_before_drawing(run, tmp_path, capsys, no_drawing, extra):
+    """A lone --s-min above the default --s-max (50), or a lone --s-max below the default --s-min (0.05), turned
+    the churn off without a word: the samples were Heun's, recorded as churn. Only the explicit pair was refused."""
+    code, _, err = run_cli(_sample(run, tmp_path / "s.npz", "--sampler", "churn", *extra), capsys)
+    line = one_error_line(code, err)
+    assert "--s-min must be below --s-max" in line and "no step would churn" in line, line
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_a_grid_of_many_classes_is_written_in_every_format(tmp_path):
+    """One row per class had no cap: 1,500 classes made a JPEG taller than its 65,500 px limit, and `dpdm sample
+    --grid g.jpg` failed after all the drawing, writing neither the grid nor the samples."""
+    from PIL import Image
+
+    from dpdm.report_utils import MAX_GRID_ROWS, is_dpdm_grid, save_grid
+
+    x = np.zeros((1500, 1, 8, 8), dtype=np.uint8)
+    save_grid(x, np.arange(1500), tmp_path / "g.jpg", title="t")
+    assert is_dpdm_grid(tmp_path / "g.jpg")
+    with Image.open(tmp_path / "g.jpg") as im:
+        assert 20 * MAX_GRID_ROWS < im.height < 65_500, im.size
+
+
+def test_samples_of_a_plan_naming_no_dataset_record_none_not_the_text_none(run, tmp_path, capsys):
+    """The samples' dataset was str(None): "None" in --json and in meta_dataset, where every other missing meta is
+    null (NaN in the npz)."""
+    import json
+
+    import torch
+
+    assert run_cli(["export", "--run", run / "run", "--out", tmp_path / "model.pt"], capsys)[0] == 0
+    model = torch.load(tmp_path / "model.pt", weights_only=True)
+    model["config"]["dataset"] = None   # as `dpdm export` writes it for a plan that names no dataset
+    torch.save(model, tmp_path / "anon.pt")
+    code, out, err = run_cli(["sample", "--checkpoint", tmp_path / "anon.pt", "--n", 2, "--sampler-steps", 2,
+                              "--device", "cpu", "--out", tmp_path / "s.npz", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["dataset"] is None
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
+        assert z["meta_dataset"].dtype.kind == "f" and np.isnan(z["meta_dataset"])
+
+
+def test_cpp_bad_alloc_is_the_out_of_memory_line(run, tmp_path, capsys, monkeypatch):
+    """Under an address-space limit (`ulimit -v`) torch's C++ `new` fails with RuntimeError("std::bad_alloc"):
+    a traceback and "runtime failure: RuntimeError: std::bad_alloc" before, not the out-of-memory line."""
+    import dpdm.sampling
+
+    def generate(*a, **k):
+        raise RuntimeError("std::bad_alloc")
+    monkeypatch.setattr(dpdm.sampling, "generate", generate)
+    code, _, err = run_cli(_sample(run, tmp_path / "s.npz"), capsys)
+    assert code == 4 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("dpdm: runtime failure: out of memory on the machine") and "--batch-size" in err, err
+    assert not (tmp_path / "s.npz").exists()

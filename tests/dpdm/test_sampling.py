@@ -114,6 +114,14 @@ def test_churn_samples_gaussian_data():
     assert abs(out.mean().item() - mu) < 0.03 and abs(out.std().item() - s) < 0.03
 
 
+@pytest.mark.parametrize("S_min, S_max", [(60.0, 50.0), (0.05, 0.01), (5.0, 5.0)])
+def test_churn_over_an_empty_range_is_refused(S_min, S_max):
+    """S_min >= S_max churns at no step: Heun's samples, recorded as churn."""
+    x = torch.randn(3, 1, 2, 2) * 80
+    with pytest.raises(ValueError, match="S_min=.* must be below S_max"):
+        sample_churn(GaussD(0.1, 0.5), x, get_sigmas_karras(5), S_min=S_min, S_max=S_max)
+
+
 def test_churn_with_zero_churn_is_heun():
     D = GaussD(0.1, 0.5)
     x = torch.randn(3, 1, 2, 2) * 80
