@@ -133,7 +133,8 @@ def warn_known_seed(seed: int) -> None:
 
 def warn_inferred_classes(name: str, data) -> None:
     """Private data whose class count was read off its own labels: the trained model reveals it (whether the
-    largest label occurs at all, one record can decide)."""
+    largest label occurs at all, one record can decide). Also `warn_inferred_channels`."""
+    warn_inferred_channels(name, data)
     if not data.num_classes_inferred:
         return
     if data.class_names is not None:   # folder: one class per class folder, each of which must hold an image
@@ -143,6 +144,18 @@ def warn_inferred_classes(name: str, data) -> None:
     else:
         warn(f"--dataset={name!r}: the number of classes ({data.num_classes}) was read from the private labels "
              "(their largest + 1) and the model reveals it; store num_classes in the npz to fix it publicly")
+
+
+def warn_inferred_channels(name: str, data) -> None:
+    """Private data whose channel count was read off its own images (a ``folder:`` dataset: one colour-mode
+    image makes every image RGB): the trained model and its samples reveal it, and one record can decide it."""
+    if not getattr(data, "channels_inferred", False):
+        return
+    channels = data.image_shape[0]
+    warn(f"--dataset={name!r}: the number of channels ({channels}, "
+         f"{'grayscale' if channels == 1 else 'RGB'}) was read off the private images (one colour-mode image "
+         "makes them all RGB) and the model reveals it; to fix it publicly, give the data as an npz, whose "
+         "x array [N, C, H, W] states it")
 
 
 def warn_if_slow_bf16(precision: str, device: str) -> None:

@@ -76,15 +76,35 @@ from dpdm.report_utils import epsilon_text
 @click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(plan_path, out_dir, dataset, data_root, download, model, precond, train_sigma, device, physical_batch,
+@click.pass_context
+def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond, train_sigma, device, physical_batch,
           grad_engine, lr,
           lr_schedule, ema_decay, ema_powers, checkpoint_every, log_every, seed, init_from, trainable, subspace_dim,
           subspace_data, subspace_every, subspace_examples, precision, resume, no_dp, as_json, quiet):
-    """Train a diffusion model with DP-SGD under a locked plan."""
+    """Train a diffusion model with DP-SGD under a locked plan.
+
+    With --resume, an option not given takes the run's own value (its checkpoint's); --lr and --lr-schedule may
+    change (privacy-neutral), other knobs that differ are refused."""
     from dpdm import checkpoint as ckpt
     from dpdm.train import TrainConfig, TrainDiverged, TrainError
     from dpdm.train import train as run_training
 
+    given = {name for name in ctx.params
+             if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
+                                                   click.core.ParameterSource.ENVIRONMENT)}
+    dataset_given = dataset
+    if resume:
+        opts = _resumed_options(out_dir, given, dict(
+            dataset=dataset, model=model, precond=precond, train_sigma=train_sigma, physical_batch=physical_batch,
+            grad_engine=grad_engine, lr=lr, lr_schedule=lr_schedule, ema_decay=ema_decay, ema_powers=ema_powers,
+            checkpoint_every=checkpoint_every, log_every=log_every, trainable=trainable, subspace_dim=subspace_dim,
+            subspace_data=subspace_data, subspace_every=subspace_every, subspace_examples=subspace_examples,
+            precision=precision))
+        (dataset, model, precond, train_sigma, physical_batch, grad_engine, lr, lr_schedule, ema_decay, ema_powers,
+         checkpoint_every, log_every, trainable, subspace_dim, subspace_data, subspace_every, subspace_examples,
+         precision) = opts.values()
+        if isinstance(trainable, tuple):
+            trainable = ",".join(trainable)
     if train_sigma is not None:
         if precond != "v":
             raise BadInput("--train-sigma applies to --precond v only")
@@ -154,8 +174,8 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
                              subspace_every=subspace_every, subspace_examples=subspace_examples)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
                                dataset_name=name, resume=resume, progress=not quiet, public_data=public_data,
-                               on_start=lambda notes: _warn_before_training(data, name, dataset, doc, no_dp, notes,
-                                                                            None if resume else seed))
+                               on_start=lambda notes: _warn_before_training(data, name, dataset_given, doc, no_dp,
+                                                                            notes, None if resume else seed))
         ok = True
     except (TrainError, ckpt.CheckpointError) as e:
         raise BadInput(str(e)) from None
@@ -178,6 +198,89 @@ def train(plan_path, out_dir, dataset, data_root, download, model, precond, trai
         init = summary["init"]
         info(f"warm start: {init['checkpoint']} (trained on {init['dataset']!r}); the guarantee holds only "
              "if that data is public and holds none of the private examples")
+
+
+# --resume: the options that default to the run's own values, as (the checkpoint's config key, its place):
+# "run" for the config itself, "train" for its train knobs. Those in _RESUME_KEPT must not differ when given.
+_RESUME_DEFAULTS = {"dataset": "run", "model": "run", "precond": "run", "train_sigma": "train",
+                    "physical_batch": "train", "grad_engine": "train", "lr": "train", "lr_schedule": "train",
+                    "ema_decay": "train", "ema_powers": "train", "checkpoint_every": "train", "log_every": "train",
+                    "trainable": "train", "subspace_dim": "train", "subspace_data": "train", "subspace_every": "train",
+                    "subspace_examples": "train", "precision": "train"}
+_RESUME_KEPT = {"model": "--model", "precond": "--precond", "train_sigma": "--train-sigma", "ema_decay": "--ema-decay",
+                "ema_powers": "--ema-power", "trainable": "--trainable", "subspace_dim": "--public-subspace",
+                "subspace_data": "--subspace-data", "subspace_every": "--subspace-every",
+                "subspace_examples": "--subspace-examples", "precision": "--precision"}
+_GRAD_ENGINES = {None: "auto", True: "rules", False: "vmap"}
+
+
+def _resumed_options(out_dir: str, given: set[str], opts: dict) -> dict:
+    """`opts` (the command's values, in order) with each one the user did not give replaced by the run's
+    recorded value, read from its checkpoint (a missing or unreadable one changes nothing: `dpdm.train.train`
+    says why it cannot resume). A kept knob the user gave with another value than the run's is refused here,
+    naming the run's value."""
+    from dpdm import checkpoint as ckpt
+
+    path = os.path.join(out_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        return opts
+    try:
+        saved = ckpt.load_checkpoint(path)["config"]
+    except (ckpt.CheckpointError, OSError, ValueError):
+        return opts
+    train_cfg = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+    run = {}
+    for key, where in _RESUME_DEFAULTS.items():
+        source = saved if where == "run" else train_cfg
+        if key == "grad_engine":
+            if "per_layer_rules" in source and source["per_layer_rules"] in _GRAD_ENGINES:
+                run[key] = _GRAD_ENGINES[source["per_layer_rules"]]
+        elif key in source:
+            run[key] = source[key]
+    if isinstance(run.get("train_sigma"), list):
+        run["train_sigma"] = tuple(run["train_sigma"])
+    if "ema_powers" in run:
+        run["ema_powers"] = tuple(run["ema_powers"] or ())
+    if isinstance(run.get("trainable"), list):
+        run["trainable"] = tuple(run["trainable"])
+    if run.get("dataset") is None:
+        run.pop("dataset", None)   # a run trained through the library without a name: the plan's, as before
+    out = dict(opts)
+    for key, value in opts.items():
+        if key not in run:
+            continue
+        if key not in given:
+            out[key] = run[key]
+            continue
+        if key in _RESUME_KEPT and _kept_value(key, value) != _kept_value(key, run[key]):
+            raise BadInput(f"cannot resume with {_RESUME_KEPT[key]} {_shown(key, value)}: the run in {out_dir!r} was "
+                           f"trained with {_shown(key, run[key])}; resume without {_RESUME_KEPT[key]} (it takes the "
+                           "run's value)")
+    return out
+
+
+def _kept_value(key: str, value):
+    """A knob's value in one form, for comparing the command's with the checkpoint's."""
+    if key == "ema_powers":
+        return tuple(sorted(f"{float(g):g}" for g in value or ()))
+    if key == "trainable" and isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    if key == "train_sigma" and value is not None:
+        return tuple(float(v) for v in value)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _shown(key: str, value) -> str:
+    value = _kept_value(key, value)
+    if value is None or value == ():
+        return "none" if key in ("ema_powers", "subspace_dim", "subspace_data", "train_sigma") else (
+            "all parameters" if key == "trainable" else "none")
+    if isinstance(value, tuple):
+        return (",".join(map(str, value)) if key == "trainable" else " ".join(
+            f"{v:g}" if isinstance(v, float) else str(v) for v in value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool, notes: tuple[str, ...],

@@ -129,6 +129,9 @@ class ImageData:
     private training data that count depends on the private data (drop the only example of a class and it
     shrinks), so a training command may warn.
     class_names: the name of each label, where the data has them (a ``folder:`` dataset's class folders).
+    channels_inferred: the channel count was read off the data itself (a ``folder:`` dataset: 1 where every
+    image is grayscale, 3 as soon as one image has a colour mode). For private training data one record can
+    decide it, and the model reveals it, so a training command may warn.
     """
 
     x: torch.Tensor
@@ -137,6 +140,7 @@ class ImageData:
     name: str
     num_classes_inferred: bool = False
     class_names: tuple[str, ...] | None = None
+    channels_inferred: bool = False
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.ndim != 4:
@@ -209,11 +213,35 @@ def public_init_name(name: str | None) -> str | None:
 
 def public_dataset_name(name: str | None, plan_dataset: str | None) -> str | None:
     """The name of a run's dataset as its outputs (release files, samples) may show it: a built-in name, or a
-    path the plan (public) names; a path the plan does not name (`dpdm plan --dataset-size` alone, then `dpdm
-    train --dataset npz:/home/.../patients.npz`) gives the plan's name instead (None where it names none)."""
+    path the plan (public) names, as the plan names it; a path the plan does not name (`dpdm plan
+    --dataset-size` alone, or a plan for another dataset, then `dpdm train --dataset
+    npz:/home/.../patients.npz`) is left out (None): never the plan's name for data the plan does not name.
+
+    A run records its path absolute (`absolute_dataset_name`), a plan as it was given: the path is the plan's
+    where they are equal, where the plan's path is absolute (or ~) and the same file, or where the plan's is
+    relative and the run's path ends with it (the folder `dpdm plan` ran in is not recorded)."""
     if isinstance(name, str) and is_path_dataset(name) and name != plan_dataset:
-        return plan_dataset
+        return plan_dataset if _names_plan_path(name, plan_dataset) else None
     return name
+
+
+def _names_plan_path(name: str, plan_dataset: str | None) -> bool:
+    """Whether the path dataset `name` (a run's record, absolute) is the one the plan's `plan_dataset` names."""
+    if not (isinstance(plan_dataset, str) and is_path_dataset(plan_dataset)):
+        return False
+    kind, path = name.split(":", 1)
+    plan_kind, plan_path = plan_dataset.split(":", 1)
+    if kind != plan_kind or not plan_path.strip():
+        return False
+    path = os.path.normpath(path)
+    plan_path = os.path.expanduser(plan_path)
+    if os.path.isabs(plan_path):
+        return os.path.normpath(plan_path) == path
+    parts = os.path.normpath(plan_path).split(os.sep)
+    while parts and parts[0] == "..":   # "../data.npz": the folder it climbed from is not recorded
+        parts = parts[1:]
+    rel = os.sep.join(parts)
+    return bool(rel) and rel != "." and path.endswith(os.sep + rel)
 
 
 def load_dataset(name: str, split: str = "train", *, data_root: str | os.PathLike | None = None,
@@ -991,8 +1019,9 @@ def _load_folder(root: Path, name: str) -> ImageData:
         y = torch.tensor([label for _, label in files], dtype=torch.int64)
         # The class count is that of the class folders, each of which must hold an image: read off the data.
         return ImageData(_from_uint8(x), y, len(class_dirs), name, num_classes_inferred=True,
-                         class_names=tuple(d.name for d in class_dirs))
-    return ImageData(_from_uint8(x), None, 0, name)
+                         class_names=tuple(d.name for d in class_dirs), channels_inferred=True)
+    # The channel count is the images' own: one colour-mode image (even with grey pixels) makes them all RGB.
+    return ImageData(_from_uint8(x), None, 0, name, channels_inferred=True)
 
 
 def _png_16_bit_mode(img) -> str | None:

@@ -58,8 +58,12 @@ _STREAM_INIT = 4        # the network's initial weights (public: frozen ones are
 RNG_SCHEME = "per-step SeedSequence(seed, step, stream); noise_generator (v2)"
 # Knobs a resumed run must keep: changing them midway would train another model than the one the
 # checkpoint describes (and `dpdm sample` reads train_sigma and precond from it). Flag names for the message.
-_RESUME_FIXED = {"lr": "--lr", "lr_schedule": "--lr-schedule", "ema_decay": "--ema-decay",
-                 "train_sigma": "--train-sigma", "label_dropout": "label_dropout", "precision": "--precision"}
+# The learning rate and its schedule may change on resume (a diverged run continues from its last checkpoint
+# with a lower one): the run records each change as a segment (`TrainConfig.lr_segments`), so `lr_at` stays a
+# pure function of what the checkpoint holds. Privacy-neutral: the lr is a public choice applied to the noisy
+# gradient.
+_RESUME_FIXED = {"ema_decay": "--ema-decay", "train_sigma": "--train-sigma", "label_dropout": "label_dropout",
+                 "precision": "--precision"}
 
 
 class TrainError(ValueError):
@@ -108,12 +112,23 @@ class TrainConfig:
     subspace_data: str | None = None     # name of the public dataset the subspace comes from
     subspace_every: int = 10             # steps between recomputations of the subspace (at the current weights)
     subspace_examples: int = 512         # public examples per recomputation (>= subspace_dim)
+    lr_segments: tuple[tuple[int, float, str], ...] | None = None   # ((first step, lr, schedule), ...) from
+                                         # step 0 on, where the lr changed on a resume; the last is (lr,
+                                         # lr_schedule). None: one segment, (0, lr, lr_schedule). See `lr_at`
 
     def __post_init__(self) -> None:
         if self.precond not in ckpt.PRECONDS:
             raise ValueError(f"precond={self.precond!r} must be 'edm' or 'v'")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr!r} must be a finite number > 0")
+        if self.lr_segments is not None:
+            problem = lr_segments_problem(self.lr_segments)
+            if problem is None and tuple(self.lr_segments[-1][1:]) != (self.lr, self.lr_schedule):
+                problem = f"its last segment is not lr={self.lr!r}, lr_schedule={self.lr_schedule!r}"
+            if problem:
+                raise ValueError(f"lr_segments={self.lr_segments!r}: {problem}")
         for name in ("checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
@@ -182,12 +197,47 @@ def select_trainable(model: torch.nn.Module, patterns: tuple[str, ...] | None) -
     return chosen
 
 
+def lr_segments_problem(segments) -> str | None:
+    """What is wrong with a list of lr segments ((first step, lr, schedule), ...), or None: the first starts at
+    step 0, the steps increase, each lr is a finite number > 0 and each schedule one of LR_SCHEDULES."""
+    if not isinstance(segments, (list, tuple)) or not segments:
+        return "must be a non-empty list of (first step, lr, schedule)"
+    last = -1
+    for seg in segments:
+        if not (isinstance(seg, (list, tuple)) and len(seg) == 3):
+            return f"{seg!r} is not (first step, lr, schedule)"
+        start, lr, schedule = seg
+        if not (isinstance(start, int) and not isinstance(start, bool) and start > last):
+            return "the first steps must be integers that increase"
+        if last < 0 and start != 0:
+            return "the first segment must start at step 0"
+        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+            return f"lr {lr!r} is not a finite number > 0"
+        if schedule not in LR_SCHEDULES:
+            return f"schedule {schedule!r} is not one of {LR_SCHEDULES}"
+        last = start
+    return None
+
+
+def lr_segments_of(config: "TrainConfig") -> tuple[tuple[int, float, str], ...]:
+    """The run's lr segments ((first step, lr, schedule), ...): `config.lr_segments`, or one from step 0."""
+    if config.lr_segments is None:
+        return ((0, config.lr, config.lr_schedule),)
+    return tuple((int(a), b, c) for a, b, c in config.lr_segments)
+
+
 def lr_at(config: "TrainConfig", step: int, steps: int) -> float:
-    """The learning rate of step `step` (0-based) of a `steps`-step run: a pure function, so resuming
-    continues the schedule exactly."""
-    if config.lr_schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
-    return config.lr
+    """The learning rate of step `step` (0-based) of a `steps`-step run: a pure function of the run's recorded
+    lr segments, so resuming continues the schedule exactly. Each segment applies its own lr and schedule from
+    its first step on; a cosine one follows the run's curve (lr * (1 + cos(pi * step / steps)) / 2) at the
+    run's step, not restarted."""
+    lr, schedule = config.lr, config.lr_schedule
+    for start, seg_lr, seg_schedule in lr_segments_of(config):
+        if start <= step:
+            lr, schedule = seg_lr, seg_schedule
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
+    return lr
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -575,8 +625,12 @@ def train(
         if config.seed is not None and config.seed != saved_seed:
             raise TrainError("cannot resume with another --seed: the run's batches and noise derive from its own seed")
         if state["config"].get("data_digest") not in (None, data_digest):
+            trained = state["config"].get("dataset")
             raise TrainError("cannot resume on other data: the images or their labels differ from those the run "
-                             "was trained on")
+                             "was trained on" + (f" ({trained!r}; resume without --dataset, or with that one)"
+                                                 if trained else ""))
+        lr_segments, lr_note = _resumed_lr_segments(state, config)
+        config = replace(config, lr_segments=lr_segments)
         seed = saved_seed
         # A run seeded by its user stays marked so on resume, which takes the seed from the checkpoint.
         seed_given = ckpt.seed_given(state["config"]) or config.seed is not None
@@ -647,7 +701,12 @@ def train(
                          f"{x.shape[-1]}x{x.shape[-1]} images: {e}") from None
     validate_model(D)
     if init_weights is not None:
-        D.load_state_dict(init_weights)
+        try:   # a warm start saved by a dpdm whose network layout has changed since, under the same preset name
+            D.load_state_dict(init_weights)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise TrainError(f"--init-from {str(config.init_from)!r}: its EMA weights do not fit the "
+                             f"{config.model!r} network ({ckpt.state_dict_mismatch_reason(e)}); nothing was "
+                             "written") from None
     select_trainable(D, config.trainable)
     run_config["trained_parameters"] = sum(p.numel() for p in D.parameters() if p.requires_grad)
     if config.subspace_dim is not None and config.subspace_dim > run_config["trained_parameters"]:
@@ -700,6 +759,8 @@ def train(
         run_config["grad_engine"] = {"engine": "rules" if config.per_layer_rules else "vmap", "auto": False}
 
     lock, refusal, notes = None, None, []
+    if state is not None and lr_note:
+        notes.append(lr_note)
     if dist.is_main:
         try:   # 0700: the folder holds the secret seed, metrics computed without noise and a digest of the data
             out.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -717,8 +778,10 @@ def train(
                        + ("" if state is None else " with --resume"))
         if refusal is not None and lock is not None:
             lock.close()
-        if refusal is None and state is None:
-            try:   # a folder made beforehand (`dpdm plan --out RUN/plan.json`) becomes private too
+        if refusal is None and lock is not None:
+            _remove_checkpoint_leftovers(out)
+        if refusal is None:
+            try:   # a folder made beforehand (`dpdm plan --out RUN/plan.json`, an older dpdm's run) becomes private
                 os.chmod(out, 0o700)
             except OSError:
                 pass
@@ -786,6 +849,7 @@ def train(
                        desc="train" if config.private else "train (NON-PRIVATE)", dynamic_ncols=True)
 
         eps_now = ledger_at(steps_done).epsilon_spent
+        shown, logged_at = {}, steps_done   # the progress bar's postfix at the last logged step
         t_last, steps_last = time.perf_counter(), steps_done
         ledger = None
         last_saved = steps_done   # 0: none yet
@@ -845,11 +909,8 @@ def train(
             # Judged on the (noisy) weights alone, never on the private batch's losses: when a run stops must
             # not depend on the private data.
             if not _finite_model(D, params, probe):
-                raise TrainDiverged(
-                    f"the run diverged: its weights, or its output on a fixed input, became NaN or inf at step "
-                    f"{step + 1} of {plan.steps} (lr {lr_at(config, step, plan.steps):g}); lower --lr. "
-                    + (f"Nothing after the checkpoint of step {last_saved} was saved" if last_saved
-                       else "No checkpoint was saved"))
+                raise TrainDiverged(_diverged_message(step, plan.steps, lr_at(config, step, plan.steps), last_saved,
+                                                      ledger_at(last_saved).epsilon_spent if config.private else None))
             steps_done = step + 1
             _maybe_inject_fault(dist.rank, steps_done)
             if on_step is not None:
@@ -861,15 +922,23 @@ def train(
                 rate = (steps_done - steps_last) / max(now - t_last, 1e-9)
                 t_last, steps_last = now, steps_done
                 loss_mean = loss_sum / loss_n if loss_n else float("nan")
-                if writer is not None:
+                if writer is not None:   # an upper bound: rounded up, as everywhere else (epsilon_text)
                     writer.writerow([steps_done, int(count), f"{loss_mean:.6g}",
                                      f"{clipped / count if count else 0.0:.4f}",
-                                     f"{eps_now:.6g}", f"{rate:.4g}", int(config.private)])
+                                     epsilon_text(eps_now, 6), f"{rate:.4g}", int(config.private)])
                     metrics_file.flush()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_mean:.4f}",
-                                    eps=epsilon_text(eps_now) if config.private else "inf (no-dp)")
             if bar is not None:
+                # The postfix is set (unshown) before the update draws the bar: the epsilon shown is that of the
+                # step the bar shows, or, between logged steps, that of the last logged step, which it names.
+                if steps_done % config.log_every == 0 or steps_done == plan.steps:
+                    shown = dict(loss=f"{loss_mean:.4f}", lr=f"{lr_at(config, step, plan.steps):.3g}",
+                                 eps=epsilon_text(eps_now) if config.private else "inf (no-dp)")
+                    bar.set_postfix(shown, refresh=False)
+                    logged_at = steps_done
+                elif shown:
+                    bar.set_postfix({**shown, "lr": f"{lr_at(config, step, plan.steps):.3g}",
+                                     "eps": shown["eps"] + (f" (step {logged_at})" if config.private else "")},
+                                    refresh=False)
                 bar.update(1)
             if steps_done % config.checkpoint_every == 0 or steps_done == plan.steps:
                 ledger = save(steps_done)
@@ -895,7 +964,24 @@ def train(
         "checkpoint": str(ckpt_path),
         "init": run_config.get("init"),
         "grad_engine": run_config["grad_engine"]["engine"] if config.private else None,
+        # the lr of the last step done, and every change of it (on a resume) as (first step, lr, schedule)
+        "lr": lr_at(config, max(ledger.steps_done - 1, 0), plan.steps),
+        "lr_segments": [list(seg) for seg in lr_segments_of(config)],
     }
+
+
+def _diverged_message(step: int, steps: int, lr: float, last_saved: int, eps_saved: float | None) -> str:
+    """TrainDiverged's line: where the run stopped, and how to go on without spending the plan again."""
+    text = (f"the run diverged: its weights, or its output on a fixed input, became NaN or inf at step {step + 1} "
+            f"of {steps} (lr {lr:g}); lower --lr. ")
+    if not last_saved:
+        return text + "No checkpoint was saved: run it again with a lower --lr"
+    text += (f"Nothing after the checkpoint of step {last_saved} was saved: continue from it with --resume and a "
+             "lower --lr (the learning rate may change on resume, at no privacy cost)")
+    if eps_saved is not None:
+        text += (f"; the run has spent epsilon {epsilon_text(eps_saved)} of its plan on these data, and a new run "
+                 "on them would spend its plan on top of that")
+    return text
 
 
 # --grad-engine auto: plain vmap is taken only where it is this much faster than the rules on the timed
@@ -1257,6 +1343,23 @@ def _lock_run_folder(out: Path):
     return f
 
 
+def _remove_checkpoint_leftovers(out: Path) -> None:
+    """Removes the temporary files of checkpoint writes killed midway (`checkpoint.atomic_torch_save`:
+    ``.checkpoint.pt.XXXX.tmp``). Called by rank 0 once it holds the folder's lock, so no other dpdm train is
+    writing one: a kill after the fsync and before the rename left a full copy of the run's secrets (its seed,
+    its image digests) under a hidden name that nothing else knows of."""
+    try:
+        leftovers = list(out.glob(f".{CHECKPOINT_NAME}.*.tmp"))
+    except OSError:
+        return
+    for path in leftovers:
+        try:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+        except OSError:
+            pass
+
+
 def _maybe_inject_fault(rank: int, steps_done: int) -> None:
     """Fault injection for the distributed tests: DPDM_FAULT_INJECT="RANK:STEP" makes that rank die
     (os._exit, like a SIGKILL: no clean-up) right after finishing step STEP."""
@@ -1286,6 +1389,39 @@ def _nonprivate_grad_sum(D, loss_obj, batch, conditional, params,
             g.add_(p_grad)
         total += float(losses.detach().sum())
     return grads, total
+
+
+def _resumed_lr_segments(state: dict[str, Any], config: TrainConfig) -> tuple[tuple | None, str | None]:
+    """The lr segments of a resumed run: the checkpoint's (its lr and schedule from step 0 where it records
+    none), then, where `config`'s lr or schedule differs from the last of them, a segment from the checkpoint's
+    step on. A `config` with segments of its own must agree with the checkpoint's up to that step. None where
+    the run keeps one segment (recorded as before: lr and lr_schedule alone). Also a note where the lr changes."""
+    train_cfg = state["config"].get("train") or {}
+    done = int(state["ledger"]["steps_done"])
+    saved = train_cfg.get("lr_segments")
+    if saved is None:
+        saved = [(0, train_cfg.get("lr", TrainConfig.lr), train_cfg.get("lr_schedule", TrainConfig.lr_schedule))]
+    problem = lr_segments_problem(saved if isinstance(saved, (list, tuple)) else None)
+    if problem:
+        raise TrainError(f"the run's checkpoint is corrupt or was edited: its lr segments {problem}")
+    history = tuple((int(a), float(b), str(c)) for a, b, c in saved if int(a) < done) or \
+        tuple((int(a), float(b), str(c)) for a, b, c in saved[:1])
+    if config.lr_segments is not None:
+        given = lr_segments_of(config)
+        if tuple(g for g in given if g[0] < done) != history:
+            raise TrainError(f"cannot resume with lr_segments {given!r}: the run trained its first {done} steps "
+                             f"with {history!r}")
+        segments = given
+    elif (config.lr, config.lr_schedule) == history[-1][1:]:
+        segments = history
+    else:
+        segments = (*history, (done, float(config.lr), config.lr_schedule))
+    note = None
+    if segments[-1][0] == done and (len(history) < len(segments) or segments[-1] != history[-1]):
+        _, was_lr, was_schedule = history[-1]
+        note = (f"the learning rate changes from {was_lr:g} ({was_schedule}) to {segments[-1][1]:g} "
+                f"({segments[-1][2]}) at step {done}, where the run resumes; its checkpoint records the change")
+    return (None if len(segments) == 1 else segments), note
 
 
 def _patterns(patterns: tuple[str, ...] | None) -> str:

@@ -824,3 +824,84 @@ def test_folder_data_warns_of_its_class_count_and_its_public_class_names_must_ma
                             "--subspace-data", f"folder:{tmp_path / 'pub'}"], capsys)
     assert code == 2 and err.count("\n") == 1 and "has classes c1, c2, c3, but" in err and "named alike" in err, err
     assert not (tmp_path / "run2").exists()
+
+
+def test_resume_takes_the_runs_own_options_and_a_given_one_that_differs_names_the_runs(tiny, capsys, monkeypatch):
+    """`--resume` compared the CLI's defaults with the run's knobs ("cannot resume with --lr 0.0003" when no --lr
+    was given) and read the plan's dataset, not the run's. Options not given now take the run's values; a kept
+    knob given with another value is one line naming the run's; the lr may change (a diverged run goes on)."""
+    import dpdm.train as train_module
+
+    d = tiny
+    x = np.random.default_rng(2).integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
+    np.savez(d / "same_size.npz", x=x, y=(np.arange(24) % 3).astype(np.int64), num_classes=3)
+    real, calls = train_module._finite_model, []
+
+    def diverges_at_step_3(*a):
+        calls.append(1)
+        return len(calls) != 3 and real(*a)
+
+    monkeypatch.setattr(train_module, "_finite_model", diverges_at_step_3)
+    knobs = ["--dataset", f"npz:{d / 'same_size.npz'}", "--precond", "v", "--train-sigma", "0.05", "20",
+             "--ema-decay", "0.9", "--ema-power", "7", "--lr", "1e-3", "--lr-schedule", "cosine",
+             "--trainable", "net.*", "--log-every", "1"]
+    code, _, err = run_cli(_train_args(d, d / "run", *knobs), capsys)
+    assert code == 4 and "--resume and a lower --lr" in err.strip().splitlines()[-1], err
+    monkeypatch.undo()
+    resume = ["train", "--plan", d / "plan.json", "--out", d / "run", "--device", "cpu", "--quiet", "--resume"]
+    before = {f: (d / "run" / f).read_bytes() for f in ("checkpoint.pt", "metrics.csv", "config.json")}
+    for extra, needle in ((["--precond", "edm"], "--precond edm: the run in"), (["--ema-decay", "0.999"], "with 0.9;"),
+                          (["--ema-power", "2"], "--ema-power 2: the run in"), (["--model", "mnist"], "with small;"),
+                          (["--train-sigma", "0.1", "10"], "with 0.05 20;"), (["--trainable", "net.enc.*"], "net.*"),
+                          (["--dataset", f"npz:{d / 'data.npz'}"], f"('npz:{d / 'same_size.npz'}'")):
+        line = _one_error_line(*run_cli([*resume, *extra], capsys)[::2])
+        assert "cannot resume" in line and needle in line, line
+        assert {f: (d / "run" / f).read_bytes() for f in before} == before
+    code, out, err = run_cli([*resume, "--lr", "5e-4", "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["steps_done"] == 4 and summary["lr_segments"] == [[0, 1e-3, "cosine"], [2, 5e-4, "cosine"]]
+    saved = ckpt.load_checkpoint(d / "run" / "checkpoint.pt")["config"]
+    assert saved["dataset"] == f"npz:{d / 'same_size.npz'}" and saved["precond"] == "v"
+    train = saved["train"]
+    assert (tuple(train["train_sigma"]), train["ema_decay"], tuple(train["ema_powers"]), tuple(train["trainable"]),
+            train["log_every"]) == ((0.05, 20.0), 0.9, (7.0,), ("net.*",), 1)
+    assert len((d / "run" / "metrics.csv").read_text().strip().splitlines()) == 1 + 4   # --log-every 1 kept
+
+
+def test_init_from_weights_that_do_not_fit_are_one_error_line(tiny, capsys):
+    """They were a RuntimeError traceback, exit 4 ("size mismatch for ..."), as a resume's are one line."""
+    d = tiny
+    rng = np.random.default_rng(1)
+    np.savez(d / "public.npz", x=rng.integers(0, 256, size=(30, 1, 8, 8), dtype=np.uint8),
+             y=(np.arange(30) % 3).astype(np.int64), num_classes=3)
+    assert run_cli(_train_args(d, d / "pub", "--no-dp", "--dataset", f"npz:{d / 'public.npz'}"), capsys)[0] == 0
+    state = torch.load(d / "pub" / "checkpoint.pt", weights_only=True)
+    key = next(iter(state["ema"]))
+    state["ema"][key] = torch.zeros(3, 3)
+    torch.save(state, d / "old.pt")
+    line = _one_error_line(*run_cli(_train_args(d, d / "run", "--init-from", d / "old.pt"), capsys)[::2])
+    assert "its EMA weights do not fit the 'small' network" in line and key in line, line
+    assert not (d / "run").exists()
+
+
+def test_folder_data_whose_channels_were_read_off_the_images_warns(tmp_path, capsys):
+    """One RGB image among grayscale ones made the network 3-channel, which the model reveals, and nothing warned."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "data").mkdir()
+    for i in range(12):
+        pixels = rng.integers(0, 256, (8, 8, 3) if i == 0 else (8, 8), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "data" / f"{i}.png")
+    plan = accounting.PrivacyPlan(dataset_size=12, batch_size=4, steps=1, noise_multiplier=2.0, noise_multiplicity=1,
+                                  delta=1e-5)
+    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
+    args = ["train", "--plan", tmp_path / "plan.json", "--dataset", f"folder:{tmp_path / 'data'}", "--device", "cpu",
+            "--quiet"]
+    code, _, err = run_cli([*args, "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    assert "the number of channels (3, RGB) was read off the private images" in err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["img_channels"] == 3
+    code, _, err = run_cli([*args, "--out", tmp_path / "nodp", "--no-dp"], capsys)
+    assert code == 0 and "number of channels" not in err, err

@@ -631,3 +631,23 @@ def test_folder_skips_dot_files_and_non_images(tmp_path):
     (tmp_path / "README.txt").write_text("my data")
     d = load_dataset(f"folder:{tmp_path}")
     assert len(d) == 4 and d.y.tolist() == [0, 0, 1, 1] and d.num_classes == 2
+
+
+def test_public_dataset_name_never_names_the_plans_dataset_for_a_path_it_does_not_name():
+    """A run on npz:/.../d1797.npz under a plan for 'digits' was recorded in its release and samples as trained on
+    digits (turning off eval's held-out check); a path the plan does not name is left out. A path the plan names
+    (absolute, ~, or relative to the folder `dpdm plan` ran in) keeps the plan's name."""
+    from dpdm.datasets import public_dataset_name
+
+    assert public_dataset_name("npz:/w/d1797.npz", "digits") is None
+    assert public_dataset_name("npz:/w/d1797.npz", "npz:/w/data.npz") is None
+    assert public_dataset_name("npz:/w/data2.npz", "npz:data.npz") is None
+    assert public_dataset_name("npz:/w/xdata.npz", "npz:data.npz") is None
+    assert public_dataset_name("folder:/w/data.npz", "npz:data.npz") is None
+    assert public_dataset_name("npz:/w/d.npz", None) is None
+    assert public_dataset_name("npz:/w/d.npz", "npz:/w/d.npz") == "npz:/w/d.npz"
+    assert public_dataset_name("npz:/w/sub/d.npz", "npz:sub/d.npz") == "npz:sub/d.npz"
+    assert public_dataset_name("npz:/w/d.npz", "npz:../w/d.npz") == "npz:../w/d.npz"
+    home = os.path.expanduser("~")
+    assert public_dataset_name(f"npz:{home}/d.npz", "npz:~/d.npz") == "npz:~/d.npz"
+    assert public_dataset_name("digits", "mnist5k") == "digits" and public_dataset_name(None, "digits") is None

@@ -92,6 +92,23 @@ def test_folder_class_count_is_marked_inferred_from_the_data(tmp_path):
     assert load_dataset(f"folder:{flat}").num_classes_inferred is False   # unlabelled: no class count
 
 
+def test_folder_channel_count_is_marked_inferred_from_the_data(tmp_path):
+    """One colour-mode image among grayscale ones makes a folder's images RGB: the channel count is read off the
+    (private) data, and the CLI warns (an npz's x array states it)."""
+    r = np.random.default_rng(0)
+    for i in range(3):
+        _png(tmp_path / "gray" / f"{i}.png", r.integers(0, 256, (8, 8), dtype=np.uint8))
+    gray = load_dataset(f"folder:{tmp_path / 'gray'}")
+    assert gray.image_shape[0] == 1 and gray.channels_inferred is True
+    _png(tmp_path / "gray" / "3.png", r.integers(0, 256, (8, 8, 3), dtype=np.uint8), mode="RGB")
+    mixed = load_dataset(f"folder:{tmp_path / 'gray'}")
+    assert mixed.image_shape[0] == 3 and mixed.channels_inferred is True
+    _classes(tmp_path / "d")
+    assert load_dataset(f"folder:{tmp_path / 'd'}").channels_inferred is True
+    np.savez(tmp_path / "a.npz", x=np.zeros((2, 1, 8, 8), np.uint8))
+    assert load_npz(tmp_path / "a.npz").channels_inferred is False
+
+
 def test_folder_caps_the_class_count_as_npz_does(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "MAX_NUM_CLASSES", 2)
     _classes(tmp_path / "d")

@@ -851,7 +851,8 @@ def test_time_grad_engines_runs_both_engines_on_random_inputs():
 
 
 def test_resume_refuses_other_training_knobs_before_writing(tmp_path):
-    """lr, its schedule, the EMA decay, train_sigma, label dropout and precision stay those of the run."""
+    """The EMA decay, train_sigma, label dropout and precision stay those of the run (the lr and its schedule may
+    change: test_the_lr_may_change_on_resume_and_replays_exactly_from_its_segments)."""
     x, y, c = tiny_data()
     doc = tiny_plan(steps=4)
     out = tmp_path / "run"
@@ -859,8 +860,7 @@ def test_resume_refuses_other_training_knobs_before_writing(tmp_path):
     with pytest.raises(Stop):
         train(doc, x, y, c, out, TrainConfig(**CFG, **knobs), progress=False, on_step=stop_at(3))
     before = {f: (out / f).read_bytes() for f in ("checkpoint.pt", "metrics.csv", "config.json")}
-    for key, value, flag in [("lr", 3e-4, "--lr"), ("lr_schedule", "constant", "--lr-schedule"),
-                             ("ema_decay", 0.999, "--ema-decay"), ("train_sigma", None, "--train-sigma"),
+    for key, value, flag in [("ema_decay", 0.999, "--ema-decay"), ("train_sigma", None, "--train-sigma"),
                              ("label_dropout", 0.2, "label_dropout")]:
         with pytest.raises(TrainError, match=f"cannot resume with {flag} "):
             train(doc, x, y, c, out, TrainConfig(**CFG, **{**knobs, key: value}), resume=True, progress=False)
@@ -1185,3 +1185,138 @@ def test_a_run_folders_plan_json_that_is_no_file_is_refused_without_reading_it(t
             f.truncate(accounting.MAX_PLAN_BYTES + 1)
     with pytest.raises(TrainError, match="is not a regular file" if kind != "huge" else "holds another plan.json"):
         train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
+
+
+def test_the_lr_may_change_on_resume_and_replays_exactly_from_its_segments(tmp_path):
+    """A diverged run could never go on: a resume with the same lr diverged again, and another lr was refused. The
+    lr (privacy-neutral) may change on resume; the run records each change as a segment (first step, lr, schedule),
+    so an uninterrupted run given the same segments trains the same model, bit for bit."""
+    from dpdm.train import lr_at
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=4)
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), progress=False, on_step=stop_at(3))
+    at_2 = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
+    summary = train(doc, x, y, c, out, TrainConfig(**CFG, lr=4e-4, lr_schedule="cosine"), resume=True,
+                    progress=False)
+    from dpdm.train import _resumed_lr_segments
+
+    assert _resumed_lr_segments(at_2, TrainConfig(lr=1e-3)) == (None, None)   # the run's own lr: no segment
+    segments = ((0, 1e-3, "constant"), (2, 4e-4, "cosine"))
+    saved = ckpt.load_checkpoint(out / CHECKPOINT_NAME)["config"]["train"]
+    assert tuple(map(tuple, saved["lr_segments"])) == segments
+    assert (saved["lr"], saved["lr_schedule"]) == (4e-4, "cosine")
+    assert json.loads((out / "config.json").read_text())["train"]["lr_segments"] == [list(s) for s in segments]
+    # Resumed again with that lr: no new segment; with another, one from the checkpoint's step.
+    at_4 = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
+    assert _resumed_lr_segments(at_4, TrainConfig(lr=4e-4, lr_schedule="cosine"))[0] == segments
+    assert _resumed_lr_segments(at_4, TrainConfig(lr=1e-4))[0] == (*segments, (4, 1e-4, "constant"))
+    cfg = TrainConfig(**CFG, lr=4e-4, lr_schedule="cosine", lr_segments=segments)
+    assert [lr_at(cfg, s, 4) for s in (0, 1)] == [1e-3, 1e-3]
+    assert lr_at(cfg, 2, 4) == pytest.approx(2e-4) and lr_at(cfg, 3, 4) == pytest.approx(4e-4 * 0.5 * (1 - 0.5 ** 0.5))
+    assert summary["lr"] == lr_at(cfg, 3, 4) and summary["lr_segments"] == [list(s) for s in segments]
+    full = tmp_path / "full"
+    train(doc, x, y, c, full, cfg, progress=False)
+    for key in ("model", "ema"):
+        a, b = params_of(out, key), params_of(full, key)
+        assert all(torch.equal(a[k], b[k]) for k in a), key
+    with pytest.raises(ValueError, match="lr_segments"):
+        TrainConfig(lr=1e-3, lr_segments=((0, 1e-3, "constant"), (0, 2e-3, "constant")))
+    with pytest.raises(ValueError, match="last segment"):
+        TrainConfig(lr=1e-3, lr_segments=((0, 2e-3, "constant"),))
+
+
+def test_a_diverged_run_continues_from_its_checkpoint_with_a_lower_lr(tmp_path, monkeypatch):
+    """The message of a run that diverged after a checkpoint says how to go on without spending the plan again (a
+    new run on the same data adds its plan to what this one spent), and that resume works."""
+    import dpdm.train as train_module
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    real, calls = train_module._finite_model, []
+
+    def diverges_at_step_3(*a):
+        calls.append(1)
+        return len(calls) != 3 and real(*a)
+
+    monkeypatch.setattr(train_module, "_finite_model", diverges_at_step_3)
+    with pytest.raises(TrainDiverged) as e:
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=3.0), progress=False)
+    from dpdm.report_utils import epsilon_text
+    eps2 = epsilon_text(accounting.epsilon_spent(doc.plan, 2))
+    assert "at step 3 of 6 (lr 3)" in str(e.value) and "checkpoint of step 2" in str(e.value)
+    assert "--resume and a lower --lr" in str(e.value) and "no privacy cost" in str(e.value)
+    assert f"spent epsilon {eps2} of its plan on these data" in str(e.value) and "on top of that" in str(e.value)
+    monkeypatch.undo()
+    assert train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False)["steps_done"] == 6
+    assert params_of(out, "ledger")["epsilon_spent"] == pytest.approx(accounting.epsilon_spent(doc.plan, 6))
+
+
+def test_init_from_weights_that_do_not_fit_the_network_are_one_train_error_before_writing(tmp_path):
+    """A warm start whose EMA weights have another shape, or lack a key (a dpdm whose network layout changed since,
+    under the same preset name), was a RuntimeError traceback (exit 4); a resume's such checkpoint is one line."""
+    init = _public_run(tmp_path)
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    state = torch.load(init, weights_only=True)
+    key = next(iter(state["ema"]))
+    for name, edit in (("shape", lambda ema: ema.__setitem__(key, torch.zeros(3, 3))),
+                       ("missing", lambda ema: ema.pop(key))):
+        bad = {**state, "ema": dict(state["ema"])}
+        edit(bad["ema"])
+        torch.save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(TrainError, match=rf"--init-from .*{name}\.pt'?: its EMA weights do not fit the 'small' "
+                                             rf"network \(.*{re.escape(key)}"):
+            train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(tmp_path / f"{name}.pt")),
+                  dataset_name="tiny", progress=False)
+        assert not (tmp_path / "run").exists()
+
+
+def test_leftover_checkpoint_temp_files_are_removed_when_a_run_starts_or_resumes(tmp_path):
+    """A checkpoint write killed after its fsync and before its rename left `.checkpoint.pt.XXXX.tmp`, a full copy of
+    the run's secrets under a hidden name, for good."""
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=4)
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, TrainConfig(**CFG), progress=False, on_step=stop_at(3))
+    left = out / ".checkpoint.pt.a51taljq.tmp"
+    left.write_bytes((out / CHECKPOINT_NAME).read_bytes())
+    other = out / ".notes.tmp"   # not a checkpoint write's: kept
+    other.write_text("x")
+    os.chmod(out, 0o755)   # a run folder of an older dpdm, or one opened up by hand: private again on resume
+    train(doc, x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
+    assert not left.exists() and other.exists()
+    assert (out.stat().st_mode & 0o777) == 0o700
+    # A run killed while writing its first checkpoint starts afresh in its folder: the leftover goes too.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".checkpoint.pt.zz.tmp").write_bytes(b"half a checkpoint")
+    train(doc, x, y, c, fresh, TrainConfig(**CFG), progress=False)
+    assert not (fresh / ".checkpoint.pt.zz.tmp").exists()
+
+
+def test_metrics_epsilon_is_rounded_up_and_the_bar_shows_its_steps_epsilon(tmp_path, capsys):
+    """metrics.csv rounded epsilon to the nearest (below the bound at some steps), and the progress bar's postfix
+    was set before its update: "1/6 eps=..." showed step 2's epsilon."""
+    from dpdm.report_utils import epsilon_text
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=5)   # its step 5: 4.559003446, which ".6g" wrote as 4.559
+    out = tmp_path / "run"
+    train(doc, x, y, c, out, TrainConfig(**{**CFG, "log_every": 2}), progress=True)
+    rows = (out / "metrics.csv").read_text().strip().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == [2, 4, 5]
+    for row in rows:
+        step, eps = int(row.split(",")[0]), row.split(",")[4]
+        exact = min(accounting.epsilon_spent(doc.plan, step), doc.epsilon)
+        assert eps == epsilon_text(exact, 6) and float(eps) >= exact, (step, eps, exact)
+    frames = re.findall(r"(\d+)/5 [^\r\n]*?eps=([0-9.]+)(?: \(step (\d+)\))?", capsys.readouterr().err)
+    assert frames and frames[-1][0] == "5"
+    for shown, eps, of in frames:
+        step = int(of or shown)
+        assert step <= int(shown) and eps == epsilon_text(min(accounting.epsilon_spent(doc.plan, step), doc.epsilon))
+        assert of or int(shown) in (2, 4, 5), frames   # an epsilon of an earlier step says which
