@@ -99,6 +99,7 @@ def check_out_dir(out_dir, *, create: bool = True) -> Path:
         return out
     try:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)   # 0700: the report holds a noise-free control run
+        os.chmod(out, 0o700)   # an empty folder made beforehand too (mkdir's mode applies to a new one only)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
         os.close(fd)
         os.unlink(probe)
@@ -482,7 +483,8 @@ def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
     from accounting.plan import fsync_folder   # lazily, as before: accounting imports the accountants
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(out, 0o700)   # the canary scores and the noise-free control's figures (README: "What stays private")
     included = np.asarray(canary["included"], dtype=bool)
     claim = float(canary["claimed_epsilon"])
     delta = doc["claimed_plan"]["delta"]

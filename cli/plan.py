@@ -390,8 +390,17 @@ def _resolve_dataset(name: str | None, size: int | None) -> tuple[str | None, in
                    "(or folder:PATH / npz:PATH with --dataset-size)")
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.6g}"
+def _fmt(x, bound: str | None = None) -> str:
+    """A cell of the accountant table, 6 significant digits: an upper bound rounded up and a lower bound down
+    (`epsilon_text`, as the certified line is; to nearest, PLD's upper bound showed below itself), an estimate
+    to nearest."""
+    if x is None:
+        return "-"
+    return f"{x:.6g}" if bound is None else epsilon_text(x, 6, bound=bound)
+
+
+def _bounds_row(label: str, r) -> str:
+    return _row(label, _fmt(r.lower, "lower"), _fmt(r.estimate), _fmt(r.upper, "upper"))
 
 
 def _row(label: str, *cells: str) -> str:
@@ -419,7 +428,7 @@ def _table(doc) -> str:
     if doc.independent is not None:
         reports.append(("dpdm PLD", doc.independent))
     for label, r in reports:
-        lines.append(_row(label, _fmt(r.lower), _fmt(r.estimate), _fmt(r.upper)))
+        lines.append(_bounds_row(label, r))
     lines += ["", f"certified epsilon {epsilon_text(doc.epsilon, 6)} (by {doc.certified_by}, the smaller of PLD's "
                   f"and RDP's bounds; PLD pessimistic at interval {doc.pld_discretization:.2g}, PRV error "
                   f"{doc.prv_eps_error:.2g})"]
@@ -542,4 +551,4 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
         return
     click.echo(_row("accountant", "lower", "estimate", "upper"))
     for r in reports:
-        click.echo(_row(r.method.upper(), _fmt(r.lower), _fmt(r.estimate), _fmt(r.upper)))
+        click.echo(_bounds_row(r.method.upper(), r))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -290,6 +291,20 @@ def test_report_holds_only_this_runs_plots(report_inputs, tmp_path):
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == [
         "notes.txt", "report.json", "report.md", "scores.npz"]  # no staging folder or temp file left
     assert _strict_json((out / "report.json").read_text())["plots"] == doc["plots"]
+
+
+def test_an_audit_folder_made_beforehand_becomes_private(report_inputs, tmp_path):
+    """`dpdm audit --out` takes an empty folder the user made: it stayed 0755, and the canary scores and the
+    noise-free control's figures were world-readable; only a folder dpdm created was 0700."""
+    from audits.suite import check_out_dir
+
+    for name, call in (("checked", lambda out: check_out_dir(out, create=True)),
+                       ("written", lambda out: _write(report_inputs, out))):
+        out = tmp_path / name
+        out.mkdir(mode=0o755)
+        os.chmod(out, 0o755)
+        call(out)
+        assert (out.stat().st_mode & 0o777) == 0o700, name
 
 
 def test_interrupted_report_leaves_the_earlier_one_or_no_report_json(report_inputs, tmp_path, monkeypatch):

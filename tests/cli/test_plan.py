@@ -167,6 +167,25 @@ def test_account_side_by_side(capsys):
     assert d["prv"]["lower"] <= d["pld"]["upper"] <= d["prv"]["upper"] <= d["rdp"]["upper"]
 
 
+def test_account_table_rounds_each_bound_away_from_the_side_it_bounds(capsys):
+    """The table printed upper bounds to nearest (an upper bound of 9.999433 as 9.99943, below itself, one line
+    above the certified 9.99944), lower bounds too. Every bound the table shows must still be a bound."""
+    argv = ["account", "-s", "1.0", "-p", "0.01", "-i", "1000", "--delta", "1e-5"]
+    assert main([*argv, "--json"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+    for method in ("rdp", "pld", "prv"):
+        lower, _, upper = rows[method.upper()]
+        assert float(upper) >= exact[method]["upper"], (method, upper, exact[method]["upper"])
+        if exact[method]["lower"] is not None:
+            assert float(lower) <= exact[method]["lower"], (method, lower, exact[method]["lower"])
+    from cli.plan import _fmt
+
+    assert (_fmt(9.9994331, "upper"), _fmt(9.9994331, "lower"), _fmt(9.9994331)) == ("9.99944", "9.99943", "9.99943")
+    assert (_fmt(-1.00001e-05, "lower"), _fmt(None, "upper"), _fmt(float("inf"), "upper")) == ("-1.00001e-05", "-", "inf")
+
+
 def test_plan_runs_without_torch_in_a_fresh_process(tmp_path):
     code = ("import sys; from cli.main import main; "
             f"rc = main(['plan', '--eps', '10', '--delta', '1e-5', '--out', {str(tmp_path / 'p.json')!r}]); "
