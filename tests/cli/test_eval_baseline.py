@@ -687,7 +687,8 @@ def test_eval_says_where_the_samples_came_from(digit_files, tmp_path, capsys):
               "--classifiers", "", "--reference-epochs", "1", "--cache-dir", str(tmp_path / "cache"))
     def meta(private, seed_given, epsilon):
         return dict(meta_private=np.array(private), meta_seed_given=np.array(seed_given),
-                    meta_epsilon=np.array(epsilon), meta_delta=np.array(1e-5))
+                    meta_epsilon=np.array(epsilon), meta_delta=np.array(1e-5),
+                    meta_dataset=np.array(f"npz:{digit_files['train']}"))   # as `dpdm sample` writes it
 
     cases = {"nodp": (meta(False, False, np.nan), "NON-PRIVATE samples: drawn from a --no-dp model", "NON-PRIVATE"),
              "seeded": (meta(True, True, 2.00001),   # an upper bound shown rounded up
