@@ -94,7 +94,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
                                                    click.core.ParameterSource.ENVIRONMENT)}
     dataset_given = dataset
     if resume:
-        opts = _resumed_options(out_dir, given, dict(
+        opts = _resumed_options(out_dir, given, no_dp, dict(
             dataset=dataset, model=model, precond=precond, train_sigma=train_sigma, physical_batch=physical_batch,
             grad_engine=grad_engine, lr=lr, lr_schedule=lr_schedule, ema_decay=ema_decay, ema_powers=ema_powers,
             checkpoint_every=checkpoint_every, log_every=log_every, trainable=trainable, subspace_dim=subspace_dim,
@@ -167,7 +167,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
         config = TrainConfig(model=model, precond=precond, lr=lr, lr_schedule=lr_schedule, ema_decay=ema_decay,
                              ema_powers=tuple(ema_powers),
                              train_sigma=None if train_sigma is None else tuple(train_sigma),
-                             physical_batch=physical_batch, per_layer_rules={"auto": None, "rules": True, "vmap": False}[grad_engine],
+                             physical_batch=physical_batch, per_layer_rules=_PER_LAYER_RULES[grad_engine],
                              checkpoint_every=checkpoint_every, log_every=log_every, seed=seed,
                              device=device, private=not no_dp, init_from=init_from, trainable=trainable,
                              precision=precision, subspace_dim=subspace_dim, subspace_data=subspace_data,
@@ -211,23 +211,30 @@ _RESUME_KEPT = {"model": "--model", "precond": "--precond", "train_sigma": "--tr
                 "ema_powers": "--ema-power", "trainable": "--trainable", "subspace_dim": "--public-subspace",
                 "subspace_data": "--subspace-data", "subspace_every": "--subspace-every",
                 "subspace_examples": "--subspace-examples", "precision": "--precision"}
-_GRAD_ENGINES = {None: "auto", True: "rules", False: "vmap"}
+_PER_LAYER_RULES = {"auto": None, "rules": True, "vmap": False}   # --grad-engine -> TrainConfig.per_layer_rules
+_GRAD_ENGINES = {rules: engine for engine, rules in _PER_LAYER_RULES.items()}
 
 
-def _resumed_options(out_dir: str, given: set[str], opts: dict) -> dict:
+def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> dict:
     """`opts` (the command's values, in order) with each one the user did not give replaced by the run's
-    recorded value, read from its checkpoint (a missing or unreadable one changes nothing: `dpdm.train.train`
-    says why it cannot resume). A kept knob the user gave with another value than the run's is refused here,
-    naming the run's value."""
+    recorded value, read from its checkpoint (a missing or unreadable one, or a --no-dp run resumed without
+    --no-dp, changes nothing: `dpdm.train.train` says why it cannot resume). A kept knob the user gave with
+    another value than the run's is refused here, naming the run's value. The run's data path is taken only
+    where it still exists (a run folder moved with its data resumes on the plan's name; the data digest decides
+    that it is the run's data)."""
     from dpdm import checkpoint as ckpt
+    from dpdm.datasets import is_path_dataset
 
     path = os.path.join(out_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         return opts
     try:
-        saved = ckpt.load_checkpoint(path)["config"]
+        state = ckpt.load_checkpoint(path)
     except (ckpt.CheckpointError, OSError, ValueError):
         return opts
+    saved = state["config"]
+    if not state["ledger"].get("private", True) and not no_dp:
+        return opts   # the library refuses to resume a --no-dp run as private, with its own line
     train_cfg = saved.get("train") if isinstance(saved.get("train"), dict) else {}
     run = {}
     for key, where in _RESUME_DEFAULTS.items():
@@ -243,8 +250,12 @@ def _resumed_options(out_dir: str, given: set[str], opts: dict) -> dict:
         run["ema_powers"] = tuple(run["ema_powers"] or ())
     if isinstance(run.get("trainable"), list):
         run["trainable"] = tuple(run["trainable"])
-    if run.get("dataset") is None:
-        run.pop("dataset", None)   # a run trained through the library without a name: the plan's, as before
+    recorded = run.get("dataset")
+    if recorded is None or (isinstance(recorded, str) and is_path_dataset(recorded)
+                            and not os.path.exists(os.path.expanduser(recorded.split(":", 1)[1]))):
+        run.pop("dataset", None)   # no name (a library run), or moved away: the plan's, as before
+    if "lr" not in given and "lr_schedule" not in given:
+        _warn_unsaved_lr_change(out_dir, train_cfg)
     out = dict(opts)
     for key, value in opts.items():
         if key not in run:
@@ -257,6 +268,26 @@ def _resumed_options(out_dir: str, given: set[str], opts: dict) -> dict:
                            f"trained with {_shown(key, run[key])}; resume without {_RESUME_KEPT[key]} (it takes the "
                            "run's value)")
     return out
+
+
+def _warn_unsaved_lr_change(out_dir: str, train_cfg: dict) -> None:
+    """config.json is written when a run starts; a resume that changed --lr and stopped before its next
+    checkpoint left it showing an lr that the checkpoint (the run's record, which this resume follows) does not
+    hold. Said, so that the lr that diverged is not taken back without a word."""
+    import json
+
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            shown = json.load(f).get("train") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    def plain(cfg):   # the checkpoint holds tuples where config.json holds lists
+        return json.dumps([cfg.get(k) for k in ("lr", "lr_schedule", "lr_segments")])
+
+    if plain(shown) != plain(train_cfg):
+        warn(f"config.json shows lr {shown.get('lr')!r} ({shown.get('lr_schedule')}), given at a resume that "
+             f"stopped before its next checkpoint; this resume follows the checkpoint's lr {train_cfg.get('lr')!r} "
+             f"({train_cfg.get('lr_schedule')}): give --lr to change it")
 
 
 def _kept_value(key: str, value):

@@ -58,6 +58,12 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return atomic_torch_save(state, path)
 
 
+def temp_file_pattern(path: str | os.PathLike) -> str:
+    """The glob of the temporary files `atomic_torch_save(obj, path)` writes beside `path` (a write killed midway
+    leaves one)."""
+    return f".{Path(path).name}.*.tmp"
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save(obj)` to `path` through a temp file in the same folder, fsync and rename. The file
     is readable by its owner only (mkstemp's 0600): checkpoints hold the run's secret seed."""

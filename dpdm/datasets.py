@@ -211,37 +211,33 @@ def public_init_name(name: str | None) -> str | None:
     return name
 
 
-def public_dataset_name(name: str | None, plan_dataset: str | None) -> str | None:
+def public_dataset_name(name: str | None, plan_dataset: str | None,
+                        plan_names_data: bool | None = None) -> str | None:
     """The name of a run's dataset as its outputs (release files, samples) may show it: a built-in name, or a
     path the plan (public) names, as the plan names it; a path the plan does not name (`dpdm plan
     --dataset-size` alone, or a plan for another dataset, then `dpdm train --dataset
     npz:/home/.../patients.npz`) is left out (None): never the plan's name for data the plan does not name.
 
-    A run records its path absolute (`absolute_dataset_name`), a plan as it was given: the path is the plan's
-    where they are equal, where the plan's path is absolute (or ~) and the same file, or where the plan's is
-    relative and the run's path ends with it (the folder `dpdm plan` ran in is not recorded)."""
+    A run records its path absolute (`absolute_dataset_name`), a plan as it was given, and whether the plan's
+    name is the run's file is known only where `dpdm train` ran: `plan_names_data` (the run config's record,
+    made there). A run recorded without it (an older dpdm) keeps the plan's name only where the plan's path
+    is absolute (or ~) and the same file."""
     if isinstance(name, str) and is_path_dataset(name) and name != plan_dataset:
-        return plan_dataset if _names_plan_path(name, plan_dataset) else None
+        if plan_names_data is None:
+            plan_names_data = _names_plan_path(name, plan_dataset)
+        return plan_dataset if plan_names_data else None
     return name
 
 
 def _names_plan_path(name: str, plan_dataset: str | None) -> bool:
-    """Whether the path dataset `name` (a run's record, absolute) is the one the plan's `plan_dataset` names."""
+    """Whether the path dataset `name` (a run's record, absolute) is the file the plan's absolute (or ~) path
+    `plan_dataset` names. A relative one cannot be told from another file of that name elsewhere: False."""
     if not (isinstance(plan_dataset, str) and is_path_dataset(plan_dataset)):
         return False
     kind, path = name.split(":", 1)
     plan_kind, plan_path = plan_dataset.split(":", 1)
-    if kind != plan_kind or not plan_path.strip():
-        return False
-    path = os.path.normpath(path)
     plan_path = os.path.expanduser(plan_path)
-    if os.path.isabs(plan_path):
-        return os.path.normpath(plan_path) == path
-    parts = os.path.normpath(plan_path).split(os.sep)
-    while parts and parts[0] == "..":   # "../data.npz": the folder it climbed from is not recorded
-        parts = parts[1:]
-    rel = os.sep.join(parts)
-    return bool(rel) and rel != "." and path.endswith(os.sep + rel)
+    return kind == plan_kind and os.path.isabs(plan_path) and os.path.normpath(plan_path) == os.path.normpath(path)
 
 
 def load_dataset(name: str, split: str = "train", *, data_root: str | os.PathLike | None = None,

@@ -33,7 +33,7 @@ def release_config(config: dict[str, Any], plan_dataset: str | None = None) -> d
 
     out = {k: config[k] for k in RELEASED_CONFIG_KEYS if k in config}
     if "dataset" in out:
-        out["dataset"] = public_dataset_name(out["dataset"], plan_dataset)
+        out["dataset"] = public_dataset_name(out["dataset"], plan_dataset, config.get("plan_names_data"))
     # The noise levels the network was trained on (`dpdm train --train-sigma`): the sampler stays inside them.
     # seed_given: the user chose the training seed (`dpdm train --seed`), not its value (ckpt.SEED_GIVEN_NOTE).
     out["train"] = {"train_sigma": (config.get("train") or {}).get("train_sigma"),

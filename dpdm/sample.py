@@ -78,8 +78,9 @@ def load_denoiser(path: str | os.PathLike, *, weights: str | None = "ema", devic
                 "which its epsilon is checked; sample from the run folder, or from the release file of `dpdm export`"))
         except ckpt.CheckpointError as e:
             raise SampleError(str(e)) from None
-        state["config"] = {**state["config"], "public_dataset": public_dataset_name(state["config"].get("dataset"),
-                                                                                     doc.plan.dataset_name)}
+        cfg = state["config"]
+        state["config"] = {**cfg, "public_dataset": public_dataset_name(cfg.get("dataset"), doc.plan.dataset_name,
+                                                                        cfg.get("plan_names_data"))}
     if state["format"] == ckpt.MODEL_FORMAT:   # a release file (`dpdm export`) holds one set of weights
         if weights is not None and weights_name(weights) != weights_name(state["weights"]):
             raise SampleError(f"weights={weights!r}: model file {str(path)!r} holds only its "

@@ -648,6 +648,10 @@ def train(
         "num_classes": int(num_classes),
         # absolute: `dpdm sample` (which must not write over it) and `dpdm audit` find it from any folder
         "dataset": None if dataset_name is None else absolute_dataset_name(dataset_name),
+        # whether that is the data the plan names (resolved here, where a relative name means what it meant to
+        # the user): release files and samples show the plan's name only then (`public_dataset_name`)
+        "plan_names_data": dataset_name is not None and plan.dataset_name is not None
+                           and absolute_dataset_name(dataset_name) == absolute_dataset_name(plan.dataset_name),
         "data_digest": data_digest,
         # seed_given: the user chose the seed (--seed), so whoever knows it can replay the batches and the
         # noise; a private run so trained is marked wherever its outputs appear (summary, export, samples).
@@ -660,6 +664,8 @@ def train(
             if saved[key] != run_config[key]:
                 raise TrainError(f"cannot resume: the run used {key}={saved[key]!r}, now {run_config[key]!r}")
         run_config["sigma_data"] = saved["sigma_data"]
+        # the same data (its digest was checked), resumed from another folder: the plan still names it
+        run_config["plan_names_data"] = bool(saved.get("plan_names_data")) or run_config["plan_names_data"]
         saved_init = saved.get("train", {}).get("init_from")
         if config.init_from is not None and config.init_from != saved_init:
             raise TrainError(f"cannot resume with --init-from {config.init_from!r}: the run started from "
@@ -1349,7 +1355,7 @@ def _remove_checkpoint_leftovers(out: Path) -> None:
     writing one: a kill after the fsync and before the rename left a full copy of the run's secrets (its seed,
     its image digests) under a hidden name that nothing else knows of."""
     try:
-        leftovers = list(out.glob(f".{CHECKPOINT_NAME}.*.tmp"))
+        leftovers = list(out.glob(ckpt.temp_file_pattern(out / CHECKPOINT_NAME)))
     except OSError:
         return
     for path in leftovers:

@@ -434,6 +434,33 @@ def test_a_release_leaves_out_a_path_the_plan_does_not_name_when_it_names_anothe
             assert _names_no_dataset(z), source
 
 
+def test_a_relative_plan_path_names_only_the_file_it_meant_where_train_ran(run, tmp_path, capsys, monkeypatch):
+    """A plan for npz:data.npz (relative), a run on sub/data.npz (other images of the same size): the release and
+    the samples named npz:data.npz, matched by the path's ending, so eval checked its test images against the
+    wrong file and said nothing. `dpdm train` now records whether the plan's name is the run's file, resolved
+    where it ran; resumed from another folder, the record stands."""
+    d = run
+    (tmp_path / "sub").mkdir()
+    rng = np.random.default_rng(5)
+    with np.load(d / "data.npz") as z:
+        np.savez(tmp_path / "data.npz", **z)
+        np.savez(tmp_path / "sub" / "data.npz", x=rng.permutation(z["x"]), y=z["y"])
+    plan = dataclasses.replace(accounting.load_plan(d / "plan.json").plan, dataset_name="npz:data.npz")
+    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
+    monkeypatch.chdir(tmp_path)
+    for out, extra, named in (("other", ["--dataset", "npz:sub/data.npz"], None), ("own", [], "npz:data.npz")):
+        assert main(["train", "--plan", "plan.json", "--out", out, "--device", "cpu", "--quiet", *extra]) == 0
+        capsys.readouterr()
+        assert run_cli(["export", "--run", out, "--out", f"{out}.pt"], capsys)[0] == 0
+        assert torch.load(f"{out}.pt", weights_only=True)["config"]["dataset"] == named, out
+        assert run_cli(["sample", "--run", out, "--n", 2, "--sampler-steps", 2, "--out", f"{out}.npz"], capsys)[0] == 0
+        with np.load(f"{out}.npz") as z:
+            assert (str(z["meta_dataset"]) == named) if named else _names_no_dataset(z), out
+    monkeypatch.chdir(tmp_path / "sub")   # the run's own record holds from any folder
+    assert run_cli(["export", "--run", tmp_path / "own", "--out", tmp_path / "own2.pt"], capsys)[0] == 0
+    assert torch.load(tmp_path / "own2.pt", weights_only=True)["config"]["dataset"] == "npz:data.npz"
+
+
 def test_resume_refuses_optimizer_state_of_another_shape(run, tmp_path, capsys):
     """An optimizer state whose moments have another shape than their parameters loads (torch checks only their
     number) and failed at the first step, a traceback."""

@@ -905,3 +905,45 @@ def test_folder_data_whose_channels_were_read_off_the_images_warns(tmp_path, cap
     assert json.loads((tmp_path / "run" / "config.json").read_text())["img_channels"] == 3
     code, _, err = run_cli([*args, "--out", tmp_path / "nodp", "--no-dp"], capsys)
     assert code == 0 and "number of channels" not in err, err
+
+
+def test_resume_of_a_moved_run_a_dropped_lr_change_and_a_no_dp_run(tiny, capsys, monkeypatch):
+    """Review of the resume defaults: (1) the run's data path came from its checkpoint even where it no longer
+    existed, so a run folder moved with its data failed on a --dataset never given; (2) an lr given at a resume
+    that stopped before its next checkpoint showed in config.json, and the next plain resume went back to the lr
+    that diverged without a word; (3) a --no-dp --precision bf16 run resumed without --no-dp was refused for
+    its --precision, which was not given, rather than for --no-dp."""
+    import shutil
+
+    import dpdm.train as train_module
+
+    d = tiny
+    real = train_module._finite_model
+
+    def stop_at_next_step_3(count):
+        calls = []
+
+        def finite(*a):
+            calls.append(1)
+            return len(calls) != count and real(*a)
+        monkeypatch.setattr(train_module, "_finite_model", finite)
+
+    (d / "sub").mkdir()
+    shutil.copy(d / "data.npz", d / "sub" / "data.npz")   # the plan's images, at another path
+    stop_at_next_step_3(3)
+    assert run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'sub' / 'data.npz'}", "--lr", "1e-3"),
+                   capsys)[0] == 4
+    stop_at_next_step_3(1)   # resumed at step 2: its first step is step 3
+    assert run_cli(_train_args(d, d / "run", "--resume", "--lr", "5e-4"), capsys)[0] == 4
+    monkeypatch.undo()
+    shutil.rmtree(d / "sub")   # moved away: the plan's name holds the same images
+    code, out, err = run_cli(_train_args(d, d / "run", "--resume", "--json"), capsys)
+    assert code == 0, err
+    assert "config.json shows lr 0.0005" in err and "follows the checkpoint's lr 0.001" in err, err
+    assert json.loads(out)["steps_done"] == 4 and json.loads(out)["lr_segments"] == [[0, 1e-3, "constant"]]
+
+    stop_at_next_step_3(3)
+    assert run_cli(_train_args(d, d / "nodp", "--no-dp", "--precision", "bf16"), capsys)[0] == 4
+    monkeypatch.undo()
+    line = _one_error_line(*run_cli(_train_args(d, d / "nodp", "--resume"), capsys)[::2])
+    assert "cannot resume a --no-dp run as private" in line, line

@@ -635,8 +635,10 @@ def test_folder_skips_dot_files_and_non_images(tmp_path):
 
 def test_public_dataset_name_never_names_the_plans_dataset_for_a_path_it_does_not_name():
     """A run on npz:/.../d1797.npz under a plan for 'digits' was recorded in its release and samples as trained on
-    digits (turning off eval's held-out check); a path the plan does not name is left out. A path the plan names
-    (absolute, ~, or relative to the folder `dpdm plan` ran in) keeps the plan's name."""
+    digits (turning off eval's held-out check); a path the plan does not name is left out. Whether the plan names
+    the run's file is recorded where `dpdm train` ran (`plan_names_data`); without that record (an older run) only
+    an absolute or ~ path of the plan's can be told to be the run's file (a relative one matched by its ending
+    named any file of that name: npz:sub/d.npz for a plan of npz:d.npz)."""
     from dpdm.datasets import public_dataset_name
 
     assert public_dataset_name("npz:/w/d1797.npz", "digits") is None
@@ -646,8 +648,12 @@ def test_public_dataset_name_never_names_the_plans_dataset_for_a_path_it_does_no
     assert public_dataset_name("folder:/w/data.npz", "npz:data.npz") is None
     assert public_dataset_name("npz:/w/d.npz", None) is None
     assert public_dataset_name("npz:/w/d.npz", "npz:/w/d.npz") == "npz:/w/d.npz"
-    assert public_dataset_name("npz:/w/sub/d.npz", "npz:sub/d.npz") == "npz:sub/d.npz"
-    assert public_dataset_name("npz:/w/d.npz", "npz:../w/d.npz") == "npz:../w/d.npz"
+    assert public_dataset_name("npz:/w/sub/d.npz", "npz:d.npz") is None
+    assert public_dataset_name("npz:/w/sub/d.npz", "npz:sub/d.npz") is None   # unrecorded: cannot be told
+    assert public_dataset_name("npz:/w/d.npz", "npz:../w/d.npz") is None
+    assert public_dataset_name("npz:/w/sub/d.npz", "npz:sub/d.npz", True) == "npz:sub/d.npz"   # recorded by train
+    assert public_dataset_name("npz:/w/sub/d.npz", "npz:d.npz", False) is None
+    assert public_dataset_name("npz:/w/d.npz", "npz:/w/d.npz", False) == "npz:/w/d.npz"   # the same string
     home = os.path.expanduser("~")
     assert public_dataset_name(f"npz:{home}/d.npz", "npz:~/d.npz") == "npz:~/d.npz"
     assert public_dataset_name("digits", "mnist5k") == "digits" and public_dataset_name(None, "digits") is None
