@@ -146,6 +146,14 @@ def warn_inferred_classes(name: str, data) -> None:
              "(their largest + 1) and the model reveals it; store num_classes in the npz to fix it publicly")
 
 
+def warn_dataset_not_plans(dataset: str | None, plan_dataset: str | None, what: str) -> None:
+    """`--dataset` given as another dataset than the plan names: the guarantee holds for any data of the plan's
+    size, but the plan (public, in every release file) names its own. `what`: who records the data ("the run")."""
+    if dataset and plan_dataset and dataset != plan_dataset:
+        warn(f"--dataset={dataset!r}, but the plan was made for {plan_dataset!r}; its guarantee holds for any data "
+             f"of its size, and {what} records the data it trained on")
+
+
 def warn_inferred_channels(name: str, data) -> None:
     """Private data whose channel count was read off its own images (a ``folder:`` dataset: one colour-mode
     image makes every image RGB): the trained model and its samples reveal it, and one record can decide it."""

@@ -6,8 +6,8 @@ import os
 import click
 
 from cli._common import (DatasetName, FiniteFloatRange, PathOption, emit_json, info, load_locked_plan, load_public_data,
-                         load_training_data, plan_dataset_name, resolve_device, warn, warn_if_slow_bf16,
-                         warn_inferred_classes, warn_known_seed)
+                         load_training_data, plan_dataset_name, resolve_device, warn, warn_dataset_not_plans,
+                         warn_if_slow_bf16, warn_inferred_classes, warn_known_seed)
 from cli.errors import BadInput, runtime_failure
 from dpdm.report_utils import epsilon_text
 
@@ -327,8 +327,4 @@ def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool
         warn(note)
     if not no_dp:
         warn_inferred_classes(name, data)
-    if dataset and doc.plan.dataset_name and dataset != doc.plan.dataset_name:
-        # The guarantee holds for any data of the plan's size, but the plan (public, in every release file)
-        # names the other dataset.
-        warn(f"--dataset={dataset!r}, but the plan was made for {doc.plan.dataset_name!r}; its guarantee holds "
-             "for any data of its size, and the run records the data it trained on")
+    warn_dataset_not_plans(dataset, doc.plan.dataset_name, "the run")
