@@ -76,6 +76,7 @@ def test_epsilon_for_delta_on_a_point_mass():
     assert d == pytest.approx(0.05, rel=1e-9)
 
 
+@pytest.mark.slow   # 26 s on 2 cores: the default suite stays under 15 minutes
 def test_epsilon_above_709_does_not_overflow():
     """exp(t) overflows a float above t = 709: an epsilon of 1,500 came out as 709.87 on both sides."""
     h = 0.01

@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow   # 13 s on 2 cores: the default suite stays under 15 minutes
 def test_distributed_benchmark_measures_both_world_sizes():
     # Its warm-up step had passed noise seed -1, which the noise generator refuses: the script died
     # before measuring anything.

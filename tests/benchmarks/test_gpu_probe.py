@@ -218,6 +218,7 @@ def _quality_args(lines: list[str]) -> list[str]:
     return next(c for c in calls if "--skip-baseline" in c).split()
 
 
+@pytest.mark.slow   # 13 s on 2 cores: the default suite stays under 15 minutes
 def test_gpu_run_engine_choice_applies_the_memory_rule(tmp_path):
     """On an 80 GB H100, plain vmap at K 4 in chunks of 1024 (0.6 s, 118.9 GiB) is faster than the rules
     (1.0 s, 38 GiB) but over 80% of the memory: `dpdm train --grad-engine auto`'s rule takes the rules, and
@@ -231,6 +232,7 @@ def test_gpu_run_engine_choice_applies_the_memory_rule(tmp_path):
     assert [line for line in lines if line.startswith("chunk ")] == ["chunk rules:1024:4", "chunk plain:1024:4"]
 
 
+@pytest.mark.slow   # 7 s on 2 cores: the default suite stays under 15 minutes
 def test_gpu_run_without_probe_halves_a_chunk_that_does_not_fit(tmp_path):
     """The recommended run (PROBE=0 K=4 GRAD_ENGINE=vmap, chunks of 1024) on an H100: one chunk is checked
     before training, and the run trains in chunks of 512, saying so, instead of failing at its first
@@ -243,6 +245,7 @@ def test_gpu_run_without_probe_halves_a_chunk_that_does_not_fit(tmp_path):
     assert "fit: PHYSICAL=512 GRAD_ENGINE=vmap" in probe_log and "chunks of 512" in probe_log
 
 
+@pytest.mark.slow   # 7 s on 2 cores: the default suite stays under 15 minutes
 def test_gpu_run_stops_when_no_time_is_left(tmp_path):
     """Fewer than 30 s left before quality.py: exit 3 with a line, not `timeout 0` (no limit at all) or a
     negative timeout (nothing runs, rc 125)."""

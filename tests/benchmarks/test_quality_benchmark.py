@@ -154,6 +154,7 @@ def test_quality_benchmark_splits_into_baseline_and_generator_processes(tmp_path
     assert main["synthetic"]["classifier_fd"]["reference"]["cached"] is True
 
 
+@pytest.mark.slow   # 10 s on 2 cores: the default suite stays under 15 minutes
 def test_real_data_cnn_is_the_protocol_on_the_private_images(load_benchmark):
     q = load_benchmark("quality")
     out = q.real_data_cnn("mnist5k", epochs=1)

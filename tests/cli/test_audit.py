@@ -482,6 +482,7 @@ def test_a_copy_of_a_report_among_other_files_is_not_an_audit_folder(run_dir, tm
     assert {p.name: p.read_bytes() for p in paper.iterdir()} == before
 
 
+@pytest.mark.slow   # 18 s on 2 cores: the default suite stays under 15 minutes
 def test_an_auto_engine_run_has_both_engines_checked(run_dir, tmp_path, capsys, monkeypatch):
     """A run with --grad-engine auto (per_layer_rules None: the rules on a CPU, either on a GPU, chosen at each
     start) had its mechanism checks run on plain vmap only: a broken per-layer rule passed them. Now both

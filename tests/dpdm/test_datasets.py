@@ -165,6 +165,7 @@ def test_fonts28_renders_ten_digits_per_font_in_mnist_framing():
     assert not has_test_split("fonts28")
 
 
+@pytest.mark.slow   # 8 s on 2 cores: the default suite stays under 15 minutes
 def test_fonts28_aug_and_the_mixture():
     base, d = load_dataset("fonts28"), load_dataset("fonts28-aug")
     assert d.x.shape == (16800, 1, 28, 28) and len(d) == DATASET_SIZES["fonts28-aug"] == 80 * len(base)
