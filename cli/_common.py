@@ -131,10 +131,16 @@ def warn_known_seed(seed: int) -> None:
          "the guarantee; use it for tests and reproduction only, and keep it secret otherwise")
 
 
+def warn_inferred(name: str, data) -> None:
+    """What private training data's own records decided and the trained model reveals: its channel count
+    (`warn_inferred_channels`) and its class count (`warn_inferred_classes`)."""
+    warn_inferred_channels(name, data)
+    warn_inferred_classes(name, data)
+
+
 def warn_inferred_classes(name: str, data) -> None:
     """Private data whose class count was read off its own labels: the trained model reveals it (whether the
-    largest label occurs at all, one record can decide). Also `warn_inferred_channels`."""
-    warn_inferred_channels(name, data)
+    largest label occurs at all, one record can decide)."""
     if not data.num_classes_inferred:
         return
     if data.class_names is not None:   # folder: one class per class folder, each of which must hold an image

@@ -7,7 +7,7 @@ import click
 
 from cli._common import (DatasetName, FiniteFloatRange, PathOption, emit_json, info, load_locked_plan, load_public_data,
                          load_training_data, plan_dataset_name, resolve_device, warn, warn_dataset_not_plans,
-                         warn_if_slow_bf16, warn_inferred_classes, warn_known_seed)
+                         warn_if_slow_bf16, warn_inferred, warn_known_seed)
 from cli.errors import BadInput, runtime_failure
 from dpdm.report_utils import epsilon_text
 
@@ -326,5 +326,5 @@ def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool
     for note in notes:
         warn(note)
     if not no_dp:
-        warn_inferred_classes(name, data)
+        warn_inferred(name, data)
     warn_dataset_not_plans(dataset, doc.plan.dataset_name, "the run")

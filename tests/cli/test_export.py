@@ -387,16 +387,15 @@ def _names_no_dataset(z) -> bool:
     return str(value) == "None" or (value.dtype.kind == "f" and bool(np.isnan(value)))
 
 
-def test_a_release_names_the_dataset_only_as_its_plan_does(run, tmp_path, capsys):
-    """A plan made with --dataset-size alone names no dataset; the path `dpdm train --dataset` was given (a local
-    file name, perhaps telling) stays out of the release file and its samples. A path the plan names is kept."""
-    d = run
-    assert run_cli(["export", "--run", d / "run", "--out", tmp_path / "named.pt"], capsys)[0] == 0
-    assert torch.load(tmp_path / "named.pt", weights_only=True)["config"]["dataset"] == f"npz:{d / 'data.npz'}"
-    plan = dataclasses.replace(accounting.load_plan(d / "plan.json").plan, dataset_name=None)
+def _release_and_samples_name_no_dataset(d, tmp_path, capsys, *, plan_dataset):
+    """Trains on d/data.npz under the run's plan renamed `plan_dataset`, exports tmp_path/anon.pt, and checks
+    that neither the release file nor the samples (from the release file and from the run) name a dataset or
+    the path. Returns the release file's contents."""
+    plan = dataclasses.replace(accounting.load_plan(d / "plan.json").plan, dataset_name=plan_dataset)
     accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
     assert main(["train", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "r"), "--dataset",
                  f"npz:{d / 'data.npz'}", "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
     assert run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "anon.pt"], capsys)[0] == 0
     model = torch.load(tmp_path / "anon.pt", weights_only=True)
     assert model["config"]["dataset"] is None and "data.npz" not in json.dumps(model["config"])
@@ -405,6 +404,16 @@ def test_a_release_names_the_dataset_only_as_its_plan_does(run, tmp_path, capsys
         assert code == 0
         with np.load(tmp_path / "s.npz") as z:
             assert _names_no_dataset(z), source
+    return model
+
+
+def test_a_release_names_the_dataset_only_as_its_plan_does(run, tmp_path, capsys):
+    """A plan made with --dataset-size alone names no dataset; the path `dpdm train --dataset` was given (a local
+    file name, perhaps telling) stays out of the release file and its samples. A path the plan names is kept."""
+    d = run
+    assert run_cli(["export", "--run", d / "run", "--out", tmp_path / "named.pt"], capsys)[0] == 0
+    assert torch.load(tmp_path / "named.pt", weights_only=True)["config"]["dataset"] == f"npz:{d / 'data.npz'}"
+    model = _release_and_samples_name_no_dataset(d, tmp_path, capsys, plan_dataset=None)
     # A release file exported before dpdm left such paths out: its samples do not show it either.
     model["config"]["dataset"] = f"npz:{d / 'data.npz'}"
     torch.save(model, tmp_path / "old.pt")
@@ -418,20 +427,7 @@ def test_a_release_leaves_out_a_path_the_plan_does_not_name_when_it_names_anothe
     """A plan for another dataset (digits), a run on private npz data of its size: the release file and the samples
     named digits as the training data, which turned off eval's check that its test images are held out from the
     generator's training images. The path is left out (None), as for a plan that names no dataset."""
-    d = run
-    plan = dataclasses.replace(accounting.load_plan(d / "plan.json").plan, dataset_name="digits")
-    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
-    assert main(["train", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "r"), "--dataset",
-                 f"npz:{d / 'data.npz'}", "--device", "cpu", "--quiet"]) == 0
-    capsys.readouterr()
-    assert run_cli(["export", "--run", tmp_path / "r", "--out", tmp_path / "m.pt"], capsys)[0] == 0
-    model = torch.load(tmp_path / "m.pt", weights_only=True)
-    assert model["config"]["dataset"] is None and "data.npz" not in json.dumps(model["config"])
-    for source in (["--checkpoint", tmp_path / "m.pt"], ["--run", tmp_path / "r"]):
-        code = run_cli(["sample", *source, "--n", 2, "--sampler-steps", 2, "--out", tmp_path / "s.npz"], capsys)[0]
-        assert code == 0
-        with np.load(tmp_path / "s.npz") as z:
-            assert _names_no_dataset(z), source
+    _release_and_samples_name_no_dataset(run, tmp_path, capsys, plan_dataset="digits")
 
 
 def test_a_relative_plan_path_names_only_the_file_it_meant_where_train_ran(run, tmp_path, capsys, monkeypatch):
