@@ -261,6 +261,22 @@ class _GroupNormGrad(_GradRule):
         # CUDA launches that kernel with the group count as a grid dimension (at most 65,535), so the
         # examples go in slices of at most that many groups.
         mask_rows = [mask[0], mask[1] and w is not None, mask[2]]
+        if n * G > _GROUP_NORM_MAX_GROUPS:
+            # One example alone is over the limit (K >= 2048 at 32 groups): its n rows go as the kernel's batch
+            # of n rows in G groups, a grid of (n, G), and the kernel sums the affine gradients over those rows.
+            gxs, gws, gbs = [], [], []
+            for s in range(B):
+                gx, gw, gb = _aten.native_group_norm_backward(
+                    go[s].reshape(n, C, hw), x[s].reshape(n, C, hw), mean[s].reshape(n, G),
+                    rstd[s].reshape(n, G), w, n, C, hw, G, mask_rows)
+                if mask[0]:
+                    gxs.append(gx.view(x.shape[1:]))
+                if mask[1]:
+                    gws.append(gw)
+                if mask[2]:
+                    gbs.append(gb)
+            outs = tuple(torch.stack(parts) for parts in (gxs, gws, gbs) if parts)
+            return outs, (0,) * len(outs)
         step = min(B, max(1, _GROUP_NORM_MAX_GROUPS // (n * G)))
         w_rows = None if w is None else w.repeat(step * n)   # the last slice takes its first b*n*C
         gxs, gws, gbs = [], [], []

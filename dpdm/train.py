@@ -568,6 +568,10 @@ def train(
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise TrainError(f"the images are {'x'.join(map(str, x.shape[1:]))} (CxHxW); the network needs square "
                          "images (N x C x H x H)")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        # The engine would zero such an example's gradient and train on without a word (stop 42, engine walk F3).
+        bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+        raise TrainError(f"{bad} of the {n} images hold a NaN or infinite pixel")
     if config.subspace_dim is not None:
         _check_public_data(public_data, x, y, config, dataset_name, num_classes=num_classes)
     elif public_data is not None:

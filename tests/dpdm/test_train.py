@@ -140,6 +140,37 @@ def test_wrong_size_data_refused_and_nothing_written(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_images_refused_and_nothing_written(tmp_path, bad):
+    """The engine zeroes a non-finite example's gradient and counts it, but the run trained on without a word
+    (stop 42): the Python API refuses such images before anything is written."""
+    x, y, c = tiny_data()
+    x[[3, 7], 0, 2, 2] = bad
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match="2 of the 24 images hold a NaN or infinite pixel"):
+        train(tiny_plan(), x, y, c, out, TrainConfig(**CFG), progress=False)
+    assert not out.exists()
+
+
+def test_every_private_step_moves_the_weights_even_on_an_empty_poisson_batch(tmp_path):
+    """An empty Poisson batch is still a private step: pure noise over the expected batch size, and Adam steps.
+    The other runs (sample rate 0.25) almost never draw one (stop 42: skipping empty steps passed every test)."""
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=5, batch=1)   # sample rate 1/24: about a third of the steps are empty
+    out = tmp_path / "run"
+    states = {}
+    train(doc, x, y, c, out, TrainConfig(**{**CFG, "checkpoint_every": 1, "seed": 11}), progress=False,
+          on_step=lambda s: s > 1 and states.__setitem__(s - 1, params_of(out)))   # before step s's checkpoint
+    states[doc.plan.steps] = params_of(out)
+    rows = [r.split(",") for r in (out / "metrics.csv").read_text().splitlines()[1:]]
+    empty = [int(r[0]) for r in rows if r[1] == "0" and int(r[0]) - 1 in states]
+    assert empty, "seed 11 must draw an empty batch after step 1 for this test to mean anything"
+    for s in empty:
+        moved = max(float((states[s][k] - states[s - 1][k]).abs().max()) for k in states[s])
+        assert moved > 0, f"step {s} (an empty batch) left the weights unchanged: no noisy step was taken"
+    assert ckpt.load_checkpoint(out / CHECKPOINT_NAME)["optimizer"]["state"][0]["step"] == doc.plan.steps
+
+
 def test_resume_against_another_plan_refused(tmp_path):
     x, y, c = tiny_data()
     out = tmp_path / "run"
