@@ -31,7 +31,8 @@ __all__ = [
 ]
 
 # PLD interval / epsilon. The certificate is within ~1e-4 of exact over few steps; its slack grows with the
-# steps (measured: 3% at sample rate 1e-4 over 100,000 steps, 12% at q = 1 over 10^6), always above.
+# steps (measured: 3% at sample rate 1e-4 over 100,000 steps, 12% at q = 1 over 10^6, 30% at q 0.064 over 3x10^6,
+# where RDP's bound certifies at 19%: docs/accounting.md), always above.
 PLD_RELATIVE_DISCRETIZATION = 1e-4
 _MIN_DISCRETIZATION, _MAX_DISCRETIZATION = 1e-6, 1e-2
 MAX_NOISE_MULTIPLIER = 1000.0  # the search space; beyond it a plan trains on noise

@@ -95,6 +95,7 @@ _FLOAT_RTOL = 1e-9
 # dpdm's own PLD contradicted dp-accounting (1e-13) and its answer moved with its truncation settings (3e-15).
 MIN_DELTA = 1e-10
 DELTA_PER_STEP = 1e-13
+_STEPS_PER_DELTA = 1e13   # 1 / DELTA_PER_STEP, exactly
 MAX_ACCOUNTED_NOISE_MULTIPLIER = 1e100
 MAX_PLAN_BYTES = 16 << 20   # plans are a few kilobytes; a larger file is not one
 # K, the diffusion-noise draws per example: training holds K noised copies of every image of a batch (10**6
@@ -104,7 +105,9 @@ MAX_NOISE_MULTIPLICITY = 4096
 
 def min_delta(steps: int) -> float:
     """The smallest delta a plan of `steps` steps may have (MIN_DELTA, or DELTA_PER_STEP per step)."""
-    return max(MIN_DELTA, DELTA_PER_STEP * steps)
+    # steps / 1e13, the correctly rounded quotient: 1e-13 * 10**6 rounds to 1.0000000000000001e-07, which refused
+    # exactly 1e-13 per step as "below 1e-07" (stop 42).
+    return max(MIN_DELTA, steps / _STEPS_PER_DELTA)
 
 
 def delta_floor_problem(delta: float, steps: int | None = None, *, name: str = "delta") -> str | None:
@@ -327,7 +330,7 @@ def certified_epsilon(plan: PrivacyPlan, certified_by: str | None = None, prv_ep
 
 def _certificate(pld: float, rdp: float) -> tuple[float, str]:
     """The certificate: the smaller rigorous upper bound, and its name. PLD's is the smaller but over very many
-    steps, where its grid makes it a few percent loose (q = 1, 10^6 steps, sigma 100: PLD 102.67, RDP 96.12,
+    steps, where its grid makes it loose, up to tens of percent (q = 1, 10^6 steps, sigma 100: PLD 102.67, RDP 96.12,
     exact 91.82)."""
     return (pld, "pld") if pld <= rdp else (rdp, "rdp")
 
@@ -408,7 +411,7 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
         # steps, sigma 20: 88.85 against an exact 109.34), where dpdm's own PLD bracket was too wide to refute it.
         # PRV cross-checks: its lower bound must not exceed the certificate. Its upper bound below the
         # certificate is no disagreement (a pessimistic PLD lies above the true epsilon, and over very many
-        # steps its grid makes it a few percent loose).
+        # steps its grid makes it loose: docs/accounting.md).
         certified, certified_by = _certificate(pld.upper, rdp.upper)
         problems = _disagreements(certified=certified, rdp=rdp, prv=prv)
         if certified_by == "rdp" and not problems:
@@ -650,10 +653,7 @@ def _parse_plan(text: str, path: str) -> PlanDocument:
     eps = _get(d, "epsilon", path, dict)
     stored = _get(eps, "certified", path)
     certified_by = _get(eps, "certified_by", path, str)
-    if not (_is_real(stored) and stored >= 0) or certified_by not in ("pld", "rdp", "prv"):
-        raise PlanError(f"{path}: epsilon.certified={reprlib.repr(stored)} by {certified_by!r} is not a certificate")
-    if plan.target_epsilon is not None and stored > plan.target_epsilon:
-        raise PlanError(f"{path}: epsilon.certified={stored!r} exceeds target_epsilon={plan.target_epsilon!r}")
+    _check_certified_value(plan, stored, certified_by, path)
     prv_eps_error = eps.get("prv_eps_error")
     if not (prv_eps_error is None or (_is_real(prv_eps_error) and prv_eps_error > 0)):
         raise PlanError(f"{path}: epsilon.prv_eps_error={reprlib.repr(prv_eps_error)} must be a number > 0")
@@ -757,6 +757,7 @@ def _check_reports(doc: PlanDocument, where: str) -> None:
         if all(x is not None for x in prv):
             for part, stored in zip(("lower", "estimate", "upper"), prv):
                 check(f"prv.{part}", stored, getattr(figures, part), atol=2 * eps_error)
+        _check_prv_consistent(doc, where)
         return
     if (figures is None) != (doc.prv_failed is not None):
         raise PlanError(f"{where}: epsilon.prv_failed={reprlib.repr(doc.prv_failed)}, but prv-accountant "
@@ -768,12 +769,36 @@ def _check_reports(doc: PlanDocument, where: str) -> None:
     if figures is not None:   # within PRV's own stated error: another prv-accountant may move them that much
         for part, stored in zip(("lower", "estimate", "upper"), prv):
             check(f"prv.{part}", stored, getattr(figures, part), atol=eps_error)
+    _check_prv_consistent(doc, where)
+
+
+def _check_prv_consistent(doc: PlanDocument, where: str) -> None:
+    """Raises PlanError unless the stored PRV figures agree with the certificate as make_plan_document required
+    (unless PRV was overruled): each re-computes within PRV's error, or twice it for another prv-accountant, which
+    let an edited file show a PRV lower bound above its certificate (stop 42)."""
+    problems = [] if doc.prv_overruled is not None else _disagreements(certified=doc.epsilon, rdp=doc.rdp,
+                                                                       prv=doc.prv)
+    if problems:
+        raise PlanError(f"{where}: epsilon.prv={[doc.prv.lower, doc.prv.estimate, doc.prv.upper]!r} disagrees with "
+                        f"the certificate ({'; '.join(m for _, m in problems)}), as no plan dpdm makes does; the "
+                        "epsilon block was edited; make a new plan")
+
+
+def _check_certified_value(plan: PrivacyPlan, stored, certified_by, where: str) -> None:
+    """Raises PlanError unless `stored` is a finite epsilon >= 0, at most the plan's target, from an accountant
+    dpdm knows: checked before any accounting, for a file and for a document built in Python alike (stop 42:
+    `verify_document` let `train()` run a document certified at 21.7 against its target of 10, or at NaN)."""
+    if not (_is_real(stored) and stored >= 0) or certified_by not in ("pld", "rdp", "prv"):
+        raise PlanError(f"{where}: epsilon.certified={reprlib.repr(stored)} by {certified_by!r} is not a certificate")
+    if plan.target_epsilon is not None and stored > plan.target_epsilon:
+        raise PlanError(f"{where}: epsilon.certified={stored!r} exceeds target_epsilon={plan.target_epsilon!r}")
 
 
 def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_eps_error: float | None,
                        where: str) -> None:
     """Raises PlanError unless `stored` re-computes as the bound `certified_by` names (PLD's or RDP's; a file
     certified by PRV, as older dpdm could write, is refused, naming the certificate it has now)."""
+    _check_certified_value(plan, stored, certified_by, where)
     if certified_by == "prv":
         raise PlanError(f"{where}: {PRV_CERTIFICATE_REFUSED}. This plan's certificate is epsilon "
                         f"{certified_epsilon(plan):.6g}, not the file's {stored:.6g}, and a model trained under it has "

@@ -62,6 +62,11 @@ def test_the_delta_floor_grows_with_the_steps():
     assert PrivacyPlan(**(BASE | {"delta": 1e-8, "steps": 10**5})).delta == 1e-8
     with pytest.raises(ValueError, match=r"delta=1e-07 is below 1e-06 for 10000000 steps"):
         PrivacyPlan(**(BASE | {"delta": 1e-7, "steps": accounting.MAX_STEPS}))
+    # Exactly 1e-13 per step is allowed: 1e-13 * steps rounded above it in floats, and the refusal read "delta=1e-07
+    # is below 1e-07 for 1000000 steps" (stop 42; the mnist-paper preset's 4395 steps at 4.395e-10 likewise).
+    assert accounting.delta_floor_problem(1e-7, 10**6) is None and accounting.delta_floor_problem(4.395e-10, 4395) is None
+    assert accounting.delta_floor_problem(1e-6, accounting.MAX_STEPS) is None
+    assert accounting.delta_floor_problem(0.99999e-7, 10**6) is not None
 
 
 def test_plan_is_frozen_and_hashable():
@@ -541,3 +546,9 @@ def test_prv_figures_made_by_another_prv_accountant_are_checked_within_its_error
     with pytest.raises(PlanError, match="epsilon.prv.upper=.* does not re-compute"):   # the same version: its error
         accounting.load_plan(_tampered(doc, tmp_path, lambda d: d["epsilon"]["prv"].update(
             upper=d["epsilon"]["prv"]["upper"] + 1.5 * err)))
+    # Within twice the error, but a lower bound above the certificate (and the estimate), which no plan dpdm makes
+    # holds: that was loaded (stop 42).
+    assert doc.prv.lower + 1.5 * err > doc.epsilon
+    with pytest.raises(PlanError, match=r"epsilon.prv=.* disagrees with the certificate \(PRV lower bound"):
+        accounting.load_plan(_tampered(doc, tmp_path, made_by_another(
+            lambda e: e["prv"].update(lower=e["prv"]["lower"] + 1.5 * err))))

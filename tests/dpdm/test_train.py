@@ -802,6 +802,24 @@ def test_a_plan_document_whose_epsilon_does_not_recompute_is_refused(tmp_path):
                  progress=False)["steps_done"] == 2
 
 
+@pytest.mark.parametrize("forge, match", [
+    (lambda doc: {"plan": dataclasses.replace(doc.plan, target_epsilon=doc.epsilon * 0.9)}, "exceeds target_epsilon"),
+    (lambda doc: {"epsilon": float("nan")}, "is not a certificate"),
+])
+def test_a_plan_document_certified_above_its_target_or_at_nan_is_refused(tmp_path, forge, match):
+    """verify_document re-computed the certificate but never checked it against the target, nor that it is a
+    number (stop 42: a document certified at 21.7 against a target of 10 trained, and one at NaN trained and wrote
+    a plan.json its own --resume refused). It now refuses what load_plan refuses in a file."""
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    forged = dataclasses.replace(doc, **forge(doc))
+    with pytest.raises(accounting.PlanError, match=match):
+        accounting.verify_document(forged)
+    with pytest.raises(TrainError, match=match):
+        train(forged, x, y, c, tmp_path / "run", TrainConfig(**CFG), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_pick_grad_engine_takes_plain_vmap_only_where_it_is_faster_and_fits():
     from dpdm.train import pick_grad_engine
 
