@@ -14,7 +14,7 @@ import click
 from cli._common import DatasetName, FiniteFloatRange, PathOption, emit_json, warn
 from cli.errors import BadInput, runtime_failure
 
-from dpdm.dataset_sizes import DATASET_SIZES  # noqa: E402  (one table, torch-free)
+from dpdm.dataset_sizes import DATASET_SIZES, copies_per_source_image  # noqa: E402  (one table, torch-free)
 from dpdm.noise_scale import noise_scale_problem
 from dpdm.report_utils import epsilon_text
 
@@ -199,6 +199,11 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
             raise BadInput(f"--curve={curve!r} is the --out plan file; give the plot its own file")
     if unnamed:
         warn(unnamed)
+    copies = copies_per_source_image(name)
+    if copies > 1:   # public sets meant for warm starts; private data made this way is protected per copy
+        warn(f"{name} holds up to {copies} distorted copies of each of its source images: this plan's epsilon "
+             f"protects one copy, and an image's copies together only as a group (up to about {copies} times the "
+             "epsilon); it is public data for warm starts, and a plan on the source images protects them")
     try:
         privacy_plan = accounting.PrivacyPlan(
             dataset_size=size, dataset_name=name, batch_size=batch_size, steps=steps,

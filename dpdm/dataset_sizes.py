@@ -35,3 +35,21 @@ def same_images(a: str | None, b: str | None) -> bool:
     if a is None or b is None:
         return False
     return bool(set(DATASET_SOURCES.get(a, (a,))) & set(DATASET_SOURCES.get(b, (b,))))
+
+
+
+def copies_per_source_image(name: str | None) -> int:
+    """The most images of the named dataset made from one image of its sources (1: none repeated): the -aug
+    sets hold 10 distorted copies of each digit and 80 of each glyph. A plan's epsilon protects one copy; an
+    image's k copies together are protected only as a group of k."""
+    def copies(of: str, source: str) -> int:
+        return max(1, round(DATASET_SIZES.get(of, 0) / DATASET_SIZES[source]))
+
+    sources = DATASET_SOURCES.get(name or "", ())
+    if not sources or not all(s in DATASET_SIZES for s in sources):
+        return 1
+    if len(sources) == 1:
+        return copies(name, sources[0])
+    # A mixture: each source's copies as in the set made of that source alone.
+    return max(max((copies(n, s) for n, srcs in DATASET_SOURCES.items() if srcs == (s,)), default=1)
+               for s in sources)

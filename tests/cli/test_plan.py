@@ -37,6 +37,23 @@ def test_plain_plan_uses_mnist5k_defaults(capsys):
         assert word in out
 
 
+def test_a_plan_on_a_set_of_distorted_copies_says_its_epsilon_is_per_copy(capsys):
+    """digits28-aug holds 10 distorted copies of each digit (fonts28-aug 80 of each glyph): a plan on it was
+    written without a word (stop 42), though an image's copies are protected only as a group."""
+    from dpdm.datasets import DIGITS28_AUG_REPLICAS, FONTS28_AUG_REPLICAS
+    from dpdm.dataset_sizes import copies_per_source_image
+
+    for name, copies in [("digits28-aug", DIGITS28_AUG_REPLICAS), ("fonts28-aug", FONTS28_AUG_REPLICAS),
+                         ("digits-fonts28-aug", FONTS28_AUG_REPLICAS)]:
+        assert copies_per_source_image(name) == copies
+    assert {n for n in DATASET_SIZES if copies_per_source_image(n) > 1} == {"digits28-aug", "fonts28-aug",
+                                                                           "digits-fonts28-aug"}
+    rc, out, err = run(capsys, "--dataset", "digits28-aug", "--noise-multiplier", "1", "--steps", "10",
+                       "--delta", "1e-5")
+    assert rc == 0 and err.startswith("dpdm: warning: digits28-aug holds up to 10 distorted copies of each") \
+        and len(err.splitlines()) == 1, err
+
+
 def test_json_prints_only_the_document_and_out_writes_a_locked_plan(capsys, tmp_path):
     path = tmp_path / "plan.json"
     rc, out, err = run(capsys, "--eps", "4", "--delta", "1e-5", "--dataset", "digits", "--batch-size", "128",
