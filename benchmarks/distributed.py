@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _argtypes import int_at_least  # noqa: E402
 
+from dpdm.networks import PRESETS  # noqa: E402  (the ranks build these)
+
 
 def _rank(rank, world, init_file, args, out_dir):
     import torch.distributed as dist
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int_at_least(1), default=128, help="logical batch, split over the ranks")
     p.add_argument("--K", type=int_at_least(1), default=4)
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS))   # checked here, not in the spawned ranks
     p.add_argument("--iters", type=int_at_least(1), default=5)
     args = p.parse_args(argv)
     one = measure(1, args)

@@ -269,8 +269,9 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
         {"title": "Release", "rows": [
             ("model to release", f"{released['model']} (EMA weights and the ledger; sha256 {released['sha256']})"),
             ("synthetic data to release", str(samples_path)),
-            ("keep private", f"{run_dir} (its checkpoint holds the secret seed of the batches and the noise) "
-                             f"and {out / 'audit'}; and this report's rows marked {NON_PRIVATE}")]},
+            ("keep private", f"{run_dir} (its checkpoint holds the secret seed of the batches and the noise)"
+                             + (f" and {out / 'audit'}" if audit_section is not None else "")   # --skip-audit: none
+                             + f"; and this report's rows marked {NON_PRIVATE}")]},
         {"title": "Quality", "rows": rows_metrics, "text": QUALITY_TEXT},
         {"title": "Privacy curve", "image": str(curve_path)},
     ]

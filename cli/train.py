@@ -86,7 +86,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
     With --resume, an option not given takes the run's own value (its checkpoint's); --lr and --lr-schedule may
     change (privacy-neutral), other knobs that differ are refused."""
     from dpdm import checkpoint as ckpt
-    from dpdm.train import TrainConfig, TrainDiverged, TrainError
+    from dpdm.train import RankLost, TrainConfig, TrainDiverged, TrainError
     from dpdm.train import train as run_training
 
     given = {name for name in ctx.params
@@ -179,7 +179,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
         ok = True
     except (TrainError, ckpt.CheckpointError) as e:
         raise BadInput(str(e)) from None
-    except TrainDiverged as e:   # the weights went NaN: not an input mistake the checks could have caught
+    except (TrainDiverged, RankLost) as e:   # the weights went NaN, a peer died: not an input mistake
         raise runtime_failure(str(e)) from None
     finally:
         distributed.shutdown(ok=ok)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import re
 import json
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,17 @@ def privacy_curve(plan, path: str | Path, *, points: int = 24, steps_done: int |
     return path
 
 
+def _md_cell(value: Any) -> str:
+    """`value` as one Markdown table cell shown as it is: a '|' (a folder may hold one) ended the cell and a newline
+    the table, dropping the rest of the row (the model's sha256 and the "keep private" advice, stop 42), and '<'
+    began raw HTML ('<b>'; "< 0.01" stays as it is)."""
+    text = " ".join(str(value).splitlines())
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text.replace("\\", "\\\\").replace("|", "\\|"))
+
+
 def _table(rows: list[tuple[str, Any]]) -> str:
     out = ["| | |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in rows]
+    out += [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in rows]
     return "\n".join(out)
 
 

@@ -28,7 +28,7 @@ def test_distributed_benchmark_refuses_out_of_range_options(load_benchmark, opti
 
     b = load_benchmark("distributed")
     b.measure = lambda world, args: pytest.fail("measured")
-    for flag, value in (("--iters", "0"), ("--batch", "0"), ("--K", "0")):
+    for flag, value in (("--iters", "0"), ("--batch", "0"), ("--K", "0"), ("--preset", "bogus")):
         option_refused(b, "distributed.py", flag, value)
 
 

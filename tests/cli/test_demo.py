@@ -19,6 +19,7 @@ def test_demo_writes_report_and_release_file(tmp_path, capsys, monkeypatch):
     assert report.endswith("report.html") and (out / "report.html").exists()
     md = (out / "report.md").read_text()
     assert "model.pt" in md and "keep private" in md
+    assert str(out / "audit") not in md   # --skip-audit: no audit folder to keep private (it was named, stop 42)
     model = torch.load(out / "model.pt", weights_only=True)
     state = ckpt.load_checkpoint(out / "run" / "checkpoint.pt")
     assert model["format"] == ckpt.MODEL_FORMAT and model["ledger"] == state["ledger"]

@@ -64,6 +64,13 @@ def _rank_main(rank, world, init_file, out_dir, task):
                                          expected_batch_size=1.0, noise_seed=0, dist=d)
             if rank == 0:
                 torch.save({k: v.detach() for k, v in g.items()}, Path(out_dir) / "sum.pt")
+        elif task == "plan_sum":   # what the training loop calls, with the plan's divisor (noise off)
+            import types
+
+            from dpdm.train import plan_private_grad
+            plan = types.SimpleNamespace(clip_norm=1.0, noise_multiplier=0.0, batch_size=8)
+            g = plan_private_grad(model, _loss_fn, (x[local], y[local]), plan, seed=0, step=0, dist=d)
+            torch.save({k: v.detach() for k, v in g.items()}, Path(out_dir) / f"plan_sum{rank}.pt")
         elif task == "noise":
             samples = []
             for step in range(200):
@@ -144,6 +151,22 @@ def test_allreduced_clipped_sum_equals_single_process(tmp_path):
     assert set(one) == set(two)
     for k in one:
         torch.testing.assert_close(two[k], one[k].detach(), rtol=1e-6, atol=1e-9)
+
+
+def test_two_ranks_divide_the_summed_gradient_by_the_plans_whole_expected_batch(tmp_path):
+    """The training loop's own call (plan_private_grad) on 2 ranks: the sum over both shards divided by the plan's
+    expected batch, not by a rank's share of it. Adam hides a constant factor, so the end-to-end run equalled one
+    rank's to 4e-6 with every rank dividing by batch / 2 (stop 42)."""
+    from dpdm.engine import clipped_grad_sum
+
+    _spawn(tmp_path, "plan_sum")
+    model = _tiny_model()
+    x, y = _batch()
+    want = clipped_grad_sum(model, _loss_fn, x, y, clip_norm=1.0)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"plan_sum{rank}.pt", weights_only=True)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k].detach() / 8, rtol=1e-6, atol=1e-9)
 
 
 def test_ranks_project_with_rank_zeros_public_basis(tmp_path):
@@ -373,3 +396,31 @@ def test_a_stray_world_size_is_one_line(tiny, monkeypatch, capsys, env, said):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith(f"dpdm: error: {said}"), err
     assert not (d / "stray").exists()
+
+
+def test_a_collective_whose_peer_died_is_one_runtime_line(monkeypatch):
+    """Ranks started by a scheduler (RANK, WORLD_SIZE: no torchrun agent to stop the others) got 39 lines of gloo's
+    traceback when a peer died mid-run, and nothing said that --resume goes on (stop 42): every collective of the
+    loop now raises RankLost, which `dpdm train` prints as one line, exit 4."""
+    import torch.distributed as tdist
+
+    from dpdm.train import RankLost, _Dist
+
+    def closed(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer\n"
+                           "[127.0.0.1]:31623")
+
+    for name in ("all_reduce", "broadcast", "all_gather"):
+        monkeypatch.setattr(tdist, name, closed)
+    d = _Dist(rank=0, world_size=2)
+    model = torch.nn.Linear(2, 1)
+    for call in (lambda: d.all_reduce_({"w": torch.zeros(3)}), lambda: d.all_reduce_scalars([1.0]),
+                 lambda: d.broadcast_int(3), lambda: d.broadcast_(torch.zeros(2)),
+                 lambda: d.check_same_params(model)):
+        with pytest.raises(RankLost, match=r"another rank stopped during training \(its own output says why; here: "
+                                           r"RuntimeError: \[.*Connection closed by peer \[127.0.0.1\]:31623\); the "
+                                           r"run's last checkpoint is whole, and `dpdm train --resume` continues"):
+            call()
+    monkeypatch.setattr(tdist, "all_reduce", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(torch.OutOfMemoryError):   # not a peer's death: the memory message handles it
+        d.all_reduce_scalars([1.0])

@@ -1,4 +1,6 @@
-"""The report's privacy curve counts epsilon as the ledger does."""
+"""The report's privacy curve counts epsilon as the ledger does; its Markdown tables."""
+import re
+
 import pytest
 
 import accounting
@@ -17,3 +19,19 @@ def test_curve_is_the_ledgers_epsilon_capped_at_the_certificate(monkeypatch, tmp
     _, capped = privacy_curve_points(plan, points=6)
     assert capped == pytest.approx(eps[:3] + [cap] * 3)
     assert privacy_curve(plan, tmp_path / "curve.png", points=6, steps_done=100).stat().st_size > 0
+
+
+def test_report_md_table_cells_show_their_values_whole(tmp_path):
+    """A '|' in a folder name ended the cell, so a Markdown renderer dropped the rest of the Release row (the model's
+    sha256, the "keep private" advice); a newline ended the table, and '<b>' was raw HTML (stop 42)."""
+    from dpdm.report import write_report
+
+    value = "/data/x|<b>&y\nz (sha256 abc) < 0.01"
+    md, html_path = write_report(tmp_path, [{"title": "Release", "rows": [("model to release", value),
+                                                                          ("after", "kept")]}], title="t")
+    lines = md.read_text(encoding="utf-8").splitlines()
+    row = next(ln for ln in lines if ln.startswith("| model to release |"))
+    assert row == r"| model to release | /data/x\|&lt;b>&y z (sha256 abc) < 0.01 |"
+    assert "| after | kept |" in lines   # the table goes on after it
+    assert len(re.split(r"(?<!\\)\|", row)[1:-1]) == 2   # two cells: only unescaped bars divide them
+    assert "/data/x|&lt;b&gt;&amp;y" in html_path.read_text(encoding="utf-8")   # HTML was escaped already
