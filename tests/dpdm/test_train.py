@@ -171,6 +171,25 @@ def test_every_private_step_moves_the_weights_even_on_an_empty_poisson_batch(tmp
     assert ckpt.load_checkpoint(out / CHECKPOINT_NAME)["optimizer"]["state"][0]["step"] == doc.plan.steps
 
 
+def test_resume_from_an_edited_ledger_is_refused_and_the_checkpoint_kept(tmp_path):
+    """Resuming re-accounts the checkpoint's ledger; deleting that check passed every train test (stop 42's mutation
+    walk): a lowered epsilon or another delta in the ledger is refused, and the checkpoint left as it was."""
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=3)
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, TrainConfig(**{**CFG, "checkpoint_every": 1}), progress=False, on_step=stop_at(2))
+    path = out / CHECKPOINT_NAME
+    state = ckpt.load_checkpoint(path)
+    assert state["ledger"]["steps_done"] == 1
+    for edit in (dict(epsilon_spent=state["ledger"]["epsilon_spent"] / 2), dict(delta=1e-3)):
+        torch.save({**state, "ledger": {**state["ledger"], **edit}}, path)
+        before = path.read_bytes()
+        with pytest.raises(TrainError, match="the file was edited"):
+            train(doc, x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
+        assert path.read_bytes() == before
+
+
 def test_resume_against_another_plan_refused(tmp_path):
     x, y, c = tiny_data()
     out = tmp_path / "run"
@@ -960,8 +979,20 @@ def test_the_train_loop_runs_the_plans_mechanism(tmp_path, monkeypatch):
         if n > 1:
             ledgers[n - 1] = ckpt.load_checkpoint(out / CHECKPOINT_NAME)["ledger"]
 
+    made = []
+
+    class SpySampler(PoissonSampler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
     monkeypatch.setattr(T, "distributed_private_grad", spy)
+    monkeypatch.setattr(T, "PoissonSampler", SpySampler)
     train(doc, x, y, c, out, TrainConfig(**{**CFG, "checkpoint_every": 1}), progress=False, on_step=on_step)
+    # The sampler's own arguments, exactly: the batches below are 120 uniform draws, and none of seed 3's falls in
+    # [0.25, 0.2836), so a loop sampling at 1.1 q drew the same batches and passed (stop 42's mutation walk).
+    assert [(type(m.sample_rate), m.sample_rate, m.dataset_size, m.seed) for m in made] == \
+        [(float, plan.sample_rate, plan.dataset_size, CFG["seed"])]
     sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, seed=CFG["seed"])
     assert len(calls) == plan.steps
     for step, (batch, kw) in enumerate(calls):
