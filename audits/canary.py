@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from scipy import stats
 
 from audits.auditor import Auditor, _jsonable, max_one_run_epsilon, one_run_audit
 from audits.scores import PIA, LossAttack, loss_scores, pia_scores
@@ -43,6 +44,8 @@ __all__ = [
     "score_canaries",
     "canary_audit",
     "canary_verdict",
+    "ood_canary_problem",
+    "CANARY_MIN_DIFFERENCE",
 ]
 
 CANARY_KINDS = ("ood", "mislabelled")
@@ -120,18 +123,21 @@ def make_canaries(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Canary images in [-1, 1] and labels (None when ``num_classes == 0``).
 
-    ``ood``: random +-1 block patterns (blocks of about a quarter of the side), mutually far apart
-    and unlike natural images; random labels. ``mislabelled``: images from ``pool_x`` (held-out data,
-    never in the background) with a label shifted by a random non-zero offset.
+    ``ood``: random +-1 block patterns, unlike natural images and mutually far apart: any two differ in at least
+    ``CANARY_MIN_DIFFERENCE`` (1/8) of their pixel values (``_ood_patterns``); random labels. The blocks are about
+    a quarter of the side where that grid has room for ``num_canaries`` such patterns, finer where it has not.
+    ``mislabelled``: images from ``pool_x`` (held-out data, never in the background) with a label shifted by a
+    random non-zero offset.
     """
     m = int(num_canaries)
     C, H, W = (int(s) for s in image_shape)
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), 0xCA7]).generate_state(1)[0]))
     if kind == "ood":
-        bh, bw = max(1, H // 4), max(1, W // 4)
-        coarse = torch.randint(0, 2, (m, C, -(-H // bh), -(-W // bw)), generator=g).float() * 2 - 1
-        x = coarse.repeat_interleave(bh, 2).repeat_interleave(bw, 3)[:, :, :H, :W].contiguous()
+        rows, cols = _ood_grid(m, C, H, W)
+        coarse = torch.randint(0, 2, (m, C, int(rows.max()) + 1, int(cols.max()) + 1), generator=g).float() * 2 - 1
         y = torch.randint(0, num_classes, (m,), generator=g) if num_classes > 0 else None
+        coarse = _spread_apart(coarse, rows, cols, seed)
+        x = coarse[:, :, torch.from_numpy(rows)][:, :, :, torch.from_numpy(cols)].contiguous()
         return x, y
     if kind == "mislabelled":
         if pool_x is None or pool_x.shape[0] < m:
@@ -143,6 +149,106 @@ def make_canaries(
         shift = torch.randint(1, num_classes, (m,), generator=g)
         return pool_x[idx].clone(), (pool_y[idx] + shift) % num_classes
     raise ValueError(f"kind={kind!r} must be one of {CANARY_KINDS}")
+
+
+# Any two ood canaries differ in at least this share of their pixel values (channels counted apart). Two random
+# patterns differ in about half; a canary one block (1/16 of the image) away from another was redrawn.
+CANARY_MIN_DIFFERENCE = 1 / 8
+# A grid is fine enough for m canaries when m times the chance that two random patterns on it are too close is at
+# most this: a canary is then rarely redrawn. The default 200 canaries keep the 4x4 grid on 8x8 and 28x28 images.
+_CLOSE_SHARE = 0.1
+
+
+def _grids(H: int, W: int):
+    """Row and column block maps (block of each pixel row / column), coarsest first: the 4x4 grid of blocks of
+    side H // 4 (as the first canaries of dpdm had), then g x g near-equal blocks for g = 5, 6, ... up to one
+    block per pixel."""
+    bh, bw = max(1, H // 4), max(1, W // 4)
+    yield np.arange(H) // bh, np.arange(W) // bw
+    for g in range(5, max(H, W) + 1):
+        gh, gw = min(g, H), min(g, W)
+        yield np.arange(H) * gh // H, np.arange(W) * gw // W
+
+
+def _close_chance(weights: np.ndarray, threshold: int) -> float:
+    """P(sum_k weights_k * B_k < threshold) for independent fair bits B_k: the chance that two uniformly random
+    patterns with blocks of these pixel counts differ in fewer than ``threshold`` pixel values."""
+    pmf = np.ones(1)
+    for w, count in zip(*np.unique(weights, return_counts=True)):
+        part = np.zeros(int(w) * int(count) + 1)
+        part[::int(w)] = stats.binom.pmf(np.arange(count + 1), count, 0.5)
+        pmf = np.convolve(pmf, part)[:threshold]   # only the mass below the threshold is needed
+    return float(pmf[:threshold].sum())
+
+
+def _min_difference(C: int, H: int, W: int) -> int:
+    return math.ceil(CANARY_MIN_DIFFERENCE * C * H * W)
+
+
+def _ood_grid(m: int, C: int, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
+    """The coarsest grid (``_grids``) on which m random canaries are rarely too close (``_CLOSE_SHARE``); the
+    finest (one block per pixel) if none is. ValueError (``ood_canary_problem``) where even that one has no room."""
+    threshold = _min_difference(C, H, W)
+    for rows, cols in _grids(H, W):
+        weights = np.tile(np.outer(np.bincount(rows), np.bincount(cols)).reshape(-1), C)
+        chance = m * _close_chance(weights, threshold)
+        if chance <= _CLOSE_SHARE:
+            break
+    if chance > 1:
+        raise ValueError(f"{m} canaries cannot differ pairwise in {CANARY_MIN_DIFFERENCE:.3g} of their pixel values "
+                         f"on images of shape {(C, H, W)}: use fewer canaries (or larger images)")
+    return rows, cols
+
+
+def ood_canary_problem(num_canaries: int, image_shape: tuple[int, int, int]) -> str | None:
+    """Why ``make_canaries(num_canaries, image_shape, kind="ood")`` cannot draw canaries that far apart (images
+    too small for so many), or None. Cheap: for checking the input before any training."""
+    try:
+        _ood_grid(int(num_canaries), *(int(v) for v in image_shape))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _spread_apart(coarse: torch.Tensor, rows: np.ndarray, cols: np.ndarray, seed: int,
+                  max_rounds: int = 1000) -> torch.Tensor:
+    """``coarse`` [m, C, gh, gw] (+-1 blocks) with every canary that is too close to an earlier one (fewer than
+    ``CANARY_MIN_DIFFERENCE`` of the pixel values differ) redrawn, from a stream of its own, until none is: the
+    others keep their patterns. Deterministic in ``seed``. Distances are computed on the blocks, weighted by their
+    pixel counts, as exact integers (float32 holds them: at most 3 x 2048 x 2048 values)."""
+    m, C = coarse.shape[:2]
+    H, W = len(rows), len(cols)
+    threshold = _min_difference(C, H, W)
+    w = torch.from_numpy(np.tile(np.outer(np.bincount(rows), np.bincount(cols)).reshape(-1), C)).float()
+    flat = coarse.reshape(m, -1).clone()
+    total = float(w.sum())
+    redraw = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), 0xCA7, 1]).generate_state(1)[0]))
+    step = max(1, (1 << 24) // max(m, 1))   # rows of the distance matrix at a time (<= 64 MiB of float32)
+
+    def close_pairs(rows_idx: torch.Tensor, *, earlier_only: bool = False):
+        """(a, b) for every canary a of ``rows_idx`` and b too close to it (with ``earlier_only``, ``rows_idx`` is
+        0..m-1 and only the b < a are looked at: each pair once)."""
+        for s in range(0, len(rows_idx), step):
+            idx = rows_idx[s:s + step]
+            others = flat[:int(idx[-1]) + 1] if earlier_only else flat
+            diff = (total - (flat[idx] * w) @ others.T) / 2   # [len(idx), len(others)] pixel values that differ
+            diff[torch.arange(len(idx)), idx] = math.inf
+            i, j = torch.nonzero(diff < threshold, as_tuple=True)
+            yield from ((a, b) for a, b in zip(idx[i].tolist(), j.tolist()) if b < a or not earlier_only)
+
+    # The later canary of each too-close pair is redrawn; a redrawn canary too close to one that kept its pattern
+    # is redrawn again (so the kept ones never change), and of two redrawn ones too close, the later.
+    todo = {a for a, _ in close_pairs(torch.arange(m), earlier_only=True)}
+    kept = torch.ones(m, dtype=torch.bool)
+    for _ in range(max_rounds):
+        if not todo:
+            return flat.reshape(coarse.shape)
+        order = torch.tensor(sorted(todo))
+        kept[order] = False
+        flat[order] = torch.randint(0, 2, (len(order), flat.shape[1]), generator=redraw).float() * 2 - 1
+        todo = {a if kept[b] else max(a, b) for a, b in close_pairs(order)}
+    raise ValueError(f"cannot draw {m} canaries of shape {(C, H, W)} that differ in at least "
+                     f"{CANARY_MIN_DIFFERENCE:.3g} of their pixel values; use fewer canaries")
 
 
 def _seed_for(seed: int, step: int, stream: int) -> int:

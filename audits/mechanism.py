@@ -1,6 +1,6 @@
 """Mechanism checks: is the mechanism that ran the one the accountant measured? (DESIGN.md section 5)
 
-Four groups, each returning a list of ``CheckResult``:
+Five groups, each returning a list of ``CheckResult``:
 
 * ``check_engine(private_grad_fn)``: black-box tests of any function with the signature of
   ``dpdm.engine.private_grad``. They run it on a tiny model of our own (float64, two ``nn.Linear``)
@@ -10,6 +10,11 @@ Four groups, each returning a list of ``CheckResult``:
   clipped sums; no access to the engine's internals is needed. The noise is tested per parameter tensor, at
   the given noise multiplier and at a second one (``second_noise_multiplier``): sigma = 1 alone is a fixed
   point of the usual bugs (the argument ignored, sigma**2, sqrt(sigma), 1/sigma).
+* ``check_network(private_grad_fn, network_problem(run_config))``: what the tiny model cannot show, on the
+  run's own network (Conv2d, GroupNorm, attention and their per-layer rules) in float32, the dtype every
+  private run trains in: per-example gradients per parameter tensor against a float64 autograd loop, the
+  clipping bound to a few float32 ulps, a sensitivity replay, and the float32 noise (random images; about
+  6 s on the ``small`` network, 11 s on ``mnist``, on one CPU core).
 * ``check_subspace(make_private_grad)``: the same kind of replays for noise added in a public subspace
   (``dpdm train --public-subspace``): ``make_private_grad(basis)`` returns a function like the above that
   projects the clipped sum onto ``basis`` [d, k] and adds its noise there. The change one example makes
@@ -19,7 +24,8 @@ Four groups, each returning a list of ``CheckResult``:
 * ``check_sampler(make_sampler)``: Poisson batch sizes and per-example inclusion counts against their
   binomial laws (fixed-size shuffled batches fail both), and determinism in (seed, step).
 * ``check_run(run_dir, plan_doc)``: the run's plan.json, checkpoint ledger and metrics.csv against a
-  claimed plan (sample rate, noise multiplier, clip norm, steps, delta).
+  claimed plan (sample rate, noise multiplier, clip norm, steps, delta). metrics.csv is read with
+  ``read_metrics``: a last line a crash cut short is left out, as `dpdm train --resume` drops it.
 
 Statistical checks fail when their p-value is below ``alpha`` (default 1e-3 each; a suite of N such
 checks then raises a false alarm with probability at most N * alpha); exact checks compare with a
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -52,6 +59,12 @@ __all__ = [
     "check_run",
     "second_noise_multiplier",
     "tiny_problem",
+    "NETWORK_CHECKS",
+    "NetworkProblem",
+    "network_problem",
+    "check_network",
+    "MetricsError",
+    "read_metrics",
 ]
 
 ENGINE_CHECKS = (
@@ -114,11 +127,25 @@ def _guarded(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
 
 @dataclass
 class _Problem:
+    """A model, its per-example loss, a batch (tensors with the examples along dim 0, in the order ``loss_fn``
+    takes them after the model) and a clip norm. ``x`` is the batch's first tensor, ``noise`` its last."""
+
     model: Any
     loss_fn: Callable
-    x: Any  # [B, d] float64
-    noise: Any  # [B, K, d] float64
+    batch: tuple
     clip_norm: float
+
+    @property
+    def x(self):
+        return self.batch[0]
+
+    @property
+    def noise(self):
+        return self.batch[-1]
+
+    @property
+    def size(self) -> int:
+        return int(self.batch[0].shape[0])
 
 
 def tiny_problem(num_examples: int = 48, K: int = 4, dim: int = 6, hidden: int = 12, seed: int = 0) -> _Problem:
@@ -146,14 +173,14 @@ def tiny_problem(num_examples: int = 48, K: int = 4, dim: int = 6, hidden: int =
         pred = model(x.unsqueeze(1) + noise)  # [1, K, d]
         return ((pred - 0.5 * x.unsqueeze(1)) ** 2).mean()
 
-    problem = _Problem(model, loss_fn, x, noise, 1.0)
+    problem = _Problem(model, loss_fn, (x, noise), 1.0)
     norms = np.array([np.linalg.norm(v) for v in _loop_grads(problem)])
     problem.clip_norm = float(np.quantile(norms, 0.4))
     return problem
 
 
 def _flat(grads: dict, model) -> np.ndarray:
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, t in model.named_parameters() if t.requires_grad]
     missing = [n for n in names if n not in grads]
     if missing:
         raise ValueError(f"the engine returned no gradient for {missing}")
@@ -161,18 +188,27 @@ def _flat(grads: dict, model) -> np.ndarray:
 
 
 def _loop_grads(p: _Problem, x=None, noise=None) -> list[np.ndarray]:
-    """Per-example gradients by a plain Python loop over examples (the reference)."""
+    """Per-example gradients by a plain Python loop over examples (the reference), in ``_flat``'s order."""
     import torch
 
-    x = p.x if x is None else x
-    noise = p.noise if noise is None else noise
-    params = list(p.model.parameters())
+    batch = _batch(p, x, noise)
+    named = [(n, t) for n, t in p.model.named_parameters() if t.requires_grad]
     out = []
-    for i in range(x.shape[0]):
-        loss = p.loss_fn(p.model, x[i : i + 1], noise[i : i + 1])
-        gs = torch.autograd.grad(loss, params)
-        out.append(np.concatenate([g.detach().reshape(-1).numpy() for g in gs]))
+    for i in range(batch[0].shape[0]):
+        loss = p.loss_fn(p.model, *(t[i : i + 1] for t in batch))
+        gs = torch.autograd.grad(loss, [t for _, t in named])
+        out.append(np.concatenate([g.detach().double().reshape(-1).cpu().numpy() for g in gs]))
     return out
+
+
+def _batch(p: _Problem, x=None, noise=None) -> tuple:
+    """The problem's batch with its first (``x``) or last (``noise``) tensor replaced where given."""
+    batch = list(p.batch)
+    if x is not None:
+        batch[0] = x
+    if noise is not None:
+        batch[-1] = noise
+    return tuple(batch)
 
 
 class _Caller:
@@ -186,15 +222,12 @@ class _Caller:
     def __call__(self, idx, seed: int, *, clip_norm=None, chunk_size=None, x=None, noise=None) -> np.ndarray:
         import torch
 
-        x = self.p.x if x is None else x
-        noise = self.p.noise if noise is None else noise
         idx = torch.as_tensor(idx, dtype=torch.long)
         gen = torch.Generator().manual_seed(int(seed))
         out = self.fn(
             self.p.model,
             self.p.loss_fn,
-            x[idx],
-            noise[idx],
+            *(t[idx] for t in _batch(self.p, x, noise)),
             clip_norm=self.p.clip_norm if clip_norm is None else clip_norm,
             noise_multiplier=self.noise_multiplier,
             expected_batch_size=self.expected,
@@ -329,11 +362,12 @@ def second_noise_multiplier(noise_multiplier: float) -> float:
 
 
 def _tensor_slices(model) -> list[tuple[str, slice]]:
-    """(name, slice of the flat vector) per parameter tensor, in ``_flat``'s (``named_parameters``) order."""
+    """(name, slice of the flat vector) per trained parameter tensor, in ``_flat``'s (``named_parameters``) order."""
     out, start = [], 0
     for name, t in model.named_parameters():
-        out.append((name, slice(start, start + t.numel())))
-        start += t.numel()
+        if t.requires_grad:
+            out.append((name, slice(start, start + t.numel())))
+            start += t.numel()
     return out
 
 
@@ -347,7 +381,8 @@ def _chi2_two_sided(z: np.ndarray) -> tuple[float, float]:
 
 
 def _noise_test(name: str, calls: list[tuple[_Caller, int]], p: _Problem, alpha: float, *, chunk_size, what: str,
-                seed: int = 0, project: Callable[[np.ndarray], np.ndarray] | None = None) -> CheckResult:
+                seed: int = 0, project: Callable[[np.ndarray], np.ndarray] | None = None,
+                examples: int | None = None, replay: bool = False) -> CheckResult:
     """The noise of ``2 * pairs`` calls (all the problem's examples, a fresh seed each) per ``(caller, pairs)``:
     the difference of two calls is ``sqrt(2) * sigma * C / E`` times N(0, I) under the claim, whatever the
     clipped sum. One check, the first caller's noise multiplier (the plan's) and a second one
@@ -359,21 +394,29 @@ def _noise_test(name: str, calls: list[tuple[_Caller, int]], p: _Problem, alpha:
 
     With ``project`` (noise in a subspace) the coordinates are the projections, one pooled group. The check's
     p-value is the smallest of these p-values times their number (Bonferroni); its statistic the pooled
-    variance ratio at the first noise multiplier."""
+    variance ratio at the first noise multiplier.
+
+    ``examples``: the calls take the problem's first ``examples`` examples (default all). ``replay``: the first
+    call is made twice, and the check fails unless the two give the same output (the noise is a function of
+    the generator handed in; the other replays run without noise there)."""
     C, E = p.clip_norm, calls[0][0].expected
-    idx = list(range(p.x.shape[0]))
+    idx = list(range(p.size if examples is None else examples))
     groups = _tensor_slices(p.model) if project is None else [("projection", slice(None))]
     # Generator seeds below 2**62 whatever the check's seed (dpdm audit --seed takes up to 2**63 - 1; torch's
     # generators up to 2**64 - 1, and 1000 + 10**6 * seed overflowed them: both noise checks failed).
     base = [int(x) >> 2 for x in np.random.SeedSequence([int(seed), 4242]).generate_state(len(calls), np.uint64)]
     tests: list[tuple[str, float]] = []  # (what was tested, p-value)
     parts, pooled = [], []
+    replayed = None
     for k, (call, pairs) in enumerate(calls):
         sigma = call.noise_multiplier
         z = []
         for j in range(pairs):
             s = base[k] + 2 * j   # fresh noise per (check seed, caller, pair)
             a = call(idx, s, chunk_size=chunk_size)
+            if replay and replayed is None:
+                again = call(idx, s, chunk_size=chunk_size)
+                replayed = float(np.max(np.abs(again - a), initial=0.0) / (sigma * C / E))
             b = call(idx, s + 1, chunk_size=chunk_size)
             d = E * (a - b) / (math.sqrt(2) * sigma * C)  # N(0, I) under the claim
             z.append(d if project is None else project(d))
@@ -393,13 +436,16 @@ def _noise_test(name: str, calls: list[tuple[_Caller, int]], p: _Problem, alpha:
                      f"seed pairs x {z.shape[1]} coordinates (chi-square p={p_var:.2g}, KS p={p_ks:.2g})")
     worst = min(tests, key=lambda t: t[1])
     p_val = min(1.0, len(tests) * worst[1])  # Bonferroni over all the tests
+    same = replayed is None or replayed == 0.0   # NaN compares unequal: a failure
     return CheckResult(
         name,
-        p_val >= alpha,
+        p_val >= alpha and same,
         pooled[0],
         p_val,
         f"{what}: noise variance / (noise_multiplier * clip_norm)^2 at " + "; at ".join(parts)
-        + f"; smallest p of {len(tests)} tests: {worst[1]:.2g} ({worst[0]})",
+        + f"; smallest p of {len(tests)} tests: {worst[1]:.2g} ({worst[0]})"
+        + ("" if replayed is None else
+           f"; the same generator seed twice: largest difference {replayed:.2g} noise std (must be 0)"),
     )
 
 
@@ -446,6 +492,237 @@ def check_engine(
             "noise_once_per_step", noise_calls, p, alpha, chunk_size=8, seed=seed,
             what="chunk_size=8 (6 chunks), noise must still be added once")),
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's own network, in float32
+# ----------------------------------------------------------------------------------------------
+
+NETWORK_CHECKS = (
+    "network_per_sample_gradients",
+    "network_clipping_bound",
+    "network_sensitivity_replay",
+    "network_noise_variance",
+    "network_noise_once_per_step",
+)
+_F32_EPS = float(np.finfo(np.float32).eps)   # 1.19e-7
+# Per parameter tensor, the float32 engine against a float64 loop: measured up to ~3e-6 on the presets' U-Nets at
+# initialization (random images); a rule that mixes examples is off by ~0.1 to 1, a wrong clip factor by its error.
+NETWORK_GRAD_TOL = 1e-3
+# One example's clipped contribution, measured from the float32 output: the engine clips with a margin of 8 ulps,
+# so it stays below C; a few ulps above C are allowed for the measurement.
+NETWORK_CLIP_TOL = 4 * _F32_EPS
+# step(D + e) - step(D) of float32 sums over a handful of examples (chunked or not): rounding of the sums adds
+# ~|D| ulps of C at most.
+NETWORK_SENSITIVITY_TOL = 64 * _F32_EPS
+
+
+@dataclass
+class NetworkProblem:
+    """The run's network, loss and a few random examples in float32 (``problem``), with the per-example
+    gradients of a float64 copy computed by a plain autograd loop (``reference``, in ``_flat``'s order)."""
+
+    problem: _Problem
+    reference: list
+    description: str
+
+
+def _layer_summary(model) -> str:
+    from torch import nn
+
+    counts = {}
+    for m in model.modules():
+        layer_types = (nn.Conv2d, nn.GroupNorm, nn.Linear, nn.Embedding)
+        kind = ("attention" if type(m).__name__.startswith("Attn") else
+                next((t.__name__ for t in layer_types if isinstance(m, t)), None))
+        if kind:
+            counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in counts.items())
+
+
+def network_problem(run_config: dict, *, num_examples: int = 4, noise_multiplicity: int = 2,
+                    seed: int = 0) -> NetworkProblem:
+    """The run's own denoiser (``dpdm.train.build_denoiser(run_config)``, its ``--trainable`` subset, float32 as
+    every private run trains) and the loss `dpdm train` gives it (``engine_loss_fn`` of EDMLoss, or of VLoss for
+    ``precond`` v), on ``num_examples`` random images of the run's shape (uniform in [-1, 1]; random labels,
+    the null class among them where the run drops labels) with ``noise_multiplicity`` diffusion draws each.
+    No private image is used: which examples the engine is tested on does not matter, and the run's images are
+    private. The weights are a fresh initialization seeded from ``seed`` (the run's weights are not needed
+    either). The clip norm is the 25th percentile of the float64 per-example gradient norms: of the 4 examples,
+    3 are clipped and 1 is not.
+
+    The reference gradients come from a float64 copy of the network, one example at a time with plain
+    autograd: no vmap, no per-layer rule, no float32."""
+    import copy
+
+    import torch
+
+    from dpdm.loss import EDMLoss, VLoss, engine_loss_fn
+    from dpdm.train import build_denoiser, select_trainable
+
+    n = int(num_examples)
+    if n < 3:
+        raise ValueError(f"num_examples={num_examples!r} must be >= 3")
+    train = run_config.get("train") or {}
+    num_classes = int(run_config.get("num_classes") or 0)
+    C, R = int(run_config["img_channels"]), int(run_config["img_resolution"])
+    init_seed, data_seed = (int(v) for v in np.random.SeedSequence([int(seed), 0x4E7]).generate_state(2))
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(init_seed)
+    try:
+        model = build_denoiser(run_config).float()
+    finally:
+        torch.random.set_rng_state(torch_state)
+    if train.get("trainable"):
+        select_trainable(model, tuple(train["trainable"]))
+    if run_config.get("precond") == "v":
+        sig = train.get("train_sigma")
+        loss_obj = VLoss() if sig is None else VLoss.from_sigma_range(*sig)
+    else:
+        loss_obj = EDMLoss(sigma_data=float(run_config.get("sigma_data", 3 ** -0.5)))
+    g = torch.Generator().manual_seed(data_seed)
+    batch = [torch.rand(n, C, R, R, generator=g) * 2 - 1]
+    if num_classes:
+        dropped = float(train.get("label_dropout") or 0.0) > 0   # then the null class (num_classes) is seen too
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        if dropped:
+            y[-1] = num_classes
+        batch.append(y)
+    sigma, noise = loss_obj.draw(n, int(noise_multiplicity), (C, R, R), generator=g)
+    batch += [sigma, noise]
+    loss_fn = engine_loss_fn(loss_obj, conditional=bool(num_classes))
+    problem = _Problem(model, loss_fn, tuple(batch), 1.0)
+    model64 = copy.deepcopy(model).double()
+    batch64 = tuple(t.double() if t.is_floating_point() else t for t in batch)
+    reference = _loop_grads(_Problem(model64, loss_fn, batch64, 1.0))
+    norms = np.array([np.linalg.norm(v) for v in reference])
+    problem.clip_norm = float(np.quantile(norms, 0.25))
+    trained = sum(t.numel() for t in model.parameters() if t.requires_grad)
+    description = (f"the run's '{run_config.get('model')}' network ({trained:,} trained parameters; "
+                   f"{_layer_summary(model)}), float32, {n} random {C}x{R}x{R} images"
+                   + (" with random labels" if num_classes else "") + f", K={int(noise_multiplicity)}")
+    return NetworkProblem(problem, reference, description)
+
+
+def _tensor_error(a: np.ndarray, ref: np.ndarray, slices) -> tuple[float, str]:
+    """The largest relative error of ``a`` against ``ref`` over the parameter tensors, and that tensor's name.
+    A tensor whose reference gradient is below 1e-9 of the whole one is compared on that scale (its
+    own relative error would be float32 noise)."""
+    floor = 1e-9 * float(np.linalg.norm(ref))
+    worst, where = 0.0, ""
+    for name, sl in slices:
+        err = float(np.linalg.norm(a[sl] - ref[sl])) / max(float(np.linalg.norm(ref[sl])), floor, 1e-300)
+        if math.isnan(err) or err > worst:
+            worst, where = (math.inf if math.isnan(err) else err), name
+    return worst, where
+
+
+def check_network(
+    private_grad_fn: Callable,
+    net: NetworkProblem,
+    *,
+    noise_multiplier: float = 1.0,
+    alpha: float = 1e-3,
+    seed: int = 0,
+    pairs: int = 1,
+    only: tuple[str, ...] | None = None,
+) -> list[CheckResult]:
+    """The engine checks that depend on the network and the dtype, on the run's own network in float32
+    (``network_problem``), through ``private_grad_fn`` (signature of ``dpdm.engine.private_grad``; expected
+    batch size 4, a power of two, so that scaling by it is exact):
+
+    * ``network_per_sample_gradients``: the step (no noise) on each example alone and on all of them, against
+      the float64 loop's gradients clipped to C, per parameter tensor (a per-layer rule that mixes examples, or
+      a wrong rule for Conv2d, GroupNorm, attention or SiLU, is off in its own tensor however small that
+      tensor's gradient is at initialization; so is an example that was clipped when it should not have been,
+      or not clipped): relative error <= ``NETWORK_GRAD_TOL``;
+    * ``network_clipping_bound``: each example's contribution (the same calls) is <= C within
+      ``NETWORK_CLIP_TOL``;
+    * ``network_sensitivity_replay``: step(D + e) - step(D), for e the example with the largest gradient and D
+      the 3 others, chunk_size None and 3 (e alone in the last chunk), has norm <= C (within
+      ``NETWORK_SENSITIVITY_TOL``);
+    * ``network_noise_variance``: the noise of the float32 step (no example: the noise alone) at
+      ``noise_multiplier`` and at ``second_noise_multiplier``, ``pairs`` and ``max(1, pairs // 2)`` seed pairs of
+      every coordinate, per tensor and pooled, as ``check_engine``'s; the same generator seed must give the same
+      output;
+    * ``network_noise_once_per_step``: the same at ``noise_multiplier``, on 2 examples in chunks of 1.
+
+    ``only``: run just these checks (by name). Cost: 10 calls of the step on 1 to 4 examples and 6 on none;
+    on one CPU core about 6 s for the ``small`` network with the rules engine (most of it their fixed cost per
+    call and a first call's warm-up), 2 s with vmap, and about 11 s for ``mnist`` (1.75M parameters).
+
+    The replays run without noise (noise multiplier 0): float32 cannot cancel noise exactly enough to
+    measure a gradient of 1e-5 of its scale or a norm to a few ulps.
+    """
+    alpha = _alpha(alpha)
+    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a number > 0")
+    p, ref = net.problem, net.reference
+    E = 4.0
+    call = _Caller(private_grad_fn, p, 0.0, E)
+    slices = _tensor_slices(p.model)
+    raw = np.array([np.linalg.norm(v) for v in ref])
+    C = p.clip_norm
+    what = net.description
+    largest = int(np.argmax(raw))
+    rest = [i for i in range(p.size) if i != largest]
+    everyone = rest + [largest]   # the largest gradient last: the sensitivity replay adds it to the others
+    # What each example should contribute at clip norm C: its float64 gradient, scaled to norm C if above it.
+    want = [v * min(1.0, C / max(float(np.linalg.norm(v)), 1e-300)) for v in ref]
+    cache: dict[tuple, np.ndarray] = {}
+
+    def step(idx, chunk=None):   # E * (the clipped sum of the examples idx), no noise; each call made once
+        key = (tuple(idx), chunk)
+        if key not in cache:
+            cache[key] = E * call(list(idx), 31, chunk_size=chunk)
+        return cache[key]
+
+    def per_sample():
+        errs = [(*_tensor_error(step([i]), want[i], slices), f"example {i}") for i in range(p.size)]
+        errs.append((*_tensor_error(step(everyone), np.sum(want, axis=0), slices), f"all {p.size} examples"))
+        worst = max(errs, key=lambda t: t[0])
+        return CheckResult(
+            "network_per_sample_gradients", worst[0] <= NETWORK_GRAD_TOL, worst[0], None,
+            f"{what}: the step (no noise) on each example and on all {p.size} vs a float64 autograd loop's "
+            f"gradients clipped to C, per parameter tensor: largest relative error {worst[0]:.2e} ({worst[1]}, "
+            f"{worst[2]}; tolerance {NETWORK_GRAD_TOL:g})")
+
+    def clipping():
+        norms = np.array([np.linalg.norm(step([i])) for i in range(p.size)])
+        worst = _max(norms / C)
+        over = int(np.sum(raw > C))
+        ok = worst <= 1 + NETWORK_CLIP_TOL and over > 0
+        return CheckResult(
+            "network_clipping_bound", ok, worst, None,
+            f"the run's network: {over} of {p.size} examples have gradient norm above clip_norm={C:.4g} (up to "
+            f"{raw.max() / C:.2f}x); largest contribution of one example / C - 1 = {worst - 1:.2e} (must be <= "
+            f"{NETWORK_CLIP_TOL:.1e}, {NETWORK_CLIP_TOL / _F32_EPS:g} float32 ulps)")
+
+    def sensitivity():
+        worst = _max([float(np.linalg.norm(step(everyone, chunk) - step(rest, chunk))) / C for chunk in (None, 3)])
+        return CheckResult(
+            "network_sensitivity_replay", worst <= 1 + NETWORK_SENSITIVITY_TOL, worst, None,
+            f"the run's network: one step on D ({len(rest)} examples) and on D plus the example with the largest "
+            f"gradient (added last), chunk_size None and 3 (it alone in the last chunk), no noise: largest ||sum "
+            f"difference|| / C - 1 = {worst - 1:.2e} (must be <= {NETWORK_SENSITIVITY_TOL:.1e})")
+
+    noise_calls = [(_Caller(private_grad_fn, p, float(noise_multiplier), E), pairs),
+                   (_Caller(private_grad_fn, p, second_noise_multiplier(noise_multiplier), E), max(1, pairs // 2))]
+    checks = {
+        "network_per_sample_gradients": per_sample,
+        "network_clipping_bound": clipping,
+        "network_sensitivity_replay": sensitivity,
+        "network_noise_variance": lambda: _noise_test(
+            "network_noise_variance", noise_calls, p, alpha, chunk_size=None, seed=seed, examples=0, replay=True,
+            what="the run's network, float32, the step's noise alone (no example)"),
+        "network_noise_once_per_step": lambda: _noise_test(
+            "network_noise_once_per_step", noise_calls[:1], p, alpha, chunk_size=1, seed=seed + 1, examples=2,
+            what="the run's network, float32, 2 examples in chunks of 1 (noise must still be added once)"),
+    }
+    unknown = sorted(set(only or ()) - set(checks))
+    if unknown:
+        raise ValueError(f"only={only!r}: no check named {unknown}; the checks are {NETWORK_CHECKS}")
+    return [_guarded(name, fn) for name, fn in checks.items() if only is None or name in only]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,6 +941,70 @@ def _close(a, b) -> bool:
         return False
 
 
+class MetricsError(ValueError):
+    """A run's metrics.csv that `dpdm train` cannot have written as it is (damaged or edited), or cannot be read."""
+
+
+METRICS_COLUMNS = ("step", "batch_size", "private")   # the columns of `dpdm train`'s metrics.csv the audit reads
+HALF_ROW_NOTE = ("its last line, a half-written row (the run stopped while writing it; `dpdm train --resume` drops "
+                 "it too), is not counted")
+
+
+def read_metrics(path, *, strict: bool = False) -> tuple[list[dict[str, str]], bool]:
+    """The rows of a run's metrics.csv (dicts keyed by its header) and whether its last line was a half-written
+    row, left out.
+
+    `dpdm train` writes each row whole, ending in a newline, and flushes it; a crash can therefore leave only the
+    last line incomplete, and a resumed run drops it (``dpdm.train._truncate_metrics``: a row is kept only if it
+    ends in a newline and has the header's number of fields). That line is no record of a step, so it is left
+    out here too, never read as a batch size or a non-private row. Anything else that `dpdm train` does not write
+    raises MetricsError: a header without the columns step, batch_size and private, a complete line with another
+    number of fields than the header, and, with ``strict``, a step or batch size that is not a non-negative
+    integer or a private flag other than 0 or 1. (Without ``strict`` those values are left to the caller:
+    ``check_run`` reports impossible batch sizes and rows not marked private.) Empty lines are skipped, as
+    csv.DictReader skips them."""
+    path = Path(path)
+    if os.path.lexists(path) and not path.is_file():   # a FIFO would block the read for good
+        raise MetricsError("metrics.csv is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")   # as `dpdm train` reads it on resume
+    except OSError as e:
+        raise MetricsError(f"metrics.csv cannot be read ({e.strerror or e})") from None
+    lines = text.split("\n")
+    half = lines.pop() != ""   # the text after the last newline: a row cut short (or nothing)
+    try:
+        parsed = [(k + 1, fields) for k, fields in enumerate(csv.reader(ln[:-1] if ln.endswith("\r") else ln
+                                                                           for ln in lines)) if fields]
+    except csv.Error as e:
+        raise MetricsError(f"metrics.csv is not CSV ({e})") from None
+    if not parsed:
+        return [], half
+    (_, header), body = parsed[0], parsed[1:]
+    missing = [c for c in METRICS_COLUMNS if c not in header]
+    if missing:
+        raise MetricsError(f"metrics.csv has no column {', '.join(missing)} in its header (line 1); it is not the "
+                           "file `dpdm train` writes")
+    rows = []
+    for line, fields in body:
+        if len(fields) != len(header):
+            raise MetricsError(f"metrics.csv line {line} has {len(fields)} fields, its header {len(header)}: the "
+                               "file is damaged (`dpdm train` writes whole rows, and only a crash's last line can be "
+                               "cut short)")
+        row = dict(zip(header, fields))
+        if strict:
+            bad = [f"{c}={row[c]!r}" for c in ("step", "batch_size")
+                   if not (row[c].isascii() and row[c].isdigit())]
+            if row["private"] not in ("0", "1"):
+                bad.append(f"private={row['private']!r}")
+            if bad:
+                raise MetricsError(f"metrics.csv line {line} holds {', '.join(bad)}, which `dpdm train` does not "
+                                   "write (a step and a batch size are integers >= 0, private is 0 or 1): the file "
+                                   "is damaged")
+        rows.append(row)
+    return rows, half
+
+
 def check_run(run_dir, plan_doc, *, alpha: float = 1e-3) -> list[CheckResult]:
     """Checks a run folder against a claimed ``accounting.PlanDocument``.
 
@@ -716,12 +1057,9 @@ def check_run(run_dir, plan_doc, *, alpha: float = 1e-3) -> list[CheckResult]:
 
     def logged_check():
         path = run / "metrics.csv"
-        if path.exists() and not path.is_file():   # a FIFO blocked the audit for good
-            raise ValueError(f"{path} is not a regular file")
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows, half = read_metrics(path)
         if not rows:
-            raise ValueError(f"{path} has no rows")
+            raise ValueError(f"{path} has no complete rows")
         private = all(str(r.get("private", "")).strip() == "1" for r in rows)
         n, q = claim.dataset_size, claim.sample_rate
         logged = [float(r["batch_size"]) for r in rows]
@@ -746,6 +1084,8 @@ def check_run(run_dir, plan_doc, *, alpha: float = 1e-3) -> list[CheckResult]:
             detail = f"only {sizes.size} logged rows (mean batch {sizes.mean():.1f}, plan {n * q:.1f}): too few to test"
         if not private:
             detail = "metrics.csv has rows marked non-private; " + detail
+        if half:
+            detail += f"; {HALF_ROW_NOTE}"
         return CheckResult("run_logged_batches", ok, chi, pv, detail)
 
     state: dict[str, Any] = {}

@@ -2,9 +2,10 @@
 
 Error budget (family-wise, Bonferroni): ``significance`` (default 0.05) is split as
 
-* 1/5 (0.01) over the statistical mechanism checks (noise variance, noise once per step, Poisson
-  batch sizes, inclusion counts, logged batch sizes, and for a `--public-subspace` run the noise in
-  the subspace): each is run at 0.01 / 5 = 0.002 (0.01 / 6 for a subspace run);
+* 1/5 (0.01) over the statistical mechanism checks (noise variance and noise once per step, on the tiny
+  model and on the run's own network, per engine checked; for a `--public-subspace` run the noise in the
+  subspace too; Poisson batch sizes, inclusion counts, logged batch sizes): each is run at 0.01 / 7 (0.01 / 8
+  for a subspace run, 0.01 / 11 where both engines are checked; ``statistical_check_count``);
 * 4/5 (0.04) over the epsilon lower bounds of the canary audit, evenly over its attacks (loss and
   PIA: 0.02 each); each one-run bound further splits its share over its grid of guess counts.
 
@@ -27,7 +28,6 @@ ValueError) before any training; any other exception is a runtime failure.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -44,12 +44,13 @@ import numpy as np
 
 from audits.auditor import _jsonable
 from audits.canary import CanaryConfig, canary_audit
-from audits.mechanism import check_engine, check_run, check_sampler, check_subspace
+from audits.mechanism import (CheckResult, check_engine, check_network, check_run, check_sampler, check_subspace,
+                               network_problem, second_noise_multiplier)
 from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
 from dpdm.report_utils import epsilon_text
 
 __all__ = ["SUITES", "suite_config", "run_audit", "write_report", "EXIT_CODES", "training_private_grad",
-           "AuditInputError", "check_out_dir"]
+           "AuditInputError", "check_out_dir", "mechanism_checks"]
 
 EXIT_CODES = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
 
@@ -57,9 +58,9 @@ EXIT_CODES = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
 # run's own network and all of its data.
 SUITES: dict[str, dict[str, Any]] = {
     "quick": {"num_canaries": 200, "background_size": 500, "max_steps": 300, "noise_multiplicity": 4,
-              "model": "mlp", "noise_pairs": 40},
+              "model": "mlp", "noise_pairs": 40, "network_pairs": 1},
     "full": {"num_canaries": 1000, "background_size": None, "max_steps": None, "noise_multiplicity": None,
-             "model": None, "noise_pairs": 100},
+             "model": None, "noise_pairs": 100, "network_pairs": 2},
 }
 
 
@@ -135,7 +136,10 @@ def _holds_audit_report(out: Path) -> bool:
 
 MECHANISM_SHARE = 0.2  # of the significance budget; the rest goes to the epsilon bounds
 MIN_SIGNIFICANCE = 1e-12  # smaller budgets underflow in the per-check shares (1e-323 became 0)
-STATISTICAL_CHECKS = 5  # 6 for a run with --public-subspace (subspace_noise_variance)
+# For a run checked with one engine: noise_variance, noise_once_per_step (tiny model), network_noise_variance,
+# network_noise_once_per_step (the run's network), the sampler's two and the logged batch sizes (8 with
+# --public-subspace: subspace_noise_variance). `statistical_check_count` counts them for any run.
+STATISTICAL_CHECKS = 7
 
 
 def run_grad_engines(train_config: dict) -> tuple[str, ...]:
@@ -173,6 +177,46 @@ def training_private_grad(basis=None, *, per_layer_rules: bool = True) -> Callab
     return step
 
 
+def statistical_check_count(train_config: dict) -> int:
+    """How many statistical mechanism checks `mechanism_checks` runs for a run of this training config (the
+    Bonferroni count of the mechanism share of the error budget): 4 per engine, 5 for a --public-subspace run
+    (``STATISTICAL_CHECKS``, less the sampler's two and the logged batch sizes, per engine), plus those 3."""
+    per_engine = STATISTICAL_CHECKS - 3 + (1 if train_config.get("subspace_dim") else 0)
+    return per_engine * len(run_grad_engines(train_config)) + 3
+
+
+def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed: int = 0,
+                     suite: str = "quick") -> tuple[list[CheckResult], str]:
+    """The mechanism checks of `dpdm audit` (each statistical one at ``alpha``), and what the run's own network
+    in them was (``NetworkProblem.description``). Per engine the run's steps may have used (``run_grad_engines``),
+    `dpdm train`'s own step (``training_private_grad``) is checked on the tiny float64 model (``check_engine``;
+    ``check_subspace`` too for a --public-subspace run) and on the run's own network in float32
+    (``check_network``); then the Poisson sampler and the run folder against the plan (``check_run``)."""
+    from dpdm.data import PoissonSampler
+
+    plan = plan_doc.plan
+    train_config = run_config.get("train") or {}
+    subspace_dim = train_config.get("subspace_dim")
+    engines = run_grad_engines(train_config)
+    net = network_problem(run_config, seed=seed)
+    checks = []
+    for engine in engines:
+        rules = engine == "rules"
+        step = training_private_grad(per_layer_rules=rules)
+        found = check_engine(step, noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
+                             pairs=SUITES[suite]["noise_pairs"])
+        found += check_network(step, net, noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
+                               pairs=SUITES[suite]["network_pairs"])
+        if subspace_dim:
+            found += check_subspace(lambda basis: training_private_grad(basis, per_layer_rules=rules),
+                                    noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
+                                    pairs=SUITES[suite]["noise_pairs"])
+        checks += found if len(engines) == 1 else [replace(c, name=f"{c.name} ({engine})") for c in found]
+    checks += check_sampler(PoissonSampler, alpha=alpha, seed=seed)
+    checks += check_run(run_dir, plan_doc, alpha=alpha)
+    return checks, net.description
+
+
 def suite_config(suite: str, plan, run_config: dict, *, seed: int = 0, **overrides) -> CanaryConfig:
     """The canary-audit configuration of a suite for a run (``overrides``: any CanaryConfig field)."""
     if suite not in SUITES:
@@ -208,20 +252,23 @@ def _load_run(run_dir: Path):
 
 
 def _check_metrics(run_dir: Path) -> None:
-    """The run's metrics.csv, whose logged batch sizes a mechanism check tests, is a regular file with a row:
-    refused here, before any training, rather than a FAIL after the canary runs (exit 1 reads as a privacy
-    bug). A FIFO would block the read for good."""
+    """The run's metrics.csv, whose logged batch sizes a mechanism check tests, is a regular file with a complete
+    row, each row as `dpdm train` writes it (``audits.mechanism.read_metrics``, strict: a step, a batch size
+    and a private flag in every row): refused here, before any training, rather than a FAIL after the canary
+    runs (exit 1 reads as a privacy bug). A last line cut short by a crash is no row and is left out (the check
+    says so), as `dpdm train --resume` drops it. A FIFO would block the read for good."""
+    from audits.mechanism import MetricsError, read_metrics
+
     path = run_dir / "metrics.csv"
     if not path.is_file():
         raise ValueError(f"run={str(run_dir)!r}: metrics.csv "
                          f"{'is not a regular file' if os.path.lexists(path) else 'is missing'}; the audit tests "
                          "the batch sizes `dpdm train` logs there")
     try:
-        with open(path, newline="") as f:
-            has_row = next(csv.DictReader(f), None) is not None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"run={str(run_dir)!r}: metrics.csv cannot be read ({e})") from None
-    if not has_row:
+        rows, _ = read_metrics(path, strict=True)
+    except MetricsError as e:
+        raise ValueError(f"run={str(run_dir)!r}: {e}; the audit tests the batch sizes logged there") from None
+    if not rows:
         raise ValueError(f"run={str(run_dir)!r}: metrics.csv has no rows; the audit tests the batch sizes "
                          "`dpdm train` logs there (audit a run that has logged a step)")
 
@@ -248,7 +295,6 @@ def run_audit(
 
     import accounting
     from dpdm.checkpoint import seed_given
-    from dpdm.data import PoissonSampler
     from dpdm.datasets import load_dataset
 
     t_start = time.perf_counter()
@@ -286,6 +332,12 @@ def run_audit(
         if tuple(data.x.shape[1:]) != want:
             raise ValueError(f"dataset={name!r} has images of shape {tuple(data.x.shape[1:])}, the run was "
                              f"trained on {want}")
+        if cfg.canary_kind == "ood":
+            from audits.canary import ood_canary_problem
+
+            problem = ood_canary_problem(cfg.num_canaries, want)
+            if problem:
+                raise ValueError(f"num_canaries={cfg.num_canaries}: {problem}")
         num_classes = run_config["num_classes"]
         if num_classes and data.y is None:
             raise ValueError(f"dataset={name!r} has no labels, but the run is class-conditional "
@@ -307,9 +359,7 @@ def run_audit(
         raise AuditInputError(f"out={str(out_dir)!r}: {e}") from None
 
     train_config = run_config.get("train") or {}
-    subspace_dim = train_config.get("subspace_dim")
-    engines = run_grad_engines(train_config)
-    statistical_checks = (STATISTICAL_CHECKS + (1 if subspace_dim else 0)) * len(engines)
+    statistical_checks = statistical_check_count(train_config)
     alpha_check = significance * MECHANISM_SHARE / statistical_checks
     alpha_bounds = significance * (1 - MECHANISM_SHARE)
 
@@ -319,18 +369,7 @@ def run_audit(
 
     stage("mechanism checks")
     t0 = time.perf_counter()
-    checks = []
-    for engine in engines:
-        rules = engine == "rules"
-        found = check_engine(training_private_grad(per_layer_rules=rules), noise_multiplier=plan.noise_multiplier,
-                             alpha=alpha_check, seed=seed, pairs=SUITES[suite]["noise_pairs"])
-        if subspace_dim:
-            found += check_subspace(lambda basis: training_private_grad(basis, per_layer_rules=rules),
-                                    noise_multiplier=plan.noise_multiplier, alpha=alpha_check, seed=seed,
-                                    pairs=SUITES[suite]["noise_pairs"])
-        checks += found if len(engines) == 1 else [replace(c, name=f"{c.name} ({engine})") for c in found]
-    checks += check_sampler(PoissonSampler, alpha=alpha_check, seed=seed)
-    checks += check_run(run, doc, alpha=alpha_check)
+    checks, network = mechanism_checks(run, doc, run_config, alpha=alpha_check, seed=seed, suite=suite)
     t_checks = time.perf_counter() - t0
 
     private = bool(ledger["private"])
@@ -360,7 +399,8 @@ def run_audit(
     else:
         verdict = "PASS"
         reasons += canary["reasons"]
-    audited = _what_was_audited(plan, canary, cfg, private, train_config, plan_epsilon=doc.epsilon)
+    audited = _what_was_audited(plan, canary, cfg, private, train_config, plan_epsilon=doc.epsilon,
+                                network=network)
     doc_out = {
         "format": "dpdm.audit/1",
         "verdict": verdict,
@@ -399,7 +439,7 @@ def run_audit(
 
 
 def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_config: dict | None = None, *,
-                      plan_epsilon: float | None = None) -> list[str]:
+                      plan_epsilon: float | None = None, network: str | None = None) -> list[str]:
     t = canary["training"]["target"]
     train_config = train_config or {}
     claim = canary["claimed_epsilon"]
@@ -421,11 +461,18 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
         + ". The verdict compares the epsilon lower bounds with the canary run's epsilon.",
     ]
     engines = run_grad_engines(train_config)
+    sigmas = f"sigma={plan.noise_multiplier:g} and {second_noise_multiplier(plan.noise_multiplier):g}"
     lines.append(
-        "The mechanism checks ran the run's per-example gradient engine"
-        + (f": {engines[0]}" if len(engines) == 1 else
-           "s: both rules and vmap (--grad-engine auto picks one at each start, so a resumed run can have used either)")
-        + ", on the audit's own tiny model.")
+        "The mechanism checks ran `dpdm train`'s private step (plan_private_grad) with the run's per-example "
+        "gradient engine"
+        + (f" ({engines[0]})" if len(engines) == 1 else
+           "s, both rules and vmap (--grad-engine auto picks one at each start, so a resumed run can have used "
+           "either)")
+        + ": (1) on the audit's own tiny float64 model (Linear and SiLU layers, 48 examples): per-example "
+        f"gradients, K averaging, clipping, sensitivity replay, noise variance at {sigmas}, noise once per step; "
+        + (f"(2) on {network}, a fresh initialization (not the run's weights): per-example gradients per parameter "
+           "tensor against a float64 autograd loop, clipping bound, sensitivity replay, and the float32 noise at "
+           f"{sigmas}, once per step." if network else "(2) not on the run's own network."))
     if t["dataset_size"] != plan.dataset_size:
         lines.append(
             f"The canary run trains on {t['dataset_size']} examples instead of the plan's {plan.dataset_size} at the "
@@ -442,7 +489,8 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
         lines.append(
             f"The run added its noise in a {train_config['subspace_dim']}-dimensional subspace of public gradients "
             f"({train_config.get('subspace_data')!r}, --public-subspace). The mechanism checks test that step "
-            "(subspace_* checks, on the audit's own tiny model and basis); the canary training adds its noise "
+            "(subspace_* checks, on the audit's own tiny float64 model and basis; the checks on the run's network "
+            "add the noise in all parameters); the canary training adds its noise "
             "in all parameters, so the epsilon lower bounds do not exercise the subspace.")
     lines.append(f"Threat model: {canary['threat_model']}.")
     return lines

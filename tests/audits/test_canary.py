@@ -224,3 +224,63 @@ def test_can_detect_violation_uses_only_the_one_run_ceiling(digits, plan_eps1):
         assert rep["max_certifiable_epsilon"]["clopper_pearson"] > 0.3 >= rep["max_certifiable_epsilon"]["one_run"]
         assert rep["can_detect_violation"] is False
     assert r["can_detect_violation"] is False and r["verdict"] == "INCONCLUSIVE"
+
+
+def _old_ood(m, shape, num_classes, seed):
+    """The ood canaries as they were drawn before stop 42: a 4x4 grid of +-1 blocks, nothing else."""
+    C, H, W = shape
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), 0xCA7]).generate_state(1)[0]))
+    bh, bw = max(1, H // 4), max(1, W // 4)
+    coarse = torch.randint(0, 2, (m, C, -(-H // bh), -(-W // bw)), generator=g).float() * 2 - 1
+    x = coarse.repeat_interleave(bh, 2).repeat_interleave(bw, 3)[:, :, :H, :W].contiguous()
+    return x, (torch.randint(0, num_classes, (m,), generator=g) if num_classes > 0 else None)
+
+
+def _differences(x):
+    """[m, m] number of pixel values in which two +-1 canaries differ (the diagonal set to all of them)."""
+    flat = x.reshape(len(x), -1)
+    d = (flat.shape[1] - flat @ flat.T) / 2
+    return d.fill_diagonal_(flat.shape[1])
+
+
+def test_5000_ood_canaries_of_28x28_differ_pairwise_in_an_eighth_of_their_pixels():
+    """Audit walk F3 (stop 42): grayscale canaries came from 2^16 patterns (a 4x4 grid of blocks), so 5,000 of
+    them at 28x28 held 190 exact copies, and 200 already held pairs one block (1/16 of the image) apart. Now any
+    two differ in at least 1/8 of their pixels (98 of 784): a finer grid where m needs it, and a canary too close
+    to an earlier one redrawn."""
+    x, y = make_canaries(5000, (1, 28, 28), 10, seed=0)
+    assert x.shape == (5000, 1, 28, 28) and set(x.unique().tolist()) == {-1.0, 1.0} and y.shape == (5000,)
+    assert int(_differences(x).min()) >= 98
+    from audits.canary import CANARY_MIN_DIFFERENCE
+
+    assert CANARY_MIN_DIFFERENCE == 1 / 8
+    again, _ = make_canaries(5000, (1, 28, 28), 10, seed=0)
+    assert torch.equal(x, again)   # deterministic in the seed
+    other, _ = make_canaries(5000, (1, 28, 28), 10, seed=1)
+    assert not torch.equal(x, other)
+
+
+def test_canaries_that_were_far_apart_keep_their_old_patterns():
+    """The quick suite's 200 canaries keep the 4x4 grid: only those within one block of an earlier one are
+    redrawn (3 of 200 at seed 0, on 8x8 digits), the labels are unchanged; colour images, whose 4x4 grid has 2^48
+    patterns, keep every canary."""
+    x, y = make_canaries(200, (1, 8, 8), 10, seed=0)
+    old_x, old_y = _old_ood(200, (1, 8, 8), 10, 0)
+    assert torch.equal(y, old_y)
+    d_old = _differences(old_x)
+    too_close = {j for j in range(200) if any(d_old[i, j] < 8 for i in range(j))}   # 8 = 64 / 8
+    changed = {j for j in range(200) if not torch.equal(x[j], old_x[j])}
+    assert changed == too_close and 0 < len(changed) <= 5, (changed, too_close)
+    assert int(_differences(x).min()) >= 8
+    colour, colour_y = make_canaries(1000, (3, 32, 32), 10, seed=0)
+    old_colour, old_colour_y = _old_ood(1000, (3, 32, 32), 10, 0)
+    assert torch.equal(colour, old_colour) and torch.equal(colour_y, old_colour_y)
+
+
+def test_too_many_canaries_for_tiny_images_are_refused():
+    from audits.canary import ood_canary_problem
+
+    assert ood_canary_problem(200, (1, 8, 8)) is None and ood_canary_problem(100_000, (1, 28, 28)) is None
+    assert "5000 canaries cannot differ pairwise" in ood_canary_problem(5000, (1, 4, 4))
+    with pytest.raises(ValueError, match="use fewer canaries"):
+        make_canaries(5000, (1, 4, 4), 0)

@@ -57,9 +57,15 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys):
     names = {c["name"] for c in report["mechanism_checks"]}
     assert {"noise_variance", "poisson_batch_sizes", "run_plan_matches", "run_ledger_matches"} <= names
     assert not any(n.startswith("subspace") for n in names)   # the run added its noise in all parameters
+    # The step ran on the run's own network in float32 too (audit walk F2, stop 42), and the report says so.
+    from audits.mechanism import NETWORK_CHECKS
+
+    assert set(NETWORK_CHECKS) <= names
+    line = next(s for s in report["what_was_audited"] if s.startswith("The mechanism checks ran"))
+    assert "tiny float64 model" in line and "the run's 'small' network" in line and "float32" in line, line
     assert report["claimed_plan"]["digest"] == doc.digest
     budget = report["error_budget"]
-    assert budget["mechanism_checks"]["statistical_checks"] == 5
+    assert budget["mechanism_checks"]["statistical_checks"] == 7
     assert budget["mechanism_checks"]["share"] + budget["epsilon_bounds"]["share"] == pytest.approx(0.05)
     for f in ("report.md", "report.json", "scores.npz", "roc_target_loss.png", "roc_log_target_loss.png",
               "hist_target_pia.png", "roc_control_loss.png"):
@@ -154,7 +160,7 @@ def test_audit_of_a_subspace_run_checks_the_subspace_step(run_dir, tmp_path, cap
     checks = {c["name"]: c for c in report["mechanism_checks"]}
     for name in ("subspace_signal_in_noise_span", "subspace_sensitivity_replay", "subspace_noise_variance"):
         assert checks[name]["passed"], checks[name]
-    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 6
+    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 8
     assert any("3-dimensional subspace" in line for line in report["what_was_audited"])
 
 
@@ -501,7 +507,7 @@ def test_an_auto_engine_run_has_both_engines_checked(run_dir, tmp_path, capsys, 
     report = run_audit(run, tmp_path / "ok", suite="quick", canary_overrides=small)
     names = [c["name"] for c in report["mechanism_checks"]]
     assert "per_sample_gradients (rules)" in names and "per_sample_gradients (vmap)" in names, names
-    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 10
+    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 11   # 4 per engine + 3
     assert all(c["passed"] for c in report["mechanism_checks"]) and report["verdict"] != "FAIL"
     assert any("both rules and vmap" in line for line in report["what_was_audited"]), report["what_was_audited"]
 
@@ -511,3 +517,116 @@ def test_an_auto_engine_run_has_both_engines_checked(run_dir, tmp_path, capsys, 
     failed = {c["name"] for c in report["mechanism_checks"] if not c["passed"]}
     assert report["verdict"] == "FAIL" and "per_sample_gradients (rules)" in failed, failed
     assert not any(name.endswith("(vmap)") for name in failed), failed
+
+
+def test_a_half_written_last_row_of_metrics_csv_is_left_out_not_a_fail(run_dir, tmp_path):
+    """Audit walk F1 (stop 42): a run that crashed while writing a row of metrics.csv, audited before a resume,
+    read the cut row as a non-private step with a batch size of 1: FAIL (exit 1, "a privacy bug") after all the
+    canary training. The row is no record of a step: it is left out, as `dpdm train --resume` drops it, and the
+    check says so."""
+    import shutil
+
+    from audits.mechanism import check_run
+    from audits.suite import _check_metrics
+
+    run, _, doc = run_dir
+    for tail in ("4,1", "4,13,0.51,0.25,2,3.1,1\r", "4,13,0.51,0.25,2,3.1,"):   # cut anywhere before its newline
+        cut = tmp_path / f"cut{len(tail)}"
+        shutil.copytree(run, cut)
+        with open(cut / "metrics.csv", "a", newline="") as f:
+            f.write(tail)
+        _check_metrics(cut)   # not refused: the run is audited
+        logged = {c.name: c for c in check_run(cut, doc)}["run_logged_batches"]
+        assert logged.passed and "non-private" not in logged.detail, (tail, logged.detail)
+        assert "half-written row" in logged.detail and "only 3 logged rows" in logged.detail, logged.detail
+    # The same run with its file whole has no such note.
+    assert "half-written" not in {c.name: c for c in check_run(run, doc)}["run_logged_batches"].detail
+
+
+def test_a_damaged_metrics_csv_is_exit_2_before_any_training(run_dir, tmp_path, capsys, monkeypatch):
+    """A metrics.csv with a row `dpdm train` does not write (a field missing in the middle, a private flag or a
+    batch size that is no 0/1 or integer, no private column) was read after the canary training and gave FAIL
+    (exit 1, a privacy bug) or a crash: now one error line, exit 2, before any training (audit walk F1)."""
+    import shutil
+
+    import audits.suite
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the audit trained before refusing its input")
+
+    monkeypatch.setattr(audits.suite, "canary_audit", no_training)
+    run, _, _ = run_dir
+    header, *rows = (run / "metrics.csv").read_bytes().decode().splitlines(keepends=True)   # rows end in \r\n
+    spoils = {
+        "short_middle_row": (header + rows[0].replace(",1\r\n", "\r\n") + "".join(rows[1:]), "line 2 has 6 fields"),
+        "private_yes": (header + rows[0][:-3] + "yes\r\n" + "".join(rows[1:]), "private='yes'"),
+        "batch_size_float": (header + rows[0].replace(rows[0].split(",")[1], "12.5", 1) + "".join(rows[1:]),
+                             "batch_size='12.5'"),
+        "no_private_column": (header.replace(",private", "") + "".join(r.rsplit(",", 1)[0] + "\r\n" for r in rows),
+                              "no column private"),
+    }
+    for name, (text, needle) in spoils.items():
+        spoilt = tmp_path / name
+        shutil.copytree(run, spoilt)
+        (spoilt / "metrics.csv").write_text(text, newline="")
+        out = tmp_path / "reports" / name
+        rc, stdout, err = _audit(["--run", str(spoilt), "--out", str(out), *SMALL], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("dpdm: error: "), (name, err)
+        assert f"--run={str(spoilt)!r}: metrics.csv" in err and needle in err, (name, err)
+        assert not out.exists() and stdout == ""
+
+
+@pytest.mark.slow   # about 40 s on 2 cores: three quick audits of a 3-step run (24 canaries, 2 steps)
+def test_an_audit_fails_engine_bugs_the_float64_tiny_model_misses(run_dir, tmp_path, monkeypatch):
+    """Audit walk F2 (stop 42): with float32 noise halved, or float32 clipping skipped, in dpdm.engine, or a
+    Conv2d rule that adds half of one example's gradient to the next one's, every mechanism check of
+    `dpdm audit` passed (they ran on a float64 Linear/SiLU model only), and the audit of the run said
+    INCONCLUSIVE, as for a correct engine. Now the checks on the run's own network in float32 fail: FAIL."""
+    import torch
+
+    from audits.suite import run_audit
+    from dpdm import engine
+
+    run, _, _ = run_dir
+    real_normal, real_factors, real_conv = engine._standard_normal, engine._clip_factors, engine._conv_param_grads
+
+    def leaky_conv(go, x, w, conf, bias):
+        gw, gb = real_conv(go, x, w, conf, bias)
+        return gw + 0.5 * torch.roll(gw, 1, 0), (None if gb is None else gb + 0.5 * torch.roll(gb, 1, 0))
+
+    mutants = {
+        "noise_half_f32": ("_standard_normal", lambda like, gen: real_normal(like, gen)
+                           * (0.5 if like.dtype == torch.float32 else 1.0)),
+        "no_clip_f32": ("_clip_factors", lambda norms, c, dtype: torch.ones_like(norms) if dtype == torch.float32
+                        else real_factors(norms, c, dtype)),
+        "conv_crosstalk": ("_conv_param_grads", leaky_conv),
+    }
+    found = {}
+    for name, (attr, fn) in mutants.items():
+        with monkeypatch.context() as m:
+            m.setattr(engine, attr, fn)
+            report = run_audit(run, tmp_path / name, canary_overrides={"num_canaries": 24, "steps": 2,
+                                                                        "background_size": 32})
+        found[name] = (report["verdict"], report["exit_code"],
+                       sorted(c["name"] for c in report["mechanism_checks"] if not c["passed"]))
+    for name, (verdict, rc, failed) in found.items():
+        assert verdict == "FAIL" and rc == 1, found
+        assert failed and all(n.startswith("network_") for n in failed), found
+    assert "network_noise_variance" in found["noise_half_f32"][2], found
+    assert "network_clipping_bound" in found["no_clip_f32"][2], found
+    assert "network_sensitivity_replay" in found["conv_crosstalk"][2], found
+
+
+def test_more_canaries_than_the_images_have_room_for_is_exit_2_before_any_training(run_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Canaries must differ pairwise in 1/8 of their pixels (audit walk F3): images too small for the count asked
+    are refused with one line naming --canaries, before any training (8x8 digits hold 100,000, so the check is
+    made to refuse here)."""
+    import audits.canary
+
+    monkeypatch.setattr(audits.canary, "ood_canary_problem", lambda m, shape: f"{m} canaries do not fit {shape}")
+    run, _, _ = run_dir
+    out = tmp_path / "report"
+    rc, stdout, err = _audit(["--run", str(run), "--out", str(out), *SMALL], capsys)
+    assert rc == 2 and err.strip() == "dpdm: error: --canaries=24: 24 canaries do not fit (1, 8, 8)", err
+    assert not out.exists() and stdout == ""
