@@ -704,6 +704,7 @@ def verify_document(doc: PlanDocument) -> None:
     """Raises PlanError unless `doc.epsilon` is a certificate the accountants re-compute, and its other
     figures re-compute too, as `load_plan` checks a file (for documents built in Python rather than read
     from plan.json)."""
+    _check_certified_value(doc.plan, doc.epsilon, doc.certified_by, "plan document")
     _check_certificate(doc.plan, doc.epsilon, doc.certified_by,
                        doc.prv_eps_error if math.isfinite(doc.prv_eps_error) else None, "plan document")
     _check_reports(doc, "plan document")
@@ -797,8 +798,8 @@ def _check_certified_value(plan: PrivacyPlan, stored, certified_by, where: str) 
 def _check_certificate(plan: PrivacyPlan, stored: float, certified_by: str, prv_eps_error: float | None,
                        where: str) -> None:
     """Raises PlanError unless `stored` re-computes as the bound `certified_by` names (PLD's or RDP's; a file
-    certified by PRV, as older dpdm could write, is refused, naming the certificate it has now)."""
-    _check_certified_value(plan, stored, certified_by, where)
+    certified by PRV, as older dpdm could write, is refused, naming the certificate it has now). The value itself
+    is checked first by the caller (`_check_certified_value`)."""
     if certified_by == "prv":
         raise PlanError(f"{where}: {PRV_CERTIFICATE_REFUSED}. This plan's certificate is epsilon "
                         f"{certified_epsilon(plan):.6g}, not the file's {stored:.6g}, and a model trained under it has "

@@ -557,8 +557,8 @@ def network_problem(run_config: dict, *, num_examples: int = 4, noise_multiplici
 
     import torch
 
-    from dpdm.loss import EDMLoss, VLoss, engine_loss_fn
-    from dpdm.train import build_denoiser, select_trainable
+    from dpdm.loss import engine_loss_fn
+    from dpdm.train import build_denoiser, select_trainable, training_loss
 
     n = int(num_examples)
     if n < 3:
@@ -575,11 +575,8 @@ def network_problem(run_config: dict, *, num_examples: int = 4, noise_multiplici
         torch.random.set_rng_state(torch_state)
     if train.get("trainable"):
         select_trainable(model, tuple(train["trainable"]))
-    if run_config.get("precond") == "v":
-        sig = train.get("train_sigma")
-        loss_obj = VLoss() if sig is None else VLoss.from_sigma_range(*sig)
-    else:
-        loss_obj = EDMLoss(sigma_data=float(run_config.get("sigma_data", 3 ** -0.5)))
+    loss_obj = training_loss(run_config.get("precond"), train.get("train_sigma"),
+                             float(run_config.get("sigma_data", 3 ** -0.5)))
     g = torch.Generator().manual_seed(data_seed)
     batch = [torch.rand(n, C, R, R, generator=g) * 2 - 1]
     if num_classes:

@@ -777,10 +777,7 @@ def train(
     # where it is recomputed (subspace_every divides checkpoint_every), so a resume computes it afresh.
     subspace = None
 
-    if config.precond == "v":
-        loss_obj = VLoss() if config.train_sigma is None else VLoss.from_sigma_range(*config.train_sigma)
-    else:
-        loss_obj = EDMLoss(sigma_data=run_config["sigma_data"])
+    loss_obj = training_loss(config.precond, config.train_sigma, run_config["sigma_data"])
     conditional = num_classes > 0 and y is not None
     loss_fn = engine_loss_fn(loss_obj, conditional=conditional)
     K = plan.noise_multiplicity
@@ -1099,6 +1096,14 @@ def choose_grad_engine(D, loss_fn, loss_obj, *, shape: tuple[int, ...], num_clas
     if dist.is_main:
         print(f"dpdm: {info}", file=sys.stderr)
     return {"engine": engine, "auto": True, "timed": timed}
+
+
+def training_loss(precond: str, train_sigma, sigma_data: float):
+    """The loss object `dpdm train` trains a run of this preconditioning with (VLoss for "v", over `train_sigma`
+    where given; EDMLoss at `sigma_data` otherwise); `dpdm audit` checks the run's network with the same."""
+    if precond == "v":
+        return VLoss() if train_sigma is None else VLoss.from_sigma_range(*train_sigma)
+    return EDMLoss(sigma_data=sigma_data)
 
 
 def plan_private_grad(D, loss_fn, batch, plan, *, seed: int, step: int, chunk_size: int | None = None,
