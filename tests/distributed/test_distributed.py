@@ -23,6 +23,12 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _torchrun_temp_files_in_tmp_path(tmp_path, monkeypatch):
+    """torchrun's agent leaves an empty /tmp/torchelastic_* folder per launch: its children get this test's folder."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 # --- helpers run inside spawned ranks ------------------------------------------------------------
 
 def _tiny_model():
