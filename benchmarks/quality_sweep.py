@@ -6,6 +6,11 @@ shorter run gets less noise per step than a full one), draws `--n` images (Euler
 FD. Cheaper and noisier than benchmarks/quality.py (about +-2 points of CNN accuracy at n = 2000):
 use it to rank knobs, and quality.py for the figures.
 
+It scores on mnist5k's 1,000 held-out test digits, the images quality.py reports on: knobs ranked here make
+quality.py's figures selected on their own test set, and so optimistic (docs/results-mnist5k.md says which
+knobs were chosen this way). It never scores on the private training images: tuning on them would spend privacy
+outside the plan.
+
     .venv/bin/python benchmarks/quality_sweep.py --out DIR [--epochs 20] [--K 1] [--precond v] [--lr 1e-3]
                                                  [--lr-schedule constant] [--train-sigma MIN MAX]
                                                  [--model small] [--guidance 0,1]
