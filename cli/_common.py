@@ -154,8 +154,14 @@ def warn_inferred_classes(name: str, data) -> None:
 
 def warn_dataset_not_plans(dataset: str | None, plan_dataset: str | None, what: str) -> None:
     """`--dataset` given as another dataset than the plan names: the guarantee holds for any data of the plan's
-    size, but the plan (public, in every release file) names its own. `what`: who records the data ("the run")."""
-    if dataset and plan_dataset and dataset != plan_dataset:
+    size, but the plan (public, in every release file) names its own. `what`: who records the data ("the run").
+
+    The names are compared as dpdm.train compares them for the run's "plan_names_data" (`absolute_dataset_name`,
+    from the working folder): the plan's own file, given by another path (absolute, ./, a trailing slash), is
+    no other dataset."""
+    from dpdm.datasets import absolute_dataset_name
+
+    if dataset and plan_dataset and absolute_dataset_name(dataset) != absolute_dataset_name(plan_dataset):
         warn(f"--dataset={dataset!r}, but the plan was made for {plan_dataset!r}; its guarantee holds for any data "
              f"of its size, and {what} records the data it trained on")
 

@@ -44,7 +44,7 @@ Names
 - ``folder:PATH``: ImageFolder layout (``PATH/<class>/<image>``; classes sorted by name; a class folder
   without images is refused, as torchvision's ImageFolder does), or a flat folder of images
   (unlabelled). All images must share one size of at most `MAX_IMAGE_PIXELS` pixels and be 8-bit (modes
-  1, L, LA, P, PA, RGB, RGBA, ...; 16-bit grayscale images, 16-bit PNGs of any colour type and float images are
+  1, L, LA, P, PA, RGB, RGBA, ...; 16-bit images of any colour type (PNG, TIFF, PPM/PGM) and float images are
   refused rather than clipped or cut to their high byte); at most `MAX_NUM_CLASSES` class folders. Any
   grayscale-only folder loads as one channel, otherwise every image is converted to RGB. Names that start
   with ``.`` (``.DS_Store``, macOS's ``._0.png``, ``.git/``) and files without an image suffix are
@@ -54,9 +54,9 @@ Names
   ``__MACOSX/``, the error names those).
 - ``npz:PATH``: arrays ``x`` (uint8, [N, H, W], [N, C, H, W] or [N, H, W, C] with C in {1, 3}) and
   optionally ``y`` (integers in [0, num_classes), shape [N]); an optional integer scalar ``num_classes``
-  (>= 1; without it, the label count is inferred as ``max(y) + 1``); either way at most `MAX_NUM_CLASSES`
-  classes. Images have no zero side and at most `MAX_IMAGE_PIXELS` pixels each, as a folder's. A file without
-  ``y`` is unlabelled: that is what ``dpdm sample`` writes for an unconditional model.
+  (>= 1, and only beside ``y``; without it, the label count is inferred as ``max(y) + 1``); either way at most
+  `MAX_NUM_CLASSES` classes. Images have no zero side and at most `MAX_IMAGE_PIXELS` pixels each, as a folder's.
+  A file without ``y`` is unlabelled: that is what ``dpdm sample`` writes for an unconditional model.
 
 A path dataset (``folder:``/``npz:``) is a single split: ``split`` is ignored for it.
 """
@@ -682,42 +682,69 @@ def _not_found(err: Exception) -> bool:
     return isinstance(err, RuntimeError) and "not found" in str(err).lower()
 
 
-def _missing(name: str, root: Path, err: Exception, download_option: bool = True) -> DataError:
+def _missing(name: str, root: Path, err: Exception, download_option: bool = True,
+             absent: list[Path] | None = None) -> DataError:
     how = ", point --data-root at them, or pass --download" if download_option else " or point --data-root at them"
-    return DataError(f"dataset {name!r} not found under {str(root)!r} ({_one_line(err)}); put the files there{how}")
+    # The first file missing, where known, shows the layout torchvision expects under the root (a root one folder
+    # too deep, such as ROOT/MNIST for ROOT, misses ROOT/MNIST/MNIST/raw/...).
+    why = (f"missing {str(absent[0])!r}" + (f" and {len(absent) - 1} more of its files" if len(absent) > 1 else "")
+           if absent else _one_line(err))
+    return DataError(f"dataset {name!r} not found under {str(root)!r} ({why}); put the files there{how}")
 
 
-def _corrupt(name: str, root: Path, err: Exception) -> DataError:
+def _corrupt(name: str, root: Path, err: Exception | str) -> DataError:
     why = _one_line(err) or "not in the dataset's format"
     return DataError(f"dataset {name!r}: its files under {str(root)!r} are there but unreadable ({why}); they are "
                      f"corrupt or truncated (a failed or interrupted download?): remove them and download them again")
 
 
-def _download_failed(name: str, root: Path, err: Exception) -> DataError:
+def _download_failed(name: str, root: Path, err: Exception, unreadable: str | None = None) -> DataError:
     causes = re.findall(r"got:\n(.+)", str(err))   # MNIST's "Error downloading F: Tried URL, got: ERROR" per mirror
     why = "; ".join(dict.fromkeys(causes)) if causes else _one_line(err) or type(err).__name__
-    return DataError(f"dataset {name!r} not found under {str(root)!r} and its download failed ({why}); connect "
-                     f"to a network and try again, or put the files there yourself (or point --data-root at them)")
+    what = (f": its files under {str(root)!r} are there but unreadable ({unreadable}), and a new download failed"
+            if unreadable else f" not found under {str(root)!r} and its download failed")
+    return DataError(f"dataset {name!r}{what} ({why}); connect to a network and try again, or put the files there "
+                     f"yourself (or point --data-root at them)")
 
 
-def _torchvision_load(name: str, root: Path, download: bool, download_option: bool, make):
+def _md5_mismatches(files: list[tuple[Path, str | None]] | None) -> str | None:
+    """Why torchvision's "Dataset not found or corrupted" (CIFAR-10's and CelebA's md5 check) is not "not found":
+    every file of `files` ((path, md5 or None) each) is there, and the md5 of these is not the dataset's; else
+    None (a file is missing, or none is known)."""
+    from torchvision.datasets.utils import check_integrity
+
+    if not files or not all(p.exists() for p, _ in files):   # (a folder, CelebA's images, has no md5)
+        return None
+    bad = [p.name for p, md5 in files if md5 is not None and not check_integrity(str(p), md5)]
+    return f"md5 mismatch: {', '.join(bad)}" if bad else None
+
+
+def _torchvision_load(name: str, root: Path, download: bool, download_option: bool, make,
+                      files: list[tuple[Path, str | None]] | None = None):
     """`make(download)` (a torchvision dataset, read into what the loader returns) with its failures turned into one
     DataError line: files not found (and whether --download would help), a failed download, or files that are there
-    but unreadable. It first reads without downloading, so that an error after a download is the download's."""
+    but unreadable. It first reads without downloading, so that an error after a download is the download's.
+
+    `files`: (path, md5 or None) of each file torchvision looks for under `root` before reading. CIFAR-10 and CelebA
+    say "not found or corrupted" alike; these tell a missing file (named, with the layout it shows) from files that
+    are all there but fail the md5 check. A download (CIFAR-10's) writes over such files."""
     try:
         return make(False)
     except _TORCHVISION_READ_ERRORS as e:
         if not _not_found(e):
             raise _corrupt(name, root, e) from None
+        unreadable = _md5_mismatches(files)
         if not download:
-            raise _missing(name, root, e, download_option) from None
+            if unreadable:
+                raise _corrupt(name, root, unreadable) from None
+            raise _missing(name, root, e, download_option, [p for p, _ in files or () if not p.exists()]) from None
     try:
         return make(True)
     except _TORCHVISION_READ_ERRORS as e:   # a URLError is an OSError
-        raise _download_failed(name, root, e) from None
+        raise _download_failed(name, root, e, unreadable) from None
 
 
-def _one_line(err: Exception) -> str:
+def _one_line(err: Exception | str) -> str:
     return " ".join(str(err).split()).rstrip(".")
 
 
@@ -725,12 +752,16 @@ def _load_mnist_like(cls_name: str, name: str):
     def load(root: Path, split: str, download: bool, download_option: bool = True) -> ImageData:
         import torchvision.datasets as tvd
 
+        cls = getattr(tvd, cls_name)
+
         def make(fetch: bool) -> ImageData:
-            ds = getattr(tvd, cls_name)(str(root), train=(split == "train"), download=fetch)
+            ds = cls(str(root), train=(split == "train"), download=fetch)
             return ImageData(_from_uint8(ds.data.numpy()[:, None]),   # [N, 1, 28, 28] uint8
                              torch.as_tensor(ds.targets, dtype=torch.int64), 10, name)
 
-        return _torchvision_load(name, root, download, download_option, make)
+        # torchvision's MNIST._check_exists: ROOT/MNIST/raw/train-images-idx3-ubyte, ... (the .gz names, unpacked)
+        files = [(root / cls_name / "raw" / os.path.splitext(f)[0], None) for f, _ in cls.resources]
+        return _torchvision_load(name, root, download, download_option, make, files)
 
     return load
 
@@ -743,7 +774,11 @@ def _load_cifar10(root: Path, split: str, download: bool, download_option: bool 
         x = np.asarray(ds.data).transpose(0, 3, 1, 2)  # NHWC -> NCHW
         return ImageData(_from_uint8(x), torch.as_tensor(ds.targets, dtype=torch.int64), 10, "cifar10")
 
-    return _torchvision_load("cifar10", root, download, download_option, make)
+    # torchvision's CIFAR10._check_integrity and _load_meta: ROOT/cifar-10-batches-py/data_batch_1, ...
+    cls = tvd.CIFAR10
+    files = [(root / cls.base_folder / f, md5) for f, md5 in [*cls.train_list, *cls.test_list,
+                                                              (cls.meta["filename"], cls.meta["md5"])]]
+    return _torchvision_load("cifar10", root, download, download_option, make, files)
 
 
 def _load_celeba(root: Path, split: str, download: bool, download_option: bool = True) -> ImageData:
@@ -760,7 +795,12 @@ def _load_celeba(root: Path, split: str, download: bool, download_option: bool =
             out[i] = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
         return ImageData(_from_uint8(out), None, 0, "celeba")
 
-    return _torchvision_load("celeba", root, download, download_option, make)
+    # torchvision's CelebA._check_integrity: ROOT/celeba/list_attr_celeba.txt, ... (not its archives), and the
+    # folder ROOT/celeba/img_align_celeba
+    base = root / tvd.CelebA.base_folder
+    files = [(base / f, md5) for _, md5, f in tvd.CelebA.file_list if os.path.splitext(f)[1] not in (".zip", ".7z")]
+    files.append((base / "img_align_celeba", None))
+    return _torchvision_load("celeba", root, download, download_option, make, files)
 
 
 _TORCHVISION = {
@@ -786,7 +826,8 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     Labels: ``y``, when present, must be integers >= 0 of shape (N,). A file without ``y`` is
     unlabelled (`ImageData.y` None, `num_classes` 0): `dpdm sample` writes no ``y`` for an
     unconditional model. ``num_classes``, when present, must be an integer scalar >= 1 above every
-    label; without it the label count is ``max(y) + 1``. Either way it is at most `MAX_NUM_CLASSES`.
+    label, and comes with ``y``; without it the label count is ``max(y) + 1``. Either way it is at most
+    `MAX_NUM_CLASSES`.
 
     Raises:
       DataError: missing/unreadable/corrupt file, no ``x``, wrong dtype or shape, bad labels or
@@ -861,6 +902,9 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
         given = int(nc)
         if given > MAX_NUM_CLASSES:
             raise DataError(f"{name}: num_classes must be at most {MAX_NUM_CLASSES}, got {given}")
+        if "y" not in arrays:   # it loaded as unlabelled, and a class-conditional model trained unconditional
+            raise DataError(f"{name}: it has num_classes={given} but no labels y; add y (integers in [0, {given}), "
+                            f"one per image), or remove num_classes for unlabelled data")
     if "y" in arrays:
         y = arrays["y"]
         if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
@@ -979,10 +1023,11 @@ def _load_folder(root: Path, name: str) -> ImageData:
                     if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:   # the header's size, before decoding
                         raise DataError(f"{name}: image {str(f)!r} is {img.size[0]}x{img.size[1]}; images may "
                                         f"have at most {MAX_IMAGE_PIXELS} pixels (4096x4096)")
-                    png16 = _png_16_bit_mode(img)
-                    if png16 is not None and img.mode in _8BIT_MODES:
-                        # Pillow opens a 16-bit colour or gray+alpha PNG as RGB/RGBA, keeping each value's high byte.
-                        raise DataError(f"{name}: image {str(f)!r} is a 16-bit {png16} PNG: 16-bit/float images "
+                    wide = _16_bit_kind(img)
+                    if wide is not None and img.mode in _8BIT_MODES:
+                        # Pillow opens a 16-bit colour or gray+alpha PNG or TIFF as RGB/RGBA, keeping each value's
+                        # high byte (12-bit data stored in 16 bits loads as 0..15), and rescales a 16-bit PPM to 8 bits.
+                        raise DataError(f"{name}: image {str(f)!r} is a 16-bit {wide}: 16-bit/float images "
                                         f"are not supported; convert to 8-bit")
                     img.load()
                     images.append(img.copy())
@@ -1008,7 +1053,13 @@ def _load_folder(root: Path, name: str) -> ImageData:
             raise DataError(f"{name}: image {str(f)!r} is {img.size[0]}x{img.size[1]} but "
                             f"{str(first)!r} is {size[0]}x{size[1]}; all images must share one size")
     gray = all(img.mode in ("1", "L", "LA") for img in images)
-    arrays = [np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8) for img in images]
+    with warnings.catch_warnings():
+        # A palette image with a transparency byte per entry: Pillow warns that RGB cannot keep its alpha. Every
+        # image's alpha is dropped here (L and RGB hold none), so the raw warning (printed with Pillow's path)
+        # told the user of nothing to act on.
+        warnings.filterwarnings("ignore", message="Palette images with Transparency expressed in bytes",
+                                category=UserWarning)
+        arrays = [np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8) for img in images]
     x = np.stack(arrays)
     x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
     if class_dirs:
@@ -1020,14 +1071,21 @@ def _load_folder(root: Path, name: str) -> ImageData:
     return ImageData(_from_uint8(x), None, 0, name, channels_inferred=True)
 
 
-def _png_16_bit_mode(img) -> str | None:
-    """The PNG's own mode ("RGB", "RGBA", "LA", "I") where `img` (opened, not yet loaded) is a PNG of 16 bits per
-    sample, else None: Pillow's raw mode for its data, set from the IHDR chunk's bit depth, is then "RGB;16B",
-    "RGBA;16B", "LA;16B" or "I;16B" (whatever mode Pillow gives the image)."""
-    if img.format != "PNG" or not img.tile:
+def _16_bit_kind(img) -> str | None:
+    """What `img` (opened, not yet loaded) is, such as "RGB TIFF", where its file holds 16 bits per sample, else
+    None, whatever mode Pillow gives it. Pillow's raw mode for the data (the first of the tile's arguments: a
+    string for a PNG, a tuple for a TIFF) then ends in ";16B", ";16L" or ";16N" ("RGB;16B", "RGBA;16L", "LA;16B",
+    "I;16B"); "BGR;16" and "BGR;15", a BMP's 5-6-5 pixels, are 8 bits or fewer per sample. A PPM's samples are 16
+    bits where its maxval is above 255, which Pillow's "ppm" decoders take as their last argument."""
+    if not img.tile:
         return None
-    rawmode = img.tile[0][3]
-    return rawmode.split(";")[0] if isinstance(rawmode, str) and ";16" in rawmode else None
+    codec, args = img.tile[0][0], img.tile[0][3]
+    rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
+    if isinstance(rawmode, str) and re.search(r";16[BLN]$", rawmode):
+        return f"{rawmode.split(';')[0]} {img.format}"
+    if codec in ("ppm", "ppm_plain") and isinstance(args, tuple) and isinstance(args[-1], int) and args[-1] > 255:
+        return f"{img.mode} {img.format} (maxval {args[-1]})"
+    return None
 
 
 def _visible(folder: Path) -> list[Path]:

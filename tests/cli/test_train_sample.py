@@ -947,3 +947,22 @@ def test_resume_of_a_moved_run_a_dropped_lr_change_and_a_no_dp_run(tiny, capsys,
     monkeypatch.undo()
     line = _one_error_line(*run_cli(_train_args(d, d / "nodp", "--resume"), capsys)[::2])
     assert "cannot resume a --no-dp run as private" in line, line
+
+
+def test_the_plans_own_file_by_another_path_is_not_warned_of_as_another_dataset(tiny, capsys, monkeypatch):
+    """"--dataset=... but the plan was made for ..." was said for the plan's own file given by its absolute path
+    (or ./, or a trailing slash), while the run recorded "plan_names_data": true: it told the user that they
+    trained on other data than the plan's."""
+    from cli._common import warn_dataset_not_plans
+
+    d = tiny
+    monkeypatch.chdir(d)
+    code, _, err = run_cli(_train_args(d, d / "run", "--dataset", "npz:./data.npz"), capsys)   # plan: absolute
+    assert code == 0 and "the plan was made for" not in err, err
+    assert json.loads((d / "run" / "config.json").read_text())["plan_names_data"] is True
+    for given, plan in ((f"npz:{d / 'data.npz'}", "npz:data.npz"), (f"folder:{d}/", f"folder:{d}"),
+                        ("folder:./imgs", f"folder:{d / 'imgs'}/")):
+        warn_dataset_not_plans(given, plan, "the run")
+        assert capsys.readouterr().err == "", (given, plan)
+    warn_dataset_not_plans("npz:other.npz", f"npz:{d / 'data.npz'}", "the run")   # another file: still said
+    assert "but the plan was made for" in capsys.readouterr().err

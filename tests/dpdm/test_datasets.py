@@ -526,6 +526,19 @@ def test_npz_says_when_its_label_count_is_inferred(tmp_path):
     assert load_dataset("digits").num_classes_inferred is False
 
 
+def test_npz_with_num_classes_but_no_labels_is_refused(tmp_path):
+    """It loaded as unlabelled (num_classes 0), so a model meant to be class-conditional trained unconditional,
+    without a word; num_classes says the labels were meant to be there. `dpdm sample` writes neither for an
+    unconditional model."""
+    x = np.zeros((4, 1, 8, 8), np.uint8)
+    with pytest.raises(DataError) as e:
+        load_dataset(f"npz:{_save(tmp_path / 'd.npz', x=x, num_classes=np.int64(10))}")
+    msg = str(e.value)
+    assert "num_classes=10 but no labels y" in msg and "remove num_classes for unlabelled data" in msg, msg
+    assert "\n" not in msg
+    assert load_npz(_save(tmp_path / "u.npz", x=x)).y is None   # no y, no num_classes: unlabelled, as before
+
+
 # --- review mends (walk report): huge images and class counts, paths the folder loader left out ----------
 
 def _png_claiming(path, width, height):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zipfile
 import zlib
 from urllib.error import URLError
@@ -142,6 +143,89 @@ def test_folder_refuses_16_bit_colour_and_gray_alpha_pngs(tmp_path, color_type, 
     assert len(load_dataset(f"folder:{tmp_path / 'd'}")) == 1
 
 
+def _tiff16_bytes(a, order="<", deflate=False) -> bytes:
+    """A baseline TIFF of `a` ([H, W, 3 or 4] uint16, chunky; 4: RGB and unassociated alpha), one strip, raw or
+    deflated, in byte order `order`: Pillow writes no 16-bit colour TIFF."""
+    h, w, c = a.shape
+    data = a.astype(order + "u2").tobytes()
+    data = zlib.compress(data) if deflate else data
+    tags = [(256, 3, w), (257, 3, h), (258, 3, None), (259, 3, 8 if deflate else 1), (262, 3, 2), (273, 4, None),
+            (277, 3, c), (278, 3, h), (279, 4, len(data)), (284, 3, 1)] + ([(338, 3, 2)] if c == 4 else [])
+    bits_at = 8 + 2 + 12 * len(tags) + 4     # BitsPerSample's c values follow the one IFD, then the strip
+    entries = b""
+    for tag, typ, value in tags:
+        count = c if tag == 258 else 1
+        value = bits_at if tag == 258 else bits_at + 2 * c if tag == 273 else value
+        short = typ == 3 and count == 1    # a lone SHORT is left-justified in the 4-byte field, an offset is not
+        packed = struct.pack(order + ("HH" if short else "I"), *((value, 0) if short else (value,)))
+        entries += struct.pack(order + "HHI", tag, typ, count) + packed
+    head = (b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(order + "I", 8)
+    return (head + struct.pack(order + "H", len(tags)) + entries + struct.pack(order + "I", 0)
+            + struct.pack(order + "H" * c, *[16] * c) + data)
+
+
+@pytest.mark.parametrize("channels,order,deflate", [(3, "<", False), (3, ">", False), (4, "<", False), (4, ">", True)])
+def test_folder_refuses_16_bit_colour_tiffs(tmp_path, channels, order, deflate):
+    """Pillow opens them as RGB/RGBA and keeps each value's high byte: 12-bit data stored in 16 bits (0..4095, as
+    scientific and medical images are) loaded as near-black 0..15 of 255, without a word."""
+    a = np.random.default_rng(0).integers(0, 4096, (8, 8, channels), dtype=np.uint16)
+    path = tmp_path / "d" / "a" / "0.tif"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_tiff16_bytes(a, order, deflate))
+    with Image.open(path) as img:   # what made it pass: an 8-bit mode
+        assert img.mode == ("RGB", "RGBA")[channels - 3]
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    msg = str(e.value)
+    kind = ("RGB", "RGBA")[channels - 3]
+    assert (f"image {str(path)!r} is a 16-bit {kind} TIFF: 16-bit/float images are not supported; convert to "
+            "8-bit") in msg and "\n" not in msg, msg
+    Image.fromarray((a >> 4).astype(np.uint8)).save(path)   # 8-bit: loads
+    assert len(load_dataset(f"folder:{tmp_path / 'd'}")) == 1
+
+
+@pytest.mark.parametrize("magic,maxval", [("P6", 65535), ("P6", 4095), ("P3", 1000), ("P5", 65535), ("P2", 1000)])
+def test_folder_refuses_16_bit_ppms_as_it_does_16_bit_pgms(tmp_path, magic, maxval):
+    """A 16-bit PGM (Pillow's mode I) was refused, but Pillow rescales a 16-bit PPM to 8 bits: it loaded, its
+    precision lost without a word."""
+    channels = 3 if magic in ("P6", "P3") else 1
+    a = np.random.default_rng(0).integers(0, maxval + 1, (8, 8, channels), dtype=np.uint16)
+    body = a.astype(">u2").tobytes() if magic in ("P6", "P5") else " ".join(map(str, a.ravel())).encode()
+    path = tmp_path / "d" / ("0.ppm" if channels == 3 else "0.pgm")
+    path.parent.mkdir()
+    path.write_bytes(f"{magic}\n8 8\n{maxval}\n".encode() + body)
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    msg = str(e.value)
+    assert "16-bit/float images are not supported; convert to 8-bit" in msg and "\n" not in msg, msg
+    if channels == 3:
+        assert f"image {str(path)!r} is a 16-bit RGB PPM (maxval {maxval}): " in msg, msg
+    binary = {"P3": "P6", "P2": "P5"}.get(magic, magic)
+    path.write_bytes(f"{binary}\n8 8\n255\n".encode() + (a.astype(np.int64) * 255 // maxval).astype(np.uint8).tobytes())
+    assert len(load_dataset(f"folder:{tmp_path / 'd'}")) == 1
+
+
+def test_palette_images_with_byte_transparency_load_without_pillows_warning(tmp_path):
+    """Pillow's "Palette images with Transparency expressed in bytes should be converted to RGBA images" reached
+    stderr, with its own path, for every such folder; the alpha is dropped here as every image's is."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "d"
+    d.mkdir()
+    trns = bytes([0] * 4 + [255] * 12)
+    for i in range(2):
+        img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).convert("P", colors=16,
+                                                                                        palette=Image.ADAPTIVE)
+        img.save(d / f"{i}.png", transparency=trns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = load_dataset(f"folder:{d}")
+    assert data.x.shape == (2, 3, 8, 8)
+    with Image.open(d / "1.png") as img:
+        assert img.mode == "P" and isinstance(img.info["transparency"], bytes)
+        rgb = np.asarray(img.convert("RGBA"))[..., :3].transpose(2, 0, 1)   # the palette's colours, alpha dropped
+    assert (datasets.to_uint8(data.x[1]) == rgb).all()
+
+
 def test_flat_folder_with_an_imageless_subfolder_names_the_subfolder(tmp_path):
     d = tmp_path / "flat"
     for i in range(3):
@@ -198,6 +282,55 @@ def test_mnist_corrupt_raw_files_are_said_to_be_there_but_unreadable(tmp_path, c
     assert "not found" not in msg and "\n" not in msg
 
 
+_CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                  "batches.meta")
+_CELEBA_FILES = ("list_attr_celeba.txt", "identity_CelebA.txt", "list_bbox_celeba.txt",
+                 "list_landmarks_align_celeba.txt", "list_eval_partition.txt")
+
+
+def _corrupt_root(root, name):
+    """`name`'s files where torchvision looks for them under `root`, each holding an HTML error page."""
+    folder = root / {"cifar10": "cifar-10-batches-py", "celeba": "celeba"}[name]
+    folder.mkdir(parents=True)
+    for f in {"cifar10": _CIFAR10_FILES, "celeba": _CELEBA_FILES}[name]:
+        (folder / f).write_bytes(b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>\n")
+    if name == "celeba":
+        (folder / "img_align_celeba").mkdir()
+    return folder
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celeba"])
+def test_corrupt_cifar10_and_celeba_files_are_said_to_be_there_but_unreadable(tmp_path, name):
+    """torchvision says "Dataset not found or corrupted" when their md5 check fails: they were said not to be
+    there ("put the files there"), although they were."""
+    folder = _corrupt_root(tmp_path / "r", name)
+    with pytest.raises(DataError) as e:
+        load_dataset(name, data_root=tmp_path / "r")
+    msg = str(e.value)
+    first = {"cifar10": "data_batch_1", "celeba": "list_attr_celeba.txt"}[name]
+    assert msg.startswith(f"dataset {name!r}: its files under {str(tmp_path / 'r')!r} are there but unreadable "
+                          f"(md5 mismatch: {first}, "), msg
+    assert "remove them and download them again" in msg and "not found" not in msg and "\n" not in msg
+    # One file missing: not found, naming it (the layout torchvision expects under the root).
+    missing = folder / {"cifar10": "test_batch", "celeba": "list_eval_partition.txt"}[name]
+    missing.unlink()
+    with pytest.raises(DataError) as e:
+        load_dataset(name, data_root=tmp_path / "r")
+    msg = str(e.value)
+    assert msg.startswith(f"dataset {name!r} not found under {str(tmp_path / 'r')!r} (missing {str(missing)!r}); "
+                          "put the files there"), msg
+
+
+def test_mnist_root_one_folder_too_deep_names_the_path_it_looks_for(tmp_path):
+    """--data-root ROOT/MNIST for files in ROOT/MNIST/raw/: "not found under 'ROOT/MNIST'; put the files there",
+    where they were."""
+    deep = _mnist_root(tmp_path / "r") / "MNIST"
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", data_root=deep)
+    expected = deep / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    assert f"not found under {str(deep)!r} (missing {str(expected)!r} and 3 more of its files); " in str(e.value)
+
+
 def test_failed_download_says_so_and_names_the_error(tmp_path, monkeypatch):
     import torchvision.datasets.cifar as tv_cifar
     import torchvision.datasets.mnist as tv_mnist
@@ -215,6 +348,14 @@ def test_failed_download_says_so_and_names_the_error(tmp_path, monkeypatch):
         assert msg.startswith(f"dataset {name!r} not found under {str(root)!r} and its download failed (<urlopen "
                               "error [Errno -2] Name or service not known>)"), msg
         assert "pass --download" not in msg and "\n" not in msg
+    # Corrupt files, where a download would write over them: they are said to be there.
+    _corrupt_root(tmp_path / "bad", "cifar10")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", data_root=tmp_path / "bad", download=True)
+    msg = str(e.value)
+    assert msg.startswith(f"dataset 'cifar10': its files under {str(tmp_path / 'bad')!r} are there but unreadable "
+                          "(md5 mismatch: data_batch_1, "), msg
+    assert "and a new download failed (<urlopen error [Errno -2] Name or service not known>)" in msg, msg
 
 
 def test_not_found_advises_download_only_where_the_caller_has_the_option(tmp_path):
