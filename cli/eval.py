@@ -19,7 +19,7 @@ _MAX_SEED = 2**63 - 3   # seeds up to seed + 2 feed torch generators (public pre
               help="The real dataset: its train split feeds the reference CNN and FD, its test split the accuracies.")
 @click.option("--test-dataset", type=DatasetName(), default=None,
               help="Held-out real images (npz:PATH or folder:PATH); required for path datasets and digits.")
-@click.option("--data-root", default=None, type=PathOption(file_okay=False), help="Where torchvision datasets live.")
+@click.option("--data-root", default=None, type=PathOption(file_okay=False), help="Where torchvision datasets live (default $DPDM_DATA, else ~/.cache/dpdm/data; README: Your own data).")
 @click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
 # Metrics.
 @click.option("--classifiers", default="logreg,mlp,cnn", show_default=True,
