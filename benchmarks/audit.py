@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _argtypes import int_at_least  # noqa: E402
 
 
 class _Stop(Exception):
@@ -50,7 +52,7 @@ def make_run(workdir: Path) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int_at_least(1), default=2)   # torch.set_num_threads(0) raises
     ap.add_argument("--suite", default="quick", choices=["quick", "full"])
     args = ap.parse_args(argv)
     import torch

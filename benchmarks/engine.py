@@ -2,7 +2,7 @@
 
 Variants (each in its own subprocess, so peak memory is the process's own high-water mark):
 
-  nonprivate  the EDM loss over the B*K rows, one loss.backward()                  (baseline)
+  nonprivate  the EDM loss over the B*K rows, loss.backward()                      (baseline)
   dpdm        dpdm.engine.private_grad: per-example grads of the K-averaged loss, clip, sum, noise
   opacus      opacus GradSampleModule (hooks) over the B*K rows (each example repeated K times, as
               DPDM's code does), grad_sample.mean over K, flat clipping, sum, noise
@@ -19,6 +19,10 @@ spinning, 2-thread timings on a machine shared with other jobs vary by 5x from r
 every variant runs with the same allocator setting (--malloc): `default` is glibc's own, under
 which each step page-faults gigabytes anew (sys time), more so for the variants that allocate more;
 `keep` keeps freed memory in glibc's heap (what `DPDM_MALLOC=keep dpdm train` does).
+
+--chunk-size N gives every variant the same physical batch: N examples (N*K rows) per forward/backward pass,
+the clipped sums (nonprivate: the gradients) accumulated over the passes of one logical step of B examples, as
+Opacus's BatchMemoryManager does; without it every variant runs all B*K rows in one pass. The header says which.
 
 Targets (mnist preset, B=64, K=4, 2 threads): dpdm <= 1.3x nonprivate, <= 0.75x opacus, peak
 memory <= 2x nonprivate.
@@ -66,7 +70,16 @@ def _setup(preset: str, batch: int, K: int, seed: int = 0):
     return D, loss, (x, y, sigma, noise), count_parameters(D)
 
 
-def _step_fn(variant: str, D, loss, batch, K: int, chunk_size):
+def _chunks(B: int, chunk_size: int | None) -> list[slice]:
+    """The physical passes of one logical step: slices of `chunk_size` examples (one slice of all B without)."""
+    size = chunk_size or B
+    return [slice(a, min(a + size, B)) for a in range(0, B, size)]
+
+
+def _step_fn(variant: str, D, loss, batch, K: int, chunk_size, *, clip_norm: float = 1.0,
+             noise_multiplier: float = 1.0):
+    """One step of `variant`, every variant in the same physical chunks of `chunk_size` examples (None: all B).
+    clip_norm and noise_multiplier are keywords so that the tests can compare the variants without noise."""
     import torch
 
     from dpdm import engine
@@ -74,13 +87,14 @@ def _step_fn(variant: str, D, loss, batch, K: int, chunk_size):
 
     x, y, sigma, noise = batch
     B = x.shape[0]
-    clip_norm, noise_multiplier = 1.0, 1.0
+    chunks = _chunks(B, chunk_size)
     gen = torch.Generator().manual_seed(123)
 
     if variant == "nonprivate":
-        def step():
+        def step():   # gradient accumulation over the chunks: the gradient of the mean loss over the B examples
             D.zero_grad(set_to_none=True)
-            loss(D, x, y, sigma, noise).mean().backward()      # B*K rows inside the loss
+            for c in chunks:
+                (loss(D, x[c], y[c], sigma[c], noise[c]).sum() / B).backward()   # the chunk's rows inside the loss
             return {n: p.grad for n, p in D.named_parameters()}
         return step
 
@@ -107,20 +121,21 @@ def _step_fn(variant: str, D, loss, batch, K: int, chunk_size):
         noise_rows = noise.reshape(B * K, 1, *IMG)                   # [B*K, 1, C, H, W]
 
         def step():
-            for p in params:
-                p.grad = None
-                p.grad_sample = None
-            loss(gsm, x_rows, y_rows, sigma_rows, noise_rows).sum().backward()
-            # DPDM's optimizer: mean over the K rows of each example, then flat clipping per example.
-            per_ex = [p.grad_sample.reshape(B, K, *p.shape).mean(dim=1) for p in params]
-            norms = torch.stack([g.reshape(B, -1).norm(2, dim=1) for g in per_ex], dim=1).norm(2, dim=1)
-            factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
-            out = []
-            for p, g in zip(params, per_ex):
-                s = torch.einsum("i,i...->...", factor, g)
-                s = s + noise_multiplier * clip_norm * torch.randn(s.shape, generator=gen)
-                out.append(s / B)
-            return out
+            sums = [torch.zeros_like(p) for p in params]
+            for c in chunks:   # BatchMemoryManager's way: clip per physical batch, accumulate the clipped sums
+                rows = slice(c.start * K, c.stop * K)
+                n = c.stop - c.start
+                for p in params:
+                    p.grad = None
+                    p.grad_sample = None
+                loss(gsm, x_rows[rows], y_rows[rows], sigma_rows[rows], noise_rows[rows]).sum().backward()
+                # DPDM's optimizer: mean over the K rows of each example, then flat clipping per example.
+                per_ex = [p.grad_sample.reshape(n, K, *p.shape).mean(dim=1) for p in params]
+                norms = torch.stack([g.reshape(n, -1).norm(2, dim=1) for g in per_ex], dim=1).norm(2, dim=1)
+                factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+                for s, g in zip(sums, per_ex):
+                    s += torch.einsum("i,i...->...", factor, g)
+            return [(s + noise_multiplier * clip_norm * torch.randn(s.shape, generator=gen)) / B for s in sums]
         return step
 
     raise ValueError(f"variant={variant!r} must be one of {VARIANTS}")
@@ -171,6 +186,17 @@ def _run_variant(args, variant: str) -> dict:
 PEERS = (("dpdm", "opacus"), ("vmap", "dpdm"))
 
 
+def physical_batch_line(B: int, K: int, chunk_size: int | None) -> str:
+    """What each variant ran per forward/backward pass (the same for all of them), so that the ratios below read
+    as like for like: before, --chunk-size reached dpdm alone and nothing printed said so."""
+    passes = len(_chunks(B, chunk_size))
+    if passes == 1:
+        why = f" (--chunk-size {chunk_size} >= B)" if chunk_size else ""
+        return f"physical batch: all {B} examples ({B * K} rows) in one pass, every variant{why}"
+    return (f"physical batch: chunk={chunk_size} examples ({chunk_size * K} rows) per pass, {passes} passes per "
+            f"step, every variant (opacus: clipped sums accumulated; nonprivate: gradients accumulated)")
+
+
 def peer_ratios(summary: dict) -> dict:
     """{"dpdm / opacus": {"wall": x, "cpu": x, "memory": x}, ...} for each pair of PEERS that both ran
     (min wall and CPU ms/step, median peak-memory increase); memory only where the peer's was measured (> 0)."""
@@ -204,9 +230,10 @@ def main(argv: list[str] | None = None) -> None:
                          "`DPDM_MALLOC=keep dpdm train`), for every variant")
     ap.add_argument("--rounds", type=int_at_least(1), default=2, help="subprocesses per variant, interleaved")
     ap.add_argument("--variants", default="nonprivate,dpdm,opacus", help=f"comma-separated subset of {VARIANTS}")
-    ap.add_argument("--chunk-size", type=int_at_least(1), default=None, help="dpdm physical chunk (examples)")
+    ap.add_argument("--chunk-size", type=int_at_least(1), default=None,
+                    help="physical batch (examples per pass) of every variant; default: all B in one pass")
     ap.add_argument("--max-opacus-gib", type=number(float, 0), default=8.0,
-                    help="skip opacus when its B*K per-row gradients alone would exceed this")
+                    help="skip opacus when the per-row gradients of one pass (B*K rows, or chunk*K) would exceed this")
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
                     help="OMP_WAIT_POLICY for every variant ('' keeps the environment's): on a shared, "
                          "oversubscribed machine the default spinning makes 2-thread timings erratic")
@@ -222,14 +249,16 @@ def main(argv: list[str] | None = None) -> None:
         if v not in VARIANTS:
             ap.error(f"--variants: {v!r} must be one of {VARIANTS}")
     n_params = None
+    what = "chunk" if args.chunk_size and args.chunk_size < args.batch else "B"
     results: dict[str, list[dict]] = {v: [] for v in variants}
     skipped = {}
     for r in range(args.rounds):
         for v in variants:
             if v == "opacus" and n_params is not None:
-                gib = args.batch * args.K * n_params * 4 / 2**30
+                gib = min(args.chunk_size or args.batch, args.batch) * args.K * n_params * 4 / 2**30
                 if gib > args.max_opacus_gib:
-                    skipped[v] = f"B*K*P*4 bytes = {gib:.1f} GiB of grad_sample > --max-opacus-gib {args.max_opacus_gib}"
+                    skipped[v] = (f"{what}*K*P*4 bytes = {gib:.1f} GiB of grad_sample per pass "
+                                  f"> --max-opacus-gib {args.max_opacus_gib}")
                     continue
             res = _run_variant(args, v)
             n_params = res["n_params"]
@@ -247,9 +276,10 @@ def main(argv: list[str] | None = None) -> None:
                       "cpu_min_ms": min(cpu) * 1e3, "examples_per_s": args.batch / min(wall),
                       "peak_mib": statistics.median(r["peak_mib"] for r in runs)}
     print(f"engine benchmark: preset={args.preset} ({n_params:,} params), B={args.batch}, K={args.K} "
-          f"({args.batch * args.K} rows), threads={args.threads}, OMP_WAIT_POLICY={args.omp_wait_policy or 'env'}, "
-          f"malloc={args.malloc}, "
+          f"({args.batch * args.K} rows), chunk={args.chunk_size or 'none'}, threads={args.threads}, "
+          f"OMP_WAIT_POLICY={args.omp_wait_policy or 'env'}, malloc={args.malloc}, "
           f"{args.rounds} rounds x {args.repeats} steps per variant")
+    print(physical_batch_line(args.batch, args.K, args.chunk_size))
     print(f"{'variant':>11} | {'ms/step min':>11} | {'median':>8} | {'cpu ms':>8} | {'examples/s':>10} | "
           f"{'peak MiB':>8} | {'x nonpriv':>9} | {'cpu x np':>8} | {'mem x np':>8}")
     base = summary.get("nonprivate")

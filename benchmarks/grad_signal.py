@@ -55,8 +55,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+
+from _argtypes import int_at_least  # noqa: E402
 
 # Noise-level buckets of `--by-sigma` (edges of sigma).
 SIGMA_EDGES = (0.002, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)
@@ -203,10 +206,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--K", default="1,2,4,8", help="comma-separated noise multiplicities")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=6)
+    # the estimator needs 2 examples (unit_signal), and the averages 1 rep: a traceback before, after loading
+    ap.add_argument("--batch", type=int_at_least(2), default=256)
+    ap.add_argument("--reps", type=int_at_least(1), default=6)
     ap.add_argument("--by-sigma", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int_at_least(1), default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clip-norms", default="", metavar="C1,C2,...",
                     help="also the signal and signal/noise of the same gradients clipped at these norms")

@@ -18,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _argtypes import int_at_least  # noqa: E402
+
 EPSILONS = (0.2, 1.0, 10.0)
 DELTA = 1e-5
 N, B, EPOCHS = 60000, 4096, 300
@@ -54,8 +57,9 @@ def time_opacus(eps: float, q: float, steps: int) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--opacus-repeats", type=int, default=1)
+    # at least 1: 0 ended in a median of no timings, after running the other side's plans first
+    ap.add_argument("--repeats", type=int_at_least(1), default=3, help="dpdm plan runs per epsilon (median)")
+    ap.add_argument("--opacus-repeats", type=int_at_least(1), default=1, help="opacus runs per epsilon (median)")
     args = ap.parse_args()
 
     import accounting

@@ -92,8 +92,9 @@ dp-classifier` do. `--seed N` fixes both (reproduction only): whoever knows N ca
 noise, so the DP guarantee does not hold; the run warns and the JSON says "seeded": true. --public-pretrain
 refuses the private dataset, data made from its images, and data sharing any image with its train or test
 split. Figures computed without privacy from the private images (the FD's reference CNN, --real-reference)
-are listed under "non_private_statistics_of_the_training_data". The goal is judged only on samples of a
-finished run of this very plan (their meta_plan_digest and steps); others are NOT JUDGED.
+are listed under "non_private_statistics_of_the_training_data". The goal is judged only on the issue's 10,000
+samples (or more) of a finished run of this very plan (their meta_plan_digest and steps); others (`--n 20`, a
+smaller --samples file, another plan's samples) are NOT JUDGED. The JSON holds the verdict under "goal".
 """
 from __future__ import annotations
 
@@ -733,12 +734,15 @@ def main(argv: list[str] | None = None) -> None:
             verdict = "NOT APPLICABLE: the samples are NON-PRIVATE (or do not say)"
         elif syn.get("plan_mismatch"):
             verdict = f"NOT JUDGED: {syn['plan_mismatch']}"
+        elif syn["n_samples"] < N_SAMPLES:   # --n 20 or a small --samples file: the issue's protocol takes 10,000
+            verdict = f"NOT JUDGED: {syn['n_samples']:,} samples, the protocol takes {N_SAMPLES:,}"
         elif b is None:
             verdict = "NOT JUDGED HERE (--skip-baseline)"
         else:
             verdict = "MET" if acc.get("cnn", 0) >= dp_acc else "NOT MET"
             if out.get("seeded"):
                 verdict += " (seeded run: --seed voids the DP guarantee)"
+        syn["goal"] = verdict   # in the JSON too, so that a reader of the figures alone gets the same verdict
         print(f"synthetic CNN on {syn['n_samples']} images {acc.get('cnn', float('nan')):.4f} vs DP-SGD CNN "
               f"{dp_acc:.4f} (goal: synthetic >= DP-SGD): {verdict}")
         if f"{key}_public_init" in out:

@@ -37,10 +37,16 @@ def _named_option(message: str) -> str:
 @click.option("--dataset", type=DatasetName(), default=None,
               help="Data for the canary run (default: the run's dataset).")
 @click.option("--data-root", type=PathOption(file_okay=False), default=None)
+# The suites' values in the three help texts below repeat audits.suite.SUITES, which imports torch (a test pins
+# them to it): --help stays fast, as every `dpdm` command's does.
 @click.option("--canaries", type=int, default=None,
-              help=f"Override the suite's number of canaries ({MIN_CANARIES} to {MAX_CANARIES:,}).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the suite's canary-run steps.")
-@click.option("--background", type=click.IntRange(min=1), default=None, help="Override the suite's background examples.")
+              help=f"Override the suite's number of canaries ({MIN_CANARIES} to {MAX_CANARIES:,}) "
+                   "[default: quick 200, full 1,000].")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Override the suite's canary-run steps, at most the plan's [default: quick the plan's steps up "
+                   "to 300, full the plan's steps].")
+@click.option("--background", type=click.IntRange(min=1), default=None,
+              help="Override the suite's background examples [default: quick 500, full all of the audit's data].")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--significance", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="Family-wise error budget of the verdict.")

@@ -21,10 +21,12 @@ def baseline() -> None:
 @click.option("--dataset", type=DatasetName(), default=None, help="Dataset name (default: the plan's).")
 @click.option("--test-dataset", type=DatasetName(), default=None,
               help="Held-out real images (npz:PATH or folder:PATH); required for path datasets and digits.")
-@click.option("--data-root", default=None, type=PathOption(file_okay=False), help="Where torchvision datasets live.")
+@click.option("--data-root", default=None, type=PathOption(file_okay=False),
+              help="Where torchvision datasets live (default $DPDM_DATA, else ~/.cache/dpdm/data; README: Your own data).")
 @click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
+# 2e-3 repeats dpdm.baseline.DEFAULT_LR (which imports torch; --help does not), pinned to it by a test.
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
-              help="Adam learning rate (privacy-neutral) [default: dpdm.baseline.DEFAULT_LR].")
+              help="Adam learning rate (privacy-neutral) [default: 2e-3].")
 @click.option("--physical-batch", type=click.IntRange(min=1), default=None,
               help="Examples per chunk (memory knob; privacy-neutral).")
 @click.option("--public-pretrain", "public_name", type=DatasetName(), default=None,

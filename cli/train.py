@@ -19,7 +19,8 @@ from dpdm.report_utils import epsilon_text
 # Data.
 @click.option("--dataset", type=DatasetName(), default=None,
               help="Dataset name (default: the plan's). mnist5k, digits, digits28, digits28-aug, fonts28, fonts28-aug, digits-fonts28-aug, mnist, fashion-mnist, cifar10, celeba, folder:PATH, npz:PATH.")
-@click.option("--data-root", default=None, type=PathOption(file_okay=False), help="Where torchvision datasets live (default $DPDM_DATA, else ~/.cache/dpdm/data; README: Your own data).")
+@click.option("--data-root", default=None, type=PathOption(file_okay=False),
+              help="Where torchvision datasets live (default $DPDM_DATA, else ~/.cache/dpdm/data; README: Your own data).")
 @click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
 # Model and performance (privacy-neutral).
 @click.option("--model", type=click.Choice(["small", "mnist"]), default="small", show_default=True, help="Network preset.")

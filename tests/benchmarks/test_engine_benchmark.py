@@ -51,3 +51,82 @@ def test_engine_benchmark_ratio_lines_for_every_pair_that_ran(load_benchmark, mo
     assert b.format_ratios(b.peer_ratios({"dpdm": {"wall_min_ms": 2.0, "cpu_min_ms": 3.0, "peak_mib": 0.0},
                                           "vmap": {"wall_min_ms": 1.0, "cpu_min_ms": 1.0, "peak_mib": 5.0}})) == [
         "vmap / dpdm: wall 0.50x, cpu 0.33x"]
+
+
+def test_engine_benchmark_header_says_the_physical_batch_of_every_variant(load_benchmark, monkeypatch, capsys):
+    # --chunk-size reached dpdm alone, and the header read the same with it as without: the dpdm / opacus memory
+    # ratio then set a chunked dpdm against an opacus holding all B*K rows at once, and nothing printed said so.
+    b = load_benchmark("engine")
+    ms = {"nonprivate": 100.0, "dpdm": 150.0, "opacus": 300.0}
+    b._run_variant = _fake_run(ms, {"nonprivate": 50.0, "dpdm": 100.0, "opacus": 400.0})
+    _main(b, monkeypatch, "--batch", "16", "--K", "2", "--chunk-size", "4", "--rounds", "1")
+    out = capsys.readouterr().out.splitlines()
+    assert "B=16, K=2 (32 rows), chunk=4, threads=" in out[0]
+    assert out[1] == ("physical batch: chunk=4 examples (8 rows) per pass, 4 passes per step, every variant "
+                      "(opacus: clipped sums accumulated; nonprivate: gradients accumulated)")
+    _main(b, monkeypatch, "--batch", "16", "--K", "2", "--rounds", "1")
+    out = capsys.readouterr().out.splitlines()
+    assert "(32 rows), chunk=none, threads=" in out[0]
+    assert out[1] == "physical batch: all 16 examples (32 rows) in one pass, every variant"
+
+
+def _noise_free_steps(b, variant: str, B: int, K: int, chunk_size, clip_norm: float):
+    """(trainable parameter names, step function) of `variant` on a fresh small model, without noise."""
+    D, loss, batch, _ = b._setup("small", B, K)
+    names = [n for n, p in D.named_parameters() if p.requires_grad]
+    return D, loss, batch, names, b._step_fn(variant, D, loss, batch, K, chunk_size, clip_norm=clip_norm,
+                                              noise_multiplier=0.0)
+
+
+def _flat(out, names):
+    """One vector of a step's output: a {name: grad} dict (dpdm, nonprivate) or a list in parameter order (opacus)."""
+    import torch
+
+    return torch.cat([t.reshape(-1) for t in ([out[n] for n in names] if isinstance(out, dict) else out)])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("clip_norm", [1e-3, 1e3])     # every example clipped; none clipped
+def test_engine_benchmark_opacus_peer_computes_dpdms_clipped_sum(load_benchmark, chunk_size, clip_norm):
+    # The dpdm / opacus ratio means something only if both compute the same clipped, K-averaged sum; the other
+    # tests stub the steps out. Without noise the two agree to float rounding; a peer that summed over K, used
+    # loss_reduction="mean", or clipped per row before averaging would differ by far more (in one of the two
+    # clipping regimes). chunk_size 2 of B 3: uneven physical batches, accumulated.
+    pytest.importorskip("opacus")     # the `bench` extra
+    b = load_benchmark("engine")
+    B, K = 3, 2
+    *_, names, dpdm_step = _noise_free_steps(b, "dpdm", B, K, chunk_size, clip_norm)
+    d = _flat(dpdm_step(), names)
+    *_, names_o, opacus_step = _noise_free_steps(b, "opacus", B, K, chunk_size, clip_norm)
+    assert names_o == names
+    o = _flat(opacus_step(), names)
+    assert d.norm() > 0
+    assert (d - o).norm() <= 1e-5 * d.norm(), ((d - o).norm().item(), d.norm().item())
+    if clip_norm < 1:   # every example clipped to C: the sum's norm is at most B*C, divided by B
+        assert d.norm() <= clip_norm * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_engine_benchmark_nonprivate_step_is_the_mean_loss_gradient(load_benchmark, chunk_size):
+    # the baseline of the `x nonpriv` columns: the gradient of the plain mean loss over the B examples, chunked or not
+    import torch
+
+    b = load_benchmark("engine")
+    D, loss, batch, names, step = _noise_free_steps(b, "nonprivate", 3, 2, chunk_size, 1.0)
+    n = _flat(step(), names)
+    ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(D, *batch).mean(),
+                                                                [p for p in D.parameters() if p.requires_grad])])
+    assert (n - ref).norm() <= 1e-5 * ref.norm()
+
+
+@pytest.mark.parametrize("variant", ["nonprivate", "opacus"])
+def test_engine_benchmark_peers_run_the_chunk_size_rows_per_pass(load_benchmark, variant):
+    # opacus and nonprivate ran all B*K rows in one pass whatever --chunk-size said (dpdm's chunking: tests/engine).
+    if variant == "opacus":
+        pytest.importorskip("opacus")
+    b = load_benchmark("engine")
+    D, loss, batch, names, step = _noise_free_steps(b, variant, 3, 2, 2, 1.0)
+    rows = []
+    D.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    step()
+    assert rows == [4, 2]

@@ -71,3 +71,12 @@ def test_measure_on_a_tiny_run(tmp_path, load_benchmark):
     with pytest.raises(ValueError, match="positive"):
         gs.measure(run / CHECKPOINT_NAME, Ks=(1,), batch=6, reps=2, clip_norms=(0.0,),
                    data=ImageData(x, y, classes, "tiny"))
+
+
+@pytest.mark.parametrize("flag, value", [("--reps", "0"), ("--batch", "1"), ("--threads", "0")])
+def test_grad_signal_refuses_out_of_range_options(load_benchmark, option_refused, flag, value):
+    # --reps 0: ZeroDivisionError, --batch 1: unit_signal's ValueError, --threads 0: torch's RuntimeError, each a
+    # traceback after loading the checkpoint and the data.
+    gs = load_benchmark("grad_signal")
+    gs.measure = lambda *a, **kw: pytest.fail("measured")
+    option_refused(gs, "grad_signal.py", flag, value)

@@ -232,7 +232,7 @@ def stubbed(load_benchmark, monkeypatch):
     monkeypatch.setattr(q, "sample", sample)
     monkeypatch.setattr(q, "dp_classifier_baseline", baseline)
     monkeypatch.setattr(q, "evaluate_synthetic", record("synthetic", {"classifiers": {"cnn": {"test_accuracy": 0.97}},
-                                                                      "n_samples": 20}))
+                                                                      "n_samples": q.N_SAMPLES}))
     monkeypatch.setattr(q, "synthetic_cnn_public_init", record("public_init", {"test_accuracy": 0.97}))
     monkeypatch.setattr(q, "real_data_cnn", record("real_data_cnn", {"test_accuracy": 0.99, "train_size": 3600}))
     monkeypatch.setattr(dpdm.evaluate, "reference_classifier", lambda train, device: (None, {"cached": True}))
@@ -374,6 +374,20 @@ def test_goal_is_judged_only_on_samples_of_a_finished_run_of_the_plan(stubbed, t
             assert verdict.endswith(": MET")
         else:
             assert "NOT JUDGED" in verdict and why in verdict and not verdict.endswith("MET"), verdict
+
+
+def test_goal_is_not_judged_on_fewer_samples_than_the_protocols(stubbed, tmp_path, monkeypatch, capsys):
+    # `--n 20` (or a --samples file of 20 images) printed MET or NOT MET, the word a 10,000-sample run prints.
+    q, _ = stubbed
+    for n, judged in ((20, False), (q.N_SAMPLES - 1, False), (q.N_SAMPLES, True)):
+        monkeypatch.setattr(q, "evaluate_synthetic", lambda path, n=n, **kw: {
+            "classifiers": {"cnn": {"test_accuracy": 0.97}}, "n_samples": n})
+        res = _main(q, monkeypatch, capsys, "--workdir", tmp_path / f"w{n}", "--epochs", 0.2, "--n", n,
+                    "--json", tmp_path / f"{n}.json")
+        [verdict] = [line for line in res.out.splitlines() if "goal: synthetic >= DP-SGD" in line]
+        want = "MET" if judged else f"NOT JUDGED: {n:,} samples, the protocol takes 10,000"
+        assert verdict.endswith(f"): {want}"), verdict
+        assert json.loads((tmp_path / f"{n}.json").read_text())["synthetic"]["goal"] == want
 
 
 def test_plan_excludes_the_options_that_shape_the_default_plan(stubbed, tmp_path, monkeypatch, capsys):
