@@ -79,6 +79,8 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
                        "S_max no step would churn")
     if not str(out_path).endswith(".npz"):
         raise BadInput(f"--out={out_path!r} must end in .npz")
+    if n - 1 > _MAX_SEED:   # no --seed fits: --n is at fault (the line blamed --seed=0, bound a negative number)
+        raise BadInput(f"--n {n} is more than 2**63 images: image i uses seed + i, which must stay below 2**63")
     if seed > _MAX_SEED - (n - 1):
         raise BadInput(f"--seed={seed} is too large for --n {n}: image i uses seed + i, which must stay below "
                        f"2**63, so --seed must be at most 2**63 - n = {_MAX_SEED - (n - 1)}")

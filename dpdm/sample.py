@@ -134,6 +134,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
 
     if precision not in PRECISIONS:
         raise SampleError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+    if int(n) - 1 > MAX_SEED:   # no seed fits: n is at fault, not seed
+        raise SampleError(f"n={n} (--n) is more than 2**63 images: image i uses seed + i, which must stay below 2**63")
     if not first_seed_fits(seed, n):
         raise SampleError(f"seed={seed!r} must be in [0, 2**63 - n] = [0, {MAX_SEED - max(int(n) - 1, 0)}] "
                           f"(image i uses seed + i)")
@@ -166,11 +168,10 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     sigma_min = default_min if sigma_min is None else sigma_min
     sigma_max = default_max if sigma_max is None else sigma_max
     if not 0 < sigma_min < sigma_max:
-        raise SampleError(f"sigma_min={sigma_min:g} (--sigma-min) must be positive and below "
-                          f"sigma_max={sigma_max:g} (--sigma-max)")
+        raise SampleError(_sigma_range_problem(sigma_min, sigma_max, given=given, trained=trained))
     dtype = next(D.parameters()).dtype
     try:   # before any drawing: a rho that overflows, a sigma that float32 cannot sample, too many steps
-        get_sigmas_karras(sampler_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, dtype=dtype)
+        sigmas = get_sigmas_karras(sampler_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, dtype=dtype)
     except ScheduleError as e:
         option = _OPTIONS["sampler_steps" if e.param == "n" else e.param]   # n: get_sigmas_karras's steps
         raise SampleError(f"{option}={_option_text(e.value)} {e.reason}") from None
@@ -178,6 +179,10 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     if s_noise is not None and not 0 <= s_noise <= MAX_S_NOISE:
         raise SampleError(f"--s-noise={s_noise:g} must lie in [0, {MAX_S_NOISE:g}]: EDM tunes it in [1, 1.007] "
                           f"and 1 is the default; a large scale overflows the sampler into NaN")
+    if sampler == "churn":
+        problem = _churn_window_problem(sigmas, sampler_kwargs or {})
+        if problem:
+            raise SampleError(problem)
     num_classes = int(cfg["num_classes"])
     # Image i is image seed + i of one sequence, label included: a run split into files (advancing --seed by
     # each file's --n) draws the same images as one file (labels restarting at 0 in each file did not).
@@ -238,6 +243,53 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     finally:
         tmp.unlink(missing_ok=True)
     return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta}
+
+
+def _churn_window_problem(sigmas: torch.Tensor, churn: dict) -> str | None:
+    """Why `--sampler churn` with the keywords `churn` (S_churn, S_min, S_max as given; `sample_churn`'s defaults
+    for the others) would not churn at any step of the schedule `sigmas`, or None. A window [S_min, S_max] between
+    two noise levels (--s-min 60 --s-max 70 with levels 80 and 9.7) gave Heun's samples, recorded as churn."""
+    import inspect
+
+    from dpdm.sampling import churn_levels, sample_churn
+
+    defaults = {k: p.default for k, p in inspect.signature(sample_churn).parameters.items()}
+    S_churn, S_min, S_max = (float(churn.get(k, defaults[k])) for k in ("S_churn", "S_min", "S_max"))
+    if S_churn == 0 or churn_levels(sigmas, S_min, S_max):   # S_churn 0 asks for Heun
+        return None
+    levels = [float(v) for v in sigmas[:-1]]
+    nearest = [f"{v:g} {side}" for v, side in ((min((v for v in levels if v > S_max), default=None), "above"),
+                                               (max((v for v in levels if v < S_min), default=None), "below"))
+               if v is not None]
+    window = " ".join(f"--{k.lower().replace('_', '-')} {v:g}{'' if k in churn else ' (default)'}"
+                      for k, v in (("S_min", S_min), ("S_max", S_max)))
+    return (f"{window}: none of the schedule's {len(levels)} noise levels ({levels[0]:g} down to {levels[-1]:g}; "
+            f"nearest: {', '.join(nearest)}) lies in [{S_min:g}, {S_max:g}], so no step would churn and the samples "
+            "would be Heun's, recorded as churn: widen the window, or use --sampler heun")
+
+
+def _sigma_range_problem(sigma_min: float, sigma_max: float, *, given: dict, trained) -> str:
+    """The error line of a schedule whose sigma_min is not below its sigma_max, blaming the option the user gave:
+    an end left out is a default (Karras's, or the run's trained range: `dpdm train --train-sigma`), named as such
+    (--sigma-max 0.05 on a run trained from 0.1 up blamed --sigma-min, which nobody had given)."""
+    def default(end: str) -> str:
+        low = end == "min"
+        karras, value = (SIGMA_MIN, sigma_min) if low else (SIGMA_MAX, sigma_max)
+        source = (f"Karras's sigma_{end}" if value == karras or trained is None
+                  else f"the {'lowest' if low else 'highest'} noise level the run trained on")
+        return f"{value:g}, {source} (the default --sigma-{end})"
+
+    if given["sigma_min"] is None and given["sigma_max"] is not None:
+        return (f"sigma_max={sigma_max:g} (--sigma-max) must be above {default('min')}; to sample below it, give "
+                f"--sigma-min too")
+    if given["sigma_max"] is None and given["sigma_min"] is not None and sigma_min > 0:
+        return (f"sigma_min={sigma_min:g} (--sigma-min) must be below {default('max')}; to sample above it, give "
+                f"--sigma-max too")
+    if given["sigma_min"] is None:   # neither given: the trained range lies outside Karras's [0.002, 80]
+        return (f"the run trained on noise levels {float(trained[0]):g} to {float(trained[1]):g}, outside Karras's "
+                f"default schedule ({SIGMA_MIN:g} to {SIGMA_MAX:g}): give --sigma-min and --sigma-max")
+    return (f"sigma_min={sigma_min:g} (--sigma-min) must be positive and below sigma_max={sigma_max:g} "
+            f"(--sigma-max)")
 
 
 def _option_text(value) -> str:

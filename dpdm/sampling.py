@@ -184,6 +184,12 @@ def sample_heun(D, x, sigmas, *, class_labels=None, guidance=0.0, randn_like=tor
                         callback=callback, S_churn=0.0, guidance_interval=guidance_interval)
 
 
+def churn_levels(sigmas: torch.Tensor, S_min: float, S_max: float) -> int:
+    """How many noise levels of `sigmas` (the final 0 left out) `sample_churn` adds noise at: those in
+    [S_min, S_max], compared as its loop compares them."""
+    return sum(1 for sigma in sigmas[:-1] if S_min <= float(sigma) <= S_max)
+
+
 @torch.no_grad()
 def sample_churn(
     D,
@@ -213,6 +219,9 @@ def sample_churn(
         raise ValueError(f"S_noise={S_noise!r} must be at most {MAX_S_NOISE:g} (MAX_S_NOISE)")
     if S_churn > 0 and not S_min < S_max:
         raise ValueError(f"S_min={S_min!r} must be below S_max={S_max!r} (else no step churns)")
+    if S_churn > 0 and not churn_levels(sigmas, S_min, S_max):   # a window between two levels: Heun, unasked
+        raise ValueError(f"no noise level of sigmas lies in [S_min, S_max] = [{S_min!r}, {S_max!r}], so no step "
+                         f"churns; S_churn=0 is Heun")
     N = len(sigmas) - 1
     for i in range(N):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -380,3 +380,158 @@ def test_schedule_limits_hold_usable_values(tiny_denoisers):
         generate(D, n=1, sampler_steps=4, rho=0.001)
     with pytest.raises(ValueError, match="S_noise=1e[+]300"):
         sample_churn(D, torch.zeros(2, 1, 8, 8), get_sigmas_karras(3).float(), S_noise=1e300)
+
+
+# --- review mends (sampling review, stop 43): churn against Algorithm 2, the uint8 mapping, option errors ----
+
+class WavyD:
+    """A nonlinear denoiser. With an exact Gaussian one (GaussD) churn gives the right distribution whatever its
+    gamma_i, so a gamma without its / N, without its cap, or noise without S_noise passed every test."""
+
+    num_classes = 0
+
+    def __call__(self, x, sigma, class_labels=None):
+        sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+        return torch.tanh(x / (1 + sigma)) + 0.1 * x.roll(1, dims=-1) / (1 + sigma**2)
+
+
+def edm_algorithm_2(D, x, t, *, S_churn, S_min, S_max, S_noise, cap, noise):
+    """Algorithm 2 of Karras et al. 2022, transcribed line by line, with DPDM's cap on gamma_i (`churn_limit`; EDM's
+    is sqrt(2) - 1) and fresh noise (from the iterator `noise`) drawn only where gamma_i > 0, as DPDM does.
+    `t` is the schedule as floats. Returns x_N and the gamma_i."""
+    N = len(t) - 1
+    at = lambda s: torch.full((len(x),), s, dtype=x.dtype)   # noqa: E731
+    gammas = []
+    for i in range(N):
+        gamma = min(S_churn / N, cap) if S_min <= t[i] <= S_max else 0.0
+        gammas.append(gamma)
+        t_hat = t[i] + gamma * t[i]
+        x_hat = x
+        if gamma > 0:
+            eps = S_noise * next(noise)                                # eps_i ~ N(0, S_noise^2 I)
+            x_hat = x + math.sqrt(t_hat**2 - t[i]**2) * eps
+        d = (x_hat - D(x_hat, at(t_hat))) / t_hat
+        x_next = x_hat + (t[i + 1] - t_hat) * d
+        if t[i + 1] != 0:
+            d_2 = (x_next - D(x_next, at(t[i + 1]))) / t[i + 1]
+            x_next = x_hat + (t[i + 1] - t_hat) * (d / 2 + d_2 / 2)
+        x = x_next
+    return x, gammas
+
+
+@pytest.mark.parametrize("S_churn, S_noise, cap", [
+    (3.0, 1.5, None),                  # gamma 0.3: below the cap (a gamma without / N is 1)
+    (100.0, 1.007, None),              # S_churn / N = 10: capped at DPDM's 1 (the default churn_limit)
+    (5.0, 1.0, math.sqrt(2) - 1),      # EDM's cap, passed as churn_limit
+])
+def test_churn_follows_algorithm_2_step_by_step(S_churn, S_noise, cap):
+    N, S_min, S_max = 10, 0.05, 50.0   # the window leaves out the top level (80) and the lowest ones
+    sigmas = get_sigmas_karras(N)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=g) * 80
+    noises = [torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=g) for _ in range(N)]
+    drawn = iter(noises)
+    seen = []
+    kw = {} if cap is None else {"churn_limit": cap}
+    got = sample_churn(WavyD(), x0, sigmas, randn_like=lambda t: next(drawn), S_churn=S_churn, S_min=S_min,
+                       S_max=S_max, S_noise=S_noise, callback=lambda d: seen.append(float(d["sigma_hat"] / d["sigma"])),
+                       **kw)
+    expected, gammas = edm_algorithm_2(WavyD(), x0, sigmas.tolist(), S_churn=S_churn, S_min=S_min, S_max=S_max,
+                                       S_noise=S_noise, cap=1.0 if cap is None else cap, noise=iter(noises))
+    assert 0 < sum(g > 0 for g in gammas) < N                          # some steps churn, some do not
+    assert seen == pytest.approx([1 + g for g in gammas], rel=1e-14)   # sigma_hat = sigma (1 + gamma_i)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+class LevelsD:
+    """An unconditional 'network' whose output is, whatever its input, the 1x16x16 image of the 256 grey levels
+    (pixel p at level p) in [-1, 1], shifted by `offset` grey levels."""
+
+    num_classes, img_channels, img_resolution = 0, 1, 16
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    def __call__(self, x, sigma, class_labels=None):
+        levels = torch.arange(256, dtype=x.dtype).reshape(1, 1, 16, 16)
+        return ((levels + self.offset) / 127.5 - 1).expand(x.shape)
+
+
+@pytest.mark.parametrize("offset", [0.0, -0.45, 0.45])
+def test_uint8_conversion_rounds_each_grey_level_to_itself(offset):
+    """Every grey level v in 0..255, written as v / 127.5 - 1 by the network and up to 0.45 of a level off, comes
+    back as v (round to nearest, as EDM's x * 127.5 + 128); a truncating x * 127.5 + 127.5 made images half a level
+    dark and passed every test (the only uint8 test was the NaN one)."""
+    x, _ = generate(LevelsD(offset), n=2, sampler_steps=2)
+    for image in x:
+        assert torch.equal(image.flatten(), torch.arange(256).to(torch.uint8))
+    assert int(generate(ConstD(-5.0), n=2, sampler_steps=2)[0].max()) == 0       # clipped, no wraparound
+    assert int(generate(ConstD(5.0), n=2, sampler_steps=2)[0].min()) == 255
+
+
+def test_churn_window_between_two_noise_levels_is_refused():
+    """A window holding no level of the schedule churned nowhere: Heun's samples, recorded as churn."""
+    sigmas = get_sigmas_karras(4)   # 80, 9.72, 0.47, 0.002, 0
+    x = torch.randn(2, 1, 2, 2) * 80
+    for S_min, S_max in ((60.0, 70.0), (1e-4, 1e-3), (90.0, 100.0)):
+        with pytest.raises(ValueError, match=r"no noise level of sigmas lies in \[S_min, S_max\]"):
+            sample_churn(GaussD(0.1, 0.5), x, sigmas, S_min=S_min, S_max=S_max)
+        sample_churn(GaussD(0.1, 0.5), x, sigmas, S_churn=0.0, S_min=S_min, S_max=S_max)   # S_churn 0: Heun
+    sample_churn(GaussD(0.1, 0.5), x, sigmas, S_min=9.0, S_max=10.0)   # one level (9.72) in the window
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 2-step private run on 24 random 8x8 images (v-prediction), trained on noise levels 0.1 to 10 only."""
+    import numpy as np
+
+    import accounting
+    from cli.main import main
+
+    d = tmp_path_factory.mktemp("sample_options")
+    rng = np.random.default_rng(0)
+    np.savez(d / "data.npz", x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8), y=np.arange(24) % 3,
+             num_classes=3)
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=2.0,
+                                  noise_multiplicity=1, delta=1e-5, dataset_name=f"npz:{d / 'data.npz'}")
+    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")
+    assert main(["train", "--plan", str(d / "plan.json"), "--out", str(d / "run"), "--device", "cpu", "--quiet",
+                 "--precond", "v", "--train-sigma", "0.1", "10"]) == 0
+    return d / "run"
+
+
+def _sample_error(run, tmp_path, capsys, *extra):
+    """The one error line (exit 2) of `dpdm sample` with `extra`; nothing written."""
+    from cli.main import main
+
+    code = main(["sample", "--run", str(run), "--out", str(tmp_path / "s.npz"), "--device", "cpu",
+                 *[str(a) for a in extra]])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("dpdm: error: "), err
+    assert not list(tmp_path.iterdir())
+    return lines[0].removeprefix("dpdm: error: ")
+
+
+def test_sample_refuses_a_churn_window_with_no_level_of_the_schedule(trained_run, tmp_path, capsys):
+    levels = get_sigmas_karras(4, sigma_min=0.1, sigma_max=10.0, dtype=torch.float32)[:-1].tolist()
+    between = (levels[2] * 1.01, levels[1] * 0.99)   # the run's default schedule: 10 down to 0.1
+    for window in (between, (20.0, 30.0), (0.01, 0.05)):
+        line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sampler", "churn", "--sampler-steps", 4,
+                             "--s-min", window[0], "--s-max", window[1])
+        assert line.startswith(f"--s-min {window[0]:g} --s-max {window[1]:g}: none of the schedule's 4 noise levels")
+        assert "no step would churn" in line
+    line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sampler", "churn", "--sampler-steps", 4,
+                         "--sigma-min", 60, "--sigma-max", 70)   # the default window [0.05, 50] holds none either
+    assert line.startswith("--s-min 0.05 (default) --s-max 50 (default): none of the schedule's 4 noise levels")
+
+
+def test_sample_errors_name_the_option_given(trained_run, tmp_path, capsys):
+    line = _sample_error(trained_run, tmp_path, capsys, "--n", 9999999999999999999)
+    assert line.startswith("--n 9999999999999999999 is more than 2**63 images") and "--seed" not in line
+    # --sigma-max alone, below the lowest level the run trained on: --sigma-min (a default) was blamed.
+    line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sigma-max", 0.05)
+    assert line == ("sigma_max=0.05 (--sigma-max) must be above 0.1, the lowest noise level the run trained on (the "
+                    "default --sigma-min); to sample below it, give --sigma-min too")
+    line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sigma-min", 20)
+    assert line.startswith("sigma_min=20 (--sigma-min) must be below 10, the highest noise level the run trained on")

@@ -1,0 +1,127 @@
+"""A checkpoint or release file with a damaged byte is refused by every command that loads it.
+
+torch.load does not check the CRC-32 that torch.save writes for each zip record: a flipped bit in a weight's bytes
+loaded as another weight, and `dpdm sample` drew from it, `dpdm export` re-released it under a fresh sha256, all
+with exit 0 (sampling review F1, stop 43). `dpdm.checkpoint` now checks every record before torch.load.
+"""
+from __future__ import annotations
+
+import shutil
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import accounting
+from cli.main import main
+from dpdm import checkpoint as ckpt
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def damaged_line(code, err, path):
+    """The one error line (exit 2) that says a record of `path` is damaged."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpdm: error:") and "Traceback" not in err, err
+    assert f"{str(path)!r} is corrupt or truncated: its record " in lines[0] and "CRC-32" in lines[0], lines[0]
+    return lines[0]
+
+
+def flip_weight_bit(src, dst, bit=0x04):
+    """Copies the torch file `src` to `dst` with one bit flipped in the top byte of the first float32 of its
+    largest tensor record (a weight): torch still loads it, as another weight. Returns the record's name."""
+    raw = bytearray(open(src, "rb").read())
+    with zipfile.ZipFile(src) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len   # the record's bytes (torch stores them uncompressed)
+    raw[start + 3] ^= bit
+    open(dst, "wb").write(bytes(raw))
+    return info.filename
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished 3-step private run on 24 random 8x8 images, and its release file."""
+    d = tmp_path_factory.mktemp("integrity")
+    rng = np.random.default_rng(0)
+    np.savez(d / "data.npz", x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8), y=np.arange(24) % 3,
+             num_classes=3)
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=3, noise_multiplier=2.0,
+                                  noise_multiplicity=1, delta=1e-5, dataset_name=f"npz:{d / 'data.npz'}")
+    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")
+    assert main(["train", "--plan", str(d / "plan.json"), "--out", str(d / "run"), "--device", "cpu", "--quiet"]) == 0
+    assert main(["export", "--run", str(d / "run"), "--out", str(d / "model.pt")]) == 0
+    return d
+
+
+def test_a_flipped_bit_in_a_weight_is_refused_by_the_loaders(run, tmp_path):
+    for name, loader in (("run/checkpoint.pt", ckpt.load_checkpoint), ("model.pt", ckpt.load_model_or_checkpoint)):
+        bad = tmp_path / name.replace("/", "_")
+        record = flip_weight_bit(run / name, bad)
+        assert loader(run / name)   # the intact file loads
+        with pytest.raises(ckpt.CheckpointError) as e:
+            loader(bad)
+        assert str(e.value) == (f"checkpoint {str(bad)!r} is corrupt or truncated: its record {record} is damaged "
+                                "(its bytes fail the zip's CRC-32 check)")
+    assert ckpt.damaged_record(run / "model.pt") is None
+    (tmp_path / "text.pt").write_text("not a zip")
+    assert ckpt.damaged_record(tmp_path / "text.pt") is None   # torch.load says what it is
+
+
+def test_sample_and_export_refuse_a_damaged_release_file_or_checkpoint(run, tmp_path, capsys):
+    bad_release = tmp_path / "model.pt"
+    flip_weight_bit(run / "model.pt", bad_release)
+    bad_run = tmp_path / "run"
+    shutil.copytree(run / "run", bad_run)
+    flip_weight_bit(run / "run" / "checkpoint.pt", bad_run / "checkpoint.pt")
+    out = tmp_path / "out"
+    sample = ["sample", "--n", 2, "--sampler-steps", 2, "--device", "cpu", "--out", out / "s.npz"]
+    damaged_line(*run_cli([*sample, "--checkpoint", bad_release], capsys)[::2], bad_release)
+    damaged_line(*run_cli([*sample, "--run", bad_run], capsys)[::2], bad_run / "checkpoint.pt")
+    # export would have re-released the damaged weights with a valid CRC and a new sha256
+    damaged_line(*run_cli(["export", "--run", bad_run, "--out", out / "m.pt"], capsys)[::2], bad_run / "checkpoint.pt")
+    assert not out.exists()
+
+
+def test_resume_warm_start_and_audit_refuse_a_damaged_checkpoint(run, tmp_path, capsys, monkeypatch):
+    import audits.suite
+    from dpdm.datasets import load_dataset
+    from dpdm.train import TrainConfig, train
+
+    class Killed(Exception):
+        pass
+
+    def die_at_2(steps_done):
+        if steps_done == 2:
+            raise Killed
+
+    # An unfinished run (2 of 3 steps; before, resume trained on from the damaged weights), damaged on disk.
+    data = load_dataset(f"npz:{run / 'data.npz'}")
+    doc = accounting.load_plan(run / "plan.json")
+    bad_run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(doc, data.x, data.y, 3, bad_run, TrainConfig(model="small", checkpoint_every=1),
+              dataset_name=f"npz:{run / 'data.npz'}", progress=False, on_step=die_at_2)
+    flip_weight_bit(bad_run / "checkpoint.pt", bad_run / "checkpoint.pt")
+    before = (bad_run / "checkpoint.pt").read_bytes()
+    train_args = ["train", "--plan", run / "plan.json", "--device", "cpu", "--quiet"]
+    damaged_line(*run_cli([*train_args, "--out", bad_run, "--resume"], capsys)[::2], bad_run / "checkpoint.pt")
+    damaged_line(*run_cli([*train_args, "--out", tmp_path / "new", "--init-from", bad_run / "checkpoint.pt"],
+                          capsys)[::2], bad_run / "checkpoint.pt")
+    assert not (tmp_path / "new" / "checkpoint.pt").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the audit trained before refusing its input")
+
+    monkeypatch.setattr(audits.suite, "canary_audit", no_training)
+    damaged_line(*run_cli(["audit", "--run", bad_run, "--out", tmp_path / "audit"], capsys)[::2],
+                 bad_run / "checkpoint.pt")
+    assert (bad_run / "checkpoint.pt").read_bytes() == before and not (tmp_path / "audit").exists()
