@@ -19,7 +19,8 @@ _MAX_SEED = 2**63 - 3   # seeds up to seed + 2 feed torch generators (public pre
               help="The real dataset: its train split feeds the reference CNN and FD, its test split the accuracies.")
 @click.option("--test-dataset", type=DatasetName(), default=None,
               help="Held-out real images (npz:PATH or folder:PATH); required for path datasets and digits.")
-@click.option("--data-root", default=None, type=PathOption(file_okay=False), help="Where torchvision datasets live (default $DPDM_DATA, else ~/.cache/dpdm/data; README: Your own data).")
+@click.option("--data-root", default=None, type=PathOption(file_okay=False),
+              help="Where torchvision datasets live (default $DPDM_DATA, else ~/.cache/dpdm/data; README: Your own data).")
 @click.option("--download", is_flag=True, help="Allow downloading a torchvision dataset (needs a network).")
 # Metrics.
 @click.option("--classifiers", default="logreg,mlp,cnn", show_default=True,
@@ -59,8 +60,12 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     classifier FD or precision/recall. Inception FID needs no labels.
     The classifier FD, precision/recall, reference accuracies and Inception FID
     are computed WITHOUT privacy from the real training data: keep them private.
+    The FD grows as the sample count n shrinks, so FD values compare only at
+    equal n: the floor (real test vs real train) is measured on as many test
+    images as there are samples (all of them when the samples are more).
     """
-    from dpdm.datasets import DataError, has_test_split, load_dataset, load_npz, shared_images
+    from dpdm.datasets import (DataError, absolute_dataset_name, has_test_split, load_dataset, load_npz,
+                               shared_images)
     from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, check_public_data, check_samples_held_out,
                                check_test_data, cnn_size_problem, default_cache_dir, evaluate_samples, load_inception,
                                match_test_classes, skipped_metrics)
@@ -180,6 +185,13 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                  "that data")
         _check_test_held_out_from_generator(provenance["dataset"], dataset, real_test, test_dataset or dataset,
                                             data_root)
+    if provenance["dataset"] is not None and \
+            absolute_dataset_name(provenance["dataset"]) != absolute_dataset_name(dataset):
+        # Not refused (another split or a copy of the data can be a fair reference), but the FD and precision /
+        # recall then measure the samples against data their model never trained on. After the refusals above,
+        # so that a refused run prints one line.
+        warn(f"the samples' model trained on {provenance['dataset']!r}, not --dataset={dataset!r}: the classifier "
+             "FD and precision/recall measure them against other data")
     if provenance["private"] is False:
         warn(f"{samples_path!r} was drawn from a NON-PRIVATE model (--no-dp): these figures carry no privacy "
              "guarantee")
@@ -338,9 +350,10 @@ def format_report(report: dict) -> str:
     fd = report["classifier_fd"]
     if fd is not None:
         ref = fd["reference"]
-        lines.append(f"classifier FD (not FID): {fd['value']:.4f}")
+        # n beside each figure: the FD grows as n shrinks, so the two compare only at equal n.
+        lines.append(f"classifier FD (not FID): {fd['value']:.4f} (n={fd['n']})")
         if "real_test_value" in fd:
-            lines.append(f"  real test vs real train (floor): {fd['real_test_value']:.4f}")
+            lines.append(f"  real test vs real train (floor): {fd['real_test_value']:.4f} (n={fd['real_test_n']})")
         acc = ref.get("real_test_accuracy")
         lines.append(f"  reference CNN: real test acc {acc:.4f}" if acc is not None else "  reference CNN")
     pr = report.get("classifier_precision_recall")

@@ -899,3 +899,89 @@ def test_eval_checks_public_data_once_and_only_when_used(digit_files, tmp_path, 
     code, out, err = _run(capsys, *common, "--samples", str(tmp_path / "uncond.npz"))
     assert code == 0, err
     assert json.loads(out)["public_pretrain"] is None and not calls
+
+
+def test_baseline_public_subspace_runs_the_plans_mechanism(digit_files, monkeypatch):
+    """With --public-subspace, every step clips the plan's Poisson batch at the plan's C and adds the plan's noise
+    (multiplier, C, expected batch size) from one generator: this branch spends the same epsilon as the default
+    one, so it is guarded as `test_baseline_loop_runs_the_plans_mechanism` guards that (a quarter of the noise, or
+    clipping at 4C, passed every other baseline test)."""
+    import dpdm.baseline as baseline
+    import dpdm.engine as engine
+    from dpdm.data import PoissonSampler
+    from dpdm.datasets import load_npz
+
+    plan = accounting.PrivacyPlan(dataset_size=600, batch_size=64, steps=3, noise_multiplier=1.3, clip_norm=0.5,
+                                  delta=1e-5)
+    train, test, public = (load_npz(digit_files[k]) for k in ("train", "test", "samples"))
+    clips, noises, bases = [], [], []
+    real_clip, real_noise, real_basis = engine.clipped_grad_sum, engine.add_noise_in_subspace, engine.public_subspace
+
+    def clip_spy(model, loss_fn, *batch, **kw):
+        clips.append((batch[0].clone(), kw))
+        return real_clip(model, loss_fn, *batch, **kw)
+
+    def noise_spy(grad_sum, basis, **kw):
+        noises.append(kw)
+        return real_noise(grad_sum, basis, **kw)
+
+    def basis_spy(*args, **kw):
+        bases.append(kw)
+        return real_basis(*args, **kw)
+
+    monkeypatch.setattr(engine, "clipped_grad_sum", clip_spy)
+    monkeypatch.setattr(engine, "add_noise_in_subspace", noise_spy)
+    monkeypatch.setattr(engine, "public_subspace", basis_spy)
+    baseline.train_dp_classifier(plan, train, test, public=public, public_epochs=1, subspace_dim=4,
+                                 subspace_examples=16, subspace_every=2, seed=77)
+    sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, 77)
+    assert len(clips) == len(noises) == plan.steps
+    for step, (x, kw) in enumerate(clips):
+        assert torch.equal(x, train.x[sampler.batch(step)]), step
+        assert kw["clip_norm"] == 0.5, kw
+    for kw in noises:
+        assert kw["noise_multiplier"] == 1.3 and kw["clip_norm"] == 0.5 and kw["expected_batch_size"] == 64, kw
+    assert len({id(kw["generator"]) for kw in noises}) == 1   # one stream, drawn on: no step reuses a draw
+    assert len(bases) == 2 and all(kw["clip_norm"] == 0.5 for kw in bases)   # steps 0 and 2 (every 2)
+
+
+def test_eval_warns_when_the_samples_model_trained_on_other_data(digit_files, tmp_path, capsys):
+    """Samples whose model trained on other data than --dataset were measured against --dataset (FD, precision /
+    recall) under a "DP samples" header, with no remark; the same data under another spelling is no warning."""
+    with np.load(digit_files["samples"]) as z:
+        x, y = z["x"], z["y"]
+    common = ("eval", "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+              "--classifiers", "", "--reference-epochs", "1", "--cache-dir", str(tmp_path / "cache"))
+    public = tmp_path / "public.npz"
+    np.savez(public, x=x[:200], y=y[:200])
+    for name, trained_on, warned in (("other", f"npz:{public}", True), ("same", f"npz:{digit_files['train']}", False),
+                                     ("spelt", f"npz:{digit_files['train'].parent}/./train.npz", False)):
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, x=x[200:], y=y[200:], meta_private=np.array(True), meta_seed_given=np.array(False),
+                 meta_epsilon=np.array(5.0), meta_delta=np.array(1e-5), meta_dataset=np.array(trained_on))
+        code, out, err = _run(capsys, *common, "--samples", str(path))
+        assert code == 0, err
+        lines = [ln for ln in err.splitlines() if "not --dataset=" in ln]
+        if warned:
+            assert len(lines) == 1 and lines[0].startswith("dpdm: warning: the samples' model trained on "
+                                                           f"'npz:{public}', not --dataset="), err
+        else:
+            assert not lines, err
+
+
+def test_eval_text_gives_n_beside_the_fd_and_its_floor(digit_files, tmp_path, capsys):
+    """The FD grows as n shrinks: 50 samples against the 300-image test split get a floor measured on 50 test
+    images, and both n are printed and in the JSON."""
+    with np.load(digit_files["samples"]) as z:
+        np.savez(tmp_path / "s50.npz", x=z["x"][:50], y=z["y"][:50])
+    common = ("eval", "--samples", str(tmp_path / "s50.npz"), "--dataset", f"npz:{digit_files['train']}",
+              "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "", "--reference-epochs", "1",
+              "--cache-dir", str(tmp_path / "cache"))
+    code, out, err = _run(capsys, *common)
+    assert code == 0, err
+    fd_line = next(ln for ln in out.splitlines() if ln.startswith("classifier FD (not FID):"))
+    floor_line = next(ln for ln in out.splitlines() if "(floor)" in ln)
+    assert fd_line.endswith("(n=50)") and floor_line.endswith("(n=50)"), out
+    code, out, err = _run(capsys, *common, "--json")
+    fd = json.loads(out)["classifier_fd"]
+    assert fd["n"] == 50 and fd["real_test_n"] == 50, fd

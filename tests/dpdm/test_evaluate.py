@@ -602,3 +602,89 @@ def test_public_data_is_unused_and_unreported_without_accuracies(digits, tmp_pat
     report = evaluate_samples(ImageData(test.x[:40], None, 0, "unlabelled"), train, test, classifiers=("logreg",),
                               reference_epochs=1, cache_dir=tmp_path, public=public)
     assert report["public_pretrain"] is None and report["classifiers"] == {}
+
+
+# --- guards on the protocol and the floor ------------------------------------------------------------
+
+def test_downstream_accuracy_selects_on_the_synthetic_split_only(digits, monkeypatch):
+    """The paper's protocol: the real test split never influences training or selection. Selecting on it passed
+    every test; here fit_classifier must see the seeded 90/10 split of the samples, and never a real test image."""
+    import dpdm.evaluate as evaluate
+
+    train, test = digits
+    samples = ImageData(train.x[:500], train.y[:500], 10, "samples")
+    seen = []
+    real = evaluate.fit_classifier
+
+    def spy(model, train_x, train_y, val_x, val_y, **kw):
+        seen.append((train_x, train_y, val_x, val_y))
+        return real(model, train_x, train_y, val_x, val_y, **kw)
+
+    monkeypatch.setattr(evaluate, "fit_classifier", spy)
+    downstream_accuracy(samples, test, kind="logreg", epochs=1, seed=5)
+    tr, val = evaluate._split(len(samples), 0.1, 5)
+    assert len(seen) == 1 and len(val) == 50
+    train_x, train_y, val_x, val_y = seen[0]
+    assert torch.equal(val_x, samples.x[val]) and torch.equal(val_y, samples.y[val])
+    assert torch.equal(train_x, samples.x[tr]) and torch.equal(train_y, samples.y[tr])
+    assert not (set(map(bytes, test.x.numpy())) & set(map(bytes, torch.cat([train_x, val_x]).numpy())))
+
+
+def test_fit_classifier_keeps_the_best_epoch_not_the_last():
+    """A model whose validation accuracy peaks early (epoch 3 of 12) must come back with that epoch's weights:
+    `test_fit_classifier_restores_best_epoch` peaked at its last epoch, so dropping the restore passed it.
+
+    One trainable bias b against a fixed feature f: logits (f + b, 0). Every training label is 0, so Adam raises b
+    by about lr each epoch (one full batch). Validation: f = -0.6 (label 0: right once b > 0.6), f = -1.6 and -2.6
+    (label 1: right while b < 1.6, 2.6): accuracy 2/3, then 3/3 from b ~ 0.75, then 2/3, then 1/3 at b ~ 3."""
+
+    class Bias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            f = x.flatten(1)[:, 0]
+            return torch.stack([f + self.b, torch.zeros_like(f)], 1)
+
+    model = Bias()
+    train_x, train_y = torch.zeros(8, 1, 1, 1), torch.zeros(8, dtype=torch.int64)
+    val_x, val_y = torch.tensor([-0.6, -1.6, -2.6]).view(3, 1, 1, 1), torch.tensor([0, 1, 1])
+    best_epoch, best_acc = fit_classifier(model, train_x, train_y, val_x, val_y, epochs=12, lr=0.25)
+    assert best_acc == 1.0 and 1 < best_epoch < 12, (best_epoch, best_acc)
+    assert accuracy(model, val_x, val_y) == best_acc
+    assert 0.6 < float(model.b.detach()) < 1.6
+
+
+def test_fd_floor_is_the_test_split_at_the_samples_size(digits, tmp_path):
+    """The floor is real test vs real train, on as many test images as there are samples (a seeded subsample of
+    the split when fewer, the whole split otherwise): the FD grows as n shrinks, and 20 real held-out digits
+    scored many times a floor measured on all the test split. Computed from the samples, it equalled the FD."""
+    train, test = digits
+    g = torch.Generator().manual_seed(1)
+    for n in (100, 700):   # fewer samples than the 597 test images, and more
+        noise = ImageData(torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, None, 0, "noise")
+        report = evaluate_samples(noise, train, test, classifiers=(), reference_epochs=2, cache_dir=tmp_path, seed=3)
+        ref, info = reference_classifier(train, cache_dir=tmp_path, epochs=2, seed=3)
+        assert info["cached"] is True
+        floor_test = test if n >= len(test) else ImageData(
+            *(t[torch.randperm(len(test), generator=torch.Generator().manual_seed(3))[:n]] for t in (test.x, test.y)),
+            10, "sub")
+        fd = report["classifier_fd"]
+        assert fd["n"] == n and fd["real_test_n"] == min(n, len(test)), fd
+        assert fd["real_test_value"] == pytest.approx(classifier_fd(floor_test, train, ref), rel=1e-9)
+        assert fd["value"] > 5 * fd["real_test_value"], fd   # noise is far from real digits; the floor is not
+
+
+def test_default_cache_dir_treats_an_empty_dpdm_cache_as_unset(monkeypatch, tmp_path):
+    """`DPDM_CACHE=` (how a script unsets it) was Path(""), the current folder: the private reference CNN and
+    a fingerprint of the data in its name landed wherever eval ran."""
+    from dpdm.evaluate import default_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DPDM_CACHE", "")
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "dpdm"
+    monkeypatch.delenv("DPDM_CACHE")
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "dpdm"
+    monkeypatch.setenv("DPDM_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
