@@ -306,10 +306,14 @@ def quality_rows(metrics: dict, real_cnn: float) -> list[tuple[str, str]]:
                  f"{NON_PRIVATE}", f"{real_cnn:.3f}"))
     fd = metrics.get("classifier_fd")
     if fd is not None:
-        rows.append((f"classifier FD (not FID) {NON_PRIVATE}", f"{fd['value']:.3f}"))
+        # n beside each: the FD grows as n shrinks, so the two compare only at equal n (dpdm eval's floor is
+        # measured at the samples' size).
+        n = f" (n={fd['n']})" if "n" in fd else ""
+        rows.append((f"classifier FD (not FID) {NON_PRIVATE}", f"{fd['value']:.3f}{n}"))
         if "real_test_value" in fd:
+            n = f" (n={fd['real_test_n']})" if "real_test_n" in fd else ""
             rows.append((f"classifier FD, real test vs real train (floor) {NON_PRIVATE}",
-                         f"{fd['real_test_value']:.3f}"))
+                         f"{fd['real_test_value']:.3f}{n}"))
     pr = metrics.get("classifier_precision_recall")
     if pr is not None:
         rows.append((f"classifier precision / recall (fidelity / coverage, k=3) {NON_PRIVATE}",
