@@ -70,7 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpdm.checkpoint import TORCH_LOAD_ERRORS, load_error_reason
+from dpdm.checkpoint import TORCH_LOAD_ERRORS, damaged_record, load_error_reason
 from dpdm.classifiers import CNN, CNN_MIN_SIDE, build_classifier
 from dpdm.datasets import DataError, ImageData, class_names_problem, near_copy_problem, shared_images
 
@@ -618,6 +618,9 @@ def load_inception(weights: str | os.PathLike) -> nn.Module:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ValueError(f"--inception-weights={str(weights)!r} must be an existing file")
+    damaged = damaged_record(path)   # torch.load checks no CRC: a flipped bit would load as another weight
+    if damaged is not None:
+        raise ValueError(f"--inception-weights={str(weights)!r} is corrupt or truncated: {damaged}")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols; they are refused anyway
             warnings.simplefilter("ignore")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -592,6 +593,19 @@ def test_load_inception_refuses_non_finite_weights(tmp_path):
     with pytest.raises(ValueError, match=r"--inception-weights='.*nan.pt' holds non-finite weights \(NaN or inf, "
                                          r"in 2 tensors\)"):
         load_inception(nan)
+
+
+def test_load_inception_refuses_a_flipped_bit_in_a_weight(tmp_path):
+    """torch.load checks no CRC-32: a damaged weights file loaded as other weights (as checkpoints did)."""
+    from tests.dpdm.test_checkpoint_integrity import flip_weight_bit
+
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.ones(64)}, good)
+    record = flip_weight_bit(good, bad)
+    assert torch.load(bad, weights_only=True)["Conv2d_1a_3x3.conv.weight"][0] != 1   # torch alone loads it
+    with pytest.raises(ValueError, match=rf"--inception-weights='.*bad.pt' is corrupt or truncated: its record "
+                                         rf"{re.escape(record)} is damaged"):
+        load_inception(bad)
 
 
 def test_public_data_is_unused_and_unreported_without_accuracies(digits, tmp_path):
