@@ -47,17 +47,24 @@ def flip_weight_bit(src, dst, bit=0x04):
     return info.filename
 
 
+def train_tiny_run(d, steps, *train_args):
+    """`dpdm train` of a private `steps`-step run d/run on 24 random 8x8 images (3 classes) in d/data.npz, under
+    the plan d/plan.json that names them; `train_args` are added to the command line."""
+    rng = np.random.default_rng(0)
+    np.savez(d / "data.npz", x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8), y=np.arange(24) % 3,
+             num_classes=3)
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=steps, noise_multiplier=2.0,
+                                  noise_multiplicity=1, delta=1e-5, dataset_name=f"npz:{d / 'data.npz'}")
+    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")
+    assert main(["train", "--plan", str(d / "plan.json"), "--out", str(d / "run"), "--device", "cpu", "--quiet",
+                 *train_args]) == 0
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished 3-step private run on 24 random 8x8 images, and its release file."""
     d = tmp_path_factory.mktemp("integrity")
-    rng = np.random.default_rng(0)
-    np.savez(d / "data.npz", x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8), y=np.arange(24) % 3,
-             num_classes=3)
-    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=3, noise_multiplier=2.0,
-                                  noise_multiplicity=1, delta=1e-5, dataset_name=f"npz:{d / 'data.npz'}")
-    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")
-    assert main(["train", "--plan", str(d / "plan.json"), "--out", str(d / "run"), "--device", "cpu", "--quiet"]) == 0
+    train_tiny_run(d, 3)
     assert main(["export", "--run", str(d / "run"), "--out", str(d / "model.pt")]) == 0
     return d
 

@@ -483,20 +483,10 @@ def test_churn_window_between_two_noise_levels_is_refused():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A 2-step private run on 24 random 8x8 images (v-prediction), trained on noise levels 0.1 to 10 only."""
-    import numpy as np
-
-    import accounting
-    from cli.main import main
+    from tests.dpdm.test_checkpoint_integrity import train_tiny_run
 
     d = tmp_path_factory.mktemp("sample_options")
-    rng = np.random.default_rng(0)
-    np.savez(d / "data.npz", x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8), y=np.arange(24) % 3,
-             num_classes=3)
-    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=2.0,
-                                  noise_multiplicity=1, delta=1e-5, dataset_name=f"npz:{d / 'data.npz'}")
-    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")
-    assert main(["train", "--plan", str(d / "plan.json"), "--out", str(d / "run"), "--device", "cpu", "--quiet",
-                 "--precond", "v", "--train-sigma", "0.1", "10"]) == 0
+    train_tiny_run(d, 2, "--precond", "v", "--train-sigma", "0.1", "10")
     return d / "run"
 
 
