@@ -165,6 +165,7 @@ def test_real_data_cnn_is_the_protocol_on_the_private_images(load_benchmark):
     assert warm["train_size"] == 3600
 
 
+@pytest.mark.slow   # stop 42: 1265 s serially; stop 43: 805 s in two workers on a slow day
 def test_real_reference_adds_the_ceiling_only_when_asked(tmp_path, load_benchmark, monkeypatch):
     import numpy as np
 
@@ -300,6 +301,7 @@ def test_seed_option_warns_once_and_marks_the_json(stubbed, tmp_path, monkeypatc
     assert [kw["seed"] for kw in calls["generator"] + calls["baseline"]] == [None, None]
 
 
+@pytest.mark.slow   # stop 42: 1265 s serially; stop 43: 805 s in two workers on a slow day
 def test_public_data_holding_private_images_is_refused_before_any_part(stubbed, tmp_path, private_copy):
     q, calls = stubbed
     _fake_samples(tmp_path / "s.npz", digest="sha256:x", steps_done=1, plan_steps=1)
@@ -404,6 +406,7 @@ def test_plan_excludes_the_options_that_shape_the_default_plan(stubbed, tmp_path
     assert len(calls["generator"]) == 1
 
 
+@pytest.mark.slow   # stop 42: 1265 s serially; stop 43: 805 s in two workers on a slow day
 def test_a_finished_run_is_reused_only_with_its_own_settings_and_seed(tmp_path, load_benchmark, monkeypatch):
     import dpdm.checkpoint
 

@@ -137,6 +137,7 @@ def test_bad_input_exits_2(run_dir, tmp_path, capsys):
     assert rc == 2 and "steps=4" in err  # never more steps than the plan
 
 
+@pytest.mark.slow   # stop 42: 1265 s serially; stop 43: 805 s in two workers on a slow day
 def test_audit_of_a_subspace_run_checks_the_subspace_step(run_dir, tmp_path, capsys):
     """A `--public-subspace` run: the audit adds the subspace checks (and their share of the error
     budget) and says that the canary training does not exercise the subspace."""
@@ -229,6 +230,7 @@ def test_audit_seed_beyond_63_bits_is_one_error_line(run_dir, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow   # stop 42: 1265 s serially; stop 43: 805 s in two workers on a slow day
 def test_audit_of_a_no_dp_run_writes_strict_json(run_dir, tmp_path, capsys):
     """A --no-dp run's ledger spends epsilon inf: report.json and --json must still be JSON (null, not Infinity)."""
     from dpdm.datasets import load_dataset
@@ -366,6 +368,7 @@ def test_plots_draw_the_ceiling_at_the_canary_runs_epsilon(report_inputs, tmp_pa
     assert seen and all(e == claim for e in seen), seen
 
 
+@pytest.mark.slow   # stop 42: 1265 s serially; stop 43: 805 s in two workers on a slow day
 def test_library_audit_whose_coins_include_no_canary_still_reports(run_dir, tmp_path):
     """run_audit with 2 canaries and seed 0 (coins: both out): no two-class statistics or ROC plots, but a report
     (the CLI refuses so few canaries; the library skips what needs both classes and never redraws the coins)."""
