@@ -801,7 +801,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                                                seed=seed, device=device, progress=progress)
         info = {k: v for k, v in info.items() if k != "cache"}   # its file name is a digest of the data
         f_samples, f_train = _reference_features(reference, samples, real_train, device=device)  # FD and P/R
-        fd = {"value": frechet_distance(*feature_stats(f_samples), *feature_stats(f_train)),
+        train_stats = feature_stats(f_train)   # the FD's and its floor's (the training split's features, once)
+        fd = {"value": frechet_distance(*feature_stats(f_samples), *train_stats),
               "n": len(samples), "features": _FEATURES,
               "reference": info}
         non_private += ["classifier_fd.value", "classifier_fd.reference.real_val_accuracy"]
@@ -809,7 +810,9 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
             # At the samples' size: measured on more images, the floor would lack the small-n bias the
             # samples' FD carries, and real held-out images would score many times "the floor".
             floor_test = _subsample(real_test, len(samples), seed)
-            fd["real_test_value"] = classifier_fd(floor_test, real_train, reference, device=device)
+            _check_compatible(floor_test, real_train)
+            [f_test] = _reference_features(reference, floor_test, device=device)
+            fd["real_test_value"] = frechet_distance(*feature_stats(f_test), *train_stats)
             fd["real_test_n"] = len(floor_test)
             non_private.append("classifier_fd.real_test_value")
         if real_test is not None and real_test.y is not None:
