@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _argtypes import int_at_least, number  # noqa: E402
 import accounting  # noqa: E402
 import quality  # noqa: E402
 
@@ -133,23 +134,23 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", default="mnist")
     ap.add_argument("--public", default="digits28-aug")
-    ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--physical-batch", type=int, default=None)
-    ap.add_argument("--K", type=int, default=2)
+    ap.add_argument("--batch-size", type=int_at_least(1), default=1024)
+    ap.add_argument("--physical-batch", type=int_at_least(1), default=None)
+    ap.add_argument("--K", type=int_at_least(1), default=2)
     ap.add_argument("--grad-engine", default="rules", choices=("rules", "vmap"), help="as `dpdm train --grad-engine`")
-    ap.add_argument("--public-batch", type=int, default=quality.PUBLIC_BATCH, help="batch of the public steps")
-    ap.add_argument("--public-K", type=int, default=None, help="K of the public steps (default: --K)")
+    ap.add_argument("--public-batch", type=int_at_least(1), default=quality.PUBLIC_BATCH, help="batch of the public steps")
+    ap.add_argument("--public-K", type=int_at_least(1), default=None, help="K of the public steps (default: --K)")
     ap.add_argument("--clip-norm", type=float, default=0.1)
     ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
-    ap.add_argument("--n", type=int, default=quality.N_SAMPLES)
-    ap.add_argument("--seconds", type=float, required=True, help="what the whole of quality.py may take")
-    ap.add_argument("--eval-reserve", type=float, default=150.0,
+    ap.add_argument("--n", type=int_at_least(1), default=quality.N_SAMPLES)
+    ap.add_argument("--seconds", type=number(float, 0, above=True), required=True, help="what the whole of quality.py may take")
+    ap.add_argument("--eval-reserve", type=number(float, 0), default=150.0,
                     help="seconds kept for the synthetic classifiers and FD (not probed)")
-    ap.add_argument("--margin", type=float, default=1.2, help="training time is budgeted at this multiple")
-    ap.add_argument("--max-public-steps", type=int, default=2000)
-    ap.add_argument("--min-public-steps", type=int, default=500)
-    ap.add_argument("--max-epochs", type=float, default=60.0)
-    ap.add_argument("--min-epochs", type=float, default=20.0)
+    ap.add_argument("--margin", type=number(float, 1), default=1.2, help="training time is budgeted at this multiple")
+    ap.add_argument("--max-public-steps", type=int_at_least(1), default=2000)
+    ap.add_argument("--min-public-steps", type=int_at_least(1), default=500)
+    ap.add_argument("--max-epochs", type=number(float, 0, above=True), default=60.0)
+    ap.add_argument("--min-epochs", type=number(float, 0, above=True), default=20.0)
     ap.add_argument("--plan-out", required=True, help="the chosen plan is written here")
     ap.add_argument("--json", help="timings and choices")
     args = ap.parse_args()

@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _argtypes import int_at_least, number  # noqa: E402
 from gpu_probe import public_private_plan, time_steps, with_peak_gib  # noqa: E402
 
 
@@ -191,8 +192,8 @@ def main() -> None:
     ap.add_argument("configs", nargs="+", metavar="MODEL:PHYSICAL:K")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--public", default="digits28-aug")
-    ap.add_argument("--batch-size", type=int, default=1024, help="expected batch of the private steps")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch-size", type=int_at_least(1), default=1024, help="expected batch of the private steps")
+    ap.add_argument("--steps", type=int_at_least(2), default=6)
     ap.add_argument("--json", required=True)
     ap.add_argument("--clipped", action="store_true", help="engine rows: time the chunk's clipped gradient sum")
     ap.add_argument("--fit", type=float, metavar="SHARE",

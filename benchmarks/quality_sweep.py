@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _argtypes import int_at_least, number  # noqa: E402
 
 
 def register_model(spec: str) -> str:
@@ -53,9 +54,9 @@ def register_model(spec: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--epochs", type=float, default=20)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--K", type=int, default=1)
+    ap.add_argument("--epochs", type=number(float, 0, above=True), default=20)
+    ap.add_argument("--batch", type=int_at_least(1), default=256)
+    ap.add_argument("--K", type=int_at_least(1), default=1)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--precond", default="edm", choices=("edm", "v"))
     ap.add_argument("--model", default="small")
@@ -63,10 +64,10 @@ def main() -> None:
     ap.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
     ap.add_argument("--train-sigma", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                     help="noise levels trained on (v only); sampling keeps to them")
-    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--n", type=int_at_least(1), default=2000)
     ap.add_argument("--guidance", default="0,1", help="comma-separated guidance weights to sample with")
     ap.add_argument("--eval-only", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
     ap.add_argument("--cache", default=None, help="reference-CNN cache folder (default: OUT/../cache)")
     a = ap.parse_args()
 

@@ -253,3 +253,15 @@ def test_gpu_run_stops_when_no_time_is_left(tmp_path):
     proc, lines, probe_log = _gpu_run(tmp_path, chunks, 79.1, GRAD_ENGINE="rules", BUDGET_S="20")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "no time left" in proc.stdout and not [line for line in lines if line.startswith("quality.py")]
+
+
+@pytest.mark.parametrize("script, flag, value", [
+    ("gpu_probe", "--n", "0"), ("gpu_probe", "--K", "-1"), ("gpu_probe", "--physical-batch", "0"),
+    ("gpu_probe", "--seconds", "nan"), ("gpu_probe", "--margin", "0.5"),
+    ("gpu_step_times", "--steps", "1"), ("gpu_step_times", "--batch-size", "0"),
+    ("quality_sweep", "--batch", "0"), ("quality_sweep", "--threads", "0"), ("quality_sweep", "--epochs", "0"),
+])
+def test_gpu_scripts_and_the_sweep_refuse_out_of_range_counts(load_benchmark, option_refused, script, flag, value):
+    # Bare type=int/float let --n 0 or --steps 1 through to a traceback (or a probe with no timing) after minutes
+    # of set-up on the GPU; now argparse's one line, exit 2, before anything runs.
+    option_refused(load_benchmark(script), f"{script}.py", flag, value)
