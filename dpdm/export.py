@@ -48,12 +48,16 @@ def release_plan_digest(path: str | os.PathLike) -> str | None:
     """The plan digest in the ledger of the release file at `path`, or None when nothing is there.
 
     Raises:
-        ExportError: `path` exists and is not a release file of `dpdm export` (read only with
-            `weights_only=True`), so `dpdm export` must not replace it.
+        ExportError: `path` exists and is damaged (a zip record fails its CRC-32) or is not a release file of
+            `dpdm export` (read only with `weights_only=True`), so `dpdm export` must not replace it.
     """
     path = Path(path)
     if not os.path.lexists(path):
         return None
+    damaged = ckpt.damaged_record(path) if path.is_file() else None
+    if damaged is not None:   # perhaps an earlier release file, bit-rotted: said so, not "not a release file"
+        raise ExportError(f"--out={str(path)!r} already exists and is damaged: {damaged}; it is kept: remove it "
+                          "or choose another --out")
     try:
         state = ckpt._load_weights_only(path)   # a folder or a broken link: CheckpointError
     except ckpt.CheckpointError:

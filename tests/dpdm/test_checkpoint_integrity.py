@@ -98,6 +98,21 @@ def test_sample_and_export_refuse_a_damaged_release_file_or_checkpoint(run, tmp_
     assert not out.exists()
 
 
+def test_export_over_a_damaged_release_file_says_it_is_damaged_and_keeps_it(run, tmp_path, capsys):
+    # An earlier release at --out that has bit-rotted was "not a release file from `dpdm export`": true of a user's
+    # own file, misleading here. Kept either way (with --force too): the user decides.
+    bad = tmp_path / "model.pt"
+    record = flip_weight_bit(run / "model.pt", bad)
+    before = bad.read_bytes()
+    for force in ([], ["--force"]):
+        code, _, err = run_cli(["export", "--run", run / "run", "--out", bad, *force], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.strip() == (f"dpdm: error: --out={str(bad)!r} already exists and is damaged: its record {record} "
+                               "is damaged (its bytes fail the zip's CRC-32 check); it is kept: remove it or choose "
+                               "another --out"), err
+    assert bad.read_bytes() == before
+
+
 def test_resume_warm_start_and_audit_refuse_a_damaged_checkpoint(run, tmp_path, capsys, monkeypatch):
     import audits.suite
     from dpdm.datasets import load_dataset
