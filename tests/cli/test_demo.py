@@ -19,6 +19,7 @@ def test_demo_writes_report_and_release_file(tmp_path, capsys, monkeypatch):
     assert report.endswith("report.html") and (out / "report.html").exists()
     md = (out / "report.md").read_text()
     assert "model.pt" in md and "keep private" in md
+    assert "the reference CNN eval trained on the private images, cached in " in md and "(in Quality)" in md
     assert str(out / "audit") not in md   # --skip-audit: no audit folder to keep private (it was named, stop 42)
     model = torch.load(out / "model.pt", weights_only=True)
     state = ckpt.load_checkpoint(out / "run" / "checkpoint.pt")
@@ -38,7 +39,7 @@ def test_demo_report_shows_the_audit_verdict_with_its_reason():
     and which epsilon the verdict compared against (the demo itself exits 0: the verdict is not its exit code)."""
     from pathlib import Path
 
-    from cli.demo import audit_rows
+    from cli.demo import NON_PRIVATE, audit_rows
 
     reason = ("with 200 canaries this audit cannot certify more than epsilon 3.125, so it cannot detect a "
               "violation of the claim 9.997; use more canaries (--canaries) or a shorter canary run (--steps)")
@@ -46,11 +47,14 @@ def test_demo_report_shows_the_audit_verdict_with_its_reason():
               "canary_audit": {"claimed_epsilon": 9.997, "max_epsilon_lower_bound": 0.0,
                                "max_certifiable_epsilon": 3.12459, "training": {"target": {"steps": 30}}}}
     rows = audit_rows(report, Path("demo_out/audit"))
-    assert rows[0] == ("verdict", "INCONCLUSIVE")
-    assert ("reason", reason) in rows
+    assert rows[0] == (f"verdict {NON_PRIVATE}", "INCONCLUSIVE")
+    assert (f"reason {NON_PRIVATE}", reason) in rows
     label, value = next(r for r in rows if r[0].startswith("epsilon of the 30-step canary run"))
     assert value.startswith("9.997;") and "certifiable with these canaries 3.124" in value   # rounded down
     assert rows[-1] == ("report", str(Path("demo_out/audit")))
+    # From canary runs on private images, outside the plan's budget (the positive control's, without noise, can
+    # be a reason): marked, as the Quality rows computed from the private images are (h75 F1, stop 44).
+    assert all(label.endswith(NON_PRIVATE) for label, _ in rows[:-1])
 
 
 def test_demo_report_marks_the_statistics_of_the_private_images():
@@ -135,6 +139,22 @@ def test_demo_refuses_step_counts_and_out_paths_before_claiming_its_folder(tmp_p
     assert main(["demo", "--out", str(tmp_path / "a_file" / "sub"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a folder" in err[0], err
+
+
+def test_demo_refuses_an_unusable_cache_folder_before_any_work(tmp_path, capsys, monkeypatch):
+    """The eval stage caches its reference CNN under $DPDM_CACHE: a file there (or a read-only home) was found
+    after the training and sampling, a traceback with exit 4 and no report; now one line, exit 2, before the
+    demo claims its folder."""
+    import cli.demo as demo
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("DPDM_CACHE", str(tmp_path / "afile"))
+    monkeypatch.setattr(demo, "_claim_demo_folder", lambda out: pytest.fail("claimed its folder"))
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert f"the cache folder of the eval stage {str(tmp_path / 'afile')!r}" in err[0] and "is not a folder" in err[0]
+    assert not (tmp_path / "d").exists()
 
 
 def test_demo_prints_each_audit_stage_once():
