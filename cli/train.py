@@ -85,9 +85,11 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
     """Train a diffusion model with DP-SGD under a locked plan.
 
     With --resume, an option not given takes the run's own value (its checkpoint's); --lr and --lr-schedule may
-    change (privacy-neutral), other knobs that differ are refused."""
+    change (privacy-neutral for the run; a copy of a run folder is the same run: from an lr change on, its
+    batches and noise follow the lr segments, so copies resumed with different lrs compose), other knobs that
+    differ are refused."""
     from dpdm import checkpoint as ckpt
-    from dpdm.train import RankLost, TrainConfig, TrainDiverged, TrainError
+    from dpdm.train import RankLost, RunStorageError, TrainConfig, TrainDiverged, TrainError
     from dpdm.train import train as run_training
 
     given = {name for name in ctx.params
@@ -180,7 +182,8 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
         ok = True
     except (TrainError, ckpt.CheckpointError) as e:
         raise BadInput(str(e)) from None
-    except (TrainDiverged, RankLost) as e:   # the weights went NaN, a peer died: not an input mistake
+    except (TrainDiverged, RankLost, RunStorageError) as e:   # the weights went NaN, a peer died, the run folder
+        # could not be written: not an input mistake (exit 4, one line naming the checkpoint --resume continues from)
         raise runtime_failure(str(e)) from None
     finally:
         distributed.shutdown(ok=ok)

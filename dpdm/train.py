@@ -6,13 +6,16 @@ ledger asks `accounting.epsilon_spent` what the steps done so far cost.
 
 Randomness is derived per step from (seed, step, stream), so that a resumed run draws exactly the
 batches, diffusion noise and DP noise an uninterrupted run would have drawn, and so that every rank
-of a distributed run derives the same Poisson batch without communicating.
+of a distributed run derives the same Poisson batch without communicating. After a change of the
+learning rate on resume, the seed of each step is mixed with the run's lr segments (`run_seed_at`), so
+that two copies of one run folder resumed with different lrs do not draw the same noise.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import csv
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -52,17 +55,23 @@ _STREAM_DIFFUSION = 1
 _STREAM_DP_NOISE = 2
 _STREAM_PUBLIC = 3      # public examples and their diffusion draws for the gradient subspace
 _STREAM_INIT = 4        # the network's initial weights (public: frozen ones are released)
-# How a checkpoint's randomness is derived (recorded in it). v2: the DP noise comes from
-# `engine.noise_generator` (numpy PCG64 on the CPU: torch's CPU generator keeps 32 bits of a seed)
+# How a checkpoint's randomness is derived (recorded in it; nothing reads it back). v2: the DP noise comes
+# from `engine.noise_generator` (numpy PCG64 on the CPU: torch's CPU generator keeps 32 bits of a seed)
 # and the initial weights from their own stream, so no released weight depends on the secret seed's
-# low bits.
-RNG_SCHEME = "per-step SeedSequence(seed, step, stream); noise_generator (v2)"
+# low bits. v3: from the first lr change on, a step's seed is `run_seed_at` (the seed mixed with the lr
+# segments so far); a run whose lr never changed draws exactly what v2 drew.
+RNG_SCHEME = "per-step SeedSequence(run_seed_at(seed, lr_segments, step), step, stream); noise_generator (v3)"
 # Knobs a resumed run must keep: changing them midway would train another model than the one the
 # checkpoint describes (and `dpdm sample` reads train_sigma and precond from it). Flag names for the message.
 # The learning rate and its schedule may change on resume (a diverged run continues from its last checkpoint
 # with a lower one): the run records each change as a segment (`TrainConfig.lr_segments`), so `lr_at` stays a
-# pure function of what the checkpoint holds. Privacy-neutral: the lr is a public choice applied to the noisy
-# gradient.
+# pure function of what the checkpoint holds. Privacy-neutral for the run: the lr is a public choice applied to
+# the noisy gradient. A copy of the run folder is the same run, though: resumed with another lr than the
+# original, it would draw the original's batches and DP noise at other weights, and the difference of the two
+# noisy gradients is noise-free. So every step from an lr change on derives its randomness from the seed and the
+# segments so far (`run_seed_at`): copies whose lrs differ draw independent noise from the step where they part
+# (their releases compose), a resume replays exactly (the segments are in the checkpoint), and copies with the
+# same lrs stay one run, bit for bit.
 _RESUME_FIXED = {"ema_decay": "--ema-decay", "train_sigma": "--train-sigma", "label_dropout": "label_dropout",
                  "precision": "--precision"}
 
@@ -77,6 +86,11 @@ class TrainDiverged(RuntimeError):
 
 class RankLost(RuntimeError):
     """Another rank of a distributed run stopped (died, was killed) during training: a collective failed."""
+
+
+class RunStorageError(RuntimeError):
+    """The run folder could not be written during training (read-only, permissions, full, an I/O error): the
+    machine, not a bug and not the user's input. Every file written before is kept whole (atomic writes)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,6 +263,24 @@ def step_seed(seed: int, step: int, stream: int) -> int:
     """A 63-bit seed that is a pure function of (seed, step, stream)."""
     state = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def run_seed_at(seed: int, lr_segments, step: int) -> int:
+    """The seed that step `step`'s randomness derives from (`step_seed(run_seed_at(...), step, stream)`: its
+    Poisson batch, diffusion noise, DP noise and public draws).
+
+    The run's `seed` itself while its lr never changed (one segment up to `step`: every run, checkpoint and
+    resume without an lr change draws what it drew before); from an lr change on, 63 bits of the sha256 of the
+    seed and the lr segments ((first step, lr, schedule), ...) begun at or before `step`. A copy of a run folder
+    resumed with another lr than the original then draws other batches and other DP noise from the step where
+    they part, instead of the same noise at other weights (the difference of the two noisy gradients would be
+    noise-free): at worst the two releases compose. The segments are in the checkpoint, so resumes replay
+    exactly, and every rank of a distributed run derives the same value."""
+    segments = [seg for seg in (lr_segments or ()) if int(seg[0]) <= step]
+    if len(segments) <= 1:
+        return int(seed)
+    record = json.dumps([int(seed), [[int(a), float(b).hex(), str(c)] for a, b, c in segments]])
+    return int.from_bytes(hashlib.sha256(record.encode()).digest()[:8], "big") & ((1 << 63) - 1)
 
 
 def data_fingerprint(x: torch.Tensor, y: torch.Tensor | None) -> str:
@@ -821,15 +853,31 @@ def train(
     if dist.broadcast_int(int(refusal is not None)):
         raise TrainError(refusal or f"rank 0 could not take the run folder {str(out)!r}; see its message")
     bar = metrics_file = None
+    finished = False
+    last_saved = steps_done   # the step of the checkpoint on disk (0: none yet)
+
+    @contextlib.contextmanager
+    def writing(what: str, path: Path):
+        # An OSError while writing the run's files (the folder turned read-only, lost its permissions, filled
+        # up, an I/O error): one line saying what is kept and where --resume continues, not a traceback.
+        try:
+            yield
+        except OSError as e:
+            raise RunStorageError(_storage_message(e, what, path, last_saved)) from e
+
     try:   # however the run ends: the lock released, the progress bar and the metrics file closed
         if dist.is_main:
-            _write_json(out / "plan.json", plan_doc.to_dict())
+            with writing("plan.json", out / "plan.json"):
+                _write_json(out / "plan.json", plan_doc.to_dict())
             shown = "(given with --seed: not secret)" if seed_given else "(secret: in checkpoint.pt only)"
             public = {**run_config, "train": {**run_config["train"], "seed": shown},
                       "private": config.private}
-            _write_json(out / "config.json", public)
+            with writing("config.json", out / "config.json"):
+                _write_json(out / "config.json", public)
 
-        sampler = PoissonSampler(plan.dataset_size if config.private else n, plan.sample_rate, seed=seed)
+        segments = lr_segments_of(config)   # a step's seed: run_seed_at(seed, segments, step)
+        sample_size = plan.dataset_size if config.private else n
+        sampler = PoissonSampler(sample_size, plan.sample_rate, seed=run_seed_at(seed, segments, steps_done))
         x_dev = x.to(device)
         y_dev = y.to(device) if conditional else None
         params = {name: p for name, p in D.named_parameters() if p.requires_grad}  # what --trainable left
@@ -841,24 +889,29 @@ def train(
             return Ledger(plan_doc.digest, plan.steps, steps, eps, plan.delta, config.private)
 
         def save(steps: int) -> Ledger:
+            nonlocal last_saved
             ledger = ledger_at(steps)
             dist.check_same_params(D)
             if dist.is_main:
-                ckpt.save_checkpoint(
-                    {
-                        "format": ckpt.FORMAT,
-                        "model": D.state_dict(),
-                        "ema": ema.model.state_dict(),
-                        "ema_power": {k: pe.model.state_dict() for k, pe in power_emas.items()},
-                        "optimizer": optimizer.state_dict(),
-                        "rng": {"torch": torch.get_rng_state(), "scheme": RNG_SCHEME},
-                        "ledger": ledger.to_dict(),
-                        "config": {**run_config, "private": config.private},
-                        **({} if trained_on is None else {IMAGE_DIGESTS_KEY: trained_on}),
-                    },
-                    ckpt_path,
-                )
-                (out / CHECKPOINTED_MARK).touch()   # this folder's run saved a checkpoint (_check_fresh_run_folder)
+                with writing(f"the checkpoint of step {steps}", ckpt_path):
+                    ckpt.save_checkpoint(
+                        {
+                            "format": ckpt.FORMAT,
+                            "model": D.state_dict(),
+                            "ema": ema.model.state_dict(),
+                            "ema_power": {k: pe.model.state_dict() for k, pe in power_emas.items()},
+                            "optimizer": optimizer.state_dict(),
+                            "rng": {"torch": torch.get_rng_state(), "scheme": RNG_SCHEME},
+                            "ledger": ledger.to_dict(),
+                            "config": {**run_config, "private": config.private},
+                            **({} if trained_on is None else {IMAGE_DIGESTS_KEY: trained_on}),
+                        },
+                        ckpt_path,
+                    )
+                last_saved = steps
+                with writing(f"the mark of the checkpoint of step {steps}", out / CHECKPOINTED_MARK):
+                    (out / CHECKPOINTED_MARK).touch()   # this folder's run saved a checkpoint (_check_fresh_run_folder)
+            last_saved = steps
             return ledger
 
         metrics_path = out / "metrics.csv"
@@ -867,8 +920,9 @@ def train(
         if dist.is_main:
             # The header and the rows up to the checkpoint, written atomically before any step: a run killed
             # before its first row still has the header, and rows logged after the checkpoint are redone.
-            _truncate_metrics(metrics_path, steps_done)
-            metrics_file = open(metrics_path, "a", newline="")
+            with writing("metrics.csv", metrics_path):
+                _truncate_metrics(metrics_path, steps_done)
+                metrics_file = open(metrics_path, "a", newline="")
             writer = csv.writer(metrics_file)
 
         if on_start is not None and dist.is_main:
@@ -884,14 +938,16 @@ def train(
         shown, logged_at = {}, steps_done   # the progress bar's postfix at the last logged step
         t_last, steps_last = time.perf_counter(), steps_done
         ledger = None
-        last_saved = steps_done   # 0: none yet
         probe = (torch.zeros(1, *x.shape[1:], device=device), torch.ones(1, device=device),
                  torch.zeros(1, dtype=torch.long, device=device) if conditional else None)
         while steps_done < plan.steps:
             step = steps_done
+            seed_now = run_seed_at(seed, segments, step)   # the seed itself unless the lr changed by now
+            if sampler.seed != seed_now:
+                sampler = PoissonSampler(sample_size, plan.sample_rate, seed=seed_now)
             idx = sampler.batch(step).to(device)
             local = dist.shard(idx)
-            g_diff = _generator(step_seed(seed, step, _STREAM_DIFFUSION), device)
+            g_diff = _generator(step_seed(seed_now, step, _STREAM_DIFFUSION), device)
             # Every rank draws the diffusion randomness of the whole logical batch, then takes its
             # shard, so the result does not depend on the number of ranks.
             y_b = None
@@ -907,10 +963,10 @@ def train(
             if config.subspace_dim is not None and (subspace is None or step % config.subspace_every == 0):
                 subspace = {"basis": _public_basis(D, loss_obj, loss_fn, public_data, config, conditional,
                                                    num_classes, K, plan.clip_norm,
-                                                   step_seed(seed, step, _STREAM_PUBLIC), device, dist),
+                                                   step_seed(seed_now, step, _STREAM_PUBLIC), device, dist),
                             "step": step}
             if config.private:
-                grads = plan_private_grad(D, loss_fn, batch, plan, seed=seed, step=step,
+                grads = plan_private_grad(D, loss_fn, batch, plan, seed=seed, step=step, lr_segments=segments,
                                           chunk_size=config.physical_batch, stats=stats, dist=dist,
                                           basis=None if subspace is None else subspace["basis"],
                                           per_layer_rules=config.per_layer_rules)
@@ -955,10 +1011,11 @@ def train(
                 t_last, steps_last = now, steps_done
                 loss_mean = loss_sum / loss_n if loss_n else float("nan")
                 if writer is not None:   # an upper bound: rounded up, as everywhere else (epsilon_text)
-                    writer.writerow([steps_done, int(count), f"{loss_mean:.6g}",
-                                     f"{clipped / count if count else 0.0:.4f}",
-                                     epsilon_text(eps_now, 6), f"{rate:.4g}", int(config.private)])
-                    metrics_file.flush()
+                    with writing(f"the metrics row of step {steps_done}", metrics_path):
+                        writer.writerow([steps_done, int(count), f"{loss_mean:.6g}",
+                                         f"{clipped / count if count else 0.0:.4f}",
+                                         epsilon_text(eps_now, 6), f"{rate:.4g}", int(config.private)])
+                        metrics_file.flush()
             if bar is not None:
                 # The postfix is set (unshown) before the update draws the bar: the epsilon shown is that of the
                 # step the bar shows, or, between logged steps, that of the last logged step, which it names.
@@ -974,12 +1031,16 @@ def train(
                 bar.update(1)
             if steps_done % config.checkpoint_every == 0 or steps_done == plan.steps:
                 ledger = save(steps_done)
-                last_saved = steps_done
+        finished = True
     finally:
         if bar is not None:
             bar.close()
         if metrics_file is not None:
-            metrics_file.close()
+            try:
+                metrics_file.close()
+            except OSError:   # the row it still holds could not be written: the error on its way says so
+                if finished:
+                    raise
         if lock is not None:
             lock.close()
     if ledger is None:
@@ -1000,6 +1061,18 @@ def train(
         "lr": lr_at(config, max(ledger.steps_done - 1, 0), plan.steps),
         "lr_segments": [list(seg) for seg in lr_segments_of(config)],
     }
+
+
+def _storage_message(e: OSError, what: str, path: Path, last_saved: int) -> str:
+    """RunStorageError's line: the file that could not be written and why, what is kept, and how to go on."""
+    code = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
+    reason = " ".join(str(e.strerror or e).split()) + (f", {code}" if code else "")
+    head = "no space left on the device: " if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    text = (f"{head}cannot write {what} ({str(path)!r}: {reason}); files written before are kept; ")
+    if last_saved:
+        return text + (f"`dpdm train --resume` continues from the checkpoint of step {last_saved} once "
+                       f"{str(path.parent)!r} can be written")
+    return text + f"no checkpoint was saved: run the same command again once {str(path.parent)!r} can be written"
 
 
 def _diverged_message(step: int, steps: int, lr: float, last_saved: int, eps_saved: float | None) -> str:
@@ -1106,18 +1179,21 @@ def training_loss(precond: str, train_sigma, sigma_data: float):
     return EDMLoss(sigma_data=sigma_data)
 
 
-def plan_private_grad(D, loss_fn, batch, plan, *, seed: int, step: int, chunk_size: int | None = None,
-                      stats: dict | None = None, dist: _Dist | None = None, basis: torch.Tensor | None = None,
-                      per_layer_rules: bool = True) -> dict[str, torch.Tensor]:
-    """The private gradient of `dpdm train`'s step `step` of a run seeded `seed`: `distributed_private_grad`
-    with the plan's clip norm, noise multiplier and expected batch size, and the step's own noise seed.
+def plan_private_grad(D, loss_fn, batch, plan, *, seed: int, step: int, lr_segments=None,
+                      chunk_size: int | None = None, stats: dict | None = None, dist: _Dist | None = None,
+                      basis: torch.Tensor | None = None, per_layer_rules: bool = True) -> dict[str, torch.Tensor]:
+    """The private gradient of `dpdm train`'s step `step` of a run seeded `seed` (with the run's `lr_segments`:
+    None, or one segment, for a run whose lr never changed): `distributed_private_grad` with the plan's clip norm,
+    noise multiplier and expected batch size, and the step's own noise seed
+    (`step_seed(run_seed_at(seed, lr_segments, step), step, _STREAM_DP_NOISE)`).
 
     `dpdm audit`'s mechanism checks call this very function (`audits.suite.training_private_grad`), so what
     they test is what the training loop passes to the engine; their noise tests compare (random) steps of one
     run seed, so noise repeated across steps fails them."""
     return distributed_private_grad(D, loss_fn, *batch, clip_norm=plan.clip_norm,
                                     noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.batch_size,
-                                    noise_seed=step_seed(seed, step, _STREAM_DP_NOISE), chunk_size=chunk_size,
+                                    noise_seed=step_seed(run_seed_at(seed, lr_segments, step), step,
+                                                         _STREAM_DP_NOISE), chunk_size=chunk_size,
                                     stats=stats, dist=dist, basis=basis, per_layer_rules=per_layer_rules)
 
 

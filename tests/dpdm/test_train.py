@@ -1197,6 +1197,68 @@ def test_other_runtime_errors_keep_their_traceback(tmp_path, monkeypatch, capsys
     assert err.strip().splitlines()[-1] == "dpdm: runtime failure: RuntimeError: something else went wrong", err
 
 
+@pytest.mark.parametrize("where,code,fail_at", [
+    ("checkpoint", "EROFS", 2), ("checkpoint", "EACCES", 1), ("checkpoint", "EIO", 2), ("metrics", "EPERM", 3),
+    ("metrics", "EROFS", 1)])
+def test_a_run_folder_that_cannot_be_written_mid_run_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys,
+                                                                                      where, code, fail_at):
+    """A run folder that turns read-only (ext4 errors=remount-ro, an NFS server), loses its permissions or gives an
+    I/O error at a checkpoint or a metrics row was a traceback and "runtime failure: OSError" (h72 F2, stop 44): a
+    machine condition, like a full disk. One line naming the file and the reason, what is kept and where --resume
+    continues, exit 4; the run then resumes (or, before its first checkpoint, starts again) and finishes."""
+    import csv
+    import errno
+
+    from cli.main import main
+
+    argv = [*_failing_train_cli(tmp_path, monkeypatch, None, at_call=0), "--log-every", "1"]   # no engine failure:
+    # 4 steps, checkpoints at 2 and 4, a metrics row each step
+    failure = OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+    calls = []
+    if where == "checkpoint":
+        real_save = ckpt.atomic_torch_save
+
+        def save(obj, path):   # the fail_at-th checkpoint
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise failure
+            return real_save(obj, path)
+
+        monkeypatch.setattr(ckpt, "atomic_torch_save", save)
+    else:
+        real_writer = csv.writer
+
+        class Rows:   # metrics.csv's writer, failing at the row of step fail_at
+            def __init__(self, f):
+                self.inner = real_writer(f)
+
+            def writerow(self, row):
+                if row[0] == fail_at:
+                    raise failure
+                return self.inner.writerow(row)
+
+        monkeypatch.setattr(csv, "writer", Rows)
+    assert main(argv) == 4
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    line = err.strip()
+    what = f"the checkpoint of step {2 * fail_at}" if where == "checkpoint" else f"the metrics row of step {fail_at}"
+    assert line.startswith(f"dpdm: runtime failure: cannot write {what} ("), line
+    assert code in line and os.strerror(getattr(errno, code)) in line and "files written before are kept" in line
+    run = tmp_path / "run"
+    saved = 2 if fail_at > 2 or (where == "checkpoint" and fail_at == 2) else 0
+    if saved:
+        assert f"`dpdm train --resume` continues from the checkpoint of step {saved} once {str(run)!r}" in line, line
+        assert params_of(run, "ledger")["steps_done"] == saved
+    else:
+        assert "no checkpoint was saved: run the same command again" in line and not (run / CHECKPOINT_NAME).exists()
+    monkeypatch.undo()
+    assert main([*argv, "--resume"] if saved else argv) == 0, capsys.readouterr().err
+    assert params_of(run, "ledger")["steps_done"] == 4
+    rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4]
+
+
 def test_out_of_memory_line_names_the_gpu_and_the_commands_knob():
     from cli.main import _out_of_memory, _out_of_memory_line
 
