@@ -2,8 +2,9 @@
 
 What is audited (shared/research/audits.md section 1.5, Steinke, Nasr and Jagielski 2023): a model
 is trained from scratch with DP-SGD under the plan's **sample rate, noise multiplier and clip norm**
-(Poisson sampling over background data plus the included canaries, per-example clipping, Gaussian
-noise once per step, the engine's ``clipped_grad_sum`` + ``add_noise``). Each canary's inclusion bit is
+(Poisson sampling over background data plus the included canaries, then `dpdm train`'s own private
+step, ``dpdm.train.plan_private_grad``: per-example clipping, Gaussian noise once per step, the sum
+divided by the public expected batch size). Each canary's inclusion bit is
 an independent fair coin drawn from a dedicated seed and never shown to the scorers. The canaries
 are scored by the calibrated loss attack and PIA (reference: the same network at initialization,
 which does not depend on the coins), and the one-run bound turns the guesses into an epsilon lower
@@ -327,10 +328,16 @@ def train_with_canaries(
     divides by the plan's batch size. It must not depend on which canaries are in ``x`` (the number of
     included canaries is a function of the secret coins): ``canary_audit`` passes
     ``q * (background + num_canaries)``. None means ``q * len(x)``, for data of a public size only.
+
+    Each step's gradient is ``dpdm.train.plan_private_grad``, the function `dpdm train`'s loop and the
+    mechanism checks call, with the plan's clip norm and noise multiplier (0 for the control) and this
+    divisor: the audited run is the plan's mechanism, not a copy of it that could drift (stop 44).
     """
+    import types
+
     from dpdm.data import PoissonSampler
-    from dpdm.engine import add_noise, clipped_grad_sum, noise_generator
     from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
+    from dpdm.train import _Dist, plan_private_grad
 
     n = int(x.shape[0])
     q = float(plan.sample_rate)
@@ -353,6 +360,9 @@ def train_with_canaries(
     expected = q * n if expected_batch_size is None else float(expected_batch_size)
     if not (math.isfinite(expected) and expected > 0):
         raise ValueError(f"expected_batch_size={expected_batch_size!r} must be a positive number")
+    # The plan's fields as the training loop reads them; batch_size is the divisor (public, see above).
+    step_plan = types.SimpleNamespace(clip_norm=float(plan.clip_norm), batch_size=expected,
+                                      noise_multiplier=float(plan.noise_multiplier) if noise else 0.0)
     t0 = time.perf_counter()
     batch_sizes = []
     for step in range(steps):
@@ -364,13 +374,14 @@ def train_with_canaries(
         if conditional:
             batch.append(drop_labels(y[idx], config.label_dropout, num_classes, generator=g))
         batch += [sigma, nz]
-        grad_sum = clipped_grad_sum(D, loss_fn, *batch, clip_norm=plan.clip_norm, chunk_size=config.chunk_size)
-        if noise:
-            g_noise = noise_generator(_seed_for(config.seed, step, 2))
-            grad_sum = add_noise(grad_sum, noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
-                                 expected_batch_size=1.0, generator=g_noise)
+        # Its noise seed, step_seed(config.seed, step, 2), is _seed_for's stream 2: apart from the draws' (1) and
+        # the batches' (7), and the same noise as the canary runs drew before they called it.
+        # A world of one, explicitly: inside a caller's torch.distributed group plan_private_grad would sum every
+        # rank's (identical) clipped sum beside rank 0's one noise draw.
+        grad = plan_private_grad(D, loss_fn, batch, step_plan, seed=config.seed, step=step,
+                                 chunk_size=config.chunk_size, dist=_Dist())
         for name, p in params.items():
-            p.grad = (grad_sum[name] / expected).to(p.dtype)
+            p.grad = grad[name].to(p.dtype)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if progress is not None:
@@ -382,8 +393,8 @@ def train_with_canaries(
         "sample_rate": q,
         "expected_batch_size": expected,
         "mean_batch_size": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
-        "noise_multiplier": float(plan.noise_multiplier) if noise else 0.0,
-        "clip_norm": float(plan.clip_norm),
+        "noise_multiplier": step_plan.noise_multiplier,
+        "clip_norm": step_plan.clip_norm,
         "steps": steps,
         "plan_steps": int(plan.steps),
         "noise_multiplicity": K,

@@ -319,6 +319,15 @@ def run_audit(
         except ValueError as e:   # PlanError
             raise ValueError(f"{'plan' if plan_path is not None else 'run'}="
                              f"{str(plan_path if plan_path is not None else run_dir)!r}: {e}") from None
+        if plan_path is not None:
+            # The run's own plan.json, which run_plan_matches compares with the claim, is refused here as it is
+            # without --plan when it is missing or does not verify: before any training, not a FAIL after the
+            # canary runs (exit 1 reads as a privacy bug; h74 F3, stop 44). One that verifies but differs from
+            # the claim is that check's FAIL.
+            try:
+                accounting.load_plan(run / "plan.json")
+            except ValueError as e:   # PlanError
+                raise ValueError(f"run={str(run_dir)!r}: {e}") from None
         plan = doc.plan
         cfg = suite_config(suite, plan, run_config, seed=seed, **(canary_overrides or {}))
         name = dataset or run_config.get("dataset")
@@ -453,7 +462,8 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
         f"canaries; the plan's dataset has {plan.dataset_size}), expected batch {t['expected_batch_size']:.1f} "
         f"(the update's divisor: {t.get('normalizer', 'q * dataset size')}, fixed before the coins are drawn), "
         f"K={t['noise_multiplicity']} noise draws (plan: {plan.noise_multiplicity}; privacy-neutral), "
-        f"network '{cfg.model}'.",
+        f"network '{cfg.model}'; each step is `dpdm train`'s private step (plan_private_grad) at "
+        f"C={t['clip_norm']:g}, sigma={t['noise_multiplier']:.6g} (the positive control: sigma 0).",
         f"Claimed epsilon of the audit: {epsilon_text(claim)}, the epsilon of the {t['steps']}-step canary run "
         f"(the plan's per-step mechanism composed over {t['steps']} steps, by the plan's accountant)"
         + ("" if plan_epsilon is None else

@@ -1187,8 +1187,9 @@ def plan_private_grad(D, loss_fn, batch, plan, *, seed: int, step: int, lr_segme
     noise multiplier and expected batch size, and the step's own noise seed
     (`step_seed(run_seed_at(seed, lr_segments, step), step, _STREAM_DP_NOISE)`).
 
-    `dpdm audit`'s mechanism checks call this very function (`audits.suite.training_private_grad`), so what
-    they test is what the training loop passes to the engine; their noise tests compare (random) steps of one
+    `dpdm audit`'s mechanism checks call this very function (`audits.suite.training_private_grad`), and so do
+    its canary runs (`audits.canary.train_with_canaries`), so what they test is what the training loop passes
+    to the engine; their noise tests compare (random) steps of one
     run seed, so noise repeated across steps fails them."""
     return distributed_private_grad(D, loss_fn, *batch, clip_norm=plan.clip_norm,
                                     noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.batch_size,

@@ -73,6 +73,78 @@ def test_training_is_reproducible_and_noise_matters(digits, plan_eps1):
     assert c.info["noise_multiplier"] == 0.0 and a.info["sample_rate"] == plan_eps1.sample_rate
 
 
+class _Constant(torch.nn.Module):
+    """A denoiser that outputs theta everywhere: with theta far above the images, every example's gradient points
+    along theta's (nearly the same for all), so each clipped one has norm C and a batch's clipped sum |B| * C."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.full((1, 8, 8), 1e4))
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.theta.expand(x.shape[0], -1, -1, -1)
+
+
+def test_canary_run_uses_the_plans_sample_rate_clip_norm_noise_and_divisor(digits, plan_eps1, monkeypatch):
+    """What the canary run trains with, measured, not read back from its report (h74 F1: a copy of the DP step
+    with 10x the noise, or C / 10, passed every test): the sampler it draws batches from (n, q), and the gradient
+    it hands the optimizer each step (an optimizer that records and never moves the weights, so the noisy and
+    the control run see the same clipped sums): noise-free it is |B| * C / the given divisor; the noise between the
+    two runs has std noise_multiplier * C / divisor. Both runs go through `dpdm train`'s `plan_private_grad`."""
+    import dpdm.data
+    import dpdm.train
+
+    samplers, grads, calls = [], [], []
+
+    class Sampler(dpdm.data.PoissonSampler):
+        def __init__(self, n, q, **kw):
+            super().__init__(n, q, **kw)
+            samplers.append(self)
+            self.sizes = []
+
+        def batch(self, step):
+            idx = super().batch(step)
+            self.sizes.append(len(idx))
+            return idx
+
+    class Recorder:
+        def __init__(self, params, lr):
+            self.params = list(params)
+            grads.append([])
+
+        def step(self):
+            grads[-1].append(torch.cat([p.grad.reshape(-1) for p in self.params]).double())
+
+        def zero_grad(self, set_to_none=True):
+            for p in self.params:
+                p.grad = None
+
+    real_step = dpdm.train.plan_private_grad
+
+    def spy(D, loss_fn, batch, plan, **kw):
+        calls.append(plan.noise_multiplier)
+        return real_step(D, loss_fn, batch, plan, **kw)
+
+    monkeypatch.setattr(dpdm.data, "PoissonSampler", Sampler)
+    monkeypatch.setattr(torch.optim, "Adam", Recorder)
+    monkeypatch.setattr(dpdm.train, "plan_private_grad", spy)
+    x, steps, divisor = digits.x[:40], 30, 7.5   # the divisor given, not q * 40 = 10
+    cfg = CanaryConfig(num_canaries=8, steps=steps, noise_multiplicity=1, seed=3)
+    noisy = train_with_canaries(plan_eps1, x, None, 0, cfg, denoiser_factory=_Constant, expected_batch_size=divisor)
+    clean = train_with_canaries(plan_eps1, x, None, 0, cfg, noise=False, denoiser_factory=_Constant,
+                                expected_batch_size=divisor)
+    q, C, sigma = plan_eps1.sample_rate, plan_eps1.clip_norm, plan_eps1.noise_multiplier
+    assert [(s.dataset_size, s.sample_rate) for s in samplers] == [(40, q), (40, q)]
+    assert samplers[0].sizes == samplers[1].sizes and sum(samplers[1].sizes) > 0
+    assert calls == [sigma] * steps + [0.0] * steps   # the training loop's own step, the plan's sigma, 0 in control
+    for size, g in zip(samplers[1].sizes, grads[1]):
+        assert float(g.norm()) * divisor == pytest.approx(size * C, rel=1e-4)
+    noise = torch.stack([a - b for a, b in zip(grads[0], grads[1])]) * divisor
+    assert float(noise.std()) == pytest.approx(sigma * C, rel=0.1) and abs(float(noise.mean())) < 0.2 * sigma * C
+    assert noisy.info["noise_multiplier"] == sigma and clean.info["noise_multiplier"] == 0.0
+    assert noisy.info["clip_norm"] == C and noisy.info["expected_batch_size"] == divisor
+
+
 def _audit(digits, plan, *, private, seed, control=False, config=POWER):
     from dataclasses import replace
 

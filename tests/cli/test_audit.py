@@ -41,9 +41,16 @@ def _audit(argv, capsys):
 SMALL = ["--canaries", "24", "--steps", "2", "--background", "32"]
 
 
-def test_audit_writes_report_and_json(run_dir, tmp_path, capsys):
+def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
+    import audits.suite
+
     run, npz, doc = run_dir
     out_dir = tmp_path / "report"
+    alphas = {}   # the level each kind of mechanism check ran at (h74 F2, stop 44)
+    for name in ("check_engine", "check_network", "check_sampler", "check_run"):
+        real = getattr(audits.suite, name)
+        monkeypatch.setattr(audits.suite, name, lambda *a, _real=real, _name=name, **k:
+                            (alphas.setdefault(_name, []).append(k["alpha"]), _real(*a, **k))[1])
     rc, out, err = _audit(["--run", str(run), "--out", str(out_dir), *SMALL, "--json"], capsys)
     report = json.loads(out)
     assert rc == {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}[report["verdict"]]
@@ -63,10 +70,17 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys):
     assert set(NETWORK_CHECKS) <= names
     line = next(s for s in report["what_was_audited"] if s.startswith("The mechanism checks ran"))
     assert "tiny float64 model" in line and "the run's 'small' network" in line and "float32" in line, line
+    line = next(s for s in report["what_was_audited"] if s.startswith("Canary training:"))
+    assert "`dpdm train`'s private step (plan_private_grad)" in line, line   # h74 F1: not a copy of it
     assert report["claimed_plan"]["digest"] == doc.digest
     budget = report["error_budget"]
     assert budget["mechanism_checks"]["statistical_checks"] == 7
     assert budget["mechanism_checks"]["share"] + budget["epsilon_bounds"]["share"] == pytest.approx(0.05)
+    # "FAIL at most 5% for a correct implementation" rests on the Bonferroni split: the mechanism share (0.2 of
+    # 0.05) over the 7 statistical checks, at which every check runs; 0.01 each would make it 0.04 + 7 * 0.01.
+    assert budget["mechanism_checks"]["per_check"] == pytest.approx(0.05 * 0.2 / 7)
+    assert set(alphas) == {"check_engine", "check_network", "check_sampler", "check_run"}, alphas
+    assert all(a == pytest.approx(0.05 * 0.2 / 7) for seen in alphas.values() for a in seen), alphas
     for f in ("report.md", "report.json", "scores.npz", "roc_target_loss.png", "roc_log_target_loss.png",
               "hist_target_pia.png", "roc_control_loss.png"):
         assert (out_dir / f).is_file(), f
@@ -577,6 +591,41 @@ def test_a_damaged_metrics_csv_is_exit_2_before_any_training(run_dir, tmp_path, 
         assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("dpdm: error: "), (name, err)
         assert f"--run={str(spoilt)!r}: metrics.csv" in err and needle in err, (name, err)
         assert not out.exists() and stdout == ""
+
+
+def test_a_run_without_its_plan_json_is_exit_2_before_any_training_with_or_without_plan(run_dir, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """h74 F3 (stop 44): with --plan, a run folder whose plan.json is missing or does not verify was audited: the
+    canary runs trained, then run_plan_matches raised and the verdict was FAIL (exit 1, a privacy bug); without
+    --plan the same run is one error line, exit 2. Now both are refused before any training, as every other
+    command refuses a run away from its plan.json. A run plan.json that verifies but differs from the claim stays
+    a FAIL (test_audit_against_another_plan_fails)."""
+    import shutil
+
+    import audits.suite
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the audit trained before refusing its input")
+
+    monkeypatch.setattr(audits.suite, "canary_audit", no_training)
+    monkeypatch.setattr(audits.suite, "mechanism_checks", no_training)
+    run, _, _ = run_dir
+    claimed = tmp_path / "claimed.json"
+    shutil.copyfile(run / "plan.json", claimed)   # the very plan the run was trained under
+    tampered = json.loads((run / "plan.json").read_text())
+    tampered["noise_multiplier"] *= 0.5
+    for name, spoil in (("missing", lambda p: p.unlink()),
+                        ("tampered", lambda p: p.write_text(json.dumps(tampered))),
+                        ("not_json", lambda p: p.write_text("{"))):
+        spoilt = tmp_path / name
+        shutil.copytree(run, spoilt)
+        spoil(spoilt / "plan.json")
+        for plan_args in (["--plan", str(claimed)], []):
+            out = tmp_path / "reports" / f"{name}{len(plan_args)}"
+            rc, stdout, err = _audit(["--run", str(spoilt), *plan_args, "--out", str(out), *SMALL], capsys)
+            assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("dpdm: error: "), (name, err)
+            assert f"--run={str(spoilt)!r}: " in err and "plan.json" in err, (name, err)
+            assert not out.exists() and stdout == ""
 
 
 @pytest.mark.slow   # about 40 s on 2 cores: three quick audits of a 3-step run (24 canaries, 2 steps)
