@@ -106,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             click.echo(f"{prog}: runtime failure: no space left on the device ({_one_line(str(e))}); files "
                        "written before are kept", err=True)
             return EXIT_RUNTIME
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM):
+            # A folder that turned read-only (a remount after disk errors), an I/O error, permissions taken away
+            # mid-command: the machine again. Inputs are checked for these before any work; this is the rest.
+            click.echo(f"{prog}: runtime failure: {_one_line(str(e))} ({errno.errorcode[e.errno]}); files written "
+                       "before are kept", err=True)
+            return EXIT_RUNTIME
         return _internal_error(prog, e)  # a bug or an environment failure: never exit 1, which means "audit FAIL"
     return int(rv or 0)
 

@@ -2,6 +2,8 @@
 an output that cannot be written, or more images than fit in memory, is one error line before any drawing."""
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +286,20 @@ def test_cpp_bad_alloc_is_the_out_of_memory_line(run, tmp_path, capsys, monkeypa
     assert code == 4 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("dpdm: runtime failure: out of memory on the machine") and "--batch-size" in err, err
     assert not (tmp_path / "s.npz").exists()
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM])
+def test_a_folder_that_cannot_be_written_mid_command_is_one_line(run, tmp_path, monkeypatch, capsys, code):
+    """A write that fails after the output checks (a read-only remount after disk errors, an I/O error,
+    permissions taken away mid-command) had ended `dpdm sample` (and every command but train's loop, which names
+    the checkpoint to resume from) in a traceback: now one line, exit 4, nothing left behind."""
+    def fails(path, **arrays):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(np, "savez", fails)
+    out = tmp_path / "s.npz"
+    rc, _, err = run_cli(_sample(run, out), capsys)
+    assert rc == 4 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"dpdm: runtime failure: [Errno {code}] {os.strerror(code)}: "), err
+    assert f"({errno.errorcode[code]}); files written before are kept" in err, err
+    assert not list(tmp_path.iterdir())
