@@ -15,6 +15,7 @@ anything else.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import functools
 import hashlib
 import json
@@ -63,6 +64,7 @@ __all__ = [
     "make_plan_document",
     "min_delta",
     "prv_eps_error_range",
+    "prv_unreliable",
     "write_plan",
 ]
 
@@ -78,6 +80,9 @@ PRV_MIN_EPS_ERROR = 0.01
 # A plan file's prv_eps_error lies outside the digest and sets how much work re-computing its PRV figures
 # takes (1e-9 asked for a 1.96 TiB grid), so a loaded plan's must lie where make_plan_document puts it.
 PRV_MAX_RELATIVE_EPS_ERROR = 1.0
+# How far PRV's upper bound may lie below the certificate, beyond PRV's stated error, in units of sqrt(steps) times
+# the PLD interval: the certificate's slack above the true epsilon was measured at up to 2.1 of them (`prv_unreliable`).
+PRV_SLACK_FACTOR = 3.0
 # A loaded plan's epsilon must re-compute to the stored value: never above it, and not more than
 # this far below it (a different dp-accounting version may shift the last digits).
 RECOMPUTE_RTOL = 1e-3
@@ -295,8 +300,12 @@ class PlanDocument:
             "pld": self.pld.upper,
             "prv": {"lower": self.prv.lower, "estimate": self.prv.estimate, "upper": self.prv.upper},
             "pld_discretization": self.pld_discretization,
-            "prv_eps_error": self.prv_eps_error,
         }
+        # A file without one (DESIGN.md's schema does not list it; load_plan takes it as NaN) keeps it absent: NaN
+        # is no JSON, and a run's plan.json that held it was refused by every later command (stop 44). Outside the
+        # digest, so a plan that has one is written byte for byte as before.
+        if math.isfinite(self.prv_eps_error):
+            d["epsilon"]["prv_eps_error"] = self.prv_eps_error
         if self.independent is not None:
             # Its upper bound is infinite where its grid's bracket (steps * interval wide) says nothing: JSON
             # has no infinity, so null (a 10**6-step plan whose PRV failed could not be written).
@@ -313,6 +322,18 @@ class PlanDocument:
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @property
+    def prv_unreliable(self) -> str | None:
+        """Why PRV's figures are no bounds for this plan, or None (`prv_unreliable`): from the figures the
+        document holds, so a loaded plan says the same, with no accounting and nothing more in plan.json."""
+        if self.prv_overruled is not None or self.prv.upper is None:   # said already, or PRV gave nothing
+            return None
+        eps_error = self.prv_eps_error
+        if not math.isfinite(eps_error):   # a file without one: the error make_plan_document takes
+            eps_error = prv_eps_error_range(self.pld.upper)[0]
+        return prv_unreliable(certified=self.epsilon, prv_upper=self.prv.upper, prv_eps_error=eps_error,
+                              steps=self.plan.steps, pld_discretization=self.pld_discretization)
 
 
 def certified_epsilon(plan: PrivacyPlan, certified_by: str | None = None, prv_eps_error: float | None = None) -> float:
@@ -350,6 +371,44 @@ def prv_eps_error_range(pld_epsilon: float) -> tuple[float, float]:
     as its error shrinks, so the least bounds the work of verifying a PRV certificate."""
     return (max(PRV_RELATIVE_EPS_ERROR * pld_epsilon, PRV_MIN_EPS_ERROR),
             max(PRV_MAX_RELATIVE_EPS_ERROR * pld_epsilon, PRV_MIN_EPS_ERROR))
+
+
+def prv_unreliable(*, certified: float, prv_upper: float, prv_eps_error: float, steps: int,
+                   pld_discretization: float) -> str | None:
+    """Why PRV's "upper bound" is no bound here, or None: it lies below the certificate by more than PRV's stated
+    error and the certificate's own slack together (stop 44: at q 0.3, sigma 5, 10**6 steps, delta 1e-7, PRV
+    said [529.7, 615.4] beside a certified 2141.55, and the true epsilon is above 1500).
+
+    A PRV upper bound somewhat below the certificate is normal: the certificate lies above the true epsilon,
+    and over many steps PLD's grid makes it loose (RDP, where it certifies, is below PLD). That slack was
+    measured at 1.1 to 2.1 times sqrt(steps) * interval (q 1 over 10**6 steps, q 0.064 over 3 * 10**6 and 10**7:
+    docs/accounting.md); PRV_SLACK_FACTOR times it is allowed. Where PRV was wrong, the gap was 8 times it and more
+    (q 1, 50,000 steps, sigma 20: PRV 88.85 against an exact 109.34). Takes figures already computed, and
+    accounts nothing itself.
+
+    Args:
+        certified: the certified epsilon (the smaller of PLD's and RDP's rigorous upper bounds).
+        prv_upper: PRV's upper bound.
+        prv_eps_error: PRV's stated error in epsilon.
+        steps: the plan's steps.
+        pld_discretization: the interval of the PLD that certified or was compared.
+    Returns:
+        One sentence for a warning, or None where PRV's upper bound is within tolerance.
+    """
+    slack = PRV_SLACK_FACTOR * math.sqrt(steps) * pld_discretization
+    if not prv_upper < certified - prv_eps_error - slack:
+        return None
+    return (f"PRV's upper bound {_up(prv_upper)} is below the certified epsilon {_up(certified)} (the smaller of "
+            f"PLD's and RDP's rigorous upper bounds) by more than PRV's stated error ({prv_eps_error:.2g}) and the "
+            f"certificate's grid slack ({slack:.2g}): prv-accountant is unreliable here and its figures are no bounds; "
+            "the certified epsilon is the figure to use")
+
+
+def _up(x: float) -> str:
+    """An upper bound to 6 significant digits, rounded up, as `dpdm plan` and `dpdm account` print it in their tables
+    (dpdm.report_utils.epsilon_text, which accounting/ does not import)."""
+    d = decimal.Decimal(repr(float(x)))
+    return f"{float(d.quantize(decimal.Decimal(1).scaleb(d.adjusted() - 5), rounding=decimal.ROUND_CEILING)):.6g}"
 
 
 def _check_prv_eps_error(prv_eps_error: float, pld_epsilon: float) -> None:

@@ -229,6 +229,8 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
             "dpdm's own PLD cross-checked the certificate in its place" if _bracketed(doc) else
             "dpdm's own PLD gives no bracket for it either, so nothing cross-checked the certificate (PLD's "
             "and RDP's bounds are both rigorous upper bounds)"))
+    if doc.prv_unreliable:   # from the figures at hand: no accounting of its own
+        warn(doc.prv_unreliable)
     untrainable = noise_scale_problem(doc.plan.noise_multiplier, doc.plan.clip_norm)
     if untrainable:   # the accountants take it; float32 training cannot (dpdm.noise_scale)
         warn(f"dpdm train and dpdm baseline will refuse this plan: {untrainable}")
@@ -429,7 +431,7 @@ def _table(doc) -> str:
         "",
         _row("accountant", "lower", "estimate", "upper"),
     ]
-    reports = [("RDP", doc.rdp), ("PLD", doc.pld), ("PRV", doc.prv)]
+    reports = [("RDP", doc.rdp), ("PLD", doc.pld), ("PRV*" if doc.prv_unreliable else "PRV", doc.prv)]
     if doc.independent is not None:
         reports.append(("dpdm PLD", doc.independent))
     for label, r in reports:
@@ -437,12 +439,19 @@ def _table(doc) -> str:
     lines += ["", f"certified epsilon {epsilon_text(doc.epsilon, 6)} (by {doc.certified_by}, the smaller of PLD's "
                   f"and RDP's bounds; PLD pessimistic at interval {doc.pld_discretization:.2g}, PRV error "
                   f"{doc.prv_eps_error:.2g})"]
+    if doc.prv_unreliable:
+        lines.append(_PRV_UNRELIABLE_NOTE)
     if doc.prv_overruled:
         lines.append("PRV overruled (see the warning; recorded in the plan)")
     if doc.prv_failed:
         lines.append("PRV failed; " + ("dpdm's own PLD cross-checked instead" if _bracketed(doc) else
                                        "nothing cross-checked") + " (see the warning; recorded in the plan)")
     return "\n".join(lines)
+
+
+# Under the table, where PRV's upper bound lies below the certificate beyond its error (accounting.plan.prv_unreliable).
+_PRV_UNRELIABLE_NOTE = ("* PRV unreliable here: its upper bound is below the certified epsilon, so it is no bound "
+                        "(see the warning)")
 
 
 def _bracketed(doc) -> bool:
@@ -548,12 +557,24 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
     except accounting.PRV_ERRORS as e:  # say so, and show the other two
         prv_failed = f"{type(e).__name__}: {e}"
         warn(f"prv-accountant gave no epsilon ({prv_failed})")
+    unreliable = None
+    if prv_failed is None:   # from the figures at hand: no accounting of its own
+        from accounting.plan import prv_unreliable
+
+        unreliable = prv_unreliable(certified=min(reports[0].upper, reports[1].upper), prv_upper=reports[2].upper,
+                                    prv_eps_error=eps_error, steps=steps, pld_discretization=disc)
+        if unreliable:
+            warn(unreliable)
     if as_json:
         doc = {r.method: r.to_dict() for r in reports}
         if prv_failed is not None:
             doc["prv_failed"] = prv_failed
+        if unreliable:
+            doc["prv_unreliable"] = unreliable
         emit_json(doc)   # strict JSON: an infinite bound as null
         return
     click.echo(_row("accountant", "lower", "estimate", "upper"))
     for r in reports:
-        click.echo(_bounds_row(r.method.upper(), r))
+        click.echo(_bounds_row(r.method.upper() + ("*" if unreliable and r.method == "prv" else ""), r))
+    if unreliable:
+        click.echo(_PRV_UNRELIABLE_NOTE)

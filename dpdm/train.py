@@ -1546,4 +1546,6 @@ def _patterns(patterns: tuple[str, ...] | None) -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    ckpt.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    # Strict JSON (RFC 8259): a NaN written as the token NaN made the run's plan.json unreadable to every later
+    # command (stop 44). Now it is a ValueError before the file is touched, and before any step.
+    ckpt.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")

@@ -552,3 +552,66 @@ def test_prv_figures_made_by_another_prv_accountant_are_checked_within_its_error
     with pytest.raises(PlanError, match=r"epsilon.prv=.* disagrees with the certificate \(PRV lower bound"):
         accounting.load_plan(_tampered(doc, tmp_path, made_by_another(
             lambda e: e["prv"].update(lower=e["prv"]["lower"] + 1.5 * err))))
+
+
+def _strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as RFC 8259 (and every other reader) does."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_plan_without_prv_eps_error_is_written_without_it_and_one_with_it_byte_for_byte(doc, tmp_path):
+    """DESIGN.md's plan.json schema has no prv_eps_error and load_plan takes a file without one, as NaN, which
+    to_dict wrote back: the run's plan.json got the token NaN, refused by every later command, and export of a
+    repaired run crashed in to_json (stop 44). The field stays absent; a plan that has one is written as before
+    (it is outside the digest)."""
+    path = _tampered(doc, tmp_path, lambda d: d["epsilon"].pop("prv_eps_error"))
+    loaded = accounting.load_plan(path)
+    assert math.isnan(loaded.prv_eps_error) and loaded.digest == doc.digest
+    d = _strict_json(loaded.to_json())
+    assert "prv_eps_error" not in d["epsilon"] and d["digest"] == doc.digest
+    again = tmp_path / "again.json"
+    accounting.write_plan(loaded, again)
+    assert accounting.load_plan(again).to_dict() == loaded.to_dict()
+    # With the field: loading and writing it again changes no byte.
+    accounting.write_plan(doc, tmp_path / "with.json")
+    accounting.write_plan(accounting.load_plan(tmp_path / "with.json"), tmp_path / "with2.json")
+    assert (tmp_path / "with.json").read_bytes() == (tmp_path / "with2.json").read_bytes()
+    assert list(doc.to_dict()["epsilon"])[:7] == ["certified", "certified_by", "rdp", "pld", "prv",
+                                                  "pld_discretization", "prv_eps_error"]
+
+
+def test_prv_unreliable_fires_beyond_its_error_and_the_certificates_slack_only():
+    """PRV's "upper bound" far below the certificate was shown and stored as a bound without a word (stop 44:
+    [529.7, 615.4] beside a certified 2141.55). A gap within PRV's error plus the certificate's grid slack
+    (3 sqrt(steps) * interval) is normal; beyond it, one sentence says so."""
+    from accounting.plan import PRV_SLACK_FACTOR, prv_unreliable
+
+    kw = dict(prv_eps_error=2.0, steps=10**4, pld_discretization=0.01)
+    slack = PRV_SLACK_FACTOR * 100 * 0.01
+    assert prv_unreliable(certified=100.0, prv_upper=100.0 - 2.0 - slack + 1e-6, **kw) is None
+    assert prv_unreliable(certified=100.0, prv_upper=101.0, **kw) is None
+    why = prv_unreliable(certified=100.0, prv_upper=100.0 - 2.0 - slack - 1e-6, **kw)
+    # 94.999999 rounded up to 6 digits, as the tables show an upper bound
+    assert why.startswith("PRV's upper bound 95 is below the certified epsilon 100 ") and "unreliable" in why
+
+
+def test_a_plan_where_prv_is_unreliable_says_so_from_its_figures_and_a_normal_one_does_not(doc, tmp_path):
+    """A real corner (q 0.3, sigma 5, 100,000 steps, delta 1e-7): PRV's upper bound 130.2 beside a certified 281.6
+    (the CLT puts the true epsilon near 280). The document says so from its own figures, loaded or made, with no
+    field in plan.json; the paper-like plan of this file's fixture, and q 1 over 10**6 steps (certificate 12%
+    loose, PRV right), do not."""
+    plan = PrivacyPlan(dataset_size=10, batch_size=3, steps=100_000, noise_multiplier=5.0, delta=1e-7)
+    bad = accounting.make_plan_document(plan)
+    assert bad.prv.upper < 0.5 * bad.epsilon and bad.prv_unreliable and "130.244" in bad.prv_unreliable
+    assert "prv_unreliable" not in bad.to_dict()["epsilon"]
+    accounting.write_plan(bad, tmp_path / "bad.json")
+    assert accounting.load_plan(tmp_path / "bad.json").prv_unreliable == bad.prv_unreliable
+    # An older file without prv_eps_error: the error make_plan_document takes.
+    without = accounting.load_plan(_tampered(bad, tmp_path, lambda d: d["epsilon"].pop("prv_eps_error")))
+    assert without.prv_unreliable == bad.prv_unreliable
+    assert doc.prv_unreliable is None
+    loose = accounting.make_plan_document(PrivacyPlan(dataset_size=10, batch_size=10, steps=10**6,
+                                                      noise_multiplier=100.0, delta=1e-5))
+    assert loose.certified_by == "rdp" and loose.prv.upper < loose.epsilon and loose.prv_unreliable is None

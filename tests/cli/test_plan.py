@@ -627,3 +627,38 @@ def test_account_names_a_subnormal_sample_rate_and_a_small_delta_without_jargon(
     rc = main(["account", "-s", "1", "-p", "0.1", "-i", "10", "--delta", "1e-300"])
     err = capsys.readouterr().err
     assert rc == 2 and "--delta=1e-300 is below 1e-10" in err and "stop" not in err, err
+
+
+# q 0.3, sigma 5, 100,000 steps, delta 1e-7: PRV's "upper bound" 130.244 beside a certified 281.593 (the CLT puts the
+# true epsilon near 280); a second and a half. Stop 44 found it at 10**6 steps: PRV [529.7, 615.4], certified 2141.55.
+PRV_LOW = ["-s", "5", "-p", "0.3", "-i", "100000", "--delta", "1e-7"]
+
+
+def test_account_and_plan_say_when_prvs_upper_bound_is_far_below_the_certificate(capsys, tmp_path):
+    """Both commands printed such a PRV row, and the plan stored it, as bounds, without a word. Now one warning
+    line on stderr, and the PRV row marked; plan.json is unchanged (the document says it from its figures)."""
+    assert main(["account", *PRV_LOW]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("dpdm: warning: PRV's upper bound 130.244 is below the certified "
+                                                   "epsilon 281.593"), err
+    assert "unreliable" in err and "the certified epsilon is the figure to use" in err
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert "PRV*" in rows and "PRV" not in rows and "* PRV unreliable here" in out
+    assert main(["account", *PRV_LOW, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["prv_unreliable"] in err and err.count("\n") == 1
+    rc, out, err = run(capsys, "--noise-multiplier", "5", "--dataset-size", "10", "--batch-size", "3", "--steps",
+                       "100000", "--delta", "1e-7", "--out", str(tmp_path / "plan.json"))
+    assert rc == 0 and err.count("\n") == 1 and "PRV's upper bound 130.244" in err, err
+    assert "\nPRV* " in out and "* PRV unreliable here" in out
+    assert "prv_unreliable" not in (tmp_path / "plan.json").read_text()
+
+
+@pytest.mark.parametrize("argv", [
+    ["-s", "1", "-p", "0.064", "-i", "469", "--delta", "1e-5"],     # the default plan: PLD and PRV agree
+    ["-s", "100", "-p", "1", "-i", "1000000", "--delta", "1e-5"],   # certificate (RDP) 4% above PRV's upper bound
+])
+def test_account_does_not_warn_where_prv_agrees_within_the_errors(capsys, argv):
+    assert main(["account", *argv]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "\nPRV " in out and "*" not in out

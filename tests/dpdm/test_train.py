@@ -1462,3 +1462,41 @@ def test_metrics_epsilon_is_rounded_up_and_the_bar_shows_its_steps_epsilon(tmp_p
         step = int(of or shown)
         assert step <= int(shown) and eps == epsilon_text(min(accounting.epsilon_spent(doc.plan, step), doc.epsilon))
         assert of or int(shown) in (2, 4, 5), frames   # an epsilon of an earlier step says which
+
+
+def test_a_plan_file_without_prv_eps_error_trains_samples_and_exports(tmp_path):
+    """A locked plan.json without epsilon.prv_eps_error (DESIGN.md's schema lists none; load_plan takes it) trained,
+    then the run's plan.json held the token NaN and sample, export, audit and resume refused the run (stop 44).
+    Now the run's files are strict JSON and the run is used as any other."""
+    from dpdm.export import export_model
+    from dpdm.sample import sample_checkpoint
+
+    d = tiny_plan(steps=2).to_dict()
+    del d["epsilon"]["prv_eps_error"]
+    (tmp_path / "plan.json").write_text(json.dumps(d))
+    doc = accounting.load_plan(tmp_path / "plan.json")
+    x, y, c = tiny_data()
+    out = tmp_path / "run"
+    train(doc, x, y, c, out, TrainConfig(**CFG), progress=False)
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    for name in ("plan.json", "config.json"):
+        json.loads((out / name).read_text(), parse_constant=refuse)
+    assert "prv_eps_error" not in (out / "plan.json").read_text()
+    assert accounting.load_plan(out / "plan.json").digest == doc.digest
+    sample_checkpoint(out / CHECKPOINT_NAME, n=2, sampler_steps=2, out_path=tmp_path / "s.npz")
+    export_model(out / CHECKPOINT_NAME, tmp_path / "model.pt")
+    release = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert "NaN" not in release["plan"] and accounting.parse_plan(release["plan"]).digest == doc.digest
+
+
+def test_the_runs_json_files_are_strict_json(tmp_path):
+    """A NaN or an infinity can never reach a run's plan.json or config.json as a token no JSON reader takes:
+    a ValueError before the file is written."""
+    from dpdm.train import _write_json
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+            _write_json(tmp_path / "x.json", {"epsilon": {"prv_eps_error": bad}})
+        assert list(tmp_path.iterdir()) == []
