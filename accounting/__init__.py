@@ -46,6 +46,7 @@ from accounting.plan import (
     min_delta,
     plan_from_dict,
     prv_eps_error_range,
+    prv_unreliable,
     verify_document,
     write_plan,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "plan_from_dict",
     "pld_discretization",
     "prv_eps_error_range",
+    "prv_unreliable",
     "verify_document",
     "write_plan",
 ]
