@@ -597,6 +597,7 @@ def test_prv_unreliable_fires_beyond_its_error_and_the_certificates_slack_only()
     assert why.startswith("PRV's upper bound 95 is below the certified epsilon 100 ") and "unreliable" in why
 
 
+@pytest.mark.slow   # time (12 s): the default suite keeps prv_unreliable's rule and the CLI's warning
 def test_a_plan_where_prv_is_unreliable_says_so_from_its_figures_and_a_normal_one_does_not(doc, tmp_path):
     """A real corner (q 0.3, sigma 5, 100,000 steps, delta 1e-7): PRV's upper bound 130.2 beside a certified 281.6
     (the CLT puts the true epsilon near 280). The document says so from its own figures, loaded or made, with no

@@ -142,6 +142,7 @@ def test_copies_resumed_with_different_lrs_draw_different_batches_and_noise(tmp_
     assert_same_run(tmp_path / "A", tmp_path / "full")
 
 
+@pytest.mark.slow   # time: the default suite keeps the copies that part and the exact replay
 def test_copies_resumed_with_the_same_lr_change_stay_one_run(tmp_path):
     """Two copies given the same new lr are the same run, bit for bit (they leak nothing more than one)."""
     x, y, c = tiny_data()

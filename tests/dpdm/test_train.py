@@ -1197,9 +1197,10 @@ def test_other_runtime_errors_keep_their_traceback(tmp_path, monkeypatch, capsys
     assert err.strip().splitlines()[-1] == "dpdm: runtime failure: RuntimeError: something else went wrong", err
 
 
-@pytest.mark.parametrize("where,code,fail_at", [
-    ("checkpoint", "EROFS", 2), ("checkpoint", "EACCES", 1), ("checkpoint", "EIO", 2), ("metrics", "EPERM", 3),
-    ("metrics", "EROFS", 1)])
+@pytest.mark.parametrize("where,code,fail_at", [   # two in the default suite, the rest in make test-all (time)
+    ("checkpoint", "EROFS", 2), pytest.param("checkpoint", "EACCES", 1, marks=pytest.mark.slow),
+    pytest.param("checkpoint", "EIO", 2, marks=pytest.mark.slow), ("metrics", "EPERM", 3),
+    pytest.param("metrics", "EROFS", 1, marks=pytest.mark.slow)])
 def test_a_run_folder_that_cannot_be_written_mid_run_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys,
                                                                                       where, code, fail_at):
     """A run folder that turns read-only (ext4 errors=remount-ro, an NFS server), loses its permissions or gives an
