@@ -154,6 +154,14 @@ def _check_cache_folder() -> Path:
     return folder
 
 
+def _home_relative(path: Path) -> str:
+    """`path` as ~/... where it lies in the home folder: the report is for sharing, the user's name is not."""
+    try:
+        return str(Path("~") / path.resolve().relative_to(Path.home().resolve()))
+    except (ValueError, RuntimeError, OSError):   # elsewhere, or no home
+        return str(path)
+
+
 def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
              public_steps: int = DEMO_PUBLIC_STEPS) -> tuple[Path, str | None]:
     """Runs the demo into `out`; returns the report's path and the audit's verdict (None without audit)."""
@@ -290,7 +298,7 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
             ("keep private", f"{run_dir} (its checkpoint holds the secret seed of the batches and the noise)"
                              + (f" and {out / 'audit'}" if audit_section is not None else "")   # --skip-audit: none
                              + f"; the reference CNN eval trained on the private images, cached in "
-                               f"{cache / 'reference'}; and this report's rows marked {NON_PRIVATE}"
+                               f"{_home_relative(cache / 'reference')}; and this report's rows marked {NON_PRIVATE}"
                              + (" (in Quality and Audit)" if audit_section is not None else " (in Quality)"))]},
         {"title": "Quality", "rows": rows_metrics, "text": QUALITY_TEXT},
         {"title": "Privacy curve", "image": str(curve_path)},

@@ -157,6 +157,18 @@ def test_demo_refuses_an_unusable_cache_folder_before_any_work(tmp_path, capsys,
     assert not (tmp_path / "d").exists()
 
 
+def test_demo_report_names_the_cache_in_the_home_folder_as_tilde(tmp_path, monkeypatch):
+    """The report is for sharing: the cache's path in its "keep private" row does not carry the user's name."""
+    from pathlib import Path
+
+    from cli.demo import _home_relative
+
+    monkeypatch.setenv("HOME", str(tmp_path / "alice"))
+    assert _home_relative(tmp_path / "alice" / ".cache" / "dpdm" / "reference") == str(
+        Path("~") / ".cache" / "dpdm" / "reference")
+    assert _home_relative(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")
+
+
 def test_demo_prints_each_audit_stage_once():
     """The canary training reports each of its steps: the demo printed 30 "target" and 30 "control" lines."""
     from cli.demo import audit_progress_line
