@@ -398,17 +398,24 @@ def prv_unreliable(*, certified: float, prv_upper: float, prv_eps_error: float, 
     slack = PRV_SLACK_FACTOR * math.sqrt(steps) * pld_discretization
     if not prv_upper < certified - prv_eps_error - slack:
         return None
-    return (f"PRV's upper bound {_up(prv_upper)} is below the certified epsilon {_up(certified)} (the smaller of "
+    return (f"PRV's upper bound {bound_text(prv_upper, 6)} is below the certified epsilon {bound_text(certified, 6)} (the smaller of "
             f"PLD's and RDP's rigorous upper bounds) by more than PRV's stated error ({prv_eps_error:.2g}) and the "
             f"certificate's grid slack ({slack:.2g}): prv-accountant is unreliable here and its figures are no bounds; "
             "the certified epsilon is the figure to use")
 
 
-def _up(x: float) -> str:
-    """An upper bound to 6 significant digits, rounded up, as `dpdm plan` and `dpdm account` print it in their tables
-    (dpdm.report_utils.epsilon_text, which accounting/ does not import)."""
-    d = decimal.Decimal(repr(float(x)))
-    return f"{float(d.quantize(decimal.Decimal(1).scaleb(d.adjusted() - 5), rounding=decimal.ROUND_CEILING)):.6g}"
+def bound_text(epsilon: float, digits: int = 4, *, bound: str = "upper") -> str:
+    """`epsilon` to `digits` significant digits, rounded away from the side it bounds: up for a guarantee
+    (an upper bound: a certified 10.0045 shows as 10.01, where ".4g" showed 10), down for an audit's lower
+    bound. Infinity and NaN as Python writes them. (`dpdm.report_utils.epsilon_text` is this.)"""
+    if bound not in ("upper", "lower"):
+        raise ValueError(f"bound={bound!r} must be 'upper' or 'lower'")
+    if not math.isfinite(epsilon) or epsilon == 0:
+        return f"{epsilon:g}"
+    d = decimal.Decimal(repr(float(epsilon)))
+    step = decimal.Decimal(1).scaleb(d.adjusted() - digits + 1)
+    rounded = d.quantize(step, rounding=decimal.ROUND_CEILING if bound == "upper" else decimal.ROUND_FLOOR)
+    return f"{float(rounded):.{digits}g}"
 
 
 def _check_prv_eps_error(prv_eps_error: float, pld_epsilon: float) -> None:

@@ -1002,11 +1002,12 @@ def read_metrics(path, *, strict: bool = False) -> tuple[list[dict[str, str]], b
     return rows, half
 
 
-def check_run(run_dir, plan_doc, *, alpha: float = 1e-3) -> list[CheckResult]:
+def check_run(run_dir, plan_doc, *, alpha: float = 1e-3, run_doc=None) -> list[CheckResult]:
     """Checks a run folder against a claimed ``accounting.PlanDocument``.
 
     * ``run_plan_matches``: the run's plan.json verifies (digest, epsilon) and its sample rate, noise
-      multiplier, clip norm, steps, delta and dataset size equal the claimed plan's.
+      multiplier, clip norm, steps, delta and dataset size equal the claimed plan's. ``run_doc``: that plan.json
+      as the caller loaded (and so verified) it already; None loads it here (a re-accounting of half a second).
     * ``run_ledger_matches``: the checkpoint's ledger was trained privately under that plan (digest),
       with delta equal to the claim's, no more steps than the claim, and epsilon spent within the
       claimed epsilon.
@@ -1021,10 +1022,10 @@ def check_run(run_dir, plan_doc, *, alpha: float = 1e-3) -> list[CheckResult]:
     def plan_check():
         import accounting
 
-        run_doc = accounting.load_plan(run / "plan.json")
-        diff = [f"{f}: run {getattr(run_doc.plan, f)!r} vs claimed {getattr(claim, f)!r}"
-                for f in fields if not _close(getattr(run_doc.plan, f), getattr(claim, f))]
-        state["run_digest"] = run_doc.digest
+        doc = run_doc if run_doc is not None else accounting.load_plan(run / "plan.json")
+        diff = [f"{f}: run {getattr(doc.plan, f)!r} vs claimed {getattr(claim, f)!r}"
+                for f in fields if not _close(getattr(doc.plan, f), getattr(claim, f))]
+        state["run_digest"] = doc.digest
         return CheckResult(
             "run_plan_matches", not diff, float(len(diff)), None,
             ("run plan.json equals the claimed plan in " + ", ".join(fields)) if not diff

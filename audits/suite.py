@@ -186,7 +186,7 @@ def statistical_check_count(train_config: dict) -> int:
 
 
 def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed: int = 0,
-                     suite: str = "quick") -> tuple[list[CheckResult], str]:
+                     suite: str = "quick", run_doc=None) -> tuple[list[CheckResult], str]:
     """The mechanism checks of `dpdm audit` (each statistical one at ``alpha``), and what the run's own network
     in them was (``NetworkProblem.description``). Per engine the run's steps may have used (``run_grad_engines``),
     `dpdm train`'s own step (``training_private_grad``) is checked on the tiny float64 model (``check_engine``;
@@ -213,7 +213,7 @@ def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed:
                                     pairs=SUITES[suite]["noise_pairs"])
         checks += found if len(engines) == 1 else [replace(c, name=f"{c.name} ({engine})") for c in found]
     checks += check_sampler(PoissonSampler, alpha=alpha, seed=seed)
-    checks += check_run(run_dir, plan_doc, alpha=alpha)
+    checks += check_run(run_dir, plan_doc, alpha=alpha, run_doc=run_doc)
     return checks, net.description
 
 
@@ -325,9 +325,11 @@ def run_audit(
             # canary runs (exit 1 reads as a privacy bug; h74 F3, stop 44). One that verifies but differs from
             # the claim is that check's FAIL.
             try:
-                accounting.load_plan(run / "plan.json")
+                run_doc = accounting.load_plan(run / "plan.json")
             except ValueError as e:   # PlanError
                 raise ValueError(f"run={str(run_dir)!r}: {e}") from None
+        else:
+            run_doc = doc   # the claim is the run's own plan.json
         plan = doc.plan
         cfg = suite_config(suite, plan, run_config, seed=seed, **(canary_overrides or {}))
         name = dataset or run_config.get("dataset")
@@ -378,7 +380,8 @@ def run_audit(
 
     stage("mechanism checks")
     t0 = time.perf_counter()
-    checks, network = mechanism_checks(run, doc, run_config, alpha=alpha_check, seed=seed, suite=suite)
+    checks, network = mechanism_checks(run, doc, run_config, alpha=alpha_check, seed=seed, suite=suite,
+                                       run_doc=run_doc)
     t_checks = time.perf_counter() - t0
 
     private = bool(ledger["private"])

@@ -138,12 +138,14 @@ def main() -> None:
     ap.add_argument("--physical-batch", type=int_at_least(1), default=None)
     ap.add_argument("--K", type=int_at_least(1), default=2)
     ap.add_argument("--grad-engine", default="rules", choices=("rules", "vmap"), help="as `dpdm train --grad-engine`")
-    ap.add_argument("--public-batch", type=int_at_least(1), default=quality.PUBLIC_BATCH, help="batch of the public steps")
+    ap.add_argument("--public-batch", type=int_at_least(1), default=quality.PUBLIC_BATCH,
+                    help="batch of the public steps")
     ap.add_argument("--public-K", type=int_at_least(1), default=None, help="K of the public steps (default: --K)")
     ap.add_argument("--clip-norm", type=float, default=0.1)
     ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     ap.add_argument("--n", type=int_at_least(1), default=quality.N_SAMPLES)
-    ap.add_argument("--seconds", type=number(float, 0, above=True), required=True, help="what the whole of quality.py may take")
+    ap.add_argument("--seconds", type=number(float, 0, above=True), required=True,
+                    help="what the whole of quality.py may take")
     ap.add_argument("--eval-reserve", type=number(float, 0), default=150.0,
                     help="seconds kept for the synthetic classifiers and FD (not probed)")
     ap.add_argument("--margin", type=number(float, 1), default=1.2, help="training time is budgeted at this multiple")

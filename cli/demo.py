@@ -143,11 +143,9 @@ def _check_cache_folder() -> Path:
     after the ten minutes of training and sampling, and no report."""
     from cli.errors import BadInput
 
-    from dpdm.evaluate import default_cache_dir
-    from dpdm.report_utils import output_parent_problem
+    from dpdm.evaluate import cache_folder_problem
 
-    folder = default_cache_dir()
-    problem = output_parent_problem(folder / "reference" / "reference.pt")
+    folder, problem = cache_folder_problem()
     if problem:
         raise BadInput(f"the cache folder of the eval stage {str(folder)!r} ($DPDM_CACHE, else ~/.cache/dpdm): "
                        f"{problem}; set DPDM_CACHE to a writable folder")

@@ -67,8 +67,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     from dpdm.datasets import (DataError, absolute_dataset_name, has_test_split, load_dataset, load_npz,
                                shared_images)
     from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, check_public_data, check_samples_held_out,
-                               check_test_data, cnn_size_problem, default_cache_dir, evaluate_samples, load_inception,
-                               match_test_classes, skipped_metrics)
+                               check_test_data, cache_folder_problem, cnn_size_problem, evaluate_samples,
+                               load_inception, match_test_classes, skipped_metrics)
 
     kinds = tuple(k.strip() for k in classifiers.split(",") if k.strip())
     for k in kinds:
@@ -128,12 +128,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     if problem:
         raise BadInput(f"--samples={samples_path!r}: {problem}")
     if "classifier_fd" not in skipped:   # the reference CNN is cached there: checked before any training
-        from pathlib import Path
-
-        from dpdm.report_utils import output_parent_problem
-
-        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        problem = output_parent_problem(folder / "reference" / "reference.pt")
+        folder, problem = cache_folder_problem(cache_dir)
         if problem:
             raise BadInput(f"--cache-dir={str(folder)!r}: {problem}")
     inception = None

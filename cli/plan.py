@@ -559,8 +559,9 @@ def account(noise_multiplier, sample_rate, steps, delta, eps_error, as_json):
         warn(f"prv-accountant gave no epsilon ({prv_failed})")
     unreliable = None
     if prv_failed is None:   # from the figures at hand: no accounting of its own
-        unreliable = accounting.prv_unreliable(certified=min(reports[0].upper, reports[1].upper), prv_upper=reports[2].upper,
-                                    prv_eps_error=eps_error, steps=steps, pld_discretization=disc)
+        unreliable = accounting.prv_unreliable(certified=min(reports[0].upper, reports[1].upper),
+                                               prv_upper=reports[2].upper, prv_eps_error=eps_error, steps=steps,
+                                               pld_discretization=disc)
         if unreliable:
             warn(unreliable)
     if as_json:

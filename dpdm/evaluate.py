@@ -122,6 +122,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DPDM_CACHE") or "~/.cache/dpdm").expanduser()
 
 
+def cache_folder_problem(cache_dir: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+    """The reference-CNN cache folder (`cache_dir`, else `default_cache_dir`) and why its reference/ folder can
+    neither be used nor created, or None: checked before any training (`dpdm eval`, `dpdm demo`). Creates nothing."""
+    from dpdm.report_utils import output_parent_problem
+
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return folder, output_parent_problem(folder / "reference" / "reference.pt")
+
+
 # --- training ------------------------------------------------------------------------------------
 
 @torch.no_grad()

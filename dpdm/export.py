@@ -54,13 +54,15 @@ def release_plan_digest(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if not os.path.lexists(path):
         return None
-    damaged = ckpt.damaged_record(path) if path.is_file() else None
-    if damaged is not None:   # perhaps an earlier release file, bit-rotted: said so, not "not a release file"
-        raise ExportError(f"--out={str(path)!r} already exists and is damaged: {damaged}; it is kept: remove it "
-                          "or choose another --out")
     try:
         state = ckpt._load_weights_only(path)   # a folder or a broken link: CheckpointError
     except ckpt.CheckpointError:
+        # Perhaps an earlier release file, bit-rotted: said so, not "not a release file" (the CRC-32s are read
+        # again only here, on the way to refusing).
+        damaged = ckpt.damaged_record(path) if path.is_file() else None
+        if damaged is not None:
+            raise ExportError(f"--out={str(path)!r} already exists and is damaged: {damaged}; it is kept: remove "
+                              "it or choose another --out") from None
         state = None
     ledger = state.get("ledger") if state is not None and state.get("format") == ckpt.MODEL_FORMAT else None
     if not isinstance(ledger, dict):

@@ -2,14 +2,14 @@
 epsilon is shown."""
 from __future__ import annotations
 
-import decimal
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from accounting.plan import bound_text
 
 # The formats `save_grid` writes (matplotlib's Agg and vector backends, Pillow for JPEG).
 GRID_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -23,15 +23,9 @@ _GRID_MARK_SPAN = 64 << 10   # bytes read at each end of an existing grid to fin
 def epsilon_text(epsilon: float, digits: int = 4, *, bound: str = "upper") -> str:
     """`epsilon` to `digits` significant digits, rounded away from the side it bounds: up for a guarantee
     (an upper bound: a certified 10.0045 shows as 10.01, where ".4g" showed 10), down for an audit's lower
-    bound. Infinity and NaN as Python writes them."""
-    if bound not in ("upper", "lower"):
-        raise ValueError(f"bound={bound!r} must be 'upper' or 'lower'")
-    if not math.isfinite(epsilon) or epsilon == 0:
-        return f"{epsilon:g}"
-    d = decimal.Decimal(repr(float(epsilon)))
-    step = decimal.Decimal(1).scaleb(d.adjusted() - digits + 1)
-    rounded = d.quantize(step, rounding=decimal.ROUND_CEILING if bound == "upper" else decimal.ROUND_FLOOR)
-    return f"{float(rounded):.{digits}g}"
+    bound. Infinity and NaN as Python writes them (`accounting.plan.bound_text`, which the accountants' own
+    messages use)."""
+    return bound_text(epsilon, digits, bound=bound)
 
 
 def grid_suffix_problem(path: str | os.PathLike) -> str | None:

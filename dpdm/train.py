@@ -908,10 +908,10 @@ def train(
                         },
                         ckpt_path,
                     )
-                last_saved = steps
+            last_saved = steps   # on every rank; the mark's message below names it
+            if dist.is_main:
                 with writing(f"the mark of the checkpoint of step {steps}", out / CHECKPOINTED_MARK):
                     (out / CHECKPOINTED_MARK).touch()   # this folder's run saved a checkpoint (_check_fresh_run_folder)
-            last_saved = steps
             return ledger
 
         metrics_path = out / "metrics.csv"
