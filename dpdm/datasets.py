@@ -968,7 +968,7 @@ def _load_folder(root: Path, name: str) -> ImageData:
     """
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not root.is_dir():
         raise DataError(f"{name}: {str(root)!r} is not a folder")
@@ -1039,8 +1039,8 @@ def _load_folder(root: Path, name: str) -> ImageData:
             claim = f"has {pixels[1]} pixels" if pixels else f"is too large to load ({_one_line(e)})"
             raise DataError(f"{name}: image {str(f)!r} {claim}; images may have at most {MAX_IMAGE_PIXELS} "
                             f"pixels (4096x4096)") from None
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DataError(f"{name}: cannot read image {str(f)!r} ({_one_line(e)})") from None
+        except _IMAGE_READ_ERRORS as e:
+            raise DataError(f"{name}: cannot read image {str(f)!r} ({_one_line(e) or type(e).__name__})") from None
         if img.mode not in _8BIT_MODES:
             # convert("L") would clip 16-bit values to 0..255 and float ones (NaN included) to 0 or 255.
             what = ("16-bit/float images are not supported; convert to 8-bit"
@@ -1069,6 +1069,13 @@ def _load_folder(root: Path, name: str) -> ImageData:
                          class_names=tuple(d.name for d in class_dirs), channels_inferred=True)
     # The channel count is the images' own: one colour-mode image (even with grey pixels) makes them all RGB.
     return ImageData(_from_uint8(x), None, 0, name, channels_inferred=True)
+
+
+# What decoding a damaged image file raises from Pillow's load(): OSError ("image file is truncated", a decoder's
+# error code; UnidentifiedImageError is one), ValueError, and the errors a plugin's parser raises, which
+# Image.open turns into UnidentifiedImageError but load() lets through: SyntaxError (a PNG chunk of damaged length
+# or type: "broken PNG file"), EOFError, struct.error and IndexError (data that ends early), zlib.error.
+_IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, zlib.error)
 
 
 def _16_bit_kind(img) -> str | None:
@@ -1105,16 +1112,31 @@ def _unreadable(path: Path) -> str | None:
     return f"cannot read image {str(path)!r} (it is {what})"
 
 
+def _raise(err: OSError):
+    """os.walk's onerror: a folder it cannot list is an error, not a folder without images."""
+    raise err
+
+
 def _images_in(folder: Path) -> tuple[list[Path], list[str]]:
     """The images directly in `folder` (sorted), and why each image-named path under it would be left out
-    (one line each, naming it): an image-named entry that is no readable file, an image in a subfolder."""
+    (one line each, naming it): an image-named entry that is no readable file, an image in a subfolder.
+
+    Subfolders are walked through links to folders too (an image there is left out as well), each folder once, so
+    that a link to a folder above it ends; a subfolder that cannot be listed raises OSError, where os.walk would
+    skip it and the images in it without a word."""
     images, stray = [], []
+    walked = set()   # (st_dev, st_ino) of the subfolders walked
     for p in _visible(folder):
         if p.is_dir():
             if _image_named(p):
                 stray.append(f"{str(p)!r} is a folder, not an image; rename it or move its contents")
                 continue
-            for sub, dirs, names in os.walk(p):
+            for sub, dirs, names in os.walk(p, onerror=_raise, followlinks=True):
+                st = os.stat(sub)
+                if (st.st_dev, st.st_ino) in walked:
+                    dirs[:] = []
+                    continue
+                walked.add((st.st_dev, st.st_ino))
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 stray += [f"image {str(Path(sub) / n)!r} lies in a subfolder of class folder {str(folder)!r}; "
                           f"images must lie directly in their class folder (PATH/<class>/<image>)"

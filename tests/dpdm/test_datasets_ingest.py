@@ -244,6 +244,107 @@ def test_flat_folder_with_an_imageless_subfolder_names_the_subfolder(tmp_path):
         load_dataset(f"folder:{tmp_path / 'c'}")
 
 
+def _broken_png(path):
+    """A 12x12 RGB PNG whose IDAT chunk length is 56 bytes short (one damaged length field): Pillow opens it, and its
+    load() raises SyntaxError ("broken PNG file (chunk ...)")."""
+    b = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(b, "PNG")
+    d = bytearray(b.getvalue())
+    i = d.find(b"IDAT") - 4
+    d[i:i + 4] = struct.pack(">I", struct.unpack(">I", d[i:i + 4])[0] - 56)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(d))
+
+
+def test_folder_refuses_a_png_with_a_broken_chunk_naming_it(tmp_path):
+    """The SyntaxError that Pillow's PNG reader raises from load() escaped as a traceback (exit 4), naming no file."""
+    _classes(tmp_path / "d", names=("a", "b"))
+    bad = tmp_path / "d" / "b" / "1.png"
+    _broken_png(bad)
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    msg = str(e.value)
+    assert msg.startswith(f"folder:{tmp_path / 'd'}: cannot read image {str(bad)!r} (broken PNG file"), msg
+    assert "\n" not in msg
+    bad.unlink()
+    assert len(load_dataset(f"folder:{tmp_path / 'd'}")) == 2
+
+
+@pytest.mark.parametrize("error", [SyntaxError("broken PNG file"), EOFError(), struct.error("unpack requires a "
+                                   "buffer of 4 bytes"), IndexError("index out of range"), zlib.error("bad data")])
+def test_folder_refuses_an_image_whose_decoder_fails_naming_it(tmp_path, monkeypatch, error):
+    """Besides OSError and ValueError, Pillow's plugins raise these on damaged data (Image.open turns them into
+    UnidentifiedImageError; load() does not)."""
+    from PIL import ImageFile
+
+    _png(tmp_path / "d" / "0.png", np.zeros((8, 8), np.uint8))
+
+    def load(self):
+        raise error
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    msg = str(e.value)
+    why = " ".join(str(error).split()) or type(error).__name__
+    assert msg == f"folder:{tmp_path / 'd'}: cannot read image {str(tmp_path / 'd' / '0.png')!r} ({why})", msg
+
+
+def test_folder_refuses_an_image_reached_through_a_linked_folder_in_a_class_folder(tmp_path):
+    """os.walk did not enter a link to a folder below a class folder's subfolder: its images were left out of the
+    count without a word, where the same image in a real folder is refused naming it."""
+    _classes(tmp_path / "d", names=("a", "b"))
+    _png(tmp_path / "outside" / "o.png", np.zeros((8, 8), np.uint8))
+    (tmp_path / "d" / "a" / "sub").mkdir()
+    (tmp_path / "d" / "a" / "sub" / "lnk").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    msg = str(e.value)
+    assert msg == (f"folder:{tmp_path / 'd'}: image {str(tmp_path / 'd' / 'a' / 'sub' / 'lnk' / 'o.png')!r} lies "
+                   f"in a subfolder of class folder {str(tmp_path / 'd' / 'a')!r}; images must lie directly in "
+                   "their class folder (PATH/<class>/<image>)"), msg
+    # A link to an imageless folder adds nothing to leave out: it loads, as an imageless real subfolder does.
+    (tmp_path / "outside" / "o.png").unlink()
+    assert len(load_dataset(f"folder:{tmp_path / 'd'}")) == 2
+
+
+def test_folder_walks_a_link_to_a_folder_above_once(tmp_path):
+    """A link below a class folder to the class folder (or the dataset) ends the walk where it comes round again;
+    the class folder's own images, reached through it, are refused as the same link directly in the class folder
+    was."""
+    _classes(tmp_path / "d", names=("a", "b"))
+    (tmp_path / "d" / "a" / "sub").mkdir()
+    (tmp_path / "d" / "a" / "sub" / "up").symlink_to(tmp_path / "d", target_is_directory=True)
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    msg = str(e.value)
+    first = tmp_path / "d" / "a" / "sub" / "up" / "a" / "0.png"
+    assert msg.startswith(f"folder:{tmp_path / 'd'}: image {str(first)!r} lies in a subfolder of class folder "), msg
+    assert "(the first of 2 such paths" in msg, msg
+
+
+def test_folder_refuses_a_subfolder_it_cannot_list(tmp_path, monkeypatch):
+    """os.walk skips a folder it cannot list (its images too) unless told otherwise: refused, naming it."""
+    import os
+
+    _classes(tmp_path / "d", names=("a", "b"))
+    sub = tmp_path / "d" / "a" / "sub"
+    _png(sub / "s.png", np.zeros((8, 8), np.uint8))
+    scandir = os.scandir
+
+    def unlistable(path="."):
+        if os.fspath(path) == str(sub):
+            raise PermissionError(13, "Permission denied", str(sub))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unlistable)
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    msg = str(e.value)
+    assert msg == (f"folder:{tmp_path / 'd'}: cannot list {str(tmp_path / 'd')!r} ([Errno 13] Permission denied: "
+                   f"{str(sub)!r})"), msg
+
+
 # --- torchvision ----------------------------------------------------------------------------------
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
