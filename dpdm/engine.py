@@ -551,11 +551,24 @@ def _per_example(
 
     fn = vmap(grad_and_value(loss_one), in_dims=(None,) + (0,) * len(batch), chunk_size=chunk_size,
               randomness="error")
-    if rules:
-        with _PerLayerRules():
+    try:
+        if rules:
+            with _PerLayerRules():
+                grads, losses = fn(params, *batch)
+        else:
             grads, losses = fn(params, *batch)
-    else:
-        grads, losses = fn(params, *batch)
+    except RuntimeError as e:
+        if "mutate a captured Tensor" not in str(e):
+            raise
+        # validate_model names the known cross-example layers; a custom one shows itself only here, as torch.func's
+        # refusal of an in-place update (a running statistic, a counter) that names no module.
+        holders = sorted({name.rpartition(".")[0] or "<root>" for name, _ in model.named_buffers()})
+        where = (f"; the modules holding buffers: {', '.join(holders[:5])}{' ...' if len(holders) > 5 else ''}"
+                 if holders else "")
+        raise ValueError(
+            "the model's forward updates a tensor it holds in place (a running statistic, say), which mixes the "
+            "examples of a batch: per-example gradients (and the DP guarantee) need a forward that treats each "
+            f"example on its own{where}") from e
     return grads, losses.detach()
 
 

@@ -509,6 +509,29 @@ def test_cross_example_layers_rejected_by_name(layer, name):
         private_grad(model, lambda m, x: m(x).sum(), x, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=2)
 
 
+class _RunningMean(nn.Module):
+    """A custom cross-example layer validate_model cannot know: its forward updates a running mean in place."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.register_buffer("run_mean", torch.zeros(d))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.run_mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return x - self.run_mean
+
+
+@pytest.mark.parametrize("rules", [True, False])
+def test_custom_running_statistic_refused_naming_the_buffer_holders(rules):
+    # torch.func refuses the in-place update with a message naming no module (h79 N1, stop 45); DESIGN.md promises
+    # the layer's name.
+    model = nn.Sequential(nn.Linear(4, 4), _RunningMean(4), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=r"updates a tensor it holds in place.*holding buffers: 1$"):
+        per_sample_grads(model, lambda m, x: m(x).sum(), torch.randn(3, 4), per_layer_rules=rules)
+    assert torch.equal(model[1].run_mean, torch.zeros(4))
+
+
 def test_per_example_layers_accepted():
     validate_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4), nn.LayerNorm(3)))
     validate_model(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0), nn.Dropout(0.5).eval()))
