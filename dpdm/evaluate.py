@@ -106,7 +106,9 @@ __all__ = [
 DEFAULT_EPOCHS = {"logreg": 30, "mlp": 30, "cnn": 15}  # paper: 50 each
 REFERENCE_EPOCHS = 20
 DEFAULT_PUBLIC_EPOCHS = 20  # non-private epochs on public data before the synthetic (or DP-SGD) ones
-_REFERENCE_VERSION = 1  # bump when the reference training recipe changes
+# Bump when the reference training recipe or its record changes (2: `_weights_sha256` covers the record's figures;
+# a new key, so that an older dpdm sharing the cache does not retrain the entries this one writes, and back).
+_REFERENCE_VERSION = 2
 _FEATURES = "penultimate (128-d) of a CNN trained on the real training split"
 # Precision / recall's k-NN balls (k = 3) need k + 2 images in each set; the Frechet distance needs 2.
 MIN_SAMPLES = 5
@@ -267,10 +269,14 @@ def match_test_classes(real_train: ImageData, real_test: ImageData) -> ImageData
     ``cat``. Where both name their classes, the test labels are renumbered by name. Data without class names
     (``npz:``, the built-in datasets) is matched by label number, and takes the training data's class count
     (a test split without the last class infers one class fewer, and the samples' labels reach that class).
-    Labels beyond the training classes are left for `check_test_data` to refuse.
+    Where only one side names its classes, the names must be label numbers (folders ``0``, ``1``, ...), and are
+    matched as those numbers: a folder's ``10`` sorts before its ``2``, and one without ``3`` numbers its ``4``
+    3, so matching its positions mislabelled the test images without a word. Labels of unnamed test data beyond
+    the training classes are left for `check_test_data` to refuse.
 
     Raises:
-      DataError: the test data names a class the training data has not.
+      DataError: the test data names a class the training data has not, or one side names its classes
+        otherwise than by label number and the other does not name them.
     """
     if real_train.y is None or real_test.y is None:
         return real_test
@@ -284,10 +290,51 @@ def match_test_classes(real_train: ImageData, real_test: ImageData) -> ImageData
         index = torch.tensor([train_names.index(n) for n in test_names], dtype=torch.int64)
         return ImageData(real_test.x, index[real_test.y], real_train.num_classes, real_test.name,
                          class_names=train_names)
+    if (train_names is None) != (test_names is None):
+        return _match_by_number(real_train, real_test)
     if real_test.num_classes == real_train.num_classes or \
             (len(real_test.y) and int(real_test.y.max()) >= real_train.num_classes):
         return real_test
     return ImageData(real_test.x, real_test.y, real_train.num_classes, real_test.name,
+                     class_names=real_train.class_names)
+
+
+def _label_numbers(names: tuple[str, ...]) -> list[int] | None:
+    """The label each class name stands for where all are decimal numbers (``"7"``, ``"07"``), distinct; else
+    None."""
+    numbers = [int(n) if n.isascii() and n.isdigit() else None for n in names]
+    return numbers if None not in numbers and len(set(numbers)) == len(numbers) else None
+
+
+def _match_by_number(real_train: ImageData, real_test: ImageData) -> ImageData:
+    """`match_test_classes` where exactly one side names its classes: the names, read as label numbers, map the
+    named side's sorted-name positions to the other side's labels."""
+    named, other = (real_test, real_train) if real_test.class_names is not None else (real_train, real_test)
+    numbers = _label_numbers(named.class_names)
+    if numbers is None:
+        shown = ", ".join(named.class_names[:5]) + (", ..." if len(named.class_names) > 5 else "")
+        raise DataError(f"{'test' if named is real_test else 'training'} data {named.name!r} names its classes "
+                        f"({shown}) but {'test' if other is real_test else 'training'} data {other.name!r} numbers "
+                        "them, so the labels cannot be matched; name the class folders by label number (0, 1, ...)")
+    if named is real_test:   # test position i is class folder numbers[i] of the training labels
+        beyond = [n for n, v in zip(real_test.class_names, numbers) if v >= real_train.num_classes]
+        if beyond:
+            more = f" (and {len(beyond) - 1} more)" if len(beyond) > 1 else ""
+            raise DataError(f"test data {real_test.name!r} has class {beyond[0]!r}{more}, which training data "
+                            f"{real_train.name!r} has not (labels 0 to {real_train.num_classes - 1}); they must "
+                            "share their classes")
+        index = torch.tensor(numbers, dtype=torch.int64)
+        return ImageData(real_test.x, index[real_test.y], real_train.num_classes, real_test.name)
+    position = {v: i for i, v in enumerate(numbers)}   # training label number -> its sorted-name position
+    labels = sorted(set(real_test.y.tolist()))
+    missing = [v for v in labels if v not in position]
+    if missing:
+        raise DataError(f"test data {real_test.name!r} has label {missing[0]}, which training data "
+                        f"{real_train.name!r} has no class folder for; they must share their classes")
+    index = torch.zeros(max(labels, default=0) + 1, dtype=torch.int64)
+    for v in labels:
+        index[v] = position[v]
+    return ImageData(real_test.x, index[real_test.y], real_train.num_classes, real_test.name,
                      class_names=real_train.class_names)
 
 
@@ -409,9 +456,10 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
                          ) -> tuple[CNN, dict]:
     """The paper's CNN trained on the real training split (90/10 selection), cached on disk.
 
-    An entry is used only if its record holds the sha256 of the full data digest and the weight file's bytes
-    (`_weights_sha256`): weights of another network (another dataset's reference of the same shape, zeroed or
-    otherwise altered ones) are trained again, not measured with. The folder is set to mode 0700 and the
+    An entry is used only if its record holds the sha256 of the full data digest, the record's figures and the
+    weight file's bytes (`_weights_sha256`): weights of another network (another dataset's reference of the same
+    shape, zeroed or otherwise altered ones) are trained again, not measured with, and so is a record whose
+    figures were edited (they are copied into the report as measured). The folder is set to mode 0700 and the
     entries are written 0600.
 
     Returns:
@@ -438,7 +486,7 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
                 warnings.simplefilter("ignore")
                 model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
             info = json.loads(path.with_suffix(".json").read_text())
-            _check_reference_entry(model, info, epochs, _weights_sha256(digest, weights))
+            _check_reference_entry(model, info, epochs, digest, weights)
             model.to(device).eval()
             info = {k: v for k, v in info.items() if k != "weights_sha256"}   # a fingerprint of the data too
             return model, {**info, "cache": str(path), "cached": True}
@@ -459,27 +507,30 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
     buffer = io.BytesIO()
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)
     weights = buffer.getvalue()
-    record = {**info, "weights_sha256": _weights_sha256(digest, weights)}
+    record = {**info, "weights_sha256": _weights_sha256(digest, info, weights)}
     _atomic_write(path, lambda f: f.write(weights))
     _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
     return model, {**info, "cache": str(path), "cached": False}
 
 
-def _weights_sha256(data_digest: str, weights: bytes) -> str:
-    """Ties a cached reference CNN's weight file to the data it was trained on (the file name holds only a
-    prefix of `data_digest`)."""
-    return hashlib.sha256(data_digest.encode() + b"\n" + weights).hexdigest()
+def _weights_sha256(data_digest: str, figures: dict, weights: bytes) -> str:
+    """Ties a cached reference CNN's weight file and its record's `figures` ("real_val_accuracy", "best_epoch",
+    "epochs", as canonical JSON: they round-trip the record exactly) to the data it was trained on (the file name
+    holds only a prefix of `data_digest`)."""
+    canonical = json.dumps({k: figures[k] for k in ("real_val_accuracy", "best_epoch", "epochs")}, sort_keys=True)
+    return hashlib.sha256(data_digest.encode() + b"\n" + canonical.encode() + b"\n" + weights).hexdigest()
 
 
-def _check_reference_entry(model: nn.Module, info: Any, epochs: int, weights_sha256: str) -> None:
-    """Raises ValueError unless a cached reference CNN is usable: the weights it recorded (`weights_sha256`, of
-    this data and the file's bytes; zeroed weights reported FD 0 and precision/recall 1), finite (NaN ones made
-    every later eval fail with "Eigenvalues did not converge"), and the figures `reference_classifier` records,
-    of their types (they are copied into the report)."""
+def _check_reference_entry(model: nn.Module, info: Any, epochs: int, data_digest: str, weights: bytes) -> None:
+    """Raises ValueError unless a cached reference CNN is usable: the weights and figures it recorded
+    (`_weights_sha256`, of this data, the record's figures and the file's bytes; zeroed weights reported FD 0 and
+    precision/recall 1, an edited accuracy was reported as measured), finite (NaN ones made every later eval fail
+    with "Eigenvalues did not converge"), and the figures `reference_classifier` records, of their types (they
+    are copied into the report)."""
     if not isinstance(info, dict) or set(info) != {"real_val_accuracy", "best_epoch", "epochs", "weights_sha256"}:
         raise ValueError("not the reference's record")
-    if info["weights_sha256"] != weights_sha256:
-        raise ValueError("weights other than those recorded")
+    if info["weights_sha256"] != _weights_sha256(data_digest, info, weights):
+        raise ValueError("weights or figures other than those recorded")
     if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
         raise ValueError("weights that are not finite")
     acc, best = info["real_val_accuracy"], info["best_epoch"]

@@ -664,6 +664,46 @@ def test_eval_and_baseline_match_folder_classes_by_name(digit_files, tmp_path, c
     _assert_one_line_error(code, err, "has class 'nine', which training data")
 
 
+def test_eval_and_baseline_match_numbered_test_folders_to_unnamed_labels(digit_files, tmp_path, capsys):
+    """A test folder against unnamed training labels (npz:, mnist5k) was labelled by its folders' sorted
+    positions: one without '3' labelled its '4' images 3, and eval reported an accuracy of 0.26 for 0.59, with no
+    warning. Folders named by number are matched as those numbers (the same figures as the same images in an
+    npz); other names are refused by both commands."""
+    from PIL import Image
+
+    with np.load(digit_files["test"]) as z:
+        keep = z["y"] != 3
+        x, y = z["x"][keep], z["y"][keep]
+    np.savez(tmp_path / "no3.npz", x=x, y=y)
+
+    def folder(name, classes):
+        for i, (img, label) in enumerate(zip(x, y)):
+            (tmp_path / name / classes[label]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img[0], mode="L").save(tmp_path / name / classes[label] / f"{i}.png")
+        return f"folder:{tmp_path / name}"
+
+    common = ("eval", "--samples", str(digit_files["samples"]), "--dataset", f"npz:{digit_files['train']}",
+              "--classifiers", "logreg", "--epochs", "1", "--reference-epochs", "10",
+              "--cache-dir", str(tmp_path / "cache"), "--json")
+    reports = []
+    for test in (f"npz:{tmp_path / 'no3.npz'}", folder("numbered", [str(k) for k in range(10)])):
+        code, out, err = _run(capsys, *common, "--test-dataset", test)
+        assert code == 0, err
+        reports.append(json.loads(out))
+    for r in reports:
+        assert r["real_test_size"] == len(y)
+    figures = [(r["classifiers"]["logreg"]["test_accuracy"], r["classifier_fd"]["reference"]["real_test_accuracy"])
+               for r in reports]
+    assert figures[1] == figures[0] and figures[0][1] > 0.25, figures   # the same images, labelled alike (chance: 0.11)
+    named = folder("named", ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    code, _, err = _run(capsys, *common, "--test-dataset", named)
+    _assert_one_line_error(code, err, f"--test-dataset={named!r}", "names its classes (eight, five, four, nine, one, ",
+                           "numbers them, so the labels cannot be matched")
+    path = _plan(tmp_path, 600, f"npz:{digit_files['train']}")
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--test-dataset", named)
+    _assert_one_line_error(code, err, "names its classes", "numbers them, so the labels cannot be matched")
+
+
 def test_eval_takes_an_npz_test_split_without_the_last_class(digit_files, tmp_path, capsys):
     """Its class count, inferred from its labels, was one short: eval refused good samples ("sample labels
     reach 9 but ... has 9 classes") while the baseline took the same split."""

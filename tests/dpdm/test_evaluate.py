@@ -288,6 +288,38 @@ def test_precision_recall_separates_fidelity_from_coverage():
         precision_recall(real[:4], same[:4])
 
 
+def _brute_force_precision_recall(real, fake, k):
+    """Kynkaenniemi et al. 2019 written out in numpy: each point's ball reaches its k-th nearest other point of
+    its own set (the (k + 1)-th smallest of its row, the 0 to itself first); precision is the share of fakes in
+    any real ball, recall the share of reals in any fake ball."""
+    def dist(a, b):
+        return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+    r_real = np.sort(dist(real, real), axis=1)[:, k]
+    r_fake = np.sort(dist(fake, fake), axis=1)[:, k]
+    return (float((dist(fake, real) <= r_real[None, :]).any(1).mean()),
+            float((dist(real, fake) <= r_fake[None, :]).any(1).mean()))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_equals_a_brute_force_reference(k):
+    """The coarse bounds above passed with every k-NN ball 1.2x too wide, and with precision's balls of k = 5
+    while recall's kept k = 3: both figures must be exactly the paper's. Sets of equal size, so that the seeded
+    subsample only reorders them (neither figure depends on the order)."""
+    g = np.random.default_rng(k)
+    for n, d, shift, scale in ((30, 2, 1.5, 1.0), (40, 3, 1.2, 1.4), (25, 4, 1.5, 0.7)):
+        real = g.normal(size=(n, d))
+        fake = g.normal(size=(n, d)) * scale + shift
+        expected = _brute_force_precision_recall(real, fake, k)
+        assert 0 < expected[0] < 1 and 0 < expected[1] < 1, expected   # neither saturated: a wrong ball shows
+        pr = precision_recall(real, fake, k=k, seed=k)
+        assert (pr["precision"], pr["recall"]) == expected and pr["k"] == k and pr["n"] == n
+    # Points of a lattice (distances exact in float64) lie on ball edges: the balls are closed.
+    real, fake = np.arange(0, 16, 2.0)[:, None], np.array([-2.0, 16, 1, 3, 20, 30, 40, 50])[:, None]
+    pr = precision_recall(real, fake, k=k, seed=k)
+    assert (pr["precision"], pr["recall"]) == _brute_force_precision_recall(real, fake, k)
+
+
 # --- Inception FID (no real weights here) --------------------------------------------------------
 
 def test_load_inception_refuses_bad_files(tmp_path):
@@ -469,14 +501,68 @@ def test_test_folder_without_a_class_is_labelled_by_class_name(tmp_path):
     assert matched.y.tolist() == [1, 1, 2, 2] and matched.num_classes == 3
     assert matched.class_names == train.class_names and matched.x is test.x
     assert match_test_classes(train, train) is train
-    unnamed = ImageData(test.x, test.y + 1, 3, "npz")   # no class names: matched by number, as before
-    assert match_test_classes(train, unnamed) is unnamed
+    unnamed_train = ImageData(train.x, train.y, 3, "npz")   # no class names on either side: matched by number
+    unnamed = ImageData(test.x, test.y + 1, 3, "npz")
+    assert match_test_classes(unnamed_train, unnamed) is unnamed
     no_last = ImageData(test.x, test.y, 2, "npz")    # an npz split without the last class infers 2 classes
-    assert match_test_classes(train, no_last).num_classes == 3
+    assert match_test_classes(unnamed_train, no_last).num_classes == 3
     beyond = ImageData(test.x, test.y + 2, 4, "npz")  # left for check_test_data to refuse
-    assert match_test_classes(train, beyond) is beyond
+    assert match_test_classes(unnamed_train, beyond) is beyond
     with pytest.raises(DataError, match="test data .* has class 'dog', which training data .* has not"):
         match_test_classes(train, folder("other", ["ant", "dog"]))
+
+
+def test_numbered_class_folders_match_unnamed_labels_by_their_numbers(tmp_path):
+    """Where one side had class names and the other none (a ``folder:`` test set against mnist5k or an npz, or
+    the reverse), the folder's labels were its sorted-name positions: folders 0..11 labelled '10' as 2 and '2'
+    as 4, and one without '3' labelled '4' as 3, silently (test accuracies of 0.26 instead of 0.59). Folders
+    named by number are matched as those numbers; other names cannot be matched to numbers and are refused."""
+    from PIL import Image
+
+    from dpdm.evaluate import match_test_classes
+
+    def folder(name, classes):   # class c's images are grey 20 * c: the true class can be read off the pixels
+        for c in classes:
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((4, 4), 20 * int(c) if c.isdigit() else 0, np.uint8), mode="L").save(
+                    tmp_path / name / c / f"{i}.png")
+        return load_dataset(f"folder:{tmp_path / name}")
+
+    def true_class(data):
+        return torch.round((data.x[:, 0, 0, 0] + 1) * 127.5 / 20).long()
+
+    numbers = ImageData(torch.zeros(24, 1, 4, 4), torch.arange(24) % 12, 12, "npz:train")   # labels 0..11
+    twelve = folder("t12", [str(c) for c in range(12)])
+    assert twelve.class_names[:4] == ("0", "1", "10", "11")   # sorted by name
+    matched = match_test_classes(numbers, twelve)
+    assert matched.y.tolist() == true_class(twelve).tolist() and matched.num_classes == 12
+    assert matched.class_names is None and matched.x is twelve.x
+    nine = folder("t9", [str(c) for c in range(10) if c != 3])   # lacks '3'
+    matched = match_test_classes(ImageData(numbers.x[:20], numbers.y[:20] % 10, 10, "mnist5k"), nine)
+    assert matched.y.tolist() == true_class(nine).tolist() and matched.num_classes == 10
+    assert 3 not in matched.y.tolist()
+    padded = folder("t07", ["00", "07", "11"])   # leading zeros: still the numbers
+    assert match_test_classes(numbers, padded).y.tolist() == true_class(padded).tolist()
+    with pytest.raises(DataError, match=r"test data .* has class '12', which training data 'npz:train' has not "
+                                        r"\(labels 0 to 11\)"):
+        match_test_classes(numbers, folder("t13", ["0", "12"]))
+    with pytest.raises(DataError, match=r"test data '.*named' names its classes \(ant, bee\) but training data "
+                                        r"'npz:train' numbers them, so the labels cannot be matched"):
+        match_test_classes(numbers, folder("named", ["ant", "bee"]))
+    # The reverse: training folders named 0..11 (labels = sorted-name positions), unnamed test labels 0..11.
+    train = folder("train12", [str(c) for c in range(12)])
+    test = ImageData(train.x, true_class(train), 12, "npz:test")   # the label is the folder's number
+    matched = match_test_classes(train, test)
+    assert matched.y.tolist() == train.y.tolist() and matched.class_names == train.class_names
+    assert [train.class_names[v] for v in matched.y.tolist()] == [str(v) for v in test.y.tolist()]
+    with pytest.raises(DataError, match="test data 'npz:few' has label 5, which training data .* has no class "
+                                        "folder for"):
+        match_test_classes(folder("train3", ["0", "1", "2"]), ImageData(test.x[:3], torch.tensor([0, 1, 5]), 6,
+                                                                       "npz:few"))
+    with pytest.raises(DataError, match=r"training data '.*named2' names its classes \(ant, bee\) but test data "
+                                        "'npz:test' numbers them"):
+        match_test_classes(folder("named2", ["ant", "bee"]), ImageData(test.x[:4], test.y[:4] % 2, 2, "npz:test"))
 
 
 def test_public_class_folders_must_be_named_as_the_private_ones():
@@ -550,6 +636,19 @@ def test_reference_cache_entry_is_tied_to_its_weights_and_data(digits, tmp_path)
         torch.testing.assert_close(p, q)
     assert "weights_sha256" not in info3   # a fingerprint of the data: never in a report
     assert "weights_sha256" in json.loads(cache.with_suffix(".json").read_text())
+    # Figures edited within their range, weights untouched: a real_val_accuracy of 0.99 for 0.19 was reported as
+    # measured ("cached": true). The record's sha256 covers its figures: the entry is trained again.
+    record = json.loads(cache.with_suffix(".json").read_text())
+    for meta in ({**record, "real_val_accuracy": 0.5 if record["real_val_accuracy"] == 0.99 else 0.99},
+                 {**record, "best_epoch": 0}):
+        assert meta != record
+        cache.with_suffix(".json").write_text(json.dumps(meta))
+        ref4, info4 = reference_classifier(a, cache_dir=tmp_path, epochs=1)
+        assert info4["cached"] is False and json.loads(cache.with_suffix(".json").read_text()) == record
+        assert {k: info4[k] for k in ("real_val_accuracy", "best_epoch")} == \
+            {k: record[k] for k in ("real_val_accuracy", "best_epoch")}
+    info5 = reference_classifier(a, cache_dir=tmp_path, epochs=1)[1]
+    assert info5["cached"] is True and info5["real_val_accuracy"] == record["real_val_accuracy"]
 
 
 def test_reference_cache_folder_and_entries_are_private(digits, tmp_path):
