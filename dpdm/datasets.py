@@ -183,12 +183,26 @@ def is_path_dataset(name: str) -> bool:
 
 
 def class_names_problem(public: "ImageData", private: "ImageData") -> str | None:
-    """Why `public`'s labels do not mean `private`'s classes, where both name them (two ``folder:`` datasets number
-    their classes by sorted name: ('dog', 'wolf') against ('cat', 'dog') labels the public dogs cat), or None."""
-    if None in (public.class_names, private.class_names) or public.class_names == private.class_names:
+    """Why `public`'s labels do not mean `private`'s classes, or None. Where both name them: unless the names are
+    alike (two ``folder:`` datasets number their classes by sorted name: ('dog', 'wolf') against ('cat', 'dog')
+    labels the public dogs cat). Where only one names them (a ``folder:`` dataset beside ``npz:`` or a built-in
+    one): unless the names are the label numbers in order, ``0``, ``1``, ... (a folder's ``10`` sorts before its
+    ``2``, and one named by words cannot be matched to numbers)."""
+    if public.class_names is None and private.class_names is None or public.class_names == private.class_names:
         return None
-    return (f"public data {public.name!r} has classes {', '.join(public.class_names)}, but {private.name!r} has "
-            f"{', '.join(private.class_names)}; their class folders must be named alike")
+    if None not in (public.class_names, private.class_names):
+        return (f"public data {public.name!r} has classes {', '.join(public.class_names)}, but {private.name!r} has "
+                f"{', '.join(private.class_names)}; their class folders must be named alike")
+    named = public if public.class_names is not None else private
+    numbers = [int(n) if n.isascii() and n.isdigit() else None for n in named.class_names]
+    if numbers == list(range(len(numbers))):
+        return None
+    shown = ", ".join(named.class_names[:12]) + (", ..." if len(named.class_names) > 12 else "")
+    other = private if named is public else public
+    return (f"{'public' if named is public else 'private'} data {named.name!r} has class folders {shown}, sorted "
+            f"by name, but {other.name!r} numbers its classes, so the labels cannot be matched; name the folders "
+            "by label number in order (0, 1, ..., or 00, 01, ... past 9), or give both as folder: datasets with "
+            "class folders named alike")
 
 
 def absolute_dataset_name(name: str) -> str:

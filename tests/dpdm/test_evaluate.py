@@ -580,7 +580,16 @@ def test_public_class_folders_must_be_named_as_the_private_ones():
                                         "folders must be named alike"):
         check_public_data(data("folder:public", ("dog", "wolf"), 2), private)
     check_public_data(data("folder:public", ("cat", "dog"), 3), private)
-    check_public_data(data("npz:public", None, 4), private)   # unnamed classes: matched by number, as before
+    # One side unnamed (stop 45): folder names must be the label numbers in order; matching words, or numbers sorted
+    # as text (10 before 2), by position mislabelled the public images without a word.
+    with pytest.raises(DataError, match=r"private data 'folder:private' has class folders cat, dog, sorted by name, "
+                                        r"but 'npz:public' numbers its classes, so the labels cannot be matched"):
+        check_public_data(data("npz:public", None, 4), private)
+    check_public_data(data("npz:public", None, 4), data("folder:private", ("0", "1"), 5))
+    check_public_data(data("folder:public", ("00", "01"), 6), data("npz:private", None, 7))
+    for names in (("1", "2"), ("1", "0"), ("0", "x")):
+        with pytest.raises(DataError, match="public data 'folder:public' has class folders"):
+            check_public_data(data("folder:public", names, 8), data("npz:private", None, 9))
 
 
 # --- review mends (s41): test images among the samples, the cache tied to its weights, tiny images -------------
