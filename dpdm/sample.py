@@ -123,14 +123,14 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     Raises:
       SampleError: bad options, a checkpoint that cannot be sampled from, outputs that would replace a file
         `dpdm sample` did not write or the run's dataset (`check_outputs`), or more images than fit in the
-        machine's memory (nothing written).
+        memory this process may use (`memory_allowed`; nothing written).
         Also bad options: sampler settings that drive a network whose output is finite with the default settings
         to NaN or inf (nothing written).
       SampleFailure: the network produced NaN or inf with the default sampler settings (nothing written).
     """
     from dpdm.report_utils import epsilon_text, grid_suffix_problem
-    from dpdm.sampling import (MAX_S_NOISE, MAX_SEED, PRECISIONS, NonFiniteSamplesError, ScheduleError,
-                               first_seed_fits, generate, get_sigmas_karras)
+    from dpdm.sampling import (MAX_S_NOISE, MAX_SEED, PRECISIONS, ImagesMemoryError, NonFiniteSamplesError,
+                               ScheduleError, first_seed_fits, generate, get_sigmas_karras)
 
     if precision not in PRECISIONS:
         raise SampleError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
@@ -152,13 +152,12 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     check_outputs(out_path, grid_path, dataset=cfg.get("dataset"), plan_digest=str(ledger["plan_digest"]),
                   force=force)   # before any drawing
     need = memory_needed(n, cfg, batch_size=batch_size)
-    have = physical_memory()
+    have, limited = memory_allowed()
     if have is not None and need > have:
-        raise SampleError(f"n={n} (--n) images of {cfg['img_channels']}x{cfg['img_resolution']}x"
-                          f"{cfg['img_resolution']} need {need / 2**30:.3g} GiB of memory, more than this machine's "
-                          f"{have / 2**30:.3g} GiB: draw them into several files with a smaller --n each, "
-                          f"advancing --seed by that --n from file to file (image i uses seed + i)")
-    trained = cfg.get("train", {}).get("train_sigma")
+        room = (f"the {have / 2**30:.3g} GiB left under this process's address-space limit (ulimit -v)" if limited
+                else f"this machine's {have / 2**30:.3g} GiB")
+        raise SampleError(_too_many_images(n, cfg, f"need {need / 2**30:.3g} GiB of memory, more than {room}"))
+    trained = (cfg.get("train") or {}).get("train_sigma")   # train: None passes checkpoint's checks
     default_min = SIGMA_MIN if trained is None else max(SIGMA_MIN, float(trained[0]))
     default_max = SIGMA_MAX if trained is None else min(SIGMA_MAX, float(trained[1]))
     # The options that change the sampler's arithmetic, as given (blamed when its output is not finite).
@@ -193,6 +192,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                             guidance=guidance, guidance_interval=guidance_interval, batch_size=batch_size,
                             device=device, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                             sampler_kwargs=sampler_kwargs, precision=precision)
+    except ImagesMemoryError as e:   # the buffer for all n images, which no --batch-size makes smaller
+        raise SampleError(_too_many_images(n, cfg, f"do not fit in memory ({e})")) from None
     except NonFiniteSamplesError as e:
         settings = ", ".join(f"{_OPTIONS.get(k, k)}={_option_text(v)}" for k, v in given.items() if v is not None)
         first = None if labels is None else labels[e.first:e.first + 1]
@@ -243,6 +244,13 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     finally:
         tmp.unlink(missing_ok=True)
     return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta}
+
+
+def _too_many_images(n: int, cfg: dict, problem: str) -> str:
+    """The error line of an --n whose images do not fit in memory, with the way out (several files)."""
+    return (f"n={n} (--n) images of {cfg['img_channels']}x{cfg['img_resolution']}x{cfg['img_resolution']} "
+            f"{problem}: draw them into several files with a smaller --n each, advancing --seed by that --n from "
+            f"file to file (image i uses seed + i)")
 
 
 def _churn_window_problem(sigmas: torch.Tensor, churn: dict) -> str | None:
@@ -388,6 +396,26 @@ def physical_memory() -> int | None:
     except (ValueError, OSError, AttributeError):
         return None
     return pages * size if pages > 0 and size > 0 else None
+
+
+def memory_allowed() -> tuple[int | None, bool]:
+    """The bytes this process may still allocate, as far as cheaply known (None: unknown), and whether an
+    address-space limit sets it: the machine's physical memory, or less under `ulimit -v` (`resource.RLIMIT_AS`):
+    the limit less the address space already in use. Under `ulimit -v 5000000` (4.8 GiB, 3 GiB of it taken by
+    torch's libraries), 2.4 GiB of images passed the check against physical memory, failed to allocate, and the
+    out-of-memory line advised a smaller --batch-size, which does not shrink them."""
+    have = physical_memory()
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        with open("/proc/self/statm") as f:   # Linux: the address space in use, in pages
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (ImportError, OSError, ValueError, IndexError, AttributeError):
+        return have, False
+    if limit != resource.RLIM_INFINITY and (have is None or limit - used < have):
+        return max(limit - used, 0), True
+    return have, False
 
 
 def _meta_array(value) -> np.ndarray:

@@ -41,9 +41,11 @@ MAX_S_NOISE = 10.0
 
 # The fewest rows a network call of `generate` sees: a smaller batch is padded with copies of its images. On
 # one row MKL runs a Linear layer as a gemv, and on a few rows as another gemm kernel, each rounding unlike a
-# large batch (measured on an AVX512 CPU: 1-5 rows for the mnist preset's 128-wide layers, 1-2 for small's
-# 64-wide ones, equal from 6 rows on); that flipped pixels of --n 1 against the same image in a larger batch.
-MIN_ROWS = 8
+# large batch; that flipped pixels of --n 1 against the same image in a larger batch. Measured on AVX512 CPUs
+# (one thread): the small preset rounds alike from 3 rows on; the mnist preset from 6 rows at 8x8, but only from
+# 16 at 16x16 to 28x28 (a 9-row batch flipped a pixel of 4 of 108 images by a grey level against a 16-row one).
+# From 16 rows on, calls of 16 to 39, 64 and 256 rows round alike for both (the float outputs, not only images).
+MIN_ROWS = 16
 
 
 def first_seed_fits(seed, n: int) -> bool:
@@ -59,6 +61,11 @@ class NonFiniteSamplesError(RuntimeError):
     def __init__(self, message: str, first: int = 0) -> None:
         super().__init__(message)
         self.first = first
+
+
+class ImagesMemoryError(MemoryError):
+    """The uint8 buffer of all n images of `generate` does not fit in memory: a smaller n needs less, a smaller
+    batch_size does not (the CLI's out-of-memory line named --batch-size)."""
 
 
 class ScheduleError(ValueError):
@@ -200,7 +207,7 @@ def sample_churn(
     guidance=0.0,
     randn_like=torch.randn_like,
     callback=None,
-    S_churn: float = 100.0,                   # Total churn; gamma_i = min(S_churn / N, churn_limit).
+    S_churn: float = 100.0,                   # Total churn; gamma_i = min(S_churn / N, churn_limit) (DPDM: N=1000).
     S_min: float = 0.05,                      # Churn only for sigma in [S_min, S_max].
     S_max: float = 50.0,
     S_noise: float = 1.0,                     # Scale of the fresh noise.
@@ -209,8 +216,10 @@ def sample_churn(
 ):
     """Stochastic Heun sampler, Algorithm 2 of Karras et al. 2022 (DPDM `edm_sampler`).
 
-    Defaults are DPDM's README setting for its best MNIST FID (s_churn=100, s_min=0.05, s_max=50).
-    S_churn = 0 gives Algorithm 1 (Heun).
+    Defaults are DPDM's README setting for its best MNIST FID (s_churn=100, s_min=0.05, s_max=50), which it ran
+    with 1,000 steps: gamma_i = 100 / 1000 = 0.1. S_churn is a total spread over the N steps, so with fewer steps
+    the same 100 churns more per step (at 50 steps gamma_i = min(2, churn_limit) = 1, sigma doubled); S_churn =
+    0.1 * N keeps DPDM's per-step churn. S_churn = 0 gives Algorithm 1 (Heun).
     """
     _check_sigmas(sigmas)
     if S_churn < 0 or S_noise < 0 or churn_limit < 0:
@@ -310,6 +319,7 @@ def generate(
         x uint8 [n, C, H, W] (data in [-1, 1] mapped to [0, 255]) and y int64 [n] (None if unconditional).
 
     Raises:
+        ImagesMemoryError: the uint8 buffer of all n images cannot be allocated.
         NonFiniteSamplesError: the network's output (hence a batch of images) is not finite.
         ScheduleError: sampler_steps, sigma_min, sigma_max or rho give no usable schedule (get_sigmas_karras).
     """
@@ -339,7 +349,11 @@ def generate(
                                dtype=dtype)
     sample = SAMPLERS[sampler]
     autocast = autocast_for(precision, device)
-    out = torch.empty((int(n), C, R, R), dtype=torch.uint8)
+    try:
+        out = torch.empty((int(n), C, R, R), dtype=torch.uint8)
+    except RuntimeError as e:   # torch's allocators ("can't allocate memory", "std::bad_alloc", OutOfMemoryError)
+        raise ImagesMemoryError(f"{int(n) * C * R * R / 2**30:.3g} GiB for the uint8 images could not be "
+                                f"allocated") from e
     for start in range(0, int(n), int(batch_size)):
         stop = min(start + int(batch_size), int(n))
         # A batch below MIN_ROWS images (--n 1, a trailing batch) is padded with copies of its images, same

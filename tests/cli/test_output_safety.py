@@ -138,7 +138,7 @@ def test_memory_needed_counts_images_labels_and_one_batch():
 
     cfg = {"img_channels": 1, "img_resolution": 28, "num_classes": 10}
     assert memory_needed(10**9, cfg, batch_size=256) == 10**9 * (784 + 16) + 256 * 784 * 4
-    assert memory_needed(10, {**cfg, "num_classes": 0}, batch_size=256) == 10 * 784 + 10 * 784 * 4
+    assert memory_needed(10, {**cfg, "num_classes": 0}, batch_size=256) == 10 * 784 + 16 * 784 * 4   # MIN_ROWS
     assert physical_memory() is None or physical_memory() > 2**20
 
 

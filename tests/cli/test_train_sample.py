@@ -966,3 +966,72 @@ def test_the_plans_own_file_by_another_path_is_not_warned_of_as_another_dataset(
         assert capsys.readouterr().err == "", (given, plan)
     warn_dataset_not_plans("npz:other.npz", f"npz:{d / 'data.npz'}", "the run")   # another file: still said
     assert "but the plan was made for" in capsys.readouterr().err
+
+
+# --- stop 45 mends (dpdm sample) -------------------------------------------------------------------
+
+def test_a_release_file_with_no_train_config_samples(runs, tmp_path, capsys):
+    """The integrity check accepts a release file whose config.train is None ("a release file may lack it"), and
+    `dpdm sample` then died with AttributeError: 'NoneType' object has no attribute 'get' (exit 4, a traceback).
+    Now it samples with the default noise range, as from a release without the key."""
+    code, _, err = run_cli(["export", "--run", runs / "run", "--out", tmp_path / "model.pt"], capsys)
+    assert code == 0, err
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    state["config"]["train"] = None
+    torch.save(state, tmp_path / "none.pt")
+    del state["config"]["train"]
+    torch.save(state, tmp_path / "absent.pt")
+    for name in ("none", "absent"):
+        code, _, err = run_cli(["sample", "--checkpoint", tmp_path / f"{name}.pt", "--n", 3, "--sampler-steps", 2,
+                                "--device", "cpu", "--out", tmp_path / f"{name}.npz"], capsys)
+        assert code == 0 and "Traceback" not in err, err
+    with np.load(tmp_path / "none.npz") as a, np.load(tmp_path / "absent.npz") as b:
+        assert np.array_equal(a["x"], b["x"]) and float(a["meta_sigma_min"]) == 0.002
+
+
+def test_more_images_than_the_address_space_limit_is_the_n_line_not_the_batch_size_hint(runs, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Under `ulimit -v` the pre-check compared --n's images with physical memory only; the buffer of all --n
+    images then failed to allocate, and the out-of-memory line said "a smaller --batch-size needs less", which
+    does not shrink it. Now the pre-check counts the room left under the limit, and a failure to allocate that
+    buffer is the same line: exit 2, naming --n, with the advice to split the images into files."""
+    import resource
+
+    import dpdm.sample
+    import dpdm.sampling
+
+    def no_drawing(*a, **k):
+        raise AssertionError("drew images past the memory check")
+
+    monkeypatch.setattr(dpdm.sample, "physical_memory", lambda: 2**40)
+    real_getrlimit = resource.getrlimit
+    with open("/proc/self/statm") as f:
+        used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    room = 2**20   # 1 MiB left under the limit: 10**5 images of 1x8x8 (with labels) need 7.6 MiB
+    monkeypatch.setattr(resource, "getrlimit", lambda r: (used + room, resource.RLIM_INFINITY)
+                        if r == resource.RLIMIT_AS else real_getrlimit(r))
+    monkeypatch.setattr(dpdm.sampling, "generate", no_drawing)
+    big = ["sample", "--run", runs / "run", "--n", 10**5, "--sampler-steps", 2, "--device", "cpu",
+           "--out", tmp_path / "s.npz"]
+    code, _, err = run_cli(big + ["--batch-size", 1], capsys)
+    line = _one_error_line(code, err)
+    assert line.startswith("dpdm: error: n=100000 (--n) images of 1x8x8 need") and "ulimit -v" in line, line
+    assert "smaller --n" in line and "--batch-size" not in line
+    # The buffer of all --n images failing to allocate (a limit the pre-check does not see): the same advice.
+    monkeypatch.undo()
+    monkeypatch.setattr(dpdm.sample, "memory_allowed", lambda: (None, False))
+    real_empty = torch.empty
+
+    def empty(*size, **kwargs):
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
+        if int(np.prod(shape)) >= 10**5 * 64:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 6400000 bytes. Error code 12 (Cannot allocate memory)")
+        return real_empty(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    code, _, err = run_cli(big, capsys)
+    line = _one_error_line(code, err)
+    assert line.startswith("dpdm: error: n=100000 (--n) images of 1x8x8 do not fit in memory") and \
+        "could not be allocated" in line and "smaller --n" in line and "--batch-size" not in line, line
+    assert not list(tmp_path.iterdir())
