@@ -11,7 +11,7 @@ network under torch.autocast(bfloat16). This measures, on the same network, imag
 
 Rounds interleave fp32 and bf16 so that a slow phase of a shared machine hits both; the figures are
 the minimum over rounds. The network is the preset at its initialisation with init_scale 1 (every
-layer contributes; a trained checkpoint behaves alike, see README). The speed-up depends on the CPU:
+layer contributes; a trained checkpoint behaves alike: docs/performance.md, bf16). The speed-up depends on the CPU:
 bf16 matrix units (Intel AMX, AVX512-BF16) make it faster, and without them it is slower.
 
     .venv/bin/python benchmarks/precision.py [--preset small] [--n 256] [--sampler-steps 10]

@@ -35,7 +35,7 @@ DEMO_PHYSICAL_BATCH = 256   # examples per vmap chunk: memory only, the noise is
 # run starts from its EMA. Measured with 400 public steps: whole digits in the grid where the cold start
 # (300 steps of batch 128, 332 s of training against 482 s) drew blobs; classifier FD 20.9 against
 # 46.8, precision / recall 0.87 / 0.68 against 0.79 / 0.50; but no better downstream classifiers at
-# this size (CNN 68.0% against 72.7%, one seed each; README, issue 4 note). 300 steps at K 2 since: on a
+# this size (CNN 68.0% against 72.7%, one seed each; README, issue 4 note). 300 steps at K 2 then: on a
 # 2-core AMD EPYC the 400-step demo took 815 s of the 15 minutes it must fit (922 s before the demo kept
 # freed memory); 300 take 755 s there, with FD 28.8 against 24.6 and CNN 70.3% against 77.0% and 71.0%
 # (secret seeds: one run says little) and a grid of digits still.
