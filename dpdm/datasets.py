@@ -73,6 +73,7 @@ import re
 import struct
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,7 @@ __all__ = [
     "default_data_root",
     "has_test_split",
     "is_path_dataset",
+    "label_numbers",
     "load_dataset",
     "load_npz",
     "near_copies",
@@ -182,6 +184,13 @@ def is_path_dataset(name: str) -> bool:
     return name.startswith(("folder:", "npz:"))
 
 
+def label_numbers(names: Sequence[str]) -> list[int] | None:
+    """The label each class name stands for where all are decimal numbers (``"7"``, ``"07"``), distinct; else
+    None: how class folders are matched to data that numbers its classes (``npz:``, the built-in datasets)."""
+    numbers = [int(n) if n.isascii() and n.isdigit() else None for n in names]
+    return numbers if None not in numbers and len(set(numbers)) == len(numbers) else None
+
+
 def class_names_problem(public: "ImageData", private: "ImageData") -> str | None:
     """Why `public`'s labels do not mean `private`'s classes, or None. Where both name them: unless the names are
     alike (two ``folder:`` datasets number their classes by sorted name: ('dog', 'wolf') against ('cat', 'dog')
@@ -194,8 +203,7 @@ def class_names_problem(public: "ImageData", private: "ImageData") -> str | None
         return (f"public data {public.name!r} has classes {', '.join(public.class_names)}, but {private.name!r} has "
                 f"{', '.join(private.class_names)}; their class folders must be named alike")
     named = public if public.class_names is not None else private
-    numbers = [int(n) if n.isascii() and n.isdigit() else None for n in named.class_names]
-    if numbers == list(range(len(numbers))):
+    if label_numbers(named.class_names) == list(range(len(named.class_names))):
         return None
     shown = ", ".join(named.class_names[:12]) + (", ..." if len(named.class_names) > 12 else "")
     other = private if named is public else public

@@ -72,7 +72,8 @@ from torch import nn
 
 from dpdm.checkpoint import TORCH_LOAD_ERRORS, damaged_record, load_error_reason
 from dpdm.classifiers import CNN, CNN_MIN_SIDE, build_classifier
-from dpdm.datasets import DataError, ImageData, class_names_problem, near_copy_problem, shared_images
+from dpdm.datasets import (DataError, ImageData, class_names_problem, label_numbers, near_copy_problem,
+                           shared_images)
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -299,18 +300,11 @@ def match_test_classes(real_train: ImageData, real_test: ImageData) -> ImageData
                      class_names=real_train.class_names)
 
 
-def _label_numbers(names: tuple[str, ...]) -> list[int] | None:
-    """The label each class name stands for where all are decimal numbers (``"7"``, ``"07"``), distinct; else
-    None."""
-    numbers = [int(n) if n.isascii() and n.isdigit() else None for n in names]
-    return numbers if None not in numbers and len(set(numbers)) == len(numbers) else None
-
-
 def _match_by_number(real_train: ImageData, real_test: ImageData) -> ImageData:
     """`match_test_classes` where exactly one side names its classes: the names, read as label numbers, map the
     named side's sorted-name positions to the other side's labels."""
     named, other = (real_test, real_train) if real_test.class_names is not None else (real_train, real_test)
-    numbers = _label_numbers(named.class_names)
+    numbers = label_numbers(named.class_names)
     if numbers is None:
         shown = ", ".join(named.class_names[:5]) + (", ..." if len(named.class_names) > 5 else "")
         raise DataError(f"{'test' if named is real_test else 'training'} data {named.name!r} names its classes "
