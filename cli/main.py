@@ -50,6 +50,14 @@ class _LazyGroup(click.Group):
             raise
         return getattr(module, attr)
 
+    def invoke(self, ctx: click.Context):
+        """Ctrl-C in a command reaches `main` as click's Abort, without the empty line click's own handler writes
+        first (two lines on stderr where the exit codes promise one)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise click.exceptions.Abort() from None
+
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dpdm")
@@ -77,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as e:  # --help, --version
         return int(e.exit_code)
     except click.exceptions.Abort:
-        click.echo(f"{prog}: aborted", err=True)
+        # On a terminal the line follows the "^C" the terminal echoed, so it starts a line of its own.
+        click.echo(f"{chr(10) if _stderr_is_a_terminal() else ''}{prog}: aborted", err=True)
         return 130
     except _NO_ARGS_IS_HELP as e:  # bare `dpdm` or `dpdm baseline` (click >= 8.2): the help, as it is
         click.echo(e.ctx.get_help(), err=True)
@@ -114,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_RUNTIME
         return _internal_error(prog, e)  # a bug or an environment failure: never exit 1, which means "audit FAIL"
     return int(rv or 0)
+
+
+def _stderr_is_a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):   # replaced or closed
+        return False
 
 
 # The option that lowers a command's peak memory, for the out-of-memory line.

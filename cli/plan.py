@@ -89,11 +89,12 @@ def _memory_capped(command):
 
 def _memory_allowance() -> int | None:
     """Bytes the command may add: $DPDM_MEMORY_LIMIT, else 90% of /proc/meminfo's MemAvailable (None: no cap)."""
-    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip().upper().removesuffix("B").removesuffix("I")
+    given = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    text = given.upper().removesuffix("B").removesuffix("I")
     if text in ("OFF", "NONE", "UNLIMITED"):
         return None
-    if text:
-        unit = text[-1] if text[-1] in _UNITS else ""
+    if given:   # not `text`: "B", "I" or "IB" alone left nothing and read as unset, the default cap
+        unit = text[-1] if text and text[-1] in _UNITS else ""
         try:
             value = float(text[:len(text) - len(unit)]) * _UNITS[unit]
         except ValueError:

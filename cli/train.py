@@ -159,11 +159,12 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
     from dpdm import distributed
 
     device = resolve_device(device)
+    problem = distributed.launch_problem()   # a stray WORLD_SIZE or RANK, a bad DPDM_DIST_TIMEOUT: before any work
+    if problem:
+        raise BadInput(problem)
     if distributed.launched_by_torchrun():
-        problem = distributed.launch_problem()
-        if problem:
-            raise BadInput(problem)
         device = distributed.init_from_env(device)
+    rank = distributed.rank()   # the process group's (read before shutdown destroys it), not a RANK left in the shell
     warn_if_slow_bf16(precision, device)
     ok = False
     try:
@@ -187,7 +188,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
         raise runtime_failure(str(e)) from None
     finally:
         distributed.shutdown(ok=ok)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if rank != 0:
         return  # rank 0 alone reports
     if as_json:
         emit_json(summary)

@@ -15,28 +15,62 @@ import torch
 def launched_by_torchrun() -> bool:
     """Whether WORLD_SIZE names more than one process (torchrun sets it; `launch_problem` checks the rest)."""
     size = os.environ.get("WORLD_SIZE", "1").strip()
-    return not (size.isdigit() and int(size) <= 1)
+    return not (size.isdecimal() and int(size) <= 1)
 
 
 # What torchrun sets beside WORLD_SIZE, and init_process_group("env://") reads.
 _TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_TIMEOUT_ENV = "DPDM_DIST_TIMEOUT"
 
 
 def launch_problem() -> str | None:
-    """Why this process's environment is not a torchrun launch although WORLD_SIZE says more than one process
-    (a stray WORLD_SIZE in the shell was a traceback from torch's rendezvous, exit 4), or None."""
+    """Why this process's environment is neither one process nor a torchrun launch, or None.
+
+    A stray WORLD_SIZE in the shell was a traceback from torch's rendezvous (exit 4). A RANK above 0 with no
+    WORLD_SIZE above 1 names one rank of several that were never set up: such a process trained alone, then took
+    itself for a peer and printed nothing (a stray RANK='' crashed after the run, exit 4); outside torchrun RANK
+    is otherwise not read (see `rank`)."""
     size = os.environ.get("WORLD_SIZE", "1").strip()
-    if not size.isdigit():
+    if not launched_by_torchrun():
+        rank = os.environ.get("RANK", "").strip()
+        if rank.isdecimal() and int(rank) > 0:
+            if os.environ.get("WORLD_SIZE", "").strip():
+                return f"RANK={rank} is not below WORLD_SIZE={size}"
+            return (f"RANK={rank} is set, but WORLD_SIZE is not: run the ranks under torchrun (torchrun "
+                    "--nproc_per_node=N $(which dpdm) train ...), or unset RANK to train in one process")
+        return None
+    if not size.isdecimal():
         return f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes"
     missing = [v for v in _TORCHRUN_VARIABLES if not os.environ.get(v, "").strip()]
     if missing:
         return (f"WORLD_SIZE={size} is set, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: run "
                 "under torchrun (torchrun --nproc_per_node=N $(which dpdm) train ...), or unset WORLD_SIZE")
-    if not all(os.environ[v].strip().isdigit() for v in ("RANK", "LOCAL_RANK", "MASTER_PORT")):
+    if not all(os.environ[v].strip().isdecimal() for v in ("RANK", "LOCAL_RANK", "MASTER_PORT")):
         return "RANK, LOCAL_RANK and MASTER_PORT must be numbers, as torchrun sets them"
     if int(os.environ["RANK"]) >= int(size):
         return f"RANK={os.environ['RANK']} is not below WORLD_SIZE={size}"
+    if _timeout_seconds() is None:   # was a ValueError traceback from init_from_env, exit 4
+        return f"{_TIMEOUT_ENV}={os.environ[_TIMEOUT_ENV]!r} must be a number of seconds above 0 (default 600)"
     return None
+
+
+def _timeout_seconds() -> float | None:
+    """$DPDM_DIST_TIMEOUT (default 600, also when empty): how long a collective waits for its peers, or None when
+    it is no such number (not a number, nan, 0 or below, or beyond what a timedelta holds)."""
+    try:
+        seconds = float(os.environ.get(_TIMEOUT_ENV, "").strip() or "600")
+        datetime.timedelta(seconds=seconds)   # ValueError for nan, OverflowError for inf or past 999,999,999 days
+    except (ValueError, OverflowError):
+        return None
+    return seconds if seconds > 0 else None
+
+
+def rank() -> int:
+    """This process's rank in the process group actually set up, 0 when there is none: outside torchrun this
+    process is the whole run, whatever a RANK left in the shell says."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def init_from_env(device: str) -> str:
@@ -53,7 +87,7 @@ def init_from_env(device: str) -> str:
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    timeout = datetime.timedelta(seconds=float(os.environ.get("DPDM_DIST_TIMEOUT", "600")))
+    timeout = datetime.timedelta(seconds=_timeout_seconds() or 600.0)   # checked by launch_problem
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     if not use_cuda:
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
@@ -86,7 +120,7 @@ def _all_left_the_barrier(dist) -> None:
         store = dist.distributed_c10d._get_default_store()
         key, world = "dpdm/left_barrier", dist.get_world_size()
         store.add(key, 1)
-        deadline = time.monotonic() + float(os.environ.get("DPDM_DIST_TIMEOUT", "600"))
+        deadline = time.monotonic() + (_timeout_seconds() or 600.0)
         while store.add(key, 0) < world and time.monotonic() < deadline:
             time.sleep(0.01)
     except Exception:   # a store that cannot be reached (a peer gone): tear down as before

@@ -580,6 +580,17 @@ def test_empty_checkpoint_paths_are_one_line(capsys, tmp_path):
         assert rc == 2 and "--checkpoint='' is empty" in err, err
 
 
+@pytest.mark.parametrize("value", ["B", "I", "IB", " ib "])
+def test_a_memory_limit_that_is_only_a_unit_is_refused(capsys, monkeypatch, value):
+    """DPDM_MEMORY_LIMIT=B (or I, IB) lost its whole text to the unit strip and read as unset: the default cap, no
+    word, while K alone was refused. Now one line, exit 2, as for every other value that names no size."""
+    monkeypatch.setenv("DPDM_MEMORY_LIMIT", value)
+    rc, out, err = run(capsys, "--noise-multiplier", "1", "--dataset-size", "100", "--batch-size", "10", "--steps", "3",
+                       "--delta", "1e-5")
+    assert rc == 2 and out == "" and err == f"dpdm: error: DPDM_MEMORY_LIMIT={value!r} must be a number of bytes of " \
+                                           "at least 256M (optionally with K, M, G or T), or off\n", err
+
+
 def test_the_accountants_memory_is_capped_so_a_huge_grid_is_one_line(capsys, monkeypatch):
     """`dpdm account -s 0.05 -p 1 -i 10000000` lies within the accepted ranges; PLD took array after array until the
     kernel's OOM killer ended it without a word (24 GB on a 23 GiB machine). dpdm plan and account now run under
