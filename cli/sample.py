@@ -52,7 +52,8 @@ _MAX_SAMPLER_STEPS = 10_000   # dpdm.sampling.MAX_SAMPLER_STEPS (10x DPDM's 1,00
               help="Image i uses seed + i; 0 <= seed <= 2**63 - n (n: --n), so that every image's seed is below 2**63.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per network call; a batch of fewer than 16 (a trailing one too) is padded with copies of "
-                   "its images, so that the images do not depend on the batch size (on the CPUs measured).")
+                   "its images, so that the images do not depend on the batch size (measured with MKL's AVX512 "
+                   "kernels; with its AVX2 ones, as on AMD CPUs, a pixel may still differ by a grey level).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_path", required=True, type=PathOption(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
 @click.option("--grid", "grid_path", type=PathOption(dir_okay=False), default=None,

@@ -199,6 +199,8 @@ def class_names_problem(public: "ImageData", private: "ImageData") -> str | None
     ``2``, and one named by words cannot be matched to numbers)."""
     if public.class_names is None and private.class_names is None or public.class_names == private.class_names:
         return None
+    if public.y is None or private.y is None:   # unlabelled data: the callers' own line says so ("both have labels")
+        return None
     if None not in (public.class_names, private.class_names):
         return (f"public data {public.name!r} has classes {', '.join(public.class_names)}, but {private.name!r} has "
                 f"{', '.join(private.class_names)}; their class folders must be named alike")

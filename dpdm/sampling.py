@@ -45,6 +45,8 @@ MAX_S_NOISE = 10.0
 # (one thread): the small preset rounds alike from 3 rows on; the mnist preset from 6 rows at 8x8, but only from
 # 16 at 16x16 to 28x28 (a 9-row batch flipped a pixel of 4 of 108 images by a grey level against a 16-row one).
 # From 16 rows on, calls of 16 to 39, 64 and 256 rows round alike for both (the float outputs, not only images).
+# Not so with MKL's AVX2 kernels (MKL_ENABLE_INSTRUCTIONS=AVX2, as MKL runs on AMD CPUs): calls of 16 to 31 rows
+# still flip a pixel now and then by a grey level against 256 rows, whatever the padding short of the batch.
 MIN_ROWS = 16
 
 

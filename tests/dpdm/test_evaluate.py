@@ -12,7 +12,7 @@ import scipy.linalg
 import torch
 
 from dpdm.classifiers import CNN, MLP, LogReg, build_classifier
-from dpdm.datasets import DataError, ImageData, load_dataset
+from dpdm.datasets import DataError, ImageData, class_names_problem, load_dataset
 from dpdm.evaluate import (
     accuracy,
     classifier_fd,
@@ -587,6 +587,8 @@ def test_public_class_folders_must_be_named_as_the_private_ones():
         check_public_data(data("npz:public", None, 4), private)
     check_public_data(data("npz:public", None, 4), data("folder:private", ("0", "1"), 5))
     check_public_data(data("folder:public", ("00", "01"), 6), data("npz:private", None, 7))
+    unlabelled = ImageData(data("npz:private", None, 10).x, None, 0, "npz:private")   # h82 F1: not a naming problem
+    assert class_names_problem(data("folder:public", ("cat", "dog"), 11), unlabelled) is None
     for names in (("1", "2"), ("1", "0"), ("0", "x")):
         with pytest.raises(DataError, match="public data 'folder:public' has class folders"):
             check_public_data(data("folder:public", names, 8), data("npz:private", None, 9))

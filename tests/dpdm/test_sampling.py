@@ -557,13 +557,22 @@ def test_images_do_not_depend_on_the_batch_size_down_to_a_padded_trailing_batch(
     thread) a network call on 1 to 15 rows rounds unlike the same rows in a larger call (at 16x16 and 28x28; at
     8x8 only 1-5 rows), so batch 8 and a trailing batch of 9 flipped pixels by a grey level against batch 256.
     From 16 rows on the calls round alike (checked to 39 rows, and 64 against 256). The sampler's float output is
-    compared, not only the uint8 images, whose flips are rare."""
+    compared, not only the uint8 images, whose flips are rare.
+
+    Where MKL runs other kernels (its AVX2 ones, as on AMD CPUs: emulated with MKL_ENABLE_INSTRUCTIONS=AVX2), calls
+    of 16 to 31 rows still round unlike a 256-row call (2 pixels of 2 in 100 images off by a grey level, h82), and
+    no MIN_ROWS short of the batch makes them alike: there the test asks what holds, a grey level at most."""
     import dpdm.sampling
     from dpdm.sampling import MIN_ROWS
 
     torch.manual_seed(0)
     D = EDMPrecond(build_network(preset, img_resolution=resolution, img_channels=1, num_classes=10,
                                  init_scale=1.0)).eval()
+    with torch.no_grad():   # does this CPU's BLAS round calls of 16, 17 and 31 rows like the same rows of a large one?
+        probe = torch.randn(256, 1, resolution, resolution, generator=torch.Generator().manual_seed(1))
+        labels, sigma = torch.arange(256) % 10, torch.full((256,), 2.0)
+        large = D(probe, sigma, labels)
+        alike = all(torch.equal(D(probe[:r], sigma[:r], labels[:r]), large[:r]) for r in (16, 17, 31))
     floats = []
 
     def euler(*args, **kwargs):   # the batch's float images, padding rows included
@@ -579,5 +588,9 @@ def test_images_do_not_depend_on_the_batch_size_down_to_a_padded_trailing_batch(
         images[batch_size] = (x, torch.cat([f[:min(batch_size, n - s)] for f, s in zip(floats, range(0, n,
                                                                                               batch_size))]))
     for batch_size in (16, 17, 31):
-        assert torch.equal(images[batch_size][1], images[256][1]), (preset, batch_size)
-        assert torch.equal(images[batch_size][0], images[256][0]), (preset, batch_size)
+        if alike:
+            assert torch.equal(images[batch_size][1], images[256][1]), (preset, batch_size)
+            assert torch.equal(images[batch_size][0], images[256][0]), (preset, batch_size)
+        else:
+            off = (images[batch_size][0].int() - images[256][0].int()).abs()
+            assert int(off.max()) <= 1 and int((off > 0).sum()) <= off.numel() // 100, (preset, batch_size)
