@@ -1,0 +1,119 @@
+"""Mutation walk of stop 45 (mut46): checkpoint.py's atomic write and ledger checks, each pinned by a test that
+fails on one mutant that every existing checkpoint/export/train test let through."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import accounting
+import accounting.plan
+from dpdm import checkpoint as ckpt
+
+
+def _plan(steps=4):
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=steps, noise_multiplier=1.0, clip_norm=1.0,
+                                  noise_multiplicity=2, delta=1e-5, dataset_name="tiny")
+    return accounting.make_plan_document(plan)
+
+
+def test_atomic_save_fsyncs_the_whole_temp_file_then_renames_then_fsyncs_the_folder(tmp_path, monkeypatch):
+    """The order that makes a write crash-safe: the complete temp file reaches the disk (fsync) before the rename
+    makes it the checkpoint, and the rename itself is made durable (the folder's fsync) after it. Dropping either
+    fsync, or renaming first, passed every checkpoint, export and train test."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", st.st_ino, st.st_size))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", os.stat(a).st_ino, Path(b).name))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(accounting.plan, "fsync_folder", lambda folder: events.append(("folder", Path(folder))))
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"the previous checkpoint")
+    ckpt.atomic_torch_save({"w": torch.arange(10_000)}, target)
+    monkeypatch.undo()
+    assert [e[0] for e in events] == ["fsync", "replace", "folder"], events
+    final = target.stat()
+    assert events[0][1] == final.st_ino and events[0][2] == final.st_size   # the whole file, the one renamed
+    assert events[1][1:] == (final.st_ino, "checkpoint.pt")
+    assert events[2][1] == tmp_path
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.arange(10_000))
+
+
+@pytest.mark.parametrize("where", ["save", "fsync", "replace"])
+def test_an_interrupted_atomic_save_leaves_no_temp_file_and_the_old_checkpoint(tmp_path, monkeypatch, where):
+    """Ctrl-C (a BaseException) inside torch.save, the fsync or the rename: the temp file (a full copy of the
+    weights and the secret seed) is removed and the previous checkpoint kept."""
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"the previous checkpoint")
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    if where == "save":
+        real_save = torch.save
+
+        def half_then_interrupt(obj, f, *a, **k):
+            real_save(obj, f, *a, **k)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(torch, "save", half_then_interrupt)
+    else:
+        monkeypatch.setattr(os, where, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_torch_save({"w": torch.arange(1000)}, target)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert list(tmp_path.glob(ckpt.temp_file_pattern(target))) == []
+    assert target.read_bytes() == b"the previous checkpoint"
+
+
+def _ledger(doc, steps, **edit):
+    eps = min(accounting.epsilon_spent(doc.plan, steps), doc.epsilon)
+    return {"plan_digest": doc.digest, "plan_steps": doc.plan.steps, "steps_done": steps, "epsilon_spent": eps,
+            "delta": doc.plan.delta, "private": True, **edit}
+
+
+def test_the_ledger_must_match_the_accountant_to_its_tolerance_and_the_plans_delta(tmp_path):
+    """verify_ledger re-accounts epsilon to rel 1e-6: an epsilon lowered by 1% (or 3%) is an edit; so is a delta
+    that differs from the plan's by a factor of 1.5. The existing tests edit by a factor of two only."""
+    doc = _plan()
+    ckpt.verify_ledger({"ledger": _ledger(doc, 3)}, doc, "x")   # the true ledger passes
+    good = _ledger(doc, 3)["epsilon_spent"]
+    for factor in (0.99, 0.97, 1.01):
+        with pytest.raises(ckpt.CheckpointError, match="the file was edited"):
+            ckpt.verify_ledger({"ledger": _ledger(doc, 3, epsilon_spent=good * factor)}, doc, "x")
+    with pytest.raises(ckpt.CheckpointError, match="the file was edited"):
+        ckpt.verify_ledger({"ledger": _ledger(doc, 3, delta=doc.plan.delta * 1.5)}, doc, "x")
+
+
+def _training_state(step, done, private=True):
+    return {"rng": {"torch": torch.get_rng_state()}, "ema_power": {},
+            "optimizer": {"state": {0: {"step": torch.tensor(float(step)), "exp_avg": torch.zeros(2)}},
+                          "param_groups": [{"params": [0]}]},
+            "ledger": {"steps_done": done, "private": private}}
+
+
+def test_a_private_checkpoint_whose_optimizer_took_fewer_steps_than_its_ledger_is_refused():
+    """A private run steps Adam once per step: an optimizer count below the ledger's steps (an edited field) is
+    refused for a private run, allowed for a --no-dp one (which skips empty batches)."""
+    assert ckpt._training_state_problem(_training_state(3, 3)) is None
+    assert "optimizer has taken 2 steps" in (ckpt._training_state_problem(_training_state(2, 3)) or "")
+    assert "optimizer has taken 4 steps" in (ckpt._training_state_problem(_training_state(4, 3)) or "")
+    assert ckpt._training_state_problem(_training_state(2, 3, private=False)) is None
+
+
+def test_a_checkpoint_with_no_step_done_is_refused():
+    """dpdm train saves only after a step: a checkpoint at step 0 (edited, or forged) would resume and spend the
+    first steps' budget again."""
+    assert "no step done" in (ckpt._training_state_problem(_training_state(0, 0)) or "")
+    assert "no step done" in (ckpt._training_state_problem(_training_state(0, 0, private=False)) or "")
