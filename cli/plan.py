@@ -14,6 +14,7 @@ import click
 from cli._common import DatasetName, FiniteFloatRange, PathOption, emit_json, warn
 from cli.errors import BadInput, runtime_failure
 
+from dpdm.cpu import address_space
 from dpdm.dataset_sizes import DATASET_SIZES, copies_per_source_image  # noqa: E402  (one table, torch-free)
 from dpdm.noise_scale import noise_scale_problem
 from dpdm.report_utils import epsilon_text
@@ -74,7 +75,7 @@ def _memory_capped(command):
         import accounting  # noqa: F401  (scipy, dp-accounting, prv-accountant: their imports map memory of their own)
 
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        cap = None if extra is None else _address_space() + extra
+        cap = None if extra is None else address_space() + extra
         if cap is None or cap >= 2**62 or (soft != resource.RLIM_INFINITY and soft <= cap):
             return command(*args, **kwargs)
         if hard != resource.RLIM_INFINITY:
@@ -111,18 +112,6 @@ def _memory_allowance() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _address_space() -> int:
-    """This process's address space now (VmSize, bytes; 0 where /proc does not say)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 @click.command("plan")

@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["bf16_unit_probes", "cpu_has_bf16_units", "keep_freed_memory", "keep_freed_memory_if_asked"]
+__all__ = ["address_space", "bf16_unit_probes", "cpu_has_bf16_units", "keep_freed_memory", "keep_freed_memory_if_asked"]
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -86,3 +86,16 @@ def cpu_has_bf16_units() -> bool | None:
     """
     answers = [v for v in bf16_unit_probes().values() if v is not None]
     return any(answers) if answers else None
+
+
+def address_space() -> int:
+    """This process's address space now (VmSize, bytes; 0 where /proc does not say): what counts against an
+    address-space limit (`ulimit -v`, `resource.RLIMIT_AS`) before the next allocation."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

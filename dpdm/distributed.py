@@ -21,6 +21,7 @@ def launched_by_torchrun() -> bool:
 # What torchrun sets beside WORLD_SIZE, and init_process_group("env://") reads.
 _TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _TIMEOUT_ENV = "DPDM_DIST_TIMEOUT"
+_DEFAULT_TIMEOUT_S = 600.0
 
 
 def launch_problem() -> str | None:
@@ -50,15 +51,16 @@ def launch_problem() -> str | None:
     if int(os.environ["RANK"]) >= int(size):
         return f"RANK={os.environ['RANK']} is not below WORLD_SIZE={size}"
     if _timeout_seconds() is None:   # was a ValueError traceback from init_from_env, exit 4
-        return f"{_TIMEOUT_ENV}={os.environ[_TIMEOUT_ENV]!r} must be a number of seconds above 0 (default 600)"
+        return (f"{_TIMEOUT_ENV}={os.environ[_TIMEOUT_ENV]!r} must be a number of seconds above 0 "
+                f"(default {_DEFAULT_TIMEOUT_S:g})")
     return None
 
 
 def _timeout_seconds() -> float | None:
-    """$DPDM_DIST_TIMEOUT (default 600, also when empty): how long a collective waits for its peers, or None when
-    it is no such number (not a number, nan, 0 or below, or beyond what a timedelta holds)."""
+    """$DPDM_DIST_TIMEOUT (default `_DEFAULT_TIMEOUT_S`, also when empty): how long a collective waits for its
+    peers, or None when it is no such number (not a number, nan, 0 or below, or beyond what a timedelta holds)."""
     try:
-        seconds = float(os.environ.get(_TIMEOUT_ENV, "").strip() or "600")
+        seconds = float(os.environ.get(_TIMEOUT_ENV, "").strip() or _DEFAULT_TIMEOUT_S)
         datetime.timedelta(seconds=seconds)   # ValueError for nan, OverflowError for inf or past 999,999,999 days
     except (ValueError, OverflowError):
         return None
@@ -87,7 +89,7 @@ def init_from_env(device: str) -> str:
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    timeout = datetime.timedelta(seconds=_timeout_seconds() or 600.0)   # checked by launch_problem
+    timeout = datetime.timedelta(seconds=_timeout_seconds() or _DEFAULT_TIMEOUT_S)   # checked by launch_problem
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     if not use_cuda:
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
@@ -120,7 +122,7 @@ def _all_left_the_barrier(dist) -> None:
         store = dist.distributed_c10d._get_default_store()
         key, world = "dpdm/left_barrier", dist.get_world_size()
         store.add(key, 1)
-        deadline = time.monotonic() + (_timeout_seconds() or 600.0)
+        deadline = time.monotonic() + (_timeout_seconds() or _DEFAULT_TIMEOUT_S)
         while store.add(key, 0) < world and time.monotonic() < deadline:
             time.sleep(0.01)
     except Exception:   # a store that cannot be reached (a peer gone): tear down as before

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from dpdm import checkpoint as ckpt
+from dpdm.cpu import address_space
 from dpdm.datasets import public_dataset_name, public_init_name
 from dpdm.sampling import MIN_ROWS, RHO, SIGMA_MAX, SIGMA_MIN
 
@@ -409,9 +410,10 @@ def memory_allowed() -> tuple[int | None, bool]:
         import resource
 
         limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-        with open("/proc/self/statm") as f:   # Linux: the address space in use, in pages
-            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (ImportError, OSError, ValueError, IndexError, AttributeError):
+    except ImportError:
+        return have, False
+    used = address_space()
+    if not used:   # no /proc to say what is in use
         return have, False
     if limit != resource.RLIM_INFINITY and (have is None or limit - used < have):
         return max(limit - used, 0), True
