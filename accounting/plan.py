@@ -398,10 +398,10 @@ def prv_unreliable(*, certified: float, prv_upper: float, prv_eps_error: float, 
     slack = PRV_SLACK_FACTOR * math.sqrt(steps) * pld_discretization
     if not prv_upper < certified - prv_eps_error - slack:
         return None
-    return (f"PRV's upper bound {bound_text(prv_upper, 6)} is below the certified epsilon {bound_text(certified, 6)} (the smaller of "
-            f"PLD's and RDP's rigorous upper bounds) by more than PRV's stated error ({prv_eps_error:.2g}) and the "
-            f"certificate's grid slack ({slack:.2g}): prv-accountant is unreliable here and its figures are no bounds; "
-            "the certified epsilon is the figure to use")
+    return (f"PRV's upper bound {bound_text(prv_upper, 6)} is below the certified epsilon "
+            f"{bound_text(certified, 6)} (the smaller of PLD's and RDP's rigorous upper bounds) by more than PRV's "
+            f"stated error ({prv_eps_error:.2g}) and the certificate's grid slack ({slack:.2g}): prv-accountant is "
+            "unreliable here and its figures are no bounds; the certified epsilon is the figure to use")
 
 
 def bound_text(epsilon: float, digits: int = 4, *, bound: str = "upper") -> str:
