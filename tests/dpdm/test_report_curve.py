@@ -35,3 +35,19 @@ def test_report_md_table_cells_show_their_values_whole(tmp_path):
     assert "| after | kept |" in lines   # the table goes on after it
     assert len(re.split(r"(?<!\\)\|", row)[1:-1]) == 2   # two cells: only unescaped bars divide them
     assert "/data/x|&lt;b&gt;&amp;y" in html_path.read_text(encoding="utf-8")   # HTML was escaped already
+
+
+@pytest.mark.parametrize("value, cell", [
+    ("runs/_tmp_/demo/run", r"runs/\_tmp\_/demo/run"),                               # was "tmp" in italics
+    ("demo *v2*/run", r"demo \*v2\*/run"),
+    ("x![a](https://e.com/p.png)/run", r"x!\[a\](https://e.com/p.png)/run"),         # was an image fetched on view
+    ("a `c` ~/r &amp; &x", r"a \`c\` \~/r \&amp; &x"),
+    ("demo_out/run_2/model.pt", "demo_out/run_2/model.pt"),                          # inside words: as CommonMark shows
+])
+def test_report_md_cells_escape_what_a_renderer_would_act_on(tmp_path, value, cell):
+    """Paths in report.md are shown verbatim: Markdown's emphasis, code, link/image and entity marks in a folder's
+    name are escaped (stop 46, h86 F3); report.html escaped them already."""
+    from dpdm.report import write_report
+
+    md, _ = write_report(tmp_path, [{"title": "Release", "rows": [("run", value)]}], title="t")
+    assert f"| run | {cell} |" in md.read_text(encoding="utf-8").splitlines()
