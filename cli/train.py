@@ -226,7 +226,9 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
     --no-dp, changes nothing: `dpdm.train.train` says why it cannot resume). A kept knob the user gave with
     another value than the run's is refused here, naming the run's value. The run's data path is taken only
     where it still exists (a run folder moved with its data resumes on the plan's name; the data digest decides
-    that it is the run's data)."""
+    that it is the run's data). --subspace-data is compared as an absolute path, as the run records it; a relative
+    one recorded by an older dpdm means the file from the folder the run was started in, and is refused where
+    that file is not found (h83 F3)."""
     from dpdm import checkpoint as ckpt
     from dpdm.datasets import is_path_dataset
 
@@ -259,6 +261,15 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
     if recorded is None or (isinstance(recorded, str) and is_path_dataset(recorded)
                             and not os.path.exists(os.path.expanduser(recorded.split(":", 1)[1]))):
         run.pop("dataset", None)   # no name (a library run), or moved away: the plan's, as before
+    recorded = run.get("subspace_data")
+    if isinstance(recorded, str) and is_path_dataset(recorded):
+        typed = os.path.expanduser(recorded.split(":", 1)[1])
+        if not os.path.isabs(typed) and not os.path.exists(typed):
+            # Recorded as typed by a dpdm before stop 46 (it records the absolute path now): relative to the
+            # folder the run was started in. Resumed there, the run records the absolute path.
+            raise BadInput(f"the run in {out_dir!r} recorded --subspace-data {recorded!r} as typed, relative to the "
+                           f"folder it was started in (an older dpdm), and there is no {typed!r} here; resume from "
+                           "that folder")
     if "lr" not in given and "lr_schedule" not in given:
         _warn_unsaved_lr_change(out_dir, train_cfg)
     out = dict(opts)
@@ -303,12 +314,18 @@ def _kept_value(key: str, value):
         return tuple(p.strip() for p in value.split(",") if p.strip())
     if key == "train_sigma" and value is not None:
         return tuple(float(v) for v in value)
+    if key == "subspace_data" and isinstance(value, str):
+        from dpdm.datasets import absolute_dataset_name
+
+        return absolute_dataset_name(value)   # as the run records it; a relative name means the file from here
     if isinstance(value, list):
         return tuple(value)
     return value
 
 
 def _shown(key: str, value) -> str:
+    if key == "subspace_data" and isinstance(value, str):
+        return value   # as given, or as the run recorded it
     value = _kept_value(key, value)
     if value is None or value == ():
         return "none" if key in ("ema_powers", "subspace_dim", "subspace_data", "train_sigma") else (

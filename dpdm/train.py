@@ -37,7 +37,8 @@ import accounting
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
-from dpdm.datasets import absolute_dataset_name, image_digests, near_copy_problem, shared_images
+from dpdm.datasets import (absolute_dataset_name, image_digests, is_path_dataset, near_copy_problem,
+                           shared_images)
 from dpdm.data import PoissonSampler
 from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
                           noise_scale_problem, public_subspace, validate_model)
@@ -631,6 +632,9 @@ def train(
         raise TrainError(f"{bad} of the {n} images hold a NaN or infinite pixel")
     if config.subspace_dim is not None:
         _check_public_data(public_data, x, y, config, dataset_name, num_classes=num_classes)
+        # Recorded absolute, as the dataset is: a name relative to the folder the run started in meant another
+        # file (or none) to a resume from elsewhere, which was told both to leave it out and to give it.
+        config = replace(config, subspace_data=absolute_dataset_name(config.subspace_data))
     elif public_data is not None:
         raise TrainError("public_data is used only with a gradient subspace (subspace_dim)")
     ckpt_path = out / CHECKPOINT_NAME
@@ -686,10 +690,9 @@ def train(
         if config.seed is not None and config.seed != saved_seed:
             raise TrainError("cannot resume with another --seed: the run's batches and noise derive from its own seed")
         if state["config"].get("data_digest") not in (None, data_digest):
-            trained = state["config"].get("dataset")
             raise TrainError("cannot resume on other data: the images or their labels differ from those the run "
-                             "was trained on" + (f" ({trained!r}; resume without --dataset, or with that one)"
-                                                 if trained else ""))
+                             "was trained on" + _other_data_advice(state["config"].get("dataset"), dataset_name,
+                                                                   plan.dataset_name))
         lr_segments, lr_note = _resumed_lr_segments(state, config)
         config = replace(config, lr_segments=lr_segments)
         seed = saved_seed
@@ -740,9 +743,13 @@ def train(
         run_config["init"] = saved.get("init")
         saved_train = saved.get("train", {})
         for key in ("subspace_dim", "subspace_data", "subspace_every", "subspace_examples"):
-            if saved_train.get(key, getattr(TrainConfig, key)) != getattr(config, key):
-                raise TrainError(f"cannot resume: the run used {key}={saved_train.get(key)!r}, now "
-                                 f"{getattr(config, key)!r}")
+            was, now = saved_train.get(key, getattr(TrainConfig, key)), getattr(config, key)
+            if key == "subspace_data" and isinstance(was, str) and isinstance(now, str):
+                # a run of a dpdm before stop 46 recorded the name as typed: relative to the folder it started
+                # in, which is the current one where it resumes as it always did
+                was, now = absolute_dataset_name(was), absolute_dataset_name(now)
+            if was != now:
+                raise TrainError(f"cannot resume: the run used {key}={saved_train.get(key)!r}, now {now!r}")
         for key, flag in _RESUME_FIXED.items():
             was, now = saved_train.get(key, getattr(TrainConfig, key)), getattr(config, key)
             if isinstance(was, list):
@@ -1351,6 +1358,23 @@ def _finite_model(D: torch.nn.Module, params: dict[str, torch.Tensor], probe: tu
         return False
     with torch.no_grad():
         return bool(torch.isfinite(D(*probe)).all())
+
+
+def _other_data_advice(trained: str | None, dataset_name: str | None, plan_dataset: str | None) -> str:
+    """The end of the refusal of a resume on other data than the run's: the name the run recorded (`trained`,
+    absolute) and what would resume it, as far as that is true. `dpdm train --resume` without --dataset takes the
+    recorded name while it exists, so "resume without --dataset" was also said to a resume that gave none, and
+    whose recorded file had since been replaced by other images (stop 46, h83 F4)."""
+    if not trained:
+        return ""
+    if dataset_name is not None and absolute_dataset_name(dataset_name) == trained:
+        named = ("" if plan_dataset is None or absolute_dataset_name(plan_dataset) == trained
+                 else f"; the plan names {plan_dataset!r}")
+        return (f" ({trained!r}, which held them, now holds others: resume with --dataset naming the data the run "
+                f"was trained on{named})")
+    if is_path_dataset(trained) and not os.path.exists(os.path.expanduser(trained.split(":", 1)[1])):
+        return f" ({trained!r}, which no longer exists: resume with --dataset naming that data where it lies now)"
+    return f" ({trained!r}; resume without --dataset, or with that one)"
 
 
 def _file_identity(path: Path) -> tuple | None:

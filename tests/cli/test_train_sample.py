@@ -1035,3 +1035,115 @@ def test_more_images_than_the_address_space_limit_is_the_n_line_not_the_batch_si
     assert line.startswith("dpdm: error: n=100000 (--n) images of 1x8x8 do not fit in memory") and \
         "could not be allocated" in line and "smaller --n" in line and "--batch-size" not in line, line
     assert not list(tmp_path.iterdir())
+
+
+def _stop_at_the_runs_step(monkeypatch, count):
+    """The next `dpdm train` "diverges" at its `count`-th step (exit 4), leaving the checkpoint it last saved."""
+    import dpdm.train as train_module
+
+    real, calls = train_module._finite_model, []
+
+    def finite(*a):
+        calls.append(1)
+        return len(calls) != count and real(*a)
+
+    monkeypatch.setattr(train_module, "_finite_model", finite)
+
+
+def _public_npz(path, seed=2):
+    rng = np.random.default_rng(seed)
+    np.savez(path, x=rng.integers(0, 256, size=(30, 1, 8, 8), dtype=np.uint8), y=(np.arange(30) % 3).astype(np.int64))
+
+
+SUBSPACE = ("--public-subspace", 2, "--subspace-every", 2, "--subspace-examples", 8)
+
+
+def test_a_relative_subspace_data_is_recorded_absolute_and_resumes_from_any_folder(tiny, capsys, monkeypatch):
+    """h83 F3 (stop 46): `--subspace-data npz:pub.npz` was recorded as typed. Resumed from another folder, the run
+    read 'pub.npz' there ("does not exist", or another folder's public file), and the same file named by its
+    absolute path was refused as other subspace data; each message told the user to do what the other refused.
+    It is recorded absolute now, as --dataset is, and a given one is compared as an absolute path."""
+    d = tiny
+    (d / "f3").mkdir()
+    _public_npz(d / "f3" / "pub.npz")
+    _public_npz(d / "pub2.npz", seed=3)
+    monkeypatch.chdir(d / "f3")
+    _stop_at_the_runs_step(monkeypatch, 3)
+    assert run_cli(_train_args(d, d / "f3" / "run", "--subspace-data", "npz:pub.npz", *SUBSPACE), capsys)[0] == 4
+    monkeypatch.undo()
+    checkpoint = d / "f3" / "run" / "checkpoint.pt"
+    assert ckpt.load_checkpoint(checkpoint)["config"]["train"]["subspace_data"] == f"npz:{d / 'f3' / 'pub.npz'}"
+    monkeypatch.chdir(d)
+    resume = ["train", "--plan", d / "plan.json", "--out", d / "f3" / "run", "--device", "cpu", "--quiet", "--resume"]
+    _stop_at_the_runs_step(monkeypatch, 1)   # the same file named from here: taken (it trains, then "diverges")
+    assert run_cli([*resume, "--subspace-data", "npz:f3/pub.npz"], capsys)[0] == 4
+    monkeypatch.undo()
+    monkeypatch.chdir(d)
+    before = checkpoint.read_bytes()
+    line = _one_error_line(*run_cli([*resume, "--subspace-data", "npz:pub2.npz"], capsys)[::2])
+    assert line == (f"dpdm: error: cannot resume with --subspace-data npz:pub2.npz: the run in {str(d / 'f3' / 'run')!r} "
+                    f"was trained with npz:{d / 'f3' / 'pub.npz'}; resume without --subspace-data (it takes the run's "
+                    "value)"), line
+    assert checkpoint.read_bytes() == before
+    code, out, err = run_cli([*resume, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["steps_done"] == 4
+
+
+def test_a_relative_subspace_data_recorded_by_an_older_dpdm_resumes_from_its_own_folder(tiny, capsys, monkeypatch):
+    """A run recorded with `npz:pub.npz` as typed (a dpdm before stop 46) still means the file from the folder it
+    was started in: there it resumes, with the name as typed or absolute, and records the absolute path. From
+    another folder it is one line saying so, not "file 'pub.npz' does not exist"."""
+    d = tiny
+    (d / "f3").mkdir()
+    _public_npz(d / "f3" / "pub.npz")
+    monkeypatch.chdir(d / "f3")
+    _stop_at_the_runs_step(monkeypatch, 3)
+    assert run_cli(_train_args(d, d / "f3" / "run", "--subspace-data", "npz:pub.npz", *SUBSPACE), capsys)[0] == 4
+    monkeypatch.undo()
+    checkpoint = d / "f3" / "run" / "checkpoint.pt"
+    state = ckpt.load_checkpoint(checkpoint)
+    state["config"]["train"]["subspace_data"] = "npz:pub.npz"   # as an older dpdm recorded it
+    ckpt.save_checkpoint(state, checkpoint)
+    before = checkpoint.read_bytes()
+    resume = ["train", "--plan", d / "plan.json", "--out", d / "f3" / "run", "--device", "cpu", "--quiet", "--resume"]
+    monkeypatch.chdir(d)
+    for extra in ([], ["--subspace-data", f"npz:{d / 'f3' / 'pub.npz'}"]):
+        line = _one_error_line(*run_cli([*resume, *extra], capsys)[::2])
+        assert line == (f"dpdm: error: the run in {str(d / 'f3' / 'run')!r} recorded --subspace-data 'npz:pub.npz' as "
+                        "typed, relative to the folder it was started in (an older dpdm), and there is no 'pub.npz' "
+                        "here; resume from that folder"), line
+        assert checkpoint.read_bytes() == before
+    monkeypatch.chdir(d / "f3")
+    _stop_at_the_runs_step(monkeypatch, 1)   # its own folder, the file named absolute: taken
+    assert run_cli([*resume, "--subspace-data", f"npz:{d / 'f3' / 'pub.npz'}"], capsys)[0] == 4
+    monkeypatch.undo()
+    monkeypatch.chdir(d / "f3")
+    code, out, err = run_cli([*resume, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["steps_done"] == 4
+    assert ckpt.load_checkpoint(checkpoint)["config"]["train"]["subspace_data"] == f"npz:{d / 'f3' / 'pub.npz'}"
+
+
+def test_a_resume_without_dataset_whose_recorded_file_changed_is_not_told_to_resume_without_it(tiny, capsys,
+                                                                                                 monkeypatch):
+    """h83 F4 (stop 46): the run's recorded data file was replaced by other images of the same size; the resume,
+    given no --dataset, was told "resume without --dataset, or with that one". It is told that the file now holds
+    other images and to give --dataset with the run's data (naming the plan's), which resumes it."""
+    d = tiny
+    shutil.copy(d / "data.npz", d / "mine.npz")   # the plan's images, under another name
+    _stop_at_the_runs_step(monkeypatch, 3)
+    assert run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'mine.npz'}"), capsys)[0] == 4
+    monkeypatch.undo()
+    x = np.random.default_rng(5).integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
+    np.savez(d / "mine.npz", x=x, y=(np.arange(24) % 3).astype(np.int64), num_classes=3)
+    before = (d / "run" / "checkpoint.pt").read_bytes()
+    line = _one_error_line(*run_cli(_train_args(d, d / "run", "--resume"), capsys)[::2])
+    assert line == ("dpdm: error: cannot resume on other data: the images or their labels differ from those the run "
+                    f"was trained on ('npz:{d / 'mine.npz'}', which held them, now holds others: resume with --dataset "
+                    f"naming the data the run was trained on; the plan names 'npz:{d / 'data.npz'}')"), line
+    assert (d / "run" / "checkpoint.pt").read_bytes() == before
+    code, out, err = run_cli(_train_args(d, d / "run", "--resume", "--json", "--dataset", f"npz:{d / 'data.npz'}"),
+                             capsys)
+    assert code == 0, err
+    assert json.loads(out)["steps_done"] == 4

@@ -1501,3 +1501,30 @@ def test_the_runs_json_files_are_strict_json(tmp_path):
         with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
             _write_json(tmp_path / "x.json", {"epsilon": {"prv_eps_error": bad}})
         assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_on_other_data_is_told_what_would_resume_it(tmp_path):
+    """h83 F4 (stop 46): every refusal of other data ended "resume without --dataset, or with that one", also for
+    a resume that gave no --dataset (the CLI takes the run's recorded name) after that file was replaced by other
+    images, or where the recorded file no longer exists (the CLI then takes the plan's name)."""
+    x, y, c = tiny_data()
+    other, _, _ = tiny_data(seed=1)
+    doc = tiny_plan()
+    out = tmp_path / "run"
+    mine = tmp_path / "mine.npz"
+    mine.write_bytes(b"")   # the library reads no file: only whether the recorded name still exists
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, TrainConfig(**CFG), dataset_name=f"npz:{mine}", progress=False, on_step=stop_at(3))
+    refused = "cannot resume on other data: the images or their labels differ from those the run was trained on "
+    for name, advice in (
+            (f"npz:{mine}", f"('npz:{mine}', which held them, now holds others: resume with --dataset naming the "
+                            "data the run was trained on; the plan names 'tiny')"),
+            ("tiny", f"('npz:{mine}'; resume without --dataset, or with that one)"),
+            (None, f"('npz:{mine}'; resume without --dataset, or with that one)")):
+        with pytest.raises(TrainError, match="^" + re.escape(refused + advice) + "$"):
+            train(doc, other, y, c, out, TrainConfig(**CFG), dataset_name=name, resume=True, progress=False)
+    mine.unlink()
+    with pytest.raises(TrainError, match="^" + re.escape(refused + f"('npz:{mine}', which no longer exists: resume "
+                                                         "with --dataset naming that data where it lies now)") + "$"):
+        train(doc, other, y, c, out, TrainConfig(**CFG), dataset_name="tiny", resume=True, progress=False)
+    assert ckpt.load_checkpoint(out / CHECKPOINT_NAME)["ledger"]["steps_done"] == 2
