@@ -483,11 +483,8 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
         if certified_by == "rdp" and not problems:
             # PLD's bound is not the certificate, so it checks nothing here: dpdm's own PLD brackets the true
             # epsilon as well, where delta leaves it the precision to.
-            try:
-                independent = _own_pld(plan)
-            except FftPrecisionError:
-                independent = None
-            else:
+            independent = _own_pld_or_none(plan)
+            if independent is not None:
                 problems += _below_own_floor(certified, independent)
         if problems and all(kind == "prv" for kind, _ in problems):
             # PRV against the certificate: a third accountant, sharing no code with either library, decides.
@@ -519,6 +516,17 @@ def _own_pld(plan: PrivacyPlan) -> EpsilonReport:
     """dpdm's own PLD bracket of the plan's epsilon (accounting/fft_pld.py). Cached: making a plan and each
     verification of it (a command verifies the same plan more than once) would otherwise re-run it."""
     return FftPldAccountant().epsilon(plan.to_event(), plan.delta)
+
+
+@functools.lru_cache(maxsize=64)
+def _own_pld_or_none(plan: PrivacyPlan) -> EpsilonReport | None:
+    """`_own_pld`, or None where delta is too small for its precision (FftPrecisionError). Cached as well: the
+    FFT runs in full before it raises, and lru_cache keeps no exception (an RDP-certified plan at such a delta
+    re-ran it at every verification)."""
+    try:
+        return _own_pld(plan)
+    except FftPrecisionError:
+        return None
 
 
 def _below_own_floor(certified: float, independent: EpsilonReport) -> list[tuple[str, str]]:
@@ -783,7 +791,7 @@ def _check_reports(doc: PlanDocument, where: str) -> None:
     accountant had given it. PRV's figures are checked within PRV's stated error; where prv-accountant failed
     they are all null, and it must fail again. With another prv-accountant version than the plan's, which may
     fail where that one did not, only figures both give are compared, within twice that error (a published
-    release file must stay loadable)."""
+    release file must stay loadable). Then `_check_cross_checks` re-derives the records beside them."""
     plan = doc.plan
 
     def check(name: str, stored: float | None, recomputed: float | None, atol: float = 1e-12) -> None:
@@ -799,9 +807,21 @@ def _check_reports(doc: PlanDocument, where: str) -> None:
     check("rdp", doc.rdp.upper, _rdp_upper(plan))
     check("pld", doc.pld.upper, epsilon_spent(plan, plan.steps))
     if doc.independent is not None:
-        own = _own_pld(plan)
+        own = _own_pld_or_none(plan)
+        if own is None:
+            raise PlanError(f"{where}: epsilon.independent is present, but dpdm's own PLD gives no bracket at "
+                            f"delta={plan.delta!r}; the epsilon block was edited or the accountants changed; make a "
+                            "new plan")
         check("independent.lower", doc.independent.lower, own.lower)
         check("independent.upper", doc.independent.upper, own.upper)
+    _check_prv_figures(doc, where, check)
+    _check_cross_checks(doc, where)
+
+
+def _check_prv_figures(doc: PlanDocument, where: str, check) -> None:
+    """`_check_reports`' PRV part: re-runs prv-accountant and compares (`check`) its figures and whether it
+    failed; returns early where it cannot, which the records' own checks (`_check_cross_checks`) never skip."""
+    plan = doc.plan
     prv = (doc.prv.lower, doc.prv.estimate, doc.prv.upper)
     eps_error = doc.prv_eps_error
     if not math.isfinite(eps_error):   # a file without one: the error make_plan_document takes
@@ -824,7 +844,6 @@ def _check_reports(doc: PlanDocument, where: str) -> None:
         if all(x is not None for x in prv):
             for part, stored in zip(("lower", "estimate", "upper"), prv):
                 check(f"prv.{part}", stored, getattr(figures, part), atol=2 * eps_error)
-        _check_prv_consistent(doc, where)
         return
     if (figures is None) != (doc.prv_failed is not None):
         raise PlanError(f"{where}: epsilon.prv_failed={reprlib.repr(doc.prv_failed)}, but prv-accountant "
@@ -836,19 +855,54 @@ def _check_reports(doc: PlanDocument, where: str) -> None:
     if figures is not None:   # within PRV's own stated error: another prv-accountant may move them that much
         for part, stored in zip(("lower", "estimate", "upper"), prv):
             check(f"prv.{part}", stored, getattr(figures, part), atol=eps_error)
-    _check_prv_consistent(doc, where)
 
 
-def _check_prv_consistent(doc: PlanDocument, where: str) -> None:
-    """Raises PlanError unless the stored PRV figures agree with the certificate as make_plan_document required
-    (unless PRV was overruled): each re-computes within PRV's error, or twice it for another prv-accountant, which
-    let an edited file show a PRV lower bound above its certificate (stop 42)."""
-    problems = [] if doc.prv_overruled is not None else _disagreements(certified=doc.epsilon, rdp=doc.rdp,
-                                                                       prv=doc.prv)
-    if problems:
-        raise PlanError(f"{where}: epsilon.prv={[doc.prv.lower, doc.prv.estimate, doc.prv.upper]!r} disagrees with "
-                        f"the certificate ({'; '.join(m for _, m in problems)}), as no plan dpdm makes does; the "
-                        "epsilon block was edited; make a new plan")
+def _check_cross_checks(doc: PlanDocument, where: str) -> None:
+    """Raises PlanError unless the records beside the figures are what make_plan_document derives from them:
+    the PRV figures agree with the certificate, or `prv_overruled` says they do not and dpdm's own PLD refutes
+    them; `independent` is there wherever make_plan_document computes it (PRV failed or was overruled, or RDP
+    certifies and delta leaves dpdm's own PLD the precision); and an empty `prv` says why (`prv_failed`).
+
+    The figures are checked (`_check_reports`) before this, but not the records: a one-word `prv_overruled`
+    turned off stop 42's check of a PRV lower bound above the certificate, and dpdm's own PLD bracket, the only
+    cross-check of a plan whose PRV failed, could be deleted (stop 46); both travel into a run's plan.json. Only
+    a record's text is not re-checked. dpdm's own PLD runs (once: cached) only where the plan had it when made,
+    or where a record claims it."""
+    plan = doc.plan
+    prv = [doc.prv.lower, doc.prv.estimate, doc.prv.upper]
+
+    def refuse(what: str) -> PlanError:
+        return PlanError(f"{where}: {what}, as no plan dpdm makes does; the epsilon block was edited; make a new plan")
+
+    # PRV gives all three figures or, where it failed, none. With the plan's prv-accountant that is checked
+    # against PRV itself; with another, only here.
+    if None in prv and any(x is not None for x in prv):
+        raise refuse(f"epsilon.prv={prv!r} has nulls beside figures")
+    if None in prv and doc.prv_failed is None:
+        raise refuse("epsilon.prv is empty, but epsilon.prv_failed does not say why")
+    if None not in prv and doc.prv_failed is not None:
+        raise refuse(f"epsilon.prv_failed={reprlib.repr(doc.prv_failed)}, but epsilon.prv has figures")
+    problems = _disagreements(certified=doc.epsilon, rdp=doc.rdp, prv=doc.prv)
+    if problems and doc.prv_overruled is None:
+        raise refuse(f"epsilon.prv={prv!r} disagrees with the certificate ({'; '.join(m for _, m in problems)})")
+    if doc.prv_failed is None and doc.prv_overruled is None and doc.certified_by != "rdp":
+        return   # make_plan_document runs no own PLD: nothing more to re-derive (an extra bracket re-computed above)
+    own = _own_pld_or_none(plan)
+    if own is None and (doc.prv_failed is not None or doc.prv_overruled is not None):
+        raise refuse(f"epsilon.{'prv_overruled' if doc.prv_overruled is not None else 'prv_failed'} is set, but dpdm's "
+                     f"own PLD, which must then cross-check, gives no bracket at delta={plan.delta!r}")
+    if own is not None and doc.independent is None:
+        raise refuse(f"epsilon.independent is missing, but dpdm's own PLD brackets this plan at "
+                     f"[{own.lower:.6g}, {own.upper:.6g}] and a plan whose "
+                     + ("PRV failed" if doc.prv_failed is not None else "PRV was overruled"
+                        if doc.prv_overruled is not None else "certificate is RDP's") + " records it")
+    if doc.prv_overruled is not None:
+        if not problems:
+            raise refuse(f"epsilon.prv_overruled={reprlib.repr(doc.prv_overruled)}, but PRV's figures {prv!r} do not "
+                         f"disagree with the certificate {doc.epsilon!r}")
+        if _prv_overruled(doc.epsilon, doc.prv, own) is None:
+            raise refuse(f"epsilon.prv_overruled={reprlib.repr(doc.prv_overruled)}, but dpdm's own PLD bracket "
+                         f"[{own.lower:.6g}, {own.upper:.6g}] does not refute PRV's figures {prv!r}")
 
 
 def _check_certified_value(plan: PrivacyPlan, stored, certified_by, where: str) -> None:

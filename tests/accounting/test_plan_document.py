@@ -139,6 +139,8 @@ def test_tampered_plan_is_refused(doc, tmp_path, edit, match):
     (lambda d: d["epsilon"].update(prv_failed="RuntimeError: x"), "epsilon.prv_failed='RuntimeError: x', but prv-ac"),
     (lambda d: d["epsilon"].update(independent={"lower": 1.0, "upper": 9.0, "method": "fft"}),
      "epsilon.independent.lower=1.0 does not re-compute"),
+    (lambda d: d["epsilon"].update(prv_overruled="forged: PRV was never overruled"),
+     r"epsilon.independent is missing, but dpdm's own PLD brackets this plan at \[.*PRV was overruled records it"),
 ])
 def test_an_edited_informational_figure_is_refused(doc, tmp_path, edit, match):
     """The epsilon block's other figures are outside the digest and certify nothing, but travel with the
@@ -147,6 +149,39 @@ def test_an_edited_informational_figure_is_refused(doc, tmp_path, edit, match):
         accounting.load_plan(_tampered(doc, tmp_path, edit))
     loaded = accounting.load_plan(_tampered(doc, tmp_path, lambda d: None))
     assert (loaded.rdp, loaded.pld, loaded.prv) == (doc.rdp, doc.pld, doc.prv)
+
+
+def test_a_prv_overruled_record_is_refused_unless_dpdms_own_pld_derives_it(doc, tmp_path):
+    """`prv_overruled` was trusted on load: one key turned off the check of a PRV lower bound above the certificate
+    (stop 42's), and the file travelled into the run's plan.json (stop 46). It must be what make_plan_document
+    derives: PRV disagrees with the certificate and dpdm's own PLD, present and re-computed, refutes PRV."""
+    own = accounting.FftPldAccountant().epsilon(doc.plan.to_event(), doc.plan.delta)
+    bracket = {"lower": own.lower, "upper": own.upper, "method": "fft"}
+    err = doc.prv_eps_error
+
+    def edit(prv=None, version=None, overruled="forged"):
+        def apply(d):
+            d["epsilon"].update(independent=bracket, prv_overruled=overruled)
+            d["epsilon"]["prv"].update(prv or {})
+            if version:
+                d["versions"]["prv-accountant"] = version
+        return apply
+
+    with pytest.raises(PlanError, match=r"epsilon.prv_overruled='forged', but PRV's figures .* do not disagree with "
+                                        "the certificate"):
+        accounting.load_plan(_tampered(doc, tmp_path, edit()))
+    # Another prv-accountant moves PRV's figures by up to twice its error: a lower bound (and estimate) just above the
+    # certificate is refused, with the record too, since dpdm's own PLD bracket holds them.
+    above = (doc.epsilon + own.upper) / 2
+    assert own.lower <= doc.epsilon < above < own.upper and above - doc.prv.lower < 2 * err
+    moved = {"lower": above, "estimate": max(above, doc.prv.estimate)}
+    with pytest.raises(PlanError, match=r"epsilon.prv=.* disagrees with the certificate \(PRV lower bound"):
+        accounting.load_plan(_tampered(doc, tmp_path, edit(moved, "0.1.0", overruled=None)))
+    with pytest.raises(PlanError, match=r"epsilon.prv_overruled='forged', but dpdm's own PLD bracket \[.*\] does not "
+                                        "refute PRV's figures"):
+        accounting.load_plan(_tampered(doc, tmp_path, edit(moved, "0.1.0")))
+    with pytest.raises(PlanError, match=r"epsilon.prv=\[None, .*\] has nulls beside figures"):
+        accounting.load_plan(_tampered(doc, tmp_path, edit({"lower": None}, "0.1.0", overruled=None)))
 
 
 HUGE = 10**400  # a 401-digit integer: valid JSON, too large for a float
@@ -347,6 +382,9 @@ def test_prv_alone_against_the_certificate_is_overruled_and_recorded(monkeypatch
     loaded = accounting.load_plan(path)
     assert loaded.prv_overruled == doc.prv_overruled and loaded.independent == doc.independent
     assert json.loads(path.read_text())["epsilon"]["independent"]["method"] == "fft"
+    assert loaded.to_json() + "\n" == path.read_text()   # re-deriving the record changes no byte
+    with pytest.raises(PlanError, match="epsilon.independent is missing, .* a plan whose PRV was overruled"):
+        accounting.load_plan(_tampered(doc, tmp_path, lambda d: d["epsilon"].pop("independent")))
 
 
 def test_prv_erring_low_cannot_lower_the_certificate(monkeypatch):
@@ -418,12 +456,22 @@ def test_a_plan_prv_cannot_compute_is_cross_checked_by_dpdms_own_pld(tmp_path):
     assert loaded.epsilon == doc.epsilon and loaded.digest == doc.digest
     eps = json.loads(path.read_text())["epsilon"]
     assert eps["prv"] == {"lower": None, "estimate": None, "upper": None} and eps["certified_by"] == "pld"
-    # Figures of its own are checked too: PRV still fails, so none may stand in the file.
+    assert loaded.to_json() + "\n" == path.read_text()   # re-deriving its records changes no byte
+
+    def made_by_another(d):
+        d["versions"]["prv-accountant"] = "0.1.0"
+        d["epsilon"].pop("prv_failed")
+
+    # Figures of its own are checked too: PRV still fails, so none may stand in the file. dpdm's own PLD bracket, its
+    # only cross-check, could be deleted, and with another prv-accountant prv_failed too (stop 46).
     for edit, match in [(lambda d: d["epsilon"].update(prv={"lower": 9.0, "estimate": 9.5, "upper": 9.9}),
                          "epsilon.prv has figures, but prv-accountant gives none"),
                         (lambda d: d["epsilon"].pop("prv_failed"), "epsilon.prv_failed=None, but prv-accountant fails"),
                         (lambda d: d["epsilon"]["independent"].update(upper=doc.independent.upper * 2),
-                         "epsilon.independent.upper=.* does not re-compute")]:
+                         "epsilon.independent.upper=.* does not re-compute"),
+                        (lambda d: d["epsilon"].pop("independent"),
+                         r"epsilon.independent is missing, but dpdm's own PLD brackets this plan at \[.* PRV failed"),
+                        (made_by_another, "epsilon.prv is empty, but epsilon.prv_failed does not say why")]:
         with pytest.raises(PlanError, match=match):
             accounting.load_plan(_tampered(doc, tmp_path, edit))
 
@@ -477,6 +525,8 @@ def test_rdp_certifies_where_smaller_than_pld(tmp_path):
     assert accounting.certified_epsilon(plan, "pld") == doc.pld.upper
     with pytest.raises(PlanError, match="certified=96.1.* by PLD does not re-compute"):   # relabelled
         accounting.load_plan(_tampered(doc, tmp_path, lambda d: d["epsilon"].update(certified_by="pld")))
+    with pytest.raises(PlanError, match="epsilon.independent is missing, .* a plan whose certificate is RDP's"):
+        accounting.load_plan(_tampered(doc, tmp_path, lambda d: d["epsilon"].pop("independent")))
 
 
 def test_a_plan_file_certified_by_prv_is_refused(doc, tmp_path):
@@ -527,7 +577,7 @@ def test_an_epsilon_is_shown_rounded_away_from_the_side_it_bounds():
         assert float(epsilon_text(eps)) >= eps >= float(epsilon_text(eps, bound="lower"))
 
 
-def test_prv_figures_made_by_another_prv_accountant_are_checked_within_its_error(doc, tmp_path):
+def test_prv_figures_made_by_another_prv_accountant_are_checked_within_its_error(doc, tmp_path, monkeypatch):
     """An upgraded prv-accountant may fail where the plan's did not (or the reverse) and move its figures within
     its stated error: a published release file stays loadable; a figure far off is still refused."""
     def made_by_another(edit):
@@ -537,7 +587,16 @@ def test_prv_figures_made_by_another_prv_accountant_are_checked_within_its_error
         return both
 
     err = doc.prv_eps_error
-    accounting.load_plan(_tampered(doc, tmp_path, made_by_another(lambda e: e.update(prv_failed="RuntimeError: x"))))
+    # A prv_failed beside PRV's figures (which this test loaded before stop 46) is no file dpdm makes.
+    with pytest.raises(PlanError, match="epsilon.prv_failed='RuntimeError: x', but epsilon.prv has figures"):
+        accounting.load_plan(_tampered(doc, tmp_path, made_by_another(lambda e: e.update(prv_failed="RuntimeError: x"))))
+
+    def failing(self, terms, delta):
+        raise RuntimeError("Discrete mean differs from continuous mean significantly")
+
+    with monkeypatch.context() as m:   # this prv-accountant fails where the plan's did not
+        m.setattr(accounting.PrvAccountant, "_epsilon", failing)
+        assert accounting.load_plan(_tampered(doc, tmp_path, made_by_another(lambda e: None))).prv == doc.prv
     accounting.load_plan(_tampered(doc, tmp_path, made_by_another(
         lambda e: e["prv"].update(upper=e["prv"]["upper"] + 1.5 * err))))
     with pytest.raises(PlanError, match="epsilon.prv.upper=.* does not re-compute"):
