@@ -5,10 +5,12 @@ Every subcommand lives in its own module and imports torch only inside its body,
 
 Exit codes (DESIGN.md section 6): 0 success / audit PASS; 1 audit FAIL; 2 bad input or usage (one
 line naming the option and the value, no traceback); 3 audit INCONCLUSIVE; 4 runtime failure (any
-other exception: its traceback, then one `dpdm: runtime failure: ...` line); 130 interrupted.
+other exception: its traceback, then one `dpdm: runtime failure: ...` line); 130 interrupted (Ctrl-C); 143
+terminated (SIGTERM).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 
@@ -28,6 +30,51 @@ _COMMANDS = {
     "audit": ("cli.audit", "audit"),
     "demo": ("cli.demo", "demo"),
 }
+
+
+# SIGTERM's exit code, 128 + 15, as a process killed by it has: it tells a scheduler's stop (`docker stop`, Slurm's
+# preemption, systemd) from a Ctrl-C (130), and keeps the code such a stop gave before it had a line of its own.
+EXIT_TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while a command ran (`_sigterm_raises_terminated`). A BaseException, as KeyboardInterrupt is,
+    so it takes Ctrl-C's path through the commands: no `except Exception` swallows it, and every write in flight
+    is abandoned the way an interrupted one is (atomic writes keep the file as it was). Not a KeyboardInterrupt,
+    which click turns into its Abort after writing an empty line."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises_terminated():
+    """Raises `Terminated` at SIGTERM while the block runs. SIGTERM's default action ended a command (`dpdm train`
+    under a scheduler) at once, exit 143, with no `dpdm:` line saying why, where Ctrl-C says `dpdm: aborted`.
+
+    Left alone outside the main thread (where Python cannot set a handler), where SIGTERM is already ignored or
+    handled (an embedding program's choice), and in a rank of several (WORLD_SIZE above 1, as
+    `dpdm.distributed.launched_by_torchrun` reads it; not imported, as it imports torch): a Python handler runs
+    between bytecodes only, so a rank blocked in the rendezvous or a collective did not see torchrun's SIGTERM,
+    and the agent killed it after its 30 s grace (SIGKILL), where the default action ends it at once. The agent
+    reports each rank's signal itself. The handler resets SIGTERM's default first, so a second SIGTERM ends the
+    process at once, as before."""
+    import os
+    import signal
+    import threading
+
+    size = os.environ.get("WORLD_SIZE", "1").strip()
+    if not (size.isdecimal() and int(size) <= 1) or threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _LazyGroup(click.Group):
@@ -81,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the group and turns every user mistake into one line, exit 2."""
     prog = "dpdm"
     try:
-        rv = cli.main(args=argv, prog_name=prog, standalone_mode=False)
+        with _sigterm_raises_terminated():
+            rv = cli.main(args=argv, prog_name=prog, standalone_mode=False)
+    except Terminated:
+        click.echo(f"{prog}: terminated (SIGTERM); files written before are kept{_resume_hint(argv)}", err=True)
+        return EXIT_TERMINATED
     except click.exceptions.Exit as e:  # --help, --version
         return int(e.exit_code)
     except click.exceptions.Abort:
@@ -106,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
     except Exception as e:
+        if _launch_refusal(e):   # a torchrun rank with no GPU of its own: an input mistake, before any work
+            click.echo(f"{prog}: error: {_one_line(str(e))}", err=True)
+            return EXIT_BAD_INPUT
         # The machine, not dpdm: out of memory, a full disk or quota. One line (no traceback); the atomic writes
         # have left every file written before as it was.
         if _out_of_memory(e):
@@ -123,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_RUNTIME
         return _internal_error(prog, e)  # a bug or an environment failure: never exit 1, which means "audit FAIL"
     return int(rv or 0)
+
+
+def _launch_refusal(e: BaseException) -> bool:
+    """Whether `e` is dpdm.distributed's LaunchError. Looked up only where a command imported that module, so
+    that `import cli` stays free of torch."""
+    launch_error = getattr(sys.modules.get("dpdm.distributed"), "LaunchError", None)
+    return launch_error is not None and isinstance(e, launch_error)
 
 
 def _stderr_is_a_terminal() -> bool:
@@ -158,12 +219,19 @@ def _out_of_memory_line(e: BaseException, argv: list[str] | None) -> str:
         asked = re.search(r"[Tt]ried to allocate ([0-9.]+ [KMGT]iB)", text)
         size = f" (tried to allocate {asked.group(1)})" if asked else ""
     where = "GPU" if "CUDA" in text or "cuda" in text else "machine"
-    args = sys.argv[1:] if argv is None else argv
-    command = next((a for a in args if not a.startswith("-")), "")
-    knob = _MEMORY_KNOB.get(command)
+    knob = _MEMORY_KNOB.get(_command_name(argv))
     hint = f"; {knob} less" if knob else ""
-    resume = "; a training run continues with --resume" if command == "train" else ""
-    return f"out of memory on the {where}{size}{hint}; files written before are kept{resume}"
+    return f"out of memory on the {where}{size}{hint}; files written before are kept{_resume_hint(argv)}"
+
+
+def _command_name(argv: list[str] | None) -> str:
+    """The subcommand's name: the first argument that is no option ('' when none)."""
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if not a.startswith("-")), "")
+
+
+def _resume_hint(argv: list[str] | None) -> str:
+    return "; a training run continues with --resume" if _command_name(argv) == "train" else ""
 
 
 def _internal_error(prog: str, e: BaseException) -> int:

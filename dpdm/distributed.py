@@ -24,13 +24,19 @@ _TIMEOUT_ENV = "DPDM_DIST_TIMEOUT"
 _DEFAULT_TIMEOUT_S = 600.0
 
 
-def launch_problem() -> str | None:
+class LaunchError(ValueError):
+    """A torchrun launch this machine cannot run as given (a rank with no GPU of its own): an input mistake, which
+    `dpdm` prints as one line, exit 2, before any work (`init_from_env` raises it)."""
+
+
+def launch_problem(device: str | None = None) -> str | None:
     """Why this process's environment is neither one process nor a torchrun launch, or None.
 
     A stray WORLD_SIZE in the shell was a traceback from torch's rendezvous (exit 4). A RANK above 0 with no
     WORLD_SIZE above 1 names one rank of several that were never set up: such a process trained alone, then took
     itself for a peer and printed nothing (a stray RANK='' crashed after the run, exit 4); outside torchrun RANK
-    is otherwise not read (see `rank`)."""
+    is otherwise not read (see `rank`). Given the resolved `device`, a torchrun launch is also checked against
+    the GPUs (`_device_problem`)."""
     size = os.environ.get("WORLD_SIZE", "1").strip()
     if not launched_by_torchrun():
         rank = os.environ.get("RANK", "").strip()
@@ -53,6 +59,29 @@ def launch_problem() -> str | None:
     if _timeout_seconds() is None:   # was a ValueError traceback from init_from_env, exit 4
         return (f"{_TIMEOUT_ENV}={os.environ[_TIMEOUT_ENV]!r} must be a number of seconds above 0 "
                 f"(default {_DEFAULT_TIMEOUT_S:g})")
+    return None if device is None else _device_problem(device)
+
+
+def _device_problem(device: str) -> str | None:
+    """Why a torchrun rank cannot take `device` (after `launch_problem`'s checks of the environment), or None.
+
+    On GPUs rank LOCAL_RANK takes cuda:LOCAL_RANK. A LOCAL_RANK with no such GPU (2 processes per node on a 1-GPU
+    machine, the commonest torchrun mistake) was torch's "invalid device ordinal" traceback per surplus rank, exit
+    4. An explicit cuda:N is refused rather than replaced: every rank gets the same command line, so N cannot be
+    each rank's own GPU, and replacing it silently trained on GPUs the user did not name (CUDA_VISIBLE_DEVICES
+    chooses them)."""
+    if not device.startswith("cuda"):
+        return None
+    if torch.device(device).index is not None:
+        return (f"--device={device!r}: under torchrun each rank takes cuda:LOCAL_RANK; give --device cuda, and "
+                "choose the GPUs with CUDA_VISIBLE_DEVICES")
+    local_rank, gpus = os.environ.get("LOCAL_RANK", "0").strip(), torch.cuda.device_count()
+    if not local_rank.isdecimal():
+        return f"LOCAL_RANK={local_rank!r} is not a GPU index (torchrun sets it to 0, 1, ...)"
+    local_rank = int(local_rank)
+    if local_rank >= gpus:
+        return (f"LOCAL_RANK={local_rank} but this machine has {gpus} CUDA device{'' if gpus == 1 else 's'}: run "
+                f"torchrun with --nproc_per_node at most {gpus}, or train with --device cpu")
     return None
 
 
@@ -79,11 +108,17 @@ def init_from_env(device: str) -> str:
     """Initializes the default process group from torchrun's environment.
 
     Returns the device this rank uses (cuda:LOCAL_RANK on GPUs, cpu with gloo otherwise).
+
+    Raises:
+      LaunchError: `launch_problem(device)` names a problem, before any process group is set up.
     """
     import torch.distributed as dist
 
     if dist.is_initialized():
         return device
+    problem = launch_problem(device)
+    if problem:
+        raise LaunchError(problem)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda")
     if use_cuda:

@@ -77,14 +77,16 @@ def _rank_main(rank, world, init_file, out_dir, task):
             plan = types.SimpleNamespace(clip_norm=1.0, noise_multiplier=0.0, batch_size=8)
             g = plan_private_grad(model, _loss_fn, (x[local], y[local]), plan, seed=0, step=0, dist=d)
             torch.save({k: v.detach() for k, v in g.items()}, Path(out_dir) / f"plan_sum{rank}.pt")
-        elif task == "noise":
-            samples = []
-            for step in range(200):
-                g = distributed_private_grad(model, _zero_loss_fn, x[local], y[local], clip_norm=0.5,
-                                             noise_multiplier=2.0, expected_batch_size=10.0,
-                                             noise_seed=1000 + step, dist=d)
-                samples.append(torch.cat([v.reshape(-1) for v in g.values()]))
-            torch.save(torch.stack(samples), Path(out_dir) / f"noise{rank}.pt")
+        elif task == "noise":   # in the full space, then on the --public-subspace path with rank 0's basis
+            for name, basis in (("noise", None), ("basis_noise", _rank_basis(0, sum(p.numel() for p in
+                                                                                    model.parameters())))):
+                samples = []
+                for step in range(200):
+                    g = distributed_private_grad(model, _zero_loss_fn, x[local], y[local], clip_norm=0.5,
+                                                 noise_multiplier=2.0, expected_batch_size=10.0,
+                                                 noise_seed=1000 + step, dist=d, basis=basis)
+                    samples.append(torch.cat([v.reshape(-1) for v in g.values()]))
+                torch.save(torch.stack(samples), Path(out_dir) / f"{name}{rank}.pt")
         elif task == "basis":
             _basis_task(rank, d, model, x[local], y[local], out_dir)
         elif task == "basis_fails":
@@ -198,10 +200,17 @@ def test_rank_zeros_subspace_error_stops_every_rank_at_once(tmp_path):
                         "own line says why)"
 
 
-def test_two_rank_noise_is_drawn_once_with_the_plans_variance(tmp_path):
-    _spawn(tmp_path, "noise")
-    n0 = torch.load(tmp_path / "noise0.pt", weights_only=True)
-    n1 = torch.load(tmp_path / "noise1.pt", weights_only=True)
+@pytest.fixture(scope="module")
+def noise_draws(tmp_path_factory):
+    """The folder of the "noise" task's draws, full space and subspace: one spawn (most of the time) for both tests."""
+    d = tmp_path_factory.mktemp("noise")
+    _spawn(d, "noise")
+    return d
+
+
+def test_two_rank_noise_is_drawn_once_with_the_plans_variance(noise_draws):
+    n0 = torch.load(noise_draws / "noise0.pt", weights_only=True)
+    n1 = torch.load(noise_draws / "noise1.pt", weights_only=True)
     torch.testing.assert_close(n0, n1, rtol=0, atol=0)  # every rank applies the same update
     expected_std = 2.0 * 0.5 / 10.0
     z = (n0.numpy().ravel() / expected_std)
@@ -212,6 +221,29 @@ def test_two_rank_noise_is_drawn_once_with_the_plans_variance(tmp_path):
     # Noise added on both ranks would double the variance: the test sees that.
     stat2 = float(((z * np.sqrt(2)) ** 2).sum())
     assert 2 * scipy.stats.chi2.sf(stat2, dof) < 1e-6
+
+
+def test_two_rank_subspace_noise_is_drawn_once_with_the_plans_variance(noise_draws):
+    """The noise test above on the --public-subspace path (`add_noise_in_subspace` on rank 0 alone). Only the slow
+    end-to-end run saw this path's noise on 2 ranks, so `make test` passed with rank 0 adding half of it
+    (noise_multiplier / world_size), which changes nothing on one rank (h86, stop 46). The update must lie in the
+    basis' span, be the same on both ranks, and its k coordinates there must have the variance (sigma C / B)^2."""
+    n0 = torch.load(noise_draws / "basis_noise0.pt", weights_only=True)   # [steps, d]
+    n1 = torch.load(noise_draws / "basis_noise1.pt", weights_only=True)
+    torch.testing.assert_close(n0, n1, rtol=0, atol=0)  # every rank applies the same update
+    basis = _rank_basis(0, n0.shape[1])   # [d, k]
+    coords = n0 @ basis   # [steps, k]
+    outside = n0 - coords @ basis.T
+    assert float(outside.norm()) < 1e-12 * float(n0.norm())   # no noise-free direction
+    expected_std = 2.0 * 0.5 / 10.0
+    z = coords.numpy().ravel() / expected_std
+    stat, dof = float((z ** 2).sum()), z.size
+    p = 2 * min(scipy.stats.chi2.cdf(stat, dof), scipy.stats.chi2.sf(stat, dof))
+    assert p > 1e-6, f"subspace noise variance off: chi2={stat:.1f} dof={dof} p={p:.2e}"
+    # Half the noise (noise_multiplier / 2 on 2 ranks) and noise on both ranks (twice the variance) would be seen.
+    for factor in (0.5, np.sqrt(2)):
+        scaled = float(((z * factor) ** 2).sum())
+        assert 2 * min(scipy.stats.chi2.cdf(scaled, dof), scipy.stats.chi2.sf(scaled, dof)) < 1e-6
 
 
 # --- torchrun end to end ----------------------------------------------------------------------------
@@ -437,3 +469,51 @@ def test_a_collective_whose_peer_died_is_one_runtime_line(monkeypatch):
     monkeypatch.setattr(tdist, "all_reduce", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
     with pytest.raises(torch.OutOfMemoryError):   # not a peer's death: the memory message handles it
         d.all_reduce_scalars([1.0])
+
+
+@pytest.mark.parametrize("local_rank, device, said", [
+    ("1", "cuda", "LOCAL_RANK=1 but this machine has 1 CUDA device: run torchrun with --nproc_per_node at most 1, or "
+                  "train with --device cpu"),
+    ("1", "auto", "LOCAL_RANK=1 but this machine has 1 CUDA device: run torchrun with --nproc_per_node at most 1, or "
+                  "train with --device cpu"),
+    ("0", "cuda:0", "--device='cuda:0': under torchrun each rank takes cuda:LOCAL_RANK; give --device cuda, and choose "
+                    "the GPUs with CUDA_VISIBLE_DEVICES"),
+])
+def test_a_rank_without_a_gpu_of_its_own_is_one_line(tiny, monkeypatch, capsys, local_rank, device, said):
+    """`torchrun --nproc_per_node=2 ... --device cuda` on a 1-GPU machine: rank 1's torch.cuda.set_device(1) was
+    "invalid device ordinal", a traceback and exit 4 (h86, stop 46). An explicit cuda:N was replaced by
+    cuda:LOCAL_RANK without a word. Both are now one line, exit 2, before any process group or file. No GPU here:
+    torch.cuda reports one device, and set_device and the rendezvous fail the test if they are reached."""
+    from cli.main import main
+
+    d, _ = tiny
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("reached past the refusal")
+
+    def set_device(index):
+        if int(index) >= 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")   # what torch raises for a GPU it lacks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.distributed, "init_process_group", unreachable)
+    env = {"WORLD_SIZE": "2", "RANK": local_rank, "LOCAL_RANK": local_rank, "MASTER_ADDR": "localhost",
+           "MASTER_PORT": "29500"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DPDM_DIST_TIMEOUT", raising=False)
+    out = d / f"no_gpu_{local_rank}_{device.replace(':', '')}"
+    rc = main(["train", "--plan", str(d / "plan.json"), "--dataset", f"npz:{d / 'data.npz'}", "--out", str(out),
+               "--device", device, "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"dpdm: error: {said}\n", err
+    assert not out.exists()
+    # The rank that has its GPU is let through, on GPUs and on CPUs (gloo: LOCAL_RANK is no GPU's number there).
+    from dpdm.distributed import launch_problem
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launch_problem("cuda") is None
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert launch_problem("cpu") is None and launch_problem() is None
