@@ -88,6 +88,7 @@ PRV_SLACK_FACTOR = 3.0
 RECOMPUTE_RTOL = 1e-3
 # The quick lower bound that verification starts with: its grid, and the prefix of the steps it also bounds.
 _QUICK_FLOOR_POINTS, _QUICK_FLOOR_PREFIX = 2**16, 2048
+_QUICK_FLOOR_DELTAS = (1e-8, 1e-6)   # tried in turn where the plan's delta is too small for that grid
 _FLOAT_RTOL = 1e-9
 # The smallest delta a plan may have: MIN_DELTA, and DELTA_PER_STEP times its steps. dp-accounting's PLD
 # composes by FFT, whose round-off leaves probability mass astray, about 1e-17 of it per step (measured in stop
@@ -959,15 +960,24 @@ def _quick_floor(plan: PrivacyPlan) -> float:
     """A quick rigorous lower bound on the plan's epsilon (0 where none comes out): over all the steps and over a
     prefix of them (epsilon grows with the steps, so a prefix's lower bound bounds the whole; over many steps the
     coarse grid's bracket is too wide to give one), stopping once one refutes the target. Cached: a command
-    verifies the same plan more than once (the CLI, then the library)."""
+    verifies the same plan more than once (the CLI, then the library).
+
+    Where the coarse FFT has no precision at the plan's delta (near the 1e-10 floor), at a larger delta: epsilon
+    falls as delta grows, so a lower bound at delta' >= delta bounds epsilon at delta too. Without that the floor
+    was 0 there, and a forged tiny target (digest recomputed) went on to a PLD grid as fine as that target asks:
+    5.5 minutes and 3.4 GB, then "needs more memory than this machine has", for a plan that was edited (stop 46,
+    h84 F2)."""
     floor = 0.0
+    deltas = sorted({plan.delta, *(d for d in _QUICK_FLOOR_DELTAS if d > plan.delta)})
     for steps in sorted({min(plan.steps, _QUICK_FLOOR_PREFIX), plan.steps}):
-        try:
-            with _quiet_numpy():   # overflow at large epsilon on the way to a bound it checks itself
-                floor = max(floor, FftPldAccountant(grid_points=_QUICK_FLOOR_POINTS).epsilon(
-                    plan.to_event(steps), plan.delta).lower)
-        except FftPrecisionError:   # no bracket at this delta: the checks after it decide
-            pass
+        for delta in deltas:
+            try:
+                with _quiet_numpy():   # overflow at large epsilon on the way to a bound it checks itself
+                    floor = max(floor, FftPldAccountant(grid_points=_QUICK_FLOOR_POINTS).epsilon(
+                        plan.to_event(steps), delta).lower)
+                break
+            except FftPrecisionError:   # no bracket at this delta: try a larger one, else the checks after decide
+                pass
         if floor > plan.target_epsilon * (1 + RECOMPUTE_RTOL):
             break
     return floor

@@ -562,6 +562,30 @@ def test_a_forged_tiny_target_is_refused_at_once(doc, tmp_path):
         accounting.load_plan(_tampered(long, tmp_path, edit))
 
 
+def test_a_forged_tiny_target_is_refused_at_once_where_delta_is_at_the_floor(tmp_path):
+    """At delta 1e-10 the quick bound's coarse FFT has no precision, so the bound was 0 and a forged target of 1e-9
+    (digest recomputed) went on to a PLD grid as fine as it asks: 5.5 minutes and 3.4 GB, then "needs more memory
+    than this machine has", for an edited plan (stop 46, h84 F2). A lower bound at a larger delta bounds it too."""
+    from accounting.fft_pld import FftPldAccountant, FftPrecisionError
+    from accounting.plan import _quick_floor
+
+    plan = PrivacyPlan(dataset_size=1_000_000, batch_size=600_000, steps=100, noise_multiplier=1.0,
+                       noise_multiplicity=1, delta=1e-10)
+    with pytest.raises(FftPrecisionError):   # the case: no bound at the plan's own delta on the coarse grid
+        FftPldAccountant(grid_points=2**16).epsilon(plan.to_event(plan.steps), plan.delta)
+    doc = accounting.make_plan_document(plan)
+    forged = dataclasses.replace(plan, target_epsilon=1e-9)
+    floor = _quick_floor(forged)
+    assert 0.5 * doc.epsilon < floor <= doc.epsilon   # a bound, and a rigorous one (65.93 certified here)
+
+    def edit(d):
+        d.update(target_epsilon=1e-9, digest=forged.digest())
+        d["epsilon"].update(certified=0.0)
+
+    with pytest.raises(PlanError, match=r"target_epsilon=1e-09 is below a lower bound on the mechanism's epsilon"):
+        accounting.load_plan(_tampered(doc, tmp_path, edit))
+
+
 def test_an_epsilon_is_shown_rounded_away_from_the_side_it_bounds():
     """A certified 10.004487 was printed "epsilon spent 10" (".4g" rounds to nearest): a guarantee shown below
     the one certified. Upper bounds are rounded up, an audit's lower bounds down."""
