@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from audits.auditor import Auditor
+import audits.plots
+from audits.auditor import Auditor, auc, dp_tpr_ceiling, roc_curve
 from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -60,3 +61,37 @@ def test_plot_score_histogram_and_epsilon_curve(tmp_path, scores):
 def test_plots_reject_bad_input(tmp_path, call, name):
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         call(tmp_path)
+
+
+@pytest.fixture()
+def figures(monkeypatch):
+    """The Figures the plots save, to read what they draw."""
+    figs, save = [], audits.plots._save
+    monkeypatch.setattr(audits.plots, "_save", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    return figs
+
+
+def test_roc_draws_the_attack_and_the_ceiling_at_the_given_delta(tmp_path, figures, scores):
+    """Catches the DP ceiling drawn at delta 0, and in/out swapped in the ROC (mut47): the curve and its AUC are
+    checked, not only that a PNG was written."""
+    ins, outs = scores
+    plot_roc(ins, outs, tmp_path / "roc.png", epsilon=1.0, delta=0.05)
+    ax = figures[0].axes[0]
+    attack = next(line for line in ax.lines if line.get_label().startswith("attack"))
+    fpr, tpr, _ = roc_curve(ins, outs)
+    np.testing.assert_array_equal(attack.get_xdata(), fpr)
+    np.testing.assert_array_equal(attack.get_ydata(), tpr)
+    assert attack.get_label() == f"attack (AUC {auc(ins, outs):.3f})" and auc(ins, outs) > 0.5
+    ceiling = next(line for line in ax.lines if line.get_label().startswith("DP ceiling"))
+    np.testing.assert_allclose(ceiling.get_ydata(), dp_tpr_ceiling(ceiling.get_xdata(), 1.0, 0.05))
+
+
+def test_histogram_labels_each_class_with_its_own_count(tmp_path, figures, scores):
+    """Catches the histogram's in/out legends swapped (mut47): each label's bars are that class's histogram."""
+    ins, outs = scores
+    plot_score_histogram(ins, outs, tmp_path / "h.png", bins=20)
+    ax = figures[0].axes[0]
+    labels = {c.patches[0].get_label(): sum(p.get_height() for p in c.patches) for c in ax.containers}
+    assert set(labels) == {"in (n=400)", "out (n=500)"}
+    edges = np.linspace(min(ins.min(), outs.min()), max(ins.max(), outs.max()), 21)
+    assert labels["in (n=400)"] == pytest.approx(np.histogram(ins, edges, density=True)[0].sum())

@@ -49,6 +49,13 @@ class Shrinker(nn.Module):
         return x * self.sigma_data**2 / (s**2 + self.sigma_data**2) + 0 * self.dummy
 
 
+class LabelShift(Shrinker):
+    """A conditional model whose output depends on each row's label."""
+
+    def forward(self, x, sigma, class_labels=None):
+        return super().forward(x, sigma) + 0.1 * class_labels.to(x.dtype).reshape(-1, 1, 1, 1)
+
+
 @pytest.fixture(scope="module")
 def data():
     g = torch.Generator().manual_seed(0)
@@ -139,3 +146,57 @@ def test_synthetic_distance_scores_match_brute_force(data):
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _x(n=5):
+    return torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+
+def test_fixed_noise_rows_are_distinct_draws():
+    """Catches every example getting the same noise draws (mut47)."""
+    a = fixed_noise(4, (1, 3, 3), 2, seed=1)
+    assert all(not torch.equal(a[i], a[j]) for i in range(4) for j in range(i))
+
+
+def test_diffusion_loss_is_the_edm_weighted_loss():
+    """Catches a wrong EDM weight (mut47): lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 times the mean squared
+    denoising error, recomputed by brute force (the AUC tests separate members under either weight)."""
+    x, D, atk = _x(), Shrinker(), LossAttack(sigmas=(0.05, 2.0), draws=3, seed=0)
+    noise = fixed_noise(5, (1, 4, 4), 3, 0)
+    got = diffusion_losses(D, x, attack=atk)
+    for j, s in enumerate(atk.sigmas):
+        noisy = (x.unsqueeze(1) + s * noise).reshape(15, 1, 4, 4)
+        den = D(noisy, torch.full((15,), s)).reshape(5, 3, 1, 4, 4)
+        w = (s**2 + 0.25) / (s * 0.5) ** 2
+        want = (w * (den - x.unsqueeze(1)) ** 2).reshape(5, -1).mean(1).double().detach().numpy()
+        np.testing.assert_allclose(got[:, j], want, rtol=1e-5)
+
+
+def test_diffusion_loss_pairs_each_draw_with_its_own_label():
+    """Catches draws scored with other examples' labels (mut47; the canary audit scores conditional runs with
+    labels): example i's draws are scored with y[i] whatever the batch, as each example alone."""
+    x, D, atk = _x(), LabelShift(), LossAttack(sigmas=(0.3,), draws=3, seed=0)
+    y = torch.tensor([0, 1, 2, 3, 4])
+    noise = fixed_noise(5, (1, 4, 4), 3, 0)
+    batch = diffusion_losses(D, x, y, attack=atk, noise=noise)
+    alone = np.concatenate([diffusion_losses(D, x[i:i + 1], y[i:i + 1], attack=atk, noise=noise[i:i + 1])
+                            for i in range(5)])
+    np.testing.assert_allclose(batch, alone, rtol=1e-6)
+
+
+def test_pia_is_deterministic_and_its_calibration_cancels():
+    """Catches PIA drawing random noise (its docstring says no random draws) and the sign of its calibration
+    flipped (mut47): a model calibrated against itself scores 0."""
+    x, D = _x(), LabelShift()
+    y = torch.arange(5)
+    a = pia_scores(D, x, y, pia=PIA(sigmas=(0.3, 0.6)))
+    np.testing.assert_array_equal(a, pia_scores(D, x, y, pia=PIA(sigmas=(0.3, 0.6))))
+    np.testing.assert_allclose(pia_scores(D, x, y, reference=D, pia=PIA(sigmas=(0.3,))), 0.0, atol=1e-12)
+
+
+def test_uint8_synthetic_images_span_minus_one_to_one():
+    """Catches uint8 synthetic images mapped to [0, 1] (mut47): 0 is -1 and 255 is 1 (the test above has only
+    255, which both mappings send to 1)."""
+    grey = torch.tensor([0, 255], dtype=torch.uint8).reshape(2, 1, 1, 1).expand(2, 1, 2, 2).contiguous()
+    cand = torch.stack([torch.full((1, 2, 2), -1.0), torch.full((1, 2, 2), 1.0)])
+    np.testing.assert_allclose(synthetic_distance_scores(cand, grey), [0.0, 0.0], atol=1e-12)

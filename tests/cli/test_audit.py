@@ -684,3 +684,20 @@ def test_more_canaries_than_the_images_have_room_for_is_exit_2_before_any_traini
     rc, stdout, err = _audit(["--run", str(run), "--out", str(out), *SMALL], capsys)
     assert rc == 2 and err.strip() == "dpdm: error: --canaries=24: 24 canaries do not fit (1, 8, 8)", err
     assert not out.exists() and stdout == ""
+
+
+def test_the_verdict_line_rounds_the_lower_bound_down_and_the_claim_up(tmp_path, capsys, monkeypatch):
+    """Catches a verdict line that rounds the empirical lower bound up (mut47): the tests above have lower
+    bound 0 and claim 9.997, which read the same rounded either way; 1.99999 and 2.00001 do not."""
+    import audits.suite
+
+    doc = {"verdict": "INCONCLUSIVE", "reasons": ["r"], "claimed_plan": {"steps": 30, "epsilon": 9.99712},
+           "canary_audit": {"claimed_epsilon": 2.00001, "max_epsilon_lower_bound": 1.99999,
+                            "training": {"target": {"steps": 3}}}}
+    monkeypatch.setattr(audits.suite, "run_audit", lambda *a, **kw: doc)
+    (tmp_path / "run").mkdir()
+    code = main(["audit", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    line = next(ln for ln in err.splitlines() if "audit verdict" in ln)
+    assert "empirical epsilon lower bound 1.999 vs 2.001" in line and "over its 30 steps: 9.998" in line, line

@@ -1,6 +1,10 @@
 """`dpdm demo` end to end at a few steps: the report, the samples and the file to release."""
 from __future__ import annotations
 
+import re
+import types
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -177,3 +181,123 @@ def test_demo_prints_each_audit_stage_once():
         [("control", i, 30) for i in range(1, 31)]
     lines = [line for line in (audit_progress_line(*c) for c in calls) if line]
     assert lines == ["      mechanism checks", "      target (30 steps)", "      control (30 steps)"]
+
+
+# --- the report's assembly, every heavy stage stubbed (mut47) ----------------------------------------------------
+# The end-to-end test above is slow (never in the default suite) and runs --skip-audit; it looks neither at which
+# figure is in which section, nor at the "epsilon spent" row, nor at how the epsilons are rounded.
+
+def _sections(md: str) -> dict[str, str]:
+    parts = re.split(r"^## (.+)$", md, flags=re.M)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def _row(section: str, key: str) -> str:
+    for line in section.splitlines():
+        if line.startswith(f"| {key} |"):
+            return line[len(f"| {key} |"):].rsplit("|", 1)[0].strip()
+    raise AssertionError(f"no row {key!r} in {section!r}")
+
+
+@pytest.fixture()
+def stubbed_demo(tmp_path, monkeypatch):
+    """cli.demo with training, export, sampling, eval and the audit replaced by stubs: run_demo's own assembly of
+    the report runs, in seconds."""
+    import audits.suite
+    import cli.demo as demo
+    import dpdm.datasets
+    import dpdm.evaluate
+    import dpdm.export
+    import dpdm.report
+    import dpdm.sample
+    import dpdm.train
+
+    monkeypatch.setenv("DPDM_MALLOC", "default")
+    monkeypatch.setenv("DPDM_CACHE", str(tmp_path / "cache"))
+    calls = {}
+    data = types.SimpleNamespace(x=None, y=None, num_classes=10, name="mnist5k")
+    monkeypatch.setattr(dpdm.datasets, "load_dataset", lambda name, split="train", **kw: data)
+    monkeypatch.setattr(dpdm.datasets, "load_npz", lambda path, **kw: None)
+
+    def train(doc, x, y, num_classes, out, config, **kw):
+        calls.setdefault("train", []).append(out)
+        return {"epsilon_spent": 1.23456, "steps_done": 2, "private": config.private}
+
+    monkeypatch.setattr(dpdm.train, "train", train)
+    monkeypatch.setattr(dpdm.export, "export_model", lambda src, dst: {"model": str(dst), "sha256": "abc123"})
+
+    def sample_checkpoint(path, *, out_path, grid_path, **kw):
+        Path(grid_path).write_bytes(b"grid")
+        Path(out_path).write_bytes(b"npz")
+
+    monkeypatch.setattr(dpdm.sample, "sample_checkpoint", sample_checkpoint)
+    monkeypatch.setattr(dpdm.evaluate, "evaluate_samples", lambda *a, **kw: {
+        "classifiers": {"cnn": {"test_accuracy": 0.7}},
+        "classifier_fd": {"value": 27.5, "n": 1000, "real_test_value": 1.8, "real_test_n": 1000}})
+    monkeypatch.setattr(demo, "_real_reference", lambda data, test, device: 0.9)
+    report = {"verdict": "INCONCLUSIVE", "reasons": ["too few canaries"],
+              "canary_audit": {"claimed_epsilon": 9.99712, "max_epsilon_lower_bound": 1.23456,
+                               "max_certifiable_epsilon": 3.12459, "training": {"target": {"steps": 3}}}}
+    monkeypatch.setattr(audits.suite, "run_audit", lambda *a, **kw: report)
+    real_curve = dpdm.report.privacy_curve
+
+    def privacy_curve(plan, path, **kw):
+        calls["curve_steps_done"] = kw.get("steps_done")
+        return real_curve(plan, path, **kw)
+
+    monkeypatch.setattr(dpdm.report, "privacy_curve", privacy_curve)
+    return demo, calls
+
+
+def test_demo_report_puts_each_figure_and_epsilon_in_its_row(tmp_path, stubbed_demo):
+    """Catches the grid and the curve swapped, the plan's epsilon shown as "epsilon spent", the guarantee rounded
+    down, the audit's epsilons rounded the wrong way, and the audit folder left out of "keep private" (mut47)."""
+    import accounting
+    from dpdm.report import _md_cell
+    from dpdm.report_utils import epsilon_text
+
+    demo, calls = stubbed_demo
+    out = tmp_path / "demo"
+    html_path, verdict = demo.run_demo(out, steps=3, device="cpu", audit=True, public_steps=0)
+    assert verdict == "INCONCLUSIVE" and html_path == out / "report.html"
+    s = _sections((out / "report.md").read_text(encoding="utf-8"))
+    # Each figure in its own section: the samples' grid under Samples, the privacy curve under Privacy curve.
+    assert "![Samples](grid.png)" in s["Samples"] and "privacy_curve" not in s["Samples"]
+    assert "![Privacy curve](privacy_curve.png)" in s["Privacy curve"] and "grid.png" not in s["Privacy curve"]
+    assert calls["curve_steps_done"] == 2   # the curve marks the steps the run did, not the plan's
+    # The guarantee is the plan's certified epsilon, rounded UP; "epsilon spent" is the run's ledger.
+    doc = accounting.load_plan(out / "plan.json")
+    guarantee = _row(s["Privacy"], "guarantee")
+    shown = re.search(r"\(epsilon=([^,]+), delta=", guarantee).group(1)
+    assert shown == epsilon_text(doc.epsilon) and float(shown) >= doc.epsilon, (shown, doc.epsilon)
+    assert _row(s["Privacy"], "epsilon spent") == "1.235 after 2 of 3 steps"
+    # The audit folder is named among what to keep private (as report.md shows a path), with the marked rows.
+    keep = _row(s["Release"], "keep private")
+    assert _md_cell(str(out / "audit")) in keep and "(in Quality and Audit)" in keep
+    # The audit's epsilons: the claim rounded up, the lower bound and the most certifiable rounded down.
+    claim = next(line for line in s["Audit"].splitlines() if "canary run (compared against)" in line)
+    assert "9.998; largest epsilon lower bound 1.234, largest certifiable with these canaries 3.124" in claim
+    assert "(non-private)" in claim
+
+
+def test_demo_audit_rows_round_the_claim_up_and_the_bounds_down():
+    """Catches the audit row's claim rounded down or its lower bound rounded up (mut47): the test above has claim
+    9.997 and lower bound 0, which show the same either way."""
+    from cli.demo import audit_rows
+
+    report = {"verdict": "FAIL", "reasons": [],
+              "canary_audit": {"claimed_epsilon": 2.00001, "max_epsilon_lower_bound": 2.99999,
+                               "max_certifiable_epsilon": 5.55559, "training": {"target": {"steps": 7}}}}
+    _, value = next(r for r in audit_rows(report, Path("a")) if r[0].startswith("epsilon of the 7-step"))
+    assert value == "2.001; largest epsilon lower bound 2.999, largest certifiable with these canaries 5.555"
+
+
+def test_demo_fd_floor_row_shows_its_own_n():
+    """Catches the FD floor's row showing the samples' n (mut47): the FD and its floor compare only at equal n."""
+    from cli.demo import quality_rows
+
+    rows = dict(quality_rows({"classifiers": {}, "classifier_fd": {"value": 27.5, "n": 1000, "real_test_value": 1.8,
+                                                                   "real_test_n": 500}}, 0.9))
+    fd = next(v for k, v in rows.items() if k.startswith("classifier FD (not FID)"))
+    floor = next(v for k, v in rows.items() if k.startswith("classifier FD, real test vs real train"))
+    assert fd == "27.500 (n=1000)" and floor == "1.800 (n=500)"

@@ -3,6 +3,7 @@ an output that cannot be written, or more images than fit in memory, is one erro
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -303,3 +304,49 @@ def test_a_folder_that_cannot_be_written_mid_command_is_one_line(run, tmp_path, 
     assert err.startswith(f"dpdm: runtime failure: [Errno {code}] {os.strerror(code)}: "), err
     assert f"({errno.errorcode[code]}); files written before are kept" in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_pdf_grid_larger_than_the_head_span_is_recognised(tmp_path):
+    """Catches is_dpdm_grid reading only the first 64 KiB (mut47): a large PDF's mark lies in the trailer's Info."""
+    from dpdm.report_utils import _GRID_MARK_SPAN, is_dpdm_grid, save_grid
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(400, 3, 32, 32), dtype=np.uint8)   # noise: the PDF's image barely compresses
+    path = save_grid(x, np.arange(400) % 40, tmp_path / "g.pdf", title="t")
+    assert path.stat().st_size > 2 * _GRID_MARK_SPAN
+    with open(path, "rb") as f:
+        assert b"dpdm.grid/1" not in f.read(_GRID_MARK_SPAN)   # the case this test is about: mark in the trailer
+    assert is_dpdm_grid(path)
+
+
+def test_a_grid_of_too_many_classes_shows_the_first_ones(tmp_path, monkeypatch):
+    """Catches a grid of more than MAX_GRID_ROWS classes showing the last ones (mut47; its title says first)."""
+    import matplotlib.axes
+
+    from dpdm.report_utils import MAX_GRID_ROWS, save_grid
+
+    shown = []
+    real = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", lambda self, a, **kw: (shown.append(a), real(self, a, **kw))[1])
+    n = MAX_GRID_ROWS + 50
+    x = np.broadcast_to(np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1), (n, 1, 4, 4)).copy()
+    save_grid(x, np.arange(n), tmp_path / "g.png", title="t")
+    canvas = shown[0]
+    assert canvas.shape[0] == MAX_GRID_ROWS * 6
+    assert [int(canvas[i * 6, 0]) for i in range(MAX_GRID_ROWS)] == list(range(MAX_GRID_ROWS))
+
+
+def test_a_folder_below_a_run_folder_lies_in_it(tmp_path):
+    """Catches run_folder_of checking only the folder itself, not its ancestors (mut47): `dpdm audit --out
+    RUN/sub/report` and `dpdm export --out RUN/sub/model.pt` of another run are refused."""
+    from audits.suite import AuditInputError, check_out_dir
+    from dpdm.report_utils import run_folder_of
+
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data_digest": "x", "train": {}}))
+    assert run_folder_of(run) == run.resolve()
+    assert run_folder_of(run / "sub" / "report") == run.resolve()
+    assert run_folder_of(tmp_path / "elsewhere") is None
+    with pytest.raises(AuditInputError, match="lies inside the run folder"):
+        check_out_dir(run / "sub" / "report", create=False)

@@ -673,3 +673,22 @@ def test_account_does_not_warn_where_prv_agrees_within_the_errors(capsys, argv):
     assert main(["account", *argv]) == 0
     out, err = capsys.readouterr()
     assert err == "" and "\nPRV " in out and "*" not in out
+
+
+def test_a_clip_norm_above_the_float32_bound_is_untrainable_at_any_noise_multiplier():
+    """Catches dpdm.noise_scale ignoring the clip norm's own size at a multiplier below 1 (mut47): a sum of
+    clipped gradients overflows float32 as the noise does (its comment and message), whatever the multiplier."""
+    from dpdm.noise_scale import MAX_NOISE_STD, noise_scale_problem
+
+    assert noise_scale_problem(0.5, 1e35) is not None and "above 1e+30" in noise_scale_problem(0.5, 1e35)
+    assert noise_scale_problem(1e-6, 10 * MAX_NOISE_STD) is not None
+    assert noise_scale_problem(0.5, MAX_NOISE_STD) is None and noise_scale_problem(1.0, 1.0) is None
+
+
+def test_the_clip_norm_bound_is_1e_30_not_only_far_below_it():
+    """Catches a smallest clip norm moved to about 1e-40 (mut47): the test above refuses 1e-40, ten decades below
+    the bound, which such a bound still refuses."""
+    from dpdm.noise_scale import MIN_CLIP_NORM, noise_scale_problem
+
+    assert noise_scale_problem(1.0, 1e-31) is not None and noise_scale_problem(1.0, 1e-35) is not None
+    assert noise_scale_problem(1.0, MIN_CLIP_NORM) is None

@@ -1147,3 +1147,93 @@ def test_a_resume_without_dataset_whose_recorded_file_changed_is_not_told_to_res
                              capsys)
     assert code == 0, err
     assert json.loads(out)["steps_done"] == 4
+
+
+# --- argument checks and last lines (mut47) --------------------------------------------------------------------
+
+def test_subspace_examples_equal_to_k_is_enough(tiny, capsys):
+    """Catches `dpdm train` refusing --subspace-examples K (mut47): its help says "at least K", and the library's
+    own check is >=."""
+    d = tiny
+    rng = np.random.default_rng(2)   # not tiny's seed 0: other images than the private ones
+    np.savez(d / "public.npz", x=rng.integers(0, 256, size=(30, 1, 8, 8), dtype=np.uint8),
+             y=(np.arange(30) % 3).astype(np.int64))
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=2.0,
+                                  noise_multiplicity=1, delta=1e-5, dataset_name=f"npz:{d / 'data.npz'}")
+    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")   # 2 steps, K 1: half the time
+    code, _, err = run_cli(_train_args(d, d / "run", "--public-subspace", 3, "--subspace-data",
+                                       f"npz:{d / 'public.npz'}", "--subspace-examples", 3, "--subspace-every", 2),
+                           capsys)
+    assert code == 0, err
+
+
+def _stub_training(monkeypatch, result):
+    """dpdm.train.train returns `result`, or raises it where it is an exception."""
+    import dpdm.train
+
+    def fake(doc, x, y, num_classes, out_dir, config, **kw):
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    monkeypatch.setattr(dpdm.train, "train", fake)
+
+
+def test_a_run_folder_that_cannot_be_written_is_exit_4_not_2(tiny, capsys, monkeypatch):
+    """Catches RunStorageError turned into exit 2 (mut47): the disk filled or the folder went read-only mid-run,
+    nobody's input mistake: exit 4, one line (README's exit-code table)."""
+    from dpdm.train import RunStorageError
+
+    _stub_training(monkeypatch, RunStorageError("could not write checkpoint.pt: no space left on device"))
+    code, _, err = run_cli(_train_args(tiny, tiny / "run"), capsys)
+    assert code == 4 and len(err.strip().splitlines()) == 1 and "no space left" in err, (code, err)
+
+
+def test_a_private_run_with_a_given_seed_says_so_on_its_last_line(tiny, capsys, monkeypatch):
+    """Catches train's last line losing "(given --seed: ...)" (mut47); a run without --seed has no such note."""
+    summary = {"run": str(tiny / "run"), "steps_done": 4, "plan_steps": 4, "epsilon_spent": 1.5, "delta": 1e-5,
+               "private": True, "seed_given": True}
+    _stub_training(monkeypatch, summary)
+    code, _, err = run_cli(_train_args(tiny, tiny / "run", "--seed", 5), capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 0 and "epsilon spent 1.5 at delta 1e-05" in last, err
+    assert "(given --seed: no guarantee against whoever knows it)" in last, last
+    _stub_training(monkeypatch, dict(summary, seed_given=False))
+    code, _, err = run_cli(_train_args(tiny, tiny / "run2"), capsys)
+    assert code == 0 and "given --seed" not in err.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def nodp_run(tmp_path_factory):
+    """A --no-dp run of 2 steps on 24 8x8 images of 3 classes."""
+    d = tmp_path_factory.mktemp("nodp_run")
+    rng = np.random.default_rng(0)
+    np.savez(d / "data.npz", x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8),
+             y=(np.arange(24) % 3).astype(np.int64), num_classes=3)
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=2.0,
+                                  noise_multiplicity=1, delta=1e-5, dataset_name=f"npz:{d / 'data.npz'}")
+    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")
+    assert main(["train", "--plan", str(d / "plan.json"), "--out", str(d / "run"), "--device", "cpu", "--quiet",
+                 "--checkpoint-every", "2", "--no-dp"]) == 0
+    return d / "run"
+
+
+def test_an_empty_guidance_interval_is_one_line_before_drawing(nodp_run, tmp_path, capsys, monkeypatch):
+    """Catches `dpdm sample` taking --guidance-interval LO LO (mut47): one line, exit 2, before any drawing (the
+    library's own check would refuse it later)."""
+    import dpdm.sample
+
+    monkeypatch.setattr(dpdm.sample, "sample_checkpoint", lambda *a, **kw: pytest.fail("sampled"))
+    code, _, err = run_cli(["sample", "--run", nodp_run, "--n", 2, "--guidance", 1, "--guidance-interval", 1, 1,
+                            "--out", tmp_path / "s.npz", "--device", "cpu"], capsys)
+    assert "--guidance-interval" in _one_error_line(code, err)
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_samples_of_a_no_dp_run_are_marked_non_private(nodp_run, tmp_path, capsys):
+    """Catches `dpdm sample`'s line losing "[NON-PRIVATE]" for a --no-dp run (mut47): non-private outputs are
+    marked wherever they appear."""
+    code, _, err = run_cli(["sample", "--run", nodp_run, "--n", 2, "--sampler-steps", 2, "--out",
+                            tmp_path / "s.npz", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "[NON-PRIVATE]" in err.strip().splitlines()[-1], err

@@ -87,3 +87,19 @@ def test_bad_arguments(kwargs, name):
 def test_bad_step():
     with pytest.raises(ValueError, match="step"):
         PoissonSampler(10, 0.1, seed=0).batch(-1)
+
+
+def test_seeds_that_differ_only_above_32_bits_draw_other_batches():
+    """Catches a sampler that keeps 32 bits of the seed (mut47): the secret seed is 63 bits (dpdm train's
+    default), and a sampler that kept 32 of them would let anyone who searches 2**32 seeds replay the batches."""
+    for seed in (3, 2**40 + 7):
+        a = PoissonSampler(1000, 0.05, seed=seed).batch(9)
+        assert not torch.equal(a, PoissonSampler(1000, 0.05, seed=seed + 2**32).batch(9))
+        assert not torch.equal(a, PoissonSampler(1000, 0.05, seed=seed ^ (1 << 62)).batch(9))
+
+
+def test_neighbouring_seeds_do_not_share_shifted_batch_streams():
+    """Catches (seed, step) mixed as seed + step (mut47): seed s at step t+1 is not seed s+1 at step t."""
+    for t in range(5):
+        assert not torch.equal(PoissonSampler(1000, 0.05, seed=3).batch(t + 1),
+                               PoissonSampler(1000, 0.05, seed=4).batch(t))

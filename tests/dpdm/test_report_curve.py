@@ -51,3 +51,36 @@ def test_report_md_cells_escape_what_a_renderer_would_act_on(tmp_path, value, ce
 
     md, _ = write_report(tmp_path, [{"title": "Release", "rows": [("run", value)]}], title="t")
     assert f"| run | {cell} |" in md.read_text(encoding="utf-8").splitlines()
+
+
+def _plan():
+    return accounting.PrivacyPlan(dataset_size=4000, batch_size=256, steps=300, noise_multiplier=1.0, delta=1e-5,
+                                  dataset_name="mnist5k")
+
+
+def test_curve_runs_from_the_first_to_the_plans_last_step():
+    """Catches a curve whose points stop before the plan's last step (mut47)."""
+    plan = _plan()
+    steps, eps = privacy_curve_points(plan, points=6)
+    assert steps[0] == 1 and steps[-1] == plan.steps
+    assert eps[-1] == min(accounting.epsilon_spent(plan, plan.steps), accounting.certified_epsilon(plan))
+
+
+def test_curve_figure_draws_the_points_and_marks_the_steps_done(tmp_path, monkeypatch):
+    """Catches the "steps done" line drawn at the plan's steps (mut47): the figure is read, not only written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    plan = _plan()
+    privacy_curve(plan, tmp_path / "curve.png", points=6, steps_done=100)
+    (ax,) = figs[0].axes
+    steps, eps = privacy_curve_points(plan, points=6)
+    curve = next(line for line in ax.lines if line.get_label().startswith("epsilon spent"))
+    assert list(curve.get_xdata()) == list(steps) and list(curve.get_ydata()) == eps
+    done = next(line for line in ax.lines if line.get_label() == "steps done 100")
+    assert set(done.get_xdata()) == {100}
+    close(figs[0])
