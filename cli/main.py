@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import sys
 
 import click
@@ -231,7 +232,23 @@ def _command_name(argv: list[str] | None) -> str:
 
 
 def _resume_hint(argv: list[str] | None) -> str:
-    return "; a training run continues with --resume" if _command_name(argv) == "train" else ""
+    """What continues a `dpdm train` that ended early: `--resume` where its --out holds a checkpoint; before the
+    first one (start-up, or the first --checkpoint-every steps) there is nothing to resume, and `--resume` was
+    refused ("nothing to resume") after the line had advised it (stop 46, h87 F1): the same command starts it
+    again (a folder of a run killed before its first checkpoint is taken as new)."""
+    if _command_name(argv) != "train":
+        return ""
+    args = sys.argv[1:] if argv is None else argv
+    out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), None)
+    if out is None and "--out" in args[:-1]:
+        out = args[args.index("--out") + 1]
+    try:
+        checkpointed = out is not None and os.path.isfile(os.path.join(os.path.expanduser(out), "checkpoint.pt"))
+    except (OSError, ValueError):
+        checkpointed = False
+    if checkpointed:
+        return "; a training run continues with --resume"
+    return "; no checkpoint was written yet: the same command starts the run again"
 
 
 def _internal_error(prog: str, e: BaseException) -> int:

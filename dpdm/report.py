@@ -49,11 +49,13 @@ def _md_cell(value: Any) -> str:
     """`value` as one Markdown table cell shown as it is: a '|' (a folder may hold one) ended the cell and a newline
     the table, dropping the rest of the row (the model's sha256 and the "keep private" advice, stop 42), and '<'
     began raw HTML ('<b>'; "< 0.01" stays as it is). The other marks a renderer acts on are escaped too: `*`,
-    backticks, `[`, `]`, `~`, an `_` at a word's edge (`runs/_tmp_/demo` showed "tmp" in italics, and
-    `![a](https://...)` in a folder name became an image fetched when report.md is viewed), and `&` before an
-    entity; an `_` inside a word (`demo_out`) stays as it is, as CommonMark shows it."""
+    backticks, `[`, `]`, `~` where two could strike text through (a lone one, `~/.cache`, stays), an `_` at a
+    word's edge (`runs/_tmp_/demo` showed "tmp" in italics, and `![a](https://...)` in a folder name became an
+    image fetched when report.md is viewed), and `&` before an entity; an `_` inside a word (`demo_out`) stays as
+    it is, as CommonMark shows it."""
     text = " ".join(str(value).splitlines())
-    text = re.sub(r"[\\|*`\[\]~]|&(?=#?\w+;)|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", lambda m: "\\" + m.group(), text)
+    marks = r"[\\|*`\[\]~]" if text.count("~") > 1 else r"[\\|*`\[\]]"   # one ~ strikes nothing: ~/.cache stays
+    text = re.sub(marks + r"|&(?=#?\w+;)|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", lambda m: "\\" + m.group(), text)
     return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
 
 

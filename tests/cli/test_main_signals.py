@@ -96,3 +96,20 @@ def test_a_rank_of_several_keeps_sigterms_default(monkeypatch, capsys):
     rc = main(["plan", "--noise-multiplier", "1", "--dataset-size", "100", "--batch-size", "10", "--steps", "3",
                "--delta", "1e-5"])
     assert rc == 130 and seen == [signal.getsignal(signal.SIGTERM)], (rc, seen, capsys.readouterr().err)
+
+
+def test_the_line_advises_resume_only_where_a_checkpoint_is(tmp_path):
+    """SIGTERM or running out of memory before a run's first checkpoint: the line advised --resume, which was then
+    refused ("nothing to resume"; stop 46, h87 F1). Before one, the same command starts the run again."""
+    from cli.main import _resume_hint
+
+    run = tmp_path / "run"
+    fresh = "; no checkpoint was written yet: the same command starts the run again"
+    assert _resume_hint(["train", "--plan", "p.json", "--out", str(run)]) == fresh
+    run.mkdir()
+    (run / "plan.json").write_text("{}")
+    assert _resume_hint(["train", "--plan", "p.json", "--out", str(run)]) == fresh
+    (run / "checkpoint.pt").write_bytes(b"x")
+    for argv in (["train", "--plan", "p.json", "--out", str(run)], ["train", f"--out={run}", "--resume"]):
+        assert _resume_hint(argv) == "; a training run continues with --resume", argv
+    assert _resume_hint(["train", "--plan", "p.json"]) == fresh and _resume_hint(["sample", "--run", str(run)]) == ""

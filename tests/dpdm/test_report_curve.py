@@ -41,7 +41,8 @@ def test_report_md_table_cells_show_their_values_whole(tmp_path):
     ("runs/_tmp_/demo/run", r"runs/\_tmp\_/demo/run"),                               # was "tmp" in italics
     ("demo *v2*/run", r"demo \*v2\*/run"),
     ("x![a](https://e.com/p.png)/run", r"x!\[a\](https://e.com/p.png)/run"),         # was an image fetched on view
-    ("a `c` ~/r &amp; &x", r"a \`c\` \~/r \&amp; &x"),
+    ("a `c` ~/r ~x~ &amp; &x", r"a \`c\` \~/r \~x\~ \&amp; &x"),
+    ("~/.cache/dpdm/reference", "~/.cache/dpdm/reference"),                          # a lone ~ strikes nothing
     ("demo_out/run_2/model.pt", "demo_out/run_2/model.pt"),                          # inside words: as CommonMark shows
 ])
 def test_report_md_cells_escape_what_a_renderer_would_act_on(tmp_path, value, cell):
