@@ -270,6 +270,11 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
             raise BadInput(f"the run in {out_dir!r} recorded --subspace-data {recorded!r} as typed, relative to the "
                            f"folder it was started in (an older dpdm), and there is no {typed!r} here; resume from "
                            "that folder")
+        if os.path.isabs(typed) and not os.path.exists(typed):
+            # One line for both ways of resuming: without the option the file was missing, and with its new path
+            # the resume was told to leave the option out (stop 46, h87 F2). The public data is named by its path.
+            raise BadInput(f"the run in {out_dir!r} was trained with --subspace-data {recorded!r}, which no longer "
+                           "exists; put that file back there to resume (a run's public data is named by its path)")
     if "lr" not in given and "lr_schedule" not in given:
         _warn_unsaved_lr_change(out_dir, train_cfg)
     out = dict(opts)

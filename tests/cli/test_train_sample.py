@@ -1085,6 +1085,16 @@ def test_a_relative_subspace_data_is_recorded_absolute_and_resumes_from_any_fold
                     f"was trained with npz:{d / 'f3' / 'pub.npz'}; resume without --subspace-data (it takes the run's "
                     "value)"), line
     assert checkpoint.read_bytes() == before
+    # The public file moved away: one line for both ways of resuming (without the option it did not exist, and
+    # with its new path the resume was told to leave the option out; stop 46, h87 F2).
+    (d / "f3" / "pub.npz").rename(d / "moved.npz")
+    for extra in ([], ["--subspace-data", f"npz:{d / 'moved.npz'}"]):
+        line = _one_error_line(*run_cli([*resume, *extra], capsys)[::2])
+        assert line == (f"dpdm: error: the run in {str(d / 'f3' / 'run')!r} was trained with --subspace-data "
+                        f"'npz:{d / 'f3' / 'pub.npz'}', which no longer exists; put that file back there to resume "
+                        "(a run's public data is named by its path)"), line
+        assert checkpoint.read_bytes() == before
+    (d / "moved.npz").rename(d / "f3" / "pub.npz")
     code, out, err = run_cli([*resume, "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["steps_done"] == 4
