@@ -14,6 +14,10 @@ dominate the clipped gradient.
                                                [--batch 256] [--reps 6] [--by-sigma] [--threads 2]
                                                [--json OUT.json]
 
+d counts the parameters the run trained: a `--trainable` run's clipped gradients and noise are over its
+trainable parameters only, and so are the figures here. A `--public-subspace` run (noise in a subspace of
+public gradients) is refused.
+
 The figures are NON-PRIVATE statistics of the private data (computed from the private training images
 without noise; the JSON says "non_private_statistics_of_the_private_data": true): treat the output like the
 run folder (keep it private).
@@ -63,6 +67,10 @@ from _argtypes import int_at_least  # noqa: E402
 
 # Noise-level buckets of `--by-sigma` (edges of sigma).
 SIGMA_EDGES = (0.002, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)
+
+
+class RunRefused(ValueError):
+    """A checkpoint whose private step this script cannot reproduce (main() prints it in one line, exit 2)."""
 
 
 def unit_signal(flat: torch.Tensor, clip_norm: float | None) -> tuple[float, float]:
@@ -118,12 +126,21 @@ def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: 
     from dpdm.datasets import load_dataset
     from dpdm.engine import per_sample_grads
     from dpdm.loss import drop_labels, engine_loss_fn
-    from dpdm.train import build_denoiser
+    from dpdm.train import build_denoiser, select_trainable
 
     state = load_checkpoint(checkpoint)
     config = state["config"]
+    subspace = config.get("train", {}).get("subspace_dim")
+    if subspace is not None:
+        # Its noise lies in a k-dimensional subspace of public gradients (norm ~ sqrt(k), not sqrt(d)) and its
+        # signal is the projected one: neither is what this script measures.
+        raise RunRefused(f"{checkpoint}: a --public-subspace run (subspace_dim {subspace}) adds its noise in a "
+                         "subspace; grad_signal.py measures full-space noise only")
     D = build_denoiser(config)
     D.load_state_dict(state["model"])          # the raw weights the optimizer was stepping
+    # The run clipped and noised only its --trainable parameters: d and the clipped gradients are theirs.
+    trainable = config.get("train", {}).get("trainable")
+    select_trainable(D, None if trainable is None else tuple(trainable))
     D.train()
     plan_path = Path(checkpoint).with_name("plan.json")
     plan = accounting.load_plan(plan_path).plan if plan_path.exists() else None
@@ -217,9 +234,12 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    res = measure(a.checkpoint, Ks=[int(k) for k in a.K.split(",")], batch=a.batch, reps=a.reps,
-                  by_sigma=a.by_sigma, seed=a.seed, clip_norms=[float(c) for c in a.clip_norms.split(",") if c])
-    print(f"grad signal at {a.checkpoint} ({res['params']:,} params, B={res['batch']}, {res['reps']} reps; "
+    try:
+        res = measure(a.checkpoint, Ks=[int(k) for k in a.K.split(",")], batch=a.batch, reps=a.reps,
+                      by_sigma=a.by_sigma, seed=a.seed, clip_norms=[float(c) for c in a.clip_norms.split(",") if c])
+    except RunRefused as e:
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
+    print(f"grad signal at {a.checkpoint} ({res['params']:,} trained params, B={res['batch']}, {res['reps']} reps; "
           "NON-PRIVATE statistics of the private data)")
     if "noise_norm" in res:
         p = res["plan"]

@@ -49,7 +49,8 @@ sigma 1.593, the same CPU time): synthetic CNN 96.1%, MLP 87.7%, logreg 85.6%, F
 `dpdm` commands, the public set read from an .npz identical to digits28-aug. The parts add up to about
 50 minutes (public 14, private 20, sampling 7, evaluation 4, the baseline 4), not timed end to end.
 With --public-pretrain it also trains the synthetic CNN first on the public data, then on the samples
-(`synthetic_public_init`, about 5 min): the like-for-like partner of the warm-started DP-SGD CNN.
+(`synthetic_public_init`, about 5 min): the like-for-like partner of the warm-started DP-SGD CNN, and the
+one the goal then judges.
 Measured with `--public-steps 2000` (28 min instead of 14): synthetic CNN 96.3% instead of 96.1%, less than
 the downstream CNN's own seed spread (96.3, 96.7, 96.6% for seeds 0-2 on the same samples), so 1000 stays
 the default; 96.7, 97.2, 96.9% so started, against 98.1%. `--lr 3e-4` is worse (95.3%, FD 28.9). The same
@@ -94,7 +95,9 @@ refuses the private dataset, data made from its images, and data sharing any ima
 split. Figures computed without privacy from the private images (the FD's reference CNN, --real-reference)
 are listed under "non_private_statistics_of_the_training_data". The goal is judged only on the issue's 10,000
 samples (or more) of a finished run of this very plan (their meta_plan_digest and steps); others (`--n 20`, a
-smaller --samples file, another plan's samples) are NOT JUDGED. The JSON holds the verdict under "goal".
+smaller --samples file, another plan's samples) are NOT JUDGED. The JSON holds the verdict under "goal", and
+under "goal_compares" the key of the synthetic CNN it judged. Samples whose generator was trained with a given
+--seed (their meta_seed_given, as `dpdm eval` reads it) are marked as a seeded run is, even without --seed here.
 """
 from __future__ import annotations
 
@@ -455,6 +458,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     seed None (the default): the private generator run and the DP-SGD CNN draw secret seeds; a given seed
     seeds both and voids their DP guarantee (a warning, and "seeded": true). Figures computed without
     privacy from the private images are listed under `dpdm.evaluate.NON_PRIVATE_KEY`."""
+    from cli.eval import samples_provenance
     from dpdm.evaluate import NON_PRIVATE_KEY
 
     report = on_part or (lambda _out: None)
@@ -540,6 +544,11 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         for key, first in [("synthetic", N_SAMPLES)] + ([("synthetic_all", None)] if drawn > N_SAMPLES else []):
             out[key] = evaluate_synthetic(samples, dataset=name, device=device, first=first, shift=augment_shift)
             out[key]["samples_private"] = samples_private(samples)
+            # What `dpdm sample` recorded of the model, as `dpdm eval` reports it (format_report prints it): a
+            # generator trained with a given --seed voids the DP guarantee wherever its samples are judged.
+            out[key]["samples_provenance"] = samples_provenance(samples)
+            if out[key]["samples_provenance"]["seed_given"]:
+                out["seeded"] = True
             out[key]["plan_mismatch"] = plan_mismatch(samples, doc)   # the goal is judged only when None
             report(out)
             if public is not None:
@@ -549,6 +558,29 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"total {out['seconds']:.0f} s", file=sys.stderr)
     return out
+
+
+def goal_verdict(syn: dict, synthetic_cnn: float, dp_cnn: float | None, *, seeded_run: bool = False) -> str:
+    """The issue's goal on one evaluation `syn` (evaluate_synthetic's figures with samples_private, plan_mismatch
+    and, where read, samples_provenance): "MET" when the synthetic CNN's test accuracy `synthetic_cnn` reaches
+    the DP-SGD CNN's `dp_cnn` (None: not trained in this process), "NOT MET" below it; NOT APPLICABLE / NOT
+    JUDGED where the samples are not a private, finished run of the plan at the protocol's size. A seeded
+    generator (its samples say so) or this process's --seed (`seeded_run`) is named on a judged verdict:
+    whoever knows the seed can replay the run, so the figures carry no DP guarantee."""
+    if syn["samples_private"] is not True:
+        return "NOT APPLICABLE: the samples are NON-PRIVATE (or do not say)"
+    if syn.get("plan_mismatch"):
+        return f"NOT JUDGED: {syn['plan_mismatch']}"
+    if syn["n_samples"] < N_SAMPLES:   # --n 20 or a small --samples file: the issue's protocol takes 10,000
+        return f"NOT JUDGED: {syn['n_samples']:,} samples, the protocol takes {N_SAMPLES:,}"
+    if dp_cnn is None:
+        return "NOT JUDGED HERE (--skip-baseline)"
+    verdict = "MET" if synthetic_cnn >= dp_cnn else "NOT MET"
+    if (syn.get("samples_provenance") or {}).get("seed_given"):
+        verdict += " (seeded generator: its --seed voids the DP guarantee)"
+    elif seeded_run:
+        verdict += " (seeded run: --seed voids the DP guarantee)"
+    return verdict
 
 
 def write_json(path: str | Path, out: dict) -> None:
@@ -606,7 +638,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="train the generator WITHOUT privacy (the pipeline's ceiling; marked NON-PRIVATE)")
     ap.add_argument("--public-pretrain", metavar="NAME", default=None,
                     help="warm-start both the generator and the DP-SGD CNN on this PUBLIC dataset (e.g. digits28), "
-                         "without privacy; the goal then compares the two warm-started models")
+                         "without privacy; the goal then compares the two warm-started CNNs (the synthetic one first "
+                         "trained on the public data, then on the samples)")
     ap.add_argument("--public-steps", type=positive_int, default=PUBLIC_STEPS,
                     help="generator steps on the public data")
     ap.add_argument("--physical-batch", type=positive_int, default=None,
@@ -730,26 +763,27 @@ def main(argv: list[str] | None = None) -> None:
         syn = out[key]
         acc = {k: v["test_accuracy"] for k, v in syn["classifiers"].items()}
         dp_acc = float("nan") if b is None else b["test_accuracy"]
-        if syn["samples_private"] is not True:
-            verdict = "NOT APPLICABLE: the samples are NON-PRIVATE (or do not say)"
-        elif syn.get("plan_mismatch"):
-            verdict = f"NOT JUDGED: {syn['plan_mismatch']}"
-        elif syn["n_samples"] < N_SAMPLES:   # --n 20 or a small --samples file: the issue's protocol takes 10,000
-            verdict = f"NOT JUDGED: {syn['n_samples']:,} samples, the protocol takes {N_SAMPLES:,}"
-        elif b is None:
-            verdict = "NOT JUDGED HERE (--skip-baseline)"
-        else:
-            verdict = "MET" if acc.get("cnn", 0) >= dp_acc else "NOT MET"
-            if out.get("seeded"):
-                verdict += " (seeded run: --seed voids the DP guarantee)"
-        syn["goal"] = verdict   # in the JSON too, so that a reader of the figures alone gets the same verdict
-        print(f"synthetic CNN on {syn['n_samples']} images {acc.get('cnn', float('nan')):.4f} vs DP-SGD CNN "
-              f"{dp_acc:.4f} (goal: synthetic >= DP-SGD): {verdict}")
-        if f"{key}_public_init" in out:
-            w = out[f"{key}_public_init"]
+        warm = out.get(f"{key}_public_init")
+        if warm is not None:
+            # --public-pretrain warm-starts the DP-SGD CNN: its like-for-like partner is the synthetic CNN first
+            # trained on the same public data, not the cold one (which the protocol's line still shows).
+            print(f"synthetic CNN on {syn['n_samples']} images {acc.get('cnn', float('nan')):.4f} (cold) vs "
+                  f"warm-started DP-SGD CNN {dp_acc:.4f}")
+            syn["goal_compares"] = f"{key}_public_init"
+            verdict = goal_verdict(syn, warm["test_accuracy"], None if b is None else dp_acc,
+                                   seeded_run=args.seed is not None)
+            pre = (warm.get("public_pretrain") or {}).get("test_accuracy")
+            alone = "" if pre is None else f" (public data alone {pre:.4f})"
             print(f"like for like, both CNNs first trained on public {args.public_pretrain}: synthetic CNN "
-                  f"{w['test_accuracy']:.4f} (public data alone {w['public_pretrain']['test_accuracy']:.4f}) vs "
-                  f"DP-SGD CNN {dp_acc:.4f}")
+                  f"{warm['test_accuracy']:.4f}{alone} vs DP-SGD CNN {dp_acc:.4f} (goal: synthetic >= DP-SGD): "
+                  f"{verdict}")
+        else:
+            syn["goal_compares"] = key
+            verdict = goal_verdict(syn, acc.get("cnn", 0), None if b is None else dp_acc,
+                                   seeded_run=args.seed is not None)
+            print(f"synthetic CNN on {syn['n_samples']} images {acc.get('cnn', float('nan')):.4f} vs DP-SGD CNN "
+                  f"{dp_acc:.4f} (goal: synthetic >= DP-SGD): {verdict}")
+        syn["goal"] = verdict   # in the JSON too, so that a reader of the figures alone gets the same verdict
         print(format_report(syn))
     if args.json:
         write_json(args.json, out)

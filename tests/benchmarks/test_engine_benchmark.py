@@ -106,6 +106,24 @@ def test_engine_benchmark_opacus_peer_computes_dpdms_clipped_sum(load_benchmark,
         assert d.norm() <= clip_norm * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("variant", ["opacus", "dpdm"])
+def test_engine_benchmark_peers_add_the_same_dp_noise(load_benchmark, variant):
+    # h88 F5: the peer-equivalence test runs without noise, so an Opacus peer that skipped its noise (less work than
+    # dpdm's step, flattering Opacus in the ratio) passed. The step's output minus its noise-free output is the
+    # noise on the mean: N(0, (sigma C / B)^2) in every coordinate.
+    if variant == "opacus":
+        pytest.importorskip("opacus")     # the `bench` extra
+    b = load_benchmark("engine")
+    B, K, C, sigma = 3, 2, 0.5, 2.0
+    *_, names, clean = _noise_free_steps(b, variant, B, K, None, C)
+    D, loss, batch, _ = b._setup("small", B, K)   # the same model and batch again (Opacus hooks a model once)
+    noisy = b._step_fn(variant, D, loss, batch, K, None, clip_norm=C, noise_multiplier=sigma)
+    diff = (_flat(noisy(), names) - _flat(clean(), names)).double()
+    assert diff.numel() > 10_000      # the std below is then within about 1% of its true value
+    assert diff.std().item() == pytest.approx(sigma * C / B, rel=0.03)
+    assert abs(diff.mean().item()) < 0.05 * sigma * C / B
+
+
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_engine_benchmark_nonprivate_step_is_the_mean_loss_gradient(load_benchmark, chunk_size):
     # the baseline of the `x nonpriv` columns: the gradient of the plain mean loss over the B examples, chunked or not

@@ -73,6 +73,43 @@ def test_measure_on_a_tiny_run(tmp_path, load_benchmark):
                    data=ImageData(x, y, classes, "tiny"))
 
 
+def test_measure_clips_and_noises_only_the_trainable_parameters_of_the_run(tmp_path, load_benchmark):
+    # h88 F3: a --trainable run clips and noises its trainable subset; grad_signal.py counted (and clipped) every
+    # parameter, so its noise norm was sqrt(d_all / d_trained) too large (27x for conv_in/conv_out).
+    import json
+
+    gs = load_benchmark("grad_signal")
+    g = torch.Generator().manual_seed(0)
+    n, classes = 8, 2
+    x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    y = torch.arange(n) % classes
+    plan = accounting.PrivacyPlan(dataset_size=n, batch_size=4, steps=1, noise_multiplier=1.0, clip_norm=1.0,
+                                  noise_multiplicity=1, delta=1e-5, dataset_name="tiny")
+    run = tmp_path / "run"
+    train(accounting.make_plan_document(plan), x, y, classes, run,
+          TrainConfig(model="small", precond="v", seed=1, trainable=("net.conv_out*",)), progress=False)
+    trained = json.loads((run / "config.json").read_text())["trained_parameters"]
+    res = gs.measure(run / CHECKPOINT_NAME, Ks=(1,), batch=4, reps=1, data=ImageData(x, y, classes, "tiny"))
+    assert res["params"] == trained < 1000
+    assert res["noise_norm"] == pytest.approx(math.sqrt(trained) / 4)
+
+
+def test_a_public_subspace_run_is_refused_in_one_line(tmp_path, load_benchmark, monkeypatch, capsys):
+    import sys
+
+    import dpdm.checkpoint
+
+    gs = load_benchmark("grad_signal")
+    monkeypatch.setattr(dpdm.checkpoint, "load_checkpoint", lambda path: {
+        "config": {"train": {"subspace_dim": 8}}, "model": {}})
+    monkeypatch.setattr(sys, "argv", ["grad_signal.py", "--checkpoint", str(tmp_path / "checkpoint.pt")])
+    with pytest.raises(SystemExit) as e:
+        gs.main()
+    assert e.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "error:" in line and "--public-subspace" in line and "subspace_dim 8" in line, line
+
+
 @pytest.mark.parametrize("flag, value", [("--reps", "0"), ("--batch", "1"), ("--threads", "0")])
 def test_grad_signal_refuses_out_of_range_options(load_benchmark, option_refused, flag, value):
     # --reps 0: ZeroDivisionError, --batch 1: unit_signal's ValueError, --threads 0: torch's RuntimeError, each a

@@ -1,4 +1,4 @@
-"""benchmarks/plan.py (run by `make bench`): its options."""
+"""benchmarks/plan.py (run by `make bench`): its options and the ratio it prints."""
 import pytest
 
 
@@ -9,3 +9,23 @@ def test_plan_benchmark_refuses_zero_repeats(load_benchmark, option_refused, fla
     b = load_benchmark("plan")
     b.time_dpdm = b.time_opacus = lambda *a: pytest.fail("ran a plan")
     option_refused(b, "plan.py", flag, "0")
+
+
+def test_plan_benchmark_ratio_is_dpdm_time_over_opacus_time(load_benchmark, monkeypatch, capsys):
+    # h88 F5: no test reached the ratio, so an inverted one (opacus / dpdm) passed. Stubbed timings: dpdm 1 s,
+    # opacus 4 s whole-process (0.5 s in its call) -> 0.25, against the target <= 0.333.
+    import sys
+
+    import accounting
+
+    b = load_benchmark("plan")
+    b.time_dpdm = lambda eps: (1.0, 1.0)
+    b.time_opacus = lambda eps, q, steps: (4.0, 0.5, 1.1)
+    monkeypatch.setattr(accounting, "calibrate_noise_multiplier", lambda **kw: 1.0)
+    monkeypatch.setattr(accounting, "compute_epsilon", lambda **kw: 1.0)
+    monkeypatch.setattr(sys, "argv", ["plan.py", "--repeats", "1"])
+    b.main()
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out[2:2 + len(b.EPSILONS)]]
+    assert [(r[7], r[8], r[10]) for r in rows] == [("1.00", "4.00", "0.250")] * len(b.EPSILONS)
+    assert "median dpdm/opacus time ratio: 0.250 (target <= 0.333)" in out[-1]

@@ -193,13 +193,15 @@ def test_real_reference_adds_the_ceiling_only_when_asked(tmp_path, load_benchmar
 
 # --- review fixes (stop 34): seeds, public data, the plan the goal is judged under, reuse, labels ----------------
 
-def _fake_samples(path, *, digest, steps_done, plan_steps, private=True):
-    """A samples.npz as `dpdm sample` writes it: 20 balanced images and the meta the goal is judged by."""
+def _fake_samples(path, *, digest, steps_done, plan_steps, private=True, seed_given=None):
+    """A samples.npz as `dpdm sample` writes it: 20 balanced images and the meta the goal is judged by
+    (seed_given None: no meta_seed_given, as samples from elsewhere)."""
     import numpy as np
 
+    extra = {} if seed_given is None else {"meta_seed_given": np.asarray(seed_given)}
     np.savez(path, x=np.zeros((20, 1, 28, 28), np.uint8), y=np.arange(20) % 10, meta_private=np.asarray(private),
              meta_plan_digest=np.asarray(digest), meta_steps_done=np.asarray(steps_done),
-             meta_plan_steps=np.asarray(plan_steps), meta_guidance_interval=np.asarray([0.5, 10.0]))
+             meta_plan_steps=np.asarray(plan_steps), meta_guidance_interval=np.asarray([0.5, 10.0]), **extra)
 
 
 @pytest.fixture()
@@ -390,6 +392,71 @@ def test_goal_is_not_judged_on_fewer_samples_than_the_protocols(stubbed, tmp_pat
         want = "MET" if judged else f"NOT JUDGED: {n:,} samples, the protocol takes 10,000"
         assert verdict.endswith(f"): {want}"), verdict
         assert json.loads((tmp_path / f"{n}.json").read_text())["synthetic"]["goal"] == want
+
+
+def _verdict(res):
+    [verdict] = [line for line in res.out.splitlines() if "goal: synthetic >= DP-SGD" in line]
+    return verdict
+
+
+def test_samples_of_a_seeded_generator_mark_the_verdict_and_the_json(stubbed, tmp_path, monkeypatch, capsys):
+    # h88 F1: `--samples` from a generator trained with --seed printed a clean MET and "seeded": false, since only
+    # this process's --seed was read; `dpdm eval` reads the samples' meta_seed_given.
+    q, _ = stubbed
+    doc = q.default_plan(epochs=0.2)
+    for seed_given in (True, False, None):
+        path = tmp_path / f"s{seed_given}.npz"
+        _fake_samples(path, digest=doc.digest, steps_done=doc.plan.steps, plan_steps=doc.plan.steps,
+                      seed_given=seed_given)
+        res = _main(q, monkeypatch, capsys, "--samples", path, "--workdir", tmp_path / f"w{seed_given}",
+                    "--epochs", 0.2, "--json", tmp_path / f"{seed_given}.json")
+        out = json.loads((tmp_path / f"{seed_given}.json").read_text())
+        if seed_given:
+            assert _verdict(res).endswith(": MET (seeded generator: its --seed voids the DP guarantee)")
+            assert out["seeded"] is True and out["synthetic"]["goal"].startswith("MET (seeded generator")
+        else:
+            assert _verdict(res).endswith(": MET") and out["seeded"] is False and out["synthetic"]["goal"] == "MET"
+        assert out["synthetic"]["samples_provenance"]["seed_given"] is seed_given   # as `dpdm eval` reports it
+
+
+def test_goal_verdict_is_met_from_equality_and_not_met_below(stubbed, tmp_path, monkeypatch, capsys):
+    # h88 F2: no test reached NOT MET, so an always-MET verdict passed every test.
+    q, _ = stubbed
+    judged = {"samples_private": True, "plan_mismatch": None, "n_samples": q.N_SAMPLES}
+    assert q.goal_verdict(judged, 0.95, 0.95) == "MET"
+    assert q.goal_verdict(judged, 0.96, 0.95) == "MET"
+    assert q.goal_verdict(judged, 0.9499, 0.95) == "NOT MET"
+    assert q.goal_verdict(judged, 0.9, 0.95, seeded_run=True) == "NOT MET (seeded run: --seed voids the DP guarantee)"
+    assert q.goal_verdict(judged, 0.99, None) == "NOT JUDGED HERE (--skip-baseline)"
+    assert q.goal_verdict({**judged, "samples_private": False}, 0.99, 0.5).startswith("NOT APPLICABLE")
+    # End to end: the stubbed synthetic CNN scores 0.97; the DP-SGD CNN above, equal, below it.
+    for dp, want in ((0.98, "NOT MET"), (0.97, "MET"), (0.5, "MET")):
+        monkeypatch.setattr(q, "dp_classifier_baseline", lambda doc, dp=dp, **kw: {
+            "test_accuracy": dp, "lr": 2e-3, "seconds": 1.0, "seed": "secret"})
+        res = _main(q, monkeypatch, capsys, "--workdir", tmp_path / f"w{dp}", "--epochs", 0.2,
+                    "--json", tmp_path / f"{dp}.json")
+        assert _verdict(res).endswith(f"(goal: synthetic >= DP-SGD): {want}"), res.out
+        assert json.loads((tmp_path / f"{dp}.json").read_text())["synthetic"]["goal"] == want
+
+
+def test_public_pretrain_judges_the_goal_like_for_like(stubbed, tmp_path, monkeypatch, capsys):
+    # h88 F4: with --public-pretrain the DP-SGD CNN is warm-started; the verdict set the cold synthetic CNN
+    # against it while the like-for-like line below said the opposite.
+    q, _ = stubbed
+    doc = q.default_plan(epochs=0.2)
+    _fake_samples(tmp_path / "s.npz", digest=doc.digest, steps_done=doc.plan.steps, plan_steps=doc.plan.steps)
+    for cold, warm, want in ((0.90, 0.97, "MET"), (0.97, 0.90, "NOT MET")):
+        monkeypatch.setattr(q, "evaluate_synthetic", lambda *a, cold=cold, **kw: {
+            "classifiers": {"cnn": {"test_accuracy": cold}}, "n_samples": q.N_SAMPLES})
+        monkeypatch.setattr(q, "synthetic_cnn_public_init", lambda *a, warm=warm, **kw: {
+            "test_accuracy": warm, "public_pretrain": {"dataset": "digits28", "test_accuracy": 0.6}})
+        res = _main(q, monkeypatch, capsys, "--samples", tmp_path / "s.npz", "--workdir", tmp_path / f"w{cold}",
+                    "--epochs", 0.2, "--public-pretrain", "digits28", "--json", tmp_path / f"{cold}.json")
+        verdict = _verdict(res)   # one judged line: the like-for-like pair's
+        assert verdict.startswith("like for like") and f"synthetic CNN {warm:.4f}" in verdict, verdict
+        assert verdict.endswith(f"(goal: synthetic >= DP-SGD): {want}"), verdict
+        out = json.loads((tmp_path / f"{cold}.json").read_text())
+        assert out["synthetic"]["goal"] == want and out["synthetic"]["goal_compares"] == "synthetic_public_init"
 
 
 def test_plan_excludes_the_options_that_shape_the_default_plan(stubbed, tmp_path, monkeypatch, capsys):
