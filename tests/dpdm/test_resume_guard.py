@@ -12,37 +12,13 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
-import accounting
 import dpdm.train as T
 from dpdm import checkpoint as ckpt
 from dpdm.train import CHECKPOINT_NAME, TrainConfig, TrainError, train
+from tests.dpdm.test_train import CFG, Stop, stop_at, tiny_data, tiny_plan
 
-CFG = dict(model="small", checkpoint_every=2, log_every=1, seed=3)
 KEPT = (CHECKPOINT_NAME, "metrics.csv", "config.json", "plan.json")   # what the first trainer wrote
-
-
-def tiny_data(n=24, classes=3, res=8):
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(n, 1, res, res, generator=g) * 2 - 1, torch.arange(n) % classes, classes
-
-
-def tiny_plan(steps=6):
-    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=steps, noise_multiplier=1.0, clip_norm=1.0,
-                                  noise_multiplicity=2, delta=1e-5, dataset_name="tiny")
-    return accounting.make_plan_document(plan)
-
-
-class Stop(Exception):
-    pass
-
-
-def stop_at(n):
-    def callback(steps_done):
-        if steps_done == n:
-            raise Stop
-    return callback
 
 
 def first_trainer_wins_the_race(monkeypatch, first):
