@@ -158,9 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
     except Exception as e:
-        if _launch_refusal(e):   # a torchrun rank with no GPU of its own: an input mistake, before any work
-            click.echo(f"{prog}: error: {_one_line(str(e))}", err=True)
-            return EXIT_BAD_INPUT
         # The machine, not dpdm: out of memory, a full disk or quota. One line (no traceback); the atomic writes
         # have left every file written before as it was.
         if _out_of_memory(e):
@@ -178,13 +175,6 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_RUNTIME
         return _internal_error(prog, e)  # a bug or an environment failure: never exit 1, which means "audit FAIL"
     return int(rv or 0)
-
-
-def _launch_refusal(e: BaseException) -> bool:
-    """Whether `e` is dpdm.distributed's LaunchError. Looked up only where a command imported that module, so
-    that `import cli` stays free of torch."""
-    launch_error = getattr(sys.modules.get("dpdm.distributed"), "LaunchError", None)
-    return launch_error is not None and isinstance(e, launch_error)
 
 
 def _stderr_is_a_terminal() -> bool:

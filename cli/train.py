@@ -159,7 +159,8 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
     from dpdm import distributed
 
     device = resolve_device(device)
-    problem = distributed.launch_problem()   # a stray WORLD_SIZE or RANK, a bad DPDM_DIST_TIMEOUT: before any work
+    problem = distributed.launch_problem(device)   # a stray WORLD_SIZE or RANK, a bad DPDM_DIST_TIMEOUT, a rank
+    # without a GPU of its own: before any work
     if problem:
         raise BadInput(problem)
     if distributed.launched_by_torchrun():
@@ -230,7 +231,7 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
     one recorded by an older dpdm means the file from the folder the run was started in, and is refused where
     that file is not found (h83 F3)."""
     from dpdm import checkpoint as ckpt
-    from dpdm.datasets import is_path_dataset
+    from dpdm.datasets import dataset_path, is_path_dataset
 
     path = os.path.join(out_dir, "checkpoint.pt")
     if not os.path.isfile(path):
@@ -259,11 +260,11 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
         run["trainable"] = tuple(run["trainable"])
     recorded = run.get("dataset")
     if recorded is None or (isinstance(recorded, str) and is_path_dataset(recorded)
-                            and not os.path.exists(os.path.expanduser(recorded.split(":", 1)[1]))):
+                            and not os.path.exists(dataset_path(recorded))):
         run.pop("dataset", None)   # no name (a library run), or moved away: the plan's, as before
     recorded = run.get("subspace_data")
     if isinstance(recorded, str) and is_path_dataset(recorded):
-        typed = os.path.expanduser(recorded.split(":", 1)[1])
+        typed = dataset_path(recorded)
         if not os.path.isabs(typed) and not os.path.exists(typed):
             # Recorded as typed by a dpdm before stop 46 (it records the absolute path now): relative to the
             # folder the run was started in. Resumed there, the run records the absolute path.

@@ -184,6 +184,11 @@ def is_path_dataset(name: str) -> bool:
     return name.startswith(("folder:", "npz:"))
 
 
+def dataset_path(name: str) -> str:
+    """The file or folder an "npz:PATH" or "folder:PATH" dataset names, with ~ expanded (relative as given)."""
+    return os.path.expanduser(name.split(":", 1)[1])
+
+
 def label_numbers(names: Sequence[str]) -> list[int] | None:
     """The label each class name stands for where all are decimal numbers (``"7"``, ``"07"``), distinct; else
     None: how class folders are matched to data that numbers its classes (``npz:``, the built-in datasets)."""

@@ -37,7 +37,7 @@ import accounting
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
-from dpdm.datasets import (absolute_dataset_name, image_digests, is_path_dataset, near_copy_problem,
+from dpdm.datasets import (absolute_dataset_name, dataset_path, image_digests, is_path_dataset, near_copy_problem,
                            shared_images)
 from dpdm.data import PoissonSampler
 from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
@@ -1372,7 +1372,7 @@ def _other_data_advice(trained: str | None, dataset_name: str | None, plan_datas
                  else f"; the plan names {plan_dataset!r}")
         return (f" ({trained!r}, which held them, now holds others: resume with --dataset naming the data the run "
                 f"was trained on{named})")
-    if is_path_dataset(trained) and not os.path.exists(os.path.expanduser(trained.split(":", 1)[1])):
+    if is_path_dataset(trained) and not os.path.exists(dataset_path(trained)):
         return f" ({trained!r}, which no longer exists: resume with --dataset naming that data where it lies now)"
     return f" ({trained!r}; resume without --dataset, or with that one)"
 

@@ -37,18 +37,23 @@ def test_unit_signal_is_unbiased_where_the_plain_norm_is_not(load_benchmark):
     assert sum(plain) / trials > 0.25 + 0.05                    # ||mean||^2 is biased up by (1 - 0.25) / B
 
 
+def _tiny_run(run, *, n, classes, batch, steps, K, **config):
+    """A v-preconditioned `small` run of `steps` on n random 8x8 images; returns the images and labels."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    y = torch.arange(n) % classes
+    plan = accounting.PrivacyPlan(dataset_size=n, batch_size=batch, steps=steps, noise_multiplier=1.0, clip_norm=1.0,
+                                  noise_multiplicity=K, delta=1e-5, dataset_name="tiny")
+    train(accounting.make_plan_document(plan), x, y, classes, run,
+          TrainConfig(model="small", precond="v", seed=1, **config), progress=False)
+    return x, y
+
+
 @pytest.mark.slow
 def test_measure_on_a_tiny_run(tmp_path, load_benchmark):
     gs = load_benchmark("grad_signal")
-    g = torch.Generator().manual_seed(0)
-    n, classes = 24, 3
-    x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
-    y = torch.arange(n) % classes
-    plan = accounting.PrivacyPlan(dataset_size=n, batch_size=6, steps=3, noise_multiplier=1.0, clip_norm=1.0,
-                                  noise_multiplicity=2, delta=1e-5, dataset_name="tiny")
-    doc = accounting.make_plan_document(plan)
-    run = tmp_path / "run"
-    train(doc, x, y, classes, run, TrainConfig(model="small", precond="v", seed=1), progress=False)
+    classes, run = 3, tmp_path / "run"
+    x, y = _tiny_run(run, n=24, classes=classes, batch=6, steps=3, K=2)
     res = gs.measure(run / CHECKPOINT_NAME, Ks=(1, 2), batch=6, reps=2, by_sigma=True,
                      data=ImageData(x, y, classes, "tiny"), clip_norms=(1e-6, 1.0, 1e6))
     assert set(res["by_K"]) == {"1", "2"}
@@ -79,15 +84,8 @@ def test_measure_clips_and_noises_only_the_trainable_parameters_of_the_run(tmp_p
     import json
 
     gs = load_benchmark("grad_signal")
-    g = torch.Generator().manual_seed(0)
-    n, classes = 8, 2
-    x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
-    y = torch.arange(n) % classes
-    plan = accounting.PrivacyPlan(dataset_size=n, batch_size=4, steps=1, noise_multiplier=1.0, clip_norm=1.0,
-                                  noise_multiplicity=1, delta=1e-5, dataset_name="tiny")
-    run = tmp_path / "run"
-    train(accounting.make_plan_document(plan), x, y, classes, run,
-          TrainConfig(model="small", precond="v", seed=1, trainable=("net.conv_out*",)), progress=False)
+    classes, run = 2, tmp_path / "run"
+    x, y = _tiny_run(run, n=8, classes=classes, batch=4, steps=1, K=1, trainable=("net.conv_out*",))
     trained = json.loads((run / "config.json").read_text())["trained_parameters"]
     res = gs.measure(run / CHECKPOINT_NAME, Ks=(1,), batch=4, reps=1, data=ImageData(x, y, classes, "tiny"))
     assert res["params"] == trained < 1000

@@ -8,12 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import accounting
 from cli.main import main
 from dpdm import checkpoint as ckpt
+from tests.cli.test_train_sample import write_tiny_data_and_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_LINE = "dpdm: terminated (SIGTERM); files written before are kept; a training run continues with --resume"
@@ -24,12 +24,8 @@ def test_sigterm_ends_a_training_run_with_one_line_and_a_whole_checkpoint(tmp_pa
     line, with --json nothing on stdout either (h83, stop 46). It now raises where Ctrl-C would, so the writes in
     flight are abandoned whole, and the run says so in one line, exit 143. A real process and a real signal, once
     the checkpoint of step 2 is on disk; the plan is far longer than the test waits."""
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "data.npz", x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8),
-             y=(np.arange(24) % 3).astype(np.int64), num_classes=3)
-    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=1000, noise_multiplier=2.0,
-                                  noise_multiplicity=2, delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
-    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
+    write_tiny_data_and_plan(tmp_path, steps=1000)
+    plan = accounting.load_plan(tmp_path / "plan.json").plan
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     run = tmp_path / "run"

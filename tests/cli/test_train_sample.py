@@ -29,17 +29,25 @@ def run_cli(args, capsys):
 
 @pytest.fixture()
 def tiny(tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
-    y = (np.arange(24) % 3).astype(np.int64)
-    np.savez(tmp_path / "data.npz", x=x, y=y, num_classes=3)
+    x, y = write_tiny_data_and_plan(tmp_path, steps=4)
     held_out = np.random.default_rng(1).integers(0, 256, size=(12, 1, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "test.npz", x=held_out, y=y[:12], num_classes=3)   # no training image: eval refuses those
     np.savez(tmp_path / "other.npz", x=np.concatenate([x, x[:1]]), y=np.concatenate([y, y[:1]]), num_classes=3)
-    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=4, noise_multiplier=2.0,
-                                  noise_multiplicity=2, delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
-    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
     return tmp_path
+
+
+def write_tiny_data_and_plan(d, *, steps, noise_multiplicity=2):
+    """24 random 8x8 images of 3 classes as d/data.npz and a plan of them (expected batch 6, noise multiplier 2) as
+    d/plan.json; returns the images and labels."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
+    y = (np.arange(24) % 3).astype(np.int64)
+    np.savez(d / "data.npz", x=x, y=y, num_classes=3)
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=steps, noise_multiplier=2.0,
+                                  noise_multiplicity=noise_multiplicity, delta=1e-5,
+                                  dataset_name=f"npz:{d / 'data.npz'}")
+    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")
+    return x, y
 
 
 def _train_args(d, out, *extra):
@@ -1217,12 +1225,7 @@ def test_a_private_run_with_a_given_seed_says_so_on_its_last_line(tiny, capsys, 
 def nodp_run(tmp_path_factory):
     """A --no-dp run of 2 steps on 24 8x8 images of 3 classes."""
     d = tmp_path_factory.mktemp("nodp_run")
-    rng = np.random.default_rng(0)
-    np.savez(d / "data.npz", x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8),
-             y=(np.arange(24) % 3).astype(np.int64), num_classes=3)
-    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=2.0,
-                                  noise_multiplicity=1, delta=1e-5, dataset_name=f"npz:{d / 'data.npz'}")
-    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")
+    write_tiny_data_and_plan(d, steps=2, noise_multiplicity=1)
     assert main(["train", "--plan", str(d / "plan.json"), "--out", str(d / "run"), "--device", "cpu", "--quiet",
                  "--checkpoint-every", "2", "--no-dp"]) == 0
     return d / "run"
