@@ -587,7 +587,7 @@ def per_sample_grads(
             as usual) and that example's tensors, each with a leading dim of 1. Randomness (noise
             draws, label drops) should be drawn outside and passed in as batch tensors.
         *batch: tensors with the examples along dim 0 (any dtypes; integer labels allowed).
-        chunk_size: examples computed at once by vmap (memory knob; same result).
+        chunk_size: examples computed at once by vmap (memory knob; the same result up to float rounding).
         per_layer_rules: True (default): conv2d, group_norm and silu go through the engine's
             hand-written vmap rules; False: plain vmap(grad). The same numbers (to rounding); the rules
             use less memory and time at CPU sizes, but cost Python time per chunk (speed knob).
@@ -649,7 +649,8 @@ def clipped_grad_sum(
     """Sum over the examples of the flat-clipped per-example gradients (no noise, not divided).
 
     The batch is processed in physical chunks of `chunk_size` examples whose clipped sums
-    accumulate (memory ~ chunk_size per-example gradients); the result does not depend on it.
+    accumulate (memory ~ chunk_size per-example gradients); the result is the same up to float rounding
+    (the sum's order changes), so runs that differ only in it are not bitwise identical.
 
     Args:
         clip_norm: C > 0; each example's whole gradient is scaled by min(1, C / (||g_i|| (1 + 8 eps) + 1e-6)).

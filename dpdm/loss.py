@@ -106,7 +106,8 @@ class EDMLoss(_KLoss):
 
 class VLoss(_KLoss):
     """v-prediction loss (DPDM `VLoss`): t ~ U[t(logsnr_max), t(logsnr_min)], sigma = tan(pi t / 2),
-    w = (sigma^2 + 1) / sigma^2, with t(lambda) = (2/pi) arccos(1 / sqrt(1 + exp(-lambda)))."""
+    w = (sigma^2 + 1) / sigma^2, with t(lambda) = (2/pi) arccos(1 / sqrt(1 + exp(-lambda)))
+    = (2/pi) arctan(exp(-lambda / 2)), the inverse of sigma = exp(-lambda / 2)."""
 
     def __init__(
         self,
@@ -129,7 +130,12 @@ class VLoss(_KLoss):
 
     @staticmethod
     def t_of_logsnr(logsnr: float) -> float:
-        return 2 / math.pi * math.acos(1 / math.sqrt(1 + math.exp(-logsnr)))
+        # The arctan form, not DPDM's arccos(1 / sqrt(1 + e^-lambda)): at a high log-SNR that argument
+        # rounds to 1 and t to 0 (sigma 0, an infinite weight) for any sigma_min <= 1e-8. For lambda < 0
+        # use arctan(x) = pi/2 - arctan(1/x), so that exp never overflows.
+        if logsnr >= 0:
+            return 2 / math.pi * math.atan(math.exp(-logsnr / 2))
+        return 1 - 2 / math.pi * math.atan(math.exp(logsnr / 2))
 
     def draw_sigma(self, shape, *, generator, device, dtype):
         u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)

@@ -40,6 +40,9 @@ def test_each_steps_labels_and_noise_replay_from_the_diffusion_stream(tmp_path, 
         s_exp, n_exp = loss_obj.draw(len(idx), plan.noise_multiplicity, (1, 8, 8), generator=gen, device="cpu")
         assert torch.equal(yb, y_exp), (step, yb, y_exp)
         assert torch.equal(sigma, s_exp) and torch.equal(noise, n_exp), step
+        # h92 F1: each example's K = 2 draws are its own; the replay above would replay a shared draw faithfully.
+        assert sigma.shape == (len(idx), 2) and (sigma[:, 0] != sigma[:, 1]).all(), step
+        assert (noise[:, 0] != noise[:, 1]).flatten(1).any(1).all(), step
         dropped += int((y_exp == c).sum())
         kept += int((y_exp != c).sum())
     assert cfg.label_dropout == 0.1 and dropped > 0 and kept > dropped   # the replay exercised both outcomes
