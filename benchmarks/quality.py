@@ -98,6 +98,8 @@ samples (or more) of a finished run of this very plan (their meta_plan_digest an
 smaller --samples file, another plan's samples) are NOT JUDGED. The JSON holds the verdict under "goal", and
 under "goal_compares" the key of the synthetic CNN it judged. Samples whose generator was trained with a given
 --seed (their meta_seed_given, as `dpdm eval` reads it) are marked as a seeded run is, even without --seed here.
+Samples whose generator was warm-started on public data (their meta_init_dataset) are NOT JUDGED unless
+--public-pretrain warm-starts the DP-SGD CNN on the same data.
 """
 from __future__ import annotations
 
@@ -560,19 +562,30 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
     return out
 
 
-def goal_verdict(syn: dict, synthetic_cnn: float, dp_cnn: float | None, *, seeded_run: bool = False) -> str:
+def goal_verdict(syn: dict, synthetic_cnn: float, dp_cnn: float | None, *, seeded_run: bool = False,
+                 public: str | None = None) -> str:
     """The issue's goal on one evaluation `syn` (evaluate_synthetic's figures with samples_private, plan_mismatch
     and, where read, samples_provenance): "MET" when the synthetic CNN's test accuracy `synthetic_cnn` reaches
     the DP-SGD CNN's `dp_cnn` (None: not trained in this process), "NOT MET" below it; NOT APPLICABLE / NOT
-    JUDGED where the samples are not a private, finished run of the plan at the protocol's size. A seeded
-    generator (its samples say so) or this process's --seed (`seeded_run`) is named on a judged verdict:
-    whoever knows the seed can replay the run, so the figures carry no DP guarantee."""
+    JUDGED where the samples are not a private, finished run of the plan at the protocol's size, or where their
+    generator was warm-started on public data (their init_dataset) that the DP-SGD CNN, warm-started on `public`
+    (--public-pretrain; None: cold), was not: the warm start alone lifted the synthetic CNN from 85.5% to 92.0%,
+    and the fair comparison warm-starts both sides on the same data (dpdm/baseline.py). A seeded generator (its
+    samples say so) or this process's --seed (`seeded_run`) is named on a judged verdict: whoever knows the seed
+    can replay the run, so the figures carry no DP guarantee."""
+    from dpdm.datasets import public_init_name
+
     if syn["samples_private"] is not True:
         return "NOT APPLICABLE: the samples are NON-PRIVATE (or do not say)"
     if syn.get("plan_mismatch"):
         return f"NOT JUDGED: {syn['plan_mismatch']}"
     if syn["n_samples"] < N_SAMPLES:   # --n 20 or a small --samples file: the issue's protocol takes 10,000
         return f"NOT JUDGED: {syn['n_samples']:,} samples, the protocol takes {N_SAMPLES:,}"
+    init = (syn.get("samples_provenance") or {}).get("init_dataset")
+    if init is not None and public_init_name(public) != init:   # samples name a path by its file name alone
+        dp_side = "was not" if public is None else f"was warm-started on {public}"
+        return (f"NOT JUDGED: the generator was warm-started on public {init}, the DP-SGD CNN {dp_side} "
+                f"(give --public-pretrain {init})")
     if dp_cnn is None:
         return "NOT JUDGED HERE (--skip-baseline)"
     verdict = "MET" if synthetic_cnn >= dp_cnn else "NOT MET"
@@ -771,7 +784,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"warm-started DP-SGD CNN {dp_acc:.4f}")
             syn["goal_compares"] = f"{key}_public_init"
             verdict = goal_verdict(syn, warm["test_accuracy"], None if b is None else dp_acc,
-                                   seeded_run=args.seed is not None)
+                                   seeded_run=args.seed is not None, public=args.public_pretrain)
             pre = (warm.get("public_pretrain") or {}).get("test_accuracy")
             alone = "" if pre is None else f" (public data alone {pre:.4f})"
             print(f"like for like, both CNNs first trained on public {args.public_pretrain}: synthetic CNN "
@@ -780,7 +793,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             syn["goal_compares"] = key
             verdict = goal_verdict(syn, acc.get("cnn", 0), None if b is None else dp_acc,
-                                   seeded_run=args.seed is not None)
+                                   seeded_run=args.seed is not None, public=args.public_pretrain)
             print(f"synthetic CNN on {syn['n_samples']} images {acc.get('cnn', float('nan')):.4f} vs DP-SGD CNN "
                   f"{dp_acc:.4f} (goal: synthetic >= DP-SGD): {verdict}")
         syn["goal"] = verdict   # in the JSON too, so that a reader of the figures alone gets the same verdict

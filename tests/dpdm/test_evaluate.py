@@ -812,3 +812,44 @@ def test_default_cache_dir_treats_an_empty_dpdm_cache_as_unset(monkeypatch, tmp_
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "dpdm"
     monkeypatch.setenv("DPDM_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"
+
+
+def test_label_counts_problem_names_a_missing_class_or_one_far_from_its_share():
+    """h90 F5: a class-collapsed set scored a higher recall than a balanced one, and eval said nothing. The
+    counts are compared with uniform: a missing class, or one under half / over twice its share by more than 4
+    standard deviations of a uniform draw."""
+    from dpdm.evaluate import label_counts_problem
+
+    assert label_counts_problem([1000] * 10) is None
+    assert label_counts_problem([5421, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]) is None   # MNIST's
+    assert label_counts_problem([9, 2, 7, 5, 3, 6, 4, 8, 1, 5]) is None   # 50 samples: chance, not collapse
+    assert label_counts_problem([40, 40, 40, 0, 40]) == "1 of the 5 classes has no sample (class 3)"
+    assert label_counts_problem([0, 5, 0, 5]) == "2 of the 4 classes have no sample (classes 0, 2)"
+    assert label_counts_problem([360] + [4] * 9) == ("the label counts are far from uniform: class 0 holds 360 of "
+                                                     "the 396 samples, against a uniform share of 39.6")
+    assert label_counts_problem([178] + [6] * 9) is not None      # 77% one class, n = 232
+    assert label_counts_problem([5]) is None and label_counts_problem([0, 0]) is None
+
+
+def test_samples_near_train_counts_disguised_copies_of_training_images(digits, tmp_path):
+    """h90 F4: `dpdm eval` counted only byte-exact copies of training images; brightened, noised or shifted ones
+    passed unremarked. Images under 16 pixels a side are left to the exact count (None)."""
+    from dpdm.evaluate import NON_PRIVATE_KEY, samples_near_train
+
+    d = load_dataset("mnist5k", "train")
+    t = load_dataset("mnist5k", "test")
+    perm = torch.randperm(len(d), generator=torch.Generator().manual_seed(0))[:400]
+    train = ImageData(d.x[perm], d.y[perm], 10, "mnist-400")
+    ink = train.x[:10] > -1
+    bright = torch.where(ink, (train.x[:10] + 2 / 255).clamp(max=1), train.x[:10])   # one grey level up
+    moved = torch.roll(train.x[10:20], 1, dims=-1)
+    samples = ImageData(torch.cat([t.x[:30], bright, moved, train.x[20:22]]),
+                        torch.cat([t.y[:30], train.y[:22]]), 10, "samples")
+    assert samples_near_train(samples, train) == 22   # 20 disguised and 2 exact copies; none of the test images
+    assert samples_near_train(ImageData(t.x[:30], t.y[:30], 10, "held-out"), train) == 0
+    small_train, small_test = digits
+    assert samples_near_train(small_test, small_train) is None
+    report = evaluate_samples(samples, train, None, classifiers=(), reference_epochs=1, cache_dir=tmp_path)
+    assert report["samples_in_train"] == 2 and report["samples_near_train"] == 22
+    assert "samples_near_train" in report[NON_PRIVATE_KEY]
+    assert report["samples_label_counts"] == samples.y.bincount(minlength=10).tolist()
