@@ -586,7 +586,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    # The temp name starts with the file's name cut to 100 bytes (whole characters): in full, a legal name of
+    # 243 to 255 bytes made the temp name too long (ENAMETOOLONG after the work; h89 F1's case, stop 47).
+    prefix = os.path.basename(path)
+    while len(os.fsencode(prefix)) > 100:
+        prefix = prefix[:-1]
+    fd, tmp = tempfile.mkstemp(prefix=f".{prefix}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())

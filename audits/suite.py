@@ -295,7 +295,7 @@ def run_audit(
 
     import accounting
     from dpdm.checkpoint import seed_given
-    from dpdm.datasets import load_dataset
+    from dpdm.datasets import has_test_split, load_dataset
 
     t_start = time.perf_counter()
     try:
@@ -358,6 +358,11 @@ def run_audit(
                              f"{num_classes} classes")
         pool_x = pool_y = None
         if cfg.canary_kind == "mislabelled":
+            if not has_test_split(name):
+                # A path dataset is one split: its "test" split is the training data the background is drawn
+                # from, so the canaries would not be the held-out images `canary_audit` promises (h91 F5).
+                raise ValueError(f"canary_kind='mislabelled' draws its canaries from held-out images, and "
+                                 f"dataset={name!r} has no held-out split; use canary_kind='ood'")
             held = load_dataset(name, "test", data_root=data_root, download_option=False)
             pool_x, pool_y = held.x, held.y
     except AuditInputError:

@@ -152,16 +152,35 @@ def warn_inferred_classes(name: str, data) -> None:
              "(their largest + 1) and the model reveals it; store num_classes in the npz to fix it publicly")
 
 
+def warn_empty_classes(name: str, data) -> None:
+    """Labelled training data with classes that have no image (an npz labelled {3, 7} has 8 classes, 6 of them
+    empty): the model learns nothing of them, and `dpdm sample` draws every class evenly. Warned, not refused: a
+    class count fixed publicly (an npz's num_classes, README "The number of classes is public too") may hold
+    classes the private data lacks. Said to the data's owner only, as the class count line is."""
+    if data.y is None or not data.num_classes:
+        return
+    from dpdm.train import empty_classes
+
+    empty = empty_classes(data.y, data.num_classes)
+    if not empty:
+        return
+    shown = ", ".join(map(str, empty[:12])) + (", ..." if len(empty) > 12 else "")
+    warn(f"--dataset={name!r}: {len(empty)} of its {data.num_classes} classes have no image (label"
+         f"{'s' if len(empty) > 1 else ''} {shown}); the model learns nothing of them, yet `dpdm sample` draws every "
+         f"class evenly, so {len(empty)}/{data.num_classes} of its samples would be of unseen classes; remap the "
+         f"labels to 0..{data.num_classes - len(empty) - 1}, unless the class count is fixed publicly")
+
+
 def warn_dataset_not_plans(dataset: str | None, plan_dataset: str | None, what: str) -> None:
     """`--dataset` given as another dataset than the plan names: the guarantee holds for any data of the plan's
     size, but the plan (public, in every release file) names its own. `what`: who records the data ("the run").
 
-    The names are compared as dpdm.train compares them for the run's "plan_names_data" (`absolute_dataset_name`,
-    from the working folder): the plan's own file, given by another path (absolute, ./, a trailing slash), is
+    The names are compared as dpdm.train compares them for the run's "plan_names_data" (`same_dataset`, from the
+    working folder): the plan's own file, given by another path (absolute, ./, a trailing slash, a link), is
     no other dataset."""
-    from dpdm.datasets import absolute_dataset_name
+    from dpdm.datasets import same_dataset
 
-    if dataset and plan_dataset and absolute_dataset_name(dataset) != absolute_dataset_name(plan_dataset):
+    if dataset and plan_dataset and not same_dataset(dataset, plan_dataset):
         warn(f"--dataset={dataset!r}, but the plan was made for {plan_dataset!r}; its guarantee holds for any data "
              f"of its size, and {what} records the data it trained on")
 
@@ -227,7 +246,9 @@ def load_public_data(option: str, public_name: str, private_name: str, *, data_r
 
 
 def load_training_data(name: str, *, data_root, download: bool, option: str = "--dataset"):
-    """The training split of `name`, or one `OPTION=...` error line."""
+    """The training split of `name`, or one `OPTION=...` error line; out of memory while loading it, one runtime
+    failure line (exit 4) that says so: cli.main's generic line advised a smaller --physical-batch, which does
+    not change the float32 copy of every image made here (h91, stop 47)."""
     from cli.errors import BadInput
     from dpdm.datasets import load_dataset
 
@@ -235,6 +256,25 @@ def load_training_data(name: str, *, data_root, download: bool, option: str = "-
         return load_dataset(name, "train", data_root=data_root, download=download)
     except (ValueError, OSError) as e:  # DataError is a ValueError
         raise BadInput(f"{option}={name!r}: {e}") from None
+    except (MemoryError, RuntimeError) as e:
+        from cli.main import _out_of_memory
+
+        if not _out_of_memory(e):
+            raise
+        raise _loading_out_of_memory(option, name, e) from None
+
+
+def _loading_out_of_memory(option: str, name: str, e: BaseException):
+    """The exit-4 line of data too large for memory: dpdm holds every image as float32 (4 bytes a pixel value)."""
+    import re
+
+    from cli.errors import runtime_failure
+
+    asked = re.search(r"[Tt]ried to allocate (\d+) bytes", str(e))
+    size = f" (tried to allocate {int(asked.group(1)) / 2**30:.1f} GiB)" if asked else ""
+    return runtime_failure(f"out of memory on the machine while loading {option}={name!r}{size}: dpdm holds all of "
+                           "its images in memory as float32, 4 bytes a pixel value (no batch size changes that); "
+                           "use a machine with more memory or fewer images; nothing was written")
 
 
 def check_augment_shift(shift: int, data) -> None:

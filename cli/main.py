@@ -167,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             click.echo(f"{prog}: runtime failure: no space left on the device ({_one_line(str(e))}); files "
                        "written before are kept", err=True)
             return EXIT_RUNTIME
-        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM):
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.EFBIG,
+                                                  errno.ENAMETOOLONG):
             # A folder that turned read-only (a remount after disk errors), an I/O error, permissions taken away
-            # mid-command: the machine again. Inputs are checked for these before any work; this is the rest.
+            # mid-command, a file-size limit (`ulimit -f`, a scheduler's): the machine again. Inputs are checked
+            # for these (and names for NAME_MAX) before any work; this is the rest.
             click.echo(f"{prog}: runtime failure: {_one_line(str(e))} ({errno.errorcode[e.errno]}); files written "
                        "before are kept", err=True)
             return EXIT_RUNTIME

@@ -69,6 +69,9 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         raise BadInput(f"--sigma-min={sigma_min:g} must be below --sigma-max={sigma_max:g}")
     if guidance_interval is not None and not 0 <= guidance_interval[0] < guidance_interval[1]:
         raise BadInput(f"--guidance-interval {guidance_interval[0]:g} {guidance_interval[1]:g} must satisfy 0 <= LO < HI")
+    if guidance_interval is not None and guidance == 0:   # as the churn options need --sampler churn
+        raise BadInput(f"--guidance-interval {guidance_interval[0]:g} {guidance_interval[1]:g} applies only with "
+                       "--guidance > 0: without it no step is guided, and the interval would be recorded all the same")
     churn = {k: v for k, v in (("S_churn", s_churn), ("S_min", s_min), ("S_max", s_max), ("S_noise", s_noise))
              if v is not None}
     if churn and sampler != "churn":
@@ -101,16 +104,19 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
     from dpdm.checkpoint import SEED_GIVEN_NOTE
     from dpdm.sample import SampleError, SampleFailure, sample_checkpoint
 
+    notes: list[str] = []   # e.g. how many images are of classes the run had no training image of
     try:
         result = sample_checkpoint(path, n=n, sampler=sampler, sampler_steps=sampler_steps, guidance=guidance,
                                    guidance_interval=guidance_interval, sampler_kwargs=churn or None,
                                    sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, weights=weights, seed=seed,
                                    precision=precision, batch_size=batch_size, device=device, out_path=out_path, grid_path=grid_path,
-                                   force=force)
+                                   force=force, notes=notes)
     except SampleError as e:
         raise BadInput(str(e)) from None
     except SampleFailure as e:   # NaN/inf with the default sampler settings too: the weights, exit 4
         raise runtime_failure(str(e)) from None
+    for note in notes:
+        warn(note)
     if result["private"] and result["seed_given"]:
         warn(f"the model was {SEED_GIVEN_NOTE}; the samples record that (meta_seed_given)")
     if as_json:

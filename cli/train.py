@@ -7,7 +7,7 @@ import click
 
 from cli._common import (DatasetName, FiniteFloatRange, PathOption, emit_json, info, load_locked_plan, load_public_data,
                          load_training_data, plan_dataset_name, resolve_device, warn, warn_dataset_not_plans,
-                         warn_if_slow_bf16, warn_inferred, warn_known_seed)
+                         warn_empty_classes, warn_if_slow_bf16, warn_inferred, warn_known_seed)
 from cli.errors import BadInput, runtime_failure
 from dpdm.report_utils import epsilon_text
 
@@ -179,6 +179,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
                              subspace_every=subspace_every, subspace_examples=subspace_examples)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
                                dataset_name=name, resume=resume, progress=not quiet, public_data=public_data,
+                               class_names=data.class_names,
                                on_start=lambda notes: _warn_before_training(data, name, dataset_given, doc, no_dp,
                                                                             notes, None if resume else seed))
         ok = True
@@ -231,7 +232,7 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
     one recorded by an older dpdm means the file from the folder the run was started in, and is refused where
     that file is not found (h83 F3)."""
     from dpdm import checkpoint as ckpt
-    from dpdm.datasets import dataset_path, is_path_dataset
+    from dpdm.datasets import dataset_path, is_path_dataset, same_dataset
 
     path = os.path.join(out_dir, "checkpoint.pt")
     if not os.path.isfile(path):
@@ -282,8 +283,8 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
     for key, value in opts.items():
         if key not in run:
             continue
-        if key not in given:
-            out[key] = run[key]
+        if key not in given or key == "subspace_data" and same_dataset(value, run[key]):
+            out[key] = run[key]   # the run's own name for its public file, where the one given is a link to it
             continue
         if key in _RESUME_KEPT and _kept_value(key, value) != _kept_value(key, run[key]):
             raise BadInput(f"cannot resume with {_RESUME_KEPT[key]} {_shown(key, value)}: the run in {out_dir!r} was "
@@ -355,4 +356,5 @@ def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool
         warn(note)
     if not no_dp:
         warn_inferred(name, data)
+    warn_empty_classes(name, data)
     warn_dataset_not_plans(dataset, doc.plan.dataset_name, "the run")

@@ -9,6 +9,7 @@ epsilon spent so far).
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import math
 import os
@@ -62,23 +63,31 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 def temp_file_pattern(path: str | os.PathLike) -> str:
     """The glob of the temporary files `atomic_torch_save(obj, path)` writes beside `path` (a write killed midway
-    leaves one)."""
-    return f".{Path(path).name}.*.tmp"
+    leaves one): their names start as `report_utils.temp_name_prefix` cuts them."""
+    from dpdm.report_utils import temp_name_prefix
+
+    return f"{glob.escape(temp_name_prefix(path))}.*.tmp"
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save(obj)` to `path` through a temp file in the same folder, fsync and rename. The file
     is readable by its owner only (mkstemp's 0600): checkpoints hold the run's secret seed."""
     from accounting.plan import fsync_folder   # lazily: accounting imports the accountants
+    from dpdm.report_utils import temp_name_prefix
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{temp_name_prefix(path)}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             try:
                 torch.save(obj, f)
             except RuntimeError as e:   # torch's writer: "unexpected pos 2043776 vs 2043668" on a full disk
+                cause = e.__context__   # the write's own error, where Python's file object raised it
+                if isinstance(cause, OSError) and cause.errno is not None:
+                    # A quota (EDQUOT) or a file-size limit (EFBIG, `ulimit -f`) on a disk with room to spare
+                    # stayed torch's RuntimeError, a traceback: the OSError is what `dpdm` reports in one line.
+                    raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
                 if shutil.disk_usage(path.parent).free >= (1 << 20):
                     raise
                 raise OSError(errno.ENOSPC, f"cannot write {str(path)!r}: no space left on device "
@@ -157,12 +166,20 @@ def verify_release_ledger(state: dict[str, Any], what: str) -> Any:
 def verify_run_ledger(path: str | os.PathLike, state: dict[str, Any], *, missing: str) -> Any:
     """The plan document of the training checkpoint `state` read from `path`: the locked plan.json beside it (its
     run's, as `dpdm train` writes it), of the ledger's digest, against which its ledger re-accounts
-    (`verify_ledger`). CheckpointError otherwise, with `missing` where no plan.json lies beside it."""
+    (`verify_ledger`). CheckpointError otherwise, with `missing` where no plan.json lies beside a copied checkpoint;
+    in its run folder (beside the run's config.json), the line asks for the run's plan.json back, by its digest:
+    advice to sample or export "from the run folder" was what the user had done."""
     import accounting
+    from dpdm.report_utils import is_run_config
 
     path = Path(path)
     plan_path = path.parent / "plan.json"
     if not plan_path.exists():
+        if is_run_config(path.parent / "config.json"):
+            raise CheckpointError(f"the run folder {str(path.parent)!r} of checkpoint {str(path)!r} has lost its "
+                                  "plan.json, against which the checkpoint's epsilon is checked: put the run's "
+                                  "plan.json back (the locked plan it was trained under, whose \"digest\" is "
+                                  f"{str(state['ledger']['plan_digest'])[:19]}...)")
         raise CheckpointError(missing)
     try:
         doc = accounting.load_plan(plan_path)

@@ -46,12 +46,12 @@ Names
   (unlabelled). All images must share one size of at most `MAX_IMAGE_PIXELS` pixels and be 8-bit (modes
   1, L, LA, P, PA, RGB, RGBA, ...; 16-bit images of any colour type (PNG, TIFF, PPM/PGM) and float images are
   refused rather than clipped or cut to their high byte); at most `MAX_NUM_CLASSES` class folders. Any
-  grayscale-only folder loads as one channel, otherwise every image is converted to RGB. Names that start
-  with ``.`` (``.DS_Store``, macOS's ``._0.png``, ``.git/``) and files without an image suffix are
-  skipped; anything else the count would silently leave out is refused, naming it: an image-named entry
-  that is not a readable file (a broken link, a FIFO, a folder ``x.png``), an image in a subfolder of a
-  class folder, or an image beside the class folders (beside image-less subfolders only, such as
-  ``__MACOSX/``, the error names those).
+  grayscale-only folder loads as one channel, otherwise every image is converted to RGB. A file of several frames
+  (a multi-page TIFF, an animated PNG or GIF) is refused, naming it. Names that start with ``.`` (``.DS_Store``,
+  macOS's ``._0.png``, ``.git/``) and files without an image suffix are skipped; anything else the count would
+  silently leave out is refused, naming it: an image-named entry that is not a readable file (a broken link, a
+  FIFO, a folder ``x.png``), an image in a subfolder of a class folder, or an image beside the class folders
+  (beside image-less subfolders only, such as ``__MACOSX/``, the error names those).
 - ``npz:PATH``: arrays ``x`` (uint8, [N, H, W], [N, C, H, W] or [N, H, W, C] with C in {1, 3}) and
   optionally ``y`` (integers in [0, num_classes), shape [N]); an optional integer scalar ``num_classes``
   (>= 1, and only beside ``y``; without it, the label count is inferred as ``max(y) + 1``); either way at most
@@ -94,6 +94,7 @@ __all__ = [
     "near_copies",
     "near_copy_limit",
     "near_copy_problem",
+    "same_dataset",
     "to_uint8",
 ]
 
@@ -228,6 +229,23 @@ def absolute_dataset_name(name: str) -> str:
         prefix, path = name.split(":", 1)
         return f"{prefix}:{os.path.abspath(os.path.expanduser(path))}"
     return name
+
+
+def same_dataset(a: str | None, b: str | None) -> bool:
+    """Whether the dataset names `a` and `b` name the same data: alike as `absolute_dataset_name`s (from the working
+    folder), or two path datasets of one kind whose paths are the same file or folder however reached (a symbolic
+    or hard link, another spelling: `os.path.samefile`). The plan's own file given through a link is no other
+    dataset (stop 47, h91 F4)."""
+    if a is None or b is None:
+        return False
+    if absolute_dataset_name(a) == absolute_dataset_name(b):
+        return True
+    if not (is_path_dataset(a) and is_path_dataset(b)) or a.split(":", 1)[0] != b.split(":", 1)[0]:
+        return False
+    try:
+        return os.path.samefile(dataset_path(a), dataset_path(b))
+    except (OSError, ValueError):   # either is missing (or no path at all): only the names can tell
+        return False
 
 
 def public_init_name(name: str | None) -> str | None:
@@ -1052,6 +1070,11 @@ def _load_folder(root: Path, name: str) -> ImageData:
                     if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:   # the header's size, before decoding
                         raise DataError(f"{name}: image {str(f)!r} is {img.size[0]}x{img.size[1]}; images may "
                                         f"have at most {MAX_IMAGE_PIXELS} pixels (4096x4096)")
+                    frames = getattr(img, "n_frames", 1)
+                    if frames > 1:   # load() decodes the first frame only: the rest were left out of the count
+                        raise DataError(f"{name}: image {str(f)!r} holds {frames} frames (a multi-page TIFF, an "
+                                        f"animated PNG or GIF); dpdm reads one image per file: save each frame "
+                                        f"as its own file")
                     wide = _16_bit_kind(img)
                     if wide is not None and img.mode in _8BIT_MODES:
                         # Pillow opens a 16-bit colour or gray+alpha PNG or TIFF as RGB/RGBA, keeping each value's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -36,15 +37,22 @@ def grid_suffix_problem(path: str | os.PathLike) -> str | None:
 
 
 def output_parent_problem(path: str | os.PathLike) -> str | None:
-    """Why the folder of an output file can neither be used nor created (None when it can): the nearest
-    existing ancestor must be a folder this process may write into (a probe file is made there and
-    removed at once). Creates nothing."""
-    parent = Path(os.path.abspath(Path(path).expanduser())).parent
+    """Why the folder of an output file can neither be used nor created, or the file be named there (None when it
+    can): the nearest existing ancestor must be a folder this process may write into (a probe file is made there and
+    removed at once), and no name to be made below it may be longer than its file system takes (NAME_MAX: a name of
+    256 bytes failed only at the final rename, after `dpdm sample` had drawn every image). Creates nothing."""
+    target = Path(os.path.abspath(Path(path).expanduser()))
+    parent = target.parent
     probe = parent
-    while not probe.exists():
-        if probe.is_symlink():
+    while not os.path.exists(probe):   # False, not ENAMETOOLONG, for a name too long to look up
+        if os.path.islink(probe):
             return f"its folder {str(parent)!r} cannot be created ({str(probe)!r} is a broken link)"
         probe = probe.parent
+    limit = name_max(probe)
+    for part in target.relative_to(probe).parts:   # the names this write makes
+        if len(os.fsencode(part)) > limit:
+            return (f"the name {part[:24]!r}... is {len(os.fsencode(part))} bytes long, more than the {limit} "
+                    f"that {str(probe)!r} takes; choose a shorter one")
     if not probe.is_dir():
         if probe == parent:
             return f"{str(parent)!r} is not a folder"
@@ -64,6 +72,42 @@ def output_parent_problem(path: str | os.PathLike) -> str | None:
             return f"its folder {str(parent)!r} is not writable ({e.strerror or e})"
         return f"its folder {str(parent)!r} cannot be created ({str(probe)!r} takes no new files: {e.strerror or e})"
     return None
+
+
+# The most a temporary file's name adds to its target's (`temp_name_prefix`): ".{pid}.{token}.tmp.npz" (`temp_path`,
+# 28 characters at most) or mkstemp's ".XXXXXXXX.tmp" (`checkpoint.atomic_torch_save`).
+_TEMP_ROOM = 32
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name, in bytes, that the file system of `folder` (or of its nearest existing ancestor)
+    takes: os.pathconf's NAME_MAX, or Linux's 255 where it cannot say."""
+    folder = Path(os.path.abspath(folder))
+    while not os.path.isdir(folder) and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def temp_name_prefix(path: str | os.PathLike) -> str:
+    """The start of the names of the temporary files written beside `path` before they are renamed onto it: "."
+    and its name, cut to leave `_TEMP_ROOM` characters within NAME_MAX. The name in full took a legal name of 242
+    to 255 characters past NAME_MAX (ENAMETOOLONG after `dpdm sample` had drawn every image); the pid and a
+    random token that follow keep a cut one unique."""
+    path = Path(path)
+    prefix, limit = f".{path.name}", name_max(path.parent) - _TEMP_ROOM
+    while len(os.fsencode(prefix)) > limit:   # whole characters: a cut UTF-8 sequence is no name to show
+        prefix = prefix[:-1]
+    return prefix
+
+
+def temp_path(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """A new temporary file name beside `path` (`temp_name_prefix`, the pid, a random token, then `suffix`), for a
+    write that is renamed onto `path` once complete."""
+    path = Path(path)
+    return path.with_name(f"{temp_name_prefix(path)}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
 
 
 # Files `dpdm train` writes into a run folder: config.json (with the fingerprint of the private data), then
@@ -168,7 +212,7 @@ def save_marked_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
     mark = ({"pil_kwargs": {"comment": GRID_MARK}} if fmt in ("jpg", "jpeg") else
             {"metadata": {"Software" if fmt == "png" else "Creator": GRID_MARK}} if fmt in ("png", "pdf", "svg")
             else {})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         fig.savefig(tmp, format=fmt, **mark, **savefig_kwargs)
         os.replace(tmp, path)

@@ -106,7 +106,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                       sigma_min: float | None = None, sigma_max: float | None = None, rho: float = RHO,
                       sampler_kwargs: dict | None = None, precision: str = "fp32",
                       out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None,
-                      force: bool = False) -> dict[str, Any]:
+                      force: bool = False, notes: list[str] | None = None) -> dict[str, Any]:
     """Draws `n` images (balanced labels (seed + i) % num_classes) and writes them to `out_path` atomically.
 
     The npz holds ``x`` (uint8 [n, C, H, W]), ``y`` (int64 [n]) for a conditional model and no ``y`` for
@@ -120,6 +120,10 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     (`dpdm train --train-sigma`), so that the sampler does not ask the network about levels it never saw.
     precision: "fp32", or "bf16" (the network under bfloat16 autocast; `dpdm.sampling.PRECISIONS`).
     force: replace a samples file of a model of another plan (`check_outputs`).
+    notes: where given, warnings for the user are appended to it: how many of the images are of classes the run
+      had no training image of (a training checkpoint's "empty_classes"; drawn evenly all the same, since drawing
+      only the others would show in released samples which classes the private data lacks). Never in the npz
+      or the returned summary: it is a statistic of the private data.
 
     Raises:
       SampleError: bad options, a checkpoint that cannot be sampled from, outputs that would replace a file
@@ -129,7 +133,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         to NaN or inf (nothing written).
       SampleFailure: the network produced NaN or inf with the default sampler settings (nothing written).
     """
-    from dpdm.report_utils import epsilon_text, grid_suffix_problem
+    from dpdm.report_utils import epsilon_text, grid_suffix_problem, temp_path
     from dpdm.sampling import (MAX_S_NOISE, MAX_SEED, PRECISIONS, ImagesMemoryError, NonFiniteSamplesError,
                                ScheduleError, first_seed_fits, generate, get_sigmas_karras)
 
@@ -143,6 +147,9 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     grid_problem = grid_path and grid_suffix_problem(grid_path)
     if grid_problem:
         raise SampleError(f"grid path {str(grid_path)!r} {grid_problem}")
+    if guidance_interval is not None and guidance == 0:   # recorded, but no step guided
+        raise SampleError(f"guidance_interval={_option_text(tuple(guidance_interval))} (--guidance-interval) "
+                          "needs guidance > 0 (--guidance): without it no step is guided")
 
     D, state = load_denoiser(path, weights=weights, device=device)
     weights = state["weights"]   # None: the release file's own set
@@ -183,10 +190,21 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         problem = _churn_window_problem(sigmas, sampler_kwargs or {})
         if problem:
             raise SampleError(problem)
+    if guidance_interval is not None:
+        problem = _guidance_interval_problem(sigmas, guidance_interval, sampler, sampler_kwargs or {})
+        if problem:
+            raise SampleError(problem)
     num_classes = int(cfg["num_classes"])
     # Image i is image seed + i of one sequence, label included: a run split into files (advancing --seed by
     # each file's --n) draws the same images as one file (labels restarting at 0 in each file did not).
     labels = (seed % num_classes + torch.arange(n)) % num_classes if num_classes > 0 else None
+    empty = cfg.get("empty_classes") if labels is not None else None
+    if empty and notes is not None:
+        unseen = int(torch.isin(labels, torch.tensor(empty, dtype=labels.dtype)).sum())
+        shown = ", ".join(map(str, empty[:12])) + (", ..." if len(empty) > 12 else "")
+        notes.append(f"{unseen} of the {n} images are of classes the run had no training image of (label"
+                     f"{'s' if len(empty) > 1 else ''} {shown}; {len(empty)} of its {num_classes} classes), drawn "
+                     "evenly with the others: the model learned nothing of them; leave those images out (by their y)")
     try:
         with torch.no_grad():
             x, y = generate(D, n=n, labels=labels, seed=seed, sampler=sampler, sampler_steps=sampler_steps,
@@ -228,7 +246,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         "init_dataset": public_init_name((cfg.get("init") or {}).get("dataset")),   # no folders (release_config)
     }
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp.npz")
+    tmp = temp_path(out_path, ".tmp.npz")   # within NAME_MAX whatever the name's length (`temp_name_prefix`)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         labels_part = {} if y_np is None else {"y": y_np}
@@ -275,6 +293,26 @@ def _churn_window_problem(sigmas: torch.Tensor, churn: dict) -> str | None:
     return (f"{window}: none of the schedule's {len(levels)} noise levels ({levels[0]:g} down to {levels[-1]:g}; "
             f"nearest: {', '.join(nearest)}) lies in [{S_min:g}, {S_max:g}], so no step would churn and the samples "
             "would be Heun's, recorded as churn: widen the window, or use --sampler heun")
+
+
+def _guidance_interval_problem(sigmas: torch.Tensor, interval, sampler: str, churn: dict) -> str | None:
+    """Why guidance in `interval` (lo, hi] would guide no network call of `sampler` on the schedule `sigmas`, or
+    None. An interval between two noise levels (0.17 0.45 with levels 0.47 and 0.117) gave unguided samples,
+    recorded as guided; the levels are those the sampler evaluates (`sampling.network_levels`: churn's raised
+    sigma_hat, Heun's second call at sigma_next)."""
+    from dpdm.sampling import network_levels
+
+    lo, hi = (float(v) for v in interval)
+    levels = sorted(set(network_levels(sigmas, sampler, churn)), reverse=True)   # Heun's repeat sigma_{i+1}
+    if any(lo < v <= hi for v in levels):   # as `guided_denoise` compares them
+        return None
+    nearest = [f"{v:g} {side}" for v, side in ((min((v for v in levels if v > hi), default=None), "above"),
+                                               (max((v for v in levels if v <= lo), default=None), "below"))
+               if v is not None]
+    return (f"--guidance-interval {lo:g} {hi:g}: none of the {len(levels)} noise levels the {sampler} sampler "
+            f"evaluates ({max(levels):g} down to {min(levels):g}; nearest: {', '.join(nearest)}) lies in "
+            f"({lo:g}, {hi:g}], so no step would be guided and the samples would be unguided, recorded as guided: "
+            "widen the interval, or leave out --guidance and --guidance-interval for unguided samples")
 
 
 def _sigma_range_problem(sigma_min: float, sigma_max: float, *, given: dict, trained) -> str:

@@ -199,6 +199,37 @@ def churn_levels(sigmas: torch.Tensor, S_min: float, S_max: float) -> int:
     return sum(1 for sigma in sigmas[:-1] if S_min <= float(sigma) <= S_max)
 
 
+def _churn_gamma(sigma: torch.Tensor, N: int, S_churn: float, S_min: float, S_max: float,
+                 churn_limit: float) -> float:
+    """gamma_i of Algorithm 2 (Karras et al. 2022): min(S_churn / N, churn_limit) for sigma in [S_min, S_max],
+    else 0. One expression for the sampler and for `network_levels`, which must agree with it."""
+    return min(S_churn / N, churn_limit) if S_min <= float(sigma) <= S_max else 0.0
+
+
+def network_levels(sigmas: torch.Tensor, sampler: str = "euler", sampler_kwargs: dict | None = None) -> list[float]:
+    """The noise levels at which `SAMPLERS[sampler]` (with `sampler_kwargs`) calls the network on the schedule
+    `sigmas`, in order, computed as its loop computes them: sigma_i for euler; for heun and churn, sigma_hat_i (sigma_i
+    raised by the churn) and sigma_{i+1} (Heun's correction, not taken at the final 0). `guided_denoise` compares
+    these with a guidance interval."""
+    import inspect
+
+    _check_sigmas(sigmas)
+    if sampler == "euler":
+        return [float(sigma) for sigma in sigmas[:-1]]
+    kw = {k: p.default for k, p in inspect.signature(sample_churn).parameters.items()
+          if k in ("S_churn", "S_min", "S_max", "churn_limit")}
+    kw.update({k: v for k, v in (sampler_kwargs or {}).items() if k in kw})
+    if sampler == "heun":
+        kw["S_churn"] = 0.0
+    N, levels = len(sigmas) - 1, []
+    for i in range(N):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        levels.append(float(sigma * (1 + _churn_gamma(sigma, N, **kw))))
+        if float(sigma_next) != 0:
+            levels.append(float(sigma_next))
+    return levels
+
+
 @torch.no_grad()
 def sample_churn(
     D,
@@ -236,7 +267,7 @@ def sample_churn(
     N = len(sigmas) - 1
     for i in range(N):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = min(S_churn / N, churn_limit) if S_min <= float(sigma) <= S_max else 0.0
+        gamma = _churn_gamma(sigma, N, S_churn, S_min, S_max, churn_limit)
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
             eps = randn_like(x) * S_noise

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -38,7 +39,7 @@ from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
 from dpdm.datasets import (absolute_dataset_name, dataset_path, image_digests, is_path_dataset, near_copy_problem,
-                           shared_images)
+                           same_dataset, shared_images)
 from dpdm.data import PoissonSampler
 from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
                           noise_scale_problem, public_subspace, validate_model)
@@ -312,6 +313,13 @@ def build_denoiser(config: dict[str, Any]) -> torch.nn.Module:
     return EDMPrecond(net, sigma_data=config["sigma_data"])
 
 
+def empty_classes(y: torch.Tensor, num_classes: int) -> list[int]:
+    """The labels in [0, num_classes) that no example of `y` has (a class-conditional model learns nothing of
+    them, and `dpdm sample` draws them as often as the others)."""
+    counts = torch.bincount(y.detach().to("cpu", torch.int64), minlength=num_classes)
+    return (counts[:num_classes] == 0).nonzero().flatten().tolist()
+
+
 def digest_table(digests) -> torch.Tensor:
     """Image digests (`dpdm.datasets.image_digests`, 16 bytes each) as a sorted, duplicate-free uint8 tensor
     [M, 16], as a checkpoint keeps them (`IMAGE_DIGESTS_KEY`)."""
@@ -332,10 +340,15 @@ def digest_set(table: torch.Tensor) -> set[bytes]:
 IMAGE_DIGESTS_KEY = "image_digests"
 
 
-def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any],
-                    private_digests: tuple[bytes, ...] = ()) -> tuple[dict, dict[str, Any], set[bytes] | None]:
+def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any], private_digests: tuple[bytes, ...] = (),
+                    notes: list[str] | None = None) -> tuple[dict, dict[str, Any], set[bytes] | None]:
     """The EMA weights of a checkpoint trained on public data, the record the run keeps of it, and the
     digests of the images it was trained on (None for a checkpoint written before they were kept).
+
+    Its labels must mean this run's classes, as `--subspace-data`'s must (`datasets.class_names_problem`, on the
+    class names both runs record): label 1's embedding of a checkpoint trained on folders cat, dog would serve
+    the private class 1 of folders dog, wolf. Where the checkpoint's names are not known (a ``folder:`` run of a
+    dpdm that did not record them), a line saying so is appended to `notes`.
 
     A warm start is privacy-free only if the checkpoint's training data is public and holds none of
     the private examples: a `--no-dp` run on them would carry them into the "private" model without
@@ -373,6 +386,13 @@ def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any],
             raise TrainError(f"--init-from {str(path)!r} was trained on {shared} of the {len(private_digests)} "
                              f"private images (compared image by image), itself or through its own warm start; "
                              "a warm start must come from public data that holds none of the private images")
+    # After the privacy checks, which say more: a checkpoint of the private data is refused as such.
+    problem = _warm_start_classes_problem(cfg, run_config)
+    if problem is not None and problem.startswith("unknown:"):
+        if notes is not None:
+            notes.append(f"--init-from {str(path)!r}: {problem.removeprefix('unknown:')}")
+    elif problem is not None:
+        raise TrainError(f"--init-from {str(path)!r}: {problem}; nothing was written")
     record = {
         "checkpoint": str(path),
         "sha256": ckpt.file_sha256(path),
@@ -384,6 +404,35 @@ def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any],
         "lineage": lineage,
     }
     return state["ema"], record, seen
+
+
+def _warm_start_classes_problem(cfg: dict[str, Any], run_config: dict[str, Any]) -> str | None:
+    """Why the labels of the checkpoint whose config is `cfg` do not mean the classes of the run `run_config`
+    (`datasets.class_names_problem`'s rules), or None. "unknown:" and a warning where that cannot be told: one
+    side's class names were not recorded (a run of a dpdm before stop 47 on a ``folder:`` dataset, or a library
+    run given a ``folder:`` name without `class_names`). A run without "class_names" on a built-in or ``npz:``
+    dataset numbers its classes (names None)."""
+    from types import SimpleNamespace
+
+    from dpdm.datasets import class_names_problem
+
+    if not run_config.get("num_classes"):
+        return None
+    sides = []
+    for config, who, why in ((cfg, "its data", "a run of an older dpdm"),
+                             (run_config, "the private data", "not given to dpdm.train")):
+        name = config.get("dataset")
+        if "class_names" in config:
+            names = config["class_names"]
+        elif isinstance(name, str) and not name.startswith("folder:"):
+            names = None   # a built-in or npz: dataset numbers its classes
+        else:
+            return (f"unknown:the class names of {who} ({name!r}) were not recorded ({why}), so its labels cannot be "
+                    "matched to this run's classes: label k's embedding serves class k; that is right only where "
+                    "the public class folders are named as the private ones (or by label number, 0, 1, ...)")
+        sides.append(SimpleNamespace(class_names=None if names is None else tuple(names), y=True,
+                                     name=name if name is not None else who))
+    return class_names_problem(*sides)
 
 
 class EMA:
@@ -579,6 +628,7 @@ def train(
     on_step: Callable[[int], None] | None = None,
     on_start: Callable[[tuple[str, ...]], None] | None = None,
     public_data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Trains under `plan_doc` until the run has done exactly `plan.steps` steps.
 
@@ -596,6 +646,9 @@ def train(
             (the CLI's warnings are said then too).
         public_data: (images, labels) of `config.subspace_data`, PUBLIC data from which the gradient
             subspace is estimated (with config.subspace_dim only). Refused if it is the private data.
+        class_names: the name of each label (`ImageData.class_names`: a ``folder:`` dataset's class folders);
+            None for data that numbers its classes. Recorded, so that a warm start from this run
+            (`load_warm_start`) is matched to the classes of the data it starts.
 
     Returns:
         The run summary: run, steps_done, epsilon_spent, plan_digest, private, ...
@@ -623,6 +676,8 @@ def train(
         )
     if y is not None and y.shape[0] != n:
         raise TrainError(f"labels ({y.shape[0]}) and images ({n}) differ in number")
+    if class_names is not None and len(class_names) != num_classes:
+        raise TrainError(f"{len(class_names)} class names for {num_classes} classes")
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise TrainError(f"the images are {'x'.join(map(str, x.shape[1:]))} (CxHxW); the network needs square "
                          "images (N x C x H x H)")
@@ -714,13 +769,22 @@ def train(
         "dataset": None if dataset_name is None else absolute_dataset_name(dataset_name),
         # whether that is the data the plan names (resolved here, where a relative name means what it meant to
         # the user): release files and samples show the plan's name only then (`public_dataset_name`)
-        "plan_names_data": dataset_name is not None and plan.dataset_name is not None
-                           and absolute_dataset_name(dataset_name) == absolute_dataset_name(plan.dataset_name),
+        "plan_names_data": same_dataset(dataset_name, plan.dataset_name),   # a link to the plan's file too
         "data_digest": data_digest,
         # seed_given: the user chose the seed (--seed), so whoever knows it can replay the batches and the
         # noise; a private run so trained is marked wherever its outputs appear (summary, export, samples).
         "train": {**asdict(config), "seed": seed, "seed_given": seed_given},
     }
+    if class_names is not None or not (y is not None and num_classes and isinstance(dataset_name, str)
+                                       and dataset_name.startswith("folder:")):
+        # The label names a warm start from this run is matched by (`load_warm_start`); kept out of release files
+        # (`export.RELEASED_CONFIG_KEYS`). Left out where a folder: dataset's names were not given: not known.
+        run_config["class_names"] = None if class_names is None or y is None else list(class_names)
+    if y is not None and num_classes:
+        # Labels with no image (an npz labelled {3, 7}): `dpdm sample` draws every class evenly, and says how many
+        # of its samples are of these. Private (one record decides), as the run folder is: not in release files.
+        run_config["empty_classes"] = empty_classes(y, num_classes)
+    start_notes: list[str] = []   # said before the first step, with the run's other warnings
     init_weights = None
     if state is not None:
         saved = state["config"]
@@ -744,10 +808,10 @@ def train(
         saved_train = saved.get("train", {})
         for key in ("subspace_dim", "subspace_data", "subspace_every", "subspace_examples"):
             was, now = saved_train.get(key, getattr(TrainConfig, key)), getattr(config, key)
-            if key == "subspace_data" and isinstance(was, str) and isinstance(now, str):
+            if key == "subspace_data" and isinstance(was, str) and isinstance(now, str) and same_dataset(was, now):
                 # a run of a dpdm before stop 46 recorded the name as typed: relative to the folder it started
-                # in, which is the current one where it resumes as it always did
-                was, now = absolute_dataset_name(was), absolute_dataset_name(now)
+                # in, which is the current one where it resumes as it always did; a link to the file is that file
+                was = now
             if was != now:
                 raise TrainError(f"cannot resume: the run used {key}={saved_train.get(key)!r}, now {now!r}")
         for key, flag in _RESUME_FIXED.items():
@@ -762,7 +826,8 @@ def train(
         own = image_digests(x)
         init_seen = None
         if config.init_from is not None:
-            init_weights, run_config["init"], init_seen = load_warm_start(config.init_from, run_config, own)
+            init_weights, run_config["init"], init_seen = load_warm_start(config.init_from, run_config, own,
+                                                                          notes=start_notes)
         trained_on = digest_table(own if init_seen is None else (*own, *init_seen))
 
     # The initial weights are public (frozen ones are exported as they are): seed them from their own
@@ -781,6 +846,13 @@ def train(
             raise TrainError(f"--init-from {str(config.init_from)!r}: its EMA weights do not fit the "
                              f"{config.model!r} network ({ckpt.state_dict_mismatch_reason(e)}); nothing was "
                              "written") from None
+        # A diverged run's weights (dpdm never saves them, an edited file may hold them): all NaN stopped at step 1
+        # advising a lower --lr; a NaN in a frozen row (--trainable) zeroed that class's gradients silently (h92 F3).
+        bad = [k for k, v in D.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainError(f"--init-from {str(config.init_from)!r}: its EMA weights are not finite (NaN or inf in "
+                             f"{len(bad)} tensor{'s' if len(bad) > 1 else ''}, first {bad[0]!r}); a warm start must "
+                             "be a trained model; nothing was written")
     select_trainable(D, config.trainable)
     run_config["trained_parameters"] = sum(p.numel() for p in D.parameters() if p.requires_grad)
     if config.subspace_dim is not None and config.subspace_dim > run_config["trained_parameters"]:
@@ -829,7 +901,7 @@ def train(
     else:
         run_config["grad_engine"] = {"engine": "rules" if config.per_layer_rules else "vmap", "auto": False}
 
-    lock, refusal, notes = None, None, []
+    lock, refusal, notes = None, None, list(start_notes)
     if state is not None and lr_note:
         notes.append(lr_note)
     if dist.is_main:

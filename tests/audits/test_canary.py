@@ -356,3 +356,27 @@ def test_too_many_canaries_for_tiny_images_are_refused():
     assert "5000 canaries cannot differ pairwise" in ood_canary_problem(5000, (1, 4, 4))
     with pytest.raises(ValueError, match="use fewer canaries"):
         make_canaries(5000, (1, 4, 4), 0)
+
+
+def test_mislabelled_canaries_of_a_path_dataset_are_refused_before_any_work(tmp_path):
+    """A path dataset is one split: `load_dataset(name, "test")` gave the training data itself, so the "held-out"
+    pool of mislabelled canaries was the background's own images, without a word (stop 47, h91 F5)."""
+    import accounting
+    from audits.suite import AuditInputError, run_audit
+    from dpdm.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (24, 1, 8, 8), dtype=np.uint8),
+             y=(np.arange(24) % 3).astype(np.int64), num_classes=3)
+    data = load_dataset(f"npz:{tmp_path / 'd.npz'}")
+    plan = PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=1.0, noise_multiplicity=1,
+                       delta=1e-5)
+    train(accounting.make_plan_document(plan), data.x, data.y, 3, tmp_path / "run",
+          TrainConfig(model="small", checkpoint_every=2, log_every=1, seed=3), dataset_name=data.name,
+          progress=False)
+    with pytest.raises(AuditInputError, match="canary_kind='mislabelled' draws its canaries from held-out images, "
+                                              r"and dataset='npz:.*d\.npz' has no held-out split"):
+        run_audit(tmp_path / "run", tmp_path / "audit", suite="quick", seed=0,
+                  canary_overrides={"canary_kind": "mislabelled", "num_canaries": 20, "steps": 2,
+                                    "background_size": 12})
+    assert not (tmp_path / "audit").exists()

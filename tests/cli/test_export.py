@@ -354,6 +354,23 @@ def test_a_training_checkpoint_away_from_its_plan_is_not_sampled(run, tmp_path, 
     assert code == 0, err
 
 
+def test_a_run_folder_that_lost_its_plan_asks_for_it_back_by_digest(run, tmp_path, capsys):
+    """`dpdm sample --run RUN` with RUN/plan.json moved away said "sample from the run folder", which the user had
+    done (h89 F3), and export "export from the run folder". Both now ask for the run's plan.json back, naming the
+    digest the run was trained under, by which the file can be found; a copied checkpoint keeps its advice."""
+    moved = tmp_path / "moved"
+    shutil.copytree(run / "run", moved)
+    (moved / "plan.json").unlink()
+    digest = accounting.load_plan(run / "plan.json").digest
+    for args in (["sample", "--run", moved, "--n", 2, "--sampler-steps", 2, "--out", tmp_path / "s.npz"],
+                 ["export", "--run", moved, "--out", tmp_path / "m.pt"]):
+        line = one_error_line(*run_cli(args, capsys)[::2])
+        assert f"the run folder {str(moved)!r}" in line and "has lost its plan.json" in line, line
+        assert "put the run's plan.json back" in line and f"{digest[:19]}..." in line, line
+        assert "from the run folder" not in line and "release file" not in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved"]
+
+
 def test_export_refuses_weights_that_do_not_fit_the_network(run, tmp_path, capsys):
     """Before, it wrote a release file that `dpdm sample` then refused."""
     key = next(iter(torch.load(run / "run" / "checkpoint.pt", weights_only=True)["ema"]))

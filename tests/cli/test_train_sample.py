@@ -976,6 +976,131 @@ def test_the_plans_own_file_by_another_path_is_not_warned_of_as_another_dataset(
     assert "but the plan was made for" in capsys.readouterr().err
 
 
+def test_the_plans_own_file_through_a_link_is_the_plans_data(tiny, capsys, monkeypatch):
+    """The plan's file reached through a symbolic link was "another dataset": train warned, the run recorded
+    "plan_names_data": false, and its samples named no dataset; a resume given the run's --subspace-data through
+    a link was refused as other public data (stop 47, h91 F4)."""
+    from cli._common import warn_dataset_not_plans
+
+    d = tiny
+    (d / "link.npz").symlink_to(d / "data.npz")
+    os.link(d / "data.npz", d / "hard.npz")
+    code, _, err = run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'link.npz'}"), capsys)
+    assert code == 0 and "the plan was made for" not in err, err
+    assert json.loads((d / "run" / "config.json").read_text())["plan_names_data"] is True
+    (d / "imgs").mkdir()
+    (d / "imgs_link").symlink_to(d / "imgs", target_is_directory=True)
+    for given in (f"npz:{d / 'hard.npz'}", f"folder:{d / 'imgs_link'}"):
+        plan = f"npz:{d / 'data.npz'}" if given.startswith("npz:") else f"folder:{d / 'imgs'}"
+        warn_dataset_not_plans(given, plan, "the run")
+        assert capsys.readouterr().err == "", given
+    warn_dataset_not_plans(f"folder:{d / 'imgs_link'}", f"npz:{d / 'data.npz'}", "the run")   # another kind
+    assert "but the plan was made for" in capsys.readouterr().err
+    # --subspace-data through a link to the run's public file: resumed, and the run keeps its own name for it.
+    _public_npz(d / "pub.npz")
+    (d / "publink.npz").symlink_to(d / "pub.npz")
+    _stop_at_the_runs_step(monkeypatch, 3)
+    assert run_cli(_train_args(d, d / "sub", "--subspace-data", f"npz:{d / 'pub.npz'}", *SUBSPACE), capsys)[0] == 4
+    monkeypatch.undo()
+    code, _, err = run_cli(["train", "--plan", d / "plan.json", "--out", d / "sub", "--device", "cpu", "--quiet",
+                            "--resume", "--subspace-data", f"npz:{d / 'publink.npz'}"], capsys)
+    assert code == 0, err
+    train_cfg = ckpt.load_checkpoint(d / "sub" / "checkpoint.pt")["config"]["train"]
+    assert train_cfg["subspace_data"] == f"npz:{d / 'pub.npz'}"
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. "
+                                   "DefaultCPUAllocator: can't allocate memory: you tried to allocate 6227020800 "
+                                   "bytes. Error code 12 (Cannot allocate memory)")])
+def test_data_too_large_for_memory_is_said_to_be_the_data_not_the_batch(tiny, capsys, monkeypatch, error):
+    """Out of memory while loading the data (its float32 copy), the line advised "a smaller --physical-batch
+    needs less", which changes nothing there (stop 47, h91 minor)."""
+    import dpdm.datasets
+
+    def load_dataset(*a, **k):
+        raise error
+
+    monkeypatch.setattr(dpdm.datasets, "load_dataset", load_dataset)
+    code, _, err = run_cli(_train_args(tiny, tiny / "run"), capsys)
+    lines = err.strip().splitlines()
+    assert code == 4 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"dpdm: runtime failure: out of memory on the machine while loading "
+                               f"--dataset='npz:{tiny / 'data.npz'}'"), err
+    assert "--physical-batch" not in err and not (tiny / "run").exists()
+    assert ("(tried to allocate 5.8 GiB)" in err) == isinstance(error, RuntimeError)
+
+
+def _folder_data(root, names, n, seed):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        (root / names[i % len(names)]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / names[i % len(names)] / f"{i}.png")
+
+
+def test_init_from_public_class_folders_named_otherwise_is_one_error_line(tiny, capsys):
+    """`--init-from` a --no-dp run on folders cat, dog trained a run on folders dog, wolf with no word (the
+    public dog embedding served wolf), and one on folders 0..10 started an npz run whose label 2 is folder 10;
+    `--subspace-data` refused both pairs (stop 47, h91 F1)."""
+    d = tiny
+    _folder_data(d / "pubw", ("cat", "dog"), 24, 5)
+    _folder_data(d / "privw", ("dog", "wolf"), 24, 6)
+    assert run_cli(_train_args(d, d / "rp", "--no-dp", "--dataset", f"folder:{d / 'pubw'}"), capsys)[0] == 0
+    code, _, err = run_cli(_train_args(d, d / "rq", "--dataset", f"folder:{d / 'privw'}", "--init-from",
+                                       d / "rp" / "checkpoint.pt"), capsys)
+    line = _one_error_line(code, err)
+    assert f"has classes cat, dog, but 'folder:{d / 'privw'}' has dog, wolf" in line and not (d / "rq").exists()
+    _folder_data(d / "pub11", [str(i) for i in range(11)], 22, 7)
+    x = np.random.default_rng(8).integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
+    np.savez(d / "priv11.npz", x=x, y=(np.arange(24) % 11).astype(np.int64), num_classes=11)
+    assert run_cli(_train_args(d, d / "rpub", "--no-dp", "--dataset", f"folder:{d / 'pub11'}"), capsys)[0] == 0
+    code, _, err = run_cli(_train_args(d, d / "rpriv", "--dataset", f"npz:{d / 'priv11.npz'}", "--init-from",
+                                       d / "rpub" / "checkpoint.pt"), capsys)
+    line = _one_error_line(code, err)
+    assert "has class folders 0, 1, 10, 2," in line and "sorted by name" in line and not (d / "rpriv").exists()
+    # Folders named by label number in order: taken.
+    _folder_data(d / "pub3", ("0", "1", "2"), 24, 9)
+    assert run_cli(_train_args(d, d / "rpub3", "--no-dp", "--dataset", f"folder:{d / 'pub3'}"), capsys)[0] == 0
+    code, _, err = run_cli(_train_args(d, d / "run", "--init-from", d / "rpub3" / "checkpoint.pt"), capsys)
+    assert code == 0 and "class names" not in err, err
+
+
+def test_labels_with_gaps_name_their_empty_classes_in_train_and_sample(tiny, capsys):
+    """An npz labelled {1, 3} trains a model of 4 classes, 2 of them without an image, and `dpdm sample` drew all
+    4 evenly: half the samples of classes the model never saw, with only "the number of classes (4) was read
+    from the private labels" said (stop 47, h91 F2). Train names them; sampling counts the images drawn of them,
+    for the user only (not in the samples file, whose labels would otherwise tell which classes were empty)."""
+    from dpdm.export import export_model
+    from dpdm.sample import sample_checkpoint
+
+    d = tiny
+    with np.load(d / "data.npz") as f:
+        np.savez(d / "gaps.npz", x=f["x"], y=np.where(np.arange(24) % 2, 3, 1).astype(np.int64))
+    code, _, err = run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'gaps.npz'}"), capsys)
+    assert code == 0, err
+    assert (f"--dataset='npz:{d / 'gaps.npz'}': 2 of its 4 classes have no image (labels 0, 2); the model learns "
+            "nothing of them, yet `dpdm sample` draws every class evenly") in err, err
+    assert json.loads((d / "run" / "config.json").read_text())["empty_classes"] == [0, 2]
+    notes = []
+    got = sample_checkpoint(d / "run" / "checkpoint.pt", n=6, sampler_steps=2, out_path=d / "s.npz", notes=notes)
+    assert notes == ["3 of the 6 images are of classes the run had no training image of (labels 0, 2; 2 of its 4 "
+                     "classes), drawn evenly with the others: the model learned nothing of them; leave those images "
+                     "out (by their y)"], notes
+    with np.load(d / "s.npz") as z:
+        assert z["y"].tolist() == [0, 1, 2, 3, 0, 1] and not [k for k in z.files if "empty" in k]
+    assert "empty_classes" not in got
+    code, out, err = run_cli(["sample", "--run", d / "run", "--n", 6, "--sampler-steps", 2, "--out", d / "c.npz"],
+                             capsys)   # the CLI says it (to whoever samples), not the file
+    assert code == 0 and "dpdm: warning: 3 of the 6 images are of classes the run had no training image of" in err, err
+    export_model(d / "run" / "checkpoint.pt", d / "model.pt")   # a release file does not carry them
+    notes = []
+    sample_checkpoint(d / "model.pt", n=2, sampler_steps=2, out_path=d / "s2.npz", notes=notes)
+    assert notes == []
+    code, _, err = run_cli(_train_args(d, d / "run2"), capsys)   # every class has images: nothing said
+    assert code == 0 and "have no image" not in err, err
+
+
 # --- stop 45 mends (dpdm sample) -------------------------------------------------------------------
 
 def test_a_release_file_with_no_train_config_samples(runs, tmp_path, capsys):

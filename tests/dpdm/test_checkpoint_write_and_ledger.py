@@ -117,3 +117,26 @@ def test_a_checkpoint_with_no_step_done_is_refused():
     first steps' budget again."""
     assert "no step done" in (ckpt._training_state_problem(_training_state(0, 0)) or "")
     assert "no step done" in (ckpt._training_state_problem(_training_state(0, 0, private=False)) or "")
+
+
+@pytest.mark.parametrize("length", [13, 242, 255])
+def test_a_killed_writes_temp_file_matches_the_cleanup_glob_whatever_the_names_length(tmp_path, monkeypatch, length):
+    """A target of 242 to 255 characters took mkstemp's name (".NAME.XXXXXXXX.tmp") past NAME_MAX, and the write
+    failed (h89 F1). The name is cut to fit, and `temp_file_pattern`, by which `dpdm train` removes the leftover of
+    a write killed after its fsync (a full copy of the run's secrets), still matches what is written."""
+    target = tmp_path / ("checkpoint.pt" if length == 13 else "c" * (length - 3) + ".pt")
+    left = []
+
+    def killed(*a, **k):   # after the fsync, before the rename: the temp file is whole
+        left.extend(tmp_path.iterdir())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_torch_save({"w": torch.arange(10)}, target)
+    monkeypatch.undo()
+    assert len(left) == 1 and len(os.fsencode(left[0].name)) <= 255
+    assert left[0].match(ckpt.temp_file_pattern(target)) and not Path(target.name).match(ckpt.temp_file_pattern(target))
+    if length == 13:   # the name `dpdm train`'s clean-up has always looked for
+        assert left[0].name.startswith(".checkpoint.pt.") and left[0].name.endswith(".tmp")
+    assert not list(tmp_path.iterdir())

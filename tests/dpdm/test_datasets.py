@@ -682,3 +682,19 @@ def test_public_dataset_name_never_names_the_plans_dataset_for_a_path_it_does_no
     home = os.path.expanduser("~")
     assert public_dataset_name(f"npz:{home}/d.npz", "npz:~/d.npz") == "npz:~/d.npz"
     assert public_dataset_name("digits", "mnist5k") == "digits" and public_dataset_name(None, "digits") is None
+
+
+def test_label_numbers_refuses_two_names_of_one_number(tmp_path):
+    """Class folders `1` and `01` stand for the same label: matched by number they would merge two classes, so
+    they are no label numbers (None), and such folders beside numbered data are refused (h91 test gap, stop 47)."""
+    from dpdm.datasets import class_names_problem, label_numbers
+
+    assert label_numbers(["0", "1", "2"]) == [0, 1, 2] and label_numbers(["00", "01", "10"]) == [0, 1, 10]
+    assert label_numbers(["0", "01", "1"]) is None and label_numbers(["1", "01"]) is None
+    assert label_numbers(["0", "a"]) is None and label_numbers(["٣"]) is None   # not ASCII decimal digits
+    for name in ("0", "01", "1"):
+        (tmp_path / "f" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "f" / name / "0.png")
+    folder = load_dataset(f"folder:{tmp_path / 'f'}")
+    numbered = ImageData(torch.zeros(3, 1, 8, 8), torch.tensor([0, 1, 2]), 3, "npz:n.npz")
+    assert "cannot be matched" in class_names_problem(folder, numbered)

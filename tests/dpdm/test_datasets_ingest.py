@@ -270,6 +270,26 @@ def test_folder_refuses_a_png_with_a_broken_chunk_naming_it(tmp_path):
     assert len(load_dataset(f"folder:{tmp_path / 'd'}")) == 2
 
 
+@pytest.mark.parametrize("suffix, extra", [(".tif", {}), (".png", {}), (".gif", {"duration": 100})])
+def test_folder_refuses_a_file_of_several_frames_naming_it(tmp_path, suffix, extra):
+    """A multi-page TIFF or an animated PNG/GIF loaded its first frame only: the other frames were left out of the
+    count without a word (stop 47, h91 F3)."""
+    _classes(tmp_path / "d", names=("a", "b"))
+    r = np.random.default_rng(1)
+    frames = [Image.fromarray(r.integers(0, 256, (8, 8), dtype=np.uint8)) for _ in range(3)]
+    stack = tmp_path / "d" / "b" / f"stack{suffix}"
+    frames[0].save(stack, save_all=True, append_images=frames[1:], **extra)
+    with Image.open(stack) as img:
+        assert img.n_frames == 3
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    msg = str(e.value)
+    assert msg.startswith(f"folder:{tmp_path / 'd'}: image {str(stack)!r} holds 3 frames"), msg
+    assert "own file" in msg and "\n" not in msg
+    frames[0].save(stack)   # one frame: loaded as before
+    assert len(load_dataset(f"folder:{tmp_path / 'd'}")) == 3
+
+
 @pytest.mark.parametrize("error", [SyntaxError("broken PNG file"), EOFError(), struct.error("unpack requires a "
                                    "buffer of 4 bytes"), IndexError("index out of range"), zlib.error("bad data")])
 def test_folder_refuses_an_image_whose_decoder_fails_naming_it(tmp_path, monkeypatch, error):

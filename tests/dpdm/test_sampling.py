@@ -594,3 +594,74 @@ def test_images_do_not_depend_on_the_batch_size_down_to_a_padded_trailing_batch(
         else:
             off = (images[batch_size][0].int() - images[256][0].int()).abs()
             assert int(off.max()) <= 1 and int((off > 0).sum()) <= off.numel() // 100, (preset, batch_size)
+
+
+# --- stop 47 mends ------------------------------------------------------------------------------------
+
+class SigmaRecorder:
+    """A conditional denoiser that records the noise level of every call (the batch's one sigma)."""
+
+    num_classes = 2
+
+    def __init__(self):
+        self.levels = []
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.levels.append(float(sigma[0]))
+        return 0.5 * x
+
+
+@pytest.mark.parametrize("sampler, kwargs", [("euler", {}), ("heun", {}), ("churn", {}),
+                                             ("churn", {"S_churn": 2.0, "S_min": 1.0, "S_max": 20.0})])
+def test_network_levels_are_the_levels_the_sampler_calls_the_network_at(sampler, kwargs):
+    """The guidance-interval check (h89 F2) looks at the levels the sampler evaluates, churn's raised sigma_hat and
+    Heun's second call at sigma_next included, computed as the sampler's own loop computes them."""
+    from dpdm.sampling import SAMPLERS, network_levels
+
+    sigmas = get_sigmas_karras(6).float()
+    D = SigmaRecorder()
+    SAMPLERS[sampler](D, torch.randn(1, 1, 2, 2) * 80, sigmas, class_labels=torch.tensor([0]),
+                      randn_like=torch.zeros_like, **kwargs)
+    assert network_levels(sigmas, sampler, kwargs) == D.levels
+
+
+def test_sample_refuses_a_guidance_interval_that_guides_no_step(trained_run, tmp_path, capsys):
+    """`--guidance 20 --guidance-interval 0.17 0.45` between the levels 0.47 and 0.117 gave samples bit-identical
+    to unguided ones, recorded as guided with weight 20 (h89 F2): refused as an empty churn window is. An interval
+    holding only a level of Heun's second call, or of churn's raised sigma_hat, guides a step and is taken."""
+    sigmas = get_sigmas_karras(4, sigma_min=0.1, sigma_max=10.0, dtype=torch.float32)   # the run's default schedule
+    levels = sigmas[:-1].tolist()
+    between = (levels[2] * 1.01, levels[1] * 0.99)
+    for sampler in ("euler", "heun"):
+        line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sampler-steps", 4, "--sampler", sampler,
+                             "--guidance", 2, "--guidance-interval", *between)
+        assert line.startswith(f"--guidance-interval {between[0]:g} {between[1]:g}: none of the 4 noise levels "
+                               f"the {sampler} sampler evaluates"), line
+        assert f"nearest: {levels[1]:g} above, {levels[2]:g} below" in line and "no step would be guided" in line
+    line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sampler-steps", 4, "--guidance", 2,
+                         "--guidance-interval", 20, 30)
+    assert "none of the 4 noise levels" in line and f"nearest: {levels[0]:g} below" in line
+    # Churn doubles each level in its window (gamma 1 at 4 steps): 2 * levels[2] lies in `between`'s interval.
+    from dpdm.sampling import network_levels
+
+    hat = network_levels(sigmas, "churn", {})
+    assert any(between[0] < v <= between[1] for v in hat)
+    from cli.main import main
+
+    assert main(["sample", "--run", str(trained_run), "--n", "2", "--sampler-steps", "4", "--sampler", "churn",
+                 "--guidance", "2", "--guidance-interval", *map(str, between), "--device", "cpu",
+                 "--out", str(tmp_path / "churn.npz")]) == 0
+    capsys.readouterr()
+
+
+def test_a_guidance_interval_without_guidance_is_refused(trained_run, tmp_path, capsys):
+    """Without --guidance no step is guided, yet the interval was recorded in the samples (h89 F2): refused, as
+    the churn options are without --sampler churn, by the CLI before loading and by the library before drawing."""
+    import dpdm.sample
+
+    line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--guidance-interval", 0.1, 5)
+    assert line.startswith("--guidance-interval 0.1 5 applies only with --guidance > 0"), line
+    with pytest.raises(dpdm.sample.SampleError, match=r"guidance_interval=0.1 5 \(--guidance-interval\) needs "):
+        dpdm.sample.sample_checkpoint(trained_run / "checkpoint.pt", n=2, guidance_interval=(0.1, 5.0),
+                                      out_path=tmp_path / "s.npz")
+    assert not list(tmp_path.iterdir())

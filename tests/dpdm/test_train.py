@@ -626,6 +626,44 @@ def test_samples_name_a_warm_starts_data_without_its_folders(tmp_path):
         assert str(z["meta_init_dataset"]) == got["init_dataset"] == "npz:public_faces.npz"
 
 
+def test_a_warm_start_whose_class_names_differ_is_refused_and_an_unrecorded_one_warned_of(tmp_path):
+    """`--init-from` compared the class count only: a checkpoint trained on folders cat, dog started a run on
+    folders dog, wolf, its "dog" embedding serving "wolf", where `--subspace-data` refuses the same pair
+    (stop 47, h91 F1). Runs record their class names now; a checkpoint without them is warned of."""
+    from dpdm.train import _warm_start_classes_problem
+
+    x_pub, y_pub, _ = tiny_data(n=30, classes=2, seed=7)
+    public = tmp_path / "public"
+    train(tiny_plan(n=30, steps=2), x_pub, y_pub, 2, public, TrainConfig(**CFG, private=False),
+          dataset_name="folder:/data/pub", class_names=("cat", "dog"), progress=False)
+    assert ckpt.load_checkpoint(public / CHECKPOINT_NAME)["config"]["class_names"] == ["cat", "dog"]
+    x, y, _ = tiny_data(classes=2)
+    cfg = TrainConfig(**CFG, init_from=str(public / CHECKPOINT_NAME))
+    with pytest.raises(TrainError, match=r"has classes cat, dog, but 'folder:/data/priv' has dog, wolf; their "
+                                         r"class folders must be named alike; nothing was written"):
+        train(tiny_plan(steps=2), x, y, 2, tmp_path / "run", cfg, dataset_name="folder:/data/priv",
+              class_names=("dog", "wolf"), progress=False)
+    with pytest.raises(TrainError, match="numbers its classes, so the labels cannot be matched"):
+        train(tiny_plan(steps=2), x, y, 2, tmp_path / "run", cfg, dataset_name="npz:/data/priv.npz", progress=False)
+    assert not (tmp_path / "run").exists()
+    # A checkpoint of a dpdm that did not record them: trained, with one warning before the first step.
+    state = ckpt.load_checkpoint(public / CHECKPOINT_NAME)
+    del state["config"]["class_names"]
+    ckpt.save_checkpoint(state, tmp_path / "old.pt")
+    said = []
+    train(tiny_plan(steps=2), x, y, 2, tmp_path / "run", TrainConfig(**CFG, init_from=str(tmp_path / "old.pt")),
+          dataset_name="folder:/data/priv", class_names=("cat", "dog"), progress=False, on_start=said.append)
+    assert [n for n in said[0] if "class names of its data ('folder:/data/pub') were not recorded" in n], said
+    # Where both sides are known: named alike, or label numbers in order beside numbered data, is a match.
+    run = {"num_classes": 3, "dataset": "npz:/p.npz"}   # an npz run records None, as an older one is read
+    assert _warm_start_classes_problem({"dataset": "folder:/q", "class_names": ["0", "1", "2"]}, run) is None
+    assert "sorted by name" in _warm_start_classes_problem({"dataset": "folder:/q",
+                                                            "class_names": ["0", "1", "10"]}, run)
+    assert _warm_start_classes_problem({"dataset": "digits28"}, run) is None
+    assert _warm_start_classes_problem({"dataset": None}, run).startswith("unknown:")
+    assert _warm_start_classes_problem({"dataset": "folder:/q"}, {"num_classes": 0, "dataset": "npz:/p"}) is None
+
+
 def test_sampler_keywords_reach_the_sampler_and_the_npz(tmp_path):
     from dpdm.sample import sample_checkpoint
     x, y, c = tiny_data()
@@ -1415,6 +1453,24 @@ def test_init_from_weights_that_do_not_fit_the_network_are_one_train_error_befor
                                              rf"network \(.*{re.escape(key)}"):
             train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, init_from=str(tmp_path / f"{name}.pt")),
                   dataset_name="tiny", progress=False)
+        assert not (tmp_path / "run").exists()
+
+
+def test_init_from_weights_that_are_not_finite_are_one_train_error_before_writing(tmp_path):
+    """A warm start holding NaN or inf (an edited file, or a diverged run saved by other code): all NaN stopped the
+    run at step 1 advising a lower --lr, one NaN row of a frozen label embedding trained on silently (h92 F3)."""
+    init = _public_run(tmp_path)
+    x, y, c = tiny_data()
+    state = torch.load(init, weights_only=True)
+    key = next(k for k, v in state["ema"].items() if v.is_floating_point() and v.numel() > 1)
+    for name, value in (("nan", float("nan")), ("inf", float("inf"))):
+        bad = {**state, "ema": dict(state["ema"])}
+        bad["ema"][key] = bad["ema"][key].clone()
+        bad["ema"][key].view(-1)[0] = value
+        torch.save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(TrainError, match=rf"{name}\.pt'?: its EMA weights are not finite .*{re.escape(key)}"):
+            train(tiny_plan(steps=2), x, y, c, tmp_path / "run",
+                  TrainConfig(**CFG, init_from=str(tmp_path / f"{name}.pt")), dataset_name="tiny", progress=False)
         assert not (tmp_path / "run").exists()
 
 
