@@ -188,6 +188,7 @@ def test_a_plan_is_not_made_for_a_path_dataset_without_a_path(tmp_path, monkeypa
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_the_runs_data_named_by_a_relative_path_is_kept_from_any_folder(tmp_path, monkeypatch, capsys):
     """A second-generation run trained on samples (`--dataset npz:gen1.npz`, relative): its config recorded the
     path as typed, and `dpdm sample` resolved it against the working directory, so from another folder `--out

@@ -207,6 +207,7 @@ def test_public_subspace_flags(tiny, capsys):
     assert "must divide --checkpoint-every" in _one_error_line(code, err) and not (d / "odd").exists()
 
 
+@pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_grad_engine_flag_trains_the_same_model(tiny, capsys):
     d = tiny
     for engine, flag in (("rules", True), ("vmap", False), ("auto", None)):
@@ -332,6 +333,7 @@ def test_bad_device_is_one_error_line(tiny, capsys, device):
     assert not (d / "run").exists()
 
 
+@pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_a_class_count_read_from_the_private_labels_warns(tiny, capsys):
     d = tiny
     code, _, err = run_cli(_train_args(d, d / "run"), capsys)
@@ -345,6 +347,7 @@ def test_a_class_count_read_from_the_private_labels_warns(tiny, capsys):
     assert "already holds a run" in _one_error_line(code, err)
 
 
+@pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_training_on_another_dataset_than_the_plans_warns(tiny, capsys):
     d = tiny
     x = np.random.default_rng(2).integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
@@ -654,6 +657,7 @@ def test_seed_range_keeps_every_image_seed_below_2_to_the_63(runs, tmp_path, cap
     assert not (tmp_path / "t.npz").exists()
 
 
+@pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_a_run_folder_that_cannot_be_locked_warns(tiny, capsys, monkeypatch):
     """A file system without locks (ENOLCK on some network mounts) trained unlocked without a word."""
     import errno
@@ -834,6 +838,7 @@ def test_folder_data_warns_of_its_class_count_and_its_public_class_names_must_ma
     assert not (tmp_path / "run2").exists()
 
 
+@pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_resume_takes_the_runs_own_options_and_a_given_one_that_differs_names_the_runs(tiny, capsys, monkeypatch):
     """`--resume` compared the CLI's defaults with the run's knobs ("cannot resume with --lr 0.0003" when no --lr
     was given) and read the plan's dataset, not the run's. Options not given now take the run's values; a kept
@@ -915,6 +920,7 @@ def test_folder_data_whose_channels_were_read_off_the_images_warns(tmp_path, cap
     assert code == 0 and "number of channels" not in err, err
 
 
+@pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_resume_of_a_moved_run_a_dropped_lr_change_and_a_no_dp_run(tiny, capsys, monkeypatch):
     """Review of the resume defaults: (1) the run's data path came from its checkpoint even where it no longer
     existed, so a run folder moved with its data failed on a --dataset never given; (2) an lr given at a resume
@@ -1191,6 +1197,7 @@ def _public_npz(path, seed=2):
 SUBSPACE = ("--public-subspace", 2, "--subspace-every", 2, "--subspace-examples", 8)
 
 
+@pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_a_relative_subspace_data_is_recorded_absolute_and_resumes_from_any_folder(tiny, capsys, monkeypatch):
     """h83 F3 (stop 46): `--subspace-data npz:pub.npz` was recorded as typed. Resumed from another folder, the run
     read 'pub.npz' there ("does not exist", or another folder's public file), and the same file named by its
@@ -1233,6 +1240,7 @@ def test_a_relative_subspace_data_is_recorded_absolute_and_resumes_from_any_fold
     assert json.loads(out)["steps_done"] == 4
 
 
+@pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_a_relative_subspace_data_recorded_by_an_older_dpdm_resumes_from_its_own_folder(tiny, capsys, monkeypatch):
     """A run recorded with `npz:pub.npz` as typed (a dpdm before stop 46) still means the file from the folder it
     was started in: there it resumes, with the name as typed or absolute, and records the absolute path. From
@@ -1268,6 +1276,7 @@ def test_a_relative_subspace_data_recorded_by_an_older_dpdm_resumes_from_its_own
     assert ckpt.load_checkpoint(checkpoint)["config"]["train"]["subspace_data"] == f"npz:{d / 'f3' / 'pub.npz'}"
 
 
+@pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_a_resume_without_dataset_whose_recorded_file_changed_is_not_told_to_resume_without_it(tiny, capsys,
                                                                                                  monkeypatch):
     """h83 F4 (stop 46): the run's recorded data file was replaced by other images of the same size; the resume,

@@ -70,7 +70,7 @@ def test_run_ends_at_plan_steps_with_ledger(tmp_path):
         train(doc, x, y, c, out, TrainConfig(**CFG), progress=False)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("schedule", ["constant", pytest.param("cosine", marks=pytest.mark.slow)])   # stop 47
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, schedule):
     x, y, c = tiny_data()
     doc = tiny_plan(steps=7)
@@ -488,6 +488,7 @@ def test_train_sigma_narrows_the_noise_levels_and_the_sampler_follows(tmp_path):
     assert meta["sigma_min"] == 0.01   # an explicit value is honoured
 
 
+@pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_power_ema_is_edm2s_average_and_survives_resume(tmp_path):
     from dpdm.train import PowerEMA, power_ema_sigma_rel
 
