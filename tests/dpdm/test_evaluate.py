@@ -452,6 +452,23 @@ def test_check_test_data_refuses_training_images_and_other_classes(digits):
     assert check_test_data(train, ImageData(test.x[:20], None, 0, "unlabelled")) == 0
 
 
+def test_check_test_data_refuses_a_test_set_of_classes_the_training_data_lacks(digits):
+    """h91 F2 (stop 47): training labels {3, 7} (8 classes, 6 without an image) and test labels {0, 1} were
+    accepted without a word; every test image is of a class no classifier could learn."""
+    from dpdm.evaluate import check_test_data
+
+    train, test = digits
+    gaps = ImageData(train.x[:40], torch.where(torch.arange(40) % 2 == 0, 3, 7), 8, "gaps")
+    with pytest.raises(DataError, match="20 of the 20 test images of 'other' are of classes that training data "
+                                        "'gaps' has no image of"):
+        check_test_data(gaps, ImageData(test.x[:20], torch.arange(20) % 2, 2, "other"))
+    mixed = ImageData(test.x[:20], torch.where(torch.arange(20) < 9, 0, 3), 4, "mixed")   # 9 of 20: kept
+    assert check_test_data(gaps, mixed) == 0
+    with pytest.raises(DataError, match="10 of the 20 test images of 'half'"):
+        check_test_data(gaps, ImageData(test.x[:20], torch.where(torch.arange(20) < 10, 0, 3), 4, "half"))
+    assert check_test_data(gaps, ImageData(test.x[:20], torch.where(torch.arange(20) < 10, 7, 3), 8, "same")) == 0
+
+
 def test_evaluate_counts_test_images_and_samples_that_are_training_images(digits, tmp_path):
     from dpdm.evaluate import NON_PRIVATE_KEY
 
