@@ -25,7 +25,9 @@ SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 PRECISIONS = ("fp32", "bf16")
 
 # Image i of `generate` draws from seed + i; every such seed must be below 2**63 (torch.Generator's seeds
-# are taken modulo 2**63 here, so a larger one would repeat seed - 2**63's images).
+# are taken modulo 2**63 here, so a larger one would repeat seed - 2**63's images). On the CPU, torch's generator
+# (mt19937) keeps only the low 32 bits of a seed: seeds that agree modulo 2**32 draw the same images there
+# (`--seed 0` and `--seed 12884901888` wrote identical files; mut48, stop 47); CUDA's generator uses all 64.
 MAX_SEED = 2**63 - 1
 
 # Bounds of the sampler's options, so that an option value cannot overflow the arithmetic into NaN (which reads
