@@ -433,6 +433,27 @@ def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sam
     return {**result, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def guidance_problem(guidance: float, guidance_interval, *, train_sigma=TRAIN_SIGMA,
+                     sigma_min: float | None = SIGMA_MIN) -> str | None:
+    """Why `sample` would refuse these guidance options (`dpdm.sample.guidance_options_problem`), or None: asked
+    before any part runs, on the schedule it would sample with (SAMPLER_STEPS euler steps from the run's default
+    range, or from `sigma_min`). A schedule that cannot be made is left to `sample`'s own refusal."""
+    import torch
+
+    from dpdm.sample import default_sigma_range, guidance_options_problem
+    from dpdm.sampling import ScheduleError, get_sigmas_karras
+
+    low, high = default_sigma_range(train_sigma)
+    low = low if sigma_min is None else sigma_min
+    try:
+        sigmas = get_sigmas_karras(SAMPLER_STEPS, sigma_min=low, sigma_max=high, dtype=torch.float32) \
+            if 0 < low < high else None
+    except ScheduleError:
+        sigmas = None
+    return guidance_options_problem(guidance, None if guidance_interval is None else tuple(guidance_interval),
+                                    sigmas, "euler")
+
+
 def run(*, plan_path: str | None = None, samples: str | None = None, device: str = "cpu",
         workdir: str | Path = "bench_quality", model: str = GENERATOR_MODEL, n: int = N_SAMPLES,
         epochs: float = EPOCHS, batch_size: int = BATCH_SIZE, noise_multiplicity: int = NOISE_MULTIPLICITY,
@@ -702,6 +723,10 @@ def main(argv: list[str] | None = None) -> None:
                    "below MAX, both in [1e-10, 1e+10] (as `dpdm train --train-sigma`)\n")
     if args.train_sigma is not None and args.precond != "v":
         ap.exit(2, f"{ap.prog}: error: --train-sigma applies to --precond v only (as `dpdm train`)\n")
+    problem = None if args.samples is not None or args.baseline_only else guidance_problem(
+        args.guidance, args.guidance_interval, train_sigma=args.train_sigma, sigma_min=args.sigma_min)
+    if problem:   # dpdm.sample refused them only once the generator had trained (h93 F1)
+        ap.exit(2, f"{ap.prog}: error: {problem}\n")
     if args.samples is not None and not Path(args.samples).is_file():   # before hours of baseline training
         ap.exit(2, f"{ap.prog}: error: --samples {args.samples}: no such file\n")
     if args.plan:   # refused here in one line, not by a traceback once run() reads it

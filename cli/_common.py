@@ -88,7 +88,37 @@ def checkpoint_of(run_dir: str | None, checkpoint_path: str | None):
     for option, value in (("--run", run_dir), ("--checkpoint", checkpoint_path)):
         if value is not None and not value.strip():   # '' was taken as not given (a TypeError traceback)
             raise BadInput(f"{option}={value!r} is empty")
-    return Path(checkpoint_path) if checkpoint_path is not None else Path(run_dir) / "checkpoint.pt"
+    path = Path(checkpoint_path) if checkpoint_path is not None else Path(run_dir) / "checkpoint.pt"
+    problem = input_name_problem(path)
+    if problem:
+        option, value = ("--checkpoint", checkpoint_path) if checkpoint_path is not None else ("--run", run_dir)
+        raise BadInput(f"{option}={value!r}: {problem}")
+    return path
+
+
+def input_name_problem(path) -> str | None:
+    """Why the input file `path` cannot even be looked up, or None (a missing file is left to its loader, which
+    names it): a name in it longer than its file system takes (NAME_MAX), or a path past the system's PATH_MAX.
+    The loaders' `Path.is_file` let that ENAMETOOLONG through, a "runtime failure", exit 4 (h93 F5): `checkpoint_of`
+    (sample, export) and eval check with it; outputs are checked by `report_utils.output_parent_problem`."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from dpdm.report_utils import name_max
+
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            return None
+        part = max(Path(path).parts, key=lambda p: len(os.fsencode(p)))
+        size, limit = len(os.fsencode(part)), name_max(Path(path).parent)
+        if size > limit:
+            return (f"no such file: the name {part[:24]!r}... is {size} bytes long, more than the {limit} its file "
+                    "system takes")
+        return f"no such file: the path is longer than this system takes ({e.strerror})"
+    return None
 
 
 def emit_json(doc: dict[str, Any]) -> None:

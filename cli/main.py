@@ -170,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.EFBIG,
                                                   errno.ENAMETOOLONG):
             # A folder that turned read-only (a remount after disk errors), an I/O error, permissions taken away
-            # mid-command, a file-size limit (`ulimit -f`, a scheduler's): the machine again. Inputs are checked
-            # for these (and names for NAME_MAX) before any work; this is the rest.
+            # mid-command, a file-size limit (`ulimit -f`, a scheduler's): the machine again. Outputs are checked
+            # before any work (`report_utils.output_parent_problem`: a folder that takes no new file, a name over
+            # NAME_MAX), and so are the input files of train, eval --samples and sample's and export's
+            # --checkpoint/--run (`_common.input_name_problem`: a name over NAME_MAX is bad input, exit 2).
             click.echo(f"{prog}: runtime failure: {_one_line(str(e))} ({errno.errorcode[e.errno]}); files written "
                        "before are kept", err=True)
             return EXIT_RUNTIME

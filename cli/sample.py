@@ -49,7 +49,8 @@ _MAX_SAMPLER_STEPS = 10_000   # dpdm.sampling.MAX_SAMPLER_STEPS (10x DPDM's 1,00
                    "U-Net; benchmarks/precision.py), slower on one without; the images differ from fp32's by "
                    "a fraction of a grey level on average.")
 @click.option("--seed", type=click.IntRange(min=0, max=_MAX_SEED), default=0, show_default=True,
-              help="Image i uses seed + i; 0 <= seed <= 2**63 - n (n: --n), so that every image's seed is below 2**63.")
+              help="Image i uses seed + i; 0 <= seed <= 2**63 - n (n: --n), so that every image's seed is below 2**63. "
+                   "On the CPU, torch's generator keeps the low 32 bits of each: seeds 2**32 apart draw the same images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per network call; a batch of fewer than 16 (a trailing one too) is padded with copies of "
                    "its images, so that the images do not depend on the batch size (measured with MKL's AVX512 "

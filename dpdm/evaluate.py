@@ -47,7 +47,9 @@ images and the samples that are training images (``"test_images_in_train"``, ``"
 both computed without privacy): samples that are training images make every metric describe the
 training data, not a generator. So do near-copies of them (``"samples_near_train"``, `samples_near_train`:
 shifted by a pixel, mirrored, brightened, noised or re-encoded; computed without privacy), which the exact count
-misses. It counts the samples that are test images too (``"samples_in_test"``): the
+misses; the real test images' own count of them is their floor (``"test_images_near_train"``: distinct images of
+upsampled low-resolution data can be this alike), and only a count clearly above it tells of copying
+(`near_copies_above_floor`). It counts the samples that are test images too (``"samples_in_test"``): the
 classifiers train on them, so half or more of the test images among the samples is refused when the accuracies
 are computed (`check_samples_held_out`).
 
@@ -102,6 +104,7 @@ __all__ = [
     "inception_fid",
     "label_counts_problem",
     "load_inception",
+    "near_copies_above_floor",
     "precision_recall",
     "pretrain_on_public",
     "random_shift",
@@ -121,6 +124,9 @@ _FEATURES = "penultimate (128-d) of a CNN trained on the real training split"
 MIN_SAMPLES = 5
 # The report's list of the values computed without privacy from the private training split.
 NON_PRIVATE_KEY = "non_private_statistics_of_the_training_data"
+# The samples' near-copies of training images tell of copying when a one-sided binomial test puts their count
+# above the real test images' rate at this level (`near_copies_above_floor`).
+NEAR_COPY_ALPHA = 1e-3
 
 Progress = Callable[[str], None]
 
@@ -407,7 +413,29 @@ def samples_near_train(samples: ImageData, real_train: ImageData) -> int | None:
     return int(((near_copies(samples, real_train) >= 0) | exact).sum())
 
 
-def label_counts_problem(counts: list[int]) -> str | None:
+def near_copies_above_floor(near: int, n: int, floor: int | None, floor_n: int | None, *,
+                            alpha: float = NEAR_COPY_ALPHA) -> bool:
+    """Whether `near` of `n` samples that are near-copies of training images, but not exact copies, are clearly more
+    than real held-out images show: `floor` of `floor_n` test images are such near-copies (``"test_images_near_train"``
+    of `evaluate_samples`). A one-sided binomial test, near ~ Bin(n, floor / floor_n), warns when P(X >= near) <
+    `alpha`; the floor's rate is taken as it is measured, as the FD's floor is. Without a floor (no test data) or
+    with a floor of 0, the data shows no distinct images this alike, and every near-copy counts (the threshold's
+    calibration on MNIST: none of its test images passed).
+
+    Distinct images of upsampled low-resolution data can be this alike: digits28 (8x8 digits at 28x28) has 71 of
+    898 real images near-copies of the other half's, so 31 of 500 real held-out images given as samples were called
+    a generator that leaks its training images (h93 F2).
+    """
+    if near <= 0 or n <= 0:
+        return False
+    if not floor or not floor_n:
+        return True
+    from scipy.stats import binom
+
+    return float(binom.sf(near - 1, n, min(1.0, floor / floor_n))) < alpha
+
+
+def label_counts_problem(counts: list[int], classes: list[int] | None = None) -> str | None:
     """Why the samples' label counts per class (`counts`) are no balanced synthetic set, or None: a class has
     no sample, or one holds under half or over twice its uniform share n / K by more than chance allows (4
     standard deviations of a uniform draw, sqrt(n / K)). The counts of DP samples cost no privacy, and the
@@ -415,24 +443,31 @@ def label_counts_problem(counts: list[int]) -> str | None:
 
     `dpdm sample` draws the classes in turn; a set collapsed onto a few classes trains classifiers that fail
     on the others, yet can score a higher recall than a balanced one (module docstring).
+
+    classes: the classes the real training data has an image of (None: all). Only they are judged, over their
+    own samples: an npz labelled {3, 7} has 8 classes, and samples kept to {3, 7} as `dpdm sample` advises were
+    said to lack 6 of them (h93 F4). Which classes those are is a fact of the training data: the caller says the
+    line to the data's owner only.
     """
-    n, k = sum(counts), len(counts)
+    judged = range(len(counts)) if classes is None else sorted(c for c in set(classes) if 0 <= c < len(counts))
+    n, k = sum(counts[c] for c in judged), len(judged)
     if k < 2 or n == 0:
         return None
-    absent = [c for c, v in enumerate(counts) if v == 0]
+    of = f"the {k} classes" if k == len(counts) else f"the {k} classes with training images"
+    absent = [c for c in judged if counts[c] == 0]
     if absent:
         shown = ", ".join(map(str, absent[:10])) + (", ..." if len(absent) > 10 else "")
         many = len(absent) > 1
-        return (f"{len(absent)} of the {k} classes {'have' if many else 'has'} no sample "
+        return (f"{len(absent)} of {of} {'have' if many else 'has'} no sample "
                 f"(class{'es' if many else ''} {shown})")
     share = n / k
-    far = [c for c, v in enumerate(counts)
-           if (v < share / 2 or v > 2 * share) and abs(v - share) > 4 * share ** 0.5]
+    far = [c for c in judged
+           if (counts[c] < share / 2 or counts[c] > 2 * share) and abs(counts[c] - share) > 4 * share ** 0.5]
     if not far:
         return None
     c = max(far, key=lambda c: abs(counts[c] - share))
-    return (f"the label counts are far from uniform: class {c} holds {counts[c]} of the {n} samples, against a "
-            f"uniform share of {share:.4g}")
+    return (f"the label counts are far from uniform: class {c} holds {counts[c]} of the {n} samples"
+            f"{'' if k == len(counts) else ' of ' + of}, against a uniform share of {share:.4g}")
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -849,8 +884,11 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
       the test images and the samples that are also training images (`datasets.shared_images`): samples
       that are training images make the metrics measure the training data, not a generator.
       "samples_near_train" counts those and the near-copies of training images (`samples_near_train`; None for
-      images under 16 pixels a side). "samples_label_counts": the samples per class (None without labels;
-      `label_counts_problem` says when they are far from uniform).
+      images under 16 pixels a side). Its floor, "test_images_near_train", counts the near-copies of training images
+      that are not exact copies among "test_images_near_train_n" test images (the FD floor's subsample; None
+      without `real_test` or near-copy search): `near_copies_above_floor` compares the two.
+      "samples_label_counts": the samples per class (None without labels; `label_counts_problem` says when they
+      are far from uniform).
       "samples_in_test" (None without `real_test`) counts the samples that are test images
       (`check_samples_held_out`). "classifier_fd" holds the samples' FD ("value", on "n" images) and the
       floor ("real_test_value", on "real_test_n" test images: min(len(samples), len(real_test)), a seeded
@@ -903,12 +941,21 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                     "augment_shift": int(shift), "skipped": skipped,
                     "test_images_in_train": test_in_train, "samples_in_train": shared_images(samples, real_train),
                     "samples_near_train": samples_near_train(samples, real_train),
+                    "test_images_near_train": None, "test_images_near_train_n": None,
                     "samples_in_test": samples_in_test,
                     "samples_label_counts": None if samples.y is None else samples.y.bincount(
                         minlength=real_train.num_classes if real_train.y is not None else samples.num_classes
                     ).tolist()}
     non_private = ([] if real_test is None else ["test_images_in_train"]) + ["samples_in_train"] + \
         ([] if report["samples_near_train"] is None else ["samples_near_train"])
+    if real_test is not None and report["samples_near_train"] is not None:
+        # The floor: real held-out images this alike to training images, on as many test images as there are
+        # samples at most (the same subsample as the FD's floor; the search costs no more than the samples' own).
+        floor_test = _subsample(real_test, len(samples), seed)
+        report["test_images_near_train"] = (samples_near_train(floor_test, real_train) -
+                                            shared_images(floor_test, real_train))
+        report["test_images_near_train_n"] = len(floor_test)
+        non_private.append("test_images_near_train")
     if accuracies:
         for kind in classifiers:
             if progress:

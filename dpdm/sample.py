@@ -147,9 +147,9 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     grid_problem = grid_path and grid_suffix_problem(grid_path)
     if grid_problem:
         raise SampleError(f"grid path {str(grid_path)!r} {grid_problem}")
-    if guidance_interval is not None and guidance == 0:   # recorded, but no step guided
-        raise SampleError(f"guidance_interval={_option_text(tuple(guidance_interval))} (--guidance-interval) "
-                          "needs guidance > 0 (--guidance): without it no step is guided")
+    problem = guidance_options_problem(guidance, guidance_interval)   # recorded, but no step guided
+    if problem:
+        raise SampleError(problem)
 
     D, state = load_denoiser(path, weights=weights, device=device)
     weights = state["weights"]   # None: the release file's own set
@@ -166,8 +166,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                 else f"this machine's {have / 2**30:.3g} GiB")
         raise SampleError(_too_many_images(n, cfg, f"need {need / 2**30:.3g} GiB of memory, more than {room}"))
     trained = (cfg.get("train") or {}).get("train_sigma")   # train: None passes checkpoint's checks
-    default_min = SIGMA_MIN if trained is None else max(SIGMA_MIN, float(trained[0]))
-    default_max = SIGMA_MAX if trained is None else min(SIGMA_MAX, float(trained[1]))
+    default_min, default_max = default_sigma_range(trained)
     # The options that change the sampler's arithmetic, as given (blamed when its output is not finite).
     given = {"sampler": None if sampler == "euler" else sampler, "sigma_min": sigma_min, "sigma_max": sigma_max,
              "rho": None if rho == RHO else rho, "guidance": guidance or None, "guidance_interval": guidance_interval,
@@ -190,10 +189,9 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         problem = _churn_window_problem(sigmas, sampler_kwargs or {})
         if problem:
             raise SampleError(problem)
-    if guidance_interval is not None:
-        problem = _guidance_interval_problem(sigmas, guidance_interval, sampler, sampler_kwargs or {})
-        if problem:
-            raise SampleError(problem)
+    problem = guidance_options_problem(guidance, guidance_interval, sigmas, sampler, sampler_kwargs)
+    if problem:
+        raise SampleError(problem)
     num_classes = int(cfg["num_classes"])
     # Image i is image seed + i of one sequence, label included: a run split into files (advancing --seed by
     # each file's --n) draws the same images as one file (labels restarting at 0 in each file did not).
@@ -295,6 +293,48 @@ def _churn_window_problem(sigmas: torch.Tensor, churn: dict) -> str | None:
             "would be Heun's, recorded as churn: widen the window, or use --sampler heun")
 
 
+def default_sigma_range(train_sigma) -> tuple[float, float]:
+    """The schedule's default (sigma_min, sigma_max) for a run trained on the noise levels `train_sigma` ((MIN, MAX)
+    of `dpdm train --train-sigma`; None: the loss's own range): Karras's, narrowed to the levels the run trained on,
+    so that the sampler does not ask the network about levels it never saw."""
+    if train_sigma is None:
+        return SIGMA_MIN, SIGMA_MAX
+    return max(SIGMA_MIN, float(train_sigma[0])), min(SIGMA_MAX, float(train_sigma[1]))
+
+
+def guidance_options_problem(guidance: float, guidance_interval, sigmas: torch.Tensor | None = None,
+                             sampler: str = "euler", sampler_kwargs: dict | None = None) -> str | None:
+    """Why `sample_checkpoint` refuses these guidance options, or None: an interval without guidance (recorded, but
+    no step guided), or, given the schedule `sigmas`, an interval that holds none of the noise levels `sampler`
+    evaluates (`_guidance_interval_problem`). Needs no checkpoint: benchmarks/quality.py asks before it trains the
+    generator, whose sampling refused them only after hours of training (h93 F1)."""
+    if guidance_interval is None:
+        return None
+    if guidance == 0:
+        return (f"guidance_interval={_option_text(tuple(guidance_interval))} (--guidance-interval) needs guidance > 0 "
+                "(--guidance): without it no step is guided")
+    if sigmas is None:
+        return None
+    return _guidance_interval_problem(sigmas, guidance_interval, sampler, sampler_kwargs or {})
+
+
+def _level_text(level: float, *bounds: float) -> str:
+    """A noise level in %g, with more significant digits where 6 would put it on the other side of one of `bounds`
+    (or on one): the float32 level 0.0020000000949949026 read "0.002 above (0, 0.002]", a refusal that looked like
+    a bug (h93 F3)."""
+    for digits in range(6, 18):
+        text = f"{level:.{digits}g}"
+        if all((float(text) > b) == (level > b) and (float(text) < b) == (level < b) for b in bounds):
+            return text
+    return repr(level)
+
+
+def _given_text(value: float) -> str:
+    """A number as the user typed it: the shortest text that reads back as `value` (Python's repr), "80" for 80.0."""
+    text = repr(float(value))
+    return text.removesuffix(".0")
+
+
 def _guidance_interval_problem(sigmas: torch.Tensor, interval, sampler: str, churn: dict) -> str | None:
     """Why guidance in `interval` (lo, hi] would guide no network call of `sampler` on the schedule `sigmas`, or
     None. An interval between two noise levels (0.17 0.45 with levels 0.47 and 0.117) gave unguided samples,
@@ -306,12 +346,17 @@ def _guidance_interval_problem(sigmas: torch.Tensor, interval, sampler: str, chu
     levels = sorted(set(network_levels(sigmas, sampler, churn)), reverse=True)   # Heun's repeat sigma_{i+1}
     if any(lo < v <= hi for v in levels):   # as `guided_denoise` compares them
         return None
-    nearest = [f"{v:g} {side}" for v, side in ((min((v for v in levels if v > hi), default=None), "above"),
-                                               (max((v for v in levels if v <= lo), default=None), "below"))
+
+    def level(v: float) -> str:   # as many digits as keep it on its side of lo and hi
+        return _level_text(v, lo, hi)
+
+    low, high = _given_text(lo), _given_text(hi)   # as typed: %g cut 0.0020000001 to 0.002
+    nearest = [f"{level(v)} {side}" for v, side in ((min((v for v in levels if v > hi), default=None), "above"),
+                                                    (max((v for v in levels if v <= lo), default=None), "below"))
                if v is not None]
-    return (f"--guidance-interval {lo:g} {hi:g}: none of the {len(levels)} noise levels the {sampler} sampler "
-            f"evaluates ({max(levels):g} down to {min(levels):g}; nearest: {', '.join(nearest)}) lies in "
-            f"({lo:g}, {hi:g}], so no step would be guided and the samples would be unguided, recorded as guided: "
+    return (f"--guidance-interval {low} {high}: none of the {len(levels)} noise levels the {sampler} sampler "
+            f"evaluates ({level(max(levels))} down to {level(min(levels))}; nearest: {', '.join(nearest)}) lies in "
+            f"({low}, {high}], so no step would be guided and the samples would be unguided, recorded as guided: "
             "widen the interval, or leave out --guidance and --guidance-interval for unguided samples")
 
 

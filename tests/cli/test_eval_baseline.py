@@ -1198,3 +1198,82 @@ def test_eval_prints_the_samples_label_counts_and_warns_of_a_missing_or_dominant
                               "rare classes, and precision/recall does not show it"], err
         code, out, err = _run(capsys, *common, "--samples", str(path), "--json")
         assert json.loads(out)["samples_label_counts"] == counts.tolist()
+
+
+def test_eval_judges_the_label_counts_over_the_classes_the_training_data_has(digit_files, tmp_path, capsys):
+    """h93 F4: training data labelled {3, 7} has 8 classes; samples kept to {3, 7}, as `dpdm sample` advises for
+    classes the run had no image of, were said to lack 6 classes. Only the classes with training images are
+    judged; one of them missing is still warned about, and the report keeps no trace of the training classes."""
+    arrays = {}
+    for name in ("train", "test", "samples"):
+        with np.load(digit_files[name]) as z:
+            keep = np.isin(z["y"], (3, 7))
+            arrays[name] = (z["x"][keep], z["y"][keep])
+            np.savez(tmp_path / f"gap_{name}.npz", x=z["x"][keep], y=z["y"][keep])
+    x, y = arrays["samples"]
+    np.savez(tmp_path / "only3.npz", x=x[y == 3], y=y[y == 3])
+    common = ("eval", "--dataset", f"npz:{tmp_path / 'gap_train.npz'}", "--test-dataset",
+              f"npz:{tmp_path / 'gap_test.npz'}", "--classifiers", "", "--reference-epochs", "1", "--cache-dir",
+              str(tmp_path / "cache"))
+    code, out, err = _run(capsys, *common, "--samples", str(tmp_path / "gap_samples.npz"), "--json")
+    assert code == 0 and "no sample" not in err and "far from uniform" not in err, err
+    report = json.loads(out)
+    assert report["samples_label_counts"] == np.bincount(y, minlength=8).tolist()
+    assert "trained_classes" not in json.dumps(report) and "classes_with" not in json.dumps(report)
+    code, out, err = _run(capsys, *common, "--samples", str(tmp_path / "only3.npz"))
+    assert code == 0, err
+    assert f"dpdm: warning: {str(tmp_path / 'only3.npz')!r}: 1 of the 2 classes with training images has no " \
+           "sample (class 7); classifiers" in err, err
+
+
+@pytest.fixture(scope="module")
+def digits28_files(tmp_path_factory):
+    """digits28 (8x8 digits upsampled to 28x28) as disjoint uint8 npz files: 'train' (900), 'held_out' (400) and
+    'test' (497), all real images; 'disguised' (100 training images, brightened by one grey level on the ink,
+    noised by up to 2 grey levels, or moved by one pixel)."""
+    from dpdm.datasets import load_dataset, to_uint8
+
+    d = load_dataset("digits28", "train")
+    x, y = to_uint8(d.x), d.y.numpy()
+    perm = np.random.default_rng(0).permutation(len(x))
+    parts = {"train": perm[:900], "held_out": perm[900:1300], "test": perm[1300:]}
+    g = np.random.default_rng(1)
+    src = x[perm[:100]].astype(np.int64)
+    disguised = np.concatenate([np.where(src[:34] > 0, np.minimum(src[:34] + 1, 255), 0),
+                                np.clip(src[34:67] + g.integers(-2, 3, src[34:67].shape), 0, 255),
+                                np.roll(src[67:], 1, axis=-1)]).astype(np.uint8)
+    root = tmp_path_factory.mktemp("digits28")
+    paths = {}
+    arrays = {**{k: (x[v], y[v]) for k, v in parts.items()}, "disguised": (disguised, y[perm[:100]])}
+    for name, (xs, ys) in arrays.items():
+        paths[name] = root / f"{name}.npz"
+        np.savez(paths[name], x=xs, y=ys)
+    return paths
+
+
+def test_eval_warns_of_near_copies_only_above_the_real_test_images_own_rate(digits28_files, tmp_path, capsys):
+    """h93 F2: real held-out digits28 images given as samples were called "near-copies of training images ... a
+    generator that reproduces its training images leaks them": distinct images of upsampled 8x8 digits are that
+    alike. The real test images' own count is the floor ("test_images_near_train", computed without privacy), and
+    only a count clearly above it is warned about; many disguised copies still are."""
+    common = ("eval", "--dataset", f"npz:{digits28_files['train']}", "--test-dataset",
+              f"npz:{digits28_files['test']}", "--classifiers", "", "--reference-epochs", "1", "--cache-dir",
+              str(tmp_path / "cache"), "--device", "cpu", "--json")
+    code, out, err = _run(capsys, *common, "--samples", str(digits28_files["held_out"]))
+    assert code == 0 and "near-copies" not in err, err
+    report = json.loads(out)
+    assert report["samples_in_train"] == 0 and report["samples_near_train"] > 0   # the look-alikes h93 saw
+    assert report["test_images_near_train"] > 0 and report["test_images_near_train_n"] == 400
+    assert "test_images_near_train" in report["non_private_statistics_of_the_training_data"]
+    with np.load(digits28_files["held_out"]) as h, np.load(digits28_files["disguised"]) as d:
+        np.savez(tmp_path / "copied.npz", x=np.concatenate([h["x"][:200], d["x"]]),
+                 y=np.concatenate([h["y"][:200], d["y"]]))
+    code, out, err = _run(capsys, *common, "--samples", str(tmp_path / "copied.npz"))
+    assert code == 0, err
+    report = json.loads(out)
+    floor, n = report["test_images_near_train"], report["test_images_near_train_n"]
+    assert report["samples_near_train"] >= 100 and n == 300
+    near = [ln for ln in err.splitlines() if "near-copies of training images" in ln]
+    assert len(near) == 1, err
+    assert near[0].startswith(f"dpdm: warning: {report['samples_near_train']} of the 300 samples"), near[0]
+    assert f"copies in all, clearly more often than the real test images are: {floor} of {n}): a generator" in near[0]

@@ -92,6 +92,31 @@ def test_a_name_longer_than_the_folder_takes_is_refused_before_any_work(run, tmp
     assert not list(tmp_path.iterdir())
 
 
+def test_an_input_name_longer_than_the_folder_takes_is_bad_input(run, tmp_path, capsys, monkeypatch):
+    """h93 F5: `dpdm eval --samples` and `dpdm sample --checkpoint` (or --run) with a name of 256 bytes said
+    "runtime failure: [Errno 36] File name too long", exit 4, as if the machine had failed. Bad input: one line
+    naming the option and the name's length, exit 2, before any loading or drawing."""
+    import dpdm.datasets
+    import dpdm.sample
+
+    monkeypatch.setattr(dpdm.sample, "sample_checkpoint", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(dpdm.datasets, "load_dataset", lambda *a, **k: pytest.fail("loaded the real data"))
+    for option, args in (("--samples", ["eval", "--dataset", "mnist5k", "--samples",
+                                        str(_named(tmp_path, 256, ".npz"))]),
+                         ("--checkpoint", ["sample", "--n", "1", "--out", str(tmp_path / "s.npz"), "--checkpoint",
+                                           str(_named(tmp_path, 256, ".pt"))]),
+                         ("--run", ["sample", "--n", "1", "--out", str(tmp_path / "s.npz"), "--run",
+                                    str(_named(tmp_path, 256, ""))]),
+                         ("--run", ["export", "--out", str(tmp_path / "m.pt"), "--run",
+                                    str(_named(tmp_path, 256, ""))]),
+                         ("--checkpoint", ["export", "--out", str(tmp_path / "m.pt"), "--checkpoint",
+                                           str(_named(tmp_path, 256, ".pt"))])):
+        line = _one_line(main(args), capsys.readouterr().err, 2)
+        assert line.startswith(f"dpdm: error: {option}=") and "no such file: the name" in line, line
+        assert "bytes long, more than the 255" in line, line
+    assert not list(tmp_path.iterdir())
+
+
 def _under_file_size_limit(args: list[str], kib: int) -> subprocess.CompletedProcess:
     """`dpdm ARGS` in a child process whose files may grow to `kib` KiB (`ulimit -f`; Python ignores SIGXFSZ, so a
     write past it fails with EFBIG)."""

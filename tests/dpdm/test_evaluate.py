@@ -870,3 +870,33 @@ def test_samples_near_train_counts_disguised_copies_of_training_images(digits, t
     assert report["samples_in_train"] == 2 and report["samples_near_train"] == 22
     assert "samples_near_train" in report[NON_PRIVATE_KEY]
     assert report["samples_label_counts"] == samples.y.bincount(minlength=10).tolist()
+
+
+def test_label_counts_problem_judges_only_the_classes_the_training_data_has():
+    """h93 F4: an npz labelled {3, 7} has 8 classes; samples kept to those two were said to lack the other 6."""
+    from dpdm.evaluate import label_counts_problem
+
+    kept = [0, 0, 0, 8, 0, 0, 0, 8]
+    assert label_counts_problem(kept) == "6 of the 8 classes have no sample (classes 0, 1, 2, 4, 5, 6)"
+    assert label_counts_problem(kept, [3, 7]) is None
+    assert label_counts_problem([0, 0, 0, 8, 0, 0, 0, 0], [3, 7]) == ("1 of the 2 classes with training images has "
+                                                                     "no sample (class 7)")
+    assert label_counts_problem([4, 4, 4, 300, 4, 20, 4, 20], [3, 5, 7]) == (
+        "the label counts are far from uniform: class 3 holds 300 of the 340 samples of the 3 classes with training "
+        "images, against a uniform share of 113.3")
+    assert label_counts_problem([8] * 8, list(range(8))) is None and label_counts_problem([0, 8], [1]) is None
+
+
+def test_near_copies_above_floor_is_a_one_sided_binomial_test_against_the_test_images_rate():
+    """h93 F2: 31 of 500 real held-out digits28 images were warned about as a leaking generator's near-copies,
+    while 35 of 397 real test images are as near. Without a floor, or with a floor of 0, every near-copy counts."""
+    from scipy.stats import binom
+
+    from dpdm.evaluate import NEAR_COPY_ALPHA, near_copies_above_floor
+
+    assert near_copies_above_floor(1, 1000, None, None) and near_copies_above_floor(1, 1000, 0, 1000)
+    assert not near_copies_above_floor(0, 1000, 0, 1000) and not near_copies_above_floor(0, 1000, None, None)
+    assert not near_copies_above_floor(31, 500, 35, 397)                 # real images against real images
+    assert near_copies_above_floor(131, 500, 35, 397)                    # 100 copies more
+    first = next(k for k in range(500) if near_copies_above_floor(k, 500, 35, 397))
+    assert binom.sf(first - 1, 500, 35 / 397) < NEAR_COPY_ALPHA <= binom.sf(first - 2, 500, 35 / 397)

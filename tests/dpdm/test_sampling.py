@@ -635,7 +635,7 @@ def test_sample_refuses_a_guidance_interval_that_guides_no_step(trained_run, tmp
     for sampler in ("euler", "heun"):
         line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sampler-steps", 4, "--sampler", sampler,
                              "--guidance", 2, "--guidance-interval", *between)
-        assert line.startswith(f"--guidance-interval {between[0]:g} {between[1]:g}: none of the 4 noise levels "
+        assert line.startswith(f"--guidance-interval {between[0]!r} {between[1]!r}: none of the 4 noise levels "
                                f"the {sampler} sampler evaluates"), line
         assert f"nearest: {levels[1]:g} above, {levels[2]:g} below" in line and "no step would be guided" in line
     line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sampler-steps", 4, "--guidance", 2,
@@ -652,6 +652,23 @@ def test_sample_refuses_a_guidance_interval_that_guides_no_step(trained_run, tmp
                  "--guidance", "2", "--guidance-interval", *map(str, between), "--device", "cpu",
                  "--out", str(tmp_path / "churn.npz")]) == 0
     capsys.readouterr()
+
+
+def test_a_guidance_interval_refusal_shows_float32_levels_on_their_side_of_it(trained_run, tmp_path, capsys):
+    """h93 F3: guidance down to the schedule's sigma_min, `--guidance-interval 0 0.1` on a run whose lowest level
+    is 0.1, is rightly refused (the float32 level is 0.10000000149 > 0.1, as `guided_denoise` compares it), but the
+    line read "nearest: 0.1 above ... lies in (0, 0.1]". The levels now carry the digits that show their side."""
+    import re
+
+    line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sampler-steps", 4, "--guidance", 2,
+                         "--guidance-interval", 0, 0.1)
+    assert "lies in (0, 0.1]" in line, line
+    [above] = re.findall(r"nearest: ([0-9.e+-]+) above", line)
+    [lowest] = re.findall(r"down to ([0-9.e+-]+);", line)
+    assert float(above) > 0.1 and float(lowest) > 0.1 and float(above) == pytest.approx(0.1), line
+    line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sampler-steps", 4, "--guidance", 2,
+                         "--guidance-interval", 20, 30)   # away from a bound: %g as before
+    assert "(10 down to 0.1; nearest: 10 below) lies in (20, 30]" in line, line
 
 
 def test_a_guidance_interval_without_guidance_is_refused(trained_run, tmp_path, capsys):
