@@ -605,8 +605,13 @@ def test_out_of_range_options_are_refused_by_argparse(stubbed, tmp_path, monkeyp
     (["--samples", "missing.npz"], ["--samples missing.npz: no such file"])])
 def test_options_that_make_no_plan_are_refused_in_one_line(stubbed, tmp_path, monkeypatch, capsys, argv, names):
     # --plan nonexist.json had ended in a PlanError traceback once run() read it.
-    q, calls = stubbed
     monkeypatch.chdir(tmp_path)
+    _refused_before_any_part(stubbed, tmp_path, monkeypatch, capsys, argv, names)
+
+
+def _refused_before_any_part(stubbed, tmp_path, monkeypatch, capsys, argv, names):
+    """quality.py ARGV ends in one error line naming all of `names`, exit 2, before any part ran or wrote."""
+    q, calls = stubbed
     with pytest.raises(SystemExit) as e:
         _main(q, monkeypatch, capsys, *argv, "--workdir", tmp_path / "w")
     assert e.value.code == 2
@@ -629,12 +634,7 @@ def test_guidance_options_that_sampling_refuses_are_refused_before_any_part(stub
     for argv, names in ((["--guidance-interval", "0.28", "5.42"], ["0.28 5.42", "needs guidance > 0 (--guidance)"]),
                         (["--guidance", "1", "--guidance-interval", lo, hi],
                          [f"none of the {q.SAMPLER_STEPS} noise levels the euler sampler evaluates"])):
-        with pytest.raises(SystemExit) as e:
-            _main(q, monkeypatch, capsys, *argv, "--workdir", tmp_path / "w")
-        assert e.value.code == 2
-        [line] = capsys.readouterr().err.strip().splitlines()      # one line, no traceback
-        assert line.startswith("quality.py: error: ") and all(n in line for n in names), line
-        assert calls == {} and not (tmp_path / "w").exists()
+        _refused_before_any_part(stubbed, tmp_path, monkeypatch, capsys, argv, names)
     # the interval docs/results-mnist5k.md uses, with --guidance 1: accepted, and the parts run
     _main(q, monkeypatch, capsys, "--guidance", "1", "--guidance-interval", "0.28", "5.42", "--workdir", tmp_path / "w",
           "--epochs", "0.2")

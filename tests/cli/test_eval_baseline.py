@@ -272,39 +272,9 @@ def test_baseline_initial_weights_use_the_whole_seed(digit_files, monkeypatch):
     assert not torch.equal(initial[0], initial[1]) and torch.equal(initial[0], initial[2])
 
 
-def test_baseline_loop_runs_the_plans_mechanism(digit_files, monkeypatch):
-    """Every step hands the engine the plan's Poisson batch, noise multiplier, clip norm and expected batch
-    size, with one noise generator drawn across steps (halving the noise passed every other baseline test)."""
-    import dpdm.baseline as baseline
-    import dpdm.engine as engine
-    from dpdm.data import PoissonSampler
-    from dpdm.datasets import load_npz
-
-    plan = accounting.PrivacyPlan(dataset_size=600, batch_size=64, steps=3, noise_multiplier=1.3, clip_norm=0.5,
-                                  delta=1e-5)
-    train, test = load_npz(digit_files["train"]), load_npz(digit_files["test"])
-    calls = []
-    real = engine.private_grad
-
-    def spy(model, loss_fn, *batch, **kw):
-        calls.append((batch[0].clone(), kw))
-        return real(model, loss_fn, *batch, **kw)
-
-    monkeypatch.setattr(engine, "private_grad", spy)
-    baseline.train_dp_classifier(plan, train, test, seed=77)
-    sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, 77)
-    assert len(calls) == plan.steps
-    for step, (x, kw) in enumerate(calls):
-        assert torch.equal(x, train.x[sampler.batch(step)]), step
-        assert kw["noise_multiplier"] == 1.3 and kw["clip_norm"] == 0.5 and kw["expected_batch_size"] == 64
-    assert len({id(kw["generator"]) for _, kw in calls}) == 1   # one stream, drawn on: no step reuses a draw
-
-
-def test_baseline_augmented_loop_hands_the_engine_one_example_per_row(digit_files, monkeypatch):
-    """With --augment-shift, every step hands the engine each example of the plan's Poisson batch as ONE row of
-    A shifted copies ([B, A, C, H, W]) with its own label and `_augmented_loss_fn`, so that its copies are clipped
-    as a whole. Flattened into B * A rows with `_loss_fn` (each copy clipped alone), one example moved the noisy
-    sum by A * C, not C, at the plan's epsilon, and every other test passed (h90 F1)."""
+def _spied_baseline(digit_files, monkeypatch, **options):
+    """A 3-step baseline run on the digits files (seed 77) with `engine.private_grad` recorded: the plan, the
+    training data, the calls as (loss_fn, images, labels, keywords), and the plan's sampler."""
     import dpdm.baseline as baseline
     import dpdm.engine as engine
     from dpdm.data import PoissonSampler
@@ -321,9 +291,29 @@ def test_baseline_augmented_loop_hands_the_engine_one_example_per_row(digit_file
         return real(model, loss_fn, *batch, **kw)
 
     monkeypatch.setattr(engine, "private_grad", spy)
-    baseline.train_dp_classifier(plan, train, test, seed=77, augment_shift=1, augment_multiplicity=3)
-    sampler = PoissonSampler(plan.dataset_size, plan.sample_rate, 77)
+    baseline.train_dp_classifier(plan, train, test, seed=77, **options)
     assert len(calls) == plan.steps
+    return plan, train, calls, PoissonSampler(plan.dataset_size, plan.sample_rate, 77)
+
+
+def test_baseline_loop_runs_the_plans_mechanism(digit_files, monkeypatch):
+    """Every step hands the engine the plan's Poisson batch, noise multiplier, clip norm and expected batch
+    size, with one noise generator drawn across steps (halving the noise passed every other baseline test)."""
+    plan, train, calls, sampler = _spied_baseline(digit_files, monkeypatch)
+    for step, (_, x, _, kw) in enumerate(calls):
+        assert torch.equal(x, train.x[sampler.batch(step)]), step
+        assert kw["noise_multiplier"] == 1.3 and kw["clip_norm"] == 0.5 and kw["expected_batch_size"] == 64
+    assert len({id(kw["generator"]) for *_, kw in calls}) == 1   # one stream, drawn on: no step reuses a draw
+
+
+def test_baseline_augmented_loop_hands_the_engine_one_example_per_row(digit_files, monkeypatch):
+    """With --augment-shift, every step hands the engine each example of the plan's Poisson batch as ONE row of
+    A shifted copies ([B, A, C, H, W]) with its own label and `_augmented_loss_fn`, so that its copies are clipped
+    as a whole. Flattened into B * A rows with `_loss_fn` (each copy clipped alone), one example moved the noisy
+    sum by A * C, not C, at the plan's epsilon, and every other test passed (h90 F1)."""
+    import dpdm.baseline as baseline
+
+    plan, train, calls, sampler = _spied_baseline(digit_files, monkeypatch, augment_shift=1, augment_multiplicity=3)
     for step, (loss_fn, x, y, kw) in enumerate(calls):
         idx = sampler.batch(step)
         assert loss_fn is baseline._augmented_loss_fn, (step, loss_fn)

@@ -1,6 +1,7 @@
 """Samples of a run stopped part-way record the steps it took and the epsilon it spent, not its plan's
 (stop 45, mut45 M1). Every existing sample test samples a finished run, where steps_done == plan_steps, so
-`meta_steps_done` copied from the plan passed them all: a 2-of-4-step model's samples then read as fully trained."""
+`meta_steps_done` copied from the plan passed them all: a 2-of-4-step model's samples then read as fully trained.
+The same for `dpdm export`'s line (stop 47, mut48 X4)."""
 import json
 
 import numpy as np
@@ -40,3 +41,9 @@ def test_samples_of_a_run_killed_at_step_2_say_2_of_4(tmp_path, capsys, monkeypa
     with np.load(tmp_path / "s.npz") as z:
         assert int(z["meta_steps_done"]) == 2 and int(z["meta_plan_steps"]) == 4
         assert float(z["meta_epsilon"]) == pytest.approx(eps2)
+    # `dpdm export`'s line and JSON say the same (mut48, stop 47: "after 4 of 4 steps" passed every test)
+    assert main([str(a) for a in ["export", "--run", tmp_path / "run", "--out", tmp_path / "m.pt"]]) == 0
+    assert "after 2 of 4 steps" in capsys.readouterr().err
+    assert main([str(a) for a in ["export", "--run", tmp_path / "run", "--out", tmp_path / "m.pt", "--json"]]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["steps_done"] == 2 and doc["plan_steps"] == 4 and doc["epsilon_spent"] == pytest.approx(eps2)
