@@ -1070,8 +1070,10 @@ def _load_folder(root: Path, name: str) -> ImageData:
                     if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:   # the header's size, before decoding
                         raise DataError(f"{name}: image {str(f)!r} is {img.size[0]}x{img.size[1]}; images may "
                                         f"have at most {MAX_IMAGE_PIXELS} pixels (4096x4096)")
-                    frames = getattr(img, "n_frames", 1)
-                    if frames > 1:   # load() decodes the first frame only: the rest were left out of the count
+                    # load() decodes the first frame only: the rest were left out of the count. A camera's MPO
+                    # JPEG is one photo (its other frames are previews or depth maps of it): read as one image.
+                    frames = 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
+                    if frames > 1:
                         raise DataError(f"{name}: image {str(f)!r} holds {frames} frames (a multi-page TIFF, an "
                                         f"animated PNG or GIF); dpdm reads one image per file: save each frame "
                                         f"as its own file")

@@ -290,6 +290,20 @@ def test_folder_refuses_a_file_of_several_frames_naming_it(tmp_path, suffix, ext
     assert len(load_dataset(f"folder:{tmp_path / 'd'}")) == 3
 
 
+def test_folder_reads_a_cameras_mpo_jpeg_as_one_image(tmp_path):
+    """Phones and cameras write JPEGs as MPO: the photo, then previews or a depth map of it as further frames. One
+    photo, one image: the several-frames refusal (h91 F3) would have refused a folder of ordinary photos."""
+    _classes(tmp_path / "d", names=("a", "b"))
+    r = np.random.default_rng(2)
+    photo = Image.fromarray(r.integers(0, 256, (8, 8), dtype=np.uint8))
+    preview = Image.fromarray(r.integers(0, 256, (8, 8), dtype=np.uint8))
+    path = tmp_path / "d" / "b" / "photo.jpg"
+    photo.save(path, format="MPO", save_all=True, append_images=[preview])
+    with Image.open(path) as img:
+        assert img.format == "MPO" and img.n_frames == 2
+    assert len(load_dataset(f"folder:{tmp_path / 'd'}")) == 3
+
+
 @pytest.mark.parametrize("error", [SyntaxError("broken PNG file"), EOFError(), struct.error("unpack requires a "
                                    "buffer of 4 bytes"), IndexError("index out of range"), zlib.error("bad data")])
 def test_folder_refuses_an_image_whose_decoder_fails_naming_it(tmp_path, monkeypatch, error):
