@@ -433,6 +433,24 @@ def sample(run_dir: str | Path, out_path: str | Path, *, n: int = N_SAMPLES, sam
     return {**result, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def schedule_problem(*, train_sigma=TRAIN_SIGMA, sigma_min: float | None = SIGMA_MIN) -> str | None:
+    """Why `sample` could not make its schedule (SAMPLER_STEPS euler steps from `sigma_min`, or the run's default
+    low end, to the run's default high end), or None: asked before any part runs (`--sigma-min 100` failed only
+    once the generator had trained)."""
+    import torch
+
+    from dpdm.sample import default_sigma_range
+    from dpdm.sampling import ScheduleError, get_sigmas_karras
+
+    low, high = default_sigma_range(train_sigma)
+    try:
+        get_sigmas_karras(SAMPLER_STEPS, sigma_min=low if sigma_min is None else sigma_min, sigma_max=high,
+                          dtype=torch.float32)
+    except ScheduleError as e:
+        return f"--sigma-min {sigma_min:g}: {e}" if e.args and str(e).startswith("sigma_min=") else str(e)
+    return None
+
+
 def guidance_problem(guidance: float, guidance_interval, *, train_sigma=TRAIN_SIGMA,
                      sigma_min: float | None = SIGMA_MIN) -> str | None:
     """Why `sample` would refuse these guidance options (`dpdm.sample.guidance_options_problem`), or None: asked
@@ -723,8 +741,10 @@ def main(argv: list[str] | None = None) -> None:
                    "below MAX, both in [1e-10, 1e+10] (as `dpdm train --train-sigma`)\n")
     if args.train_sigma is not None and args.precond != "v":
         ap.exit(2, f"{ap.prog}: error: --train-sigma applies to --precond v only (as `dpdm train`)\n")
-    problem = None if args.samples is not None or args.baseline_only else guidance_problem(
-        args.guidance, args.guidance_interval, train_sigma=args.train_sigma, sigma_min=args.sigma_min)
+    problem = None if args.samples is not None or args.baseline_only else (
+        schedule_problem(train_sigma=args.train_sigma, sigma_min=args.sigma_min)
+        or guidance_problem(args.guidance, args.guidance_interval, train_sigma=args.train_sigma,
+                            sigma_min=args.sigma_min))
     if problem:   # dpdm.sample refused them only once the generator had trained (h93 F1)
         ap.exit(2, f"{ap.prog}: error: {problem}\n")
     if args.samples is not None and not Path(args.samples).is_file():   # before hours of baseline training

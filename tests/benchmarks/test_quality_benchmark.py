@@ -602,7 +602,8 @@ def test_out_of_range_options_are_refused_by_argparse(stubbed, tmp_path, monkeyp
     (["--guidance-interval", "2", "1"], ["--guidance-interval 2 1", "LO < HI"]),
     (["--train-sigma", "80", "0.01"], ["--train-sigma 80 0.01", "MIN must be below MAX"]),
     (["--train-sigma", "0.01", "80", "--precond", "edm"], ["--train-sigma applies to --precond v only"]),
-    (["--samples", "missing.npz"], ["--samples missing.npz: no such file"])])
+    (["--samples", "missing.npz"], ["--samples missing.npz: no such file"]),
+    (["--sigma-min", "100"], ["--sigma-min 100: sigma_min=100.0 must"])])   # it failed after training
 def test_options_that_make_no_plan_are_refused_in_one_line(stubbed, tmp_path, monkeypatch, capsys, argv, names):
     # --plan nonexist.json had ended in a PlanError traceback once run() read it.
     monkeypatch.chdir(tmp_path)
