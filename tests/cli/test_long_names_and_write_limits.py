@@ -118,13 +118,16 @@ def test_an_input_name_longer_than_the_folder_takes_is_bad_input(run, tmp_path, 
 
 
 def _under_file_size_limit(args: list[str], kib: int) -> subprocess.CompletedProcess:
-    """`dpdm ARGS` in a child process whose files may grow to `kib` KiB (`ulimit -f`; Python ignores SIGXFSZ, so a
-    write past it fails with EFBIG)."""
-    if shutil.which("bash") is None:
-        pytest.skip("no bash for `ulimit -f`")
+    """`dpdm ARGS` in a child process whose files may grow to `kib` KiB (RLIMIT_FSIZE, as `ulimit -f` sets it, kept
+    across exec; Python ignores SIGXFSZ, so a write past it fails with EFBIG)."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(["bash", "-c", f'ulimit -f {kib} && exec "$@"', "dpdm", sys.executable, "-m", "cli.main",
-                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and EFBIG as Linux has them")
