@@ -189,7 +189,7 @@ def warn_empty_classes(name: str, data) -> None:
     classes the private data lacks. Said to the data's owner only, as the class count line is."""
     if data.y is None or not data.num_classes:
         return
-    from dpdm.train import empty_classes
+    from dpdm.datasets import empty_classes
 
     empty = empty_classes(data.y, data.num_classes)
     if not empty:

@@ -64,8 +64,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     equal n: the floor (real test vs real train) is measured on as many test
     images as there are samples (all of them when the samples are more).
     """
-    from dpdm.datasets import (DataError, absolute_dataset_name, has_test_split, load_dataset, load_npz,
-                               shared_images)
+    from dpdm.datasets import (DataError, absolute_dataset_name, empty_classes, has_test_split, load_dataset,
+                               load_npz, shared_images)
     from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, check_public_data, check_samples_held_out,
                                check_test_data, cache_folder_problem, cnn_size_problem, evaluate_samples,
                                label_counts_problem, load_inception, match_test_classes, near_copies_above_floor,
@@ -208,7 +208,6 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     for metric, reason in _skip_lines(skipped):
         info(f"{metric} skipped: {reason}")
     import numpy as np
-    import torch
 
     try:
         report = evaluate_samples(samples, real_train, real_test, classifiers=kinds, epochs=epochs,
@@ -225,8 +224,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     # near-copy search costs seconds, so it runs once.
     # The DP samples' labels (no privacy cost), judged over the classes the training data has an image of: which
     # those are is said here, to the data's owner, and kept out of the report (h93 F4).
-    trained = None if real_train.y is None else \
-        torch.bincount(real_train.y.to(torch.int64), minlength=real_train.num_classes).nonzero().flatten().tolist()
+    empty = [] if real_train.y is None else empty_classes(real_train.y, real_train.num_classes)
+    trained = None if real_train.y is None else [k for k in range(real_train.num_classes) if k not in empty]
     problem = label_counts_problem(report["samples_label_counts"] or [], trained)
     if problem:
         warn(f"{samples_path!r}: {problem}; classifiers trained on them fail on the rare classes, and "

@@ -86,6 +86,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "MAX_NUM_CLASSES",
     "default_data_root",
+    "empty_classes",
     "has_test_split",
     "is_path_dataset",
     "label_numbers",
@@ -246,6 +247,13 @@ def same_dataset(a: str | None, b: str | None) -> bool:
         return os.path.samefile(dataset_path(a), dataset_path(b))
     except (OSError, ValueError):   # either is missing (or no path at all): only the names can tell
         return False
+
+
+def empty_classes(y: torch.Tensor, num_classes: int) -> list[int]:
+    """The labels in [0, num_classes) that no example of `y` has (a class-conditional model learns nothing of
+    them, and `dpdm sample` draws them as often as the others)."""
+    counts = torch.bincount(y.detach().to("cpu", torch.int64), minlength=num_classes)
+    return (counts[:num_classes] == 0).nonzero().flatten().tolist()
 
 
 def public_init_name(name: str | None) -> str | None:

@@ -38,8 +38,8 @@ import accounting
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
-from dpdm.datasets import (absolute_dataset_name, dataset_path, image_digests, is_path_dataset, near_copy_problem,
-                           same_dataset, shared_images)
+from dpdm.datasets import (absolute_dataset_name, dataset_path, empty_classes, image_digests, is_path_dataset,
+                           near_copy_problem, same_dataset, shared_images)
 from dpdm.data import PoissonSampler
 from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
                           noise_scale_problem, public_subspace, validate_model)
@@ -311,13 +311,6 @@ def build_denoiser(config: dict[str, Any]) -> torch.nn.Module:
     if config["precond"] == "v":
         return VPrecond(net)
     return EDMPrecond(net, sigma_data=config["sigma_data"])
-
-
-def empty_classes(y: torch.Tensor, num_classes: int) -> list[int]:
-    """The labels in [0, num_classes) that no example of `y` has (a class-conditional model learns nothing of
-    them, and `dpdm sample` draws them as often as the others)."""
-    counts = torch.bincount(y.detach().to("cpu", torch.int64), minlength=num_classes)
-    return (counts[:num_classes] == 0).nonzero().flatten().tolist()
 
 
 def digest_table(digests) -> torch.Tensor:
