@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from audits.auditor import Auditor, _jsonable, max_one_run_epsilon, one_run_audit
+from audits.auditor import Auditor, _check_fair_coins, _jsonable, max_one_run_epsilon, one_run_audit
 from audits.scores import PIA, LossAttack, loss_scores, pia_scores
 from dpdm.report_utils import epsilon_text
 
@@ -41,6 +41,7 @@ __all__ = [
     "TrainedCanaryModel",
     "make_canaries",
     "draw_inclusion",
+    "coin_split_problem",
     "train_with_canaries",
     "score_canaries",
     "canary_audit",
@@ -110,6 +111,19 @@ def draw_inclusion(num_canaries: int, seed: int) -> np.ndarray:
     """Independent fair coins (True = canary included), from their own seed stream."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC0135]))
     return rng.random(int(num_canaries)) < 0.5
+
+
+def coin_split_problem(included, seed: int) -> str | None:
+    """Why the coins ``draw_inclusion(m, seed)`` gave cannot be audited, or None. The one-run bound refuses an
+    in/out split that fair coins give with probability below ``auditor.FAIR_COIN_P`` (about one ``seed`` in a
+    million): 64 of 200 in, or none of 21. The coins are drawn before any training, so the refusal comes before
+    it too; found after both canary trainings it was a KeyError or ValueError traceback (h96 F2, stop 48)."""
+    inc = np.asarray(included, dtype=bool)
+    try:
+        _check_fair_coins(int(inc.sum()), int(inc.size))
+    except ValueError as e:
+        return f"seed={seed}: the coins of this seed cannot be audited ({e}); use another seed"
+    return None
 
 
 def make_canaries(
@@ -517,6 +531,7 @@ def canary_audit(
     excluded canary, only the one-run bound, with ``two_class_statistics`` False and None for AUC, ROC and
     Clopper-Pearson), ``max_epsilon_lower_bound``, ``control_max_epsilon``, ``max_certifiable_epsilon``,
     ``training`` (what was trained), ``canaries`` (kind, count, included), ``scores`` (arrays).
+    Coins the one-run bound refuses (``coin_split_problem``) raise ValueError before any training.
     """
     if not (isinstance(claimed_epsilon, (int, float)) and claimed_epsilon >= 0 and math.isfinite(claimed_epsilon)):
         raise ValueError(f"claimed_epsilon={claimed_epsilon!r} must be a finite number >= 0")
@@ -530,6 +545,9 @@ def canary_audit(
     x_can, y_can = make_canaries(m, tuple(x.shape[1:]), num_classes if conditional else 0,
                                  kind=config.canary_kind, seed=config.seed, pool_x=pool_x, pool_y=pool_y)
     included = draw_inclusion(m, config.seed)
+    problem = coin_split_problem(included, config.seed)
+    if problem:
+        raise ValueError(problem)
     gen = torch.Generator().manual_seed(config.seed)
     nb = x.shape[0] if config.background_size is None else min(config.background_size, x.shape[0])
     bg = torch.randperm(x.shape[0], generator=gen)[:nb]
@@ -567,6 +585,8 @@ def canary_audit(
             if 0 < n_in < m:
                 rep = Auditor(s[included], s[~included]).report(
                     delta=delta, significance=level, claimed_epsilon=float(claimed_epsilon))
+                if "one_run" not in rep:   # coins the one-run bound refuses: coin_split_problem stopped them above
+                    raise ValueError(f"seed={config.seed}: {rep.get('one_run_left_out', 'no one-run bound')}")
                 # The Clopper-Pearson bound assumes one independent training run per score; here all
                 # canaries share one run, so only the one-run bound is a valid epsilon lower bound.
                 rep["clopper_pearson"]["valid_here"] = False

@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from audits.auditor import _jsonable
-from audits.canary import CanaryConfig, canary_audit
+from audits.canary import CanaryConfig, canary_audit, coin_split_problem, draw_inclusion
 from audits.mechanism import (CheckResult, check_engine, check_network, check_run, check_sampler, check_subspace,
                                network_problem, second_noise_multiplier)
 from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
@@ -332,6 +332,9 @@ def run_audit(
             run_doc = doc   # the claim is the run's own plan.json
         plan = doc.plan
         cfg = suite_config(suite, plan, run_config, seed=seed, **(canary_overrides or {}))
+        problem = coin_split_problem(draw_inclusion(cfg.num_canaries, cfg.seed), cfg.seed)
+        if problem:   # before the mechanism checks and the canary trainings (canary_audit refuses them too)
+            raise ValueError(problem)
         name = dataset or run_config.get("dataset")
         if not name:
             raise ValueError("the run does not name its dataset; pass --dataset")

@@ -17,7 +17,7 @@ MAX_CANARIES = 100_000   # research/audits.md: m = 500-5,000 on MNIST scale; 10^
 # run_audit names its parameters ("steps=21 must be ..."); the user gave options.
 _OPTIONS = {"run": "--run", "plan": "--plan", "out": "--out", "dataset": "--dataset", "steps": "--steps",
             "significance": "--significance", "num_canaries": "--canaries", "background_size": "--background",
-            "suite": "--suite"}
+            "suite": "--suite", "seed": "--seed"}
 
 
 def _named_option(message: str) -> str:

@@ -358,25 +358,87 @@ def test_too_many_canaries_for_tiny_images_are_refused():
         make_canaries(5000, (1, 4, 4), 0)
 
 
-def test_mislabelled_canaries_of_a_path_dataset_are_refused_before_any_work(tmp_path):
-    """A path dataset is one split: `load_dataset(name, "test")` gave the training data itself, so the "held-out"
-    pool of mislabelled canaries was the background's own images, without a word (stop 47, h91 F5)."""
+@pytest.fixture(scope="module")
+def npz_run(tmp_path_factory):
+    """A 2-step run of a 24-image path dataset (npz), for refusals of `dpdm audit` that come before any work."""
     import accounting
-    from audits.suite import AuditInputError, run_audit
     from dpdm.train import TrainConfig, train
 
+    tmp = tmp_path_factory.mktemp("npz_run")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (24, 1, 8, 8), dtype=np.uint8),
+    np.savez(tmp / "d.npz", x=rng.integers(0, 256, (24, 1, 8, 8), dtype=np.uint8),
              y=(np.arange(24) % 3).astype(np.int64), num_classes=3)
-    data = load_dataset(f"npz:{tmp_path / 'd.npz'}")
+    data = load_dataset(f"npz:{tmp / 'd.npz'}")
     plan = PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=1.0, noise_multiplicity=1,
                        delta=1e-5)
-    train(accounting.make_plan_document(plan), data.x, data.y, 3, tmp_path / "run",
+    train(accounting.make_plan_document(plan), data.x, data.y, 3, tmp / "run",
           TrainConfig(model="small", checkpoint_every=2, log_every=1, seed=3), dataset_name=data.name,
           progress=False)
+    return tmp / "run"
+
+
+def test_mislabelled_canaries_of_a_path_dataset_are_refused_before_any_work(npz_run, tmp_path):
+    """A path dataset is one split: `load_dataset(name, "test")` gave the training data itself, so the "held-out"
+    pool of mislabelled canaries was the background's own images, without a word (stop 47, h91 F5)."""
+    from audits.suite import AuditInputError, run_audit
+
     with pytest.raises(AuditInputError, match="canary_kind='mislabelled' draws its canaries from held-out images, "
                                               r"and dataset='npz:.*d\.npz' has no held-out split"):
-        run_audit(tmp_path / "run", tmp_path / "audit", suite="quick", seed=0,
+        run_audit(npz_run, tmp_path / "audit", suite="quick", seed=0,
                   canary_overrides={"canary_kind": "mislabelled", "num_canaries": 20, "steps": 2,
                                     "background_size": 12})
     assert not (tmp_path / "audit").exists()
+
+
+# Seeds whose fair coins give splits the one-run bound refuses (probability about 1e-6 each; review h96 F2).
+REFUSED_COINS = [(200, 1276397, 64), (21, 635125, 0)]
+
+
+@pytest.mark.parametrize("m, seed, n_in", REFUSED_COINS)
+def test_coins_the_one_run_bound_refuses_stop_the_audit_before_any_training(digits, plan_eps1, monkeypatch, m,
+                                                                              seed, n_in):
+    """Such coins crashed canary_audit after both trainings: KeyError 'one_run' (two classes) or one_run_audit's
+    ValueError (one class, m >= 21). They are drawn first, so the audit now refuses them before training."""
+    from dataclasses import replace
+
+    import audits.canary as canary
+
+    assert int(draw_inclusion(m, seed).sum()) == n_in
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before refusing the coins")
+
+    monkeypatch.setattr(canary, "train_with_canaries", no_training)
+    with pytest.raises(ValueError, match=rf"^seed={seed}: the coins of this seed cannot be audited \(included has "
+                                         rf"{n_in} of {m} canaries in: .* probability .*\); use another seed$"):
+        canary_audit(plan_eps1, digits.x, digits.y, 10, replace(CHEAP, num_canaries=m, seed=seed),
+                     claimed_epsilon=1.0)
+
+
+def test_a_report_without_its_one_run_block_is_an_error_naming_the_coins_not_a_key_error(digits, plan_eps1,
+                                                                                         monkeypatch):
+    """The two-class branch, were refused coins to reach it (coin_split_problem stops them first): the reason
+    Auditor.report gives for leaving the one-run block out, not KeyError: 'one_run'."""
+    from dataclasses import replace
+
+    import audits.canary as canary
+
+    monkeypatch.setattr(canary, "coin_split_problem", lambda included, seed: None, raising=False)
+    with pytest.raises(ValueError, match=r"^seed=1276397: included has 64 of 200 canaries in"):
+        canary_audit(plan_eps1, digits.x, digits.y, 10, replace(CHEAP, num_canaries=200, seed=1276397,
+                                                                 attacks=("loss",)),
+                     claimed_epsilon=1.0, denoiser_factory=tiny_mlp, control=False)
+
+
+def test_dpdm_audit_refuses_such_coins_as_bad_input_before_any_work(npz_run, tmp_path):
+    """`dpdm audit --seed 1276397` (200 canaries, 64 in) is exit 2 with one line naming --seed, before the
+    mechanism checks and the report folder, not a traceback and exit 4 after all training."""
+    from audits.suite import AuditInputError, run_audit
+    from cli.audit import _named_option
+
+    with pytest.raises(AuditInputError, match=r"^seed=1276397: the coins of this seed cannot be audited "
+                                              r"\(included has 64 of 200 canaries in") as e:
+        run_audit(npz_run, tmp_path / "audit", suite="quick", seed=1276397,
+                  canary_overrides={"num_canaries": 200, "steps": 2, "background_size": 12})
+    assert not (tmp_path / "audit").exists()
+    assert _named_option(str(e.value)).startswith("--seed=1276397: the coins")

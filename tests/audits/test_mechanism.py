@@ -395,3 +395,55 @@ def test_the_right_engine_passes_at_huge_noise_and_huge_seeds(noise_multiplier, 
     results = check_engine(private_grad, noise_multiplier=noise_multiplier, seed=seed, pairs=6)
     assert all(r.passed for r in results), [r.detail for r in results if not r.passed]
     assert f"sigma={noise_multiplier:g} (given)" in next(r for r in results if r.name == "noise_variance").detail
+
+
+def _logged_batches_of(tmp_path, sizes, dataset_size, sample_rate, alpha):
+    """run_logged_batches of a run folder holding only a metrics.csv with these batch sizes (the other run
+    checks fail for want of plan.json and checkpoint.pt; only the logged sizes are looked at)."""
+    from types import SimpleNamespace
+
+    lines = ["step,batch_size,private"] + [f"{10 * (i + 1)},{s},1" for i, s in enumerate(sizes)]
+    (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    doc = SimpleNamespace(plan=SimpleNamespace(dataset_size=dataset_size, sample_rate=sample_rate))
+    return {c.name: c for c in check_run(tmp_path, doc, alpha=alpha)}["run_logged_batches"]
+
+
+@pytest.mark.parametrize("rows", [11, 12, 15])
+def test_run_logged_batches_fails_fixed_size_batches_at_11_to_15_rows(tmp_path, rows):
+    """Batches of exactly the plan's size (a loop that shuffles instead of Poisson sampling) passed `dpdm audit`
+    with 11-15 logged rows: there the chi-square fit has 2 bins, all rows fell in one of them, and its p of
+    0.001-0.006 was above the per-check alpha 0.01/7 (review h96 F1, stop 48). A 60000-example plan of batch
+    256; under Poisson sampling, 11 batches of exactly 256 have probability about 1e-18."""
+    check = _logged_batches_of(tmp_path, [256] * rows, 60000, 256 / 60000, alpha=0.01 / 7)
+    assert not check.passed, check.detail
+    assert f"{rows} logged batch sizes" in check.detail and "variance 0.0" in check.detail
+    rng = np.random.default_rng(rows)
+    check = _logged_batches_of(tmp_path, rng.binomial(60000, 256 / 60000, rows), 60000, 256 / 60000,
+                               alpha=0.01 / 7)
+    assert check.passed, check.detail
+
+
+def _false_alarms(n, B, rows, datasets, seed, alpha=0.01 / 7):
+    from audits.mechanism import logged_sizes_pvalues
+
+    p, _ = logged_sizes_pvalues(np.random.default_rng(seed).binomial(n, B / n, (datasets, rows)), n, B / n, alpha)
+    return int(np.sum(p < alpha))
+
+
+@pytest.mark.parametrize("rows", [12, 15])
+def test_run_logged_batches_holds_its_level_for_poisson_batches_at_few_rows(rows):
+    """True Poisson batch sizes fail run_logged_batches at most at its level, up to Monte Carlo error: the
+    chi-square fit's p-value on 1-2 dof had 1.5x (15 rows) and 1.55x (12 rows, level 0.05) false alarms
+    (review h96 F3, stop 48). 50,000 sets of batch sizes of a 64-example plan of batch 16 (the review's worst)
+    at the per-check level 0.01/7: 71 false alarms are expected (sd 8.5); the chi-square fit gave about 105."""
+    alarms = _false_alarms(64, 16, rows, 50_000, seed=rows)
+    assert alarms <= 50_000 * 0.01 / 7 + 3 * (50_000 * 0.01 / 7) ** 0.5, alarms
+
+
+@pytest.mark.slow
+def test_run_logged_batches_holds_its_level_for_poisson_batches_at_11_to_20_rows():
+    """As above, at every row count 11-20 and for a second plan (1797 examples, batch 64): 200,000 sets per
+    plan, 286 false alarms expected (sd 17)."""
+    for n, B in ((64, 16), (1797, 64)):
+        alarms = sum(_false_alarms(n, B, rows, 20_000, seed=rows) for rows in range(11, 21))
+        assert alarms <= 200_000 * 0.01 / 7 + 3 * (200_000 * 0.01 / 7) ** 0.5, (n, B, alarms)
