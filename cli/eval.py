@@ -41,8 +41,9 @@ _MAX_SEED = 2**63 - 3   # seeds up to seed + 2 feed torch generators (public pre
 @click.option("--reference-epochs", type=click.IntRange(min=1), default=None,
               help="Epochs of the reference CNN behind the classifier FD [default: 20]; part of its cache key.")
 @click.option("--cache-dir", type=PathOption(file_okay=False), default=None,
-              help="Where the reference CNN is cached [default: ~/.cache/dpdm]. Keep it private: the CNN is "
-                   "trained without privacy on the real training data, and its file name fingerprints that data.")
+              help="Where the reference CNN is cached [default: $DPDM_CACHE, else ~/.cache/dpdm]. Keep it private: "
+                   "the CNN is trained without privacy on the real training data, and its file name fingerprints "
+                   "that data.")
 # Performance.
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True,
@@ -136,7 +137,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     if "classifier_fd" not in skipped:   # the reference CNN is cached there: checked before any training
         folder, problem = cache_folder_problem(cache_dir)
         if problem:
-            raise BadInput(f"--cache-dir={str(folder)!r}: {problem}")
+            raise BadInput(f"{_cache_source(cache_dir, folder)}: {problem}")
     inception = None
     if inception_weights is not None:   # before any line or training: a bad file is one error line
         try:
@@ -307,6 +308,18 @@ def samples_provenance(path: str) -> dict:
     except (OSError, ValueError):
         pass   # load_npz read this file a moment ago: then it says nothing
     return out
+
+
+def _cache_source(cache_dir, folder) -> str:
+    """Where the cache folder `folder` came from, for its error line: --cache-dir, else $DPDM_CACHE, else the
+    default (`evaluate.default_cache_dir`). A bad DPDM_CACHE was blamed on a --cache-dir the user never gave."""
+    import os
+
+    if cache_dir is not None:
+        return f"--cache-dir={str(folder)!r}"
+    if os.environ.get("DPDM_CACHE"):
+        return f"DPDM_CACHE={os.environ['DPDM_CACHE']!r} (no --cache-dir given)"
+    return f"the default cache folder {str(folder)!r} (no --cache-dir, no DPDM_CACHE)"
 
 
 def _skip_lines(skipped: dict[str, str]) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ def launched_by_torchrun() -> bool:
 _TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _TIMEOUT_ENV = "DPDM_DIST_TIMEOUT"
 _DEFAULT_TIMEOUT_S = 600.0
+_MAX_PORT = 65535
 
 
 class LaunchError(ValueError):
@@ -56,6 +57,8 @@ def launch_problem(device: str | None = None) -> str | None:
         return "RANK, LOCAL_RANK and MASTER_PORT must be numbers, as torchrun sets them"
     if int(os.environ["RANK"]) >= int(size):
         return f"RANK={os.environ['RANK']} is not below WORLD_SIZE={size}"
+    if not 0 < int(os.environ["MASTER_PORT"]) <= _MAX_PORT:   # was torch's ValueError traceback, exit 4
+        return f"MASTER_PORT={os.environ['MASTER_PORT'].strip()} is not a TCP port (1 to {_MAX_PORT})"
     if _timeout_seconds() is None:   # was a ValueError traceback from init_from_env, exit 4
         return (f"{_TIMEOUT_ENV}={os.environ[_TIMEOUT_ENV]!r} must be a number of seconds above 0 "
                 f"(default {_DEFAULT_TIMEOUT_S:g})")
@@ -96,6 +99,15 @@ def _timeout_seconds() -> float | None:
     return seconds if seconds > 0 else None
 
 
+def _omp_threads() -> int:
+    """The threads a gloo rank computes with: $OMP_NUM_THREADS, whose first element where it is OpenMP's list form
+    ("4,2": threads per nesting level; the first is the top level's), and 1 where it is unset or no positive
+    integer. torchrun sets 1 only where the variable is unset and passes a user's list on, which int() refused on
+    every rank after the process group was set up (a ValueError traceback, exit 4)."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isdecimal() and int(first) > 0 else 1
+
+
 def rank() -> int:
     """This process's rank in the process group actually set up, 0 when there is none: outside torchrun this
     process is the whole run, whatever a RANK left in the shell says."""
@@ -127,8 +139,7 @@ def init_from_env(device: str) -> str:
     timeout = datetime.timedelta(seconds=_timeout_seconds() or _DEFAULT_TIMEOUT_S)   # checked by launch_problem
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     if not use_cuda:
-        threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(_omp_threads())
     # Parameters start identical on every rank because every rank seeds the same generator before
     # building the model; the training loop checks a checksum at every checkpoint.
     return device

@@ -88,9 +88,10 @@ def load_denoiser(path: str | os.PathLike, *, weights: str | None = "ema", devic
                               f"{state['weights']!r} weights")
         chosen = state["state_dict"]
         state["weights"] = weights_name(state["weights"])
-    else:
-        chosen = _weights_of(state, weights or "ema", path)
-        state["weights"] = weights_name(weights or "ema")
+    else:   # None alone means the EMA: '' goes to `_weights_of`, which refuses it as `dpdm export` does
+        weights = "ema" if weights is None else weights
+        chosen = _weights_of(state, weights, path)
+        state["weights"] = weights_name(weights)
     try:
         D = build_denoiser(state["config"])
         D.load_state_dict(chosen)

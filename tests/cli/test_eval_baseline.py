@@ -666,6 +666,24 @@ def test_eval_cache_dir_that_cannot_be_created_is_one_line(digit_files, tmp_path
     assert "training" not in err
 
 
+def test_eval_names_the_cache_folders_source_when_it_is_unusable(digit_files, tmp_path, capsys, monkeypatch):
+    """No --cache-dir: the folder is $DPDM_CACHE, else ~/.cache/dpdm. A bad DPDM_CACHE was reported as
+    "--cache-dir='...'", an option the user never gave (h97 F4, stop 48): the line names where the folder came from."""
+    (tmp_path / "file").write_text("in the way")
+    common = ("eval", "--samples", str(digit_files["samples"]), "--dataset", f"npz:{digit_files['train']}",
+              "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "", "--reference-epochs", "1",
+              "--device", "cpu")
+    monkeypatch.setenv("DPDM_CACHE", str(tmp_path / "file"))
+    code, _, err = _run(capsys, *common)
+    _assert_one_line_error(code, err, f"DPDM_CACHE='{tmp_path / 'file'}' (no --cache-dir given)", "is not a folder")
+    assert "--cache-dir=" not in err
+    monkeypatch.setenv("DPDM_CACHE", "")   # how a script unsets it: the default folder, under $HOME
+    monkeypatch.setenv("HOME", str(tmp_path / "file"))
+    code, _, err = _run(capsys, *common)
+    _assert_one_line_error(code, err, f"the default cache folder '{tmp_path / 'file' / '.cache' / 'dpdm'}' (no "
+                           "--cache-dir, no DPDM_CACHE)", "is not a folder")
+
+
 def test_eval_and_baseline_match_folder_classes_by_name(digit_files, tmp_path, capsys):
     """A test folder is labelled by its class folders' names, not their positions: one with a class the
     training folder has not is refused by both commands before any training."""

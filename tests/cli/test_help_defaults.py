@@ -37,3 +37,19 @@ def test_audit_help_gives_the_suites_values(capsys, flag, key):
         assert "full the plan's steps" in default or "full all of" in default, default
     else:
         assert f"full {full:,}" in default, default
+
+
+def test_eval_help_gives_the_cache_folders_default_with_its_variable(capsys, monkeypatch, tmp_path):
+    # It said "[default: ~/.cache/dpdm]" without $DPDM_CACHE, which takes precedence (h97 F4, stop 48); --data-root
+    # names $DPDM_DATA the same way. Pinned to dpdm.evaluate.default_cache_dir.
+    from pathlib import Path
+
+    from dpdm.evaluate import default_cache_dir
+
+    text = _help(capsys, "eval")
+    [default] = re.findall(r"--cache-dir DIRECTORY Where the reference CNN is cached \[default: ([^]]+)\]", text)
+    variable, fallback = default.split(", else ")
+    monkeypatch.setenv(variable.removeprefix("$"), str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv(variable.removeprefix("$"))
+    assert default_cache_dir() == Path(fallback).expanduser()

@@ -519,3 +519,58 @@ def test_a_rank_without_a_gpu_of_its_own_is_one_line(tiny, monkeypatch, capsys, 
     assert launch_problem("cuda") is None
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert launch_problem("cpu") is None and launch_problem() is None
+
+
+@pytest.mark.parametrize("port", ["65536", "0"])
+def test_a_master_port_that_is_no_port_is_one_line(tiny, monkeypatch, capsys, port):
+    """MASTER_PORT=99999999 (digits, so it passed the check that it is a number) reached torch's rendezvous: "port
+    must have value from 0 to 65535", a 43-line traceback and exit 4 (h97 F1, stop 48); port 0 has rank 0's
+    store bind a free port of its own, which no other rank can know. Now one line, exit 2, before any process
+    group or file."""
+    from cli.main import main
+
+    d, _ = tiny
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("reached past the refusal")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", unreachable)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": port}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DPDM_DIST_TIMEOUT", raising=False)
+    out = d / f"port_{port}"
+    rc = main(["train", "--plan", str(d / "plan.json"), "--dataset", f"npz:{d / 'data.npz'}", "--out", str(out),
+               "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"dpdm: error: MASTER_PORT={port} is not a TCP port (1 to 65535)\n", err
+    assert not out.exists()
+    from dpdm.distributed import launch_problem
+
+    monkeypatch.setenv("MASTER_PORT", "65535")   # the highest port is let through
+    assert launch_problem("cpu") is None
+
+
+@pytest.mark.parametrize("value, threads", [("1,1", 1), ("4,2", 4), (" 3 , 1", 3), ("abc", 1), ("0", 1), ("", 1),
+                                            (None, 1)])
+def test_a_gloo_rank_takes_the_first_of_an_omp_thread_list(monkeypatch, value, threads):
+    """OpenMP's list form OMP_NUM_THREADS=4,2 (threads per nesting level), which torchrun passes on, was int()'s
+    ValueError on every rank of a CPU launch, after the rendezvous (h97 F2, stop 48). A gloo rank takes the first
+    element, the top level's; a value that is no positive integer gives 1, as before. The rendezvous is stubbed:
+    only the thread count after it is under test."""
+    import torch.distributed as tdist
+
+    from dpdm.distributed import init_from_env
+
+    set_to = []
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    for name, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": "29500", "OMP_NUM_THREADS": value}.items():
+        if v is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, v)
+    monkeypatch.delenv("DPDM_DIST_TIMEOUT", raising=False)
+    assert init_from_env("cpu") == "cpu" and set_to == [threads]
