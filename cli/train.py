@@ -35,8 +35,9 @@ from dpdm.report_utils import epsilon_text
               help="Per-example gradients: 'rules' runs conv2d, group_norm and silu through dpdm's own vmap rules "
                    "(faster and leaner on a CPU), 'vmap' runs plain torch.func vmap(grad), which costs less Python "
                    "per chunk and more memory (faster on an H200). 'auto': the rules on a CPU; on a GPU, the faster "
-                   "on one chunk of random inputs, vmap only if its memory fits. The same numbers either way "
-                   "(speed knob).")
+                   "on one chunk of random inputs, vmap only if its memory fits. A speed knob: the same steps and "
+                   "noise either way, the weights equal up to float rounding (about 1e-10), as with "
+                   "--physical-batch.")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=3e-4, show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
               help="cosine: lr decays to 0 at the plan's last step.")
@@ -143,6 +144,8 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
         raise BadInput(f"--out {out_dir!r}: {problem}")
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
+    if not resume:
+        _check_out_outside_data(out_dir, name, subspace_data)
     data = load_training_data(name, data_root=data_root, download=download)
     public_data = None
     if subspace_dim is not None:
@@ -207,6 +210,23 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
              "if that data is public and holds none of the private examples")
 
 
+def _check_out_outside_data(out_dir: str, name: str, subspace_data: str | None) -> None:
+    """BadInput where a new run's folder is, or lies in, the folder (or file) of its `folder:` (`npz:`) data or
+    public --subspace-data, as `dpdm sample` refuses its outputs there (`sample.check_outputs`, whose path test
+    this is): the run folder would read as an image-less class folder of that data, so the run could not be
+    resumed, audited or evaluated on it once it had spent budget (h94 F1). A run already there resumes as before."""
+    from pathlib import Path
+
+    from dpdm.sample import _dataset_path
+
+    target = Path(os.path.realpath(os.path.expanduser(out_dir)))
+    for dataset, what in ((name, "the run's training data"), (subspace_data, "the run's --subspace-data")):
+        data = _dataset_path(dataset)
+        if data is not None and (target == data or data in target.parents):
+            raise BadInput(f"--out {out_dir!r} is {'' if target == data else 'inside '}{what} ({dataset!r}), where "
+                           "the run folder would read as part of that data; choose a run folder outside it")
+
+
 # --resume: the options that default to the run's own values, as (the checkpoint's config key, its place):
 # "run" for the config itself, "train" for its train knobs. Those in _RESUME_KEPT must not differ when given.
 _RESUME_DEFAULTS = {"dataset": "run", "model": "run", "precond": "run", "train_sigma": "train",
@@ -230,9 +250,11 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
     where it still exists (a run folder moved with its data resumes on the plan's name; the data digest decides
     that it is the run's data). --subspace-data is compared as an absolute path, as the run records it; a relative
     one recorded by an older dpdm means the file from the folder the run was started in, and is refused where
-    that file is not found (h83 F3)."""
+    that file is not found (h83 F3). A run that recorded its public data's fingerprint takes --subspace-data at
+    another path too (the file moved): `dpdm.train.train` compares the images (h94 F3)."""
     from dpdm import checkpoint as ckpt
     from dpdm.datasets import dataset_path, is_path_dataset, same_dataset
+    from dpdm.train import SUBSPACE_DIGEST_KEY
 
     path = os.path.join(out_dir, "checkpoint.pt")
     if not os.path.isfile(path):
@@ -264,6 +286,7 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
                             and not os.path.exists(dataset_path(recorded))):
         run.pop("dataset", None)   # no name (a library run), or moved away: the plan's, as before
     recorded = run.get("subspace_data")
+    fingerprinted = isinstance(saved.get(SUBSPACE_DIGEST_KEY), str)   # the library compares the images (h94 F3)
     if isinstance(recorded, str) and is_path_dataset(recorded):
         typed = dataset_path(recorded)
         if not os.path.isabs(typed) and not os.path.exists(typed):
@@ -272,11 +295,16 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
             raise BadInput(f"the run in {out_dir!r} recorded --subspace-data {recorded!r} as typed, relative to the "
                            f"folder it was started in (an older dpdm), and there is no {typed!r} here; resume from "
                            "that folder")
-        if os.path.isabs(typed) and not os.path.exists(typed):
+        if os.path.isabs(typed) and not os.path.exists(typed) and not fingerprinted:
             # One line for both ways of resuming: without the option the file was missing, and with its new path
-            # the resume was told to leave the option out (stop 46, h87 F2). The public data is named by its path.
+            # the resume was told to leave the option out (stop 46, h87 F2). Such a run (made before its public
+            # data's fingerprint was recorded) names its public data by its path alone.
             raise BadInput(f"the run in {out_dir!r} was trained with --subspace-data {recorded!r}, which no longer "
                            "exists; put that file back there to resume (a run's public data is named by its path)")
+        if os.path.isabs(typed) and not os.path.exists(typed) and "subspace_data" not in given:
+            raise BadInput(f"the run in {out_dir!r} was trained with --subspace-data {recorded!r}, which no longer "
+                           "exists; put that file back there, or resume with --subspace-data naming it where it now "
+                           "lies (the run checks its images by their fingerprint)")
     if "lr" not in given and "lr_schedule" not in given:
         _warn_unsaved_lr_change(out_dir, train_cfg)
     out = dict(opts)
@@ -286,6 +314,8 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
         if key not in given or key == "subspace_data" and same_dataset(value, run[key]):
             out[key] = run[key]   # the run's own name for its public file, where the one given is a link to it
             continue
+        if key == "subspace_data" and fingerprinted:
+            continue   # the same images elsewhere (the file moved) resume: `dpdm.train.train` checks their fingerprint
         if key in _RESUME_KEPT and _kept_value(key, value) != _kept_value(key, run[key]):
             raise BadInput(f"cannot resume with {_RESUME_KEPT[key]} {_shown(key, value)}: the run in {out_dir!r} was "
                            f"trained with {_shown(key, run[key])}; resume without {_RESUME_KEPT[key]} (it takes the "

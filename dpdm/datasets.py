@@ -1050,6 +1050,8 @@ def _load_folder(root: Path, name: str) -> ImageData:
                     imageless.append(d)
                 files.extend((f, label) for f in found)
             if beside and len(imageless) == len(class_dirs):   # a flat folder of images, plus stray subfolders
+                for d in imageless:
+                    _refuse_run_folder(name, d)
                 shown = ", ".join(repr(str(d)) for d in imageless[:3]) + (
                     f" and {len(imageless) - 3} more" if len(imageless) > 3 else "")
                 raise DataError(f"{name}: {str(root)!r} holds {len(beside)} images and {len(imageless)} "
@@ -1065,6 +1067,7 @@ def _load_folder(root: Path, name: str) -> ImageData:
         more = f" (the first of {len(stray)} such paths in {str(root)!r})" if len(stray) > 1 else ""
         raise DataError(f"{name}: {stray[0]}{more}")
     if empty is not None:   # it would still take a label index (torchvision's ImageFolder refuses it too)
+        _refuse_run_folder(name, empty)
         raise DataError(f"{name}: class folder {str(empty)!r} has no images ({suffixes}); remove it "
                         f"or add its images")
     if not files:
@@ -1172,6 +1175,29 @@ def _unreadable(path: Path) -> str | None:
         return None
     what = "a broken link" if path.is_symlink() else "not a regular file"
     return f"cannot read image {str(path)!r} (it is {what})"
+
+
+def _refuse_run_folder(name: str, folder: Path) -> None:
+    """DataError where the image-less subfolder `folder` of a ``folder:`` dataset is, or holds, a run folder
+    (`dpdm train --out`: a run's config.json, or a checkpoint.pt), advising to move the run out of the data. The
+    generic line advised removing the folder, which deleted the run's ledger and secret seed, so that a fresh run
+    spent the plan again on the same data (h94 F1)."""
+    from dpdm.report_utils import is_run_config
+
+    try:
+        for sub, dirs, _ in os.walk(folder, onerror=_raise):
+            if is_run_config(Path(sub) / "config.json") or (Path(sub) / "checkpoint.pt").is_file():
+                run = Path(sub)
+                break
+            dirs[:] = sorted(dirs)
+        else:
+            return
+    except OSError:   # the generic line then, as before
+        return
+    where = "is a dpdm run folder" if run == folder else f"holds the dpdm run folder {str(run)!r}"
+    raise DataError(f"{name}: folder {str(folder)!r} has no images and {where} (`dpdm train --out`), which does not "
+                    f"belong in the data: move the run folder out of it (mv {str(run)!r} NEWPATH), then resume it with "
+                    "--out NEWPATH; do not remove it (it holds the run's ledger and secret seed)")
 
 
 def _raise(err: OSError):

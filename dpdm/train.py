@@ -332,6 +332,12 @@ def digest_set(table: torch.Tensor) -> set[bytes]:
 # private (it holds the secret seed too); a release file does not carry them.
 IMAGE_DIGESTS_KEY = "image_digests"
 
+# A run config's fingerprint (`data_fingerprint`) of its --subspace-data images and labels, as "data_digest" is
+# the private data's: a resume refuses other public images under the recorded path, and takes the same images
+# from wherever they lie now (h94 F3). Runs made before it was recorded resume on their path alone. Release files
+# keep none of it (`export.RELEASED_CONFIG_KEYS`).
+SUBSPACE_DIGEST_KEY = "subspace_data_digest"
+
 
 def load_warm_start(path: str | os.PathLike, run_config: dict[str, Any], private_digests: tuple[bytes, ...] = (),
                     notes: list[str] | None = None) -> tuple[dict, dict[str, Any], set[bytes] | None]:
@@ -717,6 +723,7 @@ def train(
     if device.type == "cpu":
         keep_freed_memory_if_asked()   # DPDM_MALLOC=keep: no page faults on every step's gigabytes (dpdm/cpu.py)
     data_digest = data_fingerprint(x, y)
+    public_digest = None if public_data is None else data_fingerprint(*public_data)
     # Each rank reads its own plan, data and options, and clips with its own plan's clip norm, while rank 0's
     # plan alone sizes the noise and the ledger: a rank with another clip norm broke the guarantee unseen, one
     # with other data of the same size trained on it. Every rank must start from the same inputs.
@@ -728,7 +735,7 @@ def train(
                                   default=str),
         "the checkpoint resumed": "" if state is None else json.dumps(
             [state["ledger"], state["config"]["train"].get("seed")], sort_keys=True, default=str),
-        "the public data": "" if public_data is None else data_fingerprint(*public_data),
+        "the public data": public_digest or "",
     })
     if differ:
         raise TrainError(f"the ranks differ in {', '.join(differ)}: every rank must train with the same plan, data "
@@ -764,6 +771,7 @@ def train(
         # the user): release files and samples show the plan's name only then (`public_dataset_name`)
         "plan_names_data": same_dataset(dataset_name, plan.dataset_name),   # a link to the plan's file too
         "data_digest": data_digest,
+        **({} if public_digest is None else {SUBSPACE_DIGEST_KEY: public_digest}),
         # seed_given: the user chose the seed (--seed), so whoever knows it can replay the batches and the
         # noise; a private run so trained is marked wherever its outputs appear (summary, export, samples).
         "train": {**asdict(config), "seed": seed, "seed_given": seed_given},
@@ -799,14 +807,28 @@ def train(
                              f"{_patterns(config.trainable)} (--trainable)")
         run_config["init"] = saved.get("init")
         saved_train = saved.get("train", {})
+        saved_public = saved.get(SUBSPACE_DIGEST_KEY)
         for key in ("subspace_dim", "subspace_data", "subspace_every", "subspace_examples"):
             was, now = saved_train.get(key, getattr(TrainConfig, key)), getattr(config, key)
-            if key == "subspace_data" and isinstance(was, str) and isinstance(now, str) and same_dataset(was, now):
+            if key == "subspace_data" and isinstance(was, str) and isinstance(now, str) and (
+                    same_dataset(was, now) or saved_public is not None):
                 # a run of a dpdm before stop 46 recorded the name as typed: relative to the folder it started
-                # in, which is the current one where it resumes as it always did; a link to the file is that file
+                # in, which is the current one where it resumes as it always did; a link to the file is that file.
+                # A run that recorded its public data's fingerprint takes the same images wherever they lie now.
                 was = now
             if was != now:
                 raise TrainError(f"cannot resume: the run used {key}={saved_train.get(key)!r}, now {now!r}")
+        if saved_public is None:
+            run_config.pop(SUBSPACE_DIGEST_KEY, None)   # an older run: its record stays the path alone
+        elif saved_public != public_digest:
+            recorded = saved_train.get("subspace_data")
+            if same_dataset(recorded, config.subspace_data):
+                raise TrainError(f"cannot resume: the run's --subspace-data {config.subspace_data!r} now holds other "
+                                 "images than it was trained with (their fingerprint differs from the run's record); "
+                                 "put the run's file back there, or give --subspace-data naming it where it now lies")
+            raise TrainError(f"cannot resume with --subspace-data {config.subspace_data!r}: it holds other images "
+                             f"than the run's public data {recorded!r} (their fingerprint differs from the run's "
+                             "record); give --subspace-data naming that file where it now lies")
         for key, flag in _RESUME_FIXED.items():
             was, now = saved_train.get(key, getattr(TrainConfig, key)), getattr(config, key)
             if isinstance(was, list):

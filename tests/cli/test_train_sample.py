@@ -207,6 +207,28 @@ def test_public_subspace_flags(tiny, capsys):
     assert "must divide --checkpoint-every" in _one_error_line(code, err) and not (d / "odd").exists()
 
 
+def test_a_new_run_inside_its_folder_data_is_refused_before_anything_is_written(tiny, capsys):
+    """h94 F1: `dpdm train --out DATA/run` on a `folder:DATA` dataset trained and spent budget, and its run folder
+    then read as an image-less class folder of DATA, so the run could not be resumed, audited or evaluated, and the
+    loader's line advised removing it (its ledger and seed). Refused now, as `dpdm sample` refuses its outputs
+    there; the same for the public --subspace-data."""
+    d = tiny
+    for folder in ("fd", "pub"):
+        for cls in range(3):
+            (d / folder / str(cls)).mkdir(parents=True)   # the check comes before the (image-less) data is read
+    data, public = f"folder:{d / 'fd'}", f"folder:{d / 'pub'}"
+    for out, extra, shown in (
+            (d / "fd" / "run", ["--dataset", data], f"inside the run's training data ({data!r})"),
+            (d / "fd", ["--dataset", data], f"the run's training data ({data!r})"),
+            (d / "pub" / "0" / "run", ["--public-subspace", 2, "--subspace-every", 2, "--subspace-data", public],
+             f"inside the run's --subspace-data ({public!r})")):
+        line = _one_error_line(*run_cli(_train_args(d, out, *extra), capsys)[::2])
+        assert line == (f"dpdm: error: --out {str(out)!r} is {shown}, where the run folder would read as part of that "
+                        "data; choose a run folder outside it"), line
+    assert sorted(str(p.relative_to(d)) for p in (d / "fd").rglob("*")) == ["fd/0", "fd/1", "fd/2"]
+    assert not (d / "pub" / "0" / "run").exists()
+
+
 @pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_grad_engine_flag_trains_the_same_model(tiny, capsys):
     d = tiny
@@ -1220,24 +1242,30 @@ def test_a_relative_subspace_data_is_recorded_absolute_and_resumes_from_any_fold
     monkeypatch.undo()
     monkeypatch.chdir(d)
     before = checkpoint.read_bytes()
+    # Other public images, given by another name or put in the run's file: refused by their fingerprint (h94 F3).
+    recorded = f"npz:{d / 'f3' / 'pub.npz'}"
     line = _one_error_line(*run_cli([*resume, "--subspace-data", "npz:pub2.npz"], capsys)[::2])
-    assert line == (f"dpdm: error: cannot resume with --subspace-data npz:pub2.npz: the run in {str(d / 'f3' / 'run')!r} "
-                    f"was trained with npz:{d / 'f3' / 'pub.npz'}; resume without --subspace-data (it takes the run's "
-                    "value)"), line
-    assert checkpoint.read_bytes() == before
-    # The public file moved away: one line for both ways of resuming (without the option it did not exist, and
-    # with its new path the resume was told to leave the option out; stop 46, h87 F2).
+    assert line == (f"dpdm: error: cannot resume with --subspace-data 'npz:{d / 'pub2.npz'}': it holds other images "
+                    f"than the run's public data {recorded!r} (their fingerprint differs from the run's record); give "
+                    "--subspace-data naming that file where it now lies"), line
     (d / "f3" / "pub.npz").rename(d / "moved.npz")
-    for extra in ([], ["--subspace-data", f"npz:{d / 'moved.npz'}"]):
-        line = _one_error_line(*run_cli([*resume, *extra], capsys)[::2])
-        assert line == (f"dpdm: error: the run in {str(d / 'f3' / 'run')!r} was trained with --subspace-data "
-                        f"'npz:{d / 'f3' / 'pub.npz'}', which no longer exists; put that file back there to resume "
-                        "(a run's public data is named by its path)"), line
-        assert checkpoint.read_bytes() == before
-    (d / "moved.npz").rename(d / "f3" / "pub.npz")
-    code, out, err = run_cli([*resume, "--json"], capsys)
+    shutil.copy(d / "pub2.npz", d / "f3" / "pub.npz")
+    line = _one_error_line(*run_cli(resume, capsys)[::2])
+    assert line == (f"dpdm: error: cannot resume: the run's --subspace-data {recorded!r} now holds other images than "
+                    "it was trained with (their fingerprint differs from the run's record); put the run's file back "
+                    "there, or give --subspace-data naming it where it now lies"), line
+    # The public file moved away: without the option, one line naming both ways; with its new path, resumed (the
+    # fingerprint, not the path, says it is the run's; stop 46 and h87 F2 had refused both).
+    (d / "f3" / "pub.npz").unlink()
+    line = _one_error_line(*run_cli(resume, capsys)[::2])
+    assert line == (f"dpdm: error: the run in {str(d / 'f3' / 'run')!r} was trained with --subspace-data {recorded!r}, "
+                    "which no longer exists; put that file back there, or resume with --subspace-data naming it where "
+                    "it now lies (the run checks its images by their fingerprint)"), line
+    assert checkpoint.read_bytes() == before
+    code, out, err = run_cli([*resume, "--json", "--subspace-data", "npz:moved.npz"], capsys)
     assert code == 0, err
     assert json.loads(out)["steps_done"] == 4
+    assert ckpt.load_checkpoint(checkpoint)["config"]["train"]["subspace_data"] == f"npz:{d / 'moved.npz'}"
 
 
 @pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes
@@ -1254,7 +1282,8 @@ def test_a_relative_subspace_data_recorded_by_an_older_dpdm_resumes_from_its_own
     monkeypatch.undo()
     checkpoint = d / "f3" / "run" / "checkpoint.pt"
     state = ckpt.load_checkpoint(checkpoint)
-    state["config"]["train"]["subspace_data"] = "npz:pub.npz"   # as an older dpdm recorded it
+    state["config"]["train"]["subspace_data"] = "npz:pub.npz"   # as an older dpdm recorded it,
+    del state["config"]["subspace_data_digest"]                  # with no fingerprint of the images (h94 F3)
     ckpt.save_checkpoint(state, checkpoint)
     before = checkpoint.read_bytes()
     resume = ["train", "--plan", d / "plan.json", "--out", d / "f3" / "run", "--device", "cpu", "--quiet", "--resume"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -523,6 +524,39 @@ def test_folder_refuses_an_empty_class_folder(tmp_path):
     _write_png(tmp_path / "b" / "0.png", np.zeros((4, 4), np.uint8))
     d = load_dataset(f"folder:{tmp_path}")
     assert d.y.tolist() == [0, 1, 2] and d.num_classes == 3
+
+
+def test_an_imageless_folder_that_is_a_run_folder_is_moved_out_not_removed(tmp_path):
+    """`dpdm train --out DATA/run` made the run folder a class folder of its own folder: data; the line then advised
+    removing it, which deleted the run's ledger and secret seed, so that a fresh run spent the plan again on the same
+    data (h94 F1). A run folder there, or in an image-less folder, is told to be moved out instead."""
+    _write_png(tmp_path / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data_digest": "sha256:0", "train": {}}))
+    advice = (r"has no images and {} \(`dpdm train --out`\), which does not belong in the data: move the run folder "
+              r"out of it \(mv '.*/run' NEWPATH\), then resume it with --out NEWPATH; do not remove it")
+    with pytest.raises(DataError, match=r"folder '.*/run' " + advice.format("is a dpdm run folder")) as e:
+        load_dataset(f"folder:{tmp_path}")
+    assert "remove it or" not in str(e.value) and "\n" not in str(e.value)
+    (run / "config.json").unlink()
+    (run / "checkpoint.pt").write_bytes(b"")   # a checkpoint alone marks a run folder too
+    with pytest.raises(DataError, match="has no images and is a dpdm run folder"):
+        load_dataset(f"folder:{tmp_path}")
+    (tmp_path / "b").mkdir()   # an image-less class folder holding the run: the run is moved, not the folder removed
+    run.rename(tmp_path / "b" / "run")
+    with pytest.raises(DataError, match=r"folder '.*/b' " + advice.format(r"holds the dpdm run folder '.*/b/run'")):
+        load_dataset(f"folder:{tmp_path}")
+    flat = tmp_path / "flat"   # a flat folder of images beside the run folder: not "remove the subfolder(s)"
+    _write_png(flat / "0.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "b" / "run").rename(flat / "run")
+    with pytest.raises(DataError, match=r"folder '.*/flat/run' has no images and is a dpdm run folder"):
+        load_dataset(f"folder:{flat}")
+    (flat / "run" / "checkpoint.pt").unlink()   # an image-less folder that is no run: the generic lines, as before
+    with pytest.raises(DataError, match="remove the subfolder"):
+        load_dataset(f"folder:{flat}")
+    with pytest.raises(DataError, match=r"class folder '.*/b' has no images .*; remove it or add its images"):
+        load_dataset(f"folder:{tmp_path}")
 
 
 def test_npz_says_when_its_label_count_is_inferred(tmp_path):

@@ -684,11 +684,21 @@ def test_sampler_keywords_reach_the_sampler_and_the_npz(tmp_path):
 
 
 def _assert_laundering_refused(tmp_path, leaked, doc, x, y, c):
-    """A public run started from `leaked` (a run on the private images) is refused as a warm start too."""
+    """A public run started from `leaked` (a run on the private images) is refused as a warm start too, also
+    after it was interrupted and resumed: a resume keeps the digests its checkpoint holds (its own images' and its
+    warm start's), which its own data alone cannot give back (h94 F2: recomputed from its data, they forgot
+    `leaked`'s images, and a reordered copy of them then started a "private" run)."""
     x_pub, y_pub, _ = tiny_data(n=30, seed=7)
-    train(tiny_plan(n=30, steps=2), x_pub, y_pub, c, tmp_path / "laundered",
-          TrainConfig(**CFG, private=False, init_from=str(leaked / CHECKPOINT_NAME)), dataset_name="public-2",
-          progress=False)
+    laundered, public_doc, cfg = tmp_path / "laundered", tiny_plan(n=30, steps=2), {**CFG, "checkpoint_every": 1}
+    with pytest.raises(Stop):   # killed after step 2: the checkpoint of step 1 survives
+        train(public_doc, x_pub, y_pub, c, laundered,
+              TrainConfig(**cfg, private=False, init_from=str(leaked / CHECKPOINT_NAME)), dataset_name="public-2",
+              progress=False, on_step=stop_at(2))
+    train(public_doc, x_pub, y_pub, c, laundered, TrainConfig(**cfg, private=False), dataset_name="public-2",
+          resume=True, progress=False)
+    kept = ckpt.load_checkpoint(laundered / CHECKPOINT_NAME)
+    assert kept["ledger"]["steps_done"] == 2
+    assert len(kept["image_digests"]) == 30 + len(ckpt.load_checkpoint(leaked / CHECKPOINT_NAME)["image_digests"])
     with pytest.raises(TrainError, match="through its own warm start"):
         train(doc, x, y, c, tmp_path / "run",
               TrainConfig(**CFG, init_from=str(tmp_path / "laundered" / CHECKPOINT_NAME)), dataset_name="tiny",
@@ -1585,3 +1595,63 @@ def test_a_resume_on_other_data_is_told_what_would_resume_it(tmp_path):
                                                          "with --dataset naming that data where it lies now)") + "$"):
         train(doc, other, y, c, out, TrainConfig(**CFG), dataset_name="tiny", resume=True, progress=False)
     assert ckpt.load_checkpoint(out / CHECKPOINT_NAME)["ledger"]["steps_done"] == 2
+
+
+def test_a_resume_checks_its_subspace_datas_fingerprint_not_its_path(tmp_path, monkeypatch):
+    """h94 F3: --subspace-data was kept by its path alone, so a resume after the file there was replaced by other
+    public images trained on without a word (another run under the same seed). The run records the images'
+    fingerprint now, as it records the private data's: other images are refused, naming the file, and the same
+    images resume from a new place (the file moved). A run recorded without it resumes on its path, as before."""
+    from dpdm.train import SUBSPACE_DIGEST_KEY, data_fingerprint
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    # Each start verifies the plan document (the PRV accountant, seconds on 2 busy cores): checked once here.
+    accounting.verify_document(doc)
+    monkeypatch.setattr(accounting, "verify_document", lambda d: None)
+    pub, other = tiny_data(n=30, seed=7)[:2], tiny_data(n=30, seed=8)[:2]
+    sub = dict(**{**CFG, "checkpoint_every": 1}, subspace_dim=3, subspace_every=1, subspace_examples=6)
+    name, moved = f"npz:{tmp_path / 'pub.npz'}", f"npz:{tmp_path / 'moved.npz'}"   # the library reads no file
+    run = tmp_path / "run"
+
+    def resume(subspace_data, public_data, **kw):
+        return train(doc, x, y, c, run, TrainConfig(**sub, subspace_data=subspace_data), dataset_name="tiny",
+                     resume=True, progress=False, public_data=public_data, **kw)
+
+    with pytest.raises(Stop):   # killed after step 2: the checkpoint of step 1 survives
+        train(doc, x, y, c, run, TrainConfig(**sub, subspace_data=name), dataset_name="tiny", progress=False,
+              public_data=pub, on_step=stop_at(2))
+    path = run / CHECKPOINT_NAME
+    assert ckpt.load_checkpoint(path)["config"][SUBSPACE_DIGEST_KEY] == data_fingerprint(*pub)
+    assert json.loads((run / "config.json").read_text())[SUBSPACE_DIGEST_KEY] == data_fingerprint(*pub)
+    before = path.read_bytes()
+    with pytest.raises(TrainError, match="^" + re.escape(
+            f"cannot resume: the run's --subspace-data {name!r} now holds other images than it was trained with "
+            "(their fingerprint differs from the run's record); put the run's file back there, or give "
+            "--subspace-data naming it where it now lies") + "$"):
+        resume(name, other)
+    with pytest.raises(TrainError, match="^" + re.escape(
+            f"cannot resume with --subspace-data {moved!r}: it holds other images than the run's public data "
+            f"{name!r} (their fingerprint differs from the run's record); give --subspace-data naming that file "
+            "where it now lies") + "$"):
+        resume(moved, other)
+    assert path.read_bytes() == before
+    # A run recorded without the fingerprint (an older dpdm): its path decides, as before; other images there train.
+    state = ckpt.load_checkpoint(path)
+    del state["config"][SUBSPACE_DIGEST_KEY]
+    ckpt.save_checkpoint(state, path)
+    with pytest.raises(TrainError, match=re.escape(f"cannot resume: the run used subspace_data={name!r}, now "
+                                                   f"{moved!r}")):
+        resume(moved, pub)
+    with pytest.raises(Stop):   # trained its step 2, and stopped before saving it
+        resume(name, other, on_step=stop_at(2))
+    assert SUBSPACE_DIGEST_KEY not in json.loads((run / "config.json").read_text())
+    path.write_bytes(before)
+    # The same images at a new place: resumed, and the run records where they lie now.
+    resume(moved, pub)
+    saved = ckpt.load_checkpoint(path)
+    assert saved["ledger"]["steps_done"] == 2 and saved["config"]["train"]["subspace_data"] == moved
+    assert saved["config"][SUBSPACE_DIGEST_KEY] == data_fingerprint(*pub)
+    from dpdm.export import export_model   # a release file does not carry it
+    export_model(path, tmp_path / "model.pt")
+    assert SUBSPACE_DIGEST_KEY not in str(torch.load(tmp_path / "model.pt", weights_only=True))
