@@ -586,6 +586,76 @@ def test_a_forged_tiny_target_is_refused_at_once_where_delta_is_at_the_floor(tmp
         accounting.load_plan(_tampered(doc, tmp_path, edit))
 
 
+def test_a_forged_tiny_target_is_refused_at_once_at_a_small_sample_rate(doc, tmp_path, monkeypatch):
+    """At sample rate 0.001 over 10^5 steps the coarse FFT's bracket (about steps x its interval wide) bounds
+    nothing, at any delta, so the floor was 0 and a forged target of 1e-9 (digest recomputed) sent the certificate's
+    PLD to an interval 200 times finer than the plan's: 2.4 minutes, then "needs more memory than this machine has"
+    (stop 48, h95 F1). It is refused from the floor, before any PLD at the target's interval runs."""
+    from accounting.plan import _event_floor
+
+    # `dpdm plan --eps 2 --delta 1e-6 --dataset-size 1000000 --batch-size 1000 --steps 100000`: certified 1.9997
+    honest = PrivacyPlan(dataset_size=1_000_000, batch_size=1000, steps=100_000, noise_multiplier=0.9618256993072359,
+                         delta=1e-6, target_epsilon=2.0)
+    assert 1.2 < _event_floor(0.001, honest.noise_multiplier, honest.steps, honest.delta) <= 1.9997046492280321
+    forged = dataclasses.replace(honest, target_epsilon=1e-9)
+
+    def edit(d):
+        d.update(forged.mechanism_fields(), digest=forged.digest())
+        d["epsilon"].update(certified=0.0)
+
+    def no_pld(plan, steps_done):
+        raise AssertionError(f"the certificate's PLD ran for a forged target {plan.target_epsilon!r}")
+
+    monkeypatch.setattr(accounting.plan, "epsilon_spent", no_pld)
+    with pytest.raises(PlanError, match=r"target_epsilon=1e-09 is below a lower bound on the mechanism's epsilon"):
+        accounting.load_plan(_tampered(doc, tmp_path, edit))
+
+
+def _gdp_epsilon(mu, delta):
+    """The exact epsilon of mu-GDP at delta (q = 1: T steps at noise multiplier sigma are sqrt(T)/sigma-GDP)."""
+    def excess(eps):
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps + stats.norm.logcdf(-eps / mu - mu / 2)) - delta
+    return optimize.brentq(excess, 0.0, 200.0, xtol=1e-13, rtol=1e-13)
+
+
+def _optimistic_pld_epsilon(q, sigma, steps, delta, interval):
+    """dp-accounting's optimistic PLD epsilon (privacy buckets, loss rounded down): a lower bound on the truth."""
+    import dp_accounting
+    from dp_accounting.pld import privacy_loss_distribution
+
+    pld = privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=sigma, sensitivity=1.0, pessimistic_estimate=False, use_connect_dots=False,
+        value_discretization_interval=interval, sampling_prob=q,
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    return pld.self_compose(steps).get_epsilon_for_delta(delta)
+
+
+def test_the_event_floor_lies_below_the_true_epsilon_and_near_it():
+    """`_event_floor` refuses plans, so it must never exceed the true epsilon (a floor above it would refuse honest
+    plans), and it must come near enough to refute a forged target where the coarse FFT gives nothing."""
+    from accounting.plan import _event_floor
+
+    # q = 1: exact GDP. The sum of the outputs is the optimal test there, so the floor meets the exact epsilon.
+    for sigma, steps, delta in [(501.309, 1, 1e-10), (5.0, 1000, 1e-5)]:
+        exact = _gdp_epsilon(math.sqrt(steps) / sigma, delta)
+        assert exact * (1 - 1e-4) <= _event_floor(1.0, sigma, steps, delta) <= exact
+    # q < 1: below dp-accounting's optimistic PLD, itself a lower bound on the true epsilon.
+    for q, sigma, steps, delta, ratio in [(0.064, 3.0, 469, 1e-5, 0.98), (0.001, 0.961826, 100, 1e-6, 0.94)]:
+        lower = _optimistic_pld_epsilon(q, sigma, steps, delta, 1e-4)
+        assert ratio * lower <= _event_floor(q, sigma, steps, delta) <= lower
+    # An honest plan whose RDP bound (1.151) is 23 times its target: the floor stays below its certificate
+    # (dp-accounting's optimistic PLD at interval 1e-6 gives 0.0499714, above the floor's 0.0499603).
+    plan = PrivacyPlan(dataset_size=1_000_000, batch_size=1000, steps=1, noise_multiplier=0.8303897055614825,
+                       delta=1e-6, target_epsilon=0.05)   # `dpdm plan --eps 0.05 ... --steps 1`: certified 0.0499719
+    assert 0.999 * 0.049971941990217816 <= accounting.plan._quick_floor(plan) <= 0.049971941990217816
+    # Small sample rates over many steps, where the coarse FFT gave a floor of 0 (h95 F1): within 0.6 of
+    # dp-accounting's pessimistic PLD at interval 1e-3 (an upper bound).
+    for q, sigma, steps, delta in [(0.001, 0.961826, 100_000, 1e-6), (0.001, 1.0, 1_000_000, 1e-6)]:
+        upper = accounting.accountants.PldAccountant(1e-3).epsilon(accounting.accountants.dpsgd_event(
+            q, sigma, steps), delta).upper
+        assert 0.6 * upper <= _event_floor(q, sigma, steps, delta) <= upper
+
+
 def test_an_epsilon_is_shown_rounded_away_from_the_side_it_bounds():
     """A certified 10.004487 was printed "epsilon spent 10" (".4g" rounds to nearest): a guarantee shown below
     the one certified. Upper bounds are rounded up, an audit's lower bounds down."""
