@@ -567,3 +567,17 @@ def test_a_release_keeps_the_trained_noise_levels():
     out = release_config(config, "digits")
     assert out["train"]["train_sigma"] == [0.1, 10.0]
     assert "seed" not in out["train"] and "data_digest" not in out
+
+
+def test_empty_weights_are_refused_by_sample_as_by_export(run, tmp_path, capsys):
+    """`dpdm sample --weights ''` took the EMA and recorded meta_weights='ema', where `dpdm export --weights ''`
+    refused it (h97 F5, stop 48): '' was read as "not given". Both now give export's one line (one rule,
+    `dpdm.sample._weights_of`), exit 2, and write nothing."""
+    lines = {}
+    for command, out, extra in (("sample", tmp_path / "s.npz", ["--n", "2", "--sampler-steps", "2", "--device", "cpu"]),
+                                ("export", tmp_path / "model.pt", [])):
+        code, _, err = run_cli([command, "--run", run / "run", "--weights", "", "--out", out, *extra], capsys)
+        lines[command] = one_error_line(code, err)
+        assert lines[command].startswith("dpdm: error: weights=''"), err
+        assert not out.exists()
+    assert lines["sample"] == lines["export"], lines
