@@ -956,7 +956,13 @@ def _sizes_null(n: int, q: float, N: int, draws: int) -> np.ndarray:
 def logged_sizes_pvalues(sizes, n: int, q: float, alpha: float) -> tuple[np.ndarray, int]:
     """Monte Carlo p-values that the rows of ``sizes`` (sets of N integer batch sizes in 0..n, N >= 1) are N
     independent Binomial(n, q) draws, as Poisson sampling gives, and the number of simulated sets behind
-    them (``_logged_sizes_draws``; no p-value is below 1 / (draws + 1))."""
+    them (``_logged_sizes_draws``; no Monte Carlo p-value is below 1 / (draws + 1)).
+
+    Where that floor is not below ``alpha`` (a small significance over many rows, where the draws are capped), a
+    set beyond every simulated one takes the asymptotic p-value of its statistic instead, Bonferroni over its two
+    tests (2 exp(t)): without it fixed-size batches passed at ``--significance 0.001`` over 500-2000 rows, which the
+    asymptotic tests alone had failed (h98 F1, stop 48). There the rows are many and the asymptotics sound; an honest
+    set reaches it with probability at most the asymptotic level."""
     sizes = np.atleast_2d(np.asarray(sizes, dtype=np.int64))
     N = sizes.shape[1]
     if not 0 < q < 1:   # no randomness: every batch holds n * q examples
@@ -966,10 +972,14 @@ def logged_sizes_pvalues(sizes, n: int, q: float, alpha: float) -> tuple[np.ndar
     lo, hi = _sizes_support(n, q)
     lo, hi = min(lo, int(sizes.min())), max(hi, int(sizes.max()))
     t = _SizeStatistic(n, q, N, lo, hi).of_rows(sizes - lo)
+    asymptotic = np.minimum(1.0, 2 * np.exp(t))
     # A simulated set that ties with the observed one counts as at least as extreme (rounding aside).
     finite = np.isfinite(t)
     t[finite] += 1e-9 * np.maximum(1.0, np.abs(t[finite]))
-    return (1 + np.searchsorted(null, t, side="right")) / (draws + 1), draws
+    p = (1 + np.searchsorted(null, t, side="right")) / (draws + 1)
+    if 1 / (draws + 1) >= alpha:
+        p = np.where(p == 1 / (draws + 1), np.minimum(p, asymptotic), p)
+    return p, draws
 
 
 def check_sampler(
@@ -1188,8 +1198,8 @@ def check_run(run_dir, plan_doc, *, alpha: float = 1e-3, run_doc=None) -> list[C
             pvs, draws = logged_sizes_pvalues(sizes, n, q, alpha)
             pv = float(pvs[0])
             ok = private and pv >= alpha
-            floor = (f"; no p below {1 / (draws + 1):.2g} > alpha {alpha:.2g}: the batch sizes cannot fail this "
-                     "check at this significance" if draws and 1 / (draws + 1) >= alpha else "")
+            floor = (f"; {draws} simulated runs give no p below {1 / (draws + 1):.2g} >= alpha {alpha:.2g}: batch "
+                     "sizes beyond all of them take the asymptotic p" if draws and 1 / (draws + 1) >= alpha else "")
             detail = (f"{sizes.size} logged batch sizes: mean {sizes.mean():.1f} (plan {n * q:.1f}), "
                       f"variance {sizes.var():.1f} (plan {n * q * (1 - q):.1f}); p={pv:.2g} (fit and dispersion "
                       f"against {draws} simulated Poisson runs){floor}")

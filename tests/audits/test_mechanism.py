@@ -423,6 +423,19 @@ def test_run_logged_batches_fails_fixed_size_batches_at_11_to_15_rows(tmp_path, 
     assert check.passed, check.detail
 
 
+@pytest.mark.parametrize("B, rows, alpha", [(8192, 500, 0.001 * 0.2 / 7), (256, 2000, 1e-4 * 0.2 / 7)])
+def test_run_logged_batches_fails_fixed_size_batches_below_the_simulations_floor(tmp_path, B, rows, alpha):
+    """With many rows the simulated Poisson runs are capped (10,000 to 45,000), so no Monte Carlo p lies below
+    about 1e-4: at `--significance 0.001` or 1e-4 (per check 2.9e-5, 2.9e-6) fixed-size batches passed, "cannot
+    fail this check at this significance", where the asymptotic tests had failed them (review h98 F1, stop 48).
+    A set beyond every simulated one takes the asymptotic p there; an honest one still passes."""
+    check = _logged_batches_of(tmp_path, [B] * rows, 60000, B / 60000, alpha=alpha)
+    assert not check.passed and "variance 0.0" in check.detail and "asymptotic p" in check.detail, check.detail
+    sizes = np.random.default_rng(rows).binomial(60000, B / 60000, rows)
+    check = _logged_batches_of(tmp_path, sizes, 60000, B / 60000, alpha=alpha)
+    assert check.passed, check.detail
+
+
 def _false_alarms(n, B, rows, datasets, seed, alpha=0.01 / 7):
     from audits.mechanism import logged_sizes_pvalues
 
