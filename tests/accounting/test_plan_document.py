@@ -769,3 +769,18 @@ def test_a_plan_where_prv_is_unreliable_says_so_from_its_figures_and_a_normal_on
     loose = accounting.make_plan_document(PrivacyPlan(dataset_size=10, batch_size=10, steps=10**6,
                                                       noise_multiplier=100.0, delta=1e-5))
     assert loose.certified_by == "rdp" and loose.prv.upper < loose.epsilon and loose.prv_unreliable is None
+
+
+def test_a_certificate_a_hair_below_the_accountants_is_refused(doc, tmp_path):
+    """Stop 48 (mut49 PL4). The stored epsilon may sit above the re-computed bound (by RECOMPUTE_RTOL) but never
+    below it, by even 0.05%: it is the promise. The tamper case above lowers it by 10%."""
+    with pytest.raises(PlanError, match="does not re-compute"):
+        accounting.load_plan(_tampered(doc, tmp_path, lambda d: d["epsilon"].update(
+            certified=d["epsilon"]["certified"] * (1 - 5e-4))))
+
+
+def test_a_sample_rate_edited_by_a_tenth_of_a_percent_is_refused(doc, tmp_path):
+    """Stop 48 (mut49 PL3): plan.json's sample_rate must be batch_size / dataset.size (to 1e-12). It is outside the
+    digest (q is recomputed), but the file's q is what a reader sees."""
+    with pytest.raises(PlanError, match="sample_rate"):
+        accounting.load_plan(_tampered(doc, tmp_path, lambda d: d.update(sample_rate=d["sample_rate"] * 1.001)))

@@ -14,6 +14,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics
 
+import audits.auditor as A
 from audits.auditor import (
     SIGN_CONVENTION,
     Auditor,
@@ -492,3 +493,13 @@ def test_strategies_are_frozen_dataclasses():
     with pytest.raises(AttributeError):
         s.seed = 2  # type: ignore[misc]
     assert Bonferroni() == Bonferroni() and Split(seed=1) == s
+
+
+def test_one_run_epsilon_retreats_to_the_first_crossing_of_a_non_monotone_p(monkeypatch):
+    """Stop 48 (mut49 AU6). The bound is valid only if every epsilon below it is rejected too: where p(eps) rises
+    above the level on (0.3, 0.4) and falls again, the bound is 0.3, not the last crossing. `_one_run_p` is
+    monotone on every real input, so only a forged p shows the retreat."""
+    def p(m, r, v, e, delta):
+        return 0.5 if 0.3 < e < 0.4 or e > 2.0 else 0.01
+    monkeypatch.setattr(A, "_one_run_p", p)
+    assert one_run_epsilon(100, 50, 40, 0.0, 0.05) == pytest.approx(0.3, abs=1e-6)

@@ -96,10 +96,11 @@ def test_the_ledger_must_match_the_accountant_to_its_tolerance_and_the_plans_del
         ckpt.verify_ledger({"ledger": _ledger(doc, 3, delta=doc.plan.delta * 1.5)}, doc, "x")
 
 
-def _training_state(step, done, private=True):
-    return {"rng": {"torch": torch.get_rng_state()}, "ema_power": {},
-            "optimizer": {"state": {0: {"step": torch.tensor(float(step)), "exp_avg": torch.zeros(2)}},
-                          "param_groups": [{"params": [0]}]},
+def _training_state(step, done, private=True, rng=None, params=1, states=1):
+    return {"rng": {"torch": torch.get_rng_state() if rng is None else rng}, "ema_power": {},
+            "optimizer": {"state": {i: {"step": torch.tensor(float(step)), "exp_avg": torch.zeros(2)}
+                                    for i in range(states)},
+                          "param_groups": [{"params": list(range(params))}]},
             "ledger": {"steps_done": done, "private": private}}
 
 
@@ -140,3 +141,30 @@ def test_a_killed_writes_temp_file_matches_the_cleanup_glob_whatever_the_names_l
     if length == 13:   # the name `dpdm train`'s clean-up has always looked for
         assert left[0].name.startswith(".checkpoint.pt.") and left[0].name.endswith(".tmp")
     assert not list(tmp_path.iterdir())
+
+
+def test_an_rng_state_of_another_length_is_refused():
+    """Stop 48 (mut49 CK2): a checkpoint's torch RNG state must be a CPU generator state (torch.set_rng_state
+    raises otherwise, a traceback on resume)."""
+    assert ckpt._training_state_problem(_training_state(3, 3)) is None
+    short = torch.get_rng_state()[:100].clone()
+    assert "RNG state" in (ckpt._training_state_problem(_training_state(3, 3, rng=short)) or "")
+
+
+def test_a_private_optimizer_without_state_for_every_trained_parameter_is_refused():
+    """Stop 48 (mut49 CK4): a private run steps Adam for every trained parameter every step, so state for 1 of 2 is
+    an edited file."""
+    assert ckpt._training_state_problem(_training_state(3, 3, params=2, states=2)) is None
+    assert "state for 1 of its 2 parameters" in (
+        ckpt._training_state_problem(_training_state(3, 3, params=2, states=1)) or "")
+
+
+def test_a_no_dp_ledger_with_a_finite_epsilon_is_refused():
+    """Stop 48 (mut49 CK3): a --no-dp ledger records epsilon inf; a finite one would present a non-private run as
+    private-looking."""
+    def ledger(private, eps):
+        return {"private": private, "epsilon_spent": eps, "steps_done": 2, "plan_steps": 4}
+
+    assert ckpt._ledger_problem(ledger(False, float("inf")), {}) is None
+    assert "not private" in (ckpt._ledger_problem(ledger(False, 3.0), {}) or "")
+    assert "private with epsilon inf" in (ckpt._ledger_problem(ledger(True, float("inf")), {}) or "")

@@ -103,3 +103,10 @@ def test_neighbouring_seeds_do_not_share_shifted_batch_streams():
     for t in range(5):
         assert not torch.equal(PoissonSampler(1000, 0.05, seed=3).batch(t + 1),
                                PoissonSampler(1000, 0.05, seed=4).batch(t))
+
+
+def test_expected_batch_size_is_q_times_n_unrounded():
+    """Stop 48 (mut49 DA1): the public normalizer is q * N itself, also where it is not a whole number (the
+    binomial test above has N * q = 12)."""
+    assert PoissonSampler(10, 0.25, seed=0).expected_batch_size == pytest.approx(2.5, rel=1e-15)
+    assert PoissonSampler(7, 0.1, seed=0).expected_batch_size == pytest.approx(0.7, rel=1e-15)

@@ -207,3 +207,17 @@ def test_plan_private_grad_follows_the_lr_segments_and_keeps_the_audits_call(tmp
     assert float((base - other).std()) == pytest.approx(std * 2 ** 0.5, rel=0.05)   # two independent draws
     assert torch.equal(base, flat(T.plan_private_grad(D, loss_fn, batch, doc.plan, seed=SEED, step=2,
                                                       lr_segments=fork[:1])))
+
+
+def test_copies_that_both_change_the_lr_to_different_values_draw_different_seeds():
+    """Stop 48 (mut49 RS2), privacy: two copies of a run both resumed at step 2 with a new lr, 4e-4 and 2e-4 (same
+    schedule). Their steps from 2 on derive from different seeds, so their DP noise is independent. A seed that
+    mixed only the segments' steps and schedules gave both copies the same noise at different weights; the test
+    above keeps one copy on the run's own lr, so it could not see that."""
+    a = ((0, 1e-3, "constant"), (2, 4e-4, "constant"))
+    b = ((0, 1e-3, "constant"), (2, 2e-4, "constant"))
+    for step in (2, 3, 5):
+        assert T.run_seed_at(SEED, a, step) != T.run_seed_at(SEED, b, step)
+    assert T.run_seed_at(SEED, a, 1) == T.run_seed_at(SEED, b, 1) == SEED   # one run before they part
+    c = ((0, 1e-3, "constant"), (2, 4e-4, "cosine"))
+    assert T.run_seed_at(SEED, a, 2) != T.run_seed_at(SEED, c, 2)

@@ -1,6 +1,7 @@
 """Training under a locked plan: ledger, resume, refusal, checkpoint safety."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -14,7 +15,7 @@ import torch
 
 import accounting
 from dpdm import checkpoint as ckpt
-from dpdm.train import CHECKPOINT_NAME, TrainConfig, TrainDiverged, TrainError, train
+from dpdm.train import CHECKPOINT_NAME, PowerEMA, TrainConfig, TrainDiverged, TrainError, ema_power_key, train
 
 
 def tiny_data(n=24, classes=3, res=8, seed=0):
@@ -199,11 +200,19 @@ def test_resume_against_another_plan_refused(tmp_path):
 
 
 def test_no_dp_run_is_marked(tmp_path):
+    """In the summary, the ledger, config.json and every metrics.csv row (private 0, epsilon inf: stop 48, mut49
+    ND1/ND2 marked a --no-dp run private in the last two and no test saw it)."""
     x, y, c = tiny_data()
     doc = tiny_plan(steps=2)
-    summary = train(doc, x, y, c, tmp_path / "run", TrainConfig(**CFG, private=False), progress=False)
+    out = tmp_path / "run"
+    summary = train(doc, x, y, c, out, TrainConfig(**CFG, private=False), progress=False)
     assert summary["private"] is False and summary["epsilon_spent"] is None
-    assert ckpt.load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["ledger"]["private"] is False
+    assert ckpt.load_checkpoint(out / CHECKPOINT_NAME)["ledger"]["private"] is False
+    assert json.loads((out / "config.json").read_text())["private"] is False
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2"]
+    assert {r["private"] for r in rows} == {"0"} and {r["epsilon_spent"] for r in rows} == {"inf"}
 
 
 def test_bf16_is_for_no_dp_runs_and_computes_fp32s_gradient(tmp_path):
@@ -441,7 +450,7 @@ def test_seed_is_secret_by_default_and_fixed_on_resume(tmp_path):
     assert train(doc, x, y, c, out, TrainConfig(**cfg), resume=True, progress=False)["steps_done"] == 4
 
 
-def test_lr_schedules(tmp_path):
+def test_lr_schedules(tmp_path, monkeypatch):
     from dpdm.train import LR_SCHEDULES, TrainConfig, lr_at
 
     const = TrainConfig(lr=1e-3)
@@ -450,12 +459,25 @@ def test_lr_schedules(tmp_path):
     assert lr_at(cos, 0, 10) == pytest.approx(1e-3)
     assert lr_at(cos, 5, 10) == pytest.approx(5e-4)
     assert 0 < lr_at(cos, 9, 10) < 3e-5
-    # It is the lr the optimizer used: the same seeded run ends elsewhere under the two schedules.
+    # It is the lr the optimizer used: step s runs Adam at lr_at(config, s, steps) (stop 48, mut49 LR3 ran it at
+    # step s + 1's), and the same seeded run ends elsewhere under the two schedules.
+    seen = []
+    adam_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return adam_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
     x, y, c = tiny_data()
     runs = {}
     for name in LR_SCHEDULES:
-        train(tiny_plan(steps=3), x, y, c, tmp_path / name, TrainConfig(**CFG, lr=1e-2, lr_schedule=name), progress=False)
+        seen.clear()
+        cfg = TrainConfig(**CFG, lr=1e-2, lr_schedule=name)
+        train(tiny_plan(steps=3), x, y, c, tmp_path / name, cfg, progress=False)
+        assert seen == pytest.approx([lr_at(cfg, s, 3) for s in range(3)], rel=1e-12), name
         runs[name] = params_of(tmp_path / name)
+    assert seen == pytest.approx([1e-2, 7.5e-3, 2.5e-3])   # the cosine run, the last one
     assert any(not torch.equal(runs["constant"][k], runs["cosine"][k]) for k in runs["constant"])
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="step")
@@ -967,13 +989,14 @@ def test_time_grad_engines_runs_both_engines_on_random_inputs():
     assert got["peak_gib"] == {"rules": None, "vmap": None}
 
 
-def test_resume_refuses_other_training_knobs_before_writing(tmp_path):
-    """The EMA decay, train_sigma, label dropout and precision stay those of the run (the lr and its schedule may
-    change: test_the_lr_may_change_on_resume_and_replays_exactly_from_its_segments)."""
+def test_resume_refuses_other_training_knobs_before_writing(tmp_path, monkeypatch):
+    """The EMA decay, train_sigma, label dropout, power EMAs and precision stay those of the run (the lr and its
+    schedule may change: test_the_lr_may_change_on_resume_and_replays_exactly_from_its_segments)."""
     x, y, c = tiny_data()
     doc = tiny_plan(steps=4)
     out = tmp_path / "run"
-    knobs = dict(precond="v", train_sigma=(0.05, 20.0), lr=1e-3, lr_schedule="cosine", ema_decay=0.9)
+    knobs = dict(precond="v", train_sigma=(0.05, 20.0), lr=1e-3, lr_schedule="cosine", ema_decay=0.9,
+                 ema_powers=(1.0,))
     with pytest.raises(Stop):
         train(doc, x, y, c, out, TrainConfig(**CFG, **knobs), progress=False, on_step=stop_at(3))
     before = {f: (out / f).read_bytes() for f in ("checkpoint.pt", "metrics.csv", "config.json")}
@@ -982,7 +1005,27 @@ def test_resume_refuses_other_training_knobs_before_writing(tmp_path):
         with pytest.raises(TrainError, match=f"cannot resume with {flag} "):
             train(doc, x, y, c, out, TrainConfig(**CFG, **{**knobs, key: value}), resume=True, progress=False)
         assert {f: (out / f).read_bytes() for f in before} == before
+    # Nor may the run's power EMA be dropped (stop 48, mut49 RF3: a check of `saved >= now` let this resume go on,
+    # and the EMA would have left the next checkpoint without a word).
+    with pytest.raises(TrainError, match=r"kept power EMAs \['1'\], now none"):
+        train(doc, x, y, c, out, TrainConfig(**CFG, **{**knobs, "ema_powers": ()}), resume=True, progress=False)
+    assert {f: (out / f).read_bytes() for f in before} == before
+    # The resume goes on from the checkpoint's power EMA (mut49 EM6 restarted it from the fresh network, and only
+    # a slow test saw it): its first update starts from the saved average, at update number 2.
+    saved = ckpt.load_checkpoint(out / CHECKPOINT_NAME)["ema_power"]
+    first = {}
+    power_update = PowerEMA.update
+
+    def spy(self, model, num_updates):
+        first.setdefault(ema_power_key(self.gamma), ({k: v.clone() for k, v in self.model.state_dict().items()},
+                                                     num_updates))
+        return power_update(self, model, num_updates)
+
+    monkeypatch.setattr(PowerEMA, "update", spy)
     assert train(doc, x, y, c, out, TrainConfig(**CFG, **knobs), resume=True, progress=False)["steps_done"] == 4
+    assert sorted(first) == sorted(saved) == ["1"]
+    for key, (weights, num_updates) in first.items():
+        assert num_updates == 2 and all(torch.equal(weights[k], saved[key][k]) for k in saved[key]), key
 
 
 def test_initial_weights_do_not_reveal_the_seeds_low_bits(tmp_path):
@@ -1655,3 +1698,33 @@ def test_a_resume_checks_its_subspace_datas_fingerprint_not_its_path(tmp_path, m
     from dpdm.export import export_model   # a release file does not carry it
     export_model(path, tmp_path / "model.pt")
     assert SUBSPACE_DIGEST_KEY not in str(torch.load(tmp_path / "model.pt", weights_only=True))
+
+
+def test_power_ema_weights_are_edm2s_in_a_unit_run():
+    """beta_t = (1 - 1/t)^(gamma + 1) after t updates (the first update copies the weights), checked after every
+    update for three exponents: the in-process half of the slow test_power_ema_is_edm2s_average_and_survives_resume,
+    so that the default suite pins the profile too (stop 48, mut49 EM2/EM3)."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    values = [3.0, -1.0, 4.0, 1.0, 5.0]
+    for gamma in (1e-12, 2.0, 6.94):
+        ema = PowerEMA(net, gamma)
+        w = np.zeros(len(values))
+        for t, v in enumerate(values, start=1):
+            with torch.no_grad():
+                net.weight.fill_(v)
+            ema.update(net, t - 1)
+            beta = (1 - 1 / t) ** (gamma + 1)
+            w *= beta
+            w[t - 1] = 1 - beta
+            assert float(ema.model.weight) == pytest.approx(float(np.dot(w, values)), rel=1e-6), (gamma, t)
+    assert PowerEMA(net, 1e-12).beta(0) == 0.0   # the first update copies the weights
+
+
+def test_step_seeds_use_63_bits():
+    """step_seed is "a 63-bit seed": over 128 (step, stream) pairs most exceed 2**32 (a 32-bit seed is 2**32
+    guesses away from replaying the batches and the noise), none reaches 2**63, and none repeats. Every replay
+    test recomputes through step_seed itself, so none saw a 32-bit one (stop 48, mut49 RS3)."""
+    from dpdm.train import step_seed
+
+    seeds = [step_seed(3, t, s) for t in range(64) for s in (1, 2)]
+    assert sum(v >= 2**32 for v in seeds) > 100 and max(seeds) < 2**63 and len(set(seeds)) == len(seeds)
