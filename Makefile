@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # pytest-xdist workers for make test: each test runs on one torch thread (tests/conftest.py), so two workers use
-# both cores of a 2-core machine (the default suite: about 20 to 25 minutes on one core, 11 to 13 on two).
+# both cores of a 2-core machine (the default suite: about 20 to 25 minutes on one core, 12 to 14 on two).
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-all bench venv clean

@@ -319,6 +319,7 @@ def test_training_step_passes_the_subspace_checks(real_subspace_results):
     ("sigma_ignored", {"subspace_noise_variance"}),   # noise at sigma = 1 whatever the sigma asked for
     ("nan", set(SUBSPACE_CHECKS)),                     # a NaN in the output's last tensor
 ])
+@pytest.mark.slow   # stop 48: 13-95 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_broken_subspace_steps_fail(kind, must_fail):
     results = check_subspace(_subspace_mutant(kind), pairs=20)
     failed = _failed(results)

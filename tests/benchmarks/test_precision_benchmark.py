@@ -1,6 +1,8 @@
 """benchmarks/precision.py at toy size: both precisions run, and the figures it reports are sane."""
+import pytest
 
 
+@pytest.mark.slow   # stop 48: 13-95 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_precision_benchmark_measures_both_paths(load_benchmark):
     b = load_benchmark("precision")
     r = b.measure("small", n=4, sampler_steps=2, batch=4, K=2, rounds=1)

@@ -447,6 +447,7 @@ def test_goal_verdict_is_met_from_equality_and_not_met_below(stubbed, tmp_path, 
         assert json.loads((tmp_path / f"{dp}.json").read_text())["synthetic"]["goal"] == want
 
 
+@pytest.mark.slow   # stop 48: 13-95 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_public_pretrain_judges_the_goal_like_for_like(stubbed, tmp_path, monkeypatch, capsys):
     # h88 F4: with --public-pretrain the DP-SGD CNN is warm-started; the verdict set the cold synthetic CNN
     # against it while the like-for-like line below said the opposite.
@@ -467,6 +468,7 @@ def test_public_pretrain_judges_the_goal_like_for_like(stubbed, tmp_path, monkey
         assert out["synthetic"]["goal"] == want and out["synthetic"]["goal_compares"] == "synthetic_public_init"
 
 
+@pytest.mark.slow   # stop 48: 13-95 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_samples_of_a_warm_started_generator_are_judged_only_against_a_like_warm_start(stubbed, tmp_path,
                                                                                        monkeypatch, capsys):
     # h90 F3: samples of a generator warm-started on public digits (meta_init_dataset) were judged MET against a

@@ -215,6 +215,7 @@ def test_out_under_a_file_is_one_error_line(run, tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "a file, not a folder"
 
 
+@pytest.mark.slow   # stop 48: 13-95 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_out_never_replaces_another_runs_files_or_a_non_release_file(run, tmp_path, capsys):
     """`dpdm export --run A --out B/checkpoint.pt` replaced run B's checkpoint (its secret seed: B could no
     longer resume), `--out plan.json` a locked plan, `--out data.npz` the training data. Now each is kept,
@@ -424,6 +425,7 @@ def _release_and_samples_name_no_dataset(d, tmp_path, capsys, *, plan_dataset):
     return model
 
 
+@pytest.mark.slow   # stop 48: 13-95 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_a_release_names_the_dataset_only_as_its_plan_does(run, tmp_path, capsys):
     """A plan made with --dataset-size alone names no dataset; the path `dpdm train --dataset` was given (a local
     file name, perhaps telling) stays out of the release file and its samples. A path the plan names is kept."""
@@ -440,6 +442,7 @@ def test_a_release_names_the_dataset_only_as_its_plan_does(run, tmp_path, capsys
         assert _names_no_dataset(z)
 
 
+@pytest.mark.slow   # stop 48: 13-95 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_a_release_leaves_out_a_path_the_plan_does_not_name_when_it_names_another_dataset(run, tmp_path, capsys):
     """A plan for another dataset (digits), a run on private npz data of its size: the release file and the samples
     named digits as the training data, which turned off eval's check that its test images are held out from the

@@ -46,6 +46,7 @@ def _one_line(code: int, err: str, want: int) -> str:
     return lines[0]
 
 
+@pytest.mark.slow   # stop 48: 13-95 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 @pytest.mark.parametrize("length", [242, 255])
 def test_sample_and_export_write_legal_names_up_to_name_max(run, tmp_path, capsys, length):
     """Each name is one `touch` makes; the samples, the grid and the release file are written under it, and no

@@ -784,6 +784,7 @@ def test_train_option_walk_refusals_are_one_line(tiny, capsys):
         assert not (d / "run").exists()
 
 
+@pytest.mark.slow   # stop 48: 13-95 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_resume_repairs_a_metrics_file_with_foreign_bytes_and_names_an_unreadable_one(tiny, capsys):
     from dpdm.train import _metrics_step
 
@@ -1004,6 +1005,7 @@ def test_the_plans_own_file_by_another_path_is_not_warned_of_as_another_dataset(
     assert "but the plan was made for" in capsys.readouterr().err
 
 
+@pytest.mark.slow   # stop 48: 13-95 s on 2 cores; moved out of `make test` to keep it under 15 minutes
 def test_the_plans_own_file_through_a_link_is_the_plans_data(tiny, capsys, monkeypatch):
     """The plan's file reached through a symbolic link was "another dataset": train warned, the run recorded
     "plan_names_data": false, and its samples named no dataset; a resume given the run's --subspace-data through
