@@ -825,17 +825,19 @@ def check_subspace(
 # ----------------------------------------------------------------------------------------------
 
 
-def _gof_bins(n: int, q: float, N: int) -> tuple[list[tuple[int, int]], np.ndarray] | None:
+@functools.lru_cache(maxsize=8)   # one check of logged sizes asks for the same bins three times
+def _gof_bins(n: int, q: float, N: int) -> tuple[tuple[tuple[int, int], ...], np.ndarray] | None:
     """The bins of ``_binomial_gof`` for N observations of Binomial(n, q): their (first, last) values, covering
-    0..n, and probabilities; None when fewer than two bins reach an expected count of 5."""
-    support = np.arange(n + 1)
-    pmf = stats.binom.pmf(support, n, q)
+    0..n, and probabilities (read-only: cached); None when fewer than two bins reach an expected count of 5.
+    Only the values between the 1e-9 quantiles are summed one by one (the tails come from the cdf), so the cost
+    does not grow with n (the pmf over all of 0..n took seconds at n = 3e7)."""
     lo = int(stats.binom.ppf(1e-9, n, q))
     hi = int(stats.binom.isf(1e-9, n, q))
+    pmf = stats.binom.pmf(np.arange(lo, hi + 1), n, q)
     edges, exp_bins, acc, start = [], [], 0.0, lo
     # Build bins over [lo, hi] each with expected count >= 5; tails go into the end bins.
     for k in range(lo, hi + 1):
-        acc += pmf[k]
+        acc += pmf[k - lo]
         if acc * N >= 5:
             edges.append((start, k))
             exp_bins.append(acc)
@@ -850,7 +852,9 @@ def _gof_bins(n: int, q: float, N: int) -> tuple[list[tuple[int, int]], np.ndarr
     exp_bins = np.array(exp_bins)
     exp_bins[0] = stats.binom.cdf(edges[0][1], n, q)
     exp_bins[-1] = stats.binom.sf(edges[-1][0] - 1, n, q)
-    return edges, exp_bins / exp_bins.sum()
+    probs = exp_bins / exp_bins.sum()
+    probs.setflags(write=False)
+    return tuple(edges), probs
 
 
 def _binomial_gof(observed: np.ndarray, n: int, q: float) -> tuple[float, float, int]:

@@ -212,18 +212,15 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
 
 def _check_out_outside_data(out_dir: str, name: str, subspace_data: str | None) -> None:
     """BadInput where a new run's folder is, or lies in, the folder (or file) of its `folder:` (`npz:`) data or
-    public --subspace-data, as `dpdm sample` refuses its outputs there (`sample.check_outputs`, whose path test
-    this is): the run folder would read as an image-less class folder of that data, so the run could not be
-    resumed, audited or evaluated on it once it had spent budget (h94 F1). A run already there resumes as before."""
-    from pathlib import Path
+    public --subspace-data, as `dpdm sample` refuses its outputs there (one test: `sample.place_in_dataset`): the
+    run folder would read as an image-less class folder of that data, so the run could not be resumed, audited or
+    evaluated on it once it had spent budget (h94 F1). A run already there resumes as before."""
+    from dpdm.sample import place_in_dataset
 
-    from dpdm.sample import _dataset_path
-
-    target = Path(os.path.realpath(os.path.expanduser(out_dir)))
     for dataset, what in ((name, "the run's training data"), (subspace_data, "the run's --subspace-data")):
-        data = _dataset_path(dataset)
-        if data is not None and (target == data or data in target.parents):
-            raise BadInput(f"--out {out_dir!r} is {'' if target == data else 'inside '}{what} ({dataset!r}), where "
+        where = place_in_dataset(os.path.expanduser(out_dir), dataset)
+        if where:
+            raise BadInput(f"--out {out_dir!r} {where} {what} ({dataset!r}), where "
                            "the run folder would read as part of that data; choose a run folder outside it")
 
 

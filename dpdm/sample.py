@@ -436,11 +436,10 @@ def check_outputs(out_path: str | os.PathLike, grid_path: str | os.PathLike | No
         if os.path.lexists(path) and not (os.path.isfile(path) and ours(path)):
             raise SampleError(f"{option}={str(path)!r} already exists and is not a {what} from `dpdm sample`; it "
                               f"is kept: choose another {option}")
-        data = _dataset_path(dataset)
-        target = Path(os.path.realpath(path))
-        if data is not None and (target == data or data in target.parents):
-            raise SampleError(f"{option}={str(path)!r} is {'' if target == data else 'inside '}the run's training "
-                              f"data ({dataset!r}); write the samples elsewhere")
+        where = place_in_dataset(path, dataset)
+        if where:
+            raise SampleError(f"{option}={str(path)!r} {where} the run's training data ({dataset!r}); write the "
+                              "samples elsewhere")
         if option == "--out" and plan_digest is not None and not force and os.path.lexists(path):
             other = _samples_plan_digest(path)
             if other != plan_digest:
@@ -456,6 +455,17 @@ def _samples_plan_digest(path: str | os.PathLike) -> str:
             return str(z["meta_plan_digest"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return ""
+
+
+def place_in_dataset(path: str | os.PathLike, dataset: str | None) -> str | None:
+    """"is" where `path` (links resolved) is the file or folder of the "npz:PATH" or "folder:PATH" dataset
+    `dataset`, "is inside" where it lies in it, else None: outputs written there would read as part of that data
+    (`check_outputs`; `dpdm train` refuses its run folder there too)."""
+    data = _dataset_path(dataset)
+    target = Path(os.path.realpath(path))
+    if data is None or not (target == data or data in target.parents):
+        return None
+    return "is" if target == data else "is inside"
 
 
 def _dataset_path(name: str | None) -> Path | None:
