@@ -135,7 +135,9 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     if problem:
         raise BadInput(f"--samples={samples_path!r}: {problem}")
     if "classifier_fd" not in skipped:   # the reference CNN is cached there: checked before any training
-        folder, problem = cache_folder_problem(cache_dir)
+        # A read-only folder is used as it is: its entry for this data is read, and a new one that cannot be
+        # written there is warned of after the evaluation, which it does not end.
+        folder, problem = cache_folder_problem(cache_dir, read_only_ok=True)
         if problem:
             raise BadInput(f"{_cache_source(cache_dir, folder)}: {problem}")
     inception = None
@@ -168,7 +170,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
             raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
         if accuracies:   # the same rule for test images among the samples, which the classifiers train on
             try:
-                in_test = check_samples_held_out(samples, real_test)
+                in_test = check_samples_held_out(samples, real_test, real_train)
             except DataError as e:
                 raise BadInput(f"--samples={samples_path!r}: {e}") from None
     if in_train:
@@ -215,7 +217,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                                   cache_dir=cache_dir, reference_epochs=reference_epochs or REFERENCE_EPOCHS,
                                   inception=inception, seed=seed, device=resolve_device(device),
                                   progress=None if as_json else info, public=public, public_checked=True,
-                                  public_epochs=public_epochs, shift=augment_shift)
+                                  public_epochs=public_epochs, shift=augment_shift, samples_checked=True, warn=warn)
     except np.linalg.LinAlgError:   # a ValueError, but a numerical failure, not bad input: exit 4
         raise
     except ValueError as e:  # DataError (shape / label mismatch), no cache folder

@@ -873,6 +873,8 @@ _TORCHVISION = {
 # an encrypted member (RuntimeError), a header that does not unpack (struct.error).
 _NPZ_READ_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError,
                     NotImplementedError, RuntimeError, struct.error)
+# The members of an npz that dpdm reads (`load_npz`): no other is decompressed, whatever its size or dtype.
+_NPZ_KEYS = ("x", "y", "num_classes")
 
 
 def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
@@ -882,29 +884,24 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     unlabelled (`ImageData.y` None, `num_classes` 0): `dpdm sample` writes no ``y`` for an
     unconditional model. ``num_classes``, when present, must be an integer scalar >= 1 above every
     label, and comes with ``y``; without it the label count is ``max(y) + 1``. Either way it is at most
-    `MAX_NUM_CLASSES`.
+    `MAX_NUM_CLASSES`. No other member is read (`_read_npz_members`), whatever its size or dtype, and those
+    three are sized on their headers before they are decompressed.
 
     Raises:
-      DataError: missing/unreadable/corrupt file, no ``x``, wrong dtype or shape, bad labels or
-        ``num_classes``.
+      DataError: missing/unreadable/corrupt file, no ``x``, wrong dtype or shape, an ``x`` larger than this
+        process's memory, bad labels or ``num_classes``.
     """
     path = Path(path)
     name = name or f"npz:{path}"
     if not path.is_file():
         what = ("is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist")
         raise DataError(f"{name}: file {str(path)!r} {what}")
-    key = None
     try:
         loaded = np.load(path, allow_pickle=False, mmap_mode="r")   # a lone .npy is mapped, not read, to refuse it
         is_npz = isinstance(loaded, np.lib.npyio.NpzFile)   # np.load reads a lone .npy array (np.save) as well
         if is_npz:
             with loaded as f:
-                arrays = {}
-                for key in f.files:
-                    sides = _npz_image_sides(_npy_shape(f, key)) if key == "x" else None
-                    if sides is not None and sides[0] * sides[1] > MAX_IMAGE_PIXELS:   # before decompressing it
-                        raise _npz_too_large(name, *sides)
-                    arrays[key] = f[key]
+                arrays = _read_npz_members(f, name, path)
     except DataError:
         raise
     except MemoryError as e:   # an array header that asks for more than this machine has (or a corrupt one)
@@ -913,19 +910,11 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     except _NPZ_READ_ERRORS as e:
         # numpy takes any file that is neither a zip nor .npy for a pickle and advises loading it
         # "unsafely"; dpdm never does, so that advice is not passed on.
-        why = (f"its array {key!r} holds Python objects; dpdm never loads pickles" if key is not None and
-               "allow_pickle" in str(e) else
-               "it is not an .npz archive; dpdm never loads pickles" if "allow_pickle" in str(e) else _one_line(e))
+        why = "it is not an .npz archive; dpdm never loads pickles" if "allow_pickle" in str(e) else _one_line(e)
         raise DataError(f"{name}: cannot read {str(path)!r} as .npz ({why})") from None
     if not is_npz:
         raise DataError(f"{name}: {str(path)!r} is a single .npy array, not an .npz archive; write one with "
                         "numpy.savez(path, x=images, y=labels)")
-    if "x" not in arrays:
-        raise DataError(f"{name}: {str(path)!r} has no array 'x' (found {sorted(arrays)})")
-    for key in ("x", "y", "num_classes"):   # numpy returns the raw bytes of a member written without np.save
-        if key in arrays and not isinstance(arrays[key], np.ndarray):
-            raise DataError(f"{name}: its array {key!r} is not an .npy array; write the file with "
-                            "numpy.savez(path, x=images, y=labels)")
     x = arrays["x"]
     shape = x.shape
     if x.dtype != np.uint8:
@@ -979,9 +968,75 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     return ImageData(_from_uint8(x), y, num_classes, name, num_classes_inferred=y is not None and given is None)
 
 
-def _npy_shape(f, key: str) -> tuple[int, ...] | None:
-    """The shape in the .npy header of member `key` of the open NpzFile `f`, read without its data; None where the
-    member is no .npy array (NpzFile returns its raw bytes) or has a header version numpy reads only privately."""
+def _read_npz_members(f, name: str, path: Path) -> dict[str, np.ndarray]:
+    """The arrays of `_NPZ_KEYS` in the open NpzFile `f`, each checked on its .npy header before its data is
+    decompressed: every one an .npy array, ``x`` within the pixel limit and this process's memory, ``y`` one label
+    per image and ``num_classes`` no large array. No other member is read: deflate shrinks zeros about 1000:1, and
+    an unused 1.5 GB array in a 1.5 MB file took 12 s and 2.2 GB (h102 F1); its size and dtype do not matter.
+
+    Raises:
+      DataError: no ``x``, a member that is no .npy array or holds Python objects, a header that asks for too much.
+      MemoryError, `_NPZ_READ_ERRORS`: from numpy, for a damaged file.
+    """
+    found = f.files
+    if "x" not in found:
+        raise DataError(f"{name}: {str(path)!r} has no array 'x' (found {sorted(found)})")
+    headers = {}
+    for key in _NPZ_KEYS:
+        if key in found:
+            headers[key] = _npy_header(f, key)
+            if headers[key] is None:   # NpzFile would return the member's raw bytes, decompressed in full
+                raise DataError(f"{name}: its array {key!r} is not an .npy array; write the file with "
+                                "numpy.savez(path, x=images, y=labels)")
+    shape, dtype = headers["x"]
+    sides = _npz_image_sides(shape)
+    if sides is not None and sides[0] * sides[1] > MAX_IMAGE_PIXELS:
+        raise _npz_too_large(name, *sides)
+    problem = _npz_memory_problem(shape, dtype)
+    if problem:
+        raise DataError(f"{name}: cannot read {str(path)!r}: its x {problem}; the file is corrupt or too large for "
+                        "this machine's memory")
+    if sides is not None:   # else x is refused for its shape, and nothing else is needed to say so
+        n = shape[0]
+        if "num_classes" in headers:   # a scalar; a few values are shown as they are (`load_npz`)
+            nc_shape, nc_dtype = headers["num_classes"]
+            if math.prod(nc_shape) > 4:
+                shown = f"{nc_dtype} {nc_shape}"
+                raise DataError(f"{name}: num_classes must be an integer scalar >= 1, got {shown!r}")
+        if "y" in headers and tuple(headers["y"][0]) != (n,):
+            y_shape, y_dtype = headers["y"]
+            raise DataError(f"{name}: y must be integers of shape ({n},), got {y_dtype} {y_shape} (unlabelled data "
+                            "has no y)")
+    arrays = {}
+    for key in headers if sides is not None else ("x",):
+        try:
+            arrays[key] = f[key]
+        except ValueError as e:
+            if "allow_pickle" not in str(e):
+                raise
+            raise DataError(f"{name}: cannot read {str(path)!r} as .npz (its array {key!r} holds Python objects; "
+                            "dpdm never loads pickles)") from None
+    return arrays
+
+
+def _npz_memory_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    """Why an npz ``x`` of `shape` and `dtype` (its header) cannot be loaded in this process's memory
+    (`sample.memory_allowed`): as read, plus its float32 copy (`_from_uint8`); or None. A 20 MB file can hold
+    20 GB of zeros, and an allocation that overcommit lets through ends in the OOM killer, without a word."""
+    from dpdm.sample import memory_allowed   # not at the top: dpdm.sample imports this module
+
+    need = math.prod(shape) * (dtype.itemsize + 4)
+    have, limited = memory_allowed()
+    if have is None or need <= have:
+        return None
+    room = (f"the {have / 2**30:.3g} GiB left under this process's address-space limit (ulimit -v)" if limited
+            else f"this machine's {have / 2**30:.3g} GiB")
+    return f"of shape {tuple(shape)} ({dtype}) needs {need / 2**30:.3g} GiB of memory to load, more than {room}"
+
+
+def _npy_header(f, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """The shape and dtype in the .npy header of member `key` of the open NpzFile `f`, read without its data; None
+    where the member is no .npy array (NpzFile returns its raw bytes)."""
     member = key + ".npy" if key + ".npy" in f.zip.namelist() else key
     with f.zip.open(member) as m:
         try:
@@ -989,10 +1044,12 @@ def _npy_shape(f, key: str) -> tuple[int, ...] | None:
         except ValueError:
             return None
         if version == (1, 0):
-            return np.lib.format.read_array_header_1_0(m)[0]
-        if version == (2, 0):
-            return np.lib.format.read_array_header_2_0(m)[0]
-    return None
+            shape, _, dtype = np.lib.format.read_array_header_1_0(m)
+        elif version in ((2, 0), (3, 0)):   # 3.0 differs only in the header's encoding (utf-8 field names)
+            shape, _, dtype = np.lib.format.read_array_header_2_0(m)
+        else:   # a version numpy does not read either
+            return None
+    return shape, dtype
 
 
 def _npz_image_sides(shape: tuple[int, ...] | None) -> tuple[int, int] | None:

@@ -50,8 +50,8 @@ shifted by a pixel, mirrored, brightened, noised or re-encoded; computed without
 misses; the real test images' own count of them is their floor (``"test_images_near_train"``: distinct images of
 upsampled low-resolution data can be this alike), and only a count clearly above it tells of copying
 (`near_copies_above_floor`). It counts the samples that are test images too (``"samples_in_test"``): the
-classifiers train on them, so half or more of the test images among the samples is refused when the accuracies
-are computed (`check_samples_held_out`).
+classifiers train on them, so half or more of the test images among the samples, as copies or near-copies, is
+refused when the accuracies are computed (`check_samples_held_out`).
 
 What needs labels is skipped, with its reason under ``"skipped"``, when they are missing: the
 accuracies need labelled samples and a labelled test split; the reference CNN (classifier FD,
@@ -60,12 +60,15 @@ samples are an npz without ``y`` (what `dpdm sample` writes for an unconditional
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import io
 import json
 import os
+import re
+import stat
 import time
 import warnings
 from collections.abc import Callable
@@ -127,6 +130,12 @@ NON_PRIVATE_KEY = "non_private_statistics_of_the_training_data"
 # The samples' near-copies of training images tell of copying when a one-sided binomial test puts their count
 # above the real test images' rate at this level (`near_copies_above_floor`).
 NEAR_COPY_ALPHA = 1e-3
+# The test images searched for near-copies among the samples (`check_samples_held_out`): a seeded subsample of a larger
+# test split, and as many training images for the samples' rate of near-copies of real images they need not hold.
+HELD_OUT_SEARCH_IMAGES = 1000
+# A temporary file of `_atomic_write` this old (seconds) is a killed run's leftover: a write takes under a second.
+_STALE_TEMP_SECONDS = 3600
+_TEMP_NAME = re.compile(r"\..+\.(pt|json)\.\d+\.tmp")
 
 Progress = Callable[[str], None]
 
@@ -137,12 +146,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DPDM_CACHE") or "~/.cache/dpdm").expanduser()
 
 
-def cache_folder_problem(cache_dir: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+def cache_folder_problem(cache_dir: str | os.PathLike | None = None, *,
+                         read_only_ok: bool = False) -> tuple[Path, str | None]:
     """The reference-CNN cache folder (`cache_dir`, else `default_cache_dir`) and why its reference/ folder can
-    neither be used nor created, or None: checked before any training (`dpdm eval`, `dpdm demo`). Creates nothing."""
+    neither be used nor created, or None: checked before any training (`dpdm eval`, `dpdm demo`). Creates nothing.
+
+    `read_only_ok`: a reference/ folder that exists but takes no new files (a prebuilt cache mounted read-only) is
+    no problem: its entries are read, and one that cannot be written there is warned of (`reference_classifier`).
+    """
     from dpdm.report_utils import output_parent_problem
 
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if read_only_ok and (folder / "reference").is_dir():
+        return folder, None
     return folder, output_parent_problem(folder / "reference" / "reference.pt")
 
 
@@ -377,7 +393,7 @@ def check_test_data(real_train: ImageData, real_test: ImageData) -> int:
     return shared
 
 
-def check_samples_held_out(samples: ImageData, real_test: ImageData) -> int:
+def check_samples_held_out(samples: ImageData, real_test: ImageData, real_train: ImageData | None = None) -> int:
     """How many of the `samples` are images of `real_test` (`datasets.shared_images`).
 
     The downstream classifiers train on the samples: test images among them make the test accuracy partly a
@@ -385,14 +401,45 @@ def check_samples_held_out(samples: ImageData, real_test: ImageData) -> int:
     training split). `check_test_data`'s rule, with the samples as the training data: a few are counted,
     half or more of the test images is no held-out test set.
 
+    Near-copies count towards that half too (`datasets.near_copies`, for images of `NEAR_COPY_MIN_SIDE` pixels a side
+    or more): the test images brightened by one grey level passed the exact count, and their MLP scored 0.78
+    against 0.72 for training images so disguised (h102 F3). Distinct images of upsampled low-resolution data can be
+    this alike, and more so against many samples, so the share of test images with an exact or near copy among the
+    samples must also be clearly above that of as many `real_train` images (`near_copies_above_floor`; without
+    `real_train`, any share counts). Searched on a seeded subsample of `HELD_OUT_SEARCH_IMAGES` test images (and
+    as many training images, only where the test images pass half): len(samples) * 1000 pairs, about 3 s of one
+    CPU core for 10,000 samples of 28x28. `dpdm eval` runs it once (`evaluate_samples`'s ``samples_checked``).
+
     Raises:
-      DataError: half or more of the test images are samples.
+      DataError: half or more of the test images are samples, or have near-copies among them.
     """
     seen = shared_images(real_test, samples)
     if len(real_test) and 2 * seen >= len(real_test):
         raise DataError(f"{seen} of the {len(real_test)} test images of {real_test.name!r} are among the samples, "
                         "which the classifiers train on; the test accuracy must come from held-out images")
+    if len(real_test) and min(samples.image_shape[-2:]) >= NEAR_COPY_MIN_SIDE:
+        test = _subsample(real_test, HELD_OUT_SEARCH_IMAGES, 0)
+        near = _with_copies_in(test, samples)
+        if 2 * near >= len(test):
+            floor = floor_n = None
+            if real_train is not None:
+                train = _subsample(real_train, len(test), 0)
+                floor, floor_n = _with_copies_in(train, samples), len(train)
+            if near_copies_above_floor(near, len(test), floor, floor_n):
+                searched = "" if len(test) == len(real_test) else f" (a seeded subsample of its {len(real_test)})"
+                than = "" if floor is None else f"; {floor} of {floor_n} training images do"
+                raise DataError(f"{near} of the {len(test)} test images of {real_test.name!r}{searched} have copies "
+                                f"among the samples (shifted by a pixel, mirrored, brightened, noised or re-encoded"
+                                f"{than}), which the classifiers train on; the test accuracy must come from held-out "
+                                "images")
     return shared_images(samples, real_test)
+
+
+def _with_copies_in(images: ImageData, samples: ImageData) -> int:
+    """How many of `images` have an exact or near copy (`datasets.near_copies`) among the `samples`."""
+    digests = set(samples.image_digests)
+    exact = torch.tensor([d in digests for d in images.image_digests], dtype=torch.bool)
+    return int(((near_copies(images, samples) >= 0) | exact).sum())
 
 
 def samples_near_train(samples: ImageData, real_train: ImageData) -> int | None:
@@ -543,7 +590,7 @@ def _digest(data: ImageData) -> str:
 def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike | None = None,
                          epochs: int = REFERENCE_EPOCHS, seed: int = 0,
                          device: str | torch.device = "cpu", progress: Progress | None = None,
-                         ) -> tuple[CNN, dict]:
+                         warn: Progress | None = None) -> tuple[CNN, dict]:
     """The paper's CNN trained on the real training split (90/10 selection), cached on disk.
 
     An entry is used only if its record holds the sha256 of the full data digest, the record's figures and the
@@ -551,6 +598,10 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
     shape, zeroed or otherwise altered ones) are trained again, not measured with, and so is a record whose
     figures were edited (they are copied into the report as measured). The folder is set to mode 0700 and the
     entries are written 0600.
+
+    The cache only spares the next run this training: an entry that cannot be written (a full disk, a read-only
+    folder, a folder in the way) is said in one line to `warn` (else a RuntimeWarning), and the network trained
+    is used all the same ("cached" false). A failed `dpdm eval` used to lose every figure at that point (h102 F2).
 
     Returns:
       (model in eval mode, info dict with "cache" (the file's path, whose name holds a digest of the
@@ -598,8 +649,15 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)
     weights = buffer.getvalue()
     record = {**info, "weights_sha256": _weights_sha256(digest, info, weights)}
-    _atomic_write(path, lambda f: f.write(weights))
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
+    try:
+        _write_reference_entry(path, weights, json.dumps(record).encode())
+    except OSError as e:   # the folder only, as above; the error's own text would name the file
+        message = (f"could not cache the reference CNN in {str(path.parent)!r} ({e.strerror or type(e).__name__}); "
+                   "it is used for this run only and trained again next time")
+        if warn is None:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        else:
+            warn(message)
     return model, {**info, "cache": str(path), "cached": False}
 
 
@@ -651,13 +709,56 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:40]
 
 
+def _write_reference_entry(path: Path, weights: bytes, record: bytes) -> None:
+    """Writes a reference CNN's weight file `path` and its record (the .json beside it), after removing the
+    leftovers of killed runs (`_remove_stale_temp_files`). Where the record cannot be written, the weights go too.
+
+    Raises:
+      OSError: from the file system.
+    """
+    _remove_stale_temp_files(path.parent)
+    _atomic_write(path, lambda f: f.write(weights))
+    try:
+        _atomic_write(path.with_suffix(".json"), lambda f: f.write(record))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()   # weights without their record would be trained again anyway
+        raise
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Removes the temporary files of `_atomic_write` in `folder` older than `_STALE_TEMP_SECONDS`: a run killed
+    while writing leaves one, named with its pid, that no later run replaces, and each is a partial copy of a
+    network trained without privacy on the private data. Best effort: what cannot be removed stays."""
+    now = time.time()
+    try:
+        names = [entry for entry in os.scandir(folder) if _TEMP_NAME.fullmatch(entry.name)]
+    except OSError:
+        return
+    for entry in names:
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > _STALE_TEMP_SECONDS:
+                os.unlink(entry.path)
+
+
 def _atomic_write(path: Path, write: Callable) -> None:
-    """Writes `path` through a temporary file of mode 0600 (the entries are as private as the data)."""
+    """Writes `path` through a temporary file of mode 0600 (the entries are as private as the data), removed
+    where the write fails.
+
+    Raises:
+      OSError: from the file system.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)   # a leftover of a killed run keeps its mode; O_EXCL makes a new one
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 @torch.no_grad()
@@ -859,7 +960,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                      inception_weights: str | os.PathLike | None = None, seed: int = 0,
                      device: str | torch.device = "cpu", progress: Progress | None = None,
                      public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
-                     shift: int = 0, inception: nn.Module | None = None, public_checked: bool = False) -> dict:
+                     shift: int = 0, inception: nn.Module | None = None, public_checked: bool = False,
+                     samples_checked: bool = False, warn: Progress | None = None) -> dict:
     """Downstream accuracies, classifier FD and (optionally) Inception FID of `samples`.
 
     Args:
@@ -874,6 +976,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
       shift: train the downstream classifiers on randomly translated samples (up to `shift` pixels,
         `random_shift`); 0: the paper's protocol.
       inception: an Inception network already loaded with `load_inception`, instead of `inception_weights`.
+      samples_checked: the caller has run `check_samples_held_out` (its near-copy search costs seconds).
+      warn: where a warning goes (one line): the reference CNN that could not be cached (`reference_classifier`).
 
     Returns:
       A JSON-serializable dict (see `cli/eval.py` for the printed form). What could not be computed
@@ -897,7 +1001,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     Raises:
       DataError: samples whose image shape or labels do not fit the dataset, or fewer than
         `MIN_SAMPLES` of them; a test split that is no held-out data (`check_test_data`), or that is half
-        or more among the samples when the accuracies are computed (`check_samples_held_out`); images too
+        or more among the samples, near-copies included, when the accuracies are computed
+        (`check_samples_held_out`); images too
         small for a CNN it would train (`cnn_size_problem`).
       ValueError: the reference CNN's cache folder cannot be created, or unusable Inception weights (checked
         before any training).
@@ -914,8 +1019,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     accuracies = bool(classifiers) and "classifiers" not in skipped
     samples_in_test = None
     if real_test is not None:
-        samples_in_test = check_samples_held_out(samples, real_test) if accuracies else \
-            shared_images(samples, real_test)
+        samples_in_test = check_samples_held_out(samples, real_test, real_train) if accuracies and \
+            not samples_checked else shared_images(samples, real_test)
     problem = cnn_size_problem(samples.image_shape, skipped, classifiers)
     if problem:
         raise DataError(f"{samples.name}: {problem}")
@@ -968,7 +1073,7 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     report["classifier_fd"] = report["classifier_precision_recall"] = None
     if "classifier_fd" not in skipped:
         reference, info = reference_classifier(real_train, cache_dir=cache_dir, epochs=reference_epochs,
-                                               seed=seed, device=device, progress=progress)
+                                               seed=seed, device=device, progress=progress, warn=warn)
         info = {k: v for k, v in info.items() if k != "cache"}   # its file name is a digest of the data
         f_samples, f_train = _reference_features(reference, samples, real_train, device=device)  # FD and P/R
         train_stats = feature_stats(f_train)   # the FD's and its floor's (the training split's features, once)

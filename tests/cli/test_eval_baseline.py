@@ -1285,3 +1285,61 @@ def test_eval_warns_of_near_copies_only_above_the_real_test_images_own_rate(digi
     assert len(near) == 1, err
     assert near[0].startswith(f"dpdm: warning: {report['samples_near_train']} of the 300 samples"), near[0]
     assert f"copies in all, clearly more often than the real test images are: {floor} of {n}): a generator" in near[0]
+
+
+# --- stop 49 mends (h102 F2-F4) ------------------------------------------------------------------
+
+def test_eval_refuses_near_copies_of_its_test_images_as_samples(mnist_files, digits28_files, tmp_path, capsys):
+    """h102 F3: the test images one grey level brighter, given as samples, passed the exact count without a word
+    (MLP 0.78 against 0.72 for training images so disguised). Near-copies count towards the half of the test images
+    that refuses; real held-out images of data this alike (upsampled digits) are not refused."""
+    with np.load(mnist_files["test"]) as z:
+        x, y = z["x"].astype(np.int64), z["y"]
+    np.savez(tmp_path / "bright.npz", x=np.where(x > 0, np.minimum(x + 1, 255), 0).astype(np.uint8), y=y)
+    code, _, err = _run(capsys, "eval", "--samples", str(tmp_path / "bright.npz"), "--dataset",
+                        f"npz:{mnist_files['train']}", "--test-dataset", f"npz:{mnist_files['test']}", "--classifiers",
+                        "logreg", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu")
+    _assert_one_line_error(code, err, f"--samples='{tmp_path / 'bright.npz'}': 200 of the 200 test images of "
+                           f"'npz:{mnist_files['test']}' have copies among the samples", "0 of 200 training images do",
+                           "the test accuracy must come from held-out images")
+    assert not (tmp_path / "cache").exists()   # refused before any training
+    from dpdm.datasets import load_npz
+    from dpdm.evaluate import check_samples_held_out
+
+    held, test, train = (load_npz(digits28_files[k]) for k in ("held_out", "test", "train"))
+    assert check_samples_held_out(held, test, train) == 0
+
+
+def test_eval_reads_a_read_only_cache_and_outlives_a_failed_cache_write(digit_files, tmp_path, capsys, monkeypatch):
+    """h102 F4: a cache folder that takes no new files was refused before any work, even holding the entry for
+    this data. F2: an entry that could not be written (a full disk, a folder in the way) ended eval after all the
+    training with exit 4 and no report, and left its temporary file. Now the entry is read, and a failed write is
+    one warning line."""
+    from pathlib import Path
+
+    import dpdm.report_utils
+
+    common = ("eval", "--samples", str(digit_files["samples"]), "--dataset", f"npz:{digit_files['train']}",
+              "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "", "--reference-epochs", "1",
+              "--device", "cpu", "--json")
+    cache = tmp_path / "cache"
+    code, out, err = _run(capsys, *common, "--cache-dir", str(cache))
+    assert code == 0 and json.loads(out)["classifier_fd"]["reference"]["cached"] is False, err
+    monkeypatch.setattr(dpdm.report_utils, "output_parent_problem",
+                        lambda path: f"its folder {str(Path(path).parent)!r} is not writable")
+    code, out, err = _run(capsys, *common, "--cache-dir", str(cache))
+    assert code == 0 and json.loads(out)["classifier_fd"]["reference"]["cached"] is True, err
+    assert "warning" not in err
+    code, _, err = _run(capsys, *common, "--cache-dir", str(tmp_path / "new"))   # a folder it would have to make
+    _assert_one_line_error(code, err, f"--cache-dir='{tmp_path / 'new'}'", "is not writable")
+    monkeypatch.undo()
+    [record] = (cache / "reference").glob("*.json")
+    record.unlink()
+    record.mkdir()   # in the way of the entry's record
+    code, out, err = _run(capsys, *common, "--cache-dir", str(cache))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["classifier_fd"]["reference"]["cached"] is False and report["classifier_fd"]["value"] >= 0
+    assert (f"dpdm: warning: could not cache the reference CNN in '{cache / 'reference'}' (Is a directory); it is "
+            "used for this run only and trained again next time") in err.splitlines(), err
+    assert sorted(p.name for p in (cache / "reference").iterdir()) == [record.name]   # no temporary file, no weights

@@ -70,6 +70,58 @@ def test_npz_pixel_limit_is_read_off_the_header_before_the_data(tmp_path):
         load_npz(path)
 
 
+def _header_only(shape, descr="|u1") -> bytes:
+    """An .npy member that claims `shape` and holds no data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    return header.getvalue()
+
+
+def test_npz_reads_only_x_y_and_num_classes(tmp_path):
+    """Every member was decompressed, read or not: an unused 1.5 GB array of zeros in a 1.5 MB file took 12 s and
+    2.2 GB; one whose header claims 10**12 bytes, an object array or a raw member refused the whole file (h102 F1).
+    Members other than x, y and num_classes are never read, whatever their size or dtype."""
+    x, y = np.arange(6 * 64, dtype=np.uint8).reshape(6, 1, 8, 8), np.arange(6) % 3
+    path = tmp_path / "extra.npz"
+    np.savez(path, x=x, y=y, num_classes=np.array(4), meta_note=np.array([object()], dtype=object))
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("junk.npy", _header_only((10**12,)))   # no data: reading it would fail
+        z.writestr("notes", b"raw bytes, no .npy header")
+    data = load_npz(path)
+    assert len(data) == 6 and data.num_classes == 4 and data.y.tolist() == y.tolist()
+    np.testing.assert_array_equal(datasets.to_uint8(data.x), x)
+
+
+def test_npz_sizes_are_checked_on_the_headers_before_the_data(tmp_path, monkeypatch):
+    """An x too large for this process's memory is refused on its header, naming it, before numpy allocates it
+    (an allocation that overcommit lets through ends in the OOM killer); so are a y of another length and a large
+    num_classes array, whose messages are the ones given after reading."""
+    import dpdm.sample
+
+    monkeypatch.setattr(dpdm.sample, "memory_allowed", lambda: (10_000, False))   # x: 100 * 64 * (1 + 4) bytes
+    for members, match in [({"x.npy": _header_only((100, 1, 8, 8))},
+                            r"^npz:.*big\.npz: cannot read '.*big\.npz': its x of shape \(100, 1, 8, 8\) \(uint8\) "
+                            r"needs 2\.98e-05 GiB of memory to load, more than this machine's 9\.31e-06 GiB; the file "
+                            r"is corrupt or too large for this machine's memory$"),
+                           ({"x.npy": _npy(np.zeros((6, 8, 8), np.uint8)), "y.npy": _header_only((10**12,), "<i8")},
+                            r"y must be integers of shape \(6,\), got int64 \(1000000000000,\) \(unlabelled"),
+                           ({"x.npy": _npy(np.zeros((6, 8, 8), np.uint8)), "y.npy": _npy(np.arange(6)),
+                             "num_classes.npy": _header_only((10**12,), "<i8")},
+                            r"num_classes must be an integer scalar >= 1, got 'int64 \(1000000000000,\)'$")]:
+        path = tmp_path / "big.npz"
+        with zipfile.ZipFile(path, "w") as z:
+            for member, content in members.items():
+                z.writestr(member, content)
+        with pytest.raises(DataError, match=match):
+            load_npz(path)
+    monkeypatch.setattr(dpdm.sample, "memory_allowed", lambda: (10_000, True))
+    np.savez(tmp_path / "big2.npz", x=np.zeros((100, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"more than the 9\.31e-06 GiB left under this process's address-space limit"):
+        load_npz(tmp_path / "big2.npz")
+    np.savez(tmp_path / "small.npz", x=np.zeros((6, 8, 8), np.uint8))   # 1,920 bytes: loads
+    assert len(load_npz(tmp_path / "small.npz")) == 6
+
+
 # --- folder ---------------------------------------------------------------------------------------
 
 def _png(path, array, mode="L"):

@@ -900,3 +900,48 @@ def test_near_copies_above_floor_is_a_one_sided_binomial_test_against_the_test_i
     assert near_copies_above_floor(131, 500, 35, 397)                    # 100 copies more
     first = next(k for k in range(500) if near_copies_above_floor(k, 500, 35, 397))
     assert binom.sf(first - 1, 500, 35 / 397) < NEAR_COPY_ALPHA <= binom.sf(first - 2, 500, 35 / 397)
+
+
+# --- stop 49 mends (h102 F2): a cache entry that cannot be written ---------------------------------
+
+def test_a_reference_cache_entry_that_cannot_be_written_keeps_the_evaluation(digits, tmp_path):
+    """A full disk or a folder in the way of the entry's record ended `dpdm eval` (exit 4, nothing printed) after
+    all the training, and left the partial temporary file, which no later run removed (its name holds the pid).
+    The write is best-effort: one warning line naming the folder only, "cached" false, no file of the entry left;
+    and the leftovers of killed runs older than an hour go with the next write."""
+    import os
+    import time
+
+    from dpdm.evaluate import _atomic_write
+
+    train, test = digits
+    train = ImageData(train.x[:300], train.y[:300], 10, "digits-300")
+    _, info = reference_classifier(train, cache_dir=tmp_path, epochs=1)
+    entry, folder = Path(info["cache"]), tmp_path / "reference"
+    entry.unlink()
+    entry.with_suffix(".json").unlink()
+    entry.with_suffix(".json").mkdir()   # in the way of the record: the rename fails (IsADirectoryError)
+    stale, fresh = folder / f".{entry.name}.12345.tmp", folder / ".other-v2.json.12346.tmp"
+    for leftover in (stale, fresh):
+        leftover.write_bytes(b"part of a killed run's entry")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    with pytest.warns(RuntimeWarning, match="could not cache the reference CNN in"):   # no `warn`: a Python warning
+        assert reference_classifier(train, cache_dir=tmp_path, epochs=1)[1]["cached"] is False
+    assert sorted(p.name for p in folder.iterdir()) == sorted([entry.with_suffix(".json").name, fresh.name])
+    seen = []
+    samples = ImageData(test.x[:40], test.y[:40], 10, "samples")
+    report = evaluate_samples(samples, train, test, classifiers=(), reference_epochs=1, cache_dir=tmp_path,
+                              warn=seen.append)
+    assert report["classifier_fd"]["reference"]["cached"] is False and report["classifier_fd"]["value"] >= 0
+    assert seen == [f"could not cache the reference CNN in {str(folder)!r} (Is a directory); it is used for this "
+                    "run only and trained again next time"]
+    # A write that fails part of the way (ENOSPC) removes its temporary file.
+    import errno
+
+    def fill(f):
+        f.write(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        _atomic_write(folder / "x.pt", fill)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([entry.with_suffix(".json").name, fresh.name])

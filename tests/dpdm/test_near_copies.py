@@ -102,6 +102,50 @@ def test_distinct_digits_are_not_near_copies(mnist):
     check_public_data(mnist[2], train, test)
 
 
+def test_near_copies_of_the_test_images_given_as_samples_are_refused(mnist, monkeypatch):
+    """h102 F3: the 1,000 mnist5k test images one grey level brighter, given as samples, passed the exact count
+    (none shared) and scored their MLP 0.78, against 0.72 for training images so disguised. Near-copies count
+    towards the half of the test images that refuses; mnist5k's training images as samples are not refused, nor
+    are samples as near the training images as the test images (splits this alike, as upsampled digits can be)."""
+    import dpdm.evaluate
+    from dpdm.evaluate import check_samples_held_out
+
+    train, test, public = mnist
+    for how in ("one grey level up", "shifted a pixel right", "jpeg 75"):
+        copies = ImageData(_disguise(test.x, how), test.y, 10, "copies")
+        assert shared_images(copies, test) == 0
+        with pytest.raises(DataError, match=r"^200 of the 200 test images of 'test' have copies among the samples "
+                                            r"\(shifted by a pixel, mirrored, brightened, noised or re-encoded; 0 of "
+                                            r"200 training images do\), which the classifiers train on; the test "
+                                            r"accuracy must come from held-out images$"):
+            check_samples_held_out(copies, test, train)
+    # Exact and near copies of half the test images refuse; of fewer, the exact ones are counted, as before.
+    for n, refused in ((100, True), (99, False)):
+        x = torch.cat([public.x[:300], test.x[:50], _disguise(test.x[50:n], "mirrored")])
+        samples = ImageData(x, torch.cat([public.y[:300], test.y[:n]]), 10, "samples")
+        if refused:
+            with pytest.raises(DataError, match="^100 of the 200 test images of 'test' have copies"):
+                check_samples_held_out(samples, test, train)
+        else:
+            assert check_samples_held_out(samples, test, train) == 50
+    # A larger test split is searched on a seeded subsample, and the line says so.
+    monkeypatch.setattr(dpdm.evaluate, "HELD_OUT_SEARCH_IMAGES", 50)
+    with pytest.raises(DataError, match=r"^50 of the 50 test images of 'test' \(a seeded subsample of its 200\) have"):
+        check_samples_held_out(ImageData(_disguise(test.x, "mirrored"), test.y, 10, "m"), test, train)
+    monkeypatch.undo()
+    # Splits this alike: every test image a near-copy of a training image. Samples near both are not refused
+    # (without the training data to compare with, they are).
+    alike = ImageData(_disguise(test.x, "one grey level up"), test.y, 10, "alike")
+    noisy = ImageData(_disguise(test.x, "gaussian noise, std 5"), test.y, 10, "noisy")
+    assert check_samples_held_out(noisy, test, alike) == 0
+    with pytest.raises(DataError, match=r"^200 of the 200 test images of 'test' have copies among the samples "
+                                        r"\(shifted by a pixel, mirrored, brightened, noised or re-encoded\), which"):
+        check_samples_held_out(noisy, test)
+    # mnist5k's own training images as samples: none of its test images has a near-copy among them.
+    full_train, full_test = load_dataset("mnist5k", "train"), load_dataset("mnist5k", "test")
+    assert check_samples_held_out(full_train, full_test, full_train) == 0
+
+
 def test_near_copies_of_colour_images_blocks_and_what_is_not_compared(monkeypatch):
     g = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(60, 3, 8, 8, generator=g), size=(32, 32), mode="bilinear")
