@@ -586,10 +586,11 @@ def write_plan(doc: PlanDocument, path: str | os.PathLike) -> None:
     atomic_write_text(path, doc.to_json() + "\n")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int = 0o666) -> None:
     """Writes `text` atomically and durably: a temp file in the same folder, fsync, os.replace, then
-    fsync of the folder. The file gets the mode a plain open() would (0o666 less the umask, e.g. 0644),
-    not mkstemp's 0600. The one implementation: dpdm.checkpoint uses it for the run's text files."""
+    fsync of the folder. The file gets the mode a plain open(path, mode) would (`mode` less the umask: 0644
+    for the default 0o666 under umask 022), not mkstemp's 0600; 0o600 keeps it its owner's. The one
+    implementation: dpdm.checkpoint uses it for the run's text files."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -601,7 +602,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{prefix}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fchmod(f.fileno(), mode & ~_umask())
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

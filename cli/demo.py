@@ -152,8 +152,12 @@ def _check_cache_folder() -> Path:
     return folder
 
 
-def _home_relative(path: Path) -> str:
-    """`path` as ~/... where it lies in the home folder: the report is for sharing, the user's name is not."""
+def _home_relative(path: str | Path) -> str:
+    """`path` as ~/... where it lies in the home folder: the report is for sharing, the user's name is not. A
+    relative path (the default --out demo_out) stays as given: it names no home folder."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
     try:
         return str(Path("~") / path.resolve().relative_to(Path.home().resolve()))
     except (ValueError, RuntimeError, OSError):   # elsewhere, or no home
@@ -275,6 +279,8 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
 
     curve_path = privacy_curve(plan, out / "privacy_curve.png", steps_done=summary["steps_done"])
     rows_metrics = quality_rows(metrics, real_cnn)
+    # The report is for sharing: each path in it as ~/... (_home_relative), as --out ~/demo named the user (h99 F2).
+    audit_kept = f" and {_home_relative(out / 'audit')}" if audit_section is not None else ""   # --skip-audit: none
     sections = [
         {"title": "Privacy", "rows": [
             ("guarantee", f"(epsilon={epsilon_text(doc.epsilon)}, delta={plan.delta:g})-DP for each of the "
@@ -291,12 +297,12 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
         {"title": "Samples", "image": str(grid_path), "text": f"One row per class, EMA weights, Euler (PF-ODE) sampler, "
                                                               f"classifier-free guidance {DEMO_GUIDANCE:g}."},
         {"title": "Release", "rows": [
-            ("model to release", f"{released['model']} (EMA weights and the ledger; sha256 {released['sha256']})"),
-            ("synthetic data to release", str(samples_path)),
-            ("keep private", f"{run_dir} (its checkpoint holds the secret seed of the batches and the noise)"
-                             + (f" and {out / 'audit'}" if audit_section is not None else "")   # --skip-audit: none
-                             + f"; the reference CNN eval trained on the private images, cached in "
-                               f"{_home_relative(cache / 'reference')}; and this report's rows marked {NON_PRIVATE}"
+            ("model to release", f"{_home_relative(released['model'])} (EMA weights and the ledger; sha256 "
+                                 f"{released['sha256']})"),
+            ("synthetic data to release", _home_relative(samples_path)),
+            ("keep private", f"{_home_relative(run_dir)} (its checkpoint holds the secret seed of the batches and the "
+                             f"noise){audit_kept}; the reference CNN eval trained on the private images, cached in "
+                             f"{_home_relative(cache / 'reference')}; and this report's rows marked {NON_PRIVATE}"
                              + (" (in Quality and Audit)" if audit_section is not None else " (in Quality)"))]},
         {"title": "Quality", "rows": rows_metrics, "text": QUALITY_TEXT},
         {"title": "Privacy curve", "image": str(curve_path)},
@@ -367,7 +373,8 @@ def audit_rows(report: dict, report_dir: Path) -> list[tuple[str, str]]:
     INCONCLUSIVE by design, and the demo says why rather than exit non-zero.
 
     Every row but the folder's is marked NON_PRIVATE: the figures come from canary runs on private images (the
-    positive control's, without noise, appear in a reason), outside the plan's guarantee (AUDIT_TEXT)."""
+    positive control's, without noise, appear in a reason), outside the plan's guarantee (AUDIT_TEXT). The folder is
+    shown as ~/... where it lies in the home folder (`_home_relative`)."""
     rows = [(f"verdict {NON_PRIVATE}", str(report.get("verdict")))]
     rows += [(f"reason {NON_PRIVATE}", r) for r in report.get("reasons", [])]
     can = report.get("canary_audit") or {}
@@ -378,7 +385,7 @@ def audit_rows(report: dict, report_dir: Path) -> list[tuple[str, str]]:
                      f"{epsilon_text(can.get('max_epsilon_lower_bound', float('nan')), bound='lower')}, largest "
                      f"certifiable with these canaries "
                      f"{epsilon_text(can.get('max_certifiable_epsilon', float('nan')), bound='lower')}"))
-    rows.append(("report", str(report_dir)))
+    rows.append(("report", _home_relative(report_dir)))
     return rows
 
 

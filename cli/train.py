@@ -171,6 +171,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
     rank = distributed.rank()   # the process group's (read before shutdown destroys it), not a RANK left in the shell
     warn_if_slow_bf16(precision, device)
     ok = False
+    lost = None   # a peer gone when the ranks met to finish, after the run's last collective
     try:
         config = TrainConfig(model=model, precond=precond, lr=lr, lr_schedule=lr_schedule, ema_decay=ema_decay,
                              ema_powers=tuple(ema_powers),
@@ -192,9 +193,18 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
         # could not be written: not an input mistake (exit 4, one line naming the checkpoint --resume continues from)
         raise runtime_failure(str(e)) from None
     finally:
-        distributed.shutdown(ok=ok)
+        try:
+            distributed.shutdown(ok=ok)
+        except distributed.PeerLost as e:   # raised only after a run that ended well (ok): no error is in flight
+            lost = e
+    if lost is not None and rank != 0:   # rank 0 writes the checkpoints: its own output says whether it did
+        raise runtime_failure(f"{lost}; this rank's part of the run is done, and rank 0's output says whether the "
+                              "run's last checkpoint was written")
     if rank != 0:
         return  # rank 0 alone reports
+    if lost is not None:   # the run is complete: its last checkpoint is written whole, and the summary still stands
+        warn(f"{lost}; this run is complete all the same: the checkpoint of its last step "
+             f"({summary['steps_done']}) is written whole")
     if as_json:
         emit_json(summary)
     else:

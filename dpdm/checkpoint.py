@@ -103,11 +103,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Writes `text` to `path` atomically and durably, with the umask's mode (`accounting.plan.atomic_write_text`)."""
+def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int = 0o666) -> Path:
+    """Writes `text` to `path` atomically and durably, with `mode` less the umask
+    (`accounting.plan.atomic_write_text`)."""
     from accounting.plan import atomic_write_text
 
-    atomic_write_text(path, text)
+    atomic_write_text(path, text, mode=mode)
     return Path(path)
 
 

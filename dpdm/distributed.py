@@ -30,6 +30,13 @@ class LaunchError(ValueError):
     `dpdm` prints as one line, exit 2, before any work (`init_from_env` raises it)."""
 
 
+class PeerLost(RuntimeError):
+    """A peer was gone when the ranks met to tear the process group down after a successful run (`shutdown`):
+    every collective of training was done. Rank 0, which writes the checkpoints, knows whether the last one was
+    written: on rank 0 it was (`dpdm train` warns and reports the run), on another rank its peer may have failed
+    writing it."""
+
+
 def launch_problem(device: str | None = None) -> str | None:
     """Why this process's environment is neither one process nor a torchrun launch, or None.
 
@@ -149,14 +156,40 @@ def shutdown(*, ok: bool = True) -> None:
     """Tears the process group down. After a successful run every rank first meets at a barrier, then
     waits in the rendezvous store until every rank has left it: a rank that destroys gloo's group while
     its peer is still completing the last collective makes the peer abort ("terminate called without an
-    active exception"), and the barrier alone is such a last collective (seen once in about 25 runs)."""
+    active exception"), and the barrier alone is such a last collective (seen once in about 25 runs).
+
+    Raises:
+      PeerLost: after a successful run (`ok`), a peer was gone at the barrier: it failed or died after the run's
+        last collective (rank 0's final checkpoint on a full disk, a rank killed). That was gloo's traceback on
+        each rank left, and rank 0 lost a finished run's summary (h99 F1, stop 49). The group is torn down first.
+    """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        if ok:
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    lost = None
+    if ok:
+        try:
             dist.barrier()
+        except RuntimeError as e:   # gloo's "Connection closed by peer", a timeout (DistBackendError is one too)
+            lost = e
+        else:
             _all_left_the_barrier(dist)
+    if lost is None:
         dist.destroy_process_group()
+        return
+    # Of two ranks the peer is the other one. Gloo names only its address, and the store cannot name it either: a
+    # rank whose store is served by a peer that is gone (rank 0, where no torchrun agent serves it) prints c10d's
+    # 20-line warning on each call.
+    rank, world = dist.get_rank(), dist.get_world_size()
+    who = f"rank {1 - rank}" if world == 2 else "another rank"
+    try:
+        dist.destroy_process_group()
+    except RuntimeError:   # a group whose peer is gone may fail to close: the line below says what happened
+        pass
+    cause = " ".join(str(lost).split())[:200]
+    raise PeerLost(f"{who} stopped after the run's last step, before the ranks met to finish (its own output says "
+                   f"why; here: {type(lost).__name__}: {cause})") from lost
 
 
 def _all_left_the_barrier(dist) -> None:

@@ -966,8 +966,8 @@ def train(
             shown = "(given with --seed: not secret)" if seed_given else "(secret: in checkpoint.pt only)"
             public = {**run_config, "train": {**run_config["train"], "seed": shown},
                       "private": config.private}
-            with writing("config.json", out / "config.json"):
-                _write_json(out / "config.json", public)
+            with writing("config.json", out / "config.json"):   # the data's digest: its owner's, as the checkpoint
+                _write_json(out / "config.json", public, mode=0o600)
 
         segments = lr_segments_of(config)   # a step's seed: run_seed_at(seed, segments, step)
         sample_size = plan.dataset_size if config.private else n
@@ -1421,7 +1421,10 @@ def _truncate_metrics(path: Path, steps_done: int) -> None:
     width = len(METRICS_HEADER)
     kept = [ln for ln in lines if ln.endswith("\n") and ln.count(",") == width - 1
             and (step := _metrics_step(ln)) is not None and step <= steps_done]
-    ckpt.atomic_write_text(path, ",".join(METRICS_HEADER) + "\r\n" + "".join(kept))
+    # 0600 whatever the umask, as the checkpoint: the losses of the private batches, without noise. The run folder is
+    # 0700, but a copy of its files into another folder (`cp run/* shared/`) keeps their modes (h99 N2, stop 49).
+    # The rows are appended to this file, which keeps its mode.
+    ckpt.atomic_write_text(path, ",".join(METRICS_HEADER) + "\r\n" + "".join(kept), mode=0o600)
 
 
 def _check_regular(path: Path) -> None:
@@ -1656,7 +1659,8 @@ def _patterns(patterns: tuple[str, ...] | None) -> str:
     return "all parameters" if patterns is None else "only " + ",".join(patterns)
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def _write_json(path: Path, obj: dict, *, mode: int = 0o666) -> None:
     # Strict JSON (RFC 8259): a NaN written as the token NaN made the run's plan.json unreadable to every later
-    # command (stop 44). Now it is a ValueError before the file is touched, and before any step.
-    ckpt.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    # command (stop 44). Now it is a ValueError before the file is touched, and before any step. `mode` less the
+    # umask: plan.json stays readable by other users (accounting.write_plan), config.json is 0600.
+    ckpt.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n", mode=mode)

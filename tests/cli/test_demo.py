@@ -280,6 +280,38 @@ def test_demo_report_puts_each_figure_and_epsilon_in_its_row(tmp_path, stubbed_d
     assert "(non-private)" in claim
 
 
+def test_demo_report_names_no_home_folder(tmp_path, monkeypatch, stubbed_demo):
+    """The report is for sharing, the user's name is not: with --out in the home folder (--out ~/demo, which the
+    shell expands), the model and samples to release, the run and audit folders to keep private and the audit's
+    report folder were shown as /home/USER/... in report.md and report.html; only the cache's row was ~/... (stop
+    44; h99 F2, stop 49). A relative --out (the default demo_out) stays as given."""
+    import html
+
+    from cli.demo import _home_relative
+    from dpdm.report import _md_cell
+
+    demo, _ = stubbed_demo
+    home = tmp_path / "alice"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    out = home / "projects" / "demo"
+    demo.run_demo(out, steps=2, device="cpu", audit=True, public_steps=0)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert str(home) not in md and str(home) not in page
+    tilde = Path("~") / "projects" / "demo"
+    rows = {"model to release": f"{tilde / 'model.pt'} (EMA weights and the ledger; sha256 abc123)",
+            "synthetic data to release": str(tilde / "samples.npz"),
+            "report": str(tilde / "audit")}
+    s = _sections(md)
+    for key, value in rows.items():
+        assert _row(s["Audit" if key == "report" else "Release"], key) == _md_cell(value)
+        assert f"<th>{html.escape(key)}</th><td>{html.escape(value)}</td>" in page
+    keep = f"{tilde / 'run'} (its checkpoint holds the secret seed of the batches and the noise) and {tilde / 'audit'};"
+    assert _row(s["Release"], "keep private").startswith(_md_cell(keep)) and html.escape(keep) in page
+    assert _home_relative(Path("demo_out") / "run") == str(Path("demo_out") / "run")   # wherever the demo runs
+
+
 def test_demo_audit_rows_round_the_claim_up_and_the_bounds_down():
     """Catches the audit row's claim rounded down or its lower bound rounded up (mut47): the test above has claim
     9.997 and lower bound 0, which show the same either way."""

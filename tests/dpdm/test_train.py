@@ -1107,18 +1107,27 @@ def test_the_train_loop_runs_the_plans_mechanism(tmp_path, monkeypatch):
 
 
 def test_checkpoints_are_owner_only(tmp_path):
-    """They hold the secret seed: 0600 whatever the umask, while the run's text files follow it."""
+    """They hold the secret seed: 0600 whatever the umask, and so are metrics.csv (the noise-free losses of the
+    private batches) and config.json (the data's digest), which were 0644 (h99 N2, stop 49); plan.json follows the
+    umask, for other users to read. A resume rewrites an older run's metrics.csv as 0600 too."""
     import stat
+
+    from dpdm.train import _truncate_metrics
 
     x, y, c = tiny_data()
     out = tmp_path / "run"
     old = os.umask(0o022)
     try:
         train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
+        for name in (CHECKPOINT_NAME, "metrics.csv", "config.json"):
+            assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o600, name
+        assert stat.S_IMODE(os.stat(out / "plan.json").st_mode) == 0o644
+        os.chmod(out / "metrics.csv", 0o644)   # an older dpdm's
+        _truncate_metrics(out / "metrics.csv", 2)   # what a resume does first
     finally:
         os.umask(old)
-    assert stat.S_IMODE(os.stat(out / CHECKPOINT_NAME).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(out / "plan.json").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(out / "metrics.csv").st_mode) == 0o600
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3   # the header and the rows of steps 1 and 2
 
 
 # --- the run folder: other runs' files, a second trainer, its mode; a diverging run ------------------------
