@@ -147,7 +147,7 @@ def test_quality_benchmark_splits_into_baseline_and_generator_processes(tmp_path
     q.N_SAMPLES = 20
     parts = []
     side = q.run(workdir=tmp_path / "side", epochs=0.2, baseline_only=True, on_part=lambda o: parts.append(set(o)))
-    assert [later - earlier for later, earlier in zip(parts[1:], parts)] == [{"dp_classifier", "seconds"}]
+    assert [later - earlier for later, earlier in zip(parts[1:], parts)] == [{"dp_classifier"}, {"seconds"}]
     assert "reference_classifier" in parts[0] and "generator" not in side
     parts.clear()
     main = q.run(plan_path=str(tmp_path / "side" / "plan.json"), workdir=tmp_path / "main", n=20, precond="v",
@@ -359,6 +359,22 @@ def test_baseline_json_keeps_no_cache_path_and_marks_non_private_figures(stubbed
     assert out["reference_classifier_non_private"] == {"real_val_accuracy": 0.5, "best_epoch": 1, "epochs": 20}
     assert out[NON_PRIVATE_KEY] == ["reference_classifier_non_private"]
     assert "98fc91ac" not in (tmp_path / "baseline.json").read_text()
+
+
+def test_baseline_only_writes_the_dp_sgd_cnn_before_the_non_private_ceiling(stubbed, tmp_path, monkeypatch, capsys):
+    # h100 F1: gpu_run.sh's baseline process (--baseline-only --real-reference) wrote the DP-SGD CNN only once the
+    # real-data CNNs had trained too: the device budget's timeout during them lost the goal's comparison point.
+    q, _ = stubbed
+
+    def stopped(*a, **kw):   # the budget's TERM, while the NON-PRIVATE ceiling trains
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(q, "real_data_cnn", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        q.run(workdir=tmp_path / "w", epochs=0.2, baseline_only=True, real_reference=True,
+              on_part=lambda o: q.write_json(tmp_path / "baseline.json", o))
+    assert json.loads((tmp_path / "baseline.json").read_text())["dp_classifier"]["test_accuracy"] == 0.95
+    assert "DP-SGD CNN: {'test_accuracy': 0.95" in capsys.readouterr().err   # and in the log at once
 
 
 def test_real_data_cnn_says_it_is_non_private(load_benchmark, monkeypatch):
@@ -605,7 +621,9 @@ def test_out_of_range_options_are_refused_by_argparse(stubbed, tmp_path, monkeyp
     (["--train-sigma", "80", "0.01"], ["--train-sigma 80 0.01", "MIN must be below MAX"]),
     (["--train-sigma", "0.01", "80", "--precond", "edm"], ["--train-sigma applies to --precond v only"]),
     (["--samples", "missing.npz"], ["--samples missing.npz: no such file"]),
-    (["--sigma-min", "100"], ["--sigma-min 100: sigma_min=100.0 must"])])   # it failed after training
+    (["--sigma-min", "100"], ["--sigma-min 100: sigma_min=100.0 must"]),   # it failed after training
+    # trained levels above the sampler's sigma_max 80: a TypeError traceback (no --sigma-min to name), found by fixbench
+    (["--train-sigma", "100", "200", "--precond", "v"], ["--train-sigma 100 200", "a MIN below 80"])])
 def test_options_that_make_no_plan_are_refused_in_one_line(stubbed, tmp_path, monkeypatch, capsys, argv, names):
     # --plan nonexist.json had ended in a PlanError traceback once run() read it.
     monkeypatch.chdir(tmp_path)
