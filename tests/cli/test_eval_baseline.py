@@ -366,6 +366,22 @@ def test_baseline_public_pretrain_then_dp_steps(digit_files, tmp_path, capsys):
     _assert_one_line_error(code, err, "public data", "digits28")
 
 
+@pytest.mark.parametrize("public, private", [("digits28-aug", "digits28"), ("digits28", "digits28"),
+                                             ("mnist", "mnist5k"), ("digits-fonts28-aug", "digits")])
+def test_public_data_holding_the_private_images_is_refused_by_name_before_loading(public, private):
+    """The test above reaches this check with the private dataset itself only. A dataset made from the private
+    images (digits28-aug: elastic-distorted copies, which the exact and near-copy checks let through) or their
+    source (mnist for mnist5k) is refused by name here, before anything is loaded: `dpdm baseline
+    --public-pretrain` has no other name check (`dpdm train --subspace-data` has dpdm.train's)."""
+    from cli._common import load_public_data
+    from cli.errors import BadInput
+
+    with pytest.raises(BadInput, match=rf"^--public-pretrain='{public}' holds the private dataset's images "
+                                       rf"\('{private}'\); pretraining must use public data$"):
+        load_public_data("--public-pretrain", public, private, data_root="/nonexistent", download=False,
+                         use="pretraining")
+
+
 def test_baseline_refuses_public_or_test_data_holding_the_private_images(digit_files, tmp_path, capsys):
     """Whatever the file is called: a copy of the private images, or one of them among public ones, is not
     public; a test set made of training images is not held out. Refused before any training."""

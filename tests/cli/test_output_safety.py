@@ -145,11 +145,13 @@ def test_memory_needed_counts_images_labels_and_one_batch():
 
 @pytest.mark.parametrize("argv, option", [
     (["plan", "--eps", "10", "--delta", "1e-5", "--out", ""], "--out"),        # wrote no plan, exit 0
+    (["plan", "--eps", "10", "--delta", "1e-5", "--out", "   "], "--out"),     # a plan file named by spaces
     (["plan", "--eps", "10", "--delta", "1e-5", "--dataset", " ", "--out", "p.json"], "--dataset"),  # a mnist5k plan
     (["train", "--plan", "plan.json", "--out", ""], "--out"),                  # the current folder as the run
     (["train", "--plan", "plan.json", "--out", "r", "--dataset", ""], "--dataset"),
     (["sample", "--run", "", "--n", "2", "--out", "s.npz"], "--run"),
     (["export", "--run", "r", "--out", ""], "--out"),                          # named '.'
+    (["export", "--run", "r", "--out", "\t"], "--out"),
     (["eval", "--samples", "s.npz", "--dataset", "mnist5k", "--test-dataset", ""], "--test-dataset"),
     (["eval", "--samples", "s.npz", "--dataset", "mnist5k", "--public-pretrain", ""], "--public-pretrain"),
     (["baseline", "dp-classifier", "--plan", ""], "--plan"),
@@ -158,7 +160,8 @@ def test_memory_needed_counts_images_labels_and_one_batch():
 ])
 def test_an_empty_path_or_dataset_is_one_error_line(tmp_path, monkeypatch, capsys, argv, option):
     """An unset shell variable (`--out "$PLAN"`) gives an empty value: click took it for the current folder, or, in
-    `dpdm plan`, for no option at all. Each is refused before anything is read or written."""
+    `dpdm plan`, for no option at all. Each is refused before anything is read or written, and so is a blank one
+    (a file or folder named by its spaces)."""
     monkeypatch.chdir(tmp_path)
     line = one_error_line(main(argv), capsys.readouterr().err)
     assert line.startswith(f"dpdm: error: {option}=") and "is empty" in line, line

@@ -420,6 +420,8 @@ def test_ranks_with_another_plan_or_data_are_refused_before_training(tiny):
     ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a number of processes"),
     ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"},
      "RANK=5 is not below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"},
+     "RANK=2 is not below WORLD_SIZE=2"),
     *[({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
         "DPDM_DIST_TIMEOUT": t}, f"DPDM_DIST_TIMEOUT={t!r} must be a number of seconds above 0 (default 600)")
       for t in ("abc", "nan", "inf", "0", "-1")],
@@ -430,10 +432,16 @@ def test_a_stray_world_size_is_one_line(tiny, monkeypatch, capsys, env, said):
     """WORLD_SIZE left in the shell, outside torchrun: torch's env:// rendezvous raised ("environment variable
     RANK expected, but not set"), a traceback and exit 4; now one line, exit 2, before the run folder is made.
     So do a DPDM_DIST_TIMEOUT that is no number of seconds (a ValueError traceback, exit 4), and a RANK above 0
-    with no world for it (the run trained alone, then printed nothing, not even --json)."""
+    with no world for it (the run trained alone, then printed nothing, not even --json). A rank let through would
+    wait at the rendezvous: init_process_group fails the test at once instead."""
     from cli.main import main
 
     d, _ = tiny
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("reached past the refusal")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", unreachable)
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():

@@ -1,10 +1,13 @@
 """DDPM++ U-Net: parameter counts, shapes, row independence, allowed module types."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dpdm.networks import AttnBlock, build_network, count_parameters, timestep_embedding
+from dpdm.networks import PRESETS, AttnBlock, ResBlock, build_network, count_parameters, timestep_embedding
 from dpdm.precond import EDMPrecond
 
 ALLOWED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.Embedding, nn.SiLU)
@@ -20,6 +23,20 @@ def test_mnist_preset_matches_paper_count():
     assert n == 1_753_345   # DPDM's NCSNpp for MNIST, counted analytically in research/dpdm.md 1.4
     attn = [m for m in net.modules() if isinstance(m, AttnBlock)]
     assert len(attn) == 4   # 2 encoder blocks at 7x7, middle, decoder at 7x7
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_attention_sits_at_the_lowest_resolution(preset):
+    """For "mnist" (1, 2, 2) the 14x14 and 7x7 levels both have 64 channels: attention at 14x14 has the paper's
+    parameter count too (the test above), at 16x the attention's compute, and is no longer DPDM's network."""
+    net = build_network(preset, img_resolution=28, img_channels=1, num_classes=0)
+    sides = []
+    for m in net.modules():
+        if isinstance(m, AttnBlock):
+            m.register_forward_pre_hook(lambda mod, args: sides.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        net(torch.zeros(1, 1, 28, 28), torch.zeros(1))
+    assert sides and set(sides) == {(7, 7)}, sides
 
 
 def test_small_preset_under_300k():
@@ -90,6 +107,47 @@ def test_rows_are_independent(preset, res):
     torch.testing.assert_close(net(x[1:2], c[1:2], y[1:2]), out[1:2], rtol=1e-10, atol=1e-12)
 
 
+# The blocks computed by hand: none of these changes moves a parameter count or the row independence above.
+
+def test_attention_is_scaled_dot_product_over_the_keys_then_skip_rescaled():
+    torch.manual_seed(0)
+    blk = AttnBlock(8, init_scale=1.0).double()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    q, k, v = blk.qkv(blk.norm(x)).reshape(2, 3, 8, 9).unbind(1)                     # [B, C, HW] each
+    h = F.scaled_dot_product_attention(q.mT, k.mT, v.mT).mT.reshape(2, 8, 3, 3)     # softmax(q k^T / sqrt(C)) v
+    torch.testing.assert_close(blk(x), (x + blk.proj(h)) / math.sqrt(2), rtol=1e-10, atol=1e-12)
+
+
+def test_res_block_by_hand():
+    torch.manual_seed(1)
+    for cin, cout, kw in ((8, 8, {}), (8, 16, {}), (8, 8, {"down": True})):
+        blk = ResBlock(cin, cout, 12, init_scale=1.0, **kw).double()
+        x, emb = torch.randn(2, cin, 4, 4, dtype=torch.float64), torch.randn(2, 12, dtype=torch.float64)
+        rs = (lambda t: F.avg_pool2d(t, 2)) if kw else (lambda t: t)   # noqa: E731
+        h = blk.conv0(rs(F.silu(blk.norm0(x)))) + blk.affine(emb)[:, :, None, None]
+        h = blk.conv1(F.silu(blk.norm1(h)))
+        skip = blk.skip(rs(x)) if blk.skip is not None else x
+        torch.testing.assert_close(blk(x, emb), (skip + h) / math.sqrt(2), rtol=1e-10, atol=1e-12)
+
+
+def test_unet_conditions_on_the_activated_embedding_and_saves_the_attended_skip():
+    torch.manual_seed(2)
+    net = build_network("small", img_resolution=16, img_channels=1, num_classes=3, init_scale=1.0).double()
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    c, y = torch.tensor([0.3, -1.2], dtype=torch.float64), torch.tensor([2, 3])
+    seen = {}
+    net.enc[0].affine.register_forward_pre_hook(lambda m, args: seen.__setitem__("emb", args[0]))
+    attn = net.enc[-1]
+    assert isinstance(attn, AttnBlock)   # the last saved activation is the attention's
+    attn.register_forward_hook(lambda m, args, out: seen.__setitem__("attn", out))
+    net.dec[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("dec0", args[0]))
+    net(x, c, y)
+    emb = timestep_embedding(c, net.nf) + net.label_embed(y)
+    torch.testing.assert_close(seen["emb"], F.silu(net.map1(F.silu(net.map0(emb)))), rtol=1e-12, atol=1e-12)
+    C = seen["attn"].shape[1]
+    torch.testing.assert_close(seen["dec0"][:, -C:], seen["attn"], rtol=0, atol=0)
+
+
 def test_zero_ish_init_output_is_small_but_gradients_reach_every_layer():
     net = build_network("small", img_resolution=8, img_channels=1, num_classes=10)   # default init_scale
     out = net(torch.randn(2, 1, 8, 8), torch.randn(2), torch.tensor([0, 10]))
@@ -104,6 +162,11 @@ def test_timestep_embedding():
     assert emb.shape == (2, 32)
     torch.testing.assert_close(emb[0], torch.cat([torch.zeros(16), torch.ones(16)]))
     assert emb[1, 0].item() == pytest.approx(torch.sin(torch.tensor(1.0)).item())
+    # DDPM's get_timestep_embedding: freq_j = max_positions ** (-j / (half - 1)), j = 0 .. half - 1
+    c = torch.tensor([0.7, 250.0], dtype=torch.float64)
+    freqs = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 3)
+    want = torch.cat([(c[:, None] * freqs).sin(), (c[:, None] * freqs).cos()], 1)
+    torch.testing.assert_close(timestep_embedding(c, 8), want, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_arguments():

@@ -9,8 +9,8 @@ from scipy import stats as st
 from torch import nn
 
 from dpdm import checkpoint as ckpt
-from dpdm.engine import (add_noise_in_subspace, clipped_grad_sum, flatten_grads, per_sample_grads,
-                         public_subspace)
+from dpdm.engine import (SubspaceSpanError, add_noise_in_subspace, clipped_grad_sum, flatten_grads,
+                         per_sample_grads, public_subspace)
 from dpdm.train import CHECKPOINT_NAME, TrainConfig, TrainError, train
 
 from tests.dpdm.test_engine import small_unet_case
@@ -43,6 +43,19 @@ def test_basis_is_orthonormal_and_spans_the_top_principal_directions():
     for bad in (0, -1, 2.5):   # a RuntimeError or TypeError from inside the loop before
         with pytest.raises(ValueError, match=f"chunk_size={bad!r} must be None or an integer >= 1"):
             public_subspace(D, loss_fn, *batch, dim=k, clip_norm=C, chunk_size=bad)
+
+
+def test_public_gradients_of_too_low_rank_raise_the_span_error():
+    """Two of three public examples have a zero gradient: the Gram matrix's other eigenvalues are exactly 0, so
+    dim=2 is refused as the caller's setting (SubspaceSpanError, which `dpdm train` turns into "lower the
+    dimension"), not a basis of 0/0 that fails later as another error."""
+    model = nn.Linear(2, 1, bias=False)
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    loss_fn = lambda m, e: m(e).sum()     # noqa: E731  the gradient is the example itself
+    V = public_subspace(model, loss_fn, x, dim=1, clip_norm=1.0)
+    torch.testing.assert_close(V.abs(), torch.tensor([[1.0], [0.0]]))
+    with pytest.raises(SubspaceSpanError, match="span fewer than 2 directions; lower the dimension"):
+        public_subspace(model, loss_fn, x, dim=2, clip_norm=1.0)
 
 
 def test_without_noise_it_is_the_projected_clipped_sum():
