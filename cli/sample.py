@@ -100,10 +100,14 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         problem = value is not None and output_parent_problem(value)
         if problem:
             raise BadInput(f"{option}={value!r}: {problem}")
+    from dpdm.checkpoint import SEED_GIVEN_NOTE
+    from dpdm.sample import SampleError, SampleFailure, sample_checkpoint, sampler_options_problem
+
+    problem = sampler_options_problem(sampler, sampler_steps, rho, churn)   # given, recorded, and changing nothing
+    if problem:
+        raise BadInput(problem)
     device = resolve_device(device)
     warn_if_slow_bf16(precision, device)
-    from dpdm.checkpoint import SEED_GIVEN_NOTE
-    from dpdm.sample import SampleError, SampleFailure, sample_checkpoint
 
     notes: list[str] = []   # e.g. how many images are of classes the run had no training image of
     try:

@@ -255,12 +255,25 @@ def damaged_record(path: str | os.PathLike) -> str | None:
 
     torch.load does not check the CRC-32s torch.save writes: a flipped bit in a tensor's bytes loaded as another
     weight, was sampled from and re-exported, under a fresh sha256, without a word. Reading the file once more
-    costs about 30 ms for the mnist preset's 27 MiB training checkpoint (torch.load itself: about 110 ms)."""
+    costs about 30 ms for the mnist preset's 27 MiB training checkpoint (torch.load itself: about 110 ms).
+
+    Before anything is read, every record must be stored uncompressed, as torch.save writes them all, and hold no
+    more bytes than the file itself: the memory torch.load can be asked for then follows the file's size, whatever
+    the model's. A 2.5 MB file whose one record was DEFLATE-compressed 1.5 GiB of zeros had torch.load inflate it
+    all into memory before refusing it (about 1,000:1: a 20 MB file asked for 20 GB; h101 F2)."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return None   # no zip directory, or none readable: torch.load refuses it with its own reason
     with archive:
+        size = os.path.getsize(path)
+        for info in archive.infolist():   # the zip directory only: nothing is inflated
+            if info.compress_type != zipfile.ZIP_STORED:
+                return (f"its record {info.filename} is compressed (zip method {info.compress_type}) and would "
+                        f"inflate to {info.file_size:,} bytes; torch.save compresses none, so it is refused unread")
+            if max(info.file_size, info.compress_size) > size:
+                return (f"its record {info.filename} claims {max(info.file_size, info.compress_size):,} bytes, more "
+                        f"than the whole file's {size:,}")
         try:
             bad = archive.testzip()   # reads every record; a CRC mismatch or a bad local header names the record
         except (OSError, EOFError, ValueError, NotImplementedError, zlib.error) as e:
@@ -324,6 +337,12 @@ def _checked_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> dict[
 _CONFIG_TYPES = {"model": str, "precond": str, "sigma_data": float, "img_resolution": int, "img_channels": int,
                  "num_classes": int}
 PRECONDS = ("edm", "v")   # `dpdm train --precond`: EDM's preconditioning or v-prediction
+# The sigma_data `dpdm train` writes into every run's config, for either precond (the std of U[-1, 1], DPDM's): any
+# other value is an edit (1e300 overflowed the sampler into a traceback, 1e30 into NaN blamed on the weights).
+SIGMA_DATA = 3 ** -0.5
+# Above this an image size, channel or class count is no network dpdm trains (2**31 classes: 128 GiB of label
+# embedding at the small preset's 16 features), and near 2**63 torch's sizes overflow building it.
+MAX_CONFIG_SIZE = 2**31 - 1
 _LEDGER_TYPES = {"plan_steps": int, "steps_done": int, "epsilon_spent": float, "delta": float, "private": bool}
 
 
@@ -363,7 +382,8 @@ def _check_parts(state: dict[str, Any], keys: tuple[str, ...], what: str) -> dic
         if bad is not None:
             raise CheckpointError(f"{what} is corrupt: its {part} has {bad}")
     training = state.get("format") == FORMAT
-    problem = _config_problem(config, training) or _ledger_problem(ledger, config)
+    problem = (_config_problem(config, training) or _ledger_problem(ledger, config)
+               or (None if training else _release_weights_problem(state["weights"])))
     if problem is None and training:
         problem = _training_state_problem(state)
     if problem is not None:
@@ -375,10 +395,39 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _value_text(v: Any) -> str:
+    """A field's value for an error line: its repr where short and flat, else its type (a list nested 200 deep)."""
+    text = repr(v) if isinstance(v, (str, int, float, bool)) else ""
+    return text if 0 < len(text) <= 80 else f"a {type(v).__name__}"
+
+
+def _release_weights_problem(weights: Any) -> str | None:
+    """Why a release file's `weights` is not a name `dpdm export` writes ("ema", "raw", "power:GAMMA"), or None:
+    it reaches the samples' meta as it is."""
+    if isinstance(weights, str) and weights in ("ema", "raw"):
+        return None
+    if isinstance(weights, str) and weights.startswith("power:"):
+        try:
+            if math.isfinite(float(weights.removeprefix("power:"))):
+                return None
+        except ValueError:
+            pass
+    return f"its weights are {_value_text(weights)}, not ema, raw or power:GAMMA"
+
+
 def _config_problem(config: dict[str, Any], training: bool) -> str | None:
-    """What is wrong with the config parts that commands read past the network's description, or None."""
+    """What is wrong with the config parts that commands read past the network's description, or None. The
+    free-form fields that reach the samples' meta (dataset, init's dataset and sha256, train.seed_given) are typed
+    too: a list there was a traceback (exit 4) after every image had been drawn (h101 F6)."""
     if config["precond"] not in PRECONDS:   # build_denoiser took any other name for EDM's
         return f"its config's precond is {config['precond']!r}, not one of {', '.join(map(repr, PRECONDS))}"
+    if not math.isclose(config["sigma_data"], SIGMA_DATA, rel_tol=1e-9):
+        return f"its config's sigma_data is {config['sigma_data']!r}; dpdm trains every network at sqrt(1/3) = 0.57735"
+    for key in ("img_resolution", "img_channels", "num_classes"):
+        if config[key] > MAX_CONFIG_SIZE:
+            return f"its config's {key} is {config[key]}, more than any network dpdm trains (at most 2**31 - 1)"
+    if config.get("dataset") is not None and not isinstance(config["dataset"], str):
+        return f"its config's dataset is {_value_text(config['dataset'])}, not a dataset's name"
     train = config.get("train")
     if train is not None or training:   # a release file may lack it; a training checkpoint holds its seed there
         if not isinstance(train, dict):
@@ -391,9 +440,18 @@ def _config_problem(config: dict[str, Any], training: bool) -> str | None:
                                       and all(_is_number(v) and math.isfinite(v) for v in sigma)
                                       and 0 < sigma[0] < sigma[1]):   # [nan, 1] was sampled from
             return f"its config's train.train_sigma is {sigma!r}, not (min, max) with 0 < min < max"
+        if not isinstance(train.get("seed_given", False), bool):
+            return f"its config's train.seed_given is {_value_text(train['seed_given'])}, not true or false"
     init = config.get("init")
     if init is not None and not isinstance(init, dict):
         return f"its config's init is {type(init).__name__}, not a mapping"
+    for key in ("dataset", "sha256"):
+        value = (init or {}).get(key)
+        if value is not None and not isinstance(value, str):
+            return f"its config's init.{key} is {_value_text(value)}, not text"
+    empty = config.get("empty_classes")   # a training checkpoint's labels without an image (`dpdm sample` says so)
+    if empty is not None and not (isinstance(empty, list) and all(_of_kind(c, int) for c in empty)):
+        return f"its config's empty_classes is {_value_text(empty)}, not a list of class labels"
     if "private" in config and not isinstance(config["private"], bool):
         return f"its config's private is {config['private']!r}"
     return None

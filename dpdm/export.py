@@ -10,6 +10,7 @@ the weights are DP-SGD's output and the rest is public (the plan is), so releasi
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,10 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
             (a checkpoint, a plan, the data: never replaced), or (keep_other_plans) a release file of
             another plan.
     """
+    import torch
+
     from dpdm.report_utils import run_folder_of
-    from dpdm.sample import SampleError, _weights_of, weights_name
+    from dpdm.sample import SampleError, _weights_of, weights_name, weights_problem
 
     src, out = Path(checkpoint_path), Path(out_path)
     try:
@@ -119,18 +122,21 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     except ckpt.CheckpointError as e:
         raise ExportError(str(e)) from None
     ledger = {k: state["ledger"][k] for k in ckpt.LEDGER_KEYS}
-    # The verified document as dpdm writes it, not the file's text: keys dpdm does not write stay out of the release.
     weights = weights_name(weights)   # "power:0.50" and "power:0.5" are one EMA: one name, one file
-    release = {"format": ckpt.MODEL_FORMAT, "weights": weights, "state_dict": chosen,
-               "config": release_config(state["config"], doc.plan.dataset_name), "ledger": ledger,
-               "plan": doc.to_json() + "\n"}
-    try:   # the weights must fit the network the file describes, as `dpdm sample` will check
-        from dpdm.train import build_denoiser
-
-        build_denoiser(release["config"]).load_state_dict(chosen)
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+    config = release_config(state["config"], doc.plan.dataset_name)
+    problem = weights_problem(config, chosen)   # the network the file describes, as `dpdm sample` will check
+    if problem is not None:
         raise ExportError(f"checkpoint {str(src)!r} is corrupt: its {weights} weights do not fit its own config "
-                          f"({ckpt.state_dict_mismatch_reason(e)})") from None
+                          f"({problem})")
+    # Each tensor in a storage of its own: torch.save writes a tensor's whole storage, so a view into one that also
+    # held the raw weights (a checkpoint made by hand) released them too (h101 N7). The state dict's own metadata
+    # (module versions) is kept: a release of dpdm's own checkpoint is the same file, byte for byte.
+    chosen = copy.copy(chosen)
+    for key, tensor in chosen.items():
+        chosen[key] = tensor.detach().clone(memory_format=torch.contiguous_format)
+    # The verified document as dpdm writes it, not the file's text: keys dpdm does not write stay out of the release.
+    release = {"format": ckpt.MODEL_FORMAT, "weights": weights, "state_dict": chosen, "config": config,
+               "ledger": ledger, "plan": doc.to_json() + "\n"}
     if keep_other_plans and old_digest is not None and old_digest != ledger["plan_digest"]:
         raise ExportError(f"--out={str(out)!r} already exists and holds the release file of another plan "
                           f"({old_digest[:19]}..., this run's is {str(ledger['plan_digest'])[:19]}...); it is kept. "

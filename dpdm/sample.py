@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import address_space
@@ -92,6 +93,9 @@ def load_denoiser(path: str | os.PathLike, *, weights: str | None = "ema", devic
         weights = "ema" if weights is None else weights
         chosen = _weights_of(state, weights, path)
         state["weights"] = weights_name(weights)
+    problem = weights_problem(state["config"], chosen)   # before the network the config describes is built
+    if problem is not None:
+        raise SampleError(f"checkpoint {str(path)!r} does not match its own config: {problem}")
     try:
         D = build_denoiser(state["config"])
         D.load_state_dict(chosen)
@@ -99,6 +103,71 @@ def load_denoiser(path: str | os.PathLike, *, weights: str | None = "ema", devic
         raise SampleError(f"checkpoint {str(path)!r} does not match its own config: "
                           f"{ckpt.state_dict_mismatch_reason(e)}") from None
     return D.to(device).eval(), state
+
+
+class _SkipInit(TorchFunctionMode):
+    """Leaves the tensors `torch.nn.init` would fill on the meta device as they are: a network built under it has
+    its shapes and dtypes and nothing else (torch's normal_ on meta imports torch._dynamo first: 2.5 to 4 s)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__module__", None) == "torch.nn.init" and torch.is_tensor(target) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
+def weights_problem(config: dict, weights) -> str | None:
+    """Why `weights` (a checkpoint's or release file's state dict, as loaded) are not the weights of the network
+    `config` describes, or None: each of its tensors under its name, of its shape and dtype, in storage of its own,
+    and nothing else. The network is built on the meta device (its shapes, no memory), so that what building it
+    for real costs follows the file's size, not a number in it: a release file whose config said num_classes=5e7
+    had `build_denoiser` allocate and fill 3.2 GB before load_state_dict compared the shapes, and one of 1e15 failed
+    with the allocator's line (h101 F1). As a stride-0 view saved in 4 bytes takes any shape, each tensor must hold
+    its own elements, and all of them the bytes they need. A dtype other than the network's was cast without a
+    word (bool weights loaded as 1.0, h101 F4): `dpdm train` keeps every weight in float32, under --precision bf16
+    too."""
+    from dpdm.train import build_denoiser
+
+    try:
+        with torch.device("meta"), _SkipInit():
+            want = build_denoiser(config).state_dict()
+    except (ValueError, TypeError, RuntimeError) as e:   # e.g. a resolution the U-Net cannot halve
+        return ckpt.load_error_reason(e)
+    if not isinstance(weights, dict):
+        return f"its weights are a {type(weights).__name__}, not a state dict"
+
+    def names(keys: list) -> str:
+        shown = ", ".join(repr(k) if len(repr(k)) <= 80 else f"{repr(k)[:77]}..." for k in keys[:2])
+        return shown + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
+
+    missing, extra = [k for k in want if k not in weights], [k for k in weights if k not in want]
+    if missing:
+        return f"it lacks the network's tensor{'s' if len(missing) > 1 else ''} {names(missing)}"
+    if extra:
+        return f"it has {names(extra)}, which the network has not"
+
+    def kind(t: torch.Tensor) -> str:
+        return f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+
+    storages, need = {}, 0
+    for key, w in want.items():
+        t = weights[key]
+        if not (torch.is_tensor(t) and t.layout == torch.strided):
+            what = f"a {t.layout} tensor" if torch.is_tensor(t) else f"of type {type(t).__name__}"
+            return f"its {key!r} is {what}, not a dense tensor"
+        if t.dtype != w.dtype or t.shape != w.shape:
+            return f"its {key!r} is {kind(t)}, the network's is {kind(w)}"
+        size, storage = t.numel() * t.element_size(), t.untyped_storage()
+        if size > storage.nbytes():
+            return (f"its {key!r} ({kind(t)}) is a view of {storage.nbytes():,} bytes, fewer than its {size:,}: "
+                    "dpdm saves every tensor whole")
+        storages[storage.data_ptr()] = storage.nbytes()
+        need += size
+    if need > sum(storages.values()):
+        return (f"its tensors are views of {sum(storages.values()):,} bytes of storage, fewer than their {need:,}: "
+                "dpdm saves every tensor whole")
+    return None
 
 
 def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: int = 50, guidance: float = 0.0,
@@ -148,7 +217,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     grid_problem = grid_path and grid_suffix_problem(grid_path)
     if grid_problem:
         raise SampleError(f"grid path {str(grid_path)!r} {grid_problem}")
-    problem = guidance_options_problem(guidance, guidance_interval)   # recorded, but no step guided
+    problem = (guidance_options_problem(guidance, guidance_interval)   # recorded, but no step guided
+               or sampler_options_problem(sampler, sampler_steps, rho, sampler_kwargs))   # recorded, no effect
     if problem:
         raise SampleError(problem)
 
@@ -317,6 +387,27 @@ def guidance_options_problem(guidance: float, guidance_interval, sigmas: torch.T
     if sigmas is None:
         return None
     return _guidance_interval_problem(sigmas, guidance_interval, sampler, sampler_kwargs or {})
+
+
+def sampler_options_problem(sampler: str, sampler_steps: int, rho: float, sampler_kwargs: dict | None) -> str | None:
+    """Why `sample_checkpoint` refuses these sampler options, or None: options given (a rho other than RHO, a
+    churn keyword present) that would be recorded in the samples and change none of them (h101 F5), as a
+    guidance interval without guidance is: --s-noise, --s-min or --s-max with --s-churn 0 (no step churns: Heun's
+    samples), and --rho with two steps or fewer (Eq. 5 of Karras et al. 2022 at n = 2 is sigma_max then sigma_min,
+    whatever rho). Needs no checkpoint."""
+    churn = sampler_kwargs or {}
+    idle = [k for k in ("S_noise", "S_min", "S_max") if k in churn]
+    if sampler == "churn" and idle and "S_churn" in churn and float(churn["S_churn"]) == 0:
+        given = " ".join(f"{_OPTIONS[k]} {_given_text(churn[k])}" for k in idle)
+        return (f"{given} with --s-churn 0: no step churns, so {'it changes' if len(idle) == 1 else 'they change'} "
+                "none of the samples (they are Heun's) and would be recorded all the same: leave "
+                f"{'it' if len(idle) == 1 else 'them'} out, or give --s-churn above 0")
+    if rho != RHO and sampler_steps <= 2:
+        levels = "sigma_max and sigma_min" if sampler_steps == 2 else "sigma_max"
+        return (f"--rho {_given_text(rho)} with --sampler-steps {sampler_steps}: the schedule's noise levels are "
+                f"{levels} alone, whatever rho, so it changes none of the samples and would be recorded all the same: "
+                f"leave out --rho, or sample with 3 steps or more")
+    return None
 
 
 def _level_text(level: float, *bounds: float) -> str:
@@ -517,5 +608,8 @@ def memory_allowed() -> tuple[int | None, bool]:
 def _meta_array(value) -> np.ndarray:
     """A meta value as a plain numpy scalar/array: None as NaN, and anything numpy would store as an
     object array (which np.savez pickles and load_npz refuses) as its text."""
-    a = np.asarray(np.nan if value is None else value)
+    try:
+        a = np.asarray(np.nan if value is None else value)
+    except ValueError:   # a ragged list, or one nested past numpy's 64 dimensions
+        return np.asarray(str(value))
     return np.asarray(str(value)) if a.dtype == object else a

@@ -378,7 +378,7 @@ def test_export_refuses_weights_that_do_not_fit_the_network(run, tmp_path, capsy
     bad = _edited_copy(run / "run", tmp_path / "bad", lambda s: s["ema"].update({key: torch.zeros(1)}))
     code, _, err = run_cli(["export", "--run", bad, "--out", tmp_path / "m.pt"], capsys)
     line = one_error_line(code, err)   # the key, not only torch's "Error(s) in loading state_dict for EDMPrecond:"
-    assert "do not fit its own config" in line and f"size mismatch for {key}: copying a param" in line, line
+    assert "do not fit its own config" in line and f"its {key!r} is float32 (1,), the network's is" in line, line
     assert not (tmp_path / "m.pt").exists()
     # A release file edited the same way (an unexpected key): `dpdm sample` names it as well.
     assert run_cli(["export", "--run", run / "run", "--out", tmp_path / "good.pt"], capsys)[0] == 0
@@ -388,7 +388,7 @@ def test_export_refuses_weights_that_do_not_fit_the_network(run, tmp_path, capsy
     code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "edited.pt", "--n", 2, "--out", tmp_path / "s.npz"],
                            capsys)
     line = one_error_line(code, err)
-    assert 'does not match its own config: Unexpected key(s) in state_dict: "extra.weight"' in line, line
+    assert "does not match its own config: it has 'extra.weight', which the network has not" in line, line
     release = torch.load(tmp_path / "good.pt", weights_only=True)   # build_denoiser took "xyz" for EDM
     release["config"]["precond"] = "xyz"
     torch.save(release, tmp_path / "edited.pt")
@@ -584,3 +584,104 @@ def test_empty_weights_are_refused_by_sample_as_by_export(run, tmp_path, capsys)
         assert lines[command].startswith("dpdm: error: weights=''"), err
         assert not out.exists()
     assert lines["sample"] == lines["export"], lines
+
+
+@pytest.fixture(scope="module")
+def release(run, tmp_path_factory):
+    """The run's release file (its EMA weights)."""
+    path = tmp_path_factory.mktemp("release") / "model.pt"
+    assert main(["export", "--run", str(run / "run"), "--out", str(path)]) == 0
+    return path
+
+
+def _set(part, key, value):
+    return lambda m: (m[part] if part else m).__setitem__(key, value)
+
+
+def _retype(key, dtype):
+    return lambda m: m["state_dict"].__setitem__(key, m["state_dict"][key].to(dtype))
+
+
+BIG = 2**31 - 1   # checkpoint.MAX_CONFIG_SIZE: the most classes or channels a config may claim
+
+
+@pytest.mark.parametrize("edit, needle", [
+    # h101 F1: the network the config describes was built (allocated, initialised) before its shapes were compared:
+    # GBs per number (num_classes 5e7: 3.2 GB), and here the allocator's line ("can't allocate memory").
+    pytest.param(_set("config", "num_classes", BIG),
+                 "its 'net.label_embed.weight' is float32 (4, 16), the network's is float32 (2147483648, 16)",
+                 id="num_classes"),
+    pytest.param(_set("config", "img_channels", BIG),
+                 "its 'net.conv_in.weight' is float32 (16, 1, 3, 3), the network's is float32", id="img_channels"),
+    pytest.param(lambda m: (m["config"].update(num_classes=BIG),   # the shape the config asks for, saved in 4 bytes
+                            m["state_dict"].update({"net.label_embed.weight": torch.zeros(1).expand(BIG + 1, 16)})),
+                 "its 'net.label_embed.weight' (float32 (2147483648, 16)) is a view of 4 bytes", id="stride-0 view"),
+    pytest.param(_set("config", "num_classes", 10**15),
+                 "its config's num_classes is 1000000000000000, more than any network", id="num_classes 1e15"),
+    # h101 F3: 1e300 was a traceback (exit 4), 1e30 NaN blamed on the weights (exit 4), 0.5 another model, sampled.
+    pytest.param(_set("config", "sigma_data", 1e300),
+                 "its config's sigma_data is 1e+300; dpdm trains every network at sqrt(1/3)", id="sigma_data 1e300"),
+    pytest.param(_set("config", "sigma_data", 0.5), "its config's sigma_data is 0.5", id="sigma_data 0.5"),
+    # h101 F4: cast to float32 without a word (complex with torch's warning): bool weights loaded as 1.0.
+    pytest.param(_retype("net.map0.weight", torch.bool),
+                 "its 'net.map0.weight' is bool (64, 16), the network's is float32 (64, 16)", id="bool weights"),
+    pytest.param(_retype("net.map0.weight", torch.complex64), "its 'net.map0.weight' is complex64 (64, 16)",
+                 id="complex weights"),
+    # h101 F6: free-form fields reached the samples' meta as they were; a ragged list was a traceback (exit 4).
+    pytest.param(_set(None, "weights", [[1, 2], [3]]), "its weights are a list, not ema, raw or power:GAMMA",
+                 id="weights"),
+    pytest.param(_set("config", "dataset", [1, 2]), "its config's dataset is a list, not a dataset's name",
+                 id="dataset"),
+    pytest.param(_set("config", "init", {"dataset": 5, "sha256": None}), "its config's init.dataset is 5, not text",
+                 id="init.dataset"),
+    pytest.param(_set("config", "train", {"train_sigma": None, "seed_given": "no"}),
+                 "its config's train.seed_given is 'no', not true or false", id="seed_given"),
+])
+def test_a_hostile_release_file_is_one_line_before_any_drawing(release, tmp_path, capsys, monkeypatch, edit, needle):
+    """A release file is the one artefact meant to come from someone else: each of these edits is one error line,
+    exit 2, naming the field or tensor, before any image is drawn, at the cost of reading the file."""
+    import dpdm.sampling
+
+    monkeypatch.setattr(dpdm.sampling, "generate", lambda *a, **kw: pytest.fail("drew images"))
+    model = torch.load(release, weights_only=True)
+    edit(model)
+    torch.save(model, tmp_path / "edited.pt")
+    code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "edited.pt", "--n", 2, "--sampler-steps", 2,
+                            "--out", tmp_path / "s.npz", "--device", "cpu"], capsys)
+    line = one_error_line(code, err)
+    assert needle in line and "allocate" not in line, line
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_export_checks_the_weights_against_the_network_before_building_it(run, tmp_path, capsys):
+    """`dpdm export` built the network its checkpoint's config describes to check the weights (h101 F1): a config of
+    2**31 - 1 classes asked the allocator for 137 GB. It is built on the meta device now."""
+    bad = _edited_copy(run / "run", tmp_path / "bad", lambda s: s["config"].update(num_classes=BIG))
+    line = one_error_line(*run_cli(["export", "--run", bad, "--out", tmp_path / "m.pt"], capsys)[::2])
+    assert "do not fit its own config (its 'net.label_embed.weight' is float32 (4, 16), the network's" in line, line
+    assert "allocate" not in line and not (tmp_path / "m.pt").exists()
+
+
+def test_a_release_holds_its_weights_alone_whatever_the_checkpoints_storage(run, tmp_path, capsys):
+    """torch.save writes a tensor's whole storage: EMA tensors that were views into one storage also holding the raw
+    weights (a checkpoint made by hand) put the raw weights into the release, readable from its bytes (h101 N7).
+    Export copies each tensor into a storage of its own."""
+    def share(state):
+        names = list(state["ema"])
+        flat = torch.cat([state["ema"][k].flatten() for k in names] + [state["model"][k].flatten() for k in names])
+        at = 0
+        for k in names:
+            n = state["ema"][k].numel()
+            state["ema"][k] = flat[at:at + n].view(state["ema"][k].shape)
+            at += n
+
+    bad = _edited_copy(run / "run", tmp_path / "shared", share)
+    assert run_cli(["export", "--run", bad, "--out", tmp_path / "m.pt"], capsys)[0] == 0
+    model = torch.load(tmp_path / "m.pt", weights_only=True)
+    ema = ckpt.load_checkpoint(run / "run" / "checkpoint.pt")["ema"]
+    assert all(torch.equal(model["state_dict"][k], t) for k, t in ema.items())
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "m.pt") as z:
+        stored = sum(i.file_size for i in z.infolist() if "/data/" in i.filename)   # the tensors' storages
+    assert stored == sum(t.numel() * t.element_size() for t in ema.values())

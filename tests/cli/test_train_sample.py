@@ -700,8 +700,9 @@ def test_a_run_folder_that_cannot_be_locked_warns(tiny, capsys, monkeypatch):
 # --- review mends (dpdm sample: sampler options, strict JSON) ---------------------------------------
 
 @pytest.mark.parametrize("extra, option", [
-    (("--rho", "0.001"), "--rho"),                                  # OverflowError in sigma_max ** (1 / rho)
-    (("--rho", "1e300"), "--rho"),                                  # every noise level rounds to 1
+    # (3 steps: at 2 the schedule is sigma_max, sigma_min whatever rho, and any --rho is refused as changing nothing)
+    (("--rho", "0.001", "--sampler-steps", "3"), "--rho"),         # OverflowError in sigma_max ** (1 / rho)
+    (("--rho", "1e300", "--sampler-steps", "3"), "--rho"),         # every noise level rounds to 1
     (("--sigma-max", "1e300"), "--sigma-max"),                      # inf in float32: ValueError in the sampler
     (("--sigma-min", "1e-300"), "--sigma-min"),                     # 0 in float32
     (("--sigma-max", "1e38"), "--sigma-max"),                       # NaN, blamed on the weights
@@ -733,7 +734,7 @@ def test_settings_that_overflow_a_sound_network_are_blamed_not_its_weights(runs,
 def test_non_finite_weights_with_other_settings_are_still_a_runtime_failure(runs, tmp_path, capsys):
     """NaN weights fail with the default settings too: still the weights' fault, exit 4."""
     _nan_checkpoint(runs, tmp_path / "nan.pt")
-    code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "nan.pt", "--n", 2, "--sampler-steps", 2,
+    code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "nan.pt", "--n", 2, "--sampler-steps", 3,
                             "--device", "cpu", "--out", tmp_path / "s.npz", "--rho", 3, "--guidance", 1], capsys)
     assert code == 4 and err.startswith("dpdm: runtime failure:") and len(err.strip().splitlines()) == 1, err
     assert "with the default sampler settings too; its weights are unusable" in err

@@ -147,3 +147,65 @@ def test_resume_warm_start_and_audit_refuse_a_damaged_checkpoint(run, tmp_path, 
     damaged_line(*run_cli(["audit", "--run", bad_run, "--out", tmp_path / "audit"], capsys)[::2],
                  bad_run / "checkpoint.pt")
     assert (bad_run / "checkpoint.pt").read_bytes() == before and not (tmp_path / "audit").exists()
+
+
+def compress_a_record(src, dst, size):
+    """Copies the torch file `src` to `dst` with its first tensor record replaced by `size` zero bytes, DEFLATE-
+    compressed (about 1,000:1): a zip bomb of a few hundred KB. torch.save stores every record uncompressed.
+    Returns the record's name."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        target = next(name for name in z.namelist() if "/data/" in name)
+        for name in z.namelist():
+            info = zipfile.ZipInfo(name)
+            if name != target:
+                out.writestr(info, z.read(name))
+                continue
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(info, "w", force_zip64=True) as w:
+                for _ in range(size >> 20):
+                    w.write(bytes(1 << 20))
+    return target
+
+
+def test_a_compressed_record_is_refused_before_torch_load_inflates_it(run, tmp_path, capsys, monkeypatch):
+    """A 2.5 MB release whose one record was 1.5 GiB of DEFLATE-compressed zeros had torch.load inflate it all into
+    memory before the refusal (h101 F2): 1,000:1, so a 20 MB file asked for 20 GB. Every loader (sample, export's
+    check of its --out, --init-from) now refuses a compressed record from the zip directory, unread."""
+    bomb, bomb_ckpt = tmp_path / "bomb.pt", tmp_path / "bomb_ckpt.pt"
+    record = compress_a_record(run / "model.pt", bomb, 16 << 20)
+    ckpt_record = compress_a_record(run / "run" / "checkpoint.pt", bomb_ckpt, 16 << 20)
+    load = torch.load
+
+    def guarded(f, *args, **kwargs):
+        if str(f) in (str(bomb), str(bomb_ckpt)):
+            pytest.fail(f"torch.load read {f}")
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", guarded)
+    before = bomb.read_bytes()
+    for args, prefix, name in (
+            (["sample", "--checkpoint", bomb, "--n", 2, "--sampler-steps", 2, "--out", tmp_path / "s.npz"],
+             f"checkpoint {str(bomb)!r} is corrupt or truncated: ", record),
+            (["export", "--run", run / "run", "--out", bomb], f"--out={str(bomb)!r} already exists and is damaged: ",
+             record),
+            (["train", "--plan", run / "plan.json", "--device", "cpu", "--quiet", "--out", tmp_path / "new",
+              "--init-from", bomb_ckpt], f"checkpoint {str(bomb_ckpt)!r} is corrupt or truncated: ", ckpt_record)):
+        code, _, err = run_cli(args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and prefix in lines[0], err
+        assert f"its record {name} is compressed (zip method 8) and would inflate to 16,777,216 bytes" in lines[0], err
+    assert bomb.read_bytes() == before and not (tmp_path / "s.npz").exists() and not (tmp_path / "new").exists()
+
+
+def test_a_record_that_claims_more_bytes_than_the_file_is_named(run, tmp_path):
+    """A stored record's sizes in the zip directory may not exceed the file's own size: what torch.load reads then
+    follows the file, not a number in it (h101 F2)."""
+    raw = bytearray((run / "model.pt").read_bytes())
+    with zipfile.ZipFile(run / "model.pt") as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name = info.filename.encode()
+    at = next(i for i in range(len(raw)) if raw.startswith(b"PK\x01\x02", i) and raw.startswith(name, i + 46))
+    struct.pack_into("<II", raw, at + 20, 2**31, 2**31)   # the central directory's compressed and plain sizes
+    (tmp_path / "big.pt").write_bytes(bytes(raw))
+    assert ckpt.damaged_record(tmp_path / "big.pt") == (
+        f"its record {info.filename} claims 2,147,483,648 bytes, more than the whole file's {len(raw):,}")

@@ -682,3 +682,32 @@ def test_a_guidance_interval_without_guidance_is_refused(trained_run, tmp_path, 
         dpdm.sample.sample_checkpoint(trained_run / "checkpoint.pt", n=2, guidance_interval=(0.1, 5.0),
                                       out_path=tmp_path / "s.npz")
     assert not list(tmp_path.iterdir())
+
+
+def test_sampler_options_that_change_no_sample_are_refused(trained_run, tmp_path, capsys, monkeypatch):
+    """--s-noise/--s-min/--s-max with --s-churn 0 (no step churns), and --rho with 2 steps (the schedule is sigma_max,
+    sigma_min, 0 whatever rho) drew the images drawn without them, and the samples recorded them (h101 F5): refused
+    as a guidance interval without guidance is, before the checkpoint is loaded. What the user did not give is not
+    blamed: --s-churn 0 alone, and the default rho, are taken."""
+    import dpdm.sample
+
+    # What makes --rho idle: Eq. 5 at two steps is (sigma_max, sigma_min), only rounded through the powers of rho.
+    torch.testing.assert_close(get_sigmas_karras(2, rho=1.0), get_sigmas_karras(2, rho=50.0), rtol=1e-10, atol=0)
+    line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sampler", "churn", "--sampler-steps", 4,
+                         "--s-churn", 0, "--s-noise", 10, "--s-max", 2)
+    assert line.startswith("--s-noise 10 --s-max 2 with --s-churn 0: no step churns, so they change none of the "
+                           "samples"), line
+    line = _sample_error(trained_run, tmp_path, capsys, "--n", 2, "--sampler", "heun", "--sampler-steps", 2,
+                         "--rho", 50)
+    assert line.startswith("--rho 50 with --sampler-steps 2: the schedule's noise levels are sigma_max and sigma_min "
+                           "alone, whatever rho"), line
+    from dpdm.sample import SampleError, sample_checkpoint, sampler_options_problem
+
+    monkeypatch.setattr(dpdm.sample, "load_denoiser", lambda *a, **kw: pytest.fail("loaded the checkpoint"))
+    with pytest.raises(SampleError, match=r"^--rho 3 with --sampler-steps 1: the schedule's noise levels are "
+                                          r"sigma_max alone"):
+        sample_checkpoint(trained_run / "checkpoint.pt", n=2, sampler_steps=1, rho=3.0, out_path=tmp_path / "s.npz")
+    assert sampler_options_problem("churn", 4, 7.0, {"S_churn": 0.0}) is None
+    assert sampler_options_problem("churn", 4, 7.0, {"S_churn": 0.5, "S_noise": 1.5}) is None
+    assert sampler_options_problem("euler", 2, 7.0, None) is None
+    assert sampler_options_problem("euler", 3, 50.0, None) is None
