@@ -157,7 +157,10 @@ def cache_folder_problem(cache_dir: str | os.PathLike | None = None, *,
     from dpdm.report_utils import output_parent_problem
 
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if read_only_ok and (folder / "reference").is_dir():
+    reference = folder / "reference"
+    # Read-only is fine; one this user cannot read or enter (another user's 0700 folder in a shared DPDM_CACHE) is
+    # not: it was a runtime failure after the downstream classifiers had trained, naming an entry (h104 F1).
+    if read_only_ok and reference.is_dir() and os.access(reference, os.R_OK | os.X_OK):
         return folder, None
     return folder, output_parent_problem(folder / "reference" / "reference.pt")
 
@@ -620,7 +623,11 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
             return CNN(c, (h, w), real_train.num_classes)
 
     model = fresh()
-    if path.is_file() and path.with_suffix(".json").is_file():
+    try:   # an entry this user may not read is no entry (a shared cache): trained again, and its write warned of
+        found = path.is_file() and path.with_suffix(".json").is_file()
+    except OSError:
+        found = False
+    if found:
         try:
             weights = path.read_bytes()
             with warnings.catch_warnings():  # a damaged file can make torch warn before it refuses
@@ -698,8 +705,11 @@ def _reference_folder(cache_dir: str | os.PathLike | None) -> Path:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)   # 0700: a CNN trained on the private data
     except OSError as e:
         raise ValueError(f"cannot create the cache folder {str(folder)!r} ({' '.join(str(e).split())})") from None
-    try:   # a folder made beforehand (an older dpdm, a shared DPDM_CACHE) becomes private too, as run folders do
-        os.chmod(folder, 0o700)
+    try:   # a folder made beforehand (an older dpdm, a shared DPDM_CACHE) becomes private too, as run folders do;
+        # the owner's own bits stay as they are: a folder made read-only (0500) is used as it is (h104 F2)
+        mode = stat.S_IMODE(folder.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(folder, mode & 0o700)
     except OSError:
         pass
     return folder

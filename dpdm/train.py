@@ -855,6 +855,15 @@ def train(
                          f"{x.shape[-1]}x{x.shape[-1]} images: {e}") from None
     validate_model(D)
     if init_weights is not None:
+        # load_state_dict casts: a warm start's float64, float16 or bool weights loaded as float32 without a word
+        # (`dpdm sample` refuses such weights, `sample.weights_problem`; dpdm writes float32 only).
+        own = D.state_dict()
+        cast = [k for k, v in init_weights.items() if torch.is_tensor(v) and k in own and v.dtype != own[k].dtype]
+        if cast:
+            kind = str(init_weights[cast[0]].dtype).removeprefix("torch.")
+            raise TrainError(f"--init-from {str(config.init_from)!r}: its EMA weights do not fit the "
+                             f"{config.model!r} network ({cast[0]!r} is {kind}, the network's is "
+                             f"{str(own[cast[0]].dtype).removeprefix('torch.')}); nothing was written")
         try:   # a warm start saved by a dpdm whose network layout has changed since, under the same preset name
             D.load_state_dict(init_weights)
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -15,6 +15,7 @@ from dpdm.classifiers import CNN, MLP, LogReg, build_classifier
 from dpdm.datasets import DataError, ImageData, class_names_problem, load_dataset
 from dpdm.evaluate import (
     accuracy,
+    cache_folder_problem,
     classifier_fd,
     downstream_accuracy,
     evaluate_samples,
@@ -691,6 +692,27 @@ def test_reference_cache_folder_and_entries_are_private(digits, tmp_path):
     assert folder.stat().st_mode & 0o777 == 0o700
     entries = list(folder.iterdir())
     assert len(entries) == 2 and all(p.stat().st_mode & 0o777 == 0o600 for p in entries)
+    # Its owner's own bits stay: a folder made read-only (0500) was made 0700 and written to (h104 F2, stop 49).
+    os.chmod(folder, 0o550)
+    reference_classifier(ImageData(train.x[:100], train.y[:100], 10, "d100"), cache_dir=tmp_path, epochs=1)
+    assert folder.stat().st_mode & 0o777 == 0o500
+    os.chmod(folder, 0o700)
+
+
+def test_a_cache_folder_this_user_cannot_enter_is_refused_before_any_training(tmp_path, monkeypatch):
+    """A reference/ folder that exists but that this user may not read or enter (another user's 0700 folder in a
+    shared DPDM_CACHE) passed as a read-only cache: the downstream classifiers trained, then `dpdm eval` stopped with
+    a permission error naming the entry, whose name is a digest of the data (h104 F1, stop 49). A readable one is
+    used as it is."""
+    import os
+
+    from dpdm import evaluate
+
+    (tmp_path / "reference").mkdir()
+    assert cache_folder_problem(tmp_path, read_only_ok=True) == (tmp_path, None)
+    monkeypatch.setattr(evaluate.os, "access", lambda path, mode, **kw: False)   # as another user (tests run as root)
+    folder, problem = cache_folder_problem(tmp_path, read_only_ok=True)
+    assert folder == tmp_path and problem is not None and "reference" in problem
 
 
 def test_cnn_refuses_images_under_4x4(digits, tmp_path):

@@ -1501,14 +1501,16 @@ def test_a_diverged_run_continues_from_its_checkpoint_with_a_lower_lr(tmp_path, 
 
 def test_init_from_weights_that_do_not_fit_the_network_are_one_train_error_before_writing(tmp_path):
     """A warm start whose EMA weights have another shape, or lack a key (a dpdm whose network layout changed since,
-    under the same preset name), was a RuntimeError traceback (exit 4); a resume's such checkpoint is one line."""
+    under the same preset name), was a RuntimeError traceback (exit 4); a resume's such checkpoint is one line. Weights
+    of another dtype (float64) were cast without a word, where `dpdm sample` refuses them (stop 49)."""
     init = _public_run(tmp_path)
     x, y, c = tiny_data()
     doc = tiny_plan(steps=2)
     state = torch.load(init, weights_only=True)
     key = next(iter(state["ema"]))
     for name, edit in (("shape", lambda ema: ema.__setitem__(key, torch.zeros(3, 3))),
-                       ("missing", lambda ema: ema.pop(key))):
+                       ("missing", lambda ema: ema.pop(key)),
+                       ("dtype", lambda ema: ema.__setitem__(key, ema[key].double()))):   # was cast silently
         bad = {**state, "ema": dict(state["ema"])}
         edit(bad["ema"])
         torch.save(bad, tmp_path / f"{name}.pt")
