@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from cli._common import PathOption, info, resolve_device
+from cli._common import PathOption, info, resolve_device, warn
 from cli.errors import EXIT_AUDIT_FAIL
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.report_utils import epsilon_text
@@ -145,7 +145,7 @@ def _check_cache_folder() -> Path:
 
     from dpdm.evaluate import cache_folder_problem
 
-    folder, problem = cache_folder_problem()
+    folder, problem = cache_folder_problem(read_only_ok=True)   # a read-only cache is read, as `dpdm eval` reads it
     if problem:
         raise BadInput(f"the cache folder of the eval stage {str(folder)!r} ($DPDM_CACHE, else ~/.cache/dpdm): "
                        f"{problem}; set DPDM_CACHE to a writable folder")
@@ -255,7 +255,8 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
     stage("eval: logreg / MLP / CNN trained on synthetic, tested on 1,000 real held-out digits")
     test = load_dataset("mnist5k", "test")
     metrics = evaluate_samples(load_npz(samples_path, name="samples"), data, test,
-                               epochs=DEMO_EVAL_EPOCHS, device=device, progress=lambda m: info(f"      {m}"))
+                               epochs=DEMO_EVAL_EPOCHS, device=device, progress=lambda m: info(f"      {m}"),
+                               warn=warn)   # a reference CNN that could not be cached: one line, as in `dpdm eval`
     info(f"      training cnn: {DEMO_SAMPLES} real training images instead (what this protocol reaches)")
     real_cnn = _real_reference(data, test, device=device)
     lap("eval", t0)

@@ -231,9 +231,12 @@ def stubbed_demo(tmp_path, monkeypatch):
         Path(out_path).write_bytes(b"npz")
 
     monkeypatch.setattr(dpdm.sample, "sample_checkpoint", sample_checkpoint)
-    monkeypatch.setattr(dpdm.evaluate, "evaluate_samples", lambda *a, **kw: {
-        "classifiers": {"cnn": {"test_accuracy": 0.7}},
-        "classifier_fd": {"value": 27.5, "n": 1000, "real_test_value": 1.8, "real_test_n": 1000}})
+    def evaluate_samples(*a, **kw):
+        calls["eval_kwargs"] = kw
+        return {"classifiers": {"cnn": {"test_accuracy": 0.7}},
+                "classifier_fd": {"value": 27.5, "n": 1000, "real_test_value": 1.8, "real_test_n": 1000}}
+
+    monkeypatch.setattr(dpdm.evaluate, "evaluate_samples", evaluate_samples)
     monkeypatch.setattr(demo, "_real_reference", lambda data, test, device: 0.9)
     report = {"verdict": "INCONCLUSIVE", "reasons": ["too few canaries"],
               "canary_audit": {"claimed_epsilon": 9.99712, "max_epsilon_lower_bound": 1.23456,
@@ -333,3 +336,27 @@ def test_demo_fd_floor_row_shows_its_own_n():
     fd = next(v for k, v in rows.items() if k.startswith("classifier FD (not FID)"))
     floor = next(v for k, v in rows.items() if k.startswith("classifier FD, real test vs real train"))
     assert fd == "27.500 (n=1000)" and floor == "1.800 (n=500)"
+
+
+def test_demo_eval_warns_of_an_uncached_reference_in_one_dpdm_line_and_reads_a_read_only_cache(
+        tmp_path, monkeypatch, capsys, stubbed_demo):
+    """A reference CNN that could not be cached is one `dpdm: warning:` line (the eval stage passed no `warn`, so it
+    was Python's two-line RuntimeWarning; h104 N1, stop 49), and a read-only cache folder holding entries is read as
+    `dpdm eval` reads it, not refused before any work."""
+    import os
+
+    demo, calls = stubbed_demo
+    demo.run_demo(tmp_path / "demo", steps=2, device="cpu", audit=False, public_steps=0)
+    warn = calls["eval_kwargs"]["warn"]
+    capsys.readouterr()
+    warn("could not cache the reference CNN in 'x' (Read-only file system)")
+    assert capsys.readouterr().err == "dpdm: warning: could not cache the reference CNN in 'x' (Read-only file system)\n"
+    cache = tmp_path / "cache"
+    (cache / "reference").mkdir(parents=True)
+    monkeypatch.setenv("DPDM_CACHE", str(cache))
+    os.chmod(cache / "reference", 0o500)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: mode & os.W_OK == 0)   # read-only (tests run as root)
+    try:
+        assert demo._check_cache_folder() == cache
+    finally:
+        os.chmod(cache / "reference", 0o700)
