@@ -70,19 +70,28 @@ class AuditInputError(ValueError):
     training. Other exceptions from ``run_audit`` (ValueError included) are not the user's mistake."""
 
 
-def check_out_dir(out_dir, *, create: bool = True) -> Path:
+def check_out_dir(out_dir, *, create: bool = True, datasets: dict[str, str | None] | None = None) -> Path:
     """Creates the report folder if needed and checks that files can be written in it (AuditInputError
     otherwise), so that a bad folder is found before minutes of training rather than after. A folder in a
     run folder (`dpdm train --out`, `report_utils.run_folder_of`), or one holding files but no earlier audit's
     report (report.json of format dpdm.audit/1), is refused: the report would replace or add to files that are
-    not an audit's. With `create` False an absent folder is not made, only checked to be creatable (a refused
+    not an audit's. So is a folder that is, or lies in, the data of a `folder:` or `npz:` name in `datasets` (what
+    each is, as the error line says it, to its name), as `dpdm train` and `dpdm sample` refuse their outputs there
+    (`dpdm.sample.place_in_dataset`): the report's PNGs would read as images of that data, which no command could
+    then load (h103 F1). With `create` False an absent folder is not made, only checked to be creatable (a refused
     audit leaves no empty folder behind)."""
     from dpdm.report_utils import output_parent_problem, run_folder_of
+    from dpdm.sample import place_in_dataset
 
     out = Path(out_dir)
     run = run_folder_of(out)
     if run is not None:
         raise AuditInputError(f"lies inside the run folder {str(run)!r}; write the report outside it")
+    for what, name in (datasets or {}).items():
+        where = place_in_dataset(out.expanduser(), name)
+        if where:
+            raise AuditInputError(f"{where} {what} ({name!r}), where the report's images would read as part of that "
+                                  "data; write the report outside it")
     foreign = [name for name in ("report.md", "report.json", "scores.npz") if os.path.lexists(out / name)]
     if foreign and not _holds_audit_report(out):
         raise AuditInputError(f"holds {', '.join(foreign)}, which {'is' if len(foreign) == 1 else 'are'} not an "
@@ -338,6 +347,11 @@ def run_audit(
         name = dataset or run_config.get("dataset")
         if not name:
             raise ValueError("the run does not name its dataset; pass --dataset")
+        try:   # before the data is read: a report written there earlier would have it refused
+            check_out_dir(out_dir, create=False, datasets={"the run's training data": run_config.get("dataset"),
+                                                           "the audit's --dataset": dataset})
+        except AuditInputError as e:
+            raise AuditInputError(f"out={str(out_dir)!r}: {e}") from None
         try:
             data = load_dataset(name, "train", data_root=data_root, download_option=False)
         except ValueError as e:   # DataError
@@ -522,7 +536,11 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
 # ----------------------------------------------------------------------------------------------
 
 
-def _fmt(x, nd=4) -> str:
+def _fmt(x, nd=4, *, bound: str | None = None) -> str:
+    """A figure of the report to `nd` significant digits: to nearest, or with `bound` an epsilon rounded away
+    from the side it bounds (`epsilon_text`: "upper" for a guarantee, up, as on every screen and in the README;
+    "lower" for an audit's lower bound, down). To nearest, a certified 7.99918 read "epsilon spent 7.999" beside
+    the same report's 8 (h103 F2)."""
     if x is None:
         return "n/a"
     if isinstance(x, bool):
@@ -530,7 +548,7 @@ def _fmt(x, nd=4) -> str:
     if isinstance(x, float):
         if not math.isfinite(x):
             return str(x)
-        return f"{x:.{nd}g}"
+        return f"{x:.{nd}g}" if bound is None else epsilon_text(x, nd, bound=bound)
     return str(x)
 
 
@@ -649,14 +667,14 @@ def _markdown(doc: dict[str, Any]) -> str:
     for k in ("epsilon", "delta", "sample_rate", "noise_multiplier", "clip_norm", "steps", "batch_size",
               "noise_multiplicity", "certified_by", "digest", "path"):
         label = f"epsilon (the plan's, over its {plan.get('steps')} steps)" if k == "epsilon" else k
-        L.append(f"| {label} | {_fmt(plan.get(k), 8)} |")
+        L.append(f"| {label} | {_fmt(plan.get(k), 8, bound='upper' if k == 'epsilon' else None)} |")
         if k == "epsilon":
             L.append(f"| **{claim_label}** (what the verdict compares against) | "
-                     f"**{_fmt(can['claimed_epsilon'], 8)}** |")
+                     f"**{_fmt(can['claimed_epsilon'], 8, bound='upper')}** |")
     L.append(f"| dataset | {plan['dataset']['name']} ({plan['dataset']['size']} examples) |")
     led = doc["run_ledger"]
     spent = led["epsilon_spent"]
-    spent = "infinite (trained without DP)" if spent is None and not led["private"] else _fmt(spent)
+    spent = "infinite (trained without DP)" if spent is None and not led["private"] else _fmt(spent, bound="upper")
     L += ["", f"Run `{doc['run']}`: {led['steps_done']}/{led['plan_steps']} steps, private={led['private']}, "
           f"epsilon spent {spent}, delta {_fmt(led['delta'])}."
           + (f" It was {SEED_GIVEN_NOTE}." if led["private"] and doc["run_config"].get("seed_given") else ""), ""]

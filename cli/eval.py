@@ -140,6 +140,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         folder, problem = cache_folder_problem(cache_dir, read_only_ok=True)
         if problem:
             raise BadInput(f"{_cache_source(cache_dir, folder)}: {problem}")
+        _check_cache_outside_data(cache_dir, folder, {"--dataset": dataset, "--test-dataset": test_dataset,
+                                                      "--public-pretrain": public_name})
     inception = None
     if inception_weights is not None:   # before any line or training: a bad file is one error line
         try:
@@ -310,6 +312,20 @@ def samples_provenance(path: str) -> dict:
     except (OSError, ValueError):
         pass   # load_npz read this file a moment ago: then it says nothing
     return out
+
+
+def _check_cache_outside_data(cache_dir, folder, datasets: dict[str, str | None]) -> None:
+    """BadInput where the cache folder `folder` is, or lies in, the `folder:` or `npz:` data an option of
+    `datasets` names, as `dpdm train` and `dpdm sample` refuse their outputs there (`sample.place_in_dataset`): its
+    reference/ folder would read as an image-less class folder of that data, which no command could then load
+    (h103 F1)."""
+    from dpdm.sample import place_in_dataset
+
+    for option, name in datasets.items():
+        where = place_in_dataset(folder, name)
+        if where:
+            raise BadInput(f"{_cache_source(cache_dir, folder)}: {where} the {option} data ({name!r}), where the "
+                           "cached reference CNN would read as part of that data; choose a cache folder outside it")
 
 
 def _cache_source(cache_dir, folder) -> str:

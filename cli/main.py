@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as e:  # --help, --version
         return int(e.exit_code)
     except click.exceptions.Abort:
-        # On a terminal the line follows the "^C" the terminal echoed, so it starts a line of its own.
-        click.echo(f"{chr(10) if _stderr_is_a_terminal() else ''}{prog}: aborted", err=True)
+        # On a terminal the line follows the "^C" the terminal echoed, so it starts a line of its own. What continues
+        # a training run, as SIGTERM's line says: Ctrl-C's said only "aborted" (h103 F3).
+        click.echo(f"{chr(10) if _stderr_is_a_terminal() else ''}{prog}: aborted{_resume_hint(argv)}", err=True)
         return 130
     except _NO_ARGS_IS_HELP as e:  # bare `dpdm` or `dpdm baseline` (click >= 8.2): the help, as it is
         click.echo(e.ctx.get_help(), err=True)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"{prog}: {kind}: {_one_line(e.format_message())}", err=True)
         return code
     except KeyboardInterrupt:
-        click.echo(f"{prog}: interrupted", err=True)
+        click.echo(f"{prog}: interrupted{_resume_hint(argv)}", err=True)
         return 130
     except Exception as e:
         # The machine, not dpdm: out of memory, a full disk or quota. One line (no traceback); the atomic writes
@@ -226,10 +227,10 @@ def _command_name(argv: list[str] | None) -> str:
 
 
 def _resume_hint(argv: list[str] | None) -> str:
-    """What continues a `dpdm train` that ended early: `--resume` where its --out holds a checkpoint; before the
-    first one (start-up, or the first --checkpoint-every steps) there is nothing to resume, and `--resume` was
-    refused ("nothing to resume") after the line had advised it (stop 46, h87 F1): the same command starts it
-    again (a folder of a run killed before its first checkpoint is taken as new)."""
+    """What continues a `dpdm train` that ended early (Ctrl-C, SIGTERM, out of memory): `--resume` where its --out
+    holds a checkpoint; before the first one (start-up, or the first --checkpoint-every steps) there is nothing to
+    resume, and `--resume` was refused ("nothing to resume") after the line had advised it (stop 46, h87 F1): the
+    same command starts it again (a folder of a run killed before its first checkpoint is taken as new)."""
     if _command_name(argv) != "train":
         return ""
     args = sys.argv[1:] if argv is None else argv

@@ -1,6 +1,7 @@
 """`dpdm plan` (calibrate a locked privacy plan) and `dpdm account` (epsilon side by side).
 
-Never imports torch: planning starts fast. matplotlib is imported only for --curve.
+Imports torch only for a --curve of a plan that names a folder: or npz: dataset (to check that the plot lies outside
+that data): planning starts fast. matplotlib is imported only for --curve.
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ def _memory_capped(command):
             return command(*args, **kwargs)
         extra = _memory_allowance()
         import accounting  # noqa: F401  (scipy, dp-accounting, prv-accountant: their imports map memory of their own)
+        if kwargs.get("curve") and _is_path_dataset(kwargs.get("dataset")):
+            import dpdm.sample  # noqa: F401  (_curve_path's check: torch maps 3 GiB of address space, beyond a low cap)
 
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         cap = None if extra is None else address_space() + extra
@@ -121,7 +124,8 @@ def _memory_allowance() -> int | None:
 @click.option("--delta", type=_UNIT_OPEN, help=f"Target delta {_DELTA_HELP}; a preset supplies one.")
 # Data
 @click.option("--dataset", type=DatasetName(),
-              help=f"Dataset name: {', '.join(DATASET_SIZES)}  [default: {DEFAULT_DATASET}]")
+              help=f"Dataset name: {', '.join(DATASET_SIZES)}, or folder:PATH, npz:PATH (your own data; with "
+                   f"--dataset-size)  [default: {DEFAULT_DATASET}, none with --dataset-size alone]")
 @click.option("--dataset-size", type=click.IntRange(min=1), help="Number of private examples N (at most 10**12).")
 # Mechanism
 @click.option("--batch-size", type=click.IntRange(min=1),
@@ -184,7 +188,7 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     if out:
         _check_output("--out", out)
     if curve:
-        curve = _curve_path(curve)
+        curve = _curve_path(curve, name)
         if out and os.path.abspath(curve) == os.path.abspath(out):
             raise BadInput(f"--curve={curve!r} is the --out plan file; give the plot its own file")
     if unnamed:
@@ -305,10 +309,13 @@ def _check_output(option: str, path: str) -> None:
         raise BadInput(f"{option}={path!r}: the folder {existing} is not writable")
 
 
-def _curve_path(path: str) -> str:
+def _curve_path(path: str, dataset: str | None = None) -> str:
     """The file --curve writes: checked like --out, in a format that carries dpdm's mark (png, pdf, svg, jpg;
     none: .png, as matplotlib itself would add). A gif or tiff was written unmarked, then refused by the same
-    command as "not a curve dpdm wrote"."""
+    command as "not a curve dpdm wrote". Not in the plan's `folder:` (`npz:`) `dataset`, as `dpdm train` and
+    `dpdm sample` refuse their outputs there (`dpdm.sample.place_in_dataset`; torch is imported for it only
+    then): the plot would read as an image of that data, of another size, and no command could load it (h103 F1).
+    """
     from dpdm.report_utils import grid_suffix_problem, is_dpdm_grid
 
     if not os.path.splitext(path)[1][1:]:
@@ -317,6 +324,13 @@ def _curve_path(path: str) -> str:
     if problem:
         raise BadInput(f"--curve={path!r} {problem}: the formats that carry dpdm's mark, by which a later --curve "
                        "may replace it")
+    if _is_path_dataset(dataset):
+        from dpdm.sample import place_in_dataset
+
+        where = place_in_dataset(path, dataset)
+        if where:
+            raise BadInput(f"--curve={path!r} {where} the plan's data ({dataset!r}), where the plot would read as "
+                           "part of that data; write it elsewhere")
     _check_output("--curve", path)
 
     # Replaced only if an earlier --curve wrote it (it carries the mark save_grid's grids carry): an image, a
@@ -325,6 +339,10 @@ def _curve_path(path: str) -> str:
         raise BadInput(f"--curve={path!r} already exists and is not a curve dpdm wrote; it is kept: choose "
                        "another --curve")
     return path
+
+
+def _is_path_dataset(name) -> bool:
+    return isinstance(name, str) and name.startswith(("folder:", "npz:"))
 
 
 def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:

@@ -98,6 +98,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
                                                    click.core.ParameterSource.ENVIRONMENT)}
     dataset_given = dataset
     if resume:
+        _check_something_to_resume(out_dir)
         opts = _resumed_options(out_dir, given, no_dp, dict(
             dataset=dataset, model=model, precond=precond, train_sigma=train_sigma, physical_batch=physical_batch,
             grad_engine=grad_engine, lr=lr, lr_schedule=lr_schedule, ema_decay=ema_decay, ema_powers=ema_powers,
@@ -143,6 +144,8 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
     if problem:
         raise BadInput(f"--out {out_dir!r}: {problem}")
     doc = load_locked_plan(plan_path)
+    if not dataset:
+        _check_plans_dataset(doc, out_dir, resume)
     name = plan_dataset_name(doc, dataset)
     if not resume:
         _check_out_outside_data(out_dir, name, subspace_data)
@@ -218,6 +221,34 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
         init = summary["init"]
         info(f"warm start: {init['checkpoint']} (trained on {init['dataset']!r}); the guarantee holds only "
              "if that data is public and holds none of the private examples")
+
+
+def _check_something_to_resume(out_dir: str) -> None:
+    """BadInput where --resume finds no checkpoint in --out: before the dataset is looked for, whose line ("--dataset
+    is required", for the size-only plan the README advises for private data) blamed an option the resumed run
+    does not need; and saying what to do. A run stopped before its first checkpoint (Ctrl-C, SIGTERM) left nothing
+    to resume: the same command without --resume starts it again (its folder is taken as new) (h103 F3)."""
+    path = os.path.join(os.path.expanduser(out_dir), "checkpoint.pt")
+    if not os.path.lexists(path):
+        raise BadInput(f"nothing to resume: {path!r} does not exist; a run stopped before its first checkpoint "
+                       "starts again with the same command without --resume")
+
+
+def _check_plans_dataset(doc, out_dir: str, resume: bool) -> None:
+    """BadInput where the data is the plan's, given by no --dataset (nor, resumed, by the run), and cannot be found:
+    said of the plan, which the user may not know names a path, and for a relative path, that it is read from the
+    current folder, not the plan's (the line blamed a --dataset never given, h103 F6); or where the plan names none
+    and a resumed run's recorded data is gone."""
+    from dpdm.datasets import dataset_path, is_path_dataset
+
+    name = doc.plan.dataset_name
+    if not name and resume:
+        raise BadInput(f"--dataset is required: the plan names no dataset, and the run in {out_dir!r} names none that "
+                       "is found here; pass --dataset naming the run's data")
+    if name and is_path_dataset(name) and not os.path.exists(dataset_path(name)):
+        relative = "" if os.path.isabs(dataset_path(name)) else ", a path relative to the current folder,"
+        raise BadInput(f"the plan's dataset {name!r}{relative} does not exist here; run from the folder the plan "
+                       "was made in, or pass --dataset naming the data")
 
 
 def _check_out_outside_data(out_dir: str, name: str, subspace_data: str | None) -> None:

@@ -91,7 +91,7 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
     assert "shorter run under the same per-step mechanism" in md
     # The claim shown is the one the verdict uses (the 2-step canary run's epsilon), with the plan's beside it.
     claim_row = (f"| **epsilon of the 2-step canary run** (what the verdict compares against) | "
-                 f"**{can['claimed_epsilon']:.8g}** |")
+                 f"**{epsilon_text(can['claimed_epsilon'], 8)}** |")
     assert claim_row in md
     assert "claimed (epsilon of the 2-step canary run)" in md
     # Rounded as every epsilon on screen: the claim up, the most these canaries could certify down.
@@ -299,6 +299,36 @@ def _write(report_inputs, out_dir, *, flip=False):
         doc["verdict"] = "FAIL"
     write_report(doc, canary, out_dir)
     return doc
+
+
+def test_report_md_rounds_the_epsilons_up_and_the_lower_bounds_down(report_inputs):
+    """report.md showed "epsilon spent 7.999" and a claim of 7.999181 for a certified 7.99918103 (to nearest, below
+    the guarantee) beside its own "8" (h103 F2, stop 49). Every epsilon is rounded up, as on every screen; the
+    empirical lower bounds and the most the canaries certify, down."""
+    import copy
+
+    from audits.suite import _markdown
+
+    doc = copy.deepcopy(report_inputs[0])
+    doc["plots"] = {}
+    eps, claim = 7.9991810311052305, 6.141602444
+    doc["claimed_plan"]["epsilon"] = doc["run_ledger"]["epsilon_spent"] = eps
+    doc["claimed_plan"]["steps"] = doc["run_ledger"]["plan_steps"] = doc["run_ledger"]["steps_done"] = 40
+    can = doc["canary_audit"]
+    can["claimed_epsilon"] = claim
+    can["max_certifiable_epsilon"] = 3.1249996
+    for per in can["attacks"].values():
+        for rep in per.values():
+            rep["one_run"]["epsilon"] = 1.23456789
+    md = _markdown(doc)
+    assert "| epsilon (the plan's, over its 40 steps) | 7.9991811 |" in md
+    assert "| **epsilon of the 2-step canary run** (what the verdict compares against) | **6.1416025** |" in md
+    assert "40/40 steps, private=True, epsilon spent 8, delta" in md
+    assert "7.999 " not in md and "7.999181 " not in md and "6.1416024" not in md
+    assert "claimed epsilon: 6.142, the epsilon of the 2-step canary run (the plan's epsilon over its 40 steps: 8)" in md
+    assert "largest certifiable with this setup 3.124." in md
+    rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| loss | ")]
+    assert rows and all(r[2] == "1.234" and r[9] == "6.142" for r in rows), rows
 
 
 def test_report_holds_only_this_runs_plots(report_inputs, tmp_path):

@@ -109,3 +109,50 @@ def test_the_line_advises_resume_only_where_a_checkpoint_is(tmp_path):
     for argv in (["train", "--plan", "p.json", "--out", str(run)], ["train", f"--out={run}", "--resume"]):
         assert _resume_hint(argv) == "; a training run continues with --resume", argv
     assert _resume_hint(["train", "--plan", "p.json"]) == fresh and _resume_hint(["sample", "--run", str(run)]) == ""
+
+
+def test_ctrl_c_on_train_says_how_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    """Ctrl-C on `dpdm train` said only `dpdm: aborted`, where SIGTERM's line says what continues the run (h103 F3,
+    stop 49): --resume once a checkpoint is written, before one the same command."""
+    import dpdm.train
+
+    write_tiny_data_and_plan(tmp_path, steps=4)
+    checkpointed = []
+
+    def interrupted(doc, x, y, num_classes, out, config, **kwargs):
+        if checkpointed:
+            (Path(out) / "checkpoint.pt").write_bytes(b"written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dpdm.train, "train", interrupted)
+    for run, line in ((tmp_path / "early", "dpdm: aborted; no checkpoint was written yet: the same command starts "
+                                           "the run again"),
+                      (tmp_path / "later", "dpdm: aborted; a training run continues with --resume")):
+        (run).mkdir()
+        rc = main(["train", "--plan", str(tmp_path / "plan.json"), "--out", str(run), "--device", "cpu", "--quiet"])
+        out, err = capsys.readouterr()
+        assert rc == 130 and out == "" and err == line + "\n", (rc, err)
+        checkpointed.append(True)
+
+
+def test_resume_with_nothing_to_resume_says_to_run_the_command_without_it(tmp_path, capsys):
+    """After a Ctrl-C before the first checkpoint, `--resume` under a size-only plan (the README's advice for private
+    data) was refused with "--dataset is required: the plan names no dataset", and with --dataset, "nothing to
+    resume" (h103 F3, stop 49). Both now say that nothing is to be resumed and what starts the run; a run whose
+    checkpoint names no data that is found here, under such a plan, is told to give --dataset."""
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=4, noise_multiplier=2.0, delta=1e-5)
+    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "plan.json").write_text("{}")   # what a run stopped before its first checkpoint leaves
+    args = ["train", "--plan", str(tmp_path / "plan.json"), "--out", str(run), "--resume", "--device", "cpu"]
+    for extra in ([], ["--dataset", f"npz:{tmp_path / 'data.npz'}"]):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"dpdm: error: nothing to resume: {str(run / 'checkpoint.pt')!r} does not exist; a run stopped "
+                       "before its first checkpoint starts again with the same command without --resume\n"), err
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"dpdm: error: --dataset is required: the plan names no dataset, and the run in {str(run)!r} names "
+                   "none that is found here; pass --dataset naming the run's data\n"), err

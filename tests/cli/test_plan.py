@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import accounting
@@ -692,3 +693,33 @@ def test_the_clip_norm_bound_is_1e_30_not_only_far_below_it():
 
     assert noise_scale_problem(1.0, 1e-31) is not None and noise_scale_problem(1.0, 1e-35) is not None
     assert noise_scale_problem(1.0, MIN_CLIP_NORM) is None
+
+
+def test_help_names_path_datasets_and_no_default_with_a_size(capsys):
+    """`dpdm plan --help` listed the named datasets only and "default: mnist5k", where the README plans own data with
+    `--dataset npz:PATH --dataset-size N` and a plan of `--dataset-size` alone names none (h103 F5, stop 49)."""
+    assert main(["plan", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "folder:PATH, npz:PATH (your own data; with --dataset-size)" in text, text
+    assert "[default: mnist5k, none with --dataset-size alone]" in text, text
+
+
+def test_a_plans_relative_path_not_found_from_here_is_the_plans_not_dataset_option(capsys, tmp_path, monkeypatch):
+    """A plan made with `--dataset npz:data.npz` and trained from another folder: the line blamed a `--dataset` the
+    user never gave (h103 F6, stop 49). It names the plan's dataset, says the path is read from the current folder,
+    and what to do; a --dataset given is still the one named."""
+    np.savez(tmp_path / "data.npz", x=np.zeros((8, 1, 4, 4), np.uint8))
+    plan = accounting.PrivacyPlan(dataset_size=8, batch_size=2, steps=1, noise_multiplier=1.0, delta=1e-5,
+                                  dataset_name="npz:data.npz")
+    accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    args = ["train", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == ("dpdm: error: the plan's dataset 'npz:data.npz', a path relative to the current folder, does not "
+                   "exist here; run from the folder the plan was made in, or pass --dataset naming the data\n"), err
+    assert main([*args, "--dataset", "npz:gone.npz"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpdm: error: --dataset='npz:gone.npz': ") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
