@@ -77,11 +77,10 @@ def check_out_dir(out_dir, *, create: bool = True, datasets: dict[str, str | Non
     report (report.json of format dpdm.audit/1), is refused: the report would replace or add to files that are
     not an audit's. So is a folder that is, or lies in, the data of a `folder:` or `npz:` name in `datasets` (what
     each is, as the error line says it, to its name), as `dpdm train` and `dpdm sample` refuse their outputs there
-    (`dpdm.sample.place_in_dataset`): the report's PNGs would read as images of that data, which no command could
+    (`report_utils.place_in_dataset`): the report's PNGs would read as images of that data, which no command could
     then load (h103 F1). With `create` False an absent folder is not made, only checked to be creatable (a refused
     audit leaves no empty folder behind)."""
-    from dpdm.report_utils import output_parent_problem, run_folder_of
-    from dpdm.sample import place_in_dataset
+    from dpdm.report_utils import output_parent_problem, place_in_dataset, run_folder_of
 
     out = Path(out_dir)
     run = run_folder_of(out)

@@ -316,10 +316,10 @@ def samples_provenance(path: str) -> dict:
 
 def _check_cache_outside_data(cache_dir, folder, datasets: dict[str, str | None]) -> None:
     """BadInput where the cache folder `folder` is, or lies in, the `folder:` or `npz:` data an option of
-    `datasets` names, as `dpdm train` and `dpdm sample` refuse their outputs there (`sample.place_in_dataset`): its
+    `datasets` names, as `dpdm train` and `dpdm sample` refuse their outputs there (`report_utils.place_in_dataset`): its
     reference/ folder would read as an image-less class folder of that data, which no command could then load
     (h103 F1)."""
-    from dpdm.sample import place_in_dataset
+    from dpdm.report_utils import place_in_dataset
 
     for option, name in datasets.items():
         where = place_in_dataset(folder, name)

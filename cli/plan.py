@@ -1,7 +1,6 @@
 """`dpdm plan` (calibrate a locked privacy plan) and `dpdm account` (epsilon side by side).
 
-Imports torch only for a --curve of a plan that names a folder: or npz: dataset (to check that the plot lies outside
-that data): planning starts fast. matplotlib is imported only for --curve.
+Never imports torch: planning starts fast. matplotlib is imported only for --curve.
 """
 from __future__ import annotations
 
@@ -74,8 +73,6 @@ def _memory_capped(command):
             return command(*args, **kwargs)
         extra = _memory_allowance()
         import accounting  # noqa: F401  (scipy, dp-accounting, prv-accountant: their imports map memory of their own)
-        if kwargs.get("curve") and _is_path_dataset(kwargs.get("dataset")):
-            import dpdm.sample  # noqa: F401  (_curve_path's check: torch maps 3 GiB of address space, beyond a low cap)
 
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         cap = None if extra is None else address_space() + extra
@@ -313,10 +310,9 @@ def _curve_path(path: str, dataset: str | None = None) -> str:
     """The file --curve writes: checked like --out, in a format that carries dpdm's mark (png, pdf, svg, jpg;
     none: .png, as matplotlib itself would add). A gif or tiff was written unmarked, then refused by the same
     command as "not a curve dpdm wrote". Not in the plan's `folder:` (`npz:`) `dataset`, as `dpdm train` and
-    `dpdm sample` refuse their outputs there (`dpdm.sample.place_in_dataset`; torch is imported for it only
-    then): the plot would read as an image of that data, of another size, and no command could load it (h103 F1).
-    """
-    from dpdm.report_utils import grid_suffix_problem, is_dpdm_grid
+    `dpdm sample` refuse their outputs there (`report_utils.place_in_dataset`): the plot would read as an image of
+    that data, of another size, and no command could load it (h103 F1)."""
+    from dpdm.report_utils import grid_suffix_problem, is_dpdm_grid, place_in_dataset
 
     if not os.path.splitext(path)[1][1:]:
         path = path.rstrip(".") + ".png"
@@ -324,13 +320,10 @@ def _curve_path(path: str, dataset: str | None = None) -> str:
     if problem:
         raise BadInput(f"--curve={path!r} {problem}: the formats that carry dpdm's mark, by which a later --curve "
                        "may replace it")
-    if _is_path_dataset(dataset):
-        from dpdm.sample import place_in_dataset
-
-        where = place_in_dataset(path, dataset)
-        if where:
-            raise BadInput(f"--curve={path!r} {where} the plan's data ({dataset!r}), where the plot would read as "
-                           "part of that data; write it elsewhere")
+    where = place_in_dataset(path, dataset)   # None for a named dataset
+    if where:
+        raise BadInput(f"--curve={path!r} {where} the plan's data ({dataset!r}), where the plot would read as "
+                       "part of that data; write it elsewhere")
     _check_output("--curve", path)
 
     # Replaced only if an earlier --curve wrote it (it carries the mark save_grid's grids carry): an image, a
@@ -339,10 +332,6 @@ def _curve_path(path: str, dataset: str | None = None) -> str:
         raise BadInput(f"--curve={path!r} already exists and is not a curve dpdm wrote; it is kept: choose "
                        "another --curve")
     return path
-
-
-def _is_path_dataset(name) -> bool:
-    return isinstance(name, str) and name.startswith(("folder:", "npz:"))
 
 
 def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:

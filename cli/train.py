@@ -253,10 +253,10 @@ def _check_plans_dataset(doc, out_dir: str, resume: bool) -> None:
 
 def _check_out_outside_data(out_dir: str, name: str, subspace_data: str | None) -> None:
     """BadInput where a new run's folder is, or lies in, the folder (or file) of its `folder:` (`npz:`) data or
-    public --subspace-data, as `dpdm sample` refuses its outputs there (one test: `sample.place_in_dataset`): the
+    public --subspace-data, as `dpdm sample` refuses its outputs there (one test: `report_utils.place_in_dataset`): the
     run folder would read as an image-less class folder of that data, so the run could not be resumed, audited or
     evaluated on it once it had spent budget (h94 F1). A run already there resumes as before."""
-    from dpdm.sample import place_in_dataset
+    from dpdm.report_utils import place_in_dataset
 
     for dataset, what in ((name, "the run's training data"), (subspace_data, "the run's --subspace-data")):
         where = place_in_dataset(os.path.expanduser(out_dir), dataset)

@@ -114,6 +114,26 @@ def temp_path(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
 # checkpoint.pt (the run's secret seed) beside it and its plan.json. A folder holding a run's config.json, or
 # a checkpoint.pt beside a plan.json, is a run folder, whose files no other command may replace or add to (a
 # stray checkpoint.pt alone does not make one).
+def place_in_dataset(path: str | os.PathLike, dataset: str | None) -> str | None:
+    """"is" where `path` (links resolved) is the file or folder of the "npz:PATH" or "folder:PATH" dataset
+    `dataset`, "is inside" where it lies in it, else None: outputs written there would read as part of that data
+    (`dpdm.sample.check_outputs`; train's run folder, audit's --out, eval's cache and plan's --curve too). Path
+    logic only, here rather than in dpdm.sample, so that `dpdm plan` needs no torch for it."""
+    data = _dataset_path(dataset)
+    target = Path(os.path.realpath(path))
+    if data is None or not (target == data or data in target.parents):
+        return None
+    return "is" if target == data else "is inside"
+
+
+def _dataset_path(name: str | None) -> Path | None:
+    """The file or folder of an "npz:PATH" or "folder:PATH" dataset, links resolved (None for others)."""
+    for prefix in ("npz:", "folder:"):
+        if isinstance(name, str) and name.startswith(prefix):
+            return Path(os.path.realpath(Path(name[len(prefix):]).expanduser()))
+    return None
+
+
 def run_folder_of(folder: str | os.PathLike) -> Path | None:
     """The run folder (`dpdm train --out`) that `folder` is or lies in, links resolved, or None: the
     first of `folder` and its ancestors that holds the config.json of a run, or a checkpoint.pt and a

@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import address_space
 from dpdm.datasets import public_dataset_name, public_init_name
+from dpdm.report_utils import place_in_dataset  # noqa: F401  (torch-free, for `dpdm plan`; the name stays here)
 from dpdm.sampling import MIN_ROWS, RHO, SIGMA_MAX, SIGMA_MIN
 
 
@@ -546,25 +547,6 @@ def _samples_plan_digest(path: str | os.PathLike) -> str:
             return str(z["meta_plan_digest"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return ""
-
-
-def place_in_dataset(path: str | os.PathLike, dataset: str | None) -> str | None:
-    """"is" where `path` (links resolved) is the file or folder of the "npz:PATH" or "folder:PATH" dataset
-    `dataset`, "is inside" where it lies in it, else None: outputs written there would read as part of that data
-    (`check_outputs`; `dpdm train` refuses its run folder there too)."""
-    data = _dataset_path(dataset)
-    target = Path(os.path.realpath(path))
-    if data is None or not (target == data or data in target.parents):
-        return None
-    return "is" if target == data else "is inside"
-
-
-def _dataset_path(name: str | None) -> Path | None:
-    """The file or folder of an "npz:PATH" or "folder:PATH" dataset, links resolved (None for others)."""
-    for prefix in ("npz:", "folder:"):
-        if isinstance(name, str) and name.startswith(prefix):
-            return Path(os.path.realpath(Path(name[len(prefix):]).expanduser()))
-    return None
 
 
 def memory_needed(n: int, config: dict, *, batch_size: int) -> int:
