@@ -8,6 +8,7 @@ epsilon spent so far).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -81,26 +82,50 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             try:
-                torch.save(obj, f)
-            except RuntimeError as e:   # torch's writer: "unexpected pos 2043776 vs 2043668" on a full disk
-                cause = e.__context__   # the write's own error, where Python's file object raised it
-                if isinstance(cause, OSError) and cause.errno is not None:
-                    # A quota (EDQUOT) or a file-size limit (EFBIG, `ulimit -f`) on a disk with room to spare
-                    # stayed torch's RuntimeError, a traceback: the OSError is what `dpdm` reports in one line.
-                    raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
-                if shutil.disk_usage(path.parent).free >= (1 << 20):
-                    raise
-                raise OSError(errno.ENOSPC, f"cannot write {str(path)!r}: no space left on device "
-                                            f"({str(e).strip().splitlines()[0] if str(e).strip() else 'torch.save'})"
-                              ) from None
-            f.flush()
-            os.fsync(f.fileno())
+                _save_and_sync(obj, f, path)
+            except BaseException:
+                # Closing flushes what is still buffered; past a file-size limit that fails again, and the
+                # `with` would raise that path-less "[Errno 27] File too large" in place of this error.
+                with contextlib.suppress(OSError):
+                    f.close()
+                raise
         os.replace(tmp, path)
         fsync_folder(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _save_and_sync(obj: Any, f, path: Path) -> None:
+    """`torch.save(obj, f)`, flush and fsync; a failed write is an OSError naming `path`."""
+    try:
+        torch.save(obj, f)   # its writer flushes the file itself on the way out
+    except OSError as e:   # past a size limit or a quota Python's write names no file
+        _raise_naming(e, path)
+    except RuntimeError as e:   # torch's writer: "unexpected pos 2043776 vs 2043668" on a full disk
+        cause = e.__context__   # the write's own error, where Python's file object raised it
+        if isinstance(cause, OSError) and cause.errno is not None:
+            # A quota (EDQUOT) or a file-size limit (EFBIG, `ulimit -f`) on a disk with room to spare
+            # stayed torch's RuntimeError, a traceback: the OSError is what `dpdm` reports in one line.
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
+        if shutil.disk_usage(path.parent).free >= (1 << 20):
+            raise
+        raise OSError(errno.ENOSPC, f"cannot write {str(path)!r}: no space left on device "
+                                    f"({str(e).strip().splitlines()[0] if str(e).strip() else 'torch.save'})"
+                      ) from None
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+        _raise_naming(e, path)
+
+
+def _raise_naming(e: OSError, path: Path) -> None:
+    """Raises `e`, as an OSError naming `path` where it names no file."""
+    if e.filename is not None or e.errno is None:
+        raise e
+    raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int = 0o666) -> Path:

@@ -2,7 +2,10 @@
 fails on one mutant that every existing checkpoint/export/train test let through."""
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +171,32 @@ def test_a_no_dp_ledger_with_a_finite_epsilon_is_refused():
     assert ckpt._ledger_problem(ledger(False, float("inf")), {}) is None
     assert "not private" in (ckpt._ledger_problem(ledger(False, 3.0), {}) or "")
     assert "private with epsilon inf" in (ckpt._ledger_problem(ledger(True, float("inf")), {}) or "")
+
+
+
+_SAVE_PAST_A_SIZE_LIMIT = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from dpdm import checkpoint as ckpt
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+for floats, tensors in ((16_000, 1), (17_000, 3), (20_000, 50), (40_000, 1)):
+    try:
+        ckpt.atomic_torch_save({f"t{i}": torch.zeros(floats // tensors) for i in range(tensors)}, sys.argv[2])
+    except OSError as e:
+        print(e.errno, e.filename)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and EFBIG as Linux has them")
+def test_a_save_past_a_file_size_limit_names_the_checkpoint_wherever_the_limit_falls(tmp_path):
+    """`ulimit -f` (EFBIG) met in torch.save's own closing flush, or with bytes still buffered when the temp file
+    was closed, was Python's path-less "[Errno 27] File too large" (the close's second error hid the one naming
+    the file): the line dpdm printed did not say which file. Wherever in the write the limit falls (four sizes and
+    layouts, one child process), the error names the checkpoint and no temp file is left."""
+    target = tmp_path / "checkpoint.pt"
+    done = subprocess.run([sys.executable, "-c", _SAVE_PAST_A_SIZE_LIMIT, str(Path(__file__).parents[2]), str(target)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"{errno.EFBIG} {target}"] * 4, done.stdout
+    assert not list(tmp_path.iterdir())
