@@ -235,20 +235,11 @@ def _check_something_to_resume(out_dir: str) -> None:
 
 
 def _check_plans_dataset(doc, out_dir: str, resume: bool) -> None:
-    """BadInput where the data is the plan's, given by no --dataset (nor, resumed, by the run), and cannot be found:
-    said of the plan, which the user may not know names a path, and for a relative path, that it is read from the
-    current folder, not the plan's (the line blamed a --dataset never given, h103 F6); or where the plan names none
-    and a resumed run's recorded data is gone."""
-    from dpdm.datasets import dataset_path, is_path_dataset
-
-    name = doc.plan.dataset_name
-    if not name and resume:
+    """BadInput where a resumed run with no --dataset finds neither a plan's dataset nor one the run recorded
+    (`plan_dataset_name` says where the plan's own path is not found)."""
+    if not doc.plan.dataset_name and resume:
         raise BadInput(f"--dataset is required: the plan names no dataset, and the run in {out_dir!r} names none that "
                        "is found here; pass --dataset naming the run's data")
-    if name and is_path_dataset(name) and not os.path.exists(dataset_path(name)):
-        relative = "" if os.path.isabs(dataset_path(name)) else ", a path relative to the current folder,"
-        raise BadInput(f"the plan's dataset {name!r}{relative} does not exist here; run from the folder the plan "
-                       "was made in, or pass --dataset naming the data")
 
 
 def _check_out_outside_data(out_dir: str, name: str, subspace_data: str | None) -> None:

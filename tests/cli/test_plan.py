@@ -723,3 +723,9 @@ def test_a_plans_relative_path_not_found_from_here_is_the_plans_not_dataset_opti
     err = capsys.readouterr().err
     assert err.startswith("dpdm: error: --dataset='npz:gone.npz': ") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+    # `dpdm baseline dp-classifier` reads the plan's dataset the same way, and blamed --dataset too (stop 50)
+    assert main(["baseline", "dp-classifier", "--plan", str(tmp_path / "plan.json"), "--test-dataset",
+                 f"npz:{tmp_path / 'data.npz'}", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("dpdm: error: the plan's dataset 'npz:data.npz', a path relative to the "
+                                       "current folder, does not exist here; run from the folder the plan was made "
+                                       "in, or pass --dataset naming the data\n")
