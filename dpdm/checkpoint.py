@@ -105,6 +105,11 @@ def _save_and_sync(obj: Any, f, path: Path) -> None:
         _raise_naming(e, path)
     except RuntimeError as e:   # torch's writer: "unexpected pos 2043776 vs 2043668" on a full disk
         cause = e.__context__   # the write's own error, where Python's file object raised it
+        if isinstance(cause, BaseException) and not isinstance(cause, Exception):
+            # Ctrl-C (KeyboardInterrupt) or SIGTERM (cli.main.Terminated) raised by a signal handler that Python ran
+            # inside the file's write: torch's writer made it "unexpected pos N vs M", which `dpdm` reported as an
+            # internal error (a traceback, exit 4) where the signal's own line and exit code (130, 143) belong.
+            raise cause.with_traceback(None) from None
         if isinstance(cause, OSError) and cause.errno is not None:
             # A quota (EDQUOT) or a file-size limit (EFBIG, `ulimit -f`) on a disk with room to spare
             # stayed torch's RuntimeError, a traceback: the OSError is what `dpdm` reports in one line.

@@ -200,3 +200,36 @@ def test_a_save_past_a_file_size_limit_names_the_checkpoint_wherever_the_limit_f
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [f"{errno.EFBIG} {target}"] * 4, done.stdout
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("signal_error", [KeyboardInterrupt, "Terminated"])
+def test_a_signal_inside_torch_saves_write_is_the_signals_error_not_torchs(tmp_path, monkeypatch, signal_error):
+    """Python runs a signal's handler inside the file's write, where torch's writer turned Ctrl-C's KeyboardInterrupt
+    or SIGTERM's Terminated into "RuntimeError: ... unexpected pos N vs M": `dpdm train` ended in a traceback and
+    exit 4 instead of the signal's one line and 130/143 (h106 F1, stop 50). The signal's own error goes up, and
+    the temp file is removed."""
+    import io
+
+    from cli.main import Terminated
+
+    error = Terminated if signal_error == "Terminated" else signal_error
+    real_fdopen = os.fdopen
+
+    class SignalledWriter(io.BufferedWriter):
+        writes = 0
+
+        def write(self, b):
+            SignalledWriter.writes += 1
+            if SignalledWriter.writes == 3:
+                raise error()
+            return super().write(b)
+
+    def fdopen(fd, mode="r", *a, **k):
+        assert mode == "wb"
+        return SignalledWriter(real_fdopen(fd, "wb", buffering=0))
+
+    monkeypatch.setattr(ckpt.os, "fdopen", fdopen)
+    with pytest.raises(error):
+        ckpt.atomic_torch_save({"a": torch.zeros(10_000), "b": torch.ones(10_000)}, tmp_path / "c.pt")
+    assert SignalledWriter.writes == 3
+    assert not list(tmp_path.iterdir())
