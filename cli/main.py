@@ -242,8 +242,27 @@ def _resume_hint(argv: list[str] | None) -> str:
     except (OSError, ValueError):
         checkpointed = False
     if checkpointed:
+        steps = _finished_steps(os.path.join(os.path.expanduser(out), "checkpoint.pt"))
+        if steps is not None:   # a signal after the last checkpoint: --resume refuses a finished run (h106 F2)
+            return (f"; the run is complete ({steps} of {steps} steps): dpdm sample and dpdm export use it as it is "
+                    "(--resume refuses a finished run)")
         return "; a training run continues with --resume"
     return "; no checkpoint was written yet: the same command starts the run again"
+
+
+def _finished_steps(path: str) -> int | None:
+    """The plan's steps where the checkpoint's ledger has them all done; else (or unreadable: the hint is advice
+    only) None. Memory-mapped, weights_only: the weights are not read."""
+    try:
+        import torch
+
+        ledger = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["ledger"]
+        done, steps = ledger["steps_done"], ledger["plan_steps"]
+        if isinstance(steps, int) and steps > 0 and done == steps:
+            return steps
+    except (Exception, KeyboardInterrupt):   # a second Ctrl-C while it reads: the usual hint
+        pass
+    return None
 
 
 def _internal_error(prog: str, e: BaseException) -> int:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import accounting
 from cli.main import main
@@ -109,6 +110,13 @@ def test_the_line_advises_resume_only_where_a_checkpoint_is(tmp_path):
     for argv in (["train", "--plan", "p.json", "--out", str(run)], ["train", f"--out={run}", "--resume"]):
         assert _resume_hint(argv) == "; a training run continues with --resume", argv
     assert _resume_hint(["train", "--plan", "p.json"]) == fresh and _resume_hint(["sample", "--run", str(run)]) == ""
+    # after the last checkpoint (the signal came before --json was printed): --resume refuses the finished run, so
+    # the line says it is complete (h106 F2, stop 50); a ledger with steps still to do keeps the --resume advice
+    torch.save({"ledger": {"steps_done": 12, "plan_steps": 12}, "model": {"w": torch.zeros(3)}}, run / "checkpoint.pt")
+    assert _resume_hint(["train", f"--out={run}"]) == ("; the run is complete (12 of 12 steps): dpdm sample and dpdm "
+                                                      "export use it as it is (--resume refuses a finished run)")
+    torch.save({"ledger": {"steps_done": 11, "plan_steps": 12}}, run / "checkpoint.pt")
+    assert _resume_hint(["train", f"--out={run}"]) == "; a training run continues with --resume"
 
 
 def test_ctrl_c_on_train_says_how_the_run_goes_on(tmp_path, capsys, monkeypatch):
