@@ -797,8 +797,9 @@ def train(
         run_config["plan_names_data"] = bool(saved.get("plan_names_data")) or run_config["plan_names_data"]
         saved_init = saved.get("train", {}).get("init_from")
         if config.init_from is not None and config.init_from != saved_init:
+            started = "no warm start" if saved_init is None else repr(saved_init)
             raise TrainError(f"cannot resume with --init-from {config.init_from!r}: the run started from "
-                             f"{saved_init!r}; resume without --init-from")
+                             f"{started}; resume without --init-from")
         run_config["train"]["init_from"] = saved_init
         saved_trainable = saved.get("train", {}).get("trainable")
         saved_trainable = None if saved_trainable is None else tuple(saved_trainable)
@@ -1585,11 +1586,13 @@ def _lock_run_folder(out: Path):
 
 def _remove_checkpoint_leftovers(out: Path) -> None:
     """Removes the temporary files of checkpoint writes killed midway (`checkpoint.atomic_torch_save`:
-    ``.checkpoint.pt.XXXX.tmp``). Called by rank 0 once it holds the folder's lock, so no other dpdm train is
-    writing one: a kill after the fsync and before the rename left a full copy of the run's secrets (its seed,
-    its image digests) under a hidden name that nothing else knows of."""
+    ``.checkpoint.pt.XXXX.tmp``), and of config.json and metrics.csv (`atomic_write_text`, named alike). Called by
+    rank 0 once it holds the folder's lock, so no other dpdm train is writing one: a kill after the fsync and
+    before the rename left a full copy of the run's secrets (its seed, its image digests) under a hidden name that
+    nothing else knows of; config.json's holds the data's digest, metrics.csv's the noise-free losses (h106 N2)."""
     try:
-        leftovers = list(out.glob(ckpt.temp_file_pattern(out / CHECKPOINT_NAME)))
+        leftovers = [path for name in (CHECKPOINT_NAME, "config.json", "metrics.csv")
+                     for path in out.glob(ckpt.temp_file_pattern(out / name))]
     except OSError:
         return
     for path in leftovers:

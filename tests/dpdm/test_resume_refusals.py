@@ -24,6 +24,11 @@ def test_a_half_run_refuses_another_precond_or_privacy_and_keeps_its_seed_given_
     # a private run resumed with --no-dp (its ledger private, its steps then unnoised)
     with pytest.raises(TrainError, match="cannot resume a --no-dp run as private, or a private run with --no-dp"):
         train(doc, x, y, c, out, TrainConfig(**{**CFG, "private": False}), resume=True, progress=False)
+    # a warm start given at the resume of a run begun without one: said so, not "started from None" (h106 N1)
+    with pytest.raises(TrainError, match=r"cannot resume with --init-from '\S+w\.pt': the run started from no warm "
+                                         r"start; resume without --init-from$"):
+        train(doc, x, y, c, out, TrainConfig(**{**CFG, "init_from": str(tmp_path / "w.pt")}), resume=True,
+              progress=False)
     assert path.read_bytes() == before
     # resumed without --seed: the seed comes from the checkpoint, and the run stays marked as seeded
     summary = train(doc, x, y, c, out, TrainConfig(**{**CFG, "seed": None}), resume=True, progress=False)

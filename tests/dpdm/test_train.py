@@ -1551,9 +1551,14 @@ def test_leftover_checkpoint_temp_files_are_removed_when_a_run_starts_or_resumes
     left.write_bytes((out / CHECKPOINT_NAME).read_bytes())
     other = out / ".notes.tmp"   # not a checkpoint write's: kept
     other.write_text("x")
+    # config.json's and metrics.csv's writes (atomic_write_text) killed alike: the data's digest, the losses (h106 N2)
+    written = [out / ".config.json.k3j_9x2a.tmp", out / ".metrics.csv.q0w8e7r6.tmp"]
+    for path in written:
+        path.write_text("a killed write")
     os.chmod(out, 0o755)   # a run folder of an older dpdm, or one opened up by hand: private again on resume
     train(doc, x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
     assert not left.exists() and other.exists()
+    assert not [path for path in written if path.exists()]
     assert (out.stat().st_mode & 0o777) == 0o700
     # A run killed while writing its first checkpoint starts afresh in its folder: the leftover goes too.
     fresh = tmp_path / "fresh"
