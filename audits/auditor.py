@@ -234,7 +234,10 @@ def _cp_upper(k, n, a):
     """One-sided upper bound on p from k successes in n trials at level a (vectorized in k)."""
     k = np.asarray(k, dtype=np.float64)
     safe = np.minimum(k, n - 1)
-    ub = special.betaincinv(safe + 1, n - safe, 1.0 - a)  # = beta.ppf(1 - a, k + 1, n - k)
+    # The upper tail inverted at a itself (Boost's ibetac_inv; scipy >= 1.11 names it special.betainccinv): the lower
+    # tail inverted at 1 - a rounded a to a multiple of 1.1e-16, so at a = 1.7e-16 the bound's level was 1.31 a (h108
+    # N1, stop 50). `_cp_lower` inverts its lower tail at a itself.
+    ub = stats.beta.isf(a, safe + 1, n - safe)
     return np.where(k >= n, 1.0, ub)
 
 

@@ -1,7 +1,8 @@
 """PNG plots for audit reports (matplotlib Agg; no pyplot, no global state).
 
 Every function takes arrays and a path, writes one PNG and returns the path as a ``Path``.
-Scores follow ``audits.auditor``'s convention: higher score means member.
+Scores follow ``audits.auditor``'s convention: higher score means member. A claimed epsilon is labelled rounded
+up, as on every screen (`dpdm.report_utils.epsilon_text`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from audits.auditor import _scores, auc, dp_tpr_ceiling, roc_curve
+from dpdm.report_utils import epsilon_text
 
 __all__ = ["plot_roc", "plot_score_histogram", "plot_epsilon_vs_guesses"]
 
@@ -68,7 +70,7 @@ def plot_roc(
     if epsilon is not None:
         ceiling = dp_tpr_ceiling(grid, epsilon, delta)
         ax.plot(grid, ceiling, ls="--", color="crimson", lw=1.2,
-                label=f"DP ceiling (eps={epsilon:g}, delta={delta:g})")
+                label=f"DP ceiling (eps={epsilon_text(epsilon)}, delta={delta:g})")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(title or ("ROC (log-log)" if log else "ROC"))
@@ -121,7 +123,7 @@ def plot_epsilon_vs_guesses(
     ax = fig.add_subplot()
     ax.plot(k, e, marker="o", ms=3, label="one-run epsilon lower bound")
     if claimed_epsilon is not None:
-        ax.axhline(claimed_epsilon, ls="--", color="crimson", label=f"claimed eps={claimed_epsilon:g}")
+        ax.axhline(claimed_epsilon, ls="--", color="crimson", label=f"claimed eps={epsilon_text(claimed_epsilon)}")
     ax.set_xscale("log")
     ax.set_xlabel("number of guesses")
     ax.set_ylabel("epsilon lower bound")

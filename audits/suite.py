@@ -34,6 +34,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import replace
@@ -554,6 +555,10 @@ def _fmt(x, nd=4, *, bound: str | None = None) -> str:
 # Plot files this module writes; plots of an earlier run in the same folder that this run did not
 # write are removed, so that the folder holds one run's report.
 _PLOT_NAME = re.compile(r"^(roc|roc_log|hist|guesses)_(target|control)_[A-Za-z0-9]+\.png$")
+# The staging folder of `write_report` (`tempfile.mkdtemp(prefix=".report-")`), and the age (seconds) at which one is
+# a killed audit's leftover: a report is staged in seconds, and a concurrent audit's stage is younger.
+_STAGE_NAME = re.compile(r"\.report-[A-Za-z0-9_]+")
+_STALE_STAGE_SECONDS = 3600
 
 
 def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
@@ -564,13 +569,15 @@ def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
     the earlier report.json is removed, the new files replace the old ones (``os.replace``), plots of an
     earlier run that this run did not write are removed, and report.json is written last. So a
     report.json always belongs to the files beside it. The ROC curves and the plots' ceilings are drawn
-    at the epsilon the verdict uses (the canary run's).
+    at the epsilon the verdict uses (the canary run's). Every file is written 0600 whatever the umask, and the
+    staging folders that killed audits left in ``out_dir`` are removed first (`_remove_stale_stages`).
     """
     from accounting.plan import fsync_folder   # lazily, as before: accounting imports the accountants
 
     out = Path(out_dir)
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(out, 0o700)   # the canary scores and the noise-free control's figures (README: "What stays private")
+    _remove_stale_stages(out)
     included = np.asarray(canary["included"], dtype=bool)
     claim = float(canary["claimed_epsilon"])
     delta = doc["claimed_plan"]["delta"]
@@ -601,12 +608,15 @@ def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
                 plots[tag] = [f.name for f in files]
         doc["plots"] = plots
         doc["files"] = {"markdown": "report.md", "json": "report.json", "scores": "scores.npz"}
-        with open(stage / "scores.npz", "wb") as f:
+        with _create_private(stage / "scores.npz", "wb") as f:
             np.savez(f, **arrays)
         _write_text(stage / "report.md", _markdown(doc))
         text = json.dumps(_jsonable(doc), indent=2, allow_nan=False, default=_json_default) + "\n"
         _write_text(stage / "report.json", text)
         for f in stage.iterdir():
+            # 0600 as the run's metrics.csv and config.json: a copy into another folder (`cp audit/* shared/`)
+            # keeps the mode, and matplotlib makes the plots with the umask's (h108 F1, stop 50).
+            os.chmod(f, 0o600)
             _fsync_file(f)
 
         # Commit: no report.json while the files change, then report.json last.
@@ -632,8 +642,32 @@ def _json_default(v):
     return str(v)
 
 
+def _remove_stale_stages(out: Path) -> None:
+    """Removes the staging folders of `write_report` in `out` older than `_STALE_STAGE_SECONDS`: an audit killed
+    (SIGKILL, out of memory) while writing its report leaves one, which no later audit replaces, holding the inclusion
+    coins and the noise-free control's canary scores (h108 N3, stop 50). A younger one may be a concurrent audit's and
+    stays. Best effort, as the eval cache's `_remove_stale_temp_files`: what cannot be removed stays."""
+    now = time.time()
+    try:
+        names = [entry for entry in os.scandir(out) if _STAGE_NAME.fullmatch(entry.name)]
+    except OSError:
+        return
+    for entry in names:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and now - st.st_mtime > _STALE_STAGE_SECONDS:
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _create_private(path: Path, mode: str, **kwargs):
+    """A new file `path` opened with `mode`, created 0600 (at most; `write_report` sets 0600 exactly)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), mode, **kwargs)
+
+
 def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with _create_private(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 

@@ -194,6 +194,24 @@ def test_clopper_pearson_interval_coverage_by_simulation():
     assert clopper_pearson_interval(0, 10)[0] == 0.0 and clopper_pearson_interval(10, 10)[1] == 1.0
 
 
+@pytest.mark.parametrize("a", [1e-3, 1e-12, 1.7e-16, 6e-17, 1e-30])
+def test_clopper_pearson_bounds_hold_their_level_however_small(a):
+    """Each one-sided bound's level, from the exact binomial tails at 0 or 1 and at n - 1 or n successes, is at
+    most `a` and within 1e-9 of it. The upper bound inverted the lower tail at 1 - a, which rounds a to a multiple of
+    1.1e-16: at a = 1.7e-16 its level was 1.31 a, at 6e-17 1.85 a, and below 5.5e-17 the bound was 1 (h108 N1)."""
+    n, log_a = 1000, math.log(a)
+    for k in (0, 1):   # P(X <= k | p = upper bound)
+        ub = float(A._cp_upper(k, n, a))
+        assert 0 < ub < 1, (k, ub)
+        log_level = (n - 1) * math.log1p(-ub) + (math.log1p(-ub) if k == 0 else math.log1p((n - 1) * ub))
+        assert log_a - 1e-9 <= log_level <= log_a + 1e-9, (k, ub, math.exp(log_level - log_a))
+    for k in (n, n - 1):   # P(X >= k | p = lower bound)
+        lb = float(A._cp_lower(k, n, a))
+        assert 0 < lb < 1, (k, lb)
+        log_level = (n - 1) * math.log(lb) + (math.log(lb) if k == n else math.log(n - (n - 1) * lb))
+        assert log_a - 1e-9 <= log_level <= log_a + 1e-9, (k, lb, math.exp(log_level - log_a))
+
+
 def test_cp_bound_never_exceeds_true_epsilon_gaussian_mechanism():
     """100 seeds of Gaussian-mechanism scores: N(0,1) out vs N(mu,1) in, true eps via GDP."""
     rng = np.random.default_rng(SEED)

@@ -95,3 +95,13 @@ def test_histogram_labels_each_class_with_its_own_count(tmp_path, figures, score
     assert set(labels) == {"in (n=400)", "out (n=500)"}
     edges = np.linspace(min(ins.min(), outs.min()), max(ins.max(), outs.max()), 21)
     assert labels["in (n=400)"] == pytest.approx(np.histogram(ins, edges, density=True)[0].sum())
+
+
+def test_the_claimed_epsilon_is_labelled_rounded_up(tmp_path, figures, scores):
+    """A claim is an upper bound: its label rounds up, as on every screen (`epsilon_text`). ":g" rounded to nearest,
+    so a claim of 10.0000004 read "eps=10" (h108 N2, stop 50)."""
+    ins, outs = scores
+    plot_roc(ins, outs, tmp_path / "roc.png", epsilon=10.0000004, delta=1e-5)
+    plot_epsilon_vs_guesses([1, 2], [0.1, 0.2], tmp_path / "eps.png", claimed_epsilon=2.71828)
+    labels = [line.get_label() for fig in figures for line in fig.axes[0].lines]
+    assert "DP ceiling (eps=10.01, delta=1e-05)" in labels and "claimed eps=2.719" in labels, labels

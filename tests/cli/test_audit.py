@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import stat
+import time
 
 import numpy as np
 import pytest
@@ -51,7 +53,11 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
         real = getattr(audits.suite, name)
         monkeypatch.setattr(audits.suite, name, lambda *a, _real=real, _name=name, **k:
                             (alphas.setdefault(_name, []).append(k["alpha"]), _real(*a, **k))[1])
-    rc, out, err = _audit(["--run", str(run), "--out", str(out_dir), *SMALL, "--json"], capsys)
+    umask = os.umask(0o022)   # the common default, under which a file opened plainly is 0644
+    try:
+        rc, out, err = _audit(["--run", str(run), "--out", str(out_dir), *SMALL, "--json"], capsys)
+    finally:
+        os.umask(umask)
     report = json.loads(out)
     assert rc == {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}[report["verdict"]]
     assert report["verdict"] in ("PASS", "INCONCLUSIVE")  # a correct run is never FAIL
@@ -102,6 +108,10 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
     assert len(rows) == 1 and rows[0][7].startswith("n/a (") and rows[0][8].startswith("n/a ("), rows
     assert json.loads((out_dir / "report.json").read_text())["verdict"] == report["verdict"]
     assert (out_dir.stat().st_mode & 0o777) == 0o700   # the report holds a noise-free control run
+    # and every file in it is 0600, as the run's metrics.csv and config.json: a copy of them into another folder
+    # (`cp audit/* shared/`) keeps their modes. They were 0644 under this umask (h108 F1, stop 50).
+    modes = {p.name: oct(stat.S_IMODE(p.lstat().st_mode)) for p in out_dir.iterdir()}
+    assert len(modes) == 19 and set(modes.values()) == {"0o600"}, modes   # 16 plots, no staging folder left
     # The run drew a secret seed; one trained with a given --seed would be named so in the report.
     from audits.suite import _markdown
 
@@ -359,6 +369,31 @@ def test_an_audit_folder_made_beforehand_becomes_private(report_inputs, tmp_path
         os.chmod(out, 0o755)
         call(out)
         assert (out.stat().st_mode & 0o777) == 0o700, name
+
+
+def test_a_killed_audits_staging_folder_goes_and_a_concurrent_ones_stays(report_inputs, tmp_path):
+    """An audit killed while writing its report (SIGKILL, out of memory: no `finally`) left its staging folder, with
+    the coins and the noise-free control's scores, for good: a later audit into the same --out removed only its own
+    (h108 N3, stop 50). One older than an hour goes, as the eval cache's killed temporary files; a younger one may be
+    a concurrent audit's and stays, as does a link's target and a file of that name."""
+    out = tmp_path / "report"
+    elsewhere = tmp_path / "elsewhere"
+    for folder in (out, elsewhere):
+        folder.mkdir()
+    killed, concurrent = out / ".report-k1ll3d_0", out / ".report-runn1ng0"
+    for stage in (killed, concurrent, elsewhere):
+        stage.mkdir(exist_ok=True)
+        (stage / "scores.npz").write_bytes(b"coins and the control's scores")
+    (out / ".report-link0000").symlink_to(elsewhere, target_is_directory=True)
+    (out / ".report-file0000").write_bytes(b"not a staging folder")
+    old = time.time() - 86400   # a day old
+    for path in (killed, out / ".report-link0000", out / ".report-file0000", elsewhere):
+        os.utime(path, (old, old), follow_symlinks=False)
+    _write(report_inputs, out)
+    assert not os.path.lexists(killed)
+    assert (concurrent / "scores.npz").is_file() and (elsewhere / "scores.npz").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
+        ".report-file0000", ".report-link0000", ".report-runn1ng0"]
 
 
 def test_interrupted_report_leaves_the_earlier_one_or_no_report_json(report_inputs, tmp_path, monkeypatch):
