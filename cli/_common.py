@@ -187,7 +187,8 @@ def warn_empty_classes(name: str, data) -> None:
     """Labelled training data with classes that have no image (an npz labelled {3, 7} has 8 classes, 6 of them
     empty): the model learns nothing of them, and `dpdm sample` draws every class evenly. Warned, not refused: a
     class count fixed publicly (an npz's num_classes, README "The number of classes is public too") may hold
-    classes the private data lacks. Said to the data's owner only, as the class count line is."""
+    classes the private data lacks, and is then not advised to be remapped. Said to the data's owner only, as the
+    class count line is."""
     if data.y is None or not data.num_classes:
         return
     from dpdm.datasets import empty_classes
@@ -196,10 +197,48 @@ def warn_empty_classes(name: str, data) -> None:
     if not empty:
         return
     shown = ", ".join(map(str, empty[:12])) + (", ..." if len(empty) > 12 else "")
-    warn(f"--dataset={name!r}: {len(empty)} of its {data.num_classes} classes have no image (label"
-         f"{'s' if len(empty) > 1 else ''} {shown}); the model learns nothing of them, yet `dpdm sample` draws every "
-         f"class evenly, so {len(empty)}/{data.num_classes} of its samples would be of unseen classes; remap the "
-         f"labels to 0..{data.num_classes - len(empty) - 1}, unless the class count is fixed publicly")
+    kept = data.num_classes - len(empty)
+    labels = "0" if kept == 1 else f"0..{kept - 1}"
+    they, them, their = ("they are", "them", "their") if len(empty) > 1 else ("it is", "it", "its")
+    # An npz's num_classes (not inferred) declares the classes: they are absent, not a gap in the numbering (h109 F3).
+    fix = (f"remap the labels to {labels}, unless the class count is fixed publicly" if data.num_classes_inferred
+           else f"its num_classes ({data.num_classes}) declares {them}: where {they} meant to be absent, leave "
+                f"{their} samples out (by their y); otherwise lower num_classes to {kept} and remap the labels to "
+                f"{labels}")
+    warn(f"--dataset={name!r}: {len(empty)} of its {data.num_classes} classes {'have' if len(empty) > 1 else 'has'} "
+         f"no image (label{'s' if len(empty) > 1 else ''} {shown}); the model learns nothing of {them}, yet `dpdm "
+         f"sample` draws every class evenly, so {len(empty)}/{data.num_classes} of its samples would be of unseen "
+         f"classes; {fix}")
+
+
+def warn_unlabelled_npz(name: str, data) -> None:
+    """An npz without ``y`` that holds other arrays (``labels``, ``targets``, ...): `load_npz` never reads them, so
+    the data is unlabelled and the model unconditional, and nothing else says so before the budget is spent (h109
+    F1). Names only, never their contents; dpdm's own ``meta_*`` arrays (a samples file) are left out."""
+    shown = unread_arrays_shown(data)
+    if data.y is None and shown:
+        warn(f"--dataset={name!r}: it has no array 'y', so the data is unlabelled and the model unconditional; its "
+             f"other arrays ({shown}) are never read: for a class-conditional model, store the labels as y")
+
+
+def unread_arrays_shown(data) -> str:
+    """The names of the arrays of `data`'s npz that dpdm did not read (`ImageData.unread_arrays`), as a line shows
+    them ("'labels', 'ids'"), or "" where there are none. dpdm's own ``meta_*`` arrays (a samples file) are left
+    out; at most 8 names of at most 40 characters."""
+    others = [k for k in getattr(data, "unread_arrays", ()) if not k.startswith("meta_")]
+    return ", ".join(repr(k if len(k) <= 40 else k[:37] + "...") for k in others[:8]) + (
+        ", ..." if len(others) > 8 else "")
+
+
+def warn_binary_pixels(name: str, data) -> None:
+    """Images whose every pixel is 0 or 1 of 0..255: what floats in [0, 1] give when cast with x.astype(np.uint8),
+    which the npz dtype check cannot see (h109 F1). They train as near-black images. Warned, not refused: binary
+    images stored as 0 and 1 are legitimate, if unusual."""
+    if not len(data) or round((float(data.x.max()) + 1) * 127.5) > 1:   # data.x: the uint8 grid mapped to [-1, 1]
+        return
+    warn(f"--dataset={name!r}: every pixel of its images is 0 or 1 (of 0..255), so they train as near-black images; "
+         "floats in [0, 1] cast with x.astype(np.uint8) give that: store (x * 255).round().astype(np.uint8) instead "
+         "(binary images as 0 and 255)")
 
 
 def warn_dataset_not_plans(dataset: str | None, plan_dataset: str | None, what: str) -> None:

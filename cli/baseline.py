@@ -4,20 +4,22 @@ from __future__ import annotations
 import click
 
 from cli._common import (DatasetName, FiniteFloatRange, PathOption, check_augment_shift, emit_json, load_locked_plan,
-                         load_public_data, load_training_data, plan_dataset_name, resolve_device, warn,
-                         warn_dataset_not_plans, warn_inferred, warn_known_seed)
+                         load_public_data, load_training_data, plan_dataset_name, resolve_device,
+                         unread_arrays_shown, warn, warn_dataset_not_plans, warn_inferred, warn_known_seed)
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
 
 @click.group()
 def baseline() -> None:
-    """Baselines that spend the same privacy budget as the diffusion model."""
+    """Baselines trained under the diffusion model's plan, each spending as much privacy budget again: run on the
+    same private data, a baseline is a second release of it, and its epsilon composes with the generator's."""
 
 
 @baseline.command("dp-classifier")
 @click.option("--plan", "plan_path", required=True, type=PathOption(dir_okay=False),
-              help="A locked plan from `dpdm plan --out` (the same one the diffusion model used).")
+              help="A locked plan from `dpdm plan --out` (the one the diffusion model used, for a like-for-like "
+                   "comparison; its epsilon is spent again, on top of the generator's).")
 @click.option("--dataset", type=DatasetName(), default=None, help="Dataset name (default: the plan's).")
 @click.option("--test-dataset", type=DatasetName(), default=None,
               help="Held-out real images (npz:PATH or folder:PATH); required for path datasets and digits.")
@@ -57,7 +59,11 @@ def baseline() -> None:
 def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, physical_batch, public_name,
                   public_epochs, subspace_dim, subspace_every, subspace_examples, augment_shift, augment_mult, device,
                   seed, as_json, quiet):
-    """A CNN (GroupNorm) trained directly with DP-SGD under the plan; prints its real test accuracy."""
+    """A CNN (GroupNorm) trained directly with DP-SGD under the plan; prints its real test accuracy.
+
+    On the generator's private data it is a release of its own: publishing its accuracy beside the generator's
+    outputs releases both, whose epsilons compose (`dpdm account` with the steps of both gives the total for equal
+    plans); it does not share the generator's budget."""
     from dpdm.baseline import DEFAULT_LR, train_dp_classifier
     from dpdm.datasets import DataError, has_test_split, load_dataset
 
@@ -82,7 +88,9 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         raise BadInput(f"--dataset={name!r} has images of {'x'.join(map(str, train.image_shape[1:]))} pixels; the "
                        f"CNN needs at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE}")
     if train.y is None:
-        raise BadInput(f"--dataset={name!r} has no labels; the DP-SGD classifier needs them")
+        unread = unread_arrays_shown(train)   # labels stored as `labels`, ... (h109 F1)
+        raise BadInput(f"--dataset={name!r} has no labels; the DP-SGD classifier needs them" + (
+            f" (an npz's labels are its array y; its other arrays ({unread}) are never read)" if unread else ""))
     if len(train) != doc.plan.dataset_size:
         raise BadInput(f"--dataset={name!r} has {len(train)} training images but the plan was made "
                        f"for dataset_size={doc.plan.dataset_size}")
@@ -94,6 +102,11 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         raise BadInput(f"--test-dataset={test_dataset or name!r} " + (
             "has no labels; the test accuracy needs them" if test.y is None else
             f"holds {len(test)} image; dpdm baseline dp-classifier needs at least 2"))
+    if test.image_shape != train.image_shape:   # as `dpdm eval` says it: both options named (h109 F5)
+        raise BadInput(f"--test-dataset={test_dataset or name!r} has images of "
+                       f"{'x'.join(map(str, test.image_shape))} (CxHxW), --dataset={name!r} of "
+                       f"{'x'.join(map(str, train.image_shape))}; the test images must have the training images' size "
+                       "and channels")
     public = None
     if public_name is not None:
         public = load_public_data("--public-pretrain", public_name, name, data_root=data_root, download=download,

@@ -1,10 +1,11 @@
 """The paper's comparison point: a classifier trained directly on the private data with DP-SGD.
 
-The baseline spends exactly the same privacy budget as the diffusion model it is compared with: it
+The baseline spends as much privacy budget as the diffusion model it is compared with: it
 runs under the same locked `PrivacyPlan` (Poisson sampling at ``plan.sample_rate``, ``plan.steps``
 noisy steps, ``plan.clip_norm``, ``plan.noise_multiplier``), through the same engine
 (`dpdm.engine.private_grad`) and the same sampler (`dpdm.data.PoissonSampler`). So its epsilon is
-the plan's epsilon. Only privacy-neutral choices are its own: the network (the paper's CNN with
+the plan's epsilon, spent again: on the generator's private data it is a second release, whose epsilon composes
+with the generator's (README "What the plan promises"). Only privacy-neutral choices are its own: the network (the paper's CNN with
 GroupNorm and without dropout) and the optimizer (Adam; DP-SGD with Adam is much stronger than with
 plain SGD at the same epsilon, see issue 4's Opacus figures).
 
@@ -108,7 +109,8 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     if train.y is None or test.y is None:
         raise DataError("the DP classifier baseline needs labelled training and test data")
     if train.image_shape != test.image_shape:
-        raise DataError(f"train images are {train.image_shape} but test images are {test.image_shape}")
+        raise DataError(f"the test images of {test.name!r} are {'x'.join(map(str, test.image_shape))} (CxHxW) but "
+                        f"the training images of {train.name!r} are {'x'.join(map(str, train.image_shape))}")
     if not lr > 0:
         raise ValueError(f"lr={lr!r} must be > 0")
     problem = noise_scale_problem(plan.noise_multiplier, plan.clip_norm)

@@ -136,6 +136,9 @@ class ImageData:
     channels_inferred: the channel count was read off the data itself (a ``folder:`` dataset: 1 where every
     image is grayscale, 3 as soon as one image has a colour mode). For private training data one record can
     decide it, and the model reveals it, so a training command may warn.
+    unread_arrays: the names of an ``npz:`` file's arrays that `load_npz` does not read (all but ``x``, ``y`` and
+    ``num_classes``), sorted; their data is never loaded. Labels stored as ``labels`` leave the data unlabelled,
+    so a training command may warn.
     """
 
     x: torch.Tensor
@@ -145,6 +148,7 @@ class ImageData:
     num_classes_inferred: bool = False
     class_names: tuple[str, ...] | None = None
     channels_inferred: bool = False
+    unread_arrays: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.ndim != 4:
@@ -902,6 +906,7 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
         if is_npz:
             with loaded as f:
                 arrays = _read_npz_members(f, name, path)
+                unread = tuple(sorted(k for k in f.files if k not in _NPZ_KEYS))   # names only, from the zip
     except DataError:
         raise
     except MemoryError as e:   # an array header that asks for more than this machine has (or a corrupt one)
@@ -918,7 +923,10 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     x = arrays["x"]
     shape = x.shape
     if x.dtype != np.uint8:
-        raise DataError(f"{name}: x must be uint8 images in 0..255, got dtype {x.dtype}")
+        how = ("for floats in [0, 1] store (x * 255).round().astype(np.uint8) (a plain astype(np.uint8) cuts them "
+               "to 0 and 1)" if np.issubdtype(x.dtype, np.floating) else
+               "bring its values to 0..255 first (12-bit: x >> 4; 16-bit: x >> 8), then store x.astype(np.uint8)")
+        raise DataError(f"{name}: x must be uint8 images in 0..255, got dtype {x.dtype}; {how}")
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[1] in (1, 3):
@@ -965,7 +973,8 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
                             f"found {top}")
         num_classes = top + 1 if given is None else given
         y = torch.from_numpy(y.astype(np.int64))
-    return ImageData(_from_uint8(x), y, num_classes, name, num_classes_inferred=y is not None and given is None)
+    return ImageData(_from_uint8(x), y, num_classes, name, num_classes_inferred=y is not None and given is None,
+                     unread_arrays=unread)
 
 
 def _read_npz_members(f, name: str, path: Path) -> dict[str, np.ndarray]:

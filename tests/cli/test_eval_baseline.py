@@ -180,6 +180,44 @@ def test_baseline_refuses_wrong_size(digit_files, tmp_path, capsys):
     _assert_one_line_error(code, err, "600", "dataset_size=599")
 
 
+def test_baseline_test_images_of_another_size_name_both_options(digit_files, tmp_path, capsys):
+    """The line was "train images are (1, 32, 32) but test images are (1, 28, 28)": neither option nor file named
+    (h109 F5). It is now `dpdm eval`'s line, before any work; the library's names both datasets."""
+    from dpdm.baseline import train_dp_classifier
+    from dpdm.datasets import DataError, load_npz
+
+    path = _plan(tmp_path, 600, f"npz:{digit_files['train']}")
+    with np.load(digit_files["test"]) as z:
+        np.savez(tmp_path / "big.npz", x=np.zeros((len(z["y"]), 1, 12, 12), np.uint8), y=z["y"])
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path),
+                        "--test-dataset", f"npz:{tmp_path / 'big.npz'}")
+    _assert_one_line_error(code, err, f"--test-dataset='npz:{tmp_path / 'big.npz'}' has images of 1x12x12 (CxHxW), "
+                                      f"--dataset='npz:{digit_files['train']}' of 1x8x8; the test images must have "
+                                      "the training images' size and channels")
+    plan = accounting.load_plan(path).plan
+    with pytest.raises(DataError, match=r"^the test images of 'npz:.*big\.npz' are 1x12x12 \(CxHxW\) but the "
+                                        r"training images of 'npz:.*train\.npz' are 1x8x8$"):
+        train_dp_classifier(plan, load_npz(digit_files["train"]), load_npz(tmp_path / "big.npz"), seed=0,
+                            progress=False)
+
+
+def test_baseline_on_an_npz_with_labels_under_another_name_names_them(digit_files, tmp_path, capsys):
+    """Labels stored as `labels` are never read: the refusal says where an npz's labels go, naming the arrays it did
+    not read (names only; dpdm's own meta_* arrays left out), as `dpdm train` warns (h109 F1)."""
+    path = _plan(tmp_path, 600, None)
+    with np.load(digit_files["train"]) as z:
+        np.savez(tmp_path / "named.npz", x=z["x"], labels=z["y"], meta_seed=np.int64(1))
+        np.savez(tmp_path / "bare.npz", x=z["x"])
+    common = ("baseline", "dp-classifier", "--plan", str(path), "--test-dataset", f"npz:{digit_files['test']}")
+    code, _, err = _run(capsys, *common, "--dataset", f"npz:{tmp_path / 'named.npz'}")
+    _assert_one_line_error(code, err, f"--dataset='npz:{tmp_path / 'named.npz'}' has no labels; the DP-SGD classifier "
+                                      "needs them (an npz's labels are its array y; its other arrays ('labels') are "
+                                      "never read)")
+    code, _, err = _run(capsys, *common, "--dataset", f"npz:{tmp_path / 'bare.npz'}")
+    _assert_one_line_error(code, err, "has no labels; the DP-SGD classifier needs them")
+    assert "never read" not in err
+
+
 def test_baseline_bad_inputs(digit_files, tmp_path, capsys):
     code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(tmp_path / "absent.json"))
     _assert_one_line_error(code, err, "--plan")

@@ -23,6 +23,16 @@ def test_baseline_help_gives_the_lr_default_as_a_value(capsys):
     assert "DEFAULT_LR" not in text
 
 
+def test_baseline_help_says_it_spends_its_own_budget(capsys):
+    # "Baselines that spend the same privacy budget as the diffusion model" read as sharing the generator's budget;
+    # run on the same private data, the baseline is a second release, whose epsilon composes with it (h109 F2).
+    text = _help(capsys, "baseline")
+    assert "the same privacy budget" not in text
+    assert "a baseline is a second release of it, and its epsilon composes with the generator's" in text, text
+    text = _help(capsys, "baseline", "dp-classifier")
+    assert "it does not share the generator's budget" in text and "spent again, on top of the generator's" in text
+
+
 @pytest.mark.parametrize("flag, key", [("--canaries", "num_canaries"), ("--steps", "max_steps"),
                                        ("--background", "background_size")])
 def test_audit_help_gives_the_suites_values(capsys, flag, key):

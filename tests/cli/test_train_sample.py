@@ -1132,6 +1132,78 @@ def test_labels_with_gaps_name_their_empty_classes_in_train_and_sample(tiny, cap
     assert code == 0 and "have no image" not in err, err
 
 
+def _interrupt_before_the_first_step(monkeypatch):
+    """`dpdm train`'s library call, stopped (Ctrl-C) right after it has said its warnings (`on_start`): every check
+    has passed and no step, so no budget, is taken. The warnings said before training are tested without training."""
+    import dpdm.train
+
+    real = dpdm.train.train
+
+    def train(*args, on_start, **kwargs):
+        def start(notes):
+            on_start(notes)
+            raise KeyboardInterrupt
+
+        return real(*args, on_start=start, **kwargs)
+
+    monkeypatch.setattr(dpdm.train, "train", train)
+
+
+def test_data_mistakes_are_warned_before_the_first_step(tiny, capsys, monkeypatch):
+    """Two npz mistakes trained in silence and spent the plan's budget on the wrong data (h109 F1): floats in
+    [0, 1] cast with x.astype(np.uint8), whose every pixel is then 0 or 1, and labels stored as `labels` (never read:
+    an unconditional model). Both are said before the first step, as warnings (binary images stored as 0 and 1 are
+    legitimate), naming the unread arrays only, never their contents."""
+    d = tiny
+    _interrupt_before_the_first_step(monkeypatch)
+    with np.load(d / "data.npz") as f:
+        x, y = f["x"], f["y"]
+    np.savez(d / "cast.npz", x=(x / 255.0).astype(np.uint8), y=y, num_classes=3)
+    code, _, err = run_cli(_train_args(d, d / "r1", "--dataset", f"npz:{d / 'cast.npz'}"), capsys)
+    assert code == 130 and "aborted" in err, err
+    assert (f"dpdm: warning: --dataset='npz:{d / 'cast.npz'}': every pixel of its images is 0 or 1 (of 0..255), so "
+            "they train as near-black images; floats in [0, 1] cast with x.astype(np.uint8) give that: store "
+            "(x * 255).round().astype(np.uint8) instead (binary images as 0 and 255)") in err, err
+    assert "no array 'y'" not in err
+    np.savez(d / "named.npz", x=x, labels=y, meta_seed=np.int64(1))
+    code, _, err = run_cli(_train_args(d, d / "r2", "--dataset", f"npz:{d / 'named.npz'}"), capsys)
+    assert code == 130, err
+    assert (f"dpdm: warning: --dataset='npz:{d / 'named.npz'}': it has no array 'y', so the data is unlabelled and "
+            "the model unconditional; its other arrays ('labels') are never read: for a class-conditional model, "
+            "store the labels as y") in err, err
+    assert "0 or 1" not in err and "[0 1 2" not in err
+    # Nothing is said of the plan's own data, nor of an npz holding x alone, or x beside `dpdm sample`'s meta_*
+    # arrays (an unconditional model's samples).
+    np.savez(d / "u.npz", x=x, meta_seed=np.int64(1))
+    for name in ("data.npz", "u.npz"):
+        code, _, err = run_cli(_train_args(d, d / f"r_{name}", "--dataset", f"npz:{d / name}"), capsys)
+        assert code == 130 and "0 or 1" not in err and "no array 'y'" not in err, err
+
+
+def test_empty_classes_of_a_declared_class_count_are_not_a_numbering_gap(tiny, capsys, monkeypatch):
+    """An npz that stores num_classes declares its classes: those without an image are absent, and "remap the labels"
+    was the wrong advice (a public warm start labelled 0 under the private num_classes got it; h109 F3). Where the
+    count was read off the labels, the advice stands. One empty class "has" no image."""
+    d = tiny
+    _interrupt_before_the_first_step(monkeypatch)
+    with np.load(d / "data.npz") as f:
+        x, y = f["x"], f["y"]
+    cases = [(dict(y=np.zeros(24, np.int64), num_classes=3),
+              "2 of its 3 classes have no image (labels 1, 2); the model learns nothing of them, yet `dpdm sample` "
+              "draws every class evenly, so 2/3 of its samples would be of unseen classes; its num_classes (3) "
+              "declares them: where they are meant to be absent, leave their samples out (by their y); otherwise "
+              "lower num_classes to 1 and remap the labels to 0"),
+             (dict(y=y % 2, num_classes=3), "1 of its 3 classes has no image (label 2); "),
+             (dict(y=y % 2 + 1), "1 of its 3 classes has no image (label 0); the model learns nothing of it, yet "
+              "`dpdm sample` draws every class evenly, so 1/3 of its samples would be of unseen classes; remap the "
+              "labels to 0..1, unless the class count is fixed publicly")]
+    for i, (arrays, said) in enumerate(cases):
+        np.savez(d / f"e{i}.npz", x=x, **arrays)
+        code, _, err = run_cli(_train_args(d, d / f"r{i}", "--dataset", f"npz:{d / f'e{i}.npz'}"), capsys)
+        assert code == 130 and f"dpdm: warning: --dataset='npz:{d / f'e{i}.npz'}': {said}" in err, err
+        assert ("its num_classes (3) declares" in err) == ("num_classes" in arrays), err
+
+
 # --- stop 45 mends (dpdm sample) -------------------------------------------------------------------
 
 def test_a_release_file_with_no_train_config_samples(runs, tmp_path, capsys):

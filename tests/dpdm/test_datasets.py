@@ -355,6 +355,24 @@ def test_npz_bad_contents(tmp_path, arrays, match):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("dtype, hint", [
+    (np.float32, "for floats in [0, 1] store (x * 255).round().astype(np.uint8) (a plain astype(np.uint8) cuts them "
+                 "to 0 and 1)"),
+    (np.float64, "(x * 255).round().astype(np.uint8)"),
+    (np.uint16, "bring its values to 0..255 first (12-bit: x >> 4; 16-bit: x >> 8), then store x.astype(np.uint8)"),
+    (np.int64, "then store x.astype(np.uint8)"),
+])
+def test_npz_dtype_error_says_how_to_convert(tmp_path, dtype, hint):
+    """The line named the dtype only, and the obvious reaction to it for floats in [0, 1], x.astype(np.uint8), cuts
+    every pixel to 0 or 1 and trained in silence (h109 F1)."""
+    path = _save(tmp_path / "f.npz", x=np.zeros((2, 1, 4, 4), dtype))
+    with pytest.raises(DataError) as e:
+        load_npz(path)
+    msg = str(e.value)
+    assert msg.startswith(f"npz:{path}: x must be uint8 images in 0..255, got dtype {np.dtype(dtype)}; ") and hint in msg
+    assert "\n" not in msg
+
+
 def test_npz_unreadable_or_missing(tmp_path):
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip file at all")

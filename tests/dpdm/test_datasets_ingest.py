@@ -92,6 +92,23 @@ def test_npz_reads_only_x_y_and_num_classes(tmp_path):
     np.testing.assert_array_equal(datasets.to_uint8(data.x), x)
 
 
+def test_npz_names_the_arrays_it_does_not_read(tmp_path):
+    """Labels stored as `labels` are never read, so the data loaded as unlabelled and trained an unconditional model
+    in silence (h109 F1). The arrays left unread are named (`dpdm train` warns with them), from the archive's
+    member list: none of them is decompressed, not even one whose header claims 10**12 bytes."""
+    x = np.zeros((6, 1, 8, 8), np.uint8)
+    path = tmp_path / "labels.npz"
+    np.savez(path, x=x, labels=np.arange(6) % 3, meta_note=np.array([object()], dtype=object))
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("junk.npy", _header_only((10**12,)))   # no data: reading it would fail
+        z.writestr("notes", b"raw bytes, no .npy header")
+    data = load_npz(path)
+    assert data.y is None and data.num_classes == 0
+    assert data.unread_arrays == ("junk", "labels", "meta_note", "notes")
+    np.savez(path, x=x, y=np.arange(6) % 3, num_classes=np.array(3))
+    assert load_npz(path).unread_arrays == ()
+
+
 def test_npz_sizes_are_checked_on_the_headers_before_the_data(tmp_path, monkeypatch):
     """An x too large for this process's memory is refused on its header, naming it, before numpy allocates it
     (an allocation that overcommit lets through ends in the OOM killer); so are a y of another length and a large
