@@ -220,7 +220,7 @@ def dp_classifier_baseline(doc: accounting.PlanDocument, *, lr: float | None = N
 
     name = doc.plan.dataset_name or DATASET
     train, test = load_dataset(name, "train"), load_dataset(name, "test")
-    result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
+    result = train_dp_classifier(doc, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                  device=device, progress=True,
                                  public=None if public is None else load_public(public, name),
                                  public_epochs=public_epochs or DEFAULT_PUBLIC_EPOCHS,

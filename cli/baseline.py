@@ -120,7 +120,7 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
     if seed is not None:
         warn_known_seed(seed)
     try:
-        result = train_dp_classifier(doc.plan, train, test, lr=lr or DEFAULT_LR, seed=seed,
+        result = train_dp_classifier(doc, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                      device=resolve_device(device), chunk_size=physical_batch,
                                      progress=not quiet, public=public, public_epochs=public_epochs,
                                      subspace_dim=subspace_dim, subspace_every=subspace_every,

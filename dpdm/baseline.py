@@ -30,6 +30,7 @@ import time
 import torch
 from torch import nn
 
+import accounting
 from dpdm.classifiers import CNN
 from dpdm.datasets import DataError, ImageData
 from dpdm.evaluate import (DEFAULT_PUBLIC_EPOCHS, NON_PRIVATE_KEY, accuracy, check_public_data, check_shift,
@@ -60,8 +61,27 @@ def augmented_copies(x: torch.Tensor, shift: int, multiplicity: int, generator: 
     return random_shift(x.repeat_interleave(multiplicity, 0), shift, generator).view(b, multiplicity, *x.shape[1:])
 
 
-def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = DEFAULT_LR,
-                        seed: int | None = None, device: str | torch.device = "cpu",
+def _certified(plan) -> tuple[accounting.PrivacyPlan, float, str]:
+    """The plan to train under, its certified epsilon and its digest: a PlanDocument must re-compute
+    (`accounting.verify_document`, as `dpdm.train.train` checks one); a bare PrivacyPlan is certified here
+    (`accounting.certified_epsilon`) and refused above its target_epsilon. A bare plan trained unchecked: an
+    uncalibrated one of epsilon 161 ran as if it had its target 1 (stop 50, h110 F1)."""
+    if isinstance(plan, accounting.PlanDocument):
+        accounting.verify_document(plan)
+        return plan.plan, plan.epsilon, plan.digest
+    if not isinstance(plan, accounting.PrivacyPlan):
+        raise ValueError(f"plan is a {type(plan).__name__}; it must be an accounting.PlanDocument "
+                         "(accounting.load_plan) or an accounting.PrivacyPlan")
+    epsilon = accounting.certified_epsilon(plan)
+    if plan.target_epsilon is not None and epsilon > plan.target_epsilon:   # as make_plan_document refuses it
+        raise accounting.NotCalibratedError(
+            f"noise_multiplier={plan.noise_multiplier!r} certifies eps={epsilon:.6g}, above "
+            f"target_epsilon={plan.target_epsilon!r}; calibrate the plan")
+    return plan, epsilon, plan.digest()
+
+
+def train_dp_classifier(plan: accounting.PlanDocument | accounting.PrivacyPlan, train: ImageData, test: ImageData,
+                        *, lr: float = DEFAULT_LR, seed: int | None = None, device: str | torch.device = "cpu",
                         chunk_size: int | None = None, progress: bool = False,
                         public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
                         subspace_dim: int | None = None, subspace_every: int = 10,
@@ -70,7 +90,8 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     """Trains a GroupNorm CNN with DP-SGD under `plan` and measures its real test accuracy.
 
     Args:
-      plan: an `accounting.PrivacyPlan` (from a verified plan document).
+      plan: a plan document (`accounting.load_plan`), whose epsilon must re-compute, or a bare
+        `accounting.PrivacyPlan`, certified here and refused above its target_epsilon.
       train: the private training split; its size must equal ``plan.dataset_size``.
       test: the real held-out split.
       lr: Adam learning rate (privacy-neutral).
@@ -88,14 +109,17 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         `augment_multiplicity` copies whose averaged loss is clipped as a whole (0: no augmentation).
 
     Returns:
-      {"test_accuracy", "steps", "expected_batch_size", "lr", "model", "seed", "test_images_in_train",
-      "seconds"} ("seed" is the given one, or "secret"; "test_images_in_train" counts the test images that
+      {"test_accuracy", "epsilon", "delta", "plan_digest", "steps", "expected_batch_size", "lr", "model", "seed",
+      "test_images_in_train", "seconds"} ("epsilon" is the plan's certified epsilon, what the run spends;
+      "seed" is the given one, or "secret"; "test_images_in_train" counts the test images that
       are also training images, `datasets.shared_images`: fewer than half, or this refuses; an exact count
       over the private images, so it is listed under `evaluate.NON_PRIVATE_KEY`), and
       "public_pretrain" ({"dataset", "epochs", "test_accuracy"}, the accuracy before any private step)
       when `public` is given.
 
     Raises:
+      PlanError: a plan document whose epsilon does not re-compute. NotCalibratedError: a bare plan whose
+        certified epsilon exceeds its target_epsilon.
       DataError: training data whose size differs from the plan's, unlabelled data, a test set that is
         half or more training images, or public data that shares an image with the train or test data.
     """
@@ -103,6 +127,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
     from dpdm.engine import (add_noise_in_subspace, clipped_grad_sum, noise_generator, noise_scale_problem,
                              private_grad, public_subspace)
 
+    plan, epsilon, digest = _certified(plan)
     if len(train) != plan.dataset_size:
         raise DataError(f"dataset {train.name!r} has {len(train)} training images but the plan was "
                         f"made for dataset_size={plan.dataset_size}")
@@ -188,6 +213,7 @@ def train_dp_classifier(plan, train: ImageData, test: ImageData, *, lr: float = 
         opt.step()   # the bar shows no loss: the private batch's un-noised mean loss is a statistic of the data
     bar.close()
     return {"test_accuracy": accuracy(model, test.x, test.y, device=device),
+            "epsilon": epsilon, "delta": plan.delta, "plan_digest": digest,
             "steps": plan.steps, "expected_batch_size": plan.batch_size, "lr": lr,
             "seed": "secret" if given_seed is None else given_seed, "test_images_in_train": shared,
             NON_PRIVATE_KEY: ["test_images_in_train"],

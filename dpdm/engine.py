@@ -174,6 +174,25 @@ def _check_positive(**kw: float) -> None:
             raise ValueError(f"{name}={v!r} must be a finite number > 0")
 
 
+def _check_noise_multiplier(noise_multiplier: float) -> None:
+    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) \
+            or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
+
+
+def _check_clip_norm(clip_norm: float, noise_multiplier: float | None = None) -> None:
+    """A clip norm > 0 that float32 training can represent, as `dpdm train` requires (`noise_scale_problem`):
+    not below MIN_CLIP_NORM, where clipped gradients round in float32's subnormals past the clip bound (stop 50:
+    1.14 C at C = 1.57e-43), and, where noise is added (`noise_multiplier` given), no noise std or clip norm above
+    MAX_NOISE_STD. Without noise a huge clip norm only clips nothing."""
+    _check_positive(clip_norm=clip_norm)
+    if noise_multiplier is None and clip_norm >= MIN_CLIP_NORM:
+        return
+    problem = noise_scale_problem(noise_multiplier or 0.0, clip_norm)
+    if problem:
+        raise ValueError(problem)
+
+
 def _check_chunk_size(chunk_size: int | None) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r} must be None or an integer >= 1")
@@ -464,8 +483,9 @@ class _Conv(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x, w, b, conf):
-        if in_dims[1] is not None or in_dims[2] is not None:
-            return _loop_rule(lambda *a: (_Conv.apply(*a, conf),), info, in_dims[:3], (x, w, b))
+        if in_dims[1] is not None or in_dims[2] is not None:   # a weight or bias that depends on the example
+            outs, dims = _loop_rule(lambda *a: (_Conv.apply(*a, conf),), info, in_dims[:3], (x, w, b))
+            return outs[0], dims[0]   # the Function's one output, not a tuple of it
         x = _batch_first(x, in_dims[0], info.batch_size).contiguous()         # [B, n, C, ...]
         B, n = x.shape[:2]
         y = _Conv.forward(x.flatten(0, 1), w, b, conf)
@@ -654,6 +674,7 @@ def clipped_grad_sum(
 
     Args:
         clip_norm: C > 0; each example's whole gradient is scaled by min(1, C / (||g_i|| (1 + 8 eps) + 1e-6)).
+            Below MIN_CLIP_NORM (1e-30) it is refused: float32 cannot hold gradients clipped to it.
         stats: if a dict, filled with batch_size, nonfinite (examples zeroed), clipped_fraction,
             loss_mean (mean of the finite per-example losses; nan if there are none) and loss_count
             (how many were finite). These are NOT private.
@@ -664,7 +685,7 @@ def clipped_grad_sum(
     """
     validate_model(model)
     _check_trainable(model, clipping=True)
-    _check_positive(clip_norm=clip_norm)
+    _check_clip_norm(clip_norm)
     _check_chunk_size(chunk_size)
     n = _check_batch(batch)
     total = {name: torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
@@ -736,12 +757,12 @@ def add_noise(
     drawn once per parameter tensor, in the dict's order, from `generator`: a torch or numpy
     generator (see `noise_generator`: seed a torch CPU generator and only 32 bits of its seed
     count), or the global torch generator if None. Divide by the public expected batch size, never
-    by the realised one.
+    by the realised one. A clip norm or noise std that float32 cannot represent (`noise_scale_problem`) is
+    refused.
     """
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) \
-            or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
-    _check_positive(clip_norm=clip_norm, expected_batch_size=expected_batch_size)
+    _check_noise_multiplier(noise_multiplier)
+    _check_clip_norm(clip_norm, noise_multiplier)
+    _check_positive(expected_batch_size=expected_batch_size)
     if generator is not None and not isinstance(generator, (torch.Generator, np.random.Generator)):
         raise ValueError(f"generator={type(generator).__name__} must be None, a torch.Generator or a "
                          "numpy.random.Generator (see noise_generator)")
@@ -773,7 +794,9 @@ def private_grad(
     `add_noise(clipped_grad_sum(...), ...)`; see those for the arguments.
     """
     # Check the noise arguments before spending the compute.
-    _check_positive(clip_norm=clip_norm, expected_batch_size=expected_batch_size)
+    _check_noise_multiplier(noise_multiplier)
+    _check_clip_norm(clip_norm, noise_multiplier)
+    _check_positive(expected_batch_size=expected_batch_size)
     grad_sum = clipped_grad_sum(model, loss_fn, *batch, clip_norm=clip_norm, chunk_size=chunk_size, stats=stats,
                                 per_layer_rules=per_layer_rules)
     return add_noise(grad_sum, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
@@ -821,7 +844,7 @@ def public_subspace(
     """
     validate_model(model)
     _check_trainable(model, clipping=False)
-    _check_positive(clip_norm=clip_norm)
+    _check_clip_norm(clip_norm)
     n = _check_batch(public_batch)
     if not isinstance(dim, int) or dim < 1 or dim > n:
         raise ValueError(f"dim={dim!r} must be an integer in [1, {n}] (the number of public examples)")

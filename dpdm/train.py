@@ -38,8 +38,8 @@ import accounting
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
-from dpdm.datasets import (absolute_dataset_name, dataset_path, empty_classes, image_digests, is_path_dataset,
-                           near_copy_problem, same_dataset, shared_images)
+from dpdm.datasets import (DataError, ImageData, absolute_dataset_name, dataset_path, empty_classes, image_digests,
+                           is_path_dataset, near_copy_problem, same_dataset, shared_images)
 from dpdm.data import PoissonSampler
 from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
                           noise_scale_problem, public_subspace, validate_model)
@@ -633,7 +633,7 @@ def train(
 
     Args:
         plan_doc: a verified plan (from `accounting.load_plan`).
-        x: the private images, float in [-1, 1], [N, C, H, W]; N must equal the plan's size.
+        x: the private images, float32 in [-1, 1], [N, C, H, W]; N must equal the plan's size.
         y: int64 labels [N] in [0, num_classes), or None for unconditional data.
         num_classes: 0 for unconditional data.
         out_dir: the run folder (checkpoint, plan.json, config.json, metrics.csv).
@@ -653,7 +653,8 @@ def train(
         The run summary: run, steps_done, epsilon_spent, plan_digest, private, ...
 
     Raises:
-        TrainError: a plan document whose epsilon does not re-compute, data of another size, an
+        TrainError: a plan document whose epsilon does not re-compute, data of another size, images that are
+            not float32 in [-1, 1] or labels that are not int64 in [0, num_classes) (`ImageData`'s checks), an
             existing run without --resume, a resume against another plan, a run that already finished.
     """
     plan = plan_doc.plan
@@ -680,10 +681,18 @@ def train(
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise TrainError(f"the images are {'x'.join(map(str, x.shape[1:]))} (CxHxW); the network needs square "
                          "images (N x C x H x H)")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    try:   # a library caller's raw tensors: uint8 images trained a whole plan on 0..255 pixels (stop 50, h110 F3)
+        ImageData(x, y if num_classes else None, num_classes, "the training data")
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    x, y = x.detach(), (y.detach() if y is not None else None)   # the data is never differentiated
+    if not bool(torch.isfinite(x).all()):
         # The engine would zero such an example's gradient and train on without a word (stop 42, engine walk F3).
         bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
         raise TrainError(f"{bad} of the {n} images hold a NaN or infinite pixel")
+    if n and not -1 <= float(x.min()) <= float(x.max()) <= 1:
+        raise TrainError(f"the images' pixels span [{float(x.min()):g}, {float(x.max()):g}]; train() needs them in "
+                         "[-1, 1] (uint8 pixels p as p / 127.5 - 1, as dpdm.datasets loads them)")
     if config.subspace_dim is not None:
         _check_public_data(public_data, x, y, config, dataset_name, num_classes=num_classes)
         # Recorded absolute, as the dataset is: a name relative to the folder the run started in meant another

@@ -272,6 +272,35 @@ def test_baseline_runs_exactly_plan_steps(digit_files, tmp_path, capsys):
     assert code == 0 and json.loads(out)["seed_given"] is True
 
 
+def test_baseline_library_trains_only_under_a_plan_that_certifies(digit_files, tmp_path):
+    """`dpdm.train.train` verifies its plan document; the library baseline took a bare plan unchecked and trained an
+    uncalibrated one (epsilon 161 against its target 1) without a word, its result naming no epsilon (stop 50, h110
+    F1). A document must re-compute, a bare plan is certified and refused above its target, and the result carries
+    the certified epsilon and the plan's digest."""
+    import dataclasses
+
+    from dpdm.baseline import train_dp_classifier
+    from dpdm.datasets import load_npz
+
+    train, test = load_npz(digit_files["train"]), load_npz(digit_files["test"])
+    forged = accounting.PrivacyPlan(dataset_size=600, batch_size=64, steps=3, noise_multiplier=1.0, delta=1e-5,
+                                    target_epsilon=2.0)
+    with pytest.raises(accounting.NotCalibratedError, match=r"^noise_multiplier=1.0 certifies eps=2.17829, above "
+                                                            r"target_epsilon=2.0; calibrate the plan$"):
+        train_dp_classifier(forged, train, test, seed=1)
+    doc = accounting.load_plan(_plan(tmp_path, 600, None, steps=1))
+    with pytest.raises(accounting.PlanError, match="plan document"):   # its steps raised, its epsilon kept
+        train_dp_classifier(dataclasses.replace(doc, plan=dataclasses.replace(doc.plan, steps=40)), train, test,
+                            seed=1)
+    with pytest.raises(ValueError, match=r"^plan is a dict; it must be an accounting.PlanDocument"):
+        train_dp_classifier(doc.to_dict(), train, test, seed=1)
+    result = train_dp_classifier(doc, train, test, seed=1)
+    assert (result["epsilon"], result["delta"], result["plan_digest"]) == (doc.epsilon, 1e-5, doc.digest)
+    bare = train_dp_classifier(doc.plan, train, test, seed=1)   # no target: certified, its epsilon returned
+    assert (bare["epsilon"], bare["plan_digest"], bare["test_accuracy"]) == (doc.epsilon, doc.digest,
+                                                                           result["test_accuracy"])
+
+
 def test_baseline_default_seed_is_secret_and_drives_the_run(digit_files, monkeypatch):
     """No --seed: a seed from `secrets`, not 0, decides the init, batches and noise, and is not shown."""
     import dpdm.baseline as baseline

@@ -215,6 +215,37 @@ def test_conv_rule_paths_are_taken():
         assert seen == ["taps"]   # 6 channels in and out: a grouped convolution
 
 
+class HyperConv(nn.Module):
+    """A convolution whose weight or bias a linear layer computes from the example (a hypernetwork)."""
+
+    def __init__(self, which):
+        super().__init__()
+        self.which = which
+        self.h = nn.Linear(2, 2 * 2 * 3 * 3 if which == "weight" else 2)
+        self.fixed = nn.Parameter(torch.randn(2) if which == "weight" else torch.randn(2, 2, 3, 3))   # the other
+
+    def forward(self, x):
+        p = self.h(x.mean((0, 2, 3)))
+        if self.which == "weight":
+            return F.conv2d(x, p.view(2, 2, 3, 3), self.fixed, padding=1)
+        return F.conv2d(x, self.fixed, p, padding=1)
+
+
+@pytest.mark.parametrize("which, chunk_size", [("weight", None), ("weight", 2), ("bias", None)])
+def test_conv_rule_takes_a_weight_or_bias_that_depends_on_the_example(which, chunk_size):
+    """The conv rule's loop branch (a hypernetwork's or a dynamic convolution's weight) returned its one output as
+    a 1-tuple: every such model failed under the default per_layer_rules (stop 50, h110 F4)."""
+    torch.manual_seed(0)
+    model = HyperConv(which).double()
+    x, z = torch.randn(5, 3, 2, 6, 6, dtype=F64), torch.randn(5, 3, 2, 6, 6, dtype=F64)
+
+    def loss_fn(model, x, z):
+        return (model(x[0]) - z[0]).pow(2).mean()
+
+    got = per_sample_grads(model, loss_fn, x, z, chunk_size=chunk_size)
+    assert_grads_close(got, loop_grads(model, loss_fn, (x, z)))
+
+
 def test_per_sample_grads_float32_and_frozen_parameters():
     model, loss_fn, batch = token_case(B=3, dtype=torch.float32)
     model.tok.weight.requires_grad_(False)
@@ -580,6 +611,28 @@ def test_mixed_float64_float32_parameters_clip_to_c_in_the_coarser_dtype():
         total = clipped_grad_sum(model, lambda m, x: m(x).square().sum(), x[i:i + 1], clip_norm=1.0)
         worst = max(worst, float(sum(v.double().square().sum() for v in total.values()).sqrt()))
     assert worst <= 1.0
+
+
+@pytest.mark.parametrize("fn", ["clipped_grad_sum", "private_grad", "public_subspace"])
+def test_clip_norms_float32_cannot_hold_refused(fn):
+    """A gradient clipped to C = 1.57e-43 rounded in float32's subnormals to norm 1.14 C (stop 50, h110 F2): the
+    engine refuses the clip norms `dpdm train` refuses (`noise_scale_problem`), and takes MIN_CLIP_NORM."""
+    model = nn.Linear(4096, 1, bias=False)
+    x = torch.full((1, 4096), 1e-7)
+    kw = {"private_grad": dict(noise_multiplier=0.0, expected_batch_size=1.0), "public_subspace": dict(dim=1)}
+    with pytest.raises(ValueError, match=r"^clip_norm=1.57e-43 is below 1e-30: float32 gradients clipped to it"):
+        getattr(engine, fn)(model, lambda m, x: m(x).sum(), x, clip_norm=1.57e-43, **kw.get(fn, {}))
+    getattr(engine, fn)(model, lambda m, x: m(x).sum(), x, clip_norm=engine.MIN_CLIP_NORM, **kw.get(fn, {}))
+    total = clipped_grad_sum(model, lambda m, x: m(x).sum(), x, clip_norm=engine.MIN_CLIP_NORM)
+    assert float(total["weight"].double().norm()) <= engine.MIN_CLIP_NORM
+
+
+def test_noise_std_float32_cannot_hold_refused():
+    """noise_multiplier x clip_norm above MAX_NOISE_STD overflows float32 noise to inf: refused, as by `dpdm train`."""
+    with pytest.raises(ValueError, match=r"^the noise std noise_multiplier x clip_norm = 1e\+31 .* is above 1e\+30"):
+        add_noise({"w": torch.zeros(3)}, noise_multiplier=1e25, clip_norm=1e6, expected_batch_size=1.0)
+    with pytest.raises(ValueError, match=r"is above 1e\+30"):   # before the compute
+        private_grad(None, None, torch.zeros(1), clip_norm=1e6, noise_multiplier=1e25, expected_batch_size=1.0)
 
 
 def test_add_noise_refuses_other_generators():

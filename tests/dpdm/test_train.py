@@ -153,6 +153,29 @@ def test_non_finite_images_refused_and_nothing_written(tmp_path, bad):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("bad, needle", [
+    ("uint8", r"images must be float32 \[N, C, H, W\], got torch.uint8 \(24, 1, 8, 8\)"),
+    ("0..255", r"the images' pixels span \[\d.*, 25\d.*\]; train\(\) needs them in \[-1, 1\] \(uint8 pixels p as "
+               r"p / 127.5 - 1"),
+    ("float64", r"images must be float32 \[N, C, H, W\], got torch.float64"),
+    ("float16", r"images must be float32 \[N, C, H, W\], got torch.float16"),
+    ("float labels", r"labels must be int64 \[24\], got torch.float32 \(24,\)"),
+    ("label 3 of 3 classes", r"labels must lie in \[0, 3\), got \[1, 3\]"),
+], ids=["uint8", "0..255", "float64", "float16", "float labels", "label 3 of 3 classes"])
+def test_images_and_labels_of_another_kind_refused_and_nothing_written(tmp_path, bad, needle):
+    """`ImageData`'s checks on a library caller's raw tensors: uint8 images (torchvision's `dataset.data`) spent a
+    whole plan on 0..255 pixels without a word, and the others failed at step 1 with torch's errors after plan.json
+    and config.json were written (stop 50, h110 F3)."""
+    x, y, c = tiny_data()
+    pixels = (x * 127.5 + 127.5).round()
+    x, y = {"uint8": (pixels.to(torch.uint8), y), "0..255": (pixels, y), "float64": (x.double(), y),
+            "float16": (x.half(), y), "float labels": (x, y.float()), "label 3 of 3 classes": (x, y + 1)}[bad]
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match=f"^(the training data: )?{needle}"):
+        train(tiny_plan(), x, y, c, out, TrainConfig(**CFG), progress=False)
+    assert not out.exists()
+
+
 def test_every_private_step_moves_the_weights_even_on_an_empty_poisson_batch(tmp_path):
     """An empty Poisson batch is still a private step: pure noise over the expected batch size, and Adam steps.
     The other runs (sample rate 0.25) almost never draw one (stop 42: skipping empty steps passed every test)."""
@@ -194,7 +217,8 @@ def test_resume_from_an_edited_ledger_is_refused_and_the_checkpoint_kept(tmp_pat
 def test_resume_against_another_plan_refused(tmp_path):
     x, y, c = tiny_data()
     out = tmp_path / "run"
-    train(tiny_plan(steps=2), x, y, c, out, TrainConfig(**CFG), progress=False)
+    # Images that require grad (a library caller's) train: they failed at step 1 in the engine (stop 50, h110 F3).
+    train(tiny_plan(steps=2), x.clone().requires_grad_(), y, c, out, TrainConfig(**CFG), progress=False)
     with pytest.raises(TrainError, match="trained under plan"):
         train(tiny_plan(steps=4), x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
 
