@@ -96,6 +96,28 @@ class TestContract:
             accountant.epsilon(dpsgd_event(0.1, 1.0, 10), delta)
 
 
+@pytest.mark.parametrize("accountant", [RdpAccountant(), PldAccountant(1e-3)], ids=["rdp", "pld"])
+def test_nested_self_compositions_multiply_their_counts(accountant):
+    """mut51 a02, stop 50: SelfComposed(SelfComposed(step, 2), 3) is six steps, not two. Dropping the outer count
+    in `_dpsgd_terms` under-reported epsilon for any event nested so (a plan's own event has one level, and the
+    contract test above nests a Composed event, not a SelfComposed one)."""
+    step = dp_event.PoissonSampledDpEvent(0.05, dp_event.GaussianDpEvent(1.5))
+    six = accountant.epsilon(dp_event.SelfComposedDpEvent(step, 6), DELTA).upper
+    nested = accountant.epsilon(dp_event.SelfComposedDpEvent(dp_event.SelfComposedDpEvent(step, 2), 3), DELTA).upper
+    assert nested == pytest.approx(six, rel=1e-9)
+
+
+@pytest.mark.parametrize("triple", [(1.0, 3.0, 2.0), (2.5, 2.0, 3.0)])
+def test_a_prv_triple_out_of_order_is_no_answer(triple):
+    """mut51 a07, stop 50: prv-accountant's (lower, estimate, upper) must be in order; a triple that is not is a
+    failed computation, never figures for a plan file (the order check dropped from `_prv_report` took it)."""
+    from accounting.accountants import _prv_report
+
+    with pytest.raises(ValueError, match="prv-accountant returned no epsilon"):
+        _prv_report(*triple, eps_error=0.01)
+    assert _prv_report(1.0, 2.0, 3.0, eps_error=0.01).upper == 3.0
+
+
 def test_rdp_golden_value_from_opacus():
     """opacus RDP (its alphas 1.1..10.9, 12..63) gives eps = 7.329 at sigma=1.5, q=0.04, 90 epochs
     (2250 steps), delta=1e-5 (opacus tests/accountants_test.py; opacus 1.6 prints 7.32911). Our grid

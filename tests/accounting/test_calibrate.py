@@ -107,6 +107,31 @@ def test_max_steps_is_the_largest_that_fits():
     assert max_steps(sample_rate=q, noise_multiplier=50.0, target_epsilon=10.0, delta=DELTA, limit=64) == 64
 
 
+def test_max_steps_never_tries_or_returns_more_than_its_limit(monkeypatch):
+    """mut51 c03, stop 50: the doubling search stops at a limit that is no power of two (it tried 128 steps for a
+    limit of 100, and returned them), and returns the limit itself where every step count fits. The test above
+    has limit 64."""
+    tried = []
+
+    def every_prefix_fits(event, delta, discretization):
+        tried.append(event.count)
+        assert event.count <= 100, f"tried {event.count} steps, beyond the limit of 100"
+        return 0.0
+
+    monkeypatch.setattr(accounting.calibrate, "_certificate_epsilon", every_prefix_fits)
+    assert max_steps(sample_rate=0.01, noise_multiplier=50.0, target_epsilon=10.0, delta=DELTA, limit=100) == 100
+    assert max(tried) == 100
+
+
+def test_max_steps_itself_is_a_legal_step_count_for_the_accountants():
+    """mut51 c04, stop 50: PrivacyPlan takes up to MAX_STEPS steps inclusive, and so must compute_epsilon's and
+    calibrate_noise_multiplier's check (`steps >= maximum` refused exactly the MAX_STEPS that `dpdm plan --steps
+    10000000` accepts)."""
+    accounting.calibrate._check_steps("steps", accounting.MAX_STEPS)
+    with pytest.raises(ValueError, match=r"steps=10000001 must be <= 10000000"):
+        accounting.calibrate._check_steps("steps", accounting.MAX_STEPS + 1)
+
+
 def test_epsilon_decreases_with_noise_and_grows_with_steps():
     eps = [compute_epsilon(sample_rate=0.05, noise_multiplier=s, steps=200, delta=DELTA) for s in (0.8, 1.0, 2.0, 4.0)]
     assert eps == sorted(eps, reverse=True)

@@ -354,6 +354,25 @@ def test_plan_that_misses_its_target_is_not_calibrated():
         accounting.make_plan_document(plan)
 
 
+def test_a_plan_that_misses_its_target_by_a_tenth_of_a_percent_is_not_calibrated(doc):
+    """mut51 p12, stop 50: the target is a hard ceiling, so a certificate 0.1% above it is refused, not only a
+    gross miss (`certified > target_epsilon * 1.01` passed the test above, whose plan misses 1.0 by far)."""
+    plan = dataclasses.replace(doc.plan, target_epsilon=doc.epsilon * 0.999)
+    with pytest.raises(accounting.NotCalibratedError, match="above target_epsilon"):
+        accounting.make_plan_document(plan)
+
+
+def test_a_document_certified_above_its_target_by_any_margin_is_refused(doc):
+    """mut51 p17, stop 50: a certified epsilon may not exceed the target at all, not even within the
+    re-computation's tolerance (`stored > target * (1 + RECOMPUTE_RTOL)` let a certificate 0.05% above its target
+    through, and the ledger, capped by it, then reported more than the target). A document whose certificate
+    re-computes exactly, under a target 0.05% below it."""
+    accounting.verify_document(doc)
+    above = dataclasses.replace(doc, plan=dataclasses.replace(doc.plan, target_epsilon=doc.epsilon * (1 - 5e-4)))
+    with pytest.raises(PlanError, match="exceeds target_epsilon"):
+        accounting.verify_document(above)
+
+
 def _scaled(monkeypatch, cls, factor, lower_only=None):
     """Make `cls` report its epsilon times `factor` (a faulty accountant)."""
     real = cls._epsilon
@@ -429,6 +448,24 @@ def test_an_undecided_disagreement_is_still_an_error(monkeypatch):
     _scaled(monkeypatch, accounting.PrvAccountant, 1.0, lower_only=lambda r: pld * 1.0005)
     with pytest.raises(accounting.AccountingError, match="does not settle it"):
         accounting.make_plan_document(PrivacyPlan(**BASE))
+
+
+def test_prv_is_overruled_only_where_dpdms_own_bracket_excludes_its_bounds():
+    """mut51 p15, stop 50: PRV's disagreement is overruled only where dpdm's own bracket is disjoint from PRV's
+    bounds; a bracket that overlaps them settles nothing, and the disagreement stays an AccountingError
+    (`prv.upper < independent.upper` overruled PRV wherever its upper bound was merely below the bracket's top)."""
+    from accounting.accountants import EpsilonReport
+    from accounting.plan import _prv_overruled
+
+    prv = EpsilonReport(1.2, 1.3, 1.4, "prv")            # its lower bound above the certificate 1.0
+    overlapping = EpsilonReport(0.9, None, 1.5, "fft")   # holds the certificate, and PRV's bounds too
+    assert _prv_overruled(1.0, prv, overlapping) is None
+    disjoint = EpsilonReport(0.9, None, 1.1, "fft")      # below PRV's lower bound: PRV is refuted
+    assert "PRV lower bound 1.2 > dpdm's own PLD upper bound 1.1" in _prv_overruled(1.0, prv, disjoint)
+    low = EpsilonReport(0.5, 0.6, 0.7, "prv")            # wholly below the bracket: refuted from the other side
+    assert "PRV upper bound 0.7 < dpdm's own PLD lower bound 0.8" in _prv_overruled(
+        1.0, low, EpsilonReport(0.8, None, 1.1, "fft"))
+    assert _prv_overruled(1.0, low, EpsilonReport(0.65, None, 1.1, "fft")) is None
 
 
 # prv-accountant 0.2.0 raises "Discrete mean differs from continuous mean significantly" for this plan
@@ -784,3 +821,25 @@ def test_a_sample_rate_edited_by_a_tenth_of_a_percent_is_refused(doc, tmp_path):
     digest (q is recomputed), but the file's q is what a reader sees."""
     with pytest.raises(PlanError, match="sample_rate"):
         accounting.load_plan(_tampered(doc, tmp_path, lambda d: d.update(sample_rate=d["sample_rate"] * 1.001)))
+
+
+def test_the_digest_is_compared_in_full(doc, tmp_path):
+    """mut51 p26, stop 50: a digest that agrees with the computed one in its first 19 characters (all that error
+    lines show) but not after is a mismatch (comparing the shown prefix only let a 48-bit prefix collision pass)."""
+    def edit(d):
+        tail = d["digest"][19:]
+        d["digest"] = d["digest"][:19] + ("0" if tail[0] != "0" else "1") + tail[1:]
+
+    with pytest.raises(PlanError, match="digest mismatch"):
+        accounting.load_plan(_tampered(doc, tmp_path, edit))
+
+
+def test_a_certified_epsilon_above_what_the_accountants_give_is_refused_too(tmp_path):
+    """mut51 p19, stop 50: the certificate must re-compute from above as well as from below. One stored at twice
+    the accountants' figure, in a plan without a target (so that the target's check says nothing), is an edit,
+    not a looser promise: with the upper side of the check dropped it loaded, and the plan's figures no longer
+    re-computed. The cases above edit it below the accountants' figure, or above a target."""
+    plain = accounting.make_plan_document(PrivacyPlan(**BASE))
+    with pytest.raises(PlanError, match="does not re-compute"):
+        accounting.load_plan(_tampered(plain, tmp_path, lambda d: d["epsilon"].update(
+            certified=2 * d["epsilon"]["certified"])))

@@ -338,6 +338,16 @@ def test_tpr_at_fpr():
     assert r0.fpr == 0.0 and r0.threshold > outs.max()
 
 
+def test_tpr_at_fpr_never_exceeds_the_target_fpr_where_it_is_no_whole_number_of_negatives():
+    """mut51 u13, stop 50: at 150 negatives an FPR of 1% allows 1.5 false positives; the threshold admits 1, and
+    the empirical FPR stays at or below the target (rounding the allowance up admitted 2, an FPR of 1.33%; the
+    test above has a whole target x negatives)."""
+    outs = np.linspace(0.0, 1.0, 150)
+    ins = np.linspace(0.5, 1.5, 100)
+    r = tpr_at_fpr(ins, outs, 0.01)
+    assert r.fpr <= 0.01 and r.fpr == pytest.approx(1 / 150)
+
+
 # ------------------------------------------------------------------------------------------
 # DP ceiling
 # ------------------------------------------------------------------------------------------
@@ -436,6 +446,35 @@ def test_report_violation_splits_the_error_budget_between_its_two_bounds():
     assert ceiling_half < ceiling_full
     between = (ceiling_half + ceiling_full) / 2
     assert a.report(delta=1e-5, significance=0.05, claimed_epsilon=between)["can_detect_violation"] is False
+
+
+def _auditor_at_mu_one():
+    rng = np.random.default_rng(SEED)
+    return Auditor(rng.normal(1.0, 1, 600), rng.normal(0, 1, 600))
+
+
+def test_report_flags_a_violation_only_strictly_above_the_claim():
+    """mut51 u11, stop 50: a lower bound equal to the claimed epsilon is no violation (the plan's epsilon is an
+    upper bound the mechanism may meet): `violation` is `bound > claim`, and `>=` flagged a claim met exactly. The
+    bounds are those the flag computes, at half the significance each."""
+    a = _auditor_at_mu_one()
+    bound = max(a.epsilon_bound(0.025, 1e-5).epsilon, a.one_run(1e-5, 0.025).epsilon)
+    assert bound > 0
+    assert a.report(delta=1e-5, significance=0.05, claimed_epsilon=bound)["violation"] is False
+    assert a.report(delta=1e-5, significance=0.05, claimed_epsilon=np.nextafter(bound, 0))["violation"] is True
+
+
+def test_can_detect_violation_takes_the_larger_of_the_two_ceilings():
+    """mut51 u12, stop 50: either bound can flag a violation, so the audit can detect one wherever either ceiling
+    is above the claim (`min(ceilings)` said it could not where only one of them reached the claim; the test
+    above checks the False side only)."""
+    a = _auditor_at_mu_one()
+    cp, one = a.max_certifiable_epsilon(0.025, 1e-5), a.max_one_run_epsilon(1e-5, 0.025)
+    assert cp != pytest.approx(one, rel=1e-3)
+    claim = (cp + one) / 2   # below the larger ceiling, above the smaller
+    assert a.report(delta=1e-5, significance=0.05, claimed_epsilon=claim)["can_detect_violation"] is True
+    above_both = max(cp, one) * 1.001
+    assert a.report(delta=1e-5, significance=0.05, claimed_epsilon=above_both)["can_detect_violation"] is False
 
 
 def test_one_run_refuses_splits_fair_coins_do_not_give():

@@ -68,6 +68,14 @@ class FixedSizeShuffled:
         return perm[pos * self.size:(pos + 1) * self.size]
 
 
+class RepeatsAnIndex(PoissonSampler):
+    """Poisson batches, but step 3's holds its first example twice (twice the sensitivity for that example)."""
+
+    def batch(self, step):
+        b = super().batch(step)
+        return b if step != 3 or b.numel() == 0 else torch.cat([b, b[:1]])
+
+
 def _failed(results):
     return {r.name for r in results if not r.passed}
 
@@ -147,6 +155,34 @@ def test_second_noise_multiplier_is_far_from_the_given_one_and_from_one():
         s2 = second_noise_multiplier(s)
         assert s2 in (0.5, 2.0)
         assert max(s2 / s, s / s2) >= 2 - 1e-12, s
+
+
+class _ExactGaussianNoise:
+    """A stand-in for an engine call: exactly N(0, (sigma C / E)^2) noise per coordinate, a function of the seed."""
+
+    def __init__(self, p, sigma, expected=8.0):
+        self.noise_multiplier, self.expected, self.C = sigma, expected, p.clip_norm
+        self.dim = sum(t.numel() for t in p.model.parameters())
+
+    def __call__(self, idx, seed, *, chunk_size=None, **_):
+        return np.random.default_rng(seed).normal(size=self.dim) * self.noise_multiplier * self.C / self.expected
+
+
+def test_the_noise_checks_p_value_is_bonferroni_over_all_its_tests():
+    """mut51 x02, stop 50: the noise check runs many tests (per tensor, pooled, normality, at two noise
+    multipliers) and fails below alpha, so its p-value is the smallest p times their number; the smallest p alone
+    (which passed every test here) makes `dpdm audit`'s false-alarm rate on a right engine grow with the tensors."""
+    import re
+
+    from audits.mechanism import _noise_test
+
+    p = tiny_problem()
+    calls = [(_ExactGaussianNoise(p, 1.0), 6), (_ExactGaussianNoise(p, 0.5), 3)]
+    r = _noise_test("noise", calls, p, 1e-3, chunk_size=None, what="stand-in")
+    n, worst = re.search(r"smallest p of (\d+) tests: ([0-9.e+-]+)", r.detail).groups()
+    n, worst = int(n), float(worst)
+    assert n >= 6   # 2 sigmas x (pooled variance, KS, 4 tensors)
+    assert r.p_value == pytest.approx(min(1.0, n * worst), rel=0.06)   # worst is printed to 2 digits
 
 
 def _one_tensor_mutant(target, scale):
@@ -233,6 +269,20 @@ def test_tiny_problem_has_examples_above_the_clip_norm():
     assert (norms > p.clip_norm).sum() >= 10 and (norms < p.clip_norm).sum() >= 10
 
 
+def test_the_clipping_check_fails_where_no_example_exceeds_the_clip_norm():
+    """mut51 x05, stop 50: a clipping check in which no gradient is above the clip norm tests nothing, and fails
+    rather than pass vacuously (with `over > 0` dropped it passed; every test problem has examples above C)."""
+    from audits.mechanism import _Caller, _check_clipping, _loop_grads
+
+    p = tiny_problem(num_examples=8)
+    loop = _loop_grads(p)
+    call = _Caller(private_grad, p, 1.0, 40.0)
+    assert _check_clipping(call, p, loop).passed   # its clip norm: the 40th percentile of the norms
+    p.clip_norm = 10 * max(np.linalg.norm(v) for v in loop)
+    r = _check_clipping(call, p, loop)
+    assert not r.passed and r.detail.startswith("0 of 8 examples have gradient norm above clip_norm")
+
+
 def test_real_sampler_passes():
     results = check_sampler(PoissonSampler)
     assert [r.name for r in results] == list(SAMPLER_CHECKS)
@@ -248,6 +298,16 @@ def test_sampler_with_bad_rate_fails():
     # Poisson, but at twice the claimed rate
     failed = _failed(check_sampler(lambda n, q, s: PoissonSampler(n, 2 * q, s)))
     assert {"poisson_batch_sizes", "poisson_inclusion_counts"} <= failed
+
+
+def test_a_sampler_that_repeats_an_index_in_a_batch_fails():
+    """mut51 x12, stop 50: Poisson sampling includes each example at most once per step; a sampler whose batch
+    holds one twice passed every sampler check with the distinctness check dropped."""
+    failed = check_sampler(RepeatsAnIndex, dataset_size=200, sample_rate=0.05, steps=40)
+    sizes = next(r for r in failed if r.name == "poisson_batch_sizes")
+    assert not sizes.passed and "must be distinct" in sizes.detail
+    good = check_sampler(PoissonSampler, dataset_size=200, sample_rate=0.05, steps=40)
+    assert all(r.passed for r in good), [r.detail for r in good]
 
 
 def test_check_arguments_are_validated():
@@ -388,6 +448,55 @@ def test_run_logged_batches_passes_a_real_run_and_fails_other_batch_sizes(tmp_pa
     assert logged(rows[:3]).passed
 
 
+def _claim(**plan):
+    """A claimed plan document, as check_run reads one (plan fields, digest, epsilon)."""
+    from types import SimpleNamespace
+
+    fields = dict(sample_rate=0.25, noise_multiplier=1.0, clip_norm=1.0, steps=6, delta=1e-5, dataset_size=24)
+    return SimpleNamespace(plan=SimpleNamespace(**{**fields, **plan}), digest="sha256:" + "cd" * 32, epsilon=2.5)
+
+
+def _run_ledger_check(monkeypatch, claim, ledger):
+    """check_run's run_ledger_matches on a checkpoint holding this ledger."""
+    import dpdm.checkpoint
+
+    monkeypatch.setattr(dpdm.checkpoint, "load_checkpoint", lambda path: {"ledger": ledger})
+    result = check_run("/nonexistent-run", claim, run_doc=claim)[1]
+    assert result.name == "run_ledger_matches"
+    return result
+
+
+def test_check_run_compares_the_runs_clip_norm_with_the_claim():
+    """mut51 x11, stop 50: the clip norm sets the sensitivity, so a run whose plan.json has another one is not the
+    claimed mechanism (with clip_norm left out of the fields compared, run_plan_matches passed it; the run's
+    digest is compared only by the ledger's check)."""
+    claim = _claim()
+    for run_doc, passed in ((_claim(), True), (_claim(clip_norm=2.0), False)):
+        result = check_run("/nonexistent-run", claim, run_doc=run_doc)[0]
+        assert result.name == "run_plan_matches" and result.passed is passed, result.detail
+    assert "clip_norm: run 2.0 vs claimed 1.0" in result.detail
+
+
+def test_check_run_refuses_a_ledger_above_the_claimed_epsilon_by_more_than_rounding(monkeypatch):
+    """mut51 x08, stop 50: the ledger's epsilon may exceed the claim by float rounding (1e-9) only; 0.05% above it
+    is a run that spent more than claimed (a tolerance of 1e-3 passed it)."""
+    claim = _claim()
+    ledger = {"private": True, "plan_digest": claim.digest, "delta": 1e-5, "steps_done": 6, "plan_steps": 6}
+    for spent, passed in ((claim.epsilon, True), (claim.epsilon * (1 + 5e-4), False)):
+        result = _run_ledger_check(monkeypatch, claim, {**ledger, "epsilon_spent": spent})
+        assert result.passed is passed, result.detail
+
+
+def test_check_run_compares_the_ledgers_plan_steps_with_the_claim(monkeypatch):
+    """mut51 x14, stop 50: a ledger whose plan_steps is not the claim's is not the claimed plan's, whatever its
+    digest says (with only steps_done compared, an edited plan_steps passed)."""
+    claim = _claim()
+    ledger = {"private": True, "plan_digest": claim.digest, "delta": 1e-5, "steps_done": 6, "epsilon_spent": 2.5}
+    for plan_steps, passed in ((6, True), (7, False)):
+        result = _run_ledger_check(monkeypatch, claim, {**ledger, "plan_steps": plan_steps})
+        assert result.passed is passed, result.detail
+
+
 @pytest.mark.parametrize("noise_multiplier, seed", [(1e6, 0), (1e8, 0), (1.0, 2**62), (2.0, 2**63 - 1)])
 def test_the_right_engine_passes_at_huge_noise_and_huge_seeds(noise_multiplier, seed):
     """A plan's noise multiplier may be 1e6 (the replays lost float64 cancellation and per_sample_gradients
@@ -424,6 +533,14 @@ def test_run_logged_batches_fails_fixed_size_batches_at_11_to_15_rows(tmp_path, 
     assert check.passed, check.detail
 
 
+def test_run_logged_batches_tests_from_ten_rows_and_fails_ten_fixed_size_batches(tmp_path):
+    """mut51 x10, stop 50: run_logged_batches tests the logged batch sizes from 10 rows on, as check_run's
+    docstring says; 10 batches of exactly the plan's size fail (`> 10` left exactly 10 rows untested, and they
+    passed as too few to test). The test above starts at 11 rows."""
+    check = _logged_batches_of(tmp_path, [256] * 10, 60000, 256 / 60000, alpha=0.01 / 7)
+    assert not check.passed and "10 logged batch sizes" in check.detail and "variance 0.0" in check.detail, check.detail
+
+
 @pytest.mark.parametrize("B, rows, alpha", [(8192, 500, 0.001 * 0.2 / 7), (256, 2000, 1e-4 * 0.2 / 7)])
 def test_run_logged_batches_fails_fixed_size_batches_below_the_simulations_floor(tmp_path, B, rows, alpha):
     """With many rows the simulated Poisson runs are capped (10,000 to 45,000), so no Monte Carlo p lies below
@@ -442,6 +559,20 @@ def _false_alarms(n, B, rows, datasets, seed, alpha=0.01 / 7):
 
     p, _ = logged_sizes_pvalues(np.random.default_rng(seed).binomial(n, B / n, (datasets, rows)), n, B / n, alpha)
     return int(np.sum(p < alpha))
+
+
+def test_logged_sizes_p_values_never_fall_below_one_over_the_draws_plus_one():
+    """mut51 x07, stop 50: a Monte Carlo p-value is (1 + simulated sets at least as extreme) / (draws + 1): never 0,
+    so that alpha keeps its meaning, and a set beyond all the simulated ones gets the smallest p the simulation
+    can give (count / draws gave p = 0 for fixed-size batches and mis-stated every other p)."""
+    from audits.mechanism import logged_sizes_pvalues
+
+    p, draws = logged_sizes_pvalues(np.full((1, 20), 50), 1000, 0.05, 1e-2)
+    assert draws == 9999 and p[0] == pytest.approx(1 / (draws + 1), rel=1e-12)
+    honest = np.random.default_rng(7).binomial(1000, 0.05, size=(1, 20))
+    p, _ = logged_sizes_pvalues(honest, 1000, 0.05, 1e-2)
+    k = p[0] * (draws + 1) - 1   # simulated sets at least as extreme: a whole number
+    assert 0.05 < p[0] <= 1 and k == pytest.approx(round(k), abs=1e-6)
 
 
 @pytest.mark.parametrize("rows", [12, 15])

@@ -99,6 +99,21 @@ def test_the_ledger_must_match_the_accountant_to_its_tolerance_and_the_plans_del
         ckpt.verify_ledger({"ledger": _ledger(doc, 3, delta=doc.plan.delta * 1.5)}, doc, "x")
 
 
+def test_verify_ledger_expects_the_prefix_bound_capped_by_the_certificate(monkeypatch):
+    """mut51 k07, stop 50: on an RDP-certified plan PLD's prefix bounds pass the certificate near the end, and
+    train's ledger records min(prefix bound, certificate) there (test_ledger_capped_by_certificate pins that side,
+    standing in for such a plan the same way). verify_ledger must expect the capped figure: without the cap it
+    refused every such checkpoint and release on resume, sample and export."""
+    doc = _plan()
+    real = accounting.epsilon_spent
+    monkeypatch.setattr(accounting, "epsilon_spent", lambda p, s: real(p, s) * (1.0 if s < 3 else 10.0))
+    capped = _ledger(doc, 3)
+    assert capped["epsilon_spent"] == doc.epsilon
+    ckpt.verify_ledger({"ledger": capped}, doc, "x")
+    with pytest.raises(ckpt.CheckpointError, match="the file was edited"):
+        ckpt.verify_ledger({"ledger": _ledger(doc, 3, epsilon_spent=real(doc.plan, 3) * 10.0)}, doc, "x")
+
+
 def _training_state(step, done, private=True, rng=None, params=1, states=1):
     return {"rng": {"torch": torch.get_rng_state() if rng is None else rng}, "ema_power": {},
             "optimizer": {"state": {i: {"step": torch.tensor(float(step)), "exp_avg": torch.zeros(2)}
@@ -172,6 +187,15 @@ def test_a_no_dp_ledger_with_a_finite_epsilon_is_refused():
     assert "not private" in (ckpt._ledger_problem(ledger(False, 3.0), {}) or "")
     assert "private with epsilon inf" in (ckpt._ledger_problem(ledger(True, float("inf")), {}) or "")
 
+
+def test_a_release_file_given_as_a_training_checkpoint_is_named_as_one(tmp_path):
+    """mut51 k13, stop 50: `dpdm train --resume` or `dpdm audit` given a release file hears that it is a release
+    file (weights only), not that it is no dpdm checkpoint at all (with the release check dropped the file was
+    still refused, with the vaguer line)."""
+    path = tmp_path / "model.pt"
+    torch.save({"format": ckpt.MODEL_FORMAT, "weights": "ema"}, path)
+    with pytest.raises(ckpt.CheckpointError, match="is a release file from `dpdm export`"):
+        ckpt.load_checkpoint(path)
 
 
 _SAVE_PAST_A_SIZE_LIMIT = """
