@@ -252,10 +252,13 @@ def _resume_hint(argv: list[str] | None) -> str:
 
 def _finished_steps(path: str) -> int | None:
     """The plan's steps where the checkpoint's ledger has them all done; else (or unreadable: the hint is advice
-    only) None. Memory-mapped, weights_only: the weights are not read."""
+    only) None. Memory-mapped, weights_only: the weights are not read. Only with torch imported already (a run
+    that reached its last checkpoint has): importing it again after a signal cut its first import short crashed
+    the process (SIGSEGV in torch._C) instead of printing the line (r1 F1, stop 50)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not hasattr(torch, "load"):
+        return None
     try:
-        import torch
-
         ledger = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["ledger"]
         done, steps = ledger["steps_done"], ledger["plan_steps"]
         if isinstance(steps, int) and steps > 0 and done == steps:

@@ -119,6 +119,19 @@ def test_the_line_advises_resume_only_where_a_checkpoint_is(tmp_path):
     assert _resume_hint(["train", f"--out={run}"]) == "; a training run continues with --resume"
 
 
+def test_the_complete_run_hint_never_imports_torch(tmp_path):
+    """A signal while torch was still being imported (a resume's first second), with a checkpoint in --out: the hint
+    imported torch again to read the ledger, and that second import crashed the process (SIGSEGV in torch._C, no
+    `dpdm:` line; r1 F1, stop 50). Without torch imported there is no finished run to read: the --resume hint."""
+    torch.save({"ledger": {"steps_done": 12, "plan_steps": 12}}, tmp_path / "checkpoint.pt")
+    code = ("import sys; from cli.main import _resume_hint; "
+            f"print(_resume_hint(['train', '--out', {str(tmp_path)!r}])); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0 and done.stdout.splitlines() == ["; a training run continues with --resume", "False"], (
+        done.stdout, done.stderr)
+
+
 def test_ctrl_c_on_train_says_how_the_run_goes_on(tmp_path, capsys, monkeypatch):
     """Ctrl-C on `dpdm train` said only `dpdm: aborted`, where SIGTERM's line says what continues the run (h103 F3,
     stop 49): --resume once a checkpoint is written, before one the same command."""
