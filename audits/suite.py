@@ -557,7 +557,7 @@ def _fmt(x, nd=4, *, bound: str | None = None) -> str:
 _PLOT_NAME = re.compile(r"^(roc|roc_log|hist|guesses)_(target|control)_[A-Za-z0-9]+\.png$")
 # The staging folder of `write_report` (`tempfile.mkdtemp(prefix=".report-")`), and the age (seconds) at which one is
 # a killed audit's leftover: a report is staged in seconds, and a concurrent audit's stage is younger.
-_STAGE_NAME = re.compile(r"\.report-[A-Za-z0-9_]+")
+_STAGE_NAME = re.compile(r"\.report-[a-z0-9_]{8}")   # mkdtemp's 8 characters: not a user's `.report-drafts`
 _STALE_STAGE_SECONDS = 3600
 
 
@@ -657,8 +657,20 @@ def _remove_stale_stages(out: Path) -> None:
             st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if stat.S_ISDIR(st.st_mode) and now - st.st_mtime > _STALE_STAGE_SECONDS:
+        if stat.S_ISDIR(st.st_mode) and now - st.st_mtime > _STALE_STAGE_SECONDS and _holds_report_files(entry.path):
             shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _holds_report_files(folder: str) -> bool:
+    """Whether `folder` holds nothing but files `write_report` stages (report.md/json, scores.npz, its plots): a
+    folder of the user's that happens to match the stage's name is left alone (r1 F2, stop 50)."""
+    try:
+        with os.scandir(folder) as entries:
+            return all(entry.is_file(follow_symlinks=False)
+                       and (entry.name in ("report.md", "report.json", "scores.npz") or _PLOT_NAME.fullmatch(entry.name))
+                       for entry in entries)
+    except OSError:
+        return False
 
 
 def _create_private(path: Path, mode: str, **kwargs):

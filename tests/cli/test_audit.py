@@ -386,14 +386,21 @@ def test_a_killed_audits_staging_folder_goes_and_a_concurrent_ones_stays(report_
         (stage / "scores.npz").write_bytes(b"coins and the control's scores")
     (out / ".report-link0000").symlink_to(elsewhere, target_is_directory=True)
     (out / ".report-file0000").write_bytes(b"not a staging folder")
+    # a user's own folders: not mkdtemp's name, or holding what no report stage holds (r1 F2, stop 50)
+    users = [out / ".report-drafts", out / ".report-notes123"]
+    for folder in users:
+        folder.mkdir()
+        (folder / "notes.md").write_text("mine")
+    (users[1] / "report.md").write_text("a draft")
     old = time.time() - 86400   # a day old
-    for path in (killed, out / ".report-link0000", out / ".report-file0000", elsewhere):
+    for path in (killed, out / ".report-link0000", out / ".report-file0000", elsewhere, *users):
         os.utime(path, (old, old), follow_symlinks=False)
     _write(report_inputs, out)
     assert not os.path.lexists(killed)
     assert (concurrent / "scores.npz").is_file() and (elsewhere / "scores.npz").is_file()
+    assert all((folder / "notes.md").is_file() for folder in users)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
-        ".report-file0000", ".report-link0000", ".report-runn1ng0"]
+        ".report-drafts", ".report-file0000", ".report-link0000", ".report-notes123", ".report-runn1ng0"]
 
 
 def test_interrupted_report_leaves_the_earlier_one_or_no_report_json(report_inputs, tmp_path, monkeypatch):
