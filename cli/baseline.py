@@ -77,22 +77,23 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         raise BadInput("--augment-shift and --public-subspace cannot be combined")
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
+    shown = f"--dataset={name!r}" if dataset else f"the plan's dataset {name!r}"   # not an option never given (r1 N1)
     if test_dataset is None and not has_test_split(name):
-        raise BadInput(f"--dataset={name!r} has no held-out split; give the real held-out images "
+        raise BadInput(f"{shown} has no held-out split; give the real held-out images "
                        f"with --test-dataset npz:PATH or folder:PATH")
     train = load_training_data(name, data_root=data_root, download=download)
     check_augment_shift(augment_shift, train)
     from dpdm.classifiers import CNN_MIN_SIDE
 
     if min(train.image_shape[1:]) < CNN_MIN_SIDE:
-        raise BadInput(f"--dataset={name!r} has images of {'x'.join(map(str, train.image_shape[1:]))} pixels; the "
+        raise BadInput(f"{shown} has images of {'x'.join(map(str, train.image_shape[1:]))} pixels; the "
                        f"CNN needs at least {CNN_MIN_SIDE}x{CNN_MIN_SIDE}")
     if train.y is None:
         unread = unread_arrays_shown(train)   # labels stored as `labels`, ... (h109 F1)
-        raise BadInput(f"--dataset={name!r} has no labels; the DP-SGD classifier needs them" + (
+        raise BadInput(f"{shown} has no labels; the DP-SGD classifier needs them" + (
             f" (an npz's labels are its array y; its other arrays ({unread}) are never read)" if unread else ""))
     if len(train) != doc.plan.dataset_size:
-        raise BadInput(f"--dataset={name!r} has {len(train)} training images but the plan was made "
+        raise BadInput(f"{shown} has {len(train)} training images but the plan was made "
                        f"for dataset_size={doc.plan.dataset_size}")
     try:
         test = load_dataset(test_dataset or name, "test", data_root=data_root, download=download)
@@ -104,7 +105,7 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
             f"holds {len(test)} image; dpdm baseline dp-classifier needs at least 2"))
     if test.image_shape != train.image_shape:   # as `dpdm eval` says it: both options named (h109 F5)
         raise BadInput(f"--test-dataset={test_dataset or name!r} has images of "
-                       f"{'x'.join(map(str, test.image_shape))} (CxHxW), --dataset={name!r} of "
+                       f"{'x'.join(map(str, test.image_shape))} (CxHxW), {shown} of "
                        f"{'x'.join(map(str, train.image_shape))}; the test images must have the training images' size "
                        "and channels")
     public = None

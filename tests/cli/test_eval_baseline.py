@@ -192,6 +192,11 @@ def test_baseline_test_images_of_another_size_name_both_options(digit_files, tmp
     code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path),
                         "--test-dataset", f"npz:{tmp_path / 'big.npz'}")
     _assert_one_line_error(code, err, f"--test-dataset='npz:{tmp_path / 'big.npz'}' has images of 1x12x12 (CxHxW), "
+                                      f"the plan's dataset 'npz:{digit_files['train']}' of 1x8x8; the test images "
+                                      "must have the training images' size and channels")
+    code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--dataset",
+                        f"npz:{digit_files['train']}", "--test-dataset", f"npz:{tmp_path / 'big.npz'}")
+    _assert_one_line_error(code, err, f"--test-dataset='npz:{tmp_path / 'big.npz'}' has images of 1x12x12 (CxHxW), "
                                       f"--dataset='npz:{digit_files['train']}' of 1x8x8; the test images must have "
                                       "the training images' size and channels")
     plan = accounting.load_plan(path).plan
@@ -1013,7 +1018,7 @@ def test_eval_and_baseline_refuse_images_under_4x4(digit_files, tmp_path, capsys
     path = _plan(tmp_path, 600, f"npz:{tmp_path / 'train3.npz'}", steps=1)
     code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path),
                         "--test-dataset", f"npz:{tmp_path / 'test3.npz'}", "--device", "cpu")
-    _assert_one_line_error(code, err, "--dataset=", "3x3", "at least 4x4")
+    _assert_one_line_error(code, err, "the plan's dataset 'npz:", "3x3", "at least 4x4")   # no --dataset given (r1 N1)
 
 
 def test_baseline_warns_of_a_dataset_the_plan_does_not_name(digit_files, tmp_path, capsys):
