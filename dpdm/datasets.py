@@ -924,7 +924,8 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     shape = x.shape
     if x.dtype != np.uint8:
         how = ("for floats in [0, 1] store (x * 255).round().astype(np.uint8) (a plain astype(np.uint8) cuts them "
-               "to 0 and 1)" if np.issubdtype(x.dtype, np.floating) else
+               "to 0 and 1), for floats in 0..255 x.round().astype(np.uint8)" if np.issubdtype(x.dtype, np.floating)
+               else "for binary images store x.astype(np.uint8) * 255" if x.dtype == np.bool_ else
                "bring its values to 0..255 first (12-bit: x >> 4; 16-bit: x >> 8), then store x.astype(np.uint8)")
         raise DataError(f"{name}: x must be uint8 images in 0..255, got dtype {x.dtype}; {how}")
     if x.ndim == 3:

@@ -359,6 +359,8 @@ def test_npz_bad_contents(tmp_path, arrays, match):
     (np.float32, "for floats in [0, 1] store (x * 255).round().astype(np.uint8) (a plain astype(np.uint8) cuts them "
                  "to 0 and 1)"),
     (np.float64, "(x * 255).round().astype(np.uint8)"),
+    (np.float32, "for floats in 0..255 x.round().astype(np.uint8)"),   # not the [0, 1] advice alone (r1 N2)
+    (np.bool_, "for binary images store x.astype(np.uint8) * 255"),
     (np.uint16, "bring its values to 0..255 first (12-bit: x >> 4; 16-bit: x >> 8), then store x.astype(np.uint8)"),
     (np.int64, "then store x.astype(np.uint8)"),
 ])
