@@ -536,6 +536,17 @@ def test_refusals_name_the_option_leave_no_folder_and_catch_bad_labels_and_confi
     refused("--run", str(run), "--significance", "1e-323", *SMALL, needles=("--significance=1e-323 must be in",))
     refused("--run", str(run), "--steps", "4", needles=("--steps=4 must be <=",))
     refused("--run", str(run), "--dataset", "mnist5k", needles=("--dataset='mnist5k' has images of shape",))
+    # a claim float32 cannot train (dpdm plan writes one, with a warning): the canary runs train under it, and the
+    # engine's refusal was a traceback, exit 4, since 7ee2da9 (r2 F1, stop 50)
+    import dataclasses
+
+    import accounting
+
+    claim = accounting.load_plan(run / "plan.json")
+    tiny_clip = tmp_path / "tiny_clip.json"
+    accounting.write_plan(accounting.make_plan_document(dataclasses.replace(claim.plan, clip_norm=1e-40)), tiny_clip)
+    refused("--run", str(run), "--plan", str(tiny_clip), *SMALL,
+            needles=(f"--plan={str(tiny_clip)!r}: the claimed plan cannot be trained in float32: clip_norm=1e-40",))
     no_plan = tmp_path / "no_plan"
     shutil.copytree(run, no_plan)
     (no_plan / "plan.json").unlink()
