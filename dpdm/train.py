@@ -681,18 +681,8 @@ def train(
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise TrainError(f"the images are {'x'.join(map(str, x.shape[1:]))} (CxHxW); the network needs square "
                          "images (N x C x H x H)")
-    try:   # a library caller's raw tensors: uint8 images trained a whole plan on 0..255 pixels (stop 50, h110 F3)
-        ImageData(x, y if num_classes else None, num_classes, "the training data")
-    except DataError as e:
-        raise TrainError(str(e)) from None
+    _check_images(x, y, num_classes, "the training data")
     x, y = x.detach(), (y.detach() if y is not None else None)   # the data is never differentiated
-    if not bool(torch.isfinite(x).all()):
-        # The engine would zero such an example's gradient and train on without a word (stop 42, engine walk F3).
-        bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
-        raise TrainError(f"{bad} of the {n} images hold a NaN or infinite pixel")
-    if n and not -1 <= float(x.min()) <= float(x.max()) <= 1:
-        raise TrainError(f"the images' pixels span [{float(x.min()):g}, {float(x.max()):g}]; train() needs them in "
-                         "[-1, 1] (uint8 pixels p as p / 127.5 - 1, as dpdm.datasets loads them)")
     if config.subspace_dim is not None:
         _check_public_data(public_data, x, y, config, dataset_name, num_classes=num_classes)
         # Recorded absolute, as the dataset is: a name relative to the folder the run started in meant another
@@ -1350,6 +1340,25 @@ def distributed_private_grad(
     return {k: v / expected_batch_size for k, v in grad_sum.items()}
 
 
+def _check_images(x: torch.Tensor, y: torch.Tensor | None, num_classes: int, name: str, of: str = "") -> None:
+    """TrainError unless `x` (and `y`) pass `ImageData`'s checks (float32 N x C x H x W, int64 labels in
+    [0, num_classes)) and the pixels are finite and in [-1, 1]: a library caller's raw tensors of uint8 images
+    trained a whole plan on 0..255 pixels (stop 50, h110 F3), and a NaN pixel's example had its gradient zeroed by
+    the engine in silence (stop 42). `of`: " of DATA" where the images are not the private ones."""
+    try:
+        ImageData(x, y if num_classes else None, num_classes, name)
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+        raise TrainError(f"{bad} of the {len(x)} images{of} hold a NaN or infinite pixel")
+    if len(x) and not -1 <= float(x.min()) <= float(x.max()) <= 1:
+        raise TrainError(f"the images{of}: their pixels span [{float(x.min()):g}, {float(x.max()):g}]; train() needs "
+                         "them in [-1, 1] (uint8 pixels p as p / 127.5 - 1, as dpdm.datasets loads them)" if of else
+                         f"the images' pixels span [{float(x.min()):g}, {float(x.max()):g}]; train() needs them in "
+                         "[-1, 1] (uint8 pixels p as p / 127.5 - 1, as dpdm.datasets loads them)")
+
+
 def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str | None, *,
                        num_classes: int | None = None) -> None:
     """The subspace's data must be given, public and shaped alike. Public: not the private dataset or its
@@ -1359,6 +1368,10 @@ def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str
     if public_data is None:
         raise TrainError(f"a gradient subspace needs the public data ({config.subspace_data!r})")
     px, py = public_data
+    # as the private images are checked: 0..255 floats trained the subspace silently, float64 failed at step 1
+    # after plan.json was written, and uint8 was "spans fewer than K directions" (r2 F2, stop 50)
+    _check_images(px, py, num_classes or 0, f"the subspace data {config.subspace_data!r}",
+                  f" of the subspace data {config.subspace_data!r}")
     if same_images(config.subspace_data, dataset_name):
         raise TrainError(f"the subspace data {config.subspace_data!r} is the private dataset {dataset_name!r} "
                          "(or its source); the subspace must come from public data")

@@ -181,14 +181,23 @@ def test_the_training_step_adds_its_noise_in_the_basis(tmp_path):
     (dict(public="one-private"), "holds 1 of the 24 private images"),
     (dict(public=None), "needs the public data"),
     (dict(public="shape"), "shape"),
+    # checked as the private images are (r2 F2, stop 50): 0..255 floats trained silently, float64 failed at step 1
+    # after plan.json was written, uint8 was "spans fewer than 3 directions"
+    (dict(public="0..255"), r"the images of the subspace data 'public-tiny': their pixels span \[0, 25\d\]"),
+    (dict(public="float64"), r"the subspace data 'public-tiny': images must be float32 .* got torch.float64"),
+    (dict(public="uint8"), r"the subspace data 'public-tiny': images must be float32 .* got torch.uint8"),
+    (dict(public="float labels"), r"the subspace data 'public-tiny': labels must be int64"),
 ])
 def test_subspace_from_private_or_missing_data_is_refused_before_writing(tmp_path, bad, match):
     x, y, c = tiny_data()
     doc = tiny_plan(steps=2)
     px, py = public_tiny()
     one_private = (torch.cat([px, x[5:6]]), torch.cat([py, y[5:6]]))
+    pixels = (px * 127.5 + 127.5).round()
     public = {"private": (x, y), "one-private": one_private, None: None,
-              "shape": (torch.zeros(30, 1, 4, 4), y[:1].repeat(30))}.get(bad.get("public", "ok"), (px, py))
+              "shape": (torch.zeros(30, 1, 4, 4), y[:1].repeat(30)), "0..255": (pixels, py),
+              "float64": (px.double(), py), "uint8": (pixels.to(torch.uint8), py),
+              "float labels": (px, py.float())}.get(bad.get("public", "ok"), (px, py))
     sub = {**SUB, **{k: v for k, v in bad.items() if k != "public"}}
     out = tmp_path / "run"
     with pytest.raises(TrainError, match=match):
