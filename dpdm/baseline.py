@@ -136,6 +136,13 @@ def train_dp_classifier(plan: accounting.PlanDocument | accounting.PrivacyPlan, 
     if train.image_shape != test.image_shape:
         raise DataError(f"the test images of {test.name!r} are {'x'.join(map(str, test.image_shape))} (CxHxW) but "
                         f"the training images of {train.name!r} are {'x'.join(map(str, train.image_shape))}")
+    for data in (train, test) if public is None else (train, test, public):
+        # dpdm.datasets loads uint8 pixels p as p / 127.5 - 1; an ImageData of 0..255 floats trained silently, and
+        # the clamping made distinct images collide into a false "test images are training images" (r2 F3, stop 50)
+        if len(data) and not -1 <= float(data.x.min()) <= float(data.x.max()) <= 1:
+            raise DataError(f"the images of {data.name!r} have pixels in [{float(data.x.min()):g}, "
+                            f"{float(data.x.max()):g}]; they must lie in [-1, 1] (uint8 pixels p as p / 127.5 - 1, as "
+                            "dpdm.datasets loads them)")
     if not lr > 0:
         raise ValueError(f"lr={lr!r} must be > 0")
     problem = noise_scale_problem(plan.noise_multiplier, plan.clip_norm)

@@ -285,7 +285,7 @@ def test_baseline_library_trains_only_under_a_plan_that_certifies(digit_files, t
     import dataclasses
 
     from dpdm.baseline import train_dp_classifier
-    from dpdm.datasets import load_npz
+    from dpdm.datasets import DataError, load_npz
 
     train, test = load_npz(digit_files["train"]), load_npz(digit_files["test"])
     forged = accounting.PrivacyPlan(dataset_size=600, batch_size=64, steps=3, noise_multiplier=1.0, delta=1e-5,
@@ -304,6 +304,11 @@ def test_baseline_library_trains_only_under_a_plan_that_certifies(digit_files, t
     bare = train_dp_classifier(doc.plan, train, test, seed=1)   # no target: certified, its epsilon returned
     assert (bare["epsilon"], bare["plan_digest"], bare["test_accuracy"]) == (doc.epsilon, doc.digest,
                                                                            result["test_accuracy"])
+    # pixels outside [-1, 1] (an ImageData of 0..255 floats) trained silently (r2 F3, stop 50)
+    scaled = dataclasses.replace(train, x=(train.x + 1) * 127.5)
+    with pytest.raises(DataError, match=r"^the images of 'npz:.*' have pixels in \[0, 255\]; they must lie in "
+                                        r"\[-1, 1\]"):
+        train_dp_classifier(doc, scaled, test, seed=1)
 
 
 def test_baseline_default_seed_is_secret_and_drives_the_run(digit_files, monkeypatch):
