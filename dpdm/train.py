@@ -681,8 +681,8 @@ def train(
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise TrainError(f"the images are {'x'.join(map(str, x.shape[1:]))} (CxHxW); the network needs square "
                          "images (N x C x H x H)")
-    _check_images(x, y, num_classes, "the training data")
     x, y = x.detach(), (y.detach() if y is not None else None)   # the data is never differentiated
+    _check_images(x, y, num_classes, "the training data")
     if config.subspace_dim is not None:
         _check_public_data(public_data, x, y, config, dataset_name, num_classes=num_classes)
         # Recorded absolute, as the dataset is: a name relative to the folder the run started in meant another
@@ -1368,10 +1368,15 @@ def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str
     if public_data is None:
         raise TrainError(f"a gradient subspace needs the public data ({config.subspace_data!r})")
     px, py = public_data
+    if py is not None and num_classes is not None and len(py) and \
+            not (0 <= int(py.min()) and int(py.max()) < num_classes):
+        # An index error deep in the network (label 9 of 3 classes), or, at num_classes, the dropped-label class.
+        raise TrainError(f"the subspace data {config.subspace_data!r} has labels {int(py.min())}..{int(py.max())}, "
+                         f"the private data {num_classes} classes (0..{num_classes - 1})")
     # as the private images are checked: 0..255 floats trained the subspace silently, float64 failed at step 1
     # after plan.json was written, and uint8 was "spans fewer than K directions" (r2 F2, stop 50)
-    _check_images(px, py, num_classes or 0, f"the subspace data {config.subspace_data!r}",
-                  f" of the subspace data {config.subspace_data!r}")
+    _check_images(px.detach(), None if py is None else py.detach(), num_classes or 0,
+                  f"the subspace data {config.subspace_data!r}", f" of the subspace data {config.subspace_data!r}")
     if same_images(config.subspace_data, dataset_name):
         raise TrainError(f"the subspace data {config.subspace_data!r} is the private dataset {dataset_name!r} "
                          "(or its source); the subspace must come from public data")
@@ -1388,11 +1393,6 @@ def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str
     if (y is None) != (py is None):
         raise TrainError(f"the subspace data {config.subspace_data!r} and the private data must both have "
                          "labels or both have none")
-    if py is not None and num_classes is not None and len(py) and \
-            not (0 <= int(py.min()) and int(py.max()) < num_classes):
-        # An index error deep in the network (label 9 of 3 classes), or, at num_classes, the dropped-label class.
-        raise TrainError(f"the subspace data {config.subspace_data!r} has labels {int(py.min())}..{int(py.max())}, "
-                         f"the private data {num_classes} classes (0..{num_classes - 1})")
     problem = near_copy_problem(px, x, of="the private images", original="private image {}")   # last: seconds
     if problem:
         raise TrainError(f"the subspace data {config.subspace_data!r} {problem}; the subspace must come from public "
