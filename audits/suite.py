@@ -344,7 +344,9 @@ def run_audit(
 
         problem = noise_scale_problem(plan.noise_multiplier, plan.clip_norm)
         if problem:   # the canary runs train under the claim; the engine refuses it (r2 F1, stop 50): not a traceback
-            raise ValueError(f"plan={str(claimed_path)!r}: the claimed plan cannot be trained in float32: {problem}")
+            raise ValueError(f"{'plan' if plan_path is not None else 'run'}="
+                             f"{str(plan_path if plan_path is not None else run_dir)!r}: the claimed plan cannot be "
+                             f"trained in float32: {problem}")
         cfg = suite_config(suite, plan, run_config, seed=seed, **(canary_overrides or {}))
         problem = coin_split_problem(draw_inclusion(cfg.num_canaries, cfg.seed), cfg.seed)
         if problem:   # before the mechanism checks and the canary trainings (canary_audit refuses them too)

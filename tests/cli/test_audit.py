@@ -547,6 +547,11 @@ def test_refusals_name_the_option_leave_no_folder_and_catch_bad_labels_and_confi
     accounting.write_plan(accounting.make_plan_document(dataclasses.replace(claim.plan, clip_norm=1e-40)), tiny_clip)
     refused("--run", str(run), "--plan", str(tiny_clip), *SMALL,
             needles=(f"--plan={str(tiny_clip)!r}: the claimed plan cannot be trained in float32: clip_norm=1e-40",))
+    own = tmp_path / "own_tiny_clip"   # a run's own such plan (a --no-dp run trains under one): --run named (r3 F2)
+    shutil.copytree(run, own)
+    shutil.copy(tiny_clip, own / "plan.json")
+    refused("--run", str(own), *SMALL,
+            needles=(f"--run={str(own)!r}: the claimed plan cannot be trained in float32: clip_norm=1e-40",))
     no_plan = tmp_path / "no_plan"
     shutil.copytree(run, no_plan)
     (no_plan / "plan.json").unlink()
