@@ -615,7 +615,7 @@ def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
                 plots[tag] = [f.name for f in files]
         doc["plots"] = plots
         doc["files"] = {"markdown": "report.md", "json": "report.json", "scores": "scores.npz"}
-        with _create_private(stage / "scores.npz", "wb") as f:
+        with open(stage / "scores.npz", "wb") as f:
             np.savez(f, **arrays)
         _write_text(stage / "report.md", _markdown(doc))
         text = json.dumps(_jsonable(doc), indent=2, allow_nan=False, default=_json_default) + "\n"
@@ -654,18 +654,11 @@ def _remove_stale_stages(out: Path) -> None:
     (SIGKILL, out of memory) while writing its report leaves one, which no later audit replaces, holding the inclusion
     coins and the noise-free control's canary scores (h108 N3, stop 50). A younger one may be a concurrent audit's and
     stays. Best effort, as the eval cache's `_remove_stale_temp_files`: what cannot be removed stays."""
-    now = time.time()
-    try:
-        names = [entry for entry in os.scandir(out) if _STAGE_NAME.fullmatch(entry.name)]
-    except OSError:
-        return
-    for entry in names:
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if stat.S_ISDIR(st.st_mode) and now - st.st_mtime > _STALE_STAGE_SECONDS and _holds_report_files(entry.path):
-            shutil.rmtree(entry.path, ignore_errors=True)
+    from dpdm.report_utils import stale_entries
+
+    for path, st in stale_entries(out, _STAGE_NAME, _STALE_STAGE_SECONDS):
+        if stat.S_ISDIR(st.st_mode) and _holds_report_files(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _holds_report_files(folder: str) -> bool:
@@ -680,13 +673,8 @@ def _holds_report_files(folder: str) -> bool:
         return False
 
 
-def _create_private(path: Path, mode: str, **kwargs):
-    """A new file `path` opened with `mode`, created 0600 (at most; `write_report` sets 0600 exactly)."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), mode, **kwargs)
-
-
 def _write_text(path: Path, text: str) -> None:
-    with _create_private(path, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 

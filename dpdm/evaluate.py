@@ -740,16 +740,12 @@ def _remove_stale_temp_files(folder: Path) -> None:
     """Removes the temporary files of `_atomic_write` in `folder` older than `_STALE_TEMP_SECONDS`: a run killed
     while writing leaves one, named with its pid, that no later run replaces, and each is a partial copy of a
     network trained without privacy on the private data. Best effort: what cannot be removed stays."""
-    now = time.time()
-    try:
-        names = [entry for entry in os.scandir(folder) if _TEMP_NAME.fullmatch(entry.name)]
-    except OSError:
-        return
-    for entry in names:
-        with contextlib.suppress(OSError):
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > _STALE_TEMP_SECONDS:
-                os.unlink(entry.path)
+    from dpdm.report_utils import stale_entries
+
+    for path, st in stale_entries(folder, _TEMP_NAME, _STALE_TEMP_SECONDS):
+        if stat.S_ISREG(st.st_mode):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _atomic_write(path: Path, write: Callable) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +241,23 @@ def save_marked_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def stale_entries(folder: str | os.PathLike, name: re.Pattern[str],
+                  max_age: float) -> Iterator[tuple[str, os.stat_result]]:
+    """The paths (with their `lstat`) of the entries of `folder` whose whole name matches `name` and that were last
+    modified over `max_age` seconds ago: the leftovers of writes killed midway (the eval cache's temporary files,
+    an audit's staging folders), which the caller removes as their kind allows. Best effort: an entry that cannot
+    be read, or a folder that cannot be listed, yields nothing."""
+    now = time.time()
+    try:
+        entries = [entry for entry in os.scandir(folder) if name.fullmatch(entry.name)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if now - st.st_mtime > max_age:
+            yield entry.path, st

@@ -1353,10 +1353,9 @@ def _check_images(x: torch.Tensor, y: torch.Tensor | None, num_classes: int, nam
         bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
         raise TrainError(f"{bad} of the {len(x)} images{of} hold a NaN or infinite pixel")
     if len(x) and not -1 <= float(x.min()) <= float(x.max()) <= 1:
-        raise TrainError(f"the images{of}: their pixels span [{float(x.min()):g}, {float(x.max()):g}]; train() needs "
-                         "them in [-1, 1] (uint8 pixels p as p / 127.5 - 1, as dpdm.datasets loads them)" if of else
-                         f"the images' pixels span [{float(x.min()):g}, {float(x.max()):g}]; train() needs them in "
-                         "[-1, 1] (uint8 pixels p as p / 127.5 - 1, as dpdm.datasets loads them)")
+        pixels = f"the images{of}: their pixels" if of else "the images' pixels"
+        raise TrainError(f"{pixels} span [{float(x.min()):g}, {float(x.max()):g}]; train() needs them in [-1, 1] "
+                         "(uint8 pixels p as p / 127.5 - 1, as dpdm.datasets loads them)")
 
 
 def _check_public_data(public_data, x, y, config: TrainConfig, dataset_name: str | None, *,
