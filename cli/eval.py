@@ -65,8 +65,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     equal n: the floor (real test vs real train) is measured on as many test
     images as there are samples (all of them when the samples are more).
     """
-    from dpdm.datasets import (DataError, absolute_dataset_name, empty_classes, has_test_split, load_dataset,
-                               load_npz, shared_images)
+    from dpdm.datasets import (DataError, absolute_dataset_name, empty_classes, exif_orientation_note, has_test_split,
+                               load_dataset, load_npz, shared_images)
     from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, check_public_data, check_samples_held_out,
                                check_test_data, cache_folder_problem, cnn_size_problem, evaluate_samples,
                                label_counts_problem, load_inception, match_test_classes, near_copies_above_floor,
@@ -88,6 +88,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         raise BadInput(f"--samples={samples_path!r}: {problem}")
     try:
         samples = load_npz(samples_path, name=samples_path)
+        provenance = samples_provenance(samples_path)
     except DataError as e:
         raise BadInput(f"--samples={samples_path!r}: {e}") from None
     check_augment_shift(augment_shift, samples)
@@ -100,6 +101,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         raise BadInput(f"--dataset={dataset!r}: {e}") from None
     if len(real_train) < MIN_SAMPLES:
         raise BadInput(f"--dataset={dataset!r} holds {len(real_train)} images; dpdm eval needs at least {MIN_SAMPLES}")
+    # Warned after the refusals below (a refused run prints one line); match_test_classes gives a new ImageData.
+    exif_notes = {f"--dataset={dataset!r}": exif_orientation_note(real_train)}
     real_test = None
     if test_dataset is None and not has_test_split(dataset):
         if real_train.y is not None:
@@ -112,6 +115,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                          if test_dataset else load_dataset(dataset, "test", data_root=data_root, download=download))
         except (ValueError, OSError) as e:
             raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
+        exif_notes[f"--test-dataset={test_dataset or dataset!r}"] = exif_orientation_note(real_test)
         if len(real_test) < 2:
             raise BadInput(f"--test-dataset={test_dataset or dataset!r} holds {len(real_test)} image; "
                            f"dpdm eval needs at least 2")
@@ -160,6 +164,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
             public = load_dataset(public_name, "train", data_root=data_root, download=download)
         except (ValueError, OSError) as e:
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
+        exif_notes[f"--public-pretrain={public_name!r}"] = exif_orientation_note(public)
         try:
             check_public_data(public, real_train, real_test)
         except DataError as e:
@@ -181,7 +186,6 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     if in_test:
         warn(f"{in_test} of the {len(samples)} samples in {samples_path!r} are test images of {real_test.name!r}; "
              "the classifiers train on them, so their accuracy is not held-out")
-    provenance = samples_provenance(samples_path)
     if real_test is not None:
         if provenance["dataset"] is None and provenance["private"] is not None:
             # dpdm samples whose model's data has no public name (a path its plan does not name): they cannot say
@@ -204,6 +208,9 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     elif provenance["seed_given"]:
         warn(f"{samples_path!r} was drawn from a model trained with a given --seed: its guarantee holds only "
              "against whoever does not know that seed")
+    for option, note in exif_notes.items():
+        if note:
+            warn(f"{option}: {note}")
     copies = shared_images(samples, real_train)
     if copies:   # warned, not refused: real images are a fair reference point, and a copying generator must show
         what = ("the metrics measure the training data, not a generator" if 2 * copies >= len(samples) else
@@ -289,28 +296,29 @@ def samples_provenance(path: str) -> dict:
     (False: a `--no-dp` model), "seed_given" (trained with a given `--seed`), "epsilon", "delta", "dataset"
     (the model's training data as its plan names it) and "init_dataset" (the public data its run was warm-started
     on, `dpdm train --init-from`: a DP-SGD classifier is a fair partner only if warm-started on it too); each None
-    where the file does not say (samples from elsewhere, a cold start)."""
+    where the file does not say (samples from elsewhere, a cold start).
+
+    Each array is sized on its header before it is read (`read_npz_scalars`): one that is no scalar was
+    decompressed in full first, and a header claiming 10**12 bytes ended the command in "out of memory on the
+    machine" (h112 F1).
+
+    Raises:
+      DataError: a ``meta_*`` array of these that is no scalar number or text, or a file that cannot be read.
+    """
     import math
 
-    import numpy as np
+    from dpdm.datasets import read_npz_scalars
 
     out = {"private": None, "seed_given": None, "epsilon": None, "delta": None, "dataset": None,
            "init_dataset": None}
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            for key in out:
-                name = f"meta_{key}"
-                if name not in z.files or z[name].shape != ():
-                    continue
-                if key in ("dataset", "init_dataset"):
-                    if z[name].dtype.kind == "U" and z[name].item() not in ("", "None"):
-                        out[key] = z[name].item()
-                elif z[name].dtype.kind in "biuf":
-                    v = z[name].item()
-                    out[key] = bool(v) if key in ("private", "seed_given") else (
-                        float(v) if math.isfinite(v) else None)
-    except (OSError, ValueError):
-        pass   # load_npz read this file a moment ago: then it says nothing
+    found = read_npz_scalars(path, [f"meta_{key}" for key in out], name=path)
+    for key in out:
+        v = found.get(f"meta_{key}")
+        if key in ("dataset", "init_dataset"):
+            if isinstance(v, str) and v not in ("", "None"):
+                out[key] = v
+        elif isinstance(v, (bool, int, float)):   # text is not a number here, as before
+            out[key] = bool(v) if key in ("private", "seed_given") else (float(v) if math.isfinite(v) else None)
     return out
 
 

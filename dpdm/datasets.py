@@ -46,7 +46,9 @@ Names
   (unlabelled). All images must share one size of at most `MAX_IMAGE_PIXELS` pixels and be 8-bit (modes
   1, L, LA, P, PA, RGB, RGBA, ...; 16-bit images of any colour type (PNG, TIFF, PPM/PGM) and float images are
   refused rather than clipped or cut to their high byte); at most `MAX_NUM_CLASSES` class folders. Any
-  grayscale-only folder loads as one channel, otherwise every image is converted to RGB. A file of several frames
+  grayscale-only folder loads as one channel, otherwise every image is converted to RGB. EXIF orientation tags are
+  ignored, as torchvision's ImageFolder ignores them: pixels are read as stored (`ImageData.exif_turned` names the
+  first tagged image, for a command's warning). A file of several frames
   (a multi-page TIFF, an animated PNG or GIF) is refused, naming it. Names that start with ``.`` (``.DS_Store``,
   macOS's ``._0.png``, ``.git/``) and files without an image suffix are skipped; anything else the count would
   silently leave out is refused, naming it: an image-named entry that is not a readable file (a broken link, a
@@ -87,6 +89,7 @@ __all__ = [
     "MAX_NUM_CLASSES",
     "default_data_root",
     "empty_classes",
+    "exif_orientation_note",
     "has_test_split",
     "is_path_dataset",
     "label_numbers",
@@ -95,6 +98,7 @@ __all__ = [
     "near_copies",
     "near_copy_limit",
     "near_copy_problem",
+    "read_npz_scalars",
     "same_dataset",
     "to_uint8",
 ]
@@ -139,6 +143,9 @@ class ImageData:
     unread_arrays: the names of an ``npz:`` file's arrays that `load_npz` does not read (all but ``x``, ``y`` and
     ``num_classes``), sorted; their data is never loaded. Labels stored as ``labels`` leave the data unlabelled,
     so a training command may warn.
+    exif_turned: (the first file, how many) of a ``folder:`` dataset's images that carry an EXIF orientation tag,
+    which dpdm ignores (it reads pixels as stored, as torchvision's ImageFolder does), or None where none does; a
+    command warns (`exif_orientation_note`).
     """
 
     x: torch.Tensor
@@ -149,6 +156,7 @@ class ImageData:
     class_names: tuple[str, ...] | None = None
     channels_inferred: bool = False
     unread_arrays: tuple[str, ...] = ()
+    exif_turned: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.ndim != 4:
@@ -183,7 +191,10 @@ def has_test_split(name: str) -> bool:
 
 
 def default_data_root() -> Path:
-    return Path(os.environ.get("DPDM_DATA", "~/.cache/dpdm/data")).expanduser()
+    """$DPDM_DATA, or ~/.cache/dpdm/data where it is unset or empty, as `evaluate.default_cache_dir` reads
+    DPDM_CACHE: ``DPDM_DATA=`` is how a script unsets it, and taken as a path it made the current folder the data
+    root, where --download would put MNIST/ (in a ``folder:`` dataset, an image-less class folder; h112 F7)."""
+    return Path(os.environ.get("DPDM_DATA") or "~/.cache/dpdm/data").expanduser()
 
 
 def is_path_dataset(name: str) -> bool:
@@ -307,7 +318,7 @@ def load_dataset(name: str, split: str = "train", *, data_root: str | os.PathLik
       name: mnist5k, digits, digits28, digits28-aug, fonts28, fonts28-aug, digits-fonts28-aug, mnist,
         fashion-mnist, cifar10, celeba, folder:PATH or npz:PATH.
       split: "train" (the private data) or "test" (held-out real data). Ignored for path datasets.
-      data_root: where torchvision datasets live (default ``~/.cache/dpdm/data`` or $DPDM_DATA).
+      data_root: where torchvision datasets live (default $DPDM_DATA, else ``~/.cache/dpdm/data``: `default_data_root`).
       download: let torchvision fetch a missing dataset (needs a network).
       download_option: whether the caller has a --download option that a "not found" error may advise
         (False for a command without one, such as `dpdm audit`).
@@ -757,13 +768,25 @@ def _corrupt(name: str, root: Path, err: Exception | str) -> DataError:
                      f"corrupt or truncated (a failed or interrupted download?): remove them and download them again")
 
 
+# The package torchvision needs to download a dataset, beyond dpdm's own dependencies: it fetches CelebA from Google
+# Drive through gdown.
+_DOWNLOAD_NEEDS = {"celeba": "gdown"}
+
+
 def _download_failed(name: str, root: Path, err: Exception, unreadable: str | None = None) -> DataError:
+    import importlib.util
+
     causes = re.findall(r"got:\n(.+)", str(err))   # MNIST's "Error downloading F: Tried URL, got: ERROR" per mirror
     why = "; ".join(dict.fromkeys(causes)) if causes else _one_line(err) or type(err).__name__
     what = (f": its files under {str(root)!r} are there but unreadable ({unreadable}), and a new download failed"
             if unreadable else f" not found under {str(root)!r} and its download failed")
-    return DataError(f"dataset {name!r}{what} ({why}); connect to a network and try again, or put the files there "
-                     f"yourself (or point --data-root at them)")
+    package = _DOWNLOAD_NEEDS.get(name)
+    # Without it no network helps: "connect to a network" sent the user the wrong way (h112 F5).
+    how = (f"install {package} (pip install {package}), which torchvision needs to download it, and try again"
+           if package is not None and importlib.util.find_spec(package) is None else
+           "connect to a network and try again")
+    return DataError(f"dataset {name!r}{what} ({why}); {how}, or put the files there yourself (or point --data-root "
+                     f"at them)")
 
 
 def _md5_mismatches(files: list[tuple[Path, str | None]] | None) -> str | None:
@@ -1020,7 +1043,7 @@ def _read_npz_members(f, name: str, path: Path) -> dict[str, np.ndarray]:
     arrays = {}
     for key in headers if sides is not None else ("x",):
         try:
-            arrays[key] = f[key]
+            arrays[key] = f[_npz_member(f, key)]   # the member whose header was checked
         except ValueError as e:
             if "allow_pickle" not in str(e):
                 raise
@@ -1044,11 +1067,19 @@ def _npz_memory_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
     return f"of shape {tuple(shape)} ({dtype}) needs {need / 2**30:.3g} GiB of memory to load, more than {room}"
 
 
+def _npz_member(f, key: str) -> str:
+    """The zip member of the open NpzFile `f` that numpy reads for array `key`: `key` itself where the archive holds a
+    member of that name, else ``key + ".npy"`` (numpy's NpzFile, 1.24 to 2.4). An archive built by hand can hold both
+    ``x`` and ``x.npy``: the header that `_npy_header` checks must be that of the member read, and `f[member]` reads
+    that very member. The header of ``x.npy`` was checked and the raw ``x`` decompressed in full, or returned as
+    bytes (an AttributeError, exit 4; h112 F2)."""
+    return key if key in f.zip.namelist() else key + ".npy"
+
+
 def _npy_header(f, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
-    """The shape and dtype in the .npy header of member `key` of the open NpzFile `f`, read without its data; None
-    where the member is no .npy array (NpzFile returns its raw bytes)."""
-    member = key + ".npy" if key + ".npy" in f.zip.namelist() else key
-    with f.zip.open(member) as m:
+    """The shape and dtype in the .npy header of array `key` of the open NpzFile `f` (its member `_npz_member`), read
+    without its data; None where the member is no .npy array (NpzFile returns its raw bytes)."""
+    with f.zip.open(_npz_member(f, key)) as m:
         try:
             version = np.lib.format.read_magic(m)
         except ValueError:
@@ -1060,6 +1091,55 @@ def _npy_header(f, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
         else:   # a version numpy does not read either
             return None
     return shape, dtype
+
+
+# The most characters a text scalar of an npz may hold for `read_npz_scalars`: a dataset's name or path (PATH_MAX is
+# 4096 bytes) fits many times over, and a header that claims a '<U1000000000' scalar does not ask for 4 GB.
+_NPZ_SCALAR_MAX_CHARS = 65536
+_SCALAR_TYPES = {"b": bool, "i": int, "u": int, "f": float, "U": str}
+
+
+def read_npz_scalars(path: str | os.PathLike, keys: Sequence[str], *,
+                     name: str | None = None) -> dict[str, bool | int | float | str]:
+    """The arrays `keys` of the .npz archive at `path` that it holds, as Python values: each must be a scalar (a 0-d
+    bool, integer, float or text array, text of at most `_NPZ_SCALAR_MAX_CHARS` characters), checked on its .npy
+    header before its data is read, as `load_npz` checks x, y and num_classes. Its other arrays are not read.
+
+    This is how a samples file's ``meta_*`` arrays are read (`dpdm eval`'s samples_provenance, `dpdm sample`'s
+    plan digest): numpy decompresses an array in full to show its shape, so a 590 KB file whose meta_epsilon was
+    600 MB of zeros took 600 MB, and one whose header claimed 10**12 bytes ended `dpdm eval` in "out of memory on
+    the machine", exit 4 (h112 F1).
+
+    Raises:
+      DataError: a file that is no readable .npz archive, or an array of `keys` that is no such scalar (one line
+        naming it).
+    """
+    path = Path(path)
+    name = name or f"npz:{path}"
+    out = {}
+    try:
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r")   # a lone .npy is mapped, not read
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{name}: {str(path)!r} is a single .npy array, not an .npz archive")
+        with loaded as f:
+            for key in keys:
+                if key not in f.files:
+                    continue
+                header = _npy_header(f, key)
+                if header is None:
+                    raise DataError(f"{name}: its array {key!r} is not an .npy array; rewrite the file without it")
+                shape, dtype = header
+                if shape != () or dtype.kind not in _SCALAR_TYPES or dtype.itemsize > 4 * _NPZ_SCALAR_MAX_CHARS:
+                    raise DataError(f"{name}: its array {key!r} must be a scalar (a number, or text of at most "
+                                    f"{_NPZ_SCALAR_MAX_CHARS} characters), got {dtype} {tuple(shape)}; rewrite the "
+                                    "file without it")
+                out[key] = _SCALAR_TYPES[dtype.kind](f[_npz_member(f, key)][()])   # float128 as a float too
+    except DataError:
+        raise
+    except (MemoryError, *_NPZ_READ_ERRORS) as e:   # a damaged file: no header asks for more than the limits above
+        why = "it is not an .npz archive; dpdm never loads pickles" if "allow_pickle" in str(e) else _one_line(e)
+        raise DataError(f"{name}: cannot read {str(path)!r} as .npz ({why or type(e).__name__})") from None
+    return out
 
 
 def _npz_image_sides(shape: tuple[int, ...] | None) -> tuple[int, int] | None:
@@ -1139,7 +1219,7 @@ def _load_folder(root: Path, name: str) -> ImageData:
                         f"or add its images")
     if not files:
         raise DataError(f"{name}: no images ({suffixes}) in {str(root)!r}")
-    images, size = [], None
+    images, size, tagged = [], None, []   # tagged: the images with an EXIF orientation (`_exif_turned`)
     for f, _ in files:
         try:
             with warnings.catch_warnings():   # Pillow warns from 89 megapixels and refuses from twice that
@@ -1162,6 +1242,8 @@ def _load_folder(root: Path, name: str) -> ImageData:
                         raise DataError(f"{name}: image {str(f)!r} is a 16-bit {wide}: 16-bit/float images "
                                         f"are not supported; convert to 8-bit")
                     img.load()
+                    if _exif_turned(img):
+                        tagged.append(f)
                     images.append(img.copy())
         except DataError:
             raise
@@ -1182,25 +1264,67 @@ def _load_folder(root: Path, name: str) -> ImageData:
         if size is None:
             size, first = img.size, f
         elif img.size != size:
+            # A viewer shows a photo tagged as turned with its sides swapped: say why the sizes differ.
+            turned = [str(g) for g in (first, f) if g in tagged]
+            why = (f" ({', '.join(repr(t) for t in turned)} {'carries' if len(turned) == 1 else 'carry'} an EXIF "
+                   f"orientation tag, which dpdm ignores: it reads pixels as stored; {_EXIF_ADVICE})" if turned else "")
             raise DataError(f"{name}: image {str(f)!r} is {img.size[0]}x{img.size[1]} but "
-                            f"{str(first)!r} is {size[0]}x{size[1]}; all images must share one size")
-    gray = all(img.mode in ("1", "L", "LA") for img in images)
+                            f"{str(first)!r} is {size[0]}x{size[1]}; all images must share one size{why}")
+    # "La" (gray with premultiplied alpha, a TIFF's) converts to LA only: Pillow raised "conversion from La to L
+    # not supported", without naming the file (h112 F6).
+    gray = all(img.mode in ("1", "L", "LA", "La") for img in images)
+    target = "L" if gray else "RGB"
+    arrays = []
     with warnings.catch_warnings():
         # A palette image with a transparency byte per entry: Pillow warns that RGB cannot keep its alpha. Every
         # image's alpha is dropped here (L and RGB hold none), so the raw warning (printed with Pillow's path)
         # told the user of nothing to act on.
         warnings.filterwarnings("ignore", message="Palette images with Transparency expressed in bytes",
                                 category=UserWarning)
-        arrays = [np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8) for img in images]
+        for (f, _), img in zip(files, images):
+            try:
+                arrays.append(np.asarray((img.convert("LA") if img.mode == "La" else img).convert(target),
+                                         dtype=np.uint8))
+            except ValueError as e:   # a mode Pillow cannot convert to L or RGB
+                raise DataError(f"{name}: image {str(f)!r} has mode {img.mode!r}, which cannot be converted to "
+                                f"{target} ({_one_line(e)}); convert it to 8-bit grayscale or RGB") from None
     x = np.stack(arrays)
     x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
+    exif = (str(tagged[0]), len(tagged)) if tagged else None
     if class_dirs:
         y = torch.tensor([label for _, label in files], dtype=torch.int64)
         # The class count is that of the class folders, each of which must hold an image: read off the data.
         return ImageData(_from_uint8(x), y, len(class_dirs), name, num_classes_inferred=True,
-                         class_names=tuple(d.name for d in class_dirs), channels_inferred=True)
+                         class_names=tuple(d.name for d in class_dirs), channels_inferred=True, exif_turned=exif)
     # The channel count is the images' own: one colour-mode image (even with grey pixels) makes them all RGB.
-    return ImageData(_from_uint8(x), None, 0, name, channels_inferred=True)
+    return ImageData(_from_uint8(x), None, 0, name, channels_inferred=True, exif_turned=exif)
+
+
+# How to make a photo tagged as turned (EXIF orientation) read as a viewer shows it.
+_EXIF_ADVICE = "rotate its pixels upright first (PIL.ImageOps.exif_transpose; mogrify -auto-orient)"
+
+
+def _exif_turned(img) -> bool:
+    """Whether the loaded image `img` carries an EXIF orientation that turns or mirrors it (2 to 8; 1 is upright),
+    as phone photos do. dpdm reads the pixels as stored, as torchvision's ImageFolder does: applying the tag would
+    change a folder's data digest, and a run on it could not be resumed. A tag that does not parse is none."""
+    try:
+        value = img.getexif().get(0x0112)   # ExifTags.Base.Orientation
+    except (*_IMAGE_READ_ERRORS, KeyError, TypeError):
+        return False
+    return isinstance(value, int) and 2 <= value <= 8
+
+
+def exif_orientation_note(data: ImageData) -> str | None:
+    """A warning line's text, after the option that names the data: `data`'s images that carry an EXIF orientation
+    tag (`ImageData.exif_turned`), which dpdm ignores; None where none does. A folder of phone photos, some
+    tagged, trained on upright and turned images mixed, without a word (h112 F4)."""
+    if data.exif_turned is None:
+        return None
+    first, count = data.exif_turned
+    return (f"{count} of its {len(data)} images carry an EXIF orientation tag (the first: {first!r}), which dpdm "
+            f"ignores: they are read as stored, not turned or mirrored as an image viewer shows them; to use them as "
+            f"shown, {_EXIF_ADVICE.replace('its pixels', 'their pixels')}")
 
 
 # What decoding a damaged image file raises from Pillow's load(): OSError ("image file is truncated", a decoder's

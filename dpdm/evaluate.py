@@ -629,6 +629,15 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
         found = False
     if found:
         try:
+            # Checked before torch.load, as every checkpoint is (`damaged_record`): torch.load inflates a compressed
+            # record in full before the entry's sha256 binding can refuse it, and a prebuilt cache mounted into a
+            # container may come from someone else; a 1.5 MB entry took 600 MB (h112 F3). No larger file than a
+            # reference CNN of this shape saves is read at all.
+            if path.stat().st_size > _reference_file_limit(model):
+                raise ValueError("larger than a reference CNN of this shape")
+            damaged = damaged_record(path)
+            if damaged is not None:
+                raise ValueError(damaged)
             weights = path.read_bytes()
             with warnings.catch_warnings():  # a damaged file can make torch warn before it refuses
                 warnings.simplefilter("ignore")
@@ -666,6 +675,12 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
         else:
             warn(message)
     return model, {**info, "cache": str(path), "cached": False}
+
+
+def _reference_file_limit(model: nn.Module) -> int:
+    """The most bytes a cached reference CNN's weight file may hold: twice its tensors' bytes, plus 1 MiB for what
+    torch.save adds (the pickle, the zip's headers and 64-byte alignment; an mnist entry holds 0.97 MB)."""
+    return 2 * sum(v.numel() * v.element_size() for v in model.state_dict().values()) + 2**20
 
 
 def _weights_sha256(data_digest: str, figures: dict, weights: bytes) -> str:

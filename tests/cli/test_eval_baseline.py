@@ -824,10 +824,22 @@ def test_eval_and_baseline_match_numbered_test_folders_to_unnamed_labels(digit_f
               "--classifiers", "logreg", "--epochs", "1", "--reference-epochs", "10",
               "--cache-dir", str(tmp_path / "cache"), "--json")
     reports = []
-    for test in (f"npz:{tmp_path / 'no3.npz'}", folder("numbered", [str(k) for k in range(10)])):
+    numbered = folder("numbered", [str(k) for k in range(10)])
+    # One image tagged with an EXIF orientation, which dpdm ignores (its pixels as stored: the same figures), said
+    # in one warning line naming it (h112 F4).
+    tagged = tmp_path / "numbered" / str(y[0]) / "0.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    with Image.open(tagged) as img:
+        img.load()
+        img.save(tagged, exif=exif)
+    for test in (f"npz:{tmp_path / 'no3.npz'}", numbered):
         code, out, err = _run(capsys, *common, "--test-dataset", test)
         assert code == 0, err
         reports.append(json.loads(out))
+        warning = (f"dpdm: warning: --test-dataset={numbered!r}: 1 of its {len(y)} images carry an EXIF orientation "
+                   f"tag (the first: {str(tagged)!r}), which dpdm ignores: they are read as stored")
+        assert (warning in err) == (test == numbered), err
     for r in reports:
         assert r["real_test_size"] == len(y)
     figures = [(r["classifiers"]["logreg"]["test_accuracy"], r["classifier_fd"]["reference"]["real_test_accuracy"])
@@ -885,6 +897,30 @@ def test_eval_says_where_the_samples_came_from(digit_files, tmp_path, capsys):
         made = json.loads(out)["samples_provenance"]
         assert made["private"] == (None if name == "foreign" else name != "nodp")
         assert made["seed_given"] == (None if name == "foreign" else name == "seeded")
+
+
+def test_eval_refuses_a_samples_meta_array_that_is_no_scalar_before_reading_it(digit_files, tmp_path, capsys):
+    """The samples' meta_* arrays were read in full, unchecked, after every check on the data: one whose header
+    claimed 10**12 bytes (a file load_npz accepts) ended in "out of memory on the machine", exit 4, blaming the
+    machine for the input, and 600 MB of zeros in a 590 KB file cost 600 MB (h112 F1). Each is sized on its header
+    first: one that is no scalar is refused in one line, before any training or cache folder."""
+    import io
+    import zipfile
+
+    with np.load(digit_files["samples"]) as z:
+        x, y = z["x"], z["y"]
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (10**12,)})
+    path = tmp_path / "lying.npz"
+    np.savez(path, x=x, y=y, meta_private=np.array(True))
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("meta_epsilon.npy", header.getvalue() + b"\0" * 64)   # no data: reading it would fail
+    code, _, err = _run(capsys, "eval", "--samples", str(path), "--dataset", f"npz:{digit_files['train']}",
+                        "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "", "--reference-epochs",
+                        "1", "--cache-dir", str(tmp_path / "cache"))
+    _assert_one_line_error(code, err, f"--samples={str(path)!r}: ", "its array 'meta_epsilon' must be a scalar",
+                           "got uint8 (1000000000000,); rewrite the file without it")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_eval_refuses_a_test_set_that_is_the_generators_training_data(digit_files, tmp_path, capsys, monkeypatch):

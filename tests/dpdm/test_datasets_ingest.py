@@ -6,6 +6,7 @@ import struct
 import warnings
 import zipfile
 import zlib
+from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
@@ -137,6 +138,61 @@ def test_npz_sizes_are_checked_on_the_headers_before_the_data(tmp_path, monkeypa
         load_npz(tmp_path / "big2.npz")
     np.savez(tmp_path / "small.npz", x=np.zeros((6, 8, 8), np.uint8))   # 1,920 bytes: loads
     assert len(load_npz(tmp_path / "small.npz")) == 6
+
+
+def test_npz_reads_the_member_whose_header_it_checked(tmp_path):
+    """numpy reads a raw member 'x' before 'x.npy' where an archive holds both; the header of 'x.npy' was checked
+    and the raw 'x' decompressed in full, or returned as bytes: an AttributeError, exit 4 (h112 F2). The header
+    checked is that of the member numpy reads."""
+    x10, x20 = np.zeros((10, 1, 8, 8), np.uint8), np.full((20, 1, 8, 8), 7, np.uint8)
+    for raw, match in [(b"hello world", r"its array 'x' is not an \.npy array; write the file with numpy\.savez"),
+                       (_header_only((10**12, 28, 28)), r"its x of shape \(1000000000000, 28, 28\) \(uint8\) needs "
+                                                        r".* GiB of memory to load, more than"),
+                       (_npy(x20), None)]:
+        path = tmp_path / "dup.npz"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("x.npy", _npy(x10))
+            z.writestr("x", raw)
+        if match is None:   # the images loaded are those numpy gives for 'x'
+            with np.load(path) as f:
+                np.testing.assert_array_equal(f["x"], x20)
+            np.testing.assert_array_equal(datasets.to_uint8(load_npz(path).x), x20)
+        else:
+            with pytest.raises(DataError, match=match) as e:
+                load_npz(path)
+            assert "\n" not in str(e.value)
+
+
+def test_read_npz_scalars_sizes_each_array_on_its_header_before_reading_it(tmp_path):
+    """A samples file's meta_* arrays were decompressed in full to see their shape: 600 MB of zeros cost 600 MB,
+    and a header claiming 10**12 bytes ended `dpdm eval` in "out of memory on the machine", exit 4 (h112 F1).
+    Scalars are read as Python values; anything else is refused on its header, naming it; other arrays are not
+    read."""
+    path = tmp_path / "s.npz"
+    np.savez(path, x=np.zeros((2, 8, 8), np.uint8), meta_a=np.array(True), meta_b=np.array(3, np.uint8),
+             meta_c=np.array(0.5, np.float32), meta_d=np.array("npz:/data/train.npz"), meta_e=np.array([1.0, 2.0]))
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("meta_big.npy", _header_only((10**12,)))   # no data: reading it would fail
+    got = datasets.read_npz_scalars(path, ["meta_a", "meta_b", "meta_c", "meta_d", "meta_none"])
+    assert got == {"meta_a": True, "meta_b": 3, "meta_c": 0.5, "meta_d": "npz:/data/train.npz"}
+    assert [type(v) for v in got.values()] == [bool, int, float, str]
+    for member, content, shown in [("meta_big.npy", _header_only((10**12,)), r"uint8 \(1000000000000,\)"),
+                                   ("meta_big.npy", _header_only((), "<U100000"), r"<U100000 \(\)"),
+                                   ("meta_big.npy", _npy(np.array([1.0, 2.0])), r"float64 \(2,\)"),
+                                   ("meta_big.npy", _npy(np.array(1j)), r"complex128 \(\)"),
+                                   ("meta_big.npy", _npy(np.array([object()], dtype=object)), r"object \(1,\)")]:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr(member, content)
+        with pytest.raises(DataError, match=rf"^npz:.*s\.npz: its array 'meta_big' must be a scalar \(a number, or "
+                                            rf"text of at most 65536 characters\), got {shown}; rewrite the file"):
+            datasets.read_npz_scalars(path, ["meta_big"])
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("meta_big", b"raw bytes")
+    with pytest.raises(DataError, match=r"its array 'meta_big' is not an \.npy array"):
+        datasets.read_npz_scalars(path, ["meta_big"])
+    path.write_text("junk")
+    with pytest.raises(DataError, match=r"cannot read .* as \.npz \(it is not an \.npz archive; dpdm never loads"):
+        datasets.read_npz_scalars(path, ["meta_big"])
 
 
 # --- folder ---------------------------------------------------------------------------------------
@@ -448,6 +504,64 @@ def test_folder_refuses_a_subfolder_it_cannot_list(tmp_path, monkeypatch):
                    f"{str(sub)!r})"), msg
 
 
+def _exif_png(path, array, orientation):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation   # EXIF Orientation (6: turn 90 degrees clockwise to show)
+    Image.fromarray(array).save(path, exif=exif)
+
+
+def test_folder_says_which_images_carry_an_exif_orientation_it_ignores(tmp_path):
+    """Phone photos tagged with an EXIF orientation loaded as stored, turned against what every viewer shows, and
+    nothing said so; a tagged photo of swapped sides was refused as "all images must share one size" (h112 F4). The
+    pixels stay as stored (as torchvision's ImageFolder reads them: turning them would change the data digest of
+    an existing run, which could then not be resumed); the images tagged are counted and the first named."""
+    r = np.random.default_rng(0)
+    pixels = r.integers(0, 256, (6, 8), dtype=np.uint8)   # 8 wide, 6 tall
+    _png(tmp_path / "d" / "a" / "0.png", pixels)
+    _exif_png(tmp_path / "d" / "a" / "1.png", pixels, 1)   # upright: not counted
+    _exif_png(tmp_path / "d" / "b" / "2.png", pixels, 6)
+    _exif_png(tmp_path / "d" / "b" / "3.png", pixels, 8)
+    data = load_dataset(f"folder:{tmp_path / 'd'}")
+    assert data.image_shape == (1, 6, 8)
+    np.testing.assert_array_equal(datasets.to_uint8(data.x)[2, 0], pixels)   # as stored
+    first = str(tmp_path / "d" / "b" / "2.png")
+    assert data.exif_turned == (first, 2)
+    note = datasets.exif_orientation_note(data)
+    assert note.startswith(f"2 of its 4 images carry an EXIF orientation tag (the first: {first!r}), which dpdm "
+                           "ignores: they are read as stored") and "PIL.ImageOps.exif_transpose" in note
+    _classes(tmp_path / "plain")
+    plain = load_dataset(f"folder:{tmp_path / 'plain'}")
+    assert plain.exif_turned is None and datasets.exif_orientation_note(plain) is None
+    _exif_png(tmp_path / "d" / "b" / "4.png", pixels.T.copy(), 6)   # 6 wide, 8 tall: shown as 8 wide
+    with pytest.raises(DataError, match=r"all images must share one size \('.*4\.png' carries an EXIF orientation "
+                                        r"tag, which dpdm ignores: it reads pixels as stored; rotate its pixels"):
+        load_dataset(f"folder:{tmp_path / 'd'}")
+
+
+def test_folder_loads_a_gray_tiff_with_premultiplied_alpha(tmp_path):
+    """A gray TIFF whose alpha is premultiplied (Pillow's mode "La") was accepted, then refused with Pillow's
+    "conversion from La to L not supported", naming no file (h112 F6). It loads as gray, its alpha dropped as an
+    LA image's is (RGBa's likewise: the colour unpremultiplied)."""
+    r = np.random.default_rng(0)
+    gray, alpha = r.integers(0, 256, (8, 8), dtype=np.uint8), np.full((8, 8), 255, np.uint8)
+    Image.merge("LA", [Image.fromarray(gray), Image.fromarray(alpha)]).save(tmp_path / "la.tif")
+    tiff = bytearray((tmp_path / "la.tif").read_bytes())
+    assert tiff[:2] == b"II"
+    ifd = struct.unpack_from("<I", tiff, 4)[0]
+    for k in range(struct.unpack_from("<H", tiff, ifd)[0]):   # ExtraSamples (338): 2 unassociated -> 1 associated
+        if struct.unpack_from("<H", tiff, ifd + 2 + 12 * k)[0] == 338:
+            struct.pack_into("<H", tiff, ifd + 2 + 12 * k + 8, 1)
+    (tmp_path / "d" / "1").mkdir(parents=True)
+    (tmp_path / "d" / "1" / "9.tif").write_bytes(bytes(tiff))
+    with Image.open(tmp_path / "d" / "1" / "9.tif") as img:
+        assert img.mode == "La"
+    _png(tmp_path / "d" / "0" / "0.png", r.integers(0, 256, (8, 8), dtype=np.uint8))
+    data = load_dataset(f"folder:{tmp_path / 'd'}")
+    assert data.image_shape == (1, 8, 8)
+    np.testing.assert_array_equal(datasets.to_uint8(data.x)[1, 0], gray)   # opaque: unchanged
+
+
 # --- torchvision ----------------------------------------------------------------------------------
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -560,6 +674,29 @@ def test_failed_download_says_so_and_names_the_error(tmp_path, monkeypatch):
     assert msg.startswith(f"dataset 'cifar10': its files under {str(tmp_path / 'bad')!r} are there but unreadable "
                           "(md5 mismatch: data_batch_1, "), msg
     assert "and a new download failed (<urlopen error [Errno -2] Name or service not known>)" in msg, msg
+
+
+def test_celeba_download_without_gdown_says_to_install_it(tmp_path, monkeypatch):
+    """torchvision fetches CelebA from Google Drive through gdown, which dpdm does not depend on: its download
+    failed for want of it, and the line advised connecting to a network (h112 F5)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gdown", None)   # not installed (import gdown raises ImportError)
+    with pytest.raises(DataError) as e:
+        load_dataset("celeba", data_root=tmp_path, download=True)
+    msg = str(e.value)
+    assert msg.startswith(f"dataset 'celeba' not found under {str(tmp_path)!r} and its download failed ("), msg
+    assert "; install gdown (pip install gdown), which torchvision needs to download it, and try again, or put the " \
+           "files there yourself" in msg and "connect to a network" not in msg and "\n" not in msg, msg
+
+
+def test_an_empty_dpdm_data_is_unset(monkeypatch, tmp_path):
+    """DPDM_DATA= made the current folder the data root (--download would put MNIST/ there, in a folder: dataset
+    an image-less class folder), where DPDM_CACHE= is unset (h112 F7)."""
+    monkeypatch.setenv("DPDM_DATA", "")
+    assert datasets.default_data_root() == Path("~/.cache/dpdm/data").expanduser()
+    monkeypatch.setenv("DPDM_DATA", str(tmp_path))
+    assert datasets.default_data_root() == tmp_path
 
 
 def test_not_found_advises_download_only_where_the_caller_has_the_option(tmp_path):

@@ -680,6 +680,40 @@ def test_reference_cache_entry_is_tied_to_its_weights_and_data(digits, tmp_path)
     assert info5["cached"] is True and info5["real_val_accuracy"] == record["real_val_accuracy"]
 
 
+def test_a_reference_cache_entry_with_a_compressed_record_is_refused_unread(digits, tmp_path, monkeypatch):
+    """The cached weights were torch.load'ed before anything checked them: a 1.5 MB entry with a DEFLATE-compressed
+    record of zeros inflated to 600 MB before its sha256 binding refused it (h112 F3). It goes through the
+    checkpoints' `damaged_record` first, and a file larger than a reference CNN of this shape is not read: either
+    is trained again without torch.load being called."""
+    import zipfile
+
+    import dpdm.evaluate as evaluate
+
+    train, _ = digits
+    data = ImageData(train.x[:100], train.y[:100], 10, "d100")
+    entry = Path(reference_classifier(data, cache_dir=tmp_path, epochs=1)[1]["cache"])
+    intact = entry.read_bytes()
+    with zipfile.ZipFile(entry) as src:
+        records = [(info.filename, src.read(info.filename)) for info in src.infolist()]
+    with zipfile.ZipFile(entry, "w", compression=zipfile.ZIP_DEFLATED) as dst:   # the same tensors, deflated
+        for filename, content in records:
+            dst.writestr(filename, content)
+    real_load = torch.load
+
+    def refused(*args, **kwargs):
+        raise AssertionError("torch.load was called on a cache entry that should be refused unread")
+
+    for damage in ("compressed", "too large"):
+        if damage == "too large":
+            entry.write_bytes(intact + b"\0" * evaluate._reference_file_limit(CNN(1, (8, 8), 10)))
+        monkeypatch.setattr(torch, "load", refused)
+        info = reference_classifier(data, cache_dir=tmp_path, epochs=1)[1]
+        assert info["cached"] is False
+        monkeypatch.setattr(torch, "load", real_load)
+        assert entry.read_bytes() == intact   # written again, and read as it was
+        assert reference_classifier(data, cache_dir=tmp_path, epochs=1)[1]["cached"] is True
+
+
 def test_reference_cache_folder_and_entries_are_private(digits, tmp_path):
     """F5: an existing reference/ folder kept its mode (0755), and entries were written 0644."""
     import os
