@@ -267,6 +267,17 @@ def warn_inferred_channels(name: str, data) -> None:
          "x array [N, C, H, W] states it")
 
 
+def warn_exif_orientation(name: str, data) -> None:
+    """A ``folder:`` dataset's images that carry an EXIF orientation tag, which dpdm ignores (it reads pixels as
+    stored, as torchvision's ImageFolder does): they train turned or mirrored against what a viewer shows, and a
+    folder of phone photos mixes both (h112 F4). One line naming the first."""
+    from dpdm.datasets import exif_orientation_note
+
+    note = exif_orientation_note(data) if getattr(data, "exif_turned", None) else None
+    if note:
+        warn(f"--dataset={name!r}: {note}")
+
+
 def warn_if_slow_bf16(precision: str, device: str) -> None:
     """bf16 autocast on a CPU without bf16 units is slower than fp32: say so rather than let it run slow."""
     if precision != "bf16" or not str(device).startswith("cpu"):

@@ -5,7 +5,8 @@ import click
 
 from cli._common import (DatasetName, FiniteFloatRange, PathOption, check_augment_shift, emit_json, load_locked_plan,
                          load_public_data, load_training_data, plan_dataset_name, resolve_device,
-                         unread_arrays_shown, warn, warn_dataset_not_plans, warn_inferred, warn_known_seed)
+                         unread_arrays_shown, warn, warn_dataset_not_plans, warn_exif_orientation, warn_inferred,
+                         warn_known_seed)
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
@@ -130,6 +131,7 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
     except ValueError as e:  # DataError and engine argument checks
         raise BadInput(str(e)) from None
     warn_inferred(name, train)   # after the library's checks: a refused run stays one error line
+    warn_exif_orientation(name, train)
     warn_dataset_not_plans(dataset, doc.plan.dataset_name, "the result")   # as `dpdm train` warns
     if result["test_images_in_train"]:
         warn(f"{result['test_images_in_train']} of the {len(test)} test images of {test.name!r} are also training "

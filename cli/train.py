@@ -7,8 +7,8 @@ import click
 
 from cli._common import (DatasetName, FiniteFloatRange, PathOption, emit_json, info, load_locked_plan, load_public_data,
                          load_training_data, plan_dataset_name, resolve_device, warn, warn_binary_pixels,
-                         warn_dataset_not_plans, warn_empty_classes, warn_if_slow_bf16, warn_inferred, warn_known_seed,
-                         warn_unlabelled_npz)
+                         warn_dataset_not_plans, warn_empty_classes, warn_exif_orientation, warn_if_slow_bf16,
+                         warn_inferred, warn_known_seed, warn_unlabelled_npz)
 from cli.errors import BadInput, runtime_failure
 from dpdm.report_utils import epsilon_text
 
@@ -418,5 +418,6 @@ def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool
         warn_inferred(name, data)
     warn_unlabelled_npz(name, data)
     warn_binary_pixels(name, data)
+    warn_exif_orientation(name, data)
     warn_empty_classes(name, data)
     warn_dataset_not_plans(dataset, doc.plan.dataset_name, "the run")

@@ -706,3 +706,21 @@ def test_not_found_advises_download_only_where_the_caller_has_the_option(tmp_pat
         load_dataset("mnist", data_root=tmp_path, download_option=False)
     msg = str(e.value)
     assert msg.endswith("put the files there or point --data-root at them") and "--download" not in msg
+
+
+
+
+def test_train_and_baseline_warn_of_images_with_an_exif_orientation(tmp_path, capsys):
+    from cli._common import warn_exif_orientation
+    from dpdm.datasets import load_dataset
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for c in "ab":
+        (tmp_path / "d" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "d" / c / "0.png", exif=exif if c == "b" else None)
+    name = f"folder:{tmp_path / 'd'}"
+    warn_exif_orientation(name, load_dataset(name))
+    err = capsys.readouterr().err
+    assert err.startswith(f"dpdm: warning: --dataset={name!r}: 1 of its 2 images carry an EXIF orientation tag (the "
+                          f"first: {str(tmp_path / 'd' / 'b' / '0.png')!r})") and err.count("\n") == 1, err
