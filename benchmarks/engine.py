@@ -44,6 +44,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this tree's dpdm, not the one installed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _argtypes import int_at_least, number  # noqa: E402
 

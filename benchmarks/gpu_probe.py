@@ -21,6 +21,9 @@ Usage (gpu_run.sh calls it):
         --batch-size 1024 --physical-batch 1024 --K 2 --clip-norm 0.1 --precision bf16 --seconds 480 \
         --plan-out plan.json
 
+With --chunk-s S (gpu_run.sh's PROBE=0) nothing is timed: the run is sized from S, the seconds of one chunk
+that gpu_step_times.py --fit measured, by the same rule (`without_probe`).
+
 On the H200 (stop 26) it took 56 s and chose well but cautiously: its 150 s kept for evaluation were
 used 41 s, and it timed the private step in chunks of 256 examples (2.2 s), where chunks of 1024
 take 1.1 s (benchmarks/gpu_step_times.py). gpu_run.sh's defaults now follow those figures.
@@ -65,14 +68,28 @@ def time_steps(doc: accounting.PlanDocument, data, run_dir: Path, *, model: str,
 
 
 def with_peak_gib(device: str, fn):
-    """(fn(), the peak GPU memory in GiB allocated while it ran; None off cuda)."""
+    """(fn(), the peak GPU memory in GiB allocated while it ran, the peak reserved by the caching allocator;
+    both None off cuda). The reserved peak is what the process holds of the card: the allocated one plus
+    the blocks cached between chunks of other sizes (a Poisson batch's remainder), which only
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (gpu_run.sh's default) keeps close to it."""
     import torch
 
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     out = fn()
-    return out, (torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+    if not cuda:
+        return out, None, None
+    return out, torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+
+
+def out_of_memory(error: BaseException | str) -> bool:
+    """Whether an error (or a row's "Type: message") is the device running out of memory: torch's
+    OutOfMemoryError, and the RuntimeErrors that CUDA, cuBLAS and cuDNN raise for a failed allocation ("CUDA
+    error: out of memory", CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED), which a smaller chunk or K
+    may avoid as well."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return any(s in text for s in ("OutOfMemoryError", "ALLOC_FAILED")) or "out of memory" in text.lower()
 
 
 def _linear(points: dict[int, float], k: int) -> float:
@@ -129,6 +146,63 @@ def choose(*, seconds: float, eval_reserve: float, public_s: float, private_s: d
             "estimated_seconds": round(est, 1)}
 
 
+def without_probe(args: argparse.Namespace) -> None:
+    """--chunk-s (gpu_run.sh with PROBE=0): sizes the run from the chunk check's time alone
+    (gpu_step_times.py --fit: one chunk of --physical-batch x --K with the engine the run trains with). A
+    private step is costed as ceil(batch / physical) such chunks; its noise, optimizer and EMA, and a
+    Poisson batch's extra chunk, are left to --margin (on the H200 a chunk of 1024 x K 2 took 0.42 s and the
+    run's steps at most 0.63 s). A public step costs --public-step-s, an image's sampling --sample-s.
+    `choose` keeps --max-epochs and --max-public-steps where they fit and otherwise lowers them as it sizes
+    the probed run (the public steps first, down to --min-public-steps, then the epochs, down to
+    --min-epochs); stderr says what changed and why. Where even the smallest run does not fit: one line, exit
+    3, and no plan."""
+    from dpdm.datasets import DATASET_SIZES
+
+    size = DATASET_SIZES[quality.DATASET]
+    chunks = 1 if args.physical_batch is None else math.ceil(args.batch_size / args.physical_batch)
+    sizes = dict(seconds=args.seconds, eval_reserve=args.eval_reserve, public_s=args.public_step_s,
+                 private_s={args.K: chunks * args.chunk_s}, sample_s=args.sample_s, n=args.n, K=args.K,
+                 max_public=args.max_public_steps, max_epochs=args.max_epochs, size=size, batch=args.batch_size,
+                 margin=args.margin)
+    whole = choose(min_public=args.max_public_steps, min_epochs=args.max_epochs, **sizes)   # as the variables say
+    choice = choose(min_public=min(args.min_public_steps, args.max_public_steps),   # a CPU dry run's 4 public
+                    min_epochs=min(args.min_epochs, args.max_epochs), **sizes)      # steps keep no room for 150
+    cost = (f"a private step {chunks} x {args.chunk_s:g} s (chunks of {args.physical_batch or args.batch_size}), "
+            f"a public step {args.public_step_s:g} s, {args.sample_s:g} s an image sampled, x{args.margin:g}, "
+            f"{args.eval_reserve:g} s kept for evaluation")
+    if choice["estimated_seconds"] > args.seconds:
+        print(f"no time left for the smallest run: {choice['private_steps']} private steps "
+              f"({choice['epochs']:.4g} epochs) and {choice['public_steps']} public steps take about "
+              f"{choice['estimated_seconds']:g} s of the {args.seconds:g} s left ({cost}); lower --min-epochs and "
+              "--min-public-steps (gpu_run.sh: MIN_EPOCHS, MIN_PUBLIC_STEPS), the chunk's time (PHYSICAL, K) "
+              "or raise the budget", file=sys.stderr)
+        raise SystemExit(3)
+    runs = (f"{whole['private_steps']} private steps ({args.max_epochs:g} epochs) and {whole['public_steps']} "
+            f"public steps")
+    same_steps = choice["private_steps"] == whole["private_steps"]
+    epochs = args.max_epochs if same_steps else choice["epochs"]   # the same plan, and EPOCHS as given
+    if same_steps and choice["public_steps"] == whole["public_steps"]:
+        print(f"sized without the probe: {runs} fit the {args.seconds:g} s left (about "
+              f"{whole['estimated_seconds']:g} s: {cost})", file=sys.stderr)
+    else:
+        changed = [] if same_steps else [
+            f"EPOCHS {args.max_epochs:g} -> {epochs:.4g} ({choice['private_steps']} private steps)"]
+        changed += [f"PUBLIC_STEPS {whole['public_steps']} -> {choice['public_steps']}"
+                    ] if choice["public_steps"] != whole["public_steps"] else []
+        print(f"sized without the probe: {runs} do not fit the {args.seconds:g} s left (about "
+              f"{whole['estimated_seconds']:g} s: {cost}); {', '.join(changed)} (about "
+              f"{choice['estimated_seconds']:g} s)", file=sys.stderr)
+    doc = quality.default_plan(epochs=epochs, batch_size=args.batch_size, noise_multiplicity=args.K,
+                               clip_norm=args.clip_norm)
+    accounting.write_plan(doc, args.plan_out)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"timings": {"chunk_s": args.chunk_s, "chunks_per_step": chunks,
+                                                           "public_step_s": args.public_step_s,
+                                                           "sample_s_per_image": args.sample_s},
+                                               "choice": choice}, indent=2))
+    print(f"PUBLIC_STEPS={choice['public_steps']} EPOCHS={epochs:.12g} K={args.K}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -155,7 +229,17 @@ def main() -> None:
     ap.add_argument("--min-epochs", type=number(float, 0, above=True), default=20.0)
     ap.add_argument("--plan-out", required=True, help="the chosen plan is written here")
     ap.add_argument("--json", help="timings and choices")
+    ap.add_argument("--chunk-s", type=number(float, 0, above=True), default=None,
+                    help="no probe: size the run from these seconds a chunk of --physical-batch x --K "
+                         "(gpu_step_times.py --fit's CHUNK_S), --public-step-s and --sample-s (gpu_run.sh's PROBE=0)")
+    ap.add_argument("--public-step-s", type=number(float, 0, above=True), default=0.13,
+                    help="--chunk-s: seconds a public step (H200, batch 512, K 2, bf16: 0.13)")
+    ap.add_argument("--sample-s", type=number(float, 0), default=0.002,
+                    help="--chunk-s: seconds an image of sampling (H200: 526 and 585 images/s)")
     args = ap.parse_args()
+    if args.chunk_s is not None:
+        without_probe(args)
+        return
 
     import torch
 
@@ -186,11 +270,11 @@ def main() -> None:
             doc = public_private_plan(args.public, len(public), batch_size=args.batch_size, steps=8,
                                       noise_multiplicity=k, clip_norm=args.clip_norm)
             try:
-                private_s[k], peak = with_peak_gib(args.device, lambda: time_steps(
+                private_s[k], peak, _ = with_peak_gib(args.device, lambda: time_steps(
                     doc, public, tmp / f"private{k}", model=args.model, private=True, device=args.device,
                     precision="fp32", physical_batch=args.physical_batch, grad_engine=args.grad_engine))
-            except torch.cuda.OutOfMemoryError as e:   # torch.OutOfMemoryError: one class, two names
-                if k == args.K:   # the run itself would not fit: nothing to size
+            except RuntimeError as e:   # torch.OutOfMemoryError is one, and so is cuBLAS's failed allocation
+                if k == args.K or not out_of_memory(e):   # the run itself would not fit: nothing to size
                     raise
                 timings["out_of_memory_K"] = k
                 print(f"private step (expected batch {args.batch_size}, K {k}, {args.grad_engine}): out of memory "

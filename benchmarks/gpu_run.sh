@@ -41,7 +41,8 @@
 #   PROBE=0 K=4 PUBLIC_K=2 GRAD_ENGINE=vmap PUBLIC_STEPS=900 EPOCHS=60 bash benchmarks/gpu_run.sh run
 # Stop 27 measured plain vmap at K 4 in chunks of 1024 at 118.9 GiB, which an H100 cannot hold: there the
 # chunk check (0. below) trains in chunks of 512 (or set PHYSICAL=512, or GRAD_ENGINE=rules), slower than
-# the H200's estimate. The device budget is 900 s for all calls together, the machine's start included.
+# the H200's estimate, and lowers PUBLIC_STEPS, then EPOCHS, to fit the time (below). The device budget is
+# 900 s for all calls together, the machine's start included.
 #
 # Stop 26 ran it once on an H200 (issue 4's note): the probe then timed chunks of 256 and chose 500 public
 # steps of 128 and 20 epochs (79 private steps, 166 s); synthetic CNN 95.3%, public-initialised 96.0%,
@@ -65,10 +66,20 @@
 # faster and its peak stays within 80% of the GPU's memory, else the rules; GRAD_ENGINE=rules or vmap skips it.
 # With PROBE=0 (no probe, so nothing else has run the chunk), one chunk of PHYSICAL x K with the engine chosen
 # is then checked (benchmarks/gpu_step_times.py --fit, one short process; the auto step's rows are not timed
-# again): while its peak exceeds FIT_SHARE (0.9) of the GPU's memory, or it runs out of memory, PHYSICAL is
-# halved (down to a quarter), then the rules engine is tried the same way; the result is printed ("fit: ..."),
-# and the run stops (exit 3) if nothing fits. FIT_SHARE is above the auto rule's 80% because the H200 ran
-# K 4 in chunks of 1024 at 85% of its memory (stop 27). Fewer than 30 s left before quality.py: exit 3.
+# again): while its peak (the larger of what it allocated and what the allocator reserved) exceeds FIT_SHARE
+# (0.9) of the GPU's memory, or it runs out of memory, PHYSICAL is halved (down to a quarter), then the rules
+# engine is tried the same way; the result is printed ("fit: ..."), and the run stops (exit 3) if nothing
+# fits. FIT_SHARE is above the auto rule's 80% because the H200 ran K 4 in chunks of 1024 at 85% of its
+# memory (stop 27). The chunk's time then sizes the run as the probe would (gpu_probe.py --chunk-s): a
+# private step costed at ceil(BATCH/PHYSICAL) chunks, a public step at PUBLIC_STEP_S, sampling at SAMPLE_S
+# an image, training at MARGIN times that, EVAL_RESERVE kept; where EPOCHS and PUBLIC_STEPS do not fit,
+# PUBLIC_STEPS is lowered (down to MIN_PUBLIC_STEPS), then EPOCHS (down to MIN_EPOCHS), and probe.log says so
+# ("sized without the probe: ..."); where even those do not fit, exit 3 before any training. On the H200
+# the recommended run should fit unchanged (a chunk of 1024 x K 4 about 0.7 s, inferred from the probe's
+# 1.03 s step: about 450 s estimated); on an H100, in chunks of 512, it is cut to fit. Fewer than 30 s left
+# before quality.py: exit 3. Every process runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless
+# PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF is set: Poisson batches give chunks of changing sizes, which
+# otherwise fragment the allocator's cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -89,6 +100,8 @@ run)
     MODEL=${MODEL:-mnist}
     BUDGET_S=${BUDGET_S:-550}          # everything after the install ends within this many seconds
     EVAL_RESERVE=${EVAL_RESERVE:-90}   # seconds the probe keeps for the synthetic classifiers and FD (41 s on the H200)
+    PUBLIC_STEP_S=${PUBLIC_STEP_S:-0.13}   # PROBE=0's sizing: seconds a public step (H200, B512, K 2: 0.105-0.13)
+    SAMPLE_S=${SAMPLE_S:-0.002}        # and an image's sampling (H200: 526-585 images/s)
     MARGIN=${MARGIN:-1.2}              # the probe budgets training time at this multiple of its estimate
     PUBLIC=${PUBLIC:-digits28-aug}
     PUBLIC_STEPS=${PUBLIC_STEPS:-500}  # upper bounds: the probe lowers them to fit (or raises K)
@@ -114,6 +127,9 @@ run)
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
     export PYTHONUNBUFFERED=1 DPDM_CACHE=${DPDM_CACHE:-/tmp/dpdm_gpu_cache}   # the FD's reference network: kept between calls
+    if [ -z "${PYTORCH_ALLOC_CONF:-}" ]; then   # the user's own allocator setting (either name) is kept
+        export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+    fi
     mkdir -p "$OUT" "$WORK"
     SECONDS=0
     "$PYTHON" - <<'PY' 2>&1 | tee "$OUT/probe.log"
@@ -131,15 +147,22 @@ PY
 print(gpu_step_times.pick_engine(json.load(open(sys.argv[1]))))" "$WORK/engines.json" 2>/dev/null || echo rules)
         echo "grad engine: $GRAD_ENGINE (after ${SECONDS} s)" | tee -a "$OUT/probe.log"
     fi
-    if [ "${PROBE:-1}" = 0 ]; then   # no probe: check that one chunk fits, then the plan as the variables say
+    if [ "${PROBE:-1}" = 0 ]; then   # no probe: check that one chunk fits, then size the plan from its time
         fit=$("$PYTHON" benchmarks/gpu_step_times.py --device "$DEVICE" --json "$WORK/fit.json" \
             --fit "${FIT_SHARE:-0.9}" --known "$WORK/engines.json" "$MODEL:$PHYSICAL:$K:$GRAD_ENGINE" \
             2>>"$OUT/probe.log" | tee -a "$OUT/probe.log" | tail -n 1) || { tail -n 30 "$OUT/probe.log"; exit 3; }
-        case "$fit" in PHYSICAL=[0-9]*" GRAD_ENGINE="*) eval "$fit" ;; *) echo "fit: no answer" >&2; exit 3 ;; esac
+        case "$fit" in   # PHYSICAL=... GRAD_ENGINE=... CHUNK_S=... (the chunk's seconds)
+        PHYSICAL=[0-9]*" GRAD_ENGINE="*" CHUNK_S="*) eval "$fit" ;;
+        *) echo "fit: no answer" >&2; exit 3 ;;
+        esac
         echo "fit: $fit (after ${SECONDS} s)" | tee -a "$OUT/probe.log"
-        "$PYTHON" -c "import sys; sys.path.insert(0, 'benchmarks'); import accounting, quality
-accounting.write_plan(quality.default_plan(epochs=$EPOCHS, batch_size=$BATCH, noise_multiplicity=$K, clip_norm=$CLIP), '$WORK/plan.json')"
-        choice=":"
+        seconds=$((BUDGET_S - SECONDS - 15))
+        choice=$("$PYTHON" benchmarks/gpu_probe.py --chunk-s "$CHUNK_S" --public-step-s "$PUBLIC_STEP_S" \
+            --sample-s "$SAMPLE_S" --batch-size "$BATCH" --physical-batch "$PHYSICAL" --K "$K" --clip-norm "$CLIP" \
+            --n "$N" --seconds $((seconds > 1 ? seconds : 1)) --eval-reserve "$EVAL_RESERVE" --margin "$MARGIN" \
+            --max-public-steps "$PUBLIC_STEPS" --min-public-steps "$MIN_PUBLIC_STEPS" --max-epochs "$EPOCHS" \
+            --min-epochs "$MIN_EPOCHS" --plan-out "$WORK/plan.json" 2>>"$OUT/probe.log" | tail -n 1) \
+            || { tail -n 30 "$OUT/probe.log"; exit 3; }
     else
     # 1. Time the steps on public data and size the run to the seconds left (writes the plan).
     choice=$("$PYTHON" benchmarks/gpu_probe.py --device "$DEVICE" --model "$MODEL" --public "$PUBLIC" \

@@ -22,9 +22,11 @@ against 97 ms), while at CPU sizes they are faster and leaner (small, 256 exampl
 auto` run per chunk: a little more memory). gpu_run.sh uses it twice, with the device's memory (memory_gib)
 recorded in each row: `pick_engine` applies `dpdm train --grad-engine auto`'s rule to the rules/plain rows, and
 --fit SHARE (one MODEL:PHYSICAL:K:ENGINE) checks that the chunk the run will train with fits before it starts:
-while its peak exceeds SHARE of the device's memory (or it runs out of memory) it halves PHYSICAL, down to a
-quarter, then tries the rules engine the same way, and prints `PHYSICAL=... GRAD_ENGINE=...` (exit 3 if
-nothing fits). Rows in --known (an earlier --json, gpu_run.sh's engine timings) are not timed again.
+while its peak (the larger of the allocated and the reserved one, peak_gib and reserved_gib) exceeds SHARE of
+the device's memory (or it runs out of memory) it halves PHYSICAL, down to a quarter, then tries the rules
+engine the same way, and prints `PHYSICAL=... GRAD_ENGINE=... CHUNK_S=...` (the chunk's seconds, which size
+gpu_run.sh's PROBE=0 run; exit 3 if nothing fits). Rows in --known (an earlier --json, gpu_run.sh's engine
+timings) are not timed again.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _argtypes import int_at_least, number  # noqa: E402
-from gpu_probe import public_private_plan, time_steps, with_peak_gib  # noqa: E402
+from gpu_probe import out_of_memory, public_private_plan, time_steps, with_peak_gib  # noqa: E402
 
 
 def _failed(row: dict, e: Exception) -> dict:
@@ -63,12 +65,12 @@ def time_step(data, name: str, model: str, physical: int, k: int, *, expected_ba
         doc = public_private_plan(name, len(data), batch_size=expected_batch, steps=steps, noise_multiplicity=k,
                                   clip_norm=0.1)
         with tempfile.TemporaryDirectory() as tmp:
-            step_s, peak = with_peak_gib(device, lambda: time_steps(
+            step_s, peak, reserved = with_peak_gib(device, lambda: time_steps(
                 doc, data, Path(tmp) / "run", model=model, private=True, device=device, precision="fp32",
                 physical_batch=physical))
         row["step_s"] = round(step_s, 4)
         if peak is not None:
-            row["peak_gib"] = round(peak, 2)
+            row["peak_gib"], row["reserved_gib"] = round(peak, 2), round(reserved, 2)
     except Exception as e:   # one failing configuration must not cost the others
         _failed(row, e)
     row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -127,10 +129,10 @@ def time_chunk(model: str, n: int, k: int, mode: str, *, device: str, repeats: i
                 torch.cuda.synchronize()
             return (time.perf_counter() - t0) / repeats
 
-        chunk_s, peak = with_peak_gib(device, timed)
+        chunk_s, peak, reserved = with_peak_gib(device, timed)
         row["chunk_s"] = round(chunk_s, 4)
         if peak is not None:
-            row["peak_gib"] = round(peak, 2)
+            row["peak_gib"], row["reserved_gib"] = round(peak, 2), round(reserved, 2)
     except Exception as e:   # one failing configuration must not cost the others
         _failed(row, e)
     memory = device_memory_gib(device)
@@ -153,18 +155,22 @@ def pick_engine(rows: list[dict]) -> str:
 
 
 def chunk_fits(row: dict, share: float) -> bool:
-    """Whether a timed chunk ran and its peak is within `share` of the device's memory (no figures: yes)."""
+    """Whether a timed chunk ran and its peak is within `share` of the device's memory (no figures: yes): the
+    larger of the peaks allocated and reserved (`with_peak_gib`), since the process holds what its allocator
+    reserved, and the run's chunks vary in size where the check's did not."""
     if "chunk_s" not in row:
         return False
-    peak, memory = row.get("peak_gib"), row.get("memory_gib")
-    return peak is None or memory is None or peak <= share * memory
+    peaks = [row[k] for k in ("peak_gib", "reserved_gib") if row.get(k) is not None]
+    memory = row.get("memory_gib")
+    return not peaks or memory is None or max(peaks) <= share * memory
 
 
 def fit_chunk(model: str, physical: int, k: int, mode: str, *, device: str, share: float,
               known: list[dict] | tuple = (), log=print) -> dict | None:
     """The first of PHYSICAL, PHYSICAL/2, PHYSICAL/4 with `mode`, then the same with the rules engine, whose
-    clipped chunk fits `share` of the device's memory: {"physical", "engine" (rules|plain), "rows"}; None if
-    none does, or a chunk fails for another reason than memory (halving would not help)."""
+    clipped chunk fits `share` of the device's memory: {"physical", "engine" (rules|plain), "chunk_s" (its
+    seconds), "rows"}; None if none does, or a chunk fails for another reason than memory (`out_of_memory`:
+    halving would not help)."""
     import torch
 
     sizes = [p for p in (physical, physical // 2, physical // 4) if p >= 1]
@@ -181,8 +187,8 @@ def fit_chunk(model: str, physical: int, k: int, mode: str, *, device: str, shar
         rows.append(row)
         log(json.dumps(row))
         if chunk_fits(row, share):
-            return {"physical": p, "engine": m, "rows": rows}
-        if "chunk_s" not in row and "OutOfMemoryError" not in row.get("error", ""):
+            return {"physical": p, "engine": m, "chunk_s": row["chunk_s"], "rows": rows}
+        if "chunk_s" not in row and not out_of_memory(row.get("error", "")):
             break
     return None
 
@@ -220,7 +226,7 @@ def main() -> None:
         if (fit["physical"], fit["engine"]) != (int(physical), mode):
             print(f"fit: {what} does not fit {args.fit:.0%} of the device's memory; training in chunks of "
                   f"{fit['physical']} with the {engine} engine", file=sys.stderr)
-        print(f"PHYSICAL={fit['physical']} GRAD_ENGINE={engine}")
+        print(f"PHYSICAL={fit['physical']} GRAD_ENGINE={engine} CHUNK_S={fit['chunk_s']:g}")
         return
 
     from dpdm.datasets import load_dataset

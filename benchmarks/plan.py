@@ -16,19 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))   # this tree's accounting, not the one installed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _argtypes import int_at_least  # noqa: E402
 
 EPSILONS = (0.2, 1.0, 10.0)
 DELTA = 1e-5
 N, B, EPOCHS = 60000, 4096, 300
-DPDM = Path(sys.executable).with_name("dpdm")   # the venv's command, beside its python
+DPDM = Path(sys.executable).with_name("dpdm")   # the venv's command, beside its python, run on this tree's code
 
 OPACUS = """
 import json, sys, time, warnings
@@ -45,8 +48,10 @@ print(json.dumps({{"sigma": sigma, "import_s": t1 - t0, "call_s": t2 - t1}}))
 
 def time_dpdm(eps: float) -> tuple[float, float]:
     cmd = [str(DPDM), "plan", "--preset", "mnist-paper", "--eps", repr(eps), "--delta", repr(DELTA), "--json"]
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}   # this tree's code first
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return time.perf_counter() - t0, json.loads(proc.stdout)["noise_multiplier"]
 
 

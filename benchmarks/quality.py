@@ -526,7 +526,13 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
                  NON_PRIVATE_KEY: []}
     t0 = time.perf_counter()
 
+    def say(message: str) -> None:
+        print(message, file=sys.stderr)
+
     def baseline_part() -> None:
+        # A line as the part starts, so that a log cut short by the budget names the part it was in (h113 F4).
+        say(f"training the DP-SGD CNN under the plan ({doc.plan.steps} steps, epsilon {doc.epsilon:.4g})"
+            + ("" if public is None else f", after pretraining on public {public}"))
         out["dp_classifier"] = dp_classifier_baseline(doc, device=device, public=public, augment_shift=augment_shift,
                                                       augment_multiplicity=augment_multiplicity, seed=seed)
         print(f"DP-SGD CNN: {out['dp_classifier']}", file=sys.stderr)   # in the log at once, not only at the end
@@ -546,7 +552,7 @@ def run(*, plan_path: str | None = None, samples: str | None = None, device: str
         from dpdm.evaluate import reference_classifier
 
         real_train = load_dataset(name, "train")
-        _, info = reference_classifier(real_train, device=device)
+        _, info = reference_classifier(real_train, device=device, progress=say, warn=say)   # says so if it trains
         # Its cache path is left out (the file name is a digest of the private data), as `dpdm eval` does.
         out["reference_classifier"] = {"cached": info["cached"]}
         out["reference_classifier_non_private"] = {k: info[k] for k in ("real_val_accuracy", "best_epoch", "epochs")

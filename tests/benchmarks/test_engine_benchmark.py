@@ -148,3 +148,24 @@ def test_engine_benchmark_peers_run_the_chunk_size_rows_per_pass(load_benchmark,
     D.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     step()
     assert rows == [4, 2]
+
+
+def test_engine_benchmark_times_the_dpdm_of_its_own_tree(tmp_path):
+    # h113 F3: engine.py put only benchmarks/ on sys.path, so its workers (run as scripts from the tree's root)
+    # imported whatever dpdm the venv's editable install points at: a second checkout sharing the venv timed
+    # another tree's engine against Opacus, and nothing said so. A copy of the benchmark beside a dpdm that stops
+    # when imported must import that one.
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "benchmarks").mkdir()
+    for name in ("engine.py", "_argtypes.py"):
+        shutil.copy(root / "benchmarks" / name, tmp_path / "benchmarks" / name)
+    (tmp_path / "dpdm").mkdir()
+    (tmp_path / "dpdm" / "__init__.py").write_text('raise SystemExit("imported the dpdm beside the benchmark")\n')
+    proc = subprocess.run([sys.executable, str(tmp_path / "benchmarks" / "engine.py"), "--worker", "dpdm",
+                           "--preset", "small", "--batch", "1", "--K", "1", "--threads", "1", "--repeats", "1",
+                           "--warmup", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "imported the dpdm beside the benchmark" in proc.stderr, proc.stdout + proc.stderr[-2000:]

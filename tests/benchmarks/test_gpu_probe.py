@@ -68,9 +68,9 @@ def test_larger_k_only_where_its_memory_fits(load_benchmark):
     assert c["K"] == 4   # on an 80 GiB card K 8 would not
 
 
-def _probe_main(p, monkeypatch, tmp_path, *, n: int, oom_k: int | None) -> tuple[dict, list[int]]:
+def _probe_main(p, monkeypatch, tmp_path, *, n: int, oom_k: int | None, error=None) -> tuple[dict, list[int]]:
     """gpu_probe.main on the CPU with the timing, the data and the sampling stubbed: (its JSON, the sample
-    counts it asked for). A private step at K = oom_k raises torch.OutOfMemoryError."""
+    counts it asked for). A private step at K = oom_k raises `error` (torch.OutOfMemoryError by default)."""
     import torch
 
     sampled = []
@@ -79,7 +79,7 @@ def _probe_main(p, monkeypatch, tmp_path, *, n: int, oom_k: int | None) -> tuple
 
     def time_steps(doc, data, run_dir, *, private, **kw):
         if private and doc.plan.noise_multiplicity == oom_k:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+            raise error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
         return 1.0 if private else 0.1
 
     monkeypatch.setattr(p, "time_steps", time_steps)
@@ -102,6 +102,19 @@ def test_probe_goes_on_at_k_when_2k_runs_out_of_memory(load_benchmark, monkeypat
     assert probe["choice"]["K"] == 2 and probe["timings"]["out_of_memory_K"] == 4
     assert probe["timings"]["private_step_s"] == {"2": 1.0}
     assert json.loads((tmp_path / "plan.json").read_text())["noise_multiplicity"] == 2
+
+
+@pytest.mark.parametrize("message", ["CUDA error: out of memory",
+                                     "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"])
+def test_probe_goes_on_at_k_when_2k_fails_to_allocate_in_a_runtime_error(load_benchmark, monkeypatch, tmp_path,
+                                                                          capsys, message):
+    """h113 N1: CUDA and cuBLAS report a failed allocation as a plain RuntimeError, which ended the whole probe
+    (and gpu_run.sh with it); another RuntimeError still does."""
+    p = load_benchmark("gpu_probe")
+    probe, _ = _probe_main(p, monkeypatch, tmp_path, n=20, oom_k=4, error=RuntimeError(message))
+    assert probe["choice"]["K"] == 2 and probe["timings"]["out_of_memory_K"] == 4
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        _probe_main(p, monkeypatch, tmp_path, n=20, oom_k=4, error=RuntimeError("CUDA error: device-side assert"))
 
 
 def test_probe_samples_as_many_images_as_the_run_at_most(load_benchmark, monkeypatch, tmp_path, capsys):
@@ -162,6 +175,81 @@ def test_fit_chunk_halves_the_chunk_then_tries_the_rules(load_benchmark, monkeyp
     assert timed == []
 
 
+def test_fit_chunk_halves_on_allocation_failures_raised_as_runtime_errors(load_benchmark, monkeypatch):
+    """h113 N1: a chunk that fails to allocate with a RuntimeError (CUDA's "out of memory", cuBLAS's or cuDNN's
+    ALLOC_FAILED) is out of memory too: halved, as for torch's OutOfMemoryError, not the end of the fit (exit 3)."""
+    t = load_benchmark("gpu_step_times")
+    for error in ("RuntimeError: CUDA error: out of memory",
+                  "RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                  "RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED"):
+        timed = _chunk_table(monkeypatch, t, {"plain:1024": {"error": error},
+                                              "plain:512": {"chunk_s": 0.6, "peak_gib": 60.0}}, 79.1)
+        r = t.fit_chunk("mnist", 1024, 4, "plain", device="cuda", share=0.9, log=lambda _: None)
+        assert r is not None and (r["physical"], r["chunk_s"], timed) == (512, 0.6, ["plain:1024", "plain:512"])
+
+
+def test_chunk_fits_judges_the_reserved_peak_too(load_benchmark):
+    """h113 F2: the process holds what its caching allocator reserved, not only what it allocated; a chunk
+    whose reserved peak is over the share does not fit, whatever its allocated peak."""
+    t = load_benchmark("gpu_step_times")
+    row = {"chunk_s": 0.6, "peak_gib": 60.0, "memory_gib": 79.1}   # 60 GiB allocated: within 90% (71.2 GiB)
+    assert t.chunk_fits(row, 0.9)
+    assert not t.chunk_fits({**row, "reserved_gib": 75.0}, 0.9)
+    assert t.chunk_fits({**row, "reserved_gib": 70.0}, 0.9)
+
+
+def _without_probe(p, monkeypatch, tmp_path, capsys, *, chunk_s: float, physical: int, seconds: float,
+                   **options) -> tuple[int, str, str, dict | None]:
+    """gpu_probe.py --chunk-s (gpu_run.sh's PROBE=0 sizing) with the recommended run's variables: (exit code,
+    stdout's last line, stderr, the plan written, uncalibrated (the accountant takes seconds a plan), or None)."""
+    plan = tmp_path / "plan.json"
+    plan.unlink(missing_ok=True)
+    monkeypatch.setattr(p.quality, "default_plan", lambda **kw: p.quality.plan_shape(**kw))
+    monkeypatch.setattr(p.accounting, "write_plan", lambda shape, path: Path(path).write_text(json.dumps(
+        {"steps": shape.steps, "noise_multiplicity": shape.noise_multiplicity})))
+    argv = {"--chunk-s": chunk_s, "--physical-batch": physical, "--seconds": seconds, "--batch-size": 1024,
+            "--K": 4, "--clip-norm": 0.1, "--n": 10_000, "--eval-reserve": 90, "--margin": 1.2,
+            "--max-public-steps": 900, "--min-public-steps": 150, "--max-epochs": 60, "--min-epochs": 20, **options}
+    monkeypatch.setattr(sys, "argv", ["gpu_probe.py", "--plan-out", str(plan),
+                                      *[str(x) for kv in argv.items() for x in kv]])
+    code = 0
+    try:
+        p.main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, (out.strip().splitlines() or [""])[-1], err, json.loads(plan.read_text()) if plan.exists() else None
+
+
+def test_without_probe_the_run_is_sized_from_the_chunk_time(load_benchmark, monkeypatch, tmp_path, capsys):
+    """h113 F1: with PROBE=0 gpu_run.sh trained the whole plan whatever the chunk check found. On the H200 the
+    recommended run fits as given (a chunk of 1024 x K 4 about 0.7 s: the probe's 1.03 s step less the 0.32 s
+    its K 2 step spent beyond the 0.42 s chunk); on an H100 in chunks of 512 (0.75 s each, 2 a step) it does not,
+    and the public steps, then the epochs, are lowered to fit, saying so; where even the minimum does not fit,
+    exit 3 and no plan."""
+    p = load_benchmark("gpu_probe")
+    code, last, err, plan = _without_probe(p, monkeypatch, tmp_path, capsys, chunk_s=0.7, physical=1024,
+                                           seconds=509)   # 550 s less the chunk check's 26 s and 15
+    assert (code, last, plan["steps"], plan["noise_multiplicity"]) == (0, "PUBLIC_STEPS=900 EPOCHS=60 K=4", 235, 4)
+    assert "235 private steps (60 epochs) and 900 public steps fit the 509 s left" in err
+    code, last, err, plan = _without_probe(p, monkeypatch, tmp_path, capsys, chunk_s=0.75, physical=512,
+                                           seconds=509)
+    # (509 - 90 - 20 sampling) / 1.2 = 332.5 s of training: 150 public steps (19.5 s) leave room for 208 private
+    # steps of 1.5 s, and the 20.5 s then left for 157 public steps.
+    assert (code, last, plan["steps"]) == (0, "PUBLIC_STEPS=157 EPOCHS=53.248 K=4", 208)
+    assert "235 private steps (60 epochs) and 900 public steps do not fit the 509 s left (about 673.4 s" in err
+    assert "EPOCHS 60 -> 53.25 (208 private steps), PUBLIC_STEPS 900 -> 157 (about 508.9 s)" in err
+    code, last, err, plan = _without_probe(p, monkeypatch, tmp_path, capsys, chunk_s=3.0, physical=512,
+                                           seconds=509)
+    assert (code, plan) == (3, None) and len(err.strip().splitlines()) == 1
+    assert err.startswith("no time left for the smallest run: 79 private steps") and "MIN_EPOCHS" in err
+    # A CPU dry run's 4 public steps (under MIN_PUBLIC_STEPS) keep no time for 150 from the private steps.
+    code, last, err, plan = _without_probe(p, monkeypatch, tmp_path, capsys, chunk_s=1.0, physical=64, seconds=600,
+                                           **{"--batch-size": 64, "--max-public-steps": 4, "--max-epochs": 0.1,
+                                              "--n": 20})
+    assert (code, last, plan["steps"]) == (0, "PUBLIC_STEPS=4 EPOCHS=0.1 K=4", 7)
+
+
 FAKE_STEP_TIMES = '''
 import json, os, sys
 sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
@@ -181,6 +269,7 @@ t.main()
 '''
 
 STUB_PYTHON = '''#!/usr/bin/env bash
+echo "alloc $1 ${PYTORCH_CUDA_ALLOC_CONF-unset}" >> "$STUB_LOG"   # the allocator setting each process gets
 case "$1" in
 -) cat >/dev/null; echo "python (stub)" ;;
 benchmarks/gpu_step_times.py) shift; exec "$REAL_PYTHON" "$FAKE_STEP_TIMES" "$@" ;;
@@ -201,7 +290,8 @@ def _gpu_run(tmp_path, chunks: dict, memory_gib: float, **env):
     stub.chmod(0o755)
     log = tmp_path / "stub.log"
     log.write_text("")
-    run_env = {**os.environ, "PYTHON": str(stub), "REAL_PYTHON": sys.executable,
+    mine = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    run_env = {**mine, "PYTHON": str(stub), "REAL_PYTHON": sys.executable,
                "FAKE_STEP_TIMES": str(tmp_path / "fake_step_times.py"), "STUB_LOG": str(log),
                "STUB_CHUNKS": json.dumps(chunks), "STUB_MEMORY_GIB": str(memory_gib), "SKIP_INSTALL": "1",
                "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "DPDM_CACHE": str(tmp_path / "cache"),
@@ -210,6 +300,11 @@ def _gpu_run(tmp_path, chunks: dict, memory_gib: float, **env):
                           capture_output=True, text=True, timeout=300)
     probe_log = (tmp_path / "out" / "probe.log")
     return proc, log.read_text().splitlines(), probe_log.read_text() if probe_log.exists() else ""
+
+
+def _allocator(lines: list[str]) -> set[str]:
+    """The PYTORCH_CUDA_ALLOC_CONF that the chunk check and the two quality.py processes ran with."""
+    return {line.split()[2] for line in lines if line.startswith("alloc benchmarks/")}
 
 
 def _quality_args(lines: list[str]) -> list[str]:
@@ -224,12 +319,13 @@ def test_gpu_run_engine_choice_applies_the_memory_rule(tmp_path):
     (1.0 s, 38 GiB) but over 80% of the memory: `dpdm train --grad-engine auto`'s rule takes the rules, and
     gpu_run.sh must too (it had dropped the peaks). The PROBE=0 chunk check reuses the rows it timed."""
     chunks = {"rules:1024": {"chunk_s": 1.0, "peak_gib": 38.0}, "plain:1024": {"chunk_s": 0.6, "peak_gib": 118.9}}
-    proc, lines, probe_log = _gpu_run(tmp_path, chunks, 79.1)
+    proc, lines, probe_log = _gpu_run(tmp_path, chunks, 79.1, PYTORCH_CUDA_ALLOC_CONF="max_split_size_mb:512")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "grad engine: rules" in probe_log
     args = _quality_args(lines)
     assert args[args.index("--grad-engine") + 1] == "rules" and args[args.index("--physical-batch") + 1] == "1024"
     assert [line for line in lines if line.startswith("chunk ")] == ["chunk rules:1024:4", "chunk plain:1024:4"]
+    assert _allocator(lines) == {"max_split_size_mb:512"}   # the user's own allocator setting is kept
 
 
 @pytest.mark.slow   # 7 s on 2 cores: the default suite stays under 15 minutes
@@ -243,6 +339,24 @@ def test_gpu_run_without_probe_halves_a_chunk_that_does_not_fit(tmp_path):
     args = _quality_args(lines)
     assert args[args.index("--grad-engine") + 1] == "vmap" and args[args.index("--physical-batch") + 1] == "512"
     assert "fit: PHYSICAL=512 GRAD_ENGINE=vmap" in probe_log and "chunks of 512" in probe_log
+
+
+@pytest.mark.slow   # 8 s on 2 cores: the default suite stays under 15 minutes
+def test_gpu_run_without_probe_sizes_the_run_to_the_chunk_it_trains_with(tmp_path):
+    """h113 F1, F2: the recommended run (PROBE=0 K=4 GRAD_ENGINE=vmap PUBLIC_STEPS=900 EPOCHS=60) on an H100,
+    where the chunk check halves the chunk to 512 (0.75 s, two a step): it wrote the whole 60-epoch plan and ran
+    the 900 public steps, about 670 s of the 550 s budget, and said nothing. Now it lowers PUBLIC_STEPS, then
+    EPOCHS, to fit, saying so in probe.log; and every process runs with the allocator's expandable segments."""
+    chunks = {"plain:512": {"chunk_s": 0.75, "peak_gib": 60.0}}
+    proc, lines, probe_log = _gpu_run(tmp_path, chunks, 79.1, GRAD_ENGINE="vmap", PUBLIC_STEPS="900", EPOCHS="60")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = _quality_args(lines)
+    public_steps = int(args[args.index("--public-steps") + 1])
+    plan = json.loads((tmp_path / "work" / "plan.json").read_text())
+    assert 150 <= public_steps < 900 and 79 <= plan["steps"] < 235 and args[args.index("--physical-batch") + 1] == "512"
+    assert "900 public steps do not fit the" in probe_log and f"PUBLIC_STEPS 900 -> {public_steps}" in probe_log
+    assert f"({plan['steps']} private steps)" in probe_log
+    assert _allocator(lines) == {"expandable_segments:True"}
 
 
 @pytest.mark.slow   # 7 s on 2 cores: the default suite stays under 15 minutes

@@ -49,3 +49,36 @@ def test_plan_benchmark_outside_the_venv_is_one_line(load_benchmark, monkeypatch
         b.main()
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and f"no dpdm command beside {sys.executable}" in err[0], err
+
+
+def test_plan_benchmark_runs_the_code_of_its_own_tree(load_benchmark, monkeypatch, tmp_path):
+    # h113 F3: plan.py put only benchmarks/ on sys.path, and its `dpdm plan` ran the venv's command as installed:
+    # a second checkout sharing the venv timed another tree's code. Its own accounting (a copy of the benchmark
+    # beside an accounting that stops when imported), and its `dpdm plan` on the tree's code first.
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "benchmarks").mkdir()
+    for name in ("plan.py", "_argtypes.py"):
+        shutil.copy(root / "benchmarks" / name, tmp_path / "benchmarks" / name)
+    (tmp_path / "accounting").mkdir()
+    (tmp_path / "accounting" / "__init__.py").write_text('raise SystemExit("imported the accounting beside it")\n')
+    proc = subprocess.run([sys.executable, str(tmp_path / "benchmarks" / "plan.py"), "--repeats", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "imported the accounting beside it" in proc.stderr, proc.stdout + proc.stderr[-2000:]
+
+    b = load_benchmark("plan")
+    seen = {}
+
+    def run(cmd, **kw):
+        seen.update(kw)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"noise_multiplier": 1.5}', stderr="")
+
+    monkeypatch.setattr(b.subprocess, "run", run)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert b.time_dpdm(1.0)[1] == 1.5
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep) == [str(root), "/elsewhere"]

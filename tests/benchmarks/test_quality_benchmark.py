@@ -182,7 +182,7 @@ def test_real_reference_adds_the_ceiling_only_when_asked(tmp_path, load_benchmar
     monkeypatch.setattr(q, "real_data_cnn", lambda name, public=None, **kw: calls.append((name, public))
                         or {"test_accuracy": 0.9, "train_size": 3600})
     monkeypatch.setattr(q, "dp_classifier_baseline", lambda doc, **kw: {"test_accuracy": 0.8})
-    monkeypatch.setattr(dpdm.evaluate, "reference_classifier", lambda train, device: (None, {"cached": True}))
+    monkeypatch.setattr(dpdm.evaluate, "reference_classifier", lambda train, device, **kw: (None, {"cached": True}))
     out = q.run(workdir=tmp_path, epochs=0.2, baseline_only=True, real_reference=True, public="digits28")
     assert calls == [("mnist5k", None), ("mnist5k", "digits28")]   # cold, then public-initialised
     assert out["real_data_cnn"]["test_accuracy"] == 0.9 and "real_data_cnn_public_init" in out
@@ -246,7 +246,7 @@ def stubbed(load_benchmark, monkeypatch):
                                                                       "n_samples": q.N_SAMPLES}))
     monkeypatch.setattr(q, "synthetic_cnn_public_init", record("public_init", {"test_accuracy": 0.97}))
     monkeypatch.setattr(q, "real_data_cnn", record("real_data_cnn", {"test_accuracy": 0.99, "train_size": 3600}))
-    monkeypatch.setattr(dpdm.evaluate, "reference_classifier", lambda train, device: (None, {"cached": True}))
+    monkeypatch.setattr(dpdm.evaluate, "reference_classifier", lambda train, device, **kw: (None, {"cached": True}))
     monkeypatch.setattr(cli.eval, "format_report", lambda report: "")
     return q, calls
 
@@ -351,7 +351,7 @@ def test_baseline_json_keeps_no_cache_path_and_marks_non_private_figures(stubbed
 
     q, _ = stubbed
     cache = str(tmp_path / "cache/reference/mnist5k-98fc91ac1de1abd5-e20-s0-v1.pt")
-    monkeypatch.setattr(dpdm.evaluate, "reference_classifier", lambda train, device: (
+    monkeypatch.setattr(dpdm.evaluate, "reference_classifier", lambda train, device, **kw: (
         None, {"real_val_accuracy": 0.5, "best_epoch": 1, "epochs": 20, "cache": cache, "cached": False}))
     out = q.run(workdir=tmp_path / "w", epochs=0.2, baseline_only=True,
                 on_part=lambda o: q.write_json(tmp_path / "baseline.json", o))
@@ -375,6 +375,39 @@ def test_baseline_only_writes_the_dp_sgd_cnn_before_the_non_private_ceiling(stub
               on_part=lambda o: q.write_json(tmp_path / "baseline.json", o))
     assert json.loads((tmp_path / "baseline.json").read_text())["dp_classifier"]["test_accuracy"] == 0.95
     assert "DP-SGD CNN: {'test_accuracy': 0.95" in capsys.readouterr().err   # and in the log at once
+
+
+def test_baseline_only_says_each_part_as_it_starts(load_benchmark, tmp_path, monkeypatch, capsys):
+    # h113 F4: gpu_run.sh's baseline process wrote nothing to baseline.log until the DP-SGD CNN had finished (the
+    # reference network and the DP-SGD CNN's public pretraining said nothing): a log cut short by the budget did
+    # not say which part it was in. Each part's line must come before the part's own work.
+    import dpdm.evaluate
+
+    q = load_benchmark("quality")
+
+    def part(name, result):
+        def run(*a, **kw):
+            print(f"[{name} works]", file=sys.stderr)
+            return result
+        return run
+
+    def reference(train, device, progress=None, **kw):   # training it, as dpdm.evaluate says through `progress`
+        if progress is not None:
+            progress("training the reference CNN on mnist5k (4000 images, 20 epochs, without privacy)")
+        return part("reference", (None, {"cached": False}))()
+
+    monkeypatch.setattr(dpdm.evaluate, "reference_classifier", reference)
+    monkeypatch.setattr(q, "dp_classifier_baseline", part("dp-sgd", {"test_accuracy": 0.95}))
+    monkeypatch.setattr(dpdm.evaluate, "downstream_accuracy", part("real-data cnn", {
+        "test_accuracy": 0.99, "synthetic_val_accuracy": 0.98, "train_size": 3600}))
+    out = q.run(workdir=tmp_path / "w", epochs=0.2, baseline_only=True, real_reference=True)
+    err = capsys.readouterr().err.splitlines()
+    starts = [("reference", "training the reference CNN on mnist5k"),
+              ("dp-sgd", f"training the DP-SGD CNN under the plan ({out['plan']['steps']} steps, epsilon 9.998)"),
+              ("real-data cnn", "training cnn (NON-PRIVATE reference): the 4000 private mnist5k images")]
+    for name, start in starts:
+        said = [i for i, line in enumerate(err) if line.startswith(start)]
+        assert said and said[0] < err.index(f"[{name} works]"), (name, err)
 
 
 def test_real_data_cnn_says_it_is_non_private(load_benchmark, monkeypatch):
