@@ -12,6 +12,9 @@ bound. A positive control repeats the training with the noise off; if even the c
 leakage of the claimed size, or if no attack could certify the claimed epsilon with this many canaries,
 the audit has no power against the claim and the verdict is INCONCLUSIVE (``canary_verdict``).
 
+The attacks score the canary training's own final denoiser. The audited run's weights are never read: the audit
+tests dpdm's private step under the plan's mechanism, not the model trained or released from the run.
+
 A cheaper audit (a subsample of the data, fewer steps, fewer noise draws K, another network) keeps
 the per-step mechanism of the plan but is a shorter run: it composes fewer of the plan's steps, so
 its true epsilon is at most the plan's. A lower bound above the plan's epsilon therefore still
@@ -448,11 +451,12 @@ def canary_verdict(
 ) -> tuple[str, list[str]]:
     """The canary audit's verdict and its reasons (shared/research/audits.md section 5.4).
 
-    FAIL if an epsilon lower bound exceeds the claim. Otherwise INCONCLUSIVE if the audit could not
-    have failed: the certifiable ceiling (a perfect attack with these canaries) is at or below the claim,
-    or the positive control (noise off) did not reach the claim either, so the attacks have not shown
-    they can detect leakage of the claimed size. Otherwise PASS: no violation detected at the stated
-    power (never "privacy verified"). ``control_max`` None: no control was trained.
+    FAIL if an epsilon lower bound exceeds the claim. Otherwise INCONCLUSIVE if the attacks had too
+    little power to test the claim: the certifiable ceiling (a perfect attack with these canaries) is at or
+    below the claim, so no bound could have exceeded it, or the positive control (noise off) did not reach
+    the claim either, so the attacks have not shown they can detect leakage of the claimed size (a bound
+    above the claim is still a FAIL then). Otherwise PASS: no violation detected at the stated power (never
+    "privacy verified"). ``control_max`` None: no control was trained.
     """
     claim = float(claimed_epsilon)
     # As every epsilon dpdm prints (README): the claim rounded up, lower bounds (and the most a perfect attack
@@ -620,8 +624,8 @@ def canary_audit(
         "control_max_epsilon": None if control_max is None else float(control_max),
         "max_certifiable_epsilon": float(ceiling),
         "can_detect_violation": bool(ceiling > claimed_epsilon),
-        "threat_model": "black-box access to the final model's denoiser (raw weights, not EMA); "
-                        "one training run with canaries included by fair coins",
+        "threat_model": "black-box access to the canary run's final denoiser (raw weights, not EMA), not to the "
+                        "audited run's model; one training run with canaries included by fair coins",
         "config": config.to_dict(),
         "training": {name: run.info for name, run in runs.items()},
         "canaries": {"kind": config.canary_kind, "count": m, "included": int(included.sum()),

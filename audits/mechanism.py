@@ -24,8 +24,9 @@ Five groups, each returning a list of ``CheckResult``:
 * ``check_sampler(make_sampler)``: Poisson batch sizes and per-example inclusion counts against their
   binomial laws (fixed-size shuffled batches fail both), and determinism in (seed, step).
 * ``check_run(run_dir, plan_doc)``: the run's plan.json, checkpoint ledger and metrics.csv against a
-  claimed plan (sample rate, noise multiplier, clip norm, steps, delta). metrics.csv is read with
-  ``read_metrics``: a last line a crash cut short is left out, as `dpdm train --resume` drops it.
+  claimed plan (sample rate, noise multiplier, clip norm, steps, delta); the run's weights are not read.
+  metrics.csv is read with ``read_metrics``: a last line a crash cut short is left out, as `dpdm train
+  --resume` drops it.
 
 Statistical checks fail when their p-value is below ``alpha`` (default 1e-3 each; a suite of N such
 checks then raises a false alarm with probability at most N * alpha); exact checks compare with a
@@ -1135,9 +1136,10 @@ def check_run(run_dir, plan_doc, *, alpha: float = 1e-3, run_doc=None) -> list[C
     * ``run_plan_matches``: the run's plan.json verifies (digest, epsilon) and its sample rate, noise
       multiplier, clip norm, steps, delta and dataset size equal the claimed plan's. ``run_doc``: that plan.json
       as the caller loaded (and so verified) it already; None loads it here (a re-accounting of half a second).
-    * ``run_ledger_matches``: the checkpoint's ledger was trained privately under that plan (digest),
+    * ``run_ledger_matches``: the checkpoint's ledger records a private run under that plan (digest),
       with delta equal to the claim's, no more steps than the claim, and epsilon spent within the
-      claimed epsilon.
+      claimed epsilon. It reads the ledger's record, not the weights: a checkpoint rewritten consistently
+      (a `--no-dp` run's with its flags and epsilon edited) passes it (h115 F2, stop 51).
     * ``run_logged_batches``: metrics.csv marks every row private, and its logged batch sizes fit
       Binomial(dataset_size, sample_rate) (with >= 10 rows; fewer rows are only reported): neither too far
       from its rate and shape nor too little spread, as fixed-size batches (``logged_sizes_pvalues``).
@@ -1177,8 +1179,9 @@ def check_run(run_dir, plan_doc, *, alpha: float = 1e-3, run_doc=None) -> list[C
             problems.append(f"epsilon_spent {spent!r} above the claimed {plan_doc.epsilon!r}")
         return CheckResult(
             "run_ledger_matches", not problems, float(len(problems)), None,
-            (f"ledger: private, plan digest matches, {ledger['steps_done']}/{ledger['plan_steps']} steps, "
-             f"epsilon_spent {epsilon_text(spent)} <= {epsilon_text(plan_doc.epsilon)}, delta {ledger['delta']:g}")
+            (f"ledger (its record; the weights are not read): private, plan digest matches, "
+             f"{ledger['steps_done']}/{ledger['plan_steps']} steps, epsilon_spent {epsilon_text(spent)} <= "
+             f"{epsilon_text(plan_doc.epsilon)}, delta {ledger['delta']:g}")
             if not problems else "; ".join(problems))
 
     def logged_check():

@@ -1,5 +1,9 @@
 """The audit suite behind `dpdm audit`: mechanism checks + canary audit -> verdict and report.
 
+What it tests (``AUDIT_SCOPE``): `dpdm train`'s private step and the plan's per-step mechanism, on canary
+trainings and network initializations of its own. From the run folder it uses the ledger, the config and
+metrics.csv, never the weights, so its verdict says nothing about which model was trained or released.
+
 Error budget (family-wise, Bonferroni): ``significance`` (default 0.05) is split as
 
 * 1/5 (0.01) over the statistical mechanism checks (noise variance and noise once per step, on the tiny
@@ -17,10 +21,10 @@ The claimed epsilon of the canary audit is that of the canary run: the plan's pe
 composed over the canary run's steps (at most the plan's epsilon; the report shows both).
 
 Verdict: FAIL if a mechanism check fails or an epsilon lower bound exceeds the claimed epsilon;
-otherwise INCONCLUSIVE if the audit could not have failed (the certifiable ceiling with these
-canaries is at or below the claim, or the positive control does not reach the claim either;
-``audits.canary.canary_verdict``); otherwise PASS ("no violation detected at the stated power",
-never "privacy verified").
+otherwise INCONCLUSIVE if the canary attacks had too little power to test the claim (the certifiable
+ceiling with these canaries is at or below the claim, or the positive control does not reach the claim
+either; ``audits.canary.canary_verdict``): every mechanism check ran and passed, and none of the lower bounds
+exceeded the claim; otherwise PASS ("no violation detected at the stated power", never "privacy verified").
 
 Bad input (run, plan, dataset, suite settings, report folder) raises ``AuditInputError`` (a
 ValueError) before any training; any other exception is a runtime failure.
@@ -50,10 +54,17 @@ from audits.mechanism import (CheckResult, check_engine, check_network, check_ru
 from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
 from dpdm.report_utils import epsilon_text
 
-__all__ = ["SUITES", "suite_config", "run_audit", "write_report", "EXIT_CODES", "training_private_grad",
-           "AuditInputError", "check_out_dir", "mechanism_checks"]
+__all__ = ["SUITES", "suite_config", "run_audit", "write_report", "EXIT_CODES", "AUDIT_SCOPE",
+           "training_private_grad", "AuditInputError", "check_out_dir", "mechanism_checks"]
 
 EXIT_CODES = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
+
+# The first line of the report's "What was audited" (h115 F2, stop 51): a reviewer took an audit of a run folder
+# for evidence about the model released from it. The README's audit row and `dpdm audit --help` say the same.
+AUDIT_SCOPE = ("What this audit tests: `dpdm train`'s private step and the plan's per-step mechanism, on canary "
+               "trainings and network initializations of its own. From the run folder it uses the ledger, the "
+               "config and metrics.csv, never the weights: it cannot tell which model was trained or released "
+               "(another checkpoint with the same ledger and config gets the same report).")
 
 # What each suite trains. "quick": minutes on 2 CPU cores; "full": the plan's own steps and K, the
 # run's own network and all of its data.
@@ -485,6 +496,7 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
     train_config = train_config or {}
     claim = canary["claimed_epsilon"]
     lines = [
+        AUDIT_SCOPE,
         f"Per-step mechanism of the plan: Poisson sampling at q={plan.sample_rate:.6g}, clip norm "
         f"C={plan.clip_norm:g}, Gaussian noise multiplier sigma={plan.noise_multiplier:.6g}"
         + ("" if private else " -- but the run was trained WITHOUT DP, so the audited training adds no noise")
@@ -699,7 +711,12 @@ def _markdown(doc: dict[str, Any]) -> str:
     can = doc["canary_audit"]
     L = [f"{_MARKDOWN_TITLE} **{doc['verdict']}**", ""]
     L += [f"- {r}" for r in doc["reasons"]] + [""]
-    L += ["PASS means *no violation detected at the stated power*; it does not verify privacy.", ""]
+    L += ["PASS means *no violation detected at the stated power*; it does not verify privacy. No verdict is "
+          "about the run's weights, which the audit never reads: it tests dpdm's private step and the plan's "
+          "mechanism on trainings of its own (see What was audited).", ""]
+    if doc["verdict"] == "INCONCLUSIVE":
+        L += ["INCONCLUSIVE: every mechanism check passed and no epsilon lower bound exceeded the claim, but the "
+              "canary attacks had too little power to detect a violation of it (the reasons above say why).", ""]
     L += ["## Claim under test", "",
           "| field | value |", "|---|---|"]
     canary_steps = can["training"]["target"]["steps"]
@@ -715,8 +732,8 @@ def _markdown(doc: dict[str, Any]) -> str:
     led = doc["run_ledger"]
     spent = led["epsilon_spent"]
     spent = "infinite (trained without DP)" if spent is None and not led["private"] else _fmt(spent, bound="upper")
-    L += ["", f"Run `{doc['run']}`: {led['steps_done']}/{led['plan_steps']} steps, private={led['private']}, "
-          f"epsilon spent {spent}, delta {_fmt(led['delta'])}."
+    L += ["", f"Run `{doc['run']}`, as its ledger records it: {led['steps_done']}/{led['plan_steps']} steps, "
+          f"private={led['private']}, epsilon spent {spent}, delta {_fmt(led['delta'])}."
           + (f" It was {SEED_GIVEN_NOTE}." if led["private"] and doc["run_config"].get("seed_given") else ""), ""]
     L += ["## What was audited", ""] + [f"- {s}" for s in doc["what_was_audited"]] + [""]
     L += ["## Mechanism checks", "", "| check | passed | statistic | p-value | detail |", "|---|---|---|---|---|"]

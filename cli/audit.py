@@ -53,7 +53,11 @@ def _named_option(message: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the report's JSON on stdout.")
 def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, steps, background, seed, significance,
           as_json):
-    """Audit a run: PASS (exit 0), FAIL (exit 1) or INCONCLUSIVE (exit 3)."""
+    """Audit dpdm's private step under a run's plan: PASS (exit 0), FAIL (exit 1) or INCONCLUSIVE (exit 3).
+
+    Tests `dpdm train`'s private step and the plan's mechanism on fresh canary trainings, and reads the run's
+    ledger, config and metrics.csv, never its weights: it cannot tell which model was trained or released.
+    INCONCLUSIVE: every mechanism check passed, but the canary attacks had too little power to test the claim."""
     from pathlib import Path
 
     if canaries is not None and canaries < MIN_CANARIES:

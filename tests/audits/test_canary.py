@@ -211,11 +211,14 @@ def test_audit_argument_validation(digits, plan_eps1):
 
 
 def test_verdict_rule():
-    """FAIL above the claim; INCONCLUSIVE when the audit could not have failed (ceiling at or below the claim) or
-    the positive control does not reach the claim (not merely > 0); PASS otherwise, never "privacy verified"."""
+    """FAIL above the claim; INCONCLUSIVE when the attacks had too little power to test the claim: no bound could
+    have exceeded it (ceiling at or below the claim), or the positive control does not reach the claim (not merely
+    > 0); PASS otherwise, never "privacy verified"."""
     from audits.canary import canary_verdict
 
     assert canary_verdict(3.1, 5.0, 4.0, 3.0, num_canaries=200, worst_attack="pia")[0] == "FAIL"
+    # A control below the claim makes no INCONCLUSIVE of a bound above it: that audit could fail, and did.
+    assert canary_verdict(3.1, 1.0, 4.0, 3.0, num_canaries=200, worst_attack="pia")[0] == "FAIL"
     verdict, reasons = canary_verdict(1.0, 3.0, 3.28, 9.997, num_canaries=200)  # the demo: eps 10, 200 canaries
     assert verdict == "INCONCLUSIVE"
     assert "with 200 canaries this audit cannot certify more than epsilon 3.28," in reasons[0]

@@ -62,7 +62,7 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
     assert rc == {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}[report["verdict"]]
     assert report["verdict"] in ("PASS", "INCONCLUSIVE")  # a correct run is never FAIL
     can = report["canary_audit"]
-    # 24 canaries cannot certify the 2-step run's epsilon: the audit could not have failed, so it is no PASS.
+    # 24 canaries cannot certify the 2-step run's epsilon: no lower bound could have exceeded it, so it is no PASS.
     assert can["max_certifiable_epsilon"] <= can["claimed_epsilon"]
     assert report["verdict"] == "INCONCLUSIVE" and rc == 3, report["reasons"]
     assert any("cannot certify more than" in r and "--canaries" in r for r in report["reasons"])
@@ -339,6 +339,47 @@ def test_report_md_rounds_the_epsilons_up_and_the_lower_bounds_down(report_input
     assert "largest certifiable with this setup 3.124." in md
     rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| loss | ")]
     assert rows and all(r[2] == "1.234" and r[9] == "6.142" for r in rows), rows
+
+
+def test_the_report_says_the_audit_never_reads_the_runs_weights(report_inputs):
+    """The audit takes the run's ledger, config and metrics.csv, never its weights: any checkpoint of the same plan
+    with the same ledger (another run's, a --no-dp run's relabelled) gets the same report. A reviewer took a PASS
+    or INCONCLUSIVE of the run folder for evidence about the model released from it, and the threat model named
+    "the final model's denoiser", the canary run's (h115 F2, stop 51). INCONCLUSIVE read "the audit could not have
+    failed", where every mechanism check ran and could have failed it (h115 F5)."""
+    from audits.suite import _markdown
+
+    doc, canary = report_inputs
+    scope = doc["what_was_audited"][0]
+    assert scope.startswith("What this audit tests: `dpdm train`'s private step and the plan's per-step mechanism, "
+                            "on canary trainings and network initializations of its own."), scope
+    assert "uses the ledger, the config and metrics.csv, never the weights: it cannot tell which model was trained " \
+           "or released" in scope, scope
+    assert canary["threat_model"].startswith("black-box access to the canary run's final denoiser (raw weights, not "
+                                             "EMA), not to the audited run's model;"), canary["threat_model"]
+    assert f"Threat model: {canary['threat_model']}." in doc["what_was_audited"]
+    ledger = next(c for c in doc["mechanism_checks"] if c["name"] == "run_ledger_matches")
+    assert ledger["passed"] and ledger["detail"].startswith("ledger (its record; the weights are not read): private")
+    assert doc["verdict"] == "INCONCLUSIVE"   # 24 canaries cannot certify the 2-step canary run's epsilon
+    md = _markdown({**doc, "plots": {}})
+    opening = md.split("\n## Claim under test\n")[0]
+    assert "No verdict is about the run's weights, which the audit never reads" in opening, opening
+    assert ("INCONCLUSIVE: every mechanism check passed and no epsilon lower bound exceeded the claim, but the canary "
+            "attacks had too little power to detect a violation of it") in opening, opening
+    assert f"- {scope}" in md.split("\n## What was audited\n")[1].split("\n## ")[0]
+    assert "as its ledger records it: 3/3 steps, private=True" in md
+    passed = _markdown({**doc, "plots": {}, "verdict": "PASS"})
+    assert "never reads" in passed and "INCONCLUSIVE:" not in passed
+
+
+def test_audit_help_says_what_it_tests_and_what_inconclusive_means(capsys):
+    """`dpdm audit --help` said "Audit a run", and nothing of the weights it never reads (h115 F2, stop 51)."""
+    assert main(["audit", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("Tests `dpdm train`'s private step and the plan's mechanism on fresh canary trainings, and reads the "
+            "run's ledger, config and metrics.csv, never its weights: it cannot tell which model was trained or "
+            "released.") in text, text
+    assert "INCONCLUSIVE: every mechanism check passed, but the canary attacks had too little power" in text, text
 
 
 def test_report_holds_only_this_runs_plots(report_inputs, tmp_path):
