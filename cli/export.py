@@ -1,6 +1,8 @@
 """`dpdm export`: the release file of a run, without the run's secrets."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from cli._common import PathOption, checkpoint_of, emit_json, info, warn
@@ -31,6 +33,7 @@ def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
     (public), against which a reader re-accounts the ledger; nothing else.
     """
     path = checkpoint_of(run_dir, checkpoint_path)
+    out_path = os.path.expanduser(out_path)   # '~' as `output_parent_problem` reads it (h111 N5)
     from dpdm.checkpoint import SEED_GIVEN_NOTE
     from dpdm.export import ExportError, export_model
     from dpdm.report_utils import output_parent_problem

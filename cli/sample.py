@@ -1,6 +1,8 @@
 """`dpdm sample`: synthetic images from a trained run."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from cli._common import (FiniteFloatRange, PathOption, checkpoint_of, emit_json, info, resolve_device, warn,
@@ -35,7 +37,8 @@ _MAX_SAMPLER_STEPS = 10_000   # dpdm.sampling.MAX_SAMPLER_STEPS (10x DPDM's 1,00
                    "are unguided and call the network once.  [default: every step]")
 @click.option("--sigma-min", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Lowest noise level of the Karras schedule, at least 1e-10; the last step returns "
-                   "D(x; sigma_min).  [default: 0.002, or the lowest level the run trained on if higher]")
+                   "D(x; sigma_min), or, where --sampler churn churns at sigma_min (--s-min at or below it), D at the "
+                   "level the churn raised it to.  [default: 0.002, or the lowest level the run trained on if higher]")
 @click.option("--sigma-max", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Highest noise level, at most 1e10.  "
                    "[default: 80, or the highest level the run trained on if lower]")
@@ -66,6 +69,10 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
            seed, batch_size, device, out_path, grid_path, force, as_json):
     """Draw synthetic images from a trained (EMA) model."""
     path = checkpoint_of(run_dir, checkpoint_path)
+    # '~' as the check below reads it (`output_parent_problem`): the check probed the home folder and the file
+    # went to ./~/ (h111 N5).
+    out_path = os.path.expanduser(out_path)
+    grid_path = None if grid_path is None else os.path.expanduser(grid_path)
     if sigma_min is not None and sigma_max is not None and not sigma_min < sigma_max:
         raise BadInput(f"--sigma-min={sigma_min:g} must be below --sigma-max={sigma_max:g}")
     if guidance_interval is not None and not 0 <= guidance_interval[0] < guidance_interval[1]:

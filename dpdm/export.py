@@ -37,8 +37,10 @@ def release_config(config: dict[str, Any], plan_dataset: str | None = None) -> d
         out["dataset"] = public_dataset_name(out["dataset"], plan_dataset, config.get("plan_names_data"))
     # The noise levels the network was trained on (`dpdm train --train-sigma`): the sampler stays inside them.
     # seed_given: the user chose the training seed (`dpdm train --seed`), not its value (ckpt.SEED_GIVEN_NOTE).
-    out["train"] = {"train_sigma": (config.get("train") or {}).get("train_sigma"),
-                    "seed_given": ckpt.seed_given(config)}
+    # label_dropout (a setting, public): 0 trained no null label, so `dpdm sample` refuses --guidance (h111 N6).
+    train = config.get("train") or {}
+    out["train"] = {"train_sigma": train.get("train_sigma"), "seed_given": ckpt.seed_given(config),
+                    **({"label_dropout": train["label_dropout"]} if "label_dropout" in train else {})}
     init = config.get("init")
     out["init"] = None if init is None else {"dataset": public_init_name(init.get("dataset")),
                                              "sha256": init.get("sha256")}
@@ -92,7 +94,8 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     import torch
 
     from dpdm.report_utils import run_folder_of
-    from dpdm.sample import SampleError, _weights_of, weights_name, weights_problem
+    from dpdm.sample import (SampleError, _weights_of, remove_temp_leftovers, weights_name, weights_problem,
+                             written_path)
 
     src, out = Path(checkpoint_path), Path(out_path)
     try:
@@ -102,14 +105,17 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     if out.exists() and out.resolve() == src.resolve():
         raise ExportError(f"--out={str(out)!r} is the checkpoint itself; write the release file elsewhere")
     run_dir = src.resolve().parent
-    target = out.resolve()   # links resolved, so a link into the run folder is inside it too
-    if target == run_dir or run_dir in target.parents:
-        raise ExportError(f"--out={str(out)!r} lies inside the run folder {str(run_dir)!r}; write the release "
-                          "file outside it (the run folder holds the run's secrets and its locked files)")
-    other_run = run_folder_of(target.parent)
-    if other_run is not None:
-        raise ExportError(f"--out={str(out)!r} lies inside the run folder {str(other_run)!r} of another run; "
-                          "write the release file outside it (a run folder holds its run's secrets and locked files)")
+    # Where a link --out points (links resolved, so a link into the run folder is inside it too), and where the
+    # file is written: a link --out is replaced, not written through (`sample.written_path`).
+    for target in (out.resolve(), written_path(out)):
+        if target == run_dir or run_dir in target.parents:
+            raise ExportError(f"--out={str(out)!r} lies inside the run folder {str(run_dir)!r}; write the release "
+                              "file outside it (the run folder holds the run's secrets and its locked files)")
+        other_run = run_folder_of(target.parent)
+        if other_run is not None:
+            raise ExportError(f"--out={str(out)!r} lies inside the run folder {str(other_run)!r} of another run; "
+                              "write the release file outside it (a run folder holds its run's secrets and locked "
+                              "files)")
     old_digest = release_plan_digest(out)
     try:
         chosen = _weights_of(state, weights, src)
@@ -141,6 +147,7 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
         raise ExportError(f"--out={str(out)!r} already exists and holds the release file of another plan "
                           f"({old_digest[:19]}..., this run's is {str(ledger['plan_digest'])[:19]}...); it is kept. "
                           "Choose another --out, or pass --force to replace it")
+    remove_temp_leftovers(out, r"\.[a-z0-9_]{8}\.tmp")   # `atomic_torch_save`'s (mkstemp's) of a killed export
     ckpt.atomic_torch_save(release, out)
     return {"model": str(out), "sha256": ckpt.file_sha256(out), "checkpoint": str(src), "weights": weights,
             "parameters": int(sum(t.numel() for t in chosen.values() if t.is_floating_point())),

@@ -178,12 +178,17 @@ def is_dpdm_grid(path: str | os.PathLike) -> bool:
 MAX_GRID_ROWS = 100
 
 
-def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: str = "", per_row: int = 10) -> Path:
+def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: str = "", per_row: int = 10,
+              staged: bool = False) -> Path:
     """Saves uint8 images [N, C, H, W] as a grid with one row per class (or rows of `per_row`); with more than
-    `MAX_GRID_ROWS` classes, the first `MAX_GRID_ROWS` classes, and the title says so.
+    `MAX_GRID_ROWS` classes, the first `MAX_GRID_ROWS` classes, and the title says so. Copies only the images it
+    shows: `dpdm sample` counts the images once against memory, and a copy of every image of each class doubled
+    what `--grid` needed, after all the drawing (h111 F1).
 
     The format follows the suffix (`GRID_SUFFIXES`) and the file carries `GRID_MARK`; it is written
-    atomically (a temporary file in the same folder, renamed), and no temporary file is left behind on failure.
+    atomically (a temporary file in the same folder, fsynced, renamed), readable by its owner only (0600, as
+    release files: the images of a --no-dp model are near-copies of private ones), and no temporary file is left
+    behind on failure. staged: `save_marked_figure`'s, for a caller that renames the grid itself.
 
     Raises:
       ValueError: a suffix that names no format in `GRID_SUFFIXES`.
@@ -204,7 +209,7 @@ def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: s
             note = f"(the first {MAX_GRID_ROWS} of {len(classes)} classes)"
             title = f"{title}\n{note}" if title else note
             classes = classes[:MAX_GRID_ROWS]
-        rows = [x[y == c][:per_row] for c in classes]
+        rows = [x[np.flatnonzero(y == c)[:per_row]] for c in classes]   # x[y == c] copied every image
     else:
         rows = [x[i : i + per_row] for i in range(0, min(len(x), per_row * per_row), per_row)]
     rows = [r for r in rows if len(r)]
@@ -220,16 +225,22 @@ def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: s
         if title:
             ax.set_title(title, fontsize=9)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_marked_figure(fig, path, dpi=100, bbox_inches="tight")
+        return save_marked_figure(fig, path, mode=0o600, staged=staged, dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return path
 
 
-def save_marked_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
-    """`fig.savefig` into `path` atomically (a temporary file in the same folder, renamed; none left behind on
-    failure), carrying `GRID_MARK` where the format holds one (png, pdf, svg, jpg): the mark by which
-    `dpdm sample --grid` and `dpdm plan --curve` replace only a file they wrote."""
+def save_marked_figure(fig, path: str | os.PathLike, *, mode: int = 0o666, staged: bool = False,
+                       **savefig_kwargs) -> Path:
+    """`fig.savefig` into `path` atomically and durably (a temporary file in the same folder, fsynced, renamed; none
+    left behind on failure), carrying `GRID_MARK` where the format holds one (png, pdf, svg, jpg): the mark by which
+    `dpdm sample --grid` and `dpdm plan --curve` replace only a file they wrote. Returns `path`.
+
+    mode: the file's mode, less the umask (`dpdm sample`'s grids: 0600).
+    staged: leave the fsynced temporary file unrenamed and return it: the caller renames it onto `path` (and
+      removes it where it does not), as `dpdm sample` does after renaming its samples file."""
+    from accounting.plan import fsync_folder
+
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     mark = ({"pil_kwargs": {"comment": GRID_MARK}} if fmt in ("jpg", "jpeg") else
@@ -237,10 +248,24 @@ def save_marked_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
             else {})
     tmp = temp_path(path)
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))   # its mode from the start
         fig.savefig(tmp, format=fmt, **mark, **savefig_kwargs)
-        os.replace(tmp, path)
-    finally:
+        # Its bytes on disk before the rename, as a checkpoint's: a power loss after an unsynced rename can leave an
+        # empty file where the old one was (on a file system without ext4's replace-on-rename heuristic).
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not staged:
+            os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    if staged:
+        return tmp
+    fsync_folder(path.parent)
+    return path
 
 
 def stale_entries(folder: str | os.PathLike, name: re.Pattern[str],

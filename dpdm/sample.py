@@ -1,8 +1,11 @@
 """Sampling from a checkpoint into samples.npz (the library side of `dpdm sample`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,13 @@ from dpdm.sampling import MIN_ROWS, RHO, SIGMA_MAX, SIGMA_MIN
 
 class SampleError(ValueError):
     """A checkpoint that cannot be sampled from, or bad sampling options."""
+
+
+# A temporary file of an output write (`report_utils.temp_path`: the pid and a random token after the prefix) that is
+# this old is a leftover of a write killed midway, removed by the next write of that output (`remove_temp_leftovers`):
+# one in flight is renamed within seconds of its last byte, as `dpdm eval`'s cache entries.
+STALE_TEMP_SECONDS = 3600
+TEMP_PATH_REST = r"\.\d+\.[0-9a-f]{8}"   # what `temp_path` puts between the prefix and the suffix
 
 
 class SampleFailure(RuntimeError):
@@ -204,6 +214,7 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         to NaN or inf (nothing written).
       SampleFailure: the network produced NaN or inf with the default sampler settings (nothing written).
     """
+    from accounting.plan import fsync_folder
     from dpdm.report_utils import epsilon_text, grid_suffix_problem, temp_path
     from dpdm.sampling import (MAX_S_NOISE, MAX_SEED, PRECISIONS, ImagesMemoryError, NonFiniteSamplesError,
                                ScheduleError, first_seed_fits, generate, get_sigmas_karras)
@@ -229,6 +240,11 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     if guidance != 0 and int(cfg.get("num_classes", 0)) == 0:
         raise SampleError(f"guidance={guidance:g} (--guidance) needs a class-conditional model; {str(path)!r} was "
                           "trained without labels, so there is nothing to guide towards")
+    dropout = (cfg.get("train") or {}).get("label_dropout")   # a release file of before stop 51 records none
+    if guidance != 0 and isinstance(dropout, (int, float)) and dropout == 0:
+        raise SampleError(f"guidance={guidance:g} (--guidance) steers by the network's output for the null label, "
+                          f"which {str(path)!r} never trained on (label_dropout 0: no label was dropped in training); "
+                          "sample without --guidance")
     check_outputs(out_path, grid_path, dataset=cfg.get("dataset"), plan_digest=str(ledger["plan_digest"]),
                   force=force)   # before any drawing
     need = memory_needed(n, cfg, batch_size=batch_size)
@@ -317,22 +333,58 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     }
     out_path = Path(out_path)
     tmp = temp_path(out_path, ".tmp.npz")   # within NAME_MAX whatever the name's length (`temp_name_prefix`)
+    grid_tmp = None
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        labels_part = {} if y_np is None else {"y": y_np}
-        np.savez(tmp, x=x, **labels_part, **{f"meta_{k}": _meta_array(v) for k, v in meta.items()})
-        if grid_path:   # written (atomically) before the npz is renamed into place: a failure writes neither
+        remove_temp_leftovers(out_path, TEMP_PATH_REST + re.escape(".tmp.npz"))
+        # The model's class count (public: a label embedding per class) for `load_npz`, which read it off the
+        # largest label: 2 classes for --n 2 of a 10-class model. Not for an unconditional model (no y).
+        labels_part = {} if y_np is None else {"y": y_np, "num_classes": np.int64(num_classes)}
+        # 0600 whatever the umask, as release files (the samples of a --no-dp model are near-copies of private
+        # images), and on disk before the rename, as checkpoints.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            np.savez(f, x=x, **labels_part, **{f"meta_{k}": _meta_array(v) for k, v in meta.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        if grid_path:   # written (staged) before the npz is renamed into place: a failure writes neither
             from dpdm.report_utils import save_grid
 
             title = (f"dpdm samples, DP (eps={epsilon_text(meta['epsilon'], 3)}, delta={meta['delta']:g})" if private
                      else "dpdm samples, NON-PRIVATE (--no-dp)")
             if private and meta["seed_given"]:
                 title += ", GIVEN --seed"
-            save_grid(x, y_np, grid_path, title=title)
+            remove_temp_leftovers(grid_path, TEMP_PATH_REST + re.escape(".tmp"))
+            grid_tmp = save_grid(x, y_np, grid_path, title=title, staged=True)
+            # The old grid goes first and the new one comes last: a kill between the renames leaves the samples
+            # (old or new) without a grid, never beside a grid of other samples (h111 N3).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(grid_path)   # a grid `dpdm sample` wrote (`check_outputs`)
         os.replace(tmp, out_path)
+        if grid_tmp is not None:
+            os.replace(grid_tmp, grid_path)
     finally:
         tmp.unlink(missing_ok=True)
+        if grid_tmp is not None:
+            grid_tmp.unlink(missing_ok=True)
+    for folder in dict.fromkeys(Path(os.path.abspath(p)).parent for p in (out_path, grid_path) if p):
+        fsync_folder(folder)   # the renames, as `checkpoint.atomic_torch_save`'s
     return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta}
+
+
+def remove_temp_leftovers(path: str | os.PathLike, rest: str) -> None:
+    """Removes the temporary files beside `path` of earlier writes of it killed between their write and their
+    rename: regular files whose name is `report_utils.temp_name_prefix(path)` followed by what the regular
+    expression `rest` matches, last modified over `STALE_TEMP_SECONDS` ago (one in flight is another process's
+    write). A killed `dpdm sample` left a copy of every image (mode 0644 before stop 51), `dpdm export` a full
+    release, that no later command removed (h111 N1). Best effort: what cannot be removed stays."""
+    from dpdm.report_utils import stale_entries, temp_name_prefix
+
+    path = Path(path)
+    name = re.compile(re.escape(temp_name_prefix(path)) + rest)
+    for leftover, st in stale_entries(path.parent, name, STALE_TEMP_SECONDS):
+        if stat.S_ISREG(st.st_mode):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
 
 
 def _too_many_images(n: int, cfg: dict, problem: str) -> str:
@@ -528,7 +580,10 @@ def check_outputs(out_path: str | os.PathLike, grid_path: str | os.PathLike | No
         if os.path.lexists(path) and not (os.path.isfile(path) and ours(path)):
             raise SampleError(f"{option}={str(path)!r} already exists and is not a {what} from `dpdm sample`; it "
                               f"is kept: choose another {option}")
-        where = place_in_dataset(path, dataset)
+        # What a link names, and where the file lands: in a folder that is or lies in the data, the file lies in it
+        # (`place_in_dataset` of the file itself would follow the link that the write replaces).
+        where = place_in_dataset(path, dataset) or (place_in_dataset(written_path(path).parent, dataset)
+                                                    and "is inside")
         if where:
             raise SampleError(f"{option}={str(path)!r} {where} the run's training data ({dataset!r}); write the "
                               "samples elsewhere")
@@ -538,6 +593,16 @@ def check_outputs(out_path: str | os.PathLike, grid_path: str | os.PathLike | No
                 raise SampleError(f"--out={str(path)!r} holds samples of a model of another plan "
                                   f"({other[:19]}...), perhaps another run's training data; it is kept: choose "
                                   "another --out, or pass --force to replace it")
+
+
+def written_path(path: str | os.PathLike) -> Path:
+    """Where a write that renames a temporary file onto `path` puts the file: `path`'s folder with its links
+    resolved, and `path`'s own name, a link or not (`os.replace` replaces a link, it does not write through it).
+    `path` with its links resolved is where its link points: a check of that alone passed `dpdm export --out
+    RUN/release.pt`, a link in the run folder to a file outside it, and the release was written into the run
+    folder (h111 F2)."""
+    path = os.path.abspath(path)
+    return Path(os.path.realpath(os.path.dirname(path))) / os.path.basename(path)
 
 
 def _samples_plan_digest(path: str | os.PathLike) -> str:

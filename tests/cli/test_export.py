@@ -685,3 +685,60 @@ def test_a_release_holds_its_weights_alone_whatever_the_checkpoints_storage(run,
     with zipfile.ZipFile(tmp_path / "m.pt") as z:
         stored = sum(i.file_size for i in z.infolist() if "/data/" in i.filename)   # the tensors' storages
     assert stored == sum(t.numel() * t.element_size() for t in ema.values())
+
+
+def test_an_out_link_in_the_run_folder_is_refused(run, tmp_path, capsys):
+    """`dpdm export --run RUN --out RUN/release.pt`, where RUN/release.pt is a link to a file outside the run
+    folder: the link's target was checked, the write replaced the link, and the release landed in the run folder,
+    which export never writes into (h111 F2)."""
+    copy = tmp_path / "runcp"
+    shutil.copytree(run / "run", copy)
+    assert run_cli(["export", "--run", copy, "--out", tmp_path / "model.pt"], capsys)[0] == 0
+    before = (tmp_path / "model.pt").read_bytes()
+    (copy / "release.pt").symlink_to(tmp_path / "model.pt")
+    code, _, err = run_cli(["export", "--run", copy, "--out", copy / "release.pt"], capsys)
+    assert "inside the run folder" in one_error_line(code, err)
+    assert (copy / "release.pt").is_symlink() and (tmp_path / "model.pt").read_bytes() == before
+
+
+def test_export_removes_its_own_stale_temp_files_and_no_other(run, tmp_path, capsys):
+    """A `dpdm export` killed between its write and its rename left `.OUT.XXXXXXXX.tmp` (a whole release) beside
+    --out, which no later export removed (h111 N1). A later export of the same --out removes those over an hour
+    old (one newer may be another export's write in flight)."""
+    import os
+
+    old = os.path.getmtime(tmp_path) - 2 * 86400   # two days
+    stale = ".m.pt.ab_cd12z.tmp"
+    kept = [".m.pt.ab_cd12y.tmp", ".n.pt.ab_cd12z.tmp", ".m.pt.ab_cd12.tmp", ".m.pt.ab_cd12z.tmp.npz"]
+    for name in [stale] + kept:
+        (tmp_path / name).write_bytes(b"x")
+        if name != kept[0]:   # the first is fresh: perhaps in flight
+            os.utime(tmp_path / name, (old, old))
+    assert run_cli(["export", "--run", run / "run", "--out", tmp_path / "m.pt"], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["m.pt"])
+
+
+def test_guidance_is_refused_for_a_model_that_never_trained_its_null_label(run, tmp_path, capsys):
+    """With `TrainConfig(label_dropout=0)` no label was ever dropped, so the null label that classifier-free
+    guidance steers by was never trained, and `dpdm sample --guidance W` guided by it without a word (h111 N6).
+    The run's config records label_dropout, and the release file now carries it."""
+    bad = _edited_copy(run / "run", tmp_path / "nodrop", lambda s: s["config"]["train"].update(label_dropout=0.0))
+    release = _export(bad, tmp_path / "nodrop.pt", capsys)
+    for source in (["--run", bad], ["--checkpoint", release]):
+        code, _, err = run_cli(["sample", *source, "--n", 2, "--sampler-steps", 2, "--device", "cpu",
+                                "--guidance", 1, "--out", tmp_path / "s.npz"], capsys)
+        line = one_error_line(code, err)
+        assert "--guidance" in line and "label_dropout 0" in line, line
+        assert not (tmp_path / "s.npz").exists()
+    assert torch.load(release, weights_only=True)["config"]["train"]["label_dropout"] == 0
+    assert torch.load(_export(run / "run", tmp_path / "m.pt", capsys), weights_only=True)["config"]["train"][
+        "label_dropout"] == 0.1
+    code, _, err = run_cli(["sample", "--checkpoint", release, "--n", 2, "--sampler-steps", 2, "--device", "cpu",
+                            "--out", tmp_path / "s.npz"], capsys)   # unguided: fine
+    assert code == 0, err
+
+
+def _export(run_dir, out, capsys):
+    code, _, err = run_cli(["export", "--run", run_dir, "--out", out], capsys)
+    assert code == 0, err
+    return out

@@ -354,3 +354,159 @@ def test_a_folder_below_a_run_folder_lies_in_it(tmp_path):
     assert run_folder_of(tmp_path / "elsewhere") is None
     with pytest.raises(AuditInputError, match="lies inside the run folder"):
         check_out_dir(run / "sub" / "report", create=False)
+
+
+def test_a_grid_copies_only_the_images_it_shows(tmp_path):
+    """`save_grid` took `x[y == c][:per_row]`: a copy of every image of each class, kept until the grid was drawn.
+    `dpdm sample` counts the images once against memory, so a draw with --grid that passed the check needed twice
+    that, after all the drawing, and failed with the --batch-size advice (h111 F1). The grid shows 10 a class."""
+    import tracemalloc
+
+    from dpdm.report_utils import save_grid
+
+    def peak(n: int) -> int:
+        x = np.zeros((n, 1, 28, 28), np.uint8)
+        tracemalloc.start()
+        try:
+            save_grid(x, np.arange(n) % 10, tmp_path / "g.png", title="t")
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    save_grid(np.zeros((20, 1, 28, 28), np.uint8), np.arange(20) % 10, tmp_path / "warm.png")   # first-use costs
+    few, many = peak(100), peak(60_000)   # the grid is the same; matplotlib's own ~20 MiB in both
+    images = 60_000 * 28 * 28   # 45 MiB
+    assert many - few < images / 8, f"{(many - few) / 2**20:.0f} MiB more beside {images / 2**20:.0f} MiB of images"
+
+
+def test_an_output_link_in_the_data_is_where_the_file_lands(tmp_path):
+    """An --out that is a link inside a `folder:` dataset, to a samples file outside it, passed the check (the link's
+    target was checked), and the write replaced the link with the samples: a new file in the training data (as
+    h111 F2 for `dpdm export` and the run folder). The folder the file is written in is checked too."""
+    from dpdm.sample import SampleError, check_outputs
+
+    np.savez(tmp_path / "outside.npz", x=np.zeros((2, 1, 8, 8), np.uint8), meta_plan_digest=np.asarray("x"),
+             meta_private=np.asarray(True))
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    (tmp_path / "imgs" / "a" / "s.npz").symlink_to(tmp_path / "outside.npz")
+    with pytest.raises(SampleError, match="is inside the run's training data"):
+        check_outputs(tmp_path / "imgs" / "a" / "s.npz", dataset=f"folder:{tmp_path / 'imgs'}")
+    check_outputs(tmp_path / "outside.npz", dataset=f"folder:{tmp_path / 'imgs'}")   # outside: fine
+
+
+def _recorded(monkeypatch, events, fail_rename: int | None = None):
+    """Records into `events` each os.fsync (the inode synced), os.replace (the inode renamed and its new name) and
+    os.unlink (the name); the rename numbered `fail_rename` (1: the first) fails instead, as a kill there would."""
+    real_fsync, real_replace, real_unlink = os.fsync, os.replace, os.unlink
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, Path(dst).name))
+        if sum(e[0] == "replace" for e in events) == fail_rename:
+            raise OSError(errno.EIO, "killed between the renames")
+        real_replace(src, dst)
+
+    def unlink(path, *a, **k):
+        events.append(("unlink", Path(path).name))
+        real_unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
+
+
+def test_samples_and_grid_are_written_0600(run, tmp_path):
+    """The samples npz and the grid took the umask's mode (0644), while every release file is 0600: the samples of
+    a --no-dp model are near-copies of private images (h111 N4)."""
+    from dpdm.sample import sample_checkpoint
+
+    old_umask = os.umask(0o022)
+    try:
+        sample_checkpoint(run / "run" / "checkpoint.pt", n=4, sampler_steps=2, out_path=tmp_path / "s.npz",
+                          grid_path=tmp_path / "g.png")
+    finally:
+        os.umask(old_umask)
+    assert [(tmp_path / name).stat().st_mode & 0o777 for name in ("s.npz", "g.png")] == [0o600, 0o600]
+
+
+def test_samples_and_grid_are_fsynced_before_their_renames(run, tmp_path, monkeypatch):
+    """The samples npz (np.savez, os.replace) and the grid were renamed over the old files without an fsync, while
+    checkpoints and release files are fsynced: after a power loss --out could be empty, the old samples gone
+    (h111 N2). Each file is fsynced before its rename, and the folder after the renames."""
+    from dpdm.sample import sample_checkpoint
+
+    events = []
+    _recorded(monkeypatch, events)
+    sample_checkpoint(run / "run" / "checkpoint.pt", n=4, sampler_steps=2, out_path=tmp_path / "s.npz",
+                      grid_path=tmp_path / "g.png")
+    renames = [e for e in events if e[0] == "replace"]
+    assert sorted(e[2] for e in renames) == ["g.png", "s.npz"], events
+    for rename in renames:
+        assert ("fsync", rename[1]) in events[:events.index(rename)], (rename, events)
+    assert events[-1] == ("fsync", tmp_path.stat().st_ino), events
+
+
+def test_a_kill_between_the_renames_leaves_no_grid_of_other_samples(run, tmp_path, monkeypatch):
+    """The grid was renamed into place before the samples: a kill between the two renames left a new grid beside
+    the old samples (h111 N3). The old grid goes first, then the samples are renamed, then the new grid: a kill
+    between them leaves samples (old or new) without a grid."""
+    from dpdm.sample import sample_checkpoint
+
+    ck, out, grid = run / "run" / "checkpoint.pt", tmp_path / "s.npz", tmp_path / "g.png"
+    sample_checkpoint(ck, n=4, sampler_steps=2, seed=0, out_path=out, grid_path=grid)
+    old_samples, old_grid = out.read_bytes(), grid.read_bytes()
+    events = []
+    _recorded(monkeypatch, events, fail_rename=2)
+    with pytest.raises(OSError, match="killed between the renames"):
+        sample_checkpoint(ck, n=4, sampler_steps=2, seed=7, out_path=out, grid_path=grid)
+    new_samples = out.read_bytes() != old_samples
+    assert not grid.exists() or (grid.read_bytes() != old_grid) == new_samples, events   # never a mismatched pair
+    assert new_samples and not grid.exists(), events   # the samples first, the old grid gone before them
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_sample_removes_its_own_stale_temp_files_and_no_other(run, tmp_path, capsys):
+    """A `dpdm sample` killed between its write and its rename left `.OUT.PID.TOKEN.tmp.npz` (every image, 0644)
+    beside --out, and its grid's `.GRID.PID.TOKEN.tmp`, which no later sample removed (h111 N1). A later sample of
+    the same outputs removes those over an hour old: one newer may be another sample's write in flight."""
+    old = os.path.getmtime(tmp_path) - 2 * 86400   # two days
+    stale = [".s.npz.4242.0a1b2c3d.tmp.npz", ".g.png.4242.0a1b2c3d.tmp"]
+    kept = [".s.npz.4243.0a1b2c3e.tmp.npz",   # fresh: perhaps in flight
+            ".t.npz.4242.0a1b2c3d.tmp.npz", ".s.npz.4242.tmp.npz", "s.npz.4242.0a1b2c3d.tmp.npz",   # not its own
+            ".s.npz.4242.0a1b2c3d.tmp.npz.keep"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+        if name != kept[0]:
+            os.utime(tmp_path / name, (old, old))
+    code, _, err = run_cli(_sample(run, tmp_path / "s.npz", "--grid", tmp_path / "g.png"), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["s.npz", "g.png"])
+
+
+def test_a_quoted_home_is_where_the_file_goes(run, tmp_path, monkeypatch, capsys):
+    """`--out '~/x/s.npz'` (quoted, so the shell left the ~): the check probed the home folder, the write went to
+    ./~/x/s.npz (h111 N5). Both read it as the home folder now, for `dpdm sample` and `dpdm export`."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    code, _, err = run_cli(_sample(run, "~/x/s.npz", "--grid", "~/x/g.png"), capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["export", "--run", run / "run", "--out", "~/m.pt"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in home.rglob("*")) == ["g.png", "m.pt", "s.npz", "x"] and not list(cwd.iterdir())
+
+
+def test_samples_record_the_models_class_count(run, tmp_path, capsys):
+    """The samples npz held no num_classes: read as `npz:` data, its class count came from its largest label, 2 for
+    --n 2 of a 3-class model (h111 N8). The count is public (a label embedding per class)."""
+    from dpdm.datasets import load_npz
+
+    code, _, err = run_cli(_sample(run, tmp_path / "s.npz", n=2), capsys)
+    assert code == 0, err
+    data = load_npz(tmp_path / "s.npz")
+    assert data.num_classes == 3 and not data.num_classes_inferred and data.y.tolist() == [0, 1]

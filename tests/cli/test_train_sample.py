@@ -571,7 +571,7 @@ def test_unconditional_samples_have_no_y_and_eval_takes_them(runs, tmp_path, cap
     code, _, err = run_cli(_sample_args(runs / "urun", tmp_path / "u.npz", "--grid", tmp_path / "u.png"), capsys)
     assert code == 0, err
     with np.load(tmp_path / "u.npz") as z:
-        assert "y" not in z.files and z["x"].shape == (6, 1, 8, 8)
+        assert "y" not in z.files and "num_classes" not in z.files and z["x"].shape == (6, 1, 8, 8)
         assert all(z[k].dtype != object for k in z.files)
     code, _, err = run_cli(_sample_args(runs / "urun", tmp_path / "g.npz", "--guidance", 2), capsys)
     assert "--guidance" in _one_error_line(code, err) and "trained without labels" in err
@@ -739,6 +739,17 @@ def test_non_finite_weights_with_other_settings_are_still_a_runtime_failure(runs
     assert code == 4 and err.startswith("dpdm: runtime failure:") and len(err.strip().splitlines()) == 1, err
     assert "with the default sampler settings too; its weights are unusable" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt", "plan.json"]
+
+
+def test_sigma_min_help_names_the_churned_last_level(capsys):
+    """The help said the last step returns D(x; sigma_min); under churn with --s-min at or below sigma_min it returns
+    D at the level the churn raised sigma_min to (h111 N9)."""
+    import re
+
+    assert main(["sample", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    entry = re.search(r"--sigma-min FLOAT.*?--sigma-max", text).group(0)
+    assert "D(x; sigma_min)" in entry and "churn" in entry, entry
 
 
 def test_sampler_step_cap_matches_the_library():
