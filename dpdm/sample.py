@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import address_space
-from dpdm.datasets import public_dataset_name, public_init_name
+from dpdm.datasets import DataError, public_dataset_name, public_init_name, read_npz_scalars
 from dpdm.report_utils import place_in_dataset  # noqa: F401  (torch-free, for `dpdm plan`; the name stays here)
 from dpdm.sampling import MIN_ROWS, RHO, SIGMA_MAX, SIGMA_MIN
 
@@ -606,12 +606,14 @@ def written_path(path: str | os.PathLike) -> Path:
 
 
 def _samples_plan_digest(path: str | os.PathLike) -> str:
-    """The plan digest a samples file (`is_samples_file`) records ("" where it cannot be read)."""
+    """The plan digest a samples file (`is_samples_file`) records ("" where it cannot be read, or is no scalar).
+    Sized on its header before it is read (`read_npz_scalars`): numpy decompressed it in full to show it, and a
+    header claiming 10**12 bytes ended `dpdm sample --out` in "out of memory on the machine" (h112 F1)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return str(z["meta_plan_digest"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        digest = read_npz_scalars(path, ["meta_plan_digest"]).get("meta_plan_digest")
+    except DataError:
         return ""
+    return "" if digest is None else str(digest)
 
 
 def memory_needed(n: int, config: dict, *, batch_size: int) -> int:

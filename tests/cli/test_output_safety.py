@@ -3,8 +3,10 @@ an output that cannot be written, or more images than fit in memory, is one erro
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -510,3 +512,24 @@ def test_samples_record_the_models_class_count(run, tmp_path, capsys):
     assert code == 0, err
     data = load_npz(tmp_path / "s.npz")
     assert data.num_classes == 3 and not data.num_classes_inferred and data.y.tolist() == [0, 1]
+
+
+def test_a_samples_file_whose_plan_digest_header_lies_is_read_on_its_header(tmp_path):
+    """`dpdm sample --out` onto an existing samples file read its meta_plan_digest in full: a header claiming 10**12
+    bytes ended the command in "out of memory on the machine", exit 4 (h112 F1). It is sized on its header
+    (`read_npz_scalars`): no scalar, no digest, so the file is another plan's and kept."""
+    from dpdm.sample import SampleError, check_outputs
+
+    path = tmp_path / "s.npz"
+    np.savez(path, x=np.zeros((2, 1, 8, 8), np.uint8), meta_private=np.array(True))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (10**12,)})
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("meta_plan_digest.npy", header.getvalue())   # no data: reading it would fail
+    before = path.read_bytes()
+    with pytest.raises(SampleError, match=r"holds samples of a model of another plan \(\.\.\.\), perhaps another"):
+        check_outputs(path, plan_digest="sha256:" + "0" * 64)
+    assert path.read_bytes() == before
+    np.savez(path, x=np.zeros((2, 1, 8, 8), np.uint8), meta_private=np.array(True),
+             meta_plan_digest=np.array("sha256:" + "0" * 64))
+    check_outputs(path, plan_digest="sha256:" + "0" * 64)   # its own plan's: replaced without --force
