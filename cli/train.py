@@ -94,6 +94,8 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
     from dpdm.train import RankLost, RunStorageError, TrainConfig, TrainDiverged, TrainError
     from dpdm.train import train as run_training
 
+    # A quoted '~/runs/x' reaches us literally: the checks expand it, so the run is written there too, not in ./~/.
+    out_dir = os.path.expanduser(out_dir)
     given = {name for name in ctx.params
              if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                    click.core.ParameterSource.ENVIRONMENT)}

@@ -467,6 +467,16 @@ def test_existing_run_not_overwritten(tiny, capsys):
     assert (d / "run" / "checkpoint.pt").read_bytes() == before
 
 
+def test_a_quoted_tilde_out_is_the_home_folders_where_it_is_checked(tiny, capsys, monkeypatch):
+    """--out '~/run' (quoted, so no shell expanded it) was checked in the home folder and written to ./~/run."""
+    d = tiny
+    monkeypatch.setenv("HOME", str(d / "home"))
+    (d / "home").mkdir()
+    monkeypatch.chdir(d)
+    assert run_cli(_train_args(d, "~/run"), capsys)[0] == 0
+    assert (d / "home" / "run" / "checkpoint.pt").is_file() and not (d / "~").exists()
+
+
 def test_unusable_out_folder_is_one_error_line_before_any_work(tiny, capsys):
     d = tiny
     (d / "file").write_text("x")
