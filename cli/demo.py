@@ -159,7 +159,10 @@ def _home_relative(path: str | Path) -> str:
     if not path.is_absolute():
         return str(path)
     try:
-        return str(Path("~") / path.resolve().relative_to(Path.home().resolve()))
+        home = Path.home().resolve()
+        if home == Path(home.anchor) or not home.is_dir():   # HOME=/ (CI runners, service accounts) made every path
+            return str(path)                                 # ~/..., wrong for any reader (h114 N3, stop 51)
+        return str(Path("~") / path.resolve().relative_to(home))   # whole folders: /home/al is not in /home/alice
     except (ValueError, RuntimeError, OSError):   # elsewhere, or no home
         return str(path)
 

@@ -173,7 +173,11 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
     if problem:
         raise BadInput(problem)
     if distributed.launched_by_torchrun():
-        device = distributed.init_from_env(device)
+        try:
+            device = distributed.init_from_env(device)
+        except distributed.RendezvousError as e:   # a peer that never joined (it refused its own input first), a
+            # port taken: one line, exit 4, as a peer lost later (torch's traceback: h114 F2, stop 51)
+            raise runtime_failure(str(e)) from None
     rank = distributed.rank()   # the process group's (read before shutdown destroys it), not a RANK left in the shell
     warn_if_slow_bf16(precision, device)
     ok = False

@@ -30,6 +30,12 @@ class LaunchError(ValueError):
     `dpdm` prints as one line, exit 2, before any work (`init_from_env` raises it)."""
 
 
+class RendezvousError(RuntimeError):
+    """The ranks could not meet to set up the process group (`init_from_env`): a peer that never joined within
+    DPDM_DIST_TIMEOUT (it refused its own input first, or was never started), a port taken. One line, exit 4, as
+    a peer lost later is; it was torch's traceback of 44 lines on rank 0, 84 on another (h114 F2, stop 51)."""
+
+
 class PeerLost(RuntimeError):
     """A peer was gone when the ranks met to tear the process group down after a successful run (`shutdown`):
     every collective of training was done. Rank 0, which writes the checkpoints, knows whether the last one was
@@ -130,6 +136,7 @@ def init_from_env(device: str) -> str:
 
     Raises:
       LaunchError: `launch_problem(device)` names a problem, before any process group is set up.
+      RendezvousError: the ranks did not meet (`_rendezvous_message`).
     """
     import torch.distributed as dist
 
@@ -144,12 +151,34 @@ def init_from_env(device: str) -> str:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     timeout = datetime.timedelta(seconds=_timeout_seconds() or _DEFAULT_TIMEOUT_S)   # checked by launch_problem
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+    try:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+    except RuntimeError as e:   # torch's DistStoreError and DistNetworkError are DistErrors, RuntimeErrors
+        raise RendezvousError(_rendezvous_message(e, timeout.total_seconds())) from e
     if not use_cuda:
         torch.set_num_threads(_omp_threads())
     # Parameters start identical on every rank because every rank seeds the same generator before
     # building the model; the training loop checks a checksum at every checkpoint.
     return device
+
+
+def _rendezvous_message(e: BaseException, seconds: float) -> str:
+    """RendezvousError's line for this rank (RANK of WORLD_SIZE, as `launch_problem` checked them): who did not
+    come, for how long it was waited for, and where the other ranks say why. Rank 0 serves the store at
+    MASTER_ADDR:MASTER_PORT and waits for the others; another rank waits to reach it."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    where = f"MASTER_ADDR={os.environ['MASTER_ADDR'].strip()} MASTER_PORT={os.environ['MASTER_PORT'].strip()}"
+    cause = " ".join(str(e).splitlines()[0].split())[:200] if str(e).strip() else ""   # torch appends C++ frames
+    here = f"here: {type(e).__name__}{': ' + cause if cause else ''}"
+    if "timed out" not in str(e).lower():   # a port taken, an address this machine does not have: the cause says
+        return f"rank {rank} of {world} could not set up the process group at {where} ({here}); nothing was written"
+    if rank == 0:
+        who = "rank 1" if world == 2 else "some of the other ranks"
+        return (f"{who} did not join rank 0 at {where} within {seconds:g} s ({_TIMEOUT_ENV}): it probably refused "
+                f"its own input first (its own output says why), or was not started; nothing was written ({here})")
+    return (f"rank {rank} could not reach rank 0 at {where} within {seconds:g} s ({_TIMEOUT_ENV}): rank 0 probably "
+            f"refused its own input first (its own output says why), or was not started, or is not at that "
+            f"address; nothing was written ({here})")
 
 
 def shutdown(*, ok: bool = True) -> None:

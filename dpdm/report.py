@@ -66,7 +66,10 @@ def _table(rows: list[tuple[str, Any]]) -> str:
 
 
 def write_report(out_dir: str | Path, sections: list[dict[str, Any]], *, title: str) -> tuple[Path, Path]:
-    """Writes report.md and report.html. Each section: {"title", "rows"?, "image"?, "text"?, "json"?}."""
+    """Writes report.md and report.html, each atomically (a demo stopped while writing one, or out of disk, left it
+    cut short: h114 N2, stop 51). Each section: {"title", "rows"?, "image"?, "text"?, "json"?}."""
+    from accounting.plan import atomic_write_text
+
     out_dir = Path(out_dir)
     md = [f"# {title}", ""]
     body = [f"<h1>{html.escape(title)}</h1>"]
@@ -89,11 +92,11 @@ def write_report(out_dir: str | Path, sections: list[dict[str, Any]], *, title: 
             md += ["```json", text, "```", ""]
             body.append(f"<pre>{html.escape(text)}</pre>")
     md_path = out_dir / "report.md"
-    md_path.write_text("\n".join(md) + "\n")
+    atomic_write_text(md_path, "\n".join(md) + "\n")
     style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto;line-height:1.4}"
              "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}"
              "pre{background:#f6f6f6;padding:8px;overflow-x:auto}")
     html_path = out_dir / "report.html"
-    html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    atomic_write_text(html_path, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                      f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
     return md_path, html_path

@@ -503,6 +503,10 @@ class _Dist:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # What RankLost's line says (`_rank_lost_message`): whether the first step began, and the step of the
+    # checkpoint on disk (0: none). `train` keeps them.
+    training: bool = False
+    last_saved: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -530,10 +534,7 @@ class _Dist:
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:
-            cause = " ".join(str(e).split())[:200]
-            raise RankLost(f"another rank stopped during training (its own output says why; here: "
-                           f"{type(e).__name__}: {cause}); the run's last checkpoint is whole, and `dpdm train "
-                           "--resume` continues from it") from e
+            raise RankLost(_rank_lost_message(e, self)) from e
 
     def all_reduce_(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.world_size == 1:
@@ -611,6 +612,34 @@ class _Dist:
         values = [g.item() for g in gathered]
         if max(values) != min(values):
             raise RuntimeError(f"parameters diverged across ranks: checksums {values}")
+
+
+def _rank_lost_message(e: BaseException, dist: _Dist) -> str:
+    """RankLost's line: the collective's failure, and how to go on from what is on disk. It advised `--resume`
+    whatever the run held, also where no checkpoint was saved yet, which `--resume` then refused (h114 F3, stop 51).
+    Rank 0 writes the checkpoints and knows the last; another rank's `last_saved` may be one ahead of the disk,
+    where rank 0 stopped while writing it (a full disk)."""
+    cause = " ".join(str(e).split())[:200]
+    text = (f"another rank stopped {'during training' if dist.training else 'before the first step'} (its own "
+            f"output says why; here: {type(e).__name__}: {cause}); ")
+    if not dist.last_saved:
+        return text + "no checkpoint was saved: run the same command again (`--resume` has nothing to resume)"
+    if dist.is_main or not dist.training:
+        return text + (f"the run's checkpoint of step {dist.last_saved} is whole, and `dpdm train --resume` "
+                       "continues from it")
+    return text + (f"`dpdm train --resume` continues from the run's last checkpoint, that of step {dist.last_saved} "
+                   "unless rank 0 stopped while writing it (rank 0's output says)")
+
+
+def _weights_digest(models: Sequence[torch.nn.Module]) -> str:
+    """A sha256 of the weights of `models` (names, dtypes, shapes and bytes): what `train` compares across ranks."""
+    h = hashlib.sha256()
+    for model in models:
+        for name, t in model.state_dict().items():
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name} {t.dtype} {t.numel()};".encode())
+            h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def train(
@@ -908,6 +937,15 @@ def train(
                              f"fit its run ({ckpt.load_error_reason(e)})") from None
         torch.set_rng_state(state["rng"]["torch"])
         steps_done = int(state["ledger"]["steps_done"])
+    dist.last_saved = steps_done   # the checkpoint a resume starts from (0: none): RankLost's line names it
+    if dist.world_size > 1:
+        # The ranks compared the options above, so the name of --init-from, not the weights it holds on each rank
+        # (another copy on another node, a relative name read from another folder): they trained on the private
+        # data to the first checkpoint, whose check (`check_same_params`) then failed in a traceback, after
+        # config.json and metrics.csv were written (h114 F1, stop 51). One all_gather of a digest, as above.
+        start = [D] if state is None else [D, ema.model, *(pe.model for pe in power_emas.values())]
+        if dist.disagreements({"the starting weights": _weights_digest(start)}):
+            raise TrainError(_other_weights_message(config, state, ckpt_path))
     # {"basis": [d, k] public basis, "step": the step it was computed at}. Checkpoints fall on steps
     # where it is recomputed (subspace_every divides checkpoint_every), so a resume computes it afresh.
     subspace = None
@@ -958,6 +996,7 @@ def train(
     bar = metrics_file = None
     finished = False
     last_saved = steps_done   # the step of the checkpoint on disk (0: none yet)
+    dist.training = True
 
     @contextlib.contextmanager
     def writing(what: str, path: Path):
@@ -1011,7 +1050,7 @@ def train(
                         },
                         ckpt_path,
                     )
-            last_saved = steps   # on every rank; the mark's message below names it
+            last_saved = dist.last_saved = steps   # on every rank; the mark's message below names it
             if dist.is_main:
                 with writing(f"the mark of the checkpoint of step {steps}", out / CHECKPOINTED_MARK):
                     (out / CHECKPOINTED_MARK).touch()   # this folder's run saved a checkpoint (_check_fresh_run_folder)
@@ -1164,6 +1203,20 @@ def train(
         "lr": lr_at(config, max(ledger.steps_done - 1, 0), plan.steps),
         "lr_segments": [list(seg) for seg in lr_segments_of(config)],
     }
+
+
+def _other_weights_message(config: TrainConfig, state: dict[str, Any] | None, ckpt_path: Path) -> str:
+    """TrainError's line where the ranks would start from different weights (`train`)."""
+    if state is not None:
+        return (f"the ranks differ in the weights they resume: {str(ckpt_path)!r} holds another checkpoint of the run "
+                "on some rank (a stale copy of the run folder?); give every rank the same run folder (nothing was "
+                "written)")
+    if config.init_from is not None:
+        return (f"the ranks differ in the weights they start from: --init-from {str(config.init_from)!r} holds other "
+                "weights on some rank (another copy, or a relative name read from another folder); give every rank "
+                "the same file (nothing was written)")
+    return ("the ranks differ in the weights they start from, built from the same seed: run every rank with the same "
+            "dpdm and torch (nothing was written)")
 
 
 def _storage_message(e: OSError, what: str, path: Path, last_saved: int) -> str:

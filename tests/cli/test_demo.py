@@ -167,10 +167,17 @@ def test_demo_report_names_the_cache_in_the_home_folder_as_tilde(tmp_path, monke
 
     from cli.demo import _home_relative
 
+    (tmp_path / "alice").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "alice"))
     assert _home_relative(tmp_path / "alice" / ".cache" / "dpdm" / "reference") == str(
         Path("~") / ".cache" / "dpdm" / "reference")
     assert _home_relative(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")
+    assert _home_relative(tmp_path / "alice2" / "demo") == str(tmp_path / "alice2" / "demo")   # whole folders only
+    # HOME=/ (CI runners, service accounts) named every path ~/..., wrong for any reader (h114 N3, stop 51); so did a
+    # HOME that is no folder.
+    for home in ("/", str(tmp_path / "nobody")):
+        monkeypatch.setenv("HOME", home)
+        assert _home_relative(tmp_path / "demo" / "model.pt") == str(tmp_path / "demo" / "model.pt"), home
 
 
 def test_demo_prints_each_audit_stage_once():

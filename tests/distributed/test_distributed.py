@@ -467,15 +467,28 @@ def test_a_collective_whose_peer_died_is_one_runtime_line(monkeypatch):
 
     for name in ("all_reduce", "broadcast", "all_gather"):
         monkeypatch.setattr(tdist, name, closed)
-    d = _Dist(rank=0, world_size=2)
+    d = _Dist(rank=0, world_size=2, training=True, last_saved=4)
     model = torch.nn.Linear(2, 1)
     for call in (lambda: d.all_reduce_({"w": torch.zeros(3)}), lambda: d.all_reduce_scalars([1.0]),
                  lambda: d.broadcast_int(3), lambda: d.broadcast_(torch.zeros(2)),
                  lambda: d.check_same_params(model)):
-        with pytest.raises(RankLost, match=r"another rank stopped during training \(its own output says why; here: "
+        with pytest.raises(RankLost, match=r"^another rank stopped during training \(its own output says why; here: "
                                            r"RuntimeError: \[.*Connection closed by peer \[127.0.0.1\]:31623\); the "
-                                           r"run's last checkpoint is whole, and `dpdm train --resume` continues"):
+                                           r"run's checkpoint of step 4 is whole, and `dpdm train --resume` continues "
+                                           r"from it$"):
             call()
+    # What the line says of the run folder (h114 F3, stop 51). Rank 0 writes the checkpoints; another rank counts
+    # one as saved once the ranks checked it, which is before rank 0 has written it (a full disk may stop rank 0).
+    for dist, said in ((_Dist(rank=0, world_size=2), r"before the first step (.*); no checkpoint was saved: run the "
+                                                     r"same command again \(`--resume` has nothing to resume\)$"),
+                       (_Dist(rank=1, world_size=2, last_saved=4), r"before the first step (.*); the run's checkpoint "
+                                                                   r"of step 4 is whole"),   # a resume's
+                       (_Dist(rank=1, world_size=2, training=True), r"during training (.*); no checkpoint was saved"),
+                       (_Dist(rank=1, world_size=2, training=True, last_saved=4),
+                        r"during training (.*); `dpdm train --resume` continues from the run's last checkpoint, that "
+                        r"of step 4 unless rank 0 stopped while writing it \(rank 0's output says\)$")):
+        with pytest.raises(RankLost, match=f"^another rank stopped {said}"):
+            dist.broadcast_int(3)
     monkeypatch.setattr(tdist, "all_reduce", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
     with pytest.raises(torch.OutOfMemoryError):   # not a peer's death: the memory message handles it
         d.all_reduce_scalars([1.0])
@@ -668,3 +681,175 @@ def test_a_gloo_rank_takes_the_first_of_an_omp_thread_list(monkeypatch, value, t
             monkeypatch.setenv(name, v)
     monkeypatch.delenv("DPDM_DIST_TIMEOUT", raising=False)
     assert init_from_env("cpu") == "cpu" and set_to == [threads]
+
+
+# --- a rank of two in this one process: torch.distributed stubbed ---------------------------------
+
+_CLOSED = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer\n[127.0.0.1]:31623")
+
+
+def _one_rank_of_two(monkeypatch, rank: int, peer: list[torch.Tensor] = (), lost=lambda: False) -> list[torch.Tensor]:
+    """torch.distributed as rank `rank` of two sees it: the peer's value at the i-th all_gather is `peer[i]` (what
+    the peer passed at its own i-th; past the list, this rank's own), all_reduce and broadcast leave the tensor as
+    it is, and every collective raises gloo's "Connection closed by peer" once `lost()`. Returns the list of this
+    rank's all_gather inputs, to be another run's `peer`."""
+    import torch.distributed as tdist
+
+    sent = []
+
+    def collective(fn):
+        def call(*args, **kwargs):
+            if lost():
+                raise RuntimeError(_CLOSED)
+            return fn(*args, **kwargs)
+        return call
+
+    def all_gather(out, t):
+        sent.append(t.clone())
+        for o in out:
+            o.copy_(t)
+        if len(sent) <= len(peer):
+            out[1 - rank].copy_(peer[len(sent) - 1])
+
+    monkeypatch.setattr(tdist, "is_available", lambda: True)
+    monkeypatch.setattr(tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tdist, "get_rank", lambda *a, **k: rank)
+    monkeypatch.setattr(tdist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(tdist, "all_gather", collective(all_gather))
+    monkeypatch.setattr(tdist, "all_reduce", collective(lambda t, *a, **k: None))
+    monkeypatch.setattr(tdist, "broadcast", collective(lambda t, *a, **k: None))
+    return sent
+
+
+def _private_images(n=24):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.arange(n) % 3
+
+
+@pytest.fixture(scope="module")
+def small_plan():
+    """A plan for `_private_images`, 4 steps. Each start verifies the plan document (the PRV accountant, a second
+    on 2 busy cores): the tests below that start several runs check it once here, and stub the check."""
+    doc = accounting.make_plan_document(accounting.PrivacyPlan(
+        dataset_size=24, batch_size=6, steps=4, noise_multiplier=1.0, clip_norm=1.0, noise_multiplicity=1,
+        delta=1e-5, dataset_name="tiny"))
+    accounting.verify_document(doc)
+    return doc
+
+
+def test_ranks_whose_warm_start_holds_other_weights_are_refused_before_training(tmp_path, monkeypatch, small_plan):
+    """The ranks compared their options, so the name given to --init-from, not the weights it holds on each rank
+    (each node's own copy, one stale; a relative name read from other folders): both trained on the private data
+    to the first checkpoint, whose check then failed in a 34-line traceback, exit 4, after config.json and
+    metrics.csv were written (h114 F1, stop 51). Now every rank refuses in one line before any file is written.
+    Rank 1 runs first (in this process) and stops at the first broadcast; rank 0 then sees what it gathered."""
+    from dpdm.train import TrainConfig, TrainError, train
+
+    class Stop(Exception):
+        pass
+
+    import torch.distributed as tdist
+
+    monkeypatch.setattr(accounting, "verify_document", lambda d: None)   # checked by `small_plan`
+    x, y = _private_images()
+    doc = small_plan
+    g = torch.Generator().manual_seed(1)   # the warm start: --no-dp on other (public) images
+    public = (torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, torch.arange(16) % 3)
+    train(doc, *public, 3, tmp_path / "pub", TrainConfig(model="small", seed=1, private=False), progress=False)
+    state = ckpt.load_checkpoint(tmp_path / "pub" / "checkpoint.pt")
+    for name, shift in (("a", 0.0), ("b", 0.01)):   # b: the same run's weights, a little off (a stale copy)
+        (tmp_path / name).mkdir()
+        first = next(iter(state["ema"]))
+        ckpt.save_checkpoint({**state, "ema": {**state["ema"], first: state["ema"][first] + shift}},
+                             tmp_path / name / "warm.pt")
+    cfg = TrainConfig(model="small", seed=3, checkpoint_every=2, init_from="warm.pt")
+
+    def run(rank, folder, out, peer=()):   # this rank's all_gather inputs, up to rank 0's verdict on the folder
+        monkeypatch.chdir(tmp_path / folder)
+        sent = _one_rank_of_two(monkeypatch, rank=rank, peer=peer)
+        monkeypatch.setattr(tdist, "broadcast", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+        with pytest.raises(Stop):   # every check before the verdict passed
+            train(doc, x, y, 3, tmp_path / out, cfg, progress=False)
+        return sent
+
+    with pytest.raises(TrainError, match=r"^the ranks differ in the weights they start from: --init-from 'warm.pt' "
+                                         r"holds other weights on some rank .*; give every rank the same file "
+                                         r"\(nothing was written\)$"):
+        run(0, "a", "run", peer=run(1, "b", "run"))
+    assert not (tmp_path / "run").exists()   # the same weights are let through: the two-rank runs above
+
+
+@pytest.mark.parametrize("every, lost_after, said", [
+    (4, 1, "no checkpoint was saved: run the same command again (`--resume` has nothing to resume)"),
+    (2, 3, "the run's checkpoint of step 2 is whole, and `dpdm train --resume` continues from it"),
+])
+def test_a_rank_lost_during_training_names_what_there_is_to_resume(tmp_path, monkeypatch, small_plan, every,
+                                                                   lost_after, said):
+    """A peer lost before the first checkpoint: rank 0 said "the run's last checkpoint is whole, and `dpdm train
+    --resume` continues from it", and --resume then refused, there being none (h114 F3, stop 51). Rank 0's line
+    now says what the run folder holds, as a full disk's and a diverged run's do."""
+    from dpdm.train import RankLost, TrainConfig, train
+
+    monkeypatch.setattr(accounting, "verify_document", lambda d: None)   # checked by `small_plan`
+    done = []
+    _one_rank_of_two(monkeypatch, rank=0, lost=lambda: len(done) >= lost_after)
+    out = tmp_path / "run"
+    with pytest.raises(RankLost) as e:
+        train(small_plan, *_private_images(), 3, out, TrainConfig(model="small", seed=3, checkpoint_every=every),
+              progress=False, on_step=done.append)
+    assert str(e.value) == ("another rank stopped during training (its own output says why; here: RuntimeError: "
+                            f"{' '.join(_CLOSED.split())}); {said}")
+    assert (out / "checkpoint.pt").exists() == (every < lost_after)
+
+
+@pytest.mark.parametrize("rank, said", [
+    ("0", "rank 1 did not join rank 0 at MASTER_ADDR=127.0.0.1 MASTER_PORT={port} within 1 s (DPDM_DIST_TIMEOUT): "
+          "it probably refused its own input first (its own output says why), or was not started; nothing was "
+          "written (here: DistStoreError: "),
+    ("1", "rank 1 could not reach rank 0 at MASTER_ADDR=127.0.0.1 MASTER_PORT={port} within 1 s (DPDM_DIST_TIMEOUT): "
+          "rank 0 probably refused its own input first (its own output says why), or was not started, or is not "
+          "at that address; nothing was written (here: DistNetworkError: "),
+])
+def test_a_peer_that_never_joins_is_one_line(monkeypatch, rank, said):
+    """Ranks started by a scheduler (no torchrun agent to stop the others), one of which refused its own input
+    before the rendezvous (a plan missing on its node): the other waited DPDM_DIST_TIMEOUT, then printed torch's
+    traceback, 44 lines on rank 0 and 84 on rank 1, exit 4 (h114 F2, stop 51). Now RendezvousError, one line
+    naming who did not come, where and for how long, which `dpdm train` prints with exit 4. Here each rank is
+    started alone, with nobody at the port."""
+    import socket
+
+    from dpdm import distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port), "DPDM_DIST_TIMEOUT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(distributed.RendezvousError) as e:
+        distributed.init_from_env("cpu")
+    assert str(e.value).startswith(said.format(port=port)) and str(e.value).endswith(")"), str(e.value)
+    assert "\n" not in str(e.value) and "frame #" not in str(e.value) and not torch.distributed.is_initialized()
+
+
+def test_a_rank_whose_peer_never_joins_says_so_in_one_line(tiny, monkeypatch, capsys):
+    """`dpdm train` prints RendezvousError (test_a_peer_that_never_joins_is_one_line) as one line, exit 4, as it
+    prints a peer lost later; it was torch's 44-line traceback (h114 F2, stop 51)."""
+    import socket
+
+    from cli.main import main
+
+    d, _ = tiny
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port), "DPDM_DIST_TIMEOUT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    rc = main(["train", "--plan", str(d / "plan.json"), "--dataset", f"npz:{d / 'data.npz'}", "--out",
+               str(d / "alone"), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 4 and err.count("\n") == 1, err
+    assert err.startswith(f"dpdm: runtime failure: rank 1 did not join rank 0 at MASTER_ADDR=127.0.0.1 MASTER_PORT="
+                          f"{port} within 1 s (DPDM_DIST_TIMEOUT)"), err
+    assert not (d / "alone").exists()

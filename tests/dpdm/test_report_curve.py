@@ -54,6 +54,34 @@ def test_report_md_cells_escape_what_a_renderer_would_act_on(tmp_path, value, ce
     assert f"| run | {cell} |" in md.read_text(encoding="utf-8").splitlines()
 
 
+def test_a_report_cut_short_by_a_full_disk_leaves_the_one_before_whole(tmp_path):
+    """report.md and report.html were written in place (Path.write_text): a demo stopped by a full disk or a
+    file-size limit while writing one left it cut short (h114 N2, stop 51). Each is written atomically now: the
+    file before stays whole, and no temp file is left. A file-size limit (RLIMIT_FSIZE) in a child process stands
+    for the full disk."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpdm.report import write_report
+
+    md, html_path = write_report(tmp_path, [{"title": "Run", "rows": [("steps", 3)]}], title="before")
+    before = {md: md.read_text(encoding="utf-8"), html_path: html_path.read_text(encoding="utf-8")}
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"   # EFBIG instead of the signal's kill
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+            "from dpdm.report import write_report\n"
+            "try:\n"
+            "    write_report(sys.argv[1], [{'title': 'Run', 'json': {'x': 'y' * 100000}}], title='after')\n"
+            "except OSError as e:\n"
+            "    sys.exit(f'refused: {e.strerror}')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 1 and r.stderr.startswith("refused: File too large"), r.stderr[-2000:]
+    assert {p: p.read_text(encoding="utf-8") for p in before} == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["report.html", "report.md"]
+
+
 def _plan():
     return accounting.PrivacyPlan(dataset_size=4000, batch_size=256, steps=300, noise_multiplier=1.0, delta=1e-5,
                                   dataset_name="mnist5k")
