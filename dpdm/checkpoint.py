@@ -37,6 +37,10 @@ MODEL_KEYS = ("format", "weights", "state_dict", "config", "ledger", "plan")
 LEDGER_RTOL = 1e-6   # a release file's epsilon against the accountant's at its steps
 # A private run whose training seed its user chose (`dpdm train --seed`) carries no guarantee against whoever
 # knows that seed; its outputs say so.
+# A training checkpoint's count of steps whose updates its weights do not hold (absent: 0): a run that diverged at
+# step d after its checkpoint of step c goes on from c's weights with a ledger of d steps (`dpdm.train`), the d - c
+# steps between spent but discarded. Its optimizer has then taken steps_done - discarded_steps steps.
+DISCARDED_STEPS_KEY = "discarded_steps"
 SEED_GIVEN_NOTE = ("trained with a given --seed: whoever knows that seed can replay the batches and the DP noise, "
                    "so the guarantee holds only while it stays secret")
 
@@ -504,9 +508,10 @@ def _ledger_problem(ledger: dict[str, Any], config: dict[str, Any]) -> str | Non
 
 def _training_state_problem(state: dict[str, Any]) -> str | None:
     """What is wrong with a training checkpoint's optimizer and RNG state, or None. A private run steps Adam
-    once per step for every trained parameter, so each parameter's step count is the ledger's steps done (one
-    edited field, or a flipped bit, had a finished run resume and train past its plan); a --no-dp run skips
-    empty batches, so its counts are at most that."""
+    once per step for every trained parameter, so each parameter's step count is the ledger's steps done less the
+    discarded ones (`DISCARDED_STEPS_KEY`; one edited field, or a flipped bit, had a finished run resume and train
+    past its plan); a --no-dp run skips empty batches, so its counts are at most that. Weights that hold no step
+    (a run that diverged before its first checkpoint) come with no optimizer state."""
     if not isinstance(state.get("ema_power", {}), dict):
         return "its power EMAs are not a mapping"
     rng = state["rng"]
@@ -520,20 +525,26 @@ def _training_state_problem(state: dict[str, Any]) -> str | None:
     done, private = ledger["steps_done"], ledger["private"]
     if done == 0:   # dpdm train saves after a step, never before the first: resuming it would spend again
         return "its ledger has no step done (dpdm never saves such a checkpoint)"
+    discarded = state.get(DISCARDED_STEPS_KEY, 0)
+    if isinstance(discarded, bool) or not isinstance(discarded, int) or not 0 <= discarded <= done:
+        return f"its {DISCARDED_STEPS_KEY} is {_value_text(discarded)}, not a number of steps from 0 to its {done} done"
+    applied = done - discarded   # the steps whose updates the weights hold
     trained = sum(len(g.get("params", ())) if isinstance(g, dict) else 0 for g in opt["param_groups"])
-    if private and len(opt["state"]) != trained:
-        return f"its optimizer has state for {len(opt['state'])} of its {trained} parameters, its ledger {done} steps"
+    if private and len(opt["state"]) != (trained if applied else 0):
+        return (f"its optimizer has state for {len(opt['state'])} of its {trained} parameters, its ledger {done} steps"
+                + (f" ({discarded} discarded)" if discarded else ""))
     for per_param in opt["state"].values():
         step = per_param.get("step") if isinstance(per_param, dict) else None
         if step is None or not ((torch.is_tensor(step) and step.numel() == 1) or _is_number(step)):
             return "its optimizer state has a parameter without a step count"
         step = float(step)
         if private:
-            consistent = step == done
+            consistent = step == applied
         else:
-            consistent = 0 <= step <= done
+            consistent = 0 <= step <= applied
         if not consistent:
-            return f"its optimizer has taken {step:g} steps, its ledger says {done} were done"
+            return (f"its optimizer has taken {step:g} steps, its ledger says {done} were done"
+                    + (f", {discarded} of them discarded" if discarded else ""))
     return None
 
 

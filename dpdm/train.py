@@ -65,15 +65,16 @@ _STREAM_INIT = 4        # the network's initial weights (public: frozen ones are
 RNG_SCHEME = "per-step SeedSequence(run_seed_at(seed, lr_segments, step), step, stream); noise_generator (v3)"
 # Knobs a resumed run must keep: changing them midway would train another model than the one the
 # checkpoint describes (and `dpdm sample` reads train_sigma and precond from it). Flag names for the message.
-# The learning rate and its schedule may change on resume (a diverged run continues from its last checkpoint
-# with a lower one): the run records each change as a segment (`TrainConfig.lr_segments`), so `lr_at` stays a
-# pure function of what the checkpoint holds. Privacy-neutral for the run: the lr is a public choice applied to
-# the noisy gradient. A copy of the run folder is the same run, though: resumed with another lr than the
-# original, it would draw the original's batches and DP noise at other weights, and the difference of the two
-# noisy gradients is noise-free. So every step from an lr change on derives its randomness from the seed and the
-# segments so far (`run_seed_at`): copies whose lrs differ draw independent noise from the step where they part
-# (their releases compose), a resume replays exactly (the segments are in the checkpoint), and copies with the
-# same lrs stay one run, bit for bit.
+# The learning rate and its schedule may change on resume (a diverged run continues from its last checkpoint's
+# weights with a lower one, its ledger counting every step it did): the run records each change as a segment
+# (`TrainConfig.lr_segments`), so `lr_at` stays a pure function of what the checkpoint holds. Privacy-neutral for
+# the run: the lr is a public choice applied to the noisy gradient (a choice made from a divergence depends on the
+# steps that diverged, which is why they stay in the ledger). A copy of the run folder is the same run, though:
+# resumed with another lr than the original, it would draw the original's batches and DP noise at other weights,
+# and the difference of the two noisy gradients is noise-free. So every step from an lr change on derives its
+# randomness from the seed and the segments so far (`run_seed_at`): copies whose lrs differ draw independent noise
+# from the step where they part (their releases compose), a resume replays exactly (the segments are in the
+# checkpoint), and copies with the same lrs stay one run, bit for bit.
 _RESUME_FIXED = {"ema_decay": "--ema-decay", "train_sigma": "--train-sigma", "label_dropout": "label_dropout",
                  "precision": "--precision"}
 
@@ -83,7 +84,8 @@ class TrainError(ValueError):
 
 
 class TrainDiverged(RuntimeError):
-    """The weights became non-finite (NaN or inf) during training: nothing after the last checkpoint is saved."""
+    """The weights became non-finite (NaN or inf) during training. The steps done are spent: the run's checkpoint
+    then holds the weights of its last checkpoint (or of its start) with a ledger of every step done (`train`)."""
 
 
 class RankLost(RuntimeError):
@@ -915,6 +917,7 @@ def train(
     power_emas = {ema_power_key(g): PowerEMA(D, g) for g in config.ema_powers}
     optimizer = torch.optim.Adam([p for p in D.parameters() if p.requires_grad], lr=config.lr)
     steps_done = 0
+    discarded = 0   # steps done whose updates the weights do not hold (a divergence discards them: `roll_back`)
     if state is not None:
         saved_powers = state.get("ema_power", {})
         if sorted(saved_powers) != sorted(power_emas):   # a mapping (`checkpoint._check_parts`)
@@ -937,6 +940,7 @@ def train(
                              f"fit its run ({ckpt.load_error_reason(e)})") from None
         torch.set_rng_state(state["rng"]["torch"])
         steps_done = int(state["ledger"]["steps_done"])
+        discarded = int(state.get(ckpt.DISCARDED_STEPS_KEY, 0))
     dist.last_saved = steps_done   # the checkpoint a resume starts from (0: none): RankLost's line names it
     if dist.world_size > 1:
         # The ranks compared the options above, so the name of --init-from, not the weights it holds on each rank
@@ -1030,31 +1034,69 @@ def train(
             eps = min(accounting.epsilon_spent(plan, steps), plan_doc.epsilon) if config.private else math.inf
             return Ledger(plan_doc.digest, plan.steps, steps, eps, plan.delta, config.private)
 
+        def checkpoint_state(ledger: Ledger) -> dict[str, Any]:
+            # What a checkpoint holds now (`save`), and the copy of step 0 that `roll_back` writes from.
+            return {
+                "format": ckpt.FORMAT,
+                "model": D.state_dict(),
+                "ema": ema.model.state_dict(),
+                "ema_power": {k: pe.model.state_dict() for k, pe in power_emas.items()},
+                "optimizer": optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "scheme": RNG_SCHEME},
+                "ledger": ledger.to_dict(),
+                "config": {**run_config, "private": config.private},
+                **({} if trained_on is None else {IMAGE_DIGESTS_KEY: trained_on}),
+                **({} if not discarded else {ckpt.DISCARDED_STEPS_KEY: discarded}),
+            }
+
         def save(steps: int) -> Ledger:
-            nonlocal last_saved
+            nonlocal last_saved, at_start
             ledger = ledger_at(steps)
             dist.check_same_params(D)
             if dist.is_main:
                 with writing(f"the checkpoint of step {steps}", ckpt_path):
-                    ckpt.save_checkpoint(
-                        {
-                            "format": ckpt.FORMAT,
-                            "model": D.state_dict(),
-                            "ema": ema.model.state_dict(),
-                            "ema_power": {k: pe.model.state_dict() for k, pe in power_emas.items()},
-                            "optimizer": optimizer.state_dict(),
-                            "rng": {"torch": torch.get_rng_state(), "scheme": RNG_SCHEME},
-                            "ledger": ledger.to_dict(),
-                            "config": {**run_config, "private": config.private},
-                            **({} if trained_on is None else {IMAGE_DIGESTS_KEY: trained_on}),
-                        },
-                        ckpt_path,
-                    )
+                    ckpt.save_checkpoint(checkpoint_state(ledger), ckpt_path)
             last_saved = dist.last_saved = steps   # on every rank; the mark's message below names it
+            at_start = None
             if dist.is_main:
                 with writing(f"the mark of the checkpoint of step {steps}", out / CHECKPOINTED_MARK):
                     (out / CHECKPOINTED_MARK).touch()   # this folder's run saved a checkpoint (_check_fresh_run_folder)
             return ledger
+
+        def roll_back(done: int) -> str:
+            # The run diverged at step `done`. Its steps 1..done ran on the private data and are spent, whatever
+            # became of the weights: whether and where it diverged chooses the lr it goes on with, so the release
+            # depends on them. A resume that trained the steps after the last checkpoint again, on fresh noise,
+            # under a ledger of the checkpoint's steps, under-counted them (h115 F1, stop 51). Rank 0 writes the
+            # checkpoint again with the weights, EMAs, optimizer and RNG state of the last one (of the start where
+            # none was saved) and a ledger of `done` steps: `--resume` goes on from step done + 1, whose randomness
+            # no step used, and the run ends at the plan's steps. Returns TrainDiverged's line.
+            nonlocal last_saved
+            lost = done - last_saved
+            ledger, error = ledger_at(done), None
+            if dist.is_main:
+                try:
+                    with writing(f"the checkpoint of step {done} (the run diverged)", ckpt_path):
+                        kept = at_start if not last_saved else ckpt.load_checkpoint(ckpt_path)   # weights_only
+                        ckpt.save_checkpoint({**checkpoint_state(ledger),
+                                              **{k: kept[k] for k in ("model", "ema", "optimizer", "rng")},
+                                              "ema_power": kept.get("ema_power", {}),
+                                              ckpt.DISCARDED_STEPS_KEY: discarded + lost}, ckpt_path)
+                    with writing(f"the mark of the checkpoint of step {done}", out / CHECKPOINTED_MARK):
+                        (out / CHECKPOINTED_MARK).touch()
+                except (RunStorageError, ckpt.CheckpointError) as e:
+                    error = e
+            # Every rank waits for rank 0's write (under torchrun a rank that leaves first has the others stopped).
+            if not dist.broadcast_int(int(error is None and dist.is_main)):
+                head = _diverged_message(done, plan.steps, lr_at(config, done - 1, plan.steps), None, None, None)
+                spent = f"steps 1 to {done} are spent but could not be recorded"
+                if error is None:   # not rank 0: its output says why
+                    return head + f"{spent} (rank 0's output says why)"
+                return head + (f"{spent} ({error}); count them in whatever this run releases (its ledger says "
+                               f"{last_saved})")
+            last_saved = dist.last_saved = done
+            return _diverged_message(done, plan.steps, lr_at(config, done - 1, plan.steps), done - lost,
+                                     ledger.epsilon_spent if config.private else None, plan_doc.epsilon)
 
         metrics_path = out / "metrics.csv"
         metrics_file = None
@@ -1076,6 +1118,9 @@ def train(
             bar = tqdm(total=plan.steps, initial=steps_done, file=sys.stderr, unit="step",
                        desc="train" if config.private else "train (NON-PRIVATE)", dynamic_ncols=True)
 
+        # What a checkpoint of step 0 would hold, on the CPU, until one is saved: a run that diverges before its
+        # first checkpoint goes on from it (`roll_back`).
+        at_start = _cpu_copy(checkpoint_state(ledger_at(0))) if dist.is_main and not last_saved else None
         eps_now = ledger_at(steps_done).epsilon_spent
         shown, logged_at = {}, steps_done   # the progress bar's postfix at the last logged step
         t_last, steps_last = time.perf_counter(), steps_done
@@ -1132,19 +1177,19 @@ def train(
                     group["lr"] = lr_at(config, step, plan.steps)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                ema.update(D, step)
+                # The EMAs' warmups count the updates the weights hold: those of discarded steps are not among them.
+                ema.update(D, step - discarded)
                 for pe in power_emas.values():
-                    pe.update(D, step)
+                    pe.update(D, step - discarded)
             # Weights that are NaN or inf, or that give NaN or inf on a fixed input: the run has diverged.
             # Judged on the (noisy) weights alone, never on the private batch's losses: when a run stops must
             # not depend on the private data.
-            if not _finite_model(D, params, probe):
-                raise TrainDiverged(_diverged_message(step, plan.steps, lr_at(config, step, plan.steps), last_saved,
-                                                      ledger_at(last_saved).epsilon_spent if config.private else None))
+            diverged = not _finite_model(D, params, probe)
             steps_done = step + 1
-            _maybe_inject_fault(dist.rank, steps_done)
-            if on_step is not None:
-                on_step(steps_done)
+            if not diverged:
+                _maybe_inject_fault(dist.rank, steps_done)
+                if on_step is not None:
+                    on_step(steps_done)
 
             if steps_done % config.log_every == 0 or steps_done == plan.steps:
                 eps_now = ledger_at(steps_done).epsilon_spent
@@ -1158,6 +1203,8 @@ def train(
                                          f"{clipped / count if count else 0.0:.4f}",
                                          epsilon_text(eps_now, 6), f"{rate:.4g}", int(config.private)])
                         metrics_file.flush()
+            if diverged:   # after its metrics row: the step is spent
+                raise TrainDiverged(roll_back(steps_done))
             if bar is not None:
                 # The postfix is set (unshown) before the update draws the bar: the epsilon shown is that of the
                 # step the bar shows, or, between logged steps, that of the last logged step, which it names.
@@ -1231,18 +1278,41 @@ def _storage_message(e: OSError, what: str, path: Path, last_saved: int) -> str:
     return text + f"no checkpoint was saved: run the same command again once {str(path.parent)!r} can be written"
 
 
-def _diverged_message(step: int, steps: int, lr: float, last_saved: int, eps_saved: float | None) -> str:
-    """TrainDiverged's line: where the run stopped, and how to go on without spending the plan again."""
-    text = (f"the run diverged: its weights, or its output on a fixed input, became NaN or inf at step {step + 1} "
-            f"of {steps} (lr {lr:g}); lower --lr. ")
-    if not last_saved:
-        return text + "No checkpoint was saved: run it again with a lower --lr"
-    text += (f"Nothing after the checkpoint of step {last_saved} was saved: continue from it with --resume and a "
-             "lower --lr (the learning rate may change on resume, at no privacy cost)")
-    if eps_saved is not None:
-        text += (f"; the run has spent epsilon {epsilon_text(eps_saved)} of its plan on these data, and a new run "
-                 "on them would spend its plan on top of that")
-    return text
+def _diverged_message(done: int, steps: int, lr: float, weights_of: int | None, eps_spent: float | None,
+                      eps_plan: float | None) -> str:
+    """TrainDiverged's line: where the run stopped, what it spent, what its checkpoint now holds (the weights of
+    step `weights_of`, 0: the start, with a ledger of `done` steps; None: only the first part, the caller says the
+    rest), and how to go on within the plan. It said the lr could change "at no privacy cost" and the steps after
+    the checkpoint were trained again under a ledger that did not count them (h115 F1, stop 51)."""
+    text = (f"the run diverged: its weights, or its output on a fixed input, became NaN or inf at step {done} of "
+            f"{steps} (lr {lr:g}); ")
+    if weights_of is None:
+        return text
+    what, are = ("step 1", "is") if done == 1 else (f"steps 1 to {done}", "are")
+    spent = (f"{what} ran on the private data and {are} spent (epsilon {epsilon_text(eps_spent)} of the plan's "
+             f"{epsilon_text(eps_plan)})" if eps_spent is not None else f"{what} {are} done (--no-dp)")
+    held = f"the weights of step {weights_of}" if weights_of else "the weights it started from"
+    lost = done - weights_of
+    if done >= steps:
+        return text + (f"{spent}, and the plan has none left: the run's checkpoint holds {held}; a new run on these "
+                       "data spends a new plan on top")
+    return text + (f"lower --lr. {spent[0].upper()}{spent[1:]}; its checkpoint now holds {held} with a ledger of "
+                   f"{done} step{'s' if done != 1 else ''}: dpdm train --resume and a lower --lr continue from step "
+                   f"{done + 1} within the plan (the model loses {lost} step{'s' if lost != 1 else ''}"
+                   + (f", the budget does not get {'them' if lost != 1 else 'it'} back)" if eps_spent is not None
+                      else ")"))
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A copy of `obj` (a checkpoint's state: dicts, lists and tuples of tensors and plain values) whose tensors
+    are copies on the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
 
 
 # --grad-engine auto: plain vmap is taken only where it is this much faster than the rules on the timed

@@ -918,7 +918,8 @@ def test_resume_takes_the_runs_own_options_and_a_given_one_that_differs_names_th
     code, out, err = run_cli([*resume, "--lr", "5e-4", "--json"], capsys)
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["steps_done"] == 4 and summary["lr_segments"] == [[0, 1e-3, "cosine"], [2, 5e-4, "cosine"]]
+    # It diverged at step 3, which is spent: its checkpoint holds step 2's weights and a ledger of 3 steps (h115 F1).
+    assert summary["steps_done"] == 4 and summary["lr_segments"] == [[0, 1e-3, "cosine"], [3, 5e-4, "cosine"]]
     saved = ckpt.load_checkpoint(d / "run" / "checkpoint.pt")["config"]
     assert saved["dataset"] == f"npz:{d / 'same_size.npz'}" and saved["precond"] == "v"
     train = saved["train"]
@@ -979,12 +980,14 @@ def test_resume_of_a_moved_run_a_dropped_lr_change_and_a_no_dp_run(tiny, capsys,
     d = tiny
     real = train_module._finite_model
 
-    def stop_at_next_step_3(count):
-        calls = []
+    def stop_at_next_step_3(count):   # stopped there (exit 4), as where a peer rank died: not a divergence, whose
+        calls = []                      # steps are spent and whose checkpoint records its lr (h115 F1, stop 51)
 
         def finite(*a):
             calls.append(1)
-            return len(calls) != count and real(*a)
+            if len(calls) == count:
+                raise train_module.RankLost("stopped by the test")
+            return real(*a)
         monkeypatch.setattr(train_module, "_finite_model", finite)
 
     (d / "sub").mkdir()
@@ -1295,14 +1298,17 @@ def test_more_images_than_the_address_space_limit_is_the_n_line_not_the_batch_si
 
 
 def _stop_at_the_runs_step(monkeypatch, count):
-    """The next `dpdm train` "diverges" at its `count`-th step (exit 4), leaving the checkpoint it last saved."""
+    """The next `dpdm train` stops at its `count`-th step (exit 4, as where a peer rank died), leaving the checkpoint it
+    last saved (a divergence's steps are spent: its checkpoint has a ledger of them, h115 F1, stop 51)."""
     import dpdm.train as train_module
 
     real, calls = train_module._finite_model, []
 
     def finite(*a):
         calls.append(1)
-        return len(calls) != count and real(*a)
+        if len(calls) == count:
+            raise train_module.RankLost("stopped by the test")
+        return real(*a)
 
     monkeypatch.setattr(train_module, "_finite_model", finite)
 
@@ -1333,7 +1339,7 @@ def test_a_relative_subspace_data_is_recorded_absolute_and_resumes_from_any_fold
     assert ckpt.load_checkpoint(checkpoint)["config"]["train"]["subspace_data"] == f"npz:{d / 'f3' / 'pub.npz'}"
     monkeypatch.chdir(d)
     resume = ["train", "--plan", d / "plan.json", "--out", d / "f3" / "run", "--device", "cpu", "--quiet", "--resume"]
-    _stop_at_the_runs_step(monkeypatch, 1)   # the same file named from here: taken (it trains, then "diverges")
+    _stop_at_the_runs_step(monkeypatch, 1)   # the same file named from here: taken (it trains, then stops)
     assert run_cli([*resume, "--subspace-data", "npz:f3/pub.npz"], capsys)[0] == 4
     monkeypatch.undo()
     monkeypatch.chdir(d)

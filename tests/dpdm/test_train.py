@@ -1,6 +1,7 @@
 """Training under a locked plan: ledger, resume, refusal, checkpoint safety."""
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -1496,31 +1497,146 @@ def test_the_lr_may_change_on_resume_and_replays_exactly_from_its_segments(tmp_p
         TrainConfig(lr=1e-3, lr_segments=((0, 2e-3, "constant"),))
 
 
-def test_a_diverged_run_continues_from_its_checkpoint_with_a_lower_lr(tmp_path, monkeypatch):
-    """The message of a run that diverged after a checkpoint says how to go on without spending the plan again (a
-    new run on the same data adds its plan to what this one spent), and that resume works."""
+def _diverging_run(monkeypatch, at_step):
+    """Records what the next `train` does: the copy of each checkpoint it saves, and (step, weights) at the start of
+    each private step it executes; its weights "diverge" at its `at_step`-th step."""
     import dpdm.train as train_module
+
+    real_finite, real_grad, real_save = train_module._finite_model, train_module.plan_private_grad, ckpt.save_checkpoint
+    seen = {"calls": 0, "saved": [], "steps": []}
+
+    def finite(*a):
+        seen["calls"] += 1
+        return seen["calls"] != at_step and real_finite(*a)
+
+    def grad(D, *a, step, **k):
+        seen["steps"].append((step, {n: t.clone() for n, t in D.state_dict().items()}))
+        return real_grad(D, *a, step=step, **k)
+
+    def save(state, path):
+        seen["saved"].append(copy.deepcopy(state))
+        return real_save(state, path)
+
+    monkeypatch.setattr(train_module, "_finite_model", finite)
+    monkeypatch.setattr(train_module, "plan_private_grad", grad)
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    return seen
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _metrics_steps(out: Path) -> list[int]:
+    return [int(line.split(",")[0]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+
+
+def test_a_diverged_run_counts_its_steps_and_continues_from_its_checkpoints_weights(tmp_path, monkeypatch):
+    """h115 F1 (stop 51): a run that diverged at step 3 after its checkpoint of step 2 was told to resume with a
+    lower lr "at no privacy cost"; the resume trained steps 3..6 again on fresh noise under a ledger of 6 steps,
+    though the release depends on the 3 the first attempt spent (where it diverged chose the lr). Now the steps done
+    are spent: the checkpoint holds step 2's weights, EMA, optimizer and RNG state with a ledger of 3 steps, and the
+    resume goes on from step 4, so the run executes the plan's 6 private steps, no more, each once."""
+    from dpdm.report_utils import epsilon_text
 
     x, y, c = tiny_data()
     doc = tiny_plan(steps=6)
     out = tmp_path / "run"
-    real, calls = train_module._finite_model, []
-
-    def diverges_at_step_3(*a):
-        calls.append(1)
-        return len(calls) != 3 and real(*a)
-
-    monkeypatch.setattr(train_module, "_finite_model", diverges_at_step_3)
+    seen = _diverging_run(monkeypatch, 3)
     with pytest.raises(TrainDiverged) as e:
         train(doc, x, y, c, out, TrainConfig(**CFG, lr=3.0), progress=False)
-    from dpdm.report_utils import epsilon_text
-    eps2 = epsilon_text(accounting.epsilon_spent(doc.plan, 2))
-    assert "at step 3 of 6 (lr 3)" in str(e.value) and "checkpoint of step 2" in str(e.value)
-    assert "--resume and a lower --lr" in str(e.value) and "no privacy cost" in str(e.value)
-    assert f"spent epsilon {eps2} of its plan on these data" in str(e.value) and "on top of that" in str(e.value)
+    eps3 = min(accounting.epsilon_spent(doc.plan, 3), doc.epsilon)
+    assert str(e.value) == (
+        "the run diverged: its weights, or its output on a fixed input, became NaN or inf at step 3 of 6 (lr 3); lower "
+        f"--lr. Steps 1 to 3 ran on the private data and are spent (epsilon {epsilon_text(eps3)} of the plan's "
+        f"{epsilon_text(doc.epsilon)}); its checkpoint now holds the weights of step 2 with a ledger "
+        "of 3 steps: dpdm train --resume and a lower --lr continue from step 4 within the plan (the model loses 1 "
+        "step, the budget does not get it back)")
+    assert "no privacy cost" not in str(e.value)
+    at_2 = seen["saved"][-2]
+    assert at_2["ledger"]["steps_done"] == 2
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)   # its own checks: Adam's 2 steps, 3 done, 1 discarded
+    assert state["ledger"]["steps_done"] == 3 and state["ledger"]["epsilon_spent"] == pytest.approx(eps3, rel=1e-12)
+    assert state[ckpt.DISCARDED_STEPS_KEY] == 1
+    for key in ("model", "ema"):
+        assert _same(state[key], at_2[key]), key
+    assert torch.equal(state["rng"]["torch"], at_2["rng"]["torch"])
+    assert all(float(s["step"]) == 2 for s in state["optimizer"]["state"].values())
+    assert _metrics_steps(out) == [1, 2, 3]   # the row of the step that diverged: it was spent
+    for bad in (0, 4, True, -1):   # an edited count: Adam's steps no longer match the ledger, or it is no count
+        torch.save({**state, ckpt.DISCARDED_STEPS_KEY: bad}, tmp_path / "edited.pt")
+        with pytest.raises(ckpt.CheckpointError, match="corrupt or was edited"):
+            ckpt.load_checkpoint(tmp_path / "edited.pt")
+    with pytest.raises(TrainError, match="already holds a run; pass --resume"):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), progress=False)
     monkeypatch.undo()
-    assert train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False)["steps_done"] == 6
-    assert params_of(out, "ledger")["epsilon_spent"] == pytest.approx(accounting.epsilon_spent(doc.plan, 6))
+    seen = _diverging_run(monkeypatch, 0)
+    summary = train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False)
+    assert summary["steps_done"] == 6 and summary["lr_segments"] == [[0, 3.0, "constant"], [3, 1e-3, "constant"]]
+    first_step, weights = seen["steps"][0]
+    assert first_step == 3 and _same(weights, at_2["model"])   # step 4 starts from step 2's weights
+    assert [s for s, _ in seen["steps"]] == [3, 4, 5]           # with randomness no step used (steps 1-3 drew 0-2)
+    ledger = params_of(out, "ledger")
+    assert ledger["steps_done"] == 6 and ledger["epsilon_spent"] == pytest.approx(doc.epsilon, rel=1e-6)
+    assert ledger["epsilon_spent"] == pytest.approx(min(accounting.epsilon_spent(doc.plan, 6), doc.epsilon), rel=1e-12)
+    assert params_of(out, ckpt.DISCARDED_STEPS_KEY) == 1
+    assert _metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(TrainError, match="is finished"):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False)
+
+
+def test_a_run_that_diverged_before_its_first_checkpoint_goes_on_from_its_start_within_the_plan(tmp_path,
+                                                                                                monkeypatch):
+    """h115 F1 (stop 51): a run that diverged before its first checkpoint was to be "run again" in its folder, which
+    spent its steps a second time under a ledger that did not count the first ones. Now the checkpoint holds the
+    weights it started from (no optimizer state) with a ledger of the steps done; a new run there is refused."""
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    cfg = {**CFG, "checkpoint_every": 4}
+    seen = _diverging_run(monkeypatch, 2)
+    with pytest.raises(TrainDiverged) as e:
+        train(doc, x, y, c, out, TrainConfig(**cfg, lr=3.0), progress=False)
+    assert "at step 2 of 6" in str(e.value) and "Steps 1 to 2 ran on the private data and are spent" in str(e.value)
+    assert "its checkpoint now holds the weights it started from with a ledger of 2 steps: dpdm train --resume and " \
+           "a lower --lr continue from step 3 within the plan (the model loses 2 steps" in str(e.value)
+    start = seen["steps"][0][1]
+    assert seen["steps"][0][0] == 0 and len(seen["saved"]) == 1
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
+    eps2 = min(accounting.epsilon_spent(doc.plan, 2), doc.epsilon)
+    assert state["ledger"]["steps_done"] == 2 and state["ledger"]["epsilon_spent"] == pytest.approx(eps2, rel=1e-12)
+    assert state[ckpt.DISCARDED_STEPS_KEY] == 2 and state["optimizer"]["state"] == {}
+    assert _same(state["model"], start) and _same(state["ema"], start)
+    assert _metrics_steps(out) == [1, 2] and (out / ".checkpointed").exists()
+    with pytest.raises(TrainError, match="already holds a run; pass --resume"):
+        train(doc, x, y, c, out, TrainConfig(**cfg, lr=1e-3), progress=False)
+    monkeypatch.undo()
+    seen = _diverging_run(monkeypatch, 0)
+    assert train(doc, x, y, c, out, TrainConfig(**cfg, lr=1e-3), resume=True, progress=False)["steps_done"] == 6
+    assert [s for s, _ in seen["steps"]] == [2, 3, 4, 5] and _same(seen["steps"][0][1], start)
+    ledger = params_of(out, "ledger")
+    assert ledger["epsilon_spent"] == pytest.approx(min(accounting.epsilon_spent(doc.plan, 6), doc.epsilon), rel=1e-12)
+    assert _metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_diverged_message_says_what_was_spent_and_what_the_checkpoint_holds():
+    """One step, the last step, a --no-dp run: the line never says the steps cost nothing (h115 F1, stop 51)."""
+    from dpdm.train import _diverged_message
+
+    one = _diverged_message(1, 6, 0.5, 0, 0.25, 4.0)
+    assert one.endswith("at step 1 of 6 (lr 0.5); lower --lr. Step 1 ran on the private data and is spent (epsilon "
+                        "0.25 of the plan's 4); its checkpoint now holds the weights it started from with a ledger of "
+                        "1 step: dpdm train --resume and a lower --lr continue from step 2 within the plan (the model "
+                        "loses 1 step, the budget does not get it back)"), one
+    last = _diverged_message(6, 6, 0.5, 4, 4.0, 4.0)
+    assert last.endswith("at step 6 of 6 (lr 0.5); steps 1 to 6 ran on the private data and are spent (epsilon 4 of "
+                         "the plan's 4), and the plan has none left: the run's checkpoint holds the weights of step 4; "
+                         "a new run on these data spends a new plan on top"), last
+    nodp = _diverged_message(3, 6, 0.5, 2, None, None)
+    assert nodp.endswith("Steps 1 to 3 are done (--no-dp); its checkpoint now holds the weights of step 2 with a "
+                         "ledger of 3 steps: dpdm train --resume and a lower --lr continue from step 4 within the plan "
+                         "(the model loses 1 step)"), nodp
+    assert not any("no privacy cost" in m or "lower --lr" not in m for m in (one, nodp))
 
 
 def test_init_from_weights_that_do_not_fit_the_network_are_one_train_error_before_writing(tmp_path):
