@@ -30,7 +30,9 @@ def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
     which the batches and the DP noise derive, and a fingerprint of the private
     images. The release file holds one set of weights, the network's description
     and the privacy ledger (epsilon spent, delta, plan digest) with the run's plan
-    (public), against which a reader re-accounts the ledger; nothing else.
+    (public), against which a reader re-accounts the ledger; nothing else. Prints
+    the file's sha256 and its weights' sha256, which `dpdm sample` records in
+    samples drawn with them (meta_weights_sha256).
     """
     path = checkpoint_of(run_dir, checkpoint_path)
     out_path = os.path.expanduser(out_path)   # '~' as `output_parent_problem` reads it (h111 N5)
@@ -59,4 +61,4 @@ def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
     else:
         what = "NON-PRIVATE (--no-dp)"
     info(f"wrote {out_path}: {result['weights']} weights, {result['parameters']:,} parameters, {what}; "
-         f"sha256 {result['sha256']}")
+         f"sha256 {result['sha256']}; weights sha256 {result['weights_sha256']} (samples drawn with them record it)")

@@ -494,8 +494,13 @@ def _plot_curve(doc, path: str, points: int = 24, prv_points: int = 6) -> None:
     ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    from dpdm.report_utils import save_marked_figure
+    import re
 
+    from dpdm.report_utils import TEMP_PATH_REST, remove_temp_leftovers, save_marked_figure
+
+    # `save_marked_figure`'s temporary files (`temp_path`) of an earlier --curve of this path killed before its
+    # rename, as `dpdm sample` and `dpdm export` remove theirs (fixsample's note on h111 N1)
+    remove_temp_leftovers(path, TEMP_PATH_REST + re.escape(".tmp"))
     try:   # other formats than png, pdf, svg and jpg hold no mark: such a curve is not replaced later
         save_marked_figure(fig, path, dpi=100)
     finally:

@@ -76,7 +76,8 @@ def release_plan_digest(path: str | os.PathLike) -> str | None:
 
 def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, *,
                  weights: str = "ema", keep_other_plans: bool = False) -> dict[str, Any]:
-    """Writes the release file of a checkpoint to `out_path` atomically. Returns a summary.
+    """Writes the release file of a checkpoint to `out_path` atomically. Returns a summary: with the file's
+    "sha256", its weights' "weights_sha256" (`sample.weights_digest`), which samples drawn with them record.
 
     weights: "ema", "raw" or "power:GAMMA" (`dpdm.sample`'s names): the one set the file holds.
     keep_other_plans: refuse to replace a release file of another plan (`dpdm export` without --force),
@@ -93,9 +94,8 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     """
     import torch
 
-    from dpdm.report_utils import run_folder_of
-    from dpdm.sample import (SampleError, _weights_of, remove_temp_leftovers, weights_name, weights_problem,
-                             written_path)
+    from dpdm.report_utils import remove_temp_leftovers, run_folder_of
+    from dpdm.sample import SampleError, _weights_of, weights_digest, weights_name, weights_problem, written_path
 
     src, out = Path(checkpoint_path), Path(out_path)
     try:
@@ -149,7 +149,10 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
                           "Choose another --out, or pass --force to replace it")
     remove_temp_leftovers(out, r"\.[a-z0-9_]{8}\.tmp")   # `atomic_torch_save`'s (mkstemp's) of a killed export
     ckpt.atomic_torch_save(release, out)
-    return {"model": str(out), "sha256": ckpt.file_sha256(out), "checkpoint": str(src), "weights": weights,
+    # sha256: the file's, to publish; weights_sha256: its weights' (`sample.weights_digest`), which `dpdm sample`
+    # records in the samples it draws from this file or from the run's same weights (meta_weights_sha256).
+    return {"model": str(out), "sha256": ckpt.file_sha256(out), "weights_sha256": weights_digest(chosen),
+            "checkpoint": str(src), "weights": weights,
             "parameters": int(sum(t.numel() for t in chosen.values() if t.is_floating_point())),
             **ledger, "epsilon_spent": float(ledger["epsilon_spent"]) if ledger["private"] else None,
             "seed_given": ckpt.seed_given(state["config"])}

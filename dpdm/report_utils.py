@@ -2,10 +2,12 @@
 epsilon is shown."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -111,6 +113,28 @@ def temp_path(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
     write that is renamed onto `path` once complete."""
     path = Path(path)
     return path.with_name(f"{temp_name_prefix(path)}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+# A temporary file of an output write (`temp_path`: the pid and a random token after the prefix) that is this old is
+# a leftover of a write killed midway, removed by the next write of that output (`remove_temp_leftovers`): one in
+# flight is renamed within seconds of its last byte, as `dpdm eval`'s cache entries.
+STALE_TEMP_SECONDS = 3600
+TEMP_PATH_REST = r"\.\d+\.[0-9a-f]{8}"   # what `temp_path` puts between the prefix and the suffix
+
+
+def remove_temp_leftovers(path: str | os.PathLike, rest: str) -> None:
+    """Removes the temporary files beside `path` of earlier writes of it killed between their write and their
+    rename: regular files whose name is `temp_name_prefix(path)` followed by what the regular expression `rest`
+    matches, last modified over `STALE_TEMP_SECONDS` ago (one in flight is another process's write). A killed
+    `dpdm sample` left a copy of every image (mode 0644 before stop 51), `dpdm export` a full release, `dpdm plan
+    --curve` a plot, that no later command removed (h111 N1). Best effort: what cannot be removed stays. Torch-free,
+    for `dpdm plan`."""
+    path = Path(path)
+    name = re.compile(re.escape(temp_name_prefix(path)) + rest)
+    for leftover, st in stale_entries(path.parent, name, STALE_TEMP_SECONDS):
+        if stat.S_ISREG(st.st_mode):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
 
 
 # Files `dpdm train` writes into a run folder: config.json (with the fingerprint of the private data), then

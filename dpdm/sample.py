@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
-import stat
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,18 +18,12 @@ from dpdm import checkpoint as ckpt
 from dpdm.cpu import address_space
 from dpdm.datasets import DataError, public_dataset_name, public_init_name, read_npz_scalars
 from dpdm.report_utils import place_in_dataset  # noqa: F401  (torch-free, for `dpdm plan`; the name stays here)
+from dpdm.report_utils import TEMP_PATH_REST, remove_temp_leftovers
 from dpdm.sampling import MIN_ROWS, RHO, SIGMA_MAX, SIGMA_MIN
 
 
 class SampleError(ValueError):
     """A checkpoint that cannot be sampled from, or bad sampling options."""
-
-
-# A temporary file of an output write (`report_utils.temp_path`: the pid and a random token after the prefix) that is
-# this old is a leftover of a write killed midway, removed by the next write of that output (`remove_temp_leftovers`):
-# one in flight is renamed within seconds of its last byte, as `dpdm eval`'s cache entries.
-STALE_TEMP_SECONDS = 3600
-TEMP_PATH_REST = r"\.\d+\.[0-9a-f]{8}"   # what `temp_path` puts between the prefix and the suffix
 
 
 class SampleFailure(RuntimeError):
@@ -70,9 +64,29 @@ def _weights_of(state: dict, weights: str, path) -> dict:
     return kept[key]
 
 
+# What `weights_digest` hashes first: the version of its encoding.
+WEIGHTS_DIGEST_FORMAT = "dpdm.weights/1"
+
+
+def weights_digest(state_dict: dict) -> str:
+    """The sha256 (hex) of a network's weights: `WEIGHTS_DIGEST_FORMAT`, then each tensor in the order of its name,
+    as a JSON line of its name, dtype and shape followed by its bytes (C order, on the CPU). The same weights give
+    the same digest whatever file held them: a run's EMA (`dpdm sample --run`) and the release file `dpdm export`
+    wrote of it (the same tensors, bit for bit), which `dpdm export` prints beside the file's sha256 and `dpdm sample`
+    records in the samples (meta_weights_sha256), so that samples can be checked against a released model without
+    drawing them again. The file's sha256 also covers its ledger, config and plan; this one the weights alone."""
+    h = hashlib.sha256(f"{WEIGHTS_DIGEST_FORMAT}\n".encode())
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{json.dumps([name, str(t.dtype).removeprefix('torch.'), list(t.shape)])}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)   # its bytes, whatever its dtype (bfloat16 too)
+    return h.hexdigest()
+
+
 def load_denoiser(path: str | os.PathLike, *, weights: str | None = "ema", device: str = "cpu"):
     """Rebuilds the preconditioned network of a checkpoint or release file (`dpdm export`).
-    Returns (D, state); state["weights"] names the weights taken (`weights_name`).
+    Returns (D, state); state["weights"] names the weights taken (`weights_name`), state["weights_sha256"] their
+    `weights_digest` (computed once, on the CPU, from the network as loaded).
 
     weights: "ema" (the run's EMA), "raw" (the last iterate) or "power:GAMMA" (a power EMA the run kept); None:
     a release file's one set, a checkpoint's EMA."""
@@ -113,6 +127,7 @@ def load_denoiser(path: str | os.PathLike, *, weights: str | None = "ema", devic
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise SampleError(f"checkpoint {str(path)!r} does not match its own config: "
                           f"{ckpt.state_dict_mismatch_reason(e)}") from None
+    state["weights_sha256"] = weights_digest(D.state_dict())   # the weights sampled with, before any device
     return D.to(device).eval(), state
 
 
@@ -325,6 +340,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         # no private path (public_dataset_name); None (NaN in the npz, null in --json) where no name is public
         "dataset": None if (name := cfg.get("public_dataset", cfg.get("dataset"))) is None else str(name),
         "sampler": sampler, "sampler_steps": sampler_steps, "guidance": guidance, "weights": weights,
+        # Which weights drew them (`weights_digest`): equal to what `dpdm export --json` reports of the release file.
+        "weights_sha256": state["weights_sha256"],
         "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval], "seed": seed,
         "sigma_min": float(sigma_min), "sigma_max": float(sigma_max), "rho": float(rho),
         "sampler_kwargs": json.dumps(sampler_kwargs or {}, sort_keys=True), "precision": precision,
@@ -369,22 +386,6 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     for folder in dict.fromkeys(Path(os.path.abspath(p)).parent for p in (out_path, grid_path) if p):
         fsync_folder(folder)   # the renames, as `checkpoint.atomic_torch_save`'s
     return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta}
-
-
-def remove_temp_leftovers(path: str | os.PathLike, rest: str) -> None:
-    """Removes the temporary files beside `path` of earlier writes of it killed between their write and their
-    rename: regular files whose name is `report_utils.temp_name_prefix(path)` followed by what the regular
-    expression `rest` matches, last modified over `STALE_TEMP_SECONDS` ago (one in flight is another process's
-    write). A killed `dpdm sample` left a copy of every image (mode 0644 before stop 51), `dpdm export` a full
-    release, that no later command removed (h111 N1). Best effort: what cannot be removed stays."""
-    from dpdm.report_utils import stale_entries, temp_name_prefix
-
-    path = Path(path)
-    name = re.compile(re.escape(temp_name_prefix(path)) + rest)
-    for leftover, st in stale_entries(path.parent, name, STALE_TEMP_SECONDS):
-        if stat.S_ISREG(st.st_mode):
-            with contextlib.suppress(OSError):
-                os.unlink(leftover)
 
 
 def _too_many_images(n: int, cfg: dict, problem: str) -> str:

@@ -96,6 +96,56 @@ def test_sample_from_release_file_equals_sample_from_run(run, capsys):
         assert bool(b["meta_private"]) and float(b["meta_epsilon"]) == pytest.approx(float(a["meta_epsilon"]))
 
 
+def test_samples_name_the_weights_they_were_drawn_with_as_the_release_does(run, tmp_path, capsys):
+    """Nothing in a samples file named the model it came from: samples of a second run of the same plan carried the
+    same meta_* as the released model's, and only the release file's sha256 was there to publish (h115 F4). Samples
+    now record the digest of the weights they were drawn with (meta_weights_sha256), the same from the run folder
+    and from its release file, whose weights `dpdm export` keeps bit for bit and whose digest it reports beside the
+    file's sha256."""
+    from dpdm.sample import weights_digest
+
+    d = run
+    code, out, err = run_cli(["export", "--run", d / "run", "--out", tmp_path / "m.pt", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    state = ckpt.load_checkpoint(d / "run" / "checkpoint.pt")
+    released = torch.load(tmp_path / "m.pt", weights_only=True)["state_dict"]
+    assert doc["sha256"] == ckpt.file_sha256(tmp_path / "m.pt")   # the file's, as before
+    assert doc["weights_sha256"] == weights_digest(state["ema"]) == weights_digest(released)
+    assert all(torch.equal(t, state["ema"][k]) and t.dtype == state["ema"][k].dtype for k, t in released.items())
+    flipped = dict(released)   # one bit of one weight: another digest
+    first = sorted(flipped)[0]
+    flipped[first] = flipped[first].clone()
+    flipped[first].view(-1).view(torch.int32)[0] ^= 1
+    assert weights_digest(flipped) != doc["weights_sha256"]
+    args = ["--n", 2, "--sampler-steps", 2, "--device", "cpu", "--json"]
+    got = {}
+    for name, source in (("run", ["--run", d / "run"]), ("release", ["--checkpoint", tmp_path / "m.pt"]),
+                         ("raw", ["--run", d / "run", "--weights", "raw"])):
+        code, out, err = run_cli(["sample", *source, "--out", tmp_path / f"{name}.npz", *args], capsys)
+        assert code == 0, err
+        got[name] = json.loads(out)["weights_sha256"]
+        with np.load(tmp_path / f"{name}.npz") as z:
+            assert str(z["meta_weights_sha256"]) == got[name]
+    assert got["run"] == got["release"] == doc["weights_sha256"]
+    assert got["raw"] == weights_digest(state["model"]) != got["run"]   # other weights of the same run and plan
+    code, _, err = run_cli(["export", "--run", d / "run", "--out", tmp_path / "m2.pt"], capsys)
+    assert code == 0 and f"sha256 {doc['sha256']}; weights sha256 {doc['weights_sha256']}" in err, err
+
+
+def test_the_weights_digest_covers_names_dtypes_shapes_and_bytes_in_a_fixed_order():
+    from dpdm.sample import weights_digest
+
+    a, b = torch.arange(6, dtype=torch.float32), torch.ones(2, 2)
+    digest = weights_digest({"a": a, "b": b})
+    assert digest == weights_digest({"b": b.clone(), "a": a.clone()})   # the dict's order is not the network's
+    assert len({digest, weights_digest({"a": a.reshape(2, 3), "b": b}), weights_digest({"c": a, "b": b}),
+                weights_digest({"a": a.view(torch.int32), "b": b}), weights_digest({"a": a, "b": b.bfloat16()}),
+                weights_digest({"a": a[:5], "b": b})}) == 6
+    assert weights_digest({"a": a.reshape(3, 2).t(), "b": b}) == weights_digest({"a": a.reshape(3, 2).t().contiguous(),
+                                                                                "b": b})
+
+
 def test_one_set_of_weights(run, capsys):
     d = run
     code, _, err = run_cli(["export", "--run", d / "run", "--weights", "power:0.1", "--out", d / "p.pt"], capsys)
@@ -742,3 +792,128 @@ def _export(run_dir, out, capsys):
     code, _, err = run_cli(["export", "--run", run_dir, "--out", out], capsys)
     assert code == 0, err
     return out
+
+
+# --- mut52 (stop 51): what export refuses to replace, what samples record, epsilons rounded up ---------------
+
+def test_export_never_replaces_a_training_checkpoint_outside_a_run_folder(run, tmp_path, capsys):
+    """A copy of a run's checkpoint (its secret seed and RNG state, its data digest) kept outside any run folder is
+    no release file, though it holds a ledger of the same plan: `dpdm export --out` it, with or without --force,
+    is one line and the file is kept (mut52 e13: the release format test dropped from `release_plan_digest`; the slow
+    test of kept files covers only a plan, data, a user's file and a forged release)."""
+    kept = tmp_path / "backup.pt"
+    shutil.copy(run / "run" / "checkpoint.pt", kept)
+    before = kept.read_bytes()
+    for force in ([], ["--force"]):
+        code, _, err = run_cli(["export", "--run", run / "run", "--out", kept, *force], capsys)
+        assert "is not a release file" in one_error_line(code, err)
+    assert kept.read_bytes() == before
+
+
+def test_export_writes_no_release_file_into_another_run_folder(run, tmp_path, capsys):
+    """A run folder holds its run's secrets and locked files: `dpdm export --out OTHER_RUN/model.pt` is refused,
+    without --force and with it (mut52 e07: the other-run check dropped passes every default test; the slow
+    test_out_never_replaces_another_runs_files_or_a_non_release_file alone covers it)."""
+    other = tmp_path / "other_run"
+    shutil.copytree(run / "run", other)
+    for force in ([], ["--force"]):
+        code, _, err = run_cli(["export", "--run", run / "run", "--out", other / "model.pt", *force], capsys)
+        assert "of another run" in one_error_line(code, err)
+    assert not (other / "model.pt").exists()
+
+
+def test_samples_split_into_files_by_seed_are_the_images_and_labels_of_one_file(run, tmp_path):
+    """Image i is image seed + i of one sequence, its label (seed + i) % classes included: two files drawn with
+    --seed 0 --n 2 and --seed 2 --n 2 are the four images of --seed 0 --n 4 (mut52 s12: labels restarting at 0 in
+    each file gave the second file classes 0, 1 instead of 2, 0, and other images)."""
+    from dpdm.sample import sample_checkpoint
+
+    def draw(seed, n):
+        out = tmp_path / f"s{seed}_{n}.npz"
+        sample_checkpoint(run / "run" / "checkpoint.pt", n=n, seed=seed, sampler_steps=2, out_path=out)
+        with np.load(out) as z:
+            return z["x"], z["y"]
+
+    (x4, y4), (xb, yb) = draw(0, 4), draw(2, 2)
+    assert y4.tolist() == [0, 1, 2, 0] and yb.tolist() == [2, 0] and np.array_equal(xb, x4[2:])
+
+
+def test_samples_never_name_a_data_path_their_plan_does_not_name(run, tmp_path, monkeypatch):
+    """A run trained with `--dataset npz:/home/.../patients.npz` under a plan that names no path (or another) must
+    not write that local path into its samples: meta_dataset is the public name (`public_dataset_name`), here none
+    (mut52 s16: the config's own `dataset` recorded; the slow release tests cover only `dpdm export`)."""
+    from dpdm.sample import sample_checkpoint
+
+    private = "npz:/home/alice/patients.npz"
+    load = ckpt.load_model_or_checkpoint
+
+    def as_trained_on_a_path_the_plan_does_not_name(path):
+        state = load(path)
+        state["config"] = {**state["config"], "dataset": private, "plan_names_data": False}
+        return state
+
+    monkeypatch.setattr(ckpt, "load_model_or_checkpoint", as_trained_on_a_path_the_plan_does_not_name)
+    out = tmp_path / "s.npz"
+    summary = sample_checkpoint(run / "run" / "checkpoint.pt", n=2, sampler_steps=2, out_path=out)
+    with np.load(out) as z:
+        assert z["meta_dataset"].dtype.kind == "f" and np.isnan(z["meta_dataset"])   # None
+        assert not any(private in str(z[k]) for k in z.files if k.startswith("meta_"))
+    assert summary["dataset"] is None
+
+
+def test_the_export_line_rounds_the_epsilon_spent_up(run, tmp_path, capsys, monkeypatch):
+    """The epsilon on `dpdm export`'s line is a guarantee: shown rounded up (`epsilon_text`), so 1.00001 reads
+    1.001, never 1 (mut52 x02: `:.4g` rounded it to nearest; the run's own epsilons rounded alike either way)."""
+    import dpdm.export
+
+    def exported(path, out, **kw):
+        return {"model": str(out), "sha256": "0" * 64, "weights_sha256": "1" * 64, "checkpoint": str(path),
+                "weights": "ema", "parameters": 10, "private": True, "epsilon_spent": 1.00001, "delta": 1e-5,
+                "steps_done": 3, "plan_steps": 3, "seed_given": False, "plan_digest": "sha256:" + "0" * 64}
+
+    monkeypatch.setattr(dpdm.export, "export_model", exported)
+    code, _, err = run_cli(["export", "--run", run / "run", "--out", tmp_path / "m.pt"], capsys)
+    assert code == 0 and "DP: epsilon 1.001, delta 1e-05 after 3 of 3 steps" in err, err
+
+
+def test_the_grid_title_rounds_the_samples_epsilon_up(run, tmp_path, monkeypatch):
+    """The grid's title shows the samples' epsilon, a guarantee, rounded up to 3 digits (`epsilon_text`): a ledger
+    of 1.2143 reads 1.22, never 1.21 (mut52 s18: `:.3g` rounded it to nearest). The verified ledger's figure is
+    replaced after loading, so that its third digit rounds down to nearest."""
+    import dpdm.report_utils
+    import dpdm.sample
+
+    load = dpdm.sample.load_denoiser
+
+    def with_epsilon_1_2143(*a, **k):
+        D, state = load(*a, **k)
+        state["ledger"] = {**state["ledger"], "epsilon_spent": 1.2143}
+        return D, state
+
+    titles = []
+    monkeypatch.setattr(dpdm.sample, "load_denoiser", with_epsilon_1_2143)
+    monkeypatch.setattr(dpdm.report_utils, "save_grid", lambda x, y, path, *, title="", **kw: titles.append(title))
+    dpdm.sample.sample_checkpoint(run / "run" / "checkpoint.pt", n=2, sampler_steps=2, out_path=tmp_path / "s.npz",
+                                  grid_path=tmp_path / "g.png")
+    assert titles == ["dpdm samples, DP (eps=1.22, delta=1e-05), GIVEN --seed"]
+
+
+def test_samples_name_a_warm_starts_data_without_its_folders(run, tmp_path, monkeypatch):
+    """The samples name the public data of a warm start (`--init-from`) by its kind and file name only
+    (`public_init_name`), as release files do: its local folders are not the public's business (mut52 s17: the
+    config's path written into meta_init_dataset; the existing test checks `release_config` alone)."""
+    from dpdm.sample import sample_checkpoint
+
+    load = ckpt.load_model_or_checkpoint
+
+    def warm_started(path):
+        state = load(path)
+        state["config"] = {**state["config"], "init": {"dataset": "npz:/home/alice/secret_project/public_faces.npz",
+                                                       "sha256": "ab" * 32}}
+        return state
+
+    monkeypatch.setattr(ckpt, "load_model_or_checkpoint", warm_started)
+    summary = sample_checkpoint(run / "run" / "checkpoint.pt", n=2, sampler_steps=2, out_path=tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz") as z:
+        assert str(z["meta_init_dataset"]) == "npz:public_faces.npz"
+    assert summary["init_dataset"] == "npz:public_faces.npz"

@@ -100,12 +100,26 @@ def test_dataset_sizes_agree_with_datasets_module():
         assert datasets.DATASET_SIZES[name] == size
 
 
-def test_curve_writes_a_png(capsys, tmp_path):
+def test_curve_writes_a_png_and_removes_its_own_stale_temp_files_and_no_other(capsys, tmp_path):
+    """A `dpdm plan --curve` killed between its write and its rename left `.CURVE.PID.HEX8.tmp` beside the curve,
+    which no later --curve removed, as `dpdm sample` and `dpdm export` now remove theirs (fixsample's note on h111
+    N1). A later --curve of the same path removes those over an hour old (one newer may be a write in flight)."""
     path = tmp_path / "curve.png"
+    old = os.path.getmtime(tmp_path) - 2 * 86400   # two days
+    stale = ".curve.png.4242.0a1b2c3d.tmp"
+    kept = [".curve.png.4243.0a1b2c3d.tmp", ".curve.png.4242.0a1b2c3.tmp", ".other.png.4242.0a1b2c3d.tmp",
+            ".curve.png.4242.0a1b2c3d.tmp.npz", ".curve.png.x.0a1b2c3d.tmp", "curve.png.4242.0a1b2c3d.tmp"]
+    for name in [stale] + kept:
+        (tmp_path / name).write_bytes(b"x")
+        if name != kept[0]:   # the first is fresh: perhaps in flight
+            os.utime(tmp_path / name, (old, old))
+    (tmp_path / ".curve.png.4244.0a1b2c3d.tmp").mkdir()   # a folder of that name is no file of dpdm's
+    os.utime(tmp_path / ".curve.png.4244.0a1b2c3d.tmp", (old, old))
     rc, out, err = run(capsys, "--eps", "2", "--delta", "1e-5", "--dataset-size", "2000", "--batch-size", "100",
                        "--steps", "100", "--curve", str(path))
     assert rc == 0, err
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["curve.png", ".curve.png.4244.0a1b2c3d.tmp"])
 
 
 def test_delta_above_one_over_n_warns_on_stderr(capsys):
