@@ -1472,3 +1472,61 @@ def test_eval_reads_a_read_only_cache_and_outlives_a_failed_cache_write(digit_fi
     assert (f"dpdm: warning: could not cache the reference CNN in '{cache / 'reference'}' (Is a directory); it is "
             "used for this run only and trained again next time") in err.splitlines(), err
     assert sorted(p.name for p in (cache / "reference").iterdir()) == [record.name]   # no temporary file, no weights
+
+
+# --- mut52 (stop 51): the library baseline's size and target checks, and its noise generator ------------------
+
+@pytest.mark.parametrize("size", [599, 601])
+def test_baseline_library_refuses_data_of_another_size_than_the_plans_either_way(digit_files, size):
+    """Nothing trains on data of another size than its plan's: the library baseline (whose CLI checks it too) took
+    600 images under a plan for 601 (mut52 b03: `!=` as `>`; only the CLI test, with a plan for 599, pinned it)."""
+    from dpdm.baseline import train_dp_classifier
+    from dpdm.datasets import DataError, load_npz
+
+    train, test = load_npz(digit_files["train"]), load_npz(digit_files["test"])
+    plan = accounting.PrivacyPlan(dataset_size=size, batch_size=64, steps=1, noise_multiplier=1.0, delta=1e-5)
+    with pytest.raises(DataError, match=rf"has 600 training images but the plan was made for dataset_size={size}$"):
+        train_dp_classifier(plan, train, test, seed=1)
+
+
+def test_baseline_noise_comes_from_the_engines_64_bit_noise_generator(digit_files, monkeypatch):
+    """The DP noise is drawn from `engine.noise_generator` seeded with the noise stream's 63-bit seed (PCG64 on the
+    CPU): torch's CPU generator keeps 32 bits of its seed, so each step's noise would be one of 2**32 vectors
+    (mut52 b06: a torch.Generator passed every baseline test). The run stops at its first private step."""
+    import dpdm.baseline as baseline
+    import dpdm.engine as engine
+    from dpdm.datasets import load_npz
+    from dpdm.train import step_seed
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def first_step(model, loss_fn, *batch, **kw):
+        seen.append(kw["generator"])
+        raise Stop
+
+    monkeypatch.setattr(engine, "private_grad", first_step)
+    plan = accounting.PrivacyPlan(dataset_size=600, batch_size=64, steps=1, noise_multiplier=1.3, delta=1e-5)
+    with pytest.raises(Stop):
+        baseline.train_dp_classifier(plan, load_npz(digit_files["train"]), load_npz(digit_files["test"]), seed=77)
+    fresh = engine.noise_generator(step_seed(77, 0, baseline._STREAM_NOISE), "cpu")
+    assert isinstance(seen[0], np.random.Generator)
+    assert seen[0].bit_generator.state == fresh.bit_generator.state   # that stream, not yet drawn on
+
+
+def test_baseline_library_refuses_a_bare_plan_above_its_target_by_any_margin(digit_files):
+    """A bare plan's target epsilon is a ceiling, as `make_plan_document` holds it: one certified 0.05% above its
+    target is refused before any step (mut52 b01: `epsilon > target * 1.001` took it; the existing test's plan
+    misses its target by 9%)."""
+    import dataclasses
+
+    from dpdm.baseline import train_dp_classifier
+    from dpdm.datasets import load_npz
+
+    plan = accounting.PrivacyPlan(dataset_size=600, batch_size=64, steps=3, noise_multiplier=1.0, delta=1e-5)
+    eps = accounting.certified_epsilon(plan)
+    near = dataclasses.replace(plan, target_epsilon=eps * (1 - 5e-4))
+    with pytest.raises(accounting.NotCalibratedError, match="calibrate the plan"):
+        train_dp_classifier(near, load_npz(digit_files["train"]), load_npz(digit_files["test"]), seed=1)

@@ -1001,3 +1001,35 @@ def test_a_reference_cache_entry_that_cannot_be_written_keeps_the_evaluation(dig
     with pytest.raises(OSError, match="No space left"):
         _atomic_write(folder / "x.pt", fill)
     assert sorted(p.name for p in folder.iterdir()) == sorted([entry.with_suffix(".json").name, fresh.name])
+
+
+# --- mut52 (stop 51): the reference cache's entries read as weights, its info without the record's hash --------
+
+def test_a_reference_cache_entry_is_read_with_weights_only(tmp_path):
+    """The reference CNN's cache entry is read with torch.load(weights_only=True) before its record is checked: a
+    code-running pickle in its place (a shared or copied cache) is refused without running and the CNN is trained
+    again (mut52 d20: weights_only=False ran it; the cache tests use entries dpdm wrote or altered tensors)."""
+    import dpdm.evaluate as ev
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageData(torch.rand(40, 1, 8, 8, generator=g) * 2 - 1, torch.arange(40) % 2, 2, "tiny")
+    key = f"tiny-{ev._digest(data)[:16]}-e1-s0-v{ev._REFERENCE_VERSION}"
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save(RunsCodeWhenUnpickled(marker), folder / f"{key}.pt")
+    (folder / f"{key}.json").write_text(
+        '{"real_val_accuracy": 1.0, "best_epoch": 1, "epochs": 1, "weights_sha256": "x"}')
+    _, info = reference_classifier(data, cache_dir=tmp_path, epochs=1)
+    assert not marker.exists() and info["cached"] is False
+
+
+def test_a_cached_reference_gives_no_record_fingerprint(tmp_path):
+    """The record's weights_sha256 hashes the full data digest: a cached entry's info (copied into the report as
+    classifier_fd.reference) leaves it out, as a freshly trained one never has it (mut52 d39: the filter dropped)."""
+    g = torch.Generator().manual_seed(1)
+    data = ImageData(torch.rand(40, 1, 8, 8, generator=g) * 2 - 1, torch.arange(40) % 2, 2, "tiny")
+    _, fresh = reference_classifier(data, cache_dir=tmp_path, epochs=1)
+    _, cached = reference_classifier(data, cache_dir=tmp_path, epochs=1)
+    assert (fresh["cached"], cached["cached"]) == (False, True)
+    assert set(cached) == set(fresh) and "weights_sha256" not in cached

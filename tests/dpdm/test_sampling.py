@@ -711,3 +711,134 @@ def test_sampler_options_that_change_no_sample_are_refused(trained_run, tmp_path
     assert sampler_options_problem("churn", 4, 7.0, {"S_churn": 0.5, "S_noise": 1.5}) is None
     assert sampler_options_problem("euler", 2, 7.0, None) is None
     assert sampler_options_problem("euler", 3, 50.0, None) is None
+
+
+# --- mut52 (stop 51): mutants of sampling.py / sample.py's option checks that no test pinned ------------
+
+class _OnePixelNaN(ConstD):
+    """0.5 everywhere but row `bad` of each call from call `from_call` on: one NaN pixel (or all NaN: `whole`)."""
+
+    def __init__(self, bad, from_call=1, whole=False):
+        super().__init__(0.5)
+        self.bad, self.from_call, self.whole, self.calls = bad, from_call, whole, 0
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.calls += 1
+        out = torch.full_like(x, 0.5)
+        if self.calls >= self.from_call:
+            if self.whole:
+                out[self.bad] = float("nan")
+            else:
+                out[self.bad, 0, 1, 2] = float("nan")
+        return out
+
+
+def test_an_image_with_one_nan_pixel_is_refused_not_written_as_black():
+    """One NaN pixel of one image (not the whole batch) is NaN output all the same: the uint8 conversion would
+    make it a black pixel without a word (mut52 g04: `.all(1)` of the per-image finiteness as `.any(1)`)."""
+    from dpdm.sampling import NonFiniteSamplesError
+
+    with pytest.raises(NonFiniteSamplesError, match=r"for images 0\.\.3") as e:
+        generate(_OnePixelNaN(2), n=4, batch_size=4, sampler_steps=2)
+    assert e.value.first == 2
+
+
+def test_the_first_non_finite_image_is_counted_from_the_start_of_all_images():
+    """NonFiniteSamplesError.first indexes all n images (sample_checkpoint re-draws image `first` with seed + first
+    to blame the settings or the weights), not the failing batch (mut52 g05)."""
+    from dpdm.sampling import NonFiniteSamplesError
+
+    with pytest.raises(NonFiniteSamplesError, match=r"for images 4\.\.7") as e:
+        # Euler with 2 steps calls the network twice a batch: call 3 is the second batch's first.
+        generate(_OnePixelNaN(1, from_call=3, whole=True), n=8, batch_size=4, sampler_steps=2)
+    assert e.value.first == 5
+
+
+@pytest.mark.parametrize("sampler", [sample_euler, sample_churn])
+def test_a_schedule_that_does_not_end_in_zero_is_refused(sampler):
+    """The samplers' last step returns D(x; sigma_min) only on a schedule ending in 0; one ending at sigma_min
+    left the images noisy without a word (mut52 g03: the end-in-0 check dropped)."""
+    x = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="end in 0"):
+        sampler(ConstD(0.0), x, torch.tensor([2.0, 1.0, 0.5]))
+
+
+class _LabelD:
+    """A conditional 1x4x4 'network' of 2 classes and the null class 2: its output is the label / 4."""
+
+    num_classes, img_channels, img_resolution = 2, 1, 4
+
+    def __call__(self, x, sigma, class_labels=None):
+        return (class_labels.to(x.dtype) / 4).reshape(-1, 1, 1, 1).expand_as(x)
+
+
+def test_generate_takes_the_null_class_as_a_label_and_nothing_beyond_it():
+    """labels lie in [0, num_classes]: num_classes is the null class (unconditional draws of a conditional model),
+    as the error says (mut52 g07: `> num_classes` as `>= num_classes` refused it)."""
+    x, y = generate(_LabelD(), n=2, labels=2, sampler_steps=2)
+    assert y.tolist() == [2, 2] and x.flatten().unique().tolist() == [191]   # D = 0.5: 0.5 * 127.5 + 128, cut to uint8
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        generate(_LabelD(), n=2, labels=3, sampler_steps=2)
+
+
+def test_churn_levels_counts_a_level_on_either_end_of_the_window_as_the_sampler_churns_it():
+    """[S_min, S_max] is closed in `_churn_gamma`, so `churn_levels` (which refuses a window that churns no step)
+    must count a level on either end: a window whose one level is S_min was refused as churning nowhere, though
+    the sampler churns it (mut52 g10: `S_min <= sigma` as `S_min < sigma` in churn_levels)."""
+    from dpdm.sampling import churn_levels, get_sigmas_karras, network_levels
+
+    sigmas = get_sigmas_karras(4, sigma_min=0.002, sigma_max=80.0)
+    level = float(sigmas[1])
+    for window in ((level, level * 1.01), (level * 0.99, level)):
+        assert churn_levels(sigmas, *window) == 1, window
+        kw = {"S_churn": 4.0, "S_min": window[0], "S_max": window[1]}
+        assert network_levels(sigmas, "churn", kw)[2] == pytest.approx(2 * level)   # gamma = min(4 / 4, 1)
+        sample_churn(ConstD(0.0), torch.zeros(1, 1, 4, 4), sigmas, **kw)   # not refused
+
+
+def test_seeds_2_to_the_31_apart_draw_different_noise():
+    """Image i's generator is seeded with seed + i modulo 2**63 (the CPU generator then keeps 32 bits): seeds 2**31
+    apart are distinct images (mut52 g14: modulo 2**31 made --seed 0 and --seed 2147483648 write identical files)."""
+    seeds = [5, 5 + 2**31]
+    z = StackedRandomGenerator("cpu", seeds).randn((2, 1, 4, 4))
+    for row, seed in zip(z, seeds):
+        assert torch.equal(row, torch.randn((1, 4, 4), generator=torch.Generator().manual_seed(seed)))
+    assert not torch.equal(z[0], z[1])
+
+
+def test_a_rho_that_moves_the_schedules_ends_by_a_percent_is_refused():
+    """rho = 1e14 rounds sigma ** (1 / rho) so that the schedule's ends come out 0.8% and 0.3% away from sigma_max
+    and sigma_min in float64: refused as no usable schedule, as its docstring says (ends kept to 0.1%; mut52 g15:
+    a 10% tolerance took it, recording a sigma_max the sampler did not use)."""
+    from dpdm.sampling import ScheduleError, get_sigmas_karras
+
+    with pytest.raises(ScheduleError, match="no usable Karras schedule") as e:
+        get_sigmas_karras(10, rho=1e14)
+    assert e.value.param == "rho"
+    ends = get_sigmas_karras(10, rho=1e12)[[0, -2]]   # ends within 2.4e-5: usable
+    assert ends.tolist() == pytest.approx([80.0, 0.002], rel=1e-3)
+
+
+def test_a_guidance_interval_whose_low_end_is_the_only_level_near_it_guides_nothing_and_is_refused():
+    """`guided_denoise` guides lo < sigma <= hi: a level equal to lo is unguided, so an interval whose only level is
+    its low end guides no step and must be refused (mut52 s31: `lo <= v` in `_guidance_interval_problem` took it,
+    and the samples were unguided, recorded as guided)."""
+    from dpdm.sample import guidance_options_problem
+    from dpdm.sampling import get_sigmas_karras
+
+    sigmas = get_sigmas_karras(4)
+    lo, above = float(sigmas[1]), float(sigmas[0])
+    problem = guidance_options_problem(1.0, (lo, (lo + above) / 2), sigmas)
+    assert problem is not None and "no step would be guided" in problem
+    assert guidance_options_problem(1.0, (lo * 0.999, (lo + above) / 2), sigmas) is None
+
+
+def test_churn_with_s_churn_0_is_heun_and_needs_no_level_in_the_window():
+    """--s-churn 0 asks for Heun: no window is needed, so a schedule with no level in the default [0.05, 50] is no
+    problem (mut52 s32: the `S_churn == 0` test dropped from `_churn_window_problem` refused it)."""
+    from dpdm.sample import _churn_window_problem
+    from dpdm.sampling import get_sigmas_karras
+
+    sigmas = get_sigmas_karras(4, sigma_min=60.0, sigma_max=80.0)
+    assert _churn_window_problem(sigmas, {"S_churn": 0.0}) is None
+    assert "no step would churn" in _churn_window_problem(sigmas, {"S_churn": 1.0})
