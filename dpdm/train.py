@@ -1009,7 +1009,9 @@ def train(
         try:
             yield
         except OSError as e:
-            raise RunStorageError(_storage_message(e, what, path, last_saved)) from e
+            error = RunStorageError(_storage_message(e, what, path, last_saved))
+            error.problem = _storage_problem(e, what, path)   # without the advice: `roll_back`'s line gives its own
+            raise error from e
 
     try:   # however the run ends: the lock released, the progress bar and the metrics file closed
         if dist.is_main:
@@ -1088,14 +1090,23 @@ def train(
                     error = e
             # Every rank waits for rank 0's write (under torchrun a rank that leaves first has the others stopped).
             if not dist.broadcast_int(int(error is None and dist.is_main)):
-                head = _diverged_message(done, plan.steps, lr_at(config, done - 1, plan.steps), None, None, None)
+                lr = lr_at(config, done - 1, plan.steps)
+                head = _diverged_message(done, plan.steps, lr, None, None, None)
                 spent = f"steps 1 to {done} are spent but could not be recorded"
+                # Only a resume with the same lr replays steps last_saved + 1.. exactly (the same seeds, batches and
+                # noise, so it spends nothing new), diverges at `done` again and records it; one with a lower lr
+                # trained them again on fresh noise under a ledger that never counted the first attempt's (r1 F1).
+                replay = (f"once it can be written, `dpdm train --resume` with the same --lr {lr:g} replays steps "
+                          f"{last_saved + 1} to {done} exactly and records them; a resume with another --lr would "
+                          f"train them again uncounted" if last_saved else
+                          f"no checkpoint holds them: a new run in this folder draws a new seed and spends the plan "
+                          f"again, so count these {done} steps in what it releases")
                 if error is None:   # not rank 0: its output says why
-                    return head + f"{spent} (rank 0's output says why)"
-                return head + (f"{spent} ({error}); count them in whatever this run releases (its ledger says "
-                               f"{last_saved})")
+                    return head + f"{spent} (rank 0's output says why); {replay}"
+                return head + f"{spent}: {getattr(error, 'problem', error)}; {replay}"
             last_saved = dist.last_saved = done
-            return _diverged_message(done, plan.steps, lr_at(config, done - 1, plan.steps), done - lost,
+            # The weights hold the updates of the steps not discarded, this divergence's and earlier ones' (r1 F2).
+            return _diverged_message(done, plan.steps, lr_at(config, done - 1, plan.steps), done - discarded - lost,
                                      ledger.epsilon_spent if config.private else None, plan_doc.epsilon)
 
         metrics_path = out / "metrics.csv"
@@ -1268,14 +1279,19 @@ def _other_weights_message(config: TrainConfig, state: dict[str, Any] | None, ck
 
 def _storage_message(e: OSError, what: str, path: Path, last_saved: int) -> str:
     """RunStorageError's line: the file that could not be written and why, what is kept, and how to go on."""
-    code = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
-    reason = " ".join(str(e.strerror or e).split()) + (f", {code}" if code else "")
-    head = "no space left on the device: " if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-    text = (f"{head}cannot write {what} ({str(path)!r}: {reason}); files written before are kept; ")
+    text = f"{_storage_problem(e, what, path)}; files written before are kept; "
     if last_saved:
         return text + (f"`dpdm train --resume` continues from the checkpoint of step {last_saved} once "
                        f"{str(path.parent)!r} can be written")
     return text + f"no checkpoint was saved: run the same command again once {str(path.parent)!r} can be written"
+
+
+def _storage_problem(e: OSError, what: str, path: Path) -> str:
+    """The file that could not be written, and why (the first part of `_storage_message`)."""
+    code = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
+    reason = " ".join(str(e.strerror or e).split()) + (f", {code}" if code else "")
+    head = "no space left on the device: " if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{head}cannot write {what} ({str(path)!r}: {reason})"
 
 
 def _diverged_message(done: int, steps: int, lr: float, weights_of: int | None, eps_spent: float | None,

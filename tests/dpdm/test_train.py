@@ -1639,6 +1639,68 @@ def test_the_diverged_message_says_what_was_spent_and_what_the_checkpoint_holds(
     assert not any("no privacy cost" in m or "lower --lr" not in m for m in (one, nodp))
 
 
+@pytest.mark.parametrize("every, first, second, held, lost", [
+    (4, 6, 7, "the weights of step 4", 3),          # rolled back to 4 (ledger 6), diverged again at 7
+    (8, 2, 3, "the weights it started from", 3),    # rolled back to the start (ledger 2), diverged again at 3
+])
+def test_a_second_divergence_names_the_weights_the_checkpoint_holds(tmp_path, monkeypatch, every, first, second,
+                                                                    held, lost):
+    """A run that diverged again before its next checkpoint was told its checkpoint held the weights of the rolled-back
+    checkpoint's ledger step, and that the model lost only the steps since (r1 F2, stop 51)."""
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=12)
+    out = tmp_path / "run"
+    cfg = {**CFG, "checkpoint_every": every}
+    _diverging_run(monkeypatch, first)
+    with pytest.raises(TrainDiverged):
+        train(doc, x, y, c, out, TrainConfig(**cfg, lr=1e-3), progress=False)
+    monkeypatch.undo()
+    _diverging_run(monkeypatch, second - first)   # the resume's (second - first)-th step
+    with pytest.raises(TrainDiverged) as e:
+        train(doc, x, y, c, out, TrainConfig(**cfg, lr=1e-4), resume=True, progress=False)
+    assert f"at step {second} of 12" in str(e.value)
+    assert f"its checkpoint now holds {held} with a ledger of {second} steps" in str(e.value), str(e.value)
+    assert f"the model loses {lost} steps" in str(e.value), str(e.value)
+
+
+def test_a_rollback_that_cannot_be_written_advises_the_replay_that_records_it(tmp_path, monkeypatch):
+    """A divergence whose rollback hits a full disk said `dpdm train --resume` continues from the checkpoint of step
+    2; the lower lr the line asked for then trained step 3 again on fresh noise, the first attempt's uncounted (r1
+    F1, stop 51). The line now says to resume with the same lr, which replays step 3 exactly, diverges there again
+    and records it."""
+    import errno
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    _diverging_run(monkeypatch, 3)
+    real = ckpt.save_checkpoint
+
+    def full_disk(state, path):
+        if state.get(ckpt.DISCARDED_STEPS_KEY):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(state, path)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+    with pytest.raises(TrainDiverged) as e:
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=3.0), progress=False)
+    line = str(e.value)
+    assert "continues from the checkpoint of step 2" not in line and "\n" not in line, line
+    assert line.endswith("steps 1 to 3 are spent but could not be recorded: no space left on the device: cannot "
+                         f"write the checkpoint of step 3 (the run diverged) ({str(out / 'checkpoint.pt')!r}: No space "
+                         "left on device, ENOSPC); once it can be written, `dpdm train --resume` with the same --lr 3 "
+                         "replays steps 3 to 3 exactly and records them; a resume with another --lr would train them "
+                         "again uncounted"), line
+    monkeypatch.undo()
+    seen = _diverging_run(monkeypatch, 1)   # the replay diverges at step 3 again, as the first attempt did
+    with pytest.raises(TrainDiverged, match="Steps 1 to 3 ran on the private data and are spent"):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=3.0), resume=True, progress=False)
+    assert [s for s, _ in seen["steps"]] == [2]
+    ledger = torch.load(out / "checkpoint.pt", weights_only=True)["ledger"]
+    assert ledger["steps_done"] == 3 and ledger["epsilon_spent"] == pytest.approx(
+        min(accounting.epsilon_spent(doc.plan, 3), doc.epsilon))
+
+
 def test_init_from_weights_that_do_not_fit_the_network_are_one_train_error_before_writing(tmp_path):
     """A warm start whose EMA weights have another shape, or lack a key (a dpdm whose network layout changed since,
     under the same preset name), was a RuntimeError traceback (exit 4); a resume's such checkpoint is one line. Weights
