@@ -142,7 +142,8 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         emit_json(result)
     else:
         click.echo(f"DP-SGD CNN on {name}: real test accuracy {result['test_accuracy']:.4f} at epsilon "
-             f"{epsilon_text(doc.epsilon)}, delta {doc.plan.delta:g} ({result['steps']} steps, expected batch "
+             f"{epsilon_text(doc.epsilon)}, delta {doc.plan.delta:g} (it adds to the generator's where both are "
+             f"released on the same data; {result['steps']} steps, expected batch "
              f"{result['expected_batch_size']}, {result['seconds']:.0f} s)"
              + (" (given --seed: no guarantee against whoever knows it)" if seed is not None else ""))
         if "public_pretrain" in result:

@@ -61,6 +61,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     classifier FD or precision/recall. Inception FID needs no labels.
     The classifier FD, precision/recall, reference accuracies and Inception FID
     are computed WITHOUT privacy from the real training data: keep them private.
+    The accuracies are measured without privacy on the held-out test images:
+    keep them private too where those images are.
     The FD grows as the sample count n shrinks, so FD values compare only at
     equal n: the floor (real test vs real train) is measured on as many test
     images as there are samples (all of them when the samples are more).
@@ -91,6 +93,9 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         provenance = samples_provenance(samples_path)
     except DataError as e:
         raise BadInput(f"--samples={samples_path!r}: {e}") from None
+    problem = provenance_problem(provenance)
+    if problem:
+        raise BadInput(f"--samples={samples_path!r}: {problem}")
     check_augment_shift(augment_shift, samples)
     if len(samples) < MIN_SAMPLES:   # checked before any training, not after it
         raise BadInput(f"--samples={samples_path!r} holds {len(samples)} images; dpdm eval needs at least "
@@ -295,8 +300,10 @@ def samples_provenance(path: str) -> dict:
     """What `dpdm sample` recorded about the model behind the samples (its ``meta_*`` arrays): "private"
     (False: a `--no-dp` model), "seed_given" (trained with a given `--seed`), "epsilon", "delta", "dataset"
     (the model's training data as its plan names it) and "init_dataset" (the public data its run was warm-started
-    on, `dpdm train --init-from`: a DP-SGD classifier is a fair partner only if warm-started on it too); each None
-    where the file does not say (samples from elsewhere, a cold start).
+    on, `dpdm train --init-from`: a DP-SGD classifier is a fair partner only if warm-started on it too) and
+    "weights_sha256" (the digest of the weights that drew them, `sample.weights_digest`, which `dpdm export` prints
+    of a release file; samples of dpdm before it have none); each None where the file does not say (samples from
+    elsewhere, a cold start).
 
     Each array is sized on its header before it is read (`read_npz_scalars`): one that is no scalar was
     decompressed in full first, and a header claiming 10**12 bytes ended the command in "out of memory on the
@@ -310,16 +317,32 @@ def samples_provenance(path: str) -> dict:
     from dpdm.datasets import read_npz_scalars
 
     out = {"private": None, "seed_given": None, "epsilon": None, "delta": None, "dataset": None,
-           "init_dataset": None}
+           "init_dataset": None, "weights_sha256": None}
     found = read_npz_scalars(path, [f"meta_{key}" for key in out], name=path)
     for key in out:
         v = found.get(f"meta_{key}")
-        if key in ("dataset", "init_dataset"):
+        if key in ("dataset", "init_dataset", "weights_sha256"):
             if isinstance(v, str) and v not in ("", "None"):
                 out[key] = v
         elif isinstance(v, (bool, int, float)):   # text is not a number here, as before
             out[key] = bool(v) if key in ("private", "seed_given") else (float(v) if math.isfinite(v) else None)
     return out
+
+
+def provenance_problem(provenance: dict) -> str | None:
+    """What `samples_provenance` read that `dpdm sample` never writes, or None: samples marked private without a
+    finite epsilon (a --no-dp model's record NaN, so one flipped meta_private made them "DP samples (epsilon not
+    recorded)", h115 N3), or a weights digest that is no sha256. `dpdm eval` refuses such a file."""
+    import re
+
+    again = "the file was edited or is not dpdm's: draw the samples again"
+    if provenance["private"] and provenance["epsilon"] is None:
+        return f"meta_private is True but meta_epsilon is no finite number; `dpdm sample` records the epsilon of " \
+               f"every DP model, so {again}"
+    digest = provenance["weights_sha256"]
+    if digest is not None and not re.fullmatch("[0-9a-f]{64}", digest):
+        return f"meta_weights_sha256 is {digest[:80]!r}, not a sha256 (64 hex digits); {again}"
+    return None
 
 
 def _check_cache_outside_data(cache_dir, folder, datasets: dict[str, str | None]) -> None:
@@ -383,6 +406,19 @@ def non_private_line(report: dict) -> str | None:
             f"they are outside the DP guarantee; share them only as you would that data")
 
 
+def held_out_line(report: dict) -> str | None:
+    """The line that says which figures are measured without privacy on the held-out test images (README:
+    "Figures on the held-out test images"): the guarantee covers the training images only, and test images
+    may be private too (h115 N4)."""
+    fd = report.get("classifier_fd") or {}
+    names = (["the downstream accuracies"] if report.get("classifiers") else []) + \
+        (["the FD's floor"] if "real_test_value" in fd else [])
+    if report.get("real_test_size") is None or not names:
+        return None
+    return (f"note: {' and '.join(names)} are measured WITHOUT privacy on the held-out test images: where those "
+            "are private too, they are outside the DP guarantee as well")
+
+
 def format_report(report: dict) -> str:
     """The human-readable table."""
     lines = [f"samples {report['samples']}: {report['n_samples']} images "
@@ -392,14 +428,17 @@ def format_report(report: dict) -> str:
     # A warm start lifts every downstream figure (85.5% -> 92.0% for the synthetic CNN on mnist5k): said beside
     # the privacy, so that they are compared with a DP-SGD CNN warm-started on the same public data.
     warm = "" if made.get("init_dataset") is None else f", generator warm-started on public {made['init_dataset']}"
+    # The weights that drew them, shortened as plan digests are: check it against the sha256 published with the
+    # model (README: the weights sha256 that `dpdm export` prints); --json has all 64 digits.
+    drawn = "" if made.get("weights_sha256") is None else f", weights sha256 {made['weights_sha256'][:12]}..."
     if made.get("private") is False:
-        lines.append(f"NON-PRIVATE samples: drawn from a --no-dp model{warm}")
-    elif made.get("private"):
+        lines.append(f"NON-PRIVATE samples: drawn from a --no-dp model{warm}{drawn}")
+    elif made.get("private"):   # epsilon None: not in `dpdm eval`, which refuses it (`provenance_problem`)
         eps = ("epsilon not recorded" if made.get("epsilon") is None else
                f"epsilon {epsilon_text(made['epsilon'])}"
                + ("" if made.get("delta") is None else f", delta {made['delta']:g}"))
         lines.append(f"DP samples ({eps})" + (", model trained with a GIVEN --seed" if made.get("seed_given") else "")
-                     + warm)
+                     + warm + drawn)
     counts = report.get("samples_label_counts")
     if counts:   # a class-collapsed set shows here, not in precision/recall
         lines.append(f"samples per class: {' '.join(map(str, counts))}" if len(counts) <= 20 else
@@ -437,7 +476,7 @@ def format_report(report: dict) -> str:
         lines.append(f"Inception FID (torchvision weights): {report['inception_fid']:.4f}")
     for metric, reason in _skip_lines(report.get("skipped") or {}):
         lines.append(f"{metric}: skipped ({reason})")
-    note = non_private_line(report)
-    if note:
-        lines += ["", note]
+    notes = [note for note in (non_private_line(report), held_out_line(report)) if note]
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines)

@@ -23,16 +23,19 @@ from dpdm.report_utils import epsilon_text
                    "any other file, never).")
 @click.option("--json", "as_json", is_flag=True)
 def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
-    """Write a model file that is safe to release.
+    """Write the model file to release: a run's weights without its secrets.
 
     \b
-    The run folder is not: checkpoint.pt holds the secret seed and RNG state from
-    which the batches and the DP noise derive, and a fingerprint of the private
-    images. The release file holds one set of weights, the network's description
-    and the privacy ledger (epsilon spent, delta, plan digest) with the run's plan
-    (public), against which a reader re-accounts the ledger; nothing else. Prints
-    the file's sha256 and its weights' sha256, which `dpdm sample` records in
-    samples drawn with them (meta_weights_sha256).
+    The run folder is not to be released: checkpoint.pt holds the secret seed and
+    RNG state from which the batches and the DP noise derive, and a fingerprint of
+    the private images. The release file holds one set of weights, the network's
+    description and the privacy ledger (epsilon spent, delta, plan digest) with the
+    run's plan (public), against which a reader re-accounts the ledger; nothing
+    else. Prints the file's sha256 and its weights' sha256, which `dpdm sample`
+    records in samples drawn with them (meta_weights_sha256). The weights are only
+    as private as the run: those of a --no-dp run carry no guarantee about the data
+    it trained on (a warning says so), and must not be released where that data is
+    private.
     """
     path = checkpoint_of(run_dir, checkpoint_path)
     out_path = os.path.expanduser(out_path)   # '~' as `output_parent_problem` reads it (h111 N5)
@@ -52,6 +55,9 @@ def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
         raise BadInput(str(e)) from None
     if result["private"] and result["seed_given"]:
         warn(f"the run was {SEED_GIVEN_NOTE}; the release file records that (config.train.seed_given)")
+    if not result["private"]:   # marked on the line too; said apart, as loudly as a given seed (h115 N1)
+        warn(f"{out_path!r} holds the weights of a NON-PRIVATE (--no-dp) run: they carry no guarantee about the data "
+             "it trained on; do not release them where that data is private")
     if as_json:
         emit_json(result)
         return

@@ -131,6 +131,9 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         warn(note)
     if result["private"] and result["seed_given"]:
         warn(f"the model was {SEED_GIVEN_NOTE}; the samples record that (meta_seed_given)")
+    if not result["private"]:   # as `dpdm export` warns of its release file (h115 N1)
+        warn(f"{out_path!r} holds samples of a NON-PRIVATE (--no-dp) model: they carry no guarantee about the data "
+             "it trained on; do not release them where that data is private")
     if as_json:
         emit_json(result)
     else:

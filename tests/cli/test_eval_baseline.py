@@ -884,7 +884,6 @@ def test_eval_says_where_the_samples_came_from(digit_files, tmp_path, capsys):
              "seeded": (meta(True, True, 2.00001),   # an upper bound shown rounded up
                         "DP samples (epsilon 2.001, delta 1e-05), model trained with a GIVEN --seed", "given --seed"),
              "dp": (meta(True, False, 2.0), "DP samples (epsilon 2, delta 1e-05)", None),
-             "no_epsilon": (meta(True, False, np.nan), "DP samples (epsilon not recorded)", None),  # was "(DP)"
              "foreign": ({}, None, None)}
     for name, (arrays, line, warning) in cases.items():
         path = tmp_path / f"{name}.npz"
@@ -1530,3 +1529,58 @@ def test_baseline_library_refuses_a_bare_plan_above_its_target_by_any_margin(dig
     near = dataclasses.replace(plan, target_epsilon=eps * (1 - 5e-4))
     with pytest.raises(accounting.NotCalibratedError, match="calibrate the plan"):
         train_dp_classifier(near, load_npz(digit_files["train"]), load_npz(digit_files["test"]), seed=1)
+
+
+def test_eval_refuses_dp_samples_without_an_epsilon_and_shows_the_weights_they_record(digit_files, tmp_path, capsys):
+    """`dpdm sample` records the epsilon of every DP model and NaN for a --no-dp one: a file marked private without
+    a finite epsilon (one flipped meta_private) read "DP samples (epsilon not recorded)" (h115 N3); it is refused in
+    one line, as is a weights digest that is no sha256. The digest of the weights that drew the samples
+    (meta_weights_sha256, 23df10a) is on the provenance line, shortened, and whole in --json."""
+    with np.load(digit_files["samples"]) as z:
+        x, y = z["x"], z["y"]
+    common = ("eval", "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+              "--classifiers", "", "--reference-epochs", "1", "--cache-dir", str(tmp_path / "cache"))
+    digest = "0123456789abcdef" * 4
+    path = tmp_path / "s.npz"
+    for arrays, needles in (({"meta_epsilon": np.array(np.nan)}, ("meta_private is True but meta_epsilon is no",)),
+                            ({}, ("meta_private is True but meta_epsilon is no finite number",)),
+                            ({"meta_epsilon": np.array(2.0), "meta_weights_sha256": np.array(digest[:-1] + "G")},
+                             ("meta_weights_sha256 is", "not a sha256"))):
+        np.savez(path, x=x, y=y, meta_private=np.array(True), meta_delta=np.array(1e-5), **arrays)
+        code, _, err = _run(capsys, *common, "--samples", str(path))
+        _assert_one_line_error(code, err, f"--samples={str(path)!r}: ", *needles)
+        assert not (tmp_path / "cache").exists()   # before anything was trained
+    for private, line in ((True, f"DP samples (epsilon 2, delta 1e-05), weights sha256 {digest[:12]}..."),
+                          (False, f"NON-PRIVATE samples: drawn from a --no-dp model, weights sha256 {digest[:12]}...")):
+        np.savez(path, x=x, y=y, meta_private=np.array(private), meta_epsilon=np.array(2.0 if private else np.nan),
+                 meta_delta=np.array(1e-5), meta_weights_sha256=np.array(digest))
+        code, out, err = _run(capsys, *common, "--samples", str(path))
+        assert code == 0, err
+        assert line in out.splitlines(), out
+        code, out, err = _run(capsys, *common, "--samples", str(path), "--json")
+        assert json.loads(out)["samples_provenance"]["weights_sha256"] == digest
+
+
+def test_eval_says_the_figures_on_the_test_images_are_outside_the_guarantee(digit_files, tmp_path, capsys):
+    """The README says the accuracies on --test-dataset are computed without privacy from the test images, which
+    may be private too; eval's note named only the figures of the training split (h115 N4)."""
+    common = ("eval", "--samples", str(digit_files["samples"]), "--dataset", f"npz:{digit_files['train']}",
+              "--test-dataset", f"npz:{digit_files['test']}", "--reference-epochs", "1", "--cache-dir",
+              str(tmp_path / "cache"), "--device", "cpu")
+    for classifiers, names in (("logreg", "the downstream accuracies and the FD's floor"), ("", "the FD's floor")):
+        code, out, err = _run(capsys, *common, "--classifiers", classifiers, "--epochs", "1")
+        assert code == 0, err
+        note = out.strip().splitlines()[-1]
+        assert note == (f"note: {names} are measured WITHOUT privacy on the held-out test images: where those are "
+                        "private too, they are outside the DP guarantee as well"), out
+
+
+def test_baseline_line_says_its_epsilon_adds_to_the_generators(digit_files, tmp_path, capsys):
+    """The result line's "at epsilon X" read as the budget of the whole release; the baseline's epsilon adds to the
+    generator's where both are released on the same data (h115 N5; the help said so, the line did not)."""
+    path = _plan(tmp_path, 600, f"npz:{digit_files['train']}", steps=1)
+    code, out, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--device", "cpu", "--quiet",
+                          "--test-dataset", f"npz:{digit_files['test']}")
+    assert code == 0, err
+    line = out.strip().splitlines()[0]
+    assert ", delta 1e-05 (it adds to the generator's where both are released on the same data; 1 steps" in line, line

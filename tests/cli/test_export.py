@@ -917,3 +917,30 @@ def test_samples_name_a_warm_starts_data_without_its_folders(run, tmp_path, monk
     with np.load(tmp_path / "s.npz") as z:
         assert str(z["meta_init_dataset"]) == "npz:public_faces.npz"
     assert summary["init_dataset"] == "npz:public_faces.npz"
+
+
+def test_a_non_private_release_is_warned_of_and_export_promises_no_safety(run, tmp_path, capsys, monkeypatch):
+    """`dpdm export --help` called the release file "safe to release", and a --no-dp run's export said only
+    "NON-PRIVATE (--no-dp)" on its line, exit 0 (h115 N1): one warning line says its weights carry no guarantee
+    about their training data, with --json too; a private release has none."""
+    import dpdm.export
+
+    def exporter(private):
+        def exported(path, out, **kw):
+            return {"model": str(out), "sha256": "0" * 64, "weights_sha256": "1" * 64, "checkpoint": str(path),
+                    "weights": "ema", "parameters": 10, "private": private, "epsilon_spent": 1.0 if private else None,
+                    "delta": 1e-5, "steps_done": 3, "plan_steps": 3, "seed_given": False,
+                    "plan_digest": "sha256:" + "0" * 64}
+        return exported
+
+    for private in (False, True):
+        monkeypatch.setattr(dpdm.export, "export_model", exporter(private))
+        for as_json in ((), ("--json",)):
+            code, _, err = run_cli(["export", "--run", run / "run", "--out", tmp_path / "m.pt", *as_json], capsys)
+            assert code == 0, err
+            warned = [line for line in err.splitlines() if line.startswith("dpdm: warning:")]
+            assert warned == ([] if private else [
+                f"dpdm: warning: {str(tmp_path / 'm.pt')!r} holds the weights of a NON-PRIVATE (--no-dp) run: they "
+                "carry no guarantee about the data it trained on; do not release them where that data is private"]), err
+    code, out, _ = run_cli(["export", "--help"], capsys)
+    assert code == 0 and "safe" not in out and "--no-dp run carry no guarantee" in " ".join(out.split()), out

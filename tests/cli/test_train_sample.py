@@ -1515,3 +1515,21 @@ def test_samples_of_a_no_dp_run_are_marked_non_private(nodp_run, tmp_path, capsy
                             tmp_path / "s.npz", "--device", "cpu"], capsys)
     assert code == 0, err
     assert "[NON-PRIVATE]" in err.strip().splitlines()[-1], err
+
+
+def test_samples_of_a_no_dp_run_are_warned_of(nodp_run, tmp_path, capsys, monkeypatch):
+    """Samples of a --no-dp model were marked only by "[NON-PRIVATE]" on the last line, exit 0, as `dpdm export`'s
+    release file was (h115 N1): one warning line says they carry no guarantee about the training data; samples of
+    a private model have none (`sample_checkpoint` stubbed)."""
+    code, _, err = run_cli(["sample", "--run", nodp_run, "--n", 2, "--sampler-steps", 2, "--out",
+                            tmp_path / "s.npz", "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("dpdm: warning:")] == [
+        f"dpdm: warning: {str(tmp_path / 's.npz')!r} holds samples of a NON-PRIVATE (--no-dp) model: they carry no "
+        "guarantee about the data it trained on; do not release them where that data is private"], err
+    import dpdm.sample
+
+    monkeypatch.setattr(dpdm.sample, "sample_checkpoint", lambda *a, **kw: {"private": True, "seed_given": False})
+    code, _, err = run_cli(["sample", "--run", nodp_run, "--n", 2, "--out", tmp_path / "p.npz", "--device", "cpu"],
+                           capsys)
+    assert code == 0 and "dpdm: warning" not in err, err
