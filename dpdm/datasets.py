@@ -1307,9 +1307,15 @@ _EXIF_ADVICE = "rotate its pixels upright first (PIL.ImageOps.exif_transpose; mo
 def _exif_turned(img) -> bool:
     """Whether the loaded image `img` carries an EXIF orientation that turns or mirrors it (2 to 8; 1 is upright),
     as phone photos do. dpdm reads the pixels as stored, as torchvision's ImageFolder does: applying the tag would
-    change a folder's data digest, and a run on it could not be resumed. A tag that does not parse is none."""
+    change a folder's data digest, and a run on it could not be resumed. A tag that does not parse is none, and
+    says nothing: on damaged EXIF Pillow warns ("Tag data larger than file"), and the raw warning, with Pillow's
+    path, was printed for an image that loads fine."""
+    import warnings
+
     try:
-        value = img.getexif().get(0x0112)   # ExifTags.Base.Orientation
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = img.getexif().get(0x0112)   # ExifTags.Base.Orientation
     except (*_IMAGE_READ_ERRORS, KeyError, TypeError):
         return False
     return isinstance(value, int) and 2 <= value <= 8

@@ -272,12 +272,19 @@ def save_marked_figure(fig, path: str | os.PathLike, *, mode: int = 0o666, stage
             else {})
     tmp = temp_path(path)
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))   # its mode from the start
-        fig.savefig(tmp, format=fmt, **mark, **savefig_kwargs)
-        # Its bytes on disk before the rename, as a checkpoint's: a power loss after an unsynced rename can leave an
-        # empty file where the old one was (on a file system without ext4's replace-on-rename heuristic).
-        fd = os.open(tmp, os.O_WRONLY)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)   # its mode from the start
         try:
+            # `mode` less the umask. A umask that clears the owner's write bit (0277) made the file read-only, and
+            # savefig's own open of it by name was refused (EACCES, after `dpdm sample` had drawn every image): its
+            # owner may write it until its bytes are on disk, then it takes that mode.
+            final = stat.S_IMODE(os.fstat(fd).st_mode)
+            if not final & stat.S_IWUSR:
+                os.fchmod(fd, final | stat.S_IWUSR)
+            fig.savefig(tmp, format=fmt, **mark, **savefig_kwargs)
+            if not final & stat.S_IWUSR:
+                os.fchmod(fd, final)
+            # Its bytes on disk before the rename, as a checkpoint's: a power loss after an unsynced rename can leave
+            # an empty file where the old one was (on a file system without ext4's replace-on-rename heuristic).
             os.fsync(fd)
         finally:
             os.close(fd)

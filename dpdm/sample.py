@@ -601,9 +601,14 @@ def written_path(path: str | os.PathLike) -> Path:
     resolved, and `path`'s own name, a link or not (`os.replace` replaces a link, it does not write through it).
     `path` with its links resolved is where its link points: a check of that alone passed `dpdm export --out
     RUN/release.pt`, a link in the run folder to a file outside it, and the release was written into the run
-    folder (h111 F2)."""
-    path = os.path.abspath(path)
-    return Path(os.path.realpath(os.path.dirname(path))) / os.path.basename(path)
+    folder (h111 F2). The folder is resolved as the OS resolves it: os.path.abspath first removed a ".." after a
+    link by its spelling, and `--grid LINK/../g.png` (LINK a link to a class folder) was checked in the folder
+    holding LINK and written into the dataset's root."""
+    path = os.path.join(os.getcwd(), os.fspath(path))   # not abspath: no ".." removed before the links it follows
+    folder, name = os.path.split(path.rstrip(os.sep) or os.sep)
+    if name in ("", os.curdir, os.pardir):   # a folder, not a file's name: where it resolves
+        return Path(os.path.realpath(path))
+    return Path(os.path.realpath(folder)) / name
 
 
 def _samples_plan_digest(path: str | os.PathLike) -> str:

@@ -533,3 +533,42 @@ def test_a_samples_file_whose_plan_digest_header_lies_is_read_on_its_header(tmp_
     np.savez(path, x=np.zeros((2, 1, 8, 8), np.uint8), meta_private=np.array(True),
              meta_plan_digest=np.array("sha256:" + "0" * 64))
     check_outputs(path, plan_digest="sha256:" + "0" * 64)   # its own plan's: replaced without --force
+
+
+def test_sample_writes_its_grid_under_a_umask_without_the_owners_write_bit(run, tmp_path, capsys, monkeypatch):
+    """Under umask 0277 the grid's temporary file was read-only (0400) before savefig opened it by name: EACCES,
+    exit 4, after every image was drawn (r2 F1, stop 51). Both files are written, with the umask's mode."""
+    from tests.dpdm.test_report_curve import refuse_writes_without_the_owners_write_bit
+
+    refuse_writes_without_the_owners_write_bit(monkeypatch)
+    old_umask = os.umask(0o277)
+    try:
+        code, _, err = run_cli(_sample(run, tmp_path / "s.npz", "--grid", tmp_path / "g.png"), capsys)
+    finally:
+        os.umask(old_umask)
+    assert code == 0, err
+    assert sorted((p.name, p.stat().st_mode & 0o777) for p in tmp_path.iterdir()) == [("g.png", 0o400),
+                                                                                        ("s.npz", 0o400)]
+
+
+def test_a_link_then_dotdot_in_an_output_is_resolved_as_the_os_does(tmp_path, monkeypatch):
+    """`--grid L/../g.png`, L a link to a class folder of a `folder:` dataset, was checked in the folder holding L
+    (os.path.abspath removed "L/.." by its spelling) while the OS wrote the grid into the dataset's root, over a
+    link g.png there (r2 F2, stop 51). The folder is resolved as the OS resolves it; the link is kept."""
+    from dpdm.report_utils import save_grid
+    from dpdm.sample import SampleError, check_outputs, written_path
+
+    root = Path(os.path.realpath(tmp_path))
+    (root / "imgs" / "a").mkdir(parents=True)
+    outside = save_grid(np.zeros((2, 1, 8, 8), np.uint8), None, root / "g.png")   # a grid of dpdm's, outside the data
+    (root / "imgs" / "g.png").symlink_to(outside)
+    (root / "L").symlink_to(root / "imgs" / "a")
+    dataset = f"folder:{root / 'imgs'}"
+    monkeypatch.chdir(root)
+    for path in (root / "L" / ".." / "g.png", "L/../g.png"):
+        assert written_path(path) == root / "imgs" / "g.png"
+        with pytest.raises(SampleError, match=r"--grid=.* is inside the run's training data"):
+            check_outputs(root / "s.npz", path, dataset=dataset)
+    assert (root / "imgs" / "g.png").is_symlink()
+    check_outputs(root / "s.npz", root / "g.png", dataset=dataset)   # the grid outside the data: fine
+    assert written_path(root / "L" / "g.png") == root / "imgs" / "a" / "g.png"   # a link's own name is kept

@@ -743,3 +743,22 @@ def test_a_plans_relative_path_not_found_from_here_is_the_plans_not_dataset_opti
     assert capsys.readouterr().err == ("dpdm: error: the plan's dataset 'npz:data.npz', a path relative to the "
                                        "current folder, does not exist here; run from the folder the plan was made "
                                        "in, or pass --dataset naming the data\n")
+
+
+def test_curve_is_written_under_a_umask_without_the_owners_write_bit(capsys, tmp_path, monkeypatch):
+    """Under umask 0277, --curve failed: "cannot write the plot (Permission denied)", exit 2, in a folder the user
+    may write (r2 F1, stop 51). The curve is written, read-only as the umask asks."""
+    import stat
+
+    from tests.dpdm.test_report_curve import refuse_writes_without_the_owners_write_bit
+
+    refuse_writes_without_the_owners_write_bit(monkeypatch)
+    old = os.umask(0o277)
+    try:
+        rc, _, err = run(capsys, "--noise-multiplier", "2", "--delta", "1e-5", "--dataset-size", "1000",
+                         "--batch-size", "50", "--steps", "100", "--curve", str(tmp_path / "curve.png"))
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    assert stat.S_IMODE(os.stat(tmp_path / "curve.png").st_mode) == 0o400
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]

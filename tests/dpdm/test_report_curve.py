@@ -113,3 +113,70 @@ def test_curve_figure_draws_the_points_and_marks_the_steps_done(tmp_path, monkey
     done = next(line for line in ax.lines if line.get_label() == "steps done 100")
     assert set(done.get_xdata()) == {100}
     close(figs[0])
+
+
+def refuse_writes_without_the_owners_write_bit(monkeypatch):
+    """Opening an existing file for writing (open's "w", "a", "x", "+"; os.open's O_WRONLY, O_RDWR) raises EACCES
+    where the file's mode lacks the owner's write bit, as the kernel refuses every user but root: these tests run
+    as root, whose CAP_DAC_OVERRIDE writes any file, and that hid a grid and a curve no other user could write
+    under umask 0277 (r2 F1, stop 51)."""
+    import builtins
+    import errno
+    import os
+    import stat
+
+    real_open, real_os_open = builtins.open, os.open
+
+    def read_only(path, dir_fd=None):
+        try:
+            return not os.stat(path, dir_fd=dir_fd).st_mode & stat.S_IWUSR
+        except (OSError, TypeError, ValueError):   # no such file (yet), or a file object
+            return False
+
+    def refused(path):
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+") and read_only(file):
+            raise refused(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_open(path, flags, mode=0o777, *, dir_fd=None):
+        if flags & (os.O_WRONLY | os.O_RDWR) and read_only(path, dir_fd):
+            raise refused(path)
+        return real_os_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(os, "open", os_open)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg", ".jpg"])
+def test_a_grid_and_a_curve_are_written_under_a_umask_without_the_owners_write_bit(tmp_path, monkeypatch, suffix):
+    """The temporary file was made with the final mode less the umask, then opened again by name for savefig: under
+    umask 0277 it was read-only (0400) and the open was refused, so `dpdm sample --grid` failed with exit 4 after
+    drawing every image and `dpdm plan --curve` with exit 2 (r2 F1, stop 51). Its owner writes it, then it takes
+    that mode: 0400 here."""
+    import os
+    import stat
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from dpdm.report_utils import is_dpdm_grid, save_grid, save_marked_figure
+
+    refuse_writes_without_the_owners_write_bit(monkeypatch)
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    old = os.umask(0o277)
+    try:
+        grid = save_grid(np.zeros((3, 1, 8, 8), np.uint8), np.arange(3), tmp_path / f"grid{suffix}")
+        curve = save_marked_figure(fig, tmp_path / f"curve{suffix}", dpi=50)
+    finally:
+        os.umask(old)
+        plt.close(fig)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (grid, curve)] == [0o400, 0o400]
+    assert is_dpdm_grid(grid) and is_dpdm_grid(curve)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([grid.name, curve.name])   # no temporary file
