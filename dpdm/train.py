@@ -1096,9 +1096,11 @@ def train(
                 # Only a resume with the same lr replays steps last_saved + 1.. exactly (the same seeds, batches and
                 # noise, so it spends nothing new), diverges at `done` again and records it; one with a lower lr
                 # trained them again on fresh noise under a ledger that never counted the first attempt's (r1 F1).
-                replay = (f"once it can be written, `dpdm train --resume` with the same --lr {lr:g} replays steps "
-                          f"{last_saved + 1} to {done} exactly and records them; a resume with another --lr would "
-                          f"train them again uncounted" if last_saved else
+                # Not "--lr X": the lr at a step of a cosine schedule, or one printed to 6 digits, is another lr
+                # to the resume, which then starts a new segment on fresh noise (r3 F1).
+                replay = (f"once it can be written, `dpdm train --resume` without --lr or --lr-schedule (the run keeps "
+                          f"its own) replays steps {last_saved + 1} to {done} exactly and records them; a resume that "
+                          f"changes them would train those steps again uncounted" if last_saved else
                           f"no checkpoint holds them: a new run in this folder draws a new seed and spends the plan "
                           f"again, so count these {done} steps in what it releases")
                 if error is None:   # not rank 0: its output says why
@@ -1107,7 +1109,8 @@ def train(
             last_saved = dist.last_saved = done
             # The weights hold the updates of the steps not discarded, this divergence's and earlier ones' (r1 F2).
             return _diverged_message(done, plan.steps, lr_at(config, done - 1, plan.steps), done - discarded - lost,
-                                     ledger.epsilon_spent if config.private else None, plan_doc.epsilon)
+                                     ledger.epsilon_spent if config.private else None, plan_doc.epsilon,
+                                     rolled_back_before=bool(discarded))
 
         metrics_path = out / "metrics.csv"
         metrics_file = None
@@ -1295,10 +1298,11 @@ def _storage_problem(e: OSError, what: str, path: Path) -> str:
 
 
 def _diverged_message(done: int, steps: int, lr: float, weights_of: int | None, eps_spent: float | None,
-                      eps_plan: float | None) -> str:
+                      eps_plan: float | None, *, rolled_back_before: bool = False) -> str:
     """TrainDiverged's line: where the run stopped, what it spent, what its checkpoint now holds (the weights of
     step `weights_of`, 0: the start, with a ledger of `done` steps; None: only the first part, the caller says the
-    rest), and how to go on within the plan. It said the lr could change "at no privacy cost" and the steps after
+    rest), and how to go on within the plan. `weights_of` counts the steps whose updates the weights hold; where
+    the run was rolled back before (`rolled_back_before`), that is no step number of the run (r3 F2). It said the lr could change "at no privacy cost" and the steps after
     the checkpoint were trained again under a ledger that did not count them (h115 F1, stop 51)."""
     text = (f"the run diverged: its weights, or its output on a fixed input, became NaN or inf at step {done} of "
             f"{steps} (lr {lr:g}); ")
@@ -1307,7 +1311,10 @@ def _diverged_message(done: int, steps: int, lr: float, weights_of: int | None, 
     what, are = ("step 1", "is") if done == 1 else (f"steps 1 to {done}", "are")
     spent = (f"{what} ran on the private data and {are} spent (epsilon {epsilon_text(eps_spent)} of the plan's "
              f"{epsilon_text(eps_plan)})" if eps_spent is not None else f"{what} {are} done (--no-dp)")
-    held = f"the weights of step {weights_of}" if weights_of else "the weights it started from"
+    held = ("the weights it started from" if not weights_of else
+            f"the weights its last checkpoint held (the updates of {weights_of} step{'s' if weights_of != 1 else ''})"
+            if rolled_back_before else
+            f"the weights of step {weights_of}")
     lost = done - weights_of
     if done >= steps:
         return text + (f"{spent}, and the plan has none left: the run's checkpoint holds {held}; a new run on these "

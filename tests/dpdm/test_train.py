@@ -1640,13 +1640,15 @@ def test_the_diverged_message_says_what_was_spent_and_what_the_checkpoint_holds(
 
 
 @pytest.mark.parametrize("every, first, second, held, lost", [
-    (4, 6, 7, "the weights of step 4", 3),          # rolled back to 4 (ledger 6), diverged again at 7
+    (4, 6, 7, "the weights its last checkpoint held (the updates of 4 steps)", 3),   # rolled back to 4 (ledger 6)
+    (2, 3, 7, "the weights its last checkpoint held (the updates of 5 steps)", 2),   # r3 F2: not "of step 5" (6's)
     (8, 2, 3, "the weights it started from", 3),    # rolled back to the start (ledger 2), diverged again at 3
 ])
 def test_a_second_divergence_names_the_weights_the_checkpoint_holds(tmp_path, monkeypatch, every, first, second,
                                                                     held, lost):
     """A run that diverged again before its next checkpoint was told its checkpoint held the weights of the rolled-back
-    checkpoint's ledger step, and that the model lost only the steps since (r1 F2, stop 51)."""
+    checkpoint's ledger step, and that the model lost only the steps since (r1 F2, stop 51); then the weights of a
+    step their updates count, where a checkpoint lay between the two (r3 F2)."""
     x, y, c = tiny_data()
     doc = tiny_plan(steps=12)
     out = tmp_path / "run"
@@ -1666,8 +1668,9 @@ def test_a_second_divergence_names_the_weights_the_checkpoint_holds(tmp_path, mo
 def test_a_rollback_that_cannot_be_written_advises_the_replay_that_records_it(tmp_path, monkeypatch):
     """A divergence whose rollback hits a full disk said `dpdm train --resume` continues from the checkpoint of step
     2; the lower lr the line asked for then trained step 3 again on fresh noise, the first attempt's uncounted (r1
-    F1, stop 51). The line now says to resume with the same lr, which replays step 3 exactly, diverges there again
-    and records it."""
+    F1, stop 51). The line now says to resume without --lr or --lr-schedule (r3 F1: under a cosine schedule the
+    lr it named was the decayed one, another lr to the resume); the run's own lr replays step 3 exactly, diverges
+    there again and records it."""
     import errno
 
     x, y, c = tiny_data()
@@ -1688,9 +1691,9 @@ def test_a_rollback_that_cannot_be_written_advises_the_replay_that_records_it(tm
     assert "continues from the checkpoint of step 2" not in line and "\n" not in line, line
     assert line.endswith("steps 1 to 3 are spent but could not be recorded: no space left on the device: cannot "
                          f"write the checkpoint of step 3 (the run diverged) ({str(out / 'checkpoint.pt')!r}: No space "
-                         "left on device, ENOSPC); once it can be written, `dpdm train --resume` with the same --lr 3 "
-                         "replays steps 3 to 3 exactly and records them; a resume with another --lr would train them "
-                         "again uncounted"), line
+                         "left on device, ENOSPC); once it can be written, `dpdm train --resume` without --lr or "
+                         "--lr-schedule (the run keeps its own) replays steps 3 to 3 exactly and records them; a resume "
+                         "that changes them would train those steps again uncounted"), line
     monkeypatch.undo()
     seen = _diverging_run(monkeypatch, 1)   # the replay diverges at step 3 again, as the first attempt did
     with pytest.raises(TrainDiverged, match="Steps 1 to 3 ran on the private data and are spent"):
