@@ -1584,3 +1584,24 @@ def test_baseline_line_says_its_epsilon_adds_to_the_generators(digit_files, tmp_
     assert code == 0, err
     line = out.strip().splitlines()[0]
     assert ", delta 1e-05 (it adds to the generator's where both are released on the same data; 1 steps" in line, line
+
+
+def test_eval_refuses_a_test_set_half_of_which_is_the_generators_training_data(digit_files, tmp_path, capsys):
+    """Half or more of the test images among the samples' model's training data is refused, as for --dataset
+    (`check_test_data`): exactly half (150 of 300) was refused only by the rule's ``>=``, and the one test used all
+    300 or 100, so ``>`` passed (mut53 v08); refused before any classifier trains."""
+    with np.load(digit_files["samples"]) as z:
+        x, y = z["x"], z["y"]
+    with np.load(digit_files["test"]) as z:
+        tx, ty = z["x"], z["y"]
+    half = tmp_path / "half_of_test.npz"   # a model trained on 150 of the 300 test images and 200 others
+    np.savez(half, x=np.concatenate([tx[:150], x[:200]]), y=np.concatenate([ty[:150], y[:200]]))
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, x=x, y=y, meta_private=np.array(True), meta_seed_given=np.array(False),
+             meta_epsilon=np.array(2.0), meta_delta=np.array(1e-5), meta_dataset=np.array(f"npz:{half}"))
+    code, _, err = _run(capsys, "eval", "--samples", str(samples), "--dataset", f"npz:{digit_files['train']}",
+                        "--test-dataset", f"npz:{digit_files['test']}", "--classifiers", "logreg", "--epochs", "1",
+                        "--reference-epochs", "1", "--cache-dir", str(tmp_path / "cache"))
+    _assert_one_line_error(code, err, "--test-dataset=", "150 of its 300 images are the training images of the "
+                           "samples' model", "held-out")
+    assert not (tmp_path / "cache").exists()

@@ -944,3 +944,28 @@ def test_a_non_private_release_is_warned_of_and_export_promises_no_safety(run, t
                 "carry no guarantee about the data it trained on; do not release them where that data is private"]), err
     code, out, _ = run_cli(["export", "--help"], capsys)
     assert code == 0 and "safe" not in out and "--no-dp run carry no guarantee" in " ".join(out.split()), out
+
+
+def test_a_release_whose_tensors_share_one_storage_is_one_line_before_any_drawing(release, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Two weights of one shape saved as one tensor (a storage of half the bytes the network's tensors need): each
+    tensor holds its own elements, so only the sum over the storages refuses it (`weights_problem`); with that sum
+    dropped the file was sampled, and no default test said so (mut53 s06)."""
+    import dpdm.sampling
+
+    monkeypatch.setattr(dpdm.sampling, "generate", lambda *a, **kw: pytest.fail("drew images"))
+    model = torch.load(release, weights_only=True)
+    weights, seen = model["state_dict"], {}
+    for key, t in weights.items():
+        first = seen.setdefault((t.dtype, tuple(t.shape)), key)
+        if first != key:
+            weights[key] = weights[first]   # torch.save keeps the sharing: one storage for both
+            break
+    else:
+        pytest.fail("no two weights of one dtype and shape")
+    torch.save(model, tmp_path / "shared.pt")
+    code, _, err = run_cli(["sample", "--checkpoint", tmp_path / "shared.pt", "--n", 2, "--sampler-steps", 2,
+                            "--out", tmp_path / "s.npz", "--device", "cpu"], capsys)
+    line = one_error_line(code, err)
+    assert "its tensors are views of" in line and "bytes of storage, fewer than their" in line, line
+    assert not (tmp_path / "s.npz").exists()

@@ -572,3 +572,58 @@ def test_a_link_then_dotdot_in_an_output_is_resolved_as_the_os_does(tmp_path, mo
     assert (root / "imgs" / "g.png").is_symlink()
     check_outputs(root / "s.npz", root / "g.png", dataset=dataset)   # the grid outside the data: fine
     assert written_path(root / "L" / "g.png") == root / "imgs" / "a" / "g.png"   # a link's own name is kept
+
+
+def test_sample_keeps_samples_of_another_plan_without_force(run, tmp_path, capsys, no_drawing):
+    """`dpdm sample --out` onto a samples file of another plan's model (perhaps another run's training data, as a
+    second-generation run's gen1.npz is) is one error line, and the file is kept, before any drawing; only the slow
+    relative-path test held this, so `sample_checkpoint` passing no plan digest to `check_outputs` (every samples
+    file replaced without --force) passed the default tests (mut53 s10)."""
+    other = tmp_path / "gen1.npz"
+    np.savez(other, x=np.zeros((2, 1, 8, 8), np.uint8), y=np.arange(2), meta_plan_digest=np.asarray("sha256:" + "0" * 64),
+             meta_private=np.asarray(True))
+    before = other.read_bytes()
+    line = one_error_line(*run_cli(_sample(run, other), capsys)[::2])
+    assert (f"--out='{other}' holds samples of a model of another plan (sha256:000000000000...)" in line
+            and line.endswith("or pass --force to replace it")), line
+    assert other.read_bytes() == before
+
+
+def test_a_dataset_named_through_a_link_is_found_at_its_real_path(tmp_path):
+    """A run records its dataset's path as typed, links kept (`absolute_dataset_name`): `npz:~/data/d.npz` with
+    ~/data a link to /mnt/disk/data. An output at the real path is that data all the same (`place_in_dataset`
+    resolves both sides); with the dataset's side taken as typed, `dpdm sample --out /mnt/disk/data/d.npz` or
+    `--grid /mnt/disk/data/x.png` passed as outside it, and no default test said so (mut53 u06)."""
+    from dpdm.report_utils import place_in_dataset
+
+    real = tmp_path / "disk" / "data"
+    real.mkdir(parents=True)
+    np.savez(real / "d.npz", x=np.zeros((2, 1, 8, 8), np.uint8))
+    (tmp_path / "data").symlink_to(real, target_is_directory=True)
+    (tmp_path / "alias.npz").symlink_to(real / "d.npz")
+    assert place_in_dataset(real / "d.npz", f"npz:{tmp_path / 'data' / 'd.npz'}") == "is"
+    assert place_in_dataset(real / "d.npz", f"npz:{tmp_path / 'alias.npz'}") == "is"
+    assert place_in_dataset(real / "x.png", f"folder:{tmp_path / 'data'}") == "is inside"
+    assert place_in_dataset(tmp_path / "x.png", f"folder:{tmp_path / 'data'}") is None
+
+
+def test_a_folder_of_a_checkpoint_beside_a_plan_is_a_run_folder_without_its_config(tmp_path):
+    """A run folder is one holding a run's config.json, or a checkpoint.pt beside a plan.json (`run_folder_of`):
+    a run whose config.json was lost or damaged still holds its secret seed in checkpoint.pt. Only the config was
+    tested, so a walk that knew configs alone passed (mut53 u07); a stray checkpoint.pt alone makes no run folder, and
+    a config.json of something else (no "train") none either."""
+    from audits.suite import AuditInputError, check_out_dir
+    from dpdm.report_utils import run_folder_of
+
+    run, stray = tmp_path / "run", tmp_path / "stray"
+    (run / "sub").mkdir(parents=True)
+    stray.mkdir()
+    for folder in (run, stray):
+        (folder / "checkpoint.pt").write_bytes(b"not read")
+        (folder / "config.json").write_text(json.dumps({"data_digest": "x"}))   # not a run's: no "train"
+    (run / "plan.json").write_text("{}")
+    assert run_folder_of(run) == run.resolve()
+    assert run_folder_of(run / "sub" / "report") == run.resolve()
+    assert run_folder_of(stray) is None and run_folder_of(stray / "report") is None
+    with pytest.raises(AuditInputError, match="lies inside the run folder"):
+        check_out_dir(run / "sub" / "report", create=False)

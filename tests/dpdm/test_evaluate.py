@@ -1033,3 +1033,21 @@ def test_a_cached_reference_gives_no_record_fingerprint(tmp_path):
     _, cached = reference_classifier(data, cache_dir=tmp_path, epochs=1)
     assert (fresh["cached"], cached["cached"]) == (False, True)
     assert set(cached) == set(fresh) and "weights_sha256" not in cached
+
+
+def test_a_reference_cache_entry_of_non_finite_weights_is_trained_again_whatever_its_record(digits, tmp_path):
+    """NaN weights made every later eval fail with "Eigenvalues did not converge". The one test of them left the
+    record's sha256 as it was, so the sha check refused them first and the finiteness check went untested (mut53
+    d23): here the record binds the NaN weights, as a reference whose training diverged would have written it."""
+    from dpdm.evaluate import _digest, _weights_sha256
+
+    train = ImageData(digits[0].x[:200], digits[0].y[:200], 10, "digits-200")
+    ref, info = reference_classifier(train, cache_dir=tmp_path, epochs=1)
+    cache = Path(info["cache"])
+    record = json.loads(cache.with_suffix(".json").read_text())
+    torch.save({k: v * float("nan") if v.is_floating_point() else v for k, v in ref.state_dict().items()}, cache)
+    cache.with_suffix(".json").write_text(json.dumps(
+        {**record, "weights_sha256": _weights_sha256(_digest(train), record, cache.read_bytes())}))
+    ref2, info2 = reference_classifier(train, cache_dir=tmp_path, epochs=1)
+    assert info2["cached"] is False and json.loads(cache.with_suffix(".json").read_text()) == record
+    assert all(bool(torch.isfinite(p).all()) for p in ref2.parameters())

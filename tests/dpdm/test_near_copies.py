@@ -163,3 +163,27 @@ def test_near_copies_of_colour_images_blocks_and_what_is_not_compared(monkeypatc
     assert near_copies(rgb[:, :1], rgb[:, :1, :, :31]).tolist() == [-1] * 60
     assert near_copies(rgb[:0], rgb).tolist() == [] and near_copies(rgb, rgb[:0]).tolist() == [-1] * 60
     assert near_copies(torch.zeros(2, 1, 16, 16), torch.zeros(3, 1, 16, 16)).tolist() == [-1, -1]
+
+
+def test_evaluate_samples_compares_near_copies_with_its_training_images_rate(mnist, monkeypatch):
+    """`evaluate_samples` of the library runs `check_samples_held_out` itself (`dpdm eval` runs it before, with
+    samples_checked): without the training data, samples as near the training images as the test images are
+    (splits this alike) were refused as copies of the test images, and no test called it so (mut53 d47). Stopped
+    right after the check, before any training."""
+    import dpdm.evaluate
+    from dpdm.evaluate import evaluate_samples
+
+    class Checked(Exception):
+        pass
+
+    check = dpdm.evaluate.check_samples_held_out
+
+    def check_then_stop(*args, **kwargs):
+        check(*args, **kwargs)
+        raise Checked
+    monkeypatch.setattr(dpdm.evaluate, "check_samples_held_out", check_then_stop)
+    _, test, _ = mnist
+    alike = ImageData(_disguise(test.x, "one grey level up"), test.y, 10, "alike")
+    noisy = ImageData(_disguise(test.x, "gaussian noise, std 5"), test.y, 10, "noisy")
+    with pytest.raises(Checked):
+        evaluate_samples(noisy, alike, test, classifiers=("logreg",))

@@ -180,3 +180,16 @@ def test_a_grid_and_a_curve_are_written_under_a_umask_without_the_owners_write_b
     assert [stat.S_IMODE(p.stat().st_mode) for p in (grid, curve)] == [0o400, 0o400]
     assert is_dpdm_grid(grid) and is_dpdm_grid(curve)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([grid.name, curve.name])   # no temporary file
+
+
+def test_report_html_escapes_a_sections_text(tmp_path):
+    """A section's text (which may name folders and datasets, as the rows do) is escaped in report.html as the rows
+    are: only the rows were tested, so raw text passed (mut53 r05): '<img src=x onerror=...>' in a folder name was
+    markup run on view."""
+    from dpdm.report import write_report
+
+    text = "samples in runs/<img src=x onerror=alert(1)>/s.npz & epsilon < 1"
+    _, html_path = write_report(tmp_path, [{"title": "Samples", "text": text}], title="t")
+    page = html_path.read_text(encoding="utf-8")
+    assert "<p>samples in runs/&lt;img src=x onerror=alert(1)&gt;/s.npz &amp; epsilon &lt; 1</p>" in page
+    assert "<img" not in page
