@@ -278,6 +278,13 @@ def warn_exif_orientation(name: str, data) -> None:
         warn(f"--dataset={name!r}: {note}")
 
 
+def warn_non_private(path: str, what: str) -> None:
+    """The line `dpdm export` and `dpdm sample` add for the outputs of a --no-dp model (h115 N1): `what` in `path`
+    carries no guarantee about the data the model trained on."""
+    warn(f"{path!r} holds {what}: they carry no guarantee about the data it trained on; do not release them where "
+         "that data is private")
+
+
 def warn_if_slow_bf16(precision: str, device: str) -> None:
     """bf16 autocast on a CPU without bf16 units is slower than fp32: say so rather than let it run slow."""
     if precision != "bf16" or not str(device).startswith("cpu"):

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from cli._common import PathOption, checkpoint_of, emit_json, info, warn
+from cli._common import PathOption, checkpoint_of, emit_json, info, warn, warn_non_private
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
@@ -56,8 +56,7 @@ def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
     if result["private"] and result["seed_given"]:
         warn(f"the run was {SEED_GIVEN_NOTE}; the release file records that (config.train.seed_given)")
     if not result["private"]:   # marked on the line too; said apart, as loudly as a given seed (h115 N1)
-        warn(f"{out_path!r} holds the weights of a NON-PRIVATE (--no-dp) run: they carry no guarantee about the data "
-             "it trained on; do not release them where that data is private")
+        warn_non_private(out_path, "the weights of a NON-PRIVATE (--no-dp) run")
     if as_json:
         emit_json(result)
         return

@@ -6,7 +6,7 @@ import os
 import click
 
 from cli._common import (FiniteFloatRange, PathOption, checkpoint_of, emit_json, info, resolve_device, warn,
-                         warn_if_slow_bf16)
+                         warn_if_slow_bf16, warn_non_private)
 from cli.errors import BadInput, runtime_failure
 
 _MAX_SEED = 2**63 - 1   # dpdm.sampling.MAX_SEED (not imported here: torch loads only when needed)
@@ -132,8 +132,7 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
     if result["private"] and result["seed_given"]:
         warn(f"the model was {SEED_GIVEN_NOTE}; the samples record that (meta_seed_given)")
     if not result["private"]:   # as `dpdm export` warns of its release file (h115 N1)
-        warn(f"{out_path!r} holds samples of a NON-PRIVATE (--no-dp) model: they carry no guarantee about the data "
-             "it trained on; do not release them where that data is private")
+        warn_non_private(out_path, "samples of a NON-PRIVATE (--no-dp) model")
     if as_json:
         emit_json(result)
     else:

@@ -15,6 +15,21 @@ def _load(name: str):
     return mod
 
 
+def run_beside_stand_in(tmp_path: Path, script: str, package: str, message: str, *args: str):
+    """Runs a copy of benchmarks/`script` (with _argtypes.py) from `tmp_path`, beside a package `package` whose
+    import stops the process with `message`: a benchmark that imports its own tree imports that one."""
+    import shutil
+    import subprocess
+
+    (tmp_path / "benchmarks").mkdir()
+    for name in (script, "_argtypes.py"):
+        shutil.copy(ROOT / "benchmarks" / name, tmp_path / "benchmarks" / name)
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text(f"raise SystemExit({message!r})\n")
+    return subprocess.run([sys.executable, str(tmp_path / "benchmarks" / script), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture()
 def load_benchmark():
     """load_benchmark("quality") -> benchmarks/quality.py as a fresh module."""

@@ -155,17 +155,9 @@ def test_engine_benchmark_times_the_dpdm_of_its_own_tree(tmp_path):
     # imported whatever dpdm the venv's editable install points at: a second checkout sharing the venv timed
     # another tree's engine against Opacus, and nothing said so. A copy of the benchmark beside a dpdm that stops
     # when imported must import that one.
-    import shutil
-    import subprocess
-    from pathlib import Path
+    from tests.benchmarks.conftest import run_beside_stand_in
 
-    root = Path(__file__).resolve().parents[2]
-    (tmp_path / "benchmarks").mkdir()
-    for name in ("engine.py", "_argtypes.py"):
-        shutil.copy(root / "benchmarks" / name, tmp_path / "benchmarks" / name)
-    (tmp_path / "dpdm").mkdir()
-    (tmp_path / "dpdm" / "__init__.py").write_text('raise SystemExit("imported the dpdm beside the benchmark")\n')
-    proc = subprocess.run([sys.executable, str(tmp_path / "benchmarks" / "engine.py"), "--worker", "dpdm",
-                           "--preset", "small", "--batch", "1", "--K", "1", "--threads", "1", "--repeats", "1",
-                           "--warmup", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_beside_stand_in(tmp_path, "engine.py", "dpdm", "imported the dpdm beside the benchmark", "--worker",
+                               "dpdm", "--preset", "small", "--batch", "1", "--K", "1", "--threads", "1",
+                               "--repeats", "1", "--warmup", "0")
     assert "imported the dpdm beside the benchmark" in proc.stderr, proc.stdout + proc.stderr[-2000:]

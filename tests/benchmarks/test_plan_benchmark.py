@@ -56,19 +56,14 @@ def test_plan_benchmark_runs_the_code_of_its_own_tree(load_benchmark, monkeypatc
     # a second checkout sharing the venv timed another tree's code. Its own accounting (a copy of the benchmark
     # beside an accounting that stops when imported), and its `dpdm plan` on the tree's code first.
     import os
-    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
+    from tests.benchmarks.conftest import run_beside_stand_in
+
     root = Path(__file__).resolve().parents[2]
-    (tmp_path / "benchmarks").mkdir()
-    for name in ("plan.py", "_argtypes.py"):
-        shutil.copy(root / "benchmarks" / name, tmp_path / "benchmarks" / name)
-    (tmp_path / "accounting").mkdir()
-    (tmp_path / "accounting" / "__init__.py").write_text('raise SystemExit("imported the accounting beside it")\n')
-    proc = subprocess.run([sys.executable, str(tmp_path / "benchmarks" / "plan.py"), "--repeats", "1"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_beside_stand_in(tmp_path, "plan.py", "accounting", "imported the accounting beside it", "--repeats", "1")
     assert "imported the accounting beside it" in proc.stderr, proc.stdout + proc.stderr[-2000:]
 
     b = load_benchmark("plan")

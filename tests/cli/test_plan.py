@@ -449,16 +449,21 @@ def test_preset_with_another_dataset_size_warns_that_the_plan_names_no_dataset(c
     assert "the plan names no dataset" in err and "--dataset" in err
 
 
+def _run_under_umask(mask: int, capsys, *args):
+    """`run` with the process's umask set to `mask`, and put back after."""
+    old = os.umask(mask)
+    try:
+        return run(capsys, *args)
+    finally:
+        os.umask(old)
+
+
 def test_plan_written_by_the_cli_is_readable_by_others(capsys, tmp_path):
     import os
     import stat
 
-    old = os.umask(0o022)
-    try:
-        rc, _, err = run(capsys, "--noise-multiplier", "2", "--delta", "1e-5", "--dataset-size", "1000",
-                         "--batch-size", "100", "--steps", "10", "--out", str(tmp_path / "p.json"))
-    finally:
-        os.umask(old)
+    rc, _, err = _run_under_umask(0o022, capsys, "--noise-multiplier", "2", "--delta", "1e-5", "--dataset-size",
+                                  "1000", "--batch-size", "100", "--steps", "10", "--out", str(tmp_path / "p.json"))
     assert rc == 0, err
     assert stat.S_IMODE(os.stat(tmp_path / "p.json").st_mode) == 0o644
 
@@ -753,12 +758,8 @@ def test_curve_is_written_under_a_umask_without_the_owners_write_bit(capsys, tmp
     from tests.dpdm.test_report_curve import refuse_writes_without_the_owners_write_bit
 
     refuse_writes_without_the_owners_write_bit(monkeypatch)
-    old = os.umask(0o277)
-    try:
-        rc, _, err = run(capsys, "--noise-multiplier", "2", "--delta", "1e-5", "--dataset-size", "1000",
-                         "--batch-size", "50", "--steps", "100", "--curve", str(tmp_path / "curve.png"))
-    finally:
-        os.umask(old)
+    rc, _, err = _run_under_umask(0o277, capsys, "--noise-multiplier", "2", "--delta", "1e-5", "--dataset-size",
+                                  "1000", "--batch-size", "50", "--steps", "100", "--curve", str(tmp_path / "curve.png"))
     assert rc == 0, err
     assert stat.S_IMODE(os.stat(tmp_path / "curve.png").st_mode) == 0o400
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
