@@ -26,12 +26,16 @@ from dp_accounting.pld import privacy_loss_distribution as _pld
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp
 
 __all__ = [
+    "DELTA_PER_STEP",
+    "MIN_DELTA",
     "EpsilonReport",
     "UnsupportedEventError",
     "RdpAccountant",
     "PldAccountant",
     "PrvAccountant",
+    "delta_floor_problem",
     "dpsgd_event",
+    "min_delta",
 ]
 
 # dp-accounting's default orders (1.1 .. 63, then 128 .. 1024). Larger integer orders cost ~0.2 s
@@ -115,6 +119,50 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta={delta!r} must be in (0, 1)")
 
 
+# The smallest delta PLD certifies at, for a plan and for the library's PLD functions alike: MIN_DELTA, and
+# DELTA_PER_STEP times the steps. dp-accounting's PLD composes by FFT, whose round-off leaves probability mass astray,
+# about 1e-17 of it per step (measured in stop 36's review against an error-tracked composition: 2.6e-15 at 469
+# steps, 6e-14 to 1.4e-13 at 10,000, 9e-13 at 100,000; at 100 steps the composed pmf's negative entries alone sum to
+# 5e-15). Against a small delta that is not negligible: at delta 1e-12, 100 steps, its "pessimistic" epsilon (9.11315)
+# was below the true one (9.11449: a rigorous lower bound on delta there is 1.005e-12). At 1e-10 and 100,000 steps
+# the round-off is 1% of delta. The floor is an empirical rule, and its margin is thin. Stop 52's walk (h122) composed
+# dp-accounting's own pessimistic one-step pmf without that round-off (an exponentially tilted FFT keeps the tail
+# that sets delta to relative precision; mass outside its window moved up, pessimistically) at the floor: delta
+# min_delta(steps), 500 to 10,000 steps, sample rate 0.001 to 0.2, noise multiplier 0.35 to 0.8. At the
+# certificate's own interval the round-off misplaced up to 7.8e-4 of delta (sample rate 0.01, noise multiplier 0.5,
+# 1000 steps, delta 1e-10: epsilon 0.25 PLD intervals low), 8x the 1e-4 that 1e-17 per step predicts. The
+# pessimistic rounding's slack still covered it in every case: the same composition at a 16x finer interval, an
+# upper bound on the true delta, put at most 0.99935 of delta at the certified epsilon (that same case). Lower still,
+# dpdm's own PLD contradicted dp-accounting (1e-13) and its answer moved with its truncation settings (3e-15).
+MIN_DELTA = 1e-10
+DELTA_PER_STEP = 1e-13
+_STEPS_PER_DELTA = 1e13   # 1 / DELTA_PER_STEP, exactly
+
+
+def min_delta(steps: int) -> float:
+    """The smallest delta a plan of `steps` steps may have (MIN_DELTA, or DELTA_PER_STEP per step)."""
+    # steps / 1e13, the correctly rounded quotient: 1e-13 * 10**6 rounds to 1.0000000000000001e-07, which refused
+    # exactly 1e-13 per step as "below 1e-07" (stop 42).
+    return max(MIN_DELTA, steps / _STEPS_PER_DELTA)
+
+
+def delta_floor_problem(delta: float, steps: int | None = None, *, name: str = "delta") -> str | None:
+    """Why `delta` is too small for a plan of `steps` steps (None: the steps are not known yet), or None."""
+    floor = MIN_DELTA if steps is None else min_delta(steps)
+    if delta >= floor:
+        return None
+    per_step = f" for {steps} steps (at least {DELTA_PER_STEP:g} per step)" if floor > MIN_DELTA else ""
+    return (f"{name}={delta!r} is below {floor:g}{per_step}, where the accountants lose double precision (a plan "
+            "file from an older dpdm that allowed less must be made again)")
+
+
+def _check_delta_floor(delta: float, steps: int | None = None) -> None:
+    """ValueError (delta_floor_problem's line) unless delta is at least min_delta(steps)."""
+    problem = delta_floor_problem(delta, steps)
+    if problem:
+        raise ValueError(problem)
+
+
 class _Accountant(abc.ABC):
     """Shared contract: `supports(event)`, `epsilon(event, delta) -> EpsilonReport`.
 
@@ -185,7 +233,9 @@ def _rdp_one_step(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarr
 @dataclasses.dataclass(frozen=True)
 class PldAccountant(_Accountant):
     """Privacy loss distributions (dp-accounting), pessimistic discretization: `upper` is a
-    rigorous bound for any `discretization`; a smaller interval makes it tighter (and slower)."""
+    rigorous bound for any `discretization`; a smaller interval makes it tighter (and slower).
+    Raises ValueError for a delta below min_delta(steps), the event's steps in all: there dp-accounting's
+    round-off put its "pessimistic" epsilon below the true one."""
 
     discretization: float = 1e-4
     method: str = "pld"
@@ -195,6 +245,7 @@ class PldAccountant(_Accountant):
             raise ValueError(f"discretization={self.discretization!r} must be > 0")
 
     def _epsilon(self, terms, delta) -> EpsilonReport:
+        _check_delta_floor(delta, sum(count for _, _, count in terms))
         pld = None
         for q, sigma, count in terms:
             one = one_step_pld(q, sigma, self.discretization).self_compose(count)

@@ -16,7 +16,8 @@ import math
 
 from scipy import optimize, stats
 
-from accounting.accountants import PldAccountant, RdpAccountant, _is_finite_real, dpsgd_event
+from accounting.accountants import (DELTA_PER_STEP, PldAccountant, RdpAccountant, _check_delta_floor, _is_finite_real,
+                                    dpsgd_event, min_delta)
 
 __all__ = [
     "MAX_NOISE_MULTIPLIER",
@@ -94,11 +95,13 @@ def compute_epsilon(
     delta: float,
     discretization: float | None = None,
 ) -> float:
-    """Certified epsilon (PLD, pessimistic) of DP-SGD with these parameters at `delta`."""
+    """Certified epsilon (PLD, pessimistic) of DP-SGD with these parameters at `delta`. Raises ValueError for a
+    delta below min_delta(steps), a plan's floor: there PLD's round-off made it less than the true epsilon."""
     _check("sample_rate", sample_rate, 0, 1, hi_open=False)
     _check("noise_multiplier", noise_multiplier, 0, math.inf)
     _check_steps("steps", steps)
     _check("delta", delta, 0, 1)
+    _check_delta_floor(delta, steps)
     if discretization is None:
         discretization = certification_discretization(sample_rate, noise_multiplier, steps, delta, None)
     event = dpsgd_event(sample_rate, noise_multiplier, steps)
@@ -143,12 +146,14 @@ def calibrate_noise_multiplier(
 ) -> float:
     """The smallest noise multiplier (to relative precision `rtol`, rounded up) whose certified
     epsilon (the smaller of PLD's bound at `discretization` and RDP's) is <= target_epsilon. Raises ValueError when no multiplier in
-    [min_noise_multiplier, max_noise_multiplier] is the answer. `discretization` (PLD interval)
-    defaults to pld_discretization(target_epsilon), the one plans are certified at."""
+    [min_noise_multiplier, max_noise_multiplier] is the answer, or delta is below min_delta(steps) (a plan's
+    floor). `discretization` (PLD interval) defaults to pld_discretization(target_epsilon), the one plans are
+    certified at."""
     _check("sample_rate", sample_rate, 0, 1, hi_open=False)
     _check_steps("steps", steps)
     _check("eps", target_epsilon, 0, math.inf)
     _check("delta", delta, 0, 1)
+    _check_delta_floor(delta, steps)
     _check("rtol", rtol, 0, 1e-3, hi_open=False)
     if discretization is None:
         discretization = pld_discretization(target_epsilon)
@@ -242,12 +247,16 @@ def max_steps(
     limit: int = MAX_STEPS,
 ) -> int:
     """The largest number of steps whose certified epsilon is <= target_epsilon (0 if even one step
-    exceeds it; `limit` if `limit` steps still fit)."""
+    exceeds it; `limit` if `limit` steps still fit), and never more than a plan with this delta may have:
+    min_delta(steps) <= delta, so at most delta / DELTA_PER_STEP where that is less than `limit`. Raises ValueError
+    for a delta below MIN_DELTA, where no plan may have one."""
     _check("sample_rate", sample_rate, 0, 1, hi_open=False)
     _check("noise_multiplier", noise_multiplier, 0, math.inf)
     _check("eps", target_epsilon, 0, math.inf)
     _check("delta", delta, 0, 1)
+    _check_delta_floor(delta)
     _check_steps("limit", limit, maximum=None)
+    limit = min(limit, _most_steps_at(delta))
     discretization = pld_discretization(target_epsilon)
 
     def fits(steps: int) -> bool:
@@ -272,3 +281,13 @@ def max_steps(
         else:
             bad = mid
     return good
+
+
+def _most_steps_at(delta: float) -> int:
+    """The most steps whose floor delta allows: the largest T with min_delta(T) <= delta (delta >= MIN_DELTA)."""
+    steps = math.floor(delta / DELTA_PER_STEP)   # within a step or so: min_delta's own rounding decides
+    while min_delta(steps + 1) <= delta:
+        steps += 1
+    while min_delta(steps) > delta:
+        steps -= 1
+    return steps

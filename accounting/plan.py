@@ -30,15 +30,20 @@ from typing import Any
 import numpy as np
 from scipy import special, stats
 
-from accounting.accountants import (
+from accounting.accountants import (   # the delta floor (MIN_DELTA, min_delta) lives there: PldAccountant checks it
+    DELTA_PER_STEP,
+    MIN_DELTA,
     PRV_ERRORS,
     EpsilonReport,
+    _check_delta_floor,
     _is_finite_real,
     PldAccountant,
     PrvAccountant,
     RdpAccountant,
     _quiet_numpy,
+    delta_floor_problem,
     dpsgd_event,
+    min_delta,
 )
 from accounting.calibrate import (
     MAX_STEPS,
@@ -97,18 +102,6 @@ _QUICK_FLOOR_DELTAS = (1e-8, 1e-6)   # tried in turn where the plan's delta is t
 _EVENT_FLOOR_POINTS = 256
 _EVENT_FLOOR_RTOL = 1e-9
 _FLOAT_RTOL = 1e-9
-# The smallest delta a plan may have: MIN_DELTA, and DELTA_PER_STEP times its steps. dp-accounting's PLD
-# composes by FFT, whose round-off leaves probability mass astray, about 1e-17 of it per step (measured in stop
-# 36's review against an error-tracked composition: 2.6e-15 at 469 steps, 6e-14 to 1.4e-13 at 10,000, 9e-13 at
-# 100,000; at 100 steps the composed pmf's negative entries alone sum to 5e-15). Against a small delta that is
-# not negligible: at delta 1e-12, 100 steps, its "pessimistic" epsilon (9.11315) was below the true one
-# (9.11449: a rigorous lower bound on delta there is 1.005e-12). At 1e-10 and 100,000 steps the round-off is
-# 1% of delta, more than the pessimistic rounding's slack is known to cover (4.5e-4 of delta where measured).
-# The floor keeps the round-off near 1e-4 of delta, below that measured slack (an empirical rule). Lower still,
-# dpdm's own PLD contradicted dp-accounting (1e-13) and its answer moved with its truncation settings (3e-15).
-MIN_DELTA = 1e-10
-DELTA_PER_STEP = 1e-13
-_STEPS_PER_DELTA = 1e13   # 1 / DELTA_PER_STEP, exactly
 MAX_ACCOUNTED_NOISE_MULTIPLIER = 1e100
 MAX_PLAN_BYTES = 16 << 20   # plans are a few kilobytes; a larger file is not one
 # K, the diffusion-noise draws per example: training holds K noised copies of every image of a batch (10**6
@@ -116,21 +109,6 @@ MAX_PLAN_BYTES = 16 << 20   # plans are a few kilobytes; a larger file is not on
 MAX_NOISE_MULTIPLICITY = 4096
 
 
-def min_delta(steps: int) -> float:
-    """The smallest delta a plan of `steps` steps may have (MIN_DELTA, or DELTA_PER_STEP per step)."""
-    # steps / 1e13, the correctly rounded quotient: 1e-13 * 10**6 rounds to 1.0000000000000001e-07, which refused
-    # exactly 1e-13 per step as "below 1e-07" (stop 42).
-    return max(MIN_DELTA, steps / _STEPS_PER_DELTA)
-
-
-def delta_floor_problem(delta: float, steps: int | None = None, *, name: str = "delta") -> str | None:
-    """Why `delta` is too small for a plan of `steps` steps (None: the steps are not known yet), or None."""
-    floor = MIN_DELTA if steps is None else min_delta(steps)
-    if delta >= floor:
-        return None
-    per_step = f" for {steps} steps (at least {DELTA_PER_STEP:g} per step)" if floor > MIN_DELTA else ""
-    return (f"{name}={delta!r} is below {floor:g}{per_step}, where the accountants lose double precision (a plan "
-            "file from an older dpdm that allowed less must be made again)")
 # The largest dataset a plan may name (sample_rate = B/N stays a meaningful float; a 401-digit N used
 # to end in OverflowError).
 MAX_DATASET_SIZE = 10**12
@@ -202,8 +180,7 @@ class PrivacyPlan:
                              f"{MAX_NOISE_MULTIPLICITY}]")
         if not (_is_real(self.delta) and 0 < self.delta < 1):
             raise ValueError(f"delta={reprlib.repr(self.delta)} must be in (0, 1)")
-        if self.delta < min_delta(self.steps):
-            raise ValueError(delta_floor_problem(self.delta, self.steps))
+        _check_delta_floor(self.delta, self.steps)
         if self.target_epsilon is not None and not (_is_real(self.target_epsilon) and self.target_epsilon > 0):
             raise ValueError(f"target_epsilon={reprlib.repr(self.target_epsilon)} must be a finite number > 0 or None")
         if self.dataset_name is not None and not (isinstance(self.dataset_name, str) and self.dataset_name):

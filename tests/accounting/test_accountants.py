@@ -107,6 +107,20 @@ def test_nested_self_compositions_multiply_their_counts(accountant):
     assert nested == pytest.approx(six, rel=1e-9)
 
 
+def test_pld_refuses_a_delta_below_the_floor_of_all_its_steps():
+    """h122 F1, stop 52: PldAccountant's `upper`, "a rigorous bound for any discretization", came out below a lower
+    bound on the true epsilon (9.11398) at delta 1e-12 and 100 steps: 9.11368 at interval 1e-4, 9.11394 at 2e-5.
+    Below the delta floor it raises the plan's line, counting the steps of every term; RDP's bound, analytic, still
+    answers there."""
+    with pytest.raises(ValueError, match="delta=1e-12 is below 1e-10, where the accountants lose double precision"):
+        PldAccountant(1e-4).epsilon(dpsgd_event(0.064, 1.0, 100), 1e-12)
+    two_terms = dp_event.ComposedDpEvent([dpsgd_event(0.064, 1.0, 600), dpsgd_event(0.01, 2.0, 600)])
+    with pytest.raises(ValueError, match=r"delta=1e-10 is below 1.2e-10 for 1200 steps \(at least 1e-13 per step\)"):
+        PldAccountant(1e-2).epsilon(two_terms, 1e-10)
+    assert PldAccountant(1e-2).epsilon(two_terms, 1.2e-10).upper > 0
+    assert math.isfinite(RdpAccountant().epsilon(dpsgd_event(0.064, 1.0, 100), 1e-12).upper)
+
+
 @pytest.mark.parametrize("triple", [(1.0, 3.0, 2.0), (2.5, 2.0, 3.0)])
 def test_a_prv_triple_out_of_order_is_no_answer(triple):
     """mut51 a07, stop 50: prv-accountant's (lower, estimate, upper) must be in order; a triple that is not is a

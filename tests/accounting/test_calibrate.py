@@ -132,6 +132,41 @@ def test_max_steps_itself_is_a_legal_step_count_for_the_accountants():
         accounting.calibrate._check_steps("steps", accounting.MAX_STEPS + 1)
 
 
+def test_a_delta_below_the_floor_is_refused_as_a_plan_refuses_it():
+    """h122 F1, stop 52: only PrivacyPlan and the CLI checked the delta floor (accounting.min_delta). Below it
+    compute_epsilon(sample_rate=0.064, noise_multiplier=1.0, steps=100, delta=1e-12) returned a "certified" 9.11315,
+    where a lower bound on the true epsilon is 9.11398, and calibrate_noise_multiplier calibrated at 1e-14. They
+    refuse it with the plan's line, before any accounting."""
+    floor = "delta=1e-12 is below 1e-10, where the accountants lose double precision"
+    with pytest.raises(ValueError, match=floor):
+        compute_epsilon(sample_rate=0.064, noise_multiplier=1.0, steps=100, delta=1e-12)
+    with pytest.raises(ValueError, match=r"delta=1e-09 is below 1e-08 for 100000 steps \(at least 1e-13 per step\)"):
+        compute_epsilon(sample_rate=0.064, noise_multiplier=1.0, steps=10**5, delta=1e-9)
+    with pytest.raises(ValueError, match="delta=1e-14 is below 1e-10, where the accountants lose double precision"):
+        calibrate_noise_multiplier(sample_rate=0.064, steps=100, target_epsilon=9.0, delta=1e-14)
+    with pytest.raises(ValueError, match=r"delta=1e-09 is below 1e-08 for 100000 steps"):
+        calibrate_noise_multiplier(sample_rate=0.064, steps=10**5, target_epsilon=9.0, delta=1e-9)
+    with pytest.raises(ValueError, match=floor):
+        max_steps(sample_rate=0.01, noise_multiplier=1.0, target_epsilon=6.0, delta=1e-12)
+    assert 7.8 < compute_epsilon(sample_rate=0.064, noise_multiplier=1.0, steps=100, delta=accounting.MIN_DELTA) < 7.9
+
+
+def test_max_steps_returns_only_steps_a_plan_with_its_delta_takes(monkeypatch):
+    """h122 F1, stop 52: max_steps(sample_rate=0.01, noise_multiplier=1.0, target_epsilon=6.0, delta=1e-10) returned
+    4189 steps, and PrivacyPlan refused them ("delta=1e-10 is below 4.189e-10 for 4189 steps"). It stops at the most
+    steps the delta allows (1e-13 per step), exactly: where every step count fits, it returns that many."""
+    assert max_steps(sample_rate=0.01, noise_multiplier=1.0, target_epsilon=6.0, delta=1e-10) == 1000
+    monkeypatch.setattr(accounting.calibrate, "_certificate_epsilon", lambda event, delta, discretization: 0.0)
+    for delta in (1e-10, 4.395e-10, 3e-9, 1e-7):
+        t = max_steps(sample_rate=0.01, noise_multiplier=50.0, target_epsilon=10.0, delta=delta)
+        plan = dict(dataset_size=10**6, batch_size=10**4, noise_multiplier=50.0, delta=delta)
+        assert accounting.PrivacyPlan(steps=t, **plan).steps == t
+        with pytest.raises(ValueError, match=f"is below .* for {t + 1} steps"):
+            accounting.PrivacyPlan(steps=t + 1, **plan)
+    assert max_steps(sample_rate=0.01, noise_multiplier=50.0, target_epsilon=10.0, delta=1e-6) == accounting.MAX_STEPS
+    assert max_steps(sample_rate=0.01, noise_multiplier=50.0, target_epsilon=10.0, delta=1e-9, limit=64) == 64
+
+
 def test_epsilon_decreases_with_noise_and_grows_with_steps():
     eps = [compute_epsilon(sample_rate=0.05, noise_multiplier=s, steps=200, delta=DELTA) for s in (0.8, 1.0, 2.0, 4.0)]
     assert eps == sorted(eps, reverse=True)
