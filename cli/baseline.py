@@ -79,9 +79,6 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
     doc = load_locked_plan(plan_path)
     name = plan_dataset_name(doc, dataset)
     shown = f"--dataset={name!r}" if dataset else f"the plan's dataset {name!r}"   # not an option never given (r1 N1)
-    if test_dataset is None and not has_test_split(name):
-        raise BadInput(f"{shown} has no held-out split; give the real held-out images "
-                       f"with --test-dataset npz:PATH or folder:PATH")
     train = load_training_data(name, data_root=data_root, download=download)
     check_augment_shift(augment_shift, train)
     from dpdm.classifiers import CNN_MIN_SIDE
@@ -93,6 +90,9 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
         unread = unread_arrays_shown(train)   # labels stored as `labels`, ... (h109 F1)
         raise BadInput(f"{shown} has no labels; the DP-SGD classifier needs them" + (
             f" (an npz's labels are its array y; its other arrays ({unread}) are never read)" if unread else ""))
+    if test_dataset is None and not has_test_split(name):   # after the labels: held-out images cannot supply those
+        raise BadInput(f"{shown} has no held-out split; give the real held-out images "
+                       f"with --test-dataset npz:PATH or folder:PATH")
     if len(train) != doc.plan.dataset_size:
         raise BadInput(f"{shown} has {len(train)} training images but the plan was made "
                        f"for dataset_size={doc.plan.dataset_size}")

@@ -58,7 +58,9 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     What needs labels is skipped (with a line saying so) when they are missing:
     unlabelled samples (an npz without y, as `dpdm sample` writes for an
     unconditional model) get no accuracies; unlabelled real training data no
-    classifier FD or precision/recall. Inception FID needs no labels.
+    classifier FD or precision/recall. Inception FID needs no labels, nor do
+    the counts of samples that are training images or near-copies of one
+    (the real test images' count is the floor), which every run reports.
     The classifier FD, precision/recall, reference accuracies and Inception FID
     are computed WITHOUT privacy from the real training data: keep them private.
     The accuracies are measured without privacy on the held-out test images:
@@ -113,7 +115,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         if real_train.y is not None:
             raise BadInput(f"--dataset={dataset!r} has no held-out split; give the real held-out images "
                            f"with --test-dataset npz:PATH or folder:PATH")
-        # Unlabelled real data: no reference CNN, so held-out images would serve only the accuracies.
+        # Unlabelled real data: no reference CNN, so held-out images would serve only the accuracies and the floor of
+        # the near-copy count, which the table then says it has not.
     else:
         try:
             real_test = (load_dataset(test_dataset, "test", data_root=data_root, download=download)
@@ -134,12 +137,9 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
             raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
     skipped = skipped_metrics(samples, real_train, real_test, kinds)
     accuracies = bool(kinds) and "classifiers" not in skipped
-    if "classifier_fd" in skipped and inception_weights is None and not accuracies:
-        why = ("" if not kinds else f"; the accuracies need labelled samples and labelled test data "
-               f"({skipped['classifiers']})")
-        raise BadInput(f"--dataset={dataset!r} has no labels, so there is nothing to compute: the classifier FD "
-                       f"and precision/recall need a labelled training split{why}; give --inception-weights FILE "
-                       f"for the Inception FID, which needs no labels")
+    # Nothing else computable (unlabelled real data, no Inception weights) is no refusal: the checks for samples that
+    # are training images or near-copies of one need no labels, and they are what a user about to share samples of
+    # private images asks first (h124 F1: "nothing to compute", exit 2, before them). The skipped lines say the rest.
     problem = cnn_size_problem(samples.image_shape, skipped, kinds)
     if problem:
         raise BadInput(f"--samples={samples_path!r}: {problem}")
@@ -205,8 +205,9 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         # Not refused (another split or a copy of the data can be a fair reference), but the FD and precision /
         # recall then measure the samples against data their model never trained on. After the refusals above,
         # so that a refused run prints one line.
-        warn(f"the samples' model trained on {provenance['dataset']!r}, not --dataset={dataset!r}: the classifier "
-             "FD and precision/recall measure them against other data")
+        warn(f"the samples' model trained on {provenance['dataset']!r}, not --dataset={dataset!r}: " + (
+            "the classifier FD and precision/recall measure them against other data" if "classifier_fd" not in skipped
+            else "the copies of training images are looked for in other data"))
     if provenance["private"] is False:
         warn(f"{samples_path!r} was drawn from a NON-PRIVATE model (--no-dp): these figures carry no privacy "
              "guarantee")
@@ -385,7 +386,7 @@ _NON_PRIVATE_NAMES = {"classifier_fd": "the classifier FD", "classifier_precisio
                       "reference": "the reference CNN's accuracies", "inception_fid": "the Inception FID",
                       "test_images_in_train": "the count of test images that are training images",
                       "samples_in_train": "the count of samples that are training images",
-                      "samples_near_train": "the count of samples that are near-copies of training images",
+                      "samples_near_train": "the counts of samples that are training images or near-copies of them",
                       "test_images_near_train": "the count of test images that are near-copies of training images"}
 
 
@@ -394,8 +395,10 @@ def non_private_line(report: dict) -> str | None:
     keys = report.get("non_private_statistics_of_the_training_data") or []
     names = []
     for key in keys:
-        if key.endswith(("_in_train", "_near_train")) and not report.get(key):
-            continue   # a zero count is not shown; a nonzero one is, in a warning
+        if key == "test_images_in_train" and not report.get(key):
+            continue   # a zero count is not shown; a nonzero one is, in a warning (the samples' are in the table)
+        if key == "samples_in_train" and "samples_near_train" in keys:
+            continue   # named with the near-copies
         name = _NON_PRIVATE_NAMES["reference" if ".reference." in key else key.split(".")[0]]
         if name not in names:
             names.append(name)
@@ -412,11 +415,28 @@ def held_out_line(report: dict) -> str | None:
     may be private too (h115 N4)."""
     fd = report.get("classifier_fd") or {}
     names = (["the downstream accuracies"] if report.get("classifiers") else []) + \
-        (["the FD's floor"] if "real_test_value" in fd else [])
+        (["the FD's floor"] if "real_test_value" in fd else []) + \
+        (["the near-copy count's floor"] if report.get("test_images_near_train") is not None else [])
     if report.get("real_test_size") is None or not names:
         return None
     return (f"note: {' and '.join(names)} are measured WITHOUT privacy on the held-out test images: where those "
             "are private too, they are outside the DP guarantee as well")
+
+
+def copies_line(report: dict) -> str:
+    """The samples that are training images and near-copies of one, shown even when none are: they need no labels,
+    and for unlabelled data without Inception weights they are all `dpdm eval` computes (h124 F1)."""
+    from dpdm.datasets import NEAR_COPY_MIN_SIDE
+
+    exact, near, n = report["samples_in_train"], report.get("samples_near_train"), report["n_samples"]
+    line = f"copies of training images: {exact} of the {n} samples"
+    if near is None:   # `samples_near_train`: images too small for the near-copy search
+        return (f"{line} (exact copies only: images under {NEAR_COPY_MIN_SIDE}x{NEAR_COPY_MIN_SIDE} pixels get no "
+                "near-copy search)")
+    floor, floor_n = report.get("test_images_near_train"), report.get("test_images_near_train_n")
+    than = ("no real test images to compare with" if floor is None else
+            f"real test images: {floor} of {floor_n} near-copies, the floor")
+    return f"{line}, and {near - exact} more near-copies ({than})"
 
 
 def format_report(report: dict) -> str:
@@ -474,6 +494,7 @@ def format_report(report: dict) -> str:
                      f"k={pr['k']}, {pr['n']} images per set")
     if report["inception_fid"] is not None:
         lines.append(f"Inception FID (torchvision weights): {report['inception_fid']:.4f}")
+    lines.append(copies_line(report))
     for metric, reason in _skip_lines(report.get("skipped") or {}):
         lines.append(f"{metric}: skipped ({reason})")
     notes = [note for note in (non_private_line(report), held_out_line(report)) if note]

@@ -55,8 +55,10 @@ refused when the accuracies are computed (`check_samples_held_out`).
 
 What needs labels is skipped, with its reason under ``"skipped"``, when they are missing: the
 accuracies need labelled samples and a labelled test split; the reference CNN (classifier FD,
-precision / recall) needs a labelled training split. Inception FID needs no labels. Unlabelled
-samples are an npz without ``y`` (what `dpdm sample` writes for an unconditional model).
+precision / recall) needs a labelled training split. Inception FID needs no labels, nor do the counts of
+samples that are training images or near-copies of one: on unlabelled data without Inception weights they are
+all there is (h124 F1). Unlabelled samples are an npz without ``y`` (what `dpdm sample` writes for an
+unconditional model).
 """
 from __future__ import annotations
 

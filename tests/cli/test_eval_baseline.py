@@ -634,11 +634,14 @@ def test_eval_unlabelled_samples_and_real_data(digit_files, tmp_path, capsys, mo
     report = json.loads(out)
     assert report["classifiers"] == {} and np.isfinite(report["classifier_fd"]["value"])
     assert "downstream accuracies skipped: the samples" in err and "no labels" in err
-    # Unlabelled real data and no Inception weights: nothing to compute, one line naming --dataset (not --samples).
-    code, _, err = _run(capsys, "eval", "--samples", str(unlabelled), "--dataset", f"npz:{real}",
-                        "--cache-dir", str(tmp_path / "c2"), "--device", "cpu")
-    _assert_one_line_error(code, err, f"--dataset='npz:{real}'", "no labels", "--inception-weights")
-    assert "--samples" not in err and not (tmp_path / "c2").exists()
+    # Unlabelled real data and no Inception weights: the copy check, which needs no labels (8x8: exact copies only),
+    # and the skipped lines; it was refused as "nothing to compute" (h124 F1).
+    code, out, err = _run(capsys, "eval", "--samples", str(unlabelled), "--dataset", f"npz:{real}",
+                          "--cache-dir", str(tmp_path / "c2"), "--device", "cpu")
+    assert code == 0 and "classifier FD and classifier precision/recall skipped" in err, err
+    assert ("copies of training images: 0 of the 40 samples (exact copies only: images under 16x16 pixels get no "
+            "near-copy search)") in out.splitlines(), out
+    assert not (tmp_path / "c2").exists()
     # With (stand-in) Inception weights: the Inception FID, and the reference metrics skipped with their reason.
     net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten())
     monkeypatch.setattr(ev, "load_inception", lambda weights: net)
@@ -663,6 +666,48 @@ def test_eval_unlabelled_samples_and_real_data(digit_files, tmp_path, capsys, mo
     code, _, err = _run(capsys, "eval", "--samples", str(old), "--dataset", f"npz:{digit_files['train']}",
                         "--test-dataset", f"npz:{digit_files['test']}")
     _assert_one_line_error(code, err, "--samples", "unlabelled data has no y")
+
+
+def test_eval_checks_unlabelled_samples_for_copies_of_unlabelled_training_images(tmp_path, capsys):
+    """h124 F1: unlabelled samples against unlabelled real data (a hospital's scans) were refused, "nothing to
+    compute", exit 2, unless --inception-weights was given: before the checks that need no labels, the samples that
+    are training images or near-copies of one. They run, the table and the --json say what they found (zero too),
+    what needs labels is said to be skipped and is null, and eval exits 0."""
+    g = np.random.default_rng(0)
+    x = g.integers(10, 246, (136, 1, 16, 16)).astype(np.uint8)   # 16x16: the near-copy search's least side
+    train, test, fresh = x[:64], x[64:96], x[96:]
+    np.savez(tmp_path / "train.npz", x=train)
+    np.savez(tmp_path / "test.npz", x=test)
+    # 20 training images, 5 brightened by one grey level, 40 new: DP samples of an unconditional model.
+    np.savez(tmp_path / "s.npz", x=np.concatenate([train[:20], train[20:25] + 1, fresh]), meta_private=np.array(True),
+             meta_epsilon=np.array(8.0), meta_delta=np.array(1e-6))
+    np.savez(tmp_path / "clean.npz", x=fresh)
+    common = ("--dataset", f"npz:{tmp_path / 'train.npz'}", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu")
+    with_test = ("eval", "--samples", str(tmp_path / "s.npz"), "--test-dataset", f"npz:{tmp_path / 'test.npz'}",
+                 *common)
+    code, out, err = _run(capsys, *with_test, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["samples_in_train"] == 20 and report["samples_near_train"] == 25
+    assert report["test_images_near_train"] == 0 and report["test_images_near_train_n"] == 32
+    assert report["classifiers"] == {} and report["classifier_fd"] is None
+    assert report["classifier_precision_recall"] is None and report["inception_fid"] is None
+    assert set(report["skipped"]) == {"classifiers", "classifier_fd", "classifier_precision_recall"}
+    assert f"dpdm: warning: 20 of the 65 samples in '{tmp_path / 's.npz'}' are training images" in err, err
+    assert "5 more of the 65 samples" in err and "near-copies of training images" in err, err
+    assert "downstream accuracies skipped: the samples" in err and "classifier FD and classifier precision/recall " \
+        "skipped: the real training data" in err, err
+    code, out, err = _run(capsys, *with_test)
+    assert code == 0, err
+    assert ("copies of training images: 20 of the 65 samples, and 5 more near-copies (real test images: 0 of 32 "
+            "near-copies, the floor)") in out.splitlines(), out
+    assert "the counts of samples that are training images or near-copies of them" in out   # WITHOUT privacy
+    # Nothing found is a result too; without held-out images the floor is said to be missing.
+    code, out, err = _run(capsys, "eval", "--samples", str(tmp_path / "clean.npz"), *common)
+    assert code == 0 and "warning" not in err, err
+    assert ("copies of training images: 0 of the 40 samples, and 0 more near-copies (no real test images to compare "
+            "with)") in out.splitlines(), out
+    assert not (tmp_path / "cache").exists()   # no reference CNN
 
 
 def test_eval_bad_seed_too_few_samples_and_unreadable_data(digit_files, tmp_path, capsys, monkeypatch):
@@ -1077,7 +1122,8 @@ def test_baseline_warns_of_a_dataset_the_plan_does_not_name(digit_files, tmp_pat
 
 
 def test_baseline_refuses_a_one_image_or_unlabelled_test_set(digit_files, tmp_path, capsys):
-    """F8 (b): a 1-image test set (accuracy 0 or 1) was taken; an unlabelled one was not named."""
+    """F8 (b): a 1-image test set (accuracy 0 or 1) was taken; an unlabelled one was not named. Unlabelled training
+    data without --test-dataset was asked for held-out images before it was told it has no labels (h124 N1)."""
     path = _plan(tmp_path, 600, f"npz:{digit_files['train']}", steps=1)
     with np.load(digit_files["test"]) as z:
         np.savez(tmp_path / "one.npz", x=z["x"][:1], y=z["y"][:1])
@@ -1087,6 +1133,12 @@ def test_baseline_refuses_a_one_image_or_unlabelled_test_set(digit_files, tmp_pa
     _assert_one_line_error(code, err, "--test-dataset=", "holds 1 image", "at least 2")
     code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{tmp_path / 'noy.npz'}")
     _assert_one_line_error(code, err, f"--test-dataset='npz:{tmp_path / 'noy.npz'}' has no labels")
+    # Unlabelled training data is told so first, not asked for held-out images, which cannot help it (h124 N1).
+    with np.load(digit_files["train"]) as z:
+        np.savez(tmp_path / "noy_train.npz", x=z["x"])
+    code, _, err = _run(capsys, *common, "--dataset", f"npz:{tmp_path / 'noy_train.npz'}")
+    _assert_one_line_error(code, err, f"--dataset='npz:{tmp_path / 'noy_train.npz'}' has no labels; the DP-SGD "
+                                      "classifier needs them")
 
 
 def test_eval_checks_public_data_once_and_only_when_used(digit_files, tmp_path, capsys, monkeypatch):
