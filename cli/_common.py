@@ -257,25 +257,26 @@ def warn_dataset_not_plans(dataset: str | None, plan_dataset: str | None, what: 
 
 def warn_inferred_channels(name: str, data) -> None:
     """Private data whose channel count was read off its own images (a ``folder:`` dataset: one colour-mode
-    image makes every image RGB): the trained model and its samples reveal it, and one record can decide it."""
-    if not getattr(data, "channels_inferred", False):
-        return
-    channels = data.image_shape[0]
-    warn(f"--dataset={name!r}: the number of channels ({channels}, "
-         f"{'grayscale' if channels == 1 else 'RGB'}) was read off the private images (one colour-mode image "
-         "makes them all RGB) and the model reveals it; to fix it publicly, give the data as an npz, whose "
-         "x array [N, C, H, W] states it")
+    image holding colour makes every image RGB): the trained model and its samples reveal it, and one record can
+    decide it. Where colour-mode images made it RGB, the line names the first and how many there are (h124 F2)."""
+    from dpdm.datasets import inferred_channels_note
+
+    note = inferred_channels_note(data) if getattr(data, "channels_inferred", False) else None
+    if note:
+        warn(f"--dataset={name!r}: {note}")
 
 
 def warn_exif_orientation(name: str, data) -> None:
     """A ``folder:`` dataset's images that carry an EXIF orientation tag, which dpdm ignores (it reads pixels as
     stored, as torchvision's ImageFolder does): they train turned or mirrored against what a viewer shows, and a
-    folder of phone photos mixes both (h112 F4). One line naming the first."""
-    from dpdm.datasets import exif_orientation_note
+    folder of phone photos mixes both (h112 F4). One line naming the first. Likewise its images with transparent
+    pixels, whose alpha dpdm drops (h124 N3)."""
+    from dpdm.datasets import exif_orientation_note, transparency_note
 
-    note = exif_orientation_note(data) if getattr(data, "exif_turned", None) else None
-    if note:
-        warn(f"--dataset={name!r}: {note}")
+    for note in (exif_orientation_note(data) if getattr(data, "exif_turned", None) else None,
+                 transparency_note(data) if getattr(data, "transparent", None) else None):
+        if note:
+            warn(f"--dataset={name!r}: {note}")
 
 
 def warn_non_private(path: str, what: str) -> None:

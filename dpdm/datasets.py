@@ -46,14 +46,18 @@ Names
   (unlabelled). All images must share one size of at most `MAX_IMAGE_PIXELS` pixels and be 8-bit (modes
   1, L, LA, P, PA, RGB, RGBA, ...; 16-bit images of any colour type (PNG, TIFF, PPM/PGM) and float images are
   refused rather than clipped or cut to their high byte); at most `MAX_NUM_CLASSES` class folders. Any
-  grayscale-only folder loads as one channel, otherwise every image is converted to RGB. EXIF orientation tags are
+  grayscale-only folder loads as one channel, otherwise every image is converted to RGB; a folder that mixes
+  grayscale images with colour-mode ones (RGB, a palette, ...) whose pixels are all grey is refused, naming them
+  (their three channels would carry nothing). Alpha is dropped, as torchvision's ImageFolder drops it
+  (`ImageData.transparent` names the first image with a pixel not fully opaque). EXIF orientation tags are
   ignored, as torchvision's ImageFolder ignores them: pixels are read as stored (`ImageData.exif_turned` names the
   first tagged image, for a command's warning). A file of several frames
   (a multi-page TIFF, an animated PNG or GIF) is refused, naming it. Names that start with ``.`` (``.DS_Store``,
   macOS's ``._0.png``, ``.git/``) and files without an image suffix are skipped; anything else the count would
   silently leave out is refused, naming it: an image-named entry that is not a readable file (a broken link, a
   FIFO, a folder ``x.png``), an image in a subfolder of a class folder, or an image beside the class folders
-  (beside image-less subfolders only, such as ``__MACOSX/``, the error names those).
+  (beside image-less subfolders only, such as ``__MACOSX/``, or subfolders holding fewer images than lie beside
+  them, such as a stray ``old/``, the error names those).
 - ``npz:PATH``: arrays ``x`` (uint8, [N, H, W], [N, C, H, W] or [N, H, W, C] with C in {1, 3}) and
   optionally ``y`` (integers in [0, num_classes), shape [N]); an optional integer scalar ``num_classes``
   (>= 1, and only beside ``y``; without it, the label count is inferred as ``max(y) + 1``); either way at most
@@ -146,6 +150,13 @@ class ImageData:
     exif_turned: (the first file, how many) of a ``folder:`` dataset's images that carry an EXIF orientation tag,
     which dpdm ignores (it reads pixels as stored, as torchvision's ImageFolder does), or None where none does; a
     command warns (`exif_orientation_note`).
+    colour_images: (the first file, how many, whether all their pixels are grey) of a ``folder:`` dataset's images
+    in a colour mode (RGB, a palette, ...), where the folder loaded as RGB; None otherwise. A folder that mixes
+    them with grayscale images loads as RGB only where a colour-mode image holds colour (h124 F2); a command's
+    channel warning names them (`inferred_channels_note`).
+    transparent: (the first file, how many) of a ``folder:`` dataset's images with a pixel that is not fully
+    opaque (an alpha channel, a palette's or a colour key's transparency), whose alpha dpdm drops, as
+    torchvision's ImageFolder does; None where none has one; a command warns (`transparency_note`).
     """
 
     x: torch.Tensor
@@ -157,6 +168,8 @@ class ImageData:
     channels_inferred: bool = False
     unread_arrays: tuple[str, ...] = ()
     exif_turned: tuple[str, int] | None = None
+    colour_images: tuple[str, int, bool] | None = None
+    transparent: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.ndim != 4:
@@ -1188,9 +1201,11 @@ def _load_folder(root: Path, name: str) -> ImageData:
             stray = [f"image {str(p)!r} lies beside the class folders, where it has no class; move it into a "
                      f"class folder or remove it" for p in beside]
             imageless = []   # subfolders with no image-named path at any depth
+            held = {}   # subfolder -> how many image-named paths it holds, at any depth
             for label, d in enumerate(class_dirs):
                 found, lost = _images_in(d)
                 stray += lost
+                held[d] = len(found) + len(lost)
                 if not found and empty is None:
                     empty = d
                 if not found and not lost:
@@ -1205,6 +1220,18 @@ def _load_folder(root: Path, name: str) -> ImageData:
                                 f"subfolder(s) without images ({shown}), which make it read as class folders "
                                 f"(PATH/<class>/<image>); remove the subfolder(s) to load the images unlabelled, "
                                 f"or move the images into class folders")
+            if beside and len(beside) > sum(held.values()):
+                # A flat folder of images with a stray subfolder that holds a few (an old/ copy): the line for
+                # loose images beside class folders blamed the 1500 loose images, not the subfolder (h124 F3).
+                for d in class_dirs:
+                    _refuse_run_folder(name, d, images=held[d] > 0)
+                shown = ", ".join(f"{str(d)!r}: {held[d]}" for d in class_dirs[:3]) + (
+                    f" and {len(class_dirs) - 3} more" if len(class_dirs) > 3 else "")
+                raise DataError(f"{name}: {str(root)!r} holds {len(beside)} images and {len(class_dirs)} "
+                                f"subfolder(s) with {sum(held.values())} image(s) in all ({shown}), which make it "
+                                f"read as class folders (PATH/<class>/<image>), where its own {len(beside)} images "
+                                f"have no class; move the subfolder(s) out of {str(root)!r} (or remove them) to load "
+                                f"its images unlabelled, or move its images into class folders")
         else:
             found, stray = _images_in(root)
             files = [(f, -1) for f in found]
@@ -1272,32 +1299,119 @@ def _load_folder(root: Path, name: str) -> ImageData:
                             f"{str(first)!r} is {size[0]}x{size[1]}; all images must share one size{why}")
     # "La" (gray with premultiplied alpha, a TIFF's) converts to LA only: Pillow raised "conversion from La to L
     # not supported", without naming the file (h112 F6).
-    gray = all(img.mode in ("1", "L", "LA", "La") for img in images)
-    target = "L" if gray else "RGB"
-    arrays = []
+    colour = [i for i, img in enumerate(images) if img.mode not in _GRAY_MODES]
+    target = "RGB" if colour else "L"
+    arrays, transparent = [], []
     with warnings.catch_warnings():
         # A palette image with a transparency byte per entry: Pillow warns that RGB cannot keep its alpha. Every
         # image's alpha is dropped here (L and RGB hold none), so the raw warning (printed with Pillow's path)
-        # told the user of nothing to act on.
+        # told the user of nothing to act on; `transparent` names the images whose alpha was not all opaque.
         warnings.filterwarnings("ignore", message="Palette images with Transparency expressed in bytes",
                                 category=UserWarning)
         for (f, _), img in zip(files, images):
             try:
+                if _transparent(img):
+                    transparent.append(f)
                 arrays.append(np.asarray((img.convert("LA") if img.mode == "La" else img).convert(target),
                                          dtype=np.uint8))
             except ValueError as e:   # a mode Pillow cannot convert to L or RGB
                 raise DataError(f"{name}: image {str(f)!r} has mode {img.mode!r}, which cannot be converted to "
                                 f"{target} ({_one_line(e)}); convert it to 8-bit grayscale or RGB") from None
+    # Whether every colour-mode image's pixels are grey (R = G = B): read off the arrays just converted, and only
+    # until the first that holds colour (the first image of a folder of photos), so no image is decoded twice.
+    grey = all(_grey(arrays[i]) for i in colour)
+    if colour and grey and len(colour) < len(images):
+        # A grayscale folder with a colour-mode file or two (an RGB or palette export of a grey scan) loaded as RGB
+        # without a word that a user could act on: the run then spent its plan on a 3-channel model, which the
+        # release reveals, and a 1-channel run would be a second release (h124 F2). The three channels would carry
+        # nothing, so the folder is refused, naming the files; a mixed folder whose colour images hold colour
+        # loads as RGB, as torchvision's ImageFolder loads it (and the channel warning names them).
+        first = files[colour[0]][0]
+        n, rest = len(colour), len(images) - len(colour)
+        what = "is a colour-mode file" if n == 1 else "are colour-mode files"
+        raise DataError(f"{name}: {n} of its {len(images)} images {what} "
+                        f"(the first: {str(first)!r}, mode {images[colour[0]].mode!r}) whose pixels are all grey, "
+                        f"beside {rest} grayscale {'one' if rest == 1 else 'ones'}, so that every image would load as "
+                        f"3-channel RGB; convert {'it' if n == 1 else 'them'} to 8-bit grayscale (PIL: "
+                        f"img.convert('L')) to train on one channel, or every image to RGB to train on three")
     x = np.stack(arrays)
-    x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
+    x = x.transpose(0, 3, 1, 2) if colour else x[:, None]
     exif = (str(tagged[0]), len(tagged)) if tagged else None
+    notes = dict(channels_inferred=True, exif_turned=exif,
+                 colour_images=(str(files[colour[0]][0]), len(colour), grey) if colour else None,
+                 transparent=(str(transparent[0]), len(transparent)) if transparent else None)
     if class_dirs:
         y = torch.tensor([label for _, label in files], dtype=torch.int64)
         # The class count is that of the class folders, each of which must hold an image: read off the data.
         return ImageData(_from_uint8(x), y, len(class_dirs), name, num_classes_inferred=True,
-                         class_names=tuple(d.name for d in class_dirs), channels_inferred=True, exif_turned=exif)
-    # The channel count is the images' own: one colour-mode image (even with grey pixels) makes them all RGB.
-    return ImageData(_from_uint8(x), None, 0, name, channels_inferred=True, exif_turned=exif)
+                         class_names=tuple(d.name for d in class_dirs), **notes)
+    # The channel count is the images' own: one colour-mode image (holding colour) makes them all RGB.
+    return ImageData(_from_uint8(x), None, 0, name, **notes)
+
+
+# The modes a folder's image loads as one channel from: grayscale, with or without alpha.
+_GRAY_MODES = frozenset({"1", "L", "LA", "La"})
+
+
+def _grey(rgb: np.ndarray) -> bool:
+    """Whether every pixel of the [H, W, 3] uint8 array `rgb` is grey (R = G = B)."""
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def _transparent(img) -> bool:
+    """Whether the loaded image `img` has a pixel that is not fully opaque: its alpha channel (LA, RGBA, a
+    palette's PA, premultiplied La and RGBa), or the transparency a palette's entries or a colour key (a PNG's tRNS)
+    give it. dpdm drops alpha, as torchvision's ImageFolder does (it converts to RGB); an alpha that is all opaque
+    loses nothing, and is not reported."""
+    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        alpha = img.getchannel(img.getbands()[-1])   # "A", or "a" where premultiplied
+    elif "transparency" in img.info:
+        try:
+            alpha = img.convert("RGBA").getchannel("A")
+        except ValueError:   # a mode Pillow cannot convert: the conversion to L or RGB then names the file
+            return False
+    else:
+        return False
+    return alpha.getextrema()[0] < 255
+
+
+def inferred_channels_note(data: ImageData) -> str | None:
+    """A warning line's text, after the option that names the data: that `data`'s channel count was read off its
+    own images (`ImageData.channels_inferred`, a ``folder:`` dataset's), so one record can decide it and the model
+    reveals it; None for data that states it (an npz). Where colour-mode images made it RGB, it names the first and
+    how many there are beside grayscale ones, and says when their pixels are all grey (`ImageData.colour_images`):
+    the line was the same every run prints, with "3, RGB" for "1, grayscale" (h124 F2)."""
+    if not data.channels_inferred:
+        return None
+    channels = data.image_shape[0]
+    found = ""
+    if data.colour_images is not None:
+        first, count, grey = data.colour_images
+        rest = len(data) - count
+        if rest:
+            it = "it" if count == 1 else "them"
+            found = (f": {count} of its {len(data)} images {'is' if count == 1 else 'are'} in a colour mode (the "
+                     f"first: {first!r}) and {rest} grayscale, and one colour-mode image holding colour makes them "
+                     f"all RGB (to train on one channel, convert {it} to 8-bit grayscale or remove {it})")
+        elif grey:
+            found = (f": all its {len(data)} images are in a colour mode (the first: {first!r}) but their pixels are "
+                     f"grey; convert them to 8-bit grayscale (PIL: img.convert('L')) to train on one channel")
+    how = found or " (one colour-mode image holding colour makes them all RGB)"
+    return (f"the number of channels ({channels}, {'grayscale' if channels == 1 else 'RGB'}) was read off the "
+            f"private images{how}, and the model reveals it; to fix it publicly, give the data as an npz, whose x "
+            f"array [N, C, H, W] states it")
+
+
+def transparency_note(data: ImageData) -> str | None:
+    """A warning line's text, after the option that names the data: `data`'s images with pixels that are not fully
+    opaque (`ImageData.transparent`), whose alpha dpdm drops; None where none has any. A grey+alpha or RGBA image
+    lost its mask without a word (h124 N3)."""
+    if data.transparent is None:
+        return None
+    first, count = data.transparent
+    return (f"{count} of its {len(data)} images {'has' if count == 1 else 'have'} transparent pixels (the first: "
+            f"{first!r}), whose alpha channel dpdm drops, as torchvision's ImageFolder does: they train on their "
+            f"stored grey or colour values alone; to keep a mask, store it in the pixels (or as another image)")
 
 
 # How to make a photo tagged as turned (EXIF orientation) read as a viewer shows it.
@@ -1374,11 +1488,11 @@ def _unreadable(path: Path) -> str | None:
     return f"cannot read image {str(path)!r} (it is {what})"
 
 
-def _refuse_run_folder(name: str, folder: Path) -> None:
-    """DataError where the image-less subfolder `folder` of a ``folder:`` dataset is, or holds, a run folder
-    (`dpdm train --out`: a run's config.json, or a checkpoint.pt), advising to move the run out of the data. The
-    generic line advised removing the folder, which deleted the run's ledger and secret seed, so that a fresh run
-    spent the plan again on the same data (h94 F1)."""
+def _refuse_run_folder(name: str, folder: Path, *, images: bool = False) -> None:
+    """DataError where the subfolder `folder` of a ``folder:`` dataset (image-less, unless `images`) is, or holds,
+    a run folder (`dpdm train --out`: a run's config.json, or a checkpoint.pt), advising to move the run out of the
+    data. The generic line advised removing the folder, which deleted the run's ledger and secret seed, so that a
+    fresh run spent the plan again on the same data (h94 F1)."""
     from dpdm.report_utils import is_run_config
 
     try:
@@ -1392,9 +1506,10 @@ def _refuse_run_folder(name: str, folder: Path) -> None:
     except OSError:   # the generic line then, as before
         return
     where = "is a dpdm run folder" if run == folder else f"holds the dpdm run folder {str(run)!r}"
-    raise DataError(f"{name}: folder {str(folder)!r} has no images and {where} (`dpdm train --out`), which does not "
-                    f"belong in the data: move the run folder out of it (mv {str(run)!r} NEWPATH), then resume it with "
-                    "--out NEWPATH; do not remove it (it holds the run's ledger and secret seed)")
+    raise DataError(f"{name}: folder {str(folder)!r} {'' if images else 'has no images and '}{where} (`dpdm train "
+                    f"--out`), which does not belong in the data: move the run folder out of it (mv {str(run)!r} "
+                    "NEWPATH), then resume it with --out NEWPATH; do not remove it (it holds the run's ledger and "
+                    "secret seed)")
 
 
 def _raise(err: OSError):

@@ -458,7 +458,9 @@ def test_folder_image_folder_layout(tmp_path):
 
 
 def test_folder_rgb_and_flat(tmp_path):
-    _write_png(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint8), mode="RGB")
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[0, 0] = (255, 0, 0)   # colour: a grey RGB image beside grayscale ones is refused (h124 F2)
+    _write_png(tmp_path / "a.png", rgb, mode="RGB")
     _write_png(tmp_path / "b.png", np.full((4, 4), 255, np.uint8))
     d = load_dataset(f"folder:{tmp_path}")
     assert d.x.shape == (2, 3, 4, 4) and d.y is None and d.num_classes == 0

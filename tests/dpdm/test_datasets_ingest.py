@@ -369,6 +369,130 @@ def test_flat_folder_with_an_imageless_subfolder_names_the_subfolder(tmp_path):
         load_dataset(f"folder:{tmp_path / 'c'}")
 
 
+def test_flat_folder_with_a_subfolder_holding_an_image_names_the_subfolder(tmp_path):
+    """A flat folder of images with one stray subfolder that holds an image (an old/ copy) read as class folders,
+    and the line blamed the loose images: "image '0.png' lies beside the class folders ... move it into a class
+    folder (the first of 5 such paths)" (h124 F3). The subfolder is named, with its image count."""
+    d = tmp_path / "flat"
+    for i in range(5):
+        _png(d / f"{i}.png", np.full((8, 8), i, np.uint8))
+    _png(d / "old" / "x.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{d}")
+    msg = str(e.value)
+    assert msg == (f"folder:{d}: {str(d)!r} holds 5 images and 1 subfolder(s) with 1 image(s) in all "
+                   f"({str(d / 'old')!r}: 1), which make it read as class folders (PATH/<class>/<image>), where its "
+                   f"own 5 images have no class; move the subfolder(s) out of {str(d)!r} (or remove them) to load its "
+                   f"images unlabelled, or move its images into class folders"), msg
+    _png(d / "old" / "deep" / "y.png", np.zeros((8, 8), np.uint8))   # nested images count as the subfolder's
+    (d / "__MACOSX").mkdir()
+    with pytest.raises(DataError, match=rf"5 images and 2 subfolder\(s\) with 2 image\(s\) in all "
+                                        rf"\('.*__MACOSX': 0, '.*old': 2\)"):
+        load_dataset(f"folder:{d}")
+    (d / "old" / "deep" / "checkpoint.pt").write_bytes(b"")   # a run folder in it: moved, never removed (h94 F1)
+    with pytest.raises(DataError, match=r"folder '.*/old' holds the dpdm run folder '.*/old/deep' \(`dpdm train "
+                                        r"--out`\), which does not belong in the data: move the run folder out"):
+        load_dataset(f"folder:{d}")
+    # Class folders holding more images than lie beside them: the loose image is named, as before.
+    _classes(tmp_path / "c", names=("a", "b"))
+    _png(tmp_path / "c" / "x.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"image '.*x\.png' lies beside the class folders"):
+        load_dataset(f"folder:{tmp_path / 'c'}")
+
+
+def _grey_folder(d, n):
+    r = np.random.default_rng(0)
+    for i in range(n):
+        _png(d / f"{i}.png", r.integers(0, 256, (8, 8), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["P", "RGB", "RGBA"])
+def test_grayscale_folder_with_a_grey_colour_mode_image_is_refused_naming_it(tmp_path, mode):
+    """One palette or RGB export of a grey scan among grayscale ones made every image RGB, and the only word was
+    the channel line every run prints, with "3, RGB" for "1, grayscale": the run spent its plan on a 3-channel
+    model, which the release reveals (h124 F2). Its three channels would carry nothing: refused, naming the file,
+    how many there are and the fix either way."""
+    d = tmp_path / "d"
+    _grey_folder(d, 6)
+    odd = d / "3.png"
+    with Image.open(odd) as img:
+        img.convert(mode).save(odd)
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{d}")
+    msg = str(e.value)
+    assert msg == (f"folder:{d}: 1 of its 6 images is a colour-mode file (the first: {str(odd)!r}, mode {mode!r}) "
+                   f"whose pixels are all grey, beside 5 grayscale ones, so that every image would load as 3-channel "
+                   f"RGB; convert it to 8-bit grayscale (PIL: img.convert('L')) to train on one channel, or every "
+                   f"image to RGB to train on three"), msg
+    with Image.open(d / "5.png") as img:
+        img.convert(mode).save(d / "5.png")
+    with pytest.raises(DataError, match=rf"2 of its 6 images are colour-mode files \(the first: '.*3\.png', mode "
+                                        rf"'{mode}'\) whose pixels are all grey, beside 4 grayscale ones"):
+        load_dataset(f"folder:{d}")
+    for i in range(6):   # every image RGB: three channels, as asked, and the channel line says they are grey
+        with Image.open(d / f"{i}.png") as img:
+            img.convert("RGB").save(d / f"{i}.png")
+    data = load_dataset(f"folder:{d}")
+    assert data.image_shape == (3, 8, 8) and data.colour_images == (str(d / "0.png"), 6, True)
+    assert "all its 6 images are in a colour mode (the first: " in datasets.inferred_channels_note(data)
+    assert "but their pixels are grey; convert them to 8-bit grayscale" in datasets.inferred_channels_note(data)
+    for i in range(6):
+        with Image.open(d / f"{i}.png") as img:
+            img.convert("L").save(d / f"{i}.png")
+    assert load_dataset(f"folder:{d}").image_shape == (1, 8, 8)
+
+
+def test_mixed_folder_whose_colour_image_holds_colour_loads_as_rgb_and_names_it(tmp_path, capsys):
+    """A colour image among grayscale ones (a folder of photos with a few grey ones, as torchvision's ImageFolder
+    loads it) still makes every image RGB; the channel line names the first colour-mode image and how many there
+    are beside grayscale ones, where it was the same line every run prints (h124 F2)."""
+    d = tmp_path / "d"
+    _grey_folder(d, 6)
+    _png(d / "2.png", np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8), mode="RGB")
+    data = load_dataset(f"folder:{d}")
+    assert data.image_shape == (3, 8, 8) and data.colour_images == (str(d / "2.png"), 1, False)
+    note = datasets.inferred_channels_note(data)
+    assert note == (f"the number of channels (3, RGB) was read off the private images: 1 of its 6 images is in a "
+                    f"colour mode (the first: {str(d / '2.png')!r}) and 5 grayscale, and one colour-mode image "
+                    f"holding colour makes them all RGB (to train on one channel, convert it to 8-bit grayscale or "
+                    f"remove it), and the model reveals it; to fix it publicly, give the data as an npz, whose x "
+                    f"array [N, C, H, W] states it"), note
+    (d / "2.png").unlink()
+    gray = load_dataset(f"folder:{d}")
+    assert gray.colour_images is None and "(1, grayscale)" in datasets.inferred_channels_note(gray)
+    np.savez(tmp_path / "a.npz", x=np.zeros((2, 3, 8, 8), np.uint8))
+    assert datasets.inferred_channels_note(load_npz(tmp_path / "a.npz")) is None
+
+
+def test_folder_names_the_images_whose_transparency_it_drops(tmp_path):
+    """A grey+alpha image loaded as grayscale, its alpha dropped without a word, as an RGBA or a transparent
+    palette image's was (h124 N3): a mask was lost. The images with a pixel that is not fully opaque are named
+    (an alpha channel that is all opaque loses nothing)."""
+    d = tmp_path / "d"
+    _grey_folder(d, 4)
+    gray = np.full((8, 8), 90, np.uint8)
+    opaque = np.full((8, 8), 255, np.uint8)
+    Image.merge("LA", [Image.fromarray(gray), Image.fromarray(opaque)]).save(d / "1.png")
+    data = load_dataset(f"folder:{d}")
+    assert data.image_shape == (1, 8, 8) and data.transparent is None
+    assert datasets.transparency_note(data) is None
+    mask = opaque.copy()
+    mask[:4] = 0
+    Image.merge("LA", [Image.fromarray(gray), Image.fromarray(mask)]).save(d / "2.png")
+    data = load_dataset(f"folder:{d}")
+    assert data.image_shape == (1, 8, 8) and data.transparent == (str(d / "2.png"), 1)
+    assert datasets.transparency_note(data) == (
+        f"1 of its 4 images has transparent pixels (the first: {str(d / '2.png')!r}), whose alpha channel dpdm drops, "
+        f"as torchvision's ImageFolder does: they train on their stored grey or colour values alone; to keep a mask, "
+        f"store it in the pixels (or as another image)")
+    colour = np.random.default_rng(2).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.merge("RGBA", [*Image.fromarray(colour).split(), Image.fromarray(mask)]).save(d / "3.png")
+    Image.fromarray(gray).save(d / "0.png", transparency=90)   # a colour key: every pixel transparent
+    data = load_dataset(f"folder:{d}")
+    assert data.image_shape == (3, 8, 8) and data.transparent == (str(d / "0.png"), 3)
+    assert datasets.transparency_note(data).startswith("3 of its 4 images have transparent pixels (the first: ")
+
+
 def _broken_png(path):
     """A 12x12 RGB PNG whose IDAT chunk length is 56 bytes short (one damaged length field): Pillow opens it, and its
     load() raises SyntaxError ("broken PNG file (chunk ...)")."""
@@ -412,6 +536,11 @@ def test_folder_refuses_a_file_of_several_frames_naming_it(tmp_path, suffix, ext
     assert msg.startswith(f"folder:{tmp_path / 'd'}: image {str(stack)!r} holds 3 frames"), msg
     assert "own file" in msg and "\n" not in msg
     frames[0].save(stack)   # one frame: loaded as before
+    if suffix == ".gif":   # a GIF is a palette image: a grey one beside grayscale PNGs is refused (h124 F2)
+        with pytest.raises(DataError, match=r"stack\.gif', mode 'P'\) whose pixels are all grey"):
+            load_dataset(f"folder:{tmp_path / 'd'}")
+        frames[0].save(stack.with_suffix(".png"))
+        stack.unlink()
     assert len(load_dataset(f"folder:{tmp_path / 'd'}")) == 3
 
 
@@ -741,3 +870,27 @@ def test_a_damaged_exif_block_prints_no_pillow_warning(tmp_path):
         data = load_dataset(f"folder:{tmp_path / 'd'}")
     assert [str(w.message) for w in caught] == []
     assert data.exif_turned == (str(tmp_path / "d" / "b" / "0.png"), 1)
+
+
+def test_train_and_baseline_name_the_colour_and_transparent_images_of_a_folder(tmp_path, capsys):
+    """The channel line was the same every run prints, with "3, RGB" for "1, grayscale", naming no image (h124 F2);
+    an image's dropped alpha was not mentioned (h124 N3)."""
+    from cli._common import warn_exif_orientation, warn_inferred_channels
+
+    d = tmp_path / "d"
+    _grey_folder(d, 4)
+    _png(d / "2.png", np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8), mode="RGB")
+    mask = np.full((8, 8), 255, np.uint8)
+    mask[:4] = 0
+    Image.merge("LA", [Image.fromarray(np.full((8, 8), 90, np.uint8)), Image.fromarray(mask)]).save(d / "3.png")
+    name = f"folder:{d}"
+    data = load_dataset(name)
+    warn_inferred_channels(name, data)
+    warn_exif_orientation(name, data)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"dpdm: warning: --dataset={name!r}: the number of channels (3, RGB) was read off the "
+                               f"private images: 1 of its 4 images is in a colour mode (the first: "
+                               f"{str(d / '2.png')!r}) and 3 grayscale"), lines
+    assert lines[1].startswith(f"dpdm: warning: --dataset={name!r}: 1 of its 4 images has transparent pixels (the "
+                               f"first: {str(d / '3.png')!r})"), lines
