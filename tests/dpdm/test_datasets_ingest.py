@@ -894,3 +894,24 @@ def test_train_and_baseline_name_the_colour_and_transparent_images_of_a_folder(t
                                f"{str(d / '2.png')!r}) and 3 grayscale"), lines
     assert lines[1].startswith(f"dpdm: warning: --dataset={name!r}: 1 of its 4 images has transparent pixels (the "
                                f"first: {str(d / '3.png')!r})"), lines
+
+
+def test_dpdm_trains_warning_names_the_images_with_an_exif_orientation(tmp_path, capsys):
+    """mut54 (stop 52): the test above calls `warn_exif_orientation` itself; this one pins that `dpdm train` says it
+    before the first step (`cli.train._warn_before_training`), as 9bdfce7 made it."""
+    from types import SimpleNamespace
+
+    from cli.train import _warn_before_training
+    from dpdm.datasets import load_dataset
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for c in "ab":
+        (tmp_path / "d" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "d" / c / "0.png", exif=exif if c == "b" else None)
+    name = f"folder:{tmp_path / 'd'}"
+    doc = SimpleNamespace(plan=SimpleNamespace(dataset_name=name))
+    _warn_before_training(load_dataset(name), name, name, doc, False, (), None)
+    err = capsys.readouterr().err
+    assert (f"dpdm: warning: --dataset={name!r}: 1 of its 2 images carry an EXIF orientation tag (the first: "
+            f"{str(tmp_path / 'd' / 'b' / '0.png')!r})") in err, err
