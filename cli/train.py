@@ -76,6 +76,11 @@ from dpdm.report_utils import epsilon_text
               help="--no-dp runs only (public pretraining): bf16 runs the forward and backward under bfloat16 "
                    "autocast, 1.4-1.8x faster on a CPU with AMX (small to mnist U-Net). Private runs train in fp32.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--spend-unsaved-steps", "spend_unsaved_steps", is_flag=True,
+              help="With --resume, where the run stopped after training steps past its last checkpoint and this "
+                   "resume changes the lr: count those steps as spent and go on after them from the checkpoint's "
+                   "weights (the model loses them, the budget does not get them back). Without it such a resume is "
+                   "refused; with the run's own lr it replays them exactly, at no cost.")
 @click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -83,7 +88,8 @@ from dpdm.report_utils import epsilon_text
 def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond, train_sigma, device, physical_batch,
           grad_engine, lr,
           lr_schedule, ema_decay, ema_powers, checkpoint_every, log_every, seed, init_from, trainable, subspace_dim,
-          subspace_data, subspace_every, subspace_examples, precision, resume, no_dp, as_json, quiet):
+          subspace_data, subspace_every, subspace_examples, precision, resume, spend_unsaved_steps, no_dp, as_json,
+          quiet):
     """Train a diffusion model with DP-SGD under a locked plan.
 
     With --resume, an option not given takes the run's own value (its checkpoint's); --lr and --lr-schedule may
@@ -100,6 +106,9 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
              if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                    click.core.ParameterSource.ENVIRONMENT)}
     dataset_given = dataset
+    if spend_unsaved_steps and (not resume or no_dp):
+        raise BadInput("--spend-unsaved-steps applies to --resume of a private run only (the steps a stopped run "
+                       "trained past its last checkpoint)")
     if resume:
         _check_something_to_resume(out_dir)
         opts = _resumed_options(out_dir, given, no_dp, dict(
@@ -193,7 +202,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
                              subspace_every=subspace_every, subspace_examples=subspace_examples)
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
                                dataset_name=name, resume=resume, progress=not quiet, public_data=public_data,
-                               class_names=data.class_names,
+                               class_names=data.class_names, spend_unsaved_steps=spend_unsaved_steps,
                                on_start=lambda notes: _warn_before_training(data, name, dataset_given, doc, no_dp,
                                                                             notes, None if resume else seed))
         ok = True

@@ -659,6 +659,7 @@ def train(
     on_start: Callable[[tuple[str, ...]], None] | None = None,
     public_data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     class_names: Sequence[str] | None = None,
+    spend_unsaved_steps: bool = False,
 ) -> dict[str, Any]:
     """Trains under `plan_doc` until the run has done exactly `plan.steps` steps.
 
@@ -679,6 +680,9 @@ def train(
         class_names: the name of each label (`ImageData.class_names`: a ``folder:`` dataset's class folders);
             None for data that numbers its classes. Recorded, so that a warm start from this run
             (`load_warm_start`) is matched to the classes of the data it starts.
+        spend_unsaved_steps: on a resume of a private run whose last attempt trained steps past the checkpoint
+            (`STEPS_RECORD`) with another lr than this resume's: count them as spent and go on after them from
+            the checkpoint's weights (`--spend-unsaved-steps`). Without it such a resume is refused.
 
     Returns:
         The run summary: run, steps_done, epsilon_spent, plan_digest, private, ...
@@ -686,7 +690,8 @@ def train(
     Raises:
         TrainError: a plan document whose epsilon does not re-compute, data of another size, images that are
             not float32 in [-1, 1] or labels that are not int64 in [0, num_classes) (`ImageData`'s checks), an
-            existing run without --resume, a resume against another plan, a run that already finished.
+            existing run without --resume, a resume against another plan, a run that already finished, a resume
+            at another lr of a run that trained steps past its checkpoint (`_unsaved_steps`).
     """
     plan = plan_doc.plan
     dist = _Dist.current(config.device)
@@ -723,6 +728,7 @@ def train(
         raise TrainError("public_data is used only with a gradient subspace (subspace_dim)")
     ckpt_path = out / CHECKPOINT_NAME
     state = None
+    spent_to, spent_note, record_seen = None, None, None   # `_unsaved_steps`
     if ckpt_path.exists():
         if not resume:
             raise TrainError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
@@ -779,6 +785,12 @@ def train(
                              "was trained on" + _other_data_advice(state["config"].get("dataset"), dataset_name,
                                                                    plan.dataset_name))
         lr_segments, lr_note = _resumed_lr_segments(state, config)
+        if config.private:   # steps a stopped attempt ran past the checkpoint: replayed, refused or spent
+            spent_to, spent_note, record_seen = _unsaved_steps(out, state, lr_segments_of(
+                replace(config, lr_segments=lr_segments)), plan.steps, spend_unsaved_steps, dist)
+            if spent_to is not None:   # the resume goes on from the record's step: its lr segment begins there
+                lr_segments, lr_note = _resumed_lr_segments(
+                    {**state, "ledger": {**state["ledger"], "steps_done": spent_to}}, config)
         config = replace(config, lr_segments=lr_segments)
         seed = saved_seed
         # A run seeded by its user stays marked so on resume, which takes the seed from the checkpoint.
@@ -941,7 +953,11 @@ def train(
         torch.set_rng_state(state["rng"]["torch"])
         steps_done = int(state["ledger"]["steps_done"])
         discarded = int(state.get(ckpt.DISCARDED_STEPS_KEY, 0))
-    dist.last_saved = steps_done   # the checkpoint a resume starts from (0: none): RankLost's line names it
+        if spent_to is not None:   # steps steps_done + 1 to spent_to ran and are spent: their updates discarded
+            discarded += spent_to - steps_done
+            steps_done = spent_to
+    # the checkpoint a resume starts from (0: none): RankLost's line names it (a spend's once it is written)
+    dist.last_saved = steps_done if spent_to is None else int(state["ledger"]["steps_done"])
     if dist.world_size > 1:
         # The ranks compared the options above, so the name of --init-from, not the weights it holds on each rank
         # (another copy on another node, a relative name read from another folder): they trained on the private
@@ -967,9 +983,11 @@ def train(
     else:
         run_config["grad_engine"] = {"engine": "rules" if config.per_layer_rules else "vmap", "auto": False}
 
-    lock, refusal, notes = None, None, list(start_notes)
+    lock, refusal, notes, record = None, None, list(start_notes), None
     if state is not None and lr_note:
         notes.append(lr_note)
+    if spent_note:
+        notes.append(spent_note)
     if dist.is_main:
         try:   # 0700: the folder holds the secret seed, metrics computed without noise and a digest of the data
             out.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -982,9 +1000,17 @@ def train(
         except TrainError as e:
             refusal = str(e)
         # Another process may have trained here between the checks above and the lock.
-        if refusal is None and (ckpt_path.exists() if state is None else _file_identity(ckpt_path) != loaded_stat):
+        if refusal is None and (ckpt_path.exists() if state is None else _file_identity(ckpt_path) != loaded_stat
+                                or (config.private and _read_steps_record(out)[0] != record_seen)):
             refusal = (f"the run in {str(out)!r} changed while this one started (another dpdm train?); start again"
                        + ("" if state is None else " with --resume"))
+        if refusal is None and config.private:   # the record of the steps run (`STEPS_RECORD`)
+            recorded = _read_steps_record(out)[1] if state is not None else None
+            record = _StepsRecord(out, lr_segments_of(config), recorded[0] if recorded else 0)
+            try:
+                record.open()
+            except TrainError as e:
+                refusal, record = str(e), None
         if refusal is not None and lock is not None:
             lock.close()
         if refusal is None and lock is not None:
@@ -999,7 +1025,8 @@ def train(
         raise TrainError(refusal or f"rank 0 could not take the run folder {str(out)!r}; see its message")
     bar = metrics_file = None
     finished = False
-    last_saved = steps_done   # the step of the checkpoint on disk (0: none yet)
+    # the step of the checkpoint on disk (0: none yet); a spend's is written below, before any step
+    last_saved = steps_done if spent_to is None else int(state["ledger"]["steps_done"])
     dist.training = True
 
     @contextlib.contextmanager
@@ -1065,6 +1092,13 @@ def train(
                     (out / CHECKPOINTED_MARK).touch()   # this folder's run saved a checkpoint (_check_fresh_run_folder)
             return ledger
 
+        def rolled_back_state(ledger: Ledger, kept: dict[str, Any], discarded_now: int) -> dict[str, Any]:
+            # A checkpoint of `ledger` holding the weights, EMAs, optimizer and RNG state of `kept` (an earlier
+            # checkpoint's, or the start's), the steps between spent but discarded: `roll_back`'s, and a resume's
+            # that spends the steps a stopped attempt ran past its checkpoint (`_unsaved_steps`).
+            return {**checkpoint_state(ledger), **{k: kept[k] for k in ("model", "ema", "optimizer", "rng")},
+                    "ema_power": kept.get("ema_power", {}), ckpt.DISCARDED_STEPS_KEY: discarded_now}
+
         def roll_back(done: int) -> str:
             # The run diverged at step `done`. Its steps 1..done ran on the private data and are spent, whatever
             # became of the weights: whether and where it diverged chooses the lr it goes on with, so the release
@@ -1080,10 +1114,7 @@ def train(
                 try:
                     with writing(f"the checkpoint of step {done} (the run diverged)", ckpt_path):
                         kept = at_start if not last_saved else ckpt.load_checkpoint(ckpt_path)   # weights_only
-                        ckpt.save_checkpoint({**checkpoint_state(ledger),
-                                              **{k: kept[k] for k in ("model", "ema", "optimizer", "rng")},
-                                              "ema_power": kept.get("ema_power", {}),
-                                              ckpt.DISCARDED_STEPS_KEY: discarded + lost}, ckpt_path)
+                        ckpt.save_checkpoint(rolled_back_state(ledger, kept, discarded + lost), ckpt_path)
                     with writing(f"the mark of the checkpoint of step {done}", out / CHECKPOINTED_MARK):
                         (out / CHECKPOINTED_MARK).touch()
                 except (RunStorageError, ckpt.CheckpointError) as e:
@@ -1097,10 +1128,13 @@ def train(
                 # noise, so it spends nothing new), diverges at `done` again and records it; one with a lower lr
                 # trained them again on fresh noise under a ledger that never counted the first attempt's (r1 F1).
                 # Not "--lr X": the lr at a step of a cosine schedule, or one printed to 6 digits, is another lr
-                # to the resume, which then starts a new segment on fresh noise (r3 F1).
+                # to the resume, which then starts a new segment on fresh noise (r3 F1). A lower lr is refused
+                # unless given --spend-unsaved-steps, which records them as this rollback would have (`STEPS_RECORD`
+                # holds step `done`: it was written before the check that found the divergence).
                 replay = (f"once it can be written, `dpdm train --resume` without --lr or --lr-schedule (the run keeps "
-                          f"its own) replays steps {last_saved + 1} to {done} exactly and records them; a resume that "
-                          f"changes them would train those steps again uncounted" if last_saved else
+                          f"its own) replays steps {last_saved + 1} to {done} exactly and records them; with a lower "
+                          f"--lr, add --spend-unsaved-steps, which records them and goes on from step {done + 1}"
+                          if last_saved else
                           f"no checkpoint holds them: a new run in this folder draws a new seed and spends the plan "
                           f"again, so count these {done} steps in what it releases")
                 if error is None:   # not rank 0: its output says why
@@ -1112,6 +1146,15 @@ def train(
                                      ledger.epsilon_spent if config.private else None, plan_doc.epsilon,
                                      rolled_back_before=bool(discarded))
 
+        if spent_to is not None:
+            # The steps a stopped attempt ran after the checkpoint, spent (`_unsaved_steps`): the checkpoint is
+            # written again as a divergence's rollback writes it, before any step, so that a crash from here on
+            # leaves them counted. Its ledger is that of spent_to steps, its weights the checkpoint's.
+            if dist.is_main:
+                with writing(f"the checkpoint of step {steps_done} (steps {last_saved + 1} to {steps_done} spent)",
+                             ckpt_path):
+                    ckpt.save_checkpoint(rolled_back_state(ledger_at(steps_done), state, discarded), ckpt_path)
+            last_saved = dist.last_saved = steps_done
         metrics_path = out / "metrics.csv"
         metrics_file = None
         writer = None
@@ -1204,6 +1247,9 @@ def train(
                 _maybe_inject_fault(dist.rank, steps_done)
                 if on_step is not None:
                     on_step(steps_done)
+            if record is not None:   # before anything shows the step: its metrics row, the bar, a checkpoint
+                with writing(f"the record of step {steps_done}", record.path):
+                    record.note(steps_done)
 
             if steps_done % config.log_every == 0 or steps_done == plan.steps:
                 eps_now = ledger_at(steps_done).epsilon_spent
@@ -1238,6 +1284,8 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        if record is not None:
+            record.close()
         if metrics_file is not None:
             try:
                 metrics_file.close()
@@ -1832,6 +1880,166 @@ def _resumed_lr_segments(state: dict[str, Any], config: TrainConfig) -> tuple[tu
         note = (f"the learning rate changes from {was_lr:g} ({was_schedule}) to {segments[-1][1]:g} "
                 f"({segments[-1][2]}) at step {done}, where the run resumes; its checkpoint records the change")
     return (None if len(segments) == 1 else segments), note
+
+
+# The run's record of the steps it ran, kept in its folder by rank 0 of a private run: one line, written after each
+# step's update is applied and before anything shows the step (its metrics row, the progress bar, a checkpoint; the
+# hooks before it, `on_step` and the fault injector, show nothing of the data, so a step killed there is lost unseen).
+# A run stopped after its checkpoint of step c (Ctrl-C, a kill, preemption) ran steps c + 1 to d on the private
+# data, and what they showed may choose the lr it is resumed with: a resume with the lr they ran at replays them
+# exactly (the same seeds, batches and noise at the same weights), while one with another lr would train them
+# again on fresh noise under a ledger that never counted the first attempt's. `_unsaved_steps` tells the two
+# apart by the record: the steps ran (the most any attempt reached) and a digest of the lr segments they ran
+# under (`_segments_digest`), and their last lr and schedule, which the refusal names.
+STEPS_RECORD = ".steps_done"
+_RECORD_HEAD = "dpdm-steps-run v1"
+_RECORD_WIDTH = 128   # bytes: the line, padded, so that each write replaces the last one whole
+
+
+def _segments_digest(segments, steps: int) -> str:
+    """16 hex digits of the sha256 of the lr segments begun before step `steps` (0-based): those under which
+    steps 0 to steps - 1 drew their randomness (`run_seed_at`) and took their lr (`lr_at`)."""
+    below = [[int(a), float(b).hex(), str(c)] for a, b, c in segments if int(a) < steps]
+    return hashlib.sha256(json.dumps(below).encode()).hexdigest()[:16]
+
+
+class _StepsRecord:
+    """`STEPS_RECORD`, open for the run (rank 0 of a private run): `note(steps)` after each step. A fixed-width
+    pwrite at offset 0 of an open file, no fsync: a kill (SIGKILL, preemption) cannot lose a write the kernel
+    has taken, but a machine crash, unlike a kill, may lose the last ones, and the record then says fewer steps
+    than ran. It never goes down: a resume that replays steps the record holds leaves it as it is."""
+
+    def __init__(self, out: Path, segments, recorded: int):
+        self.path, self.segments, self.recorded, self.fd = out / STEPS_RECORD, tuple(segments), recorded, None
+        self._digests: dict[int, str] = {}
+
+    def open(self) -> None:
+        """Opens (creates, 0600) the record; TrainError where it is not a regular file."""
+        try:   # not through a link, never blocking on a FIFO (`_lock_run_folder`)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        except OSError as e:
+            if os.path.lexists(self.path) and not (self.path.is_file() and not self.path.is_symlink()):
+                raise TrainError(f"{str(self.path)!r} is not a regular file (a link, FIFO or device); remove it") \
+                    from None
+            raise TrainError(f"cannot write in the run folder {str(self.path.parent)!r} ({e.strerror or e})") \
+                from None
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            self.close()
+            raise TrainError(f"{str(self.path)!r} is not a regular file (a link, FIFO or device); remove it")
+
+    def note(self, steps: int) -> None:
+        """Records that `steps` steps ran (at the lr segments of this run), unless it holds as many or more."""
+        if steps <= self.recorded:
+            return
+        begun = sum(1 for seg in self.segments if int(seg[0]) < steps)
+        if begun not in self._digests:
+            self._digests[begun] = _segments_digest(self.segments, steps)
+        _, lr, schedule = self.segments[begun - 1]
+        line = f"{_RECORD_HEAD} {steps} {self._digests[begun]} {float(lr)!r} {schedule}"
+        os.pwrite(self.fd, (line.ljust(_RECORD_WIDTH - 1) + "\n").encode(), 0)
+        self.recorded = steps
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+
+def _read_steps_record(out: Path) -> tuple[bytes | None, tuple[int, str, float, str] | None, str | None]:
+    """The bytes of the run's `STEPS_RECORD` (None: there is none), what it records (steps, the digest of their
+    lr segments, the last lr and schedule; None: none, or an empty one whose writes a crash lost), and what is
+    wrong with it (None: nothing)."""
+    path = out / STEPS_RECORD
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, None, None
+    except OSError as e:
+        what = "a link" if os.path.islink(path) else f"unreadable: {e.strerror or e}"
+        return what.encode(), None, what
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b"", None, "not a regular file"
+        raw = os.read(fd, 4 * _RECORD_WIDTH)
+    except OSError as e:
+        return b"", None, f"unreadable: {e.strerror or e}"
+    finally:
+        os.close(fd)
+    if not raw.strip(b"\0"):
+        return raw, None, None
+    parts = raw.split(b"\n", 1)[0].decode("ascii", "replace").split()
+    head = _RECORD_HEAD.split()
+    try:
+        if parts[:len(head)] != head or len(parts) != len(head) + 4:
+            raise ValueError
+        steps, digest, lr, schedule = int(parts[-4]), parts[-3], float(parts[-2]), parts[-1]
+        if not (steps >= 0 and len(digest) == 16 and all(ch in "0123456789abcdef" for ch in digest)
+                and math.isfinite(lr) and lr > 0 and schedule in LR_SCHEDULES):
+            raise ValueError
+    except ValueError:
+        return raw, None, "not the line dpdm writes there: damaged or edited"
+    return raw, (steps, digest, lr, schedule), None
+
+
+def _unsaved_steps(out: Path, state: dict[str, Any], segments, plan_steps: int, spend: bool,
+                   dist: "_Dist") -> tuple[int | None, str | None, bytes | None]:
+    """Where a private run is resumed from its checkpoint of step c while its record (`STEPS_RECORD`) says a
+    stopped attempt ran steps c + 1 to d: (d where they are spent, else None; a note for the run's warnings; the
+    record's bytes, which rank 0 compares once it holds the folder's lock). A resume whose lr segments (`segments`)
+    are those the steps ran under replays them exactly and costs nothing; one with another lr or schedule would
+    train them again on fresh noise, the first attempt's in no ledger, though what they showed (the progress bar,
+    metrics.csv) may have chosen the new lr. It is refused (TrainError, nothing written), or with `spend`
+    (--spend-unsaved-steps) the steps are spent as a divergence's are (`train`'s `roll_back`): the run goes on from
+    step d + 1 with step c's weights, EMAs, optimizer and RNG state, its ledger of d steps, the d - c steps
+    discarded. A record at or below the checkpoint's step, or none (a run of an older dpdm), says nothing. Rank 0
+    reads the record, and every rank takes its verdict."""
+    done = int(state["ledger"]["steps_done"])
+    path = out / STEPS_RECORD
+    spent_to, note, raw, refusal = None, None, None, None
+    if dist.is_main:
+        raw, record, problem = _read_steps_record(out)
+        if problem is not None:
+            refusal = (f"{str(path)!r} is not the record dpdm keeps of the steps a run ran ({problem}), so how many "
+                       f"steps ran after the checkpoint of step {done}, and at which lr, cannot be told: move it away "
+                       "and resume with the lr the run last trained at (config.json shows it), which replays them "
+                       "exactly (nothing was written)")
+        elif record is None or record[0] <= done:
+            if spend:
+                note = (f"--spend-unsaved-steps: no step ran after the checkpoint of step {done} (none is "
+                        "recorded); nothing to spend")
+        else:
+            ran, digest, lr, schedule = record
+            what = f"step {ran}" if ran == done + 1 else f"steps {done + 1} to {ran}"
+            them = "it" if ran == done + 1 else "them"
+            ran_at = (f"the run trained {what} after its checkpoint of step {done}, at lr {lr!r} ({schedule}), "
+                      f"before it stopped ({str(path)!r} records {them})")
+            again = f"--lr {lr!r} --lr-schedule {schedule}, which replays {them} exactly"
+            if _segments_digest(segments, ran) == digest:
+                if spend:
+                    note = f"--spend-unsaved-steps: nothing to spend: {ran_at}, and this resume replays {them} exactly"
+            elif ran >= plan_steps:
+                refusal = (f"{ran_at}: that is all {plan_steps} steps of its plan, so a resume at another lr has no "
+                           f"step left to train; resume with {again} and finishes the run (nothing was written)")
+            elif not spend:
+                refusal = (f"{ran_at}: a resume at another lr trains {them} again on fresh noise, the first "
+                           f"attempt's in no ledger, though what {them} showed may have chosen that lr; resume with "
+                           f"{again} (change the lr at a later checkpoint), or pass --spend-unsaved-steps to count "
+                           f"{them} as spent and go on from step {ran + 1} with the weights of step {done} (nothing "
+                           "was written)")
+            else:
+                spent_to = ran
+                note = (f"{ran_at[0].upper()}{ran_at[1:]}: {them} {'is' if them == 'it' else 'are'} spent "
+                        f"(--spend-unsaved-steps): the checkpoint is written again with a ledger of {ran} steps and "
+                        f"the weights of step {done}, and the run goes on from step {ran + 1} (the model loses "
+                        f"{ran - done} step{'s' if ran - done != 1 else ''}, the budget does not get "
+                        f"{them} back)")
+    code = dist.broadcast_int(-1 if refusal is not None else spent_to or 0)
+    if code < 0:
+        raise TrainError(refusal or "rank 0 refused to resume the run (its line says why); nothing was written")
+    return (code or None), note, raw
 
 
 def _patterns(patterns: tuple[str, ...] | None) -> str:

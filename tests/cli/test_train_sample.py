@@ -829,10 +829,11 @@ def test_resume_repairs_a_metrics_file_with_foreign_bytes_and_names_an_unreadabl
     assert _metrics_step("3,6,0.1\r\n") == 3 and _metrics_step("\u00b2,6\r\n") is None   # isdigit() took "²"
 
 
-@pytest.mark.parametrize("name", ["metrics.csv", ".train.lock", "link:.train.lock"])
+@pytest.mark.parametrize("name", ["metrics.csv", ".train.lock", "link:.train.lock", ".steps_done",
+                                  "link:.steps_done"])
 def test_a_fifo_or_link_in_the_run_folder_is_refused_not_waited_on(tiny, capsys, name):
     """A FIFO named metrics.csv or .train.lock blocked `dpdm train` for good; a .train.lock linked elsewhere
-    made its target outside the run folder."""
+    made its target outside the run folder. So would the record of the steps run (.steps_done, stop 52)."""
     d = tiny
     (d / "run").mkdir()
     if name.startswith("link:"):
@@ -926,6 +927,42 @@ def test_resume_takes_the_runs_own_options_and_a_given_one_that_differs_names_th
     assert (tuple(train["train_sigma"]), train["ema_decay"], tuple(train["ema_powers"]), tuple(train["trainable"]),
             train["log_every"]) == ((0.05, 20.0), 0.9, (7.0,), ("net.*",), 1)
     assert len((d / "run" / "metrics.csv").read_text().strip().splitlines()) == 1 + 4   # --log-every 1 kept
+
+
+def test_a_resume_at_another_lr_past_the_checkpoint_is_one_line_and_spend_unsaved_steps_goes_on(tiny, capsys,
+                                                                                                   monkeypatch):
+    """Stop 52: a run stopped at step 3 after its checkpoint of step 2 (as where a peer rank died) and resumed with
+    another --lr is refused, one line naming the two ways on, nothing written; --spend-unsaved-steps takes the second
+    (step 3 spent, the run goes on from step 4 at the new lr); the flag is for a private run's --resume only."""
+    import dpdm.train as train_module
+
+    d = tiny
+    real, calls = train_module._finite_model, []
+
+    def stopped_after_step_3(*a):   # raised at step 4's check: steps 1 to 3 ran, the checkpoint is step 2's
+        calls.append(1)
+        if len(calls) == 4:
+            raise train_module.RankLost("stopped by the test")
+        return real(*a)
+
+    monkeypatch.setattr(train_module, "_finite_model", stopped_after_step_3)
+    assert run_cli(_train_args(d, d / "run"), capsys)[0] == 4
+    monkeypatch.undo()
+    before = {f.name: f.read_bytes() for f in (d / "run").iterdir() if f.name != ".train.lock"}
+    line = _one_error_line(*run_cli(_train_args(d, d / "run", "--resume", "--lr", "1e-3"), capsys)[::2])
+    assert "the run trained step 3 after its checkpoint of step 2, at lr 0.0003 (constant)" in line, line
+    assert "resume with --lr 0.0003 --lr-schedule constant" in line and "--spend-unsaved-steps" in line, line
+    assert {f.name: f.read_bytes() for f in (d / "run").iterdir() if f.name != ".train.lock"} == before
+    for extra in ([], ["--resume", "--no-dp"]):
+        line = _one_error_line(*run_cli(_train_args(d, d / "other", "--spend-unsaved-steps", *extra), capsys)[::2])
+        assert "--spend-unsaved-steps applies to --resume of a private run only" in line, line
+    code, out, err = run_cli(_train_args(d, d / "run", "--resume", "--lr", "1e-3", "--spend-unsaved-steps",
+                                         "--json"), capsys)
+    assert code == 0, err
+    assert "step 3 after its checkpoint of step 2" in err and "is spent (--spend-unsaved-steps)" in err, err
+    summary = json.loads(out)
+    assert summary["steps_done"] == 4 and summary["lr_segments"] == [[0, 3e-4, "constant"], [3, 1e-3, "constant"]]
+    assert ckpt.load_checkpoint(d / "run" / "checkpoint.pt")[ckpt.DISCARDED_STEPS_KEY] == 1
 
 
 def test_init_from_weights_that_do_not_fit_are_one_error_line(tiny, capsys):

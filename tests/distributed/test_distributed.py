@@ -336,6 +336,14 @@ def test_dead_rank_stops_run_checkpoint_valid_and_resumes_on_one_rank(tiny):
     assert r.returncode != 0
     state = ckpt.load_checkpoint(out / "checkpoint.pt")  # the last checkpoint is valid
     assert state["ledger"]["steps_done"] == 2
+    # Steps 3 ran past it (rank 0's record): both ranks refuse another lr, on rank 0's verdict (stop 52).
+    r = subprocess.run(_train_cmd(2, d / "plan.json", d / "data.npz", out, "--resume", "--lr", "1e-3"),
+                       env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("dpdm: error:")]
+    assert r.returncode != 0 and "exitcode: 2" in r.stderr and len(lines) == 2, r.stderr[-3000:]   # one per rank
+    assert any("the run trained step 3 after its checkpoint of step 2" in ln for ln in lines), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr.split("torch/distributed/elastic")[0]   # torchrun's own report follows
+    assert ckpt.load_checkpoint(out / "checkpoint.pt")["ledger"] == state["ledger"]
     r = subprocess.run(_train_cmd(1, d / "plan.json", d / "data.npz", out, "--resume", "--json"),
                        env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]

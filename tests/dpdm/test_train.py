@@ -46,6 +46,22 @@ def stop_at(n):
     return callback
 
 
+def kill_as_step_begins(monkeypatch, n):
+    """The next `train` is killed as its step n + 1 begins, after everything of step n (its metrics row, the bar, its
+    checkpoint, the record of the steps run): its step n + 1 draws nothing. `stop_at(n)` stops it before step n shows
+    anything, so the record (`.steps_done`) ends at step n - 1."""
+    import dpdm.train as train_module
+
+    real = train_module.plan_private_grad
+
+    def grad(D, *a, step, **k):
+        if step == n:
+            raise Stop
+        return real(D, *a, step=step, **k)
+
+    monkeypatch.setattr(train_module, "plan_private_grad", grad)
+
+
 def params_of(run: Path, key="model"):
     return ckpt.load_checkpoint(run / CHECKPOINT_NAME)[key]
 
@@ -73,7 +89,7 @@ def test_run_ends_at_plan_steps_with_ledger(tmp_path):
 
 
 @pytest.mark.parametrize("schedule", ["constant", pytest.param("cosine", marks=pytest.mark.slow)])   # stop 47
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, schedule):
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, schedule):
     x, y, c = tiny_data()
     doc = tiny_plan(steps=7)
     cfg = TrainConfig(**CFG, lr_schedule=schedule)
@@ -81,19 +97,18 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, schedule):
     train(doc, x, y, c, full, cfg, progress=False)
 
     part = tmp_path / "part"
-
-    class Killed(Exception):
-        pass
-
-    def die_at_5(steps_done):
-        if steps_done == 5:  # after the checkpoint at 4, before the one at 6
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(doc, x, y, c, part, cfg, progress=False, on_step=die_at_5)
+    kill_as_step_begins(monkeypatch, 5)   # after step 5 (its row logged), past the checkpoint at 4
+    with pytest.raises(Stop):
+        train(doc, x, y, c, part, cfg, progress=False)
+    monkeypatch.undo()
     assert ckpt.load_checkpoint(part / CHECKPOINT_NAME)["ledger"]["steps_done"] == 4
-    summary = train(doc, x, y, c, part, cfg, resume=True, progress=False)
-    assert summary["steps_done"] == 7
+    # The run's own lr replays step 5 exactly: nothing to spend, even where asked (stop 52).
+    notes = []
+    summary = train(doc, x, y, c, part, cfg, resume=True, progress=False, spend_unsaved_steps=True,
+                    on_start=notes.extend)
+    assert summary["steps_done"] == 7 and ckpt.DISCARDED_STEPS_KEY not in ckpt.load_checkpoint(part / CHECKPOINT_NAME)
+    assert any(n.startswith("--spend-unsaved-steps: nothing to spend: the run trained step 5 after its checkpoint of "
+                            "step 4") for n in notes), notes
     a, b = params_of(full), params_of(part)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
@@ -414,8 +429,8 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
             ckpt.save_checkpoint(state, out / CHECKPOINT_NAME)
         monkeypatch.undo()
         assert (out / CHECKPOINT_NAME).read_bytes() == before
-        assert sorted(p.name for p in out.iterdir()) == [".checkpointed", ".train.lock", "checkpoint.pt", "config.json",
-                                                         "metrics.csv", "plan.json"]
+        assert sorted(p.name for p in out.iterdir()) == [".checkpointed", ".steps_done", ".train.lock", "checkpoint.pt",
+                                                         "config.json", "metrics.csv", "plan.json"]
 
 
 def test_a_full_disk_is_named_in_one_line(tmp_path, monkeypatch, capsys):
@@ -1692,9 +1707,11 @@ def test_a_rollback_that_cannot_be_written_advises_the_replay_that_records_it(tm
     assert line.endswith("steps 1 to 3 are spent but could not be recorded: no space left on the device: cannot "
                          f"write the checkpoint of step 3 (the run diverged) ({str(out / 'checkpoint.pt')!r}: No space "
                          "left on device, ENOSPC); once it can be written, `dpdm train --resume` without --lr or "
-                         "--lr-schedule (the run keeps its own) replays steps 3 to 3 exactly and records them; a resume "
-                         "that changes them would train those steps again uncounted"), line
+                         "--lr-schedule (the run keeps its own) replays steps 3 to 3 exactly and records them; with a "
+                         "lower --lr, add --spend-unsaved-steps, which records them and goes on from step 4"), line
     monkeypatch.undo()
+    with pytest.raises(TrainError, match="the run trained step 3 after its checkpoint of step 2, at lr 3.0"):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False)   # the lower lr: refused
     seen = _diverging_run(monkeypatch, 1)   # the replay diverges at step 3 again, as the first attempt did
     with pytest.raises(TrainDiverged, match="Steps 1 to 3 ran on the private data and are spent"):
         train(doc, x, y, c, out, TrainConfig(**CFG, lr=3.0), resume=True, progress=False)
@@ -1702,6 +1719,110 @@ def test_a_rollback_that_cannot_be_written_advises_the_replay_that_records_it(tm
     ledger = torch.load(out / "checkpoint.pt", weights_only=True)["ledger"]
     assert ledger["steps_done"] == 3 and ledger["epsilon_spent"] == pytest.approx(
         min(accounting.epsilon_spent(doc.plan, 3), doc.epsilon))
+
+
+def _run_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != ".train.lock"}
+
+
+def _killed_past_its_checkpoint(tmp_path, monkeypatch, killed_after, every=2):
+    """A run of 6 steps, checkpoints every `every`, killed after step `killed_after` (its metrics row logged): its
+    data, plan, folder, and what `_diverging_run` saw (the steps it executed, its checkpoints)."""
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    seen = _diverging_run(monkeypatch, 0)
+    kill_as_step_begins(monkeypatch, killed_after)
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, TrainConfig(**{**CFG, "checkpoint_every": every}), progress=False)
+    monkeypatch.undo()
+    return (x, y, c), doc, out, seen
+
+
+def test_a_resume_at_another_lr_of_a_run_killed_past_its_checkpoint_is_refused(tmp_path, monkeypatch):
+    """Stop 52: a run killed at step 3 after its checkpoint of step 2, resumed with another lr, trained step 3 again on
+    fresh noise under a ledger of 6 steps, the killed attempt's step 3 in no ledger, though what it showed (the
+    progress bar, metrics.csv) may have chosen the new lr (the README admitted it). The run records the steps it ran
+    (`.steps_done`, written after each step's update, before anything shows it), and such a resume is refused, one
+    line, nothing written; so is one whose record is damaged. The run's own lr replays the step
+    (test_interrupted_then_resumed_equals_uninterrupted), and the lr of a resume that ran them, which the refusal
+    names, not the checkpoint's; a record at or below the checkpoint says nothing."""
+    (x, y, c), doc, out, _ = _killed_past_its_checkpoint(tmp_path, monkeypatch, killed_after=3)
+    record = out / ".steps_done"
+    assert record.read_text().split()[:3] == ["dpdm-steps-run", "v1", "3"] and record.stat().st_mode & 0o777 == 0o600
+    assert _metrics_steps(out) == [1, 2, 3] and params_of(out, "ledger")["steps_done"] == 2
+    before = _run_files(out)
+    for lr, schedule in ((1e-3, "constant"), (3e-4, "cosine")):
+        with pytest.raises(TrainError) as e:
+            train(doc, x, y, c, out, TrainConfig(**CFG, lr=lr, lr_schedule=schedule), resume=True, progress=False)
+        assert str(e.value) == (
+            f"the run trained step 3 after its checkpoint of step 2, at lr 0.0003 (constant), before it stopped "
+            f"({str(record)!r} records it): a resume at another lr trains it again on fresh noise, the first "
+            "attempt's in no ledger, though what it showed may have chosen that lr; resume with --lr 0.0003 "
+            "--lr-schedule constant, which replays it exactly (change the lr at a later checkpoint), or pass "
+            "--spend-unsaved-steps to count it as spent and go on from step 4 with the weights of step 2 (nothing "
+            "was written)")
+        assert _run_files(out) == before
+    record.write_text("dpdm-steps-run v1 three\n")   # damaged or edited: the steps that ran cannot be told
+    with pytest.raises(TrainError, match=r"\.steps_done' is not the record dpdm keeps of the steps a run ran \(not "
+                                         r"the line dpdm writes there: damaged or edited\), so how many steps ran "
+                                         r"after the checkpoint of step 2, and at which lr, cannot be told: move it "
+                                         r"away and resume with the lr the run last trained at"):
+        train(doc, x, y, c, out, TrainConfig(**CFG), resume=True, progress=False, spend_unsaved_steps=True)
+    # A record of no step past the checkpoint (a kill between a checkpoint and the next step's update, or a record a
+    # machine crash set back) says nothing, as none does (an older dpdm's run): the lr may change; the record then
+    # goes on at the resume's steps and lr.
+    record.write_text("dpdm-steps-run v1 1 0123456789abcdef 0.0003 constant\n")
+    kill_as_step_begins(monkeypatch, 3)
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False)
+    monkeypatch.undo()
+    # That resume ran step 3 at lr 0.001 and stopped: the checkpoint's own lr would now train it again on fresh noise.
+    with pytest.raises(TrainError, match=r"^the run trained step 3 after its checkpoint of step 2, at lr 0\.001 "
+                                         r"\(constant\).*; resume with --lr 0\.001 --lr-schedule constant, which"):
+        train(doc, x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
+    summary = train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False)
+    assert summary["steps_done"] == 6 and summary["lr_segments"] == [[0, 3e-4, "constant"], [2, 1e-3, "constant"]]
+    assert [record.read_text().split()[i] for i in (2, 4, 5)] == ["6", "0.001", "constant"]
+
+
+def test_a_run_killed_past_its_checkpoint_may_spend_those_steps_and_go_on_at_another_lr(tmp_path, monkeypatch):
+    """--spend-unsaved-steps: steps 4 and 5, run after the checkpoint of step 3, are spent as a divergence's are. The
+    checkpoint is written again before any step (a kill right after leaves them counted) with step 3's weights, EMA,
+    optimizer and RNG state, a ledger of 5 steps and 2 discarded; the resume goes on from step 6 on randomness no
+    step used, and the run executes the plan's 6 private steps, each once. metrics.csv keeps the rows of steps 4 and
+    5, which a resume from the checkpoint's step rewrites."""
+    (x, y, c), doc, out, seen = _killed_past_its_checkpoint(tmp_path, monkeypatch, killed_after=5, every=3)
+    at_3 = seen["saved"][0]
+    assert at_3["ledger"]["steps_done"] == 3 and params_of(out, "ledger")["steps_done"] == 3
+    rows = (out / "metrics.csv").read_text().splitlines()
+    executed = [s for s, _ in seen["steps"]]
+    assert executed == [0, 1, 2, 3, 4] and _metrics_steps(out) == [1, 2, 3, 4, 5]
+    cfg = TrainConfig(**{**CFG, "checkpoint_every": 3}, lr=1e-3)
+    seen = _diverging_run(monkeypatch, 0)
+    kill_as_step_begins(monkeypatch, 5)
+    with pytest.raises(Stop):   # killed as its first step (6) begins: the spend is on disk already
+        train(doc, x, y, c, out, cfg, resume=True, progress=False, spend_unsaved_steps=True)
+    monkeypatch.undo()
+    assert seen["steps"] == []
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)   # its own checks: Adam's 3 steps, 5 done, 2 discarded
+    eps5 = min(accounting.epsilon_spent(doc.plan, 5), doc.epsilon)
+    assert state["ledger"]["steps_done"] == 5 and state["ledger"]["epsilon_spent"] == pytest.approx(eps5, rel=1e-12)
+    assert state[ckpt.DISCARDED_STEPS_KEY] == 2
+    for key in ("model", "ema"):
+        assert _same(state[key], at_3[key]), key
+    assert torch.equal(state["rng"]["torch"], at_3["rng"]["torch"])
+    # Resumed again at the new lr (nothing is recorded past that checkpoint): step 6 starts from step 3's weights.
+    seen = _diverging_run(monkeypatch, 0)
+    summary = train(doc, x, y, c, out, cfg, resume=True, progress=False)
+    assert [s for s, _ in seen["steps"]] == [5] and _same(seen["steps"][0][1], at_3["model"])
+    executed += [s for s, _ in seen["steps"]]
+    assert summary["steps_done"] == 6 and summary["lr_segments"] == [[0, 3e-4, "constant"], [5, 1e-3, "constant"]]
+    ledger = params_of(out, "ledger")
+    assert ledger["steps_done"] == 6 and ledger["epsilon_spent"] == pytest.approx(
+        min(accounting.epsilon_spent(doc.plan, 6), doc.epsilon), rel=1e-12)
+    assert params_of(out, ckpt.DISCARDED_STEPS_KEY) == 2 and executed == list(range(6))   # each step once
+    assert (out / "metrics.csv").read_text().splitlines()[:6] == rows and _metrics_steps(out) == [1, 2, 3, 4, 5, 6]
 
 
 def test_init_from_weights_that_do_not_fit_the_network_are_one_train_error_before_writing(tmp_path):
