@@ -45,6 +45,7 @@ __all__ = [
     "make_canaries",
     "draw_inclusion",
     "coin_split_problem",
+    "compared_digits",
     "train_with_canaries",
     "score_canaries",
     "canary_audit",
@@ -440,6 +441,19 @@ def score_canaries(trained: TrainedCanaryModel, x_can, y_can, config: CanaryConf
     return out
 
 
+def compared_digits(lower: float, claim: float, digits: int = 4) -> int:
+    """The significant digits at which an epsilon lower bound and the claim it is compared with are printed: as
+    every epsilon dpdm prints (README), the bound rounded down and the claim up (``epsilon_text``), to ``digits``,
+    or, where the bound exceeds the claim, to as many as it takes for the two to read as they compare. At 4 digits
+    a FAIL by 1.72585 > 1.7258 read "1.725 vs 1.726" in the verdict line and the report's table (h123 F3, stop 52);
+    a bound at or below the claim reads so at any digits. The verdict's reason, `dpdm audit`'s verdict line and
+    report.md's table of bounds all use it."""
+    if not lower > claim:
+        return digits
+    return next((d for d in range(digits, 18)
+                 if float(epsilon_text(lower, d, bound="lower")) > float(epsilon_text(claim, d))), max(digits, 17))
+
+
 def canary_verdict(
     target_max: float,
     control_max: float | None,
@@ -463,7 +477,7 @@ def canary_verdict(
     # could certify) down, so the verdict line and its reasons show the claim alike.
     up, low = epsilon_text, functools.partial(epsilon_text, bound="lower")
     if target_max > claim:   # as many digits as it takes for the two to read as they compare
-        digits = next(d for d in range(4, 18) if float(low(target_max, d)) > float(up(claim, d)))
+        digits = compared_digits(target_max, claim)
         return "FAIL", [f"{worst_attack} attack: one-run epsilon lower bound {low(target_max, digits)} > claimed "
                         f"epsilon {up(claim, digits)}"]
     if ceiling <= claim:

@@ -1,6 +1,6 @@
 """Mechanism checks: is the mechanism that ran the one the accountant measured? (DESIGN.md section 5)
 
-Five groups, each returning a list of ``CheckResult``:
+Six groups, each returning a list of ``CheckResult``:
 
 * ``check_engine(private_grad_fn)``: black-box tests of any function with the signature of
   ``dpdm.engine.private_grad``. They run it on a tiny model of our own (float64, two ``nn.Linear``)
@@ -10,6 +10,9 @@ Five groups, each returning a list of ``CheckResult``:
   clipped sums; no access to the engine's internals is needed. The noise is tested per parameter tensor, at
   the given noise multiplier and at a second one (``second_noise_multiplier``): sigma = 1 alone is a fixed
   point of the usual bugs (the argument ignored, sigma**2, sqrt(sigma), 1/sigma).
+* ``check_run_seed(private_grad_fn)``: the noise of one step under two run seeds, where the generator handed in
+  picks the run seed (``audits.suite.training_private_grad(vary="run_seed")``): independent draws of the plan's
+  variance, so a step whose noise ignores the run's secret seed (anyone with the code could regenerate it) fails.
 * ``check_network(private_grad_fn, network_problem(run_config))``: what the tiny model cannot show, on the
   run's own network (Conv2d, GroupNorm, attention and their per-layer rules) in float32, the dtype every
   private run trains in: per-example gradients per parameter tensor against a float64 autograd loop, the
@@ -55,6 +58,8 @@ __all__ = [
     "SAMPLER_CHECKS",
     "RUN_CHECKS",
     "check_engine",
+    "RUN_SEED_CHECKS",
+    "check_run_seed",
     "check_subspace",
     "SUBSPACE_CHECKS",
     "check_sampler",
@@ -77,6 +82,7 @@ ENGINE_CHECKS = (
     "noise_variance",
     "noise_once_per_step",
 )
+RUN_SEED_CHECKS = ("noise_keyed_by_run_seed",)
 SUBSPACE_CHECKS = ("subspace_signal_in_noise_span", "subspace_sensitivity_replay", "subspace_noise_variance")
 SAMPLER_CHECKS = ("poisson_batch_sizes", "poisson_inclusion_counts", "sampler_deterministic")
 RUN_CHECKS = ("run_plan_matches", "run_ledger_matches", "run_logged_batches")
@@ -494,6 +500,36 @@ def check_engine(
             "noise_once_per_step", noise_calls, p, alpha, chunk_size=8, seed=seed,
             what="chunk_size=8 (6 chunks), noise must still be added once")),
     ]
+
+
+def check_run_seed(
+    private_grad_fn: Callable,
+    *,
+    noise_multiplier: float = 1.0,
+    alpha: float = 1e-3,
+    seed: int = 0,
+    pairs: int = 20,
+) -> list[CheckResult]:
+    """``noise_keyed_by_run_seed``: is a step's noise drawn from the run's secret seed? ``private_grad_fn`` has the
+    signature of ``dpdm.engine.private_grad``, but the generator handed in picks the run seed of one fixed step
+    (``audits.suite.training_private_grad(vary="run_seed")``), not a step of one run as for ``check_engine``.
+
+    On the tiny float64 problem, all of its examples, ``pairs`` pairs of run seeds at ``noise_multiplier``: two runs'
+    noise at one step on one batch are independent draws, so their difference is ``sqrt(2) * sigma * C / E`` times
+    N(0, I) (``_noise_test``: variance per parameter tensor and pooled, normality), and one run seed twice gives the
+    same output (a resume replays its steps). A noise seed that ignores the run seed (a constant, the step alone)
+    gives the same noise in every run: a difference of 0, where anyone with the code could regenerate every step's
+    noise and subtract it. ``check_engine``'s noise checks compare steps of one run and cannot see that (h123 F1,
+    stop 52); ``sampler_deterministic`` is the same check for the Poisson batches."""
+    alpha = _alpha(alpha)
+    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a number > 0")
+    p = tiny_problem(seed=seed)
+    return [_guarded("noise_keyed_by_run_seed", lambda: _noise_test(
+        "noise_keyed_by_run_seed", [(_Caller(private_grad_fn, p, float(noise_multiplier), 40.0), pairs)], p, alpha,
+        chunk_size=None, seed=seed + 2, replay=True,
+        what="one step on one batch under two run seeds (independent draws; 0 where the noise ignores the run's "
+             "secret seed)"))]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ metrics.csv, never the weights, so its verdict says nothing about which model wa
 Error budget (family-wise, Bonferroni): ``significance`` (default 0.05) is split as
 
 * 1/5 (0.01) over the statistical mechanism checks (noise variance and noise once per step, on the tiny
-  model and on the run's own network, per engine checked; for a `--public-subspace` run the noise in the
-  subspace too; Poisson batch sizes, inclusion counts, logged batch sizes): each is run at 0.01 / 7 (0.01 / 8
-  for a subspace run, 0.01 / 11 where both engines are checked; ``statistical_check_count``);
+  model and on the run's own network, and the noise of one step under two run seeds, per engine: both are
+  checked; for a `--public-subspace` run the noise in the subspace too; Poisson batch sizes, inclusion counts,
+  logged batch sizes): each is run at 0.01 / 13 (0.01 / 15 for a subspace run; ``statistical_check_count``);
 * 4/5 (0.04) over the epsilon lower bounds of the canary audit, evenly over its attacks (loss and
   PIA: 0.02 each); each one-run bound further splits its share over its grid of guess counts.
 
@@ -48,9 +48,9 @@ from typing import Any, Callable
 import numpy as np
 
 from audits.auditor import _jsonable
-from audits.canary import CanaryConfig, canary_audit, coin_split_problem, draw_inclusion
-from audits.mechanism import (CheckResult, check_engine, check_network, check_run, check_sampler, check_subspace,
-                               network_problem, second_noise_multiplier)
+from audits.canary import CanaryConfig, canary_audit, coin_split_problem, compared_digits, draw_inclusion
+from audits.mechanism import (CheckResult, check_engine, check_network, check_run, check_run_seed, check_sampler,
+                               check_subspace, network_problem, second_noise_multiplier)
 from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
 from dpdm.report_utils import epsilon_text
 
@@ -156,62 +156,73 @@ def _holds_audit_report(out: Path) -> bool:
 
 MECHANISM_SHARE = 0.2  # of the significance budget; the rest goes to the epsilon bounds
 MIN_SIGNIFICANCE = 1e-12  # smaller budgets underflow in the per-check shares (1e-323 became 0)
-# For a run checked with one engine: noise_variance, noise_once_per_step (tiny model), network_noise_variance,
-# network_noise_once_per_step (the run's network), the sampler's two and the logged batch sizes (8 with
-# --public-subspace: subspace_noise_variance). `statistical_check_count` counts them for any run.
-STATISTICAL_CHECKS = 7
+# Per engine: noise_variance, noise_once_per_step (tiny model), noise_keyed_by_run_seed (tiny model, two run seeds),
+# network_noise_variance, network_noise_once_per_step (the run's network), and subspace_noise_variance for a
+# --public-subspace run; once: the sampler's two and the logged batch sizes. `statistical_check_count` counts them.
+ENGINE_STATISTICAL_CHECKS = 5
+RUN_STATISTICAL_CHECKS = 3
+GRAD_ENGINES = ("rules", "vmap")   # `dpdm train --grad-engine`'s two (auto picks one of them at each start)
 
 
 def run_grad_engines(train_config: dict) -> tuple[str, ...]:
-    """The per-example gradient engines a run's private steps may have used: the one `--grad-engine` named, or,
-    for ``auto`` (``per_layer_rules`` None), both: auto is decided afresh at each start (the rules on a CPU, the
-    faster of the two on a GPU), so a resumed run can have used either."""
-    rules = train_config.get("per_layer_rules", True)
-    return ("rules", "vmap") if rules is None else ("rules",) if rules else ("vmap",)
+    """The per-example gradient engines a run's private steps may have used: both, for every run. The checkpoint
+    records the engine of the run's last start only (``per_layer_rules``, ``grad_engine``), and each start may
+    use another: `--grad-engine` may change on a resume, and ``auto`` (``per_layer_rules`` None) is decided afresh
+    at each start (the rules on a CPU, the faster of the two on a GPU). A run started with the rules and resumed
+    with vmap had the rules' steps left unchecked, and its report named vmap alone (h123 F2, stop 52)."""
+    return GRAD_ENGINES
 
 
 _RUN_SEED = 20231  # the run seed of training_private_grad's steps (any fixed value)
+_STEP = 7          # the step of its run seeds (vary="run_seed"; any fixed value)
 
 
-def training_private_grad(basis=None, *, per_layer_rules: bool = True) -> Callable:
+def training_private_grad(basis=None, *, per_layer_rules: bool = True, vary: str = "step") -> Callable:
     """What `dpdm train` computes each step (`dpdm.train.plan_private_grad`, one process; with `basis`, the
     noise in that subspace), with the signature of `dpdm.engine.private_grad` that the mechanism checks call.
 
     The arguments reach it as a plan's fields (clip_norm, noise_multiplier, batch_size: the expected batch
     size), as the training loop's do. The generator handed in picks the step of one run (seed fixed), so two
     calls with generators seeded alike replay a step's noise, and calls with other seeds are other steps:
-    a step that drew the same noise as another would show as too little variance between them."""
+    a step that drew the same noise as another would show as too little variance between them. With
+    ``vary="run_seed"`` it picks the run seed of one step (step fixed) instead: calls with other seeds are the same
+    step of other runs (``check_run_seed``: noise that ignores the run's secret seed is the same in every run)."""
     import types
 
     import torch
 
     from dpdm.train import plan_private_grad
 
+    if vary not in ("step", "run_seed"):
+        raise ValueError(f"vary={vary!r} must be 'step' or 'run_seed'")
+
     def step(model, loss_fn, *batch, clip_norm, noise_multiplier, expected_batch_size, generator=None,
              chunk_size=None, stats=None):
         plan = types.SimpleNamespace(clip_norm=clip_norm, noise_multiplier=noise_multiplier,
                                      batch_size=expected_batch_size)
-        step_index = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return plan_private_grad(model, loss_fn, batch, plan, seed=_RUN_SEED, step=step_index, chunk_size=chunk_size,
+        drawn = int(torch.randint(0, 2**62, (1,), generator=generator))
+        seed, step_index = (_RUN_SEED, drawn) if vary == "step" else (drawn, _STEP)
+        return plan_private_grad(model, loss_fn, batch, plan, seed=seed, step=step_index, chunk_size=chunk_size,
                                  stats=stats, basis=basis, per_layer_rules=per_layer_rules)
     return step
 
 
 def statistical_check_count(train_config: dict) -> int:
     """How many statistical mechanism checks `mechanism_checks` runs for a run of this training config (the
-    Bonferroni count of the mechanism share of the error budget): 4 per engine, 5 for a --public-subspace run
-    (``STATISTICAL_CHECKS``, less the sampler's two and the logged batch sizes, per engine), plus those 3."""
-    per_engine = STATISTICAL_CHECKS - 3 + (1 if train_config.get("subspace_dim") else 0)
-    return per_engine * len(run_grad_engines(train_config)) + 3
+    Bonferroni count of the mechanism share of the error budget): ``ENGINE_STATISTICAL_CHECKS`` (5) per engine, 6
+    for a --public-subspace run, plus the sampler's two and the logged batch sizes (``RUN_STATISTICAL_CHECKS``)."""
+    per_engine = ENGINE_STATISTICAL_CHECKS + (1 if train_config.get("subspace_dim") else 0)
+    return per_engine * len(run_grad_engines(train_config)) + RUN_STATISTICAL_CHECKS
 
 
 def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed: int = 0,
                      suite: str = "quick", run_doc=None) -> tuple[list[CheckResult], str]:
     """The mechanism checks of `dpdm audit` (each statistical one at ``alpha``), and what the run's own network
-    in them was (``NetworkProblem.description``). Per engine the run's steps may have used (``run_grad_engines``),
-    `dpdm train`'s own step (``training_private_grad``) is checked on the tiny float64 model (``check_engine``;
-    ``check_subspace`` too for a --public-subspace run) and on the run's own network in float32
-    (``check_network``); then the Poisson sampler and the run folder against the plan (``check_run``)."""
+    in them was (``NetworkProblem.description``). Per engine the run's steps may have used (``run_grad_engines``:
+    both), `dpdm train`'s own step (``training_private_grad``) is checked on the tiny float64 model (``check_engine``,
+    and ``check_run_seed`` for its noise under two run seeds; ``check_subspace`` too for a --public-subspace run) and
+    on the run's own network in float32 (``check_network``); then the Poisson sampler and the run folder against the
+    plan (``check_run``)."""
     from dpdm.data import PoissonSampler
 
     plan = plan_doc.plan
@@ -225,13 +236,16 @@ def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed:
         step = training_private_grad(per_layer_rules=rules)
         found = check_engine(step, noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
                              pairs=SUITES[suite]["noise_pairs"])
+        found += check_run_seed(training_private_grad(per_layer_rules=rules, vary="run_seed"),
+                                noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
+                                pairs=max(1, SUITES[suite]["noise_pairs"] // 2))
         found += check_network(step, net, noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
                                pairs=SUITES[suite]["network_pairs"])
         if subspace_dim:
             found += check_subspace(lambda basis: training_private_grad(basis, per_layer_rules=rules),
                                     noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
                                     pairs=SUITES[suite]["noise_pairs"])
-        checks += found if len(engines) == 1 else [replace(c, name=f"{c.name} ({engine})") for c in found]
+        checks += [replace(c, name=f"{c.name} ({engine})") for c in found]
     checks += check_sampler(PoissonSampler, alpha=alpha, seed=seed)
     checks += check_run(run_dir, plan_doc, alpha=alpha, run_doc=run_doc)
     return checks, net.description
@@ -514,16 +528,15 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
            f"; the plan's epsilon over its {plan.steps} steps is {epsilon_text(plan_epsilon)}")
         + ". The verdict compares the epsilon lower bounds with the canary run's epsilon.",
     ]
-    engines = run_grad_engines(train_config)
     sigmas = f"sigma={plan.noise_multiplier:g} and {second_noise_multiplier(plan.noise_multiplier):g}"
     lines.append(
-        "The mechanism checks ran `dpdm train`'s private step (plan_private_grad) with the run's per-example "
-        "gradient engine"
-        + (f" ({engines[0]})" if len(engines) == 1 else
-           "s, both rules and vmap (--grad-engine auto picks one at each start, so a resumed run can have used "
-           "either)")
-        + ": (1) on the audit's own tiny float64 model (Linear and SiLU layers, 48 examples): per-example "
-        f"gradients, K averaging, clipping, sensitivity replay, noise variance at {sigmas}, noise once per step; "
+        f"The mechanism checks ran `dpdm train`'s private step (plan_private_grad) with each per-example gradient "
+        f"engine, {' and '.join(run_grad_engines(train_config))} (the checkpoint records the engine of the run's "
+        "last start only, and --grad-engine may change on a resume, or auto pick another, so either may have "
+        "computed the run's steps): (1) on the audit's own tiny float64 model (Linear and SiLU layers, 48 "
+        f"examples): per-example gradients, K averaging, clipping, sensitivity replay, noise variance at {sigmas}, "
+        "noise once per step, and the noise of one step under two run seeds (independent draws: noise that ignored "
+        "the run's secret seed would be the same in every run); "
         + (f"(2) on {network}, a fresh initialization (not the run's weights): per-example gradients per parameter "
            "tensor against a float64 autograd loop, clipping bound, sensitivity replay, and the float32 noise at "
            f"{sigmas}, once per step." if network else "(2) not on the run's own network."))
@@ -755,6 +768,9 @@ def _markdown(doc: dict[str, Any]) -> str:
           "| attack | model | epsilon lower bound | alpha spent | guesses | correct | AUC [CI] | TPR@1%FPR | "
           f"TPR@0.1%FPR | claimed ({claim_label}) | violation |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    # One number of digits for the table, at which every bound above the claim reads so (`compared_digits`).
+    digits = max((compared_digits(rep["one_run"]["epsilon"], can["claimed_epsilon"])
+                  for per in can["attacks"].values() for rep in per.values()), default=4)
     for attack, per in can["attacks"].items():
         for run_name, rep in per.items():
             o = rep["one_run"]
@@ -765,10 +781,10 @@ def _markdown(doc: dict[str, Any]) -> str:
                             f"{_fmt(rep['auc_interval'][1], 3)}]")
             tprs = {t["target_fpr"]: t for t in rep.get("tpr_at_fpr") or []}
             L.append(f"| {attack} | {run_name}{' (noise off)' if run_name == 'control' else ''} | "
-                     f"{epsilon_text(o['epsilon'], bound='lower')} | {_fmt(o['significance'])} | {o['num_guesses']} | "
-                     f"{o['num_correct']} | "
+                     f"{epsilon_text(o['epsilon'], digits, bound='lower')} | {_fmt(o['significance'])} | "
+                     f"{o['num_guesses']} | {o['num_correct']} | "
                      f"{auc_text} | {_tpr_cell(tprs.get(0.01), rep['num_out'])} | "
-                     f"{_tpr_cell(tprs.get(0.001), rep['num_out'])} | {epsilon_text(can['claimed_epsilon'])} | "
+                     f"{_tpr_cell(tprs.get(0.001), rep['num_out'])} | {epsilon_text(can['claimed_epsilon'], digits)} | "
                      f"{'n/a (control)' if run_name == 'control' else ('**yes**' if rep['violation'] else 'no')} |")
     L += ["", "The Clopper-Pearson bound needs one independent training run per score; with one run and "
           "many canaries only the one-run bound is valid, so it is the only epsilon bound used for the verdict.",

@@ -70,6 +70,7 @@ def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, step
         raise BadInput(f"--plan={plan_path!r} does not exist")
     if not Path(run_dir).is_dir():
         raise BadInput(f"--run={run_dir!r} is not a folder")
+    from audits.canary import compared_digits
     from audits.suite import EXIT_CODES, AuditInputError, check_out_dir, run_audit
 
     # Before any training: a folder the report cannot be written to would lose the verdict at the end.
@@ -97,8 +98,9 @@ def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, step
         canary_steps = can["training"]["target"]["steps"]
         plan = doc["claimed_plan"]
         lb = can["max_epsilon_lower_bound"]
-        info(f"audit verdict: {doc['verdict']}  (empirical epsilon lower bound {epsilon_text(lb, bound='lower')} vs "
-             f"{epsilon_text(claim)}, the epsilon "
+        digits = compared_digits(lb, claim)   # a bound above the claim never reads as at or below it
+        info(f"audit verdict: {doc['verdict']}  (empirical epsilon lower bound "
+             f"{epsilon_text(lb, digits, bound='lower')} vs {epsilon_text(claim, digits)}, the epsilon "
              f"of the {canary_steps}-step canary run; the plan's epsilon over its {plan['steps']} steps: "
              f"{epsilon_text(plan['epsilon'])}; report in {out_dir}/report.md)")
         for r in doc["reasons"]:

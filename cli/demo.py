@@ -383,10 +383,14 @@ def audit_rows(report: dict, report_dir: Path) -> list[tuple[str, str]]:
     rows += [(f"reason {NON_PRIVATE}", r) for r in report.get("reasons", [])]
     can = report.get("canary_audit") or {}
     if can.get("claimed_epsilon") is not None:
+        from audits.canary import compared_digits
+
         steps = (can.get("training") or {}).get("target", {}).get("steps")
+        claim, lb = can["claimed_epsilon"], can.get("max_epsilon_lower_bound", float("nan"))
+        d = compared_digits(lb, claim)   # a narrow FAIL never reads as a bound below the claim (h123 F3)
         rows.append((f"epsilon of the {steps}-step canary run (compared against) {NON_PRIVATE}",
-                     f"{epsilon_text(can['claimed_epsilon'])}; largest epsilon lower bound "
-                     f"{epsilon_text(can.get('max_epsilon_lower_bound', float('nan')), bound='lower')}, largest "
+                     f"{epsilon_text(claim, d)}; largest epsilon lower bound "
+                     f"{epsilon_text(lb, d, bound='lower')}, largest "
                      f"certifiable with these canaries "
                      f"{epsilon_text(can.get('max_certifiable_epsilon', float('nan')), bound='lower')}"))
     rows.append(("report", _home_relative(report_dir)))

@@ -36,6 +36,42 @@ def test_noise_reused_across_steps_fails(monkeypatch):
     assert {"noise_variance", "noise_once_per_step"} <= set(_failed(check_engine(training_private_grad(), pairs=20)))
 
 
+def test_noise_that_ignores_the_run_seed_fails(monkeypatch):
+    """h123 F1 (stop 52): a step whose noise seed ignores the run's secret seed draws the same noise in every run,
+    which anyone with the code can regenerate and subtract; every check of `dpdm audit` passed it (they compare steps
+    of one run seed). noise_keyed_by_run_seed compares one step of two runs: it fails such a step and passes the
+    real one."""
+    from audits.mechanism import check_run_seed
+
+    assert [(r.name, r.passed) for r in check_run_seed(training_private_grad(vary="run_seed"), pairs=10)] == [
+        ("noise_keyed_by_run_seed", True)]
+    real_step_seed, real_grad = train_mod.step_seed, train_mod.plan_private_grad
+    mutants = {   # the noise stream keyed by the step alone; the run seed replaced by a constant (h123's mut_seed.py)
+        "step_seed": lambda seed, step, stream: real_step_seed(0 if stream == train_mod._STREAM_DP_NOISE else seed,
+                                                               step, stream),
+        "plan_private_grad": lambda D, loss_fn, batch, plan, *, seed, step, **kw: real_grad(
+            D, loss_fn, batch, plan, seed=12345, step=step, **kw),
+    }
+    for name, mutant in mutants.items():
+        with monkeypatch.context() as m:
+            m.setattr(train_mod, name, mutant)
+            for rules in (True, False):
+                r, = check_run_seed(training_private_grad(per_layer_rules=rules, vary="run_seed"), pairs=10)
+                assert not r.passed and r.statistic == 0.0, (name, rules, r.detail)
+
+
+def test_every_run_has_both_engines_checked():
+    """h123 F2 (stop 52): the audit checked the engine of the checkpoint's config, the last start's; a run started
+    with the rules and resumed with --grad-engine vmap had its rules steps unchecked (and the reverse). The
+    checkpoint records no earlier start's engine, so every run gets both, in the error budget too."""
+    from audits.suite import run_grad_engines, statistical_check_count
+
+    for rules in (True, False, None):
+        assert run_grad_engines({"per_layer_rules": rules}) == ("rules", "vmap"), rules
+        assert statistical_check_count({"per_layer_rules": rules}) == 13
+        assert statistical_check_count({"per_layer_rules": rules, "subspace_dim": 3}) == 15
+
+
 def test_train_loop_takes_each_steps_gradient_from_plan_private_grad(tmp_path, monkeypatch):
     import accounting
     from dpdm.train import TrainConfig, train

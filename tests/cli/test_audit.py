@@ -14,6 +14,19 @@ from cli.main import main
 from dpdm.report_utils import epsilon_text
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fewer_noise_pairs():
+    """The quick suite's tiny-model noise checks on 10 seed pairs instead of 40 in this file's audits. Every audit
+    checks both gradient engines and the noise under two run seeds (h123 F1, F2, stop 52), which took each audit's
+    mechanism checks from 6 to 11 s; with 10 pairs they take 6.5 s. These tests are about the command, its verdicts
+    and its report; the noise checks' power and level are tested in tests/audits/test_mechanism.py."""
+    from audits.suite import SUITES
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(SUITES["quick"], "noise_pairs", 10)
+        yield
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A finished 3-step private run on 64 8x8 digits (saved as an npz dataset)."""
@@ -49,7 +62,7 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
     run, npz, doc = run_dir
     out_dir = tmp_path / "report"
     alphas = {}   # the level each kind of mechanism check ran at (h74 F2, stop 44)
-    for name in ("check_engine", "check_network", "check_sampler", "check_run"):
+    for name in ("check_engine", "check_run_seed", "check_network", "check_sampler", "check_run"):
         real = getattr(audits.suite, name)
         monkeypatch.setattr(audits.suite, name, lambda *a, _real=real, _name=name, **k:
                             (alphas.setdefault(_name, []).append(k["alpha"]), _real(*a, **k))[1])
@@ -68,25 +81,33 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
     assert any("cannot certify more than" in r and "--canaries" in r for r in report["reasons"])
     assert all(c["passed"] for c in report["mechanism_checks"]), report["mechanism_checks"]
     names = {c["name"] for c in report["mechanism_checks"]}
-    assert {"noise_variance", "poisson_batch_sizes", "run_plan_matches", "run_ledger_matches"} <= names
+    assert {"noise_variance (rules)", "poisson_batch_sizes", "run_plan_matches", "run_ledger_matches"} <= names
     assert not any(n.startswith("subspace") for n in names)   # the run added its noise in all parameters
-    # The step ran on the run's own network in float32 too (audit walk F2, stop 42), and the report says so.
-    from audits.mechanism import NETWORK_CHECKS
+    # The step ran on the run's own network in float32 too (audit walk F2, stop 42), and the report says so. Each
+    # engine's noise is checked under two run seeds too (h123 F1, stop 52). The run trained with the rules engine
+    # and has the vmap engine checked as well: a resume may change --grad-engine, and the checkpoint records the
+    # engine of the last start only (h123 F2, stop 52: a run resumed with vmap had its rules steps unchecked).
+    from audits.mechanism import ENGINE_CHECKS, NETWORK_CHECKS, RUN_SEED_CHECKS
 
-    assert set(NETWORK_CHECKS) <= names
+    assert "noise_keyed_by_run_seed" in RUN_SEED_CHECKS
+    for engine in ("rules", "vmap"):
+        assert {f"{n} ({engine})" for n in (*ENGINE_CHECKS, *RUN_SEED_CHECKS, *NETWORK_CHECKS)} <= names, names
     line = next(s for s in report["what_was_audited"] if s.startswith("The mechanism checks ran"))
     assert "tiny float64 model" in line and "the run's 'small' network" in line and "float32" in line, line
+    assert "with each per-example gradient engine, rules and vmap (" in line and "two run seeds" in line, line
     line = next(s for s in report["what_was_audited"] if s.startswith("Canary training:"))
     assert "`dpdm train`'s private step (plan_private_grad)" in line, line   # h74 F1: not a copy of it
     assert report["claimed_plan"]["digest"] == doc.digest
     budget = report["error_budget"]
-    assert budget["mechanism_checks"]["statistical_checks"] == 7
+    # 5 per engine (noise variance and once per step on the tiny model and on the network, the noise under two run
+    # seeds) and the sampler's two and the logged batch sizes.
+    assert budget["mechanism_checks"]["statistical_checks"] == 13
     assert budget["mechanism_checks"]["share"] + budget["epsilon_bounds"]["share"] == pytest.approx(0.05)
     # "FAIL at most 5% for a correct implementation" rests on the Bonferroni split: the mechanism share (0.2 of
-    # 0.05) over the 7 statistical checks, at which every check runs; 0.01 each would make it 0.04 + 7 * 0.01.
-    assert budget["mechanism_checks"]["per_check"] == pytest.approx(0.05 * 0.2 / 7)
-    assert set(alphas) == {"check_engine", "check_network", "check_sampler", "check_run"}, alphas
-    assert all(a == pytest.approx(0.05 * 0.2 / 7) for seen in alphas.values() for a in seen), alphas
+    # 0.05) over the 13 statistical checks, at which every check runs; 0.01 each would make it 0.04 + 13 * 0.01.
+    assert budget["mechanism_checks"]["per_check"] == pytest.approx(0.05 * 0.2 / 13)
+    assert set(alphas) == {"check_engine", "check_run_seed", "check_network", "check_sampler", "check_run"}, alphas
+    assert all(a == pytest.approx(0.05 * 0.2 / 13) for seen in alphas.values() for a in seen), alphas
     for f in ("report.md", "report.json", "scores.npz", "roc_target_loss.png", "roc_log_target_loss.png",
               "hist_target_pia.png", "roc_control_loss.png"):
         assert (out_dir / f).is_file(), f
@@ -184,8 +205,9 @@ def test_audit_of_a_subspace_run_checks_the_subspace_step(run_dir, tmp_path, cap
     assert report["verdict"] in ("PASS", "INCONCLUSIVE"), report["reasons"]
     checks = {c["name"]: c for c in report["mechanism_checks"]}
     for name in ("subspace_signal_in_noise_span", "subspace_sensitivity_replay", "subspace_noise_variance"):
-        assert checks[name]["passed"], checks[name]
-    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 8
+        for engine in ("rules", "vmap"):
+            assert checks[f"{name} ({engine})"]["passed"], checks[f"{name} ({engine})"]
+    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 15   # 6 per engine + 3
     assert any("3-dimensional subspace" in line for line in report["what_was_audited"])
 
 
@@ -655,9 +677,9 @@ def test_an_auto_engine_run_has_both_engines_checked(run_dir, tmp_path, capsys, 
     report = run_audit(run, tmp_path / "ok", suite="quick", canary_overrides=small)
     names = [c["name"] for c in report["mechanism_checks"]]
     assert "per_sample_gradients (rules)" in names and "per_sample_gradients (vmap)" in names, names
-    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 11   # 4 per engine + 3
+    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 13   # 5 per engine + 3
     assert all(c["passed"] for c in report["mechanism_checks"]) and report["verdict"] != "FAIL"
-    assert any("both rules and vmap" in line for line in report["what_was_audited"]), report["what_was_audited"]
+    assert any("engine, rules and vmap" in line for line in report["what_was_audited"]), report["what_was_audited"]
 
     silu = engine._Silu.backward
     monkeypatch.setattr(engine._Silu, "backward", staticmethod(lambda ctx, g: 3.0 * silu(ctx, g)))
@@ -795,9 +817,9 @@ def test_an_audit_fails_engine_bugs_the_float64_tiny_model_misses(run_dir, tmp_p
     for name, (verdict, rc, failed) in found.items():
         assert verdict == "FAIL" and rc == 1, found
         assert failed and all(n.startswith("network_") for n in failed), found
-    assert "network_noise_variance" in found["noise_half_f32"][2], found
-    assert "network_clipping_bound" in found["no_clip_f32"][2], found
-    assert "network_sensitivity_replay" in found["conv_crosstalk"][2], found
+    assert "network_noise_variance (rules)" in found["noise_half_f32"][2], found
+    assert "network_clipping_bound (rules)" in found["no_clip_f32"][2], found
+    assert "network_sensitivity_replay (rules)" in found["conv_crosstalk"][2], found
 
 
 def test_more_canaries_than_the_images_have_room_for_is_exit_2_before_any_training(run_dir, tmp_path, capsys,
@@ -830,3 +852,43 @@ def test_the_verdict_line_rounds_the_lower_bound_down_and_the_claim_up(tmp_path,
     assert code == 3, err
     line = next(ln for ln in err.splitlines() if "audit verdict" in ln)
     assert "empirical epsilon lower bound 1.999 vs 2.001" in line and "over its 30 steps: 9.998" in line, line
+
+
+def test_a_narrow_fail_never_reads_as_a_bound_below_the_claim(report_inputs, tmp_path, capsys, monkeypatch):
+    """h123 F3 (stop 52): a FAIL by 1.72585 > 1.7258 read "empirical epsilon lower bound 1.725 vs 1.726" in the
+    verdict line and the same in report.md's table beside "violation **yes**" (4 digits, the bound rounded down and
+    the claim up); only the reason widened its digits. All three now print as many digits as the reason does."""
+    import copy
+    import re
+
+    import audits.suite
+    from audits.canary import canary_verdict
+
+    lb, claim = 1.72585, 1.7258
+    verdict, reasons = canary_verdict(lb, 5.0, 6.0, claim, num_canaries=200)
+    assert verdict == "FAIL" and reasons == ["an attack: one-run epsilon lower bound 1.72585 > claimed epsilon 1.7258"]
+    doc = {"verdict": "FAIL", "reasons": reasons, "claimed_plan": {"steps": 30, "epsilon": 9.99712},
+           "canary_audit": {"claimed_epsilon": claim, "max_epsilon_lower_bound": lb,
+                            "training": {"target": {"steps": 3}}}}
+    monkeypatch.setattr(audits.suite, "run_audit", lambda *a, **kw: doc)
+    (tmp_path / "run").mkdir()
+    code = main(["audit", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "report")])
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if "audit verdict" in ln)
+    shown = re.search(r"lower bound (\S+) vs (\S+), the epsilon", line)
+    assert code == 1 and shown and float(shown[1]) > float(shown[2]), line
+    assert "lower bound 1.72585 vs 1.7258," in line, line
+
+    # report.md's table: the target's bound above the claim, one digit count for every row (the claim column alike).
+    md_doc = copy.deepcopy(report_inputs[0])
+    md_doc["plots"], md_doc["verdict"], md_doc["reasons"] = {}, "FAIL", reasons
+    can = md_doc["canary_audit"]
+    can["claimed_epsilon"] = claim
+    for per in can["attacks"].values():
+        per["target"]["one_run"]["epsilon"], per["target"]["violation"] = lb, True
+    md = audits.suite._markdown(md_doc)
+    rows = [r.split(" | ") for r in md.splitlines() if r.startswith(("| loss | ", "| pia | "))]
+    targets = [r for r in rows if r[1] == "target"]
+    assert len(targets) == 2, rows
+    assert all(r[10].startswith("**yes**") and float(r[2]) > float(r[9]) for r in targets), targets
+    assert all(r[2] == "1.72585" and r[9] == "1.7258" for r in targets), targets
+    assert {r[9] for r in rows} == {"1.7258"}, rows

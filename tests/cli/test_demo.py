@@ -332,6 +332,10 @@ def test_demo_audit_rows_round_the_claim_up_and_the_bounds_down():
                                "max_certifiable_epsilon": 5.55559, "training": {"target": {"steps": 7}}}}
     _, value = next(r for r in audit_rows(report, Path("a")) if r[0].startswith("epsilon of the 7-step"))
     assert value == "2.001; largest epsilon lower bound 2.999, largest certifiable with these canaries 5.555"
+    # A narrow FAIL (h123 F3, stop 52): at 4 digits 1.72585 > 1.7258 read "1.726 ... lower bound 1.725".
+    report["canary_audit"].update(claimed_epsilon=1.7258, max_epsilon_lower_bound=1.72585)
+    _, value = next(r for r in audit_rows(report, Path("a")) if r[0].startswith("epsilon of the 7-step"))
+    assert value.startswith("1.7258; largest epsilon lower bound 1.72585, "), value
 
 
 def test_demo_fd_floor_row_shows_its_own_n():
