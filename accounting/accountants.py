@@ -146,21 +146,28 @@ def min_delta(steps: int) -> float:
     return max(MIN_DELTA, steps / _STEPS_PER_DELTA)
 
 
-def delta_floor_problem(delta: float, steps: int | None = None, *, name: str = "delta") -> str | None:
-    """Why `delta` is too small for a plan of `steps` steps (None: the steps are not known yet), or None."""
+def delta_floor_problem(delta: float, steps: int | None = None, *, name: str = "delta",
+                        plan_file: bool = False) -> str | None:
+    """Why `delta` is too small for a plan of `steps` steps (None: the steps are not known yet), or None.
+    `plan_file`: the delta is a plan file's, which an older dpdm that allowed less may have written; the line then
+    says to make it again (a library call or a command-line option has no file to make again: r1 N3, stop 52)."""
     floor = MIN_DELTA if steps is None else min_delta(steps)
     if delta >= floor:
         return None
     per_step = f" for {steps} steps (at least {DELTA_PER_STEP:g} per step)" if floor > MIN_DELTA else ""
-    return (f"{name}={delta!r} is below {floor:g}{per_step}, where the accountants lose double precision (a plan "
-            "file from an older dpdm that allowed less must be made again)")
+    again = " (a plan file from an older dpdm that allowed less must be made again)" if plan_file else ""
+    return f"{name}={delta!r} is below {floor:g}{per_step}, where the accountants lose double precision{again}"
+
+
+class _DeltaFloorError(ValueError):
+    """`_check_delta_floor`'s refusal: a plan file's loader (`accounting.plan.plan_from_dict`) words it for a file."""
 
 
 def _check_delta_floor(delta: float, steps: int | None = None) -> None:
     """ValueError (delta_floor_problem's line) unless delta is at least min_delta(steps)."""
     problem = delta_floor_problem(delta, steps)
     if problem:
-        raise ValueError(problem)
+        raise _DeltaFloorError(problem)
 
 
 class _Accountant(abc.ABC):

@@ -36,6 +36,7 @@ from accounting.accountants import (   # the delta floor (MIN_DELTA, min_delta) 
     PRV_ERRORS,
     EpsilonReport,
     _check_delta_floor,
+    _DeltaFloorError,
     _is_finite_real,
     PldAccountant,
     PrvAccountant,
@@ -645,6 +646,8 @@ def plan_from_dict(d: dict, path: str = "plan") -> PrivacyPlan:
         )
     except PlanError:
         raise
+    except _DeltaFloorError as e:   # the file's delta and steps passed their own checks: worded for a file
+        raise PlanError(f"{path}: {delta_floor_problem(d['delta'], d['steps'], plan_file=True)}") from e
     except ValueError as e:
         raise PlanError(f"{path}: {e}") from e
     sample_rate = _get(d, "sample_rate", path)

@@ -258,7 +258,8 @@ def warn_dataset_not_plans(dataset: str | None, plan_dataset: str | None, what: 
 def warn_inferred_channels(name: str, data) -> None:
     """Private data whose channel count was read off its own images (a ``folder:`` dataset: one colour-mode
     image holding colour makes every image RGB): the trained model and its samples reveal it, and one record can
-    decide it. Where colour-mode images made it RGB, the line names the first and how many there are (h124 F2)."""
+    decide it. Where colour-mode images made it RGB, the line names the first and how many there are (h124 F2), or
+    the first grayscale one where those are the fewer (r1 F1, stop 52)."""
     from dpdm.datasets import inferred_channels_note
 
     note = inferred_channels_note(data) if getattr(data, "channels_inferred", False) else None

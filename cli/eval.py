@@ -388,6 +388,10 @@ _NON_PRIVATE_NAMES = {"classifier_fd": "the classifier FD", "classifier_precisio
                       "samples_in_train": "the count of samples that are training images",
                       "samples_near_train": "the counts of samples that are training images or near-copies of them",
                       "test_images_near_train": "the count of test images that are near-copies of training images"}
+# The names above that take "is" when they stand alone ("the count ... are computed" read in exact-only runs).
+_SINGULAR_NAMES = frozenset(name for key, name in _NON_PRIVATE_NAMES.items()
+                            if key in ("classifier_fd", "inception_fid", "test_images_in_train", "samples_in_train",
+                                       "test_images_near_train"))
 
 
 def non_private_line(report: dict) -> str | None:
@@ -405,7 +409,8 @@ def non_private_line(report: dict) -> str | None:
     if not names:
         return None
     listed = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
-    return (f"note: {listed} are computed WITHOUT privacy from the private training split of {report['dataset']}: "
+    are = "is" if len(names) == 1 and names[0] in _SINGULAR_NAMES else "are"
+    return (f"note: {listed} {are} computed WITHOUT privacy from the private training split of {report['dataset']}: "
             f"they are outside the DP guarantee; share them only as you would that data")
 
 
@@ -419,7 +424,8 @@ def held_out_line(report: dict) -> str | None:
         (["the near-copy count's floor"] if report.get("test_images_near_train") is not None else [])
     if report.get("real_test_size") is None or not names:
         return None
-    return (f"note: {' and '.join(names)} are measured WITHOUT privacy on the held-out test images: where those "
+    are = "is" if names in (["the FD's floor"], ["the near-copy count's floor"]) else "are"
+    return (f"note: {' and '.join(names)} {are} measured WITHOUT privacy on the held-out test images: where those "
             "are private too, they are outside the DP guarantee as well")
 
 

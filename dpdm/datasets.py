@@ -154,6 +154,9 @@ class ImageData:
     in a colour mode (RGB, a palette, ...), where the folder loaded as RGB; None otherwise. A folder that mixes
     them with grayscale images loads as RGB only where a colour-mode image holds colour (h124 F2); a command's
     channel warning names them (`inferred_channels_note`).
+    grayscale_images: (the first file, how many) of a ``folder:`` dataset's grayscale images, where colour-mode
+    images made the folder load as RGB; None otherwise. Where they are the fewer (a colour folder with a few grey
+    photos), the channel warning names them rather than an ordinary colour photo (r1 F1, stop 52).
     transparent: (the first file, how many) of a ``folder:`` dataset's images with a pixel that is not fully
     opaque (an alpha channel, a palette's or a colour key's transparency), whose alpha dpdm drops, as
     torchvision's ImageFolder does; None where none has one; a command warns (`transparency_note`).
@@ -169,6 +172,7 @@ class ImageData:
     unread_arrays: tuple[str, ...] = ()
     exif_turned: tuple[str, int] | None = None
     colour_images: tuple[str, int, bool] | None = None
+    grayscale_images: tuple[str, int] | None = None
     transparent: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
@@ -1337,8 +1341,10 @@ def _load_folder(root: Path, name: str) -> ImageData:
     x = np.stack(arrays)
     x = x.transpose(0, 3, 1, 2) if colour else x[:, None]
     exif = (str(tagged[0]), len(tagged)) if tagged else None
+    gray = [i for i, img in enumerate(images) if img.mode in _GRAY_MODES] if colour else []
     notes = dict(channels_inferred=True, exif_turned=exif,
                  colour_images=(str(files[colour[0]][0]), len(colour), grey) if colour else None,
+                 grayscale_images=(str(files[gray[0]][0]), len(gray)) if gray else None,
                  transparent=(str(transparent[0]), len(transparent)) if transparent else None)
     if class_dirs:
         y = torch.tensor([label for _, label in files], dtype=torch.int64)
@@ -1380,7 +1386,9 @@ def inferred_channels_note(data: ImageData) -> str | None:
     own images (`ImageData.channels_inferred`, a ``folder:`` dataset's), so one record can decide it and the model
     reveals it; None for data that states it (an npz). Where colour-mode images made it RGB, it names the first and
     how many there are beside grayscale ones, and says when their pixels are all grey (`ImageData.colour_images`):
-    the line was the same every run prints, with "3, RGB" for "1, grayscale" (h124 F2)."""
+    the line was the same every run prints, with "3, RGB" for "1, grayscale" (h124 F2). Where the grayscale images
+    are the fewer (a colour folder with a few grey photos), it names the first of them instead
+    (`ImageData.grayscale_images`): it named an ordinary colour photo and advised converting the colour ones (r1 F1)."""
     if not data.channels_inferred:
         return None
     channels = data.image_shape[0]
@@ -1388,7 +1396,15 @@ def inferred_channels_note(data: ImageData) -> str | None:
     if data.colour_images is not None:
         first, count, grey = data.colour_images
         rest = len(data) - count
-        if rest:
+        if data.grayscale_images is not None and rest < count:
+            # A colour folder with a few grey photos: those are the unusual ones, and they train as they are (r1 F1).
+            gray, one = data.grayscale_images[0], rest == 1
+            found = (f": {rest} of its {len(data)} images {'is' if one else 'are'} grayscale (the first: {gray!r}) "
+                     f"and {count} in a colour mode, and one colour-mode image holding colour makes them all RGB (the "
+                     f"grayscale {'one loads' if one else 'ones load'} with three equal channels, as torchvision's "
+                     f"ImageFolder loads {'it' if one else 'them'}; remove "
+                     f"{'it if it does' if one else 'them if they do'} not belong in a colour dataset)")
+        elif rest:
             it = "it" if count == 1 else "them"
             found = (f": {count} of its {len(data)} images {'is' if count == 1 else 'are'} in a colour mode (the "
                      f"first: {first!r}) and {rest} grayscale, and one colour-mode image holding colour makes them "
@@ -1442,6 +1458,10 @@ def exif_orientation_note(data: ImageData) -> str | None:
     if data.exif_turned is None:
         return None
     first, count = data.exif_turned
+    if count == 1:
+        return (f"1 of its {len(data)} images carries an EXIF orientation tag (the first: {first!r}), which dpdm "
+                f"ignores: it is read as stored, not turned or mirrored as an image viewer shows it; to use it as "
+                f"shown, {_EXIF_ADVICE}")
     return (f"{count} of its {len(data)} images carry an EXIF orientation tag (the first: {first!r}), which dpdm "
             f"ignores: they are read as stored, not turned or mirrored as an image viewer shows them; to use them as "
             f"shown, {_EXIF_ADVICE.replace('its pixels', 'their pixels')}")

@@ -69,6 +69,39 @@ def test_the_delta_floor_grows_with_the_steps():
     assert accounting.delta_floor_problem(0.99999e-7, 10**6) is not None
 
 
+def test_delta_floor_line_says_to_make_a_plan_again_only_for_a_plan_file(tmp_path, capsys):
+    """r1 N3, stop 52: compute_epsilon, calibrate_noise_multiplier, max_steps, PldAccountant, PrivacyPlan and
+    `dpdm plan --delta` all refused with "(a plan file from an older dpdm that allowed less must be made again)",
+    where there is no plan file. Only a plan file's delta (`accounting.load_plan`, `parse_plan`) is told so."""
+    from accounting import PldAccountant, dpsgd_event
+    from cli.main import main
+
+    line = "delta=1e-12 is below 1e-10, where the accountants lose double precision"
+    again = " (a plan file from an older dpdm that allowed less must be made again)"
+    calls = (lambda: PrivacyPlan(**(BASE | {"delta": 1e-12, "steps": 100})),
+             lambda: accounting.compute_epsilon(sample_rate=0.064, noise_multiplier=1.0, steps=100, delta=1e-12),
+             lambda: accounting.calibrate_noise_multiplier(sample_rate=0.064, steps=100, target_epsilon=9.0,
+                                                           delta=1e-12),
+             lambda: accounting.max_steps(sample_rate=0.01, noise_multiplier=1.0, target_epsilon=6.0, delta=1e-12),
+             lambda: PldAccountant(1e-4).epsilon(dpsgd_event(0.064, 1.0, 100), 1e-12))
+    for call in calls:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == line, e.value
+    assert accounting.delta_floor_problem(1e-12, 100) == line
+    assert accounting.delta_floor_problem(1e-12, 100, plan_file=True) == line + again
+    d = json.loads(accounting.make_plan_document(PrivacyPlan(**(BASE | {"steps": 100}))).to_json())
+    d["delta"] = 1e-12   # as an older dpdm that allowed it wrote it
+    (tmp_path / "plan.json").write_text(json.dumps(d))
+    with pytest.raises(PlanError) as e:
+        accounting.load_plan(tmp_path / "plan.json")
+    assert str(e.value) == f"{tmp_path / 'plan.json'}: {line}{again}", e.value
+    code = main(["plan", "--eps", "10", "--delta", "1e-16"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().endswith("--delta=1e-16 is below 1e-10, where the accountants lose double "
+                                              "precision"), err
+
+
 def test_plan_is_frozen_and_hashable():
     plan = PrivacyPlan(**BASE)
     with pytest.raises(dataclasses.FrozenInstanceError):

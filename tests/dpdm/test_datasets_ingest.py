@@ -464,6 +464,52 @@ def test_mixed_folder_whose_colour_image_holds_colour_loads_as_rgb_and_names_it(
     assert datasets.inferred_channels_note(load_npz(tmp_path / "a.npz")) is None
 
 
+def test_colour_folder_with_a_few_grayscale_images_names_the_first_grayscale_one(tmp_path):
+    """r1 F1, stop 52: in a colour folder with a few grey photos (as torchvision's ImageFolder loads it), the channel
+    line named an ordinary colour photo as "the first" colour-mode image and advised converting the colour images to
+    grayscale or removing them. Where the grayscale images are the fewer, it names the first of them and their count,
+    and says they load with three equal channels."""
+    d = tmp_path / "d"
+    r = np.random.default_rng(2)
+    for i in range(7):
+        _png(d / f"{i}.png", r.integers(0, 256, (8, 8, 3), dtype=np.uint8), mode="RGB")
+    _png(d / "4.png", r.integers(0, 256, (8, 8), dtype=np.uint8))
+    data = load_dataset(f"folder:{d}")
+    assert data.image_shape == (3, 8, 8) and data.colour_images == (str(d / "0.png"), 6, False)
+    assert data.grayscale_images == (str(d / "4.png"), 1)
+    note = datasets.inferred_channels_note(data)
+    assert note == (f"the number of channels (3, RGB) was read off the private images: 1 of its 7 images is "
+                    f"grayscale (the first: {str(d / '4.png')!r}) and 6 in a colour mode, and one colour-mode image "
+                    f"holding colour makes them all RGB (the grayscale one loads with three equal channels, as "
+                    f"torchvision's ImageFolder loads it; remove it if it does not belong in a colour dataset), and "
+                    f"the model reveals it; to fix it publicly, give the data as an npz, whose x array [N, C, H, W] "
+                    f"states it"), note
+    _png(d / "5.png", r.integers(0, 256, (8, 8), dtype=np.uint8), mode="L")
+    note = datasets.inferred_channels_note(load_dataset(f"folder:{d}"))
+    assert f": 2 of its 7 images are grayscale (the first: {str(d / '4.png')!r}) and 5 in a colour mode" in note, note
+    assert "convert them to 8-bit grayscale" not in note and "(the grayscale ones load with three" in note, note
+
+
+def test_mixed_folder_is_rgb_where_any_colour_mode_image_holds_colour_not_only_the_first(tmp_path):
+    """r1 F2, stop 52: the grey check must look at every colour-mode image. A folder of grayscale images whose first
+    colour-mode images are grey and whose last holds colour is a colour folder (a photo folder with a few
+    desaturated exports); checking only the first colour-mode image, or refusing where any is grey, refused it."""
+    d = tmp_path / "d"
+    _grey_folder(d, 3)   # 0..2: grayscale
+    r = np.random.default_rng(3)
+    for i in range(3, 9):   # 3..8: RGB exports of grey images
+        grey = r.integers(0, 256, (8, 8), dtype=np.uint8)
+        _png(d / f"{i}.png", np.stack([grey] * 3, axis=-1), mode="RGB")
+    _png(d / "9.png", r.integers(0, 256, (8, 8, 3), dtype=np.uint8), mode="RGB")   # the last file: colourful
+    data = load_dataset(f"folder:{d}")
+    assert data.image_shape == (3, 8, 8) and data.colour_images == (str(d / "3.png"), 7, False)
+    assert not bool((data.x[9, 0] == data.x[9, 1]).all() and (data.x[9, 1] == data.x[9, 2]).all())
+    (d / "9.png").unlink()
+    with pytest.raises(DataError, match=r"6 of its 9 images are colour-mode files \(the first: '.*3\.png', mode "
+                                        r"'RGB'\) whose pixels are all grey, beside 3 grayscale ones"):
+        load_dataset(f"folder:{d}")
+
+
 def test_folder_names_the_images_whose_transparency_it_drops(tmp_path):
     """A grey+alpha image loaded as grayscale, its alpha dropped without a word, as an RGBA or a transparent
     palette image's was (h124 N3): a mask was lost. The images with a pixel that is not fully opaque are named
@@ -851,7 +897,7 @@ def test_train_and_baseline_warn_of_images_with_an_exif_orientation(tmp_path, ca
     name = f"folder:{tmp_path / 'd'}"
     warn_exif_orientation(name, load_dataset(name))
     err = capsys.readouterr().err
-    assert err.startswith(f"dpdm: warning: --dataset={name!r}: 1 of its 2 images carry an EXIF orientation tag (the "
+    assert err.startswith(f"dpdm: warning: --dataset={name!r}: 1 of its 2 images carries an EXIF orientation tag (the "
                           f"first: {str(tmp_path / 'd' / 'b' / '0.png')!r})") and err.count("\n") == 1, err
 
 
@@ -913,5 +959,5 @@ def test_dpdm_trains_warning_names_the_images_with_an_exif_orientation(tmp_path,
     doc = SimpleNamespace(plan=SimpleNamespace(dataset_name=name))
     _warn_before_training(load_dataset(name), name, name, doc, False, (), None)
     err = capsys.readouterr().err
-    assert (f"dpdm: warning: --dataset={name!r}: 1 of its 2 images carry an EXIF orientation tag (the first: "
+    assert (f"dpdm: warning: --dataset={name!r}: 1 of its 2 images carries an EXIF orientation tag (the first: "
             f"{str(tmp_path / 'd' / 'b' / '0.png')!r})") in err, err
