@@ -80,7 +80,9 @@ from dpdm.report_utils import epsilon_text
               help="With --resume, where the run stopped after training steps past its last checkpoint and this "
                    "resume changes the lr: count those steps as spent and go on after them from the checkpoint's "
                    "weights (the model loses them, the budget does not get them back). Without it such a resume is "
-                   "refused; with the run's own lr it replays them exactly, at no cost.")
+                   "refused; with the run's own lr it replays them exactly, at no cost. Without --resume, where a "
+                   "run in --out was stopped before its first checkpoint: count its steps as spent and go on after "
+                   "them with new weights (without it the new run is refused).")
 @click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -106,9 +108,9 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
              if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                    click.core.ParameterSource.ENVIRONMENT)}
     dataset_given = dataset
-    if spend_unsaved_steps and (not resume or no_dp):
-        raise BadInput("--spend-unsaved-steps applies to --resume of a private run only (the steps a stopped run "
-                       "trained past its last checkpoint)")
+    if spend_unsaved_steps and no_dp:
+        raise BadInput("--spend-unsaved-steps applies to a private run only (the steps a stopped run trained past its "
+                       "last checkpoint, or before its first)")
     if resume:
         _check_something_to_resume(out_dir)
         opts = _resumed_options(out_dir, given, no_dp, dict(
@@ -232,7 +234,12 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
                    "NON-PRIVATE (--no-dp)")
         if summary["private"] and summary["seed_given"]:
             privacy += " (given --seed: no guarantee against whoever knows it)"
-        info(f"run {summary['run']}: {summary['steps_done']}/{summary['plan_steps']} steps, {privacy}")
+        held = ""
+        if summary.get(ckpt.DISCARDED_STEPS_KEY):   # a divergence's rollback, --spend-unsaved-steps
+            discarded = summary[ckpt.DISCARDED_STEPS_KEY]
+            held = (f" ({discarded} of them discarded: the weights hold the updates of "
+                    f"{summary['steps_done'] - discarded})")
+        info(f"run {summary['run']}: {summary['steps_done']}/{summary['plan_steps']} steps{held}, {privacy}")
     if summary.get("init"):
         init = summary["init"]
         info(f"warm start: {init['checkpoint']} (trained on {init['dataset']!r}); the guarantee holds only "

@@ -625,7 +625,10 @@ def _rank_lost_message(e: BaseException, dist: _Dist) -> str:
     text = (f"another rank stopped {'during training' if dist.training else 'before the first step'} (its own "
             f"output says why; here: {type(e).__name__}: {cause}); ")
     if not dist.last_saved:
-        return text + "no checkpoint was saved: run the same command again (`--resume` has nothing to resume)"
+        # a new run there is refused where the steps run are recorded (`STEPS_RECORD`), unless it spends them
+        return text + ("no checkpoint was saved: run the same command again" + (
+            ", adding --spend-unsaved-steps if it says steps ran" if dist.training else "")
+            + " (`--resume` has nothing to resume)")
     if dist.is_main or not dist.training:
         return text + (f"the run's checkpoint of step {dist.last_saved} is whole, and `dpdm train --resume` "
                        "continues from it")
@@ -685,7 +688,8 @@ def train(
             the checkpoint's weights (`--spend-unsaved-steps`). Without it such a resume is refused.
 
     Returns:
-        The run summary: run, steps_done, epsilon_spent, plan_digest, private, ...
+        The run summary: run, steps_done, epsilon_spent, plan_digest, private, ..., and discarded_steps where
+        some of the steps done are spent but their updates not in the weights.
 
     Raises:
         TrainError: a plan document whose epsilon does not re-compute, data of another size, images that are
@@ -708,7 +712,8 @@ def train(
     if config.private and n != plan.dataset_size:
         raise TrainError(
             f"the data has {n} examples but the plan was made for dataset_size={plan.dataset_size}; "
-            "a plan is valid only for data of its size"
+            f"a plan is valid only for data of its size: make one for this data (`dpdm plan ... --dataset-size {n}`; "
+            "nothing has trained under it, so it costs nothing)"
         )
     if y is not None and y.shape[0] != n:
         raise TrainError(f"labels ({y.shape[0]}) and images ({n}) differ in number")
@@ -731,7 +736,7 @@ def train(
     spent_to, spent_note, record_seen = None, None, None   # `_unsaved_steps`
     if ckpt_path.exists():
         if not resume:
-            raise TrainError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
+            raise TrainError(_existing_run_message(out, ckpt_path, plan_doc))
         loaded_stat = _file_identity(ckpt_path)
         state = ckpt.load_checkpoint(ckpt_path)
         ledger = state["ledger"]
@@ -795,11 +800,15 @@ def train(
         seed = saved_seed
         # A run seeded by its user stays marked so on resume, which takes the seed from the checkpoint.
         seed_given = ckpt.seed_given(state["config"]) or config.seed is not None
-    elif config.seed is not None:
-        seed, seed_given = config.seed, True
     else:
-        # A public seed would let anyone replay the Poisson batches and the noise: draw a secret one.
-        seed, seed_given = dist.broadcast_int(secrets.randbits(62)), False
+        if config.private:   # steps an attempt killed before its first checkpoint ran: refused or spent
+            spent_to, spent_note, record_seen = _unsaved_steps(out, None, (), plan.steps, spend_unsaved_steps, dist)
+        if config.seed is not None:
+            seed, seed_given = config.seed, True
+        else:
+            # A public seed would let anyone replay the Poisson batches and the noise: draw a secret one (a new run
+            # that spends the steps of an attempt killed before its first checkpoint too: that seed is lost).
+            seed, seed_given = dist.broadcast_int(secrets.randbits(62)), False
     run_config = {
         "model": config.model,
         "precond": config.precond,
@@ -956,8 +965,12 @@ def train(
         if spent_to is not None:   # steps steps_done + 1 to spent_to ran and are spent: their updates discarded
             discarded += spent_to - steps_done
             steps_done = spent_to
+    elif spent_to is not None:   # a new run after an attempt killed before its first checkpoint: its steps spent
+        steps_done = discarded = spent_to   # on fresh weights, optimizer and EMAs, none of whose updates they hold
+    # the step of the checkpoint the run starts from (0: none)
+    checkpointed = 0 if state is None else int(state["ledger"]["steps_done"])
     # the checkpoint a resume starts from (0: none): RankLost's line names it (a spend's once it is written)
-    dist.last_saved = steps_done if spent_to is None else int(state["ledger"]["steps_done"])
+    dist.last_saved = checkpointed
     if dist.world_size > 1:
         # The ranks compared the options above, so the name of --init-from, not the weights it holds on each rank
         # (another copy on another node, a relative name read from another folder): they trained on the private
@@ -1000,12 +1013,12 @@ def train(
         except TrainError as e:
             refusal = str(e)
         # Another process may have trained here between the checks above and the lock.
-        if refusal is None and (ckpt_path.exists() if state is None else _file_identity(ckpt_path) != loaded_stat
+        if refusal is None and ((ckpt_path.exists() if state is None else _file_identity(ckpt_path) != loaded_stat)
                                 or (config.private and _read_steps_record(out)[0] != record_seen)):
             refusal = (f"the run in {str(out)!r} changed while this one started (another dpdm train?); start again"
                        + ("" if state is None else " with --resume"))
         if refusal is None and config.private:   # the record of the steps run (`STEPS_RECORD`)
-            recorded = _read_steps_record(out)[1] if state is not None else None
+            recorded = _read_steps_record(out)[1]   # a new run's none or spent (`_unsaved_steps`)
             record = _StepsRecord(out, lr_segments_of(config), recorded[0] if recorded else 0)
             try:
                 record.open()
@@ -1026,7 +1039,7 @@ def train(
     bar = metrics_file = None
     finished = False
     # the step of the checkpoint on disk (0: none yet); a spend's is written below, before any step
-    last_saved = steps_done if spent_to is None else int(state["ledger"]["steps_done"])
+    last_saved = checkpointed
     dist.training = True
 
     @contextlib.contextmanager
@@ -1036,7 +1049,8 @@ def train(
         try:
             yield
         except OSError as e:
-            error = RunStorageError(_storage_message(e, what, path, last_saved))
+            error = RunStorageError(_storage_message(e, what, path, last_saved,
+                                                     record.recorded if record is not None else 0))
             error.problem = _storage_problem(e, what, path)   # without the advice: `roll_back`'s line gives its own
             raise error from e
 
@@ -1109,16 +1123,20 @@ def train(
             # no step used, and the run ends at the plan's steps. Returns TrainDiverged's line.
             nonlocal last_saved
             lost = done - last_saved
-            ledger, error = ledger_at(done), None
+            ledger, error, unmarked = ledger_at(done), None, None
             if dist.is_main:
                 try:
                     with writing(f"the checkpoint of step {done} (the run diverged)", ckpt_path):
                         kept = at_start if not last_saved else ckpt.load_checkpoint(ckpt_path)   # weights_only
                         ckpt.save_checkpoint(rolled_back_state(ledger, kept, discarded + lost), ckpt_path)
-                    with writing(f"the mark of the checkpoint of step {done}", out / CHECKPOINTED_MARK):
-                        (out / CHECKPOINTED_MARK).touch()
                 except (RunStorageError, ckpt.CheckpointError) as e:
                     error = e
+                if error is None:
+                    try:   # the steps are recorded (checkpoint.pt holds them) whether or not the mark is written
+                        with writing(f"the mark of the checkpoint of step {done}", out / CHECKPOINTED_MARK):
+                            (out / CHECKPOINTED_MARK).touch()
+                    except RunStorageError as e:
+                        unmarked = e
             # Every rank waits for rank 0's write (under torchrun a rank that leaves first has the others stopped).
             if not dist.broadcast_int(int(error is None and dist.is_main)):
                 lr = lr_at(config, done - 1, plan.steps)
@@ -1135,18 +1153,32 @@ def train(
                           f"its own) replays steps {last_saved + 1} to {done} exactly and records them; with a lower "
                           f"--lr, add --spend-unsaved-steps, which records them and goes on from step {done + 1}"
                           if last_saved else
-                          f"no checkpoint holds them: a new run in this folder draws a new seed and spends the plan "
-                          f"again, so count these {done} steps in what it releases")
+                          f"no checkpoint holds them: once it can be written, the same command with a lower --lr "
+                          f"and --spend-unsaved-steps counts them ({STEPS_RECORD} records them) and goes on from step "
+                          f"{done + 1} with new weights")
+                if isinstance(error, ckpt.CheckpointError):   # damaged on disk since it was saved (mut54 N1)
+                    replay = (f"the checkpoint of step {last_saved} cannot be read back, so `dpdm train --resume` "
+                              f"refuses it too: the run cannot go on from it; count these {done} steps in what any "
+                              "new run on these data releases (another --out)")
                 if error is None:   # not rank 0: its output says why
                     return head + f"{spent} (rank 0's output says why); {replay}"
                 return head + f"{spent}: {getattr(error, 'problem', error)}; {replay}"
             last_saved = dist.last_saved = done
             # The weights hold the updates of the steps not discarded, this divergence's and earlier ones' (r1 F2).
-            return _diverged_message(done, plan.steps, lr_at(config, done - 1, plan.steps), done - discarded - lost,
+            line = _diverged_message(done, plan.steps, lr_at(config, done - 1, plan.steps), done - discarded - lost,
                                      ledger.epsilon_spent if config.private else None, plan_doc.epsilon,
                                      rolled_back_before=bool(discarded))
+            if unmarked is not None:   # as `save`'s: the checkpoint is whole, its mark alone is missing (h121 N1)
+                line += (f"; only the checkpoint's mark could not be written ({unmarked.problem}): the checkpoint is "
+                         "whole, and the resume goes on from it")
+            return line
 
-        if spent_to is not None:
+        if spent_to is not None and state is None:
+            # The steps of an attempt killed before its first checkpoint, spent (`_unsaved_steps`): a checkpoint of
+            # them is written before any step, holding this run's fresh weights, so that a crash from here on
+            # leaves them counted and a resume goes on from it.
+            save(steps_done)
+        elif spent_to is not None:
             # The steps a stopped attempt ran after the checkpoint, spent (`_unsaved_steps`): the checkpoint is
             # written again as a divergence's rollback writes it, before any step, so that a crash from here on
             # leaves them counted. Its ledger is that of spent_to steps, its weights the checkpoint's.
@@ -1311,7 +1343,26 @@ def train(
         # the lr of the last step done, and every change of it (on a resume) as (first step, lr, schedule)
         "lr": lr_at(config, max(ledger.steps_done - 1, 0), plan.steps),
         "lr_segments": [list(seg) for seg in lr_segments_of(config)],
+        # steps spent whose updates the weights do not hold (a divergence's rollback, --spend-unsaved-steps)
+        **({ckpt.DISCARDED_STEPS_KEY: discarded} if discarded else {}),
     }
+
+
+def _existing_run_message(out: Path, ckpt_path: Path, plan_doc) -> str:
+    """TrainError's line where a new run's --out holds a run's checkpoint: "pass --resume" only where a resume
+    would go on (h124 F4: a finished run's, or one of another plan, was refused again by --resume)."""
+    try:   # weights_only; a checkpoint that cannot be read: the resume's refusal says why
+        ledger = ckpt.load_checkpoint(ckpt_path)["ledger"]
+        steps, plan_steps, digest = int(ledger["steps_done"]), int(ledger["plan_steps"]), ledger["plan_digest"]
+    except (ckpt.CheckpointError, OSError, KeyError, TypeError, ValueError):
+        steps = plan_steps = digest = None
+    if digest is not None and digest != plan_doc.digest:
+        return (f"{str(out)!r} already holds a run trained under another plan ({str(digest)[:19]}...), which "
+                "--resume under this one refuses: choose another --out")
+    if steps is not None and steps >= plan_steps:
+        return (f"{str(out)!r} already holds a finished run ({steps} of {plan_steps} steps done), which --resume "
+                "refuses: choose another --out")
+    return f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out"
 
 
 def _other_weights_message(config: TrainConfig, state: dict[str, Any] | None, ckpt_path: Path) -> str:
@@ -1328,12 +1379,17 @@ def _other_weights_message(config: TrainConfig, state: dict[str, Any] | None, ck
             "dpdm and torch (nothing was written)")
 
 
-def _storage_message(e: OSError, what: str, path: Path, last_saved: int) -> str:
-    """RunStorageError's line: the file that could not be written and why, what is kept, and how to go on."""
+def _storage_message(e: OSError, what: str, path: Path, last_saved: int, ran: int = 0) -> str:
+    """RunStorageError's line: the file that could not be written and why, what is kept, and how to go on. `ran`:
+    the steps the run's record holds (`STEPS_RECORD`), which a new run in the folder spends or is refused."""
     text = f"{_storage_problem(e, what, path)}; files written before are kept; "
     if last_saved:
         return text + (f"`dpdm train --resume` continues from the checkpoint of step {last_saved} once "
                        f"{str(path.parent)!r} can be written")
+    if ran:
+        what_ran, them = ("step 1", "it") if ran == 1 else (f"steps 1 to {ran}", "them")
+        return text + (f"no checkpoint was saved, and {what_ran} ran: once {str(path.parent)!r} can be written, the "
+                       f"same command with --spend-unsaved-steps counts {them} and goes on from step {ran + 1}")
     return text + f"no checkpoint was saved: run the same command again once {str(path.parent)!r} can be written"
 
 
@@ -1710,7 +1766,8 @@ def _check_fresh_run_folder(out: Path, plan_doc, checkpoint_every: int) -> None:
     """A new run starts only in a folder that is absent, or holds nothing of another run: its plan.json (if
     any) is this plan, its config.json (if any) a dpdm run's beside that plan, and no checkpoint of it was
     ever saved (`CHECKPOINTED_MARK`, or a metrics row logged after the first checkpoint): training there again
-    would spend the plan again. A run killed before its first checkpoint was saved may start afresh."""
+    would spend the plan again. A run killed before its first checkpoint was saved may start afresh, spending
+    the steps it recorded (`_unsaved_steps`)."""
     from dpdm.report_utils import is_run_config
 
     if not out.exists():
@@ -1984,7 +2041,7 @@ def _read_steps_record(out: Path) -> tuple[bytes | None, tuple[int, str, float, 
     return raw, (steps, digest, lr, schedule), None
 
 
-def _unsaved_steps(out: Path, state: dict[str, Any], segments, plan_steps: int, spend: bool,
+def _unsaved_steps(out: Path, state: dict[str, Any] | None, segments, plan_steps: int, spend: bool,
                    dist: "_Dist") -> tuple[int | None, str | None, bytes | None]:
     """Where a private run is resumed from its checkpoint of step c while its record (`STEPS_RECORD`) says a
     stopped attempt ran steps c + 1 to d: (d where they are spent, else None; a note for the run's warnings; the
@@ -1995,7 +2052,14 @@ def _unsaved_steps(out: Path, state: dict[str, Any], segments, plan_steps: int, 
     (--spend-unsaved-steps) the steps are spent as a divergence's are (`train`'s `roll_back`): the run goes on from
     step d + 1 with step c's weights, EMAs, optimizer and RNG state, its ledger of d steps, the d - c steps
     discarded. A record at or below the checkpoint's step, or none (a run of an older dpdm), says nothing. Rank 0
-    reads the record, and every rank takes its verdict."""
+    reads the record, and every rank takes its verdict.
+
+    A new run (`state` None) in the folder of an attempt killed before its first checkpoint, whose record says it
+    ran k steps, would draw a new seed and train from step 1 again, the first attempt's k steps in no ledger: it is
+    refused, or with `spend` it goes on from step k + 1 (fresh weights and seed) under a ledger of k steps, all k
+    discarded; where k is the plan's steps, the plan is spent."""
+    if state is None:
+        return _unsaved_steps_of_a_new_run(out, plan_steps, spend, dist)
     done = int(state["ledger"]["steps_done"])
     path = out / STEPS_RECORD
     spent_to, note, raw, refusal = None, None, None, None
@@ -2039,6 +2103,51 @@ def _unsaved_steps(out: Path, state: dict[str, Any], segments, plan_steps: int, 
     code = dist.broadcast_int(-1 if refusal is not None else spent_to or 0)
     if code < 0:
         raise TrainError(refusal or "rank 0 refused to resume the run (its line says why); nothing was written")
+    return (code or None), note, raw
+
+
+def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool,
+                                dist: "_Dist") -> tuple[int | None, str | None, bytes | None]:
+    """`_unsaved_steps` of a new run (no checkpoint in `out`): the steps an attempt killed before its first
+    checkpoint ran there, as its record says."""
+    path = out / STEPS_RECORD
+    spent_to, note, raw, refusal = None, None, None, None
+    if dist.is_main:
+        raw, record, problem = _read_steps_record(out)
+        ran = 0 if record is None else record[0]
+        if problem in ("a link", "not a regular file"):
+            pass   # refused as the run opens it (`_StepsRecord.open`): "is not a regular file ...; remove it"
+        elif problem is not None:
+            refusal = (f"{str(path)!r} is not the record dpdm keeps of the steps a run ran ({problem}), so how many "
+                       f"steps the run killed in {str(out)!r} before its first checkpoint ran cannot be told: "
+                       "choose another --out (and count those steps in what it releases), or move it away if no "
+                       "step ran (nothing was written)")
+        elif not ran:
+            if spend:
+                note = f"--spend-unsaved-steps: no step ran in {str(out)!r} (none is recorded); nothing to spend"
+        else:
+            what = "step 1" if ran == 1 else f"steps 1 to {ran}"
+            them = "it" if ran == 1 else "them"
+            ran_at = (f"a run in {str(out)!r} trained {what} and was stopped before its first checkpoint "
+                      f"({str(path)!r} records {them})")
+            if ran >= plan_steps:
+                refusal = (f"{ran_at}: that is all {plan_steps} steps of its plan, which is spent, though no "
+                           "checkpoint holds its weights; make a new plan and choose another --out (nothing was "
+                           "written)")
+            elif not spend:
+                refusal = (f"{ran_at}: a new run there draws a new seed and trains from step 1 again, the first "
+                           f"attempt's {what} in no ledger; pass --spend-unsaved-steps to count {them} as spent and "
+                           f"go on from step {ran + 1} with new weights, or choose another --out and count {them} in "
+                           "what it releases (nothing was written)")
+            else:
+                spent_to = ran
+                note = (f"{ran_at[0].upper()}{ran_at[1:]}: {them} {'is' if them == 'it' else 'are'} spent "
+                        f"(--spend-unsaved-steps): this run starts with a ledger of {ran} steps and new weights, "
+                        f"and goes on from step {ran + 1} (the model loses {ran} step{'s' if ran != 1 else ''}, "
+                        f"the budget does not get {them} back)")
+    code = dist.broadcast_int(-1 if refusal is not None else spent_to or 0)
+    if code < 0:
+        raise TrainError(refusal or "rank 0 refused to start the run (its line says why); nothing was written")
     return (code or None), note, raw
 
 

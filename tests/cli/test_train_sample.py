@@ -933,7 +933,9 @@ def test_a_resume_at_another_lr_past_the_checkpoint_is_one_line_and_spend_unsave
                                                                                                    monkeypatch):
     """Stop 52: a run stopped at step 3 after its checkpoint of step 2 (as where a peer rank died) and resumed with
     another --lr is refused, one line naming the two ways on, nothing written; --spend-unsaved-steps takes the second
-    (step 3 spent, the run goes on from step 4 at the new lr); the flag is for a private run's --resume only."""
+    (step 3 spent, the run goes on from step 4 at the new lr); the flag is for a private run only. A run stopped
+    after step 1, before its first checkpoint, is not started afresh in its folder either, unless the flag spends
+    that step. The summary (--json, the final line) says how many steps the weights lost (h121 N3)."""
     import dpdm.train as train_module
 
     d = tiny
@@ -947,15 +949,23 @@ def test_a_resume_at_another_lr_past_the_checkpoint_is_one_line_and_spend_unsave
 
     monkeypatch.setattr(train_module, "_finite_model", stopped_after_step_3)
     assert run_cli(_train_args(d, d / "run"), capsys)[0] == 4
+    calls[:] = [1, 1]   # stopped at step 2's check: step 1 ran, before the first checkpoint
+    assert run_cli(_train_args(d, d / "fresh"), capsys)[0] == 4
     monkeypatch.undo()
+    line = _one_error_line(*run_cli(_train_args(d, d / "fresh"), capsys)[::2])
+    assert "trained step 1 and was stopped before its first checkpoint" in line and "--spend-unsaved-steps" in line
+    code, out, err = run_cli(_train_args(d, d / "fresh", "--spend-unsaved-steps"), capsys)
+    assert code == 0 and "step 1 and was stopped before its first checkpoint" in err, err
+    assert err.strip().splitlines()[-1].startswith(f"run {d / 'fresh'}: 4/4 steps (1 of them discarded: the weights "
+                                                   "hold the updates of 3), epsilon spent "), err
     before = {f.name: f.read_bytes() for f in (d / "run").iterdir() if f.name != ".train.lock"}
     line = _one_error_line(*run_cli(_train_args(d, d / "run", "--resume", "--lr", "1e-3"), capsys)[::2])
     assert "the run trained step 3 after its checkpoint of step 2, at lr 0.0003 (constant)" in line, line
     assert "resume with --lr 0.0003 --lr-schedule constant" in line and "--spend-unsaved-steps" in line, line
     assert {f.name: f.read_bytes() for f in (d / "run").iterdir() if f.name != ".train.lock"} == before
-    for extra in ([], ["--resume", "--no-dp"]):
+    for extra in (["--no-dp"], ["--resume", "--no-dp"]):
         line = _one_error_line(*run_cli(_train_args(d, d / "other", "--spend-unsaved-steps", *extra), capsys)[::2])
-        assert "--spend-unsaved-steps applies to --resume of a private run only" in line, line
+        assert "--spend-unsaved-steps applies to a private run only" in line, line
     code, out, err = run_cli(_train_args(d, d / "run", "--resume", "--lr", "1e-3", "--spend-unsaved-steps",
                                          "--json"), capsys)
     assert code == 0, err
@@ -963,6 +973,7 @@ def test_a_resume_at_another_lr_past_the_checkpoint_is_one_line_and_spend_unsave
     summary = json.loads(out)
     assert summary["steps_done"] == 4 and summary["lr_segments"] == [[0, 3e-4, "constant"], [3, 1e-3, "constant"]]
     assert ckpt.load_checkpoint(d / "run" / "checkpoint.pt")[ckpt.DISCARDED_STEPS_KEY] == 1
+    assert summary["discarded_steps"] == 1
 
 
 def test_init_from_weights_that_do_not_fit_are_one_error_line(tiny, capsys):

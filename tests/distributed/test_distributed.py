@@ -729,6 +729,21 @@ def _one_rank_of_two(monkeypatch, rank: int, peer: list[torch.Tensor] = (), lost
     return sent
 
 
+def _stop_at_the_folders_verdict(monkeypatch, stop):
+    """torch.distributed.broadcast raises `stop` at rank 0's verdict on the run folder, past every check of the
+    ranks' inputs and weights; the broadcast before it, of rank 0's verdict on the record of the steps run
+    (`_unsaved_steps`: nothing), goes through."""
+    import torch.distributed as tdist
+
+    broadcasts = []
+
+    def broadcast(*a, **k):
+        broadcasts.append(1)
+        if len(broadcasts) > 1:
+            raise stop
+    monkeypatch.setattr(tdist, "broadcast", broadcast)
+
+
 def _private_images(n=24):
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.arange(n) % 3
@@ -750,13 +765,11 @@ def test_ranks_whose_warm_start_holds_other_weights_are_refused_before_training(
     (each node's own copy, one stale; a relative name read from other folders): both trained on the private data
     to the first checkpoint, whose check then failed in a 34-line traceback, exit 4, after config.json and
     metrics.csv were written (h114 F1, stop 51). Now every rank refuses in one line before any file is written.
-    Rank 1 runs first (in this process) and stops at the first broadcast; rank 0 then sees what it gathered."""
+    Rank 1 runs first (in this process) and stops at the verdict on the folder; rank 0 then sees what it gathered."""
     from dpdm.train import TrainConfig, TrainError, train
 
     class Stop(Exception):
         pass
-
-    import torch.distributed as tdist
 
     monkeypatch.setattr(accounting, "verify_document", lambda d: None)   # checked by `small_plan`
     x, y = _private_images()
@@ -775,7 +788,7 @@ def test_ranks_whose_warm_start_holds_other_weights_are_refused_before_training(
     def run(rank, folder, out, peer=()):   # this rank's all_gather inputs, up to rank 0's verdict on the folder
         monkeypatch.chdir(tmp_path / folder)
         sent = _one_rank_of_two(monkeypatch, rank=rank, peer=peer)
-        monkeypatch.setattr(tdist, "broadcast", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+        _stop_at_the_folders_verdict(monkeypatch, Stop())
         with pytest.raises(Stop):   # every check before the verdict passed
             train(doc, x, y, 3, tmp_path / out, cfg, progress=False)
         return sent
@@ -788,7 +801,8 @@ def test_ranks_whose_warm_start_holds_other_weights_are_refused_before_training(
 
 
 @pytest.mark.parametrize("every, lost_after, said", [
-    (4, 1, "no checkpoint was saved: run the same command again (`--resume` has nothing to resume)"),
+    (4, 1, "no checkpoint was saved: run the same command again, adding --spend-unsaved-steps if it says steps ran "
+           "(`--resume` has nothing to resume)"),
     (2, 3, "the run's checkpoint of step 2 is whole, and `dpdm train --resume` continues from it"),
 ])
 def test_a_rank_lost_during_training_names_what_there_is_to_resume(tmp_path, monkeypatch, small_plan, every,
@@ -861,3 +875,131 @@ def test_a_rank_whose_peer_never_joins_says_so_in_one_line(tiny, monkeypatch, ca
     assert err.startswith(f"dpdm: runtime failure: rank 1 did not join rank 0 at MASTER_ADDR=127.0.0.1 MASTER_PORT="
                           f"{port} within 1 s (DPDM_DIST_TIMEOUT)"), err
     assert not (d / "alone").exists()
+
+
+@pytest.mark.parametrize("rank, training, saved, said", [
+    (1, True, 4, "stopped during training (its own output says why; here: RuntimeError: closed); `dpdm train --resume` "
+                 "continues from the run's last checkpoint, that of step 4 unless rank 0 stopped while writing it "
+                 "(rank 0's output says)"),
+    (1, False, 4, "stopped before the first step (its own output says why; here: RuntimeError: closed); the run's "
+                  "checkpoint of step 4 is whole, and `dpdm train --resume` continues from it"),
+    (0, False, 0, "stopped before the first step (its own output says why; here: RuntimeError: closed); no checkpoint "
+                  "was saved: run the same command again (`--resume` has nothing to resume)"),
+])
+def test_rank_lost_says_when_the_peer_stopped_and_what_a_rank_other_than_0_knows_of_the_checkpoint(rank, training,
+                                                                                                   saved, said):
+    """mut54 (stop 52): RankLost's line on every rank. Rank 1 during training may know of a checkpoint rank 0 did
+    not finish writing, so it says so; before the first step (a resumed run's checkpoint, which no rank writes) it
+    is whole; and a peer lost before training began is not said to have stopped "during training"."""
+    from dpdm.train import _Dist, _rank_lost_message
+
+    dist = _Dist(rank=rank, world_size=2, training=training, last_saved=saved)
+    assert _rank_lost_message(RuntimeError("closed"), dist) == f"another rank {said}"
+
+
+def test_ranks_that_resume_other_emas_of_the_run_are_refused_before_training(tmp_path, monkeypatch, small_plan):
+    """mut54 (stop 52): a resume compares the digest of the model AND its EMAs across ranks (a stale copy of the run
+    folder on one node whose checkpoint differs in its EMA only would release another average than rank 0's).
+    Rank 1 runs first (in this process) on one checkpoint and stops at the first broadcast; rank 0 then resumes
+    another, whose EMA alone differs, and refuses in one line before anything is written."""
+    from dpdm.train import TrainConfig, TrainError, train
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(accounting, "verify_document", lambda d: None)   # checked by `small_plan`
+    x, y = _private_images()
+    cfg = TrainConfig(model="small", seed=3, checkpoint_every=2)
+    out = tmp_path / "run"
+
+    def stop_at_3(n):
+        if n == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(small_plan, x, y, 3, out, cfg, progress=False, on_step=stop_at_3)
+    path = out / "checkpoint.pt"
+    state = ckpt.load_checkpoint(path)
+    assert state["ledger"]["steps_done"] == 2
+    first = next(iter(state["ema"]))
+    other = {**state, "ema": {**state["ema"], first: state["ema"][first] + 0.01}}
+
+    def run(rank, peer=()):
+        sent = _one_rank_of_two(monkeypatch, rank=rank, peer=peer)
+        _stop_at_the_folders_verdict(monkeypatch, Stop())
+        with pytest.raises(Stop):
+            train(small_plan, x, y, 3, out, cfg, resume=True, progress=False)
+        return sent
+
+    sent = run(1)
+    ckpt.save_checkpoint(other, path)
+    before = sorted(p.name for p in out.iterdir())
+    _one_rank_of_two(monkeypatch, rank=0, peer=sent)
+    _stop_at_the_folders_verdict(monkeypatch, Stop())
+    with pytest.raises(TrainError, match=r"^the ranks differ in the weights they resume: .*checkpoint\.pt' holds "
+                                         r"another checkpoint of the run on some rank .*\(nothing was written\)$"):
+        train(small_plan, x, y, 3, out, cfg, resume=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_peer_lost_before_a_resumes_first_step_names_the_checkpoint_it_resumes(tmp_path, monkeypatch, small_plan):
+    """mut54 (stop 52): RankLost's line knows the checkpoint a resume starts from before its first step: a peer lost
+    after the ranks compared their inputs (at the broadcast of their verdict) is not "no checkpoint was saved: run
+    the same command again (`--resume` has nothing to resume)"."""
+    from dpdm.train import RankLost, TrainConfig, train
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(n):
+        if n == 3:
+            raise Stop
+
+    monkeypatch.setattr(accounting, "verify_document", lambda d: None)   # checked by `small_plan`
+    x, y = _private_images()
+    cfg = TrainConfig(model="small", seed=3, checkpoint_every=2)
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train(small_plan, x, y, 3, out, cfg, progress=False, on_step=stop_at_3)
+    box = {}
+    box["sent"] = _one_rank_of_two(monkeypatch, rank=0, lost=lambda: len(box["sent"]) >= 2)   # after 2 all_gathers
+    with pytest.raises(RankLost) as e:
+        train(small_plan, x, y, 3, out, cfg, resume=True, progress=False)
+    assert len(box["sent"]) == 2   # the inputs' and the starting weights' digests
+    assert str(e.value) == ("another rank stopped before the first step (its own output says why; here: RuntimeError: "
+                            f"{' '.join(_CLOSED.split())}); the run's checkpoint of step 2 is whole, and `dpdm train "
+                            "--resume` continues from it")
+
+
+@pytest.mark.parametrize("verdict", [-1, 2])
+def test_rank_0s_verdict_on_the_steps_a_killed_new_run_ran_binds_every_rank(tmp_path, monkeypatch, small_plan,
+                                                                              verdict):
+    """Stop 52: a new run in the folder of one killed before its first checkpoint, whose record (`.steps_done`,
+    rank 0's) says it ran steps, is refused, or with --spend-unsaved-steps goes on after them: rank 0 reads the
+    record, and another rank takes its verdict (here rank 1, whose own folder holds nothing), refusing with it, or
+    starting at the spent steps (2 of 4: its steps 3 and 4), writing nothing."""
+    import torch.distributed as tdist
+
+    from dpdm.train import TrainConfig, TrainError, train
+
+    monkeypatch.setattr(accounting, "verify_document", lambda d: None)   # checked by `small_plan`
+    _one_rank_of_two(monkeypatch, rank=1)
+    broadcasts = []
+
+    def broadcast(t, *a, **k):   # rank 0's verdict on the record, its first broadcast
+        broadcasts.append(int(t.item()))
+        if len(broadcasts) == 1:
+            t.fill_(verdict)
+
+    monkeypatch.setattr(tdist, "broadcast", broadcast)
+    out, done = tmp_path / "run", []
+    cfg = TrainConfig(model="small", seed=3, checkpoint_every=2)
+    if verdict < 0:
+        with pytest.raises(TrainError, match=r"^rank 0 refused to start the run \(its line says why\); nothing was "
+                                             r"written$"):
+            train(small_plan, *_private_images(), 3, out, cfg, progress=False, spend_unsaved_steps=True)
+    else:
+        summary = train(small_plan, *_private_images(), 3, out, cfg, progress=False, spend_unsaved_steps=True,
+                        on_step=done.append)
+        assert done == [3, 4] and summary["steps_done"] == 4 and summary[ckpt.DISCARDED_STEPS_KEY] == 2
+    assert broadcasts[0] == 0 and not out.exists()   # rank 1 read no record, and wrote nothing

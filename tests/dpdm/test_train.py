@@ -83,8 +83,10 @@ def test_run_ends_at_plan_steps_with_ledger(tmp_path):
     # A finished run refuses to go further.
     with pytest.raises(TrainError, match="finished"):
         train(doc, x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
-    # And an existing run is never overwritten without --resume.
-    with pytest.raises(TrainError, match="already holds a run"):
+    # And an existing run is never overwritten without --resume, which would refuse it: the line says so (it said
+    # "pass --resume", h124 F4, stop 52).
+    with pytest.raises(TrainError, match=r"^'.*run' already holds a finished run \(6 of 6 steps done\), which "
+                                         r"--resume refuses: choose another --out$"):
         train(doc, x, y, c, out, TrainConfig(**CFG), progress=False)
 
 
@@ -152,7 +154,9 @@ def test_wrong_size_data_refused_and_nothing_written(tmp_path):
     x, y, c = tiny_data(n=25)
     doc = tiny_plan(n=24)
     out = tmp_path / "run"
-    with pytest.raises(TrainError, match="dataset_size=24"):
+    with pytest.raises(TrainError, match=r"dataset_size=24; a plan is valid only for data of its size: make one for "
+                                         r"this data \(`dpdm plan \.\.\. --dataset-size 25`; nothing has trained "
+                                         r"under it, so it costs nothing\)$"):   # the way on (h124 F4, stop 52)
         train(doc, x, y, c, out, TrainConfig(**CFG), progress=False)
     assert not out.exists()
 
@@ -237,6 +241,11 @@ def test_resume_against_another_plan_refused(tmp_path):
     train(tiny_plan(steps=2), x.clone().requires_grad_(), y, c, out, TrainConfig(**CFG), progress=False)
     with pytest.raises(TrainError, match="trained under plan"):
         train(tiny_plan(steps=4), x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
+    # Without --resume the line said "pass --resume", which refuses it as above (h124 F4, stop 52).
+    with pytest.raises(TrainError, match=r"^'.*run' already holds a run trained under another plan "
+                                         r"\(sha256:[0-9a-f]{12}\.\.\.\), which --resume under this one refuses: "
+                                         r"choose another --out$"):
+        train(tiny_plan(steps=4), x, y, c, out, TrainConfig(**CFG), progress=False)
 
 
 def test_no_dp_run_is_marked(tmp_path):
@@ -1208,11 +1217,13 @@ def test_a_new_run_never_replaces_another_runs_files(tmp_path):
             train(doc, x, y, c, folder, TrainConfig(**CFG), progress=False)
         assert [p.name for p in folder.iterdir()] == [name] and (folder / name).read_bytes() == content
     # Restarted with a smaller --checkpoint-every after a kill before the first checkpoint (at the earlier
-    # run's 100): not taken for a removed checkpoint.
+    # run's 100): not taken for a removed checkpoint. (The steps that attempt ran are spent: stop 52's
+    # test_a_new_run_after_an_attempt_killed_before_its_first_checkpoint_spends_its_steps_or_is_refused.)
     early = tmp_path / "early"
     with pytest.raises(Stop):
         train(doc, x, y, c, early, TrainConfig(**{**CFG, "checkpoint_every": 100}), progress=False, on_step=stop_at(3))
-    assert train(doc, x, y, c, early, TrainConfig(**{**CFG, "checkpoint_every": 1}), progress=False)["steps_done"] == 4
+    assert train(doc, x, y, c, early, TrainConfig(**{**CFG, "checkpoint_every": 1}), progress=False,
+                 spend_unsaved_steps=True)["steps_done"] == 4
     # Its own locked plan beside it (`dpdm plan --out RUN/plan.json`), or a run killed before its first
     # checkpoint: a new run may start there.
     own = tmp_path / "own"
@@ -1221,7 +1232,7 @@ def test_a_new_run_never_replaces_another_runs_files(tmp_path):
     with pytest.raises(Stop):
         train(doc, x, y, c, own, TrainConfig(**{**CFG, "checkpoint_every": 3}), progress=False, on_step=stop_at(2))
     assert not (own / CHECKPOINT_NAME).exists()
-    assert train(doc, x, y, c, own, TrainConfig(**CFG), progress=False)["steps_done"] == 4
+    assert train(doc, x, y, c, own, TrainConfig(**CFG), progress=False, spend_unsaved_steps=True)["steps_done"] == 4
     # Killed while saving its first checkpoint: the row of that step is logged, the checkpoint never written.
     died = tmp_path / "died"
 
@@ -1233,7 +1244,7 @@ def test_a_new_run_never_replaces_another_runs_files(tmp_path):
         with pytest.raises(Stop):
             train(doc, x, y, c, died, TrainConfig(**CFG), progress=False)
     assert "\n2," in (died / "metrics.csv").read_text() and not (died / CHECKPOINT_NAME).exists()
-    assert train(doc, x, y, c, died, TrainConfig(**CFG), progress=False)["steps_done"] == 4
+    assert train(doc, x, y, c, died, TrainConfig(**CFG), progress=False, spend_unsaved_steps=True)["steps_done"] == 4
 
 
 def test_a_second_trainer_in_the_same_folder_is_refused_and_the_folder_is_private(tmp_path):
@@ -1392,13 +1403,16 @@ def test_a_run_folder_that_cannot_be_written_mid_run_is_one_line_and_the_run_res
     if saved:
         assert f"`dpdm train --resume` continues from the checkpoint of step {saved} once {str(run)!r}" in line, line
         assert params_of(run, "ledger")["steps_done"] == saved
-    else:
-        assert "no checkpoint was saved: run the same command again" in line and not (run / CHECKPOINT_NAME).exists()
+    else:   # the steps that ran are recorded: a new run there spends them (stop 52)
+        ran = "steps 1 to 2" if where == "checkpoint" else "step 1"
+        assert (f"no checkpoint was saved, and {ran} ran: once {str(run)!r} can be written, the same command with "
+                "--spend-unsaved-steps counts") in line and not (run / CHECKPOINT_NAME).exists(), line
     monkeypatch.undo()
-    assert main([*argv, "--resume"] if saved else argv) == 0, capsys.readouterr().err
+    assert main([*argv, "--resume"] if saved else [*argv, "--spend-unsaved-steps"]) == 0, capsys.readouterr().err
     assert params_of(run, "ledger")["steps_done"] == 4
     rows = (run / "metrics.csv").read_text().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4]
+    # the row of step 1 was never written, and a new run that spends step 1 goes on from step 2
+    assert [int(r.split(",")[0]) for r in rows] == ([2, 3, 4] if (where, fail_at) == ("metrics", 1) else [1, 2, 3, 4])
 
 
 def test_out_of_memory_line_names_the_gpu_and_the_commands_knob():
@@ -1825,6 +1839,72 @@ def test_a_run_killed_past_its_checkpoint_may_spend_those_steps_and_go_on_at_ano
     assert (out / "metrics.csv").read_text().splitlines()[:6] == rows and _metrics_steps(out) == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_new_run_after_an_attempt_killed_before_its_first_checkpoint_spends_its_steps_or_is_refused(tmp_path,
+                                                                                                       monkeypatch):
+    """Stop 52: a run killed after step 2, before its first checkpoint, may be started afresh in its folder, and was
+    started afresh: a new seed, steps 1.. trained again, the first attempt's 2 steps (shown in metrics.csv and on the
+    bar) in no ledger. Its record (`.steps_done`) tells: a new run there is refused, one line, nothing written (all
+    the plan's steps recorded: the plan is spent); with --spend-unsaved-steps it writes, before any step, a
+    checkpoint of 2 steps spent and discarded on fresh weights, goes on from step 3 (the steps executed are each
+    step once, on a new seed), keeps metrics.csv's rows 1 and 2, and its Adam steps and EMA warmups count the 4
+    updates its weights hold."""
+    import dpdm.train as train_module
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    cfg = TrainConfig(**{**CFG, "checkpoint_every": 3, "seed": None})
+    seeds = []
+    real_randbits = train_module.secrets.randbits
+    monkeypatch.setattr(train_module.secrets, "randbits", lambda k: seeds.append(real_randbits(k)) or seeds[-1])
+    seen = _diverging_run(monkeypatch, 0)
+    kill_as_step_begins(monkeypatch, 2)
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, cfg, progress=False)
+    executed = [s for s, _ in seen["steps"]]
+    assert executed == [0, 1] and not (out / CHECKPOINT_NAME).exists() and _metrics_steps(out) == [1, 2]
+    rows, record = (out / "metrics.csv").read_text().splitlines(), out / ".steps_done"
+    before = _run_files(out)
+    with pytest.raises(TrainError) as e:
+        train(doc, x, y, c, out, cfg, progress=False)
+    assert str(e.value) == (
+        f"a run in {str(out)!r} trained steps 1 to 2 and was stopped before its first checkpoint ({str(record)!r} "
+        "records them): a new run there draws a new seed and trains from step 1 again, the first attempt's steps 1 "
+        "to 2 in no ledger; pass --spend-unsaved-steps to count them as spent and go on from step 3 with new "
+        "weights, or choose another --out and count them in what it releases (nothing was written)")
+    assert _run_files(out) == before
+    record.write_bytes(before[".steps_done"].replace(b" 2 ", b" 6 ", 1))   # all the plan's steps ran
+    with pytest.raises(TrainError, match=r"trained steps 1 to 6 and was stopped before its first checkpoint .*: that "
+                                         r"is all 6 steps of its plan, which is spent, though no checkpoint holds its "
+                                         r"weights; make a new plan and choose another --out \(nothing was written\)$"):
+        train(doc, x, y, c, out, cfg, progress=False, spend_unsaved_steps=True)
+    record.write_text("dpdm-steps-run v1 two\n")
+    with pytest.raises(TrainError, match=r"\.steps_done' is not the record dpdm keeps of the steps a run ran"):
+        train(doc, x, y, c, out, cfg, progress=False)
+    record.write_bytes(before[".steps_done"])
+    monkeypatch.undo()
+    seen = _diverging_run(monkeypatch, 0)
+    monkeypatch.setattr(train_module.secrets, "randbits", lambda k: seeds.append(real_randbits(k)) or seeds[-1])
+    ema_steps = []
+    real_update = train_module.EMA.update
+    monkeypatch.setattr(train_module.EMA, "update", lambda self, D, k: ema_steps.append(k) or real_update(self, D, k))
+    summary = train(doc, x, y, c, out, cfg, progress=False, spend_unsaved_steps=True)
+    assert len(seeds) == 2 and seeds[0] != seeds[1]   # a new secret seed: the first attempt's is lost
+    first = seen["saved"][0]   # written before any step: the spend is on disk whatever happens next
+    assert first["ledger"]["steps_done"] == 2 and first[ckpt.DISCARDED_STEPS_KEY] == 2
+    assert first["optimizer"]["state"] == {}
+    assert first["ledger"]["epsilon_spent"] == pytest.approx(min(accounting.epsilon_spent(doc.plan, 2), doc.epsilon),
+                                                             rel=1e-12)
+    executed += [s for s, _ in seen["steps"]]
+    assert executed == list(range(6)) and ema_steps == [0, 1, 2, 3]   # each step once; the EMA warms up from 0
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)   # its own checks: Adam's 4 steps, 6 done, 2 discarded
+    assert state["ledger"]["steps_done"] == 6 and state[ckpt.DISCARDED_STEPS_KEY] == 2
+    assert {int(v["step"]) for v in state["optimizer"]["state"].values()} == {4}
+    assert summary["steps_done"] == 6 and summary[ckpt.DISCARDED_STEPS_KEY] == 2
+    assert (out / "metrics.csv").read_text().splitlines()[:3] == rows and _metrics_steps(out) == list(range(1, 7))
+    assert record.read_text().split()[2] == "6"
+
+
 def test_init_from_weights_that_do_not_fit_the_network_are_one_train_error_before_writing(tmp_path):
     """A warm start whose EMA weights have another shape, or lack a key (a dpdm whose network layout changed since,
     under the same preset name), was a RuntimeError traceback (exit 4); a resume's such checkpoint is one line. Weights
@@ -2070,3 +2150,184 @@ def test_step_seeds_use_63_bits():
 
     seeds = [step_seed(3, t, s) for t in range(64) for s in (1, 2)]
     assert sum(v >= 2**32 for v in seeds) > 100 and max(seeds) < 2**63 and len(set(seeds)) == len(seeds)
+
+
+def test_after_a_rollback_to_the_start_the_emas_warm_up_from_the_updates_the_weights_hold(tmp_path, monkeypatch):
+    """mut54 (stop 52): a run rolled back to its start by a divergence before its first checkpoint holds the weights,
+    EMA and power EMAs it started from (not the power EMAs it diverged with), and its resume warms both EMAs up from
+    the updates its weights hold (steps done less the discarded ones: 0, 1, ...), as a fresh run would. The line
+    names the lr of the step that diverged (under a cosine schedule, not the next step's), and the `on_step`
+    callback never sees the diverged step, which is recorded first."""
+    import dpdm.train as train_module
+    from dpdm.train import lr_at
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    cfg = dict(CFG, checkpoint_every=4, ema_powers=(1.0,))
+    seen = _diverging_run(monkeypatch, 2)
+    first, calls = TrainConfig(**cfg, lr=3.0, lr_schedule="cosine"), []
+    with pytest.raises(TrainDiverged) as e:
+        train(doc, x, y, c, out, first, progress=False, on_step=calls.append)
+    assert calls == [1]
+    assert f"at step 2 of 6 (lr {lr_at(first, 1, 6):g}); lower --lr" in str(e.value), str(e.value)
+    start = seen["steps"][0][1]
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
+    assert state[ckpt.DISCARDED_STEPS_KEY] == 2 and _same(state["ema"], start)
+    assert _same(state["ema_power"][ema_power_key(1.0)], start)
+    monkeypatch.undo()
+    updates, real_update = [], train_module.EMA.update
+
+    def update(self, model, num_updates):   # PowerEMA inherits it
+        updates.append((type(self).__name__, num_updates))
+        return real_update(self, model, num_updates)
+
+    monkeypatch.setattr(train_module.EMA, "update", update)
+    assert train(doc, x, y, c, out, TrainConfig(**cfg, lr=1e-3), resume=True, progress=False)["steps_done"] == 6
+    assert updates == [(kind, n) for n in range(4) for kind in ("EMA", "PowerEMA")], updates
+
+
+def test_a_rollback_before_any_checkpoint_that_cannot_be_written_says_no_checkpoint_holds_its_steps(tmp_path,
+                                                                                                   monkeypatch):
+    """mut54 (stop 52): the full-disk line of a divergence before the first checkpoint cannot advise `--resume`
+    (there is nothing to resume). Its lr is that of the step that diverged. A new run in the folder, which the line
+    advised, is refused since the run records its steps (stop 52), unless it spends them: the line says so."""
+    import errno
+
+    from dpdm.train import lr_at
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    cfg = TrainConfig(**{**CFG, "checkpoint_every": 4}, lr=3.0, lr_schedule="cosine")
+    _diverging_run(monkeypatch, 2)
+
+    def full_disk(state, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+    with pytest.raises(TrainDiverged) as e:
+        train(doc, x, y, c, out, cfg, progress=False)
+    line = str(e.value)
+    assert (f"at step 2 of 6 (lr {lr_at(cfg, 1, 6):g}); steps 1 to 2 are spent but could not be recorded: no space "
+            f"left on the device: cannot write the checkpoint of step 2 (the run diverged)") in line, line
+    assert line.endswith("no checkpoint holds them: once it can be written, the same command with a lower --lr and "
+                         "--spend-unsaved-steps counts them (.steps_done records them) and goes on from step 3 with "
+                         "new weights"), line
+    assert "--resume" not in line and not (out / CHECKPOINT_NAME).exists()
+    monkeypatch.undo()
+    with pytest.raises(TrainError, match=r"trained steps 1 to 2 and was stopped before its first checkpoint .*; pass "
+                                         r"--spend-unsaved-steps to count them as spent and go on from step 3"):
+        train(doc, x, y, c, out, dataclasses.replace(cfg, lr=1e-3), progress=False)
+
+
+def test_a_rollback_whose_last_checkpoint_cannot_be_read_back_is_still_the_diverged_line(tmp_path, monkeypatch):
+    """mut54 (stop 52): the rollback reads the last checkpoint back (weights_only) to write its weights again; a
+    checkpoint damaged on disk meanwhile is CheckpointError, which must end in TrainDiverged's one line saying the
+    steps are spent but not recorded, not in a CheckpointError about a file the user never named. It advised a
+    resume, which refuses that checkpoint too: it says so (mut54 N1)."""
+    import dpdm.train as train_module
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    _diverging_run(monkeypatch, 3)
+    diverging = train_module._finite_model
+
+    def damaged(*a):
+        ok = diverging(*a)
+        if not ok:
+            (out / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+        return ok
+
+    monkeypatch.setattr(train_module, "_finite_model", damaged)
+    with pytest.raises(TrainDiverged) as e:
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=3.0), progress=False)
+    line = str(e.value)
+    assert "at step 3 of 6" in line and "steps 1 to 3 are spent but could not be recorded: " in line, line
+    assert "\n" not in line and line.endswith(
+        "the checkpoint of step 2 cannot be read back, so `dpdm train --resume` refuses it too: the run cannot go on "
+        "from it; count these 3 steps in what any new run on these data releases (another --out)"), line
+    monkeypatch.undo()
+    with pytest.raises(ckpt.CheckpointError, match="refused"):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False)
+
+
+def test_a_rolled_back_no_dp_checkpoint_holds_no_more_adam_steps_than_the_updates_it_keeps(tmp_path, monkeypatch):
+    """mut54 (stop 52): a --no-dp run skips empty batches, so its Adam step counts are at most the steps whose
+    updates the weights hold, steps_done - discarded_steps, not steps_done: after a rollback from step 3 to the
+    checkpoint of step 2, Adam counts of 3 are an edited file; and a discarded count above the steps done is one
+    whatever the optimizer holds (with none, a --no-dp resume would warm its EMAs up from negative counts)."""
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    _diverging_run(monkeypatch, 3)
+    with pytest.raises(TrainDiverged):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=3.0, private=False), progress=False)
+    monkeypatch.undo()
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
+    assert state[ckpt.DISCARDED_STEPS_KEY] == 1 and state["ledger"]["steps_done"] == 3
+    assert not state["ledger"]["private"] and state["optimizer"]["state"]
+    opt = copy.deepcopy(state["optimizer"])
+    for per_param in opt["state"].values():
+        per_param["step"] = torch.full_like(per_param["step"], 3.0) if torch.is_tensor(per_param["step"]) else 3.0
+    torch.save({**state, "optimizer": opt}, tmp_path / "edited.pt")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt or was edited"):
+        ckpt.load_checkpoint(tmp_path / "edited.pt")
+    # A count past the steps done, where no Adam count can disagree (no optimizer state): the count's own check.
+    torch.save({**state, "optimizer": {**opt, "state": {}}, ckpt.DISCARDED_STEPS_KEY: 4}, tmp_path / "past.pt")
+    with pytest.raises(ckpt.CheckpointError, match="discarded_steps is 4, not a number of steps from 0 to its 3 done"):
+        ckpt.load_checkpoint(tmp_path / "past.pt")
+
+
+def test_a_second_divergence_records_every_discarded_step_and_its_checkpoint_loads(tmp_path, monkeypatch):
+    """mut54 (stop 52): a run rolled back to its start at step 2 (2 steps discarded) that diverges again at step 3
+    discards 3 steps in all, not the 1 since its checkpoint: with 1 its checkpoint of 3 steps whose weights hold no
+    update (no Adam state) failed its own check, so `--resume` refused the run as edited, and the EMAs would warm
+    up from the wrong count."""
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    cfg = {**CFG, "checkpoint_every": 4}
+    _diverging_run(monkeypatch, 2)
+    with pytest.raises(TrainDiverged):
+        train(doc, x, y, c, out, TrainConfig(**cfg, lr=3.0), progress=False)
+    monkeypatch.undo()
+    _diverging_run(monkeypatch, 1)   # the resume's first step, step 3
+    with pytest.raises(TrainDiverged, match="at step 3 of 6"):
+        train(doc, x, y, c, out, TrainConfig(**cfg, lr=1e-3), resume=True, progress=False)
+    monkeypatch.undo()
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)   # its own checks: no Adam state, 3 done, 3 discarded
+    assert state["ledger"]["steps_done"] == 3 and state[ckpt.DISCARDED_STEPS_KEY] == 3
+    assert state["optimizer"]["state"] == {}
+
+
+def test_a_rollback_whose_mark_alone_cannot_be_written_says_its_checkpoint_is_whole(tmp_path, monkeypatch):
+    """h121 N1, mut54 N2 (stop 52): where the rolled-back checkpoint was written and only its `.checkpointed` mark
+    then failed (an inode quota), the line said the steps "could not be recorded" and advised a new run, which is
+    refused: checkpoint.pt holds them. It is the rollback's line, naming the mark as the one thing missing."""
+    import errno
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=6)
+    out = tmp_path / "run"
+    _diverging_run(monkeypatch, 3)
+    touches, real_touch = [], Path.touch
+
+    def touch(self, *a, **k):
+        if self.name == ".checkpointed":
+            touches.append(1)
+            if len(touches) == 2:   # the rollback's: the first is the checkpoint of step 2's
+                raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        return real_touch(self, *a, **k)
+
+    monkeypatch.setattr(Path, "touch", touch)
+    with pytest.raises(TrainDiverged) as e:
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=3.0), progress=False)
+    line = str(e.value)
+    assert "could not be recorded" not in line and "lower --lr. Steps 1 to 3 ran on the private data and are " in line
+    assert line.endswith(f"; only the checkpoint's mark could not be written (no space left on the device: cannot "
+                         f"write the mark of the checkpoint of step 3 ({str(out / '.checkpointed')!r}: Disk quota "
+                         "exceeded, EDQUOT)): the checkpoint is whole, and the resume goes on from it"), line
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
+    assert state["ledger"]["steps_done"] == 3 and state[ckpt.DISCARDED_STEPS_KEY] == 1
