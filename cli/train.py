@@ -6,9 +6,9 @@ import os
 import click
 
 from cli._common import (DatasetName, FiniteFloatRange, PathOption, emit_json, info, load_locked_plan, load_public_data,
-                         load_training_data, plan_dataset_name, resolve_device, warn, warn_binary_pixels,
-                         warn_dataset_not_plans, warn_empty_classes, warn_exif_orientation, warn_if_slow_bf16,
-                         warn_inferred, warn_known_seed, warn_unlabelled_npz)
+                         load_training_data, plan_dataset_name, recorded_steps, resolve_device, warn,
+                         warn_binary_pixels, warn_dataset_not_plans, warn_empty_classes, warn_exif_orientation,
+                         warn_if_slow_bf16, warn_inferred, warn_known_seed, warn_unlabelled_npz)
 from cli.errors import BadInput, runtime_failure
 from dpdm.report_utils import epsilon_text
 
@@ -253,8 +253,11 @@ def _check_something_to_resume(out_dir: str) -> None:
     to resume: the same command without --resume starts it again (its folder is taken as new) (h103 F3)."""
     path = os.path.join(os.path.expanduser(out_dir), "checkpoint.pt")
     if not os.path.lexists(path):
+        ran = recorded_steps(out_dir)   # spent: a new run there needs --spend-unsaved-steps (`dpdm.train.STEPS_RECORD`)
         raise BadInput(f"nothing to resume: {path!r} does not exist; a run stopped before its first checkpoint "
-                       "starts again with the same command without --resume")
+                       "starts again with the same command without --resume" + (
+                           "" if not ran else f" and with --spend-unsaved-steps, which counts the {ran} step"
+                           f"{'s' if ran != 1 else ''} it ran"))
 
 
 def _check_plans_dataset(doc, out_dir: str, resume: bool) -> None:

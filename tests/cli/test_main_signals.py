@@ -106,6 +106,18 @@ def test_the_line_advises_resume_only_where_a_checkpoint_is(tmp_path):
     run.mkdir()
     (run / "plan.json").write_text("{}")
     assert _resume_hint(["train", "--plan", "p.json", "--out", str(run)]) == fresh
+    # steps ran before the first checkpoint (`.steps_done`): the same command is refused without
+    # --spend-unsaved-steps (stop 52), so the line names it; the record as dpdm.train writes it
+    from dpdm.train import _StepsRecord
+
+    record = _StepsRecord(run, ((0, 3e-4, "constant"),), 0)
+    record.open()
+    record.note(3)
+    record.close()
+    assert _resume_hint(["train", "--plan", "p.json", "--out", str(run)]) == (
+        "; no checkpoint was written yet, but 3 steps ran and are spent: the same command with --spend-unsaved-steps "
+        "counts them and goes on (or train in another --out and count them)")
+    (run / ".steps_done").unlink()
     (run / "checkpoint.pt").write_bytes(b"x")
     for argv in (["train", "--plan", "p.json", "--out", str(run)], ["train", f"--out={run}", "--resume"]):
         assert _resume_hint(argv) == "; a training run continues with --resume", argv
@@ -172,6 +184,17 @@ def test_resume_with_nothing_to_resume_says_to_run_the_command_without_it(tmp_pa
         err = capsys.readouterr().err
         assert err == (f"dpdm: error: nothing to resume: {str(run / 'checkpoint.pt')!r} does not exist; a run stopped "
                        "before its first checkpoint starts again with the same command without --resume\n"), err
+    from dpdm.train import _StepsRecord
+
+    record = _StepsRecord(run, ((0, 3e-4, "constant"),), 0)   # one step ran before it stopped (stop 52)
+    record.open()
+    record.note(1)
+    record.close()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"dpdm: error: nothing to resume: {str(run / 'checkpoint.pt')!r} does not exist; a run stopped "
+                   "before its first checkpoint starts again with the same command without --resume and with "
+                   "--spend-unsaved-steps, which counts the 1 step it ran\n"), err
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert main(args) == 2
     err = capsys.readouterr().err
