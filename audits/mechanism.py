@@ -12,7 +12,8 @@ Six groups, each returning a list of ``CheckResult``:
   point of the usual bugs (the argument ignored, sigma**2, sqrt(sigma), 1/sigma).
 * ``check_run_seed(private_grad_fn)``: the noise of one step under two run seeds, where the generator handed in
   picks the run seed (``audits.suite.training_private_grad(vary="run_seed")``): independent draws of the plan's
-  variance, so a step whose noise ignores the run's secret seed (anyone with the code could regenerate it) fails.
+  variance, so a step whose noise ignores the run's secret seed (anyone with the code could regenerate it) fails;
+  with ``after_lr_change``, a step after an lr change as well (its seed derives from the run seed by another path).
 * ``check_network(private_grad_fn, network_problem(run_config))``: what the tiny model cannot show, on the
   run's own network (Conv2d, GroupNorm, attention and their per-layer rules) in float32, the dtype every
   private run trains in: per-example gradients per parameter tensor against a float64 autograd loop, the
@@ -390,7 +391,8 @@ def _chi2_two_sided(z: np.ndarray) -> tuple[float, float]:
 
 def _noise_test(name: str, calls: list[tuple[_Caller, int]], p: _Problem, alpha: float, *, chunk_size, what: str,
                 seed: int = 0, project: Callable[[np.ndarray], np.ndarray] | None = None,
-                examples: int | None = None, replay: bool = False) -> CheckResult:
+                examples: int | None = None, replay: bool = False,
+                labels: list[str] | None = None) -> CheckResult:
     """The noise of ``2 * pairs`` calls (all the problem's examples, a fresh seed each) per ``(caller, pairs)``:
     the difference of two calls is ``sqrt(2) * sigma * C / E`` times N(0, I) under the claim, whatever the
     clipped sum. One check, the first caller's noise multiplier (the plan's) and a second one
@@ -404,9 +406,13 @@ def _noise_test(name: str, calls: list[tuple[_Caller, int]], p: _Problem, alpha:
     p-value is the smallest of these p-values times their number (Bonferroni); its statistic the pooled
     variance ratio at the first noise multiplier.
 
-    ``examples``: the calls take the problem's first ``examples`` examples (default all). ``replay``: the first
-    call is made twice, and the check fails unless the two give the same output (the noise is a function of
-    the generator handed in; the other replays run without noise there)."""
+    ``labels``: the callers are other steps of one claim rather than the given and a second noise multiplier
+    (``check_run_seed``: a step before and one after an lr change); the detail and the tests name each by its
+    label, and the statistic is the smallest of their pooled variance ratios (0 where one caller's noise repeats).
+
+    ``examples``: the calls take the problem's first ``examples`` examples (default all). ``replay``: each
+    caller's first call is made twice, and the check fails unless the two give the same output (the noise is a
+    function of the generator handed in; the other replays run without noise there)."""
     C, E = p.clip_norm, calls[0][0].expected
     idx = list(range(p.size if examples is None else examples))
     groups = _tensor_slices(p.model) if project is None else [("projection", slice(None))]
@@ -415,16 +421,16 @@ def _noise_test(name: str, calls: list[tuple[_Caller, int]], p: _Problem, alpha:
     base = [int(x) >> 2 for x in np.random.SeedSequence([int(seed), 4242]).generate_state(len(calls), np.uint64)]
     tests: list[tuple[str, float]] = []  # (what was tested, p-value)
     parts, pooled = [], []
-    replayed = None
+    replayed = []   # per caller, where replay: the largest difference of its first call made twice
     for k, (call, pairs) in enumerate(calls):
         sigma = call.noise_multiplier
         z = []
         for j in range(pairs):
             s = base[k] + 2 * j   # fresh noise per (check seed, caller, pair)
             a = call(idx, s, chunk_size=chunk_size)
-            if replay and replayed is None:
+            if replay and j == 0:
                 again = call(idx, s, chunk_size=chunk_size)
-                replayed = float(np.max(np.abs(again - a), initial=0.0) / (sigma * C / E))
+                replayed.append(float(np.max(np.abs(again - a), initial=0.0) / (sigma * C / E)))
             b = call(idx, s + 1, chunk_size=chunk_size)
             d = E * (a - b) / (math.sqrt(2) * sigma * C)  # N(0, I) under the claim
             z.append(d if project is None else project(d))
@@ -432,28 +438,32 @@ def _noise_test(name: str, calls: list[tuple[_Caller, int]], p: _Problem, alpha:
         ratio, p_var = _chi2_two_sided(z)
         pooled.append(ratio)
         p_ks = float(stats.kstest(z.reshape(-1), "norm").pvalue) if np.all(np.isfinite(z)) else 0.0
-        tests += [(f"sigma={sigma:g} all coordinates variance", p_var), (f"sigma={sigma:g} normality (KS)", p_ks)]
+        label = f"sigma={sigma:g}" if labels is None else labels[k]
+        tests += [(f"{label} all coordinates variance", p_var), (f"{label} normality (KS)", p_ks)]
         if len(groups) > 1:
             per = [(g, *_chi2_two_sided(z[:, sl])) for g, sl in groups]
-            tests += [(f"sigma={sigma:g} tensor {g} variance", pv) for g, _, pv in per]
+            tests += [(f"{label} tensor {g} variance", pv) for g, _, pv in per]
             lo, hi = min(per, key=lambda t: t[1]), max(per, key=lambda t: t[1])
             spread = f", per tensor {lo[1]:.4f} ({lo[0]}) to {hi[1]:.4f} ({hi[0]})"
         else:
             spread = ""
-        parts.append(f"sigma={sigma:g}{' (given)' if k == 0 else ' (second)'}: {ratio:.4f}{spread} over {pairs} "
+        head = f"sigma={sigma:g}{' (given)' if k == 0 else ' (second)'}" if labels is None else \
+            f"{labels[k]} (sigma={sigma:g})"
+        parts.append(f"{head}: {ratio:.4f}{spread} over {pairs} "
                      f"seed pairs x {z.shape[1]} coordinates (chi-square p={p_var:.2g}, KS p={p_ks:.2g})")
     worst = min(tests, key=lambda t: t[1])
     p_val = min(1.0, len(tests) * worst[1])  # Bonferroni over all the tests
-    same = replayed is None or replayed == 0.0   # NaN compares unequal: a failure
+    same = all(r == 0.0 for r in replayed)   # NaN compares unequal: a failure
     return CheckResult(
         name,
         p_val >= alpha and same,
-        pooled[0],
+        pooled[0] if labels is None else min(pooled, key=lambda r: -math.inf if math.isnan(r) else r),
         p_val,
         f"{what}: noise variance / (noise_multiplier * clip_norm)^2 at " + "; at ".join(parts)
         + f"; smallest p of {len(tests)} tests: {worst[1]:.2g} ({worst[0]})"
-        + ("" if replayed is None else
-           f"; the same generator seed twice: largest difference {replayed:.2g} noise std (must be 0)"),
+        + ("" if not replayed else
+           f"; the same generator seed twice: largest difference "
+           f"{max(replayed, key=lambda r: math.inf if math.isnan(r) else r):.2g} noise std (must be 0)"),
     )
 
 
@@ -509,27 +519,35 @@ def check_run_seed(
     alpha: float = 1e-3,
     seed: int = 0,
     pairs: int = 20,
+    after_lr_change: Callable | None = None,
+    labels: tuple[str, str] = ("one step", "a step after an lr change"),
 ) -> list[CheckResult]:
     """``noise_keyed_by_run_seed``: is a step's noise drawn from the run's secret seed? ``private_grad_fn`` has the
     signature of ``dpdm.engine.private_grad``, but the generator handed in picks the run seed of one fixed step
     (``audits.suite.training_private_grad(vary="run_seed")``), not a step of one run as for ``check_engine``.
+    ``after_lr_change``: the same for a step after an lr change (``training_private_grad(vary="run_seed",
+    lr_segments=...)``), whose seed `dpdm.train.run_seed_at` derives by another path (a hash of the run seed and
+    the lr segments, not the run seed itself): tested in the same check (r2 F1, stop 52); ``labels`` name the two
+    in the detail.
 
-    On the tiny float64 problem, all of its examples, ``pairs`` pairs of run seeds at ``noise_multiplier``: two runs'
-    noise at one step on one batch are independent draws, so their difference is ``sqrt(2) * sigma * C / E`` times
-    N(0, I) (``_noise_test``: variance per parameter tensor and pooled, normality), and one run seed twice gives the
-    same output (a resume replays its steps). A noise seed that ignores the run seed (a constant, the step alone)
-    gives the same noise in every run: a difference of 0, where anyone with the code could regenerate every step's
-    noise and subtract it. ``check_engine``'s noise checks compare steps of one run and cannot see that (h123 F1,
-    stop 52); ``sampler_deterministic`` is the same check for the Poisson batches."""
+    On the tiny float64 problem, all of its examples, ``pairs`` pairs of run seeds at ``noise_multiplier`` per
+    step: two runs' noise at one step on one batch are independent draws, so their difference is
+    ``sqrt(2) * sigma * C / E`` times N(0, I) (``_noise_test``: variance per parameter tensor and pooled, normality),
+    and one run seed twice gives the same output (a resume replays its steps). A noise seed that ignores the run
+    seed (a constant, the step alone, the lr segments alone) gives the same noise in every run: a difference of 0
+    (the check's statistic, the smaller of the steps' variance ratios), where anyone with the code could
+    regenerate every step's noise and subtract it. ``check_engine``'s noise checks compare steps of one run and
+    cannot see that (h123 F1, stop 52); ``sampler_deterministic`` is the same check for the Poisson batches."""
     alpha = _alpha(alpha)
     if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
         raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a number > 0")
     p = tiny_problem(seed=seed)
+    fns = [private_grad_fn] + ([] if after_lr_change is None else [after_lr_change])
     return [_guarded("noise_keyed_by_run_seed", lambda: _noise_test(
-        "noise_keyed_by_run_seed", [(_Caller(private_grad_fn, p, float(noise_multiplier), 40.0), pairs)], p, alpha,
-        chunk_size=None, seed=seed + 2, replay=True,
-        what="one step on one batch under two run seeds (independent draws; 0 where the noise ignores the run's "
-             "secret seed)"))]
+        "noise_keyed_by_run_seed", [(_Caller(fn, p, float(noise_multiplier), 40.0), pairs) for fn in fns], p, alpha,
+        chunk_size=None, seed=seed + 2, replay=True, labels=list(labels[:len(fns)]),
+        what=f"{' and '.join(labels[:len(fns)])}, each on one batch under two run seeds (independent draws; 0 where "
+             "the noise ignores the run's secret seed)"))]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -156,9 +156,10 @@ def _holds_audit_report(out: Path) -> bool:
 
 MECHANISM_SHARE = 0.2  # of the significance budget; the rest goes to the epsilon bounds
 MIN_SIGNIFICANCE = 1e-12  # smaller budgets underflow in the per-check shares (1e-323 became 0)
-# Per engine: noise_variance, noise_once_per_step (tiny model), noise_keyed_by_run_seed (tiny model, two run seeds),
-# network_noise_variance, network_noise_once_per_step (the run's network), and subspace_noise_variance for a
-# --public-subspace run; once: the sampler's two and the logged batch sizes. `statistical_check_count` counts them.
+# Per engine: noise_variance, noise_once_per_step (tiny model), noise_keyed_by_run_seed (tiny model, two run seeds,
+# at a step before and one after an lr change: one check, one p-value), network_noise_variance,
+# network_noise_once_per_step (the run's network), and subspace_noise_variance for a --public-subspace run; once:
+# the sampler's two and the logged batch sizes. `statistical_check_count` counts them.
 ENGINE_STATISTICAL_CHECKS = 5
 RUN_STATISTICAL_CHECKS = 3
 GRAD_ENGINES = ("rules", "vmap")   # `dpdm train --grad-engine`'s two (auto picks one of them at each start)
@@ -174,10 +175,32 @@ def run_grad_engines(train_config: dict) -> tuple[str, ...]:
 
 
 _RUN_SEED = 20231  # the run seed of training_private_grad's steps (any fixed value)
-_STEP = 7          # the step of its run seeds (vary="run_seed"; any fixed value)
+_STEP = 7          # the step of its run seeds (vary="run_seed"; any fixed value), after the last lr change
+# The lr segments of a run whose lr changed at step 3 (any fixed pair), for a run that recorded no change of its
+# own: from an lr change on, `dpdm.train.run_seed_at` derives each step's seed from a hash of the run seed and the
+# segments rather than the run seed itself, and noise_keyed_by_run_seed tests that path too (r2 F1, stop 52).
+LR_CHANGE = ((0, 1e-3, "constant"), (3, 5e-4, "constant"))
 
 
-def training_private_grad(basis=None, *, per_layer_rules: bool = True, vary: str = "step") -> Callable:
+def lr_change_segments(train_config: dict) -> tuple[tuple[int, float, str], ...]:
+    """The lr segments after whose last change noise_keyed_by_run_seed tests a step: the run's own where its
+    checkpoint records a change (well formed, as `dpdm train --resume` reads them), else ``LR_CHANGE`` itself."""
+    from dpdm.train import lr_segments_problem
+
+    saved = train_config.get("lr_segments")
+    if isinstance(saved, (list, tuple)) and len(saved) > 1 and lr_segments_problem(saved) is None:
+        return tuple((int(a), float(b), str(c)) for a, b, c in saved)
+    return LR_CHANGE
+
+
+def run_seed_step(lr_segments=None) -> int:
+    """The step ``training_private_grad(vary="run_seed", lr_segments=...)`` takes: ``_STEP`` steps after the
+    last segment begins (``_STEP`` without segments)."""
+    return _STEP + (int(lr_segments[-1][0]) if lr_segments else 0)
+
+
+def training_private_grad(basis=None, *, per_layer_rules: bool = True, vary: str = "step",
+                          lr_segments=None) -> Callable:
     """What `dpdm train` computes each step (`dpdm.train.plan_private_grad`, one process; with `basis`, the
     noise in that subspace), with the signature of `dpdm.engine.private_grad` that the mechanism checks call.
 
@@ -186,7 +209,10 @@ def training_private_grad(basis=None, *, per_layer_rules: bool = True, vary: str
     calls with generators seeded alike replay a step's noise, and calls with other seeds are other steps:
     a step that drew the same noise as another would show as too little variance between them. With
     ``vary="run_seed"`` it picks the run seed of one step (step fixed) instead: calls with other seeds are the same
-    step of other runs (``check_run_seed``: noise that ignores the run's secret seed is the same in every run)."""
+    step of other runs (``check_run_seed``: noise that ignores the run's secret seed is the same in every run).
+    ``lr_segments`` ((first step, lr, schedule), ...): the steps are those of a run with these segments (its lr
+    changed: `dpdm.train.run_seed_at`'s other path), and ``vary="run_seed"``'s step ``run_seed_step`` is after
+    the last change."""
     import types
 
     import torch
@@ -201,9 +227,9 @@ def training_private_grad(basis=None, *, per_layer_rules: bool = True, vary: str
         plan = types.SimpleNamespace(clip_norm=clip_norm, noise_multiplier=noise_multiplier,
                                      batch_size=expected_batch_size)
         drawn = int(torch.randint(0, 2**62, (1,), generator=generator))
-        seed, step_index = (_RUN_SEED, drawn) if vary == "step" else (drawn, _STEP)
-        return plan_private_grad(model, loss_fn, batch, plan, seed=seed, step=step_index, chunk_size=chunk_size,
-                                 stats=stats, basis=basis, per_layer_rules=per_layer_rules)
+        seed, step_index = (_RUN_SEED, drawn) if vary == "step" else (drawn, run_seed_step(lr_segments))
+        return plan_private_grad(model, loss_fn, batch, plan, seed=seed, step=step_index, lr_segments=lr_segments,
+                                 chunk_size=chunk_size, stats=stats, basis=basis, per_layer_rules=per_layer_rules)
     return step
 
 
@@ -220,7 +246,8 @@ def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed:
     """The mechanism checks of `dpdm audit` (each statistical one at ``alpha``), and what the run's own network
     in them was (``NetworkProblem.description``). Per engine the run's steps may have used (``run_grad_engines``:
     both), `dpdm train`'s own step (``training_private_grad``) is checked on the tiny float64 model (``check_engine``,
-    and ``check_run_seed`` for its noise under two run seeds; ``check_subspace`` too for a --public-subspace run) and
+    and ``check_run_seed`` for its noise under two run seeds, at a step before and one after an lr change, the
+    run's own where it made one (``lr_change_segments``); ``check_subspace`` too for a --public-subspace run) and
     on the run's own network in float32 (``check_network``); then the Poisson sampler and the run folder against the
     plan (``check_run``)."""
     from dpdm.data import PoissonSampler
@@ -230,6 +257,11 @@ def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed:
     subspace_dim = train_config.get("subspace_dim")
     engines = run_grad_engines(train_config)
     net = network_problem(run_config, seed=seed)
+    segments = lr_change_segments(train_config)
+    lr_labels = (f"step {run_seed_step()} of a run whose lr never changed",
+                 f"step {run_seed_step(segments)} of a run with lr segments "
+                 f"{', '.join(f'({a}, {b:g}, {c})' for a, b, c in segments)}"
+                 + (" (the run's own)" if segments is not LR_CHANGE else ""))
     checks = []
     for engine in engines:
         rules = engine == "rules"
@@ -238,7 +270,9 @@ def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed:
                              pairs=SUITES[suite]["noise_pairs"])
         found += check_run_seed(training_private_grad(per_layer_rules=rules, vary="run_seed"),
                                 noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
-                                pairs=max(1, SUITES[suite]["noise_pairs"] // 2))
+                                pairs=max(1, SUITES[suite]["noise_pairs"] // 2),
+                                after_lr_change=training_private_grad(per_layer_rules=rules, vary="run_seed",
+                                                                      lr_segments=segments), labels=lr_labels)
         found += check_network(step, net, noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
                                pairs=SUITES[suite]["network_pairs"])
         if subspace_dim:
@@ -536,7 +570,10 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
         "computed the run's steps): (1) on the audit's own tiny float64 model (Linear and SiLU layers, 48 "
         f"examples): per-example gradients, K averaging, clipping, sensitivity replay, noise variance at {sigmas}, "
         "noise once per step, and the noise of one step under two run seeds (independent draws: noise that ignored "
-        "the run's secret seed would be the same in every run); "
+        "the run's secret seed would be the same in every run), at a step before and one after an lr change ("
+        + ("the run's own last one" if lr_change_segments(train_config) is not LR_CHANGE else
+           f"one at step {LR_CHANGE[-1][0]}: the run records none")
+        + "); "
         + (f"(2) on {network}, a fresh initialization (not the run's weights): per-example gradients per parameter "
            "tensor against a float64 autograd loop, clipping bound, sensitivity replay, and the float32 noise at "
            f"{sigmas}, once per step." if network else "(2) not on the run's own network."))

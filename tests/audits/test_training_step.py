@@ -60,6 +60,83 @@ def test_noise_that_ignores_the_run_seed_fails(monkeypatch):
                 assert not r.passed and r.statistic == 0.0, (name, rules, r.detail)
 
 
+def _seedless_after_an_lr_change(min_segments):
+    """run_seed_at with the run seed left out of the hash once `min_segments` lr segments have begun: anyone with the
+    code and the run's lr history (config.json, `dpdm train --json`) regenerates the DP noise of every later step."""
+    import hashlib
+    import json
+
+    real = train_mod.run_seed_at
+
+    def mutant(seed, lr_segments, step):
+        segments = [seg for seg in (lr_segments or ()) if int(seg[0]) <= step]
+        if len(segments) < min_segments:
+            return real(seed, lr_segments, step)
+        record = json.dumps([[int(a), float(b).hex(), str(c)] for a, b, c in segments])   # no seed
+        return int.from_bytes(hashlib.sha256(record.encode()).digest()[:8], "big") & ((1 << 63) - 1)
+    return mutant
+
+
+def test_noise_that_ignores_the_run_seed_after_an_lr_change_fails(monkeypatch):
+    """r2 F1 (stop 52): from an lr change on, `run_seed_at` derives a step's seed by another path (a hash of the
+    run seed and the lr segments), which noise_keyed_by_run_seed never ran (one fixed step, no segments): a step
+    whose noise ignored the seed after the change passed every mechanism check, also of a run resumed with --lr.
+    `mechanism_checks` now tests a step after a change too, in the same check (one p-value, the Bonferroni count
+    unchanged): a fixed pair where the run changed no lr, the run's own segments where it did."""
+    import types
+
+    import audits.suite as suite
+
+    for name in ("check_engine", "check_network", "check_sampler", "check_run"):   # noise_keyed_by_run_seed alone
+        monkeypatch.setattr(suite, name, lambda *a, **k: [])
+    monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
+    plan_doc = types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
+    own = [[0, 3e-4, "constant"], [4, 1e-3, "constant"], [9, 5e-4, "cosine"]]   # as the checkpoint records them
+
+    def run_seed_checks(train_config):
+        checks, _ = suite.mechanism_checks(None, plan_doc, {"train": train_config}, alpha=0.01 / 13, suite="quick")
+        assert [c.name for c in checks] == ["noise_keyed_by_run_seed (rules)", "noise_keyed_by_run_seed (vmap)"]
+        return checks
+
+    for train_config in ({}, {"lr_segments": own}):
+        assert all(c.passed for c in run_seed_checks(train_config)), train_config
+    for min_segments, train_config, used in ((2, {}, "(3, 0.0005, constant)"),
+                                             (3, {"lr_segments": own}, "(9, 0.0005, cosine) (the run's own)")):
+        with monkeypatch.context() as m:   # seedless once a run's lr changed; once it changed twice (its own)
+            m.setattr(train_mod, "run_seed_at", _seedless_after_an_lr_change(min_segments))
+            checks = run_seed_checks(train_config)
+        assert not any(c.passed for c in checks) and all(c.statistic == 0.0 for c in checks), checks
+        assert all(used in c.detail for c in checks), checks[0].detail
+
+
+@pytest.mark.slow   # about 20 s: trains a run and runs every mechanism check
+def test_an_audit_of_a_run_resumed_with_another_lr_tests_its_own_lr_change(tmp_path, monkeypatch):
+    """r2 F1 (stop 52), end to end: a run resumed at its checkpoint of step 4 with another lr records its lr
+    segments in the checkpoint; its audit tests a step after that change, and fails noise that ignores the run's
+    seed there."""
+    from audits.suite import mechanism_checks
+    from dpdm import checkpoint as ckpt
+    from dpdm.train import TrainConfig, train
+    from tests.dpdm.test_train import CFG, Stop, kill_as_step_begins, tiny_data, tiny_plan
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=12)
+    run = tmp_path / "run"
+    kill_as_step_begins(monkeypatch, 4)
+    with pytest.raises(Stop):
+        train(doc, x, y, c, run, TrainConfig(**{**CFG, "checkpoint_every": 4, "seed": None}), progress=False)
+    monkeypatch.undo()
+    train(doc, x, y, c, run, TrainConfig(**{**CFG, "checkpoint_every": 4, "seed": None, "lr": 1e-3}), resume=True,
+          progress=False)
+    config = ckpt.load_checkpoint(run / "checkpoint.pt")["config"]
+    assert len(config["train"]["lr_segments"]) == 2
+    monkeypatch.setattr(train_mod, "run_seed_at", _seedless_after_an_lr_change(2))
+    checks, _ = mechanism_checks(run, doc, config, alpha=0.01 / 13, suite="quick")
+    failed = {ch.name: ch for ch in checks if not ch.passed}
+    assert set(failed) == {"noise_keyed_by_run_seed (rules)", "noise_keyed_by_run_seed (vmap)"}, failed
+    assert "(4, 0.001, constant) (the run's own)" in failed["noise_keyed_by_run_seed (rules)"].detail
+
+
 def test_every_run_has_both_engines_checked():
     """h123 F2 (stop 52): the audit checked the engine of the checkpoint's config, the last start's; a run started
     with the rules and resumed with --grad-engine vmap had its rules steps unchecked (and the reverse). The

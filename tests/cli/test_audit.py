@@ -95,6 +95,12 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
     line = next(s for s in report["what_was_audited"] if s.startswith("The mechanism checks ran"))
     assert "tiny float64 model" in line and "the run's 'small' network" in line and "float32" in line, line
     assert "with each per-example gradient engine, rules and vmap (" in line and "two run seeds" in line, line
+    # ... at a step before and one after an lr change: the run changed none, so a fixed change at step 3 (r2 F1, stop
+    # 52: the seed of a step after a change derives by another path, which no check ran).
+    assert "one after an lr change (one at step 3: the run records none)" in line, line
+    seeds = next(c for c in report["mechanism_checks"] if c["name"] == "noise_keyed_by_run_seed (rules)")
+    assert "at step 10 of a run with lr segments (0, 0.001, constant), (3, 0.0005, constant) (sigma=" in \
+        seeds["detail"], seeds
     line = next(s for s in report["what_was_audited"] if s.startswith("Canary training:"))
     assert "`dpdm train`'s private step (plan_private_grad)" in line, line   # h74 F1: not a copy of it
     assert report["claimed_plan"]["digest"] == doc.digest
