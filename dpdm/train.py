@@ -274,8 +274,9 @@ def run_seed_at(seed: int, lr_segments, step: int) -> int:
     Poisson batch, diffusion noise, DP noise and public draws).
 
     The run's `seed` itself while its lr never changed (one segment up to `step`: every run, checkpoint and
-    resume without an lr change draws what it drew before); from an lr change on, 63 bits of the sha256 of the
-    seed and the lr segments ((first step, lr, schedule), ...) begun at or before `step`. A copy of a run folder
+    resume without an lr change draws what it drew before); from an lr change on (or a spend's segment, which a
+    resume at the earlier lr replaces: `_resumed_lr_segments`), 63 bits of the sha256 of the seed and the lr
+    segments ((first step, lr, schedule), ...) begun at or before `step`. A copy of a run folder
     resumed with another lr than the original then draws other batches and other DP noise from the step where
     they part, instead of the same noise at other weights (the difference of the two noisy gradients would be
     noise-free): at worst the two releases compose. The segments are in the checkpoint, so resumes replay
@@ -1050,7 +1051,7 @@ def train(
             yield
         except OSError as e:
             error = RunStorageError(_storage_message(e, what, path, last_saved,
-                                                     record.recorded if record is not None else 0))
+                                                     record.recorded if record is not None else 0, plan.steps))
             error.problem = _storage_problem(e, what, path)   # without the advice: `roll_back`'s line gives its own
             raise error from e
 
@@ -1149,13 +1150,22 @@ def train(
                 # to the resume, which then starts a new segment on fresh noise (r3 F1). A lower lr is refused
                 # unless given --spend-unsaved-steps, which records them as this rollback would have (`STEPS_RECORD`
                 # holds step `done`: it was written before the check that found the divergence).
+                # At the plan's last step no lower --lr has a step left to train: the spend it would need is refused
+                # (`_unsaved_steps`; r2 F2, stop 52), so the line names the replay alone, or says the plan is spent.
                 replay = (f"once it can be written, `dpdm train --resume` without --lr or --lr-schedule (the run keeps "
                           f"its own) replays steps {last_saved + 1} to {done} exactly and records them; with a lower "
                           f"--lr, add --spend-unsaved-steps, which records them and goes on from step {done + 1}"
+                          if last_saved and done < plan.steps else
+                          f"once it can be written, `dpdm train --resume` without --lr or --lr-schedule (the run keeps "
+                          f"its own) replays steps {last_saved + 1} to {done} exactly, diverges at step {done} again "
+                          f"and records them: they end the plan, so no lower --lr has a step left to train"
                           if last_saved else
                           f"no checkpoint holds them: once it can be written, the same command with a lower --lr "
                           f"and --spend-unsaved-steps counts them ({STEPS_RECORD} records them) and goes on from step "
-                          f"{done + 1} with new weights")
+                          f"{done + 1} with new weights"
+                          if done < plan.steps else
+                          f"no checkpoint holds them, and they are all {plan.steps} steps of the plan, which is spent "
+                          f"({STEPS_RECORD} records them): a new run on these data needs a new plan and another --out")
                 if isinstance(error, ckpt.CheckpointError):   # damaged on disk since it was saved (mut54 N1)
                     replay = (f"the checkpoint of step {last_saved} cannot be read back, so `dpdm train --resume` "
                               f"refuses it too: the run cannot go on from it; count these {done} steps in what any "
@@ -1379,13 +1389,18 @@ def _other_weights_message(config: TrainConfig, state: dict[str, Any] | None, ck
             "dpdm and torch (nothing was written)")
 
 
-def _storage_message(e: OSError, what: str, path: Path, last_saved: int, ran: int = 0) -> str:
+def _storage_message(e: OSError, what: str, path: Path, last_saved: int, ran: int = 0,
+                     plan_steps: int | None = None) -> str:
     """RunStorageError's line: the file that could not be written and why, what is kept, and how to go on. `ran`:
-    the steps the run's record holds (`STEPS_RECORD`), which a new run in the folder spends or is refused."""
+    the steps the run's record holds (`STEPS_RECORD`), which a new run in the folder spends or is refused; where
+    they are all `plan_steps` of the plan, it is spent (`_unsaved_steps_of_a_new_run` refuses the spend)."""
     text = f"{_storage_problem(e, what, path)}; files written before are kept; "
     if last_saved:
         return text + (f"`dpdm train --resume` continues from the checkpoint of step {last_saved} once "
                        f"{str(path.parent)!r} can be written")
+    if ran and plan_steps is not None and ran >= plan_steps:
+        return text + (f"no checkpoint was saved, and all {plan_steps} steps of the plan ran: it is spent, though no "
+                       "checkpoint holds its weights; a new run on these data needs a new plan and another --out")
     if ran:
         what_ran, them = ("step 1", "it") if ran == 1 else (f"steps 1 to {ran}", "them")
         return text + (f"no checkpoint was saved, and {what_ran} ran: once {str(path.parent)!r} can be written, the "
@@ -1907,10 +1922,13 @@ def _nonprivate_grad_sum(D, loss_obj, batch, conditional, params,
 
 
 def _resumed_lr_segments(state: dict[str, Any], config: TrainConfig) -> tuple[tuple | None, str | None]:
-    """The lr segments of a resumed run: the checkpoint's (its lr and schedule from step 0 where it records
-    none), then, where `config`'s lr or schedule differs from the last of them, a segment from the checkpoint's
-    step on. A `config` with segments of its own must agree with the checkpoint's up to that step. None where
-    the run keeps one segment (recorded as before: lr and lr_schedule alone). Also a note where the lr changes."""
+    """The lr segments of a resumed run: the checkpoint's up to its step (its lr and schedule from step 0 where
+    it records none), then, where `config`'s lr or schedule differs from the last of them, a segment from the
+    checkpoint's step on. A last one that begins at the checkpoint's step (written by a resume that spent the steps
+    a stopped attempt ran, `_unsaved_steps`, or a library config's) has trained no step the checkpoint holds:
+    `config` keeps it with its lr, or replaces it with its own. A `config` with segments of its own must agree
+    with the checkpoint's before that step. None where the run keeps one segment (recorded as before: lr and
+    lr_schedule alone). Also a note where the lr or schedule the run goes on at changes."""
     train_cfg = state["config"].get("train") or {}
     done = int(state["ledger"]["steps_done"])
     saved = train_cfg.get("lr_segments")
@@ -1919,23 +1937,31 @@ def _resumed_lr_segments(state: dict[str, Any], config: TrainConfig) -> tuple[tu
     problem = lr_segments_problem(saved if isinstance(saved, (list, tuple)) else None)
     if problem:
         raise TrainError(f"the run's checkpoint is corrupt or was edited: its lr segments {problem}")
-    history = tuple((int(a), float(b), str(c)) for a, b, c in saved if int(a) < done) or \
-        tuple((int(a), float(b), str(c)) for a, b, c in saved[:1])
+    # Up to the checkpoint's step, a segment begun there included. Dropped (r2 F3, stop 52), a resume with the
+    # spend's own lr was told of a change that was none, and one with the lr before the spend changed it without a
+    # note and drew its steps from the spend's on the seed of the steps before it (`run_seed_at`), as a copy of the
+    # folder made before the spend and resumed at that lr draws them, at other weights. Replaced, the segment keys
+    # those steps' randomness on the resume's lr as well: other seeds than any attempt before the spend drew.
+    history = tuple((int(a), float(b), str(c)) for a, b, c in saved if int(a) <= done)
+    trained = tuple(seg for seg in history if seg[0] < done)
     if config.lr_segments is not None:
         given = lr_segments_of(config)
-        if tuple(g for g in given if g[0] < done) != history:
+        if tuple(g for g in given if g[0] < done) != trained:
             raise TrainError(f"cannot resume with lr_segments {given!r}: the run trained its first {done} steps "
-                             f"with {history!r}")
+                             f"with {trained!r}")
         segments = given
     elif (config.lr, config.lr_schedule) == history[-1][1:]:
         segments = history
+    elif history[-1][0] == done:
+        segments = (*history[:-1], (done, float(config.lr), config.lr_schedule))
     else:
         segments = (*history, (done, float(config.lr), config.lr_schedule))
     note = None
-    if segments[-1][0] == done and (len(history) < len(segments) or segments[-1] != history[-1]):
+    goes_on = [seg for seg in segments if seg[0] <= done][-1]   # the lr and schedule of step done + 1
+    if goes_on[1:] != history[-1][1:]:
         _, was_lr, was_schedule = history[-1]
-        note = (f"the learning rate changes from {was_lr:g} ({was_schedule}) to {segments[-1][1]:g} "
-                f"({segments[-1][2]}) at step {done}, where the run resumes; its checkpoint records the change")
+        note = (f"the learning rate changes from {was_lr:g} ({was_schedule}) to {goes_on[1]:g} "
+                f"({goes_on[2]}) at step {done}, where the run resumes; its checkpoint records the change")
     return (None if len(segments) == 1 else segments), note
 
 

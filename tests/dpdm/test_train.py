@@ -1735,6 +1735,75 @@ def test_a_rollback_that_cannot_be_written_advises_the_replay_that_records_it(tm
         min(accounting.epsilon_spent(doc.plan, 3), doc.epsilon))
 
 
+def test_a_divergence_at_the_plans_last_step_whose_rollback_cannot_be_written_advises_no_step_past_it(tmp_path,
+                                                                                                     monkeypatch):
+    """r2 F2 (stop 52): a divergence at step 6 of 6 whose rollback hit a full disk advised a lower --lr with
+    --spend-unsaved-steps, which "goes on from step 7", and that resume is refused: the plan has no step left. The
+    line names the replay alone, which diverges at the plan's last step again and records it."""
+    import errno
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=3)
+    out = tmp_path / "run"
+    cfg = TrainConfig(**CFG, lr=3.0)
+    _diverging_run(monkeypatch, 3)
+    real = ckpt.save_checkpoint
+
+    def full_disk(state, path):
+        if state.get(ckpt.DISCARDED_STEPS_KEY):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(state, path)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+    with pytest.raises(TrainDiverged) as e:
+        train(doc, x, y, c, out, cfg, progress=False)
+    line = str(e.value)
+    assert "--spend-unsaved-steps" not in line and "step 4" not in line, line
+    assert line.endswith("once it can be written, `dpdm train --resume` without --lr or --lr-schedule (the run keeps "
+                         "its own) replays steps 3 to 3 exactly, diverges at step 3 again and records them: they end "
+                         "the plan, so no lower --lr has a step left to train"), line
+    monkeypatch.undo()
+    with pytest.raises(TrainError, match="that is all 3 steps of its plan, so a resume at another lr has no step"):
+        train(doc, x, y, c, out, dataclasses.replace(cfg, lr=1e-3), resume=True, progress=False,
+              spend_unsaved_steps=True)
+    _diverging_run(monkeypatch, 1)   # the replay of step 3 diverges there again, and is recorded
+    with pytest.raises(TrainDiverged, match="and the plan has none left"):
+        train(doc, x, y, c, out, cfg, resume=True, progress=False)
+    monkeypatch.undo()
+    assert params_of(out, "ledger")["steps_done"] == 3
+
+
+def test_a_run_that_saved_no_checkpoint_and_cannot_record_its_last_step_says_its_plan_is_spent(tmp_path, monkeypatch):
+    """r2 F2 (stop 52), before any checkpoint: a divergence at the plan's last step whose rollback, or a run whose
+    checkpoint at its end, hit a full disk advised the same command with --spend-unsaved-steps, which "goes on from
+    step 3" of 2; a new run there is refused, the plan spent. The lines say so."""
+    import errno
+
+    from dpdm.train import RunStorageError
+
+    x, y, c = tiny_data()
+    doc = tiny_plan(steps=2)
+    cfg = TrainConfig(**{**CFG, "checkpoint_every": 4}, lr=3.0)
+    for name, diverges in (("diverged", True), ("full", False)):
+        run = tmp_path / name
+        if diverges:
+            _diverging_run(monkeypatch, 2)
+        monkeypatch.setattr(ckpt, "atomic_torch_save", lambda obj, path: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, "No space left on device")))
+        with pytest.raises(TrainDiverged if diverges else RunStorageError) as e:
+            train(doc, x, y, c, run, cfg, progress=False)
+        monkeypatch.undo()
+        line = str(e.value)
+        assert "--spend-unsaved-steps" not in line and "step 3" not in line, line
+        assert line.endswith(
+            "no checkpoint holds them, and they are all 2 steps of the plan, which is spent (.steps_done records "
+            "them): a new run on these data needs a new plan and another --out" if diverges else
+            "no checkpoint was saved, and all 2 steps of the plan ran: it is spent, though no checkpoint holds its "
+            "weights; a new run on these data needs a new plan and another --out"), line
+    with pytest.raises(TrainError, match="that is all 2 steps of its plan, which is spent"):
+        train(doc, x, y, c, run, dataclasses.replace(cfg, lr=1e-3), progress=False, spend_unsaved_steps=True)
+
+
 def _run_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != ".train.lock"}
 
@@ -1837,6 +1906,40 @@ def test_a_run_killed_past_its_checkpoint_may_spend_those_steps_and_go_on_at_ano
         min(accounting.epsilon_spent(doc.plan, 6), doc.epsilon), rel=1e-12)
     assert params_of(out, ckpt.DISCARDED_STEPS_KEY) == 2 and executed == list(range(6))   # each step once
     assert (out / "metrics.csv").read_text().splitlines()[:6] == rows and _metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resume_of_a_spent_checkpoint_notes_the_lr_change_it_makes_and_no_other(tmp_path, monkeypatch):
+    """r2 F3 (stop 52): the spend records its lr from the checkpoint's own step on, and the resume dropped that
+    segment: one at the spend's lr (what `dpdm train --resume` without --lr takes) was told that the lr changes from
+    the lr before the spend, and one at that earlier lr changed it without a note and went on from step 4 on the
+    seed the steps before the spend drew from (`run_seed_at`), the seed a copy of the folder made before the spend
+    draws step 4 from, resumed at that lr, at other weights. The segment is kept, or replaced with the resume's lr:
+    the notes say what changes, and those steps draw other seeds than any attempt before the spend."""
+    from dpdm.train import _resumed_lr_segments, run_seed_at
+
+    (x, y, c), doc, out, _ = _killed_past_its_checkpoint(tmp_path, monkeypatch, killed_after=3)   # 3 ran, 2 saved
+    spend = TrainConfig(**CFG, lr=1e-3)
+    kill_as_step_begins(monkeypatch, 3)
+    with pytest.raises(Stop):   # killed as step 4 begins, right after the spend's checkpoint
+        train(doc, x, y, c, out, spend, resume=True, progress=False, spend_unsaved_steps=True)
+    monkeypatch.undo()
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
+    spent = ((0, 3e-4, "constant"), (3, 1e-3, "constant"))
+    assert state["ledger"]["steps_done"] == 3 and tuple(map(tuple, state["config"]["train"]["lr_segments"])) == spent
+    assert _resumed_lr_segments(state, spend) == (spent, None)   # the run's own lr: nothing changes, no note
+    given = TrainConfig(**CFG, lr=5e-4, lr_segments=((0, 3e-4, "constant"), (3, 5e-4, "constant")))
+    assert _resumed_lr_segments(state, given) == (given.lr_segments, (
+        "the learning rate changes from 0.001 (constant) to 0.0005 (constant) at step 3, where the run resumes; its "
+        "checkpoint records the change"))
+    back = ((0, 3e-4, "constant"), (3, 3e-4, "constant"))   # the lr before the spend replaces the spend's
+    note = ("the learning rate changes from 0.001 (constant) to 0.0003 (constant) at step 3, where the run resumes; "
+            "its checkpoint records the change")
+    assert _resumed_lr_segments(state, TrainConfig(**CFG)) == (back, note)
+    seed = state["config"]["train"]["seed"]
+    assert all(run_seed_at(seed, back, s) not in (seed, run_seed_at(seed, spent, s)) for s in (3, 4, 5))
+    notes = []
+    summary = train(doc, x, y, c, out, TrainConfig(**CFG), resume=True, progress=False, on_start=notes.extend)
+    assert note in notes and summary["steps_done"] == 6 and summary["lr_segments"] == [list(s) for s in back]
 
 
 def test_a_new_run_after_an_attempt_killed_before_its_first_checkpoint_spends_its_steps_or_is_refused(tmp_path,
