@@ -366,7 +366,7 @@ def test_a_class_count_read_from_the_private_labels_warns(tiny, capsys):
     assert code == 0 and "the number of classes (3) was read from the private labels" in err
     # Said once the checks have passed, before the first step: a refused run stays one error line.
     code, _, err = run_cli(_train_args(d, d / "run2", "--dataset", f"npz:{d / 'inferred.npz'}"), capsys)
-    assert "already holds a run" in _one_error_line(code, err)
+    assert "already holds a finished run" in _one_error_line(code, err)
 
 
 @pytest.mark.slow   # stop 47: 9-25 s on 2 cores; moved out of `make test` to keep it under 15 minutes

@@ -418,7 +418,8 @@ def test_ranks_with_another_plan_or_data_are_refused_before_training(tiny):
     lines = sorted(ln for ln in r.stderr.splitlines() if ln.startswith("dpdm: "))
     assert lines == ["dpdm: error: another rank stopped before the first step (its own line says why); nothing was "
                      "written", "dpdm: error: the data has 20 examples but the plan was made for dataset_size=24; a "
-                     "plan is valid only for data of its size"], r.stderr[-3000:]
+                     "plan is valid only for data of its size: make one for this data (`dpdm plan ... "
+                     "--dataset-size 20`; nothing has trained under it, so it costs nothing)"], r.stderr[-3000:]
     assert "Traceback" not in r.stderr.split("torch/distributed/elastic")[0] and not out.exists()
 
 
