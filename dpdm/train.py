@@ -2126,10 +2126,16 @@ def _unsaved_steps(out: Path, state: dict[str, Any] | None, segments, plan_steps
                         f"the weights of step {done}, and the run goes on from step {ran + 1} (the model loses "
                         f"{ran - done} step{'s' if ran - done != 1 else ''}, the budget does not get "
                         f"{them} back)")
+    return _agreed_spend(dist, refusal, spent_to, "resume"), note, raw
+
+
+def _agreed_spend(dist: "_Dist", refusal: str | None, spent_to: int | None, what: str) -> int | None:
+    """Rank 0's verdict on the steps record (`_unsaved_steps`, `_unsaved_steps_of_a_new_run`), taken by every rank:
+    TrainError with rank 0's refusal, else the steps spent (None: none)."""
     code = dist.broadcast_int(-1 if refusal is not None else spent_to or 0)
     if code < 0:
-        raise TrainError(refusal or "rank 0 refused to resume the run (its line says why); nothing was written")
-    return (code or None), note, raw
+        raise TrainError(refusal or f"rank 0 refused to {what} the run (its line says why); nothing was written")
+    return code or None
 
 
 def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool,
@@ -2171,10 +2177,7 @@ def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool,
                         f"(--spend-unsaved-steps): this run starts with a ledger of {ran} steps and new weights, "
                         f"and goes on from step {ran + 1} (the model loses {ran} step{'s' if ran != 1 else ''}, "
                         f"the budget does not get {them} back)")
-    code = dist.broadcast_int(-1 if refusal is not None else spent_to or 0)
-    if code < 0:
-        raise TrainError(refusal or "rank 0 refused to start the run (its line says why); nothing was written")
-    return (code or None), note, raw
+    return _agreed_spend(dist, refusal, spent_to, "start"), note, raw
 
 
 def _patterns(patterns: tuple[str, ...] | None) -> str:

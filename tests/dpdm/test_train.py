@@ -1526,6 +1526,20 @@ def test_the_lr_may_change_on_resume_and_replays_exactly_from_its_segments(tmp_p
         TrainConfig(lr=1e-3, lr_segments=((0, 2e-3, "constant"),))
 
 
+def _full_disk_at_the_rollback(monkeypatch):
+    """`ckpt.save_checkpoint` fails with ENOSPC for a rollback's checkpoint (one with discarded steps) only."""
+    import errno
+
+    real = ckpt.save_checkpoint
+
+    def full_disk(state, path):
+        if state.get(ckpt.DISCARDED_STEPS_KEY):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(state, path)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+
+
 def _diverging_run(monkeypatch, at_step):
     """Records what the next `train` does: the copy of each checkpoint it saves, and (step, weights) at the start of
     each private step it executes; its weights "diverge" at its `at_step`-th step."""
@@ -1700,20 +1714,11 @@ def test_a_rollback_that_cannot_be_written_advises_the_replay_that_records_it(tm
     F1, stop 51). The line now says to resume without --lr or --lr-schedule (r3 F1: under a cosine schedule the
     lr it named was the decayed one, another lr to the resume); the run's own lr replays step 3 exactly, diverges
     there again and records it."""
-    import errno
-
     x, y, c = tiny_data()
     doc = tiny_plan(steps=6)
     out = tmp_path / "run"
     _diverging_run(monkeypatch, 3)
-    real = ckpt.save_checkpoint
-
-    def full_disk(state, path):
-        if state.get(ckpt.DISCARDED_STEPS_KEY):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(state, path)
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+    _full_disk_at_the_rollback(monkeypatch)
     with pytest.raises(TrainDiverged) as e:
         train(doc, x, y, c, out, TrainConfig(**CFG, lr=3.0), progress=False)
     line = str(e.value)
@@ -1740,21 +1745,12 @@ def test_a_divergence_at_the_plans_last_step_whose_rollback_cannot_be_written_ad
     """r2 F2 (stop 52): a divergence at step 6 of 6 whose rollback hit a full disk advised a lower --lr with
     --spend-unsaved-steps, which "goes on from step 7", and that resume is refused: the plan has no step left. The
     line names the replay alone, which diverges at the plan's last step again and records it."""
-    import errno
-
     x, y, c = tiny_data()
     doc = tiny_plan(steps=3)
     out = tmp_path / "run"
     cfg = TrainConfig(**CFG, lr=3.0)
     _diverging_run(monkeypatch, 3)
-    real = ckpt.save_checkpoint
-
-    def full_disk(state, path):
-        if state.get(ckpt.DISCARDED_STEPS_KEY):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(state, path)
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+    _full_disk_at_the_rollback(monkeypatch)
     with pytest.raises(TrainDiverged) as e:
         train(doc, x, y, c, out, cfg, progress=False)
     line = str(e.value)
