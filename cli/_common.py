@@ -267,6 +267,33 @@ def recorded_steps(out_dir: str) -> int:
         return 0
 
 
+def recorded_plan_steps(out_dir: str) -> int | None:
+    """The steps of the plan in `out_dir`'s plan.json (a run folder's copy), or None where it cannot be read: for
+    advice lines only (`dpdm train` verifies the plan itself). Without importing torch."""
+    try:
+        with open(os.path.join(os.path.expanduser(out_dir), "plan.json"), encoding="utf-8") as f:
+            steps = json.load(f).get("steps")
+        return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def unsaved_steps_advice(out_dir: str) -> str | None:
+    """What continues a run in `out_dir` stopped before its first checkpoint after it recorded steps (`.steps_done`):
+    the same command with --spend-unsaved-steps, or, where they are all its plan's steps, a new plan (the plan is
+    spent, and --spend-unsaved-steps is refused there). None where no step is recorded."""
+    ran = recorded_steps(out_dir)
+    if not ran:
+        return None
+    them, are = ("them", "are") if ran != 1 else ("it", "is")
+    steps = recorded_plan_steps(out_dir)
+    if steps is not None and ran >= steps:
+        return (f"all {steps} steps of its plan ran and are spent, with no checkpoint: a new run needs a new plan and "
+                "another --out")
+    return (f"{ran} step{'s' if ran != 1 else ''} ran and {are} spent: the same command with --spend-unsaved-steps "
+            f"counts {them} and goes on (or train in another --out and count {them})")
+
+
 def warn_inferred_channels(name: str, data) -> None:
     """Private data whose channel count was read off its own images (a ``folder:`` dataset: one colour-mode
     image holding colour makes every image RGB): the trained model and its samples reveal it, and one record can

@@ -247,14 +247,11 @@ def _resume_hint(argv: list[str] | None) -> str:
             return (f"; the run is complete ({steps} of {steps} steps): dpdm sample and dpdm export use it as it is "
                     "(--resume refuses a finished run)")
         return "; a training run continues with --resume"
-    from cli._common import recorded_steps
+    from cli._common import unsaved_steps_advice
 
-    ran = recorded_steps(out) if out is not None else 0
-    if ran:   # a new run there is refused without --spend-unsaved-steps (`dpdm.train.STEPS_RECORD`)
-        return (f"; no checkpoint was written yet, but {ran} step{'s' if ran != 1 else ''} ran and "
-                f"{'are' if ran != 1 else 'is'} spent: the same command with --spend-unsaved-steps counts "
-                f"{'them' if ran != 1 else 'it'} and goes on (or train in another --out and count "
-                f"{'them' if ran != 1 else 'it'})")
+    advice = unsaved_steps_advice(out) if out is not None else None
+    if advice:   # a new run there is refused without --spend-unsaved-steps (`dpdm.train.STEPS_RECORD`)
+        return f"; no checkpoint was written yet, but {advice}"
     return "; no checkpoint was written yet: the same command starts the run again"
 
 

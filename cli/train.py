@@ -6,8 +6,8 @@ import os
 import click
 
 from cli._common import (DatasetName, FiniteFloatRange, PathOption, emit_json, info, load_locked_plan, load_public_data,
-                         load_training_data, plan_dataset_name, recorded_steps, resolve_device, warn,
-                         warn_binary_pixels, warn_dataset_not_plans, warn_empty_classes, warn_exif_orientation,
+                         load_training_data, plan_dataset_name, recorded_plan_steps, recorded_steps, resolve_device,
+                         warn, warn_binary_pixels, warn_dataset_not_plans, warn_empty_classes, warn_exif_orientation,
                          warn_if_slow_bf16, warn_inferred, warn_known_seed, warn_unlabelled_npz)
 from cli.errors import BadInput, runtime_failure
 from dpdm.report_utils import epsilon_text
@@ -254,6 +254,11 @@ def _check_something_to_resume(out_dir: str) -> None:
     path = os.path.join(os.path.expanduser(out_dir), "checkpoint.pt")
     if not os.path.lexists(path):
         ran = recorded_steps(out_dir)   # spent: a new run there needs --spend-unsaved-steps (`dpdm.train.STEPS_RECORD`)
+        plan_steps = recorded_plan_steps(out_dir)
+        if ran and plan_steps is not None and ran >= plan_steps:
+            raise BadInput(f"nothing to resume: {path!r} does not exist; the run stopped before its first checkpoint "
+                           f"after all {plan_steps} steps of its plan, which are spent: a new run needs a new plan "
+                           "and another --out")
         raise BadInput(f"nothing to resume: {path!r} does not exist; a run stopped before its first checkpoint "
                        "starts again with the same command without --resume" + (
                            "" if not ran else f" and with --spend-unsaved-steps, which counts the {ran} step"

@@ -117,6 +117,12 @@ def test_the_line_advises_resume_only_where_a_checkpoint_is(tmp_path):
     assert _resume_hint(["train", "--plan", "p.json", "--out", str(run)]) == (
         "; no checkpoint was written yet, but 3 steps ran and are spent: the same command with --spend-unsaved-steps "
         "counts them and goes on (or train in another --out and count them)")
+    # all the plan's steps ran: --spend-unsaved-steps is refused there (the plan is spent), so the line says so
+    (run / "plan.json").write_text('{"steps": 3}')
+    assert _resume_hint(["train", "--plan", "p.json", "--out", str(run)]) == (
+        "; no checkpoint was written yet, but all 3 steps of its plan ran and are spent, with no checkpoint: a new "
+        "run needs a new plan and another --out")
+    (run / "plan.json").write_text("{}")
     (run / ".steps_done").unlink()
     (run / "checkpoint.pt").write_bytes(b"x")
     for argv in (["train", "--plan", "p.json", "--out", str(run)], ["train", f"--out={run}", "--resume"]):
@@ -195,6 +201,14 @@ def test_resume_with_nothing_to_resume_says_to_run_the_command_without_it(tmp_pa
     assert err == (f"dpdm: error: nothing to resume: {str(run / 'checkpoint.pt')!r} does not exist; a run stopped "
                    "before its first checkpoint starts again with the same command without --resume and with "
                    "--spend-unsaved-steps, which counts the 1 step it ran\n"), err
+    record = _StepsRecord(run, ((0, 3e-4, "constant"),), 1)   # the plan's last step ran too
+    record.open()
+    record.note(int(accounting.load_plan(tmp_path / "plan.json").plan.steps))
+    record.close()
+    (run / "plan.json").write_bytes((tmp_path / "plan.json").read_bytes())   # the run folder's copy of its plan
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "which are spent: a new run needs a new plan and another --out\n" in err and err.count("\n") == 1, err
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert main(args) == 2
     err = capsys.readouterr().err
