@@ -120,6 +120,12 @@ def _alpha(alpha) -> float:
     return float(alpha)
 
 
+def _check_noise_multiplier(noise_multiplier) -> None:
+    """ValueError unless the checks' ``noise_multiplier`` is a number > 0."""
+    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a number > 0")
+
+
 def _guarded(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
     """A check that crashes fails (with the error as its detail) instead of aborting the suite."""
     try:
@@ -490,8 +496,7 @@ def check_engine(
     check's.
     """
     alpha = _alpha(alpha)
-    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
-        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a number > 0")
+    _check_noise_multiplier(noise_multiplier)
     p = tiny_problem(seed=seed)
     loop = _loop_grads(p)
     # The replays cancel the noise exactly only where it is not too large against the gradients (in float64, a
@@ -539,8 +544,7 @@ def check_run_seed(
     regenerate every step's noise and subtract it. ``check_engine``'s noise checks compare steps of one run and
     cannot see that (h123 F1, stop 52); ``sampler_deterministic`` is the same check for the Poisson batches."""
     alpha = _alpha(alpha)
-    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
-        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a number > 0")
+    _check_noise_multiplier(noise_multiplier)
     p = tiny_problem(seed=seed)
     fns = [private_grad_fn] + ([] if after_lr_change is None else [after_lr_change])
     return [_guarded("noise_keyed_by_run_seed", lambda: _noise_test(
@@ -708,8 +712,7 @@ def check_network(
     measure a gradient of 1e-5 of its scale or a norm to a few ulps.
     """
     alpha = _alpha(alpha)
-    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
-        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a number > 0")
+    _check_noise_multiplier(noise_multiplier)
     p, ref = net.problem, net.reference
     E = 4.0
     call = _Caller(private_grad_fn, p, 0.0, E)
@@ -849,8 +852,7 @@ def check_subspace(
     import torch
 
     alpha = _alpha(alpha)
-    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
-        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a number > 0")
+    _check_noise_multiplier(noise_multiplier)
     p = tiny_problem(seed=seed)
     loop = _loop_grads(p)
     Q = _top_directions(p, loop, dim)

@@ -256,15 +256,11 @@ def warn_dataset_not_plans(dataset: str | None, plan_dataset: str | None, what: 
 
 
 def recorded_steps(out_dir: str) -> int:
-    """The steps a private run in `out_dir` recorded in `.steps_done` (`dpdm.train.STEPS_RECORD`, whose line begins
-    "dpdm-steps-run v1 STEPS"), or 0 where there is none or it cannot be read: for advice lines only (`dpdm train`
-    itself reads and checks the record). Without importing torch, for `cli.main`'s signal lines."""
-    try:
-        with open(os.path.join(os.path.expanduser(out_dir), ".steps_done"), "rb") as f:
-            parts = f.read(256).split(b"\n", 1)[0].split()
-        return int(parts[2]) if parts[:2] == [b"dpdm-steps-run", b"v1"] and len(parts) > 2 else 0
-    except (OSError, ValueError):
-        return 0
+    """The steps a private run in `out_dir` recorded (`dpdm.steps_record`), or 0: for advice lines only. Without
+    importing torch, for `cli.main`'s signal lines."""
+    from dpdm.steps_record import recorded_steps as read
+
+    return read(out_dir)
 
 
 def recorded_plan_steps(out_dir: str) -> int | None:

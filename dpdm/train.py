@@ -47,6 +47,7 @@ from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
 from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
 from dpdm.report_utils import epsilon_text
+from dpdm.steps_record import RECORD_HEAD as _RECORD_HEAD, RECORD_WIDTH as _RECORD_WIDTH, STEPS_RECORD
 from dpdm.sampling import PRECISIONS, SIGMA_LIMITS, autocast_for
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -1973,10 +1974,8 @@ def _resumed_lr_segments(state: dict[str, Any], config: TrainConfig) -> tuple[tu
 # exactly (the same seeds, batches and noise at the same weights), while one with another lr would train them
 # again on fresh noise under a ledger that never counted the first attempt's. `_unsaved_steps` tells the two
 # apart by the record: the steps ran (the most any attempt reached) and a digest of the lr segments they ran
-# under (`_segments_digest`), and their last lr and schedule, which the refusal names.
-STEPS_RECORD = ".steps_done"
-_RECORD_HEAD = "dpdm-steps-run v1"
-_RECORD_WIDTH = 128   # bytes: the line, padded, so that each write replaces the last one whole
+# under (`_segments_digest`), and their last lr and schedule, which the refusal names. Its name and line format:
+# `dpdm.steps_record` (STEPS_RECORD), which the CLI's advice lines read without torch.
 
 
 def _segments_digest(segments, steps: int) -> str:
