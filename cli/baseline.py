@@ -5,8 +5,7 @@ import click
 
 from cli._common import (DatasetName, FiniteFloatRange, PathOption, check_augment_shift, emit_json, load_locked_plan,
                          load_public_data, load_training_data, plan_dataset_name, resolve_device,
-                         unread_arrays_shown, warn, warn_dataset_not_plans, warn_exif_orientation, warn_inferred,
-                         warn_known_seed)
+                         unread_arrays_shown, warn, warn_dataset_not_plans, warn_exif_orientation, warn_known_seed)
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
@@ -124,13 +123,14 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
     try:
         result = train_dp_classifier(doc, train, test, lr=lr or DEFAULT_LR, seed=seed,
                                      device=resolve_device(device), chunk_size=physical_batch,
-                                     progress=not quiet, public=public, public_epochs=public_epochs,
+                                     progress=not quiet, public=public, public_checked=True,
+                                     public_epochs=public_epochs,
                                      subspace_dim=subspace_dim, subspace_every=subspace_every,
                                      subspace_examples=subspace_examples, augment_shift=augment_shift,
                                      augment_multiplicity=augment_mult)
     except ValueError as e:  # DataError and engine argument checks
         raise BadInput(str(e)) from None
-    warn_inferred(name, train)   # after the library's checks: a refused run stays one error line
+    _warn_inferred(shown, train)   # after the library's checks: a refused run stays one error line
     warn_exif_orientation(name, train)
     warn_dataset_not_plans(dataset, doc.plan.dataset_name, "the result")   # as `dpdm train` warns
     if result["test_images_in_train"]:
@@ -155,3 +155,19 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
             click.echo(f"  each example as {aug['multiplicity']} copies shifted by up to {aug['shift']} px, "
                        f"their averaged loss clipped as a whole")
 
+
+def _warn_inferred(shown: str, train) -> None:
+    """`cli._common.warn_inferred` for the baseline: the data named as it was given (`shown`: the plan's dataset where
+    no --dataset was, r1 N1), and what is released is an accuracy, not a model whose outputs show the class count
+    (h132 N3). The channel count's note is `dpdm.datasets.inferred_channels_note`'s, worded for a trained model."""
+    from dpdm.datasets import inferred_channels_note
+
+    note = inferred_channels_note(train) if getattr(train, "channels_inferred", False) else None
+    if note:
+        warn(f"{shown}: {note}")
+    if train.num_classes_inferred:
+        read, fix = (("is that of the class folders, each of which must hold a private image",
+                      "give the data as an npz with num_classes") if train.class_names is not None else
+                     ("was read from the private labels (their largest + 1)", "store num_classes in the npz"))
+        warn(f"{shown}: the number of classes ({train.num_classes}) {read}, and the CNN has that many outputs, so "
+             f"its accuracy depends on it outside the DP guarantee; {fix} to fix it publicly")

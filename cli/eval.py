@@ -71,10 +71,10 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     """
     from dpdm.datasets import (DataError, absolute_dataset_name, empty_classes, exif_orientation_note, has_test_split,
                                load_dataset, load_npz, shared_images)
-    from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, check_public_data, check_samples_held_out,
-                               check_test_data, cache_folder_problem, cnn_size_problem, evaluate_samples,
+    from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, cache_folder_problem, check_public_data,
+                               check_samples_held_out, check_test_data, cnn_size_problem, evaluate_samples,
                                label_counts_problem, load_inception, match_test_classes, near_copies_above_floor,
-                               skipped_metrics)
+                               samples_fit_problem, skipped_metrics)
 
     kinds = tuple(k.strip() for k in classifiers.split(",") if k.strip())
     for k in kinds:
@@ -135,6 +135,10 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
             real_test = match_test_classes(real_train, real_test)
         except DataError as e:
             raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
+    for real in (real_train, real_test):   # evaluate_samples checks it too, after the lines below (h132 F1)
+        problem = None if real is None else samples_fit_problem(samples, real)
+        if problem:
+            raise BadInput(f"--samples={samples_path!r}: {problem}")
     skipped = skipped_metrics(samples, real_train, real_test, kinds)
     accuracies = bool(kinds) and "classifiers" not in skipped
     # Nothing else computable (unlabelled real data, no Inception weights) is no refusal: the checks for samples that
@@ -174,7 +178,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
             check_public_data(public, real_train, real_test)
         except DataError as e:
             raise BadInput(f"--public-pretrain={public_name!r}: {e}") from None
-    in_train = in_test = 0
+    in_train = 0
+    held_out = None   # check_samples_held_out's counts: searched once, here, before any training
     if real_test is not None:
         try:   # the rule of `dpdm baseline dp-classifier`: a few duplicates are reported, half or more refused
             in_train = check_test_data(real_train, real_test)
@@ -182,15 +187,27 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
             raise BadInput(f"--test-dataset={test_dataset or dataset!r}: {e}") from None
         if accuracies:   # the same rule for test images among the samples, which the classifiers train on
             try:
-                in_test = check_samples_held_out(samples, real_test, real_train)
+                held_out = check_samples_held_out(samples, real_test, real_train, counts=True)
             except DataError as e:
                 raise BadInput(f"--samples={samples_path!r}: {e}") from None
     if in_train:
         warn(f"{in_train} of the {len(real_test)} test images of {real_test.name!r} are also training "
              "images; their accuracy is not held-out")
+    in_test = 0 if held_out is None else held_out["samples_in_test"]
     if in_test:
         warn(f"{in_test} of the {len(samples)} samples in {samples_path!r} are test images of {real_test.name!r}; "
              "the classifiers train on them, so their accuracy is not held-out")
+    near_test = None if held_out is None else held_out["test_images_near_samples"]
+    if near_test is not None:
+        n, floor, floor_n = held_out["test_images_near_samples_n"], held_out["floor"], held_out["floor_n"]
+        # Below the half that refuses, as the near-copies of training images are: only clearly above the rate of
+        # training images (distinct images of upsampled low-resolution data can be this alike; h132 F3)
+        if near_copies_above_floor(near_test, n, floor, floor_n):
+            searched = "" if n == len(real_test) else f" (a seeded subsample of its {len(real_test)})"
+            than = "" if floor is None else f"; {floor} of {floor_n} training images do"
+            warn(f"{near_test} {'more ' if in_test else ''}of the {n} test images of {real_test.name!r}{searched} "
+                 f"have near-copies among the samples in {samples_path!r} (shifted by a pixel, mirrored, brightened, "
+                 f"noised or re-encoded{than}); the classifiers train on them, so their accuracy is not held-out")
     if real_test is not None:
         if provenance["dataset"] is None and provenance["private"] is not None:
             # dpdm samples whose model's data has no public name (a path its plan does not name): they cannot say
@@ -232,7 +249,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                                   cache_dir=cache_dir, reference_epochs=reference_epochs or REFERENCE_EPOCHS,
                                   inception=inception, seed=seed, device=resolve_device(device),
                                   progress=None if as_json else info, public=public, public_checked=True,
-                                  public_epochs=public_epochs, shift=augment_shift, samples_checked=True, warn=warn)
+                                  public_epochs=public_epochs, shift=augment_shift, samples_checked=True,
+                                  held_out=held_out, warn=warn)
     except np.linalg.LinAlgError:   # a ValueError, but a numerical failure, not bad input: exit 4
         raise
     except ValueError as e:  # DataError (shape / label mismatch), no cache folder
@@ -409,9 +427,10 @@ def non_private_line(report: dict) -> str | None:
     if not names:
         return None
     listed = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
-    are = "is" if len(names) == 1 and names[0] in _SINGULAR_NAMES else "are"
+    one = len(names) == 1 and names[0] in _SINGULAR_NAMES
+    are, they, them = ("is", "it is", "it") if one else ("are", "they are", "them")
     return (f"note: {listed} {are} computed WITHOUT privacy from the private training split of {report['dataset']}: "
-            f"they are outside the DP guarantee; share them only as you would that data")
+            f"{they} outside the DP guarantee; share {them} only as you would that data")
 
 
 def held_out_line(report: dict) -> str | None:

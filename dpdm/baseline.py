@@ -84,7 +84,7 @@ def train_dp_classifier(plan: accounting.PlanDocument | accounting.PrivacyPlan, 
                         *, lr: float = DEFAULT_LR, seed: int | None = None, device: str | torch.device = "cpu",
                         chunk_size: int | None = None, progress: bool = False,
                         public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
-                        subspace_dim: int | None = None, subspace_every: int = 10,
+                        public_checked: bool = False, subspace_dim: int | None = None, subspace_every: int = 10,
                         subspace_examples: int = 512, augment_shift: int = 0,
                         augment_multiplicity: int = 1) -> dict:
     """Trains a GroupNorm CNN with DP-SGD under `plan` and measures its real test accuracy.
@@ -101,7 +101,9 @@ def train_dp_classifier(plan: accounting.PlanDocument | accounting.PrivacyPlan, 
       chunk_size: examples per vmap chunk (memory knob, privacy-neutral).
       progress: show a progress bar on stderr.
       public: labelled public data of the same image shape and classes: trained on without
-        privacy (Adam, batch 128, `public_epochs` epochs) before the DP-SGD steps.
+        privacy (Adam, batch 128, `public_epochs` epochs) before the DP-SGD steps; checked with
+        `evaluate.check_public_data` unless `public_checked` (the caller did: its near-copy search costs seconds,
+        25 to 45 for digits-fonts28-aug against mnist5k).
       subspace_dim: add the noise in the top-k subspace of the public examples' clipped gradients,
         recomputed every `subspace_every` steps from `subspace_examples` of them (as `dpdm train
         --public-subspace`; needs `public`). Same plan, same epsilon.
@@ -143,8 +145,8 @@ def train_dp_classifier(plan: accounting.PlanDocument | accounting.PrivacyPlan, 
             raise DataError(f"the images of {data.name!r} have pixels in [{float(data.x.min()):g}, "
                             f"{float(data.x.max()):g}]; they must lie in [-1, 1] (uint8 pixels p as p / 127.5 - 1, as "
                             "dpdm.datasets loads them)")
-    if not lr > 0:
-        raise ValueError(f"lr={lr!r} must be > 0")
+    if not 0 < lr < float("inf"):   # inf (and NaN) trained NaN weights
+        raise ValueError(f"lr={lr!r} must be a finite number > 0")
     problem = noise_scale_problem(plan.noise_multiplier, plan.clip_norm)
     if problem:
         raise ValueError(f"the plan cannot be trained: {problem}")
@@ -160,7 +162,7 @@ def train_dp_classifier(plan: accounting.PlanDocument | accounting.PrivacyPlan, 
         raise DataError(f"test data {test.name!r} holds no images")
     test = match_test_classes(train, test)   # a test folder may lack a class: its labels by class name
     shared = check_test_data(train, test)   # `dpdm eval`'s rule: the classes, and at most a few duplicates
-    if public is not None:
+    if public is not None and not public_checked:
         check_public_data(public, train, test)   # public_epochs is checked by pretrain_on_public
     if subspace_dim is not None:
         if public is None:

@@ -51,7 +51,8 @@ misses; the real test images' own count of them is their floor (``"test_images_n
 upsampled low-resolution data can be this alike), and only a count clearly above it tells of copying
 (`near_copies_above_floor`). It counts the samples that are test images too (``"samples_in_test"``): the
 classifiers train on them, so half or more of the test images among the samples, as copies or near-copies, is
-refused when the accuracies are computed (`check_samples_held_out`).
+refused when the accuracies are computed (`check_samples_held_out`); fewer near-copies are counted
+(``"test_images_near_samples"``) for a warning when clearly more than of as many training images.
 
 What needs labels is skipped, with its reason under ``"skipped"``, when they are missing: the
 accuracies need labelled samples and a labelled test split; the reference CNN (classifier FD,
@@ -114,6 +115,7 @@ __all__ = [
     "pretrain_on_public",
     "random_shift",
     "reference_classifier",
+    "samples_fit_problem",
     "samples_near_train",
     "skipped_metrics",
 ]
@@ -135,6 +137,8 @@ NEAR_COPY_ALPHA = 1e-3
 # The test images searched for near-copies among the samples (`check_samples_held_out`): a seeded subsample of a larger
 # test split, and as many training images for the samples' rate of near-copies of real images they need not hold.
 HELD_OUT_SEARCH_IMAGES = 1000
+# The most bytes a cached reference CNN's record (.json) may hold: its four figures take about 150.
+_REFERENCE_RECORD_LIMIT = 4096
 # A temporary file of `_atomic_write` this old (seconds) is a killed run's leftover: a write takes under a second.
 _STALE_TEMP_SECONDS = 3600
 _TEMP_NAME = re.compile(r"\..+\.(pt|json)\.\d+\.tmp")
@@ -271,15 +275,19 @@ def pretrain_on_public(model: nn.Module, public: ImageData, *, epochs: int = DEF
 
 def check_public_data(public: ImageData, real: ImageData, *others: ImageData | None) -> None:
     """Raises DataError unless `public` is labelled, has `real`'s image shape and classes (by name where both name
-    them), shares no image with `real` or `others` (`datasets.shared_images`) and holds fewer than max(1, 0.1% of
-    its images) near-copies of theirs (`datasets.near_copies`: shifted by a pixel, mirrored, brightened, noised or
-    re-encoded; images under 16 pixels a side are compared exactly only). Whatever its name, a copy of the
+    them; those of the first labelled of `others` where `real` has no labels), shares no image with `real` or
+    `others` (`datasets.shared_images`) and holds fewer than max(1, 0.1% of its images) near-copies of theirs
+    (`datasets.near_copies`: shifted by a pixel, mirrored, brightened, noised or re-encoded; images under 16
+    pixels a side are compared exactly only). Whatever its name, a copy of the
     real images is not public, and pretraining on held-out images would inflate their test accuracy; the
     allowance (`datasets.near_copy_limit`) absorbs chance matches between distinct images of a large set."""
-    if public.y is None or public.image_shape != real.image_shape or public.num_classes != real.num_classes:
+    # Unlabelled private training data has no classes (0): the public data's are those of a labelled test split
+    labelled = real if real.y is not None else next((o for o in others if o is not None and o.y is not None), real)
+    if public.y is None or public.image_shape != real.image_shape or public.num_classes != labelled.num_classes:
         raise DataError(f"public data {public.name!r} must be labelled, of shape "
-                        f"{'x'.join(map(str, real.image_shape))} and {real.num_classes} classes, like {real.name!r}")
-    problem = class_names_problem(public, real)
+                        f"{'x'.join(map(str, real.image_shape))} and {labelled.num_classes} classes, like "
+                        f"{labelled.name!r}")
+    problem = class_names_problem(public, labelled)
     if problem:
         raise DataError(problem)
     reals = (real, *(o for o in others if o is not None))
@@ -393,13 +401,18 @@ def check_test_data(real_train: ImageData, real_test: ImageData) -> int:
                             f"training data {real_train.name!r} has no image of; they must share their classes")
     shared = shared_images(real_test, real_train)
     if len(real_test) and 2 * shared >= len(real_test):
+        # Unlabelled data: no accuracy, the test images serve the floors of the FD and of the near-copy count
+        what = "the test accuracy" if real_train.y is not None and real_test.y is not None else \
+            "what is measured on the test images"
         raise DataError(f"{shared} of the {len(real_test)} test images of {real_test.name!r} are training images of "
-                        f"{real_train.name!r}; the test accuracy must come from held-out images")
+                        f"{real_train.name!r}; {what} must come from held-out images")
     return shared
 
 
-def check_samples_held_out(samples: ImageData, real_test: ImageData, real_train: ImageData | None = None) -> int:
-    """How many of the `samples` are images of `real_test` (`datasets.shared_images`).
+def check_samples_held_out(samples: ImageData, real_test: ImageData, real_train: ImageData | None = None, *,
+                           counts: bool = False) -> int | dict:
+    """How many of the `samples` are images of `real_test` (`datasets.shared_images`); with `counts`, what the
+    search found (`_held_out_counts`), for the report and its warning.
 
     The downstream classifiers train on the samples: test images among them make the test accuracy partly a
     training accuracy (real held-out images given as samples, for a "real data" figure, scored as high as the
@@ -412,39 +425,62 @@ def check_samples_held_out(samples: ImageData, real_test: ImageData, real_train:
     this alike, and more so against many samples, so the share of test images with an exact or near copy among the
     samples must also be clearly above that of as many `real_train` images (`near_copies_above_floor`; without
     `real_train`, any share counts). Searched on a seeded subsample of `HELD_OUT_SEARCH_IMAGES` test images (and
-    as many training images, only where the test images pass half): len(samples) * 1000 pairs, about 3 s of one
-    CPU core for 10,000 samples of 28x28. `dpdm eval` runs it once (`evaluate_samples`'s ``samples_checked``).
+    as many training images, where the test images pass half or have a near-copy among the samples):
+    len(samples) * 1000 pairs, about 3 s of one CPU core for 10,000 samples of 28x28. `dpdm eval` runs it once
+    (`evaluate_samples`'s ``held_out``).
 
     Raises:
       DataError: half or more of the test images are samples, or have near-copies among them.
+    """
+    found = _held_out_counts(samples, real_test, real_train)
+    return found if counts else found["samples_in_test"]
+
+
+def _held_out_counts(samples: ImageData, real_test: ImageData, real_train: ImageData | None = None) -> dict:
+    """`check_samples_held_out`'s refusal, and what its search found: ``"samples_in_test"`` (the samples that are
+    test images, an exact count), ``"test_images_near_samples"`` (of ``"test_images_near_samples_n"`` test images
+    searched, those with a near-copy but no exact copy among the samples; both None for images under
+    `NEAR_COPY_MIN_SIDE` pixels a side), and their floor, ``"floor"`` of ``"floor_n"`` training images with such a
+    near-copy among the samples (None without `real_train`, or where no test image has one: nothing to compare).
+    `near_copies_above_floor` of the four tells of test images copied below the half that refuses: the classifiers
+    train on them, so their accuracy is not held-out, as for exact copies (h132 F3). The floor is computed without
+    privacy from the training images: said to their owner only (`dpdm eval`'s warning), never in a report.
+
+    Raises:
+      DataError: as `check_samples_held_out`.
     """
     seen = shared_images(real_test, samples)
     if len(real_test) and 2 * seen >= len(real_test):
         raise DataError(f"{seen} of the {len(real_test)} test images of {real_test.name!r} are among the samples, "
                         "which the classifiers train on; the test accuracy must come from held-out images")
+    counts = {"samples_in_test": shared_images(samples, real_test), "test_images_near_samples": None,
+              "test_images_near_samples_n": None, "floor": None, "floor_n": None}
     if len(real_test) and min(samples.image_shape[-2:]) >= NEAR_COPY_MIN_SIDE:
         test = _subsample(real_test, HELD_OUT_SEARCH_IMAGES, 0)
-        near = _with_copies_in(test, samples)
-        if 2 * near >= len(test):
-            floor = floor_n = None
-            if real_train is not None:
-                train = _subsample(real_train, len(test), 0)
-                floor, floor_n = _with_copies_in(train, samples), len(train)
-            if near_copies_above_floor(near, len(test), floor, floor_n):
-                searched = "" if len(test) == len(real_test) else f" (a seeded subsample of its {len(real_test)})"
-                than = "" if floor is None else f"; {floor} of {floor_n} training images do"
-                raise DataError(f"{near} of the {len(test)} test images of {real_test.name!r}{searched} have copies "
-                                f"among the samples (shifted by a pixel, mirrored, brightened, noised or re-encoded"
-                                f"{than}), which the classifiers train on; the test accuracy must come from held-out "
-                                "images")
-    return shared_images(samples, real_test)
+        near, near_only = _with_copies_in(test, samples)
+        counts["test_images_near_samples"], counts["test_images_near_samples_n"] = near_only, len(test)
+        floor = floor_n = None
+        if real_train is not None and (2 * near >= len(test) or near_only):   # one search serves both
+            train = _subsample(real_train, len(test), 0)
+            (floor, counts["floor"]), floor_n = _with_copies_in(train, samples), len(train)
+            counts["floor_n"] = floor_n
+        if 2 * near >= len(test) and near_copies_above_floor(near, len(test), floor, floor_n):
+            searched = "" if len(test) == len(real_test) else f" (a seeded subsample of its {len(real_test)})"
+            than = "" if floor is None else f"; {floor} of {floor_n} training images do"
+            raise DataError(f"{near} of the {len(test)} test images of {real_test.name!r}{searched} have copies "
+                            f"among the samples (shifted by a pixel, mirrored, brightened, noised or re-encoded"
+                            f"{than}), which the classifiers train on; the test accuracy must come from held-out "
+                            "images")
+    return counts
 
 
-def _with_copies_in(images: ImageData, samples: ImageData) -> int:
-    """How many of `images` have an exact or near copy (`datasets.near_copies`) among the `samples`."""
+def _with_copies_in(images: ImageData, samples: ImageData) -> tuple[int, int]:
+    """How many of `images` have an exact or near copy (`datasets.near_copies`) among the `samples`, and how many
+    of them a near-copy but no exact one."""
     digests = set(samples.image_digests)
     exact = torch.tensor([d in digests for d in images.image_digests], dtype=torch.bool)
-    return int(((near_copies(images, samples) >= 0) | exact).sum())
+    near = near_copies(images, samples) >= 0
+    return int((near | exact).sum()), int((near & ~exact).sum())
 
 
 def samples_near_train(samples: ImageData, real_train: ImageData) -> int | None:
@@ -571,14 +607,22 @@ def downstream_accuracy(samples: ImageData, real_test: ImageData, *, kind: str, 
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _check_compatible(samples: ImageData, real: ImageData) -> None:
+def samples_fit_problem(samples: ImageData, real: ImageData) -> str | None:
+    """Why `samples` cannot be measured against `real` (another image shape, labels beyond its classes), or None;
+    without the samples' name, which the caller's line gives (`dpdm eval` checks it before any other line)."""
     if samples.image_shape != real.image_shape:
         s, r = ("x".join(map(str, d.image_shape)) for d in (samples, real))
-        raise DataError(f"{samples.name}: samples are {s} (CxHxW) but {real.name} images are {r}")
+        return f"samples are {s} (CxHxW) but {real.name} images are {r}"
     if samples.y is not None and real.y is not None and len(samples.y) and \
             int(samples.y.max()) >= real.num_classes:
-        raise DataError(f"{samples.name}: sample labels reach {int(samples.y.max())} but "
-                        f"{real.name} has {real.num_classes} classes")
+        return f"sample labels reach {int(samples.y.max())} but {real.name} has {real.num_classes} classes"
+    return None
+
+
+def _check_compatible(samples: ImageData, real: ImageData) -> None:
+    problem = samples_fit_problem(samples, real)
+    if problem:
+        raise DataError(f"{samples.name}: {problem}")
 
 
 # --- classifier FD -------------------------------------------------------------------------------
@@ -644,7 +688,11 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
             with warnings.catch_warnings():  # a damaged file can make torch warn before it refuses
                 warnings.simplefilter("ignore")
                 model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
-            info = json.loads(path.with_suffix(".json").read_text())
+            with open(path.with_suffix(".json"), "rb") as f:   # bounded as the weights are: a foreign cache
+                record = f.read(_REFERENCE_RECORD_LIMIT + 1)
+            if len(record) > _REFERENCE_RECORD_LIMIT:
+                raise ValueError("a record larger than the reference's")
+            info = json.loads(record)
             _check_reference_entry(model, info, epochs, digest, weights)
             model.to(device).eval()
             info = {k: v for k, v in info.items() if k != "weights_sha256"}   # a fingerprint of the data too
@@ -984,7 +1032,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                      device: str | torch.device = "cpu", progress: Progress | None = None,
                      public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
                      shift: int = 0, inception: nn.Module | None = None, public_checked: bool = False,
-                     samples_checked: bool = False, warn: Progress | None = None) -> dict:
+                     samples_checked: bool = False, held_out: dict | None = None,
+                     warn: Progress | None = None) -> dict:
     """Downstream accuracies, classifier FD and (optionally) Inception FID of `samples`.
 
     Args:
@@ -999,7 +1048,10 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
       shift: train the downstream classifiers on randomly translated samples (up to `shift` pixels,
         `random_shift`); 0: the paper's protocol.
       inception: an Inception network already loaded with `load_inception`, instead of `inception_weights`.
-      samples_checked: the caller has run `check_samples_held_out` (its near-copy search costs seconds).
+      samples_checked: the caller has run `check_samples_held_out` (its near-copy search costs seconds); the
+        report's near-copy count of test images is then None.
+      held_out: what `check_samples_held_out` (``counts=True``) returned to the caller, who has run it (`dpdm eval`,
+        before any training): the report takes its counts, and the search is not run again.
       warn: where a warning goes (one line): the reference CNN that could not be cached (`reference_classifier`).
 
     Returns:
@@ -1017,9 +1069,11 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
       "samples_label_counts": the samples per class (None without labels; `label_counts_problem` says when they
       are far from uniform).
       "samples_in_test" (None without `real_test`) counts the samples that are test images
-      (`check_samples_held_out`). "classifier_fd" holds the samples' FD ("value", on "n" images) and the
-      floor ("real_test_value", on "real_test_n" test images: min(len(samples), len(real_test)), a seeded
-      subsample when fewer than the split; FD values compare only at equal n).
+      (`check_samples_held_out`); "test_images_near_samples", those of "test_images_near_samples_n" test images
+      searched that have a near-copy but no exact copy among the samples (`check_samples_held_out`; None where not
+      searched: no accuracies, images under 16 pixels a side). "classifier_fd" holds the samples' FD ("value",
+      on "n" images) and the floor ("real_test_value", on "real_test_n" test images: min(len(samples),
+      len(real_test)), a seeded subsample when fewer than the split; FD values compare only at equal n).
 
     Raises:
       DataError: samples whose image shape or labels do not fit the dataset, or fewer than
@@ -1040,10 +1094,12 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     test_in_train = None if real_test is None else check_test_data(real_train, real_test)
     skipped = skipped_metrics(samples, real_train, real_test, classifiers)
     accuracies = bool(classifiers) and "classifiers" not in skipped
-    samples_in_test = None
-    if real_test is not None:
-        samples_in_test = check_samples_held_out(samples, real_test, real_train) if accuracies and \
-            not samples_checked else shared_images(samples, real_test)
+    if real_test is None:
+        held_out = {}
+    elif held_out is None:
+        held_out = check_samples_held_out(samples, real_test, real_train, counts=True) if accuracies and \
+            not samples_checked else \
+            {"samples_in_test": shared_images(samples, real_test)}
     problem = cnn_size_problem(samples.image_shape, skipped, classifiers)
     if problem:
         raise DataError(f"{samples.name}: {problem}")
@@ -1070,7 +1126,9 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
                     "test_images_in_train": test_in_train, "samples_in_train": shared_images(samples, real_train),
                     "samples_near_train": samples_near_train(samples, real_train),
                     "test_images_near_train": None, "test_images_near_train_n": None,
-                    "samples_in_test": samples_in_test,
+                    "samples_in_test": held_out.get("samples_in_test"),
+                    "test_images_near_samples": held_out.get("test_images_near_samples"),
+                    "test_images_near_samples_n": held_out.get("test_images_near_samples_n"),
                     "samples_label_counts": None if samples.y is None else samples.y.bincount(
                         minlength=real_train.num_classes if real_train.y is not None else samples.num_classes
                     ).tolist()}
@@ -1103,7 +1161,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
         fd = {"value": frechet_distance(*feature_stats(f_samples), *train_stats),
               "n": len(samples), "features": _FEATURES,
               "reference": info}
-        non_private += ["classifier_fd.value", "classifier_fd.reference.real_val_accuracy"]
+        non_private += ["classifier_fd.value", "classifier_fd.reference.real_val_accuracy",
+                        "classifier_fd.reference.best_epoch"]   # chosen on 10% of the training split
         if real_test is not None:
             # At the samples' size: measured on more images, the floor would lack the small-n bias the
             # samples' FD carries, and real held-out images would score many times "the floor".

@@ -394,7 +394,8 @@ def test_evaluate_report_holds_no_fingerprint_and_names_non_private_statistics(d
     assert list((tmp_path / "reference").glob(f"*{_digest(train)[:16]}*.pt"))   # the local cache keeps its name
     assert report[NON_PRIVATE_KEY] == ["test_images_in_train", "samples_in_train",
                                        "classifier_fd.value", "classifier_fd.reference.real_val_accuracy",
-                                       "classifier_fd.real_test_value", "classifier_fd.reference.real_test_accuracy",
+                                       "classifier_fd.reference.best_epoch", "classifier_fd.real_test_value",
+                                       "classifier_fd.reference.real_test_accuracy",
                                        "classifier_precision_recall"]
     assert report["skipped"] == {}
 
@@ -1051,3 +1052,45 @@ def test_a_reference_cache_entry_of_non_finite_weights_is_trained_again_whatever
     ref2, info2 = reference_classifier(train, cache_dir=tmp_path, epochs=1)
     assert info2["cached"] is False and json.loads(cache.with_suffix(".json").read_text()) == record
     assert all(bool(torch.isfinite(p).all()) for p in ref2.parameters())
+
+
+# --- stop 53 mends (h132) ------------------------------------------------------------------------
+
+def test_public_data_for_unlabelled_training_data_takes_the_test_splits_classes(digits):
+    """h132 N2: against unlabelled training data (0 classes), labelled public data was refused as not having
+    "0 classes, like" the training data; its classes are the labelled test split's."""
+    from dpdm.evaluate import check_public_data
+
+    train, test = digits
+    unlabelled = ImageData(train.x[:300], None, 0, "unlabelled")
+    public = ImageData(train.x[300:400], train.y[300:400], 10, "public")
+    check_public_data(public, unlabelled, test)
+    with pytest.raises(DataError, match=r"^public data 'five' must be labelled, of shape 1x8x8 and 10 classes, like "
+                                        r"'digits-test'$"):
+        check_public_data(ImageData(public.x, public.y % 5, 5, "five"), unlabelled, test)
+
+
+def test_a_test_set_of_training_images_is_refused_for_what_it_would_measure(digits):
+    """h132 N5: without labels the test images serve no accuracy (the floors only), yet their refusal said "the test
+    accuracy must come from held-out images"."""
+    from dpdm.evaluate import check_test_data
+
+    train, _ = digits
+    copy = ImageData(train.x[:100], None, 0, "copy")
+    with pytest.raises(DataError, match=r"are training images of 'digits-train'; what is measured on the test images "
+                                        r"must come from held-out images$"):
+        check_test_data(train, copy)
+    with pytest.raises(DataError, match=r"; the test accuracy must come from held-out images$"):
+        check_test_data(train, ImageData(train.x[:100], train.y[:100], 10, "copy"))
+
+
+def test_a_reference_cache_record_larger_than_the_references_is_not_read(digits, tmp_path, monkeypatch):
+    """h132 N7: the weight file is size-bounded before it is read (h112 F3), its .json record was read whole."""
+    train, _ = digits
+    a = ImageData(train.x[:200], train.y[:200], 10, "digits")
+    info = reference_classifier(a, cache_dir=tmp_path, epochs=1)[1]
+    record = Path(info["cache"]).with_suffix(".json")
+    record.write_text(record.read_text() + " " * 5000)   # still the same JSON, the size of no record
+    assert reference_classifier(a, cache_dir=tmp_path, epochs=1)[1]["cached"] is False
+    assert len(record.read_bytes()) < 1000   # written again
+    assert reference_classifier(a, cache_dir=tmp_path, epochs=1)[1]["cached"] is True
