@@ -214,3 +214,35 @@ def test_resume_with_nothing_to_resume_says_to_run_the_command_without_it(tmp_pa
     err = capsys.readouterr().err
     assert err == (f"dpdm: error: --dataset is required: the plan names no dataset, and the run in {str(run)!r} names "
                    "none that is found here; pass --dataset naming the run's data\n"), err
+
+
+def test_a_record_that_is_not_dpdms_line_reads_as_no_steps_for_the_hint(tmp_path):
+    """mut55 (stop 53), s01: the signal line's hint reads the run's `.steps_done` without torch (`recorded_steps`);
+    a record cut after its head (a machine crash's partial write, an edit) raised IndexError inside the signal
+    handler instead of reading as no step recorded."""
+    from dpdm.steps_record import recorded_steps
+
+    record = tmp_path / ".steps_done"
+    for raw in (b"dpdm-steps-run v1\n", b"dpdm-steps-run v1", b"", b"\0" * 128, b"dpdm-steps-run v1 three\n",
+                b"dpdm-steps-run v2 3 0123456789abcdef 0.001 constant\n"):
+        record.write_bytes(raw)
+        assert recorded_steps(str(tmp_path)) == 0, raw
+    record.write_bytes(b"dpdm-steps-run v1 3 0123456789abcdef 0.001 constant".ljust(127) + b"\n")
+    assert recorded_steps(str(tmp_path)) == 3
+
+
+def test_the_hint_reads_a_plan_json_whose_steps_are_no_count_as_no_plan(tmp_path):
+    """mut55 (stop 53), s03: `recorded_plan_steps` reads plan.json's steps for the hint's "all N steps of its plan
+    ran" only where it is a count > 0: a bool (True == 1) or 0 there said all the plan's steps ran after one step."""
+    import json
+
+    from cli._common import recorded_plan_steps, unsaved_steps_advice
+
+    (tmp_path / ".steps_done").write_bytes(b"dpdm-steps-run v1 1 0123456789abcdef 0.001 constant".ljust(127) + b"\n")
+    for steps in (True, 0, -3, "6", 2.0):
+        (tmp_path / "plan.json").write_text(json.dumps({"steps": steps}))
+        assert recorded_plan_steps(str(tmp_path)) is None, steps
+        assert unsaved_steps_advice(str(tmp_path)).startswith("1 step ran and is spent: the same command with "
+                                                             "--spend-unsaved-steps"), steps
+    (tmp_path / "plan.json").write_text(json.dumps({"steps": 6}))
+    assert recorded_plan_steps(str(tmp_path)) == 6

@@ -65,3 +65,34 @@ def test_a_trainer_whose_run_folder_changed_before_its_lock_is_refused(tmp_path,
     # the folder is not left locked: the finished run still answers as finished
     with pytest.raises(TrainError, match="is finished: 6 of 6 steps done"):
         train(doc, x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
+
+
+def test_a_resume_whose_run_recorded_steps_before_its_lock_is_refused(tmp_path, monkeypatch):
+    """mut55 (stop 53), t14: the late trainer read the checkpoint of step 2 and a record of no step past it, and asks
+    for another lr; before it took the lock, the first trainer resumed the run at its own lr, ran step 3 and was
+    killed, the checkpoint unchanged. Only the record (`.steps_done`) tells: without comparing it under the lock, the
+    late trainer trained step 3 again at lr 1e-3 on fresh noise, the first attempt's step 3 in no ledger."""
+    from tests.dpdm.test_train import kill_as_step_begins
+
+    x, y, c = tiny_data()
+    doc = tiny_plan()
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, TrainConfig(**CFG), progress=False, on_step=stop_at(3))
+    record = out / ".steps_done"
+    assert record.read_text().split()[2] == "2"
+
+    def first():
+        with monkeypatch.context() as m:
+            kill_as_step_begins(m, 3)   # runs step 3 and is killed as step 4 begins: no new checkpoint
+            with pytest.raises(Stop):
+                train(doc, x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
+
+    first_trainer_wins_the_race(monkeypatch, first)
+    ran = []
+    with pytest.raises(TrainError, match=re.escape(f"the run in {str(out)!r} changed while this one started "
+                                                   "(another dpdm train?); start again with --resume") + "$"):
+        train(doc, x, y, c, out, TrainConfig(**{**CFG, "lr": 1e-3}), resume=True, progress=False,
+              on_step=ran.append)
+    assert ran == [] and record.read_text().split()[2] == "3"
+    assert ckpt.load_checkpoint(out / CHECKPOINT_NAME)["ledger"]["steps_done"] == 2
