@@ -274,6 +274,39 @@ def recorded_plan_steps(out_dir: str) -> int | None:
         return None
 
 
+def warn_steps_past_checkpoint(checkpoint, result: dict, what: str) -> None:
+    """The line `dpdm export` and `dpdm sample` add where `checkpoint` lies in the folder of a private run that
+    ran d steps (its `.steps_done`) past the checkpoint's c, stopped before it wrote another (h131 F1, stop 53).
+    The weights of step c are a post-processing of steps 1..c alone, so the epsilon(c) their ledger states holds for
+    `what` (the release file, the samples) alone; but the run executed d private steps, and what they showed
+    (metrics.csv, the progress bar) costs epsilon(d). The ledger is left as it is; the line names d, c and
+    epsilon(d) (from the run's plan.json, where it loads and is the ledger's plan) and the resume that counts them.
+    `result`: export's or sample's summary (private, steps_done, plan_steps, plan_digest, the epsilon); `what`:
+    whose epsilon it is, in the possessive ("the release file's", "the samples'"). Torch-free reads."""
+    if not result.get("private"):
+        return
+    folder = os.path.dirname(os.path.expanduser(os.fspath(checkpoint))) or os.curdir
+    ran, done = recorded_steps(folder), int(result["steps_done"])
+    if ran <= done:
+        return
+    import accounting
+    from dpdm.report_utils import epsilon_text
+
+    try:   # advice only: where the plan does not load, or is not the ledger's, the line names the steps alone
+        doc = accounting.load_plan(os.path.join(folder, "plan.json"))
+        cost = (f"epsilon {epsilon_text(accounting.epsilon_spent(doc.plan, ran))} ({ran} steps)"
+                if doc.digest == result.get("plan_digest") and ran <= doc.plan.steps else f"the epsilon of {ran} steps")
+    except (OSError, ValueError, accounting.AccountingError):
+        cost = f"the epsilon of {ran} steps"
+    stated = epsilon_text(result.get("epsilon_spent", result.get("epsilon")))   # export's name, sample's
+    steps, it = (f"step {ran}", "it") if ran == done + 1 else (f"steps {done + 1} to {ran}", "them")
+    warn(f"the run in {folder!r} ran {ran} of its {result['plan_steps']} steps (its .steps_done records them), "
+         f"past its checkpoint of step {done}, before it stopped: {what} epsilon {stated} ({done} steps) holds for "
+         f"these weights alone, but the run has spent {cost}, which anything else published from it costs "
+         f"(metrics.csv, its losses, what its progress showed); `dpdm train --resume` with the run's command and lr "
+         f"replays {steps} and goes on, its checkpoints counting {it}")
+
+
 def unsaved_steps_advice(out_dir: str) -> str | None:
     """What continues a run in `out_dir` stopped before its first checkpoint after it recorded steps (`.steps_done`):
     the same command with --spend-unsaved-steps, or, where they are all its plan's steps, a new plan (the plan is

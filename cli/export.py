@@ -5,7 +5,8 @@ import os
 
 import click
 
-from cli._common import PathOption, checkpoint_of, emit_json, info, warn, warn_non_private
+from cli._common import (PathOption, checkpoint_of, emit_json, info, warn, warn_non_private,
+                         warn_steps_past_checkpoint)
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
@@ -57,6 +58,7 @@ def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
         warn(f"the run was {SEED_GIVEN_NOTE}; the release file records that (config.train.seed_given)")
     if not result["private"]:   # marked on the line too; said apart, as loudly as a given seed (h115 N1)
         warn_non_private(out_path, "the weights of a NON-PRIVATE (--no-dp) run")
+    warn_steps_past_checkpoint(path, result, "the release file's")   # a run stopped past its checkpoint (h131 F1)
     if as_json:
         emit_json(result)
         return

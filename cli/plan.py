@@ -296,6 +296,11 @@ def _check_output(option: str, path: str) -> None:
     existing ancestor is a writable folder; it is created when the file is written, as `dpdm sample`
     and `dpdm export` do): checked before the (slow) calibration, so that a plan is never calibrated,
     or written, only to fail at the end."""
+    from dpdm.report_utils import through_a_file_problem
+
+    problem = through_a_file_problem(path)   # `data.npz/..`: abspath below removes it by spelling (h131 F2)
+    if problem:
+        raise BadInput(f"{option}={path!r}: {problem}")
     folder = os.path.dirname(os.path.abspath(path))
     existing = folder
     while not os.path.lexists(existing):

@@ -6,7 +6,7 @@ import os
 import click
 
 from cli._common import (FiniteFloatRange, PathOption, checkpoint_of, emit_json, info, resolve_device, warn,
-                         warn_if_slow_bf16, warn_non_private)
+                         warn_if_slow_bf16, warn_non_private, warn_steps_past_checkpoint)
 from cli.errors import BadInput, runtime_failure
 
 _MAX_SEED = 2**63 - 1   # dpdm.sampling.MAX_SEED (not imported here: torch loads only when needed)
@@ -91,7 +91,7 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         raise BadInput(f"--s-min must be below --s-max (got {given}; defaults --s-min "
                        f"{_churn_value(None, 'S_min'):g}, --s-max {_churn_value(None, 'S_max'):g}): with S_min >= "
                        "S_max no step would churn")
-    if not str(out_path).endswith(".npz"):
+    if not str(out_path).lower().endswith(".npz"):   # np.savez writes the name as given (h131 N4)
         raise BadInput(f"--out={out_path!r} must end in .npz")
     if n - 1 > _MAX_SEED:   # no --seed fits: --n is at fault (the line blamed --seed=0, bound a negative number)
         raise BadInput(f"--n {n} is more than 2**63 images: image i uses seed + i, which must stay below 2**63")
@@ -133,11 +133,15 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         warn(f"the model was {SEED_GIVEN_NOTE}; the samples record that (meta_seed_given)")
     if not result["private"]:   # as `dpdm export` warns of its release file (h115 N1)
         warn_non_private(out_path, "samples of a NON-PRIVATE (--no-dp) model")
+    warn_steps_past_checkpoint(path, result, "the samples'")   # a run stopped past its checkpoint (h131 F1)
     if as_json:
         emit_json(result)
     else:
         mark = "" if result["private"] else "  [NON-PRIVATE]"
-        info(f"wrote {n} samples to {out_path}{mark}" + (f", grid {grid_path}" if grid_path else ""))
+        # A model of an unfinished run says so, as `dpdm export`'s line does (h131 N1)
+        step = (f" from step {result['steps_done']} of {result['plan_steps']}"
+                if result["steps_done"] < result["plan_steps"] else "")
+        info(f"wrote {n} samples to {out_path}{step}{mark}" + (f", grid {grid_path}" if grid_path else ""))
 
 
 def _churn_value(value, name: str) -> float:

@@ -45,7 +45,13 @@ def output_parent_problem(path: str | os.PathLike) -> str | None:
     """Why the folder of an output file can neither be used nor created, or the file be named there (None when it
     can): the nearest existing ancestor must be a folder this process may write into (a probe file is made there and
     removed at once), and no name to be made below it may be longer than its file system takes (NAME_MAX: a name of
-    256 bytes failed only at the final rename, after `dpdm sample` had drawn every image). Creates nothing."""
+    256 bytes failed only at the final rename, after `dpdm sample` had drawn every image). Creates nothing.
+    A file on the way to the folder, as the OS follows the path's spelling, is no folder either: os.path.abspath
+    removes `data.npz/..` by spelling, which the OS refuses (ENOTDIR, after `dpdm sample` had drawn every image:
+    h131 F2, stop 53)."""
+    problem = through_a_file_problem(path)
+    if problem:
+        return problem
     target = Path(os.path.abspath(Path(path).expanduser()))
     parent = target.parent
     probe = parent
@@ -76,6 +82,24 @@ def output_parent_problem(path: str | os.PathLike) -> str | None:
         if probe == parent:
             return f"its folder {str(parent)!r} is not writable ({e.strerror or e})"
         return f"its folder {str(parent)!r} cannot be created ({str(probe)!r} takes no new files: {e.strerror or e})"
+    return None
+
+
+def through_a_file_problem(path: str | os.PathLike) -> str | None:
+    """Why the folder of `path`, followed as the OS follows it (links and ".." in order, not removed by spelling),
+    cannot be reached: an existing entry before a later part of the folder's path that is not a folder, where a
+    ".." follows (`data.npz/..`, `data.npz/x/../..`), or None. Where the path leaves what exists, the rest is left to
+    `output_parent_problem`'s own checks (a folder to create). Torch-free, for `dpdm plan`'s checks too."""
+    folder = os.path.dirname(os.fspath(Path(path).expanduser()))
+    parts = Path(folder).parts
+    if os.pardir not in parts:   # no ".." to remove: os.path.abspath reads the path as the OS does
+        return None
+    for i in range(len(parts) - 1):   # the last part is the folder itself: `output_parent_problem` checks it
+        prefix = os.path.join(*parts[: i + 1])
+        if not os.path.exists(prefix):   # missing (or unreachable): created, or found, by the checks that follow
+            return None
+        if not os.path.isdir(prefix):
+            return f"its folder {folder!r} cannot be reached ({prefix!r} is not a folder)"
     return None
 
 

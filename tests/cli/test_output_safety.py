@@ -64,11 +64,13 @@ def test_sample_replaces_only_its_own_files(run, tmp_path, capsys, no_drawing):
 
 
 def test_sample_rewrites_its_own_samples_and_grid(run, tmp_path, capsys):
-    """What `dpdm sample` wrote it may write again (the README's `--out samples.npz --grid grid.png`)."""
+    """What `dpdm sample` wrote it may write again (the README's `--out samples.npz --grid grid.png`). A finished
+    run's record holds its checkpoint's steps: no line about steps past it (h131 F1), and none on the line."""
     for seed in (0, 1):
         code, _, err = run_cli(_sample(run, tmp_path / "s.npz", "--grid", tmp_path / "grid.png", "--seed", seed),
                                capsys)
         assert code == 0, err
+        assert ".steps_done" not in err and "from step" not in err, err
         with np.load(tmp_path / "s.npz") as z:
             assert int(z["meta_seed"]) == seed
 
@@ -126,6 +128,39 @@ def test_output_parent_problem_probes_the_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     assert "not writable (Permission denied)" in output_parent_problem(tmp_path / "s.npz")
     assert "cannot be created" in output_parent_problem(tmp_path / "new" / "s.npz")
+
+
+def test_an_output_under_a_file_then_dotdot_is_one_line_before_any_work(run, tmp_path, capsys, no_drawing):
+    """`--grid DATA.npz/../g.png`: os.path.abspath removed the `..` by its spelling, the check passed, and the OS
+    refused the path (ENOTDIR) after every image was drawn: a traceback, exit 4 (h131 F2). The same for sample's
+    --out and export's --out; train's --out gave a line about its steps record, of a run that never was (N3)."""
+    from dpdm.report_utils import output_parent_problem
+
+    (tmp_path / "afile").write_text("a file, not a folder")
+    via = tmp_path / "afile" / ".."
+    problem = output_parent_problem(via / "s.npz")
+    assert f"its folder '{via}' cannot be reached ('{tmp_path / 'afile'}' is not a folder)" == problem, problem
+    assert "is not a folder" in output_parent_problem(tmp_path / "afile" / "x" / ".." / ".." / "s.npz")
+    assert output_parent_problem(tmp_path / "new" / ".." / "s.npz") is None   # the OS makes new/, then '..' is here
+    for args, option, value in ((_sample(run, tmp_path / "s.npz", "--grid", via / "g.png"), "--grid", via / "g.png"),
+                                (_sample(run, via / "s.npz"), "--out", via / "s.npz"),
+                                (["export", "--run", run / "run", "--out", via / "m.pt"], "--out", via / "m.pt"),
+                                (["train", "--plan", run / "plan.json", "--out", via / "run2"], "--out", via / "run2")):
+        code, _, err = run_cli(args, capsys)
+        line = one_error_line(code, err)
+        assert line.startswith(f"dpdm: error: {option}") and str(value) in line and "is not a folder" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert (tmp_path / "afile").read_text() == "a file, not a folder"
+
+
+def test_an_upper_case_npz_suffix_is_a_samples_file(run, tmp_path, capsys, no_drawing):
+    """`--out s.NPZ` was refused as not ending in .npz (h131 N4): the suffix is read case-insensitively, as --grid's.
+    (The refusal that follows is the memory check's: the option passed the suffix check.)"""
+    code, _, err = run_cli(_sample(run, tmp_path / "s.NPZ", n=10**15), capsys)
+    line = one_error_line(code, err)
+    assert "must end in .npz" not in line and "GiB of memory" in line, line
+    code, _, err = run_cli(_sample(run, tmp_path / "s.npy", n=10**15), capsys)
+    assert "must end in .npz" in one_error_line(code, err)
 
 
 def test_more_images_than_memory_is_one_error_line(run, tmp_path, capsys, no_drawing):

@@ -763,3 +763,19 @@ def test_curve_is_written_under_a_umask_without_the_owners_write_bit(capsys, tmp
     assert rc == 0, err
     assert stat.S_IMODE(os.stat(tmp_path / "curve.png").st_mode) == 0o400
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
+
+
+
+def test_an_out_or_curve_under_a_file_then_dotdot_is_one_line_before_the_calibration(tmp_path, capsys):
+    """`--out DATA.npz/../p.json`: os.path.abspath removed the `..` by spelling, the check passed, and the write
+    failed after the calibration (--curve: after the plan was written) (h131 F2, stop 53)."""
+    (tmp_path / "afile").write_text("a file")
+    via = tmp_path / "afile" / ".."
+    for extra, option in ((["--out", via / "p.json"], "--out"),
+                          (["--out", tmp_path / "p.json", "--curve", via / "c.png"], "--curve")):
+        code = main(["plan", "--eps", "2", "--delta", "1e-5", "--dataset-size", "24", "--batch-size", "6", "--steps",
+                     "4", *map(str, extra)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"dpdm: error: {option}="), lines
+        assert "is not a folder" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

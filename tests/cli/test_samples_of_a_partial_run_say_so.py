@@ -1,7 +1,9 @@
 """Samples of a run stopped part-way record the steps it took and the epsilon it spent, not its plan's
 (stop 45, mut45 M1). Every existing sample test samples a finished run, where steps_done == plan_steps, so
 `meta_steps_done` copied from the plan passed them all: a 2-of-4-step model's samples then read as fully trained.
-The same for `dpdm export`'s line (stop 47, mut48 X4)."""
+The same for `dpdm export`'s line (stop 47, mut48 X4). A run stopped past its checkpoint (its .steps_done records
+more steps than the checkpoint's ledger) releases the checkpoint's epsilon, which holds for those weights alone, and
+both commands say what the run itself spent (h131 F1, stop 53)."""
 import json
 
 import numpy as np
@@ -10,40 +12,74 @@ import pytest
 import accounting
 from cli.main import main
 from dpdm import checkpoint as ckpt
+from dpdm.report_utils import epsilon_text
 
 
-def test_samples_of_a_run_killed_at_step_2_say_2_of_4(tmp_path, capsys, monkeypatch):
+def test_samples_of_a_run_killed_at_step_3_after_its_checkpoint_of_step_2_say_2_of_4_and_warn_of_3(
+        tmp_path, capsys, monkeypatch):
+    """Killed in step 4, after step 3's record (Ctrl-C): the checkpoint holds step 2. The samples and
+    the release state epsilon(2) of 2 of 4 steps (the weights of step 2 depend on steps 1..2 alone), and each
+    command warns, in one line, that the run ran step 3 and spent epsilon(3) (metrics.csv showed it), naming the
+    resume; their human lines say "2 of 4" (h131 N1: sample's said nothing)."""
+    import dpdm.train
+
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "data.npz", x=x, y=(np.arange(24) % 3).astype(np.int64), num_classes=3)
     plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=4, noise_multiplier=2.0, noise_multiplicity=2,
                                   delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
     accounting.write_plan(accounting.make_plan_document(plan), tmp_path / "plan.json")
-    real_save = ckpt.save_checkpoint
+    real_check, checks = dpdm.train._finite_model, []
 
-    def save_then_die(state, path):
-        real_save(state, path)
-        raise KeyboardInterrupt
+    def die_in_step_4(*args):   # step 4's check of the weights: steps 1..3 ran and are recorded
+        checks.append(1)
+        if len(checks) == 4:
+            raise KeyboardInterrupt
+        return real_check(*args)
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(dpdm.train, "_finite_model", die_in_step_4)
     code = main([str(a) for a in ["train", "--plan", tmp_path / "plan.json", "--out", tmp_path / "run", "--device",
                                   "cpu", "--quiet", "--checkpoint-every", "2", "--seed", "5"]])
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    monkeypatch.setattr(dpdm.train, "_finite_model", real_check)
     capsys.readouterr()
     assert code != 0 and ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["ledger"]["steps_done"] == 2
+    assert (tmp_path / "run" / ".steps_done").read_text().split()[2] == "3"
+    plan = accounting.load_plan(tmp_path / "plan.json").plan
+    eps2, eps3 = (accounting.epsilon_spent(plan, k) for k in (2, 3))
+
+    def warned(err):   # one line: the steps the run ran, past which checkpoint, what it spent, the resume
+        lines = [line for line in err.splitlines() if ".steps_done" in line]
+        assert len(lines) == 1, err
+        line = lines[0]
+        assert line.startswith("dpdm: warning: the run in ") and "ran 3 of its 4 steps" in line, line
+        assert "checkpoint of step 2" in line and f"epsilon {epsilon_text(eps2)} (2 steps) holds for" in line, line
+        assert f"spent epsilon {epsilon_text(eps3)} (3 steps)" in line and "metrics.csv" in line, line
+        assert "dpdm train --resume" in line and "replays step 3" in line, line
+
     code = main([str(a) for a in ["sample", "--run", tmp_path / "run", "--n", 3, "--sampler-steps", 2, "--out",
                                   tmp_path / "s.npz", "--device", "cpu", "--json"]])
     out, err = capsys.readouterr()
     assert code == 0, err
+    warned(err)
     doc = json.loads(out)
-    eps2 = accounting.epsilon_spent(accounting.load_plan(tmp_path / "plan.json").plan, 2)
     assert doc["steps_done"] == 2 and doc["plan_steps"] == 4 and doc["epsilon"] == pytest.approx(eps2)
     with np.load(tmp_path / "s.npz") as z:
         assert int(z["meta_steps_done"]) == 2 and int(z["meta_plan_steps"]) == 4
         assert float(z["meta_epsilon"]) == pytest.approx(eps2)
     # `dpdm export`'s line and JSON say the same (mut48, stop 47: "after 4 of 4 steps" passed every test)
     assert main([str(a) for a in ["export", "--run", tmp_path / "run", "--out", tmp_path / "m.pt"]]) == 0
-    assert "after 2 of 4 steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "after 2 of 4 steps" in err
+    warned(err)
     assert main([str(a) for a in ["export", "--run", tmp_path / "run", "--out", tmp_path / "m.pt", "--json"]]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    warned(err)
+    doc = json.loads(out)
     assert doc["steps_done"] == 2 and doc["plan_steps"] == 4 and doc["epsilon_spent"] == pytest.approx(eps2)
+    # The release file, sampled away from the run folder, is the weights alone: no line about the run. Sample's
+    # human line says "2 of 4" as export's does (h131 N1).
+    code = main([str(a) for a in ["sample", "--checkpoint", tmp_path / "m.pt", "--n", 3, "--sampler-steps", 2,
+                                  "--out", tmp_path / "s.npz", "--device", "cpu"]])
+    err = capsys.readouterr().err
+    assert code == 0 and f"wrote 3 samples to {tmp_path / 's.npz'} from step 2 of 4" in err, err
+    assert ".steps_done" not in err, err
