@@ -70,6 +70,43 @@ def test_engine_benchmark_header_says_the_physical_batch_of_every_variant(load_b
     assert out[1] == "physical batch: all 16 examples (32 rows) in one pass, every variant"
 
 
+@pytest.mark.parametrize("order", ["opacus,dpdm", "dpdm,opacus"])
+def test_engine_benchmark_max_opacus_gib_holds_whatever_the_order(load_benchmark, monkeypatch, capsys, order):
+    # h135 F4: the parameter count came from the first variant's run, so opacus listed first ran in round 1 and was
+    # skipped in round 2 alone, its table then holding both a measured opacus row and a "skipped" one.
+    b = load_benchmark("engine")
+    ran = []
+    fake = _fake_run({"dpdm": 200.0, "opacus": 300.0}, {"dpdm": 100.0, "opacus": 400.0})
+    b._run_variant = lambda args, v: ran.append(v) or {**fake(args, v), "n_params": 223_937}   # small's, as run
+    # small preset, B 2, K 1: 2 rows of 223,937 float32 gradients, 1.67 MiB of grad_sample
+    _main(b, monkeypatch, "--variants", order, "--preset", "small", "--batch", "2", "--K", "1",
+          "--max-opacus-gib", "0.001", "--rounds", "2")
+    out = capsys.readouterr().out.splitlines()
+    assert ran == ["dpdm", "dpdm"]
+    assert "preset=small (223,937 params)" in out[0]
+    assert not any(line.split("|")[0].strip() == "opacus" and "skipped" not in line for line in out)
+    assert ("     opacus | skipped: B*K*P*4 bytes = 0.00167 GiB of grad_sample per pass > --max-opacus-gib 0.001"
+            in out)
+    assert not any(line.startswith("dpdm / opacus") for line in out)
+    # under the limit, opacus runs in every round, first or not
+    ran.clear()
+    _main(b, monkeypatch, "--variants", order, "--preset", "small", "--batch", "2", "--K", "1",
+          "--max-opacus-gib", "0.002", "--rounds", "2")
+    assert ran == order.split(",") * 2
+    assert "dpdm / opacus: wall 0.67x, cpu 0.67x, memory 0.25x" in capsys.readouterr().out.splitlines()
+
+
+def test_engine_benchmark_refuses_an_unknown_preset(load_benchmark, monkeypatch, capsys):
+    # the parameter count is taken before any variant runs: an unknown preset is one line, exit 2, nothing run
+    b = load_benchmark("engine")
+    b._run_variant = lambda args, v: pytest.fail("ran a variant")
+    with pytest.raises(SystemExit) as e:
+        _main(b, monkeypatch, "--preset", "nope")
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: --preset: preset='nope' must be one of" in last, last
+
+
 def _noise_free_steps(b, variant: str, B: int, K: int, chunk_size, clip_norm: float):
     """(trainable parameter names, step function) of `variant` on a fresh small model, without noise."""
     D, loss, batch, _ = b._setup("small", B, K)
