@@ -537,8 +537,11 @@ def canary_audit(
     control: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Runs the canary audit of ``plan`` and returns a JSON-able result with the raw scores.
+    """Runs the canary audit of ``plan`` (an ``accounting.PrivacyPlan``) and returns a JSON-able result with the raw
+    scores.
 
+    ``claimed_epsilon``: the epsilon the canary runs' own steps spend under ``plan`` (``config.steps`` of them, as
+    ``run_audit`` computes it), not the plan's epsilon at its full steps where ``config.steps`` is fewer.
     ``x``/``y``: natural data for the background (a subsample of ``config.background_size`` is used).
     ``private=False`` audits a mechanism without noise (what a ``--no-dp`` run did): then the target
     is itself the control. ``significance`` is the error budget for the epsilon bounds, split evenly
@@ -551,6 +554,11 @@ def canary_audit(
     ``training`` (what was trained), ``canaries`` (kind, count, included), ``scores`` (arrays).
     Coins the one-run bound refuses (``coin_split_problem``) raise ValueError before any training.
     """
+    from accounting import PrivacyPlan
+
+    if not isinstance(plan, PrivacyPlan):   # a PlanDocument failed on a missing .delta (h134 F4, stop 53)
+        raise ValueError(f"plan is a {type(plan).__name__}; canary_audit takes an accounting.PrivacyPlan (a plan "
+                         "document's .plan, as accounting.load_plan returns it)")
     if not (isinstance(claimed_epsilon, (int, float)) and claimed_epsilon >= 0 and math.isfinite(claimed_epsilon)):
         raise ValueError(f"claimed_epsilon={claimed_epsilon!r} must be a finite number >= 0")
     if not (0 < significance < 1):

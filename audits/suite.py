@@ -412,7 +412,9 @@ def run_audit(
             raise ValueError(problem)
         name = dataset or run_config.get("dataset")
         if not name:
-            raise ValueError("the run does not name its dataset; pass --dataset")
+            # a run of train() without dataset_name: the library caller passes dataset=, the CLI --dataset
+            raise ValueError("the run does not name its dataset; give dataset= (--dataset) naming the data it was "
+                             "trained on")
         try:   # before the data is read: a report written there earlier would have it refused
             check_out_dir(out_dir, create=False, datasets={"the run's training data": run_config.get("dataset"),
                                                            "the audit's --dataset": dataset})

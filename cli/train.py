@@ -438,12 +438,18 @@ def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool
     """Said once every check has passed and before the first step: a refused run stays one error line, and the
     user can still stop before any of the plan's budget is spent. `notes`: the training library's warnings;
     `seed`: a --seed given to a new run."""
+    from dpdm.train import SEED_NOTE, data_notes
+
+    # Said below in the CLI's own words (naming --seed and the dataset): the library's versions once only.
+    said = {SEED_NOTE} if seed is not None and not no_dp else set()
+    said.update(v for k, v in data_notes(data.x, data.y, data.num_classes).items() if k in ("binary", "empty_classes"))
     if no_dp:
         warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
     elif seed is not None:
         warn_known_seed(seed)
     for note in notes:
-        warn(note)
+        if note not in said:
+            warn(note)
     if not no_dp:
         warn_inferred(name, data)
     warn_unlabelled_npz(name, data)

@@ -45,6 +45,8 @@ modules or tensors: the mode exists only for the duration of the call.
 from __future__ import annotations
 
 import math
+import numbers
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -168,15 +170,20 @@ def _check_batch(batch: Sequence[Any]) -> int:
     return int(sizes[0])
 
 
+def _is_number(v) -> bool:
+    """A real number that is not a bool: Python's int and float, and numpy's integer and float scalars (the callers
+    convert it with float())."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
 def _check_positive(**kw: float) -> None:
     for name, v in kw.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        if not _is_number(v) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"{name}={v!r} must be a finite number > 0")
 
 
 def _check_noise_multiplier(noise_multiplier: float) -> None:
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) \
-            or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
+    if not _is_number(noise_multiplier) or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
         raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
 
 
@@ -578,6 +585,11 @@ def _per_example(
         else:
             grads, losses = fn(params, *batch)
     except RuntimeError as e:
+        if "randomness error mode" in str(e):   # torch's names vmap's flags, which the caller cannot set
+            raise ValueError(
+                "the model or loss_fn draws random numbers (torch.randn_like, dropout in training mode, ...) per "
+                "example: draw them outside, from a generator, and pass them in as batch tensors (one row per example, "
+                "as EDMLoss.draw's sigma and noise are), or switch the randomness off (model.eval())") from e
         if "mutate a captured Tensor" not in str(e):
             raise
         # validate_model names the known cross-example layers; a custom one shows itself only here, as torch.func's
@@ -687,6 +699,7 @@ def clipped_grad_sum(
     _check_trainable(model, clipping=True)
     _check_clip_norm(clip_norm)
     _check_chunk_size(chunk_size)
+    clip_norm = float(clip_norm)
     n = _check_batch(batch)
     total = {name: torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
              for name, p in model.named_parameters() if p.requires_grad}
@@ -726,21 +739,21 @@ def noise_generator(seed: int, device: str | torch.device = "cpu") -> NoiseGener
     knows the other examples. On the CPU this is therefore numpy's PCG64 seeded through a
     SeedSequence; on CUDA, torch's Philox generator, whose seed is a full 64-bit integer.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
         raise ValueError(f"seed={seed!r} must be an integer in [0, 2**64)")
+    seed = int(seed)   # numpy's integers too
     device = torch.device(device)
     if device.type == "cuda":
         return torch.Generator(device=device).manual_seed(seed)
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
 
 
-def _standard_normal(like: torch.Tensor, generator: NoiseGenerator | None) -> torch.Tensor:
+def _standard_normal(like: torch.Tensor, generator: NoiseGenerator) -> torch.Tensor:
     if isinstance(generator, np.random.Generator):
         dtype = np.float64 if like.dtype == torch.float64 else np.float32
         z = torch.from_numpy(generator.standard_normal(like.numel(), dtype=dtype)).reshape(like.shape)
         return z.to(device=like.device, dtype=like.dtype)
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
 
 
 def add_noise(
@@ -756,17 +769,23 @@ def add_noise(
     The Gaussian mechanism on a sum of sensitivity clip_norm (add/remove one example). Noise is
     drawn once per parameter tensor, in the dict's order, from `generator`: a torch or numpy
     generator (see `noise_generator`: seed a torch CPU generator and only 32 bits of its seed
-    count), or the global torch generator if None. Divide by the public expected batch size, never
-    by the realised one. A clip norm or noise std that float32 cannot represent (`noise_scale_problem`) is
-    refused.
+    count). None, the default, is a fresh generator with a secret 64-bit seed (`secrets`), never
+    torch's global generator: a notebook's `torch.manual_seed(0)` would let anyone who reads it replay
+    the noise and subtract it. Pass a generator only to reproduce the noise (tests), and keep its seed
+    secret otherwise. Divide by the public expected batch size, never by the realised one. A clip norm
+    or noise std that float32 cannot represent (`noise_scale_problem`) is refused.
     """
     _check_noise_multiplier(noise_multiplier)
     _check_clip_norm(clip_norm, noise_multiplier)
     _check_positive(expected_batch_size=expected_batch_size)
+    noise_multiplier, clip_norm = float(noise_multiplier), float(clip_norm)   # numpy's scalars too
+    expected_batch_size = float(expected_batch_size)
     if generator is not None and not isinstance(generator, (torch.Generator, np.random.Generator)):
         raise ValueError(f"generator={type(generator).__name__} must be None, a torch.Generator or a "
                          "numpy.random.Generator (see noise_generator)")
     noise_std = noise_multiplier * clip_norm
+    if generator is None and noise_std > 0 and grad_sum:
+        generator = noise_generator(secrets.randbits(64), next(iter(grad_sum.values())).device)
     out = {}
     for name, g in grad_sum.items():
         if noise_std > 0:
@@ -791,12 +810,24 @@ def private_grad(
     N(0, (noise_multiplier * clip_norm)^2) once, divide by expected_batch_size.
 
     An empty batch yields pure noise / expected_batch_size. Equals
-    `add_noise(clipped_grad_sum(...), ...)`; see those for the arguments.
+    `add_noise(clipped_grad_sum(...), ...)`; see those for the arguments. `generator=None` draws the
+    noise from a fresh generator with a secret seed (never torch's global generator; see `add_noise`).
+
+    This is one step of the mechanism, and nothing more: it does no accounting and cannot check that
+    its caller keeps to a plan. A loop of its own that claims a plan's epsilon must (as `dpdm.train.train`
+    does): draw each batch by Poisson sampling at `plan.sample_rate` (`dpdm.data.PoissonSampler`) from a
+    secret seed; pass `expected_batch_size=plan.batch_size`, never the realised batch's size; pass
+    `noise_multiplier=plan.noise_multiplier` and `clip_norm=plan.clip_norm` (0 noise is no privacy);
+    average each example's K noise draws inside `loss_fn` (one example per batch row, as
+    `dpdm.loss.engine_loss_fn`), never pass the draws as examples of their own; and call it at most
+    `plan.steps` times. `audits.mechanism.check_engine` and `check_sampler` test a loop's own pieces.
     """
     # Check the noise arguments before spending the compute.
     _check_noise_multiplier(noise_multiplier)
     _check_clip_norm(clip_norm, noise_multiplier)
     _check_positive(expected_batch_size=expected_batch_size)
+    noise_multiplier, clip_norm = float(noise_multiplier), float(clip_norm)   # numpy's scalars too
+    expected_batch_size = float(expected_batch_size)
     grad_sum = clipped_grad_sum(model, loss_fn, *batch, clip_norm=clip_norm, chunk_size=chunk_size, stats=stats,
                                 per_layer_rules=per_layer_rules)
     return add_noise(grad_sum, noise_multiplier=noise_multiplier, clip_norm=clip_norm,
@@ -845,6 +876,7 @@ def public_subspace(
     validate_model(model)
     _check_trainable(model, clipping=False)
     _check_clip_norm(clip_norm)
+    clip_norm = float(clip_norm)
     n = _check_batch(public_batch)
     if not isinstance(dim, int) or dim < 1 or dim > n:
         raise ValueError(f"dim={dim!r} must be an integer in [1, {n}] (the number of public examples)")
@@ -894,9 +926,11 @@ def add_noise_in_subspace(
     G is the clipped sum of `clipped_grad_sum` over the trainable parameters (in the order of
     `basis`' rows); `basis` [d, k] must be public (e.g. `public_subspace`). Its spectral norm is
     checked to be <= 1 (an orthonormal basis, up to float rounding, is rescaled by its norm), so
-    basis^T G has sensitivity clip_norm, as G does.
+    basis^T G has sensitivity clip_norm, as G does. The noise is drawn as in `add_noise`: `generator=None`
+    is a fresh generator with a secret seed, never torch's global one.
     """
     _check_positive(clip_norm=clip_norm, expected_batch_size=expected_batch_size)
+    clip_norm, expected_batch_size = float(clip_norm), float(expected_batch_size)
     flat = flatten_grads(grad_sum)
     if basis.dim() != 2 or basis.shape[0] != flat.numel():
         raise ValueError(f"basis has shape {tuple(basis.shape)}; it needs {flat.numel()} rows (the trainable "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import re
 import zipfile
@@ -236,7 +237,11 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
 
     if precision not in PRECISIONS:
         raise SampleError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
-    if int(n) - 1 > MAX_SEED:   # no seed fits: n is at fault, not seed
+    # n=-1 failed in torch.arange, n=0 wrote an empty samples file (h134 F4, stop 53); numpy integers are integers
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise SampleError(f"n={n!r} (--n) must be an integer >= 1: the number of images to draw")
+    n = int(n)
+    if n - 1 > MAX_SEED:   # no seed fits: n is at fault, not seed
         raise SampleError(f"n={n} (--n) is more than 2**63 images: image i uses seed + i, which must stay below 2**63")
     if not first_seed_fits(seed, n):
         raise SampleError(f"seed={seed!r} must be in [0, 2**63 - n] = [0, {MAX_SEED - max(int(n) - 1, 0)}] "

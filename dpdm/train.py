@@ -84,6 +84,12 @@ class TrainError(ValueError):
     """A run that must not start or continue: wrong plan, wrong data, finished run, bad resume."""
 
 
+# train()'s `on_start` note for a private run whose seed was given (TrainConfig.seed, `dpdm train --seed`).
+SEED_NOTE = ("the run's seed was given (TrainConfig.seed, --seed): anyone who knows it can replay the batches and the "
+             "DP noise, which voids the guarantee; use a given seed for tests and reproduction only, and keep it "
+             "secret otherwise")
+
+
 class TrainDiverged(RuntimeError):
     """The weights became non-finite (NaN or inf) during training. The steps done are spent: the run's checkpoint
     then holds the weights of its last checkpoint (or of its start) with a ledger of every step done (`train`)."""
@@ -120,7 +126,9 @@ class TrainConfig:
     checkpoint_every: int = 100          # steps between checkpoints (and at the end)
     log_every: int = 10                  # steps between metrics rows
     seed: int | None = None              # batches, diffusion and DP noise derive from it; None: a secret
-                                         # random seed (kept in the checkpoint only, reused on resume)
+                                         # random seed (kept in the checkpoint only, reused on resume). A
+                                         # given seed lets anyone who knows it replay the batches and the
+                                         # noise, which voids the guarantee: tests and reproduction only
     device: str = "cpu"
     private: bool = True                 # False: --no-dp baseline, marked non-private everywhere
     init_from: str | None = None         # checkpoint trained on PUBLIC data whose EMA weights start the
@@ -679,7 +687,8 @@ def train(
         progress: show a progress bar on stderr (rank 0 only).
         on_step: called with the number of steps done after each step (tests use it).
         on_start: called on rank 0 once every check has passed, before the first step, with the run's warnings
-            (the CLI's warnings are said then too).
+            (the CLI's warnings are said then too): among them `SEED_NOTE` for a private run with a given seed,
+            and `data_notes`' (pixels all >= 0, binary pixels, classes without an image).
         public_data: (images, labels) of `config.subspace_data`, PUBLIC data from which the gradient
             subspace is estimated (with config.subspace_dim only). Refused if it is the private data.
         class_names: the name of each label (`ImageData.class_names`: a ``folder:`` dataset's class folders);
@@ -695,10 +704,17 @@ def train(
 
     Raises:
         TrainError: a plan document whose epsilon does not re-compute, data of another size, images that are
-            not float32 in [-1, 1] or labels that are not int64 in [0, num_classes) (`ImageData`'s checks), an
-            existing run without --resume, a resume against another plan, a run that already finished, a resume
-            at another lr of a run that trained steps past its checkpoint (`_unsaved_steps`).
+            not float32 in [-1, 1] or labels that are not int64 in [0, num_classes) (`ImageData`'s checks), labels
+            given with num_classes=0 or none with num_classes > 0, a plan_doc that is not a PlanDocument, x or y
+            that are not tensors, an existing run without --resume, a resume against another plan, a run that
+            already finished, a resume at another lr of a run that trained steps past its checkpoint (`_unsaved_steps`).
     """
+    if not isinstance(plan_doc, accounting.PlanDocument):   # a bare PrivacyPlan, a dict: an AttributeError
+        raise TrainError(f"plan_doc is a {type(plan_doc).__name__}; train() takes a verified plan document "
+                         "(accounting.load_plan(path), or accounting.make_plan_document(plan) for a PrivacyPlan)")
+    for name, t in (("x", x), ("y", y)):
+        if t is not None and not isinstance(t, torch.Tensor):   # numpy arrays: an AttributeError of .dim, .detach
+            raise TrainError(f"{name} is a {type(t).__name__}; train() takes torch tensors (torch.from_numpy)")
     plan = plan_doc.plan
     dist = _Dist.current(config.device)
     out = Path(out_dir)
@@ -719,6 +735,12 @@ def train(
         )
     if y is not None and y.shape[0] != n:
         raise TrainError(f"labels ({y.shape[0]}) and images ({n}) differ in number")
+    if y is not None and num_classes == 0:   # the labels were dropped and an unconditional model trained
+        raise TrainError("labels y were given with num_classes=0: give num_classes (labels in [0, num_classes)) for a "
+                         "class-conditional model, or y=None for an unconditional one")
+    if y is None and num_classes > 0:   # failed inside step 1's gradient, after the run folder was written
+        raise TrainError(f"num_classes={num_classes} but no labels (y=None): give y (int64 labels in "
+                         f"[0, {num_classes}), one per image), or num_classes=0 for unlabelled data")
     if class_names is not None and len(class_names) != num_classes:
         raise TrainError(f"{len(class_names)} class names for {num_classes} classes")
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
@@ -838,7 +860,8 @@ def train(
         # Labels with no image (an npz labelled {3, 7}): `dpdm sample` draws every class evenly, and says how many
         # of its samples are of these. Private (one record decides), as the run folder is: not in release files.
         run_config["empty_classes"] = empty_classes(y, num_classes)
-    start_notes: list[str] = []   # said before the first step, with the run's other warnings
+    # said before the first step, with the run's other warnings
+    start_notes = [*([SEED_NOTE] if config.private and seed_given else []), *data_notes(x, y, num_classes).values()]
     init_weights = None
     if state is not None:
         saved = state["config"]
@@ -1604,6 +1627,32 @@ def distributed_private_grad(
                              expected_batch_size=1.0, generator=noise_generator(noise_seed, device))
     dist.all_reduce_(grad_sum)
     return {k: v / expected_batch_size for k, v in grad_sum.items()}
+
+
+def data_notes(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> dict[str, str]:
+    """`train()`'s notes on data that passed `_check_images` yet looks mistaken, by kind: "nonnegative" (every pixel
+    >= 0: images in [0, 1], as torchvision's ToTensor() gives them, train a washed-out model), "binary" (every pixel
+    -1 or -1 + 2/255: 0 and 1 of 0..255, floats in [0, 1] cast to uint8) and "empty_classes" (classes without an
+    image). Warned, not refused: bright or binary images and a publicly fixed class count are legitimate."""
+    notes = {}
+    if len(x) and float(x.min()) >= 0:
+        notes["nonnegative"] = (f"every pixel of the images is >= 0 (they span [{float(x.min()):g}, "
+                                f"{float(x.max()):g}]); train() takes pixels in [-1, 1], and images in [0, 1] (as "
+                                "torchvision's ToTensor() gives them) train a washed-out model: map them with "
+                                "x * 2 - 1")
+    elif len(x) and round((float(x.max()) + 1) * 127.5) <= 1:
+        notes["binary"] = ("every pixel of the images is -1 or -1 + 2/255 (0 or 1 of 0..255), so they train as "
+                           "near-black images; floats in [0, 1] cast with x.astype(np.uint8) give that (binary images "
+                           "are -1 and 1)")
+    empty = empty_classes(y, num_classes) if y is not None and num_classes else []
+    if empty:
+        shown = ", ".join(map(str, empty[:12])) + (", ..." if len(empty) > 12 else "")
+        one = len(empty) == 1
+        notes["empty_classes"] = (f"{len(empty)} of the {num_classes} classes {'has' if one else 'have'} no image "
+                                  f"(label{'' if one else 's'} {shown}): the model learns nothing of "
+                                  f"{'it' if one else 'them'}, yet sampling draws every class evenly; remap the "
+                                  "labels to 0..k-1 unless the class count is fixed publicly")
+    return notes
 
 
 def _check_images(x: torch.Tensor, y: torch.Tensor | None, num_classes: int, name: str, of: str = "") -> None:

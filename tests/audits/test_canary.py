@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import accounting
 from accounting import PrivacyPlan
 from audits.canary import CanaryConfig, MLPNet, canary_audit, draw_inclusion, make_canaries, train_with_canaries
 from dpdm.datasets import load_dataset
@@ -208,6 +209,9 @@ def test_audit_argument_validation(digits, plan_eps1):
         canary_audit(plan_eps1, digits.x, digits.y, 10, POWER, claimed_epsilon=-1)
     with pytest.raises(ValueError, match="x="):
         canary_audit(plan_eps1, digits.x[0], digits.y, 10, POWER, claimed_epsilon=1)
+    # A plan document: AttributeError 'PlanDocument' object has no attribute 'delta' (h134 F4, stop 53)
+    with pytest.raises(ValueError, match=r"^plan is a PlanDocument; canary_audit takes an accounting.PrivacyPlan"):
+        canary_audit(accounting.make_plan_document(plan_eps1), digits.x, digits.y, 10, POWER, claimed_epsilon=1)
 
 
 def test_verdict_rule():
@@ -364,7 +368,6 @@ def test_too_many_canaries_for_tiny_images_are_refused():
 @pytest.fixture(scope="module")
 def npz_run(tmp_path_factory):
     """A 2-step run of a 24-image path dataset (npz), for refusals of `dpdm audit` that come before any work."""
-    import accounting
     from dpdm.train import TrainConfig, train
 
     tmp = tmp_path_factory.mktemp("npz_run")
@@ -390,6 +393,18 @@ def test_mislabelled_canaries_of_a_path_dataset_are_refused_before_any_work(npz_
         run_audit(npz_run, tmp_path / "audit", suite="quick", seed=0,
                   canary_overrides={"canary_kind": "mislabelled", "num_canaries": 20, "steps": 2,
                                     "background_size": 12})
+    assert not (tmp_path / "audit").exists()
+
+
+def test_a_run_that_names_no_dataset_is_refused_naming_the_parameter(npz_run, tmp_path, monkeypatch):
+    """A run of train() without dataset_name: the line said "pass --dataset" to a library caller (h134 F4, stop 53)."""
+    import audits.suite
+    from audits.suite import run_audit
+
+    real = audits.suite._load_run
+    monkeypatch.setattr(audits.suite, "_load_run", lambda run: ({**real(run)[0], "dataset": None}, real(run)[1]))
+    with pytest.raises(ValueError, match=r"^the run does not name its dataset; give dataset= \(--dataset\) naming"):
+        run_audit(npz_run, tmp_path / "audit", suite="quick", seed=0)
     assert not (tmp_path / "audit").exists()
 
 

@@ -1252,6 +1252,37 @@ def test_data_mistakes_are_warned_before_the_first_step(tiny, capsys, monkeypatc
         assert code == 130 and "0 or 1" not in err and "no array 'y'" not in err, err
 
 
+def test_sample_checkpoint_refuses_a_count_below_one_before_reading_anything(tmp_path):
+    """h134 F4 (stop 53): n=-1 failed in torch.arange with "upper bound and lower bound inconsistent with step sign",
+    and n=0 wrote an empty samples file. Refused first, as --n below 1 is; numpy integers are integers."""
+    from dpdm.sample import SampleError, sample_checkpoint
+
+    for n in (-1, 0, 2.0, True):
+        with pytest.raises(SampleError, match=rf"^n={n!r} \(--n\) must be an integer >= 1"):
+            sample_checkpoint(tmp_path / "none.pt", n=n, out_path=tmp_path / "s.npz")
+    with pytest.raises(SampleError) as e:   # np.int64(2) passes the count's check: the missing file is the problem
+        sample_checkpoint(tmp_path / "none.pt", n=np.int64(2), out_path=tmp_path / "s.npz")
+    assert "none.pt" in str(e.value) and not (tmp_path / "s.npz").exists()
+
+
+def test_the_librarys_seed_and_data_notes_are_said_once(tiny, capsys, monkeypatch):
+    """train() notes a given seed, binary pixels and empty classes itself since stop 53 (h134 F2, F3); the CLI says
+    them in its own words (naming --seed and the dataset), each once, and says train()'s pixels >= 0 note."""
+    d = tiny
+    _interrupt_before_the_first_step(monkeypatch)
+    with np.load(d / "data.npz") as f:
+        x, y = f["x"], f["y"]
+    np.savez(d / "cast.npz", x=(x / 255.0).astype(np.uint8), y=y % 2, num_classes=3)   # binary, class 2 empty
+    code, _, err = run_cli(_train_args(d, d / "r1", "--seed", "5", "--dataset", f"npz:{d / 'cast.npz'}"), capsys)
+    assert code == 130, err
+    assert err.count("replay the batches") == 1 and "--seed 5: anyone who knows this seed" in err, err
+    assert err.count("near-black") == 1 and "--dataset=" in err.split("near-black")[0].splitlines()[-1], err
+    assert err.count("have no image") + err.count("has no image") == 1 and "declares it" in err, err
+    np.savez(d / "bright.npz", x=(x // 2 + 128).astype(np.uint8), y=y, num_classes=3)   # every pixel >= 0
+    code, _, err = run_cli(_train_args(d, d / "r2", "--dataset", f"npz:{d / 'bright.npz'}"), capsys)
+    assert code == 130 and err.count("dpdm: warning: every pixel of the images is >= 0") == 1, err
+
+
 def test_empty_classes_of_a_declared_class_count_are_not_a_numbering_gap(tiny, capsys, monkeypatch):
     """An npz that stores num_classes declares its classes: those without an image are absent, and "remap the labels"
     was the wrong advice (a public warm start labelled 0 under the private num_classes got it; h109 F3). Where the
@@ -1577,7 +1608,8 @@ def test_samples_of_a_no_dp_run_are_warned_of(nodp_run, tmp_path, capsys, monkey
         "guarantee about the data it trained on; do not release them where that data is private"], err
     import dpdm.sample
 
-    monkeypatch.setattr(dpdm.sample, "sample_checkpoint", lambda *a, **kw: {"private": True, "seed_given": False})
+    monkeypatch.setattr(dpdm.sample, "sample_checkpoint",   # the steps: read by sample's line since h131 (stop 53)
+                        lambda *a, **kw: {"private": True, "seed_given": False, "steps_done": 2, "plan_steps": 2})
     code, _, err = run_cli(["sample", "--run", nodp_run, "--n", 2, "--out", tmp_path / "p.npz", "--device", "cpu"],
                            capsys)
     assert code == 0 and "dpdm: warning" not in err, err

@@ -506,6 +506,47 @@ def test_noise_generator_keeps_every_bit_of_the_seed():
     assert float(big.var()) == pytest.approx(0.25, rel=5 * (2 / 200_000) ** 0.5)
 
 
+def test_default_noise_is_not_the_global_torch_rng():
+    """h134 F1 (stop 53): with generator=None the noise came from torch's global generator, so a notebook's
+    torch.manual_seed(0) let anyone replay it and subtract it. None is now a fresh generator with a secret seed."""
+    m = nn.Linear(4, 1, dtype=F64)
+    empty = torch.zeros(0, 4, dtype=F64)
+    kw = dict(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=1.0)
+    zeros = {"w": torch.zeros(8, dtype=F64)}
+
+    def seeded(fn):
+        torch.manual_seed(0)
+        out = fn()
+        return torch.cat([v.reshape(-1) for v in out.values()]), torch.randn(8, dtype=F64)
+
+    torch.manual_seed(0)
+    global_draw = torch.randn(8, dtype=F64)
+    for fn in (lambda: private_grad(m, lambda m, a: m(a).sum(), empty, **kw),
+               lambda: add_noise(zeros, **kw),
+               lambda: engine.add_noise_in_subspace(zeros, torch.eye(8, dtype=F64), **kw)):
+        (a, after_a), (b, after_b) = seeded(fn), seeded(fn)
+        assert not torch.equal(a, b)                          # not replayable from the global seed
+        assert not torch.equal(a[:5], global_draw[:5])
+        assert torch.equal(after_a, global_draw) and torch.equal(after_b, global_draw)   # the global RNG untouched
+
+
+def test_numpy_scalars_are_numbers():
+    """h134 F5 (stop 53): noise_multiplier=np.float32(1.0) was "must be a finite number >= 0", np.int64 seeds and batch
+    sizes likewise. numpy's scalars are taken as the Python numbers they equal; bools stay refused."""
+    model, loss_fn, batch = token_case(B=3)
+    kw = dict(clip_norm=0.5, noise_multiplier=1.25, expected_batch_size=4)
+    want = private_grad(model, loss_fn, *batch, generator=engine.noise_generator(5), **kw)
+    got = private_grad(model, loss_fn, *batch, clip_norm=np.float32(0.5), noise_multiplier=np.float64(1.25),
+                       expected_batch_size=np.int64(4), generator=engine.noise_generator(np.uint64(5)))
+    assert_grads_close(got, want, rtol=0)
+    assert all(v.dtype == want[k].dtype for k, v in got.items())
+    for bad in (dict(noise_multiplier=np.bool_(True)), dict(clip_norm=True), dict(expected_batch_size=np.float32("nan"))):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            private_grad(model, loss_fn, *batch, **{**kw, **bad})
+    with pytest.raises(ValueError, match="seed"):
+        engine.noise_generator(np.int64(-1))
+
+
 def test_half_precision_parameters_refused_for_clipping():
     """In bfloat16 the norm, the clip factor and the sum round so coarsely that a clipped gradient
     exceeds C (measured 1.005 C), and float16 norms overflow: the clipping paths refuse them."""
@@ -576,6 +617,19 @@ def test_custom_running_statistic_refused_naming_the_buffer_holders(rules):
     with pytest.raises(ValueError, match=r"updates a tensor it holds in place.*holding buffers: 1$"):
         per_sample_grads(model, lambda m, x: m(x).sum(), torch.randn(3, 4), per_layer_rules=rules)
     assert torch.equal(model[1].run_mean, torch.zeros(4))
+
+
+@pytest.mark.parametrize("rules", [True, False])
+def test_randomness_inside_the_loss_named_not_a_vmap_error(rules):
+    """h134 F4 (stop 53): torch.randn_like or functional dropout inside loss_fn failed with torch's "use the 'same' or
+    'different' randomness flags on vmap", flags the caller cannot set."""
+    model = nn.Linear(4, 1)
+    for loss_fn in (lambda m, x: m(x + torch.randn_like(x)).sum(),
+                    lambda m, x: F.dropout(m(x), 0.5, training=True).sum()):
+        with pytest.raises(ValueError, match=r"^the model or loss_fn draws random numbers .* pass them in as batch "
+                                             r"tensors"):
+            private_grad(model, loss_fn, torch.randn(3, 4), clip_norm=1.0, noise_multiplier=1.0,
+                         expected_batch_size=3, per_layer_rules=rules)
 
 
 def test_per_example_layers_accepted():

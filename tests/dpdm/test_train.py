@@ -196,6 +196,63 @@ def test_images_and_labels_of_another_kind_refused_and_nothing_written(tmp_path,
     assert not out.exists()
 
 
+def test_labels_and_num_classes_that_disagree_refused_and_nothing_written(tmp_path):
+    """h134 F3 (stop 53): labels given with num_classes=0 were dropped and an unconditional model trained the whole
+    plan in silence; num_classes > 0 without labels failed in step 1's gradient after the run folder was written."""
+    x, y, c = tiny_data()
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match=r"^labels y were given with num_classes=0: give num_classes"):
+        train(tiny_plan(), x, y, 0, out, TrainConfig(**CFG), progress=False)
+    with pytest.raises(TrainError, match=r"^num_classes=3 but no labels \(y=None\): give y .* or num_classes=0"):
+        train(tiny_plan(), x, None, c, out, TrainConfig(**CFG), progress=False)
+    assert not out.exists()
+
+
+def test_a_bare_plan_or_numpy_data_refused_as_one_train_error(tmp_path):
+    """h134 F4 (stop 53): a PrivacyPlan or a dict for the plan document, numpy images or labels failed with Python's
+    AttributeError ('PrivacyPlan' object has no attribute 'plan', 'numpy.ndarray' ... 'dim')."""
+    x, y, c = tiny_data()
+    doc = tiny_plan()
+    out = tmp_path / "run"
+    for bad, args, match in ((doc.plan, (x, y), "plan_doc is a PrivacyPlan; train.. takes a verified plan document"),
+                             ({"plan": {}, "epsilon": 1.0}, (x, y), "plan_doc is a dict"),
+                             (doc, (x.numpy(), y), r"x is a ndarray; train.. takes torch tensors"),
+                             (doc, (x, y.numpy()), r"y is a ndarray")):
+        with pytest.raises(TrainError, match=f"^{match}"):
+            train(bad, *args, c, out, TrainConfig(**CFG), progress=False)
+    assert not out.exists()
+
+
+def test_on_start_notes_a_given_seed_and_data_that_looks_mistaken(tmp_path):
+    """h134 F2, F3 (stop 53): a library caller's private run with TrainConfig(seed=0) was told nothing of the seed's
+    replay (the CLI alone warned), nor of images in [0, 1] (torchvision's ToTensor()), binary 0/1-of-255 pixels or
+    classes without an image, which the CLI warns of. Each run stops in on_start, before its first step."""
+    x, y, c = tiny_data()
+
+    def notes_of(name, x, y, **cfg):
+        said = []
+
+        def start(notes):
+            said.extend(notes)
+            raise Stop
+
+        with pytest.raises(Stop):
+            train(tiny_plan(), x, y, c, tmp_path / name, TrainConfig(**{**CFG, **cfg}), progress=False,
+                  on_start=start)
+        return said
+
+    said = notes_of("seeded", (x + 1) / 2, y % 2)   # pixels in [0, 1], class 2 without an image
+    assert any(n.startswith("the run's seed was given (TrainConfig.seed, --seed): anyone who knows it can replay the "
+                            "batches and the DP noise") for n in said), said
+    assert any(n.startswith("every pixel of the images is >= 0") and "x * 2 - 1" in n for n in said), said
+    assert any(n.startswith("1 of the 3 classes has no image (label 2)") for n in said), said
+    assert len(said) == 3, said
+    binary = -1 + (x > 0).float() * (2 / 255)
+    assert notes_of("secret", x, y, seed=None) == []                       # a secret seed, ordinary data: nothing
+    said = notes_of("nodp", binary, y, private=False)                       # no guarantee to void
+    assert len(said) == 1 and said[0].startswith("every pixel of the images is -1 or -1 + 2/255"), said
+
+
 def test_every_private_step_moves_the_weights_even_on_an_empty_poisson_batch(tmp_path):
     """An empty Poisson batch is still a private step: pure noise over the expected batch size, and Adam steps.
     The other runs (sample rate 0.25) almost never draw one (stop 42: skipping empty steps passed every test)."""
