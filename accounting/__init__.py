@@ -7,11 +7,13 @@
 from accounting.accountants import (
     PRV_ERRORS,
     EpsilonReport,
+    MembershipBound,
     PldAccountant,
     PrvAccountant,
     RdpAccountant,
     UnsupportedEventError,
     dpsgd_event,
+    membership_bound,
 )
 from accounting.fft_pld import FftPldAccountant, FftPrecisionError
 from accounting.calibrate import (
@@ -68,6 +70,7 @@ __all__ = [
     "EpsilonReport",
     "FftPldAccountant",
     "FftPrecisionError",
+    "MembershipBound",
     "NotCalibratedError",
     "PlanDocument",
     "PlanError",
@@ -85,6 +88,7 @@ __all__ = [
     "load_plan",
     "parse_plan",
     "make_plan_document",
+    "membership_bound",
     "max_steps",
     "min_delta",
     "plan_from_dict",

@@ -6,6 +6,7 @@ benchmarks/quality.py): it shows the path and the guarantees, not the best image
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -85,7 +86,7 @@ def demo(out_dir, steps, public_steps, device, skip_audit):
     demo's epsilon 10 the quick suite's 200 canaries can only give INCONCLUSIVE, which the report explains."""
     path, verdict = run_demo(Path(out_dir), steps=steps, public_steps=public_steps, device=resolve_device(device),
                              audit=not skip_audit)
-    click.echo(str(path))
+    click.echo(os.path.abspath(path))   # right for the user's shell after `make -C DIR demo` too (h136 N6)
     if verdict == "FAIL":
         return EXIT_AUDIT_FAIL
     return 0
@@ -289,6 +290,7 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
         {"title": "Privacy", "rows": [
             ("guarantee", f"(epsilon={epsilon_text(doc.epsilon)}, delta={plan.delta:g})-DP for each of the "
                           f"{plan.dataset_size} training images"),
+            membership_row(plan),
             ("epsilon spent", f"{epsilon_text(summary['epsilon_spent'])} after {summary['steps_done']} of "
                               f"{plan.steps} steps"),
             ("noise multiplier / clip norm", f"{plan.noise_multiplier:.4f} / {plan.clip_norm:g}"),
@@ -302,11 +304,13 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
                                                               f"classifier-free guidance {DEMO_GUIDANCE:g}."},
         {"title": "Release", "rows": [
             ("model to release", f"{_home_relative(released['model'])} (EMA weights and the ledger; sha256 "
-                                 f"{released['sha256']})"),
+                                 f"{released['sha256']}, weights sha256 {released['weights_sha256']}, which "
+                                 f"samples.npz records: publish both)"),
             ("synthetic data to release", _home_relative(samples_path)),
             ("keep private", f"{_home_relative(run_dir)} (its checkpoint holds the secret seed of the batches and the "
                              f"noise){audit_kept}; the reference CNN eval trained on the private images, cached in "
-                             f"{_home_relative(cache / 'reference')}; and this report's rows marked {NON_PRIVATE}"
+                             f"{_home_relative(cache / 'reference')}; the demo's terminal output (the training bar "
+                             f"shows un-noised losses); and this report's rows marked {NON_PRIVATE}"
                              + (" (in Quality and Audit)" if audit_section is not None else " (in Quality)"))]},
         {"title": "Quality", "rows": rows_metrics, "text": QUALITY_TEXT},
         {"title": "Privacy curve", "image": str(curve_path)},
@@ -317,7 +321,7 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
     sections.append({"title": "Timings", "rows": timings})
     sections.append({"title": "Plan (plan.json)", "json": doc.to_dict()})
     md, html_path = write_report(out, sections, title="dpdm demo: DP diffusion on mnist5k")
-    info(f"report: {html_path} (also {md})")
+    info(f"report: {os.path.abspath(html_path)} (also {os.path.abspath(md)})")
     return html_path, (audit_section or {}).get("verdict")
 
 
@@ -333,9 +337,32 @@ QUALITY_TEXT = (f"Rows marked {NON_PRIVATE} are computed without privacy from th
                 "them. The downstream accuracies use only the DP samples and the held-out real test images.")
 
 
-AUDIT_TEXT = (f"Rows marked {NON_PRIVATE} come from the audit's canary runs on private training images, one of them "
+AUDIT_TEXT = ("The audit tests dpdm's private step and the plan's mechanism on canary trainings of its own; it never "
+              "reads this run's weights, so no verdict is about this model. "
+              f"Rows marked {NON_PRIVATE} come from the audit's canary runs on private training images, one of them "
               "(the positive control) without noise and none of them inside the plan's budget: keep them private, "
               "as the audit folder.")
+
+
+# What the guarantee means for one training image: bounds on a membership test at these false-positive rates.
+MEMBERSHIP_FPRS = (0.01, 0.001)
+
+
+def membership_row(plan) -> tuple[str, str]:
+    """The Privacy section's "what it means" row: the most any membership test for one training image can find at
+    false-positive rates of 1% and 0.1%, and its largest advantage, from the plan alone (public: its
+    `accounting.membership_bound`, with the pessimistic PLD its certificate comes from), rounded up. The textbook
+    reading, e^epsilon times the odds (22,000 at epsilon 10), says nothing a reader can use (h136 F1, stop 53)."""
+    import accounting
+    from accounting.calibrate import certification_discretization
+
+    bound = accounting.membership_bound(plan.to_event(), MEMBERSHIP_FPRS, discretization=certification_discretization(
+        plan.sample_rate, plan.noise_multiplier, plan.steps, plan.delta, plan.target_epsilon))
+    (a, b), pct = MEMBERSHIP_FPRS, lambda x: f"{epsilon_text(100 * x, 3)}%"
+    return ("what it means", f"any test of whether one image was trained on (whatever else the attacker knows) that "
+                             f"wrongly flags {a:.0%} of the images not trained on flags at most {pct(bound.tpr[a])} of "
+                             f"those trained on (at {b:.1%}: at most {pct(bound.tpr[b])}); at any false-positive rate, "
+                             f"the true-positive rate exceeds it by at most {epsilon_text(bound.advantage, 3)}")
 
 
 def quality_rows(metrics: dict, real_cnn: float) -> list[tuple[str, str]]:
@@ -376,8 +403,11 @@ def audit_rows(report: dict, report_dir: Path) -> list[tuple[str, str]]:
     The demo's eps-10 plan is beyond what the quick suite's 200 canaries can certify, so its audit is
     INCONCLUSIVE by design, and the demo says why rather than exit non-zero.
 
+    The positive control's bound (noise off) has a row of its own: what the attacks reach at all, which the
+    INCONCLUSIVE reason about too few canaries does not say (h136 F2, stop 53).
+
     Every row but the folder's is marked NON_PRIVATE: the figures come from canary runs on private images (the
-    positive control's, without noise, appear in a reason), outside the plan's guarantee (AUDIT_TEXT). The folder is
+    positive control's without noise), outside the plan's guarantee (AUDIT_TEXT). The folder is
     shown as ~/... where it lies in the home folder (`_home_relative`)."""
     rows = [(f"verdict {NON_PRIVATE}", str(report.get("verdict")))]
     rows += [(f"reason {NON_PRIVATE}", r) for r in report.get("reasons", [])]
@@ -393,6 +423,10 @@ def audit_rows(report: dict, report_dir: Path) -> list[tuple[str, str]]:
                      f"{epsilon_text(lb, d, bound='lower')}, largest "
                      f"certifiable with these canaries "
                      f"{epsilon_text(can.get('max_certifiable_epsilon', float('nan')), bound='lower')}"))
+    if can.get("control_max_epsilon") is not None:   # what the attacks reach with no noise at all (h136 F2)
+        rows.append((f"positive control (noise off) {NON_PRIVATE}",
+                     f"largest epsilon lower bound {epsilon_text(can['control_max_epsilon'], bound='lower')}: the "
+                     f"most these attacks showed on a training without noise"))
     rows.append(("report", _home_relative(report_dir)))
     return rows
 

@@ -34,6 +34,7 @@ def privacy_curve(plan, path: str | Path, *, points: int = 24, steps_done: int |
         ax.axhline(plan.target_epsilon, color="gray", ls="--", lw=1, label=f"target {plan.target_epsilon:g}")
     if steps_done is not None:
         ax.axvline(steps_done, color="tab:red", lw=1, label=f"steps done {steps_done}")
+    ax.set_ylim(bottom=0)   # from 0: the first step's large share of the budget shows (h136 N5)
     ax.set_xlabel("steps")
     ax.set_ylabel(f"epsilon at delta={plan.delta:g}")
     ax.legend(fontsize=8)
@@ -67,7 +68,9 @@ def _table(rows: list[tuple[str, Any]]) -> str:
 
 def write_report(out_dir: str | Path, sections: list[dict[str, Any]], *, title: str) -> tuple[Path, Path]:
     """Writes report.md and report.html, each atomically (a demo stopped while writing one, or out of disk, left it
-    cut short: h114 N2, stop 51). Each section: {"title", "rows"?, "image"?, "text"?, "json"?}."""
+    cut short: h114 N2, stop 51) and 0600 whatever the umask, as the audit's report: the demo's holds rows computed
+    without privacy from the private images (README: "What stays private"; h136 F3, stop 53), and a copy keeps the
+    mode. Each section: {"title", "rows"?, "image"?, "text"?, "json"?}."""
     from accounting.plan import atomic_write_text
 
     out_dir = Path(out_dir)
@@ -92,11 +95,11 @@ def write_report(out_dir: str | Path, sections: list[dict[str, Any]], *, title: 
             md += ["```json", text, "```", ""]
             body.append(f"<pre>{html.escape(text)}</pre>")
     md_path = out_dir / "report.md"
-    atomic_write_text(md_path, "\n".join(md) + "\n")
+    atomic_write_text(md_path, "\n".join(md) + "\n", mode=0o600)
     style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto;line-height:1.4}"
              "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}"
              "pre{background:#f6f6f6;padding:8px;overflow-x:auto}")
     html_path = out_dir / "report.html"
     atomic_write_text(html_path, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                      f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+                      f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n", mode=0o600)
     return md_path, html_path

@@ -187,3 +187,43 @@ def test_rdp_epsilon_is_dp_accountings_default_rdp(q, sigma, steps):
     event = dpsgd_event(q, sigma, steps)
     ref = dp_rdp.RdpAccountant().compose(event).get_epsilon(1e-5)
     assert RdpAccountant().epsilon(event, 1e-5).upper == pytest.approx(ref, rel=1e-9)
+
+
+# --- what a guarantee means for one example: bounds on a membership test (h136 F1, stop 53) ----------------------
+
+def test_membership_bound_of_the_demo_plan_is_its_pessimistic_plds():
+    """The demo plan (q 0.256, sigma 1.000466, 30 steps, interval 1e-3): TPR <= 0.2458 at FPR 1%, 0.0842 at 0.1%,
+    TPR - FPR <= delta(0) = 0.5439; and an upper bound: at least what the optimistic PLD of the same grid gives."""
+    import numpy as np
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    event = dpsgd_event(0.256, 1.0004660308266127, 30)
+    bound = accounting.membership_bound(event, (0.01, 0.001), discretization=1e-3)
+    assert bound.tpr[0.01] == pytest.approx(0.24578, abs=2e-5) and bound.tpr[0.001] == pytest.approx(0.08420, abs=2e-5)
+    assert bound.advantage == pytest.approx(0.54386, abs=2e-5)
+    lower = pld.from_gaussian_mechanism(1.0004660308266127, sampling_prob=0.256, value_discretization_interval=1e-3,
+                                        pessimistic_estimate=False, use_connect_dots=False).self_compose(30)
+    eps = np.arange(0.0, 12.0, 1e-3)
+    d = np.asarray(lower.get_delta_for_epsilon(eps))
+    for a in (0.01, 0.001):
+        optimistic = np.minimum(d + np.exp(eps) * a, 1 - np.exp(-eps) * (1 - d - a)).min()
+        assert optimistic < bound.tpr[a] < optimistic + 0.01, (a, optimistic, bound.tpr[a])
+    assert d[0] < bound.advantage
+
+
+def test_membership_bound_grows_with_fpr_and_never_below_it():
+    fprs = (1e-4, 1e-3, 0.01, 0.05, 0.1, 0.3, 0.6, 0.9)
+    weak = accounting.membership_bound(dpsgd_event(0.1, 0.8, 200), fprs, discretization=1e-3)
+    tprs = [weak.tpr[a] for a in fprs]
+    assert tprs == sorted(tprs) and all(a <= t <= 1 for a, t in zip(fprs, tprs)), tprs
+    assert all(t - a <= weak.advantage + 1e-12 for a, t in zip(fprs, tprs))
+    # A tiny epsilon: a test can do little better than guess, TPR about FPR.
+    tiny = accounting.membership_bound(dpsgd_event(0.01, 50.0, 10), fprs, discretization=1e-4)
+    assert all(a <= tiny.tpr[a] <= a + 1e-3 for a in fprs), tiny
+    assert tiny.advantage < 1e-3
+    # No steps: no loss at all; no noise: no bound.
+    assert accounting.membership_bound(dpsgd_event(0.1, 1.0, 0), (0.01,)).tpr == {0.01: 0.01}
+    assert accounting.membership_bound(dpsgd_event(0.1, 0.0, 5), (0.01,)).tpr == {0.01: 1.0}
+    for bad in ((0.0,), (1.0,), (float("nan"),), ()):
+        with pytest.raises(ValueError, match="must be one or more numbers in"):
+            accounting.membership_bound(dpsgd_event(0.1, 1.0, 5), bad)

@@ -49,12 +49,20 @@ def test_demo_report_shows_the_audit_verdict_with_its_reason():
               "violation of the claim 9.997; use more canaries (--canaries) or a shorter canary run (--steps)")
     report = {"verdict": "INCONCLUSIVE", "reasons": [reason],
               "canary_audit": {"claimed_epsilon": 9.997, "max_epsilon_lower_bound": 0.0,
-                               "max_certifiable_epsilon": 3.12459, "training": {"target": {"steps": 30}}}}
+                               "max_certifiable_epsilon": 3.12459, "control_max_epsilon": 0.58834,
+                               "training": {"target": {"steps": 30}}}}
     rows = audit_rows(report, Path("demo_out/audit"))
     assert rows[0] == (f"verdict {NON_PRIVATE}", "INCONCLUSIVE")
     assert (f"reason {NON_PRIVATE}", reason) in rows
     label, value = next(r for r in rows if r[0].startswith("epsilon of the 30-step canary run"))
     assert value.startswith("9.997;") and "certifiable with these canaries 3.124" in value   # rounded down
+    # What the attacks reach with no noise at all, which "certifiable up to 3.124" does not say (h136 F2, stop 53);
+    # and that the audit is of dpdm's step, not of this run's model.
+    control = dict(rows)[f"positive control (noise off) {NON_PRIVATE}"]
+    assert control.startswith("largest epsilon lower bound 0.5883:"), control   # rounded down
+    from cli.demo import AUDIT_TEXT
+
+    assert "never reads this run's weights" in AUDIT_TEXT and "canary trainings of its own" in AUDIT_TEXT
     assert rows[-1] == ("report", str(Path("demo_out/audit")))
     # From canary runs on private images, outside the plan's budget (the positive control's, without noise, can
     # be a reason): marked, as the Quality rows computed from the private images are (h75 F1, stop 44).
@@ -82,10 +90,12 @@ def test_demo_exits_1_when_its_audit_fails_and_prints_the_verdict(tmp_path, caps
     INCONCLUSIVE, the demo's expected verdict at epsilon 10, exits 0. The stages are replaced by stubs."""
     import cli.demo as demo
 
+    monkeypatch.chdir(tmp_path)
     for verdict, code in (("FAIL", 1), ("INCONCLUSIVE", 0), (None, 0)):
         monkeypatch.setattr(demo, "run_demo", lambda out, **kw: (out / "report.html", verdict))
-        assert main(["demo", "--out", str(tmp_path / "d"), "--device", "cpu"]) == code
-        assert capsys.readouterr().out.strip().endswith("report.html")
+        assert main(["demo", "--out", "d", "--device", "cpu"]) == code
+        # The absolute path: `make -C DIR demo` runs in DIR, the user's shell elsewhere (h136 N6, stop 53).
+        assert capsys.readouterr().out.strip() == str(tmp_path / "d" / "report.html")
     line = demo.audit_verdict_line({"verdict": "FAIL", "reasons": ["engine_noise_std: p=1e-9", "other"]})
     assert line == "FAIL (engine_noise_std: p=1e-9)"
     assert demo.audit_verdict_line({"verdict": "PASS", "reasons": []}) == "PASS"
@@ -231,7 +241,8 @@ def stubbed_demo(tmp_path, monkeypatch):
         return {"epsilon_spent": 1.23456, "steps_done": 2, "private": config.private}
 
     monkeypatch.setattr(dpdm.train, "train", train)
-    monkeypatch.setattr(dpdm.export, "export_model", lambda src, dst: {"model": str(dst), "sha256": "abc123"})
+    monkeypatch.setattr(dpdm.export, "export_model",
+                        lambda src, dst: {"model": str(dst), "sha256": "abc123", "weights_sha256": "def456"})
 
     def sample_checkpoint(path, *, out_path, grid_path, **kw):
         Path(grid_path).write_bytes(b"grid")
@@ -247,7 +258,8 @@ def stubbed_demo(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "_real_reference", lambda data, test, device: 0.9)
     report = {"verdict": "INCONCLUSIVE", "reasons": ["too few canaries"],
               "canary_audit": {"claimed_epsilon": 9.99712, "max_epsilon_lower_bound": 1.23456,
-                               "max_certifiable_epsilon": 3.12459, "training": {"target": {"steps": 3}}}}
+                               "max_certifiable_epsilon": 3.12459, "control_max_epsilon": 0.58834,
+                               "training": {"target": {"steps": 3}}}}
     monkeypatch.setattr(audits.suite, "run_audit", lambda *a, **kw: report)
     real_curve = dpdm.report.privacy_curve
 
@@ -284,6 +296,12 @@ def test_demo_report_puts_each_figure_and_epsilon_in_its_row(tmp_path, stubbed_d
     # The audit folder is named among what to keep private (as report.md shows a path), with the marked rows.
     keep = _row(s["Release"], "keep private")
     assert _md_cell(str(out / "audit")) in keep and "(in Quality and Audit)" in keep
+    # The demo's own console: its training bar shows the un-noised loss (h136 F4, stop 53).
+    assert "the demo's terminal output (the training bar shows un-noised losses)" in keep
+    # Both digests README says to publish: the file's and its weights', which samples.npz records (h136 F5).
+    assert _row(s["Release"], "model to release").endswith("(EMA weights and the ledger; sha256 abc123, weights "
+                                                           "sha256 def456, which samples.npz records: publish both)")
+    assert "positive control (noise off) (non-private)" in s["Audit"] and "never reads" in s["Audit"]
     # The audit's epsilons: the claim rounded up, the lower bound and the most certifiable rounded down.
     claim = next(line for line in s["Audit"].splitlines() if "canary run (compared against)" in line)
     assert "9.998; largest epsilon lower bound 1.234, largest certifiable with these canaries 3.124" in claim
@@ -310,7 +328,8 @@ def test_demo_report_names_no_home_folder(tmp_path, monkeypatch, stubbed_demo):
     page = (out / "report.html").read_text(encoding="utf-8")
     assert str(home) not in md and str(home) not in page
     tilde = Path("~") / "projects" / "demo"
-    rows = {"model to release": f"{tilde / 'model.pt'} (EMA weights and the ledger; sha256 abc123)",
+    rows = {"model to release": f"{tilde / 'model.pt'} (EMA weights and the ledger; sha256 abc123, weights sha256 "
+                                f"def456, which samples.npz records: publish both)",
             "synthetic data to release": str(tilde / "samples.npz"),
             "report": str(tilde / "audit")}
     s = _sections(md)
@@ -371,3 +390,64 @@ def test_demo_eval_warns_of_an_uncached_reference_in_one_dpdm_line_and_reads_a_r
         assert demo._check_cache_folder() == cache
     finally:
         os.chmod(cache / "reference", 0o700)
+
+
+def test_demo_report_says_what_its_epsilon_bounds(tmp_path, stubbed_demo):
+    """"(epsilon=9.998, delta=1e-05)-DP" alone tells a reader nothing they can use (e^10: 22,000 times the odds). The
+    Privacy section bounds any membership test for one training image, from the plan alone and rounded up (h136 F1,
+    stop 53): for the demo's own plan, at most 24.6% found at 1% false positives."""
+    import accounting
+    from accounting.calibrate import certification_discretization
+    from cli.demo import DEMO, MEMBERSHIP_FPRS, membership_row
+
+    demo, _ = stubbed_demo
+    out = tmp_path / "demo"
+    demo.run_demo(out, steps=3, device="cpu", audit=False, public_steps=0)
+    row = _row(_sections((out / "report.md").read_text(encoding="utf-8"))["Privacy"], "what it means")
+    plan = accounting.load_plan(out / "plan.json").plan
+    bound = accounting.membership_bound(plan.to_event(), MEMBERSHIP_FPRS, discretization=certification_discretization(
+        plan.sample_rate, plan.noise_multiplier, plan.steps, plan.delta, plan.target_epsilon))
+    shown = [float(x) / 100 for x in re.findall(r"at most ([0-9.]+)%", row)]
+    assert len(shown) == 2 and all(bound.tpr[a] <= t <= bound.tpr[a] + 1e-3 for a, t in zip(MEMBERSHIP_FPRS, shown))
+    assert "wrongly flags 1% of the images not trained on" in row and "(at 0.1%: at most" in row
+    # The demo's default plan: the figures of its pessimistic PLD (q 0.256, sigma 1.000466, 30 steps), rounded up.
+    plan = accounting.PrivacyPlan(dataset_size=4000, batch_size=DEMO["batch_size"], steps=DEMO["steps"],
+                                  noise_multiplier=1.0, delta=DEMO["delta"]).calibrate(epsilon=DEMO["epsilon"])
+    assert membership_row(plan) == ("what it means", "any test of whether one image was trained on (whatever else the "
+                                    "attacker knows) that wrongly flags 1% of the images not trained on flags at most "
+                                    "24.6% of those trained on (at 0.1%: at most 8.42%); at any false-positive rate, "
+                                    "the true-positive rate exceeds it by at most 0.544")
+
+
+def test_demo_report_is_its_owners_alone(tmp_path, stubbed_demo):
+    """report.md and report.html hold the rows computed without privacy from the private images: 0600 whatever the
+    umask, as the audit's report and the release files (they were 0644 under umask 022: h136 F3, stop 53)."""
+    import os
+    import stat
+
+    demo, _ = stubbed_demo
+    out = tmp_path / "demo"
+    old = os.umask(0o022)
+    try:
+        demo.run_demo(out, steps=2, device="cpu", audit=False, public_steps=0)
+    finally:
+        os.umask(old)
+    assert {name: stat.S_IMODE((out / name).stat().st_mode) for name in ("report.md", "report.html")} == \
+        {"report.md": 0o600, "report.html": 0o600}
+
+
+def test_demo_privacy_curve_starts_at_zero(tmp_path, monkeypatch):
+    """The y axis from 0: it started at the first point (2.7 of the demo's 10), which hid the first step's large share
+    of the budget (h136 N5, stop 53)."""
+    import accounting
+    import matplotlib.figure
+
+    from dpdm.report import privacy_curve
+
+    shown = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **kw: (shown.append(self.axes[0].get_ylim()), real(self, *a, **kw))[1])
+    plan = accounting.PrivacyPlan(dataset_size=4000, batch_size=1024, steps=30, noise_multiplier=1.0, delta=1e-5)
+    privacy_curve(plan, tmp_path / "curve.png", steps_done=30)
+    assert len(shown) == 1 and shown[0][0] == 0 and shown[0][1] > 9, shown
