@@ -440,9 +440,13 @@ def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool
     `seed`: a --seed given to a new run."""
     from dpdm.train import SEED_NOTE, data_notes
 
-    # Said below in the CLI's own words (naming --seed and the dataset): the library's versions once only.
+    # Said below in the CLI's own words (naming --seed and the dataset): the library's versions once only. Its
+    # pixels >= 0 note is for tensors (images in [0, 1] from torchvision); the CLI's data are uint8 mapped to
+    # [-1, 1], where it means every pixel is 128 or more: bright images, legitimate, and its "x * 2 - 1" advice would
+    # not apply (r1 F2, stop 53)
     said = {SEED_NOTE} if seed is not None and not no_dp else set()
-    said.update(v for k, v in data_notes(data.x, data.y, data.num_classes).items() if k in ("binary", "empty_classes"))
+    said.update(v for k, v in data_notes(data.x, data.y, data.num_classes).items()
+                if k in ("binary", "empty_classes", "nonnegative"))
     if no_dp:
         warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
     elif seed is not None:
