@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import sys
 from typing import Any
 
@@ -283,14 +284,20 @@ def warn_steps_past_checkpoint(checkpoint, result: dict, what: str) -> None:
     epsilon(d) (from the run's plan.json, where it loads and is the ledger's plan) and the resume that counts them.
     `result`: export's or sample's summary (private, steps_done, plan_steps, plan_digest, the epsilon); `what`:
     whose epsilon it is, in the possessive ("the release file's", "the samples'"). Torch-free reads."""
-    if not result.get("private"):
-        return
+    if not result.get("private") or os.path.basename(os.fspath(checkpoint)) != "checkpoint.pt":
+        return   # another file in a run folder (a copy kept of an earlier checkpoint) is no stopped run's (r1 F1)
     folder = os.path.dirname(os.path.expanduser(os.fspath(checkpoint))) or os.curdir
     ran, done = recorded_steps(folder), int(result["steps_done"])
     if ran <= done:
         return
-    import accounting
     from dpdm.report_utils import epsilon_text
+
+    stated = epsilon_text(result.get("epsilon_spent", result.get("epsilon")))   # export's name, sample's
+    if _run_is_training(folder):   # sampled between its checkpoints: it has not stopped (r1 F1, stop 53)
+        warn(f"the run in {folder!r} is training (step {ran} of its {result['plan_steps']}): these weights are of "
+             f"its checkpoint of step {done}, and {what} epsilon {stated} ({done} steps) holds for them alone")
+        return
+    import accounting
 
     try:   # advice only: where the plan does not load, or is not the ledger's, the line names the steps alone
         doc = accounting.load_plan(os.path.join(folder, "plan.json"))
@@ -298,13 +305,39 @@ def warn_steps_past_checkpoint(checkpoint, result: dict, what: str) -> None:
                 if doc.digest == result.get("plan_digest") and ran <= doc.plan.steps else f"the epsilon of {ran} steps")
     except (OSError, ValueError, accounting.AccountingError):
         cost = f"the epsilon of {ran} steps"
-    stated = epsilon_text(result.get("epsilon_spent", result.get("epsilon")))   # export's name, sample's
     steps, it = (f"step {ran}", "it") if ran == done + 1 else (f"steps {done + 1} to {ran}", "them")
+    goes_on = "" if ran >= int(result["plan_steps"]) else " and goes on"   # at the plan's last step, nothing follows
     warn(f"the run in {folder!r} ran {ran} of its {result['plan_steps']} steps (its .steps_done records them), "
          f"past its checkpoint of step {done}, before it stopped: {what} epsilon {stated} ({done} steps) holds for "
          f"these weights alone, but the run has spent {cost}, which anything else published from it costs "
          f"(metrics.csv, its losses, what its progress showed); `dpdm train --resume` with the run's command and lr "
-         f"replays {steps} and goes on, its checkpoints counting {it}")
+         f"replays {steps}{goes_on}, its checkpoints counting {it}")
+
+
+def _run_is_training(folder: str) -> bool:
+    """Whether a `dpdm train` holds the run folder's lock (`dpdm.train._lock_run_folder`'s exclusive flock on
+    `.train.lock`): tried with a shared non-blocking lock, released at once. False where there is no lock file, it
+    is not a regular file, or the file system takes no locks."""
+    try:
+        import fcntl
+    except ImportError:   # not POSIX: dpdm train locks nothing there either
+        return False
+    try:
+        fd = os.open(os.path.join(folder, ".train.lock"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:   # no locks on this file system
+        return False
+    finally:
+        os.close(fd)
 
 
 def unsaved_steps_advice(out_dir: str) -> str | None:

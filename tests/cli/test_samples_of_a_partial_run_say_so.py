@@ -83,3 +83,20 @@ def test_samples_of_a_run_killed_at_step_3_after_its_checkpoint_of_step_2_say_2_
     err = capsys.readouterr().err
     assert code == 0 and f"wrote 3 samples to {tmp_path / 's.npz'} from step 2 of 4" in err, err
     assert ".steps_done" not in err, err
+    # A copy of the checkpoint kept under another name in the run folder is no stopped run's checkpoint, and a
+    # run that is training (its .train.lock held) has not stopped: no resume advice (r1 F1, stop 53)
+    import fcntl
+    import shutil
+
+    shutil.copyfile(tmp_path / "run" / "checkpoint.pt", tmp_path / "run" / "ckpt2.pt")
+    code = main([str(a) for a in ["sample", "--checkpoint", tmp_path / "run" / "ckpt2.pt", "--n", 3,
+                                  "--sampler-steps", 2, "--out", tmp_path / "s.npz", "--device", "cpu"]])
+    err = capsys.readouterr().err
+    assert code == 0 and ".steps_done" not in err and "--resume" not in err, err
+    with open(tmp_path / "run" / ".train.lock", "a") as lock:   # as dpdm.train._lock_run_folder holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = main([str(a) for a in ["sample", "--run", tmp_path / "run", "--n", 3, "--sampler-steps", 2, "--out",
+                                      tmp_path / "s.npz", "--device", "cpu"]])
+        err = capsys.readouterr().err
+    assert code == 0 and "is training (step 3 of its 4)" in err and "checkpoint of step 2" in err, err
+    assert "before it stopped" not in err and "--resume" not in err, err
