@@ -444,13 +444,16 @@ def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool
     # pixels >= 0 note is for tensors (images in [0, 1] from torchvision); the CLI's data are uint8 mapped to
     # [-1, 1], where it means every pixel is 128 or more: bright images, legitimate, and its "x * 2 - 1" advice would
     # not apply (r1 F2, stop 53)
-    said = {SEED_NOTE} if seed is not None and not no_dp else set()
+    said = {SEED_NOTE}   # the library names TrainConfig.seed; on a resume (seed None) the CLI's words say it too
     said.update(v for k, v in data_notes(data.x, data.y, data.num_classes).items()
                 if k in ("binary", "empty_classes", "nonnegative"))
     if no_dp:
         warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
     elif seed is not None:
         warn_known_seed(seed)
+    elif SEED_NOTE in notes:   # a resume of a run started with --seed (r1 N2, stop 53)
+        warn("the run was started with a given --seed: anyone who knows it can replay the batches and the DP noise, "
+             "which voids the guarantee; use it for tests and reproduction only, and keep it secret otherwise")
     for note in notes:
         if note not in said:
             warn(note)

@@ -1615,3 +1615,27 @@ def test_samples_of_a_no_dp_run_are_warned_of(nodp_run, tmp_path, capsys, monkey
     code, _, err = run_cli(["sample", "--run", nodp_run, "--n", 2, "--out", tmp_path / "p.npz", "--device", "cpu"],
                            capsys)
     assert code == 0 and "dpdm: warning" not in err, err
+
+
+def test_a_resume_of_a_seeded_run_says_the_seed_in_the_clis_words(tiny, capsys, monkeypatch):
+    """r1 N2 (stop 53): since train() notes a given seed itself (h134 F2), a `dpdm train --resume` of a run started
+    with --seed said the library's note, naming TrainConfig.seed to a CLI user; it says the CLI's line, once."""
+    import dpdm.train
+
+    d = tiny
+    real_check, checks = dpdm.train._finite_model, []
+
+    def stop_in_step_3(*args):   # the checkpoint of step 2 is written
+        checks.append(1)
+        if len(checks) == 3:
+            raise KeyboardInterrupt
+        return real_check(*args)
+
+    monkeypatch.setattr(dpdm.train, "_finite_model", stop_in_step_3)
+    code, _, err = run_cli(_train_args(d, d / "run", "--seed", "5"), capsys)
+    assert code == 130 and err.count("--seed 5: anyone who knows this seed") == 1, err
+    monkeypatch.setattr(dpdm.train, "_finite_model", real_check)
+    _interrupt_before_the_first_step(monkeypatch)
+    code, _, err = run_cli(_train_args(d, d / "run", "--resume"), capsys)
+    assert code == 130 and err.count("the run was started with a given --seed: anyone who knows it") == 1, err
+    assert "TrainConfig" not in err, err
