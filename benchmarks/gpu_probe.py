@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _argtypes import int_at_least, number  # noqa: E402
 import accounting  # noqa: E402
 import quality  # noqa: E402
+from dpdm.memory import out_of_memory  # noqa: E402
 
 
 def time_steps(doc: accounting.PlanDocument, data, run_dir: Path, *, model: str, private: bool, device: str,
@@ -81,15 +82,6 @@ def with_peak_gib(device: str, fn):
     if not cuda:
         return out, None, None
     return out, torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
-
-
-def out_of_memory(error: BaseException | str) -> bool:
-    """Whether an error (or a row's "Type: message") is the device running out of memory: torch's
-    OutOfMemoryError, and the RuntimeErrors that CUDA, cuBLAS and cuDNN raise for a failed allocation ("CUDA
-    error: out of memory", CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED), which a smaller chunk or K
-    may avoid as well."""
-    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return any(s in text for s in ("OutOfMemoryError", "ALLOC_FAILED")) or "out of memory" in text.lower()
 
 
 def _linear(points: dict[int, float], k: int) -> float:

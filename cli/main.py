@@ -196,10 +196,12 @@ _MEMORY_KNOB = {"train": "a smaller --physical-batch needs", "baseline": "a smal
 
 
 def _out_of_memory(e: BaseException) -> bool:
-    """Python's MemoryError, torch's (CUDA) OutOfMemoryError, or torch's CPU allocator failing (a RuntimeError:
-    "can't allocate memory", or C++'s "std::bad_alloc", which `ulimit -v` on a shared host gives)."""
-    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
-        (isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "std::bad_alloc" in str(e)))
+    """Python's MemoryError, torch's (CUDA) OutOfMemoryError, or a RuntimeError of a failed allocation: torch's CPU
+    allocator's ("can't allocate memory", C++'s "std::bad_alloc"), CUDA's, cuBLAS's or cuDNN's ("CUDA error: out of
+    memory", CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED: h135 F2, stop 53). `dpdm.memory.out_of_memory`."""
+    from dpdm.memory import out_of_memory
+
+    return out_of_memory(e)
 
 
 def _out_of_memory_line(e: BaseException, argv: list[str] | None) -> str:
@@ -214,8 +216,13 @@ def _out_of_memory_line(e: BaseException, argv: list[str] | None) -> str:
     if not size:
         asked = re.search(r"[Tt]ried to allocate ([0-9.]+ [KMGT]iB)", text)
         size = f" (tried to allocate {asked.group(1)})" if asked else ""
-    where = "GPU" if "CUDA" in text or "cuda" in text else "machine"
+    where = "GPU" if any(s in text.upper() for s in ("CUDA", "CUBLAS", "CUDNN")) else "machine"
     knob = _MEMORY_KNOB.get(_command_name(argv))
+    args = sys.argv[1:] if argv is None else argv
+    if knob and _command_name(argv) == "train" and any(a == "--public-subspace" or a.startswith("--public-subspace=")
+                                                        for a in args):
+        # the public gradients of each subspace recomputation are held whole, whatever the chunk (h135 F1, stop 53)
+        knob = "a smaller --physical-batch or --subspace-examples needs"
     hint = f"; {knob} less" if knob else ""
     return f"out of memory on the {where}{size}{hint}; files written before are kept{_resume_hint(argv)}"
 

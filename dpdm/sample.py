@@ -373,6 +373,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
 
             title = (f"dpdm samples, DP (eps={epsilon_text(meta['epsilon'], 3)}, delta={meta['delta']:g})" if private
                      else "dpdm samples, NON-PRIVATE (--no-dp)")
+            if meta["steps_done"] < meta["plan_steps"]:   # an unfinished run's model, as `dpdm sample`'s line says
+                title += f", step {meta['steps_done']} of {meta['plan_steps']}"
             if private and meta["seed_given"]:
                 title += ", GIVEN --seed"
             remove_temp_leftovers(grid_path, TEMP_PATH_REST + re.escape(".tmp"))

@@ -44,6 +44,7 @@ from dpdm.data import PoissonSampler
 from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
                           noise_scale_problem, public_subspace, validate_model)
 from dpdm.loss import EDMLoss, VLoss, drop_labels, engine_loss_fn
+from dpdm.memory import out_of_memory
 from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
 from dpdm.report_utils import epsilon_text
@@ -1080,15 +1081,6 @@ def train(
             raise error from e
 
     try:   # however the run ends: the lock released, the progress bar and the metrics file closed
-        if dist.is_main:
-            with writing("plan.json", out / "plan.json"):
-                _write_json(out / "plan.json", plan_doc.to_dict())
-            shown = "(given with --seed: not secret)" if seed_given else "(secret: in checkpoint.pt only)"
-            public = {**run_config, "train": {**run_config["train"], "seed": shown},
-                      "private": config.private}
-            with writing("config.json", out / "config.json"):   # the data's digest: its owner's, as the checkpoint
-                _write_json(out / "config.json", public, mode=0o600)
-
         segments = lr_segments_of(config)   # a step's seed: run_seed_at(seed, segments, step)
         sample_size = plan.dataset_size if config.private else n
         sampler = PoissonSampler(sample_size, plan.sample_rate, seed=run_seed_at(seed, segments, steps_done))
@@ -1221,6 +1213,18 @@ def train(
                              ckpt_path):
                     ckpt.save_checkpoint(rolled_back_state(ledger_at(steps_done), state, discarded), ckpt_path)
             last_saved = dist.last_saved = steps_done
+        if dist.is_main:
+            # After a spend's checkpoint (above), so that config.json only ever shows an lr some start trained at: a
+            # spend killed before its checkpoint landed left config.json at its new lr while the steps past the
+            # checkpoint ran at the old one, and a damaged record's refusal sent the user to config.json's lr, which
+            # trained them again on fresh noise, the first attempt's in no ledger (h133 F1, stop 53).
+            with writing("plan.json", out / "plan.json"):
+                _write_json(out / "plan.json", plan_doc.to_dict())
+            shown = "(given with --seed: not secret)" if seed_given else "(secret: in checkpoint.pt only)"
+            public = {**run_config, "train": {**run_config["train"], "seed": shown},
+                      "private": config.private}
+            with writing("config.json", out / "config.json"):   # the data's digest: its owner's, as the checkpoint
+                _write_json(out / "config.json", public, mode=0o600)
         metrics_path = out / "metrics.csv"
         metrics_file = None
         writer = None
@@ -1511,7 +1515,7 @@ def time_grad_engines(D, loss_fn, loss_obj, *, shape: tuple[int, ...], num_class
     """Seconds (best of `repeats`, after a warm-up) and peak GPU memory of one chunk of `chunk` examples'
     clipped gradient sum with the engine's rules and with plain vmap. The inputs are random images of the
     data's shape (and random labels): no private data is touched, so the choice costs no privacy.
-    An engine that runs out of memory gets None."""
+    An engine that runs out of memory (`dpdm.memory.out_of_memory`) gets None."""
     g = _generator(0, device)
     batch = [torch.rand((chunk, *shape), generator=g, device=device) * 2 - 1]
     if num_classes:
@@ -1536,7 +1540,9 @@ def time_grad_engines(D, loss_fn, loss_obj, *, shape: tuple[int, ...], num_class
                 times.append(time.perf_counter() - t0)
                 del out
             seconds[name] = round(min(times[1:]), 4)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:   # torch's OutOfMemoryError, and cuBLAS's or cuDNN's failed allocation (h135 F2)
+            if not out_of_memory(e):
+                raise
             seconds[name] = None
         peak_gib[name] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
     if cuda:
@@ -2152,6 +2158,7 @@ def _unsaved_steps(out: Path, state: dict[str, Any] | None, segments, plan_steps
             ran, digest, lr, schedule = record
             what = f"step {ran}" if ran == done + 1 else f"steps {done + 1} to {ran}"
             them = "it" if ran == done + 1 else "them"
+            they = "it" if ran == done + 1 else "they"
             ran_at = (f"the run trained {what} after its checkpoint of step {done}, at lr {lr!r} ({schedule}), "
                       f"before it stopped ({str(path)!r} records {them})")
             again = f"--lr {lr!r} --lr-schedule {schedule}, which replays {them} exactly"
@@ -2163,7 +2170,7 @@ def _unsaved_steps(out: Path, state: dict[str, Any] | None, segments, plan_steps
                            f"step left to train; resume with {again} and finishes the run (nothing was written)")
             elif not spend:
                 refusal = (f"{ran_at}: a resume at another lr trains {them} again on fresh noise, the first "
-                           f"attempt's in no ledger, though what {them} showed may have chosen that lr; resume with "
+                           f"attempt's in no ledger, though what {they} showed may have chosen that lr; resume with "
                            f"{again} (change the lr at a later checkpoint), or pass --spend-unsaved-steps to count "
                            f"{them} as spent and go on from step {ran + 1} with the weights of step {done} (nothing "
                            "was written)")

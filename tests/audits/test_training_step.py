@@ -175,3 +175,47 @@ def test_train_loop_takes_each_steps_gradient_from_plan_private_grad(tmp_path, m
     sampler = PoissonSampler(n, plan.sample_rate, seed=3)
     for _, _, step, images in calls:
         assert torch.equal(images, x[sampler.batch(step)]), step
+
+
+def test_noise_that_is_no_function_of_the_run_seed_after_an_lr_change_fails(monkeypatch):
+    """mut55 (stop 53), a03 a04: noise_keyed_by_run_seed also asks that one run seed twice give the same noise (a
+    resume replays its steps; `dpdm train` draws nothing but from its seeds), of each step it tests. A step after an
+    lr change whose seed was fresh entropy, not `run_seed_at`'s hash, passed where the replay ran for the first step
+    alone, or not at all: its variance is right, only its replay differs."""
+    import secrets
+
+    from audits.mechanism import check_run_seed
+    from audits.suite import LR_CHANGE
+
+    real = train_mod.run_seed_at
+
+    def fresh_after_a_change(seed, lr_segments, step):
+        if len([seg for seg in (lr_segments or ()) if int(seg[0]) <= step]) > 1:
+            return secrets.randbits(62)
+        return real(seed, lr_segments, step)
+
+    monkeypatch.setattr(train_mod, "run_seed_at", fresh_after_a_change)
+    r, = check_run_seed(training_private_grad(vary="run_seed"), pairs=5,
+                        after_lr_change=training_private_grad(vary="run_seed", lr_segments=LR_CHANGE))
+    assert not r.passed and "the same generator seed twice: largest difference" in r.detail, r.detail
+    monkeypatch.undo()
+    r, = check_run_seed(training_private_grad(vary="run_seed"), pairs=5,
+                        after_lr_change=training_private_grad(vary="run_seed", lr_segments=LR_CHANGE))
+    assert r.passed, r.detail
+
+
+def test_a_run_that_records_one_lr_segment_is_tested_after_the_fixed_lr_change_and_a_zero_sigma_refused():
+    """mut55 (stop 53), a05 a07: a run whose config records a single lr segment (a library config's) changed no lr:
+    noise_keyed_by_run_seed tests a step after ``LR_CHANGE`` for it, not its own segment (which is the run seed's
+    path again, leaving `run_seed_at`'s hash path untested). And a noise multiplier of 0 is refused as any bad one,
+    not run into a division by zero."""
+    from audits.mechanism import check_run_seed
+    from audits.suite import LR_CHANGE, lr_change_segments
+
+    assert lr_change_segments({"lr_segments": [[0, 1e-3, "constant"]]}) is LR_CHANGE
+    assert lr_change_segments({}) is LR_CHANGE
+    own = [[0, 3e-4, "constant"], [4, 1e-3, "cosine"]]
+    assert lr_change_segments({"lr_segments": own}) == ((0, 3e-4, "constant"), (4, 1e-3, "cosine"))
+    for bad in (0, 0.0, -1.0, "1"):
+        with pytest.raises(ValueError, match=r"noise_multiplier=.* must be a number > 0"):
+            check_run_seed(training_private_grad(vary="run_seed"), noise_multiplier=bad)

@@ -92,6 +92,19 @@ def _probe_main(p, monkeypatch, tmp_path, *, n: int, oom_k: int | None, error=No
     return json.loads(out.read_text()), sampled
 
 
+
+def test_out_of_memory_is_dpdms_own_test_of_an_error_or_a_rows_text(load_benchmark):
+    """The probe and gpu_step_times.py judge out-of-memory with the predicate `dpdm train` and the CLI use
+    (`dpdm.memory.out_of_memory`, h135 F2, stop 53), on errors and on a row's "Type: message"."""
+    from dpdm.memory import out_of_memory
+
+    p = load_benchmark("gpu_probe")
+    assert p.out_of_memory is out_of_memory
+    assert p.out_of_memory("RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    assert p.out_of_memory("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert not p.out_of_memory("RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert p.out_of_memory(MemoryError()) and not p.out_of_memory(ValueError("out of memory"))
+
 def test_probe_goes_on_at_k_when_2k_runs_out_of_memory(load_benchmark, monkeypatch, tmp_path, capsys):
     """On an 80 GB H100, plain vmap at 2K (K 4, chunks of 1024: 118.9 GiB on the H200) runs out of memory:
     the probe records it and sizes the run at K, instead of failing (and gpu_run.sh with it, exit 3)."""

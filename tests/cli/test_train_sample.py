@@ -642,6 +642,34 @@ def test_a_failing_grid_leaves_nothing_behind(runs, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+
+def test_the_grid_title_says_the_model_is_of_an_unfinished_run(runs, tmp_path, monkeypatch):
+    """fixsample N1 (stop 53): `dpdm sample` says "from step 2 of 4" of an unfinished run's model, and its grid's
+    title said nothing of it; a finished run's title names no step."""
+    import dpdm.report_utils
+    from dpdm.sample import sample_checkpoint
+    from dpdm.train import TrainConfig, train
+
+    titles, real = [], dpdm.report_utils.save_grid
+    monkeypatch.setattr(dpdm.report_utils, "save_grid", lambda *a, title, **k: titles.append(title) or real(
+        *a, title=title, **k))
+    with np.load(runs / "data.npz") as f:
+        x, y = torch.from_numpy(f["x"]).float() / 127.5 - 1, torch.from_numpy(f["y"])
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=4, noise_multiplier=2.0, delta=1e-5,
+                                  dataset_name="tiny")
+    with pytest.raises(KeyboardInterrupt):   # killed after its checkpoint of step 2 of 4
+        train(accounting.make_plan_document(plan), x, y, 3, tmp_path / "part", TrainConfig(model="small",
+              checkpoint_every=2), progress=False, on_step=lambda s: s == 3 and _raise(KeyboardInterrupt))
+    for run in (tmp_path / "part", runs / "run"):
+        sample_checkpoint(run / "checkpoint.pt", n=3, sampler_steps=2, out_path=tmp_path / f"{run.name}.npz",
+                          grid_path=tmp_path / f"{run.name}.png")
+    assert titles[0].startswith("dpdm samples, DP (eps=") and titles[0].endswith("), step 2 of 4")
+    assert titles[1].endswith(")") and "step" not in titles[1]
+
+
+def _raise(error):
+    raise error
+
 def _nan_checkpoint(runs, path):
     """The run's checkpoint with NaN EMA weights, saved to `path`, with the run's plan.json beside it (against
     which `dpdm sample` checks a training checkpoint's ledger)."""

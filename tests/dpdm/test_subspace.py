@@ -45,6 +45,30 @@ def test_basis_is_orthonormal_and_spans_the_top_principal_directions():
             public_subspace(D, loss_fn, *batch, dim=k, clip_norm=C, chunk_size=bad)
 
 
+
+def test_the_basis_is_built_from_blocks_of_the_gradients_never_a_float64_copy_of_them_all(monkeypatch):
+    """h135 F1 (stop 53): `public_subspace` held the n flat clipped gradients as a list of chunks, their torch.cat
+    and a float64 copy of that: 4.5-4.9 times n * d * 4 bytes, which --physical-batch does not lower (about 16 GiB
+    for the mnist preset at 512 examples). They go into one preallocated G, and the Gram matrix and the basis are
+    built in float64 from blocks of its columns (here 1000 columns at a time): the same subspace, orthonormal."""
+    import dpdm.engine as engine_module
+
+    D, loss_fn, batch = small_unet_case(B=10, K=2, dtype=torch.float32, seed=4)
+    C, k, n = 0.5, 4, 10
+    monkeypatch.setattr(engine_module, "_SUBSPACE_BLOCK_BYTES", 1000 * 8 * n, raising=False)
+    made, real_double, real_cat = [], torch.Tensor.double, torch.cat
+    monkeypatch.setattr(torch.Tensor, "double", lambda t, *a, **kw: made.append(t.numel()) or real_double(t, *a, **kw))
+    monkeypatch.setattr(torch, "cat", lambda ts, *a, **kw: made.append(sum(t.numel() for t in ts)) or real_cat(ts, *a,
+                                                                                                               **kw))
+    V = public_subspace(D, loss_fn, *batch, dim=k, clip_norm=C, chunk_size=3)
+    monkeypatch.undo()
+    d = V.shape[0]
+    assert V.dtype == torch.float32 and d > 1000 and max(made) <= 3 * d   # a chunk's rows; no copy of all n
+    torch.testing.assert_close(V.double().T @ V.double(), torch.eye(k, dtype=F64), atol=1e-6, rtol=0)
+    _, _, Vh = torch.linalg.svd(clipped_rows(D, loss_fn, batch, C).double(), full_matrices=False)
+    torch.testing.assert_close(torch.linalg.svdvals(V.double().T @ Vh[:k].T), torch.ones(k, dtype=F64), atol=1e-5,
+                               rtol=0)
+
 def test_public_gradients_of_too_low_rank_raise_the_span_error():
     """Two of three public examples have a zero gradient: the Gram matrix's other eigenvalues are exactly 0, so
     dim=2 is refused as the caller's setting (SubspaceSpanError, which `dpdm train` turns into "lower the

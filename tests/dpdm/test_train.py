@@ -1095,6 +1095,36 @@ def test_time_grad_engines_runs_both_engines_on_random_inputs():
     assert got["peak_gib"] == {"rules": None, "vmap": None}
 
 
+
+@pytest.mark.parametrize("failure", ["CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                                     "cuDNN error: CUDNN_STATUS_ALLOC_FAILED", "CUDA error: out of memory"])
+def test_time_grad_engines_takes_a_cublas_or_cudnn_allocation_failure_as_out_of_memory(monkeypatch, failure):
+    """h135 F2 (stop 53): cuBLAS's and cuDNN's failed allocations are plain RuntimeErrors, not torch's
+    OutOfMemoryError; plain vmap's timing chunk failing so ended `dpdm train --grad-engine auto` at start-up where
+    the rules fit. The engine gets None and the choice falls back to the rules; any other error is raised."""
+    import dpdm.train as train_module
+    from dpdm.loss import VLoss, engine_loss_fn
+
+    real = train_module.clipped_grad_sum
+    error = [RuntimeError(failure)]
+
+    def vmap_fails(*a, per_layer_rules, **k):
+        if not per_layer_rules:
+            raise error[0]
+        return real(*a, per_layer_rules=per_layer_rules, **k)
+
+    monkeypatch.setattr(train_module, "clipped_grad_sum", vmap_fails)
+    D = train_module.build_denoiser({"model": "small", "precond": "v", "sigma_data": 0.5, "img_resolution": 8,
+                                     "img_channels": 1, "num_classes": 0})
+    loss_obj = VLoss()
+    timed = dict(shape=(1, 8, 8), num_classes=0, K=2, chunk=2, device=torch.device("cpu"), repeats=1)
+    got = train_module.time_grad_engines(D, engine_loss_fn(loss_obj, conditional=False), loss_obj, **timed)
+    assert got["seconds"]["vmap"] is None and got["seconds"]["rules"] > 0
+    assert train_module.pick_grad_engine(got["seconds"], got["peak_gib"], 80.0) == "rules"
+    error[0] = RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        train_module.time_grad_engines(D, engine_loss_fn(loss_obj, conditional=False), loss_obj, **timed)
+
 def test_resume_refuses_other_training_knobs_before_writing(tmp_path, monkeypatch):
     """The EMA decay, train_sigma, label dropout, power EMAs and precision stay those of the run (the lr and its
     schedule may change: test_the_lr_may_change_on_resume_and_replays_exactly_from_its_segments)."""
@@ -1483,6 +1513,16 @@ def test_out_of_memory_line_names_the_gpu_and_the_commands_knob():
         "before are kept")
     assert _out_of_memory_line(MemoryError(), ["eval", "--samples", "s.npz"]) == (
         "out of memory on the machine; files written before are kept")
+    # cuBLAS's and cuDNN's failed allocations are RuntimeErrors of their own (h135 F2, stop 53)
+    for text in ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                 "cuDNN error: CUDNN_STATUS_ALLOC_FAILED", "CUDA error: out of memory"):
+        assert _out_of_memory(RuntimeError(text)), text
+        assert _out_of_memory_line(RuntimeError(text), ["sample", "--run", "r"]).startswith("out of memory on the GPU;")
+    # --public-subspace holds its --subspace-examples' gradients whole, whatever --physical-batch is (h135 F1)
+    for subspace in (["--public-subspace", "8"], ["--public-subspace=8"]):
+        assert _out_of_memory_line(MemoryError(), ["train", "--plan", "p.json", *subspace, "--out", "run"]).startswith(
+            "out of memory on the machine; a smaller --physical-batch or --subspace-examples needs less; ")
+    assert "; a smaller --physical-batch needs less; " in _out_of_memory_line(MemoryError(), ["train", "--out", "r"])
 
 
 @pytest.mark.parametrize("sigma, clip, needle", [
@@ -1935,6 +1975,9 @@ def test_a_run_killed_past_its_checkpoint_may_spend_those_steps_and_go_on_at_ano
     executed = [s for s, _ in seen["steps"]]
     assert executed == [0, 1, 2, 3, 4] and _metrics_steps(out) == [1, 2, 3, 4, 5]
     cfg = TrainConfig(**{**CFG, "checkpoint_every": 3}, lr=1e-3)
+    with pytest.raises(TrainError, match=r"trains them again on fresh noise, the first attempt's in no ledger, though "
+                                         r"what they showed may have chosen that lr; "):   # h133 N1: not "what them"
+        train(doc, x, y, c, out, cfg, resume=True, progress=False)
     seen = _diverging_run(monkeypatch, 0)
     kill_as_step_begins(monkeypatch, 5)
     with pytest.raises(Stop):   # killed as its first step (6) begins: the spend is on disk already
@@ -1959,6 +2002,54 @@ def test_a_run_killed_past_its_checkpoint_may_spend_those_steps_and_go_on_at_ano
         min(accounting.epsilon_spent(doc.plan, 6), doc.epsilon), rel=1e-12)
     assert params_of(out, ckpt.DISCARDED_STEPS_KEY) == 2 and executed == list(range(6))   # each step once
     assert (out / "metrics.csv").read_text().splitlines()[:6] == rows and _metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_config_json_shows_no_lr_before_a_spends_checkpoint_lands(tmp_path, monkeypatch):
+    """h133 F1 (stop 53): `--resume --lr 0.001 --spend-unsaved-steps` wrote config.json with lr 0.001 before its
+    rewrite of the checkpoint; killed in between, step 3 (past the checkpoint of step 2) had run at 0.0003 alone, and
+    a damaged record's refusal ("resume with the lr the run last trained at (config.json shows it)") sent the user to
+    0.001, which trained step 3 again on fresh noise, the first attempt's in no ledger. config.json is written after
+    the spend's checkpoint (and a new run's spend's), so it only shows an lr some start trained at, and the advice
+    replays step 3 exactly: the run executes each step once."""
+    (x, y, c), doc, out, seen = _killed_past_its_checkpoint(tmp_path, monkeypatch, killed_after=3)
+    real = ckpt.save_checkpoint
+
+    def killed_in_the_spend(state, path):
+        if state.get(ckpt.DISCARDED_STEPS_KEY):
+            raise Stop
+        return real(state, path)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", killed_in_the_spend)
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False, spend_unsaved_steps=True)
+    monkeypatch.undo()
+    shown = json.loads((out / "config.json").read_text())["train"]
+    assert (shown["lr"], params_of(out, "ledger")["steps_done"]) == (3e-4, 2)
+    (out / ".steps_done").write_text("dpdm-steps-run v1 three\n")
+    with pytest.raises(TrainError, match=r"resume with the lr the run last trained at \(config\.json shows it\)"):
+        train(doc, x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
+    (out / ".steps_done").rename(tmp_path / "damaged")   # "move it away and resume with" config.json's lr
+    executed = [s for s, _ in seen["steps"]]
+    seen = _diverging_run(monkeypatch, 0)
+    kill_as_step_begins(monkeypatch, 3)
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=shown["lr"], lr_schedule=shown["lr_schedule"]), resume=True,
+              progress=False)
+    monkeypatch.undo()
+    assert executed == [0, 1, 2] and [s for s, _ in seen["steps"]] == [2]
+    # step 3 replayed on the checkpoint's segment (the same seed, batch and noise): nothing new spent
+    assert (out / ".steps_done").read_text().split()[2:6:2] == ["3", "0.0003"]
+    # A new run's spend (an attempt killed before its first checkpoint): its checkpoint first, then config.json.
+    new = tmp_path / "new"
+    kill_as_step_begins(monkeypatch, 2)
+    with pytest.raises(Stop):
+        train(doc, x, y, c, new, TrainConfig(**{**CFG, "checkpoint_every": 3}), progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(ckpt, "save_checkpoint", killed_in_the_spend)
+    with pytest.raises(Stop):
+        train(doc, x, y, c, new, TrainConfig(**{**CFG, "checkpoint_every": 3}, lr=1e-3), progress=False,
+              spend_unsaved_steps=True)
+    assert json.loads((new / "config.json").read_text())["train"]["lr"] == 3e-4
 
 
 def test_a_resume_of_a_spent_checkpoint_notes_the_lr_change_it_makes_and_no_other(tmp_path, monkeypatch):
@@ -2487,3 +2578,123 @@ def test_a_rollback_whose_mark_alone_cannot_be_written_says_its_checkpoint_is_wh
                          "exceeded, EDQUOT)): the checkpoint is whole, and the resume goes on from it"), line
     state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)
     assert state["ledger"]["steps_done"] == 3 and state[ckpt.DISCARDED_STEPS_KEY] == 1
+
+
+def test_the_steps_records_digest_covers_every_field_of_the_lr_segments_begun_before_its_step():
+    """mut55 (stop 53), t03 t04 t05: a resume replays the steps a stopped attempt ran past its checkpoint only where
+    the digest of the lr segments they ran under matches the resume's (`_unsaved_steps`). A digest that left out the
+    schedule or the step a segment begins at let a resume that changes only those train the steps again on fresh
+    noise (`run_seed_at` hashes every field), uncounted; one that took in a segment begun at the record's own step (a
+    library config's later change) refused a resume that replays them exactly."""
+    from dpdm.train import _segments_digest
+
+    ran = ((0, 3e-4, "constant"), (2, 1e-3, "constant"))
+    digest = _segments_digest(ran, 5)
+    assert len(digest) == 16 and digest != _segments_digest(ran[:1], 5)
+    for other in (((0, 3e-4, "constant"), (2, 1e-3, "cosine")),     # the schedule alone differs
+                  ((0, 3e-4, "constant"), (3, 1e-3, "constant")),   # the step of the change alone
+                  ((0, 3e-4, "constant"), (2, 1e-3 * (1 + 2**-52), "constant"))):   # the lr by an ulp
+        assert _segments_digest(other, 5) != digest, other
+    # segments begun at or after the record's step trained none of its steps
+    assert _segments_digest((*ran, (5, 5e-4, "constant")), 5) == digest
+    assert _segments_digest((*ran, (4, 5e-4, "constant")), 5) != digest
+
+
+def test_a_resume_that_changes_only_the_schedule_of_steps_run_past_the_checkpoint_is_refused(tmp_path, monkeypatch):
+    """mut55 (stop 53), t03: a resume at 1e-3 (cosine) from the checkpoint of step 2 ran step 3 and stopped; a resume
+    at 1e-3 (constant) draws step 3 on other seeds (`run_seed_at` hashes the schedule) at another lr: refused as
+    another lr is."""
+    (x, y, c), doc, out, _ = _killed_past_its_checkpoint(tmp_path, monkeypatch, killed_after=2)   # record = checkpoint
+    kill_as_step_begins(monkeypatch, 3)
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3, lr_schedule="cosine"), resume=True, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(TrainError, match=r"^the run trained step 3 after its checkpoint of step 2, at lr 0\.001 "
+                                         r"\(cosine\).*; resume with --lr 0\.001 --lr-schedule cosine, which"):
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False)
+
+
+def test_a_divergence_right_after_a_spend_counts_each_discarded_step_once(tmp_path, monkeypatch):
+    """mut55 (stop 53), t09: --spend-unsaved-steps writes the checkpoint of step 3 (steps 3 spent, step 2's weights)
+    before any step; a divergence at step 4 then rolls back to it. Had the run kept the checkpoint's step as its last
+    saved one, the rollback counted step 3 as discarded twice (3 of 4, Adam's 2 steps against 1 update kept) and wrote
+    a checkpoint that fails its own load check: the run could never resume."""
+    (x, y, c), doc, out, seen = _killed_past_its_checkpoint(tmp_path, monkeypatch, killed_after=3)
+    at_2 = seen["saved"][0]
+    assert at_2["ledger"]["steps_done"] == 2
+    _diverging_run(monkeypatch, 1)   # step 4, the first the resume executes, diverges
+    with pytest.raises(TrainDiverged) as e:
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False, spend_unsaved_steps=True)
+    monkeypatch.undo()
+    assert "at step 4 of 6" in str(e.value) and "a ledger of 4 steps" in str(e.value), str(e.value)
+    state = ckpt.load_checkpoint(out / CHECKPOINT_NAME)   # its own checks: Adam's 2 steps, 4 done, 2 discarded
+    assert state["ledger"]["steps_done"] == 4 and state[ckpt.DISCARDED_STEPS_KEY] == 2
+    assert _same(state["model"], at_2["model"])
+
+
+def test_a_replay_of_fewer_steps_than_the_record_holds_leaves_the_record_as_it_is(tmp_path, monkeypatch):
+    """mut55 (stop 53), t13: the record never goes down. Steps 4 and 5 ran past the checkpoint of step 3; a resume
+    at the run's own lr replays step 4 and is killed: the record still says 5, so a resume at another lr names both
+    (and --spend-unsaved-steps spends both). Opened as it held nothing, the record said 4, and step 5 of the first
+    attempt was in no ledger."""
+    (x, y, c), doc, out, _ = _killed_past_its_checkpoint(tmp_path, monkeypatch, killed_after=5, every=3)
+    record = out / ".steps_done"
+    cfg = TrainConfig(**{**CFG, "checkpoint_every": 3})
+    kill_as_step_begins(monkeypatch, 4)   # replays step 4 and stops as step 5 begins
+    with pytest.raises(Stop):
+        train(doc, x, y, c, out, cfg, resume=True, progress=False)
+    monkeypatch.undo()
+    assert record.read_text().split()[2] == "5" and params_of(out, "ledger")["steps_done"] == 3
+    with pytest.raises(TrainError, match=r"^the run trained steps 4 to 5 after its checkpoint of step 3"):
+        train(doc, x, y, c, out, dataclasses.replace(cfg, lr=1e-3), resume=True, progress=False)
+
+
+def test_a_spend_whose_checkpoint_cannot_be_written_names_the_checkpoint_on_disk(tmp_path, monkeypatch):
+    """mut55 (stop 53), t10: the checkpoint that --spend-unsaved-steps writes before any step hits a full disk. The
+    line names the checkpoint still on disk (step 2's, of a resume) or says none is (a new run after an attempt
+    killed before its first checkpoint, whose steps the same command spends once it can write): taken as already
+    written, it sent the user to `--resume` from a checkpoint of step 3 that is not there, or of step 2 of a run
+    that has none."""
+    from dpdm.train import RunStorageError
+
+    (x, y, c), doc, out, _ = _killed_past_its_checkpoint(tmp_path, monkeypatch, killed_after=3)
+    _full_disk_at_the_rollback(monkeypatch)   # fails the checkpoints with discarded steps: the spend's
+    with pytest.raises(RunStorageError) as e:
+        train(doc, x, y, c, out, TrainConfig(**CFG, lr=1e-3), resume=True, progress=False, spend_unsaved_steps=True)
+    monkeypatch.undo()
+    line = str(e.value)
+    assert "cannot write the checkpoint of step 3 (steps 3 to 3 spent)" in line, line
+    assert line.endswith(f"`dpdm train --resume` continues from the checkpoint of step 2 once {str(out)!r} can be "
+                         "written"), line
+    assert params_of(out, "ledger")["steps_done"] == 2
+    new = tmp_path / "new"
+    cfg = TrainConfig(**{**CFG, "checkpoint_every": 3})
+    kill_as_step_begins(monkeypatch, 2)   # steps 1 and 2 ran, no checkpoint
+    with pytest.raises(Stop):
+        train(doc, x, y, c, new, cfg, progress=False)
+    monkeypatch.undo()
+    _full_disk_at_the_rollback(monkeypatch)
+    with pytest.raises(RunStorageError) as e:
+        train(doc, x, y, c, new, cfg, progress=False, spend_unsaved_steps=True)
+    monkeypatch.undo()
+    line = str(e.value)
+    assert "continues from the checkpoint" not in line and not (new / CHECKPOINT_NAME).exists(), line
+    assert line.endswith(f"no checkpoint was saved, and steps 1 to 2 ran: once {str(new)!r} can be written, the same "
+                         "command with --spend-unsaved-steps counts them and goes on from step 3"), line
+
+
+def test_a_resume_of_a_spend_whose_steps_ran_after_an_lr_change_goes_on_at_its_lr(tmp_path, monkeypatch):
+    """mut55 (stop 53), t16: a resume at lr 1e-3 ran step 3 past the checkpoint of step 2 and stopped; a resume at
+    5e-4 spent it (checkpoint of step 3, the record's step) and stopped before step 4. The record (step 3, run under
+    the segments of the 1e-3 resume) says nothing of a resume from step 3: it goes on at 5e-4. Read as steps past the
+    checkpoint, its digest (another lr before step 3) refused that resume, "the run trained steps 4 to 3"."""
+    (x, y, c), doc, out, _ = _killed_past_its_checkpoint(tmp_path, monkeypatch, killed_after=2)   # record = checkpoint
+    for lr, spend in ((1e-3, False), (5e-4, True)):
+        kill_as_step_begins(monkeypatch, 3)
+        with pytest.raises(Stop):
+            train(doc, x, y, c, out, TrainConfig(**CFG, lr=lr), resume=True, progress=False, spend_unsaved_steps=spend)
+        monkeypatch.undo()
+    assert params_of(out, "ledger")["steps_done"] == 3 and (out / ".steps_done").read_text().split()[2] == "3"
+    summary = train(doc, x, y, c, out, TrainConfig(**CFG, lr=5e-4), resume=True, progress=False)
+    assert summary["steps_done"] == 6 and summary[ckpt.DISCARDED_STEPS_KEY] == 1
+    assert summary["lr_segments"] == [[0, 3e-4, "constant"], [3, 5e-4, "constant"]]
