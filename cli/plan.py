@@ -17,7 +17,7 @@ from cli.errors import BadInput, runtime_failure
 from dpdm.cpu import address_space
 from dpdm.dataset_sizes import DATASET_SIZES, copies_per_source_image  # noqa: E402  (one table, torch-free)
 from dpdm.noise_scale import noise_scale_problem
-from dpdm.report_utils import epsilon_text
+from dpdm.report_utils import epsilon_text, file_name_problem, output_folder, output_target, through_a_file_problem
 
 # Defaults of a plain `dpdm plan --eps E --delta D`: mnist5k on a CPU. An expected batch of 256
 # keeps the sample rate (0.064) near the paper's 1/15, so the noise multiplier behaves as in the
@@ -182,11 +182,14 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
                            f"limit of {accounting.MAX_STEPS} steps")
         steps = max(1, math.ceil(round(exact, 9)))
     _check_delta(delta, steps)
+    # '~' as `dpdm sample` and `dpdm export` read it: `--out='~/p.json'` (a '~' the shell leaves alone) made a
+    # folder named '~' here (r1 N1, stop 53)
+    out, curve = (os.path.expanduser(p) if p else p for p in (out, curve))
     if out:
         _check_output("--out", out)
     if curve:
         curve = _curve_path(curve, name)
-        if out and os.path.abspath(curve) == os.path.abspath(out):
+        if out and output_target(curve) == output_target(out):
             raise BadInput(f"--curve={curve!r} is the --out plan file; give the plot its own file")
     if unnamed:
         warn(unnamed)
@@ -228,12 +231,12 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     if out:
         _refuse_to_replace(out, doc.digest, force=force)
         try:
-            accounting.write_plan(doc, out)
+            accounting.write_plan(doc, output_target(out))   # where the OS puts `out` (`LINK/..`: r1 F4)
         except (OSError, ValueError) as e:
             raise BadInput(f"--out={out!r}: cannot write the plan ({_reason(e)})") from e
     if curve:
         try:
-            _plot_curve(doc, curve)
+            _plot_curve(doc, output_target(curve))
         except (OSError, ValueError, RuntimeError) as e:
             written = f"; the plan was written to {out}" if out else ""
             raise BadInput(f"--curve={curve!r}: cannot write the plot ({_reason(e)}){written}") from e
@@ -295,13 +298,14 @@ def _check_output(option: str, path: str) -> None:
     """BadInput unless `path`'s folder exists and can be written, or can be created (its nearest
     existing ancestor is a writable folder; it is created when the file is written, as `dpdm sample`
     and `dpdm export` do): checked before the (slow) calibration, so that a plan is never calibrated,
-    or written, only to fail at the end."""
-    from dpdm.report_utils import through_a_file_problem
-
-    problem = through_a_file_problem(path)   # `data.npz/..`: abspath below removes it by spelling (h131 F2)
+    or written, only to fail at the end. The folder is the one the OS reaches (`report_utils.output_folder`:
+    `LINK/..` is the parent of LINK's target), and a ".." after a part that does not exist, or a path that ends
+    in a folder's name (`x/..`, `x/`), is refused here: both failed after the calibration (r1 F4, stop 53)."""
+    # `data.npz/..`: abspath removes it by spelling (h131 F2); `new/../p.json`: the OS cannot follow it
+    problem = file_name_problem(path) or through_a_file_problem(path)
     if problem:
         raise BadInput(f"{option}={path!r}: {problem}")
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = output_folder(path)
     existing = folder
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
@@ -319,6 +323,9 @@ def _curve_path(path: str, dataset: str | None = None) -> str:
     that data, of another size, and no command could load it (h103 F1)."""
     from dpdm.report_utils import grid_suffix_problem, is_dpdm_grid, place_in_dataset
 
+    problem = file_name_problem(path)   # `x/..` and `x/` became `x/.png` below
+    if problem:
+        raise BadInput(f"--curve={path!r} {problem}")
     if not os.path.splitext(path)[1][1:]:
         path = path.rstrip(".") + ".png"
     problem = grid_suffix_problem(path)
@@ -369,7 +376,7 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     if old == digest:
         return
     what = f"a different plan ({old[:19]}...)" if isinstance(old, str) else "something that is not a dpdm plan"
-    run = os.path.dirname(os.path.abspath(path))
+    run = output_folder(path)   # where the OS reaches it (`LINK/../plan.json`)
     if os.path.basename(path) == "plan.json" and os.path.exists(os.path.join(run, "checkpoint.pt")):
         raise BadInput(f"--out {path} is the locked plan of the run in {run} and holds {what}; even --force "
                        "does not replace it: write the new plan elsewhere and train a new run")

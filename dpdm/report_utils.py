@@ -48,11 +48,12 @@ def output_parent_problem(path: str | os.PathLike) -> str | None:
     256 bytes failed only at the final rename, after `dpdm sample` had drawn every image). Creates nothing.
     A file on the way to the folder, as the OS follows the path's spelling, is no folder either: os.path.abspath
     removes `data.npz/..` by spelling, which the OS refuses (ENOTDIR, after `dpdm sample` had drawn every image:
-    h131 F2, stop 53)."""
-    problem = through_a_file_problem(path)
+    h131 F2, stop 53). The folder probed is the one the OS reaches (`output_folder`: `LINK/..` is the parent of
+    LINK's target), and a path whose last part is a folder's (`x/..`) names no file (r1 F4, stop 53)."""
+    problem = file_name_problem(path) or through_a_file_problem(path)
     if problem:
         return problem
-    target = Path(os.path.abspath(Path(path).expanduser()))
+    target = Path(output_target(path))
     parent = target.parent
     probe = parent
     while not os.path.exists(probe):   # False, not ENAMETOOLONG, for a name too long to look up
@@ -87,20 +88,55 @@ def output_parent_problem(path: str | os.PathLike) -> str | None:
 
 def through_a_file_problem(path: str | os.PathLike) -> str | None:
     """Why the folder of `path`, followed as the OS follows it (links and ".." in order, not removed by spelling),
-    cannot be reached: an existing entry before a later part of the folder's path that is not a folder, where a
-    ".." follows (`data.npz/..`, `data.npz/x/../..`), or None. Where the path leaves what exists, the rest is left to
-    `output_parent_problem`'s own checks (a folder to create). Torch-free, for `dpdm plan`'s checks too."""
-    folder = os.path.dirname(os.fspath(Path(path).expanduser()))
+    cannot be reached, or None: an existing entry before a later part of the folder's path that is not a folder,
+    where a ".." follows (`data.npz/..`, `data.npz/x/../..`), or a part that does not exist before a later "..":
+    the OS follows ".." only out of a folder that exists, and `new/../p.json` passed the check, then failed after
+    `dpdm plan`'s calibration (where `dpdm sample` made an empty `new/` to get there: r1 F4, stop 53). Torch-free,
+    for `dpdm plan`'s checks too."""
+    folder = os.path.dirname(os.path.expanduser(os.fspath(path)))
     parts = Path(folder).parts
     if os.pardir not in parts:   # no ".." to remove: os.path.abspath reads the path as the OS does
         return None
     for i in range(len(parts) - 1):   # the last part is the folder itself: `output_parent_problem` checks it
         prefix = os.path.join(*parts[: i + 1])
-        if not os.path.exists(prefix):   # missing (or unreachable): created, or found, by the checks that follow
-            return None
+        if not os.path.exists(prefix):   # missing: made by the write, where no ".." follows it
+            if os.pardir not in parts[i + 1:]:
+                return None
+            return (f"its folder {folder!r} cannot be reached ({prefix!r} does not exist, and the OS follows '..' "
+                    "only out of a folder that does): give the path without '..'")
         if not os.path.isdir(prefix):
             return f"its folder {folder!r} cannot be reached ({prefix!r} is not a folder)"
     return None
+
+
+def file_name_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` names no file (its last part is ".", ".." or empty: a folder), or None. `dpdm export --out
+    data.npz/..` gave a traceback, and `--out new/..` made `new/`, then failed (r1 F4, stop 53)."""
+    name = os.path.basename(os.fspath(path))
+    if name in ("", os.curdir, os.pardir):
+        ends = f"its last part is {name!r}" if name else "it ends in '/'"
+        return f"names a folder ({ends}), not a file: end the path in the file's name"
+    return None
+
+
+def output_folder(path: str | os.PathLike) -> str:
+    """The folder, absolute, that a file written at `path` ('~' expanded) lands in, as the OS reaches it. Where the
+    folder's spelling holds a "..", os.path.realpath: the OS follows a link before the ".." after it, and
+    os.path.abspath removed `LINK/..` by spelling, so a check (and the temporary file of a write) went to the folder
+    holding LINK while the file went to the parent of LINK's target (across file systems: EXDEV after the work;
+    r1 F4, stop 53). Without "..", os.path.abspath: the same folder, named as the user named it. A ".." after a
+    part that does not exist is refused first (`through_a_file_problem`)."""
+    folder = os.path.dirname(os.path.join(os.getcwd(), os.path.expanduser(os.fspath(path))))
+    if os.pardir in Path(folder).parts:
+        return os.path.realpath(folder)
+    return os.path.abspath(folder)
+
+
+def output_target(path: str | os.PathLike) -> str:
+    """The file a write at `path` makes, as the OS reaches it: `output_folder(path)` and `path`'s own name (a link
+    or not: `os.replace` replaces a link). Writers that make their temporary file with mkstemp (which returns it
+    made absolute by os.path.abspath) write here, so that the temporary file and the rename meet in one folder."""
+    return os.path.join(output_folder(path), os.path.basename(os.path.expanduser(os.fspath(path))))
 
 
 # The most a temporary file's name adds to its target's (`temp_name_prefix`): ".{pid}.{token}.tmp.npz" (`temp_path`,

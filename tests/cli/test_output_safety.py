@@ -141,7 +141,7 @@ def test_an_output_under_a_file_then_dotdot_is_one_line_before_any_work(run, tmp
     problem = output_parent_problem(via / "s.npz")
     assert f"its folder '{via}' cannot be reached ('{tmp_path / 'afile'}' is not a folder)" == problem, problem
     assert "is not a folder" in output_parent_problem(tmp_path / "afile" / "x" / ".." / ".." / "s.npz")
-    assert output_parent_problem(tmp_path / "new" / ".." / "s.npz") is None   # the OS makes new/, then '..' is here
+    assert "does not exist" in output_parent_problem(tmp_path / "new" / ".." / "s.npz")   # r1 F4: see below
     for args, option, value in ((_sample(run, tmp_path / "s.npz", "--grid", via / "g.png"), "--grid", via / "g.png"),
                                 (_sample(run, via / "s.npz"), "--out", via / "s.npz"),
                                 (["export", "--run", run / "run", "--out", via / "m.pt"], "--out", via / "m.pt"),
@@ -151,6 +151,68 @@ def test_an_output_under_a_file_then_dotdot_is_one_line_before_any_work(run, tmp
         assert line.startswith(f"dpdm: error: {option}") and str(value) in line and "is not a folder" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
     assert (tmp_path / "afile").read_text() == "a file, not a folder"
+
+
+def test_an_output_through_a_missing_folder_then_dotdot_or_naming_a_folder_is_one_line_before_any_work(
+        run, tmp_path, capsys, no_drawing):
+    """`new/../s.npz` (new/ missing): `dpdm sample` and `dpdm export` made an empty new/ to get there, and `dpdm
+    plan` failed after its calibration (r1 F4, stop 53): the OS follows '..' only out of a folder that exists, so
+    it is refused for every output, in one line before any work. `export --out data.npz/..` gave a traceback
+    (FileExistsError, exit 4), `--out new/..` made new/ and then failed (EBUSY): a folder's name, not a file's."""
+    (tmp_path / "afile").write_text("a file, not a folder")
+    new = tmp_path / "new"
+    for args, option, expected in (
+            (_sample(run, new / ".." / "s.npz"), "--out", f"('{new}' does not exist"),
+            (_sample(run, tmp_path / "s.npz", "--grid", new / "x" / ".." / "g.png"), "--grid", "does not exist"),
+            (["export", "--run", run / "run", "--out", new / ".." / "m.pt"], "--out", "does not exist"),
+            (["export", "--run", run / "run", "--out", tmp_path / "afile" / ".."], "--out",
+             "names a folder (its last part is '..')"),
+            (["export", "--run", run / "run", "--out", new / ".."], "--out", "names a folder"),
+            (["train", "--plan", run / "plan.json", "--out", new / ".." / "run2"], "--out", "does not exist")):
+        code, _, err = run_cli(args, capsys)
+        line = one_error_line(code, err)
+        assert line.startswith(f"dpdm: error: {option}") and expected in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_outputs_through_a_link_then_dotdot_are_checked_and_written_where_the_os_puts_them(
+        run, tmp_path, capsys, monkeypatch, no_drawing):
+    """`--out L/../m.pt`, L a link to a folder elsewhere: the OS writes into the parent of L's target, but the check
+    probed the folder holding L, and `export`'s temporary file was made there (mkstemp's os.path.abspath removes
+    `L/..` by spelling): across file systems the rename failed (EXDEV, exit 4) after the work, and `dpdm sample
+    --out L/../s.npz` into a folder that takes no files (L -> /proc/1) failed after drawing (r1 F4, stop 53). Here a
+    rename between folders fails as it would across file systems, and `other` takes no probe file."""
+    import errno
+    import tempfile
+
+    from dpdm.report_utils import output_parent_problem
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    (tmp_path / "work" / "L").symlink_to(tmp_path / "other" / "sub")
+    monkeypatch.chdir(tmp_path / "work")
+    real_replace, real_mkstemp = os.replace, tempfile.mkstemp
+
+    def replace(src, dst):
+        if os.path.realpath(os.path.dirname(src)) != os.path.realpath(os.path.dirname(dst)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    code, _, err = run_cli(["export", "--run", run / "run", "--out", "L/../m.pt"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["m.pt", "sub"]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["L"]
+
+    def mkstemp(*a, dir=None, **k):
+        if dir is not None and os.path.realpath(dir) == str(tmp_path / "other"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkstemp(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    assert "is not writable (Permission denied)" in output_parent_problem("L/../s.npz")
+    assert output_parent_problem("L/s.npz") is None   # L's target itself takes files
+    code, _, err = run_cli(_sample(run, "L/../s.npz"), capsys)
+    assert "is not writable" in one_error_line(code, err)
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["m.pt", "sub"]
 
 
 def test_an_upper_case_npz_suffix_is_a_samples_file(run, tmp_path, capsys, no_drawing):

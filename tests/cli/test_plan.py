@@ -779,3 +779,60 @@ def test_an_out_or_curve_under_a_file_then_dotdot_is_one_line_before_the_calibra
         assert code == 2 and len(lines) == 1 and lines[0].startswith(f"dpdm: error: {option}="), lines
         assert "is not a folder" in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_out_or_curve_the_os_cannot_reach_or_naming_a_folder_is_one_line_before_the_calibration(
+        tmp_path, capsys, monkeypatch):
+    """`--out new/../p.json` (new/ missing: the OS follows '..' only out of a folder that exists), `--out x/..` and
+    `--out x/` (a folder's name, not a file's) passed the check and failed after the calibration, `new/x/../p.json`
+    leaving an empty new/ behind; `--curve` after the plan was written, or `x/..` became `x/.png` (r1 F4, stop 53).
+    Each is one line before the calibration, and nothing is made."""
+    _no_calibration(monkeypatch)
+    new = tmp_path / "new"
+    cases = [(["--out", new / ".." / "p.json"], f"--out='{new / '..' / 'p.json'}': its folder '{new / '..'}' cannot "
+                                                f"be reached ('{new}' does not exist"),
+             (["--out", new / "x" / ".." / "p.json"], "does not exist"),
+             (["--out", tmp_path / "p.json", "--curve", new / ".." / "c.png"], "--curve="),
+             (["--out", tmp_path / "x" / ".."], "names a folder (its last part is '..')"),
+             (["--out", f"{tmp_path / 'x'}/"], "names a folder (it ends in '/')"),
+             (["--out", tmp_path / "p.json", "--curve", tmp_path / "x" / ".."], "--curve=")]
+    for extra, expected in cases:
+        rc, out, err = run(capsys, "--eps", "1", "--delta", "1e-5", *map(str, extra))
+        assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("dpdm: error: "), err
+        assert expected in err and ("does not exist" in err or "names a folder" in err), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_with_a_tilde_and_outputs_through_a_link_then_dotdot_are_written_where_the_os_puts_them(
+        tmp_path, capsys, monkeypatch):
+    """`--out='~/p.json'` (a '~' the shell leaves alone) made a folder named '~' here where `dpdm sample` and `dpdm
+    export` write into the home folder (r1 N1); `--out L/../p.json`, L a link to a folder elsewhere, staged the plan
+    in the folder holding L (mkstemp's os.path.abspath removes `L/..` by spelling) and renamed it to where the OS
+    puts it: across file systems, EXDEV after the calibration (r1 F4). A rename between folders here fails as it
+    would across file systems."""
+    import errno
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.realpath(os.path.dirname(src)) != os.path.realpath(os.path.dirname(dst)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    (tmp_path / "work" / "L").symlink_to(tmp_path / "other" / "sub")
+    monkeypatch.chdir(tmp_path / "work")
+    plan = ["--noise-multiplier", "2", "--delta", "1e-5", "--dataset-size", "100", "--batch-size", "10", "--steps",
+            "10", "--multiplicity", "1"]
+    rc, out, err = run(capsys, *plan, "--out", "L/../p.json", "--curve", "L/../c.png")
+    assert rc == 0, err
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))   # after --curve: matplotlib makes its cache in HOME
+    rc, out, err = run(capsys, *plan, "--out", "~/p.json")
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["p.json"]
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["c.png", "p.json", "sub"]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["L"]
+    assert accounting.load_plan(tmp_path / "other" / "p.json").digest == accounting.load_plan(
+        tmp_path / "home" / "p.json").digest
