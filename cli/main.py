@@ -219,8 +219,9 @@ def _out_of_memory_line(e: BaseException, argv: list[str] | None) -> str:
     where = "GPU" if any(s in text.upper() for s in ("CUDA", "CUBLAS", "CUDNN")) else "machine"
     knob = _MEMORY_KNOB.get(_command_name(argv))
     args = sys.argv[1:] if argv is None else argv
-    if knob and _command_name(argv) == "train" and any(a == "--public-subspace" or a.startswith("--public-subspace=")
-                                                        for a in args):
+    if knob and _command_name(argv) == "train" and "--resume" not in args and any(
+            a == "--public-subspace" or a.startswith("--public-subspace=") for a in args):
+        # a new run's: a resume keeps the run's --subspace-examples (r2 F2, stop 53)
         # the public gradients of each subspace recomputation are held whole, whatever the chunk (h135 F1, stop 53)
         knob = "a smaller --physical-batch or --subspace-examples needs"
     hint = f"; {knob} less" if knob else ""

@@ -104,6 +104,16 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
 
     # A quoted '~/runs/x' reaches us literally: the checks expand it, so the run is written there too, not in ./~/.
     out_dir = os.path.expanduser(out_dir)
+    if os.pardir in out_dir.split(os.sep):
+        # `LINK/../run`: the OS reaches the parent of LINK's target, where os.path.abspath (the checkpoint's and the
+        # plan's temporary files, mkstemp) removed `LINK/..` by spelling: the check and the writes went to two
+        # folders (r2 F1, stop 53). Checked as the OS reads it, then named as it resolves.
+        from dpdm.report_utils import output_parent_problem
+
+        problem = output_parent_problem(os.path.join(out_dir, "checkpoint.pt"))
+        if problem:
+            raise BadInput(f"--out {out_dir!r}: {problem}")
+        out_dir = os.path.realpath(out_dir)
     given = {name for name in ctx.params
              if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                    click.core.ParameterSource.ENVIRONMENT)}

@@ -724,3 +724,21 @@ def test_a_folder_of_a_checkpoint_beside_a_plan_is_a_run_folder_without_its_conf
     assert run_folder_of(stray) is None and run_folder_of(stray / "report") is None
     with pytest.raises(AuditInputError, match="lies inside the run folder"):
         check_out_dir(run / "sub" / "report", create=False)
+
+
+def test_a_train_out_through_a_link_then_dotdot_is_written_where_the_os_puts_it(tmp_path):
+    """`dpdm train --out LINK/../run`: the OS reaches the parent of LINK's target, where os.path.abspath, which the
+    checkpoint's and plan.json's temporary files (mkstemp) follow, removed `LINK/..` by spelling: the run failed
+    across file systems (EXDEV) after taking the folder, or left an empty ./run the temporary files passed through
+    (r2 F1, stop 53). The run is now made, whole, where the OS puts it, and nothing beside the link."""
+    from tests.cli.test_train_sample import write_tiny_data_and_plan
+
+    write_tiny_data_and_plan(tmp_path, steps=2)
+    (tmp_path / "far" / "inner").mkdir(parents=True)
+    (tmp_path / "near").mkdir()
+    (tmp_path / "near" / "link").symlink_to(tmp_path / "far" / "inner")
+    code = main(["train", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "near" / "link" / ".." / "run"),
+                 "--device", "cpu", "--quiet"])
+    assert code == 0
+    assert (tmp_path / "far" / "run" / "checkpoint.pt").is_file() and (tmp_path / "far" / "run" / "plan.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "near").iterdir()) == ["link"]

@@ -1523,6 +1523,9 @@ def test_out_of_memory_line_names_the_gpu_and_the_commands_knob():
         assert _out_of_memory_line(MemoryError(), ["train", "--plan", "p.json", *subspace, "--out", "run"]).startswith(
             "out of memory on the machine; a smaller --physical-batch or --subspace-examples needs less; ")
     assert "; a smaller --physical-batch needs less; " in _out_of_memory_line(MemoryError(), ["train", "--out", "r"])
+    # a resume keeps the run's --subspace-examples: it is not advised there (r2 F2)
+    assert "; a smaller --physical-batch needs less; " in _out_of_memory_line(
+        MemoryError(), ["train", "--plan", "p.json", "--public-subspace", "8", "--out", "run", "--resume"])
 
 
 @pytest.mark.parametrize("sigma, clip, needle", [
