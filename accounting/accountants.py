@@ -255,12 +255,18 @@ class PldAccountant(_Accountant):
 
     def _epsilon(self, terms, delta) -> EpsilonReport:
         _check_delta_floor(delta, sum(count for _, _, count in terms))
-        pld = None
-        for q, sigma, count in terms:
-            one = one_step_pld(q, sigma, self.discretization).self_compose(count)
-            pld = one if pld is None else pld.compose(one)
-        eps = float(pld.get_epsilon_for_delta(delta))
+        eps = float(_composed_pld(terms, self.discretization).get_epsilon_for_delta(delta))
         return EpsilonReport(None, eps, eps, self.method)
+
+
+def _composed_pld(terms, discretization: float):
+    """The pessimistic PLD of `_dpsgd_terms`' (sample_rate, noise_multiplier, count) terms composed (`one_step_pld`
+    each, self-composed count times): PldAccountant's, and `membership_bound`'s."""
+    pld = None
+    for q, sigma, count in terms:
+        one = one_step_pld(q, sigma, discretization).self_compose(count)
+        pld = one if pld is None else pld.compose(one)
+    return pld
 
 
 @functools.lru_cache(maxsize=64)
@@ -314,10 +320,7 @@ def membership_bound(event: dp_event.DpEvent, fprs=(0.01, 0.001), *, discretizat
         return MembershipBound({a: a for a in fprs}, 0.0)
     if any(sigma == 0 for _, sigma, _ in terms):
         return MembershipBound({a: 1.0 for a in fprs}, 1.0)
-    pld = None
-    for q, sigma, count in terms:
-        one = one_step_pld(q, sigma, discretization).self_compose(count)
-        pld = one if pld is None else pld.compose(one)
+    pld = _composed_pld(terms, discretization)
     margin = DELTA_PER_STEP * sum(count for _, _, count in terms)
     eps = np.arange(0.0, math.log(1.0 / min(fprs)) + 5.0, _MEMBERSHIP_EPS_STEP)
     delta = np.minimum(np.asarray(pld.get_delta_for_epsilon(eps), dtype=float) + margin, 1.0)

@@ -569,8 +569,8 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int = 0o666) 
     fsync of the folder. The file gets the mode a plain open(path, mode) would (`mode` less the umask: 0644
     for the default 0o666 under umask 022), not mkstemp's 0600; 0o600 keeps it its owner's. The one
     implementation: dpdm.checkpoint uses it for the run's text files."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = written_folder(path)   # where the OS puts `path` (`LINK/..`), the temporary file beside it
+    path = os.path.join(folder, os.path.basename(os.fspath(path)))
     os.makedirs(folder, exist_ok=True)
     # The temp name starts with the file's name cut to 100 bytes (whole characters): in full, a legal name of
     # 243 to 255 bytes made the temp name too long (ENAMETOOLONG after the work; h89 F1's case, stop 47).
@@ -590,6 +590,18 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int = 0o666) 
             os.unlink(tmp)
         raise
     fsync_folder(folder)
+
+
+def written_folder(path: str | os.PathLike) -> str:
+    """The folder, absolute, that a file written at `path` lands in, as the OS reaches it: where the folder's
+    spelling holds a "..", os.path.realpath, since the OS follows a link before the ".." after it; os.path.abspath
+    (and mkstemp, which returns its file so named) removes `LINK/..` by spelling, so the temporary file of a write
+    went to the folder holding LINK while the rename went to the parent of LINK's target (across file systems:
+    EXDEV after the work; r1 F4, stop 53). Without "..", os.path.abspath: the same folder, named as given."""
+    folder = os.path.dirname(os.path.join(os.getcwd(), os.fspath(path)))
+    if os.pardir in folder.split(os.sep):
+        return os.path.realpath(folder)
+    return os.path.abspath(folder)
 
 
 def _umask() -> int:

@@ -157,10 +157,13 @@ def warn(message: str) -> None:
     click.echo(f"dpdm: warning: {message}", err=True)
 
 
-def warn_known_seed(seed: int) -> None:
-    """A private run or DP baseline given --seed: its guarantee rests on the seed staying secret."""
-    warn(f"--seed {seed}: anyone who knows this seed can replay the batches and the DP noise, which voids "
-         "the guarantee; use it for tests and reproduction only, and keep it secret otherwise")
+def warn_known_seed(seed: int | None) -> None:
+    """A private run or DP baseline given --seed: its guarantee rests on the seed staying secret. None: a resume of
+    a run started with one (the seed is not on its command line)."""
+    who = f"--seed {seed}: anyone who knows this seed" if seed is not None else \
+        "the run was started with a given --seed: anyone who knows it"
+    warn(f"{who} can replay the batches and the DP noise, which voids the guarantee; use it for tests and "
+         "reproduction only, and keep it secret otherwise")
 
 
 def warn_inferred(name: str, data) -> None:

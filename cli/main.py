@@ -196,9 +196,7 @@ _MEMORY_KNOB = {"train": "a smaller --physical-batch needs", "baseline": "a smal
 
 
 def _out_of_memory(e: BaseException) -> bool:
-    """Python's MemoryError, torch's (CUDA) OutOfMemoryError, or a RuntimeError of a failed allocation: torch's CPU
-    allocator's ("can't allocate memory", C++'s "std::bad_alloc"), CUDA's, cuBLAS's or cuDNN's ("CUDA error: out of
-    memory", CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED: h135 F2, stop 53). `dpdm.memory.out_of_memory`."""
+    """`dpdm.memory.out_of_memory`, imported when an error comes (the CLI loads no more than it needs)."""
     from dpdm.memory import out_of_memory
 
     return out_of_memory(e)

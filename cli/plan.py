@@ -231,12 +231,12 @@ def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, ep
     if out:
         _refuse_to_replace(out, doc.digest, force=force)
         try:
-            accounting.write_plan(doc, output_target(out))   # where the OS puts `out` (`LINK/..`: r1 F4)
+            accounting.write_plan(doc, out)
         except (OSError, ValueError) as e:
             raise BadInput(f"--out={out!r}: cannot write the plan ({_reason(e)})") from e
     if curve:
         try:
-            _plot_curve(doc, output_target(curve))
+            _plot_curve(doc, curve)
         except (OSError, ValueError, RuntimeError) as e:
             written = f"; the plan was written to {out}" if out else ""
             raise BadInput(f"--curve={curve!r}: cannot write the plot ({_reason(e)}){written}") from e

@@ -105,9 +105,9 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
     # A quoted '~/runs/x' reaches us literally: the checks expand it, so the run is written there too, not in ./~/.
     out_dir = os.path.expanduser(out_dir)
     if os.pardir in out_dir.split(os.sep):
-        # `LINK/../run`: the OS reaches the parent of LINK's target, where os.path.abspath (the checkpoint's and the
-        # plan's temporary files, mkstemp) removed `LINK/..` by spelling: the check and the writes went to two
-        # folders (r2 F1, stop 53). Checked as the OS reads it, then named as it resolves.
+        # `LINK/../run`: the OS reaches the parent of LINK's target, where os.path.abspath removes `LINK/..` by
+        # spelling (r2 F1, stop 53). Checked as the OS reads it, then named as it resolves, so that every check and
+        # line of the run names the folder its files are in.
         from dpdm.report_utils import output_parent_problem
 
         problem = output_parent_problem(os.path.join(out_dir, "checkpoint.pt"))
@@ -454,16 +454,12 @@ def _warn_before_training(data, name: str, dataset: str | None, doc, no_dp: bool
     # pixels >= 0 note is for tensors (images in [0, 1] from torchvision); the CLI's data are uint8 mapped to
     # [-1, 1], where it means every pixel is 128 or more: bright images, legitimate, and its "x * 2 - 1" advice would
     # not apply (r1 F2, stop 53)
-    said = {SEED_NOTE}   # the library names TrainConfig.seed; on a resume (seed None) the CLI's words say it too
-    said.update(v for k, v in data_notes(data.x, data.y, data.num_classes).items()
-                if k in ("binary", "empty_classes", "nonnegative"))
+    # The library names TrainConfig.seed; on a resume (seed None) the CLI's words say it too (r1 N2, stop 53).
+    said = {SEED_NOTE, *data_notes(data.x, data.y, data.num_classes).values()}
     if no_dp:
         warn("--no-dp: this run is NOT differentially private; its outputs are marked non-private")
-    elif seed is not None:
+    elif seed is not None or SEED_NOTE in notes:
         warn_known_seed(seed)
-    elif SEED_NOTE in notes:   # a resume of a run started with --seed (r1 N2, stop 53)
-        warn("the run was started with a given --seed: anyone who knows it can replay the batches and the DP noise, "
-             "which voids the guarantee; use it for tests and reproduction only, and keep it secret otherwise")
     for note in notes:
         if note not in said:
             warn(note)

@@ -77,10 +77,12 @@ def temp_file_pattern(path: str | os.PathLike) -> str:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save(obj)` to `path` through a temp file in the same folder, fsync and rename. The file
     is readable by its owner only (mkstemp's 0600): checkpoints hold the run's secret seed."""
-    from accounting.plan import fsync_folder   # lazily: accounting imports the accountants
+    from accounting.plan import fsync_folder, written_folder   # lazily: accounting imports the accountants
     from dpdm.report_utils import temp_name_prefix
 
-    path = Path(path)
+    # Where the OS puts `path`: mkstemp names its file as os.path.abspath would, which removes `LINK/..` by spelling
+    # (r1 F4, stop 53)
+    path = Path(written_folder(path)) / Path(path).name
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{temp_name_prefix(path)}.", suffix=".tmp", dir=path.parent)
     try:

@@ -94,7 +94,7 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     """
     import torch
 
-    from dpdm.report_utils import output_target, remove_temp_leftovers, run_folder_of
+    from dpdm.report_utils import remove_temp_leftovers, run_folder_of
     from dpdm.sample import SampleError, _weights_of, weights_digest, weights_name, weights_problem, written_path
 
     src, out = Path(checkpoint_path), Path(out_path)
@@ -147,14 +147,11 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
         raise ExportError(f"--out={str(out)!r} already exists and holds the release file of another plan "
                           f"({old_digest[:19]}..., this run's is {str(ledger['plan_digest'])[:19]}...); it is kept. "
                           "Choose another --out, or pass --force to replace it")
-    # Written where the OS puts `out`: mkstemp made `atomic_torch_save`'s temporary file in os.path.abspath's
-    # folder, which removes `LINK/..` by spelling, and the rename onto `out` failed (EXDEV) after the work (r1 F4).
-    written = Path(output_target(out))
-    remove_temp_leftovers(written, r"\.[a-z0-9_]{8}\.tmp")   # `atomic_torch_save`'s (mkstemp's) of a killed export
-    ckpt.atomic_torch_save(release, written)
+    remove_temp_leftovers(out, r"\.[a-z0-9_]{8}\.tmp")   # `atomic_torch_save`'s (mkstemp's) of a killed export
+    ckpt.atomic_torch_save(release, out)   # where the OS puts `out` (`LINK/..`: r1 F4)
     # sha256: the file's, to publish; weights_sha256: its weights' (`sample.weights_digest`), which `dpdm sample`
     # records in the samples it draws from this file or from the run's same weights (meta_weights_sha256).
-    return {"model": str(out), "sha256": ckpt.file_sha256(written), "weights_sha256": weights_digest(chosen),
+    return {"model": str(out), "sha256": ckpt.file_sha256(out), "weights_sha256": weights_digest(chosen),
             "checkpoint": str(src), "weights": weights,
             "parameters": int(sum(t.numel() for t in chosen.values() if t.is_floating_point())),
             **ledger, "epsilon_spent": float(ledger["epsilon_spent"]) if ledger["private"] else None,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accounting.plan import bound_text
+from accounting.plan import bound_text, written_folder
 
 # The formats `save_grid` writes (matplotlib's Agg and vector backends, Pillow for JPEG).
 GRID_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -126,16 +126,13 @@ def output_folder(path: str | os.PathLike) -> str:
     holding LINK while the file went to the parent of LINK's target (across file systems: EXDEV after the work;
     r1 F4, stop 53). Without "..", os.path.abspath: the same folder, named as the user named it. A ".." after a
     part that does not exist is refused first (`through_a_file_problem`)."""
-    folder = os.path.dirname(os.path.join(os.getcwd(), os.path.expanduser(os.fspath(path))))
-    if os.pardir in Path(folder).parts:
-        return os.path.realpath(folder)
-    return os.path.abspath(folder)
+    return written_folder(os.path.expanduser(os.fspath(path)))
 
 
 def output_target(path: str | os.PathLike) -> str:
     """The file a write at `path` makes, as the OS reaches it: `output_folder(path)` and `path`'s own name (a link
-    or not: `os.replace` replaces a link). Writers that make their temporary file with mkstemp (which returns it
-    made absolute by os.path.abspath) write here, so that the temporary file and the rename meet in one folder."""
+    or not: `os.replace` replaces a link). The atomic writers (`accounting.plan.atomic_write_text`,
+    `checkpoint.atomic_torch_save`) write there (`accounting.plan.written_folder`)."""
     return os.path.join(output_folder(path), os.path.basename(os.path.expanduser(os.fspath(path))))
 
 
