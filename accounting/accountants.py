@@ -255,8 +255,21 @@ class PldAccountant(_Accountant):
 
     def _epsilon(self, terms, delta) -> EpsilonReport:
         _check_delta_floor(delta, sum(count for _, _, count in terms))
+        if delta >= total_variation_bound(terms):
+            return EpsilonReport(None, 0.0, 0.0, self.method)
         eps = float(_composed_pld(terms, self.discretization).get_epsilon_for_delta(delta))
         return EpsilonReport(None, eps, eps, self.method)
+
+
+def total_variation_bound(terms) -> float:
+    """An upper bound on delta(0), the total variation distance between DP-SGD's outputs with and without one
+    example: 1 - prod (1 - q * TV(N(0, sigma^2), N(1, sigma^2)))^count over `_dpsgd_terms`' terms. One Poisson-sampled
+    step's is q * (2 Phi(1 / (2 sigma)) - 1) = q * erf(1 / (2 sqrt(2) sigma)) (its dominating pair, either direction),
+    and a maximal coupling of each step given the ones before bounds their (adaptive) composition. At a delta
+    at least this, epsilon is exactly 0: PldAccountant answers so without a PLD, whose interval there (from RDP's
+    near-zero epsilon) asked for a grid of many GiB (h107 N1, h142 N1). Rounded up, so that it stays a bound."""
+    log_same = sum(count * math.log1p(-q * math.erf(1.0 / (2.0 * math.sqrt(2.0) * sigma))) for q, sigma, count in terms)
+    return min(-math.expm1(log_same) * (1.0 + 1e-9) + 1e-15, 1.0)
 
 
 def _composed_pld(terms, discretization: float):
@@ -312,9 +325,11 @@ def membership_bound(event: dp_event.DpEvent, fprs=(0.01, 0.001), *, discretizat
     DELTA_PER_STEP per step besides, the FFT round-off that sets a plan's delta floor. Each bound is at least
     its FPR (a test can always guess at that rate) and at most 1; no privacy loss (no steps) gives TPR = FPR, a
     zero noise multiplier TPR = 1. Display the bounds rounded up. ValueError for an FPR outside (0, 1)."""
-    fprs = tuple(float(a) for a in fprs)
+    given = fprs
+    fprs = tuple(fprs) if isinstance(fprs, (tuple, list, np.ndarray)) else ()
     if not fprs or not all(_is_finite_real(a) and 0.0 < a < 1.0 for a in fprs):
-        raise ValueError(f"fprs={fprs!r} must be one or more numbers in (0, 1)")
+        raise ValueError(f"fprs={given!r} must be a tuple of one or more numbers in (0, 1)")
+    fprs = tuple(float(a) for a in fprs)
     terms = _dpsgd_terms(event)
     if not terms:
         return MembershipBound({a: a for a in fprs}, 0.0)

@@ -225,5 +225,30 @@ def test_membership_bound_grows_with_fpr_and_never_below_it():
     assert accounting.membership_bound(dpsgd_event(0.1, 1.0, 0), (0.01,)).tpr == {0.01: 0.01}
     assert accounting.membership_bound(dpsgd_event(0.1, 0.0, 5), (0.01,)).tpr == {0.01: 1.0}
     for bad in ((0.0,), (1.0,), (float("nan"),), ()):
-        with pytest.raises(ValueError, match="must be one or more numbers in"):
+        with pytest.raises(ValueError, match="of one or more numbers in"):
             accounting.membership_bound(dpsgd_event(0.1, 1.0, 5), bad)
+
+
+def test_pld_answers_zero_at_a_delta_past_the_total_variation_without_a_grid():
+    """h142 N1, stop 54: at a delta at least the outputs' total variation distance, epsilon is exactly 0; the PLD
+    answered it with a grid (from RDP's near-zero epsilon) that ran the machine out of memory. The bound must also
+    hold: never below the pessimistic PLD's own delta(0), and equal to it for one step, where it is exact."""
+    from accounting.accountants import _composed_pld, _dpsgd_terms, total_variation_bound
+
+    assert PldAccountant(1e-6).epsilon(dpsgd_event(0.1, 1.0, 10), 0.999999).upper == 0.0
+    for q, sigma, steps in [(1.0, 0.5, 1), (0.001, 0.3, 1), (0.1, 1.0, 10), (0.5, 2.0, 3)]:
+        terms = _dpsgd_terms(dpsgd_event(q, sigma, steps))
+        tv = total_variation_bound(terms)
+        delta0 = _composed_pld(terms, 1e-3).get_delta_for_epsilon(0.0)
+        assert tv >= delta0
+        if steps == 1:
+            assert tv == pytest.approx(delta0, rel=1e-6)
+            # just below it the answer is a PLD's, and positive
+            assert PldAccountant(1e-3).epsilon(dpsgd_event(q, sigma, steps), tv * 0.99).upper > 0
+
+
+@pytest.mark.parametrize("fprs", [0.01, "0.01", ("0.01",), (), (0.0,), (True,)])
+def test_membership_bound_refuses_what_is_not_a_tuple_of_rates(fprs):
+    """h142 N2, stop 54: a bare number raised TypeError and strings were taken as numbers."""
+    with pytest.raises(ValueError, match="must be a tuple of one or more numbers in"):
+        accounting.membership_bound(dpsgd_event(0.1, 1.0, 10), fprs)
