@@ -74,7 +74,7 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, cache_folder_problem, check_public_data,
                                check_samples_held_out, check_test_data, cnn_size_problem, evaluate_samples,
                                label_counts_problem, load_inception, match_test_classes, near_copies_above_floor,
-                               samples_fit_problem, skipped_metrics)
+                               samples_classes_problem, samples_fit_problem, skipped_metrics)
 
     kinds = tuple(k.strip() for k in classifiers.split(",") if k.strip())
     for k in kinds:
@@ -139,6 +139,9 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         problem = None if real is None else samples_fit_problem(samples, real)
         if problem:
             raise BadInput(f"--samples={samples_path!r}: {problem}")
+    problem = samples_classes_problem(samples, real_train)   # the test data takes real_train's classes (above)
+    if problem:
+        raise BadInput(f"--samples={samples_path!r}: {problem}")
     skipped = skipped_metrics(samples, real_train, real_test, kinds)
     accuracies = bool(kinds) and "classifiers" not in skipped
     # Nothing else computable (unlabelled real data, no Inception weights) is no refusal: the checks for samples that

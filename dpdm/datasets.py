@@ -92,6 +92,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "MAX_NUM_CLASSES",
     "default_data_root",
+    "duplicate_images",
     "empty_classes",
     "exif_orientation_note",
     "has_test_split",
@@ -119,7 +120,14 @@ _SPLITS = ("train", "test")
 # Pillow's 8-bit modes, which convert("L") / convert("RGB") map without loss of range.
 _8BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                          "LAB", "HSV"})
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# torchvision's list, .gif, and the other names of formats it takes (a JPEG's .jfif and .jpe, Netpbm's .pbm and .pnm):
+# a folder of downloaded .jfif photos lost them without a word (h144 F2, stop 54).
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                   ".pbm", ".pnm"}
+# Still-image formats dpdm does not read: one in a class folder is refused, naming it, rather than skipped as a
+# notes.txt is, since the count would then differ from the images the user sees (h144 F2, stop 54).
+_OTHER_IMAGE_SUFFIXES = {".apng", ".avif", ".dib", ".heic", ".heif", ".ico", ".j2k", ".jp2", ".jpf", ".jpx", ".jxl",
+                         ".pcx", ".qoi", ".sgi", ".tga"}
 # The largest image read (4096x4096), checked on the header before decoding (a folder image's, an npz's array): a
 # diffusion model trains on images far smaller, and a header claiming more is a mistake or a decompression bomb.
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -390,6 +398,31 @@ def image_digests(x: torch.Tensor) -> tuple[bytes, ...]:
         block = to_uint8(x[start:start + rows]).reshape(min(rows, len(x) - start), -1)
         out.extend(hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in block)
     return tuple(out)
+
+
+def duplicate_images(x: torch.Tensor | ImageData | Sequence[bytes]) -> str | None:
+    """A warning line's text where images of `x` (a tensor [N, C, H, W] in [-1, 1], `ImageData`, or their
+    `image_digests`) are exact copies of others on the uint8 grid (a copied file, an npz row stored twice), else None.
+
+    An image the data holds twice is protected only as a group of its copies: under the plan's epsilon for one
+    image, its person's is about twice that or more (h144 F1, stop 54). Warned, not refused: two people's records
+    may be the same image (a blank scan). O(N) on the digests, which `dpdm.train.train` computes anyway."""
+    digests = (x.image_digests if isinstance(x, ImageData) else image_digests(x) if isinstance(x, torch.Tensor)
+               else x)
+    first: dict[bytes, int] = {}
+    copies, shown = 0, None
+    for i, d in enumerate(digests):
+        j = first.setdefault(d, i)
+        if j != i:
+            copies += 1
+            shown = shown or (i, j)
+    if not copies:
+        return None
+    one = copies == 1
+    return (f"{copies} of the {len(digests)} images {'is an exact copy' if one else 'are exact copies'} of another "
+            f"(the first: image {shown[0]} is image {shown[1]}, counted from 0 in the data's order): an image the "
+            f"data holds twice is protected only as a group of its copies, with about twice the plan's epsilon or "
+            f"more; remove {'it' if one else 'them'} unless each copy is another person's record")
 
 
 def shared_images(a: torch.Tensor | ImageData, b: torch.Tensor | ImageData) -> int:
@@ -1001,8 +1034,9 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
     if "y" in arrays:
         y = arrays["y"]
         if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
+            flat = "; store y.ravel()" if y.shape == (x.shape[0], 1) else ""   # Keras' load_data() gives (N, 1)
             raise DataError(f"{name}: y must be integers of shape ({x.shape[0]},), got {y.dtype} "
-                            f"{y.shape} (unlabelled data has no y)")
+                            f"{y.shape}{flat} (unlabelled data has no y)")
         if y.min() < 0:
             raise DataError(f"{name}: y must be >= 0, found {int(y.min())} (unlabelled data has no y)")
         top = int(y.max())   # before the int64 cast: a uint64 label above 2**63 would show as negative
@@ -1055,8 +1089,9 @@ def _read_npz_members(f, name: str, path: Path) -> dict[str, np.ndarray]:
                 raise DataError(f"{name}: num_classes must be an integer scalar >= 1, got {shown!r}")
         if "y" in headers and tuple(headers["y"][0]) != (n,):
             y_shape, y_dtype = headers["y"]
-            raise DataError(f"{name}: y must be integers of shape ({n},), got {y_dtype} {y_shape} (unlabelled data "
-                            "has no y)")
+            flat = "; store y.ravel()" if tuple(y_shape) == (n, 1) else ""   # Keras' load_data() gives (N, 1)
+            raise DataError(f"{name}: y must be integers of shape ({n},), got {y_dtype} {y_shape}{flat} (unlabelled "
+                            "data has no y)")
     arrays = {}
     for key in headers if sides is not None else ("x",):
         try:
@@ -1183,7 +1218,9 @@ def _load_folder(root: Path, name: str) -> ImageData:
     Names that start with ``.`` and files without an image suffix are skipped. Every other image-named
     path must be loaded, or the count would differ from what the user sees: an image-named entry that is
     not a readable file (a broken link, a FIFO, a folder), an image in a subfolder of a class folder and an
-    image beside the class folders are refused (DataError naming the first and how many there are).
+    image beside the class folders are refused (DataError naming the first and how many there are), as are a file
+    in an image format dpdm does not read (`_OTHER_IMAGE_SUFFIXES`) and a second path to one file (a link, a hard
+    link, a linked class folder), which would count it twice.
     """
     import warnings
 
@@ -1243,13 +1280,35 @@ def _load_folder(root: Path, name: str) -> ImageData:
         raise DataError(f"{name}: cannot list {str(root)!r} ({_one_line(e)})") from None
     if stray:
         more = f" (the first of {len(stray)} such paths in {str(root)!r})" if len(stray) > 1 else ""
-        raise DataError(f"{name}: {stray[0]}{more}")
+        # A root that holds one folder of class folders (PATH/train/<class>/<image>): moving the images up, as the
+        # line says, made one class of them (h144 N2, stop 54).
+        deeper = (f"; if {str(class_dirs[0])!r} holds the class folders, give folder:{class_dirs[0]}"
+                  if len(class_dirs) == 1 and not files else "")
+        raise DataError(f"{name}: {stray[0]}{more}{deeper}")
     if empty is not None:   # it would still take a label index (torchvision's ImageFolder refuses it too)
         _refuse_run_folder(name, empty)
         raise DataError(f"{name}: class folder {str(empty)!r} has no images ({suffixes}); remove it "
                         f"or add its images")
     if not files:
         raise DataError(f"{name}: no images ({suffixes}) in {str(root)!r}")
+    # A second path to one file (a link, a hard link, a class folder linked to another) would count it twice, and
+    # that image would be protected only as a group of two (h144 F1, stop 54): one stat per file.
+    seen, twice = {}, []   # (st_dev, st_ino) -> its first path; the later paths, with it
+    for f, _ in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue   # the read below names it
+        if st.st_ino:   # 0: a file system without inode numbers
+            first = seen.setdefault((st.st_dev, st.st_ino), f)
+            if first is not f:   # the path reached through a link named first: the one to remove (h144 F1)
+                linked = [os.path.realpath(g) != os.path.abspath(g) for g in (f, first)]
+                twice.append((first, f) if linked == [False, True] else (f, first))
+    if twice:
+        more = f" (the first of {len(twice)} such paths)" if len(twice) > 1 else ""
+        raise DataError(f"{name}: image {str(twice[0][0])!r} is the same file as {str(twice[0][1])!r}{more}, a "
+                        f"symbolic or hard link or a linked class folder, so it would count twice and be protected "
+                        f"only as a group of two; remove the link")
     images, size, tagged = [], None, []   # tagged: the images with an EXIF orientation (`_exif_turned`)
     for f, _ in files:
         try:
@@ -1539,7 +1598,8 @@ def _raise(err: OSError):
 
 def _images_in(folder: Path) -> tuple[list[Path], list[str]]:
     """The images directly in `folder` (sorted), and why each image-named path under it would be left out
-    (one line each, naming it): an image-named entry that is no readable file, an image in a subfolder.
+    (one line each, naming it): an image-named entry that is no readable file, an image in a subfolder, a file in
+    an image format dpdm does not read (`_OTHER_IMAGE_SUFFIXES`).
 
     Subfolders are walked through links to folders too (an image there is left out as well), each folder once, so
     that a link to a folder above it ends; a subfolder that cannot be listed raises OSError, where os.walk would
@@ -1567,4 +1627,7 @@ def _images_in(folder: Path) -> tuple[list[Path], list[str]]:
                 images.append(p)
             else:
                 stray.append(why)
+        elif p.suffix.lower() in _OTHER_IMAGE_SUFFIXES:
+            stray.append(f"image {str(p)!r} is in a format dpdm does not read ({p.suffix}); convert it to PNG (or "
+                         f"JPEG), or move it out of the data")
     return images, stray

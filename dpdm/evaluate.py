@@ -115,6 +115,7 @@ __all__ = [
     "pretrain_on_public",
     "random_shift",
     "reference_classifier",
+    "samples_classes_problem",
     "samples_fit_problem",
     "samples_near_train",
     "skipped_metrics",
@@ -619,6 +620,20 @@ def samples_fit_problem(samples: ImageData, real: ImageData) -> str | None:
     return None
 
 
+def samples_classes_problem(samples: ImageData, real_train: ImageData) -> str | None:
+    """Why `samples` of a model with another class count than `real_train`'s (the count the samples file records,
+    `dpdm sample` writes its model's) cannot be measured against it, or None; like `samples_fit_problem`, without
+    the samples' name. A ``folder:`` dataset numbers its classes in the order of their folder names, so one with a
+    class folder more than the model's data measured the samples against other meanings of their labels, exit 0
+    (h144 F3, stop 54). A count read off the samples' own labels (``num_classes_inferred``) is not compared."""
+    if samples.y is None or real_train.y is None or samples.num_classes_inferred or \
+            samples.num_classes == real_train.num_classes:
+        return None
+    return (f"their model has {samples.num_classes} classes but {real_train.name} has {real_train.num_classes}, so "
+            f"their labels would be measured against other classes; evaluate them against the data the model was "
+            f"trained on")
+
+
 def _check_compatible(samples: ImageData, real: ImageData) -> None:
     problem = samples_fit_problem(samples, real)
     if problem:
@@ -1076,7 +1091,7 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
       len(real_test)), a seeded subsample when fewer than the split; FD values compare only at equal n).
 
     Raises:
-      DataError: samples whose image shape or labels do not fit the dataset, or fewer than
+      DataError: samples whose image shape, labels or class count do not fit the dataset, or fewer than
         `MIN_SAMPLES` of them; a test split that is no held-out data (`check_test_data`), or that is half
         or more among the samples, near-copies included, when the accuracies are computed
         (`check_samples_held_out`); images too
@@ -1085,6 +1100,9 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
         before any training).
     """
     _check_compatible(samples, real_train)
+    problem = samples_classes_problem(samples, real_train)
+    if problem:
+        raise DataError(f"{samples.name}: {problem}")
     if real_test is not None:
         real_test = match_test_classes(real_train, real_test)
         _check_compatible(samples, real_test)

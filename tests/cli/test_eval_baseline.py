@@ -122,6 +122,29 @@ def test_eval_shape_mismatch(tmp_path, capsys):
     _assert_one_line_error(code, err, "1x8x8", "1x28x28")
 
 
+def test_eval_refuses_samples_of_a_model_with_another_class_count(digit_files, tmp_path, capsys):
+    """The samples file records its model's class count: against data with another (a folder with a class folder
+    added, whose labels then name other classes), the metrics measured other meanings of the labels, exit 0 (h144
+    F3, stop 54). A count read off the samples' labels (no num_classes in the file) is not compared."""
+    with np.load(digit_files["samples"]) as f:
+        x, y = f["x"], f["y"] % 9
+    np.savez(tmp_path / "s9.npz", x=x, y=y, num_classes=9)
+    code, out, err = _run(capsys, "eval", "--samples", str(tmp_path / "s9.npz"),
+                          "--dataset", f"npz:{digit_files['train']}", "--test-dataset", f"npz:{digit_files['test']}",
+                          "--cache-dir", str(tmp_path / "cache"))
+    _assert_one_line_error(code, err, f"--samples={str(tmp_path / 's9.npz')!r}: their model has 9 classes but",
+                           "has 10")
+    assert out == "" and not (tmp_path / "cache").exists()
+    np.savez(tmp_path / "s10.npz", x=x, y=y, num_classes=10)
+    from dpdm.datasets import load_dataset, load_npz
+    from dpdm.evaluate import samples_classes_problem
+
+    real = load_dataset(f"npz:{digit_files['train']}")
+    assert samples_classes_problem(load_npz(tmp_path / "s10.npz"), real) is None
+    np.savez(tmp_path / "s.npz", x=x, y=y)   # 9 classes read off its labels: not its model's count
+    assert samples_classes_problem(load_npz(tmp_path / "s.npz"), real) is None
+
+
 @pytest.mark.parametrize("bad", ["float", "missing", "junk"])
 def test_eval_bad_samples_file(tmp_path, capsys, bad):
     samples = tmp_path / "s.npz"

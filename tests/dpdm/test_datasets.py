@@ -14,6 +14,8 @@ from dpdm.datasets import (
     DATASET_SIZES,
     DataError,
     ImageData,
+    duplicate_images,
+    image_digests,
     load_dataset,
     load_npz,
     mnist5k_split_indices,
@@ -780,3 +782,28 @@ def test_label_numbers_refuses_two_names_of_one_number(tmp_path):
     folder = load_dataset(f"folder:{tmp_path / 'f'}")
     numbered = ImageData(torch.zeros(3, 1, 8, 8), torch.tensor([0, 1, 2]), 3, "npz:n.npz")
     assert "cannot be matched" in class_names_problem(folder, numbered)
+
+
+# --- exact duplicates ------------------------------------------------------------------------------
+
+def test_duplicate_images_says_how_many_images_are_exact_copies_and_names_the_first():
+    """An image the data holds twice (a copied file, an npz row stored twice) is protected only as a group of its
+    copies, and nothing said so (h144 F1, stop 54): a warning line, from the digests train() computes anyway."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
+    assert duplicate_images(x) is None and duplicate_images(()) is None
+    x[3], x[5] = x[1], x[1]
+    note = duplicate_images(x)
+    assert note.startswith("2 of the 6 images are exact copies of another (the first: image 3 is image 1, "), note
+    assert "protected only as a group of its copies" in note and "\n" not in note, note
+    data = ImageData(x, None, 0, "npz:d.npz")
+    assert duplicate_images(data) == duplicate_images(image_digests(x)) == note
+    x[5] = x[5] + 2 / 255 * (x[5] < 1)   # one step of the uint8 grid: another image
+    assert duplicate_images(x).startswith("1 of the 6 images is an exact copy of another (the first: image 3 is "
+                                          "image 1,")
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "digits"])
+def test_builtin_datasets_hold_no_exact_duplicates(name):
+    """No false warning on the built-in sets: their images are distinct on the uint8 grid."""
+    assert duplicate_images(load_dataset(name, "train")) is None

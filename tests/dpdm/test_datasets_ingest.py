@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 import zipfile
@@ -961,3 +962,85 @@ def test_dpdm_trains_warning_names_the_images_with_an_exif_orientation(tmp_path,
     err = capsys.readouterr().err
     assert (f"dpdm: warning: --dataset={name!r}: 1 of its 2 images carries an EXIF orientation tag (the first: "
             f"{str(tmp_path / 'd' / 'b' / '0.png')!r})") in err, err
+
+
+@pytest.mark.parametrize("how", ["symlink", "hard link", "linked class folder"])
+def test_folder_refuses_a_second_path_to_one_image_naming_both(tmp_path, how):
+    """A link to an image of the folder (or a class folder linked to another) counted the file twice without a
+    word, and that image was then protected only as a group of two (h144 F1, stop 54); a link to an image outside
+    the folder is one image, and loads."""
+    d = tmp_path / "d"
+    _classes(d, names=("a", "b"))
+    _png(d / "a" / "1.png", np.full((8, 8), 7, np.uint8))
+    if how == "symlink":   # named first, whichever class folder sorts first: the link is the path to remove
+        (d / "a" / "2.png").symlink_to(d / "b" / "0.png")
+        twice, first = d / "a" / "2.png", d / "b" / "0.png"
+    elif how == "hard link":
+        os.link(d / "a" / "1.png", d / "a" / "2.png")
+        twice, first = d / "a" / "2.png", d / "a" / "1.png"
+    else:
+        (d / "c").symlink_to(d / "a", target_is_directory=True)
+        twice, first = d / "c" / "0.png", d / "a" / "0.png"
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{d}")
+    msg = str(e.value)
+    assert msg.startswith(f"folder:{d}: image {str(twice)!r} is the same file as {str(first)!r}"), msg
+    assert "\n" not in msg and "count twice" in msg, msg
+    assert ("(the first of 2 such paths)" in msg) == (how == "linked class folder"), msg
+    (d / "c").unlink() if how == "linked class folder" else twice.unlink()
+    _png(tmp_path / "outside.png", np.full((8, 8), 9, np.uint8))
+    (d / "b" / "3.png").symlink_to(tmp_path / "outside.png")   # one image, reached through a link
+    assert len(load_dataset(f"folder:{d}")) == 4
+
+
+@pytest.mark.parametrize("suffix", [".jfif", ".jpe", ".pbm", ".pnm"])
+def test_folder_reads_the_other_names_of_the_formats_it_takes(tmp_path, suffix):
+    """A JPEG named .jfif (as Windows names downloaded ones) or a Netpbm .pbm/.pnm (.ppm and .pgm were taken) was
+    skipped as a notes.txt is, so that the count differed from the images the user sees (h144 F2, stop 54)."""
+    d = tmp_path / "d"
+    _classes(d, names=("a", "b"))
+    fmt = "JPEG" if suffix in (".jfif", ".jpe") else "PPM"
+    mode = "1" if suffix == ".pbm" else "L"
+    Image.fromarray(np.full((8, 8), 255, np.uint8), mode="L").convert(mode).save(d / "a" / f"1{suffix}", format=fmt)
+    data = load_dataset(f"folder:{d}")
+    assert len(data) == 3 and data.y.tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("suffix, fmt", [(".tga", "TGA"), (".ico", "ICO"), (".dib", "DIB")])
+def test_folder_refuses_an_image_in_a_format_it_does_not_read_naming_it(tmp_path, suffix, fmt):
+    """A readable image whose suffix dpdm does not take was skipped without a word (h144 F2, stop 54): refused,
+    naming it and how many there are, as any image that dpdm would otherwise leave out of the count is."""
+    d = tmp_path / "d"
+    _classes(d, names=("a", "b"))
+    for i in (1, 2):
+        Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").convert("RGB").save(d / "b" / f"{i}{suffix}",
+                                                                                  format=fmt)
+    (d / "b" / "notes.txt").write_text("not an image")   # still skipped
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{d}")
+    msg = str(e.value)
+    assert msg == (f"folder:{d}: image {str(d / 'b' / f'1{suffix}')!r} is in a format dpdm does not read "
+                   f"({suffix}); convert it to PNG (or JPEG), or move it out of the data (the first of 2 such paths "
+                   f"in {str(d)!r})"), msg
+
+
+def test_root_holding_one_folder_of_class_folders_names_it(tmp_path):
+    """PATH/train/<class>/<image> was refused as images in subfolders of class folder PATH/train, whose advice,
+    followed, made one class of them (h144 N2, stop 54): the line names the folder to give."""
+    _classes(tmp_path / "d" / "train", names=("a", "b"))
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{tmp_path / 'd'}")
+    train = tmp_path / "d" / "train"
+    assert str(e.value).endswith(f"(the first of 2 such paths in {str(tmp_path / 'd')!r}); if {str(train)!r} holds "
+                                 f"the class folders, give folder:{train}"), str(e.value)
+    assert len(load_dataset(f"folder:{train}")) == 2
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_npz_labels_of_shape_n_by_1_are_refused_with_the_fix(tmp_path, stored):
+    """Keras' cifar10.load_data() gives y of shape (N, 1) (h144 N3, stop 54)."""
+    save = np.savez if stored else np.savez_compressed
+    save(tmp_path / "k.npz", x=np.zeros((3, 8, 8), np.uint8), y=np.zeros((3, 1), np.int64))
+    with pytest.raises(DataError, match=r"y must be integers of shape \(3,\), got int64 \(3, 1\); store y\.ravel\(\) "
+                                        r"\(unlabelled data has no y\)$"):
+        load_npz(tmp_path / "k.npz")

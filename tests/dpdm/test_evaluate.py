@@ -27,6 +27,7 @@ from dpdm.evaluate import (
     precision_recall,
     random_shift,
     reference_classifier,
+    samples_classes_problem,
 )
 from tests.dpdm.test_train import RunsCodeWhenUnpickled
 
@@ -1094,3 +1095,16 @@ def test_a_reference_cache_record_larger_than_the_references_is_not_read(digits,
     assert reference_classifier(a, cache_dir=tmp_path, epochs=1)[1]["cached"] is False
     assert len(record.read_bytes()) < 1000   # written again
     assert reference_classifier(a, cache_dir=tmp_path, epochs=1)[1]["cached"] is True
+
+
+def test_evaluate_samples_refuses_samples_of_a_model_with_another_class_count():
+    """evaluate_samples measured a 3-class model's samples against 4-class data with shifted labels (h144 F3)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 8, 8, generator=g) * 2 - 1
+    real = ImageData(x, torch.arange(40) % 4, 4, "folder:real", num_classes_inferred=True)
+    samples = ImageData(x.flip(-1), torch.arange(40) % 3, 3, "s.npz")
+    with pytest.raises(DataError, match=r"^s\.npz: their model has 3 classes but folder:real has 4, so"):
+        evaluate_samples(samples, real, None, classifiers=())
+    assert samples_classes_problem(ImageData(x, samples.y, 4, "s.npz"), real) is None
+    # a count read off the samples' own labels (an npz without num_classes) is not their model's
+    assert samples_classes_problem(ImageData(x, samples.y, 3, "s.npz", num_classes_inferred=True), real) is None
