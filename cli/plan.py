@@ -348,7 +348,8 @@ def _curve_path(path: str, dataset: str | None = None) -> str:
 
 def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     """BadInput if `path` exists and does not hold the plan `digest` names (unless it holds another plan and
-    `force` is given), and always when it is a run's own plan.json (beside its checkpoint.pt), or not a regular
+    `force` is given), and always when it is a run's own plan.json (beside its checkpoint.pt, or a record of the
+    steps a run stopped before its first checkpoint ran, or a train holding the folder's lock), or not a regular
     file.
 
     A run is locked to its plan's digest, and `dpdm train --resume` and `dpdm audit --plan` check the
@@ -380,6 +381,20 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     if os.path.basename(path) == "plan.json" and os.path.exists(os.path.join(run, "checkpoint.pt")):
         raise BadInput(f"--out {path} is the locked plan of the run in {run} and holds {what}; even --force "
                        "does not replace it: write the new plan elsewhere and train a new run")
+    if os.path.basename(path) == "plan.json":
+        # A run stopped before its first checkpoint, or training toward it: its plan.json is the only record of
+        # the plan its steps ran under (a new plan there priced them at its own rate once spent, h141 F1 and N5,
+        # stop 54; `dpdm train` also refuses a record of another plan's steps).
+        from cli._common import _run_is_training
+        from dpdm.steps_record import STEPS_RECORD, recorded_steps
+
+        ran = recorded_steps(run)
+        if ran or _run_is_training(run):
+            held = (f"a dpdm train is training in {run} under it" if not ran else
+                    f"the run in {run} trained {ran} step{'s' if ran != 1 else ''} under it before its first "
+                    f"checkpoint ({STEPS_RECORD} records {'it' if ran == 1 else 'them'}), spent against its data")
+            raise BadInput(f"--out {path} holds {what}, and {held}; even --force does not replace it: write the "
+                           "new plan elsewhere and train a new run in another --out")
     if not isinstance(old, str) and info.st_size:   # a checkpoint, a config.json, data: --force replaces plans only
         raise BadInput(f"--out {path} already exists and holds {what}; it is kept, even with --force (which "
                        "replaces only another plan): choose another --out")

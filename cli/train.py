@@ -118,6 +118,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
              if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                    click.core.ParameterSource.ENVIRONMENT)}
     dataset_given = dataset
+    resume_notes = []   # said once every check has passed (`_warn_before_training`): a refusal stays one line
     if spend_unsaved_steps and no_dp:
         raise BadInput("--spend-unsaved-steps applies to a private run only (the steps a stopped run trained past its "
                        "last checkpoint, or before its first)")
@@ -128,7 +129,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
             grad_engine=grad_engine, lr=lr, lr_schedule=lr_schedule, ema_decay=ema_decay, ema_powers=ema_powers,
             checkpoint_every=checkpoint_every, log_every=log_every, trainable=trainable, subspace_dim=subspace_dim,
             subspace_data=subspace_data, subspace_every=subspace_every, subspace_examples=subspace_examples,
-            precision=precision))
+            precision=precision), resume_notes)
         (dataset, model, precond, train_sigma, physical_batch, grad_engine, lr, lr_schedule, ema_decay, ema_powers,
          checkpoint_every, log_every, trainable, subspace_dim, subspace_data, subspace_every, subspace_examples,
          precision) = opts.values()
@@ -216,7 +217,8 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
                                dataset_name=name, resume=resume, progress=not quiet, public_data=public_data,
                                class_names=data.class_names, spend_unsaved_steps=spend_unsaved_steps,
                                on_start=lambda notes: _warn_before_training(data, name, dataset_given, doc, no_dp,
-                                                                            notes, None if resume else seed))
+                                                                            (*resume_notes, *notes),
+                                                                            None if resume else seed))
         ok = True
     except (TrainError, ckpt.CheckpointError) as e:
         raise BadInput(str(e)) from None
@@ -312,7 +314,7 @@ _PER_LAYER_RULES = {"auto": None, "rules": True, "vmap": False}   # --grad-engin
 _GRAD_ENGINES = {rules: engine for engine, rules in _PER_LAYER_RULES.items()}
 
 
-def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> dict:
+def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict, notes: list[str]) -> dict:
     """`opts` (the command's values, in order) with each one the user did not give replaced by the run's
     recorded value, read from its checkpoint (a missing or unreadable one, or a --no-dp run resumed without
     --no-dp, changes nothing: `dpdm.train.train` says why it cannot resume). A kept knob the user gave with
@@ -321,7 +323,8 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
     that it is the run's data). --subspace-data is compared as an absolute path, as the run records it; a relative
     one recorded by an older dpdm means the file from the folder the run was started in, and is refused where
     that file is not found (h83 F3). A run that recorded its public data's fingerprint takes --subspace-data at
-    another path too (the file moved): `dpdm.train.train` compares the images (h94 F3)."""
+    another path too (the file moved): `dpdm.train.train` compares the images (h94 F3). A warning for the run is
+    added to `notes`, said once every check has passed (h141 F3, stop 54)."""
     from dpdm import checkpoint as ckpt
     from dpdm.datasets import dataset_path, is_path_dataset, same_dataset
     from dpdm.train import SUBSPACE_DIGEST_KEY
@@ -376,7 +379,7 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
                            "exists; put that file back there, or resume with --subspace-data naming it where it now "
                            "lies (the run checks its images by their fingerprint)")
     if "lr" not in given and "lr_schedule" not in given:
-        _warn_unsaved_lr_change(out_dir, train_cfg)
+        notes.extend(_unsaved_lr_change(out_dir, train_cfg))
     out = dict(opts)
     for key, value in opts.items():
         if key not in run:
@@ -393,24 +396,27 @@ def _resumed_options(out_dir: str, given: set[str], no_dp: bool, opts: dict) -> 
     return out
 
 
-def _warn_unsaved_lr_change(out_dir: str, train_cfg: dict) -> None:
+def _unsaved_lr_change(out_dir: str, train_cfg: dict) -> list[str]:
     """config.json is written when a run starts; a resume that changed --lr and stopped before its next
     checkpoint left it showing an lr that the checkpoint (the run's record, which this resume follows) does not
-    hold. Said, so that the lr that diverged is not taken back without a word."""
+    hold. Said (the warning, in a list; none: []), so that the lr that diverged is not taken back without a word;
+    only once the resume starts: a refused one (the steps record names the lr to resume with) says its error
+    alone (h141 F3, stop 54)."""
     import json
 
     try:
         with open(os.path.join(out_dir, "config.json")) as f:
             shown = json.load(f).get("train") or {}
     except (OSError, ValueError, AttributeError):
-        return
+        return []
     def plain(cfg):   # the checkpoint holds tuples where config.json holds lists
         return json.dumps([cfg.get(k) for k in ("lr", "lr_schedule", "lr_segments")])
 
-    if plain(shown) != plain(train_cfg):
-        warn(f"config.json shows lr {shown.get('lr')!r} ({shown.get('lr_schedule')}), given at a resume that "
-             f"stopped before its next checkpoint; this resume follows the checkpoint's lr {train_cfg.get('lr')!r} "
-             f"({train_cfg.get('lr_schedule')}): give --lr to change it")
+    if plain(shown) == plain(train_cfg):
+        return []
+    return [f"config.json shows lr {shown.get('lr')!r} ({shown.get('lr_schedule')}), given at a resume that "
+            f"stopped before its next checkpoint; this resume follows the checkpoint's lr {train_cfg.get('lr')!r} "
+            f"({train_cfg.get('lr_schedule')}): give --lr to change it"]
 
 
 def _kept_value(key: str, value):

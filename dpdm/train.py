@@ -48,7 +48,8 @@ from dpdm.memory import out_of_memory
 from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
 from dpdm.report_utils import epsilon_text
-from dpdm.steps_record import RECORD_HEAD as _RECORD_HEAD, RECORD_WIDTH as _RECORD_WIDTH, STEPS_RECORD
+from dpdm.steps_record import (RECORD_FIELDS as _RECORD_FIELDS, RECORD_HEAD as _RECORD_HEAD,
+                               RECORD_HEAD_V1 as _RECORD_HEAD_V1, RECORD_WIDTH as _RECORD_WIDTH, STEPS_RECORD)
 from dpdm.sampling import PRECISIONS, SIGMA_LIMITS, autocast_for
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -729,6 +730,10 @@ def train(
         if problem:   # it failed at step 1 as "the run diverged ... lower --lr"
             raise TrainError(f"the plan cannot be trained: {problem}")
     if config.private and n != plan.dataset_size:
+        if resume:   # a new plan does not continue this run (h141 N2, stop 54)
+            raise TrainError(f"the data has {n} examples but the run's plan was made for dataset_size="
+                             f"{plan.dataset_size}; a run resumes on the data it was trained on: resume on the run's "
+                             "own data (nothing was written)")
         raise TrainError(
             f"the data has {n} examples but the plan was made for dataset_size={plan.dataset_size}; "
             f"a plan is valid only for data of its size: make one for this data (`dpdm plan ... --dataset-size {n}`; "
@@ -780,6 +785,8 @@ def train(
                 f"the run in {str(out)!r} is finished: {ledger['steps_done']} of {plan.steps} steps done; "
                 "the plan allows no more"
             )
+        for name in ("plan.json", "config.json"):   # rewritten by the resume: a folder there was an exit 4 that
+            _check_regular(out / name)              # advised waiting for the folder to be writable (h141 N3)
     elif resume:
         raise TrainError(f"nothing to resume: {str(ckpt_path)!r} does not exist")
     else:
@@ -817,7 +824,8 @@ def train(
         lr_segments, lr_note = _resumed_lr_segments(state, config)
         if config.private:   # steps a stopped attempt ran past the checkpoint: replayed, refused or spent
             spent_to, spent_note, record_seen = _unsaved_steps(out, state, lr_segments_of(
-                replace(config, lr_segments=lr_segments)), plan.steps, spend_unsaved_steps, dist)
+                replace(config, lr_segments=lr_segments)), plan.steps, spend_unsaved_steps, dist,
+                bound=(plan_doc.digest, data_digest))
             if spent_to is not None:   # the resume goes on from the record's step: its lr segment begins there
                 lr_segments, lr_note = _resumed_lr_segments(
                     {**state, "ledger": {**state["ledger"], "steps_done": spent_to}}, config)
@@ -827,7 +835,8 @@ def train(
         seed_given = ckpt.seed_given(state["config"]) or config.seed is not None
     else:
         if config.private:   # steps an attempt killed before its first checkpoint ran: refused or spent
-            spent_to, spent_note, record_seen = _unsaved_steps(out, None, (), plan.steps, spend_unsaved_steps, dist)
+            spent_to, spent_note, record_seen = _unsaved_steps(out, None, (), plan.steps, spend_unsaved_steps, dist,
+                                                               bound=(plan_doc.digest, data_digest))
         if config.seed is not None:
             seed, seed_given = config.seed, True
         else:
@@ -1045,7 +1054,8 @@ def train(
                        + ("" if state is None else " with --resume"))
         if refusal is None and config.private:   # the record of the steps run (`STEPS_RECORD`)
             recorded = _read_steps_record(out)[1]   # a new run's none or spent (`_unsaved_steps`)
-            record = _StepsRecord(out, lr_segments_of(config), recorded[0] if recorded else 0)
+            record = _StepsRecord(out, lr_segments_of(config), recorded[0] if recorded else 0,
+                                  plan_digest=plan_doc.digest, data_digest=data_digest)
             try:
                 record.open()
             except TrainError as e:
@@ -1896,6 +1906,9 @@ def _check_fresh_run_folder(out: Path, plan_doc, checkpoint_every: int) -> None:
                          "another plan, if that run's outputs were used)")
 
 
+_LOCK_PATIENCE_S = 1.0   # `_lock_run_folder`: how long a lock held by another process is waited for
+
+
 def _lock_run_folder(out: Path):
     """An exclusive lock on the run folder for as long as this process trains in it: a second `dpdm train`
     into the same folder is refused instead of interleaving. None where the file system takes no locks (then
@@ -1915,16 +1928,24 @@ def _lock_run_folder(out: Path):
         os.close(fd)
         raise TrainError(f"{str(path)!r} is not a regular file (a link, FIFO or device); remove it")
     f = os.fdopen(fd, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise TrainError(f"another dpdm train is running in {str(out)!r}; wait for it, or choose another "
-                         "--out") from None
-    except OSError:   # no locks on this file system (ENOLCK, EINVAL on some network mounts)
-        f.close()
-        return None
-    return f
+    # A `dpdm sample` or `dpdm export` probing the run (`cli._common._run_is_training`) holds a shared lock for a
+    # moment: tried again for about a second before another train is named (h141 F2, stop 54); a train holds it
+    # for its whole run.
+    give_up = time.monotonic() + _LOCK_PATIENCE_S
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.monotonic() < give_up:
+                time.sleep(0.02)
+                continue
+            f.close()
+            raise TrainError(f"another dpdm train is running in {str(out)!r}; wait for it, or choose another "
+                             "--out") from None
+        except OSError:   # no locks on this file system (ENOLCK, EINVAL on some network mounts)
+            f.close()
+            return None
 
 
 def _remove_checkpoint_leftovers(out: Path) -> None:
@@ -2029,8 +2050,15 @@ def _resumed_lr_segments(state: dict[str, Any], config: TrainConfig) -> tuple[tu
 # exactly (the same seeds, batches and noise at the same weights), while one with another lr would train them
 # again on fresh noise under a ledger that never counted the first attempt's. `_unsaved_steps` tells the two
 # apart by the record: the steps ran (the most any attempt reached) and a digest of the lr segments they ran
-# under (`_segments_digest`), and their last lr and schedule, which the refusal names. Its name and line format:
+# under (`_segments_digest`), and their last lr and schedule, which the refusal names; and the plan and data they
+# ran under (`_record_binding`): a new run under another plan (`dpdm plan --force` over RUN/plan.json), or on other
+# data, priced them at its own plan's rate when it spent them (h141 F1, stop 54). Its name and line format:
 # `dpdm.steps_record` (STEPS_RECORD), which the CLI's advice lines read without torch.
+
+
+def _record_binding(digest: str) -> str:
+    """The 16 hex digits of a plan's or data's sha256 digest (`sha256:HEX`) that the record names it by."""
+    return digest.rsplit(":", 1)[-1][:16]
 
 
 def _segments_digest(segments, steps: int) -> str:
@@ -2046,9 +2074,13 @@ class _StepsRecord:
     has taken, but a machine crash, unlike a kill, may lose the last ones, and the record then says fewer steps
     than ran. It never goes down: a resume that replays steps the record holds leaves it as it is."""
 
-    def __init__(self, out: Path, segments, recorded: int):
+    def __init__(self, out: Path, segments, recorded: int, *, plan_digest: str | None = None,
+                 data_digest: str | None = None):
         self.path, self.segments, self.recorded, self.fd = out / STEPS_RECORD, tuple(segments), recorded, None
         self._digests: dict[int, str] = {}
+        # the plan and data the steps run under (`train` gives both); without them, a v1 line, bound to neither
+        self._bound = ("" if plan_digest is None or data_digest is None else
+                       f" {_record_binding(plan_digest)} {_record_binding(data_digest)}")
 
     def open(self) -> None:
         """Opens (creates, 0600) the record; TrainError where it is not a regular file."""
@@ -2072,7 +2104,8 @@ class _StepsRecord:
         if begun not in self._digests:
             self._digests[begun] = _segments_digest(self.segments, steps)
         _, lr, schedule = self.segments[begun - 1]
-        line = f"{_RECORD_HEAD} {steps} {self._digests[begun]} {float(lr)!r} {schedule}"
+        line = (f"{_RECORD_HEAD if self._bound else _RECORD_HEAD_V1} {steps} {self._digests[begun]} "
+                f"{float(lr)!r} {schedule}{self._bound}")   # at most 17 + 20 + 16 + 24 + 8 + 34 + 4 = 123 bytes
         os.pwrite(self.fd, (line.ljust(_RECORD_WIDTH - 1) + "\n").encode(), 0)
         self.recorded = steps
 
@@ -2085,10 +2118,11 @@ class _StepsRecord:
             self.fd = None
 
 
-def _read_steps_record(out: Path) -> tuple[bytes | None, tuple[int, str, float, str] | None, str | None]:
+def _read_steps_record(out: Path) -> tuple[bytes | None, tuple | None, str | None]:
     """The bytes of the run's `STEPS_RECORD` (None: there is none), what it records (steps, the digest of their
-    lr segments, the last lr and schedule; None: none, or an empty one whose writes a crash lost), and what is
-    wrong with it (None: nothing)."""
+    lr segments, the last lr and schedule, and the 16 hex digits of the plan's and of the data's digests they ran
+    under, None and None in a v1 line; None: none, or an empty one whose writes a crash lost), and what is wrong
+    with it (None: nothing)."""
     path = out / STEPS_RECORD
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -2108,21 +2142,40 @@ def _read_steps_record(out: Path) -> tuple[bytes | None, tuple[int, str, float, 
     if not raw.strip(b"\0"):
         return raw, None, None
     parts = raw.split(b"\n", 1)[0].decode("ascii", "replace").split()
-    head = _RECORD_HEAD.split()
+
+    def hex16(text: str) -> bool:
+        return len(text) == 16 and all(ch in "0123456789abcdef" for ch in text)
+
     try:
-        if parts[:len(head)] != head or len(parts) != len(head) + 4:
+        head = next((h.split() for h in _RECORD_FIELDS if parts[:len(h.split())] == h.split()), None)
+        if head is None or len(parts) != len(head) + _RECORD_FIELDS[" ".join(head)]:
             raise ValueError
-        steps, digest, lr, schedule = int(parts[-4]), parts[-3], float(parts[-2]), parts[-1]
-        if not (steps >= 0 and len(digest) == 16 and all(ch in "0123456789abcdef" for ch in digest)
-                and math.isfinite(lr) and lr > 0 and schedule in LR_SCHEDULES):
+        steps, digest, lr, schedule = int(parts[len(head)]), parts[len(head) + 1], float(parts[len(head) + 2]), \
+            parts[len(head) + 3]
+        bound = tuple(parts[len(head) + 4:]) or (None, None)   # a v1 line: bound to no plan or data
+        if not (steps >= 0 and hex16(digest) and math.isfinite(lr) and lr > 0 and schedule in LR_SCHEDULES
+                and all(b is None or hex16(b) for b in bound)):
             raise ValueError
     except ValueError:
         return raw, None, "not the line dpdm writes there: damaged or edited"
-    return raw, (steps, digest, lr, schedule), None
+    return raw, (steps, digest, lr, schedule, *bound), None
+
+
+def _other_run_of_record(record: tuple, bound: tuple[str, str]) -> str | None:
+    """Where a record's steps ran under another plan or on other data than `bound` (this run's plan and data
+    digests): "under plan sha256:... (not this plan, sha256:...)", "on other data", or both; None where the record
+    names this plan and data, or none (a v1 line, written by a dpdm before stop 54)."""
+    plan, data = record[4:6]
+    other = []
+    if plan is not None and plan != _record_binding(bound[0]):
+        other.append(f"under plan sha256:{plan}... (not this plan, sha256:{_record_binding(bound[0])}...)")
+    if data is not None and data != _record_binding(bound[1]):
+        other.append("on other data (other images or labels than these)")
+    return " and ".join(other) or None
 
 
 def _unsaved_steps(out: Path, state: dict[str, Any] | None, segments, plan_steps: int, spend: bool,
-                   dist: "_Dist") -> tuple[int | None, str | None, bytes | None]:
+                   dist: "_Dist", *, bound: tuple[str, str]) -> tuple[int | None, str | None, bytes | None]:
     """Where a private run is resumed from its checkpoint of step c while its record (`STEPS_RECORD`) says a
     stopped attempt ran steps c + 1 to d: (d where they are spent, else None; a note for the run's warnings; the
     record's bytes, which rank 0 compares once it holds the folder's lock). A resume whose lr segments (`segments`)
@@ -2137,9 +2190,12 @@ def _unsaved_steps(out: Path, state: dict[str, Any] | None, segments, plan_steps
     A new run (`state` None) in the folder of an attempt killed before its first checkpoint, whose record says it
     ran k steps, would draw a new seed and train from step 1 again, the first attempt's k steps in no ledger: it is
     refused, or with `spend` it goes on from step k + 1 (fresh weights and seed) under a ledger of k steps, all k
-    discarded; where k is the plan's steps, the plan is spent."""
+    discarded; where k is the plan's steps, the plan is spent.
+
+    A record whose steps ran under another plan or on other data than `bound` (the digests of this run's plan and
+    data) is refused either way: this plan's ledger would price them at its own rate (h141 F1, stop 54)."""
     if state is None:
-        return _unsaved_steps_of_a_new_run(out, plan_steps, spend, dist)
+        return _unsaved_steps_of_a_new_run(out, plan_steps, spend, dist, bound)
     done = int(state["ledger"]["steps_done"])
     path = out / STEPS_RECORD
     spent_to, note, raw, refusal = None, None, None, None
@@ -2150,12 +2206,20 @@ def _unsaved_steps(out: Path, state: dict[str, Any] | None, segments, plan_steps
                        f"steps ran after the checkpoint of step {done}, and at which lr, cannot be told: move it away "
                        "and resume with the lr the run last trained at (config.json shows it), which replays them "
                        "exactly (nothing was written)")
+        elif record is not None and (other := _other_run_of_record(record, bound)):
+            ran = record[0]
+            refusal = (f"{str(path)!r} records {ran} step{'s' if ran != 1 else ''} of a run {other}: it is not "
+                       "this run's record (copied from another run's folder?), and those steps stay spent against "
+                       "the data they ran on, whatever this run does; how many steps this run ran after its "
+                       f"checkpoint of step {done}, and at which lr, cannot be told: move it back to its own run's "
+                       "folder and resume with the lr this run last trained at (config.json shows it), which "
+                       "replays them exactly (nothing was written)")
         elif record is None or record[0] <= done:
             if spend:
                 note = (f"--spend-unsaved-steps: no step ran after the checkpoint of step {done} (none is "
                         "recorded); nothing to spend")
         else:
-            ran, digest, lr, schedule = record
+            ran, digest, lr, schedule = record[:4]
             what = f"step {ran}" if ran == done + 1 else f"steps {done + 1} to {ran}"
             them = "it" if ran == done + 1 else "them"
             they = "it" if ran == done + 1 else "they"
@@ -2176,7 +2240,7 @@ def _unsaved_steps(out: Path, state: dict[str, Any] | None, segments, plan_steps
                            "was written)")
             else:
                 spent_to = ran
-                note = (f"{ran_at[0].upper()}{ran_at[1:]}: {them} {'is' if them == 'it' else 'are'} spent "
+                note = (f"{ran_at[0].upper()}{ran_at[1:]}: {they} {'is' if they == 'it' else 'are'} spent "
                         f"(--spend-unsaved-steps): the checkpoint is written again with a ledger of {ran} steps and "
                         f"the weights of step {done}, and the run goes on from step {ran + 1} (the model loses "
                         f"{ran - done} step{'s' if ran - done != 1 else ''}, the budget does not get "
@@ -2193,10 +2257,10 @@ def _agreed_spend(dist: "_Dist", refusal: str | None, spent_to: int | None, what
     return code or None
 
 
-def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool,
-                                dist: "_Dist") -> tuple[int | None, str | None, bytes | None]:
+def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool, dist: "_Dist",
+                                bound: tuple[str, str]) -> tuple[int | None, str | None, bytes | None]:
     """`_unsaved_steps` of a new run (no checkpoint in `out`): the steps an attempt killed before its first
-    checkpoint ran there, as its record says."""
+    checkpoint ran there, as its record says, under this plan and on this data (`bound`), or refused."""
     path = out / STEPS_RECORD
     spent_to, note, raw, refusal = None, None, None, None
     if dist.is_main:
@@ -2214,10 +2278,16 @@ def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool,
                 note = f"--spend-unsaved-steps: no step ran in {str(out)!r} (none is recorded); nothing to spend"
         else:
             what = "step 1" if ran == 1 else f"steps 1 to {ran}"
-            them = "it" if ran == 1 else "them"
+            them, they = ("it", "it") if ran == 1 else ("them", "they")
             ran_at = (f"a run in {str(out)!r} trained {what} and was stopped before its first checkpoint "
                       f"({str(path)!r} records {them})")
-            if ran >= plan_steps:
+            other = _other_run_of_record(record, bound)
+            if other:   # `dpdm plan --force` over RUN/plan.json, or other data of the plan's size (h141 F1, stop 54)
+                refusal = (f"a run in {str(out)!r} trained {what} {other} and was stopped before its first "
+                           f"checkpoint ({str(path)!r} records {them}): this plan cannot count {them} at its own "
+                           f"price; {they} stay spent against the data {they} ran on: choose another --out for this "
+                           "run (nothing was written)")
+            elif ran >= plan_steps:
                 refusal = (f"{ran_at}: that is all {plan_steps} steps of its plan, which is spent, though no "
                            "checkpoint holds its weights; make a new plan and choose another --out (nothing was "
                            "written)")
@@ -2228,7 +2298,7 @@ def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool,
                            "what it releases (nothing was written)")
             else:
                 spent_to = ran
-                note = (f"{ran_at[0].upper()}{ran_at[1:]}: {them} {'is' if them == 'it' else 'are'} spent "
+                note = (f"{ran_at[0].upper()}{ran_at[1:]}: {they} {'is' if they == 'it' else 'are'} spent "
                         f"(--spend-unsaved-steps): this run starts with a ledger of {ran} steps and new weights, "
                         f"and goes on from step {ran + 1} (the model loses {ran} step{'s' if ran != 1 else ''}, "
                         f"the budget does not get {them} back)")

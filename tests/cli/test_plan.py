@@ -325,6 +325,42 @@ def test_out_keeps_an_existing_different_plan_unless_forced(capsys, tmp_path):
     assert rc == 0, err
 
 
+def test_force_keeps_the_plan_of_a_run_that_recorded_steps_or_is_training(capsys, tmp_path):
+    """h141 F1 and N5 (stop 54): `dpdm plan --force --out RUN/plan.json` replaced the plan of a run stopped before its
+    first checkpoint after recording steps (`.steps_done`), the only record of the plan they ran under: a new run
+    there then spent them at the new plan's price; and that of a run training toward its first checkpoint (its
+    `.train.lock` held), whose export was then refused. Both are kept, one line, exit 2; a record of no step, or a
+    lock no train holds, does not keep it."""
+    import fcntl
+
+    path = tmp_path / "plan.json"
+    args = ("--delta", "1e-5", "--dataset-size", "100", "--batch-size", "10", "--steps", "5", "--out", str(path))
+    assert run(capsys, "--noise-multiplier", "2", *args)[0] == 0
+    first = path.read_bytes()
+    record = tmp_path / ".steps_done"
+    record.write_bytes(b"")   # opened by a run that stopped before its first step's update
+    (tmp_path / ".train.lock").write_bytes(b"")
+    rc, _, err = run(capsys, "--noise-multiplier", "3", *args, "--force")
+    assert rc == 0, err
+    path.write_bytes(first)
+    for line, held in ((b"dpdm-steps-run v2 3 0123456789abcdef 0.0003 constant 0123456789abcdef 0123456789abcdef",
+                        "the run in {} trained 3 steps under it before its first checkpoint (.steps_done records "
+                        "them), spent against its data"),
+                       (b"dpdm-steps-run v1 1 0123456789abcdef 0.0003 constant",
+                        "the run in {} trained 1 step under it before its first checkpoint (.steps_done records "
+                        "it), spent against its data"),
+                       (b"", "a dpdm train is training in {} under it")):
+        record.write_bytes(line.ljust(127) + b"\n" if line else b"")
+        with open(tmp_path / ".train.lock", "a") as lock:
+            if not line:
+                fcntl.flock(lock, fcntl.LOCK_EX)   # a train, between its checkpoints
+            rc, _, err = run(capsys, "--noise-multiplier", "3", *args, "--force")
+        assert rc == 2 and err.count("\n") == 1 and path.read_bytes() == first, err
+        assert err.startswith(f"dpdm: error: --out {path} holds a different plan (sha256:") and (
+            f"and {held.format(tmp_path)}; even --force does not replace it: write the new plan elsewhere and train a "
+            "new run in another --out\n") in err, err
+
+
 BAD_ACCOUNT = [
     # -p nan used to print full-batch (q=1) epsilons and exit 0.
     (["-s", "1", "-p", "nan", "-i", "10", "--delta", "1e-5"], "--sample-rate=nan is not a finite number"),

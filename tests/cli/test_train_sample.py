@@ -1087,6 +1087,30 @@ def test_resume_of_a_moved_run_a_dropped_lr_change_and_a_no_dp_run(tiny, capsys,
     assert "cannot resume a --no-dp run as private" in line, line
 
 
+def test_a_refused_resume_says_its_error_alone_and_one_on_other_data_names_the_runs(runs, tmp_path, capsys):
+    """h141 F3 (stop 54): config.json's lr note ("config.json shows lr ..., this resume follows the checkpoint's lr")
+    was said as the resumed options were read, before the training library's checks: a refused resume printed it
+    above its error line (the steps record's refusal names the lr to resume with, the note another). It is said with
+    the run's other warnings, once every check has passed. h141 N2: a resume on data of another size was told to
+    make a new plan for that data, which does not continue the run: it is told to resume on the run's own data."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "run", run)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["lr"] = 1e-3   # as a resume at --lr 0.001 stopped before its next checkpoint leaves it
+    (run / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "more.npz", x=rng.integers(0, 256, size=(25, 1, 8, 8), dtype=np.uint8),
+             y=(np.arange(25) % 3).astype(np.int64))
+    args = ["train", "--plan", runs / "run.json", "--out", run, "--device", "cpu", "--quiet", "--resume"]
+    line = _one_error_line(*run_cli(args, capsys)[::2])   # the run is finished
+    assert "is finished" in line, line
+    line = _one_error_line(*run_cli([*args, "--dataset", f"npz:{tmp_path / 'more.npz'}"], capsys)[::2])
+    assert line.endswith("the data has 25 examples but the run's plan was made for dataset_size=24; a run resumes "
+                         "on the data it was trained on: resume on the run's own data (nothing was written)"), line
+
+
 def test_the_plans_own_file_by_another_path_is_not_warned_of_as_another_dataset(tiny, capsys, monkeypatch):
     """"--dataset=... but the plan was made for ..." was said for the plan's own file given by its absolute path
     (or ./, or a trailing slash), while the run recorded "plan_names_data": true: it told the user that they

@@ -1928,7 +1928,7 @@ def test_a_resume_at_another_lr_of_a_run_killed_past_its_checkpoint_is_refused(t
     names, not the checkpoint's; a record at or below the checkpoint says nothing."""
     (x, y, c), doc, out, _ = _killed_past_its_checkpoint(tmp_path, monkeypatch, killed_after=3)
     record = out / ".steps_done"
-    assert record.read_text().split()[:3] == ["dpdm-steps-run", "v1", "3"] and record.stat().st_mode & 0o777 == 0o600
+    assert record.read_text().split()[:3] == ["dpdm-steps-run", "v2", "3"] and record.stat().st_mode & 0o777 == 0o600
     assert _metrics_steps(out) == [1, 2, 3] and params_of(out, "ledger")["steps_done"] == 2
     before = _run_files(out)
     for lr, schedule in ((1e-3, "constant"), (3e-4, "cosine")):
@@ -2701,3 +2701,99 @@ def test_a_resume_of_a_spend_whose_steps_ran_after_an_lr_change_goes_on_at_its_l
     summary = train(doc, x, y, c, out, TrainConfig(**CFG, lr=5e-4), resume=True, progress=False)
     assert summary["steps_done"] == 6 and summary[ckpt.DISCARDED_STEPS_KEY] == 1
     assert summary["lr_segments"] == [[0, 3e-4, "constant"], [3, 5e-4, "constant"]]
+
+
+def test_the_steps_record_names_the_plan_and_data_its_steps_ran_under_and_no_other_run_spends_them(tmp_path,
+                                                                                                   monkeypatch):
+    """h141 F1 (stop 54): the record (`.steps_done`) named the steps a run killed before its first checkpoint ran,
+    but not the plan or data they ran under: once RUN/plan.json held another plan (`dpdm plan --force`), a new run
+    under it with --spend-unsaved-steps counted 2 steps at sigma 0.7 as steps of a sigma-3 plan, its ledger far below
+    what they cost; other data of the plan's size spent them in a ledger that is not theirs. The record's line
+    (v2) names both; such a run is refused, one line, nothing written, as is a resume beside a record of another
+    plan's steps (a file copied from another run). The same plan and data spend them as before."""
+    import dpdm.train as train_module
+    from dpdm.train import data_fingerprint
+
+    x, y, c = tiny_data()
+    weak, strong = tiny_plan(steps=6, sigma=0.7), tiny_plan(steps=6, sigma=3.0)
+    # Each start verifies the plan document (seconds on 2 busy cores): these are make_plan_document's own.
+    monkeypatch.setattr(accounting, "verify_document", lambda d: None)
+    out, record = tmp_path / "run", tmp_path / "run" / ".steps_done"
+    cfg = TrainConfig(**{**CFG, "checkpoint_every": 4}, per_layer_rules=True)
+    with pytest.raises(Stop):   # steps 1 and 2 run under `weak`, no checkpoint
+        train(weak, x, y, c, out, cfg, progress=False, on_step=stop_at(3))
+    line = record.read_text()
+    assert len(line) == 128 and line.split() == [
+        "dpdm-steps-run", "v2", "2", line.split()[3], "0.0003", "constant", weak.digest.split(":")[1][:16],
+        data_fingerprint(x, y).split(":")[1][:16]]
+    accounting.write_plan(strong, out / "plan.json")   # `dpdm plan --out RUN/plan.json --force`, before stop 54
+    before = _run_files(out)
+    other_plan = (f"a run in {str(out)!r} trained steps 1 to 2 under plan sha256:{weak.digest[7:23]}... (not this "
+                  f"plan, sha256:{strong.digest[7:23]}...) and was stopped before its first checkpoint "
+                  f"({str(record)!r} records them): this plan cannot count them at its own price; they stay spent "
+                  "against the data they ran on: choose another --out for this run (nothing was written)")
+    for spend in (True, False):
+        with pytest.raises(TrainError) as e:
+            train(strong, x, y, c, out, cfg, progress=False, spend_unsaved_steps=spend)
+        assert str(e.value) == other_plan and _run_files(out) == before
+    accounting.write_plan(weak, out / "plan.json")
+    with pytest.raises(TrainError, match=r"trained steps 1 to 2 on other data \(other images or labels than these\) "
+                                         r"and was stopped before its first checkpoint .*: choose another --out"):
+        train(weak, *tiny_data(seed=1)[:2], c, out, cfg, progress=False, spend_unsaved_steps=True)
+    # Its own plan and data spend them (their record's words: "they are spent", h141 N1), and the run goes on.
+    notes = []
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Stop):   # killed as step 3 begins, after the spend's
+        kill_as_step_begins(mp, 2)                                   # checkpoint of steps 1 and 2
+        train(weak, x, y, c, out, cfg, progress=False, spend_unsaved_steps=True, on_start=notes.extend)
+    assert any(": they are spent (--spend-unsaved-steps)" in note for note in notes), notes
+    assert params_of(out, "ledger")["steps_done"] == 2
+    # A record of another plan's steps beside this run's checkpoint (copied from another run's folder): refused.
+    foreign = record.read_bytes().replace(weak.digest[7:23].encode(), strong.digest[7:23].encode())
+    record.write_bytes(foreign)
+    before = _run_files(out)
+    with pytest.raises(TrainError, match=re.escape(
+            f"{str(record)!r} records 2 steps of a run under plan sha256:{strong.digest[7:23]}... (not this plan, "
+            f"sha256:{weak.digest[7:23]}...): it is not this run's record") + r".*checkpoint of step 2, and at which "
+            r"lr, cannot be told: move it back to its own run's folder and resume with the lr this run last trained "
+            r"at \(config\.json shows it\), which replays them exactly \(nothing was written\)$"):
+        train(weak, x, y, c, out, cfg, resume=True, progress=False)
+    assert _run_files(out) == before
+    # h141 N3: a folder where the resume rewrites config.json (or plan.json) is one line, exit 2, naming it, not a
+    # storage failure (exit 4) that advised waiting until the folder can be written.
+    record.write_bytes(before[".steps_done"])
+    (out / "config.json").rename(tmp_path / "config.json")
+    (out / "config.json").mkdir()
+    with pytest.raises(TrainError, match=re.escape(f"{str(out / 'config.json')!r} is not a regular file (a folder, "
+                                                   "FIFO, device or broken link); move it away") + "$"):
+        train(weak, x, y, c, out, cfg, resume=True, progress=False)
+    assert _run_files(out) == {name: v for name, v in before.items() if name != "config.json"}
+    # A record of a dpdm before stop 54 (v1: no plan or data) reads as before.
+    record.write_bytes(b" ".join(foreign.split()[:6]).replace(b" v2 ", b" v1 ").ljust(127) + b"\n")
+    assert train_module._read_steps_record(out)[1] == (2, foreign.split()[3].decode(), 3e-4, "constant", None, None)
+
+
+def test_a_sample_probing_the_run_folder_is_waited_for_not_taken_for_another_train(tmp_path, monkeypatch):
+    """h141 F2 (stop 54): `dpdm sample` and `dpdm export` ask whether a run is training with a shared lock on its
+    `.train.lock`, held for a moment (`cli._common._run_is_training`); a `dpdm train` taking the folder's lock in that
+    moment refused, "another dpdm train is running". The lock is tried again for about a second: a probe's shared
+    lock is waited for, a train's (held for its run) is still refused."""
+    import fcntl
+    import threading
+
+    import dpdm.train as train_module
+
+    lock_file = tmp_path / ".train.lock"
+    probe = os.open(lock_file, os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(probe, fcntl.LOCK_SH)   # the probe, released 0.1 s later
+    threading.Timer(0.1, fcntl.flock, (probe, fcntl.LOCK_UN)).start()
+    try:
+        lock = train_module._lock_run_folder(tmp_path)
+        assert lock is not None
+        lock.close()
+    finally:
+        os.close(probe)
+    monkeypatch.setattr(train_module, "_LOCK_PATIENCE_S", 0.1)
+    with open(lock_file, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)   # a train
+        with pytest.raises(TrainError, match=re.escape(f"another dpdm train is running in {str(tmp_path)!r}")):
+            train_module._lock_run_folder(tmp_path)
