@@ -38,8 +38,8 @@ import accounting
 from dpdm import checkpoint as ckpt
 from dpdm.cpu import keep_freed_memory_if_asked
 from dpdm.dataset_sizes import same_images
-from dpdm.datasets import (DataError, ImageData, absolute_dataset_name, dataset_path, empty_classes, image_digests,
-                           is_path_dataset, near_copy_problem, same_dataset, shared_images)
+from dpdm.datasets import (DataError, ImageData, absolute_dataset_name, dataset_path, duplicate_images, empty_classes,
+                           image_digests, is_path_dataset, near_copy_problem, same_dataset, shared_images)
 from dpdm.data import PoissonSampler
 from dpdm.engine import (SubspaceSpanError, add_noise, add_noise_in_subspace, clipped_grad_sum, noise_generator,
                           noise_scale_problem, public_subspace, validate_model)
@@ -690,7 +690,8 @@ def train(
         on_step: called with the number of steps done after each step (tests use it).
         on_start: called on rank 0 once every check has passed, before the first step, with the run's warnings
             (the CLI's warnings are said then too): among them `SEED_NOTE` for a private run with a given seed,
-            and `data_notes`' (pixels all >= 0, binary pixels, classes without an image).
+            and `data_notes`' (pixels all >= 0, binary pixels, classes without an image, and on a new private run
+            images that are exact copies of others).
         public_data: (images, labels) of `config.subspace_data`, PUBLIC data from which the gradient
             subspace is estimated (with config.subspace_dim only). Refused if it is the private data.
         class_names: the name of each label (`ImageData.class_names`: a ``folder:`` dataset's class folders);
@@ -871,7 +872,9 @@ def train(
         # of its samples are of these. Private (one record decides), as the run folder is: not in release files.
         run_config["empty_classes"] = empty_classes(y, num_classes)
     # said before the first step, with the run's other warnings
-    start_notes = [*([SEED_NOTE] if config.private and seed_given else []), *data_notes(x, y, num_classes).values()]
+    own = image_digests(x) if state is None else None   # a new run's (its record of what it trained on, below)
+    start_notes = [*([SEED_NOTE] if config.private and seed_given else []),
+                   *data_notes(x, y, num_classes, digests=own if config.private else None).values()]
     init_weights = None
     if state is not None:
         saved = state["config"]
@@ -925,7 +928,6 @@ def train(
                                  "resume with the same value")
         trained_on = state.get(IMAGE_DIGESTS_KEY)
     else:
-        own = image_digests(x)
         init_seen = None
         if config.init_from is not None:
             init_weights, run_config["init"], init_seen = load_warm_start(config.init_from, run_config, own,
@@ -1645,11 +1647,16 @@ def distributed_private_grad(
     return {k: v / expected_batch_size for k, v in grad_sum.items()}
 
 
-def data_notes(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> dict[str, str]:
+def data_notes(x: torch.Tensor, y: torch.Tensor | None, num_classes: int,
+               digests: Sequence[bytes] | None = None) -> dict[str, str]:
     """`train()`'s notes on data that passed `_check_images` yet looks mistaken, by kind: "nonnegative" (every pixel
     >= 0: images in [0, 1], as torchvision's ToTensor() gives them, train a washed-out model), "binary" (every pixel
-    -1 or -1 + 2/255: 0 and 1 of 0..255, floats in [0, 1] cast to uint8) and "empty_classes" (classes without an
-    image). Warned, not refused: bright or binary images and a publicly fixed class count are legitimate."""
+    -1 or -1 + 2/255: 0 and 1 of 0..255, floats in [0, 1] cast to uint8), "empty_classes" (classes without an
+    image) and, given the images' `digests` (`image_digests(x)`, which a new run computes anyway), "duplicates"
+    (images that are exact copies of others, `duplicate_images`: each is protected only as a group of its copies;
+    h144 F1, stop 54). Warned, not refused: bright or binary images, a publicly fixed class count and two people's
+    identical images are legitimate. The CLI says the kinds it computes without `digests` in its own words, and
+    "duplicates" as `train()` gives it."""
     notes = {}
     if len(x) and float(x.min()) >= 0:
         notes["nonnegative"] = (f"every pixel of the images is >= 0 (they span [{float(x.min()):g}, "
@@ -1668,6 +1675,9 @@ def data_notes(x: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> dic
                                   f"(label{'' if one else 's'} {shown}): the model learns nothing of "
                                   f"{'it' if one else 'them'}, yet sampling draws every class evenly; remap the "
                                   "labels to 0..k-1 unless the class count is fixed publicly")
+    copies = None if digests is None else duplicate_images(digests)
+    if copies:
+        notes["duplicates"] = copies
     return notes
 
 

@@ -1691,3 +1691,20 @@ def test_a_resume_of_a_seeded_run_says_the_seed_in_the_clis_words(tiny, capsys, 
     code, _, err = run_cli(_train_args(d, d / "run", "--resume"), capsys)
     assert code == 130 and err.count("the run was started with a given --seed: anyone who knows it") == 1, err
     assert "TrainConfig" not in err, err
+
+
+def test_train_warns_once_of_images_that_are_exact_copies_and_still_trains(tiny, capsys):
+    """An npz with a row stored twice trained without a word, and that image was protected only as a group of two
+    (h144 F1, stop 54): one warning line, and the run still trains."""
+    d = tiny
+    with np.load(d / "data.npz") as f:
+        x, y = f["x"].copy(), f["y"]
+    x[1] = x[0]
+    np.savez(d / "dup.npz", x=x, y=y, num_classes=3)
+    code, out, err = run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'dup.npz'}", "--json"), capsys)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "exact cop" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dpdm: warning: 1 of the 24 images is an exact copy of another (the first: image 1 "
+                               "is image 0,"), lines[0]
+    assert json.loads(out)["steps_done"] == 4
