@@ -1815,3 +1815,78 @@ def test_baseline_searches_the_public_data_for_near_copies_once(tmp_path, capsys
                         "--public-epochs", "1", "--device", "cpu", "--quiet", "--seed", "1")
     assert code == 0, err
     assert calls == [(100, 100), (100, 60)], calls   # the public data against the training, then the test images
+
+
+def test_the_near_copy_counts_leave_out_exact_copies_of_test_and_of_training_images(mnist_files, tmp_path):
+    """`check_samples_held_out(counts=True)` (mut56, stop 54): "test_images_near_samples" counts the test images with a
+    near-copy but no exact copy among the samples (the exact ones are "samples_in_test", warned of on their own), and
+    the floor it is compared with counts training images likewise. Samples that hold exact copies of training images
+    (a generator that memorised them) counted in the floor would lift it above the test images' rate and hide the
+    warning of test images copied: here 20 of 200 test images brightened, against 30 of 200 training images copied."""
+    from dpdm.datasets import load_npz, to_uint8
+    from dpdm.evaluate import _subsample, check_samples_held_out, near_copies_above_floor
+
+    test, train = load_npz(mnist_files["test"]), load_npz(mnist_files["train"])
+    searched = _subsample(train, len(test), 0)   # the training images the floor is measured on
+    with np.load(mnist_files["test"]) as z, np.load(mnist_files["held_out"]) as h:
+        tx, ty, hx, hy = z["x"], z["y"], h["x"], h["y"]
+    bright = np.where(tx[10:30] > 0, np.minimum(tx[10:30].astype(np.int64) + 1, 255), 0).astype(np.uint8)
+    x = np.concatenate([tx[:10], bright, to_uint8(searched.x[:30]), hx])
+    y = np.concatenate([ty[:10], ty[10:30], searched.y[:30].numpy(), hy])
+    np.savez(tmp_path / "samples.npz", x=x, y=y)
+    counts = check_samples_held_out(load_npz(tmp_path / "samples.npz"), test, train, counts=True)
+    assert counts["samples_in_test"] == 10 and counts["test_images_near_samples"] == 20, counts
+    assert counts["test_images_near_samples_n"] == 200 and counts["floor_n"] == 200, counts
+    assert counts["floor"] == 0, counts   # the 30 training images copied exactly are not near-copies
+    assert near_copies_above_floor(counts["test_images_near_samples"], 200, counts["floor"], counts["floor_n"])
+
+
+def test_eval_does_not_warn_of_real_held_out_look_alikes_among_the_samples_and_keeps_the_floor_out_of_the_report(
+        digits28_files, tmp_path, capsys):
+    """With classifiers (mut56, stop 54): real held-out digits28 images given as samples have near-copies of some test
+    images, as many as of training images (distinct upsampled 8x8 digits are that alike), so `dpdm eval` warns of
+    none: its warning, as the half that refuses, compares with the training images' rate
+    (`near_copies_above_floor`). The report counts the test images with near-copies, but not their floor: it is
+    computed without privacy from the training images, said to their owner only (`_held_out_counts`)."""
+    from dpdm.datasets import load_npz
+    from dpdm.evaluate import check_samples_held_out
+
+    samples = str(digits28_files["held_out"])
+    counts = check_samples_held_out(*(load_npz(digits28_files[k]) for k in ("held_out", "test", "train")), counts=True)
+    assert counts["test_images_near_samples"] > 0 and counts["floor"] > 0, counts   # look-alikes on both sides
+    code, out, err = _run(capsys, "eval", "--samples", samples, "--dataset", f"npz:{digits28_files['train']}",
+                          "--test-dataset", f"npz:{digits28_files['test']}", "--classifiers", "logreg", "--epochs",
+                          "1", "--reference-epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+                          "--json")
+    assert code == 0, err
+    assert "have near-copies among the samples" not in err, err
+    report = json.loads(out)
+    assert report["test_images_near_samples"] == counts["test_images_near_samples"], report
+    assert report["test_images_near_samples_n"] == counts["test_images_near_samples_n"], report
+    assert not {"floor", "floor_n"} & set(report), sorted(report)
+
+
+def test_half_the_test_images_near_copied_is_refused_only_above_the_training_images_rate(mnist_files, tmp_path):
+    """The half that refuses (mut56, stop 54) is judged against the floor as the warning below it is: samples with
+    near-copies of 120 of the 200 test images and of as many of the training images searched show data this alike,
+    not test images given as samples (the training images' copies are `samples_near_train`'s to warn of); 120 of
+    the test images alone are refused."""
+    from dpdm.datasets import load_npz, to_uint8
+    from dpdm.datasets import DataError
+    from dpdm.evaluate import _subsample, check_samples_held_out
+
+    test, train = load_npz(mnist_files["test"]), load_npz(mnist_files["train"])
+    searched = _subsample(train, len(test), 0)
+
+    def bright(a):
+        return np.where(a > 0, np.minimum(a.astype(np.int64) + 1, 255), 0).astype(np.uint8)
+
+    with np.load(mnist_files["test"]) as z:
+        tx, ty = z["x"], z["y"]
+    np.savez(tmp_path / "both.npz", x=np.concatenate([bright(tx[:120]), bright(to_uint8(searched.x[:120]))]),
+             y=np.concatenate([ty[:120], searched.y[:120].numpy()]))
+    counts = check_samples_held_out(load_npz(tmp_path / "both.npz"), test, train, counts=True)
+    assert counts["test_images_near_samples"] == 120 and counts["floor"] >= 120, counts
+    np.savez(tmp_path / "test_only.npz", x=bright(tx[:120]), y=ty[:120])
+    with pytest.raises(DataError, match="120 of the 200 test images .* have copies among the samples"):
+        check_samples_held_out(load_npz(tmp_path / "test_only.npz"), test, train)

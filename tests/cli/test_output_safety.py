@@ -742,3 +742,27 @@ def test_a_train_out_through_a_link_then_dotdot_is_written_where_the_os_puts_it(
     assert code == 0
     assert (tmp_path / "far" / "run" / "checkpoint.pt").is_file() and (tmp_path / "far" / "run" / "plan.json").is_file()
     assert sorted(p.name for p in (tmp_path / "near").iterdir()) == ["link"]
+
+
+def test_an_output_whose_dotdot_comes_before_the_folders_it_makes_is_checked_and_written(run, tmp_path, capsys):
+    """The '..' refusal (mut56, stop 54) is for a part that does not exist before a later '..': `a/../new/sub/m.pt`,
+    a/ existing and new/ not, is one the OS follows (into a/, back, then new/sub/, which the write makes), so it
+    passes the checks and is written, as `new/sub/m.pt` would be."""
+    from dpdm.report_utils import output_parent_problem, through_a_file_problem
+
+    (tmp_path / "a").mkdir()
+    out = tmp_path / "a" / ".." / "new" / "sub" / "m.pt"
+    assert through_a_file_problem(out) is None and output_parent_problem(out) is None
+    code, _, err = run_cli(["export", "--run", run / "run", "--out", out], capsys)
+    assert code == 0, err
+    assert (tmp_path / "new" / "sub" / "m.pt").is_file()
+
+
+def test_an_output_whose_last_part_is_dot_names_a_folder_in_one_line_before_any_work(run, tmp_path, capsys):
+    """`--out new/.` (mut56, stop 54), new/ missing (an existing folder click refuses itself), names the folder new/,
+    as `new/..` and `new/` do (`file_name_problem`): refused in one line before the checkpoint is read, nothing made
+    (else the release was staged in a new/ made for it and renamed onto the folder, failing after the work)."""
+    code, _, err = run_cli(["export", "--run", run / "run", "--out", f"{tmp_path / 'new'}{os.sep}."], capsys)
+    line = one_error_line(code, err)
+    assert line.startswith("dpdm: error: --out") and "names a folder (its last part is '.')" in line, line
+    assert not (tmp_path / "new").exists()

@@ -872,3 +872,54 @@ def test_out_with_a_tilde_and_outputs_through_a_link_then_dotdot_are_written_whe
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["L"]
     assert accounting.load_plan(tmp_path / "other" / "p.json").digest == accounting.load_plan(
         tmp_path / "home" / "p.json").digest
+
+
+def test_a_curve_through_a_link_then_dotdot_onto_the_out_plan_file_is_refused(tmp_path, capsys):
+    """`--curve L/../p.png` where L links to o/sub names o/p.png, as the OS reaches it (mut56, stop 54): with `--out
+    o/p.png` it is the plan file itself, which the plot would replace once the plan was written. Compared as the OS
+    reaches both (`report_utils.output_target`), not by spelling, it is refused and nothing is written."""
+    (tmp_path / "o" / "sub").mkdir(parents=True)
+    (tmp_path / "L").symlink_to(tmp_path / "o" / "sub")
+    plan = tmp_path / "o" / "p.png"
+    rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1", "--out", str(plan), "--curve",
+                     f"{tmp_path / 'L'}{os.sep}..{os.sep}p.png")
+    assert rc == 2 and "is the --out plan file" in err, err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["sub"]
+
+
+def test_an_out_through_a_link_then_dotdot_onto_a_file_is_one_line_before_the_calibration(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """`--out L/../x/p.json`, L a link to other/sub and other/x a file (mut56, stop 54): the folder the OS reaches is
+    other/x, no folder; checked by spelling it was work/x, missing under a writable work/, so the check passed and the
+    write failed after the calibration. `_check_output` checks the folder the OS reaches (`output_folder`)."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    (tmp_path / "other" / "x").write_text("a file")
+    (tmp_path / "work" / "L").symlink_to(tmp_path / "other" / "sub")
+    monkeypatch.chdir(tmp_path / "work")
+    out = f"L{os.sep}..{os.sep}x{os.sep}p.json"
+    rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1", "--out", out)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0] == f"dpdm: error: --out={out!r}: {tmp_path / 'other' / 'x'} is not a folder", lines
+    assert (tmp_path / "other" / "x").read_text() == "a file"
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["L"]
+
+
+def test_a_runs_locked_plan_reached_through_a_link_then_dotdot_is_not_replaced_even_with_force(tmp_path, capsys,
+                                                                                               monkeypatch):
+    """`--out L/../plan.json --force`, L a link to a run folder's sub/ (mut56, stop 54): the file the OS reaches is
+    the run's locked plan.json, beside its checkpoint.pt. Looked for by spelling, the checkpoint was sought in the
+    folder holding L, and --force replaced the run's plan with another, which no resume of the run then accepts."""
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "sub").mkdir(parents=True)
+    rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "1", "--out", str(run_dir / "plan.json"))
+    assert rc == 0, err
+    (run_dir / "checkpoint.pt").write_bytes(b"a run's checkpoint")
+    locked = (run_dir / "plan.json").read_bytes()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "L").symlink_to(run_dir / "sub")
+    monkeypatch.chdir(tmp_path / "work")
+    rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "2", "--out", f"L{os.sep}..{os.sep}plan.json", "--force")
+    assert rc == 2 and err.count("\n") == 1 and "locked plan of the run" in err, err
+    assert (run_dir / "plan.json").read_bytes() == locked

@@ -100,3 +100,49 @@ def test_samples_of_a_run_killed_at_step_3_after_its_checkpoint_of_step_2_say_2_
         err = capsys.readouterr().err
     assert code == 0 and "is training (step 3 of its 4)" in err and "checkpoint of step 2" in err, err
     assert "before it stopped" not in err and "--resume" not in err, err
+
+
+def test_the_line_of_a_run_stopped_past_its_checkpoint_reads_the_record_and_the_runs_own_plan(tmp_path, capsys):
+    """`warn_steps_past_checkpoint`'s branches, without a training (mut56, stop 54): a record at the checkpoint's step
+    says nothing (a finished run's); a run that ran to its plan's last step has nothing that "goes on", and two steps
+    past the checkpoint are named as a range; a --no-dp run says nothing; and a plan.json that is not the ledger's plan
+    (a run folder whose plan was replaced) gives no epsilon of its own, only "the epsilon of 4 steps"."""
+    from cli._common import warn_steps_past_checkpoint
+    from dpdm.steps_record import RECORD_HEAD_V1, RECORD_WIDTH, STEPS_RECORD
+
+    run = tmp_path / "run"
+    run.mkdir()
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=4, noise_multiplier=2.0, noise_multiplicity=2,
+                                  delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
+    doc = accounting.make_plan_document(plan)
+    accounting.write_plan(doc, run / "plan.json")
+    result = {"private": True, "steps_done": 2, "plan_steps": 4, "plan_digest": doc.digest,
+              "epsilon": accounting.epsilon_spent(plan, 2)}
+
+    def record(steps):   # a v1 line of dpdm.train's _StepsRecord (its digest, lr and schedule unread here)
+        (run / STEPS_RECORD).write_text(f"{RECORD_HEAD_V1} {steps} 0 0x1.0624dd2f1a9fcp-10 constant".ljust(
+            RECORD_WIDTH - 1) + "\n")
+
+    def said(**changed):
+        warn_steps_past_checkpoint(run / "checkpoint.pt", {**result, **changed}, "the samples'")
+        return capsys.readouterr().err
+
+    record(2)
+    assert said() == ""   # the record at the checkpoint's step: nothing ran past it
+    record(4)
+    err = said()
+    assert "ran 4 of its 4 steps" in err and "checkpoint of step 2" in err, err
+    assert f"spent epsilon {epsilon_text(accounting.epsilon_spent(plan, 4))} (4 steps)" in err, err
+    assert "replays steps 3 to 4, its checkpoints counting them" in err and "goes on" not in err, err
+    record(3)
+    assert "replays step 3 and goes on, its checkpoints counting it" in said()
+    assert said(private=False) == ""   # a --no-dp run's checkpoint: no epsilon to speak of
+    record(4)
+    (run / "plan.json").unlink()
+    other = accounting.make_plan_document(accounting.PrivacyPlan(
+        dataset_size=24, batch_size=6, steps=4, noise_multiplier=3.0, noise_multiplicity=2, delta=1e-5,
+        dataset_name=f"npz:{tmp_path / 'data.npz'}"))
+    accounting.write_plan(other, run / "plan.json")
+    err = said()
+    assert "the run has spent the epsilon of 4 steps," in err, err
+    assert epsilon_text(accounting.epsilon_spent(other.plan, 4)) not in err, err

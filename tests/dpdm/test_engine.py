@@ -712,3 +712,22 @@ def test_bad_inputs_raise_value_error():
         clipped_grad_sum(model, loss_fn, *batch, clip_norm=1.0, chunk_size=0)
     with pytest.raises(ValueError, match="at least one tensor"):
         per_sample_grads(model, loss_fn)
+
+
+def test_default_noise_takes_a_fresh_full_64_bit_secret_seed_each_call(monkeypatch):
+    """generator=None (mut56, stop 54): each call seeds a fresh generator with 64 secret bits. A seed of 32 bits passed
+    every other test (the draws still differ from call to call and from torch's global generator), yet 2**32 seeds can
+    be searched for the one whose noise, subtracted, leaves a plausible gradient. The seeds are recorded through
+    `noise_generator`, which `add_noise` calls for them: 32 calls must show many different top 16 bits."""
+    seeds, real = [], engine.noise_generator
+
+    def recorded(seed, device="cpu"):
+        seeds.append(seed)
+        return real(seed, device)
+
+    monkeypatch.setattr(engine, "noise_generator", recorded)
+    zeros = {"w": torch.zeros(3, dtype=F64)}
+    for _ in range(32):
+        add_noise(zeros, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=1.0)
+    assert len(seeds) == 32 and all(0 <= s < 2**64 for s in seeds), seeds
+    assert len({s >> 48 for s in seeds}) > 16, [hex(s) for s in seeds]

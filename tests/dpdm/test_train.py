@@ -2797,3 +2797,15 @@ def test_a_sample_probing_the_run_folder_is_waited_for_not_taken_for_another_tra
         fcntl.flock(held, fcntl.LOCK_EX)   # a train
         with pytest.raises(TrainError, match=re.escape(f"another dpdm train is running in {str(tmp_path)!r}")):
             train_module._lock_run_folder(tmp_path)
+
+
+def test_data_notes_take_images_in_0_1_with_black_pixels_as_nonnegative():
+    """The "nonnegative" note (mut56, stop 54) is for images in [0, 1] as torchvision's ToTensor() gives them, whose
+    black pixels are exactly 0 (MNIST's background): a test of min > 0 said nothing of the usual case."""
+    from dpdm.train import data_notes
+
+    x = torch.rand(4, 1, 8, 8)
+    x[:, :, :2] = 0.0   # a black border
+    notes = data_notes(x, None, 0)
+    assert "nonnegative" in notes and "[0, " in notes["nonnegative"], notes
+    assert "nonnegative" not in data_notes(x * 2 - 1, None, 0)
