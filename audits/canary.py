@@ -52,6 +52,7 @@ __all__ = [
     "canary_verdict",
     "ood_canary_problem",
     "CANARY_MIN_DIFFERENCE",
+    "CanaryNotFinite",
 ]
 
 CANARY_KINDS = ("ood", "mislabelled")
@@ -100,6 +101,12 @@ class CanaryConfig:
         d = asdict(self)
         d["attacks"] = list(self.attacks)
         return d
+
+
+class CanaryNotFinite(RuntimeError):
+    """A canary run's weights or its canaries' scores are not finite: the private step under test made them so (a
+    correct one, clipped gradients plus finite Gaussian noise under Adam, keeps every weight finite), which
+    ``run_audit`` reports as FAIL (h143 F2, stop 54) rather than a crash of the attacks' statistics."""
 
 
 @dataclass
@@ -521,6 +528,23 @@ def _one_class_report(s, included, *, delta, significance, claimed_epsilon, ceil
     }
 
 
+def _non_finite_problem(runs: dict[str, TrainedCanaryModel], scores: dict | None) -> str | None:
+    """What is not finite in the canary runs (weights) or, given, their canaries' scores; None if all is."""
+    for name, run in runs.items():
+        bad = [n for n, t in run.model.named_parameters() if not bool(torch.isfinite(t).all())]
+        if bad:
+            return (f"the canary run's {name} model has non-finite weights ({', '.join(bad[:3])}"
+                    f"{', ...' if len(bad) > 3 else ''}) after {run.info['steps']} steps of the plan's private step, "
+                    "which keeps every weight finite where it is correct (clipped gradients, finite Gaussian noise)")
+    for name, per in (scores or {}).items():
+        for attack, sc in per.items():
+            if not np.all(np.isfinite(sc)):
+                return (f"the {attack} attack's scores of the canary run's {name} model are not finite "
+                        f"({int(np.sum(~np.isfinite(sc)))} of {len(sc)}) after {runs[name].info['steps']} steps of "
+                        "the plan's private step, though its weights are")
+    return None
+
+
 def canary_audit(
     plan,
     x: torch.Tensor,
@@ -552,7 +576,8 @@ def canary_audit(
     excluded canary, only the one-run bound, with ``two_class_statistics`` False and None for AUC, ROC and
     Clopper-Pearson), ``max_epsilon_lower_bound``, ``control_max_epsilon``, ``max_certifiable_epsilon``,
     ``training`` (what was trained), ``canaries`` (kind, count, included), ``scores`` (arrays).
-    Coins the one-run bound refuses (``coin_split_problem``) raise ValueError before any training.
+    Coins the one-run bound refuses (``coin_split_problem``) raise ValueError before any training; a canary run
+    whose weights, or its canaries' scores, are not finite raises ``CanaryNotFinite``.
     """
     from accounting import PrivacyPlan
 
@@ -599,10 +624,16 @@ def canary_audit(
     for run in runs.values():
         run.info["normalizer"] = f"q * (background + canaries) = {float(plan.sample_rate):.6g} * ({int(nb)} + {m})"
 
+    problem = _non_finite_problem(runs, None)
+    if problem:
+        raise CanaryNotFinite(problem)
     level = significance / len(config.attacks)
     n_in = int(included.sum())
     ceiling = max_one_run_epsilon(m, delta=delta, significance=level, num_included=n_in)
     scores = {name: score_canaries(run, x_can, y_can if conditional else None, config) for name, run in runs.items()}
+    problem = _non_finite_problem(runs, scores)
+    if problem:
+        raise CanaryNotFinite(problem)
     attacks: dict[str, Any] = {}
     for attack in config.attacks:
         entry = {}

@@ -14,6 +14,9 @@ Six groups, each returning a list of ``CheckResult``:
   picks the run seed (``audits.suite.training_private_grad(vary="run_seed")``): independent draws of the plan's
   variance, so a step whose noise ignores the run's secret seed (anyone with the code could regenerate it) fails;
   with ``after_lr_change``, a step after an lr change as well (its seed derives from the run seed by another path).
+* ``check_fresh_noise(private_grad_fn)``: the noise of consecutive steps of one run, where the generator's seed is
+  the step (``audits.suite.training_private_grad(vary="consecutive")``): steps s, s + 1 from 0 of both parities,
+  and on either side of an lr change with ``after_lr_change``, must draw independent noise.
 * ``check_network(private_grad_fn, network_problem(run_config))``: what the tiny model cannot show, on the
   run's own network (Conv2d, GroupNorm, attention and their per-layer rules) in float32, the dtype every
   private run trains in: per-example gradients per parameter tensor against a float64 autograd loop, the
@@ -61,6 +64,8 @@ __all__ = [
     "check_engine",
     "RUN_SEED_CHECKS",
     "check_run_seed",
+    "FRESH_NOISE_CHECKS",
+    "check_fresh_noise",
     "check_subspace",
     "SUBSPACE_CHECKS",
     "check_sampler",
@@ -84,6 +89,7 @@ ENGINE_CHECKS = (
     "noise_once_per_step",
 )
 RUN_SEED_CHECKS = ("noise_keyed_by_run_seed",)
+FRESH_NOISE_CHECKS = ("noise_fresh_each_step",)
 SUBSPACE_CHECKS = ("subspace_signal_in_noise_span", "subspace_sensitivity_replay", "subspace_noise_variance")
 SAMPLER_CHECKS = ("poisson_batch_sizes", "poisson_inclusion_counts", "sampler_deterministic")
 RUN_CHECKS = ("run_plan_matches", "run_ledger_matches", "run_logged_batches")
@@ -398,7 +404,7 @@ def _chi2_two_sided(z: np.ndarray) -> tuple[float, float]:
 def _noise_test(name: str, calls: list[tuple[_Caller, int]], p: _Problem, alpha: float, *, chunk_size, what: str,
                 seed: int = 0, project: Callable[[np.ndarray], np.ndarray] | None = None,
                 examples: int | None = None, replay: bool = False,
-                labels: list[str] | None = None) -> CheckResult:
+                labels: list[str] | None = None, first_seeds: list[int] | None = None) -> CheckResult:
     """The noise of ``2 * pairs`` calls (all the problem's examples, a fresh seed each) per ``(caller, pairs)``:
     the difference of two calls is ``sqrt(2) * sigma * C / E`` times N(0, I) under the claim, whatever the
     clipped sum. One check, the first caller's noise multiplier (the plan's) and a second one
@@ -418,13 +424,18 @@ def _noise_test(name: str, calls: list[tuple[_Caller, int]], p: _Problem, alpha:
 
     ``examples``: the calls take the problem's first ``examples`` examples (default all). ``replay``: each
     caller's first call is made twice, and the check fails unless the two give the same output (the noise is a
-    function of the generator handed in; the other replays run without noise there)."""
+    function of the generator handed in; the other replays run without noise there).
+
+    ``first_seeds``: each caller's pairs are the generator seeds (s, s + 1), (s + 2, s + 3), ... from this s rather
+    than from one drawn from ``seed`` (``check_fresh_noise``: seeds that are steps, of a parity it picks)."""
     C, E = p.clip_norm, calls[0][0].expected
     idx = list(range(p.size if examples is None else examples))
     groups = _tensor_slices(p.model) if project is None else [("projection", slice(None))]
     # Generator seeds below 2**62 whatever the check's seed (dpdm audit --seed takes up to 2**63 - 1; torch's
     # generators up to 2**64 - 1, and 1000 + 10**6 * seed overflowed them: both noise checks failed).
     base = [int(x) >> 2 for x in np.random.SeedSequence([int(seed), 4242]).generate_state(len(calls), np.uint64)]
+    if first_seeds is not None:
+        base = [int(s) for s in first_seeds]
     tests: list[tuple[str, float]] = []  # (what was tested, p-value)
     parts, pooled = [], []
     replayed = []   # per caller, where replay: the largest difference of its first call made twice
@@ -552,6 +563,48 @@ def check_run_seed(
         chunk_size=None, seed=seed + 2, replay=True, labels=list(labels[:len(fns)]),
         what=f"{' and '.join(labels[:len(fns)])}, each on one batch under two run seeds (independent draws; 0 where "
              "the noise ignores the run's secret seed)"))]
+
+
+def check_fresh_noise(
+    private_grad_fn: Callable,
+    *,
+    noise_multiplier: float = 1.0,
+    alpha: float = 1e-3,
+    seed: int = 0,
+    pairs: int = 5,
+    after_lr_change: Callable | None = None,
+    lr_change_step: int | None = None,
+) -> list[CheckResult]:
+    """``noise_fresh_each_step``: do consecutive steps of one run draw independent noise? ``private_grad_fn`` has
+    the signature of ``dpdm.engine.private_grad``, but the seed of the generator handed in is the step of one run
+    (``audits.suite.training_private_grad(vary="consecutive")``); ``after_lr_change`` the same for a run whose lr
+    changed at step ``lr_change_step``.
+
+    On the tiny float64 problem, all of its examples, at ``noise_multiplier``: ``pairs`` pairs of steps (0, 1),
+    (2, 3), ... and as many (1, 2), (3, 4), ...; with ``after_lr_change``, for c = ``lr_change_step``, the pair
+    (c - 1, c) across the change (alone, so that noise shared there fails with all the check's power) and ``pairs``
+    pairs (c, c + 1), (c + 2, c + 3), ... after it. Two steps' noise on one batch are independent draws, so their
+    difference is ``sqrt(2) * sigma * C / E`` times N(0, I) (``_noise_test``). Noise that two neighbouring steps
+    share (a step's seed from ``step // 2``, an off-by-one in its derivation, the step before an lr change reused
+    after it) cancels in their difference: a variance of 0 (the check's statistic, the smallest of the callers').
+    ``check_engine``'s noise checks compare two random steps of 2**62, never neighbours (h143 F1, stop 54)."""
+    alpha = _alpha(alpha)
+    _check_noise_multiplier(noise_multiplier)
+    p = tiny_problem(seed=seed)
+    callers = [(private_grad_fn, 0, pairs, "steps (0, 1), (2, 3), ..."),
+               (private_grad_fn, 1, pairs, "steps (1, 2), (3, 4), ...")]
+    if after_lr_change is not None:
+        c = int(lr_change_step) if lr_change_step is not None else 0
+        if c < 1:
+            raise ValueError(f"lr_change_step={lr_change_step!r} must be >= 1 (an lr changes after a run's first step)")
+        callers += [(after_lr_change, c - 1, 1, f"steps ({c - 1}, {c}) of a run whose lr changed at step {c}"),
+                    (after_lr_change, c, pairs, f"steps ({c}, {c + 1}), ({c + 2}, {c + 3}), ... of that run")]
+    return [_guarded("noise_fresh_each_step", lambda: _noise_test(
+        "noise_fresh_each_step", [(_Caller(fn, p, float(noise_multiplier), 40.0), n) for fn, _, n, _ in callers],
+        p, alpha, chunk_size=None, seed=seed, labels=[label for *_, label in callers],
+        first_seeds=[first for _, first, _, _ in callers],
+        what="consecutive steps of one run, each pair on one batch (independent draws; 0 where two steps share "
+             "their noise)"))]
 
 
 # ----------------------------------------------------------------------------------------------

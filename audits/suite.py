@@ -7,9 +7,10 @@ metrics.csv, never the weights, so its verdict says nothing about which model wa
 Error budget (family-wise, Bonferroni): ``significance`` (default 0.05) is split as
 
 * 1/5 (0.01) over the statistical mechanism checks (noise variance and noise once per step, on the tiny
-  model and on the run's own network, and the noise of one step under two run seeds, per engine: both are
-  checked; for a `--public-subspace` run the noise in the subspace too; Poisson batch sizes, inclusion counts,
-  logged batch sizes): each is run at 0.01 / 13 (0.01 / 15 for a subspace run; ``statistical_check_count``);
+  model and on the run's own network, the noise of one step under two run seeds, and that of consecutive steps of
+  one run, per engine: both are checked; for a `--public-subspace` run the noise in the subspace too; Poisson batch
+  sizes, inclusion counts, logged batch sizes): each is run at 0.01 / 15 (0.01 / 17 for a subspace run;
+  ``statistical_check_count``);
 * 4/5 (0.04) over the epsilon lower bounds of the canary audit, evenly over its attacks (loss and
   PIA: 0.02 each); each one-run bound further splits its share over its grid of guess counts.
 
@@ -20,14 +21,16 @@ PASS and INCONCLUSIVE, never FAIL.
 The claimed epsilon of the canary audit is that of the canary run: the plan's per-step mechanism
 composed over the canary run's steps (at most the plan's epsilon; the report shows both).
 
-Verdict: FAIL if a mechanism check fails or an epsilon lower bound exceeds the claimed epsilon;
+Verdict: FAIL if a mechanism check fails, a canary run's weights or scores are not finite (``CanaryNotFinite``),
+or an epsilon lower bound exceeds the claimed epsilon;
 otherwise INCONCLUSIVE if the canary attacks had too little power to test the claim (the certifiable
 ceiling with these canaries is at or below the claim, or the positive control does not reach the claim
 either; ``audits.canary.canary_verdict``): every mechanism check ran and passed, and none of the lower bounds
 exceeded the claim; otherwise PASS ("no violation detected at the stated power", never "privacy verified").
 
 Bad input (run, plan, dataset, suite settings, report folder) raises ``AuditInputError`` (a
-ValueError) before any training; any other exception is a runtime failure.
+ValueError) before any training; any other exception is a runtime failure, except one of the canary audit after a
+mechanism check failed: the verdict is FAIL then, and the report says where the canary audit stopped.
 """
 
 from __future__ import annotations
@@ -48,13 +51,14 @@ from typing import Any, Callable
 import numpy as np
 
 from audits.auditor import _jsonable
-from audits.canary import CanaryConfig, canary_audit, coin_split_problem, compared_digits, draw_inclusion
-from audits.mechanism import (CheckResult, check_engine, check_network, check_run, check_run_seed, check_sampler,
-                               check_subspace, network_problem, second_noise_multiplier)
+from audits.canary import (CanaryConfig, CanaryNotFinite, canary_audit, coin_split_problem, compared_digits,
+                           draw_inclusion)
+from audits.mechanism import (CheckResult, check_engine, check_fresh_noise, check_network, check_run, check_run_seed,
+                               check_sampler, check_subspace, network_problem, second_noise_multiplier)
 from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
 from dpdm.report_utils import epsilon_text
 
-__all__ = ["SUITES", "suite_config", "run_audit", "write_report", "EXIT_CODES", "AUDIT_SCOPE",
+__all__ = ["SUITES", "suite_config", "run_audit", "write_report", "EXIT_CODES", "AUDIT_SCOPE", "LOOP_NOT_AUDITED",
            "training_private_grad", "AuditInputError", "check_out_dir", "mechanism_checks"]
 
 EXIT_CODES = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
@@ -65,6 +69,17 @@ AUDIT_SCOPE = ("What this audit tests: `dpdm train`'s private step and the plan'
                "trainings and network initializations of its own. From the run folder it uses the ledger, the "
                "config and metrics.csv, never the weights: it cannot tell which model was trained or released "
                "(another checkpoint with the same ledger and config gets the same report).")
+
+# A line of the report's "What was audited" after the mechanism checks' (h143 F3, stop 54): the checks and the canary
+# runs call the loop's step themselves, with arguments of their own; what `dpdm train`'s loop passes it is not audited.
+# The README's audit section says the same.
+LOOP_NOT_AUDITED = ("Not audited: what `dpdm train`'s loop (`dpdm.train.train`) passes to that step: the plan, "
+                    "the step index, the run seed and lr segments, the Poisson sampler's arguments and each step's "
+                    "batch. The checks and the canary runs call the step (plan_private_grad) themselves, and from the "
+                    "run the audit reads the ledger, config and metrics.csv, which the loop writes from the plan "
+                    "whatever it passed: a dpdm whose loop passed the step other arguments would get this report too. "
+                    "dpdm's test suite checks the loop (tests/dpdm/test_train.py, "
+                    "test_the_train_loop_runs_the_plans_mechanism).")
 
 # What each suite trains. "quick": minutes on 2 CPU cores; "full": the plan's own steps and K, the
 # run's own network and all of its data.
@@ -157,10 +172,11 @@ def _holds_audit_report(out: Path) -> bool:
 MECHANISM_SHARE = 0.2  # of the significance budget; the rest goes to the epsilon bounds
 MIN_SIGNIFICANCE = 1e-12  # smaller budgets underflow in the per-check shares (1e-323 became 0)
 # Per engine: noise_variance, noise_once_per_step (tiny model), noise_keyed_by_run_seed (tiny model, two run seeds,
-# at a step before and one after an lr change: one check, one p-value), network_noise_variance,
+# at a step before and one after an lr change: one check, one p-value), noise_fresh_each_step (tiny model,
+# consecutive steps of one run, from step 0 and around an lr change: one check), network_noise_variance,
 # network_noise_once_per_step (the run's network), and subspace_noise_variance for a --public-subspace run; once:
 # the sampler's two and the logged batch sizes. `statistical_check_count` counts them.
-ENGINE_STATISTICAL_CHECKS = 5
+ENGINE_STATISTICAL_CHECKS = 6
 RUN_STATISTICAL_CHECKS = 3
 GRAD_ENGINES = ("rules", "vmap")   # `dpdm train --grad-engine`'s two (auto picks one of them at each start)
 
@@ -210,6 +226,8 @@ def training_private_grad(basis=None, *, per_layer_rules: bool = True, vary: str
     a step that drew the same noise as another would show as too little variance between them. With
     ``vary="run_seed"`` it picks the run seed of one step (step fixed) instead: calls with other seeds are the same
     step of other runs (``check_run_seed``: noise that ignores the run's secret seed is the same in every run).
+    With ``vary="consecutive"`` the generator's seed is itself the step of one run (seed fixed): calls with seeds s
+    and s + 1 are neighbouring steps (``check_fresh_noise``), which two random steps of 2**62 never are.
     ``lr_segments`` ((first step, lr, schedule), ...): the steps are those of a run with these segments (its lr
     changed: `dpdm.train.run_seed_at`'s other path), and ``vary="run_seed"``'s step ``run_seed_step`` is after
     the last change."""
@@ -219,15 +237,18 @@ def training_private_grad(basis=None, *, per_layer_rules: bool = True, vary: str
 
     from dpdm.train import plan_private_grad
 
-    if vary not in ("step", "run_seed"):
-        raise ValueError(f"vary={vary!r} must be 'step' or 'run_seed'")
+    if vary not in ("step", "run_seed", "consecutive"):
+        raise ValueError(f"vary={vary!r} must be 'step', 'run_seed' or 'consecutive'")
 
     def step(model, loss_fn, *batch, clip_norm, noise_multiplier, expected_batch_size, generator=None,
              chunk_size=None, stats=None):
         plan = types.SimpleNamespace(clip_norm=clip_norm, noise_multiplier=noise_multiplier,
                                      batch_size=expected_batch_size)
-        drawn = int(torch.randint(0, 2**62, (1,), generator=generator))
-        seed, step_index = (_RUN_SEED, drawn) if vary == "step" else (drawn, run_seed_step(lr_segments))
+        if vary == "consecutive":   # the generator's seed is the step: seeds s, s + 1 are neighbouring steps
+            seed, step_index = _RUN_SEED, int(generator.initial_seed())
+        else:
+            drawn = int(torch.randint(0, 2**62, (1,), generator=generator))
+            seed, step_index = (_RUN_SEED, drawn) if vary == "step" else (drawn, run_seed_step(lr_segments))
         return plan_private_grad(model, loss_fn, batch, plan, seed=seed, step=step_index, lr_segments=lr_segments,
                                  chunk_size=chunk_size, stats=stats, basis=basis, per_layer_rules=per_layer_rules)
     return step
@@ -235,7 +256,7 @@ def training_private_grad(basis=None, *, per_layer_rules: bool = True, vary: str
 
 def statistical_check_count(train_config: dict) -> int:
     """How many statistical mechanism checks `mechanism_checks` runs for a run of this training config (the
-    Bonferroni count of the mechanism share of the error budget): ``ENGINE_STATISTICAL_CHECKS`` (5) per engine, 6
+    Bonferroni count of the mechanism share of the error budget): ``ENGINE_STATISTICAL_CHECKS`` (6) per engine, 7
     for a --public-subspace run, plus the sampler's two and the logged batch sizes (``RUN_STATISTICAL_CHECKS``)."""
     per_engine = ENGINE_STATISTICAL_CHECKS + (1 if train_config.get("subspace_dim") else 0)
     return per_engine * len(run_grad_engines(train_config)) + RUN_STATISTICAL_CHECKS
@@ -246,8 +267,9 @@ def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed:
     """The mechanism checks of `dpdm audit` (each statistical one at ``alpha``), and what the run's own network
     in them was (``NetworkProblem.description``). Per engine the run's steps may have used (``run_grad_engines``:
     both), `dpdm train`'s own step (``training_private_grad``) is checked on the tiny float64 model (``check_engine``,
-    and ``check_run_seed`` for its noise under two run seeds, at a step before and one after an lr change, the
-    run's own where it made one (``lr_change_segments``); ``check_subspace`` too for a --public-subspace run) and
+    ``check_run_seed`` for its noise under two run seeds, at a step before and one after an lr change, the
+    run's own where it made one (``lr_change_segments``), and ``check_fresh_noise`` for the noise of consecutive
+    steps, from step 0 and around that lr change; ``check_subspace`` too for a --public-subspace run) and
     on the run's own network in float32 (``check_network``); then the Poisson sampler and the run folder against the
     plan (``check_run``)."""
     from dpdm.data import PoissonSampler
@@ -273,6 +295,14 @@ def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed:
                                 pairs=max(1, SUITES[suite]["noise_pairs"] // 2),
                                 after_lr_change=training_private_grad(per_layer_rules=rules, vary="run_seed",
                                                                       lr_segments=segments), labels=lr_labels)
+        # Neighbouring steps (two random steps of 2**62, as above, never are: h143 F1, stop 54), 1/8 of the noise
+        # pairs per parity: a step that shares its noise with the next gives a variance of exactly 0.
+        found += check_fresh_noise(training_private_grad(per_layer_rules=rules, vary="consecutive"),
+                                   noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
+                                   pairs=max(1, SUITES[suite]["noise_pairs"] // 8),
+                                   after_lr_change=training_private_grad(per_layer_rules=rules, vary="consecutive",
+                                                                         lr_segments=segments),
+                                   lr_change_step=int(segments[-1][0]))
         found += check_network(step, net, noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
                                pairs=SUITES[suite]["network_pairs"])
         if subspace_dim:
@@ -476,21 +506,34 @@ def run_audit(
 
     private = bool(ledger["private"])
     torch_threads = torch.get_num_threads()
+    failed = [c for c in checks if not c.passed]
+    reasons = [f"mechanism check {c.name} failed: {c.detail}" for c in failed]
     t0 = time.perf_counter()
     # A canary run of fewer steps than the plan is held to the epsilon of THAT run (the plan's
     # per-step mechanism composed over cfg.steps), which is smaller and gives the audit more power.
     canary_steps = int(cfg.steps or plan.steps)
     canary_claim = min(doc.epsilon, accounting.epsilon_spent(plan, canary_steps))
-    canary = canary_audit(
-        plan, data.x, data.y if num_classes > 0 else None, num_classes, cfg,
-        claimed_epsilon=canary_claim, significance=alpha_bounds, private=private,
-        pool_x=pool_x, pool_y=pool_y, progress=progress,
-    )
+    try:
+        canary = canary_audit(
+            plan, data.x, data.y if num_classes > 0 else None, num_classes, cfg,
+            claimed_epsilon=canary_claim, significance=alpha_bounds, private=private,
+            pool_x=pool_x, pool_y=pool_y, progress=progress,
+        )
+    except CanaryNotFinite as e:   # the step under test made them so: FAIL, with a report (h143 F2, stop 54)
+        canary = None
+        reasons.append(f"canary audit: {e}; no epsilon lower bound was computed")
+    except Exception as e:   # noqa: BLE001 - after a failed check, a crash of the broken step must not lose the FAIL
+        if not failed:
+            raise
+        canary = None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reasons.append(f"canary audit: stopped by {type(e).__name__}: {first[:300]}, after the failed mechanism "
+                       "checks above; no epsilon lower bound was computed")
     t_canary = time.perf_counter() - t0
 
-    failed = [c for c in checks if not c.passed]
-    reasons = [f"mechanism check {c.name} failed: {c.detail}" for c in failed]
-    if canary["verdict"] == "FAIL":
+    if canary is None:
+        verdict = "FAIL"
+    elif canary["verdict"] == "FAIL":
         verdict = "FAIL"
         reasons += canary["reasons"]
     elif failed:
@@ -522,12 +565,15 @@ def run_audit(
             "significance": significance,
             "mechanism_checks": {"share": significance * MECHANISM_SHARE, "per_check": alpha_check,
                                  "statistical_checks": statistical_checks},
-            "epsilon_bounds": {"share": alpha_bounds, "per_attack": canary["significance_per_attack"],
+            "epsilon_bounds": {"share": alpha_bounds, "per_attack": alpha_bounds / len(cfg.attacks) if canary is None
+                               else canary["significance_per_attack"],
                                "attacks": list(cfg.attacks),
                                "note": "each one-run bound splits its share over its grid of guess counts"},
         },
         "mechanism_checks": [c.to_dict() for c in checks],
-        "canary_audit": {k: v for k, v in canary.items() if k not in ("scores", "included")},
+        # None where the canary audit stopped (reasons say why): no scores, bounds or plots.
+        "canary_audit": None if canary is None else {k: v for k, v in canary.items()
+                                                     if k not in ("scores", "included")},
         "timing_s": {"mechanism_checks": t_checks, "canary_audit": t_canary,
                      "total": time.perf_counter() - t_start},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -542,15 +588,20 @@ def run_audit(
 
 def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_config: dict | None = None, *,
                       plan_epsilon: float | None = None, network: str | None = None) -> list[str]:
-    t = canary["training"]["target"]
     train_config = train_config or {}
-    claim = canary["claimed_epsilon"]
     lines = [
         AUDIT_SCOPE,
         f"Per-step mechanism of the plan: Poisson sampling at q={plan.sample_rate:.6g}, clip norm "
         f"C={plan.clip_norm:g}, Gaussian noise multiplier sigma={plan.noise_multiplier:.6g}"
         + ("" if private else " -- but the run was trained WITHOUT DP, so the audited training adds no noise")
         + ".",
+    ]
+    if canary is None:   # the canary audit stopped (the reasons say where): what was meant to run
+        lines.append(f"Canary training: {cfg.num_canaries} canaries, up to {cfg.steps or plan.steps} of the plan's "
+                     f"{plan.steps} steps, network '{cfg.model}'; it stopped before any epsilon lower bound.")
+    t = canary["training"]["target"] if canary is not None else {}
+    claim = canary["claimed_epsilon"] if canary is not None else None
+    lines += [] if canary is None else [
         f"Canary training: {t['steps']} of the plan's {plan.steps} steps on {t['dataset_size']} examples "
         f"({canary['canaries']['background']} background + {canary['canaries']['included']} included "
         f"canaries; the plan's dataset has {plan.dataset_size}), expected batch {t['expected_batch_size']:.1f} "
@@ -575,16 +626,18 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
         "the run's secret seed would be the same in every run), at a step before and one after an lr change ("
         + ("the run's own last one" if lr_change_segments(train_config) is not LR_CHANGE else
            f"one at step {LR_CHANGE[-1][0]}: the run records none")
-        + "); "
+        + "), and the noise of consecutive steps of one run (steps s and s + 1 from step 0, of both parities, and on "
+        "either side of that lr change: independent draws, so no two neighbouring steps share their noise); "
         + (f"(2) on {network}, a fresh initialization (not the run's weights): per-example gradients per parameter "
            "tensor against a float64 autograd loop, clipping bound, sensitivity replay, and the float32 noise at "
            f"{sigmas}, once per step." if network else "(2) not on the run's own network."))
-    if t["dataset_size"] != plan.dataset_size:
+    lines.append(LOOP_NOT_AUDITED)
+    if canary is not None and t["dataset_size"] != plan.dataset_size:
         lines.append(
             f"The canary run trains on {t['dataset_size']} examples instead of the plan's {plan.dataset_size} at the "
             "same sample rate: the per-example guarantee depends only on q, sigma, C and the number of steps."
         )
-    if t["steps"] < plan.steps:
+    if canary is not None and t["steps"] < plan.steps:
         lines.append(
             "This is a shorter run under the same per-step mechanism: it composes fewer of the plan's "
             f"steps ({t['steps']} on {t['dataset_size']} examples), so its true epsilon is at most "
@@ -598,7 +651,8 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
             "(subspace_* checks, on the audit's own tiny float64 model and basis; the checks on the run's network "
             "add the noise in all parameters); the canary training adds its noise "
             "in all parameters, so the epsilon lower bounds do not exercise the subspace.")
-    lines.append(f"Threat model: {canary['threat_model']}.")
+    if canary is not None:
+        lines.append(f"Threat model: {canary['threat_model']}.")
     return lines
 
 
@@ -632,8 +686,9 @@ _STAGE_NAME = re.compile(r"\.report-[a-z0-9_]{8}")   # mkdtemp's 8 characters: n
 _STALE_STAGE_SECONDS = 3600
 
 
-def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
-    """Writes report.md, report.json, scores.npz and the PNG plots into ``out_dir``.
+def write_report(doc: dict[str, Any], canary: dict[str, Any] | None, out_dir) -> Path:
+    """Writes report.md, report.json, scores.npz and the PNG plots into ``out_dir`` (report.md and report.json alone
+    where ``canary`` is None: the canary audit stopped, and the verdict is FAIL).
 
     All or nothing, with report.json as the commit marker: every file is first written and fsynced in
     a staging folder inside ``out_dir`` (an interruption there leaves an earlier report as it was); then
@@ -649,14 +704,15 @@ def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(out, 0o700)   # the canary scores and the noise-free control's figures (README: "What stays private")
     _remove_stale_stages(out)
-    included = np.asarray(canary["included"], dtype=bool)
-    claim = float(canary["claimed_epsilon"])
     delta = doc["claimed_plan"]["delta"]
     stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
         plots: dict[str, list[str]] = {}
-        arrays = {"included": included}
-        for run_name, per_attack in canary["scores"].items():
+        if canary is not None:
+            included = np.asarray(canary["included"], dtype=bool)
+            claim = float(canary["claimed_epsilon"])
+            arrays = {"included": included}
+        for run_name, per_attack in (canary["scores"] if canary is not None else {}).items():
             for attack, s in per_attack.items():
                 s = np.asarray(s, dtype=np.float64)
                 arrays[f"{run_name}_{attack}"] = s
@@ -678,9 +734,11 @@ def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
                                                      title=f"one-run bound vs guesses: {attack}, {run_name}"))
                 plots[tag] = [f.name for f in files]
         doc["plots"] = plots
-        doc["files"] = {"markdown": "report.md", "json": "report.json", "scores": "scores.npz"}
-        with open(stage / "scores.npz", "wb") as f:
-            np.savez(f, **arrays)
+        doc["files"] = {"markdown": "report.md", "json": "report.json"}
+        if canary is not None:
+            doc["files"]["scores"] = "scores.npz"
+            with open(stage / "scores.npz", "wb") as f:
+                np.savez(f, **arrays)
         _write_text(stage / "report.md", _markdown(doc))
         text = json.dumps(_jsonable(doc), indent=2, allow_nan=False, default=_json_default) + "\n"
         _write_text(stage / "report.json", text)
@@ -693,12 +751,12 @@ def write_report(doc: dict[str, Any], canary: dict[str, Any], out_dir) -> Path:
         # Commit: no report.json while the files change, then report.json last.
         (out / "report.json").unlink(missing_ok=True)
         fsync_folder(out)
-        written = {f for names in plots.values() for f in names} | {"scores.npz", "report.md"}
+        written = {f for names in plots.values() for f in names} | set(doc["files"].values()) - {"report.json"}
         for name in sorted(written):
             os.replace(stage / name, out / name)
         for f in out.iterdir():
-            if _PLOT_NAME.match(f.name) and f.name not in written and f.is_file():
-                f.unlink()
+            if (_PLOT_NAME.match(f.name) or f.name == "scores.npz") and f.name not in written and f.is_file():
+                f.unlink()   # an earlier run's
         fsync_folder(out)
         os.replace(stage / "report.json", out / "report.json")
         fsync_folder(out)
@@ -771,13 +829,13 @@ def _markdown(doc: dict[str, Any]) -> str:
               "canary attacks had too little power to detect a violation of it (the reasons above say why).", ""]
     L += ["## Claim under test", "",
           "| field | value |", "|---|---|"]
-    canary_steps = can["training"]["target"]["steps"]
+    canary_steps = can["training"]["target"]["steps"] if can is not None else None
     claim_label = f"epsilon of the {canary_steps}-step canary run"
     for k in ("epsilon", "delta", "sample_rate", "noise_multiplier", "clip_norm", "steps", "batch_size",
               "noise_multiplicity", "certified_by", "digest", "path"):
         label = f"epsilon (the plan's, over its {plan.get('steps')} steps)" if k == "epsilon" else k
         L.append(f"| {label} | {_fmt(plan.get(k), 8, bound='upper' if k == 'epsilon' else None)} |")
-        if k == "epsilon":
+        if k == "epsilon" and can is not None:
             L.append(f"| **{claim_label}** (what the verdict compares against) | "
                      f"**{_fmt(can['claimed_epsilon'], 8, bound='upper')}** |")
     L.append(f"| dataset | {plan['dataset']['name']} ({plan['dataset']['size']} examples) |")
@@ -799,6 +857,13 @@ def _markdown(doc: dict[str, Any]) -> str:
           f"({b['mechanism_checks']['per_check']:g} each); {b['epsilon_bounds']['share']:g} over the epsilon "
           f"bounds of {len(b['epsilon_bounds']['attacks'])} attacks ({b['epsilon_bounds']['per_attack']:g} each, "
           f"{b['epsilon_bounds']['note']}).", ""]
+    if can is None:   # the canary audit stopped (h143 F2, stop 54)
+        L += ["## Epsilon lower bounds", "", "None: the canary audit stopped before any (the reasons above say where).",
+              ""]
+        tm = doc["timing_s"]
+        L += [f"Timing: mechanism checks {tm['mechanism_checks']:.0f} s, canary audit {tm['canary_audit']:.0f} s, "
+              f"total {tm['total']:.0f} s. Everything above: `report.json`.", ""]
+        return "\n".join(L)
     L += ["## Epsilon lower bounds (canary audit, one-run bound of Steinke, Nasr & Jagielski 2023)", "",
           f"{can['canaries']['count']} {can['canaries']['kind']} canaries, {can['canaries']['included']} included "
           f"(fair coins, seed {can['canaries']['seed']}); claimed epsilon: {epsilon_text(can['claimed_epsilon'])}, the "

@@ -92,6 +92,11 @@ def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, step
         raise BadInput(_named_option(str(e))) from None
     if as_json:
         emit_json(doc)  # finite-only already: run_audit turns inf and nan into null
+    elif doc["canary_audit"] is None:   # FAIL: the canary audit stopped (h143 F2, stop 54), the reasons say where
+        info(f"audit verdict: {doc['verdict']}  (no epsilon lower bound: the canary audit stopped; report in "
+             f"{out_dir}/report.md)")
+        for r in doc["reasons"]:
+            info(f"  - {r}")
     else:
         can = doc["canary_audit"]
         claim = can["claimed_epsilon"]

@@ -87,14 +87,15 @@ def test_noise_that_ignores_the_run_seed_after_an_lr_change_fails(monkeypatch):
 
     import audits.suite as suite
 
-    for name in ("check_engine", "check_network", "check_sampler", "check_run"):   # noise_keyed_by_run_seed alone
+    for name in ("check_engine", "check_fresh_noise", "check_network", "check_sampler",
+                 "check_run"):   # noise_keyed_by_run_seed alone
         monkeypatch.setattr(suite, name, lambda *a, **k: [])
     monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
     plan_doc = types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
     own = [[0, 3e-4, "constant"], [4, 1e-3, "constant"], [9, 5e-4, "cosine"]]   # as the checkpoint records them
 
     def run_seed_checks(train_config):
-        checks, _ = suite.mechanism_checks(None, plan_doc, {"train": train_config}, alpha=0.01 / 13, suite="quick")
+        checks, _ = suite.mechanism_checks(None, plan_doc, {"train": train_config}, alpha=0.01 / 15, suite="quick")
         assert [c.name for c in checks] == ["noise_keyed_by_run_seed (rules)", "noise_keyed_by_run_seed (vmap)"]
         return checks
 
@@ -131,7 +132,7 @@ def test_an_audit_of_a_run_resumed_with_another_lr_tests_its_own_lr_change(tmp_p
     config = ckpt.load_checkpoint(run / "checkpoint.pt")["config"]
     assert len(config["train"]["lr_segments"]) == 2
     monkeypatch.setattr(train_mod, "run_seed_at", _seedless_after_an_lr_change(2))
-    checks, _ = mechanism_checks(run, doc, config, alpha=0.01 / 13, suite="quick")
+    checks, _ = mechanism_checks(run, doc, config, alpha=0.01 / 15, suite="quick")
     failed = {ch.name: ch for ch in checks if not ch.passed}
     assert set(failed) == {"noise_keyed_by_run_seed (rules)", "noise_keyed_by_run_seed (vmap)"}, failed
     assert "(4, 0.001, constant) (the run's own)" in failed["noise_keyed_by_run_seed (rules)"].detail
@@ -145,8 +146,8 @@ def test_every_run_has_both_engines_checked():
 
     for rules in (True, False, None):
         assert run_grad_engines({"per_layer_rules": rules}) == ("rules", "vmap"), rules
-        assert statistical_check_count({"per_layer_rules": rules}) == 13
-        assert statistical_check_count({"per_layer_rules": rules, "subspace_dim": 3}) == 15
+        assert statistical_check_count({"per_layer_rules": rules}) == 15
+        assert statistical_check_count({"per_layer_rules": rules, "subspace_dim": 3}) == 17
 
 
 def test_train_loop_takes_each_steps_gradient_from_plan_private_grad(tmp_path, monkeypatch):
@@ -219,3 +220,49 @@ def test_a_run_that_records_one_lr_segment_is_tested_after_the_fixed_lr_change_a
     for bad in (0, 0.0, -1.0, "1"):
         with pytest.raises(ValueError, match=r"noise_multiplier=.* must be a number > 0"):
             check_run_seed(training_private_grad(vary="run_seed"), noise_multiplier=bad)
+
+
+def test_noise_shared_by_neighbouring_steps_fails_noise_fresh_each_step(monkeypatch):
+    """h143 F1 (stop 54): every noise check compared two random steps of 2**62, never neighbours, so a step that
+    drew the noise of the step before it (a seed from ``step // 2``, an off-by-one) passed every mechanism check
+    and `dpdm audit` said INCONCLUSIVE. noise_fresh_each_step compares consecutive steps of one run, of both
+    parities and across an lr change, in `mechanism_checks` for both engines: it fails each such step and passes
+    the real one. (In plan_private_grad the step feeds the noise seed alone: the batch comes in.)"""
+    import types
+
+    import audits.suite as suite
+    from audits.mechanism import check_fresh_noise
+
+    for name in ("check_engine", "check_run_seed", "check_network", "check_sampler", "check_run"):
+        monkeypatch.setattr(suite, name, lambda *a, **k: [])   # noise_fresh_each_step alone
+    monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
+    plan_doc = types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
+    real = train_mod.plan_private_grad
+    change = suite.LR_CHANGE[-1][0]
+
+    def fresh_checks(mutate=None):
+        with monkeypatch.context() as m:
+            if mutate is not None:
+                m.setattr(train_mod, "plan_private_grad", lambda D, f, b, plan, *, step, lr_segments=None, **kw: real(
+                    D, f, b, plan, step=mutate(step, lr_segments), lr_segments=lr_segments, **kw))
+            checks, _ = suite.mechanism_checks(None, plan_doc, {"train": {}}, alpha=0.01 / 15, suite="quick")
+        assert [c.name for c in checks] == ["noise_fresh_each_step (rules)", "noise_fresh_each_step (vmap)"]
+        return checks
+
+    assert all(c.passed for c in fresh_checks()), fresh_checks()[0].detail
+    mutants = {"steps 2j, 2j + 1 share": lambda step, segs: step // 2 * 2,
+               "steps 2j + 1, 2j + 2 share": lambda step, segs: (step + 1) // 2 * 2,
+               "the lr change's step reuses the step before it":
+                   lambda step, segs: step - 1 if segs and step == change else step}
+    for name, mutate in mutants.items():   # both engines for the first, the rules engine alone for the others
+        if name == "steps 2j, 2j + 1 share":
+            checks = fresh_checks(mutate)
+        else:
+            with monkeypatch.context() as m:
+                m.setattr(train_mod, "plan_private_grad", lambda D, f, b, plan, *, step, lr_segments=None, **kw: real(
+                    D, f, b, plan, step=mutate(step, lr_segments), lr_segments=lr_segments, **kw))
+                checks = check_fresh_noise(training_private_grad(vary="consecutive"), alpha=0.01 / 15, pairs=5,
+                                           after_lr_change=training_private_grad(vary="consecutive",
+                                                                                 lr_segments=suite.LR_CHANGE),
+                                           lr_change_step=change)
+        assert not any(c.passed for c in checks) and all(c.statistic == 0.0 for c in checks), (name, checks[0].detail)

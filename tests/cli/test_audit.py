@@ -62,7 +62,7 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
     run, npz, doc = run_dir
     out_dir = tmp_path / "report"
     alphas = {}   # the level each kind of mechanism check ran at (h74 F2, stop 44)
-    for name in ("check_engine", "check_run_seed", "check_network", "check_sampler", "check_run"):
+    for name in ("check_engine", "check_run_seed", "check_fresh_noise", "check_network", "check_sampler", "check_run"):
         real = getattr(audits.suite, name)
         monkeypatch.setattr(audits.suite, name, lambda *a, _real=real, _name=name, **k:
                             (alphas.setdefault(_name, []).append(k["alpha"]), _real(*a, **k))[1])
@@ -87,17 +87,24 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
     # engine's noise is checked under two run seeds too (h123 F1, stop 52). The run trained with the rules engine
     # and has the vmap engine checked as well: a resume may change --grad-engine, and the checkpoint records the
     # engine of the last start only (h123 F2, stop 52: a run resumed with vmap had its rules steps unchecked).
-    from audits.mechanism import ENGINE_CHECKS, NETWORK_CHECKS, RUN_SEED_CHECKS
+    # And consecutive steps of one run must draw independent noise (h143 F1, stop 54).
+    from audits.mechanism import ENGINE_CHECKS, FRESH_NOISE_CHECKS, NETWORK_CHECKS, RUN_SEED_CHECKS
 
-    assert "noise_keyed_by_run_seed" in RUN_SEED_CHECKS
+    assert "noise_keyed_by_run_seed" in RUN_SEED_CHECKS and FRESH_NOISE_CHECKS == ("noise_fresh_each_step",)
     for engine in ("rules", "vmap"):
-        assert {f"{n} ({engine})" for n in (*ENGINE_CHECKS, *RUN_SEED_CHECKS, *NETWORK_CHECKS)} <= names, names
+        assert {f"{n} ({engine})" for n in (*ENGINE_CHECKS, *RUN_SEED_CHECKS, *FRESH_NOISE_CHECKS,
+                                            *NETWORK_CHECKS)} <= names, names
     line = next(s for s in report["what_was_audited"] if s.startswith("The mechanism checks ran"))
     assert "tiny float64 model" in line and "the run's 'small' network" in line and "float32" in line, line
     assert "with each per-example gradient engine, rules and vmap (" in line and "two run seeds" in line, line
     # ... at a step before and one after an lr change: the run changed none, so a fixed change at step 3 (r2 F1, stop
     # 52: the seed of a step after a change derives by another path, which no check ran).
     assert "one after an lr change (one at step 3: the run records none)" in line, line
+    assert "consecutive steps of one run (steps s and s + 1 from step 0, of both parities" in line, line
+    # What the audit does not cover, said in the report (h143 F3, stop 54).
+    from audits.suite import LOOP_NOT_AUDITED
+
+    assert LOOP_NOT_AUDITED in report["what_was_audited"]
     seeds = next(c for c in report["mechanism_checks"] if c["name"] == "noise_keyed_by_run_seed (rules)")
     assert "at step 10 of a run with lr segments (0, 0.001, constant), (3, 0.0005, constant) (sigma=" in \
         seeds["detail"], seeds
@@ -105,15 +112,16 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
     assert "`dpdm train`'s private step (plan_private_grad)" in line, line   # h74 F1: not a copy of it
     assert report["claimed_plan"]["digest"] == doc.digest
     budget = report["error_budget"]
-    # 5 per engine (noise variance and once per step on the tiny model and on the network, the noise under two run
-    # seeds) and the sampler's two and the logged batch sizes.
-    assert budget["mechanism_checks"]["statistical_checks"] == 13
+    # 6 per engine (noise variance and once per step on the tiny model and on the network, the noise under two run
+    # seeds, that of consecutive steps) and the sampler's two and the logged batch sizes.
+    assert budget["mechanism_checks"]["statistical_checks"] == 15
     assert budget["mechanism_checks"]["share"] + budget["epsilon_bounds"]["share"] == pytest.approx(0.05)
     # "FAIL at most 5% for a correct implementation" rests on the Bonferroni split: the mechanism share (0.2 of
-    # 0.05) over the 13 statistical checks, at which every check runs; 0.01 each would make it 0.04 + 13 * 0.01.
-    assert budget["mechanism_checks"]["per_check"] == pytest.approx(0.05 * 0.2 / 13)
-    assert set(alphas) == {"check_engine", "check_run_seed", "check_network", "check_sampler", "check_run"}, alphas
-    assert all(a == pytest.approx(0.05 * 0.2 / 13) for seen in alphas.values() for a in seen), alphas
+    # 0.05) over the 15 statistical checks, at which every check runs; 0.01 each would make it 0.04 + 15 * 0.01.
+    assert budget["mechanism_checks"]["per_check"] == pytest.approx(0.05 * 0.2 / 15)
+    assert set(alphas) == {"check_engine", "check_run_seed", "check_fresh_noise", "check_network", "check_sampler",
+                           "check_run"}, alphas
+    assert all(a == pytest.approx(0.05 * 0.2 / 15) for seen in alphas.values() for a in seen), alphas
     for f in ("report.md", "report.json", "scores.npz", "roc_target_loss.png", "roc_log_target_loss.png",
               "hist_target_pia.png", "roc_control_loss.png"):
         assert (out_dir / f).is_file(), f
@@ -213,7 +221,7 @@ def test_audit_of_a_subspace_run_checks_the_subspace_step(run_dir, tmp_path, cap
     for name in ("subspace_signal_in_noise_span", "subspace_sensitivity_replay", "subspace_noise_variance"):
         for engine in ("rules", "vmap"):
             assert checks[f"{name} ({engine})"]["passed"], checks[f"{name} ({engine})"]
-    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 15   # 6 per engine + 3
+    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 17   # 7 per engine + 3
     assert any("3-dimensional subspace" in line for line in report["what_was_audited"])
 
 
@@ -683,7 +691,7 @@ def test_an_auto_engine_run_has_both_engines_checked(run_dir, tmp_path, capsys, 
     report = run_audit(run, tmp_path / "ok", suite="quick", canary_overrides=small)
     names = [c["name"] for c in report["mechanism_checks"]]
     assert "per_sample_gradients (rules)" in names and "per_sample_gradients (vmap)" in names, names
-    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 13   # 5 per engine + 3
+    assert report["error_budget"]["mechanism_checks"]["statistical_checks"] == 15   # 6 per engine + 3
     assert all(c["passed"] for c in report["mechanism_checks"]) and report["verdict"] != "FAIL"
     assert any("engine, rules and vmap" in line for line in report["what_was_audited"]), report["what_was_audited"]
 
@@ -898,3 +906,49 @@ def test_a_narrow_fail_never_reads_as_a_bound_below_the_claim(report_inputs, tmp
     assert all(r[10].startswith("**yes**") and float(r[2]) > float(r[9]) for r in targets), targets
     assert all(r[2] == "1.72585" and r[9] == "1.7258" for r in targets), targets
     assert {r[9] for r in rows} == {"1.7258"}, rows
+
+
+def test_a_canary_run_that_goes_non_finite_is_a_fail_with_a_report(run_dir, tmp_path, capsys, monkeypatch):
+    """h143 F2 (stop 54): a private step whose updates were not finite failed 14 mechanism checks, then the canary
+    scores' statistics raised on the non-finite weights: a traceback, exit 4 ("runtime failure") and no report.
+    Non-finite canary weights or scores are themselves a FAIL (a correct step keeps every weight finite), and a
+    canary audit that crashes after a failed mechanism check keeps the FAIL: exit 1, report.json and report.md,
+    and no scores or plots of an earlier report beside them. (The mechanism checks are stubbed: one passes or
+    fails, as wanted.)"""
+    import audits.suite
+    import dpdm.train as T
+    from audits.mechanism import CheckResult
+
+    run, _, _ = run_dir
+    out_dir = tmp_path / "r"
+    outcome = {"passed": True}
+    monkeypatch.setattr(audits.suite, "mechanism_checks", lambda *a, **k: (
+        [CheckResult("noise_variance (rules)", outcome["passed"], 1.0, 0.5, "stub")], "none"))
+    rc, out, _ = _audit(["--run", str(run), "--out", str(out_dir), *SMALL, "--json"], capsys)
+    assert rc == 3 and (out_dir / "scores.npz").is_file() and (out_dir / "roc_target_loss.png").is_file()
+
+    real = T.add_noise
+    monkeypatch.setattr(T, "add_noise", lambda g, **kw: {k: v * float("inf") for k, v in real(g, **kw).items()})
+    for passed in (True, False):   # non-finite weights: FAIL whether a mechanism check failed or not
+        outcome["passed"] = passed
+        rc, out, err = _audit(["--run", str(run), "--out", str(out_dir), *SMALL, *(["--json"] if passed else [])],
+                              capsys)
+        assert rc == 1 and "runtime failure" not in err, err
+        report = json.loads((out_dir / "report.json").read_text())
+        assert report["verdict"] == "FAIL" and report["canary_audit"] is None, report
+        assert json.loads(out) == report if passed else \
+            "audit verdict: FAIL  (no epsilon lower bound: the canary audit stopped" in err, err
+        assert any("canary run's target model has non-finite weights" in r for r in report["reasons"]), report
+        assert any("mechanism check noise_variance (rules) failed" in r for r in report["reasons"]) == (not passed)
+        assert sorted(p.name for p in out_dir.iterdir()) == ["report.json", "report.md"]
+        assert "None: the canary audit stopped" in (out_dir / "report.md").read_text()
+
+    def crash(*a, **k):
+        raise ValueError("in_scores must contain only finite scores")
+    monkeypatch.setattr(audits.suite, "canary_audit", crash)
+    rc, out, err = _audit(["--run", str(run), "--out", str(out_dir), *SMALL, "--json"], capsys)
+    reasons = json.loads(out)["reasons"]
+    assert rc == 1 and reasons[-1].startswith("canary audit: stopped by ValueError: in_scores must"), reasons
+    outcome["passed"] = True   # with every mechanism check passed, a crash is still a runtime failure
+    rc, _, err = _audit(["--run", str(run), "--out", str(out_dir), *SMALL], capsys)
+    assert rc == 4 and "dpdm: runtime failure: ValueError: in_scores" in err, err
