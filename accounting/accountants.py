@@ -268,7 +268,12 @@ def total_variation_bound(terms) -> float:
     and a maximal coupling of each step given the ones before bounds their (adaptive) composition. At a delta
     at least this, epsilon is exactly 0: PldAccountant answers so without a PLD, whose interval there (from RDP's
     near-zero epsilon) asked for a grid of many GiB (h107 N1, h142 N1). Rounded up, so that it stays a bound."""
-    log_same = sum(count * math.log1p(-q * math.erf(1.0 / (2.0 * math.sqrt(2.0) * sigma))) for q, sigma, count in terms)
+    log_same = 0.0
+    for q, sigma, count in terms:
+        moved = q * math.erf(1.0 / (2.0 * math.sqrt(2.0) * sigma))
+        if moved >= 1.0:   # q = 1 and sigma under about 0.1, where erf rounds to 1: log1p(-1) raised "math domain
+            return 1.0     # error", the whole line of `dpdm account -s 0.05 -p 1 -i 1000000` (stop 54)
+        log_same += count * math.log1p(-moved)
     return min(-math.expm1(log_same) * (1.0 + 1e-9) + 1e-15, 1.0)
 
 
@@ -326,7 +331,8 @@ def membership_bound(event: dp_event.DpEvent, fprs=(0.01, 0.001), *, discretizat
     its FPR (a test can always guess at that rate) and at most 1; no privacy loss (no steps) gives TPR = FPR, a
     zero noise multiplier TPR = 1. Display the bounds rounded up. ValueError for an FPR outside (0, 1)."""
     given = fprs
-    fprs = tuple(fprs) if isinstance(fprs, (tuple, list, np.ndarray)) else ()
+    # a 0-d array (np.array(0.01)) is one number, not a tuple of them: tuple() of it raised TypeError (r1 F5)
+    fprs = tuple(fprs) if isinstance(fprs, (tuple, list)) or getattr(fprs, "ndim", 0) == 1 else ()
     if not fprs or not all(_is_finite_real(a) and 0.0 < a < 1.0 for a in fprs):
         raise ValueError(f"fprs={given!r} must be a tuple of one or more numbers in (0, 1)")
     fprs = tuple(float(a) for a in fprs)

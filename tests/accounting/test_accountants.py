@@ -1,6 +1,7 @@
 """Accountants against an exact oracle and against each other (STYLE.md section 10)."""
 import math
 
+import numpy as np
 import pytest
 from dp_accounting import dp_event
 from dp_accounting import rdp as dp_rdp
@@ -245,10 +246,15 @@ def test_pld_answers_zero_at_a_delta_past_the_total_variation_without_a_grid():
             assert tv == pytest.approx(delta0, rel=1e-6)
             # just below it the answer is a PLD's, and positive
             assert PldAccountant(1e-3).epsilon(dpsgd_event(q, sigma, steps), tv * 0.99).upper > 0
+    # Full batches at a noise multiplier whose step's TV rounds to 1: "math domain error" from log1p(-1), the whole
+    # line of `dpdm account -s 0.05 -p 1 -i 1000000` (stop 54). The outputs are apart: the bound is 1.
+    assert total_variation_bound(_dpsgd_terms(dpsgd_event(1.0, 0.05, 3))) == 1.0
+    assert PldAccountant(1e-2).epsilon(dpsgd_event(1.0, 0.05, 2), 1e-5).upper > 100
 
 
-@pytest.mark.parametrize("fprs", [0.01, "0.01", ("0.01",), (), (0.0,), (True,)])
+@pytest.mark.parametrize("fprs", [0.01, "0.01", ("0.01",), (), (0.0,), (True,), np.array(0.01),
+                                  np.array([[0.01]])])
 def test_membership_bound_refuses_what_is_not_a_tuple_of_rates(fprs):
-    """h142 N2, stop 54: a bare number raised TypeError and strings were taken as numbers."""
+    """h142 N2, stop 54: a bare number raised TypeError and strings were taken as numbers; a 0-d array too (r1 F5)."""
     with pytest.raises(ValueError, match="must be a tuple of one or more numbers in"):
         accounting.membership_bound(dpsgd_event(0.1, 1.0, 10), fprs)
