@@ -350,7 +350,7 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     """BadInput if `path` exists and does not hold the plan `digest` names (unless it holds another plan and
     `force` is given), and always when it is a run's own plan.json (beside its checkpoint.pt, or a record of the
     steps a run stopped before its first checkpoint ran, or a train holding the folder's lock), or not a regular
-    file.
+    file. A plan.json beside such a record or lock is refused where none is there too, with or without --force.
 
     A run is locked to its plan's digest, and `dpdm train --resume` and `dpdm audit --plan` check the
     file against it: writing a new plan over the old one would lose the record that a run in progress
@@ -358,6 +358,13 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     (same mechanism fields, same digest) is rewritten.
     """
     if not os.path.lexists(path):
+        held = _steps_held(path)
+        if held:
+            # A removed RUN/plan.json: a v1 record (a dpdm before stop 54) names no plan, so a plan written there
+            # priced its steps at the new plan's rate once spent (r1 F3, stop 54).
+            raise BadInput(f"--out {path} would be the plan.json of a run whose plan.json is gone, and {held}; even "
+                           "--force does not write a plan there: write the new plan elsewhere and train a new run "
+                           "in another --out")
         return
     import stat
 
@@ -381,20 +388,10 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     if os.path.basename(path) == "plan.json" and os.path.exists(os.path.join(run, "checkpoint.pt")):
         raise BadInput(f"--out {path} is the locked plan of the run in {run} and holds {what}; even --force "
                        "does not replace it: write the new plan elsewhere and train a new run")
-    if os.path.basename(path) == "plan.json":
-        # A run stopped before its first checkpoint, or training toward it: its plan.json is the only record of
-        # the plan its steps ran under (a new plan there priced them at its own rate once spent, h141 F1 and N5,
-        # stop 54; `dpdm train` also refuses a record of another plan's steps).
-        from cli._common import _run_is_training
-        from dpdm.steps_record import STEPS_RECORD, recorded_steps
-
-        ran = recorded_steps(run)
-        if ran or _run_is_training(run):
-            held = (f"a dpdm train is training in {run} under it" if not ran else
-                    f"the run in {run} trained {ran} step{'s' if ran != 1 else ''} under it before its first "
-                    f"checkpoint ({STEPS_RECORD} records {'it' if ran == 1 else 'them'}), spent against its data")
-            raise BadInput(f"--out {path} holds {what}, and {held}; even --force does not replace it: write the "
-                           "new plan elsewhere and train a new run in another --out")
+    held = _steps_held(path, " under it")
+    if held:
+        raise BadInput(f"--out {path} holds {what}, and {held}; even --force does not replace it: write the "
+                       "new plan elsewhere and train a new run in another --out")
     if not isinstance(old, str) and info.st_size:   # a checkpoint, a config.json, data: --force replaces plans only
         raise BadInput(f"--out {path} already exists and holds {what}; it is kept, even with --force (which "
                        "replaces only another plan): choose another --out")
@@ -402,6 +399,26 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
         return
     raise BadInput(f"--out {path} already exists and holds {what}; it is kept (runs are locked to their plan). "
                    "Choose another --out, or pass --force to replace it")
+
+
+def _steps_held(path: str, under: str = "") -> str | None:
+    """Why `path`, a run's plan.json, holds the plan of steps that ran (`under` says that it does), for
+    `_refuse_to_replace`: a run stopped before its first checkpoint, or training toward it. Its plan.json is the
+    only record of the plan its steps ran under (a new plan there priced them at its own rate once spent, h141 F1
+    and N5, stop 54; `dpdm train` also refuses a v2 record of another plan's steps). None for another name."""
+    if os.path.basename(path) != "plan.json":
+        return None
+    from cli._common import _run_is_training
+    from dpdm.steps_record import STEPS_RECORD, recorded_steps
+
+    run = output_folder(path)   # where the OS reaches it (`LINK/../plan.json`)
+    ran = recorded_steps(run)
+    if not ran and not _run_is_training(run):
+        return None
+    if not ran:
+        return f"a dpdm train is training in {run}{under}"
+    return (f"the run in {run} trained {ran} step{'s' if ran != 1 else ''}{under} before its first checkpoint "
+            f"({STEPS_RECORD} records {'it' if ran == 1 else 'them'}), spent against its data")
 
 
 def _resolve_dataset(name: str | None, size: int | None) -> tuple[str | None, int]:

@@ -1218,9 +1218,12 @@ def _load_folder(root: Path, name: str) -> ImageData:
     Names that start with ``.`` and files without an image suffix are skipped. Every other image-named
     path must be loaded, or the count would differ from what the user sees: an image-named entry that is
     not a readable file (a broken link, a FIFO, a folder), an image in a subfolder of a class folder and an
-    image beside the class folders are refused (DataError naming the first and how many there are), as are a file
-    in an image format dpdm does not read (`_OTHER_IMAGE_SUFFIXES`) and a second path to one file (a link, a hard
-    link, a linked class folder), which would count it twice.
+    image beside the class folders (in a format dpdm reads or not) are refused (DataError naming the first and how
+    many there are), as are a file in an image format dpdm does not read (`_OTHER_IMAGE_SUFFIXES`) and a second
+    path the folder itself makes to one of its images (a symbolic link to another image of the folder, a class
+    folder linked to another, to the data folder or above it, or into another), which would count it twice. Other
+    paths to one file (a hard link; two links to one file outside the folder, as git-annex, DVC and the Hugging
+    Face cache store identical images) are the copies they are, each counted: `duplicate_images` names them.
     """
     import warnings
 
@@ -1238,11 +1241,14 @@ def _load_folder(root: Path, name: str) -> ImageData:
                             f"{MAX_NUM_CLASSES} classes")
         if class_dirs:
             files = []
-            beside = [p for p in entries if not p.is_dir() and _image_named(p)]
+            beside = [p for p in entries if not p.is_dir() and _image_like(p)]
             stray = [f"image {str(p)!r} lies beside the class folders, where it has no class; move it into a "
                      f"class folder or remove it" for p in beside]
             imageless = []   # subfolders with no image-named path at any depth
             held = {}   # subfolder -> how many image-named paths it holds, at any depth
+            linked = _linked_class_folder(root, class_dirs)
+            if linked:
+                raise DataError(f"{name}: {linked}")
             for label, d in enumerate(class_dirs):
                 found, lost = _images_in(d)
                 stray += lost
@@ -1291,24 +1297,25 @@ def _load_folder(root: Path, name: str) -> ImageData:
                         f"or add its images")
     if not files:
         raise DataError(f"{name}: no images ({suffixes}) in {str(root)!r}")
-    # A second path to one file (a link, a hard link, a class folder linked to another) would count it twice, and
-    # that image would be protected only as a group of two (h144 F1, stop 54): one stat per file.
-    seen, twice = {}, []   # (st_dev, st_ino) -> its first path; the later paths, with it
+    # A link to another image of the folder would count that image twice, protecting it only as a group of two
+    # (h144 F1, stop 54). Other paths to one file are copies, each counted and warned of (`duplicate_images`): two
+    # links to one object outside the folder are how git-annex, DVC and the Hugging Face cache store two records'
+    # identical images, and refusing them (any two paths to one file were) refused such data (r1 F1, stop 54). One
+    # stat per file; links are followed only among the paths to one file.
+    shared = {}   # (st_dev, st_ino) -> the paths to that file
     for f, _ in files:
         try:
             st = os.stat(f)
         except OSError:
             continue   # the read below names it
         if st.st_ino:   # 0: a file system without inode numbers
-            first = seen.setdefault((st.st_dev, st.st_ino), f)
-            if first is not f:   # the path reached through a link named first: the one to remove (h144 F1)
-                linked = [os.path.realpath(g) != os.path.abspath(g) for g in (f, first)]
-                twice.append((first, f) if linked == [False, True] else (f, first))
+            shared.setdefault((st.st_dev, st.st_ino), []).append(f)
+    twice = [pair for paths in shared.values() if len(paths) > 1 for pair in _links_among(paths)]
     if twice:
-        more = f" (the first of {len(twice)} such paths)" if len(twice) > 1 else ""
-        raise DataError(f"{name}: image {str(twice[0][0])!r} is the same file as {str(twice[0][1])!r}{more}, a "
-                        f"symbolic or hard link or a linked class folder, so it would count twice and be protected "
-                        f"only as a group of two; remove the link")
+        more = f" (the first of {len(twice)} such links)" if len(twice) > 1 else ""
+        raise DataError(f"{name}: image {str(twice[0][0])!r} is a link to image {str(twice[0][1])!r} of the "
+                        f"folder{more}, so that image would count twice and be protected only as a group of two; "
+                        f"remove the link")
     images, size, tagged = [], None, []   # tagged: the images with an EXIF orientation (`_exif_turned`)
     for f, _ in files:
         try:
@@ -1559,6 +1566,66 @@ def _image_named(path: Path) -> bool:
     return path.suffix.lower() in _IMAGE_SUFFIXES
 
 
+def _image_like(path: Path) -> bool:
+    """An image-named path, or one in an image format dpdm does not read (`_OTHER_IMAGE_SUFFIXES`): where the count
+    would leave either out without a word (beside the class folders, in a subfolder of one), it is refused."""
+    return _image_named(path) or path.suffix.lower() in _OTHER_IMAGE_SUFFIXES
+
+
+def _linked_class_folder(root: Path, class_dirs: list[Path]) -> str | None:
+    """Why a class folder of `root` is a link that reaches images the folder lists elsewhere (a line naming it and
+    its target), else None: a link to another class folder (its images would count twice, in two classes), to
+    `root` or a folder above it, or into another class folder (h144 F1, r1 F1, stop 54). A class folder linked to a
+    folder outside the data is one class, and loads."""
+    top = os.path.realpath(root)
+    real = [os.path.realpath(d) for d in class_dirs]
+    linked = [r != os.path.join(top, d.name) for d, r in zip(class_dirs, real)]   # not where it is listed
+    first = {}   # a real folder -> the class folder that is it (not a link) or, where none, the first link to it
+    for d, r, link in zip(class_dirs, real, linked):
+        if r not in first or not link:
+            first[r] = d
+    for d, r, link in zip(class_dirs, real, linked):
+        if not link:
+            continue
+        if first[r] is not d:
+            other = first[r]
+            target = (f"class folder {str(other)!r}" if os.path.realpath(other) == os.path.join(top, other.name)
+                      else f"{r!r}, as class folder {str(other)!r} is")
+        elif r == top or top.startswith(r.rstrip(os.sep) + os.sep):
+            target = f"{r!r}, the data folder itself" if r == top else f"{r!r}, a folder that holds the data folder"
+        else:
+            inside = next((first[str(a)] for a in Path(r).parents if str(a) in first), None)
+            if inside is None:
+                continue   # a folder outside the data, or inside it but listed by no class folder
+            target = f"{r!r}, inside class folder {str(inside)!r}"
+        return (f"class folder {str(d)!r} is a link to {target}, so its images would count twice and each be "
+                f"protected only as a group of two; remove the link")
+    return None
+
+
+def _links_among(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(link, image) for each of `paths` (paths of a folder's images to one file) that is a symbolic link whose
+    chain of links passes through another of them, the image it names: that image's second path in the folder.
+    Two links to one file outside them (git-annex, DVC, the Hugging Face cache) name none of `paths`: none."""
+    def entry(p: str) -> str:   # the folder entry `p` names: its folder resolved, its own name kept
+        return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+
+    own = {entry(str(p)): p for p in paths}
+    found = []
+    for p in paths:
+        hop, seen = str(p), set()
+        try:
+            while os.path.islink(hop) and hop not in seen:
+                seen.add(hop)
+                hop = entry(os.path.join(os.path.dirname(hop), os.readlink(hop)))
+                if own.get(hop, p) is not p:
+                    found.append((p, own[hop]))
+                    break
+        except OSError:   # changed while read: the read of the images names what is wrong
+            continue
+    return found
+
+
 def _unreadable(path: Path) -> str | None:
     """Why an image-named entry that is not a folder is no readable file (None when it is a file)."""
     if path.is_file():
@@ -1620,7 +1687,7 @@ def _images_in(folder: Path) -> tuple[list[Path], list[str]]:
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 stray += [f"image {str(Path(sub) / n)!r} lies in a subfolder of class folder {str(folder)!r}; "
                           f"images must lie directly in their class folder (PATH/<class>/<image>)"
-                          for n in sorted(names) if not n.startswith(".") and _image_named(Path(n))]
+                          for n in sorted(names) if not n.startswith(".") and _image_like(Path(n))]
         elif _image_named(p):
             why = _unreadable(p)
             if why is None:

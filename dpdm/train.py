@@ -1600,7 +1600,8 @@ def plan_private_grad(D, loss_fn, batch, plan, *, seed: int, step: int, lr_segme
     `dpdm audit`'s mechanism checks call this very function (`audits.suite.training_private_grad`), and so do
     its canary runs (`audits.canary.train_with_canaries`), so what they test is what the training loop passes
     to the engine; their noise tests compare (random) steps of one
-    run seed, so noise repeated across steps fails them."""
+    run seed, so noise repeated across steps fails them, and consecutive steps (noise_fresh_each_step), so does noise
+    that neighbouring steps share. What the loop passes here is not audited (`audits.suite.LOOP_NOT_AUDITED`)."""
     return distributed_private_grad(D, loss_fn, *batch, clip_norm=plan.clip_norm,
                                     noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.batch_size,
                                     noise_seed=step_seed(run_seed_at(seed, lr_segments, step), step,
@@ -2295,8 +2296,8 @@ def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool, dist: "
             if other:   # `dpdm plan --force` over RUN/plan.json, or other data of the plan's size (h141 F1, stop 54)
                 refusal = (f"a run in {str(out)!r} trained {what} {other} and was stopped before its first "
                            f"checkpoint ({str(path)!r} records {them}): this plan cannot count {them} at its own "
-                           f"price; {they} stay spent against the data {they} ran on: choose another --out for this "
-                           "run (nothing was written)")
+                           f"price; {they} {'stays' if they == 'it' else 'stay'} spent against the data {they} ran "
+                           "on: choose another --out for this run (nothing was written)")
             elif ran >= plan_steps:
                 refusal = (f"{ran_at}: that is all {plan_steps} steps of its plan, which is spent, though no "
                            "checkpoint holds its weights; make a new plan and choose another --out (nothing was "
@@ -2309,8 +2310,9 @@ def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool, dist: "
             else:
                 spent_to = ran
                 note = (f"{ran_at[0].upper()}{ran_at[1:]}: {they} {'is' if they == 'it' else 'are'} spent "
-                        f"(--spend-unsaved-steps): this run starts with a ledger of {ran} steps and new weights, "
-                        f"and goes on from step {ran + 1} (the model loses {ran} step{'s' if ran != 1 else ''}, "
+                        f"(--spend-unsaved-steps): this run starts with a ledger of {ran} "
+                        f"step{'s' if ran != 1 else ''} and new weights, and goes on from step {ran + 1} (the model "
+                        f"loses {ran} step{'s' if ran != 1 else ''}, "
                         f"the budget does not get {them} back)")
     return _agreed_spend(dist, refusal, spent_to, "start"), note, raw
 

@@ -359,6 +359,24 @@ def test_force_keeps_the_plan_of_a_run_that_recorded_steps_or_is_training(capsys
         assert err.startswith(f"dpdm: error: --out {path} holds a different plan (sha256:") and (
             f"and {held.format(tmp_path)}; even --force does not replace it: write the new plan elsewhere and train a "
             "new run in another --out\n") in err, err
+    # RUN/plan.json removed beside a record (a v1 one names no plan): writing a plan there, with or without --force,
+    # priced its steps at the new plan's rate once spent (r1 F3, stop 54). Refused; nothing is written.
+    path.unlink()
+    for line, held in ((b"dpdm-steps-run v1 1 0123456789abcdef 0.0003 constant",
+                        "the run in {} trained 1 step before its first checkpoint (.steps_done records it), spent "
+                        "against its data"),
+                       (b"", "a dpdm train is training in {}")):
+        record.write_bytes(line.ljust(127) + b"\n" if line else b"")
+        for force in ((), ("--force",)):
+            with open(tmp_path / ".train.lock", "a") as lock:
+                if not line:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                rc, _, err = run(capsys, "--noise-multiplier", "3", *args, *force)
+            assert rc == 2 and err.count("\n") == 1 and not path.exists(), err
+            assert err == (f"dpdm: error: --out {path} would be the plan.json of a run whose plan.json is gone, and "
+                           f"{held.format(tmp_path)}; even --force does not write a plan there: write the new plan "
+                           "elsewhere and train a new run in another --out\n"), err
+    assert run(capsys, "--noise-multiplier", "3", *args)[0] == 0   # no step recorded, no train: written
 
 
 BAD_ACCOUNT = [

@@ -1708,3 +1708,28 @@ def test_train_warns_once_of_images_that_are_exact_copies_and_still_trains(tiny,
     assert lines[0].startswith("dpdm: warning: 1 of the 24 images is an exact copy of another (the first: image 1 "
                                "is image 0,"), lines[0]
     assert json.loads(out)["steps_done"] == 4
+
+
+def test_train_warns_of_two_links_to_one_file_outside_a_folder_as_copies(tiny, capsys, monkeypatch):
+    """git-annex (DVC, the Hugging Face cache) stores two records' identical images as two links to one object
+    outside the folder: refused as a link since h144 F1, though neither names an image of the folder (r1 F1, stop
+    54). Both are counted, and the copies' warning names them, before any step."""
+    from PIL import Image
+
+    d = tiny
+    with np.load(d / "data.npz") as f:
+        x, y = f["x"], f["y"]
+    for i, (image, label) in enumerate(zip(x, y)):
+        (d / "annex" / f"c{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0]).save(d / "annex" / f"c{label}" / f"{i:02d}.png")
+    (d / "objects").mkdir()
+    os.replace(d / "annex" / "c0" / "00.png", d / "objects" / "SHA256E-s1--0a.png")
+    (d / "annex" / "c1" / "01.png").unlink()
+    for f in (d / "annex" / "c0" / "00.png", d / "annex" / "c1" / "01.png"):
+        f.symlink_to(os.path.join("..", "..", "objects", "SHA256E-s1--0a.png"))
+    _interrupt_before_the_first_step(monkeypatch)
+    code, _, err = run_cli(_train_args(d, d / "run", "--dataset", f"folder:{d / 'annex'}"), capsys)
+    assert code == 130, err
+    lines = [line for line in err.splitlines() if "exact cop" in line]
+    assert len(lines) == 1 and lines[0].startswith(
+        "dpdm: warning: 1 of the 24 images is an exact copy of another (the first: image 8 is image 0,"), err

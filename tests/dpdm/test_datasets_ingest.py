@@ -964,33 +964,67 @@ def test_dpdm_trains_warning_names_the_images_with_an_exif_orientation(tmp_path,
             f"{str(tmp_path / 'd' / 'b' / '0.png')!r})") in err, err
 
 
-@pytest.mark.parametrize("how", ["symlink", "hard link", "linked class folder"])
-def test_folder_refuses_a_second_path_to_one_image_naming_both(tmp_path, how):
+@pytest.mark.parametrize("how", ["symlink", "link through a link", "linked class folder", "class folder to the root",
+                                 "class folder to a folder above", "class folder into another"])
+def test_folder_refuses_a_second_path_to_one_of_its_images_naming_the_link(tmp_path, how):
     """A link to an image of the folder (or a class folder linked to another) counted the file twice without a
-    word, and that image was then protected only as a group of two (h144 F1, stop 54); a link to an image outside
-    the folder is one image, and loads."""
+    word, and that image was then protected only as a group of two (h144 F1, stop 54): refused, naming the link and
+    what it reaches, one line. A link to an image outside the folder is one image, and loads."""
     d = tmp_path / "d"
     _classes(d, names=("a", "b"))
     _png(d / "a" / "1.png", np.full((8, 8), 7, np.uint8))
+    link = d / "a" / "2.png"
     if how == "symlink":   # named first, whichever class folder sorts first: the link is the path to remove
-        (d / "a" / "2.png").symlink_to(d / "b" / "0.png")
-        twice, first = d / "a" / "2.png", d / "b" / "0.png"
-    elif how == "hard link":
-        os.link(d / "a" / "1.png", d / "a" / "2.png")
-        twice, first = d / "a" / "2.png", d / "a" / "1.png"
+        link.symlink_to(d / "b" / "0.png")
+        why = f"image {str(link)!r} is a link to image {str(d / 'b' / '0.png')!r} of the folder, so that image"
+    elif how == "link through a link":   # a/2.png -> b/1.png -> a file outside: a second path to b/1.png
+        _png(tmp_path / "object.png", np.full((8, 8), 9, np.uint8))
+        (d / "b" / "1.png").symlink_to(tmp_path / "object.png")
+        link.symlink_to(Path("..") / "b" / "1.png")
+        why = f"image {str(link)!r} is a link to image {str(d / 'b' / '1.png')!r} of the folder, so that image"
     else:
-        (d / "c").symlink_to(d / "a", target_is_directory=True)
-        twice, first = d / "c" / "0.png", d / "a" / "0.png"
+        link, target = d / "c", {"linked class folder": d / "a", "class folder to the root": d,
+                                 "class folder to a folder above": tmp_path,
+                                 "class folder into another": d / "a" / ".sub"}[how]
+        target.mkdir(exist_ok=True)
+        link.symlink_to(target, target_is_directory=True)
+        what = {"linked class folder": f"class folder {str(d / 'a')!r}",
+                "class folder to the root": f"{str(d)!r}, the data folder itself",
+                "class folder to a folder above": f"{str(tmp_path)!r}, a folder that holds the data folder",
+                "class folder into another": f"{str(target)!r}, inside class folder {str(d / 'a')!r}"}[how]
+        why = f"class folder {str(link)!r} is a link to {what}, so its images"
     with pytest.raises(DataError) as e:
         load_dataset(f"folder:{d}")
     msg = str(e.value)
-    assert msg.startswith(f"folder:{d}: image {str(twice)!r} is the same file as {str(first)!r}"), msg
-    assert "\n" not in msg and "count twice" in msg, msg
-    assert ("(the first of 2 such paths)" in msg) == (how == "linked class folder"), msg
-    (d / "c").unlink() if how == "linked class folder" else twice.unlink()
+    assert msg == (f"folder:{d}: {why} would count twice and {'each ' if link.name == 'c' else ''}be protected only "
+                   "as a group of two; remove the link"), msg
+    link.unlink()
     _png(tmp_path / "outside.png", np.full((8, 8), 9, np.uint8))
     (d / "b" / "3.png").symlink_to(tmp_path / "outside.png")   # one image, reached through a link
-    assert len(load_dataset(f"folder:{d}")) == 4
+    assert len(load_dataset(f"folder:{d}")) == 4 + (how == "link through a link")
+
+
+@pytest.mark.parametrize("how", ["two links to one file outside", "hard link"])
+def test_folder_counts_other_paths_to_one_file_as_the_copies_they_are(tmp_path, how):
+    """git-annex, DVC and the Hugging Face cache store two records' identical images as two links to one object
+    outside the folder; refusing any two paths to one file refused such data (r1 F1, stop 54). Neither link is a
+    second path to an image of the folder: both are counted, as copies are (a hard link too), and
+    `duplicate_images` (`dpdm train`'s warning) names them."""
+    from dpdm.datasets import duplicate_images
+
+    d = tmp_path / "d"
+    _classes(d, names=("a", "b"))
+    if how == "hard link":
+        os.link(d / "a" / "0.png", d / "b" / "1.png")
+    else:
+        _png(tmp_path / "annex" / "objects" / "SHA256E-s99--0a1b.png", np.full((8, 8), 7, np.uint8))
+        for f in (d / "a" / "1.png", d / "b" / "1.png"):
+            f.symlink_to(Path(os.path.relpath(tmp_path / "annex" / "objects" / "SHA256E-s99--0a1b.png", f.parent)))
+    data = load_dataset(f"folder:{d}")
+    assert len(data) == 4 - (how == "hard link") and data.y.tolist() == [0, 0, 1, 1][how == "hard link":]
+    first, copy = (0, 2) if how == "hard link" else (1, 3)
+    assert duplicate_images(data).startswith(f"1 of the {len(data)} images is an exact copy of another (the first: "
+                                             f"image {copy} is image {first},"), data
 
 
 @pytest.mark.parametrize("suffix", [".jfif", ".jpe", ".pbm", ".pnm"])
@@ -1022,6 +1056,28 @@ def test_folder_refuses_an_image_in_a_format_it_does_not_read_naming_it(tmp_path
     assert msg == (f"folder:{d}: image {str(d / 'b' / f'1{suffix}')!r} is in a format dpdm does not read "
                    f"({suffix}); convert it to PNG (or JPEG), or move it out of the data (the first of 2 such paths "
                    f"in {str(d)!r})"), msg
+
+
+@pytest.mark.parametrize("where", ["beside the class folders", "in a subfolder of a class folder"])
+@pytest.mark.parametrize("suffix", [".png", ".heic", ".TGA"])
+def test_folder_refuses_an_image_it_does_not_read_where_it_refuses_one_it_reads(tmp_path, where, suffix):
+    """A .heic beside the class folders, or a .tga in a subfolder of a class folder, was skipped without a word
+    where a .png there is refused (r1 F2, stop 54): either is left out of the count the plan locks. The same line."""
+    d = tmp_path / "d"
+    _classes(d, names=("a", "b"))
+    image = d / f"x{suffix}" if where == "beside the class folders" else d / "a" / "iphone" / f"x{suffix}"
+    image.parent.mkdir(exist_ok=True)
+    image.write_bytes(b"an image")
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{d}")
+    msg = str(e.value)
+    assert msg == (f"folder:{d}: image {str(image)!r} " + (
+        "lies beside the class folders, where it has no class; move it into a class folder or remove it"
+        if where == "beside the class folders" else
+        f"lies in a subfolder of class folder {str(d / 'a')!r}; images must lie directly in their class folder "
+        "(PATH/<class>/<image>)")), msg
+    image.rename(image.with_suffix(".txt"))   # skipped, as a notes.txt is
+    assert len(load_dataset(f"folder:{d}")) == 2
 
 
 def test_root_holding_one_folder_of_class_folders_names_it(tmp_path):

@@ -2736,6 +2736,12 @@ def test_the_steps_record_names_the_plan_and_data_its_steps_ran_under_and_no_oth
         with pytest.raises(TrainError) as e:
             train(strong, x, y, c, out, cfg, progress=False, spend_unsaved_steps=spend)
         assert str(e.value) == other_plan and _run_files(out) == before
+    two = record.read_bytes()   # one step: "it stays spent", not "it stay spent" (r1 F4, stop 54)
+    record.write_bytes(two.replace(b" v2 2 ", b" v2 1 ", 1))
+    with pytest.raises(TrainError, match=r"trained step 1 under plan .*: this plan cannot count it at its own price; "
+                                         r"it stays spent against the data it ran on: choose another --out"):
+        train(strong, x, y, c, out, cfg, progress=False, spend_unsaved_steps=True)
+    record.write_bytes(two)
     accounting.write_plan(weak, out / "plan.json")
     with pytest.raises(TrainError, match=r"trained steps 1 to 2 on other data \(other images or labels than these\) "
                                          r"and was stopped before its first checkpoint .*: choose another --out"):
