@@ -267,14 +267,21 @@ def recorded_steps(out_dir: str) -> int:
     return read(out_dir)
 
 
+# `accounting.MAX_PLAN_BYTES`, which the hint of Ctrl-C does not import (scipy: 2 s)
+PLAN_BYTES = 16 << 20
+
+
 def recorded_plan_steps(out_dir: str) -> int | None:
     """The steps of the plan in `out_dir`'s plan.json (a run folder's copy), or None where it cannot be read: for
-    advice lines only (`dpdm train` verifies the plan itself). Without importing torch."""
+    advice lines only (`dpdm train` verifies the plan itself). Without importing torch; read as `read_regular`
+    reads (a FIFO there hung the hint of Ctrl-C, a link to /dev/zero read until memory ran out)."""
+    from dpdm.steps_record import read_regular
+
+    raw = read_regular(os.path.join(os.path.expanduser(out_dir), "plan.json"), PLAN_BYTES)
     try:
-        with open(os.path.join(os.path.expanduser(out_dir), "plan.json"), encoding="utf-8") as f:
-            steps = json.load(f).get("steps")
+        steps = json.loads((raw or b"").decode("utf-8")).get("steps")
         return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
-    except (OSError, ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):   # UnicodeDecodeError is a ValueError
         return None
 
 

@@ -404,10 +404,14 @@ def _unsaved_lr_change(out_dir: str, train_cfg: dict) -> list[str]:
     alone (h141 F3, stop 54)."""
     import json
 
+    from dpdm.steps_record import read_regular
+
+    raw = read_regular(os.path.join(out_dir, "config.json"), 1 << 20)   # as `is_run_config`; a FIFO hung here
     try:
-        with open(os.path.join(out_dir, "config.json")) as f:
-            shown = json.load(f).get("train") or {}
-    except (OSError, ValueError, AttributeError):
+        shown = json.loads((raw or b"").decode("utf-8")).get("train") or {}
+        if not isinstance(shown, dict):
+            return []
+    except (ValueError, AttributeError, RecursionError):   # none, a FIFO, a device, over 1 MiB: nothing to say
         return []
     def plain(cfg):   # the checkpoint holds tuples where config.json holds lists
         return json.dumps([cfg.get(k) for k in ("lr", "lr_schedule", "lr_segments")])

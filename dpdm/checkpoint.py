@@ -478,6 +478,10 @@ def _config_problem(config: dict[str, Any], training: bool) -> str | None:
             return f"its config's train.train_sigma is {sigma!r}, not (min, max) with 0 < min < max"
         if not isinstance(train.get("seed_given", False), bool):
             return f"its config's train.seed_given is {_value_text(train['seed_given'])}, not true or false"
+        if training:
+            problem = _train_knobs_problem(train)
+            if problem:
+                return problem
     init = config.get("init")
     if init is not None and not isinstance(init, dict):
         return f"its config's init is {type(init).__name__}, not a mapping"
@@ -490,6 +494,47 @@ def _config_problem(config: dict[str, Any], training: bool) -> str | None:
         return f"its config's empty_classes is {_value_text(empty)}, not a list of class labels"
     if "private" in config and not isinstance(config["private"], bool):
         return f"its config's private is {config['private']!r}"
+    return None
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_segment(seg: Any) -> bool:
+    return isinstance(seg, (list, tuple)) and len(seg) == 3 and all(isinstance(v, (int, float, str)) for v in seg)
+
+
+# A training checkpoint's train knobs that `dpdm train --resume` takes as the run's options (`cli.train`'s
+# `_resumed_options`), before `TrainConfig` checks their values: each as what it must be, and that test. Typed
+# here, where a list was a traceback (exit 4), and a list of shared references in lr_segments a hang (h145 F3).
+_TRAIN_KNOBS = {
+    "lr": ("a number", _is_number),
+    "lr_schedule": ("a schedule's name", lambda v: isinstance(v, str)),
+    "lr_segments": ("null or a list of (first step, lr, schedule)",
+                    lambda v: v is None or isinstance(v, (list, tuple)) and all(map(_is_segment, v))),
+    "per_layer_rules": ("true, false or null", lambda v: v is None or isinstance(v, bool)),
+    "physical_batch": ("null or an integer >= 1", lambda v: v is None or _is_count(v)),
+    "checkpoint_every": ("an integer >= 1", _is_count),
+    "log_every": ("an integer >= 1", _is_count),
+    "ema_decay": ("a number", _is_number),
+    "ema_powers": ("a list of numbers", lambda v: isinstance(v, (list, tuple)) and all(map(_is_number, v))),
+    "trainable": ("null or a list of patterns",
+                  lambda v: v is None or isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)),
+    "subspace_dim": ("null or an integer >= 1", lambda v: v is None or _is_count(v)),
+    "subspace_data": ("null or a dataset's name", lambda v: v is None or isinstance(v, str)),
+    "subspace_every": ("an integer >= 1", _is_count),
+    "subspace_examples": ("an integer >= 1", _is_count),
+    "precision": ("a precision's name", lambda v: isinstance(v, str)),
+}
+
+
+def _train_knobs_problem(train: dict[str, Any]) -> str | None:
+    """The first of a training checkpoint's `_TRAIN_KNOBS` not of its kind, as a line's end, or None (one an older
+    dpdm did not record is not there)."""
+    for key, (what, ok) in _TRAIN_KNOBS.items():
+        if key in train and not ok(train[key]):
+            return f"its config's train.{key} is {_value_text(train[key])}, not {what}"
     return None
 
 

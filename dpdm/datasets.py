@@ -1054,9 +1054,10 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ImageData:
 
 def _read_npz_members(f, name: str, path: Path) -> dict[str, np.ndarray]:
     """The arrays of `_NPZ_KEYS` in the open NpzFile `f`, each checked on its .npy header before its data is
-    decompressed: every one an .npy array, ``x`` within the pixel limit and this process's memory, ``y`` one label
-    per image and ``num_classes`` no large array. No other member is read: deflate shrinks zeros about 1000:1, and
-    an unused 1.5 GB array in a 1.5 MB file took 12 s and 2.2 GB (h102 F1); its size and dtype do not matter.
+    decompressed: every one an .npy array, ``x`` within the pixel limit and this process's memory, ``y`` one integer
+    label per image and ``num_classes`` no large array (at most 4 values, 64 bytes in all). No other member is
+    read: deflate shrinks zeros about 1000:1, and an unused 1.5 GB array in a 1.5 MB file took 12 s and 2.2 GB
+    (h102 F1); its size and dtype do not matter.
 
     Raises:
       DataError: no ``x``, a member that is no .npy array or holds Python objects, a header that asks for too much.
@@ -1084,10 +1085,12 @@ def _read_npz_members(f, name: str, path: Path) -> dict[str, np.ndarray]:
         n = shape[0]
         if "num_classes" in headers:   # a scalar; a few values are shown as they are (`load_npz`)
             nc_shape, nc_dtype = headers["num_classes"]
-            if math.prod(nc_shape) > 4:
+            # a few small values: a |S400000000 scalar was decompressed in full before it was refused (h145 F2)
+            if math.prod(nc_shape) > 4 or math.prod(nc_shape) * nc_dtype.itemsize > 64:
                 shown = f"{nc_dtype} {nc_shape}"
                 raise DataError(f"{name}: num_classes must be an integer scalar >= 1, got {shown!r}")
-        if "y" in headers and tuple(headers["y"][0]) != (n,):
+        # integers (at most 8 bytes each) of one label per image: a |S15000000 y took 10 s and 2 GB (h145 F2)
+        if "y" in headers and (tuple(headers["y"][0]) != (n,) or headers["y"][1].kind not in "iu"):
             y_shape, y_dtype = headers["y"]
             flat = "; store y.ravel()" if tuple(y_shape) == (n, 1) else ""   # Keras' load_data() gives (N, 1)
             raise DataError(f"{name}: y must be integers of shape ({n},), got {y_dtype} {y_shape}{flat} (unlabelled "
@@ -1630,7 +1633,8 @@ def _unreadable(path: Path) -> str | None:
     """Why an image-named entry that is not a folder is no readable file (None when it is a file)."""
     if path.is_file():
         return None
-    what = "a broken link" if path.is_symlink() else "not a regular file"
+    what = (("a link to no regular file" if path.exists() else "a broken link") if path.is_symlink()
+            else "not a regular file")
     return f"cannot read image {str(path)!r} (it is {what})"
 
 

@@ -2024,7 +2024,7 @@ def _resumed_lr_segments(state: dict[str, Any], config: TrainConfig) -> tuple[tu
         saved = [(0, train_cfg.get("lr", TrainConfig.lr), train_cfg.get("lr_schedule", TrainConfig.lr_schedule))]
     problem = lr_segments_problem(saved if isinstance(saved, (list, tuple)) else None)
     if problem:
-        raise TrainError(f"the run's checkpoint is corrupt or was edited: its lr segments {problem}")
+        raise TrainError(f"the run's checkpoint is corrupt or was edited: its lr segments: {problem}")
     # Up to the checkpoint's step, a segment begun there included. Dropped (r2 F3, stop 52), a resume with the
     # spend's own lr was told of a change that was none, and one with the lr before the spend changed it without a
     # note and drew its steps from the spend's on the seed of the steps before it (`run_seed_at`), as a copy of the

@@ -246,3 +246,70 @@ def test_the_hint_reads_a_plan_json_whose_steps_are_no_count_as_no_plan(tmp_path
                                                              "--spend-unsaved-steps"), steps
     (tmp_path / "plan.json").write_text(json.dumps({"steps": 6}))
     assert recorded_plan_steps(str(tmp_path)) == 6
+
+
+_READERS = '''
+import json, sys, threading
+from cli._common import recorded_plan_steps, recorded_steps
+from cli.train import _unsaved_lr_change
+readers = {".steps_done": recorded_steps, "plan.json": recorded_plan_steps,
+           "config.json": lambda d: _unsaved_lr_change(d, {"lr": 0.001, "lr_schedule": "constant"})}
+out = {}
+for folder in sys.argv[1:]:
+    name = folder.rsplit("-", 1)[1]
+    got = []
+    def read():
+        try:
+            got.append(readers[name](folder))
+        except BaseException as e:
+            got.append(type(e).__name__)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(3)
+    out[folder.rsplit("/", 1)[1]] = got[0] if got else "hung"
+print(json.dumps(out), flush=True)
+import os; os._exit(0)   # a reader still blocked on a FIFO
+'''
+
+
+def test_the_advice_readers_say_nothing_of_a_fifo_a_device_or_an_oversized_file(tmp_path):
+    """The torch-free readers of a run folder's files for advice lines (`recorded_steps`: .steps_done, for export's,
+    sample's and the Ctrl-C hint's lines; `recorded_plan_steps`: plan.json; `cli.train._unsaved_lr_change`:
+    config.json) opened them with a plain open(): a FIFO hung the command for good, even its Ctrl-C hint, and a link
+    to /dev/zero or a sparse 3 GB file read until memory ran out (h145 F1, stop 54). They read as `dpdm train`'s own
+    reader does now (`read_regular`: O_NONBLOCK, a regular file, a size cap) and say nothing there. In a child
+    process under a 2 GiB address-space limit, each read in a thread given 3 s."""
+    import json
+    import resource
+
+    folders = []
+    for name in (".steps_done", "plan.json", "config.json"):
+        for kind in ("fifo", "zero", "big"):
+            folder = tmp_path / f"{kind}-{name}"
+            folder.mkdir()
+            if kind == "fifo":
+                os.mkfifo(folder / name)
+            elif kind == "zero":
+                (folder / name).symlink_to("/dev/zero")
+            else:   # sparse: a few kilobytes of disk; a record's line, or a valid start of JSON, then 3 GB
+                with open(folder / name, "wb") as f:
+                    f.write(b"dpdm-steps-run v1 3 0123456789abcdef 0.001 constant".ljust(127) + b"\n"
+                            if name == ".steps_done" else b'{"steps": 4, "train": {"lr": 0.5}}')
+                    f.truncate(3 << 30)
+            folders.append(str(folder))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    proc = subprocess.run([sys.executable, "-c", _READERS, *folders], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, preexec_fn=limit)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    # a large record reads as dpdm train reads it: its first line (`dpdm.train._read_steps_record`)
+    assert got == {"fifo-.steps_done": 0, "zero-.steps_done": 0, "big-.steps_done": 3,
+                   "fifo-plan.json": None, "zero-plan.json": None, "big-plan.json": None,
+                   "fifo-config.json": [], "zero-config.json": [], "big-config.json": []}, got
+    from cli._common import PLAN_BYTES
+
+    assert PLAN_BYTES == accounting.MAX_PLAN_BYTES   # plan.json's cap, without importing accounting in the hint

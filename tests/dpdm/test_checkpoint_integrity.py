@@ -6,6 +6,7 @@ with exit 0 (sampling review F1, stop 43). `dpdm.checkpoint` now checks every re
 """
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import zipfile
@@ -209,3 +210,39 @@ def test_a_record_that_claims_more_bytes_than_the_file_is_named(run, tmp_path):
     (tmp_path / "big.pt").write_bytes(bytes(raw))
     assert ckpt.damaged_record(tmp_path / "big.pt") == (
         f"its record {info.filename} claims 2,147,483,648 bytes, more than the whole file's {len(raw):,}")
+
+
+def _shared_references(depth=40):
+    """A list of 2**depth leaves in a few hundred bytes of pickle: each level holds the one below twice."""
+    bomb = [0]
+    for _ in range(depth):
+        bomb = [bomb, bomb]
+    return bomb
+
+
+def test_resume_refuses_a_checkpoints_train_knobs_of_the_wrong_type_in_one_line(run, tmp_path, capsys):
+    """`dpdm train --resume` took the run's options from its checkpoint before anything checked their types: a
+    hand-made (CRC-valid) checkpoint with a list there was a traceback (exit 4), and lr_segments of shared references
+    hung in json.dumps with memory growing (h145 F3, stop 54). The loader refuses each in one line, exit 2, naming
+    the field, before any of them is used; the checkpoint is kept as it is."""
+    state = torch.load(run / "run" / "checkpoint.pt", weights_only=True)
+    for i, (key, value) in enumerate([("per_layer_rules", [1]), ("checkpoint_every", [1]), ("ema_powers", [[1]]),
+                                      ("physical_batch", "x"), ("trainable", [["a"]]),
+                                      ("lr_segments", torch.zeros(2)), ("lr_segments", _shared_references())]):
+        folder = tmp_path / f"{i}"
+        folder.mkdir()
+        torch.save({**state, "config": {**state["config"], "train": {**state["config"]["train"], key: value}}},
+                   folder / "checkpoint.pt")
+        with pytest.raises(ckpt.CheckpointError, match=rf"is corrupt or was edited: its config's train\.{key} is "):
+            ckpt.load_checkpoint(folder / "checkpoint.pt")   # first: the resume below hung before the fix
+        if i not in (0, 6):   # the loader is the one check; two resumes show its line (each takes a second)
+            continue
+        for name in os.listdir(run / "run"):
+            if name != "checkpoint.pt":
+                shutil.copy2(run / "run" / name, folder / name)
+        before = (folder / "checkpoint.pt").read_bytes()
+        code, _, err = run_cli(["train", "--plan", run / "plan.json", "--out", folder, "--device", "cpu", "--quiet",
+                                "--resume"], capsys)
+        assert code == 2 and err.count("\n") == 1 and f"its config's train.{key} is " in err, err
+        assert (folder / "checkpoint.pt").read_bytes() == before
+    assert ckpt.load_checkpoint(run / "run" / "checkpoint.pt")["config"]["train"]["lr_segments"] is None
