@@ -460,3 +460,24 @@ def test_dpdm_audit_refuses_such_coins_as_bad_input_before_any_work(npz_run, tmp
                   canary_overrides={"num_canaries": 200, "steps": 2, "background_size": 12})
     assert not (tmp_path / "audit").exists()
     assert _named_option(str(e.value)).startswith("--seed=1276397: the coins")
+
+
+def test_canary_scores_that_are_not_finite_beside_finite_weights_are_named():
+    """mut57 (stop 54): `_non_finite_problem` checks the canary runs' weights and, given, their canaries' scores
+    (a finite model whose loss overflows scores inf): each is a FAIL of the audit (`CanaryNotFinite`), never a crash
+    of the attacks' statistics. The weights are checked first."""
+    import types
+
+    from audits.canary import _non_finite_problem
+
+    model = torch.nn.Linear(2, 1)
+    runs = {"target": types.SimpleNamespace(model=model, info={"steps": 3})}
+    assert _non_finite_problem(runs, None) is None
+    assert _non_finite_problem(runs, {"target": {"loss": np.array([0.5, 1.0])}}) is None
+    problem = _non_finite_problem(runs, {"target": {"loss": np.array([0.5, np.inf, np.nan])}})
+    assert problem == ("the loss attack's scores of the canary run's target model are not finite (2 of 3) after 3 "
+                       "steps of the plan's private step, though its weights are"), problem
+    with torch.no_grad():
+        model.bias.fill_(float("nan"))
+    assert _non_finite_problem(runs, {"target": {"loss": np.array([0.5, np.inf])}}).startswith(
+        "the canary run's target model has non-finite weights (bias) after 3 steps")

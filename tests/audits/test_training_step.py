@@ -266,3 +266,43 @@ def test_noise_shared_by_neighbouring_steps_fails_noise_fresh_each_step(monkeypa
                                                                                  lr_segments=suite.LR_CHANGE),
                                            lr_change_step=change)
         assert not any(c.passed for c in checks) and all(c.statistic == 0.0 for c in checks), (name, checks[0].detail)
+
+
+def test_mechanism_checks_test_the_steps_on_either_side_of_the_runs_own_lr_change(monkeypatch):
+    """mut57 (stop 54): `dpdm audit`'s noise_fresh_each_step takes the pair of steps across the lr change, the run's
+    own where its checkpoint records one (else `LR_CHANGE`'s): a step right after the change that reuses the noise
+    of the step before it fails in `mechanism_checks`, for both engines, not only when the check is called alone."""
+    import types
+
+    import audits.suite as suite
+
+    for name in ("check_engine", "check_run_seed", "check_network", "check_sampler", "check_run"):
+        monkeypatch.setattr(suite, name, lambda *a, **k: [])   # noise_fresh_each_step alone
+    monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
+    plan_doc = types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
+    real = train_mod.plan_private_grad
+    monkeypatch.setattr(train_mod, "plan_private_grad", lambda D, f, b, plan, *, step, lr_segments=None, **kw: real(
+        D, f, b, plan, step=step - 1 if lr_segments and step == int(lr_segments[-1][0]) else step,
+        lr_segments=lr_segments, **kw))
+    for train_config in ({}, {"lr_segments": [[0, 1e-3, "constant"], [8, 5e-4, "constant"]]}):
+        checks, _ = suite.mechanism_checks(None, plan_doc, {"train": train_config}, alpha=0.01 / 15, suite="quick")
+        assert [c.name for c in checks] == ["noise_fresh_each_step (rules)", "noise_fresh_each_step (vmap)"]
+        assert not any(c.passed for c in checks) and all(c.statistic == 0.0 for c in checks), \
+            (train_config, checks[0].detail)
+
+
+def test_noise_fresh_each_step_without_an_lr_change_tests_both_parities(monkeypatch):
+    """mut57 (stop 54): called alone (no run whose lr changed), noise_fresh_each_step still takes pairs of steps of
+    both parities, (0, 1), (2, 3), ... and (1, 2), (3, 4), ...: noise shared by steps 2j + 1 and 2j + 2 fails it, as
+    noise shared by steps 2j and 2j + 1 does."""
+    from audits.mechanism import check_fresh_noise
+
+    real = train_mod.plan_private_grad
+    for mutate in (lambda step: step // 2 * 2, lambda step: (step + 1) // 2 * 2):
+        with monkeypatch.context() as m:
+            m.setattr(train_mod, "plan_private_grad", lambda D, f, b, plan, *, step, **kw: real(
+                D, f, b, plan, step=mutate(step), **kw))
+            checks = check_fresh_noise(training_private_grad(vary="consecutive"), alpha=0.01 / 15, pairs=5)
+        assert [c.name for c in checks] == ["noise_fresh_each_step"]
+        assert not checks[0].passed and checks[0].statistic == 0.0, checks[0].detail
+    assert check_fresh_noise(training_private_grad(vary="consecutive"), alpha=0.01 / 15, pairs=5)[0].passed

@@ -941,3 +941,32 @@ def test_a_runs_locked_plan_reached_through_a_link_then_dotdot_is_not_replaced_e
     rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "2", "--out", f"L{os.sep}..{os.sep}plan.json", "--force")
     assert rc == 2 and err.count("\n") == 1 and "locked plan of the run" in err, err
     assert (run_dir / "plan.json").read_bytes() == locked
+
+
+def test_a_plan_json_reached_through_a_link_then_dotdot_beside_a_runs_record_is_not_written(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """mut57 (stop 54): `--out L/../plan.json`, L a link to RUN/sub, where RUN's plan.json is gone and its
+    `.steps_done` records steps of a run stopped before its first checkpoint. The OS writes RUN/plan.json, so the
+    record is looked for in RUN (`output_folder`), not in the folder holding L: a plan written there would price
+    those steps at its own rate once spent. Refused, with or without --force; nothing is written."""
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "sub").mkdir(parents=True)
+    (run_dir / ".steps_done").write_bytes(
+        b"dpdm-steps-run v2 2 0123456789abcdef 0.0003 constant 0123456789abcdef 0123456789abcdef".ljust(127) + b"\n")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "L").symlink_to(run_dir / "sub")
+    monkeypatch.chdir(tmp_path / "work")
+    for force in ((), ("--force",)):
+        rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "2", "--out", f"L{os.sep}..{os.sep}plan.json", *force)
+        assert rc == 2 and err.count("\n") == 1 and "would be the plan.json of a run whose plan.json is gone" in err \
+            and "trained 2 steps before its first checkpoint" in err, err
+        assert not (run_dir / "plan.json").exists()
+
+
+def test_a_plan_of_another_name_beside_a_runs_record_is_written(tmp_path, capsys):
+    """mut57 (stop 54): only a run's own plan.json is kept beside its record of steps (`_steps_held`: None for another
+    name); a plan file of another name in that folder is no run's plan and is written."""
+    (tmp_path / ".steps_done").write_bytes(
+        b"dpdm-steps-run v2 2 0123456789abcdef 0.0003 constant 0123456789abcdef 0123456789abcdef".ljust(127) + b"\n")
+    rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "2", "--out", str(tmp_path / "other.json"))
+    assert rc == 0 and (tmp_path / "other.json").is_file(), err

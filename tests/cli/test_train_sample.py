@@ -1733,3 +1733,15 @@ def test_train_warns_of_two_links_to_one_file_outside_a_folder_as_copies(tiny, c
     lines = [line for line in err.splitlines() if "exact cop" in line]
     assert len(lines) == 1 and lines[0].startswith(
         "dpdm: warning: 1 of the 24 images is an exact copy of another (the first: image 8 is image 0,"), err
+
+
+def test_a_no_dp_run_on_data_with_exact_copies_is_not_told_of_the_plans_epsilon(tiny, capsys):
+    """mut57 (stop 54): the "duplicates" note speaks of the plan's epsilon for an image held twice; a --no-dp run
+    spends none (it is marked non-private), so it is said to a new private run only."""
+    d = tiny
+    with np.load(d / "data.npz") as f:
+        x, y = f["x"].copy(), f["y"]
+    x[1] = x[0]
+    np.savez(d / "dup.npz", x=x, y=y, num_classes=3)
+    code, _, err = run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'dup.npz'}", "--no-dp"), capsys)
+    assert code == 0 and "exact cop" not in err, err

@@ -1121,3 +1121,17 @@ def test_npz_labels_of_shape_n_by_1_are_refused_with_the_fix(tmp_path, stored):
     with pytest.raises(DataError, match=r"y must be integers of shape \(3,\), got int64 \(3, 1\); store y\.ravel\(\) "
                                         r"\(unlabelled data has no y\)$"):
         load_npz(tmp_path / "k.npz")
+
+
+def test_a_class_folder_linked_to_one_that_sorts_after_it_is_refused(tmp_path):
+    """mut57 (stop 54): a class folder that is a link to another class folder is refused whichever sorts first
+    (`_linked_class_folder` keeps the real folder, not the first link to it): "a" -> "b" counted b's images twice,
+    in two classes, each protected only as a group of two, where the link's name sorted before its target's."""
+    d = tmp_path / "d"
+    _classes(d, names=("b", "c"))
+    (d / "a").symlink_to(d / "b", target_is_directory=True)
+    with pytest.raises(DataError) as e:
+        load_dataset(f"folder:{d}")
+    msg = str(e.value)
+    assert msg == (f"folder:{d}: class folder {str(d / 'a')!r} is a link to class folder {str(d / 'b')!r}, so its "
+                   "images would count twice and each be protected only as a group of two; remove the link"), msg

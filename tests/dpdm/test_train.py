@@ -2815,3 +2815,36 @@ def test_data_notes_take_images_in_0_1_with_black_pixels_as_nonnegative():
     notes = data_notes(x, None, 0)
     assert "nonnegative" in notes and "[0, " in notes["nonnegative"], notes
     assert "nonnegative" not in data_notes(x * 2 - 1, None, 0)
+
+
+def test_the_steps_record_is_read_only_as_a_whole_v2_line_or_a_v1_line(tmp_path):
+    """mut57 (stop 54): a v2 line of the steps record names the plan and data its steps ran under; one with fewer
+    fields (its binding cut: an edit, a partial write) or more, or a binding that is not 16 lowercase hex digits,
+    is damaged, never a record bound to no plan (a v1 line's reading, under which any plan would spend its steps)
+    nor one bound to a part of a digest. `recorded_steps` (the CLI's reader, no torch) counts no cut v2 line, and
+    reads a v1 line as a dpdm before stop 54 did: from its steps field on."""
+    import dpdm.train as train_module
+    from dpdm.steps_record import recorded_steps
+
+    hexa, data = "0123456789abcdef", "fedcba9876543210"
+    whole = f"dpdm-steps-run v2 3 {hexa} 0.0003 constant {hexa} {data}"
+
+    def put(line):
+        (tmp_path / ".steps_done").write_bytes(line.encode().ljust(127) + b"\n")
+
+    put(whole)
+    assert train_module._read_steps_record(tmp_path)[1:] == ((3, hexa, 3e-4, "constant", hexa, data), None)
+    assert recorded_steps(tmp_path) == 3
+    damaged = (None, "not the line dpdm writes there: damaged or edited")
+    for cut in (whole.rsplit(" ", 1)[0], whole.rsplit(" ", 2)[0], f"{whole} {hexa}"):
+        put(cut)
+        assert train_module._read_steps_record(tmp_path)[1:] == damaged, cut
+        assert recorded_steps(tmp_path) == 0, cut
+    for bad in (data.upper(), data[:15], data[:15] + "g"):
+        put(whole.replace(data, bad))
+        assert train_module._read_steps_record(tmp_path)[1:] == damaged, bad
+    put(f"dpdm-steps-run v1 3 {hexa} 0.0003 constant")
+    assert train_module._read_steps_record(tmp_path)[1:] == ((3, hexa, 3e-4, "constant", None, None), None)
+    assert recorded_steps(tmp_path) == 3
+    put("dpdm-steps-run v1 3")   # a v1 line cut short: counted, as before stop 54
+    assert recorded_steps(tmp_path) == 3
