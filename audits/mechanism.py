@@ -17,6 +17,8 @@ Six groups, each returning a list of ``CheckResult``:
 * ``check_fresh_noise(private_grad_fn)``: the noise of consecutive steps of one run, where the generator's seed is
   the step (``audits.suite.training_private_grad(vary="consecutive")``): steps s, s + 1 from 0 of both parities,
   and on either side of an lr change with ``after_lr_change``, must draw independent noise.
+* ``check_noise_never_repeats(private_grad_fn)``: the same steps' noise alone (an empty batch), steps 0 to 2047
+  and 2**k up to 2**62: no two may be equal or opposite (exact; a seed of ``step % N`` repeats it every N steps).
 * ``check_network(private_grad_fn, network_problem(run_config))``: what the tiny model cannot show, on the
   run's own network (Conv2d, GroupNorm, attention and their per-layer rules) in float32, the dtype every
   private run trains in: per-example gradients per parameter tensor against a float64 autograd loop, the
@@ -66,6 +68,8 @@ __all__ = [
     "check_run_seed",
     "FRESH_NOISE_CHECKS",
     "check_fresh_noise",
+    "REPEAT_NOISE_CHECKS",
+    "check_noise_never_repeats",
     "check_subspace",
     "SUBSPACE_CHECKS",
     "check_sampler",
@@ -90,6 +94,7 @@ ENGINE_CHECKS = (
 )
 RUN_SEED_CHECKS = ("noise_keyed_by_run_seed",)
 FRESH_NOISE_CHECKS = ("noise_fresh_each_step",)
+REPEAT_NOISE_CHECKS = ("noise_never_repeats",)
 SUBSPACE_CHECKS = ("subspace_signal_in_noise_span", "subspace_sensitivity_replay", "subspace_noise_variance")
 SAMPLER_CHECKS = ("poisson_batch_sizes", "poisson_inclusion_counts", "sampler_deterministic")
 RUN_CHECKS = ("run_plan_matches", "run_ledger_matches", "run_logged_batches")
@@ -605,6 +610,55 @@ def check_fresh_noise(
         first_seeds=[first for _, first, _, _ in callers],
         what="consecutive steps of one run, each pair on one batch (independent draws; 0 where two steps share "
              "their noise)"))]
+
+
+REPEAT_STEPS = 2048   # check_noise_never_repeats: steps 0 to REPEAT_STEPS - 1 ...
+REPEAT_POWERS = 62    # ... and 2**k for k up to this
+
+
+def check_noise_never_repeats(
+    private_grad_fn: Callable,
+    *,
+    noise_multiplier: float = 1.0,
+    seed: int = 0,
+    steps: int = REPEAT_STEPS,
+    powers: int = REPEAT_POWERS,
+) -> list[CheckResult]:
+    """``noise_never_repeats``: does any step of one run draw the noise of another, or its negative?
+    ``private_grad_fn`` is called as for ``check_fresh_noise`` (the generator's seed is the step of one run,
+    ``audits.suite.training_private_grad(vary="consecutive")``), on an empty batch: its output is the step's noise
+    alone. Steps 0 to ``steps`` - 1 and 2**k for k up to ``powers`` (about 1 s on one CPU core): an exact check
+    (``p_value`` None, no false alarm: independent float64 Gaussian vectors are never equal), failing where two
+    are bit for bit equal or opposite, or one is not finite. The statistical noise checks compare neighbours
+    (``check_fresh_noise``) or two random steps of 2**62, so noise that repeats every N steps (a seed of
+    ``step % N``, the step within an epoch, N = 1/q) passed them all from N of about 64 (r2 F2, stop 54); here it
+    fails for every N < ``steps``, and for N a power of two up to 2**``powers``. The statistic: the number of
+    steps whose noise repeats an earlier one's."""
+    _check_noise_multiplier(noise_multiplier)
+    p = tiny_problem(seed=seed)
+    call = _Caller(private_grad_fn, p, float(noise_multiplier), 40.0)
+    first = min(powers + 1, max(0, steps - 1).bit_length())   # the powers of two below `steps` are among them
+    seen: dict[bytes, int] = {}
+    repeats, example, bad = 0, "", None
+    for s in [*range(steps), *(2**k for k in range(first, powers + 1))]:
+        v = np.asarray(call([], s), dtype=np.float64)
+        if bad is None and not np.all(np.isfinite(v)):
+            bad = s
+        key, opposite = (v + 0.0).tobytes(), (-v + 0.0).tobytes()   # + 0.0: -0.0 and 0.0 alike
+        earlier = seen.get(key, seen.get(opposite))
+        if earlier is not None:
+            repeats += 1
+            example = example or f"step {s} drew {'the' if key in seen else 'minus the'} noise of step {earlier}"
+        seen.setdefault(key, s)
+    n = steps + powers + 1 - first
+    what = (f"the noise alone (an empty batch) of {n} steps of one run, 0 to {steps - 1} and 2**k for k = "
+            f"{first} to {powers}: ")
+    if bad is not None:
+        return [CheckResult("noise_never_repeats", False, float(repeats), None,
+                            what + f"step {bad}'s noise is not finite")]
+    return [CheckResult("noise_never_repeats", repeats == 0, float(repeats), None,
+                        what + (f"{repeats} step{'s' if repeats != 1 else ''} drew the noise of an earlier step or "
+                                f"its negative (the first: {example})" if repeats else "no two equal or opposite"))]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,8 +53,9 @@ import numpy as np
 from audits.auditor import _jsonable
 from audits.canary import (CanaryConfig, CanaryNotFinite, canary_audit, coin_split_problem, compared_digits,
                            draw_inclusion)
-from audits.mechanism import (CheckResult, check_engine, check_fresh_noise, check_network, check_run, check_run_seed,
-                               check_sampler, check_subspace, network_problem, second_noise_multiplier)
+from audits.mechanism import (REPEAT_POWERS, REPEAT_STEPS, CheckResult, check_engine, check_fresh_noise, check_network,
+                               check_noise_never_repeats, check_run, check_run_seed, check_sampler, check_subspace,
+                               network_problem, second_noise_multiplier)
 from audits.plots import plot_epsilon_vs_guesses, plot_roc, plot_score_histogram
 from dpdm.report_utils import epsilon_text
 
@@ -268,8 +269,9 @@ def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed:
     in them was (``NetworkProblem.description``). Per engine the run's steps may have used (``run_grad_engines``:
     both), `dpdm train`'s own step (``training_private_grad``) is checked on the tiny float64 model (``check_engine``,
     ``check_run_seed`` for its noise under two run seeds, at a step before and one after an lr change, the
-    run's own where it made one (``lr_change_segments``), and ``check_fresh_noise`` for the noise of consecutive
-    steps, from step 0 and around that lr change; ``check_subspace`` too for a --public-subspace run) and
+    run's own where it made one (``lr_change_segments``), ``check_fresh_noise`` for the noise of consecutive
+    steps, from step 0 and around that lr change, and ``check_noise_never_repeats`` for noise repeated at any
+    distance; ``check_subspace`` too for a --public-subspace run) and
     on the run's own network in float32 (``check_network``); then the Poisson sampler and the run folder against the
     plan (``check_run``)."""
     from dpdm.data import PoissonSampler
@@ -303,6 +305,10 @@ def mechanism_checks(run_dir, plan_doc, run_config: dict, *, alpha: float, seed:
                                    after_lr_change=training_private_grad(per_layer_rules=rules, vary="consecutive",
                                                                          lr_segments=segments),
                                    lr_change_step=int(segments[-1][0]))
+        # Steps N apart that share their noise (a seed of `step % N`) pass the checks above from N of about 64: an
+        # exact check of steps 0 to 2047 and 2**k (r2 F2, stop 54), outside the Bonferroni count (no false alarm).
+        found += check_noise_never_repeats(training_private_grad(per_layer_rules=rules, vary="consecutive"),
+                                           noise_multiplier=plan.noise_multiplier, seed=seed)
         found += check_network(step, net, noise_multiplier=plan.noise_multiplier, alpha=alpha, seed=seed,
                                pairs=SUITES[suite]["network_pairs"])
         if subspace_dim:
@@ -627,7 +633,9 @@ def _what_was_audited(plan, canary, cfg: CanaryConfig, private: bool, train_conf
         + ("the run's own last one" if lr_change_segments(train_config) is not LR_CHANGE else
            f"one at step {LR_CHANGE[-1][0]}: the run records none")
         + "), and the noise of consecutive steps of one run (steps s and s + 1 from step 0, of both parities, and on "
-        "either side of that lr change: independent draws, so no two neighbouring steps share their noise); "
+        "either side of that lr change: independent draws, so no two neighbouring steps share their noise), and "
+        f"the noise alone of steps 0 to {REPEAT_STEPS - 1} and 2**k up to 2**{REPEAT_POWERS} (no two equal or "
+        "opposite: noise repeated every N steps); "
         + (f"(2) on {network}, a fresh initialization (not the run's weights): per-example gradients per parameter "
            "tensor against a float64 autograd loop, clipping bound, sensitivity replay, and the float32 noise at "
            f"{sigmas}, once per step." if network else "(2) not on the run's own network."))

@@ -69,19 +69,22 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rc = dpdm(["audit", "--run", str(run), "--suite", args.suite, "--out", str(workdir / "report")])
     wall = time.perf_counter() - t0
-    report = json.loads((workdir / "report" / "report.json").read_text())
+    path = workdir / "report" / "report.json"
+    report = json.loads(path.read_text()) if path.exists() else {}   # none: the audit failed to run (exit 4)
+    # A FAIL whose canary audit stopped (a non-finite canary run, a crash after a failed check) has none: null
+    canary = report.get("canary_audit") or {}
     print(json.dumps({
         "benchmark": f"dpdm audit --suite {args.suite} (mnist5k)",
         "threads": args.threads,
         "exit_code": rc,
-        "verdict": report["verdict"],
+        "verdict": report.get("verdict"),
         "audit_wall_s": round(wall, 1),
-        "stages_s": {k: round(v, 1) for k, v in report["timing_s"].items()},
-        "training_s": {k: round(v["seconds"], 1) for k, v in report["canary_audit"]["training"].items()},
-        "max_epsilon_lower_bound": report["canary_audit"]["max_epsilon_lower_bound"],
-        "control_max_epsilon": report["canary_audit"]["control_max_epsilon"],
-        "claimed_epsilon": report["canary_audit"]["claimed_epsilon"],   # the canary run's: what the verdict uses
-        "plan_epsilon": report["claimed_plan"]["epsilon"],
+        "stages_s": {k: round(v, 1) for k, v in (report.get("timing_s") or {}).items()},
+        "training_s": {k: round(v["seconds"], 1) for k, v in (canary.get("training") or {}).items()},
+        "max_epsilon_lower_bound": canary.get("max_epsilon_lower_bound"),
+        "control_max_epsilon": canary.get("control_max_epsilon"),
+        "claimed_epsilon": canary.get("claimed_epsilon"),   # the canary run's: what the verdict uses
+        "plan_epsilon": (report.get("claimed_plan") or {}).get("epsilon"),
         "make_run_s": round(t_run, 1),
         "report": str(workdir / "report" / "report.md"),
         "target_s": 1200,

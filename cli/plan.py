@@ -350,7 +350,8 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     """BadInput if `path` exists and does not hold the plan `digest` names (unless it holds another plan and
     `force` is given), and always when it is a run's own plan.json (beside its checkpoint.pt, or a record of the
     steps a run stopped before its first checkpoint ran, or a train holding the folder's lock), or not a regular
-    file. A plan.json beside such a record or lock is refused where none is there too, with or without --force.
+    file. Where none is there, a plan is refused beside a lock a train holds, or beside a record of steps that ran
+    under another plan or under a plan that cannot be told, with or without --force (`_lost_plan_problem`).
 
     A run is locked to its plan's digest, and `dpdm train --resume` and `dpdm audit --plan` check the
     file against it: writing a new plan over the old one would lose the record that a run in progress
@@ -358,13 +359,9 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     (same mechanism fields, same digest) is rewritten.
     """
     if not os.path.lexists(path):
-        held = _steps_held(path)
-        if held:
-            # A removed RUN/plan.json: a v1 record (a dpdm before stop 54) names no plan, so a plan written there
-            # priced its steps at the new plan's rate once spent (r1 F3, stop 54).
-            raise BadInput(f"--out {path} would be the plan.json of a run whose plan.json is gone, and {held}; even "
-                           "--force does not write a plan there: write the new plan elsewhere and train a new run "
-                           "in another --out")
+        problem = _lost_plan_problem(path, digest)
+        if problem:
+            raise BadInput(f"--out {path} would be the plan.json of a run whose plan.json is gone, and {problem}")
         return
     import stat
 
@@ -419,6 +416,79 @@ def _steps_held(path: str, under: str = "") -> str | None:
         return f"a dpdm train is training in {run}{under}"
     return (f"the run in {run} trained {ran} step{'s' if ran != 1 else ''}{under} before its first checkpoint "
             f"({STEPS_RECORD} records {'it' if ran == 1 else 'them'}), spent against its data")
+
+
+def _lost_plan_problem(path: str, digest: str) -> str | None:
+    """Why the plan `digest` is not written at `path`, a run's removed plan.json, for `_refuse_to_replace` (the
+    reason and the advice, with or without --force), or None where it may be: where no step is recorded there
+    (`STEPS_RECORD`), or where the plan is the one the run's steps ran under, as the record's v2 line names it
+    (its plan field) or the ledger of the run's checkpoint.pt does (a finished run keeps its record; `dpdm export`
+    asks for that plan back, r2 F1, stop 54). Refused: a train holding the folder's lock; a record or ledger of
+    another plan; a v1 record (a dpdm before stop 54) with no checkpoint naming the plan, whose steps a plan written
+    there priced at its own rate once spent (r1 F3, stop 54)."""
+    if os.path.basename(path) != "plan.json":
+        return None
+    from cli._common import _run_is_training
+    from dpdm.steps_record import STEPS_RECORD
+
+    run = output_folder(path)   # where the OS reaches it (`LINK/../plan.json`)
+    elsewhere = "write the new plan elsewhere and train a new run in another --out"
+    if _run_is_training(run):
+        return f"a dpdm train is training in {run}; even --force does not write a plan there: {elsewhere}"
+    ran, named = _recorded_plan(run)
+    if not ran:
+        return None
+    steps = f"{ran} step{'s' if ran != 1 else ''}"
+    them = "it" if ran == 1 else "them"
+    ledger = _ledger_plan(os.path.join(run, "checkpoint.pt"))   # None: no checkpoint, or none that loads
+    if ledger is not None and ledger != digest:
+        return (f"its checkpoint {os.path.join(run, 'checkpoint.pt')} was trained under plan {ledger[:19]}..., not "
+                f"this plan ({digest[:19]}...); even --force does not write another plan there: put that plan back "
+                f"(the one of that digest), or {elsewhere}")
+    if named is not None and named != digest.rsplit(":", 1)[-1][:16]:
+        return (f"the run in {run} trained {steps} under plan sha256:{named}... ({STEPS_RECORD} records {them}), "
+                f"not this plan ({digest[:19]}...), spent against its data; even --force does not write another plan "
+                f"there: put that plan back (the one of that digest), or {elsewhere}")
+    if named is None and ledger is None:
+        return (f"the run in {run} trained {steps} ({STEPS_RECORD} records {them}, spent against its data) under a "
+                "plan its record does not name (a dpdm before stop 54 wrote it) and no checkpoint.pt names; even "
+                f"--force does not write a plan there: {elsewhere}, or copy the run's own plan.json back by hand")
+    return None
+
+
+def _recorded_plan(run: str) -> tuple[int, str | None]:
+    """The steps a run's `STEPS_RECORD` records (0: none, or no record dpdm writes) and the 16 hex digits of the
+    plan digest its v2 line names them by (None: a v1 line, which names none), read as `dpdm.train` writes it
+    (`_StepsRecord`), without torch."""
+    from dpdm.steps_record import RECORD_FIELDS, STEPS_RECORD, recorded_steps
+
+    ran = recorded_steps(run)
+    if not ran:
+        return 0, None
+    try:
+        with open(os.path.join(run, STEPS_RECORD), "rb") as f:
+            parts = f.read(256).split(b"\n", 1)[0].decode("ascii", "replace").split()
+    except OSError:
+        return ran, None
+    for head, fields in RECORD_FIELDS.items():
+        if parts[:len(head.split())] == head.split() and len(parts) == len(head.split()) + fields and fields >= 5:
+            plan = parts[len(head.split()) + 4]
+            return ran, plan if len(plan) == 16 and all(ch in "0123456789abcdef" for ch in plan) else None
+    return ran, None
+
+
+def _ledger_plan(checkpoint: str) -> str | None:
+    """The plan digest of the ledger of the checkpoint at `checkpoint` (loaded with weights_only=True), or None
+    where there is none or it does not load."""
+    if not os.path.exists(checkpoint):
+        return None
+    from dpdm.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        digest = load_checkpoint(checkpoint)["ledger"]["plan_digest"]
+    except (CheckpointError, MemoryError):
+        return None
+    return digest if isinstance(digest, str) else None
 
 
 def _resolve_dataset(name: str | None, size: int | None) -> tuple[str | None, int]:

@@ -1598,10 +1598,10 @@ def plan_private_grad(D, loss_fn, batch, plan, *, seed: int, step: int, lr_segme
     (`step_seed(run_seed_at(seed, lr_segments, step), step, _STREAM_DP_NOISE)`).
 
     `dpdm audit`'s mechanism checks call this very function (`audits.suite.training_private_grad`), and so do
-    its canary runs (`audits.canary.train_with_canaries`), so what they test is what the training loop passes
-    to the engine; their noise tests compare (random) steps of one
-    run seed, so noise repeated across steps fails them, and consecutive steps (noise_fresh_each_step), so does noise
-    that neighbouring steps share. What the loop passes here is not audited (`audits.suite.LOOP_NOT_AUDITED`)."""
+    its canary runs (`audits.canary.train_with_canaries`). Their noise tests compare random steps of one run seed,
+    consecutive steps (noise_fresh_each_step), and the noise alone of steps 0 to 2047 and 2**k exactly
+    (noise_never_repeats), so noise that repeats across steps fails them (every N steps for N < 2048 or a power of
+    two). What the training loop passes here is not audited (`audits.suite.LOOP_NOT_AUDITED`)."""
     return distributed_private_grad(D, loss_fn, *batch, clip_norm=plan.clip_norm,
                                     noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.batch_size,
                                     noise_seed=step_seed(run_seed_at(seed, lr_segments, step), step,

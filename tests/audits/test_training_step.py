@@ -87,7 +87,7 @@ def test_noise_that_ignores_the_run_seed_after_an_lr_change_fails(monkeypatch):
 
     import audits.suite as suite
 
-    for name in ("check_engine", "check_fresh_noise", "check_network", "check_sampler",
+    for name in ("check_engine", "check_fresh_noise", "check_noise_never_repeats", "check_network", "check_sampler",
                  "check_run"):   # noise_keyed_by_run_seed alone
         monkeypatch.setattr(suite, name, lambda *a, **k: [])
     monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
@@ -233,7 +233,8 @@ def test_noise_shared_by_neighbouring_steps_fails_noise_fresh_each_step(monkeypa
     import audits.suite as suite
     from audits.mechanism import check_fresh_noise
 
-    for name in ("check_engine", "check_run_seed", "check_network", "check_sampler", "check_run"):
+    for name in ("check_engine", "check_run_seed", "check_noise_never_repeats", "check_network", "check_sampler",
+                 "check_run"):
         monkeypatch.setattr(suite, name, lambda *a, **k: [])   # noise_fresh_each_step alone
     monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
     plan_doc = types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
@@ -276,7 +277,8 @@ def test_mechanism_checks_test_the_steps_on_either_side_of_the_runs_own_lr_chang
 
     import audits.suite as suite
 
-    for name in ("check_engine", "check_run_seed", "check_network", "check_sampler", "check_run"):
+    for name in ("check_engine", "check_run_seed", "check_network", "check_sampler", "check_run",
+                 "check_noise_never_repeats"):
         monkeypatch.setattr(suite, name, lambda *a, **k: [])   # noise_fresh_each_step alone
     monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
     plan_doc = types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
@@ -306,3 +308,42 @@ def test_noise_fresh_each_step_without_an_lr_change_tests_both_parities(monkeypa
         assert [c.name for c in checks] == ["noise_fresh_each_step"]
         assert not checks[0].passed and checks[0].statistic == 0.0, checks[0].detail
     assert check_fresh_noise(training_private_grad(vary="consecutive"), alpha=0.01 / 15, pairs=5)[0].passed
+
+
+def test_noise_repeated_every_n_steps_fails_noise_never_repeats(monkeypatch):
+    """r2 F2 (stop 54): a step whose noise seed was keyed by ``step % N`` (the step within an epoch) drew the noise of
+    step s + N at step s, and passed every mechanism check from N of about 64 (neighbours and two random steps of
+    2**62 never are N apart). noise_never_repeats, in `mechanism_checks` for both engines, compares the noise alone
+    of steps 0 to 2047 and 2**k exactly: ``step % 1000`` fails it (both engines), and the real step passes."""
+    import types
+
+    import audits.suite as suite
+    from audits.mechanism import REPEAT_NOISE_CHECKS, check_noise_never_repeats
+
+    assert REPEAT_NOISE_CHECKS == ("noise_never_repeats",)
+    for name in ("check_engine", "check_run_seed", "check_fresh_noise", "check_network", "check_sampler", "check_run"):
+        monkeypatch.setattr(suite, name, lambda *a, **k: [])   # noise_never_repeats alone
+    monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
+    plan_doc = types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
+    checks, _ = suite.mechanism_checks(None, plan_doc, {"train": {}}, alpha=0.01 / 15, suite="quick")
+    assert [c.name for c in checks] == ["noise_never_repeats (rules)", "noise_never_repeats (vmap)"]
+    assert all(c.passed and c.statistic == 0 and c.p_value is None for c in checks), checks[0].detail
+    assert "0 to 2047 and 2**k for k = 11 to 62: no two equal or opposite" in checks[0].detail, checks[0].detail
+    seed_of = train_mod.step_seed
+    monkeypatch.setattr(train_mod, "step_seed", lambda seed, step, stream: seed_of(seed, step % 1000, stream))
+    checks, _ = suite.mechanism_checks(None, plan_doc, {"train": {}}, alpha=0.01 / 15, suite="quick")
+    assert not any(c.passed for c in checks), checks[0].detail
+    assert all("(the first: step 1000 drew the noise of step 0)" in c.detail for c in checks), checks[0].detail
+    # A step whose noise is minus another's (antithetic pairs) fails it; a period of 2**40 shows at the powers of two
+    base = training_private_grad(vary="consecutive")
+
+    def antithetic(model, loss_fn, *batch, generator, **kw):
+        s = generator.initial_seed()
+        out = base(model, loss_fn, *batch, generator=torch.Generator().manual_seed(s // 2 * 2), **kw)
+        return {k: -v for k, v in out.items()} if s % 2 else out
+
+    found = check_noise_never_repeats(antithetic, steps=8, powers=3)[0]
+    assert not found.passed and found.statistic == 4 and "step 1 drew minus the noise of step 0" in found.detail, found
+    monkeypatch.setattr(train_mod, "step_seed", lambda seed, step, stream: seed_of(seed, step % 2**40, stream))
+    found = check_noise_never_repeats(base, steps=8)[0]
+    assert not found.passed and "step 1099511627776 drew the noise of step 0" in found.detail, found

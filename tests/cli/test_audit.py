@@ -87,13 +87,15 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
     # engine's noise is checked under two run seeds too (h123 F1, stop 52). The run trained with the rules engine
     # and has the vmap engine checked as well: a resume may change --grad-engine, and the checkpoint records the
     # engine of the last start only (h123 F2, stop 52: a run resumed with vmap had its rules steps unchecked).
-    # And consecutive steps of one run must draw independent noise (h143 F1, stop 54).
-    from audits.mechanism import ENGINE_CHECKS, FRESH_NOISE_CHECKS, NETWORK_CHECKS, RUN_SEED_CHECKS
+    # And consecutive steps of one run must draw independent noise (h143 F1, stop 54), and no two of steps 0 to 2047
+    # and 2**k the same noise (r2 F2, stop 54).
+    from audits.mechanism import (ENGINE_CHECKS, FRESH_NOISE_CHECKS, NETWORK_CHECKS, REPEAT_NOISE_CHECKS,
+                                  RUN_SEED_CHECKS)
 
     assert "noise_keyed_by_run_seed" in RUN_SEED_CHECKS and FRESH_NOISE_CHECKS == ("noise_fresh_each_step",)
     for engine in ("rules", "vmap"):
         assert {f"{n} ({engine})" for n in (*ENGINE_CHECKS, *RUN_SEED_CHECKS, *FRESH_NOISE_CHECKS,
-                                            *NETWORK_CHECKS)} <= names, names
+                                            *REPEAT_NOISE_CHECKS, *NETWORK_CHECKS)} <= names, names
     line = next(s for s in report["what_was_audited"] if s.startswith("The mechanism checks ran"))
     assert "tiny float64 model" in line and "the run's 'small' network" in line and "float32" in line, line
     assert "with each per-example gradient engine, rules and vmap (" in line and "two run seeds" in line, line
@@ -101,6 +103,7 @@ def test_audit_writes_report_and_json(run_dir, tmp_path, capsys, monkeypatch):
     # 52: the seed of a step after a change derives by another path, which no check ran).
     assert "one after an lr change (one at step 3: the run records none)" in line, line
     assert "consecutive steps of one run (steps s and s + 1 from step 0, of both parities" in line, line
+    assert "the noise alone of steps 0 to 2047 and 2**k up to 2**62 (no two equal or opposite" in line, line
     # What the audit does not cover, said in the report (h143 F3, stop 54).
     from audits.suite import LOOP_NOT_AUDITED
 

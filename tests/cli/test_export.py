@@ -420,6 +420,24 @@ def test_a_run_folder_that_lost_its_plan_asks_for_it_back_by_digest(run, tmp_pat
         assert "put the run's plan.json back" in line and f"{digest[:19]}..." in line, line
         assert "from the run folder" not in line and "release file" not in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moved"]
+    # `dpdm plan` puts it back: it refused every plan beside the finished run's record (`.steps_done`, v2, naming the
+    # plan), saying the run "trained 3 steps before its first checkpoint" (r2 F1, stop 54). The plan the
+    # checkpoint's ledger names is written, even beside a v1 record (which names none); another plan is not.
+    options = ["plan", "--noise-multiplier", "2", "--multiplicity", "2", "--delta", "1e-5", "--dataset-size", "24",
+               "--batch-size", "6", "--steps", "3", "--dataset", f"npz:{run / 'data.npz'}",
+               "--out", moved / "plan.json"]
+    code, _, err = run_cli([*options[:2], "3", *options[3:], "--force"], capsys)
+    line = one_error_line(code, err)
+    assert f"its checkpoint {moved / 'checkpoint.pt'} was trained under plan {digest[:19]}..., not this plan" in line
+    assert "before its first checkpoint" not in line and not (moved / "plan.json").exists(), line
+    assert (moved / ".steps_done").read_bytes().startswith(b"dpdm-steps-run v2 3 ")
+    for record in (None, b"dpdm-steps-run v1 3 0123456789abcdef 0.0003 constant"):
+        if record:
+            (moved / "plan.json").unlink()
+            (moved / ".steps_done").write_bytes(record.ljust(127) + b"\n")
+        code, out, err = run_cli(options, capsys)
+        assert code == 0 and f"({digest[:19]}...)" in out, err
+    assert run_cli(["export", "--run", moved, "--out", tmp_path / "m.pt"], capsys)[0] == 0
 
 
 def test_export_refuses_weights_that_do_not_fit_the_network(run, tmp_path, capsys):

@@ -363,9 +363,12 @@ def test_force_keeps_the_plan_of_a_run_that_recorded_steps_or_is_training(capsys
     # priced its steps at the new plan's rate once spent (r1 F3, stop 54). Refused; nothing is written.
     path.unlink()
     for line, held in ((b"dpdm-steps-run v1 1 0123456789abcdef 0.0003 constant",
-                        "the run in {} trained 1 step before its first checkpoint (.steps_done records it), spent "
-                        "against its data"),
-                       (b"", "a dpdm train is training in {}")):
+                        "the run in {} trained 1 step (.steps_done records it, spent against its data) under a plan "
+                        "its record does not name (a dpdm before stop 54 wrote it) and no checkpoint.pt names; even "
+                        "--force does not write a plan there: write the new plan elsewhere and train a new run in "
+                        "another --out, or copy the run's own plan.json back by hand"),
+                       (b"", "a dpdm train is training in {}; even --force does not write a plan there: write the new "
+                        "plan elsewhere and train a new run in another --out")):
         record.write_bytes(line.ljust(127) + b"\n" if line else b"")
         for force in ((), ("--force",)):
             with open(tmp_path / ".train.lock", "a") as lock:
@@ -374,9 +377,43 @@ def test_force_keeps_the_plan_of_a_run_that_recorded_steps_or_is_training(capsys
                 rc, _, err = run(capsys, "--noise-multiplier", "3", *args, *force)
             assert rc == 2 and err.count("\n") == 1 and not path.exists(), err
             assert err == (f"dpdm: error: --out {path} would be the plan.json of a run whose plan.json is gone, and "
-                           f"{held.format(tmp_path)}; even --force does not write a plan there: write the new plan "
-                           "elsewhere and train a new run in another --out\n"), err
+                           f"{held.format(tmp_path)}\n"), err
     assert run(capsys, "--noise-multiplier", "3", *args)[0] == 0   # no step recorded, no train: written
+
+
+def test_a_runs_own_plan_is_put_back_beside_its_record_and_another_is_not(capsys, tmp_path):
+    """r2 F1 (stop 54): with RUN/plan.json removed beside a `.steps_done` of steps (a run stopped before its first
+    checkpoint, or a finished one, which keeps its record), `dpdm plan --out RUN/plan.json` refused every plan, the
+    run's own too, which `dpdm export` asks for back, saying the run "trained 3 steps before its first checkpoint"
+    and to train a new run. The plan the record's v2 line names is written; another plan is refused, with or
+    without --force, naming the record's plan; a lock a train holds still refuses it (the finished run, whose
+    checkpoint's ledger names the plan: tests/cli/test_export.py)."""
+    import fcntl
+
+    path = tmp_path / "plan.json"
+    args = ("--delta", "1e-5", "--dataset-size", "100", "--batch-size", "10", "--steps", "5", "--out", str(path))
+    rc, out, err = run(capsys, "--noise-multiplier", "2", *args, "--json")
+    assert rc == 0, err
+    digest, first = json.loads(out)["digest"], path.read_bytes()
+    line = f"dpdm-steps-run v2 3 0123456789abcdef 0.0003 constant {digest[7:23]} 0123456789abcdef"
+    (tmp_path / ".steps_done").write_bytes(line.encode().ljust(127) + b"\n")
+    path.unlink()
+    for force in ((), ("--force",)):
+        rc, _, err = run(capsys, "--noise-multiplier", "3", *args, *force)
+        assert rc == 2 and not path.exists(), err
+        assert err.startswith(f"dpdm: error: --out {path} would be the plan.json of a run whose plan.json is gone, "
+                              f"and the run in {tmp_path} trained 3 steps under plan sha256:{digest[7:23]}... "
+                              "(.steps_done records them), not this plan (sha256:") and err.endswith(
+            "...), spent against its data; even --force does not write another plan there: put that plan back (the "
+            "one of that digest), or write the new plan elsewhere and train a new run in another --out\n"), err
+        assert "before its first checkpoint" not in err and err.count("\n") == 1, err
+    with open(tmp_path / ".train.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # a train holds the folder
+        rc, _, err = run(capsys, "--noise-multiplier", "2", *args)
+    assert rc == 2 and f"a dpdm train is training in {tmp_path}" in err and not path.exists(), err
+    rc, out, err = run(capsys, "--noise-multiplier", "2", *args)
+    assert rc == 0 and err == "" and f"wrote {path} ({digest[:19]}...)" in out, err
+    assert path.read_bytes() == first
 
 
 BAD_ACCOUNT = [
@@ -946,7 +983,7 @@ def test_a_runs_locked_plan_reached_through_a_link_then_dotdot_is_not_replaced_e
 def test_a_plan_json_reached_through_a_link_then_dotdot_beside_a_runs_record_is_not_written(tmp_path, capsys,
                                                                                               monkeypatch):
     """mut57 (stop 54): `--out L/../plan.json`, L a link to RUN/sub, where RUN's plan.json is gone and its
-    `.steps_done` records steps of a run stopped before its first checkpoint. The OS writes RUN/plan.json, so the
+    `.steps_done` records steps under another plan. The OS writes RUN/plan.json, so the
     record is looked for in RUN (`output_folder`), not in the folder holding L: a plan written there would price
     those steps at its own rate once spent. Refused, with or without --force; nothing is written."""
     run_dir = tmp_path / "runs" / "r"
@@ -959,7 +996,7 @@ def test_a_plan_json_reached_through_a_link_then_dotdot_beside_a_runs_record_is_
     for force in ((), ("--force",)):
         rc, _, err = run(capsys, *SMALL, "--noise-multiplier", "2", "--out", f"L{os.sep}..{os.sep}plan.json", *force)
         assert rc == 2 and err.count("\n") == 1 and "would be the plan.json of a run whose plan.json is gone" in err \
-            and "trained 2 steps before its first checkpoint" in err, err
+            and "trained 2 steps under plan sha256:0123456789abcdef" in err, err
         assert not (run_dir / "plan.json").exists()
 
 
