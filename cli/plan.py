@@ -460,16 +460,13 @@ def _recorded_plan(run: str) -> tuple[int, str | None]:
     """The steps a run's `STEPS_RECORD` records (0: none, or no record dpdm writes) and the 16 hex digits of the
     plan digest its v2 line names them by (None: a v1 line, which names none), read as `dpdm.train` writes it
     (`_StepsRecord`), without torch."""
-    from dpdm.steps_record import RECORD_FIELDS, STEPS_RECORD, recorded_steps
+    from dpdm.steps_record import RECORD_FIELDS, RECORD_WIDTH, STEPS_RECORD, read_regular, recorded_steps
 
     ran = recorded_steps(run)
     if not ran:
         return 0, None
-    try:
-        with open(os.path.join(run, STEPS_RECORD), "rb") as f:
-            parts = f.read(256).split(b"\n", 1)[0].decode("ascii", "replace").split()
-    except OSError:
-        return ran, None
+    raw = read_regular(os.path.join(run, STEPS_RECORD), 2 * RECORD_WIDTH, whole=False)   # no FIFO or device (h145 F1)
+    parts = (raw or b"").split(b"\n", 1)[0].decode("ascii", "replace").split()
     for head, fields in RECORD_FIELDS.items():
         if parts[:len(head.split())] == head.split() and len(parts) == len(head.split()) + fields and fields >= 5:
             plan = parts[len(head.split()) + 4]
