@@ -429,13 +429,13 @@ def _lost_plan_problem(path: str, digest: str) -> str | None:
     if os.path.basename(path) != "plan.json":
         return None
     from cli._common import _run_is_training
-    from dpdm.steps_record import STEPS_RECORD
+    from dpdm.steps_record import STEPS_RECORD, record_binding, recorded_run
 
     run = output_folder(path)   # where the OS reaches it (`LINK/../plan.json`)
     elsewhere = "write the new plan elsewhere and train a new run in another --out"
     if _run_is_training(run):
         return f"a dpdm train is training in {run}; even --force does not write a plan there: {elsewhere}"
-    ran, named = _recorded_plan(run)
+    ran, named = recorded_run(run)
     if not ran:
         return None
     steps = f"{ran} step{'s' if ran != 1 else ''}"
@@ -445,7 +445,7 @@ def _lost_plan_problem(path: str, digest: str) -> str | None:
         return (f"its checkpoint {os.path.join(run, 'checkpoint.pt')} was trained under plan {ledger[:19]}..., not "
                 f"this plan ({digest[:19]}...); even --force does not write another plan there: put that plan back "
                 f"(the one of that digest), or {elsewhere}")
-    if named is not None and named != digest.rsplit(":", 1)[-1][:16]:
+    if named is not None and named != record_binding(digest):
         return (f"the run in {run} trained {steps} under plan sha256:{named}... ({STEPS_RECORD} records {them}), "
                 f"not this plan ({digest[:19]}...), spent against its data; even --force does not write another plan "
                 f"there: put that plan back (the one of that digest), or {elsewhere}")
@@ -454,24 +454,6 @@ def _lost_plan_problem(path: str, digest: str) -> str | None:
                 "plan its record does not name (a dpdm before stop 54 wrote it) and no checkpoint.pt names; even "
                 f"--force does not write a plan there: {elsewhere}, or copy the run's own plan.json back by hand")
     return None
-
-
-def _recorded_plan(run: str) -> tuple[int, str | None]:
-    """The steps a run's `STEPS_RECORD` records (0: none, or no record dpdm writes) and the 16 hex digits of the
-    plan digest its v2 line names them by (None: a v1 line, which names none), read as `dpdm.train` writes it
-    (`_StepsRecord`), without torch."""
-    from dpdm.steps_record import RECORD_FIELDS, RECORD_WIDTH, STEPS_RECORD, read_regular, recorded_steps
-
-    ran = recorded_steps(run)
-    if not ran:
-        return 0, None
-    raw = read_regular(os.path.join(run, STEPS_RECORD), 2 * RECORD_WIDTH, whole=False)   # no FIFO or device (h145 F1)
-    parts = (raw or b"").split(b"\n", 1)[0].decode("ascii", "replace").split()
-    for head, fields in RECORD_FIELDS.items():
-        if parts[:len(head.split())] == head.split() and len(parts) == len(head.split()) + fields and fields >= 5:
-            plan = parts[len(head.split()) + 4]
-            return ran, plan if len(plan) == 16 and all(ch in "0123456789abcdef" for ch in plan) else None
-    return ran, None
 
 
 def _ledger_plan(checkpoint: str) -> str | None:

@@ -45,9 +45,16 @@ def read_regular(path: str, limit: int, *, whole: bool = True) -> bytes | None:
     return None if whole and len(data) > limit else data[:limit]
 
 
-def recorded_steps(out_dir: str) -> int:
-    """The steps a private run in `out_dir` recorded in `STEPS_RECORD`, or 0 where there is none or it cannot be
-    read: for advice lines only (`dpdm train` itself reads and checks the record, `dpdm.train._read_steps_record`)."""
+def record_binding(digest: str) -> str:
+    """The 16 hex digits of a plan's or data's sha256 digest (`sha256:HEX`) that a v2 line names it by."""
+    return digest.rsplit(":", 1)[-1][:16]
+
+
+def recorded_run(out_dir: str) -> tuple[int, str | None]:
+    """The steps a private run in `out_dir` recorded in `STEPS_RECORD` (0 where there is none or it cannot be read)
+    and the 16 hex digits of the plan its v2 line names them by (None: a v1 line, which names none, or a line cut
+    short): for advice lines and `dpdm plan`'s check only (`dpdm train` itself reads and checks the record,
+    `dpdm.train._read_steps_record`)."""
     raw = read_regular(os.path.join(os.path.expanduser(out_dir), STEPS_RECORD), 2 * RECORD_WIDTH, whole=False)
     try:
         parts = (raw or b"").split(b"\n", 1)[0].split()
@@ -55,7 +62,16 @@ def recorded_steps(out_dir: str) -> int:
             head = head.encode().split()
             if parts[:len(head)] == head and len(parts) > len(head):
                 # a v2 line cut short (a crash's partial write, an edit) says nothing; a v1 line is read as before
-                return int(parts[len(head)]) if head[-1] == b"v1" or len(parts) == len(head) + fields else 0
-        return 0
+                whole = len(parts) == len(head) + fields
+                steps = int(parts[len(head)]) if head[-1] == b"v1" or whole else 0
+                plan = parts[len(head) + 4].decode("ascii", "replace") if whole and fields >= 5 and steps else None
+                return steps, plan if plan and len(plan) == 16 and all(ch in "0123456789abcdef" for ch in plan) \
+                    else None
+        return 0, None
     except ValueError:
-        return 0
+        return 0, None
+
+
+def recorded_steps(out_dir: str) -> int:
+    """The steps a private run in `out_dir` recorded in `STEPS_RECORD`, or 0 (`recorded_run`)."""
+    return recorded_run(out_dir)[0]

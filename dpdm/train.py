@@ -49,7 +49,8 @@ from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
 from dpdm.report_utils import epsilon_text
 from dpdm.steps_record import (RECORD_FIELDS as _RECORD_FIELDS, RECORD_HEAD as _RECORD_HEAD,
-                               RECORD_HEAD_V1 as _RECORD_HEAD_V1, RECORD_WIDTH as _RECORD_WIDTH, STEPS_RECORD)
+                               RECORD_HEAD_V1 as _RECORD_HEAD_V1, RECORD_WIDTH as _RECORD_WIDTH, STEPS_RECORD,
+                               record_binding)
 from dpdm.sampling import PRECISIONS, SIGMA_LIMITS, autocast_for
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -2062,14 +2063,9 @@ def _resumed_lr_segments(state: dict[str, Any], config: TrainConfig) -> tuple[tu
 # again on fresh noise under a ledger that never counted the first attempt's. `_unsaved_steps` tells the two
 # apart by the record: the steps ran (the most any attempt reached) and a digest of the lr segments they ran
 # under (`_segments_digest`), and their last lr and schedule, which the refusal names; and the plan and data they
-# ran under (`_record_binding`): a new run under another plan (`dpdm plan --force` over RUN/plan.json), or on other
+# ran under (`record_binding`): a new run under another plan (`dpdm plan --force` over RUN/plan.json), or on other
 # data, priced them at its own plan's rate when it spent them (h141 F1, stop 54). Its name and line format:
 # `dpdm.steps_record` (STEPS_RECORD), which the CLI's advice lines read without torch.
-
-
-def _record_binding(digest: str) -> str:
-    """The 16 hex digits of a plan's or data's sha256 digest (`sha256:HEX`) that the record names it by."""
-    return digest.rsplit(":", 1)[-1][:16]
 
 
 def _segments_digest(segments, steps: int) -> str:
@@ -2091,7 +2087,7 @@ class _StepsRecord:
         self._digests: dict[int, str] = {}
         # the plan and data the steps run under (`train` gives both); without them, a v1 line, bound to neither
         self._bound = ("" if plan_digest is None or data_digest is None else
-                       f" {_record_binding(plan_digest)} {_record_binding(data_digest)}")
+                       f" {record_binding(plan_digest)} {record_binding(data_digest)}")
 
     def open(self) -> None:
         """Opens (creates, 0600) the record; TrainError where it is not a regular file."""
@@ -2178,9 +2174,9 @@ def _other_run_of_record(record: tuple, bound: tuple[str, str]) -> str | None:
     names this plan and data, or none (a v1 line, written by a dpdm before stop 54)."""
     plan, data = record[4:6]
     other = []
-    if plan is not None and plan != _record_binding(bound[0]):
-        other.append(f"under plan sha256:{plan}... (not this plan, sha256:{_record_binding(bound[0])}...)")
-    if data is not None and data != _record_binding(bound[1]):
+    if plan is not None and plan != record_binding(bound[0]):
+        other.append(f"under plan sha256:{plan}... (not this plan, sha256:{record_binding(bound[0])}...)")
+    if data is not None and data != record_binding(bound[1]):
         other.append("on other data (other images or labels than these)")
     return " and ".join(other) or None
 
