@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import reprlib
 import stat
@@ -129,12 +130,14 @@ class AccountingError(RuntimeError):
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer, Python's or numpy's scalar (not a bool, nor a float such as 50.0)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_real(value) -> bool:
-    """A finite int or float (not a bool; an int too large for a float, a 401-digit number in plan.json, is not)."""
-    return isinstance(value, (int, float)) and _is_finite_real(value)
+    """A finite real number, Python's or numpy's scalar (not a bool; an int too large for a float, a 401-digit
+    number in plan.json, is not)."""
+    return _is_finite_real(value) and not isinstance(value, np.bool_)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -153,6 +156,17 @@ class PrivacyPlan:
     dataset_name: str | None = None
 
     def __post_init__(self):
+        # numpy's scalars (np.int64(50), np.float32(1.0)) as the Python numbers they equal, before any check, so that
+        # the plan's JSON and digest are those of the plain numbers (h154 N3, stop 55). Anything else stays as given,
+        # to be refused below.
+        for name in ("dataset_size", "batch_size", "steps", "noise_multiplicity"):
+            value = getattr(self, name)
+            if _is_int(value):
+                object.__setattr__(self, name, int(value))
+        for name in ("noise_multiplier", "clip_norm", "delta", "target_epsilon"):
+            value = getattr(self, name)
+            if _is_real(value):
+                object.__setattr__(self, name, float(value))
         if not (_is_int(self.dataset_size) and 1 <= self.dataset_size <= MAX_DATASET_SIZE):
             raise ValueError(f"dataset_size={reprlib.repr(self.dataset_size)} must be an integer in "
                              f"[1, {MAX_DATASET_SIZE}]")
@@ -186,11 +200,6 @@ class PrivacyPlan:
             raise ValueError(f"target_epsilon={reprlib.repr(self.target_epsilon)} must be a finite number > 0 or None")
         if self.dataset_name is not None and not (isinstance(self.dataset_name, str) and self.dataset_name):
             raise ValueError(f"dataset_name={reprlib.repr(self.dataset_name)} must be a non-empty string or None")
-        # Normalise numbers to float so that equal plans hash and serialise identically.
-        for name in ("noise_multiplier", "clip_norm", "delta", "target_epsilon"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, float(value))
 
     @property
     def sample_rate(self) -> float:
@@ -437,6 +446,7 @@ def make_plan_document(plan: PrivacyPlan, *, prv_relative_eps_error: float = PRV
             and PRV_RELATIVE_EPS_ERROR <= prv_relative_eps_error <= PRV_MAX_RELATIVE_EPS_ERROR):
         raise ValueError(f"prv_relative_eps_error={prv_relative_eps_error!r} must be in "
                          f"[{PRV_RELATIVE_EPS_ERROR:g}, {PRV_MAX_RELATIVE_EPS_ERROR:g}]")
+    prv_relative_eps_error = float(prv_relative_eps_error)   # numpy's scalars too: the document holds floats
     event, delta = plan.to_event(), plan.delta
     disc = _discretization(plan)
     rdp = RdpAccountant().epsilon(event, delta)

@@ -13,6 +13,7 @@ a distributed run reproduce it without carrying RNG state. The sampler's generat
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -34,9 +35,11 @@ class PoissonSampler:
     def __init__(self, dataset_size: int, sample_rate: float, seed: int) -> None:
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, (int, np.integer)) or dataset_size < 1:
             raise ValueError(f"dataset_size={dataset_size!r} must be an integer >= 1")
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) \
+        # numpy's float scalars too (np.float32(0.05) was "must be in (0, 1]", h154 N3, stop 55), taken as the
+        # number they hold; bools are not rates.
+        if isinstance(sample_rate, (bool, np.bool_)) or not isinstance(sample_rate, numbers.Real) \
                 or not math.isfinite(sample_rate) or not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate={sample_rate!r} must be in (0, 1]")
+            raise ValueError(f"sample_rate={sample_rate!r} must be a number in (0, 1]")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed={seed!r} must be an integer >= 0")
         self.dataset_size = int(dataset_size)

@@ -116,7 +116,8 @@ def validate_model(model: nn.Module) -> None:
 
     Raises:
         ValueError: naming the first offending module (BatchNorm*, SyncBatchNorm, InstanceNorm with
-            running statistics) and the fix.
+            running statistics, dropout in training mode, an Embedding with max_norm, which renormalises
+            its weight in place by the batch, or with sparse=True) and the fix.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model={type(model).__name__} must be a torch.nn.Module")
@@ -131,6 +132,13 @@ def validate_model(model: nn.Module) -> None:
             raise ValueError(
                 f"model contains {label} with track_running_stats=True, whose running statistics mix "
                 "examples; use nn.GroupNorm (or track_running_stats=False)")
+        if isinstance(m, nn.Embedding) and m.max_norm is not None:
+            raise ValueError(
+                f"model contains {label} with max_norm={m.max_norm:g}, which renormalises the rows a batch looks up in "
+                "place, changing the weights by the private examples outside the DP mechanism; use max_norm=None")
+        if isinstance(m, nn.Embedding) and m.sparse:
+            raise ValueError(f"model contains {label} with sparse=True, whose sparse gradients the per-example "
+                             "gradients cannot batch; use sparse=False (each example's gradient is dense anyway)")
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
             raise ValueError(
                 f"model contains {label} with p={m.p:g} in training mode: the vectorized per-example gradients "
@@ -255,7 +263,9 @@ class _GradRule(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("dpdm.engine's per-layer rules do not support double backward")
+        raise ValueError("dpdm.engine's per-layer rules do not support double backward (a loss_fn that differentiates "
+                         "through the model, such as an input-gradient penalty): pass per_layer_rules=False (plain "
+                         "vmap, the same numbers; dpdm train: --grad-engine vmap)")
 
 
 _GROUP_NORM_MAX_GROUPS = 65_535   # CUDA's limit on a grid's y dimension (native_group_norm_backward's groups)
@@ -515,7 +525,9 @@ class _Conv(torch.autograd.Function):
 
 
 def _tuple(v, d: int) -> list[int]:
-    return [int(a) for a in v] if isinstance(v, (tuple, list)) else [int(v)] * d
+    """`d` ints from an int or a sequence, as torch's conv2d reads them: a 1-tuple such as (1,) stands for (1, 1)."""
+    v = [int(a) for a in v] if isinstance(v, (tuple, list)) else [int(v)]
+    return v * d if len(v) == 1 else v
 
 
 def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -566,6 +578,9 @@ def _per_example(
     rules=False runs plain vmap(grad) (the reference the per-layer rules are tested against).
     """
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    # The gradients are the parameters' alone: a batch tensor with requires_grad=True left an autograd graph back to
+    # it on them, and the conv rule's per-tap matmuls (out=) refused it outright (h154 N5, stop 55).
+    batch = [t.detach() for t in batch]
     bound = _BoundLoss(model, loss_fn)
 
     def loss_one(params: dict[str, torch.Tensor], *example: torch.Tensor) -> torch.Tensor:
@@ -584,7 +599,17 @@ def _per_example(
                 grads, losses = fn(params, *batch)
         else:
             grads, losses = fn(params, *batch)
+    except NotImplementedError as e:
+        if "Sparse" not in str(e):
+            raise
+        raise ValueError("the model or loss_fn makes a sparse tensor (an embedding with sparse=True, say), which the "
+                         "per-example gradients cannot batch: use sparse=False") from e
     except RuntimeError as e:
+        if "embedding_renorm_" in str(e):   # torch's message names a vmap batching rule, not the caller's setting
+            raise ValueError(
+                "the model or loss_fn calls an embedding with max_norm, which renormalises the rows a batch looks up "
+                "in place, changing the weights by the private examples outside the DP mechanism: use max_norm=None"
+            ) from e
         if "randomness error mode" in str(e):   # torch's names vmap's flags, which the caller cannot set
             raise ValueError(
                 "the model or loss_fn draws random numbers (torch.randn_like, dropout in training mode, ...) per "
@@ -601,7 +626,7 @@ def _per_example(
             "the model's forward updates a tensor it holds in place (a running statistic, say), which mixes the "
             "examples of a batch: per-example gradients (and the DP guarantee) need a forward that treats each "
             f"example on its own{where}") from e
-    return grads, losses.detach()
+    return {name: g.detach() for name, g in grads.items()}, losses.detach()   # nor one from a tensor loss_fn captures
 
 
 def per_sample_grads(

@@ -112,6 +112,31 @@ def test_plan_is_frozen_and_hashable():
     assert not plan.warnings()
 
 
+def test_numpy_scalars_make_the_plan_of_the_numbers_they_hold(doc):
+    """h154 N3 (stop 55): batch_size=np.int64(50) was "must be an integer >= 1", np.float32 noise multipliers, clip
+    norms and deltas "must be a finite number > 0" or "in (0, 1)". They are the numbers they hold (as in the engine
+    since stop 53): the same plan, digest and document JSON. Bools and whole floats stay refused where integers are
+    needed."""
+    import numpy as np
+
+    plain = doc.plan
+    given = dataclasses.replace(
+        plain, dataset_size=np.int64(plain.dataset_size), batch_size=np.int32(plain.batch_size),
+        steps=np.uint16(plain.steps), noise_multiplicity=np.int64(plain.noise_multiplicity),
+        noise_multiplier=np.float64(plain.noise_multiplier), clip_norm=np.float32(plain.clip_norm),
+        delta=np.float64(plain.delta), target_epsilon=np.float32(plain.target_epsilon))
+    assert given == plain and hash(given) == hash(plain) and given.digest() == plain.digest()
+    assert [type(getattr(given, f.name)) for f in dataclasses.fields(given)] == \
+        [type(getattr(plain, f.name)) for f in dataclasses.fields(plain)]
+    assert dataclasses.replace(doc, plan=given).to_json() == doc.to_json()
+    assert accounting.epsilon_spent(plain, np.int64(3)) == accounting.epsilon_spent(plain, 3)
+    for field, value, why in [("batch_size", np.float64(256.0), "an integer"), ("steps", np.bool_(True), "an integer"),
+                              ("noise_multiplier", np.bool_(True), "a finite number"),
+                              ("delta", np.float32("nan"), "in"), ("clip_norm", np.float32(-1.0), "a finite number")]:
+        with pytest.raises(ValueError, match=f"^{field}=.* must be {why} "):
+            PrivacyPlan(**(BASE | {field: value}))
+
+
 def test_document_has_the_design_keys(doc):
     d = doc.to_dict()
     assert d["format"] == "dpdm.plan/1"

@@ -246,6 +246,22 @@ def test_conv_rule_takes_a_weight_or_bias_that_depends_on_the_example(which, chu
     assert_grads_close(got, loop_grads(model, loss_fn, (x, z)))
 
 
+def test_conv2d_with_one_tuples_reads_them_as_torch_does():
+    """h154 F1 (stop 55): F.conv2d(x, w, b, (1,), (1,)) expands the 1-tuples to both dimensions; the conv rule read
+    them as they were, and the per-tap path (one to four channels) failed with "not enough values to unpack"."""
+    torch.manual_seed(0)
+    for cin, cout, stride in ((1, 4, (1,)), (3, 2, (2,)), (6, 6, (1,))):     # per-tap paths, then the grouped one
+        model = nn.Conv2d(cin, cout, 3).double()
+
+        def loss_fn(m, x, stride=stride):
+            return F.conv2d(x, m.weight, m.bias, stride, (1,), (1,)).pow(2).sum()
+
+        x = torch.randn(3, cin, 6, 7, dtype=F64)
+        got = per_sample_grads(model, loss_fn, x)
+        assert_grads_close(got, loop_grads(model, loss_fn, (x,)))
+        assert_grads_close(got, per_sample_grads(model, loss_fn, x, per_layer_rules=False), rtol=1e-10)
+
+
 def test_per_sample_grads_float32_and_frozen_parameters():
     model, loss_fn, batch = token_case(B=3, dtype=torch.float32)
     model.tok.weight.requires_grad_(False)
@@ -630,6 +646,60 @@ def test_randomness_inside_the_loss_named_not_a_vmap_error(rules):
                                              r"tensors"):
             private_grad(model, loss_fn, torch.randn(3, 4), clip_norm=1.0, noise_multiplier=1.0,
                          expected_batch_size=3, per_layer_rules=rules)
+
+
+def test_double_backward_under_the_rules_names_the_engine_that_takes_it():
+    """h154 N1 (stop 55): a loss_fn that differentiates through the model (an input-gradient penalty) is refused by
+    the rules with a message that now names the fix; plain vmap computes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU(), nn.Conv2d(4, 1, 3, padding=1))
+    model = model.double()
+
+    def loss_fn(m, x):
+        gx = torch.func.grad(lambda xx: m(xx).sum())(x)
+        return gx.pow(2).mean() + m(x).mean()
+
+    x = torch.randn(3, 1, 5, 5, dtype=F64)
+    with pytest.raises(ValueError, match=r"^dpdm.engine's per-layer rules do not support double backward .*"
+                                         r"pass per_layer_rules=False .*--grad-engine vmap\)$"):
+        per_sample_grads(model, loss_fn, x)
+    assert_grads_close(per_sample_grads(model, loss_fn, x, per_layer_rules=False), loop_grads(model, loss_fn, (x,)))
+
+
+@pytest.mark.parametrize("rules", [True, False])
+def test_embeddings_the_engine_cannot_take_are_named(rules):
+    """h154 N2 (stop 55): max_norm (a renorm of the looked-up rows in place, by the private batch) and sparse=True
+    failed with torch's vmap and SparseCPU messages. The module is named; a functional call is named by its setting."""
+    tokens, labels = torch.tensor([[1, 2], [3, 3], [1, 4]]), torch.tensor([0, 1, 2])
+    for kw, setting in ((dict(max_norm=1.0), "max_norm=1"), (dict(sparse=True), "sparse=True")):
+        model = nn.Sequential(nn.Embedding(10, 4, **kw), nn.Flatten(), nn.Linear(8, 3))
+        with torch.no_grad():
+            model[0].weight.mul_(5)
+        before = model[0].weight.detach().clone()
+        with pytest.raises(ValueError, match=rf"^model contains 0 \(Embedding\) with {setting}, .*; use "):
+            private_grad(model, lambda m, t, y: F.cross_entropy(m(t), y), tokens, labels, clip_norm=1.0,
+                         noise_multiplier=1.0, expected_batch_size=3, per_layer_rules=rules)
+        assert torch.equal(model[0].weight, before)
+    weight = nn.Parameter(torch.randn(10, 4) * 5)
+    before = weight.detach().clone()
+    for kw, fix in ((dict(max_norm=1.0), "use max_norm=None"), (dict(sparse=True), "use sparse=False")):
+        with pytest.raises(ValueError, match=rf"^the model or loss_fn .* embedding with .*: {fix}$"):
+            per_sample_grads(nn.ParameterList([weight]), lambda m, t: F.embedding(t, m[0], **kw).sum(), tokens,
+                             per_layer_rules=rules)
+        assert torch.equal(weight.detach(), before)
+
+
+def test_inputs_that_require_grad_leave_no_graph_on_the_gradients():
+    """h154 N5 (stop 55): a batch tensor with requires_grad=True left a grad_fn back to it on the returned gradients
+    (held until they were overwritten). They are detached, and equal those of the detached batch."""
+    model, loss_fn, batch = token_case(B=3)
+    grad_batch = [t.clone().requires_grad_(True) if t.is_floating_point() else t for t in batch]
+    kw = dict(clip_norm=0.5, noise_multiplier=1.0, expected_batch_size=3)
+    outs = [per_sample_grads(model, loss_fn, *grad_batch), clipped_grad_sum(model, loss_fn, *grad_batch, clip_norm=0.5),
+            private_grad(model, loss_fn, *grad_batch, generator=engine.noise_generator(1), **kw)]
+    for out in outs:
+        assert all(not g.requires_grad and g.grad_fn is None for g in out.values())
+    assert_grads_close(outs[2], private_grad(model, loss_fn, *batch, generator=engine.noise_generator(1), **kw), rtol=0)
 
 
 def test_per_example_layers_accepted():

@@ -84,6 +84,18 @@ def test_bad_arguments(kwargs, name):
         PoissonSampler(**kwargs)
 
 
+def test_numpy_scalars_are_the_numbers_they_hold():
+    """h154 N3 (stop 55): sample_rate=np.float32(0.25) was "must be in (0, 1]", a range error for a type it did not
+    take. numpy's scalars are the numbers they hold, as in the engine and the plan; bools stay refused."""
+    s = PoissonSampler(np.int64(1000), np.float32(0.25), seed=np.uint64(3))
+    assert (s.dataset_size, s.sample_rate, s.seed) == (1000, 0.25, 3)
+    assert type(s.sample_rate) is float and type(s.dataset_size) is int and type(s.seed) is int
+    assert torch.equal(s.batch(np.int64(2)), PoissonSampler(1000, 0.25, seed=3).batch(2))
+    for bad in (np.bool_(True), True, "0.25"):
+        with pytest.raises(ValueError, match=r"^sample_rate=.* must be a number in \(0, 1\]$"):
+            PoissonSampler(1000, bad, seed=0)
+
+
 def test_bad_step():
     with pytest.raises(ValueError, match="step"):
         PoissonSampler(10, 0.1, seed=0).batch(-1)
