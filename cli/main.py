@@ -61,8 +61,7 @@ def _sigterm_raises_terminated():
     import signal
     import threading
 
-    size = os.environ.get("WORLD_SIZE", "1").strip()
-    if not (size.isdecimal() and int(size) <= 1) or threading.current_thread() is not threading.main_thread() or \
+    if _launched_by_torchrun() or threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
@@ -76,6 +75,35 @@ def _sigterm_raises_terminated():
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _launched_by_torchrun() -> bool:
+    """Whether WORLD_SIZE names more than one process: `dpdm.distributed.launched_by_torchrun`, read the same way
+    without importing it (it imports torch, which `dpdm plan` and `--help` avoid)."""
+    size = os.environ.get("WORLD_SIZE", "1").strip()
+    return not (size.isdecimal() and int(size) <= 1)
+
+
+# What a command other than `dpdm train` would do once per rank under torchrun, where it says more than "run again".
+_PER_RANK = {
+    "baseline": "each rank would train its own DP-SGD classifier on the private data, a release the plan's epsilon "
+                "does not count",
+    "audit": "each rank would train its own canary runs and write the report over the others'",
+    "demo": "each rank would train and write the demo again",
+}
+
+
+def _refuse_torchrun(name: str | None) -> None:
+    """Only `dpdm train` runs on several processes (it sets up the process group). Under torchrun any other command
+    ran once per rank: `dpdm baseline` trained N separate DP-SGD classifiers on the private data, each printed at
+    one plan's epsilon (h153 F1, stop 55). Refused before any work or write, one line, exit 2."""
+    if name is None or name == "train" or not _launched_by_torchrun():
+        return
+    size = os.environ["WORLD_SIZE"].strip()
+    shown = size if size.isdecimal() else repr(os.environ["WORLD_SIZE"])
+    why = _PER_RANK.get(name, "each rank would run it again")
+    raise BadInput(f"dpdm {name} runs in one process, not under torchrun (WORLD_SIZE={shown}): {why}; run it "
+                   "without torchrun, or unset WORLD_SIZE (only dpdm train runs on several processes)")
 
 
 class _LazyGroup(click.Group):
@@ -109,7 +137,8 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dpdm")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """dpdm: differentially private diffusion models.
 
     \b
@@ -120,6 +149,7 @@ def cli() -> None:
     dpdm audit --run RUN --out report
     dpdm export --run RUN --out model.pt              the model file to release (no secrets)
     """
+    _refuse_torchrun(ctx.invoked_subcommand)   # before the command parses its options, reads or writes anything
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())   # click 8.1 prints the help itself

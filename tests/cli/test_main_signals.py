@@ -78,20 +78,24 @@ def test_sigterm_is_handled_only_while_a_command_runs(monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_a_rank_of_several_keeps_sigterms_default(monkeypatch, capsys):
+def test_a_rank_of_several_keeps_sigterms_default(tmp_path, monkeypatch, capsys):
     """Under torchrun (WORLD_SIZE above 1) SIGTERM keeps its default action: a Python handler waits for the C++
     call in progress, so rank 0 waiting in the rendezvous for a rank that had refused its input ignored the agent's
-    SIGTERM and was killed 30 s later (SIGKILL), where the default ends it at once (measured, stop 46)."""
+    SIGTERM and was killed 30 s later (SIGKILL), where the default ends it at once (measured, stop 46). `dpdm train`
+    alone runs under torchrun (the other commands refuse it), so SIGTERM is looked at where it checks the launch."""
+    from dpdm import distributed
+
     seen = []
 
     def look(*args, **kwargs):
         seen.append(signal.getsignal(signal.SIGTERM))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(accounting, "make_plan_document", look)
+    write_tiny_data_and_plan(tmp_path, steps=2)
+    monkeypatch.setattr(distributed, "launch_problem", look)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    rc = main(["plan", "--noise-multiplier", "1", "--dataset-size", "100", "--batch-size", "10", "--steps", "3",
-               "--delta", "1e-5"])
+    rc = main(["train", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "run"), "--device", "cpu",
+               "--quiet"])
     assert rc == 130 and seen == [signal.getsignal(signal.SIGTERM)], (rc, seen, capsys.readouterr().err)
 
 
