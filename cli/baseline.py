@@ -141,11 +141,14 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"DP-SGD CNN on {name}: real test accuracy {result['test_accuracy']:.4f} at epsilon "
-             f"{epsilon_text(doc.epsilon)}, delta {doc.plan.delta:g} (it adds to the generator's where both are "
-             f"released on the same data; {result['steps']} steps, expected batch "
-             f"{result['expected_batch_size']}, {result['seconds']:.0f} s)"
-             + (" (given --seed: no guarantee against whoever knows it)" if seed is not None else ""))
+        # The held-out images named (and in the JSON, "test_dataset"): the comparison with `dpdm eval`'s figures is
+        # fair only on the same test images, and --test-dataset may be any file (h152 F1).
+        click.echo(f"DP-SGD CNN on {name}: real test accuracy {result['test_accuracy']:.4f} on "
+                   f"{result['test_dataset']} ({len(test)} images) at epsilon "
+                   f"{epsilon_text(doc.epsilon)}, delta {doc.plan.delta:g} (it adds to the generator's where both "
+                   f"are released on the same data; {result['steps']} steps, expected batch "
+                   f"{result['expected_batch_size']}, {result['seconds']:.0f} s)"
+                   + (" (given --seed: no guarantee against whoever knows it)" if seed is not None else ""))
         if "public_pretrain" in result:
             pre = result["public_pretrain"]
             click.echo(f"  started from {pre['epochs']} non-private epochs on public {pre['dataset']}: "

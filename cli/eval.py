@@ -193,6 +193,10 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                 held_out = check_samples_held_out(samples, real_test, real_train, counts=True)
             except DataError as e:
                 raise BadInput(f"--samples={samples_path!r}: {e}") from None
+        # Its refusal before any warning line, its warnings with the others below (a refused run prints one line,
+        # h152 F2: its "relative path" warning came first).
+        generator_notes = _check_test_held_out_from_generator(provenance["dataset"], dataset, real_test,
+                                                              test_dataset or dataset, data_root)
     if in_train:
         warn(f"{in_train} of the {len(real_test)} test images of {real_test.name!r} are also training "
              "images; their accuracy is not held-out")
@@ -218,8 +222,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
             warn(f"{samples_path!r} does not name its model's training data (its plan names none, or another); "
                  f"the test images of {(test_dataset or dataset)!r} are not checked against it: they must not be "
                  "that data")
-        _check_test_held_out_from_generator(provenance["dataset"], dataset, real_test, test_dataset or dataset,
-                                            data_root)
+        for note in generator_notes:
+            warn(note)
     if provenance["dataset"] is not None and \
             absolute_dataset_name(provenance["dataset"]) != absolute_dataset_name(dataset):
         # Not refused (another split or a copy of the data can be a fair reference), but the FD and precision /
@@ -287,35 +291,39 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
 
 
 def _check_test_held_out_from_generator(generator_data: str | None, dataset: str, real_test, test_name: str,
-                                        data_root) -> None:
+                                        data_root) -> list[str]:
     """The test accuracies are of held-out images: `check_test_data` compares the test images with --dataset's
     training split, but the samples' generator may have trained on other data (their ``meta_dataset``), and a
     test set that is that data measures the generator's own training images. Half or more of the test images
     among them is refused, as for --dataset; fewer are warned about. Data that cannot be loaded here (a path
     the plan did not name, a torchvision dataset not on this machine) is not checked, and said so; so is a
-    samples file of dpdm's that names no training data (`eval_cmd`)."""
+    samples file of dpdm's that names no training data (`eval_cmd`).
+
+    Returns the warning lines, for the caller to print after all its refusals (h152 F2): a refusal is one line."""
     from dpdm.datasets import absolute_dataset_name, is_path_dataset, load_dataset, shared_images
 
+    notes: list[str] = []
     if generator_data is None or generator_data == dataset:
-        return
+        return notes
     if is_path_dataset(generator_data) and absolute_dataset_name(generator_data) != generator_data:
         # A plan made from a relative path: the same name may be another file here than where the model trained.
-        warn(f"the samples' model trained on {generator_data!r}, a relative path; the test images are checked "
-             f"against {absolute_dataset_name(generator_data).split(':', 1)[1]!r}, as read from this folder")
+        notes.append(f"the samples' model trained on {generator_data!r}, a relative path; the test images are "
+                     f"checked against {absolute_dataset_name(generator_data).split(':', 1)[1]!r}, as read from "
+                     "this folder")
     try:
         trained_on = load_dataset(generator_data, "train", data_root=data_root, download=False)
     except (ValueError, OSError) as e:   # DataError is a ValueError
-        warn(f"the samples' model trained on {generator_data!r}, which cannot be read here ({e}); the test images "
-             f"of {test_name!r} are not checked against it")
-        return
+        return notes + [f"the samples' model trained on {generator_data!r}, which cannot be read here ({e}); the "
+                        f"test images of {test_name!r} are not checked against it"]
     shared = shared_images(real_test, trained_on)
     if len(real_test) and 2 * shared >= len(real_test):
         raise BadInput(f"--test-dataset={test_name!r}: {shared} of its {len(real_test)} images are the training "
                        f"images of the samples' model ({generator_data!r}); the test accuracy must come from "
                        "held-out images")
     if shared:
-        warn(f"{shared} of the {len(real_test)} test images of {test_name!r} are training images of the samples' "
-             f"model ({generator_data!r}); their accuracy is not held-out")
+        notes.append(f"{shared} of the {len(real_test)} test images of {test_name!r} are training images of the "
+                     f"samples' model ({generator_data!r}); their accuracy is not held-out")
+    return notes
 
 
 def samples_provenance(path: str) -> dict:
@@ -439,14 +447,20 @@ def non_private_line(report: dict) -> str | None:
 def held_out_line(report: dict) -> str | None:
     """The line that says which figures are measured without privacy on the held-out test images (README:
     "Figures on the held-out test images"): the guarantee covers the training images only, and test images
-    may be private too (h115 N4)."""
+    may be private too (h115 N4). The counts of samples that are test images or near-copies of them are named
+    where they are not zero (the README says this note names them, h152 N4; a zero count is not shown, as
+    `non_private_line` leaves out a zero `test_images_in_train`)."""
     fd = report.get("classifier_fd") or {}
+    in_test, near_test = report.get("samples_in_test") or 0, report.get("test_images_near_samples") or 0
     names = (["the downstream accuracies"] if report.get("classifiers") else []) + \
         (["the FD's floor"] if "real_test_value" in fd else []) + \
-        (["the near-copy count's floor"] if report.get("test_images_near_train") is not None else [])
+        (["the near-copy count's floor"] if report.get("test_images_near_train") is not None else []) + \
+        (["the counts of samples that are test images or near-copies of them"] if near_test else
+         ["the count of samples that are test images"] if in_test else [])
     if report.get("real_test_size") is None or not names:
         return None
-    are = "is" if names in (["the FD's floor"], ["the near-copy count's floor"]) else "are"
+    are = "is" if names in (["the FD's floor"], ["the near-copy count's floor"],
+                            ["the count of samples that are test images"]) else "are"
     return (f"note: {' and '.join(names)} {are} measured WITHOUT privacy on the held-out test images: where those "
             "are private too, they are outside the DP guarantee as well")
 
@@ -469,9 +483,15 @@ def copies_line(report: dict) -> str:
 
 def format_report(report: dict) -> str:
     """The human-readable table."""
+    # The held-out data named beside the training data (--test-dataset may be any file), and the seed every figure
+    # depends on: a figure is tied to its test images and can be reproduced (h152 F1).
+    test = report.get("test_dataset")
+    tested = "no test data" if report.get("real_test_size") is None else \
+        f"test {'' if test is None else f'{test} '}({report['real_test_size']})"
+    seed = "" if report.get("seed") is None else f", seed {report['seed']}"
     lines = [f"samples {report['samples']}: {report['n_samples']} images "
-             f"{'x'.join(map(str, report['image_shape']))}, real data {report['dataset']} "
-             f"(train {report['real_train_size']}, test {report['real_test_size']})"]
+             f"{'x'.join(map(str, report['image_shape']))}, real data: train {report['dataset']} "
+             f"({report['real_train_size']}), {tested}{seed}"]
     made = report.get("samples_provenance") or {}
     # A warm start lifts every downstream figure (85.5% -> 92.0% for the synthetic CNN on mnist5k): said beside
     # the privacy, so that they are compared with a DP-SGD CNN warm-started on the same public data.

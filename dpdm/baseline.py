@@ -111,8 +111,9 @@ def train_dp_classifier(plan: accounting.PlanDocument | accounting.PrivacyPlan, 
         `augment_multiplicity` copies whose averaged loss is clipped as a whole (0: no augmentation).
 
     Returns:
-      {"test_accuracy", "epsilon", "delta", "plan_digest", "steps", "expected_batch_size", "lr", "model", "seed",
-      "test_images_in_train", "seconds"} ("epsilon" is the plan's certified epsilon, what the run spends;
+      {"test_accuracy", "test_dataset", "epsilon", "delta", "plan_digest", "steps", "expected_batch_size", "lr",
+      "model", "seed", "test_images_in_train", "seconds"} ("test_dataset" is `test`'s name, the held-out images
+      the accuracy was measured on; "epsilon" is the plan's certified epsilon, what the run spends;
       "seed" is the given one, or "secret"; "test_images_in_train" counts the test images that
       are also training images, `datasets.shared_images`: fewer than half, or this refuses; an exact count
       over the private images, so it is listed under `evaluate.NON_PRIVATE_KEY`), and
@@ -221,7 +222,7 @@ def train_dp_classifier(plan: accounting.PlanDocument | accounting.PrivacyPlan, 
             p.grad = grads[name].to(p.dtype)
         opt.step()   # the bar shows no loss: the private batch's un-noised mean loss is a statistic of the data
     bar.close()
-    return {"test_accuracy": accuracy(model, test.x, test.y, device=device),
+    return {"test_accuracy": accuracy(model, test.x, test.y, device=device), "test_dataset": test.name,
             "epsilon": epsilon, "delta": plan.delta, "plan_digest": digest,
             "steps": plan.steps, "expected_batch_size": plan.batch_size, "lr": lr,
             "seed": "secret" if given_seed is None else given_seed, "test_images_in_train": shared,

@@ -1070,7 +1070,8 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
       warn: where a warning goes (one line): the reference CNN that could not be cached (`reference_classifier`).
 
     Returns:
-      A JSON-serializable dict (see `cli/eval.py` for the printed form). What could not be computed
+      A JSON-serializable dict (see `cli/eval.py` for the printed form). "dataset" and "test_dataset" name the
+      training and the held-out data (None without `real_test`), "seed" is `seed`. What could not be computed
       is None (the accuracies: an empty "classifiers") with its reason under "skipped"
       (`skipped_metrics`); `NON_PRIVATE_KEY` lists the values computed without privacy from
       `real_train`. The reference CNN's cache path is not in it (its name fingerprints the data).
@@ -1134,7 +1135,11 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     check_shift(shift, samples.image_shape[1:])
     if "classifier_fd" not in skipped:
         _reference_folder(cache_dir)   # before any training, not after it
+    # The test data named as well as the training data, and the seed every figure depends on (the classifiers'
+    # initialisation, the 90/10 split, the reference CNN, the subsamples): a figure is tied to the held-out images
+    # it was measured on and can be reproduced (h152 F1).
     report: dict = {"samples": samples.name, "n_samples": len(samples), "dataset": real_train.name,
+                    "test_dataset": None if real_test is None else real_test.name, "seed": int(seed),
                     "image_shape": list(samples.image_shape), "real_train_size": len(real_train),
                     "real_test_size": None if real_test is None else len(real_test),
                     "classifiers": {},

@@ -49,9 +49,12 @@ def test_eval_json_on_tiny_data(digit_files, tmp_path, capsys):
                           "--dataset", f"npz:{digit_files['train']}",
                           "--test-dataset", f"npz:{digit_files['test']}",
                           "--classifiers", "logreg,mlp", "--epochs", "2", "--reference-epochs", "2",
-                          "--cache-dir", str(tmp_path), "--device", "cpu", "--json")
+                          "--cache-dir", str(tmp_path), "--device", "cpu", "--seed", "3", "--json")
     assert code == 0, err
     report = json.loads(out)
+    # The held-out data the accuracies were measured on and the seed every figure depends on are recorded: a figure
+    # is tied to its test images and can be reproduced (h152 F1: only the training data was named).
+    assert report["test_dataset"] == f"npz:{digit_files['test']}" and report["seed"] == 3, sorted(report)
     assert set(report["classifiers"]) == {"logreg", "mlp"}
     for r in report["classifiers"].values():
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["epochs"] == 2
@@ -65,9 +68,12 @@ def test_eval_json_on_tiny_data(digit_files, tmp_path, capsys):
                           "--dataset", f"npz:{digit_files['train']}",
                           "--test-dataset", f"npz:{digit_files['test']}",
                           "--classifiers", "", "--reference-epochs", "2", "--cache-dir", str(tmp_path),
-                          "--device", "cpu")
+                          "--device", "cpu", "--seed", "3")
     assert code == 0, err
     assert "classifier FD (not FID)" in out
+    # The first line names both the training and the held-out data, and the seed (h152 F1).
+    assert out.splitlines()[0].endswith(f", real data: train npz:{digit_files['train']} (600), "
+                                        f"test npz:{digit_files['test']} (300), seed 3"), out
 
 
 def test_eval_public_pretrain(digit_files, tmp_path, capsys):
@@ -277,6 +283,9 @@ def test_baseline_runs_exactly_plan_steps(digit_files, tmp_path, capsys):
     assert code == 0, err
     r = json.loads(out)
     assert r["steps"] == 4 and r["expected_batch_size"] == 64
+    # The held-out data is named: the comparison with `dpdm eval`'s figures is fair only on the same test images
+    # (h152 F1: only the training data was).
+    assert r["test_dataset"] == f"npz:{digit_files['test']}", sorted(r)
     assert 0.0 <= r["test_accuracy"] <= 1.0
     assert r["plan_digest"].startswith("sha256:") and r["epsilon"] > 0
     # Nothing computed from the private data without noise is released (realised batch sizes,
@@ -301,6 +310,7 @@ def test_baseline_runs_exactly_plan_steps(digit_files, tmp_path, capsys):
     code, out, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--quiet",
                           "--test-dataset", f"npz:{digit_files['test']}", "--device", "cpu", "--seed", "3")
     assert code == 0 and "(given --seed: no guarantee against whoever knows it)" in out, err
+    assert f" on npz:{digit_files['test']} (300 images) at epsilon " in out, out   # the held-out data (h152 F1)
     code, out, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--quiet",
                           "--test-dataset", f"npz:{digit_files['test']}", "--device", "cpu", "--seed", "3", "--json")
     assert code == 0 and json.loads(out)["seed_given"] is True
@@ -673,6 +683,7 @@ def test_eval_unlabelled_samples_and_real_data(digit_files, tmp_path, capsys, mo
     assert code == 0 and "classifier FD and classifier precision/recall skipped" in err, err
     assert ("copies of training images: 0 of the 40 samples (exact copies only: images under 16x16 pixels get no "
             "near-copy search)") in out.splitlines(), out
+    assert out.splitlines()[0].endswith(f", real data: train npz:{real} (160), no test data, seed 0"), out
     assert not (tmp_path / "c2").exists()
     # With (stand-in) Inception weights: the Inception FID, and the reference metrics skipped with their reason.
     net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten())
@@ -1716,6 +1727,32 @@ def test_eval_refuses_a_test_set_half_of_which_is_the_generators_training_data(d
     assert not (tmp_path / "cache").exists()
 
 
+def test_eval_refusal_of_the_generators_training_data_as_test_set_is_one_line(digit_files, tmp_path, capsys,
+                                                                                monkeypatch):
+    """h152 F2: samples whose model trained on a relative path (`dpdm plan --dataset npz:own.npz`, as the README's
+    own-data example does) got the warning "a relative path; the test images are checked against ..." before the
+    refusal of a test set that is that model's training data: two lines. The refusal comes first and alone; a run
+    that passes still warns."""
+    with np.load(digit_files["samples"]) as z:
+        x, y = z["x"], z["y"]
+    with np.load(digit_files["test"]) as z:
+        np.savez(tmp_path / "own.npz", x=z["x"], y=z["y"])   # the model's training data: the test images
+    monkeypatch.chdir(tmp_path)
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, x=x, y=y, meta_private=np.array(True), meta_seed_given=np.array(False),
+             meta_epsilon=np.array(2.0), meta_delta=np.array(1e-5), meta_dataset=np.array("npz:own.npz"))
+    common = ("eval", "--samples", str(samples), "--dataset", f"npz:{digit_files['train']}", "--classifiers",
+              "logreg", "--epochs", "1", "--reference-epochs", "1", "--cache-dir", str(tmp_path / "cache"))
+    code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{digit_files['test']}")
+    _assert_one_line_error(code, err, "--test-dataset=", "300 of its 300 images are the training images of the "
+                           "samples' model ('npz:own.npz')")
+    assert not (tmp_path / "cache").exists()
+    # Not refused (no test image among the model's): the relative path is still warned of, after the checks.
+    np.savez(tmp_path / "own.npz", x=x[:100], y=y[:100])
+    code, _, err = _run(capsys, *common, "--classifiers", "", "--test-dataset", f"npz:{digit_files['test']}")
+    assert code == 0 and "dpdm: warning: the samples' model trained on 'npz:own.npz', a relative path" in err, err
+
+
 def test_baseline_names_a_folders_transparent_and_exif_tagged_images(digit_files, tmp_path, capsys):
     """r1 F3, stop 52: `dpdm baseline` names the first training image with transparent pixels (whose alpha dpdm
     drops) and the first with an EXIF orientation tag (which it ignores), as `dpdm train` does (README); the test
@@ -1769,6 +1806,15 @@ def test_eval_notes_agree_with_what_they_name():
     assert held_out_line(near).startswith("note: the near-copy count's floor is measured WITHOUT privacy")
     assert held_out_line(near | {"classifiers": {"logreg": {}}}).startswith(
         "note: the downstream accuracies and the near-copy count's floor are measured WITHOUT privacy")
+    # h152 N4: the counts of test images among the samples (warned of where not zero) are counts over the test
+    # images too, and the README says this note names them.
+    assert held_out_line({"real_test_size": 10, "samples_in_test": 2}).startswith(
+        "note: the count of samples that are test images is measured WITHOUT privacy on the held-out test images")
+    assert held_out_line(near | {"samples_in_test": 2, "test_images_near_samples": 1}).startswith(
+        "note: the near-copy count's floor and the counts of samples that are test images or near-copies of them are "
+        "measured WITHOUT privacy")
+    assert held_out_line(near | {"samples_in_test": 0, "test_images_near_samples": 0}).startswith(
+        "note: the near-copy count's floor is measured")
 
 
 # --- stop 53 mends (h132) ------------------------------------------------------------------------
