@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import tempfile
 import warnings
 import zipfile
@@ -253,9 +254,10 @@ def verify_ledger(state: dict[str, Any], doc, what: str) -> None:
 
 
 # What torch.load(weights_only=True) raises on a file it refuses: a pickle asking for code, a truncated zip, or
-# a file that is no torch file at all (its legacy reader then fails with a KeyError on the "magic number").
+# a file that is no torch file at all (its legacy reader then fails with a KeyError on the "magic number", or with
+# struct.error where the file ends inside one of its 4-byte reads: `printf junk`, mut58 F1, stop 55).
 TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
-                     AttributeError, TypeError, IndexError)
+                     AttributeError, TypeError, IndexError, struct.error)
 
 
 def _load_weights_only(path: str | os.PathLike) -> dict[str, Any]:
