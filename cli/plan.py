@@ -136,7 +136,9 @@ def _memory_allowance() -> int | None:
 # Output
 @click.option("--out", type=PathOption(dir_okay=False, writable=True),
               help="Write the locked plan here (an existing file holding another plan is kept; see --force).")
-@click.option("--force", is_flag=True, help="Let --out replace a file that holds a different plan (or no plan).")
+@click.option("--force", is_flag=True,
+              help="Let --out replace a file that holds a different plan, or an empty file; any other file is kept, "
+                   "and so is a run's own plan.json.")
 @click.option("--curve", type=PathOption(dir_okay=False, writable=True),
               help="Plot epsilon against steps (.png; .pdf, .svg, .jpg by extension).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan document (JSON) and nothing else on stdout.")

@@ -82,7 +82,8 @@ from dpdm.report_utils import epsilon_text
                    "weights (the model loses them, the budget does not get them back). Without it such a resume is "
                    "refused; with the run's own lr it replays them exactly, at no cost. Without --resume, where a "
                    "run in --out was stopped before its first checkpoint: count its steps as spent and go on after "
-                   "them with new weights (without it the new run is refused).")
+                   "them with new weights (without it the new run is refused). Refused either way where the steps "
+                   "ran under another plan or on other data (the record names both).")
 @click.option("--no-dp", "no_dp", is_flag=True, help="Train WITHOUT privacy (a baseline; marked non-private everywhere).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -216,6 +217,7 @@ def train(ctx, plan_path, out_dir, dataset, data_root, download, model, precond,
         summary = run_training(doc, data.x, data.y, data.num_classes, out_dir, config,
                                dataset_name=name, resume=resume, progress=not quiet, public_data=public_data,
                                class_names=data.class_names, spend_unsaved_steps=spend_unsaved_steps,
+                               image_names=data.files,
                                on_start=lambda notes: _warn_before_training(data, name, dataset_given, doc, no_dp,
                                                                             (*resume_notes, *notes),
                                                                             None if resume else seed))

@@ -168,6 +168,9 @@ class ImageData:
     transparent: (the first file, how many) of a ``folder:`` dataset's images with a pixel that is not fully
     opaque (an alpha channel, a palette's or a colour key's transparency), whose alpha dpdm drops, as
     torchvision's ImageFolder does; None where none has one; a command warns (`transparency_note`).
+    files: each image's path relative to the data folder, in the data's order (a ``folder:`` dataset's), which
+    `duplicate_images` names; None for other data. Not an argument: a subset made by `dataclasses.replace` drops
+    it, rather than naming other images' files (set by `_with_files`).
     """
 
     x: torch.Tensor
@@ -182,6 +185,7 @@ class ImageData:
     colour_images: tuple[str, int, bool] | None = None
     grayscale_images: tuple[str, int] | None = None
     transparent: tuple[str, int] | None = None
+    files: tuple[str, ...] | None = dataclasses.field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.ndim != 4:
@@ -400,13 +404,19 @@ def image_digests(x: torch.Tensor) -> tuple[bytes, ...]:
     return tuple(out)
 
 
-def duplicate_images(x: torch.Tensor | ImageData | Sequence[bytes]) -> str | None:
+def duplicate_images(x: torch.Tensor | ImageData | Sequence[bytes],
+                     names: Sequence[str] | None = None) -> str | None:
     """A warning line's text where images of `x` (a tensor [N, C, H, W] in [-1, 1], `ImageData`, or their
     `image_digests`) are exact copies of others on the uint8 grid (a copied file, an npz row stored twice), else None.
+    It names the first copy and its original by `names` (each image's file in the data folder: `ImageData.files`,
+    taken from `x` where not given), else by their indices in the data's order (an npz's rows): a folder's order,
+    files sorted as strings within each class, was for the user to work out (h155 F3, stop 55).
 
     An image the data holds twice is protected only as a group of its copies: under the plan's epsilon for one
     image, its person's is about twice that or more (h144 F1, stop 54). Warned, not refused: two people's records
     may be the same image (a blank scan). O(N) on the digests, which `dpdm.train.train` computes anyway."""
+    if names is None and isinstance(x, ImageData):
+        names = x.files
     digests = (x.image_digests if isinstance(x, ImageData) else image_digests(x) if isinstance(x, torch.Tensor)
                else x)
     first: dict[bytes, int] = {}
@@ -419,8 +429,10 @@ def duplicate_images(x: torch.Tensor | ImageData | Sequence[bytes]) -> str | Non
     if not copies:
         return None
     one = copies == 1
+    first = (f"{names[shown[0]]!r} is {names[shown[1]]!r}, paths in the data folder" if names is not None else
+             f"image {shown[0]} is image {shown[1]}, counted from 0 in the data's order")
     return (f"{copies} of the {len(digests)} images {'is an exact copy' if one else 'are exact copies'} of another "
-            f"(the first: image {shown[0]} is image {shown[1]}, counted from 0 in the data's order): an image the "
+            f"(the first: {first}): an image the "
             f"data holds twice is protected only as a group of its copies, with about twice the plan's epsilon or "
             f"more; remove {'it' if one else 'them'} unless each copy is another person's record")
 
@@ -1415,13 +1427,22 @@ def _load_folder(root: Path, name: str) -> ImageData:
                  colour_images=(str(files[colour[0]][0]), len(colour), grey) if colour else None,
                  grayscale_images=(str(files[gray[0]][0]), len(gray)) if gray else None,
                  transparent=(str(transparent[0]), len(transparent)) if transparent else None)
+    paths = tuple(os.path.relpath(f, root) for f, _ in files)
     if class_dirs:
         y = torch.tensor([label for _, label in files], dtype=torch.int64)
         # The class count is that of the class folders, each of which must hold an image: read off the data.
-        return ImageData(_from_uint8(x), y, len(class_dirs), name, num_classes_inferred=True,
-                         class_names=tuple(d.name for d in class_dirs), **notes)
+        return _with_files(ImageData(_from_uint8(x), y, len(class_dirs), name, num_classes_inferred=True,
+                                     class_names=tuple(d.name for d in class_dirs), **notes), paths)
     # The channel count is the images' own: one colour-mode image (holding colour) makes them all RGB.
-    return ImageData(_from_uint8(x), None, 0, name, **notes)
+    return _with_files(ImageData(_from_uint8(x), None, 0, name, **notes), paths)
+
+
+def _with_files(data: ImageData, files: tuple[str, ...]) -> ImageData:
+    """`data` with its `ImageData.files` set (a field that is no argument, so that `dataclasses.replace` drops it)."""
+    if len(files) != len(data):
+        raise ValueError(f"{len(files)} file names for {len(data)} images")
+    object.__setattr__(data, "files", files)
+    return data
 
 
 # The modes a folder's image loads as one channel from: grayscale, with or without alpha.

@@ -676,6 +676,7 @@ def train(
     public_data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     class_names: Sequence[str] | None = None,
     spend_unsaved_steps: bool = False,
+    image_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Trains under `plan_doc` until the run has done exactly `plan.steps` steps.
 
@@ -701,6 +702,8 @@ def train(
         spend_unsaved_steps: on a resume of a private run whose last attempt trained steps past the checkpoint
             (`STEPS_RECORD`) with another lr than this resume's: count them as spent and go on after them from
             the checkpoint's weights (`--spend-unsaved-steps`). Without it such a resume is refused.
+        image_names: each image's file in the data folder (`ImageData.files`: a ``folder:`` dataset's), by which
+            the warning of images that are exact copies of others names them; None: by their indices.
 
     Returns:
         The run summary: run, steps_done, epsilon_spent, plan_digest, private, ..., and discarded_steps where
@@ -751,6 +754,8 @@ def train(
                          f"[0, {num_classes}), one per image), or num_classes=0 for unlabelled data")
     if class_names is not None and len(class_names) != num_classes:
         raise TrainError(f"{len(class_names)} class names for {num_classes} classes")
+    if image_names is not None and len(image_names) != n:
+        raise TrainError(f"{len(image_names)} image names for {n} images")
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise TrainError(f"the images are {'x'.join(map(str, x.shape[1:]))} (CxHxW); the network needs square "
                          "images (N x C x H x H)")
@@ -875,7 +880,8 @@ def train(
     # said before the first step, with the run's other warnings
     own = image_digests(x) if state is None else None   # a new run's (its record of what it trained on, below)
     start_notes = [*([SEED_NOTE] if config.private and seed_given else []),
-                   *data_notes(x, y, num_classes, digests=own if config.private else None).values()]
+                   *data_notes(x, y, num_classes, digests=own if config.private else None,
+                               names=image_names).values()]
     init_weights = None
     if state is not None:
         saved = state["config"]
@@ -1650,15 +1656,15 @@ def distributed_private_grad(
 
 
 def data_notes(x: torch.Tensor, y: torch.Tensor | None, num_classes: int,
-               digests: Sequence[bytes] | None = None) -> dict[str, str]:
+               digests: Sequence[bytes] | None = None, names: Sequence[str] | None = None) -> dict[str, str]:
     """`train()`'s notes on data that passed `_check_images` yet looks mistaken, by kind: "nonnegative" (every pixel
     >= 0: images in [0, 1], as torchvision's ToTensor() gives them, train a washed-out model), "binary" (every pixel
     -1 or -1 + 2/255: 0 and 1 of 0..255, floats in [0, 1] cast to uint8), "empty_classes" (classes without an
     image) and, given the images' `digests` (`image_digests(x)`, which a new run computes anyway), "duplicates"
-    (images that are exact copies of others, `duplicate_images`: each is protected only as a group of its copies;
-    h144 F1, stop 54). Warned, not refused: bright or binary images, a publicly fixed class count and two people's
-    identical images are legitimate. The CLI says the kinds it computes without `digests` in its own words, and
-    "duplicates" as `train()` gives it."""
+    (images that are exact copies of others, `duplicate_images`, named by their files where `names` gives them: each
+    is protected only as a group of its copies; h144 F1, stop 54). Warned, not refused: bright or binary images, a
+    publicly fixed class count and two people's identical images are legitimate. The CLI says the kinds it computes
+    without `digests` in its own words, and "duplicates" as `train()` gives it."""
     notes = {}
     if len(x) and float(x.min()) >= 0:
         notes["nonnegative"] = (f"every pixel of the images is >= 0 (they span [{float(x.min()):g}, "
@@ -1677,7 +1683,7 @@ def data_notes(x: torch.Tensor, y: torch.Tensor | None, num_classes: int,
                                   f"(label{'' if one else 's'} {shown}): the model learns nothing of "
                                   f"{'it' if one else 'them'}, yet sampling draws every class evenly; remap the "
                                   "labels to 0..k-1 unless the class count is fixed publicly")
-    copies = None if digests is None else duplicate_images(digests)
+    copies = None if digests is None else duplicate_images(digests, names)
     if copies:
         notes["duplicates"] = copies
     return notes
@@ -2290,10 +2296,13 @@ def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool, dist: "
                       f"({str(path)!r} records {them})")
             other = _other_run_of_record(record, bound)
             if other:   # `dpdm plan --force` over RUN/plan.json, or other data of the plan's size (h141 F1, stop 54)
+                # Under the same plan on other data, it is the data whose ledger cannot hold them (h155 N4, stop 55).
+                why = (f"this plan cannot count {them} at its own price" if other.startswith("under plan") else
+                       f"this run's ledger, of these data, cannot count {them}")
                 refusal = (f"a run in {str(out)!r} trained {what} {other} and was stopped before its first "
-                           f"checkpoint ({str(path)!r} records {them}): this plan cannot count {them} at its own "
-                           f"price; {they} {'stays' if they == 'it' else 'stay'} spent against the data {they} ran "
-                           "on: choose another --out for this run (nothing was written)")
+                           f"checkpoint ({str(path)!r} records {them}): {why}; {they} "
+                           f"{'stays' if they == 'it' else 'stay'} spent against the data {they} ran on: choose "
+                           "another --out for this run (nothing was written)")
             elif ran >= plan_steps:
                 refusal = (f"{ran_at}: that is all {plan_steps} steps of its plan, which is spent, though no "
                            "checkpoint holds its weights; make a new plan and choose another --out (nothing was "

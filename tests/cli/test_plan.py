@@ -814,6 +814,17 @@ def test_help_names_path_datasets_and_no_default_with_a_size(capsys):
     assert "[default: mnist5k, none with --dataset-size alone]" in text, text
 
 
+def test_help_of_force_says_it_replaces_another_plan_or_an_empty_file_only(capsys):
+    """`--force` said it replaced a file holding "a different plan (or no plan)", where a file that holds anything
+    but a plan is kept even with --force, an empty one aside, and so is a run's own plan.json (h155 F2, stop 55; the
+    refusals are tested above)."""
+    assert main(["plan", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--force Let --out replace a file that holds a different plan, or an empty file; any other file is kept, "
+            "and so is a run's own plan.json.") in text, text
+    assert "no plan)" not in text, text
+
+
 def test_a_plans_relative_path_not_found_from_here_is_the_plans_not_dataset_option(capsys, tmp_path, monkeypatch):
     """A plan made with `--dataset npz:data.npz` and trained from another folder: the line blamed a `--dataset` the
     user never gave (h103 F6, stop 49). It names the plan's dataset, says the path is read from the current folder,

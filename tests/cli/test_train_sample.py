@@ -957,6 +957,15 @@ def test_resume_takes_the_runs_own_options_and_a_given_one_that_differs_names_th
     assert len((d / "run" / "metrics.csv").read_text().strip().splitlines()) == 1 + 4   # --log-every 1 kept
 
 
+def test_help_of_spend_unsaved_steps_says_it_is_refused_for_another_plans_or_other_datas_steps(capsys):
+    """`--spend-unsaved-steps`' help did not say that steps recorded under another plan or on other data are not
+    spent by it, as the README and the refusal say (h155 N3, stop 55)."""
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("without it the new run is refused). Refused either way where the steps ran under another plan or on "
+            "other data (the record names both).") in text, text
+
+
 def test_a_resume_at_another_lr_past_the_checkpoint_is_one_line_and_spend_unsaved_steps_goes_on(tiny, capsys,
                                                                                                    monkeypatch):
     """Stop 52: a run stopped at step 3 after its checkpoint of step 2 (as where a peer rank died) and resumed with
@@ -1713,7 +1722,8 @@ def test_train_warns_once_of_images_that_are_exact_copies_and_still_trains(tiny,
 def test_train_warns_of_two_links_to_one_file_outside_a_folder_as_copies(tiny, capsys, monkeypatch):
     """git-annex (DVC, the Hugging Face cache) stores two records' identical images as two links to one object
     outside the folder: refused as a link since h144 F1, though neither names an image of the folder (r1 F1, stop
-    54). Both are counted, and the copies' warning names them, before any step."""
+    54). Both are counted, and the copies' warning names them, by their paths in the folder (h155 F3, stop 55), before
+    any step."""
     from PIL import Image
 
     d = tiny
@@ -1732,7 +1742,8 @@ def test_train_warns_of_two_links_to_one_file_outside_a_folder_as_copies(tiny, c
     assert code == 130, err
     lines = [line for line in err.splitlines() if "exact cop" in line]
     assert len(lines) == 1 and lines[0].startswith(
-        "dpdm: warning: 1 of the 24 images is an exact copy of another (the first: image 8 is image 0,"), err
+        "dpdm: warning: 1 of the 24 images is an exact copy of another (the first: 'c1/01.png' is 'c0/00.png', "
+        "paths in the data folder):"), err
 
 
 def test_a_no_dp_run_on_data_with_exact_copies_is_not_told_of_the_plans_epsilon(tiny, capsys):

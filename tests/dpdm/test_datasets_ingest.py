@@ -1043,9 +1043,47 @@ def test_folder_counts_other_paths_to_one_file_as_the_copies_they_are(tmp_path, 
             f.symlink_to(Path(os.path.relpath(tmp_path / "annex" / "objects" / "SHA256E-s99--0a1b.png", f.parent)))
     data = load_dataset(f"folder:{d}")
     assert len(data) == 4 - (how == "hard link") and data.y.tolist() == [0, 0, 1, 1][how == "hard link":]
-    first, copy = (0, 2) if how == "hard link" else (1, 3)
+    first = "a/0.png" if how == "hard link" else "a/1.png"
     assert duplicate_images(data).startswith(f"1 of the {len(data)} images is an exact copy of another (the first: "
-                                             f"image {copy} is image {first},"), data
+                                             f"'b/1.png' is {first!r}, paths in the data folder)"), data
+
+
+def test_the_copies_warning_names_a_folders_files_and_an_npzs_rows(tmp_path):
+    """h155 F3 (stop 55): the warning named a folder's copies by index ("image 11 is image 0", counted in the
+    data's order: class folders, then files sorted as strings, 10.png before 2.png), which a user with thousands
+    of photos could not map to the files to remove. A folder's copies are named by their paths in the data folder
+    (`ImageData.files`); an npz's by their rows; a subset of a folder's images (`dataclasses.replace`) by index,
+    not by the files of other images."""
+    import dataclasses
+    import shutil
+
+    from dpdm.datasets import duplicate_images
+    from dpdm.train import data_notes
+
+    d = tmp_path / "d"
+    r = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for i in range(12):
+            _png(d / c / f"{i}.png", r.integers(0, 256, (8, 8), dtype=np.uint8))
+    shutil.copy(d / "a" / "2.png", d / "b" / "10.png")   # image 14, a copy of image 4 (0, 1, 10, 11, 2, ...)
+    data = load_dataset(f"folder:{d}")
+    assert data.files[:5] == ("a/0.png", "a/1.png", "a/10.png", "a/11.png", "a/2.png") and len(data.files) == 24
+    note = duplicate_images(data)
+    assert note.startswith("1 of the 24 images is an exact copy of another (the first: 'b/10.png' is 'a/2.png', "
+                           "paths in the data folder): "), note
+    assert data_notes(data.x, data.y, 2, digests=data.image_digests, names=data.files)["duplicates"] == note
+    part = dataclasses.replace(data, x=data.x[4:], y=data.y[4:])
+    assert part.files is None and "(the first: image 10 is image 0, counted from 0 in the data's order)" in (
+        duplicate_images(part)), duplicate_images(part)
+    flat = tmp_path / "flat"
+    for i in range(3):
+        _png(flat / f"{i}.png", np.full((8, 8), 9 * (i == 1), np.uint8))   # unlabelled: 2.png is 0.png
+    note = duplicate_images(load_dataset(f"folder:{flat}"))
+    assert "(the first: '2.png' is '0.png', paths in the data folder)" in note, note
+    np.savez(tmp_path / "x.npz", x=((data.x.numpy() + 1) * 127.5).round().astype(np.uint8))
+    rows = load_dataset(f"npz:{tmp_path / 'x.npz'}")
+    assert rows.files is None and "(the first: image 14 is image 4, counted from 0 in the data's order)" in (
+        duplicate_images(rows)), duplicate_images(rows)
 
 
 @pytest.mark.parametrize("suffix", [".jfif", ".jpe", ".pbm", ".pnm"])

@@ -253,6 +253,33 @@ def test_on_start_notes_a_given_seed_and_data_that_looks_mistaken(tmp_path):
     assert len(said) == 1 and said[0].startswith("every pixel of the images is -1 or -1 + 2/255"), said
 
 
+def test_on_start_names_the_files_of_images_that_are_exact_copies_where_it_is_given_them(tmp_path):
+    """h155 F3 (stop 55): the copies' note named indices ("image 11 is image 0"), which a folder's user could not
+    map to files (sorted as strings, class by class); given `image_names` (`ImageData.files`), it names the two
+    files (`data_notes` without them: the indices). A name list of another length is refused before anything is
+    written."""
+    x, y, c = tiny_data()
+    x = x.clone()
+    x[5] = x[2]
+    names = [f"{int(label)}/{i}.png" for i, label in enumerate(y)]
+    said = []
+
+    def start(notes):
+        said.extend(n for n in notes if "exact cop" in n)
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_plan(), x, y, c, tmp_path / "run", TrainConfig(**CFG), progress=False, on_start=start,
+              image_names=names)
+    assert len(said) == 1 and said[0].startswith(
+        f"1 of the {len(x)} images is an exact copy of another (the first: {names[5]!r} is {names[2]!r}, paths in "
+        "the data folder):"), said
+    with pytest.raises(TrainError, match=rf"^{len(x) - 1} image names for {len(x)} images$"):
+        train(tiny_plan(), x, y, c, tmp_path / "short", TrainConfig(**{**CFG, "private": False}), progress=False,
+              image_names=names[1:])
+    assert not (tmp_path / "short").exists()
+
+
 def test_every_private_step_moves_the_weights_even_on_an_empty_poisson_batch(tmp_path):
     """An empty Poisson batch is still a private step: pure noise over the expected batch size, and Adam steps.
     The other runs (sample rate 0.25) almost never draw one (stop 42: skipping empty steps passed every test)."""
@@ -2743,8 +2770,11 @@ def test_the_steps_record_names_the_plan_and_data_its_steps_ran_under_and_no_oth
         train(strong, x, y, c, out, cfg, progress=False, spend_unsaved_steps=True)
     record.write_bytes(two)
     accounting.write_plan(weak, out / "plan.json")
+    # The same plan on other data: it is the data's ledger, not the plan's price, that cannot count them (h155 N4).
     with pytest.raises(TrainError, match=r"trained steps 1 to 2 on other data \(other images or labels than these\) "
-                                         r"and was stopped before its first checkpoint .*: choose another --out"):
+                                         r"and was stopped before its first checkpoint \(.*\): this run's ledger, of "
+                                         r"these data, cannot count them; they stay spent against the data they ran "
+                                         r"on: choose another --out"):
         train(weak, *tiny_data(seed=1)[:2], c, out, cfg, progress=False, spend_unsaved_steps=True)
     # Its own plan and data spend them (their record's words: "they are spent", h141 N1), and the run goes on.
     notes = []
