@@ -95,6 +95,9 @@ def checkpoint_of(run_dir: str | None, checkpoint_path: str | None):
     if problem:
         option, value = ("--checkpoint", checkpoint_path) if checkpoint_path is not None else ("--run", run_dir)
         raise BadInput(f"{option}={value!r}: {problem}")
+    if path.is_symlink() and path.exists() and not path.is_file() and not path.is_dir():
+        # a link to /dev/zero or a FIFO: the loader called it "a broken link" (h151 N6, stop 55)
+        raise BadInput(f"checkpoint {str(path)!r} is not a regular file (a link to a device or FIFO)")
     return path
 
 
@@ -285,27 +288,63 @@ def recorded_plan_steps(out_dir: str) -> int | None:
         return None
 
 
-def warn_steps_past_checkpoint(checkpoint, result: dict, what: str) -> None:
-    """The line `dpdm export` and `dpdm sample` add where `checkpoint` lies in the folder of a private run that
-    ran d steps (its `.steps_done`) past the checkpoint's c, stopped before it wrote another (h131 F1, stop 53).
-    The weights of step c are a post-processing of steps 1..c alone, so the epsilon(c) their ledger states holds for
-    `what` (the release file, the samples) alone; but the run executed d private steps, and what they showed
+def warn_steps_past_checkpoint(checkpoint, result: dict, what: str, *, data_digest: str | None = None) -> None:
+    """The line `dpdm export` and `dpdm sample` add where `checkpoint` is (or links to) the checkpoint.pt of a private
+    run that ran d steps (its `.steps_done`) past the checkpoint's c, stopped before it wrote another (h131 F1, stop
+    53). The weights of step c are a post-processing of steps 1..c alone, so the epsilon(c) their ledger states holds
+    for `what` (the release file, the samples) alone; but the run executed d private steps, and what they showed
     (metrics.csv, the progress bar) costs epsilon(d). The ledger is left as it is; the line names d, c and
     epsilon(d) (from the run's plan.json, where it loads and is the ledger's plan) and the resume that counts them.
+    A record that `dpdm train --resume` refuses, one of another plan or other data than the checkpoint's (copied from
+    another run's folder) or one that is damaged, is priced at nothing: the line says how many steps the run ran
+    past its checkpoint cannot be told, and what train says of it (h151 F2, stop 55).
     `result`: export's or sample's summary (private, steps_done, plan_steps, plan_digest, the epsilon); `what`:
-    whose epsilon it is, in the possessive ("the release file's", "the samples'"). Torch-free reads."""
-    if not result.get("private") or os.path.basename(os.fspath(checkpoint)) != "checkpoint.pt":
+    whose epsilon it is, in the possessive ("the release file's", "the samples'"); `data_digest`: the checkpoint's
+    fingerprint of its data (None: not compared), never shown. Torch-free reads."""
+    if not result.get("private"):
+        return
+    spelled = os.path.expanduser(os.fspath(checkpoint))
+    real = os.path.realpath(spelled)   # a link to a run's checkpoint.pt is that run's (h151 F3, stop 55)
+    if os.path.basename(real) != "checkpoint.pt":
         return   # another file in a run folder (a copy kept of an earlier checkpoint) is no stopped run's (r1 F1)
-    folder = os.path.dirname(os.path.expanduser(os.fspath(checkpoint))) or os.curdir
-    ran, done = recorded_steps(folder), int(result["steps_done"])
-    if ran <= done:
+    folder = os.path.dirname(spelled) or os.curdir
+    if os.path.basename(spelled) != "checkpoint.pt" or os.path.realpath(folder) != os.path.dirname(real):
+        folder = os.path.dirname(real)
+    from dpdm.steps_record import record_binding, read_record
+
+    record, problem = read_record(folder)
+    ran, done = (0 if record is None else record[0]), int(result["steps_done"])
+    other = []   # what `dpdm.train._other_run_of_record` refuses the record for
+    if record is not None and record[1] is not None and record[1] != record_binding(str(result["plan_digest"])):
+        other.append(f"under plan sha256:{record[1]}... (not this run's plan, "
+                     f"sha256:{record_binding(str(result['plan_digest']))}...)")
+    if record is not None and record[2] is not None and data_digest and record[2] != record_binding(data_digest):
+        other.append("on other data (other images or labels than this run's)")
+    if problem is None and not other and ran <= done:
         return
     from dpdm.report_utils import epsilon_text
 
     stated = epsilon_text(result.get("epsilon_spent", result.get("epsilon")))   # export's name, sample's
+    alone = f"{what} epsilon {stated} ({done} steps) holds for these weights alone"
     if _run_is_training(folder):   # sampled between its checkpoints: it has not stopped (r1 F1, stop 53)
-        warn(f"the run in {folder!r} is training (step {ran} of its {result['plan_steps']}): these weights are of "
-             f"its checkpoint of step {done}, and {what} epsilon {stated} ({done} steps) holds for them alone")
+        if problem is None and not other:   # its own record (train refused any other): not one read mid-write
+            warn(f"the run in {folder!r} is training (step {ran} of its {result['plan_steps']}): these weights are "
+                 f"of its checkpoint of step {done}, and {what} epsilon {stated} ({done} steps) holds for them alone")
+        return
+    untold = (f"its checkpoint of step {done} cannot be told: {alone}, and what anything else published from the "
+              "run costs (metrics.csv, its losses, what its progress showed) is unknown; `dpdm train --resume` "
+              "refuses the record")
+    if problem is not None:   # as `dpdm.train._unsaved_steps` refuses it
+        warn(f"the run in {folder!r} has a .steps_done that is not the record dpdm keeps of the steps a run ran "
+             f"({problem}), so how many steps the run ran past {untold}: move it away and resume with the lr the "
+             "run last trained at (config.json shows it), which replays those steps exactly")
+        return
+    if other:
+        warn(f"the run in {folder!r} has a .steps_done that records {ran} step{'s' if ran != 1 else ''} of a run "
+             f"{' and '.join(other)}: it is not this run's record (copied from another run's folder?), and those "
+             f"steps stay spent against the data they ran on; how many steps this run ran past {untold}: move it "
+             "back to its own run's folder and resume with the lr this run last trained at (config.json shows it), "
+             "which replays this run's steps exactly")
         return
     import accounting
 
@@ -318,10 +357,9 @@ def warn_steps_past_checkpoint(checkpoint, result: dict, what: str) -> None:
     steps, it = (f"step {ran}", "it") if ran == done + 1 else (f"steps {done + 1} to {ran}", "them")
     goes_on = "" if ran >= int(result["plan_steps"]) else " and goes on"   # at the plan's last step, nothing follows
     warn(f"the run in {folder!r} ran {ran} of its {result['plan_steps']} steps (its .steps_done records them), "
-         f"past its checkpoint of step {done}, before it stopped: {what} epsilon {stated} ({done} steps) holds for "
-         f"these weights alone, but the run has spent {cost}, which anything else published from it costs "
-         f"(metrics.csv, its losses, what its progress showed); `dpdm train --resume` with the run's command and lr "
-         f"replays {steps}{goes_on}, its checkpoints counting {it}")
+         f"past its checkpoint of step {done}, before it stopped: {alone}, but the run has spent {cost}, which "
+         "anything else published from it costs (metrics.csv, its losses, what its progress showed); `dpdm train "
+         f"--resume` with the run's command and lr replays {steps}{goes_on}, its checkpoints counting {it}")
 
 
 def _run_is_training(folder: str) -> bool:

@@ -20,8 +20,9 @@ from dpdm.report_utils import epsilon_text
 @click.option("--out", "out_path", required=True, type=PathOption(dir_okay=False),
               help="The release file (model.pt), outside the run folder; `dpdm sample --checkpoint` reads it.")
 @click.option("--force", is_flag=True,
-              help="Let --out replace the release file of another plan (one of the same plan is replaced anyway; "
-                   "any other file, never).")
+              help="Let --out replace the release file of another plan, or one of this plan from a run of the "
+                   "other kind (a private run's where this run is --no-dp, or the reverse); one of this plan and "
+                   "kind is replaced anyway; any other file, never.")
 @click.option("--json", "as_json", is_flag=True)
 def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
     """Write the model file to release: a run's weights without its secrets.
@@ -50,15 +51,17 @@ def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
     if problem:
         raise BadInput(f"--out={out_path!r}: {problem}")
 
+    facts: dict = {}   # the checkpoint's data digest, for the line on its run's .steps_done (never printed)
     try:
-        result = export_model(path, out_path, weights=weights, keep_other_plans=not force)
+        result = export_model(path, out_path, weights=weights, keep_other_plans=not force, facts=facts)
     except ExportError as e:
         raise BadInput(str(e)) from None
     if result["private"] and result["seed_given"]:
         warn(f"the run was {SEED_GIVEN_NOTE}; the release file records that (config.train.seed_given)")
     if not result["private"]:   # marked on the line too; said apart, as loudly as a given seed (h115 N1)
         warn_non_private(out_path, "the weights of a NON-PRIVATE (--no-dp) run")
-    warn_steps_past_checkpoint(path, result, "the release file's")   # a run stopped past its checkpoint (h131 F1)
+    warn_steps_past_checkpoint(path, result, "the release file's",   # a run stopped past its checkpoint (h131 F1)
+                               data_digest=facts.get("data_digest"))
     if as_json:
         emit_json(result)
         return

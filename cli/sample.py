@@ -63,7 +63,8 @@ _MAX_SAMPLER_STEPS = 10_000   # dpdm.sampling.MAX_SAMPLER_STEPS (10x DPDM's 1,00
 @click.option("--grid", "grid_path", type=PathOption(dir_okay=False), default=None,
               help="Also write a grid of samples, a row per class (.png, .pdf, .svg, .jpg or .jpeg).")
 @click.option("--force", is_flag=True,
-              help="Replace an --out samples file of a model of another plan (never the run's own data).")
+              help="Replace an --out samples file of a model of another plan, or of this plan from a run of the "
+                   "other kind (private, or --no-dp); never the run's own data.")
 @click.option("--json", "as_json", is_flag=True)
 def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, s_max, s_noise, guidance, guidance_interval, sigma_min, sigma_max, rho, weights, precision,
            seed, batch_size, device, out_path, grid_path, force, as_json):
@@ -117,12 +118,13 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
     warn_if_slow_bf16(precision, device)
 
     notes: list[str] = []   # e.g. how many images are of classes the run had no training image of
+    facts: dict = {}   # the checkpoint's data digest, for the line on its run's .steps_done (never printed)
     try:
         result = sample_checkpoint(path, n=n, sampler=sampler, sampler_steps=sampler_steps, guidance=guidance,
                                    guidance_interval=guidance_interval, sampler_kwargs=churn or None,
                                    sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, weights=weights, seed=seed,
                                    precision=precision, batch_size=batch_size, device=device, out_path=out_path, grid_path=grid_path,
-                                   force=force, notes=notes)
+                                   force=force, notes=notes, facts=facts)
     except SampleError as e:
         raise BadInput(str(e)) from None
     except SampleFailure as e:   # NaN/inf with the default sampler settings too: the weights, exit 4
@@ -133,14 +135,19 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         warn(f"the model was {SEED_GIVEN_NOTE}; the samples record that (meta_seed_given)")
     if not result["private"]:   # as `dpdm export` warns of its release file (h115 N1)
         warn_non_private(out_path, "samples of a NON-PRIVATE (--no-dp) model")
-    warn_steps_past_checkpoint(path, result, "the samples'")   # a run stopped past its checkpoint (h131 F1)
+    warn_steps_past_checkpoint(path, result, "the samples'",   # a run stopped past its checkpoint (h131 F1)
+                               data_digest=facts.get("data_digest"))
     if as_json:
         emit_json(result)
     else:
         mark = "" if result["private"] else "  [NON-PRIVATE]"
-        # A model of an unfinished run says so, as `dpdm export`'s line does (h131 N1)
-        step = (f" from step {result['steps_done']} of {result['plan_steps']}"
-                if result["steps_done"] < result["plan_steps"] else "")
+        # A model of an unfinished run says so, as `dpdm export`'s line does (h131 N1), and weights that hold fewer
+        # steps' updates than the ledger counts (a divergence, --spend-unsaved-steps) say how many (h151 N1)
+        discarded = result.get("discarded_steps", 0)
+        held = (f" ({discarded} of them discarded: the weights hold the updates of "
+                f"{result['steps_done'] - discarded})" if discarded else "")
+        step = (f" from step {result['steps_done']} of {result['plan_steps']}{held}"
+                if result["steps_done"] < result["plan_steps"] or discarded else "")
         info(f"wrote {n} samples to {out_path}{step}{mark}" + (f", grid {grid_path}" if grid_path else ""))
 
 

@@ -47,8 +47,10 @@ def release_config(config: dict[str, Any], plan_dataset: str | None = None) -> d
     return out
 
 
-def release_plan_digest(path: str | os.PathLike) -> str | None:
-    """The plan digest in the ledger of the release file at `path`, or None when nothing is there.
+def release_identity(path: str | os.PathLike) -> tuple[str, Any] | None:
+    """The plan digest and the private flag (True, or False for a --no-dp run's) in the ledger of the release file
+    at `path`, or None when nothing is there: what `dpdm export --out` replaces without --force where both are
+    this run's (h151 F1, stop 55).
 
     Raises:
         ExportError: `path` exists and is damaged (a zip record fails its CRC-32) or is not a release file of
@@ -71,17 +73,20 @@ def release_plan_digest(path: str | os.PathLike) -> str | None:
     if not isinstance(ledger, dict):
         raise ExportError(f"--out={str(path)!r} already exists and is not a release file from `dpdm export`; it "
                           "is kept: choose another --out")
-    return str(ledger.get("plan_digest"))
+    return str(ledger.get("plan_digest")), ledger.get("private")
 
 
 def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, *,
-                 weights: str = "ema", keep_other_plans: bool = False) -> dict[str, Any]:
+                 weights: str = "ema", keep_other_plans: bool = False, facts: dict | None = None) -> dict[str, Any]:
     """Writes the release file of a checkpoint to `out_path` atomically. Returns a summary: with the file's
     "sha256", its weights' "weights_sha256" (`sample.weights_digest`), which samples drawn with them record.
 
     weights: "ema", "raw" or "power:GAMMA" (`dpdm.sample`'s names): the one set the file holds.
     keep_other_plans: refuse to replace a release file of another plan (`dpdm export` without --force),
-        as `dpdm plan --out` keeps a different plan; a release file of the same plan is replaced.
+        as `dpdm plan --out` keeps a different plan, or one of the same plan whose private flag differs (a private
+        run's release is no --no-dp baseline's of its plan); a release file of this plan and flag is replaced.
+    facts: where given, filled with "data_digest", the checkpoint's fingerprint of its private data (None where
+        it has none), for `dpdm export`'s line on the run's .steps_done; never in the file or the summary.
 
     Raises:
         ExportError: the checkpoint is missing, corrupt or not a training checkpoint; `weights` is not
@@ -90,18 +95,21 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
             metrics.csv and checkpoints it would overwrite, and which is not for release) or inside another
             run folder (`report_utils.run_folder_of`), names an existing file that is not a release file
             (a checkpoint, a plan, the data: never replaced), or (keep_other_plans) a release file of
-            another plan.
+            another plan or of the other private flag.
     """
     import torch
 
     from dpdm.report_utils import remove_temp_leftovers, run_folder_of
-    from dpdm.sample import SampleError, _weights_of, weights_digest, weights_name, weights_problem, written_path
+    from dpdm.sample import (SampleError, _weights_of, privacy_name, weights_digest, weights_name, weights_problem,
+                             written_path)
 
     src, out = Path(checkpoint_path), Path(out_path)
     try:
         state = ckpt.load_checkpoint(src)
     except ckpt.CheckpointError as e:
         raise ExportError(str(e)) from None
+    if facts is not None:
+        facts["data_digest"] = state["config"].get("data_digest")
     if out.exists() and out.resolve() == src.resolve():
         raise ExportError(f"--out={str(out)!r} is the checkpoint itself; write the release file elsewhere")
     run_dir = src.resolve().parent
@@ -116,7 +124,7 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
             raise ExportError(f"--out={str(out)!r} lies inside the run folder {str(other_run)!r} of another run; "
                               "write the release file outside it (a run folder holds its run's secrets and locked "
                               "files)")
-    old_digest = release_plan_digest(out)
+    old = release_identity(out)
     try:
         chosen = _weights_of(state, weights, src)
     except SampleError as e:
@@ -143,10 +151,16 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     # The verified document as dpdm writes it, not the file's text: keys dpdm does not write stay out of the release.
     release = {"format": ckpt.MODEL_FORMAT, "weights": weights, "state_dict": chosen, "config": config,
                "ledger": ledger, "plan": doc.to_json() + "\n"}
-    if keep_other_plans and old_digest is not None and old_digest != ledger["plan_digest"]:
+    if keep_other_plans and old is not None and old[0] != ledger["plan_digest"]:
         raise ExportError(f"--out={str(out)!r} already exists and holds the release file of another plan "
-                          f"({old_digest[:19]}..., this run's is {str(ledger['plan_digest'])[:19]}...); it is kept. "
+                          f"({old[0][:19]}..., this run's is {str(ledger['plan_digest'])[:19]}...); it is kept. "
                           "Choose another --out, or pass --force to replace it")
+    if keep_other_plans and old is not None and old[1] is not bool(ledger["private"]):
+        # One plan, a private run and its --no-dp baseline (the non-private ceiling): two files, never one path
+        raise ExportError(f"--out={str(out)!r} already exists and holds the release file of "
+                          f"{privacy_name(old[1])} of this plan, and this run is "
+                          f"{'private' if ledger['private'] else 'NON-PRIVATE (--no-dp)'}; it is kept. Choose "
+                          "another --out, or pass --force to replace it")
     remove_temp_leftovers(out, r"\.[a-z0-9_]{8}\.tmp")   # `atomic_torch_save`'s (mkstemp's) of a killed export
     ckpt.atomic_torch_save(release, out)   # where the OS puts `out` (`LINK/..`: r1 F4)
     # sha256: the file's, to publish; weights_sha256: its weights' (`sample.weights_digest`), which `dpdm sample`

@@ -203,7 +203,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
                       sigma_min: float | None = None, sigma_max: float | None = None, rho: float = RHO,
                       sampler_kwargs: dict | None = None, precision: str = "fp32",
                       out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None,
-                      force: bool = False, notes: list[str] | None = None) -> dict[str, Any]:
+                      force: bool = False, notes: list[str] | None = None,
+                      facts: dict | None = None) -> dict[str, Any]:
     """Draws `n` images (balanced labels (seed + i) % num_classes) and writes them to `out_path` atomically.
 
     The npz holds ``x`` (uint8 [n, C, H, W]), ``y`` (int64 [n]) for a conditional model and no ``y`` for
@@ -216,11 +217,13 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     sigma_min / sigma_max None: Karras's 0.002 / 80, narrowed to the noise levels the run trained on
     (`dpdm train --train-sigma`), so that the sampler does not ask the network about levels it never saw.
     precision: "fp32", or "bf16" (the network under bfloat16 autocast; `dpdm.sampling.PRECISIONS`).
-    force: replace a samples file of a model of another plan (`check_outputs`).
+    force: replace a samples file of a model of another plan, or of the other private flag (`check_outputs`).
     notes: where given, warnings for the user are appended to it: how many of the images are of classes the run
       had no training image of (a training checkpoint's "empty_classes"; drawn evenly all the same, since drawing
       only the others would show in released samples which classes the private data lacks). Never in the npz
       or the returned summary: it is a statistic of the private data.
+    facts: where given, filled with "data_digest", a training checkpoint's fingerprint of its private data (None
+      for a release file), for `dpdm sample`'s line on the run's .steps_done; never in the npz or the summary.
 
     Raises:
       SampleError: bad options, a checkpoint that cannot be sampled from, outputs that would replace a file
@@ -265,8 +268,10 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
         raise SampleError(f"guidance={guidance:g} (--guidance) steers by the network's output for the null label, "
                           f"which {str(path)!r} never trained on (label_dropout 0: no label was dropped in training); "
                           "sample without --guidance")
+    if facts is not None:
+        facts["data_digest"] = cfg.get("data_digest")
     check_outputs(out_path, grid_path, dataset=cfg.get("dataset"), plan_digest=str(ledger["plan_digest"]),
-                  force=force)   # before any drawing
+                  private=bool(ledger["private"]), force=force)   # before any drawing
     need = memory_needed(n, cfg, batch_size=batch_size)
     have, limited = memory_allowed()
     if have is not None and need > have:
@@ -334,6 +339,9 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     # No y for an unconditional model: load_npz reads that as unlabelled (a y of -1 would be refused).
     y_np = None if y is None else np.asarray(y.cpu().numpy() if torch.is_tensor(y) else y, dtype=np.int64)
     private = bool(ledger["private"])
+    # Steps of the ledger whose updates the weights do not hold (a divergence's, --spend-unsaved-steps'): a training
+    # checkpoint's; a release file records none (h151 N1, stop 55)
+    discarded = 0 if state["format"] == ckpt.MODEL_FORMAT else int(state.get(ckpt.DISCARDED_STEPS_KEY, 0))
     meta = {
         "private": private,
         "seed_given": ckpt.seed_given(cfg),   # trained with a given --seed (ckpt.SEED_GIVEN_NOTE)
@@ -373,8 +381,9 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
 
             title = (f"dpdm samples, DP (eps={epsilon_text(meta['epsilon'], 3)}, delta={meta['delta']:g})" if private
                      else "dpdm samples, NON-PRIVATE (--no-dp)")
-            if meta["steps_done"] < meta["plan_steps"]:   # an unfinished run's model, as `dpdm sample`'s line says
-                title += f", step {meta['steps_done']} of {meta['plan_steps']}"
+            if meta["steps_done"] < meta["plan_steps"] or discarded:   # as `dpdm sample`'s line says
+                title += f", step {meta['steps_done']} of {meta['plan_steps']}" + (
+                    f" (weights of {meta['steps_done'] - discarded} steps: {discarded} discarded)" if discarded else "")
             if private and meta["seed_given"]:
                 title += ", GIVEN --seed"
             remove_temp_leftovers(grid_path, TEMP_PATH_REST + re.escape(".tmp"))
@@ -392,7 +401,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
             grid_tmp.unlink(missing_ok=True)
     for folder in dict.fromkeys(Path(os.path.abspath(p)).parent for p in (out_path, grid_path) if p):
         fsync_folder(folder)   # the renames, as `checkpoint.atomic_torch_save`'s
-    return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta}
+    return {"samples": str(out_path), "n": n, "grid": str(grid_path) if grid_path else None, **meta,
+            **({ckpt.DISCARDED_STEPS_KEY: discarded} if discarded else {})}
 
 
 def _too_many_images(n: int, cfg: dict, problem: str) -> str:
@@ -572,13 +582,15 @@ def is_samples_file(path: str | os.PathLike) -> bool:
 
 
 def check_outputs(out_path: str | os.PathLike, grid_path: str | os.PathLike | None = None, *,
-                  dataset: str | None = None, plan_digest: str | None = None, force: bool = False) -> None:
+                  dataset: str | None = None, plan_digest: str | None = None, private: bool | None = None,
+                  force: bool = False) -> None:
     """SampleError unless `sample_checkpoint` may write `out_path` and `grid_path`: each is new, or a file
     `dpdm sample` wrote (a samples npz, `is_samples_file`; a grid, `report_utils.is_dpdm_grid`), and
     neither is, or lies in, the run's dataset (`dataset`: its config's name, "npz:PATH" or "folder:PATH").
     A samples file of a model of another plan than `plan_digest` is replaced only with `force`: it may be
-    another run's training data (a release file names no local path to protect). Reads the files; writes
-    nothing."""
+    another run's training data (a release file names no local path to protect); so is one of this plan whose
+    private flag is not `private` (where given): a private model's samples and its --no-dp baseline's (h151 F1,
+    stop 55). Reads the files; writes nothing."""
     from dpdm.report_utils import is_dpdm_grid
 
     for option, path, ours, what in (("--out", out_path, is_samples_file, "samples file"),
@@ -596,11 +608,22 @@ def check_outputs(out_path: str | os.PathLike, grid_path: str | os.PathLike | No
             raise SampleError(f"{option}={str(path)!r} {where} the run's training data ({dataset!r}); write the "
                               "samples elsewhere")
         if option == "--out" and plan_digest is not None and not force and os.path.lexists(path):
-            other = _samples_plan_digest(path)
+            other, other_private = _samples_identity(path)
             if other != plan_digest:
                 raise SampleError(f"--out={str(path)!r} holds samples of a model of another plan "
                                   f"({other[:19]}...), perhaps another run's training data; it is kept: choose "
                                   "another --out, or pass --force to replace it")
+            if private is not None and other_private is not private:
+                raise SampleError(f"--out={str(path)!r} holds samples of the model of {privacy_name(other_private)} "
+                                  f"of this plan, and this model is {'private' if private else 'NON-PRIVATE (--no-dp)'}"
+                                  "; it is kept: choose another --out, or pass --force to replace it")
+
+
+def privacy_name(private: Any) -> str:
+    """The run a release's or samples' private flag (their ledger's "private", their meta_private) names, as the
+    line that keeps such a file names it (`check_outputs`, `dpdm.export.export_model`)."""
+    return ("a private run" if private is True else "a NON-PRIVATE (--no-dp) run" if private is False
+            else f"a run whose file says private={private!r}")
 
 
 def written_path(path: str | os.PathLike) -> Path:
@@ -618,15 +641,18 @@ def written_path(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(folder)) / name
 
 
-def _samples_plan_digest(path: str | os.PathLike) -> str:
-    """The plan digest a samples file (`is_samples_file`) records ("" where it cannot be read, or is no scalar).
-    Sized on its header before it is read (`read_npz_scalars`): numpy decompressed it in full to show it, and a
-    header claiming 10**12 bytes ended `dpdm sample --out` in "out of memory on the machine" (h112 F1)."""
-    try:
-        digest = read_npz_scalars(path, ["meta_plan_digest"]).get("meta_plan_digest")
-    except DataError:
-        return ""
-    return "" if digest is None else str(digest)
+def _samples_identity(path: str | os.PathLike) -> tuple[str, Any]:
+    """The plan digest a samples file (`is_samples_file`) records ("" where it cannot be read, or is no scalar) and
+    its private flag (meta_private: True, False, or None where it cannot be read). Sized on its header before it is
+    read (`read_npz_scalars`): numpy decompressed it in full to show it, and a header claiming 10**12 bytes ended
+    `dpdm sample --out` in "out of memory on the machine" (h112 F1)."""
+    read = []
+    for key in ("meta_plan_digest", "meta_private"):   # each on its own: one that is no scalar spoils only itself
+        try:
+            read.append(read_npz_scalars(path, [key]).get(key))
+        except DataError:
+            read.append(None)
+    return "" if read[0] is None else str(read[0]), read[1]
 
 
 def memory_needed(n: int, config: dict, *, batch_size: int) -> int:

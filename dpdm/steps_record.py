@@ -75,3 +75,53 @@ def recorded_run(out_dir: str) -> tuple[int, str | None]:
 def recorded_steps(out_dir: str) -> int:
     """The steps a private run in `out_dir` recorded in `STEPS_RECORD`, or 0 (`recorded_run`)."""
     return recorded_run(out_dir)[0]
+
+
+# The schedules a record's line may name: `dpdm.train.LR_SCHEDULES` (not imported: torch), which a test keeps equal.
+RECORD_SCHEDULES = ("constant", "cosine")
+
+
+def read_record(out_dir: str) -> tuple[tuple[int, str | None, str | None] | None, str | None]:
+    """What the run in `out_dir` recorded in `STEPS_RECORD`, read and judged as `dpdm train --resume` reads and
+    judges it (`dpdm.train._read_steps_record`, which a test keeps in step), without torch: (steps, and the 16 hex
+    digits of the plan and of the data its v2 line names them by, None and None in a v1 line), or None where there
+    is none or it is empty (a crash lost its writes); and what is wrong with it, or None: "a link", "not a regular
+    file", "unreadable: ...", or "not the line dpdm writes there: damaged or edited" (a line cut short too). For the
+    advice lines of `dpdm export` and `dpdm sample` (`cli._common.warn_steps_past_checkpoint`)."""
+    import math
+
+    path = os.path.join(os.path.expanduser(out_dir), STEPS_RECORD)
+    try:   # not through a link, never blocking on a FIFO, as train reads it
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, "a link" if os.path.islink(path) else f"unreadable: {e.strerror or e}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "not a regular file"
+        raw = os.read(fd, 4 * RECORD_WIDTH)
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    finally:
+        os.close(fd)
+    if not raw.strip(b"\0"):
+        return None, None
+    parts = raw.split(b"\n", 1)[0].decode("ascii", "replace").split()
+
+    def hex16(text: str) -> bool:
+        return len(text) == 16 and all(ch in "0123456789abcdef" for ch in text)
+
+    try:
+        head = next((h.split() for h in RECORD_FIELDS if parts[:len(h.split())] == h.split()), None)
+        if head is None or len(parts) != len(head) + RECORD_FIELDS[" ".join(head)]:
+            raise ValueError
+        steps, digest, lr, schedule = (int(parts[len(head)]), parts[len(head) + 1], float(parts[len(head) + 2]),
+                                       parts[len(head) + 3])
+        bound = tuple(parts[len(head) + 4:]) or (None, None)
+        if not (steps >= 0 and hex16(digest) and math.isfinite(lr) and lr > 0 and schedule in RECORD_SCHEDULES
+                and all(b is None or hex16(b) for b in bound)):
+            raise ValueError
+    except ValueError:
+        return None, "not the line dpdm writes there: damaged or edited"
+    return (steps, *bound), None

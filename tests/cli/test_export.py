@@ -188,6 +188,9 @@ def test_bad_input_loses_nothing(run, capsys):
 
 
 def test_non_private_run_is_marked(tmp_path, run, capsys):
+    """A --no-dp run's release says so. Trained under the private run's plan (the non-private ceiling), its release
+    and samples do not replace the private run's of that plan without --force, nor the reverse: "the same plan"
+    replaced them, exit 0, the warning printed after the private file was gone (h151 F1, stop 55)."""
     d = run
     code = main(["train", "--plan", str(d / "plan.json"), "--out", str(tmp_path / "np"), "--device", "cpu",
                  "--quiet", "--no-dp"])
@@ -196,6 +199,23 @@ def test_non_private_run_is_marked(tmp_path, run, capsys):
     code, _, err = run_cli(["export", "--run", tmp_path / "np", "--out", tmp_path / "np.pt"], capsys)
     assert code == 0 and "NON-PRIVATE" in err
     assert torch.load(tmp_path / "np.pt", weights_only=True)["ledger"]["private"] is False
+    assert run_cli(["export", "--run", d / "run", "--out", tmp_path / "p.pt"], capsys)[0] == 0
+    sample = ["sample", "--n", 2, "--sampler-steps", 2, "--device", "cpu"]
+    assert run_cli([*sample, "--run", d / "run", "--out", tmp_path / "p.npz"], capsys)[0] == 0
+    for src, out, kind in ((tmp_path / "np", tmp_path / "p.pt", "of a private run of this plan, and this run is "
+                                                               "NON-PRIVATE (--no-dp)"),
+                           (d / "run", tmp_path / "np.pt", "of a NON-PRIVATE (--no-dp) run of this plan, and this run "
+                                                          "is private"),
+                           (tmp_path / "np", tmp_path / "p.npz", "of a private run of this plan, and this model is "
+                                                                "NON-PRIVATE (--no-dp)")):
+        before = out.read_bytes()
+        command = [*sample, "--run", src, "--out", out] if out.suffix == ".npz" else ["export", "--run", src,
+                                                                                        "--out", out]
+        line = one_error_line(*run_cli(command, capsys)[::2])
+        assert f"--out='{out}'" in line and kind in line and line.endswith("pass --force to replace it"), line
+        assert out.read_bytes() == before
+    assert run_cli(["export", "--run", tmp_path / "np", "--out", tmp_path / "p.pt", "--force"], capsys)[0] == 0
+    assert torch.load(tmp_path / "p.pt", weights_only=True)["ledger"]["private"] is False
 
 
 def test_release_ledger_is_reaccounted_against_its_plan(run, tmp_path, capsys):
@@ -817,8 +837,8 @@ def _export(run_dir, out, capsys):
 def test_export_never_replaces_a_training_checkpoint_outside_a_run_folder(run, tmp_path, capsys):
     """A copy of a run's checkpoint (its secret seed and RNG state, its data digest) kept outside any run folder is
     no release file, though it holds a ledger of the same plan: `dpdm export --out` it, with or without --force,
-    is one line and the file is kept (mut52 e13: the release format test dropped from `release_plan_digest`; the slow
-    test of kept files covers only a plan, data, a user's file and a forged release)."""
+    is one line and the file is kept (mut52 e13: the release format test dropped from `release_plan_digest`, now
+    `release_identity`; the slow test of kept files covers only a plan, data, a user's file and a forged release)."""
     kept = tmp_path / "backup.pt"
     shutil.copy(run / "run" / "checkpoint.pt", kept)
     before = kept.read_bytes()
@@ -943,12 +963,13 @@ def test_a_non_private_release_is_warned_of_and_export_promises_no_safety(run, t
     about their training data, with --json too; a private release has none."""
     import dpdm.export
 
+    digest = accounting.load_plan(run / "plan.json").digest   # the run's: its .steps_done names it (h151 F2)
+
     def exporter(private):
         def exported(path, out, **kw):
             return {"model": str(out), "sha256": "0" * 64, "weights_sha256": "1" * 64, "checkpoint": str(path),
                     "weights": "ema", "parameters": 10, "private": private, "epsilon_spent": 1.0 if private else None,
-                    "delta": 1e-5, "steps_done": 3, "plan_steps": 3, "seed_given": False,
-                    "plan_digest": "sha256:" + "0" * 64}
+                    "delta": 1e-5, "steps_done": 3, "plan_steps": 3, "seed_given": False, "plan_digest": digest}
         return exported
 
     for private in (False, True):

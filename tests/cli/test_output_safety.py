@@ -630,6 +630,13 @@ def test_a_samples_file_whose_plan_digest_header_lies_is_read_on_its_header(tmp_
     np.savez(path, x=np.zeros((2, 1, 8, 8), np.uint8), meta_private=np.array(True),
              meta_plan_digest=np.array("sha256:" + "0" * 64))
     check_outputs(path, plan_digest="sha256:" + "0" * 64)   # its own plan's: replaced without --force
+    # Of its plan, but a private model's where this one is --no-dp (its baseline under that plan): kept without
+    # --force (h151 F1, stop 55)
+    check_outputs(path, plan_digest="sha256:" + "0" * 64, private=True)
+    with pytest.raises(SampleError, match=r"holds samples of the model of a private run of this plan, and this model "
+                                          r"is NON-PRIVATE \(--no-dp\); it is kept: .* pass --force to replace it"):
+        check_outputs(path, plan_digest="sha256:" + "0" * 64, private=False)
+    check_outputs(path, plan_digest="sha256:" + "0" * 64, private=False, force=True)
 
 
 def test_sample_writes_its_grid_under_a_umask_without_the_owners_write_bit(run, tmp_path, capsys, monkeypatch):
@@ -766,3 +773,19 @@ def test_an_output_whose_last_part_is_dot_names_a_folder_in_one_line_before_any_
     line = one_error_line(code, err)
     assert line.startswith("dpdm: error: --out") and "names a folder (its last part is '.')" in line, line
     assert not (tmp_path / "new").exists()
+
+
+def test_a_checkpoint_linked_to_a_device_or_fifo_is_not_a_regular_file_not_a_broken_link(tmp_path, capsys):
+    """RUN/checkpoint.pt a link to /dev/zero or to a FIFO was refused as "a broken link" (h151 N6, stop 55): it is
+    not a regular file, as a FIFO in its place is said to be. A link to nothing is still a broken link."""
+    os.mkfifo(tmp_path / "fifo")
+    for target, needle in (("/dev/zero", "is not a regular file"), (tmp_path / "fifo", "is not a regular file"),
+                           (tmp_path / "missing.pt", "is a broken link")):
+        run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        run.mkdir()
+        (run / "checkpoint.pt").symlink_to(target)
+        for command in (["export", "--run", run, "--out", tmp_path / "m.pt"], _sample(tmp_path, tmp_path / "s.npz")):
+            command[command.index("--run") + 1] = run
+            line = one_error_line(*run_cli(command, capsys)[::2])
+            assert f"checkpoint '{run / 'checkpoint.pt'}' {needle}" in line, line
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "s.npz").exists()

@@ -5,6 +5,7 @@ The same for `dpdm export`'s line (stop 47, mut48 X4). A run stopped past its ch
 more steps than the checkpoint's ledger) releases the checkpoint's epsilon, which holds for those weights alone, and
 both commands say what the run itself spent (h131 F1, stop 53)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -100,6 +101,17 @@ def test_samples_of_a_run_killed_at_step_3_after_its_checkpoint_of_step_2_say_2_
         err = capsys.readouterr().err
     assert code == 0 and "is training (step 3 of its 4)" in err and "checkpoint of step 2" in err, err
     assert "before it stopped" not in err and "--resume" not in err, err
+    # A record of the run's plan on other data than its checkpoint's (copied from a run of the plan on other data)
+    # is not priced at this run's plan: both commands compare it with the checkpoint's data digest (h151 F2)
+    line = (tmp_path / "run" / ".steps_done").read_text().split()
+    (tmp_path / "run" / ".steps_done").write_text(" ".join([*line[:-1], "0" * 16]).ljust(127) + "\n")
+    for command in (["export", "--run", tmp_path / "run", "--out", tmp_path / "m.pt"],
+                    ["sample", "--run", tmp_path / "run", "--n", 3, "--sampler-steps", 2, "--out", tmp_path / "s.npz",
+                     "--device", "cpu"]):
+        code = main([str(a) for a in command])
+        err = capsys.readouterr().err
+        assert code == 0 and "records 3 steps of a run on other data" in err and "cannot be told" in err, err
+        assert f"spent epsilon {epsilon_text(eps3)}" not in err and "replays step 3" not in err, err
 
 
 def test_the_line_of_a_run_stopped_past_its_checkpoint_reads_the_record_and_the_runs_own_plan(tmp_path, capsys):
@@ -119,8 +131,8 @@ def test_the_line_of_a_run_stopped_past_its_checkpoint_reads_the_record_and_the_
     result = {"private": True, "steps_done": 2, "plan_steps": 4, "plan_digest": doc.digest,
               "epsilon": accounting.epsilon_spent(plan, 2)}
 
-    def record(steps):   # a v1 line of dpdm.train's _StepsRecord (its digest, lr and schedule unread here)
-        (run / STEPS_RECORD).write_text(f"{RECORD_HEAD_V1} {steps} 0 0x1.0624dd2f1a9fcp-10 constant".ljust(
+    def record(steps):   # a v1 line of dpdm.train's _StepsRecord (its digest, lr and schedule checked, not used)
+        (run / STEPS_RECORD).write_text(f"{RECORD_HEAD_V1} {steps} {'0' * 16} 0.001 constant".ljust(
             RECORD_WIDTH - 1) + "\n")
 
     def said(**changed):
@@ -146,3 +158,93 @@ def test_the_line_of_a_run_stopped_past_its_checkpoint_reads_the_record_and_the_
     err = said()
     assert "the run has spent the epsilon of 4 steps," in err, err
     assert epsilon_text(accounting.epsilon_spent(other.plan, 4)) not in err, err
+
+
+def test_a_record_train_refuses_is_priced_at_nothing_and_a_link_to_the_checkpoint_is_the_runs(tmp_path, capsys):
+    """A v2 record naming another plan or other data than the checkpoint's (copied from another run's folder), or a
+    damaged one, was priced at this run's plan ("spent epsilon ... replays steps 3 to 4"), or for a line cut short
+    not said at all, where `dpdm train --resume` refuses each (h151 F2, stop 55): the line says the record is not this
+    run's, or is damaged, that the steps past the checkpoint cannot be told, and prices none. A link to the run's
+    checkpoint.pt (`--checkpoint latest.pt`) is the run's, and was given no line (h151 F3); a link to a copy is not."""
+    from cli._common import warn_steps_past_checkpoint
+    from dpdm.steps_record import RECORD_HEAD, RECORD_WIDTH, STEPS_RECORD, record_binding
+
+    run = tmp_path / "run"
+    run.mkdir()
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=4, noise_multiplier=2.0, noise_multiplicity=2,
+                                  delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
+    doc = accounting.make_plan_document(plan)
+    accounting.write_plan(doc, run / "plan.json")
+    (run / "checkpoint.pt").write_bytes(b"")   # read by nothing here: a link's target
+    data = "sha256:" + "ab" * 32
+    result = {"private": True, "steps_done": 2, "plan_steps": 4, "plan_digest": doc.digest,
+              "epsilon": accounting.epsilon_spent(plan, 2)}
+    eps4 = epsilon_text(accounting.epsilon_spent(plan, 4))
+
+    def record(plan_bound=record_binding(doc.digest), data_bound=record_binding(data), cut=False):
+        line = f"{RECORD_HEAD} 4 {'0' * 16} 0.0003 constant {plan_bound}" + ("" if cut else f" {data_bound}")
+        (run / STEPS_RECORD).write_text(line.ljust(RECORD_WIDTH - 1) + "\n")
+
+    def said(checkpoint=run / "checkpoint.pt"):
+        warn_steps_past_checkpoint(checkpoint, result, "the samples'", data_digest=data)
+        return capsys.readouterr().err
+
+    record()
+    err = said()
+    assert "ran 4 of its 4 steps" in err and f"spent epsilon {eps4} (4 steps)" in err, err
+    for kind, needle in ((dict(plan_bound="f" * 16), f"of a run under plan sha256:{'f' * 16}... (not this run's "
+                                                     f"plan, sha256:{record_binding(doc.digest)}...)"),
+                         (dict(data_bound="0" * 16), "of a run on other data"),
+                         (dict(cut=True), "is not the record dpdm keeps of the steps a run ran (not the line dpdm "
+                                          "writes there: damaged or edited)")):
+        record(**kind)
+        err = said()
+        assert err.count("dpdm: warning:") == 1 and needle in err, err
+        assert "past its checkpoint of step 2 cannot be told" in err and "refuses the record" in err, err
+        assert "has spent" not in err and eps4 not in err and "replays steps 3 to 4" not in err, err
+        assert "the samples' epsilon" in err and "(2 steps) holds for these weights alone" in err, err
+    record(plan_bound="f" * 16)
+    result["steps_done"] = 4   # at or past the record's steps: still not this run's record, as train says
+    assert "of a run under plan sha256:ffff" in said()
+    result["steps_done"] = 2
+    # Through a link: the run's checkpoint.pt, under another name or from another folder, is the run's (its record
+    # and plan.json are read in its folder)
+    elsewhere = tmp_path / "release"
+    elsewhere.mkdir()
+    (elsewhere / "latest.pt").symlink_to(run / "checkpoint.pt")
+    (elsewhere / "checkpoint.pt").symlink_to(run / "checkpoint.pt")
+    assert f"the run in {str(run)!r} has a .steps_done that records 4 steps of a run under plan" in said(
+        elsewhere / "checkpoint.pt")
+    record()
+    err = said(elsewhere / "latest.pt")
+    assert f"the run in {str(run)!r} ran 4 of its 4 steps" in err and f"spent epsilon {eps4}" in err, err
+    shutil.copyfile(run / "checkpoint.pt", run / "ckpt2.pt")
+    (elsewhere / "copy.pt").symlink_to(run / "ckpt2.pt")
+    assert said(elsewhere / "copy.pt") == ""   # a link to a copy kept of a checkpoint: no stopped run's (r1 F1)
+
+
+@pytest.mark.parametrize("line", [
+    "dpdm-steps-run v2 7 cd102fa0e195d116 0.0003 constant 326b63baa22a5ca9 9cb9e6d250c249f3",
+    "dpdm-steps-run v2 7 cd102fa0e195d116 0.0003 constant 326b63baa22a5ca9",   # cut short
+    "dpdm-steps-run v2 7 cd102fa0e195d116 0.0003 warmup 326b63baa22a5ca9 9cb9e6d250c249f3",
+    "dpdm-steps-run v2 7 cd102fa0e195d116 nan constant 326b63baa22a5ca9 9cb9e6d250c249f3",
+    "dpdm-steps-run v2 7 cd102fa0e195d116 0.0003 cosine 326b63baa22a5ca9 9CB9E6D250C249F3",
+    "dpdm-steps-run v2 -1 cd102fa0e195d116 0.0003 constant 326b63baa22a5ca9 9cb9e6d250c249f3",
+    "dpdm-steps-run v1 3 cd102fa0e195d116 0x1.3a92a30553261p-12 cosine",
+    "dpdm-steps-run v1 3 cd102fa0e195d116 0.0003",
+    "\0" * 127, "", "garbage"])
+def test_the_advice_lines_read_a_steps_record_as_train_does(tmp_path, line):
+    """`steps_record.read_record` (export's and sample's line, torch-free) judges a record as `dpdm train --resume`
+    does (`dpdm.train._read_steps_record`): the steps and bindings it counts, and the records it refuses as damaged
+    (h151 F2, stop 55). Its schedules are train's."""
+    from pathlib import Path
+
+    import dpdm.train
+    from dpdm.steps_record import RECORD_SCHEDULES, STEPS_RECORD, read_record
+
+    assert RECORD_SCHEDULES == dpdm.train.LR_SCHEDULES
+    (tmp_path / STEPS_RECORD).write_text(line if not line.strip() else line.ljust(127) + "\n")
+    _, record, problem = dpdm.train._read_steps_record(Path(tmp_path))
+    got, got_problem = read_record(str(tmp_path))
+    assert got_problem == problem
+    assert got == (None if record is None else (record[0], *record[4:6]))

@@ -1011,6 +1011,17 @@ def test_a_resume_at_another_lr_past_the_checkpoint_is_one_line_and_spend_unsave
     assert summary["steps_done"] == 4 and summary["lr_segments"] == [[0, 3e-4, "constant"], [3, 1e-3, "constant"]]
     assert ckpt.load_checkpoint(d / "run" / "checkpoint.pt")[ckpt.DISCARDED_STEPS_KEY] == 1
     assert summary["discarded_steps"] == 1
+    # Its samples' line and grid title said nothing of it (step 4 of 4), or, from the checkpoint written at the
+    # resume, "from step 3" with the weights of step 2: both say how many steps' updates the weights hold (h151 N1)
+    import dpdm.report_utils
+
+    titles = []
+    monkeypatch.setattr(dpdm.report_utils, "save_grid", lambda x, y, path, *, title="", **kw: titles.append(title))
+    code, _, err = run_cli(["sample", "--run", d / "run", "--n", 2, "--sampler-steps", 2, "--device", "cpu", "--out",
+                            d / "s.npz", "--grid", d / "g.png"], capsys)
+    assert code == 0 and (f"wrote 2 samples to {d / 's.npz'} from step 4 of 4 (1 of them discarded: the weights hold "
+                          "the updates of 3)") in err, err
+    assert len(titles) == 1 and titles[0].endswith(", step 4 of 4 (weights of 3 steps: 1 discarded)"), titles
 
 
 def test_init_from_weights_that_do_not_fit_are_one_error_line(tiny, capsys):
