@@ -127,7 +127,8 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
                                      public_epochs=public_epochs,
                                      subspace_dim=subspace_dim, subspace_every=subspace_every,
                                      subspace_examples=subspace_examples, augment_shift=augment_shift,
-                                     augment_multiplicity=augment_mult)
+                                     augment_multiplicity=augment_mult,
+                                     on_start=lambda notes: _warn_before_training(shown, notes))
     except ValueError as e:  # DataError and engine argument checks
         raise BadInput(str(e)) from None
     _warn_inferred(shown, train)   # after the library's checks: a refused run stays one error line
@@ -157,6 +158,14 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
             aug = result["augment"]
             click.echo(f"  each example as {aug['multiplicity']} copies shifted by up to {aug['shift']} px, "
                        f"their averaged loss clipped as a whole")
+
+
+def _warn_before_training(shown: str, notes: tuple[str, ...]) -> None:
+    """`train_dp_classifier`'s warnings on the private data (its images that are exact copies of others), said once
+    every check has passed and before any step, as `dpdm train` says its own: an image the data holds twice is
+    protected only as a group of its copies by this release too (h155 F4, stop 55). `shown`: the data as given."""
+    for note in notes:
+        warn(f"{shown}: {note}")
 
 
 def _warn_inferred(shown: str, train) -> None:

@@ -26,13 +26,14 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import accounting
 from dpdm.classifiers import CNN
-from dpdm.datasets import DataError, ImageData
+from dpdm.datasets import DataError, ImageData, duplicate_images
 from dpdm.evaluate import (DEFAULT_PUBLIC_EPOCHS, NON_PRIVATE_KEY, accuracy, check_public_data, check_shift,
                            check_test_data, match_test_classes, pretrain_on_public, random_shift)
 from dpdm.train import step_seed
@@ -86,7 +87,8 @@ def train_dp_classifier(plan: accounting.PlanDocument | accounting.PrivacyPlan, 
                         public: ImageData | None = None, public_epochs: int = DEFAULT_PUBLIC_EPOCHS,
                         public_checked: bool = False, subspace_dim: int | None = None, subspace_every: int = 10,
                         subspace_examples: int = 512, augment_shift: int = 0,
-                        augment_multiplicity: int = 1) -> dict:
+                        augment_multiplicity: int = 1,
+                        on_start: Callable[[tuple[str, ...]], None] | None = None) -> dict:
     """Trains a GroupNorm CNN with DP-SGD under `plan` and measures its real test accuracy.
 
     Args:
@@ -109,6 +111,10 @@ def train_dp_classifier(plan: accounting.PlanDocument | accounting.PrivacyPlan, 
         --public-subspace`; needs `public`). Same plan, same epsilon.
       augment_shift: translate each private example by random offsets of up to this many pixels, as
         `augment_multiplicity` copies whose averaged loss is clipped as a whole (0: no augmentation).
+      on_start: called once every check has passed, before the public pretraining and the first private step, with
+        the run's warnings on the private data, as `dpdm.train.train` calls its own: images of `train` that are exact
+        copies of others (`datasets.duplicate_images`, named by their files for a ``folder:`` dataset), each
+        protected only as a group of its copies here too (h155 F4, stop 55). Not said of the public data.
 
     Returns:
       {"test_accuracy", "test_dataset", "epsilon", "delta", "plan_digest", "steps", "expected_batch_size", "lr",
@@ -171,6 +177,9 @@ def train_dp_classifier(plan: accounting.PlanDocument | accounting.PrivacyPlan, 
         if not (1 <= subspace_dim <= subspace_examples <= len(public)) or subspace_every < 1:
             raise ValueError(f"need 1 <= subspace_dim ({subspace_dim}) <= subspace_examples ({subspace_examples}) "
                              f"<= public images ({len(public)}) and subspace_every >= 1")
+    if on_start is not None:
+        copies = duplicate_images(train)
+        on_start((copies,) if copies else ())
     t0 = time.perf_counter()
     given_seed = seed
     if seed is None:

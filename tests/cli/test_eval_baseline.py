@@ -1756,7 +1756,10 @@ def test_eval_refusal_of_the_generators_training_data_as_test_set_is_one_line(di
 def test_baseline_names_a_folders_transparent_and_exif_tagged_images(digit_files, tmp_path, capsys):
     """r1 F3, stop 52: `dpdm baseline` names the first training image with transparent pixels (whose alpha dpdm
     drops) and the first with an EXIF orientation tag (which it ignores), as `dpdm train` does (README); the test
-    that pins the lines called the warn functions itself, so dropping the call from cli.baseline passed."""
+    that pins the lines called the warn functions itself, so dropping the call from cli.baseline passed. A copied
+    file is named with its original, by their paths in the data folder, as `dpdm train` names them (h155 F4)."""
+    import shutil
+
     from PIL import Image
 
     with np.load(digit_files["train"]) as z:
@@ -1772,15 +1775,53 @@ def test_baseline_names_a_folders_transparent_and_exif_tagged_images(digit_files
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(x[1, 0], mode="L").save(tagged, exif=exif)
+    shutil.copyfile(tmp_path / "d" / str(y[2]) / "2.png", tmp_path / "d" / str(y[2]) / "z.png")
     name = f"folder:{tmp_path / 'd'}"
-    path = _plan(tmp_path, 40, name, steps=1, batch_size=8)
+    path = _plan(tmp_path, 41, name, steps=1, batch_size=8)
     code, _, err = _run(capsys, "baseline", "dp-classifier", "--plan", str(path), "--device", "cpu", "--quiet",
                         "--test-dataset", f"npz:{digit_files['test']}")
     assert code == 0, err
-    assert (f"\ndpdm: warning: --dataset={name!r}: 1 of its 40 images has transparent pixels (the first: "
+    assert (f"\ndpdm: warning: --dataset={name!r}: 1 of its 41 images has transparent pixels (the first: "
             f"{str(masked)!r})") in "\n" + err, err
-    assert (f"\ndpdm: warning: --dataset={name!r}: 1 of its 40 images carries an EXIF orientation tag (the first: "
+    assert (f"\ndpdm: warning: --dataset={name!r}: 1 of its 41 images carries an EXIF orientation tag (the first: "
             f"{str(tagged)!r})") in "\n" + err, err
+    assert (f"\ndpdm: warning: the plan's dataset {name!r}: 1 of the 41 images is an exact copy of another (the "
+            f"first: '{y[2]}/z.png' is '{y[2]}/2.png', paths in the data folder)") in "\n" + err, err
+
+
+def test_baseline_warns_of_exact_copies_in_its_private_data_once_before_training(digit_files, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """h155 F4, stop 55: the baseline is a DP-SGD release of its data too, where an image stored twice is protected
+    only as a group of its copies; `dpdm train` warned of exact copies (a copied file, an npz row stored twice), the
+    baseline trained on them in silence. One line, once every check has passed and before the first step (the
+    trainer's engine is a stub here: nothing trains); a refused run stays one error line."""
+    import dpdm.engine as engine
+
+    steps = []
+
+    def stub(model, *args, **kwargs):
+        steps.append(capsys.readouterr().err)   # what was said before this step
+        return {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+
+    monkeypatch.setattr(engine, "private_grad", stub)
+    with np.load(digit_files["train"]) as z:
+        x, y = z["x"].copy(), z["y"].copy()
+    x[7], y[7] = x[3], y[3]   # row 3 stored again as row 7
+    data = tmp_path / "twice.npz"
+    np.savez(data, x=x, y=y, num_classes=np.array(10))
+    path = _plan(tmp_path, 600, f"npz:{data}", steps=2)
+    common = ("baseline", "dp-classifier", "--plan", str(path), "--device", "cpu", "--quiet")
+    code, out, err = _run(capsys, *common, "--test-dataset", f"npz:{digit_files['test']}")
+    assert code == 0 and "real test accuracy" in out and len(steps) == 2, err
+    said = "".join(steps) + err
+    assert said.count("exact copy") == 1 and "exact copy" in steps[0], said
+    assert (f"dpdm: warning: the plan's dataset 'npz:{data}': 1 of the 600 images is an exact copy of another (the "
+            "first: image 7 is image 3, counted from 0 in the data's order): an image the data holds twice is "
+            "protected only as a group of its copies") in said, said
+    steps.clear()
+    code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{data}")   # the training data as its own test set
+    _assert_one_line_error(code, err, "training images")
+    assert not steps
 
 
 def test_eval_notes_agree_with_what_they_name():
