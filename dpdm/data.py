@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
 
 import numpy as np
 import torch
@@ -21,6 +22,13 @@ import torch
 __all__ = ["PoissonSampler"]
 
 _STREAM = 0x5A3B1E   # separates the sampler's streams from other users of (seed, step)
+
+
+def _finite_float(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:   # an int or Fraction too large for a float
+        return False
 
 
 class PoissonSampler:
@@ -37,9 +45,11 @@ class PoissonSampler:
             raise ValueError(f"dataset_size={dataset_size!r} must be an integer >= 1")
         # numpy's float scalars too (np.float32(0.05) was "must be in (0, 1]", h154 N3, stop 55), taken as the
         # number they hold; bools are not rates.
+        # Checked as the float it is used as: a rate that rounds to 0.0 (np.longdouble("1e-4000"), a tiny Fraction)
+        # would draw no example ever (r1 N2, stop 55).
         if isinstance(sample_rate, (bool, np.bool_)) or not isinstance(sample_rate, numbers.Real) \
-                or not math.isfinite(sample_rate) or not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate={sample_rate!r} must be a number in (0, 1]")
+                or not _finite_float(sample_rate) or not 0 < float(sample_rate) <= 1:
+            raise ValueError(f"sample_rate={reprlib.repr(sample_rate)} must be a number in (0, 1]")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed={seed!r} must be an integer >= 0")
         self.dataset_size = int(dataset_size)

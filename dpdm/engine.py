@@ -136,7 +136,7 @@ def validate_model(model: nn.Module) -> None:
             raise ValueError(
                 f"model contains {label} with max_norm={m.max_norm:g}, which renormalises the rows a batch looks up in "
                 "place, changing the weights by the private examples outside the DP mechanism; use max_norm=None")
-        if isinstance(m, nn.Embedding) and m.sparse:
+        if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad:   # a frozen one has none (r1 F1)
             raise ValueError(f"model contains {label} with sparse=True, whose sparse gradients the per-example "
                              "gradients cannot batch; use sparse=False (each example's gradient is dense anyway)")
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:

@@ -1,5 +1,6 @@
 """The DP-SGD engine: per-example gradients against a loop (the oracle), clipping, sensitivity, noise."""
 
+import copy
 import math
 
 import numpy as np
@@ -801,3 +802,23 @@ def test_default_noise_takes_a_fresh_full_64_bit_secret_seed_each_call(monkeypat
         add_noise(zeros, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=1.0)
     assert len(seeds) == 32 and all(0 <= s < 2**64 for s in seeds), seeds
     assert len({s >> 48 for s in seeds}) > 16, [hex(s) for s in seeds]
+
+
+@pytest.mark.parametrize("rules", [True, False])
+def test_a_frozen_sparse_embedding_is_accepted_and_exact(rules):
+    torch.manual_seed(0)
+    tokens, labels = torch.tensor([[1, 2], [3, 3], [1, 4]]), torch.tensor([0, 1, 2])
+    dense = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
+    dense[0].weight.requires_grad_(False)
+    sparse = copy.deepcopy(dense)   # r1 F1 (stop 55): a frozen table makes no sparse gradient; it ran before 05dbad1
+    sparse[0].sparse = True
+    lf = lambda m, t, y: F.cross_entropy(m(t), y)
+    want = per_sample_grads(dense, lf, tokens, labels, per_layer_rules=rules)
+    got = per_sample_grads(sparse, lf, tokens, labels, per_layer_rules=rules)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_trainable_sparse_embedding_is_still_refused():
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"^model contains 0 \(Embedding\) with sparse=True"):
+        per_sample_grads(model, lambda m, t: m(t).sum(), torch.tensor([[1, 2], [3, 4]]))

@@ -122,3 +122,14 @@ def test_expected_batch_size_is_q_times_n_unrounded():
     binomial test above has N * q = 12)."""
     assert PoissonSampler(10, 0.25, seed=0).expected_batch_size == pytest.approx(2.5, rel=1e-15)
     assert PoissonSampler(7, 0.1, seed=0).expected_batch_size == pytest.approx(0.7, rel=1e-15)
+
+
+def test_a_rate_that_rounds_to_zero_as_a_float_is_refused():
+    """r1 N2 (stop 55): the rate was checked before it was made a float, so np.longdouble("1e-4000") or a tiny
+    Fraction (> 0 as given) became 0.0, a sampler that never draws an example; an int too large for a float too."""
+    from fractions import Fraction
+
+    for bad in (np.longdouble("1e-4000"), Fraction(1, 10**400), 10**400):
+        with pytest.raises(ValueError, match=r"^sample_rate=.* must be a number in \(0, 1\]$"):
+            PoissonSampler(1000, bad, seed=0)
+    assert PoissonSampler(1000, Fraction(1, 20), seed=0).sample_rate == 0.05
