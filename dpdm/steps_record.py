@@ -81,32 +81,35 @@ def recorded_steps(out_dir: str) -> int:
 RECORD_SCHEDULES = ("constant", "cosine")
 
 
-def read_record(out_dir: str) -> tuple[tuple[int, str | None, str | None] | None, str | None]:
-    """What the run in `out_dir` recorded in `STEPS_RECORD`, read and judged as `dpdm train --resume` reads and
-    judges it (`dpdm.train._read_steps_record`, which a test keeps in step), without torch: (steps, and the 16 hex
-    digits of the plan and of the data its v2 line names them by, None and None in a v1 line), or None where there
-    is none or it is empty (a crash lost its writes); and what is wrong with it, or None: "a link", "not a regular
-    file", "unreadable: ...", or "not the line dpdm writes there: damaged or edited" (a line cut short too). For the
-    advice lines of `dpdm export` and `dpdm sample` (`cli._common.warn_steps_past_checkpoint`)."""
+def read_record_line(out_dir, schedules: tuple[str, ...] = RECORD_SCHEDULES
+                     ) -> tuple[bytes | None, tuple | None, str | None]:
+    """The run's `STEPS_RECORD` in `out_dir` (a str or Path), read and judged as `dpdm train` reads and judges it
+    (`dpdm.train._read_steps_record` is this, with its `LR_SCHEDULES`), without torch: its bytes (None: there is
+    none), what it records (steps, the digest of their lr segments, the last lr and schedule, and the 16 hex digits
+    of the plan's and of the data's digests they ran under, None and None in a v1 line; None: none, or an empty one
+    whose writes a crash lost), and what is wrong with it (None: nothing): "a link", "not a regular file",
+    "unreadable: ...", or "not the line dpdm writes there: damaged or edited" (a line cut short too). Not through a
+    link, never blocking on a FIFO."""
     import math
 
     path = os.path.join(os.path.expanduser(out_dir), STEPS_RECORD)
-    try:   # not through a link, never blocking on a FIFO, as train reads it
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        return None, None
+        return None, None, None
     except OSError as e:
-        return None, "a link" if os.path.islink(path) else f"unreadable: {e.strerror or e}"
+        what = "a link" if os.path.islink(path) else f"unreadable: {e.strerror or e}"
+        return what.encode(), None, what
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, "not a regular file"
+            return b"", None, "not a regular file"
         raw = os.read(fd, 4 * RECORD_WIDTH)
     except OSError as e:
-        return None, f"unreadable: {e.strerror or e}"
+        return b"", None, f"unreadable: {e.strerror or e}"
     finally:
         os.close(fd)
     if not raw.strip(b"\0"):
-        return None, None
+        return raw, None, None
     parts = raw.split(b"\n", 1)[0].decode("ascii", "replace").split()
 
     def hex16(text: str) -> bool:
@@ -116,12 +119,21 @@ def read_record(out_dir: str) -> tuple[tuple[int, str | None, str | None] | None
         head = next((h.split() for h in RECORD_FIELDS if parts[:len(h.split())] == h.split()), None)
         if head is None or len(parts) != len(head) + RECORD_FIELDS[" ".join(head)]:
             raise ValueError
-        steps, digest, lr, schedule = (int(parts[len(head)]), parts[len(head) + 1], float(parts[len(head) + 2]),
-                                       parts[len(head) + 3])
-        bound = tuple(parts[len(head) + 4:]) or (None, None)
-        if not (steps >= 0 and hex16(digest) and math.isfinite(lr) and lr > 0 and schedule in RECORD_SCHEDULES
+        steps, digest, lr, schedule = int(parts[len(head)]), parts[len(head) + 1], float(parts[len(head) + 2]), \
+            parts[len(head) + 3]
+        bound = tuple(parts[len(head) + 4:]) or (None, None)   # a v1 line: bound to no plan or data
+        if not (steps >= 0 and hex16(digest) and math.isfinite(lr) and lr > 0 and schedule in schedules
                 and all(b is None or hex16(b) for b in bound)):
             raise ValueError
     except ValueError:
-        return None, "not the line dpdm writes there: damaged or edited"
-    return (steps, *bound), None
+        return raw, None, "not the line dpdm writes there: damaged or edited"
+    return raw, (steps, digest, lr, schedule, *bound), None
+
+
+def read_record(out_dir: str) -> tuple[tuple[int, str | None, str | None] | None, str | None]:
+    """What the run in `out_dir` recorded in `STEPS_RECORD`, as `dpdm train --resume` judges it (`read_record_line`):
+    (steps, and the 16 hex digits of the plan and of the data its v2 line names them by, None and None in a v1
+    line), or None where there is none or it is empty (a crash lost its writes); and what is wrong with it, or None.
+    For the advice lines of `dpdm export` and `dpdm sample` (`cli._common.warn_steps_past_checkpoint`)."""
+    _, record, problem = read_record_line(out_dir)
+    return (None if record is None else (record[0], *record[4:6])), problem

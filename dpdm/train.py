@@ -48,9 +48,9 @@ from dpdm.memory import out_of_memory
 from dpdm.networks import build_network
 from dpdm.precond import EDMPrecond, VPrecond
 from dpdm.report_utils import epsilon_text
-from dpdm.steps_record import (RECORD_FIELDS as _RECORD_FIELDS, RECORD_HEAD as _RECORD_HEAD,
+from dpdm.steps_record import (RECORD_HEAD as _RECORD_HEAD,
                                RECORD_HEAD_V1 as _RECORD_HEAD_V1, RECORD_WIDTH as _RECORD_WIDTH, STEPS_RECORD,
-                               record_binding)
+                               read_record_line, record_binding)
 from dpdm.sampling import PRECISIONS, SIGMA_LIMITS, autocast_for
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -2135,43 +2135,8 @@ def _read_steps_record(out: Path) -> tuple[bytes | None, tuple | None, str | Non
     """The bytes of the run's `STEPS_RECORD` (None: there is none), what it records (steps, the digest of their
     lr segments, the last lr and schedule, and the 16 hex digits of the plan's and of the data's digests they ran
     under, None and None in a v1 line; None: none, or an empty one whose writes a crash lost), and what is wrong
-    with it (None: nothing)."""
-    path = out / STEPS_RECORD
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None, None, None
-    except OSError as e:
-        what = "a link" if os.path.islink(path) else f"unreadable: {e.strerror or e}"
-        return what.encode(), None, what
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return b"", None, "not a regular file"
-        raw = os.read(fd, 4 * _RECORD_WIDTH)
-    except OSError as e:
-        return b"", None, f"unreadable: {e.strerror or e}"
-    finally:
-        os.close(fd)
-    if not raw.strip(b"\0"):
-        return raw, None, None
-    parts = raw.split(b"\n", 1)[0].decode("ascii", "replace").split()
-
-    def hex16(text: str) -> bool:
-        return len(text) == 16 and all(ch in "0123456789abcdef" for ch in text)
-
-    try:
-        head = next((h.split() for h in _RECORD_FIELDS if parts[:len(h.split())] == h.split()), None)
-        if head is None or len(parts) != len(head) + _RECORD_FIELDS[" ".join(head)]:
-            raise ValueError
-        steps, digest, lr, schedule = int(parts[len(head)]), parts[len(head) + 1], float(parts[len(head) + 2]), \
-            parts[len(head) + 3]
-        bound = tuple(parts[len(head) + 4:]) or (None, None)   # a v1 line: bound to no plan or data
-        if not (steps >= 0 and hex16(digest) and math.isfinite(lr) and lr > 0 and schedule in LR_SCHEDULES
-                and all(b is None or hex16(b) for b in bound)):
-            raise ValueError
-    except ValueError:
-        return raw, None, "not the line dpdm writes there: damaged or edited"
-    return raw, (steps, digest, lr, schedule, *bound), None
+    with it (None: nothing): `steps_record.read_record_line`, which the advice lines of export and sample share."""
+    return read_record_line(out, LR_SCHEDULES)
 
 
 def _other_run_of_record(record: tuple, bound: tuple[str, str]) -> str | None:
