@@ -303,17 +303,25 @@ def warn_steps_past_checkpoint(checkpoint, result: dict, what: str, *, data_dige
     fingerprint of its data (None: not compared), never shown. Torch-free reads."""
     if not result.get("private"):
         return
+    done = int(result["steps_done"])
+    if done >= int(result["plan_steps"]):
+        return   # a finished run ran no step past its last checkpoint, whatever a .steps_done there says (r2 F3)
     spelled = os.path.expanduser(os.fspath(checkpoint))
-    real = os.path.realpath(spelled)   # a link to a run's checkpoint.pt is that run's (h151 F3, stop 55)
-    if os.path.basename(real) != "checkpoint.pt":
-        return   # another file in a run folder (a copy kept of an earlier checkpoint) is no stopped run's (r1 F1)
-    folder = os.path.dirname(spelled) or os.curdir
-    if os.path.basename(spelled) != "checkpoint.pt" or os.path.realpath(folder) != os.path.dirname(real):
-        folder = os.path.dirname(real)
-    from dpdm.steps_record import record_binding, read_record
+    real = os.path.realpath(spelled)
+    # The run's checkpoint.pt is the run's, also where it links to another name in its folder (the record read in
+    # its folder, as `dpdm train --resume` there reads it, r2 F2), and so is a link to a run's checkpoint.pt
+    # (`--checkpoint latest.pt`, h151 F3, stop 55); another file (a copy kept of an earlier checkpoint) is no
+    # stopped run's (r1 F1, stop 53).
+    from dpdm.steps_record import STEPS_RECORD, record_binding, read_record
 
+    folder = os.path.dirname(spelled) or os.curdir
+    if os.path.basename(spelled) != "checkpoint.pt" or (
+            os.path.basename(real) == "checkpoint.pt" and not os.path.lexists(os.path.join(folder, STEPS_RECORD))):
+        if os.path.basename(real) != "checkpoint.pt":
+            return
+        folder = os.path.dirname(real)
     record, problem = read_record(folder)
-    ran, done = (0 if record is None else record[0]), int(result["steps_done"])
+    ran = 0 if record is None else record[0]
     other = []   # what `dpdm.train._other_run_of_record` refuses the record for
     if record is not None and record[1] is not None and record[1] != record_binding(str(result["plan_digest"])):
         other.append(f"under plan sha256:{record[1]}... (not this run's plan, "

@@ -92,7 +92,7 @@ def read_record_line(out_dir, schedules: tuple[str, ...] = RECORD_SCHEDULES
     link, never blocking on a FIFO."""
     import math
 
-    path = os.path.join(os.path.expanduser(out_dir), STEPS_RECORD)
+    path = os.path.join(out_dir, STEPS_RECORD)   # as given: `dpdm.train.train` writes it in a literal "~" (r2 F1)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -135,5 +135,5 @@ def read_record(out_dir: str) -> tuple[tuple[int, str | None, str | None] | None
     (steps, and the 16 hex digits of the plan and of the data its v2 line names them by, None and None in a v1
     line), or None where there is none or it is empty (a crash lost its writes); and what is wrong with it, or None.
     For the advice lines of `dpdm export` and `dpdm sample` (`cli._common.warn_steps_past_checkpoint`)."""
-    _, record, problem = read_record_line(out_dir)
+    _, record, problem = read_record_line(os.path.expanduser(out_dir))
     return (None if record is None else (record[0], *record[4:6])), problem

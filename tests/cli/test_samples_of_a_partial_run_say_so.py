@@ -204,8 +204,8 @@ def test_a_record_train_refuses_is_priced_at_nothing_and_a_link_to_the_checkpoin
         assert "has spent" not in err and eps4 not in err and "replays steps 3 to 4" not in err, err
         assert "the samples' epsilon" in err and "(2 steps) holds for these weights alone" in err, err
     record(plan_bound="f" * 16)
-    result["steps_done"] = 4   # at or past the record's steps: still not this run's record, as train says
-    assert "of a run under plan sha256:ffff" in said()
+    result["steps_done"] = 4   # a finished run (train says so, not the record's plan): no step past it (r2 F3)
+    assert said() == ""
     result["steps_done"] = 2
     # Through a link: the run's checkpoint.pt, under another name or from another folder, is the run's (its record
     # and plan.json are read in its folder)
@@ -248,3 +248,44 @@ def test_the_advice_lines_read_a_steps_record_as_train_does(tmp_path, line):
     got, got_problem = read_record(str(tmp_path))
     assert got_problem == problem
     assert got == (None if record is None else (record[0], *record[4:6]))
+
+
+def _r2_run(tmp_path, steps_done, plan_steps=4):
+    from dpdm.steps_record import RECORD_HEAD, RECORD_WIDTH, STEPS_RECORD, record_binding
+
+    run = tmp_path / "run"
+    run.mkdir()
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=plan_steps, noise_multiplier=2.0,
+                                  noise_multiplicity=2, delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
+    doc = accounting.make_plan_document(plan)
+    accounting.write_plan(doc, run / "plan.json")
+    data = "sha256:" + "ab" * 32
+    result = {"private": True, "steps_done": steps_done, "plan_steps": plan_steps, "plan_digest": doc.digest,
+              "epsilon": accounting.epsilon_spent(plan, steps_done)}
+
+    def record(steps, plan_bound=record_binding(doc.digest)):
+        line = f"{RECORD_HEAD} {steps} {'0' * 16} 0.0003 constant {plan_bound} {record_binding(data)}"
+        (run / STEPS_RECORD).write_text(line.ljust(RECORD_WIDTH - 1) + "\n")
+    return run, plan, data, result, record
+
+
+def test_a_runs_checkpoint_pt_linked_to_another_name_in_its_folder_is_the_runs(tmp_path, capsys):
+    from cli._common import warn_steps_past_checkpoint
+
+    run, plan, data, result, record = _r2_run(tmp_path, 2)
+    (run / "ckpt2.pt").write_bytes(b"")
+    (run / "checkpoint.pt").symlink_to("ckpt2.pt")   # `dpdm train --resume` resumes from it and reads the record
+    record(4)
+    warn_steps_past_checkpoint(run / "checkpoint.pt", result, "the samples'", data_digest=data)
+    assert "ran 4 of its 4 steps" in capsys.readouterr().err
+
+
+def test_a_finished_runs_foreign_record_does_not_say_steps_past_its_last_checkpoint_are_unknown(tmp_path, capsys):
+    from cli._common import warn_steps_past_checkpoint
+
+    run, plan, data, result, record = _r2_run(tmp_path, 4)
+    (run / "checkpoint.pt").write_bytes(b"")
+    record(9, plan_bound="f" * 16)
+    warn_steps_past_checkpoint(run / "checkpoint.pt", result, "the samples'", data_digest=data)
+    err = capsys.readouterr().err
+    assert "cannot be told" not in err and "is unknown" not in err, err

@@ -2878,3 +2878,25 @@ def test_the_steps_record_is_read_only_as_a_whole_v2_line_or_a_v1_line(tmp_path)
     assert recorded_steps(tmp_path) == 3
     put("dpdm-steps-run v1 3")   # a v1 line cut short: counted, as before stop 54
     assert recorded_steps(tmp_path) == 3
+
+
+def test_train_reads_the_record_of_a_run_folder_spelled_with_a_leading_tilde_where_it_writes_it(tmp_path,
+                                                                                                 monkeypatch):
+    """r2 F1 (stop 55): d0fbe8f read the record of train(out_dir="~/run") under $HOME while train wrote it in a
+    literal "~" folder, so a killed library run was started again with its steps in no ledger."""
+    import dpdm.train as t
+    from dpdm.steps_record import STEPS_RECORD
+
+    def _line(steps):
+        line = f"dpdm-steps-run v2 {steps} {'0' * 16} 0.001 constant {'1' * 16} {'2' * 16}"
+        return (line.ljust(127) + "\n").encode()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "~" / "run").mkdir(parents=True)
+    (tmp_path / "~" / "run" / STEPS_RECORD).write_bytes(_line(9))   # where train(out_dir="~/run") writes it
+    (tmp_path / "home" / "run").mkdir(parents=True)
+    (tmp_path / "home" / "run" / STEPS_RECORD).write_bytes(_line(4))   # another run's, under $HOME
+    out = Path("~/run")
+    assert t._read_steps_record(out)[1][0] == 9
+    assert t._StepsRecord(out, [(0, 1e-3, "constant")], 0).path == Path("~/run") / STEPS_RECORD
