@@ -66,8 +66,13 @@ def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
         emit_json(result)
         return
     if result["private"]:
+        # weights that hold fewer steps' updates than the ledger counts (a divergence, --spend-unsaved-steps) say how
+        # many, as `dpdm sample`'s line of the same checkpoint does (N2, stop 55)
+        discarded = result.get("discarded_steps", 0)
+        held = (f" ({discarded} of them discarded: the weights hold the updates of "
+                f"{result['steps_done'] - discarded})" if discarded else "")
         what = (f"DP: epsilon {epsilon_text(result['epsilon_spent'])}, delta {result['delta']:g} after "
-                f"{result['steps_done']} of {result['plan_steps']} steps")
+                f"{result['steps_done']} of {result['plan_steps']} steps{held}")
     else:
         what = "NON-PRIVATE (--no-dp)"
     info(f"wrote {out_path}: {result['weights']} weights, {result['parameters']:,} parameters, {what}; "

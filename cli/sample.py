@@ -61,10 +61,13 @@ _MAX_SAMPLER_STEPS = 10_000   # dpdm.sampling.MAX_SAMPLER_STEPS (10x DPDM's 1,00
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_path", required=True, type=PathOption(dir_okay=False), help="samples.npz (x uint8 NCHW, y int).")
 @click.option("--grid", "grid_path", type=PathOption(dir_okay=False), default=None,
-              help="Also write a grid of samples, a row per class (.png, .pdf, .svg, .jpg or .jpeg).")
+              help="Also write a grid of samples, a row per class (.png, .pdf, .svg, .jpg or .jpeg). It names the "
+                   "model's plan and kind (private, or --no-dp), and replaces a grid of `dpdm sample` of the same "
+                   "plan and kind (others: see --force), never another file.")
 @click.option("--force", is_flag=True,
-              help="Replace an --out samples file of a model of another plan, or of this plan from a run of the "
-                   "other kind (private, or --no-dp); never the run's own data.")
+              help="Replace an --out samples file or a --grid of a model of another plan, or of this plan from a run "
+                   "of the other kind (private, or --no-dp), or a grid naming neither (from a dpdm before grids named "
+                   "them); never the run's own data, nor a file `dpdm sample` did not write.")
 @click.option("--json", "as_json", is_flag=True)
 def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, s_max, s_noise, guidance, guidance_interval, sigma_min, sigma_max, rho, weights, precision,
            seed, batch_size, device, out_path, grid_path, force, as_json):

@@ -79,7 +79,8 @@ def release_identity(path: str | os.PathLike) -> tuple[str, Any] | None:
 def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, *,
                  weights: str = "ema", keep_other_plans: bool = False, facts: dict | None = None) -> dict[str, Any]:
     """Writes the release file of a checkpoint to `out_path` atomically. Returns a summary: with the file's
-    "sha256", its weights' "weights_sha256" (`sample.weights_digest`), which samples drawn with them record.
+    "sha256", its weights' "weights_sha256" (`sample.weights_digest`), which samples drawn with them record, and
+    "discarded_steps" where the weights hold fewer steps' updates than the ledger counts (as `dpdm sample`'s).
 
     weights: "ema", "raw" or "power:GAMMA" (`dpdm.sample`'s names): the one set the file holds.
     keep_other_plans: refuse to replace a release file of another plan (`dpdm export` without --force),
@@ -151,16 +152,22 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     # The verified document as dpdm writes it, not the file's text: keys dpdm does not write stay out of the release.
     release = {"format": ckpt.MODEL_FORMAT, "weights": weights, "state_dict": chosen, "config": config,
                "ledger": ledger, "plan": doc.to_json() + "\n"}
+    this = f"this run is {'private' if ledger['private'] else 'NON-PRIVATE (--no-dp)'}"
+    other_kind = old is not None and old[1] is not bool(ledger["private"])
     if keep_other_plans and old is not None and old[0] != ledger["plan_digest"]:
-        raise ExportError(f"--out={str(out)!r} already exists and holds the release file of another plan "
-                          f"({old[0][:19]}..., this run's is {str(ledger['plan_digest'])[:19]}...); it is kept. "
-                          "Choose another --out, or pass --force to replace it")
-    if keep_other_plans and old is not None and old[1] is not bool(ledger["private"]):
+        # its kind too where it is the other: a private release is no --no-dp one of another plan either (N4, stop 55)
+        raise ExportError(f"--out={str(out)!r} already exists and holds the release file of "
+                          f"{privacy_name(old[1]) + ' of ' if other_kind else ''}another plan ({old[0][:19]}..., "
+                          f"this run's is {str(ledger['plan_digest'])[:19]}...){', and ' + this if other_kind else ''}"
+                          "; it is kept. Choose another --out, or pass --force to replace it")
+    if keep_other_plans and other_kind:
         # One plan, a private run and its --no-dp baseline (the non-private ceiling): two files, never one path
         raise ExportError(f"--out={str(out)!r} already exists and holds the release file of "
-                          f"{privacy_name(old[1])} of this plan, and this run is "
-                          f"{'private' if ledger['private'] else 'NON-PRIVATE (--no-dp)'}; it is kept. Choose "
+                          f"{privacy_name(old[1])} of this plan, and {this}; it is kept. Choose "
                           "another --out, or pass --force to replace it")
+    # Steps of the ledger whose updates the weights do not hold (a divergence's, --spend-unsaved-steps'), in the
+    # summary as `dpdm sample`'s of the same checkpoint (N2, stop 55); the release file records none
+    discarded = int(state.get(ckpt.DISCARDED_STEPS_KEY, 0))
     remove_temp_leftovers(out, r"\.[a-z0-9_]{8}\.tmp")   # `atomic_torch_save`'s (mkstemp's) of a killed export
     ckpt.atomic_torch_save(release, out)   # where the OS puts `out` (`LINK/..`: r1 F4)
     # sha256: the file's, to publish; weights_sha256: its weights' (`sample.weights_digest`), which `dpdm sample`
@@ -169,4 +176,5 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
             "checkpoint": str(src), "weights": weights,
             "parameters": int(sum(t.numel() for t in chosen.values() if t.is_floating_point())),
             **ledger, "epsilon_spent": float(ledger["epsilon_spent"]) if ledger["private"] else None,
-            "seed_given": ckpt.seed_given(state["config"])}
+            "seed_given": ckpt.seed_given(state["config"]),
+            **({ckpt.DISCARDED_STEPS_KEY: discarded} if discarded else {})}

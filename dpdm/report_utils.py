@@ -24,6 +24,9 @@ GRID_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 GRID_MARK = "dpdm.grid/1"
 _GRID_MAX_BYTES = 256 << 20
 _GRID_MARK_SPAN = 64 << 10   # bytes read at each end of an existing grid to find GRID_MARK
+# A grid of `dpdm sample` names its model after the mark (`grid_mark`): "dpdm.grid/1 plan=sha256:HEX private=yes",
+# which `dpdm sample --grid` compares as it compares a samples file's meta_plan_digest and meta_private (N1, stop 55).
+_GRID_IDENTITY = re.compile(re.escape(GRID_MARK).encode() + rb" plan=(sha256:[0-9a-f]{64}) private=(yes|no)")
 
 
 def epsilon_text(epsilon: float, digits: int = 4, *, bound: str = "upper") -> str:
@@ -242,16 +245,35 @@ def is_run_config(path: Path) -> bool:
 
 def is_dpdm_grid(path: str | os.PathLike) -> bool:
     """Whether `path` is a grid that `save_grid` wrote (it carries `GRID_MARK`)."""
-    path, mark = Path(path), GRID_MARK.encode()
+    return any(GRID_MARK.encode() in end for end in _grid_ends(path))
+
+
+def grid_mark(plan_digest: str, private: bool) -> str:
+    """The mark of a grid of samples of the model of a run of `plan_digest` ("sha256:HEX"), private or --no-dp:
+    `GRID_MARK` (which `is_dpdm_grid` and a dpdm from before this finds in it) followed by both."""
+    return f"{GRID_MARK} plan={plan_digest} private={'yes' if private else 'no'}"
+
+
+def grid_identity(path: str | os.PathLike) -> tuple[str, bool] | None:
+    """The plan digest and private flag the mark of a grid that `save_grid` wrote names (`grid_mark`), or None where
+    it names none (a grid from before marks named them, a `dpdm plan --curve` plot) or more than one (made by hand)."""
+    found = {(m[1].decode(), m[2] == b"yes") for end in _grid_ends(path) for m in _GRID_IDENTITY.finditer(end)}
+    return found.pop() if len(found) == 1 else None
+
+
+def _grid_ends(path: str | os.PathLike) -> list[bytes]:
+    """The first and last `_GRID_MARK_SPAN` bytes of a regular file of at most `_GRID_MAX_BYTES` (a link followed),
+    where a grid's mark lies: in the header (PNG, SVG, JPEG) or the trailer (PDF's Info); none for anything else."""
+    path = Path(path)
     try:
         if not path.is_file() or path.stat().st_size > _GRID_MAX_BYTES:
-            return False
-        with open(path, "rb") as f:   # the mark lies in the header (PNG, SVG, JPEG) or the trailer (PDF's Info)
+            return []
+        with open(path, "rb") as f:
             head = f.read(_GRID_MARK_SPAN)
             f.seek(max(0, path.stat().st_size - _GRID_MARK_SPAN))
-            return mark in head or mark in f.read()
+            return [head, f.read()]
     except OSError:
-        return False
+        return []
 
 
 # At most this many rows (classes) in a grid: about 46 px a row, so every format can hold it (JPEG stops at
@@ -260,7 +282,7 @@ MAX_GRID_ROWS = 100
 
 
 def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: str = "", per_row: int = 10,
-              staged: bool = False) -> Path:
+              staged: bool = False, identity: tuple[str, bool] | None = None) -> Path:
     """Saves uint8 images [N, C, H, W] as a grid with one row per class (or rows of `per_row`); with more than
     `MAX_GRID_ROWS` classes, the first `MAX_GRID_ROWS` classes, and the title says so. Copies only the images it
     shows: `dpdm sample` counts the images once against memory, and a copy of every image of each class doubled
@@ -269,7 +291,9 @@ def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: s
     The format follows the suffix (`GRID_SUFFIXES`) and the file carries `GRID_MARK`; it is written
     atomically (a temporary file in the same folder, fsynced, renamed), readable by its owner only (0600, as
     release files: the images of a --no-dp model are near-copies of private ones), and no temporary file is left
-    behind on failure. staged: `save_marked_figure`'s, for a caller that renames the grid itself.
+    behind on failure. staged: `save_marked_figure`'s, for a caller that renames the grid itself. identity: the
+    plan digest and private flag of the model the images are samples of, which the mark names (`grid_mark`), so that
+    `dpdm sample --grid` replaces a grid of another plan's model, or of the other kind, only with --force.
 
     Raises:
       ValueError: a suffix that names no format in `GRID_SUFFIXES`.
@@ -306,26 +330,30 @@ def save_grid(x: np.ndarray, y: np.ndarray | None, path: str | Path, *, title: s
         if title:
             ax.set_title(title, fontsize=9)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return save_marked_figure(fig, path, mode=0o600, staged=staged, dpi=100, bbox_inches="tight")
+        return save_marked_figure(fig, path, mode=0o600, staged=staged, dpi=100, bbox_inches="tight",
+                                  mark=GRID_MARK if identity is None else grid_mark(*identity))
     finally:
         plt.close(fig)
 
 
 def save_marked_figure(fig, path: str | os.PathLike, *, mode: int = 0o666, staged: bool = False,
-                       **savefig_kwargs) -> Path:
+                       mark: str = GRID_MARK, **savefig_kwargs) -> Path:
     """`fig.savefig` into `path` atomically and durably (a temporary file in the same folder, fsynced, renamed; none
     left behind on failure), carrying `GRID_MARK` where the format holds one (png, pdf, svg, jpg): the mark by which
     `dpdm sample --grid` and `dpdm plan --curve` replace only a file they wrote. Returns `path`.
 
     mode: the file's mode, less the umask (`dpdm sample`'s grids: 0600).
+    mark: `GRID_MARK`, or what begins with it (`grid_mark`: a grid of samples names its model).
     staged: leave the fsynced temporary file unrenamed and return it: the caller renames it onto `path` (and
       removes it where it does not), as `dpdm sample` does after renaming its samples file."""
     from accounting.plan import fsync_folder
 
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
-    mark = ({"pil_kwargs": {"comment": GRID_MARK}} if fmt in ("jpg", "jpeg") else
-            {"metadata": {"Software" if fmt == "png" else "Creator": GRID_MARK}} if fmt in ("png", "pdf", "svg")
+    if not mark.startswith(GRID_MARK):
+        raise ValueError(f"mark {mark!r} does not begin with {GRID_MARK!r}")
+    mark = ({"pil_kwargs": {"comment": mark}} if fmt in ("jpg", "jpeg") else
+            {"metadata": {"Software" if fmt == "png" else "Creator": mark}} if fmt in ("png", "pdf", "svg")
             else {})
     tmp = temp_path(path)
     try:

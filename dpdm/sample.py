@@ -217,7 +217,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
     sigma_min / sigma_max None: Karras's 0.002 / 80, narrowed to the noise levels the run trained on
     (`dpdm train --train-sigma`), so that the sampler does not ask the network about levels it never saw.
     precision: "fp32", or "bf16" (the network under bfloat16 autocast; `dpdm.sampling.PRECISIONS`).
-    force: replace a samples file of a model of another plan, or of the other private flag (`check_outputs`).
+    force: replace a samples file or grid of a model of another plan, or of the other private flag, or a grid that
+      names neither (`check_outputs`).
     notes: where given, warnings for the user are appended to it: how many of the images are of classes the run
       had no training image of (a training checkpoint's "empty_classes"; drawn evenly all the same, since drawing
       only the others would show in released samples which classes the private data lacks). Never in the npz
@@ -387,7 +388,8 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
             if private and meta["seed_given"]:
                 title += ", GIVEN --seed"
             remove_temp_leftovers(grid_path, TEMP_PATH_REST + re.escape(".tmp"))
-            grid_tmp = save_grid(x, y_np, grid_path, title=title, staged=True)
+            # its mark names the model's plan and kind, which a later --grid of another model's samples checks
+            grid_tmp = save_grid(x, y_np, grid_path, title=title, staged=True, identity=(meta["plan_digest"], private))
             # The old grid goes first and the new one comes last: a kill between the renames leaves the samples
             # (old or new) without a grid, never beside a grid of other samples (h111 N3).
             with contextlib.suppress(FileNotFoundError):
@@ -590,8 +592,11 @@ def check_outputs(out_path: str | os.PathLike, grid_path: str | os.PathLike | No
     A samples file of a model of another plan than `plan_digest` is replaced only with `force`: it may be
     another run's training data (a release file names no local path to protect); so is one of this plan whose
     private flag is not `private` (where given): a private model's samples and its --no-dp baseline's (h151 F1,
-    stop 55). Reads the files; writes nothing."""
-    from dpdm.report_utils import is_dpdm_grid
+    stop 55). A grid likewise, by the plan and flag its mark names (`report_utils.grid_identity`); one whose mark
+    names neither (drawn by a dpdm from before marks named them, or a `dpdm plan --curve` plot) is replaced only with
+    `force` too, as a samples file without its plan's digest is (N1, stop 55). The kept file's kind is named where it
+    differs from this model's, of another plan too (N4). Reads the files; writes nothing."""
+    from dpdm.report_utils import grid_identity, is_dpdm_grid
 
     for option, path, ours, what in (("--out", out_path, is_samples_file, "samples file"),
                                      ("--grid", grid_path, is_dpdm_grid, "grid")):
@@ -607,16 +612,27 @@ def check_outputs(out_path: str | os.PathLike, grid_path: str | os.PathLike | No
         if where:
             raise SampleError(f"{option}={str(path)!r} {where} the run's training data ({dataset!r}); write the "
                               "samples elsewhere")
-        if option == "--out" and plan_digest is not None and not force and os.path.lexists(path):
-            other, other_private = _samples_identity(path)
-            if other != plan_digest:
-                raise SampleError(f"--out={str(path)!r} holds samples of a model of another plan "
-                                  f"({other[:19]}...), perhaps another run's training data; it is kept: choose "
-                                  "another --out, or pass --force to replace it")
-            if private is not None and other_private is not private:
-                raise SampleError(f"--out={str(path)!r} holds samples of the model of {privacy_name(other_private)} "
-                                  f"of this plan, and this model is {'private' if private else 'NON-PRIVATE (--no-dp)'}"
-                                  "; it is kept: choose another --out, or pass --force to replace it")
+        if plan_digest is None or force or not os.path.lexists(path):
+            continue
+        kept = f"; it is kept: choose another {option}, or pass --force to replace it"
+        if option == "--out":
+            (other, other_private), held = _samples_identity(path), "samples of"
+        else:   # a grid names its model in its mark, as a samples file in its meta arrays
+            (other, other_private), held = grid_identity(path) or (None, None), "a grid of samples of"
+            if other is None:
+                raise SampleError(f"--grid={str(path)!r} holds a grid from `dpdm sample` that names no plan or kind "
+                                  "(private or --no-dp) of the model it shows (drawn by a dpdm from before grids "
+                                  f"named them, or a `dpdm plan --curve` plot){kept}")
+        this = f"this model is {'private' if private else 'NON-PRIVATE (--no-dp)'}"
+        other_kind = private is not None and other_private is not private
+        if other != plan_digest:   # its kind too where it is the other (N4, stop 55)
+            whose = (f"the model of {privacy_name(other_private)} of another plan ({other[:19]}...; {this})"
+                     if other_kind else f"a model of another plan ({other[:19]}...)")
+            raise SampleError(f"{option}={str(path)!r} holds {held} {whose}"
+                              + (", perhaps another run's training data" if option == "--out" else "") + kept)
+        if other_kind:
+            raise SampleError(f"{option}={str(path)!r} holds {held} the model of {privacy_name(other_private)} of "
+                              f"this plan, and {this}{kept}")
 
 
 def privacy_name(private: Any) -> str:

@@ -201,7 +201,16 @@ def test_non_private_run_is_marked(tmp_path, run, capsys):
     assert torch.load(tmp_path / "np.pt", weights_only=True)["ledger"]["private"] is False
     assert run_cli(["export", "--run", d / "run", "--out", tmp_path / "p.pt"], capsys)[0] == 0
     sample = ["sample", "--n", 2, "--sampler-steps", 2, "--device", "cpu"]
-    assert run_cli([*sample, "--run", d / "run", "--out", tmp_path / "p.npz"], capsys)[0] == 0
+    assert run_cli([*sample, "--run", d / "run", "--out", tmp_path / "p.npz", "--grid", tmp_path / "p.png"],
+                   capsys)[0] == 0
+    # Nor its grid, which a new samples file beside it replaced without --force (r2 N1, stop 55)
+    before = (tmp_path / "p.png").read_bytes()
+    line = one_error_line(*run_cli([*sample, "--run", tmp_path / "np", "--out", tmp_path / "np.npz", "--grid",
+                                    tmp_path / "p.png"], capsys)[::2])
+    assert line == (f"dpdm: error: --grid='{tmp_path / 'p.png'}' holds a grid of samples of the model of a private run "
+                    "of this plan, and this model is NON-PRIVATE (--no-dp); it is kept: choose another --grid, or pass "
+                    "--force to replace it"), line
+    assert (tmp_path / "p.png").read_bytes() == before and not (tmp_path / "np.npz").exists()
     for src, out, kind in ((tmp_path / "np", tmp_path / "p.pt", "of a private run of this plan, and this run is "
                                                                "NON-PRIVATE (--no-dp)"),
                            (d / "run", tmp_path / "np.pt", "of a NON-PRIVATE (--no-dp) run of this plan, and this run "
@@ -327,6 +336,17 @@ def test_a_release_file_of_another_plan_needs_force(run, tmp_path, capsys):
     code, _, err = run_cli(["export", "--run", run / "run", "--out", out], capsys)
     line = one_error_line(code, err)
     assert "another plan" in line and "--force" in line and out.read_bytes() == before
+    assert "run of another plan" not in line and "and this run is" not in line, line   # of its kind: the plan alone
+    # Of another plan and the other kind (a --no-dp run's): the line named only the plan, and --force then replaced a
+    # file nobody was told was a NON-PRIVATE release (r2 N4, stop 55)
+    foreign["ledger"]["private"] = False
+    torch.save(foreign, out)
+    before = out.read_bytes()
+    line = one_error_line(*run_cli(["export", "--run", run / "run", "--out", out], capsys)[::2])
+    assert line == (f"dpdm: error: --out='{out}' already exists and holds the release file of a NON-PRIVATE (--no-dp) "
+                    f"run of another plan (sha256:000000000000..., this run's is {digest[:19]}...), and this run is "
+                    "private; it is kept. Choose another --out, or pass --force to replace it"), line
+    assert out.read_bytes() == before
     assert run_cli(["export", "--run", run / "run", "--out", out, "--force"], capsys)[0] == 0
     assert torch.load(out, weights_only=True)["ledger"]["plan_digest"] == digest
 

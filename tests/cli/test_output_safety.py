@@ -65,7 +65,10 @@ def test_sample_replaces_only_its_own_files(run, tmp_path, capsys, no_drawing):
 
 def test_sample_rewrites_its_own_samples_and_grid(run, tmp_path, capsys):
     """What `dpdm sample` wrote it may write again (the README's `--out samples.npz --grid grid.png`). A finished
-    run's record holds its checkpoint's steps: no line about steps past it (h131 F1), and none on the line."""
+    run's record holds its checkpoint's steps: no line about steps past it (h131 F1), and none on the line. The
+    grid's mark names the model's plan and kind, as the samples' meta arrays do (r2 N1, stop 55)."""
+    from dpdm.report_utils import grid_identity
+
     for seed in (0, 1):
         code, _, err = run_cli(_sample(run, tmp_path / "s.npz", "--grid", tmp_path / "grid.png", "--seed", seed),
                                capsys)
@@ -73,17 +76,56 @@ def test_sample_rewrites_its_own_samples_and_grid(run, tmp_path, capsys):
         assert ".steps_done" not in err and "from step" not in err, err
         with np.load(tmp_path / "s.npz") as z:
             assert int(z["meta_seed"]) == seed
+            assert grid_identity(tmp_path / "grid.png") == (str(z["meta_plan_digest"]), True)
+    assert grid_identity(tmp_path / "grid.png")[0] == accounting.load_plan(run / "plan.json").digest
+
+
+def test_sample_keeps_a_grid_of_another_plan_or_kind_without_force(run, tmp_path, capsys, no_drawing):
+    """`dpdm sample --grid` replaced the grid of a private model's samples with its --no-dp baseline's, or with
+    another plan's model's, without --force, exit 0: a grid was told by its `dpdm.grid/1` mark alone, while the
+    samples file beside it was kept (r2 N1, stop 55). The mark names the model's plan and kind, checked as the
+    samples file's meta arrays, before any drawing: one line naming both, nothing written. A grid whose mark names
+    neither (an older dpdm's, a `dpdm plan --curve` plot) is replaced only with --force too."""
+    from dpdm.report_utils import grid_identity, save_grid
+    from dpdm.sample import check_outputs
+
+    digest, other = accounting.load_plan(run / "plan.json").digest, "sha256:" + "0" * 64
+    x = np.zeros((3, 1, 8, 8), np.uint8)
+    cases = {"kind.png": ((digest, False), "holds a grid of samples of the model of a NON-PRIVATE (--no-dp) run of "
+                                           "this plan, and this model is private"),
+             "plan.pdf": ((other, True), "holds a grid of samples of a model of another plan (sha256:000000000000...)"),
+             "both.svg": ((other, False), "holds a grid of samples of the model of a NON-PRIVATE (--no-dp) run of "
+                                          "another plan (sha256:000000000000...; this model is private)"),
+             "bare.jpg": (None, "holds a grid from `dpdm sample` that names no plan or kind (private or --no-dp) of "
+                                "the model it shows")}
+    for name, (identity, says) in cases.items():
+        grid = save_grid(x, np.arange(3), tmp_path / name, identity=identity)
+        assert grid_identity(grid) == identity
+        before = grid.read_bytes()
+        line = one_error_line(*run_cli(_sample(run, tmp_path / "s.npz", "--grid", grid), capsys)[::2])
+        assert line.startswith(f"dpdm: error: --grid='{grid}' {says}"), line
+        assert line.endswith("; it is kept: choose another --grid, or pass --force to replace it"), line
+        assert grid.read_bytes() == before and not (tmp_path / "s.npz").exists()
+        check_outputs(tmp_path / "s.npz", grid, plan_digest=digest, private=True, force=True)   # --force replaces it
+    same = save_grid(x, np.arange(3), tmp_path / "same.png", identity=(digest, True))
+    check_outputs(tmp_path / "s.npz", same, plan_digest=digest, private=True)   # this plan's and kind's: replaced
 
 
 @pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg", ".jpg", ".jpeg"])
 def test_every_grid_format_is_recognised_as_dpdms(tmp_path, suffix):
-    from dpdm.report_utils import is_dpdm_grid, save_grid
+    """Each format carries the mark, and the plan and kind of the model after it, read back whatever bytes the format
+    puts after them (a PNG chunk's CRC: r2 N1, stop 55); a grid without them names none."""
+    from dpdm.report_utils import grid_identity, is_dpdm_grid, save_grid
 
     x = np.zeros((3, 1, 8, 8), dtype=np.uint8)
     save_grid(x, np.arange(3), tmp_path / f"g{suffix}", title="t")
-    assert is_dpdm_grid(tmp_path / f"g{suffix}")
+    assert is_dpdm_grid(tmp_path / f"g{suffix}") and grid_identity(tmp_path / f"g{suffix}") is None
     (tmp_path / f"h{suffix}").write_bytes((tmp_path / f"g{suffix}").read_bytes().replace(b"dpdm.grid/1", b"other/1"))
     assert not is_dpdm_grid(tmp_path / f"h{suffix}") and not is_dpdm_grid(tmp_path / "missing.png")
+    for i, private in enumerate((True, False) * 2):   # titles of several lengths: the CRC differs
+        identity = (f"sha256:{i:064x}", private)
+        save_grid(x, np.arange(3), tmp_path / f"g{suffix}", title="t" * i, identity=identity)
+        assert is_dpdm_grid(tmp_path / f"g{suffix}") and grid_identity(tmp_path / f"g{suffix}") == identity
 
 
 def test_the_runs_own_data_is_never_an_output(run, tmp_path):
@@ -637,6 +679,25 @@ def test_a_samples_file_whose_plan_digest_header_lies_is_read_on_its_header(tmp_
                                           r"is NON-PRIVATE \(--no-dp\); it is kept: .* pass --force to replace it"):
         check_outputs(path, plan_digest="sha256:" + "0" * 64, private=False)
     check_outputs(path, plan_digest="sha256:" + "0" * 64, private=False, force=True)
+
+
+def test_a_kept_samples_file_of_another_plan_names_its_kind_where_it_is_the_other(tmp_path):
+    """A samples file of another plan's model and of the other kind (a private model's, where this one is --no-dp)
+    was kept naming only the other plan; `--force` then replaced it, and nobody had been told it held private
+    samples (r2 N4, stop 55). The line names its kind too."""
+    from dpdm.sample import SampleError, check_outputs
+
+    path = tmp_path / "s.npz"
+    np.savez(path, x=np.zeros((2, 1, 8, 8), np.uint8), meta_private=np.array(True),
+             meta_plan_digest=np.array("sha256:" + "0" * 64))
+    with pytest.raises(SampleError, match=r"^--out='.*' holds samples of the model of a private run of another plan "
+                                          r"\(sha256:000000000000\.\.\.; this model is NON-PRIVATE \(--no-dp\)\), "
+                                          r"perhaps another run's training data; it is kept: choose another --out, or "
+                                          r"pass --force to replace it$"):
+        check_outputs(path, plan_digest="sha256:" + "1" * 64, private=False)
+    with pytest.raises(SampleError, match=r"holds samples of a model of another plan \(sha256:000000000000\.\.\.\), "
+                                          r"perhaps"):   # of its kind: the plan alone, as before
+        check_outputs(path, plan_digest="sha256:" + "1" * 64, private=True)
 
 
 def test_sample_writes_its_grid_under_a_umask_without_the_owners_write_bit(run, tmp_path, capsys, monkeypatch):

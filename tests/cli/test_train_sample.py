@@ -1022,6 +1022,12 @@ def test_a_resume_at_another_lr_past_the_checkpoint_is_one_line_and_spend_unsave
     assert code == 0 and (f"wrote 2 samples to {d / 's.npz'} from step 4 of 4 (1 of them discarded: the weights hold "
                           "the updates of 3)") in err, err
     assert len(titles) == 1 and titles[0].endswith(", step 4 of 4 (weights of 3 steps: 1 discarded)"), titles
+    # `dpdm export`'s line of the same checkpoint said only "after 4 of 4 steps"; it says so too, and its --json as
+    # sample's (r2 N2, stop 55)
+    code, _, err = run_cli(["export", "--run", d / "run", "--out", d / "m.pt"], capsys)
+    assert code == 0 and " after 4 of 4 steps (1 of them discarded: the weights hold the updates of 3); sha256 " in err
+    code, out, err = run_cli(["export", "--run", d / "run", "--out", d / "m.pt", "--json"], capsys)
+    assert code == 0 and json.loads(out)["discarded_steps"] == 1, err
 
 
 def test_init_from_weights_that_do_not_fit_are_one_error_line(tiny, capsys):

@@ -165,7 +165,7 @@ def test_a_grid_and_a_curve_are_written_under_a_umask_without_the_owners_write_b
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from dpdm.report_utils import is_dpdm_grid, save_grid, save_marked_figure
+    from dpdm.report_utils import grid_identity, is_dpdm_grid, save_grid, save_marked_figure
 
     refuse_writes_without_the_owners_write_bit(monkeypatch)
     fig, ax = plt.subplots()
@@ -179,6 +179,8 @@ def test_a_grid_and_a_curve_are_written_under_a_umask_without_the_owners_write_b
         plt.close(fig)
     assert [stat.S_IMODE(p.stat().st_mode) for p in (grid, curve)] == [0o400, 0o400]
     assert is_dpdm_grid(grid) and is_dpdm_grid(curve)
+    # a curve names no model: `dpdm sample --grid` replaces it only with --force (r2 N1, stop 55)
+    assert grid_identity(curve) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([grid.name, curve.name])   # no temporary file
 
 
