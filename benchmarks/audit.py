@@ -5,7 +5,8 @@
 Makes a plan for mnist5k (4,000 images, expected batch 256, 500 steps, epsilon 10, delta 1e-5,
 K = 4), trains the first step of it with the `small` network (the quick suite trains its own canary
 models, so the run's weights do not affect the audit's cost), then times the audit itself through
-the CLI and prints one JSON line with the verdict and the seconds spent per stage.
+the CLI and prints one JSON line with the verdict and the seconds spent per stage. An audit that reached no
+verdict (it stopped early: exit 2 or 4) has "within_target": null, and the benchmark exits 1.
 """
 from __future__ import annotations
 
@@ -70,7 +71,10 @@ def main(argv=None) -> int:
     rc = dpdm(["audit", "--run", str(run), "--suite", args.suite, "--out", str(workdir / "report")])
     wall = time.perf_counter() - t0
     path = workdir / "report" / "report.json"
-    report = json.loads(path.read_text()) if path.exists() else {}   # none: the audit failed to run (exit 4)
+    report = json.loads(path.read_text()) if path.exists() else {}   # none: the audit failed to run (exit 2 or 4)
+    # Only an audit that reached a verdict (PASS or FAIL) is timed against the target: one that stopped early (a
+    # crash, a refused run) "met" it, and the benchmark exited 0 (h156 F2, stop 55).
+    ran = report.get("verdict") is not None
     # A FAIL whose canary audit stopped (a non-finite canary run, a crash after a failed check) has none: null
     canary = report.get("canary_audit") or {}
     print(json.dumps({
@@ -88,8 +92,12 @@ def main(argv=None) -> int:
         "make_run_s": round(t_run, 1),
         "report": str(workdir / "report" / "report.md"),
         "target_s": 1200,
-        "within_target": wall <= 1200,
+        "within_target": wall <= 1200 if ran else None,
     }))
+    if not ran:
+        print(f"audit.py: error: `dpdm audit` exited {rc} without a verdict (no {path}); its error is above",
+              file=sys.stderr)
+        return 1
     return 0
 
 

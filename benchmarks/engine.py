@@ -35,6 +35,7 @@ memory <= 2x nonprivate.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -51,6 +52,11 @@ from _argtypes import int_at_least, number  # noqa: E402
 VARIANTS = ("nonprivate", "dpdm", "opacus", "vmap")
 IMG = (1, 28, 28)
 NUM_CLASSES = 10
+
+
+def opacus_installed() -> bool:
+    """Whether this python has opacus (the bench extra), which the opacus variant's subprocess imports."""
+    return importlib.util.find_spec("opacus") is not None
 
 
 def _setup(preset: str, batch: int, K: int, seed: int = 0):
@@ -270,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
         what = "chunk" if args.chunk_size and args.chunk_size < args.batch else "B"
         skipped["opacus"] = (f"{what}*K*P*4 bytes = {gib:.3g} GiB of grad_sample per pass "
                              f"> --max-opacus-gib {args.max_opacus_gib}")
+        variants = [v for v in variants if v != "opacus"]
+    elif "opacus" in variants and not opacus_installed():
+        # its subprocess failed on the import, after the variants before it had run, and their results were lost
+        skipped["opacus"] = ("opacus is not installed in this python: install the bench extra "
+                             "(pip install -e '.[bench]'; `make bench` does)")
         variants = [v for v in variants if v != "opacus"]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):

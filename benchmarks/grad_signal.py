@@ -16,7 +16,10 @@ dominate the clipped gradient.
 
 d counts the parameters the run trained: a `--trainable` run's clipped gradients and noise are over its
 trainable parameters only, and so are the figures here. A `--public-subspace` run (noise in a subspace of
-public gradients) is refused.
+public gradients) is refused, and so is a checkpoint without its run's plan.json beside it (the locked plan it was
+trained under, checked against its ledger): the clip norm and the noise are the plan's. A `--no-dp` run (nothing
+clipped or noised) is measured against its plan and marked NON-PRIVATE (the JSON's "run_private": false): its
+noise norm is what a private run of that plan would add.
 
 The figures are NON-PRIVATE statistics of the private data (computed from the private training images
 without noise; the JSON says "non_private_statistics_of_the_private_data": true): treat the output like the
@@ -121,8 +124,7 @@ def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: 
     clip_norms = tuple(float(c) for c in clip_norms)
     if not all(math.isfinite(c) and c > 0 for c in clip_norms):
         raise ValueError(f"clip_norms={clip_norms!r} must be positive")
-    import accounting
-    from dpdm.checkpoint import load_checkpoint
+    from dpdm.checkpoint import CheckpointError, load_checkpoint, verify_run_ledger
     from dpdm.datasets import load_dataset
     from dpdm.engine import per_sample_grads
     from dpdm.loss import drop_labels, engine_loss_fn
@@ -136,15 +138,22 @@ def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: 
         # signal is the projected one: neither is what this script measures.
         raise RunRefused(f"{checkpoint}: a --public-subspace run (subspace_dim {subspace}) adds its noise in a "
                          "subspace; grad_signal.py measures full-space noise only")
+    # The run's own plan, verified against the checkpoint's ledger (its digest, steps and epsilon): without it the
+    # clip norm fell back to 1.0 whatever the run used, and a plan.json of another run was read unchecked.
+    try:
+        plan = verify_run_ledger(checkpoint, state, missing=(
+            f"no plan.json beside {str(checkpoint)!r}: put the run's plan.json (the locked plan it was trained "
+            "under) beside it; its clip norm and noise are what this script measures against")).plan
+    except CheckpointError as e:
+        raise RunRefused(str(e)) from None
+    private = bool(state["ledger"]["private"])
     D = build_denoiser(config)
     D.load_state_dict(state["model"])          # the raw weights the optimizer was stepping
     # The run clipped and noised only its --trainable parameters: d and the clipped gradients are theirs.
     trainable = config.get("train", {}).get("trainable")
     select_trainable(D, None if trainable is None else tuple(trainable))
     D.train()
-    plan_path = Path(checkpoint).with_name("plan.json")
-    plan = accounting.load_plan(plan_path).plan if plan_path.exists() else None
-    clip_norm = plan.clip_norm if plan is not None else 1.0
+    clip_norm = plan.clip_norm
     data = load_dataset(config["dataset"], "train") if data is None else data
     conditional = int(config["num_classes"]) > 0 and data.y is not None
     loss_obj = _loss_for(config)
@@ -161,12 +170,13 @@ def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: 
         per = per_sample_grads(D, loss_fn, *example, sigma, noise)
         return torch.cat([v.reshape(len(idx), -1) for v in per.values()], 1)
 
+    # run_private False: a --no-dp run clipped and noised nothing; its noise norm is what a private run of its plan
+    # would add, not what it added (0).
     out: dict = {"checkpoint": str(checkpoint), "params": d, "batch": batch, "reps": reps, "clip_norm": clip_norm,
-                 "non_private_statistics_of_the_private_data": True, "by_K": {}}
-    if plan is not None:
-        out["plan"] = {"noise_multiplier": plan.noise_multiplier, "batch_size": plan.batch_size,
-                       "noise_multiplicity": plan.noise_multiplicity, "steps": plan.steps}
-        out["noise_norm"] = _noise_norm(plan, clip_norm, d)
+                 "non_private_statistics_of_the_private_data": True, "run_private": private, "by_K": {}}
+    out["plan"] = {"noise_multiplier": plan.noise_multiplier, "batch_size": plan.batch_size,
+                   "noise_multiplicity": plan.noise_multiplicity, "steps": plan.steps}
+    out["noise_norm"] = _noise_norm(plan, clip_norm, d)
     shape = tuple(data.x.shape[1:])
     for K in Ks:
         sq, med, secs = [], [], 0.0
@@ -189,14 +199,12 @@ def measure(checkpoint: str | Path, *, Ks=(1, 2, 4, 8), batch: int = 256, reps: 
         mean_sq = sum(sq) / reps
         row = {"signal": _signed_sqrt(mean_sq), "signal_reps": [_signed_sqrt(v) for v in sq],
                "median_grad_norm": sorted(med)[reps // 2], "seconds_per_batch": secs / reps}
-        if "noise_norm" in out:
-            row["snr_per_step"] = row["signal"] / out["noise_norm"]
+        row["snr_per_step"] = row["signal"] / out["noise_norm"]
         if clip_norms:
             row["by_clip"] = {}
             for c, (csq, frac) in by_clip.items():
                 entry = {"signal": _signed_sqrt(sum(csq) / reps), "clipped_fraction": sum(frac) / reps}
-                if plan is not None:   # against the noise of the same plan with clip norm c
-                    entry["snr_per_step"] = entry["signal"] / _noise_norm(plan, c, d)
+                entry["snr_per_step"] = entry["signal"] / _noise_norm(plan, c, d)   # that plan with clip norm c
                 row["by_clip"][f"{c:g}"] = entry
         out["by_K"][str(K)] = row
     if by_sigma:
@@ -233,27 +241,29 @@ def main() -> None:
                     help="also the signal and signal/noise of the same gradients clipped at these norms")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    from dpdm.checkpoint import CheckpointError
+
     torch.set_num_threads(a.threads)
     try:
         res = measure(a.checkpoint, Ks=[int(k) for k in a.K.split(",")], batch=a.batch, reps=a.reps,
                       by_sigma=a.by_sigma, seed=a.seed, clip_norms=[float(c) for c in a.clip_norms.split(",") if c])
-    except RunRefused as e:
+    except (RunRefused, CheckpointError) as e:   # CheckpointError: a missing or corrupt checkpoint
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     print(f"grad signal at {a.checkpoint} ({res['params']:,} trained params, B={res['batch']}, {res['reps']} reps; "
           "NON-PRIVATE statistics of the private data)")
-    if "noise_norm" in res:
-        p = res["plan"]
-        print(f"noise norm per step: {res['noise_norm']:.3f} (sigma {p['noise_multiplier']:.4f}, "
-              f"expected batch {p['batch_size']}, plan K {p['noise_multiplicity']})")
+    if not res["run_private"]:
+        print("NON-PRIVATE run (--no-dp): it clipped and noised nothing; the noise norm and signal/noise below are "
+              "what a private run of its plan would add")
+    p = res["plan"]
+    print(f"noise norm per step: {res['noise_norm']:.3f} (sigma {p['noise_multiplier']:.4f}, "
+          f"expected batch {p['batch_size']}, plan K {p['noise_multiplicity']})")
     print("   K |  signal | median |g| | s/batch | signal/noise")
     for K, row in res["by_K"].items():
-        snr = f"{row['snr_per_step']:.4f}" if "snr_per_step" in row else "-"
         print(f"{K:>4} | {row['signal']:7.4f} | {row['median_grad_norm']:10.3f} | "
-              f"{row['seconds_per_batch']:7.2f} | {snr}")
+              f"{row['seconds_per_batch']:7.2f} | {row['snr_per_step']:.4f}")
         for c, entry in row.get("by_clip", {}).items():
-            csnr = f"{entry['snr_per_step']:.4f}" if "snr_per_step" in entry else "-"
             print(f"       clip {c:>6}: signal {entry['signal']:.4f}, "
-                  f"clipped {100 * entry['clipped_fraction']:5.1f}%, signal/noise {csnr}")
+                  f"clipped {100 * entry['clipped_fraction']:5.1f}%, signal/noise {entry['snr_per_step']:.4f}")
     for row in res.get("by_sigma", []):
         lo, hi = row["sigma"]
         print(f"sigma [{lo:g}, {hi:g}): {100 * row['training_share']:4.1f}% of training draws, "

@@ -14,6 +14,7 @@ dpdm's whole process against it ("vs call"): the same dpdm time, against the acc
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -46,21 +47,40 @@ print(json.dumps({{"sigma": sigma, "import_s": t1 - t0, "call_s": t2 - t1}}))
 """
 
 
+class SideFailed(RuntimeError):
+    """A timed child process that failed (main() prints it in one line, exit 2)."""
+
+
+def _output(side: str, proc: subprocess.CompletedProcess) -> str:
+    """The child's stdout; SideFailed naming the side and the last line of its stderr where it failed: with
+    check=True its stderr was captured and dropped, and a CalledProcessError traceback said only "exit status 1"."""
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise SideFailed(f"{side} failed (exit {proc.returncode}): {lines[-1] if lines else 'no error output'}")
+    return proc.stdout
+
+
+def opacus_installed() -> bool:
+    """Whether this python has opacus (the bench extra), which the opacus side's child imports."""
+    return importlib.util.find_spec("opacus") is not None
+
+
 def time_dpdm(eps: float) -> tuple[float, float]:
     cmd = [str(DPDM), "plan", "--preset", "mnist-paper", "--eps", repr(eps), "--delta", repr(DELTA), "--json"]
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}   # this tree's code first
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    return time.perf_counter() - t0, json.loads(proc.stdout)["noise_multiplier"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    whole = time.perf_counter() - t0
+    return whole, json.loads(_output(f"dpdm plan --eps {eps!r}", proc))["noise_multiplier"]
 
 
 def time_opacus(eps: float, q: float, steps: int) -> tuple[float, float, float]:
     code = OPACUS.format(eps=eps, delta=DELTA, q=q, steps=steps)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     whole = time.perf_counter() - t0
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = json.loads(_output(f"opacus get_noise_multiplier (eps {eps!r})", proc).strip().splitlines()[-1])
     return whole, r["call_s"], r["sigma"]
 
 
@@ -73,7 +93,16 @@ def main() -> None:
     if not DPDM.is_file():   # a python outside the venv: a FileNotFoundError traceback once timing began
         ap.exit(2, f"{ap.prog}: error: no dpdm command beside {sys.executable} ({DPDM}); run it with the venv's "
                    "python (.venv/bin/python benchmarks/plan.py) or `make bench`\n")
+    if not opacus_installed():   # found by its child only after dpdm's plans at the first epsilon, a traceback
+        ap.exit(2, f"{ap.prog}: error: opacus is not installed in {sys.executable}: install the bench extra "
+                   "(pip install -e '.[bench]'; `make bench` does)\n")
+    try:
+        _compare(args)
+    except SideFailed as e:
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
 
+
+def _compare(args) -> None:
     import accounting
 
     q, steps = B / N, math.ceil(EPOCHS * N / B)

@@ -198,3 +198,25 @@ def test_engine_benchmark_times_the_dpdm_of_its_own_tree(tmp_path):
                                "dpdm", "--preset", "small", "--batch", "1", "--K", "1", "--threads", "1",
                                "--repeats", "1", "--warmup", "0")
     assert "imported the dpdm beside the benchmark" in proc.stderr, proc.stdout + proc.stderr[-2000:]
+
+
+def test_engine_benchmark_without_opacus_skips_it_and_keeps_the_others(load_benchmark, monkeypatch, tmp_path, capsys):
+    # h156 F4 (stop 55): without opacus (a venv made without the bench extra), its subprocess failed on the import
+    # after nonprivate and dpdm had run, and the benchmark died in a nested traceback, their results lost.
+    import importlib.util
+    import json
+
+    b = load_benchmark("engine")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "opacus" else find_spec(name, *a))
+    ran = []
+    fake = _fake_run({"nonprivate": 100.0, "dpdm": 150.0}, {"nonprivate": 50.0, "dpdm": 100.0})
+    b._run_variant = lambda args, v: ran.append(v) or fake(args, v)
+    _main(b, monkeypatch, "--variants", "opacus,nonprivate,dpdm", "--rounds", "1", "--json", tmp_path / "e.json")
+    out = capsys.readouterr().out.splitlines()
+    assert ran == ["nonprivate", "dpdm"]
+    [row] = [line for line in out if line.split("|")[0].strip() == "opacus"]
+    assert "skipped: opacus is not installed" in row and ".[bench]" in row and "make bench" in row, row
+    assert [line.split("|")[0].strip() for line in out[3:5]] == ["nonprivate", "dpdm"]
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert set(saved["summary"]) == {"nonprivate", "dpdm"} and "not installed" in saved["skipped"]["opacus"]

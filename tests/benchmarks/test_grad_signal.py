@@ -90,6 +90,60 @@ def test_measure_clips_and_noises_only_the_trainable_parameters_of_the_run(tmp_p
     res = gs.measure(run / CHECKPOINT_NAME, Ks=(1,), batch=4, reps=1, data=ImageData(x, y, classes, "tiny"))
     assert res["params"] == trained < 1000
     assert res["noise_norm"] == pytest.approx(math.sqrt(trained) / 4)
+    assert res["run_private"] is True
+
+    # h156 F1 (stop 55): without its plan.json the script clipped at 1.0 whatever the run used, and a plan.json of
+    # another run beside the checkpoint was used unchecked; both are refused, through the run's ledger.
+    import shutil
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(run / CHECKPOINT_NAME, copy / CHECKPOINT_NAME)
+    with pytest.raises(gs.RunRefused, match="no plan.json beside"):
+        gs.measure(copy / CHECKPOINT_NAME, Ks=(1,), batch=4, reps=1, data=ImageData(x, y, classes, "tiny"))
+    other = accounting.PrivacyPlan(dataset_size=8, batch_size=4, steps=1, noise_multiplier=1.0, clip_norm=0.1,
+                                   noise_multiplicity=1, delta=1e-5, dataset_name="tiny")
+    accounting.write_plan(accounting.make_plan_document(other), copy / "plan.json")
+    with pytest.raises(gs.RunRefused, match="was trained under"):
+        gs.measure(copy / CHECKPOINT_NAME, Ks=(1,), batch=4, reps=1, data=ImageData(x, y, classes, "tiny"))
+
+
+def test_a_no_dp_run_is_marked_non_private(tmp_path, load_benchmark, monkeypatch, capsys):
+    # h156 F1 (stop 55): on a --no-dp checkpoint (nothing clipped or noised) the script printed a noise norm and a
+    # signal/noise ratio from its schedule plan, and nowhere said that the run was non-private.
+    import json
+    import sys
+
+    gs = load_benchmark("grad_signal")
+    classes, run = 2, tmp_path / "run"
+    x, y = _tiny_run(run, n=8, classes=classes, batch=4, steps=1, K=1, private=False)
+    measure = gs.measure
+    monkeypatch.setattr(gs, "measure", lambda *a, **kw: measure(*a, **kw, data=ImageData(x, y, classes, "tiny")))
+    argv = ["--checkpoint", run / CHECKPOINT_NAME, "--K", 1, "--batch", 4, "--reps", 1, "--threads", 1,
+            "--json", tmp_path / "g.json"]
+    monkeypatch.setattr(sys, "argv", ["grad_signal.py", *map(str, argv)])
+    gs.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("NON-PRIVATE run (--no-dp): it clipped and noised nothing;"), out
+    assert out[2].startswith("noise norm per step:"), out
+    assert json.loads((tmp_path / "g.json").read_text())["run_private"] is False
+
+
+def test_a_checkpoint_without_its_plan_is_refused_in_one_line(tmp_path, load_benchmark, monkeypatch, capsys):
+    # h156 F1: with no plan.json beside the checkpoint, the clip norm fell back to 1.0 silently.
+    import sys
+
+    import dpdm.checkpoint
+
+    gs = load_benchmark("grad_signal")
+    monkeypatch.setattr(dpdm.checkpoint, "load_checkpoint", lambda path: {
+        "config": {"train": {}}, "model": {}, "ledger": {"plan_digest": "sha256:" + "0" * 64, "private": True}})
+    monkeypatch.setattr(sys, "argv", ["grad_signal.py", "--checkpoint", str(tmp_path / "checkpoint.pt")])
+    with pytest.raises(SystemExit) as e:
+        gs.main()
+    assert e.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "error: no plan.json beside" in line and "put the run's plan.json" in line, line
 
 
 def test_a_public_subspace_run_is_refused_in_one_line(tmp_path, load_benchmark, monkeypatch, capsys):
