@@ -114,6 +114,19 @@ def test_samples_of_a_run_killed_at_step_3_after_its_checkpoint_of_step_2_say_2_
         assert f"spent epsilon {epsilon_text(eps3)}" not in err and "replays step 3" not in err, err
 
 
+def _planned_run(tmp_path, steps_done, plan_steps=4):
+    """A run folder with its locked plan.json (24 images, batch 6), and the summary export or sample gives of its
+    checkpoint of `steps_done` steps: for `warn_steps_past_checkpoint`, without a training."""
+    run = tmp_path / "run"
+    run.mkdir()
+    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=plan_steps, noise_multiplier=2.0,
+                                  noise_multiplicity=2, delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
+    doc = accounting.make_plan_document(plan)
+    accounting.write_plan(doc, run / "plan.json")
+    return run, plan, doc, {"private": True, "steps_done": steps_done, "plan_steps": plan_steps,
+                            "plan_digest": doc.digest, "epsilon": accounting.epsilon_spent(plan, steps_done)}
+
+
 def test_the_line_of_a_run_stopped_past_its_checkpoint_reads_the_record_and_the_runs_own_plan(tmp_path, capsys):
     """`warn_steps_past_checkpoint`'s branches, without a training (mut56, stop 54): a record at the checkpoint's step
     says nothing (a finished run's); a run that ran to its plan's last step has nothing that "goes on", and two steps
@@ -122,14 +135,7 @@ def test_the_line_of_a_run_stopped_past_its_checkpoint_reads_the_record_and_the_
     from cli._common import warn_steps_past_checkpoint
     from dpdm.steps_record import RECORD_HEAD_V1, RECORD_WIDTH, STEPS_RECORD
 
-    run = tmp_path / "run"
-    run.mkdir()
-    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=4, noise_multiplier=2.0, noise_multiplicity=2,
-                                  delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
-    doc = accounting.make_plan_document(plan)
-    accounting.write_plan(doc, run / "plan.json")
-    result = {"private": True, "steps_done": 2, "plan_steps": 4, "plan_digest": doc.digest,
-              "epsilon": accounting.epsilon_spent(plan, 2)}
+    run, plan, doc, result = _planned_run(tmp_path, 2)
 
     def record(steps):   # a v1 line of dpdm.train's _StepsRecord (its digest, lr and schedule checked, not used)
         (run / STEPS_RECORD).write_text(f"{RECORD_HEAD_V1} {steps} {'0' * 16} 0.001 constant".ljust(
@@ -169,16 +175,9 @@ def test_a_record_train_refuses_is_priced_at_nothing_and_a_link_to_the_checkpoin
     from cli._common import warn_steps_past_checkpoint
     from dpdm.steps_record import RECORD_HEAD, RECORD_WIDTH, STEPS_RECORD, record_binding
 
-    run = tmp_path / "run"
-    run.mkdir()
-    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=4, noise_multiplier=2.0, noise_multiplicity=2,
-                                  delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
-    doc = accounting.make_plan_document(plan)
-    accounting.write_plan(doc, run / "plan.json")
+    run, plan, doc, result = _planned_run(tmp_path, 2)
     (run / "checkpoint.pt").write_bytes(b"")   # read by nothing here: a link's target
     data = "sha256:" + "ab" * 32
-    result = {"private": True, "steps_done": 2, "plan_steps": 4, "plan_digest": doc.digest,
-              "epsilon": accounting.epsilon_spent(plan, 2)}
     eps4 = epsilon_text(accounting.epsilon_spent(plan, 4))
 
     def record(plan_bound=record_binding(doc.digest), data_bound=record_binding(data), cut=False):
@@ -253,15 +252,8 @@ def test_the_advice_lines_read_a_steps_record_as_train_does(tmp_path, line):
 def _r2_run(tmp_path, steps_done, plan_steps=4):
     from dpdm.steps_record import RECORD_HEAD, RECORD_WIDTH, STEPS_RECORD, record_binding
 
-    run = tmp_path / "run"
-    run.mkdir()
-    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=plan_steps, noise_multiplier=2.0,
-                                  noise_multiplicity=2, delta=1e-5, dataset_name=f"npz:{tmp_path / 'data.npz'}")
-    doc = accounting.make_plan_document(plan)
-    accounting.write_plan(doc, run / "plan.json")
+    run, plan, doc, result = _planned_run(tmp_path, steps_done, plan_steps)
     data = "sha256:" + "ab" * 32
-    result = {"private": True, "steps_done": steps_done, "plan_steps": plan_steps, "plan_digest": doc.digest,
-              "epsilon": accounting.epsilon_spent(plan, steps_done)}
 
     def record(steps, plan_bound=record_binding(doc.digest)):
         line = f"{RECORD_HEAD} {steps} {'0' * 16} 0.0003 constant {plan_bound} {record_binding(data)}"
