@@ -128,12 +128,13 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
                                      subspace_dim=subspace_dim, subspace_every=subspace_every,
                                      subspace_examples=subspace_examples, augment_shift=augment_shift,
                                      augment_multiplicity=augment_mult,
-                                     on_start=lambda notes: _warn_before_training(shown, notes))
+                                     on_start=lambda notes: _warn_before_training(
+                                         shown, notes, lambda: (_warn_inferred(shown, train),
+                                                                warn_exif_orientation(name, train),
+                                                                warn_dataset_not_plans(dataset, doc.plan.dataset_name,
+                                                                                       "the result"))))
     except ValueError as e:  # DataError and engine argument checks
         raise BadInput(str(e)) from None
-    _warn_inferred(shown, train)   # after the library's checks: a refused run stays one error line
-    warn_exif_orientation(name, train)
-    warn_dataset_not_plans(dataset, doc.plan.dataset_name, "the result")   # as `dpdm train` warns
     if result["test_images_in_train"]:
         warn(f"{result['test_images_in_train']} of the {len(test)} test images of {test.name!r} are also training "
              "images; their accuracy is not held-out")
@@ -160,10 +161,14 @@ def dp_classifier(plan_path, dataset, test_dataset, data_root, download, lr, phy
                        f"their averaged loss clipped as a whole")
 
 
-def _warn_before_training(shown: str, notes: tuple[str, ...]) -> None:
+def _warn_before_training(shown: str, notes: tuple[str, ...], others) -> None:
     """`train_dp_classifier`'s warnings on the private data (its images that are exact copies of others), said once
     every check has passed and before any step, as `dpdm train` says its own: an image the data holds twice is
-    protected only as a group of its copies by this release too (h155 F4, stop 55). `shown`: the data as given."""
+    protected only as a group of its copies by this release too (h155 F4, stop 55). `shown`: the data as given.
+    `others()` says the CLI's own warnings (a class count read off the data, EXIF-turned images, data that is not
+    the plan's), here too: after the library's checks, so that a refused run stays one error line, and before the
+    budget is spent, where they came after the training (fixbase, stop 55)."""
+    others()
     for note in notes:
         warn(f"{shown}: {note}")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -1822,6 +1823,15 @@ def test_baseline_warns_of_exact_copies_in_its_private_data_once_before_training
     code, _, err = _run(capsys, *common, "--test-dataset", f"npz:{data}")   # the training data as its own test set
     _assert_one_line_error(code, err, "training images")
     assert not steps
+    # The CLI's own data warnings (here: data that is not the plan's) come before the first step too, where they
+    # came after the training, once the budget was spent (fixbase, stop 55)
+    other = tmp_path / "twice_copy.npz"
+    shutil.copyfile(data, other)
+    code, out, err = _run(capsys, *common, "--dataset", f"npz:{other}", "--test-dataset",
+                          f"npz:{digit_files['test']}")
+    assert code == 0 and len(steps) == 2, err
+    assert f"--dataset='npz:{other}', but the plan was made for 'npz:{data}'" in steps[0], steps[0]
+    assert "but the plan was made for" not in "".join(steps[1:]) + err, err
 
 
 def test_eval_notes_agree_with_what_they_name():
