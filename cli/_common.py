@@ -437,6 +437,15 @@ def warn_exif_orientation(name: str, data) -> None:
             warn(f"--dataset={name!r}: {note}")
 
 
+def discarded_note(result: dict) -> str:
+    """" (k of them discarded: the weights hold the updates of d-k)" where export's or sample's summary (`result`)
+    counts steps whose updates the weights do not hold (a divergence, --spend-unsaved-steps; h151 N1, r2 N2, stop
+    55), else "": both commands' lines of one checkpoint say it alike."""
+    discarded = result.get("discarded_steps", 0)
+    return (f" ({discarded} of them discarded: the weights hold the updates of {result['steps_done'] - discarded})"
+            if discarded else "")
+
+
 def warn_non_private(path: str, what: str) -> None:
     """The line `dpdm export` and `dpdm sample` add for the outputs of a --no-dp model (h115 N1): `what` in `path`
     carries no guarantee about the data the model trained on."""

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from cli._common import (PathOption, checkpoint_of, emit_json, info, warn, warn_non_private,
+from cli._common import (PathOption, checkpoint_of, discarded_note, emit_json, info, warn, warn_non_private,
                          warn_steps_past_checkpoint)
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
@@ -66,13 +66,9 @@ def export(run_dir, checkpoint_path, weights, out_path, force, as_json):
         emit_json(result)
         return
     if result["private"]:
-        # weights that hold fewer steps' updates than the ledger counts (a divergence, --spend-unsaved-steps) say how
-        # many, as `dpdm sample`'s line of the same checkpoint does (N2, stop 55)
-        discarded = result.get("discarded_steps", 0)
-        held = (f" ({discarded} of them discarded: the weights hold the updates of "
-                f"{result['steps_done'] - discarded})" if discarded else "")
+        # weights that hold fewer steps' updates than the ledger counts say how many, as `dpdm sample`'s line does
         what = (f"DP: epsilon {epsilon_text(result['epsilon_spent'])}, delta {result['delta']:g} after "
-                f"{result['steps_done']} of {result['plan_steps']} steps{held}")
+                f"{result['steps_done']} of {result['plan_steps']} steps{discarded_note(result)}")
     else:
         what = "NON-PRIVATE (--no-dp)"
     info(f"wrote {out_path}: {result['weights']} weights, {result['parameters']:,} parameters, {what}; "

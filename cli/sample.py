@@ -5,8 +5,8 @@ import os
 
 import click
 
-from cli._common import (FiniteFloatRange, PathOption, checkpoint_of, emit_json, info, resolve_device, warn,
-                         warn_if_slow_bf16, warn_non_private, warn_steps_past_checkpoint)
+from cli._common import (FiniteFloatRange, PathOption, checkpoint_of, discarded_note, emit_json, info,
+                         resolve_device, warn, warn_if_slow_bf16, warn_non_private, warn_steps_past_checkpoint)
 from cli.errors import BadInput, runtime_failure
 
 _MAX_SEED = 2**63 - 1   # dpdm.sampling.MAX_SEED (not imported here: torch loads only when needed)
@@ -146,11 +146,9 @@ def sample(run_dir, checkpoint_path, n, sampler, sampler_steps, s_churn, s_min, 
         mark = "" if result["private"] else "  [NON-PRIVATE]"
         # A model of an unfinished run says so, as `dpdm export`'s line does (h131 N1), and weights that hold fewer
         # steps' updates than the ledger counts (a divergence, --spend-unsaved-steps) say how many (h151 N1)
-        discarded = result.get("discarded_steps", 0)
-        held = (f" ({discarded} of them discarded: the weights hold the updates of "
-                f"{result['steps_done'] - discarded})" if discarded else "")
+        held = discarded_note(result)
         step = (f" from step {result['steps_done']} of {result['plan_steps']}{held}"
-                if result["steps_done"] < result["plan_steps"] or discarded else "")
+                if result["steps_done"] < result["plan_steps"] or held else "")
         info(f"wrote {n} samples to {out_path}{step}{mark}" + (f", grid {grid_path}" if grid_path else ""))
 
 

@@ -77,21 +77,34 @@ def _seedless_after_an_lr_change(min_segments):
     return mutant
 
 
+_SUITE_CHECKS = ("check_engine", "check_run_seed", "check_fresh_noise", "check_noise_never_repeats", "check_network",
+                 "check_sampler", "check_run")
+
+
+def _mechanism_checks_only(monkeypatch, keep: str):
+    """`audits.suite.mechanism_checks` with every check but `keep` (one of `_SUITE_CHECKS`) stubbed out; returns the
+    stand-in plan document they take (noise multiplier 1)."""
+    import types
+
+    import audits.suite as suite
+
+    assert keep in _SUITE_CHECKS
+    for name in _SUITE_CHECKS:
+        if name != keep:
+            monkeypatch.setattr(suite, name, lambda *a, **k: [])
+    monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
+    return types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
+
+
 def test_noise_that_ignores_the_run_seed_after_an_lr_change_fails(monkeypatch):
     """r2 F1 (stop 52): from an lr change on, `run_seed_at` derives a step's seed by another path (a hash of the
     run seed and the lr segments), which noise_keyed_by_run_seed never ran (one fixed step, no segments): a step
     whose noise ignored the seed after the change passed every mechanism check, also of a run resumed with --lr.
     `mechanism_checks` now tests a step after a change too, in the same check (one p-value, the Bonferroni count
     unchanged): a fixed pair where the run changed no lr, the run's own segments where it did."""
-    import types
-
     import audits.suite as suite
 
-    for name in ("check_engine", "check_fresh_noise", "check_noise_never_repeats", "check_network", "check_sampler",
-                 "check_run"):   # noise_keyed_by_run_seed alone
-        monkeypatch.setattr(suite, name, lambda *a, **k: [])
-    monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
-    plan_doc = types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
+    plan_doc = _mechanism_checks_only(monkeypatch, "check_run_seed")   # noise_keyed_by_run_seed alone
     own = [[0, 3e-4, "constant"], [4, 1e-3, "constant"], [9, 5e-4, "cosine"]]   # as the checkpoint records them
 
     def run_seed_checks(train_config):
@@ -228,16 +241,10 @@ def test_noise_shared_by_neighbouring_steps_fails_noise_fresh_each_step(monkeypa
     and `dpdm audit` said INCONCLUSIVE. noise_fresh_each_step compares consecutive steps of one run, of both
     parities and across an lr change, in `mechanism_checks` for both engines: it fails each such step and passes
     the real one. (In plan_private_grad the step feeds the noise seed alone: the batch comes in.)"""
-    import types
-
     import audits.suite as suite
     from audits.mechanism import check_fresh_noise
 
-    for name in ("check_engine", "check_run_seed", "check_noise_never_repeats", "check_network", "check_sampler",
-                 "check_run"):
-        monkeypatch.setattr(suite, name, lambda *a, **k: [])   # noise_fresh_each_step alone
-    monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
-    plan_doc = types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
+    plan_doc = _mechanism_checks_only(monkeypatch, "check_fresh_noise")   # noise_fresh_each_step alone
     real = train_mod.plan_private_grad
     change = suite.LR_CHANGE[-1][0]
 
@@ -273,15 +280,9 @@ def test_mechanism_checks_test_the_steps_on_either_side_of_the_runs_own_lr_chang
     """mut57 (stop 54): `dpdm audit`'s noise_fresh_each_step takes the pair of steps across the lr change, the run's
     own where its checkpoint records one (else `LR_CHANGE`'s): a step right after the change that reuses the noise
     of the step before it fails in `mechanism_checks`, for both engines, not only when the check is called alone."""
-    import types
-
     import audits.suite as suite
 
-    for name in ("check_engine", "check_run_seed", "check_network", "check_sampler", "check_run",
-                 "check_noise_never_repeats"):
-        monkeypatch.setattr(suite, name, lambda *a, **k: [])   # noise_fresh_each_step alone
-    monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
-    plan_doc = types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
+    plan_doc = _mechanism_checks_only(monkeypatch, "check_fresh_noise")   # noise_fresh_each_step alone
     real = train_mod.plan_private_grad
     monkeypatch.setattr(train_mod, "plan_private_grad", lambda D, f, b, plan, *, step, lr_segments=None, **kw: real(
         D, f, b, plan, step=step - 1 if lr_segments and step == int(lr_segments[-1][0]) else step,
@@ -315,16 +316,11 @@ def test_noise_repeated_every_n_steps_fails_noise_never_repeats(monkeypatch):
     step s + N at step s, and passed every mechanism check from N of about 64 (neighbours and two random steps of
     2**62 never are N apart). noise_never_repeats, in `mechanism_checks` for both engines, compares the noise alone
     of steps 0 to 2047 and 2**k exactly: ``step % 1000`` fails it (both engines), and the real step passes."""
-    import types
-
     import audits.suite as suite
     from audits.mechanism import REPEAT_NOISE_CHECKS, check_noise_never_repeats
 
     assert REPEAT_NOISE_CHECKS == ("noise_never_repeats",)
-    for name in ("check_engine", "check_run_seed", "check_fresh_noise", "check_network", "check_sampler", "check_run"):
-        monkeypatch.setattr(suite, name, lambda *a, **k: [])   # noise_never_repeats alone
-    monkeypatch.setattr(suite, "network_problem", lambda *a, **k: types.SimpleNamespace(description="none"))
-    plan_doc = types.SimpleNamespace(plan=types.SimpleNamespace(noise_multiplier=1.0))
+    plan_doc = _mechanism_checks_only(monkeypatch, "check_noise_never_repeats")   # noise_never_repeats alone
     checks, _ = suite.mechanism_checks(None, plan_doc, {"train": {}}, alpha=0.01 / 15, suite="quick")
     assert [c.name for c in checks] == ["noise_never_repeats (rules)", "noise_never_repeats (vmap)"]
     assert all(c.passed and c.statistic == 0 and c.p_value is None for c in checks), checks[0].detail

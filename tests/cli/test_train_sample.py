@@ -1719,14 +1719,19 @@ def test_a_resume_of_a_seeded_run_says_the_seed_in_the_clis_words(tiny, capsys, 
     assert "TrainConfig" not in err, err
 
 
-def test_train_warns_once_of_images_that_are_exact_copies_and_still_trains(tiny, capsys):
-    """An npz with a row stored twice trained without a word, and that image was protected only as a group of two
-    (h144 F1, stop 54): one warning line, and the run still trains."""
-    d = tiny
+def _npz_with_image_0_twice(d):
+    """d/dup.npz: the tiny data with image 0 stored again as image 1 (an exact copy)."""
     with np.load(d / "data.npz") as f:
         x, y = f["x"].copy(), f["y"]
     x[1] = x[0]
     np.savez(d / "dup.npz", x=x, y=y, num_classes=3)
+
+
+def test_train_warns_once_of_images_that_are_exact_copies_and_still_trains(tiny, capsys):
+    """An npz with a row stored twice trained without a word, and that image was protected only as a group of two
+    (h144 F1, stop 54): one warning line, and the run still trains."""
+    d = tiny
+    _npz_with_image_0_twice(d)
     code, out, err = run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'dup.npz'}", "--json"), capsys)
     assert code == 0, err
     lines = [line for line in err.splitlines() if "exact cop" in line]
@@ -1767,9 +1772,6 @@ def test_a_no_dp_run_on_data_with_exact_copies_is_not_told_of_the_plans_epsilon(
     """mut57 (stop 54): the "duplicates" note speaks of the plan's epsilon for an image held twice; a --no-dp run
     spends none (it is marked non-private), so it is said to a new private run only."""
     d = tiny
-    with np.load(d / "data.npz") as f:
-        x, y = f["x"].copy(), f["y"]
-    x[1] = x[0]
-    np.savez(d / "dup.npz", x=x, y=y, num_classes=3)
+    _npz_with_image_0_twice(d)
     code, _, err = run_cli(_train_args(d, d / "run", "--dataset", f"npz:{d / 'dup.npz'}", "--no-dp"), capsys)
     assert code == 0 and "exact cop" not in err, err
