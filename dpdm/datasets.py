@@ -1336,6 +1336,10 @@ def _load_folder(root: Path, name: str) -> ImageData:
         try:
             with warnings.catch_warnings():   # Pillow warns from 89 megapixels and refuses from twice that
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
+                # Pillow's own warnings on damaged metadata (a TIFF tag, a JPEG's EXIF past its end) are read when
+                # the file is opened: the raw UserWarning, printed with Pillow's path, is nothing a user can act on,
+                # and a file that fails is named below. DecompressionBombWarning is a RuntimeWarning: still an error.
+                warnings.simplefilter("ignore", UserWarning)
                 with Image.open(f) as img:
                     if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:   # the header's size, before decoding
                         raise DataError(f"{name}: image {str(f)!r} is {img.size[0]}x{img.size[1]}; images may "
@@ -1536,7 +1540,7 @@ def _exif_turned(img) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             value = img.getexif().get(0x0112)   # ExifTags.Base.Orientation
-    except (*_IMAGE_READ_ERRORS, KeyError, TypeError):
+    except _IMAGE_READ_ERRORS:
         return False
     return isinstance(value, int) and 2 <= value <= 8
 
@@ -1560,8 +1564,11 @@ def exif_orientation_note(data: ImageData) -> str | None:
 # What decoding a damaged image file raises from Pillow's load(): OSError ("image file is truncated", a decoder's
 # error code; UnidentifiedImageError is one), ValueError, and the errors a plugin's parser raises, which
 # Image.open turns into UnidentifiedImageError but load() lets through: SyntaxError (a PNG chunk of damaged length
-# or type: "broken PNG file"), EOFError, struct.error and IndexError (data that ends early), zlib.error.
-_IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, zlib.error)
+# or type: "broken PNG file"), EOFError, struct.error and IndexError (data that ends early), zlib.error; and
+# TypeError and KeyError, which the TIFF plugin raises from n_frames on a damaged page chain ("Missing dimensions":
+# a second page without its width tag), a traceback and exit 4 that named no file (s56 datawalk F1).
+_IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, zlib.error, TypeError,
+                      KeyError)
 
 
 def _16_bit_kind(img) -> str | None:
