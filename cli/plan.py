@@ -145,7 +145,7 @@ def _memory_allowance() -> int | None:
 @_memory_capped
 def plan(epsilon, noise_multiplier, delta, dataset, dataset_size, batch_size, epochs, steps, clip_norm,
          multiplicity, preset, out, force, curve, as_json):
-    """Calibrate the smallest noise that meets (eps, delta), certified by RDP, PLD and PRV."""
+    """Calibrate the smallest noise that meets (eps, delta), certified by RDP and PLD (PRV a cross-check)."""
     import accounting
 
     if (epsilon is None) == (noise_multiplier is None):
@@ -377,7 +377,11 @@ def _refuse_to_replace(path: str, digest: str, *, force: bool = False) -> None:
     if info.st_size <= accounting.MAX_PLAN_BYTES:
         try:
             with open(path, encoding="utf-8") as f:
-                old = json.load(f).get("digest")
+                doc = json.load(f)
+            # A plan is a dpdm.plan document: any JSON with a "digest" string (an OCI descriptor) was taken for
+            # "a different plan", which --force replaced (acctwalk F2, stop 56).
+            if str(doc.get("format")).startswith("dpdm.plan/"):
+                old = doc.get("digest")
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             old = None
     if old == digest:
