@@ -778,8 +778,12 @@ def train(
         state = ckpt.load_checkpoint(ckpt_path)
         ledger = state["ledger"]
         if ledger["plan_digest"] != plan_doc.digest:
+            # A run's plan is its budget: another plan (one of more steps included) does not extend it (trainwalk
+            # N1, stop 56: the line named two digests, and not what to do).
             raise TrainError(
-                f"the run in {str(out)!r} was trained under plan {ledger['plan_digest']}, not {plan_doc.digest}"
+                f"the run in {str(out)!r} was trained under plan {ledger['plan_digest']}, not {plan_doc.digest}: a "
+                "run goes on only under its own plan (RUN/plan.json), which no other plan extends; more training "
+                "is a new run under a new plan in another --out, whose epsilon adds to this run's"
             )
         if bool(ledger["private"]) != config.private:
             raise TrainError("cannot resume a --no-dp run as private, or a private run with --no-dp")
@@ -844,6 +848,8 @@ def train(
         if config.private:   # steps an attempt killed before its first checkpoint ran: refused or spent
             spent_to, spent_note, record_seen = _unsaved_steps(out, None, (), plan.steps, spend_unsaved_steps, dist,
                                                                bound=(plan_doc.digest, data_digest))
+        else:   # a --no-dp run may not take the folder of a private attempt whose steps no checkpoint holds
+            record_seen = _private_steps_before_a_no_dp_run(out, dist)
         if config.seed is not None:
             seed, seed_given = config.seed, True
         else:
@@ -1058,7 +1064,8 @@ def train(
             refusal = str(e)
         # Another process may have trained here between the checks above and the lock.
         if refusal is None and ((ckpt_path.exists() if state is None else _file_identity(ckpt_path) != loaded_stat)
-                                or (config.private and _read_steps_record(out)[0] != record_seen)):
+                                or ((config.private or state is None)
+                                    and _read_steps_record(out)[0] != record_seen)):
             refusal = (f"the run in {str(out)!r} changed while this one started (another dpdm train?); start again"
                        + ("" if state is None else " with --resume"))
         if refusal is None and config.private:   # the record of the steps run (`STEPS_RECORD`)
@@ -2285,6 +2292,30 @@ def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool, dist: "
                         f"loses {ran} step{'s' if ran != 1 else ''}, "
                         f"the budget does not get {them} back)")
     return _agreed_spend(dist, refusal, spent_to, "start"), note, raw
+
+
+def _private_steps_before_a_no_dp_run(out: Path, dist: "_Dist") -> bytes | None:
+    """The steps record's bytes where a new --no-dp run may start in `out` (no checkpoint there), else TrainError:
+    a record of steps that a private attempt killed before its first checkpoint ran there. The --no-dp run would
+    replace that attempt's metrics.csv and write a --no-dp checkpoint, after which no command speaks of those
+    private steps again (a resume is "cannot resume a --no-dp run as private"), as a private new run there is
+    refused without --spend-unsaved-steps (trainwalk F1, stop 56)."""
+    path = out / STEPS_RECORD
+    raw, refusal = None, None
+    if dist.is_main:
+        raw, record, problem = _read_steps_record(out)
+        if problem is not None:
+            refusal = (f"{str(path)!r} is not the record dpdm keeps of the steps a run ran ({problem}), so how many "
+                       f"private steps a run killed in {str(out)!r} ran cannot be told; a --no-dp run there would "
+                       "leave them in no ledger: choose another --out (nothing was written)")
+        elif record is not None and record[0] > 0:
+            ran = record[0]
+            refusal = (f"a private run in {str(out)!r} trained {ran} step{'' if ran == 1 else 's'} and was stopped "
+                       f"before its first checkpoint ({str(path)!r} records them): a --no-dp run there would replace "
+                       "its metrics and leave those steps in no ledger; choose another --out, or resume that run "
+                       "privately with --spend-unsaved-steps (nothing was written)")
+    _agreed_spend(dist, refusal, None, "start")
+    return raw
 
 
 def _patterns(patterns: tuple[str, ...] | None) -> str:

@@ -323,7 +323,10 @@ def test_resume_against_another_plan_refused(tmp_path):
     out = tmp_path / "run"
     # Images that require grad (a library caller's) train: they failed at step 1 in the engine (stop 50, h110 F3).
     train(tiny_plan(steps=2), x.clone().requires_grad_(), y, c, out, TrainConfig(**CFG), progress=False)
-    with pytest.raises(TrainError, match="trained under plan"):
+    # A plan of more steps does not extend the run: the line says what does (trainwalk N1, stop 56).
+    with pytest.raises(TrainError, match="trained under plan .*: a run goes on only under its own plan "
+                                         r"\(RUN/plan.json\), which no other plan extends; more training is a new "
+                                         "run under a new plan in another --out"):
         train(tiny_plan(steps=4), x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
     # Without --resume the line said "pass --resume", which refuses it as above (h124 F4, stop 52).
     with pytest.raises(TrainError, match=r"^'.*run' already holds a run trained under another plan "
