@@ -323,7 +323,7 @@ def _curve_path(path: str, dataset: str | None = None) -> str:
     command as "not a curve dpdm wrote". Not in the plan's `folder:` (`npz:`) `dataset`, as `dpdm train` and
     `dpdm sample` refuse their outputs there (`report_utils.place_in_dataset`): the plot would read as an image of
     that data, of another size, and no command could load it (h103 F1)."""
-    from dpdm.report_utils import grid_suffix_problem, is_dpdm_grid, place_in_dataset
+    from dpdm.report_utils import grid_identity, grid_suffix_problem, is_dpdm_grid, place_in_dataset
 
     problem = file_name_problem(path)   # `x/..` and `x/` became `x/.png` below
     if problem:
@@ -345,6 +345,11 @@ def _curve_path(path: str, dataset: str | None = None) -> str:
     if os.path.lexists(path) and (os.path.islink(path) or not is_dpdm_grid(path)):
         raise BadInput(f"--curve={path!r} already exists and is not a curve dpdm wrote; it is kept: choose "
                        "another --curve")
+    # A grid of samples carries the mark too, and names its model's plan and kind, which a curve never does
+    # (mut60 F1, stop 56: --curve replaced it, exit 0).
+    if os.path.lexists(path) and grid_identity(path) is not None:
+        raise BadInput(f"--curve={path!r} already exists and is a grid of samples that dpdm sample wrote, not a "
+                       "curve; it is kept: choose another --curve")
     return path
 
 
