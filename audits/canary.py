@@ -50,12 +50,25 @@ __all__ = [
     "score_canaries",
     "canary_audit",
     "canary_verdict",
+    "canary_power",
+    "certifiable_epsilon",
+    "power_advice",
     "ood_canary_problem",
     "CANARY_MIN_DIFFERENCE",
     "CanaryNotFinite",
 ]
 
 CANARY_KINDS = ("ood", "mislabelled")
+
+# The canary counts `dpdm audit --canaries` takes (cli/audit.py repeats them, so that its --help needs no torch; a
+# test pins the two alike). Fewer make no meaningful audit: with 20 (delta 1e-5, the quick suite's error budget)
+# even a perfect attack certifies an epsilon of at most about 1, and with a handful the fair coins may include none
+# or all of them. research/audits.md: m = 500-5,000 on MNIST scale; 10^9 was an allocator failure.
+MIN_CANARIES = 20
+MAX_CANARIES = 100_000
+# The counts `power_advice` names, within MIN_CANARIES..MAX_CANARIES: round numbers a user types.
+ADVICE_COUNTS = (20, 30, 50, 75, 100, 150, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1200, 1500, 2000, 3000,
+                 5000, 7500, 10_000, 15_000, 20_000, 30_000, 50_000, 100_000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -461,6 +474,130 @@ def compared_digits(lower: float, claim: float, digits: int = 4) -> int:
                  if float(epsilon_text(lower, d, bound="lower")) > float(epsilon_text(claim, d))), max(digits, 17))
 
 
+@functools.lru_cache(maxsize=1024)
+def certifiable_epsilon(num_canaries: int, delta: float, level: float, num_included: int | None = None) -> float:
+    """``max_one_run_epsilon``: the most a perfect attack certifies with these canaries (``num_included`` of them in;
+    None: half, as fair coins give on average). Seconds at 100,000 canaries, so cached: `dpdm audit` says it before
+    training (``audits.suite.run_audit``) and again in the verdict."""
+    n_in = num_canaries // 2 if num_included is None else int(num_included)
+    return max_one_run_epsilon(int(num_canaries), delta=float(delta), significance=float(level), num_included=n_in)
+
+
+def certifiable_curve(delta: float, level: float) -> list[tuple[int, float]]:
+    """(count, the most a perfect attack certifies with it) over ``ADVICE_COUNTS``, up to just past the peak. The
+    one-run bound does not grow without limit with the canaries: its ``2 m delta`` term makes it peak (near 900
+    canaries, about 4.3, at delta 1e-5 and the quick suite's per-attack level 0.02) and fall beyond, to 0 where
+    ``2 m delta`` passes the level. Rising then falling, so three counts in a row below the best end the search."""
+    curve: list[tuple[int, float]] = []
+    best, below = 0.0, 0
+    for m in ADVICE_COUNTS:
+        eps = certifiable_epsilon(m, float(delta), float(level))
+        curve.append((m, eps))
+        below = below + 1 if best > 0 and eps < best else 0
+        best = max(best, eps)
+        if below == 3:
+            break
+    return curve
+
+
+def _most_steps_below(epsilon_of: Callable[[int], float], steps: int, bound: float) -> int | None:
+    """The most steps s < ``steps`` whose epsilon is below ``bound`` (None if not even one step's is), as the two
+    read (the epsilon rounded up, the bound down: "epsilon 3.285 is below 3.284" was no advice). Epsilon grows with
+    the steps, so a bisection."""
+    def below(s):
+        return float(epsilon_text(epsilon_of(s))) < float(epsilon_text(bound, bound="lower"))
+
+    if steps <= 1 or not below(1):
+        return None
+    lo, hi = 1, steps - 1   # below(lo)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if below(mid) else (lo, mid - 1)
+    return lo
+
+
+def _steps_option(steps: int) -> str:
+    return "--steps 1" if steps == 1 else f"--steps {steps} or fewer"
+
+
+def canary_power(plan, num_canaries: int, steps: int, claimed_epsilon: float, *, level: float,
+                 ceiling: float | None = None) -> dict[str, Any]:
+    """What a canary audit of ``plan`` (an ``accounting.PrivacyPlan``) with ``num_canaries`` canaries and a canary run
+    of ``steps`` steps can certify, and what could certify more than ``claimed_epsilon`` (the canary run's epsilon):
+    known before any training, from the counts, delta and the per-attack ``level`` alone. ``ceiling``: this audit's
+    own (its coins' in-count), else that of fair coins. Keys: ``certifiable_epsilon`` (this audit's ceiling),
+    ``best_canaries`` and ``best_certifiable_epsilon`` (the peak of ``certifiable_curve``), ``canaries_needed`` (the
+    fewest of ``ADVICE_COUNTS`` that certify more than the claim; None: no count does), ``shorter_steps`` (the most
+    steps below ``steps`` whose epsilon this count could certify more than; None: none),
+    ``shorter_steps_at_best`` (likewise at ``best_canaries``), ``one_step_epsilon``."""
+    import accounting
+
+    delta = float(plan.delta)
+    if ceiling is None:
+        ceiling = certifiable_epsilon(int(num_canaries), delta, float(level))
+    best_m, best = max(certifiable_curve(delta, level), key=lambda c: c[1])
+    needed = next((m for m, eps in certifiable_curve(delta, level) if eps > claimed_epsilon), None)
+    epsilon_of = functools.lru_cache(maxsize=None)(lambda s: accounting.epsilon_spent(plan, s))
+    steps = min(int(steps), int(plan.steps))
+    power = {
+        "num_canaries": int(num_canaries), "steps": steps, "claimed_epsilon": float(claimed_epsilon),
+        "delta": delta, "significance_per_attack": float(level), "certifiable_epsilon": float(ceiling),
+        "best_canaries": best_m, "best_certifiable_epsilon": float(best), "canaries_needed": needed,
+        "shorter_steps": _most_steps_below(epsilon_of, steps, ceiling),
+        "shorter_steps_at_best": _most_steps_below(epsilon_of, steps, best),
+        "one_step_epsilon": float(epsilon_of(1)),
+    }
+    for key in ("shorter_steps", "shorter_steps_at_best"):
+        power[f"{key}_epsilon"] = None if power[key] is None else float(epsilon_of(power[key]))
+    return power
+
+
+def power_advice(power: dict[str, Any]) -> str | None:
+    """What ``canary_power`` says can test a claim this audit cannot (its ceiling at or below the claim), as the end
+    of the verdict's reason; None where the audit can. Never more canaries where no count certifies the claim (the
+    one-run bound's peak: research/audits.md, a one-run audit can essentially never reject claims of epsilon above
+    about 6 at delta 1e-5), and a shorter canary run (--steps) only where one's epsilon is below what it could
+    certify."""
+    up, low = epsilon_text, functools.partial(epsilon_text, bound="lower")
+    if power["certifiable_epsilon"] > power["claimed_epsilon"]:
+        return None
+    best_m, best = power["best_canaries"], power["best_certifiable_epsilon"]
+    here, at_best = power["shorter_steps"], power["shorter_steps_at_best"]
+    m, needed = power["num_canaries"], power["canaries_needed"]
+    if needed is not None:
+        # The count that certifies the claim first may lie below this audit's: past the peak (5,000 canaries certify
+        # less than 900 do) fewer help, and where the coins included fewer than half, fair ones would.
+        needed = next((c for c, _ in certifiable_curve(power["delta"], power["significance_per_attack"])
+                       if c >= needed and c > m), best_m)
+        if needed < best_m:
+            text = (f"more canaries can: from about {needed} (--canaries {needed}) a perfect attack could certify "
+                    f"more than the claim, and most, {low(best)}, with about {best_m} (more certify less)")
+        else:
+            lead = ("more canaries can" if best_m > m else "fewer canaries can" if best_m < m else
+                    "other coins (--seed) can")
+            text = (f"{lead}: with about {best_m} (--canaries {best_m}) a perfect attack could certify {low(best)}, "
+                    "more than the claim (fewer or more certify less)")
+    if power["canaries_needed"] is not None:
+        if here is not None:
+            text += (f"; or a shorter canary run: {_steps_option(here)}, whose epsilon "
+                     f"{up(power['shorter_steps_epsilon'])} is below {low(power['certifiable_epsilon'])}")
+        return text
+    text = (f"no number of canaries can: at delta {power['delta']:g} and this error budget the one-run bound "
+            f"certifies at most {low(best)} (with about {best_m} canaries; more certify less)")
+    if here is not None:
+        text += (f"; a shorter canary run can: {_steps_option(here)}, whose epsilon "
+                 f"{up(power['shorter_steps_epsilon'])} is below {low(power['certifiable_epsilon'])}")
+        if at_best is not None and at_best > here:
+            text += f", or {_steps_option(at_best)} with --canaries {best_m}"
+        return text
+    if at_best is not None:
+        return (text + f"; a shorter canary run with more canaries can: {_steps_option(at_best)} with --canaries "
+                f"{best_m}, whose epsilon {up(power['shorter_steps_at_best_epsilon'])} is below that")
+    # Nothing can: say what the audit still tests, rather than send the user to retrain for the same verdict.
+    return (text + f", nor can a shorter canary run: one step (--steps 1) has epsilon {up(power['one_step_epsilon'])}. "
+            "At this delta no canary audit can test this plan's claim; the mechanism checks still test its step")
+
+
 def canary_verdict(
     target_max: float,
     control_max: float | None,
@@ -469,6 +606,7 @@ def canary_verdict(
     *,
     num_canaries: int,
     worst_attack: str = "an",
+    advice: str | None = None,
 ) -> tuple[str, list[str]]:
     """The canary audit's verdict and its reasons (shared/research/audits.md section 5.4).
 
@@ -477,7 +615,8 @@ def canary_verdict(
     below the claim, so no bound could have exceeded it, or the positive control (noise off) did not reach
     the claim either, so the attacks have not shown they can detect leakage of the claimed size (a bound
     above the claim is still a FAIL then). Otherwise PASS: no violation detected at the stated power (never
-    "privacy verified"). ``control_max`` None: no control was trained.
+    "privacy verified"). ``control_max`` None: no control was trained. ``advice``: what could test the claim where the
+    ceiling cannot (``power_advice``; else a generic line that promises no count of canaries).
     """
     claim = float(claimed_epsilon)
     # As every epsilon dpdm prints (README): the claim rounded up, lower bounds (and the most a perfect attack
@@ -490,8 +629,10 @@ def canary_verdict(
     if ceiling <= claim:
         return "INCONCLUSIVE", [
             f"with {num_canaries} canaries this audit cannot certify more than epsilon {low(ceiling)}, so it cannot "
-            f"detect a violation of the claim {up(claim)}; use more canaries (--canaries) or a shorter canary run "
-            f"(--steps), whose epsilon is smaller"]
+            f"detect a violation of the claim {up(claim)}; "
+            + (advice or "more canaries (--canaries) certify more only up to a point, past which the one-run bound's "
+                         "2*m*delta term makes them certify less, and a shorter canary run (--steps) has a smaller "
+                         "epsilon")]
     if control_max is not None and control_max <= claim:
         return "INCONCLUSIVE", [
             f"the positive control (noise off) reached an epsilon lower bound of only {low(control_max)} <= the "
@@ -575,7 +716,8 @@ def canary_audit(
     attack: target and control reports from ``Auditor.report``; when the coins left no included or no
     excluded canary, only the one-run bound, with ``two_class_statistics`` False and None for AUC, ROC and
     Clopper-Pearson), ``max_epsilon_lower_bound``, ``control_max_epsilon``, ``max_certifiable_epsilon``,
-    ``training`` (what was trained), ``canaries`` (kind, count, included), ``scores`` (arrays).
+    ``training`` (what was trained), ``canaries`` (kind, count, included), ``power`` (where the ceiling is at or
+    below the claim: ``canary_power``, what could test it; else None), ``scores`` (arrays).
     Coins the one-run bound refuses (``coin_split_problem``) raise ValueError before any training; a canary run
     whose weights, or its canaries' scores, are not finite raises ``CanaryNotFinite``.
     """
@@ -629,7 +771,7 @@ def canary_audit(
         raise CanaryNotFinite(problem)
     level = significance / len(config.attacks)
     n_in = int(included.sum())
-    ceiling = max_one_run_epsilon(m, delta=delta, significance=level, num_included=n_in)
+    ceiling = certifiable_epsilon(m, delta, level, n_in)
     scores = {name: score_canaries(run, x_can, y_can if conditional else None, config) for name, run in runs.items()}
     problem = _non_finite_problem(runs, scores)
     if problem:
@@ -661,8 +803,12 @@ def canary_audit(
     target_max = max(attacks[a]["target"]["epsilon_lower_bound"] for a in config.attacks)
     control_max = max(attacks[a]["control"]["epsilon_lower_bound"] for a in config.attacks) if control else None
     worst = max(config.attacks, key=lambda a: attacks[a]["target"]["epsilon_lower_bound"])
+    power = None
+    if ceiling <= claimed_epsilon:   # what could test the claim, for the reason (none: the audit could)
+        power = canary_power(plan, m, int(config.steps or plan.steps), float(claimed_epsilon), level=level,
+                             ceiling=ceiling)
     verdict, reasons = canary_verdict(target_max, control_max, ceiling, float(claimed_epsilon), num_canaries=m,
-                                      worst_attack=worst)
+                                      worst_attack=worst, advice=None if power is None else power_advice(power))
     if not 0 < n_in < m:
         reasons.append(f"the coins included {n_in} of {m} canaries: AUC, ROC and TPR need both included and "
                        "excluded canaries and are not reported (the coins are never redrawn)")
@@ -677,6 +823,8 @@ def canary_audit(
         "control_max_epsilon": None if control_max is None else float(control_max),
         "max_certifiable_epsilon": float(ceiling),
         "can_detect_violation": bool(ceiling > claimed_epsilon),
+        # Where it cannot: the most any count certifies at this delta, and what could test the claim (canary_power).
+        "power": power,
         "threat_model": "black-box access to the canary run's final denoiser (raw weights, not EMA), not to the "
                         "audited run's model; one training run with canaries included by fair coins",
         "config": config.to_dict(),

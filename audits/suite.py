@@ -51,8 +51,8 @@ from typing import Any, Callable
 import numpy as np
 
 from audits.auditor import _jsonable
-from audits.canary import (CanaryConfig, CanaryNotFinite, canary_audit, coin_split_problem, compared_digits,
-                           draw_inclusion)
+from audits.canary import (CanaryConfig, CanaryNotFinite, canary_audit, canary_power, certifiable_epsilon,
+                           coin_split_problem, compared_digits, draw_inclusion, power_advice)
 from audits.mechanism import (REPEAT_POWERS, REPEAT_STEPS, CheckResult, check_engine, check_fresh_noise, check_network,
                                check_noise_never_repeats, check_run, check_run_seed, check_sampler, check_subspace,
                                network_problem, second_noise_multiplier)
@@ -98,7 +98,8 @@ class AuditInputError(ValueError):
     training. Other exceptions from ``run_audit`` (ValueError included) are not the user's mistake."""
 
 
-def check_out_dir(out_dir, *, create: bool = True, datasets: dict[str, str | None] | None = None) -> Path:
+def check_out_dir(out_dir, *, create: bool = True, datasets: dict[str, str | None] | None = None,
+                  identity: tuple[str, str] | None = None, force: bool = False) -> Path:
     """Creates the report folder if needed and checks that files can be written in it (AuditInputError
     otherwise), so that a bad folder is found before minutes of training rather than after. A folder in a
     run folder (`dpdm train --out`, `report_utils.run_folder_of`), or one holding files but no earlier audit's
@@ -107,7 +108,10 @@ def check_out_dir(out_dir, *, create: bool = True, datasets: dict[str, str | Non
     each is, as the error line says it, to its name), as `dpdm train` and `dpdm sample` refuse their outputs there
     (`report_utils.place_in_dataset`): the report's PNGs would read as images of that data, which no command could
     then load (h103 F1). With `create` False an absent folder is not made, only checked to be creatable (a refused
-    audit leaves no empty folder behind)."""
+    audit leaves no empty folder behind). With `identity` (this audit's ``report_identity``), an earlier report of an
+    audit of another run, or against another plan, is refused unless `force`, as `dpdm export` and `dpdm sample` keep
+    an output of another plan: it may be costly to remake (``--suite full``) or be evidence (a FAIL). One of this run
+    against this plan is replaced; so is one that names neither (from a dpdm before reports named them)."""
     from dpdm.report_utils import output_parent_problem, place_in_dataset, run_folder_of
 
     out = Path(out_dir)
@@ -124,6 +128,10 @@ def check_out_dir(out_dir, *, create: bool = True, datasets: dict[str, str | Non
         raise AuditInputError(f"holds {', '.join(foreign)}, which {'is' if len(foreign) == 1 else 'are'} not an "
                               "earlier dpdm audit's report (no report.json of format dpdm.audit/1) and is kept: "
                               "choose another --out")
+    if foreign and identity is not None and not force:
+        problem = _other_audits_report(out, identity)
+        if problem:
+            raise AuditInputError(f"holds {problem}; it is kept: choose another --out, or pass --force to replace it")
     # A data folder, a project folder: not the audit's. Hidden names (an interrupted report's staging folder,
     # a write test) are the audit's own.
     if out.is_dir() and not foreign and any(not p.name.startswith(".") for p in out.iterdir()):
@@ -168,6 +176,38 @@ def _holds_audit_report(out: Path) -> bool:
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(doc, dict) and doc.get("format") == "dpdm.audit/1"
+
+
+def report_identity(run_dir) -> str:
+    """What names the run in a report (report.json's ``run_folder_sha256``): the sha256 of the run folder's resolved
+    path, which ``run`` (the path as given, relative to where the audit ran) is not, and which tells no reader of a
+    shared report where the folder lies."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(os.path.realpath(run_dir).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _other_audits_report(out: Path, identity: tuple[str, str]) -> str | None:
+    """What the report in `out` is, where it is of an audit of another run or against another plan than `identity`
+    (run folder's ``report_identity``, claimed plan's digest); None where it is this audit's, names neither, or is no
+    report.json (an interrupted report's report.md: `_holds_audit_report`)."""
+    try:
+        doc = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    plan = doc.get("claimed_plan")
+    digest = plan.get("digest") if isinstance(plan, dict) else None
+    run_key = doc.get("run_folder_sha256")
+    other_plan = isinstance(digest, str) and digest != identity[1]
+    other_run = isinstance(run_key, str) and run_key != identity[0]
+    if not (other_plan or other_run):
+        return None
+    run_text = f"another run ({doc.get('run')!r})" if other_run else "this run"
+    plan_text = (f"another plan ({digest[:19]}..., this audit's is {identity[1][:19]}...)" if other_plan
+                 else "this plan")
+    return f"the report of an audit of {run_text} against {plan_text} ({doc.get('verdict')})"
 
 
 MECHANISM_SHARE = 0.2  # of the significance budget; the rest goes to the epsilon bounds
@@ -389,11 +429,16 @@ def run_audit(
     significance: float = 0.05,
     canary_overrides: dict[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Audits the run in ``run_dir`` against ``plan_path`` (default: the run's own plan.json).
 
     Writes the report into ``out_dir`` and returns its JSON document. Raises ValueError for bad
-    input (missing/corrupt run, tampered plan, unknown dataset, data that does not fit the run).
+    input (missing/corrupt run, tampered plan, unknown dataset, data that does not fit the run), and for a report
+    in ``out_dir`` of an audit of another run or against another plan unless ``force`` (``check_out_dir``).
+    ``warn``: told, before any training, where the canary stage cannot detect a violation of the claim whatever it
+    finds (``canary_power``: known from the canary count, delta and the error budget), and what could.
     """
     import torch
 
@@ -451,9 +496,13 @@ def run_audit(
             # a run of train() without dataset_name: the library caller passes dataset=, the CLI --dataset
             raise ValueError("the run does not name its dataset; give dataset= (--dataset) naming the data it was "
                              "trained on")
-        try:   # before the data is read: a report written there earlier would have it refused
+        # Before the data is read: a report written there earlier would have it refused; and a report of another
+        # run or plan is kept (unless force) before minutes of training rather than replaced after them.
+        identity = (report_identity(run), doc.digest)
+        try:
             check_out_dir(out_dir, create=False, datasets={"the run's training data": run_config.get("dataset"),
-                                                           "the audit's --dataset": dataset})
+                                                           "the audit's --dataset": dataset},
+                          identity=identity, force=force)
         except AuditInputError as e:
             raise AuditInputError(f"out={str(out_dir)!r}: {e}") from None
         try:
@@ -491,7 +540,7 @@ def run_audit(
     except ValueError as e:
         raise AuditInputError(str(e)) from e
     try:   # the inputs are good: now the folder is made (0700)
-        check_out_dir(out_dir)
+        check_out_dir(out_dir, identity=identity, force=force)
     except AuditInputError as e:
         raise AuditInputError(f"out={str(out_dir)!r}: {e}") from None
 
@@ -499,6 +548,24 @@ def run_audit(
     statistical_checks = statistical_check_count(train_config)
     alpha_check = significance * MECHANISM_SHARE / statistical_checks
     alpha_bounds = significance * (1 - MECHANISM_SHARE)
+    # A canary run of fewer steps than the plan is held to the epsilon of THAT run (the plan's
+    # per-step mechanism composed over cfg.steps), which is smaller and gives the audit more power.
+    canary_steps = int(cfg.steps or plan.steps)
+    canary_claim = min(doc.epsilon, accounting.epsilon_spent(plan, canary_steps))
+    if warn is not None:
+        # The most the canary stage can certify depends on the canary count, the coins, delta and the level alone:
+        # where it is at or below the claim, no attack result can make it FAIL, and no more canaries may help either
+        # (the one-run bound peaks). Said now, not after minutes (hours with --suite full) of training; a warning,
+        # not a refusal: the mechanism checks still test the step.
+        level = alpha_bounds / len(cfg.attacks)
+        coins = draw_inclusion(cfg.num_canaries, cfg.seed)
+        ceiling = certifiable_epsilon(cfg.num_canaries, plan.delta, level, int(coins.sum()))
+        if ceiling <= canary_claim:
+            power = canary_power(plan, cfg.num_canaries, canary_steps, canary_claim, level=level, ceiling=ceiling)
+            warn(f"with {cfg.num_canaries} canaries this audit cannot certify more than epsilon "
+                 f"{epsilon_text(ceiling, bound='lower')}, so its canary runs cannot detect a violation of the claim "
+                 f"{epsilon_text(canary_claim)} (the epsilon of the {canary_steps}-step canary run) and it ends "
+                 f"INCONCLUSIVE unless a mechanism check fails; {power_advice(power)}")
 
     def stage(name):
         if progress is not None:
@@ -515,10 +582,6 @@ def run_audit(
     failed = [c for c in checks if not c.passed]
     reasons = [f"mechanism check {c.name} failed: {c.detail}" for c in failed]
     t0 = time.perf_counter()
-    # A canary run of fewer steps than the plan is held to the epsilon of THAT run (the plan's
-    # per-step mechanism composed over cfg.steps), which is smaller and gives the audit more power.
-    canary_steps = int(cfg.steps or plan.steps)
-    canary_claim = min(doc.epsilon, accounting.epsilon_spent(plan, canary_steps))
     try:
         canary = canary_audit(
             plan, data.x, data.y if num_classes > 0 else None, num_classes, cfg,
@@ -558,6 +621,7 @@ def run_audit(
         "exit_code": EXIT_CODES[verdict],
         "reasons": reasons,
         "run": str(run),
+        "run_folder_sha256": identity[0],   # whose report this is, for a later audit's --out (check_out_dir)
         "claimed_plan": {"path": str(claimed_path), "digest": doc.digest, "epsilon": doc.epsilon,
                          "certified_by": doc.certified_by, **plan.mechanism_fields()},
         "run_ledger": {k: ledger[k] for k in ("plan_digest", "plan_steps", "steps_done", "epsilon_spent", "delta", "private")},

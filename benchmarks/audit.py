@@ -60,6 +60,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dpdm_audit_bench_"))
+    # A second benchmark on one --workdir ended in train()'s TrainError traceback (auditwalk N1, stop 56); and a
+    # report left there would be read as this audit's where it stopped early. One line, before any work.
+    taken = [name for name in ("run", "report") if (workdir / name).exists()]
+    if taken:
+        print(f"audit.py: error: argument --workdir: {str(workdir)!r} already holds {' and '.join(taken)} from an "
+              "earlier benchmark; give a new or empty --workdir (or none: a fresh temporary one)", file=sys.stderr)
+        return 2
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     run = make_run(workdir)
@@ -74,7 +81,7 @@ def main(argv=None) -> int:
     report = json.loads(path.read_text()) if path.exists() else {}   # none: the audit failed to run (exit 2 or 4)
     # Only an audit that reached a verdict (PASS or FAIL) is timed against the target: one that stopped early (a
     # crash, a refused run) "met" it, and the benchmark exited 0 (h156 F2, stop 55).
-    ran = report.get("verdict") is not None
+    ran = rc in (0, 1, 3) and report.get("verdict") is not None   # exit 2 or 4 wrote no report, whatever lies there
     # A FAIL whose canary audit stopped (a non-finite canary run, a crash after a failed check) has none: null
     canary = report.get("canary_audit") or {}
     print(json.dumps({

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import click
 
-from cli._common import DatasetName, FiniteFloatRange, PathOption, emit_json, info
+from cli._common import DatasetName, FiniteFloatRange, PathOption, emit_json, info, warn
 from cli.errors import BadInput
 from dpdm.report_utils import epsilon_text
 
-# Fewer canaries make no meaningful audit: with 20 (delta 1e-5, the quick suite's error budget) even a
-# perfect attack certifies an epsilon of at most about 0.7, and with a handful the fair coins may include
-# none or all of them.
+# audits.canary.MIN_CANARIES and MAX_CANARIES (why these: there), repeated so that --help imports no torch; a test
+# pins them alike.
 MIN_CANARIES = 20
-MAX_CANARIES = 100_000   # research/audits.md: m = 500-5,000 on MNIST scale; 10^9 was an allocator failure
+MAX_CANARIES = 100_000
 
 
 # run_audit names its parameters ("steps=21 must be ..."); the user gave options.
@@ -41,7 +40,9 @@ def _named_option(message: str) -> str:
 # them to it): --help stays fast, as every `dpdm` command's does.
 @click.option("--canaries", type=int, default=None,
               help=f"Override the suite's number of canaries ({MIN_CANARIES} to {MAX_CANARIES:,}) "
-                   "[default: quick 200, full 1,000].")
+                   "[default: quick 200, full 1,000]. More certify more only up to a point: at delta 1e-5 and the "
+                   "default --significance, at most about epsilon 4.3, near 900 canaries, and less beyond; the audit "
+                   "says before training where its canaries cannot test the claim, and what could.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Override the suite's canary-run steps, at most the plan's [default: quick the plan's steps up "
                    "to 300, full the plan's steps].")
@@ -50,9 +51,12 @@ def _named_option(message: str) -> str:
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--significance", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="Family-wise error budget of the verdict.")
+@click.option("--force", is_flag=True,
+              help="Let --out replace the report of an audit of another run, or against another plan; one of this "
+                   "run against this plan is replaced anyway; any other file, never.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report's JSON on stdout.")
 def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, steps, background, seed, significance,
-          as_json):
+          force, as_json):
     """Audit dpdm's private step under a run's plan: PASS (exit 0), FAIL (exit 1) or INCONCLUSIVE (exit 3).
 
     Tests `dpdm train`'s private step and the plan's mechanism on fresh canary trainings, and reads the run's
@@ -87,7 +91,8 @@ def audit(run_dir, plan_path, suite, out_dir, dataset, data_root, canaries, step
 
     try:
         doc = run_audit(run_dir, out_dir, plan_path=plan_path, suite=suite, dataset=dataset, data_root=data_root,
-                        seed=seed, significance=significance, canary_overrides=overrides, progress=progress)
+                        seed=seed, significance=significance, canary_overrides=overrides, progress=progress,
+                        warn=warn, force=force)
     except AuditInputError as e:  # input validation only, before any training; anything else is exit 4
         raise BadInput(_named_option(str(e))) from None
     if as_json:
