@@ -1,6 +1,8 @@
 """`dpdm eval`: quality of synthetic images, as the paper measures it (dpdm/evaluate.py)."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from cli._common import DatasetName, PathOption, check_augment_shift, emit_json, info, resolve_device, warn
@@ -69,8 +71,8 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
     equal n: the floor (real test vs real train) is measured on as many test
     images as there are samples (all of them when the samples are more).
     """
-    from dpdm.datasets import (DataError, absolute_dataset_name, empty_classes, exif_orientation_note, has_test_split,
-                               load_dataset, load_npz, shared_images)
+    from dpdm.datasets import (DataError, dataset_path, empty_classes, exif_orientation_note, has_test_split,
+                               load_dataset, load_npz, same_dataset, shared_images)
     from dpdm.evaluate import (MIN_SAMPLES, REFERENCE_EPOCHS, cache_folder_problem, check_public_data,
                                check_samples_held_out, check_test_data, cnn_size_problem, evaluate_samples,
                                label_counts_problem, load_inception, match_test_classes, near_copies_above_floor,
@@ -81,8 +83,6 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
         if k not in _KINDS:
             raise BadInput(f"--classifiers={classifiers!r} must list names from {_KINDS}")
     if inception_weights is not None:
-        import os
-
         if not os.path.isfile(inception_weights):
             raise BadInput(f"--inception-weights={inception_weights!r} must be an existing file")
     from cli._common import input_name_problem
@@ -224,14 +224,22 @@ def eval_cmd(samples_path, dataset, test_dataset, data_root, download, classifie
                  "that data")
         for note in generator_notes:
             warn(note)
-    if provenance["dataset"] is not None and \
-            absolute_dataset_name(provenance["dataset"]) != absolute_dataset_name(dataset):
+    if provenance["dataset"] is not None and not same_dataset(provenance["dataset"], dataset):
         # Not refused (another split or a copy of the data can be a fair reference), but the FD and precision /
         # recall then measure the samples against data their model never trained on. After the refusals above,
         # so that a refused run prints one line.
-        warn(f"the samples' model trained on {provenance['dataset']!r}, not --dataset={dataset!r}: " + (
-            "the classifier FD and precision/recall measure them against other data" if "classifier_fd" not in skipped
-            else "the copies of training images are looked for in other data"))
+        what = ("the classifier FD and precision/recall measure them against other data"
+                if "classifier_fd" not in skipped else "the copies of training images are looked for in other data")
+        if _relative_path_dataset(provenance["dataset"]):
+            # A plan made from a relative path (the README's `npz:own.npz`) names a file of the folder it was made
+            # in, which eval does not know: from another folder, the same data goes by another name (userwalk F1,
+            # stop 56: the model's own training data was called "other data").
+            here = os.path.exists(dataset_path(provenance["dataset"]))
+            names = "from this folder names other data than --dataset" if here else "names nothing from this folder"
+            warn(f"the samples' model trained on {provenance['dataset']!r}, a relative path that {names}: eval "
+                 f"cannot tell whether --dataset={dataset!r} is that data; if it is not, {what}")
+        else:
+            warn(f"the samples' model trained on {provenance['dataset']!r}, not --dataset={dataset!r}: {what}")
     if provenance["private"] is False:
         warn(f"{samples_path!r} was drawn from a NON-PRIVATE model (--no-dp): these figures carry no privacy "
              "guarantee")
@@ -300,21 +308,24 @@ def _check_test_held_out_from_generator(generator_data: str | None, dataset: str
     samples file of dpdm's that names no training data (`eval_cmd`).
 
     Returns the warning lines, for the caller to print after all its refusals (h152 F2): a refusal is one line."""
-    from dpdm.datasets import absolute_dataset_name, is_path_dataset, load_dataset, shared_images
+    from dpdm.datasets import absolute_dataset_name, load_dataset, same_dataset, shared_images
 
     notes: list[str] = []
-    if generator_data is None or generator_data == dataset:
+    if generator_data is None or same_dataset(generator_data, dataset):   # --dataset's, compared already
         return notes
-    if is_path_dataset(generator_data) and absolute_dataset_name(generator_data) != generator_data:
-        # A plan made from a relative path: the same name may be another file here than where the model trained.
-        notes.append(f"the samples' model trained on {generator_data!r}, a relative path; the test images are "
-                     f"checked against {absolute_dataset_name(generator_data).split(':', 1)[1]!r}, as read from "
-                     "this folder")
+    relative = _relative_path_dataset(generator_data)
     try:
         trained_on = load_dataset(generator_data, "train", data_root=data_root, download=False)
     except (ValueError, OSError) as e:   # DataError is a ValueError
-        return notes + [f"the samples' model trained on {generator_data!r}, which cannot be read here ({e}); the "
-                        f"test images of {test_name!r} are not checked against it"]
+        which = "a relative path that" if relative else "which"
+        return [f"the samples' model trained on {generator_data!r}, {which} cannot be read here ({e}); "
+                f"the test images of {test_name!r} are not checked against it"]
+    if relative:
+        # A plan made from a relative path: the same name may be another file here than where the model trained.
+        # Said only once read: it claims a check (userwalk F1, stop 56: "checked against" a path that was not read).
+        notes.append(f"the samples' model trained on {generator_data!r}, a relative path; the test images are "
+                     f"checked against {absolute_dataset_name(generator_data).split(':', 1)[1]!r}, as read from "
+                     "this folder")
     shared = shared_images(real_test, trained_on)
     if len(real_test) and 2 * shared >= len(real_test):
         raise BadInput(f"--test-dataset={test_name!r}: {shared} of its {len(real_test)} images are the training "
@@ -324,6 +335,15 @@ def _check_test_held_out_from_generator(generator_data: str | None, dataset: str
         notes.append(f"{shared} of the {len(real_test)} test images of {test_name!r} are training images of the "
                      f"samples' model ({generator_data!r}); their accuracy is not held-out")
     return notes
+
+
+def _relative_path_dataset(name: str) -> bool:
+    """Whether `name` is an "npz:PATH" or "folder:PATH" dataset whose path is relative (to the folder its plan was
+    made in, which the samples do not record: they name the data as the plan does, and a release names no
+    absolute path)."""
+    from dpdm.datasets import dataset_path, is_path_dataset
+
+    return is_path_dataset(name) and not os.path.isabs(dataset_path(name))
 
 
 def samples_provenance(path: str) -> dict:
@@ -392,8 +412,6 @@ def _check_cache_outside_data(cache_dir, folder, datasets: dict[str, str | None]
 def _cache_source(cache_dir, folder) -> str:
     """Where the cache folder `folder` came from, for its error line: --cache-dir, else $DPDM_CACHE, else the
     default (`evaluate.default_cache_dir`). A bad DPDM_CACHE was blamed on a --cache-dir the user never gave."""
-    import os
-
     if cache_dir is not None:
         return f"--cache-dir={str(folder)!r}"
     if os.environ.get("DPDM_CACHE"):
@@ -515,8 +533,8 @@ def format_report(report: dict) -> str:
     pub = report.get("public_pretrain")
     if report["classifiers"]:
         if pub is not None:
-            lines.append(f"classifiers first trained {pub['epochs']} epochs on public {pub['dataset']} "
-                         f"(without privacy), then on the samples")
+            lines.append(f"classifiers first trained {pub['epochs']} epoch{'' if pub['epochs'] == 1 else 's'} on "
+                         f"public {pub['dataset']} (without privacy), then on the samples")
         if report.get("augment_shift"):
             lines.append(f"training images randomly shifted by up to {report['augment_shift']} px "
                          "(not the paper's protocol)")

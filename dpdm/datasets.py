@@ -1506,7 +1506,10 @@ def inferred_channels_note(data: ImageData) -> str | None:
         elif grey:
             found = (f": all its {len(data)} images are in a colour mode (the first: {first!r}) but their pixels are "
                      f"grey; convert them to 8-bit grayscale (PIL: img.convert('L')) to train on one channel")
-    how = found or " (one colour-mode image holding colour makes them all RGB)"
+    # No mix to name: all grayscale, or all in a colour mode (userwalk N4, stop 56: "one colour-mode image ... makes
+    # them all RGB" of a folder of RGB photos read as if it were mixed).
+    how = found or (" (every image is grayscale; one colour-mode image holding colour would make them all RGB)"
+                    if channels == 1 else " (every image is in a colour mode)")
     return (f"the number of channels ({channels}, {'grayscale' if channels == 1 else 'RGB'}) was read off the "
             f"private images{how}, and the model reveals it; to fix it publicly, give the data as an npz, whose x "
             f"array [N, C, H, W] states it")

@@ -718,7 +718,7 @@ def reference_classifier(real_train: ImageData, *, cache_dir: str | os.PathLike 
             model = fresh()
     if progress:   # the folder only: the file name holds a fingerprint of the private data
         progress(f"training the reference CNN on {real_train.name} ({len(real_train)} images, "
-                 f"{epochs} epochs, without privacy); cached under {str(path.parent)!r}")
+                 f"{_epochs(epochs)}, without privacy); cached under {str(path.parent)!r}")
     train, val = _split(len(real_train), 0.1, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -754,6 +754,11 @@ def _weights_sha256(data_digest: str, figures: dict, weights: bytes) -> str:
     holds only a prefix of `data_digest`)."""
     canonical = json.dumps({k: figures[k] for k in ("real_val_accuracy", "best_epoch", "epochs")}, sort_keys=True)
     return hashlib.sha256(data_digest.encode() + b"\n" + canonical.encode() + b"\n" + weights).hexdigest()
+
+
+def _epochs(n: int) -> str:
+    """"1 epoch", "3 epochs": the progress lines' count (userwalk N5, stop 56: "1 epochs")."""
+    return f"{n} epoch{'' if n == 1 else 's'}"
 
 
 def _check_reference_entry(model: nn.Module, info: Any, epochs: int, data_digest: str, weights: bytes) -> None:
@@ -1168,9 +1173,9 @@ def evaluate_samples(samples: ImageData, real_train: ImageData, real_test: Image
     if accuracies:
         for kind in classifiers:
             if progress:
-                first = "" if public is None else f"{public_epochs} epochs on public {public.name}, then "
+                first = "" if public is None else f"{_epochs(public_epochs)} on public {public.name}, then "
                 aug = f", shifted up to {shift} px" if shift else ""
-                progress(f"training {kind}: {first}{len(samples)} synthetic images ({epochs[kind]} epochs{aug})")
+                progress(f"training {kind}: {first}{len(samples)} synthetic images ({_epochs(epochs[kind])}{aug})")
             report["classifiers"][kind] = downstream_accuracy(
                 samples, real_test, kind=kind, epochs=epochs[kind], seed=seed, device=device,
                 public=public, public_epochs=public_epochs, shift=shift, public_checked=True)
