@@ -782,8 +782,8 @@ def train(
             # N1, stop 56: the line named two digests, and not what to do).
             raise TrainError(
                 f"the run in {str(out)!r} was trained under plan {ledger['plan_digest']}, not {plan_doc.digest}: a "
-                "run goes on only under its own plan (RUN/plan.json), which no other plan extends; more training "
-                "is a new run under a new plan in another --out, whose epsilon adds to this run's"
+                f"run goes on only under its own plan ({str(out / 'plan.json')!r}), which no other plan extends; more "
+                "training is a new run under a new plan in another --out, whose epsilon adds to this run's"
             )
         if bool(ledger["private"]) != config.private:
             raise TrainError("cannot resume a --no-dp run as private, or a private run with --no-dp")
@@ -849,7 +849,7 @@ def train(
             spent_to, spent_note, record_seen = _unsaved_steps(out, None, (), plan.steps, spend_unsaved_steps, dist,
                                                                bound=(plan_doc.digest, data_digest))
         else:   # a --no-dp run may not take the folder of a private attempt whose steps no checkpoint holds
-            record_seen = _private_steps_before_a_no_dp_run(out, dist)
+            record_seen = _private_steps_before_a_no_dp_run(out, plan.steps, dist)
         if config.seed is not None:
             seed, seed_given = config.seed, True
         else:
@@ -2294,12 +2294,13 @@ def _unsaved_steps_of_a_new_run(out: Path, plan_steps: int, spend: bool, dist: "
     return _agreed_spend(dist, refusal, spent_to, "start"), note, raw
 
 
-def _private_steps_before_a_no_dp_run(out: Path, dist: "_Dist") -> bytes | None:
+def _private_steps_before_a_no_dp_run(out: Path, plan_steps: int, dist: "_Dist") -> bytes | None:
     """The steps record's bytes where a new --no-dp run may start in `out` (no checkpoint there), else TrainError:
     a record of steps that a private attempt killed before its first checkpoint ran there. The --no-dp run would
     replace that attempt's metrics.csv and write a --no-dp checkpoint, after which no command speaks of those
     private steps again (a resume is "cannot resume a --no-dp run as private"), as a private new run there is
-    refused without --spend-unsaved-steps (trainwalk F1, stop 56)."""
+    refused without --spend-unsaved-steps (trainwalk F1, stop 56). The line's advice is one that is taken: a
+    private run started again there with --spend-unsaved-steps, unless the attempt ran all `plan_steps` (r1 F1)."""
     path = out / STEPS_RECORD
     raw, refusal = None, None
     if dist.is_main:
@@ -2310,10 +2311,13 @@ def _private_steps_before_a_no_dp_run(out: Path, dist: "_Dist") -> bytes | None:
                        "leave them in no ledger: choose another --out (nothing was written)")
         elif record is not None and record[0] > 0:
             ran = record[0]
+            # The plan spent: a private run there is refused too ("that is all N steps of its plan").
+            other = ("" if ran >= plan_steps else
+                     ", or start the private run there again with --spend-unsaved-steps, which counts them")
             refusal = (f"a private run in {str(out)!r} trained {ran} step{'' if ran == 1 else 's'} and was stopped "
                        f"before its first checkpoint ({str(path)!r} records them): a --no-dp run there would replace "
-                       "its metrics and leave those steps in no ledger; choose another --out, or resume that run "
-                       "privately with --spend-unsaved-steps (nothing was written)")
+                       f"its metrics and leave those steps in no ledger; choose another --out{other} (nothing was "
+                       "written)")
     _agreed_spend(dist, refusal, None, "start")
     return raw
 

@@ -325,7 +325,7 @@ def test_resume_against_another_plan_refused(tmp_path):
     train(tiny_plan(steps=2), x.clone().requires_grad_(), y, c, out, TrainConfig(**CFG), progress=False)
     # A plan of more steps does not extend the run: the line says what does (trainwalk N1, stop 56).
     with pytest.raises(TrainError, match="trained under plan .*: a run goes on only under its own plan "
-                                         r"\(RUN/plan.json\), which no other plan extends; more training is a new "
+                                         r"\('.*run/plan.json'\), which no other plan extends; more training is a new "
                                          "run under a new plan in another --out"):
         train(tiny_plan(steps=4), x, y, c, out, TrainConfig(**CFG), resume=True, progress=False)
     # Without --resume the line said "pass --resume", which refuses it as above (h124 F4, stop 52).
