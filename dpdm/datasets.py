@@ -1333,13 +1333,16 @@ def _load_folder(root: Path, name: str) -> ImageData:
                         f"remove the link")
     images, size, tagged = [], None, []   # tagged: the images with an EXIF orientation (`_exif_turned`)
     for f, _ in files:
+        pillow_said: list = []
         try:
-            with warnings.catch_warnings():   # Pillow warns from 89 megapixels and refuses from twice that
+            # Pillow warns from 89 megapixels and refuses from twice that. Its own warnings on damaged metadata (a
+            # TIFF tag, a JPEG's EXIF past its end), read when the file is opened, are recorded, not printed raw with
+            # Pillow's path: for a file that loads they are nothing a user can act on; for one that fails they are
+            # its reason ("WEBP support not installed", "Tag data larger than file"), said in its line below (r1 N1,
+            # stop 56). DecompressionBombWarning is a RuntimeWarning: still an error.
+            with warnings.catch_warnings(record=True) as pillow_said:
+                warnings.simplefilter("always", UserWarning)
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                # Pillow's own warnings on damaged metadata (a TIFF tag, a JPEG's EXIF past its end) are read when
-                # the file is opened: the raw UserWarning, printed with Pillow's path, is nothing a user can act on,
-                # and a file that fails is named below. DecompressionBombWarning is a RuntimeWarning: still an error.
-                warnings.simplefilter("ignore", UserWarning)
                 with Image.open(f) as img:
                     if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:   # the header's size, before decoding
                         raise DataError(f"{name}: image {str(f)!r} is {img.size[0]}x{img.size[1]}; images may "
@@ -1370,7 +1373,10 @@ def _load_folder(root: Path, name: str) -> ImageData:
             raise DataError(f"{name}: image {str(f)!r} {claim}; images may have at most {MAX_IMAGE_PIXELS} "
                             f"pixels (4096x4096)") from None
         except _IMAGE_READ_ERRORS as e:
-            raise DataError(f"{name}: cannot read image {str(f)!r} ({_one_line(e) or type(e).__name__})") from None
+            reasons = dict.fromkeys(_one_line(w.message) for w in pillow_said if issubclass(w.category, UserWarning))
+            said = "".join(f"; {r}" for r in list(reasons)[:2])
+            raise DataError(f"{name}: cannot read image {str(f)!r} ({_one_line(e) or type(e).__name__}{said})") \
+                from None
         if img.mode not in _8BIT_MODES:
             # convert("L") would clip 16-bit values to 0..255 and float ones (NaN included) to 0 or 255.
             what = ("16-bit/float images are not supported; convert to 8-bit"

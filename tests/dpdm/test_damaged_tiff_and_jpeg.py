@@ -157,3 +157,24 @@ def test_a_refused_tiff_is_one_error_line_without_pillows_warning(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dpdm: error: ") and repr(str(bad)) in lines[0], proc.stderr
+
+
+def test_a_refused_image_names_the_reason_pillow_warned_of(tmp_path, monkeypatch):
+    """Pillow puts the cause of a failed open into a UserWarning and raises a bare "cannot identify image file": the
+    warning, no longer printed raw, is said in the file's one line (r1 N1, stop 56). A Pillow built without WebP
+    support is simulated."""
+    from PIL import WebPImagePlugin
+
+    folder = tmp_path / "wp" / "d"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(folder / "photo.webp", "WEBP")
+    monkeypatch.setattr(WebPImagePlugin, "SUPPORTED", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nothing of Pillow's reaches the user raw
+        with pytest.raises(DataError) as e:
+            load_dataset(f"folder:{tmp_path / 'wp'}", "train")
+    msg = str(e.value)
+    assert f"cannot read image {str(folder / 'photo.webp')!r} (cannot identify image file" in msg, msg
+    assert msg.endswith("; image file could not be identified because WEBP support not installed)"), msg
