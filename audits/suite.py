@@ -93,6 +93,11 @@ SUITES: dict[str, dict[str, Any]] = {
 
 
 
+# Bytes that the deepest file of a report adds to its folder's report.json path, and more: a plot staged as
+# `.report-XXXXXXXX/roc_log_control_ATTACK.png` (`write_report`, `_PLOT_NAME`), or its temporary file.
+_REPORT_DEPTH = 96
+
+
 class AuditInputError(ValueError):
     """Bad input to ``run_audit`` (run, plan, dataset, suite settings, report folder), found before any
     training. Other exceptions from ``run_audit`` (ValueError included) are not the user's mistake."""
@@ -112,9 +117,14 @@ def check_out_dir(out_dir, *, create: bool = True, datasets: dict[str, str | Non
     audit of another run, or against another plan, is refused unless `force`, as `dpdm export` and `dpdm sample` keep
     an output of another plan: it may be costly to remake (``--suite full``) or be evidence (a FAIL). One of this run
     against this plan is replaced; so is one that names neither (from a dpdm before reports named them)."""
-    from dpdm.report_utils import output_parent_problem, place_in_dataset, run_folder_of
+    from dpdm.report_utils import output_parent_problem, path_length_problem, place_in_dataset, run_folder_of
 
     out = Path(out_dir)
+    # First: a name past NAME_MAX, or a path past PATH_MAX, raised ENAMETOOLONG from the lookups below (exit 4, s56
+    # outwalk F2). Room for the deepest file the report writes: a plot in its staging folder (`write_report`).
+    problem = path_length_problem(out.expanduser() / "report.json", room=_REPORT_DEPTH)
+    if problem:
+        raise AuditInputError(problem)
     run = run_folder_of(out)
     if run is not None:
         raise AuditInputError(f"lies inside the run folder {str(run)!r}; write the report outside it")

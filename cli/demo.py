@@ -100,14 +100,24 @@ DEMO_OUTPUTS = ("plan.json", "run", "public", "model.pt", "samples.npz", "grid.p
                 "report.md", "report.html")
 
 
+# Bytes that the deepest file the demo writes adds to the path of its mark, and more: a plot of the audit staged as
+# `audit/.report-XXXXXXXX/roc_log_control_ATTACK.png`, the temporary file of `run/checkpoint.pt`.
+_DEMO_DEPTH = 112
+
+
 def _claim_demo_folder(out: Path) -> None:
     """Makes `out` the demo's folder: a new or empty folder, or one an earlier demo marked as its own. Anything
     else is refused before any work (exit 2), since the demo replaces what it writes there (a run/ folder of the
     user's included). The outputs of an earlier demo are removed: it starts afresh."""
     from cli.errors import BadInput
 
-    from dpdm.report_utils import output_parent_problem
+    from dpdm.report_utils import output_parent_problem, path_length_problem
 
+    # Before any lookup: `out.exists()` of a name past NAME_MAX (or a path past PATH_MAX) raised ENAMETOOLONG, a
+    # runtime failure (exit 4) where `dpdm train` says the name is too long (s56 outwalk F2).
+    problem = path_length_problem(out / DEMO_MARK, room=_DEMO_DEPTH)
+    if problem:
+        raise BadInput(f"--out {str(out)!r}: {problem}")
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {str(out)!r} is not a folder")
     problem = None if out.is_dir() else output_parent_problem(out / DEMO_MARK)
@@ -174,7 +184,7 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
     import accounting
     from dpdm.datasets import load_dataset, load_npz
     from dpdm.evaluate import evaluate_samples
-    from dpdm.report import privacy_curve, write_report
+    from dpdm.report import write_report
     from dpdm.sample import sample_checkpoint
     from dpdm.train import TrainConfig, train
 
@@ -277,12 +287,14 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
             if line:
                 info(line)
 
-        audit_report = run_audit(run_dir, out / "audit", plan_path=plan_path, suite="quick", progress=progress)
+        # warn: said before the canary runs train, as `dpdm audit` says it, where they cannot test the plan's claim
+        audit_report = run_audit(run_dir, out / "audit", plan_path=plan_path, suite="quick", progress=progress,
+                                 warn=warn)
         audit_section = audit_report
         lap("audit", t0)
         info(f"dpdm: audit verdict: {audit_verdict_line(audit_report)}")
 
-    curve_path = privacy_curve(plan, out / "privacy_curve.png", steps_done=summary["steps_done"])
+    curve_path = _write_curve(plan, out / "privacy_curve.png", steps_done=summary["steps_done"])
     rows_metrics = quality_rows(metrics, real_cnn)
     # The report is for sharing: each path in it as ~/... (_home_relative), as --out ~/demo named the user (h99 F2).
     audit_kept = f" and {_home_relative(out / 'audit')}" if audit_section is not None else ""   # --skip-audit: none
@@ -323,6 +335,29 @@ def run_demo(out: Path, *, steps: int, device: str, audit: bool = True,
     md, html_path = write_report(out, sections, title="dpdm demo: DP diffusion on mnist5k")
     info(f"report: {os.path.abspath(html_path)} (also {os.path.abspath(md)})")
     return html_path, (audit_section or {}).get("verdict")
+
+
+def _write_curve(plan, path: Path, *, steps_done: int) -> Path:
+    """`dpdm.report.privacy_curve` into `path` atomically and durably, as the demo's other outputs are: plotted into
+    a temporary file beside it, fsynced, renamed (a demo stopped while plotting left half a PNG where the last one had
+    been: s56 outwalk N1), none left behind on failure."""
+    import re
+
+    from accounting.plan import fsync_folder
+    from dpdm.report import privacy_curve
+    from dpdm.report_utils import TEMP_PATH_REST, remove_temp_leftovers, temp_path
+
+    remove_temp_leftovers(path, TEMP_PATH_REST + re.escape(".tmp.png"))   # of a demo killed while plotting
+    tmp = temp_path(path, ".tmp.png")   # savefig takes the format from the suffix
+    try:
+        privacy_curve(plan, tmp, steps_done=steps_done)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_folder(path.parent)
+    return path
 
 
 def audit_verdict_line(report: dict) -> str:

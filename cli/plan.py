@@ -17,7 +17,8 @@ from cli.errors import BadInput, runtime_failure
 from dpdm.cpu import address_space
 from dpdm.dataset_sizes import DATASET_SIZES, copies_per_source_image  # noqa: E402  (one table, torch-free)
 from dpdm.noise_scale import noise_scale_problem
-from dpdm.report_utils import epsilon_text, file_name_problem, output_folder, output_target, through_a_file_problem
+from dpdm.report_utils import (epsilon_text, file_name_problem, output_folder, output_target, path_length_problem,
+                               through_a_file_problem)
 
 # Defaults of a plain `dpdm plan --eps E --delta D`: mnist5k on a CPU. An expected batch of 256
 # keeps the sample rate (0.064) near the paper's 1/15, so the noise multiplier behaves as in the
@@ -304,7 +305,9 @@ def _check_output(option: str, path: str) -> None:
     `LINK/..` is the parent of LINK's target), and a ".." after a part that does not exist, or a path that ends
     in a folder's name (`x/..`, `x/`), is refused here: both failed after the calibration (r1 F4, stop 53)."""
     # `data.npz/..`: abspath removes it by spelling (h131 F2); `new/../p.json`: the OS cannot follow it
-    problem = file_name_problem(path) or through_a_file_problem(path)
+    # A name past NAME_MAX or a path past PATH_MAX was refused by the write, after the calibration, and the folders
+    # made on the way were left behind (s56 outwalk N2)
+    problem = file_name_problem(path) or through_a_file_problem(path) or path_length_problem(path)
     if problem:
         raise BadInput(f"{option}={path!r}: {problem}")
     folder = output_folder(path)

@@ -53,7 +53,7 @@ def output_parent_problem(path: str | os.PathLike) -> str | None:
     removes `data.npz/..` by spelling, which the OS refuses (ENOTDIR, after `dpdm sample` had drawn every image:
     h131 F2, stop 53). The folder probed is the one the OS reaches (`output_folder`: `LINK/..` is the parent of
     LINK's target), and a path whose last part is a folder's (`x/..`) names no file (r1 F4, stop 53)."""
-    problem = file_name_problem(path) or through_a_file_problem(path)
+    problem = file_name_problem(path) or through_a_file_problem(path) or path_length_problem(path)
     if problem:
         return problem
     target = Path(output_target(path))
@@ -63,11 +63,6 @@ def output_parent_problem(path: str | os.PathLike) -> str | None:
         if os.path.islink(probe):
             return f"its folder {str(parent)!r} cannot be created ({str(probe)!r} is a broken link)"
         probe = probe.parent
-    limit = name_max(probe)
-    for part in target.relative_to(probe).parts:   # the names this write makes
-        if len(os.fsencode(part)) > limit:
-            return (f"the name {part[:24]!r}... is {len(os.fsencode(part))} bytes long, more than the {limit} "
-                    f"that {str(probe)!r} takes; choose a shorter one")
     if not probe.is_dir():
         if probe == parent:
             return f"{str(parent)!r} is not a folder"
@@ -87,6 +82,59 @@ def output_parent_problem(path: str | os.PathLike) -> str | None:
             return f"its folder {str(parent)!r} is not writable ({e.strerror or e})"
         return f"its folder {str(parent)!r} cannot be created ({str(probe)!r} takes no new files: {e.strerror or e})"
     return None
+
+
+def path_length_problem(path: str | os.PathLike, *, room: int | None = None) -> str | None:
+    """Why the file system cannot take the file `path` (as the OS reaches it, `output_target`) by its length, or
+    None: a name to be made below its nearest existing folder longer than that folder's file system takes
+    (NAME_MAX: a name of 256 bytes failed only at the final rename, after `dpdm sample` had drawn every image:
+    h89 F1, stop 47), or the whole path, with `room` bytes more for what the write puts there (the temporary file
+    beside it, `_TEMP_ROOM`, by default), at or past the longest path the system takes (PATH_MAX, 4096 bytes on
+    Linux with its NUL): 25 legal names of 200 bytes passed, `dpdm sample` drew every image, then ended in
+    "File name too long", exit 4 (s56 outwalk F2). Looks nothing up that the OS would refuse by its length (an
+    `exists()` of such a path raised ENAMETOOLONG: the demo's and the audit's --out), creates nothing, and names
+    the byte counts, not the path (the caller's line names the option's value)."""
+    target = Path(output_target(path))
+    probe = _existing_ancestor(target.parent) or Path(target.anchor or os.sep)
+    limit = name_max(probe)
+    for part in target.relative_to(probe).parts:   # the names this write makes
+        if len(os.fsencode(part)) > limit:
+            return (f"the name {part[:24]!r}... is {len(os.fsencode(part))} bytes long, more than the {limit} "
+                    f"that {_short(probe)!r} takes; choose a shorter one")
+    size, room = len(os.fsencode(str(target))), _TEMP_ROOM if room is None else room
+    longest = path_max(probe)
+    if size + room >= longest:   # a path the OS takes is shorter than PATH_MAX, which counts its NUL
+        return (f"the path is {size:,} bytes long ({_short(target)!r}), more than the {longest - room - 1:,} a "
+                f"file written there may take (the system's PATH_MAX, {longest:,} bytes, less room for a temporary "
+                "file's name); choose a shorter one")
+    return None
+
+
+def _short(path: str | os.PathLike, keep: int = 60) -> str:
+    """`path` as text, cut to its first `keep` characters and "..." where longer: a path of 5,000 bytes in full made
+    a line no terminal shows whole."""
+    text = os.fspath(path)
+    return text if len(text) <= keep else f"{text[:keep]}..."
+
+
+def _existing_ancestor(folder: Path) -> Path | None:
+    """The nearest of `folder` and its ancestors that exists (a link followed), or None where none does (a root
+    cannot be read). `os.path.exists` answers False, never ENAMETOOLONG, for a path too long to look up."""
+    probe = folder
+    while not os.path.exists(probe):
+        if probe == probe.parent:
+            return None
+        probe = probe.parent
+    return probe
+
+
+def path_max(folder: str | os.PathLike) -> int:
+    """The longest path, in bytes with its NUL, that the system takes for a file in `folder` (which exists):
+    os.pathconf's PATH_MAX, or Linux's 4096 where it cannot say."""
+    try:
+        return int(os.pathconf(folder, "PC_PATH_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 4096
 
 
 def through_a_file_problem(path: str | os.PathLike) -> str | None:

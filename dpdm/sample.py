@@ -390,10 +390,21 @@ def sample_checkpoint(path, *, n: int, sampler: str = "euler", sampler_steps: in
             remove_temp_leftovers(grid_path, TEMP_PATH_REST + re.escape(".tmp"))
             # its mark names the model's plan and kind, which a later --grid of another model's samples checks
             grid_tmp = save_grid(x, y_np, grid_path, title=title, staged=True, identity=(meta["plan_digest"], private))
+        # Checked again now that the images are drawn (minutes to hours at a real --n): a file that appeared at
+        # --out or --grid meanwhile (another `dpdm sample` of the other kind, the user's own) was replaced, or
+        # unlinked, where one there at the start is kept (s56 outwalk F1). What is left is the moment between
+        # this check and the renames.
+        try:
+            check_outputs(out_path, grid_path, dataset=cfg.get("dataset"), plan_digest=str(ledger["plan_digest"]),
+                          private=private, force=force)
+        except SampleError as e:
+            raise SampleError(f"{e} (it was put there while the images were drawn; the {n} images were not "
+                              "written)") from None
+        if grid_tmp is not None:
             # The old grid goes first and the new one comes last: a kill between the renames leaves the samples
             # (old or new) without a grid, never beside a grid of other samples (h111 N3).
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(grid_path)   # a grid `dpdm sample` wrote (`check_outputs`)
+                os.unlink(grid_path)   # a grid `dpdm sample` wrote (`check_outputs`, just now)
         os.replace(tmp, out_path)
         if grid_tmp is not None:
             os.replace(grid_tmp, grid_path)

@@ -45,8 +45,11 @@ def test_demo_report_shows_the_audit_verdict_with_its_reason():
 
     from cli.demo import NON_PRIVATE, audit_rows
 
-    reason = ("with 200 canaries this audit cannot certify more than epsilon 3.125, so it cannot detect a "
-              "violation of the claim 9.997; use more canaries (--canaries) or a shorter canary run (--steps)")
+    # the reason as `audits.canary.power_advice` words it for the demo's plan (quick suite, 30-step canary run)
+    reason = ("with 200 canaries this audit cannot certify more than epsilon 3.124, so it cannot detect a "
+              "violation of the claim 9.997; no number of canaries can: at delta 1e-05 and this error budget the "
+              "one-run bound certifies at most 4.281 (with about 900 canaries; more certify less); a shorter canary "
+              "run can: --steps 1, whose epsilon 2.733 is below 3.124, or --steps 4 or fewer with --canaries 900")
     report = {"verdict": "INCONCLUSIVE", "reasons": [reason],
               "canary_audit": {"claimed_epsilon": 9.997, "max_epsilon_lower_bound": 0.0,
                                "max_certifiable_epsilon": 3.12459, "control_max_epsilon": 0.58834,
@@ -451,3 +454,58 @@ def test_demo_privacy_curve_starts_at_zero(tmp_path, monkeypatch):
     plan = accounting.PrivacyPlan(dataset_size=4000, batch_size=1024, steps=30, noise_multiplier=1.0, delta=1e-5)
     privacy_curve(plan, tmp_path / "curve.png", steps_done=30)
     assert len(shown) == 1 and shown[0][0] == 0 and shown[0][1] > 9, shown
+
+
+def test_demo_passes_the_audit_its_warning_line(tmp_path, monkeypatch, capsys, stubbed_demo):
+    """`dpdm audit` says before its canary runs train that they cannot test a claim beyond what its canaries can
+    certify (the demo's eps 10, always); the demo called `run_audit` without `warn`, so its audit said nothing of it
+    until the verdict, minutes later. Its line is the CLI's one `dpdm: warning:` line, as `dpdm audit`'s."""
+    import audits.suite
+
+    demo, _ = stubbed_demo
+    report = {"verdict": "INCONCLUSIVE", "reasons": ["too few canaries"], "canary_audit": None}
+
+    def run_audit(*a, warn=None, **kw):
+        assert warn is not None, "run_audit was given no warn"
+        warn("with 200 canaries this audit cannot certify more than epsilon 3.124")
+        return report
+    monkeypatch.setattr(audits.suite, "run_audit", run_audit)
+    demo.run_demo(tmp_path / "demo", steps=2, device="cpu", audit=True, public_steps=0)
+    err = capsys.readouterr().err.splitlines()
+    warned = [i for i, line in enumerate(err) if line.startswith("dpdm: warning: with 200 canaries")]
+    verdict = [i for i, line in enumerate(err) if line.startswith("dpdm: audit verdict:")]
+    assert len(warned) == 1 and len(verdict) == 1 and warned[0] < verdict[0], err
+
+
+def test_demo_privacy_curve_is_written_atomically(tmp_path, monkeypatch, stubbed_demo):
+    """privacy_curve.png was the one output the demo wrote in place: a demo stopped while plotting left half a PNG
+    under the curve's name (s56 outwalk N1). Now plotted into a temporary file and renamed: a failure midway leaves
+    neither, and keeps a file already there; a plot that completes replaces it."""
+    import accounting
+    import dpdm.report
+
+    demo, _ = stubbed_demo
+    real = dpdm.report.privacy_curve
+
+    def stopped(plan, path, **kw):
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dpdm.report, "privacy_curve", stopped)
+    out = tmp_path / "demo"
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, steps=2, device="cpu", audit=False, public_steps=0)
+    assert not [p.name for p in out.iterdir() if "privacy_curve" in p.name], "half a curve left behind"
+    # the file already there is kept by a failure and replaced by a plot that completes
+    from cli.demo import _write_curve
+
+    plan = accounting.PrivacyPlan(dataset_size=4000, batch_size=1024, steps=30, noise_multiplier=1.0, delta=1e-5)
+    curve = tmp_path / "privacy_curve.png"
+    curve.write_bytes(b"the last demo's curve")
+    with pytest.raises(KeyboardInterrupt):
+        _write_curve(plan, curve, steps_done=30)
+    assert curve.read_bytes() == b"the last demo's curve"
+    monkeypatch.setattr(dpdm.report, "privacy_curve", real)
+    assert _write_curve(plan, curve, steps_done=30) == curve
+    assert curve.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir() if "privacy_curve" in p.name) == [curve.name]
