@@ -483,20 +483,41 @@ def certifiable_epsilon(num_canaries: int, delta: float, level: float, num_inclu
     return max_one_run_epsilon(int(num_canaries), delta=float(delta), significance=float(level), num_included=n_in)
 
 
-def certifiable_curve(delta: float, level: float) -> list[tuple[int, float]]:
-    """(count, the most a perfect attack certifies with it) over ``ADVICE_COUNTS``, up to just past the peak. The
-    one-run bound does not grow without limit with the canaries: its ``2 m delta`` term makes it peak (near 900
-    canaries, about 4.3, at delta 1e-5 and the quick suite's per-attack level 0.02) and fall beyond, to 0 where
-    ``2 m delta`` passes the level. Rising then falling, so three counts in a row below the best end the search."""
+def coins_ceiling(num_canaries: int, delta: float, level: float, seed: int | None = None) -> float:
+    """What an audit with ``num_canaries`` canaries and ``--seed seed`` can certify at most: a perfect attack with the
+    coins ``draw_inclusion(num_canaries, seed)`` gives it, as ``canary_audit`` judges it (0 where the audit refuses
+    those coins: ``coin_split_problem``). ``seed`` None: fair coins' even split, the most any coins give at an even
+    count, which a given seed's rarely has (900 canaries: 4.28 with 450 in, 4.04 with seed 0's 432; r2 F1, stop 56)."""
+    if seed is None:
+        return certifiable_epsilon(int(num_canaries), float(delta), float(level))
+    coins = draw_inclusion(int(num_canaries), int(seed))
+    if coin_split_problem(coins, int(seed)):
+        return 0.0
+    return certifiable_epsilon(int(num_canaries), float(delta), float(level), int(coins.sum()))
+
+
+def certifiable_curve(delta: float, level: float, seed: int | None = None) -> list[tuple[int, float]]:
+    """(count, the most a perfect attack certifies with it and the coins of ``seed``: ``coins_ceiling``) over
+    ``ADVICE_COUNTS``, up to where no later count can certify more. The one-run bound does not grow without limit
+    with the canaries: its ``2 m delta`` term makes it peak (fair coins: near 900 canaries, about 4.3, at delta 1e-5
+    and the quick suite's per-attack level 0.02) and fall beyond, to 0 where ``2 m delta`` passes the level. A
+    seed's coins make the curve jagged (seed 0: 4.04 at 900, 4.11 at 2,000), so the search ends only where fair
+    coins' even split, an upper bound at every (even) count of ``ADVICE_COUNTS``, has passed its peak and fallen to
+    the best found: from there no count certifies more."""
     curve: list[tuple[int, float]] = []
-    best, below = 0.0, 0
-    for m in ADVICE_COUNTS:
-        eps = certifiable_epsilon(m, float(delta), float(level))
+    best = 0.0
+    for i, m in enumerate(ADVICE_COUNTS):
+        eps = coins_ceiling(m, delta, level, seed)
         curve.append((m, eps))
-        below = below + 1 if best > 0 and eps < best else 0
-        best = max(best, eps)
-        if below == 3:
-            break
+        if eps > best:
+            best = eps
+            continue
+        # Fair coins' curve is asked for only here, where the seed's did not rise: at delta 1e-8 it rises to the
+        # last count and this costs nothing (the 100,000 canaries' ceiling takes seconds).
+        if best > 0 and i > 0:
+            fair = certifiable_epsilon(m, float(delta), float(level))
+            if fair <= best and fair < certifiable_epsilon(ADVICE_COUNTS[i - 1], float(delta), float(level)):
+                break
     return curve
 
 
@@ -521,30 +542,41 @@ def _steps_option(steps: int) -> str:
 
 
 def canary_power(plan, num_canaries: int, steps: int, claimed_epsilon: float, *, level: float,
-                 ceiling: float | None = None) -> dict[str, Any]:
-    """What a canary audit of ``plan`` (an ``accounting.PrivacyPlan``) with ``num_canaries`` canaries and a canary run
-    of ``steps`` steps can certify, and what could certify more than ``claimed_epsilon`` (the canary run's epsilon):
-    known before any training, from the counts, delta and the per-attack ``level`` alone. ``ceiling``: this audit's
-    own (its coins' in-count), else that of fair coins. Keys: ``certifiable_epsilon`` (this audit's ceiling),
-    ``best_canaries`` and ``best_certifiable_epsilon`` (the peak of ``certifiable_curve``), ``canaries_needed`` (the
-    fewest of ``ADVICE_COUNTS`` that certify more than the claim; None: no count does), ``shorter_steps`` (the most
-    steps below ``steps`` whose epsilon this count could certify more than; None: none),
+                 ceiling: float | None = None, seed: int | None = None) -> dict[str, Any]:
+    """What a canary audit of ``plan`` (an ``accounting.PrivacyPlan``) with ``num_canaries`` canaries, a canary run
+    of ``steps`` steps and the coins of ``--seed seed`` can certify, and what could certify more than
+    ``claimed_epsilon`` (the canary run's epsilon): known before any training, from the counts, the coins, delta and
+    the per-attack ``level`` alone. Every count it names is judged with the coins that count and this seed give
+    (``certifiable_curve``), the audit a user runs on this advice with the same --seed; ``seed`` None: fair coins'
+    even split (a library caller's "at best"). ``ceiling``: this audit's own, else ``coins_ceiling``'s.
+    Keys: ``certifiable_epsilon`` (this audit's ceiling), ``seed``, ``curve`` ([count, ceiling] pairs),
+    ``best_canaries`` and ``best_certifiable_epsilon`` (the curve's peak), ``canaries_needed`` (the fewest count of
+    the curve that certifies more than the claim; None: none does), ``canaries_advised`` and its
+    ``canaries_advised_epsilon`` (the fewest count above this audit's that does, else the peak where it does; None),
+    ``shorter_steps`` (the most steps below ``steps`` whose epsilon this audit could certify more than; None: none),
     ``shorter_steps_at_best`` (likewise at ``best_canaries``), ``one_step_epsilon``."""
     import accounting
 
     delta = float(plan.delta)
     if ceiling is None:
-        ceiling = certifiable_epsilon(int(num_canaries), delta, float(level))
-    best_m, best = max(certifiable_curve(delta, level), key=lambda c: c[1])
-    needed = next((m for m, eps in certifiable_curve(delta, level) if eps > claimed_epsilon), None)
+        ceiling = coins_ceiling(int(num_canaries), delta, float(level), seed)
+    curve = certifiable_curve(delta, level, seed)
+    best_m, best = max(curve, key=lambda c: c[1])
+    claim = float(claimed_epsilon)
+    needed = next((c for c, eps in curve if eps > claim), None)
+    advised = next(((c, eps) for c, eps in curve if eps > claim and c > int(num_canaries)),
+                   (best_m, best) if best > claim else (None, None))
     epsilon_of = functools.lru_cache(maxsize=None)(lambda s: accounting.epsilon_spent(plan, s))
     steps = min(int(steps), int(plan.steps))
     power = {
-        "num_canaries": int(num_canaries), "steps": steps, "claimed_epsilon": float(claimed_epsilon),
+        "num_canaries": int(num_canaries), "steps": steps, "claimed_epsilon": claim, "seed": seed,
         "delta": delta, "significance_per_attack": float(level), "certifiable_epsilon": float(ceiling),
+        "curve": [[c, float(eps)] for c, eps in curve],
         "best_canaries": best_m, "best_certifiable_epsilon": float(best), "canaries_needed": needed,
+        "canaries_advised": advised[0],
+        "canaries_advised_epsilon": None if advised[1] is None else float(advised[1]),
         "shorter_steps": _most_steps_below(epsilon_of, steps, ceiling),
-        "shorter_steps_at_best": _most_steps_below(epsilon_of, steps, best),
+        "shorter_steps_at_best": _most_steps_below(epsilon_of, steps, best) if best > 0 else None,
         "one_step_epsilon": float(epsilon_of(1)),
     }
     for key in ("shorter_steps", "shorter_steps_at_best"):
@@ -554,36 +586,41 @@ def canary_power(plan, num_canaries: int, steps: int, claimed_epsilon: float, *,
 
 def power_advice(power: dict[str, Any]) -> str | None:
     """What ``canary_power`` says can test a claim this audit cannot (its ceiling at or below the claim), as the end
-    of the verdict's reason; None where the audit can. Never more canaries where no count certifies the claim (the
-    one-run bound's peak: research/audits.md, a one-run audit can essentially never reject claims of epsilon above
-    about 6 at delta 1e-5), and a shorter canary run (--steps) only where one's epsilon is below what it could
-    certify."""
+    of the verdict's reason; None where the audit can. Every count it names certifies what it says with the coins of
+    this audit's --seed (``canary_power``), so an audit run as it advises can test the claim. Never more canaries
+    where no count certifies the claim (the one-run bound's peak: research/audits.md, a one-run audit can
+    essentially never reject claims of epsilon above about 6 at delta 1e-5), and a shorter canary run (--steps) only
+    where one's epsilon is below what it could certify."""
     up, low = epsilon_text, functools.partial(epsilon_text, bound="lower")
     if power["certifiable_epsilon"] > power["claimed_epsilon"]:
         return None
     best_m, best = power["best_canaries"], power["best_certifiable_epsilon"]
     here, at_best = power["shorter_steps"], power["shorter_steps_at_best"]
-    m, needed = power["num_canaries"], power["canaries_needed"]
-    if needed is not None:
-        # The count that certifies the claim first may lie below this audit's: past the peak (5,000 canaries certify
-        # less than 900 do) fewer help, and where the coins included fewer than half, fair ones would.
-        needed = next((c for c, _ in certifiable_curve(power["delta"], power["significance_per_attack"])
-                       if c >= needed and c > m), best_m)
-        if needed < best_m:
-            text = (f"more canaries can: from about {needed} (--canaries {needed}) a perfect attack could certify "
-                    f"more than the claim, and most, {low(best)}, with about {best_m} (more certify less)")
-        else:
-            lead = ("more canaries can" if best_m > m else "fewer canaries can" if best_m < m else
-                    "other coins (--seed) can")
-            text = (f"{lead}: with about {best_m} (--canaries {best_m}) a perfect attack could certify {low(best)}, "
-                    "more than the claim (fewer or more certify less)")
-    if power["canaries_needed"] is not None:
+    m, seed = power["num_canaries"], power.get("seed")
+    coins = "an even split of the coins" if seed is None else f"the coins of --seed {seed}"
+
+    def more(c):
+        return "more" if c > m else "fewer"
+
+    advised = power.get("canaries_advised")
+    if advised is not None:
+        text = (f"{more(advised)} canaries can: with --canaries {advised} ({coins}) a perfect attack could certify "
+                f"{low(power['canaries_advised_epsilon'])}, more than the claim")
+        if best_m != advised:
+            text += f", and the most, {low(best)}, with --canaries {best_m}"
         if here is not None:
             text += (f"; or a shorter canary run: {_steps_option(here)}, whose epsilon "
                      f"{up(power['shorter_steps_epsilon'])} is below {low(power['certifiable_epsilon'])}")
         return text
-    text = (f"no number of canaries can: at delta {power['delta']:g} and this error budget the one-run bound "
-            f"certifies at most {low(best)} (with about {best_m} canaries; more certify less)")
+    counts = f"{ADVICE_COUNTS[0]} to {ADVICE_COUNTS[-1]:,}"
+    if best <= 0:   # 2*m*delta passes the level at every count (delta 1e-3 at the default --significance)
+        text = (f"no number of canaries can: at delta {power['delta']:g} and this error budget the one-run bound "
+                f"certifies nothing with {counts} canaries (its 2*m*delta term exceeds the error budget)")
+    else:
+        where = (", the most --canaries takes, where the bound still rises" if best_m == ADVICE_COUNTS[-1]
+                 else "; the other counts certify less")
+        text = (f"no count of canaries dpdm tries ({counts}) can with {coins}: at delta {power['delta']:g} and this "
+                f"error budget the one-run bound certifies at most {low(best)} (--canaries {best_m}{where})")
     if here is not None:
         text += (f"; a shorter canary run can: {_steps_option(here)}, whose epsilon "
                  f"{up(power['shorter_steps_epsilon'])} is below {low(power['certifiable_epsilon'])}")
@@ -591,8 +628,8 @@ def power_advice(power: dict[str, Any]) -> str | None:
             text += f", or {_steps_option(at_best)} with --canaries {best_m}"
         return text
     if at_best is not None:
-        return (text + f"; a shorter canary run with more canaries can: {_steps_option(at_best)} with --canaries "
-                f"{best_m}, whose epsilon {up(power['shorter_steps_at_best_epsilon'])} is below that")
+        return (text + f"; a shorter canary run with {more(best_m)} canaries can: {_steps_option(at_best)} with "
+                f"--canaries {best_m}, whose epsilon {up(power['shorter_steps_at_best_epsilon'])} is below that")
     # Nothing can: say what the audit still tests, rather than send the user to retrain for the same verdict.
     return (text + f", nor can a shorter canary run: one step (--steps 1) has epsilon {up(power['one_step_epsilon'])}. "
             "At this delta no canary audit can test this plan's claim; the mechanism checks still test its step")
@@ -806,7 +843,7 @@ def canary_audit(
     power = None
     if ceiling <= claimed_epsilon:   # what could test the claim, for the reason (none: the audit could)
         power = canary_power(plan, m, int(config.steps or plan.steps), float(claimed_epsilon), level=level,
-                             ceiling=ceiling)
+                             ceiling=ceiling, seed=config.seed)
     verdict, reasons = canary_verdict(target_max, control_max, ceiling, float(claimed_epsilon), num_canaries=m,
                                       worst_attack=worst, advice=None if power is None else power_advice(power))
     if not 0 < n_in < m:

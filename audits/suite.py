@@ -571,7 +571,8 @@ def run_audit(
         coins = draw_inclusion(cfg.num_canaries, cfg.seed)
         ceiling = certifiable_epsilon(cfg.num_canaries, plan.delta, level, int(coins.sum()))
         if ceiling <= canary_claim:
-            power = canary_power(plan, cfg.num_canaries, canary_steps, canary_claim, level=level, ceiling=ceiling)
+            power = canary_power(plan, cfg.num_canaries, canary_steps, canary_claim, level=level, ceiling=ceiling,
+                                 seed=cfg.seed)
             warn(f"with {cfg.num_canaries} canaries this audit cannot certify more than epsilon "
                  f"{epsilon_text(ceiling, bound='lower')}, so its canary runs cannot detect a violation of the claim "
                  f"{epsilon_text(canary_claim)} (the epsilon of the {canary_steps}-step canary run) and it ends "

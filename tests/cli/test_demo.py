@@ -45,7 +45,8 @@ def test_demo_report_shows_the_audit_verdict_with_its_reason():
 
     from cli.demo import NON_PRIVATE, audit_rows
 
-    # the reason as `audits.canary.power_advice` words it for the demo's plan (quick suite, 30-step canary run)
+    # a reason as `audits.canary.power_advice` once worded it for the demo's plan (quick suite, 30-step canary run): the
+    # row repeats whatever the reason says
     reason = ("with 200 canaries this audit cannot certify more than epsilon 3.124, so it cannot detect a "
               "violation of the claim 9.997; no number of canaries can: at delta 1e-05 and this error budget the "
               "one-run bound certifies at most 4.281 (with about 900 canaries; more certify less); a shorter canary "
