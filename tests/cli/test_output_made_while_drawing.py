@@ -7,22 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import accounting
 from cli.main import main
 from tests.cli.test_export import one_error_line, run_cli
+from tests.cli.test_output_safety import train_tiny_runs
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("outputs_made_while_drawing")
-    rng = np.random.default_rng(0)
-    np.savez(d / "data.npz", x=rng.integers(0, 256, size=(24, 1, 8, 8), dtype=np.uint8), y=(np.arange(24) % 3),
-             num_classes=3)
-    plan = accounting.PrivacyPlan(dataset_size=24, batch_size=6, steps=2, noise_multiplier=2.0,
-                                  noise_multiplicity=1, delta=1e-5, dataset_name=f"npz:{d / 'data.npz'}")
-    accounting.write_plan(accounting.make_plan_document(plan), d / "plan.json")
-    assert main(["train", "--plan", str(d / "plan.json"), "--out", str(d / "run"), "--device", "cpu", "--quiet"]) == 0
-    return d
+    return train_tiny_runs(tmp_path_factory.mktemp("outputs_made_while_drawing"))
 
 
 def _sample(run, out, *extra):

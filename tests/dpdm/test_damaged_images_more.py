@@ -8,7 +8,6 @@
   "cannot read image", though it loads; every test passed."""
 from __future__ import annotations
 
-import io
 import struct
 import warnings
 
@@ -17,33 +16,12 @@ import pytest
 from PIL import Image
 
 from dpdm.datasets import DataError, load_dataset
-
-
-def _folder(d, n=3):
-    r = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (d / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            Image.fromarray(r.integers(0, 256, (8, 8), dtype=np.uint8)).save(d / c / f"{i}.png")
+from tests.dpdm.test_damaged_tiff_and_jpeg import _folder, second_tiff_page_damaged
 
 
 def _tiff_whose_second_page_has_an_unknown_compression(path):
-    pages = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (10, 200)]
-    b = io.BytesIO()
-    pages[0].save(b, "TIFF", save_all=True, append_images=pages[1:])
-    data = bytearray(b.getvalue())
-    assert data[:2] == b"II"
-    first = struct.unpack_from("<I", data, 4)[0]
-    second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
-    for i in range(struct.unpack_from("<H", data, second)[0]):
-        at = second + 2 + 12 * i
-        if struct.unpack_from("<H", data, at)[0] == 259:   # Compression, a SHORT held in the entry
-            struct.pack_into("<H", data, at + 8, 37)
-            break
-    else:
-        raise AssertionError("no Compression tag on the second page")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes(data))
+    # Compression, a SHORT held in the entry: code 37 is none Pillow knows
+    second_tiff_page_damaged(path, 259, lambda data, at: struct.pack_into("<H", data, at + 8, 37))
     with Image.open(path) as img, pytest.raises(KeyError):
         img.n_frames   # noqa: B018  (Pillow's own failure)
 

@@ -21,10 +21,9 @@ from dpdm.datasets import DataError, load_dataset
 ROOT = Path(accounting.__file__).resolve().parents[1]   # the repository root (the packages accounting, cli, dpdm)
 
 
-def _tiff_whose_second_page_has_no_width(path):
-    """An 8x8 two-page grayscale TIFF whose second directory lost its ImageWidth tag (renumbered to a private tag):
-    Image.open reads the first page; `n_frames` seeks the second, where Pillow raises TypeError("Missing
-    dimensions") from a KeyError. A damaged or cut TIFF directory gives the same."""
+def second_tiff_page_damaged(path, tag: int, damage) -> None:
+    """An 8x8 two-page grayscale TIFF at `path` whose second directory's entry of `tag` is damaged in place by
+    `damage(data, at)` (`at`: the entry's offset in the bytearray `data`)."""
     pages = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (10, 200)]
     b = io.BytesIO()
     pages[0].save(b, "TIFF", save_all=True, append_images=pages[1:])
@@ -32,12 +31,19 @@ def _tiff_whose_second_page_has_no_width(path):
     assert data[:2] == b"II"
     first = struct.unpack_from("<I", data, 4)[0]
     second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
-    for i in range(struct.unpack_from("<H", data, second)[0]):
-        at = second + 2 + 12 * i
-        if struct.unpack_from("<H", data, at)[0] == 256:   # ImageWidth
-            struct.pack_into("<H", data, at, 65000)
+    entries = [second + 2 + 12 * i for i in range(struct.unpack_from("<H", data, second)[0])]
+    at = next((at for at in entries if struct.unpack_from("<H", data, at)[0] == tag), None)
+    assert at is not None, f"no tag {tag} on the second page"
+    damage(data, at)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(data))
+
+
+def _tiff_whose_second_page_has_no_width(path):
+    """An 8x8 two-page grayscale TIFF whose second directory lost its ImageWidth tag (renumbered to a private tag):
+    Image.open reads the first page; `n_frames` seeks the second, where Pillow raises TypeError("Missing
+    dimensions") from a KeyError. A damaged or cut TIFF directory gives the same."""
+    second_tiff_page_damaged(path, 256, lambda data, at: struct.pack_into("<H", data, at, 65000))   # ImageWidth
     with Image.open(path) as img, pytest.raises(TypeError, match="Missing dimensions"):
         img.n_frames   # noqa: B018  (Pillow's own failure, which the loader must turn into its line)
 

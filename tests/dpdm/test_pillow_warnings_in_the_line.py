@@ -45,37 +45,31 @@ def test_a_warning_of_an_earlier_image_is_not_a_later_ones_reason(tmp_path, monk
     assert "tag 282" not in msg, msg
 
 
-def test_a_failed_images_own_warning_is_its_reason_but_not_a_deprecation(tmp_path, monkeypatch):
+def _line_of_a_failed_image_whose_open_warns(tmp_path, monkeypatch, *warned) -> str:
+    """The error line of a folder whose image z.png fails, Image.open giving the (message, category) `warned` first."""
     _folder(tmp_path / "d")
-    bad = tmp_path / "d" / "b" / "z.png"
-    bad.write_bytes(b"not an image at all")
+    (tmp_path / "d" / "b" / "z.png").write_bytes(b"not an image at all")
     real = Image.open
 
     def open_(fp, *a, **k):
         if str(fp).endswith("z.png"):
-            warnings.warn("a plugin's API is deprecated", DeprecationWarning, stacklevel=2)
-            warnings.warn("Tag data larger than file", UserWarning, stacklevel=2)
+            for message, category in warned:
+                warnings.warn(message, category, stacklevel=2)
         return real(fp, *a, **k)
     monkeypatch.setattr(Image, "open", open_)
     with pytest.raises(DataError) as e:
         load_dataset(f"folder:{tmp_path / 'd'}", "train")
-    msg = str(e.value)
+    return str(e.value)
+
+
+def test_a_failed_images_own_warning_is_its_reason_but_not_a_deprecation(tmp_path, monkeypatch):
+    msg = _line_of_a_failed_image_whose_open_warns(tmp_path, monkeypatch, ("a plugin's API is deprecated",
+                                                   DeprecationWarning), ("Tag data larger than file", UserWarning))
     assert msg.endswith("; Tag data larger than file)"), msg
     assert "deprecated" not in msg, msg
 
 
 def test_two_warnings_of_the_failed_image_are_both_said(tmp_path, monkeypatch):
-    _folder(tmp_path / "d")
-    bad = tmp_path / "d" / "b" / "z.png"
-    bad.write_bytes(b"not an image at all")
-    real = Image.open
-
-    def open_(fp, *a, **k):
-        if str(fp).endswith("z.png"):
-            warnings.warn("Corrupt EXIF data", UserWarning, stacklevel=2)
-            warnings.warn("Tag data larger than file", UserWarning, stacklevel=2)
-        return real(fp, *a, **k)
-    monkeypatch.setattr(Image, "open", open_)
-    with pytest.raises(DataError) as e:
-        load_dataset(f"folder:{tmp_path / 'd'}", "train")
-    assert str(e.value).endswith("; Corrupt EXIF data; Tag data larger than file)"), str(e.value)
+    msg = _line_of_a_failed_image_whose_open_warns(tmp_path, monkeypatch, ("Corrupt EXIF data", UserWarning),
+                                                   ("Tag data larger than file", UserWarning))
+    assert msg.endswith("; Corrupt EXIF data; Tag data larger than file)"), msg
