@@ -51,8 +51,8 @@ from typing import Any, Callable
 import numpy as np
 
 from audits.auditor import _jsonable
-from audits.canary import (CanaryConfig, CanaryNotFinite, canary_audit, canary_power, certifiable_epsilon,
-                           coin_split_problem, compared_digits, draw_inclusion, power_advice)
+from audits.canary import (CanaryConfig, CanaryNotFinite, canary_audit, canary_power, coin_split_problem,
+                           coins_ceiling, compared_digits, draw_inclusion, power_advice)
 from audits.mechanism import (REPEAT_POWERS, REPEAT_STEPS, CheckResult, check_engine, check_fresh_noise, check_network,
                                check_noise_never_repeats, check_run, check_run_seed, check_sampler, check_subspace,
                                network_problem, second_noise_multiplier)
@@ -568,8 +568,7 @@ def run_audit(
         # (the one-run bound peaks). Said now, not after minutes (hours with --suite full) of training; a warning,
         # not a refusal: the mechanism checks still test the step.
         level = alpha_bounds / len(cfg.attacks)
-        coins = draw_inclusion(cfg.num_canaries, cfg.seed)
-        ceiling = certifiable_epsilon(cfg.num_canaries, plan.delta, level, int(coins.sum()))
+        ceiling = coins_ceiling(cfg.num_canaries, plan.delta, level, cfg.seed)   # coins refused above
         if ceiling <= canary_claim:
             power = canary_power(plan, cfg.num_canaries, canary_steps, canary_claim, level=level, ceiling=ceiling,
                                  seed=cfg.seed)

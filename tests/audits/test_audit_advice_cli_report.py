@@ -7,45 +7,22 @@ through a symbolic link is the same run (its report is replaced, not kept as ano
 import json
 import re
 
-import numpy as np
 import pytest
 
-import accounting
 from cli.main import main
+from tests.cli.test_audit_power_and_out import _train, digits_npz, no_mechanism_checks, no_plots  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def run_b(tmp_path_factory):
     """A finished 3-step private run of epsilon 30.3 at delta 1e-5 (sigma 0.3) on 64 8x8 digits."""
-    from dpdm.datasets import load_dataset, to_uint8
-    from dpdm.train import TrainConfig, train
-
     root = tmp_path_factory.mktemp("s56r2_audit")
-    digits = load_dataset("digits")
-    npz = root / "tiny.npz"
-    np.savez(npz, x=to_uint8(digits.x[:64]), y=digits.y[:64].numpy(), num_classes=10)
-    data = load_dataset(f"npz:{npz}")
-    plan = accounting.PrivacyPlan(dataset_size=64, batch_size=16, steps=3, noise_multiplier=0.3,
-                                  noise_multiplicity=1, delta=1e-5)
-    run = root / "run_b"
-    train(accounting.make_plan_document(plan), data.x, data.y, 10, run,
-          TrainConfig(model="small", log_every=1, checkpoint_every=10), dataset_name=f"npz:{npz}", progress=False)
-    return run
+    return _train(root, *digits_npz(root), 0.3, 1e-5, "run_b")[0]
 
 
 @pytest.fixture
-def fast(monkeypatch):
-    from pathlib import Path
-
-    import audits.suite
-
-    monkeypatch.setattr(audits.suite, "mechanism_checks", lambda *a, **k: ([], "not run in this test"))
-
-    def plot(*args, **kwargs):
-        Path(args[2]).write_bytes(b"not drawn in this test")
-        return Path(args[2])
-    for name in ("plot_roc", "plot_score_histogram", "plot_epsilon_vs_guesses"):
-        monkeypatch.setattr(audits.suite, name, plot)
+def fast(no_mechanism_checks, no_plots):
+    """The mechanism checks and the plots stubbed out (tests/cli/test_audit_power_and_out.py)."""
 
 
 def test_the_warning_and_the_reason_agree_and_the_power_is_the_canary_runs(run_b, tmp_path, capsys, fast):

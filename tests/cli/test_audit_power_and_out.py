@@ -20,6 +20,16 @@ from cli.main import main
 SMALL = ["--canaries", "24", "--steps", "2", "--background", "32"]
 
 
+def digits_npz(root):
+    """64 8x8 digits saved as root/tiny.npz, and that npz dataset loaded."""
+    from dpdm.datasets import load_dataset, to_uint8
+
+    digits = load_dataset("digits")
+    npz = root / "tiny.npz"
+    np.savez(npz, x=to_uint8(digits.x[:64]), y=digits.y[:64].numpy(), num_classes=10)
+    return npz, load_dataset(f"npz:{npz}")
+
+
 def _train(root, npz, data, noise_multiplier, delta, name):
     from dpdm.train import TrainConfig, train
 
@@ -37,13 +47,8 @@ def two_runs(tmp_path_factory):
     """Two finished 3-step private runs of two plans on 64 8x8 digits: epsilon 3.04 at delta 1e-4 (sigma 1), and
     30.3 at delta 1e-5 (sigma 0.3), a claim no canary count can certify (one step of it, 16.7, is more than the most
     any count certifies)."""
-    from dpdm.datasets import load_dataset, to_uint8
-
     root = tmp_path_factory.mktemp("audit_power_and_out")
-    digits = load_dataset("digits")
-    npz = root / "tiny.npz"
-    np.savez(npz, x=to_uint8(digits.x[:64]), y=digits.y[:64].numpy(), num_classes=10)
-    data = load_dataset(f"npz:{npz}")
+    npz, data = digits_npz(root)
     return _train(root, npz, data, 1.0, 1e-4, "run_a"), _train(root, npz, data, 0.3, 1e-5, "run_b")
 
 
